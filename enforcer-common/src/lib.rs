@@ -1,0 +1,214 @@
+//! The kernel/userspace ABI of the enforcer: map names, keys, values, the deny event and the
+//! named verdicts and reasons. Both sides compile this one definition, so they cannot drift.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding fields, so that the layout is the same
+//! for the BPF target and the host and no byte of a map key is left uninitialised (a hash map
+//! compares keys byte for byte).
+#![no_std]
+
+/// Bumped whenever a map or struct below changes incompatibly. Pins live in
+/// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
+pub const ABI_VERSION: u32 = 1;
+
+/// Map names, as pinned under the versioned pin directory.
+pub mod maps {
+    pub const CGROUP_IDENTITY: &str = "CGROUP_IDENTITY";
+    pub const IDENTITIES: &str = "IDENTITIES";
+    pub const IPCACHE_V4: &str = "IPCACHE_V4";
+    pub const IPCACHE_V6: &str = "IPCACHE_V6";
+    pub const POLICY_A: &str = "POLICY_A";
+    pub const POLICY_B: &str = "POLICY_B";
+    pub const CONFIG: &str = "CONFIG";
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST_EVENTS: &str = "LOST_EVENTS";
+    pub const VERDICTS: &str = "VERDICTS";
+    /// Every map, in the order `enforcer status` reports them.
+    pub const ALL: [&str; 10] = [
+        CGROUP_IDENTITY,
+        IDENTITIES,
+        IPCACHE_V4,
+        IPCACHE_V6,
+        POLICY_A,
+        POLICY_B,
+        CONFIG,
+        EVENTS,
+        LOST_EVENTS,
+        VERDICTS,
+    ];
+}
+
+/// Default capacities. Userspace may override them at load time (`EbpfLoader::set_max_entries`).
+pub mod capacity {
+    pub const CGROUPS: u32 = 65_536;
+    pub const IDENTITIES: u32 = 65_536;
+    pub const IPCACHE: u32 = 262_144;
+    pub const POLICY: u32 = 262_144;
+    /// Bytes; a power of two and a multiple of the page size.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// The kernel programs, by the name of their function in the object file.
+pub mod programs {
+    pub const CONNECT4: &str = "connect4";
+    pub const CONNECT6: &str = "connect6";
+    pub const SENDMSG4: &str = "sendmsg4";
+    pub const SENDMSG6: &str = "sendmsg6";
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+}
+
+/// Identity IDs. Values below `FIRST_DYNAMIC` are reserved.
+pub mod identity {
+    /// Never stored; what a socket of an unmanaged cgroup would be.
+    pub const UNKNOWN: u32 = 0;
+    /// Any address the IP cache does not know.
+    pub const WORLD: u32 = 1;
+    /// The node itself.
+    pub const HOST: u32 = 2;
+    pub const FIRST_DYNAMIC: u32 = 256;
+}
+
+/// Bits of [`IdentityInfo::flags`].
+pub mod flags {
+    /// Every connection of this subject is denied with reason `quarantined`.
+    pub const QUARANTINED: u32 = 1 << 0;
+    /// A vector database: flows to it are tagged by sock_ops.
+    pub const VECTOR_DB: u32 = 1 << 1;
+    /// Would-deny calls of this subject pass and are reported as `audit`.
+    pub const AUDIT: u32 = 1 << 2;
+}
+
+/// What the kernel did with a call.
+pub mod verdict {
+    pub const ALLOW: u8 = 0;
+    pub const DENY: u8 = 1;
+    /// Would have been denied, let through because of audit mode.
+    pub const AUDIT: u8 = 2;
+    pub const COUNT: usize = 3;
+}
+
+/// Why. `ALLOWED` goes with `verdict::ALLOW`, the others with `DENY` or `AUDIT`.
+pub mod reason {
+    pub const ALLOWED: u8 = 0;
+    /// The socket's cgroup is inside the enforced subtree but maps to no identity.
+    pub const UNKNOWN_SUBJECT: u8 = 1;
+    pub const QUARANTINED: u8 = 2;
+    /// No permit, and the two identities belong to different tenants.
+    pub const TENANT_MISMATCH: u8 = 3;
+    /// No permit, same tenant (or the destination has none, like WORLD).
+    pub const NO_PERMIT: u8 = 4;
+    pub const COUNT: usize = 5;
+}
+
+/// The hook that decided.
+pub mod hook {
+    pub const CONNECT4: u8 = 0;
+    pub const CONNECT6: u8 = 1;
+    pub const SENDMSG4: u8 = 2;
+    pub const SENDMSG6: u8 = 3;
+}
+
+/// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Index into the per-CPU `VERDICTS` array: one counter per (verdict, reason).
+#[inline(always)]
+pub const fn verdict_counter_index(verdict: u8, reason: u8) -> u32 {
+    verdict as u32 * reason::COUNT as u32 + reason as u32
+}
+pub const VERDICT_COUNTERS: u32 = (verdict::COUNT * reason::COUNT) as u32;
+
+/// Value of `IDENTITIES[identity]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityInfo {
+    /// Userspace-assigned tenant number; 0 = no tenant (WORLD, HOST).
+    pub tenant: u32,
+    /// Userspace-assigned purpose and ring numbers (informational in the kernel).
+    pub purpose: u16,
+    pub ring: u16,
+    /// `flags::*`.
+    pub flags: u32,
+}
+
+/// Key of `POLICY_A` / `POLICY_B`. Presence means allow; absence means deny.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub subject: u32,
+    pub destination: u32,
+    /// Destination port in host byte order; 0 = any port.
+    pub dport: u16,
+    /// `proto::TCP` or `proto::UDP`.
+    pub protocol: u8,
+    /// Always zero: hash keys compare every byte.
+    pub _pad: u8,
+}
+
+/// Value of `POLICY_A` / `POLICY_B`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Userspace's number for the Cedar permit that allowed the cell (for `explain`).
+    pub rule: u32,
+}
+
+/// The single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Which policy table the programs read: 0 = `POLICY_A`, 1 = `POLICY_B`.
+    pub active_policy: u32,
+    /// Non-zero: global audit mode.
+    pub audit: u32,
+    /// Incremented by userspace on each policy swap (diagnostics only).
+    pub generation: u64,
+}
+
+/// One denied (or audited) call, as written to the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid in the upper 32 bits.
+    pub pid_tgid: u64,
+    pub subject: u32,
+    pub destination: u32,
+    /// IPv4 in the first 4 bytes (network order), or the IPv6 address.
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub dport: u16,
+    /// 4 or 6: how `daddr` is to be read (an IPv4-mapped IPv6 connect reports 4).
+    pub family: u8,
+    pub protocol: u8,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: u8,
+    pub comm: [u8; 16],
+}
+
+impl DenyEvent {
+    pub const SIZE: usize = core::mem::size_of::<DenyEvent>();
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain only integers and arrays of integers,
+    // and have explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::IdentityInfo {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::DenyEvent {}
+}
+
+// Layout checks: the kernel and userspace must agree on these sizes.
+const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<DenyEvent>() == 72);

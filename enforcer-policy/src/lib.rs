@@ -1,0 +1,1 @@
+//! The Policy Decision Point. (Being written.)
