@@ -1,1 +1,399 @@
-//! The Policy Decision Point. (Being written.)
+//! The Policy Decision Point: a policy bundle (Cedar schema and policies, and the inventory
+//! of workloads and endpoints) loaded, validated, asked, and compiled into the kernel's
+//! policy table.
+//!
+//! The central invariant: the compiled table decides exactly what Cedar decides.
+//! [`Bundle::decide`] asks Cedar about one cell directly (the oracle); [`Bundle::compile`]
+//! asks it once per group of equivalent cells and must agree with the oracle on every cell
+//! (tested by property tests in `compile`).
+//!
+//! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
+//! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
+//! deny attribution) -> [`explain`]. [`diagnostics`] carries located errors, [`atlas`] the
+//! MITRE ATLAS data.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+pub use enforcer_common::{PolicyKey, PolicyValue};
+
+pub mod atlas;
+mod cedar;
+pub mod compile;
+pub mod diagnostics;
+pub mod explain;
+pub mod identity;
+pub mod inventory;
+#[cfg(any(test, feature = "bench"))]
+pub mod testutil;
+
+pub use atlas::AtlasTechnique;
+pub use compile::{CompileStats, Compiled};
+pub use diagnostics::{Diagnostic, Diagnostics};
+pub use explain::Explanation;
+pub use identity::{Identities, Identity, IdentityKind, IpNet};
+pub use inventory::Inventory;
+
+use sha2::{Digest, Sha256};
+
+/// A transport protocol the enforcer judges.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    /// The IP protocol number (`enforcer_common::proto`).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => enforcer_common::proto::TCP,
+            Protocol::Udp => enforcer_common::proto::UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            enforcer_common::proto::TCP => Some(Protocol::Tcp),
+            enforcer_common::proto::UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("unknown protocol `{s}` (tcp or udp)")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Permit,
+    Forbid,
+}
+
+impl fmt::Display for Effect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Effect::Permit => "permit",
+            Effect::Forbid => "forbid",
+        })
+    }
+}
+
+/// A Cedar policy as events and `explain` name it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyRef {
+    /// The `@id` annotation, or `<file>:<Cedar policy id>`.
+    pub id: String,
+    pub effect: Effect,
+    pub file: PathBuf,
+    pub line: u32,
+    /// From the `@atlas("AML.T...,AML.T...")` annotation.
+    pub atlas: Vec<AtlasTechnique>,
+    /// `@quarantine`: a deny by this forbid quarantines the subject.
+    pub quarantine: bool,
+}
+
+/// Cedar's answer for one cell.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The action asked (`connect` for a destination without declared ports, or for a port
+    /// the destination does not declare).
+    pub action: String,
+    /// The determining policies: satisfied permits if allowed, satisfied forbids if denied
+    /// (empty: implicit deny, or an undeclared port).
+    pub policies: Vec<PolicyRef>,
+    /// The destination declares ports, and not this one: denied without asking Cedar (the
+    /// kernel has no entry for it).
+    pub undeclared_port: bool,
+    /// The destination declares no ports: this is its any-port cell (asked with port 0).
+    pub any_port: bool,
+}
+
+/// Why a deny happened (kernel deny events are enriched with this).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attribution {
+    /// The first determining forbid's id, or `implicit-deny`, `undeclared-port`,
+    /// `unknown-subject`, `not-denied`.
+    pub policy_id: String,
+    pub policies: Vec<PolicyRef>,
+    pub atlas: Vec<AtlasTechnique>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("unknown workload or endpoint `{0}`")]
+    UnknownName(String),
+    #[error("`{0}` is not a workload, so it cannot be a subject")]
+    NotASubject(String),
+    #[error("`{0}` is not a destination (no addresses)")]
+    NotADestination(String),
+    #[error(
+        "Cedar failed on {from} -> {to} port {port}/{protocol} (action `{action}`): {message}"
+    )]
+    Evaluation {
+        from: String,
+        to: String,
+        port: u16,
+        protocol: Protocol,
+        action: String,
+        message: String,
+    },
+}
+
+/// A loaded and validated policy bundle directory.
+pub struct Bundle {
+    dir: PathBuf,
+    revision: String,
+    inventory: Inventory,
+    identities: Identities,
+    engine: cedar::Engine,
+}
+
+pub const INVENTORY_FILE: &str = "inventory.yaml";
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+
+impl Bundle {
+    /// Read, parse and validate everything in `dir`; every problem is reported.
+    pub fn load(dir: &Path) -> Result<Bundle, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let read = |name: &Path| std::fs::read_to_string(name);
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Diagnostics::from(Diagnostic::new(
+                dir,
+                1,
+                1,
+                format!("cannot read the bundle directory: {e}"),
+            ))
+        })?;
+        let mut policy_files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+            .collect();
+        policy_files.sort();
+        let inv_path = dir.join(INVENTORY_FILE);
+        let schema_path = dir.join(SCHEMA_FILE);
+
+        let mut hashed: Vec<(String, String)> = Vec::new();
+        let mut load_text = |path: &Path, diags: &mut Diagnostics| match read(path) {
+            Ok(t) => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                hashed.push((name, t.clone()));
+                Some(t)
+            }
+            Err(e) => {
+                diags.push(Diagnostic::new(path, 1, 1, format!("cannot read: {e}")));
+                None
+            }
+        };
+        let inv_text = load_text(&inv_path, &mut diags);
+        let schema_text = load_text(&schema_path, &mut diags);
+        let mut policies = Vec::new();
+        for p in &policy_files {
+            if let Some(t) = load_text(p, &mut diags) {
+                policies.push((p.clone(), t));
+            }
+        }
+        if policy_files.is_empty() {
+            diags.push(
+                Diagnostic::new(dir, 1, 1, "no Cedar policy files (*.cedar)").with_hint(
+                    "without a permit everything is denied; add at least one policy file",
+                ),
+            );
+        }
+        hashed.sort();
+        let revision = revision_of(&hashed);
+
+        let inventory = match inv_text.map(|t| Inventory::parse(&inv_path, &t)) {
+            Some(Ok(inv)) => Some(inv),
+            Some(Err(d)) => {
+                diags.0.extend(d.0);
+                None
+            }
+            None => None,
+        };
+        let identities = inventory.as_ref().map(Identities::allocate);
+        let engine = schema_text.and_then(|schema| {
+            let src = cedar::Sources {
+                schema: (schema_path.clone(), schema),
+                policies,
+            };
+            cedar::Engine::load(&src, inventory.as_ref(), identities.as_ref(), &mut diags)
+        });
+        if !diags.is_empty() {
+            diags.sort();
+            return Err(diags);
+        }
+        match (inventory, identities, engine) {
+            (Some(inventory), Some(identities), Some(engine)) => {
+                tracing::debug!(dir = %dir.display(), %revision, identities = identities.len(), rules = engine.rules.len(), "bundle loaded");
+                Ok(Bundle {
+                    dir: dir.to_path_buf(),
+                    revision,
+                    inventory,
+                    identities,
+                    engine,
+                })
+            }
+            _ => Err(Diagnostic::new(dir, 1, 1, "the bundle could not be loaded").into()),
+        }
+    }
+
+    /// `sha256:` and the first 16 hex digits of a hash over the sorted (file name, content)
+    /// pairs of the bundle's files.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
+    /// Every policy, numbered as `PolicyValue.rule` numbers them.
+    pub fn rules(&self) -> &[PolicyRef] {
+        &self.engine.rules
+    }
+
+    /// The oracle: asks Cedar directly for one cell, no grouping, no cache.
+    pub fn decide(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Decision, PolicyError> {
+        let s = self
+            .identities
+            .index_of(from)
+            .ok_or_else(|| PolicyError::UnknownName(from.into()))?;
+        if self.identities.at(s).kind != IdentityKind::Workload {
+            return Err(PolicyError::NotASubject(from.into()));
+        }
+        let d = self
+            .identities
+            .index_of(to)
+            .ok_or_else(|| PolicyError::UnknownName(to.into()))?;
+        let dest = self.identities.at(d);
+        if !dest.is_destination() {
+            return Err(PolicyError::NotADestination(to.into()));
+        }
+        let (action, cedar_port, any_port) = if dest.ports.is_empty() {
+            ("connect".to_string(), 0, true)
+        } else {
+            match dest
+                .ports
+                .iter()
+                .find(|p| p.port == port && p.protocol == protocol)
+            {
+                Some(p) => (p.action.clone(), port, false),
+                None => {
+                    return Ok(Decision {
+                        allowed: false,
+                        action: "connect".into(),
+                        policies: vec![],
+                        undeclared_port: true,
+                        any_port: false,
+                    })
+                }
+            }
+        };
+        let answer = self
+            .engine
+            .ask(s, &action, d, cedar_port, protocol, true)
+            .map_err(|message| PolicyError::Evaluation {
+                from: from.into(),
+                to: to.into(),
+                port,
+                protocol,
+                action: action.clone(),
+                message,
+            })?;
+        Ok(Decision {
+            allowed: answer.allowed,
+            action,
+            policies: answer
+                .rules
+                .iter()
+                .map(|&r| self.engine.rules[r as usize].clone())
+                .collect(),
+            undeclared_port: false,
+            any_port,
+        })
+    }
+
+    /// Compile every local subject x destination x declared port into kernel allows.
+    pub fn compile(&self) -> Result<Compiled, PolicyError> {
+        compile::compile(self)
+    }
+
+    /// The decision for one cell, with everything an operator needs to understand it.
+    pub fn explain(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Explanation, PolicyError> {
+        explain::explain(self, from, to, port, protocol)
+    }
+
+    pub(crate) fn engine(&self) -> &cedar::Engine {
+        &self.engine
+    }
+
+    pub(crate) fn atlas_list(ids: &[String]) -> Vec<AtlasTechnique> {
+        ids.iter().filter_map(|i| atlas::lookup(i)).collect()
+    }
+}
+
+fn revision_of(files: &[(String, String)]) -> String {
+    let mut h = Sha256::new();
+    for (name, content) in files {
+        // Length-prefixed, so that moving text between files changes the hash.
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((content.len() as u64).to_le_bytes());
+        h.update(content.as_bytes());
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+#[cfg(test)]
+mod tests;

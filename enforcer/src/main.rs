@@ -1,1 +1,214 @@
-fn main() {}
+//! The `enforcer` command line. See DESIGN.md "CLI contract".
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use enforcer::agent::{self, RunOptions};
+use enforcer::status;
+use enforcer_policy::{Bundle, Protocol};
+
+#[derive(Parser)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "eBPF microsegmentation enforcer for AI workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: compile the policy into the kernel, attach, stream deny events.
+    Run {
+        /// Policy bundle directory (inventory.yaml, schema.cedarschema, *.cedar).
+        #[arg(long)]
+        policies: PathBuf,
+        /// The cgroup subtree to enforce, relative to the cgroup v2 mount (or absolute).
+        #[arg(long, default_value = "kubepods")]
+        cgroup_root: String,
+        /// Where deny events go: a file (appended) or `-` for standard output.
+        #[arg(long, default_value = "-")]
+        events: String,
+        /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
+        #[arg(long)]
+        audit: bool,
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Size of the events ring buffer in bytes (power of two, multiple of the page size).
+        #[arg(long)]
+        ring_buffer_bytes: Option<u32>,
+        /// Written (with the agent's pid) once the policy is in the kernel and hooks attached.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Permit --cgroup-root to be the root of the whole hierarchy (judges every host process).
+        #[arg(long)]
+        allow_root_cgroup: bool,
+    },
+    /// Kernel counters, map fill levels, lost events and the policy revision in force.
+    Status {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate and explain policy bundles.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Uninstall: remove the pinned links (detaching the programs) and maps.
+    Detach {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct PinArgs {
+    /// bpffs directory for pinned maps and links (a versioned subdirectory is used).
+    #[arg(long = "pin-path", default_value = "/sys/fs/bpf/enforcer")]
+    pin_root: PathBuf,
+    /// Directory for the agent's state file (default: /run/enforcer/<pin path>).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| status::default_state_dir(&self.pin_root))
+    }
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a bundle; prints every problem as file:line:column and exits 1 if any.
+    Check { dir: PathBuf },
+    /// Show the decision for one cell, the policies that determined it, and what the
+    /// kernel's live table holds for it when an enforcer is pinned.
+    Explain {
+        dir: PathBuf,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "tcp")]
+        protocol: Protocol,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(Cli::parse().command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run {
+            policies,
+            cgroup_root,
+            events,
+            audit,
+            pins,
+            ring_buffer_bytes,
+            ready_file,
+            allow_root_cgroup,
+        } => {
+            let options = RunOptions {
+                policies,
+                cgroup_root,
+                events,
+                audit,
+                state_dir: pins.state_dir(),
+                pin_root: pins.pin_root,
+                ring_buffer_bytes,
+                ready_file,
+                allow_root_cgroup,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { pins, json } => {
+            let status = status::collect(&pins.pin_root, &pins.state_dir())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => match Bundle::load(&dir) {
+            Ok(bundle) => {
+                let compiled = bundle
+                    .compile()
+                    .with_context(|| format!("compiling {}", dir.display()))?;
+                let stats = compiled.stats();
+                println!(
+                    "{}: ok, revision {} ({} identities, {} allowed cells)",
+                    dir.display(),
+                    bundle.revision(),
+                    compiled.identities().count(),
+                    compiled.allows().len()
+                );
+                tracing::debug!(?stats, "compile statistics");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(diagnostics) => {
+                eprint!("{diagnostics}");
+                eprintln!(
+                    "{}: {} problem(s); nothing was applied",
+                    dir.display(),
+                    diagnostics.0.len()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    dir,
+                    from,
+                    to,
+                    port,
+                    protocol,
+                    pins,
+                },
+        } => enforcer::explain::run(&dir, &from, &to, port, protocol, &pins.pin_root),
+        Command::Detach { pins } => {
+            enforcer::datapath::detach(&pins.pin_root)?;
+            let _ = std::fs::remove_dir_all(pins.state_dir());
+            println!(
+                "detached: removed the pins under {}",
+                pins.pin_root.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

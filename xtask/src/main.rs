@@ -1,1 +1,371 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's build and run entry point.
+//!
+//! Every command first runs `setup` (idempotent, silent when nothing is missing), then builds
+//! the kernel programs, so a fresh clone needs nothing by hand.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release whose LLVM matches the installed nightly (DESIGN.md, "Toolchain").
+const BPF_LINKER_VERSION: &str = "0.10.4";
+/// The toolchain that builds the kernel programs (needs `-Z build-std` and `rust-src`).
+const NIGHTLY: &str = "nightly";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+/// Cargo package (and bin) name of the kernel programs.
+const EBPF_CRATE: &str = "enforcer-ebpf";
+/// Where the agent's build.rs expects the object, relative to the workspace's target dir.
+const BPF_OBJECT: &str = "bpf/enforcer.bpf.o";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and run the enforcer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install nightly's rust-src and bpf-linker when missing (silent when present).
+    Setup,
+    /// Build the kernel programs into target/bpf/enforcer.bpf.o.
+    BuildEbpf {
+        /// Build the release profile (the default; the only one the verifier accepts).
+        #[arg(long, default_value_t = true)]
+        release: bool,
+    },
+    /// Build everything and run all tests; extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build everything and run the agent: `cargo xtask run -- <enforcer args>`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build everything and run the end-to-end demo (`enforcer-demo`).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build in release mode and run the benchmark (`enforcer-bench`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ws = Workspace::locate()?;
+    let tools = setup()?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::BuildEbpf { release: _ } => build_ebpf(&ws, &tools).map(|_| ()),
+        Cmd::Test { args } => {
+            build_ebpf(&ws, &tools)?;
+            cargo(&ws, &["build", "--workspace", "--bins"])?;
+            let mut cmd = ws.cargo();
+            cmd.args(["test", "--workspace"])
+                .args(&args)
+                .env("ENFORCER_BIN", ws.target.join("debug/enforcer"));
+            status(&mut cmd, "cargo test")
+        }
+        Cmd::Run { args } => {
+            build_ebpf(&ws, &tools)?;
+            cargo(&ws, &["build", "--workspace", "--bins"])?;
+            exec(
+                &ws.target.join("debug/enforcer"),
+                &args,
+                "the agent (package enforcer)",
+            )
+        }
+        Cmd::Demo { args } => {
+            build_ebpf(&ws, &tools)?;
+            cargo(&ws, &["build", "--workspace", "--bins"])?;
+            exec(
+                &ws.target.join("debug/enforcer-demo"),
+                &args,
+                "the demo (bin `enforcer-demo` of package enforcer-tests)",
+            )
+        }
+        Cmd::Bench { args } => {
+            build_ebpf(&ws, &tools)?;
+            cargo(&ws, &["build", "--release", "--workspace", "--bins"])?;
+            exec(
+                &ws.target.join("release/enforcer-bench"),
+                &args,
+                "the benchmark (bin `enforcer-bench`)",
+            )
+        }
+    }
+}
+
+struct Workspace {
+    root: PathBuf,
+    /// The host build's target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+    target: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask must live in a workspace")?
+            .to_path_buf();
+        let target = match env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => root.join(dir),
+            None => root.join("target"),
+        };
+        Ok(Self { root, target })
+    }
+
+    /// The cargo that runs xtask (same toolchain as the host workspace).
+    fn cargo(&self) -> Command {
+        let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.current_dir(&self.root);
+        cmd
+    }
+}
+
+/// Where the tools of the kernel build were found.
+struct Tools {
+    /// Directory holding `bpf-linker`, put first on PATH for the nested build.
+    bpf_linker_dir: PathBuf,
+}
+
+/// Ensures nightly's rust-src and bpf-linker are installed; prints nothing when they are.
+fn setup() -> Result<Tools> {
+    if which("rustup").is_none() {
+        bail!(
+            "rustup is not installed (it provides the nightly toolchain the kernel programs \
+             need): install it from https://rustup.rs"
+        );
+    }
+    let sysroot = nightly_output(&["rustc", "--print", "sysroot"]).with_context(|| {
+        format!(
+            "the {NIGHTLY} toolchain is not installed: run `rustup toolchain install {NIGHTLY} \
+             --component rust-src` (bpf-linker {BPF_LINKER_VERSION} needs its LLVM)"
+        )
+    })?;
+    let rust_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library");
+    if !rust_src.is_dir() {
+        eprintln!("xtask: installing rust-src for the {NIGHTLY} toolchain");
+        let mut cmd = Command::new("rustup");
+        cmd.args(["component", "add", "rust-src", "--toolchain", NIGHTLY]);
+        status(&mut cmd, "rustup component add rust-src")?;
+    }
+
+    let bpf_linker = match find_bpf_linker() {
+        Some(path) if bpf_linker_version(&path).as_deref() == Some(BPF_LINKER_VERSION) => path,
+        found => {
+            if let Some(path) = found {
+                eprintln!(
+                    "xtask: {} is not version {BPF_LINKER_VERSION}; installing it",
+                    path.display()
+                );
+            } else {
+                eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
+            }
+            let mut cmd = Command::new("cargo");
+            clean_cargo_env(&mut cmd);
+            cmd.args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ]);
+            status(&mut cmd, "cargo install bpf-linker")?;
+            find_bpf_linker()
+                .filter(|p| bpf_linker_version(p).as_deref() == Some(BPF_LINKER_VERSION))
+                .with_context(|| {
+                    format!(
+                        "bpf-linker {BPF_LINKER_VERSION} is still not found after installing it"
+                    )
+                })?
+        }
+    };
+    let bpf_linker_dir = bpf_linker
+        .parent()
+        .context("bpf-linker has no parent directory")?
+        .to_path_buf();
+    Ok(Tools { bpf_linker_dir })
+}
+
+/// Builds the kernel programs with nightly and copies the object to `target/bpf/`.
+fn build_ebpf(ws: &Workspace, tools: &Tools) -> Result<PathBuf> {
+    let crate_dir = ws.root.join(EBPF_CRATE);
+    let mut cmd = Command::new("rustup");
+    // Scrub what the outer `cargo run` set (RUSTC, RUSTUP_TOOLCHAIN, CARGO_*, RUSTFLAGS...):
+    // the nested build must use nightly's cargo and rustc with its own flags.
+    clean_cargo_env(&mut cmd);
+    cmd.args(["run", NIGHTLY, "cargo", "build", "--release"])
+        .args(["-Z", "build-std=core", "--target", BPF_TARGET])
+        .current_dir(&crate_dir)
+        .env("PATH", path_with(&tools.bpf_linker_dir)?);
+    status(&mut cmd, "building the kernel programs")?;
+
+    let built = crate_dir
+        .join("target")
+        .join(BPF_TARGET)
+        .join("release")
+        .join(EBPF_CRATE);
+    let object = ws.target.join(BPF_OBJECT);
+    fs::create_dir_all(object.parent().expect("object path has a parent"))?;
+    let bytes = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // Only rewrite on change: the agent's build.rs reruns when the object's mtime changes.
+    if fs::read(&object).ok().as_deref() != Some(bytes.as_slice()) {
+        fs::write(&object, &bytes).with_context(|| format!("writing {}", object.display()))?;
+    }
+    Ok(object)
+}
+
+/// Runs `cargo <args>` in the workspace.
+fn cargo(ws: &Workspace, args: &[&str]) -> Result<()> {
+    let mut cmd = ws.cargo();
+    cmd.args(args);
+    status(&mut cmd, &format!("cargo {}", args.join(" ")))
+}
+
+/// Replaces this process with `bin args...`.
+fn exec(bin: &Path, args: &[OsString], what: &str) -> Result<()> {
+    if !bin.is_file() {
+        bail!("{} is missing: {what} was not built", bin.display());
+    }
+    let err = Command::new(bin).args(args).exec();
+    Err(err).with_context(|| format!("running {}", bin.display()))
+}
+
+fn status(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// stdout of `rustup run nightly <args>`, or None when it cannot run.
+fn nightly_output(args: &[&str]) -> Option<String> {
+    let mut cmd = Command::new("rustup");
+    clean_cargo_env(&mut cmd);
+    let out = cmd
+        .args(["run", NIGHTLY])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes the variables an outer cargo (and rustup proxy) sets for the process it runs, so
+/// that a nested cargo behaves as if started from a clean shell. User settings that only
+/// affect downloads and output (CARGO_HOME, CARGO_NET_*, CARGO_HTTP_*, ...) are kept.
+fn clean_cargo_env(cmd: &mut Command) {
+    const KEEP: [&str; 6] = [
+        "CARGO_HOME",
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+        "CARGO_TERM_",
+    ];
+    const REMOVE: [&str; 9] = [
+        "CARGO",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTDOC",
+        "RUSTFLAGS",
+        "RUSTDOCFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ];
+    for (key, _) in env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let cargo_var = (key.starts_with("CARGO_") && !KEEP.iter().any(|k| key.starts_with(k)))
+            || key.starts_with("__CARGO");
+        if cargo_var || REMOVE.contains(&key) {
+            cmd.env_remove(key);
+        }
+    }
+}
+
+fn find_bpf_linker() -> Option<PathBuf> {
+    which("bpf-linker").or_else(|| {
+        let home = env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+        let path = home.join("bin/bpf-linker");
+        path.is_file().then_some(path)
+    })
+}
+
+/// `bpf-linker --version` prints `bpf-linker 0.10.4`.
+fn bpf_linker_version(path: &Path) -> Option<String> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.split_whitespace().nth(1)?.to_owned())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// PATH with `dir` first.
+fn path_with(dir: &Path) -> Result<OsString> {
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Some(path) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path));
+    }
+    Ok(env::join_paths(dirs)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(argv: &[&str]) -> Vec<OsString> {
+        match Cli::try_parse_from(argv).unwrap().command {
+            Cmd::Test { args } => args,
+            _ => panic!("not test"),
+        }
+    }
+
+    #[test]
+    fn test_forwards_arguments_verbatim() {
+        assert!(test_args(&["xtask", "test"]).is_empty());
+        assert_eq!(
+            test_args(&["xtask", "test", "--", "--nocapture"]),
+            ["--nocapture"]
+        );
+        assert_eq!(
+            test_args(&["xtask", "test", "matrix", "--", "--nocapture"]),
+            ["matrix", "--", "--nocapture"]
+        );
+        assert_eq!(
+            test_args(&["xtask", "test", "-p", "enforcer"]),
+            ["-p", "enforcer"]
+        );
+    }
+}

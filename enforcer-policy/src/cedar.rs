@@ -1,0 +1,763 @@
+//! Cedar: the schema, the policies with their annotations and source locations, the entities
+//! built from the inventory, and the oracle that asks Cedar about one cell.
+//!
+//! Entity model (documented for users in `policies/README.md`):
+//! - principal and resource `Workload::"<name>"`: tenant, purpose, ring, spiffe_id (String,
+//!   "" when not set) and risk (decimal);
+//! - resource `Endpoint::"<name>"`: tenant, kind (String), datasets (Set<String>);
+//! - resource `World::"world"`: no attributes;
+//! - action `Action::"<action>"` of the destination's port (`connect` for any port);
+//! - context `{ port: Long, protocol: String }` (port 0 for the any-port cell).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
+    Validator,
+};
+use serde_json::Value as Json;
+
+use crate::atlas;
+use crate::diagnostics::{line_col, Diagnostic, Diagnostics};
+use crate::identity::{Identities, Identity, IdentityKind};
+use crate::inventory::Inventory;
+use crate::{Effect, PolicyRef, Protocol};
+
+/// What the policies read: the only inputs a decision can depend on, besides the action and
+/// the context. Computed from the policies' JSON form; see `compile` for how it is used.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Analysis {
+    /// Attribute names accessed anywhere (`.attr`, `has attr`).
+    pub attrs: BTreeSet<String>,
+    /// Entity UIDs named anywhere (scope constraints and literals), as (type, id).
+    pub uids: HashSet<(String, String)>,
+    /// A policy uses `principal` or `resource` as a value other than through an attribute,
+    /// a type test, or a comparison with literal entities (e.g. `principal == resource`):
+    /// then every entity's UID matters.
+    pub uid_sensitive: bool,
+    /// A policy uses `context` as a whole value: then both port and protocol matter.
+    pub context_whole: bool,
+}
+
+impl Analysis {
+    pub fn reads_port(&self) -> bool {
+        self.context_whole || self.attrs.contains("port")
+    }
+    pub fn reads_protocol(&self) -> bool {
+        self.context_whole || self.attrs.contains("protocol")
+    }
+
+    fn add_policy(&mut self, json: &Json) {
+        for scope in ["principal", "action", "resource"] {
+            if let Some(s) = json.get(scope) {
+                self.collect_uids(s);
+            }
+        }
+        if let Some(conds) = json.get("conditions").and_then(Json::as_array) {
+            for c in conds {
+                if let Some(body) = c.get("body") {
+                    self.walk(body, false);
+                }
+            }
+        }
+    }
+
+    /// Every `{"type": T, "id": I}` object below `v`.
+    fn collect_uids(&mut self, v: &Json) {
+        match v {
+            Json::Object(m) => {
+                if let (Some(Json::String(t)), Some(Json::String(i)), 2) =
+                    (m.get("type"), m.get("id"), m.len())
+                {
+                    self.uids.insert((t.clone(), i.clone()));
+                }
+                m.values().for_each(|x| self.collect_uids(x));
+            }
+            Json::Array(a) => a.iter().for_each(|x| self.collect_uids(x)),
+            _ => {}
+        }
+    }
+
+    /// `var_ok`: a bare variable here is harmless (it is only dereferenced or type-tested).
+    fn walk(&mut self, v: &Json, var_ok: bool) {
+        let Json::Object(m) = v else {
+            if let Json::Array(a) = v {
+                a.iter().for_each(|x| self.walk(x, false));
+            }
+            return;
+        };
+        if m.len() == 1 {
+            let (op, arg) = m.iter().next().unwrap();
+            match op.as_str() {
+                "Var" => {
+                    match arg.as_str() {
+                        Some("principal" | "resource") if !var_ok => self.uid_sensitive = true,
+                        Some("context") if !var_ok => self.context_whole = true,
+                        _ => {}
+                    }
+                    return;
+                }
+                "Value" => {
+                    self.collect_uids(arg);
+                    return;
+                }
+                "." | "has" => {
+                    if let Some(Json::String(a)) = arg.get("attr") {
+                        self.attrs.insert(a.clone());
+                    }
+                    if let Some(l) = arg.get("left") {
+                        self.walk(l, true);
+                    }
+                    return;
+                }
+                "is" => {
+                    if let Some(l) = arg.get("left") {
+                        self.walk(l, true);
+                    }
+                    if let Some(i) = arg.get("in") {
+                        self.walk(i, false);
+                    }
+                    return;
+                }
+                "==" | "!=" | "in" => {
+                    let (l, r) = (arg.get("left"), arg.get("right"));
+                    if let (Some(l), Some(r)) = (l, r) {
+                        // Comparing a variable with literal entities depends only on whether
+                        // its UID is one of them, and named UIDs are in the signature.
+                        let lit_l = is_entity_literal(l);
+                        let lit_r = is_entity_literal(r);
+                        self.walk(l, lit_r);
+                        self.walk(r, lit_l);
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (_, x) in m {
+            self.walk(x, false);
+        }
+    }
+}
+
+fn is_entity_literal(v: &Json) -> bool {
+    match v {
+        Json::Object(m) if m.len() == 1 => match m.iter().next().unwrap() {
+            (k, x) if k == "Value" => {
+                x.get("__entity").is_some()
+                    || x.as_array()
+                        .is_some_and(|a| a.iter().all(|e| e.get("__entity").is_some()))
+            }
+            (k, Json::Array(items)) if k == "Set" => items.iter().all(is_entity_literal),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Operations that can fail at evaluation time even in strictly validated policies. A failing
+/// forbid is skipped by Cedar (which would turn the error into an allow), and a failing
+/// permit is a latent bug: both are rejected.
+fn can_error(v: &Json) -> Option<&'static str> {
+    const OPS: [(&str, &str); 8] = [
+        ("+", "integer addition can overflow"),
+        ("-", "integer subtraction can overflow"),
+        ("*", "integer multiplication can overflow"),
+        ("neg", "integer negation can overflow"),
+        ("getTag", "`getTag` fails when the tag is missing"),
+        ("offset", "datetime `offset` can overflow"),
+        ("durationSince", "`durationSince` can overflow"),
+        ("toDate", "`toDate` can overflow"),
+    ];
+    match v {
+        Json::Object(m) => {
+            if m.len() == 1 {
+                let (op, arg) = m.iter().next().unwrap();
+                if let Some((_, why)) = OPS.iter().find(|(o, _)| o == op) {
+                    return Some(why);
+                }
+                // Extension constructors are only safe on literals (validated up front).
+                if matches!(op.as_str(), "decimal" | "ip" | "datetime" | "duration") {
+                    if let Some(args) = arg.as_array() {
+                        if args.iter().any(|a| a.get("Value").is_none()) {
+                            return Some("an extension constructor on a computed string can fail");
+                        }
+                    }
+                }
+            }
+            m.values().find_map(can_error)
+        }
+        Json::Array(a) => a.iter().find_map(can_error),
+        _ => None,
+    }
+}
+
+/// The result of one Cedar request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Answer {
+    pub allowed: bool,
+    /// Rule numbers of the determining policies (satisfied permits when allowed, satisfied
+    /// forbids when denied; empty for an implicit deny).
+    pub rules: Vec<u32>,
+}
+
+/// Schema, policies, entities, ready to answer requests.
+pub(crate) struct Engine {
+    pub schema: Schema,
+    pub pset: PolicySet,
+    /// Every policy, numbered: the number is `PolicyValue.rule`.
+    pub rules: Vec<PolicyRef>,
+    rule_of: HashMap<PolicyId, u32>,
+    pub entities: Entities,
+    /// The Cedar UID of each identity, by identity index.
+    pub uids: Vec<EntityUid>,
+    actions: HashMap<String, EntityUid>,
+    /// What all policies read together.
+    pub analysis: Analysis,
+    /// Each policy alone (by rule number), with what it reads: compile evaluates policies
+    /// one by one, grouped by each policy's own signature (see `compile`).
+    pub singles: Vec<(PolicySet, Analysis)>,
+    authorizer: Authorizer,
+}
+
+/// A Cedar error (a `miette::Diagnostic`) as located diagnostics in `file`.
+fn located(file: &Path, text: &str, err: &dyn miette::Diagnostic, fallback: usize) -> Diagnostic {
+    let offset = err
+        .labels()
+        .and_then(|mut l| l.next())
+        .map(|l| l.offset())
+        .unwrap_or(fallback);
+    let mut message = err.to_string();
+    // Cedar puts the useful detail of wrapper errors in related diagnostics.
+    if let Some(related) = err.related() {
+        for r in related {
+            message.push_str(": ");
+            message.push_str(&r.to_string());
+        }
+    }
+    let d = Diagnostic::at_offset(file, text, offset, message);
+    match err.help() {
+        Some(h) => d.with_hint(h.to_string()),
+        None => d,
+    }
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    #[allow(clippy::expect_used)]
+    EntityUid::from_type_name_and_id(
+        EntityTypeName::from_str(ty).expect("entity type names are fixed identifiers"),
+        EntityId::new(id),
+    )
+}
+
+pub(crate) fn action_uid(action: &str) -> EntityUid {
+    uid("Action", action)
+}
+
+fn entity(ident: &Identity) -> Result<Entity, String> {
+    let s = |v: &Option<String>| RestrictedExpression::new_string(v.clone().unwrap_or_default());
+    let mut attrs = HashMap::new();
+    match ident.kind {
+        IdentityKind::Workload => {
+            attrs.insert("tenant".into(), s(&ident.tenant));
+            attrs.insert("purpose".into(), s(&ident.purpose));
+            attrs.insert("ring".into(), s(&ident.ring));
+            attrs.insert("spiffe_id".into(), s(&ident.spiffe_id));
+            attrs.insert(
+                "risk".into(),
+                RestrictedExpression::new_decimal(&ident.risk),
+            );
+        }
+        IdentityKind::Endpoint => {
+            attrs.insert("tenant".into(), s(&ident.tenant));
+            attrs.insert("kind".into(), s(&ident.endpoint_kind));
+            attrs.insert(
+                "datasets".into(),
+                RestrictedExpression::new_set(
+                    ident
+                        .datasets
+                        .iter()
+                        .cloned()
+                        .map(RestrictedExpression::new_string),
+                ),
+            );
+        }
+        IdentityKind::World => {}
+    }
+    Entity::new(
+        uid(ident.kind.cedar_type(), &ident.name),
+        attrs,
+        HashSet::new(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+pub(crate) fn context(port: u16, protocol: Protocol) -> Context {
+    #[allow(clippy::expect_used)]
+    Context::from_pairs([
+        (
+            "port".to_string(),
+            RestrictedExpression::new_long(port as i64),
+        ),
+        (
+            "protocol".to_string(),
+            RestrictedExpression::new_string(protocol.to_string()),
+        ),
+    ])
+    .expect("a record of a long and a string is a valid context")
+}
+
+/// The policy files of a bundle, in name order.
+pub(crate) struct Sources {
+    pub schema: (PathBuf, String),
+    pub policies: Vec<(PathBuf, String)>,
+}
+
+impl Engine {
+    /// Parse and validate everything Cedar-related, collecting every problem in `diags`.
+    /// Returns an engine only when there was no problem at all.
+    pub fn load(
+        src: &Sources,
+        inv: Option<&Inventory>,
+        ids: Option<&Identities>,
+        diags: &mut Diagnostics,
+    ) -> Option<Engine> {
+        let start = diags.len();
+        let (schema_file, schema_text) = &src.schema;
+        let schema = match Schema::from_cedarschema_str(schema_text) {
+            Ok((schema, warnings)) => {
+                for w in warnings {
+                    tracing::warn!(file = %schema_file.display(), "schema: {w}");
+                }
+                Some(schema)
+            }
+            Err(e) => {
+                diags.push(located(schema_file, schema_text, &e, 0));
+                None
+            }
+        };
+
+        // Policies: each file parsed on its own, so spans are offsets into that file.
+        let mut pset = PolicySet::new();
+        let mut rules: Vec<PolicyRef> = Vec::new();
+        let mut rule_of = HashMap::new();
+        let mut file_of: HashMap<PolicyId, (usize, usize)> = HashMap::new(); // file index, offset
+        let mut ann_ids: HashMap<String, (PathBuf, u32)> = HashMap::new();
+        let mut analysis = Analysis::default();
+        let mut singles: Vec<(PolicySet, Analysis)> = Vec::new();
+        for (fi, (file, text)) in src.policies.iter().enumerate() {
+            let parsed = match PolicySet::from_str(text) {
+                Ok(p) => p,
+                Err(errs) => {
+                    for e in errs.iter() {
+                        diags.push(located(file, text, e, 0));
+                    }
+                    continue;
+                }
+            };
+            for t in parsed.templates() {
+                diags.push(
+                    Diagnostic::new(file, 1, 1, format!("template `{}` is not supported", t.id()))
+                        .with_hint("write static policies; `?principal`/`?resource` slots have no meaning here"),
+                );
+            }
+            // The core parser gives each policy's source location (same ids, same order).
+            let core = cedar_policy_core::parser::parse_policyset(text).ok();
+            let core_policy = |id: &PolicyId| {
+                core.as_ref().and_then(|c| {
+                    c.policies()
+                        .find(|p| AsRef::<str>::as_ref(p.id()) == AsRef::<str>::as_ref(id))
+                        .cloned()
+                })
+            };
+            let fname = file.file_name().map_or_else(
+                || file.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let mut policies: Vec<_> = parsed.policies().collect();
+            policies.sort_by_key(|p| {
+                AsRef::<str>::as_ref(p.id())
+                    .trim_start_matches("policy")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            });
+            for p in policies {
+                let cp = core_policy(p.id());
+                let offset = cp
+                    .as_ref()
+                    .and_then(|c| c.loc().map(|l| l.start()))
+                    .unwrap_or(0);
+                let (line, column) = line_col(text, offset);
+                let ann_loc = |key: &str| -> (u32, u32) {
+                    cp.as_ref()
+                        .and_then(|c| {
+                            c.annotations()
+                                .find(|(k, _)| k.as_ref() == key)
+                                .and_then(|(_, a)| a.loc.as_ref().map(|l| l.start()))
+                        })
+                        .map_or((line, column), |o| line_col(text, o))
+                };
+                let at = |(l, c): (u32, u32), msg: String| Diagnostic::new(file, l, c, msg);
+
+                let new_id = PolicyId::new(format!("{fname}:{}", p.id()));
+                let id = match p.annotation("id") {
+                    Some(v) if !v.trim().is_empty() => v.to_string(),
+                    Some(_) => {
+                        diags.push(at(ann_loc("id"), "@id must not be empty".into()));
+                        new_id.to_string()
+                    }
+                    None => new_id.to_string(),
+                };
+                if let Some((ofile, oline)) = ann_ids.get(&id) {
+                    diags.push(at(
+                        ann_loc("id"),
+                        format!(
+                            "duplicate policy id `{id}` (also {}:{oline})",
+                            ofile.display()
+                        ),
+                    ));
+                } else {
+                    ann_ids.insert(id.clone(), (file.clone(), line));
+                }
+                let mut techniques = Vec::new();
+                if let Some(list) = p.annotation("atlas") {
+                    for tid in list.split(',').map(str::trim) {
+                        match atlas::lookup(tid) {
+                            Some(t) => techniques.push(t),
+                            None => diags.push(
+                                at(ann_loc("atlas"), format!("unknown ATLAS technique `{tid}`"))
+                                    .with_hint(format!(
+                                        "IDs look like AML.T0085.000; see enforcer-policy/data/atlas/techniques.tsv (ATLAS {})",
+                                        atlas::version()
+                                    )),
+                            ),
+                        }
+                    }
+                }
+                let effect = match p.effect() {
+                    cedar_policy::Effect::Permit => Effect::Permit,
+                    cedar_policy::Effect::Forbid => Effect::Forbid,
+                };
+                let quarantine = p.annotation("quarantine").is_some();
+                if quarantine && effect == Effect::Permit {
+                    diags.push(at(
+                        ann_loc("quarantine"),
+                        "@quarantine applies to forbid policies only".into(),
+                    ));
+                }
+                match p.to_json() {
+                    Ok(json) => {
+                        analysis.add_policy(&json);
+                        let mut own = Analysis::default();
+                        own.add_policy(&json);
+                        let mut single = PolicySet::new();
+                        let _ = single.add(p.new_id(PolicyId::new(format!("{fname}:{}", p.id()))));
+                        singles.push((single, own));
+                        if let Some(why) = can_error(&json) {
+                            diags.push(
+                                at((line, column), format!("policy `{id}` can fail at evaluation time: {why}"))
+                                    .with_hint("a failing forbid is skipped and would let the call through; rewrite the condition without it"),
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        diags.push(at((line, column), format!("policy `{id}`: {e}")));
+                        singles.push((PolicySet::new(), Analysis::default()));
+                    }
+                }
+                let rule = rules.len() as u32;
+                rules.push(PolicyRef {
+                    id,
+                    effect,
+                    file: file.clone(),
+                    line,
+                    atlas: techniques,
+                    quarantine,
+                });
+                rule_of.insert(new_id.clone(), rule);
+                file_of.insert(new_id.clone(), (fi, offset));
+                if let Err(e) = pset.add(p.new_id(new_id)) {
+                    diags.push(at((line, column), e.to_string()));
+                }
+            }
+        }
+
+        let schema = schema?;
+        if diags.len() == start {
+            let result = Validator::new(schema.clone()).validate(&pset, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                let (fi, offset) = file_of.get(e.policy_id()).copied().unwrap_or((0, 0));
+                let (file, text) = &src.policies[fi];
+                diags.push(located(file, text, e, offset));
+            }
+        }
+
+        // The inventory against the schema: entities and the actions of declared ports.
+        let (Some(inv), Some(ids)) = (inv, ids) else {
+            return None;
+        };
+        let schema_loc = |msg: String| Diagnostic::new(schema_file, 1, 1, msg);
+        let mut uids = Vec::with_capacity(ids.len());
+        let mut ents = Vec::with_capacity(ids.len());
+        for ident in ids.iter() {
+            uids.push(uid(ident.kind.cedar_type(), &ident.name));
+            match entity(ident) {
+                Ok(e) => ents.push(e),
+                Err(e) => diags.push(item_diag(inv, ident, format!("`{}`: {e}", ident.name))),
+            }
+        }
+        let entities = match Entities::from_entities(ents.clone(), Some(&schema)) {
+            Ok(e) => Some(e),
+            Err(_) => {
+                // Find the culprits one by one, to point at them.
+                for (ident, e) in ids.iter().zip(&ents) {
+                    if let Err(err) = Entities::from_entities([e.clone()], Some(&schema)) {
+                        diags.push(
+                            item_diag(
+                                inv,
+                                ident,
+                                format!("`{}` does not fit the schema: {err}", ident.name),
+                            )
+                            .with_hint(format!(
+                                "see {} and policies/README.md (entity model)",
+                                schema_file.display()
+                            )),
+                        );
+                    }
+                }
+                None
+            }
+        };
+
+        let declared: HashSet<String> = schema
+            .actions()
+            .filter(|a| a.type_name().to_string() == "Action")
+            .map(|a| a.id().unescaped().to_string())
+            .collect();
+        let mut actions = HashMap::new();
+        let mut checked: HashSet<(String, IdentityKind)> = HashSet::new();
+        let world = ids.iter().find(|i| i.kind == IdentityKind::World);
+        for ident in ids.iter().filter(|i| i.is_destination()) {
+            let wildcard = crate::inventory::Port {
+                port: 0,
+                protocol: Protocol::Tcp,
+                action: "connect".into(),
+                loc: Default::default(),
+            };
+            let ports = if ident.ports.is_empty() {
+                std::slice::from_ref(&wildcard)
+            } else {
+                ident.ports.as_slice()
+            };
+            for port in ports {
+                let diag = |msg: String| {
+                    if port.loc.line > 0 {
+                        Diagnostic::new(&inv.file, port.loc.line, port.loc.column, msg)
+                    } else if ident.kind == IdentityKind::World {
+                        schema_loc(msg)
+                    } else {
+                        item_diag(inv, ident, msg)
+                    }
+                };
+                if !declared.contains(&port.action) {
+                    let mut known: Vec<_> = declared.iter().cloned().collect();
+                    known.sort();
+                    diags.push(
+                        diag(format!(
+                            "action `{}` is not declared in the schema",
+                            port.action
+                        ))
+                        .with_hint(format!("declared actions: {}", known.join(", "))),
+                    );
+                    continue;
+                }
+                let a = action_uid(&port.action);
+                actions.insert(port.action.clone(), a.clone());
+                if !checked.insert((port.action.clone(), ident.kind)) {
+                    continue;
+                }
+                // One schema-checked request per (action, resource type): the hot path can
+                // then skip request validation.
+                let principal = uid("Workload", "schema-check");
+                let resource = uid(ident.kind.cedar_type(), &ident.name);
+                if let Err(e) = Request::new(
+                    principal,
+                    a,
+                    resource,
+                    context(port.port, port.protocol),
+                    Some(&schema),
+                ) {
+                    diags.push(diag(format!(
+                        "`{}` cannot be reached with action `{}`: {e}",
+                        ident.name, port.action
+                    )).with_hint(format!(
+                        "the action's `appliesTo` in {} must list principal Workload, resource {} and context {{ port: Long, protocol: String }}",
+                        schema_file.display(), ident.kind.cedar_type()
+                    )));
+                }
+            }
+        }
+        let _ = world;
+
+        if diags.len() > start {
+            return None;
+        }
+        Some(Engine {
+            schema,
+            pset,
+            rules,
+            rule_of,
+            entities: entities?,
+            uids,
+            actions,
+            analysis,
+            singles,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// Whether policy `rule` alone is satisfied by the request. Cedar's decision is a pure
+    /// function of which policies are satisfied (deny if a forbid is, else allow if a permit
+    /// is), so combining these answers reproduces `ask` exactly.
+    pub fn satisfied(
+        &self,
+        rule: usize,
+        subject: usize,
+        action: &str,
+        destination: usize,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<bool, String> {
+        let action = match self.actions.get(action) {
+            Some(a) => a.clone(),
+            None => action_uid(action),
+        };
+        let request = Request::new(
+            self.uids[subject].clone(),
+            action,
+            self.uids[destination].clone(),
+            context(port, protocol),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let response =
+            self.authorizer
+                .is_authorized(&request, &self.singles[rule].0, &self.entities);
+        if let Some(err) = response.diagnostics().errors().next() {
+            return Err(err.to_string());
+        }
+        let satisfied = response.diagnostics().reason().next().is_some();
+        Ok(satisfied)
+    }
+
+    /// Ask Cedar about one request. `validate`: check the request against the schema (the
+    /// oracle does; the compiler checked each (action, type) once at load).
+    pub fn ask(
+        &self,
+        subject: usize,
+        action: &str,
+        destination: usize,
+        port: u16,
+        protocol: Protocol,
+        validate: bool,
+    ) -> Result<Answer, String> {
+        let action = match self.actions.get(action) {
+            Some(a) => a.clone(),
+            None => action_uid(action),
+        };
+        let request = Request::new(
+            self.uids[subject].clone(),
+            action,
+            self.uids[destination].clone(),
+            context(port, protocol),
+            validate.then_some(&self.schema),
+        )
+        .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.pset, &self.entities);
+        let diagnostics = response.diagnostics();
+        if let Some(err) = diagnostics.errors().next() {
+            // Any evaluation error rejects the bundle: a skipped forbid could allow.
+            return Err(err.to_string());
+        }
+        let mut rules: Vec<u32> = diagnostics
+            .reason()
+            .filter_map(|id| self.rule_of.get(id).copied())
+            .collect();
+        rules.sort_unstable();
+        Ok(Answer {
+            allowed: response.decision() == CedarDecision::Allow,
+            rules,
+        })
+    }
+}
+
+/// A diagnostic at an identity's entry in the inventory.
+fn item_diag(inv: &Inventory, ident: &Identity, msg: String) -> Diagnostic {
+    let loc = inv
+        .workloads
+        .iter()
+        .find(|w| w.name == ident.name)
+        .map(|w| w.loc)
+        .or_else(|| {
+            inv.endpoints
+                .iter()
+                .find(|e| e.name == ident.name)
+                .map(|e| e.loc)
+        })
+        .unwrap_or_default();
+    Diagnostic::new(&inv.file, loc.line, loc.column, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn analyse(src: &str) -> Analysis {
+        let mut a = Analysis::default();
+        for p in PolicySet::from_str(src).unwrap().policies() {
+            a.add_policy(&p.to_json().unwrap());
+        }
+        a
+    }
+
+    #[test]
+    fn analysis_collects_attributes_and_uids() {
+        let a = analyse(
+            r#"permit (principal == Workload::"a", action, resource) when { principal.tenant == resource.tenant && resource has kind };
+               forbid (principal, action, resource) when { resource == Endpoint::"e" || context.port == 1 };"#,
+        );
+        assert!(a.attrs.contains("tenant") && a.attrs.contains("kind") && a.attrs.contains("port"));
+        assert!(a.uids.contains(&("Workload".into(), "a".into())));
+        assert!(a.uids.contains(&("Endpoint".into(), "e".into())));
+        assert!(!a.uid_sensitive && !a.context_whole);
+        assert!(a.reads_port() && !a.reads_protocol());
+        assert!(
+            analyse("permit (principal, action, resource) when { principal == resource };")
+                .uid_sensitive
+        );
+        assert!(
+            analyse(
+                "permit (principal, action, resource) when { [principal].contains(resource) };"
+            )
+            .uid_sensitive
+        );
+        assert!(!analyse(r#"permit (principal, action, resource) when { principal in [Workload::"x", Workload::"y"] };"#).uid_sensitive);
+    }
+
+    #[test]
+    fn erroring_operations_are_found() {
+        let src = "forbid (principal, action, resource) when { context.port + 1 > 2 };";
+        let p = PolicySet::from_str(src).unwrap();
+        let json = p.policies().next().unwrap().to_json().unwrap();
+        assert!(can_error(&json).is_some());
+        let src = r#"forbid (principal, action, resource) when { decimal("0.5").lessThan(decimal("1.0")) };"#;
+        let p = PolicySet::from_str(src).unwrap();
+        let json = p.policies().next().unwrap().to_json().unwrap();
+        assert_eq!(can_error(&json), None);
+    }
+}

@@ -1,0 +1,488 @@
+//! Identities: the numbers the kernel knows workloads and endpoints by.
+//!
+//! An identity ID must survive agent restarts and inventory edits (pinned maps keep using it,
+//! events name it), so it is derived from a hash of `kind/name`, not from a position in the
+//! file. Collisions are resolved deterministically: names in sorted order, linear probing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use enforcer_common::{flags, identity as reserved, IdentityInfo};
+use sha2::{Digest, Sha256};
+
+use crate::inventory::Inventory;
+
+/// The name of the reserved WORLD identity (every address not in the inventory).
+pub const WORLD_NAME: &str = "world";
+
+/// An IPv4 or IPv6 network: an address and a prefix length. Host bits must be zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    fn bits(addr: &IpAddr) -> (u128, u8) {
+        match addr {
+            IpAddr::V4(a) => (u32::from(*a) as u128, 32),
+            IpAddr::V6(a) => (u128::from(*a), 128),
+        }
+    }
+
+    fn mask(prefix: u8, width: u8) -> u128 {
+        if prefix == 0 {
+            0
+        } else {
+            (!0u128 << (width - prefix)) & if width == 32 { 0xffff_ffff } else { !0u128 }
+        }
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        let (net, width) = Self::bits(&self.addr);
+        let (a, w) = Self::bits(ip);
+        w == width && (a & Self::mask(self.prefix, width)) == net
+    }
+
+    /// Whether the two networks share an address (one contains the other).
+    pub fn overlaps(&self, other: &IpNet) -> bool {
+        let (a, wa) = Self::bits(&self.addr);
+        let (b, wb) = Self::bits(&other.addr);
+        if wa != wb {
+            return false;
+        }
+        let mask = Self::mask(self.prefix.min(other.prefix), wa);
+        a & mask == b & mask
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| "not an IP address".to_string())?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= width => p,
+                _ => return Err(format!("prefix must be 0..={width}")),
+            },
+        };
+        let net = IpNet { addr, prefix };
+        let (bits, _) = Self::bits(&addr);
+        if bits & !Self::mask(prefix, width) & if width == 32 { 0xffff_ffff } else { !0 } != 0 {
+            return Err("host bits are set after the prefix".into());
+        }
+        Ok(net)
+    }
+}
+
+impl serde::Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Validate a SPIFFE ID per the SPIFFE-ID specification: `spiffe://` (lowercase scheme), a
+/// trust domain of `[a-z0-9.-_]` (at most 255 bytes, no port or user info), an optional path
+/// of `/`-separated non-empty segments of `[A-Za-z0-9.-_]` that are not `.` or `..`, no
+/// trailing slash, no query or fragment, and at most 2048 bytes in all.
+pub fn validate_spiffe_id(id: &str) -> Result<(), String> {
+    if id.len() > 2048 {
+        return Err(format!("{} bytes, the limit is 2048", id.len()));
+    }
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| "must start with `spiffe://` (lowercase scheme)".to_string())?;
+    let (td, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if td.is_empty() {
+        return Err("the trust domain is empty".into());
+    }
+    if td.len() > 255 {
+        return Err("the trust domain is longer than 255 bytes".into());
+    }
+    if let Some(c) = td
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "the trust domain may contain only lowercase letters, digits, `.`, `-` and `_`, found `{c}`"
+        ));
+    }
+    if path.is_empty() {
+        return Ok(());
+    }
+    if path.ends_with('/') {
+        return Err("the path must not end with `/`".into());
+    }
+    for seg in path[1..].split('/') {
+        if seg.is_empty() {
+            return Err("the path has an empty segment (`//`)".into());
+        }
+        if seg == "." || seg == ".." {
+            return Err("the path must not contain `.` or `..` segments".into());
+        }
+        if let Some(c) = seg
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        {
+            return Err(format!(
+                "path segments may contain only letters, digits, `.`, `-` and `_`, found `{c}`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityKind {
+    Workload,
+    Endpoint,
+    World,
+}
+
+impl IdentityKind {
+    /// The Cedar entity type of this kind.
+    pub fn cedar_type(self) -> &'static str {
+        match self {
+            IdentityKind::Workload => "Workload",
+            IdentityKind::Endpoint => "Endpoint",
+            IdentityKind::World => "World",
+        }
+    }
+}
+
+impl fmt::Display for IdentityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdentityKind::Workload => "workload",
+            IdentityKind::Endpoint => "endpoint",
+            IdentityKind::World => "world",
+        })
+    }
+}
+
+/// One identity: a workload, an endpoint, or WORLD.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Identity {
+    pub id: u32,
+    pub name: String,
+    pub kind: IdentityKind,
+    pub tenant: Option<String>,
+    pub tenant_id: u32,
+    pub purpose: Option<String>,
+    pub purpose_id: u16,
+    pub ring: Option<String>,
+    pub ring_id: u16,
+    pub spiffe_id: Option<String>,
+    pub endpoint_kind: Option<String>,
+    pub datasets: Vec<String>,
+    pub cgroups: Vec<String>,
+    pub ips: Vec<IpNet>,
+    /// Cedar decimal text; "0.0" when not set.
+    pub risk: String,
+    /// `enforcer_common::flags::*` (never QUARANTINED: that is runtime state of the agent).
+    pub flags: u32,
+    /// Declared ports; empty means any port with action `connect`.
+    #[serde(skip)]
+    pub ports: Vec<crate::inventory::Port>,
+}
+
+impl Identity {
+    /// The kernel's `IDENTITIES` value.
+    pub fn info(&self) -> IdentityInfo {
+        IdentityInfo {
+            tenant: self.tenant_id,
+            purpose: self.purpose_id,
+            ring: self.ring_id,
+            flags: self.flags,
+        }
+    }
+
+    /// A local subject: the agent maps its cgroups to this identity.
+    pub fn is_subject(&self) -> bool {
+        self.kind == IdentityKind::Workload && !self.cgroups.is_empty()
+    }
+
+    /// Reachable: WORLD, every endpoint, and every workload with addresses.
+    pub fn is_destination(&self) -> bool {
+        match self.kind {
+            IdentityKind::World | IdentityKind::Endpoint => true,
+            IdentityKind::Workload => !self.ips.is_empty(),
+        }
+    }
+}
+
+/// All identities of an inventory, with the small numbers of tenants, purposes and rings.
+#[derive(Clone, Debug, Default)]
+pub struct Identities {
+    list: Vec<Identity>,
+    by_id: HashMap<u32, usize>,
+    by_name: HashMap<String, usize>,
+    /// Tenant name -> number (1-based, by sorted name; 0 = none).
+    pub tenants: BTreeMap<String, u32>,
+    pub purposes: BTreeMap<String, u16>,
+    pub rings: BTreeMap<String, u16>,
+}
+
+/// The hash-derived starting point of an identity's ID.
+fn preferred_id(kind: IdentityKind, name: &str) -> u32 {
+    let digest = Sha256::digest(format!("{kind}/{name}").as_bytes());
+    let h = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    let span = (1u32 << 31) - reserved::FIRST_DYNAMIC;
+    reserved::FIRST_DYNAMIC + h % span
+}
+
+fn numbering<'a, I: Iterator<Item = &'a str>>(names: I) -> BTreeMap<String, u16> {
+    let set: BTreeSet<&str> = names.collect();
+    set.into_iter()
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), i as u16 + 1))
+        .collect()
+}
+
+impl Identities {
+    pub fn allocate(inv: &Inventory) -> Identities {
+        let tenants: BTreeMap<String, u32> = numbering(inv.tenants.iter().map(|t| t.name.as_str()))
+            .into_iter()
+            .map(|(k, v)| (k, v as u32))
+            .collect();
+        let purposes = numbering(inv.workloads.iter().filter_map(|w| w.purpose.as_deref()));
+        let rings = numbering(inv.workloads.iter().filter_map(|w| w.ring.as_deref()));
+        let tenant_audit = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|t| inv.tenant(t))
+                .is_some_and(|t| t.audit)
+        };
+
+        let mut list = vec![Identity {
+            id: reserved::WORLD,
+            name: WORLD_NAME.into(),
+            kind: IdentityKind::World,
+            tenant: None,
+            tenant_id: 0,
+            purpose: None,
+            purpose_id: 0,
+            ring: None,
+            ring_id: 0,
+            spiffe_id: None,
+            endpoint_kind: None,
+            datasets: vec![],
+            cgroups: vec![],
+            ips: vec![],
+            risk: "0.0".into(),
+            flags: 0,
+            ports: vec![],
+        }];
+        for w in &inv.workloads {
+            let audit = w.audit || tenant_audit(&w.tenant);
+            list.push(Identity {
+                id: 0,
+                name: w.name.clone(),
+                kind: IdentityKind::Workload,
+                tenant_id: w
+                    .tenant
+                    .as_ref()
+                    .and_then(|t| tenants.get(t))
+                    .copied()
+                    .unwrap_or(0),
+                tenant: w.tenant.clone(),
+                purpose_id: w
+                    .purpose
+                    .as_ref()
+                    .and_then(|p| purposes.get(p))
+                    .copied()
+                    .unwrap_or(0),
+                purpose: w.purpose.clone(),
+                ring_id: w
+                    .ring
+                    .as_ref()
+                    .and_then(|r| rings.get(r))
+                    .copied()
+                    .unwrap_or(0),
+                ring: w.ring.clone(),
+                spiffe_id: w.spiffe_id.clone(),
+                endpoint_kind: None,
+                datasets: vec![],
+                cgroups: w.cgroups.clone(),
+                ips: w.ips.clone(),
+                risk: w.risk.clone(),
+                flags: if audit { flags::AUDIT } else { 0 },
+                ports: w.ports.clone(),
+            });
+        }
+        for e in &inv.endpoints {
+            let mut f = 0;
+            if tenant_audit(&e.tenant) {
+                f |= flags::AUDIT;
+            }
+            if e.kind == "vector_db" {
+                f |= flags::VECTOR_DB;
+            }
+            list.push(Identity {
+                id: 0,
+                name: e.name.clone(),
+                kind: IdentityKind::Endpoint,
+                tenant_id: e
+                    .tenant
+                    .as_ref()
+                    .and_then(|t| tenants.get(t))
+                    .copied()
+                    .unwrap_or(0),
+                tenant: e.tenant.clone(),
+                purpose: None,
+                purpose_id: 0,
+                ring: None,
+                ring_id: 0,
+                spiffe_id: None,
+                endpoint_kind: Some(e.kind.clone()),
+                datasets: e.datasets.clone(),
+                cgroups: vec![],
+                ips: e.ips.clone(),
+                risk: "0.0".into(),
+                flags: f,
+                ports: e.ports.clone(),
+            });
+        }
+
+        // IDs: sorted by (kind, name) so that probing order does not depend on file order.
+        let mut order: Vec<usize> = (1..list.len()).collect();
+        order.sort_by(|&a, &b| (list[a].kind, &list[a].name).cmp(&(list[b].kind, &list[b].name)));
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        for i in order {
+            let mut id = preferred_id(list[i].kind, &list[i].name);
+            while taken.contains(&id) {
+                id += 1;
+                if id >= 1 << 31 {
+                    id = reserved::FIRST_DYNAMIC;
+                }
+            }
+            taken.insert(id);
+            list[i].id = id;
+        }
+
+        let by_id = list.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
+        let by_name = list
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.name.clone(), i))
+            .collect();
+        Identities {
+            list,
+            by_id,
+            by_name,
+            tenants,
+            purposes,
+            rings,
+        }
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Identity> {
+        self.list.iter()
+    }
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+    pub fn get(&self, id: u32) -> Option<&Identity> {
+        self.by_id.get(&id).map(|&i| &self.list[i])
+    }
+    pub fn by_name(&self, name: &str) -> Option<&Identity> {
+        self.by_name.get(name).map(|&i| &self.list[i])
+    }
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+    pub(crate) fn at(&self, i: usize) -> &Identity {
+        &self.list[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_rules() {
+        for ok in [
+            "spiffe://cluster.local/ns/acme/sa/retriever",
+            "spiffe://example.org",
+            "spiffe://a-b_c.9/x.y-z_W",
+        ] {
+            assert_eq!(validate_spiffe_id(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "SPIFFE://example.org/x",
+            "https://example.org/x",
+            "spiffe:///path",
+            "spiffe://Example.org/x",
+            "spiffe://example.org:8080/x",
+            "spiffe://user@example.org/x",
+            "spiffe://example.org/",
+            "spiffe://example.org//x",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a/./b",
+            "spiffe://example.org/a?q=1",
+            "spiffe://example.org/a#f",
+            "spiffe://example.org/a b",
+        ] {
+            assert!(validate_spiffe_id(bad).is_err(), "{bad}");
+        }
+        let long = format!("spiffe://example.org/{}", "a".repeat(2048 - 21));
+        assert_eq!(long.len(), 2048);
+        assert_eq!(validate_spiffe_id(&long), Ok(()));
+        let too_long = format!("{long}b");
+        assert!(validate_spiffe_id(&too_long).unwrap_err().contains("2048"));
+        let td = format!("spiffe://{}/x", "a".repeat(256));
+        assert!(validate_spiffe_id(&td).is_err());
+    }
+
+    #[test]
+    fn ipnet_parse_and_overlap() {
+        let a: IpNet = "127.10.1.2".parse().unwrap();
+        assert_eq!(a.to_string(), "127.10.1.2/32");
+        let b: IpNet = "127.10.1.0/24".parse().unwrap();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(b.contains(&"127.10.1.200".parse().unwrap()));
+        assert!(!b.contains(&"127.10.2.1".parse().unwrap()));
+        let c: IpNet = "127.10.2.0/24".parse().unwrap();
+        assert!(!b.overlaps(&c));
+        assert!("127.10.1.1/24".parse::<IpNet>().is_err());
+        assert!("127.10.1.1/33".parse::<IpNet>().is_err());
+        let v6: IpNet = "fd00::1".parse().unwrap();
+        assert_eq!(v6.prefix, 128);
+        let v6net: IpNet = "fd00::/64".parse().unwrap();
+        assert!(v6net.overlaps(&v6) && !v6net.overlaps(&a));
+        assert!("0.0.0.0/0".parse::<IpNet>().unwrap().overlaps(&a));
+    }
+
+    #[test]
+    fn ids_are_stable_and_in_range() {
+        let a = preferred_id(IdentityKind::Workload, "acme-retriever");
+        assert_eq!(a, preferred_id(IdentityKind::Workload, "acme-retriever"));
+        assert_ne!(a, preferred_id(IdentityKind::Endpoint, "acme-retriever"));
+        assert!((reserved::FIRST_DYNAMIC..1 << 31).contains(&a));
+    }
+}

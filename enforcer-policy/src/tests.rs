@@ -1,0 +1,438 @@
+//! Bundle-level tests: the demo bundle, every rejection class with its exact location, and
+//! the central invariant (compiled table == Cedar oracle) on generated bundles.
+
+use std::path::{Path, PathBuf};
+
+use enforcer_common::{identity as reserved, proto};
+use proptest::prelude::*;
+
+use crate::testutil::{random_bundle, synthetic_bundle};
+use crate::{Bundle, Effect, Protocol};
+
+fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo")
+}
+
+fn demo() -> Bundle {
+    Bundle::load(&demo_dir()).unwrap_or_else(|d| panic!("demo bundle invalid:\n{d}"))
+}
+
+/// A copy of the demo bundle with `file` replaced by `content`, loaded: the diagnostics.
+fn load_with(file: &str, content: &str) -> Vec<String> {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(demo_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(tmp.path().join(file), content).unwrap();
+    match Bundle::load(tmp.path()) {
+        Ok(_) => vec![],
+        Err(d) => {
+            d.0.iter()
+                .map(|d| {
+                    let name = d.file.file_name().unwrap().to_string_lossy().into_owned();
+                    let hint = d
+                        .hint
+                        .as_deref()
+                        .map(|h| format!(" [hint: {h}]"))
+                        .unwrap_or_default();
+                    format!("{name}:{}:{}: {}{hint}", d.line, d.column, d.message)
+                })
+                .collect()
+        }
+    }
+}
+
+fn assert_diag(diags: &[String], prefix: &str, contains: &str) {
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.starts_with(prefix) && d.contains(contains)),
+        "expected `{prefix}` with `{contains}` in:\n{}",
+        diags.join("\n")
+    );
+}
+
+#[test]
+fn demo_cross_tenant_vector_db_is_denied_by_tenant_isolation() {
+    let b = demo();
+    let d = b
+        .decide("acme-retriever", "globex-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.action, "query");
+    assert_eq!(d.policies.len(), 1);
+    let p = &d.policies[0];
+    assert_eq!(
+        (p.id.as_str(), p.effect),
+        ("tenant-isolation", Effect::Forbid)
+    );
+    assert_eq!(p.file.file_name().unwrap(), "baseline.cedar");
+    assert_eq!(p.line, 10);
+    assert_eq!(p.atlas[0].id, "AML.T0085.000");
+    assert_eq!(p.atlas[0].name, "RAG Databases");
+    assert_eq!(p.atlas[0].tactics, vec!["Collection"]);
+
+    let c = b.compile().unwrap();
+    let s = c.identity_by_name("acme-retriever").unwrap().id;
+    let g = c.identity_by_name("globex-vectors").unwrap().id;
+    assert!(!c.is_allowed(s, g, 6333, proto::TCP));
+    let a = c.attribute(s, g, 6333, proto::TCP);
+    assert_eq!(a.policy_id, "tenant-isolation");
+    assert_eq!(a.atlas[0].name, "RAG Databases");
+    assert_eq!(a.atlas[0].tactics, vec!["Collection"]);
+}
+
+#[test]
+fn demo_decisions_and_attribution() {
+    let b = demo();
+    let c = b.compile().unwrap();
+    let id = |n: &str| c.identity_by_name(n).unwrap().id;
+    let (retriever, evaluator) = (id("acme-retriever"), id("acme-evaluator"));
+
+    // Same tenant: allowed by same-tenant, and the allow entry names it.
+    let d = b
+        .decide("acme-retriever", "acme-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(d.allowed);
+    assert_eq!(d.policies[0].id, "same-tenant");
+    let key = c
+        .allows()
+        .iter()
+        .find(|(k, _)| k.subject == retriever && k.destination == id("acme-vectors"))
+        .unwrap();
+    assert_eq!(key.0.dport, 6333);
+    assert_eq!(c.rules()[key.1.rule as usize].id, "same-tenant");
+
+    // Purpose rule: evaluation may read features, not write them.
+    assert!(
+        b.decide("acme-evaluator", "acme-features", 6566, Protocol::Tcp)
+            .unwrap()
+            .allowed
+    );
+    let d = b
+        .decide("acme-evaluator", "acme-features", 6567, Protocol::Tcp)
+        .unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.action, "write");
+    assert_eq!(d.policies[0].id, "evaluation-no-feature-write");
+    let a = c.attribute(evaluator, id("acme-features"), 6567, proto::TCP);
+    assert_eq!(a.policy_id, "evaluation-no-feature-write");
+    assert_eq!(a.atlas[0].id, "AML.T0020");
+    assert!(
+        b.decide("acme-retriever", "acme-features", 6567, Protocol::Tcp)
+            .unwrap()
+            .allowed
+    );
+
+    // An undeclared port, WORLD, an unknown subject.
+    let d = b
+        .decide("acme-retriever", "acme-vectors", 22, Protocol::Tcp)
+        .unwrap();
+    assert!(!d.allowed && d.undeclared_port);
+    let a = c.attribute(retriever, id("acme-vectors"), 22, proto::TCP);
+    assert_eq!(a.policy_id, "undeclared-port");
+    assert_eq!(a.atlas[0].id, "AML.T0012");
+    let a = c.attribute(retriever, id("acme-vectors"), 6333, proto::UDP);
+    assert_eq!(a.policy_id, "undeclared-port");
+    let a = c.attribute(retriever, reserved::WORLD, 443, proto::TCP);
+    assert_eq!(
+        (a.policy_id.as_str(), a.atlas[0].id.as_str()),
+        ("implicit-deny", "AML.T0012")
+    );
+    let a = c.attribute(12345, reserved::WORLD, 443, proto::TCP);
+    assert_eq!(
+        (a.policy_id.as_str(), a.atlas[0].id.as_str()),
+        ("unknown-subject", "AML.T0103")
+    );
+    assert_eq!(c.unknown_subject_atlas()[0].name, "Deploy AI Agent");
+
+    // Any-port destination: one wildcard entry per protocol.
+    let dns = id("globex-dns");
+    let agent = id("globex-agent");
+    for p in [proto::TCP, proto::UDP] {
+        assert!(c.allows().iter().any(|(k, _)| k.subject == agent
+            && k.destination == dns
+            && k.dport == 0
+            && k.protocol == p));
+    }
+    assert!(c.is_allowed(agent, dns, 5353, proto::UDP));
+    assert!(
+        b.decide("globex-agent", "globex-dns", 53, Protocol::Udp)
+            .unwrap()
+            .any_port
+    );
+
+    // Identities: WORLD included, flags.
+    assert!(c.identities().any(|i| i.id == reserved::WORLD));
+    let vectors = c.identity_by_name("acme-vectors").unwrap();
+    assert_ne!(vectors.info().flags & enforcer_common::flags::VECTOR_DB, 0);
+    let batch = c.identity_by_name("initech-batch").unwrap();
+    assert_ne!(batch.flags & enforcer_common::flags::AUDIT, 0);
+    assert_eq!(c.identity_by_name("acme-retriever").unwrap().flags, 0);
+    assert!(c.stats().cell_groups <= c.stats().cells);
+
+    // Explain, human and JSON.
+    let e = b
+        .explain("acme-retriever", "globex-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("DENY: acme-retriever -> globex-vectors port 6333/tcp"),
+        "{text}"
+    );
+    assert!(
+        text.contains("forbid tenant-isolation at ") && text.contains("baseline.cedar:10"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ATLAS AML.T0085.000 RAG Databases (Collection)"),
+        "{text}"
+    );
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(
+        json["decision"]["policies"][0]["atlas"][0]["id"],
+        "AML.T0085.000"
+    );
+    assert_eq!(json["kernel_key"]["dport"], 6333);
+}
+
+#[test]
+fn revision_and_identities_are_stable() {
+    let a = demo();
+    let b = demo();
+    assert_eq!(a.revision(), b.revision());
+    assert!(a.revision().starts_with("sha256:") && a.revision().len() == 7 + 16);
+    // Reordering the inventory keeps every identity's ID; an edit changes the revision.
+    let text = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["schema.cedarschema", "baseline.cedar", "purpose.cedar"] {
+        std::fs::copy(demo_dir().join(f), tmp.path().join(f)).unwrap();
+    }
+    let (head, rest) = text.split_at(text.find("  - name: acme-retriever").unwrap());
+    let (first, others) = rest.split_at(rest.find("  - name: acme-evaluator").unwrap());
+    let (workloads, endpoints) = others.split_at(others.find("\nendpoints:").unwrap());
+    let reordered = format!(
+        "{head}{workloads}\n{first}{}",
+        endpoints.trim_start_matches('\n')
+    );
+    std::fs::write(tmp.path().join("inventory.yaml"), reordered).unwrap();
+    let c = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
+    assert_ne!(c.revision(), a.revision());
+    for i in a.identities().iter() {
+        assert_eq!(
+            c.identities().by_name(&i.name).unwrap().id,
+            i.id,
+            "{}",
+            i.name
+        );
+    }
+}
+
+const GOOD_INV: &str = "tenants: [acme]\nworkloads:\n  - name: w\n    tenant: acme\n    cgroups: [x/w]\n    ips: [127.10.1.2]\n";
+
+#[test]
+fn inventory_rejections_have_exact_locations() {
+    let d = load_with("inventory.yaml", "tenants: [acme\nworkloads: []\n");
+    assert_diag(&d, "inventory.yaml:2:", "YAML syntax error");
+
+    let inv = "\
+tenants: [acme, acme]
+defaults:
+  implicit_deny_atlas: [AML.T9999]
+workloads:
+  - name: a
+    tenant: nope
+    spiffe_id: spiffe://Bad.Domain/x
+    ips: [127.10.1.2/32]
+    ports: [{port: 0, action: infer}, {port: 70000}, {port: 80, protocol: sctp}]
+  - name: b
+    tenant: acme
+    ips: [127.10.1.0/24, not-an-ip]
+    cgroups: [/abs]
+    colour: red
+  - name: a
+    tenant: acme
+    ips: [127.10.1.2]
+    spiffe_id: spiffe://example.org/too/long/SUFFIX
+    ports: [{port: 8000, action: teleport}]
+";
+    let long = format!("spiffe://example.org/{}", "x".repeat(2100));
+    let inv = inv.replace("spiffe://example.org/too/long/SUFFIX", &long);
+    let d = load_with("inventory.yaml", &inv);
+    assert_diag(&d, "inventory.yaml:1:17:", "duplicate tenant `acme`");
+    assert_diag(
+        &d,
+        "inventory.yaml:3:25:",
+        "unknown ATLAS technique `AML.T9999`",
+    );
+    assert_diag(&d, "inventory.yaml:6:13:", "unknown tenant `nope`");
+    assert_diag(&d, "inventory.yaml:7:16:", "invalid SPIFFE ID");
+    assert_diag(&d, "inventory.yaml:9:20:", "invalid port `0`");
+    assert_diag(&d, "inventory.yaml:9:46:", "invalid port `70000`");
+    assert_diag(&d, "inventory.yaml:9:75:", "invalid protocol");
+    assert_diag(&d, "inventory.yaml:12:11:", "overlaps 127.10.1.2/32");
+    assert_diag(
+        &d,
+        "inventory.yaml:12:26:",
+        "invalid IP or CIDR `not-an-ip`",
+    );
+    assert_diag(&d, "inventory.yaml:13:15:", "invalid cgroup path");
+    assert_diag(&d, "inventory.yaml:14:5:", "unknown field `colour`");
+    assert_diag(&d, "inventory.yaml:15:11:", "duplicate name `a`");
+    assert_diag(&d, "inventory.yaml:17:11:", "already claimed by `a`");
+    assert_diag(&d, "inventory.yaml:18:16:", "2048");
+    // Every problem, not just the first.
+    assert!(d.len() >= 14, "{}", d.join("\n"));
+
+    // Semantic problems needing the schema: an action it does not declare.
+    let inv = format!("{GOOD_INV}    ports: [{{port: 8000, action: teleport}}]\n");
+    let d = load_with("inventory.yaml", &inv);
+    assert_diag(
+        &d,
+        "inventory.yaml:7:34:",
+        "action `teleport` is not declared in the schema",
+    );
+    // An action the schema declares, but not for this resource type.
+    let inv = format!("{GOOD_INV}    ports: [{{port: 8000, action: query}}]\n");
+    let d = load_with("inventory.yaml", &inv);
+    assert_diag(
+        &d,
+        "inventory.yaml:7:34:",
+        "cannot be reached with action `query`",
+    );
+
+    assert!(load_with("inventory.yaml", GOOD_INV).is_empty());
+}
+
+#[test]
+fn cedar_errors_have_exact_locations() {
+    // Syntax error, in the second file: located in that file.
+    let d = load_with(
+        "purpose.cedar",
+        "// comment\npermit (principal, action, resource)\nwhen { principal.tenant == };\n",
+    );
+    assert_diag(&d, "purpose.cedar:3:", "");
+    // Schema (strict validation) error: an attribute the schema does not have.
+    let d = load_with(
+        "purpose.cedar",
+        "\n\n@id(\"x\")\nforbid (principal, action, resource)\nwhen { principal.colour == \"red\" };\n",
+    );
+    assert_diag(&d, "purpose.cedar:5:8:", "colour");
+    // Unknown ATLAS ID in an annotation, at the annotation.
+    let d = load_with("purpose.cedar", "\n@id(\"x\")\n  @atlas(\"AML.T0085.000, AML.T0000.999\")\nforbid (principal, action, resource);\n");
+    assert_diag(
+        &d,
+        "purpose.cedar:3:3:",
+        "unknown ATLAS technique `AML.T0000.999`",
+    );
+    // Duplicate @id across files.
+    let d = load_with(
+        "purpose.cedar",
+        "@id(\"same-tenant\")\nforbid (principal, action, resource);\n",
+    );
+    assert_diag(
+        &d,
+        "purpose.cedar:1:1:",
+        "duplicate policy id `same-tenant`",
+    );
+    // A forbid that can fail at evaluation time would turn into an allow.
+    let d = load_with(
+        "purpose.cedar",
+        "\n@id(\"x\")\nforbid (principal, action, resource) when { context.port + 1 > 10 };\n",
+    );
+    assert_diag(&d, "purpose.cedar:2:1:", "can fail at evaluation time");
+    // Schema syntax error.
+    let d = load_with(
+        "schema.cedarschema",
+        "entity Workload = {\n  tenant: String,\n  risk: ;\n};\n",
+    );
+    assert_diag(&d, "schema.cedarschema:3:", "");
+    // A schema without the entity model: inventory entities do not fit it.
+    let d = load_with("schema.cedarschema", "entity Workload;\nentity Endpoint;\nentity World;\naction connect appliesTo { principal: Workload, resource: [Workload, Endpoint, World] };\n");
+    assert!(!d.is_empty());
+}
+
+/// The central invariant on one bundle: every cell of the compiled table (and every
+/// attribution) equals what the oracle says.
+fn assert_compiled_equals_oracle(b: &Bundle) {
+    let c = b.compile().unwrap();
+    let allows: std::collections::HashSet<_> = c.allows().iter().map(|(k, _)| *k).collect();
+    for s in b.identities().iter().filter(|i| i.is_subject()) {
+        for d in b.identities().iter().filter(|i| i.is_destination()) {
+            let mut probes: Vec<(u16, Protocol)> =
+                d.ports.iter().map(|p| (p.port, p.protocol)).collect();
+            probes.extend([
+                (1, Protocol::Tcp),
+                (53, Protocol::Udp),
+                (6333, Protocol::Tcp),
+                (8000, Protocol::Udp),
+            ]);
+            for (port, protocol) in probes {
+                let oracle = b.decide(&s.name, &d.name, port, protocol).unwrap();
+                let kernel_port = if d.ports.is_empty() { 0 } else { port };
+                let key = crate::PolicyKey {
+                    subject: s.id,
+                    destination: d.id,
+                    dport: kernel_port,
+                    protocol: protocol.number(),
+                    _pad: 0,
+                };
+                let in_table = allows.contains(&key);
+                assert_eq!(
+                    in_table, oracle.allowed,
+                    "{} -> {} {port}/{protocol}: table {in_table}, oracle {oracle:?}",
+                    s.name, d.name
+                );
+                assert_eq!(
+                    c.is_allowed(s.id, d.id, port, protocol.number()),
+                    oracle.allowed
+                );
+                if !oracle.allowed {
+                    let a = c.attribute(s.id, d.id, port, protocol.number());
+                    let ids: Vec<&str> = a.policies.iter().map(|p| p.id.as_str()).collect();
+                    let want: Vec<&str> = oracle.policies.iter().map(|p| p.id.as_str()).collect();
+                    assert_eq!(ids, want, "{} -> {} {port}/{protocol}", s.name, d.name);
+                    if oracle.undeclared_port {
+                        assert_eq!(a.policy_id, "undeclared-port");
+                    } else if want.is_empty() {
+                        assert_eq!(a.policy_id, "implicit-deny");
+                    }
+                } else {
+                    let (_, v) = c.allows().iter().find(|(k, _)| *k == key).unwrap();
+                    assert!(oracle
+                        .policies
+                        .iter()
+                        .any(|p| p.id == c.rules()[v.rule as usize].id));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn demo_compiled_equals_oracle() {
+    assert_compiled_equals_oracle(&demo());
+}
+
+#[test]
+fn synthetic_bundle_compiled_equals_oracle() {
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic_bundle(tmp.path(), 60, 12, 2, 50).unwrap();
+    let b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
+    assert_compiled_equals_oracle(&b);
+    let stats = b.compile().unwrap().stats();
+    assert!(stats.cell_groups <= stats.cells, "{stats:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// For generated inventories and policy sets, the compiled table equals Cedar.
+    #[test]
+    fn compiled_equals_oracle(seed in any::<u64>()) {
+        let tmp = tempfile::tempdir().unwrap();
+        random_bundle(tmp.path(), seed).unwrap();
+        let b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("seed {seed}: {d}\n{}", std::fs::read_to_string(tmp.path().join("policies.cedar")).unwrap()));
+        assert_compiled_equals_oracle(&b);
+    }
+}

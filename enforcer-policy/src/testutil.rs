@@ -1,0 +1,209 @@
+//! Generated bundles for tests and benchmarks (feature `bench` outside tests).
+//!
+//! `synthetic_bundle` writes the issue's speed scenario (N identities, L local, P ports
+//! each, K policies); `random_bundle` writes a small seeded random bundle for the
+//! compile-equals-oracle property test.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
+
+/// The demo schema: the entity model every bundle uses.
+pub const SCHEMA: &str = include_str!("../../policies/demo/schema.cedarschema");
+
+/// A small deterministic generator (splitmix64): reproducible from a seed, no dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn write_bundle(dir: &Path, inventory: &str, policies: &str) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("schema.cedarschema"), SCHEMA)?;
+    std::fs::write(dir.join("inventory.yaml"), inventory)?;
+    std::fs::write(dir.join("policies.cedar"), policies)?;
+    Ok(())
+}
+
+fn ip(n: usize) -> String {
+    format!("127.{}.{}.{}/32", 20 + n / 65536, (n / 256) % 256, n % 256)
+}
+
+/// The speed scenario of issue 3: `identities` workloads and endpoints (`local` of them
+/// with cgroups), `ports` declared ports each, `policies` policies.
+pub fn synthetic_bundle(
+    dir: &Path,
+    identities: usize,
+    local: usize,
+    ports: usize,
+    policies: usize,
+) -> io::Result<()> {
+    let tenants = 10;
+    let purposes = ["inference", "evaluation", "retrieval", "feature-extraction"];
+    let rings = ["prod", "staging", "dev"];
+    let kinds = ["vector_db", "feature_store", "llm_api", "model_registry"];
+    let mut inv = String::from("tenants: [");
+    inv += &(0..tenants)
+        .map(|t| format!("t{t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    inv += "]\ndefaults:\n  implicit_deny_atlas: [AML.T0012]\n  unknown_subject_atlas: [AML.T0103]\nworkloads:\n";
+    let workloads = identities / 2;
+    for i in 0..workloads {
+        let _ = writeln!(
+            inv,
+            "  - {{name: w{i}, tenant: t{}, purpose: {}, ring: {}, risk: {}, spiffe_id: \"spiffe://bench.local/ns/t{}/sa/w{i}\", ips: [{}]{}, ports: [{}]}}",
+            i % tenants,
+            purposes[i % purposes.len()],
+            rings[(i / 3) % rings.len()],
+            ["0.1", "0.5", "0.9"][i % 3],
+            i % tenants,
+            ip(i),
+            if i < local { format!(", cgroups: [bench/w{i}]") } else { String::new() },
+            (0..ports).map(|p| format!("{{port: {}, action: {}}}", 8000 + p, if p == 0 { "infer" } else { "connect" })).collect::<Vec<_>>().join(", ")
+        );
+    }
+    inv += "endpoints:\n";
+    for i in workloads..identities {
+        let acts = ["query", "read", "write"];
+        let _ = writeln!(
+            inv,
+            "  - {{name: e{i}, tenant: t{}, kind: {}, ips: [{}], datasets: [ds{}], ports: [{}]}}",
+            i % tenants,
+            kinds[i % kinds.len()],
+            ip(i),
+            i % 7,
+            (0..ports)
+                .map(|p| format!(
+                    "{{port: {}, action: {}}}",
+                    6000 + p,
+                    acts[(i + p) % acts.len()]
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut pol = String::from(
+        "@id(\"same-tenant\")\npermit (principal, action, resource) when { resource has tenant && principal.tenant == resource.tenant };\n\
+         @id(\"tenant-isolation\") @atlas(\"AML.T0085.000\")\nforbid (principal, action, resource) when { resource has tenant && principal.tenant != resource.tenant };\n",
+    );
+    let mut i = 2;
+    while i < policies {
+        let n = i;
+        let p = match n % 5 {
+            0 => format!("@id(\"p{n}\")\nforbid (principal, action == Action::\"write\", resource is Endpoint) when {{ principal.purpose == \"{}\" && resource.kind == \"{}\" }};\n", purposes[n % 4], kinds[n % 4]),
+            1 => format!("@id(\"p{n}\") @atlas(\"AML.T0020\")\nforbid (principal, action, resource) when {{ principal.risk.greaterThan(decimal(\"0.{}\")) && principal.ring == \"{}\" }};\n", 5 + n % 4, rings[n % 3]),
+            2 => format!("@id(\"p{n}\")\npermit (principal, action == Action::\"connect\", resource == World::\"world\") when {{ principal.ring == \"{}\" }};\n", rings[n % 3]),
+            3 => format!("@id(\"p{n}\")\nforbid (principal, action, resource is Endpoint) when {{ resource.datasets.contains(\"ds{}\") && principal.purpose == \"{}\" }};\n", n % 7, purposes[(n / 5) % 4]),
+            _ => format!("@id(\"p{n}\")\npermit (principal == Workload::\"w{}\", action, resource) when {{ context.protocol == \"tcp\" }};\n", n % workloads.max(1)),
+        };
+        pol += &p;
+        i += 1;
+    }
+    write_bundle(dir, &inv, &pol)
+}
+
+/// A small random bundle from `seed`, exercising every grouping dimension: attributes,
+/// named UIDs, whole-entity comparisons, context fields, ports and the any-port cell.
+pub fn random_bundle(dir: &Path, seed: u64) -> io::Result<()> {
+    let mut r = Rng::new(seed);
+    let tenants = ["acme", "globex", "initech"];
+    let purposes = ["inference", "evaluation", "retrieval"];
+    let rings = ["prod", "dev"];
+    let risks = ["0.0", "0.5", "0.9"];
+    let kinds = ["vector_db", "feature_store", "llm_api"];
+    let mut inv = String::from("tenants: [acme, globex, initech]\nworkloads:\n");
+    let nw = 3 + r.below(6);
+    let mut n = 0;
+    for i in 0..nw {
+        let mut w = format!(
+            "  - name: w{i}\n    tenant: {}\n    purpose: {}\n    ring: {}\n    risk: {}\n",
+            r.pick(&tenants),
+            r.pick(&purposes),
+            r.pick(&rings),
+            r.pick(&risks)
+        );
+        if i < 2 || r.chance(60) {
+            w += &format!("    cgroups: [rand/w{i}]\n");
+        }
+        if i == 0 || r.chance(70) {
+            n += 1;
+            w += &format!("    ips: [{}]\n", ip(n));
+            if r.chance(50) {
+                let mut ports = vec!["{port: 8000, action: infer}".to_string()];
+                if r.chance(50) {
+                    ports.push("{port: 9000, protocol: udp, action: connect}".into());
+                }
+                w += &format!("    ports: [{}]\n", ports.join(", "));
+            }
+        }
+        inv += &w;
+    }
+    inv += "endpoints:\n";
+    let ne = 1 + r.below(4);
+    for i in 0..ne {
+        n += 1;
+        let mut e = format!(
+            "  - name: e{i}\n    tenant: {}\n    kind: {}\n    ips: [{}]\n    datasets: [{}]\n",
+            r.pick(&tenants),
+            r.pick(&kinds),
+            ip(n),
+            r.pick(&["ds0", "ds1", "ds0, ds1"])
+        );
+        if r.chance(70) {
+            let all = [
+                "{port: 6333, action: query}",
+                "{port: 6566, action: read}",
+                "{port: 6567, action: write}",
+                "{port: 53, protocol: udp, action: connect}",
+            ];
+            let ports: Vec<&str> = all.iter().copied().filter(|_| r.chance(60)).collect();
+            if !ports.is_empty() {
+                e += &format!("    ports: [{}]\n", ports.join(", "));
+            }
+        }
+        inv += &e;
+    }
+    let templates: Vec<String> = vec![
+        "permit (principal, action, resource) when { resource has tenant && principal.tenant == resource.tenant };".into(),
+        "forbid (principal, action, resource) when { resource has tenant && principal.tenant != resource.tenant };".into(),
+        "permit (principal, action, resource);".into(),
+        format!("permit (principal == Workload::\"w{}\", action, resource);", r.below(nw)),
+        format!("forbid (principal, action, resource == Endpoint::\"e{}\") when {{ principal.ring == \"dev\" }};", r.below(ne)),
+        "forbid (principal, action == Action::\"write\", resource is Endpoint) when { principal.purpose == \"evaluation\" && resource.kind == \"feature_store\" };".into(),
+        "forbid (principal, action, resource) when { principal.risk.greaterThan(decimal(\"0.8\")) };".into(),
+        "permit (principal, action, resource) when { context.port == 6333 };".into(),
+        "forbid (principal, action, resource) when { context.protocol == \"udp\" };".into(),
+        "permit (principal, action == Action::\"connect\", resource == World::\"world\");".into(),
+        "forbid (principal, action, resource is Workload) when { principal == resource };".into(),
+        "permit (principal, action, resource is Endpoint) when { resource.datasets.contains(\"ds1\") && principal.purpose == \"retrieval\" };".into(),
+        "permit (principal, action in [Action::\"query\", Action::\"read\"], resource) when { principal.ring == \"prod\" };".into(),
+        "forbid (principal, action, resource) when { context.port == 0 && principal.purpose == \"inference\" };".into(),
+    ];
+    let mut pol = String::new();
+    let np = 1 + r.below(6);
+    for k in 0..np {
+        let t = r.pick(&templates);
+        let _ = writeln!(pol, "@id(\"r{k}\")\n{t}");
+    }
+    write_bundle(dir, &inv, &pol)
+}

@@ -1,0 +1,286 @@
+//! `cargo xtask bench`: what the enforcer costs, measured, never asserted.
+//!
+//! 1. Kernel cost of one `connect4` run (the kernel's own `run_time_ns / run_cnt`, with
+//!    `kernel.bpf_stats_enabled`) while the maps hold 10,000 identities, 100,000 policy
+//!    entries and 100,000 IP-cache entries.
+//! 2. `connect()` latency on loopback with the programs attached versus none, in interleaved
+//!    A/B rounds, reported as a ratio of medians.
+//! 3. Policy compile and apply figures (see `compile_bench`).
+//!
+//! Needs root. Everything it creates (cgroup, pins) is removed at the end.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use enforcer::datapath::{pin_dir, Datapath, DesiredState, LoadOptions};
+use enforcer_common::{programs, proto, IdentityInfo, PolicyKey, PolicyValue};
+
+const IDENTITIES: u32 = 10_000;
+const POLICY_ENTRIES: u32 = 100_000;
+const IPCACHE_ENTRIES: u32 = 100_000;
+const ROUNDS: usize = 20;
+const CONNECTS_PER_ROUND: usize = 1_000;
+
+struct Cleanup {
+    cgroup: PathBuf,
+    pin_root: PathBuf,
+    home_cgroup: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Move back out before removing the cgroup (a cgroup with members cannot be removed).
+        let _ = std::fs::write(self.home_cgroup.join("cgroup.procs"), "0");
+        let _ = enforcer::datapath::detach(&self.pin_root);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+fn main() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
+    }
+    println!(
+        "# enforcer benchmarks ({})",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    datapath_bench()?;
+    Ok(())
+}
+
+fn datapath_bench() -> Result<()> {
+    let mount = enforcer::fs::cgroup2_mount()?;
+    let cgroup = mount.join(format!("enforcer-bench-{}", std::process::id()));
+    let home_cgroup = own_cgroup(&mount)?;
+    std::fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let pin_root = PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-{}", std::process::id()));
+    let _cleanup = Cleanup {
+        cgroup: cgroup.clone(),
+        pin_root: pin_root.clone(),
+        home_cgroup,
+    };
+
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_root: &pin_root,
+        ring_buffer_bytes: None,
+    })?;
+    let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let port = server.local_addr()?.port();
+    std::thread::spawn(move || {
+        for stream in server.incoming() {
+            drop(stream);
+        }
+    });
+
+    let desired = synthetic_state(enforcer::fs::cgroup_id(&cgroup)?, port);
+    let started = Instant::now();
+    let report = datapath.tables.apply(&desired)?;
+    println!(
+        "\n## Map load\n\n{} entries written in {:.0} ms ({} identities, {} policy entries, {} IP-cache prefixes)",
+        report.written,
+        started.elapsed().as_secs_f64() * 1e3,
+        desired.identities.len(),
+        desired.allows.len(),
+        desired.ipcache_v4.len()
+    );
+    print_map_memory(&pin_dir(&pin_root))?;
+
+    // The benchmark process itself becomes the workload: it joins the enforced cgroup.
+    std::fs::write(cgroup.join("cgroup.procs"), "0").context("joining the benchmark cgroup")?;
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling kernel.bpf_stats_enabled")?;
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let link_pins = pin_dir(&pin_root);
+    for round in 0..ROUNDS {
+        // Interleave the order so drift (caches, frequency) hits both sides alike.
+        for attached in if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            if attached {
+                datapath.attach(&cgroup)?;
+            } else {
+                remove_link_pins(&link_pins)?;
+            }
+            let samples = connect_latencies(target, CONNECTS_PER_ROUND)?;
+            if attached {
+                with.extend(samples)
+            } else {
+                without.extend(samples)
+            }
+        }
+    }
+    remove_link_pins(&link_pins)?;
+    let (run_time, run_count) = datapath.program_run_stats(programs::CONNECT4)?;
+    drop(stats);
+
+    println!("\n## connect4 cost (kernel run_time_ns / run_cnt)\n");
+    println!(
+        "{} runs, {:.0} ns per run",
+        run_count,
+        run_time.as_nanos() as f64 / run_count.max(1) as f64
+    );
+    let (m_with, m_without) = (median(&mut with), median(&mut without));
+    println!("\n## connect() latency on loopback, {ROUNDS} interleaved rounds x {CONNECTS_PER_ROUND} connects\n");
+    println!("| | median | p90 |\n|---|---|---|");
+    println!(
+        "| no program | {:.1} us | {:.1} us |",
+        m_without,
+        percentile(&mut without, 0.9)
+    );
+    println!(
+        "| enforcer attached | {:.1} us | {:.1} us |",
+        m_with,
+        percentile(&mut with, 0.9)
+    );
+    println!(
+        "\nratio (median attached / median none): {:.3}",
+        m_with / m_without
+    );
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// 10,000 identities; 100,000 allows spread over them (the benchmark subject among them);
+/// 100,000 /32 prefixes in 127.64.0.0/10 (never contacted; only the trie size matters).
+fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
+    let first = enforcer_common::identity::FIRST_DYNAMIC;
+    let subject = first;
+    let server = first + 1;
+    let mut state = DesiredState::default();
+    for i in 0..IDENTITIES {
+        state.identities.insert(
+            first + i,
+            IdentityInfo {
+                tenant: 1 + i % 50,
+                purpose: 0,
+                ring: 0,
+                flags: 0,
+            },
+        );
+    }
+    let base = u32::from(Ipv4Addr::new(127, 64, 0, 0));
+    for i in 0..IPCACHE_ENTRIES {
+        state.ipcache_v4.insert(
+            (32, Ipv4Addr::from(base + i).octets()),
+            first + 2 + i % (IDENTITIES - 2),
+        );
+    }
+    state
+        .ipcache_v4
+        .insert((32, Ipv4Addr::LOCALHOST.octets()), server);
+    for i in 0..POLICY_ENTRIES - 1 {
+        let key = PolicyKey {
+            subject: first + i % IDENTITIES,
+            destination: first + (i / IDENTITIES * 7 + i) % IDENTITIES,
+            dport: 1024 + (i % 4096) as u16,
+            protocol: proto::TCP,
+            _pad: 0,
+        };
+        state.allows.insert(key, PolicyValue { rule: 0 });
+    }
+    state.allows.insert(
+        PolicyKey {
+            subject,
+            destination: server,
+            dport: port,
+            protocol: proto::TCP,
+            _pad: 0,
+        },
+        PolicyValue { rule: 0 },
+    );
+    state.cgroups = BTreeMap::from([(bench_cgroup, subject)]);
+    state
+}
+
+fn connect_latencies(target: SocketAddr, count: usize) -> Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .context("benchmark connect")?;
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+        reset_on_close(&stream);
+        drop(stream);
+    }
+    Ok(samples)
+}
+
+/// Close with RST (SO_LINGER 0) so that tens of thousands of connects leave no TIME_WAIT
+/// sockets behind to exhaust the ephemeral ports.
+fn reset_on_close(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a valid linger struct of the size passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn remove_link_pins(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("link-") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Kernel memory charged to each map, from the `memlock` line of its fdinfo.
+fn print_map_memory(dir: &Path) -> Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    println!("\n| map | memory |\n|---|---|");
+    let mut total = 0u64;
+    for name in enforcer_common::maps::ALL {
+        let map = aya::maps::MapData::from_pin(dir.join(name))?;
+        let fdinfo = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            map.fd().as_fd().as_raw_fd()
+        ))?;
+        let bytes: u64 = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        total += bytes;
+        println!("| {name} | {:.1} MiB |", bytes as f64 / (1 << 20) as f64);
+    }
+    println!("| total | {:.1} MiB |", total as f64 / (1 << 20) as f64);
+    Ok(())
+}
+
+fn own_cgroup(mount: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 entry in /proc/self/cgroup")?;
+    Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+fn median(samples: &mut [f64]) -> f64 {
+    percentile(samples, 0.5)
+}
+
+fn percentile(samples: &mut [f64], q: f64) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}

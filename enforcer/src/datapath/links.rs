@@ -1,0 +1,159 @@
+//! Attaching the cgroup programs exactly once. Links are pinned as
+//! `link-<program>-cg<cgroup id>` so that a restarted agent finds and adopts them instead of
+//! attaching a second copy, and so that links left on a different cgroup root are recognised.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::Ebpf;
+use enforcer_common::programs;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HookAttachment {
+    pub program: &'static str,
+    /// True when the link was pinned by an earlier agent and adopted as it was.
+    pub adopted: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttachReport {
+    pub cgroup_id: u64,
+    pub hooks: Vec<HookAttachment>,
+    /// Links found for another cgroup root and detached.
+    pub stale_removed: usize,
+}
+
+fn link_pin_name(program: &str, cgroup_id: u64) -> String {
+    format!("link-{program}-cg{cgroup_id}")
+}
+
+pub fn attach_or_adopt(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    cgroup_root: &Path,
+) -> Result<AttachReport> {
+    let cgroup_id = crate::fs::cgroup_id(cgroup_root)
+        .with_context(|| format!("cgroup root {}", cgroup_root.display()))?;
+    let stale_removed = remove_stale_links(pin_dir, cgroup_id)?;
+    let cgroup = File::open(cgroup_root)
+        .with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
+
+    let mut hooks = Vec::new();
+    for program in programs::ALL {
+        let pin = pin_dir.join(link_pin_name(program, cgroup_id));
+        if pin.exists() {
+            match PinnedLink::from_pin(&pin) {
+                Ok(_) => {
+                    hooks.push(HookAttachment {
+                        program,
+                        adopted: true,
+                    });
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(pin = %pin.display(), %error, "unusable link pin; attaching afresh");
+                    std::fs::remove_file(&pin)
+                        .with_context(|| format!("removing {}", pin.display()))?;
+                }
+            }
+        }
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(program)
+            .with_context(|| format!("the BPF object has no program {program}"))?
+            .try_into()
+            .with_context(|| format!("{program} is not a cgroup sock_addr program"))?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("verifying and loading {program}"))?;
+        }
+        // A bpf_link on a cgroup always coexists with other programs, and the kernel rejects
+        // any attach flag on link creation: `Single` is what passes no flag. The pins above
+        // are what keeps this agent from attaching itself twice.
+        let link_id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {program} to {}", cgroup_root.display()))?;
+        let link: FdLink = prog.take_link(link_id)?.try_into().with_context(|| {
+            format!("{program}: the kernel gave no bpf_link (needs Linux 5.7 or newer)")
+        })?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning the {program} link at {}", pin.display()))?;
+        hooks.push(HookAttachment {
+            program,
+            adopted: false,
+        });
+    }
+    Ok(AttachReport {
+        cgroup_id,
+        hooks,
+        stale_removed,
+    })
+}
+
+fn remove_stale_links(pin_dir: &Path, cgroup_id: u64) -> Result<usize> {
+    let suffix = format!("-cg{cgroup_id}");
+    let mut removed = 0;
+    for entry in
+        std::fs::read_dir(pin_dir).with_context(|| format!("listing {}", pin_dir.display()))?
+    {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("link-") && !name.ends_with(&suffix) {
+            tracing::warn!(pin = %name, "detaching a link left on another cgroup root");
+            std::fs::remove_file(pin_dir.join(&name))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// IDs of the programs attached to `cgroup` for one attach type (BPF_PROG_QUERY), used to
+/// show and test that each hook holds exactly one enforcer program.
+pub fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let file = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: file.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_QUERY and prog_ids points to
+    // prog_cnt writable u32s that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "BPF_PROG_QUERY on {}: {}",
+            cgroup.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
+}

@@ -1,0 +1,111 @@
+//! The kernel side as the agent sees it: load the BPF object with its maps pinned, attach the
+//! four cgroup programs to the enforced subtree (or adopt the links a previous agent pinned),
+//! and hand out typed map handles. Reads as open -> configure -> load -> attach.
+
+mod links;
+mod tables;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use aya::{Ebpf, EbpfLoader};
+use enforcer_common::{maps, ABI_VERSION};
+
+pub use links::{attached_programs, AttachReport, HookAttachment};
+pub use tables::{
+    kernel_stats, lost_events, ApplyReport, DesiredState, KernelStats, MapFill, Tables,
+};
+
+/// The kernel programs, built by `cargo xtask build-ebpf` (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_BPF_OBJECT"));
+
+/// The versioned directory under the pin root that holds this ABI's maps and links.
+pub fn pin_dir(pin_root: &Path) -> PathBuf {
+    pin_root.join(format!("v{ABI_VERSION}"))
+}
+
+pub struct LoadOptions<'a> {
+    pub pin_root: &'a Path,
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size); `None` keeps
+    /// the default, and an already pinned ring buffer keeps its size.
+    pub ring_buffer_bytes: Option<u32>,
+}
+
+pub struct Datapath {
+    dir: PathBuf,
+    ebpf: Ebpf,
+    pub tables: Tables,
+}
+
+impl Datapath {
+    /// Loads the object. Maps already pinned (a previous agent's) are adopted, so the kernel
+    /// keeps its state; missing ones are created and pinned.
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        crate::fs::ensure_bpffs(options.pin_root)?;
+        let dir = pin_dir(options.pin_root);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&dir);
+        if let Some(bytes) = options.ring_buffer_bytes {
+            loader.map_max_entries(maps::EVENTS, bytes);
+        }
+        let ebpf = loader.load(OBJECT).with_context(|| {
+            format!(
+                "loading the BPF object with maps pinned in {}",
+                dir.display()
+            )
+        })?;
+        let tables = Tables::open(&dir)?;
+        Ok(Self { dir, ebpf, tables })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Attaches the programs to `cgroup_root`, or adopts links pinned by an earlier agent.
+    /// Call it after the first policy is written, so that nothing is judged by empty tables.
+    pub fn attach(&mut self, cgroup_root: &Path) -> Result<AttachReport> {
+        links::attach_or_adopt(&mut self.ebpf, &self.dir, cgroup_root)
+    }
+
+    /// Kernel run statistics of one of our programs, loaded by this agent: (total run time,
+    /// run count). Counted only while `kernel.bpf_stats_enabled` is on.
+    pub fn program_run_stats(&self, program: &str) -> Result<(std::time::Duration, u64)> {
+        let prog: &aya::programs::CgroupSockAddr = self
+            .ebpf
+            .program(program)
+            .with_context(|| format!("the BPF object has no program {program}"))?
+            .try_into()?;
+        let info = prog
+            .info()
+            .with_context(|| format!("{program} is not loaded by this process"))?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
+    /// The events ring buffer (its consumer position lives in the map, so a restarted agent
+    /// resumes where the last one stopped).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .context("the BPF object has no EVENTS map")?;
+        RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    }
+}
+
+/// Removes every pin of this ABI under `pin_root`: the links (which detaches the programs once
+/// no agent holds them) and the maps. This is how the enforcer is uninstalled.
+pub fn detach(pin_root: &Path) -> Result<()> {
+    let dir = pin_dir(pin_root);
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    // Leave the pin root itself alone unless it is now empty (another ABI may live there).
+    let _ = std::fs::remove_dir(pin_root);
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Bytes from the ring buffer -> the shared event struct. The kernel and this side compile the
+//! same `DenyEvent`, so decoding is a size check and an unaligned read.
+
+use enforcer_common::{hook, reason, verdict, DenyEvent};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring buffer record of {got} bytes, expected at least {expected}")]
+    Short { got: usize, expected: usize },
+}
+
+pub fn decode(bytes: &[u8]) -> Result<DenyEvent, DecodeError> {
+    if bytes.len() < DenyEvent::SIZE {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            expected: DenyEvent::SIZE,
+        });
+    }
+    // SAFETY: the length is checked above, DenyEvent is plain old data (every bit pattern
+    // valid), and read_unaligned makes no alignment assumption about the ring buffer slot.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyEvent>()) })
+}
+
+pub fn reason_name(code: u8) -> &'static str {
+    match code {
+        reason::ALLOWED => "allowed",
+        reason::UNKNOWN_SUBJECT => "unknown_subject",
+        reason::QUARANTINED => "quarantined",
+        reason::TENANT_MISMATCH => "tenant_mismatch",
+        reason::NO_PERMIT => "no_permit",
+        _ => "unknown",
+    }
+}
+
+pub fn verdict_name(code: u8) -> &'static str {
+    match code {
+        verdict::ALLOW => "allow",
+        verdict::DENY => "deny",
+        verdict::AUDIT => "audit",
+        _ => "unknown",
+    }
+}
+
+pub fn hook_name(code: u8) -> &'static str {
+    match code {
+        hook::CONNECT4 => "connect4",
+        hook::CONNECT6 => "connect6",
+        hook::SENDMSG4 => "sendmsg4",
+        hook::SENDMSG6 => "sendmsg6",
+        _ => "unknown",
+    }
+}
+
+/// `comm` is NUL-padded.
+pub fn comm(event: &DenyEvent) -> String {
+    let end = event
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(event.comm.len());
+    String::from_utf8_lossy(&event.comm[..end]).into_owned()
+}
+
+pub fn destination_ip(event: &DenyEvent) -> std::net::IpAddr {
+    if event.family == 4 {
+        let [a, b, c, d, ..] = event.daddr;
+        std::net::Ipv4Addr::new(a, b, c, d).into()
+    } else {
+        std::net::Ipv6Addr::from(event.daddr).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use enforcer_common::proto;
+
+    fn sample() -> DenyEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[127, 10, 2, 10]);
+        DenyEvent {
+            timestamp_ns: 42,
+            cgroup_id: 7,
+            pid_tgid: (1234u64 << 32) | 1240,
+            subject: 300,
+            destination: 301,
+            daddr,
+            dport: 6333,
+            family: 4,
+            protocol: proto::TCP,
+            hook: hook::CONNECT4,
+            verdict: verdict::DENY,
+            reason: reason::TENANT_MISMATCH,
+            _pad: 0,
+            comm,
+        }
+    }
+
+    fn as_bytes(event: &DenyEvent) -> Vec<u8> {
+        // SAFETY: DenyEvent is repr(C) plain old data without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((event as *const DenyEvent).cast::<u8>(), DenyEvent::SIZE)
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_what_the_kernel_writes() {
+        let event = sample();
+        let mut bytes = vec![0xAA]; // an odd offset proves no alignment is assumed
+        bytes.extend(as_bytes(&event));
+        let decoded = decode(&bytes[1..]).unwrap();
+        assert_eq!(decoded, event);
+        assert_eq!(comm(&decoded), "curl");
+        assert_eq!(destination_ip(&decoded).to_string(), "127.10.2.10");
+        assert_eq!(reason_name(decoded.reason), "tenant_mismatch");
+        assert_eq!(hook_name(decoded.hook), "connect4");
+        assert_eq!(decoded.pid_tgid >> 32, 1234);
+    }
+
+    #[test]
+    fn rejects_short_records() {
+        let bytes = as_bytes(&sample());
+        assert_eq!(
+            decode(&bytes[..10]),
+            Err(DecodeError::Short {
+                got: 10,
+                expected: DenyEvent::SIZE
+            })
+        );
+    }
+
+    #[test]
+    fn reads_ipv6_destinations() {
+        let mut event = sample();
+        event.family = 6;
+        event.daddr = "fd00::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert_eq!(destination_ip(&event).to_string(), "fd00::10");
+    }
+
+    #[test]
+    fn comm_without_nul_uses_all_sixteen_bytes() {
+        let mut event = sample();
+        event.comm = *b"abcdefghijklmnop";
+        assert_eq!(comm(&event), "abcdefghijklmnop");
+    }
+}

@@ -1,0 +1,159 @@
+//! The SOC contract: one JSON object per denied (or audited) call, enriched from the compiled
+//! policy that was in force. Field names are stable; see DESIGN.md "Events".
+
+use std::time::{Duration, SystemTime};
+
+use enforcer_common::{identity, verdict, DenyEvent};
+use enforcer_policy::{AtlasTechnique, Compiled, IdentityKind, Protocol};
+use serde::Serialize;
+
+use super::decode::{comm, destination_ip, hook_name, reason_name, verdict_name};
+
+#[derive(Debug, Serialize)]
+pub struct DeniedCall {
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub hook: &'static str,
+    pub subject: Subject,
+    pub destination: Destination,
+    pub policy: PolicyInfo,
+    pub atlas: Vec<AtlasTechnique>,
+    pub subject_chain: Vec<String>,
+    pub dataset_scope: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Subject {
+    pub identity: u32,
+    pub workload: Option<String>,
+    pub tenant: Option<String>,
+    pub purpose: Option<String>,
+    pub ring: Option<String>,
+    pub spiffe_id: Option<String>,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Destination {
+    pub ip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub identity: u32,
+    pub name: Option<String>,
+    pub tenant: Option<String>,
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyInfo {
+    /// The determining Cedar policy (its `@id`), or `implicit-deny`, `undeclared-port`,
+    /// `unknown-subject`, `quarantine`.
+    pub id: String,
+    /// Revision of the bundle in force when the event was enriched.
+    pub snapshot: String,
+    /// Every determining policy with its source location, `file:line`.
+    pub sources: Vec<String>,
+}
+
+/// Converts kernel monotonic timestamps to wall-clock time.
+pub fn wall_clock(monotonic_ns: u64) -> SystemTime {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let mono_now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let age = Duration::from_nanos(mono_now.saturating_sub(monotonic_ns));
+    SystemTime::now() - age
+}
+
+pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
+    let subject_identity = compiled
+        .identity(event.subject)
+        .filter(|_| event.subject != identity::UNKNOWN);
+    let destination_identity = compiled.identity(event.destination);
+    let protocol = Protocol::from_number(event.protocol)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| event.protocol.to_string());
+
+    let (policy_id, sources, atlas) = match event.reason {
+        enforcer_common::reason::UNKNOWN_SUBJECT => (
+            "unknown-subject".to_string(),
+            Vec::new(),
+            compiled.unknown_subject_atlas().to_vec(),
+        ),
+        enforcer_common::reason::QUARANTINED => ("quarantine".to_string(), Vec::new(), Vec::new()),
+        _ => {
+            let attribution = compiled.attribute(
+                event.subject,
+                event.destination,
+                event.dport,
+                event.protocol,
+            );
+            let sources = attribution
+                .policies
+                .iter()
+                .map(|p| format!("{}:{}", p.file.display(), p.line))
+                .collect();
+            (attribution.policy_id, sources, attribution.atlas)
+        }
+    };
+
+    DeniedCall {
+        time: humantime::format_rfc3339_nanos(wall_clock(event.timestamp_ns)).to_string(),
+        kind: if event.verdict == verdict::AUDIT {
+            "connection.audited"
+        } else {
+            "connection.denied"
+        },
+        verdict: verdict_name(event.verdict),
+        reason: reason_name(event.reason),
+        hook: hook_name(event.hook),
+        subject: Subject {
+            identity: event.subject,
+            workload: subject_identity.map(|i| i.name.clone()),
+            tenant: subject_identity.and_then(|i| i.tenant.clone()),
+            purpose: subject_identity.and_then(|i| i.purpose.clone()),
+            ring: subject_identity.and_then(|i| i.ring.clone()),
+            spiffe_id: subject_identity.and_then(|i| i.spiffe_id.clone()),
+            cgroup_id: event.cgroup_id,
+            pid: (event.pid_tgid >> 32) as u32,
+            comm: comm(event),
+        },
+        destination: Destination {
+            ip: destination_ip(event).to_string(),
+            port: event.dport,
+            protocol,
+            identity: event.destination,
+            name: destination_identity.map(|i| i.name.clone()),
+            tenant: destination_identity.and_then(|i| i.tenant.clone()),
+            kind: destination_identity.map(|i| match i.kind {
+                IdentityKind::Workload => "workload".to_string(),
+                IdentityKind::World => "world".to_string(),
+                IdentityKind::Endpoint => i
+                    .endpoint_kind
+                    .clone()
+                    .unwrap_or_else(|| "endpoint".to_string()),
+            }),
+        },
+        policy: PolicyInfo {
+            id: policy_id,
+            snapshot: compiled.revision().to_string(),
+            sources,
+        },
+        atlas,
+        subject_chain: subject_identity
+            .and_then(|i| i.spiffe_id.clone())
+            .into_iter()
+            .collect(),
+        dataset_scope: destination_identity
+            .map(|i| i.datasets.clone())
+            .unwrap_or_default(),
+    }
+}

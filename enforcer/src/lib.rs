@@ -1,0 +1,13 @@
+//! The enforcer's node agent: compiles policy from the PDP (`enforcer-policy`) into the
+//! kernel maps, keeps them in step, and streams every denied call to the SOC.
+//!
+//! Data flows one way: inventory + policy -> decisions (`enforcer_policy`) -> desired kernel
+//! state ([`desired`]) -> maps ([`datapath`]); kernel -> ring buffer -> [`events`] -> sink.
+
+pub mod agent;
+pub mod datapath;
+pub mod desired;
+pub mod events;
+pub mod explain;
+pub mod fs;
+pub mod status;

@@ -1,0 +1,202 @@
+//! `enforcer status`: what the kernel holds (read from the pins, so it works while no agent
+//! runs) and what the agent last applied (its state file).
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use enforcer_common::{reason, verdict};
+use serde::Serialize;
+
+use crate::agent::AgentState;
+use crate::datapath::{self, KernelStats};
+use crate::events::decode::{reason_name, verdict_name};
+
+/// The agent's state file lives outside bpffs (which holds only BPF objects); one directory
+/// per pin root, so that several enforcers (tests, say) never share one.
+pub fn default_state_dir(pin_root: &Path) -> PathBuf {
+    let flat: String = pin_root
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    PathBuf::from("/run/enforcer").join(flat)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub agent: Option<AgentView>,
+    pub hooks: Vec<String>,
+    pub lost_events: u64,
+    /// `{"deny": {"tenant_mismatch": 3, ...}, ...}` as a flat list for stable output.
+    pub verdicts: Vec<VerdictCount>,
+    pub maps: Vec<datapath::MapFill>,
+    pub active_policy_table: u32,
+    pub audit: bool,
+    pub policy_generation: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    pub pid: u32,
+    pub running: bool,
+    pub revision: String,
+    pub applied_at: String,
+    pub policy_age_seconds: Option<u64>,
+    pub policies: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub unresolved_cgroups: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerdictCount {
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub count: u64,
+}
+
+pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
+    let dir = datapath::pin_dir(pin_root);
+    if !dir.exists() {
+        anyhow::bail!(
+            "no enforcer is pinned at {} (is --pin-path right?)",
+            dir.display()
+        );
+    }
+    let stats: KernelStats = datapath::kernel_stats(&dir)?;
+    let mut hooks: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("link-"))
+        .collect();
+    hooks.sort();
+    let mut verdicts = Vec::new();
+    for (v, row) in stats.verdicts.iter().enumerate() {
+        for (r, &count) in row.iter().enumerate() {
+            let meaningful = (v as u8 == verdict::ALLOW) == (r as u8 == reason::ALLOWED);
+            if meaningful {
+                verdicts.push(VerdictCount {
+                    verdict: verdict_name(v as u8),
+                    reason: reason_name(r as u8),
+                    count,
+                });
+            }
+        }
+    }
+    let agent = read_agent_state(state_dir);
+    Ok(Status {
+        pin_dir: dir,
+        agent,
+        hooks,
+        lost_events: stats.lost_events,
+        verdicts,
+        maps: stats.maps.clone(),
+        active_policy_table: stats.config.active_policy,
+        audit: stats.config.audit,
+        policy_generation: stats.config.generation,
+    })
+}
+
+fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
+    let text = std::fs::read_to_string(state_dir.join("state.json")).ok()?;
+    let state: AgentState = serde_json::from_str(&text).ok()?;
+    let age = humantime::parse_rfc3339(&state.applied_at)
+        .ok()
+        .and_then(|at| SystemTime::now().duration_since(at).ok())
+        .map(|d| d.as_secs());
+    Some(AgentView {
+        pid: state.pid,
+        running: Path::new(&format!("/proc/{}", state.pid)).exists(),
+        revision: state.revision,
+        applied_at: state.applied_at,
+        policy_age_seconds: age,
+        policies: state.policies,
+        cgroup_root: state.cgroup_root,
+        unresolved_cgroups: state.unresolved_cgroups,
+    })
+}
+
+pub fn render(status: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "pins:            {}", status.pin_dir.display());
+    match &status.agent {
+        Some(agent) => {
+            let _ = writeln!(
+                out,
+                "agent:           pid {} ({})",
+                agent.pid,
+                if agent.running {
+                    "running"
+                } else {
+                    "not running: the pinned programs enforce the last policy"
+                }
+            );
+            let _ = writeln!(
+                out,
+                "policy:          {} from {}",
+                agent.revision,
+                agent.policies.display()
+            );
+            let _ = writeln!(
+                out,
+                "applied:         {} ({} s ago)",
+                agent.applied_at,
+                agent
+                    .policy_age_seconds
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+            let _ = writeln!(out, "cgroup root:     {}", agent.cgroup_root.display());
+            for missing in &agent.unresolved_cgroups {
+                let _ = writeln!(out, "missing cgroup:  {missing}");
+            }
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "agent:           no state file (agent never ran with this --state-dir)"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "hooks:           {}",
+        if status.hooks.is_empty() {
+            "none attached".to_string()
+        } else {
+            status.hooks.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "audit mode:      {}",
+        if status.audit { "on" } else { "off" }
+    );
+    let _ = writeln!(out, "lost events:     {}", status.lost_events);
+    let _ = writeln!(out, "verdicts:");
+    for v in &status.verdicts {
+        let _ = writeln!(out, "  {:<6} {:<16} {}", v.verdict, v.reason, v.count);
+    }
+    let _ = writeln!(out, "maps (entries / capacity):");
+    for m in &status.maps {
+        match m.entries {
+            Some(entries) => {
+                let _ = writeln!(out, "  {:<16} {} / {}", m.name, entries, m.capacity);
+            }
+            None => {
+                let _ = writeln!(out, "  {:<16} - / {}", m.name, m.capacity);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,224 @@
+//! Runs the `probe` client (src/bin/probe.rs) as a child process placed into a test cgroup
+//! (and optionally a network namespace) before it execs, so that its very first syscall is
+//! already judged by the programs attached to that cgroup.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::cgroup::TestCgroup;
+use crate::netns::NetNs;
+use crate::util::output_bounded;
+
+/// What one attempt saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// connect / sendmsg succeeded.
+    Ok,
+    /// connect / sendmsg failed with EPERM: a cgroup program said no.
+    Eperm,
+    /// Anything else (refused, timeout, unreachable...): neither allowed nor denied by us.
+    Error,
+}
+
+/// One JSON line of the probe.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AttemptResult {
+    pub attempt: String,
+    pub outcome: Outcome,
+    pub errno: i32,
+}
+
+/// The summary line of `probe --repeat N`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Summary {
+    pub attempts: u64,
+    pub ok: u64,
+    pub eperm: u64,
+    pub error: u64,
+}
+
+/// `probe --whoami`: where the probe process found itself.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WhoAmI {
+    pub pid: u32,
+    /// The cgroup v2 path, relative to the mount, with a leading `/`.
+    pub cgroup: String,
+}
+
+/// `tcp:127.1.2.3:80`, `udp:[fd00::1]:53`: the probe's attempt syntax. `kind` is `tcp`,
+/// `udp` (unconnected sendto: the sendmsg hook) or `udpc` (connect then send: the connect
+/// hook).
+pub fn attempt(kind: &str, ip: IpAddr, port: u16) -> String {
+    format!("{kind}:{}", std::net::SocketAddr::new(ip, port))
+}
+
+/// Where the probe binary is: `$ENFORCER_PROBE_BIN`, else next to the running executable
+/// (`target/debug/enforcer-demo`), else one level up (`target/debug/deps/<test>`).
+pub fn probe_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ENFORCER_PROBE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe.parent().context("exe has no parent dir")?;
+    for candidate in [dir.join("probe"), dir.join("../probe")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "probe binary not found next to {} (build it: `cargo build -p enforcer-tests --bins`)",
+        exe.display()
+    )
+}
+
+/// A probe invocation: where it runs, how long it may take.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    cgroup: Option<PathBuf>,
+    netns: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Probe {
+    /// Runs in the caller's own cgroup and namespace until told otherwise.
+    pub fn new() -> Self {
+        Self {
+            cgroup: None,
+            netns: None,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn in_cgroup(mut self, cg: &TestCgroup) -> Self {
+        self.cgroup = Some(cg.path());
+        self
+    }
+
+    pub fn in_netns(mut self, ns: &NetNs) -> Self {
+        self.netns = Some(ns.path());
+        self
+    }
+
+    /// Upper bound for the whole invocation (the child is killed after it).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Runs the attempts in one process, in order; one result per attempt.
+    pub fn run<S: AsRef<str>>(&self, attempts: &[S]) -> Result<Vec<AttemptResult>> {
+        let args: Vec<&str> = attempts.iter().map(|a| a.as_ref()).collect();
+        let stdout = self.exec(&args)?;
+        let results: Vec<AttemptResult> = parse_lines(&stdout)?;
+        if results.len() != attempts.len() {
+            bail!(
+                "probe printed {} results for {} attempts:\n{stdout}",
+                results.len(),
+                attempts.len()
+            );
+        }
+        Ok(results)
+    }
+
+    pub fn run_one(&self, attempt: &str) -> Result<AttemptResult> {
+        Ok(self.run(&[attempt])?.remove(0))
+    }
+
+    /// `probe --repeat n attempt`: a burst, summarised.
+    pub fn repeat(&self, n: u64, attempt: &str) -> Result<Summary> {
+        let n_str = n.to_string();
+        let stdout = self.exec(&["--repeat", &n_str, attempt])?;
+        let mut lines: Vec<Summary> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --repeat printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
+    /// `probe --whoami`: the probe's pid and cgroup, as placed by this `Probe`.
+    pub fn whoami(&self) -> Result<WhoAmI> {
+        let stdout = self.exec(&["--whoami"])?;
+        let mut lines: Vec<WhoAmI> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --whoami printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(probe_bin()?);
+        cmd.args(args);
+        // Opened before fork: the child only calls async-signal-safe syscalls.
+        let ns_file = match &self.netns {
+            Some(p) => Some(File::open(p).with_context(|| format!("open {}", p.display()))?),
+            None => None,
+        };
+        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
+        let procs = match &self.cgroup {
+            Some(cg) => Some(CString::new(
+                cg.join("cgroup.procs").as_os_str().as_bytes(),
+            )?),
+            None => None,
+        };
+        // SAFETY: the closure runs between fork and exec and only makes raw syscalls on
+        // data prepared before the fork (no allocation, no locks).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(procs) = &procs {
+                    // Writing "0" to cgroup.procs moves the writing process itself.
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if n != 1 {
+                        return Err(err);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let out = output_bounded(&mut cmd, self.timeout)?;
+        drop(ns_file);
+        if !out.status.success() {
+            bail!(
+                "probe {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn parse_lines<T: for<'de> Deserialize<'de>>(text: &str) -> Result<Vec<T>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("probe output line {l:?}")))
+        .collect()
+}

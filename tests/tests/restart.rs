@@ -1,0 +1,72 @@
+//! Survives its own restart: after `kill -9` of the agent, the pinned programs keep
+//! enforcing; a new agent on the same pin dir adopts them (one program per hook, not two)
+//! and resumes events.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use enforcer_tests::bpf::{prog_query, ENFORCER_HOOKS};
+use enforcer_tests::fixtures::{event_matches, World};
+use enforcer_tests::probe::attempt;
+use enforcer_tests::servers::Proto;
+use enforcer_tests::{require_kernel, Outcome, Probe};
+
+/// Programs attached directly to the cgroup root, per hook.
+fn attached(world: &World) -> Result<Vec<(&'static str, usize)>> {
+    ENFORCER_HOOKS
+        .iter()
+        .map(|&(t, name)| Ok((name, prog_query(&world.root.path(), t)?.len())))
+        .collect()
+}
+
+fn exactly_one_per_hook(world: &World, when: &str) -> Result<()> {
+    let counts = attached(world)?;
+    ensure!(
+        counts.iter().all(|&(_, n)| n == 1),
+        "{when}: want exactly one program per hook at the cgroup root, got {counts:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn enforcement_survives_kill9_and_a_new_agent_adopts_the_pins() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(35)?;
+    let _servers = world.servers_v4()?;
+    let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let ours = |e: &serde_json::Value| {
+        event_matches(e, "acme-gateway", "globex-vectors", 6333, Proto::Tcp)
+    };
+    let expect = |what: &str, want: Outcome, when: &str| -> Result<()> {
+        let r = probe.run_one(what)?;
+        ensure!(
+            r.outcome == want,
+            "{when}: {what} gave {r:?}, want {want:?}"
+        );
+        Ok(())
+    };
+
+    let mut first = world.start_agent()?;
+    expect(&cross, Outcome::Eperm, "first agent")?;
+    expect(&same, Outcome::Ok, "first agent")?;
+    first.wait_for(1, Duration::from_secs(10), ours)?;
+    exactly_one_per_hook(&world, "first agent")?;
+
+    first.kill9()?;
+    exactly_one_per_hook(&world, "no agent (after kill -9)")?;
+    expect(&cross, Outcome::Eperm, "no agent (after kill -9)")?;
+    expect(&same, Outcome::Ok, "no agent (after kill -9)")?;
+
+    let second = world.start_agent()?;
+    exactly_one_per_hook(&world, "second agent on the same pins")?;
+    expect(&cross, Outcome::Eperm, "second agent")?;
+    expect(&same, Outcome::Ok, "second agent")?;
+    // New denies reach the new agent's events file (it may also drain older ones from the
+    // pinned ring buffer: at least one, then).
+    second.wait_for(1, Duration::from_secs(10), ours)?;
+    Ok(())
+}
