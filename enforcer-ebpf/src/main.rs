@@ -23,8 +23,7 @@ use core::ptr::{addr_of_mut, read_volatile};
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
@@ -48,8 +47,7 @@ static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::pinned(capacity::CGROUPS, N
 
 /// identity -> tenant, purpose, ring, flags.
 #[map]
-static IDENTITIES: HashMap<u32, IdentityInfo> =
-    HashMap::pinned(capacity::IDENTITIES, NO_MAP_FLAGS);
+static IDENTITIES: HashMap<u32, IdentityInfo> = HashMap::pinned(capacity::IDENTITIES, NO_MAP_FLAGS);
 
 /// IPv4 prefix (network byte order) -> destination identity.
 #[map]
@@ -61,11 +59,9 @@ static IPCACHE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(capacity::IPCACHE, N
 
 /// The two policy tables; `Config::active_policy` names the one in force (atomic swap).
 #[map]
-static POLICY_A: HashMap<PolicyKey, PolicyValue> =
-    HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
+static POLICY_A: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
 #[map]
-static POLICY_B: HashMap<PolicyKey, PolicyValue> =
-    HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
+static POLICY_B: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
 
 /// Index of the single `Config` entry (and of the single `LOST_EVENTS` counter).
 const SINGLE_ENTRY: u32 = 0;
@@ -118,6 +114,9 @@ const V6_PREFIX_BITS: u32 = 128;
 /// Third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in host order.
 const V4_MAPPED_WORD2: u32 = 0x0000_ffff;
 const ZERO_WORD: u32 = 0;
+
+/// `report`'s audit argument for denies that audit mode must not soften (quarantine).
+const NEVER_AUDIT: bool = false;
 
 /// Flags of the ring-buffer helpers: 0 = default wake-up policy.
 const RINGBUF_FLAGS: u64 = 0;
@@ -180,7 +179,12 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let (dst, user_port, protocol) = unsafe {
         let dst = if family == FAMILY_V4 {
             Destination {
-                addr: [read_volatile(&(*sa).user_ip4), ZERO_WORD, ZERO_WORD, ZERO_WORD],
+                addr: [
+                    read_volatile(&(*sa).user_ip4),
+                    ZERO_WORD,
+                    ZERO_WORD,
+                    ZERO_WORD,
+                ],
                 family: FAMILY_V4,
             }
         } else {
@@ -190,8 +194,10 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
                 read_volatile(&(*sa).user_ip6[2]),
                 read_volatile(&(*sa).user_ip6[3]),
             ];
-            // A dual-stack socket connecting to ::ffff:a.b.c.d never runs connect4/sendmsg4:
-            // judge it as the IPv4 address it really is, or it would bypass IPCACHE_V4.
+            // A dual-stack socket connecting to ::ffff:a.b.c.d runs connect6, never connect4:
+            // judge it as the IPv4 address it really is, or it would bypass IPCACHE_V4. (An
+            // unconnected UDP sendto() of a mapped address is passed to sendmsg4 by the kernel
+            // itself; handled here too in case a kernel reports it to sendmsg6.)
             if w[0] == ZERO_WORD && w[1] == ZERO_WORD && u32::from_be(w[2]) == V4_MAPPED_WORD2 {
                 Destination {
                     addr: [w[3], ZERO_WORD, ZERO_WORD, ZERO_WORD],
@@ -237,7 +243,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // 1. subject identity; fail closed when the cgroup or the identity is unknown.
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let subject = match CGROUP_IDENTITY.get_ptr(&cgroup_id) {
+    let subject = match CGROUP_IDENTITY.get_ptr(cgroup_id) {
         // SAFETY: a non-null map value pointer is valid for reads.
         Some(p) => unsafe { *p },
         None => identity::UNKNOWN,
@@ -245,20 +251,21 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let subject_info = if subject == identity::UNKNOWN {
         None
     } else {
-        v.subject = subject;
-        IDENTITIES.get_ptr(&subject)
+        IDENTITIES.get_ptr(subject)
     };
     let Some(info) = subject_info else {
-        // Unknown subject: only global audit can let it through.
+        // Unknown subject (no cgroup entry, or an identity without IDENTITIES entry): reported
+        // as subject UNKNOWN; only global audit can let it through.
         return report(&mut v, &dst, cgroup_id, hook, global_audit);
     };
+    v.subject = subject;
     // SAFETY: a non-null map value pointer is valid for reads; fields read one by one.
     let (subject_flags, subject_tenant) = unsafe { ((*info).flags, (*info).tenant) };
 
     // 3. quarantine: deny, never softened by audit.
     if subject_flags & flags::QUARANTINED != 0 {
         v.reason = reason::QUARANTINED;
-        return report(&mut v, &dst, cgroup_id, hook, false);
+        return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
     }
 
     // 4. the policy table in force: exact port, then any port.
@@ -281,7 +288,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 
     // 5. why not: tenants differ, or simply no permit.
     v.reason = reason::NO_PERMIT;
-    if let Some(d) = IDENTITIES.get_ptr(&destination) {
+    if let Some(d) = IDENTITIES.get_ptr(destination) {
         // SAFETY: a non-null map value pointer is valid for reads.
         let destination_tenant = unsafe { (*d).tenant };
         if destination_tenant != NO_TENANT && destination_tenant != subject_tenant {
@@ -320,15 +327,17 @@ fn lookup_destination(dst: &Destination) -> u32 {
 /// An allow entry for the exact port, or for any port. Only allows are stored.
 #[inline(always)]
 fn policy_hit(table: &HashMap<PolicyKey, PolicyValue>, key: &mut PolicyKey) -> bool {
-    if table.get_ptr(&*key).is_some() {
+    if table.get_ptr(*key).is_some() {
         return true;
     }
     key.dport = ANY_PORT;
-    table.get_ptr(&*key).is_some()
+    table.get_ptr(*key).is_some()
 }
 
-/// Per-CPU verdict counter. Not atomic: the counter is this CPU's own, and the program runs
-/// with migration disabled.
+/// Per-CPU verdict counter. Not atomic: the counter is this CPU's own and the program runs
+/// with migration disabled. (On a preemptible kernel a task preempted between the load and
+/// the store could lose one increment to another task on the same CPU; accepted, as in
+/// Cilium, to keep the hot path free of locked instructions.)
 #[inline(always)]
 fn count(verdict: u8, reason: u8) {
     if let Some(c) = VERDICTS.get_ptr_mut(verdict_counter_index(verdict, reason)) {

@@ -214,7 +214,8 @@ fn build_ebpf(ws: &Workspace, tools: &Tools) -> Result<PathBuf> {
     // Scrub what the outer `cargo run` set (RUSTC, RUSTUP_TOOLCHAIN, CARGO_*, RUSTFLAGS...):
     // the nested build must use nightly's cargo and rustc with its own flags.
     clean_cargo_env(&mut cmd);
-    cmd.args(["run", NIGHTLY, "cargo", "build", "--release"])
+    // --locked: enforcer-ebpf/Cargo.lock pins aya-build 0.2.0 (0.2.1 needs rustc 1.98).
+    cmd.args(["run", NIGHTLY, "cargo", "build", "--release", "--locked"])
         .args(["-Z", "build-std=core", "--target", BPF_TARGET])
         .current_dir(&crate_dir)
         .env("PATH", path_with(&tools.bpf_linker_dir)?);
