@@ -4,7 +4,7 @@
 //! Entity model (documented for users in `policies/README.md`):
 //! - principal and resource `Workload::"<name>"`: tenant, purpose, ring, spiffe_id (String,
 //!   "" when not set) and risk (decimal);
-//! - resource `Endpoint::"<name>"`: tenant, kind (String), datasets (Set<String>);
+//! - resource `Endpoint::"<name>"`: tenant, kind (String), datasets (`Set<String>`);
 //! - resource `World::"world"`: no attributes;
 //! - action `Action::"<action>"` of the destination's port (`connect` for any port);
 //! - context `{ port: Long, protocol: String }` (port 0 for the any-port cell).
@@ -257,7 +257,7 @@ pub(crate) fn action_uid(action: &str) -> EntityUid {
     uid("Action", action)
 }
 
-fn entity(ident: &Identity) -> Result<Entity, String> {
+pub(crate) fn entity(ident: &Identity) -> Result<Entity, String> {
     let s = |v: &Option<String>| RestrictedExpression::new_string(v.clone().unwrap_or_default());
     let mut attrs = HashMap::new();
     match ident.kind {
@@ -617,6 +617,24 @@ impl Engine {
             singles,
             authorizer: Authorizer::new(),
         })
+    }
+
+    /// Replace one entity (a risk override), checked against the schema. On error nothing
+    /// changes.
+    pub fn replace_entity(&mut self, ident: &Identity) -> Result<(), String> {
+        let e = entity(ident)?;
+        let entities = std::mem::replace(&mut self.entities, Entities::empty());
+        let backup = entities.clone();
+        match entities.upsert_entities([e], Some(&self.schema)) {
+            Ok(updated) => {
+                self.entities = updated;
+                Ok(())
+            }
+            Err(err) => {
+                self.entities = backup;
+                Err(err.to_string())
+            }
+        }
     }
 
     /// Whether policy `rule` alone is satisfied by the request. Cedar's decision is a pure

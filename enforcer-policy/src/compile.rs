@@ -10,13 +10,13 @@
 //! answer fans out to every cell of the group. The answers are kept, so attributing a kernel
 //! deny to its determining policies is a lookup.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use enforcer_common::{identity as reserved, PolicyKey, PolicyValue};
 
 use crate::atlas::AtlasTechnique;
-use crate::cedar::{Analysis, Answer};
+use crate::cedar::{Analysis, Answer, Engine};
 use crate::identity::{Identities, Identity, IdentityKind};
 use crate::{Attribution, Bundle, PolicyError, PolicyRef, Protocol};
 
@@ -59,21 +59,42 @@ struct GroupKey {
 }
 
 /// The policy table of one bundle revision, and what is needed to explain its denies.
+///
+/// `Clone` so that the agent can publish it and still change it (`Arc::make_mut`).
+#[derive(Clone)]
 pub struct Compiled {
+    /// The snapshot: bundle revision plus the risk overrides suffix.
     revision: String,
+    bundle_revision: String,
+    risk_overrides: BTreeMap<String, String>,
     identities: Identities,
     allows: Vec<(PolicyKey, PolicyValue)>,
     rules: Vec<PolicyRef>,
-    /// Identity ID -> signature number.
-    signature: HashMap<u32, u32>,
-    actions: HashMap<String, u32>,
-    groups: HashMap<GroupKey, u32>,
-    answers: Vec<Answer>,
-    reads_port: bool,
-    reads_protocol: bool,
+    /// The grouping caches, kept for attribution and for incremental recompiles.
+    grouping: Grouping,
     implicit_deny_atlas: Vec<AtlasTechnique>,
     unknown_subject_atlas: Vec<AtlasTechnique>,
     stats: CompileStats,
+}
+
+/// What a re-evaluation of one subject changed in the kernel table: write `added` (new
+/// allows, or allows now attributed to another permit: an insert overwrites), then delete
+/// `removed`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowDelta {
+    pub added: Vec<(PolicyKey, PolicyValue)>,
+    pub removed: Vec<PolicyKey>,
+    /// Cells re-evaluated (the row, plus the column when the identity is a destination).
+    pub cells: usize,
+    /// Single-policy Cedar evaluations it took (the rest came from the grouping caches).
+    pub cedar_decisions: usize,
+    pub elapsed: Duration,
+}
+
+impl RowDelta {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
 }
 
 /// The destination cells of an identity: (kernel port, Cedar port, protocol, action).
@@ -129,43 +150,241 @@ type PolicyKeyed = (u32, u32, u32, Option<u16>, Option<Protocol>);
 /// A destination cell: (port, 0 for any; protocol; action).
 type Cell = (u16, Protocol, String);
 
+/// Signature numbering: identities with equal signatures share a number. A number, once
+/// given, always means the same signature (cached answers stay valid); an identity whose
+/// attributes change moves to another number, new or shared with identities that look like
+/// it now.
+#[derive(Clone, Default)]
+struct Numbering {
+    numbers: HashMap<Signature, u32>,
+    /// Identity index -> signature number.
+    sig: Vec<u32>,
+    /// Signature number -> an identity that has it now (`None`: nobody has it any more).
+    reps: Vec<Option<usize>>,
+}
+
+impl Numbering {
+    fn new(ids: &Identities, analysis: &Analysis) -> Numbering {
+        let mut n = Numbering {
+            sig: Vec::with_capacity(ids.len()),
+            ..Numbering::default()
+        };
+        for (i, ident) in ids.iter().enumerate() {
+            let s = n.number(signature_of(ident, analysis), i);
+            n.sig.push(s);
+        }
+        n
+    }
+
+    fn number(&mut self, sig: Signature, i: usize) -> u32 {
+        let next = self.numbers.len() as u32;
+        *self.numbers.entry(sig).or_insert_with(|| {
+            self.reps.push(Some(i));
+            next
+        })
+    }
+
+    /// Identity `i`'s attributes changed: renumber it, and find its old number another
+    /// representative if it was one.
+    fn renumber(&mut self, ident: &Identity, i: usize, analysis: &Analysis) {
+        let old = self.sig[i];
+        let new = self.number(signature_of(ident, analysis), i);
+        if new == old {
+            return;
+        }
+        self.sig[i] = new;
+        if self.reps[new as usize].is_none() {
+            self.reps[new as usize] = Some(i);
+        }
+        if self.reps[old as usize] == Some(i) {
+            self.reps[old as usize] = self.sig.iter().position(|&s| s == old);
+        }
+    }
+
+    fn rep(&self, sig: u32) -> usize {
+        #[allow(clippy::expect_used)]
+        self.reps[sig as usize].expect("a signature in use has a representative")
+    }
+}
+
 /// One policy's own grouping: identities that look the same to *this* policy share its
 /// answer. Policies read few attributes each (tenant-isolation reads only `tenant`), so
 /// per-policy groups are far fewer than whole-set groups.
+#[derive(Clone)]
 struct PerPolicy {
-    /// Identity index -> this policy's signature number.
-    sig: Vec<u32>,
-    /// Signature number -> an identity with it.
-    reps: Vec<usize>,
+    numbering: Numbering,
     reads_port: bool,
     reads_protocol: bool,
     satisfied: HashMap<PolicyKeyed, bool>,
 }
 
-impl PerPolicy {
-    fn new(ids: &Identities, analysis: &Analysis) -> PerPolicy {
-        let mut numbers: HashMap<Signature, u32> = HashMap::new();
-        let mut reps = Vec::new();
-        let sig = ids
-            .iter()
-            .enumerate()
-            .map(|(i, ident)| {
-                let next = numbers.len() as u32;
-                *numbers
-                    .entry(signature_of(ident, analysis))
-                    .or_insert_with(|| {
-                        reps.push(i);
-                        next
-                    })
-            })
-            .collect();
-        PerPolicy {
-            sig,
-            reps,
+/// Everything compilation caches: signatures (whole-set and per policy), the answer of every
+/// cell group seen, and the per-policy answers they were combined from. Kept in `Compiled`:
+/// attribution is a lookup in it, and an incremental recompile reuses it.
+#[derive(Clone)]
+struct Grouping {
+    whole: Numbering,
+    per_policy: Vec<PerPolicy>,
+    actions: HashMap<String, u32>,
+    groups: HashMap<GroupKey, u32>,
+    answers: Vec<Answer>,
+    answer_ids: HashMap<Answer, u32>,
+    reads_port: bool,
+    reads_protocol: bool,
+    /// Single-policy Cedar evaluations so far.
+    decisions: usize,
+}
+
+impl Grouping {
+    fn new(ids: &Identities, engine: &Engine) -> Grouping {
+        let analysis = &engine.analysis;
+        Grouping {
+            whole: Numbering::new(ids, analysis),
+            per_policy: engine
+                .singles
+                .iter()
+                .map(|(_, a)| PerPolicy {
+                    numbering: Numbering::new(ids, a),
+                    reads_port: a.reads_port(),
+                    reads_protocol: a.reads_protocol(),
+                    satisfied: HashMap::new(),
+                })
+                .collect(),
+            actions: HashMap::new(),
+            groups: HashMap::new(),
+            answers: Vec::new(),
+            answer_ids: HashMap::new(),
             reads_port: analysis.reads_port(),
             reads_protocol: analysis.reads_protocol(),
-            satisfied: HashMap::new(),
+            decisions: 0,
         }
+    }
+
+    /// Identity `i` changed (its risk): new signatures, whole-set and per policy.
+    fn renumber(&mut self, ids: &Identities, engine: &Engine, i: usize) {
+        let ident = ids.at(i);
+        self.whole.renumber(ident, i, &engine.analysis);
+        for (pp, (_, analysis)) in self.per_policy.iter_mut().zip(&engine.singles) {
+            pp.numbering.renumber(ident, i, analysis);
+        }
+    }
+
+    fn action_number(&mut self, action: &str) -> u32 {
+        if let Some(&n) = self.actions.get(action) {
+            return n;
+        }
+        let n = self.actions.len() as u32;
+        self.actions.insert(action.to_string(), n);
+        n
+    }
+
+    fn key(&self, si: usize, di: usize, action: u32, port: u16, protocol: Protocol) -> GroupKey {
+        GroupKey {
+            subject: self.whole.sig[si],
+            destination: self.whole.sig[di],
+            action,
+            port: self.reads_port.then_some(port),
+            protocol: self.reads_protocol.then_some(protocol),
+        }
+    }
+
+    /// The answer (index into `answers`) for subject `si` x destination `di` x `cell`,
+    /// asking Cedar only for policy groups not seen before.
+    fn answer(
+        &mut self,
+        engine: &Engine,
+        ids: &Identities,
+        si: usize,
+        di: usize,
+        (port, protocol, action): &Cell,
+    ) -> Result<u32, PolicyError> {
+        let (port, protocol) = (*port, *protocol);
+        let action_no = self.action_number(action);
+        let key = self.key(si, di, action_no, port, protocol);
+        if let Some(&a) = self.groups.get(&key) {
+            return Ok(a);
+        }
+        // Evaluate each policy in its own groups, then combine as Cedar does: deny if a
+        // forbid is satisfied, allow if a permit is, else deny.
+        let (mut permits, mut forbids) = (Vec::new(), Vec::new());
+        for (r, pp) in self.per_policy.iter_mut().enumerate() {
+            let pkey = (
+                pp.numbering.sig[si],
+                pp.numbering.sig[di],
+                action_no,
+                pp.reads_port.then_some(port),
+                pp.reads_protocol.then_some(protocol),
+            );
+            let sat = match pp.satisfied.get(&pkey) {
+                Some(&sat) => sat,
+                None => {
+                    self.decisions += 1;
+                    let (rs, rd) = (pp.numbering.rep(pkey.0), pp.numbering.rep(pkey.1));
+                    let sat = engine
+                        .satisfied(r, rs, action, rd, port, protocol)
+                        .map_err(|message| PolicyError::Evaluation {
+                            from: ids.at(rs).name.clone(),
+                            to: ids.at(rd).name.clone(),
+                            port,
+                            protocol,
+                            action: action.clone(),
+                            message,
+                        })?;
+                    pp.satisfied.insert(pkey, sat);
+                    sat
+                }
+            };
+            if sat {
+                match engine.rules[r].effect {
+                    crate::Effect::Permit => permits.push(r as u32),
+                    crate::Effect::Forbid => forbids.push(r as u32),
+                }
+            }
+        }
+        let answer = if forbids.is_empty() && !permits.is_empty() {
+            Answer {
+                allowed: true,
+                rules: permits,
+            }
+        } else {
+            Answer {
+                allowed: false,
+                rules: forbids,
+            }
+        };
+        let next = self.answers.len() as u32;
+        let answers = &mut self.answers;
+        let a = *self.answer_ids.entry(answer.clone()).or_insert_with(|| {
+            answers.push(answer);
+            next
+        });
+        self.groups.insert(key, a);
+        Ok(a)
+    }
+
+    /// The allow entry of a cell, if its answer allows it.
+    fn allow(
+        &self,
+        answer: u32,
+        s: &Identity,
+        d: &Identity,
+        (port, protocol, _): &Cell,
+    ) -> Option<(PolicyKey, PolicyValue)> {
+        let answer = &self.answers[answer as usize];
+        answer.allowed.then(|| {
+            (
+                PolicyKey {
+                    subject: s.id,
+                    destination: d.id,
+                    dport: *port,
+                    protocol: protocol.number(),
+                    _pad: 0,
+                },
+                PolicyValue {
+                    rule: answer.rules.first().copied().unwrap_or(u32::MAX),
+                },
+            )
+        })
     }
 }
 
@@ -173,23 +392,7 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
     let start = Instant::now();
     let engine = bundle.engine();
     let ids = bundle.identities();
-    let analysis = &engine.analysis;
-
-    // Signatures, numbered.
-    let mut sig_numbers: HashMap<Signature, u32> = HashMap::new();
-    let mut signature: HashMap<u32, u32> = HashMap::new();
-    for ident in ids.iter() {
-        let sig = signature_of(ident, analysis);
-        let next = sig_numbers.len() as u32;
-        let n = *sig_numbers.entry(sig).or_insert(next);
-        signature.insert(ident.id, n);
-    }
-
-    let mut per_policy: Vec<PerPolicy> = engine
-        .singles
-        .iter()
-        .map(|(_, a)| PerPolicy::new(ids, a))
-        .collect();
+    let mut grouping = Grouping::new(ids, engine);
 
     let subjects: Vec<(usize, &Identity)> = ids
         .iter()
@@ -203,110 +406,18 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         .map(|(i, x)| (i, x, cells(x)))
         .collect();
 
-    let mut actions: HashMap<String, u32> = HashMap::new();
-    let mut groups: HashMap<GroupKey, u32> = HashMap::new();
-    let mut answers: Vec<Answer> = Vec::new();
-    let mut answer_ids: HashMap<Answer, u32> = HashMap::new();
     let mut allows = Vec::new();
     let mut cells_seen = 0usize;
-    let mut decisions = 0usize;
-    let (reads_port, reads_protocol) = (analysis.reads_port(), analysis.reads_protocol());
-    let mut subject_sigs = std::collections::HashSet::new();
-    let mut destination_sigs = std::collections::HashSet::new();
-
+    let mut subject_sigs = HashSet::new();
+    let mut destination_sigs = HashSet::new();
     for &(si, s) in &subjects {
-        let ssig = signature[&s.id];
-        subject_sigs.insert(ssig);
+        subject_sigs.insert(grouping.whole.sig[si]);
         for (di, d, dcells) in &destinations {
-            let dsig = signature[&d.id];
-            destination_sigs.insert(dsig);
-            for (port, protocol, action) in dcells {
+            destination_sigs.insert(grouping.whole.sig[*di]);
+            for cell in dcells {
                 cells_seen += 1;
-                let next = actions.len() as u32;
-                let action_no = *actions.entry(action.clone()).or_insert(next);
-                let key = GroupKey {
-                    subject: ssig,
-                    destination: dsig,
-                    action: action_no,
-                    port: reads_port.then_some(*port),
-                    protocol: reads_protocol.then_some(*protocol),
-                };
-                let answer = match groups.get(&key) {
-                    Some(&a) => a,
-                    None => {
-                        // Evaluate each policy in its own groups, then combine as Cedar does:
-                        // deny if a forbid is satisfied, allow if a permit is, else deny.
-                        let (mut permits, mut forbids) = (Vec::new(), Vec::new());
-                        for (r, pp) in per_policy.iter_mut().enumerate() {
-                            let key = (
-                                pp.sig[si],
-                                pp.sig[*di],
-                                action_no,
-                                pp.reads_port.then_some(*port),
-                                pp.reads_protocol.then_some(*protocol),
-                            );
-                            let sat = match pp.satisfied.get(&key) {
-                                Some(&sat) => sat,
-                                None => {
-                                    decisions += 1;
-                                    let (rs, rd) =
-                                        (pp.reps[key.0 as usize], pp.reps[key.1 as usize]);
-                                    let sat = engine
-                                        .satisfied(r, rs, action, rd, *port, *protocol)
-                                        .map_err(|message| PolicyError::Evaluation {
-                                            from: ids.at(rs).name.clone(),
-                                            to: ids.at(rd).name.clone(),
-                                            port: *port,
-                                            protocol: *protocol,
-                                            action: action.clone(),
-                                            message,
-                                        })?;
-                                    pp.satisfied.insert(key, sat);
-                                    sat
-                                }
-                            };
-                            if sat {
-                                match engine.rules[r].effect {
-                                    crate::Effect::Permit => permits.push(r as u32),
-                                    crate::Effect::Forbid => forbids.push(r as u32),
-                                }
-                            }
-                        }
-                        let answer = if forbids.is_empty() && !permits.is_empty() {
-                            Answer {
-                                allowed: true,
-                                rules: permits,
-                            }
-                        } else {
-                            Answer {
-                                allowed: false,
-                                rules: forbids,
-                            }
-                        };
-                        let next = answers.len() as u32;
-                        let a = *answer_ids.entry(answer.clone()).or_insert_with(|| {
-                            answers.push(answer);
-                            next
-                        });
-                        groups.insert(key, a);
-                        a
-                    }
-                };
-                let answer = &answers[answer as usize];
-                if answer.allowed {
-                    allows.push((
-                        PolicyKey {
-                            subject: s.id,
-                            destination: d.id,
-                            dport: *port,
-                            protocol: protocol.number(),
-                            _pad: 0,
-                        },
-                        PolicyValue {
-                            rule: answer.rules.first().copied().unwrap_or(u32::MAX),
-                        },
-                    ));
-                }
+                let answer = grouping.answer(engine, ids, si, *di, cell)?;
+                allows.extend(grouping.allow(answer, s, d, cell));
             }
         }
     }
@@ -315,8 +426,8 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
     let stats = CompileStats {
         cells: cells_seen,
         allows: allows.len(),
-        cedar_decisions: decisions,
-        cell_groups: groups.len(),
+        cedar_decisions: grouping.decisions,
+        cell_groups: grouping.groups.len(),
         subject_groups: subject_sigs.len(),
         destination_groups: destination_sigs.len(),
         elapsed: start.elapsed(),
@@ -330,16 +441,13 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         "policy compiled"
     );
     Ok(Compiled {
-        revision: bundle.revision().to_string(),
+        revision: bundle.snapshot(),
+        bundle_revision: bundle.revision().to_string(),
+        risk_overrides: bundle.risk_overrides().clone(),
         identities: ids.clone(),
         allows,
         rules: engine.rules.clone(),
-        signature,
-        actions,
-        groups,
-        answers,
-        reads_port,
-        reads_protocol,
+        grouping,
         implicit_deny_atlas: Bundle::atlas_list(&defaults.implicit_deny_atlas),
         unknown_subject_atlas: Bundle::atlas_list(&defaults.unknown_subject_atlas),
         stats,
@@ -347,8 +455,173 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
 }
 
 impl Compiled {
+    /// The policy snapshot this table was compiled from: the bundle revision, followed by
+    /// `+risk(N):HHHHHHHH` while N risk overrides are in force (see
+    /// [`crate::risk::overrides_suffix`]). Events carry it as `policy.snapshot`.
     pub fn revision(&self) -> &str {
         &self.revision
+    }
+
+    /// The bundle's content revision alone ([`Bundle::revision`]).
+    pub fn bundle_revision(&self) -> &str {
+        &self.bundle_revision
+    }
+
+    /// The risk overrides this table reflects: workload name -> canonical score.
+    pub fn risk_overrides(&self) -> &BTreeMap<String, String> {
+        &self.risk_overrides
+    }
+
+    /// Re-evaluate one workload after a risk change ([`Bundle::set_risk`]) and return what
+    /// changed in the kernel table.
+    ///
+    /// Re-evaluated: `subject`'s row (every destination x port cell, if it is a local
+    /// subject) and, since a workload with addresses is a destination too, its column (every
+    /// local subject to it). The same is done for any other identity whose risk in `bundle`
+    /// differs from this table's (several `set_risk` before one recompile). `allows`, the
+    /// deny attribution, the identity's `risk` and [`Compiled::revision`] are updated; the
+    /// other cells are not touched. Cedar is asked only for policy groups not seen before.
+    ///
+    /// `bundle` must be the bundle this table was compiled from (same revision), or
+    /// [`PolicyError::StaleCompiled`]. On error, `self` may hold a partly updated grouping
+    /// cache but its table is unchanged; compile in full to recover.
+    pub fn recompile_subject(
+        &mut self,
+        bundle: &Bundle,
+        subject: &str,
+    ) -> Result<RowDelta, PolicyError> {
+        let start = Instant::now();
+        if bundle.revision() != self.bundle_revision {
+            return Err(PolicyError::StaleCompiled {
+                compiled: self.bundle_revision.clone(),
+                bundle: bundle.revision().to_string(),
+            });
+        }
+        let fresh = bundle.identities();
+        let target = fresh
+            .index_of(subject)
+            .ok_or_else(|| PolicyError::UnknownName(subject.into()))?;
+        if fresh.at(target).kind != IdentityKind::Workload {
+            return Err(PolicyError::NotASubject(subject.into()));
+        }
+        let engine = bundle.engine();
+        let decisions_before = self.grouping.decisions;
+
+        // Bring every drifted identity up to date first, so that every signature's
+        // representative has the attributes Cedar now sees for it.
+        let mut changed: Vec<usize> = (0..fresh.len())
+            .filter(|&i| self.identities.at(i).risk != fresh.at(i).risk)
+            .collect();
+        if !changed.contains(&target) {
+            changed.push(target);
+        }
+        for &i in &changed {
+            self.identities.set_risk(i, fresh.at(i).risk.clone());
+            self.grouping.renumber(&self.identities, engine, i);
+        }
+
+        let ids = &self.identities;
+        let rows: HashSet<u32> = changed
+            .iter()
+            .map(|&i| ids.at(i))
+            .filter(|x| x.is_subject())
+            .map(|x| x.id)
+            .collect();
+        let columns: HashSet<u32> = changed
+            .iter()
+            .map(|&i| ids.at(i))
+            .filter(|x| x.is_destination())
+            .map(|x| x.id)
+            .collect();
+        let affected =
+            |k: &PolicyKey| rows.contains(&k.subject) || columns.contains(&k.destination);
+
+        let mut fresh_allows: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
+        let mut cells_seen = 0usize;
+        let destinations: Vec<(usize, &Identity, Vec<Cell>)> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.is_destination())
+            .map(|(i, x)| (i, x, cells(x)))
+            .collect();
+        let column: Vec<&(usize, &Identity, Vec<Cell>)> = destinations
+            .iter()
+            .filter(|(_, d, _)| columns.contains(&d.id))
+            .collect();
+        for (si, s) in ids.iter().enumerate().filter(|(_, x)| x.is_subject()) {
+            let dests: Vec<&(usize, &Identity, Vec<Cell>)> = if rows.contains(&s.id) {
+                destinations.iter().collect()
+            } else {
+                column.clone()
+            };
+            for &(di, d, ref dcells) in dests {
+                for cell in dcells {
+                    cells_seen += 1;
+                    let answer = self.grouping.answer(engine, ids, si, di, cell)?;
+                    if let Some((k, v)) = self.grouping.allow(answer, s, d, cell) {
+                        fresh_allows.insert(k, v);
+                    }
+                }
+            }
+        }
+
+        // The delta against the old table, then the new table: the untouched entries and
+        // the re-evaluated ones, merged in key order.
+        let mut delta = RowDelta::default();
+        let mut kept = Vec::with_capacity(self.allows.len());
+        for &(k, v) in &self.allows {
+            if !affected(&k) {
+                kept.push((k, v));
+            } else if !fresh_allows.contains_key(&k) {
+                delta.removed.push(k);
+            } else if fresh_allows[&k] == v {
+                // Unchanged.
+            } else {
+                delta.added.push((k, fresh_allows[&k]));
+            }
+        }
+        let old: HashSet<PolicyKey> = self
+            .allows
+            .iter()
+            .filter(|(k, _)| affected(k))
+            .map(|(k, _)| *k)
+            .collect();
+        delta.added.extend(
+            fresh_allows
+                .iter()
+                .filter(|(k, _)| !old.contains(k))
+                .map(|(k, v)| (*k, *v)),
+        );
+        delta.added.sort_by_key(|(k, _)| *k);
+        let mut merged = Vec::with_capacity(kept.len() + fresh_allows.len());
+        let mut fresh_iter = fresh_allows.into_iter().peekable();
+        for entry in kept {
+            while let Some(f) = fresh_iter.next_if(|(k, _)| *k < entry.0) {
+                merged.push(f);
+            }
+            merged.push(entry);
+        }
+        merged.extend(fresh_iter);
+        self.allows = merged;
+
+        self.risk_overrides = bundle.risk_overrides().clone();
+        self.revision = bundle.snapshot();
+        self.stats.allows = self.allows.len();
+        self.stats.cell_groups = self.grouping.groups.len();
+        delta.cells = cells_seen;
+        delta.cedar_decisions = self.grouping.decisions - decisions_before;
+        delta.elapsed = start.elapsed();
+        tracing::info!(
+            subject,
+            snapshot = %self.revision,
+            cells = delta.cells,
+            added = delta.added.len(),
+            removed = delta.removed.len(),
+            cedar_decisions = delta.cedar_decisions,
+            elapsed_ms = delta.elapsed.as_secs_f64() * 1e3,
+            "subject re-evaluated"
+        );
+        Ok(delta)
     }
 
     /// Every identity, WORLD included.
@@ -425,15 +698,16 @@ impl Compiled {
                 None => return Err(implicit("undeclared-port", &self.implicit_deny_atlas)),
             }
         };
-        let key = GroupKey {
-            subject: self.signature[&subject_ident.id],
-            destination: self.signature[&dest.id],
-            action: self.actions.get(action).copied().unwrap_or(u32::MAX),
-            port: self.reads_port.then_some(port),
-            protocol: self.reads_protocol.then_some(proto),
+        let (Some(si), Some(di)) = (
+            self.identities.index_of_id(subject_ident.id),
+            self.identities.index_of_id(dest.id),
+        ) else {
+            return Err(implicit("implicit-deny", &self.implicit_deny_atlas));
         };
-        match self.groups.get(&key) {
-            Some(&a) => Ok(&self.answers[a as usize]),
+        let g = &self.grouping;
+        let action = g.actions.get(action).copied().unwrap_or(u32::MAX);
+        match g.groups.get(&g.key(si, di, action, port, proto)) {
+            Some(&a) => Ok(&g.answers[a as usize]),
             None => Err(implicit("implicit-deny", &self.implicit_deny_atlas)),
         }
     }

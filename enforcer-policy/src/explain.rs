@@ -18,6 +18,7 @@ pub struct Party {
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Explanation {
+    /// The policy snapshot ([`Bundle::snapshot`]): the revision, plus risk overrides.
     pub revision: String,
     pub from: Party,
     pub to: Party,
@@ -69,7 +70,7 @@ pub(crate) fn explain(
         _pad: 0,
     };
     Ok(Explanation {
-        revision: bundle.revision().to_string(),
+        revision: bundle.snapshot(),
         from,
         to,
         port,

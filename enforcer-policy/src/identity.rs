@@ -418,6 +418,13 @@ impl Identities {
     pub(crate) fn at(&self, i: usize) -> &Identity {
         &self.list[i]
     }
+    pub(crate) fn index_of_id(&self, id: u32) -> Option<usize> {
+        self.by_id.get(&id).copied()
+    }
+    /// A risk override (the only attribute that changes at run time).
+    pub(crate) fn set_risk(&mut self, i: usize, risk: String) {
+        self.list[i].risk = risk;
+    }
 }
 
 #[cfg(test)]

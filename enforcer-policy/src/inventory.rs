@@ -56,7 +56,7 @@ pub struct Workload {
     pub tenant: Option<String>,
     pub purpose: Option<String>,
     pub ring: Option<String>,
-    /// A Cedar decimal literal (`0.2`), normalised to have a fractional part.
+    /// A Cedar decimal literal in canonical form (`risk::canonical_decimal`: `0.2`, `1.0`).
     pub risk: String,
     pub audit: bool,
     pub spiffe_id: Option<String>,
@@ -562,12 +562,12 @@ impl Walker {
             self.err(node.loc, "risk must be a decimal number");
             return None;
         };
-        match normalise_decimal(s) {
-            Some(d) => Some(d),
-            None => {
+        match crate::risk::canonical_decimal(s) {
+            Ok(d) => Some(d),
+            Err(why) => {
                 self.err_hint(
                     node.loc,
-                    format!("invalid risk `{s}`"),
+                    format!("invalid risk `{s}`: {why}"),
                     "a Cedar decimal: digits with at most 4 fractional digits, e.g. 0.25",
                 );
                 None
@@ -735,25 +735,6 @@ impl Walker {
         }
         Some(e)
     }
-}
-
-/// Normalise a decimal to Cedar's `decimal()` syntax: `-?digits.digits{1,4}`.
-fn normalise_decimal(s: &str) -> Option<String> {
-    let (neg, body) = match s.strip_prefix('-') {
-        Some(b) => ("-", b),
-        None => ("", s),
-    };
-    let (int, frac) = body.split_once('.').unwrap_or((body, "0"));
-    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
-    if !digits(int) || !digits(frac) || frac.len() > 4 {
-        return None;
-    }
-    // Cedar decimals are i64 with 4 fractional digits.
-    let whole: i64 = int.parse().ok()?;
-    if whole > 922_337_203_685_476 {
-        return None;
-    }
-    Some(format!("{neg}{int}.{frac}"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,8 +10,17 @@
 //! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
 //! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
 //! deny attribution) -> [`explain`]. [`diagnostics`] carries located errors, [`atlas`] the
-//! MITRE ATLAS data.
+//! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides.
+//!
+//! Risk at run time: [`Bundle::set_risk`] overrides one workload's `risk` attribute (the
+//! oracle and later compiles see it, until the bundle is replaced);
+//! [`Compiled::recompile_subject`] then re-evaluates that subject's row (and its column,
+//! as a destination) and returns the [`RowDelta`] to write into the kernel table. While
+//! overrides are in force, the policy snapshot ([`Bundle::snapshot`],
+//! [`Compiled::revision`], events' `policy.snapshot`) is the bundle revision followed by
+//! `+risk(N):HHHHHHHH` (see [`risk::overrides_suffix`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -25,11 +34,12 @@ pub mod diagnostics;
 pub mod explain;
 pub mod identity;
 pub mod inventory;
+pub mod risk;
 #[cfg(any(test, feature = "bench"))]
 pub mod testutil;
 
 pub use atlas::AtlasTechnique;
-pub use compile::{CompileStats, Compiled};
+pub use compile::{CompileStats, Compiled, RowDelta};
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use explain::Explanation;
 pub use identity::{Identities, Identity, IdentityKind, IpNet};
@@ -152,6 +162,16 @@ pub enum PolicyError {
     NotASubject(String),
     #[error("`{0}` is not a destination (no addresses)")]
     NotADestination(String),
+    #[error("`{0}` is an endpoint: only workloads have a risk score")]
+    NoRisk(String),
+    #[error("invalid risk score for `{workload}`: {reason}")]
+    InvalidRisk {
+        workload: String,
+        score: String,
+        reason: String,
+    },
+    #[error("the compiled policy is of bundle revision {compiled}, not {bundle}: compile the new bundle in full")]
+    StaleCompiled { compiled: String, bundle: String },
     #[error(
         "Cedar failed on {from} -> {to} port {port}/{protocol} (action `{action}`): {message}"
     )]
@@ -172,6 +192,8 @@ pub struct Bundle {
     inventory: Inventory,
     identities: Identities,
     engine: cedar::Engine,
+    /// Workload name -> canonical risk score, where it differs from the inventory's.
+    risk_overrides: BTreeMap<String, String>,
 }
 
 pub const INVENTORY_FILE: &str = "inventory.yaml";
@@ -260,6 +282,7 @@ impl Bundle {
                     inventory,
                     identities,
                     engine,
+                    risk_overrides: BTreeMap::new(),
                 })
             }
             _ => Err(Diagnostic::new(dir, 1, 1, "the bundle could not be loaded").into()),
@@ -268,8 +291,64 @@ impl Bundle {
 
     /// `sha256:` and the first 16 hex digits of a hash over the sorted (file name, content)
     /// pairs of the bundle's files.
+    /// Risk overrides do not change it (see [`Bundle::snapshot`]).
     pub fn revision(&self) -> &str {
         &self.revision
+    }
+
+    /// The revision, followed by `+risk(N):HHHHHHHH` while N risk overrides are in force
+    /// (HHHHHHHH names the set of overrides, see [`risk::overrides_suffix`]): what decides
+    /// a call is this bundle *and* these scores, and an investigator must see both.
+    pub fn snapshot(&self) -> String {
+        format!(
+            "{}{}",
+            self.revision,
+            risk::overrides_suffix(&self.risk_overrides)
+        )
+    }
+
+    /// Override a workload's `risk` attribute (Cedar decimal text, at most 4 fractional
+    /// digits; `1` is taken as `1.0`). Every later [`Bundle::decide`], [`Bundle::compile`] and
+    /// [`Compiled::recompile_subject`] with this bundle sees the new score; the override lasts
+    /// as long as this `Bundle` (a replaced bundle starts from its inventory's scores).
+    /// Setting a workload back to its inventory score removes the override. On error nothing
+    /// changes.
+    pub fn set_risk(&mut self, workload: &str, score: &str) -> Result<(), PolicyError> {
+        let i = self
+            .identities
+            .index_of(workload)
+            .ok_or_else(|| PolicyError::UnknownName(workload.into()))?;
+        if self.identities.at(i).kind != IdentityKind::Workload {
+            return Err(PolicyError::NoRisk(workload.into()));
+        }
+        let invalid = |reason: String| PolicyError::InvalidRisk {
+            workload: workload.into(),
+            score: score.into(),
+            reason,
+        };
+        let value = risk::canonical_decimal(score).map_err(invalid)?;
+        let mut updated = self.identities.at(i).clone();
+        updated.risk = value.clone();
+        self.engine.replace_entity(&updated).map_err(invalid)?;
+        self.identities.set_risk(i, value.clone());
+        let base = self
+            .inventory
+            .workloads
+            .iter()
+            .find(|w| w.name == workload)
+            .map(|w| w.risk.as_str());
+        if base == Some(value.as_str()) {
+            self.risk_overrides.remove(workload);
+        } else {
+            self.risk_overrides.insert(workload.to_string(), value);
+        }
+        tracing::debug!(workload, score, snapshot = %self.snapshot(), "risk override");
+        Ok(())
+    }
+
+    /// The risk overrides in force: workload name -> canonical score.
+    pub fn risk_overrides(&self) -> &BTreeMap<String, String> {
+        &self.risk_overrides
     }
 
     pub fn dir(&self) -> &Path {

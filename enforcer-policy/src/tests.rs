@@ -356,7 +356,11 @@ fn cedar_errors_have_exact_locations() {
 /// The central invariant on one bundle: every cell of the compiled table (and every
 /// attribution) equals what the oracle says.
 fn assert_compiled_equals_oracle(b: &Bundle) {
-    let c = b.compile().unwrap();
+    assert_table_equals_oracle(b, &b.compile().unwrap());
+}
+
+/// Every cell of `c` (and every attribution) equals what the oracle says of `b`.
+fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) {
     let allows: std::collections::HashSet<_> = c.allows().iter().map(|(k, _)| *k).collect();
     for s in b.identities().iter().filter(|i| i.is_subject()) {
         for d in b.identities().iter().filter(|i| i.is_destination()) {
@@ -435,4 +439,301 @@ proptest! {
         let b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("seed {seed}: {d}\n{}", std::fs::read_to_string(tmp.path().join("policies.cedar")).unwrap()));
         assert_compiled_equals_oracle(&b);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Risk overrides and the incremental recompile.
+
+fn row_of(c: &crate::Compiled, subject: u32) -> Vec<(crate::PolicyKey, crate::PolicyValue)> {
+    c.allows()
+        .iter()
+        .filter(|(k, _)| k.subject == subject)
+        .copied()
+        .collect()
+}
+
+fn others_of(c: &crate::Compiled, id: u32) -> Vec<(crate::PolicyKey, crate::PolicyValue)> {
+    c.allows()
+        .iter()
+        .filter(|(k, _)| k.subject != id && k.destination != id)
+        .copied()
+        .collect()
+}
+
+/// `before` with `delta` written into it, as the agent writes it into the kernel table.
+fn apply(
+    before: &crate::Compiled,
+    delta: &crate::RowDelta,
+) -> std::collections::BTreeMap<crate::PolicyKey, crate::PolicyValue> {
+    let mut table: std::collections::BTreeMap<_, _> = before.allows().iter().copied().collect();
+    for (k, v) in &delta.added {
+        table.insert(*k, *v);
+    }
+    for k in &delta.removed {
+        table.remove(k);
+    }
+    table
+}
+
+#[test]
+fn high_risk_quarantines_on_vector_db_after_set_risk() {
+    let mut b = demo();
+    let mut c = b.compile().unwrap();
+    let before = c.clone();
+    let ids = b.identities().clone();
+    let id = |n: &str| ids.by_name(n).unwrap().id;
+    let (retriever, vectors) = (id("acme-retriever"), id("acme-vectors"));
+    assert!(c.is_allowed(retriever, vectors, 6333, proto::TCP));
+    assert_eq!(c.revision(), b.revision());
+
+    b.set_risk("acme-retriever", "0.9").unwrap();
+    assert_eq!(
+        b.risk_overrides().get("acme-retriever").map(String::as_str),
+        Some("0.9")
+    );
+    // The oracle sees the override at once.
+    let d = b
+        .decide("acme-retriever", "acme-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.policies[0].id, "high-risk-no-vector-db");
+    assert!(d.policies[0].quarantine);
+
+    let delta = c.recompile_subject(&b, "acme-retriever").unwrap();
+    let key = crate::PolicyKey {
+        subject: retriever,
+        destination: vectors,
+        dport: 6333,
+        protocol: proto::TCP,
+        _pad: 0,
+    };
+    assert_eq!(delta.removed, vec![key]);
+    assert!(delta.added.is_empty());
+    assert!(delta.cells > 0);
+    assert!(!c.is_allowed(retriever, vectors, 6333, proto::TCP));
+    assert!(c.quarantine_on_deny(retriever, vectors, 6333, proto::TCP));
+    let a = c.attribute(retriever, vectors, 6333, proto::TCP);
+    assert_eq!(a.policy_id, "high-risk-no-vector-db");
+    assert_eq!(a.atlas[0].id, "AML.T0085.000");
+    assert_eq!(c.identity(retriever).unwrap().risk, "0.9");
+    // Other vector DBs are still denied by tenant isolation, not by the risk rule alone.
+    let g = id("globex-vectors");
+    let a = c.attribute(retriever, g, 6333, proto::TCP);
+    assert_eq!(
+        a.policies.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+        vec!["tenant-isolation", "high-risk-no-vector-db"]
+    );
+
+    // The changed row equals the oracle, cell by cell; the other rows are untouched; the
+    // delta turns the old table into the new one; a full compile agrees.
+    assert_table_equals_oracle(&b, &c);
+    assert_eq!(others_of(&c, retriever), others_of(&before, retriever));
+    assert_eq!(apply(&before, &delta), c.allows().iter().copied().collect());
+    assert_eq!(b.compile().unwrap().allows(), c.allows());
+
+    // The snapshot shows the override; the bundle revision does not change.
+    assert_eq!(c.bundle_revision(), b.revision());
+    assert!(
+        c.revision()
+            .starts_with(&format!("{}+risk(1):", b.revision())),
+        "{}",
+        c.revision()
+    );
+    assert_eq!(c.revision(), b.snapshot());
+    assert_eq!(c.risk_overrides(), b.risk_overrides());
+    let e = b
+        .explain("acme-retriever", "acme-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert_eq!(e.revision, b.snapshot());
+    assert!(e.to_string().contains("[quarantine]"), "{e}");
+
+    // Back to the inventory's score: no override, the allow comes back.
+    b.set_risk("acme-retriever", "0.20").unwrap();
+    assert!(b.risk_overrides().is_empty());
+    let delta = c.recompile_subject(&b, "acme-retriever").unwrap();
+    assert_eq!(delta.added.len(), 1);
+    assert_eq!(delta.added[0].0, key);
+    assert!(delta.removed.is_empty());
+    assert!(c.is_allowed(retriever, vectors, 6333, proto::TCP));
+    assert_eq!(c.revision(), b.revision());
+    assert_eq!(c.allows(), before.allows());
+    // Again: nothing changes, nothing to write.
+    assert!(c
+        .recompile_subject(&b, "acme-retriever")
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn set_risk_rejects_garbage_and_changes_nothing() {
+    let mut b = demo();
+    let before = b
+        .decide("acme-retriever", "acme-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    for (score, why) in [
+        ("abc", "not a decimal"),
+        ("", "empty"),
+        ("0.12345", "at most 4"),
+        ("1e3", "not a decimal"),
+        ("0.9 ", "not a decimal"),
+        ("+0.9", "not a decimal"),
+        ("99999999999999999", "out of the range"),
+    ] {
+        let e = b.set_risk("acme-retriever", score).unwrap_err();
+        assert!(
+            matches!(e, crate::PolicyError::InvalidRisk { .. }),
+            "{score:?}: {e}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("invalid risk score for `acme-retriever`") && text.contains(why),
+            "{score:?}: {text}"
+        );
+    }
+    assert!(matches!(
+        b.set_risk("acme-vectors", "0.9"),
+        Err(crate::PolicyError::NoRisk(_))
+    ));
+    assert!(matches!(
+        b.set_risk("nobody", "0.9"),
+        Err(crate::PolicyError::UnknownName(_))
+    ));
+    assert!(b.risk_overrides().is_empty());
+    assert_eq!(b.snapshot(), b.revision());
+    assert_eq!(
+        b.decide("acme-retriever", "acme-vectors", 6333, Protocol::Tcp)
+            .unwrap(),
+        before
+    );
+    // Accepted forms, kept canonical.
+    b.set_risk("acme-retriever", "1").unwrap();
+    assert_eq!(b.risk_overrides()["acme-retriever"], "1.0");
+    b.set_risk("acme-retriever", "0.8500").unwrap();
+    assert_eq!(b.risk_overrides()["acme-retriever"], "0.85");
+    assert_eq!(
+        b.identities().by_name("acme-retriever").unwrap().risk,
+        "0.85"
+    );
+}
+
+#[test]
+fn recompile_needs_the_same_bundle() {
+    let b = demo();
+    let mut c = b.compile().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic_bundle(tmp.path(), 20, 4, 1, 5).unwrap();
+    let other = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
+    assert!(matches!(
+        c.recompile_subject(&other, "w1"),
+        Err(crate::PolicyError::StaleCompiled { .. })
+    ));
+    assert!(matches!(
+        c.recompile_subject(&b, "acme-vectors"),
+        Err(crate::PolicyError::NotASubject(_))
+    ));
+    assert!(matches!(
+        c.recompile_subject(&b, "nobody"),
+        Err(crate::PolicyError::UnknownName(_))
+    ));
+}
+
+/// Two subjects with the same signature; one changes risk. The one that did not change
+/// keeps its decisions (its group's representative may have been the one that moved).
+#[test]
+fn a_subject_that_changes_leaves_its_old_group_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["schema.cedarschema", "baseline.cedar", "purpose.cedar"] {
+        std::fs::copy(demo_dir().join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        tmp.path().join("inventory.yaml"),
+        "tenants: [acme]\nworkloads:\n\
+         - {name: a, tenant: acme, purpose: retrieval, ring: prod, risk: 0.5, cgroups: [x/a], ips: [127.10.1.2]}\n\
+         - {name: b, tenant: acme, purpose: retrieval, ring: prod, risk: 0.5, cgroups: [x/b], ips: [127.10.1.3]}\n\
+         endpoints:\n\
+         - {name: v, tenant: acme, kind: vector_db, ips: [127.10.1.10], ports: [{port: 6333, action: query}]}\n",
+    )
+    .unwrap();
+    let mut b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
+    let mut c = b.compile().unwrap();
+    let id = |c: &crate::Compiled, n: &str| c.identity_by_name(n).unwrap().id;
+    let (a, bb, v) = (id(&c, "a"), id(&c, "b"), id(&c, "v"));
+    let b_row = row_of(&c, bb);
+    for (who, other) in [("a", "b"), ("b", "a")] {
+        b.set_risk(who, "0.95").unwrap();
+        c.recompile_subject(&b, who).unwrap();
+        assert_table_equals_oracle(&b, &c);
+        assert!(!c.is_allowed(id(&c, who), v, 6333, proto::TCP));
+        assert!(c.is_allowed(id(&c, other), v, 6333, proto::TCP));
+        b.set_risk(who, "0.5").unwrap();
+        c.recompile_subject(&b, who).unwrap();
+        assert_table_equals_oracle(&b, &c);
+    }
+    assert_eq!(row_of(&c, bb), b_row);
+    assert!(c.is_allowed(a, v, 6333, proto::TCP));
+    // Two overrides, one recompile: the drifted one is brought up to date too.
+    b.set_risk("a", "0.9").unwrap();
+    b.set_risk("b", "0.9").unwrap();
+    let delta = c.recompile_subject(&b, "a").unwrap();
+    assert_eq!(delta.removed.len(), 2, "{delta:?}");
+    assert_table_equals_oracle(&b, &c);
+    assert!(c.revision().contains("+risk(2):"), "{}", c.revision());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    /// After risk changes, the incrementally updated table equals the oracle and a full
+    /// compile, and only the changed identities' rows and columns moved.
+    #[test]
+    fn recompile_subject_equals_oracle(seed in any::<u64>(), picks in proptest::collection::vec((any::<usize>(), 0usize..5), 1..4)) {
+        let tmp = tempfile::tempdir().unwrap();
+        random_bundle(tmp.path(), seed).unwrap();
+        let mut b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("seed {seed}: {d}"));
+        let mut c = b.compile().unwrap();
+        let workloads: Vec<String> = b
+            .identities()
+            .iter()
+            .filter(|i| i.kind == crate::IdentityKind::Workload)
+            .map(|i| i.name.clone())
+            .collect();
+        for (k, (pick, score)) in picks.iter().enumerate() {
+            let before = c.clone();
+            let name = &workloads[pick % workloads.len()];
+            b.set_risk(name, ["0.0", "0.5", "0.85", "0.9", "1.0"][*score]).unwrap();
+            // Every other round, a second override before one recompile.
+            if k % 2 == 1 {
+                let second = &workloads[(pick / 7) % workloads.len()];
+                b.set_risk(second, "0.95").unwrap();
+            }
+            let delta = c.recompile_subject(&b, name).unwrap();
+            assert_table_equals_oracle(&b, &c);
+            let full = b.compile().unwrap();
+            prop_assert_eq!(full.allows(), c.allows());
+            prop_assert_eq!(apply(&before, &delta), c.allows().iter().copied().collect());
+            prop_assert_eq!(c.revision(), b.snapshot());
+            if k % 2 == 0 {
+                let wid = c.identity_by_name(name).unwrap().id;
+                prop_assert_eq!(others_of(&c, wid), others_of(&before, wid));
+            }
+        }
+    }
+}
+
+#[test]
+fn bench_report_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = crate::testutil::bench_report_sized(tmp.path(), 60, 12, 2, 20);
+    assert_eq!(
+        (r.identities, r.local, r.ports, r.policies),
+        (60, 12, 2, 20)
+    );
+    assert_eq!(r.allows, r.compiled.allows().len());
+    assert!(r.cells > 0 && r.cedar_decisions > 0 && r.cedar_decisions_per_sec > 0.0);
+    assert_eq!(r.risk_change.added, r.risk_delta.added.len());
+    assert_eq!(r.risk_change.removed, r.risk_delta.removed.len());
+    assert!(r.risk_change.snapshot.contains("+risk(1):"));
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["risk_change"]["total_ms"].is_number());
+    assert!(json.get("compiled").is_none());
+    assert!(r.to_string().contains("risk change"));
 }

@@ -1,4 +1,5 @@
-//! Generated bundles for tests and benchmarks (feature `bench` outside tests).
+//! Generated bundles for tests and benchmarks (feature `bench` outside tests), and the
+//! PDP benchmark, [`bench_report`].
 //!
 //! `synthetic_bundle` writes the issue's speed scenario (N identities, L local, P ports
 //! each, K policies); `random_bundle` writes a small seeded random bundle for the
@@ -206,4 +207,215 @@ pub fn random_bundle(dir: &Path, seed: u64) -> io::Result<()> {
         let _ = writeln!(pol, "@id(\"r{k}\")\n{t}");
     }
     write_bundle(dir, &inv, &pol)
+}
+
+/// The issue-3 speed figures of the PDP side, for `cargo xtask bench` (the agent's bench
+/// binary adds the kernel writes: [`BenchReport::compiled`] is the full table,
+/// [`BenchReport::risk_delta`] the row change to write after it).
+#[derive(Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub identities: usize,
+    pub local: usize,
+    pub ports: usize,
+    pub policies: usize,
+    /// Reading, parsing and validating the bundle.
+    pub load_ms: f64,
+    /// Compiling every cell.
+    pub compile_ms: f64,
+    pub load_and_compile_ms: f64,
+    pub cells: usize,
+    pub cell_groups: usize,
+    /// Single-policy Cedar evaluations the compile made.
+    pub cedar_decisions: usize,
+    /// `cedar_decisions` / compile time: the compile rate.
+    pub cedar_decisions_per_sec: f64,
+    /// Cells decided per second of compile (the grouping fans each decision out).
+    pub cells_per_sec: f64,
+    /// Whole-set Cedar requests per second, ungrouped (the oracle, `Bundle::decide`).
+    pub oracle_decisions_per_sec: f64,
+    pub allows: usize,
+    pub risk_change: RiskChangeReport,
+    /// The compiled table before the risk change (not serialized).
+    #[serde(skip)]
+    pub compiled: crate::Compiled,
+    /// What the risk change changes in the kernel table (not serialized).
+    #[serde(skip)]
+    pub risk_delta: crate::RowDelta,
+}
+
+/// One `enforcer risk set`, PDP side: `Bundle::set_risk` + `Compiled::recompile_subject`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RiskChangeReport {
+    pub workload: String,
+    pub from: String,
+    pub to: String,
+    pub set_risk_ms: f64,
+    pub recompile_ms: f64,
+    /// `set_risk_ms + recompile_ms`: the PDP part of the 50 ms budget.
+    pub total_ms: f64,
+    /// Cloning the compiled table (what the agent's `Arc::make_mut` costs while the table
+    /// is published elsewhere).
+    pub compiled_clone_ms: f64,
+    pub cells: usize,
+    pub cedar_decisions: usize,
+    pub added: usize,
+    pub removed: usize,
+    /// The snapshot after the change (`sha256:...+risk(1):...`).
+    pub snapshot: String,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Write the issue-3 scenario (1,000 identities, 100 local, 2 ports each, 50 policies) into
+/// `dir`, then load, compile and change one subject's risk, timing each step.
+///
+/// Panics if the generated bundle does not load or compile (a bug, not a measurement).
+pub fn bench_report(dir: &Path) -> BenchReport {
+    bench_report_sized(dir, 1000, 100, 2, 50)
+}
+
+/// [`bench_report`] for another scenario size (`local` >= 2).
+#[allow(clippy::expect_used, clippy::panic)]
+pub fn bench_report_sized(
+    dir: &Path,
+    identities: usize,
+    local: usize,
+    ports: usize,
+    policies: usize,
+) -> BenchReport {
+    use std::time::Instant;
+    synthetic_bundle(dir, identities, local, ports, policies).expect("writing the bundle");
+    let t = Instant::now();
+    let mut bundle =
+        crate::Bundle::load(dir).unwrap_or_else(|d| panic!("synthetic bundle invalid:\n{d}"));
+    let load = t.elapsed();
+    let t = Instant::now();
+    let compiled = bundle.compile().expect("compiling the synthetic bundle");
+    let compile = t.elapsed();
+    let stats = compiled.stats();
+
+    // The oracle's rate: whole policy set, one request per cell, no grouping.
+    let subjects: Vec<String> = bundle
+        .identities()
+        .iter()
+        .filter(|i| i.is_subject())
+        .map(|i| i.name.clone())
+        .collect();
+    let dests: Vec<(String, u16, crate::Protocol)> = bundle
+        .identities()
+        .iter()
+        .filter(|i| i.is_destination())
+        .map(|i| match i.ports.first() {
+            Some(p) => (i.name.clone(), p.port, p.protocol),
+            None => (i.name.clone(), 0, crate::Protocol::Tcp),
+        })
+        .collect();
+    let samples = 2000.min(subjects.len() * dests.len());
+    let t = Instant::now();
+    for k in 0..samples {
+        let (d, port, protocol) = &dests[k % dests.len()];
+        let s = &subjects[(k / dests.len()) % subjects.len()];
+        bundle
+            .decide(s, d, *port, *protocol)
+            .expect("the oracle answers");
+    }
+    let oracle = t.elapsed();
+
+    // One risk change: w1 (a local workload in ring prod, risk 0.5) goes above every risk
+    // threshold of the scenario, so its row changes.
+    let workload = "w1";
+    let from = bundle
+        .identities()
+        .by_name(workload)
+        .map(|i| i.risk.clone())
+        .unwrap_or_default();
+    let to = "0.95";
+    let t = Instant::now();
+    let mut changed = compiled.clone();
+    let clone = t.elapsed();
+    let t = Instant::now();
+    bundle.set_risk(workload, to).expect("a valid score");
+    let set_risk = t.elapsed();
+    let t = Instant::now();
+    let risk_delta = changed
+        .recompile_subject(&bundle, workload)
+        .expect("re-evaluating the row");
+    let recompile = t.elapsed();
+
+    BenchReport {
+        identities,
+        local,
+        ports,
+        policies,
+        load_ms: ms(load),
+        compile_ms: ms(compile),
+        load_and_compile_ms: ms(load + compile),
+        cells: stats.cells,
+        cell_groups: stats.cell_groups,
+        cedar_decisions: stats.cedar_decisions,
+        cedar_decisions_per_sec: stats.cedar_decisions as f64 / compile.as_secs_f64(),
+        cells_per_sec: stats.cells as f64 / compile.as_secs_f64(),
+        oracle_decisions_per_sec: samples as f64 / oracle.as_secs_f64(),
+        allows: stats.allows,
+        risk_change: RiskChangeReport {
+            workload: workload.into(),
+            from,
+            to: to.into(),
+            set_risk_ms: ms(set_risk),
+            recompile_ms: ms(recompile),
+            total_ms: ms(set_risk + recompile),
+            compiled_clone_ms: ms(clone),
+            cells: risk_delta.cells,
+            cedar_decisions: risk_delta.cedar_decisions,
+            added: risk_delta.added.len(),
+            removed: risk_delta.removed.len(),
+            snapshot: changed.revision().to_string(),
+        },
+        compiled,
+        risk_delta,
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.risk_change;
+        writeln!(
+            f,
+            "PDP: {} identities ({} local), {} ports each, {} policies",
+            self.identities, self.local, self.ports, self.policies
+        )?;
+        writeln!(
+            f,
+            "  load + compile   {:8.1} ms  (load {:.1} ms, compile {:.1} ms)",
+            self.load_and_compile_ms, self.load_ms, self.compile_ms
+        )?;
+        writeln!(
+            f,
+            "  cells            {:8}     ({} groups, {:.0} cells/s)",
+            self.cells, self.cell_groups, self.cells_per_sec
+        )?;
+        writeln!(
+            f,
+            "  Cedar decisions  {:8}     ({:.0}/s in the compile; oracle, ungrouped: {:.0}/s)",
+            self.cedar_decisions, self.cedar_decisions_per_sec, self.oracle_decisions_per_sec
+        )?;
+        writeln!(f, "  allows           {:8}", self.allows)?;
+        write!(
+            f,
+            "  risk change      {:8.2} ms  ({} {} -> {}: set_risk {:.2} ms, recompile {:.2} ms of {} cells, {} Cedar decisions; +{} -{} entries; table clone {:.2} ms)",
+            r.total_ms,
+            r.workload,
+            r.from,
+            r.to,
+            r.set_risk_ms,
+            r.recompile_ms,
+            r.cells,
+            r.cedar_decisions,
+            r.added,
+            r.removed,
+            r.compiled_clone_ms
+        )
+    }
 }

@@ -1,21 +1,23 @@
 //! `enforcer run`: the node agent. Startup reads as validate -> compile -> load -> write
 //! policy -> attach -> stream events; then it keeps the kernel in step with the policy
-//! directory and the cgroup tree until it is told to stop. Stopping leaves the pins, so the
-//! kernel keeps enforcing the last policy while no agent runs.
+//! directory, the cgroup tree, risk changes and quarantines until it is told to stop.
+//! Stopping leaves the pins, so the kernel keeps enforcing the last policy while no agent runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
+use enforcer_common::{flags, verdict};
 use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
+use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state, resolve_cgroups, Overrides, Unresolved};
 use crate::events::{decode, record, Sink};
@@ -46,6 +48,10 @@ pub struct AgentState {
     pub cgroup_root: PathBuf,
     pub pin_dir: PathBuf,
     pub unresolved_cgroups: Vec<String>,
+    #[serde(default)]
+    pub risk_overrides: BTreeMap<String, String>,
+    #[serde(default)]
+    pub quarantined: Vec<String>,
 }
 
 /// Lines for the SOC that are not denied calls.
@@ -71,6 +77,28 @@ enum Notice {
         errors: Vec<String>,
         snapshot_in_force: String,
     },
+    #[serde(rename = "subject.quarantined")]
+    Quarantined {
+        time: String,
+        workload: String,
+        identity: u32,
+        cause: String,
+    },
+    #[serde(rename = "subject.released")]
+    Released {
+        time: String,
+        workload: String,
+        identity: u32,
+    },
+    #[serde(rename = "risk.changed")]
+    RiskChanged {
+        time: String,
+        workload: String,
+        score: String,
+        added: usize,
+        removed: usize,
+        elapsed_ms: f64,
+    },
 }
 
 fn now() -> String {
@@ -82,7 +110,6 @@ pub struct Prepared {
     pub cgroup_mount: PathBuf,
     pub cgroup_root: PathBuf,
     pub bundle: Bundle,
-    pub compiled: Compiled,
 }
 
 pub fn prepare(options: &RunOptions) -> Result<Prepared> {
@@ -103,89 +130,106 @@ pub fn prepare(options: &RunOptions) -> Result<Prepared> {
             options.cgroup_root
         );
     }
-    let bundle = Bundle::load(&options.policies).map_err(|diagnostics| {
-        anyhow::anyhow!(
-            "the policy bundle {} is invalid:\n{diagnostics}",
-            options.policies.display()
-        )
-    })?;
-    let compiled = bundle
-        .compile()
-        .with_context(|| format!("compiling {}", options.policies.display()))?;
+    let bundle = load_bundle(&options.policies)?;
     Ok(Prepared {
         cgroup_mount,
         cgroup_root,
         bundle,
-        compiled,
     })
+}
+
+fn load_bundle(dir: &Path) -> Result<Bundle> {
+    Bundle::load(dir).map_err(|diagnostics| {
+        anyhow::anyhow!(
+            "the policy bundle {} is invalid:\n{diagnostics}",
+            dir.display()
+        )
+    })
+}
+
+/// The agent's state between events: the policy in force and the kernel it is written to.
+struct Agent {
+    options: RunOptions,
+    cgroup_mount: PathBuf,
+    cgroup_root: PathBuf,
+    datapath: Datapath,
+    bundle: Bundle,
+    compiled: Arc<Compiled>,
+    /// The kernel's cgroup map as last written.
+    cgroups: BTreeMap<u64, u32>,
+    unresolved: Unresolved,
+    quarantined: BTreeSet<u32>,
+    risk_overrides: BTreeMap<String, String>,
+    fingerprint: Fingerprint,
+    notices: mpsc::UnboundedSender<Notice>,
+    published: watch::Sender<Arc<Compiled>>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     let Prepared {
         cgroup_mount,
         cgroup_root,
-        bundle,
-        compiled,
+        mut bundle,
     } = prepare(&options)?;
+    let risk_overrides = read_state(&options.state_dir)
+        .map(|s| s.risk_overrides)
+        .unwrap_or_default();
+    for (workload, score) in &risk_overrides {
+        if let Err(error) = bundle.set_risk(workload, score) {
+            tracing::warn!(%workload, "dropping a stored risk override: {error}");
+        }
+    }
+    let compiled = bundle
+        .compile()
+        .with_context(|| format!("compiling {}", options.policies.display()))?;
     let sink = Sink::open(&options.events)?;
-
-    let mut datapath = Datapath::load(&LoadOptions {
+    let datapath = Datapath::load(&LoadOptions {
         pin_root: &options.pin_root,
         ring_buffer_bytes: options.ring_buffer_bytes,
     })?;
-    let quarantined = BTreeSet::new();
-    let overrides = Overrides {
-        audit: options.audit,
-        quarantined: &quarantined,
-    };
-    let (desired, mut unresolved) = desired_state(&compiled, &cgroup_mount, &overrides);
-    report_unresolved(&Unresolved::default(), &unresolved);
-    let applied = datapath
-        .tables
-        .apply(&desired)
-        .context("writing the first policy into the kernel")?;
-    let attach = datapath.attach(&cgroup_root)?;
-    for hook in &attach.hooks {
-        tracing::info!(program = hook.program, adopted = hook.adopted, cgroup = %cgroup_root.display(), "hook in place");
-    }
-    tracing::info!(
-        revision = bundle.revision(),
-        allows = desired.allows.len(),
-        written = applied.written,
-        removed = applied.removed,
-        elapsed_ms = applied.elapsed.as_secs_f64() * 1e3,
-        "policy applied"
-    );
+    // A quarantine outlives the agent: it is read back from the pinned identity flags.
+    let quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
 
     let compiled = Arc::new(compiled);
-    let (compiled_tx, compiled_rx) = watch::channel(compiled.clone());
-    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
-    notice_tx
-        .send(Notice::PolicyApplied {
-            time: now(),
-            snapshot: compiled.revision().to_string(),
-            allows: desired.allows.len(),
-        })
-        .ok();
-    let ring = datapath.take_events()?;
+    let (published, compiled_rx) = watch::channel(compiled.clone());
+    let (notices, notice_rx) = mpsc::unbounded_channel();
+    let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        fingerprint: fingerprint(&options.policies),
+        options,
+        cgroup_mount,
+        cgroup_root,
+        datapath,
+        bundle,
+        compiled,
+        cgroups: BTreeMap::new(),
+        unresolved: Unresolved::default(),
+        quarantined,
+        risk_overrides,
+        notices,
+        published,
+    };
+    agent
+        .apply_full()
+        .context("writing the first policy into the kernel")?;
+    let attach = agent.datapath.attach(&agent.cgroup_root)?;
+    for hook in &attach.hooks {
+        tracing::info!(program = hook.program, adopted = hook.adopted, cgroup = %agent.cgroup_root.display(), "hook in place");
+    }
+
+    let ring = agent.datapath.take_events()?;
     let events = tokio::spawn(stream_events(
         ring,
-        datapath.dir().to_path_buf(),
+        agent.datapath.dir().to_path_buf(),
         compiled_rx,
         notice_rx,
+        quarantine_tx,
         sink,
     ));
-
-    let state_file = options.state_dir.join("state.json");
-    write_state(
-        &state_file,
-        &options,
-        &cgroup_root,
-        datapath.dir(),
-        compiled.revision(),
-        &unresolved,
-    )?;
-    if let Some(ready) = &options.ready_file {
+    let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
+    let control = control::listen(&agent.options.state_dir, control_tx)?;
+    agent.write_state()?;
+    if let Some(ready) = &agent.options.ready_file {
         std::fs::write(ready, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", ready.display()))?;
     }
@@ -194,120 +238,286 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let mut ticker = tokio::time::interval(RESYNC_EVERY);
-    let mut fingerprint = bundle_fingerprint(&options.policies);
-    let mut current = compiled;
-    let mut cgroups = desired.cgroups;
-
     loop {
-        let forced = tokio::select! {
+        tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => true,
-            _ = ticker.tick() => false,
-        };
+            _ = hangup.recv() => agent.reload("SIGHUP"),
+            _ = ticker.tick() => agent.tick(),
+            Some((request, reply)) = control_rx.recv() => {
+                let response = agent.handle(request);
+                let _ = reply.send(response);
+            }
+            Some((subject, cause)) = quarantine_rx.recv() => agent.quarantine(subject, cause),
+        }
         if events.is_finished() {
-            bail!("the event stream stopped; see the error above");
-        }
-
-        let latest = bundle_fingerprint(&options.policies);
-        if forced || latest != fingerprint {
-            fingerprint = latest;
-            match reload(&options, &cgroup_mount, &overrides) {
-                Ok((compiled, desired, fresh_unresolved)) => {
-                    let started = Instant::now();
-                    match datapath.tables.apply(&desired) {
-                        Ok(report) => {
-                            tracing::info!(
-                                revision = compiled.revision(),
-                                written = report.written,
-                                removed = report.removed,
-                                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                                "policy applied"
-                            );
-                            notice_tx
-                                .send(Notice::PolicyApplied {
-                                    time: now(),
-                                    snapshot: compiled.revision().to_string(),
-                                    allows: desired.allows.len(),
-                                })
-                                .ok();
-                            report_unresolved(&unresolved, &fresh_unresolved);
-                            unresolved = fresh_unresolved;
-                            cgroups = desired.cgroups;
-                            current = Arc::new(compiled);
-                            compiled_tx.send_replace(current.clone());
-                            write_state(
-                                &state_file,
-                                &options,
-                                &cgroup_root,
-                                datapath.dir(),
-                                current.revision(),
-                                &unresolved,
-                            )?;
-                        }
-                        Err(error) => tracing::error!("applying the new policy failed: {error:#}"),
-                    }
-                }
-                Err(error) => {
-                    let errors: Vec<String> =
-                        format!("{error:#}").lines().map(str::to_string).collect();
-                    tracing::error!(
-                        revision_in_force = current.revision(),
-                        "policy rejected, the last good one stays in force:\n{error:#}"
-                    );
-                    notice_tx
-                        .send(Notice::PolicyRejected {
-                            time: now(),
-                            policies: options.policies.display().to_string(),
-                            errors,
-                            snapshot_in_force: current.revision().to_string(),
-                        })
-                        .ok();
-                }
-            }
-            continue;
-        }
-
-        // Pods come and go: re-resolve cgroup paths, write only what changed.
-        let mut fresh_unresolved = Unresolved::default();
-        let fresh = resolve_cgroups(&current, &cgroup_mount, &mut fresh_unresolved);
-        if fresh != cgroups {
-            match datapath.tables.sync_cgroups(&fresh) {
-                Ok(()) => {
-                    tracing::info!(cgroups = fresh.len(), "cgroup map updated");
-                    cgroups = fresh;
-                }
-                Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
-            }
-        }
-        if fresh_unresolved != unresolved {
-            report_unresolved(&unresolved, &fresh_unresolved);
-            unresolved = fresh_unresolved;
-            write_state(
-                &state_file,
-                &options,
-                &cgroup_root,
-                datapath.dir(),
-                current.revision(),
-                &unresolved,
-            )?;
+            bail!("the event stream stopped: {:?}", events.await);
         }
     }
     tracing::info!("stopping; the pinned programs keep enforcing the last policy");
     events.abort();
+    control.abort();
+    let _ = std::fs::remove_file(control::socket_path(&agent.options.state_dir));
     Ok(())
 }
 
-fn reload(
-    options: &RunOptions,
-    cgroup_mount: &Path,
-    overrides: &Overrides,
-) -> Result<(Compiled, datapath::DesiredState, Unresolved)> {
-    let bundle =
-        Bundle::load(&options.policies).map_err(|diagnostics| anyhow::anyhow!("{diagnostics}"))?;
-    let compiled = bundle.compile()?;
-    let (desired, unresolved) = desired_state(&compiled, cgroup_mount, overrides);
-    Ok((compiled, desired, unresolved))
+impl Agent {
+    /// Writes the whole compiled policy (identities, IP cache, cgroups, table swap).
+    fn apply_full(&mut self) -> Result<()> {
+        let overrides = Overrides {
+            audit: self.options.audit,
+            quarantined: &self.quarantined,
+        };
+        let (desired, unresolved) = desired_state(&self.compiled, &self.cgroup_mount, &overrides);
+        let report = self.datapath.tables.apply(&desired)?;
+        report_unresolved(&self.unresolved, &unresolved);
+        self.unresolved = unresolved;
+        self.cgroups = desired.cgroups;
+        tracing::info!(
+            revision = self.compiled.revision(),
+            allows = desired.allows.len(),
+            written = report.written,
+            removed = report.removed,
+            elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
+            "policy applied"
+        );
+        let _ = self.notices.send(Notice::PolicyApplied {
+            time: now(),
+            snapshot: self.compiled.revision().to_string(),
+            allows: desired.allows.len(),
+        });
+        self.published.send_replace(self.compiled.clone());
+        Ok(())
+    }
+
+    fn tick(&mut self) {
+        let latest = fingerprint(&self.options.policies);
+        if latest != self.fingerprint {
+            self.reload("policy directory changed");
+            return;
+        }
+        // Pods come and go: re-resolve cgroup paths, write only what changed.
+        let mut unresolved = Unresolved::default();
+        let fresh = resolve_cgroups(&self.compiled, &self.cgroup_mount, &mut unresolved);
+        if fresh != self.cgroups {
+            match self.datapath.tables.sync_cgroups(&fresh) {
+                Ok(()) => {
+                    tracing::info!(cgroups = fresh.len(), "cgroup map updated");
+                    self.cgroups = fresh;
+                }
+                Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
+            }
+        }
+        if unresolved != self.unresolved {
+            report_unresolved(&self.unresolved, &unresolved);
+            self.unresolved = unresolved;
+            self.save_state();
+        }
+    }
+
+    /// Validate -> compile -> swap; any failure keeps the policy in force and says so.
+    fn reload(&mut self, why: &str) {
+        self.fingerprint = fingerprint(&self.options.policies);
+        tracing::info!(why, "reloading policy");
+        let candidate = load_bundle(&self.options.policies).and_then(|mut bundle| {
+            for (workload, score) in &self.risk_overrides {
+                if bundle.set_risk(workload, score).is_err() {
+                    tracing::warn!(%workload, "risk override no longer applies (workload gone?)");
+                }
+            }
+            let compiled = bundle.compile().context("compiling")?;
+            Ok((bundle, compiled))
+        });
+        let (bundle, compiled) = match candidate {
+            Ok(ok) => ok,
+            Err(error) => return self.reject(error),
+        };
+        let previous = std::mem::replace(&mut self.compiled, Arc::new(compiled));
+        if let Err(error) = self.apply_full() {
+            // The swap is the last step of apply; a failure before it leaves the old table active.
+            self.compiled = previous;
+            return self.reject(error.context("writing the policy into the kernel"));
+        }
+        self.bundle = bundle;
+        self.save_state();
+    }
+
+    fn reject(&mut self, error: anyhow::Error) {
+        let errors: Vec<String> = format!("{error:#}").lines().map(str::to_string).collect();
+        tracing::error!(
+            revision_in_force = self.compiled.revision(),
+            "policy rejected; the last good one stays in force:\n{error:#}"
+        );
+        let _ = self.notices.send(Notice::PolicyRejected {
+            time: now(),
+            policies: self.options.policies.display().to_string(),
+            errors,
+            snapshot_in_force: self.compiled.revision().to_string(),
+        });
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::RiskSet { workload, score } => self.set_risk(&workload, &score),
+            Request::QuarantineAdd { workload } => {
+                match self.compiled.identity_by_name(&workload) {
+                    Some(identity) => {
+                        self.quarantine(identity.id, "manual".to_string());
+                        Response::ok(format!("{workload} quarantined"))
+                    }
+                    None => Response::error(format!(
+                        "no workload named {workload:?} in the policy in force"
+                    )),
+                }
+            }
+            Request::QuarantineRelease { workload } => self.release(&workload),
+            Request::QuarantineList => {
+                let mut response = Response::ok(format!("{} quarantined", self.quarantined.len()));
+                response.items = self
+                    .quarantined
+                    .iter()
+                    .map(|id| self.name_of(*id))
+                    .collect();
+                response
+            }
+        }
+    }
+
+    /// Re-evaluates only this subject's row and writes the difference.
+    fn set_risk(&mut self, workload: &str, score: &str) -> Response {
+        let started = Instant::now();
+        if let Err(error) = self.bundle.set_risk(workload, score) {
+            return Response::error(format!("{error}"));
+        }
+        let compiled = Arc::make_mut(&mut self.compiled);
+        let delta = match compiled.recompile_subject(&self.bundle, workload) {
+            Ok(delta) => delta,
+            Err(error) => return Response::error(format!("re-evaluating {workload}: {error}")),
+        };
+        if let Err(error) = self.datapath.tables.apply_row(&delta.added, &delta.removed) {
+            return Response::error(format!("writing {workload}'s row: {error:#}"));
+        }
+        let elapsed = started.elapsed();
+        self.published.send_replace(self.compiled.clone());
+        self.risk_overrides
+            .insert(workload.to_string(), score.to_string());
+        self.save_state();
+        tracing::info!(
+            workload,
+            score,
+            added = delta.added.len(),
+            removed = delta.removed.len(),
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "risk changed"
+        );
+        let _ = self.notices.send(Notice::RiskChanged {
+            time: now(),
+            workload: workload.to_string(),
+            score: score.to_string(),
+            added: delta.added.len(),
+            removed: delta.removed.len(),
+            elapsed_ms: elapsed.as_secs_f64() * 1e3,
+        });
+        Response::ok(format!(
+            "{workload}: risk {score}; {} cells now allowed, {} now denied ({:.1} ms)",
+            delta.added.len(),
+            delta.removed.len(),
+            elapsed.as_secs_f64() * 1e3
+        ))
+    }
+
+    fn quarantine(&mut self, subject: u32, cause: String) {
+        if !self.quarantined.insert(subject) {
+            return;
+        }
+        match self
+            .datapath
+            .tables
+            .update_flags(subject, flags::QUARANTINED, 0)
+        {
+            Ok(()) => {
+                let workload = self.name_of(subject);
+                tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
+                let _ = self.notices.send(Notice::Quarantined {
+                    time: now(),
+                    workload,
+                    identity: subject,
+                    cause,
+                });
+                self.save_state();
+            }
+            Err(error) => {
+                self.quarantined.remove(&subject);
+                tracing::error!("quarantining identity {subject} failed: {error:#}");
+            }
+        }
+    }
+
+    fn release(&mut self, workload: &str) -> Response {
+        let Some(id) = self.compiled.identity_by_name(workload).map(|i| i.id) else {
+            return Response::error(format!(
+                "no workload named {workload:?} in the policy in force"
+            ));
+        };
+        if !self.quarantined.remove(&id) {
+            return Response::error(format!("{workload} is not quarantined"));
+        }
+        if let Err(error) = self.datapath.tables.update_flags(id, 0, flags::QUARANTINED) {
+            self.quarantined.insert(id);
+            return Response::error(format!("releasing {workload}: {error:#}"));
+        }
+        let _ = self.notices.send(Notice::Released {
+            time: now(),
+            workload: workload.to_string(),
+            identity: id,
+        });
+        self.save_state();
+        Response::ok(format!("{workload} released"))
+    }
+
+    fn name_of(&self, identity: u32) -> String {
+        self.compiled
+            .identity(identity)
+            .map(|i| i.name.clone())
+            .unwrap_or_else(|| format!("identity {identity}"))
+    }
+
+    fn save_state(&self) {
+        if let Err(error) = self.write_state() {
+            tracing::error!("writing the state file: {error:#}");
+        }
+    }
+
+    fn write_state(&self) -> Result<()> {
+        let state = AgentState {
+            pid: std::process::id(),
+            policies: self.options.policies.clone(),
+            revision: self.compiled.revision().to_string(),
+            applied_at: now(),
+            cgroup_root: self.cgroup_root.clone(),
+            pin_dir: self.datapath.dir().to_path_buf(),
+            unresolved_cgroups: self.unresolved.0.iter().cloned().collect(),
+            risk_overrides: self.risk_overrides.clone(),
+            quarantined: self
+                .quarantined
+                .iter()
+                .map(|id| self.name_of(*id))
+                .collect(),
+        };
+        let file = self.options.state_dir.join("state.json");
+        std::fs::create_dir_all(&self.options.state_dir)
+            .with_context(|| format!("creating {}", self.options.state_dir.display()))?;
+        let tmp = file.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+        Ok(())
+    }
+}
+
+pub fn read_state(state_dir: &Path) -> Option<AgentState> {
+    let text = std::fs::read_to_string(state_dir.join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 fn report_unresolved(before: &Unresolved, after: &Unresolved) {
@@ -319,8 +529,10 @@ fn report_unresolved(before: &Unresolved, after: &Unresolved) {
     }
 }
 
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
 /// Cheap change detection for the policy directory: names, sizes and modification times.
-fn bundle_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+fn fingerprint(dir: &Path) -> Fingerprint {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -335,41 +547,15 @@ fn bundle_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     entries
 }
 
-fn write_state(
-    file: &Path,
-    options: &RunOptions,
-    cgroup_root: &Path,
-    pin_dir: &Path,
-    revision: &str,
-    unresolved: &Unresolved,
-) -> Result<()> {
-    let state = AgentState {
-        pid: std::process::id(),
-        policies: options.policies.clone(),
-        revision: revision.to_string(),
-        applied_at: now(),
-        cgroup_root: cgroup_root.to_path_buf(),
-        pin_dir: pin_dir.to_path_buf(),
-        unresolved_cgroups: unresolved.0.iter().cloned().collect(),
-    };
-    if let Some(parent) = file.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
-    Ok(())
-}
-
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
-/// record with the policy in force, and reports losses the kernel counted.
+/// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
+/// and reports losses the kernel counted.
 async fn stream_events(
     ring: RingBuf<MapData>,
     pin_dir: PathBuf,
     compiled: watch::Receiver<Arc<Compiled>>,
     mut notices: mpsc::UnboundedReceiver<Notice>,
+    quarantine: mpsc::UnboundedSender<(u32, String)>,
     mut sink: Sink,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
@@ -398,10 +584,20 @@ async fn stream_events(
                 // Edge-triggered: drain everything, then clear readiness.
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    match decode::decode(&item) {
-                        Ok(event) => sink.write(&record::enrich(&event, &policy))?,
-                        Err(error) => tracing::error!(%error, "undecodable ring buffer record"),
+                    let event = match decode::decode(&item) {
+                        Ok(event) => event,
+                        Err(error) => {
+                            tracing::error!(%error, "undecodable ring buffer record");
+                            continue;
+                        }
+                    };
+                    let call = record::enrich(&event, &policy);
+                    if event.verdict == verdict::DENY
+                        && policy.quarantine_on_deny(event.subject, event.destination, event.dport, event.protocol)
+                    {
+                        let _ = quarantine.send((event.subject, call.policy.id.clone()));
                     }
+                    sink.write(&call)?;
                 }
                 guard.clear_ready();
             }

@@ -17,9 +17,18 @@ pub fn run(
     port: u16,
     protocol: Protocol,
     pin_root: &Path,
+    state_dir: &Path,
 ) -> Result<ExitCode> {
-    let bundle = Bundle::load(dir)
+    let mut bundle = Bundle::load(dir)
         .map_err(|d| anyhow::anyhow!("the policy bundle {} is invalid:\n{d}", dir.display()))?;
+    // Explain what the running agent enforces: its run-time risk overrides included.
+    if let Some(state) = crate::agent::read_state(state_dir) {
+        for (workload, score) in &state.risk_overrides {
+            bundle
+                .set_risk(workload, score)
+                .with_context(|| format!("applying the agent's risk override for {workload}"))?;
+        }
+    }
     let explanation = bundle
         .explain(from, to, port, protocol)
         .context("explaining")?;

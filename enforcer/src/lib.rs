@@ -5,9 +5,11 @@
 //! state ([`desired`]) -> maps ([`datapath`]); kernel -> ring buffer -> [`events`] -> sink.
 
 pub mod agent;
+pub mod control;
 pub mod datapath;
 pub mod desired;
 pub mod events;
 pub mod explain;
 pub mod fs;
+pub mod pdp;
 pub mod status;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use enforcer::agent::{self, RunOptions};
+use enforcer::control::{self, Request};
 use enforcer::status;
 use enforcer_policy::{Bundle, Protocol};
 
@@ -61,6 +62,16 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Change a workload's risk score on the running agent (re-evaluates only its row).
+    Risk {
+        #[command(subcommand)]
+        command: RiskCommand,
+    },
+    /// Inspect or lift quarantines on the running agent.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
     /// Uninstall: remove the pinned links (detaching the programs) and maps.
     Detach {
         #[command(flatten)]
@@ -84,6 +95,38 @@ impl PinArgs {
             .clone()
             .unwrap_or_else(|| status::default_state_dir(&self.pin_root))
     }
+}
+
+#[derive(Subcommand)]
+enum RiskCommand {
+    /// `enforcer risk set WORKLOAD SCORE`, SCORE a decimal such as 0.85.
+    Set {
+        workload: String,
+        score: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// Lift the quarantine of a workload.
+    Release {
+        workload: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Quarantine a workload by hand.
+    Add {
+        workload: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// List quarantined workloads.
+    List {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,7 +243,32 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     protocol,
                     pins,
                 },
-        } => enforcer::explain::run(&dir, &from, &to, port, protocol, &pins.pin_root),
+        } => enforcer::explain::run(
+            &dir,
+            &from,
+            &to,
+            port,
+            protocol,
+            &pins.pin_root,
+            &pins.state_dir(),
+        ),
+        Command::Risk {
+            command:
+                RiskCommand::Set {
+                    workload,
+                    score,
+                    pins,
+                },
+        } => control_call(&pins, Request::RiskSet { workload, score }),
+        Command::Quarantine { command } => match command {
+            QuarantineCommand::Release { workload, pins } => {
+                control_call(&pins, Request::QuarantineRelease { workload })
+            }
+            QuarantineCommand::Add { workload, pins } => {
+                control_call(&pins, Request::QuarantineAdd { workload })
+            }
+            QuarantineCommand::List { pins } => control_call(&pins, Request::QuarantineList),
+        },
         Command::Detach { pins } => {
             enforcer::datapath::detach(&pins.pin_root)?;
             let _ = std::fs::remove_dir_all(pins.state_dir());
@@ -210,5 +278,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn control_call(pins: &PinArgs, request: Request) -> Result<ExitCode> {
+    let response = control::call(&pins.state_dir(), &request)?;
+    for item in &response.items {
+        println!("{item}");
+    }
+    if response.ok {
+        println!("{}", response.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: {}", response.message);
+        Ok(ExitCode::FAILURE)
     }
 }

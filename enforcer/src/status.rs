@@ -54,6 +54,8 @@ pub struct AgentView {
     pub policies: PathBuf,
     pub cgroup_root: PathBuf,
     pub unresolved_cgroups: Vec<String>,
+    pub risk_overrides: std::collections::BTreeMap<String, String>,
+    pub quarantined: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,8 +109,7 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
 }
 
 fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
-    let text = std::fs::read_to_string(state_dir.join("state.json")).ok()?;
-    let state: AgentState = serde_json::from_str(&text).ok()?;
+    let state: AgentState = crate::agent::read_state(state_dir)?;
     let age = humantime::parse_rfc3339(&state.applied_at)
         .ok()
         .and_then(|at| SystemTime::now().duration_since(at).ok())
@@ -122,6 +123,8 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         policies: state.policies,
         cgroup_root: state.cgroup_root,
         unresolved_cgroups: state.unresolved_cgroups,
+        risk_overrides: state.risk_overrides,
+        quarantined: state.quarantined,
     })
 }
 
@@ -157,6 +160,12 @@ pub fn render(status: &Status) -> String {
                     .unwrap_or_else(|| "?".into())
             );
             let _ = writeln!(out, "cgroup root:     {}", agent.cgroup_root.display());
+            for (workload, score) in &agent.risk_overrides {
+                let _ = writeln!(out, "risk override:   {workload} = {score}");
+            }
+            for workload in &agent.quarantined {
+                let _ = writeln!(out, "quarantined:     {workload}");
+            }
             for missing in &agent.unresolved_cgroups {
                 let _ = writeln!(out, "missing cgroup:  {missing}");
             }

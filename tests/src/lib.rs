@@ -13,6 +13,7 @@ pub mod agent;
 pub mod bpf;
 pub mod bundle;
 pub mod cgroup;
+pub mod cli;
 pub mod fixtures;
 pub mod netns;
 pub mod probe;

@@ -214,6 +214,52 @@ impl Tables {
         Ok(())
     }
 
+    /// Writes one subject's re-evaluated row into the active table (a risk change). Each
+    /// cell changes on its own; no connect sees a cell half-written.
+    pub fn apply_row(
+        &mut self,
+        added: &[(PolicyKey, PolicyValue)],
+        removed: &[PolicyKey],
+    ) -> Result<()> {
+        let active = (self.config()?.active_policy & 1) as usize;
+        let table = &mut self.policy[active];
+        for (key, value) in added {
+            table
+                .insert(key, value, 0)
+                .map_err(|e| map_full_hint(e, "the policy table"))?;
+        }
+        for key in removed {
+            match table.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("removing a policy entry"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets or clears flag bits of one identity (quarantine), leaving the rest as it is.
+    pub fn update_flags(&mut self, identity: u32, set: u32, clear: u32) -> Result<()> {
+        let mut info = self
+            .identities
+            .get(&identity, 0)
+            .with_context(|| format!("identity {identity} is not in the kernel"))?;
+        info.flags = (info.flags | set) & !clear;
+        self.identities
+            .insert(identity, info, 0)
+            .with_context(|| format!("writing IDENTITIES[{identity}]"))?;
+        Ok(())
+    }
+
+    /// Identities whose kernel entry carries a flag (quarantine survives agent restarts this way).
+    pub fn identities_flagged(&self, flag: u32) -> Result<std::collections::BTreeSet<u32>> {
+        let all: HashMap<u32, IdentityInfo> = collect(self.identities.iter())?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, info)| info.flags & flag != 0)
+            .map(|(id, _)| id)
+            .collect())
+    }
+
     /// Makes the standby table equal to `allows`, then flips the active index to it.
     fn swap_policy(
         &mut self,

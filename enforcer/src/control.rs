@@ -1,0 +1,140 @@
+//! The agent's local control socket: `enforcer risk set` and `enforcer quarantine ...` talk
+//! to the running agent through it. One JSON request line, one JSON response line. The socket
+//! is mode 0600 and the agent also checks the peer's credentials: root only.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Set a workload's risk score (a Cedar decimal) and re-evaluate its row.
+    RiskSet {
+        workload: String,
+        score: String,
+    },
+    /// Lift a quarantine.
+    QuarantineRelease {
+        workload: String,
+    },
+    /// Quarantine a workload by hand.
+    QuarantineAdd {
+        workload: String,
+    },
+    QuarantineList,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<String>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: message.into(),
+            items: Vec::new(),
+        }
+    }
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            message: message.into(),
+            items: Vec::new(),
+        }
+    }
+}
+
+/// A request on its way to the agent's main loop, which owns the policy and the maps.
+pub type Pending = (Request, oneshot::Sender<Response>);
+
+/// Binds the socket and forwards each request to `requests`.
+pub fn listen(
+    state_dir: &Path,
+    requests: mpsc::Sender<Pending>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = socket_path(state_dir);
+    // A socket file left by a killed agent would make bind fail.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                if let Err(error) = serve_one(stream, requests).await {
+                    tracing::warn!("control socket: {error:#}");
+                }
+            });
+        }
+    }))
+}
+
+async fn serve_one(stream: UnixStream, requests: mpsc::Sender<Pending>) -> Result<()> {
+    let peer = stream
+        .peer_cred()
+        .context("reading the peer's credentials")?;
+    let (read, mut write) = stream.into_split();
+    let response = if peer.uid() != 0 {
+        Response::error(format!("permission denied: uid {} is not root", peer.uid()))
+    } else {
+        let mut line = String::new();
+        AsyncBufReader::new(read).read_line(&mut line).await?;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                tracing::info!(?request, pid = ?peer.pid(), "control request");
+                let (reply, answer) = oneshot::channel();
+                requests
+                    .send((request, reply))
+                    .await
+                    .context("the agent is stopping")?;
+                answer.await.context("the agent dropped the request")?
+            }
+            Err(error) => Response::error(format!("malformed request: {error}")),
+        }
+    };
+    let mut line = serde_json::to_vec(&response)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    Ok(())
+}
+
+/// Client side, for the CLI: sends one request to the agent behind `state_dir`.
+pub fn call(state_dir: &Path, request: &Request) -> Result<Response> {
+    let path = socket_path(state_dir);
+    let mut stream = StdUnixStream::connect(&path)
+        .with_context(|| format!("connecting to the agent's control socket {} (is `enforcer run` running with this --pin-path/--state-dir?)", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    if answer.is_empty() {
+        bail!("the agent closed the control socket without an answer");
+    }
+    Ok(serde_json::from_str(&answer).context("malformed answer from the agent")?)
+}

@@ -1,0 +1,352 @@
+//! Bundle directories on disk: read the files a bundle consists of, notice edits, validate,
+//! stage a bundle in a fresh directory and swap it into place atomically.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use anyhow::{bail, Context, Result};
+use enforcer_policy::Bundle;
+
+use super::is_bundle_file;
+
+/// The largest bundle file the PDP serves or a node accepts.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Cheap change detection: (name, size, mtime) of every bundle file, sorted.
+pub type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
+
+pub fn fingerprint(dir: &Path) -> Fingerprint {
+    let mut entries: Fingerprint = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_str()?.to_string();
+            if !is_bundle_file(&name) {
+                return None;
+            }
+            // Follows symlinks (a Kubernetes ConfigMap mount is all symlinks).
+            let meta = std::fs::metadata(entry.path()).ok()?;
+            meta.is_file()
+                .then(|| (name, meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// The bundle files of `dir` (exactly what [`Bundle::load`] reads), by name.
+pub fn read_bundle_files(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !is_bundle_file(&name) {
+            continue;
+        }
+        let path = entry.path();
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            // Removed while we looked: the next look sees the directory as it is then.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            bail!(
+                "{} is {} bytes, more than the {MAX_FILE_BYTES} a bundle file may have",
+                path.display(),
+                meta.len()
+            );
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        files.insert(name, text);
+    }
+    Ok(files)
+}
+
+/// A directory that is removed, with its contents, on drop (unless [`Staged::keep`] was
+/// called).
+#[derive(Debug)]
+pub struct Staged {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Staged {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Leaves the directory in place (it has been renamed into service).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// `<parent>/.<name>.<tag>-<pid>-<n>`: a sibling of `target` (same file system, so rename
+/// works), hidden, unique within and across processes.
+pub fn sibling(target: &Path, tag: &str) -> Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .with_context(|| format!("{} has no file name", target.display()))?
+        .to_string_lossy();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    Ok(parent.join(format!(".{name}.{tag}-{}-{n}", std::process::id())))
+}
+
+/// Writes `files` into a fresh directory `dir` (which must not exist). Every name is checked
+/// with [`is_bundle_file`] first: a bundle cannot write outside its directory.
+pub fn stage(dir: PathBuf, files: &BTreeMap<String, String>) -> Result<Staged> {
+    if let Some(bad) = files.keys().find(|name| !is_bundle_file(name)) {
+        bail!("the bundle names a file {bad:?}, which is not a bundle file (inventory.yaml, schema.cedarschema, *.cedar)");
+    }
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let staged = Staged {
+        path: dir,
+        keep: false,
+    };
+    for (name, text) in files {
+        let path = staged.path.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(staged)
+}
+
+/// Validates the bundle in `dir`; its revision, or the diagnostics as text.
+pub fn validate(dir: &Path) -> std::result::Result<String, String> {
+    Bundle::load(dir)
+        .map(|bundle| bundle.revision().to_string())
+        .map_err(|diagnostics| diagnostics.to_string())
+}
+
+/// Puts the directory `staged` in the place of `target` in one step: `renameat2` with
+/// `RENAME_EXCHANGE` when `target` exists (a reader sees the old directory or the new one,
+/// never an empty or half-written one), a plain rename when it does not. The old contents
+/// are removed afterwards.
+pub fn swap_into(staged: Staged, target: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(target).is_err() {
+        std::fs::rename(staged.path(), target).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                staged.path().display(),
+                target.display()
+            )
+        })?;
+        staged.keep();
+        return Ok(());
+    }
+    exchange(staged.path(), target)?;
+    // `staged.path()` now names the previous contents; dropping `staged` removes them.
+    drop(staged);
+    Ok(())
+}
+
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    let ca = CString::new(a.as_os_str().as_bytes()).context("path with a NUL byte")?;
+    let cb = CString::new(b.as_os_str().as_bytes()).context("path with a NUL byte")?;
+    // SAFETY: renameat2(2) with two valid NUL-terminated paths, relative to the cwd. Called
+    // through syscall(2) because libc's wrapper is missing on some C libraries (musl).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "exchanging {} with {} (renameat2 RENAME_EXCHANGE)",
+                a.display(),
+                b.display()
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename: readers never see half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling(path, "tmp")?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}", path.display())
+    })
+}
+
+/// Removes leftovers of an earlier process that died between staging and swapping:
+/// `.<target name>.stage-*` siblings of `target`.
+pub fn remove_stale_stages(target: &Path) {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.stage-", name.to_string_lossy());
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A temp dir for unit tests, removed on drop.
+    pub struct TestDir(pub PathBuf);
+
+    impl TestDir {
+        pub fn new(tag: &str) -> Self {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("enforcer-pdp-{tag}-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_only_bundle_files() {
+        let dir = TestDir::new("read");
+        for (name, text) in [
+            ("inventory.yaml", "i"),
+            ("a.cedar", "a"),
+            ("README.md", "r"),
+            (".hidden.cedar", "h"),
+            ("schema.cedarschema", "s"),
+        ] {
+            std::fs::write(dir.0.join(name), text).unwrap();
+        }
+        std::fs::create_dir(dir.0.join("sub.cedar")).unwrap();
+        let read = read_bundle_files(&dir.0).unwrap();
+        assert_eq!(
+            read,
+            files(&[
+                ("a.cedar", "a"),
+                ("inventory.yaml", "i"),
+                ("schema.cedarschema", "s")
+            ])
+        );
+        let names: Vec<_> = fingerprint(&dir.0).into_iter().map(|f| f.0).collect();
+        assert_eq!(names, ["a.cedar", "inventory.yaml", "schema.cedarschema"]);
+    }
+
+    #[test]
+    fn stage_refuses_names_outside_the_bundle() {
+        let dir = TestDir::new("stage");
+        for bad in [
+            "../x.cedar",
+            "/etc/passwd",
+            ".x.cedar",
+            "notes.txt",
+            ".cedar",
+        ] {
+            let err = stage(dir.0.join("s"), &files(&[(bad, "x")])).unwrap_err();
+            assert!(
+                err.to_string().contains("not a bundle file"),
+                "{bad}: {err}"
+            );
+            assert!(!dir.0.join("s").exists());
+        }
+    }
+
+    #[test]
+    fn swap_replaces_the_whole_directory_and_cleans_up() {
+        let dir = TestDir::new("swap");
+        let target = dir.0.join("bundle");
+        let first = stage(
+            sibling(&target, "stage").unwrap(),
+            &files(&[("a.cedar", "1"), ("b.cedar", "1")]),
+        )
+        .unwrap();
+        swap_into(first, &target).unwrap();
+        assert_eq!(
+            read_bundle_files(&target).unwrap(),
+            files(&[("a.cedar", "1"), ("b.cedar", "1")])
+        );
+        let second = stage(
+            sibling(&target, "stage").unwrap(),
+            &files(&[("a.cedar", "2")]),
+        )
+        .unwrap();
+        swap_into(second, &target).unwrap();
+        assert_eq!(
+            read_bundle_files(&target).unwrap(),
+            files(&[("a.cedar", "2")])
+        );
+        // Only the target is left: no staging or old directories.
+        let left: Vec<_> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["bundle"]);
+    }
+
+    #[test]
+    fn stale_stages_are_removed() {
+        let dir = TestDir::new("stale");
+        let target = dir.0.join("bundle");
+        let staged = stage(
+            sibling(&target, "stage").unwrap(),
+            &files(&[("a.cedar", "1")]),
+        )
+        .unwrap();
+        let path = staged.path().to_path_buf();
+        staged.keep();
+        assert!(path.exists());
+        remove_stale_stages(&target);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn write_atomic_replaces() {
+        let dir = TestDir::new("atomic");
+        let file = dir.0.join("status.json");
+        write_atomic(&file, b"1").unwrap();
+        write_atomic(&file, b"2").unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"2");
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,516 @@
+//! The PDP server and the sync task together, in process, on loopback.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::files::tests::TestDir;
+use super::files::{read_bundle_files, validate};
+use super::serve::{Pdp, ServeOptions};
+use super::sync::{self, SyncHandle, SyncOptions};
+use super::*;
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn demo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/demo")
+}
+
+/// A copy of the demo bundle in `dir/policies`, and a token file.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    for (name, text) in read_bundle_files(&demo_dir()).unwrap() {
+        std::fs::write(policies.join(name), text).unwrap();
+    }
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    (policies, token)
+}
+
+/// Edits a policy file in a way that keeps the bundle valid but changes its revision.
+fn touch_policy(policies: &Path, tag: &str) {
+    let file = policies.join("baseline.cedar");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str(&format!("\n// edit {tag}\n"));
+    std::fs::write(&file, text).unwrap();
+}
+
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(options: ServeOptions) -> Self {
+        let pdp = Pdp::bind(options).await.unwrap();
+        let addr = pdp.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(pdp.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn options(policies: &Path, token: &Path) -> ServeOptions {
+    ServeOptions {
+        policies: policies.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token_file: Some(token.to_path_buf()),
+        tls_cert: None,
+        tls_key: None,
+        ready_file: None,
+    }
+}
+
+/// A raw HTTP/1.1 exchange: the whole response as text.
+async fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: pdp\r\nConnection: close\r\n{extra}\r\n")
+}
+
+async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+fn unused_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn refuses_plain_http_off_loopback_and_half_a_tls_pair() {
+    let dir = TestDir::new("refuse");
+    let (policies, token) = setup(&dir.0);
+    for listen in ["0.0.0.0:0", "[::]:0", "192.0.2.1:0"] {
+        let error = Pdp::bind(ServeOptions {
+            listen: listen.parse().unwrap(),
+            ..options(&policies, &token)
+        })
+        .await
+        .err()
+        .expect("refused");
+        assert!(
+            format!("{error:#}").contains("plain HTTP"),
+            "{listen}: {error:#}"
+        );
+    }
+    let error = Pdp::bind(ServeOptions {
+        tls_cert: Some(dir.0.join("cert.pem")),
+        ..options(&policies, &token)
+    })
+    .await
+    .err()
+    .expect("refused");
+    assert!(format!("{error:#}").contains("go together"), "{error:#}");
+    let error = Pdp::bind(ServeOptions {
+        token_file: Some(dir.0.join("missing")),
+        ..options(&policies, &token)
+    })
+    .await
+    .err()
+    .expect("refused");
+    assert!(format!("{error:#}").contains("token file"), "{error:#}");
+}
+
+#[tokio::test]
+async fn refuses_to_start_with_an_invalid_bundle() {
+    let dir = TestDir::new("invalid-start");
+    let (policies, token) = setup(&dir.0);
+    std::fs::write(policies.join("broken.cedar"), "permit (").unwrap();
+    let error = Pdp::bind(options(&policies, &token))
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{error:#}").contains("invalid"), "{error:#}");
+}
+
+#[tokio::test]
+async fn token_etag_and_long_poll() {
+    let dir = TestDir::new("serve");
+    let (policies, token) = setup(&dir.0);
+    let revision = validate(&policies).unwrap();
+    let server = Running::start(options(&policies, &token)).await;
+
+    // No token, a wrong one, another scheme: 401 and nothing else, on any path.
+    for extra in [
+        String::new(),
+        "Authorization: Bearer wrong\r\n".to_string(),
+        format!("Authorization: Basic {TOKEN}\r\n"),
+        format!("Authorization: Bearer {TOKEN}x\r\n"),
+    ] {
+        for path in ["/v1/bundle", "/other"] {
+            let response = raw(server.addr, &get(path, &extra)).await;
+            assert!(
+                response.starts_with("HTTP/1.1 401"),
+                "{extra:?} {path}: {response}"
+            );
+            assert!(!response.contains("sha256"), "{response}");
+            assert!(!response.contains("tenants"), "{response}");
+            assert!(!response.to_lowercase().contains("etag"), "{response}");
+        }
+    }
+
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let response = raw(server.addr, &get("/v1/bundle", &auth)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response
+            .to_lowercase()
+            .contains(&format!("etag: \"{revision}\"")),
+        "{response}"
+    );
+    let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+    let wire: WireBundle = serde_json::from_str(body).unwrap();
+    assert_eq!(wire.revision, revision);
+    assert_eq!(wire.files, read_bundle_files(&policies).unwrap());
+
+    assert!(raw(server.addr, &get("/nope", &auth))
+        .await
+        .starts_with("HTTP/1.1 404"));
+    assert!(raw(server.addr, &get("/v1/bundle?wait=x", &auth))
+        .await
+        .starts_with("HTTP/1.1 400"));
+
+    // The current revision, no wait: 304 at once. An old one: 200.
+    let current = format!("{auth}If-None-Match: \"{revision}\"\r\n");
+    let response = raw(server.addr, &get("/v1/bundle", &current)).await;
+    assert!(response.starts_with("HTTP/1.1 304"), "{response}");
+    let old = format!("{auth}If-None-Match: \"sha256:0000000000000000\"\r\n");
+    assert!(raw(server.addr, &get("/v1/bundle?wait=30", &old))
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    // Long poll: nothing changes within the wait -> 304 after it.
+    let started = Instant::now();
+    let response = raw(server.addr, &get("/v1/bundle?wait=1", &current)).await;
+    assert!(response.starts_with("HTTP/1.1 304"), "{response}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // An invalid edit is not published...
+    std::fs::write(policies.join("broken.cedar"), "permit (").unwrap();
+    let response = raw(server.addr, &get("/v1/bundle?wait=2", &current)).await;
+    assert!(
+        response.starts_with("HTTP/1.1 304"),
+        "an invalid bundle was published: {response}"
+    );
+    std::fs::remove_file(policies.join("broken.cedar")).unwrap();
+
+    // ...a valid one ends a held long poll with the new bundle.
+    let addr = server.addr;
+    let request = get("/v1/bundle?wait=30", &current);
+    let poll = tokio::spawn(async move { raw(addr, &request).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    touch_policy(&policies, "1");
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll ends when the bundle changes")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+    let wire: WireBundle = serde_json::from_str(body).unwrap();
+    assert_eq!(wire.revision, validate(&policies).unwrap());
+    assert_ne!(wire.revision, revision);
+
+    server.stop().await;
+}
+
+fn sync_options(url: String, token: &str, ca: Option<PathBuf>, target: PathBuf) -> SyncOptions {
+    SyncOptions {
+        url,
+        token: token.to_string(),
+        ca_cert: ca,
+        target_dir: target,
+    }
+}
+
+#[tokio::test]
+async fn sync_follows_the_pdp_and_keeps_the_last_good_bundle() {
+    let dir = TestDir::new("sync");
+    let (policies, token) = setup(&dir.0);
+    let server = Running::start(options(&policies, &token)).await;
+    let url = format!("http://{}", server.addr);
+    let state = dir.0.join("state");
+    let target = state.join("pdp-bundle");
+
+    let handle = sync::try_spawn(sync_options(url.clone(), TOKEN, None, target.clone())).unwrap();
+    assert!(handle.first_sync(Duration::from_secs(10)).await);
+    assert_eq!(
+        read_bundle_files(&target).unwrap(),
+        read_bundle_files(&policies).unwrap()
+    );
+    let first = validate(&target).unwrap();
+    let status = handle.status();
+    assert_eq!(status.revision.as_deref(), Some(first.as_str()));
+    assert_eq!(status.last_error, None);
+    assert!(status.last_success.is_some());
+    assert!(status.stale_seconds.unwrap() <= 1);
+    let on_disk = read_status(&status_file(&target))
+        .unwrap()
+        .expect("status file");
+    assert_eq!(on_disk.url, url);
+    assert_eq!(on_disk.revision.as_deref(), Some(first.as_str()));
+
+    // An edit on the PDP reaches the node through the held long poll.
+    touch_policy(&policies, "2");
+    let second = validate(&policies).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || validate(&target)
+            .ok()
+            .as_deref()
+            == Some(&second))
+        .await,
+        "the node did not catch up"
+    );
+    assert_eq!(handle.status().revision.as_deref(), Some(second.as_str()));
+
+    // The PDP goes away: the bundle stays, the error is reported.
+    server.stop().await;
+    assert!(
+        wait_for(Duration::from_secs(10), || handle
+            .status()
+            .last_error
+            .is_some())
+        .await,
+        "no error reported: {:?}",
+        handle.status()
+    );
+    assert_eq!(validate(&target).unwrap(), second);
+    let on_disk = read_status(&status_file(&target)).unwrap().unwrap();
+    assert!(on_disk.last_error.is_some());
+    assert!(on_disk.consecutive_failures >= 1);
+    drop(handle);
+
+    // A restart with the PDP unreachable: the persisted bundle is good at once.
+    let dead = format!("http://127.0.0.1:{}", unused_port());
+    let restarted = sync::try_spawn(sync_options(dead, TOKEN, None, target.clone())).unwrap();
+    assert!(restarted.first_sync(Duration::from_secs(5)).await);
+    assert_eq!(
+        restarted.status().revision.as_deref(),
+        Some(second.as_str())
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || restarted
+            .status()
+            .last_error
+            .is_some())
+        .await
+    );
+    assert_eq!(validate(&target).unwrap(), second);
+    drop(restarted);
+
+    // The PDP comes back with a wrong token on the node: 401, reported, bundle kept.
+    touch_policy(&policies, "3");
+    let server = Running::start(options(&policies, &token)).await;
+    let wrong = sync::try_spawn(sync_options(
+        format!("http://{}", server.addr),
+        "not-the-token",
+        None,
+        target.clone(),
+    ))
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || wrong
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("401")))
+        .await,
+        "{:?}",
+        wrong.status()
+    );
+    assert_eq!(validate(&target).unwrap(), second);
+    drop(wrong);
+
+    // With the right token it catches up.
+    let right = sync::try_spawn(sync_options(
+        format!("http://{}", server.addr),
+        TOKEN,
+        None,
+        target.clone(),
+    ))
+    .unwrap();
+    let third = validate(&policies).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || validate(&target)
+            .ok()
+            .as_deref()
+            == Some(&third))
+        .await
+    );
+    drop(right);
+    server.stop().await;
+
+    // Nothing left beside the bundle but the status file.
+    let mut left: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["pdp-bundle", "pdp-status.json"]);
+}
+
+#[tokio::test]
+async fn sync_refuses_a_bundle_that_does_not_validate() {
+    // A hand-made "PDP" that serves an invalid bundle: the node must not install it.
+    let dir = TestDir::new("bad-bundle");
+    let target = dir.0.join("state/pdp-bundle");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = serde_json::to_string(&WireBundle {
+        revision: "sha256:0000000000000000".into(),
+        files: [("policies.cedar".to_string(), "permit (".to_string())].into(),
+    })
+    .unwrap();
+    let server = tokio::spawn(async move {
+        for _ in 0..20 {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
+    });
+    let handle: SyncHandle = sync::try_spawn(sync_options(
+        format!("http://{addr}"),
+        TOKEN,
+        None,
+        target.clone(),
+    ))
+    .unwrap();
+    assert!(!handle.first_sync(Duration::from_secs(2)).await);
+    let status = handle.status();
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("invalid bundle")),
+        "{status:?}"
+    );
+    assert!(!target.exists());
+    drop(handle);
+    server.abort();
+}
+
+#[tokio::test]
+async fn https_with_a_pinned_ca() {
+    let dir = TestDir::new("tls");
+    let (policies, token) = setup(&dir.0);
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert_pem = dir.0.join("cert.pem");
+    let key_pem = dir.0.join("key.pem");
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let other_pem = dir.0.join("other.pem");
+    std::fs::write(&other_pem, other.cert.pem()).unwrap();
+
+    let server = Running::start(ServeOptions {
+        tls_cert: Some(cert_pem.clone()),
+        tls_key: Some(key_pem),
+        ..options(&policies, &token)
+    })
+    .await;
+
+    // Plain HTTP to the TLS port gets no bundle.
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let response = raw(server.addr, &get("/v1/bundle", &auth)).await;
+    assert!(!response.contains("sha256"), "{response}");
+
+    // A node that trusts another certificate refuses the connection.
+    let target = dir.0.join("state/pdp-bundle");
+    let untrusting = sync::try_spawn(sync_options(
+        format!("https://{}", server.addr),
+        TOKEN,
+        Some(other_pem),
+        target.clone(),
+    ))
+    .unwrap();
+    assert!(!untrusting.first_sync(Duration::from_secs(2)).await);
+    assert!(untrusting
+        .status()
+        .last_error
+        .is_some_and(|e| e.contains("TLS")));
+    drop(untrusting);
+
+    for host in ["127.0.0.1".to_string(), "localhost".to_string()] {
+        let target = dir.0.join(format!("state-{host}/pdp-bundle"));
+        let handle = sync::try_spawn(sync_options(
+            format!("https://{host}:{}", server.addr.port()),
+            TOKEN,
+            Some(cert_pem.clone()),
+            target.clone(),
+        ))
+        .unwrap();
+        assert!(
+            handle.first_sync(Duration::from_secs(10)).await,
+            "{host}: {:?}",
+            handle.status()
+        );
+        assert_eq!(validate(&target).unwrap(), validate(&policies).unwrap());
+    }
+    server.stop().await;
+}
+
+#[test]
+fn plain_http_urls_only_to_loopback() {
+    let error = sync::try_spawn(sync_options(
+        "http://192.0.2.1:80".into(),
+        TOKEN,
+        None,
+        PathBuf::from("/nonexistent/x"),
+    ))
+    .err()
+    .expect("refused");
+    assert!(format!("{error:#}").contains("loopback"));
+}

@@ -1,0 +1,450 @@
+//! Audit mode and risk-driven quarantine against the real kernel.
+//!
+//! - `--audit`: would-deny calls succeed and are reported as `connection.audited`.
+//! - `audit: true` on a tenant in the inventory: the same, for that tenant's workloads only.
+//! - `enforcer risk set` raises a workload's risk; a `@quarantine` forbid then denies it and
+//!   quarantines it; every further call is denied as `quarantined`, also across a `kill -9`
+//!   and restart of the agent, until `enforcer quarantine release`.
+//! - a garbage score is refused with a clear message and changes nothing.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use enforcer_tests::cli::{notices, wait_notices, AgentDirs, StateDir};
+use enforcer_tests::fixtures::{
+    event_matches, render_inventory, standard_entities, Entity, World, STANDARD_POLICIES,
+};
+use enforcer_tests::probe::attempt;
+use enforcer_tests::servers::Proto;
+use enforcer_tests::{require_kernel, Agent, Outcome, Probe};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn s<'a>(e: &'a Value, p: &str) -> Option<&'a str> {
+    e.pointer(p).and_then(Value::as_str)
+}
+
+/// An audit event for this (subject, destination, port).
+fn audited(e: &Value, from: &str, to: &str, port: u16) -> bool {
+    s(e, "/verdict") == Some("audit")
+        && s(e, "/subject/workload") == Some(from)
+        && s(e, "/destination/name") == Some(to)
+        && e.pointer("/destination/port").and_then(Value::as_u64) == Some(u64::from(port))
+}
+
+fn expect(probe: &Probe, what: &str, want: Outcome, when: &str) -> Result<()> {
+    let r = probe.run_one(what)?;
+    ensure!(
+        r.outcome == want,
+        "{when}: {what} gave {r:?}, want {want:?}"
+    );
+    Ok(())
+}
+
+fn probe_in(world: &World, name: &str) -> Probe {
+    Probe::new()
+        .in_cgroup(world.cgroup(name))
+        .timeout(Duration::from_secs(10))
+}
+
+#[test]
+fn global_audit_lets_would_denies_through_and_reports_them() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(44)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let mut cfg = state.configure(world.agent_config());
+    cfg.audit = true;
+    let dirs = state.dirs(&cfg);
+    let agent = Agent::start(cfg)?;
+
+    let gw = probe_in(&world, "acme-gateway");
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    expect(&gw, &cross, Outcome::Ok, "--audit, cross-tenant")?;
+    expect(&gw, &same, Outcome::Ok, "--audit, same tenant")?;
+    // The purpose rule (same tenant) is audited too.
+    let ev = probe_in(&world, "initech-evaluator");
+    let write = attempt("tcp", world.entity("initech-features").ip(false), 7001);
+    expect(&ev, &write, Outcome::Ok, "--audit, purpose rule")?;
+
+    agent.wait_for(2, WAIT, |e| {
+        audited(e, "acme-gateway", "globex-vectors", 6333)
+            || audited(e, "initech-evaluator", "initech-features", 7001)
+    })?;
+    let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(5))?;
+    let a = events
+        .iter()
+        .find(|e| audited(e, "acme-gateway", "globex-vectors", 6333))
+        .context("no audit event for the cross-tenant call")?;
+    ensure!(
+        s(a, "/type") == Some("connection.audited"),
+        "audit event type: {a}"
+    );
+    ensure!(
+        s(a, "/reason") == Some("tenant_mismatch"),
+        "audit event reason (what would have been denied): {a}"
+    );
+    ensure!(
+        s(a, "/policy/id") == Some("tenant-isolation"),
+        "audit event names the policy that would have denied: {a}"
+    );
+    ensure!(
+        agent.denies()?.is_empty(),
+        "--audit: no call may be denied: {:?}",
+        agent.denies()?
+    );
+    ensure!(
+        !events
+            .iter()
+            .any(|e| s(e, "/subject/workload") == Some("acme-gateway")
+                && s(e, "/destination/name") == Some("acme-vectors")),
+        "an allowed call was reported: {events:?}"
+    );
+    let status = dirs.status()?;
+    ensure!(
+        status.get("audit").and_then(Value::as_bool) == Some(true),
+        "status.audit under --audit: {status}"
+    );
+    Ok(())
+}
+
+#[test]
+fn tenant_audit_applies_to_that_tenant_only() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(45)?;
+    let inventory = render_inventory(&world.entities, &world.root.relative_str());
+    let tenants_line = "tenants: [acme, globex, initech]\n";
+    ensure!(inventory.starts_with(tenants_line), "fixture: {inventory}");
+    world.bundle.write_file(
+        "inventory.yaml",
+        &inventory.replacen(
+            tenants_line,
+            "tenants: [acme, globex, {name: initech, audit: true}]\n",
+            1,
+        ),
+    )?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let agent = Agent::start(cfg)?;
+
+    // initech's would-denies pass and are audited: cross-tenant and the purpose rule.
+    let trainer = probe_in(&world, "initech-trainer");
+    let to_acme = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    expect(
+        &trainer,
+        &to_acme,
+        Outcome::Ok,
+        "audited tenant, cross-tenant",
+    )?;
+    let evaluator = probe_in(&world, "initech-evaluator");
+    let write = attempt("tcp", world.entity("initech-features").ip(false), 7001);
+    expect(
+        &evaluator,
+        &write,
+        Outcome::Ok,
+        "audited tenant, purpose rule",
+    )?;
+    // The other tenants are still enforced.
+    let gw = probe_in(&world, "acme-gateway");
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    expect(
+        &gw,
+        &cross,
+        Outcome::Eperm,
+        "enforced tenant acme, cross-tenant",
+    )?;
+    let globex = probe_in(&world, "globex-retriever");
+    let g_cross = attempt("tcp", world.entity("acme-gateway").ip(false), 8000);
+    expect(&globex, &g_cross, Outcome::Eperm, "enforced tenant globex")?;
+    let acme_eval = probe_in(&world, "acme-evaluator");
+    let acme_cross = attempt("tcp", world.entity("initech-trainer").ip(false), 8080);
+    expect(
+        &acme_eval,
+        &acme_cross,
+        Outcome::Eperm,
+        "enforced tenant acme -> initech",
+    )?;
+
+    agent.wait_for(5, WAIT, |_| true)?;
+    let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(5))?;
+    for (from, to, port) in [
+        ("initech-trainer", "acme-vectors", 6333),
+        ("initech-evaluator", "initech-features", 7001),
+    ] {
+        let e = events
+            .iter()
+            .find(|e| audited(e, from, to, port))
+            .with_context(|| format!("no audit event for {from} -> {to}:{port}: {events:?}"))?;
+        ensure!(s(e, "/type") == Some("connection.audited"), "{e}");
+    }
+    for (from, to, port) in [
+        ("acme-gateway", "globex-vectors", 6333),
+        ("globex-retriever", "acme-gateway", 8000),
+        ("acme-evaluator", "initech-trainer", 8080),
+    ] {
+        let n = events
+            .iter()
+            .filter(|e| event_matches(e, from, to, port, Proto::Tcp))
+            .count();
+        ensure!(
+            n == 1,
+            "{from} -> {to}:{port}: {n} deny events, want 1: {events:?}"
+        );
+    }
+    let audits = events
+        .iter()
+        .filter(|e| s(e, "/verdict") == Some("audit"))
+        .count();
+    ensure!(
+        audits == 2,
+        "want exactly 2 audit events, got {audits}: {events:?}"
+    );
+    let status = dirs.status()?;
+    ensure!(
+        status.get("audit").and_then(Value::as_bool) != Some(true),
+        "no global audit was asked for: {status}"
+    );
+    Ok(())
+}
+
+/// STANDARD_POLICIES plus the demo's risk rule.
+fn risk_policies() -> String {
+    format!(
+        "{STANDARD_POLICIES}\n\
+         @id(\"high-risk-no-vector-db\")\n\
+         @atlas(\"AML.T0085.000\")\n\
+         @quarantine\n\
+         forbid (principal, action, resource is Endpoint)\n\
+         when {{ principal.risk.greaterThan(decimal(\"0.8\")) && resource.kind == \"vector_db\" }};\n"
+    )
+}
+
+/// The standard population plus acme-tools, a same-tenant TCP destination that is not a
+/// vector DB (a call the quarantine must cut although policy allows it).
+fn risk_entities(net: u8) -> Vec<Entity> {
+    let mut e = standard_entities(net);
+    let mut tools = Entity::workload(net, "acme-tools", "acme", "inference", 1, 3).port(
+        8300,
+        Proto::Tcp,
+        "infer",
+    );
+    tools.local = false;
+    e.push(tools);
+    e
+}
+
+fn quarantine_list(dirs: &AgentDirs) -> Result<String> {
+    let out = dirs.quarantine_list()?;
+    ensure!(out.success(), "quarantine list failed: {out}");
+    Ok(out.stdout)
+}
+
+fn listed(stdout: &str, name: &str) -> bool {
+    stdout.lines().any(|l| l.trim() == name)
+}
+
+fn quarantined_deny(e: &Value, from: &str, to: &str, port: u16) -> bool {
+    event_matches(e, from, to, port, Proto::Tcp) && s(e, "/reason") == Some("quarantined")
+}
+
+#[test]
+fn risk_quarantines_survives_restart_and_release_restores() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::new(46, risk_entities(46), &risk_policies())?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let mut first = Agent::start(cfg.clone())?;
+
+    let gw = probe_in(&world, "acme-gateway");
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let tools = attempt("tcp", world.entity("acme-tools").ip(false), 8300);
+    let other = probe_in(&world, "acme-evaluator");
+    expect(&gw, &vectors, Outcome::Ok, "risk 0")?;
+    expect(&gw, &tools, Outcome::Ok, "risk 0")?;
+
+    // Raise the risk: only acme-gateway's row changes.
+    let out = dirs.risk_set("acme-gateway", "0.9")?;
+    ensure!(out.success(), "risk set acme-gateway 0.9: {out}");
+    let status = dirs.status()?;
+    ensure!(
+        s(&status, "/agent/risk_overrides/acme-gateway").is_some(),
+        "status agent.risk_overrides after risk set: {status}"
+    );
+    expect(
+        &other,
+        &vectors,
+        Outcome::Ok,
+        "another workload after risk set",
+    )?;
+
+    // The high-risk call is denied by the @quarantine policy...
+    expect(&gw, &vectors, Outcome::Eperm, "risk 0.9, vector DB")?;
+    let deny = first.wait_for(1, WAIT, |e| {
+        event_matches(e, "acme-gateway", "acme-vectors", 6333, Proto::Tcp)
+    })?;
+    let deny = deny
+        .iter()
+        .find(|e| event_matches(e, "acme-gateway", "acme-vectors", 6333, Proto::Tcp))
+        .expect("waited for it");
+    ensure!(
+        s(deny, "/policy/id") == Some("high-risk-no-vector-db"),
+        "the vector-DB deny must name high-risk-no-vector-db: {deny}"
+    );
+    // ...which quarantines the subject.
+    let q = wait_notices(&first, "subject.quarantined", 1, WAIT, |e| {
+        s(e, "/workload") == Some("acme-gateway")
+    })?;
+    eprintln!("quarantine event: {}", q[0]);
+    // Every further call is denied, also one that policy allows.
+    expect(
+        &gw,
+        &tools,
+        Outcome::Eperm,
+        "quarantined, same-tenant tools",
+    )?;
+    first.wait_for(1, WAIT, |e| {
+        quarantined_deny(e, "acme-gateway", "acme-tools", 8300)
+    })?;
+    expect(
+        &other,
+        &vectors,
+        Outcome::Ok,
+        "another workload while acme-gateway is quarantined",
+    )?;
+    ensure!(
+        listed(&quarantine_list(&dirs)?, "acme-gateway"),
+        "quarantine list must name acme-gateway"
+    );
+    let status = dirs.status()?;
+    let in_status = status
+        .pointer("/agent/quarantined")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("acme-gateway")));
+    ensure!(
+        in_status,
+        "status agent.quarantined must name acme-gateway: {status}"
+    );
+
+    // kill -9: the kernel keeps the quarantine; a new agent on the same pins and state keeps it.
+    first.kill9()?;
+    expect(&gw, &tools, Outcome::Eperm, "quarantined, no agent")?;
+    let second = Agent::start(cfg)?;
+    expect(&gw, &tools, Outcome::Eperm, "quarantined, after restart")?;
+    second.wait_for(1, WAIT, |e| {
+        quarantined_deny(e, "acme-gateway", "acme-tools", 8300)
+    })?;
+    ensure!(
+        listed(&quarantine_list(&dirs)?, "acme-gateway"),
+        "after restart, quarantine list must still name acme-gateway"
+    );
+
+    // Lower the risk, then release: everything policy allows works again.
+    let out = dirs.risk_set("acme-gateway", "0.1")?;
+    ensure!(out.success(), "risk set acme-gateway 0.1: {out}");
+    expect(
+        &gw,
+        &tools,
+        Outcome::Eperm,
+        "risk lowered but still quarantined",
+    )?;
+    let out = dirs.quarantine_release("acme-gateway")?;
+    ensure!(out.success(), "quarantine release acme-gateway: {out}");
+    wait_notices(&second, "subject.released", 1, WAIT, |e| {
+        s(e, "/workload") == Some("acme-gateway")
+    })?;
+    expect(&gw, &tools, Outcome::Ok, "released")?;
+    expect(&gw, &vectors, Outcome::Ok, "released, risk 0.1")?;
+    ensure!(
+        !listed(&quarantine_list(&dirs)?, "acme-gateway"),
+        "after release, quarantine list must not name acme-gateway"
+    );
+    // Cross-tenant is still denied (release lifts the quarantine, not the policy).
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    expect(&gw, &cross, Outcome::Eperm, "released, cross-tenant")?;
+    Ok(())
+}
+
+#[test]
+fn garbage_risk_scores_are_refused_and_change_nothing() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::new(47, risk_entities(47), &risk_policies())?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let agent = Agent::start(cfg)?;
+    let gw = probe_in(&world, "acme-gateway");
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    expect(&gw, &vectors, Outcome::Ok, "before")?;
+    let before = dirs.status()?;
+
+    let mut problems = Vec::new();
+    for (who, score) in [
+        ("acme-gateway", "banana"),
+        ("acme-gateway", "0.5.5"),
+        ("acme-gateway", "NaN"),
+        ("acme-gateway", ""),
+        ("no-such-workload", "0.9"),
+    ] {
+        let out = dirs.risk_set(who, score)?;
+        eprintln!(
+            "risk set {who:?} {score:?}: exit {:?}, stderr: {}",
+            out.code,
+            out.stderr.trim()
+        );
+        let msg = out.stderr.to_lowercase();
+        let clear = if who == "no-such-workload" {
+            msg.contains("no-such-workload")
+        } else {
+            msg.contains("score") || msg.contains("decimal") || msg.contains("risk")
+        };
+        if out.success() || out.stderr.trim().is_empty() || !clear {
+            problems.push(format!(
+                "risk set {who:?} {score:?}: want a non-zero exit and a message naming the bad \
+                 {}; got {out}",
+                if who == "no-such-workload" {
+                    "workload"
+                } else {
+                    "score"
+                }
+            ));
+        }
+    }
+    let after = dirs.status()?;
+    if before.pointer("/agent/risk_overrides") != after.pointer("/agent/risk_overrides") {
+        problems.push(format!(
+            "risk_overrides changed: {:?} -> {:?}",
+            before.pointer("/agent/risk_overrides"),
+            after.pointer("/agent/risk_overrides")
+        ));
+    }
+    let changed = notices(&agent, "risk.changed")?;
+    if !changed.is_empty() {
+        problems.push(format!(
+            "risk.changed events after refused scores: {changed:?}"
+        ));
+    }
+    let r = gw.run_one(&vectors)?;
+    if r.outcome != Outcome::Ok {
+        problems.push(format!("the vector-DB call changed: {r:?}"));
+    }
+    if !notices(&agent, "subject.quarantined")?.is_empty() {
+        problems.push("a refused score quarantined someone".into());
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}

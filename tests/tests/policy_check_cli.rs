@@ -1,0 +1,261 @@
+//! `enforcer policy check DIR` as an operator runs it (no kernel needed): the shipped demo
+//! bundle is clean (exit 0, "ok"); a copy with several mistakes at once lists every one of
+//! them as `file:line:column: error: message`, at the exact line where it was introduced,
+//! and exits 1.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use enforcer_tests::cli::{copy_bundle, enforcer, line_of, parse_diagnostics, Diag};
+use enforcer_tests::fixtures::demo_policies_dir;
+
+/// Replaces exactly one occurrence of `from` in `dir/name` with `to`; returns the new text.
+fn edit(dir: &Path, name: &str, from: &str, to: &str) -> Result<String> {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {name}"))?;
+    ensure!(
+        text.matches(from).count() == 1,
+        "fixture: {from:?} must occur exactly once in the demo's {name}"
+    );
+    let new = text.replacen(from, to, 1);
+    std::fs::write(&path, &new).with_context(|| format!("write {name}"))?;
+    Ok(new)
+}
+
+/// The 1-based line of the first occurrence of `needle` at or after byte `from` of `text`.
+fn line_after(text: &str, from: &str, needle: &str) -> Option<u32> {
+    let start = text.find(from)?;
+    let at = start + text[start..].find(needle)?;
+    Some(text[..at].matches('\n').count() as u32 + 1)
+}
+
+fn file_name(d: &Diag) -> String {
+    Path::new(&d.file)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Asserts one diagnostic for `file` at `line` whose message mentions every word of `what`
+/// (case-insensitive), with a column inside that line.
+fn expect_diag<'a>(
+    diags: &'a [Diag],
+    dir: &Path,
+    file: &str,
+    line: u32,
+    what: &[&str],
+    stderr: &str,
+) -> Result<&'a Diag> {
+    let text = std::fs::read_to_string(dir.join(file))?;
+    let line_len = text
+        .lines()
+        .nth(line as usize - 1)
+        .map(|l| l.chars().count())
+        .unwrap_or(0) as u32;
+    let found = diags.iter().find(|d| {
+        file_name(d) == file && d.line == line && {
+            let m = d.message.to_lowercase();
+            what.iter().all(|w| m.contains(&w.to_lowercase()))
+        }
+    });
+    let d = found.with_context(|| {
+        format!(
+            "no `{file}:{line}:<col>: error:` diagnostic mentioning {what:?}; all diagnostics:\n{stderr}"
+        )
+    })?;
+    ensure!(
+        d.column >= 1 && d.column <= line_len + 1,
+        "{file}:{line}: column {} is outside the line ({line_len} chars): {d:?}",
+        d.column
+    );
+    Ok(d)
+}
+
+/// Every diagnostic (message and hints) stands on its own lines: nothing else, such as the
+/// closing summary that names the bundle dir, is glued onto it.
+fn well_formed(diags: &[Diag], dir: &Path, stderr: &str) -> Result<()> {
+    let dir = dir.display().to_string();
+    for d in diags {
+        ensure!(
+            !d.message.contains(&dir) && !d.hints.iter().any(|h| h.contains(&dir)),
+            "a diagnostic has other output glued onto its line (a missing newline?): {d:?}\nstderr:\n{stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn clean_demo_bundle_passes() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let out = enforcer(&["policy".as_ref(), "check".as_ref(), dir.path().as_os_str()])?;
+    ensure!(
+        out.success(),
+        "policy check of the clean demo failed: {out}"
+    );
+    ensure!(
+        out.stdout.contains("ok"),
+        "policy check of the clean demo: no \"ok\" on stdout: {out}"
+    );
+    ensure!(
+        parse_diagnostics(&out.stderr).is_empty(),
+        "clean demo: diagnostics on stderr: {out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn several_mistakes_at_once_are_all_reported_with_their_lines() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let d = dir.path();
+
+    // 1. An unknown tenant in the inventory.
+    let inv = edit(
+        d,
+        "inventory.yaml",
+        "  - name: acme-evaluator\n    tenant: acme\n",
+        "  - name: acme-evaluator\n    tenant: umbrella\n",
+    )?;
+    let tenant_line = line_of(&inv, "tenant: umbrella").expect("just written");
+
+    // 2. A Cedar syntax error (a missing comma) in a policy appended to baseline.cedar.
+    let base_path = d.join("baseline.cedar");
+    let mut base = std::fs::read_to_string(&base_path)?;
+    base.push_str("\n@id(\"broken-syntax\")\npermit (principal, action resource);\n");
+    std::fs::write(&base_path, &base)?;
+    let syntax_line = line_of(&base, "permit (principal, action resource)").expect("just written");
+
+    // 3. An ATLAS technique that does not exist.
+    let purpose = edit(
+        d,
+        "purpose.cedar",
+        "@atlas(\"AML.T0020\")",
+        "@atlas(\"AML.T9999\")",
+    )?;
+    let atlas_line = line_of(&purpose, "AML.T9999").expect("just written");
+
+    let out = enforcer(&["policy".as_ref(), "check".as_ref(), d.as_os_str()])?;
+    ensure!(
+        out.code == Some(1),
+        "policy check of a broken bundle: want exit 1: {out}"
+    );
+    let diags = parse_diagnostics(&out.stderr);
+    eprintln!("policy check stderr:\n{}", out.stderr);
+    well_formed(&diags, d, &out.stderr)?;
+    expect_diag(
+        &diags,
+        d,
+        "inventory.yaml",
+        tenant_line,
+        &["umbrella"],
+        &out.stderr,
+    )?;
+    expect_diag(&diags, d, "baseline.cedar", syntax_line, &[], &out.stderr)?;
+    let atlas = expect_diag(
+        &diags,
+        d,
+        "purpose.cedar",
+        atlas_line,
+        &["AML.T9999"],
+        &out.stderr,
+    )?;
+    ensure!(
+        !atlas.hints.is_empty(),
+        "the unknown ATLAS id has no `  hint:` line: {atlas:?}\n{}",
+        out.stderr
+    );
+    // Nothing else is blamed: every diagnostic is at one of the lines we broke.
+    let ours = [
+        ("inventory.yaml", tenant_line),
+        ("baseline.cedar", syntax_line),
+        ("purpose.cedar", atlas_line),
+    ];
+    let stray: Vec<&Diag> = diags
+        .iter()
+        .filter(|x| !ours.contains(&(file_name(x).as_str(), x.line)))
+        .collect();
+    ensure!(
+        stray.is_empty(),
+        "diagnostics at lines nobody broke: {stray:?}\n{}",
+        out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn inventory_and_strict_validation_classes_are_located() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let d = dir.path();
+
+    // A duplicate workload name (the second definition is the mistake).
+    let inv = edit(
+        d,
+        "inventory.yaml",
+        "  - name: initech-batch\n",
+        "  - name: acme-retriever\n",
+    )?;
+    let dup_line = line_after(&inv, "ns/globex/sa/agent", "- name: acme-retriever").expect("dup");
+    // An address claimed by two tenants: globex-vectors takes acme-vectors' IP.
+    let inv = edit(
+        d,
+        "inventory.yaml",
+        "    kind: vector_db\n    ips: [127.10.2.10/32]\n",
+        "    kind: vector_db\n    ips: [127.10.1.10/32]\n",
+    )?;
+    let ip_line = line_after(&inv, "name: globex-vectors", "127.10.1.10/32").expect("ip");
+    // A SPIFFE ID with a `..` path segment.
+    let inv = edit(
+        d,
+        "inventory.yaml",
+        "spiffe://cluster.local/ns/acme/sa/evaluator",
+        "spiffe://cluster.local/ns/acme/../evaluator",
+    )?;
+    let spiffe_line = line_of(&inv, "ns/acme/../evaluator").expect("spiffe");
+    // A port out of range.
+    let inv = edit(
+        d,
+        "inventory.yaml",
+        "    ips: [127.10.1.2/32]\n    ports: [{port: 8000,",
+        "    ips: [127.10.1.2/32]\n    ports: [{port: 70000,",
+    )?;
+    let port_line = line_of(&inv, "port: 70000").expect("port");
+    // Strict validation: an attribute the schema does not have.
+    let purpose = edit(
+        d,
+        "purpose.cedar",
+        "principal.purpose == \"evaluation\"",
+        "principal.purpos == \"evaluation\"",
+    )?;
+    let attr_line = line_of(&purpose, "principal.purpos ==").expect("attr");
+
+    let out = enforcer(&["policy".as_ref(), "check".as_ref(), d.as_os_str()])?;
+    eprintln!("policy check stderr:\n{}", out.stderr);
+    ensure!(
+        out.code == Some(1),
+        "policy check of a broken bundle: want exit 1: {out}"
+    );
+    let diags = parse_diagnostics(&out.stderr);
+    well_formed(&diags, d, &out.stderr)?;
+    let mut missing = Vec::new();
+    for (file, line, what) in [
+        ("inventory.yaml", dup_line, "duplicate workload name"),
+        ("inventory.yaml", ip_line, "address claimed by two tenants"),
+        ("inventory.yaml", spiffe_line, "invalid SPIFFE ID"),
+        ("inventory.yaml", port_line, "port out of range"),
+        (
+            "purpose.cedar",
+            attr_line,
+            "unknown attribute (strict validation)",
+        ),
+    ] {
+        if let Err(e) = expect_diag(&diags, d, file, line, &[], &out.stderr) {
+            missing.push(format!("{what}: {e:#}"));
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        "{} of 5 mistakes not reported at their line:\n{}",
+        missing.len(),
+        missing.join("\n")
+    );
+    Ok(())
+}
