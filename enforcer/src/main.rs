@@ -224,7 +224,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Err(diagnostics) => {
-                eprint!("{diagnostics}");
+                eprintln!("{}", diagnostics.to_string().trim_end());
                 eprintln!(
                     "{}: {} problem(s); nothing was applied",
                     dir.display(),

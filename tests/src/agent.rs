@@ -326,6 +326,14 @@ impl Drop for Agent {
             let _ = child.wait();
         }
         if !self.keep_pins {
+            // `enforcer detach` removes the pins and the agent's default state directory
+            // (/run/enforcer/<pin path>); the plain removal covers a detach that failed.
+            let _ = Command::new(enforcer_bin())
+                .args(["detach", "--pin-path"])
+                .arg(&self.config.pin_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             remove_pins(&self.config.pin_path);
         }
         if std::thread::panicking() {
