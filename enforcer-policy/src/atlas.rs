@@ -56,6 +56,11 @@ pub fn lookup(id: &str) -> Option<AtlasTechnique> {
     table().get(id).cloned()
 }
 
+/// The known techniques among `ids`, in order (unknown IDs are reported at load).
+pub(crate) fn lookup_all(ids: &[String]) -> Vec<AtlasTechnique> {
+    ids.iter().filter_map(|i| lookup(i)).collect()
+}
+
 /// Every known technique ID, sorted (for hints).
 pub fn ids() -> Vec<&'static str> {
     let mut ids: Vec<&'static str> = table().keys().copied().collect();

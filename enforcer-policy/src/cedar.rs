@@ -206,14 +206,14 @@ pub(crate) struct Answer {
 
 /// Schema, policies, entities, ready to answer requests.
 pub(crate) struct Engine {
-    pub schema: Schema,
-    pub pset: PolicySet,
+    schema: Schema,
+    pset: PolicySet,
     /// Every policy, numbered: the number is `PolicyValue.rule`.
     pub rules: Vec<PolicyRef>,
     rule_of: HashMap<PolicyId, u32>,
-    pub entities: Entities,
+    entities: Entities,
     /// The Cedar UID of each identity, by identity index.
-    pub uids: Vec<EntityUid>,
+    uids: Vec<EntityUid>,
     actions: HashMap<String, EntityUid>,
     /// What all policies read together.
     pub analysis: Analysis,
@@ -454,7 +454,8 @@ impl Engine {
                         let mut own = Analysis::default();
                         own.add_policy(&json);
                         let mut single = PolicySet::new();
-                        let _ = single.add(p.new_id(PolicyId::new(format!("{fname}:{}", p.id()))));
+                        // An id clash is reported below, when the policy joins `pset`.
+                        let _ = single.add(p.new_id(new_id.clone()));
                         singles.push((single, own));
                         if let Some(why) = can_error(&json) {
                             diags.push(
@@ -539,16 +540,16 @@ impl Engine {
             .collect();
         let mut actions = HashMap::new();
         let mut checked: HashSet<(String, IdentityKind)> = HashSet::new();
-        let world = ids.iter().find(|i| i.kind == IdentityKind::World);
+        // A destination without declared ports is asked as its any-port cell.
+        let any_port = crate::inventory::Port {
+            port: 0,
+            protocol: Protocol::Tcp,
+            action: crate::DEFAULT_ACTION.into(),
+            loc: Default::default(),
+        };
         for ident in ids.iter().filter(|i| i.is_destination()) {
-            let wildcard = crate::inventory::Port {
-                port: 0,
-                protocol: Protocol::Tcp,
-                action: "connect".into(),
-                loc: Default::default(),
-            };
             let ports = if ident.ports.is_empty() {
-                std::slice::from_ref(&wildcard)
+                std::slice::from_ref(&any_port)
             } else {
                 ident.ports.as_slice()
             };
@@ -600,7 +601,6 @@ impl Engine {
                 }
             }
         }
-        let _ = world;
 
         if diags.len() > start {
             return None;
@@ -637,6 +637,30 @@ impl Engine {
         }
     }
 
+    /// The request for one cell, checked against `schema` if given.
+    fn request(
+        &self,
+        subject: usize,
+        action: &str,
+        destination: usize,
+        port: u16,
+        protocol: Protocol,
+        schema: Option<&Schema>,
+    ) -> Result<Request, String> {
+        let action = match self.actions.get(action) {
+            Some(a) => a.clone(),
+            None => action_uid(action),
+        };
+        Request::new(
+            self.uids[subject].clone(),
+            action,
+            self.uids[destination].clone(),
+            context(port, protocol),
+            schema,
+        )
+        .map_err(|e| e.to_string())
+    }
+
     /// Whether policy `rule` alone is satisfied by the request. Cedar's decision is a pure
     /// function of which policies are satisfied (deny if a forbid is, else allow if a permit
     /// is), so combining these answers reproduces `ask` exactly.
@@ -649,18 +673,7 @@ impl Engine {
         port: u16,
         protocol: Protocol,
     ) -> Result<bool, String> {
-        let action = match self.actions.get(action) {
-            Some(a) => a.clone(),
-            None => action_uid(action),
-        };
-        let request = Request::new(
-            self.uids[subject].clone(),
-            action,
-            self.uids[destination].clone(),
-            context(port, protocol),
-            None,
-        )
-        .map_err(|e| e.to_string())?;
+        let request = self.request(subject, action, destination, port, protocol, None)?;
         let response =
             self.authorizer
                 .is_authorized(&request, &self.singles[rule].0, &self.entities);
@@ -682,18 +695,8 @@ impl Engine {
         protocol: Protocol,
         validate: bool,
     ) -> Result<Answer, String> {
-        let action = match self.actions.get(action) {
-            Some(a) => a.clone(),
-            None => action_uid(action),
-        };
-        let request = Request::new(
-            self.uids[subject].clone(),
-            action,
-            self.uids[destination].clone(),
-            context(port, protocol),
-            validate.then_some(&self.schema),
-        )
-        .map_err(|e| e.to_string())?;
+        let schema = validate.then_some(&self.schema);
+        let request = self.request(subject, action, destination, port, protocol, schema)?;
         let response = self
             .authorizer
             .is_authorized(&request, &self.pset, &self.entities);

@@ -97,21 +97,6 @@ impl RowDelta {
     }
 }
 
-/// The destination cells of an identity: (kernel port, Cedar port, protocol, action).
-fn cells(d: &Identity) -> Vec<Cell> {
-    if d.ports.is_empty() {
-        Protocol::ALL
-            .iter()
-            .map(|&p| (0, p, "connect".to_string()))
-            .collect()
-    } else {
-        d.ports
-            .iter()
-            .map(|p| (p.port, p.protocol, p.action.clone()))
-            .collect()
-    }
-}
-
 /// The values of the attributes policies read, in `analysis.attrs` order, plus the UID when
 /// it matters: two identities with equal signatures get equal decisions.
 fn signature_of(ident: &Identity, analysis: &Analysis) -> Signature {
@@ -146,9 +131,20 @@ fn signature_of(ident: &Identity, analysis: &Analysis) -> Signature {
 
 type Signature = (IdentityKind, Vec<Option<String>>, Option<String>);
 /// (subject signature, destination signature, action, port if read, protocol if read).
-type PolicyKeyed = (u32, u32, u32, Option<u16>, Option<Protocol>);
-/// A destination cell: (port, 0 for any; protocol; action).
-type Cell = (u16, Protocol, String);
+type PolicyGroupKey = (u32, u32, u32, Option<u16>, Option<Protocol>);
+
+/// A destination cell: the port (0 for the any-port cell) and protocol the kernel keys it
+/// by and Cedar is asked with, and the action.
+struct Cell {
+    port: u16,
+    protocol: Protocol,
+    action: String,
+    /// `action`'s number in `Grouping::actions`.
+    action_no: u32,
+}
+
+/// A destination: its identity index, the identity, its cells.
+type Destination<'a> = (usize, &'a Identity, Vec<Cell>);
 
 /// Signature numbering: identities with equal signatures share a number. A number, once
 /// given, always means the same signature (cached answers stay valid); an identity whose
@@ -215,7 +211,7 @@ struct PerPolicy {
     numbering: Numbering,
     reads_port: bool,
     reads_protocol: bool,
-    satisfied: HashMap<PolicyKeyed, bool>,
+    satisfied: HashMap<PolicyGroupKey, bool>,
 }
 
 /// Everything compilation caches: signatures (whole-set and per policy), the answer of every
@@ -269,6 +265,36 @@ impl Grouping {
         }
     }
 
+    /// Every destination of `ids`, with its cells.
+    fn destinations<'a>(&mut self, ids: &'a Identities) -> Vec<Destination<'a>> {
+        ids.iter()
+            .enumerate()
+            .filter(|(_, x)| x.is_destination())
+            .map(|(i, x)| (i, x, self.cells(x)))
+            .collect()
+    }
+
+    /// A destination's cells: each declared port, or the any-port cell per protocol.
+    fn cells(&mut self, d: &Identity) -> Vec<Cell> {
+        let mut cell = |port, protocol, action: &str| Cell {
+            port,
+            protocol,
+            action: action.to_string(),
+            action_no: self.action_number(action),
+        };
+        if d.ports.is_empty() {
+            Protocol::ALL
+                .iter()
+                .map(|&p| cell(0, p, crate::DEFAULT_ACTION))
+                .collect()
+        } else {
+            d.ports
+                .iter()
+                .map(|p| cell(p.port, p.protocol, &p.action))
+                .collect()
+        }
+    }
+
     fn action_number(&mut self, action: &str) -> u32 {
         if let Some(&n) = self.actions.get(action) {
             return n;
@@ -296,10 +322,15 @@ impl Grouping {
         ids: &Identities,
         si: usize,
         di: usize,
-        (port, protocol, action): &Cell,
+        cell: &Cell,
     ) -> Result<u32, PolicyError> {
-        let (port, protocol) = (*port, *protocol);
-        let action_no = self.action_number(action);
+        let Cell {
+            port,
+            protocol,
+            action_no,
+            ..
+        } = *cell;
+        let action = &cell.action;
         let key = self.key(si, di, action_no, port, protocol);
         if let Some(&a) = self.groups.get(&key) {
             return Ok(a);
@@ -352,12 +383,15 @@ impl Grouping {
                 rules: forbids,
             }
         };
-        let next = self.answers.len() as u32;
-        let answers = &mut self.answers;
-        let a = *self.answer_ids.entry(answer.clone()).or_insert_with(|| {
-            answers.push(answer);
-            next
-        });
+        let a = match self.answer_ids.get(&answer) {
+            Some(&a) => a,
+            None => {
+                let a = self.answers.len() as u32;
+                self.answer_ids.insert(answer.clone(), a);
+                self.answers.push(answer);
+                a
+            }
+        };
         self.groups.insert(key, a);
         Ok(a)
     }
@@ -368,7 +402,7 @@ impl Grouping {
         answer: u32,
         s: &Identity,
         d: &Identity,
-        (port, protocol, _): &Cell,
+        cell: &Cell,
     ) -> Option<(PolicyKey, PolicyValue)> {
         let answer = &self.answers[answer as usize];
         answer.allowed.then(|| {
@@ -376,8 +410,8 @@ impl Grouping {
                 PolicyKey {
                     subject: s.id,
                     destination: d.id,
-                    dport: *port,
-                    protocol: protocol.number(),
+                    dport: cell.port,
+                    protocol: cell.protocol.number(),
                     _pad: 0,
                 },
                 PolicyValue {
@@ -399,21 +433,12 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         .enumerate()
         .filter(|(_, x)| x.is_subject())
         .collect();
-    let destinations: Vec<(usize, &Identity, Vec<Cell>)> = ids
-        .iter()
-        .enumerate()
-        .filter(|(_, x)| x.is_destination())
-        .map(|(i, x)| (i, x, cells(x)))
-        .collect();
+    let destinations = grouping.destinations(ids);
 
     let mut allows = Vec::new();
     let mut cells_seen = 0usize;
-    let mut subject_sigs = HashSet::new();
-    let mut destination_sigs = HashSet::new();
     for &(si, s) in &subjects {
-        subject_sigs.insert(grouping.whole.sig[si]);
         for (di, d, dcells) in &destinations {
-            destination_sigs.insert(grouping.whole.sig[*di]);
             for cell in dcells {
                 cells_seen += 1;
                 let answer = grouping.answer(engine, ids, si, *di, cell)?;
@@ -422,6 +447,14 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         }
     }
     allows.sort_by_key(|(k, _)| *k);
+    let sig = |i: usize| grouping.whole.sig[i];
+    let subject_sigs: HashSet<u32> = subjects.iter().map(|&(si, _)| sig(si)).collect();
+    // Counted over the cells compiled: without subjects, no destination takes part.
+    let destination_sigs: HashSet<u32> = if subjects.is_empty() {
+        HashSet::new()
+    } else {
+        destinations.iter().map(|&(di, _, _)| sig(di)).collect()
+    };
     let defaults = &bundle.inventory().defaults;
     let stats = CompileStats {
         cells: cells_seen,
@@ -448,8 +481,8 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         allows,
         rules: engine.rules.clone(),
         grouping,
-        implicit_deny_atlas: Bundle::atlas_list(&defaults.implicit_deny_atlas),
-        unknown_subject_atlas: Bundle::atlas_list(&defaults.unknown_subject_atlas),
+        implicit_deny_atlas: crate::atlas::lookup_all(&defaults.implicit_deny_atlas),
+        unknown_subject_atlas: crate::atlas::lookup_all(&defaults.unknown_subject_atlas),
         stats,
     })
 }
@@ -498,12 +531,7 @@ impl Compiled {
             });
         }
         let fresh = bundle.identities();
-        let target = fresh
-            .index_of(subject)
-            .ok_or_else(|| PolicyError::UnknownName(subject.into()))?;
-        if fresh.at(target).kind != IdentityKind::Workload {
-            return Err(PolicyError::NotASubject(subject.into()));
-        }
+        let target = crate::workload_index(fresh, subject, PolicyError::NotASubject)?;
         let engine = bundle.engine();
         let decisions_before = self.grouping.decisions;
 
@@ -521,40 +549,30 @@ impl Compiled {
         }
 
         let ids = &self.identities;
-        let rows: HashSet<u32> = changed
-            .iter()
-            .map(|&i| ids.at(i))
-            .filter(|x| x.is_subject())
-            .map(|x| x.id)
-            .collect();
-        let columns: HashSet<u32> = changed
-            .iter()
-            .map(|&i| ids.at(i))
-            .filter(|x| x.is_destination())
-            .map(|x| x.id)
-            .collect();
+        let changed_where = |role: fn(&Identity) -> bool| -> HashSet<u32> {
+            changed
+                .iter()
+                .map(|&i| ids.at(i))
+                .filter(|x| role(x))
+                .map(|x| x.id)
+                .collect()
+        };
+        let rows = changed_where(Identity::is_subject);
+        let columns = changed_where(Identity::is_destination);
         let affected =
             |k: &PolicyKey| rows.contains(&k.subject) || columns.contains(&k.destination);
 
         let mut fresh_allows: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
         let mut cells_seen = 0usize;
-        let destinations: Vec<(usize, &Identity, Vec<Cell>)> = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| x.is_destination())
-            .map(|(i, x)| (i, x, cells(x)))
-            .collect();
-        let column: Vec<&(usize, &Identity, Vec<Cell>)> = destinations
+        let destinations = self.grouping.destinations(ids);
+        let row: Vec<&Destination> = destinations.iter().collect();
+        let column: Vec<&Destination> = destinations
             .iter()
             .filter(|(_, d, _)| columns.contains(&d.id))
             .collect();
         for (si, s) in ids.iter().enumerate().filter(|(_, x)| x.is_subject()) {
-            let dests: Vec<&(usize, &Identity, Vec<Cell>)> = if rows.contains(&s.id) {
-                destinations.iter().collect()
-            } else {
-                column.clone()
-            };
-            for &(di, d, ref dcells) in dests {
+            let dests = if rows.contains(&s.id) { &row } else { &column };
+            for &&(di, d, ref dcells) in dests {
                 for cell in dcells {
                     cells_seen += 1;
                     let answer = self.grouping.answer(engine, ids, si, di, cell)?;
@@ -572,12 +590,12 @@ impl Compiled {
         for &(k, v) in &self.allows {
             if !affected(&k) {
                 kept.push((k, v));
-            } else if !fresh_allows.contains_key(&k) {
-                delta.removed.push(k);
-            } else if fresh_allows[&k] == v {
-                // Unchanged.
-            } else {
-                delta.added.push((k, fresh_allows[&k]));
+                continue;
+            }
+            match fresh_allows.get(&k) {
+                None => delta.removed.push(k),
+                Some(&fresh) if fresh != v => delta.added.push((k, fresh)),
+                Some(_) => {} // Unchanged.
             }
         }
         let old: HashSet<PolicyKey> = self
@@ -685,18 +703,8 @@ impl Compiled {
         let (Some(dest), Some(proto)) = (dest, Protocol::from_number(protocol)) else {
             return Err(implicit("implicit-deny", &self.implicit_deny_atlas));
         };
-        // Exact port cell first, then the any-port cell.
-        let (port, action) = if dest.ports.is_empty() {
-            (0, "connect")
-        } else {
-            match dest
-                .ports
-                .iter()
-                .find(|p| p.port == dport && p.protocol == proto)
-            {
-                Some(p) => (dport, p.action.as_str()),
-                None => return Err(implicit("undeclared-port", &self.implicit_deny_atlas)),
-            }
+        let Some((port, action)) = dest.cell_of(dport, proto) else {
+            return Err(implicit("undeclared-port", &self.implicit_deny_atlas));
         };
         let (Some(si), Some(di)) = (
             self.identities.index_of_id(subject_ident.id),

@@ -13,6 +13,7 @@ use enforcer_common::{flags, identity as reserved, IdentityInfo};
 use sha2::{Digest, Sha256};
 
 use crate::inventory::Inventory;
+use crate::{Protocol, DEFAULT_ACTION};
 
 /// The name of the reserved WORLD identity (every address not in the inventory).
 pub const WORLD_NAME: &str = "world";
@@ -222,6 +223,19 @@ impl Identity {
     /// A local subject: the agent maps its cgroups to this identity.
     pub fn is_subject(&self) -> bool {
         self.kind == IdentityKind::Workload && !self.cgroups.is_empty()
+    }
+
+    /// The cell a call to `port`/`protocol` falls in, as Cedar is asked about it: (port,
+    /// action). A destination without declared ports has one any-port cell (port 0, the
+    /// default action); `None` for a port it does not declare (no cell: denied).
+    pub(crate) fn cell_of(&self, port: u16, protocol: Protocol) -> Option<(u16, &str)> {
+        if self.ports.is_empty() {
+            return Some((0, DEFAULT_ACTION));
+        }
+        self.ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == protocol)
+            .map(|p| (port, p.action.as_str()))
     }
 
     /// Reachable: WORLD, every endpoint, and every workload with addresses.

@@ -118,15 +118,15 @@ impl Inventory {
                 .into());
             }
         };
-        let mut p = Walker {
+        let mut walker = Walker {
             file: file.to_path_buf(),
             diags: Diagnostics::default(),
             locs: HashMap::new(),
             accepted: HashMap::new(),
         };
-        let mut inv = p.inventory(&root);
-        inv.locs = std::mem::take(&mut p.locs);
-        let mut diags = p.diags;
+        let mut inv = walker.inventory(&root);
+        inv.locs = std::mem::take(&mut walker.locs);
+        let mut diags = walker.diags;
         check_semantics(file, &inv, &mut diags);
         if diags.is_empty() {
             Ok(inv)
@@ -190,6 +190,9 @@ impl Builder {
             column: m.col() as u32 + 1,
         }
     }
+    fn open(&mut self, value: Value, loc: Loc, anchor: usize) {
+        self.stack.push((Node { value, loc }, None, anchor));
+    }
     fn push_value(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
             self.anchors.insert(anchor, node.clone());
@@ -222,22 +225,8 @@ impl MarkedEventReceiver for Builder {
                     anchor,
                 );
             }
-            Event::SequenceStart(anchor, _) => self.stack.push((
-                Node {
-                    value: Value::Seq(vec![]),
-                    loc,
-                },
-                None,
-                anchor,
-            )),
-            Event::MappingStart(anchor, _) => self.stack.push((
-                Node {
-                    value: Value::Map(vec![]),
-                    loc,
-                },
-                None,
-                anchor,
-            )),
+            Event::SequenceStart(anchor, _) => self.open(Value::Seq(vec![]), loc, anchor),
+            Event::MappingStart(anchor, _) => self.open(Value::Map(vec![]), loc, anchor),
             Event::SequenceEnd | Event::MappingEnd => {
                 if let Some((mut node, _, anchor)) = self.stack.pop() {
                     // A block mapping's start mark is unreliable; its first key is exact.
@@ -269,6 +258,18 @@ fn parse_marked(text: &str) -> Result<Option<Node>, yaml_rust2::ScanError> {
 
 // ---------------------------------------------------------------------------------------------
 // Walking the tree into the model, collecting every type error.
+
+/// What workloads and endpoints share, as read so far.
+#[derive(Default)]
+struct ItemFields {
+    /// The name and its location, once a valid `name` has been read.
+    name: Option<(String, Loc)>,
+    tenant: Option<String>,
+    ips: Vec<IpNet>,
+    ports: Vec<Port>,
+    /// Where `tenant` and each address were written, for `Inventory::locs`.
+    field_locs: Vec<(String, Loc)>,
+}
 
 struct Walker {
     file: PathBuf,
@@ -394,26 +395,17 @@ impl Walker {
         for (key, node) in fields {
             match key {
                 "tenants" => {
-                    for t in self.seq(node, "tenants") {
-                        if let Some(t) = self.tenant(t) {
-                            inv.tenants.push(t);
-                        }
-                    }
+                    let items = self.seq(node, "tenants");
+                    inv.tenants = items.iter().filter_map(|t| self.tenant(t)).collect();
                 }
                 "defaults" => self.defaults(node, &mut inv),
                 "workloads" => {
-                    for w in self.seq(node, "workloads") {
-                        if let Some(w) = self.workload(w) {
-                            inv.workloads.push(w);
-                        }
-                    }
+                    let items = self.seq(node, "workloads");
+                    inv.workloads = items.iter().filter_map(|w| self.workload(w)).collect();
                 }
                 "endpoints" => {
-                    for e in self.seq(node, "endpoints") {
-                        if let Some(e) = self.endpoint(e) {
-                            inv.endpoints.push(e);
-                        }
-                    }
+                    let items = self.seq(node, "endpoints");
+                    inv.endpoints = items.iter().filter_map(|e| self.endpoint(e)).collect();
                 }
                 _ => unreachable!(),
             }
@@ -497,7 +489,7 @@ impl Walker {
             };
             let mut port = None;
             let mut protocol = Protocol::Tcp;
-            let mut action = ("connect".to_string(), item.loc);
+            let mut action = (crate::DEFAULT_ACTION.to_string(), item.loc);
             let mut ok = true;
             for (k, v) in fields {
                 match k {
@@ -557,6 +549,49 @@ impl Walker {
         out
     }
 
+    /// `name`, `tenant`, `ips` or `ports`: the fields workloads and endpoints share.
+    fn item_field(&mut self, item: &mut ItemFields, key: &str, v: &Node) {
+        match key {
+            "name" => {
+                if let Some(n) = self.string(v, "name") {
+                    item.name = Some((n, v.loc));
+                }
+            }
+            "tenant" => {
+                item.tenant = self.string(v, "tenant");
+                item.field_locs.push(("tenant".to_string(), v.loc));
+            }
+            "ips" => {
+                for (net, loc) in self.ips(v) {
+                    item.field_locs.push((format!("ip:{net}"), loc));
+                    item.ips.push(net);
+                }
+            }
+            "ports" => item.ports = self.ports(v),
+            _ => unreachable!("`map` lets through only the fields it was given"),
+        }
+    }
+
+    /// A workload or endpoint without a name is dropped; a named one is accepted, and the
+    /// locations of its fields are kept under its key (`workload#3`, see `items`).
+    /// Returns the name and its location.
+    fn accept_item(
+        &mut self,
+        kind: &'static str,
+        node: &Node,
+        item: &mut ItemFields,
+    ) -> Option<(String, Loc)> {
+        let Some(name) = item.name.take() else {
+            self.err(node.loc, format!("{kind}: missing field `name`"));
+            return None;
+        };
+        let key = self.item_key(kind);
+        for (field, loc) in item.field_locs.drain(..) {
+            self.locs.insert((key.clone(), field), loc);
+        }
+        Some(name)
+    }
+
     fn risk(&mut self, node: &Node) -> Option<String> {
         let Value::Scalar(s, _) = &node.value else {
             self.err(node.loc, "risk must be a decimal number");
@@ -592,6 +627,7 @@ impl Walker {
                 "ports",
             ],
         )?;
+        let mut item = ItemFields::default();
         let mut w = Workload {
             name: String::new(),
             tenant: None,
@@ -605,21 +641,8 @@ impl Walker {
             ports: vec![],
             loc: node.loc,
         };
-        let mut has_name = false;
-        let mut field_locs: Vec<(String, Loc)> = Vec::new();
         for (k, v) in fields {
             match k {
-                "name" => {
-                    if let Some(n) = self.string(v, "name") {
-                        w.name = n;
-                        w.loc = v.loc;
-                        has_name = true;
-                    }
-                }
-                "tenant" => {
-                    w.tenant = self.string(v, "tenant");
-                    field_locs.push(("tenant".to_string(), v.loc));
-                }
                 "purpose" => w.purpose = self.string(v, "purpose"),
                 "ring" => w.ring = self.string(v, "ring"),
                 "risk" => w.risk = self.risk(v).unwrap_or(w.risk),
@@ -649,24 +672,11 @@ impl Walker {
                         }
                     }
                 }
-                "ips" => {
-                    for (net, loc) in self.ips(v) {
-                        field_locs.push((format!("ip:{net}"), loc));
-                        w.ips.push(net);
-                    }
-                }
-                "ports" => w.ports = self.ports(v),
-                _ => unreachable!(),
+                _ => self.item_field(&mut item, k, v),
             }
         }
-        if !has_name {
-            self.err(node.loc, "workload: missing field `name`");
-            return None;
-        }
-        let key = self.item_key("workload");
-        for (field, loc) in field_locs {
-            self.locs.insert((key.clone(), field), loc);
-        }
+        (w.name, w.loc) = self.accept_item("workload", node, &mut item)?;
+        (w.tenant, w.ips, w.ports) = (item.tenant, item.ips, item.ports);
         Some(w)
     }
 
@@ -676,6 +686,7 @@ impl Walker {
             "endpoint",
             &["name", "tenant", "kind", "ips", "ports", "datasets"],
         )?;
+        let mut item = ItemFields::default();
         let mut e = Endpoint {
             name: String::new(),
             tenant: None,
@@ -685,29 +696,9 @@ impl Walker {
             datasets: vec![],
             loc: node.loc,
         };
-        let mut has_name = false;
-        let mut field_locs: Vec<(String, Loc)> = Vec::new();
         for (k, v) in fields {
             match k {
-                "name" => {
-                    if let Some(n) = self.string(v, "name") {
-                        e.name = n;
-                        e.loc = v.loc;
-                        has_name = true;
-                    }
-                }
-                "tenant" => {
-                    e.tenant = self.string(v, "tenant");
-                    field_locs.push(("tenant".to_string(), v.loc));
-                }
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
-                "ips" => {
-                    for (net, loc) in self.ips(v) {
-                        field_locs.push((format!("ip:{net}"), loc));
-                        e.ips.push(net);
-                    }
-                }
-                "ports" => e.ports = self.ports(v),
                 "datasets" => {
                     e.datasets = self
                         .strings(v, "datasets")
@@ -715,17 +706,11 @@ impl Walker {
                         .map(|(s, _)| s)
                         .collect()
                 }
-                _ => unreachable!(),
+                _ => self.item_field(&mut item, k, v),
             }
         }
-        if !has_name {
-            self.err(node.loc, "endpoint: missing field `name`");
-            return None;
-        }
-        let key = self.item_key("endpoint");
-        for (field, loc) in field_locs {
-            self.locs.insert((key.clone(), field), loc);
-        }
+        (e.name, e.loc) = self.accept_item("endpoint", node, &mut item)?;
+        (e.tenant, e.ips, e.ports) = (item.tenant, item.ips, item.ports);
         if e.kind.is_empty() {
             self.err_hint(
                 e.loc,

@@ -5,7 +5,7 @@
 //! The central invariant: the compiled table decides exactly what Cedar decides.
 //! [`Bundle::decide`] asks Cedar about one cell directly (the oracle); [`Bundle::compile`]
 //! asks it once per group of equivalent cells and must agree with the oracle on every cell
-//! (tested by property tests in `compile`).
+//! (property tests in `tests.rs`).
 //!
 //! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
 //! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
@@ -196,6 +196,9 @@ pub struct Bundle {
     risk_overrides: BTreeMap<String, String>,
 }
 
+/// The Cedar action of a destination's any-port cell, and of a declared port that names none.
+pub(crate) const DEFAULT_ACTION: &str = "connect";
+
 pub const INVENTORY_FILE: &str = "inventory.yaml";
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 
@@ -314,13 +317,7 @@ impl Bundle {
     /// Setting a workload back to its inventory score removes the override. On error nothing
     /// changes.
     pub fn set_risk(&mut self, workload: &str, score: &str) -> Result<(), PolicyError> {
-        let i = self
-            .identities
-            .index_of(workload)
-            .ok_or_else(|| PolicyError::UnknownName(workload.into()))?;
-        if self.identities.at(i).kind != IdentityKind::Workload {
-            return Err(PolicyError::NoRisk(workload.into()));
-        }
+        let i = workload_index(&self.identities, workload, PolicyError::NoRisk)?;
         let invalid = |reason: String| PolicyError::InvalidRisk {
             workload: workload.into(),
             score: score.into(),
@@ -376,13 +373,7 @@ impl Bundle {
         port: u16,
         protocol: Protocol,
     ) -> Result<Decision, PolicyError> {
-        let s = self
-            .identities
-            .index_of(from)
-            .ok_or_else(|| PolicyError::UnknownName(from.into()))?;
-        if self.identities.at(s).kind != IdentityKind::Workload {
-            return Err(PolicyError::NotASubject(from.into()));
-        }
+        let s = workload_index(&self.identities, from, PolicyError::NotASubject)?;
         let d = self
             .identities
             .index_of(to)
@@ -391,26 +382,16 @@ impl Bundle {
         if !dest.is_destination() {
             return Err(PolicyError::NotADestination(to.into()));
         }
-        let (action, cedar_port, any_port) = if dest.ports.is_empty() {
-            ("connect".to_string(), 0, true)
-        } else {
-            match dest
-                .ports
-                .iter()
-                .find(|p| p.port == port && p.protocol == protocol)
-            {
-                Some(p) => (p.action.clone(), port, false),
-                None => {
-                    return Ok(Decision {
-                        allowed: false,
-                        action: "connect".into(),
-                        policies: vec![],
-                        undeclared_port: true,
-                        any_port: false,
-                    })
-                }
-            }
+        let Some((cedar_port, action)) = dest.cell_of(port, protocol) else {
+            return Ok(Decision {
+                allowed: false,
+                action: DEFAULT_ACTION.into(),
+                policies: vec![],
+                undeclared_port: true,
+                any_port: false,
+            });
         };
+        let action = action.to_string();
         let answer = self
             .engine
             .ask(s, &action, d, cedar_port, protocol, true)
@@ -431,7 +412,7 @@ impl Bundle {
                 .map(|&r| self.engine.rules[r as usize].clone())
                 .collect(),
             undeclared_port: false,
-            any_port,
+            any_port: dest.ports.is_empty(),
         })
     }
 
@@ -454,24 +435,45 @@ impl Bundle {
     pub(crate) fn engine(&self) -> &cedar::Engine {
         &self.engine
     }
+}
 
-    pub(crate) fn atlas_list(ids: &[String]) -> Vec<AtlasTechnique> {
-        ids.iter().filter_map(|i| atlas::lookup(i)).collect()
+/// The index of the workload `name`; `not_a_workload` is the error for another identity.
+fn workload_index(
+    ids: &Identities,
+    name: &str,
+    not_a_workload: fn(String) -> PolicyError,
+) -> Result<usize, PolicyError> {
+    let i = ids
+        .index_of(name)
+        .ok_or_else(|| PolicyError::UnknownName(name.into()))?;
+    if ids.at(i).kind != IdentityKind::Workload {
+        return Err(not_a_workload(name.into()));
     }
+    Ok(i)
 }
 
 fn revision_of(files: &[(String, String)]) -> String {
+    let pairs = files.iter().map(|(n, c)| (n.as_str(), c.as_str()));
+    format!("sha256:{}", hash_pairs(pairs, 8))
+}
+
+/// The first `bytes` bytes, in hex, of a SHA-256 over (key, value) pairs. Each part is
+/// length-prefixed, so that moving text from one part to the next changes the hash.
+pub(crate) fn hash_pairs<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    bytes: usize,
+) -> String {
     let mut h = Sha256::new();
-    for (name, content) in files {
-        // Length-prefixed, so that moving text between files changes the hash.
-        h.update((name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        h.update((content.len() as u64).to_le_bytes());
-        h.update(content.as_bytes());
+    for (key, value) in pairs {
+        h.update((key.len() as u64).to_le_bytes());
+        h.update(key.as_bytes());
+        h.update((value.len() as u64).to_le_bytes());
+        h.update(value.as_bytes());
     }
-    let digest = h.finalize();
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    h.finalize()[..bytes]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

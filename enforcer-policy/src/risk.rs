@@ -7,8 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
-
 /// Parse a Cedar decimal (`-`? digits, then optionally `.` and one to four digits) into its
 /// value scaled by 10^4. A missing fractional part is accepted (`1` is `1.0`), as YAML writes
 /// whole numbers without one; Cedar's own `decimal("...")` needs it, which the canonical form
@@ -77,17 +75,10 @@ pub fn overrides_suffix(overrides: &BTreeMap<String, String>) -> String {
     if overrides.is_empty() {
         return String::new();
     }
-    let mut h = Sha256::new();
-    for (workload, score) in overrides {
-        h.update((workload.len() as u64).to_le_bytes());
-        h.update(workload.as_bytes());
-        h.update((score.len() as u64).to_le_bytes());
-        h.update(score.as_bytes());
-    }
-    let hex: String = h.finalize()[..4]
+    let pairs = overrides
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+        .map(|(w, score)| (w.as_str(), score.as_str()));
+    let hex = crate::hash_pairs(pairs, 4);
     format!("+risk({}):{hex}", overrides.len())
 }
 

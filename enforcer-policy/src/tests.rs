@@ -17,14 +17,20 @@ fn demo() -> Bundle {
     Bundle::load(&demo_dir()).unwrap_or_else(|d| panic!("demo bundle invalid:\n{d}"))
 }
 
-/// A copy of the demo bundle with `file` replaced by `content`, loaded: the diagnostics.
-fn load_with(file: &str, content: &str) -> Vec<String> {
+/// A copy of the demo bundle with `file` replaced by `content`.
+fn demo_with(file: &str, content: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(demo_dir()).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
     }
     std::fs::write(tmp.path().join(file), content).unwrap();
+    tmp
+}
+
+/// A copy of the demo bundle with `file` replaced by `content`, loaded: the diagnostics.
+fn load_with(file: &str, content: &str) -> Vec<String> {
+    let tmp = demo_with(file, content);
     match Bundle::load(tmp.path()) {
         Ok(_) => vec![],
         Err(d) => {
@@ -205,10 +211,6 @@ fn revision_and_identities_are_stable() {
     assert!(a.revision().starts_with("sha256:") && a.revision().len() == 7 + 16);
     // Reordering the inventory keeps every identity's ID; an edit changes the revision.
     let text = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    for f in ["schema.cedarschema", "baseline.cedar", "purpose.cedar"] {
-        std::fs::copy(demo_dir().join(f), tmp.path().join(f)).unwrap();
-    }
     let (head, rest) = text.split_at(text.find("  - name: acme-retriever").unwrap());
     let (first, others) = rest.split_at(rest.find("  - name: acme-evaluator").unwrap());
     let (workloads, endpoints) = others.split_at(others.find("\nendpoints:").unwrap());
@@ -216,7 +218,7 @@ fn revision_and_identities_are_stable() {
         "{head}{workloads}\n{first}{}",
         endpoints.trim_start_matches('\n')
     );
-    std::fs::write(tmp.path().join("inventory.yaml"), reordered).unwrap();
+    let tmp = demo_with("inventory.yaml", &reordered);
     let c = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
     assert_ne!(c.revision(), a.revision());
     for i in a.identities().iter() {
@@ -285,69 +287,73 @@ workloads:
     // Every problem, not just the first.
     assert!(d.len() >= 14, "{}", d.join("\n"));
 
-    // Semantic problems needing the schema: an action it does not declare.
-    let inv = format!("{GOOD_INV}    ports: [{{port: 8000, action: teleport}}]\n");
-    let d = load_with("inventory.yaml", &inv);
-    assert_diag(
-        &d,
-        "inventory.yaml:7:34:",
-        "action `teleport` is not declared in the schema",
-    );
-    // An action the schema declares, but not for this resource type.
-    let inv = format!("{GOOD_INV}    ports: [{{port: 8000, action: query}}]\n");
-    let d = load_with("inventory.yaml", &inv);
-    assert_diag(
-        &d,
-        "inventory.yaml:7:34:",
-        "cannot be reached with action `query`",
-    );
+    // Semantic problems needing the schema.
+    for (action, message) in [
+        // An action it does not declare.
+        (
+            "teleport",
+            "action `teleport` is not declared in the schema",
+        ),
+        // An action it declares, but not for this resource type.
+        ("query", "cannot be reached with action `query`"),
+    ] {
+        let inv = format!("{GOOD_INV}    ports: [{{port: 8000, action: {action}}}]\n");
+        let d = load_with("inventory.yaml", &inv);
+        assert_diag(&d, "inventory.yaml:7:34:", message);
+    }
 
     assert!(load_with("inventory.yaml", GOOD_INV).is_empty());
 }
 
 #[test]
 fn cedar_errors_have_exact_locations() {
-    // Syntax error, in the second file: located in that file.
-    let d = load_with(
-        "purpose.cedar",
-        "// comment\npermit (principal, action, resource)\nwhen { principal.tenant == };\n",
-    );
-    assert_diag(&d, "purpose.cedar:3:", "");
-    // Schema (strict validation) error: an attribute the schema does not have.
-    let d = load_with(
-        "purpose.cedar",
-        "\n\n@id(\"x\")\nforbid (principal, action, resource)\nwhen { principal.colour == \"red\" };\n",
-    );
-    assert_diag(&d, "purpose.cedar:5:8:", "colour");
-    // Unknown ATLAS ID in an annotation, at the annotation.
-    let d = load_with("purpose.cedar", "\n@id(\"x\")\n  @atlas(\"AML.T0085.000, AML.T0000.999\")\nforbid (principal, action, resource);\n");
-    assert_diag(
-        &d,
-        "purpose.cedar:3:3:",
-        "unknown ATLAS technique `AML.T0000.999`",
-    );
-    // Duplicate @id across files.
-    let d = load_with(
-        "purpose.cedar",
-        "@id(\"same-tenant\")\nforbid (principal, action, resource);\n",
-    );
-    assert_diag(
-        &d,
-        "purpose.cedar:1:1:",
-        "duplicate policy id `same-tenant`",
-    );
-    // A forbid that can fail at evaluation time would turn into an allow.
-    let d = load_with(
-        "purpose.cedar",
-        "\n@id(\"x\")\nforbid (principal, action, resource) when { context.port + 1 > 10 };\n",
-    );
-    assert_diag(&d, "purpose.cedar:2:1:", "can fail at evaluation time");
-    // Schema syntax error.
-    let d = load_with(
-        "schema.cedarschema",
-        "entity Workload = {\n  tenant: String,\n  risk: ;\n};\n",
-    );
-    assert_diag(&d, "schema.cedarschema:3:", "");
+    // (file replaced, its content, expected location, expected message part)
+    for (file, content, at, message) in [
+        // Syntax error, in the second file: located in that file.
+        (
+            "purpose.cedar",
+            "// comment\npermit (principal, action, resource)\nwhen { principal.tenant == };\n",
+            "purpose.cedar:3:",
+            "",
+        ),
+        // Schema (strict validation) error: an attribute the schema does not have.
+        (
+            "purpose.cedar",
+            "\n\n@id(\"x\")\nforbid (principal, action, resource)\nwhen { principal.colour == \"red\" };\n",
+            "purpose.cedar:5:8:",
+            "colour",
+        ),
+        // Unknown ATLAS ID in an annotation, at the annotation.
+        (
+            "purpose.cedar",
+            "\n@id(\"x\")\n  @atlas(\"AML.T0085.000, AML.T0000.999\")\nforbid (principal, action, resource);\n",
+            "purpose.cedar:3:3:",
+            "unknown ATLAS technique `AML.T0000.999`",
+        ),
+        // Duplicate @id across files.
+        (
+            "purpose.cedar",
+            "@id(\"same-tenant\")\nforbid (principal, action, resource);\n",
+            "purpose.cedar:1:1:",
+            "duplicate policy id `same-tenant`",
+        ),
+        // A forbid that can fail at evaluation time would turn into an allow.
+        (
+            "purpose.cedar",
+            "\n@id(\"x\")\nforbid (principal, action, resource) when { context.port + 1 > 10 };\n",
+            "purpose.cedar:2:1:",
+            "can fail at evaluation time",
+        ),
+        // Schema syntax error.
+        (
+            "schema.cedarschema",
+            "entity Workload = {\n  tenant: String,\n  risk: ;\n};\n",
+            "schema.cedarschema:3:",
+            "",
+        ),
+    ] {
+        assert_diag(&load_with(file, content), at, message);
+    }
     // A schema without the entity model: inventory entities do not fit it.
     let d = load_with("schema.cedarschema", "entity Workload;\nentity Endpoint;\nentity World;\naction connect appliesTo { principal: Workload, resource: [Workload, Endpoint, World] };\n");
     assert!(!d.is_empty());
@@ -641,19 +647,14 @@ fn recompile_needs_the_same_bundle() {
 /// keeps its decisions (its group's representative may have been the one that moved).
 #[test]
 fn a_subject_that_changes_leaves_its_old_group_intact() {
-    let tmp = tempfile::tempdir().unwrap();
-    for f in ["schema.cedarschema", "baseline.cedar", "purpose.cedar"] {
-        std::fs::copy(demo_dir().join(f), tmp.path().join(f)).unwrap();
-    }
-    std::fs::write(
-        tmp.path().join("inventory.yaml"),
+    let tmp = demo_with(
+        "inventory.yaml",
         "tenants: [acme]\nworkloads:\n\
          - {name: a, tenant: acme, purpose: retrieval, ring: prod, risk: 0.5, cgroups: [x/a], ips: [127.10.1.2]}\n\
          - {name: b, tenant: acme, purpose: retrieval, ring: prod, risk: 0.5, cgroups: [x/b], ips: [127.10.1.3]}\n\
          endpoints:\n\
          - {name: v, tenant: acme, kind: vector_db, ips: [127.10.1.10], ports: [{port: 6333, action: query}]}\n",
-    )
-    .unwrap();
+    );
     let mut b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
     let mut c = b.compile().unwrap();
     let id = |c: &crate::Compiled, n: &str| c.identity_by_name(n).unwrap().id;

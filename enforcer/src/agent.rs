@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub allow_root_cgroup: bool,
+    /// Sync `policies` from a remote PDP.
+    pub pdp: Option<crate::pdp::SyncOptions>,
 }
 
 /// What `enforcer status` reads about the running agent (the kernel side it reads from pins).
@@ -52,6 +54,9 @@ pub struct AgentState {
     pub risk_overrides: BTreeMap<String, String>,
     #[serde(default)]
     pub quarantined: Vec<String>,
+    /// Set when the policy comes from a remote PDP.
+    #[serde(default)]
+    pub pdp_url: Option<String>,
 }
 
 /// Lines for the SOC that are not denied calls.
@@ -161,11 +166,31 @@ struct Agent {
     quarantined: BTreeSet<u32>,
     risk_overrides: BTreeMap<String, String>,
     fingerprint: Fingerprint,
+    /// When the policy in force was written to the kernel (RFC 3339).
+    applied_at: String,
     notices: mpsc::UnboundedSender<Notice>,
     published: watch::Sender<Arc<Compiled>>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
+    // With a remote PDP, `policies` is the directory the sync task keeps the last good bundle
+    // in (persisted, so a restart without the PDP still enforces); wait for one, at once when
+    // one is already there.
+    let _pdp = match options.pdp.clone() {
+        Some(sync_options) => {
+            let url = sync_options.url.clone();
+            let handle = crate::pdp::sync::try_spawn(sync_options)?;
+            if !handle.first_sync(Duration::from_secs(60)).await {
+                bail!(
+                    "no policy to enforce: the PDP {url} gave no good bundle within 60 s and none is persisted in {} ({})",
+                    options.policies.display(),
+                    handle.status().last_error.unwrap_or_default()
+                );
+            }
+            Some(handle)
+        }
+        None => None,
+    };
     let Prepared {
         cgroup_mount,
         cgroup_root,
@@ -206,6 +231,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         unresolved: Unresolved::default(),
         quarantined,
         risk_overrides,
+        applied_at: now(),
         notices,
         published,
     };
@@ -270,6 +296,7 @@ impl Agent {
         };
         let (desired, unresolved) = desired_state(&self.compiled, &self.cgroup_mount, &overrides);
         let report = self.datapath.tables.apply(&desired)?;
+        self.applied_at = now();
         report_unresolved(&self.unresolved, &unresolved);
         self.unresolved = unresolved;
         self.cgroups = desired.cgroups;
@@ -332,6 +359,13 @@ impl Agent {
             Ok(ok) => ok,
             Err(error) => return self.reject(error),
         };
+        // The directory may have changed while it was read (a PDP sync swaps it whole): load
+        // again on the next tick rather than apply a bundle read half before, half after.
+        if fingerprint(&self.options.policies) != self.fingerprint {
+            tracing::info!("policy directory changed while it was read; reloading");
+            self.fingerprint.clear();
+            return;
+        }
         let previous = std::mem::replace(&mut self.compiled, Arc::new(compiled));
         if let Err(error) = self.apply_full() {
             // The swap is the last step of apply; a failure before it leaves the old table active.
@@ -493,7 +527,7 @@ impl Agent {
             pid: std::process::id(),
             policies: self.options.policies.clone(),
             revision: self.compiled.revision().to_string(),
-            applied_at: now(),
+            applied_at: self.applied_at.clone(),
             cgroup_root: self.cgroup_root.clone(),
             pin_dir: self.datapath.dir().to_path_buf(),
             unresolved_cgroups: self.unresolved.0.iter().cloned().collect(),
@@ -503,6 +537,7 @@ impl Agent {
                 .iter()
                 .map(|id| self.name_of(*id))
                 .collect(),
+            pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)

@@ -25,9 +25,19 @@ struct Cli {
 enum Command {
     /// Run the node agent: compile the policy into the kernel, attach, stream deny events.
     Run {
-        /// Policy bundle directory (inventory.yaml, schema.cedarschema, *.cedar).
-        #[arg(long)]
-        policies: PathBuf,
+        /// Policy bundle directory (inventory.yaml, schema.cedarschema, *.cedar). With --pdp:
+        /// where the PDP's bundle is kept (default: <state dir>/pdp-bundle).
+        #[arg(long, required_unless_present = "pdp")]
+        policies: Option<PathBuf>,
+        /// Sync the policy from a remote PDP: https://HOST:PORT (http:// only on loopback).
+        #[arg(long, requires = "pdp_token_file")]
+        pdp: Option<String>,
+        /// File with the PDP's bearer token.
+        #[arg(long, requires = "pdp")]
+        pdp_token_file: Option<PathBuf>,
+        /// PEM CA certificate(s) to trust for the PDP (default: the system CA bundle).
+        #[arg(long, requires = "pdp")]
+        pdp_ca: Option<PathBuf>,
         /// The cgroup subtree to enforce, relative to the cgroup v2 mount (or absolute).
         #[arg(long, default_value = "kubepods")]
         cgroup_root: String,
@@ -71,6 +81,11 @@ enum Command {
     Quarantine {
         #[command(subcommand)]
         command: QuarantineCommand,
+    },
+    /// The remote Policy Decision Point: one bundle for many nodes.
+    Pdp {
+        #[command(subcommand)]
+        command: PdpCommand,
     },
     /// Uninstall: remove the pinned links (detaching the programs) and maps.
     Detach {
@@ -130,6 +145,32 @@ enum QuarantineCommand {
 }
 
 #[derive(Subcommand)]
+enum PdpCommand {
+    /// Serve a policy bundle directory to agents (`enforcer run --pdp URL`): only bundles that
+    /// validate, behind a bearer token, over HTTPS (plain HTTP only on loopback).
+    Serve {
+        /// The bundle directory (watched: valid edits are published, invalid ones logged).
+        #[arg(long)]
+        policies: PathBuf,
+        /// Address to listen on, e.g. 0.0.0.0:8443 (with TLS) or 127.0.0.1:8080.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// File holding the bearer token agents must present (else $ENFORCER_PDP_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// PEM certificate chain for HTTPS (with --tls-key).
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for HTTPS (with --tls-cert).
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// Written with the bound address once serving (useful with port 0).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a bundle; prints every problem as file:line:column and exits 1 if any.
     Check { dir: PathBuf },
@@ -177,8 +218,23 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             ring_buffer_bytes,
             ready_file,
             allow_root_cgroup,
+            pdp,
+            pdp_token_file,
+            pdp_ca,
         } => {
+            let state_dir = pins.state_dir();
+            let policies = policies.unwrap_or_else(|| state_dir.join("pdp-bundle"));
+            let pdp = match (pdp, pdp_token_file) {
+                (Some(url), Some(token_file)) => Some(enforcer::pdp::SyncOptions {
+                    url,
+                    token: enforcer::pdp::sync::read_token(&token_file)?,
+                    ca_cert: pdp_ca,
+                    target_dir: policies.clone(),
+                }),
+                _ => None,
+            };
             let options = RunOptions {
+                pdp,
                 policies,
                 cgroup_root,
                 events,
@@ -269,6 +325,31 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             QuarantineCommand::List { pins } => control_call(&pins, Request::QuarantineList),
         },
+        Command::Pdp {
+            command:
+                PdpCommand::Serve {
+                    policies,
+                    listen,
+                    token_file,
+                    tls_cert,
+                    tls_key,
+                    ready_file,
+                },
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(enforcer::pdp::serve(enforcer::pdp::ServeOptions {
+                policies,
+                listen,
+                token_file,
+                tls_cert,
+                tls_key,
+                ready_file,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Detach { pins } => {
             enforcer::datapath::detach(&pins.pin_root)?;
             let _ = std::fs::remove_dir_all(pins.state_dir());

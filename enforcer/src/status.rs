@@ -42,6 +42,8 @@ pub struct Status {
     pub active_policy_table: u32,
     pub audit: bool,
     pub policy_generation: u64,
+    /// Where the policy comes from when the agent syncs from a remote PDP, and how stale it is.
+    pub pdp: Option<crate::pdp::PdpStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,8 +96,18 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
             }
         }
     }
+    let state = crate::agent::read_state(state_dir);
+    let pdp = state
+        .as_ref()
+        .filter(|s| s.pdp_url.is_some())
+        .and_then(|s| {
+            crate::pdp::read_status(&crate::pdp::status_file(&s.policies))
+                .ok()
+                .flatten()
+        });
     let agent = read_agent_state(state_dir);
     Ok(Status {
+        pdp,
         pin_dir: dir,
         agent,
         hooks,
@@ -175,6 +187,19 @@ pub fn render(status: &Status) -> String {
                 out,
                 "agent:           no state file (agent never ran with this --state-dir)"
             );
+        }
+    }
+    if let Some(pdp) = &status.pdp {
+        let _ = writeln!(out, "pdp:             {}", pdp.url);
+        let _ = writeln!(
+            out,
+            "pdp staleness:   {}",
+            pdp.stale_seconds
+                .map(|s| format!("{s} s since the last successful sync"))
+                .unwrap_or_else(|| "never synced".into())
+        );
+        if let Some(error) = &pdp.last_error {
+            let _ = writeln!(out, "pdp last error:  {error}");
         }
     }
     let _ = writeln!(

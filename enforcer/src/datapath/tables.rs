@@ -79,7 +79,7 @@ impl Tables {
     }
 
     pub fn config(&self) -> Result<Config> {
-        Ok(self.config.get(&0, 0).context("reading CONFIG")?)
+        self.config.get(&0, 0).context("reading CONFIG")
     }
 
     /// The value the active table holds for a cell (exact port first, then any port), as
