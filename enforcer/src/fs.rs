@@ -133,6 +133,12 @@ mod tests {
     }
 
     #[test]
+    fn leaves_plain_paths_and_trailing_backslashes_alone() {
+        assert_eq!(unescape_mount_path("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape_mount_path("/x\\"), "/x\\");
+    }
+
+    #[test]
     fn cgroup_paths_stay_inside_the_mount() {
         let mount = Path::new("/sys/fs/cgroup/unified");
         assert_eq!(cgroup_path(mount, "demo/a").unwrap(), mount.join("demo/a"));

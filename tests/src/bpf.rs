@@ -1,8 +1,6 @@
 //! Raw BPF helpers the tests need without going through the agent: is BPF usable at all,
 //! which programs are attached to a cgroup (`BPF_PROG_QUERY`), and bpffs pin directories.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -24,25 +22,7 @@ pub const ENFORCER_HOOKS: [(u32, &str); 4] = [
 ];
 
 const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
-
-/// The `BPF_PROG_QUERY` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct ProgQueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
 
 /// The `BPF_MAP_CREATE` prefix of `union bpf_attr`; the rest must be zero.
 #[repr(C)]
@@ -89,65 +69,17 @@ pub fn bpf_available() -> Result<()> {
 }
 
 /// IDs of the programs attached directly to the cgroup at `cgroup_path` for `attach_type`
-/// (not the inherited, effective ones).
+/// (not the inherited, effective ones): the agent's own `BPF_PROG_QUERY`.
 pub fn prog_query(cgroup_path: &Path, attach_type: u32) -> Result<Vec<u32>> {
-    let cg = File::open(cgroup_path).with_context(|| format!("open {}", cgroup_path.display()))?;
-    // 64 is far more than a correct enforcer attaches; a larger count shows as ENOSPC.
-    let mut ids = vec![0u32; 64];
-    let mut attr = ProgQueryAttr {
-        target_fd: cg.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
-    };
-    sys_bpf(BPF_PROG_QUERY, &mut attr).with_context(|| {
-        format!(
-            "bpf(BPF_PROG_QUERY, attach_type {attach_type}) on {}",
-            cgroup_path.display()
-        )
-    })?;
-    ids.truncate(attr.prog_cnt as usize);
-    Ok(ids)
+    enforcer::datapath::attached_programs(cgroup_path, attach_type)
 }
 
-const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// Makes sure `/sys/fs/bpf` is a bpffs (mounting it when it is not: pins need it).
+/// Makes sure `/sys/fs/bpf` is a bpffs (mounting it when it is not: pins need it), the way
+/// the agent does.
 pub fn ensure_bpffs() -> Result<PathBuf> {
-    let path = PathBuf::from(BPFFS);
-    if is_bpffs(&path) {
-        return Ok(path);
-    }
-    std::fs::create_dir_all(&path).ok();
-    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
-    let (src, dir, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dir.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 && !is_bpffs(&path) {
-        return Err(std::io::Error::last_os_error()).context("mount -t bpf bpf /sys/fs/bpf");
-    }
+    let path = PathBuf::from(enforcer::fs::BPFFS);
+    enforcer::fs::ensure_bpffs(&path.join("enforcer-tests"))?;
     Ok(path)
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
 }
 
 /// A unique pin directory path under bpffs, removed (`rm -rf`) on drop. The directory itself

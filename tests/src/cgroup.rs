@@ -22,38 +22,7 @@ fn created() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
 
 /// The cgroup v2 mount point, from `/proc/self/mounts`.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        let (_dev, Some(dir), Some(fstype)) = (fields.next(), fields.next(), fields.next()) else {
-            continue;
-        };
-        if fstype == "cgroup2" {
-            return Ok(PathBuf::from(unescape_mount_path(dir)));
-        }
-    }
-    bail!("no cgroup2 filesystem in /proc/self/mounts")
-}
-
-/// `/proc/self/mounts` escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b.get(i + 1..i + 4);
-        if b[i] == b'\\' && oct.is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c))) {
-            let o = oct.expect("checked");
-            let v =
-                u16::from(o[0] - b'0') * 64 + u16::from(o[1] - b'0') * 8 + u16::from(o[2] - b'0');
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    enforcer::fs::cgroup2_mount()
 }
 
 /// A cgroup made by a test. Drop kills every process in it (and below it), then removes it
@@ -214,17 +183,5 @@ pub fn remove_cgroup_tree(dir: &Path, timeout: Duration) -> Result<()> {
             }
             Some(_) => std::thread::sleep(Duration::from_millis(20)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_mount_paths() {
-        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount_path("/sys/fs/cgroup"), "/sys/fs/cgroup");
-        assert_eq!(unescape_mount_path("/x\\"), "/x\\");
     }
 }
