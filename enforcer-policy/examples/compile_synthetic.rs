@@ -16,10 +16,22 @@ fn main() {
         arg(3, 50),
     );
     println!("{report}");
+    let new_identity = enforcer_policy::testutil::bench_new_identity_sized(
+        &dir,
+        arg(0, 1000),
+        arg(1, 100),
+        arg(2, 2),
+        arg(3, 50),
+    );
+    print!("{new_identity}");
     if std::env::var_os("JSON").is_some() {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&new_identity).unwrap_or_default()
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

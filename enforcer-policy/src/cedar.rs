@@ -40,6 +40,10 @@ pub(crate) struct Analysis {
     pub uid_sensitive: bool,
     /// A policy uses `context` as a whole value: then both port and protocol matter.
     pub context_whole: bool,
+    /// Entities named by a literal whose attributes a policy reads (`Workload::"w".tenant`):
+    /// every decision may depend on their attributes, so a compile can only reuse answers
+    /// of another inventory if these entities are unchanged in it.
+    pub derefs: BTreeSet<(String, String)>,
 }
 
 impl Analysis {
@@ -109,6 +113,13 @@ impl Analysis {
                         self.attrs.insert(a.clone());
                     }
                     if let Some(l) = arg.get("left") {
+                        // Anything but a variable dereferenced: every entity literal in it
+                        // may be the one read (conservative).
+                        if l.get("Var").is_none() {
+                            let mut named = Analysis::default();
+                            named.collect_uids(l);
+                            self.derefs.extend(named.uids);
+                        }
                         self.walk(l, true);
                     }
                     return;
@@ -246,11 +257,22 @@ fn located(file: &Path, text: &str, err: &dyn miette::Diagnostic, fallback: usiz
 }
 
 fn uid(ty: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(type_name(ty), EntityId::new(id))
+}
+
+/// The `EntityTypeName` of `ty`. Parsing one runs Cedar's parser (a lexer built per call),
+/// which dominated a load when done for every entity: the fixed types are parsed once.
+fn type_name(ty: &str) -> EntityTypeName {
+    use std::sync::OnceLock;
+    const FIXED: [&str; 4] = ["Workload", "Endpoint", "World", "Action"];
+    static PARSED: OnceLock<Vec<EntityTypeName>> = OnceLock::new();
     #[allow(clippy::expect_used)]
-    EntityUid::from_type_name_and_id(
-        EntityTypeName::from_str(ty).expect("entity type names are fixed identifiers"),
-        EntityId::new(id),
-    )
+    let parse =
+        |t: &str| EntityTypeName::from_str(t).expect("entity type names are fixed identifiers");
+    match FIXED.iter().position(|&t| t == ty) {
+        Some(i) => PARSED.get_or_init(|| FIXED.map(parse).to_vec())[i].clone(),
+        None => parse(ty),
+    }
 }
 
 pub(crate) fn action_uid(action: &str) -> EntityUid {
@@ -756,6 +778,15 @@ mod tests {
         assert!(a.uids.contains(&("Workload".into(), "a".into())));
         assert!(a.uids.contains(&("Endpoint".into(), "e".into())));
         assert!(!a.uid_sensitive && !a.context_whole);
+        assert!(a.derefs.is_empty());
+        let d = analyse(
+            r#"permit (principal, action, resource) when { principal.tenant == Endpoint::"e".tenant && (if principal.ring == "x" then Workload::"a" else Workload::"b") has ring };"#,
+        );
+        let want: BTreeSet<(String, String)> =
+            [("Endpoint", "e"), ("Workload", "a"), ("Workload", "b")]
+                .map(|(t, i)| (t.to_string(), i.to_string()))
+                .into();
+        assert_eq!(d.derefs, want);
         assert!(a.reads_port() && !a.reads_protocol());
         assert!(
             analyse("permit (principal, action, resource) when { principal == resource };")

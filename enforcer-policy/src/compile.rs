@@ -9,8 +9,15 @@
 //! is asked once per (subject signature, destination signature, action, context) and the
 //! answer fans out to every cell of the group. The answers are kept, so attributing a kernel
 //! deny to its determining policies is a lookup.
+//!
+//! A compile of an edited inventory under the same policies ([`Bundle::compile_incremental`])
+//! starts from the previous table's answers: a signature number of the new bundle is mapped
+//! to the previous bundle's number of the same signature, and an answer found there is taken
+//! instead of asking Cedar. Caches fill in the same order as in a full compile, so the result
+//! is the same, caches included.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use enforcer_common::{identity as reserved, PolicyKey, PolicyValue};
@@ -47,6 +54,70 @@ mod duration_secs {
     }
 }
 
+/// A fast hasher for the grouping caches (FxHash's multiply-rotate, with a final mix):
+/// keys are small integers and inventory strings, hashed hundreds of thousands of times per
+/// compile, and SipHash dominated the compile. Not DoS-resistant, which the keys (from the
+/// operator's own bundle) do not need.
+#[derive(Clone, Copy, Default)]
+struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(n as u64);
+    }
+    #[inline]
+    fn write_u16(&mut self, n: u16) {
+        self.add(n as u64);
+    }
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.add(n as u64);
+    }
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        // The murmur3 finalizer: hashbrown takes bucket bits from the bottom and tag bits
+        // from the top, and the multiply leaves the bottom bits weak.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
 /// What one group request is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct GroupKey {
@@ -72,6 +143,9 @@ pub struct Compiled {
     rules: Vec<PolicyRef>,
     /// The grouping caches, kept for attribution and for incremental recompiles.
     grouping: Grouping,
+    /// The bundle's policy hash and the data of the entities the policies dereference:
+    /// equal fingerprints answer equal signatures equally (see `compile_incremental`).
+    policy_fingerprint: String,
     implicit_deny_atlas: Vec<AtlasTechnique>,
     unknown_subject_atlas: Vec<AtlasTechnique>,
     stats: CompileStats,
@@ -152,7 +226,7 @@ type Destination<'a> = (usize, &'a Identity, Vec<Cell>);
 /// it now.
 #[derive(Clone, Default)]
 struct Numbering {
-    numbers: HashMap<Signature, u32>,
+    numbers: FastMap<Signature, u32>,
     /// Identity index -> signature number.
     sig: Vec<u32>,
     /// Signature number -> an identity that has it now (`None`: nobody has it any more).
@@ -167,6 +241,32 @@ impl Numbering {
         };
         for (i, ident) in ids.iter().enumerate() {
             let s = n.number(signature_of(ident, analysis), i);
+            n.sig.push(s);
+        }
+        n
+    }
+
+    /// A policy's numbering, from the whole-set one: identities with the same whole-set
+    /// signature have the same signature for each policy (a policy reads a subset of what
+    /// all read), so each policy signature is computed once per whole-set signature. Numbers
+    /// and representatives are those of `Numbering::new(ids, analysis)`: both go to the
+    /// first identity, in order, with the signature.
+    fn derived(ids: &Identities, analysis: &Analysis, whole: &Numbering) -> Numbering {
+        let mut n = Numbering {
+            sig: Vec::with_capacity(ids.len()),
+            ..Numbering::default()
+        };
+        let mut by_whole: Vec<Option<u32>> = vec![None; whole.reps.len()];
+        for (i, ident) in ids.iter().enumerate() {
+            let w = whole.sig[i] as usize;
+            let s = match by_whole[w] {
+                Some(s) => s,
+                None => {
+                    let s = n.number(signature_of(ident, analysis), i);
+                    by_whole[w] = Some(s);
+                    s
+                }
+            };
             n.sig.push(s);
         }
         n
@@ -211,7 +311,7 @@ struct PerPolicy {
     numbering: Numbering,
     reads_port: bool,
     reads_protocol: bool,
-    satisfied: HashMap<PolicyGroupKey, bool>,
+    satisfied: FastMap<PolicyGroupKey, bool>,
 }
 
 /// Everything compilation caches: signatures (whole-set and per policy), the answer of every
@@ -222,9 +322,9 @@ struct Grouping {
     whole: Numbering,
     per_policy: Vec<PerPolicy>,
     actions: HashMap<String, u32>,
-    groups: HashMap<GroupKey, u32>,
+    groups: FastMap<GroupKey, u32>,
     answers: Vec<Answer>,
-    answer_ids: HashMap<Answer, u32>,
+    answer_ids: FastMap<Answer, u32>,
     reads_port: bool,
     reads_protocol: bool,
     /// Single-policy Cedar evaluations so far.
@@ -234,24 +334,25 @@ struct Grouping {
 impl Grouping {
     fn new(ids: &Identities, engine: &Engine) -> Grouping {
         let analysis = &engine.analysis;
+        let whole = Numbering::new(ids, analysis);
         Grouping {
-            whole: Numbering::new(ids, analysis),
             per_policy: engine
                 .singles
                 .iter()
                 .map(|(_, a)| PerPolicy {
-                    numbering: Numbering::new(ids, a),
+                    numbering: Numbering::derived(ids, a, &whole),
                     reads_port: a.reads_port(),
                     reads_protocol: a.reads_protocol(),
-                    satisfied: HashMap::new(),
+                    satisfied: FastMap::default(),
                 })
                 .collect(),
             actions: HashMap::new(),
-            groups: HashMap::new(),
+            groups: FastMap::default(),
             answers: Vec::new(),
-            answer_ids: HashMap::new(),
+            answer_ids: FastMap::default(),
             reads_port: analysis.reads_port(),
             reads_protocol: analysis.reads_protocol(),
+            whole,
             decisions: 0,
         }
     }
@@ -314,8 +415,21 @@ impl Grouping {
         }
     }
 
+    /// The number of `answer` in `answers`, added if new.
+    fn intern(&mut self, answer: Answer) -> u32 {
+        match self.answer_ids.get(&answer) {
+            Some(&a) => a,
+            None => {
+                let a = self.answers.len() as u32;
+                self.answer_ids.insert(answer.clone(), a);
+                self.answers.push(answer);
+                a
+            }
+        }
+    }
+
     /// The answer (index into `answers`) for subject `si` x destination `di` x `cell`,
-    /// asking Cedar only for policy groups not seen before.
+    /// asking Cedar only for policy groups not seen before (here, or in `carried`).
     fn answer(
         &mut self,
         engine: &Engine,
@@ -323,6 +437,7 @@ impl Grouping {
         si: usize,
         di: usize,
         cell: &Cell,
+        mut carried: Option<&mut Carried>,
     ) -> Result<u32, PolicyError> {
         let Cell {
             port,
@@ -334,6 +449,21 @@ impl Grouping {
         let key = self.key(si, di, action_no, port, protocol);
         if let Some(&a) = self.groups.get(&key) {
             return Ok(a);
+        }
+        if let Some(c) = carried.as_deref_mut() {
+            if let Some(previous) = c.group(&key) {
+                let a = match c.answers[previous as usize] {
+                    Some(a) => a,
+                    None => {
+                        let a = self.intern(c.prev.answers[previous as usize].clone());
+                        c.answers[previous as usize] = Some(a);
+                        a
+                    }
+                };
+                c.group_hits += 1;
+                self.groups.insert(key, a);
+                return Ok(a);
+            }
         }
         // Evaluate each policy in its own groups, then combine as Cedar does: deny if a
         // forbid is satisfied, allow if a permit is, else deny.
@@ -349,18 +479,24 @@ impl Grouping {
             let sat = match pp.satisfied.get(&pkey) {
                 Some(&sat) => sat,
                 None => {
-                    self.decisions += 1;
-                    let (rs, rd) = (pp.numbering.rep(pkey.0), pp.numbering.rep(pkey.1));
-                    let sat = engine
-                        .satisfied(r, rs, action, rd, port, protocol)
-                        .map_err(|message| PolicyError::Evaluation {
-                            from: ids.at(rs).name.clone(),
-                            to: ids.at(rd).name.clone(),
-                            port,
-                            protocol,
-                            action: action.clone(),
-                            message,
-                        })?;
+                    let reused = carried.as_deref_mut().and_then(|c| c.satisfied(r, &pkey));
+                    let sat = match reused {
+                        Some(sat) => sat,
+                        None => {
+                            self.decisions += 1;
+                            let (rs, rd) = (pp.numbering.rep(pkey.0), pp.numbering.rep(pkey.1));
+                            engine
+                                .satisfied(r, rs, action, rd, port, protocol)
+                                .map_err(|message| PolicyError::Evaluation {
+                                    from: ids.at(rs).name.clone(),
+                                    to: ids.at(rd).name.clone(),
+                                    port,
+                                    protocol,
+                                    action: action.clone(),
+                                    message,
+                                })?
+                        }
+                    };
                     pp.satisfied.insert(pkey, sat);
                     sat
                 }
@@ -383,15 +519,7 @@ impl Grouping {
                 rules: forbids,
             }
         };
-        let a = match self.answer_ids.get(&answer) {
-            Some(&a) => a,
-            None => {
-                let a = self.answers.len() as u32;
-                self.answer_ids.insert(answer.clone(), a);
-                self.answers.push(answer);
-                a
-            }
-        };
+        let a = self.intern(answer);
         self.groups.insert(key, a);
         Ok(a)
     }
@@ -422,7 +550,129 @@ impl Grouping {
     }
 }
 
-pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
+/// The caches of a previous compile under the same policies (same fingerprint), read
+/// through this compile's numbering: a signature (or action) number here is mapped to the
+/// previous compile's number for the same signature, if it had one.
+struct Carried<'a> {
+    prev: &'a Grouping,
+    whole: Vec<Option<u32>>,
+    per_policy: Vec<Vec<Option<u32>>>,
+    actions: Vec<Option<u32>>,
+    /// Previous answer index -> this compile's, once interned.
+    answers: Vec<Option<u32>>,
+    /// Cell groups and single-policy answers taken from `prev` instead of asking Cedar.
+    group_hits: usize,
+    policy_hits: usize,
+}
+
+impl<'a> Carried<'a> {
+    /// `now` must have its actions numbered (`Grouping::destinations`).
+    fn new(prev: &'a Grouping, now: &Grouping) -> Carried<'a> {
+        let map = |now: &Numbering, prev: &Numbering| {
+            let mut m = vec![None; now.reps.len()];
+            for (sig, &n) in &now.numbers {
+                m[n as usize] = prev.numbers.get(sig).copied();
+            }
+            m
+        };
+        let mut actions = vec![None; now.actions.len()];
+        for (name, &n) in &now.actions {
+            actions[n as usize] = prev.actions.get(name).copied();
+        }
+        Carried {
+            prev,
+            whole: map(&now.whole, &prev.whole),
+            per_policy: now
+                .per_policy
+                .iter()
+                .zip(&prev.per_policy)
+                .map(|(now, prev)| map(&now.numbering, &prev.numbering))
+                .collect(),
+            actions,
+            answers: vec![None; prev.answers.len()],
+            group_hits: 0,
+            policy_hits: 0,
+        }
+    }
+
+    fn translate(map: &[Option<u32>], n: u32) -> Option<u32> {
+        map.get(n as usize).copied().flatten()
+    }
+
+    /// The previous answer index of this compile's cell group `key`.
+    fn group(&self, key: &GroupKey) -> Option<u32> {
+        let previous = GroupKey {
+            subject: Self::translate(&self.whole, key.subject)?,
+            destination: Self::translate(&self.whole, key.destination)?,
+            action: Self::translate(&self.actions, key.action)?,
+            port: key.port,
+            protocol: key.protocol,
+        };
+        self.prev.groups.get(&previous).copied()
+    }
+
+    /// Whether policy `rule` was satisfied for this compile's policy group `key`, if the
+    /// previous compile knew.
+    fn satisfied(&mut self, rule: usize, key: &PolicyGroupKey) -> Option<bool> {
+        let map = &self.per_policy[rule];
+        let (s, d, action, port, protocol) = *key;
+        let previous = (
+            Self::translate(map, s)?,
+            Self::translate(map, d)?,
+            Self::translate(&self.actions, action)?,
+            port,
+            protocol,
+        );
+        let sat = self.prev.per_policy[rule].satisfied.get(&previous).copied();
+        if sat.is_some() {
+            self.policy_hits += 1;
+        }
+        sat
+    }
+}
+
+/// What decides how a signature is answered, besides the signature: the schema and policies
+/// ([`Bundle::policy_hash`]) and the attributes of the entities the policies dereference by
+/// name (`Workload::"w".tenant`).
+fn policy_fingerprint(bundle: &Bundle) -> String {
+    let ids = bundle.identities();
+    let mut parts = vec![("policies".to_string(), bundle.policy_hash().to_string())];
+    for (ty, name) in &bundle.engine().analysis.derefs {
+        let data = ids
+            .index_of(name)
+            .map(|i| ids.at(i))
+            .filter(|x| x.kind.cedar_type() == ty)
+            .map_or_else(
+                || "absent".to_string(),
+                |x| {
+                    let mut datasets = x.datasets.clone();
+                    datasets.sort();
+                    datasets.dedup();
+                    format!(
+                        "{:?}",
+                        (
+                            &x.tenant,
+                            &x.purpose,
+                            &x.ring,
+                            &x.spiffe_id,
+                            &x.risk,
+                            &x.endpoint_kind,
+                            datasets
+                        )
+                    )
+                },
+            );
+        parts.push((format!("{ty}::{name}"), data));
+    }
+    crate::hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 16)
+}
+
+/// A full compile, or with `previous`, one that reuses its answers if its fingerprint is
+/// this bundle's.
+pub(crate) fn compile(
+    bundle: &Bundle,
+    previous: Option<&Compiled>,
+) -> Result<Compiled, PolicyError> {
     let start = Instant::now();
     let engine = bundle.engine();
     let ids = bundle.identities();
@@ -434,6 +684,25 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         .filter(|(_, x)| x.is_subject())
         .collect();
     let destinations = grouping.destinations(ids);
+    let fingerprint = policy_fingerprint(bundle);
+    let mut carried = previous.and_then(|p| {
+        let same = p.policy_fingerprint == fingerprint
+            && p.grouping.per_policy.len() == grouping.per_policy.len();
+        if !same {
+            tracing::debug!(
+                previous = %p.bundle_revision,
+                revision = bundle.revision(),
+                "policies or the entities they name changed: compiling in full"
+            );
+        }
+        same.then(|| Carried::new(&p.grouping, &grouping))
+    });
+    if let Some(c) = &carried {
+        // About as many groups as last time: no rehashing while the table fills.
+        grouping.groups.reserve(c.prev.groups.len());
+        grouping.answer_ids.reserve(c.prev.answers.len());
+        grouping.answers.reserve(c.prev.answers.len());
+    }
 
     let mut allows = Vec::new();
     let mut cells_seen = 0usize;
@@ -441,7 +710,7 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         for (di, d, dcells) in &destinations {
             for cell in dcells {
                 cells_seen += 1;
-                let answer = grouping.answer(engine, ids, si, *di, cell)?;
+                let answer = grouping.answer(engine, ids, si, *di, cell, carried.as_mut())?;
                 allows.extend(grouping.allow(answer, s, d, cell));
             }
         }
@@ -465,11 +734,17 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         destination_groups: destination_sigs.len(),
         elapsed: start.elapsed(),
     };
+    let (reused_groups, reused_answers) = carried
+        .as_ref()
+        .map_or((0, 0), |c| (c.group_hits, c.policy_hits));
     tracing::info!(
         revision = bundle.revision(),
+        incremental = carried.is_some(),
         cells = stats.cells,
         allows = stats.allows,
         cedar_decisions = stats.cedar_decisions,
+        reused_groups,
+        reused_answers,
         elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
         "policy compiled"
     );
@@ -481,6 +756,7 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, PolicyError> {
         allows,
         rules: engine.rules.clone(),
         grouping,
+        policy_fingerprint: fingerprint,
         implicit_deny_atlas: crate::atlas::lookup_all(&defaults.implicit_deny_atlas),
         unknown_subject_atlas: crate::atlas::lookup_all(&defaults.unknown_subject_atlas),
         stats,
@@ -498,6 +774,14 @@ impl Compiled {
     /// The bundle's content revision alone ([`Bundle::revision`]).
     pub fn bundle_revision(&self) -> &str {
         &self.bundle_revision
+    }
+
+    /// What decides how a signature is answered, besides the signature: the bundle's
+    /// [`Bundle::policy_hash`] and the attributes of the entities its policies dereference
+    /// by name. [`Bundle::compile_incremental`] reuses this table's answers only for a
+    /// bundle with the same fingerprint.
+    pub fn policy_fingerprint(&self) -> &str {
+        &self.policy_fingerprint
     }
 
     /// The risk overrides this table reflects: workload name -> canonical score.
@@ -547,6 +831,16 @@ impl Compiled {
             self.identities.set_risk(i, fresh.at(i).risk.clone());
             self.grouping.renumber(&self.identities, engine, i);
         }
+        let derefs = &engine.analysis.derefs;
+        if changed
+            .iter()
+            .map(|&i| fresh.at(i))
+            .any(|x| derefs.contains(&(x.kind.cedar_type().to_string(), x.name.clone())))
+        {
+            // A policy reads this entity's attributes by name: cached answers now mix its
+            // old and new risk, so no other bundle may reuse them.
+            self.policy_fingerprint.clear();
+        }
 
         let ids = &self.identities;
         let changed_where = |role: fn(&Identity) -> bool| -> HashSet<u32> {
@@ -575,7 +869,7 @@ impl Compiled {
             for &&(di, d, ref dcells) in dests {
                 for cell in dcells {
                     cells_seen += 1;
-                    let answer = self.grouping.answer(engine, ids, si, di, cell)?;
+                    let answer = self.grouping.answer(engine, ids, si, di, cell, None)?;
                     if let Some((k, v)) = self.grouping.allow(answer, s, d, cell) {
                         fresh_allows.insert(k, v);
                     }

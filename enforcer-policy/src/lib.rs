@@ -19,6 +19,10 @@
 //! overrides are in force, the policy snapshot ([`Bundle::snapshot`],
 //! [`Compiled::revision`], events' `policy.snapshot`) is the bundle revision followed by
 //! `+risk(N):HHHHHHHH` (see [`risk::overrides_suffix`]).
+//!
+//! Inventory edits at run time: [`Bundle::compile_incremental`] compiles a reloaded bundle
+//! from the previous [`Compiled`], asking Cedar only about signatures it has not seen, as
+//! long as the schema and policies are unchanged ([`Compiled::policy_fingerprint`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -189,6 +193,9 @@ pub enum PolicyError {
 pub struct Bundle {
     dir: PathBuf,
     revision: String,
+    /// Hash of the schema and the policy files (names and texts): what decides how a
+    /// signature is answered, see [`Bundle::compile_incremental`].
+    policy_hash: String,
     inventory: Inventory,
     identities: Identities,
     engine: cedar::Engine,
@@ -255,6 +262,13 @@ impl Bundle {
         }
         hashed.sort();
         let revision = revision_of(&hashed);
+        let policy_hash = hash_pairs(
+            hashed
+                .iter()
+                .filter(|(name, _)| name != INVENTORY_FILE)
+                .map(|(n, c)| (n.as_str(), c.as_str())),
+            16,
+        );
 
         let inventory = match inv_text.map(|t| Inventory::parse(&inv_path, &t)) {
             Some(Ok(inv)) => Some(inv),
@@ -282,6 +296,7 @@ impl Bundle {
                 Ok(Bundle {
                     dir: dir.to_path_buf(),
                     revision,
+                    policy_hash,
                     inventory,
                     identities,
                     engine,
@@ -418,7 +433,29 @@ impl Bundle {
 
     /// Compile every local subject x destination x declared port into kernel allows.
     pub fn compile(&self) -> Result<Compiled, PolicyError> {
-        compile::compile(self)
+        compile::compile(self, None)
+    }
+
+    /// [`Bundle::compile`], reusing what `previous` (compiled from an earlier bundle, e.g.
+    /// before an inventory edit) learnt from Cedar: when this bundle's schema and policies
+    /// are identical to `previous`'s (and so are the entities the policies name and read
+    /// attributes of, see [`Compiled::policy_fingerprint`]), every (policy, signature) answer
+    /// and every cell group answer of `previous` whose signatures still occur is kept, and
+    /// Cedar is asked only about signatures not seen before. Otherwise this is
+    /// [`Bundle::compile`].
+    ///
+    /// The result is the same as [`Bundle::compile`]'s: allows, rule numbering, attribution,
+    /// and the stats but `cedar_decisions` (the evaluations this call made) and `elapsed`.
+    /// `previous` may carry risk overrides and recompiles ([`Compiled::recompile_subject`]):
+    /// its answers are keyed by signature, risk included, so they stay valid.
+    pub fn compile_incremental(&self, previous: &Compiled) -> Result<Compiled, PolicyError> {
+        compile::compile(self, Some(previous))
+    }
+
+    /// A hash of the schema and the policy files (names and texts): equal for two bundles
+    /// whose policies decide the same signatures the same way (the inventory is not in it).
+    pub fn policy_hash(&self) -> &str {
+        &self.policy_hash
     }
 
     /// The decision for one cell, with everything an operator needs to understand it.

@@ -738,3 +738,433 @@ fn bench_report_runs() {
     assert!(json.get("compiled").is_none());
     assert!(r.to_string().contains("risk change"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Incremental compiles of an edited bundle (`Bundle::compile_incremental`).
+
+/// `inc` (an incremental compile of `b`) is `full` (a full compile of it), cell by cell:
+/// the allows with their rule numbers, the rules, revisions, identities, the stats (but
+/// `cedar_decisions` and `elapsed`), and `is_allowed` and the attribution of every subject
+/// of `b` (and of `extra` ids, e.g. removed subjects) to every identity, on every declared
+/// port and `probes`.
+fn assert_same_compiled(
+    b: &Bundle,
+    full: &crate::Compiled,
+    inc: &crate::Compiled,
+    extra: &[u32],
+    probes: &[(u16, Protocol)],
+) {
+    assert!(full.allows() == inc.allows(), "allows differ");
+    assert_eq!(full.rules(), inc.rules());
+    assert_eq!(full.revision(), inc.revision());
+    assert_eq!(full.bundle_revision(), inc.bundle_revision());
+    assert_eq!(full.policy_fingerprint(), inc.policy_fingerprint());
+    assert_eq!(full.risk_overrides(), inc.risk_overrides());
+    assert!(full.identities().eq(inc.identities()));
+    let comparable = |c: &crate::Compiled| crate::CompileStats {
+        cedar_decisions: 0,
+        elapsed: Default::default(),
+        ..c.stats()
+    };
+    assert_eq!(comparable(full), comparable(inc));
+    let subjects = b
+        .identities()
+        .iter()
+        .filter(|i| i.is_subject())
+        .map(|i| i.id)
+        .chain(extra.iter().copied());
+    let mut cells = 0;
+    for s in subjects {
+        for d in b.identities().iter() {
+            let declared = d.ports.iter().map(|p| (p.port, p.protocol));
+            for (port, protocol) in declared.chain(probes.iter().copied()) {
+                let p = protocol.number();
+                cells += 1;
+                assert_eq!(
+                    full.is_allowed(s, d.id, port, p),
+                    inc.is_allowed(s, d.id, port, p),
+                    "{s} -> {} {port}/{protocol}",
+                    d.name
+                );
+                assert_eq!(
+                    full.attribute(s, d.id, port, p),
+                    inc.attribute(s, d.id, port, p),
+                    "{s} -> {} {port}/{protocol}",
+                    d.name
+                );
+            }
+        }
+    }
+    assert!(cells > 0);
+}
+
+/// Edit `dir`'s inventory.yaml: replace `from` (which must occur once) by `to`.
+fn edit_inventory(dir: &Path, from: &str, to: &str) {
+    let path = dir.join(crate::INVENTORY_FILE);
+    let inv = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(inv.matches(from).count(), 1, "`{from}` in the inventory");
+    std::fs::write(&path, inv.replace(from, to)).unwrap();
+}
+
+fn load(dir: &Path) -> Bundle {
+    Bundle::load(dir).unwrap_or_else(|d| {
+        panic!(
+            "{d}\n{}",
+            std::fs::read_to_string(dir.join(crate::INVENTORY_FILE)).unwrap_or_default()
+        )
+    })
+}
+
+/// The issue-3 scenario (1,000 identities, 100 local, 2 ports, 50 policies): adding,
+/// removing and changing one identity compiles incrementally to exactly the full compile,
+/// asking Cedar only about what it had not seen; a policy edit falls back to a full compile.
+#[test]
+fn incremental_compile_of_the_synthetic_bundle_equals_full() {
+    const N: usize = 1000;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fresh = || synthetic_bundle(dir, N, 100, 2, 50).unwrap();
+    fresh();
+    let base_bundle = load(dir);
+    let base = base_bundle.compile().unwrap();
+    assert_eq!(base.policy_fingerprint().len(), 32);
+    let probes = [(1, Protocol::Tcp)];
+    let check = |extra: &[u32]| {
+        let b = load(dir);
+        let inc = b.compile_incremental(&base).unwrap();
+        let full = b.compile().unwrap();
+        assert_same_compiled(&b, &full, &inc, extra, &probes);
+        (b, full, inc)
+    };
+
+    // (a) One new local workload, like the others: no Cedar at all.
+    let name = crate::testutil::synthetic_add_workload(dir, N, 2, None).unwrap();
+    let (b, full, inc) = check(&[]);
+    let w = b.identities().by_name(&name).unwrap();
+    assert!(w.is_subject() && w.is_destination());
+    assert_eq!(
+        inc.stats().cells,
+        base.stats().cells + 1002 * 2 + 101 * 2 - 2
+    );
+    assert!(inc.allows().iter().any(|(k, _)| k.subject == w.id));
+    assert!(inc.allows().iter().any(|(k, _)| k.destination == w.id));
+    assert_eq!(inc.stats().cedar_decisions, 0, "{:?}", inc.stats());
+    assert!(full.stats().cedar_decisions > 1000);
+    // ... and one nobody looks like: Cedar for its new signatures only.
+    fresh();
+    crate::testutil::synthetic_add_workload(dir, N, 2, Some("fine-tuning")).unwrap();
+    let (_, full, inc) = check(&[]);
+    let (i, f) = (inc.stats().cedar_decisions, full.stats().cedar_decisions);
+    assert!(i > 0 && i < f / 4, "incremental {i}, full {f}");
+
+    // (b) A local workload removed: its row and column go, its id is an unknown subject.
+    fresh();
+    let gone = base_bundle.identities().by_name("w7").unwrap().clone();
+    assert!(gone.is_subject());
+    let inv = std::fs::read_to_string(dir.join(crate::INVENTORY_FILE)).unwrap();
+    let line = inv
+        .lines()
+        .find(|l| l.starts_with("  - {name: w7,"))
+        .unwrap();
+    edit_inventory(dir, &format!("{line}\n"), "");
+    let (b, _, inc) = check(&[gone.id]);
+    assert!(b.identities().by_name("w7").is_none());
+    assert!(!inc
+        .allows()
+        .iter()
+        .any(|(k, _)| k.subject == gone.id || k.destination == gone.id));
+    assert_eq!(
+        inc.attribute(
+            gone.id,
+            base.identities().nth(1).unwrap().id,
+            8000,
+            proto::TCP
+        )
+        .policy_id,
+        "unknown-subject"
+    );
+    assert_eq!(inc.stats().cedar_decisions, 0);
+
+    // (c) Attributes changed: a local workload moves tenant, an endpoint changes kind.
+    fresh();
+    edit_inventory(dir, "{name: w3, tenant: t3,", "{name: w3, tenant: t4,");
+    edit_inventory(
+        dir,
+        "{name: e601, tenant: t1, kind: feature_store,",
+        "{name: e601, tenant: t1, kind: llm_api,",
+    );
+    let (b, full, inc) = check(&[]);
+    assert_eq!(
+        b.identities().by_name("w3").unwrap().tenant.as_deref(),
+        Some("t4")
+    );
+    assert!(base.allows() != inc.allows());
+    assert!(inc.stats().cedar_decisions < full.stats().cedar_decisions / 4);
+
+    // (d) A policy edit: nothing is reused (as many Cedar decisions as a full compile).
+    fresh();
+    crate::testutil::synthetic_add_workload(dir, N, 2, None).unwrap();
+    let policies = dir.join("policies.cedar");
+    let mut text = std::fs::read_to_string(&policies).unwrap();
+    text += "@id(\"extra\")\nforbid (principal, action == Action::\"infer\", resource) when { principal.ring == \"dev\" };\n";
+    std::fs::write(&policies, text).unwrap();
+    let (b, full, inc) = check(&[]);
+    assert_ne!(b.policy_hash(), base_bundle.policy_hash());
+    assert_ne!(inc.policy_fingerprint(), base.policy_fingerprint());
+    assert_eq!(inc.stats().cedar_decisions, full.stats().cedar_decisions);
+    assert_eq!(inc.rules().len(), base.rules().len() + 1);
+}
+
+/// A policy that reads an entity named by literal (`Endpoint::"e40".tenant`) depends on that
+/// entity for every cell: editing it must not reuse answers, editing another identity may.
+#[test]
+fn incremental_compile_falls_back_when_a_dereferenced_entity_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synthetic_bundle(dir, 60, 12, 2, 20).unwrap();
+    let policies = dir.join("policies.cedar");
+    let mut text = std::fs::read_to_string(&policies).unwrap();
+    text += "@id(\"named\")\nforbid (principal, action, resource) when { principal.tenant == Endpoint::\"e40\".tenant && principal.ring == \"prod\" };\n";
+    std::fs::write(&policies, text).unwrap();
+    let b = load(dir);
+    let base = b.compile().unwrap();
+    assert_compiled_equals_oracle(&b);
+
+    // Another identity changed: answers are reused.
+    edit_inventory(dir, "{name: w5, tenant: t5,", "{name: w5, tenant: t6,");
+    let b = load(dir);
+    let (inc, full) = (b.compile_incremental(&base).unwrap(), b.compile().unwrap());
+    assert_eq!(inc.policy_fingerprint(), base.policy_fingerprint());
+    assert!(inc.stats().cedar_decisions < full.stats().cedar_decisions);
+    assert_same_compiled(&b, &full, &inc, &[], &[(1, Protocol::Tcp)]);
+    let before = inc;
+
+    // The named endpoint changed tenant: a full compile, and the table does change.
+    edit_inventory(dir, "{name: e40, tenant: t0,", "{name: e40, tenant: t1,");
+    let b = load(dir);
+    let (inc, full) = (
+        b.compile_incremental(&before).unwrap(),
+        b.compile().unwrap(),
+    );
+    assert!(full.allows() != before.allows());
+    // Reusing answers here would be wrong: this fails first without the fallback.
+    assert_same_compiled(&b, &full, &inc, &[], &[(1, Protocol::Tcp)]);
+    assert_table_equals_oracle(&b, &inc);
+    assert_ne!(inc.policy_fingerprint(), before.policy_fingerprint());
+    assert_eq!(inc.stats().cedar_decisions, full.stats().cedar_decisions);
+}
+
+/// One random edit of a `random_bundle` inventory: add a workload or an endpoint (a copy of
+/// one, renamed, with its own address and cgroup), remove one, or change an attribute.
+fn random_inventory_edit(inv: &str, r: &mut crate::testutil::Rng, k: usize) -> String {
+    fn blocks(s: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for line in s.lines() {
+            if line.starts_with("  - ") || out.is_empty() {
+                out.push(String::new());
+            }
+            let last = out.last_mut().unwrap();
+            last.push_str(line);
+            last.push('\n');
+        }
+        out
+    }
+    let (head, rest) = inv.split_once("workloads:\n").unwrap();
+    let (ws, es) = rest.split_once("endpoints:\n").unwrap();
+    let (mut ws, mut es) = (blocks(ws), blocks(es));
+    let set = |block: &str, key: &str, value: &str| -> String {
+        let mut found = false;
+        let mut out: String = block
+            .lines()
+            .map(|l| {
+                let field = l.trim_start_matches("  - ").trim_start();
+                if field.starts_with(&format!("{key}:")) {
+                    found = true;
+                    let indent = &l[..l.len() - field.len()];
+                    format!("{indent}{key}: {value}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        if !found {
+            out += &format!("    {key}: {value}\n");
+        }
+        out
+    };
+    let change = |block: &str, r: &mut crate::testutil::Rng| -> String {
+        let workload = block.contains("name: w") || block.contains("name: x");
+        let name = block
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("  - name: ")
+            .to_string();
+        let pick = |r: &mut crate::testutil::Rng, xs: &[&str]| r.pick(xs).to_string();
+        match (workload, r.below(5)) {
+            (_, 0) => set(block, "tenant", &pick(r, &["acme", "globex", "initech"])),
+            (true, 1) => set(
+                block,
+                "purpose",
+                &pick(r, &["inference", "evaluation", "retrieval"]),
+            ),
+            (true, 2) => set(block, "ring", &pick(r, &["prod", "dev"])),
+            (true, 3) => set(block, "risk", &pick(r, &["0.0", "0.5", "0.9", "0.95"])),
+            (true, _) if block.contains("cgroups:") => block
+                .lines()
+                .filter(|l| !l.contains("cgroups:"))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            (true, _) => set(block, "cgroups", &format!("[rand/{name}]")),
+            (false, 1 | 2) => set(
+                block,
+                "kind",
+                &pick(r, &["vector_db", "feature_store", "llm_api"]),
+            ),
+            (false, _) => set(
+                block,
+                "datasets",
+                &pick(r, &["[ds0]", "[ds1]", "[ds0, ds1]"]),
+            ),
+        }
+    };
+    let ip = format!("[127.250.{}.{}/32]", k / 256, k % 256);
+    match r.below(4) {
+        0 => {
+            let (list, prefix) = if r.chance(60) {
+                (&mut ws, "x")
+            } else {
+                (&mut es, "y")
+            };
+            let from = r.pick(list).clone();
+            let name = format!("{prefix}{k}");
+            let old = from
+                .lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("  - name: ");
+            let mut new = from.replacen(&format!("name: {old}\n"), &format!("name: {name}\n"), 1);
+            if new.contains("ips:") {
+                new = set(&new, "ips", &ip);
+            }
+            if new.contains("cgroups:") {
+                new = set(&new, "cgroups", &format!("[rand/{name}]"));
+            }
+            if r.chance(50) {
+                new = change(&new, r);
+            }
+            list.push(new);
+        }
+        1 => {
+            let list = if r.chance(60) { &mut ws } else { &mut es };
+            // e0 stays: a policy may read its attributes, and Cedar fails on a missing one.
+            if list.len() > 1 {
+                let i = 1 + r.below(list.len() - 1);
+                list.remove(i);
+            }
+        }
+        _ => {
+            let list = if r.chance(60) { &mut ws } else { &mut es };
+            let i = r.below(list.len());
+            list[i] = change(&list[i], r);
+        }
+    }
+    format!(
+        "{head}workloads:\n{}endpoints:\n{}",
+        ws.concat(),
+        es.concat()
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    /// Random bundles and random inventory edits, chained (each incremental compile starts
+    /// from the previous one, sometimes after a risk change): the incremental table is the
+    /// full compile's and Cedar's. Sometimes a policy that names an entity is added, and
+    /// sometimes a policy edit forces a full compile.
+    #[test]
+    fn incremental_compile_equals_full(seed in any::<u64>(), edits in 1usize..5) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        random_bundle(dir, seed).unwrap();
+        let mut r = crate::testutil::Rng::new(seed ^ 0x5eed);
+        let policies = dir.join("policies.cedar");
+        if r.chance(30) {
+            let mut text = std::fs::read_to_string(&policies).unwrap();
+            text += "@id(\"named\")\nforbid (principal, action, resource) when { principal.tenant == Endpoint::\"e0\".tenant && principal.ring == \"dev\" };\n";
+            std::fs::write(&policies, text).unwrap();
+        }
+        let mut b = load(dir);
+        let mut previous = b.compile().unwrap();
+        let probes = [(1, Protocol::Tcp), (53, Protocol::Udp), (6333, Protocol::Tcp)];
+        for k in 0..edits {
+            let inv_path = dir.join(crate::INVENTORY_FILE);
+            let inv = std::fs::read_to_string(&inv_path).unwrap();
+            std::fs::write(&inv_path, random_inventory_edit(&inv, &mut r, k)).unwrap();
+            let policy_edit = r.chance(15);
+            if policy_edit {
+                let mut text = std::fs::read_to_string(&policies).unwrap();
+                text += &format!("@id(\"edit{k}\")\npermit (principal, action, resource) when {{ principal.ring == \"prod\" && context.port == 6333 }};\n");
+                std::fs::write(&policies, text).unwrap();
+            }
+            let before = b;
+            b = load(dir);
+            // The agent re-applies its risk overrides to the new bundle.
+            for (w, score) in before.risk_overrides() {
+                let _ = b.set_risk(w, score);
+            }
+            let inc = b.compile_incremental(&previous).unwrap();
+            let full = b.compile().unwrap();
+            let gone: Vec<u32> = previous
+                .identities()
+                .filter(|i| b.identities().by_name(&i.name).is_none())
+                .map(|i| i.id)
+                .collect();
+            assert_same_compiled(&b, &full, &inc, &gone, &probes);
+            assert_table_equals_oracle(&b, &inc);
+            prop_assert!(inc.stats().cedar_decisions <= full.stats().cedar_decisions);
+            if policy_edit {
+                prop_assert_eq!(inc.stats().cedar_decisions, full.stats().cedar_decisions);
+            }
+            previous = inc;
+            // Sometimes a risk change before the next edit: the previous table then holds
+            // renumbered signatures.
+            let workloads: Vec<String> = b
+                .identities()
+                .iter()
+                .filter(|i| i.kind == crate::IdentityKind::Workload)
+                .map(|i| i.name.clone())
+                .collect();
+            if r.chance(40) && !workloads.is_empty() {
+                let w = r.pick(&workloads).clone();
+                let score = ["0.0", "0.85", "0.95"][r.below(3)];
+                b.set_risk(&w, score).unwrap();
+                previous.recompile_subject(&b, &w).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn bench_new_identity_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = crate::testutil::bench_new_identity_sized(tmp.path(), 60, 12, 2, 20);
+    for c in [&r.typical, &r.novel] {
+        assert!(
+            c.cedar_decisions < c.full_cedar_decisions,
+            "{c:?}",
+            c = c.cedar_decisions
+        );
+        assert_eq!(c.allows, c.after.allows().len());
+        assert_eq!(c.cells, c.after.stats().cells);
+        assert!(c.new_cells > 0 && c.added > 0);
+        assert!(c.after.identity_by_name(&c.workload).is_some());
+        assert!(c.before.identity_by_name(&c.workload).is_none());
+        assert!(c.total_ms > 0.0);
+    }
+    assert_eq!(r.novel.purpose, "fine-tuning");
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["typical"]["total_ms"].is_number());
+    assert!(json["typical"].get("after").is_none());
+    assert!(r.to_string().contains("typical"));
+}

@@ -1,5 +1,6 @@
 //! Generated bundles for tests and benchmarks (feature `bench` outside tests), and the
-//! PDP benchmark, [`bench_report`].
+//! PDP benchmarks, [`bench_report`] (load, compile, risk change) and [`bench_new_identity`]
+//! (reload after one new workload, with `compile_incremental`).
 //!
 //! `synthetic_bundle` writes the issue's speed scenario (N identities, L local, P ports
 //! each, K policies); `random_bundle` writes a small seeded random bundle for the
@@ -58,8 +59,8 @@ pub fn synthetic_bundle(
     ports: usize,
     policies: usize,
 ) -> io::Result<()> {
-    let tenants = 10;
-    let purposes = ["inference", "evaluation", "retrieval", "feature-extraction"];
+    let tenants = SYNTHETIC_TENANTS;
+    let purposes = SYNTHETIC_PURPOSES;
     let rings = ["prod", "staging", "dev"];
     let kinds = ["vector_db", "feature_store", "llm_api", "model_registry"];
     let mut inv = String::from("tenants: [");
@@ -70,18 +71,8 @@ pub fn synthetic_bundle(
     inv += "]\ndefaults:\n  implicit_deny_atlas: [AML.T0012]\n  unknown_subject_atlas: [AML.T0103]\nworkloads:\n";
     let workloads = identities / 2;
     for i in 0..workloads {
-        let _ = writeln!(
-            inv,
-            "  - {{name: w{i}, tenant: t{}, purpose: {}, ring: {}, risk: {}, spiffe_id: \"spiffe://bench.local/ns/t{}/sa/w{i}\", ips: [{}]{}, ports: [{}]}}",
-            i % tenants,
-            purposes[i % purposes.len()],
-            rings[(i / 3) % rings.len()],
-            ["0.1", "0.5", "0.9"][i % 3],
-            i % tenants,
-            ip(i),
-            if i < local { format!(", cgroups: [bench/w{i}]") } else { String::new() },
-            (0..ports).map(|p| format!("{{port: {}, action: {}}}", 8000 + p, if p == 0 { "infer" } else { "connect" })).collect::<Vec<_>>().join(", ")
-        );
+        inv += &synthetic_workload(i, purposes[i % purposes.len()], i < local, ports);
+        inv.push('\n');
     }
     inv += "endpoints:\n";
     for i in workloads..identities {
@@ -121,6 +112,48 @@ pub fn synthetic_bundle(
         i += 1;
     }
     write_bundle(dir, &inv, &pol)
+}
+
+const SYNTHETIC_TENANTS: usize = 10;
+const SYNTHETIC_PURPOSES: [&str; 4] =
+    ["inference", "evaluation", "retrieval", "feature-extraction"];
+
+/// Workload `w{i}` of [`synthetic_bundle`]'s pattern (one YAML flow line), with `purpose`.
+fn synthetic_workload(i: usize, purpose: &str, local: bool, ports: usize) -> String {
+    let rings = ["prod", "staging", "dev"];
+    let tenant = i % SYNTHETIC_TENANTS;
+    format!(
+        "  - {{name: w{i}, tenant: t{tenant}, purpose: {purpose}, ring: {}, risk: {}, spiffe_id: \"spiffe://bench.local/ns/t{tenant}/sa/w{i}\", ips: [{}]{}, ports: [{}]}}",
+        rings[(i / 3) % rings.len()],
+        ["0.1", "0.5", "0.9"][i % 3],
+        ip(i),
+        if local { format!(", cgroups: [bench/w{i}]") } else { String::new() },
+        (0..ports).map(|p| format!("{{port: {}, action: {}}}", 8000 + p, if p == 0 { "infer" } else { "connect" })).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Add one workload to a bundle written by [`synthetic_bundle`] with `identities`
+/// identities and `ports` ports: `w{identities}`, local (a cgroup), with the pattern's
+/// tenant, ring and risk for that index, its own address, and `purpose` (`None`: the
+/// pattern's; a purpose no other workload has gives it a signature never seen before).
+/// Returns its name.
+pub fn synthetic_add_workload(
+    dir: &Path,
+    identities: usize,
+    ports: usize,
+    purpose: Option<&str>,
+) -> io::Result<String> {
+    let i = identities; // After every generated identity: its address is free.
+    let path = dir.join("inventory.yaml");
+    let inv = std::fs::read_to_string(&path)?;
+    let purpose = purpose.unwrap_or(SYNTHETIC_PURPOSES[i % SYNTHETIC_PURPOSES.len()]);
+    let line = synthetic_workload(i, purpose, true, ports);
+    let Some(at) = inv.find("endpoints:\n") else {
+        return Err(io::Error::other("not a synthetic inventory"));
+    };
+    let edited = format!("{}{line}\n{}", &inv[..at], &inv[at..]);
+    std::fs::write(&path, edited)?;
+    Ok(format!("w{i}"))
 }
 
 /// A small random bundle from `seed`, exercising every grouping dimension: attributes,
@@ -417,5 +450,204 @@ impl std::fmt::Display for BenchReport {
             r.removed,
             r.compiled_clone_ms
         )
+    }
+}
+
+/// One new identity, PDP side: the agent reloads the edited bundle and compiles it from the
+/// previous table ([`crate::Bundle::compile_incremental`]).
+#[derive(Clone, serde::Serialize)]
+pub struct NewIdentityReport {
+    pub identities: usize,
+    pub local: usize,
+    pub ports: usize,
+    pub policies: usize,
+    /// The full compile of the bundle before the edit (the table the agent had).
+    pub base_compile_ms: f64,
+    /// A workload like the others (every signature it has was seen): `w{identities}`.
+    pub typical: NewIdentityCase,
+    /// A workload with a purpose nobody had: its row and column need Cedar.
+    pub novel: NewIdentityCase,
+}
+
+/// Adding one local workload (with addresses and ports: a new row and a new column).
+/// Times are medians of [`NewIdentityCase::runs`] runs.
+#[derive(Clone, serde::Serialize)]
+pub struct NewIdentityCase {
+    pub workload: String,
+    pub purpose: String,
+    /// `Bundle::load` of the edited bundle.
+    pub load_ms: f64,
+    /// `compile_incremental` from the previous table.
+    pub compile_incremental_ms: f64,
+    /// `load_ms + compile_incremental_ms`: the PDP part of the 50 ms budget.
+    pub total_ms: f64,
+    /// A full `compile` of the edited bundle, for comparison.
+    pub full_compile_ms: f64,
+    pub runs: usize,
+    /// Cells the compile visited (every cell: the table is rebuilt from the caches).
+    pub cells: usize,
+    /// Cells of the new workload (its row and its column).
+    pub new_cells: usize,
+    /// Single-policy Cedar evaluations the incremental compile made (the full one: below).
+    pub cedar_decisions: usize,
+    pub full_cedar_decisions: usize,
+    pub allows: usize,
+    /// Kernel entries to write and to delete, from `before` to `after`.
+    pub added: usize,
+    pub removed: usize,
+    /// The table before the edit (not serialized).
+    #[serde(skip)]
+    pub before: crate::Compiled,
+    /// The table after it, from `compile_incremental` (not serialized).
+    #[serde(skip)]
+    pub after: crate::Compiled,
+}
+
+/// Write the issue-3 scenario into `dir`, compile it, add one local workload to the
+/// inventory, and time the reload: load of the edited bundle + `compile_incremental`.
+///
+/// Panics if a bundle does not load or compile, or if the incremental table differs from
+/// a full compile's (a bug, not a measurement).
+pub fn bench_new_identity(dir: &Path) -> NewIdentityReport {
+    bench_new_identity_sized(dir, 1000, 100, 2, 50)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// [`bench_new_identity`] for another scenario size.
+#[allow(clippy::expect_used, clippy::panic)]
+pub fn bench_new_identity_sized(
+    dir: &Path,
+    identities: usize,
+    local: usize,
+    ports: usize,
+    policies: usize,
+) -> NewIdentityReport {
+    use std::time::Instant;
+    const RUNS: usize = 5;
+    let load = |dir: &Path| {
+        crate::Bundle::load(dir).unwrap_or_else(|d| panic!("synthetic bundle invalid:\n{d}"))
+    };
+    synthetic_bundle(dir, identities, local, ports, policies).expect("writing the bundle");
+    let base = load(dir);
+    let t = Instant::now();
+    let before = base.compile().expect("compiling the synthetic bundle");
+    let base_compile = t.elapsed();
+
+    let case = |purpose: Option<&str>| {
+        synthetic_bundle(dir, identities, local, ports, policies).expect("writing the bundle");
+        let workload =
+            synthetic_add_workload(dir, identities, ports, purpose).expect("editing the bundle");
+        let (mut loads, mut compiles) = (Vec::new(), Vec::new());
+        let mut edited = None;
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            let b = load(dir);
+            loads.push(ms(t.elapsed()));
+            edited = Some(b);
+        }
+        let edited = edited.expect("loaded");
+        let mut after = None;
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            let c = edited
+                .compile_incremental(&before)
+                .expect("compiling the edited bundle");
+            compiles.push(ms(t.elapsed()));
+            after = Some(c);
+        }
+        let after = after.expect("compiled");
+        let t = Instant::now();
+        let full = edited.compile().expect("compiling the edited bundle");
+        let full_ms = ms(t.elapsed());
+        assert!(
+            full.allows() == after.allows(),
+            "compile_incremental differs from compile"
+        );
+        let w = edited
+            .identities()
+            .by_name(&workload)
+            .expect("the new workload");
+        let cells_of = |x: &crate::Identity| if x.ports.is_empty() { 2 } else { x.ports.len() };
+        let row: usize = edited
+            .identities()
+            .iter()
+            .filter(|d| d.is_destination())
+            .map(cells_of)
+            .sum();
+        let column = edited
+            .identities()
+            .iter()
+            .filter(|s| s.is_subject())
+            .count()
+            * cells_of(w);
+        let old: std::collections::HashMap<_, _> = before.allows().iter().copied().collect();
+        let new: std::collections::HashMap<_, _> = after.allows().iter().copied().collect();
+        let added = new.iter().filter(|(k, v)| old.get(k) != Some(v)).count();
+        let removed = old.keys().filter(|k| !new.contains_key(k)).count();
+        let (load_ms, compile_ms) = (median(loads), median(compiles));
+        NewIdentityCase {
+            purpose: w.purpose.clone().unwrap_or_default(),
+            workload,
+            load_ms,
+            compile_incremental_ms: compile_ms,
+            total_ms: load_ms + compile_ms,
+            full_compile_ms: full_ms,
+            runs: RUNS,
+            cells: after.stats().cells,
+            // The new subject x itself is in both its row and its column.
+            new_cells: row + column - cells_of(w),
+            cedar_decisions: after.stats().cedar_decisions,
+            full_cedar_decisions: full.stats().cedar_decisions,
+            allows: after.allows().len(),
+            added,
+            removed,
+            before: before.clone(),
+            after,
+        }
+    };
+    let typical = case(None);
+    let novel = case(Some("fine-tuning"));
+    NewIdentityReport {
+        identities,
+        local,
+        ports,
+        policies,
+        base_compile_ms: ms(base_compile),
+        typical,
+        novel,
+    }
+}
+
+impl std::fmt::Display for NewIdentityReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "new identity: {} identities ({} local), {} ports each, {} policies; full compile before {:.1} ms",
+            self.identities, self.local, self.ports, self.policies, self.base_compile_ms
+        )?;
+        for (label, c) in [("typical", &self.typical), ("novel", &self.novel)] {
+            writeln!(
+                f,
+                "  {label:<8} {:8.2} ms  ({} purpose {}: load {:.2} ms + compile_incremental {:.2} ms [full compile {:.1} ms]; {} cells, {} new; {} Cedar decisions [full {}]; +{} -{} entries; median of {})",
+                c.total_ms,
+                c.workload,
+                c.purpose,
+                c.load_ms,
+                c.compile_incremental_ms,
+                c.full_compile_ms,
+                c.cells,
+                c.new_cells,
+                c.cedar_decisions,
+                c.full_cedar_decisions,
+                c.added,
+                c.removed,
+                c.runs
+            )?;
+        }
+        Ok(())
     }
 }

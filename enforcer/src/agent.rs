@@ -352,7 +352,10 @@ impl Agent {
                     tracing::warn!(%workload, "risk override no longer applies (workload gone?)");
                 }
             }
-            let compiled = bundle.compile().context("compiling")?;
+            // Reuses the previous answers when only the inventory changed (a new pod, say).
+            let compiled = bundle
+                .compile_incremental(&self.compiled)
+                .context("compiling")?;
             Ok((bundle, compiled))
         });
         let (bundle, compiled) = match candidate {

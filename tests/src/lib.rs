@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod cgroup;
 pub mod cli;
 pub mod fixtures;
+pub mod generated;
 pub mod netns;
 pub mod probe;
 pub mod servers;

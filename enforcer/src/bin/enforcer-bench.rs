@@ -124,6 +124,7 @@ fn compile_bench() -> Result<()> {
         "| **one risk change, to the kernel** | **{:.1} ms** |",
         risk.total_ms + risk.compiled_clone_ms + row_ms
     );
+    new_identity_bench(&bundle_dir, &mut datapath, &mount, &overrides)?;
     println!(
         "\nCedar decisions per second in the grouped compile: {:.0}",
         report.cedar_decisions_per_sec
@@ -278,6 +279,43 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
     );
     state.cgroups = BTreeMap::from([(bench_cgroup, subject)]);
     state
+}
+
+/// One new identity: the edited bundle is loaded and compiled from the previous table, and
+/// the difference written to maps that hold the previous revision in both policy tables (the
+/// steady state of a running agent).
+fn new_identity_bench(
+    bundle_dir: &Path,
+    datapath: &mut Datapath,
+    mount: &Path,
+    overrides: &enforcer::desired::Overrides,
+) -> Result<()> {
+    std::fs::remove_dir_all(bundle_dir)?;
+    std::fs::create_dir_all(bundle_dir)?;
+    let report = enforcer_policy::testutil::bench_new_identity(bundle_dir);
+    println!("\n## One new identity\n\n```\n{report}```");
+    println!("\n| new workload | load + incremental compile | write to the kernel | total |\n|---|---|---|---|");
+    for case in [&report.typical, &report.novel] {
+        let (before, _) = enforcer::desired::desired_state(&case.before, mount, overrides);
+        datapath.tables.apply(&before)?;
+        datapath.tables.apply(&before)?;
+        // A running agent's reloads are at least one poll (500 ms) apart: let the standby
+        // grace period of the last flip pass, so it is not counted as write time.
+        std::thread::sleep(Duration::from_millis(60));
+        let started = Instant::now();
+        let (after, _) = enforcer::desired::desired_state(&case.after, mount, overrides);
+        datapath.tables.apply(&after)?;
+        let write_ms = started.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "| {} ({}) | {:.1} ms | {:.1} ms | **{:.1} ms** |",
+            case.workload,
+            case.purpose,
+            case.total_ms,
+            write_ms,
+            case.total_ms + write_ms
+        );
+    }
+    Ok(())
 }
 
 fn connect_latencies(target: SocketAddr, count: usize) -> Result<Vec<f64>> {
