@@ -8,12 +8,16 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
     pub const CGROUP_IDENTITY: &str = "CGROUP_IDENTITY";
     pub const IDENTITIES: &str = "IDENTITIES";
+    /// Exact host addresses (/32, /128): one hash lookup, tried before the prefix tries.
+    pub const IPCACHE_HOST_V4: &str = "IPCACHE_HOST_V4";
+    pub const IPCACHE_HOST_V6: &str = "IPCACHE_HOST_V6";
+    /// Shorter prefixes (subnets, CIDR ranges): longest-prefix match.
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
     pub const POLICY_A: &str = "POLICY_A";
@@ -23,9 +27,11 @@ pub mod maps {
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const VERDICTS: &str = "VERDICTS";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         CGROUP_IDENTITY,
         IDENTITIES,
+        IPCACHE_HOST_V4,
+        IPCACHE_HOST_V6,
         IPCACHE_V4,
         IPCACHE_V6,
         POLICY_A,

@@ -405,8 +405,13 @@ fn status_reports_revision_counters_and_map_fill() -> Result<()> {
     if entries_of("IDENTITIES").unwrap_or(0) < all {
         problems.push(format!("IDENTITIES entries < {all} identities"));
     }
-    if entries_of("IPCACHE_V4").unwrap_or(0) < all {
-        problems.push(format!("IPCACHE_V4 entries < {all} addresses"));
+    // Host addresses (/32) live in the exact-match map, shorter prefixes in the trie.
+    let ipcache =
+        entries_of("IPCACHE_HOST_V4").unwrap_or(0) + entries_of("IPCACHE_V4").unwrap_or(0);
+    if ipcache < all {
+        problems.push(format!(
+            "IPCACHE_HOST_V4 + IPCACHE_V4 entries < {all} addresses"
+        ));
     }
     let active = match status.get("active_policy_table").and_then(Value::as_u64) {
         Some(1) => "POLICY_B",

@@ -3,6 +3,7 @@
 //! and `enforcer policy explain` all read the same kernel state.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,8 @@ pub struct ApplyReport {
 pub struct Tables {
     cgroup_identity: BpfHashMap<MapData, u64, u32>,
     identities: BpfHashMap<MapData, u32, IdentityInfo>,
+    ipcache_host_v4: BpfHashMap<MapData, [u8; 4], u32>,
+    ipcache_host_v6: BpfHashMap<MapData, [u8; 16], u32>,
     ipcache_v4: LpmTrie<MapData, [u8; 4], u32>,
     ipcache_v6: LpmTrie<MapData, [u8; 16], u32>,
     policy: [BpfHashMap<MapData, PolicyKey, PolicyValue>; 2],
@@ -70,6 +73,8 @@ impl Tables {
         Ok(Self {
             cgroup_identity: typed!(dir, maps::CGROUP_IDENTITY),
             identities: typed!(dir, maps::IDENTITIES),
+            ipcache_host_v4: typed!(dir, maps::IPCACHE_HOST_V4),
+            ipcache_host_v6: typed!(dir, maps::IPCACHE_HOST_V6),
             ipcache_v4: typed!(dir, maps::IPCACHE_V4),
             ipcache_v6: typed!(dir, maps::IPCACHE_V6),
             policy: [typed!(dir, maps::POLICY_A), typed!(dir, maps::POLICY_B)],
@@ -104,113 +109,73 @@ impl Tables {
     }
 
     /// Writes `desired` so that no connect ever sees a mix of two revisions:
-    /// 1. add or update identities, IP-cache prefixes and cgroups (new names resolve to
+    /// 1. add or update identities, IP-cache entries and cgroups (new names resolve to
     ///    identities before any policy refers to them; stale ones are still there for the
     ///    old policy);
     /// 2. fill the standby policy table and flip `CONFIG.active_policy` in one map write;
     /// 3. remove what only the old revision needed.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport> {
         let started = Instant::now();
-        let mut report = ApplyReport::default();
+        // Host addresses go to the exact-match maps the kernel tries first; shorter
+        // prefixes to the tries.
+        let (host_v4, prefix_v4) = split_hosts(&desired.ipcache_v4, 32);
+        let (host_v6, prefix_v6) = split_hosts(&desired.ipcache_v6, 128);
 
-        let current_identities: HashMap<u32, IdentityInfo> = collect(self.identities.iter())?;
-        for (id, info) in &desired.identities {
-            if current_identities.get(id) != Some(info) {
-                self.identities
-                    .insert(id, info, 0)
-                    .with_context(|| format!("writing IDENTITIES[{id}]"))?;
-                report.written += 1;
-            }
-        }
-        let current_v4: HashMap<(u32, [u8; 4]), u32> = collect_lpm(self.ipcache_v4.iter())?;
-        for (&(len, addr), id) in &desired.ipcache_v4 {
-            if current_v4.get(&(len, addr)) != Some(id) {
-                self.ipcache_v4
-                    .insert(&LpmKey::new(len, addr), id, 0)
-                    .context("writing IPCACHE_V4")?;
-                report.written += 1;
-            }
-        }
-        let current_v6: HashMap<(u32, [u8; 16]), u32> = collect_lpm(self.ipcache_v6.iter())?;
-        for (&(len, addr), id) in &desired.ipcache_v6 {
-            if current_v6.get(&(len, addr)) != Some(id) {
-                self.ipcache_v6
-                    .insert(&LpmKey::new(len, addr), id, 0)
-                    .context("writing IPCACHE_V6")?;
-                report.written += 1;
-            }
-        }
-        let current_cgroups: HashMap<u64, u32> = collect(self.cgroup_identity.iter())?;
-        for (cgroup, id) in &desired.cgroups {
-            if current_cgroups.get(cgroup) != Some(id) {
-                self.cgroup_identity
-                    .insert(cgroup, id, 0)
-                    .context("writing CGROUP_IDENTITY")?;
-                report.written += 1;
-            }
-        }
+        let mut stale = 0;
+        let identities = upsert(&mut self.identities, &desired.identities, maps::IDENTITIES)?;
+        let host_v4 = upsert(&mut self.ipcache_host_v4, &host_v4, maps::IPCACHE_HOST_V4)?;
+        let host_v6 = upsert(&mut self.ipcache_host_v6, &host_v6, maps::IPCACHE_HOST_V6)?;
+        let prefix_v4 = upsert(&mut self.ipcache_v4, &prefix_v4, maps::IPCACHE_V4)?;
+        let prefix_v6 = upsert(&mut self.ipcache_v6, &prefix_v6, maps::IPCACHE_V6)?;
+        let cgroups = upsert(
+            &mut self.cgroup_identity,
+            &desired.cgroups,
+            maps::CGROUP_IDENTITY,
+        )?;
+        let written = identities.written
+            + host_v4.written
+            + host_v6.written
+            + prefix_v4.written
+            + prefix_v6.written
+            + cgroups.written;
 
-        let (written, removed, active) = self.swap_policy(&desired.allows, desired.audit)?;
-        report.written += written;
-        report.removed += removed;
-        report.active_table = active;
+        let policy = self.swap_policy(&desired.allows, desired.audit)?;
 
-        for id in current_identities
-            .keys()
-            .filter(|id| !desired.identities.contains_key(id))
-        {
-            self.identities
-                .remove(id)
-                .with_context(|| format!("removing IDENTITIES[{id}]"))?;
-            report.removed += 1;
-        }
-        for (len, addr) in current_v4
-            .keys()
-            .filter(|k| !desired.ipcache_v4.contains_key(k))
-        {
-            self.ipcache_v4
-                .remove(&LpmKey::new(*len, *addr))
-                .context("removing from IPCACHE_V4")?;
-            report.removed += 1;
-        }
-        for (len, addr) in current_v6
-            .keys()
-            .filter(|k| !desired.ipcache_v6.contains_key(k))
-        {
-            self.ipcache_v6
-                .remove(&LpmKey::new(*len, *addr))
-                .context("removing from IPCACHE_V6")?;
-            report.removed += 1;
-        }
-        for cgroup in current_cgroups
-            .keys()
-            .filter(|k| !desired.cgroups.contains_key(k))
-        {
-            self.cgroup_identity
-                .remove(cgroup)
-                .context("removing from CGROUP_IDENTITY")?;
-            report.removed += 1;
-        }
-        report.elapsed = started.elapsed();
-        Ok(report)
+        stale += remove(&mut self.identities, &identities.stale, maps::IDENTITIES)?;
+        stale += remove(
+            &mut self.ipcache_host_v4,
+            &host_v4.stale,
+            maps::IPCACHE_HOST_V4,
+        )?;
+        stale += remove(
+            &mut self.ipcache_host_v6,
+            &host_v6.stale,
+            maps::IPCACHE_HOST_V6,
+        )?;
+        stale += remove(&mut self.ipcache_v4, &prefix_v4.stale, maps::IPCACHE_V4)?;
+        stale += remove(&mut self.ipcache_v6, &prefix_v6.stale, maps::IPCACHE_V6)?;
+        stale += remove(
+            &mut self.cgroup_identity,
+            &cgroups.stale,
+            maps::CGROUP_IDENTITY,
+        )?;
+        Ok(ApplyReport {
+            written: written + policy.written,
+            removed: stale + policy.stale.len(),
+            active_table: policy.active,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// Brings `CGROUP_IDENTITY` in line with the cgroups that exist now (pods started or
     /// gone); the policy itself is untouched.
     pub fn sync_cgroups(&mut self, cgroups: &BTreeMap<u64, u32>) -> Result<()> {
-        let current: HashMap<u64, u32> = collect(self.cgroup_identity.iter())?;
-        for (cgroup, id) in cgroups {
-            if current.get(cgroup) != Some(id) {
-                self.cgroup_identity
-                    .insert(cgroup, id, 0)
-                    .context("writing CGROUP_IDENTITY")?;
-            }
-        }
-        for cgroup in current.keys().filter(|k| !cgroups.contains_key(k)) {
-            self.cgroup_identity
-                .remove(cgroup)
-                .context("removing from CGROUP_IDENTITY")?;
-        }
+        let sync = upsert(&mut self.cgroup_identity, cgroups, maps::CGROUP_IDENTITY)?;
+        remove(
+            &mut self.cgroup_identity,
+            &sync.stale,
+            maps::CGROUP_IDENTITY,
+        )?;
         Ok(())
     }
 
@@ -224,16 +189,9 @@ impl Tables {
         let active = (self.config()?.active_policy & 1) as usize;
         let table = &mut self.policy[active];
         for (key, value) in added {
-            table
-                .insert(key, value, 0)
-                .map_err(|e| map_full_hint(e, "the policy table"))?;
+            table.put(key, value, "the active policy table")?;
         }
-        for key in removed {
-            match table.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(error).context("removing a policy entry"),
-            }
-        }
+        remove(table, removed, "the active policy table")?;
         Ok(())
     }
 
@@ -244,16 +202,14 @@ impl Tables {
             .get(&identity, 0)
             .with_context(|| format!("identity {identity} is not in the kernel"))?;
         info.flags = (info.flags | set) & !clear;
-        self.identities
-            .insert(identity, info, 0)
-            .with_context(|| format!("writing IDENTITIES[{identity}]"))?;
-        Ok(())
+        self.identities.put(&identity, &info, maps::IDENTITIES)
     }
 
     /// Identities whose kernel entry carries a flag (quarantine survives agent restarts this way).
     pub fn identities_flagged(&self, flag: u32) -> Result<std::collections::BTreeSet<u32>> {
-        let all: HashMap<u32, IdentityInfo> = collect(self.identities.iter())?;
-        Ok(all
+        Ok(self
+            .identities
+            .entries()?
             .into_iter()
             .filter(|(_, info)| info.flags & flag != 0)
             .map(|(id, _)| id)
@@ -265,7 +221,7 @@ impl Tables {
         &mut self,
         allows: &HashMap<PolicyKey, PolicyValue>,
         audit: bool,
-    ) -> Result<(usize, usize, u32)> {
+    ) -> Result<PolicySwap> {
         let mut config = self.config()?;
         let standby = (config.active_policy & 1) ^ 1;
         if let Some(flipped) = self.last_flip {
@@ -274,20 +230,16 @@ impl Tables {
             }
         }
         let table = &mut self.policy[standby as usize];
-        let current: HashMap<PolicyKey, PolicyValue> = collect(table.iter())?;
-        let (mut written, mut removed) = (0, 0);
-        for key in current.keys().filter(|k| !allows.contains_key(k)) {
-            table.remove(key).context("removing a stale policy entry")?;
-            removed += 1;
-        }
-        for (key, value) in allows {
-            if current.get(key) != Some(value) {
-                table
-                    .insert(key, value, 0)
-                    .map_err(|e| map_full_hint(e, "the policy table"))?;
-                written += 1;
-            }
-        }
+        // Stale entries go first here: the standby table is invisible, and removing first
+        // leaves room in a nearly full table.
+        let current = table.entries()?;
+        let stale: Vec<PolicyKey> = current
+            .keys()
+            .filter(|k| !allows.contains_key(k))
+            .copied()
+            .collect();
+        remove(table, &stale, "the standby policy table")?;
+        let sync = upsert(table, allows, "the standby policy table")?;
         config.active_policy = standby;
         config.audit = audit as u32;
         config.generation += 1;
@@ -295,30 +247,122 @@ impl Tables {
             .set(0, config, 0)
             .context("flipping CONFIG.active_policy")?;
         self.last_flip = Some(Instant::now());
-        Ok((written, removed, standby))
+        Ok(PolicySwap {
+            written: sync.written,
+            stale,
+            active: standby,
+        })
     }
 }
 
-fn map_full_hint(error: aya::maps::MapError, what: &str) -> anyhow::Error {
-    anyhow::Error::new(error).context(format!(
-        "writing {what} (is it full? see `enforcer status`)"
-    ))
+struct PolicySwap {
+    written: usize,
+    stale: Vec<PolicyKey>,
+    active: u32,
 }
 
-fn collect<K: std::hash::Hash + Eq, V>(
-    iter: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
-) -> Result<HashMap<K, V>> {
-    iter.map(|r| r.context("reading a map")).collect()
+/// The key/value view of a BPF map that [`upsert`] and [`remove`] need. LPM tries are keyed
+/// by `(prefix length, address)`.
+trait SyncMap<K, V> {
+    fn entries(&self) -> Result<HashMap<K, V>>;
+    fn put(&mut self, key: &K, value: &V, what: &str) -> Result<()>;
+    /// Removing a key that is already gone is not an error.
+    fn delete(&mut self, key: &K, what: &str) -> Result<()>;
 }
 
-fn collect_lpm<const N: usize>(
-    iter: impl Iterator<Item = Result<(LpmKey<[u8; N]>, u32), aya::maps::MapError>>,
-) -> Result<HashMap<(u32, [u8; N]), u32>> {
-    iter.map(|r| {
-        let (key, value) = r.context("reading an IP cache")?;
-        Ok(((key.prefix_len(), key.data()), value))
-    })
-    .collect()
+impl<K: aya::Pod + Eq + Hash, V: aya::Pod> SyncMap<K, V> for BpfHashMap<MapData, K, V> {
+    fn entries(&self) -> Result<HashMap<K, V>> {
+        self.iter().map(|r| r.context("reading a map")).collect()
+    }
+    fn put(&mut self, key: &K, value: &V, what: &str) -> Result<()> {
+        self.insert(key, value, 0)
+            .with_context(|| format!("writing {what} (is it full? see `enforcer status`)"))
+    }
+    fn delete(&mut self, key: &K, what: &str) -> Result<()> {
+        match self.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(error).with_context(|| format!("removing from {what}")),
+        }
+    }
+}
+
+impl<const N: usize> SyncMap<(u32, [u8; N]), u32> for LpmTrie<MapData, [u8; N], u32>
+where
+    [u8; N]: aya::Pod,
+{
+    fn entries(&self) -> Result<HashMap<(u32, [u8; N]), u32>> {
+        self.iter()
+            .map(|r| {
+                let (key, value) = r.context("reading an IP cache")?;
+                Ok(((key.prefix_len(), key.data()), value))
+            })
+            .collect()
+    }
+    fn put(&mut self, &(len, addr): &(u32, [u8; N]), value: &u32, what: &str) -> Result<()> {
+        self.insert(&LpmKey::new(len, addr), value, 0)
+            .with_context(|| format!("writing {what} (is it full? see `enforcer status`)"))
+    }
+    fn delete(&mut self, &(len, addr): &(u32, [u8; N]), what: &str) -> Result<()> {
+        match self.remove(&LpmKey::new(len, addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(error).with_context(|| format!("removing from {what}")),
+        }
+    }
+}
+
+struct Upserted<K> {
+    written: usize,
+    /// Keys the map holds that `desired` does not: removed once nothing refers to them.
+    stale: Vec<K>,
+}
+
+/// Writes the entries of `desired` that the map lacks or holds with another value.
+fn upsert<'a, K, V, M>(
+    map: &mut M,
+    desired: impl IntoIterator<Item = (&'a K, &'a V)> + Copy,
+    what: &str,
+) -> Result<Upserted<K>>
+where
+    K: Eq + Hash + Copy + 'a,
+    V: PartialEq + 'a,
+    M: SyncMap<K, V>,
+{
+    let current = map.entries()?;
+    let mut written = 0;
+    let mut wanted = std::collections::HashSet::new();
+    for (key, value) in desired {
+        wanted.insert(*key);
+        if current.get(key) != Some(value) {
+            map.put(key, value, what)?;
+            written += 1;
+        }
+    }
+    let stale = current
+        .into_keys()
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    Ok(Upserted { written, stale })
+}
+
+fn remove<K, V, M: SyncMap<K, V>>(map: &mut M, keys: &[K], what: &str) -> Result<usize> {
+    for key in keys {
+        map.delete(key, what)?;
+    }
+    Ok(keys.len())
+}
+
+/// Splits `(prefix length, address) -> identity` into host entries (full length) and the rest.
+#[allow(clippy::type_complexity)]
+fn split_hosts<const N: usize>(
+    entries: &BTreeMap<(u32, [u8; N]), u32>,
+    host_bits: u32,
+) -> (BTreeMap<[u8; N], u32>, BTreeMap<(u32, [u8; N]), u32>) {
+    let (host, prefix): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        entries.iter().partition(|((len, _), _)| *len == host_bits);
+    (
+        host.into_iter().map(|((_, addr), id)| (addr, id)).collect(),
+        prefix,
+    )
 }
 
 /// Counters and fill levels, read from the pins (works while no agent runs).
@@ -371,6 +415,8 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
         let entries = match name {
             maps::CGROUP_IDENTITY => Some(tables.cgroup_identity.keys().count() as u64),
             maps::IDENTITIES => Some(tables.identities.keys().count() as u64),
+            maps::IPCACHE_HOST_V4 => Some(tables.ipcache_host_v4.keys().count() as u64),
+            maps::IPCACHE_HOST_V6 => Some(tables.ipcache_host_v6.keys().count() as u64),
             maps::IPCACHE_V4 => Some(tables.ipcache_v4.keys().count() as u64),
             maps::IPCACHE_V6 => Some(tables.ipcache_v6.keys().count() as u64),
             maps::POLICY_A => Some(tables.policy[0].keys().count() as u64),
