@@ -40,6 +40,10 @@ use enforcer_common::{
 
 /// No `BPF_F_*` creation flags (the LPM trie adds its mandatory `BPF_F_NO_PREALLOC` itself).
 const NO_MAP_FLAGS: u32 = 0;
+/// Memory as entries are added, not all of it at creation: the host IP caches are sized for
+/// large clusters (and IPv6 is often unused), so preallocating would cost ~40 MiB up front.
+/// Lookups cost the same; only inserts allocate.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// cgroup v2 id (of the task's leaf cgroup) -> subject identity.
 #[map]
@@ -53,11 +57,13 @@ static IDENTITIES: HashMap<u32, IdentityInfo> = HashMap::pinned(capacity::IDENTI
 /// addresses: a hash lookup finds them in a fraction of a trie walk, and a /32 is always the
 /// longest prefix, so trying it first changes no answer.
 #[map]
-static IPCACHE_HOST_V4: HashMap<[u8; 4], u32> = HashMap::pinned(capacity::IPCACHE, NO_MAP_FLAGS);
+static IPCACHE_HOST_V4: HashMap<[u8; 4], u32> =
+    HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
 
 /// IPv6 host address (network byte order) -> destination identity.
 #[map]
-static IPCACHE_HOST_V6: HashMap<[u8; 16], u32> = HashMap::pinned(capacity::IPCACHE, NO_MAP_FLAGS);
+static IPCACHE_HOST_V6: HashMap<[u8; 16], u32> =
+    HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
 
 /// IPv4 prefix (network byte order) -> destination identity.
 #[map]
