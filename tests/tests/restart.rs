@@ -1,10 +1,11 @@
 //! Survives its own restart: after `kill -9` of the agent, the pinned programs keep
 //! enforcing; a new agent on the same pin dir adopts them (one program per hook, not two)
-//! and resumes events.
+//! and resumes events. While one agent runs, a second on the same pins is refused.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use enforcer_tests::agent::enforcer_bin;
 use enforcer_tests::bpf::{prog_query, ENFORCER_HOOKS};
 use enforcer_tests::fixtures::{event_matches, World};
 use enforcer_tests::probe::attempt;
@@ -55,6 +56,29 @@ fn enforcement_survives_kill9_and_a_new_agent_adopts_the_pins() -> Result<()> {
     expect(&same, Outcome::Ok, "first agent")?;
     first.wait_for(1, Duration::from_secs(10), ours)?;
     exactly_one_per_hook(&world, "first agent")?;
+
+    // A second agent on the same pins while the first runs would undo its policy: refused.
+    let config = world.agent_config();
+    let rival = std::process::Command::new(enforcer_bin())
+        .arg("run")
+        .arg("--policies")
+        .arg(&config.policies)
+        .arg("--cgroup-root")
+        .arg(&config.cgroup_root)
+        .arg("--pin-path")
+        .arg(&config.pin_path)
+        .arg("--events")
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let rival_err = String::from_utf8_lossy(&rival.stderr);
+    ensure!(
+        !rival.status.success() && rival_err.contains("another enforcer agent"),
+        "a second agent on the same pins: {:?}\n{rival_err}",
+        rival.status
+    );
+    exactly_one_per_hook(&world, "after the refused second agent")?;
+    expect(&cross, Outcome::Eperm, "after the refused second agent")?;
 
     first.kill9()?;
     exactly_one_per_hook(&world, "no agent (after kill -9)")?;

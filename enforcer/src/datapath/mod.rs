@@ -36,6 +36,9 @@ pub struct Datapath {
     dir: PathBuf,
     ebpf: Ebpf,
     pub tables: Tables,
+    /// An exclusive lock on the pin directory for as long as this agent lives: two agents
+    /// writing the same maps would undo each other's policy.
+    _lock: std::fs::File,
 }
 
 impl Datapath {
@@ -46,6 +49,7 @@ impl Datapath {
         let dir = pin_dir(options.pin_root);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+        let lock = lock_exclusive(&dir)?;
 
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
@@ -59,7 +63,12 @@ impl Datapath {
             )
         })?;
         let tables = Tables::open(&dir)?;
-        Ok(Self { dir, ebpf, tables })
+        Ok(Self {
+            dir,
+            ebpf,
+            tables,
+            _lock: lock,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -95,6 +104,23 @@ impl Datapath {
             .context("the BPF object has no EVENTS map")?;
         RingBuf::try_from(map).context("EVENTS is not a ring buffer")
     }
+}
+
+fn lock_exclusive(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: flock on an fd we own; the lock lives as long as the file.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == std::io::ErrorKind::WouldBlock {
+            anyhow::bail!(
+                "another enforcer agent is using the pins in {}: stop it first (one agent per node)",
+                dir.display()
+            );
+        }
+        return Err(error).with_context(|| format!("locking {}", dir.display()));
+    }
+    Ok(file)
 }
 
 /// Removes every pin of this ABI under `pin_root`: the links (which detaches the programs once

@@ -50,6 +50,11 @@ pub struct Tables {
     policy: [BpfHashMap<MapData, PolicyKey, PolicyValue>; 2],
     config: Array<MapData, Config>,
     last_flip: Option<Instant>,
+    /// What this process last wrote to each policy table, so that a swap diffs against memory
+    /// instead of reading ~10^5 entries back (two syscalls each). `None` until first read:
+    /// an agent starting on pinned maps learns their contents once. The agent is the maps'
+    /// only writer (its state-directory lock keeps a second agent out).
+    policy_shadow: [Option<HashMap<PolicyKey, PolicyValue>>; 2],
 }
 
 fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
@@ -80,6 +85,7 @@ impl Tables {
             policy: [typed!(dir, maps::POLICY_A), typed!(dir, maps::POLICY_B)],
             config: typed!(dir, maps::CONFIG),
             last_flip: None,
+            policy_shadow: [None, None],
         })
     }
 
@@ -187,11 +193,20 @@ impl Tables {
         removed: &[PolicyKey],
     ) -> Result<()> {
         let active = (self.config()?.active_policy & 1) as usize;
+        // Forget the shadow first: if a write fails half-way, the next swap reads the table.
+        let shadow = self.policy_shadow[active].take();
         let table = &mut self.policy[active];
         for (key, value) in added {
             table.put(key, value, "the active policy table")?;
         }
         remove(table, removed, "the active policy table")?;
+        self.policy_shadow[active] = shadow.map(|mut shadow| {
+            shadow.extend(added.iter().copied());
+            for key in removed {
+                shadow.remove(key);
+            }
+            shadow
+        });
         Ok(())
     }
 
@@ -232,14 +247,18 @@ impl Tables {
         let table = &mut self.policy[standby as usize];
         // Stale entries go first here: the standby table is invisible, and removing first
         // leaves room in a nearly full table.
-        let current = table.entries()?;
+        let current = match self.policy_shadow[standby as usize].take() {
+            Some(shadow) => shadow,
+            None => table.entries()?,
+        };
         let stale: Vec<PolicyKey> = current
             .keys()
             .filter(|k| !allows.contains_key(k))
             .copied()
             .collect();
         remove(table, &stale, "the standby policy table")?;
-        let sync = upsert(table, allows, "the standby policy table")?;
+        let sync = write_changed(table, current, allows, "the standby policy table")?;
+        self.policy_shadow[standby as usize] = Some(allows.clone());
         config.active_policy = standby;
         config.audit = audit as u32;
         config.generation += 1;
@@ -328,6 +347,21 @@ where
     M: SyncMap<K, V>,
 {
     let current = map.entries()?;
+    write_changed(map, current, desired, what)
+}
+
+/// [`upsert`] against contents already read (reading a large map costs two syscalls an entry).
+fn write_changed<'a, K, V, M>(
+    map: &mut M,
+    current: HashMap<K, V>,
+    desired: impl IntoIterator<Item = (&'a K, &'a V)> + Copy,
+    what: &str,
+) -> Result<Upserted<K>>
+where
+    K: Eq + Hash + Copy + 'a,
+    V: PartialEq + 'a,
+    M: SyncMap<K, V>,
+{
     let mut written = 0;
     let mut wanted = std::collections::HashSet::new();
     for (key, value) in desired {
