@@ -245,11 +245,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ready_file,
                 allow_root_cgroup,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(agent::run(options))?;
+            runtime()?.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { pins, json } => {
@@ -336,11 +332,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     ready_file,
                 },
         } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(enforcer::pdp::serve(enforcer::pdp::ServeOptions {
+            runtime()?.block_on(enforcer::pdp::serve(enforcer::pdp::ServeOptions {
                 policies,
                 listen,
                 token_file,
@@ -360,6 +352,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The agent and the PDP server: two workers are plenty for one event stream and a few
+/// timers, and leave the node's other cores alone.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn control_call(pins: &PinArgs, request: Request) -> Result<ExitCode> {

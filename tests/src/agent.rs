@@ -66,6 +66,30 @@ impl AgentConfig {
             ready_timeout: Duration::from_secs(20),
         }
     }
+
+    /// `enforcer run` with this config and its events going to `events`. [`Agent::start`]
+    /// adds the ready file and stdio; a test that needs an agent outside [`Agent`] (whose
+    /// Drop would remove the pins) runs this command itself.
+    pub fn run_command(&self, events: &Path) -> Command {
+        let mut cmd = Command::new(enforcer_bin());
+        cmd.arg("run")
+            .arg("--policies")
+            .arg(&self.policies)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("--events")
+            .arg(events);
+        if let Some(n) = self.ring_buffer_bytes {
+            cmd.arg("--ring-buffer-bytes").arg(n.to_string());
+        }
+        if self.audit {
+            cmd.arg("--audit");
+        }
+        cmd.args(&self.extra_args);
+        cmd
+    }
 }
 
 /// A running agent. Drop kills it (SIGKILL) and removes its pin dir, unless the test stopped
@@ -86,25 +110,9 @@ impl Agent {
         let ready = workdir.path().join("ready");
         let stderr = File::create(workdir.path().join("stderr.log"))?;
         let stdout = File::create(workdir.path().join("stdout.log"))?;
-        let mut cmd = Command::new(enforcer_bin());
-        cmd.arg("run")
-            .arg("--policies")
-            .arg(&config.policies)
-            .arg("--cgroup-root")
-            .arg(&config.cgroup_root)
-            .arg("--pin-path")
-            .arg(&config.pin_path)
-            .arg("--events")
-            .arg(&events)
-            .arg("--ready-file")
-            .arg(&ready);
-        if let Some(n) = config.ring_buffer_bytes {
-            cmd.arg("--ring-buffer-bytes").arg(n.to_string());
-        }
-        if config.audit {
-            cmd.arg("--audit");
-        }
-        cmd.args(&config.extra_args)
+        let mut cmd = config.run_command(&events);
+        cmd.arg("--ready-file")
+            .arg(&ready)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);

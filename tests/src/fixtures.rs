@@ -16,6 +16,7 @@ use crate::bpf::PinDir;
 use crate::bundle::PolicyBundle;
 use crate::cgroup::TestCgroup;
 use crate::netns::NetNs;
+use crate::probe::attempt;
 use crate::servers::{Proto, Server};
 use crate::util::unique_name;
 
@@ -190,6 +191,18 @@ forbid (principal, action == Action::"write", resource is Endpoint)
 when { principal.purpose == "evaluation" && resource.kind == "feature_store" };
 "#;
 
+/// Only the tenant baseline: same-tenant permit, tenant-isolation forbid (with its ATLAS
+/// technique), no exception. Tests that need more add their policies after it.
+pub const TENANT_ISOLATION_POLICIES: &str = r#"@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+
+@id("tenant-isolation")
+@atlas("AML.T0085.000")
+forbid (principal, action, resource)
+when { resource has tenant && principal.tenant != resource.tenant };
+"#;
+
 /// The source tree's `policies/demo/`.
 pub fn demo_policies_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/demo")
@@ -269,6 +282,16 @@ impl World {
         Agent::start(self.agent_config())
     }
 
+    /// The two reference calls of the standard world (TCP 6333 to a vector DB, made from
+    /// acme-gateway): `(cross, same)`, to globex-vectors (another tenant: denied) and to
+    /// acme-vectors (its own tenant: allowed).
+    pub fn gateway_calls(&self) -> (String, String) {
+        (
+            attempt("tcp", self.entity("globex-vectors").ip(false), 6333),
+            attempt("tcp", self.entity("acme-vectors").ip(false), 6333),
+        )
+    }
+
     /// A server on every declared port of every entity, on its loopback address.
     pub fn servers_v4(&self) -> Result<Vec<Server>> {
         let mut servers = Vec::new();
@@ -345,27 +368,28 @@ pub fn write_bundle(
     ])
 }
 
+/// An inventory `ports:` list, in flow style: `[{port: P, protocol: tcp, action: A}, ...]`.
+/// Shared with the generated bundles ([`crate::generated`]), whose inventory has the same form.
+pub(crate) fn ports_yaml<'a>(ports: impl Iterator<Item = (u16, Proto, &'a str)>) -> String {
+    let list: Vec<String> = ports
+        .map(|(port, proto, action)| {
+            format!(
+                "{{port: {port}, protocol: {}, action: {action}}}",
+                proto.as_str()
+            )
+        })
+        .collect();
+    format!("[{}]", list.join(", "))
+}
+
 /// The inventory YAML of `entities`, with cgroups below `cgroup_root`.
 pub fn render_inventory(entities: &[Entity], cgroup_root: &str) -> String {
     let mut tenants: Vec<&str> = entities.iter().map(|e| e.tenant.as_str()).collect();
     tenants.sort();
     tenants.dedup();
     let mut y = format!("tenants: [{}]\nworkloads:\n", tenants.join(", "));
-    let ports = |e: &Entity| {
-        let list: Vec<String> = e
-            .ports
-            .iter()
-            .map(|p| {
-                format!(
-                    "{{port: {}, protocol: {}, action: {}}}",
-                    p.port,
-                    p.proto.as_str(),
-                    p.action
-                )
-            })
-            .collect();
-        format!("[{}]", list.join(", "))
-    };
+    let ports =
+        |e: &Entity| ports_yaml(e.ports.iter().map(|p| (p.port, p.proto, p.action.as_str())));
     for e in entities.iter().filter(|e| !e.is_endpoint()) {
         let _ = writeln!(y, "  - name: {}", e.name);
         let _ = writeln!(y, "    tenant: {}", e.tenant);

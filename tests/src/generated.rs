@@ -19,6 +19,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 
 use crate::bundle::PolicyBundle;
+use crate::fixtures::ports_yaml;
 use crate::servers::Proto;
 
 /// The entity model of `policies/demo/schema.cedarschema`, verbatim.
@@ -171,23 +172,7 @@ impl GeneratedBundle {
             // Every tenant gets a workload first, then at random.
             let t = if i < 3 { i } else { r.below(3) };
             per_tenant[t] += 1;
-            let mut ports = Vec::new();
-            if r.chance(75) {
-                for &(port, proto, action) in &WORKLOAD_PORTS {
-                    if r.chance(45) {
-                        ports.push(GenPort {
-                            port,
-                            proto,
-                            action,
-                        });
-                    }
-                }
-            }
-            let sample_ports = if ports.is_empty() {
-                any_port_samples(&mut r)
-            } else {
-                vec![]
-            };
+            let (ports, sample_ports) = random_ports(&mut r, &WORKLOAD_PORTS, 75, 45);
             identities.push(GenIdentity {
                 name: format!("w{i}"),
                 tenant: TENANTS[t],
@@ -207,23 +192,7 @@ impl GeneratedBundle {
         let ne = 1 + r.below(3);
         for m in 0..ne {
             let t = r.below(3);
-            let mut ports = Vec::new();
-            if r.chance(70) {
-                for &(port, proto, action) in &ENDPOINT_PORTS {
-                    if r.chance(40) {
-                        ports.push(GenPort {
-                            port,
-                            proto,
-                            action,
-                        });
-                    }
-                }
-            }
-            let sample_ports = if ports.is_empty() {
-                any_port_samples(&mut r)
-            } else {
-                vec![]
-            };
+            let (ports, sample_ports) = random_ports(&mut r, &ENDPOINT_PORTS, 70, 40);
             identities.push(GenIdentity {
                 name: format!("e{m}"),
                 tenant: TENANTS[t],
@@ -268,21 +237,8 @@ impl GeneratedBundle {
     /// `inventory.yaml`, local workloads' cgroups below `cgroup_root`.
     pub fn inventory(&self, cgroup_root: &str) -> String {
         let mut y = format!("tenants: [{}]\nworkloads:\n", TENANTS.join(", "));
-        let ports = |i: &GenIdentity| {
-            let list: Vec<String> = i
-                .ports
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{{port: {}, protocol: {}, action: {}}}",
-                        p.port,
-                        p.proto.as_str(),
-                        p.action
-                    )
-                })
-                .collect();
-            format!("[{}]", list.join(", "))
-        };
+        let ports =
+            |i: &GenIdentity| ports_yaml(i.ports.iter().map(|p| (p.port, p.proto, p.action)));
         for w in self.identities.iter().filter(|i| !i.is_endpoint()) {
             let _ = writeln!(y, "  - name: {}", w.name);
             let _ = writeln!(y, "    tenant: {}", w.tenant);
@@ -387,6 +343,35 @@ impl GeneratedBundle {
         }
         out
     }
+}
+
+/// Declared ports drawn from `table`: with probability `some`%, each of its entries with
+/// probability `each`%. With none declared the identity takes any port, so also returns the
+/// sample ports to test it at (empty otherwise).
+fn random_ports(
+    r: &mut Lcg,
+    table: &[(u16, Proto, &'static str)],
+    some: usize,
+    each: usize,
+) -> (Vec<GenPort>, Vec<u16>) {
+    let mut ports = Vec::new();
+    if r.chance(some) {
+        for &(port, proto, action) in table {
+            if r.chance(each) {
+                ports.push(GenPort {
+                    port,
+                    proto,
+                    action,
+                });
+            }
+        }
+    }
+    let sample_ports = if ports.is_empty() {
+        any_port_samples(r)
+    } else {
+        vec![]
+    };
+    (ports, sample_ports)
 }
 
 /// Two distinct sample ports for an any-port destination.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
 use crate::cgroup::TestCgroup;
@@ -139,6 +139,17 @@ impl Probe {
 
     pub fn run_one(&self, attempt: &str) -> Result<AttemptResult> {
         Ok(self.run(&[attempt])?.remove(0))
+    }
+
+    /// Runs `attempt` and fails unless it ends in `want`; `when` says at which step of the
+    /// test, so a failure names it.
+    pub fn expect_outcome(&self, attempt: &str, want: Outcome, when: &str) -> Result<()> {
+        let r = self.run_one(attempt)?;
+        ensure!(
+            r.outcome == want,
+            "{when}: {attempt} gave {r:?}, want {want:?}"
+        );
+        Ok(())
     }
 
     /// `probe --repeat n attempt`: a burst, summarised.

@@ -33,15 +33,6 @@ fn audited(e: &Value, from: &str, to: &str, port: u16) -> bool {
         && e.pointer("/destination/port").and_then(Value::as_u64) == Some(u64::from(port))
 }
 
-fn expect(probe: &Probe, what: &str, want: Outcome, when: &str) -> Result<()> {
-    let r = probe.run_one(what)?;
-    ensure!(
-        r.outcome == want,
-        "{when}: {what} gave {r:?}, want {want:?}"
-    );
-    Ok(())
-}
-
 fn probe_in(world: &World, name: &str) -> Probe {
     Probe::new()
         .in_cgroup(world.cgroup(name))
@@ -62,14 +53,13 @@ fn global_audit_lets_would_denies_through_and_reports_them() -> Result<()> {
     let agent = Agent::start(cfg)?;
 
     let gw = probe_in(&world, "acme-gateway");
-    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
-    expect(&gw, &cross, Outcome::Ok, "--audit, cross-tenant")?;
-    expect(&gw, &same, Outcome::Ok, "--audit, same tenant")?;
+    let (cross, same) = world.gateway_calls();
+    gw.expect_outcome(&cross, Outcome::Ok, "--audit, cross-tenant")?;
+    gw.expect_outcome(&same, Outcome::Ok, "--audit, same tenant")?;
     // The purpose rule (same tenant) is audited too.
     let ev = probe_in(&world, "initech-evaluator");
     let write = attempt("tcp", world.entity("initech-features").ip(false), 7001);
-    expect(&ev, &write, Outcome::Ok, "--audit, purpose rule")?;
+    ev.expect_outcome(&write, Outcome::Ok, "--audit, purpose rule")?;
 
     agent.wait_for(2, WAIT, |e| {
         audited(e, "acme-gateway", "globex-vectors", 6333)
@@ -138,36 +128,20 @@ fn tenant_audit_applies_to_that_tenant_only() -> Result<()> {
     // initech's would-denies pass and are audited: cross-tenant and the purpose rule.
     let trainer = probe_in(&world, "initech-trainer");
     let to_acme = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
-    expect(
-        &trainer,
-        &to_acme,
-        Outcome::Ok,
-        "audited tenant, cross-tenant",
-    )?;
+    trainer.expect_outcome(&to_acme, Outcome::Ok, "audited tenant, cross-tenant")?;
     let evaluator = probe_in(&world, "initech-evaluator");
     let write = attempt("tcp", world.entity("initech-features").ip(false), 7001);
-    expect(
-        &evaluator,
-        &write,
-        Outcome::Ok,
-        "audited tenant, purpose rule",
-    )?;
+    evaluator.expect_outcome(&write, Outcome::Ok, "audited tenant, purpose rule")?;
     // The other tenants are still enforced.
     let gw = probe_in(&world, "acme-gateway");
     let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    expect(
-        &gw,
-        &cross,
-        Outcome::Eperm,
-        "enforced tenant acme, cross-tenant",
-    )?;
+    gw.expect_outcome(&cross, Outcome::Eperm, "enforced tenant acme, cross-tenant")?;
     let globex = probe_in(&world, "globex-retriever");
     let g_cross = attempt("tcp", world.entity("acme-gateway").ip(false), 8000);
-    expect(&globex, &g_cross, Outcome::Eperm, "enforced tenant globex")?;
+    globex.expect_outcome(&g_cross, Outcome::Eperm, "enforced tenant globex")?;
     let acme_eval = probe_in(&world, "acme-evaluator");
     let acme_cross = attempt("tcp", world.entity("initech-trainer").ip(false), 8080);
-    expect(
-        &acme_eval,
+    acme_eval.expect_outcome(
         &acme_cross,
         Outcome::Eperm,
         "enforced tenant acme -> initech",
@@ -271,8 +245,8 @@ fn risk_quarantines_survives_restart_and_release_restores() -> Result<()> {
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
     let tools = attempt("tcp", world.entity("acme-tools").ip(false), 8300);
     let other = probe_in(&world, "acme-evaluator");
-    expect(&gw, &vectors, Outcome::Ok, "risk 0")?;
-    expect(&gw, &tools, Outcome::Ok, "risk 0")?;
+    gw.expect_outcome(&vectors, Outcome::Ok, "risk 0")?;
+    gw.expect_outcome(&tools, Outcome::Ok, "risk 0")?;
 
     // Raise the risk: only acme-gateway's row changes.
     let out = dirs.risk_set("acme-gateway", "0.9")?;
@@ -282,15 +256,10 @@ fn risk_quarantines_survives_restart_and_release_restores() -> Result<()> {
         s(&status, "/agent/risk_overrides/acme-gateway").is_some(),
         "status agent.risk_overrides after risk set: {status}"
     );
-    expect(
-        &other,
-        &vectors,
-        Outcome::Ok,
-        "another workload after risk set",
-    )?;
+    other.expect_outcome(&vectors, Outcome::Ok, "another workload after risk set")?;
 
     // The high-risk call is denied by the @quarantine policy...
-    expect(&gw, &vectors, Outcome::Eperm, "risk 0.9, vector DB")?;
+    gw.expect_outcome(&vectors, Outcome::Eperm, "risk 0.9, vector DB")?;
     let deny = first.wait_for(1, WAIT, |e| {
         event_matches(e, "acme-gateway", "acme-vectors", 6333, Proto::Tcp)
     })?;
@@ -308,17 +277,11 @@ fn risk_quarantines_survives_restart_and_release_restores() -> Result<()> {
     })?;
     eprintln!("quarantine event: {}", q[0]);
     // Every further call is denied, also one that policy allows.
-    expect(
-        &gw,
-        &tools,
-        Outcome::Eperm,
-        "quarantined, same-tenant tools",
-    )?;
+    gw.expect_outcome(&tools, Outcome::Eperm, "quarantined, same-tenant tools")?;
     first.wait_for(1, WAIT, |e| {
         quarantined_deny(e, "acme-gateway", "acme-tools", 8300)
     })?;
-    expect(
-        &other,
+    other.expect_outcome(
         &vectors,
         Outcome::Ok,
         "another workload while acme-gateway is quarantined",
@@ -339,9 +302,9 @@ fn risk_quarantines_survives_restart_and_release_restores() -> Result<()> {
 
     // kill -9: the kernel keeps the quarantine; a new agent on the same pins and state keeps it.
     first.kill9()?;
-    expect(&gw, &tools, Outcome::Eperm, "quarantined, no agent")?;
+    gw.expect_outcome(&tools, Outcome::Eperm, "quarantined, no agent")?;
     let second = Agent::start(cfg)?;
-    expect(&gw, &tools, Outcome::Eperm, "quarantined, after restart")?;
+    gw.expect_outcome(&tools, Outcome::Eperm, "quarantined, after restart")?;
     second.wait_for(1, WAIT, |e| {
         quarantined_deny(e, "acme-gateway", "acme-tools", 8300)
     })?;
@@ -353,26 +316,21 @@ fn risk_quarantines_survives_restart_and_release_restores() -> Result<()> {
     // Lower the risk, then release: everything policy allows works again.
     let out = dirs.risk_set("acme-gateway", "0.1")?;
     ensure!(out.success(), "risk set acme-gateway 0.1: {out}");
-    expect(
-        &gw,
-        &tools,
-        Outcome::Eperm,
-        "risk lowered but still quarantined",
-    )?;
+    gw.expect_outcome(&tools, Outcome::Eperm, "risk lowered but still quarantined")?;
     let out = dirs.quarantine_release("acme-gateway")?;
     ensure!(out.success(), "quarantine release acme-gateway: {out}");
     wait_notices(&second, "subject.released", 1, WAIT, |e| {
         s(e, "/workload") == Some("acme-gateway")
     })?;
-    expect(&gw, &tools, Outcome::Ok, "released")?;
-    expect(&gw, &vectors, Outcome::Ok, "released, risk 0.1")?;
+    gw.expect_outcome(&tools, Outcome::Ok, "released")?;
+    gw.expect_outcome(&vectors, Outcome::Ok, "released, risk 0.1")?;
     ensure!(
         !listed(&quarantine_list(&dirs)?, "acme-gateway"),
         "after release, quarantine list must not name acme-gateway"
     );
     // Cross-tenant is still denied (release lifts the quarantine, not the policy).
     let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    expect(&gw, &cross, Outcome::Eperm, "released, cross-tenant")?;
+    gw.expect_outcome(&cross, Outcome::Eperm, "released, cross-tenant")?;
     Ok(())
 }
 
@@ -389,7 +347,7 @@ fn garbage_risk_scores_are_refused_and_change_nothing() -> Result<()> {
     let agent = Agent::start(cfg)?;
     let gw = probe_in(&world, "acme-gateway");
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
-    expect(&gw, &vectors, Outcome::Ok, "before")?;
+    gw.expect_outcome(&vectors, Outcome::Ok, "before")?;
     let before = dirs.status()?;
 
     let mut problems = Vec::new();

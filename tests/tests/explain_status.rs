@@ -6,13 +6,16 @@
 //! that the deny events carry, per-reason verdict counters, and map fill levels.
 
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::cli::{
     copy_bundle, enforcer, first_applied_snapshot, is_revision, line_of, CliOutput, StateDir,
 };
-use enforcer_tests::fixtures::{event_matches, standard_entities, World};
+use enforcer_tests::fixtures::{
+    event_matches, standard_entities, World, TENANT_ISOLATION_POLICIES,
+};
 use enforcer_tests::probe::attempt;
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{require_kernel, Agent, Outcome, Probe};
@@ -22,25 +25,21 @@ const NET: u8 = 48;
 
 /// Same-tenant permit, tenant isolation and the purpose rule, each forbid with its ATLAS
 /// technique. Lines are computed from this text, not hard-coded.
-const POLICIES: &str = r#"// explain/status test policies
-@id("same-tenant")
-permit (principal, action, resource)
-when { resource has tenant && principal.tenant == resource.tenant };
-
-@id("tenant-isolation")
-@atlas("AML.T0085.000")
-forbid (principal, action, resource)
-when { resource has tenant && principal.tenant != resource.tenant };
-
+static POLICIES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"// explain/status test policies
+{TENANT_ISOLATION_POLICIES}
 @id("evaluation-no-feature-writes")
 @atlas("AML.T0020")
 forbid (principal, action == Action::"write", resource is Endpoint)
-when { principal.purpose == "evaluation" && resource.kind == "feature_store" };
-"#;
+when {{ principal.purpose == "evaluation" && resource.kind == "feature_store" }};
+"#
+    )
+});
 
 /// The lines where policy `id` may be said to be: its `@id` annotation or its effect.
 fn policy_lines(id: &str) -> Vec<u32> {
-    let ann = line_of(POLICIES, &format!("@id(\"{id}\")")).expect("fixture policy id");
+    let ann = line_of(&POLICIES, &format!("@id(\"{id}\")")).expect("fixture policy id");
     let effect = POLICIES
         .lines()
         .enumerate()
@@ -161,7 +160,7 @@ fn explain_reports_policy_location_atlas_and_kernel_agreement() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    let world = World::new(NET, standard_entities(NET), POLICIES)?;
+    let world = World::new(NET, standard_entities(NET), &POLICIES)?;
     let state = StateDir::new()?;
     let cfg = state.configure(world.agent_config());
     let agent = Agent::start(cfg)?;
@@ -254,7 +253,7 @@ fn status_reports_revision_counters_and_map_fill() -> Result<()> {
         return Ok(());
     }
     let net = NET + 1;
-    let world = World::new(net, standard_entities(net), POLICIES)?;
+    let world = World::new(net, standard_entities(net), &POLICIES)?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
     let cfg = state.configure(world.agent_config());
@@ -264,8 +263,7 @@ fn status_reports_revision_counters_and_map_fill() -> Result<()> {
 
     let gw = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
     let ev = Probe::new().in_cgroup(world.cgroup("initech-evaluator"));
-    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let (cross, same) = world.gateway_calls();
     let write = attempt("tcp", world.entity("initech-features").ip(false), 7001);
     let r = gw.run(&[&cross, &cross, &cross, &same, &same, &same, &same])?;
     let outcomes: Vec<Outcome> = r.iter().map(|x| x.outcome).collect();

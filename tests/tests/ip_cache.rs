@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use enforcer_policy::{Bundle, Protocol};
-use enforcer_tests::fixtures::SCHEMA;
+use enforcer_tests::fixtures::{SCHEMA, TENANT_ISOLATION_POLICIES};
 use enforcer_tests::probe::attempt;
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
@@ -21,16 +21,7 @@ use enforcer_tests::{
 /// Second octet reserved for this test (others use 31-62).
 const NET: u8 = 63;
 
-const POLICIES: &str = r#"
-@id("same-tenant")
-permit (principal, action, resource)
-when { resource has tenant && principal.tenant == resource.tenant };
-
-@id("tenant-isolation")
-@atlas("AML.T0085.000")
-forbid (principal, action, resource)
-when { resource has tenant && principal.tenant != resource.tenant };
-"#;
+const POLICIES: &str = TENANT_ISOLATION_POLICIES;
 
 fn ip(c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, NET, c, d))

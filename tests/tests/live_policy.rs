@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::cli::{
     first_applied_snapshot, is_revision, mtime, notices, replace_file, secs_since, send_signal,
-    wait_notices, StateDir,
+    wait_notices, AgentDirs, StateDir,
 };
 use enforcer_tests::fixtures::{Entity, World};
 use enforcer_tests::probe::attempt;
@@ -252,6 +252,17 @@ fn deny_snapshot(e: &Value) -> Option<&str> {
     e.pointer("/policy/snapshot").and_then(Value::as_str)
 }
 
+/// Fails unless `enforcer status` reports `want` as the revision in force.
+fn ensure_status_revision(dirs: &AgentDirs, want: &str, when: &str) -> Result<()> {
+    let status = dirs.status()?;
+    let got = status.pointer("/agent/revision");
+    ensure!(
+        got.and_then(Value::as_str) == Some(want),
+        "{when}: status agent.revision {got:?}, want {want}"
+    );
+    Ok(())
+}
+
 #[test]
 fn file_edit_flips_a_cell_within_a_second_without_flapping() -> Result<()> {
     if !require_kernel() {
@@ -333,12 +344,7 @@ fn file_edit_flips_a_cell_within_a_second_without_flapping() -> Result<()> {
         wrong[0]
     );
     // And status reports the revision in force.
-    let status = dirs.status()?;
-    ensure!(
-        status.pointer("/agent/revision").and_then(Value::as_str) == Some(r0.as_str()),
-        "status agent.revision {:?}, want {r0}",
-        status.pointer("/agent/revision")
-    );
+    ensure_status_revision(&dirs, &r0, "after the flips")?;
     Ok(())
 }
 
@@ -394,12 +400,7 @@ fn invalid_edit_changes_nothing_and_sighup_reloads() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let status = dirs.status()?;
-    ensure!(
-        status.pointer("/agent/revision").and_then(Value::as_str) == Some(r0.as_str()),
-        "after a rejected edit, status agent.revision {:?}, want {r0}",
-        status.pointer("/agent/revision")
-    );
+    ensure_status_revision(&dirs, &r0, "after a rejected edit")?;
     ensure!(
         applied_snapshots(&agent)? == vec![r0.clone()],
         "a rejected edit must apply nothing: policy.applied events {:?}",
@@ -447,12 +448,7 @@ fn invalid_edit_changes_nothing_and_sighup_reloads() -> Result<()> {
         took <= Duration::from_secs(1),
         "after SIGHUP the new decision took {took:?} (> 1 s)"
     );
-    let status = dirs.status()?;
-    ensure!(
-        status.pointer("/agent/revision").and_then(Value::as_str) == Some(r1.as_str()),
-        "after SIGHUP, status agent.revision {:?}, want {r1}",
-        status.pointer("/agent/revision")
-    );
+    ensure_status_revision(&dirs, &r1, "after SIGHUP")?;
     Ok(())
 }
 

@@ -281,16 +281,8 @@ fn agent_follows_a_loopback_pdp_through_outages_restarts_and_a_wrong_token() -> 
     let bundle_dir = work.path().join("node/pdp-bundle");
     let token = token_file(work.path(), TOKEN)?;
     let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
-    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
-    let expect = |what: &str, want: Outcome, when: &str| -> Result<()> {
-        let r = probe.run_one(what)?;
-        ensure!(
-            r.outcome == want,
-            "{when}: {what} gave {r:?}, want {want:?}"
-        );
-        Ok(())
-    };
+    let (cross, same) = world.gateway_calls();
+    let expect = |what: &str, want, when: &str| probe.expect_outcome(what, want, when);
     let eventually = |what: &str, want: Outcome, within: Duration, when: &str| -> Result<()> {
         let mut last = None;
         let ok = wait_until(within, Duration::from_millis(200), || {

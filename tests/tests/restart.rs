@@ -2,13 +2,12 @@
 //! enforcing; a new agent on the same pin dir adopts them (one program per hook, not two)
 //! and resumes events. While one agent runs, a second on the same pins is refused.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use enforcer_tests::agent::enforcer_bin;
 use enforcer_tests::bpf::{prog_query, ENFORCER_HOOKS};
 use enforcer_tests::fixtures::{event_matches, World};
-use enforcer_tests::probe::attempt;
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{require_kernel, Outcome, Probe};
 
@@ -37,19 +36,11 @@ fn enforcement_survives_kill9_and_a_new_agent_adopts_the_pins() -> Result<()> {
     let world = World::standard(35)?;
     let _servers = world.servers_v4()?;
     let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
-    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let (cross, same) = world.gateway_calls();
     let ours = |e: &serde_json::Value| {
         event_matches(e, "acme-gateway", "globex-vectors", 6333, Proto::Tcp)
     };
-    let expect = |what: &str, want: Outcome, when: &str| -> Result<()> {
-        let r = probe.run_one(what)?;
-        ensure!(
-            r.outcome == want,
-            "{when}: {what} gave {r:?}, want {want:?}"
-        );
-        Ok(())
-    };
+    let expect = |what: &str, want, when: &str| probe.expect_outcome(what, want, when);
 
     let mut first = world.start_agent()?;
     expect(&cross, Outcome::Eperm, "first agent")?;
@@ -58,17 +49,10 @@ fn enforcement_survives_kill9_and_a_new_agent_adopts_the_pins() -> Result<()> {
     exactly_one_per_hook(&world, "first agent")?;
 
     // A second agent on the same pins while the first runs would undo its policy: refused.
-    let config = world.agent_config();
-    let rival = std::process::Command::new(enforcer_bin())
-        .arg("run")
-        .arg("--policies")
-        .arg(&config.policies)
-        .arg("--cgroup-root")
-        .arg(&config.cgroup_root)
-        .arg("--pin-path")
-        .arg(&config.pin_path)
-        .arg("--events")
-        .arg("/dev/null")
+    // Run by hand, not as an `Agent`: its Drop would remove the first agent's pins.
+    let rival = world
+        .agent_config()
+        .run_command(Path::new("/dev/null"))
         .stdin(std::process::Stdio::null())
         .output()?;
     let rival_err = String::from_utf8_lossy(&rival.stderr);

@@ -282,7 +282,7 @@ fn cgroup_root_of(inv: &Inventory) -> Result<String> {
 }
 
 /// A same-tenant and a cross-tenant call to vector DBs from one workload with a cgroup.
-fn choose_calls(inv: &Inventory) -> Result<(Call<'_>, Call<'_>)> {
+fn choose_calls<'a>(inv: &'a Inventory) -> Result<(Call<'a>, Call<'a>)> {
     let vector_dbs: Vec<&Item> = inv
         .endpoints
         .iter()
@@ -293,22 +293,17 @@ fn choose_calls(inv: &Inventory) -> Result<(Call<'_>, Call<'_>)> {
         let own = vector_dbs.iter().find(|e| e.tenant == w.tenant);
         let other = vector_dbs.iter().find(|e| e.tenant != w.tenant);
         if let (Some(own), Some(other)) = (own, other) {
-            let same = Call {
-                title: "same tenant, allowed",
+            // The endpoint's first port at its loopback address (both kept by the filter).
+            let call = |title, to: &'a Item| Call {
+                title,
                 caller: w.name.clone(),
                 from: w,
-                to: own,
-                ip: own.loopback_v4().expect("filtered"),
-                port: &own.ports[0],
+                to,
+                ip: to.loopback_v4().expect("filtered"),
+                port: &to.ports[0],
             };
-            let cross = Call {
-                title: "cross tenant to a vector DB, denied",
-                caller: w.name.clone(),
-                from: w,
-                to: other,
-                ip: other.loopback_v4().expect("filtered"),
-                port: &other.ports[0],
-            };
+            let same = call("same tenant, allowed", own);
+            let cross = call("cross tenant to a vector DB, denied", other);
             return Ok((same, cross));
         }
     }
