@@ -22,7 +22,11 @@ use enforcer_common::{programs, proto, IdentityInfo, PolicyKey, PolicyValue};
 const IDENTITIES: u32 = 10_000;
 const POLICY_ENTRIES: u32 = 100_000;
 const IPCACHE_ENTRIES: u32 = 100_000;
-const ROUNDS: usize = 20;
+const ROUNDS: usize = 21;
+/// The three latency setups, rotated round by round.
+const NONE: usize = 0;
+const NOOP: usize = 1;
+const ENFORCER: usize = 2;
 const CONNECTS_PER_ROUND: usize = 1_000;
 
 struct Cleanup {
@@ -183,36 +187,36 @@ fn datapath_bench() -> Result<()> {
     std::fs::write(cgroup.join("cgroup.procs"), "0").context("joining the benchmark cgroup")?;
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
 
-    // A/B latency first, with run-time statistics off: they add two clock reads per run.
-    // This VM is noisy, so each round yields its own ratio of medians and the report is the
-    // median round, with the spread.
-    let mut with = Vec::new();
-    let mut without = Vec::new();
+    // Latency first, with run-time statistics off (they add two clock reads per run), in
+    // rounds that rotate three setups: no program, an empty connect4 program (the floor any
+    // cgroup connect hook pays), the enforcer.
+    let noop = NoopConnect4::load()?;
+    let mut samples: [Vec<f64>; 3] = Default::default();
     let mut ratios = Vec::new();
+    let mut floor_ratios = Vec::new();
     let link_pins = pin_dir(&pin_root);
     for round in 0..ROUNDS {
-        let mut medians = [0.0; 2];
-        // Interleave the order so drift (caches, frequency) hits both sides alike.
-        for attached in if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        } {
-            if attached {
-                datapath.attach(&cgroup)?;
-            } else {
-                remove_link_pins(&link_pins)?;
-            }
-            let mut samples = connect_latencies(target, CONNECTS_PER_ROUND)?;
-            medians[attached as usize] = median(&mut samples);
-            if attached {
-                with.extend(samples)
-            } else {
-                without.extend(samples)
-            }
+        let mut medians = [0.0; 3];
+        for k in 0..3 {
+            let setup = (round + k) % 3;
+            let noop_link = match setup {
+                NOOP => Some(noop.attach(&cgroup)?),
+                ENFORCER => {
+                    datapath.attach(&cgroup)?;
+                    None
+                }
+                _ => None,
+            };
+            let mut round_samples = connect_latencies(target, CONNECTS_PER_ROUND)?;
+            drop(noop_link);
+            remove_link_pins(&link_pins)?;
+            medians[setup] = median(&mut round_samples);
+            samples[setup].extend(round_samples);
         }
-        ratios.push(medians[1] / medians[0]);
+        ratios.push(medians[ENFORCER] / medians[NONE]);
+        floor_ratios.push(medians[NOOP] / medians[NONE]);
     }
+    let [mut without, mut empty, mut with] = samples;
 
     // Then the kernel's own cost per run, in windows of CONNECTS_PER_ROUND connects.
     datapath.attach(&cgroup)?;
@@ -245,6 +249,7 @@ fn datapath_bench() -> Result<()> {
     println!("| | p25 | median | p90 |\n|---|---|---|---|");
     for (name, samples) in [
         ("no program", &mut without),
+        ("empty connect4 program", &mut empty),
         ("enforcer attached", &mut with),
     ] {
         println!(
@@ -254,14 +259,19 @@ fn datapath_bench() -> Result<()> {
             percentile(samples, 0.9)
         );
     }
-    println!(
-        "\nratio attached / none: median of the {ROUNDS} per-round ratios {:.3} (rounds from {:.3} to {:.3}); at p25 {:.3}; of the pooled medians {:.3}",
-        median(&mut ratios),
-        ratios[0],
-        ratios[ratios.len() - 1],
-        percentile(&mut with, 0.25) / percentile(&mut without, 0.25),
-        median(&mut with) / median(&mut without),
-    );
+    for (name, samples, round_ratios) in [
+        ("enforcer", &mut with, &mut ratios),
+        ("empty program", &mut empty, &mut floor_ratios),
+    ] {
+        println!(
+            "\nratio {name} / none: median of the {ROUNDS} per-round ratios {:.3} (rounds from {:.3} to {:.3}); at p25 {:.3}; of the pooled medians {:.3}",
+            median(round_ratios),
+            round_ratios[0],
+            round_ratios[round_ratios.len() - 1],
+            percentile(samples, 0.25) / percentile(&mut without, 0.25),
+            median(samples) / median(&mut without),
+        );
+    }
     std::io::stdout().flush()?;
     Ok(())
 }
@@ -418,6 +428,102 @@ fn print_map_memory(dir: &Path) -> Result<()> {
     }
     println!("| total | {:.1} MiB |", total as f64 / (1 << 20) as f64);
     Ok(())
+}
+
+/// A two-instruction cgroup connect4 program (`r0 = 1; exit`), loaded with the raw bpf(2)
+/// syscall: what any connect4 hook costs before it does anything, for the latency baseline.
+struct NoopConnect4 {
+    prog: std::os::fd::OwnedFd,
+}
+
+impl NoopConnect4 {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+
+    fn load() -> Result<Self> {
+        use std::os::fd::FromRawFd;
+        // mov64 r0, 1 ; exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00]),
+            u64::from_le_bytes([0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]),
+        ];
+        let license = b"GPL\0";
+        // The BPF_PROG_LOAD part of union bpf_attr, up to expected_attach_type; the rest zero.
+        #[repr(C)]
+        #[derive(Default)]
+        struct ProgLoad {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+            prog_name: [u8; 16],
+            prog_ifindex: u32,
+            expected_attach_type: u32,
+            _rest: [u64; 8],
+        }
+        let attr = ProgLoad {
+            prog_type: Self::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            expected_attach_type: Self::BPF_CGROUP_INET4_CONNECT,
+            ..Default::default()
+        };
+        let fd =
+            sys_bpf(Self::BPF_PROG_LOAD, &attr).context("loading the empty connect4 program")?;
+        // SAFETY: the kernel just returned this fd to us.
+        Ok(Self {
+            prog: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Attached until the returned link fd is dropped.
+    fn attach(&self, cgroup: &Path) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let cgroup = std::fs::File::open(cgroup)?;
+        #[repr(C)]
+        #[derive(Default)]
+        struct LinkCreate {
+            prog_fd: u32,
+            target_fd: u32,
+            attach_type: u32,
+            flags: u32,
+            _rest: [u64; 6],
+        }
+        let attr = LinkCreate {
+            prog_fd: self.prog.as_raw_fd() as u32,
+            target_fd: cgroup.as_raw_fd() as u32,
+            attach_type: Self::BPF_CGROUP_INET4_CONNECT,
+            ..Default::default()
+        };
+        let fd = sys_bpf(Self::BPF_LINK_CREATE, &attr)
+            .context("attaching the empty connect4 program")?;
+        // SAFETY: the kernel just returned this fd to us.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> Result<i32> {
+    // SAFETY: attr is a live, zero-padded bpf_attr prefix of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(fd as i32)
 }
 
 fn pin_to_cpu(cpu: usize) {
