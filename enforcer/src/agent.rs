@@ -199,11 +199,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let risk_overrides = read_state(&options.state_dir)
         .map(|s| s.risk_overrides)
         .unwrap_or_default();
-    for (workload, score) in &risk_overrides {
-        if let Err(error) = bundle.set_risk(workload, score) {
-            tracing::warn!(%workload, "dropping a stored risk override: {error}");
-        }
-    }
+    apply_risk_overrides(&mut bundle, &risk_overrides);
     let compiled = bundle
         .compile()
         .with_context(|| format!("compiling {}", options.policies.display()))?;
@@ -347,11 +343,7 @@ impl Agent {
         self.fingerprint = fingerprint(&self.options.policies);
         tracing::info!(why, "reloading policy");
         let candidate = load_bundle(&self.options.policies).and_then(|mut bundle| {
-            for (workload, score) in &self.risk_overrides {
-                if bundle.set_risk(workload, score).is_err() {
-                    tracing::warn!(%workload, "risk override no longer applies (workload gone?)");
-                }
-            }
+            apply_risk_overrides(&mut bundle, &self.risk_overrides);
             // Reuses the previous answers when only the inventory changed (a new pod, say).
             let compiled = bundle
                 .compile_incremental(&self.compiled)
@@ -550,6 +542,16 @@ impl Agent {
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
         Ok(())
+    }
+}
+
+/// Run-time risk scores outlive policy edits and agent restarts: they are a live signal, not
+/// part of the bundle. One that no longer applies (the workload is gone) is logged and skipped.
+pub fn apply_risk_overrides(bundle: &mut Bundle, overrides: &BTreeMap<String, String>) {
+    for (workload, score) in overrides {
+        if let Err(error) = bundle.set_risk(workload, score) {
+            tracing::warn!(%workload, "risk override no longer applies: {error}");
+        }
     }
 }
 

@@ -23,11 +23,7 @@ pub fn run(
         .map_err(|d| anyhow::anyhow!("the policy bundle {} is invalid:\n{d}", dir.display()))?;
     // Explain what the running agent enforces: its run-time risk overrides included.
     if let Some(state) = crate::agent::read_state(state_dir) {
-        for (workload, score) in &state.risk_overrides {
-            bundle
-                .set_risk(workload, score)
-                .with_context(|| format!("applying the agent's risk override for {workload}"))?;
-        }
+        crate::agent::apply_risk_overrides(&mut bundle, &state.risk_overrides);
     }
     let explanation = bundle
         .explain(from, to, port, protocol)
