@@ -370,6 +370,8 @@ impl Engine {
         let mut ann_ids: HashMap<String, (PathBuf, u32)> = HashMap::new();
         let mut analysis = Analysis::default();
         let mut singles: Vec<(PolicySet, Analysis)> = Vec::new();
+        // Reads of entities the inventory lacks: they do not stand in the way of validation.
+        let mut missing: Vec<Diagnostic> = Vec::new();
         for (fi, (file, text)) in src.policies.iter().enumerate() {
             let parsed = match PolicySet::from_str(text) {
                 Ok(p) => p,
@@ -479,6 +481,29 @@ impl Engine {
                         // An id clash is reported below, when the policy joins `pset`.
                         let _ = single.add(p.new_id(new_id.clone()));
                         singles.push((single, own));
+                        if let (Some(ids), Some(cp)) = (ids, cp.as_ref()) {
+                            for (ty, name, loc) in missing_derefs(cp, ids) {
+                                let at_loc = loc.map_or((line, column), |o| line_col(text, o));
+                                let hint = match ids.index_of(&name).map(|i| ids.at(i).kind) {
+                                    Some(kind) => format!(
+                                        "`{name}` in {} is of type {}, not {ty}",
+                                        crate::INVENTORY_FILE,
+                                        kind.cedar_type()
+                                    ),
+                                    None => format!(
+                                        "no workload or endpoint named `{name}` in {}",
+                                        crate::INVENTORY_FILE
+                                    ),
+                                };
+                                missing.push(
+                                    at(
+                                        at_loc,
+                                        format!("policy `{id}` reads attributes of {ty}::{name:?}, which does not exist"),
+                                    )
+                                    .with_hint(hint),
+                                );
+                            }
+                        }
                         if let Some(why) = can_error(&json) {
                             diags.push(
                                 at((line, column), format!("policy `{id}` can fail at evaluation time: {why}"))
@@ -508,8 +533,10 @@ impl Engine {
             }
         }
 
+        let clean = diags.len() == start;
+        diags.0.extend(missing);
         let schema = schema?;
-        if diags.len() == start {
+        if clean {
             let result = Validator::new(schema.clone()).validate(&pset, ValidationMode::Strict);
             for e in result.validation_errors() {
                 let (fi, offset) = file_of.get(e.policy_id()).copied().unwrap_or((0, 0));
@@ -737,6 +764,48 @@ impl Engine {
             rules,
         })
     }
+}
+
+/// The inventory entities a policy reads attributes of (`Endpoint::"e".tenant`) that the
+/// inventory does not have: (type, name, byte offset of the literal if known), each once.
+/// Cedar fails on such a read (`entity does not exist`). Only `.` reads count: `has` is
+/// false for a missing entity. Every entity literal in the dereferenced expression is
+/// checked (conservative, as `Analysis::derefs`).
+fn missing_derefs(
+    policy: &cedar_policy_core::ast::Policy,
+    ids: &Identities,
+) -> Vec<(String, String, Option<usize>)> {
+    use cedar_policy_core::ast::{ExprKind, Literal};
+    let mut found: Vec<(String, String, Option<usize>)> = Vec::new();
+    let Some(body) = policy.non_scope_constraints() else {
+        return found;
+    };
+    for e in body.subexpressions() {
+        let ExprKind::GetAttr { expr, .. } = e.expr_kind() else {
+            continue;
+        };
+        for x in expr.subexpressions() {
+            let ExprKind::Lit(Literal::EntityUID(u)) = x.expr_kind() else {
+                continue;
+            };
+            let ty = u.entity_type().to_string();
+            let name = AsRef::<str>::as_ref(u.eid()).to_string();
+            let kind = match ty.as_str() {
+                "Workload" => IdentityKind::Workload,
+                "Endpoint" => IdentityKind::Endpoint,
+                "World" => IdentityKind::World,
+                _ => continue, // Not an inventory entity: the validator judges it.
+            };
+            let exists = ids.index_of(&name).is_some_and(|i| ids.at(i).kind == kind);
+            if exists || found.iter().any(|(t, n, _)| *t == ty && *n == name) {
+                continue;
+            }
+            let loc = x.source_loc().map(|l| l.start());
+            found.push((ty, name, loc));
+        }
+    }
+    found.sort_by_key(|(_, _, loc)| *loc);
+    found
 }
 
 /// A diagnostic at an identity's entry in the inventory.

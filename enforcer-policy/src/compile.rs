@@ -799,6 +799,11 @@ impl Compiled {
     /// deny attribution, the identity's `risk` and [`Compiled::revision`] are updated; the
     /// other cells are not touched. Cedar is asked only for policy groups not seen before.
     ///
+    /// Exception: when some policy reads a changed identity's attributes by name
+    /// (`Workload::"w1".risk`), any cell may change. Then `self` becomes a full compile of
+    /// `bundle`, and the delta is the exact difference between the old and the new table
+    /// (`cells` and `cedar_decisions` are the full compile's).
+    ///
     /// `bundle` must be the bundle this table was compiled from (same revision), or
     /// [`PolicyError::StaleCompiled`]. On error, `self` may hold a partly updated grouping
     /// cache but its table is unchanged; compile in full to recover.
@@ -824,22 +829,22 @@ impl Compiled {
         let mut changed: Vec<usize> = (0..fresh.len())
             .filter(|&i| self.identities.at(i).risk != fresh.at(i).risk)
             .collect();
-        if !changed.contains(&target) {
-            changed.push(target);
-        }
-        for &i in &changed {
-            self.identities.set_risk(i, fresh.at(i).risk.clone());
-            self.grouping.renumber(&self.identities, engine, i);
-        }
         let derefs = &engine.analysis.derefs;
         if changed
             .iter()
             .map(|&i| fresh.at(i))
             .any(|x| derefs.contains(&(x.kind.cedar_type().to_string(), x.name.clone())))
         {
-            // A policy reads this entity's attributes by name: cached answers now mix its
-            // old and new risk, so no other bundle may reuse them.
-            self.policy_fingerprint.clear();
+            // A policy reads a changed entity's attributes by name (`Workload::"w".risk`):
+            // any cell may change, and every cached answer may be stale.
+            return self.recompile_in_full(bundle, subject, start);
+        }
+        if !changed.contains(&target) {
+            changed.push(target);
+        }
+        for &i in &changed {
+            self.identities.set_risk(i, fresh.at(i).risk.clone());
+            self.grouping.renumber(&self.identities, engine, i);
         }
 
         let ids = &self.identities;
@@ -932,6 +937,50 @@ impl Compiled {
             cedar_decisions = delta.cedar_decisions,
             elapsed_ms = delta.elapsed.as_secs_f64() * 1e3,
             "subject re-evaluated"
+        );
+        Ok(delta)
+    }
+
+    /// [`Compiled::recompile_subject`] when a changed identity is read by name by some
+    /// policy: a full compile of `bundle` replaces `self`, and the delta is the exact
+    /// difference between the two tables. On error `self` is unchanged.
+    fn recompile_in_full(
+        &mut self,
+        bundle: &Bundle,
+        subject: &str,
+        start: Instant,
+    ) -> Result<RowDelta, PolicyError> {
+        let full = compile(bundle, None)?;
+        let old: BTreeMap<PolicyKey, PolicyValue> = self.allows.iter().copied().collect();
+        let mut delta = RowDelta {
+            added: full
+                .allows
+                .iter()
+                .filter(|(k, v)| old.get(k) != Some(v))
+                .copied()
+                .collect(),
+            ..RowDelta::default()
+        };
+        let new: HashSet<PolicyKey> = full.allows.iter().map(|(k, _)| *k).collect();
+        delta.removed = self
+            .allows
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !new.contains(k))
+            .collect();
+        delta.cells = full.stats.cells;
+        delta.cedar_decisions = full.stats.cedar_decisions;
+        *self = full;
+        delta.elapsed = start.elapsed();
+        tracing::info!(
+            subject,
+            snapshot = %self.revision,
+            cells = delta.cells,
+            added = delta.added.len(),
+            removed = delta.removed.len(),
+            cedar_decisions = delta.cedar_decisions,
+            elapsed_ms = delta.elapsed.as_secs_f64() * 1e3,
+            "subject re-evaluated in full: a policy reads it by name"
         );
         Ok(delta)
     }

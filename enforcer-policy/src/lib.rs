@@ -15,7 +15,8 @@
 //! Risk at run time: [`Bundle::set_risk`] overrides one workload's `risk` attribute (the
 //! oracle and later compiles see it, until the bundle is replaced);
 //! [`Compiled::recompile_subject`] then re-evaluates that subject's row (and its column,
-//! as a destination) and returns the [`RowDelta`] to write into the kernel table. While
+//! as a destination; the whole table if a policy reads that workload by name, e.g.
+//! `Workload::"w".risk`) and returns the [`RowDelta`] to write into the kernel table. While
 //! overrides are in force, the policy snapshot ([`Bundle::snapshot`],
 //! [`Compiled::revision`], events' `policy.snapshot`) is the bundle revision followed by
 //! `+risk(N):HHHHHHHH` (see [`risk::overrides_suffix`]).

@@ -359,6 +359,46 @@ fn cedar_errors_have_exact_locations() {
     assert!(!d.is_empty());
 }
 
+/// A policy that reads attributes of an entity the inventory does not have fails at load,
+/// at the entity literal, with the other problems (not at compile with "entity does not
+/// exist").
+#[test]
+fn reading_a_missing_entity_is_a_load_error_at_its_literal() {
+    let d = load_with(
+        "purpose.cedar",
+        "\n@id(\"gone\")\nforbid (principal, action, resource)\nwhen { principal.tenant == Endpoint::\"gone\".tenant };\n\
+         @id(\"kind\")\nforbid (principal, action, resource) when {\n  principal.ring == \"x\" &&\n    Workload::\"acme-vectors\".tenant == \"y\" };\n\
+         @id(\"has\")\nforbid (principal, action, resource) when { Endpoint::\"gone\" has tenant };\n\
+         @id(\"bad\")\nforbid (principal, action, resource) when { principal.colour == \"red\" };\n",
+    );
+    let want = [
+        "purpose.cedar:4:28: policy `gone` reads attributes of Endpoint::\"gone\", which does not exist [hint: no workload or endpoint named `gone` in inventory.yaml]",
+        "purpose.cedar:8:5: policy `kind` reads attributes of Workload::\"acme-vectors\", which does not exist [hint: `acme-vectors` in inventory.yaml is of type Endpoint, not Workload]",
+    ];
+    for w in want {
+        assert!(
+            d.iter().any(|x| x == w),
+            "expected `{w}` in:\n{}",
+            d.join("\n")
+        );
+    }
+    // `has` on a missing entity is false, not an error.
+    assert!(
+        !d.iter().any(|x| x.starts_with("purpose.cedar:10:")),
+        "{}",
+        d.join("\n")
+    );
+    // Reported with the others (here a strict validation error).
+    assert_diag(&d, "purpose.cedar:12:", "colour");
+    // Existing entities read by name load and compile.
+    let tmp = demo_with(
+        "named.cedar",
+        "forbid (principal, action, resource) when { Endpoint::\"acme-vectors\".tenant == \"nobody\" && World::\"world\" has tenant };\n",
+    );
+    let b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
+    assert_compiled_equals_oracle(&b);
+}
+
 /// The central invariant on one bundle: every cell of the compiled table (and every
 /// attribution) equals what the oracle says.
 fn assert_compiled_equals_oracle(b: &Bundle) {
@@ -679,6 +719,60 @@ fn a_subject_that_changes_leaves_its_old_group_intact() {
     assert_eq!(delta.removed.len(), 2, "{delta:?}");
     assert_table_equals_oracle(&b, &c);
     assert!(c.revision().contains("+risk(2):"), "{}", c.revision());
+}
+
+/// A policy reads a workload's risk by name: a risk change of that workload can change any
+/// cell, not only its row and column. The recompile is then a full one, and its delta is
+/// the exact difference.
+#[test]
+fn recompile_of_a_workload_read_by_name_updates_every_cell() {
+    let tmp = demo_with(
+        "named.cedar",
+        "@id(\"retriever-compromised\")\nforbid (principal, action, resource) when { Workload::\"acme-retriever\".risk.greaterThan(decimal(\"0.5\")) };\n",
+    );
+    let mut b = Bundle::load(tmp.path()).unwrap_or_else(|d| panic!("{d}"));
+    let mut c = b.compile().unwrap();
+    assert!(!c.allows().is_empty());
+    let rid = c.identity_by_name("acme-retriever").unwrap().id;
+    assert!(!others_of(&c, rid).is_empty());
+    for score in ["0.9", "0.2", "0.6", "0.6"] {
+        let before = c.clone();
+        b.set_risk("acme-retriever", score).unwrap();
+        let delta = c.recompile_subject(&b, "acme-retriever").unwrap();
+        assert_table_equals_oracle(&b, &c);
+        let full = b.compile().unwrap();
+        assert_eq!(c.allows(), full.allows());
+        assert_eq!(apply(&before, &delta), c.allows().iter().copied().collect());
+        assert_eq!(c.revision(), b.snapshot());
+        if score == "0.9" {
+            // Everything is forbidden now, other subjects' cells included.
+            assert!(c.allows().is_empty());
+            assert_eq!(delta.removed.len(), before.allows().len());
+            assert!(delta
+                .removed
+                .iter()
+                .any(|k| k.subject != rid && k.destination != rid));
+            let a = c.attribute(rid, rid, 8000, proto::TCP);
+            assert!(
+                a.policies.iter().any(|p| p.id == "retriever-compromised"),
+                "{a:?}"
+            );
+        }
+        if score == "0.2" {
+            assert!(delta.removed.is_empty());
+            assert_eq!(delta.added.len(), c.allows().len());
+        }
+        // A recompile that changes nothing by name is the ordinary one, and empty.
+        let again = c.recompile_subject(&b, "acme-retriever").unwrap();
+        assert!(again.is_empty(), "{again:?}");
+    }
+    // Another workload's risk (not read by name): the row-and-column recompile still agrees.
+    b.set_risk("acme-evaluator", "0.95").unwrap();
+    let before = c.clone();
+    let delta = c.recompile_subject(&b, "acme-evaluator").unwrap();
+    assert_table_equals_oracle(&b, &c);
+    assert_eq!(apply(&before, &delta), c.allows().iter().copied().collect());
+    assert_eq!(c.allows(), b.compile().unwrap().allows());
 }
 
 proptest! {
