@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -165,11 +165,15 @@ pub struct PolicyValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Which policy table the programs read: 0 = `POLICY_A`, 1 = `POLICY_B`.
+    /// Which policy table is active: 0 = `POLICY_A`, 1 = `POLICY_B`. Always equal to
+    /// `generation & 1`, which is what the programs read (one load, never torn); kept for
+    /// `enforcer status`.
     pub active_policy: u32,
     /// Non-zero: global audit mode.
     pub audit: u32,
-    /// Incremented by userspace on each policy swap (diagnostics only).
+    /// Advanced by userspace on every policy change: +1 on a table swap (its parity names the
+    /// active table), +2 on a row update in place (parity kept). The kernel copies it into each
+    /// event so that the event is explained by the policy that decided it.
     pub generation: u64,
 }
 
@@ -196,6 +200,12 @@ pub struct DenyEvent {
     pub reason: u8,
     pub _pad: u8,
     pub comm: [u8; 16],
+    /// `Config::generation` (low 32 bits) when the call was decided: userspace explains the
+    /// event with the policy revision that was in force then, not the one in force when it
+    /// reads the ring buffer.
+    pub policy_generation: u32,
+    /// Always zero; keeps the size a multiple of 8.
+    pub _pad2: u32,
 }
 
 impl DenyEvent {
@@ -217,4 +227,4 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
-const _: () = assert!(core::mem::size_of::<DenyEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<DenyEvent>() == 80);

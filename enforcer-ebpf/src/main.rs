@@ -116,6 +116,7 @@ const AUDIT_OFF: u32 = 0;
 const ANY_PORT: u16 = 0;
 /// Padding bytes of `PolicyKey` and `DenyEvent`: always zero.
 const PAD: u8 = 0;
+const PAD32: u32 = 0;
 /// `IdentityInfo::tenant` of identities without a tenant (WORLD, HOST).
 const NO_TENANT: u32 = 0;
 
@@ -184,6 +185,8 @@ struct Verdict {
     protocol: u8,
     verdict: u8,
     reason: u8,
+    /// `Config::generation` read with the active index: names the policy that decided.
+    generation: u32,
 }
 
 #[inline(always)]
@@ -239,10 +242,15 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let config = CONFIG.get_ptr(SINGLE_ENTRY);
     // SAFETY: array values are always present and valid for reads; a missing entry (cannot
     // happen for index 0) falls back to enforcing with POLICY_A.
-    let (global_audit, active_policy) = match config {
-        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, (*c).active_policy) },
-        None => (false, ACTIVE_POLICY_A),
+    // One aligned 8-byte load gives both the table and the revision: userspace keeps the
+    // generation's parity equal to the active table, so the pair can never be read torn
+    // (CONFIG is rewritten with a memcpy, which is not atomic across fields).
+    let (global_audit, generation) = match config {
+        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
+        None => (false, 0),
     };
+    let active_policy = (generation & 1) as u32;
+    let generation = generation as u32;
 
     // 2. destination identity (computed first: every event reports it).
     let destination = lookup_destination(&dst);
@@ -254,6 +262,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         protocol,
         verdict: verdict::DENY,
         reason: reason::UNKNOWN_SUBJECT,
+        generation,
     };
 
     // 1. subject identity; fail closed when the cgroup or the identity is unknown.
@@ -419,6 +428,8 @@ fn emit(v: &Verdict, dst: &Destination, cgroup_id: u64, hook: u8) {
         addr_of_mut!((*e)._pad).write(PAD);
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*e).comm).cast(), COMM_LEN);
+        addr_of_mut!((*e).policy_generation).write(v.generation);
+        addr_of_mut!((*e)._pad2).write(PAD32);
     }
     entry.submit(RINGBUF_FLAGS);
 }

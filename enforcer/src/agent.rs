@@ -15,7 +15,7 @@ use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
@@ -169,7 +169,7 @@ struct Agent {
     /// When the policy in force was written to the kernel (RFC 3339).
     applied_at: String,
     notices: mpsc::UnboundedSender<Notice>,
-    published: watch::Sender<Arc<Compiled>>,
+    history: PolicyHistory,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -212,7 +212,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
 
     let compiled = Arc::new(compiled);
-    let (published, compiled_rx) = watch::channel(compiled.clone());
+    let history = PolicyHistory::default();
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
@@ -229,7 +229,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         risk_overrides,
         applied_at: now(),
         notices,
-        published,
+        history: history.clone(),
     };
     agent
         .apply_full()
@@ -243,7 +243,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let events = tokio::spawn(stream_events(
         ring,
         agent.datapath.dir().to_path_buf(),
-        compiled_rx,
+        history,
         notice_rx,
         quarantine_tx,
         sink,
@@ -291,6 +291,10 @@ impl Agent {
             quarantined: &self.quarantined,
         };
         let (desired, unresolved) = desired_state(&self.compiled, &self.cgroup_mount, &overrides);
+        self.history.publish(
+            self.datapath.tables.next_generation(true)?,
+            self.compiled.clone(),
+        );
         let report = self.datapath.tables.apply(&desired)?;
         self.applied_at = now();
         report_unresolved(&self.unresolved, &unresolved);
@@ -309,7 +313,6 @@ impl Agent {
             snapshot: self.compiled.revision().to_string(),
             allows: desired.allows.len(),
         });
-        self.published.send_replace(self.compiled.clone());
         Ok(())
     }
 
@@ -423,11 +426,17 @@ impl Agent {
             Ok(delta) => delta,
             Err(error) => return Response::error(format!("re-evaluating {workload}: {error}")),
         };
-        if let Err(error) = self.datapath.tables.apply_row(&delta.added, &delta.removed) {
+        let published = self
+            .datapath
+            .tables
+            .next_generation(false)
+            .map(|generation| self.history.publish(generation, self.compiled.clone()));
+        if let Err(error) =
+            published.and_then(|()| self.datapath.tables.apply_row(&delta.added, &delta.removed))
+        {
             return Response::error(format!("writing {workload}'s row: {error:#}"));
         }
         let elapsed = started.elapsed();
-        self.published.send_replace(self.compiled.clone());
         self.risk_overrides
             .insert(workload.to_string(), score.to_string());
         self.save_state();
@@ -587,13 +596,49 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     entries
 }
 
+/// The compiled policies of the last few generations. An event can sit in the ring buffer
+/// across a policy change; it is explained by the policy of the generation the kernel
+/// stamped on it, not by whatever is in force when it is read.
+#[derive(Clone, Default)]
+struct PolicyHistory(Arc<std::sync::Mutex<std::collections::VecDeque<Generation>>>);
+
+/// A generation number (as the kernel stamps it: low 32 bits) and its compiled policy.
+type Generation = (u32, Arc<Compiled>);
+
+impl PolicyHistory {
+    /// Generations kept: far more than can change while one ring buffer is drained.
+    const KEEP: usize = 32;
+
+    fn publish(&self, generation: u64, compiled: Arc<Compiled>) {
+        // The kernel stamps the low 32 bits.
+        let generation = generation as u32;
+        let mut history = self.0.lock().expect("policy history lock");
+        // A change that failed before taking effect leaves its generation to the next one.
+        history.retain(|(g, _)| *g != generation);
+        history.push_back((generation, compiled));
+        while history.len() > Self::KEEP {
+            history.pop_front();
+        }
+    }
+
+    /// The policy of `generation`, or the newest one for an event older than the history
+    /// (written before this agent started, say).
+    fn at(&self, generation: u32) -> Option<Arc<Compiled>> {
+        let history = self.0.lock().expect("policy history lock");
+        let found = history.iter().rev().find(|(g, _)| *g == generation);
+        found
+            .or(history.back())
+            .map(|(_, compiled)| compiled.clone())
+    }
+}
+
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
 /// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
 /// and reports losses the kernel counted.
 async fn stream_events(
     ring: RingBuf<MapData>,
     pin_dir: PathBuf,
-    compiled: watch::Receiver<Arc<Compiled>>,
+    history: PolicyHistory,
     mut notices: mpsc::UnboundedReceiver<Notice>,
     quarantine: mpsc::UnboundedSender<(u32, String)>,
     mut sink: Sink,
@@ -620,7 +665,6 @@ async fn stream_events(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the EVENTS ring buffer")?;
-                let policy = compiled.borrow().clone();
                 // Edge-triggered: drain everything, then clear readiness.
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
@@ -631,6 +675,8 @@ async fn stream_events(
                             continue;
                         }
                     };
+                    // Never empty: the first policy is published before the task starts.
+                    let Some(policy) = history.at(event.policy_generation) else { continue };
                     let call = record::enrich(&event, &policy);
                     if event.verdict == verdict::DENY
                         && policy.quarantine_on_deny(event.subject, event.destination, event.dport, event.protocol)

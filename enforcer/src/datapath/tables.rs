@@ -37,6 +37,8 @@ pub struct ApplyReport {
     pub written: usize,
     pub removed: usize,
     pub active_table: u32,
+    /// `CONFIG.generation` after the change: deny events carry it (see `DenyEvent`).
+    pub generation: u64,
     pub elapsed: Duration,
 }
 
@@ -96,13 +98,20 @@ impl Tables {
     /// The value the active table holds for a cell (exact port first, then any port), as
     /// the kernel would see it.
     pub fn lookup(&self, key: PolicyKey) -> Result<Option<(PolicyKey, PolicyValue)>> {
-        let active = &self.policy[(self.config()?.active_policy & 1) as usize];
+        let active = &self.policy[active_table(&self.config()?)];
         for key in [key, PolicyKey { dport: 0, ..key }] {
             if let Ok(value) = active.get(&key, 0) {
                 return Ok(Some((key, value)));
             }
         }
         Ok(None)
+    }
+
+    /// The generation the next change will write: +1 for a table swap ([`Tables::apply`]),
+    /// +2 for a row update ([`Tables::apply_row`]). The agent publishes the policy under it
+    /// *before* the change, so an event decided just after the flip finds its policy.
+    pub fn next_generation(&self, swap: bool) -> Result<u64> {
+        Ok(self.config()?.generation + if swap { 1 } else { 2 })
     }
 
     /// The subject currently mapped to a cgroup, if any.
@@ -118,7 +127,8 @@ impl Tables {
     /// 1. add or update identities, IP-cache entries and cgroups (new names resolve to
     ///    identities before any policy refers to them; stale ones are still there for the
     ///    old policy);
-    /// 2. fill the standby policy table and flip `CONFIG.active_policy` in one map write;
+    /// 2. fill the standby policy table and flip to it by advancing `CONFIG.generation` (its
+    ///    parity is the active table) in one map write;
     /// 3. remove what only the old revision needed.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport> {
         let started = Instant::now();
@@ -169,6 +179,7 @@ impl Tables {
             written: written + policy.written,
             removed: stale + policy.stale.len(),
             active_table: policy.active,
+            generation: policy.generation,
             elapsed: started.elapsed(),
         })
     }
@@ -191,8 +202,9 @@ impl Tables {
         &mut self,
         added: &[(PolicyKey, PolicyValue)],
         removed: &[PolicyKey],
-    ) -> Result<()> {
-        let active = (self.config()?.active_policy & 1) as usize;
+    ) -> Result<u64> {
+        let mut config = self.config()?;
+        let active = active_table(&config);
         // Forget the shadow first: if a write fails half-way, the next swap reads the table.
         let shadow = self.policy_shadow[active].take();
         let table = &mut self.policy[active];
@@ -207,7 +219,13 @@ impl Tables {
             }
             shadow
         });
-        Ok(())
+        // +2 keeps the parity (the active table) and gives the changed row a revision of its
+        // own, so that later events are explained by it.
+        config.generation += 2;
+        self.config
+            .set(0, config, 0)
+            .context("advancing CONFIG.generation")?;
+        Ok(config.generation)
     }
 
     /// Sets or clears flag bits of one identity (quarantine), leaving the rest as it is.
@@ -238,7 +256,7 @@ impl Tables {
         audit: bool,
     ) -> Result<PolicySwap> {
         let mut config = self.config()?;
-        let standby = (config.active_policy & 1) ^ 1;
+        let standby = active_table(&config) as u32 ^ 1;
         if let Some(flipped) = self.last_flip {
             if let Some(rest) = STANDBY_GRACE.checked_sub(flipped.elapsed()) {
                 std::thread::sleep(rest);
@@ -259,9 +277,10 @@ impl Tables {
         remove(table, &stale, "the standby policy table")?;
         let sync = write_changed(table, current, allows, "the standby policy table")?;
         self.policy_shadow[standby as usize] = Some(allows.clone());
+        // +1: the generation's parity, which the programs read, now names the standby table.
+        config.generation += 1;
         config.active_policy = standby;
         config.audit = audit as u32;
-        config.generation += 1;
         self.config
             .set(0, config, 0)
             .context("flipping CONFIG.active_policy")?;
@@ -270,14 +289,21 @@ impl Tables {
             written: sync.written,
             stale,
             active: standby,
+            generation: config.generation,
         })
     }
+}
+
+/// The table the programs read: the generation's parity (one load in the kernel, never torn).
+fn active_table(config: &Config) -> usize {
+    (config.generation & 1) as usize
 }
 
 struct PolicySwap {
     written: usize,
     stale: Vec<PolicyKey>,
     active: u32,
+    generation: u64,
 }
 
 /// The key/value view of a BPF map that [`upsert`] and [`remove`] need. LPM tries are keyed

@@ -95,6 +95,8 @@ mod tests {
             reason: reason::TENANT_MISMATCH,
             _pad: 0,
             comm,
+            policy_generation: 7,
+            _pad2: 0,
         }
     }
 
