@@ -166,6 +166,19 @@ pub struct RowDelta {
 }
 
 impl RowDelta {
+    fn log(&self, subject: &str, snapshot: &str, what: &str) {
+        tracing::info!(
+            subject,
+            snapshot,
+            cells = self.cells,
+            added = self.added.len(),
+            removed = self.removed.len(),
+            cedar_decisions = self.cedar_decisions,
+            elapsed_ms = self.elapsed.as_secs_f64() * 1e3,
+            "{what}"
+        );
+    }
+
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty()
     }
@@ -928,16 +941,7 @@ impl Compiled {
         delta.cells = cells_seen;
         delta.cedar_decisions = self.grouping.decisions - decisions_before;
         delta.elapsed = start.elapsed();
-        tracing::info!(
-            subject,
-            snapshot = %self.revision,
-            cells = delta.cells,
-            added = delta.added.len(),
-            removed = delta.removed.len(),
-            cedar_decisions = delta.cedar_decisions,
-            elapsed_ms = delta.elapsed.as_secs_f64() * 1e3,
-            "subject re-evaluated"
-        );
+        delta.log(subject, &self.revision, "subject re-evaluated");
         Ok(delta)
     }
 
@@ -972,15 +976,10 @@ impl Compiled {
         delta.cedar_decisions = full.stats.cedar_decisions;
         *self = full;
         delta.elapsed = start.elapsed();
-        tracing::info!(
+        delta.log(
             subject,
-            snapshot = %self.revision,
-            cells = delta.cells,
-            added = delta.added.len(),
-            removed = delta.removed.len(),
-            cedar_decisions = delta.cedar_decisions,
-            elapsed_ms = delta.elapsed.as_secs_f64() * 1e3,
-            "subject re-evaluated in full: a policy reads it by name"
+            &self.revision,
+            "subject re-evaluated in full: a policy reads it by name",
         );
         Ok(delta)
     }
