@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -139,7 +139,9 @@ pub struct IdentityInfo {
     pub flags: u32,
 }
 
-/// Key of `POLICY_A` / `POLICY_B`. Presence means allow; absence means deny.
+/// Key of `POLICY_A` / `POLICY_B`. The kernel looks up the exact port first: an entry there
+/// decides by its [`PolicyValue::verdict`]. Otherwise the any-port entry (`dport` 0), which is
+/// always an allow. No entry at all means deny.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -153,12 +155,49 @@ pub struct PolicyKey {
     pub _pad: u8,
 }
 
+/// [`PolicyValue::verdict`] values.
+pub mod entry {
+    /// The cell is allowed.
+    pub const ALLOW: u8 = 0;
+    /// An exact-port exception under an any-port allow: this port is denied although the
+    /// destination's other ports are allowed (a policy that reads `context.port` on a
+    /// destination that declares no ports). Never stored with `dport` 0.
+    pub const DENY: u8 = 1;
+}
+
 /// Value of `POLICY_A` / `POLICY_B`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
-    /// Userspace's number for the Cedar permit that allowed the cell (for `explain`).
+    /// Userspace's number for the Cedar policy that decided the cell (for `explain`): the
+    /// first determining permit of an allow, the first forbid of a deny exception.
     pub rule: u32,
+    /// `entry::ALLOW` or `entry::DENY`.
+    pub verdict: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
+impl PolicyValue {
+    /// An allow entry decided by `rule`.
+    pub const fn allow(rule: u32) -> Self {
+        Self {
+            rule,
+            verdict: entry::ALLOW,
+            _pad: [0; 3],
+        }
+    }
+    /// A deny exception decided by `rule`.
+    pub const fn deny(rule: u32) -> Self {
+        Self {
+            rule,
+            verdict: entry::DENY,
+            _pad: [0; 3],
+        }
+    }
+    pub const fn is_allow(&self) -> bool {
+        self.verdict == entry::ALLOW
+    }
 }
 
 /// The single entry of the `CONFIG` array.
@@ -226,5 +265,6 @@ mod pod {
 // Layout checks: the kernel and userspace must agree on these sizes.
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 80);

@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    capacity, flags, hook, identity, reason, verdict, verdict_counter_index, Config, DenyEvent,
-    IdentityInfo, PolicyKey, PolicyValue, VERDICT_COUNTERS,
+    capacity, entry, flags, hook, identity, reason, verdict, verdict_counter_index, Config,
+    DenyEvent, IdentityInfo, PolicyKey, PolicyValue, VERDICT_COUNTERS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -357,11 +357,13 @@ fn lookup_destination(dst: &Destination) -> u32 {
     hit.unwrap_or(identity::WORLD)
 }
 
-/// An allow entry for the exact port, or for any port. Only allows are stored.
+/// The exact-port entry decides by its verdict (a deny exception under an any-port allow);
+/// without one, an any-port entry (always an allow). No entry: deny.
 #[inline(always)]
 fn policy_hit(table: &HashMap<PolicyKey, PolicyValue>, key: &mut PolicyKey) -> bool {
-    if table.get_ptr(*key).is_some() {
-        return true;
+    if let Some(v) = table.get_ptr(*key) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        return unsafe { (*v).verdict } == entry::ALLOW;
     }
     key.dport = ANY_PORT;
     table.get_ptr(*key).is_some()

@@ -555,9 +555,7 @@ impl Grouping {
                     protocol: cell.protocol.number(),
                     _pad: 0,
                 },
-                PolicyValue {
-                    rule: answer.rules.first().copied().unwrap_or(u32::MAX),
-                },
+                PolicyValue::allow(answer.rules.first().copied().unwrap_or(u32::MAX)),
             )
         })
     }

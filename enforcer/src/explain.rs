@@ -54,16 +54,21 @@ pub fn run(
         _pad: 0,
     };
     let live = tables.lookup(key)?;
-    let kernel_allows = live.is_some();
+    let kernel_allows = live.is_some_and(|(_, value)| value.is_allow());
     match live {
         Some((hit, value)) => {
             println!(
-            "kernel: ALLOW (entry subject={} destination={} port={} rule={}) in the active table",
-            hit.subject,
-            hit.destination,
-            if hit.dport == 0 { "any".to_string() } else { hit.dport.to_string() },
-            value.rule
-        )
+                "kernel: {} (entry subject={} destination={} port={} rule={}) in the active table",
+                if value.is_allow() { "ALLOW" } else { "DENY" },
+                hit.subject,
+                hit.destination,
+                if hit.dport == 0 {
+                    "any".to_string()
+                } else {
+                    hit.dport.to_string()
+                },
+                value.rule
+            )
         }
         None => println!(
             "kernel: DENY (no entry for subject={} destination={} port={port})",

@@ -312,7 +312,7 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
             protocol: proto::TCP,
             _pad: 0,
         };
-        state.allows.insert(key, PolicyValue { rule: 0 });
+        state.allows.insert(key, PolicyValue::allow(0));
     }
     state.allows.insert(
         PolicyKey {
@@ -322,7 +322,7 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
             protocol: proto::TCP,
             _pad: 0,
         },
-        PolicyValue { rule: 0 },
+        PolicyValue::allow(0),
     );
     state.cgroups = BTreeMap::from([(bench_cgroup, subject)]);
     state
