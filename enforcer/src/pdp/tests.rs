@@ -394,6 +394,107 @@ async fn sync_follows_the_pdp_and_keeps_the_last_good_bundle() {
     assert_eq!(left, ["pdp-bundle", "pdp-status.json"]);
 }
 
+/// Issue 6, fault 8: a reader that saw a bundle on disk and then read the status (in memory
+/// or its file) saw the previous revision. An observer thread reads disk, then status, as
+/// fast as it can while the PDP publishes edits; the status may be newer than what it read
+/// from disk a moment before (an edit can land in between), never older. (Before the fix,
+/// the status changed after the swap; the original test hit that window once in two runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_never_behind_the_bundle_on_disk() {
+    const EDITS: usize = 8;
+    let dir = TestDir::new("order");
+    let (policies, token) = setup(&dir.0);
+    let server = Running::start(options(&policies, &token)).await;
+    let target = dir.0.join("state").join("pdp-bundle");
+    let handle = sync::try_spawn(sync_options(
+        format!("http://{}", server.addr),
+        TOKEN,
+        None,
+        target.clone(),
+    ))
+    .unwrap();
+    assert!(handle.first_sync(Duration::from_secs(10)).await);
+    let status_path = super::status_file(&target);
+    // Every revision the node will go through, in order: the same edits on a scratch copy.
+    let scratch = dir.0.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    for (name, text) in read_bundle_files(&policies).unwrap() {
+        std::fs::write(scratch.join(name), text).unwrap();
+    }
+    let mut order = vec![validate(&scratch).unwrap()];
+    for k in 0..EDITS {
+        touch_policy(&scratch, &format!("order {k}"));
+        order.push(validate(&scratch).unwrap());
+    }
+    let order = std::sync::Arc::new(order);
+    let rank_in = |order: &[String], revision: &str| order.iter().position(|r| r == revision);
+
+    let handle = std::sync::Arc::new(handle);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let observer = {
+        let (handle, done, target) = (handle.clone(), done.clone(), target.clone());
+        let order = order.clone();
+        std::thread::spawn(move || {
+            let rank = |revision: &str| rank_in(&order, revision);
+            let mut checks = 0u64;
+            let mut problems = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && problems.len() < 5 {
+                // Disk first, then the status. The disk is read the cheap way (which edits
+                // the policy file holds) so that the observer looks often.
+                let Ok(text) = std::fs::read_to_string(target.join("baseline.cedar")) else {
+                    continue;
+                };
+                let on_disk = order[text.matches("// edit order ").count()].clone();
+                let in_memory = handle.status().revision;
+                let in_file = super::read_status(&status_path)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.revision);
+                checks += 1;
+                for (what, seen) in [("in memory", in_memory), ("in its file", in_file)] {
+                    let behind = match seen.as_deref() {
+                        Some(seen) => rank(seen) < rank(&on_disk),
+                        None => true,
+                    };
+                    if behind {
+                        problems.push(format!(
+                            "disk holds {on_disk} but the status {what} still says {seen:?}"
+                        ));
+                    }
+                }
+            }
+            (checks, problems)
+        })
+    };
+    for k in 0..EDITS {
+        touch_policy(&policies, &format!("order {k}"));
+        let want = validate(&policies).unwrap();
+        assert_eq!(
+            Some(k + 1),
+            rank_in(&order, &want),
+            "the scratch copy predicts the revisions"
+        );
+        assert!(
+            wait_for(Duration::from_secs(20), || handle
+                .status()
+                .revision
+                .as_deref()
+                == Some(want.as_str()))
+            .await,
+            "edit {k} did not reach the node"
+        );
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let observed = tokio::task::spawn_blocking(move || observer.join().unwrap())
+        .await
+        .unwrap();
+    let (checks, problems) = observed;
+    assert!(checks > 0, "the observer never read a valid bundle");
+    assert!(problems.is_empty(), "after {checks} checks: {problems:#?}");
+    drop(handle);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn sync_refuses_a_bundle_that_does_not_validate() {
     // A hand-made "PDP" that serves an invalid bundle: the node must not install it.
