@@ -308,6 +308,9 @@ impl Agent {
             elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
             "policy applied"
         );
+        // Kernel, then the state file (`enforcer status`), then the event: whoever sees the
+        // event sees the revision in status, and whoever sees that finds it in force.
+        self.save_state();
         let _ = self.notices.send(Notice::PolicyApplied {
             time: now(),
             snapshot: self.compiled.revision().to_string(),
@@ -371,7 +374,6 @@ impl Agent {
             return self.reject(error.context("writing the policy into the kernel"));
         }
         self.bundle = bundle;
-        self.save_state();
     }
 
     fn reject(&mut self, error: anyhow::Error) {
@@ -476,13 +478,13 @@ impl Agent {
             Ok(()) => {
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
+                self.save_state();
                 let _ = self.notices.send(Notice::Quarantined {
                     time: now(),
                     workload,
                     identity: subject,
                     cause,
                 });
-                self.save_state();
             }
             Err(error) => {
                 self.quarantined.remove(&subject);
@@ -504,12 +506,12 @@ impl Agent {
             self.quarantined.insert(id);
             return Response::error(format!("releasing {workload}: {error:#}"));
         }
+        self.save_state();
         let _ = self.notices.send(Notice::Released {
             time: now(),
             workload: workload.to_string(),
             identity: id,
         });
-        self.save_state();
         Response::ok(format!("{workload} released"))
     }
 
