@@ -282,17 +282,6 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let full_protocol = protocol;
     let protocol = protocol as u8;
 
-    // The unspecified address is not where the packet goes: the kernel routes it to a local
-    // address after this hook (see `unspecified`). Judge that address instead, or refuse the
-    // call when the hook cannot know it. One compare on the common path: the first word.
-    let mut determined = true;
-    if dst.addr[0] == ZERO_WORD && is_unspecified(&dst) {
-        match unspecified(sa, hook, dst.family, full_protocol) {
-            Some(effective) => dst = effective,
-            None => determined = false,
-        }
-    }
-
     let config = CONFIG.get_ptr(SINGLE_ENTRY);
     // SAFETY: array values are always present and valid for reads; a missing entry (cannot
     // happen for index 0) falls back to enforcing with POLICY_A.
@@ -306,17 +295,9 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let active_policy = (generation & 1) as u32;
     let generation = generation as u32;
 
-    // 2. destination identity (computed first: every event reports it). An undetermined
-    // unspecified destination has none.
-    let destination = if determined {
-        lookup_destination(&dst)
-    } else {
-        identity::UNKNOWN
-    };
-
     let mut v = Verdict {
         subject: identity::UNKNOWN,
-        destination,
+        destination: identity::UNKNOWN,
         dport,
         protocol,
         verdict: verdict::DENY,
@@ -325,6 +306,27 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         sock_type: NO_SOCKET_INFO,
         sock_protocol: NO_SOCKET_INFO,
     };
+
+    // The unspecified address is not where the packet goes: the kernel routes it to a local
+    // address after this hook (see `unspecified`). Judge that address instead, or refuse the
+    // call when the hook cannot know it. One compare on the common path: the first word.
+    if dst.addr[0] == ZERO_WORD && is_unspecified(&dst) {
+        match unspecified(sa, hook, dst.family, full_protocol) {
+            Some(effective) => dst = effective,
+            None => {
+                v.reason = reason::UNSPECIFIED_DESTINATION;
+                return if refuse(&mut v, &dst, hook, global_audit) {
+                    SK_PASS
+                } else {
+                    SK_DROP
+                };
+            }
+        }
+    }
+
+    // 2. destination identity (computed first: every event reports it).
+    v.destination = lookup_destination(&dst);
+    let destination = v.destination;
 
     // 1. subject identity; fail closed when the cgroup or the identity is unknown.
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
@@ -352,14 +354,6 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     if subject_flags & flags::QUARANTINED != 0 {
         v.reason = reason::QUARANTINED;
         return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
-    }
-
-    // An unspecified destination the kernel resolves from state the hook cannot see: refused
-    // (audit mode lets it through, reported, like any would-deny).
-    if !determined {
-        v.reason = reason::UNSPECIFIED_DESTINATION;
-        let audit = global_audit || subject_flags & flags::AUDIT != 0;
-        return report(&mut v, &dst, cgroup_id, hook, audit);
     }
 
     // 4. the policy table in force: exact port, then any port.
@@ -588,6 +582,20 @@ fn judge_socket(ctx: &SockContext) -> i32 {
         addr: [ZERO_WORD; 4],
         family: event_family,
     };
+    if refuse(&mut v, &dst, hook::SOCK_CREATE, global_audit) {
+        SOCK_ALLOW
+    } else {
+        SOCK_REFUSE
+    }
+}
+
+/// A refusal the kernel makes before any policy (`v.reason`: an unspecified destination it
+/// cannot resolve, an unsupported socket), for every subject in the subtree, known or not:
+/// counted, reported as one event, and `true` when audit mode (global, or the subject's)
+/// lets the call through. A quarantined subject is refused even then. Kept off `decide`'s
+/// common path: only the rare cases call it.
+#[inline(always)]
+fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> bool {
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let subject = match CGROUP_IDENTITY.get_ptr(cgroup_id) {
@@ -613,15 +621,10 @@ fn judge_socket(ctx: &SockContext) -> i32 {
             }
         }
     };
-    let (verdict, ret) = if audit {
-        (verdict::AUDIT, SOCK_ALLOW)
-    } else {
-        (verdict::DENY, SOCK_REFUSE)
-    };
-    v.verdict = verdict;
-    count(verdict, v.reason);
-    emit(&v, &dst, cgroup_id, hook::SOCK_CREATE);
-    ret
+    v.verdict = if audit { verdict::AUDIT } else { verdict::DENY };
+    count(v.verdict, v.reason);
+    emit(v, dst, cgroup_id, hook);
+    audit
 }
 
 /// Per-CPU verdict counter. Not atomic: the counter is this CPU's own and the program runs
