@@ -484,7 +484,7 @@ fn sockets_without_an_egress_hook_are_refused_at_creation() -> Result<()> {
 }
 
 #[test]
-fn audit_lets_unsupported_sockets_through_but_not_for_a_quarantined_subject() -> Result<()> {
+fn audit_lets_kernel_refusals_through_but_not_for_a_quarantined_subject() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
@@ -506,11 +506,24 @@ fn audit_lets_unsupported_sockets_through_but_not_for_a_quarantined_subject() ->
             protocol: "icmp",
         },
     });
+    // The unspecified destination the hook cannot resolve is audited the same way.
+    let unspecified = Some(Want {
+        verdict: "audit",
+        hook: "sendmsg4",
+        reason: "unspecified_destination",
+        target: Target::Destination {
+            ip: "0.0.0.0",
+            name: None,
+        },
+    });
     run_cases(
         &agent,
         &probe,
         Some("acme-app"),
-        &[case("ping:127.81.2.10", Outcome::Ok, audited)],
+        &[
+            case("ping:127.81.2.10", Outcome::Ok, audited),
+            case("udp:0.0.0.0:7300", Outcome::Ok, unspecified),
+        ],
     )?;
     let audit_events = agent.verdict_events()?;
     ensure!(
@@ -542,5 +555,14 @@ fn audit_lets_unsupported_sockets_through_but_not_for_a_quarantined_subject() ->
         n == 1,
         "want one deny event for the quarantined subject, got {n}: {events:?}"
     );
+    let r = probe.run_one("udp:0.0.0.0:7300")?;
+    ensure!(
+        r.outcome == Outcome::Eperm,
+        "quarantined subject, audit mode: udp to 0.0.0.0 gave {r:?}"
+    );
+    let want = deny("sendmsg4", "unspecified_destination", "0.0.0.0", None).expect("a want");
+    agent.wait_for(1, Duration::from_secs(20), |e| {
+        matches(e, Some("acme-app"), &want, "udp")
+    })?;
     Ok(())
 }
