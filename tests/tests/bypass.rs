@@ -355,6 +355,10 @@ fn unspecified_destinations_are_judged_where_the_kernel_sends_them() -> Result<(
             Eperm,
             deny("connect4", "unspecified_destination", "0.0.0.0", None),
         ),
+        // Other addresses with a zero prefix are not rewritten: judged as given (World,
+        // permitted here), and the kernel finds no route for them.
+        case("tcp:0.1.2.3:7300", Outcome::Error, None),
+        case("tcp:[::127.0.0.1]:7300", Outcome::Error, None),
         // :: from a socket bound to an IPv4-mapped source goes to ::ffff:127.0.0.1.
         case(
             "tcp:[::]:7300@::ffff:127.81.1.1",
