@@ -59,7 +59,9 @@ pub mod programs {
     pub const CONNECT6: &str = "connect6";
     pub const SENDMSG4: &str = "sendmsg4";
     pub const SENDMSG6: &str = "sendmsg6";
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    /// `cgroup/sock_create`: refuses the inet socket kinds the four hooks above cannot judge.
+    pub const SOCK_CREATE: &str = "sock_create";
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
 }
 
 /// Identity IDs. Values below `FIRST_DYNAMIC` are reserved.
@@ -102,7 +104,15 @@ pub mod reason {
     pub const TENANT_MISMATCH: u8 = 3;
     /// No permit, same tenant (or the destination has none, like WORLD).
     pub const NO_PERMIT: u8 = 4;
-    pub const COUNT: usize = 5;
+    /// The destination is the unspecified address (0.0.0.0, ::ffff:0.0.0.0) and the kernel
+    /// would pick the real one from state the hook cannot see (a device chosen with
+    /// `IP_UNICAST_IF` / `IP_PKTINFO` / `SO_BINDTODEVICE`, or a socket bound to a broadcast or
+    /// multicast address): the call is refused rather than judged on a guess.
+    pub const UNSPECIFIED_DESTINATION: u8 = 5;
+    /// `sock_create`: an inet socket the connect/sendmsg hooks cannot judge (ICMP "ping"
+    /// datagram, raw, or any protocol other than TCP, MPTCP and UDP).
+    pub const UNSUPPORTED_SOCKET: u8 = 6;
+    pub const COUNT: usize = 7;
 }
 
 /// The hook that decided.
@@ -111,6 +121,9 @@ pub mod hook {
     pub const CONNECT6: u8 = 1;
     pub const SENDMSG4: u8 = 2;
     pub const SENDMSG6: u8 = 3;
+    /// `cgroup/sock_create`: the event has no destination (`daddr` zero) but the socket's
+    /// `sock_type` and `sock_protocol`.
+    pub const SOCK_CREATE: u8 = 4;
 }
 
 /// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
@@ -231,7 +244,8 @@ pub struct DenyEvent {
     pub daddr: [u8; 16],
     /// Host byte order.
     pub dport: u16,
-    /// 4 or 6: how `daddr` is to be read (an IPv4-mapped IPv6 connect reports 4).
+    /// 4 or 6: how `daddr` is to be read (an IPv4-mapped IPv6 connect reports 4); for
+    /// `sock_create`, the socket's family.
     pub family: u8,
     pub protocol: u8,
     pub hook: u8,
@@ -243,8 +257,10 @@ pub struct DenyEvent {
     /// event with the policy revision that was in force then, not the one in force when it
     /// reads the ring buffer.
     pub policy_generation: u32,
-    /// Always zero; keeps the size a multiple of 8.
-    pub _pad2: u32,
+    /// `sock_create` events: the socket's type (`SOCK_DGRAM` 2, `SOCK_RAW` 3, ...) and
+    /// protocol number (which need not fit `protocol`: MPTCP is 262). Zero for the other hooks.
+    pub sock_type: u16,
+    pub sock_protocol: u16,
 }
 
 impl DenyEvent {

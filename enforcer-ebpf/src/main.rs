@@ -2,9 +2,11 @@
 //!
 //! Four cgroup `sock_addr` programs (`connect4`, `connect6`, `sendmsg4`, `sendmsg6`) call one
 //! shared, always-inlined [`decide`], which runs DESIGN.md's decision procedure: a fixed,
-//! bounded sequence of map lookups with no loops. Every verdict is counted in `VERDICTS`; every
-//! deny (and audit) writes one `DenyEvent` to `EVENTS`, or bumps `LOST_EVENTS` when the ring
-//! buffer is full. Nothing is dropped silently.
+//! bounded sequence of map lookups with no loops. A fifth, `cgroup/sock_create`
+//! ([`sock_create`]), refuses the inet sockets those four never see (ping, raw, other
+//! protocols), so that every packet a workload can send is judged or refused. Every verdict is
+//! counted in `VERDICTS`; every deny (and audit) writes one `DenyEvent` to `EVENTS`, or bumps
+//! `LOST_EVENTS` when the ring buffer is full. Nothing is dropped silently.
 //!
 //! The map and struct definitions are the ABI of `enforcer-common`; every map is pinned by name
 //! so that a restarted agent adopts the maps the running programs use.
@@ -21,16 +23,16 @@
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use enforcer_common::{
-    capacity, entry, flags, hook, identity, reason, verdict, verdict_counter_index, Config,
+    capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
     DenyEvent, IdentityInfo, PolicyKey, PolicyValue, VERDICT_COUNTERS,
 };
 
@@ -116,7 +118,6 @@ const AUDIT_OFF: u32 = 0;
 const ANY_PORT: u16 = 0;
 /// Padding bytes of `PolicyKey` and `DenyEvent`: always zero.
 const PAD: u8 = 0;
-const PAD32: u32 = 0;
 /// `IdentityInfo::tenant` of identities without a tenant (WORLD, HOST).
 const NO_TENANT: u32 = 0;
 
@@ -131,6 +132,33 @@ const V6_PREFIX_BITS: u32 = 128;
 /// Third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in host order.
 const V4_MAPPED_WORD2: u32 = 0x0000_ffff;
 const ZERO_WORD: u32 = 0;
+
+/// Where the kernel sends an unspecified destination when nothing else decides it: 127.0.0.1
+/// (`ip_route_output_key_hash_rcu`: "connect() to INADDR_ANY means loopback") and ::1
+/// (`tcp_v6_connect`, `__ip6_datagram_connect`, `udpv6_sendmsg`), as address words in memory
+/// (network) order.
+const LOOPBACK_V4_WORD: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+const LOOPBACK_V6_WORD3: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+/// `bpf_sock::bound_dev_if` of a socket bound to no device.
+const NO_DEVICE: u32 = 0;
+
+/// `bpf_sock::family` values.
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `bpf_sock::type_` values.
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+/// Protocols the sock_addr hooks judge (`bpf_sock::protocol`, full width).
+const IPPROTO_TCP: u32 = proto::TCP as u32;
+const IPPROTO_UDP: u32 = proto::UDP as u32;
+/// Multipath TCP: its subflows are TCP sockets whose `connect()` runs `connect4`/`connect6`
+/// with protocol TCP (verified by the bypass tests), so it is judged like TCP.
+const IPPROTO_MPTCP: u32 = 262;
+/// Return values of a cgroup sock program (sock_create): allow, or fail `socket()` with EPERM.
+const SOCK_ALLOW: i32 = 1;
+const SOCK_REFUSE: i32 = 0;
+/// `DenyEvent::sock_type` / `sock_protocol` of the sock_addr hooks' events.
+const NO_SOCKET_INFO: u16 = 0;
 
 /// `report`'s audit argument for denies that audit mode must not soften (quarantine).
 const NEVER_AUDIT: bool = false;
@@ -164,6 +192,16 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, hook::SENDMSG6, FAMILY_V6)
 }
 
+/// Runs at `socket()` for AF_INET and AF_INET6 (the kernel calls the hook from `inet_create` /
+/// `inet6_create` only, and not for kernel sockets): TCP, MPTCP and UDP pass, since the
+/// sock_addr hooks judge every one of their destinations; every other kind (ICMP and ICMPv6
+/// "ping" datagram sockets, `SOCK_RAW`, UDP-Lite, SCTP...) sends packets no sock_addr hook
+/// ever sees, so a managed workload may not create it.
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    judge_socket(&ctx)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The decision procedure
 // ---------------------------------------------------------------------------------------------
@@ -187,6 +225,9 @@ struct Verdict {
     reason: u8,
     /// `Config::generation` read with the active index: names the policy that decided.
     generation: u32,
+    /// sock_create only: the refused socket's type and protocol.
+    sock_type: u16,
+    sock_protocol: u16,
 }
 
 #[inline(always)]
@@ -195,7 +236,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // SAFETY: `sa` is the context pointer the kernel hands the program; every field read is a
     // full 32-bit load (volatile, so LLVM cannot narrow it: the verifier rejects narrow loads
     // of `protocol`).
-    let (dst, user_port, protocol) = unsafe {
+    let (mut dst, user_port, protocol) = unsafe {
         let dst = if family == FAMILY_V4 {
             Destination {
                 addr: [
@@ -216,7 +257,8 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
             // A dual-stack socket connecting to ::ffff:a.b.c.d runs connect6, never connect4:
             // judge it as the IPv4 address it really is, or it would bypass IPCACHE_V4. (An
             // unconnected UDP sendto() of a mapped address is passed to sendmsg4 by the kernel
-            // itself; handled here too in case a kernel reports it to sendmsg6.)
+            // itself; handled here too in case a kernel reports it to sendmsg6.) The first
+            // compare is the only one most IPv6 destinations pay.
             if w[0] == ZERO_WORD && w[1] == ZERO_WORD && u32::from_be(w[2]) == V4_MAPPED_WORD2 {
                 Destination {
                     addr: [w[3], ZERO_WORD, ZERO_WORD, ZERO_WORD],
@@ -237,6 +279,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     };
     // `user_port` holds the port in network byte order in its low 16 bits.
     let dport = u16::from_be(user_port as u16);
+    let full_protocol = protocol;
     let protocol = protocol as u8;
 
     let config = CONFIG.get_ptr(SINGLE_ENTRY);
@@ -252,18 +295,38 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let active_policy = (generation & 1) as u32;
     let generation = generation as u32;
 
-    // 2. destination identity (computed first: every event reports it).
-    let destination = lookup_destination(&dst);
-
     let mut v = Verdict {
         subject: identity::UNKNOWN,
-        destination,
+        destination: identity::UNKNOWN,
         dport,
         protocol,
         verdict: verdict::DENY,
         reason: reason::UNKNOWN_SUBJECT,
         generation,
+        sock_type: NO_SOCKET_INFO,
+        sock_protocol: NO_SOCKET_INFO,
     };
+
+    // The unspecified address is not where the packet goes: the kernel routes it to a local
+    // address after this hook (see `unspecified`). Judge that address instead, or refuse the
+    // call when the hook cannot know it. One compare on the common path: the first word.
+    if dst.addr[0] == ZERO_WORD && is_unspecified(&dst) {
+        match unspecified(sa, hook, dst.family, full_protocol) {
+            Some(effective) => dst = effective,
+            None => {
+                v.reason = reason::UNSPECIFIED_DESTINATION;
+                return if refuse(&mut v, &dst, hook, global_audit) {
+                    SK_PASS
+                } else {
+                    SK_DROP
+                };
+            }
+        }
+    }
+
+    // 2. destination identity (computed first: every event reports it).
+    v.destination = lookup_destination(&dst);
+    let destination = v.destination;
 
     // 1. subject identity; fail closed when the cgroup or the identity is unknown.
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
@@ -326,6 +389,106 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     report(&mut v, &dst, cgroup_id, hook, audit)
 }
 
+/// 0.0.0.0 (family 4, which includes ::ffff:0.0.0.0) or :: (family 6). Called only when the
+/// first word is zero.
+#[inline(always)]
+fn is_unspecified(dst: &Destination) -> bool {
+    dst.family == FAMILY_V4
+        || (dst.addr[1] == ZERO_WORD && dst.addr[2] == ZERO_WORD && dst.addr[3] == ZERO_WORD)
+}
+
+/// The address the kernel really sends an unspecified destination to, where the hook can know
+/// it exactly; `None` where it cannot (the call is then refused).
+///
+/// IPv4 (`ip_route_output_key_hash_rcu`, "if (!fl4->daddr)"): the destination becomes the
+/// source address routing uses; without one, 127.0.0.1, except that with an output device
+/// and no source it becomes that device's first address. What the hook sees:
+/// - sendmsg4: `msg_src_ip4` is exactly the source `udp_sendmsg` routes with (the bound
+///   source, or `IP_PKTINFO`'s `ipi_spec_dst`); when it is set, the device plays no part.
+///   Without it, `IP_UNICAST_IF` or `IP_PKTINFO`'s `ipi_ifindex` may pick a device the hook
+///   cannot see: undetermined.
+/// - connect4 / connect6 to ::ffff:0.0.0.0: TCP routes with the socket's source and
+///   `SO_BINDTODEVICE` only. Unbound, without a device: 127.0.0.1. A bound source cannot be
+///   trusted: `src_ip4` is the *bound* address, and the kernel drops a broadcast or multicast
+///   one (`__inet_bind`: "Use device"), after which the call goes to 127.0.0.1 while the hook
+///   would have judged the broadcast address; a subnet broadcast (127.255.255.255) cannot be
+///   told from a unicast address here. Connected UDP also obeys `IP_UNICAST_IF`
+///   (`__ip4_datagram_connect`): undetermined.
+///
+/// IPv6: connect (`tcp_v6_connect`, `__ip6_datagram_connect`) makes :: the loopback, ::1, or
+/// ::ffff:127.0.0.1 for a socket bound to an IPv4-mapped source; `udpv6_sendmsg` always ::1
+/// ("BSD'ism"). Exact in every case.
+#[inline(always)]
+fn unspecified(sa: *const bpf_sock_addr, hook: u8, family: u8, protocol: u32) -> Option<Destination> {
+    let v4 = |word: u32| Destination {
+        addr: [word, ZERO_WORD, ZERO_WORD, ZERO_WORD],
+        family: FAMILY_V4,
+    };
+    if hook == hook::SENDMSG6 {
+        // udpv6_sendmsg hands IPv4-mapped destinations to udp_sendmsg (sendmsg4) itself; a
+        // mapped 0.0.0.0 here would have unknown semantics.
+        return (family == FAMILY_V6).then_some(Destination {
+            addr: [ZERO_WORD, ZERO_WORD, ZERO_WORD, LOOPBACK_V6_WORD3],
+            family: FAMILY_V6,
+        });
+    }
+    if hook == hook::SENDMSG4 {
+        // SAFETY: msg_src_ip4 is readable in sendmsg4 programs (and only there: this branch is
+        // constant-folded away in the others); a full 32-bit load.
+        let source = unsafe { read_volatile(&(*sa).msg_src_ip4) };
+        return (source != ZERO_WORD).then(|| v4(source));
+    }
+    // connect4 / connect6: the socket itself. SAFETY: `sk` is always set for sock_addr
+    // programs; the pointer is one 8-byte load and every field a full 32-bit load.
+    let sk: *const bpf_sock = unsafe { read_volatile(&(*sa).__bindgen_anon_1.sk) }.cast_const();
+    if hook == hook::CONNECT6 && family == FAMILY_V6 {
+        // SAFETY: as above.
+        let src = unsafe {
+            [
+                read_volatile(&(*sk).src_ip6[0]),
+                read_volatile(&(*sk).src_ip6[1]),
+                read_volatile(&(*sk).src_ip6[2]),
+            ]
+        };
+        let mapped_source = src[0] == ZERO_WORD
+            && src[1] == ZERO_WORD
+            && u32::from_be(src[2]) == V4_MAPPED_WORD2;
+        return Some(if mapped_source {
+            v4(LOOPBACK_V4_WORD)
+        } else {
+            Destination {
+                addr: [ZERO_WORD, ZERO_WORD, ZERO_WORD, LOOPBACK_V6_WORD3],
+                family: FAMILY_V6,
+            }
+        });
+    }
+    // IPv4 0.0.0.0, from connect4 or a mapped ::ffff:0.0.0.0 in connect6.
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: as above.
+    let (device, unbound) = unsafe {
+        let device = read_volatile(&(*sk).bound_dev_if);
+        let unbound = if hook == hook::CONNECT4 {
+            read_volatile(&(*sk).src_ip4) == ZERO_WORD
+        } else {
+            // A dual-stack socket: unbound is :: or ::ffff:0.0.0.0.
+            let w = [
+                read_volatile(&(*sk).src_ip6[0]),
+                read_volatile(&(*sk).src_ip6[1]),
+                read_volatile(&(*sk).src_ip6[2]),
+                read_volatile(&(*sk).src_ip6[3]),
+            ];
+            w[0] == ZERO_WORD
+                && w[1] == ZERO_WORD
+                && (w[2] == ZERO_WORD || u32::from_be(w[2]) == V4_MAPPED_WORD2)
+                && w[3] == ZERO_WORD
+        };
+        (device, unbound)
+    };
+    (unbound && device == NO_DEVICE).then(|| v4(LOOPBACK_V4_WORD))
+}
+
 /// Exact host entry, else longest-prefix match of the destination; WORLD when the IP cache
 /// does not know it.
 #[inline(always)]
@@ -367,6 +530,101 @@ fn policy_hit(table: &HashMap<PolicyKey, PolicyValue>, key: &mut PolicyKey) -> b
     }
     key.dport = ANY_PORT;
     table.get_ptr(*key).is_some()
+}
+
+/// The sock_create decision: TCP, MPTCP and UDP sockets pass (the sock_addr hooks judge them);
+/// any other inet socket of a managed (or unknown) subject is refused with one event, reason
+/// `unsupported_socket`. Audit mode (global, or the subject's) lets it through as audit; a
+/// quarantined subject is refused even then.
+#[inline(always)]
+fn judge_socket(ctx: &SockContext) -> i32 {
+    let sk: *const bpf_sock = ctx.sock;
+    // SAFETY: `sk` is the context the kernel hands the program; full 32-bit loads.
+    let (family, sock_type, protocol) = unsafe {
+        (
+            read_volatile(&(*sk).family),
+            read_volatile(&(*sk).type_),
+            read_volatile(&(*sk).protocol),
+        )
+    };
+    let judged_elsewhere = (sock_type == SOCK_STREAM
+        && (protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP))
+        || (sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP);
+    // The kernel runs this hook for inet sockets only; anything else is not ours to judge.
+    let event_family = if family == AF_INET {
+        FAMILY_V4
+    } else if family == AF_INET6 {
+        FAMILY_V6
+    } else {
+        return SOCK_ALLOW;
+    };
+    if judged_elsewhere {
+        return SOCK_ALLOW;
+    }
+
+    let (global_audit, generation) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
+        None => (false, 0),
+    };
+    let mut v = Verdict {
+        subject: identity::UNKNOWN,
+        destination: identity::UNKNOWN,
+        dport: ANY_PORT,
+        protocol: protocol as u8,
+        verdict: verdict::DENY,
+        reason: reason::UNSUPPORTED_SOCKET,
+        generation: generation as u32,
+        sock_type: sock_type as u16,
+        sock_protocol: protocol as u16,
+    };
+    let dst = Destination {
+        addr: [ZERO_WORD; 4],
+        family: event_family,
+    };
+    if refuse(&mut v, &dst, hook::SOCK_CREATE, global_audit) {
+        SOCK_ALLOW
+    } else {
+        SOCK_REFUSE
+    }
+}
+
+/// A refusal the kernel makes before any policy (`v.reason`: an unspecified destination it
+/// cannot resolve, an unsupported socket), for every subject in the subtree, known or not:
+/// counted, reported as one event, and `true` when audit mode (global, or the subject's)
+/// lets the call through. A quarantined subject is refused even then. Kept off `decide`'s
+/// common path: only the rare cases call it.
+#[inline(always)]
+fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> bool {
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let subject = match CGROUP_IDENTITY.get_ptr(cgroup_id) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(p) => unsafe { *p },
+        None => identity::UNKNOWN,
+    };
+    let info = if subject == identity::UNKNOWN {
+        None
+    } else {
+        IDENTITIES.get_ptr(subject)
+    };
+    let audit = match info {
+        None => global_audit,
+        Some(info) => {
+            v.subject = subject;
+            // SAFETY: a non-null map value pointer is valid for reads.
+            let subject_flags = unsafe { (*info).flags };
+            if subject_flags & flags::QUARANTINED != 0 {
+                NEVER_AUDIT
+            } else {
+                global_audit || subject_flags & flags::AUDIT != 0
+            }
+        }
+    };
+    v.verdict = if audit { verdict::AUDIT } else { verdict::DENY };
+    count(v.verdict, v.reason);
+    emit(v, dst, cgroup_id, hook);
+    audit
 }
 
 /// Per-CPU verdict counter. Not atomic: the counter is this CPU's own and the program runs
@@ -431,7 +689,8 @@ fn emit(v: &Verdict, dst: &Destination, cgroup_id: u64, hook: u8) {
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*e).comm).cast(), COMM_LEN);
         addr_of_mut!((*e).policy_generation).write(v.generation);
-        addr_of_mut!((*e)._pad2).write(PAD32);
+        addr_of_mut!((*e).sock_type).write(v.sock_type);
+        addr_of_mut!((*e).sock_protocol).write(v.sock_protocol);
     }
     entry.submit(RINGBUF_FLAGS);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{flags, verdict};
+use enforcer_common::{flags, reason, verdict};
 use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -680,7 +680,10 @@ async fn stream_events(
                     // Never empty: the first policy is published before the task starts.
                     let Some(policy) = history.at(event.policy_generation) else { continue };
                     let call = record::enrich(&event, &policy);
+                    // Only a policy's deny can quarantine: not the kernel's own refusals
+                    // (unknown subject, unspecified destination, unsupported socket).
                     if event.verdict == verdict::DENY
+                        && matches!(event.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
                         && policy.quarantine_on_deny(event.subject, event.destination, event.dport, event.protocol)
                     {
                         let _ = quarantine.send((event.subject, call.policy.id.clone()));

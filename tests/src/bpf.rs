@@ -8,17 +8,19 @@ use anyhow::{bail, Context, Result};
 use crate::util::unique_name;
 
 /// `enum bpf_attach_type` values of the hooks the enforcer attaches.
+pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
-/// The four egress-decision hooks, with the names events use.
-pub const ENFORCER_HOOKS: [(u32, &str); 4] = [
+/// The four egress-decision hooks and the socket-creation hook, with the names events use.
+pub const ENFORCER_HOOKS: [(u32, &str); 5] = [
     (BPF_CGROUP_INET4_CONNECT, "connect4"),
     (BPF_CGROUP_INET6_CONNECT, "connect6"),
     (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
     (BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
+    (BPF_CGROUP_INET_SOCK_CREATE, "sock_create"),
 ];
 
 const BPF_MAP_CREATE: libc::c_long = 0;

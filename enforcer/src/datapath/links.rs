@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, Program};
 use aya::Ebpf;
 use enforcer_common::programs;
 
@@ -61,24 +61,11 @@ pub fn attach_or_adopt(
                 }
             }
         }
-        let prog: &mut CgroupSockAddr = ebpf
+        let prog = ebpf
             .program_mut(program)
-            .with_context(|| format!("the BPF object has no program {program}"))?
-            .try_into()
-            .with_context(|| format!("{program} is not a cgroup sock_addr program"))?;
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("verifying and loading {program}"))?;
-        }
-        // A bpf_link on a cgroup always coexists with other programs, and the kernel rejects
-        // any attach flag on link creation: `Single` is what passes no flag. The pins above
-        // are what keeps this agent from attaching itself twice.
-        let link_id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("the BPF object has no program {program}"))?;
+        let link = attach_to_cgroup(prog, program, &cgroup)
             .with_context(|| format!("attaching {program} to {}", cgroup_root.display()))?;
-        let link: FdLink = prog.take_link(link_id)?.try_into().with_context(|| {
-            format!("{program}: the kernel gave no bpf_link (needs Linux 5.7 or newer)")
-        })?;
         link.pin(&pin)
             .with_context(|| format!("pinning the {program} link at {}", pin.display()))?;
         hooks.push(HookAttachment {
@@ -91,6 +78,33 @@ pub fn attach_or_adopt(
         hooks,
         stale_removed,
     })
+}
+
+/// Loads (once) and attaches one of the object's cgroup programs: the four sock_addr hooks or
+/// sock_create. A bpf_link on a cgroup always coexists with other programs, and the kernel
+/// rejects any attach flag on link creation: `Single` is what passes no flag. The pins are what
+/// keeps this agent from attaching itself twice.
+fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdLink> {
+    let no_link = || format!("{name}: the kernel gave no bpf_link (needs Linux 5.7 or newer)");
+    match prog {
+        Program::CgroupSockAddr(prog) => {
+            if prog.fd().is_err() {
+                prog.load()
+                    .with_context(|| format!("verifying and loading {name}"))?;
+            }
+            let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
+            prog.take_link(id)?.try_into().with_context(no_link)
+        }
+        Program::CgroupSock(prog) => {
+            if prog.fd().is_err() {
+                prog.load()
+                    .with_context(|| format!("verifying and loading {name}"))?;
+            }
+            let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
+            prog.take_link(id)?.try_into().with_context(no_link)
+        }
+        _ => bail!("{name} is not a cgroup sock or sock_addr program"),
+    }
 }
 
 fn remove_stale_links(pin_dir: &Path, cgroup_id: u64) -> Result<usize> {

@@ -28,6 +28,8 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::QUARANTINED => "quarantined",
         reason::TENANT_MISMATCH => "tenant_mismatch",
         reason::NO_PERMIT => "no_permit",
+        reason::UNSPECIFIED_DESTINATION => "unspecified_destination",
+        reason::UNSUPPORTED_SOCKET => "unsupported_socket",
         _ => "unknown",
     }
 }
@@ -47,6 +49,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::CONNECT6 => "connect6",
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
+        hook::SOCK_CREATE => "sock_create",
         _ => "unknown",
     }
 }
@@ -59,6 +62,35 @@ pub fn comm(event: &DenyEvent) -> String {
         .position(|&b| b == 0)
         .unwrap_or(event.comm.len());
     String::from_utf8_lossy(&event.comm[..end]).into_owned()
+}
+
+/// `socket()` type names (`SOCK_*`), for `sock_create` events.
+pub fn socket_type_name(code: u16) -> String {
+    match code {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        4 => "rdm".into(),
+        5 => "seqpacket".into(),
+        6 => "dccp".into(),
+        other => other.to_string(),
+    }
+}
+
+/// IP protocol names of the sockets `sock_create` refuses (numbers otherwise).
+pub fn socket_protocol_name(code: u16) -> String {
+    match code {
+        0 => "ip".into(),
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        255 => "raw".into(),
+        262 => "mptcp".into(),
+        other => other.to_string(),
+    }
 }
 
 pub fn destination_ip(event: &DenyEvent) -> std::net::IpAddr {
@@ -96,7 +128,8 @@ mod tests {
             _pad: 0,
             comm,
             policy_generation: 7,
-            _pad2: 0,
+            sock_type: 0,
+            sock_protocol: 0,
         }
     }
 
@@ -140,6 +173,22 @@ mod tests {
         event.family = 6;
         event.daddr = "fd00::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
         assert_eq!(destination_ip(&event).to_string(), "fd00::10");
+    }
+
+    #[test]
+    fn names_the_new_hook_and_reasons() {
+        assert_eq!(hook_name(hook::SOCK_CREATE), "sock_create");
+        assert_eq!(
+            reason_name(reason::UNSUPPORTED_SOCKET),
+            "unsupported_socket"
+        );
+        assert_eq!(
+            reason_name(reason::UNSPECIFIED_DESTINATION),
+            "unspecified_destination"
+        );
+        assert_eq!(socket_type_name(3), "raw");
+        assert_eq!(socket_protocol_name(1), "icmp");
+        assert_eq!(socket_protocol_name(999), "999");
     }
 
     #[test]

@@ -3,11 +3,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use enforcer_common::{identity, verdict, DenyEvent};
+use enforcer_common::{hook, identity, reason, verdict, DenyEvent};
 use enforcer_policy::{AtlasTechnique, Compiled, IdentityKind, Protocol};
 use serde::Serialize;
 
-use super::decode::{comm, destination_ip, hook_name, reason_name, verdict_name};
+use super::decode::{
+    comm, destination_ip, hook_name, reason_name, socket_protocol_name, socket_type_name,
+    verdict_name,
+};
 
 #[derive(Debug, Serialize)]
 pub struct DeniedCall {
@@ -18,7 +21,11 @@ pub struct DeniedCall {
     pub reason: &'static str,
     pub hook: &'static str,
     pub subject: Subject,
-    pub destination: Destination,
+    /// `null` for `sock_create` events: a socket refused at creation has no destination yet.
+    pub destination: Option<Destination>,
+    /// `sock_create` events only: the refused socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<SocketInfo>,
     pub policy: PolicyInfo,
     pub atlas: Vec<AtlasTechnique>,
     pub subject_chain: Vec<String>,
@@ -49,10 +56,20 @@ pub struct Destination {
     pub kind: Option<String>,
 }
 
+/// The socket a `sock_create` event refused: `{"family":"ipv4","type":"dgram","protocol":"icmp"}`
+/// (type and protocol by name where they have one, else their number as a string).
+#[derive(Debug, Serialize)]
+pub struct SocketInfo {
+    pub family: &'static str,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub protocol: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct PolicyInfo {
     /// The determining Cedar policy (its `@id`), or `implicit-deny`, `undeclared-port`,
-    /// `unknown-subject`, `quarantine`.
+    /// `unknown-subject`, `quarantine`, `unspecified-destination`, `unsupported-socket`.
     pub id: String,
     /// Revision of the bundle in force when the event was enriched.
     pub snapshot: String,
@@ -83,12 +100,19 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         .unwrap_or_else(|| event.protocol.to_string());
 
     let (policy_id, sources, atlas) = match event.reason {
-        enforcer_common::reason::UNKNOWN_SUBJECT => (
+        reason::UNKNOWN_SUBJECT => (
             "unknown-subject".to_string(),
             Vec::new(),
             compiled.unknown_subject_atlas().to_vec(),
         ),
-        enforcer_common::reason::QUARANTINED => ("quarantine".to_string(), Vec::new(), Vec::new()),
+        reason::QUARANTINED => ("quarantine".to_string(), Vec::new(), Vec::new()),
+        // Refused by the kernel itself, before any policy: no Cedar policy decided these.
+        reason::UNSPECIFIED_DESTINATION => (
+            "unspecified-destination".to_string(),
+            Vec::new(),
+            Vec::new(),
+        ),
+        reason::UNSUPPORTED_SOCKET => ("unsupported-socket".to_string(), Vec::new(), Vec::new()),
         _ => {
             let attribution = compiled.attribute(
                 event.subject,
@@ -126,7 +150,12 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             pid: (event.pid_tgid >> 32) as u32,
             comm: comm(event),
         },
-        destination: Destination {
+        socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
+            family: if event.family == 6 { "ipv6" } else { "ipv4" },
+            kind: socket_type_name(event.sock_type),
+            protocol: socket_protocol_name(event.sock_protocol),
+        }),
+        destination: (event.hook != hook::SOCK_CREATE).then(|| Destination {
             ip: destination_ip(event).to_string(),
             port: event.dport,
             protocol,
@@ -141,7 +170,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
                     .clone()
                     .unwrap_or_else(|| "endpoint".to_string()),
             }),
-        },
+        }),
         policy: PolicyInfo {
             id: policy_id,
             snapshot: compiled.revision().to_string(),

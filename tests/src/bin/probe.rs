@@ -2,7 +2,12 @@
 //!
 //! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout), `udp:ADDR:PORT` (unconnected
 //! `sendto` of one byte: the sendmsg hooks) or `udpc:ADDR:PORT` (UDP connect then send: the
-//! connect hooks). IPv6 as `tcp:[fd00::1]:80`. Each attempt prints one JSON line:
+//! connect hooks). IPv6 as `tcp:[fd00::1]:80`. `tcp`, `udp` and `udpc` take an optional
+//! source to bind first: `tcp:0.0.0.0:80@127.1.2.3` (port 0). Socket kinds the sock_addr hooks
+//! do not see, for the bypass tests: `ping:ADDR` (ICMP/ICMPv6 datagram socket, one echo
+//! request), `raw:ADDR` (`SOCK_RAW` ICMP/ICMPv6, one echo request), `udplite:ADDR:PORT`
+//! (UDP-Lite `sendto`), `mptcp:ADDR:PORT` (Multipath TCP connect) and `tfo:ADDR:PORT` (TCP
+//! Fast Open: `sendto(MSG_FASTOPEN)` without `connect`). Each attempt prints one JSON line:
 //! `{"attempt":"tcp:127.10.1.2:8000","outcome":"ok"|"eperm"|"error","errno":N}`;
 //! with `--repeat N` only a summary `{"attempts":N,"ok":a,"eperm":b,"error":c}`.
 //! `probe --whoami` prints `{"pid":N,"cgroup":"/v2/path"}` (the harness checks that it
@@ -10,7 +15,8 @@
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -23,26 +29,255 @@ enum Kind {
     Tcp,
     Udp,
     UdpConnected,
+    Ping,
+    Raw,
+    UdpLite,
+    Mptcp,
+    FastOpen,
 }
 
-fn parse(attempt: &str) -> Result<(Kind, SocketAddr), String> {
-    let (kind, addr) = attempt
+/// One parsed attempt: what, where to, and the source to bind first (if any).
+#[derive(Clone, Copy)]
+struct Attempt {
+    kind: Kind,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+}
+
+fn parse(attempt: &str) -> Result<Attempt, String> {
+    let (kind, rest) = attempt
         .split_once(':')
         .ok_or_else(|| format!("bad attempt {attempt:?}: want KIND:ADDR:PORT"))?;
     let kind = match kind {
         "tcp" => Kind::Tcp,
         "udp" => Kind::Udp,
         "udpc" => Kind::UdpConnected,
-        other => return Err(format!("bad attempt kind {other:?}: want tcp, udp or udpc")),
+        "ping" => Kind::Ping,
+        "raw" => Kind::Raw,
+        "udplite" => Kind::UdpLite,
+        "mptcp" => Kind::Mptcp,
+        "tfo" => Kind::FastOpen,
+        other => {
+            return Err(format!(
+                "bad attempt kind {other:?}: want tcp, udp, udpc, ping, raw, udplite, mptcp or tfo"
+            ))
+        }
     };
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| format!("bad address in {attempt:?}: {e}"))?;
-    Ok((kind, addr))
+    let (rest, source) = match rest.rsplit_once('@') {
+        Some((rest, src)) if matches!(kind, Kind::Tcp | Kind::Udp | Kind::UdpConnected) => {
+            let src: IpAddr = src
+                .parse()
+                .map_err(|e| format!("bad source address in {attempt:?}: {e}"))?;
+            (rest, Some(src))
+        }
+        Some(_) => return Err(format!("{attempt:?}: only tcp, udp and udpc take @SOURCE")),
+        None => (rest, None),
+    };
+    // ICMP has no port: `ping:ADDR` / `raw:ADDR`.
+    let addr: SocketAddr = if matches!(kind, Kind::Ping | Kind::Raw) {
+        let ip: IpAddr = rest
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|e| format!("bad address in {attempt:?}: {e}"))?;
+        SocketAddr::new(ip, 0)
+    } else {
+        rest.parse()
+            .map_err(|e| format!("bad address in {attempt:?}: {e}"))?
+    };
+    Ok(Attempt { kind, addr, source })
 }
 
-fn try_once(kind: Kind, addr: SocketAddr) -> std::io::Result<()> {
+/// `socket(2)`, owned.
+fn socket(family: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a new fd that we own.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket() and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn family(addr: &SocketAddr) -> libc::c_int {
+    if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+/// A `sockaddr_in` / `sockaddr_in6` for `addr`.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn check_len(rc: libc::ssize_t) -> std::io::Result<()> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn sendto(
+    fd: &OwnedFd,
+    payload: &[u8],
+    flags: libc::c_int,
+    to: &SocketAddr,
+) -> std::io::Result<()> {
+    let (sa, len) = sockaddr(to);
+    // SAFETY: payload and sa are valid for the lengths given.
+    check_len(unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            flags,
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+}
+
+fn connect(fd: &OwnedFd, to: &SocketAddr) -> std::io::Result<()> {
+    let (sa, len) = sockaddr(to);
+    // SAFETY: sa is valid for len bytes.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+}
+
+fn bind(fd: &OwnedFd, addr: &SocketAddr) -> std::io::Result<()> {
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: sa is valid for len bytes.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+}
+
+/// An ICMP (type 8) or ICMPv6 (type 128) echo request with its checksum (the kernel fills in
+/// the ICMPv6 checksum and a ping socket's identifier itself).
+fn echo_request(v6: bool) -> [u8; 8] {
+    let mut m = [if v6 { 128 } else { 8 }, 0, 0, 0, 0x12, 0x34, 0, 1];
+    let sum: u32 = m
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !((sum & 0xffff) + (sum >> 16)) as u16;
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    m
+}
+
+/// TCP or UDP from a socket bound to `source` first (the unspecified-destination bypasses).
+fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Result<()> {
+    let ty = if matches!(kind, Kind::Tcp) {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    let fd = socket(family(&addr), ty, 0)?;
+    bind(&fd, &SocketAddr::new(source, 0))?;
     match kind {
+        Kind::Udp => sendto(&fd, &[0], 0, &addr),
+        Kind::UdpConnected => {
+            connect(&fd, &addr)?;
+            // SAFETY: one byte from a valid buffer.
+            check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
+        }
+        // Loopback only: a refused or accepted connect returns at once.
+        _ => connect(&fd, &addr),
+    }
+}
+
+fn try_once(a: Attempt) -> std::io::Result<()> {
+    let Attempt { kind, addr, source } = a;
+    if let Some(source) = source {
+        return bound_attempt(kind, addr, source);
+    }
+    let v6 = addr.is_ipv6();
+    let icmp = if v6 {
+        libc::IPPROTO_ICMPV6
+    } else {
+        libc::IPPROTO_ICMP
+    };
+    match kind {
+        Kind::Ping => sendto(
+            &socket(family(&addr), libc::SOCK_DGRAM, icmp)?,
+            &echo_request(v6),
+            0,
+            &addr,
+        ),
+        Kind::Raw => sendto(
+            &socket(family(&addr), libc::SOCK_RAW, icmp)?,
+            &echo_request(v6),
+            0,
+            &addr,
+        ),
+        Kind::UdpLite => sendto(
+            &socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE)?,
+            &[0],
+            0,
+            &addr,
+        ),
+        Kind::Mptcp => connect(
+            &socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_MPTCP)?,
+            &addr,
+        ),
+        Kind::FastOpen => sendto(
+            &socket(family(&addr), libc::SOCK_STREAM, 0)?,
+            &[0],
+            libc::MSG_FASTOPEN,
+            &addr,
+        ),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
         Kind::Udp | Kind::UdpConnected => {
             let local: SocketAddr = if addr.is_ipv4() {
@@ -102,7 +337,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let (kind, addr) = match parse(attempt) {
+        let parsed = match parse(attempt) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("{e}");
@@ -111,7 +346,7 @@ fn main() -> ExitCode {
         };
         let (mut ok, mut eperm, mut error) = (0u64, 0u64, 0u64);
         for _ in 0..n {
-            match classify(&try_once(kind, addr)).0 {
+            match classify(&try_once(parsed)).0 {
                 "ok" => ok += 1,
                 "eperm" => eperm += 1,
                 _ => error += 1,
@@ -134,8 +369,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for (attempt, (kind, addr)) in args.iter().zip(parsed) {
-        let (outcome, errno) = classify(&try_once(kind, addr));
+    for (attempt, parsed) in args.iter().zip(parsed) {
+        let (outcome, errno) = classify(&try_once(parsed));
         let line = serde_json::json!({"attempt": attempt, "outcome": outcome, "errno": errno});
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
