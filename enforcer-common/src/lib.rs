@@ -61,19 +61,7 @@ pub mod programs {
     pub const SENDMSG6: &str = "sendmsg6";
     /// `cgroup/sock_create`: refuses the inet socket kinds the four hooks above cannot judge.
     pub const SOCK_CREATE: &str = "sock_create";
-    /// BPF LSM `socket_create` (attach type `BPF_LSM_CGROUP`): refuses the address families
-    /// no hook judges (AF_PACKET, AF_XDP, ...), which `sock_create` never sees.
-    pub const LSM_SOCKET_CREATE: &str = "lsm_socket_create";
-    /// The kernel function `LSM_SOCKET_CREATE` attaches to (`bpf_lsm_<hook>` in BTF).
-    pub const LSM_SOCKET_CREATE_HOOK: &str = "socket_create";
-    pub const ALL: [&str; 6] = [
-        CONNECT4,
-        CONNECT6,
-        SENDMSG4,
-        SENDMSG6,
-        SOCK_CREATE,
-        LSM_SOCKET_CREATE,
-    ];
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
 }
 
 /// Identity IDs. Values below `FIRST_DYNAMIC` are reserved.
@@ -122,8 +110,7 @@ pub mod reason {
     /// multicast address): the call is refused rather than judged on a guess.
     pub const UNSPECIFIED_DESTINATION: u8 = 5;
     /// `sock_create`: an inet socket the connect/sendmsg hooks cannot judge (ICMP "ping"
-    /// datagram, raw, or any protocol other than TCP, MPTCP and UDP); `lsm_socket_create`: a
-    /// socket of an address family no hook judges (AF_PACKET, AF_XDP, ...).
+    /// datagram, raw, or any protocol other than TCP, MPTCP and UDP).
     pub const UNSUPPORTED_SOCKET: u8 = 6;
     pub const COUNT: usize = 7;
 }
@@ -137,9 +124,6 @@ pub mod hook {
     /// `cgroup/sock_create`: the event has no destination (`daddr` zero) but the socket's
     /// `sock_type` and `sock_protocol`.
     pub const SOCK_CREATE: u8 = 4;
-    /// BPF LSM `socket_create`: like `SOCK_CREATE`, with `DenyEvent::family` the socket's
-    /// address family number (17 AF_PACKET, 44 AF_XDP, ...).
-    pub const LSM_SOCKET_CREATE: u8 = 5;
 }
 
 /// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
@@ -261,8 +245,7 @@ pub struct DenyEvent {
     /// Host byte order.
     pub dport: u16,
     /// 4 or 6: how `daddr` is to be read (an IPv4-mapped IPv6 connect reports 4); for
-    /// `sock_create`, the socket's family (4 or 6); for `lsm_socket_create`, the address
-    /// family number (`AF_PACKET` 17...).
+    /// `sock_create`, the socket's family.
     pub family: u8,
     pub protocol: u8,
     pub hook: u8,

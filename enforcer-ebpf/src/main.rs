@@ -4,9 +4,7 @@
 //! shared, always-inlined [`decide`], which runs DESIGN.md's decision procedure: a fixed,
 //! bounded sequence of map lookups with no loops. A fifth, `cgroup/sock_create`
 //! ([`sock_create`]), refuses the inet sockets those four never see (ping, raw, other
-//! protocols), and a sixth, the BPF LSM `socket_create` hook attached per cgroup
-//! ([`lsm_socket_create`]), refuses the address families no hook judges (AF_PACKET, AF_XDP...),
-//! so that every packet a workload can send is judged or refused. Every verdict is
+//! protocols), so that every packet a workload can send is judged or refused. Every verdict is
 //! counted in `VERDICTS`; every deny (and audit) writes one `DenyEvent` to `EVENTS`, or bumps
 //! `LOST_EVENTS` when the ring buffer is full. Nothing is dropped silently.
 //!
@@ -29,9 +27,9 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, lsm_cgroup, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{LsmContext, SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext},
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
@@ -159,26 +157,6 @@ const IPPROTO_MPTCP: u32 = 262;
 /// Return values of a cgroup sock program (sock_create): allow, or fail `socket()` with EPERM.
 const SOCK_ALLOW: i32 = 1;
 const SOCK_REFUSE: i32 = 0;
-/// Address families a managed workload may create sockets of (`socket_create`'s allow-list):
-/// AF_UNIX and AF_NETLINK stay on the host (local IPC, kernel configuration), AF_ALG is the
-/// kernel's crypto API; AF_INET and AF_INET6 are judged by `sock_create` and the sock_addr
-/// hooks. Every other family (AF_PACKET 17, AF_XDP 44, AF_VSOCK, AF_TIPC, AF_LLC, AF_CAN...)
-/// can put frames on a wire, or reach past the network, where no hook of ours looks.
-const AF_UNIX: i32 = 1;
-const AF_NETLINK: i32 = 16;
-const AF_ALG: i32 = 38;
-/// `socket_create`'s `kern` argument: 0 for a `socket()`/`socketpair()` call from userspace.
-const USER_SOCKET: i32 = 0;
-/// `socket_create`'s argument positions (`LSM_HOOK(int, 0, socket_create, int family, int type,
-/// int protocol, int kern)`).
-const ARG_FAMILY: usize = 0;
-const ARG_TYPE: usize = 1;
-const ARG_PROTOCOL: usize = 2;
-const ARG_KERN: usize = 3;
-/// `socket()`'s type argument carries `SOCK_NONBLOCK` / `SOCK_CLOEXEC` in its high bits; the
-/// kernel strips them before this hook, mask them anyway for the event.
-const SOCK_TYPE_MASK: i32 = 0xf;
-
 /// `DenyEvent::sock_type` / `sock_protocol` of the sock_addr hooks' events.
 const NO_SOCKET_INFO: u16 = 0;
 
@@ -222,16 +200,6 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
     judge_socket(&ctx)
-}
-
-/// BPF LSM hook `socket_create`, attached to the enforced cgroup with `BPF_LSM_CGROUP` (so
-/// it runs only for tasks inside the subtree): runs at every `socket()` of every family, where
-/// `cgroup/sock_create` sees inet sockets only. Refuses the families outside the allow-list
-/// (above all AF_PACKET and AF_XDP, which write raw frames past every other hook and which
-/// Kubernetes' default CAP_NET_RAW lets a pod open).
-#[lsm_cgroup(hook = "socket_create")]
-pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
-    judge_family(&ctx)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,56 +583,6 @@ fn judge_socket(ctx: &SockContext) -> i32 {
         family: event_family,
     };
     if refuse(&mut v, &dst, hook::SOCK_CREATE, global_audit) {
-        SOCK_ALLOW
-    } else {
-        SOCK_REFUSE
-    }
-}
-
-/// The socket_create decision: a userspace socket of a family outside the allow-list is
-/// refused for every subject in the subtree (managed or unknown), with one event, reason
-/// `unsupported_socket`, family = the address family number. Audit mode (global, or the
-/// subject's) lets it through as audit; quarantine never.
-#[inline(always)]
-fn judge_family(ctx: &LsmContext) -> i32 {
-    let family: i32 = ctx.arg(ARG_FAMILY);
-    let kern: i32 = ctx.arg(ARG_KERN);
-    // Kernel-internal sockets (a filesystem's or a tunnel's) are not the workload's.
-    if kern != USER_SOCKET
-        || family == AF_UNIX
-        || family == AF_INET as i32
-        || family == AF_INET6 as i32
-        || family == AF_NETLINK
-        || family == AF_ALG
-    {
-        return SOCK_ALLOW;
-    }
-    let sock_type: i32 = ctx.arg(ARG_TYPE);
-    let protocol: i32 = ctx.arg(ARG_PROTOCOL);
-    let (global_audit, generation) = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always present and valid for reads.
-        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
-        None => (false, 0),
-    };
-    let mut v = Verdict {
-        subject: identity::UNKNOWN,
-        destination: identity::UNKNOWN,
-        dport: ANY_PORT,
-        protocol: PAD,
-        verdict: verdict::DENY,
-        reason: reason::UNSUPPORTED_SOCKET,
-        generation: generation as u32,
-        sock_type: (sock_type & SOCK_TYPE_MASK) as u16,
-        // AF_PACKET's protocol is an ethertype in network byte order (ETH_P_ALL: 0x0300):
-        // 16 bits, as the kernel keeps it.
-        sock_protocol: protocol as u16,
-    };
-    let dst = Destination {
-        addr: [ZERO_WORD; 4],
-        // Families are below 64 (AF_MAX): the event carries the raw number.
-        family: family as u8,
-    };
-    if refuse(&mut v, &dst, hook::LSM_SOCKET_CREATE, global_audit) {
         SOCK_ALLOW
     } else {
         SOCK_REFUSE

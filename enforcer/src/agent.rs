@@ -238,9 +238,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     for hook in &attach.hooks {
         tracing::info!(program = hook.program, adopted = hook.adopted, cgroup = %agent.cgroup_root.display(), "hook in place");
     }
-    for (program, why) in &attach.skipped {
-        tracing::warn!(program, cgroup = %agent.cgroup_root.display(), "hook NOT in place: {why}");
-    }
 
     let ring = agent.datapath.take_events()?;
     let events = tokio::spawn(stream_events(

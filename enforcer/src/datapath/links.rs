@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, Program};
-use aya::{Btf, Ebpf};
+use aya::Ebpf;
 use enforcer_common::programs;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -25,44 +25,6 @@ pub struct AttachReport {
     pub hooks: Vec<HookAttachment>,
     /// Links found for another cgroup root and detached.
     pub stale_removed: usize,
-    /// Programs not attached because this kernel cannot run them, and why (the BPF LSM
-    /// `socket_create` hook where the BPF LSM is not active): what stays uncovered.
-    pub skipped: Vec<(&'static str, String)>,
-}
-
-/// The kernel's list of active LSMs (securityfs).
-const LSM_LIST: &str = "/sys/kernel/security/lsm";
-const SECURITYFS: &str = "/sys/kernel/security";
-
-/// Whether the BPF LSM is active (`bpf` in the kernel's `lsm=` list): only then does the kernel
-/// call BPF LSM programs at all. Attaching one elsewhere succeeds and does nothing, so this is
-/// checked, never assumed. Mounts securityfs when it is not mounted yet (a container's /sys).
-/// `Err` when the list cannot be read: the caller attaches anyway and says it could not check.
-pub fn bpf_lsm_active() -> Result<bool> {
-    let read = || std::fs::read_to_string(LSM_LIST);
-    let list = match read() {
-        Ok(list) => list,
-        Err(_) => {
-            let source = std::ffi::CString::new("securityfs").expect("no NUL in a constant");
-            let target = std::ffi::CString::new(SECURITYFS).expect("no NUL in a constant");
-            // SAFETY: plain mount(2) with valid NUL-terminated strings and no data argument.
-            let rc = unsafe {
-                libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
-                    source.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            };
-            if rc != 0 {
-                let error = std::io::Error::last_os_error();
-                bail!("{LSM_LIST} is unreadable and mounting securityfs at {SECURITYFS} failed: {error}");
-            }
-            read().with_context(|| format!("reading {LSM_LIST}"))?
-        }
-    };
-    Ok(list.trim().split(',').any(|lsm| lsm == "bpf"))
 }
 
 fn link_pin_name(program: &str, cgroup_id: u64) -> String {
@@ -81,29 +43,8 @@ pub fn attach_or_adopt(
         .with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
 
     let mut hooks = Vec::new();
-    let mut skipped = Vec::new();
-    // Checked once, and only decides for the LSM program: the others are cgroup hooks.
-    let lsm_active = bpf_lsm_active();
     for program in programs::ALL {
         let pin = pin_dir.join(link_pin_name(program, cgroup_id));
-        if program == programs::LSM_SOCKET_CREATE {
-            match &lsm_active {
-                Ok(true) => {}
-                Ok(false) => {
-                    let why = format!(
-                        "the BPF LSM is not active ({LSM_LIST} has no \"bpf\"; boot with \
-                         lsm=...,bpf): sockets of other families than inet, unix, netlink \
-                         and alg (AF_PACKET, AF_XDP...) are not refused"
-                    );
-                    tracing::warn!(program, "{why}");
-                    skipped.push((program, why));
-                    continue;
-                }
-                Err(error) => {
-                    tracing::warn!(program, %error, "cannot tell whether the BPF LSM is active; attaching anyway (it may never run)");
-                }
-            }
-        }
         if pin.exists() {
             match PinnedLink::from_pin(&pin) {
                 Ok(_) => {
@@ -136,13 +77,11 @@ pub fn attach_or_adopt(
         cgroup_id,
         hooks,
         stale_removed,
-        skipped,
     })
 }
 
-/// Loads (once) and attaches one of the object's cgroup programs: the four sock_addr hooks,
-/// sock_create, or the BPF LSM socket_create hook (`BPF_LSM_CGROUP`: it too runs only for the
-/// tasks of the cgroup's subtree). A bpf_link on a cgroup always coexists with other programs, and the kernel
+/// Loads (once) and attaches one of the object's cgroup programs: the four sock_addr hooks or
+/// sock_create. A bpf_link on a cgroup always coexists with other programs, and the kernel
 /// rejects any attach flag on link creation: `Single` is what passes no flag. The pins are what
 /// keeps this agent from attaching itself twice.
 fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdLink> {
@@ -164,22 +103,7 @@ fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdL
             let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
             prog.take_link(id)?.try_into().with_context(no_link)
         }
-        Program::LsmCgroup(prog) => {
-            if prog.fd().is_err() {
-                let btf = Btf::from_sys_fs()
-                    .context("reading the kernel's BTF (/sys/kernel/btf/vmlinux), which BPF LSM programs need")?;
-                prog.load(programs::LSM_SOCKET_CREATE_HOOK, &btf)
-                    .with_context(|| {
-                        format!(
-                            "verifying and loading {name} on LSM hook {} (needs CONFIG_BPF_LSM and Linux 6.0 or newer)",
-                            programs::LSM_SOCKET_CREATE_HOOK
-                        )
-                    })?;
-            }
-            let id = prog.attach(cgroup)?;
-            Ok(prog.take_link(id)?.into())
-        }
-        _ => bail!("{name} is not a cgroup sock, sock_addr or lsm_cgroup program"),
+        _ => bail!("{name} is not a cgroup sock or sock_addr program"),
     }
 }
 
@@ -199,12 +123,8 @@ fn remove_stale_links(pin_dir: &Path, cgroup_id: u64) -> Result<usize> {
     Ok(removed)
 }
 
-/// `enum bpf_attach_type` of BPF LSM programs attached per cgroup.
-pub const BPF_LSM_CGROUP: u32 = 43;
-
 /// IDs of the programs attached to `cgroup` for one attach type (BPF_PROG_QUERY), used to
-/// show and test that each hook holds exactly one enforcer program. For `BPF_LSM_CGROUP`, the
-/// programs of every LSM hook.
+/// show and test that each hook holds exactly one enforcer program.
 pub fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>> {
     const BPF_PROG_QUERY: libc::c_long = 16;
     #[repr(C)]
@@ -224,7 +144,6 @@ pub fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>> {
     }
     let file = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
     let mut ids = vec![0u32; 64];
-    let mut flags = vec![0u32; ids.len()];
     let mut attr = QueryAttr {
         target_fd: file.as_raw_fd() as u32,
         attach_type,
@@ -232,13 +151,8 @@ pub fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>> {
         prog_cnt: ids.len() as u32,
         ..Default::default()
     };
-    // The kernel insists on a flags array for BPF_LSM_CGROUP (EINVAL without one), and older
-    // kernels reject the field for the other types: only there.
-    if attach_type == BPF_LSM_CGROUP {
-        attr.prog_attach_flags = flags.as_mut_ptr() as u64;
-    }
-    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_QUERY; prog_ids (and
-    // prog_attach_flags when set) point to prog_cnt writable u32s that outlive the call.
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_QUERY and prog_ids points to
+    // prog_cnt writable u32s that outlive the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,

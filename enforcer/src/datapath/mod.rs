@@ -1,6 +1,6 @@
 //! The kernel side as the agent sees it: load the BPF object with its maps pinned, attach the
-//! five cgroup programs and the per-cgroup BPF LSM `socket_create` to the enforced subtree (or
-//! adopt the links a previous agent pinned), and hand out typed map handles. Reads as open -> configure -> load -> attach.
+//! five cgroup programs to the enforced subtree (or adopt the links a previous agent pinned),
+//! and hand out typed map handles. Reads as open -> configure -> load -> attach.
 
 mod links;
 mod tables;
@@ -12,7 +12,7 @@ use aya::maps::{MapData, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{maps, ABI_VERSION};
 
-pub use links::{attached_programs, bpf_lsm_active, AttachReport, HookAttachment, BPF_LSM_CGROUP};
+pub use links::{attached_programs, AttachReport, HookAttachment};
 pub use tables::{
     kernel_stats, lost_events, ApplyReport, DesiredState, KernelStats, MapFill, Tables,
 };

@@ -50,7 +50,6 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
         hook::SOCK_CREATE => "sock_create",
-        hook::LSM_SOCKET_CREATE => "lsm_socket_create",
         _ => "unknown",
     }
 }
@@ -63,41 +62,6 @@ pub fn comm(event: &DenyEvent) -> String {
         .position(|&b| b == 0)
         .unwrap_or(event.comm.len());
     String::from_utf8_lossy(&event.comm[..end]).into_owned()
-}
-
-/// Address family names (`AF_*`) of `lsm_socket_create` events; the number otherwise.
-pub fn socket_family_name(code: u8) -> String {
-    match code {
-        3 => "ax25".into(),
-        4 => "ipx".into(),
-        5 => "appletalk".into(),
-        9 => "x25".into(),
-        17 => "packet".into(),
-        21 => "rds".into(),
-        26 => "llc".into(),
-        29 => "can".into(),
-        30 => "tipc".into(),
-        31 => "bluetooth".into(),
-        40 => "vsock".into(),
-        41 => "kcm".into(),
-        42 => "qipcrtr".into(),
-        43 => "smc".into(),
-        44 => "xdp".into(),
-        45 => "mctp".into(),
-        other => other.to_string(),
-    }
-}
-
-/// The protocol of an `lsm_socket_create` event: for AF_PACKET an ethertype, which `socket()`
-/// takes in network byte order (`htons(ETH_P_ALL)`), shown as the ethertype in hex
-/// (`0x0003`); for other families the number.
-pub fn family_protocol_name(family: u8, code: u16) -> String {
-    const AF_PACKET: u8 = 17;
-    if family == AF_PACKET {
-        format!("0x{:04x}", u16::from_be(code))
-    } else {
-        code.to_string()
-    }
 }
 
 /// `socket()` type names (`SOCK_*`), for `sock_create` events.
@@ -214,13 +178,6 @@ mod tests {
     #[test]
     fn names_the_new_hook_and_reasons() {
         assert_eq!(hook_name(hook::SOCK_CREATE), "sock_create");
-        assert_eq!(hook_name(hook::LSM_SOCKET_CREATE), "lsm_socket_create");
-        assert_eq!(socket_family_name(17), "packet");
-        assert_eq!(socket_family_name(44), "xdp");
-        assert_eq!(socket_family_name(63), "63");
-        // htons(ETH_P_ALL) as a little- or big-endian host stores it.
-        assert_eq!(family_protocol_name(17, 0x0003u16.to_be()), "0x0003");
-        assert_eq!(family_protocol_name(44, 0), "0");
         assert_eq!(
             reason_name(reason::UNSUPPORTED_SOCKET),
             "unsupported_socket"

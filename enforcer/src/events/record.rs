@@ -8,8 +8,8 @@ use enforcer_policy::{AtlasTechnique, Compiled, IdentityKind, Protocol};
 use serde::Serialize;
 
 use super::decode::{
-    comm, destination_ip, family_protocol_name, hook_name, reason_name, socket_family_name,
-    socket_protocol_name, socket_type_name, verdict_name,
+    comm, destination_ip, hook_name, reason_name, socket_protocol_name, socket_type_name,
+    verdict_name,
 };
 
 #[derive(Debug, Serialize)]
@@ -21,10 +21,9 @@ pub struct DeniedCall {
     pub reason: &'static str,
     pub hook: &'static str,
     pub subject: Subject,
-    /// `null` for `sock_create` and `lsm_socket_create` events: a socket refused at creation
-    /// has no destination yet.
+    /// `null` for `sock_create` events: a socket refused at creation has no destination yet.
     pub destination: Option<Destination>,
-    /// `sock_create` and `lsm_socket_create` events only: the refused socket.
+    /// `sock_create` events only: the refused socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketInfo>,
     pub policy: PolicyInfo,
@@ -58,12 +57,10 @@ pub struct Destination {
 }
 
 /// The socket a `sock_create` event refused: `{"family":"ipv4","type":"dgram","protocol":"icmp"}`
-/// (type and protocol by name where they have one, else their number as a string); of an
-/// `lsm_socket_create` event: `{"family":"packet","type":"raw","protocol":"0x0003"}` (the
-/// family by name where it has one; an AF_PACKET protocol is its ethertype).
+/// (type and protocol by name where they have one, else their number as a string).
 #[derive(Debug, Serialize)]
 pub struct SocketInfo {
-    pub family: String,
+    pub family: &'static str,
     #[serde(rename = "type")]
     pub kind: String,
     pub protocol: String,
@@ -132,7 +129,6 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         }
     };
 
-    let socket_event = event.hook == hook::SOCK_CREATE || event.hook == hook::LSM_SOCKET_CREATE;
     DeniedCall {
         time: humantime::format_rfc3339_nanos(wall_clock(event.timestamp_ns)).to_string(),
         kind: if event.verdict == verdict::AUDIT {
@@ -154,20 +150,12 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             pid: (event.pid_tgid >> 32) as u32,
             comm: comm(event),
         },
-        socket: match event.hook {
-            hook::SOCK_CREATE => Some(SocketInfo {
-                family: if event.family == 6 { "ipv6" } else { "ipv4" }.to_string(),
-                kind: socket_type_name(event.sock_type),
-                protocol: socket_protocol_name(event.sock_protocol),
-            }),
-            hook::LSM_SOCKET_CREATE => Some(SocketInfo {
-                family: socket_family_name(event.family),
-                kind: socket_type_name(event.sock_type),
-                protocol: family_protocol_name(event.family, event.sock_protocol),
-            }),
-            _ => None,
-        },
-        destination: (!socket_event).then(|| Destination {
+        socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
+            family: if event.family == 6 { "ipv6" } else { "ipv4" },
+            kind: socket_type_name(event.sock_type),
+            protocol: socket_protocol_name(event.sock_protocol),
+        }),
+        destination: (event.hook != hook::SOCK_CREATE).then(|| Destination {
             ip: destination_ip(event).to_string(),
             port: event.dport,
             protocol,
