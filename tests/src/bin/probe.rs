@@ -7,7 +7,10 @@
 //! do not see, for the bypass tests: `ping:ADDR` (ICMP/ICMPv6 datagram socket, one echo
 //! request), `raw:ADDR` (`SOCK_RAW` ICMP/ICMPv6, one echo request), `udplite:ADDR:PORT`
 //! (UDP-Lite `sendto`), `mptcp:ADDR:PORT` (Multipath TCP connect) and `tfo:ADDR:PORT` (TCP
-//! Fast Open: `sendto(MSG_FASTOPEN)` without `connect`). Each attempt prints one JSON line:
+//! Fast Open: `sendto(MSG_FASTOPEN)` without `connect`). Families no cgroup hook sees:
+//! `packet:ADDR:PORT` (an `AF_PACKET` raw socket writes one hand-made Ethernet/IPv4/UDP frame
+//! to ADDR:PORT, IPv4 only, from 127.0.0.1, onto the loopback device) and `xdp` (creates an
+//! `AF_XDP` socket). Each attempt prints one JSON line:
 //! `{"attempt":"tcp:127.10.1.2:8000","outcome":"ok"|"eperm"|"error","errno":N}`;
 //! with `--repeat N` only a summary `{"attempts":N,"ok":a,"eperm":b,"error":c}`.
 //! `probe --whoami` prints `{"pid":N,"cgroup":"/v2/path"}` (the harness checks that it
@@ -34,6 +37,8 @@ enum Kind {
     UdpLite,
     Mptcp,
     FastOpen,
+    Packet,
+    Xdp,
 }
 
 /// One parsed attempt: what, where to, and the source to bind first (if any).
@@ -45,6 +50,13 @@ struct Attempt {
 }
 
 fn parse(attempt: &str) -> Result<Attempt, String> {
+    if attempt == "xdp" {
+        return Ok(Attempt {
+            kind: Kind::Xdp,
+            addr: "0.0.0.0:0".parse().expect("literal"),
+            source: None,
+        });
+    }
     let (kind, rest) = attempt
         .split_once(':')
         .ok_or_else(|| format!("bad attempt {attempt:?}: want KIND:ADDR:PORT"))?;
@@ -57,9 +69,10 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "udplite" => Kind::UdpLite,
         "mptcp" => Kind::Mptcp,
         "tfo" => Kind::FastOpen,
+        "packet" => Kind::Packet,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, udp, udpc, ping, raw, udplite, mptcp or tfo"
+                "bad attempt kind {other:?}: want tcp, udp, udpc, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -85,7 +98,97 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         rest.parse()
             .map_err(|e| format!("bad address in {attempt:?}: {e}"))?
     };
+    if matches!(kind, Kind::Packet) && !addr.is_ipv4() {
+        return Err(format!("{attempt:?}: packet frames are IPv4 only"));
+    }
     Ok(Attempt { kind, addr, source })
+}
+
+/// `AF_PACKET` / `AF_XDP` (libc has no constant for the latter on every target).
+const AF_PACKET: libc::c_int = 17;
+const AF_XDP: libc::c_int = 44;
+const ETH_P_ALL: u16 = 0x0003;
+const ETH_P_IP: u16 = 0x0800;
+
+/// The 16-bit ones' complement sum of an IPv4 header.
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame (all-zero MACs: the loopback device's address) carrying an IPv4 UDP
+/// datagram from 127.0.0.1:40000 to `to` with one byte of payload (UDP checksum 0: none).
+fn udp_frame(to: std::net::SocketAddrV4) -> Vec<u8> {
+    const SOURCE_PORT: u16 = 40_000;
+    let payload = [0u8];
+    let udp_len = 8 + payload.len() as u16;
+    let total_len = 20 + udp_len;
+    let mut ip = vec![
+        0x45,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        libc::IPPROTO_UDP as u8,
+        0,
+        0,
+    ];
+    ip[2..4].copy_from_slice(&total_len.to_be_bytes());
+    ip.extend_from_slice(&[127, 0, 0, 1]);
+    ip.extend_from_slice(&to.ip().octets());
+    let checksum = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&SOURCE_PORT.to_be_bytes());
+    frame.extend_from_slice(&to.port().to_be_bytes());
+    frame.extend_from_slice(&udp_len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Writes `udp_frame(to)` onto the loopback device through an `AF_PACKET` socket: no IP
+/// stack, so none of the sock_addr hooks runs.
+fn packet_send(to: SocketAddr) -> std::io::Result<()> {
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
+    };
+    let fd = socket(AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_ALL.to_be()))?;
+    let lo = c"lo";
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(lo.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_ll is plain old data; all zeroes is a valid value.
+    let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    ll.sll_family = AF_PACKET as u16;
+    ll.sll_protocol = ETH_P_IP.to_be();
+    ll.sll_ifindex = ifindex as i32;
+    let frame = udp_frame(to);
+    // SAFETY: frame and ll are valid for the lengths given.
+    check_len(unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&ll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })
 }
 
 /// `socket(2)`, owned.
@@ -278,6 +381,8 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
             libc::MSG_FASTOPEN,
             &addr,
         ),
+        Kind::Packet => packet_send(addr),
+        Kind::Xdp => socket(AF_XDP, libc::SOCK_RAW, 0).map(drop),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
         Kind::Udp | Kind::UdpConnected => {
             let local: SocketAddr = if addr.is_ipv4() {
