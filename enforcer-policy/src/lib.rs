@@ -181,8 +181,8 @@ pub enum PolicyError {
     #[error("the compiled policy is of bundle revision {compiled}, not {bundle}: compile the new bundle in full")]
     StaleCompiled { compiled: String, bundle: String },
     #[error(
-        "{file}:{line}:{column}: error: policy `{policy}` reads context.port in a way that needs {entries} kernel entries for destination `{destination}` ({protocol}), more than {max}; {remedy}",
-        file = .file.display(), max = ports::MAX_PORT_EXCEPTIONS
+        "{path}:{line}:{column}: error: policy `{policy}` reads context.port in a way that needs {entries} kernel entries for destination `{destination}` ({protocol}), more than {max}; {remedy}",
+        path = .file.display(), max = ports::MAX_PORT_EXCEPTIONS
     )]
     TooManyPortEntries {
         policy: String,
