@@ -234,7 +234,7 @@ pub(crate) struct Engine {
     pub singles: Vec<(PolicySet, Analysis)>,
     /// By rule number: the integer literals the policy compares `context.port` with, and
     /// where it first reads the port (see `ports`).
-    pub port_reads: Vec<(Vec<i64>, Option<(u32, u32)>)>,
+    pub port_reads: Vec<crate::ports::PortRead>,
     authorizer: Authorizer,
 }
 
@@ -374,7 +374,7 @@ impl Engine {
         let mut ann_ids: HashMap<String, (PathBuf, u32)> = HashMap::new();
         let mut analysis = Analysis::default();
         let mut singles: Vec<(PolicySet, Analysis)> = Vec::new();
-        let mut port_reads: Vec<(Vec<i64>, Option<(u32, u32)>)> = Vec::new();
+        let mut port_reads: Vec<crate::ports::PortRead> = Vec::new();
         // Reads of entities the inventory lacks: they do not stand in the way of validation.
         let mut missing: Vec<Diagnostic> = Vec::new();
         for (fi, (file, text)) in src.policies.iter().enumerate() {

@@ -43,6 +43,10 @@ pub(crate) struct PortUse {
     pub first_read: Option<usize>,
 }
 
+/// One policy's [`PortUse`] as the engine keeps it: its literals, and the line and column of
+/// its first read of the port.
+pub(crate) type PortRead = (Vec<i64>, Option<(u32, u32)>);
+
 /// A use of `context` the compile cannot follow exactly.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PortProblem {
