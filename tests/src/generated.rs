@@ -435,7 +435,8 @@ fn policy(r: &mut Lcg, ids: &[GenIdentity], literals: &mut Vec<u32>) -> (&'stati
     let w = |r: &mut Lcg| format!("Workload::\"{}\"", r.pick(&workloads).name);
     let e = |r: &mut Lcg| format!("Endpoint::\"{}\"", r.pick(&endpoints).name);
     // Weighted: the same-tenant baseline and tenant isolation are the common shapes.
-    match r.below(16) {
+    // Port rules (9, 12) are drawn twice as often: about every other bundle has one.
+    match r.below(18) {
         0..=3 => (
             "same-tenant",
             "permit (principal, action, resource)\nwhen { resource has tenant && principal.tenant == resource.tenant };".into(),
@@ -478,7 +479,7 @@ fn policy(r: &mut Lcg, ids: &[GenIdentity], literals: &mut Vec<u32>) -> (&'stati
                 r.pick(&["tcp", "udp"])
             ),
         ),
-        9 => {
+        9 | 16 => {
             let port = r.pick(&RULE_PORTS);
             let other = r.pick(&RULE_PORTS);
             // Each rule is non-constant only on ports in 1..=1025 or 65000..=65535 (and a
@@ -500,7 +501,7 @@ fn policy(r: &mut Lcg, ids: &[GenIdentity], literals: &mut Vec<u32>) -> (&'stati
             let to = if r.chance(60) { e(r) } else { w(r) };
             ("named", format!("permit (principal == {}, action, resource == {to});", w(r)))
         }
-        12 => {
+        12 | 17 => {
             if r.chance(50) {
                 let op = r.pick(&["==", "!=", "<", "<=", ">", ">="]);
                 // An inequality with 8080 would decide too many ports (see rule 9).
