@@ -1512,7 +1512,7 @@ fn port_uses_the_compile_cannot_follow_are_load_errors_at_their_location() {
     );
     assert_diag(
         &d,
-        "purpose.cedar:6:",
+        "purpose.cedar:6:88:",
         "policy `attr`: `[context.port, 80]` uses `context.port`",
     );
     assert_diag(&d, "purpose.cedar:9:5:", "policy `whole`: `context == {port: 25, protocol: \"tcp\"}` uses `context` as a whole value");

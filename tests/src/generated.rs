@@ -94,7 +94,7 @@ pub struct GenIdentity {
     pub risk: &'static str,
     pub datasets: Vec<&'static str>,
     pub v4: Ipv4Addr,
-    /// Empty: any port (the destination's port-0 cell, action `connect`).
+    /// Empty: any port (action `connect`; Cedar is asked at each port).
     pub ports: Vec<GenPort>,
     /// For a destination without ports: the ports the test tries (each over TCP and UDP).
     pub sample_ports: Vec<u16>,
