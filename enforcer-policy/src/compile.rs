@@ -165,8 +165,10 @@ pub struct Compiled {
 }
 
 /// What a re-evaluation of one subject changed in the kernel table: write `added` (new
-/// allows, or allows now attributed to another permit: an insert overwrites), then delete
-/// `removed`.
+/// entries, or entries with another verdict or rule: an insert overwrites), then delete
+/// `removed`, each in the order given. The order is such that no moment of the writing
+/// allows a call that neither the old nor the new table allows (see
+/// `RowDelta::order_for_writing`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RowDelta {
     pub added: Vec<(PolicyKey, PolicyValue)>,
@@ -194,6 +196,16 @@ impl RowDelta {
 
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty()
+    }
+
+    /// Deny entries are written before allows (an any-port allow only once the exceptions
+    /// under it are in), and allows are deleted before deny entries (an any-port allow
+    /// before the exceptions under it go); `old` is the table being changed. Each in key
+    /// order otherwise.
+    fn order_for_writing(&mut self, old: impl Fn(&PolicyKey) -> Option<PolicyValue>) {
+        self.added.sort_by_key(|(k, v)| (v.is_allow(), *k));
+        self.removed
+            .sort_by_key(|k| (old(k).is_some_and(|v| !v.is_allow()), *k));
     }
 }
 
@@ -1145,7 +1157,13 @@ impl Compiled {
                 .filter(|(k, _)| !old.contains(k))
                 .map(|(k, v)| (*k, *v)),
         );
-        delta.added.sort_by_key(|(k, _)| *k);
+        let table = &self.allows;
+        delta.order_for_writing(|k| {
+            table
+                .binary_search_by_key(k, |(k, _)| *k)
+                .ok()
+                .map(|i| table[i].1)
+        });
         let mut merged = Vec::with_capacity(kept.len() + fresh_allows.len());
         let mut fresh_iter = fresh_allows.into_iter().peekable();
         for entry in kept {
@@ -1196,6 +1214,7 @@ impl Compiled {
             .map(|(k, _)| *k)
             .filter(|k| !new.contains(k))
             .collect();
+        delta.order_for_writing(|k| old.get(k).copied());
         delta.cells = full.stats.cells;
         delta.cedar_decisions = full.stats.cedar_decisions;
         *self = full;

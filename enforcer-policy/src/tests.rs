@@ -1523,3 +1523,63 @@ fn port_uses_the_compile_cannot_follow_are_load_errors_at_their_location() {
     );
     assert!(ok.is_empty(), "{ok:?}");
 }
+
+/// A risk change that moves a destination without ports from "most ports allowed" to "most
+/// denied" and back is written cell by cell into the live table: at no step of the writing
+/// may a port be allowed that neither the old nor the new table allows.
+#[test]
+fn row_deltas_never_allow_what_neither_table_allows() {
+    let (_tmp, b) = port_bundle(
+        "@id(\"low-risk-world\")\npermit (principal, action, resource is World) when { principal.risk.lessThan(decimal(\"0.8\")) };\n\
+         @id(\"https\")\npermit (principal, action, resource is World) when { context.port == 443 };\n\
+         @id(\"no-smtp\")\nforbid (principal, action, resource is World) when { context.port == 25 };\n",
+    );
+    let mut b = b.unwrap_or_else(|d| panic!("{d}"));
+    let mut c = b.compile().unwrap();
+    let w = b.identities().by_name("w").unwrap().id;
+    let probes: Vec<(u16, u8)> = [1, 24, 25, 26, 442, 443, 444, 8080, 65535]
+        .iter()
+        .flat_map(|&p| [(p, proto::TCP), (p, proto::UDP)])
+        .collect();
+    let allowed = |t: &std::collections::HashMap<crate::PolicyKey, crate::PolicyValue>,
+                   (port, p): (u16, u8)| {
+        let key = crate::PolicyKey {
+            subject: w,
+            destination: reserved::WORLD,
+            dport: port,
+            protocol: p,
+            _pad: 0,
+        };
+        kernel_lookup(t, key).is_some_and(|(_, v)| v.is_allow())
+    };
+    let mut steps = 0;
+    for score in ["0.9", "0.2", "0.9"] {
+        let before: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
+        b.set_risk("w", score).unwrap();
+        let delta = c.recompile_subject(&b, "w").unwrap();
+        let after: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
+        assert!(!delta.is_empty());
+        // Write it as the agent does: puts in order, then deletes in order.
+        let mut live = before.clone();
+        let check = |live: &std::collections::HashMap<_, _>, step: &str| {
+            for &probe in &probes {
+                assert!(
+                    !allowed(live, probe) || allowed(&before, probe) || allowed(&after, probe),
+                    "risk {score}, {step}: port {probe:?} allowed by neither table"
+                );
+            }
+        };
+        for (k, v) in &delta.added {
+            live.insert(*k, *v);
+            check(&live, &format!("after writing {k:?}"));
+            steps += 1;
+        }
+        for k in &delta.removed {
+            live.remove(k);
+            check(&live, &format!("after deleting {k:?}"));
+            steps += 1;
+        }
+        assert_eq!(live, after);
+    }
+    assert!(steps >= 6, "{steps} steps");
+}
