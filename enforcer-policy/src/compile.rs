@@ -990,6 +990,7 @@ pub(crate) fn compile(
         incremental = carried.is_some(),
         cells = stats.cells,
         allows = stats.allows,
+        deny_entries = stats.deny_entries,
         cedar_decisions = stats.cedar_decisions,
         reused_groups,
         reused_answers,
