@@ -7,7 +7,8 @@
 //! - resource `Endpoint::"<name>"`: tenant, kind (String), datasets (`Set<String>`);
 //! - resource `World::"world"`: no attributes;
 //! - action `Action::"<action>"` of the destination's port (`connect` for any port);
-//! - context `{ port: Long, protocol: String }` (port 0 for the any-port cell).
+//! - context `{ port: Long, protocol: String }` (the call's port; see `ports` for how a
+//!   destination without declared ports is asked).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -231,6 +232,9 @@ pub(crate) struct Engine {
     /// Each policy alone (by rule number), with what it reads: compile evaluates policies
     /// one by one, grouped by each policy's own signature (see `compile`).
     pub singles: Vec<(PolicySet, Analysis)>,
+    /// By rule number: the integer literals the policy compares `context.port` with, and
+    /// where it first reads the port (see `ports`).
+    pub port_reads: Vec<crate::ports::PortRead>,
     authorizer: Authorizer,
 }
 
@@ -370,6 +374,7 @@ impl Engine {
         let mut ann_ids: HashMap<String, (PathBuf, u32)> = HashMap::new();
         let mut analysis = Analysis::default();
         let mut singles: Vec<(PolicySet, Analysis)> = Vec::new();
+        let mut port_reads: Vec<crate::ports::PortRead> = Vec::new();
         // Reads of entities the inventory lacks: they do not stand in the way of validation.
         let mut missing: Vec<Diagnostic> = Vec::new();
         for (fi, (file, text)) in src.policies.iter().enumerate() {
@@ -516,6 +521,24 @@ impl Engine {
                         singles.push((PolicySet::new(), Analysis::default()));
                     }
                 }
+                // `context.port` must be analysable (see `ports`): the compile asks Cedar
+                // at its literals for destinations without declared ports.
+                let (port_use, problems) =
+                    cp.as_ref().map(crate::ports::analyse).unwrap_or_default();
+                for pr in problems {
+                    // Reported after validation, which they do not stand in the way of.
+                    missing.push(
+                        at(
+                            line_col(text, pr.offset),
+                            format!("policy `{id}`: {}", pr.message),
+                        )
+                        .with_hint(pr.hint),
+                    );
+                }
+                port_reads.push((
+                    port_use.literals,
+                    port_use.first_read.map(|o| line_col(text, o)),
+                ));
                 let rule = rules.len() as u32;
                 rules.push(PolicyRef {
                     id,
@@ -664,6 +687,7 @@ impl Engine {
             actions,
             analysis,
             singles,
+            port_reads,
             authorizer: Authorizer::new(),
         })
     }

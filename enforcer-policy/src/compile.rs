@@ -1,5 +1,14 @@
 //! Compilation: every local subject x every destination x each declared port (or the
-//! any-port cell), asked of Cedar, written as kernel allows.
+//! any-port cell), asked of Cedar, written as kernel entries.
+//!
+//! A destination without declared ports gets one any-port entry per protocol when Cedar
+//! allows it on most ports. When some policy reads `context.port`, Cedar is asked at the
+//! port breakpoints of [`crate::ports`], and the ports decided otherwise than the majority
+//! get exact entries: deny exceptions (`entry::DENY`, attributed to the first determining
+//! forbid) under an any-port allow, allows under a default deny. The kernel looks up the
+//! exact port first and obeys its verdict, then the any-port entry: it decides what Cedar
+//! decides on every port 1..=65535 (port 0, where nothing can listen, follows the any-port
+//! entry).
 //!
 //! Asking Cedar per cell costs cells x policies. A decision can only depend on what the
 //! policies read (the `cedar::Analysis`): the entity type, the values of the attributes
@@ -18,6 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use enforcer_common::{identity as reserved, PolicyKey, PolicyValue};
@@ -31,8 +41,11 @@ use crate::{Attribution, Bundle, PolicyError, PolicyRef, Protocol};
 pub struct CompileStats {
     /// Cells considered (subject x destination x port or any-port, per protocol).
     pub cells: usize,
-    /// Allow entries written.
+    /// Entries written: allows, and deny exceptions (`deny_entries` of them).
     pub allows: usize,
+    /// Exact-port deny entries under an any-port allow (policies that read `context.port`
+    /// on destinations without declared ports).
+    pub deny_entries: usize,
     /// Requests actually sent to Cedar (single-policy evaluations, one per policy group).
     pub cedar_decisions: usize,
     /// Distinct (subject, destination, action, context) signatures: cells that share one
@@ -152,8 +165,10 @@ pub struct Compiled {
 }
 
 /// What a re-evaluation of one subject changed in the kernel table: write `added` (new
-/// allows, or allows now attributed to another permit: an insert overwrites), then delete
-/// `removed`.
+/// entries, or entries with another verdict or rule: an insert overwrites), then delete
+/// `removed`, each in the order given. The order is such that no moment of the writing
+/// allows a call that neither the old nor the new table allows (see
+/// `RowDelta::order_for_writing`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RowDelta {
     pub added: Vec<(PolicyKey, PolicyValue)>,
@@ -181,6 +196,16 @@ impl RowDelta {
 
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty()
+    }
+
+    /// Deny entries are written before allows (an any-port allow only once the exceptions
+    /// under it are in), and allows are deleted before deny entries (an any-port allow
+    /// before the exceptions under it go); `old` is the table being changed. Each in key
+    /// order otherwise.
+    fn order_for_writing(&mut self, old: impl Fn(&PolicyKey) -> Option<PolicyValue>) {
+        self.added.sort_by_key(|(k, v)| (v.is_allow(), *k));
+        self.removed
+            .sort_by_key(|k| (old(k).is_some_and(|v| !v.is_allow()), *k));
     }
 }
 
@@ -222,6 +247,7 @@ type PolicyGroupKey = (u32, u32, u32, Option<u16>, Option<Protocol>);
 
 /// A destination cell: the port (0 for the any-port cell) and protocol the kernel keys it
 /// by and Cedar is asked with, and the action.
+#[derive(Clone)]
 struct Cell {
     port: u16,
     protocol: Protocol,
@@ -340,8 +366,23 @@ struct Grouping {
     answer_ids: FastMap<Answer, u32>,
     reads_port: bool,
     reads_protocol: bool,
+    /// Where Cedar is asked about destinations without declared ports when some policy
+    /// reads `context.port` ([`crate::ports::breakpoints`]); empty when none does.
+    port_points: Vec<u16>,
+    /// The port plan of each any-port cell group (keyed with `port: None`).
+    port_plans: FastMap<GroupKey, Arc<PortPlan>>,
     /// Single-policy Cedar evaluations so far.
     decisions: usize,
+}
+
+/// How an any-port cell is written when some policy reads `context.port`: Cedar's answer at
+/// each of `Grouping::port_points`, which determines every port 1..=65535.
+struct PortPlan {
+    /// The answer of the any-port entry (and of port 0): the majority verdict, its largest
+    /// region's answer.
+    any: u32,
+    /// The ports decided otherwise than `any`, ascending, with their answers.
+    exceptions: Vec<(u16, u32)>,
 }
 
 impl Grouping {
@@ -365,6 +406,12 @@ impl Grouping {
             answer_ids: FastMap::default(),
             reads_port: analysis.reads_port(),
             reads_protocol: analysis.reads_protocol(),
+            port_points: if analysis.reads_port() {
+                crate::ports::breakpoints(engine.port_reads.iter().flat_map(|(l, _)| l))
+            } else {
+                Vec::new()
+            },
+            port_plans: FastMap::default(),
             whole,
             decisions: 0,
         }
@@ -450,10 +497,24 @@ impl Grouping {
         si: usize,
         di: usize,
         cell: &Cell,
+        carried: Option<&mut Carried>,
+    ) -> Result<u32, PolicyError> {
+        self.answer_at(engine, ids, si, di, cell, cell.port, carried)
+    }
+
+    /// [`Grouping::answer`] with Cedar asked at `port` instead of the cell's own.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_at(
+        &mut self,
+        engine: &Engine,
+        ids: &Identities,
+        si: usize,
+        di: usize,
+        cell: &Cell,
+        port: u16,
         mut carried: Option<&mut Carried>,
     ) -> Result<u32, PolicyError> {
         let Cell {
-            port,
             protocol,
             action_no,
             ..
@@ -535,6 +596,177 @@ impl Grouping {
         let a = self.intern(answer);
         self.groups.insert(key, a);
         Ok(a)
+    }
+
+    /// Whether `cell` (of a destination without declared ports) is decided port by port.
+    fn by_port(&self, cell: &Cell) -> bool {
+        cell.port == 0 && !self.port_points.is_empty()
+    }
+
+    /// The port plan of an any-port cell decided port by port ([`Grouping::by_port`]).
+    #[allow(clippy::too_many_arguments)]
+    fn port_plan(
+        &mut self,
+        engine: &Engine,
+        ids: &Identities,
+        si: usize,
+        di: usize,
+        cell: &Cell,
+        mut carried: Option<&mut Carried>,
+    ) -> Result<Arc<PortPlan>, PolicyError> {
+        let key = GroupKey {
+            port: None,
+            ..self.key(si, di, cell.action_no, 0, cell.protocol)
+        };
+        if let Some(p) = self.port_plans.get(&key) {
+            return Ok(p.clone());
+        }
+        let points = std::mem::take(&mut self.port_points);
+        let mut answers = Vec::with_capacity(points.len());
+        let mut failed = None;
+        for &p in &points {
+            match self.answer_at(engine, ids, si, di, cell, p, carried.as_deref_mut()) {
+                Ok(a) => answers.push(a),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.port_points = points;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Region i: points[i] up to the next point (exclusive), the last up to 65535.
+        let points = &self.port_points;
+        let end = |i: usize| points.get(i + 1).map_or(65536, |&p| p as u32);
+        let span = |i: usize| end(i) - points[i] as u32;
+        let allowed = |i: usize| self.answers[answers[i] as usize].allowed;
+        let allowed_ports: u32 = (0..points.len()).filter(|&i| allowed(i)).map(span).sum();
+        // 65,535 ports: never a tie.
+        let majority = allowed_ports * 2 > 65535;
+        let mut any = None::<usize>;
+        let mut minority = 0usize;
+        for i in 0..points.len() {
+            if allowed(i) == majority {
+                if any.is_none_or(|a| span(i) > span(a)) {
+                    any = Some(i);
+                }
+            } else {
+                minority += span(i) as usize;
+            }
+        }
+        if minority > crate::ports::MAX_PORT_EXCEPTIONS {
+            return Err(self.too_many_port_entries(engine, ids, di, cell, &answers, minority));
+        }
+        let mut exceptions = Vec::with_capacity(minority);
+        for i in (0..points.len()).filter(|&i| allowed(i) != majority) {
+            exceptions.extend((points[i] as u32..end(i)).map(|p| (p as u16, answers[i])));
+        }
+        #[allow(clippy::expect_used)]
+        let any = answers[any.expect("the majority verdict has a region")];
+        let plan = Arc::new(PortPlan { any, exceptions });
+        self.port_plans.insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// The error for a port plan with `entries` exact entries: at the first policy that
+    /// reads `context.port` and determines a region's answer (else the first that reads it).
+    fn too_many_port_entries(
+        &self,
+        engine: &Engine,
+        ids: &Identities,
+        di: usize,
+        cell: &Cell,
+        answers: &[u32],
+        entries: usize,
+    ) -> PolicyError {
+        let reads = |r: &u32| {
+            engine
+                .port_reads
+                .get(*r as usize)
+                .is_some_and(|(_, at)| at.is_some())
+        };
+        let determining = answers
+            .iter()
+            .flat_map(|&a| self.answers[a as usize].rules.iter())
+            .filter(|r| reads(r))
+            .min()
+            .copied();
+        let rule = determining
+            .or_else(|| (0..engine.rules.len() as u32).find(|r| reads(r)))
+            .unwrap_or(0) as usize;
+        let (line, column) = engine
+            .port_reads
+            .get(rule)
+            .and_then(|(_, at)| *at)
+            .unwrap_or((1, 1));
+        let policy = engine.rules.get(rule);
+        let d = ids.at(di);
+        let remedy = if d.kind == IdentityKind::World {
+            format!(
+                "World takes every port: narrow the rule to at most {} ports decided otherwise than the rest, or write it for endpoints that declare their ports",
+                crate::ports::MAX_PORT_EXCEPTIONS
+            )
+        } else {
+            format!("declare ports on `{}` in {}", d.name, crate::INVENTORY_FILE)
+        };
+        PolicyError::TooManyPortEntries {
+            policy: policy.map(|p| p.id.clone()).unwrap_or_default(),
+            file: policy.map(|p| p.file.clone()).unwrap_or_default(),
+            line,
+            column,
+            destination: d.name.clone(),
+            protocol: cell.protocol,
+            entries,
+            remedy,
+        }
+    }
+
+    /// The kernel entries of subject `si` x destination `di` x `cell`, appended to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn entries(
+        &mut self,
+        engine: &Engine,
+        ids: &Identities,
+        si: usize,
+        di: usize,
+        cell: &Cell,
+        carried: Option<&mut Carried>,
+        out: &mut Vec<(PolicyKey, PolicyValue)>,
+    ) -> Result<(), PolicyError> {
+        let (s, d) = (ids.at(si), ids.at(di));
+        if !self.by_port(cell) {
+            let answer = self.answer(engine, ids, si, di, cell, carried)?;
+            out.extend(self.allow(answer, s, d, cell));
+            return Ok(());
+        }
+        let plan = self.port_plan(engine, ids, si, di, cell, carried)?;
+        let key = |dport: u16| PolicyKey {
+            subject: s.id,
+            destination: d.id,
+            dport,
+            protocol: cell.protocol.number(),
+            _pad: 0,
+        };
+        let first = |a: &Answer| a.rules.first().copied().unwrap_or(u32::MAX);
+        let any = &self.answers[plan.any as usize];
+        if any.allowed {
+            out.push((key(0), PolicyValue::allow(first(any))));
+        }
+        out.reserve(plan.exceptions.len());
+        for &(port, a) in &plan.exceptions {
+            let answer = &self.answers[a as usize];
+            let value = if answer.allowed {
+                PolicyValue::allow(first(answer))
+            } else {
+                // The first determining forbid names the deny (u32::MAX: no policy, an
+                // implicit deny on this port).
+                PolicyValue::deny(first(answer))
+            };
+            out.push((key(port), value));
+        }
+        Ok(())
     }
 
     /// The allow entry of a cell, if its answer allows it.
@@ -678,6 +910,11 @@ fn policy_fingerprint(bundle: &Bundle) -> String {
     crate::hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 16)
 }
 
+/// The deny exceptions among `entries`.
+fn deny_entries(entries: &[(PolicyKey, PolicyValue)]) -> usize {
+    entries.iter().filter(|(_, v)| !v.is_allow()).count()
+}
+
 /// A full compile, or with `previous`, one that reuses its answers if its fingerprint is
 /// this bundle's.
 pub(crate) fn compile(
@@ -717,12 +954,11 @@ pub(crate) fn compile(
 
     let mut allows = Vec::new();
     let mut cells_seen = 0usize;
-    for &(si, s) in &subjects {
-        for (di, d, dcells) in &destinations {
+    for &(si, _) in &subjects {
+        for (di, _, dcells) in &destinations {
             for cell in dcells {
                 cells_seen += 1;
-                let answer = grouping.answer(engine, ids, si, *di, cell, carried.as_mut())?;
-                allows.extend(grouping.allow(answer, s, d, cell));
+                grouping.entries(engine, ids, si, *di, cell, carried.as_mut(), &mut allows)?;
             }
         }
     }
@@ -739,6 +975,7 @@ pub(crate) fn compile(
     let stats = CompileStats {
         cells: cells_seen,
         allows: allows.len(),
+        deny_entries: deny_entries(&allows),
         cedar_decisions: grouping.decisions,
         cell_groups: grouping.groups.len(),
         subject_groups: subject_sigs.len(),
@@ -753,6 +990,7 @@ pub(crate) fn compile(
         incremental = carried.is_some(),
         cells = stats.cells,
         allows = stats.allows,
+        deny_entries = stats.deny_entries,
         cedar_decisions = stats.cedar_decisions,
         reused_groups,
         reused_answers,
@@ -873,6 +1111,7 @@ impl Compiled {
             |k: &PolicyKey| rows.contains(&k.subject) || columns.contains(&k.destination);
 
         let mut fresh_allows: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
+        let mut entries = Vec::new();
         let mut cells_seen = 0usize;
         let destinations = self.grouping.destinations(ids);
         let row: Vec<&Destination> = destinations.iter().collect();
@@ -882,13 +1121,12 @@ impl Compiled {
             .collect();
         for (si, s) in ids.iter().enumerate().filter(|(_, x)| x.is_subject()) {
             let dests = if rows.contains(&s.id) { &row } else { &column };
-            for &&(di, d, ref dcells) in dests {
+            for &&(di, _, ref dcells) in dests {
                 for cell in dcells {
                     cells_seen += 1;
-                    let answer = self.grouping.answer(engine, ids, si, di, cell, None)?;
-                    if let Some((k, v)) = self.grouping.allow(answer, s, d, cell) {
-                        fresh_allows.insert(k, v);
-                    }
+                    self.grouping
+                        .entries(engine, ids, si, di, cell, None, &mut entries)?;
+                    fresh_allows.extend(entries.drain(..));
                 }
             }
         }
@@ -920,7 +1158,13 @@ impl Compiled {
                 .filter(|(k, _)| !old.contains(k))
                 .map(|(k, v)| (*k, *v)),
         );
-        delta.added.sort_by_key(|(k, _)| *k);
+        let table = &self.allows;
+        delta.order_for_writing(|k| {
+            table
+                .binary_search_by_key(k, |(k, _)| *k)
+                .ok()
+                .map(|i| table[i].1)
+        });
         let mut merged = Vec::with_capacity(kept.len() + fresh_allows.len());
         let mut fresh_iter = fresh_allows.into_iter().peekable();
         for entry in kept {
@@ -935,6 +1179,7 @@ impl Compiled {
         self.risk_overrides = bundle.risk_overrides().clone();
         self.revision = bundle.snapshot();
         self.stats.allows = self.allows.len();
+        self.stats.deny_entries = deny_entries(&self.allows);
         self.stats.cell_groups = self.grouping.groups.len();
         delta.cells = cells_seen;
         delta.cedar_decisions = self.grouping.decisions - decisions_before;
@@ -970,6 +1215,7 @@ impl Compiled {
             .map(|(k, _)| *k)
             .filter(|k| !new.contains(k))
             .collect();
+        delta.order_for_writing(|k| old.get(k).copied());
         delta.cells = full.stats.cells;
         delta.cedar_decisions = full.stats.cedar_decisions;
         *self = full;
@@ -995,8 +1241,11 @@ impl Compiled {
         self.identities.by_name(name)
     }
 
-    /// The allow entries of the kernel table, sorted by key. `PolicyValue.rule` is the index
-    /// in [`Compiled::rules`] of the (first) permit that allowed the cell.
+    /// The entries of the kernel table, sorted by key: allows, and deny exceptions
+    /// (`entry::DENY`, exact ports of a destination without declared ports whose any-port
+    /// entry allows). `PolicyValue.rule` is the index in [`Compiled::rules`] of the first
+    /// permit that allowed the cell, or of the first forbid that denied the port
+    /// (`u32::MAX`: no policy, an implicit deny).
     pub fn allows(&self) -> &[(PolicyKey, PolicyValue)] {
         &self.allows
     }
@@ -1054,16 +1303,57 @@ impl Compiled {
         };
         let g = &self.grouping;
         let action = g.actions.get(action).copied().unwrap_or(u32::MAX);
+        let port = match (dest.ports.is_empty(), g.port_points.is_empty()) {
+            (false, _) => port,
+            // No policy reads the port: one answer, asked at port 0.
+            (true, true) => 0,
+            (true, false) => {
+                let plan = GroupKey {
+                    port: None,
+                    ..g.key(si, di, action, 0, proto)
+                };
+                let Some(plan) = g.port_plans.get(&plan) else {
+                    return Err(implicit("implicit-deny", &self.implicit_deny_atlas));
+                };
+                if port == 0 {
+                    // The kernel judges port 0 by the any-port entry.
+                    return Ok(&g.answers[plan.any as usize]);
+                }
+                g.port_points[crate::ports::region(&g.port_points, port)]
+            }
+        };
         match g.groups.get(&g.key(si, di, action, port, proto)) {
             Some(&a) => Ok(&g.answers[a as usize]),
             None => Err(implicit("implicit-deny", &self.implicit_deny_atlas)),
         }
     }
 
-    /// Whether the compiled table allows the cell (the kernel's view of it).
+    /// Whether the compiled table allows the cell, looked up as the kernel does: the exact
+    /// port's entry decides by its verdict, else an any-port entry allows, else deny. A
+    /// destination id that is not a destination is WORLD (as the kernel's IP cache has it).
     pub fn is_allowed(&self, subject: u32, destination: u32, dport: u16, protocol: u8) -> bool {
-        self.cell_answer(subject, destination, dport, protocol)
-            .is_ok_and(|a| a.allowed)
+        let destination = self
+            .identities
+            .get(destination)
+            .filter(|d| d.is_destination())
+            .map_or(reserved::WORLD, |d| d.id);
+        let key = PolicyKey {
+            subject,
+            destination,
+            dport,
+            protocol,
+            _pad: 0,
+        };
+        let find = |k: &PolicyKey| {
+            self.allows
+                .binary_search_by_key(k, |(k, _)| *k)
+                .ok()
+                .map(|i| self.allows[i].1)
+        };
+        match find(&key) {
+            Some(v) => v.is_allow(),
+            None => find(&PolicyKey { dport: 0, ..key }).is_some_and(|v| v.is_allow()),
+        }
     }
 
     /// Attribution of a kernel deny: which policies decided (subject, destination, dport,

@@ -25,8 +25,11 @@ pub struct Explanation {
     pub port: u16,
     pub protocol: Protocol,
     pub decision: Decision,
-    /// The key the kernel looks up for this cell (port 0 for the any-port cell); present in
-    /// the table exactly when `decision.allowed`.
+    /// The key the kernel looks up first for this cell. For a declared port it is present in
+    /// the table exactly when `decision.allowed`. For a destination without declared ports
+    /// (`decision.any_port`) the kernel then looks up the same key with port 0: an exact
+    /// entry exists only for a port decided otherwise than most ports (a deny exception
+    /// under an any-port allow, or an allow under a default deny).
     #[serde(serialize_with = "serialize_key")]
     pub kernel_key: crate::PolicyKey,
 }
@@ -65,7 +68,7 @@ pub(crate) fn explain(
     let kernel_key = crate::PolicyKey {
         subject: from.identity,
         destination: to.identity,
-        dport: if decision.any_port { 0 } else { port },
+        dport: port,
         protocol: protocol.number(),
         _pad: 0,
     };
@@ -107,25 +110,39 @@ impl fmt::Display for Explanation {
         let port_note = if d.undeclared_port {
             " (port not declared by the destination: no table entry, denied)"
         } else if d.any_port {
-            " (destination declares no ports: any-port cell, port 0)"
+            " (destination declares no ports: Cedar asked at this port)"
         } else {
             ""
         };
         writeln!(f, "  action:   {}{port_note}", d.action)?;
         writeln!(f, "  revision: {}", self.revision)?;
-        writeln!(
-            f,
-            "  kernel:   key {{subject {}, destination {}, dport {}, protocol {}}} {}",
-            self.kernel_key.subject,
-            self.kernel_key.destination,
-            self.kernel_key.dport,
-            self.kernel_key.protocol,
-            if d.allowed {
-                "present (allow)"
-            } else {
-                "absent (deny)"
-            }
-        )?;
+        let k = &self.kernel_key;
+        if d.any_port {
+            writeln!(
+                f,
+                "  kernel:   key {{subject {}, destination {}, dport {}, protocol {}}} ({} exception if most ports are {}), else dport 0 (any port)",
+                k.subject,
+                k.destination,
+                k.dport,
+                k.protocol,
+                if d.allowed { "an allow" } else { "a deny" },
+                if d.allowed { "denied" } else { "allowed" },
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  kernel:   key {{subject {}, destination {}, dport {}, protocol {}}} {}",
+                k.subject,
+                k.destination,
+                k.dport,
+                k.protocol,
+                if d.allowed {
+                    "present (allow)"
+                } else {
+                    "absent (deny)"
+                }
+            )?;
+        }
         if d.policies.is_empty() {
             if !d.undeclared_port && !d.allowed {
                 writeln!(f, "  policies: none matched (implicit deny)")?;

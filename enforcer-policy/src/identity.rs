@@ -226,11 +226,12 @@ impl Identity {
     }
 
     /// The cell a call to `port`/`protocol` falls in, as Cedar is asked about it: (port,
-    /// action). A destination without declared ports has one any-port cell (port 0, the
-    /// default action); `None` for a port it does not declare (no cell: denied).
+    /// action). A destination without declared ports takes every port with the default
+    /// action; `None` for a port a destination with ports does not declare (denied).
     pub(crate) fn cell_of(&self, port: u16, protocol: Protocol) -> Option<(u16, &str)> {
         if self.ports.is_empty() {
-            return Some((0, DEFAULT_ACTION));
+            // Any port, asked as itself (policies may read `context.port`, see `ports`).
+            return Some((port, DEFAULT_ACTION));
         }
         self.ports
             .iter()

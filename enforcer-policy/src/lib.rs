@@ -39,6 +39,7 @@ pub mod diagnostics;
 pub mod explain;
 pub mod identity;
 pub mod inventory;
+pub mod ports;
 pub mod risk;
 #[cfg(any(test, feature = "bench"))]
 pub mod testutil;
@@ -145,7 +146,9 @@ pub struct Decision {
     /// The destination declares ports, and not this one: denied without asking Cedar (the
     /// kernel has no entry for it).
     pub undeclared_port: bool,
-    /// The destination declares no ports: this is its any-port cell (asked with port 0).
+    /// The destination declares no ports: any port is asked of Cedar as itself, with action
+    /// `connect`; the kernel holds an any-port entry plus exact entries for the ports
+    /// decided otherwise (see [`ports`]).
     pub any_port: bool,
 }
 
@@ -177,6 +180,20 @@ pub enum PolicyError {
     },
     #[error("the compiled policy is of bundle revision {compiled}, not {bundle}: compile the new bundle in full")]
     StaleCompiled { compiled: String, bundle: String },
+    #[error(
+        "{path}:{line}:{column}: error: policy `{policy}` reads context.port in a way that needs {entries} kernel entries for destination `{destination}` ({protocol}), more than {max}; {remedy}",
+        path = .file.display(), max = ports::MAX_PORT_EXCEPTIONS
+    )]
+    TooManyPortEntries {
+        policy: String,
+        file: PathBuf,
+        line: u32,
+        column: u32,
+        destination: String,
+        protocol: Protocol,
+        entries: usize,
+        remedy: String,
+    },
     #[error(
         "Cedar failed on {from} -> {to} port {port}/{protocol} (action `{action}`): {message}"
     )]

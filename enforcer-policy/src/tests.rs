@@ -405,9 +405,45 @@ fn assert_compiled_equals_oracle(b: &Bundle) {
     assert_table_equals_oracle(b, &b.compile().unwrap());
 }
 
-/// Every cell of `c` (and every attribution) equals what the oracle says of `b`.
-fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) {
-    let allows: std::collections::HashSet<_> = c.allows().iter().map(|(k, _)| *k).collect();
+/// The ports probed on destinations without declared ports: every breakpoint of the
+/// bundle's `context.port` literals and its neighbours, and a spread over 1..=65535.
+fn any_port_probes(b: &Bundle) -> Vec<u16> {
+    let points = crate::ports::breakpoints(b.engine().port_reads.iter().flat_map(|(l, _)| l));
+    let mut probes: Vec<u16> = points
+        .iter()
+        .flat_map(|&p| [p.saturating_sub(1), p, p.saturating_add(1)])
+        .chain([
+            1, 2, 22, 25, 53, 80, 443, 1023, 1024, 1025, 6333, 8080, 20000, 40000, 65534,
+        ])
+        .chain((1..=16).map(|k| (k * 4093) as u16))
+        .filter(|&p| p >= 1)
+        .collect();
+    probes.sort_unstable();
+    probes.dedup();
+    probes
+}
+
+/// The kernel's lookup in a compiled table: the exact port's entry decides by its verdict,
+/// else an any-port entry allows, else deny. Returns the entry that decided, if any.
+fn kernel_lookup(
+    table: &std::collections::HashMap<crate::PolicyKey, crate::PolicyValue>,
+    key: crate::PolicyKey,
+) -> Option<(crate::PolicyKey, crate::PolicyValue)> {
+    let any = crate::PolicyKey { dport: 0, ..key };
+    table
+        .get(&key)
+        .map(|v| (key, *v))
+        .or_else(|| table.get(&any).map(|v| (any, *v)))
+}
+
+/// Every cell of `c` (and every attribution) equals what the oracle says of `b`; on
+/// destinations without declared ports, at every port breakpoint and a spread of ports,
+/// with the table read as the kernel reads it. Returns the number of cells compared.
+fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) -> usize {
+    let table: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
+    let reads_port = b.engine().port_reads.iter().any(|(_, at)| at.is_some());
+    let any_port = any_port_probes(b);
+    let mut compared = 0;
     for s in b.identities().iter().filter(|i| i.is_subject()) {
         for d in b.identities().iter().filter(|i| i.is_destination()) {
             let mut probes: Vec<(u16, Protocol)> =
@@ -418,46 +454,65 @@ fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) {
                 (6333, Protocol::Tcp),
                 (8000, Protocol::Udp),
             ]);
+            if d.ports.is_empty() {
+                for protocol in Protocol::ALL {
+                    probes.extend(any_port.iter().map(|&p| (p, protocol)));
+                }
+            }
             for (port, protocol) in probes {
+                compared += 1;
                 let oracle = b.decide(&s.name, &d.name, port, protocol).unwrap();
-                let kernel_port = if d.ports.is_empty() { 0 } else { port };
                 let key = crate::PolicyKey {
                     subject: s.id,
                     destination: d.id,
-                    dport: kernel_port,
+                    dport: port,
                     protocol: protocol.number(),
                     _pad: 0,
                 };
-                let in_table = allows.contains(&key);
+                let hit = kernel_lookup(&table, key);
+                let in_table = hit.is_some_and(|(_, v)| v.is_allow());
+                let what = format!("{} -> {} {port}/{protocol}", s.name, d.name);
                 assert_eq!(
                     in_table, oracle.allowed,
-                    "{} -> {} {port}/{protocol}: table {in_table}, oracle {oracle:?}",
-                    s.name, d.name
+                    "{what}: table {hit:?}, oracle {oracle:?}"
                 );
                 assert_eq!(
                     c.is_allowed(s.id, d.id, port, protocol.number()),
-                    oracle.allowed
+                    oracle.allowed,
+                    "{what}"
                 );
                 if !oracle.allowed {
                     let a = c.attribute(s.id, d.id, port, protocol.number());
                     let ids: Vec<&str> = a.policies.iter().map(|p| p.id.as_str()).collect();
                     let want: Vec<&str> = oracle.policies.iter().map(|p| p.id.as_str()).collect();
-                    assert_eq!(ids, want, "{} -> {} {port}/{protocol}", s.name, d.name);
+                    assert_eq!(ids, want, "{what}");
                     if oracle.undeclared_port {
                         assert_eq!(a.policy_id, "undeclared-port");
                     } else if want.is_empty() {
                         assert_eq!(a.policy_id, "implicit-deny");
                     }
+                    // A deny exception names the first determining forbid.
+                    if let Some((_, v)) = hit {
+                        assert!(d.ports.is_empty(), "{what}: deny entry {v:?}");
+                        match want.first() {
+                            Some(id) => assert_eq!(c.rules()[v.rule as usize].id, *id, "{what}"),
+                            None => assert_eq!(v.rule, u32::MAX, "{what}"),
+                        }
+                    }
                 } else {
-                    let (_, v) = c.allows().iter().find(|(k, _)| *k == key).unwrap();
-                    assert!(oracle
-                        .policies
-                        .iter()
-                        .any(|p| p.id == c.rules()[v.rule as usize].id));
+                    let (k, v) = hit.unwrap();
+                    let rule = &c.rules()[v.rule as usize];
+                    if k.dport == port || !reads_port {
+                        assert!(oracle.policies.iter().any(|p| p.id == rule.id), "{what}");
+                    } else {
+                        // An any-port allow stands for ports allowed by different permits.
+                        assert_eq!(rule.effect, Effect::Permit, "{what}");
+                    }
                 }
             }
         }
     }
+    compared
 }
 
 #[test]
@@ -868,10 +923,19 @@ fn assert_same_compiled(
         .map(|i| i.id)
         .chain(extra.iter().copied());
     let mut cells = 0;
+    let any_port = any_port_probes(b);
     for s in subjects {
         for d in b.identities().iter() {
             let declared = d.ports.iter().map(|p| (p.port, p.protocol));
-            for (port, protocol) in declared.chain(probes.iter().copied()) {
+            let by_port: Vec<(u16, Protocol)> = if d.ports.is_empty() {
+                Protocol::ALL
+                    .iter()
+                    .flat_map(|&p| any_port.iter().map(move |&port| (port, p)))
+                    .collect()
+            } else {
+                vec![]
+            };
+            for (port, protocol) in declared.chain(probes.iter().copied()).chain(by_port) {
                 let p = protocol.number();
                 cells += 1;
                 assert_eq!(
@@ -1265,4 +1329,257 @@ fn bench_new_identity_runs() {
     assert!(json["typical"]["total_ms"].is_number());
     assert!(json["typical"].get("after").is_none());
     assert!(r.to_string().contains("typical"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// `context.port` on destinations without declared ports (issue 6, faults 3 and 10).
+
+/// A bundle of one local workload `w` (port-less, so also a port-less destination), an
+/// endpoint `e` without ports, and `policies` as `ports.cedar`.
+fn port_bundle(policies: &str) -> (tempfile::TempDir, Result<Bundle, crate::Diagnostics>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let inv = "tenants: [acme]\nworkloads:\n  - name: w\n    tenant: acme\n    cgroups: [x/w]\n    ips: [127.10.1.2]\nendpoints:\n  - name: e\n    tenant: acme\n    kind: vector_db\n    ips: [127.10.1.3]\n";
+    std::fs::write(tmp.path().join(crate::INVENTORY_FILE), inv).unwrap();
+    std::fs::write(tmp.path().join(crate::SCHEMA_FILE), crate::testutil::SCHEMA).unwrap();
+    std::fs::write(tmp.path().join("ports.cedar"), policies).unwrap();
+    let b = Bundle::load(tmp.path());
+    (tmp, b)
+}
+
+/// The kernel's verdict for every port 1..=65535 of one cell of `c`.
+fn kernel_ports(c: &crate::Compiled, s: u32, d: u32, protocol: u8) -> Vec<bool> {
+    let table: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
+    (1..=65535u16)
+        .map(|port| {
+            let key = crate::PolicyKey {
+                subject: s,
+                destination: d,
+                dport: port,
+                protocol,
+                _pad: 0,
+            };
+            kernel_lookup(&table, key).is_some_and(|(_, v)| v.is_allow())
+        })
+        .collect()
+}
+
+#[test]
+fn a_forbid_of_one_port_is_a_deny_exception_under_the_any_port_allow() {
+    // Fault 3: World allowed, port 25 forbidden. Before: one any-port allow, 25 allowed.
+    let (_tmp, b) = port_bundle(
+        "@id(\"world\")\npermit (principal, action, resource is World);\n@id(\"no-smtp\")\nforbid (principal, action, resource is World) when { context.port == 25 };\n",
+    );
+    let b = b.unwrap_or_else(|d| panic!("{d}"));
+    let c = b.compile().unwrap();
+    let w = b.identities().by_name("w").unwrap().id;
+    for protocol in Protocol::ALL {
+        let p = protocol.number();
+        let ports = kernel_ports(&c, w, reserved::WORLD, p);
+        for (i, allowed) in ports.iter().enumerate() {
+            assert_eq!(*allowed, i + 1 != 25, "port {}/{protocol}", i + 1);
+        }
+        for port in [24, 25, 26, 1023, 1024, 8080, 65535] {
+            let oracle = b.decide("w", "world", port, protocol).unwrap();
+            assert_eq!(oracle.allowed, port != 25);
+            assert_eq!(c.is_allowed(w, reserved::WORLD, port, p), port != 25);
+        }
+        let a = c.attribute(w, reserved::WORLD, 25, p);
+        assert_eq!(a.policy_id, "no-smtp");
+        let exception = c
+            .allows()
+            .iter()
+            .find(|(k, _)| {
+                k.subject == w
+                    && k.destination == reserved::WORLD
+                    && k.dport == 25
+                    && k.protocol == p
+            })
+            .unwrap()
+            .1;
+        assert!(!exception.is_allow());
+        assert_eq!(c.rules()[exception.rule as usize].id, "no-smtp");
+    }
+    // Two any-port allows and two deny exceptions for World (e and w are not World).
+    assert_eq!(c.stats().deny_entries, 2, "{:?}", c.stats());
+    let e = b.explain("w", "world", 25, Protocol::Tcp).unwrap();
+    assert!(!e.decision.allowed && e.decision.policies[0].id == "no-smtp");
+    assert_eq!(e.kernel_key.dport, 25);
+    assert_table_equals_oracle(&b, &c);
+}
+
+#[test]
+fn a_forbid_of_a_port_range_denies_only_that_range() {
+    // Fault 10: `context.port < 1024` denied World on every port (any-port cell at port 0).
+    let (_tmp, b) = port_bundle(
+        "@id(\"world\")\npermit (principal, action, resource is World);\n@id(\"no-low\")\nforbid (principal, action, resource is World) when { context.port < 1024 };\n",
+    );
+    let b = b.unwrap_or_else(|d| panic!("{d}"));
+    let c = b.compile().unwrap();
+    let w = b.identities().by_name("w").unwrap().id;
+    for protocol in Protocol::ALL {
+        let p = protocol.number();
+        let ports = kernel_ports(&c, w, reserved::WORLD, p);
+        for (i, allowed) in ports.iter().enumerate() {
+            assert_eq!(*allowed, i + 1 >= 1024, "port {}/{protocol}", i + 1);
+        }
+        for port in [1, 25, 1023, 1024, 8080, 65535] {
+            assert_eq!(
+                b.decide("w", "world", port, protocol).unwrap().allowed,
+                port >= 1024
+            );
+            assert_eq!(c.is_allowed(w, reserved::WORLD, port, p), port >= 1024);
+        }
+        assert_eq!(c.attribute(w, reserved::WORLD, 1023, p).policy_id, "no-low");
+        assert_eq!(
+            c.attribute(w, reserved::WORLD, 8080, p).policy_id,
+            "not-denied"
+        );
+    }
+    assert_eq!(c.stats().deny_entries, 2 * 1023);
+    assert_table_equals_oracle(&b, &c);
+
+    // The mirror: a permit of a few ports under the default deny is exact allows only.
+    let (_tmp, b) = port_bundle(
+        "@id(\"web\")\npermit (principal, action, resource) when { [80, 443].contains(context.port) || context.port >= 65000 };\n",
+    );
+    let b = b.unwrap_or_else(|d| panic!("{d}"));
+    let c = b.compile().unwrap();
+    let e = b.identities().by_name("e").unwrap().id;
+    let ports = kernel_ports(&c, w, e, proto::TCP);
+    for (i, allowed) in ports.iter().enumerate() {
+        let port = i + 1;
+        assert_eq!(
+            *allowed,
+            port == 80 || port == 443 || port >= 65000,
+            "port {port}"
+        );
+    }
+    assert!(c.allows().iter().all(|(k, v)| v.is_allow() && k.dport != 0));
+    assert_eq!(
+        c.attribute(w, e, 8080, proto::TCP).policy_id,
+        "implicit-deny"
+    );
+    assert_table_equals_oracle(&b, &c);
+}
+
+#[test]
+fn a_cell_needing_too_many_port_entries_is_an_error_at_the_policy() {
+    let (_tmp, b) = port_bundle(
+        "@id(\"world\")\npermit (principal, action, resource);\n\n@id(\"wide\")\nforbid (principal, action, resource is Endpoint)\n  when { context.port > 1000 && context.port <= 9000 };\n",
+    );
+    let b = b.unwrap_or_else(|d| panic!("{d}"));
+    let err = b
+        .compile()
+        .err()
+        .expect("8,000 exceptions are over the bound");
+    let text = err.to_string();
+    assert!(
+        text.contains("ports.cedar:6:10: error: policy `wide` reads context.port in a way that needs 8000 kernel entries for destination `e`"),
+        "{text}"
+    );
+    assert!(text.contains("declare ports on `e`"), "{text}");
+    // Within the bound it compiles, and World's message says what World can do.
+    let (_tmp, b) = port_bundle(
+        "@id(\"world\")\npermit (principal, action, resource);\n@id(\"wide\")\nforbid (principal, action, resource is World) when { context.port > 1000 && context.port <= 9000 };\n",
+    );
+    let text = b.unwrap().compile().err().unwrap().to_string();
+    assert!(text.contains("ports.cedar:4:"), "{text}");
+    assert!(text.contains("World takes every port"), "{text}");
+    let (_tmp, b) = port_bundle(
+        "permit (principal, action, resource);\nforbid (principal, action, resource) when { context.port > 1000 && context.port <= 5096 };\n",
+    );
+    let b = b.unwrap();
+    assert_eq!(b.compile().unwrap().stats().deny_entries, 4096 * 3 * 2);
+}
+
+#[test]
+fn port_uses_the_compile_cannot_follow_are_load_errors_at_their_location() {
+    let d = load_with(
+        "purpose.cedar",
+        "\n@id(\"sum\")\nforbid (principal, action, resource)\n  when { context.port + 1 > 1024 };\n\
+         @id(\"attr\")\npermit (principal, action, resource) when { principal.risk.lessThan(decimal(\"0.5\")) && [context.port, 80].contains(443) };\n\
+         @id(\"whole\")\nforbid (principal, action, resource) unless {\n    context == {port: 25, protocol: \"tcp\"} };\n",
+    );
+    assert_diag(
+        &d,
+        "purpose.cedar:4:10:",
+        "policy `sum`: `context.port + 1` uses `context.port` in a way the kernel table cannot represent exactly",
+    );
+    assert_diag(
+        &d,
+        "purpose.cedar:4:10:",
+        "[hint: compare `context.port` directly with an integer literal",
+    );
+    assert_diag(
+        &d,
+        "purpose.cedar:6:88:",
+        "policy `attr`: `[context.port, 80]` uses `context.port`",
+    );
+    assert_diag(&d, "purpose.cedar:9:5:", "policy `whole`: `context == {port: 25, protocol: \"tcp\"}` uses `context` as a whole value");
+    // Every analysable form loads.
+    let ok = load_with(
+        "purpose.cedar",
+        "permit (principal, action, resource) when { context.port == 1 || 2 != context.port || context.port < 3 || 4 <= context.port || context.port > 5 || 6 >= context.port || [7, 8].contains(context.port) || context.protocol == \"udp\" };\n",
+    );
+    assert!(ok.is_empty(), "{ok:?}");
+}
+
+/// A risk change that moves a destination without ports from "most ports allowed" to "most
+/// denied" and back is written cell by cell into the live table: at no step of the writing
+/// may a port be allowed that neither the old nor the new table allows.
+#[test]
+fn row_deltas_never_allow_what_neither_table_allows() {
+    let (_tmp, b) = port_bundle(
+        "@id(\"low-risk-world\")\npermit (principal, action, resource is World) when { principal.risk.lessThan(decimal(\"0.8\")) };\n\
+         @id(\"https\")\npermit (principal, action, resource is World) when { context.port == 443 };\n\
+         @id(\"no-smtp\")\nforbid (principal, action, resource is World) when { context.port == 25 };\n",
+    );
+    let mut b = b.unwrap_or_else(|d| panic!("{d}"));
+    let mut c = b.compile().unwrap();
+    let w = b.identities().by_name("w").unwrap().id;
+    let probes: Vec<(u16, u8)> = [1, 24, 25, 26, 442, 443, 444, 8080, 65535]
+        .iter()
+        .flat_map(|&p| [(p, proto::TCP), (p, proto::UDP)])
+        .collect();
+    let allowed = |t: &std::collections::HashMap<crate::PolicyKey, crate::PolicyValue>,
+                   (port, p): (u16, u8)| {
+        let key = crate::PolicyKey {
+            subject: w,
+            destination: reserved::WORLD,
+            dport: port,
+            protocol: p,
+            _pad: 0,
+        };
+        kernel_lookup(t, key).is_some_and(|(_, v)| v.is_allow())
+    };
+    let mut steps = 0;
+    for score in ["0.9", "0.2", "0.9"] {
+        let before: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
+        b.set_risk("w", score).unwrap();
+        let delta = c.recompile_subject(&b, "w").unwrap();
+        let after: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
+        assert!(!delta.is_empty());
+        // Write it as the agent does: puts in order, then deletes in order.
+        let mut live = before.clone();
+        let check = |live: &std::collections::HashMap<_, _>, step: &str| {
+            for &probe in &probes {
+                assert!(
+                    !allowed(live, probe) || allowed(&before, probe) || allowed(&after, probe),
+                    "risk {score}, {step}: port {probe:?} allowed by neither table"
+                );
+            }
+        };
+        for (k, v) in &delta.added {
+            live.insert(*k, *v);
+            check(&live, &format!("after writing {k:?}"));
+            steps += 1;
+        }
+        for k in &delta.removed {
+            live.remove(k);
+            check(&live, &format!("after deleting {k:?}"));
+            steps += 1;
+        }
+        assert_eq!(live, after);
+    }
+    assert!(steps >= 6, "{steps} steps");
 }

@@ -232,9 +232,18 @@ pub fn random_bundle(dir: &Path, seed: u64) -> io::Result<()> {
         "permit (principal, action, resource is Endpoint) when { resource.datasets.contains(\"ds1\") && principal.purpose == \"retrieval\" };".into(),
         "permit (principal, action in [Action::\"query\", Action::\"read\"], resource) when { principal.ring == \"prod\" };".into(),
         "forbid (principal, action, resource) when { context.port == 0 && principal.purpose == \"inference\" };".into(),
+        // `context.port` on destinations without ports (World always, some others): every
+        // analysable form, each deciding few enough ports to fit a cell's exact entries.
+        "forbid (principal, action, resource is World) when { context.port == 25 };".into(),
+        "forbid (principal, action, resource) when { context.port < 1024 && principal.ring == \"dev\" };".into(),
+        "permit (principal, action, resource) when { [53, 443, 8000].contains(context.port) };".into(),
+        "forbid (principal, action, resource) when { context.port != 443 && context.port >= 440 && 450 > context.port };".into(),
+        "permit (principal, action, resource) when { context.port > 65000 || context.port <= 3 };".into(),
+        "forbid (principal, action, resource is Endpoint) when { 6333 == context.port && context.protocol == \"udp\" };".into(),
+        format!("forbid (principal, action, resource) when {{ {} >= context.port && principal.purpose == \"retrieval\" }};", r.pick(&[22, 80, 1023])),
     ];
     let mut pol = String::new();
-    let np = 1 + r.below(6);
+    let np = 1 + r.below(7);
     for k in 0..np {
         let t = r.pick(&templates);
         let _ = writeln!(pol, "@id(\"r{k}\")\n{t}");

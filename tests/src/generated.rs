@@ -12,6 +12,12 @@
 //! from templates: same-tenant permits, cross-tenant forbids with `unless` exceptions naming
 //! one principal, purpose and dataset rules, risk thresholds, port / protocol context rules,
 //! permits naming one workload and one destination, and the WORLD cell.
+//!
+//! Port rules use every form the compile analyses (`==`, `!=`, `<`, `<=`, `>`, `>=`, a set
+//! literal's `contains`), also on WORLD and other destinations without declared ports,
+//! where the kernel holds an any-port entry plus exact-port exceptions. Each such
+//! destination (WORLD included) is tried on both sides of every literal `k` of the policies
+//! (`k - 1`, `k`, `k + 1`): the targets marked [`Target::edge`].
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -88,7 +94,7 @@ pub struct GenIdentity {
     pub risk: &'static str,
     pub datasets: Vec<&'static str>,
     pub v4: Ipv4Addr,
-    /// Empty: any port (the destination's port-0 cell, action `connect`).
+    /// Empty: any port (action `connect`; Cedar is asked at each port).
     pub ports: Vec<GenPort>,
     /// For a destination without ports: the ports the test tries (each over TCP and UDP).
     pub sample_ports: Vec<u16>,
@@ -122,6 +128,9 @@ pub struct Target {
     pub port: u16,
     pub proto: Proto,
     pub kind: TargetKind,
+    /// A port next to a `context.port` literal on a destination without declared ports:
+    /// every such target is sampled.
+    pub edge: bool,
 }
 
 const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
@@ -147,8 +156,13 @@ const ENDPOINT_PORTS: [(u16, Proto, &str); 7] = [
     (7003, Proto::Udp, "read"),
     (5432, Proto::Tcp, "connect"),
 ];
-/// Ports used in `context.port` rules: declared ones, and 0 (the any-port cell).
-const RULE_PORTS: [u16; 9] = [8000, 8080, 9000, 9001, 6333, 6334, 7001, 7002, 0];
+/// Ports used in `context.port` rules: declared ones, 0 (no port: matches no call), and
+/// ports of no declared port (only destinations without ports take them). None that a
+/// host service is likely to hold on every address (a wildcard listener would keep the
+/// test's servers from binding).
+const RULE_PORTS: [u16; 12] = [
+    8000, 8080, 9000, 9001, 6333, 6334, 7001, 7002, 0, 25, 1023, 1024,
+];
 
 /// A generated bundle: identities and policies. The inventory is rendered for a given
 /// cgroup root ([`GeneratedBundle::inventory`]).
@@ -158,6 +172,9 @@ pub struct GeneratedBundle {
     pub net: u8,
     pub identities: Vec<GenIdentity>,
     pub policies: String,
+    /// The ports next to the policies' `context.port` literals (1..=65535), ascending: tried
+    /// on every destination without declared ports.
+    pub edge_ports: Vec<u16>,
 }
 
 impl GeneratedBundle {
@@ -210,15 +227,25 @@ impl GeneratedBundle {
 
         let np = 3 + r.below(4);
         let mut policies = String::new();
+        let mut literals = Vec::new();
         for k in 0..np {
-            let (name, text) = policy(&mut r, &identities);
+            let (name, text) = policy(&mut r, &identities, &mut literals);
             let _ = writeln!(policies, "@id(\"p{k}-{name}\")\n{text}\n");
         }
+        let mut edge_ports: Vec<u16> = literals
+            .iter()
+            .flat_map(|&k: &u32| [k.saturating_sub(1), k, k + 1])
+            .filter(|p| (1..=65535).contains(p))
+            .map(|p| p as u16)
+            .collect();
+        edge_ports.sort_unstable();
+        edge_ports.dedup();
         Self {
             seed,
             net,
             identities,
             policies,
+            edge_ports,
         }
     }
 
@@ -306,11 +333,24 @@ impl GeneratedBundle {
                 port,
                 proto,
                 kind,
+                edge: false,
             };
             if d.ports.is_empty() {
                 for &port in &d.sample_ports {
                     out.push(t(port, Proto::Tcp, TargetKind::AnyPort));
                     out.push(t(port, Proto::Udp, TargetKind::AnyPort));
+                }
+                for &port in self
+                    .edge_ports
+                    .iter()
+                    .filter(|&&p| !d.sample_ports.contains(&p))
+                {
+                    for proto in [Proto::Tcp, Proto::Udp] {
+                        out.push(Target {
+                            edge: true,
+                            ..t(port, proto, TargetKind::AnyPort)
+                        });
+                    }
                 }
                 continue;
             }
@@ -332,14 +372,20 @@ impl GeneratedBundle {
                 }
             }
         }
+        let world = |port, proto, edge| Target {
+            to: "world".into(),
+            ip: self.world_ip(),
+            port,
+            proto,
+            kind: TargetKind::World,
+            edge,
+        };
         for (port, proto) in [(4444, Proto::Tcp), (4445, Proto::Udp)] {
-            out.push(Target {
-                to: "world".into(),
-                ip: self.world_ip(),
-                port,
-                proto,
-                kind: TargetKind::World,
-            });
+            out.push(world(port, proto, false));
+        }
+        for &port in self.edge_ports.iter().filter(|&&p| p != 4444 && p != 4445) {
+            out.push(world(port, Proto::Tcp, true));
+            out.push(world(port, Proto::Udp, true));
         }
         out
     }
@@ -381,14 +427,16 @@ fn any_port_samples(r: &mut Lcg) -> Vec<u16> {
     vec![a, b]
 }
 
-/// One random policy over `ids`: (short name for its `@id`, Cedar text).
-fn policy(r: &mut Lcg, ids: &[GenIdentity]) -> (&'static str, String) {
+/// One random policy over `ids`: (short name for its `@id`, Cedar text). The integer
+/// literals it compares `context.port` with are added to `literals`.
+fn policy(r: &mut Lcg, ids: &[GenIdentity], literals: &mut Vec<u32>) -> (&'static str, String) {
     let workloads: Vec<&GenIdentity> = ids.iter().filter(|i| !i.is_endpoint()).collect();
     let endpoints: Vec<&GenIdentity> = ids.iter().filter(|i| i.is_endpoint()).collect();
     let w = |r: &mut Lcg| format!("Workload::\"{}\"", r.pick(&workloads).name);
     let e = |r: &mut Lcg| format!("Endpoint::\"{}\"", r.pick(&endpoints).name);
     // Weighted: the same-tenant baseline and tenant isolation are the common shapes.
-    match r.below(16) {
+    // Port rules (9, 12) are drawn twice as often: about every other bundle has one.
+    match r.below(18) {
         0..=3 => (
             "same-tenant",
             "permit (principal, action, resource)\nwhen { resource has tenant && principal.tenant == resource.tenant };".into(),
@@ -431,27 +479,51 @@ fn policy(r: &mut Lcg, ids: &[GenIdentity]) -> (&'static str, String) {
                 r.pick(&["tcp", "udp"])
             ),
         ),
-        9 => {
+        9 | 16 => {
             let port = r.pick(&RULE_PORTS);
-            let text = match r.below(4) {
-                0 => format!("forbid (principal, action, resource)\nwhen {{ context.port == {port} }};"),
-                1 => format!("permit (principal, action, resource)\nwhen {{ context.port == {port} }};"),
-                2 => "forbid (principal, action, resource)\nwhen { context.protocol == \"udp\" && principal.ring == \"dev\" };".into(),
-                _ => "permit (principal, action, resource)\nwhen { context.port >= 7000 && context.protocol == \"tcp\" };".into(),
+            let other = r.pick(&RULE_PORTS);
+            // Each rule is non-constant only on ports in 1..=1025 or 65000..=65535 (and a
+            // few more), so that together they fit a cell's exact entries (4,096).
+            let (text, used): (String, &[u16]) = match r.below(8) {
+                0 => (format!("forbid (principal, action, resource)\nwhen {{ context.port == {port} }};"), &[port]),
+                1 => (format!("permit (principal, action, resource)\nwhen {{ context.port == {port} }};"), &[port]),
+                2 => ("forbid (principal, action, resource)\nwhen { context.protocol == \"udp\" && principal.ring == \"dev\" };".into(), &[]),
+                3 => ("permit (principal, action, resource)\nwhen { context.port >= 65001 && context.protocol == \"tcp\" };".into(), &[65001]),
+                4 => ("forbid (principal, action, resource)\nwhen { context.port < 1024 && principal.ring == \"dev\" };".into(), &[1024]),
+                5 => (format!("permit (principal, action, resource)\nwhen {{ [{port}, {other}].contains(context.port) }};"), &[port, other]),
+                6 => ("forbid (principal, action, resource)\nwhen { 9000 <= context.port && context.port != 9001 && 9010 > context.port };".into(), &[9000, 9001, 9010]),
+                _ => (format!("forbid (principal, action, resource)\nwhen {{ context.port <= {port} && {port} < 1100 || context.port > 65300 }};"), &[port, 65300]),
             };
+            literals.extend(used.iter().map(|&p| u32::from(p)));
             ("context", text)
         }
         10..=11 => {
             let to = if r.chance(60) { e(r) } else { w(r) };
             ("named", format!("permit (principal == {}, action, resource == {to});", w(r)))
         }
-        12 => (
-            "world",
-            format!(
-                "permit (principal, action == Action::\"connect\", resource == World::\"world\")\nwhen {{ principal.ring == \"{}\" }};",
-                r.pick(&RINGS)
-            ),
-        ),
+        12 | 17 => {
+            if r.chance(50) {
+                let op = r.pick(&["==", "!=", "<", "<=", ">", ">="]);
+                // An inequality with 8080 would decide too many ports (see rule 9).
+                let port = match op {
+                    "==" | "!=" => r.pick(&[25u16, 1023, 1024, 8080]),
+                    _ => r.pick(&[25u16, 1023, 1024]),
+                };
+                literals.push(u32::from(port));
+                (
+                    "world-port",
+                    format!("forbid (principal, action, resource is World)\nwhen {{ context.port {op} {port} }};"),
+                )
+            } else {
+                (
+                    "world",
+                    format!(
+                        "permit (principal, action == Action::\"connect\", resource == World::\"world\")\nwhen {{ principal.ring == \"{}\" }};",
+                        r.pick(&RINGS)
+                    ),
+                )
+            }
+        }
         13 => (
             "datasets",
             format!(

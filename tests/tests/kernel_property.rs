@@ -11,7 +11,10 @@
 //! hook). Every probe outcome must equal `Bundle::decide(..).allowed` (ok vs EPERM), every
 //! denied attempt must have exactly one deny event (subject, destination, port, protocol,
 //! hook) attributed to one of the oracle's determining forbids (or `implicit-deny` /
-//! `undeclared-port`), and no allowed attempt any.
+//! `undeclared-port`), and no allowed attempt any. Destinations without declared ports
+//! (WORLD included) are always tried on both sides of every `context.port` literal of the
+//! policies (one random subject each, TCP and UDP), where the kernel's any-port entry and
+//! its exact-port exceptions meet.
 //!
 //! Seeds run in parallel (one agent each). `ENFORCER_PROPERTY_SEEDS=7,8` or `=100..110` picks
 //! other seeds (at most 10 at a time: one net each), `ENFORCER_PROPERTY_CELLS=N` the sample size
@@ -167,16 +170,30 @@ fn all_cells(generated: &GeneratedBundle, oracle: &Bundle) -> Result<Vec<Cell>> 
     Ok(cells)
 }
 
-/// Up to `n` cells, alternately allowed and denied by Cedar (while both last), deterministic
-/// per seed.
+/// One cell of every edge target (a port next to a `context.port` literal on a destination
+/// without declared ports, from a random subject), then up to `n` more cells, alternately
+/// allowed and denied by Cedar (while both last); deterministic per seed.
 fn sample(cells: Vec<Cell>, n: usize, seed: u64) -> Vec<Cell> {
     let mut r = Lcg::new(seed ^ 0x005a_4d50_4c45);
+    let (mut edges, rest): (Vec<Cell>, Vec<Cell>) = cells.into_iter().partition(|c| c.target.edge);
+    r.shuffle(&mut edges);
+    let mut seen = BTreeSet::new();
+    let mut out: Vec<Cell> = Vec::new();
+    let mut others = rest;
+    for c in edges {
+        let t = &c.target;
+        if seen.insert((t.to.clone(), t.port, t.proto.as_str())) {
+            out.push(c);
+        } else if n == usize::MAX {
+            others.push(c);
+        }
+    }
+    let n = n.saturating_add(out.len());
     let (mut allowed, mut denied): (Vec<Cell>, Vec<Cell>) =
-        cells.into_iter().partition(|c| c.decision.allowed);
+        others.into_iter().partition(|c| c.decision.allowed);
     r.shuffle(&mut allowed);
     r.shuffle(&mut denied);
     let (mut allowed, mut denied) = (allowed.into_iter(), denied.into_iter());
-    let mut out = Vec::new();
     while out.len() < n {
         let (a, d) = (allowed.next(), denied.next());
         if a.is_none() && d.is_none() {
@@ -495,6 +512,7 @@ fn generated_bundles_load_and_decide_both_ways() -> Result<()> {
     let mut loaded = 0;
     let mut rejections = Vec::new();
     let mut seen: BTreeSet<(bool, TargetKind)> = BTreeSet::new();
+    let mut seen_edges: BTreeSet<bool> = BTreeSet::new();
     for seed in 0..SEEDS {
         let generated = GeneratedBundle::new(seed, 59);
         let bundle = generated.write("enforcer-prop-x")?;
@@ -509,8 +527,15 @@ fn generated_bundles_load_and_decide_both_ways() -> Result<()> {
             }
         };
         loaded += 1;
+        // The agent compiles it: port rules must fit the exact-port entries of a cell.
+        oracle
+            .compile()
+            .with_context(|| format!("seed {seed}:\n{}", generated.text("enforcer-prop-x")))?;
         for c in all_cells(&generated, &oracle)? {
             seen.insert((c.decision.allowed, c.target.kind));
+            if c.target.edge {
+                seen_edges.insert(c.decision.allowed);
+            }
             if c.target.kind == TargetKind::Undeclared {
                 ensure!(
                     !c.decision.allowed && c.decision.undeclared_port,
@@ -541,5 +566,9 @@ fn generated_bundles_load_and_decide_both_ways() -> Result<()> {
         }
     }
     ensure!(seen.contains(&(false, TargetKind::Undeclared)));
+    ensure!(
+        seen_edges.len() == 2,
+        "ports next to `context.port` literals on destinations without ports are only ever {seen_edges:?}"
+    );
     Ok(())
 }
