@@ -135,11 +135,14 @@ pub fn stage(dir: PathBuf, files: &BTreeMap<String, String>) -> Result<Staged> {
     Ok(staged)
 }
 
-/// Validates the bundle in `dir`; its revision, or the diagnostics as text.
+/// Validates the bundle in `dir`: it loads, and it compiles (a policy can load and still
+/// be one the kernel table cannot represent, e.g. too many port exceptions), so that a PDP
+/// never publishes, and a node never installs, a bundle every agent would reject. Its
+/// revision, or the problems as text.
 pub fn validate(dir: &Path) -> std::result::Result<String, String> {
-    Bundle::load(dir)
-        .map(|bundle| bundle.revision().to_string())
-        .map_err(|diagnostics| diagnostics.to_string())
+    let bundle = Bundle::load(dir).map_err(|diagnostics| diagnostics.to_string())?;
+    bundle.compile().map_err(|error| error.to_string())?;
+    Ok(bundle.revision().to_string())
 }
 
 /// Puts the directory `staged` in the place of `target` in one step: `renameat2` with
