@@ -38,6 +38,10 @@ pub struct RunOptions {
     pub allow_root_cgroup: bool,
     /// Sync `policies` from a remote PDP.
     pub pdp: Option<crate::pdp::SyncOptions>,
+    /// `max_entries` of the maps when this agent creates them.
+    pub capacity: datapath::CapacityOverrides,
+    /// Testing only (off): let an oversize policy fail in the kernel, to exercise rollback.
+    pub skip_capacity_check: bool,
 }
 
 /// What `enforcer status` reads about the running agent (the kernel side it reads from pins).
@@ -204,10 +208,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .compile()
         .with_context(|| format!("compiling {}", options.policies.display()))?;
     let sink = Sink::open(&options.events)?;
-    let datapath = Datapath::load(&LoadOptions {
+    let mut datapath = Datapath::load(&LoadOptions {
         pin_root: &options.pin_root,
         ring_buffer_bytes: options.ring_buffer_bytes,
+        capacity: options.capacity,
     })?;
+    if options.skip_capacity_check {
+        tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
+        datapath.tables.set_capacity_check(false);
+    }
     // A quarantine outlives the agent: it is read back from the pinned identity flags.
     let quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
 
@@ -232,7 +241,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         history: history.clone(),
     };
     agent
-        .apply_full()
+        .apply_full(None)
         .context("writing the first policy into the kernel")?;
     let attach = agent.datapath.attach(&agent.cgroup_root)?;
     for hook in &attach.hooks {
@@ -284,18 +293,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
 }
 
 impl Agent {
-    /// Writes the whole compiled policy (identities, IP cache, cgroups, table swap).
-    fn apply_full(&mut self) -> Result<()> {
+    /// Writes the whole compiled policy (identities, IP cache, cgroups, table swap), all or
+    /// nothing: on failure every map holds what it held before (`previous` explains the
+    /// events of that time again).
+    fn apply_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
         let overrides = Overrides {
             audit: self.options.audit,
             quarantined: &self.quarantined,
         };
         let (desired, unresolved) = desired_state(&self.compiled, &self.cgroup_mount, &overrides);
-        self.history.publish(
-            self.datapath.tables.next_generation(true)?,
-            self.compiled.clone(),
-        );
-        let report = self.datapath.tables.apply(&desired)?;
+        let history = self.history.clone();
+        let next = self.compiled.clone();
+        let previous = previous.unwrap_or_else(|| next.clone());
+        // Each generation is published before it is written: an event decided just after a
+        // flip finds its policy. Transition-table denies are explained by the new policy.
+        let mut publish = |generation: u64, flip: datapath::Flip| {
+            let compiled = match flip {
+                datapath::Flip::Rollback => previous.clone(),
+                datapath::Flip::Transition | datapath::Flip::Final => next.clone(),
+            };
+            history.publish(generation, compiled);
+        };
+        let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
         self.applied_at = now();
         report_unresolved(&self.unresolved, &unresolved);
         self.unresolved = unresolved;
@@ -305,6 +324,7 @@ impl Agent {
             allows = desired.allows.len(),
             written = report.written,
             removed = report.removed,
+            transition = report.transition,
             elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
             "policy applied"
         );
@@ -365,10 +385,11 @@ impl Agent {
             return;
         }
         let previous = std::mem::replace(&mut self.compiled, Arc::new(compiled));
-        if let Err(error) = self.apply_full() {
-            // The swap is the last step of apply; a failure before it leaves the old table active.
+        if let Err(error) = self.apply_full(Some(previous.clone())) {
+            // Apply is all or nothing: it checked capacity before writing, or rolled every
+            // map back; the old policy is still the one in force.
             self.compiled = previous;
-            return self.reject(error.context("writing the policy into the kernel"));
+            return self.reject(error);
         }
         self.bundle = bundle;
         self.save_state();
