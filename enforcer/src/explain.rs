@@ -117,9 +117,10 @@ struct Check<'a> {
 
 impl Check<'_> {
     fn name(&self, id: u32) -> String {
-        self.identities
-            .get(id)
-            .map_or_else(|| format!("identity {id}"), |i| format!("{} ({id})", i.name))
+        self.identities.get(id).map_or_else(
+            || format!("identity {id}"),
+            |i| format!("{} ({id})", i.name),
+        )
     }
 
     fn disagree(&mut self, map: &str) {
@@ -131,7 +132,10 @@ impl Check<'_> {
     /// `CGROUP_IDENTITY`: each existing cgroup of the subject maps to it.
     fn subject_cgroups(&mut self, subject: &Identity) {
         let Ok(mount) = crate::fs::cgroup2_mount() else {
-            println!("kernel map {}: no cgroup v2 mount to resolve cgroups (not compared)", maps::CGROUP_IDENTITY);
+            println!(
+                "kernel map {}: no cgroup v2 mount to resolve cgroups (not compared)",
+                maps::CGROUP_IDENTITY
+            );
             return;
         };
         for relative in &subject.cgroups {
@@ -222,10 +226,7 @@ impl Check<'_> {
             let want = self.expected(addr);
             let (found, map) = self.tables.destination_of(addr);
             if found == want {
-                println!(
-                    "kernel map {map}: {addr} -> {}: agrees",
-                    self.name(found)
-                );
+                println!("kernel map {map}: {addr} -> {}: agrees", self.name(found));
                 continue;
             }
             // What a connect to this address meets in the kernel instead.

@@ -68,11 +68,15 @@ fn after(net: u8, extra: u8) -> Vec<Entity> {
     }
     for i in 0..extra {
         entities.push(
-            Entity::endpoint(net, &format!("acme-extra-{i}"), "acme", "llm_api", 1, 20 + i).port(
-                DB_PORT,
-                Proto::Tcp,
-                "query",
-            ),
+            Entity::endpoint(
+                net,
+                &format!("acme-extra-{i}"),
+                "acme",
+                "llm_api",
+                1,
+                20 + i,
+            )
+            .port(DB_PORT, Proto::Tcp, "query"),
         );
     }
     entities
@@ -89,7 +93,12 @@ fn contents(pins: &Path) -> Result<MapContents> {
     Tables::open(&pin_dir(pins))?.contents()
 }
 
-fn explain(dir: &Path, pins: &Path, from: &str, to: &str) -> Result<enforcer_tests::cli::CliOutput> {
+fn explain(
+    dir: &Path,
+    pins: &Path,
+    from: &str,
+    to: &str,
+) -> Result<enforcer_tests::cli::CliOutput> {
     let port = DB_PORT.to_string();
     enforcer(&[
         "policy".as_ref(),
@@ -143,7 +152,10 @@ impl Setup {
         config
             .extra_args
             .extend(extra_args.iter().map(|a| a.to_string()));
-        let server = Server::start(Proto::Tcp, SocketAddr::new(IpAddr::V4(moving(net)), DB_PORT))?;
+        let server = Server::start(
+            Proto::Tcp,
+            SocketAddr::new(IpAddr::V4(moving(net)), DB_PORT),
+        )?;
         let agent = Agent::start(config)?;
         let old_snapshot = first_applied_snapshot(&agent)?;
         let old_bundle = copy_bundle(world.bundle.path())?;
@@ -282,7 +294,9 @@ fn a_reload_that_overflows_changes_no_map() -> Result<()> {
         "globex-db",
     )?;
     ensure!(
-        out.code == Some(3) && out.stdout.contains("DISAGREE in") && out.stdout.contains("IPCACHE_HOST_V4"),
+        out.code == Some(3)
+            && out.stdout.contains("DISAGREE in")
+            && out.stdout.contains("IPCACHE_HOST_V4"),
         "explain of the old bundle must name the IP cache that differs (exit 3): {out}"
     );
     Ok(())
@@ -296,7 +310,10 @@ fn a_write_that_fails_part_way_is_rolled_back() -> Result<()> {
     let net = NET + 1;
     // No capacity check: the kernel itself refuses the entry that does not fit (E2BIG).
     let s = Setup::start(net, &["--skip-capacity-check"])?;
-    ensure!(s.acme_to_moving()? == Outcome::Eperm, "before: must be denied");
+    ensure!(
+        s.acme_to_moving()? == Outcome::Eperm,
+        "before: must be denied"
+    );
     let before = contents(s.world.pins.path())?;
 
     let entries = s.reload(4)?;
@@ -329,7 +346,11 @@ fn a_write_that_fails_part_way_is_rolled_back() -> Result<()> {
         moving(net)
     );
     s.explain_agrees()?;
-    ensure!(s.agent.stderr_tail().contains("rolled back"), "the log must say so: {}", s.agent.stderr_tail());
+    ensure!(
+        s.agent.stderr_tail().contains("rolled back"),
+        "the log must say so: {}",
+        s.agent.stderr_tail()
+    );
     Ok(())
 }
 
@@ -351,7 +372,10 @@ fn a_fresh_run_with_an_oversize_bundle_fails_clearly() -> Result<()> {
         Err(error) => format!("{error:#}"),
     };
     let want = format!("needs {entries} policy entries, capacity {capacity}");
-    ensure!(error.contains(&want), "the error must say {want:?}: {error}");
+    ensure!(
+        error.contains(&want),
+        "the error must say {want:?}: {error}"
+    );
     ensure!(
         error.contains("nothing was written"),
         "the error must say that nothing was written: {error}"
@@ -395,7 +419,10 @@ fn policy_check_reports_capacity_at_the_inventory() -> Result<()> {
         "--capacity".as_ref(),
         "identities=3".as_ref(),
     ])?;
-    ensure!(out.code == Some(1), "an oversize bundle: want exit 1: {out}");
+    ensure!(
+        out.code == Some(1),
+        "an oversize bundle: want exit 1: {out}"
+    );
     let inventory = std::fs::read_to_string(dir.join("inventory.yaml"))?;
     let line = inventory
         .lines()

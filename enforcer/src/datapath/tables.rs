@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray};
 use enforcer_common::{
-    capacity, flags, identity, maps, reason, verdict, Config, IdentityInfo, PolicyKey,
-    PolicyValue, VERDICT_COUNTERS,
+    capacity, flags, identity, maps, reason, verdict, Config, IdentityInfo, PolicyKey, PolicyValue,
+    VERDICT_COUNTERS,
 };
 
 /// How long a policy table stays untouched after it stopped being the active one. A program
@@ -134,13 +134,55 @@ impl Needs {
     /// Every need above its capacity, in words an operator can act on; empty when it all fits.
     pub fn overflows(&self, capacity: &Capacities) -> Vec<String> {
         let rows = [
-            (self.policy, capacity.policy, "policy", "POLICY_A/POLICY_B", "policy"),
-            (self.identities, capacity.identities, "identity", maps::IDENTITIES, "identities"),
-            (self.cgroups, capacity.cgroups, "cgroup", maps::CGROUP_IDENTITY, "cgroups"),
-            (self.host_v4, capacity.host_v4, "IPv4 host address", maps::IPCACHE_HOST_V4, "ipcache"),
-            (self.host_v6, capacity.host_v6, "IPv6 host address", maps::IPCACHE_HOST_V6, "ipcache"),
-            (self.prefix_v4, capacity.prefix_v4, "IPv4 prefix", maps::IPCACHE_V4, "ipcache"),
-            (self.prefix_v6, capacity.prefix_v6, "IPv6 prefix", maps::IPCACHE_V6, "ipcache"),
+            (
+                self.policy,
+                capacity.policy,
+                "policy",
+                "POLICY_A/POLICY_B",
+                "policy",
+            ),
+            (
+                self.identities,
+                capacity.identities,
+                "identity",
+                maps::IDENTITIES,
+                "identities",
+            ),
+            (
+                self.cgroups,
+                capacity.cgroups,
+                "cgroup",
+                maps::CGROUP_IDENTITY,
+                "cgroups",
+            ),
+            (
+                self.host_v4,
+                capacity.host_v4,
+                "IPv4 host address",
+                maps::IPCACHE_HOST_V4,
+                "ipcache",
+            ),
+            (
+                self.host_v6,
+                capacity.host_v6,
+                "IPv6 host address",
+                maps::IPCACHE_HOST_V6,
+                "ipcache",
+            ),
+            (
+                self.prefix_v4,
+                capacity.prefix_v4,
+                "IPv4 prefix",
+                maps::IPCACHE_V4,
+                "ipcache",
+            ),
+            (
+                self.prefix_v6,
+                capacity.prefix_v6,
+                "IPv6 prefix",
+                maps::IPCACHE_V6,
+                "ipcache",
+            ),
         ];
         rows.into_iter()
             .filter(|(need, cap, ..)| need.peak > *cap as usize)
@@ -637,7 +679,11 @@ impl Tables {
 
     /// Brings every map back to `previous` after a failed change; the kernel state is now a
     /// mixture, and going back is a change like any other.
-    fn restore(&mut self, previous: &DesiredState, publish: &mut dyn FnMut(u64, Flip)) -> Result<()> {
+    fn restore(
+        &mut self,
+        previous: &DesiredState,
+        publish: &mut dyn FnMut(u64, Flip),
+    ) -> Result<()> {
         let config = self.config()?;
         // The table in force may already be the old one (a failure before the flip).
         let active = self.active_contents(&config)?;
@@ -698,7 +744,11 @@ impl Tables {
             },
             identities: union(
                 &current.identities,
-                &desired.identities.iter().map(|(k, v)| (*k, *v)).collect::<HashMap<_, _>>(),
+                &desired
+                    .identities
+                    .iter()
+                    .map(|(k, v)| (*k, *v))
+                    .collect::<HashMap<_, _>>(),
             ),
             host_v4: union(&current.v4.host, &next_v4.host),
             host_v6: union(&current.v6.host, &next_v6.host),
@@ -871,9 +921,10 @@ impl Tables {
     fn write_cgroups(&mut self, changes: &[(u64, Option<u32>)]) -> Result<usize> {
         for (cgroup, subject) in changes {
             match subject {
-                Some(subject) => self
-                    .cgroup_identity
-                    .put(cgroup, subject, maps::CGROUP_IDENTITY)?,
+                Some(subject) => {
+                    self.cgroup_identity
+                        .put(cgroup, subject, maps::CGROUP_IDENTITY)?
+                }
                 None => self.cgroup_identity.delete(cgroup, maps::CGROUP_IDENTITY)?,
             }
         }
@@ -901,12 +952,44 @@ impl Tables {
             maps::IPCACHE_HOST_V6,
         )?
         .written;
-        written += write_prefixes(&mut self.ipcache_v4, &current.v4.prefix, &next_v4.prefix, maps::IPCACHE_V4)?;
-        written += write_prefixes(&mut self.ipcache_v6, &current.v6.prefix, &next_v6.prefix, maps::IPCACHE_V6)?;
-        written += remove_prefixes(&mut self.ipcache_v4, &current.v4.prefix, &next_v4.prefix, maps::IPCACHE_V4)?;
-        written += remove_prefixes(&mut self.ipcache_v6, &current.v6.prefix, &next_v6.prefix, maps::IPCACHE_V6)?;
-        let stale_v4: Vec<_> = current.v4.host.keys().filter(|k| !next_v4.host.contains_key(*k)).copied().collect();
-        let stale_v6: Vec<_> = current.v6.host.keys().filter(|k| !next_v6.host.contains_key(*k)).copied().collect();
+        written += write_prefixes(
+            &mut self.ipcache_v4,
+            &current.v4.prefix,
+            &next_v4.prefix,
+            maps::IPCACHE_V4,
+        )?;
+        written += write_prefixes(
+            &mut self.ipcache_v6,
+            &current.v6.prefix,
+            &next_v6.prefix,
+            maps::IPCACHE_V6,
+        )?;
+        written += remove_prefixes(
+            &mut self.ipcache_v4,
+            &current.v4.prefix,
+            &next_v4.prefix,
+            maps::IPCACHE_V4,
+        )?;
+        written += remove_prefixes(
+            &mut self.ipcache_v6,
+            &current.v6.prefix,
+            &next_v6.prefix,
+            maps::IPCACHE_V6,
+        )?;
+        let stale_v4: Vec<_> = current
+            .v4
+            .host
+            .keys()
+            .filter(|k| !next_v4.host.contains_key(*k))
+            .copied()
+            .collect();
+        let stale_v6: Vec<_> = current
+            .v6
+            .host
+            .keys()
+            .filter(|k| !next_v6.host.contains_key(*k))
+            .copied()
+            .collect();
         written += remove(&mut self.ipcache_host_v4, &stale_v4, maps::IPCACHE_HOST_V4)?;
         written += remove(&mut self.ipcache_host_v6, &stale_v6, maps::IPCACHE_HOST_V6)?;
         Ok(written)
@@ -1310,7 +1393,10 @@ impl CapacityOverrides {
             "identities" => &mut self.identities,
             "cgroups" => &mut self.cgroups,
             "ipcache" => &mut self.ipcache,
-            other => anyhow::bail!("--capacity {other:?}: unknown kind (one of {})", Self::KINDS),
+            other => anyhow::bail!(
+                "--capacity {other:?}: unknown kind (one of {})",
+                Self::KINDS
+            ),
         };
         *slot = Some(n);
         Ok(())
@@ -1438,9 +1524,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let mut capacity = Capacities::default();
-        capacity.policy = 8;
-        capacity.host_v4 = 4;
+        let capacity = Capacities {
+            policy: 8,
+            host_v4: 4,
+            ..Default::default()
+        };
         let overflows = needs.overflows(&capacity);
         assert_eq!(overflows.len(), 2, "{overflows:?}");
         assert!(overflows[0].starts_with("needs 10 policy entries, capacity 8"));
