@@ -439,24 +439,41 @@ impl Agent {
     /// Re-evaluates only this subject's row and writes the difference.
     fn set_risk(&mut self, workload: &str, score: &str) -> Response {
         let started = Instant::now();
+        // All or nothing: if the row cannot be written, the agent keeps what the kernel holds.
+        let old_risk = self
+            .bundle
+            .identities()
+            .by_name(workload)
+            .map(|i| i.risk.clone());
+        let old_compiled = self.compiled.clone();
         if let Err(error) = self.bundle.set_risk(workload, score) {
             return Response::error(format!("{error}"));
         }
         let compiled = Arc::make_mut(&mut self.compiled);
-        let delta = match compiled.recompile_subject(&self.bundle, workload) {
+        let written = compiled
+            .recompile_subject(&self.bundle, workload)
+            .map_err(|error| anyhow::anyhow!("re-evaluating {workload}: {error}"))
+            .and_then(|delta| {
+                let generation = self.datapath.tables.next_generation(false)?;
+                self.history.publish(generation, self.compiled.clone());
+                self.datapath
+                    .tables
+                    .apply_row(&delta.added, &delta.removed)
+                    .with_context(|| format!("writing {workload}'s row"))?;
+                Ok(delta)
+            });
+        let delta = match written {
             Ok(delta) => delta,
-            Err(error) => return Response::error(format!("re-evaluating {workload}: {error}")),
+            Err(error) => {
+                self.compiled = old_compiled;
+                if let Some(risk) = old_risk {
+                    if let Err(undo) = self.bundle.set_risk(workload, &risk) {
+                        tracing::error!("restoring {workload}'s risk {risk}: {undo}");
+                    }
+                }
+                return Response::error(format!("{error:#}"));
+            }
         };
-        let published = self
-            .datapath
-            .tables
-            .next_generation(false)
-            .map(|generation| self.history.publish(generation, self.compiled.clone()));
-        if let Err(error) =
-            published.and_then(|()| self.datapath.tables.apply_row(&delta.added, &delta.removed))
-        {
-            return Response::error(format!("writing {workload}'s row: {error:#}"));
-        }
         let elapsed = started.elapsed();
         self.risk_overrides
             .insert(workload.to_string(), score.to_string());

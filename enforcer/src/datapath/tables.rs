@@ -940,18 +940,16 @@ impl Tables {
         let mut written = 0;
         written += write_changed(
             &mut self.ipcache_host_v4,
-            current.v4.host.clone(),
+            &current.v4.host,
             &next_v4.host,
             maps::IPCACHE_HOST_V4,
-        )?
-        .written;
+        )?;
         written += write_changed(
             &mut self.ipcache_host_v6,
-            current.v6.host.clone(),
+            &current.v6.host,
             &next_v6.host,
             maps::IPCACHE_HOST_V6,
-        )?
-        .written;
+        )?;
         written += write_prefixes(
             &mut self.ipcache_v4,
             &current.v4.prefix,
@@ -996,19 +994,39 @@ impl Tables {
     }
 
     /// Brings `CGROUP_IDENTITY` in line with the cgroups that exist now (pods started or
-    /// gone); the policy itself is untouched.
+    /// gone); the policy itself is untouched. Gone cgroups leave first (room before anything
+    /// is added); more cgroups than the map holds are refused before any write.
     pub fn sync_cgroups(&mut self, cgroups: &BTreeMap<u64, u32>) -> Result<()> {
-        let sync = upsert(&mut self.cgroup_identity, cgroups, maps::CGROUP_IDENTITY)?;
-        remove(
+        if cgroups.len() > self.capacities.cgroups as usize {
+            anyhow::bail!(
+                "needs {} cgroup entries, capacity {} (map {}; `enforcer run --capacity cgroups=N`)",
+                cgroups.len(),
+                self.capacities.cgroups,
+                maps::CGROUP_IDENTITY
+            );
+        }
+        let current = self.cgroup_identity.entries()?;
+        let stale: Vec<u64> = current
+            .keys()
+            .filter(|k| !cgroups.contains_key(k))
+            .copied()
+            .collect();
+        remove(&mut self.cgroup_identity, &stale, maps::CGROUP_IDENTITY)?;
+        write_changed(
             &mut self.cgroup_identity,
-            &sync.stale,
+            &current,
+            cgroups,
             maps::CGROUP_IDENTITY,
         )?;
         Ok(())
     }
 
-    /// Writes one subject's re-evaluated row into the active table (a risk change). Each
-    /// cell changes on its own; no connect sees a cell half-written.
+    /// Writes one subject's re-evaluated row into the active table (a risk change), all or
+    /// nothing. Each cell changes on its own, in an order where no connect sees a cell allowed
+    /// that neither the old nor the new row allows: first every change that only denies more
+    /// (deny exceptions added, allows removed), then the rest (allows added, exceptions
+    /// removed). A row that does not fit the table is refused before any write; a write that
+    /// fails anyway is undone.
     pub fn apply_row(
         &mut self,
         added: &[(PolicyKey, PolicyValue)],
@@ -1016,13 +1034,67 @@ impl Tables {
     ) -> Result<u64> {
         let mut config = self.config()?;
         let active = active_table(&config);
-        // Forget the shadow first: if a write fails half-way, the next swap reads the table.
+        let current = self.active_contents(&config)?;
+        let new_keys = added
+            .iter()
+            .filter(|(key, _)| !current.contains_key(key))
+            .count();
+        let need = current.len() + new_keys;
+        if need > self.capacities.policy as usize {
+            anyhow::bail!(
+                "the row does not fit the active policy table; nothing was written: needs {need} policy entries, capacity {}",
+                self.capacities.policy
+            );
+        }
+        let mut stricter: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
+        let mut looser: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
+        for (key, value) in added {
+            let slot = if value.is_allow() {
+                &mut looser
+            } else {
+                &mut stricter
+            };
+            slot.push((*key, Some(*value)));
+        }
+        for key in removed {
+            match current.get(key) {
+                Some(value) if value.is_allow() => stricter.push((*key, None)),
+                Some(_) => looser.push((*key, None)),
+                None => {}
+            }
+        }
+        // Forget the shadow while writing: if undoing fails too, the next swap reads the table.
         let shadow = self.policy_shadow[active].take();
         let table = &mut self.policy[active];
-        for (key, value) in added {
-            table.put(key, value, "the active policy table")?;
+        let mut undo: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
+        let mut written = Ok(());
+        for (key, value) in stricter.iter().chain(looser.iter()) {
+            undo.push((*key, current.get(key).copied()));
+            let result = match value {
+                Some(value) => table.put(key, value, "the active policy table"),
+                None => table.delete(key, "the active policy table"),
+            };
+            if let Err(error) = result {
+                written = Err(error);
+                break;
+            }
         }
-        remove(table, removed, "the active policy table")?;
+        if let Err(error) = written {
+            // Back in reverse: the cells return to their old values in the opposite order.
+            for (key, value) in undo.iter().rev() {
+                let result = match value {
+                    Some(value) => table.put(key, value, "the active policy table"),
+                    None => table.delete(key, "the active policy table"),
+                };
+                if let Err(undo_error) = result {
+                    return Err(error.context(format!(
+                        "writing the row failed part-way, and UNDOING IT FAILED TOO: {undo_error:#}"
+                    )));
+                }
+            }
+            self.policy_shadow[active] = shadow;
+            return Err(error.context("writing the row failed part-way; every cell was put back"));
+        }
         self.policy_shadow[active] = shadow.map(|mut shadow| {
             shadow.extend(added.iter().copied());
             for key in removed {
@@ -1097,7 +1169,7 @@ impl Tables {
             .copied()
             .collect();
         remove(table, &stale, "the standby policy table")?;
-        let sync = write_changed(table, current, allows, "the standby policy table")?;
+        let written = write_changed(table, &current, allows, "the standby policy table")?;
         self.policy_shadow[standby as usize] = Some(allows.clone());
         // +1: the generation's parity, which the programs read, now names the standby table.
         config.generation += 1;
@@ -1108,7 +1180,7 @@ impl Tables {
             .context("flipping CONFIG.active_policy")?;
         self.last_flip = Some(Instant::now());
         Ok(PolicySwap {
-            written: sync.written,
+            written,
             stale,
             active: standby,
             generation: config.generation,
@@ -1217,53 +1289,27 @@ where
     }
 }
 
-struct Upserted<K> {
-    written: usize,
-    /// Keys the map holds that `desired` does not: removed once nothing refers to them.
-    stale: Vec<K>,
-}
-
-/// Writes the entries of `desired` that the map lacks or holds with another value.
-fn upsert<'a, K, V, M>(
-    map: &mut M,
-    desired: impl IntoIterator<Item = (&'a K, &'a V)> + Copy,
-    what: &str,
-) -> Result<Upserted<K>>
-where
-    K: Eq + Hash + Copy + 'a,
-    V: PartialEq + 'a,
-    M: SyncMap<K, V>,
-{
-    let current = map.entries()?;
-    write_changed(map, current, desired, what)
-}
-
-/// [`upsert`] against contents already read (reading a large map costs two syscalls an entry).
+/// Writes the entries of `desired` that the map (holding `current`, already read: reading a
+/// large map costs two syscalls an entry) lacks or holds with another value; returns how many.
 fn write_changed<'a, K, V, M>(
     map: &mut M,
-    current: HashMap<K, V>,
-    desired: impl IntoIterator<Item = (&'a K, &'a V)> + Copy,
+    current: &HashMap<K, V>,
+    desired: impl IntoIterator<Item = (&'a K, &'a V)>,
     what: &str,
-) -> Result<Upserted<K>>
+) -> Result<usize>
 where
     K: Eq + Hash + Copy + 'a,
     V: PartialEq + 'a,
     M: SyncMap<K, V>,
 {
     let mut written = 0;
-    let mut wanted = std::collections::HashSet::new();
     for (key, value) in desired {
-        wanted.insert(*key);
         if current.get(key) != Some(value) {
             map.put(key, value, what)?;
             written += 1;
         }
     }
-    let stale = current
-        .into_keys()
-        .filter(|k| !wanted.contains(k))
-        .collect();
-    Ok(Upserted { written, stale })
+    Ok(written)
 }
 
 fn remove<K, V, M: SyncMap<K, V>>(map: &mut M, keys: &[K], what: &str) -> Result<usize> {
