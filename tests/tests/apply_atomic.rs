@@ -452,3 +452,85 @@ fn policy_check_reports_capacity_at_the_inventory() -> Result<()> {
     );
     Ok(())
 }
+
+/// A risk change re-evaluates one row and writes it into the active table: all or nothing
+/// too. acme-app starts at risk 0.9 (no endpoint allowed); lowering it to 0.1 allows two
+/// endpoints, one more entry than the table has room for: refused before any write (a table
+/// with one of the two cells would allow a call that neither risk allows), nothing changes,
+/// and the agent keeps the old risk.
+#[test]
+fn a_risk_row_that_does_not_fit_changes_nothing() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let net = NET + 4;
+    let mut entities = before(net);
+    entities.push(
+        Entity::endpoint(net, "acme-extra", "acme", "llm_api", 1, 20).port(
+            DB_PORT,
+            Proto::Tcp,
+            "query",
+        ),
+    );
+    let policies = format!(
+        "{POLICIES}\n@id(\"risky-no-endpoints\")\nforbid (principal, action, resource is Endpoint)\n\
+         when {{ principal.risk.greaterThan(decimal(\"0.8\")) }};\n"
+    );
+    let world = World::new(net, entities.clone(), &policies)?;
+    let inventory = render_inventory(&entities, &world.root.relative_str()).replacen(
+        "  - name: acme-app\n",
+        "  - name: acme-app\n    risk: 0.9\n",
+        1,
+    );
+    world.bundle.write_file("inventory.yaml", &inventory)?;
+    let capacity = policy_entries(world.bundle.path())? + 1;
+    let state = StateDir::new()?;
+    let mut config = state.configure(world.agent_config());
+    config.extra_args.push("--capacity".into());
+    config.extra_args.push(format!("policy={capacity}"));
+    let dirs = state.dirs(&config);
+    let addr = |name: &str| IpAddr::V4(world.entity(name).v4);
+    let _servers = [
+        Server::start(Proto::Tcp, SocketAddr::new(addr("acme-db"), DB_PORT))?,
+        Server::start(Proto::Tcp, SocketAddr::new(addr("acme-extra"), DB_PORT))?,
+    ];
+    let agent = Agent::start(config)?;
+    first_applied_snapshot(&agent)?;
+    let probe = Probe::new().in_cgroup(world.cgroup("acme-app"));
+    let calls = [
+        attempt("tcp", addr("acme-db"), DB_PORT),
+        attempt("tcp", addr("acme-extra"), DB_PORT),
+    ];
+    for call in &calls {
+        probe.expect_outcome(call, Outcome::Eperm, "risk 0.9")?;
+    }
+    let before = contents(world.pins.path())?;
+
+    let out = dirs.risk_set("acme-app", "0.1")?;
+    let want = format!("needs {} policy entries, capacity {capacity}", capacity + 1);
+    ensure!(
+        !out.success() && out.stderr.contains(&want),
+        "risk set must be refused with {want:?}: {out}"
+    );
+    let after = contents(world.pins.path())?;
+    ensure!(
+        after == before,
+        "a refused risk change changed the kernel maps:\nbefore: {before:?}\nafter:  {after:?}"
+    );
+    for call in &calls {
+        probe.expect_outcome(call, Outcome::Eperm, "after the refused risk change")?;
+    }
+    let status = dirs.status()?;
+    ensure!(
+        status.pointer("/agent/risk_overrides/acme-app").is_none(),
+        "the refused risk must not be recorded: {status}"
+    );
+    // The agent still holds risk 0.9: a later change that fits works from there.
+    let out = dirs.risk_set("acme-app", "0.85")?;
+    ensure!(
+        out.success(),
+        "risk set acme-app 0.85 (no cell changes): {out}"
+    );
+    drop(agent);
+    Ok(())
+}
