@@ -22,6 +22,9 @@ use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state, resolve_cgroups, Overrides, Unresolved};
 use crate::events::{decode, record, Sink};
 
+/// Ring-buffer records handled before the event task yields (see `stream_events`).
+const EVENT_BATCH: usize = 1024;
+
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
 
@@ -703,9 +706,20 @@ async fn stream_events(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the EVENTS ring buffer")?;
-                // Edge-triggered: drain everything, then clear readiness.
+                // Edge-triggered: drain everything, then clear readiness. At most a batch per
+                // turn, though: a workload flooding denied calls must not keep this task from
+                // yielding (it starved the agent's reloads and timers for as long as the flood
+                // lasted); with records left, readiness is kept and the loop comes back.
                 let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
+                let mut batch = 0;
+                let mut more = false;
+                loop {
+                    if batch == EVENT_BATCH {
+                        more = true;
+                        break;
+                    }
+                    let Some(item) = ring.next() else { break };
+                    batch += 1;
                     let event = match decode::decode(&item) {
                         Ok(event) => event,
                         Err(error) => {
@@ -723,7 +737,12 @@ async fn stream_events(
                     }
                     sink.write(&call)?;
                 }
-                guard.clear_ready();
+                if more {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                } else {
+                    guard.clear_ready();
+                }
             }
             Some(notice) = notices.recv() => sink.write(&notice)?,
             _ = lost_check.tick() => {

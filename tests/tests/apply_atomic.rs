@@ -534,3 +534,84 @@ fn a_risk_row_that_does_not_fit_changes_nothing() -> Result<()> {
     drop(agent);
     Ok(())
 }
+
+/// The order of the writes: a reload moves the address to acme-db *and* forbids acme-app ->
+/// acme-db, so that neither the old nor the new bundle lets acme-app reach the moving address,
+/// but the new IP cache under the old table would (acme is allowed to its own acme-db). A
+/// prober connecting from acme-app to the address all through the reload must never get
+/// through. (Before the fix the IP cache was rewritten before the table flipped, and every
+/// connect in between was allowed.)
+#[test]
+fn a_move_is_never_seen_half_applied() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !require_kernel() {
+        return Ok(());
+    }
+    let net = NET + 5;
+    let s = Setup::start(net, &[])?;
+    ensure!(
+        s.acme_to_moving()? == Outcome::Eperm,
+        "before: must be denied"
+    );
+    // First the forbid (acme-db is still at its old address: nothing probed changes).
+    s.world.bundle.write_file(
+        "forbid.cedar",
+        "@id(\"no-acme-app-db\")\nforbid (principal == Workload::\"acme-app\", action, resource == Endpoint::\"acme-db\");\n",
+    )?;
+    let forbid = wait_notices(
+        &s.agent,
+        "policy.applied",
+        1,
+        Duration::from_secs(15),
+        |e| e.get("snapshot").and_then(Value::as_str) != Some(s.old_snapshot.as_str()),
+    )?;
+    let forbid_snapshot = forbid[0]["snapshot"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    let probe = Probe::new().in_cgroup(s.world.cgroup("acme-app"));
+    let call = attempt("tcp", IpAddr::V4(moving(net)), DB_PORT);
+    let stop = AtomicBool::new(false);
+    let (summaries, applied) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| -> Result<Vec<enforcer_tests::probe::Summary>> {
+            let began = std::time::Instant::now();
+            let mut summaries = Vec::new();
+            // Bounded: at most 60 s, and until the reload is in force.
+            while !stop.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(60) {
+                summaries.push(probe.repeat(500, &call)?);
+            }
+            Ok(summaries)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let applied = s.reload(0).and_then(|_| {
+            wait_notices(
+                &s.agent,
+                "policy.applied",
+                1,
+                Duration::from_secs(15),
+                |e| {
+                    let snapshot = e.get("snapshot").and_then(Value::as_str);
+                    snapshot != Some(s.old_snapshot.as_str())
+                        && snapshot != Some(forbid_snapshot.as_str())
+                },
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let summaries = prober.join().expect("prober thread panicked");
+        (summaries, applied)
+    });
+    applied?;
+    let summaries = summaries?;
+    let attempts: u64 = summaries.iter().map(|s| s.attempts).sum();
+    let ok: u64 = summaries.iter().map(|s| s.ok).sum();
+    let eperm: u64 = summaries.iter().map(|s| s.eperm).sum();
+    ensure!(
+        attempts > 0 && ok == 0 && eperm == attempts,
+        "acme-app -> {} must be denied all through the move ({attempts} attempts: {ok} got through, {eperm} EPERM)",
+        moving(net)
+    );
+    ensure!(s.acme_to_moving()? == Outcome::Eperm, "after: still denied");
+    Ok(())
+}
