@@ -179,7 +179,10 @@ impl Setup {
 
     /// Rewrites the inventory to [`after`] with `extra` endpoints; returns its policy size.
     fn reload(&self, extra: u8) -> Result<usize> {
-        let entities = after(self.world.net, extra);
+        self.reload_to(after(self.world.net, extra))
+    }
+
+    fn reload_to(&self, entities: Vec<Entity>) -> Result<usize> {
         let inventory = render_inventory(&entities, &self.world.root.relative_str());
         let probe = write_bundle(&entities, &self.world.root.relative_str(), POLICIES)?;
         let entries = policy_entries(probe.path())?;
@@ -535,12 +538,16 @@ fn a_risk_row_that_does_not_fit_changes_nothing() -> Result<()> {
     Ok(())
 }
 
-/// The order of the writes: a reload moves the address to acme-db *and* forbids acme-app ->
-/// acme-db, so that neither the old nor the new bundle lets acme-app reach the moving address,
-/// but the new IP cache under the old table would (acme is allowed to its own acme-db). A
-/// prober connecting from acme-app to the address all through the reload must never get
-/// through. (Before the fix the IP cache was rewritten before the table flipped, and every
-/// connect in between was allowed.)
+/// Declared ports of the large endpoint of [`a_move_is_never_seen_half_applied`].
+const WIDE_PORTS: u16 = 2000;
+
+/// The order of the writes: one reload moves the address to acme-db *and* moves acme-db to
+/// tenant initech, so that neither the old bundle (the address is globex-db's) nor the new one
+/// (acme-db is another tenant's) lets acme-app reach the address; but the new IP cache under
+/// the old table would (acme-app may reach acme-db there). A prober connecting from acme-app
+/// to the address all through the reload must never get through. (Before the fix the IP
+/// cache was rewritten before the table flipped: every connect in between was allowed.) The
+/// flood of denied calls must not delay the reload either.
 #[test]
 fn a_move_is_never_seen_half_applied() -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -548,27 +555,12 @@ fn a_move_is_never_seen_half_applied() -> Result<()> {
         return Ok(());
     }
     let net = NET + 5;
-    let s = Setup::start(net, &[])?;
+    // The default table size: the new bundle below is large.
+    let s = Setup::start(net, &["--capacity", "policy=262144"])?;
     ensure!(
         s.acme_to_moving()? == Outcome::Eperm,
         "before: must be denied"
     );
-    // First the forbid (acme-db is still at its old address: nothing probed changes).
-    s.world.bundle.write_file(
-        "forbid.cedar",
-        "@id(\"no-acme-app-db\")\nforbid (principal == Workload::\"acme-app\", action, resource == Endpoint::\"acme-db\");\n",
-    )?;
-    let forbid = wait_notices(
-        &s.agent,
-        "policy.applied",
-        1,
-        Duration::from_secs(15),
-        |e| e.get("snapshot").and_then(Value::as_str) != Some(s.old_snapshot.as_str()),
-    )?;
-    let forbid_snapshot = forbid[0]["snapshot"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
 
     let probe = Probe::new().in_cgroup(s.world.cgroup("acme-app"));
     let call = attempt("tcp", IpAddr::V4(moving(net)), DB_PORT);
@@ -577,24 +569,34 @@ fn a_move_is_never_seen_half_applied() -> Result<()> {
         let prober = scope.spawn(|| -> Result<Vec<enforcer_tests::probe::Summary>> {
             let began = std::time::Instant::now();
             let mut summaries = Vec::new();
-            // Bounded: at most 60 s, and until the reload is in force.
-            while !stop.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(60) {
+            // Bounded: at most 120 s, and until the reload is in force.
+            while !stop.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(120) {
                 summaries.push(probe.repeat(500, &call)?);
             }
             Ok(summaries)
         });
         std::thread::sleep(Duration::from_millis(300));
-        let applied = s.reload(0).and_then(|_| {
+        // With the move, an acme endpoint with many ports: thousands of new entries make the
+        // table write take a while, so that a wrong order (IP cache first, table later) leaves
+        // a window the prober falls into.
+        let mut entities = after(net, 0);
+        for e in &mut entities {
+            if e.name == "acme-db" {
+                e.tenant = "initech".into();
+            }
+        }
+        let mut wide = Entity::endpoint(net, "acme-wide", "acme", "llm_api", 1, 30);
+        for port in 0..WIDE_PORTS {
+            wide = wide.port(20_000 + port, Proto::Tcp, "query");
+        }
+        entities.push(wide);
+        let applied = s.reload_to(entities).and_then(|_| {
             wait_notices(
                 &s.agent,
                 "policy.applied",
                 1,
-                Duration::from_secs(15),
-                |e| {
-                    let snapshot = e.get("snapshot").and_then(Value::as_str);
-                    snapshot != Some(s.old_snapshot.as_str())
-                        && snapshot != Some(forbid_snapshot.as_str())
-                },
+                Duration::from_secs(90),
+                |e| e.get("snapshot").and_then(Value::as_str) != Some(s.old_snapshot.as_str()),
             )
         });
         std::thread::sleep(Duration::from_millis(300));
