@@ -316,14 +316,26 @@ impl<const N: usize> IpCache<N> {
 
     /// The identity the kernel finds for the network `(len, addr)`: the longest entry that
     /// covers it (exact host entry first), WORLD when none does.
+    #[cfg(test)]
     fn lookup(&self, len: u32, addr: [u8; N]) -> u32 {
+        self.lookup_in(&self.prefix_lengths(), len, addr)
+    }
+
+    /// The prefix lengths present, longest first: a lookup tries only those (the first apply
+    /// of 10^5 host entries would otherwise try 33 or 129 lengths each).
+    fn prefix_lengths(&self) -> Vec<u32> {
+        let lengths: BTreeSet<u32> = self.prefix.keys().map(|(len, _)| *len).collect();
+        lengths.into_iter().rev().collect()
+    }
+
+    fn lookup_in(&self, lengths: &[u32], len: u32, addr: [u8; N]) -> u32 {
         let bits = N as u32 * 8;
         if len == bits {
             if let Some(id) = self.host.get(&addr) {
                 return *id;
             }
         }
-        for l in (0..=len.min(bits - 1)).rev() {
+        for &l in lengths.iter().filter(|l| **l <= len.min(bits - 1)) {
             if let Some(id) = self.prefix.get(&(l, mask(addr, l))) {
                 return *id;
             }
@@ -356,8 +368,14 @@ impl<const N: usize> IpCache<N> {
                 keys.insert(*key);
             }
         }
+        let (before, after) = (self.prefix_lengths(), next.prefix_lengths());
         keys.into_iter()
-            .map(|(len, addr)| (self.lookup(len, addr), next.lookup(len, addr)))
+            .map(|(len, addr)| {
+                (
+                    self.lookup_in(&before, len, addr),
+                    next.lookup_in(&after, len, addr),
+                )
+            })
             .filter(|(before, after)| before != after)
             .collect()
     }
