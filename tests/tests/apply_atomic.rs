@@ -302,6 +302,22 @@ fn a_reload_that_overflows_changes_no_map() -> Result<()> {
             && out.stdout.contains("IPCACHE_HOST_V4"),
         "explain of the old bundle must name the IP cache that differs (exit 3): {out}"
     );
+    // A bundle that gives acme-app and globex-app each other's cgroups: the policy entry
+    // agrees, the cgroup map does not, and explain says which.
+    let swapped = copy_bundle(s.world.bundle.path())?;
+    let root = s.world.root.relative_str();
+    let inventory = std::fs::read_to_string(swapped.path().join("inventory.yaml"))?
+        .replace(&format!("{root}/acme-app]"), "SWAP]")
+        .replace(&format!("{root}/globex-app]"), &format!("{root}/acme-app]"))
+        .replace("SWAP]", &format!("{root}/globex-app]"));
+    std::fs::write(swapped.path().join("inventory.yaml"), inventory)?;
+    let out = explain(swapped.path(), s.world.pins.path(), "acme-app", "acme-db")?;
+    ensure!(
+        out.code == Some(3)
+            && out.stdout.contains("DISAGREE in")
+            && out.stdout.contains("CGROUP_IDENTITY"),
+        "explain of a bundle with other cgroups must name CGROUP_IDENTITY (exit 3): {out}"
+    );
     Ok(())
 }
 
