@@ -1547,6 +1547,98 @@ mod tests {
         }
     }
 
+    /// Property: under the transition table, whatever mixture of old and new cgroup and
+    /// address mappings a connect sees, it is allowed only if the old policy (old mappings,
+    /// old table) or the new one (new mappings, new table) allows it. Random small worlds
+    /// from a fixed seed (xorshift), so a failure reproduces.
+    #[test]
+    fn no_mixture_under_the_transition_table_allows_more_than_old_or_new() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let subjects = [1u32, 2, 3];
+        let destinations = [10u32, 11, 12];
+        let ports = [25u16, 80, 443];
+        for _ in 0..2000 {
+            let mut table = |next: &mut dyn FnMut(u64) -> u64| {
+                let mut t = HashMap::new();
+                for s in subjects {
+                    for d in destinations {
+                        if next(2) == 0 {
+                            t.insert(key(s, d, 0), PolicyValue::allow(1));
+                            for p in ports {
+                                if next(3) == 0 {
+                                    t.insert(key(s, d, p), PolicyValue::deny(2));
+                                }
+                            }
+                        } else {
+                            for p in ports {
+                                if next(3) == 0 {
+                                    t.insert(key(s, d, p), PolicyValue::allow(3));
+                                }
+                            }
+                        }
+                    }
+                }
+                t
+            };
+            let old = table(&mut next);
+            let new = table(&mut next);
+            // Two cgroups and two addresses, each kept or moved (None: no entry / WORLD-less).
+            let mut pick = |set: &[u32], next: &mut dyn FnMut(u64) -> u64| {
+                let i = next(set.len() as u64 + 1) as usize;
+                set.get(i).copied()
+            };
+            let cgroups: Vec<(Option<u32>, Option<u32>)> = (0..2)
+                .map(|_| (pick(&subjects, &mut next), pick(&subjects, &mut next)))
+                .collect();
+            let addresses: Vec<(u32, u32)> = (0..2)
+                .map(|_| {
+                    let o = pick(&destinations, &mut next).unwrap_or(destinations[0]);
+                    let n = pick(&destinations, &mut next).unwrap_or(destinations[0]);
+                    (o, n)
+                })
+                .collect();
+            let moving_subjects: HashSet<u32> = cgroups
+                .iter()
+                .filter(|(o, n)| o != n)
+                .flat_map(|(o, n)| o.iter().chain(n.iter()).copied().collect::<Vec<_>>())
+                .collect();
+            let moving_destinations: HashSet<u32> = addresses
+                .iter()
+                .filter(|(o, n)| o != n)
+                .flat_map(|(o, n)| [*o, *n])
+                .collect();
+            let t = transition_table(&old, &new, |s, d| {
+                moving_subjects.contains(&s) && moving_destinations.contains(&d)
+            });
+            for (so, sn) in &cgroups {
+                for (d_old, d_new) in &addresses {
+                    for p in ports {
+                        let decided = |table: &HashMap<_, _>, s: Option<u32>, d: u32| {
+                            s.is_some_and(|s| allows(table, &key(s, d, p)))
+                        };
+                        let permitted = decided(&old, *so, *d_old) || decided(&new, *sn, *d_new);
+                        for s in [*so, *sn] {
+                            for d in [*d_old, *d_new] {
+                                assert!(
+                                    !decided(&t, s, d) || permitted,
+                                    "subject {s:?} -> {d} port {p} allowed by the transition \
+                                     table, but neither old ({so:?} -> {d_old}) nor new \
+                                     ({sn:?} -> {d_new}) allows it\nold {old:?}\nnew {new:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn shrinking_drops_whole_groups() {
         let mut t: HashMap<_, _> = [
