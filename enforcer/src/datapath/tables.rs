@@ -1564,7 +1564,7 @@ mod tests {
         let destinations = [10u32, 11, 12];
         let ports = [25u16, 80, 443];
         for _ in 0..2000 {
-            let mut table = |next: &mut dyn FnMut(u64) -> u64| {
+            let table = |next: &mut dyn FnMut(u64) -> u64| {
                 let mut t = HashMap::new();
                 for s in subjects {
                     for d in destinations {
@@ -1589,7 +1589,7 @@ mod tests {
             let old = table(&mut next);
             let new = table(&mut next);
             // Two cgroups and two addresses, each kept or moved (None: no entry / WORLD-less).
-            let mut pick = |set: &[u32], next: &mut dyn FnMut(u64) -> u64| {
+            let pick = |set: &[u32], next: &mut dyn FnMut(u64) -> u64| {
                 let i = next(set.len() as u64 + 1) as usize;
                 set.get(i).copied()
             };
