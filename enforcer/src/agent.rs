@@ -22,6 +22,9 @@ use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state, resolve_cgroups, Overrides, Unresolved};
 use crate::events::{decode, record, Sink};
 
+/// Ring-buffer records handled before the event task yields (see `stream_events`).
+const EVENT_BATCH: usize = 1024;
+
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
 
@@ -38,6 +41,10 @@ pub struct RunOptions {
     pub allow_root_cgroup: bool,
     /// Sync `policies` from a remote PDP.
     pub pdp: Option<crate::pdp::SyncOptions>,
+    /// `max_entries` of the maps when this agent creates them.
+    pub capacity: datapath::CapacityOverrides,
+    /// Testing only (off): let an oversize policy fail in the kernel, to exercise rollback.
+    pub skip_capacity_check: bool,
 }
 
 /// What `enforcer status` reads about the running agent (the kernel side it reads from pins).
@@ -204,10 +211,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .compile()
         .with_context(|| format!("compiling {}", options.policies.display()))?;
     let sink = Sink::open(&options.events)?;
-    let datapath = Datapath::load(&LoadOptions {
+    let mut datapath = Datapath::load(&LoadOptions {
         pin_root: &options.pin_root,
         ring_buffer_bytes: options.ring_buffer_bytes,
+        capacity: options.capacity,
     })?;
+    if options.skip_capacity_check {
+        tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
+        datapath.tables.set_capacity_check(false);
+    }
     // A quarantine outlives the agent: it is read back from the pinned identity flags.
     let quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
 
@@ -232,7 +244,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         history: history.clone(),
     };
     agent
-        .apply_full()
+        .apply_full(None)
         .context("writing the first policy into the kernel")?;
     let attach = agent.datapath.attach(&agent.cgroup_root)?;
     for hook in &attach.hooks {
@@ -284,18 +296,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
 }
 
 impl Agent {
-    /// Writes the whole compiled policy (identities, IP cache, cgroups, table swap).
-    fn apply_full(&mut self) -> Result<()> {
+    /// Writes the whole compiled policy (identities, IP cache, cgroups, table swap), all or
+    /// nothing: on failure every map holds what it held before (`previous` explains the
+    /// events of that time again).
+    fn apply_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
         let overrides = Overrides {
             audit: self.options.audit,
             quarantined: &self.quarantined,
         };
         let (desired, unresolved) = desired_state(&self.compiled, &self.cgroup_mount, &overrides);
-        self.history.publish(
-            self.datapath.tables.next_generation(true)?,
-            self.compiled.clone(),
-        );
-        let report = self.datapath.tables.apply(&desired)?;
+        let history = self.history.clone();
+        let next = self.compiled.clone();
+        let previous = previous.unwrap_or_else(|| next.clone());
+        // Each generation is published before it is written: an event decided just after a
+        // flip finds its policy. Transition-table denies are explained by the new policy.
+        let mut publish = |generation: u64, flip: datapath::Flip| {
+            let compiled = match flip {
+                datapath::Flip::Rollback => previous.clone(),
+                datapath::Flip::Transition | datapath::Flip::Final => next.clone(),
+            };
+            history.publish(generation, compiled);
+        };
+        let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
         self.applied_at = now();
         report_unresolved(&self.unresolved, &unresolved);
         self.unresolved = unresolved;
@@ -305,6 +327,7 @@ impl Agent {
             allows = desired.allows.len(),
             written = report.written,
             removed = report.removed,
+            transition = report.transition,
             elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
             "policy applied"
         );
@@ -368,10 +391,11 @@ impl Agent {
             return;
         }
         let previous = std::mem::replace(&mut self.compiled, Arc::new(compiled));
-        if let Err(error) = self.apply_full() {
-            // The swap is the last step of apply; a failure before it leaves the old table active.
+        if let Err(error) = self.apply_full(Some(previous.clone())) {
+            // Apply is all or nothing: it checked capacity before writing, or rolled every
+            // map back; the old policy is still the one in force.
             self.compiled = previous;
-            return self.reject(error.context("writing the policy into the kernel"));
+            return self.reject(error);
         }
         self.bundle = bundle;
     }
@@ -420,24 +444,41 @@ impl Agent {
     /// Re-evaluates only this subject's row and writes the difference.
     fn set_risk(&mut self, workload: &str, score: &str) -> Response {
         let started = Instant::now();
+        // All or nothing: if the row cannot be written, the agent keeps what the kernel holds.
+        let old_risk = self
+            .bundle
+            .identities()
+            .by_name(workload)
+            .map(|i| i.risk.clone());
+        let old_compiled = self.compiled.clone();
         if let Err(error) = self.bundle.set_risk(workload, score) {
             return Response::error(format!("{error}"));
         }
         let compiled = Arc::make_mut(&mut self.compiled);
-        let delta = match compiled.recompile_subject(&self.bundle, workload) {
+        let written = compiled
+            .recompile_subject(&self.bundle, workload)
+            .map_err(|error| anyhow::anyhow!("re-evaluating {workload}: {error}"))
+            .and_then(|delta| {
+                let generation = self.datapath.tables.next_generation(false)?;
+                self.history.publish(generation, self.compiled.clone());
+                self.datapath
+                    .tables
+                    .apply_row(&delta.added, &delta.removed)
+                    .with_context(|| format!("writing {workload}'s row"))?;
+                Ok(delta)
+            });
+        let delta = match written {
             Ok(delta) => delta,
-            Err(error) => return Response::error(format!("re-evaluating {workload}: {error}")),
+            Err(error) => {
+                self.compiled = old_compiled;
+                if let Some(risk) = old_risk {
+                    if let Err(undo) = self.bundle.set_risk(workload, &risk) {
+                        tracing::error!("restoring {workload}'s risk {risk}: {undo}");
+                    }
+                }
+                return Response::error(format!("{error:#}"));
+            }
         };
-        let published = self
-            .datapath
-            .tables
-            .next_generation(false)
-            .map(|generation| self.history.publish(generation, self.compiled.clone()));
-        if let Err(error) =
-            published.and_then(|()| self.datapath.tables.apply_row(&delta.added, &delta.removed))
-        {
-            return Response::error(format!("writing {workload}'s row: {error:#}"));
-        }
         let elapsed = started.elapsed();
         self.risk_overrides
             .insert(workload.to_string(), score.to_string());
@@ -667,9 +708,20 @@ async fn stream_events(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the EVENTS ring buffer")?;
-                // Edge-triggered: drain everything, then clear readiness.
+                // Edge-triggered: drain everything, then clear readiness. At most a batch per
+                // turn, though: a workload flooding denied calls must not keep this task from
+                // yielding (it starved the agent's reloads and timers for as long as the flood
+                // lasted); with records left, readiness is kept and the loop comes back.
                 let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
+                let mut batch = 0;
+                let mut more = false;
+                loop {
+                    if batch == EVENT_BATCH {
+                        more = true;
+                        break;
+                    }
+                    let Some(item) = ring.next() else { break };
+                    batch += 1;
                     let event = match decode::decode(&item) {
                         Ok(event) => event,
                         Err(error) => {
@@ -690,7 +742,12 @@ async fn stream_events(
                     }
                     sink.write(&call)?;
                 }
-                guard.clear_ready();
+                if more {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                } else {
+                    guard.clear_ready();
+                }
             }
             Some(notice) = notices.recv() => sink.write(&notice)?,
             _ = lost_check.tick() => {

@@ -8,7 +8,7 @@ use std::path::Path;
 use enforcer_common::flags;
 use enforcer_policy::Compiled;
 
-use crate::datapath::DesiredState;
+use crate::datapath::{DesiredState, Need, Needs};
 
 /// Cgroups named by the inventory that do not exist (yet): a pod not started, a typo. They
 /// are retried on every resync and reported once each.
@@ -26,11 +26,35 @@ pub fn desired_state(
     cgroup_mount: &Path,
     overrides: &Overrides,
 ) -> (DesiredState, Unresolved) {
+    let mut state = without_cgroups(compiled, overrides);
+    let mut unresolved = Unresolved::default();
+    state.cgroups = resolve_cgroups(compiled, cgroup_mount, &mut unresolved);
+    (state, unresolved)
+}
+
+/// What a policy needs in each map on its own, counting every cgroup the inventory names
+/// (whether or not it exists yet): what `enforcer policy check` holds against capacities.
+pub fn needs(compiled: &Compiled) -> Needs {
+    let quarantined = BTreeSet::new();
+    let overrides = Overrides {
+        audit: false,
+        quarantined: &quarantined,
+    };
+    let mut needs = Needs::of(&without_cgroups(compiled, &overrides));
+    let cgroups: BTreeSet<&String> = compiled.identities().flat_map(|i| &i.cgroups).collect();
+    needs.cgroups = Need {
+        entries: cgroups.len(),
+        peak: cgroups.len(),
+    };
+    needs
+}
+
+/// Everything but the cgroup map, which depends on the live cgroup tree.
+fn without_cgroups(compiled: &Compiled, overrides: &Overrides) -> DesiredState {
     let mut state = DesiredState {
         audit: overrides.audit,
         ..Default::default()
     };
-    let mut unresolved = Unresolved::default();
     for identity in compiled.identities() {
         let mut info = identity.info();
         if overrides.quarantined.contains(&identity.id) {
@@ -51,9 +75,8 @@ pub fn desired_state(
             }
         }
     }
-    state.cgroups = resolve_cgroups(compiled, cgroup_mount, &mut unresolved);
     state.allows = compiled.allows().iter().copied().collect();
-    (state, unresolved)
+    state
 }
 
 /// cgroup ID -> subject identity, for every inventory cgroup that exists now.

@@ -1,12 +1,16 @@
-//! `enforcer policy explain`: the PDP's decision for one cell, and next to it what the kernel's
-//! live table holds, so an operator sees at once whether the two agree.
+//! `enforcer policy explain`: the PDP's decision for one cell, and next to it what the kernel
+//! holds in every map the decision reads (the subject of each of the workload's cgroups, the
+//! subject's identity entry, the identity each of the destination's addresses resolves to,
+//! and the active table's entry), so an operator sees at once whether the two agree and, when
+//! not, which map differs.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use enforcer_common::PolicyKey;
-use enforcer_policy::{Bundle, Protocol};
+use enforcer_common::{flags, maps, IdentityInfo, PolicyKey};
+use enforcer_policy::{Bundle, Identities, Identity, Protocol};
 
 use crate::datapath::{pin_dir, Tables};
 
@@ -54,7 +58,7 @@ pub fn run(
         _pad: 0,
     };
     let live = tables.lookup(key)?;
-    let kernel_allows = live.is_some_and(|(_, value)| value.is_allow());
+    let entry_allows = live.is_some_and(|(_, value)| value.is_allow());
     match live {
         Some((hit, value)) => {
             println!(
@@ -75,11 +79,184 @@ pub fn run(
             key.subject, key.destination
         ),
     }
-    if kernel_allows == decision.allowed {
+
+    let mut check = Check {
+        identities,
+        tables: &tables,
+        disagreeing: Vec::new(),
+    };
+    check.subject_cgroups(subject);
+    let subject_ok = check.subject_entry(subject);
+    check.destination_addresses(destination, key)?;
+
+    let kernel_allows = entry_allows && subject_ok;
+    let mut disagreeing = check.disagreeing;
+    if kernel_allows != decision.allowed {
+        disagreeing.insert(0, "the active policy table".to_string());
+    }
+    if disagreeing.is_empty() {
         println!("kernel and PDP agree");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("kernel and PDP DISAGREE: the kernel holds another revision (is the agent running on {}?)", dir.display());
+        disagreeing.dedup();
+        println!(
+            "kernel and PDP DISAGREE in {}: the kernel holds another revision (is the agent running on {}?)",
+            disagreeing.join(", "),
+            dir.display()
+        );
         Ok(ExitCode::from(3))
+    }
+}
+
+/// The comparisons besides the policy entry; each map that differs is named once.
+struct Check<'a> {
+    identities: &'a Identities,
+    tables: &'a Tables,
+    disagreeing: Vec<String>,
+}
+
+impl Check<'_> {
+    fn name(&self, id: u32) -> String {
+        self.identities.get(id).map_or_else(
+            || format!("identity {id}"),
+            |i| format!("{} ({id})", i.name),
+        )
+    }
+
+    fn disagree(&mut self, map: &str) {
+        if !self.disagreeing.iter().any(|m| m == map) {
+            self.disagreeing.push(map.to_string());
+        }
+    }
+
+    /// `CGROUP_IDENTITY`: each existing cgroup of the subject maps to it.
+    fn subject_cgroups(&mut self, subject: &Identity) {
+        let Ok(mount) = crate::fs::cgroup2_mount() else {
+            println!(
+                "kernel map {}: no cgroup v2 mount to resolve cgroups (not compared)",
+                maps::CGROUP_IDENTITY
+            );
+            return;
+        };
+        for relative in &subject.cgroups {
+            let resolved = crate::fs::cgroup_path(&mount, relative)
+                .ok()
+                .and_then(|path| crate::fs::cgroup_id(&path).ok());
+            let Some(cgroup) = resolved else {
+                println!(
+                    "kernel map {}: cgroup {relative} does not exist (yet): not compared",
+                    maps::CGROUP_IDENTITY
+                );
+                continue;
+            };
+            match self.tables.identity_of_cgroup(cgroup) {
+                Some(id) if id == subject.id => println!(
+                    "kernel map {}: cgroup {relative} (id {cgroup}) -> {}: agrees",
+                    maps::CGROUP_IDENTITY,
+                    self.name(id)
+                ),
+                found => {
+                    println!(
+                        "kernel map {}: cgroup {relative} (id {cgroup}) -> {}, the bundle says {}: DISAGREES",
+                        maps::CGROUP_IDENTITY,
+                        found.map_or("no entry (unknown subject)".to_string(), |id| self.name(id)),
+                        self.name(subject.id)
+                    );
+                    self.disagree(maps::CGROUP_IDENTITY);
+                }
+            }
+        }
+    }
+
+    /// `IDENTITIES`: the subject's tenant, purpose, ring and flags (quarantine is run-time
+    /// state: reported, and it makes the kernel deny). Returns whether the kernel would get
+    /// past the subject to the policy table.
+    fn subject_entry(&mut self, subject: &Identity) -> bool {
+        let want = subject.info();
+        match self.tables.identity_info(subject.id) {
+            None => {
+                println!(
+                    "kernel map {}: no entry for {}: the kernel denies it as an unknown subject: DISAGREES",
+                    maps::IDENTITIES,
+                    self.name(subject.id)
+                );
+                self.disagree(maps::IDENTITIES);
+                false
+            }
+            Some(found) => {
+                let comparable = IdentityInfo {
+                    flags: found.flags & !flags::QUARANTINED,
+                    ..found
+                };
+                if comparable == want {
+                    println!(
+                        "kernel map {}: {} tenant={} purpose={} ring={} flags={:#x}: agrees",
+                        maps::IDENTITIES,
+                        self.name(subject.id),
+                        found.tenant,
+                        found.purpose,
+                        found.ring,
+                        found.flags
+                    );
+                } else {
+                    println!(
+                        "kernel map {}: {} holds {found:?}, the bundle says {want:?}: DISAGREES",
+                        maps::IDENTITIES,
+                        self.name(subject.id)
+                    );
+                    self.disagree(maps::IDENTITIES);
+                }
+                if found.flags & flags::QUARANTINED != 0 {
+                    println!(
+                        "kernel: {} is quarantined: the kernel denies every call of it (`enforcer quarantine release`)",
+                        self.name(subject.id)
+                    );
+                    return false;
+                }
+                true
+            }
+        }
+    }
+
+    /// The IP caches: every address of the destination resolves to it, as the bundle says
+    /// (a host address inside another identity's subnet resolves to the longest match).
+    fn destination_addresses(&mut self, destination: &Identity, key: PolicyKey) -> Result<()> {
+        for net in &destination.ips {
+            let addr = net.addr;
+            let want = self.expected(addr);
+            let (found, map) = self.tables.destination_of(addr);
+            if found == want {
+                println!("kernel map {map}: {addr} -> {}: agrees", self.name(found));
+                continue;
+            }
+            // What a connect to this address meets in the kernel instead.
+            let judged = self
+                .tables
+                .lookup(PolicyKey {
+                    destination: found,
+                    ..key
+                })?
+                .is_some_and(|(_, value)| value.is_allow());
+            println!(
+                "kernel map {map}: {addr} -> {}, the bundle says {}: DISAGREES (a connect to {addr} port {} is judged as {} and {})",
+                self.name(found),
+                self.name(want),
+                key.dport,
+                self.name(found),
+                if judged { "ALLOWED" } else { "denied" }
+            );
+            self.disagree(map);
+        }
+        Ok(())
+    }
+
+    /// The identity the bundle gives `addr`: the longest of its networks containing it.
+    fn expected(&self, addr: IpAddr) -> u32 {
+        self.identities
+            .iter()
+            .flat_map(|i| i.ips.iter().map(move |net| (net, i.id)))
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix)
+            .map_or(enforcer_common::identity::WORLD, |(_, id)| id)
     }
 }

@@ -58,6 +58,14 @@ enum Command {
         /// Permit --cgroup-root to be the root of the whole hierarchy (judges every host process).
         #[arg(long)]
         allow_root_cgroup: bool,
+        /// Map capacity, KIND=N (repeatable; KIND: policy, identities, cgroups, ipcache). Sizes
+        /// the maps when they are created; pinned maps keep theirs (`enforcer detach` first).
+        #[arg(long = "capacity", value_name = "KIND=N")]
+        capacity: Vec<String>,
+        /// Testing only: skip the capacity check, so that an oversize policy fails part-way in
+        /// the kernel and its rollback is exercised.
+        #[arg(long, hide = true)]
+        skip_capacity_check: bool,
     },
     /// Kernel counters, map fill levels, lost events and the policy revision in force.
     Status {
@@ -172,8 +180,15 @@ enum PdpCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate a bundle; prints every problem as file:line:column and exits 1 if any.
-    Check { dir: PathBuf },
+    /// Validate a bundle; prints every problem as file:line:column and exits 1 if any,
+    /// including a policy that does not fit the kernel maps.
+    Check {
+        dir: PathBuf,
+        /// Map capacity to check against, KIND=N (repeatable; as `enforcer run --capacity`;
+        /// default: the capacities maps are created with).
+        #[arg(long = "capacity", value_name = "KIND=N")]
+        capacity: Vec<String>,
+    },
     /// Show the decision for one cell, the policies that determined it, and what the
     /// kernel's live table holds for it when an enforcer is pinned.
     Explain {
@@ -221,6 +236,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             pdp,
             pdp_token_file,
             pdp_ca,
+            capacity,
+            skip_capacity_check,
         } => {
             let state_dir = pins.state_dir();
             let policies = policies.unwrap_or_else(|| state_dir.join("pdp-bundle"));
@@ -244,6 +261,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ring_buffer_bytes,
                 ready_file,
                 allow_root_cgroup,
+                capacity: capacity_overrides(&capacity)?,
+                skip_capacity_check,
             };
             runtime()?.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)
@@ -258,12 +277,31 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy {
-            command: PolicyCommand::Check { dir },
+            command: PolicyCommand::Check { dir, capacity },
         } => match Bundle::load(&dir) {
             Ok(bundle) => {
+                let capacity = capacity_overrides(&capacity)?.over(Default::default());
                 let compiled = bundle
                     .compile()
                     .with_context(|| format!("compiling {}", dir.display()))?;
+                let overflows = enforcer::desired::needs(&compiled).overflows(&capacity);
+                if !overflows.is_empty() {
+                    let inventory = &bundle.inventory().file;
+                    // At the inventory: it is what grows the maps.
+                    let line = std::fs::read_to_string(inventory)
+                        .ok()
+                        .and_then(|t| t.lines().position(|l| l.starts_with("workloads:")))
+                        .map_or(1, |i| i + 1);
+                    for overflow in &overflows {
+                        eprintln!("{}:{line}:1: error: {overflow}", inventory.display());
+                    }
+                    eprintln!(
+                        "{}: {} problem(s); nothing was applied",
+                        dir.display(),
+                        overflows.len()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
                 let stats = compiled.stats();
                 println!(
                     "{}: ok, revision {} ({} identities, {} allowed cells)",
@@ -361,6 +399,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+fn capacity_overrides(specs: &[String]) -> Result<enforcer::datapath::CapacityOverrides> {
+    let mut overrides = enforcer::datapath::CapacityOverrides::default();
+    for spec in specs {
+        overrides.set(spec)?;
+    }
+    Ok(overrides)
 }
 
 fn control_call(pins: &PinArgs, request: Request) -> Result<ExitCode> {

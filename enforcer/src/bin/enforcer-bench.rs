@@ -88,6 +88,7 @@ fn compile_bench() -> Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         pin_root: &pin_root,
         ring_buffer_bytes: None,
+        capacity: Default::default(),
     })?;
     let mount = enforcer::fs::cgroup2_mount()?;
     let quarantined = Default::default();
@@ -157,6 +158,7 @@ fn datapath_bench() -> Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         pin_root: &pin_root,
         ring_buffer_bytes: None,
+        capacity: Default::default(),
     })?;
     let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let port = server.local_addr()?.port();

@@ -14,7 +14,8 @@ use enforcer_common::{maps, ABI_VERSION};
 
 pub use links::{attached_programs, AttachReport, HookAttachment};
 pub use tables::{
-    kernel_stats, lost_events, ApplyReport, DesiredState, KernelStats, MapFill, Tables,
+    kernel_stats, lost_events, ApplyReport, Capacities, CapacityOverrides, DesiredState, Flip,
+    KernelStats, MapContents, MapFill, Need, Needs, Tables,
 };
 
 /// The kernel programs, built by `cargo xtask build-ebpf` (see build.rs).
@@ -30,6 +31,8 @@ pub struct LoadOptions<'a> {
     /// Ring buffer size in bytes (a power of two, a multiple of the page size); `None` keeps
     /// the default, and an already pinned ring buffer keeps its size.
     pub ring_buffer_bytes: Option<u32>,
+    /// `max_entries` of maps this load creates (pinned ones keep theirs).
+    pub capacity: CapacityOverrides,
 }
 
 pub struct Datapath {
@@ -56,6 +59,9 @@ impl Datapath {
         if let Some(bytes) = options.ring_buffer_bytes {
             loader.map_max_entries(maps::EVENTS, bytes);
         }
+        for (name, entries) in options.capacity.map_sizes() {
+            loader.map_max_entries(name, entries);
+        }
         let ebpf = loader.load(OBJECT).with_context(|| {
             format!(
                 "loading the BPF object with maps pinned in {}",
@@ -63,6 +69,10 @@ impl Datapath {
             )
         })?;
         let tables = Tables::open(&dir)?;
+        let wanted = options.capacity.over(tables.capacities());
+        if wanted != tables.capacities() {
+            tracing::warn!(pinned = ?tables.capacities(), asked = ?wanted, "the pinned maps keep the capacity they were created with; `enforcer detach` and restart to resize them");
+        }
         Ok(Self {
             dir,
             ebpf,

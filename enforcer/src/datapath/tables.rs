@@ -2,7 +2,7 @@
 //! [`Tables::apply`]. The maps are opened from their pins, so the agent, `enforcer status`
 //! and `enforcer policy explain` all read the same kernel state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray};
 use enforcer_common::{
-    maps, reason, verdict, Config, IdentityInfo, PolicyKey, PolicyValue, VERDICT_COUNTERS,
+    capacity, flags, identity, maps, reason, verdict, Config, IdentityInfo, PolicyKey, PolicyValue,
+    VERDICT_COUNTERS,
 };
 
 /// How long a policy table stays untouched after it stopped being the active one. A program
@@ -39,7 +40,204 @@ pub struct ApplyReport {
     pub active_table: u32,
     /// `CONFIG.generation` after the change: deny events carry it (see `DenyEvent`).
     pub generation: u64,
+    /// Whether the change went through a transition table (see [`Tables::apply`]).
+    pub transition: bool,
     pub elapsed: Duration,
+}
+
+/// Why a generation is about to be written: the agent publishes the policy that explains the
+/// events stamped with it (see [`Tables::apply_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flip {
+    /// The transition table: every cell it allows is allowed by the old and the new policy.
+    Transition,
+    /// The new policy.
+    Final,
+    /// Back to the policy that was in force: a write failed.
+    Rollback,
+}
+
+/// How many entries each map can hold (`max_entries`), by what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capacities {
+    pub cgroups: u32,
+    pub identities: u32,
+    pub host_v4: u32,
+    pub host_v6: u32,
+    pub prefix_v4: u32,
+    pub prefix_v6: u32,
+    /// Each of the two policy tables.
+    pub policy: u32,
+}
+
+impl Default for Capacities {
+    /// The capacities of maps created without overrides (`enforcer_common::capacity`).
+    fn default() -> Self {
+        Self {
+            cgroups: capacity::CGROUPS,
+            identities: capacity::IDENTITIES,
+            host_v4: capacity::IPCACHE,
+            host_v6: capacity::IPCACHE,
+            prefix_v4: capacity::IPCACHE,
+            prefix_v6: capacity::IPCACHE,
+            policy: capacity::POLICY,
+        }
+    }
+}
+
+/// Entries a policy needs in each map. Where a change holds old and new entries together for a
+/// moment (see [`Tables::apply`]), `peak` says how many.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    pub cgroups: Need,
+    pub identities: Need,
+    pub host_v4: Need,
+    pub host_v6: Need,
+    pub prefix_v4: Need,
+    pub prefix_v6: Need,
+    pub policy: Need,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// Entries of the policy itself.
+    pub entries: usize,
+    /// The most the map holds while the change is written (at least `entries`).
+    pub peak: usize,
+}
+
+impl Need {
+    fn exactly(entries: usize) -> Self {
+        Self {
+            entries,
+            peak: entries,
+        }
+    }
+}
+
+impl Needs {
+    /// What a state needs on its own (empty maps before it: `policy check`, a fresh agent).
+    pub fn of(desired: &DesiredState) -> Self {
+        let (host_v4, prefix_v4) = split_hosts(&desired.ipcache_v4, 32);
+        let (host_v6, prefix_v6) = split_hosts(&desired.ipcache_v6, 128);
+        Self {
+            cgroups: Need::exactly(desired.cgroups.len()),
+            identities: Need::exactly(desired.identities.len()),
+            host_v4: Need::exactly(host_v4.len()),
+            host_v6: Need::exactly(host_v6.len()),
+            prefix_v4: Need::exactly(prefix_v4.len()),
+            prefix_v6: Need::exactly(prefix_v6.len()),
+            policy: Need::exactly(desired.allows.len()),
+        }
+    }
+
+    /// Every need above its capacity, in words an operator can act on; empty when it all fits.
+    pub fn overflows(&self, capacity: &Capacities) -> Vec<String> {
+        let rows = [
+            (
+                self.policy,
+                capacity.policy,
+                "policy",
+                "POLICY_A/POLICY_B",
+                "policy",
+            ),
+            (
+                self.identities,
+                capacity.identities,
+                "identity",
+                maps::IDENTITIES,
+                "identities",
+            ),
+            (
+                self.cgroups,
+                capacity.cgroups,
+                "cgroup",
+                maps::CGROUP_IDENTITY,
+                "cgroups",
+            ),
+            (
+                self.host_v4,
+                capacity.host_v4,
+                "IPv4 host address",
+                maps::IPCACHE_HOST_V4,
+                "ipcache",
+            ),
+            (
+                self.host_v6,
+                capacity.host_v6,
+                "IPv6 host address",
+                maps::IPCACHE_HOST_V6,
+                "ipcache",
+            ),
+            (
+                self.prefix_v4,
+                capacity.prefix_v4,
+                "IPv4 prefix",
+                maps::IPCACHE_V4,
+                "ipcache",
+            ),
+            (
+                self.prefix_v6,
+                capacity.prefix_v6,
+                "IPv6 prefix",
+                maps::IPCACHE_V6,
+                "ipcache",
+            ),
+        ];
+        rows.into_iter()
+            .filter(|(need, cap, ..)| need.peak > *cap as usize)
+            .map(|(need, cap, what, map, flag)| {
+                let during = if need.peak > need.entries {
+                    format!(
+                        " ({} while the change is written: old and new entries together)",
+                        need.peak
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    "needs {} {what} entries{during}, capacity {cap} (map {map}; \
+                     `enforcer run --capacity {flag}=N` sizes it when the maps are created)",
+                    need.entries
+                )
+            })
+            .collect()
+    }
+}
+
+/// Everything the policy maps hold, read back from the kernel: what `explain` compares and
+/// what tests compare before and after a change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub cgroups: BTreeMap<u64, u32>,
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub host_v4: BTreeMap<[u8; 4], u32>,
+    pub host_v6: BTreeMap<[u8; 16], u32>,
+    pub prefix_v4: BTreeMap<(u32, [u8; 4]), u32>,
+    pub prefix_v6: BTreeMap<(u32, [u8; 16]), u32>,
+    /// `POLICY_A`, `POLICY_B`.
+    pub policy: [BTreeMap<PolicyKey, PolicyValue>; 2],
+    pub config: Config,
+}
+
+impl MapContents {
+    /// The table the programs read now.
+    pub fn active_policy(&self) -> &BTreeMap<PolicyKey, PolicyValue> {
+        &self.policy[active_table(&self.config)]
+    }
+
+    /// Everything a decision reads: the mappings and the active table (not the standby table
+    /// or the generation, which a rolled-back change may leave different).
+    pub fn same_decisions(&self, other: &MapContents) -> bool {
+        self.cgroups == other.cgroups
+            && self.identities == other.identities
+            && self.host_v4 == other.host_v4
+            && self.host_v6 == other.host_v6
+            && self.prefix_v4 == other.prefix_v4
+            && self.prefix_v6 == other.prefix_v6
+            && self.active_policy() == other.active_policy()
+            && self.config.audit == other.config.audit
+    }
 }
 
 pub struct Tables {
@@ -51,6 +249,10 @@ pub struct Tables {
     ipcache_v6: LpmTrie<MapData, [u8; 16], u32>,
     policy: [BpfHashMap<MapData, PolicyKey, PolicyValue>; 2],
     config: Array<MapData, Config>,
+    /// `max_entries` of the maps as loaded (userspace may have overridden the defaults).
+    capacities: Capacities,
+    /// Off only to test the rollback: a write then fails in the kernel instead.
+    check_capacity: bool,
     last_flip: Option<Instant>,
     /// What this process last wrote to each policy table, so that a swap diffs against memory
     /// instead of reading ~10^5 entries back (two syscalls each). `None` until first read:
@@ -74,9 +276,243 @@ macro_rules! typed {
     };
 }
 
+fn max_entries(dir: &Path, name: &str) -> Result<u32> {
+    Ok(MapInfo::from_pin(dir.join(name))
+        .with_context(|| format!("reading map info of {name}"))?
+        .max_entries())
+}
+
+/// The mappings a decision reads besides the policy table, split as the kernel holds them.
+#[derive(Debug, Clone, Default)]
+struct Mappings {
+    cgroups: HashMap<u64, u32>,
+    identities: HashMap<u32, IdentityInfo>,
+    v4: IpCache<4>,
+    v6: IpCache<16>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct IpCache<const N: usize> {
+    host: HashMap<[u8; N], u32>,
+    prefix: HashMap<(u32, [u8; N]), u32>,
+}
+
+impl<const N: usize> IpCache<N> {
+    fn from_desired(entries: &BTreeMap<(u32, [u8; N]), u32>) -> Self {
+        let bits = N as u32 * 8;
+        let (host, prefix) = split_hosts(entries, bits);
+        Self {
+            host: host.into_iter().collect(),
+            prefix: prefix.into_iter().collect(),
+        }
+    }
+
+    fn to_desired(&self) -> BTreeMap<(u32, [u8; N]), u32> {
+        let bits = N as u32 * 8;
+        let hosts = self.host.iter().map(|(addr, id)| ((bits, *addr), *id));
+        let prefixes = self.prefix.iter().map(|(key, id)| (*key, *id));
+        hosts.chain(prefixes).collect()
+    }
+
+    /// The identity the kernel finds for the network `(len, addr)`: the longest entry that
+    /// covers it (exact host entry first), WORLD when none does.
+    #[cfg(test)]
+    fn lookup(&self, len: u32, addr: [u8; N]) -> u32 {
+        self.lookup_in(&self.prefix_lengths(), len, addr)
+    }
+
+    /// The prefix lengths present, longest first: a lookup tries only those (the first apply
+    /// of 10^5 host entries would otherwise try 33 or 129 lengths each).
+    fn prefix_lengths(&self) -> Vec<u32> {
+        let lengths: BTreeSet<u32> = self.prefix.keys().map(|(len, _)| *len).collect();
+        lengths.into_iter().rev().collect()
+    }
+
+    fn lookup_in(&self, lengths: &[u32], len: u32, addr: [u8; N]) -> u32 {
+        let bits = N as u32 * 8;
+        if len == bits {
+            if let Some(id) = self.host.get(&addr) {
+                return *id;
+            }
+        }
+        for &l in lengths.iter().filter(|l| **l <= len.min(bits - 1)) {
+            if let Some(id) = self.prefix.get(&(l, mask(addr, l))) {
+                return *id;
+            }
+        }
+        identity::WORLD
+    }
+
+    /// `(identity before, identity after)` for every network whose answer may change between
+    /// `self` and `next` (one pair per added, changed or removed entry; a superset).
+    fn changes(&self, next: &Self) -> BTreeSet<(u32, u32)> {
+        let bits = N as u32 * 8;
+        let mut keys: BTreeSet<(u32, [u8; N])> = BTreeSet::new();
+        for (addr, id) in &self.host {
+            if next.host.get(addr) != Some(id) {
+                keys.insert((bits, *addr));
+            }
+        }
+        for (addr, id) in &next.host {
+            if self.host.get(addr) != Some(id) {
+                keys.insert((bits, *addr));
+            }
+        }
+        for (key, id) in &self.prefix {
+            if next.prefix.get(key) != Some(id) {
+                keys.insert(*key);
+            }
+        }
+        for (key, id) in &next.prefix {
+            if self.prefix.get(key) != Some(id) {
+                keys.insert(*key);
+            }
+        }
+        let (before, after) = (self.prefix_lengths(), next.prefix_lengths());
+        keys.into_iter()
+            .map(|(len, addr)| {
+                (
+                    self.lookup_in(&before, len, addr),
+                    next.lookup_in(&after, len, addr),
+                )
+            })
+            .filter(|(before, after)| before != after)
+            .collect()
+    }
+}
+
+/// `addr` with all but its first `len` bits cleared.
+fn mask<const N: usize>(mut addr: [u8; N], len: u32) -> [u8; N] {
+    for (i, byte) in addr.iter_mut().enumerate() {
+        let first = i as u32 * 8;
+        if first >= len {
+            *byte = 0;
+        } else if first + 8 > len {
+            *byte &= 0xffu8 << (8 - (len - first));
+        }
+    }
+    addr
+}
+
+/// The kernel's decision for a key in a table: the exact port's entry decides by its verdict;
+/// without one, an any-port entry allows.
+fn allows(table: &HashMap<PolicyKey, PolicyValue>, key: &PolicyKey) -> bool {
+    if key.dport != 0 {
+        if let Some(value) = table.get(key) {
+            return value.is_allow();
+        }
+    }
+    table.contains_key(&PolicyKey { dport: 0, ..*key })
+}
+
+/// A table that allows a call only where both `old` and `new` allow it, and nothing for the
+/// (subject, destination) pairs `excluded` names. While it is active, identities, IP caches
+/// and cgroups can change entry by entry without any connect seeing an allow that neither
+/// policy gives (see [`Tables::apply`]).
+fn transition_table(
+    old: &HashMap<PolicyKey, PolicyValue>,
+    new: &HashMap<PolicyKey, PolicyValue>,
+    excluded: impl Fn(u32, u32) -> bool,
+) -> HashMap<PolicyKey, PolicyValue> {
+    let both = |key: &PolicyKey| allows(old, key) && allows(new, key);
+    let keys: HashSet<&PolicyKey> = old.keys().chain(new.keys()).collect();
+    let mut table = HashMap::new();
+    for key in keys {
+        if excluded(key.subject, key.destination) {
+            continue;
+        }
+        let value = new.get(key).or(old.get(key)).copied().unwrap_or_default();
+        let any_port_allowed = both(&PolicyKey { dport: 0, ..*key });
+        if key.dport == 0 {
+            if any_port_allowed {
+                table.insert(*key, PolicyValue::allow(value.rule));
+            }
+        } else if both(key) {
+            // Redundant under an allowed any-port entry.
+            if !any_port_allowed {
+                table.insert(*key, PolicyValue::allow(value.rule));
+            }
+        } else if any_port_allowed {
+            // One of the two denies this port although both allow the others.
+            let rule = [new.get(key), old.get(key)]
+                .into_iter()
+                .flatten()
+                .find(|v| !v.is_allow())
+                .map_or(value.rule, |v| v.rule);
+            table.insert(*key, PolicyValue::deny(rule));
+        }
+    }
+    table
+}
+
+/// Drops whole (subject, destination, protocol) groups until `table` fits `capacity`: a group
+/// without entries is denied, so the table only gets stricter (and it is short-lived).
+fn shrink_to(table: &mut HashMap<PolicyKey, PolicyValue>, capacity: usize) -> usize {
+    if table.len() <= capacity {
+        return 0;
+    }
+    let mut groups: HashMap<(u32, u32, u8), usize> = HashMap::new();
+    for key in table.keys() {
+        *groups
+            .entry((key.subject, key.destination, key.protocol))
+            .or_default() += 1;
+    }
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    // Biggest first: the fewest groups dropped. Ties by key, so the result is deterministic.
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut dropped = BTreeSet::new();
+    let mut len = table.len();
+    for (group, count) in groups {
+        if len <= capacity {
+            break;
+        }
+        dropped.insert(group);
+        len -= count;
+    }
+    table.retain(|k, _| !dropped.contains(&(k.subject, k.destination, k.protocol)));
+    dropped.len()
+}
+
+/// The subjects and destinations a table has entries for.
+fn rows_and_columns(table: &HashMap<PolicyKey, PolicyValue>) -> (HashSet<u32>, HashSet<u32>) {
+    let mut rows = HashSet::new();
+    let mut columns = HashSet::new();
+    for key in table.keys() {
+        rows.insert(key.subject);
+        columns.insert(key.destination);
+    }
+    (rows, columns)
+}
+
+/// The identity value written while a change is in progress: audit (which lets would-denies
+/// pass) only where both revisions have it, quarantine where either has it.
+fn interim_info(old: Option<&IdentityInfo>, new: &IdentityInfo) -> IdentityInfo {
+    let Some(old) = old else { return *new };
+    let audit = old.flags & new.flags & flags::AUDIT;
+    let quarantine = (old.flags | new.flags) & flags::QUARANTINED;
+    IdentityInfo {
+        flags: (new.flags & !(flags::AUDIT | flags::QUARANTINED)) | audit | quarantine,
+        ..*new
+    }
+}
+
+/// How one change reaches the kernel (see [`Tables::apply`]).
+struct Plan {
+    /// The transition table, when the mappings change in a way that no single flip covers.
+    transition: Option<HashMap<PolicyKey, PolicyValue>>,
+    /// Cgroup entries written before the flip (all of them with a transition table).
+    cgroups_before: Vec<(u64, Option<u32>)>,
+    cgroups_after: Vec<(u64, Option<u32>)>,
+    /// Whether the IP caches change before the flip (else after it).
+    ip_before: bool,
+    /// Going back after a failure: the table in force may already be the one wanted.
+    rollback: bool,
+}
+
 impl Tables {
     /// Opens the policy maps pinned in `dir` (the versioned pin directory).
     pub fn open(dir: &Path) -> Result<Self> {
+        let policy = max_entries(dir, maps::POLICY_A)?.min(max_entries(dir, maps::POLICY_B)?);
         Ok(Self {
             cgroup_identity: typed!(dir, maps::CGROUP_IDENTITY),
             identities: typed!(dir, maps::IDENTITIES),
@@ -86,13 +522,80 @@ impl Tables {
             ipcache_v6: typed!(dir, maps::IPCACHE_V6),
             policy: [typed!(dir, maps::POLICY_A), typed!(dir, maps::POLICY_B)],
             config: typed!(dir, maps::CONFIG),
+            capacities: Capacities {
+                cgroups: max_entries(dir, maps::CGROUP_IDENTITY)?,
+                identities: max_entries(dir, maps::IDENTITIES)?,
+                host_v4: max_entries(dir, maps::IPCACHE_HOST_V4)?,
+                host_v6: max_entries(dir, maps::IPCACHE_HOST_V6)?,
+                prefix_v4: max_entries(dir, maps::IPCACHE_V4)?,
+                prefix_v6: max_entries(dir, maps::IPCACHE_V6)?,
+                policy,
+            },
+            check_capacity: true,
             last_flip: None,
             policy_shadow: [None, None],
         })
     }
 
+    /// The maps' real capacities (`max_entries` as loaded).
+    pub fn capacities(&self) -> Capacities {
+        self.capacities
+    }
+
+    /// Testing only: skip the capacity check, so that an oversize change fails in the kernel
+    /// part-way and is rolled back.
+    pub fn set_capacity_check(&mut self, on: bool) {
+        self.check_capacity = on;
+    }
+
     pub fn config(&self) -> Result<Config> {
         self.config.get(&0, 0).context("reading CONFIG")
+    }
+
+    /// Everything the policy maps hold now.
+    pub fn contents(&self) -> Result<MapContents> {
+        let m = self.read_mappings()?;
+        Ok(MapContents {
+            cgroups: m.cgroups.into_iter().collect(),
+            identities: m.identities.into_iter().collect(),
+            host_v4: m.v4.host.into_iter().collect(),
+            host_v6: m.v6.host.into_iter().collect(),
+            prefix_v4: m.v4.prefix.into_iter().collect(),
+            prefix_v6: m.v6.prefix.into_iter().collect(),
+            policy: [
+                self.policy[0].entries()?.into_iter().collect(),
+                self.policy[1].entries()?.into_iter().collect(),
+            ],
+            config: self.config()?,
+        })
+    }
+
+    /// The destination identity the kernel finds for an address (host entry, then the longest
+    /// prefix; WORLD when none), and the map that answered.
+    pub fn destination_of(&self, addr: std::net::IpAddr) -> (u32, &'static str) {
+        use std::net::IpAddr;
+        match addr {
+            IpAddr::V4(a) => {
+                let bytes = a.octets();
+                if let Ok(id) = self.ipcache_host_v4.get(&bytes, 0) {
+                    return (id, maps::IPCACHE_HOST_V4);
+                }
+                match self.ipcache_v4.get(&LpmKey::new(32, bytes), 0) {
+                    Ok(id) => (id, maps::IPCACHE_V4),
+                    Err(_) => (identity::WORLD, maps::IPCACHE_V4),
+                }
+            }
+            IpAddr::V6(a) => {
+                let bytes = a.octets();
+                if let Ok(id) = self.ipcache_host_v6.get(&bytes, 0) {
+                    return (id, maps::IPCACHE_HOST_V6);
+                }
+                match self.ipcache_v6.get(&LpmKey::new(128, bytes), 0) {
+                    Ok(id) => (id, maps::IPCACHE_V6),
+                    Err(_) => (identity::WORLD, maps::IPCACHE_V6),
+                }
+            }
+        }
     }
 
     /// The value the active table holds for a cell (exact port first, then any port), as
@@ -123,81 +626,425 @@ impl Tables {
         self.identities.get(&identity, 0).ok()
     }
 
-    /// Writes `desired` so that no connect ever sees a mix of two revisions:
-    /// 1. add or update identities, IP-cache entries and cgroups (new names resolve to
-    ///    identities before any policy refers to them; stale ones are still there for the
-    ///    old policy);
-    /// 2. fill the standby policy table and flip to it by advancing `CONFIG.generation` (its
-    ///    parity is the active table) in one map write;
-    /// 3. remove what only the old revision needed.
+    /// [`Tables::apply_with`] without a generation callback.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport> {
+        self.apply_with(desired, &mut |_, _| {})
+    }
+
+    /// Writes `desired`, all or nothing, so that no connect ever sees a mixture that allows
+    /// what neither the old nor the new revision allows.
+    ///
+    /// A decision reads four things: the cgroup's subject, the subject's flags, the address's
+    /// destination, and the active policy table. The table flips in one write (the generation
+    /// in `CONFIG`); the other maps change entry by entry. So:
+    /// 1. Nothing is written before every map is known to fit, counted against the maps' real
+    ///    `max_entries` with old and new entries together where they coexist.
+    /// 2. New identities are added, and existing ones get their new values, except that audit
+    ///    is kept only where both revisions have it (quarantine where either has it).
+    /// 3. A mapping change whose new identity has no entry in the old table (a new workload, a
+    ///    removed cgroup) is written before the flip: under the old table it denies. One whose
+    ///    old identity has no entry in the new table (a removed workload) is written after it.
+    ///    The IP caches change as a whole, before or after (their entries nest).
+    /// 4. A change that is neither (an address or a cgroup moving between identities that both
+    ///    revisions know) goes through a transition table: it allows only what both tables
+    ///    allow, and nothing between a moving cgroup's subjects and a moving address's
+    ///    destinations. It is flipped to, the mappings change under it, then the new table is
+    ///    written and flipped to.
+    /// 5. Flags get their final values, then identities only the old revision had go.
+    ///
+    /// In-flight programs: a mapping change after a flip waits until no program can still be
+    /// using the table from before the flip. IP-cache entries are written longest prefix first
+    /// and removed shortest first, so an address always resolves to its old or its new
+    /// identity. If a write fails anyway, every map is brought back to what it held before
+    /// (the same way) and the error says so. `publish` is called with each generation before
+    /// it is written.
+    pub fn apply_with(
+        &mut self,
+        desired: &DesiredState,
+        publish: &mut dyn FnMut(u64, Flip),
+    ) -> Result<ApplyReport> {
         let started = Instant::now();
-        // Host addresses go to the exact-match maps the kernel tries first; shorter
-        // prefixes to the tries.
-        let (host_v4, prefix_v4) = split_hosts(&desired.ipcache_v4, 32);
-        let (host_v6, prefix_v6) = split_hosts(&desired.ipcache_v6, 128);
+        let current = self.read_mappings()?;
+        let old_config = self.config()?;
+        let old_table = self.active_contents(&old_config)?;
+        let plan = self.plan(desired, &current, &old_table)?;
+        let mut report = ApplyReport {
+            transition: plan.transition.is_some(),
+            ..Default::default()
+        };
+        if let Err(error) = self.execute(desired, &current, &plan, publish, &mut report) {
+            let previous = DesiredState {
+                cgroups: current.cgroups.iter().map(|(k, v)| (*k, *v)).collect(),
+                identities: current.identities.iter().map(|(k, v)| (*k, *v)).collect(),
+                ipcache_v4: current.v4.to_desired(),
+                ipcache_v6: current.v6.to_desired(),
+                allows: old_table,
+                audit: old_config.audit != 0,
+            };
+            let error = error.context("writing the new policy into the kernel failed part-way");
+            return match self.restore(&previous, publish) {
+                Ok(()) => Err(error.context(
+                    "every map was rolled back to the policy in force before (nothing changed)",
+                )),
+                Err(rollback) => Err(error.context(format!(
+                    "ROLLING BACK FAILED TOO, the kernel may hold a mixture: {rollback:#}"
+                ))),
+            };
+        }
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
 
-        let mut stale = 0;
-        let identities = upsert(&mut self.identities, &desired.identities, maps::IDENTITIES)?;
-        let host_v4 = upsert(&mut self.ipcache_host_v4, &host_v4, maps::IPCACHE_HOST_V4)?;
-        let host_v6 = upsert(&mut self.ipcache_host_v6, &host_v6, maps::IPCACHE_HOST_V6)?;
-        let prefix_v4 = upsert(&mut self.ipcache_v4, &prefix_v4, maps::IPCACHE_V4)?;
-        let prefix_v6 = upsert(&mut self.ipcache_v6, &prefix_v6, maps::IPCACHE_V6)?;
-        let cgroups = upsert(
-            &mut self.cgroup_identity,
-            &desired.cgroups,
-            maps::CGROUP_IDENTITY,
-        )?;
-        let written = identities.written
-            + host_v4.written
-            + host_v6.written
-            + prefix_v4.written
-            + prefix_v6.written
-            + cgroups.written;
+    /// Brings every map back to `previous` after a failed change; the kernel state is now a
+    /// mixture, and going back is a change like any other.
+    fn restore(
+        &mut self,
+        previous: &DesiredState,
+        publish: &mut dyn FnMut(u64, Flip),
+    ) -> Result<()> {
+        let config = self.config()?;
+        // The table in force may already be the old one (a failure before the flip).
+        let active = self.active_contents(&config)?;
+        let current = self.read_mappings()?;
+        let mut plan = self.plan(previous, &current, &active)?;
+        plan.rollback = true;
+        let mut report = ApplyReport::default();
+        let mut rollback = |generation: u64, _: Flip| publish(generation, Flip::Rollback);
+        self.execute(previous, &current, &plan, &mut rollback, &mut report)
+    }
 
-        let policy = self.swap_policy(&desired.allows, desired.audit)?;
-
-        stale += remove(&mut self.identities, &identities.stale, maps::IDENTITIES)?;
-        stale += remove(
-            &mut self.ipcache_host_v4,
-            &host_v4.stale,
-            maps::IPCACHE_HOST_V4,
-        )?;
-        stale += remove(
-            &mut self.ipcache_host_v6,
-            &host_v6.stale,
-            maps::IPCACHE_HOST_V6,
-        )?;
-        stale += remove(&mut self.ipcache_v4, &prefix_v4.stale, maps::IPCACHE_V4)?;
-        stale += remove(&mut self.ipcache_v6, &prefix_v6.stale, maps::IPCACHE_V6)?;
-        stale += remove(
-            &mut self.cgroup_identity,
-            &cgroups.stale,
-            maps::CGROUP_IDENTITY,
-        )?;
-        Ok(ApplyReport {
-            written: written + policy.written,
-            removed: stale + policy.stale.len(),
-            active_table: policy.active,
-            generation: policy.generation,
-            elapsed: started.elapsed(),
+    fn read_mappings(&self) -> Result<Mappings> {
+        Ok(Mappings {
+            cgroups: self.cgroup_identity.entries()?,
+            identities: self.identities.entries()?,
+            v4: IpCache {
+                host: self.ipcache_host_v4.entries()?,
+                prefix: self.ipcache_v4.entries()?,
+            },
+            v6: IpCache {
+                host: self.ipcache_host_v6.entries()?,
+                prefix: self.ipcache_v6.entries()?,
+            },
         })
     }
 
+    /// The active table's contents (from memory when this process wrote it).
+    fn active_contents(&mut self, config: &Config) -> Result<HashMap<PolicyKey, PolicyValue>> {
+        let active = active_table(config);
+        if self.policy_shadow[active].is_none() {
+            self.policy_shadow[active] = Some(self.policy[active].entries()?);
+        }
+        Ok(self.policy_shadow[active].clone().unwrap_or_default())
+    }
+
+    /// Checks capacity and decides the order of the writes; writes nothing.
+    fn plan(
+        &self,
+        desired: &DesiredState,
+        current: &Mappings,
+        old_table: &HashMap<PolicyKey, PolicyValue>,
+    ) -> Result<Plan> {
+        let next_v4 = IpCache::from_desired(&desired.ipcache_v4);
+        let next_v6 = IpCache::from_desired(&desired.ipcache_v6);
+        // Old and new entries coexist while IP caches and identities change.
+        fn union<K: Eq + Hash, V, W>(now: &HashMap<K, V>, next: &HashMap<K, W>) -> Need {
+            let common = now.keys().filter(|k| next.contains_key(*k)).count();
+            Need {
+                entries: next.len(),
+                peak: now.len() + next.len() - common,
+            }
+        }
+        let needs = Needs {
+            // Removed cgroups go before added ones: never more than the larger of the two.
+            cgroups: Need {
+                entries: desired.cgroups.len(),
+                peak: desired.cgroups.len().max(current.cgroups.len()),
+            },
+            identities: union(
+                &current.identities,
+                &desired
+                    .identities
+                    .iter()
+                    .map(|(k, v)| (*k, *v))
+                    .collect::<HashMap<_, _>>(),
+            ),
+            host_v4: union(&current.v4.host, &next_v4.host),
+            host_v6: union(&current.v6.host, &next_v6.host),
+            prefix_v4: union(&current.v4.prefix, &next_v4.prefix),
+            prefix_v6: union(&current.v6.prefix, &next_v6.prefix),
+            // Stale entries leave the (invisible) standby table before new ones are added.
+            policy: Need::exactly(desired.allows.len()),
+        };
+        let overflows = needs.overflows(&self.capacities);
+        if self.check_capacity && !overflows.is_empty() {
+            anyhow::bail!(
+                "the policy does not fit the kernel maps; nothing was written:\n{}",
+                overflows.join("\n")
+            );
+        }
+
+        // Which mapping changes a single flip covers (see `apply_with`).
+        let (old_rows, old_columns) = rows_and_columns(old_table);
+        let (new_rows, new_columns) = rows_and_columns(&desired.allows);
+        let mut cgroups_before = Vec::new();
+        let mut cgroups_after = Vec::new();
+        let mut moving_subjects = HashSet::new();
+        let mut conflict = false;
+        let cgroup_ids: BTreeSet<u64> = current
+            .cgroups
+            .keys()
+            .chain(desired.cgroups.keys())
+            .copied()
+            .collect();
+        for cgroup in cgroup_ids {
+            let before = current.cgroups.get(&cgroup).copied();
+            let after = desired.cgroups.get(&cgroup).copied();
+            if before == after {
+                continue;
+            }
+            moving_subjects.extend(before);
+            moving_subjects.extend(after);
+            if after.is_none_or(|s| !old_rows.contains(&s)) {
+                cgroups_before.push((cgroup, after));
+            } else if before.is_none_or(|s| !new_rows.contains(&s)) {
+                cgroups_after.push((cgroup, after));
+            } else {
+                conflict = true;
+                cgroups_before.push((cgroup, after));
+            }
+        }
+        let address_changes: BTreeSet<(u32, u32)> = current
+            .v4
+            .changes(&next_v4)
+            .into_iter()
+            .chain(current.v6.changes(&next_v6))
+            .collect();
+        let ip_before = address_changes
+            .iter()
+            .all(|(_, after)| !old_columns.contains(after));
+        let ip_after = address_changes
+            .iter()
+            .all(|(before, _)| !new_columns.contains(before));
+        if !ip_before && !ip_after {
+            conflict = true;
+        }
+        if !conflict {
+            // Removals first: room in the map before anything is added.
+            cgroups_before.sort_by_key(|(_, after)| after.is_some());
+            return Ok(Plan {
+                transition: None,
+                cgroups_before,
+                cgroups_after,
+                ip_before,
+                rollback: false,
+            });
+        }
+        let moving_destinations: HashSet<u32> = address_changes
+            .iter()
+            .flat_map(|(before, after)| [*before, *after])
+            .collect();
+        let mut transition = transition_table(old_table, &desired.allows, |s, d| {
+            moving_subjects.contains(&s) && moving_destinations.contains(&d)
+        });
+        let dropped = shrink_to(&mut transition, self.capacities.policy as usize);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the transition table did not fit: {dropped} (subject, destination) groups are denied until the new policy is in force"
+            );
+        }
+        let mut cgroups = cgroups_before;
+        cgroups.extend(cgroups_after);
+        cgroups.sort_by_key(|(_, after)| after.is_some());
+        Ok(Plan {
+            transition: Some(transition),
+            cgroups_before: cgroups,
+            cgroups_after: Vec::new(),
+            ip_before: true,
+            rollback: false,
+        })
+    }
+
+    fn execute(
+        &mut self,
+        desired: &DesiredState,
+        current: &Mappings,
+        plan: &Plan,
+        publish: &mut dyn FnMut(u64, Flip),
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let rollback = plan.rollback;
+        // Mappings change under the table in force: no program may still use the one before.
+        self.wait_for_in_flight();
+        // 2. identities: new ones, and interim values of existing ones.
+        for (id, info) in &desired.identities {
+            let old = current.identities.get(id);
+            let interim = interim_info(old, info);
+            if old != Some(&interim) {
+                self.identities.put(id, &interim, maps::IDENTITIES)?;
+                report.written += 1;
+            }
+        }
+        let old_audit = self.config()?.audit != 0;
+        if let Some(transition) = &plan.transition {
+            publish(self.next_generation(true)?, Flip::Transition);
+            self.swap_policy(transition, old_audit && desired.audit, false)?;
+            self.wait_for_in_flight();
+        }
+        report.written += self.write_cgroups(&plan.cgroups_before)?;
+        if plan.ip_before {
+            report.written += self.write_ip_caches(current, desired)?;
+        }
+        publish(self.next_generation(true)?, Flip::Final);
+        let swap = self.swap_policy(&desired.allows, desired.audit, rollback)?;
+        report.written += swap.written;
+        report.removed += swap.stale.len();
+        report.active_table = swap.active;
+        report.generation = swap.generation;
+        if !plan.cgroups_after.is_empty() || !plan.ip_before {
+            self.wait_for_in_flight();
+            report.written += self.write_cgroups(&plan.cgroups_after)?;
+            if !plan.ip_before {
+                report.written += self.write_ip_caches(current, desired)?;
+            }
+        }
+        // 5. final flags, then identities of the old revision only.
+        for (id, info) in &desired.identities {
+            let interim = interim_info(current.identities.get(id), info);
+            if interim != *info {
+                self.identities.put(id, info, maps::IDENTITIES)?;
+            }
+        }
+        let stale: Vec<u32> = current
+            .identities
+            .keys()
+            .filter(|id| !desired.identities.contains_key(id))
+            .copied()
+            .collect();
+        report.removed += remove(&mut self.identities, &stale, maps::IDENTITIES)?;
+        Ok(())
+    }
+
+    /// Waits until no program can still be running with the table it read before the last
+    /// flip (runs take hundreds of nanoseconds; userspace cannot wait for an RCU grace period).
+    fn wait_for_in_flight(&self) {
+        if let Some(flipped) = self.last_flip {
+            if let Some(rest) = STANDBY_GRACE.checked_sub(flipped.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+    }
+
+    /// `(cgroup, Some(subject))` writes, `(cgroup, None)` removes; in the order given.
+    fn write_cgroups(&mut self, changes: &[(u64, Option<u32>)]) -> Result<usize> {
+        for (cgroup, subject) in changes {
+            match subject {
+                Some(subject) => {
+                    self.cgroup_identity
+                        .put(cgroup, subject, maps::CGROUP_IDENTITY)?
+                }
+                None => self.cgroup_identity.delete(cgroup, maps::CGROUP_IDENTITY)?,
+            }
+        }
+        Ok(changes.len())
+    }
+
+    /// Every IP-cache change, in an order where any address resolves to its old or its new
+    /// identity at every step: added and changed entries longest first (host entries are the
+    /// longest), then stale ones shortest first.
+    fn write_ip_caches(&mut self, current: &Mappings, desired: &DesiredState) -> Result<usize> {
+        let next_v4 = IpCache::from_desired(&desired.ipcache_v4);
+        let next_v6 = IpCache::from_desired(&desired.ipcache_v6);
+        let mut written = 0;
+        written += write_changed(
+            &mut self.ipcache_host_v4,
+            &current.v4.host,
+            &next_v4.host,
+            maps::IPCACHE_HOST_V4,
+        )?;
+        written += write_changed(
+            &mut self.ipcache_host_v6,
+            &current.v6.host,
+            &next_v6.host,
+            maps::IPCACHE_HOST_V6,
+        )?;
+        written += write_prefixes(
+            &mut self.ipcache_v4,
+            &current.v4.prefix,
+            &next_v4.prefix,
+            maps::IPCACHE_V4,
+        )?;
+        written += write_prefixes(
+            &mut self.ipcache_v6,
+            &current.v6.prefix,
+            &next_v6.prefix,
+            maps::IPCACHE_V6,
+        )?;
+        written += remove_prefixes(
+            &mut self.ipcache_v4,
+            &current.v4.prefix,
+            &next_v4.prefix,
+            maps::IPCACHE_V4,
+        )?;
+        written += remove_prefixes(
+            &mut self.ipcache_v6,
+            &current.v6.prefix,
+            &next_v6.prefix,
+            maps::IPCACHE_V6,
+        )?;
+        let stale_v4: Vec<_> = current
+            .v4
+            .host
+            .keys()
+            .filter(|k| !next_v4.host.contains_key(*k))
+            .copied()
+            .collect();
+        let stale_v6: Vec<_> = current
+            .v6
+            .host
+            .keys()
+            .filter(|k| !next_v6.host.contains_key(*k))
+            .copied()
+            .collect();
+        written += remove(&mut self.ipcache_host_v4, &stale_v4, maps::IPCACHE_HOST_V4)?;
+        written += remove(&mut self.ipcache_host_v6, &stale_v6, maps::IPCACHE_HOST_V6)?;
+        Ok(written)
+    }
+
     /// Brings `CGROUP_IDENTITY` in line with the cgroups that exist now (pods started or
-    /// gone); the policy itself is untouched.
+    /// gone); the policy itself is untouched. Gone cgroups leave first (room before anything
+    /// is added); more cgroups than the map holds are refused before any write.
     pub fn sync_cgroups(&mut self, cgroups: &BTreeMap<u64, u32>) -> Result<()> {
-        let sync = upsert(&mut self.cgroup_identity, cgroups, maps::CGROUP_IDENTITY)?;
-        remove(
+        if cgroups.len() > self.capacities.cgroups as usize {
+            anyhow::bail!(
+                "needs {} cgroup entries, capacity {} (map {}; `enforcer run --capacity cgroups=N`)",
+                cgroups.len(),
+                self.capacities.cgroups,
+                maps::CGROUP_IDENTITY
+            );
+        }
+        let current = self.cgroup_identity.entries()?;
+        let stale: Vec<u64> = current
+            .keys()
+            .filter(|k| !cgroups.contains_key(k))
+            .copied()
+            .collect();
+        remove(&mut self.cgroup_identity, &stale, maps::CGROUP_IDENTITY)?;
+        write_changed(
             &mut self.cgroup_identity,
-            &sync.stale,
+            &current,
+            cgroups,
             maps::CGROUP_IDENTITY,
         )?;
         Ok(())
     }
 
-    /// Writes one subject's re-evaluated row into the active table (a risk change). Each
-    /// cell changes on its own; no connect sees a cell half-written.
+    /// Writes one subject's re-evaluated row into the active table (a risk change), all or
+    /// nothing. Each cell changes on its own, in an order where no connect sees a cell allowed
+    /// that neither the old nor the new row allows: first every change that only denies more
+    /// (deny exceptions added, allows removed), then the rest (allows added, exceptions
+    /// removed). A row that does not fit the table is refused before any write; a write that
+    /// fails anyway is undone.
     pub fn apply_row(
         &mut self,
         added: &[(PolicyKey, PolicyValue)],
@@ -205,13 +1052,67 @@ impl Tables {
     ) -> Result<u64> {
         let mut config = self.config()?;
         let active = active_table(&config);
-        // Forget the shadow first: if a write fails half-way, the next swap reads the table.
+        let current = self.active_contents(&config)?;
+        let new_keys = added
+            .iter()
+            .filter(|(key, _)| !current.contains_key(key))
+            .count();
+        let need = current.len() + new_keys;
+        if need > self.capacities.policy as usize {
+            anyhow::bail!(
+                "the row does not fit the active policy table; nothing was written: needs {need} policy entries, capacity {}",
+                self.capacities.policy
+            );
+        }
+        let mut stricter: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
+        let mut looser: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
+        for (key, value) in added {
+            let slot = if value.is_allow() {
+                &mut looser
+            } else {
+                &mut stricter
+            };
+            slot.push((*key, Some(*value)));
+        }
+        for key in removed {
+            match current.get(key) {
+                Some(value) if value.is_allow() => stricter.push((*key, None)),
+                Some(_) => looser.push((*key, None)),
+                None => {}
+            }
+        }
+        // Forget the shadow while writing: if undoing fails too, the next swap reads the table.
         let shadow = self.policy_shadow[active].take();
         let table = &mut self.policy[active];
-        for (key, value) in added {
-            table.put(key, value, "the active policy table")?;
+        let mut undo: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
+        let mut written = Ok(());
+        for (key, value) in stricter.iter().chain(looser.iter()) {
+            undo.push((*key, current.get(key).copied()));
+            let result = match value {
+                Some(value) => table.put(key, value, "the active policy table"),
+                None => table.delete(key, "the active policy table"),
+            };
+            if let Err(error) = result {
+                written = Err(error);
+                break;
+            }
         }
-        remove(table, removed, "the active policy table")?;
+        if let Err(error) = written {
+            // Back in reverse: the cells return to their old values in the opposite order.
+            for (key, value) in undo.iter().rev() {
+                let result = match value {
+                    Some(value) => table.put(key, value, "the active policy table"),
+                    None => table.delete(key, "the active policy table"),
+                };
+                if let Err(undo_error) = result {
+                    return Err(error.context(format!(
+                        "writing the row failed part-way, and UNDOING IT FAILED TOO: {undo_error:#}"
+                    )));
+                }
+            }
+            self.policy_shadow[active] = shadow;
+            return Err(error.context("writing the row failed part-way; every cell was put back"));
+        }
         self.policy_shadow[active] = shadow.map(|mut shadow| {
             shadow.extend(added.iter().copied());
             for key in removed {
@@ -249,19 +1150,30 @@ impl Tables {
             .collect())
     }
 
-    /// Makes the standby table equal to `allows`, then flips the active index to it.
+    /// Makes the standby table equal to `allows`, then flips the active index to it. With
+    /// `keep_if_active`, a table already active with these contents stays (a rollback of a
+    /// change that failed before its flip changes nothing).
     fn swap_policy(
         &mut self,
         allows: &HashMap<PolicyKey, PolicyValue>,
         audit: bool,
+        keep_if_active: bool,
     ) -> Result<PolicySwap> {
         let mut config = self.config()?;
-        let standby = active_table(&config) as u32 ^ 1;
-        if let Some(flipped) = self.last_flip {
-            if let Some(rest) = STANDBY_GRACE.checked_sub(flipped.elapsed()) {
-                std::thread::sleep(rest);
-            }
+        let active = active_table(&config);
+        if keep_if_active
+            && self.policy_shadow[active].as_ref() == Some(allows)
+            && (config.audit != 0) == audit
+        {
+            return Ok(PolicySwap {
+                written: 0,
+                stale: Vec::new(),
+                active: active as u32,
+                generation: config.generation,
+            });
         }
+        let standby = active as u32 ^ 1;
+        self.wait_for_in_flight();
         let table = &mut self.policy[standby as usize];
         // Stale entries go first here: the standby table is invisible, and removing first
         // leaves room in a nearly full table.
@@ -275,7 +1187,7 @@ impl Tables {
             .copied()
             .collect();
         remove(table, &stale, "the standby policy table")?;
-        let sync = write_changed(table, current, allows, "the standby policy table")?;
+        let written = write_changed(table, &current, allows, "the standby policy table")?;
         self.policy_shadow[standby as usize] = Some(allows.clone());
         // +1: the generation's parity, which the programs read, now names the standby table.
         config.generation += 1;
@@ -286,12 +1198,52 @@ impl Tables {
             .context("flipping CONFIG.active_policy")?;
         self.last_flip = Some(Instant::now());
         Ok(PolicySwap {
-            written: sync.written,
+            written,
             stale,
             active: standby,
             generation: config.generation,
         })
     }
+}
+
+/// Writes added and changed prefixes, longest first.
+fn write_prefixes<const N: usize>(
+    map: &mut LpmTrie<MapData, [u8; N], u32>,
+    current: &HashMap<(u32, [u8; N]), u32>,
+    next: &HashMap<(u32, [u8; N]), u32>,
+    what: &str,
+) -> Result<usize>
+where
+    [u8; N]: aya::Pod,
+{
+    let mut changed: Vec<_> = next
+        .iter()
+        .filter(|(key, id)| current.get(*key) != Some(*id))
+        .collect();
+    changed.sort_by_key(|((len, addr), _)| (std::cmp::Reverse(*len), *addr));
+    for (key, id) in &changed {
+        map.put(key, id, what)?;
+    }
+    Ok(changed.len())
+}
+
+/// Removes prefixes the next state lacks, shortest first.
+fn remove_prefixes<const N: usize>(
+    map: &mut LpmTrie<MapData, [u8; N], u32>,
+    current: &HashMap<(u32, [u8; N]), u32>,
+    next: &HashMap<(u32, [u8; N]), u32>,
+    what: &str,
+) -> Result<usize>
+where
+    [u8; N]: aya::Pod,
+{
+    let mut stale: Vec<_> = current
+        .keys()
+        .filter(|key| !next.contains_key(*key))
+        .copied()
+        .collect();
+    stale.sort();
+    remove(map, &stale, what)
 }
 
 /// The table the programs read: the generation's parity (one load in the kernel, never torn).
@@ -355,53 +1307,27 @@ where
     }
 }
 
-struct Upserted<K> {
-    written: usize,
-    /// Keys the map holds that `desired` does not: removed once nothing refers to them.
-    stale: Vec<K>,
-}
-
-/// Writes the entries of `desired` that the map lacks or holds with another value.
-fn upsert<'a, K, V, M>(
-    map: &mut M,
-    desired: impl IntoIterator<Item = (&'a K, &'a V)> + Copy,
-    what: &str,
-) -> Result<Upserted<K>>
-where
-    K: Eq + Hash + Copy + 'a,
-    V: PartialEq + 'a,
-    M: SyncMap<K, V>,
-{
-    let current = map.entries()?;
-    write_changed(map, current, desired, what)
-}
-
-/// [`upsert`] against contents already read (reading a large map costs two syscalls an entry).
+/// Writes the entries of `desired` that the map (holding `current`, already read: reading a
+/// large map costs two syscalls an entry) lacks or holds with another value; returns how many.
 fn write_changed<'a, K, V, M>(
     map: &mut M,
-    current: HashMap<K, V>,
-    desired: impl IntoIterator<Item = (&'a K, &'a V)> + Copy,
+    current: &HashMap<K, V>,
+    desired: impl IntoIterator<Item = (&'a K, &'a V)>,
     what: &str,
-) -> Result<Upserted<K>>
+) -> Result<usize>
 where
     K: Eq + Hash + Copy + 'a,
     V: PartialEq + 'a,
     M: SyncMap<K, V>,
 {
     let mut written = 0;
-    let mut wanted = std::collections::HashSet::new();
     for (key, value) in desired {
-        wanted.insert(*key);
         if current.get(key) != Some(value) {
             map.put(key, value, what)?;
             written += 1;
         }
     }
-    let stale = current
-        .into_keys()
-        .filter(|k| !wanted.contains(k))
-        .collect();
-    Ok(Upserted { written, stale })
+    Ok(written)
 }
 
 fn remove<K, V, M: SyncMap<K, V>>(map: &mut M, keys: &[K], what: &str) -> Result<usize> {
@@ -499,4 +1425,274 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
             generation: config.generation,
         },
     })
+}
+
+/// Capacities an operator asks for (`--capacity KIND=N`): they size the maps when they are
+/// created; maps already pinned keep theirs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityOverrides {
+    pub policy: Option<u32>,
+    pub identities: Option<u32>,
+    pub cgroups: Option<u32>,
+    /// All four IP caches.
+    pub ipcache: Option<u32>,
+}
+
+impl CapacityOverrides {
+    pub const KINDS: &'static str = "policy, identities, cgroups, ipcache";
+
+    /// Adds one `KIND=N`.
+    pub fn set(&mut self, spec: &str) -> Result<()> {
+        let (kind, n) = spec
+            .split_once('=')
+            .with_context(|| format!("--capacity {spec:?}: want KIND=N ({})", Self::KINDS))?;
+        let n: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("--capacity {spec:?}: N must be a positive number"))?;
+        let slot = match kind.trim() {
+            "policy" => &mut self.policy,
+            "identities" => &mut self.identities,
+            "cgroups" => &mut self.cgroups,
+            "ipcache" => &mut self.ipcache,
+            other => anyhow::bail!(
+                "--capacity {other:?}: unknown kind (one of {})",
+                Self::KINDS
+            ),
+        };
+        *slot = Some(n);
+        Ok(())
+    }
+
+    /// The capacities maps created with these overrides have.
+    pub fn over(&self, base: Capacities) -> Capacities {
+        let ip = |c: u32| self.ipcache.unwrap_or(c);
+        Capacities {
+            cgroups: self.cgroups.unwrap_or(base.cgroups),
+            identities: self.identities.unwrap_or(base.identities),
+            host_v4: ip(base.host_v4),
+            host_v6: ip(base.host_v6),
+            prefix_v4: ip(base.prefix_v4),
+            prefix_v6: ip(base.prefix_v6),
+            policy: self.policy.unwrap_or(base.policy),
+        }
+    }
+
+    /// `(map name, max_entries)` for the loader.
+    pub fn map_sizes(&self) -> Vec<(&'static str, u32)> {
+        let mut sizes = Vec::new();
+        if let Some(n) = self.policy {
+            sizes.extend([(maps::POLICY_A, n), (maps::POLICY_B, n)]);
+        }
+        if let Some(n) = self.identities {
+            sizes.push((maps::IDENTITIES, n));
+        }
+        if let Some(n) = self.cgroups {
+            sizes.push((maps::CGROUP_IDENTITY, n));
+        }
+        if let Some(n) = self.ipcache {
+            sizes.extend([
+                (maps::IPCACHE_HOST_V4, n),
+                (maps::IPCACHE_HOST_V6, n),
+                (maps::IPCACHE_V4, n),
+                (maps::IPCACHE_V6, n),
+            ]);
+        }
+        sizes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(subject: u32, destination: u32, dport: u16) -> PolicyKey {
+        PolicyKey {
+            subject,
+            destination,
+            dport,
+            protocol: 6,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn the_transition_table_allows_only_what_both_allow() {
+        let old: HashMap<_, _> = [
+            (key(1, 10, 0), PolicyValue::allow(1)),
+            (key(1, 10, 25), PolicyValue::deny(2)),
+            (key(1, 11, 0), PolicyValue::allow(1)),
+            (key(2, 10, 80), PolicyValue::allow(3)),
+            (key(3, 10, 0), PolicyValue::allow(1)),
+        ]
+        .into();
+        let new: HashMap<_, _> = [
+            (key(1, 10, 0), PolicyValue::allow(1)),
+            (key(1, 10, 443), PolicyValue::deny(4)),
+            (key(2, 10, 0), PolicyValue::allow(5)),
+            (key(3, 10, 0), PolicyValue::allow(1)),
+        ]
+        .into();
+        let t = transition_table(&old, &new, |s, _| s == 3);
+        for subject in [1, 2, 3] {
+            for destination in [10, 11] {
+                for port in [22, 25, 80, 443] {
+                    let k = key(subject, destination, port);
+                    let want = subject != 3 && allows(&old, &k) && allows(&new, &k);
+                    assert_eq!(allows(&t, &k), want, "{k:?}");
+                }
+            }
+        }
+    }
+
+    /// Property: under the transition table, whatever mixture of old and new cgroup and
+    /// address mappings a connect sees, it is allowed only if the old policy (old mappings,
+    /// old table) or the new one (new mappings, new table) allows it. Random small worlds
+    /// from a fixed seed (xorshift), so a failure reproduces.
+    #[test]
+    fn no_mixture_under_the_transition_table_allows_more_than_old_or_new() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let subjects = [1u32, 2, 3];
+        let destinations = [10u32, 11, 12];
+        let ports = [25u16, 80, 443];
+        for _ in 0..2000 {
+            let table = |next: &mut dyn FnMut(u64) -> u64| {
+                let mut t = HashMap::new();
+                for s in subjects {
+                    for d in destinations {
+                        if next(2) == 0 {
+                            t.insert(key(s, d, 0), PolicyValue::allow(1));
+                            for p in ports {
+                                if next(3) == 0 {
+                                    t.insert(key(s, d, p), PolicyValue::deny(2));
+                                }
+                            }
+                        } else {
+                            for p in ports {
+                                if next(3) == 0 {
+                                    t.insert(key(s, d, p), PolicyValue::allow(3));
+                                }
+                            }
+                        }
+                    }
+                }
+                t
+            };
+            let old = table(&mut next);
+            let new = table(&mut next);
+            // Two cgroups and two addresses, each kept or moved (None: no entry / WORLD-less).
+            let pick = |set: &[u32], next: &mut dyn FnMut(u64) -> u64| {
+                let i = next(set.len() as u64 + 1) as usize;
+                set.get(i).copied()
+            };
+            let cgroups: Vec<(Option<u32>, Option<u32>)> = (0..2)
+                .map(|_| (pick(&subjects, &mut next), pick(&subjects, &mut next)))
+                .collect();
+            let addresses: Vec<(u32, u32)> = (0..2)
+                .map(|_| {
+                    let o = pick(&destinations, &mut next).unwrap_or(destinations[0]);
+                    let n = pick(&destinations, &mut next).unwrap_or(destinations[0]);
+                    (o, n)
+                })
+                .collect();
+            let moving_subjects: HashSet<u32> = cgroups
+                .iter()
+                .filter(|(o, n)| o != n)
+                .flat_map(|(o, n)| o.iter().chain(n.iter()).copied().collect::<Vec<_>>())
+                .collect();
+            let moving_destinations: HashSet<u32> = addresses
+                .iter()
+                .filter(|(o, n)| o != n)
+                .flat_map(|(o, n)| [*o, *n])
+                .collect();
+            let t = transition_table(&old, &new, |s, d| {
+                moving_subjects.contains(&s) && moving_destinations.contains(&d)
+            });
+            for (so, sn) in &cgroups {
+                for (d_old, d_new) in &addresses {
+                    for p in ports {
+                        let decided = |table: &HashMap<_, _>, s: Option<u32>, d: u32| {
+                            s.is_some_and(|s| allows(table, &key(s, d, p)))
+                        };
+                        let permitted = decided(&old, *so, *d_old) || decided(&new, *sn, *d_new);
+                        for s in [*so, *sn] {
+                            for d in [*d_old, *d_new] {
+                                assert!(
+                                    !decided(&t, s, d) || permitted,
+                                    "subject {s:?} -> {d} port {p} allowed by the transition \
+                                     table, but neither old ({so:?} -> {d_old}) nor new \
+                                     ({sn:?} -> {d_new}) allows it\nold {old:?}\nnew {new:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shrinking_drops_whole_groups() {
+        let mut t: HashMap<_, _> = [
+            (key(1, 10, 0), PolicyValue::allow(1)),
+            (key(1, 10, 25), PolicyValue::deny(2)),
+            (key(2, 10, 0), PolicyValue::allow(1)),
+        ]
+        .into();
+        assert_eq!(shrink_to(&mut t, 2), 1);
+        assert_eq!(t.len(), 1);
+        assert!(t.contains_key(&key(2, 10, 0)));
+    }
+
+    #[test]
+    fn address_changes_pair_old_and_new_identities() {
+        let old = IpCache::<4>::from_desired(
+            &[((32, [127, 0, 0, 5]), 7), ((24, [127, 0, 0, 0]), 8)].into(),
+        );
+        let new = IpCache::<4>::from_desired(
+            &[((24, [127, 0, 0, 0]), 8), ((32, [127, 0, 0, 9]), 9)].into(),
+        );
+        let changes = old.changes(&new);
+        assert_eq!(changes, [(7, 8), (8, 9)].into());
+        assert_eq!(new.lookup(32, [127, 0, 0, 77]), 8);
+        assert_eq!(new.lookup(32, [10, 0, 0, 1]), identity::WORLD);
+        assert_eq!(mask([255u8, 255, 255, 255], 20), [255, 255, 240, 0]);
+    }
+
+    #[test]
+    fn capacities_are_named_with_the_map_and_the_flag() {
+        let needs = Needs {
+            policy: Need {
+                entries: 10,
+                peak: 10,
+            },
+            host_v4: Need {
+                entries: 3,
+                peak: 5,
+            },
+            ..Default::default()
+        };
+        let capacity = Capacities {
+            policy: 8,
+            host_v4: 4,
+            ..Default::default()
+        };
+        let overflows = needs.overflows(&capacity);
+        assert_eq!(overflows.len(), 2, "{overflows:?}");
+        assert!(overflows[0].starts_with("needs 10 policy entries, capacity 8"));
+        assert!(overflows[1].contains("(5 while the change is written"));
+        let mut o = CapacityOverrides::default();
+        o.set("policy=100").unwrap();
+        assert!(o.set("policies=1").is_err());
+        assert!(o.set("policy=0").is_err());
+        assert_eq!(o.over(Capacities::default()).policy, 100);
+    }
 }
