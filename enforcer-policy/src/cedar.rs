@@ -349,14 +349,27 @@ impl Engine {
     ) -> Option<Engine> {
         let start = diags.len();
         let (schema_file, schema_text) = &src.schema;
-        let schema = match Schema::from_cedarschema_str(schema_text) {
-            Ok((schema, warnings)) => {
+        let schema_bound = crate::limits::check_schema_text(
+            schema_file,
+            schema_text,
+            crate::limits::SCHEMA_BRACKET_DEPTH,
+        );
+        let parsed_schema = match schema_bound {
+            Some(d) => {
+                diags.push(d);
+                None
+            }
+            None => Some(Schema::from_cedarschema_str(schema_text)),
+        };
+        let schema = match parsed_schema {
+            None => None,
+            Some(Ok((schema, warnings))) => {
                 for w in warnings {
                     tracing::warn!(file = %schema_file.display(), "schema: {w}");
                 }
                 Some(schema)
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 diags.push(located(schema_file, schema_text, &e, 0));
                 None
             }
@@ -373,6 +386,16 @@ impl Engine {
         // Reads of entities the inventory lacks: they do not stand in the way of validation.
         let mut missing: Vec<Diagnostic> = Vec::new();
         for (fi, (file, text)) in src.policies.iter().enumerate() {
+            // Bounded before Cedar's parser, which recurses per level, sees the text.
+            if let Some(d) = crate::limits::check_cedar_text(
+                file,
+                text,
+                crate::limits::CEDAR_BRACKET_DEPTH,
+                crate::limits::CEDAR_EXPR_DEPTH,
+            ) {
+                diags.push(d);
+                continue;
+            }
             let parsed = match PolicySet::from_str(text) {
                 Ok(p) => p,
                 Err(errs) => {
@@ -382,6 +405,12 @@ impl Engine {
                     continue;
                 }
             };
+            if parsed.policies().next().is_none() && parsed.templates().next().is_none() {
+                diags.push(
+                    Diagnostic::new(file, 1, 1, "no policy in this file (it is empty or only comments)")
+                        .with_hint("an empty policy file is usually a truncated write; to remove its policies, delete the file"),
+                );
+            }
             for t in parsed.templates() {
                 diags.push(
                     Diagnostic::new(file, 1, 1, format!("template `{}` is not supported", t.id()))
@@ -533,16 +562,21 @@ impl Engine {
             }
         }
 
-        let clean = diags.len() == start;
         diags.0.extend(missing);
         let schema = schema?;
-        if clean {
-            let result = Validator::new(schema.clone()).validate(&pset, ValidationMode::Strict);
-            for e in result.validation_errors() {
-                let (fi, offset) = file_of.get(e.policy_id()).copied().unwrap_or((0, 0));
-                let (file, text) = &src.policies[fi];
-                diags.push(located(file, text, e, offset));
+        // Every policy that parsed is validated, whatever else is wrong (in it or elsewhere):
+        // one run lists every problem. A policy is named by its `@id` where it has one.
+        let result = Validator::new(schema.clone()).validate(&pset, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let (fi, offset) = file_of.get(e.policy_id()).copied().unwrap_or((0, 0));
+            let (file, text) = &src.policies[fi];
+            let mut d = located(file, text, e, offset);
+            if let Some(&rule) = rule_of.get(e.policy_id()) {
+                let internal = format!("`{}`", e.policy_id());
+                let named = format!("`{}`", rules[rule as usize].id);
+                d.message = d.message.replace(&internal, &named);
             }
+            diags.push(d);
         }
 
         // The inventory against the schema: entities and the actions of declared ports.
