@@ -600,8 +600,9 @@ fn cedar_nesting_is_bounded_before_parsing() {
 fn schema_nesting_is_bounded() {
     let schema = std::fs::read_to_string(demo_dir().join("schema.cedarschema")).unwrap();
     let deep = format!(
-        "{schema}\ntype Deep = {};\n",
-        format!("{}Long{}", "Set<".repeat(10_000), ">".repeat(10_000))
+        "{schema}\ntype Deep = {}Long{};\n",
+        "Set<".repeat(10_000),
+        ">".repeat(10_000)
     );
     let before = schema.matches('<').count();
     let (line, col) = pos_of(&deep, "<", before + limits::SCHEMA_BRACKET_DEPTH);
@@ -660,7 +661,8 @@ fn file_sizes_are_bounded() {
 /// The deepest policies of several shapes that the limits allow: for each, the largest `n`
 /// whose policy passes [`limits::check_cedar_text`] (the next one does not).
 fn deepest_allowed() -> Vec<String> {
-    let shapes: [(&str, fn(usize) -> String); 5] = [
+    type Shape = (&'static str, fn(usize) -> String);
+    let shapes: [Shape; 5] = [
         ("parens", |n| {
             format!(
                 "({}principal.ring == \"x\"{})",
