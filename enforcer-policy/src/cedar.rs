@@ -494,6 +494,18 @@ impl Engine {
                     cedar_policy::Effect::Permit => Effect::Permit,
                     cedar_policy::Effect::Forbid => Effect::Forbid,
                 };
+                // An annotation the enforcer does not read would silently not apply (a
+                // `@quarantin` typo is a forbid that never quarantines): only these exist.
+                const KNOWN: [&str; 4] = ["id", "atlas", "quarantine", "description"];
+                for (key, _) in p.annotations() {
+                    if !KNOWN.contains(&key) {
+                        diags.push(
+                            at(ann_loc(key), format!("unknown annotation `@{key}`")).with_hint(
+                                "the enforcer reads @id, @atlas and @quarantine; @description is for people",
+                            ),
+                        );
+                    }
+                }
                 let quarantine = p.annotation("quarantine").is_some();
                 if quarantine && effect == Effect::Permit {
                     diags.push(at(

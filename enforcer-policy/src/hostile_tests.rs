@@ -931,3 +931,11 @@ fn the_list_of_problems_is_bounded() {
         d.last()
     );
 }
+
+#[test]
+fn unknown_annotations_are_errors() {
+    let policy = "@id(\"q\")\n@description(\"for people\")\n  @quarantin\nforbid (principal, action, resource) when { principal.risk.greaterThan(decimal(\"0.9\")) };\n";
+    let d = load_with(&[("extra.cedar", policy)]);
+    assert_diag(&d, "extra.cedar:3:3:", "unknown annotation `@quarantin`");
+    assert_eq!(d.len(), 1, "{}", d.join("\n"));
+}
