@@ -185,3 +185,69 @@ fn a_hostile_bundle_never_takes_down_a_running_agent() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 6, fault 2, in the kernel: an endpoint whose address the inventory spells
+/// IPv4-mapped (`::ffff:127.83.2.10`) is that IPv4 address to the kernel: its own tenant
+/// reaches it over IPv4, and another tenant's denied call names it (not WORLD).
+#[test]
+fn a_mapped_spelling_in_the_inventory_is_the_ipv4_destination() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::new(
+        NET,
+        vec![
+            Entity::workload(NET, "acme-caller", "acme", "inference", 2, 1),
+            Entity::workload(NET, "globex-caller", "globex", "inference", 3, 1),
+            Entity::endpoint(NET, "acme-store", "acme", "llm_api", 2, 10).port(
+                8300,
+                Proto::Tcp,
+                "query",
+            ),
+        ],
+        BASE,
+    )?;
+    let path = world.bundle.path().join("inventory.yaml");
+    let inventory = std::fs::read_to_string(&path)?;
+    let plain = "127.83.2.10/32";
+    ensure!(
+        inventory.matches(plain).count() == 1,
+        "fixture: {plain} once in:\n{inventory}"
+    );
+    std::fs::write(
+        &path,
+        inventory.replacen(plain, "\"::ffff:127.83.2.10\"", 1),
+    )?;
+    let _servers = world.servers_v4()?;
+    let agent = world.start_agent()?;
+    first_applied_snapshot(&agent)?;
+    let cell = attempt("tcp", world.entity("acme-store").ip(false), 8300);
+    let run = |caller: &str| -> Result<Outcome> {
+        Ok(Probe::new()
+            .in_cgroup(world.cgroup(caller))
+            .timeout(Duration::from_secs(10))
+            .run_one(&cell)?
+            .outcome)
+    };
+    ensure!(
+        run("acme-caller")? == Outcome::Ok,
+        "same tenant over IPv4 to the mapped-spelled address: must be allowed (judged as the endpoint, not WORLD); agent stderr:\n{}",
+        agent.stderr_tail()
+    );
+    ensure!(
+        run("globex-caller")? == Outcome::Eperm,
+        "another tenant must be denied"
+    );
+    let denies = agent.wait_for(1, Duration::from_secs(5), |e| {
+        e.get("verdict").and_then(Value::as_str) == Some("deny")
+    })?;
+    let names: Vec<&str> = denies
+        .iter()
+        .filter_map(|e| e.pointer("/destination/name").and_then(Value::as_str))
+        .collect();
+    ensure!(
+        names == ["acme-store"],
+        "the deny must name the endpoint, not WORLD: {names:?}"
+    );
+    Ok(())
+}
