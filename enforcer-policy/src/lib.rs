@@ -10,7 +10,8 @@
 //! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
 //! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
 //! deny attribution) -> [`explain`]. [`diagnostics`] carries located errors, [`atlas`] the
-//! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides.
+//! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides, [`limits`] the bounds on
+//! what a (possibly hostile) bundle may make the loader do.
 //!
 //! Risk at run time: [`Bundle::set_risk`] overrides one workload's `risk` attribute (the
 //! oracle and later compiles see it, until the bundle is replaced);

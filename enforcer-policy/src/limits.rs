@@ -16,7 +16,8 @@
 //! [`LOAD_STACK_BYTES`] stack, far more than a bundle within these bounds needs. What is
 //! left on the caller's threads (evaluating and dropping policies, whose depth the bounds
 //! keep small) was measured on a 2 MiB thread (the size of a tokio worker's stack), in a
-//! debug build, with margin: see `tests::deep_policies_*`.
+//! debug build, with margin: see `hostile_tests::deep_policies_*` and
+//! `hostile_tests::measure_cedar_depth`.
 
 use std::io::Read;
 use std::path::Path;
