@@ -939,3 +939,29 @@ fn unknown_annotations_are_errors() {
     assert_diag(&d, "extra.cedar:3:3:", "unknown annotation `@quarantin`");
     assert_eq!(d.len(), 1, "{}", d.join("\n"));
 }
+
+/// Text built from the characters that matter to the readers, and any other.
+fn hostile_text() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let pieces = proptest::sample::select(vec![
+        "(", ")", "[", "]", "{", "}", "<", ">", "\"", "\\", "//", "\n", ";", ",", ":", "::", "&&",
+        "||", "!", "-", ".", "+", "*", "=", "if ", " then ", " else ", " in ", " has ", "is", "a",
+        "1", " ", "é", "&", "*a", "&a ", "- ", "---\n", "? ", "!!str ", "|\n", "'",
+    ])
+    .prop_map(str::to_string);
+    let any_char = any::<char>().prop_map(|c| c.to_string());
+    proptest::collection::vec(prop_oneof![pieces, any_char], 0..200).prop_map(|v| v.concat())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// The pre-parse checks and the YAML reader never panic, whatever the text.
+    #[test]
+    fn the_bounded_readers_never_panic(text in hostile_text()) {
+        let p = Path::new("x");
+        let _ = limits::check_cedar_text(p, &text, 4, 8);
+        let _ = limits::check_schema_text(p, &text, 4);
+        let _ = crate::Inventory::parse(p, &text);
+    }
+}
