@@ -965,3 +965,96 @@ proptest::proptest! {
         let _ = crate::Inventory::parse(p, &text);
     }
 }
+
+/// The depth of Cedar's own tree for a policy (from its JSON form: each operator object is
+/// one node; literals and variables are leaves).
+fn tree_depth(v: &serde_json::Value) -> usize {
+    use serde_json::Value as J;
+    let inner = |v: &J| match v {
+        J::Object(m) => m.values().map(tree_depth).max().unwrap_or(0),
+        J::Array(a) => a.iter().map(tree_depth).max().unwrap_or(0),
+        _ => 0,
+    };
+    match v {
+        J::Object(m) if m.len() == 1 => {
+            let (k, x) = m.iter().next().unwrap();
+            match k.as_str() {
+                "Value" | "Var" | "Slot" | "Unknown" => 0,
+                _ => 1 + inner(x),
+            }
+        }
+        J::Object(m) => m.values().map(tree_depth).max().unwrap_or(0),
+        J::Array(a) => a.iter().map(tree_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The smallest expression-depth limit `text` passes: the estimate of `check_cedar_text`.
+fn estimate(text: &str) -> usize {
+    (0..10_000)
+        .find(|&max| limits::check_cedar_text(Path::new("x"), text, usize::MAX, max).is_none())
+        .unwrap()
+}
+
+/// Random Cedar expressions, written without the brackets their shape would need: Cedar's
+/// precedence decides the tree.
+fn expression() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let leaf = proptest::sample::select(vec![
+        "true",
+        "1",
+        "\"s\"",
+        "principal",
+        "context.port",
+        "principal.ring",
+        "Workload::\"w\"",
+    ])
+    .prop_map(str::to_string);
+    leaf.prop_recursive(6, 64, 3, |e| {
+        prop_oneof![
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} && {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} || {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("({a} || {b})")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} == {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} != {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} >= {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} + {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} - {b}")),
+            e.clone().prop_map(|a| format!("{a} * 2")),
+            e.clone().prop_map(|a| format!("!{a}")),
+            e.clone().prop_map(|a| format!("-{a}")),
+            e.clone().prop_map(|a| format!("{a}.tenant")),
+            e.clone().prop_map(|a| format!("{a} has tenant")),
+            e.clone().prop_map(|a| format!("{a} like \"x*\"")),
+            e.clone()
+                .prop_map(|a| format!("{a} is Workload in Workload::\"w\"")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{a} in {b}")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("[{a}, {b}].contains({a})")),
+            (e.clone(), e.clone()).prop_map(|(a, b)| format!("{{x: {a}, y: [{b}]}}")),
+            (e.clone(), e.clone(), e.clone())
+                .prop_map(|(a, b, c)| format!("if {a} then {b} else {c}")),
+        ]
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+    /// The text estimate is never below the depth of the tree Cedar builds: the limit bounds
+    /// the real recursion.
+    #[test]
+    fn the_depth_estimate_is_from_above(body in expression()) {
+        let text = format!("permit (principal, action, resource) when {{ {body} }};");
+        if let Ok(set) = cedar_policy::PolicySet::from_str(&text) {
+            for p in set.policies() {
+                let json = p.to_json().unwrap();
+                let real = json
+                    .get("conditions")
+                    .map(tree_depth)
+                    .unwrap_or(0);
+                let est = estimate(&text);
+                proptest::prop_assert!(est >= real, "estimate {est} < tree depth {real}: {body}");
+            }
+        }
+    }
+}
