@@ -353,14 +353,27 @@ impl Engine {
     ) -> Option<Engine> {
         let start = diags.len();
         let (schema_file, schema_text) = &src.schema;
-        let schema = match Schema::from_cedarschema_str(schema_text) {
-            Ok((schema, warnings)) => {
+        let schema_bound = crate::limits::check_schema_text(
+            schema_file,
+            schema_text,
+            crate::limits::SCHEMA_BRACKET_DEPTH,
+        );
+        let parsed_schema = match schema_bound {
+            Some(d) => {
+                diags.push(d);
+                None
+            }
+            None => Some(Schema::from_cedarschema_str(schema_text)),
+        };
+        let schema = match parsed_schema {
+            None => None,
+            Some(Ok((schema, warnings))) => {
                 for w in warnings {
                     tracing::warn!(file = %schema_file.display(), "schema: {w}");
                 }
                 Some(schema)
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 diags.push(located(schema_file, schema_text, &e, 0));
                 None
             }
@@ -378,6 +391,16 @@ impl Engine {
         // Reads of entities the inventory lacks: they do not stand in the way of validation.
         let mut missing: Vec<Diagnostic> = Vec::new();
         for (fi, (file, text)) in src.policies.iter().enumerate() {
+            // Bounded before Cedar's parser, which recurses per level, sees the text.
+            if let Some(d) = crate::limits::check_cedar_text(
+                file,
+                text,
+                crate::limits::CEDAR_BRACKET_DEPTH,
+                crate::limits::CEDAR_EXPR_DEPTH,
+            ) {
+                diags.push(d);
+                continue;
+            }
             let parsed = match PolicySet::from_str(text) {
                 Ok(p) => p,
                 Err(errs) => {
@@ -387,6 +410,12 @@ impl Engine {
                     continue;
                 }
             };
+            if parsed.policies().next().is_none() && parsed.templates().next().is_none() {
+                diags.push(
+                    Diagnostic::new(file, 1, 1, "no policy in this file (it is empty or only comments)")
+                        .with_hint("an empty policy file is usually a truncated write; to remove its policies, delete the file"),
+                );
+            }
             for t in parsed.templates() {
                 diags.push(
                     Diagnostic::new(file, 1, 1, format!("template `{}` is not supported", t.id()))
@@ -470,6 +499,18 @@ impl Engine {
                     cedar_policy::Effect::Permit => Effect::Permit,
                     cedar_policy::Effect::Forbid => Effect::Forbid,
                 };
+                // An annotation the enforcer does not read would silently not apply (a
+                // `@quarantin` typo is a forbid that never quarantines): only these exist.
+                const KNOWN: [&str; 4] = ["id", "atlas", "quarantine", "description"];
+                for (key, _) in p.annotations() {
+                    if !KNOWN.contains(&key) {
+                        diags.push(
+                            at(ann_loc(key), format!("unknown annotation `@{key}`")).with_hint(
+                                "the enforcer reads @id, @atlas and @quarantine; @description is for people",
+                            ),
+                        );
+                    }
+                }
                 let quarantine = p.annotation("quarantine").is_some();
                 if quarantine && effect == Effect::Permit {
                     diags.push(at(
@@ -556,16 +597,21 @@ impl Engine {
             }
         }
 
-        let clean = diags.len() == start;
         diags.0.extend(missing);
         let schema = schema?;
-        if clean {
-            let result = Validator::new(schema.clone()).validate(&pset, ValidationMode::Strict);
-            for e in result.validation_errors() {
-                let (fi, offset) = file_of.get(e.policy_id()).copied().unwrap_or((0, 0));
-                let (file, text) = &src.policies[fi];
-                diags.push(located(file, text, e, offset));
+        // Every policy that parsed is validated, whatever else is wrong (in it or elsewhere):
+        // one run lists every problem. A policy is named by its `@id` where it has one.
+        let result = Validator::new(schema.clone()).validate(&pset, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let (fi, offset) = file_of.get(e.policy_id()).copied().unwrap_or((0, 0));
+            let (file, text) = &src.policies[fi];
+            let mut d = located(file, text, e, offset);
+            if let Some(&rule) = rule_of.get(e.policy_id()) {
+                let internal = format!("`{}`", e.policy_id());
+                let named = format!("`{}`", rules[rule as usize].id);
+                d.message = d.message.replace(&internal, &named);
             }
+            diags.push(d);
         }
 
         // The inventory against the schema: entities and the actions of declared ports.

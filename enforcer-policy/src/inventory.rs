@@ -9,11 +9,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use crate::diagnostics::{Diagnostic, Diagnostics};
 use crate::identity::{validate_spiffe_id, IpNet};
+use crate::limits;
 use crate::Protocol;
 
 /// A 1-based source position in the inventory file.
@@ -100,23 +101,29 @@ impl Inventory {
 
     /// Parse and validate `text` (the content of `file`). Every problem is reported.
     pub fn parse(file: &Path, text: &str) -> Result<Inventory, Diagnostics> {
+        match Inventory::parse_partial(file, text) {
+            (Some(inv), diags) if diags.is_empty() => Ok(inv),
+            (_, diags) => Err(diags),
+        }
+    }
+
+    /// [`Inventory::parse`], also returning the inventory when it has problems (as far as it
+    /// could be read; `None` only when the YAML itself is unusable), so that a bundle load can
+    /// check it against the policies in the same run. With problems, items whose name is
+    /// taken (a duplicate, or `world`) are left out of it: they are reported already and
+    /// would only cause confusing follow-up errors.
+    pub fn parse_partial(file: &Path, text: &str) -> (Option<Inventory>, Diagnostics) {
         let root = match parse_marked(text) {
             Ok(Some(root)) => root,
             Ok(None) => {
-                return Err(Diagnostic::new(file, 1, 1, "the inventory is empty")
-                    .with_hint("expected a mapping with `tenants`, `workloads` and `endpoints`")
-                    .into())
-            }
-            Err(e) => {
-                let m = e.marker();
-                return Err(Diagnostic::new(
-                    file,
-                    m.line() as u32,
-                    m.col() as u32 + 1,
-                    format!("YAML syntax error: {}", e.info()),
+                return (
+                    None,
+                    Diagnostic::new(file, 1, 1, "the inventory is empty")
+                        .with_hint("expected a mapping with `tenants`, `workloads` and `endpoints`")
+                        .into(),
                 )
-                .into());
             }
+            Err(e) => return (None, e.at(file).into()),
         };
         let mut walker = Walker {
             file: file.to_path_buf(),
@@ -125,15 +132,20 @@ impl Inventory {
             accepted: HashMap::new(),
         };
         let mut inv = walker.inventory(&root);
+        // The tree can be large (aliases expanded): free it before the checks.
+        drop(root);
         inv.locs = std::mem::take(&mut walker.locs);
         let mut diags = walker.diags;
         check_semantics(file, &inv, &mut diags);
-        if diags.is_empty() {
-            Ok(inv)
-        } else {
+        if !diags.is_empty() {
             diags.sort();
-            Err(diags)
+            let mut seen = BTreeSet::new();
+            let mut keep =
+                |name: &String| name != crate::identity::WORLD_NAME && seen.insert(name.clone());
+            inv.workloads.retain(|w| keep(&w.name));
+            inv.endpoints.retain(|e| keep(&e.name));
         }
+        (Some(inv), diags)
     }
 
     pub fn load(file: &Path) -> Result<Inventory, Diagnostics> {
@@ -175,12 +187,56 @@ impl Node {
     }
 }
 
-/// Builds the tree from marked events. Anchors are kept so that aliases resolve.
+/// A YAML problem found while building the tree: where, and what.
+#[derive(Debug)]
+struct YamlError {
+    loc: Loc,
+    message: String,
+    hint: Option<String>,
+}
+
+impl YamlError {
+    fn new(loc: Loc, message: impl Into<String>) -> Self {
+        YamlError {
+            loc,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    fn at(self, file: &Path) -> Diagnostic {
+        let d = Diagnostic::new(file, self.loc.line, self.loc.column, self.message);
+        match self.hint {
+            Some(h) => d.with_hint(h),
+            None => d,
+        }
+    }
+}
+
+/// An open container: the node, its pending map key, its anchor, and the node count when it
+/// was opened (its size is the count at its end minus that).
+struct Open {
+    node: Node,
+    key: Option<Node>,
+    anchor: usize,
+    nodes_before: usize,
+    /// Levels below it so far (0 for a container of scalars).
+    height: usize,
+}
+
+/// Builds the tree from marked events, within [`limits::YAML_DEPTH`] and
+/// [`limits::YAML_NODES`] (aliases count as the nodes they stand for: an alias is a copy).
 #[derive(Default)]
 struct Builder {
-    stack: Vec<(Node, Option<Node>, usize)>, // (container, pending map key, anchor)
+    stack: Vec<Open>,
     root: Option<Node>,
-    anchors: HashMap<usize, Node>,
+    /// Anchor id -> (node, nodes in it, levels in it).
+    anchors: HashMap<usize, (Node, usize, usize)>,
+    /// Nodes built so far, aliases expanded.
+    nodes: usize,
 }
 
 impl Builder {
@@ -190,69 +246,200 @@ impl Builder {
             column: m.col() as u32 + 1,
         }
     }
-    fn open(&mut self, value: Value, loc: Loc, anchor: usize) {
-        self.stack.push((Node { value, loc }, None, anchor));
+
+    fn count(&mut self, n: usize, loc: Loc) -> Result<(), YamlError> {
+        self.nodes = self.nodes.saturating_add(n);
+        if self.nodes > limits::YAML_NODES {
+            return Err(YamlError::new(
+                loc,
+                format!(
+                    "the inventory grows past {} YAML nodes here (aliases count as the nodes they repeat)",
+                    limits::YAML_NODES
+                ),
+            )
+            .hint("an alias copies its anchor's node; aliases of aliases multiply (\"billion laughs\"): write the items out"));
+        }
+        Ok(())
     }
-    fn push_value(&mut self, node: Node, anchor: usize) {
+
+    /// A node `height` levels deep is about to be placed at the current level.
+    fn check_depth(&self, height: usize, loc: Loc) -> Result<(), YamlError> {
+        let depth = self.stack.len() + height + 1;
+        if depth > limits::YAML_DEPTH {
+            return Err(YamlError::new(
+                loc,
+                format!(
+                    "YAML nested {depth} levels deep here; the limit is {}",
+                    limits::YAML_DEPTH
+                ),
+            )
+            .hint("the inventory's own structure is 5 levels deep"));
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, value: Value, loc: Loc, anchor: usize) -> Result<(), YamlError> {
+        self.check_depth(0, loc)?;
+        self.count(1, loc)?;
+        self.stack.push(Open {
+            node: Node { value, loc },
+            key: None,
+            anchor,
+            nodes_before: self.nodes - 1,
+            height: 0,
+        });
+        Ok(())
+    }
+
+    /// Places a finished node (`size` nodes, `height` levels below it) in its parent. An
+    /// anchored node is kept as a copy for its aliases: the copy counts as nodes too.
+    fn push_value(
+        &mut self,
+        node: Node,
+        anchor: usize,
+        size: usize,
+        height: usize,
+    ) -> Result<(), YamlError> {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.count(size, node.loc)?;
+            self.anchors.insert(anchor, (node.clone(), size, height));
         }
         match self.stack.last_mut() {
             None => self.root = Some(node),
-            Some((parent, key, _)) => match &mut parent.value {
-                Value::Seq(items) => items.push(node),
-                Value::Map(entries) => match key.take() {
-                    None => *key = Some(node),
-                    Some(k) => entries.push((k, node)),
-                },
-                Value::Scalar(..) => unreachable!("scalars have no children"),
-            },
+            Some(parent) => {
+                parent.height = parent.height.max(height + 1);
+                match &mut parent.node.value {
+                    Value::Seq(items) => items.push(node),
+                    Value::Map(entries) => match parent.key.take() {
+                        None => parent.key = Some(node),
+                        Some(k) => entries.push((k, node)),
+                    },
+                    Value::Scalar(..) => unreachable!("scalars have no children"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn no_tag(tag: &Option<yaml_rust2::parser::Tag>, loc: Loc) -> Result<(), YamlError> {
+        match tag {
+            None => Ok(()),
+            Some(t) => Err(YamlError::new(
+                loc,
+                format!(
+                    "YAML tags are not supported (`{}{}`)",
+                    match t.handle.as_str() {
+                        "tag:yaml.org,2002:" => "!!",
+                        h => h,
+                    },
+                    t.suffix
+                ),
+            )
+            .hint("remove the tag: every value of the inventory is read as text")),
         }
     }
-}
 
-impl MarkedEventReceiver for Builder {
-    fn on_event(&mut self, ev: Event, mark: Marker) {
+    fn on_event(&mut self, ev: Event, mark: Marker) -> Result<(), YamlError> {
         let loc = Builder::loc(&mark);
         match ev {
-            Event::Scalar(s, style, anchor, _) => {
+            Event::Scalar(s, style, anchor, tag) => {
+                Builder::no_tag(&tag, loc)?;
+                self.check_depth(0, loc)?;
+                self.count(1, loc)?;
                 let plain = style == TScalarStyle::Plain;
-                self.push_value(
-                    Node {
-                        value: Value::Scalar(s, plain),
-                        loc,
-                    },
-                    anchor,
-                );
+                let node = Node {
+                    value: Value::Scalar(s, plain),
+                    loc,
+                };
+                self.push_value(node, anchor, 1, 0)?;
             }
-            Event::SequenceStart(anchor, _) => self.open(Value::Seq(vec![]), loc, anchor),
-            Event::MappingStart(anchor, _) => self.open(Value::Map(vec![]), loc, anchor),
+            Event::SequenceStart(anchor, tag) => {
+                Builder::no_tag(&tag, loc)?;
+                self.open(Value::Seq(vec![]), loc, anchor)?;
+            }
+            Event::MappingStart(anchor, tag) => {
+                Builder::no_tag(&tag, loc)?;
+                self.open(Value::Map(vec![]), loc, anchor)?;
+            }
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((mut node, _, anchor)) = self.stack.pop() {
+                if let Some(mut open) = self.stack.pop() {
                     // A block mapping's start mark is unreliable; its first key is exact.
-                    if let Value::Map(entries) = &node.value {
+                    if let Value::Map(entries) = &open.node.value {
                         if let Some((k, _)) = entries.first() {
-                            node.loc = k.loc;
+                            open.node.loc = k.loc;
                         }
                     }
-                    self.push_value(node, anchor);
+                    let size = self.nodes - open.nodes_before;
+                    self.push_value(open.node, open.anchor, size, open.height)?;
                 }
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().unwrap_or(Node {
-                    value: Value::Scalar(String::new(), true),
-                    loc,
-                });
-                self.push_value(node, 0);
+                let Some((size, height)) = self.anchors.get(&id).map(|(_, s, h)| (*s, *h)) else {
+                    return Err(YamlError::new(
+                        loc,
+                        "this alias refers to a node that contains it",
+                    )
+                    .hint("a node cannot repeat itself; write the items out"));
+                };
+                // Checked before the copy is made.
+                self.check_depth(height, loc)?;
+                self.count(size, loc)?;
+                let Some(mut node) = self.anchors.get(&id).map(|(n, _, _)| n.clone()) else {
+                    unreachable!("looked up above")
+                };
+                // Errors in the copy point at the alias, the place it is used.
+                node.loc = loc;
+                self.push_value(node, 0, size, height)?;
             }
             _ => {}
         }
+        Ok(())
     }
 }
 
-fn parse_marked(text: &str) -> Result<Option<Node>, yaml_rust2::ScanError> {
+/// The single YAML document of `text` as a located tree (`None`: empty). The events are
+/// pulled one by one (the parser's own `load` recurses per nesting level, before any bound
+/// could be checked); a second document is an error, not ignored.
+fn parse_marked(text: &str) -> Result<Option<Node>, YamlError> {
     let mut b = Builder::default();
-    Parser::new_from_str(text).load(&mut b, false)?;
+    let mut parser = Parser::new_from_str(text);
+    let mut documents = 0;
+    loop {
+        let (ev, mark) = parser.next_token().map_err(|e| {
+            let m = e.marker();
+            let loc = Loc {
+                line: m.line() as u32,
+                column: m.col() as u32 + 1,
+            };
+            // The scanner looks ahead, and stops at 255 open flow brackets before the builder
+            // has seen the 33rd: the same limit, exceeded further on.
+            if e.info().contains("recursion limit exceeded") {
+                YamlError::new(
+                    loc,
+                    format!(
+                        "YAML nested more than 255 levels deep here; the limit is {}",
+                        limits::YAML_DEPTH
+                    ),
+                )
+            } else {
+                YamlError::new(loc, format!("YAML syntax error: {}", e.info()))
+            }
+        })?;
+        match ev {
+            Event::StreamEnd => break,
+            Event::DocumentStart => {
+                documents += 1;
+                if documents > 1 {
+                    return Err(YamlError::new(
+                        Builder::loc(&mark),
+                        "a second YAML document starts here; the inventory is one document",
+                    )
+                    .hint("remove the `---` (or `...`) line: what follows it would not be read"));
+                }
+            }
+            ev => b.on_event(ev, mark)?,
+        }
+    }
     Ok(b.root.filter(|r| !r.is_null()))
 }
 
@@ -463,19 +650,29 @@ impl Walker {
         }
     }
 
+    /// The addresses of one item, each in its canonical form ([`canonical_net`]); the same
+    /// network twice (in any spelling) is an error.
     fn ips(&mut self, node: &Node) -> Vec<(IpNet, Loc)> {
-        let mut out = Vec::new();
+        let mut out: Vec<(IpNet, Loc)> = Vec::new();
         for item in self.seq(node, "ips") {
             let Some(s) = self.string(item, "an IP address or CIDR") else {
                 continue;
             };
-            match s.parse::<IpNet>() {
-                Ok(net) => out.push((net, item.loc)),
-                Err(e) => self.err_hint(
-                    item.loc,
-                    format!("invalid IP or CIDR `{s}`: {e}"),
-                    "write an IPv4 or IPv6 address, optionally with a prefix: 127.10.1.2/32",
-                ),
+            match canonical_net(&s) {
+                Ok(net) => {
+                    if let Some((_, first)) = out.iter().find(|(n, _)| *n == net) {
+                        let line = first.line;
+                        self.err(
+                            item.loc,
+                            format!("`{s}` is {net}, already listed on line {line}"),
+                        );
+                    } else {
+                        out.push((net, item.loc));
+                    }
+                }
+                Err((msg, hint)) => {
+                    self.err_hint(item.loc, format!("invalid IP or CIDR `{s}`: {msg}"), hint)
+                }
             }
         }
         out
@@ -720,6 +917,145 @@ impl Walker {
         }
         Some(e)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses: one spelling per address.
+
+/// An inventory address or network in the one form the kernel's maps and the overlap checks
+/// use, or why it is refused (message, hint). The kernel judges an IPv4-mapped IPv6
+/// destination (`::ffff:a.b.c.d`) as IPv4, so two spellings of one address must become one
+/// entry:
+///
+/// - IPv4-mapped IPv6 hosts and networks (`::ffff:0:0/96` and longer) become IPv4
+///   (`::ffff:10.0.0.0/120` is `10.0.0.0/24`); a shorter IPv6 network that spans the
+///   mapped range is refused (its IPv4 part would never match);
+/// - host bits after the prefix (`10.0.0.5/24`) are refused, not normalised: the writer
+///   meant either the host or the network, and the hint names both;
+/// - a network containing an unspecified address (`0.0.0.0`, `::`; so also `0.0.0.0/0` and
+///   `::/0`) is refused: the kernel sends `0.0.0.0` to loopback, and a catch-all would give
+///   every address not otherwise listed to one item (they belong to WORLD);
+/// - the deprecated IPv4-compatible form `::a.b.c.d` (inside `::/96`, other than `::1`) is
+///   refused: it is not the IPv4 address it looks like;
+/// - zone ids (`fe80::1%eth0`), leading zeros in IPv4 (`010.0.0.1`, octal to some tools)
+///   and prefix lengths other than plain decimal (`/024`, `/+24`) are refused.
+pub fn canonical_net(s: &str) -> Result<IpNet, (String, String)> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let refuse = |msg: String, hint: &str| Err((msg, hint.to_string()));
+    let form = "write an IPv4 or IPv6 address, optionally with a prefix: 127.10.1.2/32";
+    let (addr_text, prefix_text) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    if addr_text.contains('%') {
+        return refuse(
+            "zone ids are not supported".into(),
+            "an inventory address means the same on every interface: write it without `%zone`",
+        );
+    }
+    let addr: IpAddr = match addr_text.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            let leading_zero = addr_text.split('.').any(|o| {
+                o.len() > 1 && o.starts_with('0') && o.bytes().all(|b| b.is_ascii_digit())
+            });
+            return if leading_zero && addr_text.contains('.') {
+                refuse(
+                    "leading zeros in an IPv4 address".into(),
+                    "some tools read `010` as octal (8): write the octets in plain decimal",
+                )
+            } else {
+                refuse("not an IP address".into(), form)
+            };
+        }
+    };
+    let width: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix_text {
+        None => width,
+        Some(p) => {
+            let plain = !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p == "0" || !p.starts_with('0'));
+            match p.parse::<u8>() {
+                Ok(n) if plain && n <= width => n,
+                _ => {
+                    return refuse(
+                        format!("the prefix length must be 0 to {width}, in plain decimal"),
+                        form,
+                    )
+                }
+            }
+        }
+    };
+    let bits = |a: IpAddr| match a {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let mask = |prefix: u8, width: u8| -> u128 {
+        let all = if width == 32 { 0xffff_ffff } else { !0u128 };
+        if prefix == 0 {
+            0
+        } else {
+            (all << (width - prefix)) & all
+        }
+    };
+    let host = bits(addr) & !mask(prefix, width) & mask(width, width);
+    if host != 0 {
+        let network = bits(addr) & mask(prefix, width);
+        let network = match addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(network as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(network)),
+        };
+        return Err((
+            "host bits are set after the prefix".into(),
+            format!("write the network {network}/{prefix}, or the single address {addr}/{width}"),
+        ));
+    }
+    let net = match addr {
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() && prefix >= 96 => IpNet {
+            addr: IpAddr::V4(a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            prefix: prefix - 96,
+        },
+        _ => IpNet { addr, prefix },
+    };
+    let unspecified = match net.addr {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    if net.contains(&unspecified) {
+        let which = if net.prefix == 0 {
+            "it claims every address"
+        } else {
+            "it contains the unspecified address"
+        };
+        return refuse(
+            format!("{net}: {which}"),
+            "0.0.0.0 and :: are not destinations (the kernel sends them to loopback), and addresses no item lists belong to WORLD: list the item's own addresses",
+        );
+    }
+    if let IpAddr::V6(a) = net.addr {
+        let mapped = IpNet {
+            addr: IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)),
+            prefix: 96,
+        };
+        if net.prefix < 96 && net.overlaps(&mapped) {
+            return refuse(
+                format!("{net} spans the IPv4-mapped range ::ffff:0:0/96"),
+                "the kernel judges IPv4-mapped destinations as IPv4: list the IPv4 part separately, as IPv4",
+            );
+        }
+        let compatible = IpNet {
+            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            prefix: 96,
+        };
+        if compatible.contains(&IpAddr::V6(a)) && a != Ipv6Addr::LOCALHOST {
+            return refuse(
+                format!("`{a}` is a deprecated IPv4-compatible IPv6 address"),
+                "it is not the IPv4 address it shows: write the IPv4 address (a.b.c.d) or its mapped form ::ffff:a.b.c.d",
+            );
+        }
+    }
+    Ok(net)
 }
 
 // ---------------------------------------------------------------------------------------------

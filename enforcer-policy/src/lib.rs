@@ -10,7 +10,8 @@
 //! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
 //! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
 //! deny attribution) -> [`explain`]. [`diagnostics`] carries located errors, [`atlas`] the
-//! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides.
+//! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides, [`limits`] the bounds on
+//! what a (possibly hostile) bundle may make the loader do.
 //!
 //! Risk at run time: [`Bundle::set_risk`] overrides one workload's `risk` attribute (the
 //! oracle and later compiles see it, until the bundle is replaced);
@@ -39,6 +40,7 @@ pub mod diagnostics;
 pub mod explain;
 pub mod identity;
 pub mod inventory;
+pub mod limits;
 pub mod ports;
 pub mod risk;
 #[cfg(any(test, feature = "bench"))]
@@ -229,45 +231,81 @@ pub const SCHEMA_FILE: &str = "schema.cedarschema";
 
 impl Bundle {
     /// Read, parse and validate everything in `dir`; every problem is reported.
+    ///
+    /// Runs on a thread of its own with a [`limits::LOAD_STACK_BYTES`] stack: whatever the
+    /// bundle holds, loading it cannot overflow the caller's stack (the parsers recurse; the
+    /// [`limits`] bound what they are given, and this is the second line of defence). A
+    /// panic while loading is reported as an error, not passed on.
     pub fn load(dir: &Path) -> Result<Bundle, Diagnostics> {
+        let owned = dir.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("bundle-load".into())
+            .stack_size(limits::LOAD_STACK_BYTES)
+            .spawn(move || Bundle::load_here(&owned));
+        let internal = |msg: String| Err(Diagnostic::new(dir, 1, 1, msg).into());
+        match spawned {
+            Ok(handle) => handle.join().unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                internal(format!("internal error while loading the bundle: {what}"))
+            }),
+            Err(e) => internal(format!("cannot start the bundle loader thread: {e}")),
+        }
+    }
+
+    fn load_here(dir: &Path) -> Result<Bundle, Diagnostics> {
         let mut diags = Diagnostics::default();
-        let read = |name: &Path| std::fs::read_to_string(name);
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            Diagnostics::from(Diagnostic::new(
-                dir,
-                1,
-                1,
-                format!("cannot read the bundle directory: {e}"),
-            ))
-        })?;
-        let mut policy_files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
-            .collect();
-        policy_files.sort();
+        let policy_files = bundle_policy_files(dir, &mut diags)?;
         let inv_path = dir.join(INVENTORY_FILE);
         let schema_path = dir.join(SCHEMA_FILE);
 
         let mut hashed: Vec<(String, String)> = Vec::new();
-        let mut load_text = |path: &Path, diags: &mut Diagnostics| match read(path) {
-            Ok(t) => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                hashed.push((name, t.clone()));
-                Some(t)
-            }
-            Err(e) => {
-                diags.push(Diagnostic::new(path, 1, 1, format!("cannot read: {e}")));
-                None
-            }
-        };
-        let inv_text = load_text(&inv_path, &mut diags);
-        let schema_text = load_text(&schema_path, &mut diags);
+        let mut load_text =
+            |path: &Path, limit: u64, what: &str, diags: &mut Diagnostics| match limits::read_text(
+                path, limit, what,
+            ) {
+                Ok(t) => {
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    hashed.push((name, t.clone()));
+                    Some(t)
+                }
+                Err(d) => {
+                    diags.push(d);
+                    None
+                }
+            };
+        let inv_text = load_text(
+            &inv_path,
+            limits::INVENTORY_BYTES,
+            "the inventory",
+            &mut diags,
+        );
+        let schema_text = load_text(&schema_path, limits::SCHEMA_BYTES, "the schema", &mut diags);
         let mut policies = Vec::new();
+        let mut total = 0u64;
         for p in &policy_files {
-            if let Some(t) = load_text(p, &mut diags) {
+            if let Some(t) = load_text(p, limits::POLICY_FILE_BYTES, "a policy file", &mut diags) {
+                total += t.len() as u64;
+                if total > limits::POLICY_TOTAL_BYTES {
+                    diags.push(
+                        Diagnostic::new(
+                            p,
+                            1,
+                            1,
+                            format!(
+                                "the policy files reach {total} bytes with this one; the limit for all *.cedar files together is {} bytes",
+                                limits::POLICY_TOTAL_BYTES
+                            ),
+                        ),
+                    );
+                    break;
+                }
                 policies.push((p.clone(), t));
             }
         }
@@ -288,14 +326,13 @@ impl Bundle {
             16,
         );
 
-        let inventory = match inv_text.map(|t| Inventory::parse(&inv_path, &t)) {
-            Some(Ok(inv)) => Some(inv),
-            Some(Err(d)) => {
-                diags.0.extend(d.0);
-                None
-            }
-            None => None,
-        };
+        // An inventory with problems is still walked as far as it goes, so that the Cedar
+        // checks of its entities and actions are reported in the same run.
+        let inventory = inv_text.and_then(|t| {
+            let (inv, d) = Inventory::parse_partial(&inv_path, &t);
+            diags.0.extend(d.0);
+            inv
+        });
         let identities = inventory.as_ref().map(Identities::allocate);
         let engine = schema_text.and_then(|schema| {
             let src = cedar::Sources {
@@ -306,6 +343,20 @@ impl Bundle {
         });
         if !diags.is_empty() {
             diags.sort();
+            if diags.len() > limits::DIAGNOSTICS {
+                // A bundle of a million mistakes must not become a million-line event.
+                let more = diags.len() - limits::DIAGNOSTICS;
+                diags.0.truncate(limits::DIAGNOSTICS);
+                diags.push(Diagnostic::new(
+                    dir,
+                    1,
+                    1,
+                    format!(
+                        "{more} more problems not listed (only the first {} are)",
+                        limits::DIAGNOSTICS
+                    ),
+                ));
+            }
             return Err(diags);
         }
         match (inventory, identities, engine) {
@@ -450,8 +501,12 @@ impl Bundle {
     }
 
     /// Compile every local subject x destination x declared port into kernel allows.
+    ///
+    /// Runs on a thread with a [`limits::LOAD_STACK_BYTES`] stack: Cedar's evaluator recurses
+    /// per level of a policy's expression, and whichever thread calls this (a tokio worker
+    /// has 2 MiB) must not decide how deep a policy may be.
     pub fn compile(&self) -> Result<Compiled, PolicyError> {
-        compile::compile(self, None)
+        on_big_stack(|| compile::compile(self, None))
     }
 
     /// [`Bundle::compile`], reusing what `previous` (compiled from an earlier bundle, e.g.
@@ -467,7 +522,7 @@ impl Bundle {
     /// `previous` may carry risk overrides and recompiles ([`Compiled::recompile_subject`]):
     /// its answers are keyed by signature, risk included, so they stay valid.
     pub fn compile_incremental(&self, previous: &Compiled) -> Result<Compiled, PolicyError> {
-        compile::compile(self, Some(previous))
+        on_big_stack(|| compile::compile(self, Some(previous)))
     }
 
     /// A hash of the schema and the policy files (names and texts): equal for two bundles
@@ -490,6 +545,99 @@ impl Bundle {
     pub(crate) fn engine(&self) -> &cedar::Engine {
         &self.engine
     }
+}
+
+/// `f` on a thread with a [`limits::LOAD_STACK_BYTES`] stack, or on this one if no thread
+/// can be started (the system is out of threads: better a compile than none). A panic in
+/// it is passed on.
+fn on_big_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let slot = std::sync::Mutex::new(Some(f));
+    let take = || slot.lock().ok().and_then(|mut s| s.take());
+    let ran = std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("bundle-eval".into())
+            .stack_size(limits::LOAD_STACK_BYTES)
+            .spawn_scoped(scope, || take().map(|f| f()));
+        match spawned {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(e) => {
+                tracing::warn!("cannot start a thread to compile on ({e}): compiling here");
+                None
+            }
+        }
+    });
+    match ran {
+        Some(t) => t,
+        None => match take() {
+            Some(f) => f(),
+            None => unreachable!("`f` runs exactly once"),
+        },
+    }
+}
+
+/// The `*.cedar` files of the bundle directory, sorted. A bundle directory holds exactly
+/// `inventory.yaml`, `schema.cedarschema` and `*.cedar` files: any other entry is an error
+/// (a `policy.Cedar` or `x.cedar.bak` that is silently not read is a policy silently not in
+/// force), except hidden ones (names starting with `.`: editor swap files, version control,
+/// a Kubernetes ConfigMap mount's `..data`), which are ignored, as the PDP ignores them.
+fn bundle_policy_files(dir: &Path, diags: &mut Diagnostics) -> Result<Vec<PathBuf>, Diagnostics> {
+    let unreadable = |e: std::io::Error| {
+        Diagnostics::from(Diagnostic::new(
+            dir,
+            1,
+            1,
+            format!("cannot read the bundle directory: {e}"),
+        ))
+    };
+    let mut policy_files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let path = entry.path();
+        let raw = entry.file_name();
+        if raw.as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let name = raw.to_string_lossy();
+        let is_policy = name.ends_with(".cedar") && name.len() > ".cedar".len();
+        if !(is_policy || name == INVENTORY_FILE || name == SCHEMA_FILE) {
+            let lower = name.to_lowercase();
+            let hint = if lower.ends_with(".cedar") || lower.ends_with(".cedarschema") {
+                "file names are case-sensitive: policy files end in `.cedar`, the schema is `schema.cedarschema`".to_string()
+            } else if lower.contains(".cedar")
+                || lower.contains("inventory")
+                || lower.contains("schema")
+            {
+                "this looks like a bundle file but is not read; move it out of the bundle directory (or hide it: names starting with `.` are ignored)".to_string()
+            } else {
+                format!("a bundle directory holds only {INVENTORY_FILE}, {SCHEMA_FILE} and *.cedar files; move it out (names starting with `.` are ignored)")
+            };
+            diags.push(
+                Diagnostic::new(&path, 1, 1, format!("`{name}` is not a bundle file"))
+                    .with_hint(hint),
+            );
+            continue;
+        }
+        if is_policy {
+            policy_files.push(path);
+        }
+    }
+    policy_files.sort();
+    if policy_files.len() > limits::POLICY_FILES {
+        return Err(Diagnostic::new(
+            dir,
+            1,
+            1,
+            format!(
+                "{} policy files; the limit is {}",
+                policy_files.len(),
+                limits::POLICY_FILES
+            ),
+        )
+        .into());
+    }
+    Ok(policy_files)
 }
 
 /// The index of the workload `name`; `not_a_workload` is the error for another identity.
@@ -531,5 +679,7 @@ pub(crate) fn hash_pairs<'a>(
         .collect()
 }
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

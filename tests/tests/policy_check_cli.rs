@@ -259,3 +259,219 @@ fn inventory_and_strict_validation_classes_are_located() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs `policy check` on `dir`: it must exit 1 (an exit, not a crash or a hang) and print
+/// well-formed diagnostics; returns them with the stderr.
+fn check_rejects(dir: &Path) -> Result<(Vec<Diag>, String)> {
+    let out = enforcer(&["policy".as_ref(), "check".as_ref(), dir.as_os_str()])?;
+    eprintln!("policy check stderr:\n{}", out.stderr);
+    ensure!(
+        out.code == Some(1),
+        "policy check of a broken bundle: want exit 1: {out}"
+    );
+    let diags = parse_diagnostics(&out.stderr);
+    well_formed(&diags, dir, &out.stderr)?;
+    Ok((diags, out.stderr))
+}
+
+/// Asserts a diagnostic at exactly `file:line:column` whose message contains `what`.
+fn expect_at(
+    diags: &[Diag],
+    file: &str,
+    (line, column): (u32, u32),
+    what: &str,
+    stderr: &str,
+) -> Result<()> {
+    ensure!(
+        diags.iter().any(|d| file_name(d) == file
+            && d.line == line
+            && d.column == column
+            && d.message.contains(what)),
+        "no `{file}:{line}:{column}: error: ...{what}...`; all diagnostics:\n{stderr}"
+    );
+    Ok(())
+}
+
+/// 1-based line and column of the `n`th (0-based) `needle` in `text`.
+fn position(text: &str, needle: &str, n: usize) -> (u32, u32) {
+    let at = text
+        .match_indices(needle)
+        .nth(n)
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("fixture: {needle:?} #{n} not found"));
+    let line = text[..at].matches('\n').count() as u32 + 1;
+    let col = text[..at]
+        .rsplit('\n')
+        .next()
+        .map_or(0, |l| l.chars().count()) as u32
+        + 1;
+    (line, col)
+}
+
+/// Issue 6, fault 6: a `---` before `endpoints:` made every endpoint vanish while `check`
+/// said ok. Now: the second document is an error at the `---`.
+#[test]
+fn a_second_yaml_document_is_an_error() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let d = dir.path();
+    let inv = edit(d, "inventory.yaml", "\nendpoints:\n", "\n---\nendpoints:\n")?;
+    let (diags, stderr) = check_rejects(d)?;
+    expect_at(
+        &diags,
+        "inventory.yaml",
+        (line_of(&inv, "---").expect("just written"), 1),
+        "a second YAML document starts here",
+        &stderr,
+    )
+}
+
+/// Issue 6, fault 2: an IPv4-mapped spelling was kept as IPv6 (IPv4 traffic to it judged
+/// WORLD, and no conflict seen). Now it is the IPv4 address: taking another tenant's address
+/// that way is the conflict it is, at the address.
+#[test]
+fn a_mapped_spelling_is_the_ipv4_address() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let d = dir.path();
+    let inv = edit(
+        d,
+        "inventory.yaml",
+        "    kind: vector_db\n    ips: [127.10.2.10/32]\n",
+        "    kind: vector_db\n    ips: [\"::ffff:127.10.1.10\"]\n",
+    )?;
+    let (diags, stderr) = check_rejects(d)?;
+    expect_at(
+        &diags,
+        "inventory.yaml",
+        position(&inv, "\"::ffff:127.10.1.10\"", 0),
+        "127.10.1.10/32 is already claimed by `acme-vectors`",
+        &stderr,
+    )?;
+    // Alone, the mapped spelling is accepted.
+    let dir = copy_bundle(&demo_policies_dir())?;
+    edit(
+        dir.path(),
+        "inventory.yaml",
+        "    kind: vector_db\n    ips: [127.10.2.10/32]\n",
+        "    kind: vector_db\n    ips: [\"::ffff:127.10.2.10\"]\n",
+    )?;
+    let out = enforcer(&["policy".as_ref(), "check".as_ref(), dir.path().as_os_str()])?;
+    ensure!(out.success(), "{out}");
+    Ok(())
+}
+
+/// Issue 6, fault 7: a few hundred bytes of YAML aliases, 200 nested parentheses or a long
+/// `&&` chain made `check` (and a reloading agent) allocate until killed or overflow its
+/// stack. Now each is an error naming the limit, at the place it is exceeded.
+#[test]
+fn hostile_inputs_are_errors_not_crashes() -> Result<()> {
+    // 9 levels of 9 aliases.
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let mut inv = String::from("a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n");
+    for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+    {
+        inv += &format!(
+            "{name}: &{name} [{}]\n",
+            vec![format!("*{prev}"); 9].join(",")
+        );
+    }
+    std::fs::write(dir.path().join("inventory.yaml"), &inv)?;
+    let (diags, stderr) = check_rejects(dir.path())?;
+    // Lines a-f come to 1,345,213 nodes (aliases and anchors count their copies), line g's
+    // key and list to 1,345,215, and each *f adds 597,871: the second passes 2,000,000.
+    expect_at(
+        &diags,
+        "inventory.yaml",
+        position(&inv, "*f", 1),
+        "grows past 2000000 YAML nodes",
+        &stderr,
+    )?;
+
+    // 200 nested parentheses: the 24th inside `when {` is the 25th bracket.
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let policy = format!(
+        "@id(\"deep\")\nforbid (principal, action, resource)\nwhen {{ {}true{} }};\n",
+        "(".repeat(200),
+        ")".repeat(200)
+    );
+    std::fs::write(dir.path().join("deep.cedar"), &policy)?;
+    let (diags, stderr) = check_rejects(dir.path())?;
+    expect_at(
+        &diags,
+        "deep.cedar",
+        position(&policy, "(", 2 + 23),
+        "brackets nest 25 deep here; the limit is 24",
+        &stderr,
+    )?;
+
+    // A 50,000-long `&&` chain. Levels: the scope's `(...)` 1, so `{` opens at 2; `.` 3,
+    // `==` 4, then one per `&&`: the 61st is level 65, past the limit of 64.
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let policy = format!(
+        "permit (principal, action, resource)\nwhen {{ principal.ring == \"prod\" && {} }};\n",
+        vec!["true"; 50_000].join(" && ")
+    );
+    std::fs::write(dir.path().join("chain.cedar"), &policy)?;
+    let (diags, stderr) = check_rejects(dir.path())?;
+    expect_at(
+        &diags,
+        "chain.cedar",
+        position(&policy, "&&", 60),
+        "the expression nests about 65 levels deep here; the limit is 64",
+        &stderr,
+    )
+}
+
+/// Issue 6, fault 9: an unknown ATLAS id hid an attribute typo of the same file. Now both
+/// are reported in one run, and the policy is named by its `@id`.
+#[test]
+fn every_problem_of_a_file_in_one_run_named_by_id() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let policy = "@id(\"typo\")\n@atlas(\"AML.T9999\")\nforbid (principal, action, resource)\nwhen { principal.purpse == \"evaluation\" };\n";
+    std::fs::write(dir.path().join("x.cedar"), policy)?;
+    let (diags, stderr) = check_rejects(dir.path())?;
+    expect_at(
+        &diags,
+        "x.cedar",
+        (2, 1),
+        "unknown ATLAS technique `AML.T9999`",
+        &stderr,
+    )?;
+    expect_at(
+        &diags,
+        "x.cedar",
+        position(policy, "principal.purpse", 0),
+        "for policy `typo`",
+        &stderr,
+    )?;
+    ensure!(
+        !stderr.contains("x.cedar:policy"),
+        "a policy with an @id is named by its file position:\n{stderr}"
+    );
+    Ok(())
+}
+
+/// Issue 6, fault 6's sibling: a policy file the loader does not read (`policy.Cedar`,
+/// `x.cedar.bak`) is an error, not a policy silently out of force.
+#[test]
+fn files_that_are_not_read_are_errors() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    for name in ["policy.Cedar", "x.cedar.bak"] {
+        std::fs::write(
+            dir.path().join(name),
+            "forbid (principal, action, resource);\n",
+        )?;
+    }
+    let (diags, stderr) = check_rejects(dir.path())?;
+    for name in ["policy.Cedar", "x.cedar.bak"] {
+        expect_at(
+            &diags,
+            name,
+            (1, 1),
+            &format!("`{name}` is not a bundle file"),
+            &stderr,
+        )?;
+    }
+    Ok(())
+}
