@@ -393,10 +393,13 @@ fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 /// The agent and the PDP server: two workers are plenty for one event stream and a few
-/// timers, and leave the node's other cores alone.
+/// timers, and leave the node's other cores alone. Workers get the main thread's 8 MiB
+/// stack, not tokio's 2 MiB: the event task asks Cedar to attribute denies, and Cedar's
+/// evaluator recurses as deep as the policy limits allow (`enforcer_policy::limits`).
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(8 << 20)
         .enable_all()
         .build()?)
 }
