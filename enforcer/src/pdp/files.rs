@@ -16,7 +16,9 @@ use super::is_bundle_file;
 /// The largest bundle file the PDP serves or a node accepts.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
-/// Cheap change detection: (name, size, mtime) of every bundle file, sorted.
+/// Cheap change detection: (name, size, mtime) of every entry [`Bundle::load`] looks at
+/// (every name not starting with `.`, so that a stray file, which makes the bundle invalid,
+/// is noticed too), sorted.
 pub type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
 
 pub fn fingerprint(dir: &Path) -> Fingerprint {
@@ -25,14 +27,15 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
         .flatten()
         .flatten()
         .filter_map(|entry| {
-            let name = entry.file_name().to_str()?.to_string();
-            if !is_bundle_file(&name) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
                 return None;
             }
             // Follows symlinks (a Kubernetes ConfigMap mount is all symlinks).
-            let meta = std::fs::metadata(entry.path()).ok()?;
-            meta.is_file()
-                .then(|| (name, meta.len(), meta.modified().ok()))
+            match std::fs::metadata(entry.path()) {
+                Ok(meta) => Some((name, meta.len(), meta.modified().ok())),
+                Err(_) => Some((name, 0, None)),
+            }
         })
         .collect();
     entries.sort();
