@@ -274,8 +274,19 @@ pub(crate) mod tests {
                 ("schema.cedarschema", "s")
             ])
         );
+        // The fingerprint sees every entry the bundle load looks at, strays included (they
+        // make the bundle invalid, so adding one must trigger a reload that reports it).
         let names: Vec<_> = fingerprint(&dir.0).into_iter().map(|f| f.0).collect();
-        assert_eq!(names, ["a.cedar", "inventory.yaml", "schema.cedarschema"]);
+        assert_eq!(
+            names,
+            [
+                "README.md",
+                "a.cedar",
+                "inventory.yaml",
+                "schema.cedarschema",
+                "sub.cedar"
+            ]
+        );
     }
 
     #[test]
