@@ -21,6 +21,7 @@ use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state, resolve_cgroups, Overrides, Unresolved};
 use crate::events::{decode, record, Sink};
+use crate::last_good;
 
 /// Ring-buffer records handled before the event task yields (see `stream_events`).
 const EVENT_BATCH: usize = 1024;
@@ -121,7 +122,6 @@ fn now() -> String {
 pub struct Prepared {
     pub cgroup_mount: PathBuf,
     pub cgroup_root: PathBuf,
-    pub bundle: Bundle,
 }
 
 pub fn prepare(options: &RunOptions) -> Result<Prepared> {
@@ -142,12 +142,23 @@ pub fn prepare(options: &RunOptions) -> Result<Prepared> {
             options.cgroup_root
         );
     }
-    let bundle = load_bundle(&options.policies)?;
     Ok(Prepared {
         cgroup_mount,
         cgroup_root,
-        bundle,
     })
+}
+
+/// Loads and compiles the bundle in `dir`, with the run-time risk overrides applied.
+fn load_policy(
+    dir: &Path,
+    risk_overrides: &BTreeMap<String, String>,
+) -> Result<(Bundle, Compiled)> {
+    let mut bundle = load_bundle(dir)?;
+    apply_risk_overrides(&mut bundle, risk_overrides);
+    let compiled = bundle
+        .compile()
+        .with_context(|| format!("compiling {}", dir.display()))?;
+    Ok((bundle, compiled))
 }
 
 fn load_bundle(dir: &Path) -> Result<Bundle> {
@@ -177,6 +188,8 @@ struct Agent {
     applied_at: String,
     notices: mpsc::UnboundedSender<Notice>,
     history: PolicyHistory,
+    /// The revision saved in [`last_good::dir`], if any.
+    saved_revision: Option<String>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -201,15 +214,38 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let Prepared {
         cgroup_mount,
         cgroup_root,
-        mut bundle,
     } = prepare(&options)?;
     let risk_overrides = read_state(&options.state_dir)
         .map(|s| s.risk_overrides)
         .unwrap_or_default();
-    apply_risk_overrides(&mut bundle, &risk_overrides);
-    let compiled = bundle
-        .compile()
-        .with_context(|| format!("compiling {}", options.policies.display()))?;
+    // A broken directory does not stop a restart that has a last good bundle: it enforces
+    // that one, reports the directory's problems, and waits for a fix.
+    let (bundle, compiled, rejected, saved_revision) = match load_policy(
+        &options.policies,
+        &risk_overrides,
+    ) {
+        Ok((bundle, compiled)) => (
+            bundle,
+            compiled,
+            None,
+            last_good::revision(&options.state_dir),
+        ),
+        Err(error) => {
+            let fallback = last_good::dir(&options.state_dir);
+            match load_policy(&fallback, &risk_overrides) {
+                Ok((bundle, compiled)) => {
+                    tracing::error!(
+                        last_good = %fallback.display(),
+                        revision = bundle.revision(),
+                        "the policy directory is invalid; starting from the last bundle this agent applied:\n{error:#}"
+                    );
+                    let saved = Some(bundle.revision().to_string());
+                    (bundle, compiled, Some(error), saved)
+                }
+                Err(_) => return Err(error),
+            }
+        }
+    };
     let sink = Sink::open(&options.events)?;
     let mut datapath = Datapath::load(&LoadOptions {
         pin_root: &options.pin_root,
@@ -242,10 +278,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         applied_at: now(),
         notices,
         history: history.clone(),
+        saved_revision,
     };
     agent
         .apply_full(None)
         .context("writing the first policy into the kernel")?;
+    match rejected {
+        Some(error) => agent.reject(error),
+        None => agent.save_last_good(),
+    }
     let attach = agent.datapath.attach(&agent.cgroup_root)?;
     for hook in &attach.hooks {
         tracing::info!(program = hook.program, adopted = hook.adopted, cgroup = %agent.cgroup_root.display(), "hook in place");
@@ -398,6 +439,21 @@ impl Agent {
             return self.reject(error);
         }
         self.bundle = bundle;
+        self.save_last_good();
+    }
+
+    /// Keeps a copy of the bundle just applied for a restart to fall back on (see
+    /// [`last_good`]); a failure is logged: it costs only that fallback.
+    fn save_last_good(&mut self) {
+        let revision = self.bundle.revision().to_string();
+        if self.saved_revision.as_deref() == Some(revision.as_str()) {
+            return;
+        }
+        match last_good::save(&self.options.policies, &revision, &self.options.state_dir) {
+            Ok(true) => self.saved_revision = Some(revision),
+            Ok(false) => {}
+            Err(error) => tracing::warn!("keeping a copy of the last good bundle: {error:#}"),
+        }
     }
 
     fn reject(&mut self, error: anyhow::Error) {

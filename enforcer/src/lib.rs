@@ -11,5 +11,6 @@ pub mod desired;
 pub mod events;
 pub mod explain;
 pub mod fs;
+pub mod last_good;
 pub mod pdp;
 pub mod status;

@@ -2,8 +2,9 @@
 //! YAML nested 100,000 deep, 200 nested parentheses and a 50,000-long `&&` chain, each
 //! written into the policy directory of a running agent, are rejected (`policy.rejected`
 //! naming the limit at `file:line:`), the agent keeps running and the last good bundle stays
-//! in force. A restarted agent facing a bad bundle exits with that error (it does not crash),
-//! and starts again once the bundle is fixed. Addresses: 127.83.x.x.
+//! in force. A restarted agent facing a bad bundle starts from the last bundle it applied and
+//! reports the problem (it neither crashes nor exits); with no last good bundle it exits with
+//! the located error. Addresses: 127.83.x.x.
 
 use std::time::Duration;
 
@@ -161,28 +162,66 @@ fn a_hostile_bundle_never_takes_down_a_running_agent() -> Result<()> {
         agent.stderr_tail()
     );
 
-    // A restart with a hostile bundle on disk: a clean exit with the located error (not a
-    // crash), and a start once it is fixed. The pins keep enforcing in between.
+    // A restart with a hostile bundle on disk does not crash-loop: the agent starts from the
+    // last bundle it applied (kept in its state directory), reports the directory's problem
+    // as policy.rejected, keeps enforcing and streaming events, and applies the fix.
     std::fs::write(dir.join("deep.cedar"), &deep_parens)?;
     agent.stop()?;
     drop(agent);
-    let err = Agent::start(cfg.clone()).expect_err("an agent must not start on a bad bundle");
-    let err = format!("{err:#}");
-    ensure!(
-        err.contains("exit status: 1") && err.contains("deep.cedar:3:"),
-        "a restart on a hostile bundle must exit 1 naming the problem, got: {err}"
-    );
     ensure!(
         outcome()? == Outcome::Ok,
         "with no agent, the pinned policy keeps enforcing"
     );
-    std::fs::remove_file(dir.join("deep.cedar"))?;
-    let agent = Agent::start(cfg)?;
-    first_applied_snapshot(&agent)?;
+    let mut agent = Agent::start(cfg.clone())?;
+    let rejected = wait_notices(
+        &agent,
+        "policy.rejected",
+        1,
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .context("a restart on a hostile bundle")?;
+    ensure!(
+        errors(&rejected[0])
+            .iter()
+            .any(|e| e.contains("deep.cedar:3:")),
+        "the restart must report the directory's problem: {}",
+        rejected[0]
+    );
+    ensure!(
+        rejected[0].get("snapshot_in_force").and_then(Value::as_str) == Some(r0.as_str()),
+        "the restart must enforce the last good bundle {r0}: {}",
+        rejected[0]
+    );
+    ensure!(agent.is_running(), "the restarted agent died");
     ensure!(
         outcome()? == Outcome::Ok,
-        "after the restart, the cell is allowed"
+        "after the restart on a bad bundle, the last good policy holds"
     );
+    std::fs::remove_file(dir.join("deep.cedar"))?;
+    wait_notices(&agent, "policy.applied", 2, Duration::from_secs(20), |_| {
+        true
+    })
+    .context("the fix is applied")?;
+    ensure!(
+        outcome()? == Outcome::Ok,
+        "after the fix, the cell is allowed"
+    );
+    agent.stop()?;
+    drop(agent);
+
+    // Without a last good bundle (a fresh state directory), there is nothing safe to start
+    // from: a clean exit naming the problem (not a crash).
+    std::fs::write(dir.join("deep.cedar"), &deep_parens)?;
+    let fresh = StateDir::new()?;
+    let err = Agent::start(fresh.configure(world.agent_config()))
+        .expect_err("an agent with no last good bundle must not start on a bad one");
+    let err = format!("{err:#}");
+    ensure!(
+        err.contains("exit status: 1") && err.contains("deep.cedar:3:"),
+        "a first start on a hostile bundle must exit 1 naming the problem, got: {err}"
+    );
+    std::fs::remove_file(dir.join("deep.cedar"))?;
     Ok(())
 }
 

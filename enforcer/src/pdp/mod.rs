@@ -16,7 +16,7 @@
 //! reads, so the revision a node computes is the one the PDP advertised.
 
 mod auth;
-mod files;
+pub(crate) mod files;
 mod http;
 pub mod serve;
 pub mod status;
