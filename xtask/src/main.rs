@@ -371,10 +371,19 @@ fn fuzz_one(fuzz_dir: &Path, bin: &Path, target: &str, seconds: u64) -> Result<(
     for line in &lines[lines.len().saturating_sub(60)..] {
         eprintln!("{line}");
     }
-    let found: Vec<PathBuf> = list(&artifacts)
-        .into_iter()
-        .filter(|p| !before.contains(p) && p != &log)
+    // libFuzzer names the input it wrote ("Test unit written to PATH"), also when a file of
+    // that name was there already; else whatever is new in the artifacts directory.
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
+        .map(PathBuf::from)
         .collect();
+    if found.is_empty() {
+        found = list(&artifacts)
+            .into_iter()
+            .filter(|p| !before.contains(p) && p != &log)
+            .collect();
+    }
     for input in &found {
         eprintln!(
             "xtask: {target} failed on {}; reproduce with `{} {}`",
