@@ -353,9 +353,21 @@ fn fuzz_one(fuzz_dir: &Path, bin: &Path, target: &str, seconds: u64) -> Result<(
         })
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    let outcome = cmd
-        .status()
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("running {}", bin.display()))?;
+    let outcome = child.wait()?;
+    // The targets' scratch bundles (fuzz/src/lib.rs `Scratch`): libFuzzer exits without
+    // running destructors, so they are removed here, by the process id in their names.
+    let suffix = format!("-{}", child.id());
+    for base in [PathBuf::from("/dev/shm"), env::temp_dir()] {
+        for dir in list(&base) {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with("enforcer-fuzz-") && name.ends_with(&suffix) {
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+    }
     let text = fs::read_to_string(&log).unwrap_or_default();
     if outcome.success() {
         let runs = text
