@@ -588,6 +588,32 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_takes_seconds_and_known_targets() {
+        match Cli::try_parse_from(["xtask", "fuzz", "--seconds", "5", "bundle", "event"])
+            .unwrap()
+            .command
+        {
+            Cmd::Fuzz { seconds, targets } => {
+                assert_eq!(seconds, 5);
+                assert_eq!(targets, ["bundle", "event"]);
+            }
+            _ => panic!("not fuzz"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "nonsense"]).is_err());
+        // Every target named here is a [[bin]] of the fuzz crate.
+        let manifest =
+            fs::read_to_string(Workspace::locate().unwrap().root.join("fuzz/Cargo.toml")).unwrap();
+        for target in FUZZ_TARGETS {
+            assert!(
+                manifest.contains(&format!(
+                    "name = \"{target}\"\npath = \"fuzz_targets/{target}.rs\""
+                )),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
     fn test_forwards_arguments_verbatim() {
         assert!(test_args(&["xtask", "test"]).is_empty());
         assert_eq!(
