@@ -24,6 +24,21 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 const EBPF_CRATE: &str = "enforcer-ebpf";
 /// Where the agent's build.rs expects the object, relative to the workspace's target dir.
 const BPF_OBJECT: &str = "bpf/enforcer.bpf.o";
+/// The cargo-fuzz release installed by `fuzz` (builds with the stable toolchain here).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz crate (its own workspace, built by cargo-fuzz with nightly) and its targets.
+const FUZZ_DIR: &str = "fuzz";
+const FUZZ_TARGETS: [&str; 6] = [
+    "inventory",
+    "policy",
+    "bundle",
+    "event",
+    "pdp_request",
+    "pdp_response",
+];
+/// Seconds per target of the fuzz pass that `test` runs after the tests
+/// (`ENFORCER_FUZZ_SECONDS` overrides, 0 skips it).
+const TEST_FUZZ_SECONDS: u64 = 20;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, test and run the enforcer")]
@@ -62,6 +77,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Fuzz the parsers (cargo-fuzz, libFuzzer; installs cargo-fuzz when missing): each
+    /// target for SECONDS; a crash, abort, timeout or memory blow-up fails with the input.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all of them).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(FUZZ_TARGETS))]
+        targets: Vec<String>,
+    },
 }
 
 fn main() {
@@ -84,7 +109,19 @@ fn run(cli: Cli) -> Result<()> {
             cmd.args(["test", "--workspace"])
                 .args(&args)
                 .env("ENFORCER_BIN", ws.target.join("debug/enforcer"));
-            status(&mut cmd, "cargo test")
+            status(&mut cmd, "cargo test")?;
+            // The whole suite (no arguments, as CI runs it) ends with a short fuzz pass, so
+            // that an input that crashes a parser fails the run.
+            let seconds = match env::var("ENFORCER_FUZZ_SECONDS") {
+                Ok(s) => s
+                    .parse()
+                    .with_context(|| format!("ENFORCER_FUZZ_SECONDS={s:?} is not a number"))?,
+                Err(_) => TEST_FUZZ_SECONDS,
+            };
+            if args.is_empty() && seconds > 0 {
+                fuzz(&ws, seconds, &FUZZ_TARGETS.map(String::from))?;
+            }
+            Ok(())
         }
         Cmd::Run { args } => {
             build_ebpf(&ws, &tools)?;
@@ -112,6 +149,16 @@ fn run(cli: Cli) -> Result<()> {
                 &args,
                 "the benchmark (bin `enforcer-bench`)",
             )
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            // The agent's build.rs embeds the kernel object, also in the fuzz build.
+            build_ebpf(&ws, &tools)?;
+            let targets = if targets.is_empty() {
+                FUZZ_TARGETS.map(String::from).to_vec()
+            } else {
+                targets
+            };
+            fuzz(&ws, seconds, &targets)
         }
     }
 }
@@ -236,6 +283,188 @@ fn build_ebpf(ws: &Workspace, tools: &Tools) -> Result<PathBuf> {
     Ok(object)
 }
 
+/// Builds the fuzz targets and runs each of `targets` for `seconds`, with the committed seeds
+/// (`fuzz/seeds/<target>`) and the corpus earlier runs grew (`fuzz/corpus/<target>`). A
+/// failing target's log tail and failing input are printed; the run fails at the end.
+fn fuzz(ws: &Workspace, seconds: u64, targets: &[String]) -> Result<()> {
+    let cargo_fuzz = setup_cargo_fuzz()?;
+    let fuzz_dir = ws.root.join(FUZZ_DIR);
+    eprintln!("xtask: building the fuzz targets ({NIGHTLY}, cargo-fuzz {CARGO_FUZZ_VERSION})");
+    let mut cmd = Command::new("rustup");
+    clean_cargo_env(&mut cmd);
+    cmd.args(["run", NIGHTLY])
+        .arg(&cargo_fuzz)
+        .args(["fuzz", "build", "--fuzz-dir"])
+        .arg(&fuzz_dir)
+        // Overflow checks and debug assertions: an overflow is a finding too. 16 codegen
+        // units instead of cargo-fuzz's 1: a third of the build time (cedar-policy is large),
+        // for somewhat slower runs.
+        .args(["--debug-assertions", "--sanitizer", "address"])
+        .args(["--codegen-units", "16"])
+        .current_dir(&ws.root);
+    status(&mut cmd, "building the fuzz targets")?;
+    let bins = fuzz_dir.join("target").join(host_triple()?).join("release");
+    // Every target runs even when one fails: one known crash must not hide another.
+    let failed: Vec<&str> = targets
+        .iter()
+        .filter(|target| {
+            fuzz_one(&fuzz_dir, &bins.join(target), target, seconds)
+                .map_err(|e| eprintln!("xtask: {e:#}"))
+                .is_err()
+        })
+        .map(String::as_str)
+        .collect();
+    if !failed.is_empty() {
+        bail!("fuzz targets failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn fuzz_one(fuzz_dir: &Path, bin: &Path, target: &str, seconds: u64) -> Result<()> {
+    let corpus = fuzz_dir.join("corpus").join(target);
+    let seeds = fuzz_dir.join("seeds").join(target);
+    let artifacts = fuzz_dir.join("artifacts").join(target);
+    for dir in [&corpus, &artifacts] {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let before: Vec<PathBuf> = list(&artifacts);
+    let log = artifacts.join("fuzz.log");
+    let log_file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut prefix = artifacts.clone().into_os_string();
+    prefix.push("/");
+    eprintln!("xtask: fuzzing {target} for {seconds} s");
+    let mut cmd = Command::new(bin);
+    // As `cargo fuzz run` sets it: Rust's duplicated statics across crates are not ODR bugs.
+    cmd.env("ASAN_OPTIONS", "detect_odr_violation=0")
+        .arg(&corpus)
+        .arg(&seeds)
+        .arg(format!("-max_total_time={seconds}"))
+        // The property: no input makes a parser take more than this, or allocate without
+        // bound (a YAML alias bomb, a deep Cedar expression).
+        .arg("-timeout=20")
+        .arg("-rss_limit_mb=2048")
+        .arg("-malloc_limit_mb=1024")
+        .arg("-max_len=65536")
+        .arg("-print_final_stats=1")
+        .arg({
+            let mut a = OsString::from("-artifact_prefix=");
+            a.push(&prefix);
+            a
+        })
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let outcome = child.wait()?;
+    // The targets' scratch bundles (fuzz/src/lib.rs `Scratch`): libFuzzer exits without
+    // running destructors, so they are removed here, by the process id in their names.
+    let suffix = format!("-{}", child.id());
+    for base in [PathBuf::from("/dev/shm"), env::temp_dir()] {
+        for dir in list(&base) {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with("enforcer-fuzz-") && name.ends_with(&suffix) {
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    if outcome.success() {
+        let runs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .map(str::trim)
+            .unwrap_or("?");
+        eprintln!("xtask: {target}: {runs} inputs, no failure");
+        return Ok(());
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    eprintln!("--- {} (last 60 lines) ---", log.display());
+    for line in &lines[lines.len().saturating_sub(60)..] {
+        eprintln!("{line}");
+    }
+    // libFuzzer names the input it wrote ("Test unit written to PATH"), also when a file of
+    // that name was there already; else whatever is new in the artifacts directory.
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
+        .map(PathBuf::from)
+        .collect();
+    if found.is_empty() {
+        found = list(&artifacts)
+            .into_iter()
+            .filter(|p| !before.contains(p) && p != &log)
+            .collect();
+    }
+    for input in &found {
+        eprintln!(
+            "xtask: {target} failed on {}; reproduce with `{} {}`",
+            input.display(),
+            bin.display(),
+            input.display()
+        );
+    }
+    bail!("fuzz target {target} failed ({outcome}); see above")
+}
+
+/// The files of `dir`, sorted.
+fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Ensures cargo-fuzz [`CARGO_FUZZ_VERSION`] is installed; its path.
+fn setup_cargo_fuzz() -> Result<PathBuf> {
+    let found = find_cargo_bin("cargo-fuzz");
+    if let Some(path) = &found {
+        if cargo_fuzz_version(path).as_deref() == Some(CARGO_FUZZ_VERSION) {
+            return Ok(path.clone());
+        }
+        eprintln!(
+            "xtask: {} is not version {CARGO_FUZZ_VERSION}; installing it",
+            path.display()
+        );
+    } else {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    }
+    let mut cmd = Command::new("cargo");
+    clean_cargo_env(&mut cmd);
+    cmd.args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+        "--force",
+    ]);
+    status(&mut cmd, "cargo install cargo-fuzz")?;
+    find_cargo_bin("cargo-fuzz")
+        .filter(|p| cargo_fuzz_version(p).as_deref() == Some(CARGO_FUZZ_VERSION))
+        .with_context(|| {
+            format!("cargo-fuzz {CARGO_FUZZ_VERSION} is still not found after installing it")
+        })
+}
+
+/// `cargo-fuzz --version` prints `cargo-fuzz 0.13.2`.
+fn cargo_fuzz_version(path: &Path) -> Option<String> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.split_whitespace().nth(1)?.to_owned())
+}
+
+/// The host's target triple (where cargo-fuzz puts the binaries).
+fn host_triple() -> Result<String> {
+    let out = nightly_output(&["rustc", "-vV"]).context("running `rustc -vV` (nightly)")?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("`rustc -vV` names no host")
+}
+
 /// Runs `cargo <args>` in the workspace.
 fn cargo(ws: &Workspace, args: &[&str]) -> Result<()> {
     let mut cmd = ws.cargo();
@@ -311,11 +540,16 @@ fn clean_cargo_env(cmd: &mut Command) {
 }
 
 fn find_bpf_linker() -> Option<PathBuf> {
-    which("bpf-linker").or_else(|| {
+    find_cargo_bin("bpf-linker")
+}
+
+/// `name` on PATH, else in cargo's bin directory (where `cargo install` puts it).
+fn find_cargo_bin(name: &str) -> Option<PathBuf> {
+    which(name).or_else(|| {
         let home = env::var_os("CARGO_HOME")
             .map(PathBuf::from)
             .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
-        let path = home.join("bin/bpf-linker");
+        let path = home.join("bin").join(name);
         path.is_file().then_some(path)
     })
 }
@@ -350,6 +584,32 @@ mod tests {
         match Cli::try_parse_from(argv).unwrap().command {
             Cmd::Test { args } => args,
             _ => panic!("not test"),
+        }
+    }
+
+    #[test]
+    fn fuzz_takes_seconds_and_known_targets() {
+        match Cli::try_parse_from(["xtask", "fuzz", "--seconds", "5", "bundle", "event"])
+            .unwrap()
+            .command
+        {
+            Cmd::Fuzz { seconds, targets } => {
+                assert_eq!(seconds, 5);
+                assert_eq!(targets, ["bundle", "event"]);
+            }
+            _ => panic!("not fuzz"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "nonsense"]).is_err());
+        // Every target named here is a [[bin]] of the fuzz crate.
+        let manifest =
+            fs::read_to_string(Workspace::locate().unwrap().root.join("fuzz/Cargo.toml")).unwrap();
+        for target in FUZZ_TARGETS {
+            assert!(
+                manifest.contains(&format!(
+                    "name = \"{target}\"\npath = \"fuzz_targets/{target}.rs\""
+                )),
+                "{target}"
+            );
         }
     }
 

@@ -17,6 +17,9 @@
 
 mod auth;
 pub(crate) mod files;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod serve;
 pub mod status;

@@ -399,3 +399,16 @@ async fn watch_dir(dir: PathBuf, publisher: watch::Sender<Arc<Published>>) {
         }
     }
 }
+
+/// Serves one connection over `stream` with `token` and a published bundle, as [`Pdp::run`]
+/// serves each accepted one: the fuzz targets' way in (see `pdp::fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(super) async fn serve_stream<S>(stream: S, token: Token, revision: String, body: Bytes)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // The sender lives until the connection ends: with it gone, a long poll would end early.
+    let (_publisher, bundle) = watch::channel(Arc::new(Published { revision, body }));
+    let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+    serve_connection(stream, peer, Arc::new(Shared { token, bundle })).await;
+}

@@ -300,7 +300,11 @@ async fn attempt(
 /// the new bundle, or its policy in force, and then reads the status sees its revision,
 /// never the previous one. The in-memory status is changed under its lock for the whole
 /// swap, and put back if the swap fails.
-fn install(wire: WireBundle, target: &Path, status: &Mutex<PdpStatus>) -> Result<String> {
+pub(super) fn install(
+    wire: WireBundle,
+    target: &Path,
+    status: &Mutex<PdpStatus>,
+) -> Result<String> {
     let staged = stage(sibling(target, "stage")?, &wire.files)
         .context("the PDP's bundle cannot be written")?;
     let revision = validate(staged.path()).map_err(|problems| {
@@ -338,7 +342,7 @@ fn write_status(path: &Path, status: &PdpStatus) {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Aborts a task when dropped.
@@ -378,6 +382,19 @@ async fn fetch(
         }
         None => Box::new(tcp),
     };
+    request_bundle(io, url, &authority, token, have, wait).await
+}
+
+/// The request and its answer over an established connection (TCP or TLS): everything the
+/// PDP's bytes reach (also driven by the fuzz targets, see `pdp::fuzzing`).
+pub(super) async fn request_bundle(
+    io: Box<dyn Io>,
+    url: &PdpUrl,
+    authority: &str,
+    token: &Token,
+    have: Option<&str>,
+    wait: Duration,
+) -> Result<Option<WireBundle>> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .context("HTTP handshake")?;
@@ -385,7 +402,7 @@ async fn fetch(
         let _ = connection.await;
     }));
     let mut request = Request::get(url.bundle_target(wait))
-        .header(header::HOST, &authority)
+        .header(header::HOST, authority)
         .header(header::AUTHORIZATION, format!("Bearer {}", token.as_str()))
         .header(header::ACCEPT, "application/json");
     if let Some(revision) = have {
