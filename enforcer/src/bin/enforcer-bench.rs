@@ -326,7 +326,7 @@ fn datapath_bench(options: &Options) -> Result<()> {
             let result = f();
             drop(noop_link);
             match setup {
-                Setup::Enforcer => remove_link_pins(&link_pins)?,
+                Setup::Enforcer => detach_enforcer(&link_pins, &parent)?,
                 Setup::Nft(_) => table().unhook()?,
                 _ => {}
             }
@@ -403,7 +403,7 @@ fn datapath_bench(options: &Options) -> Result<()> {
                     .collect();
                 let result = connect_latencies(target, connects);
                 let after = datapath.all_program_run_stats();
-                remove_link_pins(&link_pins)?;
+                detach_enforcer(&link_pins, &parent)?;
                 result?;
                 for (name, time, runs) in after {
                     let (time_before, runs_before) = before.get(&name).copied().unwrap_or_default();
@@ -869,6 +869,33 @@ fn reset_on_close(stream: &TcpStream) {
             (&linger as *const libc::linger).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
+    }
+}
+
+/// Unpins the enforcer's links and waits until the kernel has really detached its programs
+/// from `cgroup`: the last reference of an unpinned link is dropped from a workqueue, which
+/// on a busy machine runs late; until then the programs keep running in the next setup's
+/// round (and after a new attach, twice per connect).
+fn detach_enforcer(pins: &Path, cgroup: &Path) -> Result<()> {
+    remove_link_pins(pins)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Every attach type up to the kernel's newest (a type that is not a cgroup's is an
+        // error, skipped): so that a hook added to the agent later is waited for as well.
+        let attached = (0..64).any(|attach_type| {
+            enforcer::datapath::attached_programs(cgroup, attach_type)
+                .is_ok_and(|ids| !ids.is_empty())
+        });
+        if !attached {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "programs are still attached to {} 10 s after the enforcer's links were unpinned",
+                cgroup.display()
+            );
+        }
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 
