@@ -142,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Cmd::Bench { args } => {
+            install_nft()?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--release", "--workspace", "--bins"])?;
             exec(
@@ -252,6 +253,22 @@ fn setup() -> Result<Tools> {
         .context("bpf-linker has no parent directory")?
         .to_path_buf();
     Ok(Tools { bpf_linker_dir })
+}
+
+/// The benchmark compares the enforcer with an nftables ruleset: installs Debian's `nftables`
+/// when `nft` is missing (silent when present).
+fn install_nft() -> Result<()> {
+    if which("nft").is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing nftables (nft, for the benchmark's comparison)");
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "--no-install-recommends", "nftables"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    status(
+        &mut cmd,
+        "apt-get install nftables (run `apt-get update` first if it is stale)",
+    )
 }
 
 /// Builds the kernel programs with nightly and copies the object to `target/bpf/`.

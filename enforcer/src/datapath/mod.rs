@@ -105,6 +105,18 @@ impl Datapath {
         Ok((info.run_time(), info.run_count()))
     }
 
+    /// Run statistics of every program of the object that this agent loaded, whatever its
+    /// type (the benchmark reports each, so a program added later is counted without edits).
+    pub fn all_program_run_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                Some((name.to_owned(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
     /// The events ring buffer (its consumer position lives in the map, so a restarted agent
     /// resumes where the last one stopped).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
