@@ -1058,3 +1058,17 @@ proptest::proptest! {
         }
     }
 }
+
+/// Found by the `inventory` fuzz target (fuzz/seeds/inventory/crash-yaml-error-past-the-end):
+/// a syntax error at the end of a file without a final newline was located on the line after
+/// the last one. Every location names a place the file has.
+#[test]
+fn a_yaml_error_at_the_end_of_the_file_is_located_inside_it() {
+    for (text, want) in [
+        ("tenants: [acm", "inventory.yaml:1:14:"),
+        ("tenants: [acme]\nworkloads: [\n  {name: x", "inventory.yaml:3:11:"),
+    ] {
+        let diags = load_with(&[("inventory.yaml", text)]);
+        assert_diag(&diags, want, "YAML syntax error");
+    }
+}

@@ -397,6 +397,21 @@ impl Builder {
     }
 }
 
+/// `loc`, or the end of `text` when `loc` lies past it: the scanner reports an error at the
+/// end of input on the line after the last one when the file does not end in a newline, and
+/// a location must name a place the file has.
+fn within_text(loc: Loc, text: &str) -> Loc {
+    let lines = text.lines().count().max(1) as u32;
+    if loc.line <= lines {
+        return loc;
+    }
+    let last = text.lines().last().unwrap_or("");
+    Loc {
+        line: lines,
+        column: last.chars().count() as u32 + 1,
+    }
+}
+
 /// The single YAML document of `text` as a located tree (`None`: empty). The events are
 /// pulled one by one (the parser's own `load` recurses per nesting level, before any bound
 /// could be checked); a second document is an error, not ignored.
@@ -407,10 +422,13 @@ fn parse_marked(text: &str) -> Result<Option<Node>, YamlError> {
     loop {
         let (ev, mark) = parser.next_token().map_err(|e| {
             let m = e.marker();
-            let loc = Loc {
-                line: m.line() as u32,
-                column: m.col() as u32 + 1,
-            };
+            let loc = within_text(
+                Loc {
+                    line: m.line() as u32,
+                    column: m.col() as u32 + 1,
+                },
+                text,
+            );
             // The scanner looks ahead, and stops at 255 open flow brackets before the builder
             // has seen the 33rd: the same limit, exceeded further on.
             if e.info().contains("recursion limit exceeded") {
