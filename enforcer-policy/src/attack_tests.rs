@@ -1,0 +1,74 @@
+//! Findings of the attack pass after issue 6 (policy crate): each the smallest bundle that
+//! was accepted or misreported.
+
+use std::path::{Path, PathBuf};
+
+use crate::Bundle;
+
+fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo")
+}
+
+/// `file:line:column: message` of every diagnostic of the demo bundle with `extra` appended
+/// to `baseline.cedar` (empty: it loaded).
+fn with_policy(extra: &str) -> (Vec<String>, usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(demo_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let base = tmp.path().join("baseline.cedar");
+    let mut text = std::fs::read_to_string(&base).unwrap();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    // The line the extra text starts on (1-based).
+    let line = text.lines().count() + 1;
+    text.push_str(extra);
+    std::fs::write(&base, text).unwrap();
+    let diags = match Bundle::load(tmp.path()) {
+        Ok(_) => vec![],
+        Err(d) => {
+            d.0.iter()
+                .map(|d| {
+                    let name = d.file.file_name().unwrap().to_string_lossy().into_owned();
+                    format!("{name}:{}:{}: {}", d.line, d.column, d.message)
+                })
+                .collect()
+        }
+    };
+    (diags, line)
+}
+
+/// A template was reported at `file:1:1` and as `policyN`, not at itself and by its @id.
+#[test]
+fn a_template_is_reported_at_itself_by_its_id() {
+    let (diags, line) =
+        with_policy("@id(\"slot\")\npermit (principal == ?principal, action, resource);\n");
+    assert_eq!(
+        diags,
+        vec![format!(
+            "baseline.cedar:{line}:1: template `slot` is not supported"
+        )]
+    );
+}
+
+/// `@quarantine("false")` reads as "no quarantine" and was a quarantining forbid.
+#[test]
+fn quarantine_with_a_value_is_an_error() {
+    let (diags, line) = with_policy(
+        "@id(\"q\")\n@quarantine(\"false\")\nforbid (principal, action, resource is World) when { principal.risk.greaterThan(decimal(\"0.9\")) };\n",
+    );
+    assert_eq!(
+        diags,
+        vec![format!(
+            "baseline.cedar:{}:1: @quarantine takes no value",
+            line + 1
+        )]
+    );
+    // Bare `@quarantine` (the documented form) still loads.
+    let (diags, _) = with_policy(
+        "@id(\"q\")\n@quarantine\nforbid (principal, action, resource is World) when { principal.risk.greaterThan(decimal(\"0.9\")) };\n",
+    );
+    assert_eq!(diags, Vec::<String>::new());
+}
