@@ -101,3 +101,73 @@ fn connected_udp_with_control_messages_is_judged_by_its_connect() -> Result<()> 
     );
     Ok(())
 }
+
+/// `enforcer detach --state-dir DIR` deleted DIR recursively, whatever it held: a sloppy
+/// `--state-dir /var/lib` would wipe /var/lib. Only the agent's own files may go.
+#[test]
+fn detach_removes_only_the_agents_own_state_files() -> Result<()> {
+    let tmp = enforcer_tests::TempDir::new("atk-detach")?;
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state)?;
+    std::fs::write(state.join("precious.txt"), "not the enforcer's")?;
+    std::fs::write(state.join("state.json"), "{}")?;
+    std::fs::create_dir(state.join("pdp-bundle"))?;
+    std::fs::write(state.join("pdp-bundle").join("inventory.yaml"), "")?;
+    let pins = tmp.path().join("pins");
+    let out = enforcer_tests::cli::enforcer(&[
+        "detach".as_ref(),
+        "--pin-path".as_ref(),
+        pins.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+    ])?;
+    ensure!(out.success(), "detach failed: {out}");
+    ensure!(
+        state.join("precious.txt").exists(),
+        "detach deleted a file it does not own in --state-dir"
+    );
+    ensure!(
+        !state.join("state.json").exists() && !state.join("pdp-bundle").exists(),
+        "detach left the agent's state behind"
+    );
+    // With only its own files, the directory goes too.
+    std::fs::remove_file(state.join("precious.txt"))?;
+    std::fs::write(state.join("state.json"), "{}")?;
+    let out = enforcer_tests::cli::enforcer(&[
+        "detach".as_ref(),
+        "--pin-path".as_ref(),
+        pins.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+    ])?;
+    ensure!(out.success() && !state.exists(), "state dir left: {out}");
+    Ok(())
+}
+
+/// `enforcer detach --pin-path DIR` deleted `DIR/v<ABI>` recursively wherever DIR was; pins
+/// only live on a bpffs, so anything else is the operator's and must stay.
+#[test]
+fn detach_refuses_a_pin_path_off_bpffs() -> Result<()> {
+    let tmp = enforcer_tests::TempDir::new("atk-detach-pins")?;
+    // `<pin path>/v4`: the ABI's pin directory (README "Applying a bundle"). On an ABI bump
+    // detach finds nothing, succeeds, and the refusal check below fails: update it then.
+    let dir = tmp.path().join("v4");
+    std::fs::create_dir(&dir)?;
+    std::fs::write(dir.join("precious.txt"), "not a pin")?;
+    let out = enforcer_tests::cli::enforcer(&[
+        "detach".as_ref(),
+        "--pin-path".as_ref(),
+        tmp.path().as_os_str(),
+        "--state-dir".as_ref(),
+        tmp.path().join("state").as_os_str(),
+    ])?;
+    ensure!(
+        dir.join("precious.txt").exists(),
+        "detach deleted files off bpffs: {out}"
+    );
+    ensure!(
+        !out.success() && out.stderr.contains("not on a bpf filesystem"),
+        "want a clear refusal: {out}"
+    );
+    Ok(())
+}
