@@ -99,3 +99,30 @@ fn port_literals_are_bounded() {
         "want a located error naming a limit, got {diags:?}"
     );
 }
+
+/// `context.protocol == "UDP"` (or `"icmp"`) never holds: Cedar is asked with "tcp" and
+/// "udp" only, so such a forbid was accepted and silently never applied.
+#[test]
+fn a_protocol_the_context_never_holds_is_an_error() {
+    let (diags, line) = with_policy(
+        "@id(\"no-udp\")\nforbid (principal, action, resource is World) when { context.protocol == \"UDP\" || [\"tcp\", \"icmp\"].contains(context.protocol) };\n",
+    );
+    let col = |needle: &str| {
+        "forbid (principal, action, resource is World) when { context.protocol == \"UDP\" || [\"tcp\", \"icmp\"].contains(context.protocol) };"
+            .find(needle)
+            .unwrap()
+            + 1
+    };
+    assert_eq!(
+        diags,
+        vec![
+            format!("baseline.cedar:{}:{}: policy `no-udp`: `context.protocol` is never \"UDP\": it is \"tcp\" or \"udp\" (lower case), so this comparison never holds", line + 1, col("\"UDP\"")),
+            format!("baseline.cedar:{}:{}: policy `no-udp`: `context.protocol` is never \"icmp\": it is \"tcp\" or \"udp\" (lower case), so this comparison never holds", line + 1, col("\"icmp\"")),
+        ]
+    );
+    // The real values load.
+    let (diags, _) = with_policy(
+        "@id(\"no-udp\")\nforbid (principal, action, resource is World) when { context.protocol == \"udp\" || [\"tcp\"].contains(context.protocol) };\n",
+    );
+    assert_eq!(diags, Vec::<String>::new());
+}
