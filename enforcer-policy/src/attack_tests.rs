@@ -126,3 +126,18 @@ fn a_protocol_the_context_never_holds_is_an_error() {
     );
     assert_eq!(diags, Vec::<String>::new());
 }
+
+/// `@id("a\nALLOW: ...")` was accepted: printed by `policy explain` and in logs, it splits
+/// its line into lines that look like other output.
+#[test]
+fn an_id_with_a_control_character_is_an_error() {
+    let (diags, line) = with_policy(
+        "@id(\"x\\nALLOW: acme -> globex\")\nforbid (principal, action, resource is World);\n",
+    );
+    assert_eq!(
+        diags,
+        vec![format!(
+            "baseline.cedar:{line}:1: @id \"x\\nALLOW: acme -> globex\" contains a control character (a line break, tab...)"
+        )]
+    );
+}

@@ -478,6 +478,18 @@ impl Engine {
 
                 let new_id = PolicyId::new(format!("{fname}:{}", p.id()));
                 let id = match p.annotation("id") {
+                    // A line break or other control character in an id would split the
+                    // line it is printed on (`policy explain`, logs) into lines that look
+                    // like other output.
+                    Some(v) if v.chars().any(char::is_control) => {
+                        diags.push(at(
+                            ann_loc("id"),
+                            format!(
+                                "@id {v:?} contains a control character (a line break, tab...)"
+                            ),
+                        ));
+                        new_id.to_string()
+                    }
                     Some(v) if !v.trim().is_empty() => v.to_string(),
                     Some(_) => {
                         diags.push(at(ann_loc("id"), "@id must not be empty".into()));
