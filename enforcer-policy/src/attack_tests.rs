@@ -141,3 +141,32 @@ fn an_id_with_a_control_character_is_an_error() {
         )]
     );
 }
+
+/// Inventory strings with control characters (`name: "globex-dns\nALLOW"`, an ESC in a
+/// kind) were accepted, and `policy explain` printed them raw.
+#[test]
+fn inventory_strings_with_control_characters_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(demo_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let inv = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
+    let line = inv.lines().position(|l| l == "    kind: dns").unwrap() + 1;
+    let inv = inv.replacen("    kind: dns", "    kind: \"dns\\u001b[2J\"", 1);
+    std::fs::write(tmp.path().join("inventory.yaml"), inv).unwrap();
+    let diags: Vec<String> = match Bundle::load(tmp.path()) {
+        Ok(_) => vec![],
+        Err(d) => {
+            d.0.iter()
+                .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                .collect()
+        }
+    };
+    assert_eq!(
+        diags,
+        vec![format!(
+            "{line}:11: kind \"dns\\u{{1b}}[2J\" contains a control character (a line break, tab, escape...)"
+        )]
+    );
+}
