@@ -311,6 +311,16 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // address after this hook (see `unspecified`). Judge that address instead, or refuse the
     // call when the hook cannot know it. One compare on the common path: the first word.
     if dst.addr[0] == ZERO_WORD && is_unspecified(&dst) {
+        // A send with no address at all: a connected UDP socket whose sendmsg() carries
+        // control messages (IP_TOS, IP_PKTINFO...), for which the kernel runs the sendmsg
+        // hook with an empty address (0.0.0.0:0 / [::]:0). A given address never has port 0
+        // here (udp_sendmsg / udpv6_sendmsg return EINVAL first), and the datagram goes to
+        // the connected address, which connect4/6 judged; without control messages the
+        // kernel does not call the hook at all. Judging 0.0.0.0 / :: instead refused (or
+        // judged as ::1) a send the connect allowed.
+        if (hook == hook::SENDMSG4 || hook == hook::SENDMSG6) && dport == ANY_PORT {
+            return SK_PASS;
+        }
         match unspecified(sa, hook, dst.family, full_protocol) {
             Some(effective) => dst = effective,
             None => {

@@ -416,14 +416,30 @@ impl Engine {
                         .with_hint("an empty policy file is usually a truncated write; to remove its policies, delete the file"),
                 );
             }
+            // The core parser gives each policy's source location (same ids, same order).
+            let core = cedar_policy_core::parser::parse_policyset(text).ok();
             for t in parsed.templates() {
+                // At the template itself, named by its @id where it has one.
+                let offset = core
+                    .as_ref()
+                    .and_then(|c| {
+                        c.all_templates()
+                            .find(|ct| {
+                                AsRef::<str>::as_ref(ct.id()) == AsRef::<str>::as_ref(t.id())
+                            })
+                            .and_then(|ct| ct.loc().map(|l| l.start()))
+                    })
+                    .unwrap_or(0);
+                let (line, column) = line_col(text, offset);
+                let name = match t.annotation("id") {
+                    Some(v) if !v.trim().is_empty() => v.to_string(),
+                    _ => t.id().to_string(),
+                };
                 diags.push(
-                    Diagnostic::new(file, 1, 1, format!("template `{}` is not supported", t.id()))
+                    Diagnostic::new(file, line, column, format!("template `{name}` is not supported"))
                         .with_hint("write static policies; `?principal`/`?resource` slots have no meaning here"),
                 );
             }
-            // The core parser gives each policy's source location (same ids, same order).
-            let core = cedar_policy_core::parser::parse_policyset(text).ok();
             let core_policy = |id: &PolicyId| {
                 core.as_ref().and_then(|c| {
                     c.policies()
@@ -462,6 +478,18 @@ impl Engine {
 
                 let new_id = PolicyId::new(format!("{fname}:{}", p.id()));
                 let id = match p.annotation("id") {
+                    // A line break or other control character in an id would split the
+                    // line it is printed on (`policy explain`, logs) into lines that look
+                    // like other output.
+                    Some(v) if v.chars().any(char::is_control) => {
+                        diags.push(at(
+                            ann_loc("id"),
+                            format!(
+                                "@id {v:?} contains a control character (a line break, tab...)"
+                            ),
+                        ));
+                        new_id.to_string()
+                    }
                     Some(v) if !v.trim().is_empty() => v.to_string(),
                     Some(_) => {
                         diags.push(at(ann_loc("id"), "@id must not be empty".into()));
@@ -512,6 +540,14 @@ impl Engine {
                     }
                 }
                 let quarantine = p.annotation("quarantine").is_some();
+                // `@quarantine("false")` would read as "do not quarantine" and quarantine.
+                if p.annotation("quarantine").is_some_and(|v| !v.is_empty()) {
+                    diags.push(
+                        at(ann_loc("quarantine"), "@quarantine takes no value".into()).with_hint(
+                            "write `@quarantine` alone to quarantine on this forbid, or remove it",
+                        ),
+                    );
+                }
                 if quarantine && effect == Effect::Permit {
                     diags.push(at(
                         ann_loc("quarantine"),

@@ -540,6 +540,19 @@ impl Walker {
 
     fn string(&mut self, node: &Node, what: &str) -> Option<String> {
         match &node.value {
+            // Names, kinds and IDs are printed (explain, logs): a line break or an escape
+            // sequence in one would forge output lines or drive the terminal.
+            Value::Scalar(s, _) if s.chars().any(char::is_control) => {
+                self.err(
+                    node.loc,
+                    format!(
+                        "{what} {s:?} contains a control character (a line break, tab, escape...)"
+                    ),
+                );
+                // Still the field's value (the bundle is rejected anyway): no second error
+                // saying the field is missing.
+                Some(s.clone())
+            }
             Value::Scalar(s, _) if !node.is_null() && !s.is_empty() => Some(s.clone()),
             _ => {
                 self.err(

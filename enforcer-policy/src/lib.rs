@@ -680,6 +680,8 @@ pub(crate) fn hash_pairs<'a>(
 }
 
 #[cfg(test)]
+mod attack_tests;
+#[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod tests;

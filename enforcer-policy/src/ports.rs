@@ -101,9 +101,50 @@ fn record(l: &Literal, port: &Expr, out: &mut PortUse) {
     }
 }
 
+/// `context.protocol`.
+fn is_protocol(e: &Expr) -> bool {
+    matches!(e.expr_kind(), ExprKind::GetAttr { expr, attr } if is_context(expr) && attr == "protocol")
+}
+
+/// A string literal `context.protocol` is compared with that it never holds (`"TCP"`,
+/// `"icmp"`): the comparison is constant, so a forbid written with it silently never
+/// applies. Only `tcp` and `udp` reach Cedar ([`crate::Protocol`]).
+fn check_protocol_literal(l: &Expr, problems: &mut Vec<PortProblem>) {
+    if let Some(Literal::String(v)) = literal(l) {
+        if v.parse::<crate::Protocol>().is_err() {
+            problems.push(PortProblem {
+                offset: offset(l).unwrap_or(0),
+                message: format!(
+                    "`context.protocol` is never \"{v}\": it is \"tcp\" or \"udp\" (lower case), so this comparison never holds"
+                ),
+                hint: "write \"tcp\" or \"udp\"; other protocols never reach a policy (sock_create refuses their sockets)".into(),
+            });
+        }
+    }
+}
+
 /// `parent`: the expression `e` is an operand of, for the message.
 fn walk(e: &Expr, parent: Option<&Expr>, out: &mut PortUse, problems: &mut Vec<PortProblem>) {
     match e.expr_kind() {
+        ExprKind::BinaryApp {
+            op: BinaryOp::Eq,
+            arg1,
+            arg2,
+        } if is_protocol(arg1) || is_protocol(arg2) => {
+            check_protocol_literal(arg1, problems);
+            check_protocol_literal(arg2, problems);
+        }
+        ExprKind::BinaryApp {
+            op: BinaryOp::Contains,
+            arg1,
+            arg2,
+        } if is_protocol(arg2) => {
+            if let ExprKind::Set(items) = arg1.expr_kind() {
+                for item in items.iter() {
+                    check_protocol_literal(item, problems);
+                }
+            }
+        }
         ExprKind::BinaryApp {
             op: BinaryOp::Eq | BinaryOp::Less | BinaryOp::LessEq,
             arg1,

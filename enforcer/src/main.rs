@@ -382,7 +382,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Detach { pins } => {
             enforcer::datapath::detach(&pins.pin_root)?;
-            let _ = std::fs::remove_dir_all(pins.state_dir());
+            remove_state_dir(&pins.state_dir());
             println!(
                 "detached: removed the pins under {}",
                 pins.pin_root.display()
@@ -390,6 +390,35 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Removes what the agent keeps in its state directory, then the directory if that left it
+/// empty. Never the whole tree: `--state-dir` is the operator's path, and `detach
+/// --state-dir /var/lib` must not delete /var/lib.
+fn remove_state_dir(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // state.json (+ its .tmp), control.sock, pdp-status.json, the PDP's bundle copy and
+        // the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
+        let ours = matches!(
+            name.as_ref(),
+            "state.json" | "state.json.tmp" | "control.sock" | "pdp-status.json" | "pdp-bundle"
+        ) || name.starts_with(".pdp-bundle.")
+            || name.starts_with(".pdp-status.json.");
+        if !ours {
+            continue;
+        }
+        let path = entry.path();
+        let _ = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// The agent and the PDP server: two workers are plenty for one event stream and a few

@@ -145,12 +145,36 @@ fn lock_exclusive(dir: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// Whether `path` is on a bpf filesystem (`BPF_FS_MAGIC`).
+fn on_bpffs(path: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", path.display()))?;
+    // SAFETY: statfs writes into a zeroed struct we own; `c` is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
 /// Removes every pin of this ABI under `pin_root`: the links (which detaches the programs once
 /// no agent holds them) and the maps. This is how the enforcer is uninstalled.
 pub fn detach(pin_root: &Path) -> Result<()> {
     let dir = pin_dir(pin_root);
     if !dir.exists() {
         return Ok(());
+    }
+    // Pins live on a bpffs; a `--pin-path` elsewhere (`--pin-path /home/me`) names the
+    // operator's own files, which must not be deleted.
+    if !on_bpffs(&dir)? {
+        anyhow::bail!(
+            "{} is not on a bpf filesystem, so it holds no enforcer pins: nothing removed (check --pin-path)",
+            dir.display()
+        );
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     // Leave the pin root itself alone unless it is now empty (another ABI may live there).

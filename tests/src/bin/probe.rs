@@ -32,6 +32,9 @@ enum Kind {
     Tcp,
     Udp,
     UdpConnected,
+    /// Connected UDP, then `sendmsg()` without an address but with ancillary data (IP_TOS /
+    /// IPV6_TCLASS), which makes the kernel run sendmsg4/6 with no destination.
+    UdpConnectedCmsg,
     Ping,
     Raw,
     UdpLite,
@@ -64,6 +67,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "tcp" => Kind::Tcp,
         "udp" => Kind::Udp,
         "udpc" => Kind::UdpConnected,
+        "udpcm" => Kind::UdpConnectedCmsg,
         "ping" => Kind::Ping,
         "raw" => Kind::Raw,
         "udplite" => Kind::UdpLite,
@@ -72,7 +76,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "packet" => Kind::Packet,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, udp, udpc, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -320,6 +324,41 @@ fn echo_request(v6: bool) -> [u8; 8] {
     m
 }
 
+/// One byte through `sendmsg()` with no address and one IP_TOS (IPv4) or IPV6_TCLASS (IPv6)
+/// control message: what a QUIC stack setting ECN per datagram does on a connected socket.
+fn send_with_tos(fd: &OwnedFd, v6: bool) -> std::io::Result<()> {
+    let (level, ty) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_TOS)
+    };
+    let tos: libc::c_int = 0x02; // ECT(0)
+                                 // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut payload = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, enough for one int-sized cmsg.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), tos);
+    }
+    // SAFETY: msg and everything it points at live across the call.
+    check_len(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) })
+}
+
 /// TCP or UDP from a socket bound to `source` first (the unspecified-destination bypasses).
 fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Result<()> {
     let ty = if matches!(kind, Kind::Tcp) {
@@ -384,6 +423,11 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
         Kind::Packet => packet_send(addr),
         Kind::Xdp => socket(AF_XDP, libc::SOCK_RAW, 0).map(drop),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
+        Kind::UdpConnectedCmsg => {
+            let fd = socket(family(&addr), libc::SOCK_DGRAM, 0)?;
+            connect(&fd, &addr)?;
+            send_with_tos(&fd, v6)
+        }
         Kind::Udp | Kind::UdpConnected => {
             let local: SocketAddr = if addr.is_ipv4() {
                 "0.0.0.0:0".parse().expect("literal")
