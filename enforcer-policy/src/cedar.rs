@@ -388,6 +388,9 @@ impl Engine {
         let mut analysis = Analysis::default();
         let mut singles: Vec<(PolicySet, Analysis)> = Vec::new();
         let mut port_reads: Vec<crate::ports::PortRead> = Vec::new();
+        // Every distinct value `context.port` is compared with, across the bundle: each one
+        // splits the ports of every destination without declared ports (see `ports`).
+        let mut port_values: std::collections::BTreeSet<i64> = std::collections::BTreeSet::new();
         // Reads of entities the inventory lacks: they do not stand in the way of validation.
         let mut missing: Vec<Diagnostic> = Vec::new();
         for (fi, (file, text)) in src.policies.iter().enumerate() {
@@ -610,6 +613,26 @@ impl Engine {
                             format!("policy `{id}`: {}", pr.message),
                         )
                         .with_hint(pr.hint),
+                    );
+                }
+                let before = port_values.len();
+                port_values.extend(port_use.literals.iter().copied());
+                if port_values.len() > crate::ports::MAX_PORT_VALUES
+                    && before <= crate::ports::MAX_PORT_VALUES
+                {
+                    missing.push(
+                        at(
+                            port_use
+                                .first_read
+                                .map(|o| line_col(text, o))
+                                .unwrap_or((line, column)),
+                            format!(
+                                "policy `{id}`: the bundle compares `context.port` with {} distinct values up to here; the limit is {}",
+                                port_values.len(),
+                                crate::ports::MAX_PORT_VALUES
+                            ),
+                        )
+                        .with_hint("each value splits the ports of every destination without declared ports, and the compile asks Cedar at each split; declare the ports on the destination in inventory.yaml instead"),
                     );
                 }
                 port_reads.push((

@@ -1066,7 +1066,10 @@ proptest::proptest! {
 fn a_yaml_error_at_the_end_of_the_file_is_located_inside_it() {
     for (text, want) in [
         ("tenants: [acm", "inventory.yaml:1:14:"),
-        ("tenants: [acme]\nworkloads: [\n  {name: x", "inventory.yaml:3:11:"),
+        (
+            "tenants: [acme]\nworkloads: [\n  {name: x",
+            "inventory.yaml:3:11:",
+        ),
     ] {
         let diags = load_with(&[("inventory.yaml", text)]);
         assert_diag(&diags, want, "YAML syntax error");

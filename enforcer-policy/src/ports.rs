@@ -34,6 +34,13 @@ use cedar_policy_core::ast::{BinaryOp, Expr, ExprKind, Literal, Var};
 /// policy table (262,144 entries) while allowing port ranges like `context.port < 1024`.
 pub const MAX_PORT_EXCEPTIONS: usize = 4096;
 
+/// The most distinct values a bundle may compare `context.port` with. Each one splits the
+/// port range of every destination without declared ports, and the compile asks Cedar at
+/// each split (three questions a value), per group of cells: without a bound, a 384 KB
+/// bundle of port sets kept a compile busy for minutes. 256 covers any hand-written list of
+/// service ports many times over.
+pub const MAX_PORT_VALUES: usize = 256;
+
 /// What one policy does with `context.port`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PortUse {

@@ -402,12 +402,19 @@ fn remove_state_dir(dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        // state.json (+ its .tmp), control.sock, pdp-status.json, the PDP's bundle copy and
+        // state.json (+ its .tmp), control.sock, pdp-status.json, the PDP's bundle copy, the
+        // last applied bundle (`last_good`) and
         // the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
         let ours = matches!(
             name.as_ref(),
-            "state.json" | "state.json.tmp" | "control.sock" | "pdp-status.json" | "pdp-bundle"
+            "state.json"
+                | "state.json.tmp"
+                | "control.sock"
+                | "pdp-status.json"
+                | "pdp-bundle"
+                | "last-good-bundle"
         ) || name.starts_with(".pdp-bundle.")
+            || name.starts_with(".last-good-bundle.")
             || name.starts_with(".pdp-status.json.");
         if !ours {
             continue;
