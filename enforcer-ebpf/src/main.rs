@@ -429,7 +429,12 @@ fn is_unspecified(dst: &Destination) -> bool {
 /// ::ffff:127.0.0.1 for a socket bound to an IPv4-mapped source; `udpv6_sendmsg` always ::1
 /// ("BSD'ism"). Exact in every case.
 #[inline(always)]
-fn unspecified(sa: *const bpf_sock_addr, hook: u8, family: u8, protocol: u32) -> Option<Destination> {
+fn unspecified(
+    sa: *const bpf_sock_addr,
+    hook: u8,
+    family: u8,
+    protocol: u32,
+) -> Option<Destination> {
     let v4 = |word: u32| Destination {
         addr: [word, ZERO_WORD, ZERO_WORD, ZERO_WORD],
         family: FAMILY_V4,
@@ -460,9 +465,8 @@ fn unspecified(sa: *const bpf_sock_addr, hook: u8, family: u8, protocol: u32) ->
                 read_volatile(&(*sk).src_ip6[2]),
             ]
         };
-        let mapped_source = src[0] == ZERO_WORD
-            && src[1] == ZERO_WORD
-            && u32::from_be(src[2]) == V4_MAPPED_WORD2;
+        let mapped_source =
+            src[0] == ZERO_WORD && src[1] == ZERO_WORD && u32::from_be(src[2]) == V4_MAPPED_WORD2;
         return Some(if mapped_source {
             v4(LOOPBACK_V4_WORD)
         } else {
