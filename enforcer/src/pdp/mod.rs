@@ -21,12 +21,13 @@ pub(crate) mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
+pub(crate) mod listen;
 pub mod serve;
 pub mod status;
 pub mod sync;
 #[cfg(test)]
 mod tests;
-mod tls;
+pub(crate) mod tls;
 
 use std::collections::BTreeMap;
 

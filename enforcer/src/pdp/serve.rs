@@ -9,30 +9,25 @@
 //! 401 (no or wrong token; the body says nothing else)
 //! ```
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::auth::Token;
 use super::files::{fingerprint, read_bundle_files, sibling, stage, validate};
 use super::http::{etag, if_none_match_hits, is_loopback, parse_wait};
+use super::listen::{accept_until, serve_http};
 use super::{WireBundle, BUNDLE_PATH, WATCH_EVERY};
 
 /// The environment variable that may hold the token when no `--token-file` is given.
@@ -40,8 +35,6 @@ pub const TOKEN_ENV: &str = "ENFORCER_PDP_TOKEN";
 
 /// At most this many connections at once (each node holds one long poll).
 const MAX_CONNECTIONS: usize = 1024;
-/// A client must finish its TLS handshake and its request head within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `enforcer pdp serve --policies DIR --listen ADDR [--token-file F] [--tls-cert PEM --tls-key
 /// PEM] [--ready-file F]`.
@@ -167,52 +160,19 @@ impl Pdp {
             std::fs::write(ready, format!("{addr}\n"))
                 .with_context(|| format!("writing {}", ready.display()))?;
         }
-        let mut tasks = JoinSet::new();
-        tasks.spawn(watch_dir(self.policies.clone(), self.publisher));
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                permit = limit.clone().acquire_owned() => permit.context("connection limit")?,
-            };
-            let (stream, peer) = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let shared = self.shared.clone();
-            let tls = self.tls.clone();
-            tasks.spawn(async move {
-                let _permit = permit;
-                let _ = stream.set_nodelay(true);
-                match tls {
-                    Some(acceptor) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(stream)) => serve_connection(stream, peer, shared).await,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%peer, %error, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    }
-                    None => serve_connection(stream, peer, shared).await,
-                }
-            });
-            // Reap finished connections so the set does not grow without bound.
-            while tasks.try_join_next().is_some() {}
-        }
+        let watcher = tokio::spawn(watch_dir(self.policies.clone(), self.publisher));
+        let shared = self.shared;
+        let served = accept_until(
+            &self.listener,
+            self.tls,
+            MAX_CONNECTIONS,
+            shutdown,
+            move |stream, peer| serve_connection(stream, peer, shared.clone()),
+        )
+        .await;
         tracing::info!("PDP stopping");
-        tasks.shutdown().await;
-        Ok(())
+        watcher.abort();
+        served
     }
 }
 
@@ -220,18 +180,11 @@ async fn serve_connection<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| {
+    serve_http(stream, peer, move |request| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(respond(request, peer, &shared).await) }
-    });
-    let result = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-    if let Err(error) = result {
-        tracing::debug!(%peer, %error, "connection ended with an error");
-    }
+        async move { respond(request, peer, &shared).await }
+    })
+    .await
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
