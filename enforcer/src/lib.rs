@@ -4,6 +4,7 @@
 //! Data flows one way: inventory + policy -> decisions (`enforcer_policy`) -> desired kernel
 //! state ([`desired`]) -> maps ([`datapath`]); kernel -> ring buffer -> [`events`] -> sink.
 
+pub mod admission;
 pub mod agent;
 pub mod control;
 pub mod datapath;

@@ -95,6 +95,12 @@ enum Command {
         #[command(subcommand)]
         command: PdpCommand,
     },
+    /// The admission webhook: stamps each pod with its namespace's tenant metadata, refuses
+    /// pods that claim another tenant.
+    Admission {
+        #[command(subcommand)]
+        command: enforcer::admission::Command,
+    },
     /// Uninstall: remove the pinned links (detaching the programs) and maps.
     Detach {
         #[command(flatten)]
@@ -378,6 +384,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 tls_key,
                 ready_file,
             }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admission { command } => {
+            runtime()?.block_on(enforcer::admission::run(command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { pins } => {

@@ -1,0 +1,299 @@
+//! `enforcer admission serve`: the admission webhook that ties a pod's tenant to its
+//! namespace (issue 9, point 5).
+//!
+//! ```text
+//! POST /mutate     AdmissionReview v1 of a Pod  ->  allowed, with a JSON patch adding the
+//!                  namespace's tenant metadata as pod labels where missing
+//! POST /validate   AdmissionReview v1 of a Pod  ->  allowed, or denied with every reason
+//! GET  /healthz    200 "ok" (readiness probe)
+//! ```
+//!
+//! The tenant metadata keys are [`labels::TENANT_METADATA`] (tenant, region, data residency,
+//! retention tier), read from the Namespace's labels or annotations of those names
+//! ([`Tenancy`]); a namespace labelled [`labels::ENFORCED`]` = "true"` requires a tenant.
+//! Decisions are pure functions ([`decide`]); the server only parses, looks up and answers.
+//!
+//! **Namespaces are read with one GET per review** (bounded by [`NAMESPACE_TIMEOUT`]), not
+//! from a reflector's cache. Admission is where a tenant is bound to a pod for the pod's whole
+//! life, so it must see the namespace as it is now: a cache lags behind a namespace created
+//! or relabelled a moment before its first pod (the usual order in a deploy script), and a pod
+//! admitted on that stale view would carry the old tenant. A GET costs one round trip to the
+//! API server per pod creation or update, which the API server's own admission chain already
+//! pays several times over, and needs only the `get` verb on namespaces. When the API server
+//! cannot answer in time, the review fails with a 500 and the webhook configuration's
+//! `failurePolicy` decides (`Fail` in `deploy/`).
+//!
+//! Bad input never reaches a decision: a body over [`MAX_BODY_BYTES`], a body that is not an
+//! `admission.k8s.io/v1` AdmissionReview, or a review without a request is answered 400 with
+//! the reason; a review of anything but a v1 Pod is denied, naming what was sent.
+
+pub mod decide;
+pub mod review;
+pub mod tenancy;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+#[cfg(doc)]
+use enforcer_policy::cluster::labels;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+pub use review::{review, Namespaces, Reply, Route};
+pub use tenancy::Tenancy;
+
+use crate::pdp::listen::{accept_until, serve_http};
+
+/// The path of the mutating webhook.
+pub const MUTATE_PATH: &str = "/mutate";
+/// The path of the validating webhook.
+pub const VALIDATE_PATH: &str = "/validate";
+/// The readiness path.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// The largest AdmissionReview accepted, in bytes. A review of an update carries the pod
+/// twice (object and oldObject), and etcd stores objects of at most 1.5 MiB by default:
+/// 4 MiB holds both with room for the envelope, and bounds what a client can make us buffer.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// How long the body of a request may take to arrive once its head has.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a namespace GET may take. The API server gives a webhook 10 s by default
+/// (`timeoutSeconds`, 5 s in `deploy/`); this leaves it time to receive our answer.
+pub const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Connections served at once; the API server keeps a few open per replica.
+const MAX_CONNECTIONS: usize = 256;
+
+/// `enforcer admission serve --listen ADDR --tls-cert PEM --tls-key PEM [--kubeconfig F]
+/// [--ready-file F]`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where to listen (HTTPS only: the API server calls webhooks over TLS).
+    pub listen: SocketAddr,
+    /// PEM certificate chain, presented to the API server (its CA goes in the webhook
+    /// configuration's `caBundle`).
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// A kubeconfig file; without it the in-cluster service account (or `$KUBECONFIG`, or
+    /// `~/.kube/config`: kube's inference order).
+    pub kubeconfig: Option<PathBuf>,
+    /// Written with the bound address (`127.0.0.1:8443\n`) once serving.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The `enforcer admission` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serve the mutating (`/mutate`) and validating (`/validate`) webhooks over HTTPS.
+    Serve {
+        /// Address to listen on, e.g. 0.0.0.0:8443.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// PEM certificate chain (its CA is the webhook configuration's caBundle).
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// PEM private key of the certificate.
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// Kubeconfig file (default: in-cluster service account, $KUBECONFIG, ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Written with the bound address once serving (useful with port 0).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+/// Runs an `enforcer admission` subcommand to its end.
+pub async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve {
+            listen,
+            tls_cert,
+            tls_key,
+            kubeconfig,
+            ready_file,
+        } => {
+            serve(ServeOptions {
+                listen,
+                tls_cert,
+                tls_key,
+                kubeconfig,
+                ready_file,
+            })
+            .await
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT.
+pub async fn serve(options: ServeOptions) -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    serve_until(options, async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    })
+    .await
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve_until(
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let tls = TlsAcceptor::from(crate::pdp::tls::server_config(
+        &options.tls_cert,
+        &options.tls_key,
+    )?);
+    let client = kube_client(options.kubeconfig.as_ref()).await?;
+    let namespaces = Arc::new(ApiNamespaces {
+        api: Api::all(client),
+    });
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("listening on {}", options.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "admission webhook serving https://{addr}{MUTATE_PATH} and {VALIDATE_PATH}");
+    if let Some(ready) = &options.ready_file {
+        std::fs::write(ready, format!("{addr}\n"))
+            .with_context(|| format!("writing {}", ready.display()))?;
+    }
+    let served = accept_until(
+        &listener,
+        Some(tls),
+        MAX_CONNECTIONS,
+        shutdown,
+        move |stream, peer| {
+            let namespaces = namespaces.clone();
+            serve_http(stream, peer, move |request| {
+                let namespaces = namespaces.clone();
+                async move { respond(request, &*namespaces).await }
+            })
+        },
+    )
+    .await;
+    tracing::info!("admission webhook stopping");
+    served
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes API configuration: not in a cluster, no $KUBECONFIG or \
+             ~/.kube/config; give --kubeconfig FILE",
+        )?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// Namespaces from the API server: one GET each, bounded by [`NAMESPACE_TIMEOUT`].
+struct ApiNamespaces {
+    api: Api<Namespace>,
+}
+
+impl Namespaces for ApiNamespaces {
+    async fn get(&self, name: &str) -> Result<Option<Namespace>, String> {
+        match tokio::time::timeout(NAMESPACE_TIMEOUT, self.api.get_opt(name)).await {
+            Ok(Ok(found)) => Ok(found),
+            // The whole chain: "client error (Connect): tcp connect error: Connection refused".
+            Ok(Err(error)) => Err(format!("{:#}", anyhow::Error::from(error))),
+            Err(_) => Err(format!("no answer within {NAMESPACE_TIMEOUT:?}")),
+        }
+    }
+}
+
+fn reply(reply: Reply) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+    *response.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(reply.content_type),
+    );
+    response
+}
+
+/// The HTTP layer: route, method, size and time bounds of the body; then [`review`].
+async fn respond(
+    request: Request<Incoming>,
+    namespaces: &impl Namespaces,
+) -> Response<Full<Bytes>> {
+    let route = match request.uri().path() {
+        MUTATE_PATH => Route::Mutate,
+        VALIDATE_PATH => Route::Validate,
+        HEALTH_PATH if request.method() == Method::GET => return reply(Reply::text(200, "ok")),
+        path => {
+            return reply(Reply::text(
+                404,
+                format!("no such path {path:?}: the webhook serves POST {MUTATE_PATH} and POST {VALIDATE_PATH}"),
+            ))
+        }
+    };
+    if request.method() != Method::POST {
+        let mut response = reply(Reply::text(405, "only POST"));
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return reply(too_large());
+    }
+    let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
+    let body = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            return reply(too_large())
+        }
+        Ok(Err(error)) => {
+            return reply(Reply::text(
+                400,
+                format!("reading the request body: {error}"),
+            ))
+        }
+        Err(_) => {
+            return reply(Reply::text(
+                408,
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            ))
+        }
+    };
+    reply(review(route, &body, namespaces).await)
+}
+
+fn too_large() -> Reply {
+    Reply::text(
+        413,
+        format!(
+            "the AdmissionReview is larger than {} MiB, the most this webhook reads",
+            MAX_BODY_BYTES >> 20
+        ),
+    )
+}

@@ -1,0 +1,446 @@
+//! One AdmissionReview in, one out: parsing, the checks on what was sent, the namespace
+//! lookup, and the decision of [`decide`](super::decide).
+
+use std::future::Future;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::{DynamicObject, Status};
+
+use super::decide::{judge, stamp, Change};
+use super::tenancy::Tenancy;
+
+/// The API version of AdmissionReview this webhook speaks (`admissionReviewVersions: [v1]`).
+pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Which webhook a request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `/mutate`: stamp the namespace's tenant metadata onto the pod.
+    Mutate,
+    /// `/validate`: refuse pods that claim another tenant, or lack one where it is required.
+    Validate,
+}
+
+/// An HTTP answer: status code, `Content-Type` and body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A plain-text answer (errors the API server shows in its own message).
+    pub fn text(status: u16, text: impl Into<String>) -> Self {
+        let mut body = text.into().into_bytes();
+        body.push(b'\n');
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body,
+        }
+    }
+}
+
+/// Where Namespaces are read from: the API server (one GET per review, see the module
+/// documentation of [`admission`](super)), or a table in tests.
+pub trait Namespaces: Send + Sync {
+    /// The namespace `name`; `Ok(None)` when it does not exist; `Err` with a sentence when it
+    /// could not be read (unreachable, timed out, forbidden).
+    fn get(&self, name: &str) -> impl Future<Output = Result<Option<Namespace>, String>> + Send;
+}
+
+/// Answers one AdmissionReview `body` for `route`.
+///
+/// - Not JSON, not an `admission.k8s.io/v1` AdmissionReview, no `request`: 400 with the reason
+///   (the API server treats it as a failed call: the webhook's `failurePolicy` applies).
+/// - A request for anything but a v1 Pod (a misconfigured webhook): denied, naming what came.
+/// - The namespace cannot be read: 500 with the reason (again the `failurePolicy` applies:
+///   the webhook could not decide). It does not exist: denied.
+/// - Otherwise 200 with the review's response: allowed (with a patch on `/mutate` when labels
+///   are missing) or denied with every reason.
+pub async fn review(route: Route, body: &[u8], namespaces: &impl Namespaces) -> Reply {
+    let parsed: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(review) => review,
+        Err(error) => {
+            return Reply::text(
+                400,
+                format!("the request body is not an AdmissionReview: {error}"),
+            )
+        }
+    };
+    if parsed.types.api_version != REVIEW_API_VERSION || parsed.types.kind != "AdmissionReview" {
+        return Reply::text(
+            400,
+            format!(
+                "expected apiVersion {REVIEW_API_VERSION} kind AdmissionReview, got apiVersion \
+                 {:?} kind {:?} (set admissionReviewVersions: [v1] in the webhook configuration)",
+                parsed.types.api_version, parsed.types.kind
+            ),
+        );
+    }
+    let request: AdmissionRequest<DynamicObject> = match parsed.try_into() {
+        Ok(request) => request,
+        Err(_) => return Reply::text(400, "the AdmissionReview has no request"),
+    };
+    let response = match decide(route, &request, namespaces).await {
+        Ok(response) => response,
+        Err(reply) => return reply,
+    };
+    if !response.allowed {
+        tracing::info!(uid = %request.uid, ?route, reason = %response.result.message, "denied");
+    }
+    match serde_json::to_vec(&response.into_review()) {
+        Ok(body) => Reply {
+            status: 200,
+            content_type: "application/json",
+            body,
+        },
+        Err(error) => Reply::text(500, format!("cannot encode the response: {error}")),
+    }
+}
+
+fn deny(request: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResponse {
+    let mut response = AdmissionResponse::from(request);
+    response.allowed = false;
+    response.result = Status::failure(&message, "Forbidden").with_code(403);
+    response
+}
+
+async fn decide(
+    route: Route,
+    request: &AdmissionRequest<DynamicObject>,
+    namespaces: &impl Namespaces,
+) -> Result<AdmissionResponse, Reply> {
+    let kind = &request.kind;
+    if (
+        kind.group.as_str(),
+        kind.version.as_str(),
+        kind.kind.as_str(),
+    ) != ("", "v1", "Pod")
+    {
+        return Ok(deny(
+            request,
+            format!(
+                "this webhook judges v1 Pods, and was sent {}{} {} (resource {:?}): its \
+                 webhook configuration's rules must select only pods",
+                if kind.group.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/", kind.group)
+                },
+                kind.version,
+                kind.kind,
+                request.resource.resource
+            ),
+        ));
+    }
+    let change = match request.operation {
+        Operation::Create => Change::Create,
+        Operation::Update => Change::Update {
+            old: request
+                .old_object
+                .as_ref()
+                .and_then(|o| o.metadata.labels.as_ref()),
+        },
+        // Deleting or attaching to a pod changes no label: nothing to stamp or judge.
+        Operation::Delete | Operation::Connect => return Ok(AdmissionResponse::from(request)),
+    };
+    let Some(object) = request.object.as_ref() else {
+        return Ok(deny(
+            request,
+            format!(
+                "{:?} of a pod without the pod (request.object is null)",
+                request.operation
+            ),
+        ));
+    };
+    let Some(ns) = request
+        .namespace
+        .clone()
+        .or_else(|| object.metadata.namespace.clone())
+        .filter(|ns| !ns.is_empty())
+    else {
+        return Ok(deny(
+            request,
+            "the request names no namespace for the pod".into(),
+        ));
+    };
+    let pod = pod_name(&ns, request, object);
+    let namespace = match namespaces.get(&ns).await {
+        Ok(Some(namespace)) => namespace,
+        Ok(None) => {
+            return Ok(deny(
+                request,
+                format!("pod {pod}: namespace {ns} does not exist"),
+            ))
+        }
+        Err(error) => {
+            tracing::warn!(uid = %request.uid, %pod, %error, "cannot read the namespace");
+            return Err(Reply::text(
+                500,
+                format!("pod {pod}: cannot read namespace {ns} from the API server: {error}"),
+            ));
+        }
+    };
+    let tenancy = Tenancy::of(&namespace);
+    let pod_labels = object.metadata.labels.as_ref();
+    match route {
+        Route::Mutate => {
+            // A subresource (`pods/status`, ...) cannot change labels through a patch of ours.
+            if request.sub_resource.is_some() {
+                return Ok(AdmissionResponse::from(request));
+            }
+            let ops = stamp(pod_labels, &tenancy);
+            if ops.is_empty() {
+                return Ok(AdmissionResponse::from(request));
+            }
+            tracing::info!(uid = %request.uid, %pod, labels = ops.len(), "stamping tenant metadata");
+            AdmissionResponse::from(request)
+                .with_patch(json_patch::Patch(ops))
+                .map_err(|error| Reply::text(500, format!("pod {pod}: {error}")))
+        }
+        Route::Validate => Ok(match judge(&pod, pod_labels, change, &tenancy) {
+            Ok(()) => AdmissionResponse::from(request),
+            Err(reasons) => deny(request, reasons),
+        }),
+    }
+}
+
+/// `namespace/name` of the pod, for messages; a pod named by `generateName` has no name yet
+/// at creation: `namespace/<prefix>*`.
+fn pod_name(ns: &str, request: &AdmissionRequest<DynamicObject>, object: &DynamicObject) -> String {
+    let name = Some(request.name.as_str())
+        .filter(|n| !n.is_empty())
+        .or(object.metadata.name.as_deref().filter(|n| !n.is_empty()));
+    match (name, object.metadata.generate_name.as_deref()) {
+        (Some(name), _) => format!("{ns}/{name}"),
+        (None, Some(prefix)) => format!("{ns}/{prefix}*"),
+        (None, None) => format!("{ns}/<unnamed>"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use enforcer_policy::cluster::labels;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::admission::tenancy::tests::namespace;
+
+    /// Namespaces in memory; `"unreachable"` fails like an API server that does not answer.
+    struct Table(BTreeMap<String, Namespace>);
+
+    impl Namespaces for Table {
+        async fn get(&self, name: &str) -> Result<Option<Namespace>, String> {
+            if name == "unreachable" {
+                return Err("timed out after 4s".into());
+            }
+            Ok(self.0.get(name).cloned())
+        }
+    }
+
+    fn table() -> Table {
+        Table(BTreeMap::from([
+            (
+                "acme-prod".to_string(),
+                namespace(
+                    "acme-prod",
+                    &[(labels::TENANT, "acme"), (labels::ENFORCED, "true")],
+                    &[],
+                ),
+            ),
+            (
+                "locked".to_string(),
+                namespace("locked", &[(labels::ENFORCED, "true")], &[]),
+            ),
+        ]))
+    }
+
+    /// An AdmissionReview as the API server sends it.
+    fn review_body(operation: &str, ns: &str, pod: Value, old: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": ns,
+                "operation": operation,
+                "userInfo": {"username": "alice"},
+                "object": pod,
+                "oldObject": old,
+                "dryRun": false,
+            }
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, labels: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "labels": labels},
+               "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    }
+
+    async fn answer(route: Route, body: &[u8]) -> (u16, Value) {
+        let reply = review(route, body, &table()).await;
+        let value = if reply.content_type == "application/json" {
+            serde_json::from_slice(&reply.body).unwrap()
+        } else {
+            Value::String(String::from_utf8(reply.body).unwrap())
+        };
+        (reply.status, value)
+    }
+
+    #[tokio::test]
+    async fn mutate_answers_with_a_json_patch() {
+        let body = review_body(
+            "CREATE",
+            "acme-prod",
+            pod("web", json!({"app": "web"})),
+            Value::Null,
+        );
+        let (status, value) = answer(Route::Mutate, &body).await;
+        assert_eq!(status, 200);
+        assert_eq!(value["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(value["kind"], "AdmissionReview");
+        let response = &value["response"];
+        assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert_eq!(response["allowed"], true);
+        assert_eq!(response["patchType"], "JSONPatch");
+        // kube encodes the patch bytes as a JSON array of numbers, which the API server's
+        // decoder accepts for a []byte as well as base64.
+        let bytes: Vec<u8> = serde_json::from_value(response["patch"].clone()).unwrap();
+        let patch: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            patch,
+            json!([{"op": "add", "path": "/metadata/labels/ai-enforcer.io~1tenant", "value": "acme"}])
+        );
+    }
+
+    #[tokio::test]
+    async fn validate_denies_with_the_reason() {
+        let body = review_body(
+            "CREATE",
+            "acme-prod",
+            pod("claimer", json!({labels::TENANT: "globex"})),
+            Value::Null,
+        );
+        let (status, value) = answer(Route::Validate, &body).await;
+        assert_eq!(status, 200);
+        let response = &value["response"];
+        assert_eq!(response["allowed"], false);
+        assert_eq!(response["status"]["code"], 403);
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(message.starts_with("pod acme-prod/claimer: label ai-enforcer.io/tenant=\"globex\" differs from namespace acme-prod's ai-enforcer.io/tenant=\"acme\""), "{message}");
+
+        let body = review_body(
+            "CREATE",
+            "locked",
+            json!({"metadata": {"generateName": "job-"}}),
+            Value::Null,
+        );
+        let (_, value) = answer(Route::Validate, &body).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("pod locked/job-*: namespace locked is enforced"),
+            "{message}"
+        );
+
+        let body = review_body("CREATE", "gone", pod("p", json!({})), Value::Null);
+        let (_, value) = answer(Route::Validate, &body).await;
+        assert_eq!(
+            value["response"]["status"]["message"],
+            "pod gone/p: namespace gone does not exist"
+        );
+    }
+
+    #[tokio::test]
+    async fn update_delete_and_subresources() {
+        let old = pod("web", json!({labels::TENANT: "acme"}));
+        let new = pod("web", json!({labels::TENANT: "globex"}));
+        let (_, value) = answer(
+            Route::Validate,
+            &review_body("UPDATE", "acme-prod", new, old.clone()),
+        )
+        .await;
+        assert_eq!(value["response"]["allowed"], false);
+        let (_, value) = answer(
+            Route::Validate,
+            &review_body("UPDATE", "acme-prod", old.clone(), old.clone()),
+        )
+        .await;
+        assert_eq!(value["response"]["allowed"], true);
+        let (_, value) = answer(
+            Route::Validate,
+            &review_body("DELETE", "locked", Value::Null, old),
+        )
+        .await;
+        assert_eq!(value["response"]["allowed"], true);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_namespace_is_an_error_not_a_decision() {
+        let body = review_body("CREATE", "unreachable", pod("p", json!({})), Value::Null);
+        let (status, value) = answer(Route::Validate, &body).await;
+        assert_eq!(status, 500);
+        assert_eq!(
+            value,
+            "pod unreachable/p: cannot read namespace unreachable from the API server: timed out after 4s\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_a_clear_400_or_denial() {
+        for (body, expect) in [
+            (&b""[..], "the request body is not an AdmissionReview: EOF while parsing a value at line 1 column 0"),
+            (b"{\"apiVersion\":", "the request body is not an AdmissionReview: EOF while parsing a value at line 1 column 14"),
+            (b"[1,2]", "the request body is not an AdmissionReview: invalid type: sequence, expected struct AdmissionReview at line 1 column 0"),
+            (br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#, "expected apiVersion admission.k8s.io/v1 kind AdmissionReview, got apiVersion \"admission.k8s.io/v1beta1\""),
+            (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "the AdmissionReview has no request"),
+            (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#, "the request body is not an AdmissionReview: missing field `kind`"),
+        ] {
+            let (status, value) = answer(Route::Validate, body).await;
+            assert_eq!(status, 400, "{value}");
+            assert!(value.as_str().unwrap().starts_with(expect), "{value} does not start with {expect}");
+        }
+        // Labels that are not a map of strings.
+        let body = review_body(
+            "CREATE",
+            "acme-prod",
+            pod("p", json!({"a": 1})),
+            Value::Null,
+        );
+        let (status, value) = answer(Route::Mutate, &body).await;
+        assert_eq!(status, 400, "{value}");
+        assert!(
+            value
+                .as_str()
+                .unwrap()
+                .contains("invalid type: integer `1`, expected a string"),
+            "{value}"
+        );
+        // A wrong kind: the configuration selects more than pods.
+        let mut wrong: Value = serde_json::from_slice(&review_body(
+            "CREATE",
+            "acme-prod",
+            json!({"metadata": {"name": "d"}}),
+            Value::Null,
+        ))
+        .unwrap();
+        wrong["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+        wrong["request"]["resource"] =
+            json!({"group": "apps", "version": "v1", "resource": "deployments"});
+        let (status, value) = answer(Route::Mutate, &serde_json::to_vec(&wrong).unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(value["response"]["allowed"], false);
+        assert_eq!(
+            value["response"]["status"]["message"],
+            "this webhook judges v1 Pods, and was sent apps/v1 Deployment (resource \"deployments\"): its webhook configuration's rules must select only pods"
+        );
+    }
+}
