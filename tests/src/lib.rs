@@ -14,6 +14,7 @@ pub mod bpf;
 pub mod bundle;
 pub mod cgroup;
 pub mod cli;
+pub mod deploy;
 pub mod fixtures;
 pub mod generated;
 pub mod netns;
