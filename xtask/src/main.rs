@@ -15,6 +15,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod image;
+
 /// The bpf-linker release whose LLVM matches the installed nightly (DESIGN.md, "Toolchain").
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// The toolchain that builds the kernel programs (needs `-Z build-std` and `rust-src`).
@@ -77,6 +79,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Build the container image of deploy/: the static agent (musl) FROM scratch, with
+    /// podman (installed from Debian when missing).
+    Image(image::ImageArgs),
     /// Fuzz the parsers (cargo-fuzz, libFuzzer; installs cargo-fuzz when missing): each
     /// target for SECONDS; a crash, abort, timeout or memory blow-up fails with the input.
     Fuzz {
@@ -151,6 +156,7 @@ fn run(cli: Cli) -> Result<()> {
                 "the benchmark (bin `enforcer-bench`)",
             )
         }
+        Cmd::Image(args) => image::image(&ws, &tools, &args),
         Cmd::Fuzz { seconds, targets } => {
             // The agent's build.rs embeds the kernel object, also in the fuzz build.
             build_ebpf(&ws, &tools)?;
