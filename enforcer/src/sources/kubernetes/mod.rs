@@ -116,7 +116,9 @@ pub struct KubeStatus {
 pub struct PersistedState {
     /// Format version (1).
     pub version: u32,
-    /// RFC 3339: the last successful list or watch event this state reflects.
+    /// RFC 3339: the last successful list or watch event when the state last changed (the
+    /// file is rewritten on changes only, so a restarted source may overstate staleness,
+    /// never understate it).
     pub last_sync: String,
     /// The identity label keys the state was built with.
     pub identity_labels: Vec<String>,
