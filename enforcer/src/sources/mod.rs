@@ -1,0 +1,3 @@
+//! Where workloads come from besides the inventory file: the cluster's API server.
+
+pub mod kubernetes;
