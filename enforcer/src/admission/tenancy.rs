@@ -6,6 +6,8 @@ use std::fmt;
 use enforcer_policy::cluster::labels;
 use k8s_openapi::api::core::v1::Namespace;
 
+use crate::sources::kubernetes::label_value_error;
+
 /// Where a namespace's value came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -36,11 +38,12 @@ pub struct Sourced {
 /// value from the namespace's label or annotation of that name.
 ///
 /// A key may be set as a label (values limited to what a label can hold) or as an annotation
-/// (for tooling that may not label namespaces); the same value in both is fine. Different
-/// values in the two, an empty value, or a value that is not a valid label value (it could
-/// not be stamped onto a pod) make the key unusable: it is left out of `values` and reported
-/// in `problems`, and the validating webhook refuses new pods in the namespace until it is
-/// fixed, rather than guess.
+/// (for tooling that may not label namespaces); the same value in both is fine, and an empty
+/// value is unset. Different values in the two, or a value that is not a valid label value
+/// (it could not be stamped onto a pod) make the key unusable: it is left out of `values` and
+/// reported in `problems`, and the validating webhook refuses new pods in the namespace until
+/// it is fixed, rather than guess. The agent's Kubernetes source reads namespaces the same
+/// way (`sources::kubernetes`), and leaves out every pod of such a namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tenancy {
     /// The namespace's name.
@@ -90,9 +93,13 @@ impl Tenancy {
                     continue;
                 }
             };
-            if let Err(why) = check_label_value(&sourced.value) {
+            // An empty value is unset, as for the agent's Kubernetes source.
+            if sourced.value.is_empty() {
+                continue;
+            }
+            if let Some(why) = label_value_error(&sourced.value) {
                 tenancy.problems.push(format!(
-                    "namespace {}: {} {key}={:?} {why}, so it cannot be stamped onto pods",
+                    "namespace {}: {} {key}={:?}: {why}, so it cannot be stamped onto pods",
                     tenancy.namespace, sourced.source, sourced.value
                 ));
                 continue;
@@ -111,32 +118,6 @@ impl Tenancy {
     pub fn value(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(|s| s.value.as_str())
     }
-}
-
-/// Maximum length of a Kubernetes label value.
-pub const MAX_LABEL_VALUE: usize = 63;
-
-/// Whether `value` is a valid, non-empty Kubernetes label value: at most 63 characters,
-/// `[A-Za-z0-9]` at both ends and `[-_.A-Za-z0-9]` between. The reason when it is not.
-pub fn check_label_value(value: &str) -> Result<(), &'static str> {
-    if value.is_empty() {
-        return Err("is empty");
-    }
-    if value.len() > MAX_LABEL_VALUE {
-        return Err("is longer than 63 characters");
-    }
-    let bytes = value.as_bytes();
-    let alnum = |b: &u8| b.is_ascii_alphanumeric();
-    if !alnum(&bytes[0]) || !alnum(&bytes[bytes.len() - 1]) {
-        return Err("must begin and end with a letter or digit");
-    }
-    if !bytes
-        .iter()
-        .all(|b| alnum(b) || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("may hold only letters, digits, '-', '_' and '.'");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -204,37 +185,14 @@ pub(crate) mod tests {
         assert!(!t.enforced, "only the exact value \"true\" enforces");
         assert_eq!(t.tenant(), None);
         assert!(t.values.is_empty(), "{:?}", t.values);
-        assert_eq!(t.problems.len(), 4, "{:?}", t.problems);
+        assert_eq!(t.problems.len(), 3, "{:?}", t.problems);
         assert!(t.problems[0].contains(r#"label ai-enforcer.io/tenant="acme" and annotation ai-enforcer.io/tenant="globex""#), "{}", t.problems[0]);
         let all = t.problems.join("\n");
         assert!(
-            all.contains(r#"annotation ai-enforcer.io/region="eu west" may hold only"#),
+            all.contains(r#"annotation ai-enforcer.io/region="eu west": not a valid label value"#),
             "{all}"
         );
-        assert!(
-            all.contains("ai-enforcer.io/retention-tier=\"\" is empty"),
-            "{all}"
-        );
-        assert!(all.contains("longer than 63"), "{all}");
-    }
-
-    #[test]
-    fn label_values() {
-        for ok in ["a", "acme", "eu-west-1", "A_b.c-9", &"x".repeat(63)] {
-            assert_eq!(check_label_value(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            ".a",
-            "a b",
-            "a/b",
-            "ä",
-            &"x".repeat(64),
-            "a\n",
-        ] {
-            assert!(check_label_value(bad).is_err(), "{bad:?}");
-        }
+        assert!(all.contains("(64 characters; at most 63)"), "{all}");
+        assert!(!all.contains("retention-tier"), "empty is unset: {all}");
     }
 }
