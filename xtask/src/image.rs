@@ -63,25 +63,30 @@ pub fn image(ws: &Workspace, tools: &Tools, args: &ImageArgs) -> Result<()> {
         // ring's C and assembly, compiled against musl rather than glibc's headers.
         .env(format!("CC_{}", MUSL_TARGET.replace('-', "_")), "musl-gcc");
     status(&mut cmd, "building the static agent")?;
-    let binary = ws.target.join(MUSL_TARGET).join("release/enforcer");
-    let bytes = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
-    check_static(&bytes).with_context(|| format!("{}", binary.display()))?;
-    let programs = fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
-    ensure!(
-        contains(&bytes, &programs),
-        "{} does not embed the kernel programs {} ({} bytes): the image would have no datapath",
-        binary.display(),
-        ws.target.join(BPF_OBJECT).display(),
-        programs.len()
-    );
+    let built = ws.target.join(MUSL_TARGET).join("release/enforcer");
 
     let context = ws.target.join(IMAGE_DIR).join("context");
     if context.exists() {
         fs::remove_dir_all(&context).with_context(|| format!("clearing {}", context.display()))?;
     }
     fs::create_dir_all(&context)?;
-    fs::copy(&binary, context.join("enforcer"))
-        .with_context(|| format!("copying {} into the build context", binary.display()))?;
+    let binary = context.join("enforcer");
+    // The release profile keeps line tables (debug = 1: 175 MiB here); the image does not
+    // need them. Symbols stay, so a panic's backtrace still names functions. `strip` comes
+    // with binutils, which gcc (and so musl-gcc) depends on.
+    let mut cmd = Command::new("strip");
+    cmd.arg("--strip-debug").arg("-o").arg(&binary).arg(&built);
+    status(&mut cmd, "strip --strip-debug")?;
+    let bytes = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+    check_static(&bytes).with_context(|| format!("{}", built.display()))?;
+    let programs = fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
+    ensure!(
+        contains(&bytes, &programs),
+        "{} does not embed the kernel programs {} ({} bytes): the image would have no datapath",
+        built.display(),
+        ws.target.join(BPF_OBJECT).display(),
+        programs.len()
+    );
     let containerfile = ws.root.join("deploy/Containerfile");
     fs::copy(&containerfile, context.join("Containerfile"))
         .with_context(|| format!("copying {}", containerfile.display()))?;
@@ -90,6 +95,7 @@ pub fn image(ws: &Workspace, tools: &Tools, args: &ImageArgs) -> Result<()> {
         "xtask: building the image {} (podman, FROM scratch)",
         args.tag
     );
+    let previous = image_id(&conf, &args.tag);
     let mut cmd = podman(&conf);
     cmd.args(["build", "--quiet", "--pull=never", "--tag", &args.tag])
         .arg("--file")
@@ -97,6 +103,15 @@ pub fn image(ws: &Workspace, tools: &Tools, args: &ImageArgs) -> Result<()> {
         .arg(&context)
         .stdout(Stdio::null());
     status(&mut cmd, "podman build")?;
+    // The image the tag named before is left without a name: remove it, unless something
+    // else still uses it (then podman refuses, and it stays).
+    if let Some(old) = previous.filter(|old| image_id(&conf, &args.tag).as_ref() != Some(old)) {
+        let _ = podman(&conf)
+            .args(["rmi", &old])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     if let Some(file) = &args.save {
         let mut cmd = podman(&conf);
         cmd.args(["save", "--quiet", "--format", "oci-archive", "--output"])
@@ -106,9 +121,9 @@ pub fn image(ws: &Workspace, tools: &Tools, args: &ImageArgs) -> Result<()> {
         eprintln!("xtask: saved {} to {}", args.tag, file.display());
     }
     println!(
-        "{} (agent {}, {} MiB, static, kernel programs embedded: {} bytes)",
+        "{} (agent {}, {} MiB stripped, static, kernel programs embedded: {} bytes)",
         args.tag,
-        binary.display(),
+        built.display(),
         bytes.len() >> 20,
         programs.len()
     );
@@ -121,6 +136,17 @@ pub fn podman(conf: &Path) -> Command {
     cmd.env("CONTAINERS_CONF", conf)
         .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
     cmd
+}
+
+/// The ID of the image `tag` names, if any.
+fn image_id(conf: &Path, tag: &str) -> Option<String> {
+    let out = podman(conf)
+        .args(["image", "inspect", "--format", "{{.Id}}", tag])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !id.is_empty()).then_some(id)
 }
 
 /// Installs podman, buildah and runc from Debian when podman is missing, and writes the
