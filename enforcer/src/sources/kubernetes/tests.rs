@@ -659,14 +659,17 @@ fn persisted_state_round_trips_and_garbage_is_ignored() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn retry_backoff_doubles_to_its_cap_and_resets() {
+#[tokio::test(start_paused = true)]
+async fn retry_backoff_doubles_to_its_cap_and_calms_down() {
     let mut b = RetryBackoff::default();
     let delays: Vec<Duration> = (0..10).map(|_| b.next().unwrap()).collect();
     assert!(delays[0] >= RETRY_FIRST.mul_f64(0.75) && delays[0] <= RETRY_FIRST.mul_f64(1.25));
     assert!(delays.iter().all(|d| *d <= RETRY_MAX.mul_f64(1.25)));
     assert!(delays[9] >= RETRY_MAX.mul_f64(0.75));
+    // A success (the watcher's Init marker) does not reset it; a calm period does.
     b.reset();
+    assert!(b.next().unwrap() >= RETRY_MAX.mul_f64(0.75));
+    tokio::time::advance(RETRY_CALM + Duration::from_secs(1)).await;
     assert!(b.next().unwrap() <= RETRY_FIRST.mul_f64(1.25));
 }
 
