@@ -161,11 +161,11 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     }
 }
 
-/// A pod is live until it has terminated or is being deleted.
+/// A pod is live until it has terminated or the API server has removed it. A pod being
+/// deleted (`deletionTimestamp` set) keeps its identity through its grace period: its
+/// containers still run and close their connections, and denying them as unknown subjects
+/// would break every graceful shutdown (Cilium keeps an endpoint until it is gone, too).
 fn live(pod: &Pod) -> bool {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     !matches!(phase, Some("Succeeded" | "Failed"))
 }

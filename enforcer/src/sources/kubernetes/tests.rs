@@ -338,7 +338,7 @@ fn invalid_or_contradictory_namespace_metadata_leaves_its_pods_out() {
 }
 
 #[test]
-fn terminated_and_deleting_pods_are_not_live() {
+fn terminated_pods_are_not_live_and_deleting_ones_still_are() {
     let mut done = pod("acme", "done", json!({}), "n", "127.82.1.1");
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     let mut failed = pod("acme", "failed", json!({}), "n", "127.82.1.2");
@@ -355,7 +355,7 @@ fn terminated_and_deleting_pods_are_not_live() {
         ],
         vec![tenant_ns("acme", "acme")],
     );
-    assert_eq!(pod_names(&s), [vec!["running"]]);
+    assert_eq!(pod_names(&s), [vec!["deleting", "running"]]);
 }
 
 #[test]
