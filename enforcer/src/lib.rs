@@ -13,4 +13,5 @@ pub mod explain;
 pub mod fs;
 pub mod last_good;
 pub mod pdp;
+pub mod sources;
 pub mod status;
