@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod fixtures;
 pub mod generated;
+pub mod kube;
 pub mod netns;
 pub mod probe;
 pub mod servers;

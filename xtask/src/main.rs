@@ -36,6 +36,11 @@ const FUZZ_TARGETS: [&str; 6] = [
     "pdp_request",
     "pdp_response",
 ];
+/// Where `xtask/scripts/kube-apiserver.sh` puts the kube-apiserver (its `CACHE`).
+const KUBE_CACHE: &str = "/var/cache/ai-enforcer/kube-1.20.2";
+/// etcd from the Debian `etcd-server` package (the script installs it).
+const ETCD: &str = "/usr/bin/etcd";
+const KUBE_SCRIPT: &str = "xtask/scripts/kube-apiserver.sh";
 /// Seconds per target of the fuzz pass that `test` runs after the tests
 /// (`ENFORCER_FUZZ_SECONDS` overrides, 0 skips it).
 const TEST_FUZZ_SECONDS: u64 = 20;
@@ -51,6 +56,9 @@ struct Cli {
 enum Cmd {
     /// Install nightly's rust-src and bpf-linker when missing (silent when present).
     Setup,
+    /// Build the kube-apiserver and install etcd for the Kubernetes tests when missing
+    /// (xtask/scripts/kube-apiserver.sh; once per machine, 8-20 minutes; silent when present).
+    SetupKube,
     /// Build the kernel programs into target/bpf/enforcer.bpf.o.
     BuildEbpf {
         /// Build the release profile (the default; the only one the verifier accepts).
@@ -101,8 +109,12 @@ fn run(cli: Cli) -> Result<()> {
     let tools = setup()?;
     match cli.command {
         Cmd::Setup => Ok(()),
+        Cmd::SetupKube => setup_kube(&ws, true),
         Cmd::BuildEbpf { release: _ } => build_ebpf(&ws, &tools).map(|_| ()),
         Cmd::Test { args } => {
+            // Under CI a missing API server fails here; elsewhere the Kubernetes tests say
+            // loudly that they skip.
+            setup_kube(&ws, ci())?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--workspace", "--bins"])?;
             let mut cmd = ws.cargo();
@@ -255,6 +267,43 @@ fn setup() -> Result<Tools> {
     Ok(Tools { bpf_linker_dir })
 }
 
+/// The kube-apiserver the Kubernetes tests run (`xtask/scripts/kube-apiserver.sh` caches it
+/// outside any clone; `ENFORCER_KUBE_CACHE` moves the cache, as in the test harness).
+fn kube_apiserver_bin() -> PathBuf {
+    env::var_os("ENFORCER_KUBE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(KUBE_CACHE))
+        .join("kube-apiserver")
+}
+
+/// Whether this run is CI (`CI` set, non-empty and not `false`).
+fn ci() -> bool {
+    env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// Runs the build script when the kube-apiserver or etcd is missing (silent when both are
+/// there). When `required`, a failure is an error; otherwise it is reported and the
+/// Kubernetes tests skip loudly.
+fn setup_kube(ws: &Workspace, required: bool) -> Result<()> {
+    if kube_apiserver_bin().is_file() && Path::new(ETCD).is_file() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: {} or {ETCD} is missing: building it with {KUBE_SCRIPT}",
+        kube_apiserver_bin().display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg(ws.root.join(KUBE_SCRIPT)).current_dir(&ws.root);
+    match status(&mut cmd, KUBE_SCRIPT) {
+        Ok(()) => Ok(()),
+        Err(e) if !required => {
+            eprintln!("xtask: {e:#}; the Kubernetes tests will skip (they fail under CI=true)");
+            Ok(())
+        }
+        Err(e) => Err(e.context("the Kubernetes tests need a real API server")),
+    }
+}
+
 /// The benchmark compares the enforcer with an nftables ruleset: installs Debian's `nftables`
 /// when `nft` is missing (silent when present).
 fn install_nft() -> Result<()> {
@@ -342,7 +391,7 @@ fn fuzz(ws: &Workspace, seconds: u64, targets: &[String]) -> Result<()> {
 /// time a loaded machine gave it: every committed seed runs, then the same `seconds` x 10
 /// generated inputs every time. Elsewhere, `seconds` of fresh exploration.
 fn budget(seconds: u64) -> Vec<String> {
-    if env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+    if ci() {
         vec!["-seed=20261201".into(), format!("-runs={}", seconds * 10)]
     } else {
         vec![format!("-max_total_time={seconds}")]
