@@ -311,7 +311,7 @@ pub(crate) fn entity(ident: &Identity) -> Result<Entity, String> {
                 ),
             );
         }
-        IdentityKind::World => {}
+        IdentityKind::World | IdentityKind::Service => {}
     }
     Entity::new(
         uid(ident.kind.cedar_type(), &ident.name),
@@ -680,18 +680,31 @@ impl Engine {
         let schema_loc = |msg: String| Diagnostic::new(schema_file, 1, 1, msg);
         let mut uids = Vec::with_capacity(ids.len());
         let mut ents = Vec::with_capacity(ids.len());
+        let mut entity_of: Vec<&Identity> = Vec::with_capacity(ids.len());
         for ident in ids.iter() {
             uids.push(uid(ident.kind.cedar_type(), &ident.name));
+            if ident.kind == IdentityKind::Service {
+                // Judged as its backends: no entity, and no request ever names it.
+                continue;
+            }
             match entity(ident) {
-                Ok(e) => ents.push(e),
+                Ok(e) => {
+                    ents.push(e);
+                    entity_of.push(ident);
+                }
                 Err(e) => diags.push(item_diag(inv, ident, format!("`{}`: {e}", ident.name))),
             }
         }
         let entities = match Entities::from_entities(ents.clone(), Some(&schema)) {
             Ok(e) => Some(e),
             Err(_) => {
-                // Find the culprits one by one, to point at them.
-                for (ident, e) in ids.iter().zip(&ents) {
+                // Find the culprits one by one, to point at them (one per kind and source:
+                // every cluster workload has the same attribute types).
+                let mut cluster_reported: HashSet<IdentityKind> = HashSet::new();
+                for (ident, e) in entity_of.iter().copied().zip(&ents) {
+                    if ident.is_cluster() && !cluster_reported.insert(ident.kind) {
+                        continue;
+                    }
                     if let Err(err) = Entities::from_entities([e.clone()], Some(&schema)) {
                         diags.push(
                             item_diag(
@@ -724,7 +737,10 @@ impl Engine {
             action: crate::DEFAULT_ACTION.into(),
             loc: Default::default(),
         };
-        for ident in ids.iter().filter(|i| i.is_destination()) {
+        for ident in ids
+            .iter()
+            .filter(|i| i.is_destination() && i.kind != IdentityKind::Service)
+        {
             let ports = if ident.ports.is_empty() {
                 std::slice::from_ref(&any_port)
             } else {
@@ -937,8 +953,17 @@ fn missing_derefs(
     found
 }
 
-/// A diagnostic at an identity's entry in the inventory.
+/// A diagnostic at an identity's entry in the inventory (at the inventory's start for a
+/// cluster identity, which has no entry, with a word saying where it comes from).
 fn item_diag(inv: &Inventory, ident: &Identity, msg: String) -> Diagnostic {
+    if ident.is_cluster() {
+        return Diagnostic::new(
+            &inv.file,
+            1,
+            1,
+            format!("{msg} (a workload from the Kubernetes cluster state)"),
+        );
+    }
     let loc = inv
         .workloads
         .iter()

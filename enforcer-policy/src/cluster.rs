@@ -116,3 +116,109 @@ pub struct Backend {
     pub ip: IpAddr,
     pub port: u16,
 }
+
+/// How a bundle merges a [`ClusterState`] ([`crate::Bundle::load_with_cluster`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterOptions {
+    /// This node's name (`spec.nodeName` of the pods it runs): a cluster identity with a pod
+    /// here is a local subject ([`crate::Identity::pod_uids`]). Empty: no pod is local.
+    pub node_name: String,
+    /// The most cluster identities (distinct label sets) one tenant may have, and separately
+    /// the most Services; label sets beyond it are left out and reported (see
+    /// [`crate::Bundle::load_with_cluster`]). Identities without a tenant share one quota.
+    pub max_identities_per_tenant: usize,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            node_name: String::new(),
+            max_identities_per_tenant: DEFAULT_MAX_IDENTITIES_PER_TENANT,
+        }
+    }
+}
+
+/// [`ClusterOptions::max_identities_per_tenant`] by default.
+pub const DEFAULT_MAX_IDENTITIES_PER_TENANT: usize = 256;
+
+/// The identity numbers of cluster identities and Services: `[2^31, 2^32 - 1)`. Inventory
+/// identities are below 2^31 (from `enforcer_common::identity::FIRST_DYNAMIC`), so the two
+/// never meet, and `u32::MAX` stays free.
+pub const CLUSTER_IDS: std::ops::Range<u32> = (1 << 31)..u32::MAX;
+
+/// Domain separation of the hashes below: a label set, a Service name and a tenant name that
+/// happen to encode alike still hash apart.
+const IDENTITY_DOMAIN: &str = "ai-enforcer.io/cluster-identity/v1";
+const SERVICE_DOMAIN: &str = "ai-enforcer.io/service/v1";
+const TENANT_DOMAIN: &str = "ai-enforcer.io/tenant/v1";
+
+/// SHA-256 of `domain` and `parts`, each prefixed by its length (u64, little endian), the
+/// parts preceded by their count: one byte string per sequence of parts, so no two label
+/// sets encode alike however their texts are cut.
+fn digest<'a>(domain: &str, parts: impl ExactSizeIterator<Item = &'a str>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    fn part(h: &mut Sha256, s: &str) {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    let mut h = Sha256::new();
+    part(&mut h, domain);
+    h.update((parts.len() as u64).to_le_bytes());
+    for p in parts {
+        part(&mut h, p);
+    }
+    h.finalize().into()
+}
+
+/// The first 8 bytes of a digest, big endian.
+fn head(d: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// A value of [`CLUSTER_IDS`] from a digest.
+fn in_cluster_range(d: &[u8; 32]) -> u32 {
+    let span = (CLUSTER_IDS.end - CLUSTER_IDS.start) as u64;
+    CLUSTER_IDS.start + (head(d) % span) as u32
+}
+
+/// The digest of a canonical label set (what its identity number and name suffix come from).
+pub(crate) fn label_digest(labels: &BTreeMap<String, String>) -> [u8; 32] {
+    // Pairs are sorted by key (a BTreeMap), so the encoding is canonical.
+    let parts: Vec<&str> = labels
+        .iter()
+        .flat_map(|(k, v)| [k.as_str(), v.as_str()])
+        .collect();
+    digest(IDENTITY_DOMAIN, parts.into_iter())
+}
+
+/// The digest of a Service's name.
+pub(crate) fn service_digest(namespace: &str, name: &str) -> [u8; 32] {
+    let text = format!("service/{namespace}/{name}");
+    digest(SERVICE_DOMAIN, std::iter::once(text.as_str()))
+}
+
+/// The identity number a label set prefers: SHA-256 (domain-separated, length-prefixed,
+/// pairs in key order) into [`CLUSTER_IDS`]. It depends on the label set alone, so every
+/// node computes the same number for the same set without talking to the others. Two
+/// different sets preferring one number is a collision: the bundle gives the number to
+/// one of them and another to the other, and reports it (see
+/// [`crate::Bundle::load_with_cluster`]).
+pub fn identity_number(labels: &BTreeMap<String, String>) -> u32 {
+    in_cluster_range(&label_digest(labels))
+}
+
+/// The identity number a Service prefers: the hash of `service/<namespace>/<name>` into
+/// [`CLUSTER_IDS`] (collisions as for [`identity_number`]).
+pub fn service_number(namespace: &str, name: &str) -> u32 {
+    in_cluster_range(&service_digest(namespace, name))
+}
+
+/// The tenant number (`IdentityInfo::tenant`) a tenant name prefers: its hash into
+/// `1..=u32::MAX` (0 is "no tenant"). Another node reads the same number for the same
+/// name; a collision between two tenant names is resolved and reported as for identities.
+pub fn tenant_number(name: &str) -> u32 {
+    let d = digest(TENANT_DOMAIN, std::iter::once(name));
+    1 + (head(&d) % u32::MAX as u64) as u32
+}

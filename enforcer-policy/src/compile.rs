@@ -19,6 +19,14 @@
 //! answer fans out to every cell of the group. The answers are kept, so attributing a kernel
 //! deny to its determining policies is a lookup.
 //!
+//! A Service destination (a ClusterIP) is judged as the ready backends of each of its ports:
+//! its cell is allowed only if a direct call to every backend (to the identity its address
+//! leads to, at its target port) is allowed, and the answer is the first denying backend's
+//! (by address and port), or the first backend's when all allow; without ready backends it
+//! is denied. The backends' answers come from the same group caches as direct calls, so a
+//! Service costs no Cedar request its backends did not already need; the combined answers are
+//! kept per (subject signature, Service, port) for attribution.
+//!
 //! A compile of an edited inventory under the same policies ([`Bundle::compile_incremental`])
 //! starts from the previous table's answers: a signature number of the new bundle is mapped
 //! to the previous bundle's number of the same signature, and an answer found there is taken
@@ -150,6 +158,9 @@ pub struct Compiled {
     /// The snapshot: bundle revision plus the risk overrides suffix.
     revision: String,
     bundle_revision: String,
+    /// The bundle revision and cluster revision (`Bundle::base_snapshot`): what the table's
+    /// identities and cells are of.
+    base_snapshot: String,
     risk_overrides: BTreeMap<String, String>,
     identities: Identities,
     allows: Vec<(PolicyKey, PolicyValue)>,
@@ -373,6 +384,12 @@ struct Grouping {
     port_plans: FastMap<GroupKey, Arc<PortPlan>>,
     /// Single-policy Cedar evaluations so far.
     decisions: usize,
+    /// Service cells: (subject whole-set signature, Service identity index, port,
+    /// protocol) -> the combined answer of the port's backends.
+    service_cells: FastMap<(u32, u32, u16, Protocol), u32>,
+    /// A Service port's distinct backend targets, in backend order: (Service identity
+    /// index, port, protocol) -> (identity index, target port).
+    service_targets: FastMap<(u32, u16, Protocol), Arc<Vec<(usize, u16)>>>,
 }
 
 /// How an any-port cell is written when some policy reads `context.port`: Cedar's answer at
@@ -414,6 +431,8 @@ impl Grouping {
             port_plans: FastMap::default(),
             whole,
             decisions: 0,
+            service_cells: FastMap::default(),
+            service_targets: FastMap::default(),
         }
     }
 
@@ -723,6 +742,121 @@ impl Grouping {
         }
     }
 
+    /// The answer of a direct call from subject `si` to `di` (not a Service) at
+    /// `port`/`protocol` (`port` >= 1), as the kernel's table decides it and attributes it:
+    /// the declared port's cell, or the any-port cell's (asked at the port's region where
+    /// some policy reads the port). `None`: `di` does not declare the port (denied).
+    #[allow(clippy::too_many_arguments)]
+    fn direct_answer(
+        &mut self,
+        engine: &Engine,
+        ids: &Identities,
+        si: usize,
+        di: usize,
+        port: u16,
+        protocol: Protocol,
+        carried: Option<&mut Carried>,
+    ) -> Result<Option<u32>, PolicyError> {
+        let d = ids.at(di);
+        let Some((_, action)) = d.cell_of(port, protocol) else {
+            return Ok(None);
+        };
+        let cell = Cell {
+            port: if d.ports.is_empty() { 0 } else { port },
+            protocol,
+            action: action.to_string(),
+            action_no: self.action_number(action),
+        };
+        if self.by_port(&cell) {
+            // Cedar decides alike across a region (see `ports`): its point answers for it.
+            let at = self.port_points[crate::ports::region(&self.port_points, port)];
+            return self
+                .answer_at(engine, ids, si, di, &cell, at, carried)
+                .map(Some);
+        }
+        self.answer(engine, ids, si, di, &cell, carried).map(Some)
+    }
+
+    /// The distinct (identity index, target port) of a Service port's backends, in the
+    /// order of the backends.
+    fn service_targets(
+        &mut self,
+        ids: &Identities,
+        di: usize,
+        port: u16,
+        protocol: Protocol,
+    ) -> Arc<Vec<(usize, u16)>> {
+        let key = (di as u32, port, protocol);
+        if let Some(t) = self.service_targets.get(&key) {
+            return t.clone();
+        }
+        let mut seen = HashSet::new();
+        let targets: Vec<(usize, u16)> = ids
+            .at(di)
+            .service_port(port, protocol)
+            .map_or(&[][..], |p| &p.backends[..])
+            .iter()
+            .map(|b| (ids.backend_index(&b.ip), b.port))
+            .filter(|t| seen.insert(*t))
+            .collect();
+        let targets = Arc::new(targets);
+        self.service_targets.insert(key, targets.clone());
+        targets
+    }
+
+    /// The answer of subject `si` x Service `di` x `cell`: the first denying backend's,
+    /// else the first backend's; a deny without policies when there is no backend, and for
+    /// a backend that does not declare its target port.
+    #[allow(clippy::too_many_arguments)]
+    fn service_answer(
+        &mut self,
+        engine: &Engine,
+        ids: &Identities,
+        si: usize,
+        di: usize,
+        cell: &Cell,
+        mut carried: Option<&mut Carried>,
+    ) -> Result<u32, PolicyError> {
+        let key = (self.whole.sig[si], di as u32, cell.port, cell.protocol);
+        if let Some(&a) = self.service_cells.get(&key) {
+            return Ok(a);
+        }
+        let denied = Answer {
+            allowed: false,
+            rules: vec![],
+        };
+        let mut first = None;
+        let mut deciding = None;
+        for &(bi, port) in self
+            .service_targets(ids, di, cell.port, cell.protocol)
+            .iter()
+        {
+            let a = match self.direct_answer(
+                engine,
+                ids,
+                si,
+                bi,
+                port,
+                cell.protocol,
+                carried.as_deref_mut(),
+            )? {
+                Some(a) => a,
+                None => self.intern(denied.clone()),
+            };
+            first.get_or_insert(a);
+            if !self.answers[a as usize].allowed {
+                deciding = Some(a);
+                break;
+            }
+        }
+        let a = match deciding.or(first) {
+            Some(a) => a,
+            None => self.intern(denied),
+        };
+        self.service_cells.insert(key, a);
+        Ok(a)
+    }
+
     /// The kernel entries of subject `si` x destination `di` x `cell`, appended to `out`.
     #[allow(clippy::too_many_arguments)]
     fn entries(
@@ -736,6 +870,11 @@ impl Grouping {
         out: &mut Vec<(PolicyKey, PolicyValue)>,
     ) -> Result<(), PolicyError> {
         let (s, d) = (ids.at(si), ids.at(di));
+        if d.kind == IdentityKind::Service {
+            let answer = self.service_answer(engine, ids, si, di, cell, carried)?;
+            out.extend(self.allow(answer, s, d, cell));
+            return Ok(());
+        }
         if !self.by_port(cell) {
             let answer = self.answer(engine, ids, si, di, cell, carried)?;
             out.extend(self.allow(answer, s, d, cell));
@@ -1000,6 +1139,7 @@ pub(crate) fn compile(
     Ok(Compiled {
         revision: bundle.snapshot(),
         bundle_revision: bundle.revision().to_string(),
+        base_snapshot: bundle.base_snapshot(),
         risk_overrides: bundle.risk_overrides().clone(),
         identities: ids.clone(),
         allows,
@@ -1053,8 +1193,8 @@ impl Compiled {
     /// `bundle`, and the delta is the exact difference between the old and the new table
     /// (`cells` and `cedar_decisions` are the full compile's).
     ///
-    /// `bundle` must be the bundle this table was compiled from (same revision), or
-    /// [`PolicyError::StaleCompiled`]. On error, `self` may hold a partly updated grouping
+    /// `bundle` must be the bundle this table was compiled from (same revision and cluster
+    /// revision), or [`PolicyError::StaleCompiled`]. On error, `self` may hold a partly updated grouping
     /// cache but its table is unchanged; compile in full to recover.
     pub fn recompile_subject(
         &mut self,
@@ -1062,10 +1202,11 @@ impl Compiled {
         subject: &str,
     ) -> Result<RowDelta, PolicyError> {
         let start = Instant::now();
-        if bundle.revision() != self.bundle_revision {
+        let base = bundle.base_snapshot();
+        if base != self.base_snapshot {
             return Err(PolicyError::StaleCompiled {
-                compiled: self.bundle_revision.clone(),
-                bundle: bundle.revision().to_string(),
+                compiled: self.base_snapshot.clone(),
+                bundle: base,
             });
         }
         let fresh = bundle.identities();
@@ -1106,7 +1247,15 @@ impl Compiled {
                 .collect()
         };
         let rows = changed_where(Identity::is_subject);
-        let columns = changed_where(Identity::is_destination);
+        let mut columns = changed_where(Identity::is_destination);
+        // A Service is judged as its backends, and any of them may be a changed identity:
+        // every Service column is re-evaluated (from the group caches: cheap).
+        columns.extend(
+            ids.iter()
+                .filter(|x| x.kind == IdentityKind::Service && x.is_destination())
+                .map(|x| x.id),
+        );
+        self.grouping.service_cells.clear();
         let affected =
             |k: &PolicyKey| rows.contains(&k.subject) || columns.contains(&k.destination);
 
@@ -1292,6 +1441,9 @@ impl Compiled {
         let (Some(dest), Some(proto)) = (dest, Protocol::from_number(protocol)) else {
             return Err(implicit("implicit-deny", &self.implicit_deny_atlas));
         };
+        if dest.kind == IdentityKind::Service {
+            return self.service_cell_answer(subject_ident, dest, dport, proto);
+        }
         let Some((port, action)) = dest.cell_of(dport, proto) else {
             return Err(implicit("undeclared-port", &self.implicit_deny_atlas));
         };
@@ -1328,6 +1480,41 @@ impl Compiled {
         }
     }
 
+    /// [`Compiled::cell_answer`] for a Service destination.
+    fn service_cell_answer(
+        &self,
+        subject: &Identity,
+        service: &Identity,
+        dport: u16,
+        protocol: Protocol,
+    ) -> Result<&Answer, Attribution> {
+        let implicit = |id: &str| Attribution {
+            policy_id: id.to_string(),
+            policies: vec![],
+            atlas: self.implicit_deny_atlas.clone(),
+        };
+        let Some(port) = service.service_port(dport, protocol) else {
+            return Err(implicit("undeclared-port"));
+        };
+        if port.backends.is_empty() {
+            return Err(implicit("no-ready-backends"));
+        }
+        let (Some(si), Some(di)) = (
+            self.identities.index_of_id(subject.id),
+            self.identities.index_of_id(service.id),
+        ) else {
+            return Err(implicit("implicit-deny"));
+        };
+        let g = &self.grouping;
+        match g
+            .service_cells
+            .get(&(g.whole.sig[si], di as u32, dport, protocol))
+        {
+            Some(&a) => Ok(&g.answers[a as usize]),
+            None => Err(implicit("implicit-deny")),
+        }
+    }
+
     /// Whether the compiled table allows the cell, looked up as the kernel does: the exact
     /// port's entry decides by its verdict, else an any-port entry allows, else deny. A
     /// destination id that is not a destination is WORLD (as the kernel's IP cache has it).
@@ -1360,7 +1547,9 @@ impl Compiled {
     /// protocol). Exact port cell first, then the any-port cell; a denied cell returns its
     /// forbid policies, or `implicit-deny` with `defaults.implicit_deny_atlas`; a port the
     /// destination does not declare returns `undeclared-port`; a subject that is not a local
-    /// identity returns `unknown-subject` with `defaults.unknown_subject_atlas`.
+    /// identity returns `unknown-subject` with `defaults.unknown_subject_atlas`. A Service
+    /// cell returns the deciding backend's forbids (see [`Bundle::decide`]), or
+    /// `no-ready-backends` (with the implicit-deny techniques) when the port has none.
     pub fn attribute(
         &self,
         subject: u32,

@@ -1,5 +1,6 @@
 //! `policy explain`: one cell's decision, the policies that determined it with their source
-//! locations and ATLAS techniques, and the kernel table key the agent compares it with.
+//! locations and ATLAS techniques, and the kernel table key the agent compares it with. For a
+//! Service destination: every ready backend with its own decision, and which one decided.
 
 use std::fmt;
 
@@ -32,6 +33,34 @@ pub struct Explanation {
     /// under an any-port allow, or an allow under a default deny).
     #[serde(serialize_with = "serialize_key")]
     pub kernel_key: crate::PolicyKey,
+    /// Set when the destination is a Kubernetes Service: `decision` is that of all its ready
+    /// backends (allowed only if every one allows), here listed one by one.
+    pub service: Option<ServiceExplanation>,
+}
+
+/// How a Service's port was judged: as every one of its ready backends.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceExplanation {
+    pub namespace: String,
+    pub name: String,
+    /// The port is declared by the Service (else denied, `backends` empty).
+    pub declared: bool,
+    /// Every ready backend of the port, by address and port.
+    pub backends: Vec<BackendExplanation>,
+    /// The index in `backends` of the one whose decision is the Service's: the first that
+    /// denies, or the first when all allow. `None` when there are no ready backends (denied).
+    pub deciding: Option<usize>,
+}
+
+/// One ready backend and the decision of a direct call to it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BackendExplanation {
+    pub ip: std::net::IpAddr,
+    /// The target port: the backend is asked at it.
+    pub port: u16,
+    /// The identity the address leads to (WORLD when none has it).
+    pub identity: Party,
+    pub decision: Decision,
 }
 
 fn serialize_key<S: serde::Serializer>(k: &crate::PolicyKey, s: S) -> Result<S::Ok, S::Error> {
@@ -44,6 +73,17 @@ fn serialize_key<S: serde::Serializer>(k: &crate::PolicyKey, s: S) -> Result<S::
     st.end()
 }
 
+fn party_of(i: &crate::Identity) -> Party {
+    Party {
+        name: i.name.clone(),
+        identity: i.id,
+        kind: i.kind,
+        tenant: i.tenant.clone(),
+        purpose: i.purpose.clone(),
+        endpoint_kind: i.endpoint_kind.clone(),
+    }
+}
+
 pub(crate) fn explain(
     bundle: &Bundle,
     from: &str,
@@ -52,61 +92,113 @@ pub(crate) fn explain(
     protocol: Protocol,
 ) -> Result<Explanation, PolicyError> {
     let decision = bundle.decide(from, to, port, protocol)?;
+    let ids = bundle.identities();
     let party = |name: &str| {
-        let i = bundle.identities().by_name(name);
-        let i = i.ok_or_else(|| PolicyError::UnknownName(name.into()))?;
-        Ok::<_, PolicyError>(Party {
-            name: i.name.clone(),
-            identity: i.id,
-            kind: i.kind,
-            tenant: i.tenant.clone(),
-            purpose: i.purpose.clone(),
-            endpoint_kind: i.endpoint_kind.clone(),
-        })
+        ids.by_name(name)
+            .map(party_of)
+            .ok_or_else(|| PolicyError::UnknownName(name.into()))
     };
-    let (from, to) = (party(from)?, party(to)?);
+    let (from_party, to_party) = (party(from)?, party(to)?);
+    let service = match (ids.index_of(from), ids.index_of(to)) {
+        (Some(s), Some(d)) if ids.at(d).kind == crate::IdentityKind::Service => {
+            let judged = bundle.decide_service(s, d, port, protocol)?;
+            let target = ids.at(d);
+            let (namespace, name) = target
+                .name
+                .strip_prefix("service/")
+                .and_then(|n| n.split('#').next())
+                .and_then(|n| n.split_once('/'))
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .unwrap_or_default();
+            Some(ServiceExplanation {
+                namespace,
+                name,
+                declared: target.service_port(port, protocol).is_some(),
+                backends: judged
+                    .backends
+                    .into_iter()
+                    .map(|(b, bi, decision)| BackendExplanation {
+                        ip: b.ip,
+                        port: b.port,
+                        identity: party_of(ids.at(bi)),
+                        decision,
+                    })
+                    .collect(),
+                deciding: judged.deciding,
+            })
+        }
+        _ => None,
+    };
     let kernel_key = crate::PolicyKey {
-        subject: from.identity,
-        destination: to.identity,
+        subject: from_party.identity,
+        destination: to_party.identity,
         dport: port,
         protocol: protocol.number(),
         _pad: 0,
     };
     Ok(Explanation {
         revision: bundle.snapshot(),
-        from,
-        to,
+        from: from_party,
+        to: to_party,
         port,
         protocol,
         decision,
         kernel_key,
+        service,
     })
+}
+
+/// A party on one line: `name (identity N, kind, tenant t, purpose p, kind k)`.
+fn party_text(p: &Party) -> String {
+    let mut s = format!("{} (identity {}, {}", p.name, p.identity, p.kind);
+    if let Some(t) = &p.tenant {
+        s += &format!(", tenant {t}");
+    }
+    if let Some(x) = &p.purpose {
+        s += &format!(", purpose {x}");
+    }
+    if let Some(k) = &p.endpoint_kind {
+        s += &format!(", kind {k}");
+    }
+    s + ")"
+}
+
+/// The policies of a decision, one per line, with their ATLAS techniques.
+fn write_policies(f: &mut fmt::Formatter<'_>, d: &Decision, indent: &str) -> fmt::Result {
+    for p in &d.policies {
+        writeln!(
+            f,
+            "{indent}{} {} at {}:{}{}",
+            p.effect,
+            p.id,
+            p.file.display(),
+            p.line,
+            if p.quarantine { " [quarantine]" } else { "" }
+        )?;
+        for t in &p.atlas {
+            writeln!(
+                f,
+                "{indent}  ATLAS {} {} ({})",
+                t.id,
+                t.name,
+                t.tactics.join(", ")
+            )?;
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.decision;
         let verdict = if d.allowed { "ALLOW" } else { "DENY" };
-        let party = |p: &Party| {
-            let mut s = format!("{} (identity {}, {}", p.name, p.identity, p.kind);
-            if let Some(t) = &p.tenant {
-                s += &format!(", tenant {t}");
-            }
-            if let Some(x) = &p.purpose {
-                s += &format!(", purpose {x}");
-            }
-            if let Some(k) = &p.endpoint_kind {
-                s += &format!(", kind {k}");
-            }
-            s + ")"
-        };
         writeln!(
             f,
             "{verdict}: {} -> {} port {}/{}",
             self.from.name, self.to.name, self.port, self.protocol
         )?;
-        writeln!(f, "  from:     {}", party(&self.from))?;
-        writeln!(f, "  to:       {}", party(&self.to))?;
+        writeln!(f, "  from:     {}", party_text(&self.from))?;
+        writeln!(f, "  to:       {}", party_text(&self.to))?;
         let port_note = if d.undeclared_port {
             " (port not declared by the destination: no table entry, denied)"
         } else if d.any_port {
@@ -143,32 +235,58 @@ impl fmt::Display for Explanation {
                 }
             )?;
         }
+        if let Some(svc) = &self.service {
+            if svc.declared {
+                writeln!(
+                    f,
+                    "  service:  {}/{} port {}/{}: judged as all {} ready backends (allowed only if every backend allows)",
+                    svc.namespace,
+                    svc.name,
+                    self.port,
+                    self.protocol,
+                    svc.backends.len()
+                )?;
+            }
+            if svc.declared && svc.backends.is_empty() {
+                writeln!(f, "  backends: none ready (denied)")?;
+            } else if !svc.backends.is_empty() {
+                writeln!(f, "  backends:")?;
+            }
+            for (i, b) in svc.backends.iter().enumerate() {
+                let bd = &b.decision;
+                let why = if bd.undeclared_port {
+                    " (target port not declared by the backend)"
+                } else if !bd.allowed && bd.policies.is_empty() {
+                    " (no permit: implicit deny)"
+                } else {
+                    ""
+                };
+                let address = match b.ip {
+                    std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
+                    std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
+                };
+                writeln!(
+                    f,
+                    "    {} {address} -> {}, action {}{why}{}",
+                    if bd.allowed { "ALLOW" } else { "DENY " },
+                    party_text(&b.identity),
+                    bd.action,
+                    if svc.deciding == Some(i) {
+                        "  <- decided"
+                    } else {
+                        ""
+                    }
+                )?;
+                write_policies(f, bd, "        ")?;
+            }
+        }
         if d.policies.is_empty() {
-            if !d.undeclared_port && !d.allowed {
+            if !d.undeclared_port && !d.allowed && self.service.is_none() {
                 writeln!(f, "  policies: none matched (implicit deny)")?;
             }
         } else {
             writeln!(f, "  policies:")?;
-            for p in &d.policies {
-                writeln!(
-                    f,
-                    "    {} {} at {}:{}{}",
-                    p.effect,
-                    p.id,
-                    p.file.display(),
-                    p.line,
-                    if p.quarantine { " [quarantine]" } else { "" }
-                )?;
-                for t in &p.atlas {
-                    writeln!(
-                        f,
-                        "      ATLAS {} {} ({})",
-                        t.id,
-                        t.name,
-                        t.tactics.join(", ")
-                    )?;
-                }
-            }
+            write_policies(f, d, "    ")?;
         }
         Ok(())
     }

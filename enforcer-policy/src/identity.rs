@@ -3,8 +3,16 @@
 //! An identity ID must survive agent restarts and inventory edits (pinned maps keep using it,
 //! events name it), so it is derived from a hash of `kind/name`, not from a position in the
 //! file. Collisions are resolved deterministically: names in sorted order, linear probing.
+//! Inventory IDs are below 2^31; cluster identities and Services (see [`crate::cluster`] and
+//! `merge`) have IDs in [`crate::cluster::CLUSTER_IDS`], hashed from their label sets.
+//!
+//! Tenant numbers (`IdentityInfo::tenant`, what the kernel compares for `tenant_mismatch`)
+//! are hashes of the tenant names ([`crate::cluster::tenant_number`]), not positions in a
+//! list: a node that reads a tenant number written by another node must find the same
+//! tenant. Two tenant names that hash alike are resolved like identity collisions (names in
+//! sorted order; the later probes upwards for a number no tenant prefers) and reported.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -12,6 +20,7 @@ use std::str::FromStr;
 use enforcer_common::{flags, identity as reserved, IdentityInfo};
 use sha2::{Digest, Sha256};
 
+use crate::cluster::{ClusterOptions, ClusterState};
 use crate::inventory::Inventory;
 use crate::{Protocol, DEFAULT_ACTION};
 
@@ -160,6 +169,9 @@ pub enum IdentityKind {
     Workload,
     Endpoint,
     World,
+    /// A Kubernetes Service's ClusterIPs: judged as its ready backends, never asked of Cedar
+    /// as itself (it is no Cedar entity).
+    Service,
 }
 
 impl IdentityKind {
@@ -169,6 +181,8 @@ impl IdentityKind {
             IdentityKind::Workload => "Workload",
             IdentityKind::Endpoint => "Endpoint",
             IdentityKind::World => "World",
+            // Not in the schema: no policy can name one (see `IdentityKind::Service`).
+            IdentityKind::Service => "Service",
         }
     }
 }
@@ -179,11 +193,13 @@ impl fmt::Display for IdentityKind {
             IdentityKind::Workload => "workload",
             IdentityKind::Endpoint => "endpoint",
             IdentityKind::World => "world",
+            IdentityKind::Service => "service",
         })
     }
 }
 
-/// One identity: a workload, an endpoint, or WORLD.
+/// One identity: a workload (from the inventory or the cluster), an endpoint, a Service, or
+/// WORLD.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Identity {
     pub id: u32,
@@ -204,9 +220,20 @@ pub struct Identity {
     pub risk: String,
     /// `enforcer_common::flags::*` (never QUARANTINED: that is runtime state of the agent).
     pub flags: u32,
-    /// Declared ports; empty means any port with action `connect`.
+    /// Declared ports; empty means any port with action `connect`. A Service's are its
+    /// ports (their action is its backends', see [`Identity::service_ports`]).
     #[serde(skip)]
     pub ports: Vec<crate::inventory::Port>,
+    /// A cluster identity's pods on this node (`ClusterOptions::node_name`), by UID, sorted:
+    /// the agent maps their cgroups to this identity. Empty for every other identity.
+    pub pod_uids: Vec<String>,
+    /// A cluster identity's canonical label set (its number is their hash). Empty for every
+    /// other identity.
+    pub labels: BTreeMap<String, String>,
+    /// A Service's ports with their ready backends (sorted by address and port): each port
+    /// is judged as all its backends. Empty for every other identity.
+    #[serde(skip)]
+    pub service_ports: Vec<crate::cluster::ServicePort>,
 }
 
 impl Identity {
@@ -220,9 +247,16 @@ impl Identity {
         }
     }
 
-    /// A local subject: the agent maps its cgroups to this identity.
+    /// A local subject: the agent maps its cgroups (or its local pods' cgroups) to this
+    /// identity.
     pub fn is_subject(&self) -> bool {
-        self.kind == IdentityKind::Workload && !self.cgroups.is_empty()
+        self.kind == IdentityKind::Workload
+            && !(self.cgroups.is_empty() && self.pod_uids.is_empty())
+    }
+
+    /// An identity from the cluster (a label set or a Service), not from the inventory.
+    pub fn is_cluster(&self) -> bool {
+        crate::cluster::CLUSTER_IDS.contains(&self.id)
     }
 
     /// The cell a call to `port`/`protocol` falls in, as Cedar is asked about it: (port,
@@ -239,25 +273,45 @@ impl Identity {
             .map(|p| (port, p.action.as_str()))
     }
 
-    /// Reachable: WORLD, every endpoint, and every workload with addresses.
+    /// Reachable: WORLD, every endpoint, and every workload and Service with addresses.
     pub fn is_destination(&self) -> bool {
         match self.kind {
             IdentityKind::World | IdentityKind::Endpoint => true,
-            IdentityKind::Workload => !self.ips.is_empty(),
+            IdentityKind::Workload | IdentityKind::Service => !self.ips.is_empty(),
         }
+    }
+
+    /// A Service's port `port`/`protocol`, with its backends.
+    pub(crate) fn service_port(
+        &self,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<&crate::cluster::ServicePort> {
+        self.service_ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == protocol)
     }
 }
 
-/// All identities of an inventory, with the small numbers of tenants, purposes and rings.
+/// All identities of an inventory and a cluster state, with the numbers of tenants, purposes
+/// and rings.
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
     list: Vec<Identity>,
     by_id: HashMap<u32, usize>,
     by_name: HashMap<String, usize>,
-    /// Tenant name -> number (1-based, by sorted name; 0 = none).
+    /// Tenant name -> number ([`crate::cluster::tenant_number`], collisions resolved; 0 is
+    /// "no tenant").
     pub tenants: BTreeMap<String, u32>,
+    /// Purpose and ring -> number (1-based, by sorted name; 0 = none).
     pub purposes: BTreeMap<String, u16>,
     pub rings: BTreeMap<String, u16>,
+    /// Where an address leads, as the kernel's IP cache has it (longest prefix): (is IPv6,
+    /// prefix, network) -> identity index. Workloads and endpoints only: a Service's
+    /// backends are looked up here.
+    nets: HashMap<(bool, u8, u128), usize>,
+    /// The prefix lengths in `nets`, longest first: (IPv4, IPv6).
+    lens: (Vec<u8>, Vec<u8>),
 }
 
 /// The hash-derived starting point of an identity's ID.
@@ -272,78 +326,175 @@ fn numbering<'a, I: Iterator<Item = &'a str>>(names: I) -> BTreeMap<String, u16>
     let set: BTreeSet<&str> = names.collect();
     set.into_iter()
         .enumerate()
-        .map(|(i, n)| (n.to_string(), i as u16 + 1))
+        // Past 65,535 names, 0 ("none"): the kernel does not decide on these numbers.
+        .map(|(i, n)| (n.to_string(), u16::try_from(i + 1).unwrap_or(0)))
         .collect()
 }
 
+/// Tenant numbers: each name's hash, unless an earlier name (in sorted order) has it; then
+/// the next number upwards that no tenant prefers. Returns the numbers and the collisions.
+fn tenant_numbers<'a>(
+    names: impl Iterator<Item = &'a str>,
+) -> (BTreeMap<String, u32>, Vec<String>) {
+    let set: BTreeSet<&str> = names.collect();
+    let preferred: HashSet<u32> = set
+        .iter()
+        .map(|t| crate::cluster::tenant_number(t))
+        .collect();
+    let mut taken: HashMap<u32, &str> = HashMap::new();
+    let mut numbers = BTreeMap::new();
+    let mut problems = Vec::new();
+    for name in set {
+        let want = crate::cluster::tenant_number(name);
+        let number = match taken.get(&want) {
+            None => want,
+            Some(first) => {
+                let mut n = want;
+                loop {
+                    n = if n == u32::MAX { 1 } else { n + 1 };
+                    if !preferred.contains(&n) && !taken.contains_key(&n) {
+                        break;
+                    }
+                }
+                problems.push(format!(
+                    "tenant number collision: tenants {} and {} both hash to {want}; {} keeps it, {} takes {n} (every node with the same tenants resolves it so)",
+                    crate::merge::show(first),
+                    crate::merge::show(name),
+                    crate::merge::show(first),
+                    crate::merge::show(name),
+                ));
+                n
+            }
+        };
+        taken.insert(number, name);
+        numbers.insert(name.to_string(), number);
+    }
+    (numbers, problems)
+}
+
+/// (is IPv6, address bits, width).
+fn ip_bits(ip: &IpAddr) -> (bool, u128, u8) {
+    match ip {
+        IpAddr::V4(a) => (false, u32::from(*a) as u128, 32),
+        IpAddr::V6(a) => (true, u128::from(*a), 128),
+    }
+}
+
+fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
+    Identity {
+        id,
+        name,
+        kind,
+        tenant: None,
+        tenant_id: 0,
+        purpose: None,
+        purpose_id: 0,
+        ring: None,
+        ring_id: 0,
+        spiffe_id: None,
+        endpoint_kind: None,
+        datasets: vec![],
+        cgroups: vec![],
+        ips: vec![],
+        risk: "0.0".into(),
+        flags: 0,
+        ports: vec![],
+        pod_uids: vec![],
+        labels: BTreeMap::new(),
+        service_ports: vec![],
+    }
+}
+
 impl Identities {
+    /// The identities of an inventory alone.
     pub fn allocate(inv: &Inventory) -> Identities {
-        let tenants: BTreeMap<String, u32> = numbering(inv.tenants.iter().map(|t| t.name.as_str()))
-            .into_iter()
-            .map(|(k, v)| (k, v as u32))
+        Identities::allocate_with_cluster(inv, &ClusterState::default(), &ClusterOptions::default())
+            .0
+    }
+
+    /// The identities of an inventory and a cluster state (see
+    /// [`crate::Bundle::load_with_cluster`] for the rules), and the problems of the merge,
+    /// one line each.
+    pub fn allocate_with_cluster(
+        inv: &Inventory,
+        cluster: &ClusterState,
+        options: &ClusterOptions,
+    ) -> (Identities, Vec<String>) {
+        let (tenants, mut problems) = tenant_numbers(inv.tenants.iter().map(|t| t.name.as_str()));
+        let known: BTreeSet<&str> = tenants.keys().map(String::as_str).collect();
+        let mut taken_names: HashSet<&str> = inv
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .chain(inv.endpoints.iter().map(|e| e.name.as_str()))
             .collect();
-        let purposes = numbering(inv.workloads.iter().filter_map(|w| w.purpose.as_deref()));
-        let rings = numbering(inv.workloads.iter().filter_map(|w| w.ring.as_deref()));
+        taken_names.insert(WORLD_NAME);
+        let merged = crate::merge::merge(inv, &known, &taken_names, cluster, options);
+        problems.extend(merged.problems);
+
+        let purposes = numbering(
+            inv.workloads
+                .iter()
+                .filter_map(|w| w.purpose.as_deref())
+                .chain(
+                    merged
+                        .workloads
+                        .iter()
+                        .filter_map(|w| w.source.purpose.as_deref()),
+                ),
+        );
+        let rings = numbering(
+            inv.workloads
+                .iter()
+                .filter_map(|w| w.ring.as_deref())
+                .chain(
+                    merged
+                        .workloads
+                        .iter()
+                        .filter_map(|w| w.source.ring.as_deref()),
+                ),
+        );
         let tenant_audit = |t: &Option<String>| {
             t.as_deref()
                 .and_then(|t| inv.tenant(t))
                 .is_some_and(|t| t.audit)
         };
+        let tenant_id = |t: &Option<String>| {
+            t.as_ref()
+                .and_then(|t| tenants.get(t))
+                .copied()
+                .unwrap_or(0)
+        };
+        let purpose_id = |p: &Option<String>| {
+            p.as_ref()
+                .and_then(|p| purposes.get(p))
+                .copied()
+                .unwrap_or(0)
+        };
+        let ring_id =
+            |r: &Option<String>| r.as_ref().and_then(|r| rings.get(r)).copied().unwrap_or(0);
 
-        let mut list = vec![Identity {
-            id: reserved::WORLD,
-            name: WORLD_NAME.into(),
-            kind: IdentityKind::World,
-            tenant: None,
-            tenant_id: 0,
-            purpose: None,
-            purpose_id: 0,
-            ring: None,
-            ring_id: 0,
-            spiffe_id: None,
-            endpoint_kind: None,
-            datasets: vec![],
-            cgroups: vec![],
-            ips: vec![],
-            risk: "0.0".into(),
-            flags: 0,
-            ports: vec![],
-        }];
+        let mut list = vec![blank(
+            reserved::WORLD,
+            WORLD_NAME.into(),
+            IdentityKind::World,
+        )];
         for w in &inv.workloads {
             let audit = w.audit || tenant_audit(&w.tenant);
             list.push(Identity {
-                id: 0,
-                name: w.name.clone(),
-                kind: IdentityKind::Workload,
-                tenant_id: w
-                    .tenant
-                    .as_ref()
-                    .and_then(|t| tenants.get(t))
-                    .copied()
-                    .unwrap_or(0),
+                tenant_id: tenant_id(&w.tenant),
                 tenant: w.tenant.clone(),
-                purpose_id: w
-                    .purpose
-                    .as_ref()
-                    .and_then(|p| purposes.get(p))
-                    .copied()
-                    .unwrap_or(0),
+                purpose_id: purpose_id(&w.purpose),
                 purpose: w.purpose.clone(),
-                ring_id: w
-                    .ring
-                    .as_ref()
-                    .and_then(|r| rings.get(r))
-                    .copied()
-                    .unwrap_or(0),
+                ring_id: ring_id(&w.ring),
                 ring: w.ring.clone(),
                 spiffe_id: w.spiffe_id.clone(),
-                endpoint_kind: None,
-                datasets: vec![],
                 cgroups: w.cgroups.clone(),
                 ips: w.ips.clone(),
                 risk: w.risk.clone(),
                 flags: if audit { flags::AUDIT } else { 0 },
                 ports: w.ports.clone(),
+                ..blank(0, w.name.clone(), IdentityKind::Workload)
             });
         }
         for e in &inv.endpoints {
@@ -355,32 +506,19 @@ impl Identities {
                 f |= flags::VECTOR_DB;
             }
             list.push(Identity {
-                id: 0,
-                name: e.name.clone(),
-                kind: IdentityKind::Endpoint,
-                tenant_id: e
-                    .tenant
-                    .as_ref()
-                    .and_then(|t| tenants.get(t))
-                    .copied()
-                    .unwrap_or(0),
+                tenant_id: tenant_id(&e.tenant),
                 tenant: e.tenant.clone(),
-                purpose: None,
-                purpose_id: 0,
-                ring: None,
-                ring_id: 0,
-                spiffe_id: None,
                 endpoint_kind: Some(e.kind.clone()),
                 datasets: e.datasets.clone(),
-                cgroups: vec![],
                 ips: e.ips.clone(),
-                risk: "0.0".into(),
                 flags: f,
                 ports: e.ports.clone(),
+                ..blank(0, e.name.clone(), IdentityKind::Endpoint)
             });
         }
 
-        // IDs: sorted by (kind, name) so that probing order does not depend on file order.
+        // Inventory IDs: sorted by (kind, name) so that probing order does not depend on
+        // file order.
         let mut order: Vec<usize> = (1..list.len()).collect();
         order.sort_by(|&a, &b| (list[a].kind, &list[a].name).cmp(&(list[b].kind, &list[b].name)));
         let mut taken: BTreeSet<u32> = BTreeSet::new();
@@ -396,20 +534,82 @@ impl Identities {
             list[i].id = id;
         }
 
+        // Cluster identities and Services: numbered and named by the merge.
+        for w in merged.workloads {
+            let c = w.source;
+            list.push(Identity {
+                tenant_id: tenant_id(&c.tenant),
+                tenant: c.tenant.clone(),
+                purpose_id: purpose_id(&c.purpose),
+                purpose: c.purpose.clone(),
+                ring_id: ring_id(&c.ring),
+                ring: c.ring.clone(),
+                spiffe_id: w.spiffe_id,
+                ips: w.ips,
+                flags: if tenant_audit(&c.tenant) {
+                    flags::AUDIT
+                } else {
+                    0
+                },
+                pod_uids: w.pod_uids,
+                labels: c.labels.clone(),
+                ..blank(w.id, w.name, IdentityKind::Workload)
+            });
+        }
+        for s in merged.services {
+            let ports = s
+                .ports
+                .iter()
+                .map(|p| crate::inventory::Port {
+                    port: p.port,
+                    protocol: p.protocol,
+                    // Not asked of Cedar: each backend is asked with its own action.
+                    action: DEFAULT_ACTION.into(),
+                    loc: Default::default(),
+                })
+                .collect();
+            list.push(Identity {
+                tenant_id: tenant_id(&s.tenant),
+                tenant: s.tenant,
+                ips: s.ips,
+                ports,
+                service_ports: s.ports,
+                ..blank(s.id, s.name, IdentityKind::Service)
+            });
+        }
+
         let by_id = list.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
         let by_name = list
             .iter()
             .enumerate()
             .map(|(i, x)| (x.name.clone(), i))
             .collect();
-        Identities {
+        let mut nets = HashMap::new();
+        let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
+        for (i, x) in list.iter().enumerate() {
+            if !matches!(x.kind, IdentityKind::Workload | IdentityKind::Endpoint) {
+                continue;
+            }
+            for net in &x.ips {
+                let (is_v6, bits, _) = ip_bits(&net.addr);
+                if is_v6 { &mut v6 } else { &mut v4 }.insert(net.prefix);
+                nets.entry((is_v6, net.prefix, bits)).or_insert(i);
+            }
+        }
+        let identities = Identities {
             list,
             by_id,
             by_name,
             tenants,
             purposes,
             rings,
-        }
+            nets,
+            lens: (
+                v4.into_iter().rev().collect(),
+                v6.into_iter().rev().collect(),
+            ),
+        };
+        (identities, problems)
     }
 
     pub fn iter(&self) -> std::slice::Iter<'_, Identity> {
@@ -436,6 +636,20 @@ impl Identities {
     pub(crate) fn index_of_id(&self, id: u32) -> Option<usize> {
         self.by_id.get(&id).copied()
     }
+    /// The index of the workload or endpoint whose addresses hold `ip` (the longest prefix,
+    /// as the kernel's IP cache), else WORLD's: where a Service's backend leads.
+    pub(crate) fn backend_index(&self, ip: &IpAddr) -> usize {
+        let (is_v6, bits, width) = ip_bits(ip);
+        let lens = if is_v6 { &self.lens.1 } else { &self.lens.0 };
+        lens.iter()
+            .find_map(|&p| {
+                self.nets
+                    .get(&(is_v6, p, bits & IpNet::mask(p, width)))
+                    .copied()
+            })
+            .unwrap_or(0)
+    }
+
     /// A risk override (the only attribute that changes at run time).
     pub(crate) fn set_risk(&mut self, i: usize, risk: String) {
         self.list[i].risk = risk;

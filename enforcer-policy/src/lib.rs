@@ -25,6 +25,11 @@
 //! Inventory edits at run time: [`Bundle::compile_incremental`] compiles a reloaded bundle
 //! from the previous [`Compiled`], asking Cedar only about signatures it has not seen, as
 //! long as the schema and policies are unchanged ([`Compiled::policy_fingerprint`]).
+//!
+//! Kubernetes: [`Bundle::load_with_cluster`] merges a [`cluster::ClusterState`] (pods grouped
+//! by security label set, Services and their ready backends) into the bundle. Each label set
+//! becomes a Cedar `Workload` exactly like an inventory workload, so the same policies apply;
+//! each Service's ClusterIPs are judged as all its ready backends (see `compile`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +47,7 @@ pub mod explain;
 pub mod identity;
 pub mod inventory;
 pub mod limits;
+mod merge;
 pub mod ports;
 pub mod risk;
 #[cfg(any(test, feature = "bench"))]
@@ -50,7 +56,7 @@ pub mod testutil;
 pub use atlas::AtlasTechnique;
 pub use compile::{CompileStats, Compiled, RowDelta};
 pub use diagnostics::{Diagnostic, Diagnostics};
-pub use explain::Explanation;
+pub use explain::{BackendExplanation, Explanation, ServiceExplanation};
 pub use identity::{Identities, Identity, IdentityKind, IpNet};
 pub use inventory::Inventory;
 
@@ -222,6 +228,11 @@ pub struct Bundle {
     engine: cedar::Engine,
     /// Workload name -> canonical risk score, where it differs from the inventory's.
     risk_overrides: BTreeMap<String, String>,
+    /// What the merge with the cluster state refused or reported, one line each.
+    cluster_problems: Vec<String>,
+    /// 16 hex digits naming the cluster identities and Services merged in (numbers, names,
+    /// attributes, addresses, local pods, backends); `None` when there are none.
+    cluster_revision: Option<String>,
 }
 
 /// The Cedar action of a destination's any-port cell, and of a declared port that names none.
@@ -237,27 +248,88 @@ impl Bundle {
     /// bundle holds, loading it cannot overflow the caller's stack (the parsers recurse; the
     /// [`limits`] bound what they are given, and this is the second line of defence). A
     /// panic while loading is reported as an error, not passed on.
+    ///
+    /// The same as [`Bundle::load_with_cluster`] with an empty cluster state.
     pub fn load(dir: &Path) -> Result<Bundle, Diagnostics> {
-        let owned = dir.to_path_buf();
-        let spawned = std::thread::Builder::new()
-            .name("bundle-load".into())
-            .stack_size(limits::LOAD_STACK_BYTES)
-            .spawn(move || Bundle::load_here(&owned));
-        let internal = |msg: String| Err(Diagnostic::new(dir, 1, 1, msg).into());
-        match spawned {
-            Ok(handle) => handle.join().unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                internal(format!("internal error while loading the bundle: {what}"))
-            }),
-            Err(e) => internal(format!("cannot start the bundle loader thread: {e}")),
-        }
+        Bundle::load_with_cluster(
+            dir,
+            &cluster::ClusterState::default(),
+            &cluster::ClusterOptions::default(),
+        )
     }
 
-    fn load_here(dir: &Path) -> Result<Bundle, Diagnostics> {
+    /// [`Bundle::load`], plus the identities and Services of a cluster state. The bundle's
+    /// diagnostics are the same as [`Bundle::load`]'s (and a schema that cannot hold a cluster
+    /// workload is one); what the merge refuses is no error but a line of
+    /// [`Bundle::cluster_problems`], and the object concerned is left out: its pods are
+    /// unknown subjects (fail closed), its addresses WORLD.
+    ///
+    /// - Identity: each [`cluster::ClusterIdentity`] (a distinct label set) is a `Workload`
+    ///   entity with the attributes of an inventory workload: `tenant`, `purpose`, `ring`
+    ///   ("" when unset), `spiffe_id` `spiffe://<trust domain>/ns/<namespace>/sa/<service
+    ///   account>`, `risk` 0.0. It is a local subject when it has pods on
+    ///   `options.node_name` ([`Identity::pod_uids`]), a destination by its pods' addresses
+    ///   (host-network pods have none of their own).
+    /// - Name: `<namespace>/<service account>#<8 hex digits of the label-set hash>`, always
+    ///   suffixed: a name that changed when another label set of the same service account
+    ///   came or went would let a tenant make a policy naming it stop applying. (Where two
+    ///   label sets of one service account have alike suffixes, or the inventory has the
+    ///   name, more digits.) A Service is `service/<namespace>/<name>` (suffixed only where
+    ///   the inventory has that name). Names never clash with inventory names and depend on
+    ///   the label set alone, so every node names alike.
+    /// - Number: [`cluster::identity_number`] of the label set, [`cluster::service_number`] of
+    ///   a Service, in [`cluster::CLUSTER_IDS`]: the same on every node, whatever the order of
+    ///   the state or which other identities exist. Two keys that prefer one number are a
+    ///   collision (reported, never merged): the first in canonical order (label sets before
+    ///   Services, then by content) keeps it, the other takes the next number upwards that no
+    ///   key of the state prefers. Every node that sees the same label sets resolves it alike.
+    /// - Tenant: must be declared in the inventory's `tenants:` (the operator's list of
+    ///   tenants, with their audit flags); label sets naming another tenant are left out,
+    ///   reported once per tenant. Label sets without a tenant (namespaces without tenant
+    ///   metadata) are identities with tenant "" and share one quota.
+    /// - Quota: at most `options.max_identities_per_tenant` label sets per tenant, the ones
+    ///   whose oldest pod is oldest (then by label set; sets without pods last), and at most
+    ///   as many Services per tenant (by namespace and name), so that one tenant's thousands
+    ///   of label sets or Services cost the others nothing: the rest are left out, reported
+    ///   once per tenant. A tenant's problem lines are bounded too (see `merge`).
+    /// - Addresses: an address in a network of an inventory workload or endpoint stays the
+    ///   inventory's (the operator's inventory wins; reported). An address two cluster
+    ///   identities or Services claim is nobody's (WORLD) until one claim is gone (reported).
+    /// - Services: each ClusterIP and port is judged as all the port's ready backends: allowed
+    ///   only if the call is allowed to every backend at its target port (each asked as a
+    ///   direct call to the identity its address leads to, WORLD for an address no identity
+    ///   has); denied without ready backends; ports the Service does not declare are denied.
+    ///   See [`Bundle::decide`] and [`Explanation::service`].
+    pub fn load_with_cluster(
+        dir: &Path,
+        cluster: &cluster::ClusterState,
+        options: &cluster::ClusterOptions,
+    ) -> Result<Bundle, Diagnostics> {
+        let internal = |msg: String| Err(Diagnostic::new(dir, 1, 1, msg).into());
+        std::thread::scope(|scope| {
+            let spawned = std::thread::Builder::new()
+                .name("bundle-load".into())
+                .stack_size(limits::LOAD_STACK_BYTES)
+                .spawn_scoped(scope, || Bundle::load_here(dir, cluster, options));
+            match spawned {
+                Ok(handle) => handle.join().unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    internal(format!("internal error while loading the bundle: {what}"))
+                }),
+                Err(e) => internal(format!("cannot start the bundle loader thread: {e}")),
+            }
+        })
+    }
+
+    fn load_here(
+        dir: &Path,
+        cluster: &cluster::ClusterState,
+        options: &cluster::ClusterOptions,
+    ) -> Result<Bundle, Diagnostics> {
         let mut diags = Diagnostics::default();
         let policy_files = bundle_policy_files(dir, &mut diags)?;
         let inv_path = dir.join(INVENTORY_FILE);
@@ -334,7 +406,13 @@ impl Bundle {
             diags.0.extend(d.0);
             inv
         });
-        let identities = inventory.as_ref().map(Identities::allocate);
+        let (identities, cluster_problems) = match inventory.as_ref() {
+            Some(inv) => {
+                let (ids, problems) = Identities::allocate_with_cluster(inv, cluster, options);
+                (Some(ids), problems)
+            }
+            None => (None, Vec::new()),
+        };
         let engine = schema_text.and_then(|schema| {
             let src = cedar::Sources {
                 schema: (schema_path.clone(), schema),
@@ -362,15 +440,17 @@ impl Bundle {
         }
         match (inventory, identities, engine) {
             (Some(inventory), Some(identities), Some(engine)) => {
-                tracing::debug!(dir = %dir.display(), %revision, identities = identities.len(), rules = engine.rules.len(), "bundle loaded");
+                tracing::debug!(dir = %dir.display(), %revision, identities = identities.len(), rules = engine.rules.len(), cluster_problems = cluster_problems.len(), "bundle loaded");
                 Ok(Bundle {
                     dir: dir.to_path_buf(),
                     revision,
                     policy_hash,
                     inventory,
+                    cluster_revision: cluster_revision(&identities),
                     identities,
                     engine,
                     risk_overrides: BTreeMap::new(),
+                    cluster_problems,
                 })
             }
             _ => Err(Diagnostic::new(dir, 1, 1, "the bundle could not be loaded").into()),
@@ -384,15 +464,41 @@ impl Bundle {
         &self.revision
     }
 
-    /// The revision, followed by `+risk(N):HHHHHHHH` while N risk overrides are in force
-    /// (HHHHHHHH names the set of overrides, see [`risk::overrides_suffix`]): what decides
-    /// a call is this bundle *and* these scores, and an investigator must see both.
+    /// The revision, followed by `+cluster:HHHHHHHHHHHHHHHH` when cluster identities or
+    /// Services are merged in ([`Bundle::cluster_revision`]), and by `+risk(N):HHHHHHHH`
+    /// while N risk overrides are in force (HHHHHHHH names the set of overrides, see
+    /// [`risk::overrides_suffix`]): what decides a call is this bundle *and* the cluster
+    /// state *and* these scores, and an investigator must see all three.
     pub fn snapshot(&self) -> String {
         format!(
             "{}{}",
-            self.revision,
+            self.base_snapshot(),
             risk::overrides_suffix(&self.risk_overrides)
         )
+    }
+
+    /// The revision and the cluster part of the snapshot: what a compiled table is of.
+    pub(crate) fn base_snapshot(&self) -> String {
+        match &self.cluster_revision {
+            Some(c) => format!("{}+cluster:{c}", self.revision),
+            None => self.revision.clone(),
+        }
+    }
+
+    /// 16 hex digits of a hash over the merged cluster identities and Services (numbers,
+    /// names, attributes, addresses, local pods, Service ports and backends); `None` when
+    /// none are merged in.
+    pub fn cluster_revision(&self) -> Option<&str> {
+        self.cluster_revision.as_deref()
+    }
+
+    /// What the merge with the cluster state refused or reported, one line each, naming the
+    /// objects (label sets, pods, Services, addresses, tenants): identity number and tenant
+    /// number collisions, quotas, addresses the inventory claims or two claimants share,
+    /// invalid objects, unknown tenants. At most `merge::PER_TENANT_PROBLEMS` lines per
+    /// tenant (the rest counted in one line).
+    pub fn cluster_problems(&self) -> &[String] {
+        &self.cluster_problems
     }
 
     /// Override a workload's `risk` attribute (Cedar decimal text, at most 4 fractional
@@ -413,12 +519,14 @@ impl Bundle {
         updated.risk = value.clone();
         self.engine.replace_entity(&updated).map_err(invalid)?;
         self.identities.set_risk(i, value.clone());
+        let cluster_base = self.identities.at(i).is_cluster().then_some("0.0");
         let base = self
             .inventory
             .workloads
             .iter()
             .find(|w| w.name == workload)
-            .map(|w| w.risk.as_str());
+            .map(|w| w.risk.as_str())
+            .or(cluster_base);
         if base == Some(value.as_str()) {
             self.risk_overrides.remove(workload);
         } else {
@@ -451,6 +559,12 @@ impl Bundle {
     }
 
     /// The oracle: asks Cedar directly for one cell, no grouping, no cache.
+    ///
+    /// A Service destination is judged as the port's ready backends (see
+    /// [`Bundle::load_with_cluster`]): each backend is asked exactly as a direct call to it
+    /// would be, and the decision is that of the first backend (by address and port) that
+    /// denies, or of the first backend when all allow; without ready backends it is a deny
+    /// without policies. [`Bundle::explain`] lists every backend's decision.
     pub fn decide(
         &self,
         from: &str,
@@ -458,15 +572,35 @@ impl Bundle {
         port: u16,
         protocol: Protocol,
     ) -> Result<Decision, PolicyError> {
+        let (s, d) = self.cell_parties(from, to)?;
+        if self.identities.at(d).kind == IdentityKind::Service {
+            return Ok(self.decide_service(s, d, port, protocol)?.decision);
+        }
+        self.decide_at(s, d, port, protocol)
+    }
+
+    /// The subject and destination indexes of a cell, checked.
+    fn cell_parties(&self, from: &str, to: &str) -> Result<(usize, usize), PolicyError> {
         let s = workload_index(&self.identities, from, PolicyError::NotASubject)?;
         let d = self
             .identities
             .index_of(to)
             .ok_or_else(|| PolicyError::UnknownName(to.into()))?;
-        let dest = self.identities.at(d);
-        if !dest.is_destination() {
+        if !self.identities.at(d).is_destination() {
             return Err(PolicyError::NotADestination(to.into()));
         }
+        Ok((s, d))
+    }
+
+    /// The oracle on identity indexes: `d` is not a Service.
+    fn decide_at(
+        &self,
+        s: usize,
+        d: usize,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Decision, PolicyError> {
+        let dest = self.identities.at(d);
         let Some((cedar_port, action)) = dest.cell_of(port, protocol) else {
             return Ok(Decision {
                 allowed: false,
@@ -481,8 +615,8 @@ impl Bundle {
             .engine
             .ask(s, &action, d, cedar_port, protocol, true)
             .map_err(|message| PolicyError::Evaluation {
-                from: from.into(),
-                to: to.into(),
+                from: self.identities.at(s).name.clone(),
+                to: dest.name.clone(),
                 port,
                 protocol,
                 action: action.clone(),
@@ -498,6 +632,61 @@ impl Bundle {
                 .collect(),
             undeclared_port: false,
             any_port: dest.ports.is_empty(),
+        })
+    }
+
+    /// The oracle for a Service destination `d`: every backend of the port asked as a direct
+    /// call, in order.
+    pub(crate) fn decide_service(
+        &self,
+        s: usize,
+        d: usize,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<ServiceDecision, PolicyError> {
+        let service = self.identities.at(d);
+        let denied = |undeclared_port: bool| Decision {
+            allowed: false,
+            action: DEFAULT_ACTION.into(),
+            policies: vec![],
+            undeclared_port,
+            any_port: false,
+        };
+        let Some(service_port) = service.service_port(port, protocol) else {
+            return Ok(ServiceDecision {
+                decision: denied(true),
+                backends: vec![],
+                deciding: None,
+            });
+        };
+        let mut backends = Vec::with_capacity(service_port.backends.len());
+        for b in &service_port.backends {
+            let bi = self.identities.backend_index(&b.ip);
+            backends.push((*b, bi, self.decide_at(s, bi, b.port, protocol)?));
+        }
+        let deciding = (!backends.is_empty()).then(|| {
+            backends
+                .iter()
+                .position(|(_, _, d)| !d.allowed)
+                .unwrap_or(0)
+        });
+        let decision = match deciding {
+            None => denied(false),
+            Some(k) => {
+                let by = &backends[k].2;
+                Decision {
+                    allowed: by.allowed,
+                    action: by.action.clone(),
+                    policies: by.policies.clone(),
+                    undeclared_port: false,
+                    any_port: false,
+                }
+            }
+        };
+        Ok(ServiceDecision {
+            decision,
+            backends,
+            deciding,
         })
     }
 
@@ -576,6 +765,50 @@ fn on_big_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
             None => unreachable!("`f` runs exactly once"),
         },
     }
+}
+
+/// A Service cell as the oracle decides it.
+pub(crate) struct ServiceDecision {
+    pub decision: Decision,
+    /// Each ready backend (in address, port order), the identity index its address leads
+    /// to, and the decision of a direct call to it.
+    pub backends: Vec<(cluster::Backend, usize, Decision)>,
+    /// The backend whose decision is the Service's; `None` without ready backends.
+    pub deciding: Option<usize>,
+}
+
+/// [`Bundle::cluster_revision`] of these identities.
+fn cluster_revision(ids: &Identities) -> Option<String> {
+    let parts: Vec<(String, String)> = ids
+        .iter()
+        .filter(|x| x.is_cluster())
+        .map(|x| {
+            let backends: Vec<_> = x
+                .service_ports
+                .iter()
+                .map(|p| (p.port, p.protocol, &p.backends))
+                .collect();
+            (
+                x.id.to_string(),
+                format!(
+                    "{:?}",
+                    (
+                        &x.name,
+                        x.kind,
+                        &x.tenant,
+                        &x.purpose,
+                        &x.ring,
+                        &x.spiffe_id,
+                        &x.labels,
+                        &x.ips,
+                        &x.pod_uids,
+                        backends,
+                    )
+                ),
+            )
+        })
+        .collect();
+    (!parts.is_empty()).then(|| hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 8))
 }
 
 /// The `*.cedar` files of the bundle directory, sorted. A bundle directory holds exactly
@@ -682,6 +915,8 @@ pub(crate) fn hash_pairs<'a>(
 
 #[cfg(test)]
 mod attack_tests;
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]

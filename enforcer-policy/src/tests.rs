@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use crate::testutil::{random_bundle, synthetic_bundle};
 use crate::{Bundle, Effect, Protocol};
 
-fn demo_dir() -> PathBuf {
+pub(crate) fn demo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo")
 }
 
@@ -18,7 +18,7 @@ fn demo() -> Bundle {
 }
 
 /// A copy of the demo bundle with `file` replaced by `content`.
-fn demo_with(file: &str, content: &str) -> tempfile::TempDir {
+pub(crate) fn demo_with(file: &str, content: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(demo_dir()).unwrap() {
         let p = entry.unwrap().path();
@@ -401,7 +401,7 @@ fn reading_a_missing_entity_is_a_load_error_at_its_literal() {
 
 /// The central invariant on one bundle: every cell of the compiled table (and every
 /// attribution) equals what the oracle says.
-fn assert_compiled_equals_oracle(b: &Bundle) {
+pub(crate) fn assert_compiled_equals_oracle(b: &Bundle) {
     assert_table_equals_oracle(b, &b.compile().unwrap());
 }
 
@@ -439,7 +439,7 @@ fn kernel_lookup(
 /// Every cell of `c` (and every attribution) equals what the oracle says of `b`; on
 /// destinations without declared ports, at every port breakpoint and a spread of ports,
 /// with the table read as the kernel reads it. Returns the number of cells compared.
-fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) -> usize {
+pub(crate) fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) -> usize {
     let table: std::collections::HashMap<_, _> = c.allows().iter().copied().collect();
     let reads_port = b.engine().port_reads.iter().any(|(_, at)| at.is_some());
     let any_port = any_port_probes(b);
@@ -486,8 +486,13 @@ fn assert_table_equals_oracle(b: &Bundle, c: &crate::Compiled) -> usize {
                     let ids: Vec<&str> = a.policies.iter().map(|p| p.id.as_str()).collect();
                     let want: Vec<&str> = oracle.policies.iter().map(|p| p.id.as_str()).collect();
                     assert_eq!(ids, want, "{what}");
+                    let no_backends = d
+                        .service_port(port, protocol)
+                        .is_some_and(|p| p.backends.is_empty());
                     if oracle.undeclared_port {
                         assert_eq!(a.policy_id, "undeclared-port");
+                    } else if no_backends {
+                        assert_eq!(a.policy_id, "no-ready-backends", "{what}");
                     } else if want.is_empty() {
                         assert_eq!(a.policy_id, "implicit-deny");
                     }
@@ -896,7 +901,7 @@ fn bench_report_runs() {
 /// `cedar_decisions` and `elapsed`), and `is_allowed` and the attribution of every subject
 /// of `b` (and of `extra` ids, e.g. removed subjects) to every identity, on every declared
 /// port and `probes`.
-fn assert_same_compiled(
+pub(crate) fn assert_same_compiled(
     b: &Bundle,
     full: &crate::Compiled,
     inc: &crate::Compiled,

@@ -660,3 +660,232 @@ impl std::fmt::Display for NewIdentityReport {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cluster states (what the Kubernetes source hands the bundle), for tests and benchmarks.
+
+use crate::cluster::{
+    labels as keys, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, ServicePort,
+};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// The label set of a pod: namespace, service account, the tenant (as the Namespace says),
+/// purpose, ring, and `extra` pairs.
+pub fn cluster_labels(
+    namespace: &str,
+    service_account: &str,
+    tenant: Option<&str>,
+    purpose: Option<&str>,
+    ring: Option<&str>,
+    extra: &[(&str, &str)],
+) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    l.insert("namespace".to_string(), namespace.to_string());
+    l.insert("service_account".to_string(), service_account.to_string());
+    for (k, v) in [
+        (keys::TENANT, tenant),
+        (keys::PURPOSE, purpose),
+        (keys::RING, ring),
+    ] {
+        if let Some(v) = v {
+            l.insert(k.to_string(), v.to_string());
+        }
+    }
+    for (k, v) in extra {
+        l.insert(k.to_string(), v.to_string());
+    }
+    l
+}
+
+/// A cluster identity with these labels (see [`cluster_labels`]) and pods.
+pub fn cluster_identity(
+    namespace: &str,
+    service_account: &str,
+    tenant: Option<&str>,
+    purpose: Option<&str>,
+    ring: Option<&str>,
+    extra: &[(&str, &str)],
+    pods: Vec<ClusterPod>,
+) -> ClusterIdentity {
+    ClusterIdentity {
+        labels: cluster_labels(namespace, service_account, tenant, purpose, ring, extra),
+        namespace: namespace.into(),
+        service_account: service_account.into(),
+        tenant: tenant.map(str::to_string),
+        purpose: purpose.map(str::to_string),
+        ring: ring.map(str::to_string),
+        pods,
+    }
+}
+
+/// A pod (UID `uid-<namespace>-<name>`), created at `created` (RFC 3339).
+pub fn cluster_pod(
+    namespace: &str,
+    name: &str,
+    node: Option<&str>,
+    ips: &[IpAddr],
+    created: &str,
+) -> ClusterPod {
+    ClusterPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: format!("uid-{namespace}-{name}"),
+        node: node.map(str::to_string),
+        ips: ips.to_vec(),
+        host_network: false,
+        created: created.into(),
+    }
+}
+
+/// A Service with one ClusterIP and ports `(port, protocol, backends)`.
+pub fn cluster_service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: IpAddr,
+    ports: &[(u16, crate::Protocol, Vec<Backend>)],
+) -> ClusterService {
+    ClusterService {
+        namespace: namespace.into(),
+        name: name.into(),
+        cluster_ips: vec![cluster_ip],
+        ports: ports
+            .iter()
+            .map(|(port, protocol, backends)| ServicePort {
+                port: *port,
+                protocol: *protocol,
+                backends: backends.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// `127.81.<n / 256>.<n % 256>`: the cluster test range.
+pub fn cluster_ip4(n: usize) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::new(
+        127,
+        81,
+        (n / 256) as u8,
+        (n % 256) as u8,
+    ))
+}
+
+/// `fd81::<n>`: the cluster test range, IPv6.
+pub fn cluster_ip6(n: usize) -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::from(
+        0xfd81_0000_0000_0000_0000_0000_0000_0000u128 | n as u128,
+    ))
+}
+
+/// A small random cluster state for [`random_bundle`]'s inventories (tenants acme, globex,
+/// initech; inventory addresses `127.20.0.n`): label sets of known, unknown and no tenants,
+/// replicas, pods on `node` and elsewhere, IPv4 and IPv6, host-network pods, and Services
+/// whose backends are pods, inventory addresses, unknown addresses, or none.
+pub fn random_cluster(seed: u64, node: &str) -> ClusterState {
+    let mut r = Rng::new(seed ^ 0x5eed_c1u64);
+    let tenants = [
+        Some("acme"),
+        Some("globex"),
+        Some("initech"),
+        Some("acme"),
+        None,
+        Some("umbrella"),
+    ];
+    let purposes = [
+        None,
+        Some("inference"),
+        Some("evaluation"),
+        Some("retrieval"),
+    ];
+    let rings = [None, Some("prod"), Some("dev")];
+    let mut state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        ..ClusterState::default()
+    };
+    let mut pod_ips: Vec<IpAddr> = Vec::new();
+    let mut n = 0usize;
+    let sets = 1 + r.below(7);
+    for i in 0..sets {
+        let tenant = *r.pick(&tenants);
+        let ns = match tenant {
+            Some(t) => format!("ns-{t}"),
+            None => "kube-system".to_string(),
+        };
+        let sa = *r.pick(&["api", "rag", "worker"]);
+        let mut pods = Vec::new();
+        for k in 0..(1 + r.below(3)) {
+            n += 1;
+            let ip = if r.chance(25) {
+                cluster_ip6(n)
+            } else {
+                cluster_ip4(n)
+            };
+            let on = if r.chance(50) {
+                Some(node)
+            } else if r.chance(80) {
+                Some("other-node")
+            } else {
+                None
+            };
+            let mut pod = cluster_pod(
+                &ns,
+                &format!("p{i}-{k}"),
+                on,
+                &[ip],
+                &format!("2026-01-01T00:00:{:02}Z", r.below(60)),
+            );
+            if r.chance(10) {
+                pod.host_network = true;
+                pod.ips.clear();
+            } else {
+                pod_ips.push(ip);
+            }
+            pods.push(pod);
+        }
+        let variant = format!("v{}", r.below(2));
+        state.identities.push(cluster_identity(
+            &ns,
+            sa,
+            tenant,
+            *r.pick(&purposes),
+            *r.pick(&rings),
+            &[("app", &variant)],
+            pods,
+        ));
+    }
+    let services = r.below(4);
+    for i in 0..services {
+        let mut ports = Vec::new();
+        for port in [80u16, 443, 53] {
+            if !r.chance(60) {
+                continue;
+            }
+            let protocol = if port == 53 {
+                crate::Protocol::Udp
+            } else {
+                crate::Protocol::Tcp
+            };
+            let mut backends = Vec::new();
+            for _ in 0..r.below(4) {
+                let ip = match r.below(10) {
+                    0..=5 if !pod_ips.is_empty() => *r.pick(&pod_ips),
+                    6 | 7 => format!("127.20.0.{}", 1 + r.below(10))
+                        .parse()
+                        .unwrap_or(cluster_ip4(0)),
+                    _ => cluster_ip4(64_000 + r.below(8)),
+                };
+                let target = *r.pick(&[port, 8000, 6333, 9000, 53]);
+                backends.push(Backend { ip, port: target });
+            }
+            ports.push((port, protocol, backends));
+        }
+        let ns = format!("ns-{}", r.pick(&["acme", "globex"]));
+        state.services.push(cluster_service(
+            &ns,
+            &format!("svc{i}"),
+            cluster_ip4(60_000 + i),
+            &ports,
+        ));
+    }
+    state
+}

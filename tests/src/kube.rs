@@ -18,6 +18,8 @@
 //! `--service-cluster-ip-range` (default `127.96.0.0/16`, so that a ClusterIP stays on
 //! loopback: a test never connects to an address outside 127.0.0.0/8).
 
+pub mod standin;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -485,4 +487,108 @@ fn wait_ready(
         .map_err(|_| anyhow!("readiness thread panicked"))?
     })?;
     Ok(config)
+}
+
+/// Creates a Namespace with these labels and annotations; returns it as stored.
+pub async fn create_namespace(
+    client: &::kube::Client,
+    name: &str,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+) -> Result<k8s_openapi::api::core::v1::Namespace> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": pairs(labels), "annotations": pairs(annotations)}
+    }))?;
+    ::kube::Api::<Namespace>::all(client.clone())
+        .create(&Default::default(), &ns)
+        .await
+        .with_context(|| format!("create namespace {name}"))
+}
+
+/// Creates a Pod bound to `node` (`spec.nodeName`, as a scheduler would set it), then
+/// writes `ips` (and phase `Running`) through its `/status` subresource, as a kubelet would;
+/// returns it as stored (with its UID).
+pub async fn create_pod(
+    client: &::kube::Client,
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    node: &str,
+    ips: &[&str],
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods = ::kube::Api::<Pod>::namespaced(client.clone(), namespace);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": pairs(labels)},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "scratch"}]}
+    }))?;
+    pods.create(&Default::default(), &pod)
+        .await
+        .with_context(|| format!("create pod {namespace}/{name}"))?;
+    let status = serde_json::json!({"status": {
+        "phase": "Running",
+        "podIP": ips.first(),
+        "podIPs": ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>(),
+    }});
+    pods.patch_status(
+        name,
+        &::kube::api::PatchParams::default(),
+        &::kube::api::Patch::Merge(&status),
+    )
+    .await
+    .with_context(|| format!("patch /status of pod {namespace}/{name}"))
+}
+
+fn pairs(pairs: &[(&str, &str)]) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect()
+}
+
+/// Waits until the source publishes a state for which `pred` holds; at most `timeout`.
+/// The error shows the last state seen.
+pub async fn wait_for_state(
+    rx: &mut tokio::sync::watch::Receiver<
+        Option<std::sync::Arc<enforcer_policy::cluster::ClusterState>>,
+    >,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&enforcer_policy::cluster::ClusterState) -> bool,
+) -> Result<std::sync::Arc<enforcer_policy::cluster::ClusterState>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let current = rx.borrow_and_update().clone();
+        if let Some(state) = &current {
+            if pred(state) {
+                return Ok(state.clone());
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => bail!("the source stopped while waiting for {what}"),
+            Err(_) => bail!("no state with {what} within {timeout:?}; last state: {current:#?}"),
+        }
+    }
+}
+
+/// Polls the source's status every 50 ms until `pred` holds; at most `timeout`.
+pub async fn wait_for_status(
+    source: &enforcer::sources::kubernetes::KubeSource,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&enforcer::sources::kubernetes::KubeStatus) -> bool,
+) -> Result<enforcer::sources::kubernetes::KubeStatus> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let status = source.status();
+        if pred(&status) {
+            return Ok(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("status never showed {what} within {timeout:?}; last: {status:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -165,6 +165,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             kind: destination_identity.map(|i| match i.kind {
                 IdentityKind::Workload => "workload".to_string(),
                 IdentityKind::World => "world".to_string(),
+                IdentityKind::Service => "service".to_string(),
                 IdentityKind::Endpoint => i
                     .endpoint_kind
                     .clone()

@@ -1,0 +1,1238 @@
+//! Kubernetes pods and Services as identities (`Bundle::load_with_cluster`): attributes,
+//! stable numbers and names, collisions, quotas, conflicts with the inventory, Services
+//! judged as their backends, explain, incremental compiles, and the central invariant
+//! (compiled table == Cedar) on cells involving cluster identities and Services.
+//!
+//! Addresses are from 127.81.0.0/16 and fd81::/16 (nothing here connects anywhere).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+
+use crate::cluster::{
+    identity_number, service_number, tenant_number, Backend, ClusterOptions, ClusterState,
+    CLUSTER_IDS,
+};
+use crate::tests::{
+    assert_compiled_equals_oracle, assert_same_compiled, assert_table_equals_oracle, demo_dir,
+    demo_with,
+};
+use crate::testutil::{
+    cluster_identity, cluster_ip4, cluster_ip6, cluster_labels, cluster_pod, cluster_service,
+    random_bundle, random_cluster,
+};
+use crate::{Bundle, IdentityKind, Protocol};
+
+const NODE: &str = "node-a";
+
+fn options() -> ClusterOptions {
+    ClusterOptions {
+        node_name: NODE.into(),
+        ..ClusterOptions::default()
+    }
+}
+
+fn load(dir: &std::path::Path, state: &ClusterState, options: &ClusterOptions) -> Bundle {
+    Bundle::load_with_cluster(dir, state, options).unwrap_or_else(|d| panic!("{d}"))
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The demo tenants' workloads in the cluster: `acme/rag` (retrieval, two replicas, one on
+/// this node), `acme/api` (inference, on another node), `globex/agent` (on this node), and
+/// Services `acme/rag-svc` (uniform: rag's pods), `acme/mixed` (a rag pod and globex's
+/// agent), `acme/empty` (no ready backend), `acme/vectors` (the inventory's acme-vectors and
+/// an address nobody has).
+fn demo_state() -> ClusterState {
+    let t = "2026-01-01T00:00:00Z";
+    let rag = cluster_identity(
+        "acme",
+        "rag",
+        Some("acme"),
+        Some("retrieval"),
+        Some("prod"),
+        &[],
+        vec![
+            cluster_pod("acme", "rag-0", Some(NODE), &[ip("127.81.1.1")], t),
+            cluster_pod("acme", "rag-1", Some("node-b"), &[ip("127.81.1.2")], t),
+        ],
+    );
+    let api = cluster_identity(
+        "acme",
+        "api",
+        Some("acme"),
+        Some("inference"),
+        Some("prod"),
+        &[],
+        vec![cluster_pod(
+            "acme",
+            "api-0",
+            Some("node-b"),
+            &[ip("fd81::1:1")],
+            t,
+        )],
+    );
+    let agent = cluster_identity(
+        "globex",
+        "agent",
+        Some("globex"),
+        Some("inference"),
+        Some("prod"),
+        &[],
+        vec![cluster_pod(
+            "globex",
+            "agent-0",
+            Some(NODE),
+            &[ip("127.81.2.1")],
+            t,
+        )],
+    );
+    let b = |s: &str, port: u16| Backend { ip: ip(s), port };
+    ClusterState {
+        trust_domain: "cluster.local".into(),
+        identities: vec![rag, api, agent],
+        services: vec![
+            cluster_service(
+                "acme",
+                "rag-svc",
+                ip("127.81.100.1"),
+                &[(
+                    80,
+                    Protocol::Tcp,
+                    vec![b("127.81.1.1", 8080), b("127.81.1.2", 8080)],
+                )],
+            ),
+            cluster_service(
+                "acme",
+                "mixed",
+                ip("127.81.100.2"),
+                &[(
+                    80,
+                    Protocol::Tcp,
+                    vec![b("127.81.1.1", 8080), b("127.81.2.1", 8080)],
+                )],
+            ),
+            cluster_service(
+                "acme",
+                "empty",
+                ip("127.81.100.3"),
+                &[(80, Protocol::Tcp, vec![])],
+            ),
+            cluster_service(
+                "acme",
+                "vectors",
+                ip("127.81.100.4"),
+                &[
+                    (6333, Protocol::Tcp, vec![b("127.10.1.10", 6333)]),
+                    (
+                        7000,
+                        Protocol::Tcp,
+                        vec![b("127.10.1.10", 6333), b("127.81.250.1", 7000)],
+                    ),
+                    (9999, Protocol::Tcp, vec![b("127.10.1.10", 9999)]),
+                ],
+            ),
+        ],
+        problems: vec![],
+    }
+}
+
+fn name_of(b: &Bundle, labels: &BTreeMap<String, String>) -> String {
+    b.identities()
+        .iter()
+        .find(|i| &i.labels == labels)
+        .unwrap_or_else(|| panic!("no identity with {labels:?}"))
+        .name
+        .clone()
+}
+
+#[test]
+fn pods_are_workloads_with_the_inventory_attributes() {
+    let state = demo_state();
+    let b = load(&demo_dir(), &state, &options());
+    assert!(
+        b.cluster_problems().is_empty(),
+        "{:?}",
+        b.cluster_problems()
+    );
+    let ids = b.identities();
+    let rag_labels = &state.identities[0].labels;
+    let rag = ids.by_name(&name_of(&b, rag_labels)).unwrap();
+    assert_eq!(rag.kind, IdentityKind::Workload);
+    assert!(rag.name.starts_with("acme/rag#") && rag.name.len() == "acme/rag#".len() + 8);
+    assert_eq!(rag.id, identity_number(rag_labels));
+    assert!(CLUSTER_IDS.contains(&rag.id) && rag.is_cluster());
+    assert_eq!(rag.tenant.as_deref(), Some("acme"));
+    assert_eq!(rag.tenant_id, ids.tenants["acme"]);
+    assert_eq!(ids.tenants["acme"], tenant_number("acme"));
+    assert_eq!(rag.purpose.as_deref(), Some("retrieval"));
+    assert_eq!(rag.purpose_id, ids.purposes["retrieval"]);
+    assert_eq!(rag.ring.as_deref(), Some("prod"));
+    assert_eq!(
+        rag.spiffe_id.as_deref(),
+        Some("spiffe://cluster.local/ns/acme/sa/rag")
+    );
+    assert_eq!(rag.risk, "0.0");
+    assert_eq!(rag.pod_uids, vec!["uid-acme-rag-0".to_string()]);
+    assert!(rag.cgroups.is_empty() && rag.is_subject() && rag.is_destination());
+    let ips: Vec<String> = rag.ips.iter().map(|n| n.to_string()).collect();
+    assert_eq!(ips, ["127.81.1.1/32", "127.81.1.2/32"]);
+    assert_eq!(rag.info().tenant, tenant_number("acme"));
+
+    // A label set without local pods is a destination only; IPv6 addresses are /128.
+    let api = ids
+        .by_name(&name_of(&b, &state.identities[1].labels))
+        .unwrap();
+    assert!(!api.is_subject() && api.is_destination());
+    assert_eq!(api.ips[0].to_string(), "fd81::1:1/128");
+
+    // The existing policies apply unchanged: same tenant allowed (any port: action
+    // connect), another tenant denied by tenant-isolation, to and from the inventory.
+    let agent = name_of(&b, &state.identities[2].labels);
+    let d = b.decide(&rag.name, &api.name, 8080, Protocol::Tcp).unwrap();
+    assert!(d.allowed && d.any_port && d.action == "connect");
+    assert_eq!(d.policies[0].id, "same-tenant");
+    let d = b.decide(&agent, &rag.name, 8080, Protocol::Tcp).unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.policies[0].id, "tenant-isolation");
+    let d = b
+        .decide(&rag.name, "acme-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(d.allowed && d.action == "query");
+    assert!(
+        b.decide("acme-retriever", &api.name, 1234, Protocol::Udp)
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !b.decide(&agent, "acme-vectors", 6333, Protocol::Tcp)
+            .unwrap()
+            .allowed
+    );
+
+    // The compiled table: the cluster subjects' rows and columns equal Cedar, cell by cell.
+    let c = b.compile().unwrap();
+    assert!(c.is_allowed(rag.id, api.id, 8080, Protocol::Tcp.number()));
+    assert!(assert_table_equals_oracle(&b, &c) > 0);
+
+    // Without a cluster state the bundle is the inventory's alone.
+    let plain = Bundle::load(&demo_dir()).unwrap();
+    assert_eq!(plain.snapshot(), plain.revision());
+    assert!(plain.identities().iter().all(|i| !i.is_cluster()));
+    assert!(b
+        .snapshot()
+        .starts_with(&format!("{}+cluster:", b.revision())));
+    assert_eq!(b.cluster_revision().unwrap().len(), 16);
+    let empty = load(&demo_dir(), &ClusterState::default(), &options());
+    assert_eq!(empty.snapshot(), plain.snapshot());
+    assert_eq!(empty.identities().len(), plain.identities().len());
+}
+
+#[test]
+fn local_pods_need_this_node_and_host_network_pods_have_no_address() {
+    let t = "2026-01-01T00:00:00Z";
+    let mut host = cluster_pod("acme", "h", Some(NODE), &[ip("127.81.3.1")], t);
+    host.host_network = true;
+    let state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        identities: vec![
+            cluster_identity("acme", "h", Some("acme"), None, None, &[], vec![host]),
+            cluster_identity(
+                "acme",
+                "pending",
+                Some("acme"),
+                None,
+                None,
+                &[],
+                vec![cluster_pod("acme", "p", None, &[], t)],
+            ),
+        ],
+        ..ClusterState::default()
+    };
+    let b = load(&demo_dir(), &state, &options());
+    let h = b
+        .identities()
+        .by_name(&name_of(&b, &state.identities[0].labels))
+        .unwrap();
+    assert_eq!(h.pod_uids, vec!["uid-acme-h".to_string()]);
+    assert!(h.ips.is_empty() && h.is_subject() && !h.is_destination());
+    let p = b
+        .identities()
+        .by_name(&name_of(&b, &state.identities[1].labels))
+        .unwrap();
+    assert!(!p.is_subject() && !p.is_destination());
+    // No node name: nothing is local.
+    let b = load(&demo_dir(), &state, &ClusterOptions::default());
+    assert!(b.identities().iter().all(|i| i.pod_uids.is_empty()));
+    // A label set without tenant: tenant "" in Cedar, tenant number 0.
+    let mut none = state.clone();
+    none.identities = vec![cluster_identity(
+        "kube-system",
+        "coredns",
+        None,
+        None,
+        None,
+        &[],
+        vec![cluster_pod(
+            "kube-system",
+            "dns",
+            Some(NODE),
+            &[ip("127.81.3.9")],
+            t,
+        )],
+    )];
+    let b = load(&demo_dir(), &none, &options());
+    let dns = b
+        .identities()
+        .by_name(&name_of(&b, &none.identities[0].labels))
+        .unwrap();
+    assert_eq!((dns.tenant.as_deref(), dns.tenant_id), (None, 0));
+    assert!(
+        b.cluster_problems().is_empty(),
+        "{:?}",
+        b.cluster_problems()
+    );
+    assert_compiled_equals_oracle(&b);
+}
+
+/// Everything the merge produces, as comparable values.
+fn fingerprint(b: &Bundle) -> Vec<String> {
+    b.identities()
+        .iter()
+        .map(|i| {
+            format!(
+                "{} {} {:?} {:?} {:?} {:?} {:?} {:?}",
+                i.id, i.name, i.kind, i.tenant_id, i.ips, i.pod_uids, i.labels, i.service_ports
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn numbers_and_names_do_not_depend_on_order_or_on_other_identities() {
+    let dir = demo_dir();
+    let mut r = crate::testutil::Rng::new(7);
+    let mut state = demo_state();
+    for i in 0..40 {
+        let t = ["acme", "globex", "initech"][i % 3];
+        state.identities.push(cluster_identity(
+            t,
+            &format!("sa{}", i % 4),
+            Some(t),
+            Some(["inference", "retrieval"][i % 2]),
+            Some("prod"),
+            &[("app", &format!("a{i}"))],
+            vec![
+                cluster_pod(
+                    t,
+                    &format!("x{i}"),
+                    Some(NODE),
+                    &[cluster_ip4(1000 + i)],
+                    "2026-01-01T00:00:00Z",
+                ),
+                cluster_pod(
+                    t,
+                    &format!("y{i}"),
+                    Some("node-b"),
+                    &[cluster_ip6(1000 + i)],
+                    "2026-01-01T00:00:00Z",
+                ),
+            ],
+        ));
+    }
+    let b = load(&dir, &state, &options());
+    let base = fingerprint(&b);
+    let c = b.compile().unwrap();
+
+    // Shuffled identities, pods and Services: the same identities, table and snapshot.
+    let mut shuffled = state.clone();
+    for _ in 0..3 {
+        shuffled.identities.reverse();
+        let n = shuffled.identities.len();
+        shuffled.identities.swap(r.below(n), r.below(n));
+        for ci in &mut shuffled.identities {
+            ci.pods.reverse();
+        }
+        shuffled.services.reverse();
+        let s = load(&dir, &shuffled, &options());
+        assert_eq!(fingerprint(&s), base);
+        assert_eq!(s.snapshot(), b.snapshot());
+        assert!(s.compile().unwrap().allows() == c.allows());
+    }
+
+    // Every remaining identity keeps its number and name when others go or come.
+    let mut fewer = state.clone();
+    fewer
+        .identities
+        .retain(|ci| !ci.labels.get("app").is_some_and(|a| a.ends_with('3')));
+    fewer.services.remove(1);
+    let f = load(&dir, &fewer, &options());
+    assert!(f.identities().len() < b.identities().len());
+    for i in f.identities().iter() {
+        let same = b.identities().by_name(&i.name).unwrap();
+        assert_eq!((same.id, &same.labels), (i.id, &i.labels));
+    }
+    // And the numbers are the hashes: what another node computes without talking to us.
+    for ci in &state.identities {
+        let i = b
+            .identities()
+            .iter()
+            .find(|i| i.labels == ci.labels)
+            .unwrap();
+        assert_eq!(i.id, identity_number(&ci.labels));
+    }
+    let svc = b.identities().by_name("service/acme/rag-svc").unwrap();
+    assert_eq!(svc.id, service_number("acme", "rag-svc"));
+    assert_eq!(svc.kind, IdentityKind::Service);
+}
+
+/// Two label sets (namespace `acme`, service account `sa`, label `app=a<i>`) whose identity
+/// numbers collide, found by a birthday search.
+fn colliding_label_sets() -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let set = |i: usize| {
+        cluster_labels(
+            "acme",
+            "sa",
+            Some("acme"),
+            None,
+            None,
+            &[("app", &format!("a{i}"))],
+        )
+    };
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for i in 0..1_000_000 {
+        let n = identity_number(&set(i));
+        if let Some(&j) = seen.get(&n) {
+            return (set(j), set(i));
+        }
+        seen.insert(n, i);
+    }
+    panic!("no collision among 10^6 label sets in a 31-bit range: the hash is not uniform");
+}
+
+#[test]
+fn an_identity_number_collision_is_reported_and_both_stay_distinct() {
+    let (a, b_labels) = colliding_label_sets();
+    assert_ne!(a, b_labels);
+    let n = identity_number(&a);
+    assert_eq!(n, identity_number(&b_labels));
+    let identity = |labels: &BTreeMap<String, String>, k: usize| {
+        let mut ci = cluster_identity(
+            "acme",
+            "sa",
+            Some("acme"),
+            None,
+            None,
+            &[("app", &labels["app"])],
+            vec![cluster_pod(
+                "acme",
+                &format!("p{k}"),
+                Some(NODE),
+                &[cluster_ip4(2000 + k)],
+                "2026-01-01T00:00:00Z",
+            )],
+        );
+        assert_eq!(&ci.labels, labels);
+        ci.labels = labels.clone();
+        ci
+    };
+    let others: Vec<_> = (0..5)
+        .map(|k| {
+            cluster_identity(
+                "acme",
+                "other",
+                Some("acme"),
+                None,
+                None,
+                &[("app", &format!("o{k}"))],
+                vec![],
+            )
+        })
+        .collect();
+    let mut results = Vec::new();
+    for flip in [false, true] {
+        let mut state = ClusterState {
+            trust_domain: "cluster.local".into(),
+            identities: vec![identity(&a, 0), identity(&b_labels, 1)],
+            ..ClusterState::default()
+        };
+        state.identities.extend(others.clone());
+        if flip {
+            state.identities.reverse();
+        }
+        let bundle = load(&demo_dir(), &state, &options());
+        let ia = bundle
+            .identities()
+            .iter()
+            .find(|i| i.labels == a)
+            .unwrap()
+            .clone();
+        let ib = bundle
+            .identities()
+            .iter()
+            .find(|i| i.labels == b_labels)
+            .unwrap()
+            .clone();
+        assert_ne!(ia.id, ib.id);
+        assert_ne!(ia.name, ib.name);
+        // The first in canonical (label) order keeps the number.
+        let (first, second) = if a < b_labels { (&ia, &ib) } else { (&ib, &ia) };
+        assert_eq!(first.id, n);
+        assert!(CLUSTER_IDS.contains(&second.id));
+        // The other's number is no key's preferred number: nothing else moved.
+        for o in &others {
+            let io = bundle
+                .identities()
+                .iter()
+                .find(|i| i.labels == o.labels)
+                .unwrap();
+            assert_eq!(io.id, identity_number(&o.labels));
+            assert_ne!(second.id, io.id);
+        }
+        let lines: Vec<&String> = bundle
+            .cluster_problems()
+            .iter()
+            .filter(|p| p.contains("identity number collision"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{:?}", bundle.cluster_problems());
+        assert!(
+            lines[0].contains(&n.to_string())
+                && lines[0].contains(&second.id.to_string())
+                && lines[0].contains(&format!("`{}`", a["app"]))
+                && lines[0].contains(&format!("`{}`", b_labels["app"])),
+            "{}",
+            lines[0]
+        );
+        // Both are subjects with their own pods, and compile like any other.
+        assert!(ia.is_subject() && ib.is_subject());
+        assert_ne!(ia.pod_uids, ib.pod_uids);
+        assert_compiled_equals_oracle(&bundle);
+        results.push((ia.id, ib.id));
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+#[test]
+fn a_tenant_number_collision_is_reported_and_both_stay_distinct() {
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    let mut pair = None;
+    for i in 0..2_000_000usize {
+        let n = tenant_number(&format!("t{i}"));
+        assert_ne!(n, 0);
+        if let Some(&j) = seen.get(&n) {
+            pair = Some((format!("t{j}"), format!("t{i}")));
+            break;
+        }
+        seen.insert(n, i);
+    }
+    let (x, y) = pair.expect("a collision among 2*10^6 names in 32 bits");
+    let number = tenant_number(&x);
+    let inventory = format!(
+        "tenants: [{x}, {y}, acme]\nworkloads:\n  - name: wx\n    tenant: {x}\n    cgroups: [c/wx]\n    ips: [127.81.5.1]\n  - name: wy\n    tenant: {y}\n    cgroups: [c/wy]\n    ips: [127.81.5.2]\n"
+    );
+    let tmp = demo_with("inventory.yaml", &inventory);
+    let b = load(tmp.path(), &ClusterState::default(), &options());
+    let tenants = &b.identities().tenants;
+    assert_ne!(tenants[&x], tenants[&y]);
+    assert_eq!(tenants[&x], number); // `x` sorts first: it keeps the number.
+    assert_eq!(tenants["acme"], tenant_number("acme"));
+    assert_ne!(tenants[&y], 0);
+    let wx = b.identities().by_name("wx").unwrap();
+    let wy = b.identities().by_name("wy").unwrap();
+    assert_ne!(wx.info().tenant, wy.info().tenant);
+    assert!(
+        b.cluster_problems()
+            .iter()
+            .any(|p| p.contains("tenant number collision")
+                && p.contains(&format!("`{x}`"))
+                && p.contains(&format!("`{y}`"))),
+        "{:?}",
+        b.cluster_problems()
+    );
+    // Cross-tenant calls stay denied (the kernel compares these numbers for the reason).
+    assert!(!b.decide("wx", "wy", 80, Protocol::Tcp).unwrap().allowed);
+}
+
+/// A tenant's `n` label sets (namespace `ns`), pod `i` created on 2026-01-02 at second `i`
+/// (after every pod of [`demo_state`]), shuffled.
+fn flood(
+    tenant: &str,
+    ns: &str,
+    n: usize,
+    first_ip: usize,
+) -> Vec<crate::cluster::ClusterIdentity> {
+    let mut r = crate::testutil::Rng::new(n as u64);
+    let mut sets: Vec<_> = (0..n)
+        .map(|i| {
+            cluster_identity(
+                ns,
+                "bot",
+                Some(tenant),
+                Some("inference"),
+                Some("prod"),
+                &[("app", &format!("b{i}"))],
+                vec![cluster_pod(
+                    ns,
+                    &format!("bot-{i}"),
+                    Some(NODE),
+                    &[cluster_ip6(first_ip + i)],
+                    &format!(
+                        "2026-01-02T{:02}:{:02}:{:02}Z",
+                        i / 3600,
+                        (i / 60) % 60,
+                        i % 60
+                    ),
+                )],
+            )
+        })
+        .collect();
+    for i in (1..sets.len()).rev() {
+        sets.swap(i, r.below(i + 1));
+    }
+    sets
+}
+
+#[test]
+fn a_tenant_flooding_label_sets_is_held_to_its_quota_and_costs_the_others_nothing() {
+    let calm = demo_state();
+    let quiet = load(&demo_dir(), &calm, &options());
+    let quiet_table = quiet.compile().unwrap();
+
+    let mut state = calm.clone();
+    state
+        .identities
+        .extend(flood("globex", "globex-bots", 3000, 100_000));
+    // And label sets that are not even valid: their problem lines are bounded too.
+    for i in 0..500 {
+        let mut bad = cluster_identity(
+            "globex-bots",
+            "bot",
+            Some("globex"),
+            Some("bad purpose!"),
+            None,
+            &[("n", &format!("{i}"))],
+            vec![],
+        );
+        bad.labels.insert("x".into(), format!("\u{1b}[31m{i}"));
+        state.identities.push(bad);
+    }
+    // One invalid acme label set: reported although globex floods the report.
+    state.identities.push(cluster_identity(
+        "Acme",
+        "x",
+        Some("acme"),
+        None,
+        None,
+        &[],
+        vec![],
+    ));
+    let b = load(&demo_dir(), &state, &options());
+    let max = options().max_identities_per_tenant;
+    assert_eq!(max, 256);
+    let bots: Vec<_> = b
+        .identities()
+        .iter()
+        .filter(|i| i.name.starts_with("globex-bots/"))
+        .collect();
+    // globex's own agent (created first) and the 255 oldest bots.
+    assert_eq!(bots.len(), max - 1);
+    assert!(b
+        .identities()
+        .iter()
+        .any(|i| i.name.starts_with("globex/agent#")));
+    let kept: HashSet<String> = bots.iter().map(|i| i.labels["app"].clone()).collect();
+    let want: HashSet<String> = (0..max - 1).map(|i| format!("b{i}")).collect();
+    assert_eq!(kept, want);
+    // Left-out pods are in no identity: unknown subjects, fail closed.
+    let local: HashSet<&String> = b.identities().iter().flat_map(|i| &i.pod_uids).collect();
+    assert!(local.contains(&"uid-globex-bots-bot-0".to_string()));
+    assert!(!local.contains(&"uid-globex-bots-bot-2999".to_string()));
+
+    let problems = b.cluster_problems();
+    let quota: Vec<&String> = problems.iter().filter(|p| p.contains("quota")).collect();
+    assert_eq!(quota.len(), 1, "{problems:#?}");
+    assert!(
+        quota[0].contains("tenant `globex`")
+            && quota[0].contains("3001")
+            && quota[0].contains("2745")
+    );
+    assert!(problems.iter().all(|p| !p.chars().any(char::is_control)));
+    // globex's lines: the quota, at most PER_TENANT_PROBLEMS others, and their count.
+    let globex_lines = problems.iter().filter(|p| p.contains("globex")).count();
+    assert_eq!(
+        globex_lines,
+        crate::merge::PER_TENANT_PROBLEMS + 2,
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("480 more cluster problems of tenant `globex`")),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("`Acme`")),
+        "{problems:#?}"
+    );
+
+    // The others' cells are the same as without the flood.
+    let table = b.compile().unwrap();
+    let others: Vec<u32> = quiet.identities().iter().map(|i| i.id).collect();
+    let restrict = |t: &crate::Compiled| -> Vec<_> {
+        t.allows()
+            .iter()
+            .filter(|(k, _)| others.contains(&k.subject) && others.contains(&k.destination))
+            .copied()
+            .collect()
+    };
+    assert!(restrict(&table) == restrict(&quiet_table));
+    // And the flood's own cost is bounded by the quota: at most 256 more subjects and
+    // destinations (every cell of which is compiled: the table is subjects x cells).
+    let count = |b: &Bundle, f: fn(&crate::Identity) -> bool| {
+        b.identities().iter().filter(|i| f(i)).count()
+    };
+    let (subjects, destinations) = (
+        count(&b, crate::Identity::is_subject),
+        count(&b, crate::Identity::is_destination),
+    );
+    assert!(subjects <= count(&quiet, crate::Identity::is_subject) + max);
+    assert!(destinations <= count(&quiet, crate::Identity::is_destination) + max);
+    let cells_per_subject: usize = b
+        .identities()
+        .iter()
+        .filter(|d| d.is_destination())
+        .map(|d| if d.ports.is_empty() { 2 } else { d.ports.len() })
+        .sum();
+    assert_eq!(table.stats().cells, subjects * cells_per_subject);
+}
+
+#[test]
+fn label_sets_of_undeclared_tenants_are_left_out_and_reported_once() {
+    let mut state = demo_state();
+    state
+        .identities
+        .extend(flood("umbrella", "umbrella", 50, 200_000));
+    let b = load(&demo_dir(), &state, &options());
+    assert!(b
+        .identities()
+        .iter()
+        .all(|i| i.tenant.as_deref() != Some("umbrella")));
+    let lines: Vec<&String> = b
+        .cluster_problems()
+        .iter()
+        .filter(|p| p.contains("umbrella"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("not declared") && lines[0].contains("50 label sets"));
+}
+
+#[test]
+fn the_inventory_keeps_its_addresses_and_its_names() {
+    let t = "2026-01-01T00:00:00Z";
+    let mut state = demo_state();
+    // A pod on acme-vectors' address, another in an inventory network, two label sets on
+    // one address, and a Service on an inventory address.
+    state.identities.push(cluster_identity(
+        "globex",
+        "thief",
+        Some("globex"),
+        None,
+        None,
+        &[],
+        vec![
+            cluster_pod(
+                "globex",
+                "t0",
+                Some(NODE),
+                &[ip("127.10.1.10"), ip("127.81.7.1")],
+                t,
+            ),
+            cluster_pod("globex", "t1", Some(NODE), &[ip("127.81.9.7")], t),
+            cluster_pod("globex", "t2", Some(NODE), &[ip("127.81.8.8")], t),
+        ],
+    ));
+    state.identities.push(cluster_identity(
+        "globex",
+        "twin",
+        Some("globex"),
+        None,
+        None,
+        &[],
+        vec![cluster_pod("globex", "w0", None, &[ip("127.81.8.8")], t)],
+    ));
+    state.services.push(cluster_service(
+        "acme",
+        "dns",
+        ip("127.10.2.53"),
+        &[(53, Protocol::Udp, vec![])],
+    ));
+    let inv = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap()
+        + "  - name: service/acme/rag-svc\n    tenant: acme\n    kind: api\n    ips: [127.81.9.0/24]\n";
+    let tmp = demo_with("inventory.yaml", &inv);
+    let b = load(tmp.path(), &state, &options());
+    let thief = b
+        .identities()
+        .iter()
+        .find(|i| i.name.starts_with("globex/thief#"))
+        .unwrap();
+    let ips: Vec<String> = thief.ips.iter().map(|n| n.to_string()).collect();
+    assert_eq!(ips, ["127.81.7.1/32"]);
+    let ids = b.identities();
+    assert_eq!(
+        ids.at(ids.backend_index(&ip("127.10.1.10"))).name,
+        "acme-vectors"
+    );
+    assert_eq!(
+        ids.at(ids.backend_index(&ip("127.81.9.7"))).name,
+        "service/acme/rag-svc"
+    );
+    assert_eq!(ids.at(ids.backend_index(&ip("127.81.8.8"))).name, "world");
+    assert_eq!(
+        ids.at(ids.backend_index(&ip("127.81.7.1"))).name,
+        thief.name
+    );
+    let problems = b.cluster_problems().join("\n");
+    assert!(problems.contains("pod `globex`/`t0` address 127.10.1.10 is in 127.10.1.10/32 of inventory `acme-vectors`"), "{problems}");
+    assert!(
+        problems.contains("127.81.9.7 is in 127.81.9.0/24 of inventory `service/acme/rag-svc`"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("address 127.81.8.8 is claimed by"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("ClusterIP 127.10.2.53 is in 127.10.2.53/32 of inventory `globex-dns`"),
+        "{problems}"
+    );
+    // The Service whose name the inventory has gets a suffix; the inventory item keeps it.
+    assert_eq!(
+        ids.by_name("service/acme/rag-svc").unwrap().kind,
+        IdentityKind::Endpoint
+    );
+    let svc = ids
+        .iter()
+        .find(|i| i.name.starts_with("service/acme/rag-svc#"))
+        .unwrap();
+    assert_eq!(svc.kind, IdentityKind::Service);
+    // A name the inventory has: the cluster identity gets more digits.
+    let rag = name_of(&b, &state.identities[0].labels);
+    let inv2 = inv
+        + &format!(
+            "  - name: {rag}\n    tenant: acme\n    kind: api\n    ips: [127.81.9.200/32]\n"
+        );
+    let tmp2 = demo_with("inventory.yaml", &inv2);
+    let b2 = load(tmp2.path(), &state, &options());
+    assert_eq!(
+        b2.identities().by_name(&rag).unwrap().kind,
+        IdentityKind::Endpoint
+    );
+    let renamed = name_of(&b2, &state.identities[0].labels);
+    assert!(
+        renamed.starts_with(&rag) && renamed.len() == rag.len() + 8,
+        "{renamed}"
+    );
+    assert_compiled_equals_oracle(&b);
+}
+
+#[test]
+fn hostile_strings_are_refused_with_printable_reports() {
+    let t = "2026-01-01T00:00:00Z";
+    let bad = [
+        cluster_identity("acme\nx", "a", Some("acme"), None, None, &[], vec![]),
+        cluster_identity("acme", "A_B", Some("acme"), None, None, &[], vec![]),
+        cluster_identity("acme", "a", Some("acme"), Some("x y"), None, &[], vec![]),
+        cluster_identity(
+            "acme",
+            "a",
+            Some("acme"),
+            None,
+            Some(&"r".repeat(64)),
+            &[],
+            vec![],
+        ),
+        cluster_identity(
+            "acme",
+            "a",
+            Some("acme"),
+            None,
+            None,
+            &[("k", "v\u{7}")],
+            vec![],
+        ),
+        cluster_identity(
+            "acme",
+            "a",
+            Some("acme"),
+            None,
+            None,
+            &[("k\u{0}", "v")],
+            vec![],
+        ),
+        cluster_identity("acme", "a", Some("acme\t"), None, None, &[], vec![]),
+    ];
+    let mut state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        identities: bad.to_vec(),
+        ..ClusterState::default()
+    };
+    let mut pod = cluster_pod("acme", "p", Some(NODE), &[ip("127.81.6.1")], t);
+    pod.uid = "u\u{1b}".into();
+    state.identities.push(cluster_identity(
+        "acme",
+        "ok",
+        Some("acme"),
+        None,
+        None,
+        &[],
+        vec![pod],
+    ));
+    let b = load(&demo_dir(), &state, &options());
+    assert_eq!(b.identities().iter().filter(|i| i.is_cluster()).count(), 1);
+    let problems = b.cluster_problems();
+    assert_eq!(problems.len(), bad.len() + 1, "{problems:#?}");
+    assert!(
+        problems.iter().all(|p| !p.chars().any(char::is_control)),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("`acme\\nx`")),
+        "{problems:#?}"
+    );
+    // A bad trust domain: no SPIFFE IDs, reported once.
+    state.trust_domain = "Cluster.Local".into();
+    let b = load(&demo_dir(), &state, &options());
+    assert!(b
+        .identities()
+        .iter()
+        .filter(|i| i.is_cluster())
+        .all(|i| i.spiffe_id.is_none()));
+    assert!(b
+        .cluster_problems()
+        .iter()
+        .any(|p| p.contains("trust domain")));
+}
+
+#[test]
+fn services_are_judged_as_all_their_backends() {
+    let state = demo_state();
+    let b = load(&demo_dir(), &state, &options());
+    let rag = name_of(&b, &state.identities[0].labels);
+    let agent = name_of(&b, &state.identities[2].labels);
+    let c = b.compile().unwrap();
+    let id = |n: &str| b.identities().by_name(n).unwrap().id;
+    let tcp = Protocol::Tcp;
+
+    // Uniform backends: the same as judging that identity at the target port.
+    for s in ["acme-retriever", rag.as_str(), agent.as_str()] {
+        let via = b.decide(s, "service/acme/rag-svc", 80, tcp).unwrap();
+        let direct = b.decide(s, &rag, 8080, tcp).unwrap();
+        assert_eq!(
+            (via.allowed, &via.policies),
+            (direct.allowed, &direct.policies),
+            "{s}"
+        );
+        assert_eq!(
+            c.is_allowed(id(s), id("service/acme/rag-svc"), 80, tcp.number()),
+            direct.allowed
+        );
+    }
+    assert!(
+        b.decide(&rag, "service/acme/rag-svc", 80, tcp)
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !b.decide(&agent, "service/acme/rag-svc", 80, tcp)
+            .unwrap()
+            .allowed
+    );
+
+    // Mixed backends (acme and globex): allowed for nobody, and each side's deny is
+    // attributed to tenant-isolation.
+    for s in [rag.as_str(), agent.as_str()] {
+        let d = b.decide(s, "service/acme/mixed", 80, tcp).unwrap();
+        assert!(!d.allowed && d.policies[0].id == "tenant-isolation", "{s}");
+        assert!(!c.is_allowed(id(s), id("service/acme/mixed"), 80, tcp.number()));
+        let a = c.attribute(id(s), id("service/acme/mixed"), 80, tcp.number());
+        assert_eq!(a.policy_id, "tenant-isolation");
+    }
+    let e = b.explain(&rag, "service/acme/mixed", 80, tcp).unwrap();
+    let svc = e.service.as_ref().unwrap();
+    assert_eq!(
+        (svc.namespace.as_str(), svc.name.as_str()),
+        ("acme", "mixed")
+    );
+    assert_eq!(svc.backends.len(), 2);
+    assert_eq!(svc.deciding, Some(1));
+    assert!(svc.backends[0].decision.allowed && !svc.backends[1].decision.allowed);
+    assert_eq!(svc.backends[1].identity.name, agent);
+    let text = e.to_string();
+    assert!(
+        text.starts_with(&format!("DENY: {rag} -> service/acme/mixed port 80/tcp")),
+        "{text}"
+    );
+    assert!(text.contains("service:  acme/mixed port 80/tcp: judged as all 2 ready backends (allowed only if every backend allows)"), "{text}");
+    assert!(
+        text.contains(&format!("    ALLOW 127.81.1.1:8080 -> {rag} (identity")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("    DENY  127.81.2.1:8080 -> {agent} (identity")),
+        "{text}"
+    );
+    assert!(text.contains("action connect  <- decided"), "{text}");
+    assert!(text.contains("forbid tenant-isolation at "), "{text}");
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["service"]["deciding"], 1);
+    assert_eq!(json["service"]["backends"][1]["ip"], "127.81.2.1");
+    assert_eq!(json["to"]["kind"], "service");
+
+    // No ready backends: denied, attributed as such.
+    let d = b.decide(&rag, "service/acme/empty", 80, tcp).unwrap();
+    assert!(!d.allowed && d.policies.is_empty() && !d.undeclared_port);
+    let a = c.attribute(id(&rag), id("service/acme/empty"), 80, tcp.number());
+    assert_eq!(a.policy_id, "no-ready-backends");
+    assert_eq!(a.atlas[0].id, "AML.T0012");
+    let text = b
+        .explain(&rag, "service/acme/empty", 80, tcp)
+        .unwrap()
+        .to_string();
+    assert!(text.contains("backends: none ready (denied)"), "{text}");
+    // A port the Service does not declare: denied.
+    let d = b.decide(&rag, "service/acme/rag-svc", 81, tcp).unwrap();
+    assert!(!d.allowed && d.undeclared_port);
+    assert_eq!(
+        c.attribute(id(&rag), id("service/acme/rag-svc"), 81, 6)
+            .policy_id,
+        "undeclared-port"
+    );
+    assert!(!c.is_allowed(
+        id(&rag),
+        id("service/acme/rag-svc"),
+        80,
+        Protocol::Udp.number()
+    ));
+
+    // An inventory backend is asked with its declared action at its target port; a target
+    // port it does not declare denies; an address nobody has is WORLD.
+    let d = b.decide(&rag, "service/acme/vectors", 6333, tcp).unwrap();
+    assert!(d.allowed && d.action == "query");
+    let e = b.explain(&rag, "service/acme/vectors", 7000, tcp).unwrap();
+    assert!(!e.decision.allowed);
+    let svc = e.service.unwrap();
+    assert_eq!(svc.backends[1].identity.name, "world");
+    assert_eq!(svc.deciding, Some(1));
+    let d = b.decide(&rag, "service/acme/vectors", 9999, tcp).unwrap();
+    assert!(!d.allowed && !d.undeclared_port && d.policies.is_empty());
+    let e = b.explain(&rag, "service/acme/vectors", 9999, tcp).unwrap();
+    assert!(
+        e.service.as_ref().unwrap().backends[0]
+            .decision
+            .undeclared_port
+    );
+    assert!(e
+        .to_string()
+        .contains("(target port not declared by the backend)"));
+
+    // The table holds the Service's cells like any destination's, and equals Cedar.
+    let entries: Vec<_> = c
+        .allows()
+        .iter()
+        .filter(|(k, _)| k.destination == id("service/acme/rag-svc"))
+        .collect();
+    assert!(entries.iter().all(|(k, v)| k.dport == 80 && v.is_allow()));
+    assert!(entries.iter().any(|(k, _)| k.subject == id(&rag)));
+    assert!(assert_table_equals_oracle(&b, &c) > 0);
+}
+
+#[test]
+fn risk_changes_of_a_backend_reach_the_services_it_is_behind() {
+    let state = demo_state();
+    let tmp = demo_with(
+        "purpose.cedar",
+        "@id(\"risky\")\nforbid (principal, action, resource is Workload) when { resource.risk.greaterThan(decimal(\"0.5\")) };\n",
+    );
+    let mut b = load(tmp.path(), &state, &options());
+    let rag = name_of(&b, &state.identities[0].labels);
+    let mut c = b.compile().unwrap();
+    let id = |b: &Bundle, n: &str| b.identities().by_name(n).unwrap().id;
+    assert!(c.is_allowed(id(&b, &rag), id(&b, "service/acme/rag-svc"), 80, 6));
+    b.set_risk(&rag, "0.9").unwrap();
+    assert!(b.snapshot().contains("+cluster:") && b.snapshot().contains("+risk(1):"));
+    let delta = c.recompile_subject(&b, &rag).unwrap();
+    assert!(delta
+        .removed
+        .iter()
+        .any(|k| k.destination == id(&b, "service/acme/rag-svc")));
+    let full = b.compile().unwrap();
+    assert!(c.allows() == full.allows());
+    assert!(!c.is_allowed(id(&b, &rag), id(&b, "service/acme/rag-svc"), 80, 6));
+    assert_eq!(
+        c.attribute(id(&b, &rag), id(&b, "service/acme/rag-svc"), 80, 6)
+            .policy_id,
+        "risky"
+    );
+    assert_table_equals_oracle(&b, &c);
+    // Back to the cluster default: no override left.
+    b.set_risk(&rag, "0").unwrap();
+    assert!(b.risk_overrides().is_empty());
+    // A table of another cluster state is stale for this bundle.
+    let mut other = state.clone();
+    other.identities.pop();
+    let o = load(tmp.path(), &other, &options());
+    let mut oc = o.compile().unwrap();
+    assert!(matches!(
+        oc.recompile_subject(&b, &rag),
+        Err(crate::PolicyError::StaleCompiled { .. })
+    ));
+}
+
+#[test]
+fn compile_incremental_follows_pods_without_asking_cedar_again() {
+    let mut state = demo_state();
+    for i in 0..20 {
+        let t = ["acme", "globex"][i % 2];
+        state.identities.push(cluster_identity(
+            t,
+            &format!("w{i}"),
+            Some(t),
+            Some("inference"),
+            Some("prod"),
+            &[],
+            vec![cluster_pod(
+                t,
+                &format!("w{i}-0"),
+                Some(NODE),
+                &[cluster_ip4(3000 + i)],
+                "2026-01-01T00:00:00Z",
+            )],
+        ));
+    }
+    let b0 = load(&demo_dir(), &state, &options());
+    let c0 = b0.compile().unwrap();
+    assert!(c0.stats().cedar_decisions > 0);
+
+    // Pods come and go: replicas, a pod moving here, a label set gone, a new label set
+    // that looks like the others to the policies, a Service's backends changing.
+    let mut next = state.clone();
+    next.identities.remove(5);
+    next.identities[3].pods.push(cluster_pod(
+        "acme",
+        "w0-1",
+        Some(NODE),
+        &[cluster_ip4(3100)],
+        "2026-01-02T00:00:00Z",
+    ));
+    next.identities[0].pods[1].node = Some(NODE.into());
+    next.identities.push(cluster_identity(
+        "acme",
+        "new",
+        Some("acme"),
+        Some("inference"),
+        Some("prod"),
+        &[],
+        vec![cluster_pod(
+            "acme",
+            "new-0",
+            Some(NODE),
+            &[cluster_ip4(3200)],
+            "2026-01-02T00:00:00Z",
+        )],
+    ));
+    next.services[0].ports[0].backends.push(Backend {
+        ip: cluster_ip4(3200),
+        port: 8080,
+    });
+    next.services[2].ports[0].backends.push(Backend {
+        ip: cluster_ip4(3002),
+        port: 8080,
+    });
+    let b1 = load(&demo_dir(), &next, &options());
+    assert_ne!(b1.snapshot(), b0.snapshot());
+    assert_eq!(b1.revision(), b0.revision());
+    let inc = b1.compile_incremental(&c0).unwrap();
+    assert_eq!(inc.stats().cedar_decisions, 0, "{:?}", inc.stats());
+    let full = b1.compile().unwrap();
+    assert!(assert_same_compiled(&b1, &full, &inc, &[], &[(80, Protocol::Tcp)]) > 0);
+    assert!(assert_table_equals_oracle(&b1, &inc) > 0);
+
+    // A label set with a purpose nobody had: Cedar is asked about it alone.
+    let mut novel = next.clone();
+    novel.identities.push(cluster_identity(
+        "acme",
+        "tuner",
+        Some("acme"),
+        Some("fine-tuning"),
+        Some("prod"),
+        &[],
+        vec![cluster_pod(
+            "acme",
+            "tuner-0",
+            Some(NODE),
+            &[cluster_ip4(3300)],
+            "2026-01-02T00:00:00Z",
+        )],
+    ));
+    let b2 = load(&demo_dir(), &novel, &options());
+    let inc = b2.compile_incremental(&full).unwrap();
+    let full2 = b2.compile().unwrap();
+    assert!(inc.stats().cedar_decisions > 0);
+    assert!(inc.stats().cedar_decisions < full2.stats().cedar_decisions);
+    assert!(assert_same_compiled(&b2, &full2, &inc, &[], &[(80, Protocol::Tcp)]) > 0);
+}
+
+#[test]
+fn a_schema_that_cannot_hold_a_cluster_workload_is_a_load_error() {
+    // A schema whose Workload needs an attribute the cluster does not give, and an
+    // inventory without workloads (so only the cluster's break it).
+    let schema = crate::testutil::SCHEMA.replace(
+        "risk: __cedar::decimal,",
+        "risk: __cedar::decimal,\n  team: String,",
+    );
+    let tmp = demo_with("schema.cedarschema", &schema);
+    std::fs::write(
+        tmp.path().join("inventory.yaml"),
+        "tenants: [acme]\nendpoints:\n  - {name: e, tenant: acme, kind: api, ips: [127.81.4.1]}\n",
+    )
+    .unwrap();
+    assert!(Bundle::load(tmp.path()).is_ok());
+    let err = Bundle::load_with_cluster(tmp.path(), &demo_state(), &options())
+        .err()
+        .expect("a cluster workload without `team` does not fit");
+    let text = err.to_string();
+    assert!(
+        text.contains("does not fit the schema")
+            && text.contains("from the Kubernetes cluster state"),
+        "{text}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// For generated bundles and cluster states (label sets, local and remote pods, IPv4 and
+    /// IPv6, Services with uniform, mixed, unknown and no backends), the compiled table
+    /// equals Cedar on every cell, and a risk change of a cluster subject recompiles to the
+    /// full compile.
+    #[test]
+    fn compiled_equals_oracle_with_a_cluster(seed in any::<u64>()) {
+        let tmp = tempfile::tempdir().unwrap();
+        random_bundle(tmp.path(), seed).unwrap();
+        let state = random_cluster(seed, NODE);
+        let mut b = Bundle::load_with_cluster(tmp.path(), &state, &options()).unwrap_or_else(|d| panic!("seed {seed}: {d}"));
+        let c = b.compile().unwrap();
+        assert_table_equals_oracle(&b, &c);
+        let subject = b.identities().iter().find(|i| i.is_cluster() && i.is_subject()).map(|i| i.name.clone());
+        if let Some(s) = subject {
+            let mut c = c;
+            b.set_risk(&s, "0.9").unwrap();
+            c.recompile_subject(&b, &s).unwrap();
+            let full = b.compile().unwrap();
+            prop_assert!(c.allows() == full.allows(), "seed {}", seed);
+            assert_table_equals_oracle(&b, &c);
+        }
+    }
+}

@@ -1,0 +1,937 @@
+//! Merging a [`ClusterState`] into a bundle: which cluster identities and Services become
+//! identities, with which numbers, names and addresses, and what is refused (see
+//! [`crate::Bundle::load_with_cluster`] for the rules as users see them).
+//!
+//! Everything in a `ClusterState` is written by tenants (labels, names, Services) or derived
+//! from what they write, so it is hostile input: every string is checked before it becomes
+//! an attribute, a name or a log line, each tenant's label sets and Services are capped by
+//! the quota before any costly step sees them, and the problems one tenant causes are
+//! listed at most [`PER_TENANT_PROBLEMS`] times (the rest counted), so that one tenant
+//! cannot drown the reports of the others.
+//!
+//! The result depends on the state's content only, never on its order: identities are taken
+//! in canonical label order, Services in (namespace, name) order, pods in (namespace, name)
+//! order.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use crate::cluster::{
+    label_digest, service_digest, Backend, ClusterIdentity, ClusterOptions, ClusterService,
+    ClusterState, ServicePort, CLUSTER_IDS,
+};
+use crate::identity::{validate_spiffe_id, IpNet};
+use crate::inventory::Inventory;
+
+/// Labels per identity: the source takes a handful of configured keys.
+pub(crate) const MAX_LABELS: usize = 64;
+/// Ports per Service.
+pub(crate) const MAX_SERVICE_PORTS: usize = 256;
+/// Problem lines about one tenant (or about no tenant); the rest are counted in one line.
+pub(crate) const PER_TENANT_PROBLEMS: usize = 20;
+/// Problem lines in all (after the per-tenant bound: at most this many tenants are listed).
+pub(crate) const PROBLEMS: usize = 2000;
+
+/// A cluster identity that made it in.
+pub(crate) struct Workload<'a> {
+    pub source: &'a ClusterIdentity,
+    pub id: u32,
+    pub name: String,
+    /// Its pods' addresses that nothing else claims, as host networks, sorted.
+    pub ips: Vec<IpNet>,
+    /// UIDs of its pods on this node, sorted.
+    pub pod_uids: Vec<String>,
+    pub spiffe_id: Option<String>,
+}
+
+/// A Service that made it in.
+pub(crate) struct Service {
+    pub id: u32,
+    pub name: String,
+    /// Its namespace's tenant, as the namespace's identities say.
+    pub tenant: Option<String>,
+    pub ips: Vec<IpNet>,
+    /// Valid ports, by (port, protocol), each with its backends sorted and deduplicated.
+    pub ports: Vec<ServicePort>,
+}
+
+pub(crate) struct Merged<'a> {
+    /// In canonical label order.
+    pub workloads: Vec<Workload<'a>>,
+    /// In (namespace, name) order.
+    pub services: Vec<Service>,
+    pub problems: Vec<String>,
+}
+
+/// Problem lines, bounded per tenant and in all.
+#[derive(Default)]
+struct Problems {
+    /// Lines that are always listed (at most a few per tenant): quotas, unknown tenants.
+    summaries: Vec<String>,
+    lines: Vec<(Option<String>, String)>,
+    per_tenant: HashMap<Option<String>, usize>,
+}
+
+impl Problems {
+    /// A line listed whatever else the tenant caused: the caller makes at most a few per
+    /// tenant.
+    fn summary(&mut self, line: String) {
+        self.summaries.push(line);
+    }
+
+    fn push(&mut self, tenant: Option<&str>, line: String) {
+        let tenant = tenant.map(str::to_string);
+        let n = self.per_tenant.entry(tenant.clone()).or_default();
+        *n += 1;
+        if *n <= PER_TENANT_PROBLEMS {
+            self.lines.push((tenant, line));
+        }
+    }
+
+    fn finish(self) -> Vec<String> {
+        let mut out = self.summaries;
+        out.extend(self.lines.into_iter().map(|(_, l)| l));
+        let mut over: Vec<(&Option<String>, &usize)> = self
+            .per_tenant
+            .iter()
+            .filter(|(_, &n)| n > PER_TENANT_PROBLEMS)
+            .collect();
+        over.sort();
+        for (tenant, n) in over {
+            out.push(format!(
+                "{} more cluster problems of {} not listed (only the first {PER_TENANT_PROBLEMS} are)",
+                n - PER_TENANT_PROBLEMS,
+                tenant_text(tenant.as_deref())
+            ));
+        }
+        if out.len() > PROBLEMS {
+            let more = out.len() - PROBLEMS;
+            out.truncate(PROBLEMS);
+            out.push(format!(
+                "{more} more cluster problems not listed (only the first {PROBLEMS} are)"
+            ));
+        }
+        out
+    }
+}
+
+fn tenant_text(t: Option<&str>) -> String {
+    match t {
+        Some(t) => format!("tenant {}", show(t)),
+        None => "no tenant".to_string(),
+    }
+}
+
+/// Hostile text made safe to print on one line: control characters escaped, at most 80
+/// characters, in backquotes.
+pub(crate) fn show(s: &str) -> String {
+    let mut out = String::from("`");
+    for (i, c) in s.chars().enumerate() {
+        if i == 80 {
+            out.push_str(&format!("...({} bytes)", s.len()));
+            break;
+        }
+        if c.is_control() || c == '`' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('`');
+    out
+}
+
+/// A label set as problem lines show it: `{k=v, ...}`, at most 8 pairs.
+pub(crate) fn show_labels(labels: &BTreeMap<String, String>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .take(8)
+        .map(|(k, v)| format!("{}={}", show(k), show(v)))
+        .collect();
+    if labels.len() > 8 {
+        parts.push(format!("... {} more", labels.len() - 8));
+    }
+    format!("{{{}}}", parts.join(", "))
+}
+
+fn describe(ci: &ClusterIdentity) -> String {
+    format!(
+        "label set {} (namespace {}, service account {})",
+        show_labels(&ci.labels),
+        show(&ci.namespace),
+        show(&ci.service_account)
+    )
+}
+
+fn describe_service(s: &ClusterService) -> String {
+    format!("Service {}/{}", show(&s.namespace), show(&s.name))
+}
+
+/// RFC 1123 label (a Namespace or Service name): 1-63 of `[a-z0-9-]`, alphanumeric ends.
+fn dns_label(s: &str) -> Result<(), String> {
+    dns_name(s, 63, false)
+}
+
+/// RFC 1123 subdomain (a ServiceAccount name): 1-253 of `[a-z0-9.-]`, alphanumeric ends.
+fn dns_subdomain(s: &str) -> Result<(), String> {
+    dns_name(s, 253, true)
+}
+
+fn dns_name(s: &str, max: usize, dots: bool) -> Result<(), String> {
+    if s.is_empty() || s.len() > max {
+        return Err(format!("must be 1 to {max} characters"));
+    }
+    let ok =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !s.chars().all(ok) || !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err(format!(
+            "must be lowercase letters, digits{} and `-`, starting and ending with a letter or digit",
+            if dots { ", `.`" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+/// A Kubernetes label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric ends (or empty).
+fn label_value(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if s.len() > 63 || !s.chars().all(ok) || !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err("is not a valid Kubernetes label value (at most 63 of letters, digits, `.`, `_`, `-`, starting and ending with a letter or digit)".into());
+    }
+    Ok(())
+}
+
+/// Printable ASCII without spaces, 1 (0 if `empty_ok`) to `max` bytes: what a label key or
+/// value, a pod UID or a timestamp must be to be safe as a map key and on a log line.
+fn printable(s: &str, max: usize, empty_ok: bool) -> Result<(), String> {
+    if (s.is_empty() && !empty_ok) || s.len() > max {
+        return Err(format!("must be {} to {max} bytes", usize::from(!empty_ok)));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+fn check_identity(ci: &ClusterIdentity) -> Result<(), String> {
+    dns_label(&ci.namespace).map_err(|e| format!("namespace {}", e))?;
+    dns_subdomain(&ci.service_account).map_err(|e| format!("service account {e}"))?;
+    for (what, v) in [("purpose", &ci.purpose), ("ring", &ci.ring)] {
+        if let Some(v) = v {
+            label_value(v).map_err(|e| format!("{what} {} {e}", show(v)))?;
+        }
+    }
+    if let Some(t) = &ci.tenant {
+        printable(t, 253, false).map_err(|e| format!("tenant {}: {e}", show(t)))?;
+    }
+    if ci.labels.is_empty() {
+        return Err("the label set is empty".into());
+    }
+    if ci.labels.len() > MAX_LABELS {
+        return Err(format!(
+            "{} labels, more than {MAX_LABELS}",
+            ci.labels.len()
+        ));
+    }
+    for (k, v) in &ci.labels {
+        printable(k, 317, false).map_err(|e| format!("label key {}: {e}", show(k)))?;
+        printable(v, 253, true).map_err(|e| format!("label {} value {}: {e}", show(k), show(v)))?;
+    }
+    Ok(())
+}
+
+/// The inventory's addresses, for "is this address the inventory's?" in a few hash lookups.
+struct InventoryNets<'a> {
+    /// (is IPv6, prefix, masked address) -> owner and network.
+    nets: HashMap<(bool, u8, u128), (&'a str, IpNet)>,
+    lens_v4: BTreeSet<u8>,
+    lens_v6: BTreeSet<u8>,
+}
+
+fn bits(ip: &IpAddr) -> (bool, u128, u8) {
+    match ip {
+        IpAddr::V4(a) => (false, u32::from(*a) as u128, 32),
+        IpAddr::V6(a) => (true, u128::from(*a), 128),
+    }
+}
+
+fn masked(a: u128, width: u8, prefix: u8) -> u128 {
+    a & mask_bits(width, prefix)
+}
+
+/// The top `prefix` bits of a `width`-bit address.
+fn mask_bits(width: u8, prefix: u8) -> u128 {
+    let all = if width == 128 {
+        !0u128
+    } else {
+        (1u128 << width) - 1
+    };
+    match prefix {
+        0 => 0,
+        p if p >= width => all,
+        p => all & !(all >> p),
+    }
+}
+
+impl<'a> InventoryNets<'a> {
+    fn new(inv: &'a Inventory) -> Self {
+        let mut n = InventoryNets {
+            nets: HashMap::new(),
+            lens_v4: BTreeSet::new(),
+            lens_v6: BTreeSet::new(),
+        };
+        let items = inv
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), &w.ips))
+            .chain(inv.endpoints.iter().map(|e| (e.name.as_str(), &e.ips)));
+        for (name, ips) in items {
+            for net in ips {
+                let (v6, a, width) = bits(&net.addr);
+                if v6 {
+                    n.lens_v6.insert(net.prefix);
+                } else {
+                    n.lens_v4.insert(net.prefix);
+                }
+                n.nets
+                    .entry((v6, net.prefix, masked(a, width, net.prefix)))
+                    .or_insert((name, *net));
+            }
+        }
+        n
+    }
+
+    /// The inventory item whose network holds `ip`, if any.
+    fn claim(&self, ip: &IpAddr) -> Option<(&'a str, IpNet)> {
+        let (v6, a, width) = bits(ip);
+        let lens = if v6 { &self.lens_v6 } else { &self.lens_v4 };
+        lens.iter()
+            .rev()
+            .find_map(|&p| self.nets.get(&(v6, p, masked(a, width, p))).copied())
+    }
+}
+
+/// Who claims a cluster address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Owner {
+    Workload(usize),
+    Service(usize),
+}
+
+/// What an identity number is for: its canonical key (the order collisions are resolved in).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Workload(&'a BTreeMap<String, String>),
+    Service(&'a str, &'a str),
+}
+
+pub(crate) fn host_net(ip: IpAddr) -> IpNet {
+    IpNet {
+        addr: ip,
+        prefix: if ip.is_ipv4() { 32 } else { 128 },
+    }
+}
+
+/// The merge. `tenants`: the inventory's tenant names (cluster identities must name one);
+/// `taken_names`: every inventory name (and `world`), which cluster names must not be.
+pub(crate) fn merge<'a>(
+    inv: &Inventory,
+    tenants: &BTreeSet<&str>,
+    taken_names: &HashSet<&str>,
+    state: &'a ClusterState,
+    options: &ClusterOptions,
+) -> Merged<'a> {
+    let mut problems = Problems::default();
+
+    // 1. Valid label sets of known tenants.
+    let mut valid: Vec<&ClusterIdentity> = Vec::with_capacity(state.identities.len());
+    let mut unknown_tenants: BTreeMap<&str, (usize, BTreeSet<&str>)> = BTreeMap::new();
+    for ci in &state.identities {
+        if let Err(e) = check_identity(ci) {
+            problems.push(
+                ci.tenant.as_deref(),
+                format!(
+                    "cluster {}: {e}; left out (its pods are unknown subjects)",
+                    describe(ci)
+                ),
+            );
+            continue;
+        }
+        if let Some(t) = ci.tenant.as_deref() {
+            if !tenants.contains(t) {
+                let u = unknown_tenants.entry(t).or_default();
+                u.0 += 1;
+                u.1.insert(&ci.namespace);
+                continue;
+            }
+        }
+        valid.push(ci);
+    }
+    if unknown_tenants.len() > PER_TENANT_PROBLEMS {
+        let sets: usize = unknown_tenants
+            .values()
+            .skip(PER_TENANT_PROBLEMS)
+            .map(|(n, _)| n)
+            .sum();
+        problems.summary(format!(
+            "{} more tenants not declared in {} ({sets} label sets left out) not listed",
+            unknown_tenants.len() - PER_TENANT_PROBLEMS,
+            crate::INVENTORY_FILE
+        ));
+    }
+    for (t, (n, namespaces)) in unknown_tenants.iter().take(PER_TENANT_PROBLEMS) {
+        let mut ns: Vec<String> = namespaces.iter().take(5).map(|n| show(n)).collect();
+        if namespaces.len() > 5 {
+            ns.push(format!("... {} more", namespaces.len() - 5));
+        }
+        problems.summary(
+            format!(
+                "tenant {} (namespaces {}) is not declared in {}: its {n} label sets are left out (their pods are unknown subjects); declare it under `tenants:`",
+                show(t),
+                ns.join(", "),
+                crate::INVENTORY_FILE
+            ),
+        );
+    }
+    // Canonical order: by label set, then by everything else (duplicates, below).
+    valid.sort_by(|a, b| {
+        (
+            &a.labels,
+            &a.namespace,
+            &a.service_account,
+            &a.tenant,
+            &a.purpose,
+            &a.ring,
+        )
+            .cmp(&(
+                &b.labels,
+                &b.namespace,
+                &b.service_account,
+                &b.tenant,
+                &b.purpose,
+                &b.ring,
+            ))
+    });
+
+    // 2. One entry per label set. The same set twice with the same attributes is one
+    // identity (its pods merged); with different attributes it is ambiguous: left out.
+    let mut sets: Vec<Vec<&ClusterIdentity>> = Vec::new();
+    for ci in valid {
+        match sets.last_mut() {
+            Some(last) if last[0].labels == ci.labels => last.push(ci),
+            _ => sets.push(vec![ci]),
+        }
+    }
+    let same_attrs = |a: &ClusterIdentity, b: &ClusterIdentity| {
+        (
+            &a.namespace,
+            &a.service_account,
+            &a.tenant,
+            &a.purpose,
+            &a.ring,
+        ) == (
+            &b.namespace,
+            &b.service_account,
+            &b.tenant,
+            &b.purpose,
+            &b.ring,
+        )
+    };
+    sets.retain(|set| {
+        let consistent = set.iter().all(|ci| same_attrs(ci, set[0]));
+        if !consistent {
+            problems.push(
+                set[0].tenant.as_deref(),
+                format!(
+                    "cluster {} appears {} times with different namespaces, service accounts, tenants, purposes or rings: left out (never guessed; its pods are unknown subjects)",
+                    describe(set[0]),
+                    set.len()
+                ),
+            );
+        }
+        consistent
+    });
+
+    // Namespace -> tenant, from every valid identity (before the quota): a Service's tenant.
+    let mut namespace_tenant: HashMap<&str, Option<&str>> = HashMap::new();
+    let mut mixed: HashSet<&str> = HashSet::new();
+    for set in &sets {
+        let ci = set[0];
+        match namespace_tenant.get(ci.namespace.as_str()) {
+            None => {
+                namespace_tenant.insert(&ci.namespace, ci.tenant.as_deref());
+            }
+            Some(t) if *t != ci.tenant.as_deref() => {
+                mixed.insert(&ci.namespace);
+            }
+            Some(_) => {}
+        }
+    }
+    for ns in &mixed {
+        namespace_tenant.insert(ns, None);
+    }
+
+    // 3. The quota, per tenant: the oldest label sets (by their oldest pod) stay.
+    let quota = options.max_identities_per_tenant;
+    let oldest = |set: &Vec<&ClusterIdentity>| -> Option<String> {
+        set.iter()
+            .flat_map(|ci| &ci.pods)
+            .map(|p| p.created.clone())
+            .min()
+    };
+    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, Vec<&ClusterIdentity>)>> =
+        BTreeMap::new();
+    for set in sets {
+        let t = set[0].tenant.as_deref();
+        by_tenant.entry(t).or_default().push((oldest(&set), set));
+    }
+    let mut kept: Vec<Vec<&ClusterIdentity>> = Vec::new();
+    for (tenant, mut sets) in by_tenant {
+        // Identities without pods go last; then older first; then by label set.
+        sets.sort_by(|(ca, a), (cb, b)| {
+            (ca.is_none(), ca, &a[0].labels).cmp(&(cb.is_none(), cb, &b[0].labels))
+        });
+        if sets.len() > quota {
+            let left: Vec<&Vec<&ClusterIdentity>> = sets[quota..].iter().map(|(_, s)| s).collect();
+            problems.summary(
+                format!(
+                    "{}: {} identity label sets, more than the quota of {quota} (max_identities_per_tenant): the {} newest are left out (their pods are unknown subjects), the first of them {}",
+                    tenant_text(tenant),
+                    sets.len(),
+                    left.len(),
+                    describe(left[0][0])
+                ),
+            );
+            sets.truncate(quota);
+        }
+        kept.extend(sets.into_iter().map(|(_, s)| s));
+    }
+    kept.sort_by(|a, b| a[0].labels.cmp(&b[0].labels));
+
+    // 4. Services: valid ones, their ports, the quota per tenant.
+    let mut services: Vec<(&ClusterService, Option<&str>, Vec<ServicePort>)> = Vec::new();
+    let mut sorted_services: Vec<&ClusterService> = state.services.iter().collect();
+    sorted_services.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.cluster_ips).cmp(&(&b.namespace, &b.name, &b.cluster_ips))
+    });
+    let mut seen_services: HashSet<(&str, &str)> = HashSet::new();
+    let mut services_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+    let mut services_left: BTreeMap<Option<&str>, Vec<&ClusterService>> = BTreeMap::new();
+    for s in sorted_services {
+        let tenant = namespace_tenant
+            .get(s.namespace.as_str())
+            .copied()
+            .flatten();
+        let checked = dns_label(&s.namespace)
+            .map_err(|e| format!("namespace {e}"))
+            .and_then(|()| dns_label(&s.name).map_err(|e| format!("name {e}")));
+        if let Err(e) = checked {
+            problems.push(
+                tenant,
+                format!("cluster {}: {e}; left out", describe_service(s)),
+            );
+            continue;
+        }
+        if s.cluster_ips.is_empty() {
+            continue; // Headless: clients reach the pod addresses.
+        }
+        if !seen_services.insert((&s.namespace, &s.name)) {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {} is listed twice: the second is left out",
+                    describe_service(s)
+                ),
+            );
+            continue;
+        }
+        let n = services_of.entry(tenant).or_default();
+        if *n >= quota {
+            services_left.entry(tenant).or_default().push(s);
+            continue;
+        }
+        *n += 1;
+        let ports = service_ports(s, tenant, &mut problems);
+        services.push((s, tenant, ports));
+    }
+    for (tenant, left) in &services_left {
+        problems.summary(
+            format!(
+                "{}: more than the quota of {quota} Services (max_identities_per_tenant): {} left out (their addresses are WORLD), the first {}",
+                tenant_text(*tenant),
+                left.len(),
+                describe_service(left[0])
+            ),
+        );
+    }
+
+    // 5. Addresses: the inventory's win; an address two cluster owners claim is nobody's.
+    let inv_nets = InventoryNets::new(inv);
+    let mut claims: HashMap<IpAddr, BTreeSet<Owner>> = HashMap::new();
+    let mut pod_uids: Vec<BTreeSet<String>> = vec![BTreeSet::new(); kept.len()];
+    for (wi, set) in kept.iter().enumerate() {
+        let tenant = set[0].tenant.as_deref();
+        for ci in set {
+            for pod in &ci.pods {
+                let pod_name = || format!("pod {}/{}", show(&pod.namespace), show(&pod.name));
+                if pod.namespace != ci.namespace {
+                    problems.push(
+                        tenant,
+                        format!(
+                            "{} is listed under a label set of namespace {}: ignored",
+                            pod_name(),
+                            show(&ci.namespace)
+                        ),
+                    );
+                    continue;
+                }
+                if let Err(e) = printable(&pod.uid, 128, false) {
+                    problems.push(tenant, format!("{}: uid {e}: ignored", pod_name()));
+                    continue;
+                }
+                let local = !options.node_name.is_empty()
+                    && pod.node.as_deref() == Some(options.node_name.as_str());
+                if local {
+                    pod_uids[wi].insert(pod.uid.clone());
+                }
+                if pod.host_network {
+                    continue; // The node's addresses identify nothing.
+                }
+                for ip in &pod.ips {
+                    if let Some((owner, net)) = inv_nets.claim(ip) {
+                        problems.push(
+                            tenant,
+                            format!(
+                                "{} address {ip} is in {net} of inventory `{owner}`: the inventory wins, the address stays `{owner}`'s",
+                                pod_name()
+                            ),
+                        );
+                        continue;
+                    }
+                    claims.entry(*ip).or_default().insert(Owner::Workload(wi));
+                }
+            }
+        }
+    }
+    for (si, (s, tenant, _)) in services.iter().enumerate() {
+        for ip in &s.cluster_ips {
+            if let Some((owner, net)) = inv_nets.claim(ip) {
+                problems.push(
+                    *tenant,
+                    format!(
+                        "{} ClusterIP {ip} is in {net} of inventory `{owner}`: the inventory wins, the address stays `{owner}`'s",
+                        describe_service(s)
+                    ),
+                );
+                continue;
+            }
+            claims.entry(*ip).or_default().insert(Owner::Service(si));
+        }
+    }
+    let mut workload_ips: Vec<Vec<IpNet>> = vec![Vec::new(); kept.len()];
+    let mut service_ips: Vec<Vec<IpNet>> = vec![Vec::new(); services.len()];
+    let mut conflicts: Vec<(IpAddr, &BTreeSet<Owner>)> = Vec::new();
+    for (ip, owners) in &claims {
+        if owners.len() > 1 {
+            conflicts.push((*ip, owners));
+            continue;
+        }
+        for o in owners {
+            match *o {
+                Owner::Workload(w) => workload_ips[w].push(host_net(*ip)),
+                Owner::Service(s) => service_ips[s].push(host_net(*ip)),
+            }
+        }
+    }
+    conflicts.sort();
+    let owner_text = |o: &Owner| match *o {
+        Owner::Workload(w) => format!("cluster {}", describe(kept[w][0])),
+        Owner::Service(s) => format!("cluster {}", describe_service(services[s].0)),
+    };
+    let owner_tenant = |o: &Owner| match *o {
+        Owner::Workload(w) => kept[w][0].tenant.as_deref(),
+        Owner::Service(s) => services[s].1,
+    };
+    for (ip, owners) in conflicts {
+        let names: Vec<String> = owners.iter().map(owner_text).collect();
+        let first = owners.iter().next().and_then(owner_tenant);
+        problems.push(
+            first,
+            format!(
+                "address {ip} is claimed by {}: nobody gets it (it is WORLD) until one claim is gone",
+                names.join(" and ")
+            ),
+        );
+    }
+    for ips in workload_ips.iter_mut().chain(service_ips.iter_mut()) {
+        ips.sort();
+    }
+
+    // 6. Numbers: the preferred hash unless another key of the pool prefers it too; then
+    // the first key in canonical order keeps it and the others probe upwards for a number
+    // no key of the pool prefers.
+    let mut keys: Vec<(Key, [u8; 32])> = kept
+        .iter()
+        .map(|set| (Key::Workload(&set[0].labels), label_digest(&set[0].labels)))
+        .collect();
+    keys.extend(services.iter().map(|(s, _, _)| {
+        (
+            Key::Service(&s.namespace, &s.name),
+            service_digest(&s.namespace, &s.name),
+        )
+    }));
+    let preferred: Vec<u32> = keys
+        .iter()
+        .map(|(k, _)| match k {
+            Key::Workload(labels) => crate::cluster::identity_number(labels),
+            Key::Service(ns, name) => crate::cluster::service_number(ns, name),
+        })
+        .collect();
+    let preferred_set: HashSet<u32> = preferred.iter().copied().collect();
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| keys[a].0.cmp(&keys[b].0));
+    let mut ids: Vec<u32> = vec![0; keys.len()];
+    let mut taken: HashMap<u32, usize> = HashMap::new();
+    let mut losers = Vec::new();
+    for &i in &order {
+        match taken.get(&preferred[i]) {
+            None => {
+                taken.insert(preferred[i], i);
+                ids[i] = preferred[i];
+            }
+            Some(&winner) => losers.push((i, winner)),
+        }
+    }
+    let key_text = |i: usize| match keys[i].0 {
+        Key::Workload(_) => format!("cluster {}", describe(kept[i][0])),
+        Key::Service(..) => format!("cluster {}", describe_service(services[i - kept.len()].0)),
+    };
+    let key_tenant = |i: usize| {
+        if i < kept.len() {
+            kept[i][0].tenant.as_deref()
+        } else {
+            services[i - kept.len()].1
+        }
+    };
+    let mut assigned: HashSet<u32> = taken.keys().copied().collect();
+    for (i, winner) in losers {
+        let mut id = preferred[i];
+        loop {
+            id = if id + 1 >= CLUSTER_IDS.end {
+                CLUSTER_IDS.start
+            } else {
+                id + 1
+            };
+            if !preferred_set.contains(&id) && !assigned.contains(&id) {
+                break;
+            }
+        }
+        assigned.insert(id);
+        ids[i] = id;
+        problems.push(
+            key_tenant(i),
+            format!(
+                "identity number collision: {} and {} both hash to {}; the first keeps it, the second takes {id} (every node that sees both resolves it so); they stay distinct identities",
+                key_text(winner),
+                key_text(i),
+                preferred[i]
+            ),
+        );
+    }
+
+    // 7. Names: `<namespace>/<service account>#<hash>` and `service/<namespace>/<name>`.
+    // A label set's name always carries the suffix from its hash: a name that changed
+    // whenever another label set of the same service account came or went would let a
+    // tenant make a policy that names one stop applying. A Service name is unique by itself
+    // and gets the suffix only where the inventory has the name. Where two suffixes are
+    // alike (a crafted pair of label sets of one service account), both get more digits.
+    let bases: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| match k {
+            Key::Workload(_) => format!("{}/{}", kept[i][0].namespace, kept[i][0].service_account),
+            Key::Service(ns, name) => format!("service/{ns}/{name}"),
+        })
+        .collect();
+    let mut base_count: HashMap<&str, usize> = HashMap::new();
+    for b in &bases {
+        *base_count.entry(b).or_default() += 1;
+    }
+    let mut names: Vec<Option<String>> = bases
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let plain = matches!(keys[i].0, Key::Service(..))
+                && base_count[b.as_str()] == 1
+                && !taken_names.contains(b.as_str());
+            plain.then(|| b.clone())
+        })
+        .collect();
+    for bytes in [4usize, 8, 16, 32] {
+        let pending: Vec<usize> = (0..keys.len()).filter(|&i| names[i].is_none()).collect();
+        if pending.is_empty() {
+            break;
+        }
+        let candidate = |i: usize| {
+            let hex: String = keys[i].1[..bytes]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{}#{hex}", bases[i])
+        };
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for &i in &pending {
+            *count.entry(candidate(i)).or_default() += 1;
+        }
+        for i in pending {
+            let c = candidate(i);
+            if count[&c] == 1 && !taken_names.contains(c.as_str()) {
+                names[i] = Some(c);
+            }
+        }
+    }
+
+    let trust_domain = if state.trust_domain.contains('/') {
+        Err("it contains `/`".to_string())
+    } else {
+        validate_spiffe_id(&format!("spiffe://{}", state.trust_domain))
+    };
+    let spiffe_base = match trust_domain {
+        Ok(()) => Some(state.trust_domain.as_str()),
+        Err(e) => {
+            if !kept.is_empty() {
+                problems.push(
+                    None,
+                    format!(
+                        "the trust domain {} is not valid ({e}): cluster identities have no SPIFFE ID",
+                        show(&state.trust_domain)
+                    ),
+                );
+            }
+            None
+        }
+    };
+
+    let mut workloads = Vec::with_capacity(kept.len());
+    for (i, set) in kept.iter().enumerate() {
+        let ci = set[0];
+        let Some(name) = names[i].take() else {
+            problems.push(
+                ci.tenant.as_deref(),
+                format!(
+                    "cluster {}: no name that the inventory does not use: left out",
+                    describe(ci)
+                ),
+            );
+            continue;
+        };
+        let spiffe_id = spiffe_base.map(|td| {
+            format!(
+                "spiffe://{td}/ns/{}/sa/{}",
+                ci.namespace, ci.service_account
+            )
+        });
+        workloads.push(Workload {
+            source: ci,
+            id: ids[i],
+            name,
+            ips: std::mem::take(&mut workload_ips[i]),
+            pod_uids: std::mem::take(&mut pod_uids[i]).into_iter().collect(),
+            spiffe_id: spiffe_id.filter(|s| validate_spiffe_id(s).is_ok()),
+        });
+    }
+    let mut out_services = Vec::with_capacity(services.len());
+    for (si, (s, tenant, ports)) in services.into_iter().enumerate() {
+        let i = kept.len() + si;
+        let Some(name) = names[i].take() else {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {}: no name that the inventory does not use: left out",
+                    describe_service(s)
+                ),
+            );
+            continue;
+        };
+        out_services.push(Service {
+            id: ids[i],
+            name,
+            tenant: tenant.map(str::to_string),
+            ips: std::mem::take(&mut service_ips[si]),
+            ports,
+        });
+    }
+    Merged {
+        workloads,
+        services: out_services,
+        problems: problems.finish(),
+    }
+}
+
+/// A Service's valid ports, by (port, protocol), backends sorted and deduplicated.
+fn service_ports(
+    s: &ClusterService,
+    tenant: Option<&str>,
+    problems: &mut Problems,
+) -> Vec<ServicePort> {
+    let mut ports: Vec<ServicePort> = Vec::new();
+    let mut seen = HashSet::new();
+    for p in &s.ports {
+        if ports.len() == MAX_SERVICE_PORTS {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {}: more than {MAX_SERVICE_PORTS} ports; the rest are denied",
+                    describe_service(s)
+                ),
+            );
+            break;
+        }
+        if p.port == 0 {
+            problems.push(
+                tenant,
+                format!("cluster {}: port 0 ignored", describe_service(s)),
+            );
+            continue;
+        }
+        if !seen.insert((p.port, p.protocol)) {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {}: port {}/{} listed twice: the second is ignored",
+                    describe_service(s),
+                    p.port,
+                    p.protocol
+                ),
+            );
+            continue;
+        }
+        let mut backends: Vec<Backend> =
+            p.backends.iter().copied().filter(|b| b.port != 0).collect();
+        if backends.len() != p.backends.len() {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {}: port {}/{}: backends with target port 0 ignored",
+                    describe_service(s),
+                    p.port,
+                    p.protocol
+                ),
+            );
+        }
+        backends.sort();
+        backends.dedup();
+        ports.push(ServicePort {
+            port: p.port,
+            protocol: p.protocol,
+            backends,
+        });
+    }
+    ports.sort_by_key(|p| (p.port, p.protocol));
+    ports
+}

@@ -1,0 +1,756 @@
+//! Kubernetes as a source of workloads: Pods, Namespaces, Services and their backends, kept
+//! by kube-rs watchers in reflector stores and turned into a [`ClusterState`] by a pure
+//! function ([`cluster_state`]).
+//!
+//! - Every pod of the cluster is watched (the IP cache needs every pod's addresses); the
+//!   pods of this node are those whose `spec.nodeName` is [`KubeOptions::node_name`] (the
+//!   policy crate selects them).
+//! - Backends come from EndpointSlices (discovery.k8s.io/v1) where the server serves them,
+//!   else from core/v1 Endpoints (Kubernetes 1.20 and older): the source asks the server's
+//!   API discovery once, at start.
+//! - The watchers recover by themselves: a broken watch resumes from its last
+//!   resourceVersion, an expired one (410 Gone) relists, and a reflector store swaps in a
+//!   relisted set only once it is complete, so a failing list never empties the state.
+//! - Every change is published on [`KubeSource::state`], debounced by [`DEBOUNCE`], and
+//!   written atomically to `state_dir/`[`STATE_FILE`]. At start that file is loaded, so an
+//!   agent restarted while the API server is unreachable enforces the last known state;
+//!   [`KubeSource::status`] says whether the state is live or persisted and how stale.
+//! - With no state at all (never listed, nothing persisted), [`KubeSource::state`] stays
+//!   `None`: the agent treats pods as unknown subjects (fail closed).
+//!
+//! Errors (unreachable server, 500s, garbage answers) are logged once per change, not per
+//! retry; the watchers retry with a capped exponential backoff forever.
+
+mod model;
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use enforcer_policy::cluster::ClusterState;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, store::Writer, Store};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+pub use model::{
+    cluster_state, dns_subdomain_error, identity_label_problem, label_key_error, label_value_error,
+    Backends, Rules, Snapshot, NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
+};
+
+/// The file in [`KubeOptions::state_dir`] holding the last state (JSON, [`PersistedState`]).
+pub const STATE_FILE: &str = "kubernetes-state.json";
+/// How long the source waits after a change for more before it publishes: a burst of pod
+/// events (a Deployment scaled up) becomes one state.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// The server ends each watch after this many seconds and the watcher starts another from
+/// the same resourceVersion: a server that vanished without closing the connection is
+/// noticed within this bound.
+const WATCH_TIMEOUT_SECS: u32 = 60;
+/// Retry delays of a failing list or watch: doubling from the first to the last, jittered.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// The API group/version of EndpointSlices (GA in Kubernetes 1.21).
+const ENDPOINT_SLICES_API: &str = "discovery.k8s.io/v1";
+
+/// How to run the source.
+#[derive(Clone, Debug, Default)]
+pub struct KubeOptions {
+    /// A kubeconfig file; `None` infers the configuration (in-cluster service account, else
+    /// `$KUBECONFIG` or `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (`spec.nodeName` of the local pods).
+    pub node_name: String,
+    /// Pod label keys that split identities besides `purpose` and `ring` (valid label keys;
+    /// not `namespace`, `service_account` or tenant metadata).
+    pub identity_labels: Vec<String>,
+    /// The SPIFFE trust domain (`cluster.local`).
+    pub trust_domain: String,
+    /// Where the last state is persisted ([`STATE_FILE`]); created when missing.
+    pub state_dir: PathBuf,
+}
+
+/// What `enforcer status` shows about the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeStatus {
+    /// Every watch is established and has listed its resource: the state is current.
+    pub connected: bool,
+    /// RFC 3339: the last successful list or watch event (before the first one since
+    /// start, the one recorded in the persisted state). `None` when there was none.
+    pub last_sync: Option<String>,
+    /// How old the state in force may be: 0 while connected (a watch delivers every change
+    /// as it happens), otherwise seconds since `last_sync`. `None` without a state.
+    pub staleness_seconds: Option<u64>,
+    /// What is failing now (one line per failing part), `None` when nothing is.
+    pub last_error: Option<String>,
+    /// The state in force was loaded from `state_dir` (no live state since start).
+    pub persisted: bool,
+    /// There is a state at all (live or persisted); without one pods are unknown subjects.
+    pub has_state: bool,
+    /// Where backends come from: `discovery.k8s.io/v1` (EndpointSlices) or `v1`
+    /// (Endpoints); `None` until API discovery has answered.
+    pub endpoints_api: Option<String>,
+    /// Counts in the state in force.
+    pub identities: usize,
+    pub pods: usize,
+    /// Pods whose `spec.nodeName` is this node.
+    pub local_pods: usize,
+    pub services: usize,
+    pub problems: usize,
+}
+
+/// The file format of [`STATE_FILE`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// Format version (1).
+    pub version: u32,
+    /// RFC 3339: the last successful list or watch event when the state last changed (the
+    /// file is rewritten on changes only, so a restarted source may overstate staleness,
+    /// never understate it).
+    pub last_sync: String,
+    /// The identity label keys the state was built with.
+    pub identity_labels: Vec<String>,
+    pub state: ClusterState,
+}
+
+const PERSISTED_VERSION: u32 = 1;
+
+/// A running source. Dropping it stops every watch.
+pub struct KubeSource {
+    state: watch::Receiver<Option<Arc<ClusterState>>>,
+    shared: Arc<Shared>,
+    node_name: String,
+    task: tokio::task::AbortHandle,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KubeSource {
+    /// The state in force: `None` until the first complete list (or a persisted state was
+    /// loaded), then every change, debounced by [`DEBOUNCE`].
+    pub fn state(&self) -> watch::Receiver<Option<Arc<ClusterState>>> {
+        self.state.clone()
+    }
+
+    /// Connection, freshness and origin of the state in force.
+    pub fn status(&self) -> KubeStatus {
+        let inner = self.shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state.borrow().clone();
+        let connected = inner.connected();
+        let last_sync = inner.last_sync.or(inner.persisted_sync);
+        let staleness_seconds = state.as_ref().map(|_| {
+            if connected && !inner.persisted {
+                0
+            } else {
+                last_sync
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .map_or(0, |d| d.as_secs())
+            }
+        });
+        let errors: Vec<String> = inner
+            .parts
+            .iter()
+            .filter_map(|(name, h)| h.error.as_ref().map(|e| format!("{name}: {e}")))
+            .chain(inner.persist_error.iter().map(|e| format!("persist: {e}")))
+            .collect();
+        let (identities, pods, local_pods, services, problems) = match &state {
+            Some(s) => {
+                let pods = s.identities.iter().flat_map(|i| &i.pods);
+                (
+                    s.identities.len(),
+                    pods.clone().count(),
+                    pods.filter(|p| p.node.as_deref() == Some(self.node_name.as_str()))
+                        .count(),
+                    s.services.len(),
+                    s.problems.len(),
+                )
+            }
+            None => (0, 0, 0, 0, 0),
+        };
+        KubeStatus {
+            connected,
+            last_sync: last_sync.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            staleness_seconds,
+            last_error: (!errors.is_empty()).then(|| errors.join("; ")),
+            persisted: inner.persisted,
+            has_state: state.is_some(),
+            endpoints_api: inner.endpoints_api.map(str::to_string),
+            identities,
+            pods,
+            local_pods,
+            services,
+            problems,
+        }
+    }
+}
+
+/// Starts the source: loads the persisted state (if any), then watches the API server in
+/// the background of the current tokio runtime. Fails only on bad configuration (an
+/// invalid identity label key, an unreadable kubeconfig, a `state_dir` that cannot be
+/// created); an unreachable API server is retried forever and shown in
+/// [`KubeSource::status`].
+pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
+    for key in &options.identity_labels {
+        if let Some(problem) = identity_label_problem(key) {
+            bail!("{problem}");
+        }
+    }
+    std::fs::create_dir_all(&options.state_dir)
+        .with_context(|| format!("creating state directory {}", options.state_dir.display()))?;
+    let state_file = options.state_dir.join(STATE_FILE);
+    let persisted = load_persisted(&state_file, &options);
+
+    let config = match &options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: not in a pod (no service account), no $KUBECONFIG \
+             and no ~/.kube/config; pass --kubeconfig",
+        )?,
+    };
+    let client = Client::try_from(config).context("building the Kubernetes client")?;
+
+    let shared = Arc::new(Shared::default());
+    let initial = match persisted {
+        Some(p) => {
+            let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.persisted = true;
+            inner.persisted_sync = humantime::parse_rfc3339(&p.last_sync).ok();
+            info!(
+                file = %state_file.display(),
+                last_sync = %p.last_sync,
+                identities = p.state.identities.len(),
+                "kubernetes: enforcing the persisted state until the API server answers"
+            );
+            Some(Arc::new(p.state))
+        }
+        None => None,
+    };
+    let (tx, rx) = watch::channel(initial);
+    let rules = Rules {
+        identity_labels: options.identity_labels.clone(),
+        trust_domain: options.trust_domain.clone(),
+    };
+    let task = tokio::spawn(run(client, rules, state_file, shared.clone(), tx));
+    Ok(KubeSource {
+        state: rx,
+        shared,
+        node_name: options.node_name,
+        task: task.abort_handle(),
+    })
+}
+
+fn load_persisted(path: &Path, options: &KubeOptions) -> Option<PersistedState> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "kubernetes: cannot read the persisted state");
+            return None;
+        }
+    };
+    let persisted: PersistedState = match serde_json::from_str(&text) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "kubernetes: the persisted state is not valid: ignored");
+            return None;
+        }
+    };
+    if persisted.version != PERSISTED_VERSION {
+        warn!(file = %path.display(), version = persisted.version, "kubernetes: unknown persisted state version: ignored");
+        return None;
+    }
+    if persisted.identity_labels != options.identity_labels
+        || persisted.state.trust_domain != options.trust_domain
+    {
+        // Still better than nothing until the API server answers: the live state replaces it.
+        warn!(
+            file = %path.display(),
+            "kubernetes: the persisted state was built with other identity labels or another \
+             trust domain; enforcing it until the API server answers"
+        );
+    }
+    Some(persisted)
+}
+
+/// Health of one part of the source (a watcher, or API discovery).
+#[derive(Debug, Default)]
+struct Health {
+    /// The resource has been listed completely at least once.
+    listed: bool,
+    /// The last outcome was a success.
+    ok: bool,
+    /// The current error, logged once when it appeared.
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// "discovery", "pods", "namespaces", "services", "endpointslices" / "endpoints".
+    parts: Vec<(&'static str, Health)>,
+    endpoints_api: Option<&'static str>,
+    /// The last successful list or watch event since start.
+    last_sync: Option<SystemTime>,
+    /// The state in force came from the state file.
+    persisted: bool,
+    /// `last_sync` recorded in the state file.
+    persisted_sync: Option<SystemTime>,
+    persist_error: Option<String>,
+}
+
+impl Inner {
+    fn part(&mut self, name: &'static str) -> &mut Health {
+        if let Some(i) = self.parts.iter().position(|(n, _)| *n == name) {
+            return &mut self.parts[i].1;
+        }
+        self.parts.push((name, Health::default()));
+        &mut self.parts.last_mut().expect("just pushed").1
+    }
+
+    /// Discovery answered and every watcher listed and is healthy.
+    fn connected(&self) -> bool {
+        self.parts.len() == 5 && self.parts.iter().all(|(_, h)| h.ok && h.listed)
+    }
+
+    fn all_listed(&self) -> bool {
+        self.parts.len() == 5 && self.parts.iter().all(|(_, h)| h.listed)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    inner: Mutex<Inner>,
+    /// A store changed: the publisher recomputes the state.
+    changed: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn succeeded(&self, part: &'static str, listed: bool, event: bool) {
+        let mut inner = self.lock();
+        if event {
+            inner.last_sync = Some(SystemTime::now());
+        }
+        let health = inner.part(part);
+        health.ok = true;
+        health.listed |= listed;
+        if let Some(e) = health.error.take() {
+            info!(part, previous_error = %e, "kubernetes: recovered");
+        }
+    }
+
+    fn failed(&self, part: &'static str, error: String) {
+        let mut inner = self.lock();
+        let health = inner.part(part);
+        health.ok = false;
+        if health.error.as_deref() != Some(error.as_str()) {
+            warn!(part, %error, "kubernetes: failing (retrying; the last state stays in force)");
+            health.error = Some(error);
+        }
+    }
+}
+
+/// The source's main task: API discovery, the watchers, then the publisher. Its watchers
+/// live in a `JoinSet` it owns, so aborting it stops them all.
+async fn run(
+    client: Client,
+    rules: Rules,
+    state_file: PathBuf,
+    shared: Arc<Shared>,
+    tx: watch::Sender<Option<Arc<ClusterState>>>,
+) {
+    {
+        let mut inner = shared.lock();
+        for part in ["discovery", "pods", "namespaces", "services"] {
+            inner.part(part);
+        }
+    }
+    let mut watchers = JoinSet::new();
+    let pods = start_watcher(
+        &mut watchers,
+        Api::<Pod>::all(client.clone()),
+        "pods",
+        slim_pod,
+        &shared,
+    );
+    let namespaces = start_watcher(
+        &mut watchers,
+        Api::<Namespace>::all(client.clone()),
+        "namespaces",
+        slim,
+        &shared,
+    );
+    let services = start_watcher(
+        &mut watchers,
+        Api::<Service>::all(client.clone()),
+        "services",
+        slim,
+        &shared,
+    );
+
+    let slices = discover_endpoint_slices(&client, &shared).await;
+    let backends = if slices {
+        shared.lock().endpoints_api = Some(ENDPOINT_SLICES_API);
+        BackendStore::EndpointSlices(start_watcher(
+            &mut watchers,
+            Api::<EndpointSlice>::all(client.clone()),
+            "endpointslices",
+            slim,
+            &shared,
+        ))
+    } else {
+        shared.lock().endpoints_api = Some("v1");
+        BackendStore::Endpoints(start_watcher(
+            &mut watchers,
+            Api::<Endpoints>::all(client.clone()),
+            "endpoints",
+            slim,
+            &shared,
+        ))
+    };
+    let stores = Stores {
+        pods,
+        namespaces,
+        services,
+        backends,
+    };
+    publish(stores, rules, state_file, shared, tx).await;
+    // `publish` returns only when the channel has no receiver left (the source is gone).
+    watchers.shutdown().await;
+}
+
+/// Asks the server (once; retried until it answers) whether it serves EndpointSlices.
+async fn discover_endpoint_slices(client: &Client, shared: &Shared) -> bool {
+    let mut backoff = RetryBackoff::default();
+    loop {
+        let answer = match client.list_api_group_resources(ENDPOINT_SLICES_API).await {
+            Ok(list) => Ok(list.resources.iter().any(|r| r.name == "endpointslices")),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(served) => {
+                shared.succeeded("discovery", true, false);
+                info!(
+                    endpoint_slices = served,
+                    "kubernetes: API discovery: Service backends from {}",
+                    if served {
+                        "EndpointSlices (discovery.k8s.io/v1)"
+                    } else {
+                        "Endpoints (v1): the server does not serve discovery.k8s.io/v1"
+                    }
+                );
+                return served;
+            }
+            Err(e) => {
+                shared.failed(
+                    "discovery",
+                    format!("API discovery of {ENDPOINT_SLICES_API}: {e}"),
+                );
+                let delay = backoff.next().unwrap_or(RETRY_MAX);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Starts a reflector on `api` in `set` and returns its store. `trim` drops what the
+/// source never reads (managed fields, most of a pod), so 20,000 pods stay small.
+fn start_watcher<K>(
+    set: &mut JoinSet<()>,
+    api: Api<K>,
+    part: &'static str,
+    trim: fn(&mut K),
+    shared: &Arc<Shared>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    shared.lock().part(part);
+    let (reader, writer) = reflector::store::<K>();
+    set.spawn(watch_resource(api, writer, part, trim, shared.clone()));
+    reader
+}
+
+async fn watch_resource<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    part: &'static str,
+    trim: fn(&mut K),
+    shared: Arc<Shared>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
+    let events = watcher(api, config).map_ok(move |event| event.modify(trim));
+    let mut stream = pin!(reflector::reflector(writer, events).backoff(RetryBackoff::default()));
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                let listed = matches!(event, watcher::Event::InitDone);
+                shared.succeeded(part, listed, true);
+                // A reflector store changes on Apply, Delete and InitDone (a relist is
+                // swapped in whole); Init and InitApply only fill its buffer.
+                if matches!(
+                    event,
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
+                ) {
+                    shared.changed.notify_one();
+                }
+            }
+            Err(e) => shared.failed(part, e.to_string()),
+        }
+    }
+}
+
+fn slim<K: ResourceExt>(object: &mut K) {
+    object.managed_fields_mut().clear();
+}
+
+/// Keeps what [`cluster_state`] reads of a pod: metadata (without annotations and managed
+/// fields), node, host network, service account, phase and IPs.
+fn slim_pod(pod: &mut Pod) {
+    pod.managed_fields_mut().clear();
+    pod.annotations_mut().clear();
+    pod.metadata.owner_references = None;
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        service_account_name: s.service_account_name,
+        service_account: s.service_account,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+enum BackendStore {
+    EndpointSlices(Store<EndpointSlice>),
+    Endpoints(Store<Endpoints>),
+}
+
+struct Stores {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    services: Store<Service>,
+    backends: BackendStore,
+}
+
+impl Stores {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            pods: self.pods.state(),
+            namespaces: self.namespaces.state(),
+            services: self.services.state(),
+            backends: match &self.backends {
+                BackendStore::EndpointSlices(s) => Backends::EndpointSlices(s.state()),
+                BackendStore::Endpoints(s) => Backends::Endpoints(s.state()),
+            },
+        }
+    }
+}
+
+/// Recomputes the state after every (debounced) store change once every resource has been
+/// listed, publishes it when it differs and persists it.
+async fn publish(
+    stores: Stores,
+    rules: Rules,
+    state_file: PathBuf,
+    shared: Arc<Shared>,
+    tx: watch::Sender<Option<Arc<ClusterState>>>,
+) {
+    let stores = Arc::new(stores);
+    let rules = Arc::new(rules);
+    loop {
+        tokio::select! {
+            () = shared.changed.notified() => {}
+            () = tx.closed() => return,
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        if !shared.lock().all_listed() {
+            continue;
+        }
+        let last_sync = shared.lock().last_sync.unwrap_or_else(SystemTime::now);
+        let (stores2, rules2) = (stores.clone(), rules.clone());
+        // 20,000 pods take a few milliseconds: off the runtime's worker threads.
+        let state =
+            match tokio::task::spawn_blocking(move || cluster_state(&stores2.snapshot(), &rules2))
+                .await
+            {
+                Ok(state) => state,
+                Err(e) => {
+                    warn!(error = %e, "kubernetes: computing the cluster state failed");
+                    continue;
+                }
+            };
+        let previous = tx.borrow().clone();
+        let was_persisted = shared.lock().persisted;
+        if previous.as_deref() == Some(&state) {
+            if was_persisted {
+                shared.lock().persisted = false;
+                info!("kubernetes: the API server confirms the persisted state");
+            }
+            continue;
+        }
+        report_problems(previous.as_deref(), &state);
+        let persisted = PersistedState {
+            version: PERSISTED_VERSION,
+            last_sync: humantime::format_rfc3339_millis(last_sync).to_string(),
+            identity_labels: rules.identity_labels.clone(),
+            state: state.clone(),
+        };
+        let path = state_file.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomically(&path, &persisted))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        {
+            let mut inner = shared.lock();
+            inner.persisted = false;
+            match written {
+                Ok(()) => inner.persist_error = None,
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    if inner.persist_error.as_deref() != Some(text.as_str()) {
+                        warn!(error = %text, "kubernetes: cannot persist the cluster state");
+                        inner.persist_error = Some(text);
+                    }
+                }
+            }
+        }
+        info!(
+            identities = state.identities.len(),
+            services = state.services.len(),
+            problems = state.problems.len(),
+            "kubernetes: cluster state updated"
+        );
+        tx.send_replace(Some(Arc::new(state)));
+    }
+}
+
+/// Logs each problem line once, when it first appears.
+fn report_problems(previous: Option<&ClusterState>, state: &ClusterState) {
+    for problem in &state.problems {
+        if previous.is_none_or(|p| !p.problems.contains(problem)) {
+            warn!(problem = %problem, "kubernetes: object refused or reported");
+        }
+    }
+}
+
+/// Writes `value` as JSON to a temporary file beside `path`, syncs it and renames it over
+/// `path`: a crash leaves the old file or the new one, never half of one.
+fn write_atomically(path: &Path, value: &PersistedState) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().context("state file has no directory")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        let mut file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        serde_json::to_writer(&mut file, value).context("serialising the cluster state")?;
+        file.write_all(b"\n")?;
+        file.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        // The rename itself is durable once the directory is synced.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Capped exponential backoff with jitter (so that many nodes do not retry in step); reset
+/// by the stream after every success.
+#[derive(Debug)]
+struct RetryBackoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+            | 1;
+        Self {
+            next: RETRY_FIRST,
+            seed,
+        }
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // xorshift64: jitter needs no quality, only spread.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        self.next = (self.next * 2).min(RETRY_MAX);
+        // 75% to 125% of the base delay.
+        let factor = 0.75 + (self.seed % 1000) as f64 / 2000.0;
+        Some(base.mul_f64(factor))
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests;

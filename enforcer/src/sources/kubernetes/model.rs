@@ -1,0 +1,625 @@
+//! From the reflector stores' objects to a [`ClusterState`]: a pure function, so that what
+//! the agent enforces depends only on what the API server said, never on the order or the
+//! timing in which it said it.
+//!
+//! Identity labels (the key of an identity, canonical as a sorted map):
+//! - [`NAMESPACE_LABEL`] and [`SERVICE_ACCOUNT_LABEL`] (an unset service account is
+//!   Kubernetes' `default`);
+//! - the tenant metadata ([`labels::TENANT_METADATA`]) read from the pod's **Namespace**, as
+//!   labels or annotations. A pod label under one of these keys never counts; when it
+//!   disagrees with the namespace it is reported;
+//! - the pod labels [`labels::PURPOSE`], [`labels::RING`] and the configured identity label
+//!   keys, when set. No other label (`pod-template-hash`, ...) splits an identity.
+//!
+//! A pod is left out (its processes are unknown subjects: fail closed) and reported when its
+//! namespace is unknown or has no tenant, when its tenant metadata is not a valid label value
+//! or is contradictory, when one of its labels is not valid Kubernetes label syntax, or when
+//! its service account name is invalid. Pods that are terminated (`Succeeded`, `Failed`) or
+//! being deleted (`deletionTimestamp` set) are not live and not listed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use enforcer_policy::cluster::{
+    labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, ServicePort,
+};
+use enforcer_policy::Protocol;
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// Identity label: the pod's namespace.
+pub const NAMESPACE_LABEL: &str = "namespace";
+/// Identity label: the pod's service account (`default` when unset).
+pub const SERVICE_ACCOUNT_LABEL: &str = "service_account";
+/// The label every EndpointSlice carries: the name of its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// How many pod names a per-namespace problem line lists before "and N more".
+const NAMES_SHOWN: usize = 5;
+
+/// The objects of the source's stores at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub pods: Vec<Arc<Pod>>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub services: Vec<Arc<Service>>,
+    pub backends: Backends,
+}
+
+/// Where Service backends come from: EndpointSlices (discovery.k8s.io/v1) where the server
+/// serves them, else the core/v1 Endpoints of each Service (Kubernetes before 1.21).
+#[derive(Clone, Debug)]
+pub enum Backends {
+    EndpointSlices(Vec<Arc<EndpointSlice>>),
+    Endpoints(Vec<Arc<Endpoints>>),
+}
+
+impl Default for Backends {
+    fn default() -> Self {
+        Self::EndpointSlices(Vec::new())
+    }
+}
+
+/// What decides identities besides the objects: the configured identity label keys and the
+/// SPIFFE trust domain.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    /// Pod label keys that split identities, besides `purpose` and `ring`.
+    pub identity_labels: Vec<String>,
+    pub trust_domain: String,
+}
+
+/// Why a configured identity label key cannot be used, or `None` when it can.
+pub fn identity_label_problem(key: &str) -> Option<String> {
+    if key == NAMESPACE_LABEL || key == SERVICE_ACCOUNT_LABEL {
+        return Some(format!(
+            "identity label {key:?} is reserved: the source sets it from the pod itself"
+        ));
+    }
+    if labels::TENANT_METADATA.contains(&key) {
+        return Some(format!(
+            "identity label {key:?} is tenant metadata: it comes from the namespace, never \
+             from a pod label"
+        ));
+    }
+    if key == labels::PURPOSE || key == labels::RING {
+        return Some(format!(
+            "identity label {key:?} is always part of the identity: do not name it"
+        ));
+    }
+    label_key_error(key).map(|e| format!("identity label {key:?}: {e}"))
+}
+
+/// The cluster state the objects describe (see the module documentation).
+pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
+    let mut problems = Vec::new();
+    let namespaces: BTreeMap<&str, Result<TenantMetadata, String>> = snapshot
+        .namespaces
+        .iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.as_deref()?;
+            Some((name, tenant_metadata(ns)))
+        })
+        .collect();
+
+    let mut pods: Vec<&Pod> = snapshot
+        .pods
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| live(p))
+        .collect();
+    pods.sort_by(|a, b| pod_key(a).cmp(&pod_key(b)));
+
+    // Pods refused because of their namespace are reported once per namespace.
+    let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut identities: BTreeMap<BTreeMap<String, String>, ClusterIdentity> = BTreeMap::new();
+    for pod in pods {
+        let (namespace, name) = pod_key(pod);
+        let metadata = match namespaces.get(namespace) {
+            Some(Ok(m)) if m.tenant().is_some() => m,
+            _ => {
+                refused_by_namespace
+                    .entry(namespace)
+                    .or_default()
+                    .push(name);
+                continue;
+            }
+        };
+        if let Some(identity) = pod_identity(pod, metadata, rules, &mut problems) {
+            let entry = identities
+                .entry(identity.labels.clone())
+                .or_insert_with(|| ClusterIdentity {
+                    pods: Vec::new(),
+                    ..identity.clone()
+                });
+            entry.pods.extend(identity.pods);
+        }
+    }
+    for (namespace, names) in refused_by_namespace {
+        let why = match namespaces.get(namespace) {
+            None => format!("namespace {namespace} is not known"),
+            Some(Err(e)) => e.clone(),
+            Some(Ok(_)) => format!(
+                "namespace {namespace} has no tenant (label or annotation {})",
+                labels::TENANT
+            ),
+        };
+        problems.push(format!(
+            "{why}: its pods are left out (unknown subjects): {}",
+            name_list(&names)
+        ));
+    }
+
+    let services = services(snapshot, &mut problems);
+    problems.sort();
+    problems.dedup();
+    ClusterState {
+        trust_domain: rules.trust_domain.clone(),
+        identities: identities.into_values().collect(),
+        services,
+        problems,
+    }
+}
+
+/// A pod is live until it has terminated or is being deleted.
+fn live(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+fn pod_key(pod: &Pod) -> (&str, &str) {
+    (
+        pod.metadata.namespace.as_deref().unwrap_or(""),
+        pod.metadata.name.as_deref().unwrap_or(""),
+    )
+}
+
+fn name_list(names: &[&str]) -> String {
+    let shown = names.iter().take(NAMES_SHOWN).copied().collect::<Vec<_>>();
+    let mut text = shown.join(", ");
+    if names.len() > NAMES_SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - NAMES_SHOWN));
+    }
+    text
+}
+
+/// A namespace's tenant metadata: key (of [`labels::TENANT_METADATA`]) -> value.
+#[derive(Debug, Default)]
+struct TenantMetadata(BTreeMap<&'static str, String>);
+
+impl TenantMetadata {
+    fn tenant(&self) -> Option<&str> {
+        self.0.get(labels::TENANT).map(String::as_str)
+    }
+}
+
+/// Reads the tenant metadata of a namespace, from labels or annotations. A value set both
+/// ways must agree, and must be a valid label value (it becomes an identity label); an
+/// empty value is unset.
+fn tenant_metadata(ns: &Namespace) -> Result<TenantMetadata, String> {
+    let name = ns.metadata.name.as_deref().unwrap_or("");
+    let mut out = TenantMetadata::default();
+    for key in labels::TENANT_METADATA {
+        let label = ns.metadata.labels.as_ref().and_then(|l| l.get(key));
+        let annotation = ns.metadata.annotations.as_ref().and_then(|a| a.get(key));
+        let (value, from) = match (label, annotation) {
+            (Some(l), Some(a)) if l != a => {
+                return Err(format!(
+                    "namespace {name}: label {key}={l:?} and annotation {key}={a:?} disagree"
+                ))
+            }
+            (Some(l), _) => (l, "label"),
+            (None, Some(a)) => (a, "annotation"),
+            (None, None) => continue,
+        };
+        if value.is_empty() {
+            continue;
+        }
+        if let Some(e) = label_value_error(value) {
+            return Err(format!("namespace {name}: {from} {key}={value:?}: {e}"));
+        }
+        out.0.insert(key, value.clone());
+    }
+    Ok(out)
+}
+
+/// The identity of one live pod in a namespace with a tenant, holding just this pod; `None`
+/// (with a problem line) when the pod must be left out.
+fn pod_identity(
+    pod: &Pod,
+    tenant: &TenantMetadata,
+    rules: &Rules,
+    problems: &mut Vec<String>,
+) -> Option<ClusterIdentity> {
+    let (namespace, name) = pod_key(pod);
+    let object = format!("pod {namespace}/{name}");
+    let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+    let mut invalid = Vec::new();
+    for (key, value) in &pod_labels {
+        if let Some(e) = label_key_error(key) {
+            invalid.push(format!("label key {key:?}: {e}"));
+        } else if let Some(e) = label_value_error(value) {
+            invalid.push(format!("label {key}={value:?}: {e}"));
+        }
+    }
+    if !invalid.is_empty() {
+        problems.push(format!(
+            "{object}: {}: left out (unknown subject)",
+            invalid.join("; ")
+        ));
+        return None;
+    }
+    let Some(uid) = pod.metadata.uid.clone().filter(|u| !u.is_empty()) else {
+        problems.push(format!("{object}: no metadata.uid: left out"));
+        return None;
+    };
+    let spec = pod.spec.as_ref();
+    let service_account = spec
+        .and_then(|s| {
+            s.service_account_name
+                .as_deref()
+                .or(s.service_account.as_deref())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+        .to_string();
+    if let Some(e) = dns_subdomain_error(&service_account) {
+        problems.push(format!(
+            "{object}: service account {service_account:?}: {e}: left out (unknown subject)"
+        ));
+        return None;
+    }
+
+    // The tenant is the namespace's: a pod label claiming other metadata is only reported.
+    for key in labels::TENANT_METADATA {
+        if let Some(claimed) = pod_labels.get(key) {
+            let actual = tenant.0.get(key);
+            if actual != Some(claimed) {
+                problems.push(format!(
+                    "{object}: label {key}={claimed:?} disagrees with namespace {namespace} \
+                     ({}): ignored, the namespace decides",
+                    match actual {
+                        Some(v) => format!("{key}={v:?}"),
+                        None => format!("no {key}"),
+                    }
+                ));
+            }
+        }
+    }
+
+    let mut identity_labels = BTreeMap::new();
+    identity_labels.insert(NAMESPACE_LABEL.to_string(), namespace.to_string());
+    identity_labels.insert(SERVICE_ACCOUNT_LABEL.to_string(), service_account.clone());
+    for (key, value) in &tenant.0 {
+        identity_labels.insert(key.to_string(), value.clone());
+    }
+    let selected = [labels::PURPOSE, labels::RING]
+        .into_iter()
+        .chain(rules.identity_labels.iter().map(String::as_str));
+    for key in selected {
+        if let Some(value) = pod_labels.get(key) {
+            identity_labels.insert(key.to_string(), value.clone());
+        }
+    }
+
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let ips = if host_network {
+        Vec::new()
+    } else {
+        pod_ips(pod, &object, problems)
+    };
+    let created = pod
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    Some(ClusterIdentity {
+        namespace: namespace.to_string(),
+        service_account,
+        tenant: tenant.tenant().map(str::to_string),
+        purpose: pod_labels.get(labels::PURPOSE).cloned(),
+        ring: pod_labels.get(labels::RING).cloned(),
+        labels: identity_labels,
+        pods: vec![ClusterPod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid,
+            node: spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            ips,
+            host_network,
+            created,
+        }],
+    })
+}
+
+/// `status.podIPs`, or `status.podIP` where a server fills only that; an address that does
+/// not parse is reported and skipped.
+fn pod_ips(pod: &Pod, object: &str, problems: &mut Vec<String>) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let texts: Vec<&str> = match status.pod_ips.as_deref() {
+        Some(list) if !list.is_empty() => list.iter().map(|ip| ip.ip.as_str()).collect(),
+        _ => status.pod_ip.as_deref().into_iter().collect(),
+    };
+    let mut ips = Vec::new();
+    for text in texts {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => problems.push(format!(
+                "{object}: pod IP {text:?} is not an IP address: ignored"
+            )),
+        }
+    }
+    ips
+}
+
+fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterService> {
+    let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
+    services.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+    let mut out = Vec::new();
+    for service in services {
+        let (namespace, name) = object_key(&service.metadata);
+        let object = format!("service {namespace}/{name}");
+        let Some(spec) = service.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let texts: Vec<&str> = match spec.cluster_ips.as_deref() {
+            Some(list) if !list.is_empty() => list.iter().map(String::as_str).collect(),
+            _ => spec.cluster_ip.as_deref().into_iter().collect(),
+        };
+        let mut cluster_ips = Vec::new();
+        for text in texts {
+            // Headless: clients reach the pod IPs, which are judged as the pods.
+            if text.is_empty() || text == "None" {
+                continue;
+            }
+            match text.parse::<IpAddr>() {
+                Ok(ip) if !cluster_ips.contains(&ip) => cluster_ips.push(ip),
+                Ok(_) => {}
+                Err(_) => problems.push(format!(
+                    "{object}: cluster IP {text:?} is not an IP address: ignored"
+                )),
+            }
+        }
+        if cluster_ips.is_empty() {
+            continue;
+        }
+        let mut ports = Vec::new();
+        for port in spec.ports.as_deref().unwrap_or_default() {
+            let port_name = port.name.as_deref().unwrap_or("");
+            let Some(protocol) = protocol_named(port.protocol.as_deref()) else {
+                problems.push(format!(
+                    "{object}: port {} protocol {:?} is not judged (only TCP and UDP)",
+                    port.port,
+                    port.protocol.as_deref().unwrap_or("")
+                ));
+                continue;
+            };
+            let Ok(number) = u16::try_from(port.port) else {
+                problems.push(format!("{object}: port {} is out of range", port.port));
+                continue;
+            };
+            if number == 0 {
+                problems.push(format!("{object}: port 0 is not a port"));
+                continue;
+            }
+            let mut backends = backends(
+                &snapshot.backends,
+                namespace,
+                name,
+                port_name,
+                protocol,
+                problems,
+            );
+            backends.sort();
+            backends.dedup();
+            ports.push(ServicePort {
+                port: number,
+                protocol,
+                backends,
+            });
+        }
+        out.push(ClusterService {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            cluster_ips,
+            ports,
+        });
+    }
+    out
+}
+
+fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// Kubernetes' protocol names; unset is TCP. `None` for SCTP (no hook judges it).
+fn protocol_named(name: Option<&str>) -> Option<Protocol> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// The ready backends of one Service port, matched by port name and protocol (the way
+/// kube-proxy matches them).
+fn backends(
+    source: &Backends,
+    namespace: &str,
+    service: &str,
+    port_name: &str,
+    protocol: Protocol,
+    problems: &mut Vec<String>,
+) -> Vec<Backend> {
+    let mut out = Vec::new();
+    let mut push = |object: &str, ip: &str, port: i32| {
+        let (Ok(ip), Ok(port)) = (ip.parse::<IpAddr>(), u16::try_from(port)) else {
+            problems.push(format!(
+                "{object}: backend {ip:?} port {port} is not an address and port: ignored"
+            ));
+            return;
+        };
+        if port != 0 {
+            out.push(Backend { ip, port });
+        }
+    };
+    match source {
+        Backends::EndpointSlices(slices) => {
+            for slice in slices {
+                let meta = &slice.metadata;
+                if meta.namespace.as_deref() != Some(namespace)
+                    || meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        != Some(&service.to_string())
+                {
+                    continue;
+                }
+                if slice.address_type == "FQDN" {
+                    continue;
+                }
+                let object = format!(
+                    "endpointslice {namespace}/{}",
+                    meta.name.as_deref().unwrap_or("")
+                );
+                for port in slice.ports.as_deref().unwrap_or_default() {
+                    if port.name.as_deref().unwrap_or("") != port_name
+                        || protocol_named(port.protocol.as_deref()) != Some(protocol)
+                    {
+                        continue;
+                    }
+                    let Some(number) = port.port else { continue };
+                    for endpoint in &slice.endpoints {
+                        // EndpointSlice v1: an unset `ready` means ready.
+                        let ready = endpoint
+                            .conditions
+                            .as_ref()
+                            .and_then(|c| c.ready)
+                            .unwrap_or(true);
+                        if !ready {
+                            continue;
+                        }
+                        for address in &endpoint.addresses {
+                            push(&object, address, number);
+                        }
+                    }
+                }
+            }
+        }
+        Backends::Endpoints(list) => {
+            for endpoints in list {
+                let meta = &endpoints.metadata;
+                if meta.namespace.as_deref() != Some(namespace)
+                    || meta.name.as_deref() != Some(service)
+                {
+                    continue;
+                }
+                let object = format!("endpoints {namespace}/{service}");
+                for subset in endpoints.subsets.as_deref().unwrap_or_default() {
+                    for port in subset.ports.as_deref().unwrap_or_default() {
+                        if port.name.as_deref().unwrap_or("") != port_name
+                            || protocol_named(port.protocol.as_deref()) != Some(protocol)
+                        {
+                            continue;
+                        }
+                        // `addresses` are the ready ones; `notReadyAddresses` are not.
+                        for address in subset.addresses.as_deref().unwrap_or_default() {
+                            push(&object, &address.ip, port.port);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Why `value` is not a valid Kubernetes label value (empty, or at most 63 characters of
+/// `[A-Za-z0-9_.-]` beginning and ending with an alphanumeric), or `None`.
+pub fn label_value_error(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return None;
+    }
+    if value.len() > 63 {
+        return Some(format!(
+            "not a valid label value ({} characters; at most 63)",
+            value.len()
+        ));
+    }
+    name_part_error(value).map(|e| format!("not a valid label value ({e})"))
+}
+
+/// Why `key` is not a valid Kubernetes label key (`[prefix/]name`: a DNS subdomain prefix of
+/// at most 253 characters, a name of 1 to 63 characters of `[A-Za-z0-9_.-]` beginning and
+/// ending with an alphanumeric), or `None`.
+pub fn label_key_error(key: &str) -> Option<String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if let Some(e) = dns_subdomain_error(prefix) {
+            return Some(format!("not a valid label key (prefix {prefix:?}: {e})"));
+        }
+    }
+    if name.is_empty() || name.len() > 63 {
+        return Some(format!(
+            "not a valid label key (name of {} characters; 1 to 63)",
+            name.len()
+        ));
+    }
+    name_part_error(name).map(|e| format!("not a valid label key ({e})"))
+}
+
+fn name_part_error(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    if let Some(bad) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Some(format!("character {bad:?} is not allowed"));
+    }
+    if !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return Some("must begin and end with a letter or digit".into());
+    }
+    None
+}
+
+/// Why `s` is not a DNS-1123 subdomain (lowercase, at most 253 characters, dot-separated
+/// labels of `[a-z0-9-]` beginning and ending with an alphanumeric), or `None`.
+pub fn dns_subdomain_error(s: &str) -> Option<String> {
+    if s.is_empty() || s.len() > 253 {
+        return Some(format!(
+            "not a DNS subdomain ({} characters; 1 to 253)",
+            s.len()
+        ));
+    }
+    for part in s.split('.') {
+        let b = part.as_bytes();
+        let ok = !b.is_empty()
+            && b.iter()
+                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-';
+        if !ok {
+            return Some(format!(
+                "{s:?} is not a DNS subdomain (lowercase letters, digits, '-' and '.')"
+            ));
+        }
+    }
+    None
+}

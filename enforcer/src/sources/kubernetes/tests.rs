@@ -1,0 +1,744 @@
+//! Unit tests of the pure part: objects go through a reflector store exactly as the source's
+//! watchers put them there (watcher events applied by a `reflector::store` writer, as
+//! kube-rs documents), then through [`cluster_state`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use enforcer_policy::cluster::{labels, Backend, ClusterState};
+use enforcer_policy::Protocol;
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector;
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::Event;
+use kube::Resource;
+use serde_json::json;
+
+use super::*;
+
+/// A store filled by an initial list (Init, InitApply..., InitDone), as a watcher does it.
+fn listed<K>(objects: Vec<K>) -> (reflector::Store<K>, reflector::store::Writer<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    (reader, writer)
+}
+
+fn store_state<K>(objects: Vec<K>) -> Vec<Arc<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    listed(objects).0.state()
+}
+
+fn namespace(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Namespace {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels, "annotations": annotations}
+    }))
+    .unwrap()
+}
+
+fn tenant_ns(name: &str, tenant: &str) -> Namespace {
+    namespace(name, json!({labels::TENANT: tenant}), json!({}))
+}
+
+fn pod(ns: &str, name: &str, labels: serde_json::Value, node: &str, ip: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {
+            "namespace": ns, "name": name, "uid": format!("uid-{ns}-{name}"),
+            "labels": labels, "resourceVersion": "1",
+            "creationTimestamp": "2026-11-30T10:00:00Z"
+        },
+        "spec": {"nodeName": node, "serviceAccountName": "worker", "containers": []},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+    .unwrap()
+}
+
+fn rules() -> Rules {
+    Rules {
+        identity_labels: vec!["app.kubernetes.io/component".into()],
+        trust_domain: "cluster.local".into(),
+    }
+}
+
+fn state(pods: Vec<Pod>, namespaces: Vec<Namespace>) -> ClusterState {
+    cluster_state(
+        &Snapshot {
+            pods: store_state(pods),
+            namespaces: store_state(namespaces),
+            services: Vec::new(),
+            backends: Backends::Endpoints(Vec::new()),
+        },
+        &rules(),
+    )
+}
+
+fn pod_names(state: &ClusterState) -> Vec<Vec<String>> {
+    state
+        .identities
+        .iter()
+        .map(|i| i.pods.iter().map(|p| p.name.clone()).collect())
+        .collect()
+}
+
+#[test]
+fn replicas_share_an_identity_and_purpose_splits_it() {
+    let l = |purpose: &str, hash: &str| {
+        json!({labels::PURPOSE: purpose, labels::RING: "prod", "pod-template-hash": hash,
+               "app.kubernetes.io/component": "rag"})
+    };
+    let s = state(
+        vec![
+            pod(
+                "acme",
+                "retriever-1",
+                l("retrieval", "abc12"),
+                "node-a",
+                "127.82.1.1",
+            ),
+            pod(
+                "acme",
+                "retriever-2",
+                l("retrieval", "def34"),
+                "node-b",
+                "127.82.1.2",
+            ),
+            pod(
+                "acme",
+                "eval-1",
+                l("evaluation", "abc12"),
+                "node-a",
+                "127.82.1.3",
+            ),
+            pod(
+                "globex",
+                "retriever-1",
+                l("retrieval", "abc12"),
+                "node-a",
+                "127.82.2.1",
+            ),
+            pod(
+                "initech",
+                "retriever-1",
+                l("retrieval", "abc12"),
+                "node-a",
+                "127.82.3.1",
+            ),
+        ],
+        vec![
+            tenant_ns("acme", "acme"),
+            tenant_ns("globex", "globex"),
+            tenant_ns("initech", "initech"),
+        ],
+    );
+    assert_eq!(s.problems, Vec::<String>::new());
+    assert_eq!(
+        pod_names(&s),
+        [
+            vec!["eval-1"],
+            vec!["retriever-1", "retriever-2"],
+            vec!["retriever-1"],
+            vec!["retriever-1"]
+        ]
+    );
+    let retrieval = &s.identities[1];
+    assert_eq!(
+        retrieval.labels,
+        BTreeMap::from(
+            [
+                (NAMESPACE_LABEL, "acme"),
+                (SERVICE_ACCOUNT_LABEL, "worker"),
+                (labels::TENANT, "acme"),
+                (labels::PURPOSE, "retrieval"),
+                (labels::RING, "prod"),
+                ("app.kubernetes.io/component", "rag"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        ),
+        "pod-template-hash never splits an identity"
+    );
+    assert_eq!(retrieval.tenant.as_deref(), Some("acme"));
+    assert_eq!(retrieval.purpose.as_deref(), Some("retrieval"));
+    assert_eq!(retrieval.ring.as_deref(), Some("prod"));
+    assert_eq!(retrieval.service_account, "worker");
+    let p = &retrieval.pods[1];
+    assert_eq!(p.uid, "uid-acme-retriever-2");
+    assert_eq!(p.node.as_deref(), Some("node-b"));
+    assert_eq!(p.ips, vec!["127.82.1.2".parse::<IpAddr>().unwrap()]);
+    assert_eq!(p.created, "2026-11-30T10:00:00Z");
+    assert_eq!(s.trust_domain, "cluster.local");
+}
+
+#[test]
+fn tenant_metadata_comes_from_the_namespace_labels_or_annotations() {
+    let ns = namespace(
+        "acme-eu",
+        json!({labels::TENANT: "acme", labels::REGION: "eu-west-1"}),
+        json!({labels::DATA_RESIDENCY: "eu", labels::RETENTION_TIER: "30d",
+               "unrelated": "not a label value!"}),
+    );
+    let s = state(
+        vec![pod("acme-eu", "a", json!({}), "n", "127.82.1.1")],
+        vec![ns],
+    );
+    assert_eq!(s.problems, Vec::<String>::new());
+    let l = &s.identities[0].labels;
+    assert_eq!(l[labels::REGION], "eu-west-1");
+    assert_eq!(l[labels::DATA_RESIDENCY], "eu");
+    assert_eq!(l[labels::RETENTION_TIER], "30d");
+    assert!(!l.contains_key("unrelated"));
+}
+
+#[test]
+fn a_pod_label_never_moves_a_pod_into_another_tenant() {
+    let s = state(
+        vec![
+            pod(
+                "acme",
+                "honest",
+                json!({labels::TENANT: "acme"}),
+                "n",
+                "127.82.1.1",
+            ),
+            pod(
+                "acme",
+                "liar",
+                json!({labels::TENANT: "globex", labels::REGION: "us"}),
+                "n",
+                "127.82.1.2",
+            ),
+        ],
+        vec![tenant_ns("acme", "acme"), tenant_ns("globex", "globex")],
+    );
+    assert_eq!(
+        pod_names(&s),
+        [vec!["honest", "liar"]],
+        "one identity, acme's"
+    );
+    assert_eq!(s.identities[0].tenant.as_deref(), Some("acme"));
+    assert_eq!(s.problems.len(), 2, "{:#?}", s.problems);
+    assert!(s.problems.iter().any(|p| p.contains("pod acme/liar")
+        && p.contains("ai-enforcer.io/tenant=\"globex\"")
+        && p.contains("the namespace decides")));
+    assert!(s
+        .problems
+        .iter()
+        .any(|p| p.contains("pod acme/liar") && p.contains("no ai-enforcer.io/region")));
+}
+
+#[test]
+fn pods_without_a_known_tenant_are_left_out_and_reported() {
+    let s = state(
+        vec![
+            pod("kube-system", "dns-1", json!({}), "n", "127.82.9.1"),
+            pod("kube-system", "dns-2", json!({}), "n", "127.82.9.2"),
+            pod("ghost", "x", json!({}), "n", "127.82.9.3"),
+            pod("empty", "y", json!({}), "n", "127.82.9.4"),
+        ],
+        vec![
+            namespace("kube-system", json!({}), json!({})),
+            namespace("empty", json!({labels::TENANT: ""}), json!({})),
+        ],
+    );
+    assert!(s.identities.is_empty(), "{:#?}", s.identities);
+    assert_eq!(s.problems.len(), 3, "{:#?}", s.problems);
+    assert!(s.problems.iter().any(
+        |p| p.starts_with("namespace kube-system has no tenant") && p.ends_with("dns-1, dns-2")
+    ));
+    assert!(s
+        .problems
+        .iter()
+        .any(|p| p.starts_with("namespace ghost is not known")));
+    assert!(s
+        .problems
+        .iter()
+        .any(|p| p.starts_with("namespace empty has no tenant")));
+}
+
+#[test]
+fn invalid_labels_leave_the_pod_out() {
+    let long = "x".repeat(64);
+    let s = state(
+        vec![
+            pod(
+                "acme",
+                "bad-value",
+                json!({labels::PURPOSE: "rag pipeline"}),
+                "n",
+                "127.82.1.1",
+            ),
+            pod(
+                "acme",
+                "bad-key",
+                json!({"Bad_Prefix/x": "y"}),
+                "n",
+                "127.82.1.2",
+            ),
+            pod("acme", "too-long", json!({"x": long}), "n", "127.82.1.3"),
+            pod(
+                "acme",
+                "fine",
+                json!({labels::PURPOSE: "rag.pipeline-v2_1"}),
+                "n",
+                "127.82.1.4",
+            ),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(pod_names(&s), [vec!["fine"]]);
+    assert_eq!(s.problems.len(), 3, "{:#?}", s.problems);
+    for name in ["bad-value", "bad-key", "too-long"] {
+        assert!(
+            s.problems
+                .iter()
+                .any(|p| p.starts_with(&format!("pod acme/{name}:"))
+                    && p.ends_with("left out (unknown subject)")),
+            "{name}: {:#?}",
+            s.problems
+        );
+    }
+}
+
+#[test]
+fn invalid_or_contradictory_namespace_metadata_leaves_its_pods_out() {
+    let s = state(
+        vec![
+            pod("a", "p", json!({}), "n", "127.82.1.1"),
+            pod("b", "q", json!({}), "n", "127.82.1.2"),
+        ],
+        vec![
+            namespace("a", json!({}), json!({labels::TENANT: "acme corp"})),
+            namespace(
+                "b",
+                json!({labels::TENANT: "acme"}),
+                json!({labels::TENANT: "globex"}),
+            ),
+        ],
+    );
+    assert!(s.identities.is_empty());
+    assert!(
+        s.problems.iter().any(|p| p.starts_with(
+            "namespace a: annotation ai-enforcer.io/tenant=\"acme corp\": not a valid label value"
+        )),
+        "{:#?}",
+        s.problems
+    );
+    assert!(s.problems.iter().any(|p| p.starts_with("namespace b: label ai-enforcer.io/tenant=\"acme\" and annotation ai-enforcer.io/tenant=\"globex\" disagree")), "{:#?}", s.problems);
+}
+
+#[test]
+fn terminated_and_deleting_pods_are_not_live() {
+    let mut done = pod("acme", "done", json!({}), "n", "127.82.1.1");
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let mut failed = pod("acme", "failed", json!({}), "n", "127.82.1.2");
+    failed.status.as_mut().unwrap().phase = Some("Failed".into());
+    let mut deleting = pod("acme", "deleting", json!({}), "n", "127.82.1.3");
+    deleting.metadata.deletion_timestamp =
+        Some(serde_json::from_value(json!("2026-11-30T10:05:00Z")).unwrap());
+    let s = state(
+        vec![
+            done,
+            failed,
+            deleting,
+            pod("acme", "running", json!({}), "n", "127.82.1.4"),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(pod_names(&s), [vec!["running"]]);
+}
+
+#[test]
+fn host_network_pods_have_no_addresses_and_bad_ips_are_reported() {
+    let mut host = pod("acme", "host", json!({}), "n", "10.1.2.3");
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let mut bad = pod("acme", "bad", json!({}), "n", "127.82.1.9");
+    bad.status.as_mut().unwrap().pod_ips = Some(vec![
+        serde_json::from_value(json!({"ip": "not-an-ip"})).unwrap(),
+        serde_json::from_value(json!({"ip": "fd7e:82::9"})).unwrap(),
+    ]);
+    let s = state(vec![host, bad], vec![tenant_ns("acme", "acme")]);
+    let pods = &s.identities[0].pods;
+    assert_eq!(pods[0].name, "bad");
+    assert_eq!(pods[0].ips, vec!["fd7e:82::9".parse::<IpAddr>().unwrap()]);
+    assert!(pods[1].host_network && pods[1].ips.is_empty());
+    assert_eq!(
+        s.problems,
+        vec!["pod acme/bad: pod IP \"not-an-ip\" is not an IP address: ignored".to_string()]
+    );
+}
+
+#[test]
+fn watch_events_through_the_store_follow_deletes_and_relists() {
+    let ns = store_state(vec![tenant_ns("acme", "acme")]);
+    let (pods, mut writer) = listed(vec![
+        pod("acme", "a", json!({}), "n", "127.82.1.1"),
+        pod("acme", "b", json!({}), "n", "127.82.1.2"),
+    ]);
+    let compute = |pods: &reflector::Store<Pod>| {
+        cluster_state(
+            &Snapshot {
+                pods: pods.state(),
+                namespaces: ns.clone(),
+                services: Vec::new(),
+                backends: Backends::EndpointSlices(Vec::new()),
+            },
+            &rules(),
+        )
+    };
+    assert_eq!(pod_names(&compute(&pods)), [vec!["a", "b"]]);
+
+    writer.apply_watcher_event(&Event::Apply(pod(
+        "acme",
+        "c",
+        json!({labels::PURPOSE: "x"}),
+        "n",
+        "127.82.1.3",
+    )));
+    writer.apply_watcher_event(&Event::Delete(pod(
+        "acme",
+        "a",
+        json!({}),
+        "n",
+        "127.82.1.1",
+    )));
+    assert_eq!(pod_names(&compute(&pods)), [vec!["c"], vec!["b"]]);
+
+    // A relist (after 410 Gone): until InitDone the store keeps the old set; then pods not
+    // in the new list are gone.
+    writer.apply_watcher_event(&Event::Init);
+    writer.apply_watcher_event(&Event::InitApply(pod(
+        "acme",
+        "d",
+        json!({}),
+        "n",
+        "127.82.1.4",
+    )));
+    assert_eq!(pod_names(&compute(&pods)), [vec!["c"], vec!["b"]]);
+    writer.apply_watcher_event(&Event::InitDone);
+    assert_eq!(pod_names(&compute(&pods)), [vec!["d"]]);
+}
+
+#[test]
+fn the_state_does_not_depend_on_the_order_of_objects() {
+    let mut pods: Vec<Pod> = (0..20)
+        .map(|i| {
+            pod(
+                ["acme", "globex"][i % 2],
+                &format!("p{i}"),
+                json!({labels::PURPOSE: format!("p{}", i % 3)}),
+                "n",
+                &format!("127.82.0.{i}"),
+            )
+        })
+        .collect();
+    let namespaces = vec![tenant_ns("acme", "acme"), tenant_ns("globex", "globex")];
+    let a = state(pods.clone(), namespaces.clone());
+    pods.reverse();
+    let b = state(pods, namespaces.into_iter().rev().collect());
+    assert_eq!(a, b);
+    assert_eq!(a.identities.len(), 6);
+}
+
+fn service(ns: &str, name: &str, cluster_ip: &str, ports: serde_json::Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": ports}
+    }))
+    .unwrap()
+}
+
+fn services_state(services: Vec<Service>, backends: Backends) -> ClusterState {
+    cluster_state(
+        &Snapshot {
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            services: store_state(services),
+            backends,
+        },
+        &rules(),
+    )
+}
+
+fn backend(ip: &str, port: u16) -> Backend {
+    Backend {
+        ip: ip.parse().unwrap(),
+        port,
+    }
+}
+
+#[test]
+fn services_take_ready_backends_from_endpoints_by_port_name() {
+    let services = vec![
+        service(
+            "acme",
+            "vectors",
+            "127.96.0.10",
+            json!([
+                {"name": "http", "port": 80, "targetPort": 8080},
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+                {"name": "sctp", "port": 9, "protocol": "SCTP"}
+            ]),
+        ),
+        service("acme", "headless", "None", json!([{"port": 80}])),
+    ];
+    let endpoints: Endpoints = serde_json::from_value(json!({
+        "metadata": {"namespace": "acme", "name": "vectors"},
+        "subsets": [{
+            "addresses": [{"ip": "fd7e:82::1"}, {"ip": "fd7e:82::2"}],
+            "notReadyAddresses": [{"ip": "fd7e:82::3"}],
+            "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}]
+        }]
+    }))
+    .unwrap();
+    let other: Endpoints = serde_json::from_value(json!({
+        "metadata": {"namespace": "globex", "name": "vectors"},
+        "subsets": [{"addresses": [{"ip": "fd7e:82::9"}], "ports": [{"name": "http", "port": 1}]}]
+    }))
+    .unwrap();
+    let s = services_state(
+        services,
+        Backends::Endpoints(store_state(vec![endpoints, other])),
+    );
+    assert_eq!(s.services.len(), 1, "headless Services are not listed");
+    let svc = &s.services[0];
+    assert_eq!(
+        svc.cluster_ips,
+        vec!["127.96.0.10".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(svc.ports.len(), 2);
+    assert_eq!(
+        (svc.ports[0].port, svc.ports[0].protocol),
+        (80, Protocol::Tcp)
+    );
+    assert_eq!(
+        svc.ports[0].backends,
+        vec![backend("fd7e:82::1", 8080), backend("fd7e:82::2", 8080)]
+    );
+    assert_eq!(
+        (svc.ports[1].port, svc.ports[1].protocol),
+        (53, Protocol::Udp)
+    );
+    assert_eq!(
+        svc.ports[1].backends,
+        vec![backend("fd7e:82::1", 5353), backend("fd7e:82::2", 5353)]
+    );
+    assert_eq!(
+        s.problems,
+        vec![
+            "service acme/vectors: port 9 protocol \"SCTP\" is not judged (only TCP and UDP)"
+                .to_string()
+        ]
+    );
+}
+
+#[test]
+fn services_take_ready_backends_from_endpoint_slices() {
+    let services = vec![service(
+        "acme",
+        "vectors",
+        "127.96.0.10",
+        json!([{"port": 6333, "targetPort": "grpc"}]),
+    )];
+    let slice = |name: &str, svc: &str, endpoints: serde_json::Value| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "acme", "name": name,
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "", "port": 16333, "protocol": "TCP"}]
+        }))
+        .unwrap()
+    };
+    let slices = vec![
+        slice(
+            "vectors-a",
+            "vectors",
+            json!([
+                {"addresses": ["127.82.1.1"], "conditions": {"ready": true}},
+                {"addresses": ["127.82.1.2"], "conditions": {"ready": false}},
+                {"addresses": ["127.82.1.3"]}
+            ]),
+        ),
+        slice(
+            "vectors-b",
+            "vectors",
+            json!([{"addresses": ["127.82.1.4"], "conditions": {"ready": true, "terminating": false}}]),
+        ),
+        slice("other-a", "other", json!([{"addresses": ["127.82.1.5"]}])),
+    ];
+    let s = services_state(services, Backends::EndpointSlices(store_state(slices)));
+    assert_eq!(
+        s.services[0].ports[0].backends,
+        vec![
+            backend("127.82.1.1", 16333),
+            backend("127.82.1.3", 16333),
+            backend("127.82.1.4", 16333)
+        ]
+    );
+}
+
+#[test]
+fn identity_label_keys_are_checked() {
+    assert_eq!(identity_label_problem("app.kubernetes.io/component"), None);
+    assert_eq!(identity_label_problem("team"), None);
+    for bad in [
+        "namespace",
+        "service_account",
+        labels::TENANT,
+        labels::PURPOSE,
+        "a b",
+        "Bad_/x",
+        "",
+        "-x",
+    ] {
+        assert!(identity_label_problem(bad).is_some(), "{bad:?} accepted");
+    }
+    assert!(label_value_error(&"a".repeat(63)).is_none());
+    assert!(label_value_error(&"a".repeat(64)).is_some());
+    assert!(label_value_error("").is_none());
+    assert!(label_value_error("a.b-c_d").is_none());
+    assert!(label_value_error("-a").is_some());
+    assert!(label_value_error("é").is_some());
+}
+
+#[test]
+fn persisted_state_round_trips_and_garbage_is_ignored() {
+    let dir = std::env::temp_dir().join(format!("enforcer-kube-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(STATE_FILE);
+    let options = KubeOptions {
+        identity_labels: vec![],
+        trust_domain: "cluster.local".into(),
+        state_dir: dir.clone(),
+        ..Default::default()
+    };
+    let s = state(
+        vec![pod("acme", "a", json!({}), "n", "127.82.1.1")],
+        vec![tenant_ns("acme", "acme")],
+    );
+    let persisted = PersistedState {
+        version: PERSISTED_VERSION,
+        last_sync: "2026-11-30T10:00:00.000Z".into(),
+        identity_labels: vec![],
+        state: s.clone(),
+    };
+    write_atomically(&path, &persisted).unwrap();
+    let loaded = load_persisted(&path, &options).expect("loaded");
+    assert_eq!(loaded.state, s);
+    assert_eq!(loaded.last_sync, "2026-11-30T10:00:00.000Z");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers, [STATE_FILE], "no temporary file left");
+
+    std::fs::write(&path, b"{\"version\": 1, \"state\": [").unwrap();
+    assert!(load_persisted(&path, &options).is_none());
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&PersistedState {
+            version: 99,
+            ..persisted
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(load_persisted(&path, &options).is_none());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn retry_backoff_doubles_to_its_cap_and_resets() {
+    let mut b = RetryBackoff::default();
+    let delays: Vec<Duration> = (0..10).map(|_| b.next().unwrap()).collect();
+    assert!(delays[0] >= RETRY_FIRST.mul_f64(0.75) && delays[0] <= RETRY_FIRST.mul_f64(1.25));
+    assert!(delays.iter().all(|d| *d <= RETRY_MAX.mul_f64(1.25)));
+    assert!(delays[9] >= RETRY_MAX.mul_f64(0.75));
+    b.reset();
+    assert!(b.next().unwrap() <= RETRY_FIRST.mul_f64(1.25));
+}
+
+#[tokio::test]
+async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
+    let dir = std::env::temp_dir().join(format!("enforcer-kube-spawn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A kubeconfig naming a server nobody listens on (a port that was just free).
+    let port = std::net::TcpListener::bind("127.82.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.82.0.1:{port}\n\
+             users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+             current-context: x\n"
+        ),
+    )
+    .unwrap();
+    let options = KubeOptions {
+        kubeconfig: Some(kubeconfig),
+        node_name: "n".into(),
+        identity_labels: vec!["namespace".into()],
+        trust_domain: "cluster.local".into(),
+        state_dir: dir.join("state"),
+    };
+    let err = spawn(options.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err:#}");
+
+    let options = KubeOptions {
+        identity_labels: vec![],
+        ..options
+    };
+    let source = spawn(options.clone()).await.unwrap();
+    assert!(
+        source.state().borrow().is_none(),
+        "no state at all: None (fail closed)"
+    );
+    let status = source.status();
+    assert!(!status.has_state && !status.persisted && status.staleness_seconds.is_none());
+    drop(source);
+
+    let s = state(
+        vec![pod("acme", "a", json!({}), "n", "127.82.1.1")],
+        vec![tenant_ns("acme", "acme")],
+    );
+    write_atomically(
+        &options.state_dir.join(STATE_FILE),
+        &PersistedState {
+            version: PERSISTED_VERSION,
+            last_sync: humantime::format_rfc3339_millis(
+                SystemTime::now() - Duration::from_secs(120),
+            )
+            .to_string(),
+            identity_labels: vec![],
+            state: s.clone(),
+        },
+    )
+    .unwrap();
+    let source = spawn(options).await.unwrap();
+    assert_eq!(source.state().borrow().as_deref(), Some(&s));
+    let status = source.status();
+    assert!(
+        status.persisted && status.has_state && !status.connected,
+        "{status:?}"
+    );
+    assert!(status.staleness_seconds.unwrap() >= 120, "{status:?}");
+    assert_eq!((status.pods, status.local_pods), (1, 1));
+    drop(source);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
