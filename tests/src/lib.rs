@@ -17,6 +17,7 @@ pub mod cli;
 pub mod fixtures;
 pub mod generated;
 pub mod kube;
+pub mod kubelet;
 pub mod netns;
 pub mod probe;
 pub mod servers;
