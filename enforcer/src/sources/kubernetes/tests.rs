@@ -745,3 +745,59 @@ async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
     drop(source);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A static pod's cgroup is named after the static pod's UID, which only its mirror pod's
+/// annotation carries; a tenant writing that annotation on its own pod names nothing.
+#[test]
+fn mirror_pods_name_their_static_pods_cgroup_and_forged_ones_do_not() {
+    const HASH: &str = "6f3b0c1d2e4a5b6c7d8e9f0a1b2c3d4e";
+    let mirror = |ns: &str, name: &str, owner: Option<&str>| -> Pod {
+        let mut p = pod(ns, name, json!({}), "n", "127.82.7.1");
+        p.metadata.annotations =
+            Some([(model::MIRROR_ANNOTATION.to_string(), HASH.to_string())].into());
+        p.metadata.owner_references = owner.map(|node| {
+            vec![serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node", "name": node, "uid": "node-uid"
+            }))
+            .unwrap()]
+        });
+        p
+    };
+    let uids = |s: &ClusterState| -> Vec<String> {
+        s.identities
+            .iter()
+            .flat_map(|i| &i.pods)
+            .map(|p| p.uid.clone())
+            .collect()
+    };
+    let s = state(
+        vec![mirror("acme", "etcd-n", Some("n"))],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(uids(&s), [HASH]);
+    // No owner, or owned by another node: the annotation is ignored.
+    let s = state(
+        vec![
+            mirror("acme", "a", None),
+            mirror("acme", "b", Some("other")),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(uids(&s), ["uid-acme-a", "uid-acme-b"]);
+    // Two pods naming one cgroup: neither is mapped, both are reported.
+    let s = state(
+        vec![
+            mirror("acme", "etcd-n", Some("n")),
+            mirror("globex", "copy", Some("n")),
+        ],
+        vec![tenant_ns("acme", "acme"), tenant_ns("globex", "globex")],
+    );
+    assert!(uids(&s).is_empty(), "{s:#?}");
+    assert!(
+        s.problems
+            .iter()
+            .any(|p| p.contains("acme/etcd-n, globex/copy") && p.contains(HASH)),
+        "{:#?}",
+        s.problems
+    );
+}
