@@ -1,7 +1,16 @@
 //! `enforcer run`: the node agent. Startup reads as validate -> compile -> load -> write
 //! policy -> attach -> stream events; then it keeps the kernel in step with the policy
-//! directory, the cgroup tree, risk changes and quarantines until it is told to stop.
-//! Stopping leaves the pins, so the kernel keeps enforcing the last policy while no agent runs.
+//! directory, the cluster (`--kubernetes`), the cgroup tree, risk changes and quarantines
+//! until it is told to stop. Stopping leaves the pins, so the kernel keeps enforcing the last
+//! policy while no agent runs.
+//!
+//! With `--kubernetes`, the bundle is the policy directory merged with the last
+//! [`ClusterState`] the source published (`Bundle::load_with_cluster`): every change of the
+//! cluster recompiles (incrementally) and applies all or nothing, like an edit of the
+//! directory. The cgroups of each local pod of a cluster identity are found under the cgroup
+//! root ([`crate::sources::cgroups`]) and mapped to it; an inotify watch of the root makes a
+//! new container's cgroup mapped within milliseconds, the periodic resync stays as the
+//! backstop. Until a first state exists, pods are unknown subjects (fail closed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::{flags, reason, verdict};
+use enforcer_policy::cluster::{ClusterOptions, ClusterState};
 use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -19,9 +29,11 @@ use tokio::sync::mpsc;
 
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
-use crate::desired::{desired_state, resolve_cgroups, Overrides, Unresolved};
+use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
 use crate::events::{decode, record, Sink};
 use crate::last_good;
+use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
+use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
 /// Ring-buffer records handled before the event task yields (see `stream_events`).
 const EVENT_BATCH: usize = 1024;
@@ -46,6 +58,17 @@ pub struct RunOptions {
     pub capacity: datapath::CapacityOverrides,
     /// Testing only (off): let an oversize policy fail in the kernel, to exercise rollback.
     pub skip_capacity_check: bool,
+    /// Identities from Kubernetes (`--kubernetes`).
+    pub kubernetes: Option<KubernetesOptions>,
+}
+
+/// `enforcer run --kubernetes`: where the cluster comes from and how it is merged.
+#[derive(Debug, Clone)]
+pub struct KubernetesOptions {
+    /// The watch of the API server (its `state_dir` keeps the last state for a restart).
+    pub source: KubeOptions,
+    /// How the cluster's identities join the bundle (this node's name, the per-tenant quota).
+    pub cluster: ClusterOptions,
 }
 
 /// What `enforcer status` reads about the running agent (the kernel side it reads from pins).
@@ -65,6 +88,36 @@ pub struct AgentState {
     /// Set when the policy comes from a remote PDP.
     #[serde(default)]
     pub pdp_url: Option<String>,
+    /// The Kubernetes source (`--kubernetes`), as of the last write of this file.
+    #[serde(default)]
+    pub kubernetes: Option<KubeStatus>,
+    /// What the cluster merge refused or reported, and cgroups two identities claim: one
+    /// line each (each was logged and emitted as a `cluster.problem` event once).
+    #[serde(default)]
+    pub cluster_problems: Vec<String>,
+    /// The pods found in the cgroup tree (`--kubernetes`).
+    #[serde(default)]
+    pub pods: Option<PodsView>,
+    /// The inotify watch of the cgroup root.
+    #[serde(default)]
+    pub cgroup_watch: Option<WatchStatus>,
+}
+
+/// The local pods as the agent maps them.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PodsView {
+    /// Pod cgroups under the cgroup root.
+    pub pod_cgroups: usize,
+    /// Of those, pods of an identity: their cgroups are mapped.
+    pub mapped: usize,
+    /// Cgroups mapped for pods (pod cgroups and every cgroup under them).
+    pub mapped_cgroups: usize,
+    /// Local pods of an identity with no cgroup on this node (yet): `<uid> (<identity>)`.
+    pub without_cgroup: Vec<String>,
+    /// Pod cgroups no identity claims (their processes are unknown subjects): UIDs.
+    pub unidentified: Vec<String>,
+    /// Set when the scan of the cgroup root stopped at a bound: pods beyond it are unknown.
+    pub scan_truncated: Option<String>,
 }
 
 /// Lines for the SOC that are not denied calls.
@@ -103,6 +156,10 @@ enum Notice {
         workload: String,
         identity: u32,
     },
+    /// Once per problem: it stays listed in `enforcer status` while it lasts, and is
+    /// emitted again only if it goes away and comes back.
+    #[serde(rename = "cluster.problem")]
+    ClusterProblem { time: String, problem: String },
     #[serde(rename = "risk.changed")]
     RiskChanged {
         time: String,
@@ -148,12 +205,23 @@ pub fn prepare(options: &RunOptions) -> Result<Prepared> {
     })
 }
 
-/// Loads and compiles the bundle in `dir`, with the run-time risk overrides applied.
+/// The cluster a bundle is merged with: `None` without `--kubernetes`.
+#[derive(Clone, Copy)]
+struct Cluster<'a> {
+    /// `None` until the source has a first state: the bundle has no cluster identity and every
+    /// pod is an unknown subject.
+    state: Option<&'a ClusterState>,
+    options: &'a ClusterOptions,
+}
+
+/// Loads and compiles the bundle in `dir` (merged with the cluster), with the run-time risk
+/// overrides applied.
 fn load_policy(
     dir: &Path,
+    cluster: Option<Cluster>,
     risk_overrides: &BTreeMap<String, String>,
 ) -> Result<(Bundle, Compiled)> {
-    let mut bundle = load_bundle(dir)?;
+    let mut bundle = load_bundle(dir, cluster)?;
     apply_risk_overrides(&mut bundle, risk_overrides);
     let compiled = bundle
         .compile()
@@ -161,8 +229,15 @@ fn load_policy(
     Ok((bundle, compiled))
 }
 
-fn load_bundle(dir: &Path) -> Result<Bundle> {
-    Bundle::load(dir).map_err(|diagnostics| {
+fn load_bundle(dir: &Path, cluster: Option<Cluster>) -> Result<Bundle> {
+    let loaded = match cluster {
+        Some(cluster) => {
+            let empty = ClusterState::default();
+            Bundle::load_with_cluster(dir, cluster.state.unwrap_or(&empty), cluster.options)
+        }
+        None => Bundle::load(dir),
+    };
+    loaded.map_err(|diagnostics| {
         anyhow::anyhow!(
             "the policy bundle {} is invalid:\n{diagnostics}",
             dir.display()
@@ -190,6 +265,22 @@ struct Agent {
     history: PolicyHistory,
     /// The revision saved in [`last_good::dir`], if any.
     saved_revision: Option<String>,
+    /// The policy directory as it was when it was last rejected: while it stays so, a change
+    /// of the cluster is applied to the bundle in force (its copy in [`last_good::dir`]).
+    dir_rejected: Option<Fingerprint>,
+    /// The Kubernetes source (`--kubernetes`).
+    kube: Option<KubeSource>,
+    /// The latest cluster state the source published: every reload merges it (the bundle in
+    /// force holds it unless that reload was rejected).
+    cluster: Option<Arc<ClusterState>>,
+    /// Problems reported (logged and emitted) and still present.
+    reported_problems: BTreeSet<String>,
+    pods: Option<PodsView>,
+    /// The watcher's status as of the last tick (the watcher lives in the run loop).
+    watch_status: Option<WatchStatus>,
+    /// The source's status (staleness left out) and the watcher's, as last written to the
+    /// state file.
+    status_written: (Option<KubeStatus>, Option<WatchStatus>),
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -218,10 +309,41 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let risk_overrides = read_state(&options.state_dir)
         .map(|s| s.risk_overrides)
         .unwrap_or_default();
+    // The cluster source first: a state persisted by an earlier run is enforced at once, even
+    // with the API server unreachable. Without one the agent does not wait: pods are unknown
+    // subjects (fail closed) until the first list completes.
+    let kube = match &options.kubernetes {
+        Some(k) => Some(
+            kubernetes::spawn(k.source.clone())
+                .await
+                .context("starting the Kubernetes source")?,
+        ),
+        None => None,
+    };
+    let mut cluster_rx = kube.as_ref().map(KubeSource::state);
+    let cluster_state = cluster_rx
+        .as_mut()
+        .and_then(|rx| rx.borrow_and_update().clone());
+    match (&kube, &cluster_state) {
+        (Some(_), Some(state)) => tracing::info!(
+            identities = state.identities.len(),
+            services = state.services.len(),
+            "starting from the cluster state the source has"
+        ),
+        (Some(_), None) => tracing::warn!(
+            "no cluster state yet: pods are unknown subjects (denied) until the first list from the API server"
+        ),
+        _ => {}
+    }
+    let cluster = options.kubernetes.as_ref().map(|k| Cluster {
+        state: cluster_state.as_deref(),
+        options: &k.cluster,
+    });
     // A broken directory does not stop a restart that has a last good bundle: it enforces
     // that one, reports the directory's problems, and waits for a fix.
     let (bundle, compiled, rejected, saved_revision) = match load_policy(
         &options.policies,
+        cluster,
         &risk_overrides,
     ) {
         Ok((bundle, compiled)) => (
@@ -232,7 +354,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ),
         Err(error) => {
             let fallback = last_good::dir(&options.state_dir);
-            match load_policy(&fallback, &risk_overrides) {
+            match load_policy(&fallback, cluster, &risk_overrides) {
                 Ok((bundle, compiled)) => {
                     tracing::error!(
                         last_good = %fallback.display(),
@@ -263,8 +385,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let history = PolicyHistory::default();
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
+    let fingerprint_now = fingerprint(&options.policies);
     let mut agent = Agent {
-        fingerprint: fingerprint(&options.policies),
+        dir_rejected: rejected.is_some().then(|| fingerprint_now.clone()),
+        fingerprint: fingerprint_now,
+        kube,
+        cluster: cluster_state,
+        reported_problems: BTreeSet::new(),
+        pods: None,
+        watch_status: None,
+        status_written: (None, None),
         options,
         cgroup_mount,
         cgroup_root,
@@ -287,6 +417,22 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(error) => agent.reject(error),
         None => agent.save_last_good(),
     }
+    agent.report_cluster_problems();
+    // Before the hooks: a cgroup created from here on is signalled.
+    let watcher = match Watcher::spawn(&agent.cgroup_root, cgroups::DEFAULT_MAX_WATCHES) {
+        Ok(watcher) => {
+            let status = watcher.status();
+            tracing::info!(root = %agent.cgroup_root.display(), watches = status.watches, "watching the cgroup tree");
+            agent.watch_status = Some(status);
+            Some(watcher)
+        }
+        Err(error) => {
+            tracing::warn!("cannot watch the cgroup tree ({error:#}); new cgroups are found by the resync every {} ms", RESYNC_EVERY.as_millis());
+            None
+        }
+    };
+    // Cgroups created while the policy was being written.
+    agent.resync_cgroups();
     let attach = agent.datapath.attach(&agent.cgroup_root)?;
     for hook in &attach.hooks {
         tracing::info!(program = hook.program, adopted = hook.adopted, cgroup = %agent.cgroup_root.display(), "hook in place");
@@ -318,7 +464,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => agent.reload("SIGHUP"),
-            _ = ticker.tick() => agent.tick(),
+            _ = ticker.tick() => {
+                agent.watch_status = watcher.as_ref().map(Watcher::status);
+                agent.tick();
+            }
+            _ = tree_changed(watcher.as_ref()) => agent.resync_cgroups(),
+            Some(state) = next_cluster(&mut cluster_rx) => agent.cluster_changed(state),
             Some((request, reply)) = control_rx.recv() => {
                 let response = agent.handle(request);
                 let _ = reply.send(response);
@@ -345,7 +496,13 @@ impl Agent {
             audit: self.options.audit,
             quarantined: &self.quarantined,
         };
-        let (desired, unresolved) = desired_state(&self.compiled, &self.cgroup_mount, &overrides);
+        let pods = self.scan_pods();
+        let (desired, unresolved) = desired_state_with(
+            &self.compiled,
+            &self.cgroup_mount,
+            pods.as_ref(),
+            &overrides,
+        );
         let history = self.history.clone();
         let next = self.compiled.clone();
         let previous = previous.unwrap_or_else(|| next.clone());
@@ -361,6 +518,7 @@ impl Agent {
         let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
         self.applied_at = now();
         report_unresolved(&self.unresolved, &unresolved);
+        self.pods = pods_view(pods.as_ref(), &unresolved, &desired.cgroups, &self.compiled);
         self.unresolved = unresolved;
         self.cgroups = desired.cgroups;
         tracing::info!(
@@ -389,9 +547,24 @@ impl Agent {
             self.reload("policy directory changed");
             return;
         }
-        // Pods come and go: re-resolve cgroup paths, write only what changed.
+        self.resync_cgroups();
+        // The source's connection and the watcher change without a policy change: keep
+        // `enforcer status` current (staleness is computed by the reader).
+        if (self.kube_status_to_write(), self.watch_status.clone()) != self.status_written {
+            self.save_state();
+        }
+    }
+
+    /// Pods and containers come and go: re-resolve the cgroup map, write only what changed.
+    fn resync_cgroups(&mut self) {
+        let pods = self.scan_pods();
         let mut unresolved = Unresolved::default();
-        let fresh = resolve_cgroups(&self.compiled, &self.cgroup_mount, &mut unresolved);
+        let fresh = resolve_cgroups(
+            &self.compiled,
+            &self.cgroup_mount,
+            pods.as_ref(),
+            &mut unresolved,
+        );
         if fresh != self.cgroups {
             match self.datapath.tables.sync_cgroups(&fresh) {
                 Ok(()) => {
@@ -401,29 +574,137 @@ impl Agent {
                 Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
             }
         }
-        if unresolved != self.unresolved {
+        let view = pods_view(pods.as_ref(), &unresolved, &self.cgroups, &self.compiled);
+        if unresolved != self.unresolved || view != self.pods {
             report_unresolved(&self.unresolved, &unresolved);
+            let conflicts_changed = unresolved.conflicts != self.unresolved.conflicts;
             self.unresolved = unresolved;
+            self.pods = view;
+            if conflicts_changed {
+                self.report_cluster_problems();
+            }
             self.save_state();
         }
     }
 
+    /// Scans the cgroup root for pod cgroups (`--kubernetes` only: the inventory names its
+    /// cgroups by path).
+    fn scan_pods(&self) -> Option<Scan> {
+        self.options.kubernetes.as_ref()?;
+        match cgroups::scan(&self.cgroup_root, cgroups::Limits::default()) {
+            Ok(scan) => {
+                if let Some(why) = &scan.truncated {
+                    if self.pods.as_ref().and_then(|p| p.scan_truncated.as_ref()) != Some(why) {
+                        tracing::warn!("cgroup scan incomplete: {why}");
+                    }
+                }
+                Some(scan)
+            }
+            Err(error) => {
+                tracing::error!("scanning the cgroup root for pods: {error:#}");
+                None
+            }
+        }
+    }
+
+    /// A new cluster state: merge, compile, apply, as for an edit of the directory.
+    fn cluster_changed(&mut self, state: Arc<ClusterState>) {
+        if self.cluster.as_ref() == Some(&state) {
+            return;
+        }
+        tracing::info!(
+            identities = state.identities.len(),
+            services = state.services.len(),
+            problems = state.problems.len(),
+            "cluster state changed"
+        );
+        self.cluster = Some(state);
+        self.reload_with("cluster state changed", true);
+    }
+
+    fn cluster(&self) -> Option<Cluster<'_>> {
+        self.options.kubernetes.as_ref().map(|k| Cluster {
+            state: self.cluster.as_deref(),
+            options: &k.cluster,
+        })
+    }
+
+    /// Logs and emits each problem of the cluster merge (and each cgroup conflict) once.
+    fn report_cluster_problems(&mut self) {
+        let current = self.current_problems();
+        for problem in current.difference(&self.reported_problems) {
+            tracing::warn!(%problem, "cluster problem");
+            let _ = self.notices.send(Notice::ClusterProblem {
+                time: now(),
+                problem: problem.clone(),
+            });
+        }
+        for gone in self.reported_problems.difference(&current) {
+            tracing::info!(problem = %gone, "cluster problem resolved");
+        }
+        self.reported_problems = current;
+    }
+
+    fn current_problems(&self) -> BTreeSet<String> {
+        let mut problems: BTreeSet<String> =
+            self.bundle.cluster_problems().iter().cloned().collect();
+        if let Some(state) = &self.cluster {
+            problems.extend(state.problems.iter().cloned());
+        }
+        problems.extend(self.unresolved.conflicts.iter().cloned());
+        problems
+    }
+
+    fn kube_status_to_write(&self) -> Option<KubeStatus> {
+        self.kube.as_ref().map(|k| {
+            let mut status = k.status();
+            // Grows every second while disconnected: the reader computes it from last_sync.
+            status.staleness_seconds = None;
+            status
+        })
+    }
+
+    /// Loads `dir` merged with the cluster state and compiles it incrementally.
+    fn candidate(&self, dir: &Path) -> Result<(Bundle, Compiled)> {
+        let mut bundle = load_bundle(dir, self.cluster())?;
+        apply_risk_overrides(&mut bundle, &self.risk_overrides);
+        // Reuses the previous answers when only identities changed (a new pod, say).
+        let compiled = bundle
+            .compile_incremental(&self.compiled)
+            .context("compiling")?;
+        Ok((bundle, compiled))
+    }
+
+    /// The bundle in force (from its copy in the state directory) merged with the current
+    /// cluster state.
+    fn in_force_with_cluster(&self) -> Result<(Bundle, Compiled)> {
+        let copy = last_good::dir(&self.options.state_dir);
+        let (bundle, compiled) = self.candidate(&copy)?;
+        if bundle.revision() != self.bundle.revision() {
+            bail!(
+                "the copy of the bundle in force ({}) holds revision {}, not {}",
+                copy.display(),
+                bundle.revision(),
+                self.bundle.revision()
+            );
+        }
+        Ok((bundle, compiled))
+    }
+
     /// Validate -> compile -> swap; any failure keeps the policy in force and says so.
     fn reload(&mut self, why: &str) {
+        self.reload_with(why, false)
+    }
+
+    /// [`Agent::reload`]; `cluster_only` when only the cluster changed. Then a directory that
+    /// still looks as it did when it was rejected is read again but, if it still fails, not
+    /// reported again: the new cluster state is merged with the bundle in force instead
+    /// (its copy in [`last_good::dir`]), so that pods keep being mapped while an operator
+    /// fixes the policy.
+    fn reload_with(&mut self, why: &str, cluster_only: bool) {
         self.fingerprint = fingerprint(&self.options.policies);
         tracing::info!(why, "reloading policy");
-        let candidate = load_bundle(&self.options.policies).and_then(|mut bundle| {
-            apply_risk_overrides(&mut bundle, &self.risk_overrides);
-            // Reuses the previous answers when only the inventory changed (a new pod, say).
-            let compiled = bundle
-                .compile_incremental(&self.compiled)
-                .context("compiling")?;
-            Ok((bundle, compiled))
-        });
-        let (bundle, compiled) = match candidate {
-            Ok(ok) => ok,
-            Err(error) => return self.reject(error),
-        };
+        let candidate = self.candidate(&self.options.policies);
         // The directory may have changed while it was read (a PDP sync swaps it whole): load
         // again on the next tick rather than apply a bundle read half before, half after.
         if fingerprint(&self.options.policies) != self.fingerprint {
@@ -431,6 +712,27 @@ impl Agent {
             self.fingerprint.clear();
             return;
         }
+        let mut from_dir = true;
+        let (bundle, compiled) = match candidate {
+            Ok(ok) => ok,
+            Err(error) if cluster_only && self.dir_rejected.as_ref() == Some(&self.fingerprint) => {
+                tracing::debug!("the policy directory is still invalid: {error:#}");
+                from_dir = false;
+                match self.in_force_with_cluster() {
+                    Ok(ok) => ok,
+                    Err(error) => {
+                        return self.reject(error.context(format!(
+                            "the policy directory {} is still invalid, and merging the cluster change with the bundle in force failed",
+                            self.options.policies.display()
+                        )))
+                    }
+                }
+            }
+            Err(error) => {
+                self.dir_rejected = Some(self.fingerprint.clone());
+                return self.reject(error);
+            }
+        };
         let previous = std::mem::replace(&mut self.compiled, Arc::new(compiled));
         if let Err(error) = self.apply_full(Some(previous.clone())) {
             // Apply is all or nothing: it checked capacity before writing, or rolled every
@@ -439,7 +741,13 @@ impl Agent {
             return self.reject(error);
         }
         self.bundle = bundle;
-        self.save_last_good();
+        if from_dir {
+            self.dir_rejected = None;
+            self.save_last_good();
+        }
+        self.report_cluster_problems();
+        // The problems are in the state file too.
+        self.save_state();
     }
 
     /// Keeps a copy of the bundle just applied for a restart to fall back on (see
@@ -619,7 +927,8 @@ impl Agent {
             .unwrap_or_else(|| format!("identity {identity}"))
     }
 
-    fn save_state(&self) {
+    fn save_state(&mut self) {
+        self.status_written = (self.kube_status_to_write(), self.watch_status.clone());
         if let Err(error) = self.write_state() {
             tracing::error!("writing the state file: {error:#}");
         }
@@ -633,7 +942,7 @@ impl Agent {
             applied_at: self.applied_at.clone(),
             cgroup_root: self.cgroup_root.clone(),
             pin_dir: self.datapath.dir().to_path_buf(),
-            unresolved_cgroups: self.unresolved.0.iter().cloned().collect(),
+            unresolved_cgroups: self.unresolved.cgroups.iter().cloned().collect(),
             risk_overrides: self.risk_overrides.clone(),
             quarantined: self
                 .quarantined
@@ -641,6 +950,10 @@ impl Agent {
                 .map(|id| self.name_of(*id))
                 .collect(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
+            kubernetes: self.kube.as_ref().map(KubeSource::status),
+            cluster_problems: self.current_problems().into_iter().collect(),
+            pods: self.pods.clone(),
+            cgroup_watch: self.watch_status.clone(),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)
@@ -669,12 +982,77 @@ pub fn read_state(state_dir: &Path) -> Option<AgentState> {
 }
 
 fn report_unresolved(before: &Unresolved, after: &Unresolved) {
-    for missing in after.0.difference(&before.0) {
+    for missing in after.cgroups.difference(&before.cgroups) {
         tracing::warn!(cgroup = %missing, "inventory cgroup does not exist (yet); its processes will be unknown subjects until it appears");
     }
-    for found in before.0.difference(&after.0) {
+    for found in before.cgroups.difference(&after.cgroups) {
         tracing::info!(cgroup = %found, "inventory cgroup appeared");
     }
+    for pod in after.pods.difference(&before.pods) {
+        tracing::info!(%pod, "local pod has no cgroup on this node (yet)");
+    }
+    for pod in after
+        .unidentified_pods
+        .difference(&before.unidentified_pods)
+    {
+        tracing::warn!(uid = %pod, "pod cgroup of no known identity: its processes are unknown subjects (denied)");
+    }
+    for pod in before
+        .unidentified_pods
+        .difference(&after.unidentified_pods)
+    {
+        tracing::info!(uid = %pod, "pod cgroup identified or gone");
+    }
+}
+
+/// What `enforcer status` shows about the local pods (`None` without a scan).
+fn pods_view(
+    scan: Option<&Scan>,
+    unresolved: &Unresolved,
+    cgroups: &BTreeMap<u64, u32>,
+    compiled: &Compiled,
+) -> Option<PodsView> {
+    let scan = scan?;
+    let pod_identities: BTreeSet<u32> = compiled
+        .identities()
+        .filter(|i| !i.pod_uids.is_empty())
+        .map(|i| i.id)
+        .collect();
+    Some(PodsView {
+        pod_cgroups: scan.pods.len(),
+        mapped: scan.pods.len() - unresolved.unidentified_pods.len(),
+        mapped_cgroups: cgroups
+            .values()
+            .filter(|id| pod_identities.contains(id))
+            .count(),
+        without_cgroup: unresolved.pods.iter().cloned().collect(),
+        unidentified: unresolved.unidentified_pods.iter().cloned().collect(),
+        scan_truncated: scan.truncated.clone(),
+    })
+}
+
+/// The next signal of the cgroup watcher; never, without one.
+async fn tree_changed(watcher: Option<&Watcher>) {
+    match watcher {
+        Some(watcher) => watcher.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next cluster state the source publishes; never, without a source (or once it is gone:
+/// the agent keeps enforcing the last state).
+async fn next_cluster(
+    rx: &mut Option<tokio::sync::watch::Receiver<Option<Arc<ClusterState>>>>,
+) -> Option<Arc<ClusterState>> {
+    let Some(receiver) = rx else {
+        return std::future::pending().await;
+    };
+    if receiver.changed().await.is_err() {
+        tracing::error!("the Kubernetes source stopped; the last cluster state stays in force");
+        *rx = None;
+        return std::future::pending().await;
+    }
+    receiver.borrow_and_update().clone()
 }
 
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;

@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of `run`'s variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: compile the policy into the kernel, attach, stream deny events.
@@ -66,6 +68,8 @@ enum Command {
         /// the kernel and its rollback is exercised.
         #[arg(long, hide = true)]
         skip_capacity_check: bool,
+        #[command(flatten)]
+        kubernetes: KubernetesArgs,
     },
     /// Kernel counters, map fill levels, lost events and the policy revision in force.
     Status {
@@ -106,6 +110,74 @@ enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
+}
+
+/// `enforcer run --kubernetes`: identities from the pods and namespaces of a cluster.
+#[derive(clap::Args, Clone)]
+struct KubernetesArgs {
+    /// Take identities from Kubernetes: Pods (this node's are mapped by their cgroups),
+    /// Namespaces (tenants) and Services, merged with the bundle's inventory. The last state
+    /// is kept in the state directory and enforced while the API server is unreachable.
+    #[arg(long)]
+    kubernetes: bool,
+    /// A kubeconfig file (default: the in-cluster service account, else $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, as pods' spec.nodeName says it (default: $NODE_NAME, then the
+    /// hostname).
+    #[arg(long, requires = "kubernetes")]
+    node_name: Option<String>,
+    /// A pod label key that splits identities, besides the purpose and ring labels
+    /// (repeatable).
+    #[arg(long = "identity-label", value_name = "KEY", requires = "kubernetes")]
+    identity_labels: Vec<String>,
+    /// The SPIFFE trust domain of pod identities: spiffe://DOMAIN/ns/NS/sa/SA [default:
+    /// cluster.local].
+    #[arg(long, requires = "kubernetes")]
+    trust_domain: Option<String>,
+    /// The most identities (distinct label sets) one tenant may have; more are left out
+    /// (their pods unknown subjects) and reported [default: 256].
+    #[arg(long, value_name = "N", requires = "kubernetes")]
+    max_identities_per_tenant: Option<usize>,
+}
+
+impl KubernetesArgs {
+    fn options(self, state_dir: &std::path::Path) -> Result<Option<agent::KubernetesOptions>> {
+        use enforcer_policy::cluster::{ClusterOptions, DEFAULT_MAX_IDENTITIES_PER_TENANT};
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let node_name = match self.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+            Some(name) => name,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("reading the hostname (for the node name; give --node-name)")?
+                .trim()
+                .to_string(),
+        };
+        if node_name.is_empty() {
+            anyhow::bail!("the node name is empty: give --node-name or set NODE_NAME");
+        }
+        let max = self
+            .max_identities_per_tenant
+            .unwrap_or(DEFAULT_MAX_IDENTITIES_PER_TENANT);
+        if max == 0 {
+            anyhow::bail!("--max-identities-per-tenant must be at least 1");
+        }
+        Ok(Some(agent::KubernetesOptions {
+            source: enforcer::sources::kubernetes::KubeOptions {
+                kubeconfig: self.kubeconfig,
+                node_name: node_name.clone(),
+                identity_labels: self.identity_labels,
+                trust_domain: self.trust_domain.unwrap_or_else(|| "cluster.local".into()),
+                state_dir: state_dir.to_path_buf(),
+            },
+            cluster: ClusterOptions {
+                node_name,
+                max_identities_per_tenant: max,
+            },
+        }))
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -244,8 +316,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             pdp_ca,
             capacity,
             skip_capacity_check,
+            kubernetes,
         } => {
             let state_dir = pins.state_dir();
+            let kubernetes = kubernetes.options(&state_dir)?;
             let policies = policies.unwrap_or_else(|| state_dir.join("pdp-bundle"));
             let pdp = match (pdp, pdp_token_file) {
                 (Some(url), Some(token_file)) => Some(enforcer::pdp::SyncOptions {
@@ -269,6 +343,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 allow_root_cgroup,
                 capacity: capacity_overrides(&capacity)?,
                 skip_capacity_check,
+                kubernetes,
             };
             runtime()?.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)
@@ -413,8 +488,9 @@ fn remove_state_dir(dir: &std::path::Path) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         // state.json (+ its .tmp), control.sock, pdp-status.json, the PDP's bundle copy, the
-        // last applied bundle (`last_good`) and
+        // last applied bundle (`last_good`), the last cluster state (`--kubernetes`) and
         // the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
+        let cluster_state = enforcer::sources::kubernetes::STATE_FILE;
         let ours = matches!(
             name.as_ref(),
             "state.json"
@@ -423,7 +499,9 @@ fn remove_state_dir(dir: &std::path::Path) {
                 | "pdp-status.json"
                 | "pdp-bundle"
                 | "last-good-bundle"
-        ) || name.starts_with(".pdp-bundle.")
+        ) || name == cluster_state
+            || name.starts_with(&format!(".{cluster_state}.tmp-"))
+            || name.starts_with(".pdp-bundle.")
             || name.starts_with(".last-good-bundle.")
             || name.starts_with(".pdp-status.json.");
         if !ours {

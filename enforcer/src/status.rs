@@ -58,6 +58,13 @@ pub struct AgentView {
     pub unresolved_cgroups: Vec<String>,
     pub risk_overrides: std::collections::BTreeMap<String, String>,
     pub quarantined: Vec<String>,
+    /// The Kubernetes source (`--kubernetes`), as the agent last wrote it; `staleness_seconds`
+    /// is computed now from `last_sync` (0 while the agent runs connected).
+    pub kubernetes: Option<crate::sources::kubernetes::KubeStatus>,
+    /// What the cluster merge refused or reported, one line each.
+    pub cluster_problems: Vec<String>,
+    pub pods: Option<crate::agent::PodsView>,
+    pub cgroup_watch: Option<crate::sources::cgroups::WatchStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,9 +133,29 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         .ok()
         .and_then(|at| SystemTime::now().duration_since(at).ok())
         .map(|d| d.as_secs());
+    let running = Path::new(&format!("/proc/{}", state.pid)).exists();
+    let kubernetes = state.kubernetes.map(|mut kube| {
+        kube.staleness_seconds = if kube.connected && running {
+            Some(0)
+        } else {
+            kube.last_sync
+                .as_deref()
+                .and_then(|at| humantime::parse_rfc3339(at).ok())
+                .map(|at| {
+                    SystemTime::now()
+                        .duration_since(at)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                })
+        };
+        if !running {
+            kube.connected = false;
+        }
+        kube
+    });
     Some(AgentView {
         pid: state.pid,
-        running: Path::new(&format!("/proc/{}", state.pid)).exists(),
+        running,
         revision: state.revision,
         applied_at: state.applied_at,
         policy_age_seconds: age,
@@ -137,7 +164,48 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         unresolved_cgroups: state.unresolved_cgroups,
         risk_overrides: state.risk_overrides,
         quarantined: state.quarantined,
+        kubernetes,
+        cluster_problems: state.cluster_problems,
+        pods: state.pods,
+        cgroup_watch: state.cgroup_watch,
     })
+}
+
+fn render_kubernetes(out: &mut String, kube: &crate::sources::kubernetes::KubeStatus) {
+    use std::fmt::Write;
+    let state = if !kube.has_state {
+        "no state yet: pods are unknown subjects (denied)".to_string()
+    } else if kube.persisted {
+        "enforcing the persisted state (no live state since start)".to_string()
+    } else {
+        "live state".to_string()
+    };
+    let _ = writeln!(
+        out,
+        "kubernetes:      {}; {state}",
+        if kube.connected {
+            "connected"
+        } else {
+            "not connected"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "k8s staleness:   {}",
+        match (kube.staleness_seconds, &kube.last_sync) {
+            (Some(s), Some(at)) => format!("{s} s (last sync {at})"),
+            (Some(s), None) => format!("{s} s"),
+            (None, _) => "never synced".to_string(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "k8s objects:     {} identities, {} pods ({} on this node), {} services, {} problems",
+        kube.identities, kube.pods, kube.local_pods, kube.services, kube.problems
+    );
+    if let Some(error) = &kube.last_error {
+        let _ = writeln!(out, "k8s last error:  {error}");
+    }
 }
 
 pub fn render(status: &Status) -> String {
@@ -180,6 +248,45 @@ pub fn render(status: &Status) -> String {
             }
             for missing in &agent.unresolved_cgroups {
                 let _ = writeln!(out, "missing cgroup:  {missing}");
+            }
+            if let Some(kube) = &agent.kubernetes {
+                render_kubernetes(&mut out, kube);
+            }
+            if let Some(pods) = &agent.pods {
+                let _ = writeln!(
+                    out,
+                    "local pods:      {} pod cgroups, {} of known identities ({} cgroups mapped)",
+                    pods.pod_cgroups, pods.mapped, pods.mapped_cgroups
+                );
+                for uid in &pods.unidentified {
+                    let _ = writeln!(
+                        out,
+                        "unknown pod:     {uid} (no identity: its processes are denied)"
+                    );
+                }
+                for pod in &pods.without_cgroup {
+                    let _ = writeln!(out, "pod w/o cgroup:  {pod}");
+                }
+                if let Some(why) = &pods.scan_truncated {
+                    let _ = writeln!(out, "pod scan:        incomplete: {why}");
+                }
+            }
+            if let Some(watch) = &agent.cgroup_watch {
+                let _ = writeln!(
+                    out,
+                    "cgroup watch:    {} directories under {} ({} events, {} rescans){}",
+                    watch.watches,
+                    watch.root.display(),
+                    watch.events,
+                    watch.rescans,
+                    match &watch.degraded {
+                        Some(why) => format!("; degraded: {why}"),
+                        None => String::new(),
+                    }
+                );
+            }
+            for problem in &agent.cluster_problems {
+                let _ = writeln!(out, "cluster problem: {problem}");
             }
         }
         None => {

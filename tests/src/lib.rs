@@ -18,6 +18,7 @@ pub mod deploy;
 pub mod fixtures;
 pub mod generated;
 pub mod kube;
+pub mod kubelet;
 pub mod netns;
 pub mod probe;
 pub mod servers;

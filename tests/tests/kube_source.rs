@@ -7,7 +7,7 @@
 //!
 //! Shown: three tenants' namespaces (tenant metadata as labels or annotations); replicas
 //! sharing labels are one identity and a different purpose is another; pod IPs written
-//! through `/status`; a pod deleted (at once, or gracefully: `deletionTimestamp`) is gone; a
+//! through `/status`; a pod deleted at once is gone, one deleted gracefully stays through its grace period; a
 //! namespace relabelled to another tenant changes its pods' identity; a pod label claiming
 //! another tenant is ignored and reported; an invalid tenant value and a namespace without a
 //! tenant are reported and their pods left out; Services with Endpoints become ClusterServices
@@ -370,8 +370,9 @@ async fn source_follows_pods_namespaces_and_services() -> Result<()> {
         "ready backends with target ports: {ports:#?}"
     );
 
-    // A pod deleted at once, and one deleted gracefully (no kubelet confirms: it keeps a
-    // deletionTimestamp, which already makes it not live).
+    // A pod deleted at once is gone; one deleted gracefully keeps its identity through its
+    // grace period (no kubelet confirms here: it keeps a deletionTimestamp until the
+    // deletion is forced).
     let acme_pods = Api::<Pod>::namespaced(client.clone(), "acme");
     acme_pods
         .delete("retriever-2", &DeleteParams::default().grace_period(0))
@@ -388,7 +389,23 @@ async fn source_follows_pods_namespaces_and_services() -> Result<()> {
             .is_some(),
         "a graceful delete keeps the pod with a deletionTimestamp"
     );
-    let state = wait_for_state(&mut rx, WAIT, "retriever-2 and evaluator-1 gone", |s| {
+    wait_for_state(
+        &mut rx,
+        WAIT,
+        "retriever-2 gone, evaluator-1 terminating",
+        |s| {
+            pod_count(s) == 5
+                && s.identities
+                    .iter()
+                    .flat_map(|i| &i.pods)
+                    .any(|p| p.name == "evaluator-1")
+        },
+    )
+    .await?;
+    acme_pods
+        .delete("evaluator-1", &DeleteParams::default().grace_period(0))
+        .await?;
+    let state = wait_for_state(&mut rx, WAIT, "evaluator-1 gone once forced", |s| {
         pod_count(s) == 4
     })
     .await?;

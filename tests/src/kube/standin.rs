@@ -10,7 +10,8 @@
 //! `ERROR` event holding a `Status` with code 410 (Gone), as etcd compaction causes.
 //!
 //! The test drives failures: [`StandIn::expire`] (410 on every open and future watch from
-//! before now), [`StandIn::stop`] / [`StandIn::restart`] (the server disappears mid-watch,
+//! before now), [`StandIn::end_watches`] (watches end cleanly, as at their timeout),
+//! [`StandIn::stop`] / [`StandIn::restart`] (the server disappears mid-watch,
 //! connections closed, then comes back on the same address), [`StandIn::set_mode`] (every
 //! new request answered with garbage or an HTTP 500 `Status`, proxied ones included), and
 //! [`StandIn::inject_garbage_line`] (a line that is not JSON inside open watch streams).
@@ -74,6 +75,9 @@ enum WatchMsg {
     Garbage(String),
     /// 410 Gone, then end the stream.
     Gone,
+    /// End the stream cleanly, after what was sent before (as a server ends a watch at
+    /// its `timeoutSeconds`).
+    End,
 }
 
 struct Slices {
@@ -203,12 +207,20 @@ impl StandIn {
     }
 
     /// Compacts the history: open watches get an `ERROR` 410 and end; a watch from any
-    /// resourceVersion up to now gets 410 too. The watcher must relist.
+    /// resourceVersion before the current one gets 410 too. The watcher must relist (a list
+    /// returns the current resourceVersion, from which a watch is valid again).
     pub fn expire(&self) {
         let mut s = self.lock();
-        s.compacted = s.rv + 1;
+        s.compacted = s.rv;
         s.history.clear();
         let _ = s.events.send(WatchMsg::Gone);
+    }
+
+    /// Ends every open watch stream cleanly, after the lines already sent to it (as a server
+    /// does at a watch's `timeoutSeconds`): the client starts a new watch from the last
+    /// resourceVersion it saw, a bookmark's included.
+    pub fn end_watches(&self) {
+        let _ = self.lock().events.send(WatchMsg::End);
     }
 
     /// Writes a line that is not JSON into every open watch stream.
@@ -490,6 +502,7 @@ fn watch(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
                         let _ = send(gone_line(from, from)).await;
                         return;
                     }
+                    Ok(WatchMsg::End) => return,
                     // A watcher too slow for the buffer is cut, as a real server does.
                     Err(_) => return,
                 };

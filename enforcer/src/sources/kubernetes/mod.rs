@@ -59,9 +59,11 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// the same resourceVersion: a server that vanished without closing the connection is
 /// noticed within this bound.
 const WATCH_TIMEOUT_SECS: u32 = 60;
-/// Retry delays of a failing list or watch: doubling from the first to the last, jittered.
+/// Retry delays of a failing list or watch: doubling from the first to the last, jittered,
+/// back to the first after a calm period (no retry for that long).
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+const RETRY_CALM: Duration = Duration::from_secs(60);
 /// The API group/version of EndpointSlices (GA in Kubernetes 1.21).
 const ENDPOINT_SLICES_API: &str = "discovery.k8s.io/v1";
 
@@ -174,6 +176,7 @@ impl KubeSource {
         let errors: Vec<String> = inner
             .parts
             .iter()
+            .filter(|(_, h)| !h.ok)
             .filter_map(|(name, h)| h.error.as_ref().map(|e| format!("{name}: {e}")))
             .chain(inner.persist_error.iter().map(|e| format!("persist: {e}")))
             .collect();
@@ -240,9 +243,11 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
              and no ~/.kube/config; pass --kubeconfig",
         )?,
     };
-    let client = Client::try_from(config).context("building the Kubernetes client")?;
-
     let shared = Arc::new(Shared::default());
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&ObserveWatches(shared.clone()))
+        .build();
     let initial = match persisted {
         Some(p) => {
             let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -312,7 +317,8 @@ struct Health {
     listed: bool,
     /// The last outcome was a success.
     ok: bool,
-    /// The current error, logged once when it appeared.
+    /// The last error, logged once when it appeared; shown while `ok` is false, cleared
+    /// (and the recovery logged) by the next event or established watch.
     error: Option<String>,
 }
 
@@ -372,6 +378,12 @@ impl Shared {
         if let Some(e) = health.error.take() {
             info!(part, previous_error = %e, "kubernetes: recovered");
         }
+    }
+
+    /// A watch request of `part` was answered with a success status: the watch is
+    /// established (a watch resumed from a resourceVersion yields no event until a change).
+    fn watching(&self, part: &'static str) {
+        self.succeeded(part, false, true);
     }
 
     fn failed(&self, part: &'static str, error: String) {
@@ -523,6 +535,8 @@ async fn watch_resource<K>(
     let mut stream = pin!(reflector::reflector(writer, events).backoff(RetryBackoff::default()));
     while let Some(item) = stream.next().await {
         match item {
+            // The watcher emits Init before it lists: a marker, not an answer.
+            Ok(watcher::Event::Init) => {}
             Ok(event) => {
                 let listed = matches!(event, watcher::Event::InitDone);
                 shared.succeeded(part, listed, true);
@@ -537,6 +551,80 @@ async fn watch_resource<K>(
             }
             Err(e) => shared.failed(part, e.to_string()),
         }
+    }
+}
+
+/// The tower layer that tells [`Shared`] when a watch request succeeds.
+#[derive(Clone)]
+struct ObserveWatches(Arc<Shared>);
+
+impl<S> tower::Layer<S> for ObserveWatches {
+    type Service = ObservedService<S>;
+
+    fn layer(&self, inner: S) -> ObservedService<S> {
+        ObservedService {
+            inner,
+            shared: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ObservedService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B> tower::Service<hyper::Request<kube::client::Body>> for ObservedService<S>
+where
+    S: tower::Service<hyper::Request<kube::client::Body>, Response = hyper::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<kube::client::Body>) -> Self::Future {
+        // Lists are not observed here: their success shows as events (InitDone), and a
+        // 200 with a body that does not parse is no success.
+        let watched = watch_part(request.uri());
+        let shared = self.shared.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let (Some(part), Ok(r)) = (watched, &response) {
+                if r.status().is_success() {
+                    shared.watching(part);
+                }
+            }
+            response
+        })
+    }
+}
+
+/// The part whose watch request this is (`?watch=true` on a cluster-wide collection).
+fn watch_part(uri: &hyper::Uri) -> Option<&'static str> {
+    let watch = uri
+        .query()?
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
+    if !watch {
+        return None;
+    }
+    match uri.path() {
+        "/api/v1/pods" => Some("pods"),
+        "/api/v1/namespaces" => Some("namespaces"),
+        "/api/v1/services" => Some("services"),
+        "/api/v1/endpoints" => Some("endpoints"),
+        "/apis/discovery.k8s.io/v1/endpointslices" => Some("endpointslices"),
+        _ => None,
     }
 }
 
@@ -709,12 +797,17 @@ fn write_atomically(path: &Path, value: &PersistedState) -> Result<()> {
     result
 }
 
-/// Capped exponential backoff with jitter (so that many nodes do not retry in step); reset
-/// by the stream after every success.
+/// Capped exponential backoff with jitter (so that many nodes do not retry in step), back to
+/// the first delay after [`RETRY_CALM`] without a retry.
+///
+/// `Backoff::reset` does nothing: the stream resets its backoff on every `Ok`, and the
+/// watcher emits an `Ok(Init)` marker before every list, so a server failing every list
+/// would otherwise be retried at the first delay forever.
 #[derive(Debug)]
 struct RetryBackoff {
     next: Duration,
     seed: u64,
+    last: Option<tokio::time::Instant>,
 }
 
 impl Default for RetryBackoff {
@@ -726,6 +819,7 @@ impl Default for RetryBackoff {
         Self {
             next: RETRY_FIRST,
             seed,
+            last: None,
         }
     }
 }
@@ -734,6 +828,14 @@ impl Iterator for RetryBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) > RETRY_CALM)
+        {
+            self.next = RETRY_FIRST;
+        }
+        self.last = Some(now);
         // xorshift64: jitter needs no quality, only spread.
         self.seed ^= self.seed << 13;
         self.seed ^= self.seed >> 7;
@@ -747,9 +849,7 @@ impl Iterator for RetryBackoff {
 }
 
 impl Backoff for RetryBackoff {
-    fn reset(&mut self) {
-        self.next = RETRY_FIRST;
-    }
+    fn reset(&mut self) {}
 }
 
 #[cfg(test)]

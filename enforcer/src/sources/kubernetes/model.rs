@@ -135,6 +135,28 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
             entry.pods.extend(identity.pods);
         }
     }
+    // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
+    // pod's processes another's: neither is mapped, and both are reported.
+    let mut by_uid: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pod in identities.values().flat_map(|i| &i.pods) {
+        by_uid
+            .entry(pod.uid.clone())
+            .or_default()
+            .push(format!("{}/{}", pod.namespace, pod.name));
+    }
+    by_uid.retain(|_, pods| pods.len() > 1);
+    if !by_uid.is_empty() {
+        for (uid, pods) in &by_uid {
+            problems.push(format!(
+                "pods {} all name the cgroup of pod UID {uid}: left out (unknown subjects)",
+                pods.join(", ")
+            ));
+        }
+        for identity in identities.values_mut() {
+            identity.pods.retain(|p| !by_uid.contains_key(&p.uid));
+        }
+        identities.retain(|_, i| !i.pods.is_empty());
+    }
     for (namespace, names) in refused_by_namespace {
         let why = match namespaces.get(namespace) {
             None => format!("namespace {namespace} is not known"),
@@ -161,11 +183,42 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     }
 }
 
-/// A pod is live until it has terminated or is being deleted.
+/// The annotation a kubelet puts on the mirror pod of a static pod: the static pod's own UID
+/// (a hash of its manifest), which is what names its cgroup. Source: kubelet
+/// `pkg/kubelet/types` (`ConfigMirrorAnnotationKey`).
+pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The UID the kubelet names the pod's cgroup after: `metadata.uid`, except for the mirror
+/// pod of a static pod, whose cgroup carries the static pod's UID. The annotation is honoured
+/// only on a pod the kubelet owns (an owner reference to the Node it runs on, which the
+/// kubelet sets and the NodeRestriction admission plugin reserves to it): any tenant could
+/// write the annotation itself, and would then name another pod's cgroup.
+fn cgroup_uid(pod: &Pod) -> Option<String> {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let owned_by_node = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Node" && Some(o.name.as_str()) == node);
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .filter(|_| owned_by_node)
+        .filter(|hash| !hash.is_empty());
+    mirror
+        .or(pod.metadata.uid.as_ref())
+        .filter(|u| !u.is_empty())
+        .cloned()
+}
+
+/// A pod is live until it has terminated or the API server has removed it. A pod being
+/// deleted (`deletionTimestamp` set) keeps its identity through its grace period: its
+/// containers still run and close their connections, and denying them as unknown subjects
+/// would break every graceful shutdown (Cilium keeps an endpoint until it is gone, too).
 fn live(pod: &Pod) -> bool {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     !matches!(phase, Some("Succeeded" | "Failed"))
 }
@@ -252,11 +305,11 @@ fn pod_identity(
         ));
         return None;
     }
-    let Some(uid) = pod.metadata.uid.clone().filter(|u| !u.is_empty()) else {
+    let spec = pod.spec.as_ref();
+    let Some(uid) = cgroup_uid(pod) else {
         problems.push(format!("{object}: no metadata.uid: left out"));
         return None;
     };
-    let spec = pod.spec.as_ref();
     let service_account = spec
         .and_then(|s| {
             s.service_account_name

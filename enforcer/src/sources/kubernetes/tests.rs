@@ -338,7 +338,7 @@ fn invalid_or_contradictory_namespace_metadata_leaves_its_pods_out() {
 }
 
 #[test]
-fn terminated_and_deleting_pods_are_not_live() {
+fn terminated_pods_are_not_live_and_deleting_ones_still_are() {
     let mut done = pod("acme", "done", json!({}), "n", "127.82.1.1");
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     let mut failed = pod("acme", "failed", json!({}), "n", "127.82.1.2");
@@ -355,7 +355,7 @@ fn terminated_and_deleting_pods_are_not_live() {
         ],
         vec![tenant_ns("acme", "acme")],
     );
-    assert_eq!(pod_names(&s), [vec!["running"]]);
+    assert_eq!(pod_names(&s), [vec!["deleting", "running"]]);
 }
 
 #[test]
@@ -659,14 +659,17 @@ fn persisted_state_round_trips_and_garbage_is_ignored() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn retry_backoff_doubles_to_its_cap_and_resets() {
+#[tokio::test(start_paused = true)]
+async fn retry_backoff_doubles_to_its_cap_and_calms_down() {
     let mut b = RetryBackoff::default();
     let delays: Vec<Duration> = (0..10).map(|_| b.next().unwrap()).collect();
     assert!(delays[0] >= RETRY_FIRST.mul_f64(0.75) && delays[0] <= RETRY_FIRST.mul_f64(1.25));
     assert!(delays.iter().all(|d| *d <= RETRY_MAX.mul_f64(1.25)));
     assert!(delays[9] >= RETRY_MAX.mul_f64(0.75));
+    // A success (the watcher's Init marker) does not reset it; a calm period does.
     b.reset();
+    assert!(b.next().unwrap() >= RETRY_MAX.mul_f64(0.75));
+    tokio::time::advance(RETRY_CALM + Duration::from_secs(1)).await;
     assert!(b.next().unwrap() <= RETRY_FIRST.mul_f64(1.25));
 }
 
@@ -741,4 +744,60 @@ async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
     assert_eq!((status.pods, status.local_pods), (1, 1));
     drop(source);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A static pod's cgroup is named after the static pod's UID, which only its mirror pod's
+/// annotation carries; a tenant writing that annotation on its own pod names nothing.
+#[test]
+fn mirror_pods_name_their_static_pods_cgroup_and_forged_ones_do_not() {
+    const HASH: &str = "6f3b0c1d2e4a5b6c7d8e9f0a1b2c3d4e";
+    let mirror = |ns: &str, name: &str, owner: Option<&str>| -> Pod {
+        let mut p = pod(ns, name, json!({}), "n", "127.82.7.1");
+        p.metadata.annotations =
+            Some([(model::MIRROR_ANNOTATION.to_string(), HASH.to_string())].into());
+        p.metadata.owner_references = owner.map(|node| {
+            vec![serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node", "name": node, "uid": "node-uid"
+            }))
+            .unwrap()]
+        });
+        p
+    };
+    let uids = |s: &ClusterState| -> Vec<String> {
+        s.identities
+            .iter()
+            .flat_map(|i| &i.pods)
+            .map(|p| p.uid.clone())
+            .collect()
+    };
+    let s = state(
+        vec![mirror("acme", "etcd-n", Some("n"))],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(uids(&s), [HASH]);
+    // No owner, or owned by another node: the annotation is ignored.
+    let s = state(
+        vec![
+            mirror("acme", "a", None),
+            mirror("acme", "b", Some("other")),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(uids(&s), ["uid-acme-a", "uid-acme-b"]);
+    // Two pods naming one cgroup: neither is mapped, both are reported.
+    let s = state(
+        vec![
+            mirror("acme", "etcd-n", Some("n")),
+            mirror("globex", "copy", Some("n")),
+        ],
+        vec![tenant_ns("acme", "acme"), tenant_ns("globex", "globex")],
+    );
+    assert!(uids(&s).is_empty(), "{s:#?}");
+    assert!(
+        s.problems
+            .iter()
+            .any(|p| p.contains("acme/etcd-n, globex/copy") && p.contains(HASH)),
+        "{:#?}",
+        s.problems
+    );
 }

@@ -1,0 +1,1077 @@
+//! Pods on a node, judged as pods: the kubelet's exact cgroup layouts (both drivers, all
+//! three QoS classes; [`enforcer_tests::kubelet`]) created under a test root on the real
+//! cgroup v2 hierarchy, Namespaces and Pods in the **real kube-apiserver**
+//! ([`enforcer_tests::kube::ApiServer`], no stand-in), and the agent run as
+//! `enforcer run --kubernetes`, deciding in the real kernel.
+//!
+//! The world: three tenants (namespaces `cg9-acme`, `cg9-globex`, `cg9-initech`, tenant label
+//! on the Namespace), seven pods on this node (`cg9-node`) and one on another node, each
+//! with an IPv4 address on loopback (`127.83.<net>.<n>`) and an IPv6 one on a veth pair
+//! between two namespaces (`fd83:<net>::<n>`). Replicas differ only in labels outside the
+//! identity (`pod-template-hash`) and share one identity. The bundle: the demo's schema and
+//! its baseline (`same-tenant` permit, `tenant-isolation` forbid), so a call is allowed
+//! exactly when both ends have one tenant.
+//!
+//! Addresses: 127.83.0.0/16 and fd83::/16; netns and cgroup names start with `cg9-`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use enforcer::sources::cgroups::{scan, Limits, Watcher};
+use enforcer_tests::agent::AgentConfig;
+use enforcer_tests::kube::{create_namespace, require_apiserver, ApiServer};
+use enforcer_tests::kubelet::{Driver, Node, PodCgroups, Qos};
+use enforcer_tests::probe::attempt;
+use enforcer_tests::servers::Proto;
+use enforcer_tests::util::wait_until;
+use enforcer_tests::{
+    require_kernel, unique_name, Agent, NetNs, Outcome, PinDir, PolicyBundle, Probe, Server,
+    TestCgroup, Veth,
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::Api;
+use serde_json::Value;
+
+const NODE: &str = "cg9-node";
+const OTHER_NODE: &str = "cg9-other-node";
+const PORT: u16 = 8083;
+const TENANT_LABEL: &str = "ai-enforcer.io/tenant";
+const PURPOSE_LABEL: &str = "ai-enforcer.io/purpose";
+const CID: &str = "4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Waits for the watcher's signal, bounded (5 s: a signal is due in milliseconds).
+async fn signalled(watcher: &Watcher) -> bool {
+    tokio::time::timeout(Duration::from_secs(5), watcher.changed())
+        .await
+        .is_ok()
+}
+
+async fn watches_become(watcher: &Watcher, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = watcher.status();
+        if status.watches == n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "watches: {} (want {n}): {status:?}",
+            status.watches
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// inotify on cgroup v2: a pod cgroup and its containers created by mkdir are signalled and
+/// watched, removed ones are signalled and their watches released (kernfs does not always
+/// send IN_IGNORED), and the scan finds the pod with the kernel's cgroup IDs.
+#[test]
+fn inotify_follows_kubelet_cgroups_on_cgroup_v2() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let root = TestCgroup::create(unique_name("cg9-watch"))?;
+    // Plain mkdir/rmdir below the test root, as the kubelet and the runtime do; the root's
+    // guard removes whatever is left.
+    let mkdir = |relative: &str| -> Result<u64> {
+        let path = root.path().join(relative);
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(enforcer::fs::cgroup_id(&path)?)
+    };
+    let rmdir = |relative: &str| -> Result<()> {
+        let path = root.path().join(relative);
+        std::fs::remove_dir(&path).with_context(|| format!("rmdir {}", path.display()))
+    };
+    mkdir("kubepods.slice")?;
+    mkdir("kubepods.slice/kubepods-burstable.slice")?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let watcher = Watcher::spawn(&root.path(), 64)?;
+            ensure!(watcher.status().watches == 3, "{:?}", watcher.status());
+            let uid = "0a8b3c4d-0000-4000-8000-000000000083";
+            let pod = format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            );
+            let sandbox = format!("{pod}/{CID}");
+            let container = format!("{pod}/cri-containerd-{CID}.scope");
+            let mut want = vec![mkdir(&pod)?];
+            ensure!(signalled(&watcher).await, "no signal for the pod cgroup");
+            want.push(mkdir(&sandbox)?);
+            want.push(mkdir(&container)?);
+            ensure!(signalled(&watcher).await, "no signal for the containers");
+            watches_become(&watcher, 6).await?;
+
+            let found = scan(&root.path(), Limits::default())?;
+            let got = found.pods.get(uid).context("the scan misses the pod")?;
+            ensure!(got.driver == Driver::Systemd && got.qos == Qos::Burstable);
+            let mut ids: Vec<u64> = got.cgroups.values().copied().collect();
+            ids.sort();
+            want.sort();
+            ensure!(ids == want, "{ids:?} != {want:?}");
+
+            rmdir(&container)?;
+            ensure!(
+                signalled(&watcher).await,
+                "no signal for a removed container"
+            );
+            watches_become(&watcher, 5).await?;
+            rmdir(&sandbox)?;
+            rmdir(&pod)?;
+            watches_become(&watcher, 3).await?;
+            ensure!(
+                watcher.status().degraded.is_none(),
+                "{:?}",
+                watcher.status()
+            );
+            ensure!(scan(&root.path(), Limits::default())?.pods.is_empty());
+            Ok(())
+        })
+}
+
+/// Creates a pod through the harness (bound to `node`, IPs written through `/status`);
+/// returns its UID.
+async fn create_pod(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    node: &str,
+    ips: &[String],
+) -> Result<String> {
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let pod = enforcer_tests::kube::create_pod(client, namespace, name, labels, node, &ips).await?;
+    pod.metadata.uid.context("a created pod has a UID")
+}
+
+/// The bundle of these tests: three tenants, the demo's schema and baseline policies.
+fn bundle() -> Result<PolicyBundle> {
+    let demo = enforcer_tests::fixtures::demo_policies_dir();
+    let read = |name: &str| {
+        std::fs::read_to_string(demo.join(name)).with_context(|| format!("reading demo {name}"))
+    };
+    PolicyBundle::new(&[
+        ("inventory.yaml", "tenants: [acme, globex, initech]\n"),
+        ("schema.cedarschema", &read("schema.cedarschema")?),
+        ("baseline.cedar", &read("baseline.cedar")?),
+    ])
+}
+
+/// One pod of the world.
+struct TestPod {
+    namespace: &'static str,
+    name: String,
+    /// The tenant its namespace has now (a relabel changes it).
+    tenant: &'static str,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+    uid: String,
+    /// `None` for the pod on another node.
+    cgroups: Option<PodCgroups>,
+}
+
+impl TestPod {
+    fn local(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
+    /// The cgroup its processes run in for `family`: the app container for IPv4, the
+    /// sandbox for IPv6 (every cgroup of a pod is the pod).
+    fn cgroup(&self, v6: bool) -> &TestCgroup {
+        let cgroups = self.cgroups.as_ref().expect("a local pod");
+        if v6 {
+            cgroups.sandbox()
+        } else {
+            &cgroups.containers()[0]
+        }
+    }
+
+    fn ip(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.v6)
+        } else {
+            IpAddr::V4(self.v4)
+        }
+    }
+}
+
+/// Pods of the world: (namespace, tenant, name, purpose, pod-template-hash, driver, QoS);
+/// `None` for the layout means another node.
+type PodSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<(Driver, Qos)>,
+);
+
+const PODS: [PodSpec; 8] = [
+    (
+        "cg9-acme",
+        "acme",
+        "chat-1",
+        "inference",
+        "aaa",
+        Some((Driver::Systemd, Qos::Guaranteed)),
+    ),
+    (
+        "cg9-acme",
+        "acme",
+        "chat-2",
+        "inference",
+        "bbb",
+        Some((Driver::Cgroupfs, Qos::BestEffort)),
+    ),
+    (
+        "cg9-acme",
+        "acme",
+        "eval",
+        "evaluation",
+        "ccc",
+        Some((Driver::Cgroupfs, Qos::Guaranteed)),
+    ),
+    (
+        "cg9-globex",
+        "globex",
+        "rag-1",
+        "retrieval",
+        "ddd",
+        Some((Driver::Systemd, Qos::Burstable)),
+    ),
+    (
+        "cg9-globex",
+        "globex",
+        "rag-2",
+        "retrieval",
+        "eee",
+        Some((Driver::Cgroupfs, Qos::Burstable)),
+    ),
+    (
+        "cg9-globex",
+        "globex",
+        "rag-remote",
+        "retrieval",
+        "fff",
+        None,
+    ),
+    (
+        "cg9-initech",
+        "initech",
+        "agent-1",
+        "agent",
+        "ggg",
+        Some((Driver::Systemd, Qos::BestEffort)),
+    ),
+    (
+        "cg9-initech",
+        "initech",
+        "agent-2",
+        "agent",
+        "hhh",
+        Some((Driver::Systemd, Qos::Guaranteed)),
+    ),
+];
+
+/// Everything a test needs; drop order is field order: the agent first (its pins and state),
+/// then servers, network, pods' cgroups, the node root, the API server.
+struct World {
+    agent: Option<Agent>,
+    _servers: Vec<Server>,
+    client_ns: NetNs,
+    _veth: Veth,
+    _server_ns: NetNs,
+    pods: Vec<TestPod>,
+    node: Node,
+    pins: PinDir,
+    bundle: PolicyBundle,
+    server: ApiServer,
+    client: kube::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl World {
+    /// The API server, namespaces, pods (with their cgroups, an app container each, and
+    /// servers on their addresses); the agent is started by the caller.
+    fn new(net: u8) -> Result<World> {
+        let rt = runtime();
+        let server = ApiServer::start()?;
+        let client = rt.block_on(async { server.client() });
+        let node = Node::create("cg9-node")?;
+        let server_ns = NetNs::create(&unique_name("cg9-srv"))?;
+        let client_ns = NetNs::create(&unique_name("cg9-cli"))?;
+        let v6 = |n: u8| Ipv6Addr::new(0xfd83, u16::from(net), 0, 0, 0, 0, 0, u16::from(n));
+        let server_addrs: Vec<String> = (1..=PODS.len() as u8)
+            .map(|n| format!("{}/64", v6(n)))
+            .collect();
+        let server_addrs: Vec<&str> = server_addrs.iter().map(String::as_str).collect();
+        let veth = Veth::create(
+            &server_ns,
+            &server_addrs,
+            &client_ns,
+            &[&format!("{}/64", v6(0xfe))],
+        )?;
+        rt.block_on(async {
+            for (namespace, tenant) in [
+                ("cg9-acme", "acme"),
+                ("cg9-globex", "globex"),
+                ("cg9-initech", "initech"),
+            ] {
+                create_namespace(&client, namespace, &[(TENANT_LABEL, tenant)], &[]).await?;
+            }
+            anyhow::Ok(())
+        })?;
+        let mut pods = Vec::new();
+        let mut servers = Vec::new();
+        for (i, (namespace, tenant, name, purpose, hash, layout)) in PODS.into_iter().enumerate() {
+            let n = i as u8 + 1;
+            let (v4, v6) = (Ipv4Addr::new(127, 83, net, n), v6(n));
+            let node_name = if layout.is_some() { NODE } else { OTHER_NODE };
+            let uid = rt.block_on(create_pod(
+                &client,
+                namespace,
+                name,
+                &[
+                    (PURPOSE_LABEL, purpose),
+                    (
+                        "app",
+                        name.trim_end_matches(|c: char| c == '-' || c.is_ascii_digit()),
+                    ),
+                    ("pod-template-hash", hash),
+                ],
+                node_name,
+                &[v4.to_string(), v6.to_string()],
+            ))?;
+            // The kubelet of this node starts the pod: its cgroup, the sandbox, a container.
+            let cgroups = match layout {
+                Some((driver, qos)) => {
+                    let mut cgroups = node.start_pod(&uid, driver, qos)?;
+                    cgroups.add_container()?;
+                    Some(cgroups)
+                }
+                None => None,
+            };
+            for proto in [Proto::Tcp, Proto::Udp] {
+                servers.push(Server::start(proto, SocketAddr::new(IpAddr::V4(v4), PORT))?);
+                servers.push(Server::start_in_netns(
+                    &server_ns,
+                    proto,
+                    SocketAddr::new(IpAddr::V6(v6), PORT),
+                )?);
+            }
+            pods.push(TestPod {
+                namespace,
+                name: name.to_string(),
+                tenant,
+                v4,
+                v6,
+                uid,
+                cgroups,
+            });
+        }
+        let world = World {
+            agent: None,
+            _servers: servers,
+            client_ns,
+            _veth: veth,
+            _server_ns: server_ns,
+            pods,
+            node,
+            pins: PinDir::new("cg9-pins")?,
+            bundle: bundle()?,
+            server,
+            client,
+            rt,
+        };
+        world.check_network()?;
+        Ok(world)
+    }
+
+    /// The network must work before the enforcer is judged on it: from outside the node's
+    /// cgroups, every server answers (bounded retries while the veth comes up).
+    fn check_network(&self) -> Result<()> {
+        for v6 in [false, true] {
+            let mut probe = Probe::new().timeout(Duration::from_secs(10));
+            if v6 {
+                probe = probe.in_netns(&self.client_ns);
+            }
+            let attempts: Vec<String> = self
+                .pods
+                .iter()
+                .map(|p| attempt("tcp", p.ip(v6), PORT))
+                .collect();
+            let mut last = Vec::new();
+            let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+                last = probe.run(&attempts).unwrap_or_default();
+                last.len() == attempts.len() && last.iter().all(|r| r.outcome == Outcome::Ok)
+            });
+            ensure!(ok, "test network broken (v6: {v6}): {last:?}");
+        }
+        Ok(())
+    }
+
+    fn agent_config(&self) -> AgentConfig {
+        let mut config = AgentConfig::new(
+            self.bundle.path(),
+            &self.node.root().relative_str(),
+            self.pins.path(),
+        );
+        config.extra_args = vec![
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            self.server.kubeconfig().display().to_string(),
+            "--node-name".into(),
+            NODE.into(),
+        ];
+        config.ready_timeout = Duration::from_secs(60);
+        config
+    }
+
+    fn start_agent(&mut self) -> Result<&Agent> {
+        self.agent = Some(Agent::start(self.agent_config())?);
+        Ok(self.agent())
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("the agent runs")
+    }
+
+    fn pod(&self, name: &str) -> &TestPod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    fn probe(&self, cgroup: &TestCgroup, v6: bool) -> Probe {
+        let probe = Probe::new().in_cgroup(cgroup);
+        if v6 {
+            probe.in_netns(&self.client_ns)
+        } else {
+            probe
+        }
+    }
+
+    /// Waits (bounded) until the agent maps the local pods and every local pod reaches its
+    /// own addresses: its cgroups and the cluster's addresses are in the kernel.
+    fn wait_enforcing(&self, what: &str) -> Result<()> {
+        let local = self.pods.iter().filter(|p| p.local()).count();
+        let mut last = Value::Null;
+        let mapped = wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+            last = self.agent().status().unwrap_or_default();
+            last.pointer("/agent/pods/mapped").and_then(Value::as_u64) == Some(local as u64)
+        });
+        ensure!(
+            mapped,
+            "{what}: the agent never mapped the {local} local pods; status: {last:#}\nagent stderr:\n{}",
+            self.agent().stderr_tail()
+        );
+        for pod in self.pods.iter().filter(|p| p.local()) {
+            for v6 in [false, true] {
+                let probe = self.probe(pod.cgroup(v6), v6);
+                let call = attempt("tcp", pod.ip(v6), PORT);
+                let ok = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+                    probe.run_one(&call).is_ok_and(|r| r.outcome == Outcome::Ok)
+                });
+                ensure!(
+                    ok,
+                    "{what}: {} never reaches itself at {call}\nagent stderr:\n{}",
+                    pod.name,
+                    self.agent().stderr_tail()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Every local pod to every pod, TCP, UDP (sendmsg) and connected UDP, IPv4 and IPv6:
+    /// allowed exactly when both have one tenant (tenant-isolation), with one deny event per
+    /// denied call (reason `tenant_mismatch`, from the calling cgroup, to that address) and
+    /// none for an allowed one. Returns the number of attempts.
+    fn matrix(&self, what: &str) -> Result<usize> {
+        // Events written before the matrix (the waits) are not its own.
+        let before = self
+            .agent()
+            .settled_events(Duration::from_millis(300), Duration::from_secs(5))?
+            .len();
+        struct Row<'a> {
+            from: &'a TestPod,
+            to: &'a TestPod,
+            kind: &'static str,
+            v6: bool,
+            outcome: Option<(Outcome, i32)>,
+        }
+        let mut rows = Vec::new();
+        for from in self.pods.iter().filter(|p| p.local()) {
+            for v6 in [false, true] {
+                let start = rows.len();
+                for to in &self.pods {
+                    for kind in ["tcp", "udp", "udpc"] {
+                        rows.push(Row {
+                            from,
+                            to,
+                            kind,
+                            v6,
+                            outcome: None,
+                        });
+                    }
+                }
+                let attempts: Vec<String> = rows[start..]
+                    .iter()
+                    .map(|r| attempt(r.kind, r.to.ip(v6), PORT))
+                    .collect();
+                let results = self.probe(from.cgroup(v6), v6).run(&attempts)?;
+                for (row, result) in rows[start..].iter_mut().zip(results) {
+                    row.outcome = Some((result.outcome, result.errno));
+                }
+            }
+        }
+        let denied = rows.iter().filter(|r| r.from.tenant != r.to.tenant).count();
+        ensure!(
+            denied > 0 && denied < rows.len(),
+            "{what}: a matrix of one verdict"
+        );
+        let _ = self
+            .agent()
+            .wait_for_events(before + denied, Duration::from_secs(20));
+        let events = self
+            .agent()
+            .settled_events(Duration::from_millis(500), Duration::from_secs(5))?;
+        let events = &events[before.min(events.len())..];
+
+        let mut problems = Vec::new();
+        let mut matched = 0;
+        for r in &rows {
+            let allowed = r.from.tenant == r.to.tenant;
+            let label = format!(
+                "{} ({}) -> {} ({}) {} {}",
+                r.from.name,
+                r.from.tenant,
+                r.to.name,
+                r.to.tenant,
+                r.kind,
+                r.to.ip(r.v6)
+            );
+            let want = if allowed { Outcome::Ok } else { Outcome::Eperm };
+            if r.outcome.map(|o| o.0) != Some(want) {
+                problems.push(format!("{label}: want {want:?}, saw {:?}", r.outcome));
+            }
+            let hook = match (r.kind, r.v6) {
+                ("udp", false) => "sendmsg4",
+                ("udp", true) => "sendmsg6",
+                (_, false) => "connect4",
+                (_, true) => "connect6",
+            };
+            let protocol = if r.kind == "tcp" { "tcp" } else { "udp" };
+            let cgroup_id = r.from.cgroup(r.v6).id();
+            let ip = r.to.ip(r.v6).to_string();
+            let mine: Vec<&Value> = events
+                .iter()
+                .filter(|e| {
+                    e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(cgroup_id)
+                        && e.pointer("/destination/ip").and_then(Value::as_str) == Some(&ip)
+                        && e.pointer("/destination/port").and_then(Value::as_u64)
+                            == Some(u64::from(PORT))
+                        && e.pointer("/destination/protocol").and_then(Value::as_str)
+                            == Some(protocol)
+                        && e.get("hook").and_then(Value::as_str) == Some(hook)
+                })
+                .collect();
+            matched += mine.len();
+            let want_events = usize::from(!allowed);
+            if mine.len() != want_events {
+                problems.push(format!(
+                    "{label}: {} deny events, want {want_events}",
+                    mine.len()
+                ));
+            }
+            for event in mine {
+                let reason = event.get("reason").and_then(Value::as_str);
+                let tenant = event.pointer("/subject/tenant").and_then(Value::as_str);
+                if reason != Some("tenant_mismatch") || tenant != Some(r.from.tenant) {
+                    problems.push(format!("{label}: event {event}"));
+                }
+            }
+        }
+        if matched != events.len() {
+            problems.push(format!(
+                "{} events match no attempt of the matrix: {:?}",
+                events.len() - matched.min(events.len()),
+                events
+            ));
+        }
+        eprintln!(
+            "{what}: {} attempts, {denied} denied, {} problems",
+            rows.len(),
+            problems.len()
+        );
+        ensure!(
+            problems.is_empty(),
+            "{what}: {} problems over {} attempts:\n  {}\nagent stderr:\n{}",
+            problems.len(),
+            rows.len(),
+            problems[..problems.len().min(40)].join("\n  "),
+            self.agent().stderr_tail()
+        );
+        Ok(rows.len())
+    }
+
+    /// The subject identity number of a deny event from `cgroup` (one call across tenants).
+    fn identity_of(&self, cgroup: &TestCgroup, to: &TestPod) -> Result<u64> {
+        let from_here = |e: &Value| {
+            e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(cgroup.id())
+        };
+        let before = self
+            .agent()
+            .verdict_events()?
+            .iter()
+            .filter(|e| from_here(e))
+            .count();
+        let call = attempt("tcp", to.ip(false), PORT);
+        Probe::new()
+            .in_cgroup(cgroup)
+            .expect_outcome(&call, Outcome::Eperm, "identity probe")?;
+        let events = self
+            .agent()
+            .wait_for(before + 1, Duration::from_secs(10), from_here)?;
+        let event = events
+            .iter()
+            .rev()
+            .find(|e| from_here(e))
+            .context("no event")?;
+        event
+            .pointer("/subject/identity")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("event without identity: {event}"))
+    }
+}
+
+/// Pods of three tenants under both drivers and all three QoS classes, v4 and v6, TCP, UDP
+/// and connected UDP: the kernel decides every cell as the tenants say. Replicas share one
+/// identity; `enforcer status` shows the source and the pods. Then a namespace moves to
+/// another tenant: every cell is decided again.
+#[test]
+fn pods_of_three_tenants_are_judged_by_namespace_tenant() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let mut world = World::new(1)?;
+    world.start_agent()?;
+    world.wait_enforcing("start")?;
+    let attempts = world.matrix("three tenants")?;
+
+    // Replicas (different pod-template-hash) share one identity; another purpose is another.
+    let target = world.pod("rag-1");
+    let chat1 = world.identity_of(world.pod("chat-1").cgroup(false), target)?;
+    let chat2 = world.identity_of(world.pod("chat-2").cgroup(false), target)?;
+    let eval = world.identity_of(world.pod("eval").cgroup(false), target)?;
+    ensure!(chat1 == chat2, "replicas: identities {chat1} and {chat2}");
+    ensure!(chat1 != eval, "another purpose, the same identity {chat1}");
+    ensure!(chat1 >= 1 << 31, "a cluster identity number: {chat1}");
+
+    let status = world.agent().status()?;
+    let kube = status
+        .pointer("/agent/kubernetes")
+        .context("status has no kubernetes section")?;
+    ensure!(
+        kube["connected"] == true && kube["persisted"] == false && kube["has_state"] == true,
+        "{kube:#}"
+    );
+    ensure!(
+        kube["pods"] == 8 && kube["local_pods"] == 7 && kube["identities"] == 4,
+        "{kube:#}"
+    );
+    let pods = &status["agent"]["pods"];
+    ensure!(
+        pods["pod_cgroups"] == 7 && pods["mapped"] == 7,
+        "status pods: {pods:#}"
+    );
+    // Each local pod: the pod cgroup, the sandbox, one container.
+    ensure!(pods["mapped_cgroups"] == 21, "status pods: {pods:#}");
+    let watch = &status["agent"]["cgroup_watch"];
+    ensure!(
+        watch["degraded"].is_null() && watch["watches"].as_u64() >= Some(1 + 6 + 21),
+        "status cgroup_watch: {watch:#}"
+    );
+
+    // initech's namespace becomes acme's: initech's pods are acme now, both ways.
+    world.rt.block_on(async {
+        Api::<Namespace>::all(world.client.clone())
+            .patch(
+                "cg9-initech",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {TENANT_LABEL: "acme"}}})),
+            )
+            .await
+            .context("relabelling the namespace")
+    })?;
+    for pod in world
+        .pods
+        .iter_mut()
+        .filter(|p| p.namespace == "cg9-initech")
+    {
+        pod.tenant = "acme";
+    }
+    let call = attempt("tcp", world.pod("chat-1").ip(false), PORT);
+    let probe = Probe::new().in_cgroup(world.pod("agent-1").cgroup(false));
+    let moved = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        probe.run_one(&call).is_ok_and(|r| r.outcome == Outcome::Ok)
+    });
+    ensure!(
+        moved,
+        "agent-1 never reached acme after the relabel\nagent stderr:\n{}",
+        world.agent().stderr_tail()
+    );
+    world.wait_enforcing("after the relabel")?;
+    let again = world.matrix("after the relabel")?;
+    ensure!(again == attempts);
+    Ok(())
+}
+
+/// A pod's life on the node: a container started later in a running pod is judged as the pod
+/// as soon as its cgroup appears (the inotify watch; measured, bounded), a deleted pod's
+/// cgroups are unmapped (its processes become unknown subjects), and the kubelet removing
+/// them leaves nothing of it in `status`. A pod of a tenant the bundle does not declare is an
+/// unknown subject, and the problem is reported once (`cluster.problem`) however often the
+/// agent reloads.
+#[test]
+fn containers_come_and_go_with_their_pod() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let mut world = World::new(2)?;
+    world.start_agent()?;
+    world.wait_enforcing("start")?;
+
+    // A namespace of an undeclared tenant, with a pod on this node.
+    let rogue_uid = world.rt.block_on(async {
+        create_namespace(
+            &world.client,
+            "cg9-rogue",
+            &[(TENANT_LABEL, "umbrella")],
+            &[],
+        )
+        .await?;
+        create_pod(
+            &world.client,
+            "cg9-rogue",
+            "intruder",
+            &[(PURPOSE_LABEL, "agent")],
+            NODE,
+            &["127.83.2.100".to_string()],
+        )
+        .await
+    })?;
+    let mut rogue = world
+        .node
+        .start_pod(&rogue_uid, Driver::Systemd, Qos::BestEffort)?;
+    let rogue_probe = Probe::new().in_cgroup(rogue.add_container()?);
+    let mut last = Value::Null;
+    let reported = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        last = world.agent().status().unwrap_or_default();
+        let problems = last
+            .pointer("/agent/cluster_problems")
+            .and_then(Value::as_array);
+        problems.is_some_and(|p| {
+            p.iter()
+                .any(|l| l.as_str().is_some_and(|l| l.contains("umbrella")))
+        }) && last
+            .pointer("/agent/pods/unidentified")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|u| u == rogue_uid.as_str()))
+    });
+    ensure!(reported, "the undeclared tenant is not reported: {last:#}");
+    let peer_of_rogue = attempt("tcp", world.pod("agent-1").ip(false), PORT);
+    rogue_probe.expect_outcome(
+        &peer_of_rogue,
+        Outcome::Eperm,
+        "a pod of an undeclared tenant",
+    )?;
+    let problem_events = |world: &World| -> Result<usize> {
+        Ok(world
+            .agent()
+            .events()?
+            .iter()
+            .filter(|e| {
+                e.get("type").and_then(Value::as_str) == Some("cluster.problem")
+                    && e.get("problem")
+                        .and_then(Value::as_str)
+                        .is_some_and(|p| p.contains("umbrella"))
+            })
+            .count())
+    };
+    let events_seen = |world: &World| -> Result<u64> {
+        let status = world.agent().status()?;
+        status
+            .pointer("/agent/cgroup_watch/events")
+            .and_then(Value::as_u64)
+            .context("status has no cgroup watch")
+    };
+    let peer = attempt("tcp", world.pod("chat-2").ip(false), PORT);
+    let cross = attempt("tcp", world.pod("rag-1").ip(false), PORT);
+
+    // A sidecar, three times: each new container is allowed where the pod is.
+    for round in 0..3 {
+        let watched = events_seen(&world)?;
+        let index = world
+            .pods
+            .iter()
+            .position(|p| p.name == "chat-1")
+            .expect("chat-1");
+        let started = Instant::now();
+        let probe = {
+            let cgroups = world.pods[index].cgroups.as_mut().expect("local");
+            Probe::new().in_cgroup(cgroups.add_container()?)
+        };
+        let mut tries = 0;
+        let allowed = wait_until(Duration::from_secs(10), Duration::from_millis(1), || {
+            tries += 1;
+            probe.run_one(&peer).is_ok_and(|r| r.outcome == Outcome::Ok)
+        });
+        let elapsed = started.elapsed();
+        ensure!(
+            allowed,
+            "round {round}: a new container of chat-1 never reached its tenant\nagent stderr:\n{}",
+            world.agent().stderr_tail()
+        );
+        probe.expect_outcome(&cross, Outcome::Eperm, "a new container, across tenants")?;
+        eprintln!(
+            "round {round}: new container judged as its pod after {:.1} ms ({tries} probes)",
+            elapsed.as_secs_f64() * 1e3
+        );
+        // The watch saw it (the periodic resync is only the backstop).
+        let seen = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            events_seen(&world).is_ok_and(|n| n > watched)
+        });
+        ensure!(seen, "the cgroup watch did not count the new container");
+    }
+
+    // The pod is deleted from the API; the kubelet has not removed its cgroups yet.
+    let (uid, container) = {
+        let pod = world.pod("chat-1");
+        (pod.uid.clone(), pod.cgroup(false).id())
+    };
+    world.rt.block_on(async {
+        Api::<Pod>::namespaced(world.client.clone(), "cg9-acme")
+            .delete("chat-1", &DeleteParams::default().grace_period(0))
+            .await
+            .context("deleting chat-1")
+    })?;
+    let probe = Probe::new().in_cgroup(world.pod("chat-1").cgroup(false));
+    let refused = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        probe
+            .run_one(&peer)
+            .is_ok_and(|r| r.outcome == Outcome::Eperm)
+    });
+    ensure!(
+        refused,
+        "chat-1's container still reaches its tenant after the pod was deleted\nagent stderr:\n{}",
+        world.agent().stderr_tail()
+    );
+    let events = world.agent().wait_for(1, Duration::from_secs(10), |e| {
+        e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(container)
+            && e.get("reason").and_then(Value::as_str) == Some("unknown_subject")
+    })?;
+    ensure!(!events.is_empty());
+    let status = world.agent().status()?;
+    let unidentified = &status["agent"]["pods"]["unidentified"];
+    ensure!(
+        unidentified
+            .as_array()
+            .is_some_and(|a| a.iter().any(|u| u == uid.as_str())),
+        "status does not list the deleted pod's cgroup as unidentified: {unidentified:#}"
+    );
+    // The other replica is untouched.
+    Probe::new()
+        .in_cgroup(world.pod("chat-2").cgroup(false))
+        .expect_outcome(&peer, Outcome::Ok, "the other replica")?;
+
+    // The kubelet removes the pod's cgroups: nothing of it is left in status.
+    let index = world
+        .pods
+        .iter()
+        .position(|p| p.name == "chat-1")
+        .expect("chat-1");
+    let gone = world.pods.remove(index);
+    drop(gone);
+    let cleared = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        last = world.agent().status().unwrap_or_default();
+        last.pointer("/agent/pods/unidentified") == Some(&serde_json::json!([rogue_uid]))
+            && last
+                .pointer("/agent/pods/pod_cgroups")
+                .and_then(Value::as_u64)
+                == Some(7)
+    });
+    ensure!(cleared, "status after the pod's cgroups went: {last:#}");
+
+    // The policy directory breaks; the bundle in force stays, and a pod that comes meanwhile
+    // is still enforced as its tenant (the cluster change is merged with the bundle in force).
+    world.bundle.write_file("broken.cedar", "permit (")?;
+    let rejected = wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        world.agent().events().is_ok_and(|events| {
+            events
+                .iter()
+                .any(|e| e.get("type").and_then(Value::as_str) == Some("policy.rejected"))
+        })
+    });
+    ensure!(rejected, "no policy.rejected for the broken directory");
+    let uid = world.rt.block_on(create_pod(
+        &world.client,
+        "cg9-acme",
+        "chat-3",
+        &[(PURPOSE_LABEL, "inference"), ("pod-template-hash", "iii")],
+        NODE,
+        &["127.83.2.9".to_string()],
+    ))?;
+    let mut late = world
+        .node
+        .start_pod(&uid, Driver::Cgroupfs, Qos::Burstable)?;
+    let late_probe = Probe::new().in_cgroup(late.add_container()?);
+    let allowed = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        late_probe
+            .run_one(&peer)
+            .is_ok_and(|r| r.outcome == Outcome::Ok)
+    });
+    ensure!(
+        allowed,
+        "a pod created while the directory is broken is not enforced as its tenant\nagent stderr:\n{}",
+        world.agent().stderr_tail()
+    );
+    late_probe.expect_outcome(&cross, Outcome::Eperm, "the late pod, across tenants")?;
+
+    // Reloads came and went (the rogue pod, the deletion, the late pod); the problem was
+    // said once.
+    ensure!(
+        problem_events(&world)? == 1,
+        "cluster.problem events about umbrella: {}",
+        problem_events(&world)?
+    );
+    drop(late);
+    drop(rogue);
+    Ok(())
+}
+
+/// The agent restarted while the API server is down enforces the state it persisted: the
+/// whole matrix still holds, and status says the state is persisted and how stale.
+#[test]
+fn restart_without_the_api_server_enforces_the_persisted_state() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let mut world = World::new(3)?;
+    world.start_agent()?;
+    world.wait_enforcing("first agent")?;
+    // The first agent stops (its pins and state stay); the API server goes.
+    world
+        .agent
+        .as_mut()
+        .expect("the agent runs")
+        .stop()
+        .context("stopping the first agent")?;
+    world.server.kill_apiserver();
+    ensure!(!world.server.apiserver_running());
+    let first = world.agent.take();
+    world.start_agent()?;
+    drop(first);
+    world.wait_enforcing("restarted without the API server")?;
+    world.matrix("restarted without the API server")?;
+    let status = world.agent().status()?;
+    let kube = &status["agent"]["kubernetes"];
+    ensure!(
+        kube["persisted"] == true && kube["connected"] == false && kube["has_state"] == true,
+        "{kube:#}"
+    );
+    ensure!(kube["staleness_seconds"].as_u64().is_some(), "{kube:#}");
+    ensure!(kube["last_error"].is_string(), "{kube:#}");
+    // And the text an operator reads.
+    let out = enforcer_tests::util::output_bounded(
+        std::process::Command::new(enforcer_tests::agent::enforcer_bin())
+            .arg("status")
+            .arg("--pin-path")
+            .arg(world.pins.path()),
+        Duration::from_secs(20),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "kubernetes:      not connected; enforcing the persisted state",
+        "k8s objects:     4 identities, 8 pods (7 on this node)",
+        "local pods:      7 pod cgroups, 7 of known identities (21 cgroups mapped)",
+    ] {
+        ensure!(
+            text.contains(line),
+            "`enforcer status` lacks {line:?}:\n{text}"
+        );
+    }
+    Ok(())
+}
+
+/// With no cluster state at all (an API server that never answered, nothing persisted),
+/// a pod's processes are unknown subjects: denied and reported.
+#[test]
+fn without_any_cluster_state_pods_are_unknown_subjects() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let node = Node::create("cg9-node")?;
+    let uid = "5e1f0d2c-0000-4000-8000-000000000083";
+    let mut pod = node.start_pod(uid, Driver::Cgroupfs, Qos::Burstable)?;
+    let container = pod.add_container()?;
+    let bundle = bundle()?;
+    let pins = PinDir::new("cg9-pins")?;
+    let dir = enforcer_tests::TempDir::new("cg9-kubeconfig")?;
+    // A server that is not there: a port nothing listens on (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: gone\n    user: u\ncurrent-context: c\n"
+        ),
+    )?;
+    let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
+    config.extra_args = vec![
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        NODE.into(),
+    ];
+    let agent = Agent::start(config)?;
+    let server = Server::tcp(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, 83, 9, 1)),
+        PORT,
+    ))?;
+    let call = attempt("tcp", server.addr().ip(), PORT);
+    Probe::new()
+        .in_cgroup(container)
+        .expect_outcome(&call, Outcome::Eperm, "no cluster state")?;
+    agent.wait_for(1, Duration::from_secs(10), |e| {
+        e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(container.id())
+            && e.get("reason").and_then(Value::as_str) == Some("unknown_subject")
+    })?;
+    let mut last = Value::Null;
+    let shown = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        last = agent.status().unwrap_or_default();
+        last.pointer("/agent/kubernetes/has_state") == Some(&Value::Bool(false))
+            && last
+                .pointer("/agent/pods/unidentified")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.len() == 1 && a[0] == uid)
+    });
+    ensure!(shown, "status: {last:#}");
+    Ok(())
+}
