@@ -30,6 +30,8 @@
 pub mod decide;
 pub mod review;
 pub mod tenancy;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,250 @@
+//! The webhook's HTTP layer, in process over real TLS on loopback: routes, methods, the body
+//! bound (declared and streamed), bad bodies, and an API server that does not answer. The
+//! decisions themselves are tested in `decide`, `review` and, against the real API server,
+//! `tests/tests/admission.rs`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_rustls::TlsConnector;
+
+use super::*;
+use crate::pdp::files::tests::TestDir;
+
+/// Nothing listens here (127.84.0.0/16 is this helper's range): every namespace lookup fails.
+const NOWHERE: &str = "https://127.84.0.9:1";
+
+struct Running {
+    addr: SocketAddr,
+    connector: TlsConnector,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// A CA and a server certificate for `IP:127.84.0.1`, as PEM files in `dir`: (ca, cert, key).
+fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.84.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+impl Running {
+    async fn start(dir: &Path) -> Self {
+        let (ca, cert, key) = pki(dir);
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+                 clusters: [{{name: c, cluster: {{server: \"{NOWHERE}\", certificate-authority: {}}}}}]\n\
+                 users: [{{name: u, user: {{token: t}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let ready = dir.join("ready");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_until(
+            ServeOptions {
+                listen: "127.84.0.1:0".parse().unwrap(),
+                tls_cert: cert,
+                tls_key: key,
+                kubeconfig: Some(kubeconfig),
+                ready_file: Some(ready.clone()),
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let addr = loop {
+            if let Some(addr) = std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break addr;
+            }
+            assert!(!task.is_finished(), "the webhook stopped before serving");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let connector = TlsConnector::from(crate::pdp::tls::client_config(Some(&ca)).unwrap());
+        Self {
+            addr,
+            connector,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Sends `head` then `body` on a fresh connection; the status code and the whole answer.
+    async fn exchange(&self, head: &str, body: &[u8]) -> (u16, String) {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.84.0.1").unwrap();
+        let mut tls = self.connector.connect(name, tcp).await.unwrap();
+        tls.write_all(head.as_bytes()).await.unwrap();
+        // The server may answer (413) and close before the body is through.
+        let _ = tls.write_all(body).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+        (status, text)
+    }
+
+    async fn post(&self, path: &str, body: &[u8]) -> (u16, String) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        self.exchange(&head, body).await
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn review_json(namespace: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {},
+            "object": {"metadata": {"name": "p"}},
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_methods_bounds_and_an_unreachable_api_server() {
+    let dir = TestDir::new("admission-http");
+    let server = Running::start(&dir.0).await;
+
+    let (status, text) = server
+        .exchange(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("\r\n\r\nok\n"), "{text}");
+
+    let (status, text) = server
+        .exchange(
+            "GET /validate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+    assert_eq!(status, 405, "{text}");
+    assert!(text.contains("allow: POST"), "{text}");
+
+    let (status, text) = server.post("/admit", b"{}").await;
+    assert_eq!(status, 404, "{text}");
+    assert!(
+        text.contains(
+            "no such path \"/admit\": the webhook serves POST /mutate and POST /validate"
+        ),
+        "{text}"
+    );
+
+    let (status, text) = server.post("/validate", b"not json").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains(
+            "the request body is not an AdmissionReview: expected ident at line 1 column 2"
+        ),
+        "{text}"
+    );
+
+    // Declared too large: refused before reading a byte of it.
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        MAX_BODY_BYTES + 1
+    );
+    let (status, text) = server.exchange(&head, b"").await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("larger than 4 MiB"), "{text}");
+
+    // Streamed without a length: cut off at the bound.
+    let chunk = vec![b' '; 1 << 20];
+    let mut body = Vec::new();
+    for _ in 0..5 {
+        body.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        body.extend_from_slice(&chunk);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let (status, text) = server
+        .exchange(
+            "POST /mutate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            &body,
+        )
+        .await;
+    assert_eq!(status, 413, "{text}");
+
+    // A well-formed review, and an API server that cannot be reached: a 500 naming the
+    // namespace and the cause, so that the configuration's failurePolicy decides.
+    let (status, text) = server.post("/validate", &review_json("acme")).await;
+    assert_eq!(status, 500, "{text}");
+    assert!(
+        text.contains("pod acme/p: cannot read namespace acme from the API server:"),
+        "{text}"
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_a_usable_certificate_or_kubeconfig() {
+    let dir = TestDir::new("admission-start");
+    let (_, cert, key) = pki(&dir.0);
+    let options = |cert: &Path, key: &Path, kubeconfig: &Path| ServeOptions {
+        listen: "127.84.0.1:0".parse().unwrap(),
+        tls_cert: cert.to_path_buf(),
+        tls_key: key.to_path_buf(),
+        kubeconfig: Some(kubeconfig.to_path_buf()),
+        ready_file: None,
+    };
+    let missing = dir.0.join("missing");
+    let error = serve_until(options(&cert, &missing, &missing), async {})
+        .await
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("missing"), "{error:#}");
+    let error = serve_until(options(&cert, &key, &missing), async {})
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{error:#}").contains(&format!("reading the kubeconfig {}", missing.display())),
+        "{error:#}"
+    );
+}
