@@ -1212,11 +1212,11 @@ fn a_schema_that_cannot_hold_a_cluster_workload_is_a_load_error() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     /// For generated bundles and cluster states (label sets, local and remote pods, IPv4 and
     /// IPv6, Services with uniform, mixed, unknown and no backends), the compiled table
-    /// equals Cedar on every cell, and a risk change of a cluster subject recompiles to the
-    /// full compile.
+    /// equals Cedar on every cell, an incremental compile of another state equals a full
+    /// one, and a risk change of a cluster subject recompiles to the full compile.
     #[test]
     fn compiled_equals_oracle_with_a_cluster(seed in any::<u64>()) {
         let tmp = tempfile::tempdir().unwrap();
@@ -1225,6 +1225,12 @@ proptest! {
         let mut b = Bundle::load_with_cluster(tmp.path(), &state, &options()).unwrap_or_else(|d| panic!("seed {seed}: {d}"));
         let c = b.compile().unwrap();
         assert_table_equals_oracle(&b, &c);
+        // Another cluster state under the same bundle: incremental equals full.
+        let next = random_cluster(seed.wrapping_add(1), NODE);
+        let b2 = Bundle::load_with_cluster(tmp.path(), &next, &options()).unwrap_or_else(|d| panic!("seed {seed}: {d}"));
+        let inc = b2.compile_incremental(&c).unwrap();
+        let full = b2.compile().unwrap();
+        assert_same_compiled(&b2, &full, &inc, &[], &[(80, Protocol::Tcp), (53, Protocol::Udp)]);
         let subject = b.identities().iter().find(|i| i.is_cluster() && i.is_subject()).map(|i| i.name.clone());
         if let Some(s) = subject {
             let mut c = c;

@@ -139,6 +139,9 @@ impl Hasher for FastHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
+/// A Service port's distinct backend targets: (identity index, target port).
+type Targets = Vec<(usize, u16)>;
+
 /// What one group request is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct GroupKey {
@@ -389,7 +392,7 @@ struct Grouping {
     service_cells: FastMap<(u32, u32, u16, Protocol), u32>,
     /// A Service port's distinct backend targets, in backend order: (Service identity
     /// index, port, protocol) -> (identity index, target port).
-    service_targets: FastMap<(u32, u16, Protocol), Arc<Vec<(usize, u16)>>>,
+    service_targets: FastMap<(u32, u16, Protocol), Arc<Targets>>,
 }
 
 /// How an any-port cell is written when some policy reads `context.port`: Cedar's answer at

@@ -316,6 +316,9 @@ impl<'a> InventoryNets<'a> {
     }
 }
 
+/// The entries of one label set (the same set listed more than once, attributes alike).
+type LabelSet<'a> = Vec<&'a ClusterIdentity>;
+
 /// Who claims a cluster address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Owner {
@@ -481,11 +484,11 @@ pub(crate) fn merge<'a>(
     let oldest = |set: &Vec<&ClusterIdentity>| -> Option<String> {
         set.iter()
             .flat_map(|ci| &ci.pods)
-            .map(|p| p.created.clone())
+            .map(|p| p.created.as_str())
             .min()
+            .map(str::to_string)
     };
-    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, Vec<&ClusterIdentity>)>> =
-        BTreeMap::new();
+    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, LabelSet)>> = BTreeMap::new();
     for set in sets {
         let t = set[0].tenant.as_deref();
         by_tenant.entry(t).or_default().push((oldest(&set), set));
@@ -572,8 +575,21 @@ pub(crate) fn merge<'a>(
 
     // 5. Addresses: the inventory's win; an address two cluster owners claim is nobody's.
     let inv_nets = InventoryNets::new(inv);
-    let mut claims: HashMap<IpAddr, BTreeSet<Owner>> = HashMap::new();
-    let mut pod_uids: Vec<BTreeSet<String>> = vec![BTreeSet::new(); kept.len()];
+    // The first claimant of each address, and every claimant of a contested one.
+    let mut claims: HashMap<IpAddr, Owner> = HashMap::with_capacity(state.identities.len() * 4);
+    let mut contested: BTreeMap<IpAddr, BTreeSet<Owner>> = BTreeMap::new();
+    let mut claim = |ip: IpAddr, owner: Owner| match claims.get(&ip) {
+        None => {
+            claims.insert(ip, owner);
+        }
+        Some(&first) if first != owner => {
+            let all = contested.entry(ip).or_default();
+            all.insert(first);
+            all.insert(owner);
+        }
+        Some(_) => {}
+    };
+    let mut pod_uids: Vec<Vec<String>> = vec![Vec::new(); kept.len()];
     for (wi, set) in kept.iter().enumerate() {
         let tenant = set[0].tenant.as_deref();
         for ci in set {
@@ -597,7 +613,7 @@ pub(crate) fn merge<'a>(
                 let local = !options.node_name.is_empty()
                     && pod.node.as_deref() == Some(options.node_name.as_str());
                 if local {
-                    pod_uids[wi].insert(pod.uid.clone());
+                    pod_uids[wi].push(pod.uid.clone());
                 }
                 if pod.host_network {
                     continue; // The node's addresses identify nothing.
@@ -613,7 +629,7 @@ pub(crate) fn merge<'a>(
                         );
                         continue;
                     }
-                    claims.entry(*ip).or_default().insert(Owner::Workload(wi));
+                    claim(*ip, Owner::Workload(wi));
                 }
             }
         }
@@ -630,25 +646,20 @@ pub(crate) fn merge<'a>(
                 );
                 continue;
             }
-            claims.entry(*ip).or_default().insert(Owner::Service(si));
+            claim(*ip, Owner::Service(si));
         }
     }
     let mut workload_ips: Vec<Vec<IpNet>> = vec![Vec::new(); kept.len()];
     let mut service_ips: Vec<Vec<IpNet>> = vec![Vec::new(); services.len()];
-    let mut conflicts: Vec<(IpAddr, &BTreeSet<Owner>)> = Vec::new();
-    for (ip, owners) in &claims {
-        if owners.len() > 1 {
-            conflicts.push((*ip, owners));
+    for (ip, owner) in &claims {
+        if contested.contains_key(ip) {
             continue;
         }
-        for o in owners {
-            match *o {
-                Owner::Workload(w) => workload_ips[w].push(host_net(*ip)),
-                Owner::Service(s) => service_ips[s].push(host_net(*ip)),
-            }
+        match *owner {
+            Owner::Workload(w) => workload_ips[w].push(host_net(*ip)),
+            Owner::Service(s) => service_ips[s].push(host_net(*ip)),
         }
     }
-    conflicts.sort();
     let owner_text = |o: &Owner| match *o {
         Owner::Workload(w) => format!("cluster {}", describe(kept[w][0])),
         Owner::Service(s) => format!("cluster {}", describe_service(services[s].0)),
@@ -657,7 +668,7 @@ pub(crate) fn merge<'a>(
         Owner::Workload(w) => kept[w][0].tenant.as_deref(),
         Owner::Service(s) => services[s].1,
     };
-    for (ip, owners) in conflicts {
+    for (ip, owners) in &contested {
         let names: Vec<String> = owners.iter().map(owner_text).collect();
         let first = owners.iter().next().and_then(owner_tenant);
         problems.push(
@@ -685,12 +696,10 @@ pub(crate) fn merge<'a>(
             service_digest(&s.namespace, &s.name),
         )
     }));
+    // `identity_number` and `service_number` of the keys, from their digests.
     let preferred: Vec<u32> = keys
         .iter()
-        .map(|(k, _)| match k {
-            Key::Workload(labels) => crate::cluster::identity_number(labels),
-            Key::Service(ns, name) => crate::cluster::service_number(ns, name),
-        })
+        .map(|(_, d)| crate::cluster::in_cluster_range(d))
         .collect();
     let preferred_set: HashSet<u32> = preferred.iter().copied().collect();
     let mut order: Vec<usize> = (0..keys.len()).collect();
@@ -722,7 +731,7 @@ pub(crate) fn merge<'a>(
     for (i, winner) in losers {
         let mut id = preferred[i];
         loop {
-            id = if id + 1 >= CLUSTER_IDS.end {
+            id = if id + 1 == CLUSTER_IDS.end {
                 CLUSTER_IDS.start
             } else {
                 id + 1
@@ -841,7 +850,12 @@ pub(crate) fn merge<'a>(
             id: ids[i],
             name,
             ips: std::mem::take(&mut workload_ips[i]),
-            pod_uids: std::mem::take(&mut pod_uids[i]).into_iter().collect(),
+            pod_uids: {
+                let mut uids = std::mem::take(&mut pod_uids[i]);
+                uids.sort();
+                uids.dedup();
+                uids
+            },
             spiffe_id: spiffe_id.filter(|s| validate_spiffe_id(s).is_ok()),
         });
     }
