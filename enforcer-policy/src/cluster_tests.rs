@@ -1001,10 +1001,21 @@ fn services_are_judged_as_all_their_backends() {
         .explain(&rag, "service/acme/empty", 80, tcp)
         .unwrap()
         .to_string();
-    assert!(text.contains("backends: none ready (denied)"), "{text}");
+    assert!(
+        text.contains("service:  acme/empty port 80/tcp: no ready backends (denied)"),
+        "{text}"
+    );
     // A port the Service does not declare: denied.
     let d = b.decide(&rag, "service/acme/rag-svc", 81, tcp).unwrap();
     assert!(!d.allowed && d.undeclared_port);
+    let text = b
+        .explain(&rag, "service/acme/rag-svc", 81, tcp)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("service:  acme/rag-svc does not declare port 81/tcp"),
+        "{text}"
+    );
     assert_eq!(
         c.attribute(id(&rag), id("service/acme/rag-svc"), 81, 6)
             .policy_id,
@@ -1241,4 +1252,67 @@ proptest! {
             assert_table_equals_oracle(&b, &c);
         }
     }
+}
+
+#[test]
+fn services_have_the_quota_too_and_the_option_is_honoured() {
+    let mut state = demo_state();
+    for i in 0..5 {
+        state.services.push(cluster_service(
+            "globex",
+            &format!("s{i}"),
+            cluster_ip4(500 + i),
+            &[(80, Protocol::Tcp, vec![])],
+        ));
+    }
+    let mut many_ips = cluster_service("globex", "dual", cluster_ip4(510), &[]);
+    many_ips
+        .cluster_ips
+        .extend([cluster_ip6(510), cluster_ip4(511)]);
+    state.services.push(many_ips);
+    let small = ClusterOptions {
+        node_name: NODE.into(),
+        max_identities_per_tenant: 3,
+    };
+    let b = load(&demo_dir(), &state, &small);
+    let services: Vec<&str> = b
+        .identities()
+        .iter()
+        .filter(|i| i.kind == IdentityKind::Service && i.tenant.as_deref() == Some("globex"))
+        .map(|i| i.name.as_str())
+        .collect();
+    // By (namespace, name): `dual`, `s0`, `s1`.
+    assert_eq!(
+        services,
+        [
+            "service/globex/dual",
+            "service/globex/s0",
+            "service/globex/s1"
+        ]
+    );
+    let dual = b.identities().by_name("service/globex/dual").unwrap();
+    assert_eq!(dual.ips.len(), 2);
+    // acme has 4 Services: the quota of 3 holds for it as for globex.
+    let acme = b
+        .identities()
+        .iter()
+        .filter(|i| i.kind == IdentityKind::Service && i.tenant.as_deref() == Some("acme"))
+        .count();
+    assert_eq!(acme, 3);
+    let problems = b.cluster_problems();
+    let quota: Vec<&String> = problems
+        .iter()
+        .filter(|p| p.contains("quota of 3 Services"))
+        .collect();
+    assert_eq!(quota.len(), 2, "{problems:#?}");
+    assert!(quota
+        .iter()
+        .any(|p| p.contains("tenant `globex`") && p.contains("3 left out")));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("3 ClusterIPs, more than 2")),
+        "{problems:#?}"
+    );
+    assert_compiled_equals_oracle(&b);
 }

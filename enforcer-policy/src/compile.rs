@@ -77,8 +77,11 @@ mod duration_secs {
 
 /// A fast hasher for the grouping caches (FxHash's multiply-rotate, with a final mix):
 /// keys are small integers and inventory strings, hashed hundreds of thousands of times per
-/// compile, and SipHash dominated the compile. Not DoS-resistant, which the keys (from the
-/// operator's own bundle) do not need.
+/// compile, and SipHash dominated the compile. Not DoS-resistant: the signature keys hold
+/// attribute values that tenants write (a pod's purpose and ring labels, its service account
+/// in the SPIFFE ID), but each tenant has at most `max_identities_per_tenant` label sets
+/// ([`crate::cluster::ClusterOptions`]), so values crafted to collide cost at most that many
+/// probes per lookup.
 #[derive(Clone, Copy, Default)]
 struct FastHasher(u64);
 

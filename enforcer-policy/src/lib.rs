@@ -7,8 +7,9 @@
 //! asks it once per group of equivalent cells and must agree with the oracle on every cell
 //! (property tests in `tests.rs`).
 //!
-//! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
-//! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
+//! Modules, in data-flow order: [`inventory`] (YAML with locations) and [`cluster`] (the
+//! Kubernetes state, merged by `merge`) -> [`identity`] (stable IDs) -> `cedar` (schema,
+//! policies, entities, the oracle) -> [`compile`] (cells, grouping,
 //! deny attribution) -> [`explain`]. [`diagnostics`] carries located errors, [`atlas`] the
 //! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides, [`limits`] the bounds on
 //! what a (possibly hostile) bundle may make the loader do.
@@ -283,6 +284,9 @@ impl Bundle {
     ///   collision (reported, never merged): the first in canonical order (label sets before
     ///   Services, then by content) keeps it, the other takes the next number upwards that no
     ///   key of the state prefers. Every node that sees the same label sets resolves it alike.
+    ///   (31 bits can be searched offline: a tenant can craft a label set that collides with
+    ///   another's number. The effect is at most that the later one in canonical order is
+    ///   renumbered, reported with both label sets; two label sets are never merged.)
     /// - Tenant: must be declared in the inventory's `tenants:` (the operator's list of
     ///   tenants, with their audit flags); label sets naming another tenant are left out,
     ///   reported once per tenant. Label sets without a tenant (namespaces without tenant

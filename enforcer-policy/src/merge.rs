@@ -25,6 +25,8 @@ use crate::inventory::Inventory;
 
 /// Labels per identity: the source takes a handful of configured keys.
 pub(crate) const MAX_LABELS: usize = 64;
+/// ClusterIPs per Service (`spec.clusterIPs`: one per IP family).
+pub(crate) const MAX_CLUSTER_IPS: usize = 2;
 /// Ports per Service.
 pub(crate) const MAX_SERVICE_PORTS: usize = 256;
 /// Problem lines about one tenant (or about no tenant); the rest are counted in one line.
@@ -635,7 +637,17 @@ pub(crate) fn merge<'a>(
         }
     }
     for (si, (s, tenant, _)) in services.iter().enumerate() {
-        for ip in &s.cluster_ips {
+        if s.cluster_ips.len() > MAX_CLUSTER_IPS {
+            problems.push(
+                *tenant,
+                format!(
+                    "cluster {}: {} ClusterIPs, more than {MAX_CLUSTER_IPS} (one per family): the rest are ignored",
+                    describe_service(s),
+                    s.cluster_ips.len()
+                ),
+            );
+        }
+        for ip in s.cluster_ips.iter().take(MAX_CLUSTER_IPS) {
             if let Some((owner, net)) = inv_nets.claim(ip) {
                 problems.push(
                     *tenant,
