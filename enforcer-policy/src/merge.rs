@@ -490,19 +490,25 @@ pub(crate) fn merge<'a>(
             .min()
             .map(str::to_string)
     };
-    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, LabelSet)>> = BTreeMap::new();
-    for set in sets {
+    // (oldest pod, position in canonical order, the set), per tenant.
+    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, usize, LabelSet)>> =
+        BTreeMap::new();
+    for (position, set) in sets.into_iter().enumerate() {
         let t = set[0].tenant.as_deref();
-        by_tenant.entry(t).or_default().push((oldest(&set), set));
+        by_tenant
+            .entry(t)
+            .or_default()
+            .push((oldest(&set), position, set));
     }
-    let mut kept: Vec<Vec<&ClusterIdentity>> = Vec::new();
+    let mut kept: Vec<(usize, LabelSet)> = Vec::new();
     for (tenant, mut sets) in by_tenant {
-        // Identities without pods go last; then older first; then by label set.
-        sets.sort_by(|(ca, a), (cb, b)| {
-            (ca.is_none(), ca, &a[0].labels).cmp(&(cb.is_none(), cb, &b[0].labels))
+        // Identities without pods go last; then older first; then by label set (the
+        // canonical position).
+        sets.sort_by(|(ca, pa, _), (cb, pb, _)| {
+            (ca.is_none(), ca, pa).cmp(&(cb.is_none(), cb, pb))
         });
         if sets.len() > quota {
-            let left: Vec<&Vec<&ClusterIdentity>> = sets[quota..].iter().map(|(_, s)| s).collect();
+            let left: Vec<&LabelSet> = sets[quota..].iter().map(|(_, _, s)| s).collect();
             problems.summary(
                 format!(
                     "{}: {} identity label sets, more than the quota of {quota} (max_identities_per_tenant): the {} newest are left out (their pods are unknown subjects), the first of them {}",
@@ -514,9 +520,10 @@ pub(crate) fn merge<'a>(
             );
             sets.truncate(quota);
         }
-        kept.extend(sets.into_iter().map(|(_, s)| s));
+        kept.extend(sets.into_iter().map(|(_, position, s)| (position, s)));
     }
-    kept.sort_by(|a, b| a[0].labels.cmp(&b[0].labels));
+    kept.sort_unstable_by_key(|(position, _)| *position);
+    let kept: Vec<LabelSet> = kept.into_iter().map(|(_, s)| s).collect();
 
     // 4. Services: valid ones, their ports, the quota per tenant.
     let mut services: Vec<(&ClusterService, Option<&str>, Vec<ServicePort>)> = Vec::new();
@@ -714,12 +721,13 @@ pub(crate) fn merge<'a>(
         .map(|(_, d)| crate::cluster::in_cluster_range(d))
         .collect();
     let preferred_set: HashSet<u32> = preferred.iter().copied().collect();
-    let mut order: Vec<usize> = (0..keys.len()).collect();
-    order.sort_by(|&a, &b| keys[a].0.cmp(&keys[b].0));
+    // `keys` is in canonical order already: label sets by labels, then Services by name.
+    debug_assert!(keys.windows(2).all(|w| w[0].0 < w[1].0));
+    let order = 0..keys.len();
     let mut ids: Vec<u32> = vec![0; keys.len()];
     let mut taken: HashMap<u32, usize> = HashMap::new();
     let mut losers = Vec::new();
-    for &i in &order {
+    for i in order {
         match taken.get(&preferred[i]) {
             None => {
                 taken.insert(preferred[i], i);
