@@ -321,6 +321,10 @@ impl<'a> InventoryNets<'a> {
 /// The entries of one label set (the same set listed more than once, attributes alike).
 type LabelSet<'a> = Vec<&'a ClusterIdentity>;
 
+/// A label set in the quota's order: (its oldest pod's creation time, its position in
+/// canonical order, the set).
+type Ranked<'a> = (Option<String>, usize, LabelSet<'a>);
+
 /// Who claims a cluster address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Owner {
@@ -490,9 +494,7 @@ pub(crate) fn merge<'a>(
             .min()
             .map(str::to_string)
     };
-    // (oldest pod, position in canonical order, the set), per tenant.
-    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, usize, LabelSet)>> =
-        BTreeMap::new();
+    let mut by_tenant: BTreeMap<Option<&str>, Vec<Ranked>> = BTreeMap::new();
     for (position, set) in sets.into_iter().enumerate() {
         let t = set[0].tenant.as_deref();
         by_tenant
