@@ -283,6 +283,29 @@ pub(crate) fn action_uid(action: &str) -> EntityUid {
     uid("Action", action)
 }
 
+/// `RestrictedExpression::new_decimal(score)`, made once per score and thread: it parses
+/// the extension's name with Cedar's parser on every call, which dominated building the
+/// entities of thousands of cluster workloads.
+fn decimal(score: &str) -> RestrictedExpression {
+    use std::cell::RefCell;
+    thread_local! {
+        static MADE: RefCell<HashMap<String, RestrictedExpression>> = RefCell::new(HashMap::new());
+    }
+    MADE.with(|made| {
+        let mut made = made.borrow_mut();
+        if let Some(e) = made.get(score) {
+            return e.clone();
+        }
+        // Scores are few (the inventory's, and run-time overrides): a bound, not a cache policy.
+        if made.len() >= 1024 {
+            made.clear();
+        }
+        let e = RestrictedExpression::new_decimal(score);
+        made.insert(score.to_string(), e.clone());
+        e
+    })
+}
+
 pub(crate) fn entity(ident: &Identity) -> Result<Entity, String> {
     let s = |v: &Option<String>| RestrictedExpression::new_string(v.clone().unwrap_or_default());
     let mut attrs = HashMap::new();
@@ -292,10 +315,7 @@ pub(crate) fn entity(ident: &Identity) -> Result<Entity, String> {
             attrs.insert("purpose".into(), s(&ident.purpose));
             attrs.insert("ring".into(), s(&ident.ring));
             attrs.insert("spiffe_id".into(), s(&ident.spiffe_id));
-            attrs.insert(
-                "risk".into(),
-                RestrictedExpression::new_decimal(&ident.risk),
-            );
+            attrs.insert("risk".into(), decimal(&ident.risk));
         }
         IdentityKind::Endpoint => {
             attrs.insert("tenant".into(), s(&ident.tenant));

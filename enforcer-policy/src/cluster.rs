@@ -178,7 +178,7 @@ fn head(d: &[u8; 32]) -> u64 {
 }
 
 /// A value of [`CLUSTER_IDS`] from a digest.
-fn in_cluster_range(d: &[u8; 32]) -> u32 {
+pub(crate) fn in_cluster_range(d: &[u8; 32]) -> u32 {
     let span = (CLUSTER_IDS.end - CLUSTER_IDS.start) as u64;
     CLUSTER_IDS.start + (head(d) % span) as u32
 }

@@ -1001,10 +1001,21 @@ fn services_are_judged_as_all_their_backends() {
         .explain(&rag, "service/acme/empty", 80, tcp)
         .unwrap()
         .to_string();
-    assert!(text.contains("backends: none ready (denied)"), "{text}");
+    assert!(
+        text.contains("service:  acme/empty port 80/tcp: no ready backends (denied)"),
+        "{text}"
+    );
     // A port the Service does not declare: denied.
     let d = b.decide(&rag, "service/acme/rag-svc", 81, tcp).unwrap();
     assert!(!d.allowed && d.undeclared_port);
+    let text = b
+        .explain(&rag, "service/acme/rag-svc", 81, tcp)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("service:  acme/rag-svc does not declare port 81/tcp"),
+        "{text}"
+    );
     assert_eq!(
         c.attribute(id(&rag), id("service/acme/rag-svc"), 81, 6)
             .policy_id,
@@ -1212,11 +1223,11 @@ fn a_schema_that_cannot_hold_a_cluster_workload_is_a_load_error() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     /// For generated bundles and cluster states (label sets, local and remote pods, IPv4 and
     /// IPv6, Services with uniform, mixed, unknown and no backends), the compiled table
-    /// equals Cedar on every cell, and a risk change of a cluster subject recompiles to the
-    /// full compile.
+    /// equals Cedar on every cell, an incremental compile of another state equals a full
+    /// one, and a risk change of a cluster subject recompiles to the full compile.
     #[test]
     fn compiled_equals_oracle_with_a_cluster(seed in any::<u64>()) {
         let tmp = tempfile::tempdir().unwrap();
@@ -1225,6 +1236,12 @@ proptest! {
         let mut b = Bundle::load_with_cluster(tmp.path(), &state, &options()).unwrap_or_else(|d| panic!("seed {seed}: {d}"));
         let c = b.compile().unwrap();
         assert_table_equals_oracle(&b, &c);
+        // Another cluster state under the same bundle: incremental equals full.
+        let next = random_cluster(seed.wrapping_add(1), NODE);
+        let b2 = Bundle::load_with_cluster(tmp.path(), &next, &options()).unwrap_or_else(|d| panic!("seed {seed}: {d}"));
+        let inc = b2.compile_incremental(&c).unwrap();
+        let full = b2.compile().unwrap();
+        assert_same_compiled(&b2, &full, &inc, &[], &[(80, Protocol::Tcp), (53, Protocol::Udp)]);
         let subject = b.identities().iter().find(|i| i.is_cluster() && i.is_subject()).map(|i| i.name.clone());
         if let Some(s) = subject {
             let mut c = c;
@@ -1235,4 +1252,67 @@ proptest! {
             assert_table_equals_oracle(&b, &c);
         }
     }
+}
+
+#[test]
+fn services_have_the_quota_too_and_the_option_is_honoured() {
+    let mut state = demo_state();
+    for i in 0..5 {
+        state.services.push(cluster_service(
+            "globex",
+            &format!("s{i}"),
+            cluster_ip4(500 + i),
+            &[(80, Protocol::Tcp, vec![])],
+        ));
+    }
+    let mut many_ips = cluster_service("globex", "dual", cluster_ip4(510), &[]);
+    many_ips
+        .cluster_ips
+        .extend([cluster_ip6(510), cluster_ip4(511)]);
+    state.services.push(many_ips);
+    let small = ClusterOptions {
+        node_name: NODE.into(),
+        max_identities_per_tenant: 3,
+    };
+    let b = load(&demo_dir(), &state, &small);
+    let services: Vec<&str> = b
+        .identities()
+        .iter()
+        .filter(|i| i.kind == IdentityKind::Service && i.tenant.as_deref() == Some("globex"))
+        .map(|i| i.name.as_str())
+        .collect();
+    // By (namespace, name): `dual`, `s0`, `s1`.
+    assert_eq!(
+        services,
+        [
+            "service/globex/dual",
+            "service/globex/s0",
+            "service/globex/s1"
+        ]
+    );
+    let dual = b.identities().by_name("service/globex/dual").unwrap();
+    assert_eq!(dual.ips.len(), 2);
+    // acme has 4 Services: the quota of 3 holds for it as for globex.
+    let acme = b
+        .identities()
+        .iter()
+        .filter(|i| i.kind == IdentityKind::Service && i.tenant.as_deref() == Some("acme"))
+        .count();
+    assert_eq!(acme, 3);
+    let problems = b.cluster_problems();
+    let quota: Vec<&String> = problems
+        .iter()
+        .filter(|p| p.contains("quota of 3 Services"))
+        .collect();
+    assert_eq!(quota.len(), 2, "{problems:#?}");
+    assert!(quota
+        .iter()
+        .any(|p| p.contains("tenant `globex`") && p.contains("3 left out")));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("3 ClusterIPs, more than 2")),
+        "{problems:#?}"
+    );
+    assert_compiled_equals_oracle(&b);
 }

@@ -77,8 +77,11 @@ mod duration_secs {
 
 /// A fast hasher for the grouping caches (FxHash's multiply-rotate, with a final mix):
 /// keys are small integers and inventory strings, hashed hundreds of thousands of times per
-/// compile, and SipHash dominated the compile. Not DoS-resistant, which the keys (from the
-/// operator's own bundle) do not need.
+/// compile, and SipHash dominated the compile. Not DoS-resistant: the signature keys hold
+/// attribute values that tenants write (a pod's purpose and ring labels, its service account
+/// in the SPIFFE ID), but each tenant has at most `max_identities_per_tenant` label sets
+/// ([`crate::cluster::ClusterOptions`]), so values crafted to collide cost at most that many
+/// probes per lookup.
 #[derive(Clone, Copy, Default)]
 struct FastHasher(u64);
 
@@ -138,6 +141,9 @@ impl Hasher for FastHasher {
 }
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// A Service port's distinct backend targets: (identity index, target port).
+type Targets = Vec<(usize, u16)>;
 
 /// What one group request is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -389,7 +395,7 @@ struct Grouping {
     service_cells: FastMap<(u32, u32, u16, Protocol), u32>,
     /// A Service port's distinct backend targets, in backend order: (Service identity
     /// index, port, protocol) -> (identity index, target port).
-    service_targets: FastMap<(u32, u16, Protocol), Arc<Vec<(usize, u16)>>>,
+    service_targets: FastMap<(u32, u16, Protocol), Arc<Targets>>,
 }
 
 /// How an any-port cell is written when some policy reads `context.port`: Cedar's answer at

@@ -236,20 +236,23 @@ impl fmt::Display for Explanation {
             )?;
         }
         if let Some(svc) = &self.service {
-            if svc.declared {
+            let (ns, name, port, protocol) = (&svc.namespace, &svc.name, self.port, self.protocol);
+            if !svc.declared {
                 writeln!(
                     f,
-                    "  service:  {}/{} port {}/{}: judged as all {} ready backends (allowed only if every backend allows)",
-                    svc.namespace,
-                    svc.name,
-                    self.port,
-                    self.protocol,
+                    "  service:  {ns}/{name} does not declare port {port}/{protocol}"
+                )?;
+            } else if svc.backends.is_empty() {
+                writeln!(
+                    f,
+                    "  service:  {ns}/{name} port {port}/{protocol}: no ready backends (denied)"
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "  service:  {ns}/{name} port {port}/{protocol}: judged as all {} ready backends (allowed only if every backend allows)",
                     svc.backends.len()
                 )?;
-            }
-            if svc.declared && svc.backends.is_empty() {
-                writeln!(f, "  backends: none ready (denied)")?;
-            } else if !svc.backends.is_empty() {
                 writeln!(f, "  backends:")?;
             }
             for (i, b) in svc.backends.iter().enumerate() {

@@ -7,8 +7,9 @@
 //! asks it once per group of equivalent cells and must agree with the oracle on every cell
 //! (property tests in `tests.rs`).
 //!
-//! Modules, in data-flow order: [`inventory`] (YAML with locations) -> [`identity`] (stable
-//! IDs) -> `cedar` (schema, policies, entities, the oracle) -> [`compile`] (cells, grouping,
+//! Modules, in data-flow order: [`inventory`] (YAML with locations) and [`cluster`] (the
+//! Kubernetes state, merged by `merge`) -> [`identity`] (stable IDs) -> `cedar` (schema,
+//! policies, entities, the oracle) -> [`compile`] (cells, grouping,
 //! deny attribution) -> [`explain`]. [`diagnostics`] carries located errors, [`atlas`] the
 //! MITRE ATLAS data, [`risk`] Cedar decimals and risk overrides, [`limits`] the bounds on
 //! what a (possibly hostile) bundle may make the loader do.
@@ -283,6 +284,9 @@ impl Bundle {
     ///   collision (reported, never merged): the first in canonical order (label sets before
     ///   Services, then by content) keeps it, the other takes the next number upwards that no
     ///   key of the state prefers. Every node that sees the same label sets resolves it alike.
+    ///   (31 bits can be searched offline: a tenant can craft a label set that collides with
+    ///   another's number. The effect is at most that the later one in canonical order is
+    ///   renumbered, reported with both label sets; two label sets are never merged.)
     /// - Tenant: must be declared in the inventory's `tenants:` (the operator's list of
     ///   tenants, with their audit flags); label sets naming another tenant are left out,
     ///   reported once per tenant. Label sets without a tenant (namespaces without tenant
@@ -777,38 +781,67 @@ pub(crate) struct ServiceDecision {
     pub deciding: Option<usize>,
 }
 
-/// [`Bundle::cluster_revision`] of these identities.
+/// [`Bundle::cluster_revision`] of these identities: SHA-256 over every field of every
+/// cluster identity and Service, each length-prefixed.
 fn cluster_revision(ids: &Identities) -> Option<String> {
-    let parts: Vec<(String, String)> = ids
-        .iter()
-        .filter(|x| x.is_cluster())
-        .map(|x| {
-            let backends: Vec<_> = x
-                .service_ports
-                .iter()
-                .map(|p| (p.port, p.protocol, &p.backends))
-                .collect();
-            (
-                x.id.to_string(),
-                format!(
-                    "{:?}",
-                    (
-                        &x.name,
-                        x.kind,
-                        &x.tenant,
-                        &x.purpose,
-                        &x.ring,
-                        &x.spiffe_id,
-                        &x.labels,
-                        &x.ips,
-                        &x.pod_uids,
-                        backends,
-                    )
-                ),
-            )
-        })
-        .collect();
-    (!parts.is_empty()).then(|| hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 8))
+    let mut h = Sha256::new();
+    let mut any = false;
+    fn part(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let opt = |o: &Option<String>| {
+        o.as_deref()
+            .map_or(b"\xff".to_vec(), |s| s.as_bytes().to_vec())
+    };
+    for x in ids.iter().filter(|x| x.is_cluster()) {
+        any = true;
+        part(&mut h, &x.id.to_le_bytes());
+        part(&mut h, x.name.as_bytes());
+        part(&mut h, x.kind.cedar_type().as_bytes());
+        for field in [&x.tenant, &x.purpose, &x.ring, &x.spiffe_id] {
+            part(&mut h, &opt(field));
+        }
+        part(&mut h, &(x.labels.len() as u64).to_le_bytes());
+        for (k, v) in &x.labels {
+            part(&mut h, k.as_bytes());
+            part(&mut h, v.as_bytes());
+        }
+        part(&mut h, &(x.ips.len() as u64).to_le_bytes());
+        for net in &x.ips {
+            let addr = match net.addr {
+                std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(a) => a.octets(),
+            };
+            part(&mut h, &addr);
+            part(&mut h, &[u8::from(net.is_ipv4()), net.prefix]);
+        }
+        part(&mut h, &(x.pod_uids.len() as u64).to_le_bytes());
+        for uid in &x.pod_uids {
+            part(&mut h, uid.as_bytes());
+        }
+        part(&mut h, &(x.service_ports.len() as u64).to_le_bytes());
+        for p in &x.service_ports {
+            part(&mut h, &p.port.to_le_bytes());
+            part(&mut h, &[p.protocol.number()]);
+            part(&mut h, &(p.backends.len() as u64).to_le_bytes());
+            for b in &p.backends {
+                let addr = match b.ip {
+                    std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                    std::net::IpAddr::V6(a) => a.octets(),
+                };
+                part(&mut h, &addr);
+                part(&mut h, &[u8::from(b.ip.is_ipv4())]);
+                part(&mut h, &b.port.to_le_bytes());
+            }
+        }
+    }
+    any.then(|| {
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
 }
 
 /// The `*.cedar` files of the bundle directory, sorted. A bundle directory holds exactly

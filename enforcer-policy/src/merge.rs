@@ -25,6 +25,8 @@ use crate::inventory::Inventory;
 
 /// Labels per identity: the source takes a handful of configured keys.
 pub(crate) const MAX_LABELS: usize = 64;
+/// ClusterIPs per Service (`spec.clusterIPs`: one per IP family).
+pub(crate) const MAX_CLUSTER_IPS: usize = 2;
 /// Ports per Service.
 pub(crate) const MAX_SERVICE_PORTS: usize = 256;
 /// Problem lines about one tenant (or about no tenant); the rest are counted in one line.
@@ -316,6 +318,13 @@ impl<'a> InventoryNets<'a> {
     }
 }
 
+/// The entries of one label set (the same set listed more than once, attributes alike).
+type LabelSet<'a> = Vec<&'a ClusterIdentity>;
+
+/// A label set in the quota's order: (its oldest pod's creation time, its position in
+/// canonical order, the set).
+type Ranked<'a> = (Option<String>, usize, LabelSet<'a>);
+
 /// Who claims a cluster address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Owner {
@@ -481,23 +490,27 @@ pub(crate) fn merge<'a>(
     let oldest = |set: &Vec<&ClusterIdentity>| -> Option<String> {
         set.iter()
             .flat_map(|ci| &ci.pods)
-            .map(|p| p.created.clone())
+            .map(|p| p.created.as_str())
             .min()
+            .map(str::to_string)
     };
-    let mut by_tenant: BTreeMap<Option<&str>, Vec<(Option<String>, Vec<&ClusterIdentity>)>> =
-        BTreeMap::new();
-    for set in sets {
+    let mut by_tenant: BTreeMap<Option<&str>, Vec<Ranked>> = BTreeMap::new();
+    for (position, set) in sets.into_iter().enumerate() {
         let t = set[0].tenant.as_deref();
-        by_tenant.entry(t).or_default().push((oldest(&set), set));
+        by_tenant
+            .entry(t)
+            .or_default()
+            .push((oldest(&set), position, set));
     }
-    let mut kept: Vec<Vec<&ClusterIdentity>> = Vec::new();
+    let mut kept: Vec<(usize, LabelSet)> = Vec::new();
     for (tenant, mut sets) in by_tenant {
-        // Identities without pods go last; then older first; then by label set.
-        sets.sort_by(|(ca, a), (cb, b)| {
-            (ca.is_none(), ca, &a[0].labels).cmp(&(cb.is_none(), cb, &b[0].labels))
+        // Identities without pods go last; then older first; then by label set (the
+        // canonical position).
+        sets.sort_by(|(ca, pa, _), (cb, pb, _)| {
+            (ca.is_none(), ca, pa).cmp(&(cb.is_none(), cb, pb))
         });
         if sets.len() > quota {
-            let left: Vec<&Vec<&ClusterIdentity>> = sets[quota..].iter().map(|(_, s)| s).collect();
+            let left: Vec<&LabelSet> = sets[quota..].iter().map(|(_, _, s)| s).collect();
             problems.summary(
                 format!(
                     "{}: {} identity label sets, more than the quota of {quota} (max_identities_per_tenant): the {} newest are left out (their pods are unknown subjects), the first of them {}",
@@ -509,9 +522,10 @@ pub(crate) fn merge<'a>(
             );
             sets.truncate(quota);
         }
-        kept.extend(sets.into_iter().map(|(_, s)| s));
+        kept.extend(sets.into_iter().map(|(_, position, s)| (position, s)));
     }
-    kept.sort_by(|a, b| a[0].labels.cmp(&b[0].labels));
+    kept.sort_unstable_by_key(|(position, _)| *position);
+    let kept: Vec<LabelSet> = kept.into_iter().map(|(_, s)| s).collect();
 
     // 4. Services: valid ones, their ports, the quota per tenant.
     let mut services: Vec<(&ClusterService, Option<&str>, Vec<ServicePort>)> = Vec::new();
@@ -572,8 +586,21 @@ pub(crate) fn merge<'a>(
 
     // 5. Addresses: the inventory's win; an address two cluster owners claim is nobody's.
     let inv_nets = InventoryNets::new(inv);
-    let mut claims: HashMap<IpAddr, BTreeSet<Owner>> = HashMap::new();
-    let mut pod_uids: Vec<BTreeSet<String>> = vec![BTreeSet::new(); kept.len()];
+    // The first claimant of each address, and every claimant of a contested one.
+    let mut claims: HashMap<IpAddr, Owner> = HashMap::with_capacity(state.identities.len() * 4);
+    let mut contested: BTreeMap<IpAddr, BTreeSet<Owner>> = BTreeMap::new();
+    let mut claim = |ip: IpAddr, owner: Owner| match claims.get(&ip) {
+        None => {
+            claims.insert(ip, owner);
+        }
+        Some(&first) if first != owner => {
+            let all = contested.entry(ip).or_default();
+            all.insert(first);
+            all.insert(owner);
+        }
+        Some(_) => {}
+    };
+    let mut pod_uids: Vec<Vec<String>> = vec![Vec::new(); kept.len()];
     for (wi, set) in kept.iter().enumerate() {
         let tenant = set[0].tenant.as_deref();
         for ci in set {
@@ -597,7 +624,7 @@ pub(crate) fn merge<'a>(
                 let local = !options.node_name.is_empty()
                     && pod.node.as_deref() == Some(options.node_name.as_str());
                 if local {
-                    pod_uids[wi].insert(pod.uid.clone());
+                    pod_uids[wi].push(pod.uid.clone());
                 }
                 if pod.host_network {
                     continue; // The node's addresses identify nothing.
@@ -613,13 +640,23 @@ pub(crate) fn merge<'a>(
                         );
                         continue;
                     }
-                    claims.entry(*ip).or_default().insert(Owner::Workload(wi));
+                    claim(*ip, Owner::Workload(wi));
                 }
             }
         }
     }
     for (si, (s, tenant, _)) in services.iter().enumerate() {
-        for ip in &s.cluster_ips {
+        if s.cluster_ips.len() > MAX_CLUSTER_IPS {
+            problems.push(
+                *tenant,
+                format!(
+                    "cluster {}: {} ClusterIPs, more than {MAX_CLUSTER_IPS} (one per family): the rest are ignored",
+                    describe_service(s),
+                    s.cluster_ips.len()
+                ),
+            );
+        }
+        for ip in s.cluster_ips.iter().take(MAX_CLUSTER_IPS) {
             if let Some((owner, net)) = inv_nets.claim(ip) {
                 problems.push(
                     *tenant,
@@ -630,25 +667,20 @@ pub(crate) fn merge<'a>(
                 );
                 continue;
             }
-            claims.entry(*ip).or_default().insert(Owner::Service(si));
+            claim(*ip, Owner::Service(si));
         }
     }
     let mut workload_ips: Vec<Vec<IpNet>> = vec![Vec::new(); kept.len()];
     let mut service_ips: Vec<Vec<IpNet>> = vec![Vec::new(); services.len()];
-    let mut conflicts: Vec<(IpAddr, &BTreeSet<Owner>)> = Vec::new();
-    for (ip, owners) in &claims {
-        if owners.len() > 1 {
-            conflicts.push((*ip, owners));
+    for (ip, owner) in &claims {
+        if contested.contains_key(ip) {
             continue;
         }
-        for o in owners {
-            match *o {
-                Owner::Workload(w) => workload_ips[w].push(host_net(*ip)),
-                Owner::Service(s) => service_ips[s].push(host_net(*ip)),
-            }
+        match *owner {
+            Owner::Workload(w) => workload_ips[w].push(host_net(*ip)),
+            Owner::Service(s) => service_ips[s].push(host_net(*ip)),
         }
     }
-    conflicts.sort();
     let owner_text = |o: &Owner| match *o {
         Owner::Workload(w) => format!("cluster {}", describe(kept[w][0])),
         Owner::Service(s) => format!("cluster {}", describe_service(services[s].0)),
@@ -657,7 +689,7 @@ pub(crate) fn merge<'a>(
         Owner::Workload(w) => kept[w][0].tenant.as_deref(),
         Owner::Service(s) => services[s].1,
     };
-    for (ip, owners) in conflicts {
+    for (ip, owners) in &contested {
         let names: Vec<String> = owners.iter().map(owner_text).collect();
         let first = owners.iter().next().and_then(owner_tenant);
         problems.push(
@@ -685,20 +717,19 @@ pub(crate) fn merge<'a>(
             service_digest(&s.namespace, &s.name),
         )
     }));
+    // `identity_number` and `service_number` of the keys, from their digests.
     let preferred: Vec<u32> = keys
         .iter()
-        .map(|(k, _)| match k {
-            Key::Workload(labels) => crate::cluster::identity_number(labels),
-            Key::Service(ns, name) => crate::cluster::service_number(ns, name),
-        })
+        .map(|(_, d)| crate::cluster::in_cluster_range(d))
         .collect();
     let preferred_set: HashSet<u32> = preferred.iter().copied().collect();
-    let mut order: Vec<usize> = (0..keys.len()).collect();
-    order.sort_by(|&a, &b| keys[a].0.cmp(&keys[b].0));
+    // `keys` is in canonical order already: label sets by labels, then Services by name.
+    debug_assert!(keys.windows(2).all(|w| w[0].0 < w[1].0));
+    let order = 0..keys.len();
     let mut ids: Vec<u32> = vec![0; keys.len()];
     let mut taken: HashMap<u32, usize> = HashMap::new();
     let mut losers = Vec::new();
-    for &i in &order {
+    for i in order {
         match taken.get(&preferred[i]) {
             None => {
                 taken.insert(preferred[i], i);
@@ -722,7 +753,7 @@ pub(crate) fn merge<'a>(
     for (i, winner) in losers {
         let mut id = preferred[i];
         loop {
-            id = if id + 1 >= CLUSTER_IDS.end {
+            id = if id + 1 == CLUSTER_IDS.end {
                 CLUSTER_IDS.start
             } else {
                 id + 1
@@ -841,7 +872,12 @@ pub(crate) fn merge<'a>(
             id: ids[i],
             name,
             ips: std::mem::take(&mut workload_ips[i]),
-            pod_uids: std::mem::take(&mut pod_uids[i]).into_iter().collect(),
+            pod_uids: {
+                let mut uids = std::mem::take(&mut pod_uids[i]);
+                uids.sort();
+                uids.dedup();
+                uids
+            },
             spiffe_id: spiffe_id.filter(|s| validate_spiffe_id(s).is_ok()),
         });
     }

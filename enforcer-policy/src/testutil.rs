@@ -782,7 +782,7 @@ pub fn cluster_ip6(n: usize) -> IpAddr {
 /// replicas, pods on `node` and elsewhere, IPv4 and IPv6, host-network pods, and Services
 /// whose backends are pods, inventory addresses, unknown addresses, or none.
 pub fn random_cluster(seed: u64, node: &str) -> ClusterState {
-    let mut r = Rng::new(seed ^ 0x5eed_c1u64);
+    let mut r = Rng::new(seed ^ 0x005e_edc1_u64);
     let tenants = [
         Some("acme"),
         Some("globex"),
@@ -888,4 +888,335 @@ pub fn random_cluster(seed: u64, node: &str) -> ClusterState {
         ));
     }
     state
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9's scale: a node of a large cluster.
+
+/// The shape of a synthetic cluster (see [`synthetic_cluster`]).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ClusterShape {
+    pub pods: usize,
+    /// Distinct label sets, spread evenly over the tenants.
+    pub identities: usize,
+    pub tenants: usize,
+    /// Pods on this node, spread over the first `local_identities` label sets.
+    pub local_pods: usize,
+    pub local_identities: usize,
+    /// Services (port 80/tcp to 8080): each over one label set's pods, every tenth over two
+    /// label sets of one tenant (mixed backends).
+    pub services: usize,
+}
+
+/// Issue 9's node: 20,000 pods, 2,000 identities, 50 tenants, 250 local pods on about 60
+/// identities, 500 Services.
+pub const ISSUE9: ClusterShape = ClusterShape {
+    pods: 20_000,
+    identities: 2_000,
+    tenants: 50,
+    local_pods: 250,
+    local_identities: 60,
+    services: 500,
+};
+
+/// The node whose pods are local in [`synthetic_cluster`].
+pub const BENCH_NODE: &str = "node-0";
+
+/// A bundle for [`synthetic_cluster`]: tenants `t0..`, one vector database per tenant
+/// (127.81.200+t/8 . t), and the demo's policies (tenant isolation, purpose and risk rules).
+pub fn cluster_bundle(dir: &Path, tenants: usize) -> io::Result<()> {
+    let mut inv = String::from("tenants: [");
+    inv += &(0..tenants)
+        .map(|t| format!("t{t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    inv += "]\ndefaults:\n  implicit_deny_atlas: [AML.T0012]\n  unknown_subject_atlas: [AML.T0103]\nendpoints:\n";
+    for t in 0..tenants {
+        let _ = writeln!(
+            inv,
+            "  - {{name: vectors-t{t}, tenant: t{t}, kind: vector_db, ips: [127.81.{}.{}/32], datasets: [kb-t{t}], ports: [{{port: 6333, action: query}}]}}",
+            200 + t / 256,
+            t % 256
+        );
+    }
+    let policies = format!(
+        "{}\n{}",
+        include_str!("../../policies/demo/baseline.cedar"),
+        include_str!("../../policies/demo/purpose.cedar")
+    );
+    write_bundle(dir, &inv, &policies)
+}
+
+/// A cluster state of `shape` (pods on IPv6 `fd81::/16`, ClusterIPs `127.81.0.0/16` below
+/// 127.81.200.0). Pod `j` of label set `i` is created at second `j`; label set `i` is of
+/// tenant `i % tenants`, purpose and ring varying with `i`.
+pub fn synthetic_cluster(shape: &ClusterShape) -> ClusterState {
+    let purposes = SYNTHETIC_PURPOSES;
+    let rings = ["prod", "staging", "dev"];
+    let per = shape.pods / shape.identities.max(1);
+    let extra = shape.pods % shape.identities.max(1);
+    let mut state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        ..ClusterState::default()
+    };
+    let mut n = 0usize;
+    let mut pod_ips: Vec<Vec<IpAddr>> = Vec::with_capacity(shape.identities);
+    for i in 0..shape.identities {
+        let t = i % shape.tenants;
+        let ns = format!("t{t}");
+        let count = per + usize::from(i < extra);
+        let mut pods = Vec::with_capacity(count);
+        let mut ips = Vec::with_capacity(count);
+        for j in 0..count {
+            n += 1;
+            let ip = cluster_ip6(n);
+            // Local pods: round-robin over the first `local_identities` label sets.
+            let local =
+                i < shape.local_identities && j * shape.local_identities + i < shape.local_pods;
+            let node = if local {
+                BENCH_NODE.to_string()
+            } else {
+                format!("node-{}", 1 + n % 80)
+            };
+            let mut pod = cluster_pod(
+                &ns,
+                &format!("w{i}-{j}"),
+                Some(&node),
+                &[ip],
+                &format!("2026-01-01T00:{:02}:{:02}Z", (j / 60) % 60, j % 60),
+            );
+            pod.uid = format!("{:08x}-0000-4000-8000-{:012x}", i, j);
+            pods.push(pod);
+            ips.push(ip);
+        }
+        pod_ips.push(ips);
+        let app = format!("a{i}");
+        state.identities.push(cluster_identity(
+            &ns,
+            &format!("sa{}", i % 7),
+            Some(&format!("t{t}")),
+            Some(purposes[(i / shape.tenants) % purposes.len()]),
+            Some(rings[(i / 3) % rings.len()]),
+            &[("app", &app)],
+            pods,
+        ));
+    }
+    for s in 0..shape.services {
+        let i = (s * shape.identities.max(1) / shape.services.max(1)) % shape.identities.max(1);
+        let mut backends: Vec<Backend> = pod_ips[i]
+            .iter()
+            .map(|&ip| Backend { ip, port: 8080 })
+            .collect();
+        if s % 10 == 9 {
+            // Another label set of the same tenant.
+            let k = (i + shape.tenants) % shape.identities;
+            backends.extend(pod_ips[k].iter().map(|&ip| Backend { ip, port: 8080 }));
+        }
+        let ns = format!("t{}", i % shape.tenants);
+        state.services.push(cluster_service(
+            &ns,
+            &format!("svc{s}"),
+            cluster_ip4(s),
+            &[(80, crate::Protocol::Tcp, backends)],
+        ));
+    }
+    state
+}
+
+/// Issue 9's figures, PDP side: a node of a large cluster merged and compiled, then a churn.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterBenchReport {
+    pub shape: ClusterShape,
+    /// Building the cluster state itself (the Kubernetes source's work, for scale).
+    pub state_ms: f64,
+    /// `Bundle::load` of the bundle alone, for comparison.
+    pub load_ms: f64,
+    /// `Bundle::load_with_cluster`: the bundle plus the merge.
+    pub load_with_cluster_ms: f64,
+    pub compile_ms: f64,
+    pub load_and_compile_ms: f64,
+    /// Identities in the bundle (WORLD, inventory, cluster label sets, Services): the
+    /// IDENTITIES map's entries (capacity 65,536).
+    pub identities: usize,
+    pub cluster_identities: usize,
+    pub services: usize,
+    pub subjects: usize,
+    pub destinations: usize,
+    /// IP cache entries (capacity 262,144 each).
+    pub ipcache_v4: usize,
+    pub ipcache_v6: usize,
+    pub cells: usize,
+    pub cell_groups: usize,
+    pub cedar_decisions: usize,
+    /// Policy table entries needed.
+    pub entries: usize,
+    /// The entries if every cell were allowed (an allow-all policy): subjects x cells.
+    pub entries_if_all_allowed: usize,
+    pub policy_capacity: usize,
+    pub problems: usize,
+    pub churn: ChurnReport,
+}
+
+/// `pods_changed` pod replacements (half of them on this node) followed: the new state merged
+/// and compiled from the previous table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ChurnReport {
+    pub pods_changed: usize,
+    pub load_with_cluster_ms: f64,
+    pub compile_incremental_ms: f64,
+    pub total_ms: f64,
+    pub cedar_decisions: usize,
+    pub added: usize,
+    pub removed: usize,
+}
+
+/// The POLICY map's default capacity (`enforcer_common`'s `capacity::POLICY`).
+pub const POLICY_CAPACITY: usize = enforcer_common::capacity::POLICY as usize;
+
+/// Write [`cluster_bundle`] into `dir`, build [`synthetic_cluster`] of `shape`, and time
+/// `load_with_cluster` + `compile`, then a churn of 100 pods with `compile_incremental`.
+///
+/// Panics if the bundle does not load or compile (a bug, not a measurement), or if the
+/// incremental compile differs from a full one.
+#[allow(clippy::expect_used, clippy::panic)]
+pub fn bench_cluster(dir: &Path, shape: &ClusterShape) -> ClusterBenchReport {
+    use std::time::Instant;
+    cluster_bundle(dir, shape.tenants).expect("writing the bundle");
+    let options = crate::cluster::ClusterOptions {
+        node_name: BENCH_NODE.into(),
+        max_identities_per_tenant: crate::cluster::DEFAULT_MAX_IDENTITIES_PER_TENANT,
+    };
+    let t = Instant::now();
+    let state = synthetic_cluster(shape);
+    let state_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let plain = crate::Bundle::load(dir).unwrap_or_else(|d| panic!("bundle invalid:\n{d}"));
+    let load_ms = ms(t.elapsed());
+    drop(plain);
+    let t = Instant::now();
+    let bundle = crate::Bundle::load_with_cluster(dir, &state, &options)
+        .unwrap_or_else(|d| panic!("bundle invalid:\n{d}"));
+    let load_with_cluster = t.elapsed();
+    let t = Instant::now();
+    let compiled = bundle.compile().expect("compiling");
+    let compile = t.elapsed();
+    let stats = compiled.stats();
+    let ids = bundle.identities();
+    let count = |f: &dyn Fn(&crate::Identity) -> bool| ids.iter().filter(|i| f(i)).count();
+    let ips = |v4: bool| {
+        ids.iter()
+            .flat_map(|i| &i.ips)
+            .filter(|n| n.is_ipv4() == v4)
+            .count()
+    };
+
+    // Churn: 100 pods replaced (same label sets, new names and addresses), half local.
+    let mut next = state.clone();
+    let changed = 100.min(shape.pods);
+    for k in 0..changed {
+        let i = (k * 37) % next.identities.len();
+        let ci = &mut next.identities[i];
+        if ci.pods.is_empty() {
+            continue;
+        }
+        let old = ci.pods.remove(0);
+        let mut pod = cluster_pod(
+            &ci.namespace,
+            &format!("{}-r{k}", old.name),
+            Some(if k % 2 == 0 { BENCH_NODE } else { "node-1" }),
+            &[cluster_ip6(1_000_000 + k)],
+            "2026-01-02T00:00:00Z",
+        );
+        pod.uid = format!("ffffffff-0000-4000-8000-{k:012x}");
+        ci.pods.push(pod);
+    }
+    let t = Instant::now();
+    let churned = crate::Bundle::load_with_cluster(dir, &next, &options)
+        .unwrap_or_else(|d| panic!("bundle invalid:\n{d}"));
+    let churn_load = t.elapsed();
+    let t = Instant::now();
+    let after = churned
+        .compile_incremental(&compiled)
+        .expect("compiling incrementally");
+    let churn_compile = t.elapsed();
+    let full = churned.compile().expect("compiling");
+    assert!(
+        full.allows() == after.allows(),
+        "compile_incremental differs from compile"
+    );
+    let old: std::collections::HashMap<_, _> = compiled.allows().iter().copied().collect();
+    let new: std::collections::HashMap<_, _> = after.allows().iter().copied().collect();
+
+    ClusterBenchReport {
+        shape: *shape,
+        state_ms,
+        load_ms,
+        load_with_cluster_ms: ms(load_with_cluster),
+        compile_ms: ms(compile),
+        load_and_compile_ms: ms(load_with_cluster + compile),
+        identities: ids.len(),
+        cluster_identities: count(&|i| i.is_cluster() && i.kind == crate::IdentityKind::Workload),
+        services: count(&|i| i.kind == crate::IdentityKind::Service),
+        subjects: count(&|i| i.is_subject()),
+        destinations: count(&|i| i.is_destination()),
+        ipcache_v4: ips(true),
+        ipcache_v6: ips(false),
+        cells: stats.cells,
+        cell_groups: stats.cell_groups,
+        cedar_decisions: stats.cedar_decisions,
+        entries: stats.allows,
+        entries_if_all_allowed: stats.cells,
+        policy_capacity: POLICY_CAPACITY,
+        problems: bundle.cluster_problems().len(),
+        churn: ChurnReport {
+            pods_changed: changed,
+            load_with_cluster_ms: ms(churn_load),
+            compile_incremental_ms: ms(churn_compile),
+            total_ms: ms(churn_load + churn_compile),
+            cedar_decisions: after.stats().cedar_decisions,
+            added: new.iter().filter(|(k, v)| old.get(k) != Some(v)).count(),
+            removed: old.keys().filter(|k| !new.contains_key(k)).count(),
+        },
+    }
+}
+
+impl std::fmt::Display for ClusterBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.shape;
+        writeln!(
+            f,
+            "cluster: {} pods, {} label sets, {} tenants, {} local pods on {} label sets, {} Services",
+            s.pods, s.identities, s.tenants, s.local_pods, s.local_identities, s.services
+        )?;
+        writeln!(
+            f,
+            "  load_with_cluster + compile {:8.1} ms  (load_with_cluster {:.1} ms [bundle alone {:.1} ms], compile {:.1} ms; building the state {:.1} ms)",
+            self.load_and_compile_ms, self.load_with_cluster_ms, self.load_ms, self.compile_ms, self.state_ms
+        )?;
+        writeln!(
+            f,
+            "  identities       {:8}     ({} label sets, {} Services; {} subjects, {} destinations; IP cache {} v4 + {} v6; {} problems)",
+            self.identities, self.cluster_identities, self.services, self.subjects, self.destinations, self.ipcache_v4, self.ipcache_v6, self.problems
+        )?;
+        writeln!(
+            f,
+            "  cells            {:8}     ({} groups, {} Cedar decisions)",
+            self.cells, self.cell_groups, self.cedar_decisions
+        )?;
+        writeln!(
+            f,
+            "  policy entries   {:8}     of {} ({:.1}%); an allow-all policy would need {} ({:.1}%)",
+            self.entries,
+            self.policy_capacity,
+            100.0 * self.entries as f64 / self.policy_capacity as f64,
+            self.entries_if_all_allowed,
+            100.0 * self.entries_if_all_allowed as f64 / self.policy_capacity as f64
+        )?;
+        let c = &self.churn;
+        write!(
+            f,
+            "  churn            {:8.1} ms  ({} pods replaced: load_with_cluster {:.1} ms + compile_incremental {:.1} ms, {} Cedar decisions; +{} -{} entries)",
+            c.total_ms, c.pods_changed, c.load_with_cluster_ms, c.compile_incremental_ms, c.cedar_decisions, c.added, c.removed
+        )
+    }
 }
