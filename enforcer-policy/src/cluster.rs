@@ -100,6 +100,13 @@ pub struct ClusterService {
     /// `spec.clusterIPs` (headless Services are not listed: clients reach their pod IPs).
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`. kube-proxy redirects the
+    /// Service's ports on these addresses to its backends on every node, whoever else has
+    /// the address (its owner may write any address there: CVE-2020-8554), so the bundle
+    /// judges each as the Service, ahead of the inventory and of pods. Empty in states
+    /// persisted before this field existed.
+    #[serde(default)]
+    pub external_ips: Vec<IpAddr>,
 }
 
 /// One port of a Service and the ready backends behind it (from EndpointSlices or Endpoints).

@@ -60,6 +60,10 @@ pub(crate) struct Merged<'a> {
     pub workloads: Vec<Workload<'a>>,
     /// In (namespace, name) order.
     pub services: Vec<Service>,
+    /// Inventory networks of exactly one address that a Service's external address takes
+    /// over: the inventory item no longer has them (the kernel's IP cache holds one
+    /// identity per network).
+    pub taken_over: HashSet<IpNet>,
     pub problems: Vec<String>,
 }
 
@@ -633,6 +637,57 @@ pub(crate) fn merge<'a>(
             claims.entry(*ip).or_default().insert(Owner::Service(si));
         }
     }
+    // External addresses: kube-proxy sends the Service's ports there to its backends,
+    // whatever else has the address, so the Service takes it from the inventory and from
+    // pods (fail closed for their other ports: undeclared on the Service). Two Services
+    // on one external address are a conflict like any other (below).
+    let mut external: BTreeMap<IpAddr, BTreeSet<usize>> = BTreeMap::new();
+    for (si, (s, _, _)) in services.iter().enumerate() {
+        for ip in &s.external_ips {
+            if !s.cluster_ips.contains(ip) {
+                external.entry(*ip).or_default().insert(si);
+            }
+        }
+    }
+    let mut taken_over = HashSet::new();
+    for (ip, by) in &external {
+        let first = *by.iter().next().expect("at least one Service");
+        let (s, tenant, _) = &services[first];
+        let mut previous: Vec<String> = claims
+            .get(ip)
+            .into_iter()
+            .flatten()
+            .filter(|o| !matches!(o, Owner::Service(i) if by.contains(i)))
+            .map(|o| match *o {
+                Owner::Workload(w) => format!("cluster {}", describe(kept[w][0])),
+                Owner::Service(i) => format!("cluster {}", describe_service(services[i].0)),
+            })
+            .collect();
+        if let Some((owner, net)) = inv_nets.claim(ip) {
+            previous.push(format!("inventory `{owner}` ({net})"));
+            if net == host_net(*ip) {
+                taken_over.insert(net);
+            }
+        }
+        if by.len() == 1 {
+            claims.insert(*ip, BTreeSet::from([Owner::Service(first)]));
+        } else {
+            claims
+                .entry(*ip)
+                .or_default()
+                .extend(by.iter().map(|&i| Owner::Service(i)));
+        }
+        if !previous.is_empty() && by.len() == 1 {
+            problems.push(
+                *tenant,
+                format!(
+                    "{} has external address {ip}, which is also {}: kube-proxy sends the Service's ports there to its backends, so the address is judged as the Service (its other ports are denied)",
+                    describe_service(s),
+                    previous.join(" and ")
+                ),
+            );
+        }
+    }
     let mut workload_ips: Vec<Vec<IpNet>> = vec![Vec::new(); kept.len()];
     let mut service_ips: Vec<Vec<IpNet>> = vec![Vec::new(); services.len()];
     let mut conflicts: Vec<(IpAddr, &BTreeSet<Owner>)> = Vec::new();
@@ -869,6 +924,7 @@ pub(crate) fn merge<'a>(
     Merged {
         workloads,
         services: out_services,
+        taken_over,
         problems: problems.finish(),
     }
 }

@@ -749,6 +749,7 @@ pub fn cluster_service(
         namespace: namespace.into(),
         name: name.into(),
         cluster_ips: vec![cluster_ip],
+        external_ips: Vec::new(),
         ports: ports
             .iter()
             .map(|(port, protocol, backends)| ServicePort {

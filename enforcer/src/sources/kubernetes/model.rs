@@ -392,6 +392,36 @@ fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterServi
                 )),
             }
         }
+        // kube-proxy redirects these too (CVE-2020-8554: a Service's owner writes any
+        // address in `externalIPs`), so they are judged as the Service.
+        let mut external = Vec::new();
+        let lb = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        let texts = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .map(|t| ("external IP", t.as_str()))
+            .chain(
+                lb.iter()
+                    .filter_map(|i| i.ip.as_deref())
+                    .map(|t| ("load-balancer IP", t)),
+            );
+        for (what, text) in texts {
+            match text.parse::<IpAddr>() {
+                Ok(ip) if !external.contains(&ip) && !cluster_ips.contains(&ip) => {
+                    external.push(ip)
+                }
+                Ok(_) => {}
+                Err(_) => problems.push(format!(
+                    "{object}: {what} {text:?} is not an IP address: ignored"
+                )),
+            }
+        }
         if cluster_ips.is_empty() {
             continue;
         }
@@ -435,6 +465,7 @@ fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterServi
             name: name.to_string(),
             cluster_ips,
             ports,
+            external_ips: external,
         });
     }
     out

@@ -745,3 +745,102 @@ async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
     drop(source);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The identity the kernel's IP cache gives `ip` (longest prefix; every identity holding
+/// that prefix is listed, so an ambiguous address shows as two names, and WORLD as none).
+fn owners_of(bundle: &enforcer_policy::Bundle, ip: &str) -> Vec<String> {
+    let ip: IpAddr = ip.parse().unwrap();
+    let holding: Vec<(u8, String)> = bundle
+        .identities()
+        .iter()
+        .flat_map(|i| {
+            i.ips
+                .iter()
+                .filter(|n| n.contains(&ip))
+                .map(|n| (n.prefix, i.name.clone()))
+        })
+        .collect();
+    let Some(longest) = holding.iter().map(|(p, _)| *p).max() else {
+        return Vec::new();
+    };
+    holding
+        .into_iter()
+        .filter(|(p, _)| *p == longest)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// Attack: kube-proxy redirects a Service's ports on its `spec.externalIPs` (any address the
+/// Service's owner writes: CVE-2020-8554) and on its load-balancer ingress addresses to the
+/// Service's backends, on every node, before the packet leaves. The connect hook sees the
+/// address before that translation, so an address judged as its usual owner (here the
+/// inventory's `acme-vectors`, or WORLD) would let globex receive acme's calls. Each such
+/// address must be judged as the Service, like its ClusterIP.
+#[test]
+fn external_and_load_balancer_addresses_are_judged_as_the_service() {
+    let trap: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "globex", "name": "trap"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "127.85.100.1", "clusterIPs": ["127.85.100.1"],
+            "externalIPs": ["127.10.1.10", "127.85.200.1"],
+            "ports": [{"name": "q", "port": 6333, "targetPort": 8080}]
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": "127.85.200.2"}, {"hostname": "lb.example"}]}}
+    }))
+    .unwrap();
+    let endpoints: Endpoints = serde_json::from_value(json!({
+        "metadata": {"namespace": "globex", "name": "trap"},
+        "subsets": [{"addresses": [{"ip": "127.85.2.1"}], "ports": [{"name": "q", "port": 8080}]}]
+    }))
+    .unwrap();
+    let state = cluster_state(
+        &Snapshot {
+            pods: store_state(vec![pod(
+                "globex",
+                "sink",
+                json!({}),
+                "node-a",
+                "127.85.2.1",
+            )]),
+            namespaces: store_state(vec![tenant_ns("globex", "globex")]),
+            services: store_state(vec![trap]),
+            backends: Backends::Endpoints(store_state(vec![endpoints])),
+        },
+        &rules(),
+    );
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    let bundle = enforcer_policy::Bundle::load_with_cluster(
+        &demo,
+        &state,
+        &enforcer_policy::cluster::ClusterOptions {
+            node_name: "node-a".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    for ip in [
+        "127.85.100.1",
+        "127.10.1.10",
+        "127.85.200.1",
+        "127.85.200.2",
+    ] {
+        assert_eq!(
+            owners_of(&bundle, ip),
+            ["service/globex/trap"],
+            "{ip}: {:#?}",
+            bundle.cluster_problems()
+        );
+    }
+    // acme's retriever calling "acme-vectors" at 127.10.1.10:6333 reaches globex's pod: the
+    // call is judged so (denied by tenant isolation), and the takeover is reported.
+    let d = bundle
+        .decide("acme-retriever", "service/globex/trap", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(!d.allowed);
+    let problems = bundle.cluster_problems().join("\n");
+    assert!(
+        problems.contains("127.10.1.10") && problems.contains("acme-vectors"),
+        "{problems}"
+    );
+}
