@@ -27,6 +27,16 @@ use crate::inventory::Inventory;
 pub(crate) const MAX_LABELS: usize = 64;
 /// Ports per Service.
 pub(crate) const MAX_SERVICE_PORTS: usize = 256;
+/// Ready backends of one Service port (after deduplication): a Deployment behind one
+/// Service rarely has more; beyond it the port is denied (judging a subset could allow what
+/// a left-out backend denies).
+pub(crate) const MAX_BACKENDS_PER_PORT: usize = 4096;
+/// Distinct target ports among one Service port's backends (more than one only during a
+/// rollout that changes `targetPort`); each is a separate judgement per subject.
+pub(crate) const MAX_TARGET_PORTS: usize = 16;
+/// Ready backends of one tenant's Services in all: EndpointSlices are written by tenants
+/// (a selectorless Service's owner writes any number), so their cost is bounded per tenant.
+pub(crate) const MAX_BACKENDS_PER_TENANT: usize = 65_536;
 /// Problem lines about one tenant (or about no tenant); the rest are counted in one line.
 pub(crate) const PER_TENANT_PROBLEMS: usize = 20;
 /// Problem lines in all (after the per-tenant bound: at most this many tenants are listed).
@@ -525,6 +535,7 @@ pub(crate) fn merge<'a>(
     });
     let mut seen_services: HashSet<(&str, &str)> = HashSet::new();
     let mut services_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+    let mut backends_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut services_left: BTreeMap<Option<&str>, Vec<&ClusterService>> = BTreeMap::new();
     for s in sorted_services {
         let tenant = namespace_tenant
@@ -560,7 +571,8 @@ pub(crate) fn merge<'a>(
             continue;
         }
         *n += 1;
-        let ports = service_ports(s, tenant, &mut problems);
+        let budget = backends_of.entry(tenant).or_default();
+        let ports = service_ports(s, tenant, budget, &mut problems);
         services.push((s, tenant, ports));
     }
     for (tenant, left) in &services_left {
@@ -933,6 +945,7 @@ pub(crate) fn merge<'a>(
 fn service_ports(
     s: &ClusterService,
     tenant: Option<&str>,
+    tenant_backends: &mut usize,
     problems: &mut Problems,
 ) -> Vec<ServicePort> {
     let mut ports: Vec<ServicePort> = Vec::new();
@@ -982,6 +995,37 @@ fn service_ports(
         }
         backends.sort();
         backends.dedup();
+        let targets: HashSet<u16> = backends.iter().map(|b| b.port).collect();
+        let over = if backends.len() > MAX_BACKENDS_PER_PORT {
+            Some(format!(
+                "{} ready backends, more than {MAX_BACKENDS_PER_PORT}",
+                backends.len()
+            ))
+        } else if targets.len() > MAX_TARGET_PORTS {
+            Some(format!(
+                "{} distinct target ports, more than {MAX_TARGET_PORTS}",
+                targets.len()
+            ))
+        } else if *tenant_backends + backends.len() > MAX_BACKENDS_PER_TENANT {
+            Some(format!(
+                "the tenant's Services have more than {MAX_BACKENDS_PER_TENANT} ready backends in all"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = over {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {}: port {}/{}: {why}: the port is denied (judged as no ready backend)",
+                    describe_service(s),
+                    p.port,
+                    p.protocol
+                ),
+            );
+            backends.clear();
+        }
+        *tenant_backends += backends.len();
         ports.push(ServicePort {
             port: p.port,
             protocol: p.protocol,

@@ -965,3 +965,96 @@ fn an_over_quota_service_cannot_keep_an_external_address() {
         bundle.cluster_problems()
     );
 }
+
+/// Attack (exhaustion): EndpointSlices are written by tenants (the owner of a selectorless
+/// Service writes any number of them, any addresses, any target ports), and every ready
+/// backend of a Service port is a judgement per subject at each distinct target port. A
+/// tenant's backends are bounded per port, in distinct target ports, and in all; a port
+/// over a bound is denied (a subset could allow what a left-out backend denies) and
+/// reported.
+#[test]
+fn tenant_written_endpoint_slices_are_bounded() {
+    let flood: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "globex", "name": "flood"},
+        "spec": {"clusterIP": "127.85.100.9", "ports": [
+            {"name": "wide", "port": 80}, {"name": "ports", "port": 81}, {"name": "ok", "port": 82}
+        ]}
+    }))
+    .unwrap();
+    let slice = |name: String, port_name: &str, port: u16, ips: Vec<String>| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "globex", "name": name,
+                         "labels": {"kubernetes.io/service-name": "flood"}},
+            "addressType": "IPv4",
+            "endpoints": ips.iter().map(|ip| json!({"addresses": [ip]})).collect::<Vec<_>>(),
+            "ports": [{"name": port_name, "port": port, "protocol": "TCP"}]
+        }))
+        .unwrap()
+    };
+    let mut slices = Vec::new();
+    // 5000 backends on one port (5 slices of 1000, the API's bound per slice).
+    for s in 0..5u32 {
+        let ips = (0..1000u32)
+            .map(|i| {
+                let n = s * 1000 + i;
+                format!("127.85.{}.{}", 10 + n / 250, 1 + n % 250)
+            })
+            .collect();
+        slices.push(slice(format!("wide-{s}"), "wide", 8080, ips));
+    }
+    // 64 target ports behind one port.
+    for p in 0..64u16 {
+        slices.push(slice(
+            format!("ports-{p}"),
+            "ports",
+            9000 + p,
+            vec!["127.85.2.1".into()],
+        ));
+    }
+    slices.push(slice("ok".into(), "ok", 8082, vec!["127.85.2.1".into()]));
+    let state = cluster_state(
+        &Snapshot {
+            pods: store_state(vec![pod(
+                "globex",
+                "sink",
+                json!({}),
+                "node-a",
+                "127.85.2.1",
+            )]),
+            namespaces: store_state(vec![tenant_ns("globex", "globex")]),
+            services: store_state(vec![flood]),
+            backends: Backends::EndpointSlices(store_state(slices)),
+        },
+        &rules(),
+    );
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    let bundle = load_cluster(&demo, &state, 256);
+    let problems = bundle.cluster_problems().join("\n");
+    assert!(
+        problems.contains("port 80/tcp: 5000 ready backends, more than 4096"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("port 81/tcp: 64 distinct target ports, more than 16"),
+        "{problems}"
+    );
+    let sink = bundle
+        .identities()
+        .iter()
+        .find(|i| i.name.starts_with("globex/worker#"))
+        .unwrap()
+        .name
+        .clone();
+    for port in [80, 81] {
+        let e = bundle
+            .explain(&sink, "service/globex/flood", port, Protocol::Tcp)
+            .unwrap();
+        assert!(!e.decision.allowed);
+        assert!(e.service.unwrap().backends.is_empty(), "port {port}");
+    }
+    // The tenant's other ports keep their backends.
+    let e = bundle
+        .explain(&sink, "service/globex/flood", 82, Protocol::Tcp)
+        .unwrap();
+    assert_eq!(e.service.unwrap().backends.len(), 1);
+}
