@@ -107,6 +107,12 @@ pub struct ClusterService {
     /// persisted before this field existed.
     #[serde(default)]
     pub external_ips: Vec<IpAddr>,
+    /// The tenant of the Service's Namespace. `None` where the namespace has none, or in a
+    /// state persisted before this field existed: the tenant of the namespace's pods counts
+    /// then. (Taken from the pods alone, the Services of every namespace without pods would
+    /// share one quota, which one tenant could fill for all.)
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// One port of a Service and the ready backends behind it (from EndpointSlices or Endpoints).

@@ -538,10 +538,16 @@ pub(crate) fn merge<'a>(
     let mut backends_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut services_left: BTreeMap<Option<&str>, Vec<&ClusterService>> = BTreeMap::new();
     for s in sorted_services {
-        let tenant = namespace_tenant
-            .get(s.namespace.as_str())
-            .copied()
-            .flatten();
+        let tenant = s
+            .tenant
+            .as_deref()
+            .filter(|t| tenants.contains(t))
+            .or_else(|| {
+                namespace_tenant
+                    .get(s.namespace.as_str())
+                    .copied()
+                    .flatten()
+            });
         let checked = dns_label(&s.namespace)
             .map_err(|e| format!("namespace {e}"))
             .and_then(|()| dns_label(&s.name).map_err(|e| format!("name {e}")));

@@ -750,6 +750,7 @@ pub fn cluster_service(
         name: name.into(),
         cluster_ips: vec![cluster_ip],
         external_ips: Vec::new(),
+        tenant: None,
         ports: ports
             .iter()
             .map(|(port, protocol, backends)| ServicePort {

@@ -150,7 +150,7 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
         ));
     }
 
-    let services = services(snapshot, &mut problems);
+    let services = services(snapshot, &namespaces, &mut problems);
     problems.sort();
     problems.dedup();
     ClusterState {
@@ -361,7 +361,11 @@ fn pod_ips(pod: &Pod, object: &str, problems: &mut Vec<String>) -> Vec<IpAddr> {
     ips
 }
 
-fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterService> {
+fn services(
+    snapshot: &Snapshot,
+    namespaces: &BTreeMap<&str, Result<TenantMetadata, String>>,
+    problems: &mut Vec<String>,
+) -> Vec<ClusterService> {
     let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
     services.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
     let mut out = Vec::new();
@@ -466,6 +470,10 @@ fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterServi
             cluster_ips,
             ports,
             external_ips: external,
+            tenant: match namespaces.get(namespace) {
+                Some(Ok(m)) => m.tenant().map(str::to_string),
+                _ => None,
+            },
         });
     }
     out

@@ -1058,3 +1058,38 @@ fn tenant_written_endpoint_slices_are_bounded() {
         .unwrap();
     assert_eq!(e.service.unwrap().backends.len(), 1);
 }
+
+/// Attack (quota): a Service's tenant was taken from its namespace's pods only, so the
+/// Services of every namespace without pods (scaled to zero, selectorless Services in
+/// front of managed databases) shared one quota, and a tenant filling it left the other
+/// tenants' Services out (their addresses WORLD). A Service's tenant is its Namespace's.
+#[test]
+fn services_of_namespaces_without_pods_count_against_their_own_tenant() {
+    let svc = |ns: &str, name: &str, ip: &str| service(ns, name, ip, json!([{"port": 80}]));
+    let state = cluster_state(
+        &Snapshot {
+            pods: Vec::new(),
+            namespaces: store_state(vec![tenant_ns("aaa", "globex"), tenant_ns("acme", "acme")]),
+            services: store_state(vec![
+                svc("aaa", "flood-1", "127.85.100.1"),
+                svc("aaa", "flood-2", "127.85.100.2"),
+                svc("acme", "db", "127.85.100.3"),
+            ]),
+            backends: Backends::Endpoints(Vec::new()),
+        },
+        &rules(),
+    );
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    let bundle = load_cluster(&demo, &state, 1);
+    assert!(
+        bundle.identities().by_name("service/acme/db").is_some(),
+        "{:#?}",
+        bundle.cluster_problems()
+    );
+    assert_eq!(owners_of(&bundle, "127.85.100.3"), ["service/acme/db"]);
+    let problems = bundle.cluster_problems().join("\n");
+    assert!(
+        problems.contains("tenant `globex`: more than the quota of 1 Services"),
+        "{problems}"
+    );
+}
