@@ -100,6 +100,19 @@ pub struct ClusterService {
     /// `spec.clusterIPs` (headless Services are not listed: clients reach their pod IPs).
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`. kube-proxy redirects the
+    /// Service's ports on these addresses to its backends on every node, whoever else has
+    /// the address (its owner may write any address there: CVE-2020-8554), so the bundle
+    /// judges each as the Service, ahead of the inventory and of pods. Empty in states
+    /// persisted before this field existed.
+    #[serde(default)]
+    pub external_ips: Vec<IpAddr>,
+    /// The tenant of the Service's Namespace. `None` where the namespace has none, or in a
+    /// state persisted before this field existed: the tenant of the namespace's pods counts
+    /// then. (Taken from the pods alone, the Services of every namespace without pods would
+    /// share one quota, which one tenant could fill for all.)
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// One port of a Service and the ready backends behind it (from EndpointSlices or Endpoints).

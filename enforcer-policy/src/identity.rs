@@ -380,6 +380,14 @@ fn ip_bits(ip: &IpAddr) -> (bool, u128, u8) {
     }
 }
 
+/// An inventory item's networks without those a Service's external address took over.
+fn without(ips: &[IpNet], taken_over: &HashSet<IpNet>) -> Vec<IpNet> {
+    ips.iter()
+        .filter(|n| !taken_over.contains(n))
+        .copied()
+        .collect()
+}
+
 fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
     Identity {
         id,
@@ -490,7 +498,7 @@ impl Identities {
                 ring: w.ring.clone(),
                 spiffe_id: w.spiffe_id.clone(),
                 cgroups: w.cgroups.clone(),
-                ips: w.ips.clone(),
+                ips: without(&w.ips, &merged.taken_over),
                 risk: w.risk.clone(),
                 flags: if audit { flags::AUDIT } else { 0 },
                 ports: w.ports.clone(),
@@ -510,7 +518,7 @@ impl Identities {
                 tenant: e.tenant.clone(),
                 endpoint_kind: Some(e.kind.clone()),
                 datasets: e.datasets.clone(),
-                ips: e.ips.clone(),
+                ips: without(&e.ips, &merged.taken_over),
                 flags: f,
                 ports: e.ports.clone(),
                 ..blank(0, e.name.clone(), IdentityKind::Endpoint)

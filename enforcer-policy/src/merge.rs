@@ -29,6 +29,16 @@ pub(crate) const MAX_LABELS: usize = 64;
 pub(crate) const MAX_CLUSTER_IPS: usize = 2;
 /// Ports per Service.
 pub(crate) const MAX_SERVICE_PORTS: usize = 256;
+/// Ready backends of one Service port (after deduplication): a Deployment behind one
+/// Service rarely has more; beyond it the port is denied (judging a subset could allow what
+/// a left-out backend denies).
+pub(crate) const MAX_BACKENDS_PER_PORT: usize = 4096;
+/// Distinct target ports among one Service port's backends (more than one only during a
+/// rollout that changes `targetPort`); each is a separate judgement per subject.
+pub(crate) const MAX_TARGET_PORTS: usize = 16;
+/// Ready backends of one tenant's Services in all: EndpointSlices are written by tenants
+/// (a selectorless Service's owner writes any number), so their cost is bounded per tenant.
+pub(crate) const MAX_BACKENDS_PER_TENANT: usize = 65_536;
 /// Problem lines about one tenant (or about no tenant); the rest are counted in one line.
 pub(crate) const PER_TENANT_PROBLEMS: usize = 20;
 /// Problem lines in all (after the per-tenant bound: at most this many tenants are listed).
@@ -62,6 +72,10 @@ pub(crate) struct Merged<'a> {
     pub workloads: Vec<Workload<'a>>,
     /// In (namespace, name) order.
     pub services: Vec<Service>,
+    /// Inventory networks of exactly one address that a Service's external address takes
+    /// over: the inventory item no longer has them (the kernel's IP cache holds one
+    /// identity per network).
+    pub taken_over: HashSet<IpNet>,
     pub problems: Vec<String>,
 }
 
@@ -535,12 +549,19 @@ pub(crate) fn merge<'a>(
     });
     let mut seen_services: HashSet<(&str, &str)> = HashSet::new();
     let mut services_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+    let mut backends_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut services_left: BTreeMap<Option<&str>, Vec<&ClusterService>> = BTreeMap::new();
     for s in sorted_services {
-        let tenant = namespace_tenant
-            .get(s.namespace.as_str())
-            .copied()
-            .flatten();
+        let tenant = s
+            .tenant
+            .as_deref()
+            .filter(|t| tenants.contains(t))
+            .or_else(|| {
+                namespace_tenant
+                    .get(s.namespace.as_str())
+                    .copied()
+                    .flatten()
+            });
         let checked = dns_label(&s.namespace)
             .map_err(|e| format!("namespace {e}"))
             .and_then(|()| dns_label(&s.name).map_err(|e| format!("name {e}")));
@@ -570,7 +591,8 @@ pub(crate) fn merge<'a>(
             continue;
         }
         *n += 1;
-        let ports = service_ports(s, tenant, &mut problems);
+        let budget = backends_of.entry(tenant).or_default();
+        let ports = service_ports(s, tenant, budget, &mut problems);
         services.push((s, tenant, ports));
     }
     for (tenant, left) in &services_left {
@@ -668,6 +690,59 @@ pub(crate) fn merge<'a>(
                 continue;
             }
             claim(*ip, Owner::Service(si));
+        }
+    }
+    // External addresses: kube-proxy sends the Service's ports there to its backends,
+    // whatever else has the address, so the Service takes it from the inventory and from
+    // pods (fail closed for their other ports: undeclared on the Service). Two Services
+    // on one external address are a conflict like any other (below).
+    let mut external: BTreeMap<IpAddr, BTreeSet<usize>> = BTreeMap::new();
+    for (si, (s, _, _)) in services.iter().enumerate() {
+        for ip in &s.external_ips {
+            if !s.cluster_ips.contains(ip) {
+                external.entry(*ip).or_default().insert(si);
+            }
+        }
+    }
+    let mut taken_over = HashSet::new();
+    for (ip, by) in &external {
+        let first = *by.iter().next().expect("at least one Service");
+        let (s, tenant, _) = &services[first];
+        let mut earlier: BTreeSet<Owner> = contested.get(ip).cloned().unwrap_or_default();
+        earlier.extend(claims.get(ip).copied());
+        let mut previous: Vec<String> = earlier
+            .iter()
+            .filter(|o| !matches!(o, Owner::Service(i) if by.contains(i)))
+            .map(|o| match *o {
+                Owner::Workload(w) => format!("cluster {}", describe(kept[w][0])),
+                Owner::Service(i) => format!("cluster {}", describe_service(services[i].0)),
+            })
+            .collect();
+        if let Some((owner, net)) = inv_nets.claim(ip) {
+            previous.push(format!("inventory `{owner}` ({net})"));
+            if net == host_net(*ip) {
+                taken_over.insert(net);
+            }
+        }
+        if by.len() == 1 {
+            claims.insert(*ip, Owner::Service(first));
+            contested.remove(ip);
+        } else {
+            claims.insert(*ip, Owner::Service(first));
+            contested
+                .entry(*ip)
+                .or_default()
+                .extend(by.iter().map(|&i| Owner::Service(i)));
+        }
+        if !previous.is_empty() && by.len() == 1 {
+            problems.push(
+                *tenant,
+                format!(
+                    "{} has external address {ip}, which is also {}: kube-proxy sends the Service's ports there to its backends, so the address is judged as the Service (its other ports are denied)",
+                    describe_service(s),
+                    previous.join(" and ")
+                ),
+            );
         }
     }
     let mut workload_ips: Vec<Vec<IpNet>> = vec![Vec::new(); kept.len()];
@@ -905,6 +980,7 @@ pub(crate) fn merge<'a>(
     Merged {
         workloads,
         services: out_services,
+        taken_over,
         problems: problems.finish(),
     }
 }
@@ -913,6 +989,7 @@ pub(crate) fn merge<'a>(
 fn service_ports(
     s: &ClusterService,
     tenant: Option<&str>,
+    tenant_backends: &mut usize,
     problems: &mut Problems,
 ) -> Vec<ServicePort> {
     let mut ports: Vec<ServicePort> = Vec::new();
@@ -962,6 +1039,37 @@ fn service_ports(
         }
         backends.sort();
         backends.dedup();
+        let targets: HashSet<u16> = backends.iter().map(|b| b.port).collect();
+        let over = if backends.len() > MAX_BACKENDS_PER_PORT {
+            Some(format!(
+                "{} ready backends, more than {MAX_BACKENDS_PER_PORT}",
+                backends.len()
+            ))
+        } else if targets.len() > MAX_TARGET_PORTS {
+            Some(format!(
+                "{} distinct target ports, more than {MAX_TARGET_PORTS}",
+                targets.len()
+            ))
+        } else if *tenant_backends + backends.len() > MAX_BACKENDS_PER_TENANT {
+            Some(format!(
+                "the tenant's Services have more than {MAX_BACKENDS_PER_TENANT} ready backends in all"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = over {
+            problems.push(
+                tenant,
+                format!(
+                    "cluster {}: port {}/{}: {why}: the port is denied (judged as no ready backend)",
+                    describe_service(s),
+                    p.port,
+                    p.protocol
+                ),
+            );
+            backends.clear();
+        }
+        *tenant_backends += backends.len();
         ports.push(ServicePort {
             port: p.port,
             protocol: p.protocol,

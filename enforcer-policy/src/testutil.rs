@@ -749,6 +749,8 @@ pub fn cluster_service(
         namespace: namespace.into(),
         name: name.into(),
         cluster_ips: vec![cluster_ip],
+        external_ips: Vec::new(),
+        tenant: None,
         ports: ports
             .iter()
             .map(|(port, protocol, backends)| ServicePort {

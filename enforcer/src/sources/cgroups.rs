@@ -212,6 +212,11 @@ pub struct Limits {
     pub max_depth: usize,
     /// Directories visited in one scan.
     pub max_dirs: usize,
+    /// Directories of one pod (its pod cgroup and everything under it) in one scan. A
+    /// container that can create cgroups (delegation, a privileged or systemd container)
+    /// could otherwise fill `max_dirs` alone and leave every other pod of the node out of
+    /// the scan, unmapped (denied). Beyond it only that pod's extra cgroups are unmapped.
+    pub max_dirs_per_pod: usize,
 }
 
 impl Default for Limits {
@@ -219,6 +224,8 @@ impl Default for Limits {
         Limits {
             max_depth: 32,
             max_dirs: 131_072,
+            // 110 pods (the kubelet's default `--max-pods`) fit in `max_dirs` at this bound.
+            max_dirs_per_pod: 1024,
         }
     }
 }
@@ -279,6 +286,8 @@ pub fn scan(root: &Path, limits: Limits) -> Result<Scan> {
         /// The pod this directory belongs to.
         pod: Option<String>,
     }
+    // Directories of each pod taken so far (pushed on the stack), for `max_dirs_per_pod`.
+    let mut per_pod: HashMap<String, usize> = HashMap::new();
     let mut stack = vec![Dir {
         path: root.to_path_buf(),
         id: root_id,
@@ -338,6 +347,19 @@ pub fn scan(root: &Path, limits: Limits) -> Result<Scan> {
                     )
                 });
                 break;
+            }
+            if let Some(uid) = &dir.pod {
+                let taken = per_pod.entry(uid.clone()).or_insert(1);
+                if *taken >= limits.max_dirs_per_pod {
+                    scan.truncated.get_or_insert_with(|| {
+                        format!(
+                            "pod {uid} has more than {} cgroups: the rest are not mapped (their processes are unknown subjects)",
+                            limits.max_dirs_per_pod
+                        )
+                    });
+                    break;
+                }
+                *taken += 1;
             }
             let path = entry.path();
             let Ok(id) = crate::fs::cgroup_id(&path) else {
@@ -996,8 +1018,8 @@ mod tests {
             tree.mkdir(&format!("kubepods/pod{}{i:02}", &UID[..34]));
         }
         let tight = Limits {
-            max_depth: 32,
             max_dirs: 5,
+            ..Limits::default()
         };
         let scan_result = scan(&tree.0, tight).unwrap();
         assert!(scan_result.visited <= 5, "{}", scan_result.visited);
@@ -1008,7 +1030,7 @@ mod tests {
             .contains("more than 5 cgroups"));
         let shallow = Limits {
             max_depth: 1,
-            max_dirs: 100,
+            ..Limits::default()
         };
         let scan_result = scan(&tree.0, shallow).unwrap();
         assert!(scan_result.pods.is_empty());
@@ -1016,6 +1038,41 @@ mod tests {
         let whole = scan(&tree.0, Limits::default()).unwrap();
         assert_eq!(whole.pods.len(), 10);
         assert_eq!(whole.visited, 12);
+    }
+
+    /// Attack: a pod that can create cgroups (delegation, a privileged or systemd
+    /// container) makes more than the scan's whole bound under its own pod cgroup. The other
+    /// pods of the node must still be scanned (else their cgroups are unmapped: every one
+    /// of their connections denied); only the flooding pod's extra cgroups are left out.
+    #[test]
+    fn one_pod_flooding_cgroups_leaves_the_other_pods_scanned() {
+        let tree = Scratch::new("flood");
+        let flooder = format!("kubepods/besteffort/pod{}", &UID[..34]);
+        let uid = |i: u8| format!("{}{i:02}", &UID[..34]);
+        for i in 0..60 {
+            tree.mkdir(&format!("{flooder}ff/c{i:02}"));
+        }
+        // Victims on every side of the flooder, whatever order the directories are read in.
+        for i in 0..9 {
+            let qos = ["", "burstable/", "besteffort/"][usize::from(i % 3)];
+            tree.mkdir(&format!("kubepods/{qos}pod{}/{CID}", uid(i)));
+        }
+        let limits = Limits {
+            max_depth: 32,
+            max_dirs: 40,
+            max_dirs_per_pod: 8,
+        };
+        let found = scan(&tree.0, limits).unwrap();
+        for i in 0..8 {
+            let pod = found
+                .pods
+                .get(&uid(i))
+                .unwrap_or_else(|| panic!("pod {} left out: {:?}", uid(i), found.truncated));
+            assert_eq!(pod.cgroups.len(), 2, "{}", uid(i));
+        }
+        let flood = &found.pods[&format!("{}ff", &UID[..34])];
+        assert_eq!(flood.cgroups.len(), 8);
+        assert!(found.truncated.unwrap().contains("has more than 8 cgroups"));
     }
 
     /// Waits for the watcher's signal, bounded.

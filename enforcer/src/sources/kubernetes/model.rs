@@ -172,7 +172,7 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
         ));
     }
 
-    let services = services(snapshot, &mut problems);
+    let services = services(snapshot, &namespaces, &mut problems);
     problems.sort();
     problems.dedup();
     ClusterState {
@@ -414,7 +414,11 @@ fn pod_ips(pod: &Pod, object: &str, problems: &mut Vec<String>) -> Vec<IpAddr> {
     ips
 }
 
-fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterService> {
+fn services(
+    snapshot: &Snapshot,
+    namespaces: &BTreeMap<&str, Result<TenantMetadata, String>>,
+    problems: &mut Vec<String>,
+) -> Vec<ClusterService> {
     let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
     services.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
     let mut out = Vec::new();
@@ -442,6 +446,36 @@ fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterServi
                 Ok(_) => {}
                 Err(_) => problems.push(format!(
                     "{object}: cluster IP {text:?} is not an IP address: ignored"
+                )),
+            }
+        }
+        // kube-proxy redirects these too (CVE-2020-8554: a Service's owner writes any
+        // address in `externalIPs`), so they are judged as the Service.
+        let mut external = Vec::new();
+        let lb = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        let texts = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .map(|t| ("external IP", t.as_str()))
+            .chain(
+                lb.iter()
+                    .filter_map(|i| i.ip.as_deref())
+                    .map(|t| ("load-balancer IP", t)),
+            );
+        for (what, text) in texts {
+            match text.parse::<IpAddr>() {
+                Ok(ip) if !external.contains(&ip) && !cluster_ips.contains(&ip) => {
+                    external.push(ip)
+                }
+                Ok(_) => {}
+                Err(_) => problems.push(format!(
+                    "{object}: {what} {text:?} is not an IP address: ignored"
                 )),
             }
         }
@@ -488,6 +522,11 @@ fn services(snapshot: &Snapshot, problems: &mut Vec<String>) -> Vec<ClusterServi
             name: name.to_string(),
             cluster_ips,
             ports,
+            external_ips: external,
+            tenant: match namespaces.get(namespace) {
+                Some(Ok(m)) => m.tenant().map(str::to_string),
+                _ => None,
+            },
         });
     }
     out
