@@ -527,53 +527,60 @@ fn the_image_enforces_with_exactly_the_daemonset_grants() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let probe = Probe::new().in_cgroup(&client);
-    probe.expect_outcome(
-        &attempt("tcp", acme_db.addr().ip(), acme_db.addr().port()),
-        Outcome::Ok,
-        "same tenant, through the containerised agent",
-    )?;
-    probe.expect_outcome(
-        &attempt("tcp", globex_db.addr().ip(), globex_db.addr().port()),
-        Outcome::Eperm,
-        "another tenant, through the containerised agent",
-    )?;
-    // The deny event, as the DaemonSet's `--events=-` writes it: on the container's stdout.
-    let globex = globex_db.addr().ip().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let logs = running.logs();
-        let denied = logs.lines().filter(|l| l.starts_with('{')).any(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
-                e["type"] == "connection.denied"
-                    && e["reason"] == "tenant_mismatch"
-                    && e["destination"]["ip"] == globex.as_str()
-                    && e["subject"]["workload"] == "acme-client"
-            })
-        });
-        if denied {
-            break;
+    let checks = || -> Result<()> {
+        let probe = Probe::new().in_cgroup(&client);
+        probe.expect_outcome(
+            &attempt("tcp", acme_db.addr().ip(), acme_db.addr().port()),
+            Outcome::Ok,
+            "same tenant, through the containerised agent",
+        )?;
+        probe.expect_outcome(
+            &attempt("tcp", globex_db.addr().ip(), globex_db.addr().port()),
+            Outcome::Eperm,
+            "another tenant, through the containerised agent",
+        )?;
+        // The deny event, as the DaemonSet's `--events=-` writes it: on the container's stdout.
+        let globex = globex_db.addr().ip().to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = running.logs();
+            let denied = logs.lines().filter(|l| l.starts_with('{')).any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
+                    e["type"] == "connection.denied"
+                        && e["reason"] == "tenant_mismatch"
+                        && e["destination"]["ip"] == globex.as_str()
+                        && e["subject"]["workload"] == "acme-client"
+                })
+            });
+            if denied {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no deny event on the container's stdout:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
         ensure!(
-            Instant::now() < deadline,
-            "no deny event on the container's stdout:\n{logs}"
+            wait_until(
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || acme_db.hits() == 1
+            ),
+            "the allowed connect did not reach its server ({} accepts)",
+            acme_db.hits()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            globex_db.hits(),
+            0,
+            "the refused connect reached its server"
+        );
+
+        Ok(())
+    };
+    if let Err(error) = checks() {
+        return Err(error.context(format!("container log:\n{}", running.logs())));
     }
-    ensure!(
-        wait_until(
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            || acme_db.hits() == 1
-        ),
-        "the allowed connect did not reach its server ({} accepts)",
-        acme_db.hits()
-    );
-    assert_eq!(
-        globex_db.hits(),
-        0,
-        "the refused connect reached its server"
-    );
 
     // Remove the container, then the image; the pins go with `pins` (the links with them).
     running.remove()?;
