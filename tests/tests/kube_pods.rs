@@ -12,7 +12,8 @@
 //! its baseline (`same-tenant` permit, `tenant-isolation` forbid), so a call is allowed
 //! exactly when both ends have one tenant.
 //!
-//! Addresses: 127.83.0.0/16 and fd83::/16; netns and cgroup names start with `cg9-`.
+//! Addresses: 127.83.0.0/16 and fd83::/16, ClusterIPs in 127.96.83.0/24; netns, cgroup and
+//! Service names start with `cg9-`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -29,8 +30,8 @@ use enforcer_tests::{
     require_kernel, unique_name, Agent, NetNs, Outcome, PinDir, PolicyBundle, Probe, Server,
     TestCgroup, Veth,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::Value;
 
@@ -1073,5 +1074,240 @@ fn without_any_cluster_state_pods_are_unknown_subjects() -> Result<()> {
                 .is_some_and(|a| a.len() == 1 && a[0] == uid)
     });
     ensure!(shown, "status: {last:#}");
+    Ok(())
+}
+
+/// The ClusterIP of [`a_service_is_judged_as_all_its_ready_backends`]: asked of the API
+/// server explicitly, in a sub-range of the Service CIDR that no other test uses.
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(127, 96, 83, 1);
+/// The Service's one declared port (forwarded to [`PORT`] on its backends).
+const SERVICE_PORT: u16 = 9083;
+/// A port the Service does not declare, on the same ClusterIP.
+const UNDECLARED_PORT: u16 = 9084;
+
+/// A Service's ClusterIP and port are judged as all of its ready backends (issue 9; the
+/// connect hook sees the ClusterIP before kube-proxy would translate it). No kube-proxy
+/// runs here, so a server bound on the ClusterIP itself stands in for the translated
+/// target: an allowed call reaches it. A selectorless Service of acme, its Endpoints
+/// written by the test (no endpoints controller runs), backends at the pods' IPv6
+/// addresses (Endpoints refuse loopback ones):
+/// 1. backends all acme's: acme's client reaches the Service, globex's is refused;
+/// 2. a port the Service does not declare is refused, even to acme;
+/// 3. one acme and one globex backend: acme's client is refused too (the globex backend
+///    does not allow it), and back to acme's backends it is allowed again;
+/// 4. no ready backend: refused to everyone.
+///
+/// Every refusal is one deny event whose destination is the Service and whose policy is the
+/// deciding one (`tenant-isolation`, `undeclared-port`, `no-ready-backends`); an allowed
+/// call has none.
+#[test]
+fn a_service_is_judged_as_all_its_ready_backends() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let mut world = World::new(4)?;
+    world.start_agent()?;
+    world.wait_enforcing("start")?;
+
+    let backend = |name: &str| serde_json::json!({"ip": world.pod(name).v6.to_string()});
+    let subsets = |backends: Vec<Value>| {
+        serde_json::json!({"subsets": if backends.is_empty() {
+            serde_json::json!([])
+        } else {
+            serde_json::json!([{
+                "addresses": backends,
+                "ports": [{"name": "http", "port": PORT}],
+            }])
+        }})
+    };
+    let services = Api::<Service>::namespaced(world.client.clone(), "cg9-acme");
+    let endpoints = Api::<Endpoints>::namespaced(world.client.clone(), "cg9-acme");
+    world.rt.block_on(async {
+        let service = services
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "cg9-chat"},
+                    "spec": {
+                        "clusterIP": CLUSTER_IP.to_string(),
+                        "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": PORT}],
+                    }
+                }))?,
+            )
+            .await
+            .context("creating Service cg9-acme/cg9-chat")?;
+        let given = service.spec.and_then(|s| s.cluster_ip);
+        ensure!(
+            given.as_deref() == Some(CLUSTER_IP.to_string().as_str()),
+            "the API server gave ClusterIP {given:?}"
+        );
+        let mut object = subsets(vec![backend("chat-1"), backend("chat-2")]);
+        object["metadata"] = serde_json::json!({"name": "cg9-chat"});
+        endpoints
+            .create(&PostParams::default(), &serde_json::from_value(object)?)
+            .await
+            .context("creating Endpoints cg9-acme/cg9-chat")?;
+        anyhow::Ok(())
+    })?;
+    let set_backends = |backends: Vec<Value>| -> Result<()> {
+        world.rt.block_on(async {
+            endpoints
+                .patch(
+                    "cg9-chat",
+                    &PatchParams::default(),
+                    &Patch::Merge(subsets(backends)),
+                )
+                .await
+                .context("patching Endpoints cg9-acme/cg9-chat")
+        })?;
+        Ok(())
+    };
+
+    // What kube-proxy would have translated the ClusterIP to, on both ports: a call the
+    // hook lets through connects.
+    let declared = Server::tcp(SocketAddr::new(IpAddr::V4(CLUSTER_IP), SERVICE_PORT))?;
+    let _undeclared = Server::tcp(SocketAddr::new(IpAddr::V4(CLUSTER_IP), UNDECLARED_PORT))?;
+    let call = attempt("tcp", IpAddr::V4(CLUSTER_IP), SERVICE_PORT);
+    // The clients: neither is a backend; `eval` has another identity than the acme backends
+    // (the tenants decide, not the purpose).
+    let acme = world.pod("eval");
+    let globex = world.pod("rag-2");
+
+    // Until the outcome `want` is seen (bounded: the agent follows the API server).
+    let wait_outcome = |client: &TestPod, call: &str, want: Outcome, what: &str| -> Result<()> {
+        let probe = Probe::new().in_cgroup(client.cgroup(false));
+        let mut last = None;
+        let seen = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+            last = probe.run_one(call).ok();
+            last.as_ref().is_some_and(|r| r.outcome == want)
+        });
+        ensure!(
+            seen,
+            "{what}: {} -> {call} never gave {want:?} (last {last:?})\nagent stderr:\n{}",
+            client.name,
+            world.agent().stderr_tail()
+        );
+        Ok(())
+    };
+    // One call, judged `denied_by` (the policy id its deny event names; `None`: allowed):
+    // reaching the server when allowed, with exactly one deny event naming the Service when
+    // refused and none when allowed.
+    let judged = |client: &TestPod, port: u16, denied_by: Option<&str>, what: &str| -> Result<()> {
+        let want = if denied_by.is_some() {
+            Outcome::Eperm
+        } else {
+            Outcome::Ok
+        };
+        let cgroup = client.cgroup(false).id();
+        let mine = |e: &Value| {
+            e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(cgroup)
+                && e.pointer("/destination/ip").and_then(Value::as_str)
+                    == Some(&CLUSTER_IP.to_string())
+                && e.pointer("/destination/port").and_then(Value::as_u64) == Some(u64::from(port))
+        };
+        let count = |events: &[Value]| events.iter().filter(|e| mine(e)).count();
+        // Events of the waits before are not this call's.
+        let before = count(
+            &world
+                .agent()
+                .settled_events(Duration::from_millis(300), Duration::from_secs(5))?,
+        );
+        let hits = declared.hits();
+        let call = attempt("tcp", IpAddr::V4(CLUSTER_IP), port);
+        Probe::new()
+            .in_cgroup(client.cgroup(false))
+            .expect_outcome(&call, want, what)?;
+        let denied = denied_by.is_some();
+        if denied {
+            world
+                .agent()
+                .wait_for(before + 1, Duration::from_secs(10), mine)?;
+        } else if port == SERVICE_PORT {
+            let reached = wait_until(Duration::from_secs(5), Duration::from_millis(5), || {
+                declared.hits() > hits
+            });
+            ensure!(
+                reached,
+                "{what}: the server on {CLUSTER_IP} saw no connection"
+            );
+        }
+        let events = world
+            .agent()
+            .settled_events(Duration::from_millis(300), Duration::from_secs(5))?;
+        let new: Vec<&Value> = events.iter().filter(|e| mine(e)).skip(before).collect();
+        ensure!(
+            new.len() == usize::from(denied),
+            "{what}: {} -> {call}: {} deny events, want {}: {new:?}",
+            client.name,
+            new.len(),
+            usize::from(denied)
+        );
+        for event in new {
+            ensure!(
+                event.pointer("/destination/kind").and_then(Value::as_str) == Some("service")
+                    && event.pointer("/destination/name").and_then(Value::as_str)
+                        == Some("service/cg9-acme/cg9-chat")
+                    && event.pointer("/subject/tenant").and_then(Value::as_str)
+                        == Some(client.tenant)
+                    && event.get("hook").and_then(Value::as_str) == Some("connect4")
+                    && event.pointer("/policy/id").and_then(Value::as_str) == denied_by,
+                "{what}: the deny event does not name the Service, the caller and the policy {denied_by:?}: {event}"
+            );
+        }
+        Ok(())
+    };
+
+    // 1. Every ready backend is acme's.
+    wait_outcome(acme, &call, Outcome::Ok, "acme's backends")?;
+    judged(acme, SERVICE_PORT, None, "acme's backends, acme calls")?;
+    judged(
+        globex,
+        SERVICE_PORT,
+        Some("tenant-isolation"),
+        "acme's backends, globex calls",
+    )?;
+    // 2. A port the Service does not declare.
+    judged(
+        acme,
+        UNDECLARED_PORT,
+        Some("undeclared-port"),
+        "an undeclared port",
+    )?;
+
+    // 3. One backend of each tenant: no caller is allowed by both.
+    set_backends(vec![backend("chat-1"), backend("rag-1")])?;
+    wait_outcome(acme, &call, Outcome::Eperm, "mixed backends")?;
+    judged(
+        acme,
+        SERVICE_PORT,
+        Some("tenant-isolation"),
+        "mixed backends, acme calls",
+    )?;
+    judged(
+        globex,
+        SERVICE_PORT,
+        Some("tenant-isolation"),
+        "mixed backends, globex calls",
+    )?;
+    // Back to acme's alone: allowed again (and the next change is seen).
+    set_backends(vec![backend("chat-2")])?;
+    wait_outcome(acme, &call, Outcome::Ok, "acme's backend again")?;
+    judged(acme, SERVICE_PORT, None, "acme's backend again, acme calls")?;
+
+    // 4. No ready backend.
+    set_backends(Vec::new())?;
+    wait_outcome(acme, &call, Outcome::Eperm, "no backends")?;
+    judged(
+        acme,
+        SERVICE_PORT,
+        Some("no-ready-backends"),
+        "no backends, acme calls",
+    )?;
+    judged(
+        globex,
+        SERVICE_PORT,
+        Some("no-ready-backends"),
+        "no backends, globex calls",
+    )?;
     Ok(())
 }
