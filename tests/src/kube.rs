@@ -79,21 +79,7 @@ pub fn apiserver_unavailable_reason() -> Option<String> {
 /// returns `false` (the test then returns early); under `CI=true` it panics instead: CI must
 /// never skip these tests.
 pub fn require_apiserver() -> bool {
-    let Some(reason) = apiserver_unavailable_reason() else {
-        return true;
-    };
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed>")
-        .to_string();
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("API server test {test} cannot run under CI=true: {reason}");
-    }
-    eprintln!();
-    eprintln!("************************************************************");
-    eprintln!("SKIP {test}: {reason}");
-    eprintln!("************************************************************");
-    false
+    crate::require("API server", apiserver_unavailable_reason())
 }
 
 /// How to start an [`ApiServer`].

@@ -52,7 +52,13 @@ pub fn kernel_unavailable_reason() -> Option<String> {
 /// `false` (the test then returns early); under `CI=true` it panics instead, because a CI
 /// run that silently skips every kernel test proves nothing.
 pub fn require_kernel() -> bool {
-    let Some(reason) = kernel_unavailable_reason() else {
+    require("kernel", kernel_unavailable_reason())
+}
+
+/// What `require_kernel` and `kube::require_apiserver` share: `true` when `unavailable` is
+/// `None`; otherwise a loud skip, or a panic under `CI=true`.
+pub fn require(what: &str, unavailable: Option<String>) -> bool {
+    let Some(reason) = unavailable else {
         return true;
     };
     let test = std::thread::current()
@@ -60,7 +66,7 @@ pub fn require_kernel() -> bool {
         .unwrap_or("<unnamed>")
         .to_string();
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("kernel test {test} cannot run under CI=true: {reason}");
+        panic!("{what} test {test} cannot run under CI=true: {reason}");
     }
     eprintln!();
     eprintln!("************************************************************");
