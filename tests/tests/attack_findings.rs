@@ -149,9 +149,8 @@ fn detach_removes_only_the_agents_own_state_files() -> Result<()> {
 #[test]
 fn detach_refuses_a_pin_path_off_bpffs() -> Result<()> {
     let tmp = enforcer_tests::TempDir::new("atk-detach-pins")?;
-    // `<pin path>/v4`: the ABI's pin directory (README "Applying a bundle"). On an ABI bump
-    // detach finds nothing, succeeds, and the refusal check below fails: update it then.
-    let dir = tmp.path().join("v4");
+    // `<pin path>/v<ABI>`: the ABI's pin directory (README "Applying a bundle").
+    let dir = enforcer::datapath::pin_dir(tmp.path());
     std::fs::create_dir(&dir)?;
     std::fs::write(dir.join("precious.txt"), "not a pin")?;
     let out = enforcer_tests::cli::enforcer(&[

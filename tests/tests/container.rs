@@ -10,8 +10,9 @@
 //!   token and CA under the keys the DaemonSet reads;
 //! - `--pdp` names a PDP this test runs on 127.84.20.1 (HTTPS, its own CA), serving a small
 //!   bundle: a client cgroup under a test root and two servers on 127.84.20.x, one of each
-//!   tenant; `--cgroup-root` and `--pin-path` are the test's; `--kubernetes` and `--node-name`
-//!   are dropped (no API server here: the Kubernetes source has its own tests).
+//!   tenant; `--cgroup-root` and `--pin-path` are the test's; `--kubernetes`, `--node-name`
+//!   and `--system-namespace` are dropped (no API server here: the Kubernetes source has its
+//!   own tests).
 //!
 //! A process in the client cgroup connects to its own tenant's server (allowed) and to the
 //! other tenant's (refused with EPERM, and a deny event on the container's stdout). Then the
@@ -474,6 +475,7 @@ fn the_image_enforces_with_exactly_the_daemonset_grants() -> Result<()> {
         args: BTreeMap::from([
             ("--kubernetes", None),
             ("--node-name", None),
+            ("--system-namespace", None),
             ("--pdp", Some(pdp.url.clone())),
             ("--cgroup-root", Some(root.clone())),
             ("--pin-path", Some(pins.path().display().to_string())),
