@@ -1,6 +1,7 @@
 //! The SOC contract: one JSON object per denied (or audited) call, enriched from the compiled
 //! policy that was in force. Field names are stable; see DESIGN.md "Events".
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use enforcer_common::{hook, identity, reason, verdict, DenyEvent};
@@ -12,9 +13,29 @@ use super::decode::{
     verdict_name,
 };
 
+/// A wall-clock instant, written as RFC 3339 with nanoseconds (`2026-11-25T16:00:00.123456789Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time(pub SystemTime);
+
+impl Time {
+    /// Milliseconds since the Unix epoch (OCSF's `timestamp_t`).
+    pub fn epoch_millis(&self) -> i64 {
+        match self.0.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => after.as_millis() as i64,
+            Err(before) => -(before.duration().as_millis() as i64),
+        }
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_nanos(self.0))
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct DeniedCall {
-    pub time: String,
+    pub time: Time,
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub verdict: &'static str,
@@ -73,7 +94,8 @@ pub struct PolicyInfo {
     pub id: String,
     /// Revision of the bundle in force when the event was enriched.
     pub snapshot: String,
-    /// Every determining policy with its source location, `file:line`.
+    /// Every determining policy with its source location, `file:line`, the file relative to
+    /// the bundle directory (`baseline.cedar:10`).
     pub sources: Vec<String>,
 }
 
@@ -123,14 +145,18 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             let sources = attribution
                 .policies
                 .iter()
-                .map(|p| format!("{}:{}", p.file.display(), p.line))
+                // A bundle is one flat directory: the file name is the path in the bundle.
+                .map(|p| {
+                    let file = p.file.file_name().unwrap_or(p.file.as_os_str());
+                    format!("{}:{}", Path::new(file).display(), p.line)
+                })
                 .collect();
             (attribution.policy_id, sources, attribution.atlas)
         }
     };
 
     DeniedCall {
-        time: humantime::format_rfc3339_nanos(wall_clock(event.timestamp_ns)).to_string(),
+        time: Time(wall_clock(event.timestamp_ns)),
         kind: if event.verdict == verdict::AUDIT {
             "connection.audited"
         } else {
