@@ -299,11 +299,16 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
+    // Colour only for a person at a terminal: a log collector (a pipe, a file, journald,
+    // kubectl logs) would store the escape codes. NO_COLOR (https://no-color.org) turns it off.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     match dispatch(Cli::parse().command) {
         Ok(code) => code,
