@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::notice::Notice;
-use super::record::{DeniedCall, Destination, Time};
+use super::record::{DeniedCall, Destination, SocketInfo, Time};
 use enforcer_policy::atlas;
 
 /// The OCSF release the events follow (`metadata.version`).
@@ -108,7 +108,60 @@ pub struct Event<'a> {
     entity: Option<ManagedEntity<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     comment: Option<String>,
-    unmapped: serde_json::Value,
+    unmapped: Unmapped<'a>,
+}
+
+/// What OCSF has no attribute for: a call's under the JSON form's names, a notice's as JSON.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Unmapped<'a> {
+    Call(CallUnmapped<'a>),
+    Notice(serde_json::Value),
+}
+
+impl Default for Unmapped<'_> {
+    fn default() -> Self {
+        Unmapped::Notice(serde_json::Value::Object(Default::default()))
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CallUnmapped<'a> {
+    verdict: &'a str,
+    reason: &'a str,
+    hook: &'a str,
+    subject: SubjectUnmapped<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<DestinationUnmapped<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<&'a SocketInfo>,
+    policy_snapshot: &'a str,
+    policy_sources: &'a [String],
+    subject_chain: &'a [String],
+    dataset_scope: &'a [String],
+}
+
+#[derive(Debug, Serialize)]
+struct SubjectUnmapped<'a> {
+    identity: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purpose: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ring: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spiffe_id: Option<&'a str>,
+    cgroup_id: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct DestinationUnmapped<'a> {
+    identity: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -355,7 +408,6 @@ fn header<'a>(
             name: &context.node,
             ..Device::default()
         },
-        unmapped: json!({}),
         ..Event::default()
     }
 }
@@ -583,34 +635,29 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
         version: Some(&call.policy.snapshot),
     });
     event.attacks = attacks(&call.atlas);
-    let mut unmapped = json!({
-        "verdict": call.verdict,
-        "reason": call.reason,
-        "hook": call.hook,
-        "subject": {
-            "identity": subject.identity,
-            "tenant": subject.tenant,
-            "purpose": subject.purpose,
-            "ring": subject.ring,
-            "spiffe_id": subject.spiffe_id,
-            "cgroup_id": subject.cgroup_id,
+    event.unmapped = Unmapped::Call(CallUnmapped {
+        verdict: call.verdict,
+        reason: call.reason,
+        hook: call.hook,
+        subject: SubjectUnmapped {
+            identity: subject.identity,
+            tenant: subject.tenant.as_deref(),
+            purpose: subject.purpose.as_deref(),
+            ring: subject.ring.as_deref(),
+            spiffe_id: subject.spiffe_id.as_deref(),
+            cgroup_id: subject.cgroup_id,
         },
-        "policy_snapshot": call.policy.snapshot,
-        "policy_sources": call.policy.sources,
-        "subject_chain": call.subject_chain,
-        "dataset_scope": call.dataset_scope,
+        destination: call.destination.as_ref().map(|d| DestinationUnmapped {
+            identity: d.identity,
+            tenant: d.tenant.as_deref(),
+            kind: d.kind.as_deref(),
+        }),
+        socket: call.socket.as_ref(),
+        policy_snapshot: &call.policy.snapshot,
+        policy_sources: &call.policy.sources,
+        subject_chain: &call.subject_chain,
+        dataset_scope: &call.dataset_scope,
     });
-    if let Some(d) = &call.destination {
-        unmapped["destination"] = json!({
-            "identity": d.identity,
-            "tenant": d.tenant,
-            "kind": d.kind,
-        });
-    }
-    if let Some(s) = &call.socket {
-        unmapped["socket"] = json!(s);
-    }
-    event.unmapped = unmapped;
     event
 }
 
@@ -654,7 +701,7 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                 "{count} events lost: the kernel's ring buffer was full ({total} since the maps were created)"
             );
             event.count = Some(*count);
-            event.unmapped = json!({ "count": count, "total": total });
+            event.unmapped = Unmapped::Notice(json!({ "count": count, "total": total }));
             event
         }
         Notice::ClusterProblem { problem, .. } => {
@@ -667,7 +714,7 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                 vec!["host"],
             );
             event.message = problem.clone();
-            event.unmapped = json!({ "problem": problem });
+            event.unmapped = Unmapped::Notice(json!({ "problem": problem }));
             event
         }
         Notice::PolicyApplied {
@@ -699,7 +746,8 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                 }),
                 data: None,
             });
-            event.unmapped = json!({ "policy_snapshot": snapshot, "allows": allows });
+            event.unmapped =
+                Unmapped::Notice(json!({ "policy_snapshot": snapshot, "allows": allows }));
             event
         }
         Notice::PolicyRejected {
@@ -737,11 +785,11 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                 }),
                 data: None,
             });
-            event.unmapped = json!({
+            event.unmapped = Unmapped::Notice(json!({
                 "policies": policies,
                 "errors": errors,
                 "snapshot_in_force": snapshot_in_force,
-            });
+            }));
             event
         }
         Notice::Quarantined {
@@ -782,7 +830,7 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                     version: None,
                 });
             }
-            event.unmapped = json!({ "identity": identity, "cause": cause });
+            event.unmapped = Unmapped::Notice(json!({ "identity": identity, "cause": cause }));
             event
         }
         Notice::Released {
@@ -801,7 +849,7 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             event.status = Some("Success");
             event.actor = Some(app);
             event.entity = Some(workload_entity(workload, Some(*identity)));
-            event.unmapped = json!({ "identity": identity });
+            event.unmapped = Unmapped::Notice(json!({ "identity": identity }));
             event
         }
         Notice::RiskChanged {
@@ -829,12 +877,12 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             let mut entity = workload_entity(workload, None);
             entity.data = Some(json!({ "risk": score }));
             event.entity = Some(entity);
-            event.unmapped = json!({
+            event.unmapped = Unmapped::Notice(json!({
                 "score": score,
                 "added": added,
                 "removed": removed,
                 "elapsed_ms": elapsed_ms,
-            });
+            }));
             event
         }
     }
