@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -72,6 +72,17 @@ pub mod identity {
     pub const WORLD: u32 = 1;
     /// The node itself.
     pub const HOST: u32 = 2;
+    /// An address the agent knows belongs to the cluster but to which it gave no identity: a
+    /// pod it refused (a namespace without a tenant where one is required, an undeclared
+    /// tenant, a quota hit), an address two owners claim, a Service over its tenant's quota.
+    /// Never WORLD (a policy that lets a workload reach the internet must not let it reach
+    /// these): no policy entry ever names it, so every call to it is denied, reason
+    /// `reason::UNIDENTIFIED_DESTINATION`.
+    pub const UNIDENTIFIED: u32 = 3;
+    /// The agent's own cgroup, when it lies inside the enforced subtree (a DaemonSet pod under
+    /// `kubepods`): its `IDENTITIES` entry carries `flags::EXEMPT`, so the agent always
+    /// reaches the API server and the PDP it learns everything else from.
+    pub const AGENT: u32 = 4;
     pub const FIRST_DYNAMIC: u32 = 256;
 }
 
@@ -83,6 +94,9 @@ pub mod flags {
     pub const VECTOR_DB: u32 = 1 << 1;
     /// Would-deny calls of this subject pass and are reported as `audit`.
     pub const AUDIT: u32 = 1 << 2;
+    /// Calls of this subject are never judged (allowed, counted, no event): set only on
+    /// `identity::AGENT`.
+    pub const EXEMPT: u32 = 1 << 3;
 }
 
 /// What the kernel did with a call.
@@ -112,7 +126,10 @@ pub mod reason {
     /// `sock_create`: an inet socket the connect/sendmsg hooks cannot judge (ICMP "ping"
     /// datagram, raw, or any protocol other than TCP, MPTCP and UDP).
     pub const UNSUPPORTED_SOCKET: u8 = 6;
-    pub const COUNT: usize = 7;
+    /// The destination is `identity::UNIDENTIFIED`: an address of the cluster that the agent
+    /// refused to identify (see there).
+    pub const UNIDENTIFIED_DESTINATION: u8 = 7;
+    pub const COUNT: usize = 8;
 }
 
 /// The hook that decided.
@@ -143,11 +160,9 @@ pub const VERDICT_COUNTERS: u32 = (verdict::COUNT * reason::COUNT) as u32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityInfo {
-    /// Userspace-assigned tenant number; 0 = no tenant (WORLD, HOST).
+    /// Tenant number: a hash of the tenant's name (`enforcer_policy::cluster::tenant_number`),
+    /// the same on every node; 0 = no tenant (WORLD, HOST, UNIDENTIFIED, AGENT).
     pub tenant: u32,
-    /// Userspace-assigned purpose and ring numbers (informational in the kernel).
-    pub purpose: u16,
-    pub ring: u16,
     /// `flags::*`.
     pub flags: u32,
 }
@@ -279,7 +294,7 @@ mod pod {
 }
 
 // Layout checks: the kernel and userspace must agree on these sizes.
-const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);

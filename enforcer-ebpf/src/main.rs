@@ -51,7 +51,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::pinned(capacity::CGROUPS, NO_MAP_FLAGS);
 
-/// identity -> tenant, purpose, ring, flags.
+/// identity -> tenant, flags.
 #[map]
 static IDENTITIES: HashMap<u32, IdentityInfo> = HashMap::pinned(capacity::IDENTITIES, NO_MAP_FLAGS);
 
@@ -360,6 +360,13 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // SAFETY: a non-null map value pointer is valid for reads; fields read one by one.
     let (subject_flags, subject_tenant) = unsafe { ((*info).flags, (*info).tenant) };
 
+    // The agent itself: never judged, or it could lock itself out of the API server and the
+    // PDP it learns every identity from.
+    if subject_flags & flags::EXEMPT != 0 {
+        count(verdict::ALLOW, reason::ALLOWED);
+        return SK_PASS;
+    }
+
     // 3. quarantine: deny, never softened by audit.
     if subject_flags & flags::QUARANTINED != 0 {
         v.reason = reason::QUARANTINED;
@@ -384,9 +391,13 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         return SK_PASS;
     }
 
-    // 5. why not: tenants differ, or simply no permit.
+    // 5. why not: an address the agent refused to identify, tenants differ, or simply no
+    // permit. (No policy entry names UNIDENTIFIED: it is denied by the lookup above, this
+    // only names the reason.)
     v.reason = reason::NO_PERMIT;
-    if let Some(d) = IDENTITIES.get_ptr(destination) {
+    if destination == identity::UNIDENTIFIED {
+        v.reason = reason::UNIDENTIFIED_DESTINATION;
+    } else if let Some(d) = IDENTITIES.get_ptr(destination) {
         // SAFETY: a non-null map value pointer is valid for reads.
         let destination_tenant = unsafe { (*d).tenant };
         if destination_tenant != NO_TENANT && destination_tenant != subject_tenant {
@@ -606,8 +617,8 @@ fn judge_socket(ctx: &SockContext) -> i32 {
 /// A refusal the kernel makes before any policy (`v.reason`: an unspecified destination it
 /// cannot resolve, an unsupported socket), for every subject in the subtree, known or not:
 /// counted, reported as one event, and `true` when audit mode (global, or the subject's)
-/// lets the call through. A quarantined subject is refused even then. Kept off `decide`'s
-/// common path: only the rare cases call it.
+/// lets the call through. A quarantined subject is refused even then; the exempt agent is
+/// let through unreported. Kept off `decide`'s common path: only the rare cases call it.
 #[inline(always)]
 fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> bool {
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
@@ -628,6 +639,11 @@ fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> b
             v.subject = subject;
             // SAFETY: a non-null map value pointer is valid for reads.
             let subject_flags = unsafe { (*info).flags };
+            if subject_flags & flags::EXEMPT != 0 {
+                // The agent itself (see `decide`): let through, counted as allowed.
+                count(verdict::ALLOW, reason::ALLOWED);
+                return true;
+            }
             if subject_flags & flags::QUARANTINED != 0 {
                 NEVER_AUDIT
             } else {

@@ -331,7 +331,7 @@ pub(crate) fn entity(ident: &Identity) -> Result<Entity, String> {
                 ),
             );
         }
-        IdentityKind::World | IdentityKind::Service => {}
+        IdentityKind::World | IdentityKind::Service | IdentityKind::Unidentified => {}
     }
     Entity::new(
         uid(ident.kind.cedar_type(), &ident.name),
@@ -703,8 +703,9 @@ impl Engine {
         let mut entity_of: Vec<&Identity> = Vec::with_capacity(ids.len());
         for ident in ids.iter() {
             uids.push(uid(ident.kind.cedar_type(), &ident.name));
-            if ident.kind == IdentityKind::Service {
-                // Judged as its backends: no entity, and no request ever names it.
+            if matches!(ident.kind, IdentityKind::Service | IdentityKind::Unidentified) {
+                // Judged as its backends, or never judged: no entity, and no request ever
+                // names it.
                 continue;
             }
             match entity(ident) {

@@ -48,6 +48,11 @@ pub struct ClusterState {
     /// One entry per distinct security label set (replicas share one).
     pub identities: Vec<ClusterIdentity>,
     pub services: Vec<ClusterService>,
+    /// Addresses of live pods the source left out (a namespace that requires a tenant and
+    /// has none, invalid labels, a forged cgroup UID...): judged UNIDENTIFIED (every call to
+    /// them denied), never WORLD. Empty in states persisted before this field existed.
+    #[serde(default)]
+    pub unidentified_ips: Vec<IpAddr>,
     /// Problems found while building this state (a pod in a namespace without a tenant, a
     /// label value that is not a valid Kubernetes label value...), one line each, naming the
     /// object. They are reported as events; the objects concerned are left out (their pods

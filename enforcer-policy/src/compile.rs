@@ -764,6 +764,9 @@ impl Grouping {
         carried: Option<&mut Carried>,
     ) -> Result<Option<u32>, PolicyError> {
         let d = ids.at(di);
+        if d.kind == IdentityKind::Unidentified {
+            return Ok(None); // Denied: an address the merge refused (a Service backend).
+        }
         let Some((_, action)) = d.cell_of(port, protocol) else {
             return Ok(None);
         };

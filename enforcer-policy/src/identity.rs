@@ -26,6 +26,9 @@ use crate::{Protocol, DEFAULT_ACTION};
 
 /// The name of the reserved WORLD identity (every address not in the inventory).
 pub const WORLD_NAME: &str = "world";
+/// The name of the reserved UNIDENTIFIED identity (`enforcer_common::identity::UNIDENTIFIED`):
+/// addresses of the cluster to which the merge gave no identity.
+pub const UNIDENTIFIED_NAME: &str = "unidentified";
 
 /// An IPv4 or IPv6 network: an address and a prefix length. Host bits must be zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -172,6 +175,10 @@ pub enum IdentityKind {
     /// A Kubernetes Service's ClusterIPs: judged as its ready backends, never asked of Cedar
     /// as itself (it is no Cedar entity).
     Service,
+    /// Addresses of the cluster that no identity holds (a refused pod, a contested address,
+    /// a Service over its tenant's quota): never a Cedar entity, never allowed. Unlike
+    /// WORLD, no policy can open it.
+    Unidentified,
 }
 
 impl IdentityKind {
@@ -181,8 +188,9 @@ impl IdentityKind {
             IdentityKind::Workload => "Workload",
             IdentityKind::Endpoint => "Endpoint",
             IdentityKind::World => "World",
-            // Not in the schema: no policy can name one (see `IdentityKind::Service`).
+            // Not in the schema: no policy can name these (see the variants).
             IdentityKind::Service => "Service",
+            IdentityKind::Unidentified => "Unidentified",
         }
     }
 }
@@ -194,6 +202,7 @@ impl fmt::Display for IdentityKind {
             IdentityKind::Endpoint => "endpoint",
             IdentityKind::World => "world",
             IdentityKind::Service => "service",
+            IdentityKind::Unidentified => "unidentified",
         })
     }
 }
@@ -208,9 +217,7 @@ pub struct Identity {
     pub tenant: Option<String>,
     pub tenant_id: u32,
     pub purpose: Option<String>,
-    pub purpose_id: u16,
     pub ring: Option<String>,
-    pub ring_id: u16,
     pub spiffe_id: Option<String>,
     pub endpoint_kind: Option<String>,
     pub datasets: Vec<String>,
@@ -241,8 +248,6 @@ impl Identity {
     pub fn info(&self) -> IdentityInfo {
         IdentityInfo {
             tenant: self.tenant_id,
-            purpose: self.purpose_id,
-            ring: self.ring_id,
             flags: self.flags,
         }
     }
@@ -274,10 +279,12 @@ impl Identity {
     }
 
     /// Reachable: WORLD, every endpoint, and every workload and Service with addresses.
+    /// Never UNIDENTIFIED: no policy cell is compiled or asked for it.
     pub fn is_destination(&self) -> bool {
         match self.kind {
             IdentityKind::World | IdentityKind::Endpoint => true,
             IdentityKind::Workload | IdentityKind::Service => !self.ips.is_empty(),
+            IdentityKind::Unidentified => false,
         }
     }
 
@@ -293,8 +300,7 @@ impl Identity {
     }
 }
 
-/// All identities of an inventory and a cluster state, with the numbers of tenants, purposes
-/// and rings.
+/// All identities of an inventory and a cluster state, with the numbers of tenants.
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
     list: Vec<Identity>,
@@ -303,12 +309,9 @@ pub struct Identities {
     /// Tenant name -> number ([`crate::cluster::tenant_number`], collisions resolved; 0 is
     /// "no tenant").
     pub tenants: BTreeMap<String, u32>,
-    /// Purpose and ring -> number (1-based, by sorted name; 0 = none).
-    pub purposes: BTreeMap<String, u16>,
-    pub rings: BTreeMap<String, u16>,
     /// Where an address leads, as the kernel's IP cache has it (longest prefix): (is IPv6,
-    /// prefix, network) -> identity index. Workloads and endpoints only: a Service's
-    /// backends are looked up here.
+    /// prefix, network) -> identity index. Workloads, endpoints and UNIDENTIFIED: a
+    /// Service's backends are looked up here.
     nets: HashMap<(bool, u8, u128), usize>,
     /// The prefix lengths in `nets`, longest first: (IPv4, IPv6).
     lens: (Vec<u8>, Vec<u8>),
@@ -320,15 +323,6 @@ fn preferred_id(kind: IdentityKind, name: &str) -> u32 {
     let h = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
     let span = (1u32 << 31) - reserved::FIRST_DYNAMIC;
     reserved::FIRST_DYNAMIC + h % span
-}
-
-fn numbering<'a, I: Iterator<Item = &'a str>>(names: I) -> BTreeMap<String, u16> {
-    let set: BTreeSet<&str> = names.collect();
-    set.into_iter()
-        .enumerate()
-        // Past 65,535 names, 0 ("none"): the kernel does not decide on these numbers.
-        .map(|(i, n)| (n.to_string(), u16::try_from(i + 1).unwrap_or(0)))
-        .collect()
 }
 
 /// Tenant numbers: each name's hash, unless an earlier name (in sorted order) has it; then
@@ -396,9 +390,7 @@ fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
         tenant: None,
         tenant_id: 0,
         purpose: None,
-        purpose_id: 0,
         ring: None,
-        ring_id: 0,
         spiffe_id: None,
         endpoint_kind: None,
         datasets: vec![],
@@ -437,31 +429,10 @@ impl Identities {
             .chain(inv.endpoints.iter().map(|e| e.name.as_str()))
             .collect();
         taken_names.insert(WORLD_NAME);
+        taken_names.insert(UNIDENTIFIED_NAME);
         let merged = crate::merge::merge(inv, &known, &taken_names, cluster, options);
         problems.extend(merged.problems);
 
-        let purposes = numbering(
-            inv.workloads
-                .iter()
-                .filter_map(|w| w.purpose.as_deref())
-                .chain(
-                    merged
-                        .workloads
-                        .iter()
-                        .filter_map(|w| w.source.purpose.as_deref()),
-                ),
-        );
-        let rings = numbering(
-            inv.workloads
-                .iter()
-                .filter_map(|w| w.ring.as_deref())
-                .chain(
-                    merged
-                        .workloads
-                        .iter()
-                        .filter_map(|w| w.source.ring.as_deref()),
-                ),
-        );
         let tenant_audit = |t: &Option<String>| {
             t.as_deref()
                 .and_then(|t| inv.tenant(t))
@@ -473,28 +444,23 @@ impl Identities {
                 .copied()
                 .unwrap_or(0)
         };
-        let purpose_id = |p: &Option<String>| {
-            p.as_ref()
-                .and_then(|p| purposes.get(p))
-                .copied()
-                .unwrap_or(0)
-        };
-        let ring_id =
-            |r: &Option<String>| r.as_ref().and_then(|r| rings.get(r)).copied().unwrap_or(0);
-
-        let mut list = vec![blank(
-            reserved::WORLD,
-            WORLD_NAME.into(),
-            IdentityKind::World,
-        )];
+        let mut list = vec![
+            blank(reserved::WORLD, WORLD_NAME.into(), IdentityKind::World),
+            Identity {
+                ips: merged.unidentified,
+                ..blank(
+                    reserved::UNIDENTIFIED,
+                    UNIDENTIFIED_NAME.into(),
+                    IdentityKind::Unidentified,
+                )
+            },
+        ];
         for w in &inv.workloads {
             let audit = w.audit || tenant_audit(&w.tenant);
             list.push(Identity {
                 tenant_id: tenant_id(&w.tenant),
                 tenant: w.tenant.clone(),
-                purpose_id: purpose_id(&w.purpose),
                 purpose: w.purpose.clone(),
-                ring_id: ring_id(&w.ring),
                 ring: w.ring.clone(),
                 spiffe_id: w.spiffe_id.clone(),
                 cgroups: w.cgroups.clone(),
@@ -527,7 +493,7 @@ impl Identities {
 
         // Inventory IDs: sorted by (kind, name) so that probing order does not depend on
         // file order.
-        let mut order: Vec<usize> = (1..list.len()).collect();
+        let mut order: Vec<usize> = (2..list.len()).collect();
         order.sort_by(|&a, &b| (list[a].kind, &list[a].name).cmp(&(list[b].kind, &list[b].name)));
         let mut taken: BTreeSet<u32> = BTreeSet::new();
         for i in order {
@@ -548,9 +514,7 @@ impl Identities {
             list.push(Identity {
                 tenant_id: tenant_id(&c.tenant),
                 tenant: c.tenant.clone(),
-                purpose_id: purpose_id(&c.purpose),
                 purpose: c.purpose.clone(),
-                ring_id: ring_id(&c.ring),
                 ring: c.ring.clone(),
                 spiffe_id: w.spiffe_id,
                 ips: w.ips,
@@ -595,7 +559,10 @@ impl Identities {
         let mut nets = HashMap::new();
         let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
         for (i, x) in list.iter().enumerate() {
-            if !matches!(x.kind, IdentityKind::Workload | IdentityKind::Endpoint) {
+            if !matches!(
+                x.kind,
+                IdentityKind::Workload | IdentityKind::Endpoint | IdentityKind::Unidentified
+            ) {
                 continue;
             }
             for net in &x.ips {
@@ -609,8 +576,6 @@ impl Identities {
             by_id,
             by_name,
             tenants,
-            purposes,
-            rings,
             nets,
             lens: (
                 v4.into_iter().rev().collect(),
@@ -644,8 +609,9 @@ impl Identities {
     pub(crate) fn index_of_id(&self, id: u32) -> Option<usize> {
         self.by_id.get(&id).copied()
     }
-    /// The index of the workload or endpoint whose addresses hold `ip` (the longest prefix,
-    /// as the kernel's IP cache), else WORLD's: where a Service's backend leads.
+    /// The index of the workload, endpoint or UNIDENTIFIED whose addresses hold `ip` (the
+    /// longest prefix, as the kernel's IP cache), else WORLD's: where a Service's backend
+    /// leads.
     pub(crate) fn backend_index(&self, ip: &IpAddr) -> usize {
         let (is_v6, bits, width) = ip_bits(ip);
         let lens = if is_v6 { &self.lens.1 } else { &self.lens.0 };

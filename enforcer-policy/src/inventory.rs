@@ -140,8 +140,11 @@ impl Inventory {
         if !diags.is_empty() {
             diags.sort();
             let mut seen = BTreeSet::new();
-            let mut keep =
-                |name: &String| name != crate::identity::WORLD_NAME && seen.insert(name.clone());
+            let mut keep = |name: &String| {
+                name != crate::identity::WORLD_NAME
+                    && name != crate::identity::UNIDENTIFIED_NAME
+                    && seen.insert(name.clone())
+            };
             inv.workloads.retain(|w| keep(&w.name));
             inv.endpoints.retain(|e| keep(&e.name));
         }
@@ -1147,6 +1150,13 @@ fn check_semantics(file: &Path, inv: &Inventory, diags: &mut Diagnostics) {
             diags.push(
                 at(*loc, format!("the name `{name}` is reserved"))
                     .with_hint("`world` is the identity of every address not in the inventory"),
+            );
+        }
+        if *name == crate::identity::UNIDENTIFIED_NAME {
+            diags.push(
+                at(*loc, format!("the name `{name}` is reserved")).with_hint(
+                    "`unidentified` holds the cluster addresses the agent refused to identify",
+                ),
             );
         }
         if let Some(first) = names.insert(name, *loc) {

@@ -605,6 +605,16 @@ impl Bundle {
         protocol: Protocol,
     ) -> Result<Decision, PolicyError> {
         let dest = self.identities.at(d);
+        if dest.kind == IdentityKind::Unidentified {
+            // A Service backend at an address the merge refused: denied, no policy asked.
+            return Ok(Decision {
+                allowed: false,
+                action: DEFAULT_ACTION.into(),
+                policies: vec![],
+                undeclared_port: false,
+                any_port: true,
+            });
+        }
         let Some((cedar_port, action)) = dest.cell_of(port, protocol) else {
             return Ok(Decision {
                 allowed: false,

@@ -76,6 +76,10 @@ pub(crate) struct Merged<'a> {
     /// over: the inventory item no longer has them (the kernel's IP cache holds one
     /// identity per network).
     pub taken_over: HashSet<IpNet>,
+    /// Every address of the cluster state that no identity holds and the inventory does not
+    /// claim (refused pods, contested addresses, left-out Services), as host networks,
+    /// sorted: UNIDENTIFIED, never WORLD.
+    pub unidentified: Vec<IpNet>,
     pub problems: Vec<String>,
 }
 
@@ -598,7 +602,7 @@ pub(crate) fn merge<'a>(
     for (tenant, left) in &services_left {
         problems.summary(
             format!(
-                "{}: more than the quota of {quota} Services (max_identities_per_tenant): {} left out (their addresses are WORLD), the first {}",
+                "{}: more than the quota of {quota} Services (max_identities_per_tenant): {} left out (their addresses are unidentified: every call to them is denied), the first {}",
                 tenant_text(*tenant),
                 left.len(),
                 describe_service(left[0])
@@ -770,14 +774,40 @@ pub(crate) fn merge<'a>(
         problems.push(
             first,
             format!(
-                "address {ip} is claimed by {}: nobody gets it (it is WORLD) until one claim is gone",
+                "address {ip} is claimed by {}: nobody gets it (it is unidentified: every call to it is denied) until one claim is gone",
                 names.join(" and ")
             ),
         );
     }
+    // Left-out Services' external addresses: kube-proxy still redirects them, so they are
+    // nobody's, not even the inventory's or a pod's.
+    let admitted: HashSet<(&str, &str)> = services
+        .iter()
+        .map(|(s, _, _)| (s.namespace.as_str(), s.name.as_str()))
+        .collect();
+    let left_out_external: BTreeSet<IpAddr> = state
+        .services
+        .iter()
+        .filter(|s| !admitted.contains(&(s.namespace.as_str(), s.name.as_str())))
+        .flat_map(|s| s.external_ips.iter().copied())
+        .collect();
+    for ip in &left_out_external {
+        if let Some((_, net)) = inv_nets.claim(ip) {
+            if net == host_net(*ip) {
+                taken_over.insert(net);
+            }
+        }
+    }
     for ips in workload_ips.iter_mut().chain(service_ips.iter_mut()) {
+        ips.retain(|n| !left_out_external.contains(&n.addr));
         ips.sort();
     }
+    let unidentified = unidentified_addresses(
+        state,
+        &inv_nets,
+        &left_out_external,
+        workload_ips.iter().chain(service_ips.iter()).flatten(),
+    );
 
     // 6. Numbers: the preferred hash unless another key of the pool prefers it too; then
     // the first key in canonical order keeps it and the others probe upwards for a number
@@ -981,8 +1011,42 @@ pub(crate) fn merge<'a>(
         workloads,
         services: out_services,
         taken_over,
+        unidentified,
         problems: problems.finish(),
     }
+}
+
+/// Every address the state mentions (pods, refused pods, ClusterIPs, external addresses)
+/// that is in no identity (`identified`) and that the inventory does not claim, as sorted
+/// host networks; a left-out Service's external address even where the inventory claims it.
+/// What the merge refused stays denied: never WORLD, which a policy may open.
+fn unidentified_addresses<'a>(
+    state: &ClusterState,
+    inv_nets: &InventoryNets,
+    left_out_external: &BTreeSet<IpAddr>,
+    identified: impl Iterator<Item = &'a IpNet>,
+) -> Vec<IpNet> {
+    let identified: HashSet<IpAddr> = identified.map(|n| n.addr).collect();
+    let pods = state
+        .identities
+        .iter()
+        .flat_map(|ci| &ci.pods)
+        .filter(|p| !p.host_network)
+        .flat_map(|p| &p.ips);
+    let services = state
+        .services
+        .iter()
+        .flat_map(|s| s.cluster_ips.iter().chain(&s.external_ips));
+    let all: BTreeSet<IpAddr> = pods
+        .chain(services)
+        .chain(&state.unidentified_ips)
+        .copied()
+        .collect();
+    all.into_iter()
+        .filter(|ip| !identified.contains(ip))
+        .filter(|ip| left_out_external.contains(ip) || inv_nets.claim(ip).is_none())
+        .map(host_net)
+        .collect()
 }
 
 /// A Service's valid ports, by (port, protocol), backends sorted and deduplicated.

@@ -107,6 +107,10 @@ pub struct AgentState {
     /// The inotify watch of the cgroup root.
     #[serde(default)]
     pub cgroup_watch: Option<WatchStatus>,
+    /// The agent's own cgroup, when it lies inside the enforced subtree: exempt from
+    /// judgement (`identity::AGENT`).
+    #[serde(default)]
+    pub agent_cgroup: Option<PathBuf>,
 }
 
 /// The local pods as the agent maps them.
@@ -205,6 +209,8 @@ struct Agent {
     options: RunOptions,
     cgroup_mount: PathBuf,
     cgroup_root: PathBuf,
+    /// The agent's own cgroup (ID, path) when it lies inside the enforced subtree: exempt.
+    agent_cgroup: Option<(u64, PathBuf)>,
     datapath: Datapath,
     bundle: Bundle,
     compiled: Arc<Compiled>,
@@ -239,6 +245,25 @@ struct Agent {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
+    let Prepared {
+        cgroup_mount,
+        cgroup_root,
+    } = prepare(&options)?;
+    // A DaemonSet agent lives in a pod cgroup under the subtree it enforces: judged, it would
+    // be an unknown subject until it had listed the pods, which it cannot do without reaching
+    // the API server. Its own cgroup is exempt (named in `status`), and that is written into
+    // the maps an earlier agent left pinned before this one opens any connection (to the PDP
+    // or the API server), since that agent's programs are still attached.
+    let agent_cgroup = crate::fs::own_cgroup_under(&cgroup_mount, &cgroup_root)
+        .and_then(|path| Some((crate::fs::cgroup_id(&path).ok()?, path)));
+    if let Some((id, path)) = &agent_cgroup {
+        tracing::info!(cgroup = %path.display(), id, "the agent runs inside the enforced subtree: its own cgroup is exempt");
+        if let Ok(mut tables) = datapath::Tables::open(&datapath::pin_dir(&options.pin_root)) {
+            tables
+                .exempt(*id)
+                .context("exempting the agent's own cgroup in the pinned maps")?;
+        }
+    }
     // With a remote PDP, `policies` is the directory the sync task keeps the last good bundle
     // in (persisted, so a restart without the PDP still enforces); wait for one, at once when
     // one is already there.
@@ -257,10 +282,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
         None => None,
     };
-    let Prepared {
-        cgroup_mount,
-        cgroup_root,
-    } = prepare(&options)?;
     let risk_overrides = read_state(&options.state_dir)
         .map(|s| s.risk_overrides)
         .unwrap_or_default();
@@ -365,6 +386,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options,
         cgroup_mount,
         cgroup_root,
+        agent_cgroup,
         datapath,
         bundle,
         compiled,
@@ -463,6 +485,7 @@ impl Agent {
         let overrides = Overrides {
             audit: self.options.audit,
             quarantined: &self.quarantined,
+            agent_cgroup: self.agent_cgroup.as_ref().map(|(id, _)| *id),
         };
         let pods = self.scan_pods();
         let (desired, unresolved) = desired_state_with(
@@ -531,6 +554,7 @@ impl Agent {
             &self.compiled,
             &self.cgroup_mount,
             pods.as_ref(),
+            self.agent_cgroup.as_ref().map(|(id, _)| *id),
             &mut unresolved,
         );
         if fresh != self.cgroups {
@@ -922,6 +946,7 @@ impl Agent {
             cluster_problems: self.current_problems().into_iter().collect(),
             pods: self.pods.clone(),
             cgroup_watch: self.watch_status.clone(),
+            agent_cgroup: self.agent_cgroup.as_ref().map(|(_, path)| path.clone()),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)

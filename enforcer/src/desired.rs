@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
-use enforcer_common::flags;
+use enforcer_common::{flags, identity, IdentityInfo};
 use enforcer_policy::Compiled;
 
 use crate::datapath::{DesiredState, Need, Needs};
@@ -32,6 +32,9 @@ pub struct Overrides<'a> {
     pub audit: bool,
     /// Identities quarantined at run time; the flag survives policy reloads.
     pub quarantined: &'a BTreeSet<u32>,
+    /// The agent's own cgroup ID, when it lies inside the enforced subtree: mapped to
+    /// `identity::AGENT` (exempt), whoever else claims it.
+    pub agent_cgroup: Option<u64>,
 }
 
 /// [`desired_state_with`] for a bundle without cluster identities (the inventory's cgroups
@@ -55,7 +58,13 @@ pub fn desired_state_with(
 ) -> (DesiredState, Unresolved) {
     let mut state = without_cgroups(compiled, overrides);
     let mut unresolved = Unresolved::default();
-    state.cgroups = resolve_cgroups(compiled, cgroup_mount, pods, &mut unresolved);
+    state.cgroups = resolve_cgroups(
+        compiled,
+        cgroup_mount,
+        pods,
+        overrides.agent_cgroup,
+        &mut unresolved,
+    );
     (state, unresolved)
 }
 
@@ -66,6 +75,7 @@ pub fn needs(compiled: &Compiled) -> Needs {
     let overrides = Overrides {
         audit: false,
         quarantined: &quarantined,
+        agent_cgroup: None,
     };
     let mut needs = Needs::of(&without_cgroups(compiled, &overrides));
     let cgroups: BTreeSet<&String> = compiled.identities().flat_map(|i| &i.cgroups).collect();
@@ -102,6 +112,15 @@ fn without_cgroups(compiled: &Compiled, overrides: &Overrides) -> DesiredState {
             }
         }
     }
+    // Present whether or not the agent runs inside the subtree: a fixed entry, so the map
+    // does not change with where the agent runs.
+    state.identities.insert(
+        identity::AGENT,
+        IdentityInfo {
+            tenant: 0,
+            flags: flags::EXEMPT,
+        },
+    );
     state.allows = compiled.allows().iter().copied().collect();
     state
 }
@@ -110,10 +129,12 @@ fn without_cgroups(compiled: &Compiled, overrides: &Overrides) -> DesiredState {
 /// `pods`, every cgroup at or under the cgroup of each local pod of a cluster identity
 /// (`Identity::pod_uids`). A cgroup claimed by two identities is left out and reported in
 /// `unresolved.conflicts`: its processes are unknown subjects until the claim is resolved.
+/// `agent_cgroup` (the agent's own) is `identity::AGENT`, above every claim.
 pub fn resolve_cgroups(
     compiled: &Compiled,
     cgroup_mount: &Path,
     pods: Option<&Scan>,
+    agent_cgroup: Option<u64>,
     unresolved: &mut Unresolved,
 ) -> BTreeMap<u64, u32> {
     // cgroup ID -> (identity, who claims it: for the report).
@@ -175,11 +196,15 @@ pub fn resolve_cgroups(
             .cloned()
             .collect();
     }
-    claims
+    let mut map: BTreeMap<u64, u32> = claims
         .into_iter()
         .filter(|(id, _)| !conflicted.contains(id))
         .map(|(id, (identity, _))| (id, identity))
-        .collect()
+        .collect();
+    if let Some(id) = agent_cgroup {
+        map.insert(id, identity::AGENT);
+    }
+    map
 }
 
 /// "a.b.c.d/len" or a bare address. The masked network address is what the LPM trie wants.
@@ -260,6 +285,7 @@ mod tests {
                 pods: vec![pod(1, "n"), pod(3, "n"), pod(4, "elsewhere")],
             }],
             services: vec![],
+            unidentified_ips: vec![],
             problems: vec![],
         }
     }
@@ -314,7 +340,7 @@ mod tests {
 
         let scan = crate::sources::cgroups::scan(&mount.0, Default::default()).unwrap();
         let mut unresolved = Unresolved::default();
-        let cgroups = resolve_cgroups(&compiled, &mount.0, Some(&scan), &mut unresolved);
+        let cgroups = resolve_cgroups(&compiled, &mount.0, Some(&scan), None, &mut unresolved);
         let want: BTreeMap<u64, u32> = [
             (id("host/agent"), host),
             (id(&pod1), pod_identity.id),
@@ -343,7 +369,7 @@ mod tests {
 
         // Without a scan (no --kubernetes): the inventory alone, the conflict included.
         let mut unresolved = Unresolved::default();
-        let cgroups = resolve_cgroups(&compiled, &mount.0, None, &mut unresolved);
+        let cgroups = resolve_cgroups(&compiled, &mount.0, None, None, &mut unresolved);
         assert_eq!(cgroups.len(), 2);
         assert_eq!(cgroups[&id(&format!("{pod1}/{CID}"))], host);
         assert!(unresolved.pods.is_empty() && unresolved.conflicts.is_empty());

@@ -190,12 +190,10 @@ impl Check<'_> {
                 };
                 if comparable == want {
                     println!(
-                        "kernel map {}: {} tenant={} purpose={} ring={} flags={:#x}: agrees",
+                        "kernel map {}: {} tenant={} flags={:#x}: agrees",
                         maps::IDENTITIES,
                         self.name(subject.id),
                         found.tenant,
-                        found.purpose,
-                        found.ring,
                         found.flags
                     );
                 } else {

@@ -72,6 +72,55 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
 }
 
+/// The most cgroup directories [`own_cgroup_under`] reads while searching the subtree.
+const OWN_CGROUP_SEARCH: usize = 100_000;
+
+/// This process's own cgroup v2 directory when it lies at or under `root` (a DaemonSet
+/// agent under `kubepods`), else `None`.
+///
+/// `/proc/self/cgroup` names it relative to the process's cgroup namespace root, which is
+/// the mount's root only with the host's cgroup namespace; inside a container's own
+/// namespace it reads `0::/`. So the named directory is trusted only when its
+/// `cgroup.procs` lists this process; otherwise the subtree under `root` is searched
+/// (bounded) for the directory that does.
+pub fn own_cgroup_under(mount: &Path, root: &Path) -> Option<PathBuf> {
+    let pid = std::process::id().to_string();
+    let lists_me = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid))
+    };
+    let named = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("0::").map(|p| mount.join(p.trim_start_matches('/'))))
+        });
+    if let Some(dir) = named.filter(|d| lists_me(d)) {
+        return dir.starts_with(root).then_some(dir);
+    }
+    let mut pending = vec![root.to_path_buf()];
+    let mut read = 0;
+    while let Some(dir) = pending.pop() {
+        read += 1;
+        if read > OWN_CGROUP_SEARCH {
+            return None;
+        }
+        if lists_me(&dir) {
+            return Some(dir);
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        pending.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    None
+}
+
 /// Mounts bpffs at [`BPFFS`] when `pin_root` lies below it and nothing is mounted there yet.
 pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     if !pin_root.starts_with(BPFFS) {

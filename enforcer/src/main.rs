@@ -150,6 +150,16 @@ struct KubernetesArgs {
     /// cluster.local].
     #[arg(long, requires = "kubernetes")]
     trust_domain: Option<String>,
+    /// A namespace whose pods need no tenant: without tenant metadata they get identities
+    /// without a tenant (policies name them by SPIFFE ID) instead of being unknown subjects
+    /// (repeatable; giving one replaces the default).
+    #[arg(
+        long = "system-namespace",
+        value_name = "NAMESPACE",
+        default_value = "kube-system",
+        requires = "kubernetes"
+    )]
+    system_namespaces: Vec<String>,
     /// The most identities (distinct label sets) one tenant may have; more are left out
     /// (their pods unknown subjects) and reported [default: 256].
     #[arg(long, value_name = "N", requires = "kubernetes")]
@@ -184,6 +194,7 @@ impl KubernetesArgs {
                 node_name: node_name.clone(),
                 identity_labels: self.identity_labels,
                 trust_domain: self.trust_domain.unwrap_or_else(|| "cluster.local".into()),
+                system_namespaces: self.system_namespaces,
                 state_dir: state_dir.to_path_buf(),
             },
             cluster: ClusterOptions {

@@ -65,6 +65,8 @@ pub struct AgentView {
     pub cluster_problems: Vec<String>,
     pub pods: Option<crate::agent::PodsView>,
     pub cgroup_watch: Option<crate::sources::cgroups::WatchStatus>,
+    /// The agent's own cgroup when it lies inside the enforced subtree (exempt).
+    pub agent_cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -168,6 +170,7 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         cluster_problems: state.cluster_problems,
         pods: state.pods,
         cgroup_watch: state.cgroup_watch,
+        agent_cgroup: state.agent_cgroup,
     })
 }
 
@@ -240,6 +243,9 @@ pub fn render(status: &Status) -> String {
                     .unwrap_or_else(|| "?".into())
             );
             let _ = writeln!(out, "cgroup root:     {}", agent.cgroup_root.display());
+            if let Some(own) = &agent.agent_cgroup {
+                let _ = writeln!(out, "agent cgroup:    {} (exempt)", own.display());
+            }
             for (workload, score) in &agent.risk_overrides {
                 let _ = writeln!(out, "risk override:   {workload} = {score}");
             }

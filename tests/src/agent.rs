@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub extra_args: Vec<String>,
     /// How long to wait for the ready file.
     pub ready_timeout: Duration,
+    /// Run the agent inside this cgroup (absolute path), as a DaemonSet agent lives in a pod
+    /// cgroup: the child moves itself there before it executes the agent.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -64,6 +67,7 @@ impl AgentConfig {
             audit: false,
             extra_args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            cgroup: None,
         }
     }
 
@@ -88,6 +92,31 @@ impl AgentConfig {
             cmd.arg("--audit");
         }
         cmd.args(&self.extra_args);
+        if let Some(cgroup) = &self.cgroup {
+            let procs = std::ffi::CString::new(
+                cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+            )
+            .expect("a cgroup path without NUL");
+            // SAFETY: the closure runs in the forked child before exec and calls only
+            // async-signal-safe functions (open, write, close) on memory prepared before the
+            // fork.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0" moves the writing process itself.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let error = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(error);
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd
     }
 }

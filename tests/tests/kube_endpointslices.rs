@@ -129,6 +129,7 @@ impl World {
             node_name: "node-a".into(),
             identity_labels: vec![],
             trust_domain: "cluster.local".into(),
+            system_namespaces: Vec::new(),
             state_dir: self.dir.path().join("state"),
         })
         .await

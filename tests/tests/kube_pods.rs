@@ -1311,3 +1311,152 @@ fn a_service_is_judged_as_all_its_ready_backends() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A DaemonSet agent lives in a pod cgroup under the subtree it enforces. Started there with
+/// no cluster state at all, it still reaches the API server (its own cgroup is exempt, and
+/// `status` names it), learns the pods, and enforces:
+/// - a sibling container of the agent's pod is judged as that pod (a `--system-namespace`
+///   pod: an identity without a tenant), not exempt: refused by `tenant-isolation`;
+/// - an acme pod reaches acme and, through the bundle's `internet` permit, WORLD;
+/// - the address of a pod the agent refuses (a namespace without a tenant that is no system
+///   namespace) is not WORLD: refused with reason `unidentified_destination`.
+#[test]
+fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let server = ApiServer::start()?;
+    let client = rt.block_on(async { server.client() });
+    let node = Node::create("cg9-node")?;
+    let ip = |n: u8| Ipv4Addr::new(127, 83, 40, n);
+    let uids = rt.block_on(async {
+        create_namespace(&client, "cg9-acme", &[(TENANT_LABEL, "acme")], &[]).await?;
+        create_namespace(&client, "cg9-system", &[], &[]).await?;
+        create_namespace(&client, "cg9-locked", &[], &[]).await?;
+        let mut uids = Vec::new();
+        for (namespace, name, n) in [
+            ("cg9-system", "enforcer", 1),
+            ("cg9-acme", "chat", 2),
+            ("cg9-acme", "store", 3),
+            ("cg9-locked", "db", 4),
+        ] {
+            uids.push(create_pod(&client, namespace, name, &[], NODE, &[ip(n).to_string()]).await?);
+        }
+        anyhow::Ok(uids)
+    })?;
+    let mut agent_pod = node.start_pod(&uids[0], Driver::Systemd, Qos::Burstable)?;
+    let agent_cgroup = agent_pod.add_container()?.path();
+    let sibling = agent_pod.add_container()?;
+    let mut chat = node.start_pod(&uids[1], Driver::Cgroupfs, Qos::BestEffort)?;
+    let chat = chat.add_container()?;
+    let _store = node.start_pod(&uids[2], Driver::Cgroupfs, Qos::BestEffort)?;
+    let servers = [2u8, 3, 4, 99]
+        .into_iter()
+        .map(|n| Server::tcp(SocketAddr::new(IpAddr::V4(ip(n)), PORT)))
+        .collect::<Result<Vec<_>>>()?;
+    let demo = enforcer_tests::fixtures::demo_policies_dir();
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", "tenants: [acme]\n"),
+        (
+            "schema.cedarschema",
+            &std::fs::read_to_string(demo.join("schema.cedarschema"))?,
+        ),
+        (
+            "baseline.cedar",
+            &std::fs::read_to_string(demo.join("baseline.cedar"))?,
+        ),
+        (
+            "internet.cedar",
+            "@id(\"internet\")\npermit (principal, action, resource is World);\n",
+        ),
+    ])?;
+    let pins = PinDir::new("cg9-pins")?;
+    let states = enforcer_tests::TempDir::new("cg9-state")?;
+    let config = |cgroup: Option<std::path::PathBuf>| {
+        let mut config =
+            AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
+        config.extra_args = vec![
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            server.kubeconfig().display().to_string(),
+            "--node-name".into(),
+            NODE.into(),
+            "--system-namespace".into(),
+            "cg9-system".into(),
+        ];
+        config.ready_timeout = Duration::from_secs(60);
+        config.cgroup = cgroup;
+        config
+    };
+    // An earlier agent (outside the subtree, without the cluster: every pod an unknown
+    // subject; its state kept elsewhere) leaves its programs attached, as an agent restarted
+    // by its DaemonSet may find them; the next one, in the pod cgroup and with no cluster
+    // state, must reach the API server through them.
+    let mut first = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
+    first.extra_args = vec![
+        "--state-dir".into(),
+        states.path().display().to_string(),
+    ];
+    Agent::start(first)?.stop()?;
+    let agent = Agent::start(config(Some(agent_cgroup.clone())))?;
+
+    // The agent lists the cluster from inside the subtree: acme's pod reaches acme's.
+    let to = |n: u8| attempt("tcp", IpAddr::V4(ip(n)), PORT);
+    let mut last = Vec::new();
+    let learned = wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        last = Probe::new()
+            .in_cgroup(chat)
+            .run(&[to(3)])
+            .unwrap_or_default();
+        last.len() == 1 && last[0].outcome == Outcome::Ok
+    });
+    ensure!(
+        learned,
+        "acme's pod never reached acme's: {last:?}; status: {:#}; stderr:\n{}",
+        agent.status().unwrap_or_default(),
+        agent.stderr_tail()
+    );
+    let status = agent.status()?;
+    ensure!(
+        status.pointer("/agent/agent_cgroup").and_then(Value::as_str)
+            == Some(agent_cgroup.to_str().context("utf-8 path")?),
+        "status names the agent's cgroup: {status:#}"
+    );
+
+    Probe::new()
+        .in_cgroup(chat)
+        .expect_outcome(&to(99), Outcome::Ok, "WORLD is open to acme")?;
+    Probe::new().in_cgroup(chat).expect_outcome(
+        &to(4),
+        Outcome::Eperm,
+        "a refused pod's address",
+    )?;
+    agent.wait_for(1, Duration::from_secs(10), |e| {
+        e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(chat.id())
+            && e.get("reason").and_then(Value::as_str) == Some("unidentified_destination")
+            && e.pointer("/destination/name").and_then(Value::as_str) == Some("unidentified")
+    })?;
+    Probe::new().in_cgroup(sibling).expect_outcome(
+        &to(2),
+        Outcome::Eperm,
+        "the agent pod's other container",
+    )?;
+    agent.wait_for(1, Duration::from_secs(10), |e| {
+        e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(sibling.id())
+            && e.get("reason").and_then(Value::as_str) == Some("tenant_mismatch")
+            && e
+                .pointer("/subject/workload")
+                .and_then(Value::as_str)
+                .is_some_and(|w| w.starts_with("cg9-system/"))
+    })?;
+    let agent_id = enforcer::fs::cgroup_id(&agent_cgroup)?;
+    let own = agent
+        .events()?
+        .into_iter()
+        .filter(|e| e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(agent_id))
+        .count();
+    ensure!(own == 0, "the agent's own calls are never judged: {own} events");
+    drop(servers);
+    Ok(())
+}

@@ -50,6 +50,7 @@ fn options(server: &ApiServer, state_dir: &std::path::Path) -> KubeOptions {
         node_name: "node-a".into(),
         identity_labels: vec!["app.kubernetes.io/component".into()],
         trust_domain: "cluster.local".into(),
+        system_namespaces: Vec::new(),
         state_dir: state_dir.to_path_buf(),
     }
 }

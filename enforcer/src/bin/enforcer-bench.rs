@@ -157,6 +157,7 @@ fn compile_bench() -> Result<()> {
     let overrides = enforcer::desired::Overrides {
         audit: false,
         quarantined: &quarantined,
+        agent_cgroup: None,
     };
     let started = Instant::now();
     let (desired, _) = enforcer::desired::desired_state(&report.compiled, &mount, &overrides);
@@ -759,8 +760,6 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
             first + i,
             IdentityInfo {
                 tenant: 1 + i % 50,
-                purpose: 0,
-                ring: 0,
                 flags: 0,
             },
         );

@@ -1129,6 +1129,23 @@ impl Tables {
         Ok(config.generation)
     }
 
+    /// Maps the agent's own cgroup to `identity::AGENT` (exempt), and nothing else: written
+    /// into the maps an earlier agent left pinned before this one opens any connection, so
+    /// that programs already attached never judge it. Every other entry stays as it is
+    /// until the first policy is applied.
+    pub fn exempt(&mut self, cgroup_id: u64) -> Result<()> {
+        self.identities.put(
+            &identity::AGENT,
+            &IdentityInfo {
+                tenant: 0,
+                flags: flags::EXEMPT,
+            },
+            maps::IDENTITIES,
+        )?;
+        self.cgroup_identity
+            .put(&cgroup_id, &identity::AGENT, maps::CGROUP_IDENTITY)
+    }
+
     /// Sets or clears flag bits of one identity (quarantine), leaving the rest as it is.
     pub fn update_flags(&mut self, identity: u32, set: u32, clear: u32) -> Result<()> {
         let mut info = self

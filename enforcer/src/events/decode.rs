@@ -30,6 +30,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::NO_PERMIT => "no_permit",
         reason::UNSPECIFIED_DESTINATION => "unspecified_destination",
         reason::UNSUPPORTED_SOCKET => "unsupported_socket",
+        reason::UNIDENTIFIED_DESTINATION => "unidentified_destination",
         _ => "unknown",
     }
 }
@@ -186,6 +187,13 @@ mod tests {
             reason_name(reason::UNSPECIFIED_DESTINATION),
             "unspecified_destination"
         );
+        assert_eq!(
+            reason_name(reason::UNIDENTIFIED_DESTINATION),
+            "unidentified_destination"
+        );
+        for code in 0..reason::COUNT as u8 {
+            assert_ne!(reason_name(code), "unknown", "reason {code} has no name");
+        }
         assert_eq!(socket_type_name(3), "raw");
         assert_eq!(socket_protocol_name(1), "icmp");
         assert_eq!(socket_protocol_name(999), "999");

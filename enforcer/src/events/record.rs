@@ -135,6 +135,12 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
         ),
         reason::UNSUPPORTED_SOCKET => ("unsupported-socket".to_string(), Vec::new(), Vec::new()),
+        // The merge refused to identify the address: no Cedar policy can open it.
+        reason::UNIDENTIFIED_DESTINATION => (
+            "unidentified-destination".to_string(),
+            Vec::new(),
+            Vec::new(),
+        ),
         _ => {
             let attribution = compiled.attribute(
                 event.subject,
@@ -192,6 +198,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
                 IdentityKind::Workload => "workload".to_string(),
                 IdentityKind::World => "world".to_string(),
                 IdentityKind::Service => "service".to_string(),
+                IdentityKind::Unidentified => "unidentified".to_string(),
                 IdentityKind::Endpoint => i
                     .endpoint_kind
                     .clone()

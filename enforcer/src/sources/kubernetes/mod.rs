@@ -80,6 +80,8 @@ pub struct KubeOptions {
     pub identity_labels: Vec<String>,
     /// The SPIFFE trust domain (`cluster.local`).
     pub trust_domain: String,
+    /// Namespaces whose pods need no tenant (see [`Rules::system_namespaces`]).
+    pub system_namespaces: Vec<String>,
     /// Where the last state is persisted ([`STATE_FILE`]); created when missing.
     pub state_dir: PathBuf,
 }
@@ -267,6 +269,7 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
     let rules = Rules {
         identity_labels: options.identity_labels.clone(),
         trust_domain: options.trust_domain.clone(),
+        system_namespaces: options.system_namespaces.clone(),
     };
     let task = tokio::spawn(run(client, rules, state_file, shared.clone(), tx));
     Ok(KubeSource {

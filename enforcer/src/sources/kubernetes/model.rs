@@ -11,8 +11,14 @@
 //! - the pod labels [`labels::PURPOSE`], [`labels::RING`] and the configured identity label
 //!   keys, when set. No other label (`pod-template-hash`, ...) splits an identity.
 //!
-//! A pod is left out (its processes are unknown subjects: fail closed) and reported when its
-//! namespace is unknown or has no tenant, when its tenant metadata is not a valid label value
+//! A pod of a **system namespace** ([`Rules::system_namespaces`], `kube-system` by default in
+//! the agent) without tenant metadata gets an identity without a tenant: cluster DNS, the
+//! CNI and the enforcer's own pods are workloads that policies can name (by SPIFFE ID),
+//! never members of a tenant.
+//!
+//! A pod is left out (its processes are unknown subjects: fail closed; its addresses
+//! UNIDENTIFIED, never WORLD) and reported when its namespace is unknown or has no tenant
+//! (and is not a system namespace), when its tenant metadata is not a valid label value
 //! or is contradictory, when one of its labels is not valid Kubernetes label syntax, or when
 //! its service account name is invalid. Pods that are terminated (`Succeeded`, `Failed`) or
 //! being deleted (`deletionTimestamp` set) are not live and not listed.
@@ -67,6 +73,9 @@ pub struct Rules {
     /// Pod label keys that split identities, besides `purpose` and `ring`.
     pub identity_labels: Vec<String>,
     pub trust_domain: String,
+    /// Namespaces whose pods need no tenant: without tenant metadata they get identities
+    /// without a tenant instead of being left out.
+    pub system_namespaces: Vec<String>,
 }
 
 /// Why a configured identity label key cannot be used, or `None` when it can.
@@ -113,19 +122,26 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     // Pods refused because of their namespace are reported once per namespace.
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut identities: BTreeMap<BTreeMap<String, String>, ClusterIdentity> = BTreeMap::new();
+    let mut unidentified_ips: Vec<IpAddr> = Vec::new();
     for pod in pods {
         let (namespace, name) = pod_key(pod);
+        let system = rules.system_namespaces.iter().any(|n| n == namespace);
         let metadata = match namespaces.get(namespace) {
-            Some(Ok(m)) if m.tenant().is_some() => m,
+            Some(Ok(m)) if m.tenant().is_some() || system => m,
             _ => {
                 refused_by_namespace
                     .entry(namespace)
                     .or_default()
                     .push(name);
+                unidentified_ips.extend(addresses(pod));
                 continue;
             }
         };
-        if let Some(identity) = pod_identity(pod, metadata, rules, &mut problems) {
+        let identity = pod_identity(pod, metadata, rules, &mut problems);
+        if identity.is_none() {
+            unidentified_ips.extend(addresses(pod));
+        }
+        if let Some(identity) = identity {
             let entry = identities
                 .entry(identity.labels.clone())
                 .or_insert_with(|| ClusterIdentity {
@@ -153,6 +169,9 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
             ));
         }
         for identity in identities.values_mut() {
+            for pod in identity.pods.iter().filter(|p| by_uid.contains_key(&p.uid)) {
+                unidentified_ips.extend(&pod.ips);
+            }
             identity.pods.retain(|p| !by_uid.contains_key(&p.uid));
         }
         identities.retain(|_, i| !i.pods.is_empty());
@@ -162,7 +181,8 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
             None => format!("namespace {namespace} is not known"),
             Some(Err(e)) => e.clone(),
             Some(Ok(_)) => format!(
-                "namespace {namespace} has no tenant (label or annotation {})",
+                "namespace {namespace} has no tenant (label or annotation {}) and is not a \
+                 system namespace",
                 labels::TENANT
             ),
         };
@@ -175,12 +195,25 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     let services = services(snapshot, &namespaces, &mut problems);
     problems.sort();
     problems.dedup();
+    unidentified_ips.sort();
+    unidentified_ips.dedup();
     ClusterState {
         trust_domain: rules.trust_domain.clone(),
         identities: identities.into_values().collect(),
         services,
+        unidentified_ips,
         problems,
     }
+}
+
+/// The addresses of a pod that is left out (the merge makes them UNIDENTIFIED); none for a
+/// host-network pod, whose addresses are the node's. Unparsable ones are reported where the
+/// pod is not left out (`pod_ips`), not here.
+fn addresses(pod: &Pod) -> Vec<IpAddr> {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Vec::new();
+    }
+    pod_ips(pod, "", &mut Vec::new())
 }
 
 /// The annotation a kubelet puts on the mirror pod of a static pod: the static pod's own UID

@@ -69,6 +69,7 @@ fn rules() -> Rules {
     Rules {
         identity_labels: vec!["app.kubernetes.io/component".into()],
         trust_domain: "cluster.local".into(),
+        system_namespaces: Vec::new(),
     }
 }
 
@@ -620,6 +621,7 @@ fn persisted_state_round_trips_and_garbage_is_ignored() {
     let options = KubeOptions {
         identity_labels: vec![],
         trust_domain: "cluster.local".into(),
+        system_namespaces: Vec::new(),
         state_dir: dir.clone(),
         ..Default::default()
     };
@@ -698,6 +700,7 @@ async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
         node_name: "n".into(),
         identity_labels: vec!["namespace".into()],
         trust_domain: "cluster.local".into(),
+        system_namespaces: Vec::new(),
         state_dir: dir.join("state"),
     };
     let err = spawn(options.clone()).await.unwrap_err();
@@ -941,13 +944,13 @@ fn load_cluster(
 }
 
 /// Attack: a pod the agent refuses (its namespace lost its tenant label, its tenant is not
-/// declared, its label set is over the tenant's quota...) is an unknown subject, but as a
-/// destination its address is in no identity: WORLD. Wherever a policy lets a workload
+/// declared, its label set is over the tenant's quota...) is an unknown subject, and as a
+/// destination its address was in no identity: WORLD. Wherever a policy lets a workload
 /// reach WORLD (internet egress of an agent; `tenant-isolation` does not apply, WORLD has
-/// no tenant), that workload reaches the refused pod of another tenant. The fix needs a
-/// reserved "known but unidentified" destination in the datapath that every policy denies.
+/// no tenant), that workload reached the refused pod of another tenant, directly or as the
+/// backend of a Service. Every address the cluster state mentions is now in an identity or
+/// UNIDENTIFIED, which no policy can open.
 #[test]
-#[ignore = "known hole: a refused pod's address is WORLD as a destination (fail open where WORLD is permitted)"]
 fn a_refused_pod_is_not_world_as_a_destination() {
     let dir = DemoWith::new(
         "world",
@@ -971,20 +974,121 @@ fn a_refused_pod_is_not_world_as_a_destination() {
             .unwrap()
             .allowed
     );
-    assert_ne!(
+    assert_eq!(
         owners_of(&bundle, "127.85.3.1"),
-        Vec::<String>::new(),
-        "globex's refused pod 127.85.3.1 is WORLD: acme-retriever reaches it"
+        ["unidentified"],
+        "globex's refused pod 127.85.3.1 must not be WORLD: acme-retriever would reach it"
     );
+    assert!(matches!(
+        bundle.decide("acme-retriever", "unidentified", 5432, Protocol::Tcp),
+        Err(enforcer_policy::PolicyError::NotADestination(_))
+    ));
+    let compiled = bundle.compile().unwrap();
+    assert!(
+        !compiled
+            .allows()
+            .iter()
+            .any(|(k, _)| k.destination == enforcer_common::identity::UNIDENTIFIED),
+        "no kernel entry ever allows UNIDENTIFIED"
+    );
+
+    // The same pod as the only backend of an acme Service: denied, where a WORLD backend
+    // would be allowed.
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "acme", "name": "front"},
+        "spec": {"clusterIP": "127.85.100.7", "ports": [{"port": 80, "targetPort": 5432}]}
+    }))
+    .unwrap();
+    let endpoints: Endpoints = serde_json::from_value(json!({
+        "metadata": {"namespace": "acme", "name": "front"},
+        "subsets": [{"addresses": [{"ip": "127.85.3.1"}], "ports": [{"port": 5432}]}]
+    }))
+    .unwrap();
+    let state = cluster_state(
+        &Snapshot {
+            pods: store_state(vec![
+                pod("globex", "db", json!({}), "node-b", "127.85.3.1"),
+                pod("acme", "web", json!({}), "node-b", "127.85.1.1"),
+            ]),
+            namespaces: store_state(vec![
+                namespace("globex", json!({}), json!({})),
+                tenant_ns("acme", "acme"),
+            ]),
+            services: store_state(vec![svc]),
+            backends: Backends::Endpoints(store_state(vec![endpoints])),
+        },
+        &rules(),
+    );
+    let bundle = load_cluster(&dir.0, &state, 256);
+    let decision = bundle
+        .decide("acme-retriever", "service/acme/front", 80, Protocol::Tcp)
+        .unwrap();
+    assert!(!decision.allowed, "{decision:?}");
 }
 
-/// Attack: the Service quota leaves a tenant's last Services out ("their addresses are
-/// WORLD"), but kube-proxy still redirects their external addresses. A tenant over its quota
-/// names its trap Service last and takes the inventory's `acme-vectors` address back from
-/// the fix above. The fix needs a fail-closed home for a left-out Service's external
-/// addresses (see the test above: no reserved deny-all destination exists).
+/// A system namespace (`kube-system` by default in the agent) needs no tenant: its pods get
+/// identities without one, which policies name by SPIFFE ID. Any other namespace without a
+/// tenant stays refused.
 #[test]
-#[ignore = "known hole: an over-quota Service's external addresses stay the inventory's (or WORLD) while kube-proxy redirects them"]
+fn system_namespace_pods_get_identities_without_a_tenant() {
+    let rules = Rules {
+        system_namespaces: vec!["kube-system".into()],
+        ..rules()
+    };
+    let state = cluster_state(
+        &Snapshot {
+            pods: store_state(vec![
+                pod("kube-system", "coredns-1", json!({}), "node-a", "127.85.9.1"),
+                pod("kube-system", "coredns-2", json!({}), "node-a", "127.85.9.2"),
+                pod("scratch", "x", json!({}), "node-a", "127.85.9.3"),
+            ]),
+            namespaces: store_state(vec![
+                namespace("kube-system", json!({}), json!({})),
+                namespace("scratch", json!({}), json!({})),
+            ]),
+            services: Vec::new(),
+            backends: Backends::Endpoints(Vec::new()),
+        },
+        &rules,
+    );
+    assert_eq!(state.identities.len(), 1, "{state:#?}");
+    let dns = &state.identities[0];
+    assert_eq!((dns.namespace.as_str(), dns.tenant.as_deref()), ("kube-system", None));
+    assert_eq!(dns.pods.len(), 2, "replicas share one identity");
+    assert_eq!(state.unidentified_ips, ["127.85.9.3".parse::<IpAddr>().unwrap()]);
+    assert!(
+        state
+            .problems
+            .iter()
+            .any(|p| p.starts_with("namespace scratch has no tenant")
+                && p.contains("not a system namespace")),
+        "{:#?}",
+        state.problems
+    );
+
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    let bundle = load_cluster(&demo, &state, 256);
+    assert!(bundle.cluster_problems().is_empty(), "{:#?}", bundle.cluster_problems());
+    let ids = bundle.identities();
+    let dns = ids
+        .iter()
+        .find(|i| i.name.starts_with("kube-system/worker#"))
+        .unwrap();
+    assert_eq!((dns.tenant.as_deref(), dns.tenant_id), (None, 0));
+    assert_eq!(
+        dns.spiffe_id.as_deref(),
+        Some("spiffe://cluster.local/ns/kube-system/sa/worker")
+    );
+    assert!(dns.is_subject() && dns.is_destination());
+    assert_eq!(owners_of(&bundle, "127.85.9.3"), ["unidentified"]);
+}
+
+/// Attack: the Service quota left a tenant's last Services out ("their addresses are
+/// WORLD"), but kube-proxy still redirects their external addresses. A tenant over its quota
+/// named its trap Service last and took the inventory's `acme-vectors` address back from
+/// the fix above. A left-out Service's addresses are now UNIDENTIFIED, its external ones
+/// even where the inventory has them.
+#[test]
 fn an_over_quota_service_cannot_keep_an_external_address() {
     let svc = |name: &str, cluster_ip: &str, external: &[&str]| -> Service {
         serde_json::from_value(json!({
@@ -1014,12 +1118,19 @@ fn an_over_quota_service_cannot_keep_an_external_address() {
     );
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
     let bundle = load_cluster(&demo, &state, 1);
-    assert_ne!(
+    assert_eq!(
         owners_of(&bundle, "127.10.1.10"),
-        ["acme-vectors"],
+        ["unidentified"],
         "{:#?}",
         bundle.cluster_problems()
     );
+    assert_eq!(owners_of(&bundle, "127.85.100.2"), ["unidentified"]);
+    assert!(bundle
+        .identities()
+        .by_name("acme-vectors")
+        .unwrap()
+        .ips
+        .is_empty());
 }
 
 /// Attack (exhaustion): EndpointSlices are written by tenants (the owner of a selectorless
