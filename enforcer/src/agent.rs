@@ -1132,6 +1132,7 @@ async fn stream_events(
         }))?;
     }
     let mut lost_check = tokio::time::interval(RESYNC_EVERY);
+    let mut cgroups = crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok());
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -1159,7 +1160,8 @@ async fn stream_events(
                     };
                     // Never empty: the first policy is published before the task starts.
                     let Some(policy) = history.at(event.policy_generation) else { continue };
-                    let call = record::enrich(&event, &policy);
+                    let mut call = record::enrich(&event, &policy);
+                    call.subject.cgroup = cgroups.resolve(event.cgroup_id, call.subject.pid);
                     // Only a policy's deny can quarantine: not the kernel's own refusals
                     // (unknown subject, unspecified destination, unsupported socket).
                     if event.verdict == verdict::DENY

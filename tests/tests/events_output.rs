@@ -3,7 +3,8 @@
 //! - with `--events-format ocsf`, every line the agent writes (denies from three hooks, a
 //!   quarantine and its release, a risk change, a rejected and an applied policy) conforms to
 //!   the OCSF 1.8.0 definition files the repository ships, and `metadata.sequence` counts
-//!   every line once;
+//!   every line once; a caller in a cgroup named like a pod's container is reported with
+//!   that container and pod;
 //! - under a deny storm, the file rotates by size (`--events-max-bytes`) and once by
 //!   logrotate's rename + SIGUSR1, and rsyslog's `imfile`, following the file by name, ships
 //!   every event exactly once; the agent's own files hold every line once, none split;
@@ -22,19 +23,26 @@ use anyhow::{bail, ensure, Context, Result};
 use enforcer::events::ocsf::conformance::{shipped_schema_dir, Schema};
 use enforcer_tests::bpf::PinDir;
 use enforcer_tests::cli::{enforcer, send_signal, StateDir};
-use enforcer_tests::fixtures::{standard_entities, write_bundle, World, STANDARD_POLICIES};
+use enforcer_tests::fixtures::{
+    render_inventory, standard_entities, write_bundle, World, SCHEMA, STANDARD_POLICIES,
+};
 use enforcer_tests::probe::attempt;
 use enforcer_tests::rsyslog::{self, Rsyslog};
 use enforcer_tests::util::{output_bounded, unique_name, wait_until};
-use enforcer_tests::{require, require_kernel, Agent, Outcome, Probe, TestCgroup};
+use enforcer_tests::{require, require_kernel, Agent, Outcome, PolicyBundle, Probe, TestCgroup};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A pod UID and container ID for a cgroup named as the kubelet names them.
+const POD_UID: &str = "0c8a4f8e-5d2b-4c1e-9f3a-7b6d5e4c3b2a";
+const CONTAINER_ID: &str = "5e9f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f";
+
 /// The standard world, moved into this test file's ranges: IPv4 `127.87.<slot*10+t>.<i>`,
 /// IPv6 `fd87::<slot>:<t>:<i>` (written into the inventory, never used on the wire), cgroups
-/// and pins named `oc-...`.
-fn world(slot: u8) -> Result<World> {
+/// and pins named `oc-...`. With `kubelet_gateway`, acme-gateway's cgroup is named like a
+/// container of a pod (cgroupfs driver: `kubepods/burstable/pod<uid>/<container id>`).
+fn world(slot: u8, kubelet_gateway: bool) -> Result<World> {
     let mut entities = standard_entities(87);
     for e in &mut entities {
         let [_, _, t, i] = e.v4.octets();
@@ -55,7 +63,21 @@ fn world(slot: u8) -> Result<World> {
     for e in entities.iter().filter(|e| e.local) {
         cgroups.insert(e.name.clone(), root.child(&e.name)?);
     }
-    let bundle = write_bundle(&entities, &root.relative_str(), STANDARD_POLICIES)?;
+    let kubelet = format!("kubepods/burstable/pod{POD_UID}/{CONTAINER_ID}");
+    let bundle = if kubelet_gateway {
+        cgroups.insert("acme-gateway".into(), root.child(&kubelet)?);
+        let inventory = render_inventory(&entities, &root.relative_str()).replace(
+            &format!("{}/acme-gateway]", root.relative_str()),
+            &format!("{}/{kubelet}]", root.relative_str()),
+        );
+        PolicyBundle::new(&[
+            ("inventory.yaml", &inventory),
+            ("schema.cedarschema", SCHEMA),
+            ("policies.cedar", STANDARD_POLICIES),
+        ])?
+    } else {
+        write_bundle(&entities, &root.relative_str(), STANDARD_POLICIES)?
+    };
     Ok(World {
         net: 87,
         entities,
@@ -104,7 +126,7 @@ fn ocsf_lines_of_the_real_agent_conform_to_the_schema() -> Result<()> {
         return Ok(());
     }
     let schema = Schema::load(&shipped_schema_dir())?;
-    let world = world(1)?;
+    let world = world(1, true)?;
     let state = StateDir::new()?;
     let mut cfg = state.configure(world.agent_config());
     cfg.extra_args
@@ -232,6 +254,19 @@ fn ocsf_lines_of_the_real_agent_conform_to_the_schema() -> Result<()> {
             .is_some_and(|s| s.starts_with("policies.cedar:")),
         "policy sources relative to the bundle: {deny}"
     );
+    // The caller's container and pod, from its cgroup's names.
+    ensure!(
+        field("/src_endpoint/container/uid") == CONTAINER_ID
+            && field("/src_endpoint/container/pod_uuid") == POD_UID
+            && field("/src_endpoint/container/orchestrator") == "Kubernetes",
+        "{deny}"
+    );
+    ensure!(
+        field("/unmapped/subject/cgroup")
+            .as_str()
+            .is_some_and(|p| p.ends_with(&format!("pod{POD_UID}/{CONTAINER_ID}"))),
+        "{deny}"
+    );
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
     ensure!(field("/device/hostname") == host.trim(), "{deny}");
     Ok(())
@@ -291,7 +326,7 @@ fn rotation_under_a_deny_storm_ships_every_event_exactly_once_through_rsyslog() 
     const MAX_BYTES: u64 = 2 << 20;
     const KEEP: u32 = 30;
     const STORM: u64 = 5000;
-    let world = world(2)?;
+    let world = world(2, false)?;
     let mut cfg = world.agent_config();
     // Large enough that the storm is never lost in the kernel: this test is about the file.
     cfg.ring_buffer_bytes = Some(4 << 20);

@@ -62,6 +62,10 @@ pub struct Subject {
     pub ring: Option<String>,
     pub spiffe_id: Option<String>,
     pub cgroup_id: u64,
+    /// Where that cgroup sits (path, pod, container), when the agent could confirm it
+    /// ([`super::cgroup::Resolver`]); left out otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::sync::Arc<super::cgroup::CgroupContext>>,
     pub pid: u32,
     pub comm: String,
 }
@@ -179,6 +183,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             ring: subject_identity.and_then(|i| i.ring.clone()),
             spiffe_id: subject_identity.and_then(|i| i.spiffe_id.clone()),
             cgroup_id: event.cgroup_id,
+            cgroup: None,
             pid: (event.pid_tgid >> 32) as u32,
             comm: comm(event),
         },

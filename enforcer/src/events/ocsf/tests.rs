@@ -104,6 +104,7 @@ fn calls() -> Vec<record::DeniedCall> {
         id("acme-features"),
         id("globex-agent"),
         enforcer_common::identity::WORLD,
+        enforcer_common::identity::UNIDENTIFIED,
     ];
     let hooks = [
         hook::CONNECT4,
@@ -112,18 +113,12 @@ fn calls() -> Vec<record::DeniedCall> {
         hook::SENDMSG6,
         hook::SOCK_CREATE,
     ];
-    let reasons = [
-        reason::TENANT_MISMATCH,
-        reason::NO_PERMIT,
-        reason::UNKNOWN_SUBJECT,
-        reason::QUARANTINED,
-        reason::UNSPECIFIED_DESTINATION,
-        reason::UNSUPPORTED_SOCKET,
-    ];
+    // Every reason the kernel has, also those added after this test was written.
+    let reasons = 0..reason::COUNT as u8;
     let mut calls = Vec::new();
     for hook in hooks {
         for verdict in [verdict::DENY, verdict::AUDIT, verdict::ALLOW] {
-            for reason in reasons {
+            for reason in reasons.clone() {
                 for subject in subjects {
                     for destination in destinations {
                         let event = deny_event(hook, verdict, reason, subject, destination);
@@ -592,4 +587,94 @@ fn json_lines_carry_seq_and_keep_their_fields() {
         assert_eq!(line["type"], kind);
         assert_eq!(line["seq"], 9);
     }
+}
+
+#[test]
+fn a_pods_container_is_the_source_endpoints_container() {
+    use crate::events::cgroup::context_of;
+    let cid = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    let static_uid = "6f1d2c3b4a5968778695a4b3c2d1e0f1";
+    let cases = [
+        (
+            format!(
+                "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{cid}.scope",
+                uid.replace('-', "_")
+            ),
+            Some((cid, Some(uid), Some("containerd"))),
+        ),
+        (
+            format!("kubepods/besteffort/pod{static_uid}/{cid}"),
+            Some((cid, None, None)),
+        ),
+        (format!("kubepods/pod{uid}"), None),
+        ("enforcer-demo/acme-retriever".to_string(), None),
+    ];
+    for (path, container) in cases {
+        let mut call = record::enrich(
+            &deny_event(
+                hook::CONNECT4,
+                verdict::DENY,
+                reason::TENANT_MISMATCH,
+                id("acme-retriever"),
+                id("globex-vectors"),
+            ),
+            demo(),
+        );
+        call.subject.cgroup = Some(std::sync::Arc::new(context_of(&path)));
+        let json_line: Value = serde_json::from_slice(
+            &Formatter::new(Format::Json, super::Context { node: "n".into() })
+                .line(
+                    1,
+                    &Event::Call(record::enrich(
+                        &deny_event(hook::CONNECT4, verdict::DENY, reason::TENANT_MISMATCH, 0, 0),
+                        demo(),
+                    )),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            json_line["subject"].get("cgroup").is_none(),
+            "left out when unknown"
+        );
+        let event = ocsf(&Event::Call(call));
+        assert_conforms(&event);
+        assert_eq!(event["unmapped"]["subject"]["cgroup"], path.as_str());
+        let profiles = event["metadata"]["profiles"].as_array().unwrap();
+        match container {
+            Some((cid, pod_uuid, runtime)) => {
+                let c = &event["src_endpoint"]["container"];
+                assert_eq!(c["uid"], cid, "{path}");
+                assert_eq!(c["pod_uuid"].as_str(), pod_uuid, "{path}");
+                assert_eq!(c["runtime"].as_str(), runtime, "{path}");
+                assert_eq!(c["orchestrator"], "Kubernetes");
+                assert!(profiles.contains(&json!("container")));
+            }
+            None => {
+                assert!(event["src_endpoint"].get("container").is_none(), "{path}");
+                assert!(!profiles.contains(&json!("container")));
+            }
+        }
+    }
+    // The checker knows the container profile: without it declared, the container is wrong.
+    let mut call = record::enrich(
+        &deny_event(
+            hook::CONNECT4,
+            verdict::DENY,
+            reason::NO_PERMIT,
+            id("acme-retriever"),
+            1,
+        ),
+        demo(),
+    );
+    call.subject.cgroup = Some(std::sync::Arc::new(context_of(&format!(
+        "kubepods/pod{uid}/{cid}"
+    ))));
+    let mut event = ocsf(&Event::Call(call));
+    event["metadata"]["profiles"] = json!(["security_control", "host"]);
+    assert!(schema()
+        .check(&event)
+        .iter()
+        .any(|p| p.path == "src_endpoint.container"));
 }
