@@ -678,3 +678,67 @@ fn a_pods_container_is_the_source_endpoints_container() {
         .iter()
         .any(|p| p.path == "src_endpoint.container"));
 }
+
+/// The README's golden OCSF deny conforms, and is what the formatter writes for that deny.
+#[test]
+fn the_readme_golden_deny_is_valid_and_current() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
+    let after = readme
+        .split("<!-- golden-ocsf-deny -->")
+        .nth(1)
+        .expect("the README marks its golden OCSF deny");
+    let block = after
+        .split("```json\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a json block after the marker");
+    let golden: Value = serde_json::from_str(block).expect("the golden event is JSON");
+    assert_conforms(&golden);
+
+    // The same call, formatted now: equal but for what differs by machine and moment.
+    let mut call = record::enrich(
+        &deny_event(
+            hook::CONNECT4,
+            verdict::DENY,
+            reason::TENANT_MISMATCH,
+            id("acme-retriever"),
+            id("globex-vectors"),
+        ),
+        demo(),
+    );
+    let path = golden["unmapped"]["subject"]["cgroup"].as_str().unwrap();
+    call.subject.cgroup = Some(std::sync::Arc::new(crate::events::cgroup::context_of(path)));
+    call.subject.pid = golden["actor"]["process"]["pid"].as_u64().unwrap() as u32;
+    call.subject.cgroup_id = golden["unmapped"]["subject"]["cgroup_id"].as_u64().unwrap();
+    let mut now = Formatter::new(
+        Format::Ocsf,
+        super::Context {
+            node: golden["device"]["hostname"].as_str().unwrap().into(),
+        },
+    )
+    .line(
+        golden["metadata"]["sequence"].as_u64().unwrap(),
+        &Event::Call(call),
+    )
+    .map(|l| serde_json::from_slice::<Value>(&l).unwrap())
+    .unwrap();
+    // Nor the demo bundle's revision, which any edit of it changes.
+    for pointer in [
+        "/time",
+        "/metadata/product/version",
+        "/policy/version",
+        "/firewall_rule/version",
+        "/unmapped/policy_snapshot",
+    ] {
+        *now.pointer_mut(pointer).unwrap() = golden.pointer(pointer).unwrap().clone();
+    }
+    assert_eq!(
+        now,
+        golden,
+        "the README's golden OCSF deny is out of date; the formatter writes:\n{}",
+        serde_json::to_string(&now).unwrap()
+    );
+}
