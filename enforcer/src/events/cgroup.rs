@@ -158,14 +158,16 @@ fn path_of_id(mount_fd: &File, mount: &Path, cgroup_id: u64) -> std::io::Result<
         id: cgroup_id,
     };
     // SAFETY: `handle` is a `struct file_handle` whose `handle_bytes` (8) matches the bytes
-    // that follow it; the kernel only reads it.
+    // that follow it; the kernel only reads it. The raw syscall, not libc's wrapper: the
+    // static (musl) build must not depend on the C library having one.
     let fd = unsafe {
-        libc::open_by_handle_at(
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
             mount_fd.as_raw_fd(),
-            (&mut handle as *mut Handle).cast(),
+            &mut handle as *mut Handle,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
         )
-    };
+    } as libc::c_int;
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
