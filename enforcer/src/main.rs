@@ -47,9 +47,7 @@ enum Command {
         /// file (after logrotate renamed it).
         #[arg(long, default_value = "-")]
         events: String,
-        /// The format of every event line: `json` (the product's JSON lines) or `ocsf` (OCSF
-        /// 1.8.0: Network Activity for calls, Entity Management and Application Error for the
-        /// agent's notices).
+        /// The format of every event line, in the file and on standard output.
         #[arg(long, value_enum, default_value = "json")]
         events_format: enforcer::events::Format,
         /// Rotate the events file before a line would take it past this size (bytes, or with K,

@@ -44,10 +44,11 @@ impl Event {
 /// The output format (`--events-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Format {
-    /// The product's JSON lines (DESIGN.md "Events"), each with its `seq`.
+    /// The product's JSON lines, each ending with its `seq` (README, "Events").
     #[default]
     Json,
-    /// OCSF 1.8.0 events (Network Activity for calls), one per line.
+    /// OCSF 1.8.0: Network Activity for calls, Entity Management and Application Error for
+    /// the agent's notices (README, "Events").
     Ocsf,
 }
 
