@@ -42,6 +42,10 @@ const EVENT_BATCH: usize = 1024;
 
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
+/// With a healthy inotify watch of the whole subtree, the cgroup tree is re-resolved on its
+/// signals, and by the tick only every this many ticks (10 s): a backstop, not the way
+/// changes are found (a full resolve of a busy node costs tens of milliseconds).
+const BACKSTOP_TICKS: u64 = 20;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -239,6 +243,8 @@ struct Agent {
     pods: Option<PodsView>,
     /// The watcher's status as of the last tick (the watcher lives in the run loop).
     watch_status: Option<WatchStatus>,
+    /// Ticks since start (see [`BACKSTOP_TICKS`]).
+    ticks: u64,
     /// The source's status (staleness left out) and the watcher's, as last written to the
     /// state file.
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
@@ -382,6 +388,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         reported_problems: BTreeSet::new(),
         pods: None,
         watch_status: None,
+        ticks: 0,
         status_written: (None, None),
         options,
         cgroup_mount,
@@ -538,7 +545,14 @@ impl Agent {
             self.reload("policy directory changed");
             return;
         }
-        self.resync_cgroups();
+        self.ticks += 1;
+        let watched = self
+            .watch_status
+            .as_ref()
+            .is_some_and(|w| w.degraded.is_none());
+        if !watched || self.ticks % BACKSTOP_TICKS == 0 {
+            self.resync_cgroups();
+        }
         // The source's connection and the watcher change without a policy change: keep
         // `enforcer status` current (staleness is computed by the reader).
         if (self.kube_status_to_write(), self.watch_status.clone()) != self.status_written {
