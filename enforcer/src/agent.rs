@@ -550,7 +550,7 @@ impl Agent {
             .watch_status
             .as_ref()
             .is_some_and(|w| w.degraded.is_none());
-        if !watched || self.ticks % BACKSTOP_TICKS == 0 {
+        if !watched || self.ticks.is_multiple_of(BACKSTOP_TICKS) {
             self.resync_cgroups();
         }
         // The source's connection and the watcher change without a policy change: keep
