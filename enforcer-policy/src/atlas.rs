@@ -61,6 +61,43 @@ pub(crate) fn lookup_all(ids: &[String]) -> Vec<AtlasTechnique> {
     ids.iter().filter_map(|i| lookup(i)).collect()
 }
 
+/// Where a technique sits in the matrix, for outputs that name tactics and parents by ID
+/// (OCSF's `attacks[]`): its tactic IDs, in the order of [`AtlasTechnique::tactics`], and, for a
+/// sub-technique, its parent technique.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub tactic_ids: Vec<&'static str>,
+    pub parent: Option<AtlasTechnique>,
+}
+
+/// The [`Placement`] of the technique or sub-technique with this exact ID.
+pub fn placement(id: &str) -> Option<Placement> {
+    static PLACEMENTS: OnceLock<HashMap<&'static str, (Vec<&'static str>, &'static str)>> =
+        OnceLock::new();
+    let placements = PLACEMENTS.get_or_init(|| {
+        TSV.lines()
+            .skip(1) // header
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let cols: Vec<&'static str> = line.split('\t').collect();
+                let tactic_ids = cols
+                    .get(3)
+                    .map(|t| t.split(',').filter(|s| !s.is_empty()).collect())
+                    .unwrap_or_default();
+                (
+                    cols[0],
+                    (tactic_ids, cols.get(4).copied().unwrap_or_default()),
+                )
+            })
+            .collect()
+    });
+    let (tactic_ids, parent) = placements.get(id)?;
+    Some(Placement {
+        tactic_ids: tactic_ids.clone(),
+        parent: (!parent.is_empty()).then(|| lookup(parent)).flatten(),
+    })
+}
+
 /// Every known technique ID, sorted (for hints).
 pub fn ids() -> Vec<&'static str> {
     let mut ids: Vec<&'static str> = table().keys().copied().collect();
@@ -82,6 +119,13 @@ mod tests {
         assert_eq!(t.name, "Valid Accounts");
         assert_eq!(t.tactics, vec!["Initial Access", "Privilege Escalation"]);
         assert!(lookup("AML.T9999").is_none());
+        let placed = placement("AML.T0085.000").unwrap();
+        assert_eq!(placed.tactic_ids, vec!["AML.TA0009"]);
+        assert_eq!(placed.parent.unwrap().name, "Data from AI Services");
+        let placed = placement("AML.T0012").unwrap();
+        assert_eq!(placed.tactic_ids, vec!["AML.TA0004", "AML.TA0012"]);
+        assert_eq!(placed.parent, None);
+        assert!(placement("AML.T9999").is_none());
         assert!(lookup("aml.t0012").is_none());
         assert_eq!(ids().len(), 170);
     }
@@ -119,6 +163,18 @@ mod tests {
                 .map(|id| tactic_names[id.as_str().unwrap()].to_string())
                 .collect()
         };
+        let tactic_ids_of = |t: &Yaml| -> Vec<String> {
+            let t = match t["subtechnique-of"].as_str() {
+                Some(parent) => techniques[parent],
+                None => t,
+            };
+            t["tactics"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .map(|id| id.as_str().unwrap().to_string())
+                .collect()
+        };
         assert_eq!(table().len(), techniques.len());
         for (id, row) in table() {
             let t = techniques
@@ -126,6 +182,13 @@ mod tests {
                 .unwrap_or_else(|| panic!("{id} not in ATLAS.yaml"));
             assert_eq!(t["name"].as_str(), Some(row.name.as_str()), "{id}");
             assert_eq!(tactics_of(t), row.tactics, "{id}");
+            let placed = placement(id).unwrap();
+            assert_eq!(placed.tactic_ids, tactic_ids_of(t), "{id}");
+            assert_eq!(
+                placed.parent.map(|p| p.id),
+                t["subtechnique-of"].as_str().map(str::to_string),
+                "{id}"
+            );
         }
     }
 }

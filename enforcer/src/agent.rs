@@ -30,7 +30,9 @@ use tokio::sync::mpsc;
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
-use crate::events::{decode, record, Sink};
+use crate::events::{
+    decode, ocsf, record, Emitter, Event, Format, Formatter, Notice, Rotation, Sink,
+};
 use crate::last_good;
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
@@ -50,6 +52,10 @@ pub struct RunOptions {
     pub policies: PathBuf,
     pub cgroup_root: String,
     pub events: String,
+    /// How events are written (`--events-format`).
+    pub events_format: Format,
+    /// Size-based rotation of the events file (`--events-max-bytes`, `--events-keep`).
+    pub events_rotation: Rotation,
     pub audit: bool,
     pub pin_root: PathBuf,
     pub ring_buffer_bytes: Option<u32>,
@@ -126,57 +132,6 @@ pub struct PodsView {
     pub unidentified: Vec<String>,
     /// Set when the scan of the cgroup root stopped at a bound: pods beyond it are unknown.
     pub scan_truncated: Option<String>,
-}
-
-/// Lines for the SOC that are not denied calls.
-#[derive(Debug, Serialize)]
-#[serde(tag = "type")]
-enum Notice {
-    #[serde(rename = "events.lost")]
-    EventsLost {
-        time: String,
-        count: u64,
-        total: u64,
-    },
-    #[serde(rename = "policy.applied")]
-    PolicyApplied {
-        time: String,
-        snapshot: String,
-        allows: usize,
-    },
-    #[serde(rename = "policy.rejected")]
-    PolicyRejected {
-        time: String,
-        policies: String,
-        errors: Vec<String>,
-        snapshot_in_force: String,
-    },
-    #[serde(rename = "subject.quarantined")]
-    Quarantined {
-        time: String,
-        workload: String,
-        identity: u32,
-        cause: String,
-    },
-    #[serde(rename = "subject.released")]
-    Released {
-        time: String,
-        workload: String,
-        identity: u32,
-    },
-    /// Once per problem: it stays listed in `enforcer status` while it lasts, and is
-    /// emitted again only if it goes away and comes back.
-    #[serde(rename = "cluster.problem")]
-    ClusterProblem { time: String, problem: String },
-    #[serde(rename = "risk.changed")]
-    RiskChanged {
-        time: String,
-        workload: String,
-        score: String,
-        added: usize,
-        removed: usize,
-        elapsed_ms: f64,
-    },
 }
 
 fn now() -> String {
@@ -395,7 +350,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
         }
     };
-    let sink = Sink::open(&options.events)?;
+    let sink = Sink::open(&options.events, options.events_rotation)?;
+    let node = options.kubernetes.as_ref().map(|k| ocsf::Context {
+        node: k.cluster.node_name.clone(),
+    });
+    let emitter = Emitter::new(
+        Formatter::new(
+            options.events_format,
+            node.unwrap_or_else(ocsf::Context::from_host),
+        ),
+        sink,
+    );
+    // Before the ready file: SIGUSR1's default action would kill the agent.
+    let reopen = signal(SignalKind::user_defined1())?;
     let mut datapath = Datapath::load(&LoadOptions {
         pin_root: &options.pin_root,
         ring_buffer_bytes: options.ring_buffer_bytes,
@@ -474,7 +441,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         history,
         notice_rx,
         quarantine_tx,
-        sink,
+        emitter,
+        reopen,
     ));
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let control = control::listen(&agent.options.state_dir, control_tx)?;
@@ -582,7 +550,7 @@ impl Agent {
             .watch_status
             .as_ref()
             .is_some_and(|w| w.degraded.is_none());
-        if !watched || self.ticks % BACKSTOP_TICKS == 0 {
+        if !watched || self.ticks.is_multiple_of(BACKSTOP_TICKS) {
             self.resync_cgroups();
         }
         // The source's connection and the watcher change without a policy change: keep
@@ -1157,7 +1125,8 @@ async fn stream_events(
     history: PolicyHistory,
     mut notices: mpsc::UnboundedReceiver<Notice>,
     quarantine: mpsc::UnboundedSender<(u32, String)>,
-    mut sink: Sink,
+    mut events: Emitter,
+    mut reopen: tokio::signal::unix::Signal,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
@@ -1170,13 +1139,14 @@ async fn stream_events(
             total = lost_seen,
             "events were lost before this agent started (ring buffer full)"
         );
-        sink.write(&Notice::EventsLost {
+        events.emit(&Event::Notice(Notice::EventsLost {
             time: now(),
             count: lost_seen,
             total: lost_seen,
-        })?;
+        }))?;
     }
     let mut lost_check = tokio::time::interval(RESYNC_EVERY);
+    let mut cgroups = crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok());
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -1204,7 +1174,8 @@ async fn stream_events(
                     };
                     // Never empty: the first policy is published before the task starts.
                     let Some(policy) = history.at(event.policy_generation) else { continue };
-                    let call = record::enrich(&event, &policy);
+                    let mut call = record::enrich(&event, &policy);
+                    call.subject.cgroup = cgroups.resolve(event.cgroup_id, call.subject.pid);
                     // Only a policy's deny can quarantine: not the kernel's own refusals
                     // (unknown subject, unspecified destination, unsupported socket).
                     if event.verdict == verdict::DENY
@@ -1213,7 +1184,7 @@ async fn stream_events(
                     {
                         let _ = quarantine.send((event.subject, call.policy.id.clone()));
                     }
-                    sink.write(&call)?;
+                    events.emit(&Event::Call(call))?;
                 }
                 if more {
                     drop(guard);
@@ -1222,13 +1193,21 @@ async fn stream_events(
                     guard.clear_ready();
                 }
             }
-            Some(notice) = notices.recv() => sink.write(&notice)?,
+            Some(notice) = notices.recv() => {
+                events.emit(&Event::Notice(notice))?;
+            }
+            _ = reopen.recv() => {
+                tracing::info!("SIGUSR1: reopening the events file");
+                if let Err(error) = events.reopen() {
+                    tracing::error!("reopening the events file failed; writing on to the file as it was: {error:#}");
+                }
+            }
             _ = lost_check.tick() => {
                 let total = datapath::lost_events(&pin_dir)?;
                 if total > lost_seen {
                     let count = total - lost_seen;
                     tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
-                    sink.write(&Notice::EventsLost { time: now(), count, total })?;
+                    events.emit(&Event::Notice(Notice::EventsLost { time: now(), count, total }))?;
                     lost_seen = total;
                 }
             }

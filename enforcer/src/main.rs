@@ -43,9 +43,21 @@ enum Command {
         /// The cgroup subtree to enforce, relative to the cgroup v2 mount (or absolute).
         #[arg(long, default_value = "kubepods")]
         cgroup_root: String,
-        /// Where deny events go: a file (appended) or `-` for standard output.
+        /// Where events go: a file (appended) or `-` for standard output. SIGUSR1 reopens the
+        /// file (after logrotate renamed it).
         #[arg(long, default_value = "-")]
         events: String,
+        /// The format of every event line, in the file and on standard output.
+        #[arg(long, value_enum, default_value = "json")]
+        events_format: enforcer::events::Format,
+        /// Rotate the events file before a line would take it past this size (bytes, or with K,
+        /// M, G): FILE becomes FILE.1, FILE.1 FILE.2, ..., and a new FILE is opened. Lines are
+        /// never split.
+        #[arg(long, value_name = "SIZE", value_parser = enforcer::events::parse_size)]
+        events_max_bytes: Option<u64>,
+        /// Rotated files kept (FILE.1 ... FILE.N); the oldest beyond are deleted. 0 keeps none.
+        #[arg(long, value_name = "N", default_value_t = enforcer::events::Rotation::DEFAULT_KEEP, requires = "events_max_bytes")]
+        events_keep: u32,
         /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
         #[arg(long)]
         audit: bool,
@@ -296,11 +308,16 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
+    // Colour only for a person at a terminal: a log collector (a pipe, a file, journald,
+    // kubectl logs) would store the escape codes. NO_COLOR (https://no-color.org) turns it off.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     match dispatch(Cli::parse().command) {
         Ok(code) => code,
@@ -317,6 +334,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             policies,
             cgroup_root,
             events,
+            events_format,
+            events_max_bytes,
+            events_keep,
             audit,
             pins,
             ring_buffer_bytes,
@@ -329,6 +349,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             skip_capacity_check,
             kubernetes,
         } => {
+            if events_max_bytes.is_some() && events == "-" {
+                anyhow::bail!("--events-max-bytes rotates a file: give --events FILE (standard output is not rotated)");
+            }
             let state_dir = pins.state_dir();
             let kubernetes = kubernetes.options(&state_dir)?;
             let policies = policies.unwrap_or_else(|| state_dir.join("pdp-bundle"));
@@ -345,7 +368,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 pdp,
                 policies,
                 cgroup_root,
+                events_rotation: enforcer::events::Rotation {
+                    max_bytes: events_max_bytes,
+                    keep: events_keep,
+                },
                 events,
+                events_format,
                 audit,
                 state_dir: pins.state_dir(),
                 pin_root: pins.pin_root,

@@ -120,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
             // Under CI a missing API server fails here; elsewhere the Kubernetes tests say
             // loudly that they skip.
             setup_kube(&ws, ci())?;
+            install_rsyslog()?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--workspace", "--bins"])?;
             let mut cmd = ws.cargo();
@@ -323,6 +324,23 @@ fn install_nft() -> Result<()> {
     status(
         &mut cmd,
         "apt-get install nftables (run `apt-get update` first if it is stale)",
+    )
+}
+
+/// The rotation test ships the events file with rsyslog's `imfile`: installs Debian's
+/// `rsyslog` when `rsyslogd` is missing (silent when present). The test runs its own
+/// rsyslogd with its own configuration; the package's service is not needed.
+fn install_rsyslog() -> Result<()> {
+    if Path::new("/usr/sbin/rsyslogd").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing rsyslog (imfile, the log shipper of the events rotation test)");
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "--no-install-recommends", "rsyslog"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    status(
+        &mut cmd,
+        "apt-get install rsyslog (run `apt-get update` first if it is stale)",
     )
 }
 

@@ -1,6 +1,7 @@
 //! The SOC contract: one JSON object per denied (or audited) call, enriched from the compiled
 //! policy that was in force. Field names are stable; see DESIGN.md "Events".
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use enforcer_common::{hook, identity, reason, verdict, DenyEvent};
@@ -12,9 +13,29 @@ use super::decode::{
     verdict_name,
 };
 
+/// A wall-clock instant, written as RFC 3339 with nanoseconds (`2026-11-25T16:00:00.123456789Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time(pub SystemTime);
+
+impl Time {
+    /// Milliseconds since the Unix epoch (OCSF's `timestamp_t`).
+    pub fn epoch_millis(&self) -> i64 {
+        match self.0.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => after.as_millis() as i64,
+            Err(before) => -(before.duration().as_millis() as i64),
+        }
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_nanos(self.0))
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct DeniedCall {
-    pub time: String,
+    pub time: Time,
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub verdict: &'static str,
@@ -41,6 +62,10 @@ pub struct Subject {
     pub ring: Option<String>,
     pub spiffe_id: Option<String>,
     pub cgroup_id: u64,
+    /// Where that cgroup sits (path, pod, container), when the agent could confirm it
+    /// ([`super::cgroup::Resolver`]); left out otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::sync::Arc<super::cgroup::CgroupContext>>,
     pub pid: u32,
     pub comm: String,
 }
@@ -73,7 +98,8 @@ pub struct PolicyInfo {
     pub id: String,
     /// Revision of the bundle in force when the event was enriched.
     pub snapshot: String,
-    /// Every determining policy with its source location, `file:line`.
+    /// Every determining policy with its source location, `file:line`, the file relative to
+    /// the bundle directory (`baseline.cedar:10`).
     pub sources: Vec<String>,
 }
 
@@ -129,14 +155,18 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             let sources = attribution
                 .policies
                 .iter()
-                .map(|p| format!("{}:{}", p.file.display(), p.line))
+                // A bundle is one flat directory: the file name is the path in the bundle.
+                .map(|p| {
+                    let file = p.file.file_name().unwrap_or(p.file.as_os_str());
+                    format!("{}:{}", Path::new(file).display(), p.line)
+                })
                 .collect();
             (attribution.policy_id, sources, attribution.atlas)
         }
     };
 
     DeniedCall {
-        time: humantime::format_rfc3339_nanos(wall_clock(event.timestamp_ns)).to_string(),
+        time: Time(wall_clock(event.timestamp_ns)),
         kind: if event.verdict == verdict::AUDIT {
             "connection.audited"
         } else {
@@ -153,6 +183,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             ring: subject_identity.and_then(|i| i.ring.clone()),
             spiffe_id: subject_identity.and_then(|i| i.spiffe_id.clone()),
             cgroup_id: event.cgroup_id,
+            cgroup: None,
             pid: (event.pid_tgid >> 32) as u32,
             comm: comm(event),
         },

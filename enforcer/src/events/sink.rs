@@ -1,44 +1,370 @@
-//! Where JSON lines go: standard output or a file (appended, flushed per line so that a tail
-//! or a log shipper sees each event at once).
+//! Where lines go: standard output or a file, appended with one `write` per whole line, so
+//! that a tail or a log shipper sees each event at once and never half of one.
+//!
+//! A file rotates by size (`--events-max-bytes`, `--events-keep`): before a line that would
+//! take the file past the limit, `FILE.(N-1)` becomes `FILE.N` ... `FILE` becomes `FILE.1`
+//! (the oldest beyond `keep` is replaced, so dropped) and a new `FILE` is opened. A line is
+//! never split across files; one longer than the limit gets a file of its own. `reopen`
+//! (SIGUSR1) opens `FILE` again, for a logrotate that renamed it: lines written until then went
+//! to the renamed file, which a shipper following by inode reads to its end.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use serde::Serialize;
+use anyhow::{bail, Context, Result};
+
+/// Size-based rotation of the events file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rotation {
+    /// Rotate before a line would take the file past this many bytes; `None`: never.
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept (`FILE.1` newest ... `FILE.<keep>` oldest); 0 deletes the full file.
+    pub keep: u32,
+}
+
+impl Rotation {
+    /// Default `--events-keep`.
+    pub const DEFAULT_KEEP: u32 = 5;
+}
+
+/// `--events-max-bytes`: a number of bytes, or with a binary suffix `K`, `M`, `G` (`100M` is
+/// 100 MiB).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => trimmed.split_at(i),
+        None => (trimmed, ""),
+    };
+    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => bail!("{text:?}: a size is a number of bytes, optionally with K, M or G"),
+    };
+    let n: u64 = digits.parse().with_context(|| {
+        format!("{text:?}: a size is a number of bytes, optionally with K, M or G")
+    })?;
+    let bytes = n
+        .checked_mul(factor)
+        .with_context(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        bail!("{text:?}: the size must be at least 1 byte");
+    }
+    Ok(bytes)
+}
 
 pub enum Sink {
     Stdout(io::Stdout),
-    File(File),
+    File(FileSink),
 }
 
 impl Sink {
-    /// `-` means standard output.
-    pub fn open(target: &str) -> Result<Self> {
+    /// `-` means standard output (never rotated).
+    pub fn open(target: &str, rotation: Rotation) -> Result<Self> {
         if target == "-" {
             return Ok(Sink::Stdout(io::stdout()));
         }
-        let path = Path::new(target);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening the events file {}", path.display()))?;
-        Ok(Sink::File(file))
+        Ok(Sink::File(FileSink::open(Path::new(target), rotation)?))
     }
 
-    pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
-        let mut line = serde_json::to_vec(record).context("serialising an event")?;
-        line.push(b'\n');
+    /// Writes one line (ending in `\n`) whole.
+    pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
         match self {
             Sink::Stdout(out) => {
                 let mut out = out.lock();
-                out.write_all(&line)?;
+                out.write_all(line)?;
                 out.flush()?;
+                Ok(())
             }
-            Sink::File(file) => file.write_all(&line)?,
+            Sink::File(file) => file.write_line(line),
         }
+    }
+
+    /// Opens the file again by its name (SIGUSR1); nothing for standard output.
+    pub fn reopen(&mut self) -> Result<()> {
+        match self {
+            Sink::Stdout(_) => Ok(()),
+            Sink::File(file) => file.reopen(),
+        }
+    }
+}
+
+/// The events file.
+pub struct FileSink {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the file as opened, plus what this sink wrote since.
+    size: u64,
+    rotation: Rotation,
+    /// After a failed rotation, the size at which to try again (not on every line).
+    retry_at: Option<u64>,
+}
+
+fn open_append(path: &Path) -> Result<(File, u64)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening the events file {}", path.display()))?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len();
+    Ok((file, size))
+}
+
+/// `FILE.n`.
+pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+impl FileSink {
+    pub fn open(path: &Path, rotation: Rotation) -> Result<Self> {
+        let (file, size) = open_append(path)?;
+        Ok(FileSink {
+            path: path.to_path_buf(),
+            file,
+            size,
+            rotation,
+            retry_at: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
+        if let Some(max) = self.rotation.max_bytes {
+            let due = self.size > 0 && self.size + line.len() as u64 > max;
+            if due && self.retry_at.is_none_or(|at| self.size >= at) {
+                match self.rotate() {
+                    Ok(()) => self.retry_at = None,
+                    Err(error) => {
+                        // The line still goes out, to the file as it is: losing events to
+                        // a failed rename would be worse than a file over its size.
+                        tracing::error!(
+                            file = %self.path.display(),
+                            "rotating the events file failed; writing on to it: {error:#}"
+                        );
+                        self.retry_at = Some(self.size + max);
+                    }
+                }
+            }
+        }
+        self.file
+            .write_all(line)
+            .with_context(|| format!("writing to the events file {}", self.path.display()))?;
+        self.size += line.len() as u64;
         Ok(())
+    }
+
+    /// `FILE` -> `FILE.1` -> ... -> `FILE.<keep>`, then a new `FILE`.
+    fn rotate(&mut self) -> Result<()> {
+        let ignore_missing = |result: io::Result<()>| match result {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        let keep = self.rotation.keep;
+        if keep == 0 {
+            ignore_missing(std::fs::remove_file(&self.path))
+                .with_context(|| format!("removing {}", self.path.display()))?;
+        } else {
+            for n in (1..keep).rev() {
+                let from = rotated_path(&self.path, n);
+                let to = rotated_path(&self.path, n + 1);
+                ignore_missing(std::fs::rename(&from, &to))
+                    .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+            }
+            let first = rotated_path(&self.path, 1);
+            std::fs::rename(&self.path, &first).with_context(|| {
+                format!("renaming {} to {}", self.path.display(), first.display())
+            })?;
+        }
+        self.reopen()
+    }
+
+    pub fn reopen(&mut self) -> Result<()> {
+        let (file, size) = open_append(&self.path)?;
+        self.file = file;
+        self.size = size;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let dir = std::env::temp_dir().join(format!("oc-sink-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn line(i: usize) -> Vec<u8> {
+        // Lines of different lengths, so that the limit falls inside lines.
+        format!("{{\"seq\":{i},\"pad\":\"{}\"}}\n", "x".repeat(i % 37)).into_bytes()
+    }
+
+    fn lines_of(path: &Path) -> Vec<String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                assert!(
+                    text.is_empty() || text.ends_with('\n'),
+                    "{} ends inside a line",
+                    path.display()
+                );
+                text.lines().map(str::to_string).collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_every_line_whole_and_in_order() {
+        let dir = Dir::new("rotate");
+        let path = dir.0.join("events.jsonl");
+        let rotation = Rotation {
+            max_bytes: Some(400),
+            keep: 100,
+        };
+        let mut sink = FileSink::open(&path, rotation).unwrap();
+        let n = 500;
+        for i in 0..n {
+            sink.write_line(&line(i)).unwrap();
+        }
+        // Oldest file first: FILE.<k> ... FILE.1, FILE.
+        let mut files: Vec<PathBuf> = (1..=100)
+            .rev()
+            .map(|k| rotated_path(&path, k))
+            .filter(|p| p.exists())
+            .collect();
+        assert!(files.len() > 10, "{} rotations only", files.len());
+        assert!(!rotated_path(&path, files.len() as u32 + 1).exists());
+        files.push(path.clone());
+        let mut all = Vec::new();
+        for file in &files {
+            let size = std::fs::metadata(file).unwrap().len();
+            assert!(size <= 400, "{} has {size} bytes", file.display());
+            all.extend(lines_of(file));
+        }
+        let expected: Vec<String> = (0..n)
+            .map(|i| String::from_utf8(line(i)).unwrap().trim_end().to_string())
+            .collect();
+        assert_eq!(all, expected);
+    }
+
+    #[test]
+    fn only_keep_files_are_kept_and_they_are_the_newest() {
+        let dir = Dir::new("keep");
+        let path = dir.0.join("events.jsonl");
+        let mut sink = FileSink::open(
+            &path,
+            Rotation {
+                max_bytes: Some(300),
+                keep: 2,
+            },
+        )
+        .unwrap();
+        for i in 0..200 {
+            sink.write_line(&line(i)).unwrap();
+        }
+        assert!(rotated_path(&path, 2).exists());
+        assert!(!rotated_path(&path, 3).exists());
+        let mut tail = lines_of(&rotated_path(&path, 2));
+        tail.extend(lines_of(&rotated_path(&path, 1)));
+        tail.extend(lines_of(&path));
+        let last: Vec<String> = (200 - tail.len()..200)
+            .map(|i| String::from_utf8(line(i)).unwrap().trim_end().to_string())
+            .collect();
+        assert_eq!(
+            tail, last,
+            "the kept files hold the newest lines, contiguous"
+        );
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_gets_a_file_of_its_own() {
+        let dir = Dir::new("long");
+        let path = dir.0.join("events.jsonl");
+        let mut sink = FileSink::open(
+            &path,
+            Rotation {
+                max_bytes: Some(10),
+                keep: 0,
+            },
+        )
+        .unwrap();
+        let long = format!("{}\n", "y".repeat(50));
+        sink.write_line(b"short\n").unwrap();
+        sink.write_line(long.as_bytes()).unwrap();
+        // keep 0: the full file was removed, the long line is whole in the new one.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), long);
+        assert!(!rotated_path(&path, 1).exists());
+    }
+
+    #[test]
+    fn reopen_follows_a_rename_and_appends_to_an_existing_file() {
+        let dir = Dir::new("reopen");
+        let path = dir.0.join("events.jsonl");
+        std::fs::write(&path, "old\n").unwrap();
+        let mut sink = FileSink::open(&path, Rotation::default()).unwrap();
+        sink.write_line(b"one\n").unwrap();
+        let moved = dir.0.join("events.jsonl.moved");
+        std::fs::rename(&path, &moved).unwrap();
+        // Until SIGUSR1, lines go to the renamed file (same inode).
+        sink.write_line(b"two\n").unwrap();
+        sink.reopen().unwrap();
+        sink.write_line(b"three\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "old\none\ntwo\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+    }
+
+    #[test]
+    fn a_failed_rotation_writes_on_and_loses_nothing() {
+        let dir = Dir::new("fail");
+        let path = dir.0.join("events.jsonl");
+        let mut sink = FileSink::open(
+            &path,
+            Rotation {
+                max_bytes: Some(20),
+                keep: 1,
+            },
+        )
+        .unwrap();
+        // FILE.1 as a non-empty directory: renaming FILE over it fails.
+        std::fs::create_dir(rotated_path(&path, 1)).unwrap();
+        std::fs::write(rotated_path(&path, 1).join("x"), "").unwrap();
+        for i in 0..5 {
+            sink.write_line(format!("line {i} of the file\n").as_bytes())
+                .unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 5, "{text}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("100M").unwrap(), 100 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        for bad in ["", "0", "-1", "1T", "M", "1.5M", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -1,0 +1,93 @@
+//! Lines for the SOC that are not calls: the agent's own news (losses, policy, quarantine,
+//! cluster problems, risk). The JSON form is tagged by `type`; see [`super::ocsf`] for the
+//! OCSF form of each.
+
+use serde::Serialize;
+
+/// One notice. `time` is RFC 3339 with nanoseconds, as in every event.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+pub enum Notice {
+    /// The kernel could not reserve ring-buffer space for `count` events since the last
+    /// report (`total` since the maps were created).
+    #[serde(rename = "events.lost")]
+    EventsLost {
+        time: String,
+        count: u64,
+        total: u64,
+    },
+    /// A bundle was written to the kernel: it decides from now on.
+    #[serde(rename = "policy.applied")]
+    PolicyApplied {
+        time: String,
+        snapshot: String,
+        allows: usize,
+    },
+    /// A bundle failed (validation, compile, capacity or a kernel write): the one in force
+    /// stays.
+    #[serde(rename = "policy.rejected")]
+    PolicyRejected {
+        time: String,
+        policies: String,
+        errors: Vec<String>,
+        snapshot_in_force: String,
+    },
+    /// Every further connection of the workload is denied (`cause`: the `@quarantine` policy
+    /// that denied it, or `manual`).
+    #[serde(rename = "subject.quarantined")]
+    Quarantined {
+        time: String,
+        workload: String,
+        identity: u32,
+        cause: String,
+    },
+    #[serde(rename = "subject.released")]
+    Released {
+        time: String,
+        workload: String,
+        identity: u32,
+    },
+    /// Once per problem: it stays listed in `enforcer status` while it lasts, and is
+    /// emitted again only if it goes away and comes back.
+    #[serde(rename = "cluster.problem")]
+    ClusterProblem { time: String, problem: String },
+    /// `enforcer risk set`: the workload's row was re-evaluated; `added` cells are now
+    /// allowed, `removed` ones denied.
+    #[serde(rename = "risk.changed")]
+    RiskChanged {
+        time: String,
+        workload: String,
+        score: String,
+        added: usize,
+        removed: usize,
+        elapsed_ms: f64,
+    },
+}
+
+impl Notice {
+    /// The `type` of the JSON line.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Notice::EventsLost { .. } => "events.lost",
+            Notice::PolicyApplied { .. } => "policy.applied",
+            Notice::PolicyRejected { .. } => "policy.rejected",
+            Notice::Quarantined { .. } => "subject.quarantined",
+            Notice::Released { .. } => "subject.released",
+            Notice::ClusterProblem { .. } => "cluster.problem",
+            Notice::RiskChanged { .. } => "risk.changed",
+        }
+    }
+
+    /// `time`, as written.
+    pub fn time(&self) -> &str {
+        match self {
+            Notice::EventsLost { time, .. }
+            | Notice::PolicyApplied { time, .. }
+            | Notice::PolicyRejected { time, .. }
+            | Notice::Quarantined { time, .. }
+            | Notice::Released { time, .. }
+            | Notice::ClusterProblem { time, .. }
+            | Notice::RiskChanged { time, .. } => time,
+        }
+    }
+}
