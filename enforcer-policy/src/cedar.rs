@@ -703,7 +703,10 @@ impl Engine {
         let mut entity_of: Vec<&Identity> = Vec::with_capacity(ids.len());
         for ident in ids.iter() {
             uids.push(uid(ident.kind.cedar_type(), &ident.name));
-            if matches!(ident.kind, IdentityKind::Service | IdentityKind::Unidentified) {
+            if matches!(
+                ident.kind,
+                IdentityKind::Service | IdentityKind::Unidentified
+            ) {
                 // Judged as its backends, or never judged: no entity, and no request ever
                 // names it.
                 continue;

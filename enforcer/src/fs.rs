@@ -92,8 +92,10 @@ pub fn own_cgroup_under(mount: &Path, root: &Path) -> Option<PathBuf> {
     let named = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("0::").map(|p| mount.join(p.trim_start_matches('/'))))
+            text.lines().find_map(|l| {
+                l.strip_prefix("0::")
+                    .map(|p| mount.join(p.trim_start_matches('/')))
+            })
         });
     if let Some(dir) = named.filter(|d| lists_me(d)) {
         return dir.starts_with(root).then_some(dir);

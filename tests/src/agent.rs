@@ -93,10 +93,9 @@ impl AgentConfig {
         }
         cmd.args(&self.extra_args);
         if let Some(cgroup) = &self.cgroup {
-            let procs = std::ffi::CString::new(
-                cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes(),
-            )
-            .expect("a cgroup path without NUL");
+            let procs =
+                std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .expect("a cgroup path without NUL");
             // SAFETY: the closure runs in the forked child before exec and calls only
             // async-signal-safe functions (open, write, close) on memory prepared before the
             // fork.

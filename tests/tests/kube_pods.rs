@@ -1374,8 +1374,7 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
     let pins = PinDir::new("cg9-pins")?;
     let states = enforcer_tests::TempDir::new("cg9-state")?;
     let config = |cgroup: Option<std::path::PathBuf>| {
-        let mut config =
-            AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
+        let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
         config.extra_args = vec![
             "--kubernetes".into(),
             "--kubeconfig".into(),
@@ -1394,10 +1393,7 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
     // by its DaemonSet may find them; the next one, in the pod cgroup and with no cluster
     // state, must reach the API server through them.
     let mut first = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
-    first.extra_args = vec![
-        "--state-dir".into(),
-        states.path().display().to_string(),
-    ];
+    first.extra_args = vec!["--state-dir".into(), states.path().display().to_string()];
     Agent::start(first)?.stop()?;
     let agent = Agent::start(config(Some(agent_cgroup.clone())))?;
 
@@ -1419,7 +1415,9 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
     );
     let status = agent.status()?;
     ensure!(
-        status.pointer("/agent/agent_cgroup").and_then(Value::as_str)
+        status
+            .pointer("/agent/agent_cgroup")
+            .and_then(Value::as_str)
             == Some(agent_cgroup.to_str().context("utf-8 path")?),
         "status names the agent's cgroup: {status:#}"
     );
@@ -1445,8 +1443,7 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
     agent.wait_for(1, Duration::from_secs(10), |e| {
         e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(sibling.id())
             && e.get("reason").and_then(Value::as_str) == Some("tenant_mismatch")
-            && e
-                .pointer("/subject/workload")
+            && e.pointer("/subject/workload")
                 .and_then(Value::as_str)
                 .is_some_and(|w| w.starts_with("cg9-system/"))
     })?;
@@ -1456,7 +1453,10 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
         .into_iter()
         .filter(|e| e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(agent_id))
         .count();
-    ensure!(own == 0, "the agent's own calls are never judged: {own} events");
+    ensure!(
+        own == 0,
+        "the agent's own calls are never judged: {own} events"
+    );
     drop(servers);
     Ok(())
 }

@@ -1038,8 +1038,20 @@ fn system_namespace_pods_get_identities_without_a_tenant() {
     let state = cluster_state(
         &Snapshot {
             pods: store_state(vec![
-                pod("kube-system", "coredns-1", json!({}), "node-a", "127.85.9.1"),
-                pod("kube-system", "coredns-2", json!({}), "node-a", "127.85.9.2"),
+                pod(
+                    "kube-system",
+                    "coredns-1",
+                    json!({}),
+                    "node-a",
+                    "127.85.9.1",
+                ),
+                pod(
+                    "kube-system",
+                    "coredns-2",
+                    json!({}),
+                    "node-a",
+                    "127.85.9.2",
+                ),
                 pod("scratch", "x", json!({}), "node-a", "127.85.9.3"),
             ]),
             namespaces: store_state(vec![
@@ -1053,9 +1065,15 @@ fn system_namespace_pods_get_identities_without_a_tenant() {
     );
     assert_eq!(state.identities.len(), 1, "{state:#?}");
     let dns = &state.identities[0];
-    assert_eq!((dns.namespace.as_str(), dns.tenant.as_deref()), ("kube-system", None));
+    assert_eq!(
+        (dns.namespace.as_str(), dns.tenant.as_deref()),
+        ("kube-system", None)
+    );
     assert_eq!(dns.pods.len(), 2, "replicas share one identity");
-    assert_eq!(state.unidentified_ips, ["127.85.9.3".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        state.unidentified_ips,
+        ["127.85.9.3".parse::<IpAddr>().unwrap()]
+    );
     assert!(
         state
             .problems
@@ -1068,7 +1086,11 @@ fn system_namespace_pods_get_identities_without_a_tenant() {
 
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
     let bundle = load_cluster(&demo, &state, 256);
-    assert!(bundle.cluster_problems().is_empty(), "{:#?}", bundle.cluster_problems());
+    assert!(
+        bundle.cluster_problems().is_empty(),
+        "{:#?}",
+        bundle.cluster_problems()
+    );
     let ids = bundle.identities();
     let dns = ids
         .iter()
