@@ -150,7 +150,7 @@ mod tests {
             .iter()
             .map(|t| (t["id"].as_str().unwrap(), t))
             .collect();
-        let tactics_of = |t: &Yaml| -> Vec<String> {
+        let tactic_ids_of = |t: &Yaml| -> Vec<String> {
             // Sub-techniques inherit their parent's tactics.
             let t = match t["subtechnique-of"].as_str() {
                 Some(parent) => techniques[parent],
@@ -160,19 +160,13 @@ mod tests {
                 .as_vec()
                 .unwrap()
                 .iter()
-                .map(|id| tactic_names[id.as_str().unwrap()].to_string())
+                .map(|id| id.as_str().unwrap().to_string())
                 .collect()
         };
-        let tactic_ids_of = |t: &Yaml| -> Vec<String> {
-            let t = match t["subtechnique-of"].as_str() {
-                Some(parent) => techniques[parent],
-                None => t,
-            };
-            t["tactics"]
-                .as_vec()
-                .unwrap()
+        let tactics_of = |t: &Yaml| -> Vec<String> {
+            tactic_ids_of(t)
                 .iter()
-                .map(|id| id.as_str().unwrap().to_string())
+                .map(|id| tactic_names[id.as_str()].to_string())
                 .collect()
         };
         assert_eq!(table().len(), techniques.len());
