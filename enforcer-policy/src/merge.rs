@@ -555,7 +555,14 @@ pub(crate) fn merge<'a>(
     let mut services_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut backends_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut services_left: BTreeMap<Option<&str>, Vec<&ClusterService>> = BTreeMap::new();
+    // Services of a tenant the inventory does not declare are left out like its label sets:
+    // counted as tenantless they would take the system namespaces' quota (cluster DNS).
+    let mut undeclared_services: BTreeMap<&str, (usize, &ClusterService)> = BTreeMap::new();
     for s in sorted_services {
+        if let Some(t) = s.tenant.as_deref().filter(|t| !tenants.contains(t)) {
+            undeclared_services.entry(t).or_insert((0, s)).0 += 1;
+            continue;
+        }
         let tenant = s
             .tenant
             .as_deref()
@@ -598,6 +605,21 @@ pub(crate) fn merge<'a>(
         let budget = backends_of.entry(tenant).or_default();
         let ports = service_ports(s, tenant, budget, &mut problems);
         services.push((s, tenant, ports));
+    }
+    for (t, (n, first)) in undeclared_services.iter().take(PER_TENANT_PROBLEMS) {
+        problems.summary(format!(
+            "tenant {} is not declared in {}: its {n} Services are left out (their addresses are unidentified: every call to them is denied), the first {}; declare it under `tenants:`",
+            show(t),
+            crate::INVENTORY_FILE,
+            describe_service(first)
+        ));
+    }
+    if undeclared_services.len() > PER_TENANT_PROBLEMS {
+        problems.summary(format!(
+            "{} more tenants not declared in {} (their Services left out) not listed",
+            undeclared_services.len() - PER_TENANT_PROBLEMS,
+            crate::INVENTORY_FILE
+        ));
     }
     for (tenant, left) in &services_left {
         problems.summary(
