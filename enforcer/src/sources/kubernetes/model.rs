@@ -436,7 +436,7 @@ fn pod_ips(pod: &Pod, object: &str, problems: &mut Vec<String>) -> Vec<IpAddr> {
     };
     let mut ips = Vec::new();
     for text in texts {
-        match text.parse::<IpAddr>() {
+        match parse_ip(text) {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
             Err(_) => problems.push(format!(
@@ -474,7 +474,7 @@ fn services(
             if text.is_empty() || text == "None" {
                 continue;
             }
-            match text.parse::<IpAddr>() {
+            match parse_ip(text) {
                 Ok(ip) if !cluster_ips.contains(&ip) => cluster_ips.push(ip),
                 Ok(_) => {}
                 Err(_) => problems.push(format!(
@@ -502,7 +502,7 @@ fn services(
                     .map(|t| ("load-balancer IP", t)),
             );
         for (what, text) in texts {
-            match text.parse::<IpAddr>() {
+            match parse_ip(text) {
                 Ok(ip) if !external.contains(&ip) && !cluster_ips.contains(&ip) => {
                     external.push(ip)
                 }
@@ -565,6 +565,14 @@ fn services(
     out
 }
 
+/// An address as the API server's text has it, IPv4-mapped IPv6 (`::ffff:a.b.c.d`, which
+/// the API server accepts and kube-proxy treats as IPv4) as its IPv4 address: the kernel
+/// hooks look a mapped destination up as IPv4, so kept as IPv6 it would be judged as whoever
+/// else has the IPv4 address, or WORLD.
+fn parse_ip(text: &str) -> Result<IpAddr, std::net::AddrParseError> {
+    text.parse::<IpAddr>().map(|ip| ip.to_canonical())
+}
+
 fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
     (
         meta.namespace.as_deref().unwrap_or(""),
@@ -593,7 +601,7 @@ fn backends(
 ) -> Vec<Backend> {
     let mut out = Vec::new();
     let mut push = |object: &str, ip: &str, port: i32| {
-        let (Ok(ip), Ok(port)) = (ip.parse::<IpAddr>(), u16::try_from(port)) else {
+        let (Ok(ip), Ok(port)) = (parse_ip(ip), u16::try_from(port)) else {
             problems.push(format!(
                 "{object}: backend {ip:?} port {port} is not an address and port: ignored"
             ));
