@@ -548,8 +548,19 @@ pub(crate) fn merge<'a>(
     // 4. Services: valid ones, their ports, the quota per tenant.
     let mut services: Vec<(&ClusterService, Option<&str>, Vec<ServicePort>)> = Vec::new();
     let mut sorted_services: Vec<&ClusterService> = state.services.iter().collect();
+    // Within the tenantless quota, the Services of namespaces whose pods are tenantless
+    // workloads (system namespaces: cluster DNS) go first: a namespace without any tenant
+    // that sorts earlier must not push them out.
+    let not_system = |s: &ClusterService| {
+        s.tenant.is_some() || namespace_tenant.get(s.namespace.as_str()) != Some(&None)
+    };
     sorted_services.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.cluster_ips).cmp(&(&b.namespace, &b.name, &b.cluster_ips))
+        (not_system(a), &a.namespace, &a.name, &a.cluster_ips).cmp(&(
+            not_system(b),
+            &b.namespace,
+            &b.name,
+            &b.cluster_ips,
+        ))
     });
     let mut seen_services: HashSet<(&str, &str)> = HashSet::new();
     let mut services_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
@@ -606,6 +617,10 @@ pub(crate) fn merge<'a>(
         let ports = service_ports(s, tenant, budget, &mut problems);
         services.push((s, tenant, ports));
     }
+    // Back to the canonical order (by namespace and name), which the numbering relies on.
+    services.sort_by(|(a, _, _), (b, _, _)| {
+        (&a.namespace, &a.name, &a.cluster_ips).cmp(&(&b.namespace, &b.name, &b.cluster_ips))
+    });
     for (t, (n, first)) in undeclared_services.iter().take(PER_TENANT_PROBLEMS) {
         problems.summary(format!(
             "tenant {} is not declared in {}: its {n} Services are left out (their addresses are unidentified: every call to them is denied), the first {}; declare it under `tenants:`",
