@@ -1337,7 +1337,13 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
         None,
         None,
         &[],
-        vec![cluster_pod("kube-system", "coredns-0", Some(NODE), &[ip88(1)], t)],
+        vec![cluster_pod(
+            "kube-system",
+            "coredns-0",
+            Some(NODE),
+            &[ip88(1)],
+            t,
+        )],
     );
     let mut state = ClusterState {
         trust_domain: "cluster.local".into(),
@@ -1346,7 +1352,14 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
             "kube-system",
             "kube-dns",
             ip88(10),
-            &[(53, Protocol::Udp, vec![Backend { ip: ip88(1), port: 53 }])],
+            &[(
+                53,
+                Protocol::Udp,
+                vec![Backend {
+                    ip: ip88(1),
+                    port: 53,
+                }],
+            )],
         )],
         unidentified_ips: vec![],
         problems: vec![],
@@ -1376,7 +1389,10 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
     );
     // The undeclared tenant's Services are left out like its pods: unidentified, not WORLD.
     for i in 0..3u8 {
-        assert_eq!(ids.at(ids.backend_index(&ip88(100 + i))).name, "unidentified");
+        assert_eq!(
+            ids.at(ids.backend_index(&ip88(100 + i))).name,
+            "unidentified"
+        );
     }
 }
 
@@ -1395,7 +1411,13 @@ fn tenantless_services_do_not_evict_system_services() {
         None,
         None,
         &[],
-        vec![cluster_pod("kube-system", "coredns-0", Some(NODE), &[ip88(1)], t)],
+        vec![cluster_pod(
+            "kube-system",
+            "coredns-0",
+            Some(NODE),
+            &[ip88(1)],
+            t,
+        )],
     );
     let mut state = ClusterState {
         trust_domain: "cluster.local".into(),
@@ -1404,7 +1426,14 @@ fn tenantless_services_do_not_evict_system_services() {
             "kube-system",
             "kube-dns",
             ip88(10),
-            &[(53, Protocol::Udp, vec![Backend { ip: ip88(1), port: 53 }])],
+            &[(
+                53,
+                Protocol::Udp,
+                vec![Backend {
+                    ip: ip88(1),
+                    port: 53,
+                }],
+            )],
         )],
         unidentified_ips: vec![],
         problems: vec![],

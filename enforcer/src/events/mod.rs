@@ -134,7 +134,10 @@ impl Emitter {
                 // Once per outage, not once per line: a flood of denials on a full disk
                 // would otherwise fill the agent's own log too.
                 if self.failing == 0 {
-                    tracing::error!(seq, "writing an event failed; lines are lost until it writes again: {error:#}");
+                    tracing::error!(
+                        seq,
+                        "writing an event failed; lines are lost until it writes again: {error:#}"
+                    );
                 }
                 self.failing += 1;
             }
@@ -160,7 +163,12 @@ mod emitter_tests {
     fn a_full_disk_loses_lines_but_never_stops_the_stream() {
         let sink = Sink::open("/dev/full", Rotation::default()).unwrap();
         let mut emitter = Emitter::new(
-            Formatter::new(Format::Json, ocsf::Context { node: "atk2-node".into() }),
+            Formatter::new(
+                Format::Json,
+                ocsf::Context {
+                    node: "atk2-node".into(),
+                },
+            ),
             sink,
         );
         for expected in 1..=3 {

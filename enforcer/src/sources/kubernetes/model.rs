@@ -123,6 +123,8 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut identities: BTreeMap<BTreeMap<String, String>, ClusterIdentity> = BTreeMap::new();
     let mut unidentified_ips: Vec<IpAddr> = Vec::new();
+    // Pods named by the mirror annotation (their cgroup UID is not their own).
+    let mut mirrored: std::collections::BTreeSet<(String, String)> = Default::default();
     for pod in pods {
         let (namespace, name) = pod_key(pod);
         let system = rules.system_namespaces.iter().any(|n| n == namespace);
@@ -138,6 +140,13 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
             }
         };
         let identity = pod_identity(pod, metadata, rules, &mut problems);
+        if identity.as_ref().is_some_and(|i| {
+            i.pods
+                .iter()
+                .any(|p| Some(&p.uid) != pod.metadata.uid.as_ref())
+        }) {
+            mirrored.insert((namespace.to_string(), name.to_string()));
+        }
         if identity.is_none() {
             unidentified_ips.extend(addresses(pod));
         }
@@ -152,27 +161,48 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
         }
     }
     // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
-    // pod's processes another's: neither is mapped, and both are reported.
-    let mut by_uid: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // pod's processes another's. A pod's own `metadata.uid` is the API server's, which no
+    // tenant forges, while the Node owner reference that admits the mirror annotation is
+    // anyone's to write: the pod whose own UID it is keeps it, the mirror claims on it are
+    // refused. Between mirror claims alone, neither is mapped. All are reported.
+    let mut by_uid: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for pod in identities.values().flat_map(|i| &i.pods) {
         by_uid
             .entry(pod.uid.clone())
             .or_default()
-            .push(format!("{}/{}", pod.namespace, pod.name));
+            .push((pod.namespace.clone(), pod.name.clone()));
     }
     by_uid.retain(|_, pods| pods.len() > 1);
     if !by_uid.is_empty() {
+        // (namespace, name) of every pod left out.
+        let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
         for (uid, pods) in &by_uid {
-            problems.push(format!(
-                "pods {} all name the cgroup of pod UID {uid}: left out (unknown subjects)",
-                pods.join(", ")
-            ));
+            let names = pods
+                .iter()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let own: Vec<&(String, String)> =
+                pods.iter().filter(|p| !mirrored.contains(*p)).collect();
+            if let [owner] = own[..] {
+                problems.push(format!(
+                    "pods {names} all name the cgroup of pod UID {uid}, which is {}/{}'s own:                      the others' mirror annotation is refused, they are left out (unknown                      subjects)",
+                    owner.0, owner.1
+                ));
+                refused.extend(pods.iter().filter(|p| *p != owner).cloned());
+            } else {
+                problems.push(format!(
+                    "pods {names} all name the cgroup of pod UID {uid}: left out (unknown subjects)"
+                ));
+                refused.extend(pods.iter().cloned());
+            }
         }
+        let is_refused = |p: &ClusterPod| refused.contains(&(p.namespace.clone(), p.name.clone()));
         for identity in identities.values_mut() {
-            for pod in identity.pods.iter().filter(|p| by_uid.contains_key(&p.uid)) {
+            for pod in identity.pods.iter().filter(|p| is_refused(p)) {
                 unidentified_ips.extend(&pod.ips);
             }
-            identity.pods.retain(|p| !by_uid.contains_key(&p.uid));
+            identity.pods.retain(|p| !is_refused(p));
         }
         identities.retain(|_, i| !i.pods.is_empty());
     }

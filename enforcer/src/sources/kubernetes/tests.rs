@@ -1306,11 +1306,23 @@ fn ipv4_mapped_cluster_addresses_are_their_ipv4_addresses() {
         "subsets": [{"addresses": [{"ip": "::ffff:127.88.2.1"}], "ports": [{"name": "q", "port": 8080}]}]
     }))
     .unwrap();
-    let refused = pod("nobody", "atk2-refused", json!({}), "node-a", "::ffff:127.88.3.1");
+    let refused = pod(
+        "nobody",
+        "atk2-refused",
+        json!({}),
+        "node-a",
+        "::ffff:127.88.3.1",
+    );
     let state = cluster_state(
         &Snapshot {
             pods: store_state(vec![
-                pod("globex", "atk2-sink", json!({}), "node-a", "::ffff:127.88.2.1"),
+                pod(
+                    "globex",
+                    "atk2-sink",
+                    json!({}),
+                    "node-a",
+                    "::ffff:127.88.2.1",
+                ),
                 refused,
             ]),
             namespaces: store_state(vec![tenant_ns("globex", "globex")]),
@@ -1340,4 +1352,59 @@ fn ipv4_mapped_cluster_addresses_are_their_ipv4_addresses() {
     assert_eq!(owners_of(&bundle, "127.88.3.1"), ["unidentified"]);
     let port = &state.services[0].ports[0];
     assert_eq!(port.backends, [backend("127.88.2.1", 8080)]);
+}
+
+/// Attack: the owner reference to the Node is not the kubelet's to set: NodeRestriction
+/// limits what a kubelet may write, not what a tenant may, so any pod can carry one (the
+/// kubelet never runs a pod with the mirror annotation, but it is listed, and live, until
+/// the kubelet or the garbage collector deletes it). A tenant's forged mirror pod naming
+/// another tenant's pod UID made the two "name one cgroup": both left out, the victim's
+/// processes unknown subjects. A pod's own `metadata.uid` is the API server's, never forged:
+/// it keeps its cgroup, and only the mirror claim is refused.
+#[test]
+fn a_forged_mirror_pod_cannot_unmap_a_regular_pod() {
+    let victim = pod("acme", "atk2-victim", json!({}), "n", "127.88.7.1");
+    let mut forged = pod("globex", "atk2-forged", json!({}), "n", "127.88.7.2");
+    forged.metadata.annotations = Some(
+        [(
+            model::MIRROR_ANNOTATION.to_string(),
+            "uid-acme-atk2-victim".to_string(),
+        )]
+        .into(),
+    );
+    forged.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "name": "n", "uid": "forged"
+    }))
+    .unwrap()]);
+    let s = state(
+        vec![victim, forged],
+        vec![tenant_ns("acme", "acme"), tenant_ns("globex", "globex")],
+    );
+    let pods: Vec<(String, String)> = s
+        .identities
+        .iter()
+        .flat_map(|i| &i.pods)
+        .map(|p| (p.name.clone(), p.uid.clone()))
+        .collect();
+    assert_eq!(
+        pods,
+        [(
+            "atk2-victim".to_string(),
+            "uid-acme-atk2-victim".to_string()
+        )],
+        "{:#?}",
+        s.problems
+    );
+    assert!(
+        s.problems
+            .iter()
+            .any(|p| p.contains("globex/atk2-forged") && p.contains("uid-acme-atk2-victim")),
+        "{:#?}",
+        s.problems
+    );
+    // The refused claimant's address is unidentified, never WORLD.
+    assert_eq!(
+        s.unidentified_ips,
+        ["127.88.7.2".parse::<IpAddr>().unwrap()]
+    );
 }
