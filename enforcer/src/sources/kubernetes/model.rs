@@ -253,9 +253,11 @@ pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// The UID the kubelet names the pod's cgroup after: `metadata.uid`, except for the mirror
 /// pod of a static pod, whose cgroup carries the static pod's UID. The annotation is honoured
-/// only on a pod the kubelet owns (an owner reference to the Node it runs on, which the
-/// kubelet sets and the NodeRestriction admission plugin reserves to it): any tenant could
-/// write the annotation itself, and would then name another pod's cgroup.
+/// only on a pod with an owner reference to the Node it runs on, as the kubelet writes it.
+/// That does not prove the kubelet wrote it (NodeRestriction limits what a kubelet may
+/// write, not what others may; the garbage collector deletes a pod whose owner's UID does
+/// not match, but only later): a pod's own UID therefore wins over a mirror claim on it
+/// (`cluster_state`), so a forged one can contest only a static pod's cgroup.
 fn cgroup_uid(pod: &Pod) -> Option<String> {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     let owned_by_node = pod
