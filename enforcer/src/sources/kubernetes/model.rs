@@ -78,6 +78,18 @@ pub struct Rules {
     pub system_namespaces: Vec<String>,
 }
 
+/// Why a configured system namespace can name no namespace (a namespace name is a DNS
+/// label: 1 to 63 lowercase letters, digits and '-'), or `None`: a typo such as
+/// `kube_system` would otherwise leave cluster DNS out without a word.
+pub fn system_namespace_problem(name: &str) -> Option<String> {
+    if name.len() > 63 || name.contains('.') {
+        return Some(format!(
+            "system namespace {name:?} is not a namespace name (a DNS label: at most 63 lowercase letters, digits and '-')"
+        ));
+    }
+    dns_subdomain_error(name).map(|e| format!("system namespace {name:?}: {e}"))
+}
+
 /// Why a configured identity label key cannot be used, or `None` when it can.
 pub fn identity_label_problem(key: &str) -> Option<String> {
     if key == NAMESPACE_LABEL || key == SERVICE_ACCOUNT_LABEL {

@@ -1408,3 +1408,22 @@ fn a_forged_mirror_pod_cannot_unmap_a_regular_pod() {
         ["127.88.7.2".parse::<IpAddr>().unwrap()]
     );
 }
+
+/// A mistyped `--system-namespace` matched no namespace without a word, and the system
+/// pods (cluster DNS) were left out as tenantless pods of an ordinary namespace.
+#[test]
+fn system_namespaces_must_be_namespace_names() {
+    assert_eq!(model::system_namespace_problem("kube-system"), None);
+    for bad in [
+        "",
+        "kube_system",
+        "Kube-System",
+        "kube.system",
+        "-x",
+        &"a".repeat(64),
+    ] {
+        let problem =
+            model::system_namespace_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(problem.contains(&format!("{bad:?}")), "{problem}");
+    }
+}
