@@ -1320,3 +1320,141 @@ fn services_have_the_quota_too_and_the_option_is_honoured() {
     );
     assert_compiled_equals_oracle(&b);
 }
+
+/// Services of a tenant the inventory does not declare (a namespace onboarded in the
+/// cluster before the inventory) must not count against the tenantless quota, which the
+/// system namespaces' Services (cluster DNS) share: `aaa` sorts before `kube-system`, so a
+/// few Services there used to push kube-dns out, its ClusterIP unidentified, DNS denied to
+/// every tenant. Addresses from 127.88.0.0/16 (the attack review's range).
+#[test]
+fn undeclared_tenant_services_do_not_evict_system_services() {
+    let t = "2026-01-01T00:00:00Z";
+    let ip88 = |n: u8| ip(&format!("127.88.0.{n}"));
+    let dns = cluster_identity(
+        "kube-system",
+        "coredns",
+        None,
+        None,
+        None,
+        &[],
+        vec![cluster_pod(
+            "kube-system",
+            "coredns-0",
+            Some(NODE),
+            &[ip88(1)],
+            t,
+        )],
+    );
+    let mut state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        identities: vec![dns],
+        services: vec![cluster_service(
+            "kube-system",
+            "kube-dns",
+            ip88(10),
+            &[(
+                53,
+                Protocol::Udp,
+                vec![Backend {
+                    ip: ip88(1),
+                    port: 53,
+                }],
+            )],
+        )],
+        unidentified_ips: vec![],
+        problems: vec![],
+    };
+    for i in 0..3u8 {
+        let mut s = cluster_service(&format!("aaa{i}"), "s", ip88(100 + i), &[]);
+        s.tenant = Some("evil".into());
+        state.services.push(s);
+    }
+    let small = ClusterOptions {
+        node_name: NODE.into(),
+        max_identities_per_tenant: 2,
+    };
+    let b = load(&demo_dir(), &state, &small);
+    let ids = b.identities();
+    let dns = ids
+        .by_name("service/kube-system/kube-dns")
+        .unwrap_or_else(|| panic!("kube-dns left out: {:#?}", b.cluster_problems()));
+    let dns_ips: Vec<String> = dns.ips.iter().map(|n| n.to_string()).collect();
+    assert_eq!(dns_ips, ["127.88.0.10/32"]);
+    assert!(
+        b.cluster_problems()
+            .iter()
+            .any(|p| p.contains("tenant `evil` is not declared") && p.contains("3 Services")),
+        "{:#?}",
+        b.cluster_problems()
+    );
+    // The undeclared tenant's Services are left out like its pods: unidentified, not WORLD.
+    for i in 0..3u8 {
+        assert_eq!(
+            ids.at(ids.backend_index(&ip88(100 + i))).name,
+            "unidentified"
+        );
+    }
+}
+
+/// The same through a namespace without any tenant (one the webhook does not enforce, made
+/// by whoever may create namespaces): its Services are tenantless like the system
+/// namespaces' and share their quota, but those of a namespace whose pods are tenantless
+/// workloads (a system namespace: cluster DNS) go first.
+#[test]
+fn tenantless_services_do_not_evict_system_services() {
+    let t = "2026-01-01T00:00:00Z";
+    let ip88 = |n: u8| ip(&format!("127.88.1.{n}"));
+    let dns = cluster_identity(
+        "kube-system",
+        "coredns",
+        None,
+        None,
+        None,
+        &[],
+        vec![cluster_pod(
+            "kube-system",
+            "coredns-0",
+            Some(NODE),
+            &[ip88(1)],
+            t,
+        )],
+    );
+    let mut state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        identities: vec![dns],
+        services: vec![cluster_service(
+            "kube-system",
+            "kube-dns",
+            ip88(10),
+            &[(
+                53,
+                Protocol::Udp,
+                vec![Backend {
+                    ip: ip88(1),
+                    port: 53,
+                }],
+            )],
+        )],
+        unidentified_ips: vec![],
+        problems: vec![],
+    };
+    for i in 0..3u8 {
+        state
+            .services
+            .push(cluster_service("aaa", &format!("s{i}"), ip88(100 + i), &[]));
+    }
+    let small = ClusterOptions {
+        node_name: NODE.into(),
+        max_identities_per_tenant: 2,
+    };
+    let b = load(&demo_dir(), &state, &small);
+    let ids = b.identities();
+    assert!(
+        ids.by_name("service/kube-system/kube-dns").is_some(),
+        "kube-dns left out: {:#?}",
+        b.cluster_problems()
+    );
+    assert!(ids.by_name("service/aaa/s0").is_some());
+    assert_eq!(ids.at(ids.backend_index(&ip88(101))).name, "unidentified");
+    assert_eq!(ids.at(ids.backend_index(&ip88(102))).name, "unidentified");
+}

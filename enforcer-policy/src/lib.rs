@@ -289,8 +289,10 @@ impl Bundle {
     ///   renumbered, reported with both label sets; two label sets are never merged.)
     /// - Tenant: must be declared in the inventory's `tenants:` (the operator's list of
     ///   tenants, with their audit flags); label sets naming another tenant are left out,
-    ///   reported once per tenant. Label sets without a tenant (namespaces without tenant
-    ///   metadata) are identities with tenant "" and share one quota.
+    ///   reported once per tenant, and so are their Services. Label sets without a tenant
+    ///   (the source's system namespaces) are identities with tenant "" and share one quota
+    ///   with the Services of every namespace without a declared tenant, those of namespaces
+    ///   with tenantless label sets first.
     /// - Quota: at most `options.max_identities_per_tenant` label sets per tenant, the ones
     ///   whose oldest pod is oldest (then by label set; sets without pods last), and at most
     ///   as many Services per tenant (by namespace and name), so that one tenant's thousands
@@ -298,7 +300,9 @@ impl Bundle {
     ///   once per tenant. A tenant's problem lines are bounded too (see `merge`).
     /// - Addresses: an address in a network of an inventory workload or endpoint stays the
     ///   inventory's (the operator's inventory wins; reported). An address two cluster
-    ///   identities or Services claim is nobody's (WORLD) until one claim is gone (reported).
+    ///   identities or Services claim is nobody's (UNIDENTIFIED, which no policy opens) until
+    ///   one claim is gone (reported); so is every address of a pod or Service the merge
+    ///   leaves out, and of a pod the source refused (`ClusterState::unidentified_ips`).
     /// - Services: each ClusterIP and port is judged as all the port's ready backends: allowed
     ///   only if the call is allowed to every backend at its target port (each asked as a
     ///   direct call to the identity its address leads to, WORLD for an address no identity

@@ -548,14 +548,32 @@ pub(crate) fn merge<'a>(
     // 4. Services: valid ones, their ports, the quota per tenant.
     let mut services: Vec<(&ClusterService, Option<&str>, Vec<ServicePort>)> = Vec::new();
     let mut sorted_services: Vec<&ClusterService> = state.services.iter().collect();
+    // Within the tenantless quota, the Services of namespaces whose pods are tenantless
+    // workloads (system namespaces: cluster DNS) go first: a namespace without any tenant
+    // that sorts earlier must not push them out.
+    let not_system = |s: &ClusterService| {
+        s.tenant.is_some() || namespace_tenant.get(s.namespace.as_str()) != Some(&None)
+    };
     sorted_services.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.cluster_ips).cmp(&(&b.namespace, &b.name, &b.cluster_ips))
+        (not_system(a), &a.namespace, &a.name, &a.cluster_ips).cmp(&(
+            not_system(b),
+            &b.namespace,
+            &b.name,
+            &b.cluster_ips,
+        ))
     });
     let mut seen_services: HashSet<(&str, &str)> = HashSet::new();
     let mut services_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut backends_of: BTreeMap<Option<&str>, usize> = BTreeMap::new();
     let mut services_left: BTreeMap<Option<&str>, Vec<&ClusterService>> = BTreeMap::new();
+    // Services of a tenant the inventory does not declare are left out like its label sets:
+    // counted as tenantless they would take the system namespaces' quota (cluster DNS).
+    let mut undeclared_services: BTreeMap<&str, (usize, &ClusterService)> = BTreeMap::new();
     for s in sorted_services {
+        if let Some(t) = s.tenant.as_deref().filter(|t| !tenants.contains(t)) {
+            undeclared_services.entry(t).or_insert((0, s)).0 += 1;
+            continue;
+        }
         let tenant = s
             .tenant
             .as_deref()
@@ -598,6 +616,25 @@ pub(crate) fn merge<'a>(
         let budget = backends_of.entry(tenant).or_default();
         let ports = service_ports(s, tenant, budget, &mut problems);
         services.push((s, tenant, ports));
+    }
+    // Back to the canonical order (by namespace and name), which the numbering relies on.
+    services.sort_by(|(a, _, _), (b, _, _)| {
+        (&a.namespace, &a.name, &a.cluster_ips).cmp(&(&b.namespace, &b.name, &b.cluster_ips))
+    });
+    for (t, (n, first)) in undeclared_services.iter().take(PER_TENANT_PROBLEMS) {
+        problems.summary(format!(
+            "tenant {} is not declared in {}: its {n} Services are left out (their addresses are unidentified: every call to them is denied), the first {}; declare it under `tenants:`",
+            show(t),
+            crate::INVENTORY_FILE,
+            describe_service(first)
+        ));
+    }
+    if undeclared_services.len() > PER_TENANT_PROBLEMS {
+        problems.summary(format!(
+            "{} more tenants not declared in {} (their Services left out) not listed",
+            undeclared_services.len() - PER_TENANT_PROBLEMS,
+            crate::INVENTORY_FILE
+        ));
     }
     for (tenant, left) in &services_left {
         problems.summary(

@@ -97,6 +97,8 @@ pub struct Emitter {
     seq: u64,
     formatter: Formatter,
     sink: Sink,
+    /// Lines the sink refused since its last good write (0: it writes).
+    failing: u64,
 }
 
 impl Emitter {
@@ -105,20 +107,77 @@ impl Emitter {
             seq: 0,
             formatter,
             sink,
+            failing: 0,
         }
     }
 
-    /// Writes `event` as the next line; returns its `seq`.
+    /// Writes `event` as the next line; returns its `seq`. A line the sink refuses (a full
+    /// disk, which any workload writing to the node's disk can cause) is logged and lost,
+    /// its `seq` left as a gap: stopping the event stream would stop the agent, and with it
+    /// every identity update. Only a line that cannot be serialised is an error.
     pub fn emit(&mut self, event: &Event) -> Result<u64> {
         let seq = self.seq + 1;
         let line = self.formatter.line(seq, event)?;
-        self.sink.write_line(&line)?;
         self.seq = seq;
+        match self.sink.write_line(&line) {
+            Ok(()) => {
+                if self.failing > 0 {
+                    tracing::warn!(
+                        lost = self.failing,
+                        seq,
+                        "the events output writes again; lines before this seq were lost"
+                    );
+                    self.failing = 0;
+                }
+            }
+            Err(error) => {
+                // Once per outage, not once per line: a flood of denials on a full disk
+                // would otherwise fill the agent's own log too.
+                if self.failing == 0 {
+                    tracing::error!(
+                        seq,
+                        "writing an event failed; lines are lost until it writes again: {error:#}"
+                    );
+                }
+                self.failing += 1;
+            }
+        }
         Ok(seq)
     }
 
     /// Opens the events file again by its name (SIGUSR1, after logrotate renamed it).
     pub fn reopen(&mut self) -> Result<()> {
         self.sink.reopen()
+    }
+}
+
+#[cfg(test)]
+mod emitter_tests {
+    use super::*;
+
+    /// Attack: a workload fills the node's disk (an emptyDir, its own log) where the events
+    /// file lives. A write error ended the event task, and the agent with it ("the event
+    /// stream stopped"), again at every restart while the disk stayed full: no identity
+    /// update for any pod on the node. /dev/full refuses every write with ENOSPC.
+    #[test]
+    fn a_full_disk_loses_lines_but_never_stops_the_stream() {
+        let sink = Sink::open("/dev/full", Rotation::default()).unwrap();
+        let mut emitter = Emitter::new(
+            Formatter::new(
+                Format::Json,
+                ocsf::Context {
+                    node: "atk2-node".into(),
+                },
+            ),
+            sink,
+        );
+        for expected in 1..=3 {
+            let notice = Event::Notice(Notice::ClusterProblem {
+                time: "2026-12-01T00:00:00Z".into(),
+                problem: "atk2".into(),
+            });
+            assert_eq!(emitter.emit(&notice).unwrap(), expected);
+        }
+        assert_eq!(emitter.failing, 3);
     }
 }

@@ -47,7 +47,7 @@ use tracing::{info, warn};
 
 pub use model::{
     cluster_state, dns_subdomain_error, identity_label_problem, label_key_error, label_value_error,
-    Backends, Rules, Snapshot, NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
+    system_namespace_problem, Backends, Rules, Snapshot, NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
 };
 
 /// The file in [`KubeOptions::state_dir`] holding the last state (JSON, [`PersistedState`]).
@@ -222,6 +222,11 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
     for key in &options.identity_labels {
         if let Some(problem) = identity_label_problem(key) {
             bail!("{problem}");
+        }
+    }
+    for name in &options.system_namespaces {
+        if let Some(problem) = system_namespace_problem(name) {
+            bail!("--system-namespace: {problem}");
         }
     }
     std::fs::create_dir_all(&options.state_dir)

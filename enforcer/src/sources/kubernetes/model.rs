@@ -78,6 +78,18 @@ pub struct Rules {
     pub system_namespaces: Vec<String>,
 }
 
+/// Why a configured system namespace can name no namespace (a namespace name is a DNS
+/// label: 1 to 63 lowercase letters, digits and '-'), or `None`: a typo such as
+/// `kube_system` would otherwise leave cluster DNS out without a word.
+pub fn system_namespace_problem(name: &str) -> Option<String> {
+    if name.len() > 63 || name.contains('.') {
+        return Some(format!(
+            "system namespace {name:?} is not a namespace name (a DNS label: at most 63 lowercase letters, digits and '-')"
+        ));
+    }
+    dns_subdomain_error(name).map(|e| format!("system namespace {name:?}: {e}"))
+}
+
 /// Why a configured identity label key cannot be used, or `None` when it can.
 pub fn identity_label_problem(key: &str) -> Option<String> {
     if key == NAMESPACE_LABEL || key == SERVICE_ACCOUNT_LABEL {
@@ -123,6 +135,8 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut identities: BTreeMap<BTreeMap<String, String>, ClusterIdentity> = BTreeMap::new();
     let mut unidentified_ips: Vec<IpAddr> = Vec::new();
+    // Pods named by the mirror annotation (their cgroup UID is not their own).
+    let mut mirrored: std::collections::BTreeSet<(String, String)> = Default::default();
     for pod in pods {
         let (namespace, name) = pod_key(pod);
         let system = rules.system_namespaces.iter().any(|n| n == namespace);
@@ -138,6 +152,13 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
             }
         };
         let identity = pod_identity(pod, metadata, rules, &mut problems);
+        if identity.as_ref().is_some_and(|i| {
+            i.pods
+                .iter()
+                .any(|p| Some(&p.uid) != pod.metadata.uid.as_ref())
+        }) {
+            mirrored.insert((namespace.to_string(), name.to_string()));
+        }
         if identity.is_none() {
             unidentified_ips.extend(addresses(pod));
         }
@@ -152,27 +173,48 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
         }
     }
     // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
-    // pod's processes another's: neither is mapped, and both are reported.
-    let mut by_uid: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // pod's processes another's. A pod's own `metadata.uid` is the API server's, which no
+    // tenant forges, while the Node owner reference that admits the mirror annotation is
+    // anyone's to write: the pod whose own UID it is keeps it, the mirror claims on it are
+    // refused. Between mirror claims alone, neither is mapped. All are reported.
+    let mut by_uid: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for pod in identities.values().flat_map(|i| &i.pods) {
         by_uid
             .entry(pod.uid.clone())
             .or_default()
-            .push(format!("{}/{}", pod.namespace, pod.name));
+            .push((pod.namespace.clone(), pod.name.clone()));
     }
     by_uid.retain(|_, pods| pods.len() > 1);
     if !by_uid.is_empty() {
+        // (namespace, name) of every pod left out.
+        let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
         for (uid, pods) in &by_uid {
-            problems.push(format!(
-                "pods {} all name the cgroup of pod UID {uid}: left out (unknown subjects)",
-                pods.join(", ")
-            ));
+            let names = pods
+                .iter()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let own: Vec<&(String, String)> =
+                pods.iter().filter(|p| !mirrored.contains(*p)).collect();
+            if let [owner] = own[..] {
+                problems.push(format!(
+                    "pods {names} all name the cgroup of pod UID {uid}, which is {}/{}'s own:                      the others' mirror annotation is refused, they are left out (unknown                      subjects)",
+                    owner.0, owner.1
+                ));
+                refused.extend(pods.iter().filter(|p| *p != owner).cloned());
+            } else {
+                problems.push(format!(
+                    "pods {names} all name the cgroup of pod UID {uid}: left out (unknown subjects)"
+                ));
+                refused.extend(pods.iter().cloned());
+            }
         }
+        let is_refused = |p: &ClusterPod| refused.contains(&(p.namespace.clone(), p.name.clone()));
         for identity in identities.values_mut() {
-            for pod in identity.pods.iter().filter(|p| by_uid.contains_key(&p.uid)) {
+            for pod in identity.pods.iter().filter(|p| is_refused(p)) {
                 unidentified_ips.extend(&pod.ips);
             }
-            identity.pods.retain(|p| !by_uid.contains_key(&p.uid));
+            identity.pods.retain(|p| !is_refused(p));
         }
         identities.retain(|_, i| !i.pods.is_empty());
     }
@@ -223,9 +265,11 @@ pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// The UID the kubelet names the pod's cgroup after: `metadata.uid`, except for the mirror
 /// pod of a static pod, whose cgroup carries the static pod's UID. The annotation is honoured
-/// only on a pod the kubelet owns (an owner reference to the Node it runs on, which the
-/// kubelet sets and the NodeRestriction admission plugin reserves to it): any tenant could
-/// write the annotation itself, and would then name another pod's cgroup.
+/// only on a pod with an owner reference to the Node it runs on, as the kubelet writes it.
+/// That does not prove the kubelet wrote it (NodeRestriction limits what a kubelet may
+/// write, not what others may; the garbage collector deletes a pod whose owner's UID does
+/// not match, but only later): a pod's own UID therefore wins over a mirror claim on it
+/// (`cluster_state`), so a forged one can contest only a static pod's cgroup.
 fn cgroup_uid(pod: &Pod) -> Option<String> {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     let owned_by_node = pod
@@ -436,7 +480,7 @@ fn pod_ips(pod: &Pod, object: &str, problems: &mut Vec<String>) -> Vec<IpAddr> {
     };
     let mut ips = Vec::new();
     for text in texts {
-        match text.parse::<IpAddr>() {
+        match parse_ip(text) {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
             Err(_) => problems.push(format!(
@@ -474,7 +518,7 @@ fn services(
             if text.is_empty() || text == "None" {
                 continue;
             }
-            match text.parse::<IpAddr>() {
+            match parse_ip(text) {
                 Ok(ip) if !cluster_ips.contains(&ip) => cluster_ips.push(ip),
                 Ok(_) => {}
                 Err(_) => problems.push(format!(
@@ -502,7 +546,7 @@ fn services(
                     .map(|t| ("load-balancer IP", t)),
             );
         for (what, text) in texts {
-            match text.parse::<IpAddr>() {
+            match parse_ip(text) {
                 Ok(ip) if !external.contains(&ip) && !cluster_ips.contains(&ip) => {
                     external.push(ip)
                 }
@@ -565,6 +609,14 @@ fn services(
     out
 }
 
+/// An address as the API server's text has it, IPv4-mapped IPv6 (`::ffff:a.b.c.d`, which
+/// the API server accepts and kube-proxy treats as IPv4) as its IPv4 address: the kernel
+/// hooks look a mapped destination up as IPv4, so kept as IPv6 it would be judged as whoever
+/// else has the IPv4 address, or WORLD.
+fn parse_ip(text: &str) -> Result<IpAddr, std::net::AddrParseError> {
+    text.parse::<IpAddr>().map(|ip| ip.to_canonical())
+}
+
 fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
     (
         meta.namespace.as_deref().unwrap_or(""),
@@ -593,7 +645,7 @@ fn backends(
 ) -> Vec<Backend> {
     let mut out = Vec::new();
     let mut push = |object: &str, ip: &str, port: i32| {
-        let (Ok(ip), Ok(port)) = (ip.parse::<IpAddr>(), u16::try_from(port)) else {
+        let (Ok(ip), Ok(port)) = (parse_ip(ip), u16::try_from(port)) else {
             problems.push(format!(
                 "{object}: backend {ip:?} port {port} is not an address and port: ignored"
             ));

@@ -1282,3 +1282,148 @@ fn services_of_namespaces_without_pods_count_against_their_own_tenant() {
         "{problems}"
     );
 }
+
+/// Attack: the API server accepts an IPv4-mapped IPv6 text (`::ffff:a.b.c.d`) wherever it
+/// takes an IP (Go's `net.ParseIP`), and kube-proxy treats it as the IPv4 address: a
+/// Service owner who writes `externalIPs: ["::ffff:127.10.1.10"]` takes inventory
+/// `acme-vectors`' port, like the plain form (CVE-2020-8554). The kernel hooks look a mapped
+/// destination up as IPv4, so every cluster address must be canonical IPv4; kept as IPv6,
+/// 127.10.1.10 stayed the inventory's and a pod or ClusterIP written mapped stayed WORLD.
+/// Addresses from 127.88.0.0/16 (the attack review's range).
+#[test]
+fn ipv4_mapped_cluster_addresses_are_their_ipv4_addresses() {
+    let trap: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "globex", "name": "atk2-trap"},
+        "spec": {
+            "clusterIP": "::ffff:127.88.100.1", "clusterIPs": ["::ffff:127.88.100.1"],
+            "externalIPs": ["::ffff:127.10.1.10", "::ffff:127.88.200.1"],
+            "ports": [{"name": "q", "port": 6333, "targetPort": 8080}]
+        }
+    }))
+    .unwrap();
+    let endpoints: Endpoints = serde_json::from_value(json!({
+        "metadata": {"namespace": "globex", "name": "atk2-trap"},
+        "subsets": [{"addresses": [{"ip": "::ffff:127.88.2.1"}], "ports": [{"name": "q", "port": 8080}]}]
+    }))
+    .unwrap();
+    let refused = pod(
+        "nobody",
+        "atk2-refused",
+        json!({}),
+        "node-a",
+        "::ffff:127.88.3.1",
+    );
+    let state = cluster_state(
+        &Snapshot {
+            pods: store_state(vec![
+                pod(
+                    "globex",
+                    "atk2-sink",
+                    json!({}),
+                    "node-a",
+                    "::ffff:127.88.2.1",
+                ),
+                refused,
+            ]),
+            namespaces: store_state(vec![tenant_ns("globex", "globex")]),
+            services: store_state(vec![trap]),
+            backends: Backends::Endpoints(store_state(vec![endpoints])),
+        },
+        &rules(),
+    );
+    let bundle = load_cluster(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo"),
+        &state,
+        256,
+    );
+    for ip in ["127.88.100.1", "127.10.1.10", "127.88.200.1"] {
+        assert_eq!(
+            owners_of(&bundle, ip),
+            ["service/globex/atk2-trap"],
+            "{ip}: {:#?}",
+            bundle.cluster_problems()
+        );
+    }
+    let sink = owners_of(&bundle, "127.88.2.1");
+    assert!(
+        sink.len() == 1 && sink[0].starts_with("globex/"),
+        "{sink:?}"
+    );
+    assert_eq!(owners_of(&bundle, "127.88.3.1"), ["unidentified"]);
+    let port = &state.services[0].ports[0];
+    assert_eq!(port.backends, [backend("127.88.2.1", 8080)]);
+}
+
+/// Attack: the owner reference to the Node is not the kubelet's to set: NodeRestriction
+/// limits what a kubelet may write, not what a tenant may, so any pod can carry one (the
+/// kubelet never runs a pod with the mirror annotation, but it is listed, and live, until
+/// the kubelet or the garbage collector deletes it). A tenant's forged mirror pod naming
+/// another tenant's pod UID made the two "name one cgroup": both left out, the victim's
+/// processes unknown subjects. A pod's own `metadata.uid` is the API server's, never forged:
+/// it keeps its cgroup, and only the mirror claim is refused.
+#[test]
+fn a_forged_mirror_pod_cannot_unmap_a_regular_pod() {
+    let victim = pod("acme", "atk2-victim", json!({}), "n", "127.88.7.1");
+    let mut forged = pod("globex", "atk2-forged", json!({}), "n", "127.88.7.2");
+    forged.metadata.annotations = Some(
+        [(
+            model::MIRROR_ANNOTATION.to_string(),
+            "uid-acme-atk2-victim".to_string(),
+        )]
+        .into(),
+    );
+    forged.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "name": "n", "uid": "forged"
+    }))
+    .unwrap()]);
+    let s = state(
+        vec![victim, forged],
+        vec![tenant_ns("acme", "acme"), tenant_ns("globex", "globex")],
+    );
+    let pods: Vec<(String, String)> = s
+        .identities
+        .iter()
+        .flat_map(|i| &i.pods)
+        .map(|p| (p.name.clone(), p.uid.clone()))
+        .collect();
+    assert_eq!(
+        pods,
+        [(
+            "atk2-victim".to_string(),
+            "uid-acme-atk2-victim".to_string()
+        )],
+        "{:#?}",
+        s.problems
+    );
+    assert!(
+        s.problems
+            .iter()
+            .any(|p| p.contains("globex/atk2-forged") && p.contains("uid-acme-atk2-victim")),
+        "{:#?}",
+        s.problems
+    );
+    // The refused claimant's address is unidentified, never WORLD.
+    assert_eq!(
+        s.unidentified_ips,
+        ["127.88.7.2".parse::<IpAddr>().unwrap()]
+    );
+}
+
+/// A mistyped `--system-namespace` matched no namespace without a word, and the system
+/// pods (cluster DNS) were left out as tenantless pods of an ordinary namespace.
+#[test]
+fn system_namespaces_must_be_namespace_names() {
+    assert_eq!(model::system_namespace_problem("kube-system"), None);
+    for bad in [
+        "",
+        "kube_system",
+        "Kube-System",
+        "kube.system",
+        "-x",
+        &"a".repeat(64),
+    ] {
+        let problem =
+            model::system_namespace_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(problem.contains(&format!("{bad:?}")), "{problem}");
+    }
+}
