@@ -127,7 +127,9 @@ fn parse_args() -> Result<Options> {
             }
             other => bail!("unexpected argument {other:?}\n{USAGE}"),
         };
-        let value = args.next().with_context(|| format!("{flag} needs a number"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a number"))?;
         *slot = match value.parse() {
             Ok(n) if n > 0 => n,
             _ => bail!("{flag}: expected a positive number, got {value:?}"),
@@ -224,10 +226,7 @@ async fn create(
 
 fn main() -> Result<()> {
     let o = parse_args()?;
-    for reason in [kernel_unavailable_reason(), apiserver_unavailable_reason()]
-        .into_iter()
-        .flatten()
-    {
+    if let Some(reason) = kernel_unavailable_reason().or_else(apiserver_unavailable_reason) {
         bail!("cannot run the Kubernetes benchmark: {reason}");
     }
     println!(
@@ -406,9 +405,14 @@ fn main() -> Result<()> {
         targets: &targets,
         idle,
     };
+    // VmRSS (MiB) after each group of changes: growth that does not level off is a leak.
+    let mut rss_trail = vec![format!("{} at the start", memory(agent.pid())?.0 / 1024)];
     let mut created: Vec<(&'static str, ChurnPod)> = Vec::new();
     let mut results: Vec<(&'static str, Vec<Sample>)> = Vec::new();
-    for kind in ["create, new label set", "create, replica of a local identity"] {
+    for kind in [
+        "create, new label set",
+        "create, replica of a local identity",
+    ] {
         let mut samples = Vec::new();
         for j in 0..o.samples {
             let n = created.len();
@@ -422,6 +426,11 @@ fn main() -> Result<()> {
             created.push((kind, pod));
         }
         results.push((kind, samples));
+        rss_trail.push(format!(
+            "{} after {} changes",
+            memory(agent.pid())?.0 / 1024,
+            created.len()
+        ));
     }
     let mut deletes: Vec<(&'static str, Vec<Sample>)> = vec![
         ("delete, last pod of its identity", Vec::new()),
@@ -434,9 +443,21 @@ fn main() -> Result<()> {
     }
     results.extend(deletes);
     let (rss, hwm) = memory(agent.pid())?;
+    rss_trail.push(format!(
+        "{} after {} changes",
+        rss / 1024,
+        2 * created_count(&results)
+    ));
 
     println!();
-    println!("## Summary ({} pods, {} label sets, {} tenants, {} local pods; load average now {})", o.pods, o.label_sets, o.tenants, o.local, load_average());
+    println!(
+        "## Summary ({} pods, {} label sets, {} tenants, {} local pods; load average now {})",
+        o.pods,
+        o.label_sets,
+        o.tenants,
+        o.local,
+        load_average()
+    );
     println!();
     println!("| cold sync | ready | first list | policy applied, pods mapped | first allowed connect | VmRSS / VmHWM |");
     println!("|---|---|---|---|---|---|");
@@ -483,11 +504,21 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "agent after the churn: VmRSS {} MiB, VmHWM {} MiB",
+        "agent after the churn: VmRSS {} MiB, VmHWM {} MiB; VmRSS (MiB) {}",
         rss / 1024,
-        hwm / 1024
+        hwm / 1024,
+        rss_trail.join(", ")
     );
     Ok(())
+}
+
+/// How many pods the churn created (the creation samples).
+fn created_count(results: &[(&str, Vec<Sample>)]) -> usize {
+    results
+        .iter()
+        .filter(|(kind, _)| kind.starts_with("create"))
+        .map(|(_, samples)| samples.len())
+        .sum()
 }
 
 /// The bundle: `tenants` declared, the demo's schema and baseline (same-tenant permit,
@@ -636,8 +667,8 @@ struct AgentLog {
 
 impl AgentLog {
     fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let lines = text
             .lines()
             .filter_map(|l| {
@@ -685,7 +716,9 @@ impl AgentLog {
         let reload = self
             .first("reloading policy", state)
             .and_then(|r| Some((r, self.first("policy applied", r)?)))
-            .filter(|(_, applied)| *applied <= to + Duration::from_millis(1))
+            // The log line follows the map writes, so it may come just after the probe saw
+            // the change; a reload much later is another change's.
+            .filter(|(_, applied)| *applied <= to + Duration::from_millis(500))
             .map(|(r, applied)| secs(r, applied));
         (Some(secs(from, state)), reload)
     }

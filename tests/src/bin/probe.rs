@@ -561,7 +561,9 @@ fn until(args: &[String]) -> Result<serde_json::Value, String> {
     let mut rest = args[1..].iter();
     while let Some(arg) = rest.next() {
         let mut millis = |flag: &str| -> Result<u64, String> {
-            let value = rest.next().ok_or_else(|| format!("{flag} needs milliseconds"))?;
+            let value = rest
+                .next()
+                .ok_or_else(|| format!("{flag} needs milliseconds"))?;
             match value.parse() {
                 Ok(n) if (1..=UNTIL_MAX_MS).contains(&n) => Ok(n),
                 _ => Err(format!("{flag} wants 1..={UNTIL_MAX_MS} ms, got {value:?}")),
