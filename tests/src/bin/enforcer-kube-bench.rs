@@ -22,9 +22,16 @@
 //!    until its still-running container is denied as `unknown_subject` (checked in the deny
 //!    event). `--samples` of each; median and max; the agent's CPU time per change
 //!    (`/proc/PID/stat` utime+stime over the change and a settle period, less the idle rate).
+//! 4. **A burst**: `--burst` pods created through the API at `--burst-rate` a second
+//!    (replicas of existing identities on other nodes, the last one on this node), until
+//!    every address is in the kernel's IP cache (read through `enforcer status`) and the
+//!    local one's first allowed connect; then deleted at the same rate, until the IP cache is
+//!    back and the local one is refused as `unknown_subject`. The agent's reloads and CPU
+//!    over each.
 //!
 //! `enforcer-kube-bench [--pods N] [--label-sets M] [--tenants T] [--local L] [--samples S]
-//! [--syncs K]` (defaults 5,000 / 500 / 20 / 50 / 10 / 2). Needs root, BPF, cgroup v2 and
+//! [--syncs K] [--burst B] [--burst-rate R]` (defaults 5,000 / 500 / 20 / 50 / 10 / 2 / 100 /
+//! 100). Needs root, BPF, cgroup v2 and
 //! the API server that `cargo xtask setup-kube` builds. Its addresses are 127.86.0.0/16; its
 //! cgroups, pins and nodes are named `kb-...`. Everything it creates (the API server and
 //! etcd with their data, cgroups, pins, the agent, servers, temp dirs) is removed at the end,
@@ -46,7 +53,7 @@ use enforcer_tests::{
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::DeleteParams;
+use kube::api::{DeleteParams, ListParams};
 use kube::Api;
 use serde_json::Value;
 
@@ -66,7 +73,8 @@ const PURPOSES: [&str; 5] = [
 ];
 /// The port of the servers the probes connect to.
 const PORT: u16 = 8086;
-/// Pod `i` has `127.86.(1 + i / 250).(1 + i % 250)`; churn pods `127.86.250.x`.
+/// Pod `i` has `127.86.(1 + i / 250).(1 + i % 250)`; churn pods `127.86.250.x`, burst pods
+/// `127.86.251.x`.
 const PER_OCTET: usize = 250;
 const MAX_PODS: usize = 249 * PER_OCTET;
 /// API requests in flight while the cluster is filled.
@@ -98,10 +106,12 @@ struct Options {
     local: usize,
     samples: usize,
     syncs: usize,
+    burst: usize,
+    burst_rate: usize,
 }
 
 const USAGE: &str = "usage: enforcer-kube-bench [--pods N] [--label-sets M] [--tenants T] \
-                     [--local L] [--samples S] [--syncs K]";
+                     [--local L] [--samples S] [--syncs K] [--burst B] [--burst-rate R]";
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
@@ -111,6 +121,8 @@ fn parse_args() -> Result<Options> {
         local: 50,
         samples: 10,
         syncs: 2,
+        burst: 100,
+        burst_rate: 100,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -121,6 +133,8 @@ fn parse_args() -> Result<Options> {
             "--local" => &mut o.local,
             "--samples" => &mut o.samples,
             "--syncs" => &mut o.syncs,
+            "--burst" => &mut o.burst,
+            "--burst-rate" => &mut o.burst_rate,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -143,6 +157,11 @@ fn parse_args() -> Result<Options> {
     );
     ensure!(o.local < o.pods, "--local must be below --pods");
     ensure!(o.samples <= 100, "--samples: at most 100");
+    ensure!(o.burst <= PER_OCTET, "--burst: at most {PER_OCTET}");
+    ensure!(
+        o.burst_rate <= 1_000,
+        "--burst-rate: at most 1,000 a second"
+    );
     Ok(o)
 }
 
@@ -297,6 +316,14 @@ fn main() -> Result<()> {
         o.pods as f64 / took.as_secs_f64()
     );
 
+    // What the API server alone takes to serve the agent's first list: the same paged,
+    // consistent list of every pod (500 a page, as kube-rs's watcher asks), decoded here.
+    let list_took = rt.block_on(list_all_pods(&client))?;
+    println!(
+        "reference: one paged list of all {} pods (500 a page) from this API server takes {:.2} s",
+        o.pods, list_took
+    );
+
     // This node: the kubelet's cgroups of the local pods, an app container each.
     let node = Node::create("kb-node")?;
     let mut local: Vec<(usize, PodCgroups)> = Vec::new();
@@ -442,12 +469,14 @@ fn main() -> Result<()> {
         deletes[slot].1.push(sample);
     }
     results.extend(deletes);
-    let (rss, hwm) = memory(agent.pid())?;
     rss_trail.push(format!(
         "{} after {} changes",
-        rss / 1024,
+        memory(agent.pid())?.0 / 1024,
         2 * created_count(&results)
     ));
+    let bursts = churn.burst()?;
+    let (rss, hwm) = memory(agent.pid())?;
+    rss_trail.push(format!("{} after the burst", rss / 1024));
 
     println!();
     println!(
@@ -503,6 +532,11 @@ fn main() -> Result<()> {
         );
     }
     println!();
+    println!();
+    for line in &bursts {
+        println!("{line}");
+    }
+    println!();
     println!(
         "agent after the churn: VmRSS {} MiB, VmHWM {} MiB; VmRSS (MiB) {}",
         rss / 1024,
@@ -510,6 +544,20 @@ fn main() -> Result<()> {
         rss_trail.join(", ")
     );
     Ok(())
+}
+
+/// Seconds to list every pod, 500 a page, as the agent's watcher does on start.
+async fn list_all_pods(client: &kube::Client) -> Result<f64> {
+    let api = Api::<Pod>::all(client.clone());
+    let start = Instant::now();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await.context("listing pods")?;
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(start.elapsed().as_secs_f64()),
+        }
+    }
 }
 
 /// How many pods the churn created (the creation samples).
@@ -724,6 +772,29 @@ impl AgentLog {
     }
 }
 
+impl AgentLog {
+    /// How many lines at or after `after` hold `what`.
+    fn count(&self, what: &str, after: SystemTime) -> usize {
+        self.lines
+            .iter()
+            .filter(|(t, l)| *t >= after && l.contains(what))
+            .count()
+    }
+}
+
+/// Entries of the kernel's IPv4 host cache, from `enforcer status --json`.
+fn ipcache_v4(status: &Value) -> Result<u64> {
+    status
+        .get("maps")
+        .and_then(Value::as_array)
+        .and_then(|maps| {
+            maps.iter()
+                .find(|m| m.get("name").and_then(Value::as_str) == Some("IPCACHE_HOST_V4"))
+        })
+        .and_then(|m| m.get("entries")?.as_u64())
+        .context("no IPCACHE_HOST_V4 entries in `enforcer status --json`")
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
@@ -897,6 +968,165 @@ impl Churn<'_> {
             cpu,
             window: (t_api, r.at()),
         })
+    }
+
+    /// `--burst` pods created at `--burst-rate` a second, then deleted at that rate (see the
+    /// module documentation); one summary line for each. The burst's last pod joins the
+    /// identity of the first local pod (pod 0) on this node.
+    fn burst(&self) -> Result<Vec<String>> {
+        let o = &self.world.o;
+        let count = o.burst;
+        let interval = Duration::from_secs_f64(1.0 / o.burst_rate as f64);
+        let local_set = self.world.label_set(0);
+        let tenant = self.world.tenant_of_set(local_set);
+        let base_v4 = ipcache_v4(&self.agent.status()?)?;
+        // Pod k: a replica of label set k on another node; the last one is on this node.
+        let spec = |k: usize| {
+            let local = k + 1 == count;
+            let set = if local { local_set } else { k % o.label_sets };
+            let node = if local {
+                NODE.to_string()
+            } else {
+                format!("kb-node-{}", k % OTHER_NODES)
+            };
+            let ns = namespace(self.world.tenant_of_set(set));
+            (
+                ns,
+                format!("burst-{k:03}"),
+                set,
+                node,
+                Ipv4Addr::new(127, 86, 251, 1 + k as u8),
+            )
+        };
+
+        // Creation.
+        let cpu0 = cpu_seconds(self.agent.pid())?;
+        let t0 = SystemTime::now();
+        let start = Instant::now();
+        let starts: Vec<(usize, SystemTime, String)> = self.rt.block_on(async {
+            let begin = tokio::time::Instant::now();
+            futures::stream::iter(0..count)
+                .map(|k| {
+                    let (ns, name, set, node, ip) = spec(k);
+                    async move {
+                        tokio::time::sleep_until(begin + interval * k as u32).await;
+                        let at = SystemTime::now();
+                        let labels = labels(set, o.tenants, &format!("a{set:04}"));
+                        let uid = create(self.client, &ns, &name, &labels, &node, ip).await?;
+                        anyhow::Ok((k, at, uid))
+                    }
+                })
+                .buffer_unordered(count)
+                .try_collect()
+                .await
+        })?;
+        let api_done = start.elapsed().as_secs_f64();
+        let (_, local_at, local_uid) = starts
+            .iter()
+            .find(|(k, _, _)| k + 1 == count)
+            .context("the burst's local pod")?;
+        let mut cgroups = self
+            .node
+            .start_pod(local_uid, Driver::Systemd, Qos::Burstable)?;
+        cgroups.add_container()?;
+        let target = &self.targets[tenant];
+        let r = Probe::new()
+            .in_cgroup(&cgroups.containers()[0])
+            .timeout(CHANGE_LIMIT + Duration::from_secs(10))
+            .until(Outcome::Ok, target, PROBE_EVERY, CHANGE_LIMIT)?;
+        ensure!(r.reached, "the burst's local pod was never allowed: {r:?}");
+        let all_in = self.wait_ipcache(base_v4 + count as u64, start)?;
+        let cpu = self.settled_cpu(cpu0, start)?;
+        let log = AgentLog::read(&self.agent.stderr_path())?;
+        let created = format!(
+            "burst: {count} pods created at {}/s (API calls done after {:.2} s): all {count} addresses in the kernel after {:.2} s, the local one's first allowed connect {:.0} ms after its create; {} source states, {} reloads; agent CPU {:.2} s",
+            o.burst_rate,
+            api_done,
+            all_in,
+            secs(*local_at, r.at()) * 1e3,
+            log.count("kubernetes: cluster state updated", t0),
+            log.count("policy applied", t0),
+            cpu,
+        );
+
+        // Deletion, the local pod last, its container still running.
+        let cpu0 = cpu_seconds(self.agent.pid())?;
+        let t0 = SystemTime::now();
+        let start = Instant::now();
+        let local_deleted_at: SystemTime = self.rt.block_on(async {
+            let begin = tokio::time::Instant::now();
+            let times: Vec<(usize, SystemTime)> = futures::stream::iter(0..count)
+                .map(|k| {
+                    let (ns, name, ..) = spec(k);
+                    async move {
+                        tokio::time::sleep_until(begin + interval * k as u32).await;
+                        let at = SystemTime::now();
+                        Api::<Pod>::namespaced(self.client.clone(), &ns)
+                            .delete(&name, &DeleteParams::default().grace_period(0))
+                            .await
+                            .with_context(|| format!("delete pod {ns}/{name}"))?;
+                        anyhow::Ok((k, at))
+                    }
+                })
+                .buffer_unordered(count)
+                .try_collect()
+                .await?;
+            times
+                .into_iter()
+                .find(|(k, _)| k + 1 == count)
+                .map(|(_, at)| at)
+                .context("the burst's local pod")
+        })?;
+        let api_done = start.elapsed().as_secs_f64();
+        let container = &cgroups.containers()[0];
+        let r = Probe::new()
+            .in_cgroup(container)
+            .timeout(CHANGE_LIMIT + Duration::from_secs(10))
+            .until(Outcome::Eperm, target, PROBE_EVERY, CHANGE_LIMIT)?;
+        ensure!(
+            r.reached,
+            "the burst's deleted local pod still allowed: {r:?}"
+        );
+        let cgroup_id = container.id();
+        self.agent.wait_for(1, Duration::from_secs(10), |e| {
+            e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(cgroup_id)
+                && e.get("reason").and_then(Value::as_str) == Some("unknown_subject")
+        })?;
+        let all_out = self.wait_ipcache(base_v4, start)?;
+        let cpu = self.settled_cpu(cpu0, start)?;
+        let log = AgentLog::read(&self.agent.stderr_path())?;
+        let deleted = format!(
+            "burst: {count} pods deleted at {}/s (API calls done after {:.2} s): all {count} addresses gone from the kernel after {:.2} s, the local one refused (unknown_subject) {:.0} ms after its delete; {} source states, {} reloads; agent CPU {:.2} s",
+            o.burst_rate,
+            api_done,
+            all_out,
+            secs(local_deleted_at, r.at()) * 1e3,
+            log.count("kubernetes: cluster state updated", t0),
+            log.count("policy applied", t0),
+            cpu,
+        );
+        Ok(vec![created, deleted])
+    }
+
+    /// Polls `enforcer status` until the kernel's IPv4 host cache holds `want` entries;
+    /// returns the seconds since `start`.
+    fn wait_ipcache(&self, want: u64, start: Instant) -> Result<f64> {
+        let mut last = 0;
+        loop {
+            last = self
+                .agent
+                .status()
+                .and_then(|s| ipcache_v4(&s))
+                .unwrap_or(last);
+            if last == want {
+                return Ok(start.elapsed().as_secs_f64());
+            }
+            ensure!(
+                start.elapsed() < CHANGE_LIMIT,
+                "the IP cache holds {last} addresses, not {want}, after {CHANGE_LIMIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits [`SETTLE`], then returns the agent's CPU seconds since `cpu0` (read at `start`),
