@@ -267,11 +267,16 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let world = World { o: o.clone() };
+    // Each tenant's server is on one of its pods on another node: a shape without one is
+    // refused before anything is created.
+    let target_pods = (0..o.tenants)
+        .map(|t| world.target(t))
+        .collect::<Result<Vec<usize>>>()?;
     // Declaration order is the reverse of drop order: the agent goes first, the API server
     // last.
     let server = ApiServer::start()?;
     let client = rt.block_on(async { server.client() });
-    let world = World { o: o.clone() };
     let per_tenant = o.label_sets.div_ceil(o.tenants) + o.samples + 1;
 
     // The cluster.
@@ -336,8 +341,7 @@ fn main() -> Result<()> {
     local.sort_by_key(|(i, _)| *i);
     let mut servers = Vec::new();
     let mut targets = Vec::new();
-    for t in 0..o.tenants {
-        let target = world.target(t)?;
+    for &target in &target_pods {
         let addr = SocketAddr::new(IpAddr::V4(World::ip(target)), PORT);
         servers.push(Server::start(Proto::Tcp, addr)?);
         targets.push(attempt("tcp", addr.ip(), PORT));
@@ -366,9 +370,10 @@ fn main() -> Result<()> {
 
     // 1 + 2: cold syncs, each with a fresh agent (no pins, no persisted state).
     let mut syncs = Vec::new();
-    let mut last: Option<(PinDir, Agent)> = None;
+    // The agent before its pins: tuple fields drop in order, also on an early return.
+    let mut last: Option<(Agent, PinDir)> = None;
     for n in 1..=o.syncs {
-        if let Some((pins, agent)) = last.take() {
+        if let Some((agent, pins)) = last.take() {
             drop(agent);
             drop(pins);
             wait_detached(&node.root().path())?;
@@ -388,9 +393,11 @@ fn main() -> Result<()> {
         );
         println!("  log: {}", sync.log_breakdown);
         syncs.push(sync.figures());
-        last = Some((pins, sync.agent));
+        last = Some((sync.agent, pins));
     }
-    let (_pins, agent) = last.take().context("at least one sync")?;
+    // Bindings drop in reverse order: the agent before its pins.
+    let (agent, pins) = last.take().context("at least one sync")?;
+    let (_pins, agent) = (pins, agent);
 
     // Every local pod reaches its tenant's server; another tenant's is refused (the world is
     // enforced, not merely mapped).
