@@ -48,6 +48,29 @@ pub struct Summary {
     pub error: u64,
 }
 
+/// The line of `probe --until`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UntilResult {
+    pub attempt: String,
+    /// The last try's outcome: the one asked for when `reached`.
+    pub outcome: Outcome,
+    pub errno: i32,
+    /// Whether the outcome asked for came before the time was up.
+    pub reached: bool,
+    pub tries: u64,
+    /// The first try's outcome.
+    pub first: Outcome,
+    /// Wall clock (ns since the Unix epoch) just before the last try.
+    pub at_unix_ns: u64,
+}
+
+impl UntilResult {
+    /// [`UntilResult::at_unix_ns`] as a `SystemTime`.
+    pub fn at(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_nanos(self.at_unix_ns)
+    }
+}
+
 /// `probe --whoami`: where the probe process found itself.
 #[derive(Debug, Clone, Deserialize)]
 pub struct WhoAmI {
@@ -159,6 +182,31 @@ impl Probe {
         let mut lines: Vec<Summary> = parse_lines(&stdout)?;
         if lines.len() != 1 {
             bail!("probe --repeat printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
+    /// `probe --until WANT --every EVERY --for LIMIT ATTEMPT`: one attempt repeated every
+    /// `every` until its outcome is `want` or `limit` has passed (then `reached` is false).
+    /// The invocation's own timeout must exceed `limit`.
+    pub fn until(
+        &self,
+        want: Outcome,
+        attempt: &str,
+        every: Duration,
+        limit: Duration,
+    ) -> Result<UntilResult> {
+        let want = match want {
+            Outcome::Ok => "ok",
+            Outcome::Eperm => "eperm",
+            Outcome::Error => "error",
+        };
+        let every = every.as_millis().max(1).to_string();
+        let limit = limit.as_millis().max(1).to_string();
+        let stdout = self.exec(&["--until", want, "--every", &every, "--for", &limit, attempt])?;
+        let mut lines: Vec<UntilResult> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --until printed {} lines:\n{stdout}", lines.len());
         }
         Ok(lines.remove(0))
     }

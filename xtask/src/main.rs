@@ -82,7 +82,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build in release mode and run the benchmark (`enforcer-bench`).
+    /// Build in release mode and run the benchmark (`enforcer-bench`); `bench kube [ARGS]`
+    /// runs the Kubernetes one instead (`enforcer-kube-bench`: a real API server, the agent
+    /// with `--kubernetes`; builds the API server first when it is missing).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -157,6 +159,35 @@ fn run(cli: Cli) -> Result<()> {
                 &ws.target.join("debug/enforcer-demo"),
                 &args,
                 "the demo (bin `enforcer-demo` of package enforcer-tests)",
+            )
+        }
+        Cmd::Bench { args } if args.first().is_some_and(|a| a == "kube") => {
+            // A real API server or nothing: the benchmark is meaningless without one.
+            setup_kube(&ws, true)?;
+            build_ebpf(&ws, &tools)?;
+            // The agent, the probe and the benchmark, all release builds: the benchmark
+            // finds the other two beside itself.
+            cargo(
+                &ws,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "enforcer",
+                    "-p",
+                    "enforcer-tests",
+                    "--bin",
+                    "enforcer",
+                    "--bin",
+                    "probe",
+                    "--bin",
+                    "enforcer-kube-bench",
+                ],
+            )?;
+            exec(
+                &ws.target.join("release/enforcer-kube-bench"),
+                &args[1..],
+                "the Kubernetes benchmark (bin `enforcer-kube-bench` of package enforcer-tests)",
             )
         }
         Cmd::Bench { args } => {

@@ -15,6 +15,12 @@
 //! with `--repeat N` only a summary `{"attempts":N,"ok":a,"eperm":b,"error":c}`.
 //! `probe --whoami` prints `{"pid":N,"cgroup":"/v2/path"}` (the harness checks that it
 //! placed the probe where it meant to).
+//! `probe --until OUTCOME [--every MS] [--for MS] ATTEMPT` repeats one attempt every MS
+//! (default 10) until its outcome is OUTCOME (`ok`, `eperm` or `error`) or MS (default
+//! 30,000) have passed, and prints one line `{"attempt":..,"outcome":..,"errno":N,
+//! "reached":bool,"tries":N,"first":"eperm","at_unix_ns":N}`: `at_unix_ns` is the wall clock
+//! just before the last try (the one that reached OUTCOME), so that a benchmark can time
+//! when a change took effect in the kernel from a process that was judged all along.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 use std::io::Write;
@@ -26,6 +32,10 @@ use std::time::Duration;
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// `--repeat` is for bursts, not for load tests.
 const MAX_REPEAT: u64 = 1_000_000;
+/// `--until`'s defaults and bounds, in milliseconds.
+const UNTIL_EVERY_MS: u64 = 10;
+const UNTIL_FOR_MS: u64 = 30_000;
+const UNTIL_MAX_MS: u64 = 600_000;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -460,7 +470,8 @@ fn classify(r: &std::io::Result<()>) -> (&'static str, i32) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT";
+    let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT | \
+                 probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -473,6 +484,18 @@ fn main() -> ExitCode {
         let line = serde_json::json!({"pid": std::process::id(), "cgroup": cgroup});
         let _ = writeln!(out, "{line}");
         return ExitCode::SUCCESS;
+    }
+    if args.first().map(String::as_str) == Some("--until") {
+        return match until(&args[1..]) {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}\n{usage}");
+                ExitCode::from(2)
+            }
+        };
     }
     if args.first().map(String::as_str) == Some("--repeat") {
         let (Some(n), Some(attempt), None) = (args.get(1), args.get(2), args.get(3)) else {
@@ -525,4 +548,53 @@ fn main() -> ExitCode {
         let _ = out.flush();
     }
     ExitCode::SUCCESS
+}
+
+/// `--until OUTCOME [--every MS] [--for MS] ATTEMPT` (the arguments after `--until`): see
+/// the module documentation. Errors are usage errors.
+fn until(args: &[String]) -> Result<serde_json::Value, String> {
+    let want = match args.first().map(String::as_str) {
+        Some(w @ ("ok" | "eperm" | "error")) => w,
+        other => return Err(format!("--until wants ok, eperm or error, got {other:?}")),
+    };
+    let (mut every, mut limit, mut attempt) = (UNTIL_EVERY_MS, UNTIL_FOR_MS, None);
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        let mut millis = |flag: &str| -> Result<u64, String> {
+            let value = rest
+                .next()
+                .ok_or_else(|| format!("{flag} needs milliseconds"))?;
+            match value.parse() {
+                Ok(n) if (1..=UNTIL_MAX_MS).contains(&n) => Ok(n),
+                _ => Err(format!("{flag} wants 1..={UNTIL_MAX_MS} ms, got {value:?}")),
+            }
+        };
+        match arg.as_str() {
+            "--every" => every = millis("--every")?,
+            "--for" => limit = millis("--for")?,
+            a if attempt.is_none() => attempt = Some(a),
+            a => return Err(format!("unexpected argument {a:?}")),
+        }
+    }
+    let attempt = attempt.ok_or("--until needs an ATTEMPT")?;
+    let parsed = parse(attempt)?;
+    let start = std::time::Instant::now();
+    let (mut tries, mut first) = (0u64, None);
+    loop {
+        let at = std::time::SystemTime::now();
+        let (outcome, errno) = classify(&try_once(parsed));
+        tries += 1;
+        let first = *first.get_or_insert(outcome);
+        let reached = outcome == want;
+        if reached || start.elapsed() >= Duration::from_millis(limit) {
+            let at_unix_ns = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            return Ok(serde_json::json!({
+                "attempt": attempt, "outcome": outcome, "errno": errno, "reached": reached,
+                "tries": tries, "first": first, "at_unix_ns": at_unix_ns,
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(every));
+    }
 }
