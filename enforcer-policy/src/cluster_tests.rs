@@ -1321,15 +1321,10 @@ fn services_have_the_quota_too_and_the_option_is_honoured() {
     assert_compiled_equals_oracle(&b);
 }
 
-/// Services of a tenant the inventory does not declare (a namespace onboarded in the
-/// cluster before the inventory) must not count against the tenantless quota, which the
-/// system namespaces' Services (cluster DNS) share: `aaa` sorts before `kube-system`, so a
-/// few Services there used to push kube-dns out, its ClusterIP unidentified, DNS denied to
-/// every tenant. Addresses from 127.88.0.0/16 (the attack review's range).
-#[test]
-fn undeclared_tenant_services_do_not_evict_system_services() {
-    let t = "2026-01-01T00:00:00Z";
-    let ip88 = |n: u8| ip(&format!("127.88.0.{n}"));
+/// Cluster DNS alone: CoreDNS in `kube-system` (tenantless) at 127.88.`net`.1 behind the
+/// `kube-dns` Service on 127.88.`net`.10, port 53/udp.
+fn cluster_dns_state(net: u8) -> ClusterState {
+    let ip88 = |n: u8| ip(&format!("127.88.{net}.{n}"));
     let dns = cluster_identity(
         "kube-system",
         "coredns",
@@ -1342,10 +1337,10 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
             "coredns-0",
             Some(NODE),
             &[ip88(1)],
-            t,
+            "2026-01-01T00:00:00Z",
         )],
     );
-    let mut state = ClusterState {
+    ClusterState {
         trust_domain: "cluster.local".into(),
         identities: vec![dns],
         services: vec![cluster_service(
@@ -1363,7 +1358,18 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
         )],
         unidentified_ips: vec![],
         problems: vec![],
-    };
+    }
+}
+
+/// Services of a tenant the inventory does not declare (a namespace onboarded in the
+/// cluster before the inventory) must not count against the tenantless quota, which the
+/// system namespaces' Services (cluster DNS) share: `aaa` sorts before `kube-system`, so a
+/// few Services there used to push kube-dns out, its ClusterIP unidentified, DNS denied to
+/// every tenant. Addresses from 127.88.0.0/16 (the attack review's range).
+#[test]
+fn undeclared_tenant_services_do_not_evict_system_services() {
+    let ip88 = |n: u8| ip(&format!("127.88.0.{n}"));
+    let mut state = cluster_dns_state(0);
     for i in 0..3u8 {
         let mut s = cluster_service(&format!("aaa{i}"), "s", ip88(100 + i), &[]);
         s.tenant = Some("evil".into());
@@ -1402,42 +1408,8 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
 /// workloads (a system namespace: cluster DNS) go first.
 #[test]
 fn tenantless_services_do_not_evict_system_services() {
-    let t = "2026-01-01T00:00:00Z";
     let ip88 = |n: u8| ip(&format!("127.88.1.{n}"));
-    let dns = cluster_identity(
-        "kube-system",
-        "coredns",
-        None,
-        None,
-        None,
-        &[],
-        vec![cluster_pod(
-            "kube-system",
-            "coredns-0",
-            Some(NODE),
-            &[ip88(1)],
-            t,
-        )],
-    );
-    let mut state = ClusterState {
-        trust_domain: "cluster.local".into(),
-        identities: vec![dns],
-        services: vec![cluster_service(
-            "kube-system",
-            "kube-dns",
-            ip88(10),
-            &[(
-                53,
-                Protocol::Udp,
-                vec![Backend {
-                    ip: ip88(1),
-                    port: 53,
-                }],
-            )],
-        )],
-        unidentified_ips: vec![],
-        problems: vec![],
-    };
+    let mut state = cluster_dns_state(1);
     for i in 0..3u8 {
         state
             .services
