@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -157,6 +157,16 @@ pub const fn verdict_counter_index(verdict: u8, reason: u8) -> u32 {
 pub const VERDICT_COUNTERS: u32 = (verdict::COUNT * reason::COUNT) as u32;
 
 /// Value of `IDENTITIES[identity]`.
+///
+/// The policy tables are keyed by *classes*, not identities: identities whose rows (as
+/// subjects) or columns (as destinations) are equal in a table share one class, so a table
+/// holds one entry per (subject class, destination class, port) instead of one per identity
+/// pair. A class number is the smallest identity id of the class (so a class table is the
+/// subset of the identity-keyed table whose subject and destination are the smallest of
+/// their classes); [`NO_CLASS`] means "no entry names this identity": every call is denied.
+/// Each table has its own classes: slot 0 goes with `POLICY_A`, slot 1 with `POLICY_B`, and
+/// the kernel reads the slot of the table it reads, so a table and its class numbers change
+/// together on the one write that flips `Config::generation`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityInfo {
@@ -165,9 +175,46 @@ pub struct IdentityInfo {
     pub tenant: u32,
     /// `flags::*`.
     pub flags: u32,
+    /// The identity's subject class in `POLICY_A` (index 0) and `POLICY_B` (index 1).
+    pub subject_class: [u32; 2],
+    /// The identity's destination class in `POLICY_A` and `POLICY_B`.
+    pub destination_class: [u32; 2],
 }
 
-/// Key of `POLICY_A` / `POLICY_B`. The kernel looks up the exact port first: an entry there
+/// The class of an identity no table entry names (identity 0, `identity::UNKNOWN`, is never
+/// a class's smallest member): nothing is keyed by it, so its calls are denied.
+pub const NO_CLASS: u32 = 0;
+
+impl IdentityInfo {
+    /// An identity with a tenant and flags, in no class of either table yet.
+    pub const fn new(tenant: u32, flags: u32) -> Self {
+        Self {
+            tenant,
+            flags,
+            subject_class: [NO_CLASS; 2],
+            destination_class: [NO_CLASS; 2],
+        }
+    }
+
+    /// The same identity with the class slots of `classes` (what a write of tenant or flags
+    /// keeps: only a table swap changes classes).
+    pub const fn with_classes_of(self, classes: &IdentityInfo) -> Self {
+        Self {
+            subject_class: classes.subject_class,
+            destination_class: classes.destination_class,
+            ..self
+        }
+    }
+
+    /// Equal tenant and flags (what the identity is, whatever its classes).
+    pub const fn same_identity(&self, other: &IdentityInfo) -> bool {
+        self.tenant == other.tenant && self.flags == other.flags
+    }
+}
+
+/// Key of `POLICY_A` / `POLICY_B`: `subject` and `destination` are classes (see
+/// [`IdentityInfo`]); userspace reasons about the same keys with identity ids, and a class
+/// table is the identity-keyed table restricted to each class's smallest member. The kernel looks up the exact port first: an entry there
 /// decides by its [`PolicyValue::verdict`]. Otherwise the any-port entry (`dport` 0), which is
 /// always an allow. No entry at all means deny.
 #[repr(C)]
@@ -238,9 +285,9 @@ pub struct Config {
     pub active_policy: u32,
     /// Non-zero: global audit mode.
     pub audit: u32,
-    /// Advanced by userspace on every policy change: +1 on a table swap (its parity names the
-    /// active table), +2 on a row update in place (parity kept). The kernel copies it into each
-    /// event so that the event is explained by the policy that decided it.
+    /// Advanced by userspace on every policy change, each a table swap: +1 (its parity names
+    /// the active table, and the identities' class slot of that table). The kernel copies it
+    /// into each event so that the event is explained by the policy that decided it.
     pub generation: u64,
 }
 
@@ -294,7 +341,7 @@ mod pod {
 }
 
 // Layout checks: the kernel and userspace must agree on these sizes.
-const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);

@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
-    DenyEvent, IdentityInfo, PolicyKey, PolicyValue, VERDICT_COUNTERS,
+    DenyEvent, IdentityInfo, PolicyKey, PolicyValue, NO_CLASS, VERDICT_COUNTERS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::pinned(capacity::CGROUPS, NO_MAP_FLAGS);
 
-/// identity -> tenant, flags.
+/// identity -> tenant, flags, and its classes in each policy table.
 #[map]
 static IDENTITIES: HashMap<u32, IdentityInfo> = HashMap::pinned(capacity::IDENTITIES, NO_MAP_FLAGS);
 
@@ -359,6 +359,17 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     v.subject = subject;
     // SAFETY: a non-null map value pointer is valid for reads; fields read one by one.
     let (subject_flags, subject_tenant) = unsafe { ((*info).flags, (*info).tenant) };
+    // The classes of the table read below (slot 0 goes with POLICY_A): written into the
+    // standby slot before the flip that makes that table active, so this pair and the table
+    // always come from one revision.
+    // SAFETY: as above.
+    let subject_class = unsafe {
+        if active_policy == ACTIVE_POLICY_A {
+            read_volatile(&(*info).subject_class[0])
+        } else {
+            read_volatile(&(*info).subject_class[1])
+        }
+    };
 
     // The agent itself: never judged, or it could lock itself out of the API server and the
     // PDP it learns every identity from.
@@ -373,10 +384,23 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
     }
 
-    // 4. the policy table in force: exact port, then any port.
+    // 4. the policy table in force, keyed by the two identities' classes in it: exact port,
+    // then any port. A destination without an IDENTITIES entry is in no class: denied.
+    let destination_info = IDENTITIES.get_ptr(destination);
+    let destination_class = match destination_info {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(d) => unsafe {
+            if active_policy == ACTIVE_POLICY_A {
+                read_volatile(&(*d).destination_class[0])
+            } else {
+                read_volatile(&(*d).destination_class[1])
+            }
+        },
+        None => NO_CLASS,
+    };
     let mut key = PolicyKey {
-        subject,
-        destination,
+        subject: subject_class,
+        destination: destination_class,
         dport,
         protocol,
         _pad: PAD,
@@ -397,7 +421,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     v.reason = reason::NO_PERMIT;
     if destination == identity::UNIDENTIFIED {
         v.reason = reason::UNIDENTIFIED_DESTINATION;
-    } else if let Some(d) = IDENTITIES.get_ptr(destination) {
+    } else if let Some(d) = destination_info {
         // SAFETY: a non-null map value pointer is valid for reads.
         let destination_tenant = unsafe { (*d).tenant };
         if destination_tenant != NO_TENANT && destination_tenant != subject_tenant {

@@ -246,10 +246,7 @@ pub struct Identity {
 impl Identity {
     /// The kernel's `IDENTITIES` value.
     pub fn info(&self) -> IdentityInfo {
-        IdentityInfo {
-            tenant: self.tenant_id,
-            flags: self.flags,
-        }
+        IdentityInfo::new(self.tenant_id, self.flags)
     }
 
     /// A local subject: the agent maps its cgroups (or its local pods' cgroups) to this

@@ -42,6 +42,7 @@ pub use enforcer_common::{PolicyKey, PolicyValue};
 pub mod atlas;
 mod cedar;
 pub mod cluster;
+pub mod classes;
 pub mod compile;
 pub mod diagnostics;
 pub mod explain;

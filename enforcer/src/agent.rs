@@ -829,7 +829,7 @@ impl Agent {
             .recompile_subject(&self.bundle, workload)
             .map_err(|error| anyhow::anyhow!("re-evaluating {workload}: {error}"))
             .and_then(|delta| {
-                let generation = self.datapath.tables.next_generation(false)?;
+                let generation = self.datapath.tables.next_generation()?;
                 self.history.publish(generation, self.compiled.clone());
                 self.datapath
                     .tables

@@ -116,10 +116,7 @@ fn without_cgroups(compiled: &Compiled, overrides: &Overrides) -> DesiredState {
     // does not change with where the agent runs.
     state.identities.insert(
         identity::AGENT,
-        IdentityInfo {
-            tenant: 0,
-            flags: flags::EXEMPT,
-        },
+        IdentityInfo::new(0, flags::EXEMPT),
     );
     state.allows = compiled.allows().iter().copied().collect();
     state

@@ -188,7 +188,7 @@ impl Check<'_> {
                     flags: found.flags & !flags::QUARANTINED,
                     ..found
                 };
-                if comparable == want {
+                if comparable.same_identity(&want) {
                     println!(
                         "kernel map {}: {} tenant={} flags={:#x}: agrees",
                         maps::IDENTITIES,

@@ -56,7 +56,8 @@ fn before(net: u8) -> Vec<Entity> {
 }
 
 /// The moving address now belongs to acme-db, globex-db moves to 127.<net>.2.11; plus `extra`
-/// acme endpoints (each one more allowed cell for acme-app).
+/// acme endpoints (each one more allowed cell for acme-app: each on a port of its own, so that
+/// it is a destination class of its own and one more kernel entry).
 fn after(net: u8, extra: u8) -> Vec<Entity> {
     let mut entities = before(net);
     for e in &mut entities {
@@ -76,17 +77,21 @@ fn after(net: u8, extra: u8) -> Vec<Entity> {
                 1,
                 20 + i,
             )
-            .port(DB_PORT, Proto::Tcp, "query"),
+            .port(DB_PORT + 1 + u16::from(i), Proto::Tcp, "query"),
         );
     }
     entities
 }
 
-/// The number of policy entries (allow and deny) a bundle compiles to.
+/// The number of kernel policy entries (allow and deny, keyed by classes) a bundle compiles
+/// to.
 fn policy_entries(dir: &Path) -> Result<usize> {
     let bundle = enforcer_policy::Bundle::load(dir)
         .map_err(|d| anyhow::anyhow!("fixture bundle invalid:\n{d}"))?;
-    Ok(bundle.compile()?.allows().len())
+    let compiled = bundle.compile()?;
+    Ok(enforcer_policy::classes::Classes::of(compiled.allows().iter().map(|(k, v)| (k, v)))
+        .entries
+        .len())
 }
 
 fn contents(pins: &Path) -> Result<MapContents> {
@@ -487,8 +492,9 @@ fn a_risk_row_that_does_not_fit_changes_nothing() -> Result<()> {
     let net = NET + 4;
     let mut entities = before(net);
     entities.push(
+        // Another port than acme-db's: a destination class of its own.
         Entity::endpoint(net, "acme-extra", "acme", "llm_api", 1, 20).port(
-            DB_PORT,
+            DB_PORT + 1,
             Proto::Tcp,
             "query",
         ),
@@ -513,14 +519,14 @@ fn a_risk_row_that_does_not_fit_changes_nothing() -> Result<()> {
     let addr = |name: &str| IpAddr::V4(world.entity(name).v4);
     let _servers = [
         Server::start(Proto::Tcp, SocketAddr::new(addr("acme-db"), DB_PORT))?,
-        Server::start(Proto::Tcp, SocketAddr::new(addr("acme-extra"), DB_PORT))?,
+        Server::start(Proto::Tcp, SocketAddr::new(addr("acme-extra"), DB_PORT + 1))?,
     ];
     let agent = Agent::start(config)?;
     first_applied_snapshot(&agent)?;
     let probe = Probe::new().in_cgroup(world.cgroup("acme-app"));
     let calls = [
         attempt("tcp", addr("acme-db"), DB_PORT),
-        attempt("tcp", addr("acme-extra"), DB_PORT),
+        attempt("tcp", addr("acme-extra"), DB_PORT + 1),
     ];
     for call in &calls {
         probe.expect_outcome(call, Outcome::Eperm, "risk 0.9")?;

@@ -758,10 +758,7 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
     for i in 0..IDENTITIES {
         state.identities.insert(
             first + i,
-            IdentityInfo {
-                tenant: 1 + i % 50,
-                flags: 0,
-            },
+            IdentityInfo::new(1 + i % 50, 0),
         );
     }
     let base = u32::from(Ipv4Addr::new(127, 64, 0, 0));

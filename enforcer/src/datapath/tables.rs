@@ -12,8 +12,9 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray};
 use enforcer_common::{
     capacity, flags, identity, maps, reason, verdict, Config, IdentityInfo, PolicyKey, PolicyValue,
-    VERDICT_COUNTERS,
+    NO_CLASS, VERDICT_COUNTERS,
 };
+use enforcer_policy::classes::{self, Classes};
 
 /// How long a policy table stays untouched after it stopped being the active one. A program
 /// that read the old active index just before the flip finishes its two lookups well within
@@ -127,7 +128,7 @@ impl Needs {
             host_v6: Need::exactly(host_v6.len()),
             prefix_v4: Need::exactly(prefix_v4.len()),
             prefix_v6: Need::exactly(prefix_v6.len()),
-            policy: Need::exactly(desired.allows.len()),
+            policy: Need::exactly(Classes::of(&desired.allows).entries.len()),
         }
     }
 
@@ -206,18 +207,26 @@ impl Needs {
 }
 
 /// Everything the policy maps hold, read back from the kernel: what `explain` compares and
-/// what tests compare before and after a change.
+/// what tests compare before and after a change. The policy tables are given as what they
+/// mean, keyed by identity pairs (each class entry fanned out to its members through that
+/// table's class slots), and identities without their classes; `kernel_policy` and
+/// `kernel_identities` are the raw class-keyed maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub cgroups: BTreeMap<u64, u32>,
+    /// Tenant and flags of each identity (class slots zero).
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub host_v4: BTreeMap<[u8; 4], u32>,
     pub host_v6: BTreeMap<[u8; 16], u32>,
     pub prefix_v4: BTreeMap<(u32, [u8; 4]), u32>,
     pub prefix_v6: BTreeMap<(u32, [u8; 16]), u32>,
-    /// `POLICY_A`, `POLICY_B`.
+    /// `POLICY_A`, `POLICY_B`, decoded to identity pairs.
     pub policy: [BTreeMap<PolicyKey, PolicyValue>; 2],
     pub config: Config,
+    /// `POLICY_A`, `POLICY_B` as the kernel holds them: keyed by classes.
+    pub kernel_policy: [BTreeMap<PolicyKey, PolicyValue>; 2],
+    /// `IDENTITIES` as the kernel holds it, class slots included.
+    pub kernel_identities: BTreeMap<u32, IdentityInfo>,
 }
 
 impl MapContents {
@@ -259,6 +268,21 @@ pub struct Tables {
     /// an agent starting on pinned maps learns their contents once. The agent is the maps'
     /// only writer (its state-directory lock keeps a second agent out).
     policy_shadow: [Option<HashMap<PolicyKey, PolicyValue>>; 2],
+    /// What each policy map holds, keyed by classes (`None` until first read).
+    class_shadow: [Option<HashMap<PolicyKey, PolicyValue>>; 2],
+    /// Testing only: called at each step of a table swap (see [`Tables::observe_swaps`]).
+    observer: Option<Box<dyn FnMut(SwapStep) + Send>>,
+}
+
+/// A step of a table swap, after which [`Tables::observe_swaps`]'s observer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapStep {
+    /// The standby map holds the new class-keyed entries.
+    StandbyTableWritten,
+    /// One identity's standby class slot was written.
+    StandbyClassesWritten(u32),
+    /// `CONFIG.generation` names the new table.
+    Flipped,
 }
 
 fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
@@ -498,8 +522,11 @@ fn interim_info(old: Option<&IdentityInfo>, new: &IdentityInfo) -> IdentityInfo 
 
 /// How one change reaches the kernel (see [`Tables::apply`]).
 struct Plan {
-    /// The transition table, when the mappings change in a way that no single flip covers.
-    transition: Option<HashMap<PolicyKey, PolicyValue>>,
+    /// The transition table (and its classes), when the mappings change in a way that no
+    /// single flip covers.
+    transition: Option<(HashMap<PolicyKey, PolicyValue>, Classes)>,
+    /// The classes of the new table.
+    classes: Classes,
     /// Cgroup entries written before the flip (all of them with a transition table).
     cgroups_before: Vec<(u64, Option<u32>)>,
     cgroups_after: Vec<(u64, Option<u32>)>,
@@ -534,6 +561,8 @@ impl Tables {
             check_capacity: true,
             last_flip: None,
             policy_shadow: [None, None],
+            class_shadow: [None, None],
+            observer: None,
         })
     }
 
@@ -555,19 +584,45 @@ impl Tables {
     /// Everything the policy maps hold now.
     pub fn contents(&self) -> Result<MapContents> {
         let m = self.read_mappings()?;
+        let kernel_policy = [self.policy[0].entries()?, self.policy[1].entries()?];
+        let policy = [
+            decode_slot(&kernel_policy[0], &m.identities, 0)
+                .into_iter()
+                .collect(),
+            decode_slot(&kernel_policy[1], &m.identities, 1)
+                .into_iter()
+                .collect(),
+        ];
+        let [a, b] = kernel_policy;
         Ok(MapContents {
             cgroups: m.cgroups.into_iter().collect(),
-            identities: m.identities.into_iter().collect(),
+            identities: m
+                .identities
+                .iter()
+                .map(|(id, info)| (*id, IdentityInfo::new(info.tenant, info.flags)))
+                .collect(),
             host_v4: m.v4.host.into_iter().collect(),
             host_v6: m.v6.host.into_iter().collect(),
             prefix_v4: m.v4.prefix.into_iter().collect(),
             prefix_v6: m.v6.prefix.into_iter().collect(),
-            policy: [
-                self.policy[0].entries()?.into_iter().collect(),
-                self.policy[1].entries()?.into_iter().collect(),
-            ],
+            policy,
             config: self.config()?,
+            kernel_policy: [a.into_iter().collect(), b.into_iter().collect()],
+            kernel_identities: m.identities.into_iter().collect(),
         })
+    }
+
+    /// Testing only: `observer` runs after each step of every table swap (the standby table
+    /// written, each identity's standby classes written, the flip), so that a test can read
+    /// what the kernel would decide at that moment.
+    pub fn observe_swaps(&mut self, observer: Box<dyn FnMut(SwapStep) + Send>) {
+        self.observer = Some(observer);
+    }
+
+    fn observe(&mut self, step: SwapStep) {
+        if let Some(observer) = self.observer.as_mut() {
+            observer(step);
+        }
     }
 
     /// The destination identity the kernel finds for an address (host entry, then the longest
@@ -598,23 +653,39 @@ impl Tables {
         }
     }
 
-    /// The value the active table holds for a cell (exact port first, then any port), as
-    /// the kernel would see it.
+    /// The value the active table holds for a cell given by identities (exact port first,
+    /// then any port), as the kernel would see it: through the two identities' classes in
+    /// that table. The key returned is `key` with the port that matched.
     pub fn lookup(&self, key: PolicyKey) -> Result<Option<(PolicyKey, PolicyValue)>> {
-        let active = &self.policy[active_table(&self.config()?)];
-        for key in [key, PolicyKey { dport: 0, ..key }] {
-            if let Ok(value) = active.get(&key, 0) {
-                return Ok(Some((key, value)));
+        let slot = active_table(&self.config()?);
+        let active = &self.policy[slot];
+        let (Some(subject), Some(destination)) = (
+            self.identity_info(key.subject),
+            self.identity_info(key.destination),
+        ) else {
+            return Ok(None);
+        };
+        let class_key = PolicyKey {
+            subject: subject.subject_class[slot],
+            destination: destination.destination_class[slot],
+            ..key
+        };
+        if class_key.subject == NO_CLASS || class_key.destination == NO_CLASS {
+            return Ok(None);
+        }
+        for dport in [key.dport, 0] {
+            if let Ok(value) = active.get(&PolicyKey { dport, ..class_key }, 0) {
+                return Ok(Some((PolicyKey { dport, ..key }, value)));
             }
         }
         Ok(None)
     }
 
-    /// The generation the next change will write: +1 for a table swap ([`Tables::apply`]),
-    /// +2 for a row update ([`Tables::apply_row`]). The agent publishes the policy under it
+    /// The generation the next change will write: +1, every change being a table swap
+    /// ([`Tables::apply`], [`Tables::apply_row`]). The agent publishes the policy under it
     /// *before* the change, so an event decided just after the flip finds its policy.
-    pub fn next_generation(&self, swap: bool) -> Result<u64> {
-        Ok(self.config()?.generation + if swap { 1 } else { 2 })
+    pub fn next_generation(&self) -> Result<u64> {
+        Ok(self.config()?.generation + 1)
     }
 
     /// The subject currently mapped to a cgroup, if any.
@@ -729,10 +800,15 @@ impl Tables {
     }
 
     /// The active table's contents (from memory when this process wrote it).
+    /// Read back, a table is decoded through its class slots: an agent adopting pinned maps
+    /// learns what they mean.
     fn active_contents(&mut self, config: &Config) -> Result<HashMap<PolicyKey, PolicyValue>> {
         let active = active_table(config);
         if self.policy_shadow[active].is_none() {
-            self.policy_shadow[active] = Some(self.policy[active].entries()?);
+            let raw = self.policy[active].entries()?;
+            let identities = self.identities.entries()?;
+            self.policy_shadow[active] = Some(decode_slot(&raw, &identities, active));
+            self.class_shadow[active] = Some(raw);
         }
         Ok(self.policy_shadow[active].clone().unwrap_or_default())
     }
@@ -746,6 +822,7 @@ impl Tables {
     ) -> Result<Plan> {
         let next_v4 = IpCache::from_desired(&desired.ipcache_v4);
         let next_v6 = IpCache::from_desired(&desired.ipcache_v6);
+        let classes = Classes::of(&desired.allows);
         // Old and new entries coexist while IP caches and identities change.
         fn union<K: Eq + Hash, V, W>(now: &HashMap<K, V>, next: &HashMap<K, W>) -> Need {
             let common = now.keys().filter(|k| next.contains_key(*k)).count();
@@ -773,7 +850,7 @@ impl Tables {
             prefix_v4: union(&current.v4.prefix, &next_v4.prefix),
             prefix_v6: union(&current.v6.prefix, &next_v6.prefix),
             // Stale entries leave the (invisible) standby table before new ones are added.
-            policy: Need::exactly(desired.allows.len()),
+            policy: Need::exactly(classes.entries.len()),
         };
         let overflows = needs.overflows(&self.capacities);
         if self.check_capacity && !overflows.is_empty() {
@@ -833,6 +910,7 @@ impl Tables {
             cgroups_before.sort_by_key(|(_, after)| after.is_some());
             return Ok(Plan {
                 transition: None,
+                classes,
                 cgroups_before,
                 cgroups_after,
                 ip_before,
@@ -846,7 +924,16 @@ impl Tables {
         let mut transition = transition_table(old_table, &desired.allows, |s, d| {
             moving_subjects.contains(&s) && moving_destinations.contains(&d)
         });
-        let dropped = shrink_to(&mut transition, self.capacities.policy as usize);
+        let mut transition_classes = Classes::of(&transition);
+        let capacity = self.capacities.policy as usize;
+        // Shrunk by identity pairs, which only over-counts (a class table is a subset).
+        let dropped = if transition_classes.entries.len() > capacity {
+            let dropped = shrink_to(&mut transition, capacity);
+            transition_classes = Classes::of(&transition);
+            dropped
+        } else {
+            0
+        };
         if dropped > 0 {
             tracing::warn!(
                 dropped,
@@ -857,7 +944,8 @@ impl Tables {
         cgroups.extend(cgroups_after);
         cgroups.sort_by_key(|(_, after)| after.is_some());
         Ok(Plan {
-            transition: Some(transition),
+            transition: Some((transition, transition_classes)),
+            classes,
             cgroups_before: cgroups,
             cgroups_after: Vec::new(),
             ip_before: true,
@@ -877,26 +965,30 @@ impl Tables {
         // Mappings change under the table in force: no program may still use the one before.
         self.wait_for_in_flight();
         // 2. identities: new ones, and interim values of existing ones.
+        // A new identity enters in no class of either table: it is denied until the flip
+        // to a table that has its classes.
         for (id, info) in &desired.identities {
             let old = current.identities.get(id);
             let interim = interim_info(old, info);
-            if old != Some(&interim) {
-                self.identities.put(id, &interim, maps::IDENTITIES)?;
+            if !old.is_some_and(|old| old.same_identity(&interim)) {
+                let classes = old.copied().unwrap_or_default();
+                self.identities
+                    .put(id, &interim.with_classes_of(&classes), maps::IDENTITIES)?;
                 report.written += 1;
             }
         }
         let old_audit = self.config()?.audit != 0;
-        if let Some(transition) = &plan.transition {
-            publish(self.next_generation(true)?, Flip::Transition);
-            self.swap_policy(transition, old_audit && desired.audit, false)?;
+        if let Some((transition, classes)) = &plan.transition {
+            publish(self.next_generation()?, Flip::Transition);
+            self.swap_policy(transition, classes, old_audit && desired.audit, false)?;
             self.wait_for_in_flight();
         }
         report.written += self.write_cgroups(&plan.cgroups_before)?;
         if plan.ip_before {
             report.written += self.write_ip_caches(current, desired)?;
         }
-        publish(self.next_generation(true)?, Flip::Final);
-        let swap = self.swap_policy(&desired.allows, desired.audit, rollback)?;
+        publish(self.next_generation()?, Flip::Final);
+        let swap = self.swap_policy(&desired.allows, &plan.classes, desired.audit, rollback)?;
         report.written += swap.written;
         report.removed += swap.stale.len();
         report.active_table = swap.active;
@@ -912,7 +1004,7 @@ impl Tables {
         for (id, info) in &desired.identities {
             let interim = interim_info(current.identities.get(id), info);
             if interim != *info {
-                self.identities.put(id, info, maps::IDENTITIES)?;
+                self.put_identity(*id, info)?;
             }
         }
         let stale: Vec<u32> = current
@@ -1039,94 +1131,45 @@ impl Tables {
         Ok(())
     }
 
-    /// Writes one subject's re-evaluated row into the active table (a risk change), all or
-    /// nothing. Each cell changes on its own, in an order where no connect sees a cell allowed
-    /// that neither the old nor the new row allows: first every change that only denies more
-    /// (deny exceptions added, allows removed), then the rest (allows added, exceptions
-    /// removed). A row that does not fit the table is refused before any write; a write that
-    /// fails anyway is undone.
+    /// Writes one subject's re-evaluated row (a risk change): the active table with `added`
+    /// written over it and `removed` taken out, written into the standby table with its
+    /// classes and flipped to, like any policy change. A row changes classes (its subject may
+    /// leave a class, others' answers towards it may split theirs), and only a swap changes
+    /// a table and its class numbers together: no connect sees a cell that neither the old
+    /// nor the new row allows. A row that does not fit the table is refused before any write;
+    /// a write that fails before the flip leaves the active table as it was. Returns the new
+    /// generation.
     pub fn apply_row(
         &mut self,
         added: &[(PolicyKey, PolicyValue)],
         removed: &[PolicyKey],
     ) -> Result<u64> {
-        let mut config = self.config()?;
-        let active = active_table(&config);
-        let current = self.active_contents(&config)?;
-        let new_keys = added
-            .iter()
-            .filter(|(key, _)| !current.contains_key(key))
-            .count();
-        let need = current.len() + new_keys;
-        if need > self.capacities.policy as usize {
+        let config = self.config()?;
+        let mut table = self.active_contents(&config)?;
+        for key in removed {
+            table.remove(key);
+        }
+        table.extend(added.iter().copied());
+        let classes = Classes::of(&table);
+        let need = classes.entries.len();
+        if self.check_capacity && need > self.capacities.policy as usize {
             anyhow::bail!(
-                "the row does not fit the active policy table; nothing was written: needs {need} policy entries, capacity {}",
+                "the row does not fit the policy table; nothing was written: needs {need} policy entries, capacity {}",
                 self.capacities.policy
             );
         }
-        let mut stricter: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
-        let mut looser: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
-        for (key, value) in added {
-            let slot = if value.is_allow() {
-                &mut looser
-            } else {
-                &mut stricter
-            };
-            slot.push((*key, Some(*value)));
-        }
-        for key in removed {
-            match current.get(key) {
-                Some(value) if value.is_allow() => stricter.push((*key, None)),
-                Some(_) => looser.push((*key, None)),
-                None => {}
-            }
-        }
-        // Forget the shadow while writing: if undoing fails too, the next swap reads the table.
-        let shadow = self.policy_shadow[active].take();
-        let table = &mut self.policy[active];
-        let mut undo: Vec<(PolicyKey, Option<PolicyValue>)> = Vec::new();
-        let mut written = Ok(());
-        for (key, value) in stricter.iter().chain(looser.iter()) {
-            undo.push((*key, current.get(key).copied()));
-            let result = match value {
-                Some(value) => table.put(key, value, "the active policy table"),
-                None => table.delete(key, "the active policy table"),
-            };
-            if let Err(error) = result {
-                written = Err(error);
-                break;
-            }
-        }
-        if let Err(error) = written {
-            // Back in reverse: the cells return to their old values in the opposite order.
-            for (key, value) in undo.iter().rev() {
-                let result = match value {
-                    Some(value) => table.put(key, value, "the active policy table"),
-                    None => table.delete(key, "the active policy table"),
-                };
-                if let Err(undo_error) = result {
-                    return Err(error.context(format!(
-                        "writing the row failed part-way, and UNDOING IT FAILED TOO: {undo_error:#}"
-                    )));
-                }
-            }
-            self.policy_shadow[active] = shadow;
-            return Err(error.context("writing the row failed part-way; every cell was put back"));
-        }
-        self.policy_shadow[active] = shadow.map(|mut shadow| {
-            shadow.extend(added.iter().copied());
-            for key in removed {
-                shadow.remove(key);
-            }
-            shadow
-        });
-        // +2 keeps the parity (the active table) and gives the changed row a revision of its
-        // own, so that later events are explained by it.
-        config.generation += 2;
-        self.config
-            .set(0, config, 0)
-            .context("advancing CONFIG.generation")?;
-        Ok(config.generation)
+        let swap = self
+            .swap_policy(&table, &classes, config.audit != 0, false)
+            .context("writing the row failed; the table in force is unchanged")?;
+        Ok(swap.generation)
+    }
+
+    /// Writes an identity's tenant and flags, keeping the class slots the kernel holds (only a
+    /// table swap changes classes).
+    fn put_identity(&mut self, id: u32, info: &IdentityInfo) -> Result<()> {
+        let classes = self.identities.get(&id, 0).unwrap_or_default();
+        self.identities
+            .put(&id, &info.with_classes_of(&classes), maps::IDENTITIES)
     }
 
     /// Maps the agent's own cgroup to `identity::AGENT` (exempt), and nothing else: written
@@ -1134,14 +1177,7 @@ impl Tables {
     /// that programs already attached never judge it. Every other entry stays as it is
     /// until the first policy is applied.
     pub fn exempt(&mut self, cgroup_id: u64) -> Result<()> {
-        self.identities.put(
-            &identity::AGENT,
-            &IdentityInfo {
-                tenant: 0,
-                flags: flags::EXEMPT,
-            },
-            maps::IDENTITIES,
-        )?;
+        self.put_identity(identity::AGENT, &IdentityInfo::new(0, flags::EXEMPT))?;
         self.cgroup_identity
             .put(&cgroup_id, &identity::AGENT, maps::CGROUP_IDENTITY)
     }
@@ -1167,12 +1203,23 @@ impl Tables {
             .collect())
     }
 
-    /// Makes the standby table equal to `allows`, then flips the active index to it. With
-    /// `keep_if_active`, a table already active with these contents stays (a rollback of a
-    /// change that failed before its flip changes nothing).
+    /// Makes the standby table equal to `allows` (whose classes are `classes`), then flips
+    /// the active index to it. With `keep_if_active`, a table already active with these
+    /// contents stays (a rollback of a change that failed before its flip changes nothing).
+    ///
+    /// The kernel reads the generation once and takes both the table and the two identities'
+    /// class slots of that parity. Everything written here is of the standby parity, which
+    /// no program reads: the class-keyed entries, then each identity's standby slot. Only the
+    /// flip (one write of `CONFIG`) makes them visible, all at once, so a connect sees the old
+    /// classes with the old table or the new classes with the new table, never a mixture.
+    /// The standby parity was the active one before the previous flip: programs that read it
+    /// then have finished once [`Tables::wait_for_in_flight`] returns, which is waited first.
+    /// Identities added after this swap enter with [`NO_CLASS`] in both slots (denied until
+    /// the next flip gives them classes).
     fn swap_policy(
         &mut self,
         allows: &HashMap<PolicyKey, PolicyValue>,
+        classes: &Classes,
         audit: bool,
         keep_if_active: bool,
     ) -> Result<PolicySwap> {
@@ -1190,22 +1237,44 @@ impl Tables {
             });
         }
         let standby = active as u32 ^ 1;
+        let slot = standby as usize;
         self.wait_for_in_flight();
-        let table = &mut self.policy[standby as usize];
+        self.policy_shadow[slot] = None;
+        let table = &mut self.policy[slot];
         // Stale entries go first here: the standby table is invisible, and removing first
         // leaves room in a nearly full table.
-        let current = match self.policy_shadow[standby as usize].take() {
+        let current = match self.class_shadow[slot].take() {
             Some(shadow) => shadow,
             None => table.entries()?,
         };
         let stale: Vec<PolicyKey> = current
             .keys()
-            .filter(|k| !allows.contains_key(k))
+            .filter(|k| !classes.entries.contains_key(k))
             .copied()
             .collect();
         remove(table, &stale, "the standby policy table")?;
-        let written = write_changed(table, &current, allows, "the standby policy table")?;
-        self.policy_shadow[standby as usize] = Some(allows.clone());
+        let mut written =
+            write_changed(table, &current, &classes.entries, "the standby policy table")?;
+        self.observe(SwapStep::StandbyTableWritten);
+        // Every identity the kernel knows gets its classes in the standby slot (NO_CLASS
+        // for those the table does not name).
+        let identities = self.identities.entries()?;
+        let mut ids: Vec<(&u32, &IdentityInfo)> = identities.iter().collect();
+        ids.sort_unstable_by_key(|(id, _)| **id);
+        for (&id, info) in ids {
+            let (s, d) = (classes.subject_class(id), classes.destination_class(id));
+            if info.subject_class[slot] == s && info.destination_class[slot] == d {
+                continue;
+            }
+            let mut next = *info;
+            next.subject_class[slot] = s;
+            next.destination_class[slot] = d;
+            self.identities.put(&id, &next, maps::IDENTITIES)?;
+            written += 1;
+            self.observe(SwapStep::StandbyClassesWritten(id));
+        }
+        self.policy_shadow[slot] = Some(allows.clone());
+        self.class_shadow[slot] = Some(classes.entries.clone());
         // +1: the generation's parity, which the programs read, now names the standby table.
         config.generation += 1;
         config.active_policy = standby;
@@ -1214,6 +1283,7 @@ impl Tables {
             .set(0, config, 0)
             .context("flipping CONFIG.active_policy")?;
         self.last_flip = Some(Instant::now());
+        self.observe(SwapStep::Flipped);
         Ok(PolicySwap {
             written,
             stale,
@@ -1221,6 +1291,25 @@ impl Tables {
             generation: config.generation,
         })
     }
+}
+
+/// The identity-keyed table a class-keyed map means under the class slot `slot` of
+/// `identities`.
+fn decode_slot(
+    raw: &HashMap<PolicyKey, PolicyValue>,
+    identities: &HashMap<u32, IdentityInfo>,
+    slot: usize,
+) -> HashMap<PolicyKey, PolicyValue> {
+    classes::decode(
+        raw,
+        identities.iter().map(|(id, info)| {
+            (
+                *id,
+                info.subject_class[slot],
+                info.destination_class[slot],
+            )
+        }),
+    )
 }
 
 /// Writes added and changed prefixes, longest first.
