@@ -108,9 +108,7 @@ impl Classes {
 
     /// Distinct subject and destination classes.
     pub fn counts(&self) -> (usize, usize) {
-        let distinct = |m: &HashMap<u32, u32>| {
-            m.iter().filter(|(id, class)| id == class).count()
-        };
+        let distinct = |m: &HashMap<u32, u32>| m.iter().filter(|(id, class)| id == class).count();
         (distinct(&self.subject), distinct(&self.destination))
     }
 }
@@ -203,7 +201,10 @@ mod tests {
         for t in 0..2u32 {
             for s in 0..50 {
                 for d in 0..50 {
-                    table.insert(key(256 + t * 100 + s, 256 + t * 100 + d, 0), PolicyValue::allow(t));
+                    table.insert(
+                        key(256 + t * 100 + s, 256 + t * 100 + d, 0),
+                        PolicyValue::allow(t),
+                    );
                 }
             }
         }

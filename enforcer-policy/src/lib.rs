@@ -41,8 +41,8 @@ pub use enforcer_common::{PolicyKey, PolicyValue};
 
 pub mod atlas;
 mod cedar;
-pub mod cluster;
 pub mod classes;
+pub mod cluster;
 pub mod compile;
 pub mod diagnostics;
 pub mod explain;

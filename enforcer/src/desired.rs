@@ -114,10 +114,9 @@ fn without_cgroups(compiled: &Compiled, overrides: &Overrides) -> DesiredState {
     }
     // Present whether or not the agent runs inside the subtree: a fixed entry, so the map
     // does not change with where the agent runs.
-    state.identities.insert(
-        identity::AGENT,
-        IdentityInfo::new(0, flags::EXEMPT),
-    );
+    state
+        .identities
+        .insert(identity::AGENT, IdentityInfo::new(0, flags::EXEMPT));
     state.allows = compiled.allows().iter().copied().collect();
     state
 }

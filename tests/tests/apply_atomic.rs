@@ -89,9 +89,11 @@ fn policy_entries(dir: &Path) -> Result<usize> {
     let bundle = enforcer_policy::Bundle::load(dir)
         .map_err(|d| anyhow::anyhow!("fixture bundle invalid:\n{d}"))?;
     let compiled = bundle.compile()?;
-    Ok(enforcer_policy::classes::Classes::of(compiled.allows().iter().map(|(k, v)| (k, v)))
-        .entries
-        .len())
+    Ok(
+        enforcer_policy::classes::Classes::of(compiled.allows().iter().map(|(k, v)| (k, v)))
+            .entries
+            .len(),
+    )
 }
 
 fn contents(pins: &Path) -> Result<MapContents> {

@@ -8,13 +8,19 @@
 //! (decoded through each identity's classes), and the kernel must decide real connects from
 //! real cgroups as the policy says.
 //!
+//! A third test reads the real maps after every write of a swap: a table and its class
+//! numbers change together.
+//!
 //! Addresses: 127.82.0.0/16 only; cgroups and pins are named `pt-...`.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use enforcer::datapath::{pin_dir, Tables};
+use enforcer::datapath::{pin_dir, Datapath, DesiredState, LoadOptions, SwapStep, Tables};
+use enforcer_common::{IdentityInfo, PolicyKey, PolicyValue};
 use enforcer_policy::classes::Classes;
 use enforcer_tests::agent::AgentConfig;
 use enforcer_tests::bpf::PinDir;
@@ -196,7 +202,11 @@ fn an_allow_all_policy_over_two_thousand_identities_fits() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    let s = Setup::start(10, "@id(\"allow-all\")\npermit (principal, action, resource);\n", &[])?;
+    let s = Setup::start(
+        10,
+        "@id(\"allow-all\")\npermit (principal, action, resource);\n",
+        &[],
+    )?;
     // The default capacity (262,144): the identity pairs would not fit.
     s.check_tables(16)?;
     for (i, cgroup) in s.cgroups.iter().enumerate() {
@@ -240,5 +250,170 @@ fn a_same_tenant_permit_over_two_thousand_identities_fits_a_small_table() -> Res
             &format!("same-tenant, w{from} -> {to}:{port}"),
         )?;
     }
+    Ok(())
+}
+
+/// Identities 256.. with a tenant each.
+fn identities(ids: impl IntoIterator<Item = (u32, u32)>) -> BTreeMap<u32, IdentityInfo> {
+    ids.into_iter()
+        .map(|(id, tenant)| (id, IdentityInfo::new(tenant, 0)))
+        .collect()
+}
+
+fn allow(subject: u32, destination: u32, dport: u16) -> (PolicyKey, PolicyValue) {
+    (
+        PolicyKey {
+            subject,
+            destination,
+            dport,
+            protocol: enforcer_common::proto::TCP,
+            _pad: 0,
+        },
+        PolicyValue::allow(0),
+    )
+}
+
+/// What the kernel decides, read from the real maps after one step of a swap.
+type Seen = Vec<(
+    SwapStep,
+    std::result::Result<BTreeMap<PolicyKey, PolicyValue>, String>,
+)>;
+
+/// Checks the decoded active table after every step of the swaps in `seen`: `before` until
+/// the flip, `after` from it; and that the swap rewrote class slots (else the test proves
+/// nothing).
+fn check_steps(
+    seen: &Seen,
+    before: &HashMap<PolicyKey, PolicyValue>,
+    after: &HashMap<PolicyKey, PolicyValue>,
+    what: &str,
+) -> Result<()> {
+    let as_map = |t: &HashMap<PolicyKey, PolicyValue>| -> BTreeMap<PolicyKey, PolicyValue> {
+        t.iter().map(|(k, v)| (*k, *v)).collect()
+    };
+    let (before, after) = (as_map(before), as_map(after));
+    ensure!(before != after, "{what}: fixture must change the table");
+    let flips = seen.iter().filter(|(s, _)| *s == SwapStep::Flipped).count();
+    ensure!(
+        flips == 1,
+        "{what}: want one flip, saw {flips}: {:?}",
+        steps(seen)
+    );
+    let class_writes = seen
+        .iter()
+        .filter(|(s, _)| matches!(s, SwapStep::StandbyClassesWritten(_)))
+        .count();
+    ensure!(
+        class_writes > 0,
+        "{what}: the swap must rewrite class slots: {:?}",
+        steps(seen)
+    );
+    let mut flipped = false;
+    for (step, decided) in seen {
+        flipped |= *step == SwapStep::Flipped;
+        let decided = decided
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{what}: reading the maps at {step:?}: {e}"))?;
+        let want = if flipped { &after } else { &before };
+        ensure!(
+            decided == want,
+            "{what}: after {step:?} the kernel decides a table that is neither the old one (before the flip) nor the new one (from it):\n got  {decided:?}\n want {want:?}"
+        );
+    }
+    Ok(())
+}
+
+fn steps(seen: &Seen) -> Vec<SwapStep> {
+    seen.iter().map(|(s, _)| *s).collect()
+}
+
+/// A table and the class numbers it was compiled with change together. The kernel reads the
+/// generation once and, with its parity, both the table and the two identities' class slots;
+/// a swap writes only the standby parity (the class-keyed entries, then every identity's
+/// standby slot), and one write of `CONFIG` flips all of it. So after every single write of a
+/// swap, the table the kernel would decide, decoded from the real maps exactly as the kernel
+/// reads them (active parity, active slot of each identity, active map), must be the old
+/// table, and from the flip on the new one. Checked for a reload (a new identity that enters
+/// in no class, an identity that leaves, classes that split) and for a risk row.
+#[test]
+fn a_table_and_its_class_numbers_change_together() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let pins = PinDir::new("pt-swap")?;
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_root: pins.path(),
+        ring_buffer_bytes: None,
+        capacity: Default::default(),
+    })?;
+    let dir = datapath.dir().to_path_buf();
+
+    // T1: ten identities in two tenants, all allowed to each other (one class each way).
+    let t1_ids = identities((256..266).map(|id| (id, id % 2)));
+    let t1: HashMap<PolicyKey, PolicyValue> = (256..266)
+        .flat_map(|s| (256..266).map(move |d| allow(s, d, 0)))
+        .collect();
+    datapath.tables.apply(&DesiredState {
+        identities: t1_ids,
+        allows: t1.clone(),
+        ..DesiredState::default()
+    })?;
+
+    let seen = Arc::new(Mutex::new(Seen::new()));
+    let record = seen.clone();
+    datapath.tables.observe_swaps(Box::new(move |step| {
+        let decided = Tables::open(&dir)
+            .and_then(|t| t.contents())
+            .map(|c| c.active_policy().clone())
+            .map_err(|e| format!("{e:#}"));
+        if let Ok(mut seen) = record.lock() {
+            seen.push((step, decided));
+        }
+    }));
+    let take = |seen: &Arc<Mutex<Seen>>| -> Result<Seen> {
+        let mut seen = seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
+        Ok(std::mem::take(&mut *seen))
+    };
+
+    // T2: same tenant only (the classes split); 265 leaves, 270 enters (tenant 0).
+    let t2_members: Vec<u32> = (256..265).chain([270]).collect();
+    let t2_ids = identities(t2_members.iter().map(|&id| (id, id % 2)));
+    let t2: HashMap<PolicyKey, PolicyValue> = t2_members
+        .iter()
+        .flat_map(|&s| {
+            t2_members
+                .iter()
+                .filter(move |&&d| d % 2 == s % 2)
+                .map(move |&d| allow(s, d, 0))
+        })
+        .collect();
+    datapath.tables.apply(&DesiredState {
+        identities: t2_ids,
+        allows: t2.clone(),
+        ..DesiredState::default()
+    })?;
+    check_steps(&take(&seen)?, &t1, &t2, "reload")?;
+    let kernel = Tables::open(datapath.dir())?.contents()?;
+    let active = (kernel.config.generation & 1) as usize;
+    ensure!(
+        kernel.kernel_policy[active].len() == 2,
+        "two tenants allowed within themselves: 2 class entries, got {:?}",
+        kernel.kernel_policy[active]
+    );
+    ensure!(
+        !kernel.identities.contains_key(&265),
+        "the identity that left is removed"
+    );
+
+    // A risk row: 256 loses every allow but one exact port towards 258.
+    let removed: Vec<PolicyKey> = t2.keys().filter(|k| k.subject == 256).copied().collect();
+    let added = vec![allow(256, 258, 443)];
+    datapath.tables.apply_row(&added, &removed)?;
+    let mut t3 = t2.clone();
+    t3.retain(|k, _| k.subject != 256);
+    t3.extend(added);
+    check_steps(&take(&seen)?, &t2, &t3, "risk row")?;
     Ok(())
 }

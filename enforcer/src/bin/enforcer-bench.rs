@@ -756,10 +756,9 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
     let server = first + 1;
     let mut state = DesiredState::default();
     for i in 0..IDENTITIES {
-        state.identities.insert(
-            first + i,
-            IdentityInfo::new(1 + i % 50, 0),
-        );
+        state
+            .identities
+            .insert(first + i, IdentityInfo::new(1 + i % 50, 0));
     }
     let base = u32::from(Ipv4Addr::new(127, 64, 0, 0));
     for i in 0..IPCACHE_ENTRIES {

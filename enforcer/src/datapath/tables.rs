@@ -1253,8 +1253,12 @@ impl Tables {
             .copied()
             .collect();
         remove(table, &stale, "the standby policy table")?;
-        let mut written =
-            write_changed(table, &current, &classes.entries, "the standby policy table")?;
+        let mut written = write_changed(
+            table,
+            &current,
+            &classes.entries,
+            "the standby policy table",
+        )?;
         self.observe(SwapStep::StandbyTableWritten);
         // Every identity the kernel knows gets its classes in the standby slot (NO_CLASS
         // for those the table does not name).
@@ -1302,13 +1306,9 @@ fn decode_slot(
 ) -> HashMap<PolicyKey, PolicyValue> {
     classes::decode(
         raw,
-        identities.iter().map(|(id, info)| {
-            (
-                *id,
-                info.subject_class[slot],
-                info.destination_class[slot],
-            )
-        }),
+        identities
+            .iter()
+            .map(|(id, info)| (*id, info.subject_class[slot], info.destination_class[slot])),
     )
 }
 
