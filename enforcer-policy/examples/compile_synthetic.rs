@@ -27,6 +27,10 @@ fn main() {
         };
         let report = enforcer_policy::testutil::bench_cluster(&dir, &shape);
         println!("{report}");
+        // The kernel table keyed by classes (issue 9: "the policy table must fit").
+        let (baseline, allow_all) = enforcer_policy::testutil::bench_table_fit(&dir, &shape);
+        println!("  table, baseline {baseline}");
+        println!("  table, allow-all {allow_all}");
         if std::env::var_os("JSON").is_some() {
             println!(
                 "{}",

@@ -179,6 +179,31 @@ mod tests {
         classes
     }
 
+    proptest::proptest! {
+        /// Any table, however irregular: its classes decode back to exactly it, and no
+        /// class table is larger than the pair table.
+        #[test]
+        fn any_table_round_trips(cells in proptest::collection::vec(
+            (256u32..272, 256u32..272, proptest::sample::select(vec![0u16, 22, 443]),
+             0u32..3, proptest::bool::ANY),
+            0..200,
+        )) {
+            let table: HashMap<PolicyKey, PolicyValue> = cells
+                .into_iter()
+                .map(|(s, d, port, rule, allow)| {
+                    let v = if allow || port == 0 {
+                        PolicyValue::allow(rule)
+                    } else {
+                        PolicyValue::deny(rule)
+                    };
+                    (key(s, d, port), v)
+                })
+                .collect();
+            let classes = round_trip(&table);
+            proptest::prop_assert!(classes.entries.len() <= table.len());
+        }
+    }
+
     #[test]
     fn allow_all_is_one_entry_per_port_shape() {
         // 300 identities, each subject and destination, all allowed on any port.

@@ -1222,3 +1222,78 @@ impl std::fmt::Display for ClusterBenchReport {
         )
     }
 }
+
+/// The kernel table of one policy over a cluster: identity pairs against classes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TableFit {
+    /// Entries keyed by identity pairs (what the table needed before classes).
+    pub identity_pairs: usize,
+    /// Entries keyed by (subject class, destination class): what the kernel holds.
+    pub class_entries: usize,
+    pub subject_classes: usize,
+    pub destination_classes: usize,
+    pub compile_ms: f64,
+    /// `Classes::of` over the compiled table.
+    pub classes_ms: f64,
+}
+
+/// Issue 9's question, "does the policy table fit": [`cluster_bundle`]'s policies (the demo
+/// baseline: same-tenant permits, tenant isolation, purpose rules) and an allow-all policy
+/// over [`synthetic_cluster`] of `shape`, each compiled and grouped into classes.
+///
+/// Panics if a bundle does not load or compile (a bug, not a measurement).
+#[allow(clippy::expect_used, clippy::panic)]
+pub fn bench_table_fit(dir: &Path, shape: &ClusterShape) -> (TableFit, TableFit) {
+    use std::time::Instant;
+    let options = crate::cluster::ClusterOptions {
+        node_name: BENCH_NODE.into(),
+        max_identities_per_tenant: crate::cluster::DEFAULT_MAX_IDENTITIES_PER_TENANT,
+    };
+    let state = synthetic_cluster(shape);
+    let fit = |dir: &Path| {
+        let bundle = crate::Bundle::load_with_cluster(dir, &state, &options)
+            .unwrap_or_else(|d| panic!("bundle invalid:\n{d}"));
+        let t = Instant::now();
+        let compiled = bundle.compile().expect("compiling");
+        let compile_ms = ms(t.elapsed());
+        let t = Instant::now();
+        let classes = crate::classes::Classes::of(compiled.allows().iter().map(|(k, v)| (k, v)));
+        let classes_ms = ms(t.elapsed());
+        let (subject_classes, destination_classes) = classes.counts();
+        TableFit {
+            identity_pairs: compiled.allows().len(),
+            class_entries: classes.entries.len(),
+            subject_classes,
+            destination_classes,
+            compile_ms,
+            classes_ms,
+        }
+    };
+    cluster_bundle(dir, shape.tenants).expect("writing the bundle");
+    let baseline = fit(dir);
+    std::fs::write(
+        dir.join("policies.cedar"),
+        "@id(\"allow-all\")\npermit (principal, action, resource);\n",
+    )
+    .expect("writing the allow-all policy");
+    let allow_all = fit(dir);
+    (baseline, allow_all)
+}
+
+impl std::fmt::Display for TableFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:9} identity-pair entries ({:.1}% of {}) -> {:6} class entries ({:.2}%; {} subject, {} destination classes; compile {:.0} ms, classes {:.0} ms)",
+            self.identity_pairs,
+            100.0 * self.identity_pairs as f64 / POLICY_CAPACITY as f64,
+            POLICY_CAPACITY,
+            self.class_entries,
+            100.0 * self.class_entries as f64 / POLICY_CAPACITY as f64,
+            self.subject_classes,
+            self.destination_classes,
+            self.compile_ms,
+            self.classes_ms
+        )
+    }
+}
