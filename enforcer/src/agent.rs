@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{flags, reason, verdict};
+use enforcer_common::{flags, flow_event as flow_kind, flow_state, proto, reason, verdict};
 use enforcer_policy::cluster::{ClusterOptions, ClusterState};
 use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
@@ -30,9 +30,11 @@ use tokio::sync::mpsc;
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
+use crate::events::flow::{self as flow_event, FlowCall};
 use crate::events::{
     decode, ocsf, record, Emitter, Event, Format, Formatter, Notice, Rotation, Sink,
 };
+use crate::flows;
 use crate::last_good;
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
@@ -115,6 +117,20 @@ pub struct AgentState {
     /// judgement (`identity::AGENT`).
     #[serde(default)]
     pub agent_cgroup: Option<PathBuf>,
+    /// Names of the identities tracked flows can have at either end (this node's subjects and
+    /// the tracked destinations), for `enforcer flows`.
+    #[serde(default)]
+    pub flow_names: BTreeMap<u32, FlowName>,
+}
+
+/// An identity as `enforcer flows` names it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct FlowName {
+    pub name: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub datasets: Vec<String>,
 }
 
 /// The local pods as the agent maps them.
@@ -248,6 +264,10 @@ struct Agent {
     /// The source's status (staleness left out) and the watcher's, as last written to the
     /// state file.
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
+    /// Flow events the agent makes (revoked, stale), to the event task.
+    flow_events: mpsc::UnboundedSender<FlowCall>,
+    /// Connected UDP flows already reported `flow.stale` (by cookie): once each.
+    stale_reported: BTreeSet<u64>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -379,6 +399,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let history = PolicyHistory::default();
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
+    let (flow_tx, flow_rx) = mpsc::unbounded_channel();
     let fingerprint_now = fingerprint(&options.policies);
     let mut agent = Agent {
         dir_rejected: rejected.is_some().then(|| fingerprint_now.clone()),
@@ -390,6 +411,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         watch_status: None,
         ticks: 0,
         status_written: (None, None),
+        flow_events: flow_tx,
+        stale_reported: BTreeSet::new(),
         options,
         cgroup_mount,
         cgroup_root,
@@ -435,11 +458,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
 
     let ring = agent.datapath.take_events()?;
+    let flow_ring = agent.datapath.take_flow_events()?;
     let events = tokio::spawn(stream_events(
-        ring,
+        Rings {
+            events: ring,
+            flows: flow_ring,
+        },
         agent.datapath.dir().to_path_buf(),
         history,
         notice_rx,
+        flow_rx,
         quarantine_tx,
         emitter,
         reopen,
@@ -531,6 +559,7 @@ impl Agent {
         // Kernel, then the state file (`enforcer status`), then the event: whoever sees the
         // event sees the revision in status, and whoever sees that finds it in force.
         self.save_state();
+        self.revoke_flows("policy applied");
         let _ = self.notices.send(Notice::PolicyApplied {
             time: now(),
             snapshot: self.compiled.revision().to_string(),
@@ -853,6 +882,7 @@ impl Agent {
         self.risk_overrides
             .insert(workload.to_string(), score.to_string());
         self.save_state();
+        self.revoke_flows("risk changed");
         tracing::info!(
             workload,
             score,
@@ -890,6 +920,7 @@ impl Agent {
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
                 self.save_state();
+                self.revoke_flows("quarantine");
                 let _ = self.notices.send(Notice::Quarantined {
                     time: now(),
                     workload,
@@ -924,6 +955,124 @@ impl Agent {
             identity: id,
         });
         Response::ok(format!("{workload} released"))
+    }
+
+    /// Re-decides every tracked flow against the tables now in force (as the connect hook
+    /// would decide it now): an established TCP flow no longer permitted is reset with
+    /// `SOCK_DESTROY` (its recorded cookie included) and reported `flow.revoked`; a connected
+    /// UDP flow no longer permitted is reported `flow.stale`, once, since nothing can close it
+    /// from outside. Called after every change of what the tables permit.
+    fn revoke_flows(&mut self, why: &str) {
+        let dir = self.datapath.dir().to_path_buf();
+        let records = match flows::read(&dir) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!(
+                    why,
+                    "reading the tracked flows to re-decide them: {error:#}"
+                );
+                return;
+            }
+        };
+        let mut live = BTreeSet::new();
+        let (mut revoked, mut stale) = (0usize, 0usize);
+        for (cookie, record) in records {
+            live.insert(cookie);
+            let decision = match flows::decide(&self.datapath.tables, &record) {
+                Ok(decision) => decision,
+                Err(error) => {
+                    tracing::error!(cookie, "re-deciding a tracked flow: {error:#}");
+                    continue;
+                }
+            };
+            let flows::Decision::Denied {
+                reason,
+                subject,
+                destination,
+            } = decision
+            else {
+                self.stale_reported.remove(&cookie);
+                continue;
+            };
+            let kind = if record.protocol == proto::UDP {
+                if !self.stale_reported.insert(cookie) {
+                    continue;
+                }
+                stale += 1;
+                flow_event::STALE
+            } else {
+                // A handshake still in progress was allowed by the tables the SYN saw; it
+                // completes into a record the next change re-decides.
+                if record.state != flow_state::ESTABLISHED {
+                    continue;
+                }
+                match flows::destroy::destroy(cookie, &record) {
+                    Ok(()) => {
+                        revoked += 1;
+                        flow_event::REVOKED
+                    }
+                    Err(error)
+                        if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) =>
+                    {
+                        // The socket is gone and its record outlived it (no CLOSE callback
+                        // reached it): forget the record, close nothing.
+                        tracing::debug!(cookie, %error, "a tracked flow's socket is gone");
+                        if let Err(error) = flows::forget(&dir, cookie) {
+                            tracing::warn!(cookie, "forgetting a dead flow record: {error:#}");
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            cookie,
+                            "resetting a flow no longer permitted failed: {error}"
+                        );
+                        continue;
+                    }
+                }
+            };
+            let allowed_by = self
+                .history
+                .at(record.policy_generation)
+                .unwrap_or_else(|| self.compiled.clone());
+            let mut call = flow_event::flow(kind, SystemTime::now(), cookie, &record, &allowed_by);
+            call.flow.reason = Some(reason);
+            call.policy.revoked_by = Some(self.compiled.revision().to_string());
+            call.policy.id = Some(match reason {
+                "quarantined" => "quarantine".to_string(),
+                "unknown_subject" => "unknown-subject".to_string(),
+                _ => {
+                    self.compiled
+                        .attribute(subject, destination, record.dport, record.protocol)
+                        .policy_id
+                }
+            });
+            let _ = self.flow_events.send(call);
+        }
+        self.stale_reported.retain(|cookie| live.contains(cookie));
+        if revoked + stale > 0 {
+            tracing::warn!(why, revoked, stale, "tracked flows no longer permitted");
+        }
+    }
+
+    /// Names of the identities tracked flows can have at either end: this node's subjects
+    /// and the tracked destinations (a handful per node, not the cluster).
+    fn flow_names(&self) -> BTreeMap<u32, FlowName> {
+        let local: BTreeSet<u32> = self.cgroups.values().copied().collect();
+        self.compiled
+            .identities()
+            .filter(|i| local.contains(&i.id) || i.flags & flags::TRACKED != 0)
+            .map(|i| {
+                (
+                    i.id,
+                    FlowName {
+                        name: i.name.clone(),
+                        tenant: i.tenant.clone(),
+                        datasets: i.datasets.clone(),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn name_of(&self, identity: u32) -> String {
@@ -961,6 +1110,7 @@ impl Agent {
             pods: self.pods.clone(),
             cgroup_watch: self.watch_status.clone(),
             agent_cgroup: self.agent_cgroup.as_ref().map(|(_, path)| path.clone()),
+            flow_names: self.flow_names(),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)
@@ -1116,23 +1266,66 @@ impl PolicyHistory {
     }
 }
 
+/// The event of one `FLOW_EVENTS` record, named by the policy that allowed the connect.
+fn flow_call(event: &enforcer_common::FlowEvent, allowed_by: &Compiled) -> FlowCall {
+    let time = record::wall_clock(event.timestamp_ns);
+    if event.kind == flow_kind::CLOSED {
+        let mut call = flow_event::flow(
+            flow_event::CLOSED,
+            time,
+            event.cookie,
+            &event.record,
+            allowed_by,
+        );
+        let (sent, received) = flows::payload_bytes(event);
+        call.flow.bytes_sent = Some(sent);
+        call.flow.bytes_received = Some(received);
+        call.flow.duration_ms =
+            Some(event.timestamp_ns.saturating_sub(event.record.start_ns) as f64 / 1e6);
+        call
+    } else {
+        flow_event::flow(
+            flow_event::OPENED,
+            time,
+            event.cookie,
+            &event.record,
+            allowed_by,
+        )
+    }
+}
+
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
 /// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
 /// and reports losses the kernel counted.
+/// The two ring buffers: denies (`EVENTS`) and tracked flows (`FLOW_EVENTS`).
+struct Rings {
+    events: RingBuf<MapData>,
+    flows: RingBuf<MapData>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn stream_events(
-    ring: RingBuf<MapData>,
+    rings: Rings,
     pin_dir: PathBuf,
     history: PolicyHistory,
     mut notices: mpsc::UnboundedReceiver<Notice>,
+    mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
     quarantine: mpsc::UnboundedSender<(u32, String)>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("polling the EVENTS ring buffer")?;
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(rings.events, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("polling the EVENTS ring buffer")?;
+    // SAFETY: as above.
+    let mut flow_ring =
+        unsafe { AsyncFd::register_with_interest(rings.flows, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("polling the FLOW_EVENTS ring buffer")?;
+    let mut flows_lost_seen = flows::lost(&pin_dir)?;
     let mut lost_seen = datapath::lost_events(&pin_dir)?;
     if lost_seen > 0 {
         tracing::warn!(
@@ -1193,6 +1386,38 @@ async fn stream_events(
                     guard.clear_ready();
                 }
             }
+            guard = flow_ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the FLOW_EVENTS ring buffer")?;
+                let ring = guard.get_inner_mut();
+                let mut batch = 0;
+                let mut more = false;
+                loop {
+                    if batch == EVENT_BATCH {
+                        more = true;
+                        break;
+                    }
+                    let Some(item) = ring.next() else { break };
+                    batch += 1;
+                    let event = match flows::decode(&item) {
+                        Ok(event) => event,
+                        Err(error) => {
+                            tracing::error!(%error, "undecodable flow record");
+                            continue;
+                        }
+                    };
+                    let Some(policy) = history.at(event.record.policy_generation) else { continue };
+                    events.emit(&Event::Flow(flow_call(&event, &policy)))?;
+                }
+                if more {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                } else {
+                    guard.clear_ready();
+                }
+            }
+            Some(call) = agent_flows.recv() => {
+                events.emit(&Event::Flow(call))?;
+            }
             Some(notice) = notices.recv() => {
                 events.emit(&Event::Notice(notice))?;
             }
@@ -1209,6 +1434,13 @@ async fn stream_events(
                     tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
                     events.emit(&Event::Notice(Notice::EventsLost { time: now(), count, total }))?;
                     lost_seen = total;
+                }
+                let total = flows::lost(&pin_dir)?;
+                if total > flows_lost_seen {
+                    let count = total - flows_lost_seen;
+                    tracing::warn!(count, total, "flow ring buffer full: flow events lost in the kernel");
+                    events.emit(&Event::Notice(Notice::FlowEventsLost { time: now(), count, total }))?;
+                    flows_lost_seen = total;
                 }
             }
         }
