@@ -121,6 +121,10 @@ pub struct AgentState {
     /// the tracked destinations), for `enforcer flows`.
     #[serde(default)]
     pub flow_names: BTreeMap<u32, FlowName>,
+    /// Policy generation (low 32 bits, as the kernel stamps it) -> bundle revision, so that a
+    /// restarted agent still names the revision that allowed a long-lived flow.
+    #[serde(default)]
+    pub policy_generations: BTreeMap<u32, String>,
 }
 
 /// An identity as `enforcer flows` names it.
@@ -397,6 +401,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::default();
+    if let Some(state) = read_state(&options.state_dir) {
+        history.seed(state.policy_generations);
+    }
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
     let (flow_tx, flow_rx) = mpsc::unbounded_channel();
@@ -1036,6 +1043,7 @@ impl Agent {
                 .at(record.policy_generation)
                 .unwrap_or_else(|| self.compiled.clone());
             let mut call = flow_event::flow(kind, SystemTime::now(), cookie, &record, &allowed_by);
+            call.policy.snapshot = snapshot_of(&self.history, &record);
             call.flow.reason = Some(reason);
             call.policy.revoked_by = Some(self.compiled.revision().to_string());
             call.policy.id = Some(match reason {
@@ -1111,6 +1119,7 @@ impl Agent {
             cgroup_watch: self.watch_status.clone(),
             agent_cgroup: self.agent_cgroup.as_ref().map(|(_, path)| path.clone()),
             flow_names: self.flow_names(),
+            policy_generations: self.history.revisions(),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)
@@ -1234,7 +1243,13 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 /// across a policy change; it is explained by the policy of the generation the kernel
 /// stamped on it, not by whatever is in force when it is read.
 #[derive(Clone, Default)]
-struct PolicyHistory(Arc<std::sync::Mutex<std::collections::VecDeque<Generation>>>);
+struct PolicyHistory {
+    compiled: Arc<std::sync::Mutex<std::collections::VecDeque<Generation>>>,
+    /// Generation -> bundle revision, further back than `compiled` and across restarts (kept
+    /// in the state file): a tracked flow lives for hours and names the revision that allowed
+    /// it.
+    revisions: Arc<std::sync::Mutex<BTreeMap<u32, String>>>,
+}
 
 /// A generation number (as the kernel stamps it: low 32 bits) and its compiled policy.
 type Generation = (u32, Arc<Compiled>);
@@ -1242,11 +1257,20 @@ type Generation = (u32, Arc<Compiled>);
 impl PolicyHistory {
     /// Generations kept: far more than can change while one ring buffer is drained.
     const KEEP: usize = 32;
+    /// Revisions kept (a few dozen bytes each).
+    const KEEP_REVISIONS: usize = 4096;
 
     fn publish(&self, generation: u64, compiled: Arc<Compiled>) {
         // The kernel stamps the low 32 bits.
         let generation = generation as u32;
-        let mut history = self.0.lock().expect("policy history lock");
+        {
+            let mut revisions = self.revisions.lock().expect("revision history lock");
+            revisions.insert(generation, compiled.revision().to_string());
+            while revisions.len() > Self::KEEP_REVISIONS {
+                revisions.pop_first();
+            }
+        }
+        let mut history = self.compiled.lock().expect("policy history lock");
         // A change that failed before taking effect leaves its generation to the next one.
         history.retain(|(g, _)| *g != generation);
         history.push_back((generation, compiled));
@@ -1258,12 +1282,44 @@ impl PolicyHistory {
     /// The policy of `generation`, or the newest one for an event older than the history
     /// (written before this agent started, say).
     fn at(&self, generation: u32) -> Option<Arc<Compiled>> {
-        let history = self.0.lock().expect("policy history lock");
+        let history = self.compiled.lock().expect("policy history lock");
         let found = history.iter().rev().find(|(g, _)| *g == generation);
         found
             .or(history.back())
             .map(|(_, compiled)| compiled.clone())
     }
+
+    /// The bundle revision of `generation`, if this agent or the one before it recorded it.
+    fn revision(&self, generation: u32) -> Option<String> {
+        self.revisions
+            .lock()
+            .expect("revision history lock")
+            .get(&generation)
+            .cloned()
+    }
+
+    /// Revisions recorded by an earlier agent (its state file).
+    fn seed(&self, revisions: BTreeMap<u32, String>) {
+        self.revisions
+            .lock()
+            .expect("revision history lock")
+            .extend(revisions);
+    }
+
+    fn revisions(&self) -> BTreeMap<u32, String> {
+        self.revisions
+            .lock()
+            .expect("revision history lock")
+            .clone()
+    }
+}
+
+/// The revision that allowed a flow's `connect()`; `unknown (generation N)` when neither this
+/// agent nor the one before it recorded that generation.
+fn snapshot_of(history: &PolicyHistory, record: &enforcer_common::FlowRecord) -> String {
+    history
+        .revision(record.policy_generation)
+        .unwrap_or_else(|| format!("unknown (generation {})", record.policy_generation))
 }
 
 /// The event of one `FLOW_EVENTS` record, named by the policy that allowed the connect.
@@ -1406,7 +1462,9 @@ async fn stream_events(
                         }
                     };
                     let Some(policy) = history.at(event.record.policy_generation) else { continue };
-                    events.emit(&Event::Flow(flow_call(&event, &policy)))?;
+                    let mut call = flow_call(&event, &policy);
+                    call.policy.snapshot = snapshot_of(&history, &event.record);
+                    events.emit(&Event::Flow(call))?;
                 }
                 if more {
                     drop(guard);
