@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices};
+use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity};
 use enforcer_tests::flows::{FlowClient, FlowServer};
 use enforcer_tests::servers::Proto;
@@ -392,5 +392,55 @@ fn a_policy_edit_resets_forbidden_flows_also_after_a_restart() -> Result<()> {
         closed[0]
     );
     drop(a_udp);
+    Ok(())
+}
+
+/// A raised risk that a forbid reads, and a quarantine, revoke established flows too.
+const RISKY: &str = r#"
+@id("risky-no-vectors")
+forbid (principal, action, resource is Endpoint)
+when { resource.kind == "vector_db" && principal.risk.greaterThan(decimal("0.5")) };
+"#;
+
+#[test]
+fn a_risk_change_and_a_quarantine_reset_established_flows() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(3)?;
+    w.bundle.write_file("flip.cedar", RISKY)?;
+    let state = StateDir::new()?;
+    let config = state.configure(w.config());
+    let dirs = state.dirs(&config);
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(config)?;
+    let a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
+    let b = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;
+    for local in [a.local, b.local] {
+        wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, local))?;
+    }
+
+    let out = dirs.risk_set("client-a", "0.9")?;
+    ensure!(out.success(), "risk set: {out}");
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("client-a's connection survived a risk the policy forbids")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(s(r, "/policy/id") == Some("risky-no-vectors"), "{r}");
+    ensure!(
+        b.ended_within(Duration::from_millis(300)).is_none(),
+        "client-b's flow ended"
+    );
+
+    let out = dirs.run(&["quarantine", "add", "client-b"])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    let end = b
+        .ended_within(RESET_WITHIN)
+        .context("a quarantined workload's connection survived")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-b: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, b.local))?[0];
+    ensure!(s(r, "/flow/reason") == Some("quarantined"), "{r}");
+    ensure!(s(r, "/policy/id") == Some("quarantine"), "{r}");
     Ok(())
 }

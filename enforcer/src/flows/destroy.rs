@@ -47,7 +47,58 @@ struct Request {
 
 const _: () = assert!(std::mem::size_of::<Request>() == 72);
 
-/// Resets the established TCP socket of `record` whose cookie is `cookie`. Errors: `ENOENT`
+fn diag_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A sock_diag socket in the network namespace of process `pid` (the task that connected):
+/// sock_diag sees only the sockets of the namespace its socket was created in, and a pod has
+/// its own. The socket is created on a short-lived thread that joins that namespace (a
+/// netlink socket keeps the namespace it was created in), so the agent's own threads never
+/// change namespace. Without the process (it exited, its socket lives on in another process),
+/// the agent's own namespace is tried: right for workloads in the host network.
+fn diag_socket_of(pid: u32) -> io::Result<OwnedFd> {
+    let ns_path = format!("/proc/{pid}/ns/net");
+    let (Ok(theirs), Ok(ours)) = (
+        std::fs::metadata(&ns_path),
+        std::fs::metadata("/proc/self/ns/net"),
+    ) else {
+        return diag_socket();
+    };
+    use std::os::unix::fs::MetadataExt;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return diag_socket();
+    }
+    let ns = std::fs::File::open(&ns_path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this thread only (it ends right after); `ns` is an open
+                // namespace file.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                diag_socket()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
+
+/// Resets the established TCP socket of `record` whose cookie is `cookie`, in the network
+/// namespace of the process that connected it. Errors: `ENOENT`
 /// when no socket has that tuple any more (it closed meanwhile), `ESTALE` when the tuple's
 /// socket is another one (the cookie differs), `EPERM` without CAP_NET_ADMIN.
 pub fn destroy(cookie: u64, record: &FlowRecord) -> io::Result<()> {
@@ -91,19 +142,7 @@ pub fn destroy(cookie: u64, record: &FlowRecord) -> io::Result<()> {
             ))
         }
     }
-    // SAFETY: plain socket(2); the fd is owned from here on.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = diag_socket_of((record.pid_tgid >> 32) as u32)?;
     // SAFETY: a zeroed sockaddr_nl is the kernel (pid 0); `req` is a valid buffer of its size.
     let sent = unsafe {
         let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
