@@ -77,13 +77,17 @@ pub mod programs {
     pub const SOCK_CREATE: &str = "sock_create";
     /// `sockops`: follows tracked TCP flows from established to close.
     pub const SOCK_OPS: &str = "sock_ops";
-    pub const ALL: [&str; 6] = [
+    /// `cgroup/sock_release`: ends the records of connected UDP sockets (no TCP-like state
+    /// callback follows them).
+    pub const SOCK_RELEASE: &str = "sock_release";
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
         SENDMSG6,
         SOCK_CREATE,
         SOCK_OPS,
+        SOCK_RELEASE,
     ];
 }
 
@@ -198,7 +202,8 @@ pub mod flow_flags {
 pub mod flow_event {
     /// TCP: the handshake completed; connected UDP: `connect()` was allowed.
     pub const OPENED: u8 = 0;
-    /// TCP only: the socket reached CLOSE (`bytes_*` and `last_state` are set).
+    /// TCP: the socket reached CLOSE (`bytes_*` and `last_state` are set); connected UDP: the
+    /// socket was released (closed by its last owner; no byte counts).
     pub const CLOSED: u8 = 1;
 }
 

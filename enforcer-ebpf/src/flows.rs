@@ -8,7 +8,8 @@
 //! `ACTIVE_ESTABLISHED_CB` it fills the local address and writes the opened event, at each
 //! `STATE_CB` it notes the peer's FIN and at TCP_CLOSE writes the closed event (byte counts)
 //! and deletes the record. A connected UDP socket has no callback after `connect()`: its
-//! opened event is written there, and its record stays until the agent prunes it.
+//! opened event is written there, and `cgroup/sock_release` ends its record when the socket
+//! is closed.
 //!
 //! Verifier notes:
 //! - The record is built in place on the stack field by field (every byte written, padding
@@ -30,11 +31,11 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use enforcer_common::{
-    capacity, flow_event, flow_flags, flow_state, tcp_state, FlowEvent, FlowRecord,
+    capacity, flow_event, flow_flags, flow_state, proto, tcp_state, FlowEvent, FlowRecord,
 };
 
 /// Socket cookie -> the tracked flow.
@@ -199,6 +200,25 @@ pub fn on_state(ctx: &SockOpsContext) {
             let received = read_volatile(&(*ops).bytes_received);
             emit(cookie, &*r, flow_event::CLOSED, acked, received, old);
         }
+    }
+    let _ = FLOWS.remove(cookie);
+}
+
+/// `cgroup/sock_release`: a connected UDP socket's record ends with its socket (a TCP
+/// socket's ends at CLOSE, which may come after the release: FIN_WAIT, TIME_WAIT).
+#[inline(always)]
+pub fn on_release(ctx: &SockContext) {
+    // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr(cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    unsafe {
+        if (*r).protocol != proto::UDP {
+            return;
+        }
+        emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
     }
     let _ = FLOWS.remove(cookie);
 }

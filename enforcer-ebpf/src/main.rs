@@ -211,6 +211,14 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     SOCK_OPS_DONE
 }
 
+/// Runs when an inet socket of the subtree is released (its last file reference closed): ends
+/// a connected UDP socket's flow record (TCP records end at the TCP CLOSE state, later).
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    flows::on_release(&ctx);
+    SOCK_ALLOW
+}
+
 /// Runs at `socket()` for AF_INET and AF_INET6 (the kernel calls the hook from `inet_create` /
 /// `inet6_create` only, and not for kernel sockets): TCP, MPTCP and UDP pass, since the
 /// sock_addr hooks judge every one of their destinations; every other kind (ICMP and ICMPv6

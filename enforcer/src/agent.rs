@@ -1325,7 +1325,19 @@ fn snapshot_of(history: &PolicyHistory, record: &enforcer_common::FlowRecord) ->
 /// The event of one `FLOW_EVENTS` record, named by the policy that allowed the connect.
 fn flow_call(event: &enforcer_common::FlowEvent, allowed_by: &Compiled) -> FlowCall {
     let time = record::wall_clock(event.timestamp_ns);
-    if event.kind == flow_kind::CLOSED {
+    if event.kind == flow_kind::CLOSED && event.record.protocol == proto::UDP {
+        // A released UDP socket: the kernel keeps no byte counts for it.
+        let mut call = flow_event::flow(
+            flow_event::CLOSED,
+            time,
+            event.cookie,
+            &event.record,
+            allowed_by,
+        );
+        call.flow.duration_ms =
+            Some(event.timestamp_ns.saturating_sub(event.record.start_ns) as f64 / 1e6);
+        call
+    } else if event.kind == flow_kind::CLOSED {
         let mut call = flow_event::flow(
             flow_event::CLOSED,
             time,

@@ -219,6 +219,33 @@ fn tracked_flows_are_recorded_with_exact_bytes_and_listed() -> Result<()> {
         "an untracked flow was recorded: {untracked:?}"
     );
 
+    // A connected UDP socket: opened at connect(), closed when the socket is released.
+    let mut udp = FlowClient::udp(w.cgroup("client-a"), w.addr(10, 6334))?;
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
+        s(e, "/flow/protocol") == Some("udp") && u(e, "/destination/port") == Some(6334)
+    })?;
+    let cookie = u(&opened[0], "/flow/cookie");
+    ensure!(
+        s(&opened[0], "/destination/name") == Some("acme-vectors"),
+        "{}",
+        opened[0]
+    );
+    let (ok, out, _) = flows_cli(&w.pins, &["--from", "client-a", "--json"])?;
+    let listed: Vec<Value> = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(
+        ok && listed.len() == 1 && s(&listed[0], "/state") == Some("connected"),
+        "{out}"
+    );
+    ensure!(udp.close()?["end"] == "closed");
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| {
+        u(e, "/flow/cookie") == cookie
+    })?;
+    ensure!(
+        closed[0].pointer("/flow/bytes_sent").is_none(),
+        "{}",
+        closed[0]
+    );
+
     // A live flow, listed with its 4-tuple and both ends' names.
     let mut held = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 5, 5, true)?;
     wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, held.local))?;

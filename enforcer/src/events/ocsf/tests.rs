@@ -803,7 +803,10 @@ fn every_flow_event_conforms_to_network_activity() {
         assert_eq!(json["subject"]["workload"], "acme-retriever");
         assert_eq!(json["destination"]["kind"], "vector_db");
         assert_eq!(json["flow"]["source"]["port"], 40_000);
-        assert!(!json["dataset_scope"].as_array().unwrap().is_empty(), "{json}");
+        assert!(
+            !json["dataset_scope"].as_array().unwrap().is_empty(),
+            "{json}"
+        );
         let event = ocsf(&Event::Flow(call));
         assert_conforms(&event);
         assert_eq!(event["class_uid"], 4001);
