@@ -205,7 +205,9 @@ pub fn on_state(ctx: &SockOpsContext) {
 }
 
 /// `cgroup/sock_release`: a connected UDP socket's record ends with its socket (a TCP
-/// socket's ends at CLOSE, which may come after the release: FIN_WAIT, TIME_WAIT).
+/// socket's ends at CLOSE, which usually comes after the release: FIN_WAIT, TIME_WAIT). A TCP
+/// socket already in CLOSE at its release never gets that callback (a `connect()` that
+/// failed before the SYN was sent): its record, never reported opened, is dropped here.
 #[inline(always)]
 pub fn on_release(ctx: &SockContext) {
     // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
@@ -213,12 +215,14 @@ pub fn on_release(ctx: &SockContext) {
     let Some(r) = FLOWS.get_ptr(cookie) else {
         return;
     };
-    // SAFETY: a non-null map value pointer is valid for reads.
+    // SAFETY: a non-null map value pointer is valid for reads; `ctx.sock` is the context and
+    // `state` a full 32-bit load.
     unsafe {
-        if (*r).protocol != proto::UDP {
+        if (*r).protocol == proto::UDP {
+            emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
+        } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE) {
             return;
         }
-        emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
     }
     let _ = FLOWS.remove(cookie);
 }

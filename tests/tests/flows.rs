@@ -282,11 +282,27 @@ fn tracked_flows_are_recorded_with_exact_bytes_and_listed() -> Result<()> {
 
     ensure!(held.close()?["end"] == "closed");
     wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, held.local))?;
+    // A refused handshake (nothing listens any more) leaves no record and no event.
+    let store_addr = store.addr();
+    drop(store);
+    ensure!(
+        FlowClient::tcp(w.cgroup("client-b"), store_addr, 1, 1, false).is_err(),
+        "a connection to a closed port came up"
+    );
     // Closed flows leave the map.
     let (ok, out, _) = flows_cli(&w.pins, &["--json"])?;
     ensure!(
         ok && serde_json::from_str::<Vec<Value>>(&out)?.is_empty(),
         "{out}"
+    );
+    let opened = agent
+        .events()?
+        .into_iter()
+        .filter(|e| s(e, "/type") == Some("flow.opened"))
+        .count();
+    ensure!(
+        opened == 4,
+        "four flows opened, not the refused one: {opened}"
     );
     Ok(())
 }
