@@ -970,6 +970,7 @@ impl Agent {
     /// UDP flow no longer permitted is reported `flow.stale`, once, since nothing can close it
     /// from outside. Called after every change of what the tables permit.
     fn revoke_flows(&mut self, why: &str) {
+        let started = Instant::now();
         let dir = self.datapath.dir().to_path_buf();
         let records = match flows::read(&dir) {
             Ok(records) => records,
@@ -1059,7 +1060,14 @@ impl Agent {
         }
         self.stale_reported.retain(|cookie| live.contains(cookie));
         if revoked + stale > 0 {
-            tracing::warn!(why, revoked, stale, "tracked flows no longer permitted");
+            tracing::warn!(
+                why,
+                revoked,
+                stale,
+                records = live.len(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "tracked flows no longer permitted"
+            );
         }
     }
 
