@@ -6,6 +6,7 @@
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::cgroup::TestCgroup;
+use crate::netns::NetNs;
 use crate::util::{ChildGuard, TempDir};
 
 /// How one server-side connection ended.
@@ -46,6 +48,18 @@ const POLL: Duration = Duration::from_millis(50);
 impl FlowServer {
     pub fn start(addr: SocketAddr) -> Result<Self> {
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        Self::serve_on(listener, addr)
+    }
+
+    /// The same server inside a network namespace (a pod's, say).
+    pub fn start_in(ns: &NetNs, addr: SocketAddr) -> Result<Self> {
+        let listener = ns
+            .run_in(|| TcpListener::bind(addr))?
+            .with_context(|| format!("binding {addr} in netns {}", ns.name()))?;
+        Self::serve_on(listener, addr)
+    }
+
+    fn serve_on(listener: TcpListener, addr: SocketAddr) -> Result<Self> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(Mutex::new(Vec::new()));
@@ -186,21 +200,42 @@ impl FlowClient {
         recv: u32,
         hold: bool,
     ) -> Result<Self> {
+        Self::tcp_in(None, cgroup, to, send, recv, hold)
+    }
+
+    /// [`FlowClient::tcp`] inside a network namespace as well (a pod: its own cgroup and
+    /// network namespace).
+    pub fn tcp_in(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        send: u32,
+        recv: u32,
+        hold: bool,
+    ) -> Result<Self> {
         let args = vec![
             "tcp".to_string(),
             to.to_string(),
             send.to_string(),
             recv.to_string(),
         ];
-        Self::spawn(cgroup, args, hold)
+        Self::spawn(ns, cgroup, args, hold)
     }
 
     /// A connected UDP socket in `cgroup`, held open until [`FlowClient::close`].
     pub fn udp(cgroup: &TestCgroup, to: SocketAddr) -> Result<Self> {
-        Self::spawn(cgroup, vec!["udp".to_string(), to.to_string()], true)
+        Self::spawn(None, cgroup, vec!["udp".to_string(), to.to_string()], true)
     }
 
-    fn spawn(cgroup: &TestCgroup, mut args: Vec<String>, hold: bool) -> Result<Self> {
+    fn spawn(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        mut args: Vec<String>,
+        hold: bool,
+    ) -> Result<Self> {
+        // Opened before the fork: the child only makes raw syscalls.
+        let ns_file = ns.map(NetNs::open).transpose()?;
+        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
         let dir = TempDir::new("fl-client")?;
         if hold {
             args.push("--hold".into());
@@ -216,6 +251,11 @@ impl FlowClient {
         // prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 // "0" moves the writing process itself.
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
@@ -233,6 +273,7 @@ impl FlowClient {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning flow-client {args:?}"))?;
+        drop(ns_file);
         let stdout = child.stdout.take().context("flow-client stdout")?;
         let (tx, lines) = mpsc::channel();
         let reader = std::thread::spawn(move || {

@@ -22,7 +22,7 @@ use enforcer_tests::fixtures::{write_bundle, Entity};
 use enforcer_tests::flows::{FlowClient, FlowServer};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
-    require_kernel, unique_name, Agent, AgentConfig, PinDir, PolicyBundle, TestCgroup,
+    require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TestCgroup,
 };
 use serde_json::Value;
 
@@ -485,5 +485,40 @@ fn a_risk_change_and_a_quarantine_reset_established_flows() -> Result<()> {
     let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, b.local))?[0];
     ensure!(s(r, "/flow/reason") == Some("quarantined"), "{r}");
     ensure!(s(r, "/policy/id") == Some("quarantine"), "{r}");
+    Ok(())
+}
+
+/// A pod has its own network namespace, and sock_diag sees only the sockets of the namespace
+/// its socket lives in: the reset must be sent from the connecting process's namespace.
+#[test]
+fn a_flow_in_its_own_network_namespace_is_reset_there() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(4)?;
+    let ns = NetNs::create(&unique_name("fl-ns"))?;
+    let vectors = FlowServer::start_in(&ns, w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    let a = FlowClient::tcp_in(Some(&ns), w.cgroup("client-a"), vectors.addr(), 2, 3, true)?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("the connection in its own namespace was not reset")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(s(r, "/policy/id") == Some("no-vectors-for-client-a"), "{r}");
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, a.local))?;
+    ensure!(
+        u(&closed[0], "/flow/bytes_sent") == Some(8 + 2),
+        "{}",
+        closed[0]
+    );
+    ensure!(
+        u(&closed[0], "/flow/bytes_received") == Some(3),
+        "{}",
+        closed[0]
+    );
     Ok(())
 }
