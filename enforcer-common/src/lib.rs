@@ -26,8 +26,15 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const VERDICTS: &str = "VERDICTS";
+    /// Socket cookie -> [`crate::FlowRecord`]: the live tracked flows (LRU hash).
+    pub const FLOWS: &str = "FLOWS";
+    /// Flow open/close records ([`crate::FlowEvent`]): a ring buffer of their own, so that a
+    /// flood of denies in `EVENTS` cannot push them out.
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    /// Flow events that did not fit in `FLOW_EVENTS` (per CPU).
+    pub const LOST_FLOW_EVENTS: &str = "LOST_FLOW_EVENTS";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -40,6 +47,9 @@ pub mod maps {
         EVENTS,
         LOST_EVENTS,
         VERDICTS,
+        FLOWS,
+        FLOW_EVENTS,
+        LOST_FLOW_EVENTS,
     ];
 }
 
@@ -51,6 +61,10 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     /// Bytes; a power of two and a multiple of the page size.
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Live tracked flows (LRU: the least recently touched record goes first when full).
+    pub const FLOWS: u32 = 65_536;
+    /// Bytes of `FLOW_EVENTS`; a power of two and a multiple of the page size.
+    pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
 }
 
 /// The kernel programs, by the name of their function in the object file.
@@ -61,7 +75,20 @@ pub mod programs {
     pub const SENDMSG6: &str = "sendmsg6";
     /// `cgroup/sock_create`: refuses the inet socket kinds the four hooks above cannot judge.
     pub const SOCK_CREATE: &str = "sock_create";
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
+    /// `sockops`: follows tracked TCP flows from established to close.
+    pub const SOCK_OPS: &str = "sock_ops";
+    /// `cgroup/sock_release`: ends the records of connected UDP sockets (no TCP-like state
+    /// callback follows them).
+    pub const SOCK_RELEASE: &str = "sock_release";
+    pub const ALL: [&str; 7] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_CREATE,
+        SOCK_OPS,
+        SOCK_RELEASE,
+    ];
 }
 
 /// Identity IDs. Values below `FIRST_DYNAMIC` are reserved.
@@ -97,6 +124,9 @@ pub mod flags {
     /// Calls of this subject are never judged (allowed, counted, no event): set only on
     /// `identity::AGENT`.
     pub const EXEMPT: u32 = 1 << 3;
+    /// A tracked destination (kind `vector_db`, or `track: true` in the inventory): every
+    /// allowed TCP or connected-UDP flow to it gets a `FLOWS` record.
+    pub const TRACKED: u32 = 1 << 4;
 }
 
 /// What the kernel did with a call.
@@ -147,6 +177,47 @@ pub mod hook {
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+}
+
+/// [`FlowRecord::state`] values.
+pub mod flow_state {
+    /// Recorded at `connect()`; TCP: the handshake has not completed yet.
+    pub const CONNECTING: u8 = 0;
+    /// TCP: established (`sock_ops` filled the local address). Connected UDP records stay
+    /// `CONNECTING`: no kernel callback follows them after `connect()`.
+    pub const ESTABLISHED: u8 = 1;
+}
+
+/// Bits of [`FlowRecord::flags`].
+pub mod flow_flags {
+    /// The peer's FIN was received (the socket went through CLOSE_WAIT or CLOSING): it counts
+    /// one in `bytes_received`, which userspace subtracts.
+    pub const FIN_IN: u8 = 1 << 0;
+    /// The socket is AF_INET6 (an IPv4-mapped destination has `family` 4 but an IPv6
+    /// socket): how `SOCK_DESTROY` must name it.
+    pub const SOCK_V6: u8 = 1 << 1;
+}
+
+/// [`FlowEvent::kind`] values.
+pub mod flow_event {
+    /// TCP: the handshake completed; connected UDP: `connect()` was allowed.
+    pub const OPENED: u8 = 0;
+    /// TCP: the socket reached CLOSE (`bytes_*` and `last_state` are set); connected UDP: the
+    /// socket was released (closed by its last owner; no byte counts).
+    pub const CLOSED: u8 = 1;
+}
+
+/// TCP states (`include/net/tcp_states.h`), as `sock_ops` reports them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const CLOSING: u8 = 11;
 }
 
 /// Index into the per-CPU `VERDICTS` array: one counter per (verdict, reason).
@@ -329,6 +400,69 @@ impl DenyEvent {
     pub const SIZE: usize = core::mem::size_of::<DenyEvent>();
 }
 
+/// Value of `FLOWS[socket cookie]`: one tracked flow, written by `connect4`/`connect6` when
+/// they allow a TCP or connected-UDP call to a [`flags::TRACKED`] destination, completed by
+/// `sock_ops` at ACTIVE_ESTABLISHED and deleted by it at TCP_CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// `bpf_ktime_get_ns()` at `connect()`: CLOCK_MONOTONIC nanoseconds.
+    pub start_ns: u64,
+    /// The connecting task's cgroup and `pid_tgid` (tgid in the upper 32 bits).
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub subject: u32,
+    pub destination: u32,
+    /// Local address, as `daddr`; zero until the TCP handshake completes (and for UDP).
+    pub saddr: [u8; 16],
+    /// IPv4 in the first 4 bytes (network order), or the IPv6 address.
+    pub daddr: [u8; 16],
+    /// Host byte order; `sport` zero until known (as `saddr`).
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6: how the addresses are to be read (an IPv4-mapped destination reports 4).
+    pub family: u8,
+    /// `proto::TCP` or `proto::UDP`.
+    pub protocol: u8,
+    /// `flow_state::*`.
+    pub state: u8,
+    /// `flow_flags::*`.
+    pub flags: u8,
+    /// `Config::generation` (low 32 bits) of the policy that allowed the connect.
+    pub policy_generation: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// The connecting task's `comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// One flow record, as written to the `FLOW_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` when the event was written.
+    pub timestamp_ns: u64,
+    /// The socket cookie (`FLOWS` key).
+    pub cookie: u64,
+    /// Closed events: the socket's `bytes_acked` and `bytes_received` at CLOSE, in bytes of
+    /// sequence space: `bytes_acked` counts the SYN, and the FIN when it was acked;
+    /// `bytes_received` the peer's FIN when one came (`flow_flags::FIN_IN`). Zero in opened
+    /// events.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// `flow_event::*`.
+    pub kind: u8,
+    /// Closed events: the TCP state the socket left for CLOSE (`tcp_state::*`).
+    pub last_state: u8,
+    /// Always zero.
+    pub _pad: [u8; 6],
+    pub record: FlowRecord,
+}
+
+impl FlowEvent {
+    pub const SIZE: usize = core::mem::size_of::<FlowEvent>();
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, contain only integers and arrays of integers,
@@ -338,6 +472,8 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::FlowRecord {}
+    unsafe impl aya::Pod for super::FlowEvent {}
 }
 
 // Layout checks: the kernel and userspace must agree on these sizes.
@@ -346,3 +482,5 @@ const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowRecord>() == 96);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 136);

@@ -20,6 +20,8 @@
 #![no_std]
 #![no_main]
 
+mod flows;
+
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
@@ -27,9 +29,9 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
@@ -160,6 +162,9 @@ const SOCK_REFUSE: i32 = 0;
 /// `DenyEvent::sock_type` / `sock_protocol` of the sock_addr hooks' events.
 const NO_SOCKET_INFO: u16 = 0;
 
+/// What a sock_ops program returns (the verifier requires 1).
+const SOCK_OPS_DONE: u32 = 1;
+
 /// `report`'s audit argument for denies that audit mode must not soften (quarantine).
 const NEVER_AUDIT: bool = false;
 
@@ -190,6 +195,28 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, hook::SENDMSG6, FAMILY_V6)
+}
+
+/// The `sock_ops` dispatcher: one program per cgroup, so each concern's callbacks live in
+/// their own module and are routed here by operation. Always returns 1 (the kernel treats the
+/// return value as the callback's reply only for operations that ask for one: none of these).
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        flows::TCP_CONNECT_CB => flows::on_connect(&ctx),
+        flows::ACTIVE_ESTABLISHED_CB => flows::on_established(&ctx),
+        flows::STATE_CB => flows::on_state(&ctx),
+        _ => {}
+    }
+    SOCK_OPS_DONE
+}
+
+/// Runs when an inet socket of the subtree is released (its last file reference closed): ends
+/// a connected UDP socket's flow record (TCP records end at the TCP CLOSE state, later).
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    flows::on_release(&ctx);
+    SOCK_ALLOW
 }
 
 /// Runs at `socket()` for AF_INET and AF_INET6 (the kernel calls the hook from `inet_create` /
@@ -412,6 +439,29 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     };
     if permitted {
         count(verdict::ALLOW, reason::ALLOWED);
+        // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
+        // UDP, to a tracked destination. One more lookup on the connect allow path only.
+        if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
+            && (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
+        {
+            if let Some(d) = IDENTITIES.get_ptr(destination) {
+                // SAFETY: a non-null map value pointer is valid for reads.
+                if unsafe { (*d).flags } & flags::TRACKED != 0 {
+                    let c = flows::Connect {
+                        subject,
+                        destination,
+                        daddr: dst.addr,
+                        dport,
+                        family: dst.family,
+                        protocol,
+                        generation,
+                        cgroup_id,
+                        sock_v6: hook == hook::CONNECT6,
+                    };
+                    flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP);
+                }
+            }
+        }
         return SK_PASS;
     }
 

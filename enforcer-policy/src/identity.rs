@@ -474,7 +474,10 @@ impl Identities {
                 f |= flags::AUDIT;
             }
             if e.kind == "vector_db" {
-                f |= flags::VECTOR_DB;
+                f |= flags::VECTOR_DB | flags::TRACKED;
+            }
+            if e.track {
+                f |= flags::TRACKED;
             }
             list.push(Identity {
                 tenant_id: tenant_id(&e.tenant),

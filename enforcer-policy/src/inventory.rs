@@ -77,6 +77,9 @@ pub struct Endpoint {
     pub ips: Vec<IpNet>,
     pub ports: Vec<Port>,
     pub datasets: Vec<String>,
+    /// `track: true`: flows to it are recorded (`flow.opened` / `flow.closed`, `enforcer
+    /// flows`, revocation) although its kind is not `vector_db` (which is always tracked).
+    pub track: bool,
     pub loc: Loc,
 }
 
@@ -915,7 +918,9 @@ impl Walker {
         let fields = self.map(
             node,
             "endpoint",
-            &["name", "tenant", "kind", "ips", "ports", "datasets"],
+            &[
+                "name", "tenant", "kind", "ips", "ports", "datasets", "track",
+            ],
         )?;
         let mut item = ItemFields::default();
         let mut e = Endpoint {
@@ -925,11 +930,13 @@ impl Walker {
             ips: vec![],
             ports: vec![],
             datasets: vec![],
+            track: false,
             loc: node.loc,
         };
         for (k, v) in fields {
             match k {
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
+                "track" => e.track = self.bool(v, "track"),
                 "datasets" => {
                     e.datasets = self
                         .strings(v, "datasets")

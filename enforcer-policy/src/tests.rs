@@ -1588,3 +1588,44 @@ fn row_deltas_never_allow_what_neither_table_allows() {
     }
     assert!(steps >= 6, "{steps} steps");
 }
+
+/// Vector databases are always tracked; another endpoint only with `track: true`; a `track`
+/// that is not a boolean is an error at its line.
+#[test]
+fn track_marks_an_endpoint_tracked() {
+    use enforcer_common::flags::{TRACKED, VECTOR_DB};
+    let c = demo().compile().unwrap();
+    let vectors = c.identity_by_name("acme-vectors").unwrap();
+    assert_eq!(vectors.flags & (VECTOR_DB | TRACKED), VECTOR_DB | TRACKED);
+    assert_eq!(
+        c.identity_by_name("acme-features").unwrap().flags & TRACKED,
+        0
+    );
+    assert_eq!(
+        c.identity_by_name("acme-retriever").unwrap().flags & TRACKED,
+        0
+    );
+
+    let inventory = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
+    let tracked = inventory.replace(
+        "    kind: feature_store\n",
+        "    kind: feature_store\n    track: true\n",
+    );
+    assert_ne!(tracked, inventory);
+    let tmp = demo_with("inventory.yaml", &tracked);
+    let c = Bundle::load(tmp.path()).unwrap().compile().unwrap();
+    let features = c.identity_by_name("acme-features").unwrap();
+    assert_eq!(features.flags & (VECTOR_DB | TRACKED), TRACKED);
+
+    let broken = inventory.replace(
+        "    kind: feature_store\n",
+        "    kind: feature_store\n    track: maybe\n",
+    );
+    let errors = load_with("inventory.yaml", &broken);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("track must be true or false")),
+        "{errors:?}"
+    );
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{flags, reason, verdict};
+use enforcer_common::{flags, flow_event as flow_kind, flow_state, proto, reason, verdict};
 use enforcer_policy::cluster::{ClusterOptions, ClusterState};
 use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
@@ -30,9 +30,11 @@ use tokio::sync::mpsc;
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
+use crate::events::flow::{self as flow_event, FlowCall};
 use crate::events::{
     decode, ocsf, record, Emitter, Event, Format, Formatter, Notice, Rotation, Sink,
 };
+use crate::flows;
 use crate::last_good;
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
@@ -115,6 +117,24 @@ pub struct AgentState {
     /// judgement (`identity::AGENT`).
     #[serde(default)]
     pub agent_cgroup: Option<PathBuf>,
+    /// Names of the identities tracked flows can have at either end (this node's subjects and
+    /// the tracked destinations), for `enforcer flows`.
+    #[serde(default)]
+    pub flow_names: BTreeMap<u32, FlowName>,
+    /// Policy generation (low 32 bits, as the kernel stamps it) -> bundle revision, so that a
+    /// restarted agent still names the revision that allowed a long-lived flow.
+    #[serde(default)]
+    pub policy_generations: BTreeMap<u32, String>,
+}
+
+/// An identity as `enforcer flows` names it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct FlowName {
+    pub name: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub datasets: Vec<String>,
 }
 
 /// The local pods as the agent maps them.
@@ -248,6 +268,10 @@ struct Agent {
     /// The source's status (staleness left out) and the watcher's, as last written to the
     /// state file.
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
+    /// Flow events the agent makes (revoked, stale), to the event task.
+    flow_events: mpsc::UnboundedSender<FlowCall>,
+    /// Connected UDP flows already reported `flow.stale` (by cookie): once each.
+    stale_reported: BTreeSet<u64>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -377,8 +401,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::default();
+    if let Some(state) = read_state(&options.state_dir) {
+        history.seed(state.policy_generations);
+    }
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
+    let (flow_tx, flow_rx) = mpsc::unbounded_channel();
     let fingerprint_now = fingerprint(&options.policies);
     let mut agent = Agent {
         dir_rejected: rejected.is_some().then(|| fingerprint_now.clone()),
@@ -390,6 +418,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         watch_status: None,
         ticks: 0,
         status_written: (None, None),
+        flow_events: flow_tx,
+        stale_reported: BTreeSet::new(),
         options,
         cgroup_mount,
         cgroup_root,
@@ -435,11 +465,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
 
     let ring = agent.datapath.take_events()?;
+    let flow_ring = agent.datapath.take_flow_events()?;
     let events = tokio::spawn(stream_events(
-        ring,
+        Rings {
+            events: ring,
+            flows: flow_ring,
+        },
         agent.datapath.dir().to_path_buf(),
         history,
         notice_rx,
+        flow_rx,
         quarantine_tx,
         emitter,
         reopen,
@@ -531,6 +566,7 @@ impl Agent {
         // Kernel, then the state file (`enforcer status`), then the event: whoever sees the
         // event sees the revision in status, and whoever sees that finds it in force.
         self.save_state();
+        self.revoke_flows("policy applied");
         let _ = self.notices.send(Notice::PolicyApplied {
             time: now(),
             snapshot: self.compiled.revision().to_string(),
@@ -853,6 +889,7 @@ impl Agent {
         self.risk_overrides
             .insert(workload.to_string(), score.to_string());
         self.save_state();
+        self.revoke_flows("risk changed");
         tracing::info!(
             workload,
             score,
@@ -890,6 +927,7 @@ impl Agent {
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
                 self.save_state();
+                self.revoke_flows("quarantine");
                 let _ = self.notices.send(Notice::Quarantined {
                     time: now(),
                     workload,
@@ -924,6 +962,133 @@ impl Agent {
             identity: id,
         });
         Response::ok(format!("{workload} released"))
+    }
+
+    /// Re-decides every tracked flow against the tables now in force (as the connect hook
+    /// would decide it now): an established TCP flow no longer permitted is reset with
+    /// `SOCK_DESTROY` (its recorded cookie included) and reported `flow.revoked`; a connected
+    /// UDP flow no longer permitted is reported `flow.stale`, once, since nothing can close it
+    /// from outside. Called after every change of what the tables permit.
+    fn revoke_flows(&mut self, why: &str) {
+        let started = Instant::now();
+        let dir = self.datapath.dir().to_path_buf();
+        let records = match flows::read(&dir) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!(
+                    why,
+                    "reading the tracked flows to re-decide them: {error:#}"
+                );
+                return;
+            }
+        };
+        let mut live = BTreeSet::new();
+        let (mut revoked, mut stale) = (0usize, 0usize);
+        for (cookie, record) in records {
+            live.insert(cookie);
+            let decision = match flows::decide(&self.datapath.tables, &record) {
+                Ok(decision) => decision,
+                Err(error) => {
+                    tracing::error!(cookie, "re-deciding a tracked flow: {error:#}");
+                    continue;
+                }
+            };
+            let flows::Decision::Denied {
+                reason,
+                subject,
+                destination,
+            } = decision
+            else {
+                self.stale_reported.remove(&cookie);
+                continue;
+            };
+            let kind = if record.protocol == proto::UDP {
+                if !self.stale_reported.insert(cookie) {
+                    continue;
+                }
+                stale += 1;
+                flow_event::STALE
+            } else {
+                // A handshake still in progress was allowed by the tables the SYN saw; it
+                // completes into a record the next change re-decides.
+                if record.state != flow_state::ESTABLISHED {
+                    continue;
+                }
+                match flows::destroy::destroy(cookie, &record) {
+                    Ok(()) => {
+                        revoked += 1;
+                        flow_event::REVOKED
+                    }
+                    Err(error)
+                        if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) =>
+                    {
+                        // The socket is gone and its record outlived it (no CLOSE callback
+                        // reached it): forget the record, close nothing.
+                        tracing::debug!(cookie, %error, "a tracked flow's socket is gone");
+                        if let Err(error) = flows::forget(&dir, cookie) {
+                            tracing::warn!(cookie, "forgetting a dead flow record: {error:#}");
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            cookie,
+                            "resetting a flow no longer permitted failed: {error}"
+                        );
+                        continue;
+                    }
+                }
+            };
+            let allowed_by = self
+                .history
+                .at(record.policy_generation)
+                .unwrap_or_else(|| self.compiled.clone());
+            let mut call = flow_event::flow(kind, SystemTime::now(), cookie, &record, &allowed_by);
+            call.policy.snapshot = snapshot_of(&self.history, &record);
+            call.flow.reason = Some(reason);
+            call.policy.revoked_by = Some(self.compiled.revision().to_string());
+            call.policy.id = Some(match reason {
+                "quarantined" => "quarantine".to_string(),
+                "unknown_subject" => "unknown-subject".to_string(),
+                _ => {
+                    self.compiled
+                        .attribute(subject, destination, record.dport, record.protocol)
+                        .policy_id
+                }
+            });
+            let _ = self.flow_events.send(call);
+        }
+        self.stale_reported.retain(|cookie| live.contains(cookie));
+        if revoked + stale > 0 {
+            tracing::warn!(
+                why,
+                revoked,
+                stale,
+                records = live.len(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "tracked flows no longer permitted"
+            );
+        }
+    }
+
+    /// Names of the identities tracked flows can have at either end: this node's subjects
+    /// and the tracked destinations (a handful per node, not the cluster).
+    fn flow_names(&self) -> BTreeMap<u32, FlowName> {
+        let local: BTreeSet<u32> = self.cgroups.values().copied().collect();
+        self.compiled
+            .identities()
+            .filter(|i| local.contains(&i.id) || i.flags & flags::TRACKED != 0)
+            .map(|i| {
+                (
+                    i.id,
+                    FlowName {
+                        name: i.name.clone(),
+                        tenant: i.tenant.clone(),
+                        datasets: i.datasets.clone(),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn name_of(&self, identity: u32) -> String {
@@ -961,6 +1126,8 @@ impl Agent {
             pods: self.pods.clone(),
             cgroup_watch: self.watch_status.clone(),
             agent_cgroup: self.agent_cgroup.as_ref().map(|(_, path)| path.clone()),
+            flow_names: self.flow_names(),
+            policy_generations: self.history.revisions(),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)
@@ -1084,7 +1251,13 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 /// across a policy change; it is explained by the policy of the generation the kernel
 /// stamped on it, not by whatever is in force when it is read.
 #[derive(Clone, Default)]
-struct PolicyHistory(Arc<std::sync::Mutex<std::collections::VecDeque<Generation>>>);
+struct PolicyHistory {
+    compiled: Arc<std::sync::Mutex<std::collections::VecDeque<Generation>>>,
+    /// Generation -> bundle revision, further back than `compiled` and across restarts (kept
+    /// in the state file): a tracked flow lives for hours and names the revision that allowed
+    /// it.
+    revisions: Arc<std::sync::Mutex<BTreeMap<u32, String>>>,
+}
 
 /// A generation number (as the kernel stamps it: low 32 bits) and its compiled policy.
 type Generation = (u32, Arc<Compiled>);
@@ -1092,11 +1265,20 @@ type Generation = (u32, Arc<Compiled>);
 impl PolicyHistory {
     /// Generations kept: far more than can change while one ring buffer is drained.
     const KEEP: usize = 32;
+    /// Revisions kept (a few dozen bytes each).
+    const KEEP_REVISIONS: usize = 4096;
 
     fn publish(&self, generation: u64, compiled: Arc<Compiled>) {
         // The kernel stamps the low 32 bits.
         let generation = generation as u32;
-        let mut history = self.0.lock().expect("policy history lock");
+        {
+            let mut revisions = self.revisions.lock().expect("revision history lock");
+            revisions.insert(generation, compiled.revision().to_string());
+            while revisions.len() > Self::KEEP_REVISIONS {
+                revisions.pop_first();
+            }
+        }
+        let mut history = self.compiled.lock().expect("policy history lock");
         // A change that failed before taking effect leaves its generation to the next one.
         history.retain(|(g, _)| *g != generation);
         history.push_back((generation, compiled));
@@ -1108,31 +1290,118 @@ impl PolicyHistory {
     /// The policy of `generation`, or the newest one for an event older than the history
     /// (written before this agent started, say).
     fn at(&self, generation: u32) -> Option<Arc<Compiled>> {
-        let history = self.0.lock().expect("policy history lock");
+        let history = self.compiled.lock().expect("policy history lock");
         let found = history.iter().rev().find(|(g, _)| *g == generation);
         found
             .or(history.back())
             .map(|(_, compiled)| compiled.clone())
+    }
+
+    /// The bundle revision of `generation`, if this agent or the one before it recorded it.
+    fn revision(&self, generation: u32) -> Option<String> {
+        self.revisions
+            .lock()
+            .expect("revision history lock")
+            .get(&generation)
+            .cloned()
+    }
+
+    /// Revisions recorded by an earlier agent (its state file).
+    fn seed(&self, revisions: BTreeMap<u32, String>) {
+        self.revisions
+            .lock()
+            .expect("revision history lock")
+            .extend(revisions);
+    }
+
+    fn revisions(&self) -> BTreeMap<u32, String> {
+        self.revisions
+            .lock()
+            .expect("revision history lock")
+            .clone()
+    }
+}
+
+/// The revision that allowed a flow's `connect()`; `unknown (generation N)` when neither this
+/// agent nor the one before it recorded that generation.
+fn snapshot_of(history: &PolicyHistory, record: &enforcer_common::FlowRecord) -> String {
+    history
+        .revision(record.policy_generation)
+        .unwrap_or_else(|| format!("unknown (generation {})", record.policy_generation))
+}
+
+/// The event of one `FLOW_EVENTS` record, named by the policy that allowed the connect.
+fn flow_call(event: &enforcer_common::FlowEvent, allowed_by: &Compiled) -> FlowCall {
+    let time = record::wall_clock(event.timestamp_ns);
+    if event.kind == flow_kind::CLOSED && event.record.protocol == proto::UDP {
+        // A released UDP socket: the kernel keeps no byte counts for it.
+        let mut call = flow_event::flow(
+            flow_event::CLOSED,
+            time,
+            event.cookie,
+            &event.record,
+            allowed_by,
+        );
+        call.flow.duration_ms =
+            Some(event.timestamp_ns.saturating_sub(event.record.start_ns) as f64 / 1e6);
+        call
+    } else if event.kind == flow_kind::CLOSED {
+        let mut call = flow_event::flow(
+            flow_event::CLOSED,
+            time,
+            event.cookie,
+            &event.record,
+            allowed_by,
+        );
+        let (sent, received) = flows::payload_bytes(event);
+        call.flow.bytes_sent = Some(sent);
+        call.flow.bytes_received = Some(received);
+        call.flow.duration_ms =
+            Some(event.timestamp_ns.saturating_sub(event.record.start_ns) as f64 / 1e6);
+        call
+    } else {
+        flow_event::flow(
+            flow_event::OPENED,
+            time,
+            event.cookie,
+            &event.record,
+            allowed_by,
+        )
     }
 }
 
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
 /// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
 /// and reports losses the kernel counted.
+/// The two ring buffers: denies (`EVENTS`) and tracked flows (`FLOW_EVENTS`).
+struct Rings {
+    events: RingBuf<MapData>,
+    flows: RingBuf<MapData>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn stream_events(
-    ring: RingBuf<MapData>,
+    rings: Rings,
     pin_dir: PathBuf,
     history: PolicyHistory,
     mut notices: mpsc::UnboundedReceiver<Notice>,
+    mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
     quarantine: mpsc::UnboundedSender<(u32, String)>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("polling the EVENTS ring buffer")?;
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(rings.events, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("polling the EVENTS ring buffer")?;
+    // SAFETY: as above.
+    let mut flow_ring =
+        unsafe { AsyncFd::register_with_interest(rings.flows, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("polling the FLOW_EVENTS ring buffer")?;
+    let mut flows_lost_seen = flows::lost(&pin_dir)?;
     let mut lost_seen = datapath::lost_events(&pin_dir)?;
     if lost_seen > 0 {
         tracing::warn!(
@@ -1193,6 +1462,40 @@ async fn stream_events(
                     guard.clear_ready();
                 }
             }
+            guard = flow_ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the FLOW_EVENTS ring buffer")?;
+                let ring = guard.get_inner_mut();
+                let mut batch = 0;
+                let mut more = false;
+                loop {
+                    if batch == EVENT_BATCH {
+                        more = true;
+                        break;
+                    }
+                    let Some(item) = ring.next() else { break };
+                    batch += 1;
+                    let event = match flows::decode(&item) {
+                        Ok(event) => event,
+                        Err(error) => {
+                            tracing::error!(%error, "undecodable flow record");
+                            continue;
+                        }
+                    };
+                    let Some(policy) = history.at(event.record.policy_generation) else { continue };
+                    let mut call = flow_call(&event, &policy);
+                    call.policy.snapshot = snapshot_of(&history, &event.record);
+                    events.emit(&Event::Flow(call))?;
+                }
+                if more {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                } else {
+                    guard.clear_ready();
+                }
+            }
+            Some(call) = agent_flows.recv() => {
+                events.emit(&Event::Flow(call))?;
+            }
             Some(notice) = notices.recv() => {
                 events.emit(&Event::Notice(notice))?;
             }
@@ -1209,6 +1512,13 @@ async fn stream_events(
                     tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
                     events.emit(&Event::Notice(Notice::EventsLost { time: now(), count, total }))?;
                     lost_seen = total;
+                }
+                let total = flows::lost(&pin_dir)?;
+                if total > flows_lost_seen {
+                    let count = total - flows_lost_seen;
+                    tracing::warn!(count, total, "flow ring buffer full: flow events lost in the kernel");
+                    events.emit(&Event::Notice(Notice::FlowEventsLost { time: now(), count, total }))?;
+                    flows_lost_seen = total;
                 }
             }
         }

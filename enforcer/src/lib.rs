@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod desired;
 pub mod events;
 pub mod explain;
+pub mod flows;
 pub mod fs;
 pub mod last_good;
 pub mod pdp;

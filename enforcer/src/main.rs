@@ -91,6 +91,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live tracked flows (vector DBs, `track: true` endpoints) with both ends' identities,
+    /// read from the pinned maps.
+    Flows {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Only flows to this destination (an inventory name).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only flows of this subject (a workload name).
+        #[arg(long)]
+        from: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate and explain policy bundles.
     Policy {
         #[command(subcommand)]
@@ -393,6 +408,25 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Flows {
+            pins,
+            to,
+            from,
+            json,
+        } => {
+            let flows = enforcer::flows::list::collect(
+                &pins.pin_root,
+                &pins.state_dir(),
+                from.as_deref(),
+                to.as_deref(),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                print!("{}", enforcer::flows::list::render(&flows));
             }
             Ok(ExitCode::SUCCESS)
         }

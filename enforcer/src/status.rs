@@ -36,6 +36,11 @@ pub struct Status {
     pub agent: Option<AgentView>,
     pub hooks: Vec<String>,
     pub lost_events: u64,
+    /// Flow events (`flow.opened` / `flow.closed`) the kernel could not write: their ring
+    /// buffer was full.
+    pub lost_flow_events: u64,
+    /// Live tracked flows (records in the pinned `FLOWS` map; `enforcer flows` lists them).
+    pub tracked_flows: usize,
     /// `{"deny": {"tenant_mismatch": 3, ...}, ...}` as a flat list for stable output.
     pub verdicts: Vec<VerdictCount>,
     pub maps: Vec<datapath::MapFill>,
@@ -115,12 +120,16 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
                 .flatten()
         });
     let agent = read_agent_state(state_dir);
+    let lost_flow_events = crate::flows::lost(&dir)?;
+    let tracked_flows = crate::flows::read(&dir)?.len();
     Ok(Status {
         pdp,
         pin_dir: dir,
         agent,
         hooks,
         lost_events: stats.lost_events,
+        lost_flow_events,
+        tracked_flows,
         verdicts,
         maps: stats.maps.clone(),
         active_policy_table: stats.config.active_policy,
@@ -330,6 +339,11 @@ pub fn render(status: &Status) -> String {
         if status.audit { "on" } else { "off" }
     );
     let _ = writeln!(out, "lost events:     {}", status.lost_events);
+    let _ = writeln!(
+        out,
+        "tracked flows:   {} live, {} flow events lost",
+        status.tracked_flows, status.lost_flow_events
+    );
     let _ = writeln!(out, "verdicts:");
     for v in &status.verdicts {
         let _ = writeln!(out, "  {:<6} {:<16} {}", v.verdict, v.reason, v.count);

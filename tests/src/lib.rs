@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod deploy;
 pub mod fixtures;
+pub mod flows;
 pub mod generated;
 pub mod kube;
 pub mod kubelet;

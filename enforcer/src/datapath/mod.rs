@@ -126,6 +126,16 @@ impl Datapath {
             .context("the BPF object has no EVENTS map")?;
         RingBuf::try_from(map).context("EVENTS is not a ring buffer")
     }
+
+    /// The flow events ring buffer (`flow.opened` / `flow.closed` records), like
+    /// [`Datapath::take_events`].
+    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(maps::FLOW_EVENTS)
+            .context("the BPF object has no FLOW_EVENTS map")?;
+        RingBuf::try_from(map).context("FLOW_EVENTS is not a ring buffer")
+    }
 }
 
 fn lock_exclusive(dir: &Path) -> Result<std::fs::File> {

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod decode;
+pub mod flow;
 pub mod notice;
 pub mod ocsf;
 pub mod record;
@@ -29,6 +30,7 @@ pub use sink::{parse_size, rotated_path, FileSink, Rotation, Sink};
 pub enum Event {
     Call(DeniedCall),
     Notice(Notice),
+    Flow(flow::FlowCall),
 }
 
 impl Event {
@@ -37,6 +39,7 @@ impl Event {
         match self {
             Event::Call(call) => call.kind,
             Event::Notice(notice) => notice.kind(),
+            Event::Flow(flow) => flow.kind,
         }
     }
 }
@@ -83,6 +86,7 @@ impl Formatter {
             Format::Ocsf => match event {
                 Event::Call(call) => serde_json::to_vec(&ocsf::call(&self.ocsf, seq, call)),
                 Event::Notice(notice) => serde_json::to_vec(&ocsf::notice(&self.ocsf, seq, notice)),
+                Event::Flow(flow) => serde_json::to_vec(&ocsf::flow(&self.ocsf, seq, flow)),
             },
         }
         .with_context(|| format!("serialising a {} event", event.kind()))?;

@@ -16,6 +16,13 @@ pub enum Notice {
         count: u64,
         total: u64,
     },
+    /// Like `events.lost`, for the flow ring buffer (`flow.opened` / `flow.closed` records).
+    #[serde(rename = "flow_events.lost")]
+    FlowEventsLost {
+        time: String,
+        count: u64,
+        total: u64,
+    },
     /// A bundle was written to the kernel: it decides from now on.
     #[serde(rename = "policy.applied")]
     PolicyApplied {
@@ -69,6 +76,7 @@ impl Notice {
     pub fn kind(&self) -> &'static str {
         match self {
             Notice::EventsLost { .. } => "events.lost",
+            Notice::FlowEventsLost { .. } => "flow_events.lost",
             Notice::PolicyApplied { .. } => "policy.applied",
             Notice::PolicyRejected { .. } => "policy.rejected",
             Notice::Quarantined { .. } => "subject.quarantined",
@@ -82,6 +90,7 @@ impl Notice {
     pub fn time(&self) -> &str {
         match self {
             Notice::EventsLost { time, .. }
+            | Notice::FlowEventsLost { time, .. }
             | Notice::PolicyApplied { time, .. }
             | Notice::PolicyRejected { time, .. }
             | Notice::Quarantined { time, .. }

@@ -103,6 +103,20 @@ pub struct PolicyInfo {
     pub sources: Vec<String>,
 }
 
+/// A destination's `kind` in events: its endpoint kind (`vector_db`...) or what it is.
+pub fn destination_kind(i: &enforcer_policy::Identity) -> String {
+    match i.kind {
+        IdentityKind::Workload => "workload".to_string(),
+        IdentityKind::World => "world".to_string(),
+        IdentityKind::Service => "service".to_string(),
+        IdentityKind::Unidentified => "unidentified".to_string(),
+        IdentityKind::Endpoint => i
+            .endpoint_kind
+            .clone()
+            .unwrap_or_else(|| "endpoint".to_string()),
+    }
+}
+
 /// Converts kernel monotonic timestamps to wall-clock time.
 pub fn wall_clock(monotonic_ns: u64) -> SystemTime {
     let mut now = libc::timespec {
@@ -199,16 +213,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             identity: event.destination,
             name: destination_identity.map(|i| i.name.clone()),
             tenant: destination_identity.and_then(|i| i.tenant.clone()),
-            kind: destination_identity.map(|i| match i.kind {
-                IdentityKind::Workload => "workload".to_string(),
-                IdentityKind::World => "world".to_string(),
-                IdentityKind::Service => "service".to_string(),
-                IdentityKind::Unidentified => "unidentified".to_string(),
-                IdentityKind::Endpoint => i
-                    .endpoint_kind
-                    .clone()
-                    .unwrap_or_else(|| "endpoint".to_string()),
-            }),
+            kind: destination_identity.map(destination_kind),
         }),
         policy: PolicyInfo {
             id: policy_id,

@@ -24,6 +24,7 @@ mod tests;
 use serde::Serialize;
 use serde_json::json;
 
+use super::flow::FlowCall;
 use super::notice::Notice;
 use super::record::{DeniedCall, Destination, SocketInfo, Time};
 use enforcer_policy::atlas;
@@ -98,6 +99,15 @@ pub struct Event<'a> {
     dst_endpoint: Option<NetworkEndpoint<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_info: Option<ConnectionInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traffic: Option<Traffic>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_time: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_time: Option<i64>,
+    /// Milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<Policy<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,6 +291,14 @@ struct ConnectionInfo {
     protocol_num: Option<u16>,
     protocol_name: String,
     protocol_ver_id: u32,
+}
+
+/// A closed flow's payload bytes: `bytes_out` the subject sent, `bytes_in` it received.
+#[derive(Debug, Serialize)]
+struct Traffic {
+    bytes: u64,
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -697,6 +715,138 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
     event
 }
 
+/// The OCSF event of a tracked flow: Network Activity Open (`flow.opened`), Close
+/// (`flow.closed`, with `traffic`, `start_time`, `end_time`, `duration`), Reset
+/// (`flow.revoked`: the agent reset it) or Traffic (`flow.stale`: reported, not closable).
+pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a> {
+    let (activity, severity, action, disposition, alert) = match flow.kind {
+        super::flow::OPENED => ((1, "Open"), 1, (1, "Allowed"), (1, "Allowed"), false),
+        super::flow::CLOSED => ((2, "Close"), 1, (1, "Allowed"), (1, "Allowed"), false),
+        super::flow::REVOKED => ((3, "Reset"), 3, (2, "Denied"), (2, "Blocked"), true),
+        _ => ((6, "Traffic"), 3, (3, "Observed"), (15, "Detected"), true),
+    };
+    let mut event = header(
+        context,
+        NETWORK_ACTIVITY,
+        activity,
+        severity,
+        Stamp {
+            time: flow.time.epoch_millis(),
+            seq,
+            event_code: flow.kind,
+        },
+        vec!["security_control", "host"],
+    );
+    let subject = &flow.subject;
+    let d = &flow.destination;
+    let subject_text = subject
+        .workload
+        .clone()
+        .unwrap_or_else(|| format!("identity {}", subject.identity));
+    let what = match flow.kind {
+        super::flow::OPENED => "flow opened".to_string(),
+        super::flow::CLOSED => format!(
+            "flow closed, {} bytes sent, {} received",
+            flow.flow.bytes_sent.unwrap_or(0),
+            flow.flow.bytes_received.unwrap_or(0)
+        ),
+        super::flow::REVOKED => format!(
+            "flow reset: no longer permitted ({})",
+            flow.flow.reason.unwrap_or("denied")
+        ),
+        _ => format!(
+            "connected UDP socket no longer permitted ({}); it cannot be closed from outside",
+            flow.flow.reason.unwrap_or("denied")
+        ),
+    };
+    event.message = format!("{subject_text} -> {}: {what}", destination_text(d));
+    event.status_id = Some(1);
+    event.status = Some("Success");
+    event.status_detail = flow.flow.reason;
+    event.action_id = Some(action.0);
+    event.action = Some(action.1);
+    event.disposition_id = Some(disposition.0);
+    event.disposition = Some(disposition.1);
+    event.is_alert = Some(alert);
+    event.metadata.tenant_uid = subject.tenant.as_deref();
+    event.actor = Some(Actor {
+        process: Some(Process {
+            pid: subject.pid,
+            name: &subject.comm,
+        }),
+        app_name: None,
+    });
+    event.src_endpoint = Some(NetworkEndpoint {
+        uid: subject.identity.to_string(),
+        name: subject.workload.as_deref(),
+        ip: flow.flow.source.as_ref().map(|s| s.ip.as_str()),
+        port: flow.flow.source.as_ref().map(|s| s.port),
+        owner: owner(
+            subject.workload.as_deref(),
+            subject.spiffe_id.as_deref(),
+            subject.tenant.as_deref(),
+        ),
+        ..NetworkEndpoint::default()
+    });
+    event.dst_endpoint = Some(NetworkEndpoint {
+        uid: d.identity.to_string(),
+        name: d.name.as_deref(),
+        ip: Some(&d.ip),
+        port: Some(d.port),
+        owner: owner(d.name.as_deref(), None, d.tenant.as_deref()),
+        ..NetworkEndpoint::default()
+    });
+    event.connection_info = Some(ConnectionInfo {
+        direction_id: 3,
+        direction: "Lateral",
+        protocol_num: protocol_number(&d.protocol),
+        protocol_name: d.protocol.clone(),
+        protocol_ver_id: if d.ip.contains(':') { 6 } else { 4 },
+    });
+    event.start_time = Some(flow.flow.started.epoch_millis());
+    if flow.kind == super::flow::CLOSED {
+        let (out, inn) = (
+            flow.flow.bytes_sent.unwrap_or(0),
+            flow.flow.bytes_received.unwrap_or(0),
+        );
+        event.traffic = Some(Traffic {
+            bytes: out + inn,
+            bytes_in: inn,
+            bytes_out: out,
+        });
+        event.end_time = Some(flow.time.epoch_millis());
+        event.duration = flow.flow.duration_ms.map(|ms| ms as i64);
+    }
+    let version = flow
+        .policy
+        .revoked_by
+        .as_ref()
+        .unwrap_or(&flow.policy.snapshot);
+    let id = flow.policy.id.as_deref();
+    event.policy = Some(Policy {
+        uid: id,
+        name: id,
+        kind: "cedar",
+        version: Some(version),
+        is_applied: true,
+    });
+    event.unmapped = Unmapped::Notice(json!({
+        "flow": {"cookie": flow.flow.cookie, "reason": flow.flow.reason},
+        "subject": {
+            "identity": subject.identity,
+            "tenant": subject.tenant,
+            "spiffe_id": subject.spiffe_id,
+            "cgroup_id": subject.cgroup_id,
+        },
+        "destination": {"identity": d.identity, "tenant": d.tenant, "kind": d.kind},
+        "policy_snapshot": flow.policy.snapshot,
+        "policy_revoked_by": flow.policy.revoked_by,
+        "subject_chain": flow.subject_chain,
+        "dataset_scope": flow.dataset_scope,
+    }));
+    event
+}
+
 /// The milliseconds of a notice's RFC 3339 `time` (now, should it not parse: it always does,
 /// the agent writes it).
 fn notice_millis(time: &str) -> i64 {
@@ -735,6 +885,22 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             );
             event.message = format!(
                 "{count} events lost: the kernel's ring buffer was full ({total} since the maps were created)"
+            );
+            event.count = Some(*count);
+            event.unmapped = Unmapped::Notice(json!({ "count": count, "total": total }));
+            event
+        }
+        Notice::FlowEventsLost { count, total, .. } => {
+            let mut event = header(
+                context,
+                APPLICATION_ERROR,
+                (1, "General Error"),
+                4,
+                stamp(),
+                vec!["host"],
+            );
+            event.message = format!(
+                "{count} flow events lost: the kernel's flow ring buffer was full ({total} since the maps were created)"
             );
             event.count = Some(*count);
             event.unmapped = Unmapped::Notice(json!({ "count": count, "total": total }));

@@ -141,6 +141,11 @@ fn notices() -> Vec<Notice> {
             count: 12,
             total: 40,
         },
+        Notice::FlowEventsLost {
+            time: time(),
+            count: 3,
+            total: 5,
+        },
         Notice::PolicyApplied {
             time: time(),
             snapshot: "sha256:e514f1de2beacab7".into(),
@@ -188,6 +193,7 @@ fn notices() -> Vec<Notice> {
     for notice in &all {
         match notice {
             Notice::EventsLost { .. }
+            | Notice::FlowEventsLost { .. }
             | Notice::PolicyApplied { .. }
             | Notice::PolicyRejected { .. }
             | Notice::Quarantined { .. }
@@ -280,7 +286,7 @@ fn every_notice_conforms() {
         assert_eq!(event["metadata"]["event_code"], kind);
         kinds.insert(kind);
     }
-    assert_eq!(kinds.len(), 7, "{kinds:?}");
+    assert_eq!(kinds.len(), 8, "{kinds:?}");
 }
 
 #[test]
@@ -741,4 +747,80 @@ fn the_readme_golden_deny_is_valid_and_current() {
         "the README's golden OCSF deny is out of date; the formatter writes:\n{}",
         serde_json::to_string(&now).unwrap()
     );
+}
+
+/// A tracked flow from acme-retriever to acme-vectors, as the kernel records it.
+fn flow_record() -> enforcer_common::FlowRecord {
+    let mut comm = [0u8; 16];
+    comm[..6].copy_from_slice(b"client");
+    let mut saddr = [0u8; 16];
+    saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let mut daddr = [0u8; 16];
+    daddr[..4].copy_from_slice(&[127, 10, 1, 10]);
+    enforcer_common::FlowRecord {
+        start_ns: 1,
+        cgroup_id: 42,
+        pid_tgid: 1234 << 32,
+        subject: id("acme-retriever"),
+        destination: id("acme-vectors"),
+        saddr,
+        daddr,
+        sport: 40_000,
+        dport: 6333,
+        family: 4,
+        protocol: proto::TCP,
+        state: enforcer_common::flow_state::ESTABLISHED,
+        comm,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_flow_event_conforms_to_network_activity() {
+    use crate::events::flow;
+    let record = flow_record();
+    let now = std::time::SystemTime::now();
+    let mut expected = Vec::new();
+    for (kind, activity) in [
+        (flow::OPENED, 1),
+        (flow::CLOSED, 2),
+        (flow::REVOKED, 3),
+        (flow::STALE, 6),
+    ] {
+        let mut call = flow::flow(kind, now, 99, &record, demo());
+        if kind == flow::CLOSED {
+            call.flow.bytes_sent = Some(1008);
+            call.flow.bytes_received = Some(2345);
+            call.flow.duration_ms = Some(12.5);
+        }
+        if kind == flow::REVOKED || kind == flow::STALE {
+            call.flow.reason = Some("no_permit");
+            call.policy.revoked_by = Some("sha256:0123456789abcdef".into());
+            call.policy.id = Some("tenant-isolation".into());
+        }
+        let json = serde_json::to_value(&call).unwrap();
+        assert_eq!(json["type"], kind);
+        assert_eq!(json["subject"]["workload"], "acme-retriever");
+        assert_eq!(json["destination"]["kind"], "vector_db");
+        assert_eq!(json["flow"]["source"]["port"], 40_000);
+        assert!(
+            !json["dataset_scope"].as_array().unwrap().is_empty(),
+            "{json}"
+        );
+        let event = ocsf(&Event::Flow(call));
+        assert_conforms(&event);
+        assert_eq!(event["class_uid"], 4001);
+        assert_eq!(event["activity_id"], activity, "{kind}");
+        assert_eq!(event["metadata"]["event_code"], kind);
+        assert_eq!(event["src_endpoint"]["port"], 40_000);
+        assert_eq!(event["dst_endpoint"]["port"], 6333);
+        expected.push(event);
+    }
+    let closed = &expected[1];
+    assert_eq!(closed["traffic"]["bytes_out"], 1008);
+    assert_eq!(closed["traffic"]["bytes_in"], 2345);
+    assert_eq!(closed["traffic"]["bytes"], 1008 + 2345);
+    assert_eq!(closed["duration"], 12);
+    assert_eq!(expected[2]["policy"]["uid"], "tenant-isolation");
+    assert_eq!(expected[2]["is_alert"], true);
 }

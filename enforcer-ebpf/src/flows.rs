@@ -1,0 +1,297 @@
+//! Tracked flows: the `FLOWS` records and their `FLOW_EVENTS`.
+//!
+//! A record is born in `connect4`/`connect6` ([`record_connect`]), where the decision is made
+//! and the subject, the destination and the policy generation that allowed the call are known;
+//! it is keyed by the socket cookie, which `sock_ops` and the agent's `SOCK_DESTROY` see too.
+//! `sock_ops` follows a TCP record: at `TCP_CONNECT_CB` it asks for state callbacks (only for
+//! sockets that have a record: the others never pay for a callback), at
+//! `ACTIVE_ESTABLISHED_CB` it fills the local address and writes the opened event, at each
+//! `STATE_CB` it notes the peer's FIN and at TCP_CLOSE writes the closed event (byte counts)
+//! and deletes the record. A connected UDP socket has no callback after `connect()`: its
+//! opened event is written there, and `cgroup/sock_release` ends its record when the socket
+//! is closed.
+//!
+//! Verifier notes:
+//! - The record is built in place on the stack field by field (every byte written, padding
+//!   included) and the event field by field in the reserved slot: a struct copy or zeroing
+//!   would become a memcpy/memset call the verifier rejects.
+//! - `bytes_acked` / `bytes_received` are full-socket fields: the verifier rewrites their loads
+//!   to read 0 on a request or time-wait socket; `STATE_CB` always has a full socket.
+//! - `bpf_sock_ops_cb_flags_set` replaces the flags: the current ones are OR-ed in so that
+//!   another module's flags (the header-option callbacks) survive.
+
+use core::mem::MaybeUninit;
+use core::ptr::{addr_of_mut, read_volatile};
+
+use aya_ebpf::{
+    bindings::bpf_sock_ops,
+    helpers::generated::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_sock_ops_cb_flags_set,
+    },
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
+    EbpfContext,
+};
+use enforcer_common::{
+    capacity, flow_event, flow_flags, flow_state, proto, tcp_state, FlowEvent, FlowRecord,
+};
+
+/// Socket cookie -> the tracked flow.
+#[map]
+static FLOWS: LruHashMap<u64, FlowRecord> = LruHashMap::pinned(capacity::FLOWS, 0);
+
+/// Opened / closed records; userspace may resize it at load time.
+#[map]
+static FLOW_EVENTS: RingBuf = RingBuf::pinned(capacity::FLOW_EVENTS_BYTES, 0);
+
+/// Flow events that did not fit in `FLOW_EVENTS` (per CPU; userspace sums the CPUs).
+#[map]
+static LOST_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// `sock_ops` operations (`enum bpf_sock_ops_op`; bindgen leaves them unnamed).
+pub const TCP_CONNECT_CB: u32 = 3;
+pub const ACTIVE_ESTABLISHED_CB: u32 = 4;
+pub const STATE_CB: u32 = 10;
+/// `BPF_SOCK_OPS_STATE_CB_FLAG`.
+const STATE_CB_FLAG: u32 = 1 << 2;
+/// `sk->sk_family` of an IPv6 socket.
+const AF_INET6: u32 = 10;
+const FAMILY_V4: u8 = 4;
+/// `BPF_ANY` for map updates, default flags for the ring buffer.
+const BPF_ANY: u64 = 0;
+const RINGBUF_FLAGS: u64 = 0;
+const COMM_LEN: u32 = 16;
+const LOST_INDEX: u32 = 0;
+
+/// What `connect4`/`connect6` know about an allowed call to a tracked destination.
+pub struct Connect {
+    pub subject: u32,
+    pub destination: u32,
+    /// Destination address words in memory (network) order; family 4 uses the first.
+    pub daddr: [u32; 4],
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub generation: u32,
+    pub cgroup_id: u64,
+    /// The socket is AF_INET6 (connect6), whatever `family` the destination was judged as.
+    pub sock_v6: bool,
+}
+
+/// Records the flow under the socket's cookie; a connected UDP socket's opened event is
+/// written now (TCP's waits for the handshake).
+#[inline(always)]
+pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) {
+    let mut slot = MaybeUninit::<FlowRecord>::uninit();
+    let r = slot.as_mut_ptr();
+    // SAFETY: `r` points at a stack slot of the record's size; every field (padding included)
+    // is written below before the slot is read by the map update.
+    let cookie = unsafe {
+        addr_of_mut!((*r).start_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*r).cgroup_id).write(c.cgroup_id);
+        addr_of_mut!((*r).pid_tgid).write(bpf_get_current_pid_tgid());
+        addr_of_mut!((*r).subject).write(c.subject);
+        addr_of_mut!((*r).destination).write(c.destination);
+        let saddr = addr_of_mut!((*r).saddr).cast::<u32>();
+        let daddr = addr_of_mut!((*r).daddr).cast::<u32>();
+        for i in 0..4 {
+            saddr.add(i).write(0);
+            daddr.add(i).write(c.daddr[i]);
+        }
+        addr_of_mut!((*r).sport).write(0);
+        addr_of_mut!((*r).dport).write(c.dport);
+        addr_of_mut!((*r).family).write(c.family);
+        addr_of_mut!((*r).protocol).write(c.protocol);
+        addr_of_mut!((*r).state).write(flow_state::CONNECTING);
+        addr_of_mut!((*r).flags).write(if c.sock_v6 { flow_flags::SOCK_V6 } else { 0 });
+        addr_of_mut!((*r).policy_generation).write(c.generation);
+        addr_of_mut!((*r)._pad).write(0);
+        // On failure the helper zeroes the buffer, so comm is always initialised.
+        bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
+        bpf_get_socket_cookie(ctx.as_ptr())
+    };
+    // SAFETY: fully initialised above.
+    let record = unsafe { slot.assume_init_ref() };
+    // A full LRU map evicts its least recently used record: the flow is still allowed, only
+    // its record is lost (`enforcer status` shows the map's fill).
+    let _ = FLOWS.insert(&cookie, record, BPF_ANY);
+    if udp {
+        emit(cookie, record, flow_event::OPENED, 0, 0, 0);
+    }
+}
+
+/// `TCP_CONNECT_CB`: the SYN is about to be sent; ask for state callbacks for a tracked flow.
+#[inline(always)]
+pub fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if FLOWS.get_ptr(cookie).is_none() {
+        return;
+    }
+    set_flags(ctx, STATE_CB_FLAG);
+}
+
+/// `ACTIVE_ESTABLISHED_CB`: the handshake completed; fill the local end and report it.
+#[inline(always)]
+pub fn on_established(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: as in `on_connect`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr_mut(cookie) else {
+        return;
+    };
+    // SAFETY: `ops` is the context; full 32-bit loads of readable fields. `r` is a non-null
+    // map value pointer, valid for reads and writes.
+    unsafe {
+        let family = read_volatile(&(*ops).family);
+        let saddr = addr_of_mut!((*r).saddr).cast::<u32>();
+        if family == AF_INET6 {
+            let w = [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ];
+            if (*r).family == FAMILY_V4 {
+                // A dual-stack socket to ::ffff:a.b.c.d: its source is mapped too.
+                saddr.write(w[3]);
+            } else {
+                for (i, word) in w.iter().enumerate() {
+                    saddr.add(i).write(*word);
+                }
+            }
+        } else {
+            saddr.write(read_volatile(&(*ops).local_ip4));
+        }
+        // `local_port` is in host byte order.
+        (*r).sport = read_volatile(&(*ops).local_port) as u16;
+        (*r).state = flow_state::ESTABLISHED;
+        emit(cookie, &*r, flow_event::OPENED, 0, 0, 0);
+    }
+}
+
+/// `STATE_CB`: `arg(0)` the old state, `arg(1)` the new one.
+#[inline(always)]
+pub fn on_state(ctx: &SockOpsContext) {
+    let old = ctx.arg(0) as u8;
+    let new = ctx.arg(1) as u8;
+    if new != tcp_state::CLOSE && new != tcp_state::CLOSE_WAIT && new != tcp_state::CLOSING {
+        return;
+    }
+    // SAFETY: as in `on_connect`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr_mut(cookie) else {
+        return;
+    };
+    if new != tcp_state::CLOSE {
+        // The peer's FIN: it took one in the receive sequence space.
+        // SAFETY: a non-null map value pointer is valid for reads and writes.
+        unsafe { (*r).flags |= flow_flags::FIN_IN };
+        return;
+    }
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `r` as above; `ops` is the context (64-bit loads of full-socket fields).
+    unsafe {
+        // A handshake that never completed was never reported opened: nothing to close.
+        if (*r).state == flow_state::ESTABLISHED {
+            let acked = read_volatile(&(*ops).bytes_acked);
+            let received = read_volatile(&(*ops).bytes_received);
+            emit(cookie, &*r, flow_event::CLOSED, acked, received, old);
+        }
+    }
+    let _ = FLOWS.remove(cookie);
+}
+
+/// `cgroup/sock_release`: a connected UDP socket's record ends with its socket (a TCP
+/// socket's ends at CLOSE, which usually comes after the release: FIN_WAIT, TIME_WAIT). A TCP
+/// socket already in CLOSE at its release never gets that callback (a `connect()` that
+/// failed before the SYN was sent): its record, never reported opened, is dropped here.
+#[inline(always)]
+pub fn on_release(ctx: &SockContext) {
+    // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr(cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads; `ctx.sock` is the context and
+    // `state` a full 32-bit load.
+    unsafe {
+        if (*r).protocol == proto::UDP {
+            emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
+        } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE) {
+            return;
+        }
+    }
+    let _ = FLOWS.remove(cookie);
+}
+
+#[inline(always)]
+fn set_flags(ctx: &SockOpsContext, flag: u32) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is the context; the helper is allowed in every sock_ops callback with a
+    // full socket (it fails harmlessly otherwise).
+    unsafe {
+        let current = read_volatile(&(*ops).bpf_sock_ops_cb_flags);
+        bpf_sock_ops_cb_flags_set(ops, (current | flag) as i32);
+    }
+}
+
+/// One `FlowEvent`, field by field into the reserved slot; a full ring buffer counts one in
+/// `LOST_FLOW_EVENTS`.
+#[inline(always)]
+fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_state: u8) {
+    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(RINGBUF_FLAGS) else {
+        if let Some(lost) = LOST_FLOW_EVENTS.get_ptr_mut(LOST_INDEX) {
+            // SAFETY: per-CPU value pointer, this CPU's own counter.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let e: *mut FlowEvent = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, 8-byte-aligned slot of size_of::<FlowEvent>() bytes;
+    // every byte is written below before it is submitted.
+    unsafe {
+        addr_of_mut!((*e).timestamp_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*e).cookie).write(cookie);
+        addr_of_mut!((*e).bytes_acked).write(acked);
+        addr_of_mut!((*e).bytes_received).write(received);
+        addr_of_mut!((*e).kind).write(kind);
+        addr_of_mut!((*e).last_state).write(last_state);
+        addr_of_mut!((*e)._pad).cast::<[u16; 3]>().write([0; 3]);
+        let d = addr_of_mut!((*e).record);
+        addr_of_mut!((*d).start_ns).write(r.start_ns);
+        addr_of_mut!((*d).cgroup_id).write(r.cgroup_id);
+        addr_of_mut!((*d).pid_tgid).write(r.pid_tgid);
+        addr_of_mut!((*d).subject).write(r.subject);
+        addr_of_mut!((*d).destination).write(r.destination);
+        let (sa, da) = (
+            addr_of_mut!((*d).saddr).cast::<u32>(),
+            addr_of_mut!((*d).daddr).cast::<u32>(),
+        );
+        let (rs, rd) = (
+            r.saddr.as_ptr().cast::<u32>(),
+            r.daddr.as_ptr().cast::<u32>(),
+        );
+        for i in 0..4 {
+            sa.add(i).write(rs.add(i).read());
+            da.add(i).write(rd.add(i).read());
+        }
+        addr_of_mut!((*d).sport).write(r.sport);
+        addr_of_mut!((*d).dport).write(r.dport);
+        addr_of_mut!((*d).family).write(r.family);
+        addr_of_mut!((*d).protocol).write(r.protocol);
+        addr_of_mut!((*d).state).write(r.state);
+        addr_of_mut!((*d).flags).write(r.flags);
+        addr_of_mut!((*d).policy_generation).write(r.policy_generation);
+        addr_of_mut!((*d)._pad).write(0);
+        let (cs, cd) = (
+            r.comm.as_ptr().cast::<u64>(),
+            addr_of_mut!((*d).comm).cast::<u64>(),
+        );
+        cd.write(cs.read());
+        cd.add(1).write(cs.add(1).read());
+    }
+    entry.submit(RINGBUF_FLAGS);
+}

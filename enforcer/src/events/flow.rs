@@ -1,0 +1,146 @@
+//! Tracked-flow events: `flow.opened`, `flow.closed` (bytes and duration), `flow.revoked`
+//! (the agent reset it: policy no longer permits it) and `flow.stale` (a connected UDP socket
+//! policy no longer permits: it cannot be closed from outside). Same subject and destination
+//! objects, `subject_chain` and `dataset_scope` as the deny events.
+
+use std::time::SystemTime;
+
+use enforcer_common::{identity, FlowRecord};
+use enforcer_policy::Compiled;
+use serde::Serialize;
+
+use super::record::{destination_kind, wall_clock, Destination, Subject, Time};
+use crate::flows;
+
+pub const OPENED: &str = "flow.opened";
+pub const CLOSED: &str = "flow.closed";
+pub const REVOKED: &str = "flow.revoked";
+pub const STALE: &str = "flow.stale";
+
+#[derive(Debug, Serialize)]
+pub struct FlowCall {
+    pub time: Time,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub flow: FlowInfo,
+    pub subject: Subject,
+    pub destination: Destination,
+    pub policy: FlowPolicy,
+    pub subject_chain: Vec<String>,
+    pub dataset_scope: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowInfo {
+    /// The socket cookie: the flow's key in the kernel and in `enforcer flows`.
+    pub cookie: u64,
+    pub protocol: &'static str,
+    /// The subject's local address and port; `null` before the TCP handshake completed and
+    /// for UDP.
+    pub source: Option<SocketAddress>,
+    /// When `connect()` was allowed.
+    pub started: Time,
+    /// `flow.closed`: from `connect()` to CLOSE, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    /// `flow.closed`: payload bytes the peer acknowledged, and payload bytes received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
+    /// `flow.revoked` / `flow.stale`: why the policy in force no longer permits it
+    /// (`no_permit`, `tenant_mismatch`, `quarantined`, `unknown_subject`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketAddress {
+    pub ip: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowPolicy {
+    /// The revision that allowed the `connect()` (stamped by the kernel).
+    pub snapshot: String,
+    /// `flow.revoked` / `flow.stale`: the revision that no longer permits it, and its
+    /// determining policy (`@id`, or `implicit-deny`, `quarantine`...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// A flow event for `record` (socket `cookie`), named by `allowed_by`, the policy that was in
+/// force when the kernel allowed the `connect()`.
+pub fn flow(
+    kind: &'static str,
+    time: SystemTime,
+    cookie: u64,
+    record: &FlowRecord,
+    allowed_by: &Compiled,
+) -> FlowCall {
+    let subject = allowed_by
+        .identity(record.subject)
+        .filter(|_| record.subject != identity::UNKNOWN);
+    let destination = allowed_by.identity(record.destination);
+    FlowCall {
+        time: Time(time),
+        kind,
+        flow: FlowInfo {
+            cookie,
+            protocol: flows::protocol_name(record.protocol),
+            source: flows::source_ip(record).map(|ip| SocketAddress {
+                ip: ip.to_string(),
+                port: record.sport,
+            }),
+            started: Time(wall_clock(record.start_ns)),
+            duration_ms: None,
+            bytes_sent: None,
+            bytes_received: None,
+            reason: None,
+        },
+        subject: Subject {
+            identity: record.subject,
+            workload: subject.map(|i| i.name.clone()),
+            tenant: subject.and_then(|i| i.tenant.clone()),
+            purpose: subject.and_then(|i| i.purpose.clone()),
+            ring: subject.and_then(|i| i.ring.clone()),
+            spiffe_id: subject.and_then(|i| i.spiffe_id.clone()),
+            cgroup_id: record.cgroup_id,
+            cgroup: None,
+            pid: (record.pid_tgid >> 32) as u32,
+            comm: comm_of(record),
+        },
+        destination: Destination {
+            ip: flows::destination_ip(record).to_string(),
+            port: record.dport,
+            protocol: flows::protocol_name(record.protocol).to_string(),
+            identity: record.destination,
+            name: destination.map(|i| i.name.clone()),
+            tenant: destination.and_then(|i| i.tenant.clone()),
+            kind: destination.map(destination_kind),
+        },
+        policy: FlowPolicy {
+            snapshot: allowed_by.revision().to_string(),
+            revoked_by: None,
+            id: None,
+        },
+        subject_chain: subject
+            .and_then(|i| i.spiffe_id.clone())
+            .into_iter()
+            .collect(),
+        dataset_scope: destination.map(|i| i.datasets.clone()).unwrap_or_default(),
+    }
+}
+
+/// `comm` is NUL-padded.
+fn comm_of(record: &FlowRecord) -> String {
+    let end = record
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(record.comm.len());
+    String::from_utf8_lossy(&record.comm[..end]).into_owned()
+}

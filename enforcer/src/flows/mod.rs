@@ -1,0 +1,253 @@
+//! Tracked flows in userspace: the pinned `FLOWS` records (read by `enforcer flows` and by
+//! the agent), the `FLOW_EVENTS` records, and revocation: re-deciding every record against the
+//! tables in force and closing the ones no longer permitted ([`destroy`]).
+
+pub mod destroy;
+pub mod list;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use enforcer_common::{
+    entry, flags, flow_flags, identity, maps, proto, tcp_state, FlowEvent, FlowRecord, PolicyKey,
+};
+
+use crate::datapath::Tables;
+
+/// Every record of the pinned `FLOWS` map under `dir` (the versioned pin directory), by
+/// socket cookie. Records change while they are read (the kernel adds and deletes them): a
+/// record deleted between listing its key and reading it is skipped.
+pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
+    let path = dir.join(maps::FLOWS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::LruHashMap(data))
+        .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
+    let mut out = Vec::new();
+    for key in map.keys() {
+        let Ok(cookie) = key else { continue };
+        if let Ok(record) = map.get(&cookie, 0) {
+            out.push((cookie, record));
+        }
+    }
+    out.sort_by_key(|(_, r)| (r.start_ns, r.sport));
+    Ok(out)
+}
+
+/// Deletes the record of `cookie` (a socket that is gone without its CLOSE callback: a
+/// connected UDP socket, or one closed while no program was attached). Absent: nothing to do.
+pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
+    let path = dir.join(maps::FLOWS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let mut map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::LruHashMap(data))
+        .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
+    match map.remove(&cookie) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(error) => Err(error).context("deleting a FLOWS record"),
+    }
+}
+
+/// Flow events the kernel could not write (`FLOW_EVENTS` full), summed over the CPUs.
+pub fn lost(dir: &Path) -> Result<u64> {
+    let path = dir.join(maps::LOST_FLOW_EVENTS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .with_context(|| format!("map {} has an unexpected type", maps::LOST_FLOW_EVENTS))?;
+    Ok(map
+        .get(&0, 0)
+        .context("reading LOST_FLOW_EVENTS")?
+        .iter()
+        .sum())
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("flow ring buffer record of {got} bytes, expected at least {expected}")]
+pub struct ShortRecord {
+    pub got: usize,
+    pub expected: usize,
+}
+
+/// Bytes from `FLOW_EVENTS` -> the shared struct (both sides compile the same definition).
+pub fn decode(bytes: &[u8]) -> Result<FlowEvent, ShortRecord> {
+    if bytes.len() < FlowEvent::SIZE {
+        return Err(ShortRecord {
+            got: bytes.len(),
+            expected: FlowEvent::SIZE,
+        });
+    }
+    // SAFETY: length checked; FlowEvent is plain old data; no alignment is assumed.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
+}
+
+fn address(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        let [a, b, c, d, ..] = *bytes;
+        Ipv4Addr::new(a, b, c, d).into()
+    } else {
+        Ipv6Addr::from(*bytes).into()
+    }
+}
+
+/// The record's destination address.
+pub fn destination_ip(r: &FlowRecord) -> IpAddr {
+    address(r.family, &r.daddr)
+}
+
+/// The record's local address; `None` until the TCP handshake completed (and for UDP).
+pub fn source_ip(r: &FlowRecord) -> Option<IpAddr> {
+    (r.sport != 0).then(|| address(r.family, &r.saddr))
+}
+
+/// Payload bytes of a closed TCP flow, `(sent, received)`, from the kernel's counters in
+/// sequence space: the SYN is one in `bytes_acked`, our FIN one more once acked (the socket
+/// left FIN_WAIT2, CLOSING or LAST_ACK for CLOSE), the peer's FIN one in `bytes_received`
+/// (`FIN_IN`). A socket closed from FIN_WAIT2 by the FIN-timeout, without a FIN from the
+/// peer, is the one case read as if the FIN had come (received one byte short).
+pub fn payload_bytes(e: &FlowEvent) -> (u64, u64) {
+    let our_fin = matches!(
+        e.last_state,
+        tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK
+    );
+    // FIN_WAIT2 -> CLOSE is tcp_time_wait() after the peer's FIN: the kernel goes straight to
+    // CLOSE without a state callback for it, so FIN_IN was never set.
+    let peer_fin = e.record.flags & flow_flags::FIN_IN != 0 || e.last_state == tcp_state::FIN_WAIT2;
+    let sent = e.bytes_acked.saturating_sub(1 + u64::from(our_fin));
+    let received = e.bytes_received.saturating_sub(u64::from(peer_fin));
+    (sent, received)
+}
+
+/// What the tables in force say about a recorded flow now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Permitted,
+    /// Not permitted (`reason`: `quarantined`, `no_permit`, `tenant_mismatch`, or
+    /// `unknown_subject` when its cgroup no longer maps to an identity), with the subject
+    /// and destination identities as the kernel would find them now.
+    Denied {
+        reason: &'static str,
+        subject: u32,
+        destination: u32,
+    },
+    /// Would be denied, but audit mode (global or the subject's) lets it through.
+    Audited,
+}
+
+/// Re-decides one flow the way the connect hook would now: the subject from its cgroup, the
+/// destination from its address, quarantine, the policy table in force (exact port, then any
+/// port, through [`Tables::lookup`]), audit.
+pub fn decide(tables: &Tables, record: &FlowRecord) -> Result<Decision> {
+    let global_audit = tables.config()?.audit != 0;
+    let subject = tables
+        .identity_of_cgroup(record.cgroup_id)
+        .unwrap_or(identity::UNKNOWN);
+    let (destination, _) = tables.destination_of(destination_ip(record));
+    let denied = |reason| Decision::Denied {
+        reason,
+        subject,
+        destination,
+    };
+    let Some(info) = (subject != identity::UNKNOWN)
+        .then(|| tables.identity_info(subject))
+        .flatten()
+    else {
+        return Ok(if global_audit {
+            Decision::Audited
+        } else {
+            denied("unknown_subject")
+        });
+    };
+    if info.flags & flags::EXEMPT != 0 {
+        return Ok(Decision::Permitted);
+    }
+    if info.flags & flags::QUARANTINED != 0 {
+        return Ok(denied("quarantined"));
+    }
+    let key = PolicyKey {
+        subject,
+        destination,
+        dport: record.dport,
+        protocol: record.protocol,
+        _pad: 0,
+    };
+    if let Some((_, value)) = tables.lookup(key)? {
+        if value.verdict == entry::ALLOW {
+            return Ok(Decision::Permitted);
+        }
+    }
+    if global_audit || info.flags & flags::AUDIT != 0 {
+        return Ok(Decision::Audited);
+    }
+    let destination_tenant = tables.identity_info(destination).map(|d| d.tenant);
+    let reason = match destination_tenant {
+        Some(t) if t != 0 && t != info.tenant => "tenant_mismatch",
+        _ if destination == identity::UNIDENTIFIED => "unidentified_destination",
+        _ => "no_permit",
+    };
+    Ok(denied(reason))
+}
+
+/// The protocol's name in events and the CLI.
+pub fn protocol_name(p: u8) -> &'static str {
+    match p {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(acked: u64, received: u64, last_state: u8, fin_in: bool) -> FlowEvent {
+        FlowEvent {
+            bytes_acked: acked,
+            bytes_received: received,
+            last_state,
+            record: FlowRecord {
+                flags: if fin_in { flow_flags::FIN_IN } else { 0 },
+                ..FlowRecord::default()
+            },
+            ..FlowEvent::default()
+        }
+    }
+
+    #[test]
+    fn payload_leaves_out_syn_and_fins() {
+        // We closed first: FIN_WAIT1 -> FIN_WAIT2 -> (peer FIN) CLOSE.
+        assert_eq!(
+            payload_bytes(&closed(1 + 100 + 1, 50 + 1, tcp_state::FIN_WAIT2, false)),
+            (100, 50)
+        );
+        // The peer closed first: CLOSE_WAIT (FIN_IN) -> LAST_ACK -> CLOSE.
+        assert_eq!(
+            payload_bytes(&closed(1 + 7 + 1, 9 + 1, tcp_state::LAST_ACK, true)),
+            (7, 9)
+        );
+        // Both at once: FIN_WAIT1 -> CLOSING (FIN_IN) -> CLOSE.
+        assert_eq!(
+            payload_bytes(&closed(1 + 3 + 1, 4 + 1, tcp_state::CLOSING, true)),
+            (3, 4)
+        );
+        // Reset while established (a revocation): no FIN either way.
+        assert_eq!(
+            payload_bytes(&closed(1 + 10, 20, tcp_state::ESTABLISHED, false)),
+            (10, 20)
+        );
+    }
+
+    #[test]
+    fn short_flow_records_are_refused() {
+        assert_eq!(
+            decode(&[0u8; 8]),
+            Err(ShortRecord {
+                got: 8,
+                expected: FlowEvent::SIZE
+            })
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! `flow-client`: one long-lived client connection for the flow tests.
+//!
+//! ```text
+//! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE]
+//! flow-client udp ADDR:PORT --hold STOPFILE
+//! ```
+//!
+//! `tcp` connects, sends an 8-byte header (SEND and RECV as big-endian u32) and SEND bytes,
+//! reads RECV bytes back (the [`enforcer_tests::flows::FlowServer`] protocol), prints
+//! `{"up":true,"local":"IP:PORT"}`, then either closes at once or, with `--hold`, reads every
+//! 100 ms until the connection ends or STOPFILE appears (then closes it cleanly). `udp`
+//! connects a UDP socket, sends one byte and holds it open until STOPFILE appears. Every run
+//! ends with one line `{"end":"closed"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
+//! (`after_ms`: since the connection was up). Holding lasts at most 60 s. Exit status 0 once
+//! the connection was up; 1 when it never came up (with the error on stderr); 2 on bad usage.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const POLL: Duration = Duration::from_millis(100);
+const MAX_HOLD: Duration = Duration::from_secs(60);
+
+fn usage() -> ExitCode {
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] | flow-client udp ADDR:PORT --hold STOPFILE");
+    ExitCode::from(2)
+}
+
+fn end(kind: &str, errno: i32, up: Instant) {
+    println!(
+        "{{\"end\":\"{kind}\",\"errno\":{errno},\"after_ms\":{}}}",
+        up.elapsed().as_millis()
+    );
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let hold = args
+        .iter()
+        .position(|a| a == "--hold")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let (Some(kind), Some(addr)) = (args.first(), args.get(1)) else {
+        return usage();
+    };
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return usage();
+    };
+    match kind.as_str() {
+        "tcp" => {
+            let (Some(Ok(send)), Some(Ok(recv))) = (
+                args.get(2).map(|s| s.parse::<u32>()),
+                args.get(3).map(|s| s.parse::<u32>()),
+            ) else {
+                return usage();
+            };
+            tcp(addr, send, recv, hold)
+        }
+        "udp" => match hold {
+            Some(stop) => udp(addr, stop),
+            None => usage(),
+        },
+        _ => usage(),
+    }
+}
+
+fn tcp(addr: SocketAddr, send: u32, recv: u32, hold: Option<PathBuf>) -> ExitCode {
+    let exchange = || -> std::io::Result<TcpStream> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        let mut out = Vec::with_capacity(8 + send as usize);
+        out.extend_from_slice(&send.to_be_bytes());
+        out.extend_from_slice(&recv.to_be_bytes());
+        out.resize(8 + send as usize, b'x');
+        s.write_all(&out)?;
+        let mut back = vec![0u8; recv as usize];
+        s.read_exact(&mut back)?;
+        Ok(s)
+    };
+    let mut s = match exchange() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flow-client: {addr}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    println!("{{\"up\":true,\"local\":\"{local}\"}}");
+    let up = Instant::now();
+    let Some(stop) = hold else {
+        drop(s);
+        end("closed", 0, up);
+        return ExitCode::SUCCESS;
+    };
+    let _ = s.set_read_timeout(Some(POLL));
+    let mut buf = [0u8; 64];
+    while up.elapsed() < MAX_HOLD {
+        if stop.exists() {
+            // A clean close: our FIN, then the server's, so that both byte counts are final.
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            drop(s);
+            end("closed", 0, up);
+            return ExitCode::SUCCESS;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => {
+                end("eof", 0, up);
+                return ExitCode::SUCCESS;
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => {
+                end("error", e.raw_os_error().unwrap_or(0), up);
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+    end("timeout", 0, up);
+    ExitCode::SUCCESS
+}
+
+fn udp(addr: SocketAddr, stop: PathBuf) -> ExitCode {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let connected = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind(bind)?;
+        s.connect(addr)?;
+        s.send(b"x")?;
+        Ok(s)
+    };
+    let s = match connected() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flow-client: {addr}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    println!("{{\"up\":true,\"local\":\"{local}\"}}");
+    let up = Instant::now();
+    while up.elapsed() < MAX_HOLD {
+        if stop.exists() {
+            drop(s);
+            end("closed", 0, up);
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(POLL);
+    }
+    end("timeout", 0, up);
+    ExitCode::SUCCESS
+}

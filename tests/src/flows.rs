@@ -1,0 +1,366 @@
+//! The flow tests' two ends: [`FlowServer`], a TCP server that answers each connection with
+//! as many bytes as its client asks for and records how each connection ended, and
+//! [`FlowClient`], the `flow-client` binary run inside a workload's cgroup, holding its
+//! connection open until told to close it (or until the connection dies).
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::cgroup::TestCgroup;
+use crate::netns::NetNs;
+use crate::util::{ChildGuard, TempDir};
+
+/// How one server-side connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConn {
+    /// The client's address and port (its `local` in the client's output).
+    pub peer: SocketAddr,
+    /// `eof` (the client closed), `reset` (ECONNRESET: the client's socket was reset),
+    /// `error <errno>`, or `stopped` (the server stopped first).
+    pub end: String,
+}
+
+/// A TCP server for flow tests. Per connection: read an 8-byte header (`send`, `recv`,
+/// big-endian u32), read `send` bytes, write `recv` bytes, then read until the connection
+/// ends. Drop stops it and joins its threads.
+pub struct FlowServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    ended: Arc<Mutex<Vec<ServerConn>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const POLL: Duration = Duration::from_millis(50);
+
+impl FlowServer {
+    pub fn start(addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        Self::serve_on(listener, addr)
+    }
+
+    /// The same server inside a network namespace (a pod's, say).
+    pub fn start_in(ns: &NetNs, addr: SocketAddr) -> Result<Self> {
+        let listener = ns
+            .run_in(|| TcpListener::bind(addr))?
+            .with_context(|| format!("binding {addr} in netns {}", ns.name()))?;
+        Self::serve_on(listener, addr)
+    }
+
+    fn serve_on(listener: TcpListener, addr: SocketAddr) -> Result<Self> {
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let (s, e) = (stop.clone(), ended.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        let (s, e) = (s.clone(), e.clone());
+                        conns.push(std::thread::spawn(move || {
+                            let end = serve(conn, &s);
+                            e.lock().unwrap().push(ServerConn { peer, end });
+                        }));
+                    }
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            ended,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The connections that ended so far.
+    pub fn ended(&self) -> Vec<ServerConn> {
+        self.ended.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FlowServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut conn: TcpStream, stop: &AtomicBool) -> String {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(POLL));
+    // Reads exactly `buf.len()` bytes, polling the stop flag between timeouts.
+    let read_exact = |conn: &mut TcpStream, buf: &mut [u8]| -> Result<(), String> {
+        let mut got = 0;
+        while got < buf.len() {
+            if stop.load(Ordering::Relaxed) {
+                return Err("stopped".into());
+            }
+            match conn.read(&mut buf[got..]) {
+                Ok(0) => return Err("eof".into()),
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(end_of(&e)),
+            }
+        }
+        Ok(())
+    };
+    let mut header = [0u8; 8];
+    if let Err(end) = read_exact(&mut conn, &mut header) {
+        return end;
+    }
+    let send = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+    let recv = u32::from_be_bytes(header[4..].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; send];
+    if let Err(end) = read_exact(&mut conn, &mut payload) {
+        return end;
+    }
+    if let Err(e) = conn.write_all(&vec![b'y'; recv]) {
+        return end_of(&e);
+    }
+    let mut buf = [0u8; 256];
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return "stopped".into();
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => return "eof".into(),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return end_of(&e),
+        }
+    }
+}
+
+fn end_of(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNRESET) => "reset".into(),
+        Some(n) => format!("error {n}"),
+        None => format!("error {e}"),
+    }
+}
+
+/// Where the `flow-client` binary is: next to the running test (like the probe).
+pub fn flow_client_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe.parent().context("exe has no parent dir")?;
+    for candidate in [dir.join("flow-client"), dir.join("../flow-client")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "flow-client binary not found next to {} (build it: `cargo build -p enforcer-tests --bins`)",
+        exe.display()
+    )
+}
+
+/// A running `flow-client` in a cgroup. Drop kills it (and its stop file goes with its temp
+/// dir).
+pub struct FlowClient {
+    child: ChildGuard,
+    lines: mpsc::Receiver<Value>,
+    reader: Option<JoinHandle<()>>,
+    dir: TempDir,
+    /// The client's `local` address, once up.
+    pub local: SocketAddr,
+}
+
+impl FlowClient {
+    /// A TCP client in `cgroup` that sends `send` payload bytes, receives `recv`, and holds
+    /// the connection (`hold`) or closes it at once. Returns once the connection is up.
+    pub fn tcp(
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        send: u32,
+        recv: u32,
+        hold: bool,
+    ) -> Result<Self> {
+        Self::tcp_in(None, cgroup, to, send, recv, hold)
+    }
+
+    /// [`FlowClient::tcp`] inside a network namespace as well (a pod: its own cgroup and
+    /// network namespace).
+    pub fn tcp_in(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        send: u32,
+        recv: u32,
+        hold: bool,
+    ) -> Result<Self> {
+        let args = vec![
+            "tcp".to_string(),
+            to.to_string(),
+            send.to_string(),
+            recv.to_string(),
+        ];
+        Self::spawn(ns, cgroup, args, hold)
+    }
+
+    /// A connected UDP socket in `cgroup`, held open until [`FlowClient::close`].
+    pub fn udp(cgroup: &TestCgroup, to: SocketAddr) -> Result<Self> {
+        Self::spawn(None, cgroup, vec!["udp".to_string(), to.to_string()], true)
+    }
+
+    fn spawn(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        mut args: Vec<String>,
+        hold: bool,
+    ) -> Result<Self> {
+        // Opened before the fork: the child only makes raw syscalls.
+        let ns_file = ns.map(NetNs::open).transpose()?;
+        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
+        let dir = TempDir::new("fl-client")?;
+        if hold {
+            args.push("--hold".into());
+            args.push(dir.path().join("stop").display().to_string());
+        }
+        let procs = CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes())?;
+        let mut cmd = Command::new(flow_client_bin()?);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs between fork and exec and makes only raw syscalls on data
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // "0" moves the writing process itself.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning flow-client {args:?}"))?;
+        drop(ns_file);
+        let stdout = child.stdout.take().context("flow-client stdout")?;
+        let (tx, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut client = Self {
+            child: ChildGuard::new(child),
+            lines,
+            reader: Some(reader),
+            dir,
+            local: "0.0.0.0:0".parse().unwrap(),
+        };
+        let first = client.next_line(Duration::from_secs(10));
+        match first {
+            Some(v) if v.get("up").and_then(Value::as_bool) == Some(true) => {
+                let local = v.get("local").and_then(Value::as_str).unwrap_or_default();
+                client.local = local
+                    .parse()
+                    .with_context(|| format!("flow-client local address {local:?}"))?;
+                Ok(client)
+            }
+            other => {
+                let mut stderr = String::new();
+                let child = client.child.child();
+                let _ = child.kill();
+                if let Some(e) = child.stderr.as_mut() {
+                    let _ = e.read_to_string(&mut stderr);
+                }
+                bail!(
+                    "flow-client {args:?} did not come up: {other:?}; stderr: {}",
+                    stderr.trim()
+                )
+            }
+        }
+    }
+
+    fn next_line(&self, timeout: Duration) -> Option<Value> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// The client's end line, if the connection ended within `timeout` (`None`: still up).
+    pub fn ended_within(&self, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(v) if v.get("end").is_some() => return Some(v),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Asks a holding client to close its connection cleanly; returns its end line.
+    pub fn close(&mut self) -> Result<Value> {
+        std::fs::File::create(self.dir.path().join("stop"))?.flush()?;
+        let end = self
+            .ended_within(Duration::from_secs(10))
+            .context("flow-client did not close within 10 s")?;
+        self.child.wait_timeout(Duration::from_secs(10))?;
+        Ok(end)
+    }
+
+    /// Waits for a client that closes by itself (no hold); returns its end line.
+    pub fn finish(&mut self) -> Result<Value> {
+        let end = self
+            .ended_within(Duration::from_secs(10))
+            .context("flow-client did not finish within 10 s")?;
+        self.child.wait_timeout(Duration::from_secs(10))?;
+        Ok(end)
+    }
+}
+
+impl Drop for FlowClient {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! Tracked flows against the real kernel (issue 7, items 1, 4 and 5).
+//!
+//! - A workload's TCP connection to a `vector_db` endpoint (and to a `track: true` one) is
+//!   recorded: `flow.opened` with both identities, `subject_chain`, `dataset_scope` and the
+//!   policy snapshot that allowed it; at close `flow.closed` with the exact payload bytes the
+//!   test sent and received. A connection to an untracked endpoint is not recorded.
+//! - `enforcer flows --to NAME` lists a live flow with its 4-tuple and both ends' names.
+//! - Revocation: after an agent restart (the records live in a pinned map), a policy edit
+//!   that forbids one client's flows resets its long-lived connection (the client, reading
+//!   every 100 ms, sees the connection aborted, the server a reset) while another client's
+//!   permitted connection to the same server stays up; the forbidden client's connected UDP
+//!   socket is reported `flow.stale`.
+//!
+//! Addresses 127.83.x.y only (the inventory's IPv6 addresses are fd83::/16, never used).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
+use enforcer_tests::fixtures::{write_bundle, Entity};
+use enforcer_tests::flows::{FlowClient, FlowServer};
+use enforcer_tests::servers::Proto;
+use enforcer_tests::{
+    require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TestCgroup,
+};
+use serde_json::Value;
+
+const NET: u8 = 83;
+const WAIT: Duration = Duration::from_secs(10);
+/// A bound on how long a reset may take: the agent polls the policy directory every 500 ms and
+/// resets at once; the rest is slack for a loaded machine. The time it took is printed.
+const RESET_WITHIN: Duration = Duration::from_secs(5);
+
+const SAME_TENANT: &str = r#"
+@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+"#;
+
+const FLIP_OFF: &str = r#"// nothing forbidden yet
+@id("flip-off")
+forbid (principal == Workload::"client-b", action, resource == Endpoint::"untracked-api");
+"#;
+
+const FLIP_ON: &str = r#"// client-a may no longer reach the vector DB
+@id("no-vectors-for-client-a")
+forbid (principal == Workload::"client-a", action, resource == Endpoint::"acme-vectors");
+"#;
+
+/// Everything one flow test needs; dropped in field order (clients first, then the agent,
+/// the cgroups, the bundle and the pins).
+struct FlowWorld {
+    cgroups: Vec<(String, TestCgroup)>,
+    root: TestCgroup,
+    bundle: PolicyBundle,
+    pins: PinDir,
+    t: u8,
+}
+
+/// client-a, client-b (acme workloads in their own cgroups); acme-vectors (`vector_db`, TCP
+/// 6333 and UDP 6334, dataset acme-kb); acme-store (`feature_store`, `track: true`, TCP 7000);
+/// untracked-api (`llm_api`, TCP 8000). All at 127.83.<t>.i.
+fn world(t: u8) -> Result<FlowWorld> {
+    let v6 = |i: u8| Ipv6Addr::new(0xfd83, 0, 0, 0, 0, 0, u16::from(t), u16::from(i));
+    let mut entities = vec![
+        Entity::workload(NET, "client-a", "acme", "retrieval", t, 1),
+        Entity::workload(NET, "client-b", "acme", "retrieval", t, 2),
+        Entity::endpoint(NET, "acme-vectors", "acme", "vector_db", t, 10)
+            .port(6333, Proto::Tcp, "query")
+            .port(6334, Proto::Udp, "query"),
+        Entity::endpoint(NET, "acme-store", "acme", "feature_store", t, 11).port(
+            7000,
+            Proto::Tcp,
+            "read",
+        ),
+        Entity::endpoint(NET, "untracked-api", "acme", "llm_api", t, 12).port(
+            8000,
+            Proto::Tcp,
+            "query",
+        ),
+    ];
+    for e in &mut entities {
+        let i = e.v4.octets()[3];
+        e.v6 = v6(i);
+    }
+    let root = TestCgroup::create(unique_name("fl-root"))?;
+    let mut cgroups = Vec::new();
+    for e in entities.iter().filter(|e| e.local) {
+        cgroups.push((e.name.clone(), root.child(&e.name)?));
+    }
+    let bundle = write_bundle(&entities, &root.relative_str(), SAME_TENANT)?;
+    // The feature store is tracked by the inventory's `track: true`, not by its kind.
+    let inventory = std::fs::read_to_string(bundle.path().join("inventory.yaml"))?;
+    let tracked = inventory.replace(
+        "    kind: feature_store\n",
+        "    kind: feature_store\n    track: true\n",
+    );
+    ensure!(tracked != inventory, "the inventory has no feature_store");
+    bundle.write_file("inventory.yaml", &tracked)?;
+    bundle.write_file("flip.cedar", FLIP_OFF)?;
+    Ok(FlowWorld {
+        cgroups,
+        root,
+        bundle,
+        pins: PinDir::new("fl-pins")?,
+        t,
+    })
+}
+
+impl FlowWorld {
+    fn cgroup(&self, name: &str) -> &TestCgroup {
+        &self.cgroups.iter().find(|(n, _)| n == name).unwrap().1
+    }
+    fn addr(&self, i: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::from([127, NET, self.t, i]), port)
+    }
+    fn config(&self) -> AgentConfig {
+        AgentConfig::new(
+            self.bundle.path(),
+            &self.root.relative_str(),
+            self.pins.path(),
+        )
+    }
+}
+
+fn s<'a>(e: &'a Value, p: &str) -> Option<&'a str> {
+    e.pointer(p).and_then(Value::as_str)
+}
+fn u(e: &Value, p: &str) -> Option<u64> {
+    e.pointer(p).and_then(Value::as_u64)
+}
+
+/// A flow event of this type from this client (its local address and port).
+fn flow_of(e: &Value, local: SocketAddr) -> bool {
+    s(e, "/flow/source/ip") == Some(&local.ip().to_string())
+        && u(e, "/flow/source/port") == Some(u64::from(local.port()))
+}
+
+fn flows_cli(pins: &PinDir, extra: &[&str]) -> Result<(bool, String, String)> {
+    let mut args = vec!["flows", "--pin-path", pins.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = enforcer(&args)?;
+    Ok((out.success(), out.stdout, out.stderr))
+}
+
+#[test]
+fn tracked_flows_are_recorded_with_exact_bytes_and_listed() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(1)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let store = FlowServer::start(w.addr(11, 7000))?;
+    let api = FlowServer::start(w.addr(12, 8000))?;
+    let agent = Agent::start(w.config())?;
+    let snapshot = first_applied_snapshot(&agent)?;
+
+    // Untracked first: when the tracked flows' events are in, its would have been too.
+    let mut plain = FlowClient::tcp(w.cgroup("client-a"), api.addr(), 10, 10, false)?;
+    plain.finish()?;
+
+    // Known amounts each way: 8 header bytes + 1000 sent, 2345 received.
+    let mut a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1000, 2345, false)?;
+    ensure!(a.finish()?["end"] == "closed");
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, a.local))?;
+    let (o, c) = (&opened[0], &closed[0]);
+    for e in [o, c] {
+        ensure!(s(e, "/subject/workload") == Some("client-a"), "{e}");
+        ensure!(s(e, "/subject/tenant") == Some("acme"), "{e}");
+        ensure!(s(e, "/destination/name") == Some("acme-vectors"), "{e}");
+        ensure!(s(e, "/destination/kind") == Some("vector_db"), "{e}");
+        ensure!(
+            s(e, "/destination/ip") == Some(&w.addr(10, 0).ip().to_string()),
+            "{e}"
+        );
+        ensure!(u(e, "/destination/port") == Some(6333), "{e}");
+        ensure!(s(e, "/flow/protocol") == Some("tcp"), "{e}");
+        ensure!(
+            e["subject_chain"] == serde_json::json!(["spiffe://cluster.local/ns/acme/sa/client-a"]),
+            "{e}"
+        );
+        ensure!(e["dataset_scope"] == serde_json::json!(["acme-kb"]), "{e}");
+        ensure!(s(e, "/policy/snapshot") == Some(snapshot.as_str()), "{e}");
+        ensure!(u(e, "/subject/identity").is_some_and(|i| i >= 256), "{e}");
+        ensure!(
+            u(e, "/destination/identity").is_some_and(|i| i >= 256),
+            "{e}"
+        );
+    }
+    ensure!(u(o, "/flow/cookie") == u(c, "/flow/cookie"), "{o}\n{c}");
+    ensure!(u(c, "/flow/bytes_sent") == Some(8 + 1000), "{c}");
+    ensure!(u(c, "/flow/bytes_received") == Some(2345), "{c}");
+    ensure!(
+        c.pointer("/flow/duration_ms")
+            .and_then(Value::as_f64)
+            .is_some_and(|d| d > 0.0),
+        "{c}"
+    );
+
+    // `track: true` on a feature store: recorded too, closed by the server's side first
+    // would count the same; here the client closes.
+    let mut st = FlowClient::tcp(w.cgroup("client-b"), store.addr(), 3, 70_000, false)?;
+    st.finish()?;
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, st.local))?;
+    let c = &closed[0];
+    ensure!(s(c, "/destination/name") == Some("acme-store"), "{c}");
+    ensure!(s(c, "/destination/kind") == Some("feature_store"), "{c}");
+    ensure!(u(c, "/flow/bytes_sent") == Some(8 + 3), "{c}");
+    ensure!(u(c, "/flow/bytes_received") == Some(70_000), "{c}");
+    let untracked: Vec<Value> = agent
+        .events()?
+        .into_iter()
+        .filter(|e| s(e, "/destination/name") == Some("untracked-api"))
+        .collect();
+    ensure!(
+        untracked.is_empty(),
+        "an untracked flow was recorded: {untracked:?}"
+    );
+
+    // A connected UDP socket: opened at connect(), closed when the socket is released.
+    let mut udp = FlowClient::udp(w.cgroup("client-a"), w.addr(10, 6334))?;
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
+        s(e, "/flow/protocol") == Some("udp") && u(e, "/destination/port") == Some(6334)
+    })?;
+    let cookie = u(&opened[0], "/flow/cookie");
+    ensure!(
+        s(&opened[0], "/destination/name") == Some("acme-vectors"),
+        "{}",
+        opened[0]
+    );
+    let (ok, out, _) = flows_cli(&w.pins, &["--from", "client-a", "--json"])?;
+    let listed: Vec<Value> = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(
+        ok && listed.len() == 1 && s(&listed[0], "/state") == Some("connected"),
+        "{out}"
+    );
+    ensure!(udp.close()?["end"] == "closed");
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| {
+        u(e, "/flow/cookie") == cookie
+    })?;
+    ensure!(
+        closed[0].pointer("/flow/bytes_sent").is_none(),
+        "{}",
+        closed[0]
+    );
+
+    // A live flow, listed with its 4-tuple and both ends' names.
+    let mut held = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 5, 5, true)?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, held.local))?;
+    let (ok, out, err) = flows_cli(&w.pins, &["--to", "acme-vectors", "--json"])?;
+    ensure!(ok, "enforcer flows failed: {err}");
+    let listed: Vec<Value> = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(
+        listed.len() == 1,
+        "expected one live flow to acme-vectors: {out}"
+    );
+    let f = &listed[0];
+    ensure!(s(f, "/source") == Some(&held.local.to_string()), "{f}");
+    ensure!(
+        s(f, "/destination") == Some(&vectors.addr().to_string()),
+        "{f}"
+    );
+    ensure!(s(f, "/state") == Some("established"), "{f}");
+    ensure!(s(f, "/subject/name") == Some("client-b"), "{f}");
+    ensure!(s(f, "/subject/tenant") == Some("acme"), "{f}");
+    ensure!(s(f, "/to/name") == Some("acme-vectors"), "{f}");
+    ensure!(f["dataset_scope"] == serde_json::json!(["acme-kb"]), "{f}");
+    let (ok, out, _) = flows_cli(&w.pins, &["--from", "client-a", "--to", "acme-vectors"])?;
+    ensure!(ok && out.contains("0 tracked flow(s)"), "{out}");
+    let (ok, out, _) = flows_cli(&w.pins, &["--to", "acme-vectors"])?;
+    ensure!(
+        ok && out.contains(&held.local.to_string()) && out.contains("client-b (acme)"),
+        "{out}"
+    );
+    let (ok, _, err) = flows_cli(&w.pins, &["--to", "no-such-db"])?;
+    ensure!(
+        !ok && err.contains("--to no-such-db"),
+        "an unknown name must fail clearly: {err}"
+    );
+
+    ensure!(held.close()?["end"] == "closed");
+    wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, held.local))?;
+    // A refused handshake (nothing listens any more) leaves no record and no event.
+    let store_addr = store.addr();
+    drop(store);
+    ensure!(
+        FlowClient::tcp(w.cgroup("client-b"), store_addr, 1, 1, false).is_err(),
+        "a connection to a closed port came up"
+    );
+    // Closed flows leave the map.
+    let (ok, out, _) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(
+        ok && serde_json::from_str::<Vec<Value>>(&out)?.is_empty(),
+        "{out}"
+    );
+    let opened = agent
+        .events()?
+        .into_iter()
+        .filter(|e| s(e, "/type") == Some("flow.opened"))
+        .count();
+    ensure!(
+        opened == 4,
+        "four flows opened, not the refused one: {opened}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_policy_edit_resets_forbidden_flows_also_after_a_restart() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(2)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let mut first = Agent::start(w.config())?;
+
+    let a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 11, 13, true)?;
+    let mut b = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 17, 19, true)?;
+    let a_udp = FlowClient::udp(w.cgroup("client-a"), w.addr(10, 6334))?;
+    for local in [a.local, b.local] {
+        wait_notices(&first, "flow.opened", 1, WAIT, |e| flow_of(e, local))?;
+    }
+    let udp_opened = wait_notices(&first, "flow.opened", 1, WAIT, |e| {
+        s(e, "/flow/protocol") == Some("udp") && s(e, "/subject/workload") == Some("client-a")
+    })?;
+    let udp_cookie = u(&udp_opened[0], "/flow/cookie");
+
+    // The records outlive the agent: listed from the pins while none runs.
+    first.stop()?;
+    let (ok, out, err) = flows_cli(&w.pins, &["--to", "acme-vectors", "--json"])?;
+    ensure!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out)?;
+    ensure!(
+        listed.len() == 3,
+        "three live flows expected while no agent runs: {out}"
+    );
+    drop(first);
+
+    let second = Agent::start(w.config())?;
+    first_applied_snapshot(&second)?;
+    ensure!(
+        a.ended_within(Duration::from_millis(300)).is_none(),
+        "a permitted flow ended at restart"
+    );
+
+    let edited = Instant::now();
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("client-a's forbidden connection was not reset")?;
+    let took = edited.elapsed();
+    eprintln!(
+        "policy edit -> client-a's connection aborted: {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    // A socket destroyed on its own host fails with ECONNABORTED; the peer gets an RST.
+    ensure!(
+        end["end"] == "error" && end["errno"] == libc::ECONNABORTED,
+        "client-a: {end}"
+    );
+    let server_saw = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(20), || {
+        vectors
+            .ended()
+            .iter()
+            .any(|c| c.peer == a.local && c.end == "reset")
+    });
+    ensure!(
+        server_saw,
+        "the server did not see client-a's reset: {:?}",
+        vectors.ended()
+    );
+
+    let revoked = wait_notices(&second, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?;
+    let r = &revoked[0];
+    ensure!(s(r, "/subject/workload") == Some("client-a"), "{r}");
+    ensure!(s(r, "/destination/name") == Some("acme-vectors"), "{r}");
+    ensure!(s(r, "/policy/id") == Some("no-vectors-for-client-a"), "{r}");
+    ensure!(s(r, "/flow/reason") == Some("no_permit"), "{r}");
+    ensure!(
+        s(r, "/policy/revoked_by") != s(r, "/policy/snapshot"),
+        "{r}"
+    );
+    let closed = wait_notices(&second, "flow.closed", 1, WAIT, |e| flow_of(e, a.local))?;
+    ensure!(
+        u(&closed[0], "/flow/bytes_sent") == Some(8 + 11),
+        "{}",
+        closed[0]
+    );
+    ensure!(
+        u(&closed[0], "/flow/bytes_received") == Some(13),
+        "{}",
+        closed[0]
+    );
+
+    let stale = wait_notices(&second, "flow.stale", 1, WAIT, |e| {
+        u(e, "/flow/cookie") == udp_cookie
+    })?;
+    ensure!(
+        s(&stale[0], "/flow/protocol") == Some("udp"),
+        "{}",
+        stale[0]
+    );
+    ensure!(
+        s(&stale[0], "/subject/workload") == Some("client-a"),
+        "{}",
+        stale[0]
+    );
+
+    // client-b's flow to the same server is still permitted and still up.
+    ensure!(
+        b.ended_within(Duration::from_millis(300)).is_none(),
+        "client-b's permitted connection ended"
+    );
+    let revoked_b: Vec<Value> = second
+        .events()?
+        .into_iter()
+        .filter(|e| s(e, "/type") == Some("flow.revoked") && flow_of(e, b.local))
+        .collect();
+    ensure!(
+        revoked_b.is_empty(),
+        "a permitted flow was revoked: {revoked_b:?}"
+    );
+    ensure!(b.close()?["end"] == "closed");
+    let closed = wait_notices(&second, "flow.closed", 1, WAIT, |e| flow_of(e, b.local))?;
+    ensure!(
+        u(&closed[0], "/flow/bytes_sent") == Some(8 + 17),
+        "{}",
+        closed[0]
+    );
+    ensure!(
+        u(&closed[0], "/flow/bytes_received") == Some(19),
+        "{}",
+        closed[0]
+    );
+    drop(a_udp);
+    Ok(())
+}
+
+/// A raised risk that a forbid reads, and a quarantine, revoke established flows too.
+const RISKY: &str = r#"
+@id("risky-no-vectors")
+forbid (principal, action, resource is Endpoint)
+when { resource.kind == "vector_db" && principal.risk.greaterThan(decimal("0.5")) };
+"#;
+
+#[test]
+fn a_risk_change_and_a_quarantine_reset_established_flows() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(3)?;
+    w.bundle.write_file("flip.cedar", RISKY)?;
+    let state = StateDir::new()?;
+    let config = state.configure(w.config());
+    let dirs = state.dirs(&config);
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(config)?;
+    let a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
+    let b = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;
+    for local in [a.local, b.local] {
+        wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, local))?;
+    }
+
+    let out = dirs.risk_set("client-a", "0.9")?;
+    ensure!(out.success(), "risk set: {out}");
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("client-a's connection survived a risk the policy forbids")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(s(r, "/policy/id") == Some("risky-no-vectors"), "{r}");
+    ensure!(
+        b.ended_within(Duration::from_millis(300)).is_none(),
+        "client-b's flow ended"
+    );
+
+    let out = dirs.run(&["quarantine", "add", "client-b"])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    let end = b
+        .ended_within(RESET_WITHIN)
+        .context("a quarantined workload's connection survived")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-b: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, b.local))?[0];
+    ensure!(s(r, "/flow/reason") == Some("quarantined"), "{r}");
+    ensure!(s(r, "/policy/id") == Some("quarantine"), "{r}");
+    Ok(())
+}
+
+/// A pod has its own network namespace, and sock_diag sees only the sockets of the namespace
+/// its socket lives in: the reset must be sent from the connecting process's namespace.
+#[test]
+fn a_flow_in_its_own_network_namespace_is_reset_there() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(4)?;
+    let ns = NetNs::create(&unique_name("fl-ns"))?;
+    let vectors = FlowServer::start_in(&ns, w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    let a = FlowClient::tcp_in(Some(&ns), w.cgroup("client-a"), vectors.addr(), 2, 3, true)?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("the connection in its own namespace was not reset")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(s(r, "/policy/id") == Some("no-vectors-for-client-a"), "{r}");
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, a.local))?;
+    ensure!(
+        u(&closed[0], "/flow/bytes_sent") == Some(8 + 2),
+        "{}",
+        closed[0]
+    );
+    ensure!(
+        u(&closed[0], "/flow/bytes_received") == Some(3),
+        "{}",
+        closed[0]
+    );
+    Ok(())
+}
