@@ -13,6 +13,7 @@ pub mod events;
 pub mod explain;
 pub mod fs;
 pub mod last_good;
+pub mod metrics;
 pub mod pdp;
 pub mod sources;
 pub mod status;
