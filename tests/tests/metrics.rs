@@ -1,0 +1,263 @@
+//! `enforcer run --metrics ADDR` against the real kernel and a real Prometheus server:
+//!
+//! - Prometheus (the distribution's package) scrapes the agent every second; the test makes
+//!   N calls from a managed cgroup that policy denies, and PromQL over Prometheus's HTTP API
+//!   returns exactly N denies (from the kernel's per-CPU counters) and N `connection.denied`
+//!   events (from the agent), with no loss;
+//! - `promtool check metrics` passes on what the agent serves, and every family the README
+//!   lists is there;
+//! - a bad `--metrics` address is refused before anything is loaded.
+//!
+//! Addresses 127.85.0.0/16 only; cgroups and pins are named `mt-...`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use enforcer_tests::agent::enforcer_bin;
+use enforcer_tests::fixtures::{standard_entities, write_bundle, World, STANDARD_POLICIES};
+use enforcer_tests::probe::attempt;
+use enforcer_tests::prometheus::{self, check_metrics, free_port, http_get, Prometheus};
+use enforcer_tests::util::{output_bounded, unique_name, wait_until};
+use enforcer_tests::{require, require_kernel, Agent, PinDir, Probe, TestCgroup};
+
+/// The standard world on 127.85.<t>.<i>, with cgroups and pins named `mt-...`.
+fn world() -> Result<World> {
+    let entities = standard_entities(85);
+    for e in &entities {
+        assert_eq!(e.v4.octets()[..2], [127, 85], "{}", e.name);
+    }
+    let root = TestCgroup::create(unique_name("mt-metrics"))?;
+    let mut cgroups = BTreeMap::new();
+    for e in entities.iter().filter(|e| e.local) {
+        cgroups.insert(e.name.clone(), root.child(&e.name)?);
+    }
+    let bundle = write_bundle(&entities, &root.relative_str(), STANDARD_POLICIES)?;
+    Ok(World {
+        net: 85,
+        entities,
+        cgroups,
+        root,
+        bundle,
+        pins: PinDir::new("mt-metrics")?,
+    })
+}
+
+/// The agent's exposition in the Prometheus text format (what curl and promtool read).
+fn scrape(addr: SocketAddr) -> Result<String> {
+    let (status, body) = http_get(addr, "/metrics", None, Duration::from_secs(10))?;
+    ensure!(status == 200, "GET /metrics: HTTP {status}: {body}");
+    Ok(body)
+}
+
+#[test]
+fn prometheus_scrapes_the_deny_count_the_test_caused() -> Result<()> {
+    if !require_kernel() || !require("prometheus", prometheus::unavailable_reason()) {
+        return Ok(());
+    }
+    const DENIES: u64 = 25;
+    let world = world()?;
+    let ip = "127.85.200.1";
+    let metrics: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
+    let mut cfg = world.agent_config();
+    cfg.extra_args
+        .extend(["--metrics".to_string(), metrics.to_string()]);
+    let agent = Agent::start(cfg)?;
+    let prometheus = Prometheus::scrape("127.85.200.2", metrics)?;
+
+    // The target is up: Prometheus scraped the agent (OpenMetrics, as it asks) at least once.
+    let mut up = None;
+    let scraped = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        up = prometheus.value("up{job=\"enforcer\"}").ok().flatten();
+        up == Some(1.0)
+    });
+    ensure!(
+        scraped,
+        "Prometheus never scraped the agent (up = {up:?}); its log:\n{}\nagent:\n{}",
+        prometheus.log_tail(),
+        agent.stderr_tail()
+    );
+    let denies = "sum(enforcer_verdicts_total{job=\"enforcer\",verdict=\"deny\"})";
+    let before = prometheus.value(denies)?;
+    ensure!(
+        before == Some(0.0),
+        "no deny yet, so the count must be 0: {before:?}"
+    );
+
+    // N calls across tenants from acme-gateway's cgroup: each one refused by the kernel.
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    let summary = Probe::new()
+        .in_cgroup(world.cgroup("acme-gateway"))
+        .timeout(Duration::from_secs(60))
+        .repeat(DENIES, &cross)?;
+    ensure!(
+        summary.eperm == DENIES,
+        "every call must be refused: {summary:?}"
+    );
+
+    // Prometheus scrapes every second: poll its API until the count arrives, then require
+    // that it is exactly N (not more: a deny is counted once).
+    let mut got = None;
+    let arrived = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        got = prometheus.value(denies).ok().flatten();
+        got.is_some_and(|v| v >= DENIES as f64)
+    });
+    ensure!(
+        arrived,
+        "PromQL {denies} never reached {DENIES}: last {got:?}\n{}",
+        prometheus.log_tail()
+    );
+    ensure!(
+        got == Some(DENIES as f64),
+        "{denies} = {got:?}, not {DENIES}"
+    );
+    let by_reason =
+        prometheus.value("enforcer_verdicts_total{verdict=\"deny\",reason=\"tenant_mismatch\"}")?;
+    ensure!(
+        by_reason == Some(DENIES as f64),
+        "all {DENIES} are tenant mismatches: {by_reason:?}"
+    );
+
+    // The agent emitted one connection.denied event per deny (its own counter), and the
+    // kernel lost none.
+    let events = "enforcer_events_total{type=\"connection.denied\"}";
+    let mut emitted = None;
+    let ok = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        emitted = prometheus.value(events).ok().flatten();
+        emitted.is_some_and(|v| v >= DENIES as f64)
+    });
+    ensure!(
+        ok && emitted == Some(DENIES as f64),
+        "{events} = {emitted:?}, not {DENIES}"
+    );
+    ensure!(
+        prometheus.value("enforcer_kernel_events_lost_total")? == Some(0.0),
+        "no event was lost"
+    );
+    let denied_lines = agent.denies()?.len() as u64;
+    ensure!(
+        denied_lines == DENIES,
+        "{denied_lines} deny lines in the events file"
+    );
+
+    // The policy in force: its revision, as `enforcer status` reports it.
+    let status = agent.status()?;
+    let revision = status
+        .pointer("/agent/revision")
+        .and_then(|v| v.as_str())
+        .context("status has no revision")?
+        .to_string();
+    let info = prometheus.query("enforcer_policy_info")?;
+    ensure!(
+        info.len() == 1 && info[0]["metric"]["revision"] == revision.as_str(),
+        "enforcer_policy_info must name {revision}: {info:?}"
+    );
+    ensure!(
+        prometheus
+            .value("enforcer_policy_compile_duration_seconds_count")?
+            .is_some_and(|n| n >= 1.0)
+            && prometheus
+                .value("enforcer_policy_apply_duration_seconds_count")?
+                .is_some_and(|n| n >= 1.0),
+        "the first compile and apply are timed"
+    );
+    // Map fill as `enforcer status` computes it.
+    let maps = status["maps"].as_array().context("status maps")?;
+    for map in maps {
+        let name = map["name"].as_str().context("map name")?;
+        let capacity = prometheus.value(&format!("enforcer_map_capacity{{map=\"{name}\"}}"))?;
+        ensure!(
+            capacity == map["capacity"].as_f64(),
+            "{name}: capacity {capacity:?} vs status {map}"
+        );
+    }
+
+    // What the agent serves passes promtool, in the Prometheus text format, and holds every
+    // family the README lists (those of a remote PDP only with --pdp).
+    let text = scrape(metrics)?;
+    check_metrics(&text)?;
+    for family in [
+        "enforcer_verdicts_total",
+        "enforcer_kernel_events_lost_total",
+        "enforcer_events_total",
+        "enforcer_events_write_errors_total",
+        "enforcer_map_entries",
+        "enforcer_map_capacity",
+        "enforcer_policy_info",
+        "enforcer_policy_age_seconds",
+        "enforcer_policy_generation",
+        "enforcer_policy_compile_duration_seconds",
+        "enforcer_policy_apply_duration_seconds",
+        "enforcer_policy_rejections_total",
+        "enforcer_quarantined_subjects",
+        "enforcer_audit_mode",
+        "enforcer_datapath_readable",
+    ] {
+        ensure!(
+            text.contains(&format!("# TYPE {family} ")),
+            "no {family} in:\n{text}"
+        );
+    }
+    ensure!(
+        text.contains("enforcer_datapath_readable 1"),
+        "the pins were read: {text}"
+    );
+    // Prometheus asks for OpenMetrics; that form is served too.
+    let (status, om) = http_get(
+        metrics,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        status == 200 && om.ends_with("# EOF\n"),
+        "OpenMetrics: {om}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_metrics_address_is_refused_before_anything_is_loaded() -> Result<()> {
+    let pins = std::env::temp_dir().join(unique_name("mt-no-pins"));
+    for bad in ["9464", "localhost:9464", "127.85.0.1:99999"] {
+        let out = output_bounded(
+            std::process::Command::new(enforcer_bin())
+                .args(["run", "--policies", "/nonexistent", "--pin-path"])
+                .arg(&pins)
+                .args(["--metrics", bad]),
+            Duration::from_secs(30),
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{bad}: accepted");
+        ensure!(
+            stderr.contains("--metrics") && stderr.contains(bad) && stderr.contains("IP:PORT"),
+            "{bad}: {stderr}"
+        );
+    }
+    ensure!(!pins.exists(), "nothing was created at {}", pins.display());
+    Ok(())
+}
+
+#[test]
+fn an_address_in_use_is_an_error_naming_it() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world()?;
+    let taken = std::net::TcpListener::bind("127.85.201.1:0")?;
+    let addr = taken.local_addr()?;
+    let mut cfg = world.agent_config();
+    cfg.extra_args
+        .extend(["--metrics".to_string(), addr.to_string()]);
+    let error = format!("{:#}", Agent::start(cfg).unwrap_err());
+    ensure!(
+        error.contains(&format!("listening on {addr} for --metrics")),
+        "{error}"
+    );
+    ensure!(
+        !world.pins.path().exists(),
+        "refused before anything was pinned"
+    );
+    Ok(())
+}
