@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::datapath;
-use crate::events::decode::{reason_name, verdict_name};
+use crate::events::decode::{hook_name, reason_name, verdict_name};
 use crate::pdp::PdpStatus;
 
 /// The path metrics are served on; every other path is 404.
@@ -355,22 +355,25 @@ fn encode_kernel(encoder: &mut DescriptorEncoder, stats: &datapath::KernelStats)
     {
         let mut family = encoder.encode_descriptor(
             "enforcer_verdicts",
-            "Decisions of the kernel programs, by verdict (allow, deny, audit) and reason, \
-             summed over CPUs since the maps were created (they outlive agent restarts)",
+            "Decisions of the kernel programs, by hook, verdict (allow, deny, audit) and \
+             reason, summed over CPUs since the maps were created (they outlive agent restarts)",
             None,
             MetricType::Counter,
         )?;
-        for (v, row) in stats.verdicts.iter().enumerate() {
-            for (r, &count) in row.iter().enumerate() {
-                // Only the pairs the kernel can count: allow goes with `allowed` alone.
-                if (v as u8 == verdict::ALLOW) != (r as u8 == reason::ALLOWED) {
-                    continue;
+        for (h, by_verdict) in stats.verdicts_by_hook.iter().enumerate() {
+            for (v, row) in by_verdict.iter().enumerate() {
+                for (r, &count) in row.iter().enumerate() {
+                    // Only the pairs the kernel can count: allow goes with `allowed` alone.
+                    if (v as u8 == verdict::ALLOW) != (r as u8 == reason::ALLOWED) {
+                        continue;
+                    }
+                    let labels = [
+                        ("hook", hook_name(h as u8)),
+                        ("verdict", verdict_name(v as u8)),
+                        ("reason", reason_name(r as u8)),
+                    ];
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
                 }
-                let labels = [
-                    ("verdict", verdict_name(v as u8)),
-                    ("reason", reason_name(r as u8)),
-                ];
-                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
         }
     }

@@ -112,11 +112,19 @@ fn prometheus_scrapes_the_deny_count_the_test_caused() -> Result<()> {
         got == Some(DENIES as f64),
         "{denies} = {got:?}, not {DENIES}"
     );
-    let by_reason =
-        prometheus.value("enforcer_verdicts_total{verdict=\"deny\",reason=\"tenant_mismatch\"}")?;
+    // Every one at connect4 (TCP over IPv4), for a tenant mismatch; no other hook denied.
+    let by_hook = prometheus.value(
+        "enforcer_verdicts_total{hook=\"connect4\",verdict=\"deny\",reason=\"tenant_mismatch\"}",
+    )?;
     ensure!(
-        by_reason == Some(DENIES as f64),
-        "all {DENIES} are tenant mismatches: {by_reason:?}"
+        by_hook == Some(DENIES as f64),
+        "all {DENIES} are tenant mismatches at connect4: {by_hook:?}"
+    );
+    let elsewhere =
+        prometheus.value("sum(enforcer_verdicts_total{hook!=\"connect4\",verdict=\"deny\"})")?;
+    ensure!(
+        elsewhere == Some(0.0),
+        "denies at other hooks: {elsewhere:?}"
     );
 
     // The agent emitted one connection.denied event per deny (its own counter), and the

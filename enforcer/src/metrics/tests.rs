@@ -1,6 +1,6 @@
 use std::time::{Duration, SystemTime};
 
-use enforcer_common::{reason, verdict};
+use enforcer_common::{hook, reason, verdict};
 
 use super::*;
 use crate::datapath::{ConfigView, KernelStats, MapFill};
@@ -8,7 +8,7 @@ use crate::datapath::{ConfigView, KernelStats, MapFill};
 /// Metrics whose pins do not exist: the kernel families are replaced by
 /// `enforcer_datapath_readable 0`.
 fn without_kernel() -> Metrics {
-    Metrics::new(PathBuf::from("/nonexistent/mt-metrics-unit/v5"))
+    Metrics::new(PathBuf::from("/nonexistent/mt-metrics-unit/v6"))
 }
 
 /// The sample lines of `text` (no comments), for exact matching.
@@ -235,12 +235,14 @@ fn unreadable_pins_are_said_not_hidden() {
 }
 
 fn stats() -> KernelStats {
-    let mut verdicts = vec![vec![0u64; reason::COUNT]; verdict::COUNT];
-    verdicts[verdict::ALLOW as usize][reason::ALLOWED as usize] = 11;
-    verdicts[verdict::DENY as usize][reason::TENANT_MISMATCH as usize] = 5;
-    verdicts[verdict::AUDIT as usize][reason::NO_PERMIT as usize] = 2;
+    let mut by_hook = vec![vec![vec![0u64; reason::COUNT]; verdict::COUNT]; hook::COUNT];
+    by_hook[hook::CONNECT4 as usize][verdict::ALLOW as usize][reason::ALLOWED as usize] = 11;
+    by_hook[hook::CONNECT4 as usize][verdict::DENY as usize][reason::TENANT_MISMATCH as usize] = 3;
+    by_hook[hook::SENDMSG6 as usize][verdict::DENY as usize][reason::TENANT_MISMATCH as usize] = 2;
+    by_hook[hook::SOCK_CREATE as usize][verdict::AUDIT as usize][reason::NO_PERMIT as usize] = 2;
     KernelStats {
-        verdicts,
+        verdicts: Vec::new(),
+        verdicts_by_hook: by_hook,
         lost_events: 9,
         maps: vec![
             MapFill {
@@ -286,10 +288,12 @@ fn kernel_verdicts_lost_events_and_map_fill() {
     for openmetrics in [true, false] {
         let out = kernel_text(openmetrics);
         for line in [
-            "enforcer_verdicts_total{verdict=\"allow\",reason=\"allowed\"} 11",
-            "enforcer_verdicts_total{verdict=\"deny\",reason=\"tenant_mismatch\"} 5",
-            "enforcer_verdicts_total{verdict=\"deny\",reason=\"no_permit\"} 0",
-            "enforcer_verdicts_total{verdict=\"audit\",reason=\"no_permit\"} 2",
+            "enforcer_verdicts_total{hook=\"connect4\",verdict=\"allow\",reason=\"allowed\"} 11",
+            "enforcer_verdicts_total{hook=\"connect6\",verdict=\"allow\",reason=\"allowed\"} 0",
+            "enforcer_verdicts_total{hook=\"connect4\",verdict=\"deny\",reason=\"tenant_mismatch\"} 3",
+            "enforcer_verdicts_total{hook=\"sendmsg6\",verdict=\"deny\",reason=\"tenant_mismatch\"} 2",
+            "enforcer_verdicts_total{hook=\"connect4\",verdict=\"deny\",reason=\"no_permit\"} 0",
+            "enforcer_verdicts_total{hook=\"sock_create\",verdict=\"audit\",reason=\"no_permit\"} 2",
             "enforcer_kernel_events_lost_total 9",
             "enforcer_map_entries{map=\"POLICY_A\"} 12",
             "enforcer_map_capacity{map=\"POLICY_A\"} 262144",
@@ -320,8 +324,8 @@ fn kernel_verdicts_lost_events_and_map_fill() {
         .count();
     assert_eq!(
         verdict_lines,
-        1 + 2 * per_reason,
-        "allow + deny/audit x reasons"
+        hook::COUNT * (1 + 2 * per_reason),
+        "hooks x (allow + deny/audit x reasons)"
     );
 }
 
