@@ -5,7 +5,7 @@
 //!   returns exactly N denies (from the kernel's per-CPU counters) and N `connection.denied`
 //!   events (from the agent), with no loss;
 //! - `promtool check metrics` passes on what the agent serves, and every family the README
-//!   lists is there;
+//!   lists is there; quarantine, release, a rejected bundle and its fix move their metrics;
 //! - a bad `--metrics` address is refused before anything is loaded.
 //!
 //! Addresses 127.85.0.0/16 only; cgroups and pins are named `mt-...`.
@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::agent::enforcer_bin;
+use enforcer_tests::cli::StateDir;
 use enforcer_tests::fixtures::{standard_entities, write_bundle, World, STANDARD_POLICIES};
 use enforcer_tests::probe::attempt;
 use enforcer_tests::prometheus::{self, check_metrics, free_port, http_get, Prometheus};
@@ -60,9 +61,11 @@ fn prometheus_scrapes_the_deny_count_the_test_caused() -> Result<()> {
     let world = world()?;
     let ip = "127.85.200.1";
     let metrics: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
-    let mut cfg = world.agent_config();
+    let state = StateDir::new()?;
+    let mut cfg = state.configure(world.agent_config());
     cfg.extra_args
         .extend(["--metrics".to_string(), metrics.to_string()]);
+    let dirs = state.dirs(&cfg);
     let agent = Agent::start(cfg)?;
     let prometheus = Prometheus::scrape("127.85.200.2", metrics)?;
 
@@ -150,7 +153,7 @@ fn prometheus_scrapes_the_deny_count_the_test_caused() -> Result<()> {
     );
 
     // The policy in force: its revision, as `enforcer status` reports it.
-    let status = agent.status()?;
+    let status = dirs.status()?;
     let revision = status
         .pointer("/agent/revision")
         .and_then(|v| v.as_str())
@@ -222,6 +225,41 @@ fn prometheus_scrapes_the_deny_count_the_test_caused() -> Result<()> {
         status == 200 && om.ends_with("# EOF\n"),
         "OpenMetrics: {om}"
     );
+
+    // The agent's own gauges and counters follow what it does: a quarantine, a rejected
+    // bundle, and the reload that fixes it (read straight from the agent: no need to wait for
+    // a scrape).
+    let wait_for = |line: &str| -> Result<()> {
+        let mut text = String::new();
+        let ok = wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            text = scrape(metrics).unwrap_or_default();
+            text.lines().any(|l| l == line)
+        });
+        ensure!(
+            ok,
+            "no {line:?} in:\n{text}\nagent:\n{}",
+            agent.stderr_tail()
+        );
+        Ok(())
+    };
+    wait_for("enforcer_quarantined_subjects 0")?;
+    let out = dirs.run(&["quarantine", "add", "acme-gateway"])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    wait_for("enforcer_quarantined_subjects 1")?;
+    let out = dirs.quarantine_release("acme-gateway")?;
+    ensure!(out.success(), "quarantine release: {out}");
+    wait_for("enforcer_quarantined_subjects 0")?;
+    world
+        .bundle
+        .write_file("broken.cedar", "permit (principal,")?;
+    wait_for("enforcer_policy_rejections_total 1")?;
+    wait_for(&format!(
+        "enforcer_policy_info{{revision=\"{revision}\"}} 1"
+    ))?;
+    std::fs::remove_file(world.bundle.path().join("broken.cedar"))?;
+    wait_for("enforcer_events_total{type=\"policy.applied\"} 2")?;
+    wait_for("enforcer_policy_apply_duration_seconds_count 2")?;
+    wait_for("enforcer_policy_rejections_total 1")?;
     Ok(())
 }
 
