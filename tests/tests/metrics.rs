@@ -6,6 +6,7 @@
 //!   events (from the agent), with no loss;
 //! - `promtool check metrics` passes on what the agent serves, and every family the README
 //!   lists is there; quarantine, release, a rejected bundle and its fix move their metrics;
+//! - with `--pdp`, the sync's errors and staleness follow a PDP that goes away;
 //! - a bad `--metrics` address is refused before anything is loaded.
 //!
 //! Addresses 127.85.0.0/16 only; cgroups and pins are named `mt-...`.
@@ -20,8 +21,8 @@ use enforcer_tests::cli::StateDir;
 use enforcer_tests::fixtures::{standard_entities, write_bundle, World, STANDARD_POLICIES};
 use enforcer_tests::probe::attempt;
 use enforcer_tests::prometheus::{self, check_metrics, free_port, http_get, Prometheus};
-use enforcer_tests::util::{output_bounded, unique_name, wait_until};
-use enforcer_tests::{require, require_kernel, Agent, PinDir, Probe, TestCgroup};
+use enforcer_tests::util::{output_bounded, unique_name, wait_until, ChildGuard, TempDir};
+use enforcer_tests::{require, require_kernel, Agent, AgentConfig, PinDir, Probe, TestCgroup};
 
 /// The standard world on 127.85.<t>.<i>, with cgroups and pins named `mt-...`.
 fn world() -> Result<World> {
@@ -305,5 +306,107 @@ fn an_address_in_use_is_an_error_naming_it() -> Result<()> {
         !world.pins.path().exists(),
         "refused before anything was pinned"
     );
+    Ok(())
+}
+
+/// The value of the sample `name` (no labels) in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn pdp_sync_errors_and_staleness_follow_the_pdp() -> Result<()> {
+    if !require_kernel() || !require("prometheus", prometheus::unavailable_reason()) {
+        return Ok(());
+    }
+    let world = world()?;
+    let work = TempDir::new("mt-pdp")?;
+    let token = work.path().join("token");
+    std::fs::write(&token, "mt-metrics-token-4c2a\n")?;
+    let ready = work.path().join("pdp-ready");
+    let pdp_log = work.path().join("pdp.log");
+    let mut pdp = ChildGuard::new(
+        std::process::Command::new(enforcer_bin())
+            .args(["pdp", "serve", "--policies"])
+            .arg(world.bundle.path())
+            .args(["--listen", "127.85.202.1:0", "--token-file"])
+            .arg(&token)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&pdp_log)?)
+            .spawn()
+            .context("starting enforcer pdp serve")?,
+    );
+    let mut pdp_addr = None;
+    let up = wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        pdp_addr = std::fs::read_to_string(&ready)
+            .ok()
+            .and_then(|t| t.trim().parse::<SocketAddr>().ok());
+        pdp_addr.is_some()
+    });
+    ensure!(
+        up,
+        "pdp serve not ready:\n{}",
+        enforcer_tests::util::tail_of(&pdp_log, 4096)
+    );
+    let pdp_addr = pdp_addr.context("PDP address")?;
+
+    let ip = "127.85.202.2";
+    let metrics: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
+    let synced = work.path().join("bundle");
+    let mut cfg = AgentConfig::new(&synced, &world.root.relative_str(), world.pins.path());
+    cfg.extra_args.extend([
+        "--pdp".to_string(),
+        format!("http://{pdp_addr}"),
+        "--pdp-token-file".to_string(),
+        token.display().to_string(),
+        "--metrics".to_string(),
+        metrics.to_string(),
+    ]);
+    let state = StateDir::new()?;
+    let agent = Agent::start(state.configure(cfg))?;
+    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| -> Result<String> {
+        let mut text = String::new();
+        let ok = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            text = scrape(metrics).unwrap_or_default();
+            done(&text)
+        });
+        ensure!(
+            ok,
+            "{what}: not in\n{text}\nagent:\n{}",
+            agent.stderr_tail()
+        );
+        Ok(text)
+    };
+    let text = wait_for("synced, no error", &|t| {
+        sample(t, "enforcer_pdp_synced") == Some(1.0)
+    })?;
+    ensure!(
+        sample(&text, "enforcer_pdp_sync_errors_total") == Some(0.0)
+            && sample(&text, "enforcer_pdp_sync_consecutive_failures") == Some(0.0)
+            && sample(&text, "enforcer_pdp_staleness_seconds").is_some(),
+        "{text}"
+    );
+    check_metrics(&text)?;
+
+    // The PDP goes away: the agent's next attempt fails, and the policy grows stale.
+    drop(pdp.0.take().map(|mut child| {
+        let _ = child.kill();
+        child.wait()
+    }));
+    let text = wait_for("sync errors", &|t| {
+        sample(t, "enforcer_pdp_sync_errors_total").is_some_and(|n| n >= 1.0)
+            && sample(t, "enforcer_pdp_sync_consecutive_failures").is_some_and(|n| n >= 1.0)
+    })?;
+    ensure!(
+        sample(&text, "enforcer_pdp_synced") == Some(1.0),
+        "a PDP reached once stays synced-once: {text}"
+    );
+    wait_for("staleness grows", &|t| {
+        sample(t, "enforcer_pdp_staleness_seconds").is_some_and(|s| s >= 2.0)
+    })?;
     Ok(())
 }
