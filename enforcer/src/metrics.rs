@@ -112,8 +112,9 @@ impl Metrics {
              gap in seq",
             event_write_errors.clone(),
         );
-        // Per consumer of `enforcer events` (not built yet): that stream increments this when
-        // a consumer falls behind and its backlog overflows. Until then it has no series.
+        // Per consumer of `enforcer events` (not built yet): that stream calls
+        // `consumer_dropped` when a consumer falls behind and its backlog overflows. Until
+        // then the family has no series, and an empty family is left out of the exposition.
         let consumer_dropped = Family::<Label, Counter>::default();
         registry.register(
             "enforcer_events_consumer_dropped",
@@ -219,17 +220,24 @@ impl Metrics {
 
     /// The exposition: OpenMetrics text (with its `# EOF`) or the Prometheus text format.
     /// Reads the pinned maps: call it on a blocking thread.
-    pub fn encode(&self, openmetrics: bool) -> String {
+    ///
+    /// Writing into a String fails only if an encoder reports an error itself (none of ours
+    /// does); the server then answers 500 rather than half an exposition, which a scraper
+    /// would read as reset counters.
+    pub fn try_encode(&self, openmetrics: bool) -> Result<String, fmt::Error> {
         let mut out = String::new();
-        let encoded = if openmetrics {
-            prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         } else {
-            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
-        };
-        // Writing to a String fails only if an encoder reports an error itself: none of ours
-        // does, and half an exposition would be read as reset counters.
-        encoded.expect("encoding metrics into a String");
-        out
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
+        }
+        Ok(out)
+    }
+
+    /// [`Metrics::try_encode`] for tests and tools: panics on an encoder error.
+    pub fn encode(&self, openmetrics: bool) -> String {
+        self.try_encode(openmetrics)
+            .expect("encoding metrics into a String")
     }
 }
 
@@ -511,8 +519,15 @@ async fn respond(metrics: Arc<Metrics>, request: Request<Incoming>) -> Response<
             .and_then(|v| v.to_str().ok()),
     );
     // Reading the pinned maps is a few syscalls per entry: off the runtime's threads.
-    let body = match tokio::task::spawn_blocking(move || metrics.encode(openmetrics)).await {
-        Ok(body) => body,
+    let body = match tokio::task::spawn_blocking(move || metrics.try_encode(openmetrics)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(error)) => {
+            tracing::error!("metrics: encoding failed: {error}");
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding failed\n".into(),
+            );
+        }
         Err(error) => {
             tracing::error!("metrics: encoding failed: {error}");
             return plain(
