@@ -171,6 +171,7 @@ pub mod hook {
     /// `cgroup/sock_create`: the event has no destination (`daddr` zero) but the socket's
     /// `sock_type` and `sock_protocol`.
     pub const SOCK_CREATE: u8 = 4;
+    pub const COUNT: usize = 5;
 }
 
 /// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
@@ -220,12 +221,13 @@ pub mod tcp_state {
     pub const CLOSING: u8 = 11;
 }
 
-/// Index into the per-CPU `VERDICTS` array: one counter per (verdict, reason).
+/// Index into the per-CPU `VERDICTS` array: one counter per (hook, verdict, reason), so that
+/// the metrics can say which hook decided (`enforcer_verdicts_total{hook=...}`).
 #[inline(always)]
-pub const fn verdict_counter_index(verdict: u8, reason: u8) -> u32 {
-    verdict as u32 * reason::COUNT as u32 + reason as u32
+pub const fn verdict_counter_index(hook: u8, verdict: u8, reason: u8) -> u32 {
+    (hook as u32 * verdict::COUNT as u32 + verdict as u32) * reason::COUNT as u32 + reason as u32
 }
-pub const VERDICT_COUNTERS: u32 = (verdict::COUNT * reason::COUNT) as u32;
+pub const VERDICT_COUNTERS: u32 = (hook::COUNT * verdict::COUNT * reason::COUNT) as u32;
 
 /// Value of `IDENTITIES[identity]`.
 ///

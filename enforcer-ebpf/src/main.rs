@@ -98,7 +98,7 @@ static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, NO_MAP_FLAGS);
 #[map]
 static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(SINGLE_ENTRY_COUNT, NO_MAP_FLAGS);
 
-/// One counter per (verdict, reason), see `verdict_counter_index`.
+/// One counter per (hook, verdict, reason), see `verdict_counter_index`.
 #[map]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_COUNTERS, NO_MAP_FLAGS);
 
@@ -401,7 +401,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // The agent itself: never judged, or it could lock itself out of the API server and the
     // PDP it learns every identity from.
     if subject_flags & flags::EXEMPT != 0 {
-        count(verdict::ALLOW, reason::ALLOWED);
+        count(hook, verdict::ALLOW, reason::ALLOWED);
         return SK_PASS;
     }
 
@@ -438,7 +438,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         policy_hit(&POLICY_B, &mut key)
     };
     if permitted {
-        count(verdict::ALLOW, reason::ALLOWED);
+        count(hook, verdict::ALLOW, reason::ALLOWED);
         // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
         // UDP, to a tracked destination. One more lookup on the connect allow path only.
         if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
@@ -715,7 +715,7 @@ fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> b
             let subject_flags = unsafe { (*info).flags };
             if subject_flags & flags::EXEMPT != 0 {
                 // The agent itself (see `decide`): let through, counted as allowed.
-                count(verdict::ALLOW, reason::ALLOWED);
+                count(hook, verdict::ALLOW, reason::ALLOWED);
                 return true;
             }
             if subject_flags & flags::QUARANTINED != 0 {
@@ -726,7 +726,7 @@ fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> b
         }
     };
     v.verdict = if audit { verdict::AUDIT } else { verdict::DENY };
-    count(v.verdict, v.reason);
+    count(hook, v.verdict, v.reason);
     emit(v, dst, cgroup_id, hook);
     audit
 }
@@ -736,8 +736,8 @@ fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> b
 /// the store could lose one increment to another task on the same CPU; accepted, as in
 /// Cilium, to keep the hot path free of locked instructions.)
 #[inline(always)]
-fn count(verdict: u8, reason: u8) {
-    if let Some(c) = VERDICTS.get_ptr_mut(verdict_counter_index(verdict, reason)) {
+fn count(hook: u8, verdict: u8, reason: u8) {
+    if let Some(c) = VERDICTS.get_ptr_mut(verdict_counter_index(hook, verdict, reason)) {
         // SAFETY: a non-null per-CPU array value pointer is valid for reads and writes.
         unsafe { *c += 1 };
     }
@@ -752,7 +752,7 @@ fn report(v: &mut Verdict, dst: &Destination, cgroup_id: u64, hook: u8, audit: b
         (verdict::DENY, SK_DROP)
     };
     v.verdict = verdict;
-    count(verdict, v.reason);
+    count(hook, verdict, v.reason);
     emit(v, dst, cgroup_id, hook);
     ret
 }

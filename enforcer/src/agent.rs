@@ -36,6 +36,7 @@ use crate::events::{
 };
 use crate::flows;
 use crate::last_good;
+use crate::metrics::{self, Metrics};
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
@@ -72,6 +73,8 @@ pub struct RunOptions {
     pub skip_capacity_check: bool,
     /// Identities from Kubernetes (`--kubernetes`).
     pub kubernetes: Option<KubernetesOptions>,
+    /// Serve Prometheus metrics on this address (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `enforcer run --kubernetes`: where the cluster comes from and how it is merged.
@@ -203,12 +206,17 @@ fn load_policy(
     dir: &Path,
     cluster: Option<Cluster>,
     risk_overrides: &BTreeMap<String, String>,
+    metrics: Option<&Metrics>,
 ) -> Result<(Bundle, Compiled)> {
+    let started = Instant::now();
     let mut bundle = load_bundle(dir, cluster)?;
     apply_risk_overrides(&mut bundle, risk_overrides);
     let compiled = bundle
         .compile()
         .with_context(|| format!("compiling {}", dir.display()))?;
+    if let Some(metrics) = metrics {
+        metrics.compiled(started.elapsed());
+    }
     Ok((bundle, compiled))
 }
 
@@ -265,6 +273,8 @@ struct Agent {
     watch_status: Option<WatchStatus>,
     /// Ticks since start (see [`BACKSTOP_TICKS`]).
     ticks: u64,
+    /// `--metrics`: what the agent counts and times (the server reads it at scrape time).
+    metrics: Option<Arc<Metrics>>,
     /// The source's status (staleness left out) and the watcher's, as last written to the
     /// state file.
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
@@ -279,6 +289,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
         cgroup_mount,
         cgroup_root,
     } = prepare(&options)?;
+    // Bound before anything changes in the kernel: an address in use is an error of the
+    // command line, and the first compile is timed too.
+    let (metrics, _metrics_server) = match options.metrics {
+        Some(addr) => {
+            let metrics = Arc::new(Metrics::new(datapath::pin_dir(&options.pin_root)));
+            let server = metrics::serve(addr, metrics.clone()).await?;
+            tracing::info!(addr = %server.local_addr(), path = metrics::PATH, "serving metrics");
+            (Some(metrics), Some(server))
+        }
+        None => (None, None),
+    };
     // A DaemonSet agent lives in a pod cgroup under the subtree it enforces: judged, it would
     // be an unknown subject until it had listed the pods, which it cannot do without reaching
     // the API server. Its own cgroup is exempt (named in `status`), and that is written into
@@ -301,6 +322,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(sync_options) => {
             let url = sync_options.url.clone();
             let handle = crate::pdp::sync::try_spawn(sync_options)?;
+            if let Some(metrics) = &metrics {
+                metrics.set_pdp(handle.status_reader());
+            }
             if !handle.first_sync(Duration::from_secs(60)).await {
                 bail!(
                     "no policy to enforce: the PDP {url} gave no good bundle within 60 s and none is persisted in {} ({})",
@@ -351,6 +375,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &options.policies,
         cluster,
         &risk_overrides,
+        metrics.as_deref(),
     ) {
         Ok((bundle, compiled)) => (
             bundle,
@@ -360,7 +385,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ),
         Err(error) => {
             let fallback = last_good::dir(&options.state_dir);
-            match load_policy(&fallback, cluster, &risk_overrides) {
+            match load_policy(&fallback, cluster, &risk_overrides, metrics.as_deref()) {
                 Ok((bundle, compiled)) => {
                     tracing::error!(
                         last_good = %fallback.display(),
@@ -378,13 +403,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let node = options.kubernetes.as_ref().map(|k| ocsf::Context {
         node: k.cluster.node_name.clone(),
     });
-    let emitter = Emitter::new(
+    let mut emitter = Emitter::new(
         Formatter::new(
             options.events_format,
             node.unwrap_or_else(ocsf::Context::from_host),
         ),
         sink,
     );
+    if let Some(metrics) = &metrics {
+        emitter.set_metrics(metrics.clone());
+    }
     // Before the ready file: SIGUSR1's default action would kill the agent.
     let reopen = signal(SignalKind::user_defined1())?;
     let mut datapath = Datapath::load(&LoadOptions {
@@ -417,6 +445,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         pods: None,
         watch_status: None,
         ticks: 0,
+        metrics,
         status_written: (None, None),
         flow_events: flow_tx,
         stale_reported: BTreeSet::new(),
@@ -439,6 +468,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     agent
         .apply_full(None)
         .context("writing the first policy into the kernel")?;
+    agent.count_quarantined();
     match rejected {
         Some(error) => agent.reject(error),
         None => agent.save_last_good(),
@@ -550,6 +580,9 @@ impl Agent {
         };
         let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
         self.applied_at = now();
+        if let Some(metrics) = &self.metrics {
+            metrics.applied(report.elapsed, self.compiled.revision());
+        }
         report_unresolved(&self.unresolved, &unresolved);
         self.pods = pods_view(pods.as_ref(), &unresolved, &desired.cgroups, &self.compiled);
         self.unresolved = unresolved;
@@ -708,12 +741,16 @@ impl Agent {
 
     /// Loads `dir` merged with the cluster state and compiles it incrementally.
     fn candidate(&self, dir: &Path) -> Result<(Bundle, Compiled)> {
+        let started = Instant::now();
         let mut bundle = load_bundle(dir, self.cluster())?;
         apply_risk_overrides(&mut bundle, &self.risk_overrides);
         // Reuses the previous answers when only identities changed (a new pod, say).
         let compiled = bundle
             .compile_incremental(&self.compiled)
             .context("compiling")?;
+        if let Some(metrics) = &self.metrics {
+            metrics.compiled(started.elapsed());
+        }
         Ok((bundle, compiled))
     }
 
@@ -807,6 +844,9 @@ impl Agent {
     }
 
     fn reject(&mut self, error: anyhow::Error) {
+        if let Some(metrics) = &self.metrics {
+            metrics.rejected();
+        }
         let errors: Vec<String> = format!("{error:#}").lines().map(str::to_string).collect();
         tracing::error!(
             revision_in_force = self.compiled.revision(),
@@ -924,6 +964,7 @@ impl Agent {
             .update_flags(subject, flags::QUARANTINED, 0)
         {
             Ok(()) => {
+                self.count_quarantined();
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
                 self.save_state();
@@ -955,6 +996,7 @@ impl Agent {
             self.quarantined.insert(id);
             return Response::error(format!("releasing {workload}: {error:#}"));
         }
+        self.count_quarantined();
         self.save_state();
         let _ = self.notices.send(Notice::Released {
             time: now(),
@@ -1089,6 +1131,13 @@ impl Agent {
                 )
             })
             .collect()
+    }
+
+
+    fn count_quarantined(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.set_quarantined(self.quarantined.len());
+        }
     }
 
     fn name_of(&self, identity: u32) -> String {

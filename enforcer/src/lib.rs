@@ -14,6 +14,7 @@ pub mod explain;
 pub mod flows;
 pub mod fs;
 pub mod last_good;
+pub mod metrics;
 pub mod pdp;
 pub mod sources;
 pub mod status;

@@ -82,6 +82,10 @@ enum Command {
         skip_capacity_check: bool,
         #[command(flatten)]
         kubernetes: KubernetesArgs,
+        /// Serve Prometheus metrics on http://ADDR/metrics (IP:PORT, like 127.0.0.1:9464 or
+        /// 0.0.0.0:9464; off by default). README "Metrics" lists them.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Kernel counters, map fill levels, lost events and the policy revision in force.
     Status {
@@ -363,6 +367,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             capacity,
             skip_capacity_check,
             kubernetes,
+            metrics,
         } => {
             if events_max_bytes.is_some() && events == "-" {
                 anyhow::bail!("--events-max-bytes rotates a file: give --events FILE (standard output is not rotated)");
@@ -398,6 +403,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 capacity: capacity_overrides(&capacity)?,
                 skip_capacity_check,
                 kubernetes,
+                metrics: metrics
+                    .as_deref()
+                    .map(enforcer::metrics::parse_addr)
+                    .transpose()?,
             };
             runtime()?.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)

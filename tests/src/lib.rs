@@ -22,6 +22,7 @@ pub mod kube;
 pub mod kubelet;
 pub mod netns;
 pub mod probe;
+pub mod prometheus;
 pub mod rsyslog;
 pub mod servers;
 pub mod util;

@@ -232,6 +232,8 @@ fn podman_run_args(spec: &PodSpec, site: &Site) -> Result<(Vec<String>, Vec<Stri
             (Some(v), None) => v.clone(),
             (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
                 Some("spec.nodeName") => site.node_name.clone(),
+                // The node's address (the agent serves metrics there): this test's own.
+                Some("status.hostIP") => ip(1).to_string(),
                 other => bail!("env {} from {other:?} is not reproduced here", var.name),
             },
             _ => bail!("env {} is neither a value nor a field", var.name),

@@ -603,7 +603,7 @@ fn rbac_reads_only_and_exactly_what_each_component_uses() {
 fn the_agent_daemonset_grants_what_its_comment_explains() {
     let all = manifests();
     let ds = enforcer_tests::deploy::agent_daemonset(&all).unwrap();
-    let spec = ds.spec.unwrap().template.spec.unwrap();
+    let spec = ds.spec.clone().unwrap().template.spec.unwrap();
     let agent = &spec.containers[0];
     let security = agent.security_context.clone().unwrap();
     assert_eq!(security.privileged, Some(false));
@@ -641,11 +641,40 @@ fn the_agent_daemonset_grants_what_its_comment_explains() {
             .map(|f| f.field_path.as_str()),
         Some("spec.nodeName")
     );
-    // The metrics port.
+    // The metrics port: the one `--metrics` listens on, on the node's address, and the one
+    // the scrape annotations name.
     let ports = agent.ports.clone().unwrap();
-    assert!(ports
+    let metrics = ports
         .iter()
-        .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9090));
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a port named metrics");
+    assert!(
+        args.contains(&format!("--metrics=$(HOST_IP):{}", metrics.container_port)),
+        "{args:?}"
+    );
+    let host_ip = env.iter().find(|e| e.name == "HOST_IP").expect("HOST_IP");
+    assert_eq!(
+        host_ip
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.hostIP")
+    );
+    let annotations = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        annotations.get("prometheus.io/port"),
+        Some(&metrics.container_port.to_string())
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/path").map(String::as_str),
+        Some("/metrics")
+    );
     // The state directory and the pins are host paths, so a restarted agent finds them.
     let volumes = spec.volumes.unwrap();
     let host_path = |mount_path: &str| {

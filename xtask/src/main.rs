@@ -123,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
             // loudly that they skip.
             setup_kube(&ws, ci())?;
             install_rsyslog()?;
+            install_prometheus()?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--workspace", "--bins"])?;
             let mut cmd = ws.cargo();
@@ -372,6 +373,24 @@ fn install_rsyslog() -> Result<()> {
     status(
         &mut cmd,
         "apt-get install rsyslog (run `apt-get update` first if it is stale)",
+    )
+}
+
+/// The metrics test scrapes the agent with a real Prometheus server and checks its output
+/// with `promtool`: installs Debian's `prometheus` when either is missing (silent when
+/// present). The test runs its own server with its own configuration and storage; the
+/// package's service is not needed.
+fn install_prometheus() -> Result<()> {
+    if Path::new("/usr/bin/prometheus").is_file() && Path::new("/usr/bin/promtool").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing prometheus (server and promtool, for the metrics test)");
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "--no-install-recommends", "prometheus"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    status(
+        &mut cmd,
+        "apt-get install prometheus (run `apt-get update` first if it is stale)",
     )
 }
 

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray};
 use enforcer_common::{
-    capacity, flags, identity, maps, reason, verdict, Config, IdentityInfo, PolicyKey, PolicyValue,
-    NO_CLASS, VERDICT_COUNTERS,
+    capacity, flags, hook, identity, maps, reason, verdict, Config, IdentityInfo, PolicyKey,
+    PolicyValue, NO_CLASS, VERDICT_COUNTERS,
 };
 use enforcer_policy::classes::{self, Classes};
 
@@ -1460,8 +1460,11 @@ fn split_hosts<const N: usize>(
 /// Counters and fill levels, read from the pins (works while no agent runs).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KernelStats {
-    /// `verdicts[verdict][reason]`, summed over CPUs.
+    /// `verdicts[verdict][reason]`, summed over CPUs and hooks.
     pub verdicts: Vec<Vec<u64>>,
+    /// `verdicts_by_hook[hook][verdict][reason]`, summed over CPUs (`hook::*` codes).
+    #[serde(skip)]
+    pub verdicts_by_hook: Vec<Vec<Vec<u64>>>,
     pub lost_events: u64,
     pub maps: Vec<MapFill>,
     pub config: ConfigView,
@@ -1490,13 +1493,18 @@ pub fn lost_events(dir: &Path) -> Result<u64> {
 pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
     let counters: PerCpuArray<MapData, u64> = typed!(dir, maps::VERDICTS);
     let mut verdicts = vec![vec![0u64; reason::COUNT]; verdict::COUNT];
+    let mut verdicts_by_hook = vec![verdicts.clone(); hook::COUNT];
     for index in 0..VERDICT_COUNTERS {
         let sum: u64 = counters
             .get(&index, 0)
             .context("reading VERDICTS")?
             .iter()
             .sum();
-        verdicts[index as usize / reason::COUNT][index as usize % reason::COUNT] = sum;
+        let index = index as usize;
+        let (r, rest) = (index % reason::COUNT, index / reason::COUNT);
+        let (v, h) = (rest % verdict::COUNT, rest / verdict::COUNT);
+        verdicts_by_hook[h][v][r] = sum;
+        verdicts[v][r] += sum;
     }
     let tables = Tables::open(dir)?;
     let config = tables.config()?;
@@ -1523,6 +1531,7 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
     }
     Ok(KernelStats {
         verdicts,
+        verdicts_by_hook,
         lost_events: lost_events(dir)?,
         maps: fills,
         config: ConfigView {

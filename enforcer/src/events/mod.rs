@@ -103,6 +103,8 @@ pub struct Emitter {
     sink: Sink,
     /// Lines the sink refused since its last good write (0: it writes).
     failing: u64,
+    /// `--metrics`: counts what is emitted, by type, and what the sink refused.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Emitter {
@@ -112,7 +114,13 @@ impl Emitter {
             formatter,
             sink,
             failing: 0,
+            metrics: None,
         }
+    }
+
+    /// Counts every event from now on in `metrics`.
+    pub fn set_metrics(&mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// Writes `event` as the next line; returns its `seq`. A line the sink refuses (a full
@@ -123,6 +131,9 @@ impl Emitter {
         let seq = self.seq + 1;
         let line = self.formatter.line(seq, event)?;
         self.seq = seq;
+        if let Some(metrics) = &self.metrics {
+            metrics.event_emitted(event.kind());
+        }
         match self.sink.write_line(&line) {
             Ok(()) => {
                 if self.failing > 0 {
@@ -135,6 +146,9 @@ impl Emitter {
                 }
             }
             Err(error) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.event_write_failed();
+                }
                 // Once per outage, not once per line: a flood of denials on a full disk
                 // would otherwise fill the agent's own log too.
                 if self.failing == 0 {

@@ -37,6 +37,9 @@ pub struct PdpStatus {
     /// Failed attempts since the last success.
     #[serde(default)]
     pub consecutive_failures: u32,
+    /// Failed attempts since the sync task started (a counter: `enforcer_pdp_sync_errors_total`).
+    #[serde(default)]
+    pub errors_total: u64,
 }
 
 impl PdpStatus {
@@ -49,6 +52,7 @@ impl PdpStatus {
             revision: None,
             stale_seconds: None,
             consecutive_failures: 0,
+            errors_total: 0,
         }
     }
 

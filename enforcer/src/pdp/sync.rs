@@ -83,6 +83,19 @@ impl SyncHandle {
             .at(SystemTime::now())
     }
 
+    /// A reader of [`SyncHandle::status`] that outlives a borrow of the handle (metrics read
+    /// it at scrape time; it locks only to clone).
+    pub fn status_reader(&self) -> impl Fn() -> PdpStatus + Send + Sync + 'static {
+        let status = self.status.clone();
+        move || {
+            status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .at(SystemTime::now())
+        }
+    }
+
     /// The bundle directory this task maintains.
     pub fn target_dir(&self) -> &Path {
         &self.target_dir
@@ -211,6 +224,7 @@ async fn run(
                 Err(error) => {
                     s.last_error = Some(format!("{error:#}"));
                     s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                    s.errors_total = s.errors_total.saturating_add(1);
                 }
             }
             s.clone()
