@@ -498,9 +498,25 @@ fn a_flow_in_its_own_network_namespace_is_reset_there() -> Result<()> {
     let w = world(4)?;
     let ns = NetNs::create(&unique_name("fl-ns"))?;
     let vectors = FlowServer::start_in(&ns, w.addr(10, 6333))?;
+    // IPv6 too: acme-vectors' inventory address (fd83::4:a) on the namespace's loopback.
+    let v6 = SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::new(0xfd83, 0, 0, 0, 0, 0, 4, 10)),
+        6333,
+    );
+    let host = format!("{}/128", v6.ip());
+    ns.ip(&["addr", "add", &host, "dev", "lo", "nodad"])?;
+    let vectors6 = FlowServer::start_in(&ns, v6)?;
     let agent = Agent::start(w.config())?;
     let a = FlowClient::tcp_in(Some(&ns), w.cgroup("client-a"), vectors.addr(), 2, 3, true)?;
     wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    let a6 = FlowClient::tcp_in(Some(&ns), w.cgroup("client-a"), vectors6.addr(), 4, 5, true)?;
+    let opened6 = wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a6.local))?;
+    ensure!(
+        s(&opened6[0], "/destination/ip") == Some(&v6.ip().to_string())
+            && s(&opened6[0], "/destination/name") == Some("acme-vectors"),
+        "{}",
+        opened6[0]
+    );
 
     replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
     let end = a
@@ -517,6 +533,26 @@ fn a_flow_in_its_own_network_namespace_is_reset_there() -> Result<()> {
     );
     ensure!(
         u(&closed[0], "/flow/bytes_received") == Some(3),
+        "{}",
+        closed[0]
+    );
+
+    let end = a6
+        .ended_within(RESET_WITHIN)
+        .context("the IPv6 connection was not reset")?;
+    ensure!(
+        end["errno"] == libc::ECONNABORTED,
+        "client-a over IPv6: {end}"
+    );
+    wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a6.local))?;
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, a6.local))?;
+    ensure!(
+        u(&closed[0], "/flow/bytes_sent") == Some(8 + 4),
+        "{}",
+        closed[0]
+    );
+    ensure!(
+        u(&closed[0], "/flow/bytes_received") == Some(5),
         "{}",
         closed[0]
     );
