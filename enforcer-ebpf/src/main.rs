@@ -20,6 +20,8 @@
 #![no_std]
 #![no_main]
 
+mod wire;
+
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
@@ -27,9 +29,9 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
@@ -201,6 +203,32 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 pub fn sock_create(ctx: SockContext) -> i32 {
     judge_socket(&ctx)
 }
+
+/// `sock_ops`: a thin dispatcher by callback. Only one sock_ops program can be attached per
+/// cgroup here (DESIGN.md), so every sock_ops job (the identity option in `wire`, flow records
+/// elsewhere) is a function called from this one match. Must return 1.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        wire::TCP_CONNECT_CB => wire::on_connect(&ctx),
+        wire::ACTIVE_ESTABLISHED_CB => wire::on_established(&ctx),
+        wire::HDR_OPT_LEN_CB => wire::on_hdr_opt_len(&ctx),
+        wire::WRITE_HDR_OPT_CB => wire::on_write_hdr_opt(&ctx),
+        _ => {}
+    }
+    SOCK_OPS_DONE
+}
+
+/// `cgroup_skb/ingress` on the enforced subtree: the index's check of the identity option on
+/// SYNs to local destinations (`wire::ingress`). 1 passes the packet, 0 drops it.
+#[cgroup_skb(ingress)]
+pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
+    wire::ingress(&ctx)
+}
+
+/// What a sock_ops program returns (the kernel ignores other values for most callbacks, but
+/// 1 is the documented success).
+const SOCK_OPS_DONE: u32 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // The decision procedure
@@ -721,6 +749,11 @@ fn emit(v: &Verdict, dst: &Destination, cgroup_id: u64, hook: u8) {
         addr_of_mut!((*e).policy_generation).write(v.generation);
         addr_of_mut!((*e).sock_type).write(v.sock_type);
         addr_of_mut!((*e).sock_protocol).write(v.sock_protocol);
+        let peer = addr_of_mut!((*e).peer).cast::<u32>();
+        peer.write(ZERO_WORD);
+        peer.add(1).write(ZERO_WORD);
+        peer.add(2).write(ZERO_WORD);
+        peer.add(3).write(ZERO_WORD);
     }
     entry.submit(RINGBUF_FLAGS);
 }

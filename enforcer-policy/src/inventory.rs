@@ -50,6 +50,32 @@ pub struct Port {
     pub loc: Loc,
 }
 
+/// What the ingress check (`cgroup_skb/ingress` on the node that hosts a destination) does with
+/// SYNs to it: `enforce` drops a SYN without a valid identity option or from an identity the
+/// policy does not allow, `audit` reports the same without dropping, `off` (the default)
+/// checks nothing. Off by default because `enforce` refuses every cluster peer whose node runs
+/// no tagging enforcer yet: an operator turns it on per endpoint once every node tags (audit
+/// first shows who would be refused).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressMode {
+    #[default]
+    Off,
+    Audit,
+    Enforce,
+}
+
+impl IngressMode {
+    /// The `IDENTITIES` flags of this mode.
+    pub fn flags(self) -> u32 {
+        match self {
+            IngressMode::Off => 0,
+            IngressMode::Audit => enforcer_common::flags::INGRESS_AUDIT,
+            IngressMode::Enforce => enforcer_common::flags::INGRESS_ENFORCE,
+        }
+    }
+}
+
 /// A thing that runs. With `cgroups` it is a subject; with `ips` it is a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -64,6 +90,8 @@ pub struct Workload {
     pub cgroups: Vec<String>,
     pub ips: Vec<IpNet>,
     pub ports: Vec<Port>,
+    /// The ingress check on SYNs to this workload's addresses.
+    pub ingress: IngressMode,
     /// Location of the name.
     pub loc: Loc,
 }
@@ -77,6 +105,8 @@ pub struct Endpoint {
     pub ips: Vec<IpNet>,
     pub ports: Vec<Port>,
     pub datasets: Vec<String>,
+    /// The ingress check on SYNs to this endpoint's addresses.
+    pub ingress: IngressMode,
     pub loc: Loc,
 }
 
@@ -841,6 +871,22 @@ impl Walker {
         }
     }
 
+    fn ingress(&mut self, node: &Node) -> IngressMode {
+        match self.string(node, "ingress").as_deref() {
+            None | Some("off") => IngressMode::Off,
+            Some("audit") => IngressMode::Audit,
+            Some("enforce") => IngressMode::Enforce,
+            Some(other) => {
+                self.err_hint(
+                    node.loc,
+                    format!("unknown ingress mode `{other}`"),
+                    "enforce | audit | off",
+                );
+                IngressMode::Off
+            }
+        }
+    }
+
     fn workload(&mut self, node: &Node) -> Option<Workload> {
         let fields = self.map(
             node,
@@ -856,6 +902,7 @@ impl Walker {
                 "cgroups",
                 "ips",
                 "ports",
+                "ingress",
             ],
         )?;
         let mut item = ItemFields::default();
@@ -870,10 +917,12 @@ impl Walker {
             cgroups: vec![],
             ips: vec![],
             ports: vec![],
+            ingress: IngressMode::Off,
             loc: node.loc,
         };
         for (k, v) in fields {
             match k {
+                "ingress" => w.ingress = self.ingress(v),
                 "purpose" => w.purpose = self.string(v, "purpose"),
                 "ring" => w.ring = self.string(v, "ring"),
                 "risk" => w.risk = self.risk(v).unwrap_or(w.risk),
@@ -915,7 +964,9 @@ impl Walker {
         let fields = self.map(
             node,
             "endpoint",
-            &["name", "tenant", "kind", "ips", "ports", "datasets"],
+            &[
+                "name", "tenant", "kind", "ips", "ports", "datasets", "ingress",
+            ],
         )?;
         let mut item = ItemFields::default();
         let mut e = Endpoint {
@@ -925,10 +976,12 @@ impl Walker {
             ips: vec![],
             ports: vec![],
             datasets: vec![],
+            ingress: IngressMode::Off,
             loc: node.loc,
         };
         for (k, v) in fields {
             match k {
+                "ingress" => e.ingress = self.ingress(v),
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
                 "datasets" => {
                     e.datasets = self

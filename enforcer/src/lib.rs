@@ -16,3 +16,4 @@ pub mod last_good;
 pub mod pdp;
 pub mod sources;
 pub mod status;
+pub mod wire;
