@@ -1314,3 +1314,35 @@ fn check_semantics(file: &Path, inv: &Inventory, diags: &mut Diagnostics) {
         }
     }
 }
+
+#[cfg(test)]
+mod ingress_tests {
+    use super::*;
+
+    const BASE: &str = "tenants: [acme]\nendpoints:\n  - name: acme-vectors\n    tenant: acme\n    kind: vector_db\n    ips: [127.84.0.10/32]\n";
+
+    #[test]
+    fn ingress_mode_is_parsed_defaults_off_and_names_a_bad_value() {
+        let f = Path::new("inventory.yaml");
+        let inv = Inventory::parse(f, BASE).unwrap();
+        assert_eq!(inv.endpoints[0].ingress, IngressMode::Off);
+        for (text, mode) in [
+            ("enforce", IngressMode::Enforce),
+            ("audit", IngressMode::Audit),
+            ("off", IngressMode::Off),
+        ] {
+            let inv = Inventory::parse(f, &format!("{BASE}    ingress: {text}\n")).unwrap();
+            assert_eq!(inv.endpoints[0].ingress, mode);
+        }
+        let err = Inventory::parse(f, &format!("{BASE}    ingress: block\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("inventory.yaml:7") && text.contains("unknown ingress mode `block`"),
+            "{text}"
+        );
+        assert_eq!(
+            IngressMode::Enforce.flags(),
+            enforcer_common::flags::INGRESS_ENFORCE
+        );
+    }
+}

@@ -260,3 +260,16 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             .unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod ingress_tests {
+    use super::*;
+
+    #[test]
+    fn ingress_refusals_name_their_atlas_techniques() {
+        // `atlas_ids` skips unknown IDs: both must exist in the shipped ATLAS data.
+        assert_eq!(atlas_ids(&["AML.T0085.000"]).len(), 1);
+        assert_eq!(atlas_ids(&["AML.T0073", "AML.T0085.000"]).len(), 2);
+        assert_eq!(atlas_ids(&["AML.T0073"])[0].name, "Impersonation");
+    }
+}
