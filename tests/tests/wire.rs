@@ -37,6 +37,8 @@ use serde_json::Value;
 
 const NODE1: &str = "fd84::1";
 const NODE2: &str = "fd84::2";
+/// A second address on node 1's end that the IP cache does not know: WORLD.
+const OUTSIDER: &str = "fd84::99";
 const DB_PORT: u16 = 6333;
 const KEY1: &str = "1 000102030405060708090a0b0c0d0e0f";
 const KEY2: &str = "2 f0e0d0c0b0a090807060504030201000";
@@ -208,7 +210,7 @@ impl Bed {
         let n2 = NetNs::create(&unique_name("wr2"))?;
         let veth = Veth::create(
             &n1,
-            &[&format!("{NODE1}/64")],
+            &[&format!("{NODE1}/64"), &format!("{OUTSIDER}/64")],
             &n2,
             &[&format!("{NODE2}/64")],
         )?;
@@ -311,10 +313,10 @@ fn key(line: &str) -> FlowKey {
         .current
 }
 
-/// Sends one SYN from `[fd84::1]:sport` to the DB with `extra` TCP options (a multiple of 4
+/// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
-fn raw_syn(ns: &NetNs, sport: u16, extra: &[u8]) -> Result<()> {
+fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
     ensure!(extra.len() % 4 == 0, "options must be padded to 4 bytes");
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -355,7 +357,7 @@ fn raw_syn(ns: &NetNs, sport: u16, extra: &[u8]) -> Result<()> {
             },
             sin6_scope_id: 0,
         };
-        let src = sockaddr(NODE1.parse()?);
+        let src = sockaddr(source.parse()?);
         let dst = sockaddr(NODE2.parse()?);
         let len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
         // SAFETY: valid sockaddr pointers and lengths.
@@ -367,7 +369,8 @@ fn raw_syn(ns: &NetNs, sport: u16, extra: &[u8]) -> Result<()> {
             )
         } != 0
         {
-            return Err(std::io::Error::last_os_error()).context("bind raw socket");
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("bind a raw socket to {source}"));
         }
         // SAFETY: valid buffer and sockaddr.
         let sent = unsafe {
@@ -468,7 +471,9 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
 
     // 3. A client no enforcer manages, from an address the IP cache knows (acme-retriever's):
     //    no option, dropped at node 2's ingress, one event however often the SYN is resent.
-    let r = bed.probe(&bed.cg.stranger).run_one(&addr)?;
+    let r = bed
+        .probe(&bed.cg.stranger)
+        .run_one(&format!("{addr}@{NODE1}"))?;
     ensure!(r.outcome == Outcome::Error, "unmanaged client got {r:?}");
     let e = expect_ingress(
         &bed,
@@ -493,6 +498,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     let (s, d): (IpAddr, IpAddr) = (NODE1.parse()?, NODE2.parse()?);
     raw_syn(
         &bed.n1,
+        NODE1,
         45001,
         &options_with(&option(&forger, acme, 0, s, d, 45001, DB_PORT)),
     )?;
@@ -505,10 +511,11 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     // Right key id, wrong tag: still refused.
     let mut wrong = option(&k1, acme, 0, s, d, 45002, DB_PORT);
     wrong[19] ^= 1;
-    raw_syn(&bed.n1, 45002, &options_with(&wrong))?;
+    raw_syn(&bed.n1, NODE1, 45002, &options_with(&wrong))?;
     expect_ingress(&bed, 2, |e| e["reason"] == "bad_tag", "flipped tag bit")?;
     raw_syn(
         &bed.n1,
+        NODE1,
         45003,
         &options_with(&option(&k1, acme, 7, s, d, 45003, DB_PORT)),
     )?;
@@ -533,6 +540,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     )?;
     raw_syn(
         &bed.n1,
+        NODE1,
         45004,
         &options_with(&option(&k1, acme, 0, s, d, 45004, DB_PORT)),
     )?;
@@ -545,6 +553,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     bed.set_keys(2, &format!("{KEY2}\n"))?;
     raw_syn(
         &bed.n1,
+        NODE1,
         45005,
         &options_with(&option(&k1, acme, 0, s, d, 45005, DB_PORT)),
     )?;
@@ -556,6 +565,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     )?;
     raw_syn(
         &bed.n1,
+        NODE1,
         45006,
         &options_with(&option(&k2, acme, 0, s, d, 45006, DB_PORT)),
     )?;
@@ -570,6 +580,36 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         Outcome::Ok,
         "signed with key 2 after the rotation",
     )?;
+
+    // 6. A claim with a valid tag that the policy does not allow here (another tenant):
+    //    not_allowed, attributed to the Cedar policy that forbids it.
+    let globex = bed.identity("globex-retriever")?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45007,
+        &options_with(&option(&k2, globex, 0, s, d, 45007, DB_PORT)),
+    )?;
+    let e = expect_ingress(&bed, 1, |e| e["reason"] == "not_allowed", "globex claim")?;
+    ensure!(e["subject"]["identity"] == globex, "{e}");
+    ensure!(e["subject"]["tenant"] == "globex", "{e}");
+    ensure!(e["policy"]["id"] == "tenant-isolation", "{e}");
+    ensure!(bed.verified(node1_addr(45007))?.is_none());
+
+    // 7. An untagged peer the IP cache does not know is WORLD, judged by the policy on WORLD
+    //    (none lets WORLD query the DB): not_allowed, not missing_tag.
+    raw_syn(&bed.n1, OUTSIDER, 45008, &[2, 4, 0x05, 0xa0])?;
+    let e = expect_ingress(
+        &bed,
+        2,
+        |e| e["reason"] == "not_allowed",
+        "untagged SYN from outside",
+    )?;
+    ensure!(
+        e["subject"]["identity"] == 1 && e["peer"]["ip"] == OUTSIDER,
+        "{e}"
+    );
+
     if !bed.node1.denies()?.iter().all(|e| e["hook"] != "ingress") {
         bail!("node 1 reported ingress events: {:?}", bed.node1.denies()?);
     }

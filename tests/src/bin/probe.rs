@@ -389,8 +389,28 @@ fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Resul
             // SAFETY: one byte from a valid buffer.
             check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
         }
-        // Loopback only: a refused or accepted connect returns at once.
-        _ => connect(&fd, &addr),
+        _ => {
+            // A dropped SYN (an ingress check) must not block for the kernel's two minutes
+            // of retries: SO_SNDTIMEO bounds a blocking connect (it fails with EINPROGRESS).
+            let timeout = libc::timeval {
+                tv_sec: TCP_CONNECT_TIMEOUT.as_secs() as libc::time_t,
+                tv_usec: 0,
+            };
+            // SAFETY: a valid option pointer and length for SO_SNDTIMEO.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            connect(&fd, &addr)
+        }
     }
 }
 
