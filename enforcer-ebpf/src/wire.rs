@@ -65,11 +65,12 @@ static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
 static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
     LruHashMap::pinned(capacity::WIRE_PEERS, NO_MAP_FLAGS);
 
-/// The last refused SYN per 4-tuple (its sequence number): a SYN the client retransmits
-/// (same 4-tuple, same sequence number) is dropped and counted again but reported once, so
-/// that one refused connection attempt is one event.
+/// The last refused SYN per 4-tuple: its sequence number, verdict and reason. A SYN the client
+/// retransmits (same 4-tuple, same sequence number) and that is judged the same is dropped
+/// and counted again but reported once, so that one refused connection attempt is one event;
+/// judged differently (a policy change in between), it is reported again.
 #[map]
-static INGRESS_REPORTED: LruHashMap<abi::PeerKey, u32> =
+static INGRESS_REPORTED: LruHashMap<abi::PeerKey, u64> =
     LruHashMap::with_max_entries(capacity::WIRE_REPORTED, NO_MAP_FLAGS);
 
 // ---------------------------------------------------------------------------------------------
@@ -481,7 +482,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     }
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
     count(v, refused);
-    if first_report(&syn) {
+    if first_report(&syn, v, refused) {
         emit_ingress(ctx, &syn, claimed, destination, v, refused, generation);
     }
     if audit {
@@ -514,17 +515,19 @@ fn peer_key(syn: &Syn) -> abi::PeerKey {
     }
 }
 
-/// False for a retransmission of a SYN already reported (see `INGRESS_REPORTED`).
+/// False for a retransmission of a SYN already reported with this verdict and reason (see
+/// `INGRESS_REPORTED`).
 #[inline(always)]
-fn first_report(syn: &Syn) -> bool {
+fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
     let key = peer_key(syn);
-    if let Some(seq) = INGRESS_REPORTED.get_ptr(&key) {
+    let seen = syn.seq as u64 | (verdict as u64) << 32 | (reason as u64) << 40;
+    if let Some(last) = INGRESS_REPORTED.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
-        if unsafe { *seq } == syn.seq {
+        if unsafe { *last } == seen {
             return false;
         }
     }
-    let _ = INGRESS_REPORTED.insert(&key, &syn.seq, NO_FLAGS);
+    let _ = INGRESS_REPORTED.insert(&key, &seen, NO_FLAGS);
     true
 }
 

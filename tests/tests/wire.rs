@@ -11,7 +11,10 @@
 //! - a SYN the test crafts on a raw socket with the right layout and a wrong tag is dropped:
 //!   one `bad_tag` event; the same SYN with the tag computed in userspace
 //!   (`enforcer::wire::option`) passes and is recorded: the kernel's MAC is userspace's;
-//! - key rotation: during it both keys verify, after it the old one is refused.
+//! - key rotation: during it both keys verify, after it the old one is refused;
+//! - a verified claim the policy does not allow here, and an untagged peer outside the
+//!   cluster (WORLD), are refused as `not_allowed`;
+//! - ingress `audit` lets the unmanaged client through and reports it.
 //!
 //! Addresses: `fd84::1` (node 1) and `fd84::2` (node 2) on the test's own veth only; names
 //! start with `wr`.
@@ -607,6 +610,32 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     )?;
     ensure!(
         e["subject"]["identity"] == 1 && e["peer"]["ip"] == OUTSIDER,
+        "{e}"
+    );
+
+    // 8. Ingress `audit`: the same unmanaged client now connects, reported as audit.
+    let inventory =
+        inventory(&bed.cg.root.relative_str()).replace("ingress: enforce", "ingress: audit");
+    bed.bundle.write_file("inventory.yaml", &inventory)?;
+    let r = bed.probe(&bed.cg.stranger).until(
+        Outcome::Ok,
+        &format!("{addr}@{NODE1}"),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.reached,
+        "the unmanaged client was still refused after the switch to audit: {r:?}"
+    );
+    let audited = bed.node2.wait_for(1, Duration::from_secs(10), |e| {
+        e["hook"] == "ingress" && e["verdict"] == "audit" && e["reason"] == "missing_tag"
+    })?;
+    let e = audited
+        .iter()
+        .find(|e| e["verdict"] == "audit")
+        .context("audit event")?;
+    ensure!(
+        e["type"] == "connection.audited" && e["subject"]["identity"] == acme,
         "{e}"
     );
 
