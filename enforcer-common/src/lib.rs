@@ -67,10 +67,11 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     /// Bytes; a power of two and a multiple of the page size.
     pub const EVENTS_BYTES: u32 = 1 << 20;
-    /// Tagged sockets between `connect()` and established (LRU).
-    pub const WIRE_TAGS: u32 = 65_536;
-    /// Verified peers of accepted tagged connections (LRU).
-    pub const WIRE_PEERS: u32 = 65_536;
+    /// Tagged sockets between `connect()` and established (LRU, preallocated: ~1.5 MiB).
+    pub const WIRE_TAGS: u32 = 16_384;
+    /// Verified peers of accepted tagged connections (LRU, preallocated: ~1.9 MiB); the
+    /// oldest are evicted first.
+    pub const WIRE_PEERS: u32 = 16_384;
     /// Refused SYNs remembered so that retransmissions are not reported again (LRU).
     pub const WIRE_REPORTED: u32 = 16_384;
 }

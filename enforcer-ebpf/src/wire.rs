@@ -35,8 +35,9 @@ use enforcer_common::{
 };
 
 use crate::{
-    count, lookup_destination, policy_hit, Destination, CGROUP_IDENTITY, CONFIG, EVENTS, FAMILY_V4,
-    FAMILY_V6, IDENTITIES, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS, SINGLE_ENTRY, ZERO_WORD,
+    count, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CGROUP_IDENTITY, CONFIG,
+    EVENTS, FAMILY_V4, FAMILY_V6, IDENTITIES, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS,
+    SINGLE_ENTRY, ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -55,10 +56,11 @@ static WIRE_TAGS: LruHashMap<u64, [u8; abi::OPTION_LEN]> =
     LruHashMap::pinned(capacity::WIRE_TAGS, NO_MAP_FLAGS);
 
 /// {claimed identity, local destination identity, port, protocol} -> allow, looked up like the
-/// policy table (exact port, then any port).
+/// policy table (exact port, then any port). Memory as entries are added: most nodes host no
+/// destination with ingress on, and the policy table's capacity preallocated is 22 MiB.
 #[map]
 static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
-    HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
+    HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
 
 /// The verified identity behind each accepted tagged connection, by 4-tuple.
 #[map]

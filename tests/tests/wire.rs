@@ -320,7 +320,10 @@ fn key(line: &str) -> FlowKey {
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
-    ensure!(extra.len() % 4 == 0, "options must be padded to 4 bytes");
+    ensure!(
+        extra.len().is_multiple_of(4),
+        "options must be padded to 4 bytes"
+    );
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&DB_PORT.to_be_bytes());
