@@ -334,14 +334,16 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
     let skb: *const __sk_buff = ctx.skb.skb;
     // SAFETY: a full 32-bit context load; `protocol` is the __be16 ethertype.
     let ethertype = u16::from_be(unsafe { read_volatile(&(*skb).protocol) } as u16);
+    // Most packets are not SYNs: two helper calls (the IP header, the TCP flags) decide that;
+    // the rest is read only for a SYN.
+    let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let (l4, saddr, daddr, src, dst) = if ethertype == ETH_P_IP {
-        let vihl: u8 = load(ctx, 0)?;
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if ihl < IPV4_HEADER_MIN || load::<u8>(ctx, 9)? != IPPROTO_TCP {
+        let ip: [u8; IPV4_HEADER_MIN] = load(ctx, 0)?;
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ihl < IPV4_HEADER_MIN || ip[9] != IPPROTO_TCP || !is_syn(ctx, ihl)? {
             return None;
         }
-        let s: u32 = load(ctx, 12)?;
-        let d: u32 = load(ctx, 16)?;
+        let (s, d) = (word(&ip, 12), word(&ip, 16));
         let v4 = |w: u32| Destination {
             addr: [w, ZERO_WORD, ZERO_WORD, ZERO_WORD],
             family: FAMILY_V4,
@@ -354,13 +356,14 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
             v4(d),
         )
     } else if ethertype == ETH_P_IPV6 {
+        let ip: [u8; IPV6_HEADER] = load(ctx, 0)?;
         // Only a TCP header right after the fixed header: a SYN behind extension headers is
         // passed unchecked (a known limit, see the README).
-        if load::<u8>(ctx, 6)? != IPPROTO_TCP {
+        if ip[6] != IPPROTO_TCP || !is_syn(ctx, IPV6_HEADER)? {
             return None;
         }
-        let s: [u32; 4] = load(ctx, 8)?;
-        let d: [u32; 4] = load(ctx, 24)?;
+        let s = [word(&ip, 8), word(&ip, 12), word(&ip, 16), word(&ip, 20)];
+        let d = [word(&ip, 24), word(&ip, 28), word(&ip, 32), word(&ip, 36)];
         let v6 = |w: [u32; 4]| Destination {
             addr: w,
             family: FAMILY_V6,
@@ -370,9 +373,6 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         return None;
     };
     let tcp: [u8; 14] = load(ctx, l4)?;
-    if tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
-        return None;
-    }
     let header = ((tcp[12] >> 4) as usize) * 4;
     Some(Syn {
         saddr,
@@ -385,6 +385,13 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         options: l4 + TCP_HEADER_MIN,
         options_end: l4 + header,
     })
+}
+
+/// Whether the TCP segment at `l4` is a SYN without ACK.
+#[inline(always)]
+fn is_syn(ctx: &SkBuffContext, l4: usize) -> Option<bool> {
+    let flags: u8 = load(ctx, l4 + 13)?;
+    Some(flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN)
 }
 
 /// The identity option, if the SYN carries one with our ExID as its last 20 option bytes:
