@@ -4,7 +4,9 @@
 //! shared, always-inlined [`decide`], which runs DESIGN.md's decision procedure: a fixed,
 //! bounded sequence of map lookups with no loops. A fifth, `cgroup/sock_create`
 //! ([`sock_create`]), refuses the inet sockets those four never see (ping, raw, other
-//! protocols), so that every packet a workload can send is judged or refused. Every verdict is
+//! protocols), so that every packet a workload can send is judged or refused. `sock_ops` and
+//! `cgroup_skb/ingress` ([`wire`]) write and check the identity option on the SYNs of flows
+//! to tagged destinations (vector DBs, ingress-checked endpoints). Every verdict is
 //! counted in `VERDICTS`; every deny (and audit) writes one `DenyEvent` to `EVENTS`, or bumps
 //! `LOST_EVENTS` when the ring buffer is full. Nothing is dropped silently.
 //!
