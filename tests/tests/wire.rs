@@ -92,11 +92,17 @@ struct DbServer {
 }
 
 impl DbServer {
-    fn start(ns: &NetNs, cgroup: &TestCgroup, addr: SocketAddr) -> Result<Self> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(probe_bin()?)
-            .args(["--serve", &addr.to_string(), "--for", "600000"])
+    /// In `ns`, or in the test's own namespace (loopback) without one.
+    fn start(ns: Option<&NetNs>, cgroup: &TestCgroup, addr: SocketAddr) -> Result<Self> {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]).arg(probe_bin()?);
+                c
+            }
+            None => Command::new(probe_bin()?),
+        };
+        cmd.args(["--serve", &addr.to_string(), "--for", "600000"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -228,7 +234,7 @@ impl Bed {
         let node1_agent = agent(&cg.node1, &pins1, &keys1)?;
         let node2_agent = agent(&cg.node2, &pins2, &keys2)?;
         let db = DbServer::start(
-            &n2,
+            Some(&n2),
             &cg.db,
             SocketAddr::new(NODE2.parse::<IpAddr>()?, DB_PORT),
         )?;
@@ -645,5 +651,109 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     if !bed.node1.denies()?.iter().all(|e| e["hook"] != "ingress") {
         bail!("node 1 reported ingress events: {:?}", bed.node1.denies()?);
     }
+    Ok(())
+}
+
+/// The same check on one node over IPv4 loopback (`127.84.0.0/16`): a tagged connect from a
+/// managed workload to a local vector DB with ingress `enforce` is verified (the IPv4 form of
+/// the MAC: addresses as `::ffff:a.b.c.d`), an unmanaged client from the workload's address is
+/// dropped with one `missing_tag` event.
+#[test]
+fn ipv4_loopback_tagged_connect_is_verified_and_an_untagged_one_dropped() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const CLIENT: &str = "127.84.0.1";
+    const DB: &str = "127.84.0.2";
+    let root = TestCgroup::create(unique_name("wr"))?;
+    let node = root.child("node")?;
+    let acme_cg = node.child("acme-retriever")?;
+    let db_cg = node.child("acme-vectors")?;
+    let stranger = root.child("stranger")?;
+    let inventory = format!(
+        r#"tenants: [acme]
+workloads:
+  - name: acme-retriever
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{}]
+    ips: [{CLIENT}/32]
+endpoints:
+  - name: acme-vectors
+    tenant: acme
+    kind: vector_db
+    ips: [{DB}/32]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    ingress: enforce
+"#,
+        acme_cg.relative_str()
+    );
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", &inventory),
+        ("schema.cedarschema", SCHEMA),
+        ("policies.cedar", POLICIES),
+    ])?;
+    let tmp = TempDir::new("wr-keys")?;
+    let keys = tmp.path().join("keys");
+    std::fs::write(&keys, format!("{KEY1}\n"))?;
+    let pins = PinDir::new("wr-v4")?;
+    let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+    config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
+    let agent = Agent::start(config)?;
+    let db = DbServer::start(None, &db_cg, SocketAddr::new(DB.parse()?, DB_PORT))?;
+    let compiled = enforcer_policy::Bundle::load(bundle.path())
+        .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?
+        .compile()?;
+    let acme = compiled
+        .identity_by_name("acme-retriever")
+        .context("acme-retriever")?
+        .id;
+    let attempt = format!("tcp:{DB}:{DB_PORT}@{CLIENT}");
+
+    Probe::new().in_cgroup(&acme_cg).expect_outcome(
+        &attempt,
+        Outcome::Ok,
+        "acme-retriever -> acme-vectors",
+    )?;
+    let mut accepted = Vec::new();
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            accepted.extend(db.accepted());
+            !accepted.is_empty()
+        }),
+        "the DB accepted nothing"
+    );
+    let peers = verified_peers(&enforcer::datapath::pin_dir(pins.path()))?;
+    ensure!(
+        peers
+            .iter()
+            .any(|p| p.client == accepted[0] && p.identity == acme),
+        "no verified peer {} as acme-retriever ({acme}): {peers:?}",
+        accepted[0]
+    );
+
+    let r = Probe::new().in_cgroup(&stranger).run_one(&attempt)?;
+    ensure!(r.outcome == Outcome::Error, "unmanaged client got {r:?}");
+    agent.wait_for(1, Duration::from_secs(10), |e| {
+        e["hook"] == "ingress" && e["reason"] == "missing_tag"
+    })?;
+    let settled = agent.settled_events(Duration::from_millis(1500), Duration::from_secs(10))?;
+    let ingress: Vec<&Value> = settled.iter().filter(|e| e["hook"] == "ingress").collect();
+    ensure!(ingress.len() == 1, "want one ingress event: {ingress:?}");
+    let e = ingress[0];
+    ensure!(
+        e["subject"]["identity"] == acme
+            && e["peer"]["ip"] == CLIENT
+            && e["destination"]["ip"] == DB
+            && e["verdict"] == "deny",
+        "{e}"
+    );
+    ensure!(
+        db.accepted().is_empty(),
+        "the unmanaged client reached the DB"
+    );
+    drop(db);
+    drop(agent);
     Ok(())
 }
