@@ -621,6 +621,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         e["subject"]["identity"] == 1 && e["peer"]["ip"] == OUTSIDER,
         "{e}"
     );
+    ensure!(e["policy"]["id"] == "implicit-deny", "{e}");
 
     // 8. Ingress `audit`: the same unmanaged client now connects, reported as audit.
     let inventory =

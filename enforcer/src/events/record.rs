@@ -176,6 +176,20 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             atlas_ids(&["AML.T0073", "AML.T0085.000"]),
         ),
+        // A claim no compile row covers (WORLD, a remote identity that is not a subject
+        // here): no permit names it, so it is the implicit deny, not an unknown local cgroup.
+        reason::NOT_ALLOWED
+            if event.hook == hook::INGRESS
+                && !compiled
+                    .identity(event.subject)
+                    .is_some_and(|i| i.is_subject()) =>
+        {
+            (
+                "implicit-deny".to_string(),
+                Vec::new(),
+                compiled.implicit_deny_atlas().to_vec(),
+            )
+        }
         _ => {
             let attribution = compiled.attribute(
                 event.subject,
