@@ -33,8 +33,20 @@ pub mod maps {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     /// Flow events that did not fit in `FLOW_EVENTS` (per CPU).
     pub const LOST_FLOW_EVENTS: &str = "LOST_FLOW_EVENTS";
+    /// The two flow-tag keys (`wire::FlowKey`): slot 0 signs and verifies, slot 1 (the
+    /// previous key during a rotation) only verifies.
+    pub const FLOW_KEYS: &str = "FLOW_KEYS";
+    /// Socket cookie -> the 20-byte option its SYN carries (`wire::OPTION_LEN` bytes), written
+    /// at `TCP_CONNECT_CB` and deleted once the connection is established.
+    pub const WIRE_TAGS: &str = "WIRE_TAGS";
+    /// `PolicyKey` {claimed identity, local destination identity, port, protocol} -> allow:
+    /// the ingress allowlist compiled from the same Cedar decisions as the policy table.
+    pub const INGRESS_ALLOW: &str = "INGRESS_ALLOW";
+    /// `wire::PeerKey` (the SYN's 4-tuple) -> `wire::Peer`: the verified identity behind each
+    /// accepted tagged connection (LRU).
+    pub const WIRE_PEERS: &str = "WIRE_PEERS";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 19] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -50,6 +62,10 @@ pub mod maps {
         FLOWS,
         FLOW_EVENTS,
         LOST_FLOW_EVENTS,
+        FLOW_KEYS,
+        WIRE_TAGS,
+        INGRESS_ALLOW,
+        WIRE_PEERS,
     ];
 }
 
@@ -65,6 +81,13 @@ pub mod capacity {
     pub const FLOWS: u32 = 65_536;
     /// Bytes of `FLOW_EVENTS`; a power of two and a multiple of the page size.
     pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
+    /// Tagged sockets between `connect()` and established (LRU, preallocated: ~1.5 MiB).
+    pub const WIRE_TAGS: u32 = 16_384;
+    /// Verified peers of accepted tagged connections (LRU, preallocated: ~1.9 MiB); the
+    /// oldest are evicted first.
+    pub const WIRE_PEERS: u32 = 16_384;
+    /// Refused SYNs remembered so that retransmissions are not reported again (LRU).
+    pub const WIRE_REPORTED: u32 = 16_384;
 }
 
 /// The kernel programs, by the name of their function in the object file.
@@ -75,12 +98,16 @@ pub mod programs {
     pub const SENDMSG6: &str = "sendmsg6";
     /// `cgroup/sock_create`: refuses the inet socket kinds the four hooks above cannot judge.
     pub const SOCK_CREATE: &str = "sock_create";
-    /// `sockops`: follows tracked TCP flows from established to close.
+    /// `sockops`: follows tracked TCP flows from established to close (`flows`) and writes
+    /// the identity option on the SYN of a tagged flow (`wire`).
     pub const SOCK_OPS: &str = "sock_ops";
     /// `cgroup/sock_release`: ends the records of connected UDP sockets (no TCP-like state
     /// callback follows them).
     pub const SOCK_RELEASE: &str = "sock_release";
-    pub const ALL: [&str; 7] = [
+    /// `cgroup_skb/ingress`: checks the identity option of SYNs to local destinations whose
+    /// ingress mode is enforce or audit.
+    pub const SKB_INGRESS: &str = "skb_ingress";
+    pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -88,6 +115,7 @@ pub mod programs {
         SOCK_CREATE,
         SOCK_OPS,
         SOCK_RELEASE,
+        SKB_INGRESS,
     ];
 }
 
@@ -127,6 +155,13 @@ pub mod flags {
     /// A tracked destination (kind `vector_db`, or `track: true` in the inventory): every
     /// allowed TCP or connected-UDP flow to it gets a `FLOWS` record.
     pub const TRACKED: u32 = 1 << 4;
+    /// Ingress mode `enforce` (inventory `ingress: enforce`): SYNs to this destination without
+    /// a valid identity option, or from an identity the allowlist does not name, are dropped.
+    pub const INGRESS_ENFORCE: u32 = 1 << 5;
+    /// Ingress mode `audit`: the same checks, reported as `audit`, nothing dropped.
+    pub const INGRESS_AUDIT: u32 = 1 << 6;
+    /// Flows to a destination with any of these flags carry the identity option.
+    pub const TAGGED: u32 = TRACKED | VECTOR_DB | INGRESS_ENFORCE | INGRESS_AUDIT;
 }
 
 /// What the kernel did with a call.
@@ -159,7 +194,16 @@ pub mod reason {
     /// The destination is `identity::UNIDENTIFIED`: an address of the cluster that the agent
     /// refused to identify (see there).
     pub const UNIDENTIFIED_DESTINATION: u8 = 7;
-    pub const COUNT: usize = 8;
+    /// `ingress`: a SYN from an address the IP cache knows as a cluster identity (not WORLD)
+    /// carries no identity option.
+    pub const MISSING_TAG: u8 = 8;
+    /// `ingress`: the identity option's tag verifies with neither flow key (forged, or signed
+    /// with a key that is no longer valid).
+    pub const BAD_TAG: u8 = 9;
+    /// `ingress`: the claimed (verified) identity, or WORLD for an untagged peer outside the
+    /// cluster, is not in the destination's ingress allowlist for this port.
+    pub const NOT_ALLOWED: u8 = 10;
+    pub const COUNT: usize = 11;
 }
 
 /// The hook that decided.
@@ -171,7 +215,13 @@ pub mod hook {
     /// `cgroup/sock_create`: the event has no destination (`daddr` zero) but the socket's
     /// `sock_type` and `sock_protocol`.
     pub const SOCK_CREATE: u8 = 4;
-    pub const COUNT: usize = 5;
+    /// `cgroup_skb/ingress`: a SYN arriving at a local destination. `subject` is the claimed
+    /// identity (verified or not; for an untagged SYN, the source address's IP-cache identity),
+    /// `destination`/`daddr`/`dport` the local end, `cgroup_id` the listener's cgroup,
+    /// `pid_tgid` 0 and `comm` empty (no task: softirq), the peer's address in
+    /// [`DenyEvent::peer`] and its port in `sock_type`.
+    pub const INGRESS: u8 = 5;
+    pub const COUNT: usize = 6;
 }
 
 /// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
@@ -396,6 +446,9 @@ pub struct DenyEvent {
     /// protocol number (which need not fit `protocol`: MPTCP is 262). Zero for the other hooks.
     pub sock_type: u16,
     pub sock_protocol: u16,
+    /// `hook::INGRESS` only: the peer's (the SYN's source) address, in the form of `daddr`
+    /// (same `family`). Zero for the other hooks.
+    pub peer: [u8; 16],
 }
 
 impl DenyEvent {
@@ -476,6 +529,9 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::FlowRecord {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::wire::FlowKey {}
+    unsafe impl aya::Pod for super::wire::PeerKey {}
+    unsafe impl aya::Pod for super::wire::Peer {}
 }
 
 // Layout checks: the kernel and userspace must agree on these sizes.
@@ -483,6 +539,296 @@ const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
-const _: () = assert!(core::mem::size_of::<DenyEvent>() == 80);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 96);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<DenyEvent>() == 96);
+
+/// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.
+///
+/// The option (RFC 6994 shared experimental kind 253, 20 bytes, all integers big-endian):
+///
+/// ```text
+///  0      1      2      4          8            10       11        12                 20
+///  | 253  |  20  | ExID | identity | generation | key id | version | tag (8 bytes)      |
+/// ```
+///
+/// - `ExID` 0xA1E5: this project's experiment identifier.
+/// - `identity`: the subject's identity number (node-independent: derived from its name or
+///   label set). The tenant is not carried: the receiver reads it from its own `IDENTITIES`
+///   (the tenant number is a hash of the tenant's name, the same on every node), which saves
+///   4 of the ~20 bytes a Linux SYN leaves free after MSS, SACK-permitted, timestamps and
+///   window scale.
+/// - `generation`: low 16 bits of the sender's policy generation (for the investigator).
+/// - `key id`: which flow key made the tag (never 0).
+/// - `version`: [`VERSION`].
+/// - `tag`: SipHash-2-4 ([`siphash24`]) with the 128-bit flow key over the 48-byte string of
+///   [`message`]: identity, generation, key id, version, the SYN's source and destination
+///   addresses (IPv6, IPv4 as `::ffff:a.b.c.d`), source and destination ports, ExID.
+pub mod wire {
+    /// TCP option kind: RFC 6994 / RFC 4727 shared experimental.
+    pub const KIND: u8 = 253;
+    /// This project's 16-bit experiment identifier.
+    pub const EXID: u16 = 0xA1E5;
+    /// Length of the whole option in bytes (kind and length included).
+    pub const OPTION_LEN: usize = 20;
+    pub const VERSION: u8 = 1;
+    /// Slots of `FLOW_KEYS`.
+    pub const CURRENT_KEY: u32 = 0;
+    pub const PREVIOUS_KEY: u32 = 1;
+    pub const KEY_SLOTS: u32 = 2;
+
+    /// A flow key in `FLOW_KEYS`. `id` 0 marks an empty slot.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FlowKey {
+        pub id: u32,
+        pub _pad: u32,
+        /// SipHash key words: the key's bytes 0..8 and 8..16, little-endian.
+        pub k0: u64,
+        pub k1: u64,
+    }
+
+    /// Key of `WIRE_PEERS`: the SYN's 4-tuple as the server sees it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct PeerKey {
+        /// The client's address (IPv4 as `::ffff:a.b.c.d`), network order.
+        pub saddr: [u8; 16],
+        /// The server's address.
+        pub daddr: [u8; 16],
+        /// Host byte order.
+        pub sport: u16,
+        pub dport: u16,
+        pub _pad: u32,
+    }
+
+    /// Value of `WIRE_PEERS`: what the verified option claimed.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Peer {
+        pub identity: u32,
+        /// The local destination identity the SYN was judged for.
+        pub destination: u32,
+        /// The sender's generation (16 bits) and the key id that verified.
+        pub generation: u16,
+        pub key_id: u8,
+        pub _pad: u8,
+        pub _pad2: u32,
+    }
+
+    /// The MAC input as six little-endian 64-bit words (the 48-byte string described in the
+    /// module documentation). Addresses are 16 bytes in network order; ports in host order.
+    #[inline(always)]
+    pub fn message(
+        identity: u32,
+        generation: u16,
+        key_id: u8,
+        saddr: &[u8; 16],
+        daddr: &[u8; 16],
+        sport: u16,
+        dport: u16,
+    ) -> [u64; 6] {
+        let word = |a: &[u8; 16], i: usize| {
+            u64::from_le_bytes([
+                a[i],
+                a[i + 1],
+                a[i + 2],
+                a[i + 3],
+                a[i + 4],
+                a[i + 5],
+                a[i + 6],
+                a[i + 7],
+            ])
+        };
+        [
+            identity as u64
+                | (generation as u64) << 32
+                | (key_id as u64) << 48
+                | (VERSION as u64) << 56,
+            word(saddr, 0),
+            word(saddr, 8),
+            word(daddr, 0),
+            word(daddr, 8),
+            sport as u64 | (dport as u64) << 16 | (EXID as u64) << 32,
+        ]
+    }
+
+    #[inline(always)]
+    fn sipround(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13);
+        v[1] ^= v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16);
+        v[3] ^= v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21);
+        v[3] ^= v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17);
+        v[1] ^= v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+
+    /// SipHash-2-4 of the 48-byte string `m` (six little-endian words) under the key
+    /// (`k0`, `k1`): the reference algorithm (Aumasson and Bernstein), unrolled to a fixed
+    /// length so that the BPF verifier sees straight-line code.
+    #[inline(always)]
+    pub fn siphash24(k0: u64, k1: u64, m: &[u64; 6]) -> u64 {
+        let mut v = [
+            k0 ^ 0x736f_6d65_7073_6575,
+            k1 ^ 0x646f_7261_6e64_6f6d,
+            k0 ^ 0x6c79_6765_6e65_7261,
+            k1 ^ 0x7465_6462_7974_6573,
+        ];
+        macro_rules! block {
+            ($w:expr) => {{
+                let w = $w;
+                v[3] ^= w;
+                sipround(&mut v);
+                sipround(&mut v);
+                v[0] ^= w;
+            }};
+        }
+        block!(m[0]);
+        block!(m[1]);
+        block!(m[2]);
+        block!(m[3]);
+        block!(m[4]);
+        block!(m[5]);
+        // The final block: the length (48) in the top byte, no remaining bytes.
+        block!(48u64 << 56);
+        v[2] ^= 0xff;
+        sipround(&mut v);
+        sipround(&mut v);
+        sipround(&mut v);
+        sipround(&mut v);
+        v[0] ^ v[1] ^ v[2] ^ v[3]
+    }
+
+    /// The 20 option bytes for these fields and tag.
+    #[inline(always)]
+    pub fn option_bytes(identity: u32, generation: u16, key_id: u8, tag: u64) -> [u8; OPTION_LEN] {
+        let i = identity.to_be_bytes();
+        let g = generation.to_be_bytes();
+        let e = EXID.to_be_bytes();
+        let t = tag.to_be_bytes();
+        [
+            KIND,
+            OPTION_LEN as u8,
+            e[0],
+            e[1],
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            g[0],
+            g[1],
+            key_id,
+            VERSION,
+            t[0],
+            t[1],
+            t[2],
+            t[3],
+            t[4],
+            t[5],
+            t[6],
+            t[7],
+        ]
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<wire::FlowKey>() == 24);
+const _: () = assert!(core::mem::size_of::<wire::PeerKey>() == 40);
+const _: () = assert!(core::mem::size_of::<wire::Peer>() == 16);
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::wire::*;
+    use std::vec::Vec;
+
+    /// A general-length SipHash-2-4, checked against the paper's test vector (appendix A:
+    /// key 00..0f, message 00..0e gives a129ca6149be45e5), as the reference for the
+    /// fixed-length one.
+    fn general(k0: u64, k1: u64, data: &[u8]) -> u64 {
+        let mut v = [
+            k0 ^ 0x736f_6d65_7073_6575,
+            k1 ^ 0x646f_7261_6e64_6f6d,
+            k0 ^ 0x6c79_6765_6e65_7261,
+            k1 ^ 0x7465_6462_7974_6573,
+        ];
+        let round = |v: &mut [u64; 4]| {
+            v[0] = v[0].wrapping_add(v[1]);
+            v[1] = v[1].rotate_left(13) ^ v[0];
+            v[0] = v[0].rotate_left(32);
+            v[2] = v[2].wrapping_add(v[3]);
+            v[3] = v[3].rotate_left(16) ^ v[2];
+            v[0] = v[0].wrapping_add(v[3]);
+            v[3] = v[3].rotate_left(21) ^ v[0];
+            v[2] = v[2].wrapping_add(v[1]);
+            v[1] = v[1].rotate_left(17) ^ v[2];
+            v[2] = v[2].rotate_left(32);
+        };
+        let chunks = data.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            let w = u64::from_le_bytes(c.try_into().unwrap());
+            v[3] ^= w;
+            round(&mut v);
+            round(&mut v);
+            v[0] ^= w;
+        }
+        let mut last = (data.len() as u64 & 0xff) << 56;
+        for (i, b) in rest.iter().enumerate() {
+            last |= (*b as u64) << (8 * i);
+        }
+        v[3] ^= last;
+        round(&mut v);
+        round(&mut v);
+        v[0] ^= last;
+        v[2] ^= 0xff;
+        for _ in 0..4 {
+            round(&mut v);
+        }
+        v[0] ^ v[1] ^ v[2] ^ v[3]
+    }
+
+    const K0: u64 = 0x0706_0504_0302_0100;
+    const K1: u64 = 0x0f0e_0d0c_0b0a_0908;
+
+    #[test]
+    fn general_siphash_matches_the_paper() {
+        let msg: Vec<u8> = (0u8..15).collect();
+        assert_eq!(general(K0, K1, &msg), 0xa129_ca61_49be_45e5);
+    }
+
+    #[test]
+    fn fixed_length_siphash_is_siphash_of_the_48_byte_string() {
+        let saddr = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let daddr = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let m = message(300, 0x1234, 7, &saddr, &daddr, 40000, 6333);
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&300u32.to_le_bytes());
+        bytes.extend_from_slice(&0x1234u16.to_le_bytes());
+        bytes.push(7);
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&saddr);
+        bytes.extend_from_slice(&daddr);
+        bytes.extend_from_slice(&40000u16.to_le_bytes());
+        bytes.extend_from_slice(&6333u16.to_le_bytes());
+        bytes.extend_from_slice(&EXID.to_le_bytes());
+        bytes.extend_from_slice(&[0, 0]);
+        assert_eq!(bytes.len(), 48);
+        assert_eq!(siphash24(K0, K1, &m), general(K0, K1, &bytes));
+        // Any 48 bytes, not only the ones `message` produces.
+        let seq: Vec<u8> = (0u8..48).collect();
+        let words: Vec<u64> = seq
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let fixed = siphash24(K0, K1, &words.try_into().unwrap());
+        assert_eq!(fixed, general(K0, K1, &seq));
+    }
+}

@@ -50,10 +50,6 @@ static FLOW_EVENTS: RingBuf = RingBuf::pinned(capacity::FLOW_EVENTS_BYTES, 0);
 #[map]
 static LOST_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// `sock_ops` operations (`enum bpf_sock_ops_op`; bindgen leaves them unnamed).
-pub const TCP_CONNECT_CB: u32 = 3;
-pub const ACTIVE_ESTABLISHED_CB: u32 = 4;
-pub const STATE_CB: u32 = 10;
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
 const STATE_CB_FLAG: u32 = 1 << 2;
 /// `sk->sk_family` of an IPv6 socket.

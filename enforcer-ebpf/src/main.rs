@@ -4,7 +4,9 @@
 //! shared, always-inlined [`decide`], which runs DESIGN.md's decision procedure: a fixed,
 //! bounded sequence of map lookups with no loops. A fifth, `cgroup/sock_create`
 //! ([`sock_create`]), refuses the inet sockets those four never see (ping, raw, other
-//! protocols), so that every packet a workload can send is judged or refused. Every verdict is
+//! protocols), so that every packet a workload can send is judged or refused. `sock_ops` and
+//! `cgroup_skb/ingress` ([`wire`]) write and check the identity option on the SYNs of flows
+//! to tagged destinations (vector DBs, ingress-checked endpoints). Every verdict is
 //! counted in `VERDICTS`; every deny (and audit) writes one `DenyEvent` to `EVENTS`, or bumps
 //! `LOST_EVENTS` when the ring buffer is full. Nothing is dropped silently.
 //!
@@ -21,6 +23,7 @@
 #![no_main]
 
 mod flows;
+mod wire;
 
 use core::ptr::{addr_of_mut, read_volatile};
 
@@ -29,9 +32,9 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
@@ -197,20 +200,6 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, hook::SENDMSG6, FAMILY_V6)
 }
 
-/// The `sock_ops` dispatcher: one program per cgroup, so each concern's callbacks live in
-/// their own module and are routed here by operation. Always returns 1 (the kernel treats the
-/// return value as the callback's reply only for operations that ask for one: none of these).
-#[sock_ops]
-pub fn sock_ops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        flows::TCP_CONNECT_CB => flows::on_connect(&ctx),
-        flows::ACTIVE_ESTABLISHED_CB => flows::on_established(&ctx),
-        flows::STATE_CB => flows::on_state(&ctx),
-        _ => {}
-    }
-    SOCK_OPS_DONE
-}
-
 /// Runs when an inet socket of the subtree is released (its last file reference closed): ends
 /// a connected UDP socket's flow record (TCP records end at the TCP CLOSE state, later).
 #[cgroup_sock(sock_release)]
@@ -227,6 +216,48 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
     judge_socket(&ctx)
+}
+
+/// `sock_ops` operations (`enum bpf_sock_ops_op` in the uapi; bindgen leaves them unnamed).
+mod sock_ops_op {
+    pub const TCP_CONNECT_CB: u32 = 3;
+    pub const ACTIVE_ESTABLISHED_CB: u32 = 4;
+    pub const STATE_CB: u32 = 10;
+    pub const HDR_OPT_LEN_CB: u32 = 14;
+    pub const WRITE_HDR_OPT_CB: u32 = 15;
+}
+
+/// The `sock_ops` dispatcher. Only one sock_ops program can be attached per cgroup here
+/// (DESIGN.md), so each concern's callbacks live in their own module and are routed here by
+/// operation: flow records (`flows`) and the identity option (`wire`). Both only OR their
+/// callback flags into the socket's current ones (or clear their own), so the order of the
+/// two calls does not matter. Always returns 1 (the kernel treats the return value as the
+/// callback's reply only for operations that ask for one: none of these).
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    use sock_ops_op::*;
+    match ctx.op() {
+        TCP_CONNECT_CB => {
+            flows::on_connect(&ctx);
+            wire::on_connect(&ctx);
+        }
+        ACTIVE_ESTABLISHED_CB => {
+            flows::on_established(&ctx);
+            wire::on_established(&ctx);
+        }
+        STATE_CB => flows::on_state(&ctx),
+        HDR_OPT_LEN_CB => wire::on_hdr_opt_len(&ctx),
+        WRITE_HDR_OPT_CB => wire::on_write_hdr_opt(&ctx),
+        _ => {}
+    }
+    SOCK_OPS_DONE
+}
+
+/// `cgroup_skb/ingress` on the enforced subtree: the index's check of the identity option on
+/// SYNs to local destinations (`wire::ingress`). 1 passes the packet, 0 drops it.
+#[cgroup_skb(ingress)]
+pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
+    wire::ingress(&ctx)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -795,6 +826,11 @@ fn emit(v: &Verdict, dst: &Destination, cgroup_id: u64, hook: u8) {
         addr_of_mut!((*e).policy_generation).write(v.generation);
         addr_of_mut!((*e).sock_type).write(v.sock_type);
         addr_of_mut!((*e).sock_protocol).write(v.sock_protocol);
+        let peer = addr_of_mut!((*e).peer).cast::<u32>();
+        peer.write(ZERO_WORD);
+        peer.add(1).write(ZERO_WORD);
+        peer.add(2).write(ZERO_WORD);
+        peer.add(3).write(ZERO_WORD);
     }
     entry.submit(RINGBUF_FLAGS);
 }

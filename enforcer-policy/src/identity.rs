@@ -463,7 +463,7 @@ impl Identities {
                 cgroups: w.cgroups.clone(),
                 ips: without(&w.ips, &merged.taken_over),
                 risk: w.risk.clone(),
-                flags: if audit { flags::AUDIT } else { 0 },
+                flags: (if audit { flags::AUDIT } else { 0 }) | w.ingress.flags(),
                 ports: w.ports.clone(),
                 ..blank(0, w.name.clone(), IdentityKind::Workload)
             });
@@ -479,6 +479,7 @@ impl Identities {
             if e.track {
                 f |= flags::TRACKED;
             }
+            f |= e.ingress.flags();
             list.push(Identity {
                 tenant_id: tenant_id(&e.tenant),
                 tenant: e.tenant.clone(),

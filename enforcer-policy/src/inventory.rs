@@ -50,6 +50,32 @@ pub struct Port {
     pub loc: Loc,
 }
 
+/// What the ingress check (`cgroup_skb/ingress` on the node that hosts a destination) does with
+/// SYNs to it: `enforce` drops a SYN without a valid identity option or from an identity the
+/// policy does not allow, `audit` reports the same without dropping, `off` (the default)
+/// checks nothing. Off by default because `enforce` refuses every cluster peer whose node runs
+/// no tagging enforcer yet: an operator turns it on per endpoint once every node tags (audit
+/// first shows who would be refused).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressMode {
+    #[default]
+    Off,
+    Audit,
+    Enforce,
+}
+
+impl IngressMode {
+    /// The `IDENTITIES` flags of this mode.
+    pub fn flags(self) -> u32 {
+        match self {
+            IngressMode::Off => 0,
+            IngressMode::Audit => enforcer_common::flags::INGRESS_AUDIT,
+            IngressMode::Enforce => enforcer_common::flags::INGRESS_ENFORCE,
+        }
+    }
+}
+
 /// A thing that runs. With `cgroups` it is a subject; with `ips` it is a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -64,6 +90,8 @@ pub struct Workload {
     pub cgroups: Vec<String>,
     pub ips: Vec<IpNet>,
     pub ports: Vec<Port>,
+    /// The ingress check on SYNs to this workload's addresses.
+    pub ingress: IngressMode,
     /// Location of the name.
     pub loc: Loc,
 }
@@ -80,6 +108,8 @@ pub struct Endpoint {
     /// `track: true`: flows to it are recorded (`flow.opened` / `flow.closed`, `enforcer
     /// flows`, revocation) although its kind is not `vector_db` (which is always tracked).
     pub track: bool,
+    /// The ingress check on SYNs to this endpoint's addresses.
+    pub ingress: IngressMode,
     pub loc: Loc,
 }
 
@@ -844,6 +874,22 @@ impl Walker {
         }
     }
 
+    fn ingress(&mut self, node: &Node) -> IngressMode {
+        match self.string(node, "ingress").as_deref() {
+            None | Some("off") => IngressMode::Off,
+            Some("audit") => IngressMode::Audit,
+            Some("enforce") => IngressMode::Enforce,
+            Some(other) => {
+                self.err_hint(
+                    node.loc,
+                    format!("unknown ingress mode `{other}`"),
+                    "enforce | audit | off",
+                );
+                IngressMode::Off
+            }
+        }
+    }
+
     fn workload(&mut self, node: &Node) -> Option<Workload> {
         let fields = self.map(
             node,
@@ -859,6 +905,7 @@ impl Walker {
                 "cgroups",
                 "ips",
                 "ports",
+                "ingress",
             ],
         )?;
         let mut item = ItemFields::default();
@@ -873,10 +920,12 @@ impl Walker {
             cgroups: vec![],
             ips: vec![],
             ports: vec![],
+            ingress: IngressMode::Off,
             loc: node.loc,
         };
         for (k, v) in fields {
             match k {
+                "ingress" => w.ingress = self.ingress(v),
                 "purpose" => w.purpose = self.string(v, "purpose"),
                 "ring" => w.ring = self.string(v, "ring"),
                 "risk" => w.risk = self.risk(v).unwrap_or(w.risk),
@@ -919,7 +968,7 @@ impl Walker {
             node,
             "endpoint",
             &[
-                "name", "tenant", "kind", "ips", "ports", "datasets", "track",
+                "name", "tenant", "kind", "ips", "ports", "datasets", "track", "ingress",
             ],
         )?;
         let mut item = ItemFields::default();
@@ -931,10 +980,12 @@ impl Walker {
             ports: vec![],
             datasets: vec![],
             track: false,
+            ingress: IngressMode::Off,
             loc: node.loc,
         };
         for (k, v) in fields {
             match k {
+                "ingress" => e.ingress = self.ingress(v),
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
                 "track" => e.track = self.bool(v, "track"),
                 "datasets" => {
@@ -1266,5 +1317,37 @@ fn check_semantics(file: &Path, inv: &Inventory, diags: &mut Diagnostics) {
                 )),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod ingress_tests {
+    use super::*;
+
+    const BASE: &str = "tenants: [acme]\nendpoints:\n  - name: acme-vectors\n    tenant: acme\n    kind: vector_db\n    ips: [127.84.0.10/32]\n";
+
+    #[test]
+    fn ingress_mode_is_parsed_defaults_off_and_names_a_bad_value() {
+        let f = Path::new("inventory.yaml");
+        let inv = Inventory::parse(f, BASE).unwrap();
+        assert_eq!(inv.endpoints[0].ingress, IngressMode::Off);
+        for (text, mode) in [
+            ("enforce", IngressMode::Enforce),
+            ("audit", IngressMode::Audit),
+            ("off", IngressMode::Off),
+        ] {
+            let inv = Inventory::parse(f, &format!("{BASE}    ingress: {text}\n")).unwrap();
+            assert_eq!(inv.endpoints[0].ingress, mode);
+        }
+        let err = Inventory::parse(f, &format!("{BASE}    ingress: block\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("inventory.yaml:7") && text.contains("unknown ingress mode `block`"),
+            "{text}"
+        );
+        assert_eq!(
+            IngressMode::Enforce.flags(),
+            enforcer_common::flags::INGRESS_ENFORCE
+        );
     }
 }

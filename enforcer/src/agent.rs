@@ -75,6 +75,8 @@ pub struct RunOptions {
     pub kubernetes: Option<KubernetesOptions>,
     /// Serve Prometheus metrics on this address (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The flow keys of the identity option (`--flow-key-file`).
+    pub flow_key_file: Option<PathBuf>,
 }
 
 /// `enforcer run --kubernetes`: where the cluster comes from and how it is merged.
@@ -239,6 +241,8 @@ fn load_bundle(dir: &Path, cluster: Option<Cluster>) -> Result<Bundle> {
 /// The agent's state between events: the policy in force and the kernel it is written to.
 struct Agent {
     options: RunOptions,
+    /// `--flow-key-file`, reloaded on every tick when its content changed.
+    flow_keys: Option<crate::wire::KeyFile>,
     cgroup_mount: PathBuf,
     cgroup_root: PathBuf,
     /// The agent's own cgroup (ID, path) when it lies inside the enforced subtree: exempt.
@@ -436,7 +440,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
     let (flow_tx, flow_rx) = mpsc::unbounded_channel();
     let fingerprint_now = fingerprint(&options.policies);
+    // Keys before the hooks: the first tagged SYN is signed, never sent bare.
+    let mut flow_keys = options.flow_key_file.clone().map(crate::wire::KeyFile::new);
+    if let Some(keys) = &mut flow_keys {
+        keys.refresh(datapath.dir())
+            .context("loading --flow-key-file")?;
+    }
     let mut agent = Agent {
+        flow_keys,
         dir_rejected: rejected.is_some().then(|| fingerprint_now.clone()),
         fingerprint: fingerprint_now,
         kube,
@@ -579,6 +590,18 @@ impl Agent {
             history.publish(generation, compiled);
         };
         let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
+        // The ingress allowlist follows the table it mirrors (not in the same swap: a SYN may
+        // be judged by the old list for the moment in between).
+        let ingress = crate::wire::ingress_allows(&self.compiled);
+        let (ingress_written, ingress_removed) =
+            crate::wire::sync_ingress(self.datapath.dir(), &ingress)
+                .context("writing the ingress allowlist")?;
+        tracing::debug!(
+            entries = ingress.len(),
+            written = ingress_written,
+            removed = ingress_removed,
+            "ingress allowlist"
+        );
         self.applied_at = now();
         if let Some(metrics) = &self.metrics {
             metrics.applied(report.elapsed, self.compiled.revision());
@@ -609,6 +632,9 @@ impl Agent {
     }
 
     fn tick(&mut self) {
+        if let Some(keys) = &mut self.flow_keys {
+            keys.refresh_logged(self.datapath.dir());
+        }
         let latest = fingerprint(&self.options.policies);
         if latest != self.fingerprint {
             self.reload("policy directory changed");

@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod pdp;
 pub mod sources;
 pub mod status;
+pub mod wire;

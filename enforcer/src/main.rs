@@ -80,6 +80,11 @@ enum Command {
         /// the kernel and its rollback is exercised.
         #[arg(long, hide = true)]
         skip_capacity_check: bool,
+        /// Flow keys for the identity option on tagged SYNs: lines `ID HEX` (id 1-255, 128-bit
+        /// key as 32 hex digits); the first signs, the first two verify. Reloaded when it
+        /// changes. Without it no SYN is tagged (peers with ingress `enforce` refuse them).
+        #[arg(long, value_name = "FILE")]
+        flow_key_file: Option<PathBuf>,
         #[command(flatten)]
         kubernetes: KubernetesArgs,
         /// Serve Prometheus metrics on http://ADDR/metrics (IP:PORT, like 127.0.0.1:9464 or
@@ -366,6 +371,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             pdp_ca,
             capacity,
             skip_capacity_check,
+            flow_key_file,
             kubernetes,
             metrics,
         } => {
@@ -402,6 +408,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 allow_root_cgroup,
                 capacity: capacity_overrides(&capacity)?,
                 skip_capacity_check,
+                flow_key_file,
                 kubernetes,
                 metrics: metrics
                     .as_deref()

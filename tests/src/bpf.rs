@@ -8,19 +8,24 @@ use anyhow::{bail, Context, Result};
 use crate::util::unique_name;
 
 /// `enum bpf_attach_type` values of the hooks the enforcer attaches.
+pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
 pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
-/// The four egress-decision hooks and the socket-creation hook, with the names events use.
-pub const ENFORCER_HOOKS: [(u32, &str); 5] = [
+/// The four egress-decision hooks, the socket-creation hook, sock_ops (the identity option)
+/// and the ingress check, with the names of their programs.
+pub const ENFORCER_HOOKS: [(u32, &str); 7] = [
     (BPF_CGROUP_INET4_CONNECT, "connect4"),
     (BPF_CGROUP_INET6_CONNECT, "connect6"),
     (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
     (BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
     (BPF_CGROUP_INET_SOCK_CREATE, "sock_create"),
+    (BPF_CGROUP_SOCK_OPS, "sock_ops"),
+    (BPF_CGROUP_INET_INGRESS, "ingress"),
 ];
 
 const BPF_MAP_CREATE: libc::c_long = 0;

@@ -8,7 +8,9 @@
 //!    `kernel.bpf_stats_enabled`) as a ratio to an empty connect4 program measured in the same
 //!    windows (absolute figures move from machine to machine; the ratio does much less), while
 //!    the maps hold 10,000 identities, 100,000 policy entries and 100,000 IP-cache entries.
-//!    Every other program of the object that ran is reported too.
+//!    Every other program of the object that ran is reported too: the server stands for a
+//!    vector DB with ingress `enforce`, so `sock_ops` (the identity option) and `skb_ingress`
+//!    (its check) run on every connect.
 //! 3. Policy compile and apply figures (see `compile_bench`).
 //!
 //! `enforcer-bench [datapath|compile] [--rounds N] [--connects N]`. Needs root, and `nft`
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use enforcer::datapath::{pin_dir, Datapath, DesiredState, LoadOptions};
-use enforcer_common::{programs, proto, IdentityInfo, PolicyKey, PolicyValue};
+use enforcer_common::{flags, programs, proto, IdentityInfo, PolicyKey, PolicyValue};
 
 const IDENTITIES: u32 = 10_000;
 const POLICY_ENTRIES: u32 = 100_000;
@@ -254,11 +256,19 @@ fn datapath_bench(options: &Options) -> Result<()> {
         ring_buffer_bytes: None,
         capacity: Default::default(),
     })?;
+    // The servers' sockets are made inside the enforced subtree (then the process moves back
+    // out until the nftables table is loaded): the server stands for a vector DB with
+    // ingress `enforce`, so every enforcer connect also runs the identity option's write
+    // (sock_ops) and its check (cgroup_skb/ingress), and the program table reports both.
+    std::fs::write(subject_cgroup.join("cgroup.procs"), "0")
+        .context("joining the benchmark cgroup")?;
     let server = TcpListener::bind((SERVER, 0))?;
     let port = server.local_addr()?.port();
     // A second server that no rule allows: the proof that each setup really filters.
     let forbidden_server = TcpListener::bind((FORBIDDEN, 0))?;
     let forbidden = forbidden_server.local_addr()?;
+    std::fs::write(cleanup.home_cgroup.join("cgroup.procs"), "0")
+        .context("leaving the benchmark cgroup")?;
     // Client and server each on a CPU of their own: on this 2-core VM, sharing one makes
     // every connect wait for a context switch now and then, and that noise dwarfs the hook.
     for listener in [server, forbidden_server] {
@@ -277,6 +287,30 @@ fn datapath_bench(options: &Options) -> Result<()> {
     let class_entries = enforcer_policy::classes::Classes::of(&desired.allows)
         .entries
         .len();
+    enforcer::wire::write_keys(
+        datapath.dir(),
+        &enforcer::wire::FlowKeys {
+            current: enforcer::wire::FlowKey {
+                id: 1,
+                key: *b"enforcer-bench-k",
+            },
+            previous: None,
+        },
+    )?;
+    let first = enforcer_common::identity::FIRST_DYNAMIC;
+    enforcer::wire::sync_ingress(
+        datapath.dir(),
+        &std::collections::HashMap::from([(
+            PolicyKey {
+                subject: first,
+                destination: first + 1,
+                dport: port,
+                protocol: proto::TCP,
+                _pad: 0,
+            },
+            PolicyValue::allow(0),
+        )]),
+    )?;
     println!(
         "\n## Map load\n\n{} entries written in {:.0} ms ({} identities, {} policy entries as identity pairs = {} class entries, {} IP-cache prefixes)",
         report.written,
@@ -765,6 +799,10 @@ fn synthetic_state(bench_cgroup: u64, port: u16) -> DesiredState {
         state
             .identities
             .insert(first + i, IdentityInfo::new(1 + i % 50, 0));
+    }
+    // The server is a vector DB whose node checks the identity option.
+    if let Some(info) = state.identities.get_mut(&server) {
+        info.flags = flags::VECTOR_DB | flags::INGRESS_ENFORCE;
     }
     let base = u32::from(Ipv4Addr::new(127, 64, 0, 0));
     for i in 0..IPCACHE_ENTRIES {

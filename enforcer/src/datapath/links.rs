@@ -81,7 +81,7 @@ pub fn attach_or_adopt(
 }
 
 /// Loads (once) and attaches one of the object's cgroup programs: the four sock_addr hooks,
-/// sock_create or sock_ops. A bpf_link on a cgroup always coexists with other programs, and the kernel
+/// sock_create, sock_ops or the cgroup_skb ingress check. A bpf_link on a cgroup always coexists with other programs, and the kernel
 /// rejects any attach flag on link creation: `Single` is what passes no flag. The pins are what
 /// keeps this agent from attaching itself twice.
 fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdLink> {
@@ -113,7 +113,19 @@ fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdL
             let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
             prog.take_link(id)?.try_into().with_context(no_link)
         }
-        _ => bail!("{name} is not a cgroup sock, sock_addr or sock_ops program"),
+        Program::CgroupSkb(prog) => {
+            if prog.fd().is_err() {
+                prog.load()
+                    .with_context(|| format!("verifying and loading {name}"))?;
+            }
+            let id = prog.attach(
+                cgroup,
+                aya::programs::CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )?;
+            prog.take_link(id)?.try_into().with_context(no_link)
+        }
+        _ => bail!("{name} is not a cgroup program"),
     }
 }
 

@@ -31,6 +31,9 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::UNSPECIFIED_DESTINATION => "unspecified_destination",
         reason::UNSUPPORTED_SOCKET => "unsupported_socket",
         reason::UNIDENTIFIED_DESTINATION => "unidentified_destination",
+        reason::MISSING_TAG => "missing_tag",
+        reason::BAD_TAG => "bad_tag",
+        reason::NOT_ALLOWED => "not_allowed",
         _ => "unknown",
     }
 }
@@ -51,6 +54,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
         hook::SOCK_CREATE => "sock_create",
+        hook::INGRESS => "ingress",
         _ => "unknown",
     }
 }
@@ -103,6 +107,16 @@ pub fn destination_ip(event: &DenyEvent) -> std::net::IpAddr {
     }
 }
 
+/// The peer (the SYN's source) of an `ingress` event, in the form of `daddr`.
+pub fn peer_ip(event: &DenyEvent) -> std::net::IpAddr {
+    if event.family == 4 {
+        let [a, b, c, d, ..] = event.peer;
+        std::net::Ipv4Addr::new(a, b, c, d).into()
+    } else {
+        std::net::Ipv6Addr::from(event.peer).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +145,7 @@ mod tests {
             policy_generation: 7,
             sock_type: 0,
             sock_protocol: 0,
+            peer: [0; 16],
         }
     }
 

@@ -9,7 +9,7 @@ use enforcer_policy::{AtlasTechnique, Compiled, IdentityKind, Protocol};
 use serde::Serialize;
 
 use super::decode::{
-    comm, destination_ip, hook_name, reason_name, socket_protocol_name, socket_type_name,
+    comm, destination_ip, hook_name, peer_ip, reason_name, socket_protocol_name, socket_type_name,
     verdict_name,
 };
 
@@ -47,6 +47,10 @@ pub struct DeniedCall {
     /// `sock_create` events only: the refused socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketInfo>,
+    /// `ingress` events only: where the refused SYN came from (the subject is the identity it
+    /// claimed, or the IP cache's identity of this address when it carried no option).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Peer>,
     pub policy: PolicyInfo,
     pub atlas: Vec<AtlasTechnique>,
     pub subject_chain: Vec<String>,
@@ -79,6 +83,13 @@ pub struct Destination {
     pub name: Option<String>,
     pub tenant: Option<String>,
     pub kind: Option<String>,
+}
+
+/// The remote end of an `ingress` event.
+#[derive(Debug, Serialize)]
+pub struct Peer {
+    pub ip: String,
+    pub port: u16,
 }
 
 /// The socket a `sock_create` event refused: `{"family":"ipv4","type":"dgram","protocol":"icmp"}`
@@ -130,6 +141,13 @@ pub fn wall_clock(monotonic_ns: u64) -> SystemTime {
     SystemTime::now() - age
 }
 
+/// The shipped ATLAS data's entries for `ids` (all of them exist: checked by a test).
+fn atlas_ids(ids: &[&str]) -> Vec<AtlasTechnique> {
+    ids.iter()
+        .filter_map(|id| enforcer_policy::atlas::lookup(id))
+        .collect()
+}
+
 pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
     let subject_identity = compiled
         .identity(event.subject)
@@ -159,6 +177,33 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             Vec::new(),
         ),
+        // Ingress: a cluster peer that came around every enforcer (no option), or a forged
+        // option. Not Cedar's doing: the kernel's own check. A claimed identity outside the
+        // allowlist (`not_allowed`) is Cedar's deny and falls through to its attribution.
+        reason::MISSING_TAG => (
+            "identity-tag-missing".to_string(),
+            Vec::new(),
+            atlas_ids(&["AML.T0085.000"]),
+        ),
+        reason::BAD_TAG => (
+            "identity-tag-invalid".to_string(),
+            Vec::new(),
+            atlas_ids(&["AML.T0073", "AML.T0085.000"]),
+        ),
+        // A claim no compile row covers (WORLD, a remote identity that is not a subject
+        // here): no permit names it, so it is the implicit deny, not an unknown local cgroup.
+        reason::NOT_ALLOWED
+            if event.hook == hook::INGRESS
+                && !compiled
+                    .identity(event.subject)
+                    .is_some_and(|i| i.is_subject()) =>
+        {
+            (
+                "implicit-deny".to_string(),
+                Vec::new(),
+                compiled.implicit_deny_atlas().to_vec(),
+            )
+        }
         _ => {
             let attribution = compiled.attribute(
                 event.subject,
@@ -201,6 +246,10 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             pid: (event.pid_tgid >> 32) as u32,
             comm: comm(event),
         },
+        peer: (event.hook == hook::INGRESS).then(|| Peer {
+            ip: peer_ip(event).to_string(),
+            port: event.sock_type,
+        }),
         socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
             family: if event.family == 6 { "ipv6" } else { "ipv4" },
             kind: socket_type_name(event.sock_type),
@@ -228,5 +277,18 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         dataset_scope: destination_identity
             .map(|i| i.datasets.clone())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod ingress_tests {
+    use super::*;
+
+    #[test]
+    fn ingress_refusals_name_their_atlas_techniques() {
+        // `atlas_ids` skips unknown IDs: both must exist in the shipped ATLAS data.
+        assert_eq!(atlas_ids(&["AML.T0085.000"]).len(), 1);
+        assert_eq!(atlas_ids(&["AML.T0073", "AML.T0085.000"]).len(), 2);
+        assert_eq!(atlas_ids(&["AML.T0073"])[0].name, "Impersonation");
     }
 }

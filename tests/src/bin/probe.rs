@@ -21,6 +21,10 @@
 //! "reached":bool,"tries":N,"first":"eperm","at_unix_ns":N}`: `at_unix_ns` is the wall clock
 //! just before the last try (the one that reached OUTCOME), so that a benchmark can time
 //! when a change took effect in the kernel from a process that was judged all along.
+//! `probe --serve ADDR:PORT --for MS` is a TCP server instead: it listens (so the listening
+//! socket belongs to the probe's cgroup, where a test placed it), prints
+//! `{"listening":"ADDR:PORT"}`, then `{"peer":"IP:PORT"}` for every connection it accepts
+//! (and closes), and exits after MS milliseconds (at most 600,000) or when its stdout closes.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 use std::io::Write;
@@ -385,8 +389,28 @@ fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Resul
             // SAFETY: one byte from a valid buffer.
             check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
         }
-        // Loopback only: a refused or accepted connect returns at once.
-        _ => connect(&fd, &addr),
+        _ => {
+            // A dropped SYN (an ingress check) must not block for the kernel's two minutes
+            // of retries: SO_SNDTIMEO bounds a blocking connect (it fails with EINPROGRESS).
+            let timeout = libc::timeval {
+                tv_sec: TCP_CONNECT_TIMEOUT.as_secs() as libc::time_t,
+                tv_usec: 0,
+            };
+            // SAFETY: a valid option pointer and length for SO_SNDTIMEO.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            connect(&fd, &addr)
+        }
     }
 }
 
@@ -468,6 +492,47 @@ fn classify(r: &std::io::Result<()>) -> (&'static str, i32) {
     }
 }
 
+/// `--serve ADDR:PORT --for MS` (see the module documentation).
+fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
+    let [addr, flag, ms] = args else {
+        return Err("--serve wants ADDR:PORT --for MS".into());
+    };
+    if flag != "--for" {
+        return Err(format!("--serve wants --for MS, got {flag:?}"));
+    }
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("--serve {addr:?}: {e}"))?;
+    let ms: u64 = ms
+        .parse()
+        .ok()
+        .filter(|&m| m <= UNTIL_MAX_MS)
+        .ok_or_else(|| format!("--for wants milliseconds up to {UNTIL_MAX_MS}, got {ms:?}"))?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("nonblocking: {e}"))?;
+    let line = serde_json::json!({ "listening": addr.to_string() });
+    writeln!(out, "{line}")
+        .and_then(|_| out.flush())
+        .map_err(|e| format!("stdout: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    while std::time::Instant::now() < deadline {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                drop(conn);
+                let line = serde_json::json!({ "peer": peer.to_string() });
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT | \
@@ -484,6 +549,15 @@ fn main() -> ExitCode {
         let line = serde_json::json!({"pid": std::process::id(), "cgroup": cgroup});
         let _ = writeln!(out, "{line}");
         return ExitCode::SUCCESS;
+    }
+    if args.first().map(String::as_str) == Some("--serve") {
+        return match serve(&args[1..], &mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}\n{usage}");
+                ExitCode::from(2)
+            }
+        };
     }
     if args.first().map(String::as_str) == Some("--until") {
         return match until(&args[1..]) {

@@ -633,6 +633,9 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
             subject.tenant.as_deref(),
         ),
         container,
+        // An ingress event's subject is the remote peer: its address is known.
+        ip: call.peer.as_ref().map(|p| p.ip.as_str()),
+        port: call.peer.as_ref().map(|p| p.port),
         ..NetworkEndpoint::default()
     });
     if let Some(d) = &call.destination {
@@ -655,6 +658,7 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
         _ => false,
     };
     let (direction_id, direction) = match &call.destination {
+        Some(_) if call.peer.is_some() => (1, "Inbound"),
         Some(d) if d.kind.as_deref() == Some("world") => (2, "Outbound"),
         Some(_) => (3, "Lateral"),
         None => (0, "Unknown"),

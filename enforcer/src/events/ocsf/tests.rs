@@ -85,8 +85,22 @@ fn deny_event(hook: u8, verdict: u8, reason: u8, subject: u32, destination: u32)
         _pad: 0,
         comm,
         policy_generation: 0,
-        sock_type: if sock { 3 } else { 0 },
+        sock_type: if sock {
+            3
+        } else if hook == hook::INGRESS {
+            45001
+        } else {
+            0
+        },
         sock_protocol: if sock { 1 } else { 0 },
+        // An ingress event's peer, in the family of `daddr`.
+        peer: if hook != hook::INGRESS {
+            [0; 16]
+        } else if v6 {
+            "fd87::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        } else {
+            [127, 10, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        },
     }
 }
 
@@ -112,6 +126,7 @@ fn calls() -> Vec<record::DeniedCall> {
         hook::SENDMSG4,
         hook::SENDMSG6,
         hook::SOCK_CREATE,
+        hook::INGRESS,
     ];
     // Every reason the kernel has, also those added after this test was written.
     let reasons = 0..reason::COUNT as u8;
@@ -273,7 +288,7 @@ fn every_call_conforms_to_network_activity() {
         assert_eq!(activity, expected, "{verdict}");
         seen.insert((verdict, hook));
     }
-    assert_eq!(seen.len(), 15, "every verdict from every hook: {seen:?}");
+    assert_eq!(seen.len(), 18, "every verdict from every hook: {seen:?}");
 }
 
 #[test]

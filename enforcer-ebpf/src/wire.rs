@@ -1,0 +1,606 @@
+//! Identity on the wire (issue 7 items 2 and 3): the sending side writes a keyed identity
+//! option on the SYN of every tagged flow (`sock_ops`), the receiving side checks it before the
+//! listener ever sees the connection (`cgroup_skb/ingress`). The option's layout and MAC are
+//! `enforcer_common::wire`, shared with userspace so that both compute the same tag.
+//!
+//! Sending: at `TCP_CONNECT_CB` (in the connecting task, after `connect4`/`connect6` allowed
+//! the call) the whole option is computed once, with the 4-tuple the kernel has just chosen, and
+//! kept under the socket cookie in `WIRE_TAGS`; `HDR_OPT_LEN_CB` / `WRITE_HDR_OPT_CB` copy it
+//! into every SYN, retransmits included (those run from a timer, where the current task is
+//! not the connecting one, which is why nothing is computed there). Once established, the
+//! entry is deleted and the write callback switched off, so data segments pay nothing.
+//!
+//! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
+//! `audit` must carry an option whose tag verifies with one of the two `FLOW_KEYS`, and the
+//! claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is judged as
+//! WORLD when the IP cache does not know its source, and refused (`missing_tag`) when it
+//! does: a cluster workload always comes through an enforcer that tags.
+
+use core::ffi::c_void;
+use core::ptr::{addr_of_mut, read_volatile};
+
+use aya_ebpf::{
+    bindings::{__sk_buff, bpf_sock_ops},
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_reserve_hdr_opt,
+        bpf_skb_cgroup_id, bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
+    },
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+    programs::{SkBuffContext, SockOpsContext},
+};
+use enforcer_common::{
+    capacity, flags, hook, identity, proto, reason, verdict, wire as abi, DenyEvent, PolicyKey,
+    PolicyValue,
+};
+
+use crate::{
+    count, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CGROUP_IDENTITY, CONFIG,
+    EVENTS, FAMILY_V4, FAMILY_V6, IDENTITIES, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS,
+    SINGLE_ENTRY, ZERO_WORD,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Maps
+// ---------------------------------------------------------------------------------------------
+
+/// Slot 0: the current key (signs and verifies); slot 1: the previous one (verifies only), so
+/// that a rotation has no moment where a SYN signed a moment ago fails.
+#[map]
+static FLOW_KEYS: Array<abi::FlowKey> = Array::pinned(abi::KEY_SLOTS, NO_MAP_FLAGS);
+
+/// Socket cookie -> the option its SYNs carry. LRU: an entry of a socket that never became
+/// established (refused, timed out) ages out instead of filling the map.
+#[map]
+static WIRE_TAGS: LruHashMap<u64, [u8; abi::OPTION_LEN]> =
+    LruHashMap::pinned(capacity::WIRE_TAGS, NO_MAP_FLAGS);
+
+/// {claimed identity, local destination identity, port, protocol} -> allow, looked up like the
+/// policy table (exact port, then any port). Memory as entries are added: most nodes host no
+/// destination with ingress on, and the policy table's capacity preallocated is 22 MiB.
+#[map]
+static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+
+/// The verified identity behind each accepted tagged connection, by 4-tuple.
+#[map]
+static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
+    LruHashMap::pinned(capacity::WIRE_PEERS, NO_MAP_FLAGS);
+
+/// The last refused SYN per 4-tuple: its sequence number, verdict and reason. A SYN the client
+/// retransmits (same 4-tuple, same sequence number) and that is judged the same is dropped
+/// and counted again but reported once, so that one refused connection attempt is one event;
+/// judged differently (a policy change in between), it is reported again.
+#[map]
+static INGRESS_REPORTED: LruHashMap<abi::PeerKey, u64> =
+    LruHashMap::with_max_entries(capacity::WIRE_REPORTED, NO_MAP_FLAGS);
+
+// ---------------------------------------------------------------------------------------------
+// Constants (uapi values bindgen leaves unnamed)
+// ---------------------------------------------------------------------------------------------
+
+/// `BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG`.
+const WRITE_HDR_OPT_CB_FLAG: u32 = 1 << 6;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = proto::TCP;
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// `skb_tcp_flags` of the sock_ops header callbacks: the same bits, in a u32.
+const SYN_ONLY: u32 = TCP_FLAG_SYN as u32;
+const SYN_ACK_MASK: u32 = (TCP_FLAG_SYN | TCP_FLAG_ACK) as u32;
+
+/// The TCP header without options.
+const TCP_HEADER_MIN: usize = 20;
+const IPV4_HEADER_MIN: usize = 20;
+const IPV6_HEADER: usize = 40;
+
+/// cgroup_skb return values.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+/// The second and third words of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory
+/// order.
+const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Flags of bpf_reserve_hdr_opt / bpf_store_hdr_opt / map updates: none.
+const NO_FLAGS: u64 = 0;
+
+// ---------------------------------------------------------------------------------------------
+// Sending side (sock_ops)
+// ---------------------------------------------------------------------------------------------
+
+/// The socket's addresses as IPv6 words in memory order (IPv4 mapped) and as the IP cache
+/// looks the remote one up.
+#[inline(always)]
+fn sock_ops_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4], Destination)> {
+    // SAFETY: `ops` is the context; every field read is a full 32-bit load.
+    unsafe {
+        let family = read_volatile(&(*ops).family);
+        if family == AF_INET {
+            let r = read_volatile(&(*ops).remote_ip4);
+            let l = read_volatile(&(*ops).local_ip4);
+            Some((
+                [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, l],
+                [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, r],
+                Destination {
+                    addr: [r, ZERO_WORD, ZERO_WORD, ZERO_WORD],
+                    family: FAMILY_V4,
+                },
+            ))
+        } else if family == AF_INET6 {
+            let r = [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ];
+            let l = [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ];
+            // A dual-stack socket talking to ::ffff:a.b.c.d sends IPv4: judged as IPv4, as
+            // connect6 does.
+            let dst = if r[0] == ZERO_WORD && r[1] == ZERO_WORD && r[2] == V4_MAPPED_WORD2 {
+                Destination {
+                    addr: [r[3], ZERO_WORD, ZERO_WORD, ZERO_WORD],
+                    family: FAMILY_V4,
+                }
+            } else {
+                Destination {
+                    addr: r,
+                    family: FAMILY_V6,
+                }
+            };
+            Some((l, r, dst))
+        } else {
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let b = [
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    ];
+    // SAFETY: [[u8; 4]; 4] and [u8; 16] have the same size and no invalid bit patterns.
+    unsafe { core::mem::transmute(b) }
+}
+
+/// `TCP_CONNECT_CB`: the connecting task, the 4-tuple just chosen. Computes the option of a
+/// tagged flow (subject managed, destination flagged, a current key present) and asks for the
+/// header callbacks.
+#[inline(always)]
+pub fn on_connect(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // SAFETY: no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(subject) = CGROUP_IDENTITY.get_ptr(cgroup_id) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let subject = unsafe { *subject };
+    let Some((local, remote, dst)) = sock_ops_addresses(ops) else {
+        return;
+    };
+    let destination = lookup_destination(&dst);
+    let Some(info) = IDENTITIES.get_ptr(destination) else {
+        return;
+    };
+    // SAFETY: as above.
+    if unsafe { (*info).flags } & flags::TAGGED == 0 {
+        return;
+    }
+    let Some(key) = FLOW_KEYS.get_ptr(abi::CURRENT_KEY) else {
+        return;
+    };
+    // SAFETY: array values are always valid for reads.
+    let (key_id, k0, k1) = unsafe { ((*key).id, (*key).k0, (*key).k1) };
+    if key_id == 0 {
+        // No key loaded: the flow goes untagged and the receiver judges it as such.
+        return;
+    }
+    let generation = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: as above.
+        Some(c) => (unsafe { read_volatile(&(*c).generation) }) as u16,
+        None => 0,
+    };
+    // SAFETY: full 32-bit context loads. `local_port` is in host order; `remote_port` holds
+    // the port in network order, in the upper half on little-endian kernels.
+    let (sport, dport) = unsafe {
+        let lp = read_volatile(&(*ops).local_port);
+        let rp = read_volatile(&(*ops).remote_port);
+        let rp16 = if rp > 0xffff { rp >> 16 } else { rp };
+        (lp as u16, u16::from_be(rp16 as u16))
+    };
+    let key_id = key_id as u8;
+    let m = abi::message(
+        subject,
+        generation,
+        key_id,
+        &words_to_bytes(local),
+        &words_to_bytes(remote),
+        sport,
+        dport,
+    );
+    let tag = abi::siphash24(k0, k1, &m);
+    let option = abi::option_bytes(subject, generation, key_id, tag);
+    // SAFETY: `ops` is the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
+    if WIRE_TAGS.insert(&cookie, &option, NO_FLAGS).is_err() {
+        return;
+    }
+    // Added to whatever callbacks another sock_ops job asked for, never replacing them.
+    let cb = ctx.cb_flags() | WRITE_HDR_OPT_CB_FLAG;
+    // SAFETY: `ops` is the sock_ops context.
+    unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
+}
+
+/// The header callbacks also run for non-SYN segments (and with flags 0 from
+/// `tcp_current_mss`): only a SYN without ACK of a socket with an option gets one.
+#[inline(always)]
+fn syn_option(ctx: &SockOpsContext) -> Option<*const [u8; abi::OPTION_LEN]> {
+    let ops = ctx.ops;
+    // SAFETY: a full 32-bit context load.
+    let tcp_flags = unsafe { read_volatile(&(*ops).skb_tcp_flags) };
+    if tcp_flags & SYN_ACK_MASK != SYN_ONLY {
+        return None;
+    }
+    // SAFETY: `ops` is the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
+    WIRE_TAGS.get_ptr(cookie)
+}
+
+/// `HDR_OPT_LEN_CB`: room for the option on the SYN.
+#[inline(always)]
+pub fn on_hdr_opt_len(ctx: &SockOpsContext) {
+    if syn_option(ctx).is_some() {
+        // SAFETY: `ops` is the sock_ops context. On failure (no room) the SYN goes untagged.
+        unsafe { bpf_reserve_hdr_opt(ctx.ops, abi::OPTION_LEN as u32, NO_FLAGS) };
+    }
+}
+
+/// `WRITE_HDR_OPT_CB`: the option itself, straight from the map value.
+#[inline(always)]
+pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
+    if let Some(option) = syn_option(ctx) {
+        // SAFETY: `option` is a map value of OPTION_LEN readable bytes.
+        unsafe {
+            bpf_store_hdr_opt(
+                ctx.ops,
+                option.cast::<c_void>(),
+                abi::OPTION_LEN as u32,
+                NO_FLAGS,
+            )
+        };
+    }
+}
+
+/// `ACTIVE_ESTABLISHED_CB`: no more SYNs; drop the entry and the per-segment callbacks.
+#[inline(always)]
+pub fn on_established(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
+    if WIRE_TAGS.remove(&cookie).is_ok() {
+        let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
+        // SAFETY: as above.
+        unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving side (cgroup_skb/ingress)
+// ---------------------------------------------------------------------------------------------
+
+/// A SYN as the ingress check needs it.
+struct Syn {
+    /// IPv6 words in memory order (IPv4 mapped): the MAC's form.
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    /// The destination as the IP cache looks it up (and as events report it).
+    dst: Destination,
+    src: Destination,
+    sport: u16,
+    dport: u16,
+    /// The SYN's sequence number (network order, compared only).
+    seq: u32,
+    /// Offset and end of the TCP options.
+    options: usize,
+    options_end: usize,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
+    ctx.load::<T>(offset).ok()
+}
+
+#[inline(always)]
+fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
+    let skb: *const __sk_buff = ctx.skb.skb;
+    // SAFETY: a full 32-bit context load; `protocol` is the __be16 ethertype.
+    let ethertype = u16::from_be(unsafe { read_volatile(&(*skb).protocol) } as u16);
+    // Most packets are not SYNs: two helper calls (the IP header, the TCP flags) decide that;
+    // the rest is read only for a SYN.
+    let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (l4, saddr, daddr, src, dst) = if ethertype == ETH_P_IP {
+        let ip: [u8; IPV4_HEADER_MIN] = load(ctx, 0)?;
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ihl < IPV4_HEADER_MIN || ip[9] != IPPROTO_TCP || !is_syn(ctx, ihl)? {
+            return None;
+        }
+        let (s, d) = (word(&ip, 12), word(&ip, 16));
+        let v4 = |w: u32| Destination {
+            addr: [w, ZERO_WORD, ZERO_WORD, ZERO_WORD],
+            family: FAMILY_V4,
+        };
+        (
+            ihl,
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, s],
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, d],
+            v4(s),
+            v4(d),
+        )
+    } else if ethertype == ETH_P_IPV6 {
+        let ip: [u8; IPV6_HEADER] = load(ctx, 0)?;
+        // Only a TCP header right after the fixed header: a SYN behind extension headers is
+        // passed unchecked (a known limit, see the README).
+        if ip[6] != IPPROTO_TCP || !is_syn(ctx, IPV6_HEADER)? {
+            return None;
+        }
+        let s = [word(&ip, 8), word(&ip, 12), word(&ip, 16), word(&ip, 20)];
+        let d = [word(&ip, 24), word(&ip, 28), word(&ip, 32), word(&ip, 36)];
+        let v6 = |w: [u32; 4]| Destination {
+            addr: w,
+            family: FAMILY_V6,
+        };
+        (IPV6_HEADER, s, d, v6(s), v6(d))
+    } else {
+        return None;
+    };
+    let tcp: [u8; 14] = load(ctx, l4)?;
+    let header = ((tcp[12] >> 4) as usize) * 4;
+    Some(Syn {
+        saddr,
+        daddr,
+        dst,
+        src,
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: u32::from_ne_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        options: l4 + TCP_HEADER_MIN,
+        options_end: l4 + header,
+    })
+}
+
+/// Whether the TCP segment at `l4` is a SYN without ACK.
+#[inline(always)]
+fn is_syn(ctx: &SkBuffContext, l4: usize) -> Option<bool> {
+    let flags: u8 = load(ctx, l4 + 13)?;
+    Some(flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN)
+}
+
+/// The identity option, if the SYN carries one with our ExID as its last 20 option bytes:
+/// where `bpf_store_hdr_opt` puts it (after the kernel's own options, which end 4-aligned,
+/// and 20 bytes need no padding). A walk over every option would be more lenient, but the
+/// verifier explores each of its iterations' branches separately (tens of seconds of load
+/// time for 40 steps); one fixed place is one load. An option elsewhere counts as missing:
+/// the check fails closed.
+#[inline(always)]
+fn find_option(ctx: &SkBuffContext, syn: &Syn) -> Option<[u8; abi::OPTION_LEN]> {
+    if syn.options_end < syn.options + abi::OPTION_LEN {
+        return None;
+    }
+    let option: [u8; abi::OPTION_LEN] = load(ctx, syn.options_end - abi::OPTION_LEN)?;
+    (option[0] == abi::KIND
+        && option[1] as usize == abi::OPTION_LEN
+        && u16::from_be_bytes([option[2], option[3]]) == abi::EXID)
+        .then_some(option)
+}
+
+/// Whether `tag` verifies for these fields with the flow key in `slot` carrying `key_id`.
+#[inline(always)]
+fn verifies(slot: u32, key_id: u8, m: &[u64; 6], tag: u64) -> bool {
+    let Some(key) = FLOW_KEYS.get_ptr(slot) else {
+        return false;
+    };
+    // SAFETY: array values are always valid for reads.
+    let (id, k0, k1) = unsafe { ((*key).id, (*key).k0, (*key).k1) };
+    id != 0 && id == key_id as u32 && abi::siphash24(k0, k1, m) == tag
+}
+
+#[inline(always)]
+pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    let Some(syn) = parse_syn(ctx) else {
+        return PASS;
+    };
+    let destination = lookup_destination(&syn.dst);
+    let Some(info) = IDENTITIES.get_ptr(destination) else {
+        return PASS;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let dst_flags = unsafe { (*info).flags };
+    let audit = dst_flags & flags::INGRESS_ENFORCE == 0;
+    if audit && dst_flags & flags::INGRESS_AUDIT == 0 {
+        return PASS;
+    }
+    let generation = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads.
+        Some(c) => (unsafe { read_volatile(&(*c).generation) }) as u32,
+        None => 0,
+    };
+
+    let (claimed, refused) = match find_option(ctx, &syn) {
+        Some(option) => {
+            let claimed = u32::from_be_bytes([option[4], option[5], option[6], option[7]]);
+            let sent_generation = u16::from_be_bytes([option[8], option[9]]);
+            let key_id = option[10];
+            let tag = u64::from_be_bytes([
+                option[12], option[13], option[14], option[15], option[16], option[17], option[18],
+                option[19],
+            ]);
+            let m = abi::message(
+                claimed,
+                sent_generation,
+                key_id,
+                &words_to_bytes(syn.saddr),
+                &words_to_bytes(syn.daddr),
+                syn.sport,
+                syn.dport,
+            );
+            if option[11] != abi::VERSION
+                || !(verifies(abi::CURRENT_KEY, key_id, &m, tag)
+                    || verifies(abi::PREVIOUS_KEY, key_id, &m, tag))
+            {
+                (claimed, reason::BAD_TAG)
+            } else if !allowed(claimed, destination, syn.dport) {
+                (claimed, reason::NOT_ALLOWED)
+            } else {
+                remember(&syn, claimed, destination, sent_generation, key_id);
+                (claimed, reason::ALLOWED)
+            }
+        }
+        None => {
+            let source = lookup_destination(&syn.src);
+            if source != identity::WORLD {
+                (source, reason::MISSING_TAG)
+            } else if allowed(identity::WORLD, destination, syn.dport) {
+                (source, reason::ALLOWED)
+            } else {
+                (source, reason::NOT_ALLOWED)
+            }
+        }
+    };
+    if refused == reason::ALLOWED {
+        count(hook::INGRESS, verdict::ALLOW, reason::ALLOWED);
+        return PASS;
+    }
+    let v = if audit { verdict::AUDIT } else { verdict::DENY };
+    count(hook::INGRESS, v, refused);
+    if first_report(&syn, v, refused) {
+        emit_ingress(ctx, &syn, claimed, destination, v, refused, generation);
+    }
+    if audit {
+        PASS
+    } else {
+        DROP
+    }
+}
+
+#[inline(always)]
+fn allowed(claimed: u32, destination: u32, dport: u16) -> bool {
+    let mut key = PolicyKey {
+        subject: claimed,
+        destination,
+        dport,
+        protocol: IPPROTO_TCP,
+        _pad: PAD,
+    };
+    policy_hit(&INGRESS_ALLOW, &mut key)
+}
+
+#[inline(always)]
+fn peer_key(syn: &Syn) -> abi::PeerKey {
+    abi::PeerKey {
+        saddr: words_to_bytes(syn.saddr),
+        daddr: words_to_bytes(syn.daddr),
+        sport: syn.sport,
+        dport: syn.dport,
+        _pad: 0,
+    }
+}
+
+/// False for a retransmission of a SYN already reported with this verdict and reason (see
+/// `INGRESS_REPORTED`).
+#[inline(always)]
+fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
+    let key = peer_key(syn);
+    let seen = syn.seq as u64 | (verdict as u64) << 32 | (reason as u64) << 40;
+    if let Some(last) = INGRESS_REPORTED.get_ptr(&key) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        if unsafe { *last } == seen {
+            return false;
+        }
+    }
+    let _ = INGRESS_REPORTED.insert(&key, &seen, NO_FLAGS);
+    true
+}
+
+/// The verified identity of an accepted SYN, for `enforcer flows` and the DB operator.
+#[inline(always)]
+fn remember(syn: &Syn, claimed: u32, destination: u32, generation: u16, key_id: u8) {
+    let key = peer_key(syn);
+    let peer = abi::Peer {
+        identity: claimed,
+        destination,
+        generation,
+        key_id,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
+}
+
+/// One ingress `DenyEvent`, field by field (see `crate::emit`): no task context here.
+#[inline(always)]
+fn emit_ingress(
+    ctx: &SkBuffContext,
+    syn: &Syn,
+    claimed: u32,
+    destination: u32,
+    verdict: u8,
+    reason: u8,
+    generation: u32,
+) {
+    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(RINGBUF_FLAGS) else {
+        if let Some(lost) = LOST_EVENTS.get_ptr_mut(SINGLE_ENTRY) {
+            // SAFETY: per-CPU value pointer, this CPU's own counter.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let e: *mut DenyEvent = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, aligned slot of size_of::<DenyEvent>() bytes; every
+    // byte is written below before it is submitted.
+    unsafe {
+        addr_of_mut!((*e).timestamp_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*e).cgroup_id).write(bpf_skb_cgroup_id(ctx.skb.skb));
+        addr_of_mut!((*e).pid_tgid).write(0);
+        addr_of_mut!((*e).subject).write(claimed);
+        addr_of_mut!((*e).destination).write(destination);
+        let daddr = addr_of_mut!((*e).daddr).cast::<u32>();
+        daddr.write(syn.dst.addr[0]);
+        daddr.add(1).write(syn.dst.addr[1]);
+        daddr.add(2).write(syn.dst.addr[2]);
+        daddr.add(3).write(syn.dst.addr[3]);
+        addr_of_mut!((*e).dport).write(syn.dport);
+        addr_of_mut!((*e).family).write(syn.dst.family);
+        addr_of_mut!((*e).protocol).write(IPPROTO_TCP);
+        addr_of_mut!((*e).hook).write(hook::INGRESS);
+        addr_of_mut!((*e).verdict).write(verdict);
+        addr_of_mut!((*e).reason).write(reason);
+        addr_of_mut!((*e)._pad).write(PAD);
+        let comm = addr_of_mut!((*e).comm).cast::<u64>();
+        comm.write(0);
+        comm.add(1).write(0);
+        addr_of_mut!((*e).policy_generation).write(generation);
+        addr_of_mut!((*e).sock_type).write(syn.sport);
+        addr_of_mut!((*e).sock_protocol).write(0);
+        let peer = addr_of_mut!((*e).peer).cast::<u32>();
+        peer.write(syn.src.addr[0]);
+        peer.add(1).write(syn.src.addr[1]);
+        peer.add(2).write(syn.src.addr[2]);
+        peer.add(3).write(syn.src.addr[3]);
+    }
+    entry.submit(RINGBUF_FLAGS);
+}

@@ -1,0 +1,454 @@
+//! Identity on the wire, userspace side: the flow keys (`--flow-key-file` -> `FLOW_KEYS`), the
+//! ingress allowlist (compiled decisions -> `INGRESS_ALLOW`), the verified peers
+//! (`WIRE_PEERS`), and the option's MAC as a proxy (or a test) computes it.
+//!
+//! The option's layout and MAC are `enforcer_common::wire`: the kernel compiles the same
+//! functions, so the tag computed here is the tag the kernel writes and checks.
+//!
+//! Key file: one key a line, `ID HEX` (ID 1-255, HEX 32 hex digits = 128 bits); blank lines
+//! and `#` comments ignored. The first key signs; the first two verify. A rotation without a
+//! gap, every node reading the same file (from the PDP or a config map):
+//!
+//! 1. `OLD` alone;
+//! 2. `OLD` then `NEW`: every node learns NEW (verify only) while still signing with OLD;
+//! 3. `NEW` then `OLD`: nodes sign with NEW; SYNs a slower node still signs with OLD verify;
+//! 4. `NEW` alone: OLD is refused from here on.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use enforcer_common::{flags, identity, maps, proto, wire as abi, PolicyKey, PolicyValue};
+use enforcer_policy::{Compiled, IdentityKind};
+
+/// A 128-bit flow key and its id (1-255, carried in the option).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FlowKey {
+    pub id: u8,
+    pub key: [u8; 16],
+}
+
+impl std::fmt::Debug for FlowKey {
+    // Never print the key itself (logs end up in places keys must not).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FlowKey {{ id: {} }}", self.id)
+    }
+}
+
+impl FlowKey {
+    fn words(&self) -> (u64, u64) {
+        let (a, b) = self.key.split_at(8);
+        (
+            u64::from_le_bytes(a.try_into().expect("8 bytes")),
+            u64::from_le_bytes(b.try_into().expect("8 bytes")),
+        )
+    }
+
+    fn slot(&self) -> abi::FlowKey {
+        let (k0, k1) = self.words();
+        abi::FlowKey {
+            id: self.id as u32,
+            _pad: 0,
+            k0,
+            k1,
+        }
+    }
+}
+
+/// The keys of a key file: `current` signs, `previous` (if any) also verifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowKeys {
+    pub current: FlowKey,
+    pub previous: Option<FlowKey>,
+}
+
+/// Parses a key file's text (see the module documentation); errors name `file:line`.
+pub fn parse_keys(file: &Path, text: &str) -> Result<FlowKeys> {
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = || format!("{}:{}", file.display(), n + 1);
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(id), Some(hex), None) = (parts.next(), parts.next(), parts.next()) else {
+            bail!(
+                "{}: expected `ID HEX` (a key id 1-255 and 32 hex digits)",
+                at()
+            );
+        };
+        let id: u8 = match id.parse() {
+            Ok(id) if id != 0 => id,
+            _ => bail!("{}: key id `{id}` is not a number from 1 to 255", at()),
+        };
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!(
+                "{}: key {id} must be 32 hex digits (128 bits), found {} characters",
+                at(),
+                hex.len()
+            );
+        }
+        let mut key = [0u8; 16];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        if keys.iter().any(|k: &FlowKey| k.id == id) {
+            bail!("{}: key id {id} appears twice", at());
+        }
+        keys.push(FlowKey { id, key });
+    }
+    let mut keys = keys.into_iter();
+    let Some(current) = keys.next() else {
+        bail!("{}: no key (expected `ID HEX` lines)", file.display());
+    };
+    let previous = keys.next();
+    if keys.next().is_some() {
+        bail!(
+            "{}: more than two keys (the kernel holds a current and a previous one)",
+            file.display()
+        );
+    }
+    Ok(FlowKeys { current, previous })
+}
+
+pub fn read_keys(file: &Path) -> Result<FlowKeys> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the flow key file {}", file.display()))?;
+    parse_keys(file, &text)
+}
+
+/// The 64-bit tag of an option, as the kernel computes it: `saddr`/`daddr`/ports of the SYN
+/// (IPv4 addresses are taken as `::ffff:a.b.c.d`).
+#[allow(clippy::too_many_arguments)]
+pub fn tag(
+    key: &FlowKey,
+    identity: u32,
+    generation: u16,
+    saddr: IpAddr,
+    daddr: IpAddr,
+    sport: u16,
+    dport: u16,
+) -> u64 {
+    let m = abi::message(
+        identity,
+        generation,
+        key.id,
+        &mapped(saddr),
+        &mapped(daddr),
+        sport,
+        dport,
+    );
+    let (k0, k1) = key.words();
+    abi::siphash24(k0, k1, &m)
+}
+
+/// The option bytes a SYN from `saddr:sport` to `daddr:dport` carries for `identity`.
+pub fn option(
+    key: &FlowKey,
+    identity: u32,
+    generation: u16,
+    saddr: IpAddr,
+    daddr: IpAddr,
+    sport: u16,
+    dport: u16,
+) -> [u8; abi::OPTION_LEN] {
+    let t = tag(key, identity, generation, saddr, daddr, sport, dport);
+    abi::option_bytes(identity, generation, key.id, t)
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn open_map(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// Writes `keys` into `FLOW_KEYS`: the previous slot first, so that whichever key signs at any
+/// moment of the update, both ends verify it.
+pub fn write_keys(pin_dir: &Path, keys: &FlowKeys) -> Result<()> {
+    let mut slots: Array<MapData, abi::FlowKey> = open_map(pin_dir, maps::FLOW_KEYS)?.try_into()?;
+    let previous = keys
+        .previous
+        .as_ref()
+        .map(FlowKey::slot)
+        .unwrap_or_default();
+    slots
+        .set(abi::PREVIOUS_KEY, previous, 0)
+        .context("writing the previous flow key")?;
+    slots
+        .set(abi::CURRENT_KEY, keys.current.slot(), 0)
+        .context("writing the current flow key")?;
+    Ok(())
+}
+
+/// The ids of the keys in `FLOW_KEYS` (current, previous; 0 = empty slot).
+pub fn key_ids(pin_dir: &Path) -> Result<(u32, u32)> {
+    let slots: Array<MapData, abi::FlowKey> = open_map(pin_dir, maps::FLOW_KEYS)?.try_into()?;
+    Ok((
+        slots.get(&abi::CURRENT_KEY, 0)?.id,
+        slots.get(&abi::PREVIOUS_KEY, 0)?.id,
+    ))
+}
+
+/// The ingress allowlist a compiled policy gives: for every destination with ingress `enforce`
+/// or `audit`, every identity Cedar lets reach it (per declared TCP port, or any port when it
+/// declares none), exactly as the policy table holds it for that subject. Only subjects the
+/// compile has rows for are listed (every inventory workload with cgroups; with Kubernetes,
+/// only this node's pods: remote pods are not allowed yet, a known limit).
+pub fn ingress_allows(compiled: &Compiled) -> HashMap<PolicyKey, PolicyValue> {
+    let mut allows = HashMap::new();
+    let destinations: Vec<_> = compiled
+        .identities()
+        .filter(|d| d.flags & (flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT) != 0)
+        .collect();
+    if destinations.is_empty() {
+        return allows;
+    }
+    let subjects: Vec<u32> = compiled
+        .identities()
+        .filter(|s| s.kind == IdentityKind::Workload)
+        .map(|s| s.id)
+        .chain([identity::WORLD])
+        .collect();
+    for d in destinations {
+        let ports: Vec<u16> = if d.ports.is_empty() {
+            vec![0]
+        } else {
+            d.ports
+                .iter()
+                .filter(|p| p.protocol.number() == proto::TCP)
+                .map(|p| p.port)
+                .collect()
+        };
+        for &s in &subjects {
+            for &port in &ports {
+                if compiled.is_allowed(s, d.id, port, proto::TCP) {
+                    allows.insert(
+                        PolicyKey {
+                            subject: s,
+                            destination: d.id,
+                            dport: port,
+                            protocol: proto::TCP,
+                            _pad: 0,
+                        },
+                        PolicyValue::allow(0),
+                    );
+                }
+            }
+        }
+    }
+    allows
+}
+
+/// Makes `INGRESS_ALLOW` hold exactly `desired`: adds first, then removes, so that a cell in
+/// both the old and the new list is never missing. Returns (written, removed).
+pub fn sync_ingress(
+    pin_dir: &Path,
+    desired: &HashMap<PolicyKey, PolicyValue>,
+) -> Result<(usize, usize)> {
+    let mut map: BpfHashMap<MapData, PolicyKey, PolicyValue> =
+        open_map(pin_dir, maps::INGRESS_ALLOW)?.try_into()?;
+    let present: HashMap<PolicyKey, PolicyValue> = map.iter().filter_map(|e| e.ok()).collect();
+    let mut written = 0;
+    for (k, v) in desired {
+        if present.get(k) != Some(v) {
+            map.insert(k, v, 0)
+                .with_context(|| format!("writing INGRESS_ALLOW {k:?}"))?;
+            written += 1;
+        }
+    }
+    let mut removed = 0;
+    for k in present.keys() {
+        if !desired.contains_key(k) {
+            map.remove(k)
+                .with_context(|| format!("removing INGRESS_ALLOW {k:?}"))?;
+            removed += 1;
+        }
+    }
+    Ok((written, removed))
+}
+
+/// One verified peer of an accepted tagged connection, as `WIRE_PEERS` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifiedPeer {
+    pub client: std::net::SocketAddr,
+    pub server: std::net::SocketAddr,
+    /// The identity the option claimed (and its tag proved).
+    pub identity: u32,
+    pub destination: u32,
+    pub generation: u16,
+    pub key_id: u8,
+}
+
+fn unmapped(bytes: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Every verified peer in `WIRE_PEERS` (works while no agent runs: it reads the pin).
+pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
+    // aya reads an LRU hash map through its `HashMap`.
+    let map: BpfHashMap<MapData, abi::PeerKey, abi::Peer> =
+        open_map(pin_dir, maps::WIRE_PEERS)?.try_into()?;
+    let mut peers = Vec::new();
+    for entry in map.iter() {
+        let (k, v) = entry.context("reading WIRE_PEERS")?;
+        peers.push(VerifiedPeer {
+            client: (unmapped(k.saddr), k.sport).into(),
+            server: (unmapped(k.daddr), k.dport).into(),
+            identity: v.identity,
+            destination: v.destination,
+            generation: v.generation,
+            key_id: v.key_id,
+        });
+    }
+    peers.sort_by_key(|p| (p.server, p.client));
+    Ok(peers)
+}
+
+/// The agent's flow-key file, reloaded when its content changes.
+#[derive(Debug)]
+pub struct KeyFile {
+    path: PathBuf,
+    loaded: Option<FlowKeys>,
+    /// The last refresh error, so that a broken file is reported once, not every tick.
+    last_error: Option<String>,
+}
+
+impl KeyFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            loaded: None,
+            last_error: None,
+        }
+    }
+
+    /// [`KeyFile::refresh`] for the agent's tick: an error is logged once per distinct error
+    /// and the keys in force stay.
+    pub fn refresh_logged(&mut self, pin_dir: &Path) {
+        match self.refresh(pin_dir) {
+            Ok(_) => self.last_error = None,
+            Err(error) => {
+                let text = format!("{error:#}");
+                if self.last_error.as_deref() != Some(text.as_str()) {
+                    tracing::error!(
+                        "flow keys not reloaded, the loaded ones stay in force: {text}"
+                    );
+                    self.last_error = Some(text);
+                }
+            }
+        }
+    }
+
+    /// Reads the file and writes its keys into the kernel when they differ from the ones
+    /// loaded; `Ok(true)` when it wrote. An unreadable or invalid file is an error and the
+    /// keys in force stay.
+    pub fn refresh(&mut self, pin_dir: &Path) -> Result<bool> {
+        let keys = read_keys(&self.path)?;
+        if self.loaded.as_ref() == Some(&keys) {
+            return Ok(false);
+        }
+        write_keys(pin_dir, &keys)?;
+        tracing::info!(
+            file = %self.path.display(),
+            current = keys.current.id,
+            previous = ?keys.previous.as_ref().map(|k| k.id),
+            "flow keys loaded"
+        );
+        self.loaded = Some(keys);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_errors_name_the_line() {
+        let f = Path::new("keys");
+        let k = parse_keys(
+            f,
+            "# c\n1 000102030405060708090a0b0c0d0e0f\n2 ff0102030405060708090a0b0c0d0e0f # old\n",
+        )
+        .unwrap();
+        assert_eq!(k.current.id, 1);
+        assert_eq!(k.current.key[15], 0x0f);
+        assert_eq!(k.previous.unwrap().id, 2);
+        let e = parse_keys(f, "\n0 000102030405060708090a0b0c0d0e0f\n").unwrap_err();
+        assert!(e.to_string().starts_with("keys:2:"), "{e}");
+        let e = parse_keys(f, "1 00010203\n").unwrap_err();
+        assert!(
+            e.to_string().contains("keys:1:") && e.to_string().contains("32 hex"),
+            "{e}"
+        );
+        let e = parse_keys(f, "").unwrap_err();
+        assert!(e.to_string().contains("no key"), "{e}");
+        let three = "1 000102030405060708090a0b0c0d0e0f\n2 000102030405060708090a0b0c0d0e0f\n3 000102030405060708090a0b0c0d0e0f\n";
+        assert!(parse_keys(f, three)
+            .unwrap_err()
+            .to_string()
+            .contains("more than two"));
+        let twice = "1 000102030405060708090a0b0c0d0e0f\n1 000102030405060708090a0b0c0d0e0f\n";
+        assert!(parse_keys(f, twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+    }
+
+    #[test]
+    fn option_layout() {
+        let key = FlowKey {
+            id: 3,
+            key: [7; 16],
+        };
+        let o = option(
+            &key,
+            0x0102_0304,
+            0x0506,
+            "fd84::1".parse().unwrap(),
+            "fd84::2".parse().unwrap(),
+            40000,
+            6333,
+        );
+        assert_eq!(
+            &o[..12],
+            &[253, 20, 0xA1, 0xE5, 1, 2, 3, 4, 5, 6, 3, abi::VERSION]
+        );
+        let t = tag(
+            &key,
+            0x0102_0304,
+            0x0506,
+            "fd84::1".parse().unwrap(),
+            "fd84::2".parse().unwrap(),
+            40000,
+            6333,
+        );
+        assert_eq!(&o[12..], &t.to_be_bytes());
+        // Every field is covered: change one, the tag changes.
+        let other = tag(
+            &key,
+            0x0102_0304,
+            0x0506,
+            "fd84::1".parse().unwrap(),
+            "fd84::2".parse().unwrap(),
+            40001,
+            6333,
+        );
+        assert_ne!(t, other);
+    }
+}

@@ -1,0 +1,760 @@
+//! Identity on the wire, end to end on the real kernel: two network namespaces joined by a veth
+//! pair stand for two nodes, each with its own enforcer (own pins, own cgroup root under the
+//! test's cgroup). Node 1 runs the retrievers, node 2 the vector DB `acme-vectors` (ingress
+//! `enforce`), listening on `[fd84::2]:6333` from a cgroup inside node 2's subtree.
+//!
+//! - acme-retriever (same tenant) connects, and node 2's `WIRE_PEERS` holds the identity its
+//!   option claimed for that very 4-tuple;
+//! - globex-retriever is denied at connect on node 1 (no SYN leaves);
+//! - a client in a cgroup no enforcer manages (untagged, from an address the IP cache knows as
+//!   acme-retriever) is dropped at node 2's ingress: one `missing_tag` event;
+//! - a SYN the test crafts on a raw socket with the right layout and a wrong tag is dropped:
+//!   one `bad_tag` event; the same SYN with the tag computed in userspace
+//!   (`enforcer::wire::option`) passes and is recorded: the kernel's MAC is userspace's;
+//! - key rotation: during it both keys verify, after it the old one is refused;
+//! - a verified claim the policy does not allow here, and an untagged peer outside the
+//!   cluster (WORLD), are refused as `not_allowed`;
+//! - ingress `audit` lets the unmanaged client through and reports it.
+//!
+//! Addresses: `fd84::1` (node 1) and `fd84::2` (node 2) on the test's own veth only; names
+//! start with `wr`.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use enforcer::wire::{key_ids, option, parse_keys, verified_peers, FlowKey};
+use enforcer_tests::fixtures::SCHEMA;
+use enforcer_tests::probe::probe_bin;
+use enforcer_tests::util::{wait_until, ChildGuard};
+use enforcer_tests::{
+    require_kernel, unique_name, Agent, AgentConfig, NetNs, Outcome, PinDir, PolicyBundle, Probe,
+    TempDir, TestCgroup, Veth,
+};
+use serde_json::Value;
+
+const NODE1: &str = "fd84::1";
+const NODE2: &str = "fd84::2";
+/// A second address on node 1's end that the IP cache does not know: WORLD.
+const OUTSIDER: &str = "fd84::99";
+const DB_PORT: u16 = 6333;
+const KEY1: &str = "1 000102030405060708090a0b0c0d0e0f";
+const KEY2: &str = "2 f0e0d0c0b0a090807060504030201000";
+
+const POLICIES: &str = r#"@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+
+@id("tenant-isolation")
+@atlas("AML.T0085.000")
+forbid (principal, action, resource)
+when { resource has tenant && principal.tenant != resource.tenant };
+"#;
+
+fn inventory(root: &str) -> String {
+    format!(
+        r#"tenants: [acme, globex]
+workloads:
+  - name: acme-retriever
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{root}/node1/acme-retriever]
+    ips: [{NODE1}/128]
+  - name: globex-retriever
+    tenant: globex
+    purpose: retrieval
+    ring: prod
+    cgroups: [{root}/node1/globex-retriever]
+endpoints:
+  - name: acme-vectors
+    tenant: acme
+    kind: vector_db
+    ips: [{NODE2}/128]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    datasets: [acme-kb]
+    ingress: enforce
+"#
+    )
+}
+
+/// The vector DB stand-in: `probe --serve` in node 2's namespace and a cgroup of node 2's
+/// subtree, so that its listening socket is judged by node 2's ingress program. Accepted
+/// peers arrive on a channel.
+struct DbServer {
+    _child: ChildGuard,
+    peers: mpsc::Receiver<SocketAddr>,
+}
+
+impl DbServer {
+    /// In `ns`, or in the test's own namespace (loopback) without one.
+    fn start(ns: Option<&NetNs>, cgroup: &TestCgroup, addr: SocketAddr) -> Result<Self> {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]).arg(probe_bin()?);
+                c
+            }
+            None => Command::new(probe_bin()?),
+        };
+        cmd.args(["--serve", &addr.to_string(), "--for", "600000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let procs = std::ffi::CString::new(
+            cgroup
+                .path()
+                .join("cgroup.procs")
+                .as_os_str()
+                .as_encoded_bytes(),
+        )?;
+        // SAFETY: runs between fork and exec; only raw syscalls on data prepared before.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        let mut child = ChildGuard::new(cmd.spawn().context("spawn probe --serve")?);
+        let stdout = child.child().stdout.take().context("server stdout")?;
+        let (listening_tx, listening_rx) = mpsc::channel();
+        let (tx, peers) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v.get("listening").is_some() {
+                    let _ = listening_tx.send(());
+                } else if let Some(p) = v["peer"].as_str().and_then(|p| p.parse().ok()) {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        listening_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the DB server did not start listening")?;
+        Ok(Self {
+            _child: child,
+            peers,
+        })
+    }
+
+    /// Every peer accepted so far.
+    fn accepted(&self) -> Vec<SocketAddr> {
+        self.peers.try_iter().collect()
+    }
+}
+
+/// Two nodes. Field order is drop order: servers and agents before the cgroups they use.
+struct Bed {
+    db: DbServer,
+    node1: Agent,
+    node2: Agent,
+    keys1: PathBuf,
+    keys2: PathBuf,
+    n1: NetNs,
+    _veth: Veth,
+    _n2: NetNs,
+    cg: Cgroups,
+    bundle: PolicyBundle,
+    _pins1: PinDir,
+    _pins2: PinDir,
+    _tmp: TempDir,
+}
+
+struct Cgroups {
+    acme: TestCgroup,
+    globex: TestCgroup,
+    stranger: TestCgroup,
+    db: TestCgroup,
+    node1: TestCgroup,
+    node2: TestCgroup,
+    root: TestCgroup,
+}
+
+impl Bed {
+    fn new() -> Result<Self> {
+        let root = TestCgroup::create(unique_name("wr"))?;
+        let node1 = root.child("node1")?;
+        let node2 = root.child("node2")?;
+        let cg = Cgroups {
+            acme: node1.child("acme-retriever")?,
+            globex: node1.child("globex-retriever")?,
+            stranger: root.child("stranger")?,
+            db: node2.child("acme-vectors")?,
+            node1,
+            node2,
+            root,
+        };
+        let bundle = PolicyBundle::new(&[
+            ("inventory.yaml", &inventory(&cg.root.relative_str())),
+            ("schema.cedarschema", SCHEMA),
+            ("policies.cedar", POLICIES),
+        ])?;
+        let tmp = TempDir::new("wr-keys")?;
+        let keys1 = tmp.path().join("node1.keys");
+        let keys2 = tmp.path().join("node2.keys");
+        std::fs::write(&keys1, format!("{KEY1}\n"))?;
+        std::fs::write(&keys2, format!("{KEY1}\n"))?;
+
+        let n1 = NetNs::create(&unique_name("wr1"))?;
+        let n2 = NetNs::create(&unique_name("wr2"))?;
+        let veth = Veth::create(
+            &n1,
+            &[&format!("{NODE1}/64"), &format!("{OUTSIDER}/64")],
+            &n2,
+            &[&format!("{NODE2}/64")],
+        )?;
+
+        let pins1 = PinDir::new("wr-node1")?;
+        let pins2 = PinDir::new("wr-node2")?;
+        let agent = |node: &TestCgroup, pins: &PinDir, keys: &Path| {
+            let mut c = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+            c.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
+            Agent::start(c)
+        };
+        let node1_agent = agent(&cg.node1, &pins1, &keys1)?;
+        let node2_agent = agent(&cg.node2, &pins2, &keys2)?;
+        let db = DbServer::start(
+            Some(&n2),
+            &cg.db,
+            SocketAddr::new(NODE2.parse::<IpAddr>()?, DB_PORT),
+        )?;
+        Ok(Self {
+            db,
+            node1: node1_agent,
+            node2: node2_agent,
+            keys1,
+            keys2,
+            n1,
+            _veth: veth,
+            _n2: n2,
+            cg,
+            bundle,
+            _pins1: pins1,
+            _pins2: pins2,
+            _tmp: tmp,
+        })
+    }
+
+    fn pin_dir(agent: &Agent) -> PathBuf {
+        enforcer::datapath::pin_dir(&agent.config().pin_path)
+    }
+
+    fn probe(&self, cgroup: &TestCgroup) -> Probe {
+        Probe::new().in_cgroup(cgroup).in_netns(&self.n1)
+    }
+
+    /// The identity number of a workload, as both nodes compiled it.
+    fn identity(&self, name: &str) -> Result<u32> {
+        let bundle = enforcer_policy::Bundle::load(self.bundle.path())
+            .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?;
+        let compiled = bundle.compile()?;
+        Ok(compiled
+            .identity_by_name(name)
+            .with_context(|| format!("no identity {name}"))?
+            .id)
+    }
+
+    /// Writes a node's key file and waits until its agent has the keys in the kernel.
+    fn set_keys(&self, node: u8, text: &str) -> Result<()> {
+        let (file, agent) = match node {
+            1 => (&self.keys1, &self.node1),
+            _ => (&self.keys2, &self.node2),
+        };
+        let want = parse_keys(file, text)?;
+        let want = (
+            want.current.id as u32,
+            want.previous.map_or(0, |k| k.id as u32),
+        );
+        std::fs::write(file, text)?;
+        let dir = Self::pin_dir(agent);
+        ensure!(
+            wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+                key_ids(&dir).ok() == Some(want)
+            }),
+            "node {node} did not load keys {want:?}: {:?}\n{}",
+            key_ids(&dir),
+            agent.stderr_tail()
+        );
+        Ok(())
+    }
+
+    /// The identity node 2 verified for a client address, if any.
+    fn verified(&self, client: SocketAddr) -> Result<Option<u32>> {
+        Ok(verified_peers(&Self::pin_dir(&self.node2))?
+            .into_iter()
+            .find(|p| p.client == client)
+            .map(|p| p.identity))
+    }
+
+    fn ingress_events(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .node2
+            .verdict_events()?
+            .into_iter()
+            .filter(|e| e["hook"] == "ingress")
+            .collect())
+    }
+}
+
+fn key(line: &str) -> FlowKey {
+    parse_keys(Path::new("key"), line)
+        .expect("test key")
+        .current
+}
+
+/// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
+/// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
+/// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
+fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
+    ensure!(
+        extra.len().is_multiple_of(4),
+        "options must be padded to 4 bytes"
+    );
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&DB_PORT.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = (((20 + extra.len()) / 4) as u8) << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(extra);
+    ns.run_in(|| -> Result<()> {
+        // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("raw socket");
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let checksum_offset: libc::c_int = 16;
+        // SAFETY: valid option pointer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_CHECKSUM,
+                (&checksum_offset as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("IPV6_CHECKSUM");
+        }
+        let sockaddr = |ip: Ipv6Addr| libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as u16,
+            sin6_port: 0,
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: ip.octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        let src = sockaddr(source.parse()?);
+        let dst = sockaddr(NODE2.parse()?);
+        let len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+        // SAFETY: valid sockaddr pointers and lengths.
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&src as *const libc::sockaddr_in6).cast(),
+                len,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("bind a raw socket to {source}"));
+        }
+        // SAFETY: valid buffer and sockaddr.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                tcp.as_ptr().cast(),
+                tcp.len(),
+                0,
+                (&dst as *const libc::sockaddr_in6).cast(),
+                len,
+            )
+        };
+        if sent != tcp.len() as isize {
+            return Err(std::io::Error::last_os_error()).context("sendto raw SYN");
+        }
+        Ok(())
+    })?
+}
+
+/// MSS, then the identity option (20 bytes): 24 bytes of options.
+fn options_with(identity_option: &[u8; 20]) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xa0];
+    o.extend_from_slice(identity_option);
+    o
+}
+
+fn node1_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(NODE1.parse().expect("literal"), port)
+}
+
+/// Waits for exactly `n` ingress events matching `pred` (and, after a settle, no more).
+fn expect_ingress(bed: &Bed, n: usize, pred: impl Fn(&Value) -> bool, what: &str) -> Result<Value> {
+    bed.node2
+        .wait_for(n, Duration::from_secs(10), |e| {
+            e["hook"] == "ingress" && pred(e)
+        })
+        .with_context(|| what.to_string())?;
+    let settled = bed
+        .node2
+        .settled_events(Duration::from_millis(1500), Duration::from_secs(10))?;
+    let matching: Vec<&Value> = settled
+        .iter()
+        .filter(|e| e["hook"] == "ingress" && pred(e))
+        .collect();
+    ensure!(
+        matching.len() == n,
+        "{what}: want exactly {n} ingress events, got {}: {}",
+        matching.len(),
+        serde_json::to_string(&matching)?
+    );
+    Ok(matching[n - 1].clone())
+}
+
+#[test]
+fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let bed = Bed::new()?;
+    let acme = bed.identity("acme-retriever")?;
+    let db = bed.identity("acme-vectors")?;
+    let addr = format!("tcp:[{NODE2}]:{DB_PORT}");
+
+    // 1. Same tenant: connects, and node 2 verified the identity of that very 4-tuple.
+    bed.probe(&bed.cg.acme)
+        .expect_outcome(&addr, Outcome::Ok, "acme-retriever -> acme-vectors")?;
+    let mut accepted = Vec::new();
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            accepted.extend(bed.db.accepted());
+            !accepted.is_empty()
+        }),
+        "the DB accepted nothing"
+    );
+    ensure!(accepted.len() == 1, "accepted {accepted:?}");
+    let client = accepted[0];
+    ensure!(
+        bed.verified(client)? == Some(acme),
+        "node 2 verified {:?} for {client}, want acme-retriever ({acme}); peers: {:?}",
+        bed.verified(client)?,
+        verified_peers(&Bed::pin_dir(&bed.node2))?
+    );
+    ensure!(
+        bed.ingress_events()?.is_empty(),
+        "{:?}",
+        bed.ingress_events()?
+    );
+
+    // 2. Another tenant: denied at connect on node 1; nothing reaches node 2.
+    bed.probe(&bed.cg.globex).expect_outcome(
+        &addr,
+        Outcome::Eperm,
+        "globex-retriever -> acme-vectors",
+    )?;
+    bed.node1.wait_for(1, Duration::from_secs(10), |e| {
+        e["reason"] == "tenant_mismatch" && e["destination"]["name"] == "acme-vectors"
+    })?;
+
+    // 3. A client no enforcer manages, from an address the IP cache knows (acme-retriever's):
+    //    no option, dropped at node 2's ingress, one event however often the SYN is resent.
+    let r = bed
+        .probe(&bed.cg.stranger)
+        .run_one(&format!("{addr}@{NODE1}"))?;
+    ensure!(r.outcome == Outcome::Error, "unmanaged client got {r:?}");
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "missing_tag",
+        "unmanaged client",
+    )?;
+    ensure!(
+        e["verdict"] == "deny" && e["type"] == "connection.denied",
+        "{e}"
+    );
+    ensure!(e["subject"]["identity"] == acme, "{e}");
+    ensure!(e["destination"]["identity"] == db, "{e}");
+    ensure!(e["destination"]["port"] == DB_PORT, "{e}");
+    ensure!(e["peer"]["ip"] == NODE1, "{e}");
+
+    // 4. Forged: the right layout claiming acme-retriever, a tag made with a key no enforcer
+    //    holds. Then the same claim tagged by userspace with the real key passes and is
+    //    recorded: the kernel computes the MAC userspace computes.
+    let forger = key("9 00000000000000000000000000000000");
+    let k1 = key(KEY1);
+    let (s, d): (IpAddr, IpAddr) = (NODE1.parse()?, NODE2.parse()?);
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45001,
+        &options_with(&option(&forger, acme, 0, s, d, 45001, DB_PORT)),
+    )?;
+    let e = expect_ingress(&bed, 1, |e| e["reason"] == "bad_tag", "forged tag")?;
+    ensure!(
+        e["subject"]["identity"] == acme && e["peer"]["port"] == 45001,
+        "{e}"
+    );
+    ensure!(bed.verified(node1_addr(45001))?.is_none());
+    // Right key id, wrong tag: still refused.
+    let mut wrong = option(&k1, acme, 0, s, d, 45002, DB_PORT);
+    wrong[19] ^= 1;
+    raw_syn(&bed.n1, NODE1, 45002, &options_with(&wrong))?;
+    expect_ingress(&bed, 2, |e| e["reason"] == "bad_tag", "flipped tag bit")?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45003,
+        &options_with(&option(&k1, acme, 7, s, d, 45003, DB_PORT)),
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(node1_addr(45003)).ok().flatten() == Some(acme)
+        }),
+        "the userspace-tagged SYN was not verified by node 2: {:?}\n{:?}",
+        verified_peers(&Bed::pin_dir(&bed.node2))?,
+        bed.ingress_events()?
+    );
+
+    // 5. Rotation. Node 2 learns key 2 (key 1 still signs), node 1 signs with key 2: both
+    //    verify; then node 2 drops key 1 and a SYN signed with it is refused.
+    bed.set_keys(2, &format!("{KEY1}\n{KEY2}\n"))?;
+    bed.set_keys(1, &format!("{KEY2}\n{KEY1}\n"))?;
+    let k2 = key(KEY2);
+    bed.probe(&bed.cg.acme).expect_outcome(
+        &addr,
+        Outcome::Ok,
+        "signed with key 2 during the rotation",
+    )?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45004,
+        &options_with(&option(&k1, acme, 0, s, d, 45004, DB_PORT)),
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(node1_addr(45004)).ok().flatten() == Some(acme)
+        }),
+        "key 1 not accepted during the rotation"
+    );
+    bed.set_keys(2, &format!("{KEY2}\n"))?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45005,
+        &options_with(&option(&k1, acme, 0, s, d, 45005, DB_PORT)),
+    )?;
+    expect_ingress(
+        &bed,
+        3,
+        |e| e["reason"] == "bad_tag",
+        "key 1 after the rotation",
+    )?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45006,
+        &options_with(&option(&k2, acme, 0, s, d, 45006, DB_PORT)),
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(node1_addr(45006)).ok().flatten() == Some(acme)
+        }),
+        "key 2 not accepted after the rotation"
+    );
+    bed.probe(&bed.cg.acme).expect_outcome(
+        &addr,
+        Outcome::Ok,
+        "signed with key 2 after the rotation",
+    )?;
+
+    // 6. A claim with a valid tag that the policy does not allow here (another tenant):
+    //    not_allowed, attributed to the Cedar policy that forbids it.
+    let globex = bed.identity("globex-retriever")?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45007,
+        &options_with(&option(&k2, globex, 0, s, d, 45007, DB_PORT)),
+    )?;
+    let e = expect_ingress(&bed, 1, |e| e["reason"] == "not_allowed", "globex claim")?;
+    ensure!(e["subject"]["identity"] == globex, "{e}");
+    ensure!(e["subject"]["tenant"] == "globex", "{e}");
+    ensure!(e["policy"]["id"] == "tenant-isolation", "{e}");
+    ensure!(bed.verified(node1_addr(45007))?.is_none());
+
+    // 7. An untagged peer the IP cache does not know is WORLD, judged by the policy on WORLD
+    //    (none lets WORLD query the DB): not_allowed, not missing_tag.
+    raw_syn(&bed.n1, OUTSIDER, 45008, &[2, 4, 0x05, 0xa0])?;
+    let e = expect_ingress(
+        &bed,
+        2,
+        |e| e["reason"] == "not_allowed",
+        "untagged SYN from outside",
+    )?;
+    ensure!(
+        e["subject"]["identity"] == 1 && e["peer"]["ip"] == OUTSIDER,
+        "{e}"
+    );
+    ensure!(e["policy"]["id"] == "implicit-deny", "{e}");
+
+    // 8. Ingress `audit`: the same unmanaged client now connects, reported as audit.
+    let inventory =
+        inventory(&bed.cg.root.relative_str()).replace("ingress: enforce", "ingress: audit");
+    bed.bundle.write_file("inventory.yaml", &inventory)?;
+    let r = bed.probe(&bed.cg.stranger).until(
+        Outcome::Ok,
+        &format!("{addr}@{NODE1}"),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.reached,
+        "the unmanaged client was still refused after the switch to audit: {r:?}"
+    );
+    let audited = bed.node2.wait_for(1, Duration::from_secs(10), |e| {
+        e["hook"] == "ingress" && e["verdict"] == "audit" && e["reason"] == "missing_tag"
+    })?;
+    let e = audited
+        .iter()
+        .find(|e| e["verdict"] == "audit")
+        .context("audit event")?;
+    ensure!(
+        e["type"] == "connection.audited" && e["subject"]["identity"] == acme,
+        "{e}"
+    );
+
+    if !bed.node1.denies()?.iter().all(|e| e["hook"] != "ingress") {
+        bail!("node 1 reported ingress events: {:?}", bed.node1.denies()?);
+    }
+    Ok(())
+}
+
+/// The same check on one node over IPv4 loopback (`127.84.0.0/16`): a tagged connect from a
+/// managed workload to a local vector DB with ingress `enforce` is verified (the IPv4 form of
+/// the MAC: addresses as `::ffff:a.b.c.d`), an unmanaged client from the workload's address is
+/// dropped with one `missing_tag` event.
+#[test]
+fn ipv4_loopback_tagged_connect_is_verified_and_an_untagged_one_dropped() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const CLIENT: &str = "127.84.0.1";
+    const DB: &str = "127.84.0.2";
+    let root = TestCgroup::create(unique_name("wr"))?;
+    let node = root.child("node")?;
+    let acme_cg = node.child("acme-retriever")?;
+    let db_cg = node.child("acme-vectors")?;
+    let stranger = root.child("stranger")?;
+    let inventory = format!(
+        r#"tenants: [acme]
+workloads:
+  - name: acme-retriever
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{}]
+    ips: [{CLIENT}/32]
+endpoints:
+  - name: acme-vectors
+    tenant: acme
+    kind: vector_db
+    ips: [{DB}/32]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    ingress: enforce
+"#,
+        acme_cg.relative_str()
+    );
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", &inventory),
+        ("schema.cedarschema", SCHEMA),
+        ("policies.cedar", POLICIES),
+    ])?;
+    let tmp = TempDir::new("wr-keys")?;
+    let keys = tmp.path().join("keys");
+    std::fs::write(&keys, format!("{KEY1}\n"))?;
+    let pins = PinDir::new("wr-v4")?;
+    let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+    config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
+    let agent = Agent::start(config)?;
+    let db = DbServer::start(None, &db_cg, SocketAddr::new(DB.parse()?, DB_PORT))?;
+    let compiled = enforcer_policy::Bundle::load(bundle.path())
+        .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?
+        .compile()?;
+    let acme = compiled
+        .identity_by_name("acme-retriever")
+        .context("acme-retriever")?
+        .id;
+    let attempt = format!("tcp:{DB}:{DB_PORT}@{CLIENT}");
+
+    Probe::new().in_cgroup(&acme_cg).expect_outcome(
+        &attempt,
+        Outcome::Ok,
+        "acme-retriever -> acme-vectors",
+    )?;
+    let mut accepted = Vec::new();
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            accepted.extend(db.accepted());
+            !accepted.is_empty()
+        }),
+        "the DB accepted nothing"
+    );
+    let peers = verified_peers(&enforcer::datapath::pin_dir(pins.path()))?;
+    ensure!(
+        peers
+            .iter()
+            .any(|p| p.client == accepted[0] && p.identity == acme),
+        "no verified peer {} as acme-retriever ({acme}): {peers:?}",
+        accepted[0]
+    );
+
+    let r = Probe::new().in_cgroup(&stranger).run_one(&attempt)?;
+    ensure!(r.outcome == Outcome::Error, "unmanaged client got {r:?}");
+    agent.wait_for(1, Duration::from_secs(10), |e| {
+        e["hook"] == "ingress" && e["reason"] == "missing_tag"
+    })?;
+    let settled = agent.settled_events(Duration::from_millis(1500), Duration::from_secs(10))?;
+    let ingress: Vec<&Value> = settled.iter().filter(|e| e["hook"] == "ingress").collect();
+    ensure!(ingress.len() == 1, "want one ingress event: {ingress:?}");
+    let e = ingress[0];
+    ensure!(
+        e["subject"]["identity"] == acme
+            && e["peer"]["ip"] == CLIENT
+            && e["destination"]["ip"] == DB
+            && e["verdict"] == "deny",
+        "{e}"
+    );
+    ensure!(
+        db.accepted().is_empty(),
+        "the unmanaged client reached the DB"
+    );
+    drop(db);
+    drop(agent);
+    Ok(())
+}
