@@ -124,8 +124,10 @@ impl Setup {
         config
             .extra_args
             .extend(extra_args.iter().map(|a| a.to_string()));
+        // A debug build compiles ~440,000 cells before it is ready: on a loaded machine that
+        // takes more than the default 20 s (a deadline, not a sleep).
+        config.ready_timeout = Duration::from_secs(300);
         let agent = Agent::start(config)?;
-        // A debug build compiles ~440,000 cells: give it time (a deadline, not a sleep).
         wait_notices(
             &agent,
             "policy.applied",
