@@ -143,9 +143,10 @@ struct MemoPod {
 }
 
 impl Memo {
-    /// `pod_identity` of `pod`, from the last round when nothing it reads changed.
+    /// `pod_identity` of `pod`, from the last round when nothing it reads changed. The
+    /// entry moves from the last round's map to `next` (no copy of what it holds).
     fn pod_identity(
-        &self,
+        &mut self,
         next: &mut HashMap<usize, MemoPod>,
         pod: &Arc<Pod>,
         tenant: &TenantMetadata,
@@ -153,13 +154,8 @@ impl Memo {
         problems: &mut Vec<String>,
     ) -> Option<ClusterIdentity> {
         let key = Arc::as_ptr(pod) as usize;
-        let entry = match self.pods.get(&key) {
-            Some(e) if Arc::ptr_eq(&e.pod, pod) && e.tenant == *tenant => MemoPod {
-                pod: e.pod.clone(),
-                tenant: e.tenant.clone(),
-                identity: e.identity.clone(),
-                problems: e.problems.clone(),
-            },
+        let entry = match self.pods.remove(&key) {
+            Some(e) if Arc::ptr_eq(&e.pod, pod) && e.tenant == *tenant => e,
             _ => {
                 let mut own = Vec::new();
                 let identity = pod_identity(pod, tenant, rules, &mut own);
