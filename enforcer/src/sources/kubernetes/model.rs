@@ -244,14 +244,25 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     // tenant forges, while the Node owner reference that admits the mirror annotation is
     // anyone's to write: the pod whose own UID it is keeps it, the mirror claims on it are
     // refused. Between mirror claims alone, neither is mapped. All are reported.
-    let mut by_uid: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    // Borrowed first: with no conflict (the usual case) nothing is copied.
+    let mut shared_uids: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
     for pod in identities.values().flat_map(|i| &i.pods) {
-        by_uid
-            .entry(pod.uid.clone())
+        shared_uids
+            .entry(pod.uid.as_str())
             .or_default()
-            .push((pod.namespace.clone(), pod.name.clone()));
+            .push((pod.namespace.as_str(), pod.name.as_str()));
     }
-    by_uid.retain(|_, pods| pods.len() > 1);
+    let by_uid: BTreeMap<String, Vec<(String, String)>> = shared_uids
+        .into_iter()
+        .filter(|(_, pods)| pods.len() > 1)
+        .map(|(uid, pods)| {
+            let pods = pods
+                .into_iter()
+                .map(|(ns, name)| (ns.to_string(), name.to_string()))
+                .collect();
+            (uid.to_string(), pods)
+        })
+        .collect();
     if !by_uid.is_empty() {
         // (namespace, name) of every pod left out.
         let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
