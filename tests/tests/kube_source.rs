@@ -449,15 +449,23 @@ async fn source_follows_pods_namespaces_and_services() -> Result<()> {
         "{tenants:?}"
     );
 
-    // What is published is what is persisted.
-    let persisted: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join(STATE_FILE))?)?;
-    let on_disk: ClusterState = serde_json::from_value(persisted["state"].clone())?;
-    let current = rx.borrow().clone().context("a state")?;
-    ensure!(
-        on_disk == *current,
-        "persisted state differs from the published one"
-    );
+    // What is published is what is persisted: the state is written after it is published
+    // (off the path of a change), so the file follows shortly after.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let current = rx.borrow().clone().context("a state")?;
+        let persisted: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(STATE_FILE))?)?;
+        let on_disk: ClusterState = serde_json::from_value(persisted["state"].clone())?;
+        if on_disk == *current {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "persisted state differs from the published one after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(source);
     Ok(())
 }

@@ -272,6 +272,12 @@ pub struct Tables {
     class_shadow: [Option<HashMap<PolicyKey, PolicyValue>>; 2],
     /// Testing only: called at each step of a table swap (see [`Tables::observe_swaps`]).
     observer: Option<Box<dyn FnMut(SwapStep) + Send>>,
+    /// The same for the cgroup, identity and IP-cache maps: what the last successful apply
+    /// wrote, so that the next one diffs against memory (at 20,000 pods, reading them back
+    /// was a tenth of the agent's CPU per pod change). `None` until first read, and again
+    /// after any failed write or a write outside `apply` that does not keep it (the maps
+    /// are then read from the kernel once more).
+    mappings_shadow: Option<Mappings>,
 }
 
 /// A step of a table swap, after which [`Tables::observe_swaps`]'s observer runs.
@@ -319,6 +325,18 @@ struct Mappings {
 struct IpCache<const N: usize> {
     host: HashMap<[u8; N], u32>,
     prefix: HashMap<(u32, [u8; N]), u32>,
+}
+
+impl Mappings {
+    /// What the maps hold once `desired` is written.
+    fn of(desired: &DesiredState) -> Self {
+        Self {
+            cgroups: desired.cgroups.iter().map(|(k, v)| (*k, *v)).collect(),
+            identities: desired.identities.iter().map(|(k, v)| (*k, *v)).collect(),
+            v4: IpCache::from_desired(&desired.ipcache_v4),
+            v6: IpCache::from_desired(&desired.ipcache_v6),
+        }
+    }
 }
 
 impl<const N: usize> IpCache<N> {
@@ -563,6 +581,7 @@ impl Tables {
             policy_shadow: [None, None],
             class_shadow: [None, None],
             observer: None,
+            mappings_shadow: None,
         })
     }
 
@@ -735,7 +754,11 @@ impl Tables {
         publish: &mut dyn FnMut(u64, Flip),
     ) -> Result<ApplyReport> {
         let started = Instant::now();
-        let current = self.read_mappings()?;
+        // Taken: a failure below leaves it `None`, and the maps are read again next time.
+        let current = match self.mappings_shadow.take() {
+            Some(shadow) => shadow,
+            None => self.read_mappings()?,
+        };
         let old_config = self.config()?;
         let old_table = self.active_contents(&old_config)?;
         let plan = self.plan(desired, &current, &old_table)?;
@@ -762,6 +785,8 @@ impl Tables {
                 ))),
             };
         }
+        // A successful execute leaves exactly `desired` in these maps.
+        self.mappings_shadow = Some(Mappings::of(desired));
         report.elapsed = started.elapsed();
         Ok(report)
     }
@@ -971,9 +996,9 @@ impl Tables {
             let old = current.identities.get(id);
             let interim = interim_info(old, info);
             if !old.is_some_and(|old| old.same_identity(&interim)) {
-                let classes = old.copied().unwrap_or_default();
-                self.identities
-                    .put(id, &interim.with_classes_of(&classes), maps::IDENTITIES)?;
+                // The class slots come from the kernel, not from `current`: a shadow of
+                // the last apply holds what was desired, which has no classes.
+                self.put_identity(*id, &interim)?;
                 report.written += 1;
             }
         }
@@ -1115,12 +1140,17 @@ impl Tables {
                 maps::CGROUP_IDENTITY
             );
         }
-        let current = self.cgroup_identity.entries()?;
+        let mut shadow = self.mappings_shadow.take();
+        let current = match shadow.as_mut() {
+            Some(shadow) => std::mem::take(&mut shadow.cgroups),
+            None => self.cgroup_identity.entries()?,
+        };
         let stale: Vec<u64> = current
             .keys()
             .filter(|k| !cgroups.contains_key(k))
             .copied()
             .collect();
+        // On failure the shadow stays `None`: the map holds part of the change.
         remove(&mut self.cgroup_identity, &stale, maps::CGROUP_IDENTITY)?;
         write_changed(
             &mut self.cgroup_identity,
@@ -1128,6 +1158,10 @@ impl Tables {
             cgroups,
             maps::CGROUP_IDENTITY,
         )?;
+        if let Some(mut shadow) = shadow {
+            shadow.cgroups = cgroups.iter().map(|(k, v)| (*k, *v)).collect();
+            self.mappings_shadow = Some(shadow);
+        }
         Ok(())
     }
 
@@ -1177,6 +1211,7 @@ impl Tables {
     /// that programs already attached never judge it. Every other entry stays as it is
     /// until the first policy is applied.
     pub fn exempt(&mut self, cgroup_id: u64) -> Result<()> {
+        self.mappings_shadow = None;
         self.put_identity(identity::AGENT, &IdentityInfo::new(0, flags::EXEMPT))?;
         self.cgroup_identity
             .put(&cgroup_id, &identity::AGENT, maps::CGROUP_IDENTITY)
@@ -1184,6 +1219,7 @@ impl Tables {
 
     /// Sets or clears flag bits of one identity (quarantine), leaving the rest as it is.
     pub fn update_flags(&mut self, identity: u32, set: u32, clear: u32) -> Result<()> {
+        self.mappings_shadow = None;
         let mut info = self
             .identities
             .get(&identity, 0)

@@ -1427,3 +1427,174 @@ fn system_namespaces_must_be_namespace_names() {
         assert!(problem.contains(&format!("{bad:?}")), "{problem}");
     }
 }
+
+/// A random sequence of watch events (pods, namespaces, Services and their Endpoints
+/// applied, deleted and relisted through reflector stores, and a change of rules): after
+/// every step the state computed with the memo of the previous steps is exactly the state
+/// computed from scratch.
+#[test]
+fn incremental_state_equals_a_rebuild() {
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+    const NAMESPACES: [&str; 5] = ["acme", "globex", "kube-system", "initech", "hooli"];
+
+    fn random_pod(rng: &mut Rng) -> Pod {
+        let ns = rng.pick(&NAMESPACES);
+        let name = format!("p{}", rng.below(12));
+        let mut labels = serde_json::Map::new();
+        if rng.below(4) > 0 {
+            labels.insert(
+                labels::PURPOSE.into(),
+                json!(rng.pick(&["inference", "retrieval", "agent"])),
+            );
+        }
+        if rng.below(3) == 0 {
+            labels.insert(
+                "app.kubernetes.io/component".into(),
+                json!(rng.pick(&["web", "db"])),
+            );
+        }
+        match rng.below(12) {
+            // A label value Kubernetes would refuse, a pod claiming another tenant.
+            0 => drop(labels.insert(labels::RING.into(), json!("-bad-"))),
+            1 => drop(labels.insert(labels::TENANT.into(), json!("umbrella"))),
+            _ => {}
+        }
+        let ip = match rng.below(10) {
+            0 => "not-an-ip".to_string(),
+            1 => String::new(),
+            n => format!("127.81.{}.{}", n, rng.below(6) + 1),
+        };
+        let mut pod = pod(ns, &name, serde_json::Value::Object(labels), "kp-node", &ip);
+        if ip.is_empty() {
+            pod.status.as_mut().unwrap().pod_ip = None;
+            pod.status.as_mut().unwrap().pod_ips = None;
+        }
+        match rng.below(10) {
+            0 => pod.status.as_mut().unwrap().phase = Some("Succeeded".into()),
+            1 => pod.spec.as_mut().unwrap().host_network = Some(true),
+            // Two pods naming one cgroup.
+            2 => pod.metadata.uid = Some("uid-shared".into()),
+            3 => pod.spec.as_mut().unwrap().service_account_name = Some("Bad_SA".into()),
+            _ => {}
+        }
+        if rng.below(3) == 0 {
+            pod.spec.as_mut().unwrap().node_name = Some(format!("kp-other-{}", rng.below(3)));
+        }
+        pod.metadata.resource_version = Some(rng.below(1_000_000).to_string());
+        pod
+    }
+    fn random_namespace(rng: &mut Rng) -> Namespace {
+        let name = rng.pick(&NAMESPACES);
+        let tenant = rng.pick(&["acme", "globex", "umbrella", "-bad-", ""]);
+        match rng.below(4) {
+            0 => namespace(name, json!({}), json!({})),
+            1 => namespace(name, json!({}), json!({labels::TENANT: tenant})),
+            2 => namespace(
+                name,
+                json!({labels::TENANT: tenant, labels::REGION: "eu-west-1"}),
+                json!({labels::TENANT: "other"}),
+            ),
+            _ => tenant_ns(name, tenant),
+        }
+    }
+    fn random_service(rng: &mut Rng) -> Service {
+        let ns = rng.pick(&NAMESPACES);
+        let name = format!("s{}", rng.below(4));
+        service(
+            ns,
+            &name,
+            &format!("127.81.200.{}", rng.below(4) + 1),
+            json!([{"name": "http", "port": 80, "protocol": rng.pick(&["TCP", "UDP", "SCTP"])}]),
+        )
+    }
+    fn random_endpoints(rng: &mut Rng) -> Endpoints {
+        let ns = rng.pick(&NAMESPACES);
+        let name = format!("s{}", rng.below(4));
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name},
+            "subsets": [{
+                "addresses": [{"ip": format!("127.81.{}.{}", rng.below(8) + 2, rng.below(6) + 1)}],
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+            }]
+        }))
+        .unwrap()
+    }
+
+    for seed in 1..=40u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let (pods, mut pod_writer) = listed(Vec::<Pod>::new());
+        let (namespaces, mut ns_writer) = listed(vec![tenant_ns("acme", "acme")]);
+        let (services, mut svc_writer) = listed(Vec::<Service>::new());
+        let (endpoints, mut ep_writer) = listed(Vec::<Endpoints>::new());
+        let mut rules = rules();
+        let mut memo = Memo::default();
+        for step in 0..150 {
+            let event = rng.below(100);
+            match event {
+                0..=44 => pod_writer.apply_watcher_event(&Event::Apply(random_pod(&mut rng))),
+                45..=59 => pod_writer.apply_watcher_event(&Event::Delete(random_pod(&mut rng))),
+                60..=69 => ns_writer.apply_watcher_event(&Event::Apply(random_namespace(&mut rng))),
+                70..=72 => {
+                    ns_writer.apply_watcher_event(&Event::Delete(random_namespace(&mut rng)))
+                }
+                73..=79 => svc_writer.apply_watcher_event(&Event::Apply(random_service(&mut rng))),
+                80..=81 => svc_writer.apply_watcher_event(&Event::Delete(random_service(&mut rng))),
+                82..=89 => ep_writer.apply_watcher_event(&Event::Apply(random_endpoints(&mut rng))),
+                90..=91 => {
+                    ep_writer.apply_watcher_event(&Event::Delete(random_endpoints(&mut rng)))
+                }
+                // A relist after 410 Gone: every pod object is new, some are the same pods.
+                92..=95 => {
+                    let kept: Vec<Pod> = pods
+                        .state()
+                        .iter()
+                        .filter(|_| rng.below(4) > 0)
+                        .map(|p| (**p).clone())
+                        .collect();
+                    pod_writer.apply_watcher_event(&Event::Init);
+                    for p in kept {
+                        pod_writer.apply_watcher_event(&Event::InitApply(p));
+                    }
+                    pod_writer.apply_watcher_event(&Event::InitApply(random_pod(&mut rng)));
+                    pod_writer.apply_watcher_event(&Event::InitDone);
+                }
+                // Another configuration (an agent restarted with other flags).
+                96..=97 => {
+                    rules.system_namespaces = match rng.below(2) {
+                        0 => vec!["kube-system".into()],
+                        _ => Vec::new(),
+                    }
+                }
+                _ => {
+                    rules.identity_labels = match rng.below(2) {
+                        0 => vec!["app.kubernetes.io/component".into()],
+                        _ => Vec::new(),
+                    }
+                }
+            }
+            let snapshot = Snapshot {
+                pods: pods.state(),
+                namespaces: namespaces.state(),
+                services: services.state(),
+                backends: Backends::Endpoints(endpoints.state()),
+            };
+            let incremental = cluster_state_with(&snapshot, &rules, &mut memo);
+            let rebuilt = cluster_state(&snapshot, &rules);
+            assert_eq!(
+                incremental, rebuilt,
+                "seed {seed}, step {step} (event {event}): the incremental state differs"
+            );
+        }
+    }
+}
