@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 /// Events kept in memory for `enforcer events` without `--follow` and for `--since`.
 pub const HISTORY: usize = 10_000;
 /// Events queued for one consumer before it starts missing them.
-pub const QUEUE: usize = 4_096;
+pub const QUEUE: usize = 1_024;
 /// The `consumer` label of `enforcer_events_consumer_dropped`.
 const METRICS_CONSUMER: &str = "enforcer_events";
 
