@@ -691,7 +691,8 @@ mod tests {
 
     #[test]
     fn a_consumer_that_does_not_read_misses_events_counted_others_lose_nothing() {
-        let hub = Hub::new(None);
+        let metrics = Arc::new(Metrics::new(std::env::temp_dir().join("ev-no-pins")));
+        let hub = Hub::new(Some(metrics.clone()));
         let (_, slow) = hub.open(&Filter::default(), None, true);
         let slow = slow.unwrap();
         let (_, fast) = hub.open(&Filter::default(), None, true);
@@ -723,6 +724,13 @@ mod tests {
                 first_seq: QUEUE as u64 + 1,
                 last_seq: total
             }
+        );
+        let exposition = metrics.encode(false);
+        assert!(
+            exposition.contains(
+                "enforcer_events_consumer_dropped_total{consumer=\"enforcer_events\"} 100"
+            ),
+            "{exposition}"
         );
         // History keeps the newest, bounded.
         let (past, _) = hub.open(&Filter::default(), None, false);
