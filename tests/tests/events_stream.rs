@@ -29,7 +29,7 @@ use serde_json::Value;
 
 /// Denies per cgroup in the burst (three cgroups). More than a stalled consumer's queue and
 /// socket buffer hold, so that it must miss some.
-const PER_CGROUP: u64 = 1_000;
+const PER_CGROUP: u64 = 1_500;
 
 fn world(name: &str) -> Result<World> {
     let entities = standard_entities(87);
@@ -362,21 +362,7 @@ fn history_since_bad_filters_and_a_user_who_is_not_root() -> Result<()> {
         &std::fs::metadata(state.path().join("events.sock"))?.permissions(),
     );
     ensure!(mode & 0o777 == 0o600, "socket mode {mode:o}");
-    let mut cmd = Command::new(enforcer_bin());
-    cmd.arg("events").args(dirs.args());
-    // SAFETY: setgid/setuid only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output()?;
+    let out = as_nobody(&dirs, &[])?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success(),
@@ -388,6 +374,68 @@ fn history_since_bad_filters_and_a_user_who_is_not_root() -> Result<()> {
             || err.contains("Permission denied")
             || err.contains("permission denied"),
         "{err}"
+    );
+    Ok(())
+}
+
+/// `enforcer events ARGS` as nobody (uid and gid 65534, no supplementary groups).
+fn as_nobody(dirs: &AgentDirs, args: &[&str]) -> Result<std::process::Output> {
+    let mut cmd = Command::new(enforcer_bin());
+    cmd.arg("events").args(args).args(dirs.args());
+    // SAFETY: setgroups/setgid/setuid only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd.output()?)
+}
+
+const NOBODY: u32 = 65534;
+
+#[test]
+fn events_group_grants_its_members_read_access() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world("group")?;
+    let state = StateDir::new()?;
+    let mut cfg = state.configure(world.agent_config());
+    cfg.extra_args
+        .extend(["--events-group".to_string(), NOBODY.to_string()]);
+    let dirs = state.dirs(&cfg);
+    let _agent = Agent::start(cfg)?;
+    // nobody must reach the socket: the test's own state dir is opened for traversal.
+    std::fs::set_permissions(
+        state.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
+    let socket = std::fs::metadata(state.path().join("events.sock"))?;
+    ensure!(
+        std::os::unix::fs::MetadataExt::gid(&socket) == NOBODY
+            && std::os::unix::fs::PermissionsExt::mode(&socket.permissions()) & 0o777 == 0o660,
+        "socket {socket:?}"
+    );
+    let out = as_nobody(&dirs, &["--type", "policy.applied"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        !lines.is_empty() && lines.iter().all(|l| l["type"] == "policy.applied"),
+        "{stdout}"
     );
     Ok(())
 }
