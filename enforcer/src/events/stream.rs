@@ -13,7 +13,8 @@
 //! line; the agent answers with event lines (the product's JSON or OCSF, as asked): first the
 //! matching events of the history (all of it, or those received in the last `since_secs`),
 //! then, with `follow`, new ones as they happen. A refused request gets one line
-//! `{"type":"events.error","message":...}` and the socket is closed. Filters apply to the
+//! `{"type":"events.error","message":...}` and the socket is closed. The client sends nothing
+//! after its request: a hang-up (or anything more) ends its stream. Filters apply to the
 //! structured event (its fields), not to its text.
 //!
 //! Access: the socket is mode 0600 (root only) unless the agent runs with
@@ -499,7 +500,8 @@ async fn serve_one(
         return Ok(());
     }
     let mut line = String::new();
-    AsyncBufReader::new(read).read_line(&mut line).await?;
+    let mut read = AsyncBufReader::new(read);
+    read.read_line(&mut line).await?;
     let request = match serde_json::from_str::<Request>(&line)
         .context("malformed request")
         .and_then(|r| r.filter.validate().map(|()| r))
@@ -532,7 +534,13 @@ async fn serve_one(
         return Ok(());
     };
     loop {
-        let (missed, entries) = subscription.next().await;
+        let mut rest = [0u8; 64];
+        let (missed, entries) = tokio::select! {
+            next = subscription.next() => next,
+            // A consumer that hung up is unsubscribed now, not at the next event its filter
+            // matches (which may never come).
+            _ = tokio::io::AsyncReadExt::read(&mut read, &mut rest) => return Ok(()),
+        };
         out.clear();
         if missed.count > 0 {
             out.extend(dropped_line(missed));
