@@ -306,6 +306,11 @@ impl Hub {
         }
     }
 
+    /// Consumers following now.
+    pub fn consumers(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
     /// The matching history (received at or after `since`), and with `follow` a subscription
     /// for what comes after it: taken under one lock, so nothing falls between the two.
     pub fn open(
@@ -656,6 +661,37 @@ mod tests {
             time: "2026-12-01T00:00:00Z".into(),
             problem: problem.into(),
         }))
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_hangs_up_is_unsubscribed_without_waiting_for_an_event() {
+        let dir = std::env::temp_dir().join(format!("ev-hangup-{}", std::process::id()));
+        let hub = Hub::new(None);
+        let formatter = Formatter::new(
+            Format::Json,
+            super::super::ocsf::Context {
+                node: "ev-node".into(),
+            },
+        );
+        let server = listen(&dir, hub.clone(), formatter, Access::default()).unwrap();
+        let mut client = UnixStream::connect(socket_path(&dir)).await.unwrap();
+        client.write_all(b"{\"follow\":true}\n").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hub.consumers() != 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hub.consumers(), 1);
+        drop(client);
+        while hub.consumers() != 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            hub.consumers(),
+            0,
+            "the hung-up consumer is still subscribed"
+        );
     }
 
     #[test]
