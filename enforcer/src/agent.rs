@@ -77,6 +77,8 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// The flow keys of the identity option (`--flow-key-file`).
     pub flow_key_file: Option<PathBuf>,
+    /// `--events-group`: the gid that may also read `enforcer events` (default: root only).
+    pub events_group: Option<u32>,
 }
 
 /// `enforcer run --kubernetes`: where the cluster comes from and how it is merged.
@@ -417,6 +419,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if let Some(metrics) = &metrics {
         emitter.set_metrics(metrics.clone());
     }
+    // `enforcer events`: the live stream and its bounded history.
+    let hub = crate::events::stream::Hub::new(metrics.clone());
+    emitter.set_hub(hub.clone());
+    let stream_formatter = emitter.formatter().clone();
     // Before the ready file: SIGUSR1's default action would kill the agent.
     let reopen = signal(SignalKind::user_defined1())?;
     let mut datapath = Datapath::load(&LoadOptions {
@@ -522,6 +528,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     ));
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let control = control::listen(&agent.options.state_dir, control_tx)?;
+    let event_socket = crate::events::stream::listen(
+        &agent.options.state_dir,
+        hub,
+        stream_formatter,
+        crate::events::stream::Access {
+            group: agent.options.events_group,
+        },
+    )?;
     agent.write_state()?;
     if let Some(ready) = &agent.options.ready_file {
         std::fs::write(ready, format!("{}\n", std::process::id()))
@@ -556,7 +570,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tracing::info!("stopping; the pinned programs keep enforcing the last policy");
     events.abort();
     control.abort();
+    event_socket.abort();
     let _ = std::fs::remove_file(control::socket_path(&agent.options.state_dir));
+    let _ = std::fs::remove_file(crate::events::stream::socket_path(&agent.options.state_dir));
     Ok(())
 }
 
@@ -1159,7 +1175,6 @@ impl Agent {
             .collect()
     }
 
-
     fn count_quarantined(&self) {
         if let Some(metrics) = &self.metrics {
             metrics.set_quarantined(self.quarantined.len());
@@ -1483,7 +1498,7 @@ async fn stream_events(
             total = lost_seen,
             "events were lost before this agent started (ring buffer full)"
         );
-        events.emit(&Event::Notice(Notice::EventsLost {
+        events.emit(Event::Notice(Notice::EventsLost {
             time: now(),
             count: lost_seen,
             total: lost_seen,
@@ -1528,7 +1543,7 @@ async fn stream_events(
                     {
                         let _ = quarantine.send((event.subject, call.policy.id.clone()));
                     }
-                    events.emit(&Event::Call(call))?;
+                    events.emit(Event::Call(call))?;
                 }
                 if more {
                     drop(guard);
@@ -1559,7 +1574,7 @@ async fn stream_events(
                     let Some(policy) = history.at(event.record.policy_generation) else { continue };
                     let mut call = flow_call(&event, &policy);
                     call.policy.snapshot = snapshot_of(&history, &event.record);
-                    events.emit(&Event::Flow(call))?;
+                    events.emit(Event::Flow(call))?;
                 }
                 if more {
                     drop(guard);
@@ -1569,10 +1584,10 @@ async fn stream_events(
                 }
             }
             Some(call) = agent_flows.recv() => {
-                events.emit(&Event::Flow(call))?;
+                events.emit(Event::Flow(call))?;
             }
             Some(notice) = notices.recv() => {
-                events.emit(&Event::Notice(notice))?;
+                events.emit(Event::Notice(notice))?;
             }
             _ = reopen.recv() => {
                 tracing::info!("SIGUSR1: reopening the events file");
@@ -1585,14 +1600,14 @@ async fn stream_events(
                 if total > lost_seen {
                     let count = total - lost_seen;
                     tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
-                    events.emit(&Event::Notice(Notice::EventsLost { time: now(), count, total }))?;
+                    events.emit(Event::Notice(Notice::EventsLost { time: now(), count, total }))?;
                     lost_seen = total;
                 }
                 let total = flows::lost(&pin_dir)?;
                 if total > flows_lost_seen {
                     let count = total - flows_lost_seen;
                     tracing::warn!(count, total, "flow ring buffer full: flow events lost in the kernel");
-                    events.emit(&Event::Notice(Notice::FlowEventsLost { time: now(), count, total }))?;
+                    events.emit(Event::Notice(Notice::FlowEventsLost { time: now(), count, total }))?;
                     flows_lost_seen = total;
                 }
             }

@@ -91,6 +91,46 @@ enum Command {
         /// 0.0.0.0:9464; off by default). README "Metrics" lists them.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Let this group (name or gid) read the live event stream (`enforcer events`); by
+        /// default only root may.
+        #[arg(long, value_name = "GROUP")]
+        events_group: Option<String>,
+    },
+    /// The running agent's events: the recent ones (from its in-memory history of the last
+    /// 10,000) and, with --follow, new ones as they happen. Filters combine (all must match).
+    Events {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Keep streaming new events.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only events the agent emitted in this last span (`10m`, `1h`, `30s`).
+        #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+        since: Option<std::time::Duration>,
+        /// The subject's tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The subject's workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// The destination (inventory name or IP address).
+        #[arg(long)]
+        to: Option<String>,
+        /// The reason (`no_permit`, `tenant_mismatch`, `quarantined`, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The verdict (`deny`, `audit`, `allow`).
+        #[arg(long)]
+        verdict: Option<String>,
+        /// The event type (`connection.denied`, `flow.revoked`, `policy.applied`, ...).
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// An ATLAS technique (`AML.T0024`; also matches its sub-techniques).
+        #[arg(long, value_name = "ID")]
+        atlas: Option<String>,
+        /// compact (one human line; default on a terminal), json (default when piped), ocsf.
+        #[arg(long, short = 'o', value_enum)]
+        output: Option<EventsOutput>,
     },
     /// Kernel counters, map fill levels, lost events and the policy revision in force.
     Status {
@@ -225,6 +265,18 @@ impl KubernetesArgs {
             },
         }))
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EventsOutput {
+    Compact,
+    Json,
+    Ocsf,
+}
+
+fn parse_since(text: &str) -> Result<std::time::Duration> {
+    humantime::parse_duration(text)
+        .with_context(|| format!("--since {text:?}: a duration such as 30s, 10m, 2h"))
 }
 
 #[derive(clap::Args, Clone)]
@@ -374,6 +426,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             flow_key_file,
             kubernetes,
             metrics,
+            events_group,
         } => {
             if events_max_bytes.is_some() && events == "-" {
                 anyhow::bail!("--events-max-bytes rotates a file: give --events FILE (standard output is not rotated)");
@@ -414,8 +467,71 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     .as_deref()
                     .map(enforcer::metrics::parse_addr)
                     .transpose()?,
+                events_group: events_group
+                    .as_deref()
+                    .map(enforcer::events::stream::parse_group)
+                    .transpose()?,
             };
             runtime()?.block_on(agent::run(options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events {
+            pins,
+            follow,
+            since,
+            tenant,
+            workload,
+            to,
+            reason,
+            verdict,
+            kind,
+            atlas,
+            output,
+        } => {
+            use enforcer::events::stream;
+            use std::io::{IsTerminal, Write};
+            let filter = stream::Filter {
+                tenant,
+                workload,
+                to,
+                reason,
+                verdict,
+                kind,
+                atlas,
+            };
+            filter.validate()?;
+            let output = output.unwrap_or(if std::io::stdout().is_terminal() {
+                EventsOutput::Compact
+            } else {
+                EventsOutput::Json
+            });
+            let request = stream::Request {
+                filter,
+                follow,
+                since_secs: since.map(|d| d.as_secs().max(1)),
+                format: Some(
+                    if output == EventsOutput::Ocsf {
+                        "ocsf"
+                    } else {
+                        "json"
+                    }
+                    .into(),
+                ),
+            };
+            let mut out = std::io::stdout().lock();
+            stream::call(&pins.state_dir(), &request, |line| {
+                let written = if output == EventsOutput::Compact {
+                    writeln!(out, "{}", stream::compact(line))
+                } else {
+                    writeln!(out, "{line}")
+                };
+                // A closed pipe (`| head`) ends the command, not an error.
+                match written.and_then(|()| out.flush()) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { pins, json } => {

@@ -112,14 +112,14 @@ impl Metrics {
              gap in seq",
             event_write_errors.clone(),
         );
-        // Per consumer of `enforcer events` (not built yet): that stream calls
-        // `consumer_dropped` when a consumer falls behind and its backlog overflows. Until
+        // Per consumer of `enforcer events`: the stream calls `consumer_dropped` when a
+        // consumer falls behind and its queue overflows. Until
         // then the family has no series, and an empty family is left out of the exposition.
         let consumer_dropped = Family::<Label, Counter>::default();
         registry.register(
             "enforcer_events_consumer_dropped",
             "Events a slow consumer of the live event stream missed, by consumer (no series \
-             until `enforcer events` exists)",
+             until one missed any)",
             consumer_dropped.clone(),
         );
         // Compiles take from under a millisecond (an identity change, incremental) to tens

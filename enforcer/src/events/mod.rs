@@ -13,6 +13,7 @@ pub mod notice;
 pub mod ocsf;
 pub mod record;
 mod sink;
+pub mod stream;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -71,6 +72,14 @@ impl Formatter {
         self.format
     }
 
+    /// The same context, another format (a consumer of `enforcer events` picks its own).
+    pub fn with_format(&self, format: Format) -> Self {
+        Formatter {
+            format,
+            ocsf: self.ocsf.clone(),
+        }
+    }
+
     /// The line of `event`, numbered `seq`, with its `\n`.
     pub fn line(&self, seq: u64, event: &Event) -> Result<Vec<u8>> {
         let mut line = match self.format {
@@ -105,6 +114,8 @@ pub struct Emitter {
     failing: u64,
     /// `--metrics`: counts what is emitted, by type, and what the sink refused.
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// `enforcer events`: every numbered event also goes to the live stream's consumers.
+    hub: Option<stream::Hub>,
 }
 
 impl Emitter {
@@ -115,6 +126,7 @@ impl Emitter {
             sink,
             failing: 0,
             metrics: None,
+            hub: None,
         }
     }
 
@@ -123,13 +135,23 @@ impl Emitter {
         self.metrics = Some(metrics);
     }
 
+    /// Hands every event from now on to `hub` too (after the sink: the file comes first).
+    pub fn set_hub(&mut self, hub: stream::Hub) {
+        self.hub = Some(hub);
+    }
+
+    /// The formatter of the events file.
+    pub fn formatter(&self) -> &Formatter {
+        &self.formatter
+    }
+
     /// Writes `event` as the next line; returns its `seq`. A line the sink refuses (a full
     /// disk, which any workload writing to the node's disk can cause) is logged and lost,
     /// its `seq` left as a gap: stopping the event stream would stop the agent, and with it
     /// every identity update. Only a line that cannot be serialised is an error.
-    pub fn emit(&mut self, event: &Event) -> Result<u64> {
+    pub fn emit(&mut self, event: Event) -> Result<u64> {
         let seq = self.seq + 1;
-        let line = self.formatter.line(seq, event)?;
+        let line = self.formatter.line(seq, &event)?;
         self.seq = seq;
         if let Some(metrics) = &self.metrics {
             metrics.event_emitted(event.kind());
@@ -159,6 +181,9 @@ impl Emitter {
                 }
                 self.failing += 1;
             }
+        }
+        if let Some(hub) = &self.hub {
+            hub.publish(seq, std::sync::Arc::new(event));
         }
         Ok(seq)
     }
@@ -194,7 +219,7 @@ mod emitter_tests {
                 time: "2026-12-01T00:00:00Z".into(),
                 problem: "atk2".into(),
             });
-            assert_eq!(emitter.emit(&notice).unwrap(), expected);
+            assert_eq!(emitter.emit(notice).unwrap(), expected);
         }
         assert_eq!(emitter.failing, 3);
     }

@@ -1,0 +1,811 @@
+//! `enforcer events`: the running agent's event stream on a local Unix socket.
+//!
+//! The [`Hub`] takes every event the [`super::Emitter`] numbers, keeps the last
+//! [`HISTORY`] of them in memory and hands each to the consumers whose filter matches. A
+//! consumer has a queue of at most [`QUEUE`] events; when it is full the event is counted as
+//! missed for that consumer only (and [`crate::metrics::Metrics::consumer_dropped`] is
+//! called), so a consumer that stops reading never slows the ring-buffer reader, the events
+//! file or the other consumers. What it missed is told to it in-band, before the next event
+//! it does get, as one line:
+//! `{"type":"events.dropped","count":N,"first_seq":A,"last_seq":B}`.
+//!
+//! Protocol (JSON lines over `<state dir>/events.sock`): the client sends one [`Request`]
+//! line; the agent answers with event lines (the product's JSON or OCSF, as asked): first the
+//! matching events of the history (all of it, or those received in the last `since_secs`),
+//! then, with `follow`, new ones as they happen. A refused request gets one line
+//! `{"type":"events.error","message":...}` and the socket is closed. The client sends nothing
+//! after its request: a hang-up (or anything more) ends its stream. Filters apply to the
+//! structured event (its fields), not to its text.
+//!
+//! Access: the socket is mode 0600 (root only) unless the agent runs with
+//! `--events-group G`, which makes it 0660 with group G; the agent also checks the peer's
+//! credentials (root, or a member of G).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use super::{Event, Format, Formatter};
+use crate::metrics::Metrics;
+
+/// Events kept in memory for `enforcer events` without `--follow` and for `--since`.
+pub const HISTORY: usize = 10_000;
+/// Events queued for one consumer before it starts missing them.
+pub const QUEUE: usize = 1_024;
+/// The `consumer` label of `enforcer_events_consumer_dropped`.
+const METRICS_CONSUMER: &str = "enforcer_events";
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("events.sock")
+}
+
+/// The verdicts, reasons and types a filter may name (anything else is a typo).
+const VERDICTS: &[&str] = &["deny", "audit", "allow"];
+const REASONS: &[&str] = &[
+    "unknown_subject",
+    "quarantined",
+    "tenant_mismatch",
+    "no_permit",
+    "unspecified_destination",
+    "unsupported_socket",
+    "unidentified_destination",
+    "missing_tag",
+    "bad_tag",
+    "not_allowed",
+];
+const TYPES: &[&str] = &[
+    "connection.denied",
+    "connection.audited",
+    "flow.opened",
+    "flow.closed",
+    "flow.revoked",
+    "flow.stale",
+    "events.lost",
+    "flow_events.lost",
+    "policy.applied",
+    "policy.rejected",
+    "subject.quarantined",
+    "subject.released",
+    "cluster.problem",
+    "risk.changed",
+];
+
+/// Which events a consumer wants; every field given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// The subject's tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The subject's workload (inventory name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// The destination's name (inventory name) or IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `no_permit`, `tenant_mismatch`, ... (a flow event's `flow.reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `deny`, `audit`, `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// The event's `type` (`connection.denied`, `flow.revoked`, `policy.applied`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// An ATLAS technique id (`AML.T0024`); a technique also matches its sub-techniques.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atlas: Option<String>,
+}
+
+impl Filter {
+    /// Refuses values no event can have, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let one_of = |option: &str, value: &Option<String>, allowed: &[&str]| -> Result<()> {
+            match value {
+                Some(v) if !allowed.contains(&v.as_str()) => {
+                    bail!("--{option} {v:?}: expected one of {}", allowed.join(", "))
+                }
+                _ => Ok(()),
+            }
+        };
+        one_of("verdict", &self.verdict, VERDICTS)?;
+        one_of("reason", &self.reason, REASONS)?;
+        one_of("type", &self.kind, TYPES)?;
+        for (option, value) in [
+            ("tenant", &self.tenant),
+            ("workload", &self.workload),
+            ("to", &self.to),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                bail!("--{option}: empty value");
+            }
+        }
+        if let Some(id) = &self.atlas {
+            let valid = id.strip_prefix("AML.T").is_some_and(|rest| {
+                let (main, sub) = rest.split_once('.').unwrap_or((rest, ""));
+                main.len() == 4
+                    && main.bytes().all(|b| b.is_ascii_digit())
+                    && (sub.is_empty()
+                        || (sub.len() == 3 && sub.bytes().all(|b| b.is_ascii_digit())))
+            });
+            if !valid {
+                bail!("--atlas {id:?}: an ATLAS technique id is AML.Tnnnn or AML.Tnnnn.nnn");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        let eq = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        };
+        if !eq(&self.kind, Some(event.kind())) {
+            return false;
+        }
+        match event {
+            Event::Call(call) => {
+                let dest = call.destination.as_ref();
+                eq(&self.tenant, call.subject.tenant.as_deref())
+                    && eq(&self.workload, call.subject.workload.as_deref())
+                    && self.to.as_deref().is_none_or(|to| {
+                        dest.is_some_and(|d| d.name.as_deref() == Some(to) || d.ip == to)
+                    })
+                    && eq(&self.reason, Some(call.reason))
+                    && eq(&self.verdict, Some(call.verdict))
+                    && self.atlas.as_deref().is_none_or(|id| {
+                        call.atlas.iter().any(|t| {
+                            t.id == id || t.id.strip_prefix(id).is_some_and(|r| r.starts_with('.'))
+                        })
+                    })
+            }
+            Event::Flow(flow) => {
+                eq(&self.tenant, flow.subject.tenant.as_deref())
+                    && eq(&self.workload, flow.subject.workload.as_deref())
+                    && self.to.as_deref().is_none_or(|to| {
+                        flow.destination.name.as_deref() == Some(to) || flow.destination.ip == to
+                    })
+                    && eq(&self.reason, flow.flow.reason)
+                    // A flow was allowed when it opened; no verdict or ATLAS of its own.
+                    && self.verdict.is_none()
+                    && self.atlas.is_none()
+            }
+            // The agent's own notices have no subject: only a filter on the type selects them.
+            Event::Notice(_) => {
+                self.tenant.is_none()
+                    && self.workload.is_none()
+                    && self.to.is_none()
+                    && self.reason.is_none()
+                    && self.verdict.is_none()
+                    && self.atlas.is_none()
+            }
+        }
+    }
+}
+
+/// What `enforcer events` asks of the agent (the first line on the socket).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Request {
+    #[serde(default)]
+    pub filter: Filter,
+    /// Keep the stream open and send new events as they happen.
+    #[serde(default)]
+    pub follow: bool,
+    /// Only history events the agent received in the last this many seconds; none: all the
+    /// history.
+    #[serde(default)]
+    pub since_secs: Option<u64>,
+    /// `json` or `ocsf`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// An event as the hub keeps it: numbered, and when the agent emitted it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub seq: u64,
+    pub at: SystemTime,
+    pub event: Arc<Event>,
+}
+
+/// What a consumer missed since its last delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Missed {
+    pub count: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+struct Consumer {
+    id: u64,
+    filter: Filter,
+    queue: VecDeque<Entry>,
+    missed: Missed,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    history: VecDeque<Entry>,
+    consumers: Vec<Consumer>,
+    next_id: u64,
+}
+
+/// The fan-out from the emitter to the consumers. Publishing takes a lock for a few pushes
+/// and never waits on a consumer.
+#[derive(Clone, Default)]
+pub struct Hub {
+    inner: Arc<Mutex<Inner>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// A consumer's handle; dropping it unsubscribes.
+pub struct Subscription {
+    hub: Hub,
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+impl Hub {
+    pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
+        Hub {
+            inner: Arc::default(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves plain data, still consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the emitter for every numbered event.
+    pub fn publish(&self, seq: u64, event: Arc<Event>) {
+        let entry = Entry {
+            seq,
+            at: SystemTime::now(),
+            event,
+        };
+        let mut dropped = 0;
+        {
+            let mut inner = self.lock();
+            for consumer in &mut inner.consumers {
+                if !consumer.filter.matches(&entry.event) {
+                    continue;
+                }
+                if consumer.queue.len() < QUEUE {
+                    consumer.queue.push_back(entry.clone());
+                } else {
+                    let missed = &mut consumer.missed;
+                    if missed.count == 0 {
+                        missed.first_seq = seq;
+                    }
+                    missed.count += 1;
+                    missed.last_seq = seq;
+                    dropped += 1;
+                }
+                consumer.wake.notify_one();
+            }
+            if inner.history.len() == HISTORY {
+                inner.history.pop_front();
+            }
+            inner.history.push_back(entry);
+        }
+        if dropped > 0 {
+            if let Some(metrics) = &self.metrics {
+                metrics.consumer_dropped(METRICS_CONSUMER, dropped);
+            }
+        }
+    }
+
+    /// Consumers following now.
+    pub fn consumers(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
+    /// The matching history (received at or after `since`), and with `follow` a subscription
+    /// for what comes after it: taken under one lock, so nothing falls between the two.
+    pub fn open(
+        &self,
+        filter: &Filter,
+        since: Option<SystemTime>,
+        follow: bool,
+    ) -> (Vec<Entry>, Option<Subscription>) {
+        let mut inner = self.lock();
+        let past = inner
+            .history
+            .iter()
+            .filter(|e| since.is_none_or(|s| e.at >= s) && filter.matches(&e.event))
+            .cloned()
+            .collect();
+        if !follow {
+            return (past, None);
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let wake = Arc::new(Notify::new());
+        inner.consumers.push(Consumer {
+            id,
+            filter: filter.clone(),
+            queue: VecDeque::new(),
+            missed: Missed::default(),
+            wake: wake.clone(),
+        });
+        (
+            past,
+            Some(Subscription {
+                hub: self.clone(),
+                id,
+                wake,
+            }),
+        )
+    }
+}
+
+impl Subscription {
+    /// Waits until something is queued (or missed), then takes all of it.
+    pub async fn next(&self) -> (Missed, Vec<Entry>) {
+        loop {
+            let notified = self.wake.notified();
+            {
+                let mut inner = self.hub.lock();
+                if let Some(c) = inner.consumers.iter_mut().find(|c| c.id == self.id) {
+                    if !c.queue.is_empty() || c.missed.count > 0 {
+                        let missed = std::mem::take(&mut c.missed);
+                        return (missed, c.queue.drain(..).collect());
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.lock().consumers.retain(|c| c.id != self.id);
+    }
+}
+
+/// The in-band line for what a consumer missed.
+pub fn dropped_line(missed: Missed) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "type": "events.dropped",
+        "count": missed.count,
+        "first_seq": missed.first_seq,
+        "last_seq": missed.last_seq,
+    }))
+    .expect("a JSON object of numbers serialises");
+    line.push(b'\n');
+    line
+}
+
+/// Access to the socket: root only, or also the members of one group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Access {
+    pub group: Option<u32>,
+}
+
+/// `--events-group`: a group name (from /etc/group) or a numeric gid.
+pub fn parse_group(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let group = fields.next()?;
+            let gid = fields.nth(1)?.parse().ok()?;
+            (group == name).then_some(gid)
+        })
+        .next()
+        .with_context(|| format!("--events-group {name:?}: no such group in /etc/group"))
+}
+
+/// Whether process `pid` (uid `uid`, gid `gid`) may read the stream.
+fn allowed(access: Access, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Some(group) = access.group else {
+        return false;
+    };
+    if gid == group {
+        return true;
+    }
+    // Supplementary groups are not in SO_PEERCRED; the peer's /proc entry has them.
+    pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                l.strip_prefix("Groups:")
+                    .map(|g| g.split_whitespace().any(|g| g.parse::<u32>() == Ok(group)))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Binds `<state dir>/events.sock` and serves every consumer from `hub`.
+pub fn listen(
+    state_dir: &Path,
+    hub: Hub,
+    formatter: Formatter,
+    access: Access,
+) -> Result<tokio::task::JoinHandle<()>> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = socket_path(state_dir);
+    // A socket file left by a killed agent would make bind fail.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding the events socket {}", path.display()))?;
+    let mode = match access.group {
+        None => 0o600,
+        Some(gid) => {
+            std::os::unix::fs::chown(&path, None, Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let hub = hub.clone();
+            let formatter = formatter.clone();
+            tokio::spawn(async move {
+                if let Err(error) = serve_one(stream, hub, formatter, access).await {
+                    tracing::debug!("events socket consumer: {error:#}");
+                }
+            });
+        }
+    }))
+}
+
+async fn serve_one(
+    stream: UnixStream,
+    hub: Hub,
+    formatter: Formatter,
+    access: Access,
+) -> Result<()> {
+    let peer = stream
+        .peer_cred()
+        .context("reading the peer's credentials")?;
+    let (read, mut write) = stream.into_split();
+    let refuse = |message: String| {
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "type": "events.error",
+            "message": message,
+        }))
+        .expect("a JSON object of strings serialises");
+        line.push(b'\n');
+        line
+    };
+    if !allowed(access, peer.uid(), peer.gid(), peer.pid()) {
+        let why = match access.group {
+            None => format!("permission denied: uid {} is not root", peer.uid()),
+            Some(g) => format!(
+                "permission denied: uid {} is neither root nor in group {g}",
+                peer.uid()
+            ),
+        };
+        write.write_all(&refuse(why)).await?;
+        return Ok(());
+    }
+    let mut line = String::new();
+    let mut read = AsyncBufReader::new(read);
+    read.read_line(&mut line).await?;
+    let request = match serde_json::from_str::<Request>(&line)
+        .context("malformed request")
+        .and_then(|r| r.filter.validate().map(|()| r))
+    {
+        Ok(request) => request,
+        Err(error) => {
+            write.write_all(&refuse(format!("{error:#}"))).await?;
+            return Ok(());
+        }
+    };
+    let formatter = match request.format.as_deref() {
+        None | Some("json") => formatter.with_format(Format::Json),
+        Some("ocsf") => formatter.with_format(Format::Ocsf),
+        Some(other) => {
+            let message = format!("format {other:?}: expected json or ocsf");
+            write.write_all(&refuse(message)).await?;
+            return Ok(());
+        }
+    };
+    let since = request
+        .since_secs
+        .map(|s| SystemTime::now() - Duration::from_secs(s));
+    let (past, subscription) = hub.open(&request.filter, since, request.follow);
+    let mut out = Vec::new();
+    for entry in &past {
+        out.extend(formatter.line(entry.seq, &entry.event)?);
+    }
+    write.write_all(&out).await?;
+    let Some(subscription) = subscription else {
+        return Ok(());
+    };
+    loop {
+        let mut rest = [0u8; 64];
+        let (missed, entries) = tokio::select! {
+            next = subscription.next() => next,
+            // A consumer that hung up is unsubscribed now, not at the next event its filter
+            // matches (which may never come).
+            _ = tokio::io::AsyncReadExt::read(&mut read, &mut rest) => return Ok(()),
+        };
+        out.clear();
+        if missed.count > 0 {
+            out.extend(dropped_line(missed));
+        }
+        for entry in &entries {
+            out.extend(formatter.line(entry.seq, &entry.event)?);
+        }
+        // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
+        write.write_all(&out).await?;
+    }
+}
+
+/// Client side, for the CLI: sends `request` to the agent behind `state_dir` and passes each
+/// line it answers to `each` (until the agent closes, or `each` returns false).
+pub fn call(
+    state_dir: &Path,
+    request: &Request,
+    mut each: impl FnMut(&str) -> Result<bool>,
+) -> Result<()> {
+    let path = socket_path(state_dir);
+    let mut stream = StdUnixStream::connect(&path).with_context(|| {
+        format!(
+            "connecting to the agent's events socket {} (is `enforcer run` running with this \
+             --pin-path/--state-dir, and are you root or in its --events-group?)",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.context("reading from the events socket")?;
+        if line.starts_with("{\"type\":\"events.error\"") || line.starts_with("{\"message\"") {
+            let value: serde_json::Value = serde_json::from_str(&line)?;
+            if value["type"] == "events.error" {
+                bail!(
+                    "the agent refused: {}",
+                    value["message"].as_str().unwrap_or(&line)
+                );
+            }
+        }
+        if !each(&line)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// `-o compact`: one human line from a JSON event line: time, verdict, subject ->
+/// destination, reason, policy id, ATLAS.
+pub fn compact(line: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return line.to_string();
+    };
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    let kind = s(&v["type"]).unwrap_or_default();
+    let time = s(&v["time"]).unwrap_or_default();
+    let seq = v["seq"]
+        .as_u64()
+        .map(|n| format!(" #{n}"))
+        .unwrap_or_default();
+    if !v["subject"].is_object() {
+        // A notice: its type and the rest of its fields as they are.
+        let mut rest = v.clone();
+        if let Some(map) = rest.as_object_mut() {
+            map.remove("type");
+            map.remove("time");
+            map.remove("seq");
+        }
+        return format!("{time} {kind}{seq} {rest}");
+    }
+    let subject = s(&v["subject"]["workload"])
+        .or_else(|| {
+            v["subject"]["identity"]
+                .as_u64()
+                .map(|i| format!("identity {i}"))
+        })
+        .unwrap_or_default();
+    let tenant = s(&v["subject"]["tenant"])
+        .map(|t| format!("{t}/"))
+        .unwrap_or_default();
+    let dest = &v["destination"];
+    let destination = if dest.is_object() {
+        let name = s(&dest["name"]).unwrap_or_else(|| s(&dest["ip"]).unwrap_or_default());
+        format!("{name}:{}", dest["port"].as_u64().unwrap_or(0))
+    } else {
+        "(socket)".to_string()
+    };
+    let verdict = s(&v["verdict"]).unwrap_or_else(|| kind.clone());
+    let reason = s(&v["reason"])
+        .or_else(|| s(&v["flow"]["reason"]))
+        .unwrap_or_else(|| "-".into());
+    let policy = s(&v["policy"]["id"]).unwrap_or_else(|| "-".into());
+    let atlas: Vec<String> = v["atlas"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| s(&t["id"])).collect())
+        .unwrap_or_default();
+    let atlas = if atlas.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", atlas.join(","))
+    };
+    format!("{time} {verdict:<5} {tenant}{subject} -> {destination} {reason} {policy}{atlas}{seq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Notice;
+    use super::*;
+
+    fn notice(problem: &str) -> Arc<Event> {
+        Arc::new(Event::Notice(Notice::ClusterProblem {
+            time: "2026-12-01T00:00:00Z".into(),
+            problem: problem.into(),
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_hangs_up_is_unsubscribed_without_waiting_for_an_event() {
+        let dir = std::env::temp_dir().join(format!("ev-hangup-{}", std::process::id()));
+        let hub = Hub::new(None);
+        let formatter = Formatter::new(
+            Format::Json,
+            super::super::ocsf::Context {
+                node: "ev-node".into(),
+            },
+        );
+        let server = listen(&dir, hub.clone(), formatter, Access::default()).unwrap();
+        let mut client = UnixStream::connect(socket_path(&dir)).await.unwrap();
+        client.write_all(b"{\"follow\":true}\n").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hub.consumers() != 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hub.consumers(), 1);
+        drop(client);
+        while hub.consumers() != 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            hub.consumers(),
+            0,
+            "the hung-up consumer is still subscribed"
+        );
+    }
+
+    #[test]
+    fn bad_filters_are_refused_by_name() {
+        let bad = [
+            Filter {
+                verdict: Some("refused".into()),
+                ..Filter::default()
+            },
+            Filter {
+                reason: Some("nope".into()),
+                ..Filter::default()
+            },
+            Filter {
+                kind: Some("connection.blocked".into()),
+                ..Filter::default()
+            },
+            Filter {
+                atlas: Some("T0024".into()),
+                ..Filter::default()
+            },
+            Filter {
+                tenant: Some(" ".into()),
+                ..Filter::default()
+            },
+        ];
+        for (filter, option) in bad
+            .iter()
+            .zip(["verdict", "reason", "type", "atlas", "tenant"])
+        {
+            let error = filter.validate().unwrap_err().to_string();
+            assert!(error.contains(&format!("--{option}")), "{error}");
+        }
+        let good = Filter {
+            atlas: Some("AML.T0024.000".into()),
+            verdict: Some("deny".into()),
+            ..Filter::default()
+        };
+        good.validate().unwrap();
+    }
+
+    #[test]
+    fn a_consumer_that_does_not_read_misses_events_counted_others_lose_nothing() {
+        let metrics = Arc::new(Metrics::new(std::env::temp_dir().join("ev-no-pins")));
+        let hub = Hub::new(Some(metrics.clone()));
+        let (_, slow) = hub.open(&Filter::default(), None, true);
+        let slow = slow.unwrap();
+        let (_, fast) = hub.open(&Filter::default(), None, true);
+        let fast = fast.unwrap();
+        let total = QUEUE as u64 + 100;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut fast_seqs = Vec::new();
+        for seq in 1..=total {
+            hub.publish(seq, notice("ev"));
+            if seq % 50 == 0 {
+                let (missed, entries) = runtime.block_on(fast.next());
+                assert_eq!(missed.count, 0);
+                fast_seqs.extend(entries.iter().map(|e| e.seq));
+            }
+        }
+        let (missed, entries) = runtime.block_on(fast.next());
+        assert_eq!(missed.count, 0);
+        fast_seqs.extend(entries.iter().map(|e| e.seq));
+        assert_eq!(fast_seqs, (1..=total).collect::<Vec<_>>());
+
+        let (missed, entries) = runtime.block_on(slow.next());
+        assert_eq!(entries.len(), QUEUE);
+        assert_eq!(
+            missed,
+            Missed {
+                count: 100,
+                first_seq: QUEUE as u64 + 1,
+                last_seq: total
+            }
+        );
+        let exposition = metrics.encode(false);
+        assert!(
+            exposition.contains(
+                "enforcer_events_consumer_dropped_total{consumer=\"enforcer_events\"} 100"
+            ),
+            "{exposition}"
+        );
+        // History keeps the newest, bounded.
+        let (past, _) = hub.open(&Filter::default(), None, false);
+        assert_eq!(past.len(), (total as usize).min(HISTORY));
+        assert_eq!(past.last().unwrap().seq, total);
+    }
+
+    #[test]
+    fn filters_select_notices_only_by_type_and_since_cuts_history() {
+        let hub = Hub::new(None);
+        hub.publish(1, notice("a"));
+        let only_denies = Filter {
+            verdict: Some("deny".into()),
+            ..Filter::default()
+        };
+        assert!(hub.open(&only_denies, None, false).0.is_empty());
+        let by_type = Filter {
+            kind: Some("cluster.problem".into()),
+            ..Filter::default()
+        };
+        assert_eq!(hub.open(&by_type, None, false).0.len(), 1);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert!(hub.open(&by_type, Some(later), false).0.is_empty());
+    }
+
+    #[test]
+    fn compact_lines_name_verdict_subject_destination_reason_policy_atlas() {
+        let line = r#"{"time":"T","type":"connection.denied","verdict":"deny","reason":"no_permit","subject":{"workload":"rag","tenant":"acme"},"destination":{"name":"vdb","ip":"10.0.0.1","port":6333},"policy":{"id":"p1"},"atlas":[{"id":"AML.T0024"}],"seq":7}"#;
+        assert_eq!(
+            compact(line),
+            "T deny  acme/rag -> vdb:6333 no_permit p1 [AML.T0024] #7"
+        );
+    }
+}

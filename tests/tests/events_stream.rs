@@ -1,0 +1,441 @@
+//! `enforcer events` against the real kernel: the agent's live event stream on its Unix
+//! socket.
+//!
+//! - three `enforcer events --follow` consumers with different filters during a burst of
+//!   denies from three cgroups each receive exactly the matching events of the events file
+//!   (count and seq set), while a fourth consumer that never reads during the burst is told
+//!   in-band (`events.dropped`) what it missed, and loses nothing else;
+//! - history and `--since`; bad filters are refused with the option named;
+//! - a user that is not root (nobody) is refused.
+//!
+//! Addresses 127.87.0.0/16 only; cgroups and pins are named `ev-...`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use enforcer_tests::agent::enforcer_bin;
+use enforcer_tests::cli::{AgentDirs, StateDir};
+use enforcer_tests::fixtures::{standard_entities, write_bundle, World, STANDARD_POLICIES};
+use enforcer_tests::probe::attempt;
+use enforcer_tests::util::{unique_name, wait_until, ChildGuard, TempDir};
+use enforcer_tests::{require_kernel, Agent, PinDir, Probe, TestCgroup};
+use serde_json::Value;
+
+/// Denies per cgroup in the burst (three cgroups). More than a stalled consumer's queue and
+/// socket buffer hold, so that it must miss some.
+const PER_CGROUP: u64 = 1_500;
+
+fn world(name: &str) -> Result<World> {
+    let entities = standard_entities(87);
+    for e in &entities {
+        assert_eq!(e.v4.octets()[..2], [127, 87], "{}", e.name);
+    }
+    let root = TestCgroup::create(unique_name(&format!("ev-{name}")))?;
+    let mut cgroups = BTreeMap::new();
+    for e in entities.iter().filter(|e| e.local) {
+        cgroups.insert(e.name.clone(), root.child(&e.name)?);
+    }
+    let bundle = write_bundle(&entities, &root.relative_str(), STANDARD_POLICIES)?;
+    Ok(World {
+        net: 87,
+        entities,
+        cgroups,
+        root,
+        bundle,
+        pins: PinDir::new(&format!("ev-{name}"))?,
+    })
+}
+
+fn start(world: &World, state: &StateDir) -> Result<(Agent, AgentDirs)> {
+    let mut cfg = state.configure(world.agent_config());
+    // The whole burst fits in the kernel's ring buffer: this test is about the socket.
+    cfg.ring_buffer_bytes = Some(32 << 20);
+    let dirs = state.dirs(&cfg);
+    Ok((Agent::start(cfg)?, dirs))
+}
+
+/// `enforcer events --follow -o json FILTER...` writing to `out`.
+fn follower(dirs: &AgentDirs, filter: &[&str], out: &Path) -> Result<ChildGuard> {
+    let file = std::fs::File::create(out)?;
+    let child = Command::new(enforcer_bin())
+        .args(["events", "--follow", "-o", "json"])
+        .args(filter)
+        .args(dirs.args())
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning enforcer events")?;
+    Ok(ChildGuard::new(child))
+}
+
+fn json_lines(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)?;
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("line {l:?}")))
+        .collect()
+}
+
+fn seqs(events: &[Value]) -> BTreeSet<u64> {
+    events.iter().filter_map(|e| e["seq"].as_u64()).collect()
+}
+
+#[test]
+fn followers_get_exactly_their_events_and_a_stalled_one_is_told_what_it_missed() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world("follow")?;
+    let state = StateDir::new()?;
+    let (agent, dirs) = start(&world, &state)?;
+    let out = TempDir::new("ev-follow-out")?;
+    let filters: [(&str, &[&str]); 3] = [
+        ("gateway", &["--workload", "acme-gateway"]),
+        ("initech", &["--tenant", "initech", "--verdict", "deny"]),
+        (
+            "to-acme",
+            &["--type", "connection.denied", "--to", "acme-vectors"],
+        ),
+    ];
+    let mut followers = Vec::new();
+    for (name, filter) in &filters {
+        followers.push(follower(&dirs, filter, &out.path().join(name))?);
+    }
+    // The stalled consumer: asks for everything, then reads nothing until the burst is over.
+    let mut stalled = UnixStream::connect(state.path().join("events.sock"))?;
+    stalled.write_all(b"{\"follow\":true}\n")?;
+    // A consumer gets the history and then follows, under one lock: whenever the agent
+    // takes these connections, every event from seq 1 is theirs.
+
+    let calls = [
+        (
+            "acme-gateway",
+            attempt("tcp", world.entity("globex-vectors").ip(false), 6333),
+        ),
+        (
+            "initech-trainer",
+            attempt("tcp", world.entity("acme-vectors").ip(false), 6333),
+        ),
+        (
+            "globex-retriever",
+            attempt("tcp", world.entity("acme-vectors").ip(false), 6333),
+        ),
+    ];
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = calls
+            .iter()
+            .map(|(from, call)| {
+                let cgroup = world.cgroup(from);
+                s.spawn(move || {
+                    Probe::new()
+                        .in_cgroup(cgroup)
+                        .timeout(Duration::from_secs(120))
+                        .repeat(PER_CGROUP, call)
+                })
+            })
+            .collect();
+        for h in handles {
+            let summary = h.join().expect("probe thread")?;
+            ensure!(
+                summary.eperm == PER_CGROUP,
+                "every call refused: {summary:?}"
+            );
+        }
+        Ok(())
+    })?;
+    let total = 3 * PER_CGROUP as usize;
+    let arrived = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
+        agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= total
+    });
+    ensure!(
+        arrived,
+        "the events file never had {total} denies:\n{}",
+        agent.stderr_tail()
+    );
+    let file = agent.events()?;
+    let denies = file.iter().filter(|e| e["verdict"] == "deny").count();
+    ensure!(
+        denies == total,
+        "{denies} denies in the file, expected {total}"
+    );
+    ensure!(
+        !file.iter().any(|e| e["type"] == "events.lost"),
+        "the kernel lost events: the ring buffer is too small for this test"
+    );
+
+    let predicates: [&dyn Fn(&Value) -> bool; 3] = [
+        &|e| e["subject"]["workload"] == "acme-gateway",
+        &|e| e["subject"]["tenant"] == "initech" && e["verdict"] == "deny",
+        &|e| e["type"] == "connection.denied" && e["destination"]["name"] == "acme-vectors",
+    ];
+    for ((name, _), want) in filters.iter().zip(predicates) {
+        let expected: BTreeSet<u64> =
+            seqs(&file.iter().filter(|e| want(e)).cloned().collect::<Vec<_>>());
+        ensure!(
+            expected.len() >= PER_CGROUP as usize,
+            "{name}: {} expected",
+            expected.len()
+        );
+        let path = out.path().join(name);
+        let mut got = Vec::new();
+        wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            got = json_lines(&path).unwrap_or_default();
+            got.len() >= expected.len()
+        });
+        ensure!(
+            got.len() == expected.len(),
+            "{name}: {} lines, {} expected",
+            got.len(),
+            expected.len()
+        );
+        ensure!(
+            seqs(&got) == expected,
+            "{name}: another seq set than the file's"
+        );
+    }
+    drop(followers);
+
+    // The stalled consumer reads now: its queue, then what it missed, told in-band; every
+    // event after it connected is either received or inside a dropped range, none twice.
+    let want: BTreeSet<u64> = seqs(&file);
+    stalled.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stalled);
+    let (mut received, mut dropped) = (BTreeSet::new(), 0u64);
+    let mut dropped_lines = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let covered = received.iter().filter(|s| want.contains(s)).count() as u64 + dropped;
+        if covered >= want.len() as u64 {
+            break;
+        }
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("the agent closed the stalled consumer");
+        }
+        let v: Value = serde_json::from_str(&line)?;
+        if v["type"] == "events.dropped" {
+            let (count, first, last) = (
+                v["count"].as_u64().unwrap(),
+                v["first_seq"].as_u64().unwrap(),
+                v["last_seq"].as_u64().unwrap(),
+            );
+            ensure!(
+                count > 0 && first <= last && last - first + 1 >= count,
+                "{v}"
+            );
+            dropped += count;
+            dropped_lines += 1;
+        } else {
+            let seq = v["seq"].as_u64().context("an event without seq")?;
+            ensure!(received.insert(seq), "seq {seq} twice");
+        }
+    }
+    ensure!(
+        dropped_lines > 0 && dropped > 0,
+        "the stalled consumer was never told it missed events ({} received)",
+        received.len()
+    );
+    let got = received.iter().filter(|s| want.contains(s)).count() as u64;
+    ensure!(
+        got + dropped == want.len() as u64,
+        "received {got} + dropped {dropped} != {} emitted",
+        want.len()
+    );
+    eprintln!(
+        "stalled consumer: {got} received, {dropped} missed in {dropped_lines} events.dropped lines, of {}",
+        want.len()
+    );
+    // And the file lost nothing: seqs are contiguous from 1.
+    let all = seqs(&file);
+    ensure!(
+        all.len() as u64 == *all.last().unwrap(),
+        "gaps in the events file's seqs"
+    );
+    Ok(())
+}
+
+fn events(dirs: &AgentDirs, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(enforcer_bin())
+        .arg("events")
+        .args(args)
+        .args(dirs.args())
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn history_since_bad_filters_and_a_user_who_is_not_root() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world("hist")?;
+    let state = StateDir::new()?;
+    let (agent, dirs) = start(&world, &state)?;
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    let probe = || -> Result<()> {
+        let s = Probe::new()
+            .in_cgroup(world.cgroup("acme-gateway"))
+            .repeat(5, &cross)?;
+        ensure!(s.eperm == 5, "{s:?}");
+        Ok(())
+    };
+    probe()?;
+    ensure!(
+        wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= 5
+        }),
+        "no denies in the file"
+    );
+    // History: the 5 denies, as JSON (piped), and the policy.applied notice by type.
+    let (ok, out, err) = events(
+        &dirs,
+        &["--workload", "acme-gateway", "--atlas", "AML.T0085"],
+    )?;
+    ensure!(ok, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        lines.len() == 5 && lines.iter().all(|l| l["verdict"] == "deny"),
+        "{out}"
+    );
+    let (ok, out, err) = events(&dirs, &["--type", "policy.applied", "-o", "ocsf"])?;
+    ensure!(ok && out.lines().count() >= 1, "{out}{err}");
+    ensure!(out.contains("\"class_uid\""), "OCSF output: {out}");
+    let (ok, out, _) = events(&dirs, &["--workload", "acme-gateway", "-o", "compact"])?;
+    ensure!(
+        ok && out.lines().all(|l| l.contains(
+            "acme-gateway -> globex-vectors:6333 tenant_mismatch tenant-isolation [AML.T0085.000]"
+        )),
+        "{out}"
+    );
+
+    // --since: the agent's clock decides; let the first burst get older than 2 s.
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        t0.elapsed() > Duration::from_secs(3)
+    });
+    probe()?;
+    ensure!(wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || { agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= 10 }
+    ));
+    let (ok, out, err) = events(&dirs, &["--since", "2s", "--verdict", "deny"])?;
+    ensure!(ok, "{err}");
+    ensure!(
+        out.lines().count() == 5,
+        "--since 2s: only the second burst:\n{out}"
+    );
+    let (_, out, _) = events(&dirs, &["--since", "10m", "--verdict", "deny"])?;
+    ensure!(
+        out.lines().count() == 10,
+        "--since 10m: both bursts:\n{out}"
+    );
+
+    // Bad filters: refused, the option named.
+    for (args, option) in [
+        (&["--verdict", "refused"][..], "--verdict"),
+        (&["--reason", "nope"], "--reason"),
+        (&["--type", "connection.blocked"], "--type"),
+        (&["--atlas", "T0085"], "--atlas"),
+        (&["--since", "ten minutes"], "--since"),
+    ] {
+        let (ok, _, err) = events(&dirs, args)?;
+        ensure!(!ok && err.contains(option), "{args:?}: {err}");
+    }
+
+    // nobody (uid 65534) is refused: the socket is root's, mode 0600.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.path().join("events.sock"))?.permissions(),
+    );
+    ensure!(mode & 0o777 == 0o600, "socket mode {mode:o}");
+    let out = as_nobody(&dirs, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "nobody read the stream: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        err.contains("events socket")
+            || err.contains("Permission denied")
+            || err.contains("permission denied"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// `enforcer events ARGS` as nobody (uid and gid 65534, no supplementary groups).
+fn as_nobody(dirs: &AgentDirs, args: &[&str]) -> Result<std::process::Output> {
+    let mut cmd = Command::new(enforcer_bin());
+    cmd.arg("events").args(args).args(dirs.args());
+    // SAFETY: setgroups/setgid/setuid only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd.output()?)
+}
+
+const NOBODY: u32 = 65534;
+
+#[test]
+fn events_group_grants_its_members_read_access() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world("group")?;
+    let state = StateDir::new()?;
+    let mut cfg = state.configure(world.agent_config());
+    cfg.extra_args
+        .extend(["--events-group".to_string(), NOBODY.to_string()]);
+    let dirs = state.dirs(&cfg);
+    let _agent = Agent::start(cfg)?;
+    // nobody must reach the socket: the test's own state dir is opened for traversal.
+    std::fs::set_permissions(
+        state.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
+    let socket = std::fs::metadata(state.path().join("events.sock"))?;
+    ensure!(
+        std::os::unix::fs::MetadataExt::gid(&socket) == NOBODY
+            && std::os::unix::fs::PermissionsExt::mode(&socket.permissions()) & 0o777 == 0o660,
+        "socket {socket:?}"
+    );
+    let out = as_nobody(&dirs, &["--type", "policy.applied"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        !lines.is_empty() && lines.iter().all(|l| l["type"] == "policy.applied"),
+        "{stdout}"
+    );
+    Ok(())
+}
