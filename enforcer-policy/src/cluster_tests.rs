@@ -1481,8 +1481,10 @@ fn ingress_column_covers_remote_pods() {
     // Remote acme pod: allowed although the table has no row for it.
     assert!(has(api.id));
     assert!(!c.allows().iter().any(|(k, _)| k.subject == api.id));
-    // Remote globex pod: refused (tenant isolation).
+    // Remote globex pod: refused, attributed to tenant isolation.
     assert!(!has(remote.id));
+    let a = c.attribute(remote.id, vectors, 6333, Protocol::Tcp.number());
+    assert_eq!(a.policy_id, "tenant-isolation");
     // Every claimant x the DB's port, against Cedar.
     let mut allowed = 0;
     for x in ids

@@ -1502,7 +1502,12 @@ impl Compiled {
             policies: vec![],
             atlas: atlas.to_vec(),
         };
-        let subject_ident = self.identities.get(subject).filter(|s| s.is_subject());
+        // Any workload, local or not: a remote pod is a claimant at this node's ingress, and
+        // its cells there are in the group caches (`ingress_column`).
+        let subject_ident = self
+            .identities
+            .get(subject)
+            .filter(|s| s.kind == IdentityKind::Workload);
         let Some(subject_ident) = subject_ident else {
             return Err(implicit("unknown-subject", &self.unknown_subject_atlas));
         };
