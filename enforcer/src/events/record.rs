@@ -195,9 +195,9 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         // pod's claim is a workload and falls through: the ingress column has its answer.
         reason::NOT_ALLOWED
             if event.hook == hook::INGRESS
-                && !compiled
+                && compiled
                     .identity(event.subject)
-                    .is_some_and(|i| i.kind == enforcer_policy::IdentityKind::Workload) =>
+                    .is_none_or(|i| i.kind != enforcer_policy::IdentityKind::Workload) =>
         {
             (
                 "implicit-deny".to_string(),
