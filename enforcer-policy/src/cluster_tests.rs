@@ -1430,3 +1430,76 @@ fn tenantless_services_do_not_evict_system_services() {
     assert_eq!(ids.at(ids.backend_index(&ip88(101))).name, "unidentified");
     assert_eq!(ids.at(ids.backend_index(&ip88(102))).name, "unidentified");
 }
+
+/// The ingress allowlist (`Compiled::ingress`) covers claimants that are not local subjects:
+/// a remote pod of the DB's tenant may claim itself at the DB's ingress, another tenant's
+/// remote pod may not, and every entry equals Cedar's decision (`Bundle::decide`) for that
+/// claimant, local or remote; WORLD has none.
+#[test]
+fn ingress_column_covers_remote_pods() {
+    let inventory = std::fs::read_to_string(demo_dir().join("inventory.yaml"))
+        .unwrap()
+        .replace(
+            "    ports: [{port: 6333, protocol: tcp, action: query}]\n    datasets: [acme-kb]",
+            "    ports: [{port: 6333, protocol: tcp, action: query}]\n    datasets: [acme-kb]\n    ingress: enforce",
+        );
+    assert!(inventory.contains("ingress: enforce"));
+    let dir = demo_with("inventory.yaml", &inventory);
+    let mut state = demo_state();
+    let t = "2026-01-01T00:00:00Z";
+    state.identities.push(cluster_identity(
+        "globex",
+        "remote",
+        Some("globex"),
+        Some("retrieval"),
+        Some("prod"),
+        &[],
+        vec![cluster_pod(
+            "globex",
+            "remote-0",
+            Some("node-b"),
+            &[ip("127.81.2.9")],
+            t,
+        )],
+    ));
+    let b = load(dir.path(), &state, &options());
+    let c = b.compile().unwrap();
+    let ids = b.identities();
+    let vectors = ids.by_name("acme-vectors").unwrap().id;
+    let api = ids
+        .by_name(&name_of(&b, &state.identities[1].labels))
+        .unwrap();
+    let remote = ids
+        .by_name(&name_of(&b, &state.identities[3].labels))
+        .unwrap();
+    assert!(!api.is_subject() && !remote.is_subject());
+    let has = |s: u32| {
+        c.ingress().iter().any(|(k, v)| {
+            k.subject == s && k.destination == vectors && k.dport == 6333 && v.is_allow()
+        })
+    };
+    // Remote acme pod: allowed although the table has no row for it.
+    assert!(has(api.id));
+    assert!(!c.allows().iter().any(|(k, _)| k.subject == api.id));
+    // Remote globex pod: refused, attributed to tenant isolation.
+    assert!(!has(remote.id));
+    let a = c.attribute(remote.id, vectors, 6333, Protocol::Tcp.number());
+    assert_eq!(a.policy_id, "tenant-isolation");
+    // Every claimant x the DB's port, against Cedar.
+    let mut allowed = 0;
+    for x in ids
+        .iter()
+        .filter(|x| x.kind == IdentityKind::Workload && x.name != "acme-vectors")
+    {
+        let d = b
+            .decide(&x.name, "acme-vectors", 6333, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(has(x.id), d.allowed, "{}", x.name);
+        allowed += d.allowed as usize;
+    }
+    assert!(allowed >= 2, "{allowed}");
+    // Only destinations with ingress on have a column; WORLD is never a claimant.
+    assert!(c.ingress().iter().all(|(k, _)| k.destination == vectors));
+    let world = enforcer_common::identity::WORLD;
+    assert!(c.ingress().iter().all(|(k, _)| k.subject != world));
+}

@@ -170,6 +170,8 @@ pub struct Compiled {
     risk_overrides: BTreeMap<String, String>,
     identities: Identities,
     allows: Vec<(PolicyKey, PolicyValue)>,
+    /// The ingress column (`Compiled::ingress`), sorted by key.
+    ingress: Vec<(PolicyKey, PolicyValue)>,
     rules: Vec<PolicyRef>,
     /// The grouping caches, kept for attribution and for incremental recompiles.
     grouping: Grouping,
@@ -1058,6 +1060,54 @@ fn policy_fingerprint(bundle: &Bundle) -> String {
     crate::hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 16)
 }
 
+/// The ingress column: for every destination whose ingress mode is `enforce` or `audit`,
+/// the entries of every identity that can claim itself on the wire (each workload of the
+/// inventory and of the cluster, local or not) x each TCP cell. WORLD has no entries: the
+/// schema does not make it a principal (policies read a principal's `tenant`), so an
+/// untagged peer from outside the cluster is the implicit deny, as before. A remote pod has no row in the table (it is not a local subject), but it is a
+/// claimant at this node's ingress. The cells come from the same group caches as the table:
+/// Cedar is asked once per (subject signature, destination signature, cell), so a thousand
+/// remote pods of a few label sets cost a few decisions.
+fn ingress_column(
+    grouping: &mut Grouping,
+    engine: &Engine,
+    ids: &Identities,
+    mut carried: Option<&mut Carried>,
+) -> Result<Vec<(PolicyKey, PolicyValue)>, PolicyError> {
+    use enforcer_common::flags;
+    let ingress = flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT;
+    let destinations: Vec<usize> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.is_destination() && d.flags & ingress != 0)
+        .map(|(i, _)| i)
+        .collect();
+    let mut out = Vec::new();
+    if destinations.is_empty() {
+        return Ok(out);
+    }
+    let claimants: Vec<usize> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.kind == IdentityKind::Workload)
+        .map(|(i, _)| i)
+        .collect();
+    for di in destinations {
+        let cells: Vec<Cell> = grouping
+            .cells(ids.at(di))
+            .into_iter()
+            .filter(|c| c.protocol == Protocol::Tcp)
+            .collect();
+        for &si in &claimants {
+            for cell in &cells {
+                grouping.entries(engine, ids, si, di, cell, carried.as_deref_mut(), &mut out)?;
+            }
+        }
+    }
+    out.sort_by_key(|(k, _)| *k);
+    Ok(out)
+}
+
 /// The deny exceptions among `entries`.
 fn deny_entries(entries: &[(PolicyKey, PolicyValue)]) -> usize {
     entries.iter().filter(|(_, v)| !v.is_allow()).count()
@@ -1111,6 +1161,7 @@ pub(crate) fn compile(
         }
     }
     allows.sort_by_key(|(k, _)| *k);
+    let ingress = ingress_column(&mut grouping, engine, ids, carried.as_mut())?;
     let sig = |i: usize| grouping.whole.sig[i];
     let subject_sigs: HashSet<u32> = subjects.iter().map(|&(si, _)| sig(si)).collect();
     // Counted over the cells compiled: without subjects, no destination takes part.
@@ -1152,6 +1203,7 @@ pub(crate) fn compile(
         risk_overrides: bundle.risk_overrides().clone(),
         identities: ids.clone(),
         allows,
+        ingress,
         rules: engine.rules.clone(),
         grouping,
         policy_fingerprint: fingerprint,
@@ -1334,6 +1386,9 @@ impl Compiled {
         merged.extend(fresh_iter);
         self.allows = merged;
 
+        // Risk changes move claimants between signatures too: the column is recomputed
+        // whole (group cache lookups, Cedar only for groups not seen before).
+        self.ingress = ingress_column(&mut self.grouping, engine, &self.identities, None)?;
         self.risk_overrides = bundle.risk_overrides().clone();
         self.revision = bundle.snapshot();
         self.stats.allows = self.allows.len();
@@ -1408,6 +1463,15 @@ impl Compiled {
         &self.allows
     }
 
+    /// The ingress allowlist of this node (the kernel's `INGRESS_ALLOW`), sorted by key:
+    /// for every destination whose ingress mode is `enforce` or `audit`, the entries of each
+    /// claimant (every workload identity, local or remote; never WORLD) x each TCP cell, as
+    /// the policy table would hold them if the claimant were a local subject: allows, and
+    /// deny exceptions under an any-port allow (looked up exact port first, then port 0).
+    pub fn ingress(&self) -> &[(PolicyKey, PolicyValue)] {
+        &self.ingress
+    }
+
     pub fn rules(&self) -> &[PolicyRef] {
         &self.rules
     }
@@ -1438,7 +1502,12 @@ impl Compiled {
             policies: vec![],
             atlas: atlas.to_vec(),
         };
-        let subject_ident = self.identities.get(subject).filter(|s| s.is_subject());
+        // Any workload, local or not: a remote pod is a claimant at this node's ingress, and
+        // its cells there are in the group caches (`ingress_column`).
+        let subject_ident = self
+            .identities
+            .get(subject)
+            .filter(|s| s.kind == IdentityKind::Workload);
         let Some(subject_ident) = subject_ident else {
             return Err(implicit("unknown-subject", &self.unknown_subject_atlas));
         };

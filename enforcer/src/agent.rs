@@ -605,10 +605,14 @@ impl Agent {
             };
             history.publish(generation, compiled);
         };
+        // An ingress allowlist that cannot fit is refused before anything is written, like
+        // a policy table that cannot: the last good policy stays in force whole.
+        let ingress = crate::wire::ingress_allows(&self.compiled);
+        crate::wire::ingress_fits(self.datapath.dir(), ingress.len())
+            .context("the ingress allowlist does not fit")?;
         let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
         // The ingress allowlist follows the table it mirrors (not in the same swap: a SYN may
         // be judged by the old list for the moment in between).
-        let ingress = crate::wire::ingress_allows(&self.compiled);
         let (ingress_written, ingress_removed) =
             crate::wire::sync_ingress(self.datapath.dir(), &ingress)
                 .context("writing the ingress allowlist")?;
@@ -953,6 +957,12 @@ impl Agent {
                     .tables
                     .apply_row(&delta.added, &delta.removed)
                     .with_context(|| format!("writing {workload}'s row"))?;
+                // A risk change moves the claimant at this node's ingress too.
+                crate::wire::sync_ingress(
+                    self.datapath.dir(),
+                    &crate::wire::ingress_allows(&self.compiled),
+                )
+                .context("writing the ingress allowlist")?;
                 Ok(delta)
             });
         let delta = match written {

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
-use enforcer_common::{flags, identity, maps, proto, wire as abi, PolicyKey, PolicyValue};
-use enforcer_policy::{Compiled, IdentityKind};
+use enforcer_common::{maps, wire as abi, PolicyKey, PolicyValue};
+use enforcer_policy::Compiled;
 
 /// A 128-bit flow key and its id (1-255, carried in the option).
 #[derive(Clone, PartialEq, Eq)]
@@ -200,82 +200,86 @@ pub fn key_ids(pin_dir: &Path) -> Result<(u32, u32)> {
     ))
 }
 
-/// The ingress allowlist a compiled policy gives: for every destination with ingress `enforce`
-/// or `audit`, every identity Cedar lets reach it (per declared TCP port, or any port when it
-/// declares none), exactly as the policy table holds it for that subject. Only subjects the
-/// compile has rows for are listed (every inventory workload with cgroups; with Kubernetes,
-/// only this node's pods: remote pods are not allowed yet, a known limit).
+/// The ingress allowlist a compiled policy gives ([`Compiled::ingress`]): for every
+/// destination with ingress `enforce` or `audit`, every workload identity of the inventory
+/// and the cluster (local or on another node) as Cedar lets it reach each TCP cell.
 pub fn ingress_allows(compiled: &Compiled) -> HashMap<PolicyKey, PolicyValue> {
-    let mut allows = HashMap::new();
-    let destinations: Vec<_> = compiled
-        .identities()
-        .filter(|d| d.flags & (flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT) != 0)
-        .collect();
-    if destinations.is_empty() {
-        return allows;
-    }
-    let subjects: Vec<u32> = compiled
-        .identities()
-        .filter(|s| s.kind == IdentityKind::Workload)
-        .map(|s| s.id)
-        .chain([identity::WORLD])
-        .collect();
-    for d in destinations {
-        let ports: Vec<u16> = if d.ports.is_empty() {
-            vec![0]
-        } else {
-            d.ports
-                .iter()
-                .filter(|p| p.protocol.number() == proto::TCP)
-                .map(|p| p.port)
-                .collect()
-        };
-        for &s in &subjects {
-            for &port in &ports {
-                if compiled.is_allowed(s, d.id, port, proto::TCP) {
-                    allows.insert(
-                        PolicyKey {
-                            subject: s,
-                            destination: d.id,
-                            dport: port,
-                            protocol: proto::TCP,
-                            _pad: 0,
-                        },
-                        PolicyValue::allow(0),
-                    );
-                }
-            }
-        }
-    }
-    allows
+    compiled.ingress().iter().copied().collect()
 }
 
 /// Makes `INGRESS_ALLOW` hold exactly `desired`: adds first, then removes, so that a cell in
 /// both the old and the new list is never missing. Returns (written, removed).
+///
+/// A list above the map's capacity (`max_entries` of the pin) is refused whole before anything
+/// is written, with an error naming the map, the need and the capacity: the previous list
+/// stays in force, as with the policy table. When old and new together would not fit, the
+/// removals go first (a moment in which a cell of both lists may be refused, logged).
 pub fn sync_ingress(
     pin_dir: &Path,
     desired: &HashMap<PolicyKey, PolicyValue>,
 ) -> Result<(usize, usize)> {
+    let capacity = ingress_fits(pin_dir, desired.len())?;
     let mut map: BpfHashMap<MapData, PolicyKey, PolicyValue> =
         open_map(pin_dir, maps::INGRESS_ALLOW)?.try_into()?;
     let present: HashMap<PolicyKey, PolicyValue> = map.iter().filter_map(|e| e.ok()).collect();
+    let peak = present.len() + desired.keys().filter(|k| !present.contains_key(k)).count();
+    let removals_first = peak > capacity as usize;
+    if removals_first {
+        tracing::warn!(
+            peak,
+            capacity,
+            "the ingress allowlist change does not fit beside the old list: removing first"
+        );
+    }
+    let mut removed = 0;
+    let mut remove = |map: &mut BpfHashMap<MapData, PolicyKey, PolicyValue>| -> Result<()> {
+        for k in present.keys() {
+            if !desired.contains_key(k) {
+                map.remove(k)
+                    .with_context(|| format!("removing {} {k:?}", maps::INGRESS_ALLOW))?;
+                removed += 1;
+            }
+        }
+        Ok(())
+    };
+    if removals_first {
+        remove(&mut map)?;
+    }
     let mut written = 0;
     for (k, v) in desired {
         if present.get(k) != Some(v) {
             map.insert(k, v, 0)
-                .with_context(|| format!("writing INGRESS_ALLOW {k:?}"))?;
+                .with_context(|| format!("writing {} {k:?}", maps::INGRESS_ALLOW))?;
             written += 1;
         }
     }
-    let mut removed = 0;
-    for k in present.keys() {
-        if !desired.contains_key(k) {
-            map.remove(k)
-                .with_context(|| format!("removing INGRESS_ALLOW {k:?}"))?;
-            removed += 1;
-        }
+    if !removals_first {
+        remove(&mut map)?;
     }
     Ok((written, removed))
+}
+
+/// Refuses an ingress allowlist of `entries` above the capacity of the pinned `INGRESS_ALLOW`
+/// (see [`sync_ingress`]); returns the capacity.
+pub fn ingress_fits(pin_dir: &Path, entries: usize) -> Result<u32> {
+    let capacity = aya::maps::MapInfo::from_pin(pin_dir.join(maps::INGRESS_ALLOW))
+        .with_context(|| format!("reading map info of {}", maps::INGRESS_ALLOW))?
+        .max_entries();
+    check_capacity(entries, capacity)?;
+    Ok(capacity)
+}
+
+/// Refuses an ingress allowlist of `entries` above `capacity`.
+fn check_capacity(entries: usize, capacity: u32) -> Result<()> {
+    if entries > capacity as usize {
+        bail!(
+            "the ingress allowlist needs {entries} entries, above the capacity of {} ({capacity}); \
+             narrow the destinations with `ingress: enforce|audit`, or raise the policy capacity \
+             (`enforcer detach` and restart to resize pinned maps)",
+            maps::INGRESS_ALLOW
+        );
+    }
+    Ok(())
 }
 
 /// One verified peer of an accepted tagged connection, as `WIRE_PEERS` holds it.
@@ -377,6 +381,16 @@ impl KeyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ingress_list_above_capacity_is_refused_naming_the_map() {
+        assert!(check_capacity(10, 10).is_ok());
+        let e = check_capacity(11, 10).unwrap_err().to_string();
+        assert!(
+            e.contains("INGRESS_ALLOW") && e.contains("11") && e.contains("(10)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn key_file_errors_name_the_line() {

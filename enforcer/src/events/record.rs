@@ -190,13 +190,14 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             atlas_ids(&["AML.T0073", "AML.T0085.000"]),
         ),
-        // A claim no compile row covers (WORLD, a remote identity that is not a subject
-        // here): no permit names it, so it is the implicit deny, not an unknown local cgroup.
+        // A claim that is no workload here (WORLD, an identity this node does not know): no
+        // permit names it, so it is the implicit deny, not an unknown local cgroup. A remote
+        // pod's claim is a workload and falls through: the ingress column has its answer.
         reason::NOT_ALLOWED
             if event.hook == hook::INGRESS
-                && !compiled
+                && compiled
                     .identity(event.subject)
-                    .is_some_and(|i| i.is_subject()) =>
+                    .is_none_or(|i| i.kind != enforcer_policy::IdentityKind::Workload) =>
         {
             (
                 "implicit-deny".to_string(),

@@ -1,0 +1,445 @@
+//! The ingress allowlist covers pods of other nodes (issue 7 item 3): node 2 runs its agent
+//! with `--kubernetes` against a cluster state persisted in its state directory (the API
+//! server in its kubeconfig is unreachable on purpose: the agent enforces the persisted state,
+//! as after a restart without the API server). The state holds two pods on *another* node,
+//! `acme/remote-rag` (tenant acme) and `globex/remote-agent` (tenant globex); node 2 hosts the
+//! inventory's `acme-vectors` (ingress `enforce`). A SYN from node 1's namespace, on a raw
+//! socket, from each pod's address and carrying that pod's identity with a tag computed by
+//! `enforcer::wire::option` under the shared key:
+//!
+//! - claiming the acme pod is accepted and recorded in node 2's `WIRE_PEERS` (before the
+//!   column covered every cluster identity, it was refused as `not_allowed`: the compile had
+//!   rows for local subjects only);
+//! - claiming the globex pod is refused at ingress with one `not_allowed` event naming it,
+//!   its tenant and the Cedar policy that forbids it (`tenant-isolation`).
+//!
+//! Addresses: `fd86::1` (node 1), `fd86::5`/`fd86::6` (the remote pods, on node 1's end) and
+//! `fd86::2` (node 2), on the test's own veth only; names start with `ik`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use enforcer::wire::{option, parse_keys, verified_peers, FlowKey};
+use enforcer_policy::cluster::{labels, ClusterIdentity, ClusterOptions, ClusterPod, ClusterState};
+use enforcer_tests::fixtures::SCHEMA;
+use enforcer_tests::probe::probe_bin;
+use enforcer_tests::util::{wait_until, ChildGuard};
+use enforcer_tests::{
+    require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TempDir,
+    TestCgroup, Veth,
+};
+use serde_json::Value;
+
+const NODE1: &str = "fd86::1";
+const NODE2: &str = "fd86::2";
+const ACME_POD: &str = "fd86::5";
+const GLOBEX_POD: &str = "fd86::6";
+const DB_PORT: u16 = 6333;
+const KEY1: &str = "1 0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+const NODE_NAME: &str = "ik-node2";
+
+const POLICIES: &str = r#"@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+
+@id("tenant-isolation")
+@atlas("AML.T0085.000")
+forbid (principal, action, resource)
+when { resource has tenant && principal.tenant != resource.tenant };
+"#;
+
+fn inventory() -> String {
+    format!(
+        r#"tenants: [acme, globex]
+workloads: []
+endpoints:
+  - name: acme-vectors
+    tenant: acme
+    kind: vector_db
+    ips: [{NODE2}/128]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    datasets: [acme-kb]
+    ingress: enforce
+"#
+    )
+}
+
+/// A pod of `namespace` (tenant = namespace) on another node.
+fn remote_pod(namespace: &str, ip: &str) -> Result<ClusterIdentity> {
+    let mut l = BTreeMap::new();
+    l.insert("namespace".to_string(), namespace.to_string());
+    l.insert("service_account".to_string(), "default".to_string());
+    l.insert(labels::TENANT.to_string(), namespace.to_string());
+    l.insert(labels::PURPOSE.to_string(), "retrieval".to_string());
+    l.insert(labels::RING.to_string(), "prod".to_string());
+    Ok(ClusterIdentity {
+        labels: l,
+        namespace: namespace.into(),
+        service_account: "default".into(),
+        tenant: Some(namespace.into()),
+        purpose: Some("retrieval".into()),
+        ring: Some("prod".into()),
+        pods: vec![ClusterPod {
+            namespace: namespace.into(),
+            name: format!("{namespace}-remote-0"),
+            uid: format!("ik-uid-{namespace}"),
+            node: Some("ik-node1".into()),
+            ips: vec![ip.parse()?],
+            host_network: false,
+            created: "2026-01-01T00:00:00Z".into(),
+        }],
+    })
+}
+
+/// The vector DB stand-in: `probe --serve` in node 2's namespace and a cgroup of node 2's
+/// subtree, so that its listening socket is judged by node 2's ingress program. Accepted
+/// peers arrive on a channel.
+struct DbServer {
+    _child: ChildGuard,
+    _peers: mpsc::Receiver<SocketAddr>,
+}
+
+impl DbServer {
+    /// In `ns`, or in the test's own namespace (loopback) without one.
+    fn start(ns: Option<&NetNs>, cgroup: &TestCgroup, addr: SocketAddr) -> Result<Self> {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]).arg(probe_bin()?);
+                c
+            }
+            None => Command::new(probe_bin()?),
+        };
+        cmd.args(["--serve", &addr.to_string(), "--for", "600000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let procs = std::ffi::CString::new(
+            cgroup
+                .path()
+                .join("cgroup.procs")
+                .as_os_str()
+                .as_encoded_bytes(),
+        )?;
+        // SAFETY: runs between fork and exec; only raw syscalls on data prepared before.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        let mut child = ChildGuard::new(cmd.spawn().context("spawn probe --serve")?);
+        let stdout = child.child().stdout.take().context("server stdout")?;
+        let (listening_tx, listening_rx) = mpsc::channel();
+        let (tx, peers) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v.get("listening").is_some() {
+                    let _ = listening_tx.send(());
+                } else if let Some(p) = v["peer"].as_str().and_then(|p| p.parse().ok()) {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        listening_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the DB server did not start listening")?;
+        Ok(Self {
+            _child: child,
+            _peers: peers,
+        })
+    }
+}
+
+/// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
+/// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
+/// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
+fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
+    ensure!(
+        extra.len().is_multiple_of(4),
+        "options must be padded to 4 bytes"
+    );
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&DB_PORT.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = (((20 + extra.len()) / 4) as u8) << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(extra);
+    ns.run_in(|| -> Result<()> {
+        // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("raw socket");
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let checksum_offset: libc::c_int = 16;
+        // SAFETY: valid option pointer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_CHECKSUM,
+                (&checksum_offset as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("IPV6_CHECKSUM");
+        }
+        let sockaddr = |ip: Ipv6Addr| libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as u16,
+            sin6_port: 0,
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: ip.octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        let src = sockaddr(source.parse()?);
+        let dst = sockaddr(NODE2.parse()?);
+        let len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+        // SAFETY: valid sockaddr pointers and lengths.
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&src as *const libc::sockaddr_in6).cast(),
+                len,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("bind a raw socket to {source}"));
+        }
+        // SAFETY: valid buffer and sockaddr.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                tcp.as_ptr().cast(),
+                tcp.len(),
+                0,
+                (&dst as *const libc::sockaddr_in6).cast(),
+                len,
+            )
+        };
+        if sent != tcp.len() as isize {
+            return Err(std::io::Error::last_os_error()).context("sendto raw SYN");
+        }
+        Ok(())
+    })?
+}
+
+/// MSS, then the identity option (20 bytes): 24 bytes of options.
+fn options_with(identity_option: &[u8; 20]) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xa0];
+    o.extend_from_slice(identity_option);
+    o
+}
+
+fn key(line: &str) -> FlowKey {
+    parse_keys(Path::new("key"), line)
+        .expect("test key")
+        .current
+}
+
+/// Field order is drop order: the server and agent before the cgroups they use.
+struct Bed {
+    _db: DbServer,
+    node2: Agent,
+    n1: NetNs,
+    _veth: Veth,
+    _n2: NetNs,
+    _db_cg: TestCgroup,
+    _node2_cg: TestCgroup,
+    _root: TestCgroup,
+    _pins: PinDir,
+    _bundle: PolicyBundle,
+    _tmp: TempDir,
+}
+
+#[test]
+fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let root = TestCgroup::create(unique_name("ik"))?;
+    let node2_cg = root.child("node2")?;
+    let db_cg = node2_cg.child("acme-vectors")?;
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", &inventory()),
+        ("schema.cedarschema", SCHEMA),
+        ("policies.cedar", POLICIES),
+    ])?;
+    let tmp = TempDir::new("ik-state")?;
+    let state_dir = tmp.path().join("state");
+    std::fs::create_dir_all(&state_dir)?;
+    let state = ClusterState {
+        trust_domain: "cluster.local".into(),
+        identities: vec![
+            remote_pod("acme", ACME_POD)?,
+            remote_pod("globex", GLOBEX_POD)?,
+        ],
+        services: vec![],
+        unidentified_ips: vec![],
+        problems: vec![],
+    };
+    let persisted = enforcer::sources::kubernetes::PersistedState {
+        version: 1,
+        last_sync: "2026-01-01T00:00:00Z".into(),
+        identity_labels: vec![],
+        state: state.clone(),
+    };
+    std::fs::write(
+        state_dir.join(enforcer::sources::kubernetes::STATE_FILE),
+        serde_json::to_string(&persisted)?,
+    )?;
+    // An API server that is never there (a closed port on loopback, in this test's range):
+    // the agent enforces the persisted state.
+    let kubeconfig = tmp.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ik\n  cluster:\n    server: https://127.86.0.1:9\n    insecure-skip-tls-verify: true\nusers:\n- name: ik\n  user:\n    token: ik\ncontexts:\n- name: ik\n  context:\n    cluster: ik\n    user: ik\ncurrent-context: ik\n",
+    )?;
+    let keys = tmp.path().join("node2.keys");
+    std::fs::write(&keys, format!("{KEY1}\n"))?;
+
+    // The identity numbers node 2 compiles for the two pods.
+    let options = ClusterOptions {
+        node_name: NODE_NAME.into(),
+        ..ClusterOptions::default()
+    };
+    let b = enforcer_policy::Bundle::load_with_cluster(bundle.path(), &state, &options)
+        .map_err(|d| anyhow::anyhow!("bundle: {d}"))?;
+    let id_of = |ns: &str| -> Result<u32> {
+        b.identities()
+            .iter()
+            .find(|i| i.labels.get("namespace").map(String::as_str) == Some(ns))
+            .map(|i| i.id)
+            .with_context(|| format!("no cluster identity for {ns}"))
+    };
+    let (acme, globex) = (id_of("acme")?, id_of("globex")?);
+
+    let n1 = NetNs::create(&unique_name("ik1"))?;
+    let n2 = NetNs::create(&unique_name("ik2"))?;
+    let veth = Veth::create(
+        &n1,
+        &[
+            &format!("{NODE1}/64"),
+            &format!("{ACME_POD}/64"),
+            &format!("{GLOBEX_POD}/64"),
+        ],
+        &n2,
+        &[&format!("{NODE2}/64")],
+    )?;
+    let pins = PinDir::new("ik-node2")?;
+    let mut config = AgentConfig::new(bundle.path(), &node2_cg.relative_str(), pins.path());
+    config.extra_args = vec![
+        "--flow-key-file".into(),
+        keys.display().to_string(),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        NODE_NAME.into(),
+    ];
+    let node2 = Agent::start(config)?;
+    let db = DbServer::start(Some(&n2), &db_cg, SocketAddr::new(NODE2.parse()?, DB_PORT))?;
+    let bed = Bed {
+        _db: db,
+        node2,
+        n1,
+        _veth: veth,
+        _n2: n2,
+        _db_cg: db_cg,
+        _node2_cg: node2_cg,
+        _root: root,
+        _pins: pins,
+        _bundle: bundle,
+        _tmp: tmp,
+    };
+    let pin_dir = enforcer::datapath::pin_dir(&bed.node2.config().pin_path);
+    let k = key(KEY1);
+    let d: IpAddr = NODE2.parse()?;
+    let verified = |client: SocketAddr| -> Option<u32> {
+        verified_peers(&pin_dir)
+            .ok()?
+            .into_iter()
+            .find(|p| p.client == client)
+            .map(|p| p.identity)
+    };
+
+    // The acme pod of another node: accepted, its claim recorded.
+    let s: IpAddr = ACME_POD.parse()?;
+    raw_syn(
+        &bed.n1,
+        ACME_POD,
+        46001,
+        &options_with(&option(&k, acme, 0, s, d, 46001, DB_PORT)),
+    )?;
+    let client = SocketAddr::new(s, 46001);
+    ensure!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            verified(client) == Some(acme)
+        }),
+        "node 2 did not accept the remote acme pod's claim: peers {:?}, events {:?}\n{}",
+        verified_peers(&pin_dir),
+        bed.node2.verdict_events(),
+        bed.node2.stderr_tail()
+    );
+
+    // The globex pod of another node: a valid tag, but the policy does not allow it here.
+    let s: IpAddr = GLOBEX_POD.parse()?;
+    raw_syn(
+        &bed.n1,
+        GLOBEX_POD,
+        46002,
+        &options_with(&option(&k, globex, 0, s, d, 46002, DB_PORT)),
+    )?;
+    let is_refusal = |e: &Value| {
+        e["hook"] == "ingress" && e["reason"] == "not_allowed" && e["subject"]["identity"] == globex
+    };
+    bed.node2
+        .wait_for(1, Duration::from_secs(10), is_refusal)
+        .context("the remote globex pod's claim was not refused")?;
+    ensure!(verified(SocketAddr::new(s, 46002)).is_none());
+    let refusals = bed
+        .node2
+        .verdict_events()?
+        .into_iter()
+        .filter(|e| e["hook"] == "ingress")
+        .collect::<Vec<_>>();
+    ensure!(
+        refusals.len() == 1 && is_refusal(&refusals[0]),
+        "want exactly the globex refusal at ingress: {refusals:?}"
+    );
+    let e = &refusals[0];
+    ensure!(e["subject"]["tenant"] == "globex", "{e}");
+    ensure!(e["policy"]["id"] == "tenant-isolation", "{e}");
+    Ok(())
+}
