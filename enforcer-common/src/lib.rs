@@ -487,6 +487,10 @@ pub struct FlowRecord {
     pub policy_generation: u32,
     /// Always zero.
     pub _pad: u32,
+    /// `bpf_get_netns_cookie` of the socket at `connect()`: the network namespace the
+    /// agent must be in to reset the flow (`SO_NETNS_COOKIE` on a socket it creates there
+    /// tells it that it is).
+    pub netns_cookie: u64,
     /// The connecting task's `comm`, NUL-padded.
     pub comm: [u8; 16],
 }
@@ -539,8 +543,8 @@ const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowRecord>() == 96);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 96);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.

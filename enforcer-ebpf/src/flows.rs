@@ -26,7 +26,7 @@ use core::ptr::{addr_of_mut, read_volatile};
 use aya_ebpf::{
     bindings::bpf_sock_ops,
     helpers::generated::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_sock_ops_cb_flags_set,
     },
     macros::map,
@@ -104,6 +104,7 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) {
         addr_of_mut!((*r).flags).write(if c.sock_v6 { flow_flags::SOCK_V6 } else { 0 });
         addr_of_mut!((*r).policy_generation).write(c.generation);
         addr_of_mut!((*r)._pad).write(0);
+        addr_of_mut!((*r).netns_cookie).write(bpf_get_netns_cookie(ctx.as_ptr()));
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         bpf_get_socket_cookie(ctx.as_ptr())
@@ -282,6 +283,7 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         addr_of_mut!((*d).flags).write(r.flags);
         addr_of_mut!((*d).policy_generation).write(r.policy_generation);
         addr_of_mut!((*d)._pad).write(0);
+        addr_of_mut!((*d).netns_cookie).write(r.netns_cookie);
         let (cs, cd) = (
             r.comm.as_ptr().cast::<u64>(),
             addr_of_mut!((*d).comm).cast::<u64>(),
