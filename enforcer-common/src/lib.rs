@@ -26,7 +26,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const VERDICTS: &str = "VERDICTS";
-    /// Socket cookie -> [`crate::FlowRecord`]: the live tracked flows (LRU hash).
+    /// Socket cookie -> [`crate::FlowRecord`]: the live tracked flows (plain hash: a full table
+    /// refuses new tracked connects, never evicts a live record).
     pub const FLOWS: &str = "FLOWS";
     /// Flow open/close records ([`crate::FlowEvent`]): a ring buffer of their own, so that a
     /// flood of denies in `EVENTS` cannot push them out.
@@ -203,7 +204,10 @@ pub mod reason {
     /// `ingress`: the claimed (verified) identity, or WORLD for an untagged peer outside the
     /// cluster, is not in the destination's ingress allowlist for this port.
     pub const NOT_ALLOWED: u8 = 10;
-    pub const COUNT: usize = 11;
+    /// `connect`: the call is allowed to a tracked destination but `FLOWS` is full, so the
+    /// flow could not be recorded (and could never be revoked): refused, fail closed.
+    pub const FLOW_TABLE_FULL: u8 = 11;
+    pub const COUNT: usize = 12;
 }
 
 /// The hook that decided.

@@ -30,7 +30,7 @@ use aya_ebpf::{
         bpf_sock_ops_cb_flags_set,
     },
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
@@ -38,9 +38,10 @@ use enforcer_common::{
     capacity, flow_event, flow_flags, flow_state, proto, tcp_state, FlowEvent, FlowRecord,
 };
 
-/// Socket cookie -> the tracked flow.
+/// Socket cookie -> the tracked flow. A plain hash, not an LRU: a flood of connects must not
+/// evict (and so un-track) a live flow; a full table refuses the connect instead.
 #[map]
-static FLOWS: LruHashMap<u64, FlowRecord> = LruHashMap::pinned(capacity::FLOWS, 0);
+static FLOWS: HashMap<u64, FlowRecord> = HashMap::pinned(capacity::FLOWS, 0);
 
 /// Opened / closed records; userspace may resize it at load time.
 #[map]
@@ -77,9 +78,10 @@ pub struct Connect {
 }
 
 /// Records the flow under the socket's cookie; a connected UDP socket's opened event is
-/// written now (TCP's waits for the handshake).
+/// written now (TCP's waits for the handshake). `false` when the record could not be
+/// written (the table is full): the caller refuses the connect.
 #[inline(always)]
-pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) {
+pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     let mut slot = MaybeUninit::<FlowRecord>::uninit();
     let r = slot.as_mut_ptr();
     // SAFETY: `r` points at a stack slot of the record's size; every field (padding included)
@@ -111,12 +113,14 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) {
     };
     // SAFETY: fully initialised above.
     let record = unsafe { slot.assume_init_ref() };
-    // A full LRU map evicts its least recently used record: the flow is still allowed, only
-    // its record is lost (`enforcer status` shows the map's fill).
-    let _ = FLOWS.insert(&cookie, record, BPF_ANY);
+    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room.
+    if FLOWS.insert(&cookie, record, BPF_ANY).is_err() {
+        return false;
+    }
     if udp {
         emit(cookie, record, flow_event::OPENED, 0, 0, 0);
     }
+    true
 }
 
 /// `TCP_CONNECT_CB`: the SYN is about to be sent; ask for state callbacks for a tracked flow.

@@ -601,3 +601,58 @@ fn a_flow_whose_connecting_process_exited_is_reset_in_its_namespace() -> Result<
     ensure!(s(r, "/flow/reason") == Some("quarantined"), "{r}");
     Ok(())
 }
+
+/// A full flow table fails closed: a connect to a tracked destination that cannot be recorded
+/// is refused (`flow_table_full`), and the live records are never evicted to make room (an
+/// evicted flow would escape revocation).
+#[test]
+fn a_full_flow_table_refuses_new_tracked_connects_and_keeps_the_live_ones() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world_on(88, 0xfd88, 2)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let mut config = w.config();
+    config
+        .extra_args
+        .extend(["--capacity".into(), "flows=2".into()]);
+    let agent = Agent::start(config)?;
+    let a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
+    let mut b = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;
+    for local in [a.local, b.local] {
+        wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, local))?;
+    }
+
+    let refused = match FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true) {
+        Ok(c) => anyhow::bail!(
+            "a third tracked flow was allowed past a full table: {}",
+            c.local
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(refused.contains("os error 1"), "{refused}");
+    let denied = &wait_notices(&agent, "connection.denied", 1, WAIT, |e| {
+        s(e, "/reason") == Some("flow_table_full")
+    })?[0];
+    ensure!(
+        s(denied, "/subject/workload") == Some("client-a"),
+        "{denied}"
+    );
+
+    // Both live flows are still recorded (nothing was evicted) ...
+    let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(ok, "enforcer flows: {err}");
+    for local in [a.local, b.local] {
+        ensure!(
+            out.contains(&local.port().to_string()),
+            "{local} missing: {out}"
+        );
+    }
+    // ... and a closed one makes room again.
+    b.close()?;
+    wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, b.local))?;
+    let c = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, c.local))?;
+    drop(a);
+    Ok(())
+}
