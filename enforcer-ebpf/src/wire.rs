@@ -463,6 +463,10 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                     || verifies(abi::PREVIOUS_KEY, key_id, &m, tag))
             {
                 (claimed, reason::BAD_TAG)
+            } else if quarantined(claimed) {
+                // A quarantine on this node holds against a peer that another node (which
+                // may not know of it yet, or not at all) let connect.
+                (claimed, reason::QUARANTINED)
             } else if !allowed(claimed, destination, syn.dport) {
                 (claimed, reason::NOT_ALLOWED)
             } else {
@@ -494,6 +498,16 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         PASS
     } else {
         DROP
+    }
+}
+
+/// The claimed identity is quarantined on this node (`IDENTITIES` flags).
+#[inline(always)]
+fn quarantined(claimed: u32) -> bool {
+    match IDENTITIES.get_ptr(claimed) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(i) => (unsafe { (*i).flags }) & flags::QUARANTINED != 0,
+        None => false,
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use enforcer::wire::{key_ids, option, parse_keys, verified_peers, FlowKey};
+use enforcer_tests::cli::enforcer;
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::probe_bin;
 use enforcer_tests::util::{wait_until, ChildGuard};
@@ -607,6 +608,40 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     ensure!(e["subject"]["tenant"] == "globex", "{e}");
     ensure!(e["policy"]["id"] == "tenant-isolation", "{e}");
     ensure!(bed.verified(node1_addr(45007))?.is_none());
+
+    // 6b. A valid claim of an identity quarantined on the DB's node only (node 1 still lets
+    //     it connect): refused at ingress, `quarantined`; released, it is allowed again.
+    let node2_pins = bed.node2.config().pin_path.display().to_string();
+    let out = enforcer(&[
+        "quarantine",
+        "add",
+        "acme-retriever",
+        "--pin-path",
+        &node2_pins,
+    ])?;
+    ensure!(out.success(), "quarantine add on node 2: {out}");
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45009,
+        &options_with(&option(&k2, acme, 0, s, d, 45009, DB_PORT)),
+    )?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "quarantined",
+        "quarantined claim",
+    )?;
+    ensure!(e["subject"]["identity"] == acme, "{e}");
+    ensure!(bed.verified(node1_addr(45009))?.is_none());
+    let out = enforcer(&[
+        "quarantine",
+        "release",
+        "acme-retriever",
+        "--pin-path",
+        &node2_pins,
+    ])?;
+    ensure!(out.success(), "quarantine release on node 2: {out}");
 
     // 7. An untagged peer the IP cache does not know is WORLD, judged by the policy on WORLD
     //    (none lets WORLD query the DB): not_allowed, not missing_tag.
