@@ -327,6 +327,15 @@ fn key(line: &str) -> FlowKey {
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
+    raw_syn_with(ns, source, sport, extra, false)
+}
+
+/// `IPV6_DSTOPTS` (`include/uapi/linux/in6.h`).
+const IPV6_DSTOPTS: libc::c_int = 59;
+
+/// [`raw_syn`], with `dstopts` behind an empty Destination Options header (next header 60,
+/// one PadN option): the TCP header is no longer right after the fixed IPv6 header.
+fn raw_syn_with(ns: &NetNs, source: &str, sport: u16, extra: &[u8], dstopts: bool) -> Result<()> {
     ensure!(
         extra.len().is_multiple_of(4),
         "options must be padded to 4 bytes"
@@ -360,6 +369,23 @@ fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("IPV6_CHECKSUM");
+        }
+        if dstopts {
+            // Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4 bytes.
+            let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+            // SAFETY: valid option pointer and length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    IPV6_DSTOPTS,
+                    header.as_ptr().cast(),
+                    header.len() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("IPV6_DSTOPTS");
+            }
         }
         let sockaddr = |ip: Ipv6Addr| libc::sockaddr_in6 {
             sin6_family: libc::AF_INET6 as u16,
@@ -642,6 +668,18 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &node2_pins,
     ])?;
     ensure!(out.success(), "quarantine release on node 2: {out}");
+
+    // 6c. A SYN behind an IPv6 extension header (an empty Destination Options header) from
+    //     outside the cluster: the check cannot read its TCP header where it looks, so it is
+    //     refused as untagged (`missing_tag`, ports unknown), never passed as "not a SYN".
+    raw_syn_with(&bed.n1, OUTSIDER, 45010, &[2, 4, 0x05, 0xa0], true)?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "missing_tag" && e["peer"]["ip"] == OUTSIDER,
+        "SYN behind a Destination Options header",
+    )?;
+    ensure!(e["verdict"] == "deny", "{e}");
 
     // 7. An untagged peer the IP cache does not know is WORLD, judged by the policy on WORLD
     //    (none lets WORLD query the DB): not_allowed, not missing_tag.
