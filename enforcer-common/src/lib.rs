@@ -583,7 +583,11 @@ pub mod wire {
     /// Slots of `FLOW_KEYS`.
     pub const CURRENT_KEY: u32 = 0;
     pub const PREVIOUS_KEY: u32 = 1;
-    pub const KEY_SLOTS: u32 = 2;
+    /// Holds the old previous key while the other two slots are rewritten, so that a swap
+    /// ("OLD NEW" -> "NEW OLD") never passes through a state that verifies only one of them;
+    /// empty otherwise.
+    pub const TRANSITION_KEY: u32 = 2;
+    pub const KEY_SLOTS: u32 = 3;
 
     /// A flow key in `FLOW_KEYS`. `id` 0 marks an empty slot.
     #[repr(C)]

@@ -493,7 +493,8 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             );
             if option[11] != abi::VERSION
                 || !(verifies(abi::CURRENT_KEY, key_id, &m, tag)
-                    || verifies(abi::PREVIOUS_KEY, key_id, &m, tag))
+                    || verifies(abi::PREVIOUS_KEY, key_id, &m, tag)
+                    || verifies(abi::TRANSITION_KEY, key_id, &m, tag))
             {
                 (claimed, reason::BAD_TAG)
             } else if quarantined(claimed) {
