@@ -26,7 +26,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const VERDICTS: &str = "VERDICTS";
-    /// Socket cookie -> [`crate::FlowRecord`]: the live tracked flows (LRU hash).
+    /// Socket cookie -> [`crate::FlowRecord`]: the live tracked flows (plain hash: a full table
+    /// refuses new tracked connects, never evicts a live record).
     pub const FLOWS: &str = "FLOWS";
     /// Flow open/close records ([`crate::FlowEvent`]): a ring buffer of their own, so that a
     /// flood of denies in `EVENTS` cannot push them out.
@@ -203,7 +204,10 @@ pub mod reason {
     /// `ingress`: the claimed (verified) identity, or WORLD for an untagged peer outside the
     /// cluster, is not in the destination's ingress allowlist for this port.
     pub const NOT_ALLOWED: u8 = 10;
-    pub const COUNT: usize = 11;
+    /// `connect`: the call is allowed to a tracked destination but `FLOWS` is full, so the
+    /// flow could not be recorded (and could never be revoked): refused, fail closed.
+    pub const FLOW_TABLE_FULL: u8 = 11;
+    pub const COUNT: usize = 12;
 }
 
 /// The hook that decided.
@@ -487,6 +491,10 @@ pub struct FlowRecord {
     pub policy_generation: u32,
     /// Always zero.
     pub _pad: u32,
+    /// `bpf_get_netns_cookie` of the socket at `connect()`: the network namespace the
+    /// agent must be in to reset the flow (`SO_NETNS_COOKIE` on a socket it creates there
+    /// tells it that it is).
+    pub netns_cookie: u64,
     /// The connecting task's `comm`, NUL-padded.
     pub comm: [u8; 16],
 }
@@ -539,8 +547,8 @@ const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowRecord>() == 96);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 96);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.
@@ -575,7 +583,11 @@ pub mod wire {
     /// Slots of `FLOW_KEYS`.
     pub const CURRENT_KEY: u32 = 0;
     pub const PREVIOUS_KEY: u32 = 1;
-    pub const KEY_SLOTS: u32 = 2;
+    /// Holds the old previous key while the other two slots are rewritten, so that a swap
+    /// ("OLD NEW" -> "NEW OLD") never passes through a state that verifies only one of them;
+    /// empty otherwise.
+    pub const TRANSITION_KEY: u32 = 2;
+    pub const KEY_SLOTS: u32 = 3;
 
     /// A flow key in `FLOW_KEYS`. `id` 0 marks an empty slot.
     #[repr(C)]

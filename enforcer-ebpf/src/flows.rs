@@ -26,11 +26,11 @@ use core::ptr::{addr_of_mut, read_volatile};
 use aya_ebpf::{
     bindings::bpf_sock_ops,
     helpers::generated::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_sock_ops_cb_flags_set,
     },
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
@@ -38,9 +38,10 @@ use enforcer_common::{
     capacity, flow_event, flow_flags, flow_state, proto, tcp_state, FlowEvent, FlowRecord,
 };
 
-/// Socket cookie -> the tracked flow.
+/// Socket cookie -> the tracked flow. A plain hash, not an LRU: a flood of connects must not
+/// evict (and so un-track) a live flow; a full table refuses the connect instead.
 #[map]
-static FLOWS: LruHashMap<u64, FlowRecord> = LruHashMap::pinned(capacity::FLOWS, 0);
+static FLOWS: HashMap<u64, FlowRecord> = HashMap::pinned(capacity::FLOWS, 0);
 
 /// Opened / closed records; userspace may resize it at load time.
 #[map]
@@ -77,9 +78,10 @@ pub struct Connect {
 }
 
 /// Records the flow under the socket's cookie; a connected UDP socket's opened event is
-/// written now (TCP's waits for the handshake).
+/// written now (TCP's waits for the handshake). `false` when the record could not be
+/// written (the table is full): the caller refuses the connect.
 #[inline(always)]
-pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) {
+pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     let mut slot = MaybeUninit::<FlowRecord>::uninit();
     let r = slot.as_mut_ptr();
     // SAFETY: `r` points at a stack slot of the record's size; every field (padding included)
@@ -104,18 +106,21 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) {
         addr_of_mut!((*r).flags).write(if c.sock_v6 { flow_flags::SOCK_V6 } else { 0 });
         addr_of_mut!((*r).policy_generation).write(c.generation);
         addr_of_mut!((*r)._pad).write(0);
+        addr_of_mut!((*r).netns_cookie).write(bpf_get_netns_cookie(ctx.as_ptr()));
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
     // SAFETY: fully initialised above.
     let record = unsafe { slot.assume_init_ref() };
-    // A full LRU map evicts its least recently used record: the flow is still allowed, only
-    // its record is lost (`enforcer status` shows the map's fill).
-    let _ = FLOWS.insert(&cookie, record, BPF_ANY);
+    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room.
+    if FLOWS.insert(&cookie, record, BPF_ANY).is_err() {
+        return false;
+    }
     if udp {
         emit(cookie, record, flow_event::OPENED, 0, 0, 0);
     }
+    true
 }
 
 /// `TCP_CONNECT_CB`: the SYN is about to be sent; ask for state callbacks for a tracked flow.
@@ -282,6 +287,7 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         addr_of_mut!((*d).flags).write(r.flags);
         addr_of_mut!((*d).policy_generation).write(r.policy_generation);
         addr_of_mut!((*d)._pad).write(0);
+        addr_of_mut!((*d).netns_cookie).write(r.netns_cookie);
         let (cs, cd) = (
             r.comm.as_ptr().cast::<u64>(),
             addr_of_mut!((*d).comm).cast::<u64>(),

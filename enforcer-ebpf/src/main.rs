@@ -469,7 +469,6 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         policy_hit(&POLICY_B, &mut key)
     };
     if permitted {
-        count(hook, verdict::ALLOW, reason::ALLOWED);
         // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
         // UDP, to a tracked destination. One more lookup on the connect allow path only.
         if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
@@ -489,10 +488,16 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
                         cgroup_id,
                         sock_v6: hook == hook::CONNECT6,
                     };
-                    flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP);
+                    if !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP) {
+                        // An untracked flow to a tracked destination could never be revoked:
+                        // fail closed (never audited through).
+                        v.reason = reason::FLOW_TABLE_FULL;
+                        return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
+                    }
                 }
             }
         }
+        count(hook, verdict::ALLOW, reason::ALLOWED);
         return SK_PASS;
     }
 

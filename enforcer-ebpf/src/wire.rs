@@ -315,6 +315,10 @@ struct Syn {
     dport: u16,
     /// The SYN's sequence number (network order, compared only).
     seq: u32,
+    /// An IPv6 packet whose next header is an extension header: the TCP header (if any) is
+    /// not where the check reads it, so it is judged as an untagged packet (ports zero) and
+    /// never passed unchecked.
+    hidden: bool,
     /// Offset and end of the TCP options.
     options: usize,
     options_end: usize,
@@ -353,17 +357,33 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         )
     } else if ethertype == ETH_P_IPV6 {
         let ip: [u8; IPV6_HEADER] = load(ctx, 0)?;
-        // Only a TCP header right after the fixed header: a SYN behind extension headers is
-        // passed unchecked (a known limit, see the README).
-        if ip[6] != IPPROTO_TCP || !is_syn(ctx, IPV6_HEADER)? {
-            return None;
-        }
         let s = [word(&ip, 8), word(&ip, 12), word(&ip, 16), word(&ip, 20)];
         let d = [word(&ip, 24), word(&ip, 28), word(&ip, 32), word(&ip, 36)];
         let v6 = |w: [u32; 4]| Destination {
             addr: w,
             family: FAMILY_V6,
         };
+        // Only a TCP header right after the fixed header is read (walking the chain would cost
+        // the verifier a branch per step). A SYN behind extension headers must not pass for
+        // "not a SYN": such a packet is handed to the check as a hidden one, which fails
+        // closed. Other next headers (UDP, ICMPv6) are not TCP connection attempts.
+        if is_extension_header(ip[6]) {
+            return Some(Syn {
+                saddr: s,
+                daddr: d,
+                dst: v6(d),
+                src: v6(s),
+                sport: 0,
+                dport: 0,
+                seq: 0,
+                hidden: true,
+                options: 0,
+                options_end: 0,
+            });
+        }
+        if ip[6] != IPPROTO_TCP || !is_syn(ctx, IPV6_HEADER)? {
+            return None;
+        }
         (IPV6_HEADER, s, d, v6(s), v6(d))
     } else {
         return None;
@@ -378,9 +398,17 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         sport: u16::from_be_bytes([tcp[0], tcp[1]]),
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
         seq: u32::from_ne_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        hidden: false,
         options: l4 + TCP_HEADER_MIN,
         options_end: l4 + header,
     })
+}
+
+/// IPv6 extension headers (RFC 8200 4.1, and AH, ESP, Mobility, HIP, Shim6): hop-by-hop 0,
+/// routing 43, fragment 44, ESP 50, AH 51, destination options 60, 135, 139, 140.
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
 /// Whether the TCP segment at `l4` is a SYN without ACK.
@@ -440,7 +468,12 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         None => 0,
     };
 
-    let (claimed, refused) = match find_option(ctx, &syn) {
+    let option = if syn.hidden {
+        None
+    } else {
+        find_option(ctx, &syn)
+    };
+    let (claimed, refused) = match option {
         Some(option) => {
             let claimed = u32::from_be_bytes([option[4], option[5], option[6], option[7]]);
             let sent_generation = u16::from_be_bytes([option[8], option[9]]);
@@ -460,9 +493,14 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             );
             if option[11] != abi::VERSION
                 || !(verifies(abi::CURRENT_KEY, key_id, &m, tag)
-                    || verifies(abi::PREVIOUS_KEY, key_id, &m, tag))
+                    || verifies(abi::PREVIOUS_KEY, key_id, &m, tag)
+                    || verifies(abi::TRANSITION_KEY, key_id, &m, tag))
             {
                 (claimed, reason::BAD_TAG)
+            } else if quarantined(claimed) {
+                // A quarantine on this node holds against a peer that another node (which
+                // may not know of it yet, or not at all) let connect.
+                (claimed, reason::QUARANTINED)
             } else if !allowed(claimed, destination, syn.dport) {
                 (claimed, reason::NOT_ALLOWED)
             } else {
@@ -472,7 +510,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
         None => {
             let source = lookup_destination(&syn.src);
-            if source != identity::WORLD {
+            if source != identity::WORLD || syn.hidden {
                 (source, reason::MISSING_TAG)
             } else if allowed(identity::WORLD, destination, syn.dport) {
                 (source, reason::ALLOWED)
@@ -494,6 +532,16 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         PASS
     } else {
         DROP
+    }
+}
+
+/// The claimed identity is quarantined on this node (`IDENTITIES` flags).
+#[inline(always)]
+fn quarantined(claimed: u32) -> bool {
+    match IDENTITIES.get_ptr(claimed) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(i) => (unsafe { (*i).flags }) & flags::QUARANTINED != 0,
+        None => false,
     }
 }
 

@@ -288,6 +288,9 @@ struct Agent {
     flow_events: mpsc::UnboundedSender<FlowCall>,
     /// Connected UDP flows already reported `flow.stale` (by cookie): once each.
     stale_reported: BTreeSet<u64>,
+    /// TCP flows no longer permitted whose reset failed (by cookie): reported
+    /// `flow.revoke_failed` once, retried on every tick until reset or gone.
+    revoke_failed: BTreeSet<u64>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -466,6 +469,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         status_written: (None, None),
         flow_events: flow_tx,
         stale_reported: BTreeSet::new(),
+        revoke_failed: BTreeSet::new(),
         options,
         cgroup_mount,
         cgroup_root,
@@ -667,6 +671,9 @@ impl Agent {
             .is_some_and(|w| w.degraded.is_none());
         if !watched || self.ticks.is_multiple_of(BACKSTOP_TICKS) {
             self.resync_cgroups();
+        }
+        if !self.revoke_failed.is_empty() {
+            self.revoke_flows("retrying failed resets");
         }
         // The source's connection and the watcher change without a policy change: keep
         // `enforcer status` current (staleness is computed by the reader).
@@ -1077,9 +1084,10 @@ impl Agent {
             }
         };
         let mut live = BTreeSet::new();
-        let (mut revoked, mut stale) = (0usize, 0usize);
+        let (mut revoked, mut stale, mut failed) = (0usize, 0usize, 0usize);
         for (cookie, record) in records {
             live.insert(cookie);
+            let mut failure = None;
             let decision = match flows::decide(&self.datapath.tables, &record) {
                 Ok(decision) => decision,
                 Err(error) => {
@@ -1094,6 +1102,7 @@ impl Agent {
             } = decision
             else {
                 self.stale_reported.remove(&cookie);
+                self.revoke_failed.remove(&cookie);
                 continue;
             };
             let kind = if record.protocol == proto::UDP {
@@ -1108,28 +1117,39 @@ impl Agent {
                 if record.state != flow_state::ESTABLISHED {
                     continue;
                 }
-                match flows::destroy::destroy(cookie, &record) {
+                let pids = flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id);
+                match flows::destroy::destroy(cookie, &record, &pids) {
                     Ok(()) => {
+                        self.revoke_failed.remove(&cookie);
                         revoked += 1;
                         flow_event::REVOKED
                     }
-                    Err(error)
+                    Err(flows::destroy::DestroyError::Io(error))
                         if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) =>
                     {
-                        // The socket is gone and its record outlived it (no CLOSE callback
-                        // reached it): forget the record, close nothing.
+                        // The kernel's answer in the flow's own namespace (verified by its
+                        // cookie): the socket is gone and its record outlived it (no CLOSE
+                        // callback reached it): forget the record, close nothing.
                         tracing::debug!(cookie, %error, "a tracked flow's socket is gone");
+                        self.revoke_failed.remove(&cookie);
                         if let Err(error) = flows::forget(&dir, cookie) {
                             tracing::warn!(cookie, "forgetting a dead flow record: {error:#}");
                         }
                         continue;
                     }
                     Err(error) => {
+                        // The record stays: the next change or tick tries again. Reported
+                        // once per flow, logged every time.
                         tracing::error!(
                             cookie,
                             "resetting a flow no longer permitted failed: {error}"
                         );
-                        continue;
+                        if !self.revoke_failed.insert(cookie) {
+                            continue;
+                        }
+                        failed += 1;
+                        failure = Some(error.to_string());
+                        flow_event::REVOKE_FAILED
                     }
                 }
             };
@@ -1140,6 +1160,7 @@ impl Agent {
             let mut call = flow_event::flow(kind, SystemTime::now(), cookie, &record, &allowed_by);
             call.policy.snapshot = snapshot_of(&self.history, &record);
             call.flow.reason = Some(reason);
+            call.flow.error = failure;
             call.policy.revoked_by = Some(self.compiled.revision().to_string());
             call.policy.id = Some(match reason {
                 "quarantined" => "quarantine".to_string(),
@@ -1153,11 +1174,13 @@ impl Agent {
             let _ = self.flow_events.send(call);
         }
         self.stale_reported.retain(|cookie| live.contains(cookie));
-        if revoked + stale > 0 {
+        self.revoke_failed.retain(|cookie| live.contains(cookie));
+        if revoked + stale + failed > 0 {
             tracing::warn!(
                 why,
                 revoked,
                 stale,
+                failed,
                 records = live.len(),
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                 "tracked flows no longer permitted"

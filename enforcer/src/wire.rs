@@ -173,21 +173,41 @@ fn open_map(pin_dir: &Path, name: &str) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
-/// Writes `keys` into `FLOW_KEYS`: the previous slot first, so that whichever key signs at any
-/// moment of the update, both ends verify it.
-pub fn write_keys(pin_dir: &Path, keys: &FlowKeys) -> Result<()> {
-    let mut slots: Array<MapData, abi::FlowKey> = open_map(pin_dir, maps::FLOW_KEYS)?.try_into()?;
+/// The writes that turn `FLOW_KEYS` holding `old` (current, previous, transition) into
+/// `keys`, in order: the old previous key into the transition slot, then the new previous,
+/// then the new current, then the transition slot emptied. Until the current slot changes
+/// every state verifies all keys of the old file; from then on, all keys of the new one; so a
+/// swap ("OLD NEW" -> "NEW OLD") never passes through (OLD, OLD).
+pub fn key_writes(old: [abi::FlowKey; 3], keys: &FlowKeys) -> Vec<(u32, abi::FlowKey)> {
     let previous = keys
         .previous
         .as_ref()
         .map(FlowKey::slot)
         .unwrap_or_default();
-    slots
-        .set(abi::PREVIOUS_KEY, previous, 0)
-        .context("writing the previous flow key")?;
-    slots
-        .set(abi::CURRENT_KEY, keys.current.slot(), 0)
-        .context("writing the current flow key")?;
+    vec![
+        (abi::TRANSITION_KEY, old[abi::PREVIOUS_KEY as usize]),
+        (abi::PREVIOUS_KEY, previous),
+        (abi::CURRENT_KEY, keys.current.slot()),
+        (abi::TRANSITION_KEY, abi::FlowKey::default()),
+    ]
+}
+
+/// Writes `keys` into `FLOW_KEYS` in the order of [`key_writes`]: whichever key signs at any
+/// moment of the update, this node verifies it, and every key of the old file verifies until
+/// the new current key signs.
+pub fn write_keys(pin_dir: &Path, keys: &FlowKeys) -> Result<()> {
+    let mut slots: Array<MapData, abi::FlowKey> = open_map(pin_dir, maps::FLOW_KEYS)?.try_into()?;
+    let mut old = [abi::FlowKey::default(); 3];
+    for (slot, key) in old.iter_mut().enumerate() {
+        *key = slots
+            .get(&(slot as u32), 0)
+            .with_context(|| format!("reading flow key slot {slot}"))?;
+    }
+    for (slot, key) in key_writes(old, keys) {
+        slots
+            .set(slot, key, 0)
+            .with_context(|| format!("writing flow key slot {slot}"))?;
+    }
     Ok(())
 }
 
@@ -381,6 +401,57 @@ impl KeyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ids a `FLOW_KEYS` state verifies (as the kernel does: any non-empty slot).
+    fn verified(state: &[abi::FlowKey; 3]) -> std::collections::BTreeSet<u32> {
+        state.iter().map(|k| k.id).filter(|&id| id != 0).collect()
+    }
+
+    #[test]
+    fn every_intermediate_key_state_verifies_the_old_or_the_new_file() {
+        let k = |id: u8| FlowKey { id, key: [id; 16] };
+        let file = |current: u8, previous: Option<u8>| FlowKeys {
+            current: k(current),
+            previous: previous.map(k),
+        };
+        let ids = |f: &FlowKeys| -> std::collections::BTreeSet<u32> {
+            std::iter::once(f.current.id as u32)
+                .chain(f.previous.as_ref().map(|p| p.id as u32))
+                .collect()
+        };
+        // (old file, new file): a swap, a rotation, a first key, dropping the previous.
+        let cases = [
+            (file(1, Some(2)), file(2, Some(1))),
+            (file(1, Some(2)), file(3, Some(1))),
+            (file(1, None), file(2, Some(1))),
+            (file(2, Some(1)), file(2, None)),
+        ];
+        for (old, new) in cases {
+            let mut state = [abi::FlowKey::default(); 3];
+            state[abi::CURRENT_KEY as usize] = old.current.slot();
+            state[abi::PREVIOUS_KEY as usize] =
+                old.previous.as_ref().map(FlowKey::slot).unwrap_or_default();
+            let (old_ids, new_ids) = (ids(&old), ids(&new));
+            for (slot, key) in key_writes(state, &new) {
+                state[slot as usize] = key;
+                let now = verified(&state);
+                // The signing key always verifies here; every key of the file whose current
+                // key signs verifies too.
+                let signer = state[abi::CURRENT_KEY as usize].id;
+                let file_ids = if signer == new.current.id as u32 {
+                    &new_ids
+                } else {
+                    &old_ids
+                };
+                assert!(
+                    now.is_superset(file_ids),
+                    "{old:?} -> {new:?}: state {now:?} misses a key of {file_ids:?}"
+                );
+            }
+            assert_eq!(verified(&state), new_ids, "{old:?} -> {new:?}: final state");
+            assert_eq!(state[abi::TRANSITION_KEY as usize].id, 0);
+        }
+    }
 
     #[test]
     fn an_ingress_list_above_capacity_is_refused_naming_the_map() {

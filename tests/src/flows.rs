@@ -222,6 +222,32 @@ impl FlowClient {
         Self::spawn(ns, cgroup, args, hold)
     }
 
+    /// [`FlowClient::tcp_in`] holding the connection, whose connecting process then forks and
+    /// exits: the connection lives on in a child that never called `connect()` (the recorded
+    /// PID is gone). Returns once the parent has exited. The child dies with the cgroup.
+    pub fn tcp_forked(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        send: u32,
+        recv: u32,
+    ) -> Result<Self> {
+        let args = vec![
+            "tcp".to_string(),
+            to.to_string(),
+            send.to_string(),
+            recv.to_string(),
+            "--fork".to_string(),
+        ];
+        let mut client = Self::spawn(ns, cgroup, args, true)?;
+        match client.next_line(Duration::from_secs(10)) {
+            Some(v) if v.get("forked").and_then(Value::as_u64).is_some() => {}
+            other => bail!("flow-client --fork did not report its child: {other:?}"),
+        }
+        client.child.wait_timeout(Duration::from_secs(10))?;
+        Ok(client)
+    }
+
     /// A connected UDP socket in `cgroup`, held open until [`FlowClient::close`].
     pub fn udp(cgroup: &TestCgroup, to: SocketAddr) -> Result<Self> {
         Self::spawn(None, cgroup, vec!["udp".to_string(), to.to_string()], true)

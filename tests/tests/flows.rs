@@ -55,6 +55,7 @@ struct FlowWorld {
     root: TestCgroup,
     bundle: PolicyBundle,
     pins: PinDir,
+    net: u8,
     t: u8,
 }
 
@@ -62,19 +63,24 @@ struct FlowWorld {
 /// 6333 and UDP 6334, dataset acme-kb); acme-store (`feature_store`, `track: true`, TCP 7000);
 /// untracked-api (`llm_api`, TCP 8000). All at 127.83.<t>.i.
 fn world(t: u8) -> Result<FlowWorld> {
-    let v6 = |i: u8| Ipv6Addr::new(0xfd83, 0, 0, 0, 0, 0, u16::from(t), u16::from(i));
+    world_on(NET, 0xfd83, t)
+}
+
+/// [`world`] at 127.`net`.<t>.i (IPv6 `v6_prefix`::<t>:i).
+fn world_on(net: u8, v6_prefix: u16, t: u8) -> Result<FlowWorld> {
+    let v6 = |i: u8| Ipv6Addr::new(v6_prefix, 0, 0, 0, 0, 0, u16::from(t), u16::from(i));
     let mut entities = vec![
-        Entity::workload(NET, "client-a", "acme", "retrieval", t, 1),
-        Entity::workload(NET, "client-b", "acme", "retrieval", t, 2),
-        Entity::endpoint(NET, "acme-vectors", "acme", "vector_db", t, 10)
+        Entity::workload(net, "client-a", "acme", "retrieval", t, 1),
+        Entity::workload(net, "client-b", "acme", "retrieval", t, 2),
+        Entity::endpoint(net, "acme-vectors", "acme", "vector_db", t, 10)
             .port(6333, Proto::Tcp, "query")
             .port(6334, Proto::Udp, "query"),
-        Entity::endpoint(NET, "acme-store", "acme", "feature_store", t, 11).port(
+        Entity::endpoint(net, "acme-store", "acme", "feature_store", t, 11).port(
             7000,
             Proto::Tcp,
             "read",
         ),
-        Entity::endpoint(NET, "untracked-api", "acme", "llm_api", t, 12).port(
+        Entity::endpoint(net, "untracked-api", "acme", "llm_api", t, 12).port(
             8000,
             Proto::Tcp,
             "query",
@@ -104,6 +110,7 @@ fn world(t: u8) -> Result<FlowWorld> {
         root,
         bundle,
         pins: PinDir::new("fl-pins")?,
+        net,
         t,
     })
 }
@@ -113,7 +120,7 @@ impl FlowWorld {
         &self.cgroups.iter().find(|(n, _)| n == name).unwrap().1
     }
     fn addr(&self, i: u8, port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::from([127, NET, self.t, i]), port)
+        SocketAddr::new(IpAddr::from([127, self.net, self.t, i]), port)
     }
     fn config(&self) -> AgentConfig {
         AgentConfig::new(
@@ -556,5 +563,96 @@ fn a_flow_in_its_own_network_namespace_is_reset_there() -> Result<()> {
         "{}",
         closed[0]
     );
+    Ok(())
+}
+
+/// The connecting process is not the one holding the socket: it forked, the child holds the
+/// connection and the parent exited. The reset must still reach the flow's network namespace
+/// (found through the cgroup's processes and checked by its cookie), not fall back to the
+/// agent's own namespace, where the kernel would answer "no such socket" and the flow would
+/// silently escape revocation.
+#[test]
+fn a_flow_whose_connecting_process_exited_is_reset_in_its_namespace() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world_on(88, 0xfd88, 1)?;
+    let ns = NetNs::create(&unique_name("rf-ns"))?;
+    let vectors = FlowServer::start_in(&ns, w.addr(10, 6333))?;
+    let state = StateDir::new()?;
+    let config = state.configure(w.config());
+    let dirs = state.dirs(&config);
+    let agent = Agent::start(config)?;
+    let a = FlowClient::tcp_forked(Some(&ns), w.cgroup("client-a"), vectors.addr(), 2, 3)?;
+    let opened = &wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    let connector = u(opened, "/subject/pid").context("flow.opened has no pid")?;
+    ensure!(
+        !std::path::Path::new(&format!("/proc/{connector}")).exists(),
+        "the connecting process {connector} is still alive"
+    );
+
+    let out = dirs.run(&["quarantine", "add", "client-a"])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("the forked child's connection survived the quarantine")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(s(r, "/flow/reason") == Some("quarantined"), "{r}");
+    Ok(())
+}
+
+/// A full flow table fails closed: a connect to a tracked destination that cannot be recorded
+/// is refused (`flow_table_full`), and the live records are never evicted to make room (an
+/// evicted flow would escape revocation).
+#[test]
+fn a_full_flow_table_refuses_new_tracked_connects_and_keeps_the_live_ones() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world_on(88, 0xfd88, 2)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let mut config = w.config();
+    config
+        .extra_args
+        .extend(["--capacity".into(), "flows=2".into()]);
+    let agent = Agent::start(config)?;
+    let a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
+    let mut b = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;
+    for local in [a.local, b.local] {
+        wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, local))?;
+    }
+
+    let refused = match FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true) {
+        Ok(c) => anyhow::bail!(
+            "a third tracked flow was allowed past a full table: {}",
+            c.local
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(refused.contains("os error 1"), "{refused}");
+    let denied = &wait_notices(&agent, "connection.denied", 1, WAIT, |e| {
+        s(e, "/reason") == Some("flow_table_full")
+    })?[0];
+    ensure!(
+        s(denied, "/subject/workload") == Some("client-a"),
+        "{denied}"
+    );
+
+    // Both live flows are still recorded (nothing was evicted) ...
+    let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(ok, "enforcer flows: {err}");
+    for local in [a.local, b.local] {
+        ensure!(
+            out.contains(&local.port().to_string()),
+            "{local} missing: {out}"
+        );
+    }
+    // ... and a closed one makes room again.
+    b.close()?;
+    wait_notices(&agent, "flow.closed", 1, WAIT, |e| flow_of(e, b.local))?;
+    let c = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, c.local))?;
+    drop(a);
     Ok(())
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use enforcer::wire::{key_ids, option, parse_keys, verified_peers, FlowKey};
+use enforcer_tests::cli::enforcer;
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::probe_bin;
 use enforcer_tests::util::{wait_until, ChildGuard};
@@ -326,6 +327,15 @@ fn key(line: &str) -> FlowKey {
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
+    raw_syn_with(ns, source, sport, extra, false)
+}
+
+/// `IPV6_DSTOPTS` (`include/uapi/linux/in6.h`).
+const IPV6_DSTOPTS: libc::c_int = 59;
+
+/// [`raw_syn`], with `dstopts` behind an empty Destination Options header (next header 60,
+/// one PadN option): the TCP header is no longer right after the fixed IPv6 header.
+fn raw_syn_with(ns: &NetNs, source: &str, sport: u16, extra: &[u8], dstopts: bool) -> Result<()> {
     ensure!(
         extra.len().is_multiple_of(4),
         "options must be padded to 4 bytes"
@@ -359,6 +369,23 @@ fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("IPV6_CHECKSUM");
+        }
+        if dstopts {
+            // Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4 bytes.
+            let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+            // SAFETY: valid option pointer and length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    IPV6_DSTOPTS,
+                    header.as_ptr().cast(),
+                    header.len() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("IPV6_DSTOPTS");
+            }
         }
         let sockaddr = |ip: Ipv6Addr| libc::sockaddr_in6 {
             sin6_family: libc::AF_INET6 as u16,
@@ -607,6 +634,52 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     ensure!(e["subject"]["tenant"] == "globex", "{e}");
     ensure!(e["policy"]["id"] == "tenant-isolation", "{e}");
     ensure!(bed.verified(node1_addr(45007))?.is_none());
+
+    // 6b. A valid claim of an identity quarantined on the DB's node only (node 1 still lets
+    //     it connect): refused at ingress, `quarantined`; released, it is allowed again.
+    let node2_pins = bed.node2.config().pin_path.display().to_string();
+    let out = enforcer(&[
+        "quarantine",
+        "add",
+        "acme-retriever",
+        "--pin-path",
+        &node2_pins,
+    ])?;
+    ensure!(out.success(), "quarantine add on node 2: {out}");
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45009,
+        &options_with(&option(&k2, acme, 0, s, d, 45009, DB_PORT)),
+    )?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "quarantined",
+        "quarantined claim",
+    )?;
+    ensure!(e["subject"]["identity"] == acme, "{e}");
+    ensure!(bed.verified(node1_addr(45009))?.is_none());
+    let out = enforcer(&[
+        "quarantine",
+        "release",
+        "acme-retriever",
+        "--pin-path",
+        &node2_pins,
+    ])?;
+    ensure!(out.success(), "quarantine release on node 2: {out}");
+
+    // 6c. A SYN behind an IPv6 extension header (an empty Destination Options header) from
+    //     outside the cluster: the check cannot read its TCP header where it looks, so it is
+    //     refused as untagged (`missing_tag`, ports unknown), never passed as "not a SYN".
+    raw_syn_with(&bed.n1, OUTSIDER, 45010, &[2, 4, 0x05, 0xa0], true)?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "missing_tag" && e["peer"]["ip"] == OUTSIDER,
+        "SYN behind a Destination Options header",
+    )?;
+    ensure!(e["verdict"] == "deny", "{e}");
 
     // 7. An untagged peer the IP cache does not know is WORLD, judged by the policy on WORLD
     //    (none lets WORLD query the DB): not_allowed, not missing_tag.

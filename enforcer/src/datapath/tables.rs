@@ -1587,10 +1587,13 @@ pub struct CapacityOverrides {
     pub cgroups: Option<u32>,
     /// All four IP caches.
     pub ipcache: Option<u32>,
+    /// `FLOWS`: tracked flows at once; a connect to a tracked destination beyond it is
+    /// refused (`flow_table_full`).
+    pub flows: Option<u32>,
 }
 
 impl CapacityOverrides {
-    pub const KINDS: &'static str = "policy, identities, cgroups, ipcache";
+    pub const KINDS: &'static str = "policy, identities, cgroups, ipcache, flows";
 
     /// Adds one `KIND=N`.
     pub fn set(&mut self, spec: &str) -> Result<()> {
@@ -1608,6 +1611,7 @@ impl CapacityOverrides {
             "identities" => &mut self.identities,
             "cgroups" => &mut self.cgroups,
             "ipcache" => &mut self.ipcache,
+            "flows" => &mut self.flows,
             other => anyhow::bail!(
                 "--capacity {other:?}: unknown kind (one of {})",
                 Self::KINDS
@@ -1642,6 +1646,9 @@ impl CapacityOverrides {
         }
         if let Some(n) = self.cgroups {
             sizes.push((maps::CGROUP_IDENTITY, n));
+        }
+        if let Some(n) = self.flows {
+            sizes.push((maps::FLOWS, n));
         }
         if let Some(n) = self.ipcache {
             sizes.extend([

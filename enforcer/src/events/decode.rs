@@ -34,6 +34,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::MISSING_TAG => "missing_tag",
         reason::BAD_TAG => "bad_tag",
         reason::NOT_ALLOWED => "not_allowed",
+        reason::FLOW_TABLE_FULL => "flow_table_full",
         _ => "unknown",
     }
 }

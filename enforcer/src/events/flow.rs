@@ -16,6 +16,9 @@ pub const OPENED: &str = "flow.opened";
 pub const CLOSED: &str = "flow.closed";
 pub const REVOKED: &str = "flow.revoked";
 pub const STALE: &str = "flow.stale";
+/// A flow no longer permitted that the agent could not reset (its network namespace could
+/// not be entered, or the kernel refused): the record is kept and the reset retried.
+pub const REVOKE_FAILED: &str = "flow.revoke_failed";
 
 #[derive(Debug, Serialize)]
 pub struct FlowCall {
@@ -52,6 +55,9 @@ pub struct FlowInfo {
     /// (`no_permit`, `tenant_mismatch`, `quarantined`, `unknown_subject`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// `flow.revoke_failed`: why the reset failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +106,7 @@ pub fn flow(
             bytes_sent: None,
             bytes_received: None,
             reason: None,
+            error: None,
         },
         subject: Subject {
             identity: record.subject,

@@ -171,6 +171,8 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
         ),
         reason::UNSUPPORTED_SOCKET => ("unsupported-socket".to_string(), Vec::new(), Vec::new()),
+        // The kernel's own refusal: the flow could not be recorded, so it is not allowed.
+        reason::FLOW_TABLE_FULL => ("flow-table-full".to_string(), Vec::new(), Vec::new()),
         // The merge refused to identify the address: no Cedar policy can open it.
         reason::UNIDENTIFIED_DESTINATION => (
             "unidentified-destination".to_string(),

@@ -63,45 +63,178 @@ fn diag_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A sock_diag socket in the network namespace of process `pid` (the task that connected):
-/// sock_diag sees only the sockets of the namespace its socket was created in, and a pod has
-/// its own. The socket is created on a short-lived thread that joins that namespace (a
-/// netlink socket keeps the namespace it was created in), so the agent's own threads never
-/// change namespace. Without the process (it exited, its socket lives on in another process),
-/// the agent's own namespace is tried: right for workloads in the host network.
-fn diag_socket_of(pid: u32) -> io::Result<OwnedFd> {
-    let ns_path = format!("/proc/{pid}/ns/net");
-    let (Ok(theirs), Ok(ours)) = (
-        std::fs::metadata(&ns_path),
-        std::fs::metadata("/proc/self/ns/net"),
-    ) else {
-        return diag_socket();
-    };
-    use std::os::unix::fs::MetadataExt;
-    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
-        return diag_socket();
+/// `SO_NETNS_COOKIE` (`include/uapi/asm-generic/socket.h`, Linux 5.14).
+const SO_NETNS_COOKIE: i32 = 71;
+
+/// The cookie of the network namespace the calling thread is in, read from a socket created
+/// there (a socket keeps the namespace it was created in).
+fn current_netns_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket(2); the fd is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let ns = std::fs::File::open(&ns_path)?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on this thread only (it ends right after); `ns` is an open
-                // namespace file.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                diag_socket()
+    // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a writable u64 and `len` its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Why no sock_diag socket could be made in the flow's network namespace: the flow's socket
+/// was not looked for, so nothing can be concluded about it.
+#[derive(Debug, thiserror::Error)]
+#[error("no process found in the flow's network namespace (netns cookie {cookie}): {tried}")]
+pub struct NoNamespace {
+    pub cookie: u64,
+    /// What was tried, and what each candidate answered.
+    pub tried: String,
+}
+
+/// A sock_diag socket in the network namespace whose cookie is `want` (sock_diag sees only
+/// the sockets of the namespace its socket was created in, and a pod has its own). The
+/// namespace is entered through `/proc/PID/ns/net` of each candidate process in turn (the
+/// agent's own first, then `pids`): a candidate whose namespace has another cookie (the
+/// process exited and its PID was reused, or it moved) is skipped, so the socket is never
+/// made in a namespace that is not the flow's. Each candidate is tried on a short-lived
+/// thread, so the agent's own threads never change namespace.
+pub fn diag_socket_in(want: u64, pids: &[u32]) -> Result<OwnedFd, NoNamespace> {
+    use std::os::unix::fs::MetadataExt;
+    let mut tried = Vec::new();
+    if want == 0 {
+        return Err(NoNamespace {
+            cookie: want,
+            tried: "the record has no namespace cookie".into(),
+        });
+    }
+    match current_netns_cookie() {
+        Ok(ours) if ours == want => {
+            return diag_socket().map_err(|error| NoNamespace {
+                cookie: want,
+                tried: format!("the agent's own namespace: {error}"),
             })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+        }
+        Ok(_) => {}
+        Err(error) => tried.push(format!("own namespace: {error}")),
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for &pid in pids {
+        let ns_path = format!("/proc/{pid}/ns/net");
+        let ns = match std::fs::File::open(&ns_path) {
+            Ok(ns) => ns,
+            Err(error) => {
+                tried.push(format!("pid {pid}: {error}"));
+                continue;
+            }
+        };
+        match ns.metadata() {
+            Ok(meta) if !seen.insert((meta.dev(), meta.ino())) => continue,
+            Ok(_) => {}
+            Err(error) => {
+                tried.push(format!("pid {pid}: {error}"));
+                continue;
+            }
+        }
+        let attempt = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on this thread only (it ends right after); `ns` is an
+                    // open namespace file.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(format!("setns: {}", io::Error::last_os_error()));
+                    }
+                    match current_netns_cookie() {
+                        Ok(cookie) if cookie == want => {
+                            diag_socket().map_err(|error| format!("sock_diag socket: {error}"))
+                        }
+                        Ok(cookie) => Err(format!("another namespace (cookie {cookie})")),
+                        Err(error) => Err(format!("SO_NETNS_COOKIE: {error}")),
+                    }
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
+        });
+        match attempt {
+            Ok(fd) => return Ok(fd),
+            Err(error) => tried.push(format!("pid {pid}: {error}")),
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no candidate process".into());
+    }
+    Err(NoNamespace {
+        cookie: want,
+        tried: tried.join("; "),
     })
 }
 
+/// The processes of cgroup `cgroup_id` (`cgroup.procs`), found by walking the enforced
+/// subtree under `root` (a cgroup v2 directory's inode number is its ID): the candidates for
+/// entering a flow's namespace when the connecting process is gone. Empty when the cgroup is
+/// not found (it was removed with its last process).
+pub fn cgroup_procs(root: &std::path::Path, cgroup_id: u64) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // Bounded: a pod tree is a few levels deep and the walk stops at the first match.
+    let mut stack = vec![(root.to_path_buf(), 0u32)];
+    while let Some((dir, depth)) = stack.pop() {
+        if std::fs::metadata(&dir).map(|m| m.ino()).ok() == Some(cgroup_id) {
+            return std::fs::read_to_string(dir.join("cgroup.procs"))
+                .map(|procs| {
+                    procs
+                        .lines()
+                        .filter_map(|l| l.trim().parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        if depth >= 16 {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// Why a flow could not be reset.
+#[derive(Debug, thiserror::Error)]
+pub enum DestroyError {
+    /// The flow's namespace could not be entered: the socket was not looked for.
+    #[error(transparent)]
+    NoNamespace(#[from] NoNamespace),
+    /// The kernel's answer in the flow's own namespace (`ENOENT`: no socket has that tuple
+    /// there any more; `ESTALE`: the tuple's socket is another one), or a local failure.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
 /// Resets the established TCP socket of `record` whose cookie is `cookie`, in the network
-/// namespace of the process that connected it. Errors: `ENOENT`
-/// when no socket has that tuple any more (it closed meanwhile), `ESTALE` when the tuple's
-/// socket is another one (the cookie differs), `EPERM` without CAP_NET_ADMIN.
-pub fn destroy(cookie: u64, record: &FlowRecord) -> io::Result<()> {
+/// namespace recorded at `connect()` (entered through the connecting process, else one of
+/// `pids`: the processes of the flow's cgroup). Errors: [`DestroyError::NoNamespace`] when
+/// no candidate is in that namespace (nothing was looked up); otherwise the kernel's answer
+/// there: `ENOENT` when no socket has that tuple any more (it closed meanwhile), `ESTALE`
+/// when the tuple's socket is another one (the cookie differs), `EPERM` without
+/// CAP_NET_ADMIN.
+pub fn destroy(cookie: u64, record: &FlowRecord, pids: &[u32]) -> Result<(), DestroyError> {
     let local = super::source_ip(record).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -139,10 +272,14 @@ pub fn destroy(cookie: u64, record: &FlowRecord) -> io::Result<()> {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "local and remote addresses of different families",
-            ))
+            )
+            .into())
         }
     }
-    let fd = diag_socket_of((record.pid_tgid >> 32) as u32)?;
+    let connector = (record.pid_tgid >> 32) as u32;
+    let mut candidates = vec![connector];
+    candidates.extend(pids.iter().copied().filter(|&p| p != connector));
+    let fd = diag_socket_in(record.netns_cookie, &candidates)?;
     // SAFETY: a zeroed sockaddr_nl is the kernel (pid 0); `req` is a valid buffer of its size.
     let sent = unsafe {
         let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
@@ -157,32 +294,34 @@ pub fn destroy(cookie: u64, record: &FlowRecord) -> io::Result<()> {
         )
     };
     if sent < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     // The ack: nlmsghdr (16 bytes) + nlmsgerr (error, then the request echoed).
     let mut reply = [0u8; 256];
     // SAFETY: `reply` is a writable buffer of its length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
     if n < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     if n < 20 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("SOCK_DESTROY: a reply of {n} bytes"),
-        ));
+        )
+        .into());
     }
     let kind = u16::from_ne_bytes([reply[4], reply[5]]);
     if kind != NLMSG_ERROR {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("SOCK_DESTROY: reply of type {kind}, expected an ack"),
-        ));
+        )
+        .into());
     }
     let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
     if error == 0 {
         Ok(())
     } else {
-        Err(io::Error::from_raw_os_error(-error))
+        Err(io::Error::from_raw_os_error(-error).into())
     }
 }

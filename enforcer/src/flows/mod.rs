@@ -23,7 +23,7 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::LruHashMap(data))
+    let map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
         .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
     let mut out = Vec::new();
     for key in map.keys() {
@@ -42,7 +42,7 @@ pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let mut map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::LruHashMap(data))
+    let mut map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
         .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
     match map.remove(&cookie) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),

@@ -1,7 +1,7 @@
 //! `flow-client`: one long-lived client connection for the flow tests.
 //!
 //! ```text
-//! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE]
+//! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork]
 //! flow-client udp ADDR:PORT --hold STOPFILE
 //! ```
 //!
@@ -11,7 +11,9 @@
 //! 100 ms until the connection ends or STOPFILE appears (then closes it cleanly). `udp`
 //! connects a UDP socket, sends one byte and holds it open until STOPFILE appears. Every run
 //! ends with one line `{"end":"closed"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
-//! (`after_ms`: since the connection was up). Holding lasts at most 60 s. Exit status 0 once
+//! (`after_ms`: since the connection was up). With `--fork` the connecting process forks once
+//! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
+//! namespace, no longer the process that connected) holds the connection. Holding lasts at most 60 s. Exit status 0 once
 //! the connection was up; 1 when it never came up (with the error on stderr); 2 on bad usage.
 
 use std::io::{ErrorKind, Read, Write};
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
             ) else {
                 return usage();
             };
-            tcp(addr, send, recv, hold)
+            tcp(addr, send, recv, hold, args.iter().any(|a| a == "--fork"))
         }
         "udp" => match hold {
             Some(stop) => udp(addr, stop),
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn tcp(addr: SocketAddr, send: u32, recv: u32, hold: Option<PathBuf>) -> ExitCode {
+fn tcp(addr: SocketAddr, send: u32, recv: u32, hold: Option<PathBuf>, fork: bool) -> ExitCode {
     let exchange = || -> std::io::Result<TcpStream> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         let mut out = Vec::with_capacity(8 + send as usize);
@@ -93,6 +95,20 @@ fn tcp(addr: SocketAddr, send: u32, recv: u32, hold: Option<PathBuf>) -> ExitCod
         end("closed", 0, up);
         return ExitCode::SUCCESS;
     };
+    if fork {
+        // SAFETY: the process has one thread; the child only continues this function.
+        match unsafe { libc::fork() } {
+            -1 => {
+                eprintln!("flow-client: fork: {}", std::io::Error::last_os_error());
+                return ExitCode::from(1);
+            }
+            0 => {}
+            pid => {
+                println!("{{\"forked\":{pid}}}");
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
     let _ = s.set_read_timeout(Some(POLL));
     let mut buf = [0u8; 64];
     while up.elapsed() < MAX_HOLD {

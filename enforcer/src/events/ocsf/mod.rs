@@ -721,12 +721,14 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
 
 /// The OCSF event of a tracked flow: Network Activity Open (`flow.opened`), Close
 /// (`flow.closed`, with `traffic`, `start_time`, `end_time`, `duration`), Reset
-/// (`flow.revoked`: the agent reset it) or Traffic (`flow.stale`: reported, not closable).
+/// (`flow.revoked`: the agent reset it) or Traffic (`flow.stale`: reported, not closable;
+/// `flow.revoke_failed`: the reset failed, status Failure).
 pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a> {
     let (activity, severity, action, disposition, alert) = match flow.kind {
         super::flow::OPENED => ((1, "Open"), 1, (1, "Allowed"), (1, "Allowed"), false),
         super::flow::CLOSED => ((2, "Close"), 1, (1, "Allowed"), (1, "Allowed"), false),
         super::flow::REVOKED => ((3, "Reset"), 3, (2, "Denied"), (2, "Blocked"), true),
+        super::flow::REVOKE_FAILED => ((6, "Traffic"), 4, (3, "Observed"), (15, "Detected"), true),
         _ => ((6, "Traffic"), 3, (3, "Observed"), (15, "Detected"), true),
     };
     let mut event = header(
@@ -758,14 +760,24 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
             "flow reset: no longer permitted ({})",
             flow.flow.reason.unwrap_or("denied")
         ),
+        super::flow::REVOKE_FAILED => format!(
+            "flow no longer permitted ({}) could not be reset: {}",
+            flow.flow.reason.unwrap_or("denied"),
+            flow.flow.error.as_deref().unwrap_or("unknown error")
+        ),
         _ => format!(
             "connected UDP socket no longer permitted ({}); it cannot be closed from outside",
             flow.flow.reason.unwrap_or("denied")
         ),
     };
     event.message = format!("{subject_text} -> {}: {what}", destination_text(d));
-    event.status_id = Some(1);
-    event.status = Some("Success");
+    if flow.kind == super::flow::REVOKE_FAILED {
+        event.status_id = Some(2);
+        event.status = Some("Failure");
+    } else {
+        event.status_id = Some(1);
+        event.status = Some("Success");
+    }
     event.status_detail = flow.flow.reason;
     event.action_id = Some(action.0);
     event.action = Some(action.1);

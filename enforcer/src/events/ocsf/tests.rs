@@ -801,6 +801,7 @@ fn every_flow_event_conforms_to_network_activity() {
         (flow::CLOSED, 2),
         (flow::REVOKED, 3),
         (flow::STALE, 6),
+        (flow::REVOKE_FAILED, 6),
     ] {
         let mut call = flow::flow(kind, now, 99, &record, demo());
         if kind == flow::CLOSED {
@@ -808,7 +809,10 @@ fn every_flow_event_conforms_to_network_activity() {
             call.flow.bytes_received = Some(2345);
             call.flow.duration_ms = Some(12.5);
         }
-        if kind == flow::REVOKED || kind == flow::STALE {
+        if kind == flow::REVOKE_FAILED {
+            call.flow.error = Some("no process found in the flow's network namespace".into());
+        }
+        if kind == flow::REVOKED || kind == flow::STALE || kind == flow::REVOKE_FAILED {
             call.flow.reason = Some("no_permit");
             call.policy.revoked_by = Some("sha256:0123456789abcdef".into());
             call.policy.id = Some("tenant-isolation".into());
@@ -838,4 +842,14 @@ fn every_flow_event_conforms_to_network_activity() {
     assert_eq!(closed["duration"], 12);
     assert_eq!(expected[2]["policy"]["uid"], "tenant-isolation");
     assert_eq!(expected[2]["is_alert"], true);
+    let failed = &expected[4];
+    assert_eq!(failed["status_id"], 2);
+    assert_eq!(failed["is_alert"], true);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be reset"),
+        "{failed}"
+    );
 }
