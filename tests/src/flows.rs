@@ -3,12 +3,8 @@
 //! [`FlowClient`], the `flow-client` binary run inside a workload's cgroup, holding its
 //! connection open until told to close it (or until the connection dies).
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +17,7 @@ use serde_json::Value;
 
 use crate::cgroup::TestCgroup;
 use crate::netns::NetNs;
+use crate::probe::confine_at_exec;
 use crate::util::{ChildGuard, TempDir};
 
 /// How one server-side connection ended.
@@ -259,43 +256,18 @@ impl FlowClient {
         mut args: Vec<String>,
         hold: bool,
     ) -> Result<Self> {
-        // Opened before the fork: the child only makes raw syscalls.
-        let ns_file = ns.map(NetNs::open).transpose()?;
-        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
         let dir = TempDir::new("fl-client")?;
         if hold {
             args.push("--hold".into());
             args.push(dir.path().join("stop").display().to_string());
         }
-        let procs = CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes())?;
         let mut cmd = Command::new(flow_client_bin()?);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs between fork and exec and makes only raw syscalls on data
-        // prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(fd) = ns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // "0" moves the writing process itself.
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        let ns_path = ns.map(NetNs::path);
+        let ns_file = confine_at_exec(&mut cmd, ns_path.as_deref(), Some(&cgroup.path()))?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning flow-client {args:?}"))?;

@@ -224,43 +224,7 @@ impl Probe {
     fn exec(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(probe_bin()?);
         cmd.args(args);
-        // Opened before fork: the child only calls async-signal-safe syscalls.
-        let ns_file = match &self.netns {
-            Some(p) => Some(File::open(p).with_context(|| format!("open {}", p.display()))?),
-            None => None,
-        };
-        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
-        let procs = match &self.cgroup {
-            Some(cg) => Some(CString::new(
-                cg.join("cgroup.procs").as_os_str().as_bytes(),
-            )?),
-            None => None,
-        };
-        // SAFETY: the closure runs between fork and exec and only makes raw syscalls on
-        // data prepared before the fork (no allocation, no locks).
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(fd) = ns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if let Some(procs) = &procs {
-                    // Writing "0" to cgroup.procs moves the writing process itself.
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    let err = std::io::Error::last_os_error();
-                    libc::close(fd);
-                    if n != 1 {
-                        return Err(err);
-                    }
-                }
-                Ok(())
-            });
-        }
+        let ns_file = confine_at_exec(&mut cmd, self.netns.as_deref(), self.cgroup.as_deref())?;
         let out = output_bounded(&mut cmd, self.timeout)?;
         drop(ns_file);
         if !out.status.success() {
@@ -280,4 +244,112 @@ fn parse_lines<T: for<'de> Deserialize<'de>>(text: &str) -> Result<Vec<T>> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).with_context(|| format!("probe output line {l:?}")))
         .collect()
+}
+
+/// Makes `cmd`'s child enter the network namespace file `netns` (if any) and then join the
+/// cgroup directory `cgroup` (if any) between fork and exec, so that everything it does is
+/// judged in that namespace and as that cgroup from its first syscall. Returns the open
+/// namespace file: keep it until the child is spawned.
+pub fn confine_at_exec(
+    cmd: &mut Command,
+    netns: Option<&std::path::Path>,
+    cgroup: Option<&std::path::Path>,
+) -> Result<Option<File>> {
+    // Opened before the fork: the child only makes raw syscalls on data prepared here.
+    let ns_file = match netns {
+        Some(p) => Some(File::open(p).with_context(|| format!("open {}", p.display()))?),
+        None => None,
+    };
+    let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
+    let procs = match cgroup {
+        Some(cg) => Some(CString::new(
+            cg.join("cgroup.procs").as_os_str().as_bytes(),
+        )?),
+        None => None,
+    };
+    // SAFETY: the closure runs between fork and exec and only makes raw syscalls on data
+    // prepared before the fork (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = ns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(procs) = &procs {
+                // Writing "0" to cgroup.procs moves the writing process itself.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(ns_file)
+}
+
+/// `probe --serve ADDR` (a TCP server that reports every accepted peer) in network namespace
+/// `ns` (or the test's own) and in `cgroup`, so that its listening socket is judged by that
+/// cgroup's programs (the vector-DB stand-in of the identity-on-the-wire tests). Killed on
+/// drop.
+pub struct ProbeServer {
+    _child: crate::util::ChildGuard,
+    peers: std::sync::mpsc::Receiver<std::net::SocketAddr>,
+}
+
+impl ProbeServer {
+    pub fn start(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        addr: std::net::SocketAddr,
+    ) -> Result<Self> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut cmd = Command::new(probe_bin()?);
+        cmd.args(["--serve", &addr.to_string(), "--for", "600000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let ns_path = ns.map(NetNs::path);
+        let ns_file = confine_at_exec(&mut cmd, ns_path.as_deref(), Some(&cgroup.path()))?;
+        let mut child = crate::util::ChildGuard::new(cmd.spawn().context("spawn probe --serve")?);
+        drop(ns_file);
+        let stdout = child.child().stdout.take().context("server stdout")?;
+        let (listening_tx, listening_rx) = std::sync::mpsc::channel();
+        let (tx, peers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if v.get("listening").is_some() {
+                    let _ = listening_tx.send(());
+                } else if let Some(p) = v["peer"].as_str().and_then(|p| p.parse().ok()) {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        listening_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the probe server did not start listening")?;
+        Ok(Self {
+            _child: child,
+            peers,
+        })
+    }
+
+    /// The peers accepted since the last call.
+    pub fn accepted(&self) -> Vec<std::net::SocketAddr> {
+        self.peers.try_iter().collect()
+    }
 }

@@ -17,20 +17,17 @@
 //! `fd86::2` (node 2), on the test's own veth only; names start with `ik`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use enforcer::wire::{option, parse_keys, verified_peers, FlowKey};
 use enforcer_policy::cluster::{labels, ClusterIdentity, ClusterOptions, ClusterPod, ClusterState};
 use enforcer_tests::fixtures::SCHEMA;
-use enforcer_tests::probe::probe_bin;
-use enforcer_tests::util::{wait_until, ChildGuard};
+use enforcer_tests::probe::ProbeServer;
+use enforcer_tests::util::wait_until;
 use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TempDir,
     TestCgroup, Veth,
@@ -99,79 +96,8 @@ fn remote_pod(namespace: &str, ip: &str) -> Result<ClusterIdentity> {
 }
 
 /// The vector DB stand-in: `probe --serve` in node 2's namespace and a cgroup of node 2's
-/// subtree, so that its listening socket is judged by node 2's ingress program. Accepted
-/// peers arrive on a channel.
-struct DbServer {
-    _child: ChildGuard,
-    _peers: mpsc::Receiver<SocketAddr>,
-}
-
-impl DbServer {
-    /// In `ns`, or in the test's own namespace (loopback) without one.
-    fn start(ns: Option<&NetNs>, cgroup: &TestCgroup, addr: SocketAddr) -> Result<Self> {
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns.name()]).arg(probe_bin()?);
-                c
-            }
-            None => Command::new(probe_bin()?),
-        };
-        cmd.args(["--serve", &addr.to_string(), "--for", "600000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let procs = std::ffi::CString::new(
-            cgroup
-                .path()
-                .join("cgroup.procs")
-                .as_os_str()
-                .as_encoded_bytes(),
-        )?;
-        // SAFETY: runs between fork and exec; only raw syscalls on data prepared before.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
-        let mut child = ChildGuard::new(cmd.spawn().context("spawn probe --serve")?);
-        let stdout = child.child().stdout.take().context("server stdout")?;
-        let (listening_tx, listening_rx) = mpsc::channel();
-        let (tx, peers) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if v.get("listening").is_some() {
-                    let _ = listening_tx.send(());
-                } else if let Some(p) = v["peer"].as_str().and_then(|p| p.parse().ok()) {
-                    if tx.send(p).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        listening_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("the DB server did not start listening")?;
-        Ok(Self {
-            _child: child,
-            _peers: peers,
-        })
-    }
-}
+/// subtree, so that its listening socket is judged by node 2's ingress program.
+type DbServer = ProbeServer;
 
 /// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
