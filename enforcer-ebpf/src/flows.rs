@@ -26,8 +26,8 @@ use core::ptr::{addr_of_mut, read_volatile};
 use aya_ebpf::{
     bindings::bpf_sock_ops,
     helpers::generated::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_sock_ops_cb_flags_set,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sock_ops_cb_flags_set,
     },
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
