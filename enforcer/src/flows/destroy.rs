@@ -60,7 +60,24 @@ fn diag_socket() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Connected to the kernel (port id 0): the kernel then refuses (ECONNREFUSED) any unicast
+    // to this socket from another sender (`netlink_getsockbyportid`), so a process in the
+    // flow's namespace cannot slip a forged ack in. `read_ack` checks the sender as well.
+    // SAFETY: a zeroed sockaddr_nl with the family set is the kernel's address.
+    let rc = unsafe {
+        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        libc::connect(
+            fd.as_raw_fd(),
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// `SO_NETNS_COOKIE` (`include/uapi/asm-generic/socket.h`, Linux 5.14).
@@ -242,11 +259,12 @@ pub fn destroy(cookie: u64, record: &FlowRecord, pids: &[u32]) -> Result<(), Des
         )
     })?;
     let remote = super::destination_ip(record);
+    let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut req = Request {
         len: std::mem::size_of::<Request>() as u32,
         kind: SOCK_DESTROY,
         flags: NLM_F_REQUEST | NLM_F_ACK,
-        seq: 1,
+        seq,
         protocol: IPPROTO_TCP,
         // Every state: the tuple and the cookie name the socket.
         states: u32::MAX,
@@ -281,47 +299,230 @@ pub fn destroy(cookie: u64, record: &FlowRecord, pids: &[u32]) -> Result<(), Des
     candidates.extend(pids.iter().copied().filter(|&p| p != connector));
     let fd = diag_socket_in(record.netns_cookie, &candidates)?;
     // SAFETY: a zeroed sockaddr_nl is the kernel (pid 0); `req` is a valid buffer of its size.
+    // SAFETY: `req` is a valid buffer of its size; the socket is connected to the kernel.
     let sent = unsafe {
-        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        libc::sendto(
+        libc::send(
             fd.as_raw_fd(),
             (&req as *const Request).cast(),
             std::mem::size_of::<Request>(),
             0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
         )
     };
     if sent < 0 {
         return Err(io::Error::last_os_error().into());
     }
-    // The ack: nlmsghdr (16 bytes) + nlmsgerr (error, then the request echoed).
-    let mut reply = [0u8; 256];
-    // SAFETY: `reply` is a writable buffer of its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    if n < 20 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("SOCK_DESTROY: a reply of {n} bytes"),
+    read_ack(&fd, seq).map_err(DestroyError::Io)
+}
+
+/// How long the kernel's ack may take: it answers synchronously, so this only bounds a
+/// reply that never comes (the agent's loop must not hang on one flow).
+const ACK_TIMEOUT: libc::timeval = libc::timeval {
+    tv_sec: 1,
+    tv_usec: 0,
+};
+/// Messages read while looking for the ack before giving up (each foreign one is dropped).
+const ACK_READS: usize = 16;
+
+/// Sequence numbers of the requests, so that an ack answers this request and no other.
+static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Waits for the kernel's ack of request `seq` on `fd` and returns its verdict.
+///
+/// The diag socket lives in the flow's network namespace, which the workload shares: a
+/// process there with CAP_NET_ADMIN can send netlink messages to the agent's port id. So only
+/// a message from the kernel (sender port id 0, which the kernel sets and a process cannot
+/// choose) that acks exactly this request (`NLMSG_ERROR`, our sequence number, our request
+/// type echoed) counts; anything else is dropped, and a forged "success" cannot make a
+/// flow look revoked while it lives on.
+fn read_ack(fd: &OwnedFd, seq: u32) -> io::Result<()> {
+    // SAFETY: setsockopt with a timeval of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&ACK_TIMEOUT as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
         )
-        .into());
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
-    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-    if kind != NLMSG_ERROR {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("SOCK_DESTROY: reply of type {kind}, expected an ack"),
-        )
-        .into());
+    for _ in 0..ACK_READS {
+        // nlmsghdr (16 bytes) + nlmsgerr (error, then the request's header echoed).
+        let mut reply = [0u8; 256];
+        // SAFETY: a zeroed sockaddr_nl is a valid out-parameter of its size.
+        let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: `reply` and `from` are writable buffers of the lengths given.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                reply.as_mut_ptr().cast(),
+                reply.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut from_len,
+            )
+        };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            return Err(match error.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "SOCK_DESTROY: no ack from the kernel within 1 s",
+                ),
+                _ => error,
+            });
+        }
+        match parse_ack(&reply[..n as usize], from.nl_pid, seq) {
+            Ack::Verdict(0) => return Ok(()),
+            Ack::Verdict(error) => return Err(io::Error::from_raw_os_error(-error)),
+            Ack::Foreign(why) => tracing::warn!(why, "SOCK_DESTROY: ignoring a netlink message"),
+        }
     }
-    let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-    if error == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(-error).into())
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("SOCK_DESTROY: no ack from the kernel among {ACK_READS} messages"),
+    ))
+}
+
+/// What one netlink message read on the diag socket is.
+#[derive(Debug, PartialEq)]
+enum Ack {
+    /// The kernel's ack of our request: 0 or a negated errno.
+    Verdict(i32),
+    /// Not from the kernel, or not an ack of this request.
+    Foreign(&'static str),
+}
+
+/// Classifies `msg`, received from netlink port `sender`, against request `seq`.
+fn parse_ack(msg: &[u8], sender: u32, seq: u32) -> Ack {
+    if sender != 0 {
+        return Ack::Foreign("not sent by the kernel");
+    }
+    // nlmsghdr (16) + nlmsgerr.error (4) + the echoed nlmsghdr (16).
+    if msg.len() < 36 {
+        return Ack::Foreign("shorter than an ack");
+    }
+    let word = |at: usize| u32::from_ne_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
+    let half = |at: usize| u16::from_ne_bytes([msg[at], msg[at + 1]]);
+    if half(4) != NLMSG_ERROR {
+        return Ack::Foreign("not an ack");
+    }
+    if word(8) != seq || word(28) != seq || half(24) != SOCK_DESTROY {
+        return Ack::Foreign("an ack of another request");
+    }
+    Ack::Verdict(word(16) as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ack as the kernel lays it out: nlmsghdr, error, the request's nlmsghdr echoed.
+    fn ack(error: i32, seq: u32, echoed_kind: u16) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&error.to_ne_bytes());
+        m.extend_from_slice(&72u32.to_ne_bytes());
+        m.extend_from_slice(&echoed_kind.to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m
+    }
+
+    /// The real kernel refuses a unicast from another netlink socket to the diag socket, even
+    /// from root (who may send to any port id): a forged ack never reaches `read_ack`.
+    #[test]
+    fn the_diag_socket_takes_messages_from_the_kernel_only() {
+        let diag = diag_socket().expect("a sock_diag socket");
+        // SAFETY: getsockname into a sockaddr_nl of its size.
+        let port = unsafe {
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            // The port id is bound on connect (autobind); binding again fails harmlessly, and
+            // binds a socket that was not connected.
+            addr.nl_family = libc::AF_NETLINK as u16;
+            libc::bind(
+                diag.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                len,
+            );
+            assert_eq!(
+                libc::getsockname(
+                    diag.as_raw_fd(),
+                    (&mut addr as *mut libc::sockaddr_nl).cast(),
+                    &mut len
+                ),
+                0
+            );
+            addr.nl_pid
+        };
+        assert_ne!(port, 0);
+        // SAFETY: plain socket(2), owned at once.
+        let forger = unsafe {
+            OwnedFd::from_raw_fd(libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            ))
+        };
+        let forged = ack(0, 1, SOCK_DESTROY);
+        // SAFETY: sendto with a valid buffer and a sockaddr_nl of its size.
+        let rc = unsafe {
+            let mut to: libc::sockaddr_nl = std::mem::zeroed();
+            to.nl_family = libc::AF_NETLINK as u16;
+            to.nl_pid = port;
+            libc::sendto(
+                forger.as_raw_fd(),
+                forged.as_ptr().cast(),
+                forged.len(),
+                0,
+                (&to as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        let error = io::Error::last_os_error();
+        if rc < 0 && error.raw_os_error() == Some(libc::EPERM) {
+            // Not root: the kernel refused for lack of CAP_NET_ADMIN, which proves nothing.
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "needs root: {error}"
+            );
+            return;
+        }
+        assert_eq!(rc, -1, "a forged ack was delivered to the diag socket");
+        assert_eq!(error.raw_os_error(), Some(libc::ECONNREFUSED), "{error}");
+    }
+
+    #[test]
+    fn only_the_kernels_ack_of_this_request_counts() {
+        assert_eq!(parse_ack(&ack(0, 7, SOCK_DESTROY), 0, 7), Ack::Verdict(0));
+        assert_eq!(
+            parse_ack(&ack(-libc::ENOENT, 7, SOCK_DESTROY), 0, 7),
+            Ack::Verdict(-libc::ENOENT)
+        );
+        // A process's forged "success" (its port id is never 0).
+        assert!(matches!(
+            parse_ack(&ack(0, 7, SOCK_DESTROY), 4242, 7),
+            Ack::Foreign(_)
+        ));
+        // Another request's ack, or an ack echoing another message type.
+        assert!(matches!(
+            parse_ack(&ack(0, 6, SOCK_DESTROY), 0, 7),
+            Ack::Foreign(_)
+        ));
+        assert!(matches!(parse_ack(&ack(0, 7, 20), 0, 7), Ack::Foreign(_)));
+        // Truncated.
+        assert!(matches!(
+            parse_ack(&ack(0, 7, SOCK_DESTROY)[..20], 0, 7),
+            Ack::Foreign(_)
+        ));
     }
 }
