@@ -448,6 +448,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
     let (flow_tx, flow_rx) = mpsc::unbounded_channel();
+    // Set by the event task when a tracked handshake completes under an older policy than the
+    // newest (see `stream_events`); one permit however many arrive before the agent looks.
+    let stale_handshake = Arc::new(tokio::sync::Notify::new());
     let fingerprint_now = fingerprint(&options.policies);
     // Keys before the hooks: the first tagged SYN is signed, never sent bare.
     let mut flow_keys = options.flow_key_file.clone().map(crate::wire::KeyFile::new);
@@ -527,6 +530,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         notice_rx,
         flow_rx,
         quarantine_tx,
+        stale_handshake.clone(),
         emitter,
         reopen,
     ));
@@ -566,6 +570,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let _ = reply.send(response);
             }
             Some((subject, cause)) = quarantine_rx.recv() => agent.quarantine(subject, cause),
+            _ = stale_handshake.notified() => {
+                agent.revoke_flows("a handshake completed under an older policy");
+            }
         }
         if events.is_finished() {
             bail!("the event stream stopped: {:?}", events.await);
@@ -1112,8 +1119,9 @@ impl Agent {
                 stale += 1;
                 flow_event::STALE
             } else {
-                // A handshake still in progress was allowed by the tables the SYN saw; it
-                // completes into a record the next change re-decides.
+                // A handshake still in progress has no local address to reset yet; when it
+                // completes, its `flow.opened` carries the older generation and the event
+                // task asks for this re-decide again (`stale_handshake`).
                 if record.state != flow_state::ESTABLISHED {
                     continue;
                 }
@@ -1420,6 +1428,12 @@ impl PolicyHistory {
             .map(|(_, compiled)| compiled.clone())
     }
 
+    /// The newest generation published (the one in force, or about to be).
+    fn newest(&self) -> Option<u32> {
+        let history = self.compiled.lock().expect("policy history lock");
+        history.back().map(|(generation, _)| *generation)
+    }
+
     /// The bundle revision of `generation`, if this agent or the one before it recorded it.
     fn revision(&self, generation: u32) -> Option<String> {
         self.revisions
@@ -1510,6 +1524,7 @@ async fn stream_events(
     mut notices: mpsc::UnboundedReceiver<Notice>,
     mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
     quarantine: mpsc::UnboundedSender<(u32, String)>,
+    stale_handshake: Arc<tokio::sync::Notify>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
 ) -> Result<()> {
@@ -1604,6 +1619,16 @@ async fn stream_events(
                             continue;
                         }
                     };
+                    // A change re-decides only established flows (a handshake's socket has no
+                    // local address to reset yet), and a connect decided just before a swap
+                    // may record its flow after the change's re-decide read the table. Either
+                    // way the flow completes under a generation older than the newest: have the
+                    // agent re-decide it now, not at the next change.
+                    if event.kind == flow_kind::OPENED
+                        && history.newest().is_some_and(|g| g != event.record.policy_generation)
+                    {
+                        stale_handshake.notify_one();
+                    }
                     let Some(policy) = history.at(event.record.policy_generation) else { continue };
                     let mut call = flow_call(&event, &policy);
                     call.policy.snapshot = snapshot_of(&history, &event.record);

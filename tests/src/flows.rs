@@ -56,7 +56,64 @@ impl FlowServer {
         Self::serve_on(listener, addr)
     }
 
+    /// A server at `addr` (loopback, in the test's own namespace) whose accept queue is held
+    /// full until [`HeldQueue::release`]: the kernel drops new SYNs while a listener's accept
+    /// queue is full (`tcp_conn_request`, `LISTENOVERFLOWS`), so a client's `connect()` stays
+    /// in SYN_SENT, retransmitting (1 s, then 2 s, 4 s, ...), until the queue has room. The
+    /// queue is a `listen(fd, 0)` one, filled by one connection from the test itself.
+    pub fn start_held(addr: SocketAddr) -> Result<(Self, HeldQueue)> {
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2), owned by the TcpListener at once.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket");
+        }
+        // SAFETY: `fd` is a fresh socket owned by nobody else.
+        let listener = unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let sockaddr = sockaddr_of(addr);
+        // SAFETY: bind/listen on our socket with a sockaddr of its stated length.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&sockaddr.0 as *const libc::sockaddr_storage).cast(),
+                sockaddr.1,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("binding {addr}"));
+        }
+        // Backlog 0: the queue is full with one connection waiting to be accepted.
+        // SAFETY: as above.
+        if unsafe { libc::listen(fd, 0) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("listen");
+        }
+        let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .context("the connection that fills the accept queue")?;
+        let gate = Arc::new(AtomicBool::new(false));
+        let server = Self::serve_gated(listener, addr, Some(gate.clone()))?;
+        Ok((
+            server,
+            HeldQueue {
+                gate,
+                filler: Some(filler),
+            },
+        ))
+    }
+
     fn serve_on(listener: TcpListener, addr: SocketAddr) -> Result<Self> {
+        Self::serve_gated(listener, addr, None)
+    }
+
+    /// Serves `listener`; with a `gate`, accepts nothing until it opens.
+    fn serve_gated(
+        listener: TcpListener,
+        addr: SocketAddr,
+        gate: Option<Arc<AtomicBool>>,
+    ) -> Result<Self> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(Mutex::new(Vec::new()));
@@ -64,6 +121,10 @@ impl FlowServer {
         let thread = std::thread::spawn(move || {
             let mut conns = Vec::new();
             while !s.load(Ordering::Relaxed) {
+                if gate.as_ref().is_some_and(|g| !g.load(Ordering::Relaxed)) {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
                 match listener.accept() {
                     Ok((conn, peer)) => {
                         let (s, e) = (s.clone(), e.clone());
@@ -96,6 +157,57 @@ impl FlowServer {
     pub fn ended(&self) -> Vec<ServerConn> {
         self.ended.lock().unwrap().clone()
     }
+}
+
+/// The full accept queue of [`FlowServer::start_held`].
+pub struct HeldQueue {
+    gate: Arc<AtomicBool>,
+    filler: Option<TcpStream>,
+}
+
+impl HeldQueue {
+    /// Opens the queue: the server accepts (the filler, which has closed, then whoever's SYN
+    /// the kernel takes next).
+    pub fn release(&mut self) {
+        self.filler.take();
+        self.gate.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `addr` as a `sockaddr_storage` and its length, for bind(2).
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the family's struct is written into it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 impl Drop for FlowServer {

@@ -445,6 +445,95 @@ fn a_policy_edit_resets_forbidden_flows_also_after_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// A connection whose handshake is still in progress when a change forbids it is reset as
+/// soon as it completes (not left up until some later change): its SYN is held in SYN_SENT
+/// by the server's full accept queue while the change lands, then let through.
+#[test]
+fn a_handshake_in_progress_during_a_change_is_reset_when_it_completes() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(5)?;
+    let (vectors, mut queue) = FlowServer::start_held(w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+
+    let to = vectors.addr();
+    let outcome = std::thread::scope(|scope| -> Result<Result<FlowClient>> {
+        let client = scope.spawn(|| FlowClient::tcp(w.cgroup("client-a"), to, 11, 13, true));
+        // The filler is the one established connection to the server; client-a's is the
+        // SYN_SENT one.
+        let syn_sent = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(20), || {
+            tcp_states_to(to).contains(&TCP_SYN_SENT)
+        });
+        ensure!(syn_sent, "client-a's connect never reached SYN_SENT");
+        replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+        wait_notices(&agent, "policy.applied", 2, WAIT, |_| true)?;
+        ensure!(
+            tcp_states_to(to).contains(&TCP_SYN_SENT),
+            "the handshake completed before the change took effect: {:?}",
+            tcp_states_to(to)
+        );
+        queue.release();
+        Ok(client.join().expect("the client thread"))
+    })?;
+
+    // The next SYN retransmit completes the handshake (within 1-8 s of the release); the
+    // reset follows at once. Either the client saw its exchange fail, or it came up and was
+    // reset: never a connection that stays up.
+    let handshake_bound = Duration::from_secs(30);
+    match outcome {
+        Ok(a) => {
+            let end = a
+                .ended_within(handshake_bound)
+                .context("client-a's connection, forbidden during its handshake, stayed up")?;
+            ensure!(
+                end["end"] == "error" && end["errno"] == libc::ECONNABORTED,
+                "client-a: {end}"
+            );
+        }
+        Err(error) => {
+            let error = format!("{error:#}");
+            ensure!(
+                error.contains("aborted") || error.contains("reset"),
+                "client-a's connect failed otherwise than by a reset: {error}"
+            );
+        }
+    }
+    let revoked = wait_notices(&agent, "flow.revoked", 1, WAIT, |e| {
+        s(e, "/subject/workload") == Some("client-a")
+    })?;
+    ensure!(
+        s(&revoked[0], "/policy/id") == Some("no-vectors-for-client-a"),
+        "{}",
+        revoked[0]
+    );
+    Ok(())
+}
+
+/// `/proc/net/tcp` state of a SYN_SENT socket (`include/net/tcp_states.h`).
+const TCP_SYN_SENT: u8 = 2;
+
+/// The TCP states of this namespace's sockets connected to `to` (IPv4), from /proc/net/tcp.
+fn tcp_states_to(to: SocketAddr) -> Vec<u8> {
+    let IpAddr::V4(ip) = to.ip() else {
+        return Vec::new();
+    };
+    // /proc/net/tcp prints the address as the u32 in host order, in hex.
+    let want = format!("{:08X}:{:04X}", u32::from_ne_bytes(ip.octets()), to.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&want.as_str()))
+                .then(|| fields.get(3).and_then(|st| u8::from_str_radix(st, 16).ok()))
+                .flatten()
+        })
+        .collect()
+}
+
 /// A raised risk that a forbid reads, and a quarantine, revoke established flows too.
 const RISKY: &str = r#"
 @id("risky-no-vectors")

@@ -70,7 +70,9 @@ fn main() -> ExitCode {
 
 fn tcp(addr: SocketAddr, send: u32, recv: u32, hold: Option<PathBuf>, fork: bool) -> ExitCode {
     let exchange = || -> std::io::Result<TcpStream> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        // Long enough for a SYN held by a full accept queue to be retransmitted several times
+        // (1, 3, 7, 15 s): the handshake-during-a-change test holds it on purpose.
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
         let mut out = Vec::with_capacity(8 + send as usize);
         out.extend_from_slice(&send.to_be_bytes());
         out.extend_from_slice(&recv.to_be_bytes());
