@@ -49,9 +49,7 @@ use enforcer_common::{
 const NO_MAP_FLAGS: u32 = 0;
 /// Memory as entries are added, not all of it at creation: the host IP caches are sized for
 /// large clusters (and IPv6 is often unused), so preallocating would cost ~40 MiB up front.
-/// Lookups cost the same; only inserts allocate. It also frees a replaced element only after
-/// an RCU grace period, where a preallocated hash reuses it at once: the maps whose values
-/// are read field by field need that.
+/// Lookups cost the same; only inserts allocate.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// cgroup v2 id (of the task's leaf cgroup) -> subject identity.
@@ -59,15 +57,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::pinned(capacity::CGROUPS, NO_MAP_FLAGS);
 
 /// identity -> tenant, flags, and its classes in each policy table.
-///
-/// Not preallocated, for the same reason as the policy tables: `decide` reads the value field
-/// by field through its pointer, and a preallocated hash recycles a replaced element at once
-/// (no RCU grace period), so an update racing a lookup could hand `decide` the tenant of one
-/// identity and the classes of another. Without preallocation the old element is freed only
-/// after every reader is done.
 #[map]
-static IDENTITIES: HashMap<u32, IdentityInfo> =
-    HashMap::pinned(capacity::IDENTITIES, BPF_F_NO_PREALLOC);
+static IDENTITIES: HashMap<u32, IdentityInfo> = HashMap::pinned(capacity::IDENTITIES, NO_MAP_FLAGS);
 
 /// IPv4 host address (network byte order) -> destination identity. Pods have host
 /// addresses: a hash lookup finds them in a fraction of a trie walk, and a /32 is always the
@@ -90,14 +81,10 @@ static IPCACHE_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(capacity::IPCACHE, NO
 static IPCACHE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(capacity::IPCACHE, NO_MAP_FLAGS);
 
 /// The two policy tables; `Config::active_policy` names the one in force (atomic swap).
-/// Not preallocated: an entry rewritten in place (a port rule, an audit flag) must not be
-/// recycled under a `decide` that is reading it field by field (see `IDENTITIES`).
 #[map]
-static POLICY_A: HashMap<PolicyKey, PolicyValue> =
-    HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+static POLICY_A: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
 #[map]
-static POLICY_B: HashMap<PolicyKey, PolicyValue> =
-    HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+static POLICY_B: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, NO_MAP_FLAGS);
 
 /// Index of the single `Config` entry (and of the single `LOST_EVENTS` counter).
 const SINGLE_ENTRY: u32 = 0;
