@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -37,6 +37,12 @@ pub mod maps {
     /// The two flow-tag keys (`wire::FlowKey`): slot 0 signs and verifies, slot 1 (the
     /// previous key during a rotation) only verifies.
     pub const FLOW_KEYS: &str = "FLOW_KEYS";
+    /// Tenant number -> its live `FLOWS` records (u64, kept by the kernel: added at
+    /// `connect()`, taken back when the record ends).
+    pub const FLOW_TENANTS: &str = "FLOW_TENANTS";
+    /// One u64: how many `FLOWS` records one tenant may hold at once (0: no limit), written
+    /// by the agent before it attaches the programs.
+    pub const FLOW_TENANT_LIMIT: &str = "FLOW_TENANT_LIMIT";
     /// Socket cookie -> the 20-byte option its SYN carries (`wire::OPTION_LEN` bytes), written
     /// at `TCP_CONNECT_CB` and deleted once the connection is established.
     pub const WIRE_TAGS: &str = "WIRE_TAGS";
@@ -47,7 +53,7 @@ pub mod maps {
     /// accepted tagged connection (LRU).
     pub const WIRE_PEERS: &str = "WIRE_PEERS";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -64,6 +70,8 @@ pub mod maps {
         FLOW_EVENTS,
         LOST_FLOW_EVENTS,
         FLOW_KEYS,
+        FLOW_TENANTS,
+        FLOW_TENANT_LIMIT,
         WIRE_TAGS,
         INGRESS_ALLOW,
         WIRE_PEERS,
@@ -82,6 +90,11 @@ pub mod capacity {
     pub const FLOWS: u32 = 65_536;
     /// Bytes of `FLOW_EVENTS`; a power of two and a multiple of the page size.
     pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
+    /// Tenants with live tracked flows on one node (`FLOW_TENANTS`).
+    pub const FLOW_TENANTS: u32 = 16_384;
+    /// The default share of `FLOWS` one tenant may hold: a quarter, so that no one tenant can
+    /// fill the table and refuse every other tenant's tracked connects.
+    pub const FLOW_TENANT_SHARE_DIVISOR: u32 = 4;
     /// Tagged sockets between `connect()` and established (LRU, preallocated: ~1.5 MiB).
     pub const WIRE_TAGS: u32 = 16_384;
     /// Verified peers of accepted tagged connections (LRU, preallocated: ~1.9 MiB); the
@@ -204,8 +217,9 @@ pub mod reason {
     /// `ingress`: the claimed (verified) identity, or WORLD for an untagged peer outside the
     /// cluster, is not in the destination's ingress allowlist for this port.
     pub const NOT_ALLOWED: u8 = 10;
-    /// `connect`: the call is allowed to a tracked destination but `FLOWS` is full, so the
-    /// flow could not be recorded (and could never be revoked): refused, fail closed.
+    /// `connect`: the call is allowed to a tracked destination but `FLOWS` is full, or the
+    /// subject's tenant holds its whole share of it (`FLOW_TENANT_LIMIT`), so the flow could
+    /// not be recorded (and could never be revoked): refused, fail closed.
     pub const FLOW_TABLE_FULL: u8 = 11;
     pub const COUNT: usize = 12;
 }
@@ -489,8 +503,9 @@ pub struct FlowRecord {
     pub flags: u8,
     /// `Config::generation` (low 32 bits) of the policy that allowed the connect.
     pub policy_generation: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// The subject's tenant number (`IdentityInfo::tenant`): the share of `FLOWS` this
+    /// record counts against (`FLOW_TENANTS`).
+    pub tenant: u32,
     /// `bpf_get_netns_cookie` of the socket at `connect()`: the network namespace the
     /// agent must be in to reset the flow (`SO_NETNS_COOKIE` on a socket it creates there
     /// tells it that it is).

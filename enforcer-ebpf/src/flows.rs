@@ -20,6 +20,7 @@
 //! - `bpf_sock_ops_cb_flags_set` replaces the flags: the current ones are OR-ed in so that
 //!   another module's flags (the header-option callbacks) survive.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use core::mem::MaybeUninit;
 use core::ptr::{addr_of_mut, read_volatile};
 
@@ -30,7 +31,7 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sock_ops_cb_flags_set,
     },
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
@@ -42,6 +43,16 @@ use enforcer_common::{
 /// evict (and so un-track) a live flow; a full table refuses the connect instead.
 #[map]
 static FLOWS: HashMap<u64, FlowRecord> = HashMap::pinned(capacity::FLOWS, 0);
+
+/// Tenant number -> its live `FLOWS` records. Only the kernel changes a count (atomic adds
+/// on the value in place), so no update ever replaces an element under a reader; entries
+/// are never deleted (one per tenant that ever had a tracked flow on this node).
+#[map]
+static FLOW_TENANTS: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
+
+/// One u64: the records one tenant may hold at once (0: no limit).
+#[map]
+static FLOW_TENANT_LIMIT: Array<u64> = Array::pinned(1, 0);
 
 /// Opened / closed records; userspace may resize it at load time.
 #[map]
@@ -58,6 +69,8 @@ const AF_INET6: u32 = 10;
 const FAMILY_V4: u8 = 4;
 /// `BPF_ANY` for map updates, default flags for the ring buffer.
 const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only (a tenant's counter, once).
+const BPF_NOEXIST: u64 = 1;
 const RINGBUF_FLAGS: u64 = 0;
 const COMM_LEN: u32 = 16;
 const LOST_INDEX: u32 = 0;
@@ -72,6 +85,8 @@ pub struct Connect {
     pub family: u8,
     pub protocol: u8,
     pub generation: u32,
+    /// The subject's tenant number: whose share of `FLOWS` the record takes.
+    pub tenant: u32,
     pub cgroup_id: u64,
     /// The socket is AF_INET6 (connect6), whatever `family` the destination was judged as.
     pub sock_v6: bool,
@@ -105,7 +120,7 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         addr_of_mut!((*r).state).write(flow_state::CONNECTING);
         addr_of_mut!((*r).flags).write(if c.sock_v6 { flow_flags::SOCK_V6 } else { 0 });
         addr_of_mut!((*r).policy_generation).write(c.generation);
-        addr_of_mut!((*r)._pad).write(0);
+        addr_of_mut!((*r).tenant).write(c.tenant);
         addr_of_mut!((*r).netns_cookie).write(bpf_get_netns_cookie(ctx.as_ptr()));
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
@@ -113,8 +128,16 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     };
     // SAFETY: fully initialised above.
     let record = unsafe { slot.assume_init_ref() };
-    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room.
+    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room
+    // (and takes no more of its tenant's share).
+    let new = FLOWS.get_ptr(&cookie).is_none();
+    if new && !take_share(c.tenant) {
+        return false;
+    }
     if FLOWS.insert(&cookie, record, BPF_ANY).is_err() {
+        if new {
+            give_back_share(c.tenant);
+        }
         return false;
     }
     if udp {
@@ -202,7 +225,9 @@ pub fn on_state(ctx: &SockOpsContext) {
             emit(cookie, &*r, flow_event::CLOSED, acked, received, old);
         }
     }
-    let _ = FLOWS.remove(cookie);
+    // SAFETY: as above.
+    let tenant = unsafe { (*r).tenant };
+    end_record(cookie, tenant);
 }
 
 /// `cgroup/sock_release`: a connected UDP socket's record ends with its socket (a TCP
@@ -225,7 +250,63 @@ pub fn on_release(ctx: &SockContext) {
             return;
         }
     }
-    let _ = FLOWS.remove(cookie);
+    // SAFETY: as above.
+    let tenant = unsafe { (*r).tenant };
+    end_record(cookie, tenant);
+}
+
+/// Takes one record of `tenant`'s share of `FLOWS`: `false` when the tenant holds its whole
+/// share already (or its counter cannot be created: fail closed). The check and the add are
+/// two steps (an atomic fetch-and-add needs BPF cpu v3), so CPUs racing on the last free
+/// record may overshoot the share by at most one record each: bounded, and never past the
+/// table itself.
+#[inline(always)]
+fn take_share(tenant: u32) -> bool {
+    let limit = FLOW_TENANT_LIMIT.get(0).copied().unwrap_or(0);
+    let mut used = FLOW_TENANTS.get_ptr_mut(&tenant);
+    if used.is_none() {
+        let _ = FLOW_TENANTS.insert(&tenant, &0, BPF_NOEXIST);
+        used = FLOW_TENANTS.get_ptr_mut(&tenant);
+    }
+    let Some(used) = used else {
+        return false;
+    };
+    // SAFETY: a non-null map value pointer is valid, 8-byte aligned and lives while this
+    // program runs; the count is only ever changed by atomic adds, and an aligned 64-bit
+    // load is one instruction (never torn).
+    if limit != 0 && unsafe { read_volatile(used) } >= limit {
+        return false;
+    }
+    add(used, 1);
+    true
+}
+
+/// Returns one record of `tenant`'s share (its record was deleted). Called only after a
+/// successful delete, so each record is returned once.
+#[inline(always)]
+fn give_back_share(tenant: u32) {
+    if let Some(used) = FLOW_TENANTS.get_ptr_mut(&tenant) {
+        // SAFETY: as in `take_share`. Adding 2^64 - 1 is subtracting one (an atomic add whose
+        // result is unused needs no BPF cpu v3).
+        add(used, u64::MAX);
+    }
+}
+
+/// `*counter += n`, atomically (`lock xadd`), its result unused: `AtomicU64::fetch_add` is not
+/// offered on the BPF target (no compare-and-swap before cpu v3), the intrinsic under it is,
+/// and an add whose old value is unused is the original BPF atomic every kernel has.
+#[inline(always)]
+fn add(counter: *mut u64, n: u64) {
+    // SAFETY: callers pass a valid, aligned map value pointer.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+/// Deletes `cookie`'s record and returns its share to its tenant.
+#[inline(always)]
+fn end_record(cookie: u64, tenant: u32) {
+    if FLOWS.remove(&cookie).is_ok() {
+        give_back_share(tenant);
+    }
 }
 
 #[inline(always)]
@@ -286,7 +367,7 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         addr_of_mut!((*d).state).write(r.state);
         addr_of_mut!((*d).flags).write(r.flags);
         addr_of_mut!((*d).policy_generation).write(r.policy_generation);
-        addr_of_mut!((*d)._pad).write(0);
+        addr_of_mut!((*d).tenant).write((*r).tenant);
         addr_of_mut!((*d).netns_cookie).write(r.netns_cookie);
         let (cs, cd) = (
             r.comm.as_ptr().cast::<u64>(),

@@ -21,6 +21,10 @@
 //!   event is written field by field into the reserved ring-buffer slot.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the per-tenant flow counters (flows.rs) need an atomic add, which
+// `AtomicU64` does not offer on the BPF target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod flows;
 mod wire;
@@ -485,6 +489,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
                         family: dst.family,
                         protocol,
                         generation,
+                        tenant: subject_tenant,
                         cgroup_id,
                         sock_v6: hook == hook::CONNECT6,
                     };

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
-use enforcer_tests::fixtures::{write_bundle, Entity};
+use enforcer_tests::fixtures::{write_bundle, Entity, World};
 use enforcer_tests::flows::{FlowClient, FlowServer};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
@@ -494,8 +494,9 @@ fn a_handshake_in_progress_during_a_change_is_reset_when_it_completes() -> Resul
         }
         Err(error) => {
             let error = format!("{error:#}");
+            // ECONNABORTED (103: reset on its own host) or ECONNRESET (104).
             ensure!(
-                error.contains("aborted") || error.contains("reset"),
+                error.contains("os error 103") || error.contains("os error 104"),
                 "client-a's connect failed otherwise than by a reset: {error}"
             );
         }
@@ -508,6 +509,94 @@ fn a_handshake_in_progress_during_a_change_is_reset_when_it_completes() -> Resul
         "{}",
         revoked[0]
     );
+    Ok(())
+}
+
+/// One tenant cannot take the whole flow table: it holds at most its share (by default a
+/// quarter of `FLOWS`), its own connect past the share is refused (`flow_table_full`), and
+/// another tenant's tracked connects go on; a record that ends returns its share. (The
+/// red-team's finding: with one shared table, a tenant holding every record with connected
+/// UDP sockets to its own DB made every other tenant's tracked connect fail.)
+#[test]
+fn one_tenant_cannot_take_another_tenants_share_of_the_flow_table() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let t = 6;
+    let at = |i: u8, port: u16| SocketAddr::new(IpAddr::from([127, NET, t, i]), port);
+    let entities = vec![
+        Entity::workload(NET, "acme-attacker", "acme", "retrieval", t, 1),
+        Entity::workload(NET, "globex-client", "globex", "retrieval", t, 2),
+        Entity::endpoint(NET, "acme-vectors", "acme", "vector_db", t, 10).port(
+            6334,
+            Proto::Udp,
+            "query",
+        ),
+        Entity::endpoint(NET, "globex-vectors", "globex", "vector_db", t, 11).port(
+            6333,
+            Proto::Tcp,
+            "query",
+        ),
+    ];
+    let world = World::new(NET, entities, SAME_TENANT)?;
+    let globex_vectors = FlowServer::start(at(11, 6333))?;
+    let mut config = world.agent_config();
+    // A table of 8: each tenant's share is 2.
+    config
+        .extra_args
+        .extend(["--capacity".into(), "flows=8".into()]);
+    let agent = Agent::start(config)?;
+    first_applied_snapshot(&agent)?;
+
+    // Connected UDP sockets to its own DB: permitted, and each holds a record.
+    let attacker = world.cgroup("acme-attacker");
+    let mut held = vec![
+        FlowClient::udp(attacker, at(10, 6334))?,
+        FlowClient::udp(attacker, at(10, 6334))?,
+    ];
+    ensure!(
+        FlowClient::udp(attacker, at(10, 6334)).is_err(),
+        "a third tracked socket of acme was allowed past its share of two"
+    );
+    let denied = wait_notices(&agent, "connection.denied", 1, WAIT, |e| {
+        s(e, "/reason") == Some("flow_table_full")
+    })?;
+    ensure!(
+        s(&denied[0], "/subject/workload") == Some("acme-attacker"),
+        "{}",
+        denied[0]
+    );
+
+    // globex's tracked connects do not pay for acme's records.
+    let mut globex = Vec::new();
+    for _ in 0..2 {
+        globex.push(
+            FlowClient::tcp(
+                world.cgroup("globex-client"),
+                globex_vectors.addr(),
+                1,
+                1,
+                true,
+            )
+            .context("globex's permitted tracked connect was refused while acme holds its share")?,
+        );
+    }
+
+    // A record that ends returns its share: acme may open one again.
+    held.pop().unwrap().close()?;
+    let again = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(50), || {
+        FlowClient::udp(attacker, at(10, 6334)).is_ok_and(|c| {
+            held.push(c);
+            true
+        })
+    });
+    ensure!(
+        again,
+        "acme's share was not returned when its socket closed"
+    );
+    for mut c in globex {
+        c.close()?;
+    }
     Ok(())
 }
 
@@ -705,6 +794,10 @@ fn a_full_flow_table_refuses_new_tracked_connects_and_keeps_the_live_ones() -> R
     config
         .extra_args
         .extend(["--capacity".into(), "flows=2".into()]);
+    // One tenant here: its share is the whole table, so that the table itself fills.
+    config
+        .extra_args
+        .extend(["--capacity".into(), "flows-per-tenant=2".into()]);
     let agent = Agent::start(config)?;
     let a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
     let mut b = FlowClient::tcp(w.cgroup("client-b"), vectors.addr(), 1, 1, true)?;

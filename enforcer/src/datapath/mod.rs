@@ -69,6 +69,7 @@ impl Datapath {
             )
         })?;
         let tables = Tables::open(&dir)?;
+        crate::flows::set_tenant_limit(&dir, options.capacity.flows_per_tenant)?;
         let wanted = options.capacity.over(tables.capacities());
         if wanted != tables.capacities() {
             tracing::warn!(pinned = ?tables.capacities(), asked = ?wanted, "the pinned maps keep the capacity they were created with; `enforcer detach` and restart to resize them");

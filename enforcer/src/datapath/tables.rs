@@ -1590,10 +1590,13 @@ pub struct CapacityOverrides {
     /// `FLOWS`: tracked flows at once; a connect to a tracked destination beyond it is
     /// refused (`flow_table_full`).
     pub flows: Option<u32>,
+    /// `FLOWS` records one tenant may hold at once (`FLOW_TENANT_LIMIT`); by default a
+    /// quarter of `FLOWS`. Not a map size: applied at every start.
+    pub flows_per_tenant: Option<u32>,
 }
 
 impl CapacityOverrides {
-    pub const KINDS: &'static str = "policy, identities, cgroups, ipcache, flows";
+    pub const KINDS: &'static str = "policy, identities, cgroups, ipcache, flows, flows-per-tenant";
 
     /// Adds one `KIND=N`.
     pub fn set(&mut self, spec: &str) -> Result<()> {
@@ -1612,6 +1615,7 @@ impl CapacityOverrides {
             "cgroups" => &mut self.cgroups,
             "ipcache" => &mut self.ipcache,
             "flows" => &mut self.flows,
+            "flows-per-tenant" => &mut self.flows_per_tenant,
             other => anyhow::bail!(
                 "--capacity {other:?}: unknown kind (one of {})",
                 Self::KINDS

@@ -37,17 +37,63 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
 }
 
 /// Deletes the record of `cookie` (a socket that is gone without its CLOSE callback: a
-/// connected UDP socket, or one closed while no program was attached). Absent: nothing to do.
+/// connected UDP socket, or one closed while no program was attached) and returns it to its
+/// tenant's share. Absent: nothing to do.
+///
+/// The share is returned by a read and a write, not the kernel's atomic add: a connect of
+/// the same tenant racing this on another CPU may see its add overwritten, leaving the count
+/// one lower than the records (the tenant may then hold one record more than its share).
+/// This path is rare (the kernel ends nearly every record itself) and the error is never in
+/// the direction of refusing a tenant.
 pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
     let mut map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
         .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
+    let record = match map.get(&cookie, 0) {
+        Ok(record) => record,
+        Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+        Err(error) => return Err(error).context("reading a FLOWS record"),
+    };
     match map.remove(&cookie) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(error) => Err(error).context("deleting a FLOWS record"),
+        Ok(()) => {}
+        // The kernel ended it meanwhile (and returned its share).
+        Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+        Err(error) => return Err(error).context("deleting a FLOWS record"),
     }
+    let path = dir.join(maps::FLOW_TENANTS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let mut tenants: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("map {} has an unexpected type", maps::FLOW_TENANTS))?;
+    if let Ok(used) = tenants.get(&record.tenant, 0) {
+        tenants
+            .insert(record.tenant, used.saturating_sub(1), 0)
+            .context("returning a record to its tenant's share")?;
+    }
+    Ok(())
+}
+
+/// Sets how many `FLOWS` records one tenant may hold at once: `limit`, or by default a
+/// quarter of the table (`capacity::FLOW_TENANT_SHARE_DIVISOR`), so that one tenant filling
+/// its share leaves the rest of the table to the others. Written before the programs are
+/// attached (and at every start, so a restart can change it).
+pub fn set_tenant_limit(dir: &Path, limit: Option<u32>) -> Result<()> {
+    let table = aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS))
+        .with_context(|| format!("reading map info of {}", maps::FLOWS))?
+        .max_entries();
+    let limit =
+        limit.unwrap_or((table / enforcer_common::capacity::FLOW_TENANT_SHARE_DIVISOR).max(1));
+    let path = dir.join(maps::FLOW_TENANT_LIMIT);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let mut map: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(Map::Array(data))
+        .with_context(|| format!("map {} has an unexpected type", maps::FLOW_TENANT_LIMIT))?;
+    map.set(0, u64::from(limit), 0)
+        .with_context(|| format!("writing {}", maps::FLOW_TENANT_LIMIT))?;
+    tracing::debug!(limit, table, "flow records per tenant");
+    Ok(())
 }
 
 /// Flow events the kernel could not write (`FLOW_EVENTS` full), summed over the CPUs.
