@@ -526,9 +526,11 @@ async fn serve_one(
             return Ok(());
         }
     };
+    // A window reaching past the clock's epoch is the whole history (a plain subtraction
+    // would panic on `since_secs` near u64::MAX and drop the consumer without an answer).
     let since = request
         .since_secs
-        .map(|s| SystemTime::now() - Duration::from_secs(s));
+        .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
     let (past, subscription) = hub.open(&request.filter, since, request.follow);
     let mut out = Vec::new();
     for entry in &past {
