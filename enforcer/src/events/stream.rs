@@ -35,6 +35,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
+use enforcer_common::reason;
+
 use super::{Event, Format, Formatter};
 use crate::metrics::Metrics;
 
@@ -42,6 +44,14 @@ use crate::metrics::Metrics;
 pub const HISTORY: usize = 10_000;
 /// Events queued for one consumer before it starts missing them.
 pub const QUEUE: usize = 1_024;
+/// Consumers served at once; one more is told so and hung up on. Each holds a task, a
+/// socket and up to a queue of events, so their number is bounded like everything else a
+/// consumer can make the agent hold.
+pub const MAX_CONSUMERS: usize = 64;
+/// The request line's bound: a filter needs a few hundred bytes.
+const MAX_REQUEST: u64 = 64 << 10;
+/// How long a consumer may take to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// The `consumer` label of `enforcer_events_consumer_dropped`.
 const METRICS_CONSUMER: &str = "enforcer_events";
 
@@ -51,18 +61,13 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 
 /// The verdicts, reasons and types a filter may name (anything else is a typo).
 const VERDICTS: &[&str] = &["deny", "audit", "allow"];
-const REASONS: &[&str] = &[
-    "unknown_subject",
-    "quarantined",
-    "tenant_mismatch",
-    "no_permit",
-    "unspecified_destination",
-    "unsupported_socket",
-    "unidentified_destination",
-    "missing_tag",
-    "bad_tag",
-    "not_allowed",
-];
+/// The deny reasons a filter may name: every reason the kernel reports (all but `allowed`),
+/// named as in the events, so that the list never lags behind a new reason.
+fn reasons() -> Vec<&'static str> {
+    (1..reason::COUNT as u8)
+        .map(crate::events::decode::reason_name)
+        .collect()
+}
 const TYPES: &[&str] = &[
     "connection.denied",
     "connection.audited",
@@ -118,7 +123,7 @@ impl Filter {
             }
         };
         one_of("verdict", &self.verdict, VERDICTS)?;
-        one_of("reason", &self.reason, REASONS)?;
+        one_of("reason", &self.reason, &reasons())?;
         one_of("type", &self.kind, TYPES)?;
         for (option, value) in [
             ("tenant", &self.tenant),
@@ -458,9 +463,19 @@ pub fn listen(
     };
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
+    let consumers = Arc::new(tokio::sync::Semaphore::new(MAX_CONSUMERS));
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = consumers.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    max = MAX_CONSUMERS,
+                    "events socket: a consumer refused, too many at once"
+                );
+                let message = format!("too many consumers (at most {MAX_CONSUMERS} at once)");
+                let _ = stream.write_all(&error_line(message)).await;
                 continue;
             };
             let hub = hub.clone();
@@ -469,9 +484,21 @@ pub fn listen(
                 if let Err(error) = serve_one(stream, hub, formatter, access).await {
                     tracing::debug!("events socket consumer: {error:#}");
                 }
+                drop(permit);
             });
         }
     }))
+}
+
+/// An `events.error` line telling a consumer why it is refused.
+fn error_line(message: String) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "type": "events.error",
+        "message": message,
+    }))
+    .expect("a JSON object of strings serialises");
+    line.push(b'\n');
+    line
 }
 
 async fn serve_one(
@@ -484,15 +511,7 @@ async fn serve_one(
         .peer_cred()
         .context("reading the peer's credentials")?;
     let (read, mut write) = stream.into_split();
-    let refuse = |message: String| {
-        let mut line = serde_json::to_vec(&serde_json::json!({
-            "type": "events.error",
-            "message": message,
-        }))
-        .expect("a JSON object of strings serialises");
-        line.push(b'\n');
-        line
-    };
+    let refuse = error_line;
     if !allowed(access, peer.uid(), peer.gid(), peer.pid()) {
         let why = match access.group {
             None => format!("permission denied: uid {} is not root", peer.uid()),
@@ -504,9 +523,26 @@ async fn serve_one(
         write.write_all(&refuse(why)).await?;
         return Ok(());
     }
+    // Bounded in size and time: the request is the only thing a consumer sends, and an
+    // endless or never-finished line must not hold the agent's memory or a task forever.
     let mut line = String::new();
     let mut read = AsyncBufReader::new(read);
-    read.read_line(&mut line).await?;
+    let mut bounded = tokio::io::AsyncReadExt::take(&mut read, MAX_REQUEST);
+    let request_line = bounded.read_line(&mut line);
+    match tokio::time::timeout(REQUEST_DEADLINE, request_line).await {
+        Err(_) => {
+            let message = format!("no request line within {} s", REQUEST_DEADLINE.as_secs());
+            write.write_all(&refuse(message)).await?;
+            return Ok(());
+        }
+        Ok(Err(error)) => return Err(error).context("reading the request"),
+        Ok(Ok(_)) if line.len() as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
+            let message = format!("request line longer than {MAX_REQUEST} bytes");
+            write.write_all(&refuse(message)).await?;
+            return Ok(());
+        }
+        Ok(Ok(_)) => {}
+    }
     let request = match serde_json::from_str::<Request>(&line)
         .context("malformed request")
         .and_then(|r| r.filter.validate().map(|()| r))
@@ -526,9 +562,11 @@ async fn serve_one(
             return Ok(());
         }
     };
+    // A window reaching past the clock's epoch is the whole history (a plain subtraction
+    // would panic on `since_secs` near u64::MAX and drop the consumer without an answer).
     let since = request
         .since_secs
-        .map(|s| SystemTime::now() - Duration::from_secs(s));
+        .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
     let (past, subscription) = hub.open(&request.filter, since, request.follow);
     let mut out = Vec::new();
     for entry in &past {

@@ -15,6 +15,8 @@
 //! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
 //! namespace, no longer the process that connected) holds the connection. Holding lasts at most 60 s. Exit status 0 once
 //! the connection was up; 1 when it never came up (with the error on stderr); 2 on bad usage.
+//! `--connect-timeout-ms MS` (TCP, default 30,000, at most 60,000) bounds the connect: a test
+//! that holds a SYN back (a full accept queue) needs more than the first retransmits.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -24,9 +26,12 @@ use std::time::{Duration, Instant};
 
 const POLL: Duration = Duration::from_millis(100);
 const MAX_HOLD: Duration = Duration::from_secs(60);
+/// Long enough for a SYN held back by a full accept queue to be retransmitted a few times (1,
+/// 3, 7, 15 s after the first): the handshake-during-a-change test holds it on purpose.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
-    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] | flow-client udp ADDR:PORT --hold STOPFILE");
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT --hold STOPFILE");
     ExitCode::from(2)
 }
 
@@ -50,6 +55,13 @@ fn main() -> ExitCode {
     let Ok(addr) = addr.parse::<SocketAddr>() else {
         return usage();
     };
+    let connect_timeout = match args.iter().position(|a| a == "--connect-timeout-ms") {
+        None => CONNECT_TIMEOUT,
+        Some(i) => match args.get(i + 1).map(|s| s.parse::<u64>()) {
+            Some(Ok(ms)) if (1..=60_000).contains(&ms) => Duration::from_millis(ms),
+            _ => return usage(),
+        },
+    };
     match kind.as_str() {
         "tcp" => {
             let (Some(Ok(send)), Some(Ok(recv))) = (
@@ -58,7 +70,8 @@ fn main() -> ExitCode {
             ) else {
                 return usage();
             };
-            tcp(addr, send, recv, hold, args.iter().any(|a| a == "--fork"))
+            let fork = args.iter().any(|a| a == "--fork");
+            tcp(addr, send, recv, hold, fork, connect_timeout)
         }
         "udp" => match hold {
             Some(stop) => udp(addr, stop),
@@ -68,11 +81,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn tcp(addr: SocketAddr, send: u32, recv: u32, hold: Option<PathBuf>, fork: bool) -> ExitCode {
+fn tcp(
+    addr: SocketAddr,
+    send: u32,
+    recv: u32,
+    hold: Option<PathBuf>,
+    fork: bool,
+    connect_timeout: Duration,
+) -> ExitCode {
     let exchange = || -> std::io::Result<TcpStream> {
-        // Long enough for a SYN held by a full accept queue to be retransmitted several times
-        // (1, 3, 7, 15 s): the handshake-during-a-change test holds it on purpose.
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+        let mut s = TcpStream::connect_timeout(&addr, connect_timeout)?;
         let mut out = Vec::with_capacity(8 + send as usize);
         out.extend_from_slice(&send.to_be_bytes());
         out.extend_from_slice(&recv.to_be_bytes());
