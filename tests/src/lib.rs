@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod bundle;
+pub mod chroma;
 pub mod cgroup;
 pub mod cli;
 pub mod deploy;
