@@ -1193,7 +1193,12 @@ impl Agent {
     /// destination (the verified clients `enforcer flows --to` lists on a DB's node).
     fn flow_names(&self) -> BTreeMap<u32, FlowName> {
         let local: BTreeSet<u32> = self.cgroups.values().copied().collect();
-        let peers: BTreeSet<u32> = self.compiled.ingress().iter().map(|(k, _)| k.subject).collect();
+        let peers: BTreeSet<u32> = self
+            .compiled
+            .ingress()
+            .iter()
+            .map(|(k, _)| k.subject)
+            .collect();
         self.compiled
             .identities()
             .filter(|i| {

@@ -108,10 +108,16 @@ impl ChromaServer {
         });
         let log = || tail_of(&dir.path().join("server.log"), 4000);
         if let Some(status) = exited {
-            bail!("chroma run exited ({status}) before listening on {addr}:\n{}", log());
+            bail!(
+                "chroma run exited ({status}) before listening on {addr}:\n{}",
+                log()
+            );
         }
         if !listening {
-            bail!("chroma run did not listen on {addr} within {START_TIMEOUT:?}:\n{}", log());
+            bail!(
+                "chroma run did not listen on {addr} within {START_TIMEOUT:?}:\n{}",
+                log()
+            );
         }
         Ok(Self { child, addr, dir })
     }

@@ -12,8 +12,8 @@
 pub mod agent;
 pub mod bpf;
 pub mod bundle;
-pub mod chroma;
 pub mod cgroup;
+pub mod chroma;
 pub mod cli;
 pub mod deploy;
 pub mod fixtures;

@@ -25,8 +25,8 @@ use enforcer_tests::cli::enforcer;
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::util::wait_until;
 use enforcer_tests::{
-    require, require_kernel, unique_name, Agent, AgentConfig, NetNs, Outcome, PinDir,
-    PolicyBundle, Probe, TempDir, TestCgroup,
+    require, require_kernel, unique_name, Agent, AgentConfig, NetNs, Outcome, PinDir, PolicyBundle,
+    Probe, TempDir, TestCgroup,
 };
 use serde_json::Value;
 
@@ -125,7 +125,10 @@ fn expected(
                 clients.iter().map(|c| c.0).collect::<Vec<_>>()
             )
         })?;
-        want.insert((s.remote.to_string(), s.local.to_string()), name.to_string());
+        want.insert(
+            (s.remote.to_string(), s.local.to_string()),
+            name.to_string(),
+        );
     }
     Ok(want)
 }

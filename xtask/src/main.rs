@@ -422,10 +422,19 @@ fn install_chromadb() -> Result<()> {
     let python = which("python3").context("python3 is needed to install chromadb")?;
     let mut cmd = Command::new(python);
     cmd.args(["-m", "venv"]).arg(&partial);
-    status(&mut cmd, "python3 -m venv (Debian: apt-get install python3-venv)")?;
+    status(
+        &mut cmd,
+        "python3 -m venv (Debian: apt-get install python3-venv)",
+    )?;
     let mut cmd = Command::new(partial.join("bin/python"));
-    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-        .arg(format!("chromadb=={CHROMADB_VERSION}"));
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .arg(format!("chromadb=={CHROMADB_VERSION}"));
     status(&mut cmd, "pip install chromadb")?;
     std::fs::rename(&partial, venv)
         .with_context(|| format!("renaming {} to {}", partial.display(), venv.display()))
