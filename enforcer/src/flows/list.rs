@@ -211,3 +211,71 @@ pub fn render(flows: &[FlowView]) -> String {
     let _ = writeln!(out, "{} tracked flow(s)", flows.len());
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::VerifiedPeer;
+
+    fn name(name: &str, datasets: &[&str]) -> FlowName {
+        FlowName {
+            name: name.into(),
+            tenant: Some("acme".into()),
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_server_row_shows_the_servers_own_4_tuple_and_the_verified_claim() {
+        let names = BTreeMap::from([
+            (300, name("acme-retriever", &[])),
+            (301, name("acme-vectors", &["acme-kb"])),
+        ]);
+        let peer = VerifiedPeer {
+            client: "[fd95::1]:40000".parse().unwrap(),
+            server: "[fd95::2]:8000".parse().unwrap(),
+            identity: 300,
+            destination: 301,
+            generation: 7,
+            key_id: 1,
+            accepted: true,
+            cookie: 42,
+            accepted_ns: 1_000_000_000,
+        };
+        let v = server_view(&peer, &names, 3_500_000_000);
+        assert_eq!(v.side, "server");
+        assert_eq!(v.cookie, 42);
+        assert_eq!(v.source.as_deref(), Some("[fd95::1]:40000"));
+        assert_eq!(v.destination, "[fd95::2]:8000");
+        assert_eq!(v.subject.name.as_deref(), Some("acme-retriever"));
+        assert_eq!(v.subject.tenant.as_deref(), Some("acme"));
+        assert_eq!(v.to.name.as_deref(), Some("acme-vectors"));
+        assert_eq!(v.dataset_scope, ["acme-kb"]);
+        assert_eq!((v.pid, v.comm.as_deref()), (None, None));
+        assert_eq!(v.age_seconds, 2.5);
+        assert_eq!(v.policy_generation, 7);
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["pid"], serde_json::Value::Null);
+        let table = render(&[v]);
+        assert!(table.contains("server") && table.contains("acme-retriever (acme)"));
+        assert!(table.contains("1 tracked flow(s)"), "{table}");
+    }
+
+    #[test]
+    fn an_unknown_claimed_identity_is_shown_by_number() {
+        let peer = VerifiedPeer {
+            client: "127.0.0.1:40000".parse().unwrap(),
+            server: "127.95.0.2:8000".parse().unwrap(),
+            identity: 999,
+            destination: 301,
+            generation: 0,
+            key_id: 1,
+            accepted: true,
+            cookie: 1,
+            accepted_ns: 0,
+        };
+        let v = server_view(&peer, &BTreeMap::new(), 0);
+        assert_eq!(v.subject.name, None);
+        assert!(render(&[v]).contains("identity 999"));
+    }
+}
