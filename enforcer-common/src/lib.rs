@@ -50,7 +50,8 @@ pub mod maps {
     /// the ingress allowlist compiled from the same Cedar decisions as the policy table.
     pub const INGRESS_ALLOW: &str = "INGRESS_ALLOW";
     /// `wire::PeerKey` (the SYN's 4-tuple) -> `wire::Peer`: the verified identity behind each
-    /// accepted tagged connection (LRU).
+    /// tagged connection, from the SYN's check until the server's socket closes (LRU: only
+    /// an entry whose handshake never completed is left for eviction to clear).
     pub const WIRE_PEERS: &str = "WIRE_PEERS";
     /// Every map, in the order `enforcer status` reports them.
     pub const ALL: [&str; 21] = [
@@ -629,7 +630,8 @@ pub mod wire {
         pub _pad: u32,
     }
 
-    /// Value of `WIRE_PEERS`: what the verified option claimed.
+    /// Value of `WIRE_PEERS`: what the verified option claimed, and the server's socket once
+    /// the handshake completed.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Peer {
@@ -639,8 +641,22 @@ pub mod wire {
         /// The sender's generation (16 bits) and the key id that verified.
         pub generation: u16,
         pub key_id: u8,
-        pub _pad: u8,
-        pub _pad2: u32,
+        /// [`peer_state`]: `VERIFIED` from the SYN's check, `ACCEPTED` once the server's socket
+        /// is established (then `cookie` and `accepted_ns` are set).
+        pub state: u8,
+        pub _pad: u32,
+        /// Socket cookie of the server's (accepted) socket; 0 before.
+        pub cookie: u64,
+        /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the server's `PASSIVE_ESTABLISHED_CB`.
+        pub accepted_ns: u64,
+    }
+
+    /// [`Peer::state`].
+    pub mod peer_state {
+        /// The SYN's option verified and was allowed; no established socket yet.
+        pub const VERIFIED: u8 = 0;
+        /// The server's socket is established; the entry goes when it reaches TCP CLOSE.
+        pub const ACCEPTED: u8 = 1;
     }
 
     /// The MAC input as six little-endian 64-bit words (the 48-byte string described in the
@@ -768,7 +784,7 @@ pub mod wire {
 
 const _: () = assert!(core::mem::size_of::<wire::FlowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<wire::PeerKey>() == 40);
-const _: () = assert!(core::mem::size_of::<wire::Peer>() == 16);
+const _: () = assert!(core::mem::size_of::<wire::Peer>() == 32);
 
 #[cfg(test)]
 mod tests {

@@ -226,6 +226,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 mod sock_ops_op {
     pub const TCP_CONNECT_CB: u32 = 3;
     pub const ACTIVE_ESTABLISHED_CB: u32 = 4;
+    pub const PASSIVE_ESTABLISHED_CB: u32 = 5;
     pub const STATE_CB: u32 = 10;
     pub const HDR_OPT_LEN_CB: u32 = 14;
     pub const WRITE_HDR_OPT_CB: u32 = 15;
@@ -249,7 +250,11 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
             flows::on_established(&ctx);
             wire::on_established(&ctx);
         }
-        STATE_CB => flows::on_state(&ctx),
+        PASSIVE_ESTABLISHED_CB => wire::on_passive_established(&ctx),
+        STATE_CB => {
+            flows::on_state(&ctx);
+            wire::on_state(&ctx);
+        }
         HDR_OPT_LEN_CB => wire::on_hdr_opt_len(&ctx),
         WRITE_HDR_OPT_CB => wire::on_write_hdr_opt(&ctx),
         _ => {}

@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
-    capacity, flags, hook, identity, proto, reason, verdict, wire as abi, DenyEvent, PolicyKey,
-    PolicyValue,
+    capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, DenyEvent,
+    PolicyKey, PolicyValue,
 };
 
 use crate::{
@@ -62,7 +62,11 @@ static WIRE_TAGS: LruHashMap<u64, [u8; abi::OPTION_LEN]> =
 static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
     HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
 
-/// The verified identity behind each accepted tagged connection, by 4-tuple.
+/// The verified identity behind each tagged connection, by 4-tuple as the server sees it:
+/// written by the ingress check, marked accepted (with the server socket's cookie) at
+/// `PASSIVE_ESTABLISHED_CB`, deleted when that socket reaches TCP CLOSE. LRU only for entries
+/// whose handshake never completed (the client gave up, a SYN flood of valid tags): an accepted
+/// entry is deleted by its socket, so eviction reaches it only when the map is full of them.
 #[map]
 static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
     LruHashMap::pinned(capacity::WIRE_PEERS, NO_MAP_FLAGS);
@@ -81,6 +85,8 @@ static INGRESS_REPORTED: LruHashMap<abi::PeerKey, u64> =
 
 /// `BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG`.
 const WRITE_HDR_OPT_CB_FLAG: u32 = 1 << 6;
+/// `BPF_SOCK_OPS_STATE_CB_FLAG`.
+const STATE_CB_FLAG: u32 = 1 << 2;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -165,6 +171,19 @@ fn sock_ops_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4], D
     }
 }
 
+/// The socket's (local, remote) ports in host order.
+#[inline(always)]
+fn sock_ops_ports(ops: *const bpf_sock_ops) -> (u16, u16) {
+    // SAFETY: full 32-bit context loads. `local_port` is in host order; `remote_port` holds
+    // the port in network order, in the upper half on little-endian kernels.
+    unsafe {
+        let lp = read_volatile(&(*ops).local_port);
+        let rp = read_volatile(&(*ops).remote_port);
+        let rp16 = if rp > 0xffff { rp >> 16 } else { rp };
+        (lp as u16, u16::from_be(rp16 as u16))
+    }
+}
+
 #[inline(always)]
 fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     let b = [
@@ -215,14 +234,7 @@ pub fn on_connect(ctx: &SockOpsContext) {
         Some(c) => (unsafe { read_volatile(&(*c).generation) }) as u16,
         None => 0,
     };
-    // SAFETY: full 32-bit context loads. `local_port` is in host order; `remote_port` holds
-    // the port in network order, in the upper half on little-endian kernels.
-    let (sport, dport) = unsafe {
-        let lp = read_volatile(&(*ops).local_port);
-        let rp = read_volatile(&(*ops).remote_port);
-        let rp16 = if rp > 0xffff { rp >> 16 } else { rp };
-        (lp as u16, u16::from_be(rp16 as u16))
-    };
+    let (sport, dport) = sock_ops_ports(ops);
     let key_id = key_id as u8;
     let m = abi::message(
         subject,
@@ -296,6 +308,101 @@ pub fn on_established(ctx: &SockOpsContext) {
         let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
         // SAFETY: as above.
         unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
+    }
+}
+
+/// The `WIRE_PEERS` key of a server-side socket: the remote end is the client (the SYN's
+/// source), the local end the server.
+///
+/// Every address field is loaded before the family is looked at: with a load in each branch
+/// (as `sock_ops_addresses` does), LLVM sinks the two loads into one whose context offset is
+/// chosen by the branch, which the verifier refuses ("dereference of modified ctx ptr").
+/// An IPv4 socket's IPv6 fields read as whatever the socket holds there; they are not used.
+#[inline(always)]
+fn server_peer_key(ops: *const bpf_sock_ops) -> Option<abi::PeerKey> {
+    // SAFETY: `ops` is the context; every field read is a full 32-bit load.
+    let (family, r4, l4, r6, l6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).remote_ip4),
+            read_volatile(&(*ops).local_ip4),
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+        )
+    };
+    let (remote, local) = if family == AF_INET {
+        (
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, r4],
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, l4],
+        )
+    } else if family == AF_INET6 {
+        // A dual-stack socket's IPv4 peer is already `::ffff:a.b.c.d` here, the form the
+        // ingress check recorded.
+        (r6, l6)
+    } else {
+        return None;
+    };
+    let (lport, rport) = sock_ops_ports(ops);
+    Some(abi::PeerKey {
+        saddr: words_to_bytes(remote),
+        daddr: words_to_bytes(local),
+        sport: rport,
+        dport: lport,
+        _pad: 0,
+    })
+}
+
+/// `PASSIVE_ESTABLISHED_CB` (an accepted socket, in the listener's cgroup): if the ingress
+/// check verified this connection's SYN, the record now names the server's socket, and the
+/// socket asks for state callbacks so that its CLOSE deletes the record. Untagged sockets ask
+/// for nothing and pay nothing further.
+#[inline(always)]
+pub fn on_passive_established(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let Some(key) = server_peer_key(ops) else {
+        return;
+    };
+    let Some(peer) = WIRE_PEERS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: `ops` is the context; `peer` a non-null map value pointer, valid for writes.
+    unsafe {
+        (*peer).cookie = bpf_get_socket_cookie(ops.cast::<c_void>());
+        (*peer).accepted_ns = bpf_ktime_get_ns();
+        (*peer).state = abi::peer_state::ACCEPTED;
+    }
+    let cb = ctx.cb_flags() | STATE_CB_FLAG;
+    // SAFETY: `ops` is the context (a full socket at this callback).
+    unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
+}
+
+/// `STATE_CB` with `arg(1)` the new state: at TCP CLOSE (reset, both FINs done, or the
+/// socket entering TIME_WAIT, whose full socket closes then) an accepted socket's record
+/// goes. Client sockets get here too (their flow records ask for state callbacks); their
+/// 4-tuple, read the other way round, names no entry.
+#[inline(always)]
+pub fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(1) != u32::from(tcp_state::CLOSE) {
+        return;
+    }
+    let Some(key) = server_peer_key(ctx.ops) else {
+        return;
+    };
+    if let Some(peer) = WIRE_PEERS.get_ptr(&key) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        if unsafe { (*peer).state } == abi::peer_state::ACCEPTED {
+            let _ = WIRE_PEERS.remove(&key);
+        }
     }
 }
 
@@ -584,17 +691,27 @@ fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
     true
 }
 
-/// The verified identity of an accepted SYN, for `enforcer flows` and the DB operator.
+/// The verified identity of an allowed SYN, for `enforcer flows --to` and the DB operator.
+/// A SYN for the 4-tuple of a connection already accepted (a replay, or a stray duplicate)
+/// leaves that record alone: the record belongs to the live socket, which ends it.
 #[inline(always)]
 fn remember(syn: &Syn, claimed: u32, destination: u32, generation: u16, key_id: u8) {
     let key = peer_key(syn);
+    if let Some(live) = WIRE_PEERS.get_ptr(&key) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        if unsafe { (*live).state } == abi::peer_state::ACCEPTED {
+            return;
+        }
+    }
     let peer = abi::Peer {
         identity: claimed,
         destination,
         generation,
         key_id,
+        state: abi::peer_state::VERIFIED,
         _pad: 0,
-        _pad2: 0,
+        cookie: 0,
+        accepted_ns: 0,
     };
     let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
 }

@@ -1196,13 +1196,22 @@ impl Agent {
         }
     }
 
-    /// Names of the identities tracked flows can have at either end: this node's subjects
-    /// and the tracked destinations (a handful per node, not the cluster).
+    /// Names of the identities tracked flows can have at either end: this node's subjects,
+    /// the tracked destinations, and the peers the ingress allowlist admits to a local
+    /// destination (the verified clients `enforcer flows --to` lists on a DB's node).
     fn flow_names(&self) -> BTreeMap<u32, FlowName> {
         let local: BTreeSet<u32> = self.cgroups.values().copied().collect();
+        let peers: BTreeSet<u32> = self
+            .compiled
+            .ingress()
+            .iter()
+            .map(|(k, _)| k.subject)
+            .collect();
         self.compiled
             .identities()
-            .filter(|i| local.contains(&i.id) || i.flags & flags::TRACKED != 0)
+            .filter(|i| {
+                local.contains(&i.id) || peers.contains(&i.id) || i.flags & flags::TRACKED != 0
+            })
             .map(|i| {
                 (
                     i.id,

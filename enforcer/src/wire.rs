@@ -312,6 +312,13 @@ pub struct VerifiedPeer {
     pub destination: u32,
     pub generation: u16,
     pub key_id: u8,
+    /// The server's socket is established (`PASSIVE_ESTABLISHED_CB` saw it); false while only
+    /// the SYN was verified (a handshake in progress, or one that never completed).
+    pub accepted: bool,
+    /// Socket cookie of the server's socket (0 before it is accepted).
+    pub cookie: u64,
+    /// CLOCK_MONOTONIC nanoseconds when the server's socket was established (0 before).
+    pub accepted_ns: u64,
 }
 
 fn unmapped(bytes: [u8; 16]) -> IpAddr {
@@ -322,7 +329,10 @@ fn unmapped(bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Every verified peer in `WIRE_PEERS` (works while no agent runs: it reads the pin).
+/// Every verified peer in `WIRE_PEERS` (works while no agent runs: it reads the pin): the
+/// live accepted connections, and SYNs verified whose handshake has not completed (or never
+/// will: those stay until the LRU evicts them). An accepted entry leaves the map when the
+/// server's socket reaches TCP CLOSE. Sorted by server, then client address.
 pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
     // aya reads an LRU hash map through its `HashMap`.
     let map: BpfHashMap<MapData, abi::PeerKey, abi::Peer> =
@@ -337,6 +347,9 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
             destination: v.destination,
             generation: v.generation,
             key_id: v.key_id,
+            accepted: v.state == abi::peer_state::ACCEPTED,
+            cookie: v.cookie,
+            accepted_ns: v.accepted_ns,
         });
     }
     peers.sort_by_key(|p| (p.server, p.client));

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod bpf;
 pub mod bundle;
 pub mod cgroup;
+pub mod chroma;
 pub mod cli;
 pub mod deploy;
 pub mod fixtures;

@@ -124,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
             setup_kube(&ws, ci())?;
             install_rsyslog()?;
             install_prometheus()?;
+            install_chromadb()?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--workspace", "--bins"])?;
             let mut cmd = ws.cargo();
@@ -392,6 +393,51 @@ fn install_prometheus() -> Result<()> {
         &mut cmd,
         "apt-get install prometheus (run `apt-get update` first if it is stale)",
     )
+}
+
+/// The vector-DB test's server and client: Chroma, pinned (`CHROMADB_VERSION`), from PyPI
+/// into a virtual environment cached per machine (`CHROMADB_VENV`, about 500 MB, a few
+/// minutes the first time; silent when present). Installed into a `.partial` directory that
+/// is renamed when pip succeeded, so that an interrupted install is never taken for a
+/// complete one; the test runs the venv's `python` (whose location does not matter), not the
+/// generated scripts (whose `#!` line names the `.partial` path). Keep the two constants in
+/// step with `tests/src/chroma.rs`.
+fn install_chromadb() -> Result<()> {
+    const CHROMADB_VERSION: &str = "1.5.9";
+    const CHROMADB_VENV: &str = "/var/cache/enforcer-tests/chromadb-1.5.9";
+    let venv = Path::new(CHROMADB_VENV);
+    if venv.join("bin/python").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing chromadb {CHROMADB_VERSION} into {CHROMADB_VENV} (the vector-DB test; once per machine)");
+    let partial = venv.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)
+            .with_context(|| format!("removing the unfinished {}", partial.display()))?;
+    }
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let python = which("python3").context("python3 is needed to install chromadb")?;
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "venv"]).arg(&partial);
+    status(
+        &mut cmd,
+        "python3 -m venv (Debian: apt-get install python3-venv)",
+    )?;
+    let mut cmd = Command::new(partial.join("bin/python"));
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .arg(format!("chromadb=={CHROMADB_VERSION}"));
+    status(&mut cmd, "pip install chromadb")?;
+    std::fs::rename(&partial, venv)
+        .with_context(|| format!("renaming {} to {}", partial.display(), venv.display()))
 }
 
 /// Builds the kernel programs with nightly and copies the object to `target/bpf/`.

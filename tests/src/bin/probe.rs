@@ -24,7 +24,8 @@
 //! `probe --serve ADDR:PORT --for MS` is a TCP server instead: it listens (so the listening
 //! socket belongs to the probe's cgroup, where a test placed it), prints
 //! `{"listening":"ADDR:PORT"}`, then `{"peer":"IP:PORT"}` for every connection it accepts
-//! (and closes), and exits after MS milliseconds (at most 600,000) or when its stdout closes.
+//! (and holds open until it exits), and exits after MS milliseconds (at most 600,000) or
+//! when its stdout closes.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 use std::io::Write;
@@ -515,10 +516,14 @@ fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
         .and_then(|_| out.flush())
         .map_err(|e| format!("stdout: {e}"))?;
     let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    // Accepted connections stay open until the server exits: the server side of each stays
+    // established (or CLOSE_WAIT once the client closes), as a DB's would, so that what the
+    // kernel keeps per live server socket (`WIRE_PEERS`) can be checked after the client left.
+    let mut held = Vec::new();
     while std::time::Instant::now() < deadline {
         match listener.accept() {
             Ok((conn, peer)) => {
-                drop(conn);
+                held.push(conn);
                 let line = serde_json::json!({ "peer": peer.to_string() });
                 if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
                     return Ok(());
