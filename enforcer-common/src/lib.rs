@@ -502,8 +502,9 @@ pub struct AggregateKey {
     pub hook: u8,
     pub verdict: u8,
     pub reason: u8,
-    /// Always zero: hash keys compare every byte.
-    pub _pad: u8,
+    /// Always zero: hash keys compare every byte (explicit up to the struct's 8-byte
+    /// alignment, so that no byte of the key is left uninitialised on the BPF stack).
+    pub _pad: [u8; 5],
 }
 
 /// Value of `AGGREGATE`.

@@ -105,7 +105,7 @@ pub(crate) fn emit(r: &Report) {
         hook: r.hook,
         verdict: r.verdict,
         reason: r.reason,
-        _pad: PAD,
+        _pad: [PAD; 5],
     };
     if let Some(v) = AGGREGATE.get_ptr_mut(&key) {
         add_one(v);
