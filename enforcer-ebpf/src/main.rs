@@ -35,9 +35,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},

@@ -17,8 +17,8 @@
 //! (no entry can be made) does a deny take the old path: its own event, or `LOST_EVENTS`
 //! when the ring is full.
 
-use core::ptr::{addr_of_mut, read_volatile};
 use core::intrinsics::AtomicOrdering;
+use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_comm, bpf_ktime_get_ns},

@@ -22,22 +22,20 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_ops},
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_reserve_hdr_opt,
-        bpf_skb_cgroup_id, bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_reserve_hdr_opt, bpf_skb_cgroup_id,
+        bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap},
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
-    capacity, flags, hook, identity, proto, reason, verdict, wire as abi, PolicyKey,
-    PolicyValue,
+    capacity, flags, hook, identity, proto, reason, verdict, wire as abi, PolicyKey, PolicyValue,
 };
 
 use crate::{
     count, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CGROUP_IDENTITY, CONFIG,
-    FAMILY_V4, FAMILY_V6, IDENTITIES, NO_MAP_FLAGS, PAD,
-    SINGLE_ENTRY, ZERO_WORD,
+    FAMILY_V4, FAMILY_V6, IDENTITIES, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------

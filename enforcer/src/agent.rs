@@ -30,8 +30,8 @@ use tokio::sync::mpsc;
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
-use crate::events::flow::{self as flow_event, FlowCall};
 use crate::events::aggregate::{self, Aggregates};
+use crate::events::flow::{self as flow_event, FlowCall};
 use crate::events::{
     decode, ocsf, record, Emitter, Event, Format, Formatter, Notice, Rotation, Sink,
 };
@@ -1530,7 +1530,9 @@ impl Denies<'_> {
                 event.protocol,
             )
         {
-            let _ = self.quarantine.send((event.subject, call.policy.id.clone()));
+            let _ = self
+                .quarantine
+                .send((event.subject, call.policy.id.clone()));
         }
         events.emit(Event::Call(call)).map(drop)
     }

@@ -87,7 +87,9 @@ impl Aggregates {
             .filter_map(|k| k.ok())
             // Over for a whole window; or numbered beyond the present, which only an entry
             // of a longer window length (an earlier agent's) can be.
-            .filter(|k| k.window.saturating_add(2) <= current || k.window > current.saturating_add(1))
+            .filter(|k| {
+                k.window.saturating_add(2) <= current || k.window > current.saturating_add(1)
+            })
             .collect();
         let mut summaries = Vec::new();
         for key in done {
