@@ -53,8 +53,11 @@ pub mod maps {
     /// tagged connection, from the SYN's check until the server's socket closes (LRU: only
     /// an entry whose handshake never completed is left for eviction to clear).
     pub const WIRE_PEERS: &str = "WIRE_PEERS";
+    /// [`crate::AggregateKey`] -> [`crate::AggregateValue`]: repeated denies of one key in
+    /// one window of `Config::event_window_ns`, counted instead of reported one by one.
+    pub const AGGREGATE: &str = "AGGREGATE";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -76,6 +79,7 @@ pub mod maps {
         WIRE_TAGS,
         INGRESS_ALLOW,
         WIRE_PEERS,
+        AGGREGATE,
     ];
 }
 
@@ -103,6 +107,10 @@ pub mod capacity {
     pub const WIRE_PEERS: u32 = 16_384;
     /// Refused SYNs remembered so that retransmissions are not reported again (LRU).
     pub const WIRE_REPORTED: u32 = 16_384;
+    /// (deny key, window) pairs being counted at once (plain hash, preallocated: ~2 MiB); a
+    /// flooding key holds two or three. When it is full, a deny of a new key is reported on
+    /// its own (count 1): never dropped.
+    pub const AGGREGATE: u32 = 16_384;
 }
 
 /// The kernel programs, by the name of their function in the object file.
@@ -431,6 +439,9 @@ pub struct Config {
     /// the active table, and the identities' class slot of that table). The kernel copies it
     /// into each event so that the event is explained by the policy that decided it.
     pub generation: u64,
+    /// Nanoseconds of a deny-aggregation window (`--events-aggregate`); 0 = every deny is
+    /// reported on its own. See [`AggregateValue`].
+    pub event_window_ns: u64,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -468,10 +479,73 @@ pub struct DenyEvent {
     /// `hook::INGRESS` only: the peer's (the SYN's source) address, in the form of `daddr`
     /// (same `family`). Zero for the other hooks.
     pub peer: [u8; 16],
+    /// How many denies this event stands for: 1 for a deny reported as it happened, N for
+    /// the summary of N denies of one [`AggregateKey`] that were counted, not reported,
+    /// within a window (userspace builds those from `AGGREGATE`; the kernel writes 1).
+    pub count: u32,
+    /// Always zero.
+    pub _pad2: u32,
 }
 
 impl DenyEvent {
     pub const SIZE: usize = core::mem::size_of::<DenyEvent>();
+}
+
+/// Key of `AGGREGATE`: what makes two denies "the same" for aggregation, and the window they
+/// fell in. Every field of the event except the time, the task (`pid_tgid`, `comm`), the
+/// policy generation and, for `hook::INGRESS`, the peer's port: a loop of `connect()` to one
+/// denied address, or SYNs from one peer, is one key per window. Address words as in
+/// [`DenyEvent::daddr`] (memory order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggregateKey {
+    /// `bpf_ktime_get_ns() / Config::event_window_ns`: windows are a fixed grid of the
+    /// monotonic clock, so an entry is only ever written during its own window.
+    pub window: u64,
+    pub cgroup_id: u64,
+    pub subject: u32,
+    pub destination: u32,
+    pub daddr: [u32; 4],
+    pub peer: [u32; 4],
+    /// Host byte order.
+    pub dport: u16,
+    /// `sock_create` only (zero for ingress, whose `DenyEvent::sock_type` is the peer port).
+    pub sock_type: u16,
+    pub sock_protocol: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    /// Always zero: hash keys compare every byte (explicit up to the struct's 8-byte
+    /// alignment, so that no byte of the key is left uninitialised on the BPF stack).
+    pub _pad: [u8; 5],
+}
+
+/// Value of `AGGREGATE`.
+///
+/// The kernel, for a deny of key K in window W, when aggregation is on: no entry (K, W) yet:
+/// inserts one and reports the deny at once (count 1); an entry: adds 1 to its `suppressed`
+/// (atomic: two CPUs may hit one key), reports nothing. A full map: the deny is reported on
+/// its own (never dropped); a first deny whose ring-buffer reserve fails is added to
+/// `suppressed` instead of being lost.
+///
+/// The agent reports each entry once its window has been over for a whole window (one event,
+/// `count` = `suppressed`) and deletes it. The kernel never writes an entry after its window,
+/// so the agent's read is final: an add could only come from a program invocation that read
+/// the clock inside the window and stalled for more than a window before adding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggregateValue {
+    /// Denies of the window counted and not reported by the kernel.
+    pub suppressed: u64,
+    /// The task of the window's first deny (a summary names it).
+    pub pid_tgid: u64,
+    pub comm: [u8; 16],
+    /// `Config::generation` (low 32 bits) of that deny.
+    pub policy_generation: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// Value of `FLOWS[socket cookie]`: one tracked flow, written by `connect4`/`connect6` when
@@ -551,6 +625,8 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::AggregateKey {}
+    unsafe impl aya::Pod for super::AggregateValue {}
     unsafe impl aya::Pod for super::FlowRecord {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::wire::FlowKey {}
@@ -562,10 +638,12 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
-const _: () = assert!(core::mem::size_of::<DenyEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
+const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.
 ///

@@ -20,7 +20,6 @@
 //! - `bpf_sock_ops_cb_flags_set` replaces the flags: the current ones are OR-ed in so that
 //!   another module's flags (the header-option callbacks) survive.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use core::mem::MaybeUninit;
 use core::ptr::{addr_of_mut, read_volatile};
 
@@ -277,7 +276,7 @@ fn take_share(tenant: u32) -> bool {
     if limit != 0 && unsafe { read_volatile(used) } >= limit {
         return false;
     }
-    add(used, 1);
+    crate::atomic_add(used, 1);
     true
 }
 
@@ -288,17 +287,8 @@ fn give_back_share(tenant: u32) {
     if let Some(used) = FLOW_TENANTS.get_ptr_mut(&tenant) {
         // SAFETY: as in `take_share`. Adding 2^64 - 1 is subtracting one (an atomic add whose
         // result is unused needs no BPF cpu v3).
-        add(used, u64::MAX);
+        crate::atomic_add(used, u64::MAX);
     }
-}
-
-/// `*counter += n`, atomically (`lock xadd`), its result unused: `AtomicU64::fetch_add` is not
-/// offered on the BPF target (no compare-and-swap before cpu v3), the intrinsic under it is,
-/// and an add whose old value is unused is the original BPF atomic every kernel has.
-#[inline(always)]
-fn add(counter: *mut u64, n: u64) {
-    // SAFETY: callers pass a valid, aligned map value pointer.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
 }
 
 /// Deletes `cookie`'s record and returns its share to its tenant.

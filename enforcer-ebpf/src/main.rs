@@ -7,8 +7,10 @@
 //! protocols), so that every packet a workload can send is judged or refused. `sock_ops` and
 //! `cgroup_skb/ingress` ([`wire`]) write and check the identity option on the SYNs of flows
 //! to tagged destinations (vector DBs, ingress-checked endpoints). Every verdict is
-//! counted in `VERDICTS`; every deny (and audit) writes one `DenyEvent` to `EVENTS`, or bumps
-//! `LOST_EVENTS` when the ring buffer is full. Nothing is dropped silently.
+//! counted in `VERDICTS`; every deny (and audit) goes through [`report::emit`]: one `DenyEvent`
+//! to `EVENTS`, or, within its key's aggregation window, one more count in `AGGREGATE` that
+//! the agent reports; `LOST_EVENTS` counts what neither could hold. Nothing is dropped
+//! silently.
 //!
 //! The map and struct definitions are the ABI of `enforcer-common`; every map is pinned by name
 //! so that a restarted agent adopts the maps the running programs use.
@@ -21,28 +23,27 @@
 //!   event is written field by field into the reserved ring-buffer slot.
 #![no_std]
 #![no_main]
-// `atomic_xadd`: the per-tenant flow counters (flows.rs) need an atomic add, which
-// `AtomicU64` does not offer on the BPF target.
+// `atomic_xadd`: the per-tenant flow counters (flows.rs) and the deny aggregation
+// (report.rs) need an atomic add, which the BPF target's core atomics do not offer.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
 mod flows;
+mod report;
 mod wire;
 
-use core::ptr::{addr_of_mut, read_volatile};
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
-    DenyEvent, IdentityInfo, PolicyKey, PolicyValue, NO_CLASS, VERDICT_COUNTERS,
+    IdentityInfo, PolicyKey, PolicyValue, NO_CLASS, VERDICT_COUNTERS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -177,8 +178,6 @@ const NEVER_AUDIT: bool = false;
 
 /// Flags of the ring-buffer helpers: 0 = default wake-up policy.
 const RINGBUF_FLAGS: u64 = 0;
-/// `bpf_get_current_comm` buffer size (`DenyEvent::comm`).
-const COMM_LEN: u32 = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Programs: thin wrappers, so each gets its own constant-folded copy of `decide`.
@@ -295,6 +294,21 @@ struct Verdict {
     /// sock_create only: the refused socket's type and protocol.
     sock_type: u16,
     sock_protocol: u16,
+}
+
+/// `*counter += n`, atomically (`lock *(u64 *)(r + off) += r`), its result unused:
+/// `AtomicU64::fetch_add` is not offered on the BPF target (no compare-and-swap before cpu
+/// v3), the intrinsic under it is, and an add whose old value is unused is the original BPF
+/// atomic every kernel has. `n = u64::MAX` subtracts one.
+#[inline(always)]
+fn atomic_add(counter: *mut u64, n: u64) {
+    // SAFETY: callers pass a valid, 8-byte aligned map value pointer, which lives while the
+    // program runs (RCU).
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
+    };
 }
 
 #[inline(always)]
@@ -803,51 +817,28 @@ fn report(v: &mut Verdict, dst: &Destination, cgroup_id: u64, hook: u8, audit: b
     ret
 }
 
-/// One `DenyEvent`, written field by field into the reserved slot (a struct copy would become
-/// a memcpy call the verifier rejects).
+/// Reports one deny or audit of a task (the shared path: `report::emit`).
 #[inline(always)]
 fn emit(v: &Verdict, dst: &Destination, cgroup_id: u64, hook: u8) {
-    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(RINGBUF_FLAGS) else {
-        if let Some(lost) = LOST_EVENTS.get_ptr_mut(SINGLE_ENTRY) {
-            // SAFETY: per-CPU value pointer, this CPU's own counter (see `count`).
-            unsafe { *lost += 1 };
-        }
-        return;
-    };
-    let e: *mut DenyEvent = entry.as_mut_ptr();
-    // SAFETY: `e` points at a reserved, 8-byte-aligned slot of size_of::<DenyEvent>() bytes;
-    // every byte is written below before it is submitted (no stale ring-buffer data leaks).
-    unsafe {
-        addr_of_mut!((*e).timestamp_ns).write(bpf_ktime_get_ns());
-        addr_of_mut!((*e).cgroup_id).write(cgroup_id);
-        addr_of_mut!((*e).pid_tgid).write(bpf_get_current_pid_tgid());
-        addr_of_mut!((*e).subject).write(v.subject);
-        addr_of_mut!((*e).destination).write(v.destination);
-        // daddr is 4-byte aligned (offset 32): write it as four words, in memory order.
-        let daddr = addr_of_mut!((*e).daddr).cast::<u32>();
-        daddr.write(dst.addr[0]);
-        daddr.add(1).write(dst.addr[1]);
-        daddr.add(2).write(dst.addr[2]);
-        daddr.add(3).write(dst.addr[3]);
-        addr_of_mut!((*e).dport).write(v.dport);
-        addr_of_mut!((*e).family).write(dst.family);
-        addr_of_mut!((*e).protocol).write(v.protocol);
-        addr_of_mut!((*e).hook).write(hook);
-        addr_of_mut!((*e).verdict).write(v.verdict);
-        addr_of_mut!((*e).reason).write(v.reason);
-        addr_of_mut!((*e)._pad).write(PAD);
-        // On failure the helper zeroes the buffer, so comm is always initialised.
-        bpf_get_current_comm(addr_of_mut!((*e).comm).cast(), COMM_LEN);
-        addr_of_mut!((*e).policy_generation).write(v.generation);
-        addr_of_mut!((*e).sock_type).write(v.sock_type);
-        addr_of_mut!((*e).sock_protocol).write(v.sock_protocol);
-        let peer = addr_of_mut!((*e).peer).cast::<u32>();
-        peer.write(ZERO_WORD);
-        peer.add(1).write(ZERO_WORD);
-        peer.add(2).write(ZERO_WORD);
-        peer.add(3).write(ZERO_WORD);
-    }
-    entry.submit(RINGBUF_FLAGS);
+    report::emit(&report::Report {
+        cgroup_id,
+        // SAFETY: bpf_get_current_pid_tgid has no preconditions.
+        pid_tgid: unsafe { bpf_get_current_pid_tgid() },
+        subject: v.subject,
+        destination: v.destination,
+        daddr: dst.addr,
+        family: dst.family,
+        dport: v.dport,
+        protocol: v.protocol,
+        hook,
+        verdict: v.verdict,
+        reason: v.reason,
+        generation: v.generation,
+        sock_type: v.sock_type,
+        sock_protocol: v.sock_protocol,
+        peer: [ZERO_WORD; 4],
+        task: true,
+    });
 }
 
 #[cfg(not(test))]

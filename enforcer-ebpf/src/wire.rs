@@ -17,7 +17,7 @@
 //! does: a cluster workload always comes through an enforcer that tags.
 
 use core::ffi::c_void;
-use core::ptr::{addr_of_mut, read_volatile};
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_ops},
@@ -30,14 +30,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
-    capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, DenyEvent,
-    PolicyKey, PolicyValue,
+    capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, PolicyKey,
+    PolicyValue,
 };
 
 use crate::{
     count, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CGROUP_IDENTITY, CONFIG,
-    EVENTS, FAMILY_V4, FAMILY_V6, IDENTITIES, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS,
-    SINGLE_ENTRY, ZERO_WORD,
+    FAMILY_V4, FAMILY_V6, IDENTITIES, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -716,7 +715,8 @@ fn remember(syn: &Syn, claimed: u32, destination: u32, generation: u16, key_id: 
     let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
 }
 
-/// One ingress `DenyEvent`, field by field (see `crate::emit`): no task context here.
+/// Reports one ingress deny or audit (the shared path: `crate::report::emit`): no task
+/// context here.
 #[inline(always)]
 fn emit_ingress(
     ctx: &SkBuffContext,
@@ -727,45 +727,23 @@ fn emit_ingress(
     reason: u8,
     generation: u32,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(RINGBUF_FLAGS) else {
-        if let Some(lost) = LOST_EVENTS.get_ptr_mut(SINGLE_ENTRY) {
-            // SAFETY: per-CPU value pointer, this CPU's own counter.
-            unsafe { *lost += 1 };
-        }
-        return;
-    };
-    let e: *mut DenyEvent = entry.as_mut_ptr();
-    // SAFETY: `e` points at a reserved, aligned slot of size_of::<DenyEvent>() bytes; every
-    // byte is written below before it is submitted.
-    unsafe {
-        addr_of_mut!((*e).timestamp_ns).write(bpf_ktime_get_ns());
-        addr_of_mut!((*e).cgroup_id).write(bpf_skb_cgroup_id(ctx.skb.skb));
-        addr_of_mut!((*e).pid_tgid).write(0);
-        addr_of_mut!((*e).subject).write(claimed);
-        addr_of_mut!((*e).destination).write(destination);
-        let daddr = addr_of_mut!((*e).daddr).cast::<u32>();
-        daddr.write(syn.dst.addr[0]);
-        daddr.add(1).write(syn.dst.addr[1]);
-        daddr.add(2).write(syn.dst.addr[2]);
-        daddr.add(3).write(syn.dst.addr[3]);
-        addr_of_mut!((*e).dport).write(syn.dport);
-        addr_of_mut!((*e).family).write(syn.dst.family);
-        addr_of_mut!((*e).protocol).write(IPPROTO_TCP);
-        addr_of_mut!((*e).hook).write(hook::INGRESS);
-        addr_of_mut!((*e).verdict).write(verdict);
-        addr_of_mut!((*e).reason).write(reason);
-        addr_of_mut!((*e)._pad).write(PAD);
-        let comm = addr_of_mut!((*e).comm).cast::<u64>();
-        comm.write(0);
-        comm.add(1).write(0);
-        addr_of_mut!((*e).policy_generation).write(generation);
-        addr_of_mut!((*e).sock_type).write(syn.sport);
-        addr_of_mut!((*e).sock_protocol).write(0);
-        let peer = addr_of_mut!((*e).peer).cast::<u32>();
-        peer.write(syn.src.addr[0]);
-        peer.add(1).write(syn.src.addr[1]);
-        peer.add(2).write(syn.src.addr[2]);
-        peer.add(3).write(syn.src.addr[3]);
-    }
-    entry.submit(RINGBUF_FLAGS);
+    crate::report::emit(&crate::report::Report {
+        // SAFETY: the skb pointer is the program's context.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+        pid_tgid: 0,
+        subject: claimed,
+        destination,
+        daddr: syn.dst.addr,
+        family: syn.dst.family,
+        dport: syn.dport,
+        protocol: IPPROTO_TCP,
+        hook: hook::INGRESS,
+        verdict,
+        reason,
+        generation,
+        sock_type: syn.sport,
+        sock_protocol: 0,
+        peer: syn.src.addr,
+        task: false,
+    });
 }

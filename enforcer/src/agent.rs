@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
+use crate::events::aggregate::{self, Aggregates};
 use crate::events::flow::{self as flow_event, FlowCall};
 use crate::events::{
     decode, ocsf, record, Emitter, Event, Format, Formatter, Notice, Rotation, Sink,
@@ -40,7 +41,7 @@ use crate::metrics::{self, Metrics};
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
-/// Ring-buffer records handled before the event task yields (see `stream_events`).
+/// Ring-buffer records handled before the event task yields (see `drain_turn`).
 const EVENT_BATCH: usize = 1024;
 
 /// How often the agent looks for edited policy files, new cgroups and new losses.
@@ -59,6 +60,8 @@ pub struct RunOptions {
     pub events_format: Format,
     /// Size-based rotation of the events file (`--events-max-bytes`, `--events-keep`).
     pub events_rotation: Rotation,
+    /// Deny aggregation window (`--events-aggregate`); zero: every deny is its own event.
+    pub events_aggregate: Duration,
     pub audit: bool,
     pub pin_root: PathBuf,
     pub ring_buffer_bytes: Option<u32>,
@@ -433,6 +436,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ring_buffer_bytes: options.ring_buffer_bytes,
         capacity: options.capacity,
     })?;
+    // Before the hooks are attached: the first flood is aggregated already.
+    datapath
+        .tables
+        .set_event_window(options.events_aggregate)
+        .context("setting the deny aggregation window")?;
     if options.skip_capacity_check {
         tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
         datapath.tables.set_capacity_check(false);
@@ -533,6 +541,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         stale_handshake.clone(),
         emitter,
         reopen,
+        agent.options.events_aggregate,
     ));
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let control = control::listen(&agent.options.state_dir, control_tx)?;
@@ -1516,6 +1525,73 @@ fn flow_call(event: &enforcer_common::FlowEvent, allowed_by: &Compiled) -> FlowC
     }
 }
 
+/// Deny events (from the ring buffer or aggregation summaries) -> enriched calls.
+struct Denies<'a> {
+    history: &'a PolicyHistory,
+    cgroups: crate::events::cgroup::Resolver,
+    quarantine: mpsc::UnboundedSender<(u32, String)>,
+}
+
+impl Denies<'_> {
+    /// Enriches one deny with the policy that decided it, asks for quarantine where a
+    /// `@quarantine` policy denied, and writes it.
+    fn deliver(&mut self, event: &enforcer_common::DenyEvent, events: &mut Emitter) -> Result<()> {
+        // Never empty: the first policy is published before the task starts.
+        let Some(policy) = self.history.at(event.policy_generation) else {
+            return Ok(());
+        };
+        let mut call = record::enrich(event, &policy);
+        call.subject.cgroup = self.cgroups.resolve(event.cgroup_id, call.subject.pid);
+        // Only a policy's deny can quarantine: not the kernel's own refusals (unknown subject,
+        // unspecified destination, unsupported socket).
+        if event.verdict == verdict::DENY
+            && matches!(event.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
+            && policy.quarantine_on_deny(
+                event.subject,
+                event.destination,
+                event.dport,
+                event.protocol,
+            )
+        {
+            let _ = self
+                .quarantine
+                .send((event.subject, call.policy.id.clone()));
+        }
+        events.emit(Event::Call(call)).map(drop)
+    }
+}
+
+/// One turn of a ring buffer's reader: at most `EVENT_BATCH` records to `handle`, then
+/// readiness is cleared (drained: `AsyncFd` is edge-triggered, so nothing may be left) or
+/// kept and the task yields (records left: a workload flooding denied calls must not keep the
+/// select loop from its timers, the loss report and the aggregation sweep among them, or from
+/// the agent's reloads; it starved them for as long as a flood lasted).
+async fn drain_turn(
+    guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+    what: &str,
+    mut handle: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut guard = guard.with_context(|| format!("waiting on the {what} ring buffer"))?;
+    let ring = guard.get_inner_mut();
+    let mut drained = false;
+    for _ in 0..EVENT_BATCH {
+        match ring.next() {
+            Some(item) => handle(&item)?,
+            None => {
+                drained = true;
+                break;
+            }
+        }
+    }
+    if drained {
+        guard.clear_ready();
+    } else {
+        drop(guard);
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
 /// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
 /// and reports losses the kernel counted.
@@ -1536,6 +1612,7 @@ async fn stream_events(
     stale_handshake: Arc<tokio::sync::Notify>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
+    aggregate_window: Duration,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
@@ -1561,71 +1638,36 @@ async fn stream_events(
             total: lost_seen,
         }))?;
     }
+    // Every RESYNC_EVERY (500 ms), also while a flood keeps the rings busy: the drain turns
+    // below yield after each batch, so this tick is reached at least once a second.
     let mut lost_check = tokio::time::interval(RESYNC_EVERY);
-    let mut cgroups = crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok());
+    let mut denies = Denies {
+        history: &history,
+        cgroups: crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok()),
+        quarantine,
+    };
+    // Also with aggregation off: what an earlier agent left counted in the map is reported.
+    let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the EVENTS ring buffer")?;
-                // Edge-triggered: drain everything, then clear readiness. At most a batch per
-                // turn, though: a workload flooding denied calls must not keep this task from
-                // yielding (it starved the agent's reloads and timers for as long as the flood
-                // lasted); with records left, readiness is kept and the loop comes back.
-                let ring = guard.get_inner_mut();
-                let mut batch = 0;
-                let mut more = false;
-                loop {
-                    if batch == EVENT_BATCH {
-                        more = true;
-                        break;
-                    }
-                    let Some(item) = ring.next() else { break };
-                    batch += 1;
-                    let event = match decode::decode(&item) {
-                        Ok(event) => event,
+                drain_turn(guard, "EVENTS", |item| {
+                    match decode::decode(item) {
+                        Ok(event) => denies.deliver(&event, &mut events),
                         Err(error) => {
                             tracing::error!(%error, "undecodable ring buffer record");
-                            continue;
+                            Ok(())
                         }
-                    };
-                    // Never empty: the first policy is published before the task starts.
-                    let Some(policy) = history.at(event.policy_generation) else { continue };
-                    let mut call = record::enrich(&event, &policy);
-                    call.subject.cgroup = cgroups.resolve(event.cgroup_id, call.subject.pid);
-                    // Only a policy's deny can quarantine: not the kernel's own refusals
-                    // (unknown subject, unspecified destination, unsupported socket).
-                    if event.verdict == verdict::DENY
-                        && matches!(event.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
-                        && policy.quarantine_on_deny(event.subject, event.destination, event.dport, event.protocol)
-                    {
-                        let _ = quarantine.send((event.subject, call.policy.id.clone()));
                     }
-                    events.emit(Event::Call(call))?;
-                }
-                if more {
-                    drop(guard);
-                    tokio::task::yield_now().await;
-                } else {
-                    guard.clear_ready();
-                }
+                }).await?;
             }
             guard = flow_ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the FLOW_EVENTS ring buffer")?;
-                let ring = guard.get_inner_mut();
-                let mut batch = 0;
-                let mut more = false;
-                loop {
-                    if batch == EVENT_BATCH {
-                        more = true;
-                        break;
-                    }
-                    let Some(item) = ring.next() else { break };
-                    batch += 1;
-                    let event = match flows::decode(&item) {
+                drain_turn(guard, "FLOW_EVENTS", |item| {
+                    let event = match flows::decode(item) {
                         Ok(event) => event,
                         Err(error) => {
                             tracing::error!(%error, "undecodable flow record");
-                            continue;
+                            return Ok(());
                         }
                     };
                     // A change re-decides only established flows (a handshake's socket has no
@@ -1638,17 +1680,11 @@ async fn stream_events(
                     {
                         stale_handshake.notify_one();
                     }
-                    let Some(policy) = history.at(event.record.policy_generation) else { continue };
+                    let Some(policy) = history.at(event.record.policy_generation) else { return Ok(()) };
                     let mut call = flow_call(&event, &policy);
                     call.policy.snapshot = snapshot_of(&history, &event.record);
-                    events.emit(Event::Flow(call))?;
-                }
-                if more {
-                    drop(guard);
-                    tokio::task::yield_now().await;
-                } else {
-                    guard.clear_ready();
-                }
+                    events.emit(Event::Flow(call)).map(drop)
+                }).await?;
             }
             Some(call) = agent_flows.recv() => {
                 events.emit(Event::Flow(call))?;
@@ -1663,6 +1699,9 @@ async fn stream_events(
                 }
             }
             _ = lost_check.tick() => {
+                for summary in aggregates.sweep(aggregate::monotonic_ns()) {
+                    denies.deliver(&summary, &mut events)?;
+                }
                 let total = datapath::lost_events(&pin_dir)?;
                 if total > lost_seen {
                     let count = total - lost_seen;

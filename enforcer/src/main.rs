@@ -58,6 +58,11 @@ enum Command {
         /// Rotated files kept (FILE.1 ... FILE.N); the oldest beyond are deleted. 0 keeps none.
         #[arg(long, value_name = "N", default_value_t = enforcer::events::Rotation::DEFAULT_KEEP, requires = "events_max_bytes")]
         events_keep: u32,
+        /// Repeated denies of one (subject, destination, port, protocol, hook, reason) within
+        /// this window are counted in the kernel: the first is reported at once, the rest as
+        /// one event with their exact `count` once the window is over. 0 reports every deny.
+        #[arg(long, value_name = "WINDOW", default_value = "1s", value_parser = enforcer::events::aggregate::parse_window)]
+        events_aggregate: std::time::Duration,
         /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
         #[arg(long)]
         audit: bool,
@@ -413,6 +418,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             events_format,
             events_max_bytes,
             events_keep,
+            events_aggregate,
             audit,
             pins,
             ring_buffer_bytes,
@@ -453,6 +459,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 },
                 events,
                 events_format,
+                events_aggregate,
                 audit,
                 state_dir: pins.state_dir(),
                 pin_root: pins.pin_root,

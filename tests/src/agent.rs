@@ -48,6 +48,11 @@ pub struct AgentConfig {
     pub pin_path: PathBuf,
     pub ring_buffer_bytes: Option<u64>,
     pub audit: bool,
+    /// `--events-aggregate`: `Some("0")` by default here, so that every deny is its own
+    /// event: most tests check the event of each call they make, often of the same call
+    /// repeated within a second, which aggregation would fold into one summary. `None` runs
+    /// the agent's own default (1 s), as `event_flood.rs` does.
+    pub events_aggregate: Option<String>,
     /// Anything else to pass to `enforcer run`.
     pub extra_args: Vec<String>,
     /// How long to wait for the ready file.
@@ -65,6 +70,7 @@ impl AgentConfig {
             pin_path: pin_path.to_path_buf(),
             ring_buffer_bytes: None,
             audit: false,
+            events_aggregate: Some("0".into()),
             extra_args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
             cgroup: None,
@@ -90,6 +96,9 @@ impl AgentConfig {
         }
         if self.audit {
             cmd.arg("--audit");
+        }
+        if let Some(window) = &self.events_aggregate {
+            cmd.arg("--events-aggregate").arg(window);
         }
         cmd.args(&self.extra_args);
         if let Some(cgroup) = &self.cgroup {

@@ -56,6 +56,9 @@ fn start(world: &World, state: &StateDir) -> Result<(Agent, AgentDirs)> {
     let mut cfg = state.configure(world.agent_config());
     // The whole burst fits in the kernel's ring buffer: this test is about the socket.
     cfg.ring_buffer_bytes = Some(32 << 20);
+    // One event per deny (aggregation off): the burst repeats the same three calls, which
+    // aggregation would fold into summaries; this test counts each call's event on the socket.
+    cfg.events_aggregate = Some("0".into());
     let dirs = state.dirs(&cfg);
     Ok((Agent::start(cfg)?, dirs))
 }

@@ -30,6 +30,10 @@ fn received_plus_lost_equals_attempts() -> Result<()> {
     let _servers = world.servers_v4()?;
     let mut cfg = world.agent_config();
     cfg.ring_buffer_bytes = Some(4096);
+    // Every deny its own event: with aggregation (the default), the burst's repeated denies
+    // would be counted in the kernel and reported as a few summaries, and nothing would be
+    // lost; this test is about what happens when the ring buffer itself overflows.
+    cfg.events_aggregate = Some("0".into());
     let agent = Agent::start(cfg)?;
 
     let target = world.entity("globex-vectors");

@@ -600,6 +600,17 @@ impl Tables {
         self.config.get(&0, 0).context("reading CONFIG")
     }
 
+    /// Sets `CONFIG.event_window_ns` (deny aggregation, zero = off), keeping every other field.
+    /// Written before the hooks attach and only by the agent's own task (as every `CONFIG`
+    /// write: a read-modify-write), so it cannot undo a concurrent policy flip.
+    pub fn set_event_window(&mut self, window: std::time::Duration) -> Result<()> {
+        let mut config = self.config()?;
+        config.event_window_ns = window.as_nanos() as u64;
+        self.config
+            .set(0, config, 0)
+            .context("writing CONFIG.event_window_ns")
+    }
+
     /// Everything the policy maps hold now.
     pub fn contents(&self) -> Result<MapContents> {
         let m = self.read_mappings()?;

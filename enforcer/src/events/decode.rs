@@ -147,6 +147,8 @@ mod tests {
             sock_type: 0,
             sock_protocol: 0,
             peer: [0; 16],
+            count: 1,
+            _pad2: 0,
         }
     }
 

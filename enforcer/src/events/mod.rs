@@ -6,6 +6,7 @@
 //! lines (`seq`) and writes them to the [`Sink`]. A further consumer (a socket, metrics) takes
 //! the same `(seq, Event)` and the same formatter.
 
+pub mod aggregate;
 pub mod cgroup;
 pub mod decode;
 pub mod flow;

@@ -41,6 +41,10 @@ pub struct DeniedCall {
     pub verdict: &'static str,
     pub reason: &'static str,
     pub hook: &'static str,
+    /// How many denies this line stands for: 1, or N > 1 for the summary of N repeated denies
+    /// of one key that the kernel counted within an aggregation window instead of reporting
+    /// each (`--events-aggregate`; the time is then when the agent read the count).
+    pub count: u32,
     pub subject: Subject,
     /// `null` for `sock_create` events: a socket refused at creation has no destination yet.
     pub destination: Option<Destination>,
@@ -237,6 +241,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         verdict: verdict_name(event.verdict),
         reason: reason_name(event.reason),
         hook: hook_name(event.hook),
+        count: event.count,
         subject: Subject {
             identity: event.subject,
             workload: subject_identity.map(|i| i.name.clone()),

@@ -686,7 +686,14 @@ pub fn compact(line: &str) -> String {
     } else {
         format!(" [{}]", atlas.join(","))
     };
-    format!("{time} {verdict:<5} {tenant}{subject} -> {destination} {reason} {policy}{atlas}{seq}")
+    // An aggregated summary says how many denies it stands for.
+    let times = match v["count"].as_u64() {
+        Some(n) if n > 1 => format!(" x{n}"),
+        _ => String::new(),
+    };
+    format!(
+        "{time} {verdict:<5} {tenant}{subject} -> {destination} {reason} {policy}{atlas}{times}{seq}"
+    )
 }
 
 #[cfg(test)]
@@ -844,6 +851,11 @@ mod tests {
         assert_eq!(
             compact(line),
             "T deny  acme/rag -> vdb:6333 no_permit p1 [AML.T0024] #7"
+        );
+        let summary = line.replace(r#""reason""#, r#""count":40,"reason""#);
+        assert_eq!(
+            compact(&summary),
+            "T deny  acme/rag -> vdb:6333 no_permit p1 [AML.T0024] x40 #7"
         );
     }
 }

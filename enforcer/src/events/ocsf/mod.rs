@@ -598,6 +598,9 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
     event.status_id = Some(status.0);
     event.status = Some(status.1);
     event.status_detail = Some(call.reason);
+    // OCSF's base `count`: "the number of times that events in the same logical group
+    // occurred during the event Start Time to End Time period" — a summary's N.
+    event.count = Some(u64::from(call.count));
     event.action_id = Some(action.0);
     event.action = Some(action.1);
     event.disposition_id = Some(disposition.0);

@@ -101,6 +101,8 @@ fn deny_event(hook: u8, verdict: u8, reason: u8, subject: u32, destination: u32)
         } else {
             [127, 10, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         },
+        count: 1,
+        _pad2: 0,
     }
 }
 

@@ -1,0 +1,216 @@
+//! The one path every deny (and audit) event takes to the `EVENTS` ring buffer, for the
+//! sock_addr hooks, `sock_create` and `cgroup_skb/ingress` alike: aggregation of repeated
+//! denies (`AGGREGATE`, see `enforcer_common::AggregateValue`), then the event itself.
+//!
+//! Why aggregate in the kernel: one process looping `connect()` to a denied address makes
+//! ~0.9 M denies a second; one event each fills the ring buffer faster than any agent can
+//! write lines, and the SOC would drown in copies of one fact. With a window W (default 1 s,
+//! a fixed grid of the monotonic clock), a key's first deny of each window is reported at
+//! once and the others are only counted; the agent reports each window's count once the
+//! window is over (one summary event with an exact `count`) and deletes the entry.
+//!
+//! Exactness: every deny either writes one event with `count` 1 or adds exactly 1 to its
+//! (key, window) entry (an atomic add: two CPUs may hit one key), never both and never
+//! neither: a first deny whose reserve fails is added to the entry instead. An entry is only
+//! written during its own window and the agent reads it a whole window later, so its read is
+//! final and nobody resets a counter that another side is adding to. Only when the map is full
+//! (no entry can be made) does a deny take the old path: its own event, or `LOST_EVENTS`
+//! when the ring is full.
+
+use core::ptr::{addr_of_mut, read_volatile};
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_comm, bpf_ktime_get_ns},
+    macros::map,
+    maps::HashMap,
+};
+use enforcer_common::{capacity, hook, AggregateKey, AggregateValue, DenyEvent};
+
+use crate::{CONFIG, EVENTS, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS, SINGLE_ENTRY};
+
+/// Repeated denies being counted (see `enforcer_common::AggregateValue`). A plain hash map,
+/// not an LRU: an LRU would evict entries whose counts the agent has not reported yet.
+#[map]
+static AGGREGATE: HashMap<AggregateKey, AggregateValue> =
+    HashMap::pinned(capacity::AGGREGATE, NO_MAP_FLAGS);
+
+/// `Config::event_window_ns` value meaning "report every deny".
+const AGGREGATION_OFF: u64 = 0;
+/// `BPF_NOEXIST`: insert only if the key is absent (another CPU may have made it since the
+/// lookup; its window must not be restarted by a blind overwrite).
+const BPF_NOEXIST: u64 = 1;
+/// `bpf_get_current_comm` buffer size.
+const COMM_LEN: u32 = 16;
+/// What the kernel writes in `DenyEvent::count`: one deny.
+const ONE: u32 = 1;
+
+/// One deny or audit, as the hook knows it.
+pub(crate) struct Report {
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()`, or 0 without a task (ingress runs in softirq).
+    pub pid_tgid: u64,
+    pub subject: u32,
+    pub destination: u32,
+    /// Address words in memory (network) order, as `DenyEvent::daddr`.
+    pub daddr: [u32; 4],
+    pub family: u8,
+    pub dport: u16,
+    pub protocol: u8,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub generation: u32,
+    pub sock_type: u16,
+    pub sock_protocol: u16,
+    /// Ingress only: the SYN's source address words (zero for the other hooks).
+    pub peer: [u32; 4],
+    /// A task is current (its `comm` is read); false in softirq (ingress): `comm` is zero.
+    pub task: bool,
+}
+
+/// Reports one deny: counted in its `AGGREGATE` entry, or written to `EVENTS`.
+#[inline(always)]
+pub(crate) fn emit(r: &Report) {
+    let window = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads; one 8-byte load.
+        Some(c) => unsafe { read_volatile(&(*c).event_window_ns) },
+        None => AGGREGATION_OFF,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if window == AGGREGATION_OFF {
+        if !write(r, now) {
+            lose();
+        }
+        return;
+    }
+    let key = AggregateKey {
+        window: now / window,
+        cgroup_id: r.cgroup_id,
+        subject: r.subject,
+        destination: r.destination,
+        daddr: r.daddr,
+        peer: r.peer,
+        dport: r.dport,
+        // Ingress keeps the peer's port there: every retry has a new one.
+        sock_type: if r.hook == hook::INGRESS {
+            0
+        } else {
+            r.sock_type
+        },
+        sock_protocol: r.sock_protocol,
+        family: r.family,
+        protocol: r.protocol,
+        hook: r.hook,
+        verdict: r.verdict,
+        reason: r.reason,
+        _pad: [PAD; 5],
+    };
+    if let Some(v) = AGGREGATE.get_ptr_mut(&key) {
+        add_one(v);
+        return;
+    }
+    let mut value = AggregateValue {
+        suppressed: 0,
+        pid_tgid: r.pid_tgid,
+        comm: [0; 16],
+        policy_generation: r.generation,
+        _pad: 0,
+    };
+    if r.task {
+        // SAFETY: a 16-byte stack buffer; on failure the helper zeroes it.
+        unsafe { bpf_get_current_comm(addr_of_mut!(value.comm).cast(), COMM_LEN) };
+    }
+    if AGGREGATE.insert(&key, &value, BPF_NOEXIST).is_ok() {
+        if !write(r, now) {
+            // The entry exists now: the agent reports this deny with the window's count.
+            match AGGREGATE.get_ptr_mut(&key) {
+                Some(v) => add_one(v),
+                None => lose(),
+            }
+        }
+        return;
+    }
+    // Another CPU made the entry since the lookup (EEXIST), or the map is full (E2BIG).
+    match AGGREGATE.get_ptr_mut(&key) {
+        Some(v) => add_one(v),
+        None => {
+            if !write(r, now) {
+                lose();
+            }
+        }
+    }
+}
+
+/// `suppressed += 1`, atomically (two CPUs may count one key at once). The intrinsic, not
+/// `AtomicU64::fetch_add`: the BPF target declares no compare-and-swap, so core gives its
+/// atomics no read-modify-write methods, while the instruction set has an atomic add.
+#[inline(always)]
+fn add_one(v: *mut AggregateValue) {
+    // SAFETY: the map value is 8-byte aligned and lives as long as the program runs (RCU);
+    // with its result unused this is one BPF atomic add (`lock *(u64 *)(r + off) += r`).
+    unsafe {
+        crate::atomic_add(addr_of_mut!((*v).suppressed), 1);
+    }
+}
+
+/// A deny that could be neither written nor counted.
+#[inline(always)]
+fn lose() {
+    if let Some(lost) = LOST_EVENTS.get_ptr_mut(SINGLE_ENTRY) {
+        // SAFETY: per-CPU value pointer, this CPU's own counter (see `crate::count`).
+        unsafe { *lost += 1 };
+    }
+}
+
+/// One `DenyEvent` with count 1, written field by field into the reserved slot (a struct copy
+/// would become a memcpy call the verifier rejects). False when the ring buffer is full.
+#[inline(always)]
+fn write(r: &Report, now: u64) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(RINGBUF_FLAGS) else {
+        return false;
+    };
+    let e: *mut DenyEvent = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, 8-byte-aligned slot of size_of::<DenyEvent>() bytes;
+    // every byte is written below before it is submitted (no stale ring-buffer data leaks).
+    unsafe {
+        addr_of_mut!((*e).timestamp_ns).write(now);
+        addr_of_mut!((*e).cgroup_id).write(r.cgroup_id);
+        addr_of_mut!((*e).pid_tgid).write(r.pid_tgid);
+        addr_of_mut!((*e).subject).write(r.subject);
+        addr_of_mut!((*e).destination).write(r.destination);
+        // daddr is 4-byte aligned (offset 32): write it as four words, in memory order.
+        let daddr = addr_of_mut!((*e).daddr).cast::<u32>();
+        daddr.write(r.daddr[0]);
+        daddr.add(1).write(r.daddr[1]);
+        daddr.add(2).write(r.daddr[2]);
+        daddr.add(3).write(r.daddr[3]);
+        addr_of_mut!((*e).dport).write(r.dport);
+        addr_of_mut!((*e).family).write(r.family);
+        addr_of_mut!((*e).protocol).write(r.protocol);
+        addr_of_mut!((*e).hook).write(r.hook);
+        addr_of_mut!((*e).verdict).write(r.verdict);
+        addr_of_mut!((*e).reason).write(r.reason);
+        addr_of_mut!((*e)._pad).write(PAD);
+        if r.task {
+            // On failure the helper zeroes the buffer, so comm is always initialised.
+            bpf_get_current_comm(addr_of_mut!((*e).comm).cast(), COMM_LEN);
+        } else {
+            let comm = addr_of_mut!((*e).comm).cast::<u64>();
+            comm.write(0);
+            comm.add(1).write(0);
+        }
+        addr_of_mut!((*e).policy_generation).write(r.generation);
+        addr_of_mut!((*e).sock_type).write(r.sock_type);
+        addr_of_mut!((*e).sock_protocol).write(r.sock_protocol);
+        let peer = addr_of_mut!((*e).peer).cast::<u32>();
+        peer.write(r.peer[0]);
+        peer.add(1).write(r.peer[1]);
+        peer.add(2).write(r.peer[2]);
+        peer.add(3).write(r.peer[3]);
+        addr_of_mut!((*e).count).write(ONE);
+        addr_of_mut!((*e)._pad2).write(0);
+    }
+    entry.submit(RINGBUF_FLAGS);
+    true
+}

@@ -1,0 +1,205 @@
+//! The agent's half of deny aggregation (`--events-aggregate`): the summaries of the denies
+//! the kernel counted in `AGGREGATE` instead of reporting them one by one.
+//!
+//! The kernel side (`enforcer-ebpf/src/report.rs`, `enforcer_common::AggregateValue`)
+//! reports the first deny of each (key, window) at once and adds every other one to the
+//! entry's `suppressed`. Windows are a fixed grid of the monotonic clock (`window` in the key
+//! is `ktime / window length`). [`Aggregates::sweep`] reports every entry whose window ended
+//! at least a whole window ago as one `DenyEvent` with `count` = `suppressed`, then deletes
+//! it: what a SOC sees for a flood is two lines per key per window, whose counts add up to
+//! the denies exactly.
+//!
+//! Why the read is final (no loss, no double count): the kernel writes an entry only in
+//! its own window (a deny of a later window has another key), and the agent reads it a whole
+//! window after that window ended. A kernel add after the read would need a program
+//! invocation that read the clock inside the window and stalled inside the BPF program, with
+//! migration disabled, for more than a window (1 s by default) before its atomic add; the
+//! kernel's RCU stall detector would report such a stall. Each entry is read and deleted once,
+//! so nothing is reported twice; a restarted agent finds the entries the last one left and
+//! reports them. The one gap: an agent killed between writing a summary and deleting its
+//! entry writes that summary again after the restart (never loses it).
+//!
+//! Limits: a summary names the task of the window's first deny (`pid`, `comm`) and is
+//! timestamped at the window's end; an ingress summary has no peer port (the key has none).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use enforcer_common::{maps, AggregateKey, AggregateValue, DenyEvent};
+
+/// The default window of `--events-aggregate`.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
+
+/// `--events-aggregate 1s|500ms|0`: a duration; 0 turns aggregation off.
+pub fn parse_window(text: &str) -> Result<Duration> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let window = humantime::parse_duration(text.trim()).with_context(|| {
+        format!("--events-aggregate {text:?}: want a duration (1s, 500ms) or 0 for off")
+    })?;
+    anyhow::ensure!(
+        window >= Duration::from_millis(1),
+        "--events-aggregate {text:?}: a window under 1ms aggregates nothing; use 0 for off"
+    );
+    Ok(window)
+}
+
+/// The pinned `AGGREGATE` map and the window length the kernel uses.
+pub struct Aggregates {
+    map: BpfHashMap<MapData, AggregateKey, AggregateValue>,
+    window_ns: u64,
+}
+
+impl Aggregates {
+    /// Opens the pinned `AGGREGATE` map of `pin_dir`. `window` must be the kernel's
+    /// (`Config::event_window_ns`; zero: off, and every entry left is reported). Errors: the map is missing or of another layout
+    /// (a pin directory of another ABI).
+    pub fn open(pin_dir: &Path, window: Duration) -> Result<Self> {
+        let path = pin_dir.join(maps::AGGREGATE);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let map = Map::from_map_data(data)
+            .with_context(|| format!("reading the type of map {}", path.display()))?
+            .try_into()
+            .with_context(|| format!("map {} has an unexpected type or layout", path.display()))?;
+        Ok(Self {
+            map,
+            window_ns: window.as_nanos() as u64,
+        })
+    }
+
+    /// Summaries (count > 0) of every entry whose window ended at least one window before
+    /// `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`), each deleted once read.
+    /// An entry of an earlier window length (the agent restarted with another
+    /// `--events-aggregate`) is treated the same way by its window number, which only makes
+    /// it older. Errors: none from the map walk itself (entries that vanish are skipped).
+    pub fn sweep(&mut self, now_ns: u64) -> Vec<DenyEvent> {
+        // Aggregation off: the kernel adds to no entry, so whatever an earlier agent left
+        // is final; report it all.
+        let current = now_ns.checked_div(self.window_ns).unwrap_or(u64::MAX);
+        // Keys first, then each value: deleting while iterating would restart the walk.
+        let done: Vec<AggregateKey> = self
+            .map
+            .keys()
+            .filter_map(|k| k.ok())
+            // Over for a whole window; or numbered beyond the present, which only an entry
+            // of a longer window length (an earlier agent's) can be.
+            .filter(|k| {
+                k.window.saturating_add(2) <= current || k.window > current.saturating_add(1)
+            })
+            .collect();
+        let mut summaries = Vec::new();
+        for key in done {
+            let Ok(value) = self.map.get(&key, 0) else {
+                continue;
+            };
+            if value.suppressed > 0 {
+                let end = match self.window_ns {
+                    0 => now_ns,
+                    w => key.window.saturating_add(1).saturating_mul(w).min(now_ns),
+                };
+                summaries.push(summary(&key, &value, value.suppressed, end));
+            }
+            if let Err(error) = self.map.remove(&key) {
+                tracing::warn!(%error, "deleting a reported AGGREGATE entry");
+            }
+        }
+        summaries
+    }
+}
+
+/// The event of `count` denies of `key`, as the kernel would have written one of them.
+fn summary(key: &AggregateKey, value: &AggregateValue, count: u64, now_ns: u64) -> DenyEvent {
+    let bytes = |w: [u32; 4]| {
+        let mut out = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    };
+    DenyEvent {
+        timestamp_ns: now_ns,
+        cgroup_id: key.cgroup_id,
+        pid_tgid: value.pid_tgid,
+        subject: key.subject,
+        destination: key.destination,
+        daddr: bytes(key.daddr),
+        dport: key.dport,
+        family: key.family,
+        protocol: key.protocol,
+        hook: key.hook,
+        verdict: key.verdict,
+        reason: key.reason,
+        _pad: 0,
+        comm: value.comm,
+        policy_generation: value.policy_generation,
+        sock_type: key.sock_type,
+        sock_protocol: key.sock_protocol,
+        peer: bytes(key.peer),
+        // More than 4 billion denies of one key in one sweep cannot happen (~1 M/s at most).
+        count: count.min(u64::from(u32::MAX)) as u32,
+        _pad2: 0,
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_zero_is_off() {
+        assert_eq!(parse_window("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_window("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_window("0").unwrap(), Duration::ZERO);
+        assert!(parse_window("10us").is_err());
+        let error = parse_window("often").unwrap_err().to_string();
+        assert!(error.contains("--events-aggregate"), "{error}");
+    }
+
+    #[test]
+    fn a_summary_carries_the_key_the_task_and_the_count() {
+        let key = AggregateKey {
+            cgroup_id: 9,
+            subject: 256,
+            destination: 257,
+            daddr: [u32::from_ne_bytes([127, 91, 0, 2]), 0, 0, 0],
+            dport: 80,
+            family: 4,
+            protocol: 6,
+            hook: 0,
+            verdict: 1,
+            reason: 4,
+            ..Default::default()
+        };
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"flood");
+        let value = AggregateValue {
+            suppressed: 1000,
+            pid_tgid: 42 << 32,
+            comm,
+            policy_generation: 3,
+            _pad: 0,
+        };
+        let e = summary(&key, &value, 999, 77);
+        assert_eq!(e.count, 999);
+        assert_eq!(e.timestamp_ns, 77);
+        assert_eq!(&e.daddr[..4], &[127, 91, 0, 2]);
+        assert_eq!(e.pid_tgid >> 32, 42);
+        assert_eq!(e.policy_generation, 3);
+        assert_eq!(super::super::decode::comm(&e), "flood");
+    }
+}
