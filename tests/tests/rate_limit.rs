@@ -136,7 +136,13 @@ fn each_subject_gets_its_budget_and_a_risk_rise_tightens_it_at_once() -> Result<
     let out = dirs.risk_set("acme-gateway", "0.5")?;
     ensure!(out.success(), "risk set acme-gateway 0.5: {out}");
     let (gateway, evaluator) = flood_both(&world, &vectors)?;
-    within_budget("acme-gateway, risk 0.5", &gateway, RATE / 4.0, 0.0, BURST / 4.0)?;
+    within_budget(
+        "acme-gateway, risk 0.5",
+        &gateway,
+        RATE / 4.0,
+        0.0,
+        BURST / 4.0,
+    )?;
     // The other subject's budget is its own: unchanged rate, a bucket that refilled for the
     // moment between the floods (0 to a full burst).
     within_budget(
