@@ -53,11 +53,18 @@ pub mod maps {
     /// tagged connection, from the SYN's check until the server's socket closes (LRU: only
     /// an entry whose handshake never completed is left for eviction to clear).
     pub const WIRE_PEERS: &str = "WIRE_PEERS";
+    /// [`crate::rate::RateKey`] {subject, destination identity} -> [`crate::rate::RateLimit`]:
+    /// the connection rate each subject may open to each rate-limited destination, at its
+    /// current risk (written by the agent; see [`crate::rate`]).
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    /// [`crate::rate::RateKey`] -> [`crate::rate::RateBucket`]: the kernel's bucket state per
+    /// pair (LRU).
+    pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
     /// [`crate::AggregateKey`] -> [`crate::AggregateValue`]: repeated denies of one key in
     /// one window of `Config::event_window_ns`, counted instead of reported one by one.
     pub const AGGREGATE: &str = "AGGREGATE";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -80,6 +87,8 @@ pub mod maps {
         INGRESS_ALLOW,
         WIRE_PEERS,
         AGGREGATE,
+        RATE_LIMITS,
+        RATE_BUCKETS,
     ];
 }
 
@@ -111,6 +120,12 @@ pub mod capacity {
     /// flooding key holds two or three. When it is full, a deny of a new key is reported on
     /// its own (count 1): never dropped.
     pub const AGGREGATE: u32 = 16_384;
+    /// (subject, destination) pairs with a rate limit: local subjects x the rate-limited
+    /// destinations they may reach.
+    pub const RATE_LIMITS: u32 = 65_536;
+    /// Bucket states (LRU, preallocated: ~4 MiB). Twice `RATE_LIMITS`, so that the LRU's
+    /// per-CPU free lists never make it evict a live pair's bucket (which would refill it).
+    pub const RATE_BUCKETS: u32 = 2 * RATE_LIMITS;
 }
 
 /// The kernel programs, by the name of their function in the object file.
@@ -230,7 +245,11 @@ pub mod reason {
     /// subject's tenant holds its whole share of it (`FLOW_TENANT_LIMIT`), so the flow could
     /// not be recorded (and could never be revoked): refused, fail closed.
     pub const FLOW_TABLE_FULL: u8 = 11;
-    pub const COUNT: usize = 12;
+    /// `connect`: the call is allowed, but the subject has used up its connection budget to
+    /// this destination (`RATE_LIMITS`, see [`crate::rate`]). Audit mode lets it through as
+    /// `audit` (uncharged), like any would-deny.
+    pub const RATE_LIMITED: u8 = 12;
+    pub const COUNT: usize = 13;
 }
 
 /// The hook that decided.
@@ -632,6 +651,9 @@ mod pod {
     unsafe impl aya::Pod for super::wire::FlowKey {}
     unsafe impl aya::Pod for super::wire::PeerKey {}
     unsafe impl aya::Pod for super::wire::Peer {}
+    unsafe impl aya::Pod for super::rate::RateKey {}
+    unsafe impl aya::Pod for super::rate::RateLimit {}
+    unsafe impl aya::Pod for super::rate::RateBucket {}
 }
 
 // Layout checks: the kernel and userspace must agree on these sizes.
@@ -864,6 +886,111 @@ const _: () = assert!(core::mem::size_of::<wire::FlowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<wire::PeerKey>() == 40);
 const _: () = assert!(core::mem::size_of::<wire::Peer>() == 32);
 
+/// Connection-rate limits per (subject, destination): GCRA, the "virtual scheduling" form of
+/// a token bucket, in integer nanoseconds (no floats in the kernel).
+///
+/// A limit of `r` connections per second with burst `b` is two numbers: the emission
+/// interval `T = ceil(1e9 / r)` ns (what one connection costs) and the tolerance
+/// `tau = (b - 1) * T` ns (how far ahead of the clock the bucket may be drawn). The state of a
+/// pair is one time, the theoretical arrival time `tat`. A connect at `now`
+/// (`bpf_ktime_get_ns`) is allowed iff `max(tat, now) - now <= tau`, and then
+/// `tat = max(tat, now) + T`; a refused connect changes nothing. So `b` back-to-back connects
+/// pass after an idle period, then one every `T`: over `t` seconds of continuous attempts,
+/// `b + floor(t * 1e9 / T)` pass (`r * t + b`, give or take one).
+///
+/// Equivalent token bucket: tokens `= (now + tau + T - max(tat, now)) / T`, at most `b`. A
+/// limit made stricter (a risk rise) applies on the very next connect, since the kernel reads
+/// `T` and `tau` on each one: the tokens left are at most the new `b` (the bucket is capped to
+/// the new burst) and refill at the new rate. A limit made looser applies at once too.
+///
+/// Overflow: `now` is below 2^62 ns (146 years of uptime); userspace keeps `T <=`
+/// [`MAX_INTERVAL_NS`] and `b <=` [`MAX_BURST`], so `tau < 2^59`, and a stored `tat` is at
+/// most `now + tau + T` < 2^63: every sum fits a `u64`, and `max(tat, now) - now` never
+/// underflows.
+pub mod rate {
+    /// The longest emission interval userspace writes: one connection per hour. A rate that
+    /// risk shrinks below that is clamped to it (quarantine is what stops a subject entirely).
+    pub const MAX_INTERVAL_NS: u64 = 3_600 * NS_PER_SECOND;
+    /// The largest burst the inventory accepts.
+    pub const MAX_BURST: u64 = 100_000;
+    pub const NS_PER_SECOND: u64 = 1_000_000_000;
+
+    /// Key of `RATE_LIMITS` and `RATE_BUCKETS`: identities (not policy classes).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct RateKey {
+        pub subject: u32,
+        pub destination: u32,
+    }
+
+    /// Value of `RATE_LIMITS`: the pair's limit at the subject's current risk.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RateLimit {
+        /// `T`: nanoseconds one connection costs (1 to [`MAX_INTERVAL_NS`]).
+        pub interval_ns: u64,
+        /// `tau = (burst - 1) * T`: how far `tat` may run ahead of the clock.
+        pub tolerance_ns: u64,
+    }
+
+    impl RateLimit {
+        /// The limit with emission interval `interval_ns` and `burst`, clamped to 1 ns ..
+        /// [`MAX_INTERVAL_NS`] and 1 .. [`MAX_BURST`] (userspace turns a rate per second into
+        /// the interval, rounding up: never faster than asked).
+        pub const fn from_interval(interval_ns: u64, burst: u64) -> Self {
+            let interval_ns = if interval_ns == 0 {
+                1
+            } else if interval_ns > MAX_INTERVAL_NS {
+                MAX_INTERVAL_NS
+            } else {
+                interval_ns
+            };
+            let burst = if burst == 0 {
+                1
+            } else if burst > MAX_BURST {
+                MAX_BURST
+            } else {
+                burst
+            };
+            Self {
+                interval_ns,
+                tolerance_ns: (burst - 1) * interval_ns,
+            }
+        }
+
+        /// The burst this limit allows: `tau / T + 1`.
+        pub const fn burst(&self) -> u64 {
+            self.tolerance_ns / self.interval_ns + 1
+        }
+
+        /// The GCRA step for a connect at `now` with bucket state `tat`: `Some(new tat)` when
+        /// it conforms, `None` when it is over budget (the state stays). See the module
+        /// documentation for the arithmetic and its bounds.
+        #[inline(always)]
+        pub const fn admit(&self, tat: u64, now: u64) -> Option<u64> {
+            let start = if tat > now { tat } else { now };
+            if start - now > self.tolerance_ns {
+                None
+            } else {
+                Some(start + self.interval_ns)
+            }
+        }
+    }
+
+    /// Value of `RATE_BUCKETS`: the pair's theoretical arrival time, `bpf_ktime_get_ns`
+    /// nanoseconds.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RateBucket {
+        pub tat_ns: u64,
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<rate::RateKey>() == 8);
+const _: () = assert!(core::mem::size_of::<rate::RateLimit>() == 16);
+const _: () = assert!(core::mem::size_of::<rate::RateBucket>() == 8);
+const _: () = assert!(rate::MAX_BURST * rate::MAX_INTERVAL_NS < 1 << 59);
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -951,5 +1078,49 @@ mod tests {
             .collect();
         let fixed = siphash24(K0, K1, &words.try_into().unwrap());
         assert_eq!(fixed, general(K0, K1, &seq));
+    }
+
+    #[test]
+    fn gcra_admits_burst_then_one_per_interval() {
+        use super::rate::RateLimit;
+        let limit = RateLimit::from_interval(50_000_000, 5);
+        assert_eq!(limit.interval_ns, 50_000_000);
+        assert_eq!(limit.burst(), 5);
+        // Attempts every millisecond for 10 s from an idle bucket.
+        let (mut tat, mut admitted) = (0u64, 0u64);
+        let start = 1_000_000_000_000u64;
+        for i in 0..10_000u64 {
+            if let Some(next) = limit.admit(tat, start + i * 1_000_000) {
+                tat = next;
+                admitted += 1;
+            }
+        }
+        // 5 at once, then one every 50 ms: 20 * 10 s (the last attempt is at 9.999 s).
+        assert_eq!(admitted, 5 + 199);
+    }
+
+    #[test]
+    fn a_tighter_limit_caps_the_bucket_at_once() {
+        use super::rate::RateLimit;
+        let loose = RateLimit::from_interval(10_000_000, 100);
+        let tight = RateLimit::from_interval(100_000_000, 3);
+        let now = 5_000_000_000u64;
+        // A full bucket under the loose limit: the tight one allows its own burst, no more.
+        let mut tat = 0;
+        let mut admitted = 0;
+        while let Some(next) = tight.admit(tat, now) {
+            tat = next;
+            admitted += 1;
+        }
+        assert_eq!(admitted, 3);
+        assert!(loose.admit(tat, now).is_some());
+        // Bounds: the largest limit at the far end of the clock does not overflow.
+        let max = RateLimit::from_interval(u64::MAX, u64::MAX);
+        let now = 1u64 << 62;
+        let mut tat = 0;
+        for _ in 0..3 {
+            tat = max.admit(tat, now).unwrap();
+        }
+        assert!(tat > now);
     }
 }

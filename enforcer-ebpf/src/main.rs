@@ -29,6 +29,7 @@
 #![feature(core_intrinsics)]
 
 mod flows;
+mod rate;
 mod report;
 mod wire;
 
@@ -492,6 +493,15 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         policy_hit(&POLICY_B, &mut key)
     };
     if permitted {
+        // Rate limit (connect only: a connection budget; unconnected datagrams are not
+        // connections). Before the flow record, so a refused call leaves none. Audit mode
+        // lets the excess through as audit, like any would-deny.
+        if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && !rate::admit(subject, destination)
+        {
+            v.reason = reason::RATE_LIMITED;
+            let audit = global_audit || subject_flags & flags::AUDIT != 0;
+            return report(&mut v, &dst, cgroup_id, hook, audit);
+        }
         // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
         // UDP, to a tracked destination. One more lookup on the connect allow path only.
         if (hook == hook::CONNECT4 || hook == hook::CONNECT6)

@@ -110,6 +110,8 @@ pub struct Endpoint {
     pub track: bool,
     /// The ingress check on SYNs to this endpoint's addresses.
     pub ingress: IngressMode,
+    /// `rate_limit`: each subject's connection budget to this endpoint ([`crate::rate`]).
+    pub rate_limit: Option<crate::rate::RateLimitSpec>,
     pub loc: Loc,
 }
 
@@ -874,6 +876,88 @@ impl Walker {
         }
     }
 
+    /// An endpoint's `rate_limit` ([`crate::rate`]); every bad field is reported with its
+    /// location, and the limit is then left out (the bundle is rejected anyway).
+    fn rate_limit(&mut self, node: &Node) -> Option<crate::rate::RateLimitSpec> {
+        use crate::rate::{MAX_PER_SECOND_E4, MIN_PER_SECOND_E4};
+        let fields = self.map(
+            node,
+            "rate_limit",
+            &["connections_per_second", "burst", "risk_halving"],
+        )?;
+        let mut per_second = None;
+        let mut burst = None;
+        let mut halving = None;
+        let mut ok = true;
+        for (k, v) in fields {
+            let text = match &v.value {
+                Value::Scalar(s, _) => s.clone(),
+                _ => String::new(),
+            };
+            match k {
+                "connections_per_second" => match crate::risk::parse_decimal(&text) {
+                    Ok(n) if (MIN_PER_SECOND_E4..=MAX_PER_SECOND_E4).contains(&n) => {
+                        per_second = Some(n)
+                    }
+                    _ => {
+                        ok = false;
+                        self.err_hint(
+                            v.loc,
+                            format!("invalid connections_per_second `{text}`"),
+                            "a decimal from 0.001 to 1000000 (connections per second at risk 0), e.g. 20 or 0.5",
+                        );
+                    }
+                },
+                "burst" => match text.parse::<u64>() {
+                    Ok(n) if (1..=enforcer_common::rate::MAX_BURST).contains(&n) => burst = Some(n),
+                    _ => {
+                        ok = false;
+                        self.err_hint(
+                            v.loc,
+                            format!("invalid burst `{text}`"),
+                            format!(
+                                "a whole number of connections from 1 to {}",
+                                enforcer_common::rate::MAX_BURST
+                            ),
+                        );
+                    }
+                },
+                "risk_halving" => match crate::risk::parse_decimal(&text) {
+                    Ok(n) if n > 0 => halving = Some(n),
+                    _ => {
+                        ok = false;
+                        self.err_hint(
+                            v.loc,
+                            format!("invalid risk_halving `{text}`"),
+                            "a positive decimal: the risk increase that halves rate and burst, e.g. 0.25",
+                        );
+                    }
+                },
+                _ => unreachable!("`map` lets through only the fields it was given"),
+            }
+        }
+        let Some(per_second_e4) = per_second else {
+            if ok {
+                self.err(
+                    node.loc,
+                    "rate_limit: missing field `connections_per_second`",
+                );
+            }
+            return None;
+        };
+        if !ok {
+            return None;
+        }
+        // Default burst: one second's worth, at least 1.
+        let burst = burst.unwrap_or_else(|| ((per_second_e4 + 9_999) / 10_000).max(1) as u64);
+        Some(crate::rate::RateLimitSpec {
+            per_second_e4,
+            burst: burst.min(enforcer_common::rate::MAX_BURST),
+            risk_halving_e4: halving,
+            loc: node.loc,
+        })
+    }
+
     fn ingress(&mut self, node: &Node) -> IngressMode {
         match self.string(node, "ingress").as_deref() {
             None | Some("off") => IngressMode::Off,
@@ -968,7 +1052,15 @@ impl Walker {
             node,
             "endpoint",
             &[
-                "name", "tenant", "kind", "ips", "ports", "datasets", "track", "ingress",
+                "name",
+                "tenant",
+                "kind",
+                "ips",
+                "ports",
+                "datasets",
+                "track",
+                "ingress",
+                "rate_limit",
             ],
         )?;
         let mut item = ItemFields::default();
@@ -981,11 +1073,13 @@ impl Walker {
             datasets: vec![],
             track: false,
             ingress: IngressMode::Off,
+            rate_limit: None,
             loc: node.loc,
         };
         for (k, v) in fields {
             match k {
                 "ingress" => e.ingress = self.ingress(v),
+                "rate_limit" => e.rate_limit = self.rate_limit(v),
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
                 "track" => e.track = self.bool(v, "track"),
                 "datasets" => {
@@ -1349,5 +1443,71 @@ mod ingress_tests {
             IngressMode::Enforce.flags(),
             enforcer_common::flags::INGRESS_ENFORCE
         );
+    }
+
+    #[test]
+    fn rate_limit_is_parsed_defaulted_and_bad_values_are_located() {
+        let f = Path::new("inventory.yaml");
+        assert_eq!(
+            Inventory::parse(f, BASE).unwrap().endpoints[0].rate_limit,
+            None
+        );
+        let with = |body: &str| format!("{BASE}    rate_limit: {body}\n");
+        let inv = Inventory::parse(
+            f,
+            &with("{connections_per_second: 2.5, burst: 4, risk_halving: 0.25}"),
+        )
+        .unwrap();
+        let spec = inv.endpoints[0].rate_limit.clone().unwrap();
+        assert_eq!(
+            (spec.per_second_e4, spec.burst, spec.risk_halving_e4),
+            (25_000, 4, Some(2_500))
+        );
+        // Default burst: one second's worth, rounded up.
+        let inv = Inventory::parse(f, &with("{connections_per_second: 2.5}")).unwrap();
+        let spec = inv.endpoints[0].rate_limit.clone().unwrap();
+        assert_eq!((spec.burst, spec.risk_halving_e4), (3, None));
+        for (body, column, message) in [
+            (
+                "{connections_per_second: 0}",
+                42,
+                "invalid connections_per_second `0`",
+            ),
+            (
+                "{connections_per_second: -3}",
+                42,
+                "invalid connections_per_second `-3`",
+            ),
+            (
+                "{connections_per_second: fast}",
+                42,
+                "invalid connections_per_second `fast`",
+            ),
+            (
+                "{connections_per_second: 5, burst: 0}",
+                52,
+                "invalid burst `0`",
+            ),
+            (
+                "{connections_per_second: 5, burst: 1.5}",
+                52,
+                "invalid burst `1.5`",
+            ),
+            (
+                "{connections_per_second: 5, risk_halving: 0}",
+                59,
+                "invalid risk_halving `0`",
+            ),
+            ("{burst: 3}", 18, "missing field `connections_per_second`"),
+            ("{connections_per_second: 5, rate: 3}", 0, "rate"),
+        ] {
+            let err = Inventory::parse(f, &with(body)).unwrap_err().to_string();
+            let at = if column == 0 {
+                "inventory.yaml:7:".to_string()
+            } else {
+                format!("inventory.yaml:7:{column}")
+            };
+            assert!(err.contains(&at) && err.contains(message), "{body}: {err}");
+        }
     }
 }

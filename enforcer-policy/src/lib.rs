@@ -51,6 +51,7 @@ pub mod inventory;
 pub mod limits;
 mod merge;
 pub mod ports;
+pub mod rate;
 pub mod risk;
 #[cfg(any(test, feature = "bench"))]
 pub mod testutil;

@@ -630,7 +630,30 @@ impl Agent {
         let ingress = crate::wire::ingress_allows(&self.compiled);
         crate::wire::ingress_fits(self.datapath.dir(), ingress.len())
             .context("the ingress allowlist does not fit")?;
-        let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
+        // Rate limits bracket the swap (see `datapath::rates`); refused whole if they cannot
+        // fit, like the allowlist.
+        let rates = enforcer_policy::rate::rate_limits(self.bundle.inventory(), &self.compiled);
+        let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
+        rate_writer
+            .check_fits(&rates)
+            .context("the rate limits do not fit")?;
+        let rates_in_force = rate_writer.current();
+        rate_writer
+            .before_swap(&rates)
+            .context("writing the interim rate limits")?;
+        let report = match self.datapath.tables.apply_with(&desired, &mut publish) {
+            Ok(report) => report,
+            Err(error) => {
+                // The old policy stays in force: so do its limits.
+                if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
+                    tracing::error!("restoring the rate limits in force: {undo:#}");
+                }
+                return Err(error);
+            }
+        };
+        rate_writer
+            .after_swap(&rates)
+            .context("writing the rate limits")?;
         // The ingress allowlist follows the table it mirrors (not in the same swap: a SYN may
         // be judged by the old list for the moment in between).
         let (ingress_written, ingress_removed) =
@@ -882,13 +905,15 @@ impl Agent {
             }
         };
         let previous = std::mem::replace(&mut self.compiled, Arc::new(compiled));
+        // The new bundle during the apply: its inventory gives the rate limits.
+        let previous_bundle = std::mem::replace(&mut self.bundle, bundle);
         if let Err(error) = self.apply_full(Some(previous.clone())) {
             // Apply is all or nothing: it checked capacity before writing, or rolled every
             // map back; the old policy is still the one in force.
             self.compiled = previous;
+            self.bundle = previous_bundle;
             return self.reject(error);
         }
-        self.bundle = bundle;
         if from_dir {
             self.dir_rejected = None;
             self.save_last_good();
@@ -976,10 +1001,20 @@ impl Agent {
             .and_then(|delta| {
                 let generation = self.datapath.tables.next_generation()?;
                 self.history.publish(generation, self.compiled.clone());
+                // The subject's rate limits follow its risk, bracketing the row swap (see
+                // `datapath::rates`): a risk rise is in force by the time the row is.
+                let rates =
+                    enforcer_policy::rate::rate_limits(self.bundle.inventory(), &self.compiled);
+                let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
+                rate_writer.check_fits(&rates)?;
+                rate_writer.before_swap(&rates)?;
                 self.datapath
                     .tables
                     .apply_row(&delta.added, &delta.removed)
                     .with_context(|| format!("writing {workload}'s row"))?;
+                rate_writer
+                    .after_swap(&rates)
+                    .context("writing the rate limits")?;
                 // A risk change moves the claimant at this node's ingress too.
                 crate::wire::sync_ingress(
                     self.datapath.dir(),

@@ -48,6 +48,17 @@ pub struct Summary {
     pub error: u64,
 }
 
+/// The line of `probe --flood`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct FloodSummary {
+    pub attempts: u64,
+    pub ok: u64,
+    pub eperm: u64,
+    pub error: u64,
+    /// From the start of the first attempt to the start of the last.
+    pub elapsed_ns: u64,
+}
+
 /// The line of `probe --until`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UntilResult {
@@ -182,6 +193,20 @@ impl Probe {
         let mut lines: Vec<Summary> = parse_lines(&stdout)?;
         if lines.len() != 1 {
             bail!("probe --repeat printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
+    /// `probe --flood WINDOW --every-us GAP ATTEMPT`: the attempt repeated for `window`,
+    /// `gap` apart (zero: as fast as it can). The invocation's own timeout must exceed
+    /// `window`.
+    pub fn flood(&self, attempt: &str, window: Duration, gap: Duration) -> Result<FloodSummary> {
+        let window = window.as_millis().max(1).to_string();
+        let gap = gap.as_micros().to_string();
+        let stdout = self.exec(&["--flood", &window, "--every-us", &gap, attempt])?;
+        let mut lines: Vec<FloodSummary> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --flood printed {} lines:\n{stdout}", lines.len());
         }
         Ok(lines.remove(0))
     }

@@ -3,6 +3,7 @@
 //! the links a previous agent pinned), and hand out typed map handles. Reads as open -> configure -> load -> attach.
 
 mod links;
+mod rates;
 mod tables;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{maps, ABI_VERSION};
 
 pub use links::{attached_programs, AttachReport, HookAttachment};
+pub use rates::RateWriter;
 pub use tables::{
     kernel_stats, lost_events, ApplyReport, Capacities, CapacityOverrides, ConfigView,
     DesiredState, Flip, KernelStats, MapContents, MapFill, Need, Needs, SwapStep, Tables,

@@ -35,6 +35,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::BAD_TAG => "bad_tag",
         reason::NOT_ALLOWED => "not_allowed",
         reason::FLOW_TABLE_FULL => "flow_table_full",
+        reason::RATE_LIMITED => "rate_limited",
         _ => "unknown",
     }
 }

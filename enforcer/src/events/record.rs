@@ -109,7 +109,8 @@ pub struct SocketInfo {
 #[derive(Debug, Serialize)]
 pub struct PolicyInfo {
     /// The determining Cedar policy (its `@id`), or `implicit-deny`, `undeclared-port`,
-    /// `unknown-subject`, `quarantine`, `unspecified-destination`, `unsupported-socket`.
+    /// `unknown-subject`, `quarantine`, `unspecified-destination`, `unsupported-socket`,
+    /// `rate-limit`.
     pub id: String,
     /// Revision of the bundle in force when the event was enriched.
     pub snapshot: String,
@@ -177,6 +178,13 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         reason::UNSUPPORTED_SOCKET => ("unsupported-socket".to_string(), Vec::new(), Vec::new()),
         // The kernel's own refusal: the flow could not be recorded, so it is not allowed.
         reason::FLOW_TABLE_FULL => ("flow-table-full".to_string(), Vec::new(), Vec::new()),
+        // Allowed by policy, over the subject's connection budget to this destination (the
+        // endpoint's `rate_limit`): a flood of cheap calls, ATLAS "Excessive Queries".
+        reason::RATE_LIMITED => (
+            "rate-limit".to_string(),
+            Vec::new(),
+            atlas_ids(&["AML.T0034.000"]),
+        ),
         // The merge refused to identify the address: no Cedar policy can open it.
         reason::UNIDENTIFIED_DESTINATION => (
             "unidentified-destination".to_string(),
@@ -298,5 +306,7 @@ mod ingress_tests {
         assert_eq!(atlas_ids(&["AML.T0085.000"]).len(), 1);
         assert_eq!(atlas_ids(&["AML.T0073", "AML.T0085.000"]).len(), 2);
         assert_eq!(atlas_ids(&["AML.T0073"])[0].name, "Impersonation");
+        // The rate limit's technique.
+        assert_eq!(atlas_ids(&["AML.T0034.000"])[0].name, "Excessive Queries");
     }
 }

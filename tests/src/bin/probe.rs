@@ -26,6 +26,11 @@
 //! `{"listening":"ADDR:PORT"}`, then `{"peer":"IP:PORT"}` for every connection it accepts
 //! (and holds open until it exits), and exits after MS milliseconds (at most 600,000) or
 //! when its stdout closes.
+//! `probe --flood MS [--every-us US] ATTEMPT` repeats one attempt for MS milliseconds (at most
+//! 600,000), as fast as it can or US microseconds apart, and prints
+//! `{"attempts":N,"ok":a,"eperm":b,"error":c,"elapsed_ns":N}`: `elapsed_ns` from the start
+//! of the first attempt to the start of the last (CLOCK_MONOTONIC), the window a rate limit
+//! is measured over.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 use std::io::Write;
@@ -541,7 +546,8 @@ fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT | \
-                 probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT";
+                 probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT | \
+                 probe --flood MS [--every-us US] ATTEMPT";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -566,6 +572,18 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("--until") {
         return match until(&args[1..]) {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}\n{usage}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("--flood") {
+        return match flood(&args[1..]) {
             Ok(line) => {
                 let _ = writeln!(out, "{line}");
                 ExitCode::SUCCESS
@@ -627,6 +645,50 @@ fn main() -> ExitCode {
         let _ = out.flush();
     }
     ExitCode::SUCCESS
+}
+
+/// `--flood MS [--every-us US] ATTEMPT` (the arguments after `--flood`): see the module
+/// documentation. Errors are usage errors.
+fn flood(args: &[String]) -> Result<serde_json::Value, String> {
+    let number = |what: &str, v: Option<&String>| -> Result<u64, String> {
+        v.and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{what} wants a whole number, got {v:?}"))
+    };
+    let millis = number("--flood", args.first())?;
+    if millis == 0 || millis > UNTIL_MAX_MS {
+        return Err(format!(
+            "--flood wants 1 to {UNTIL_MAX_MS} ms, got {millis}"
+        ));
+    }
+    let (every_us, attempt) = match (args.get(1).map(String::as_str), args.len()) {
+        (Some("--every-us"), 4) => (number("--every-us", args.get(2))?, &args[3]),
+        (_, 2) => (0, &args[1]),
+        _ => return Err("--flood MS [--every-us US] ATTEMPT".to_string()),
+    };
+    let parsed = parse(attempt)?;
+    let window = Duration::from_millis(millis);
+    let gap = Duration::from_micros(every_us);
+    let start = std::time::Instant::now();
+    let (mut ok, mut eperm, mut error, mut last) = (0u64, 0u64, 0u64, Duration::ZERO);
+    // Bounded by the window (and by the connect timeout of one attempt past it).
+    while start.elapsed() < window {
+        last = start.elapsed();
+        match classify(&try_once(parsed)).0 {
+            "ok" => ok += 1,
+            "eperm" => eperm += 1,
+            _ => error += 1,
+        }
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+    }
+    Ok(serde_json::json!({
+        "attempts": ok + eperm + error,
+        "ok": ok,
+        "eperm": eperm,
+        "error": error,
+        "elapsed_ns": last.as_nanos() as u64,
+    }))
 }
 
 /// `--until OUTCOME [--every MS] [--for MS] ATTEMPT` (the arguments after `--until`): see

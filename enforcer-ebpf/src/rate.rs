@@ -1,0 +1,100 @@
+//! Connection-rate limits: a GCRA token bucket per (subject identity, destination identity),
+//! checked by `connect4`/`connect6` after the policy allowed the call.
+//!
+//! The agent writes each limited pair's limit into `RATE_LIMITS` (the emission interval `T`
+//! and tolerance `tau` of the subject's rate at its current risk; the arithmetic and its
+//! overflow bounds are in `enforcer_common::rate`). The kernel keeps one time per pair in
+//! `RATE_BUCKETS`, the theoretical arrival time `tat`: a connect at `now` passes iff
+//! `max(tat, now) - now <= tau`, and then `tat = max(tat, now) + T`. The limit is read on every
+//! connect, so a tighter one (a risk rise) applies to the very next call, capped to its own
+//! burst. A pair without a `RATE_LIMITS` entry is not limited and pays one hash miss.
+//!
+//! Concurrency: the read-modify-write of `tat` is not atomic. The BPF target of this toolchain
+//! has no compare-and-swap in Rust's `core` (`atomic-cas: false` in its target spec), and the
+//! maps carry no BTF for a `bpf_spin_lock`. Two connects of the *same pair* that pass the
+//! lookup-to-store window (about twenty instructions, tens of nanoseconds) at the same moment on
+//! two CPUs both read one `tat` and both pass on one charge. Each such collision admits one
+//! extra connection: at most `CPUs - 1` extra per window, only with concurrent connects of one
+//! subject to one destination, and none for a client that connects from one thread. The same
+//! holds for the first connect of a pair (two inserts, one charge). Accepted for the same
+//! reason the per-CPU counters are not atomic: no locked instruction on the connect path.
+//!
+//! A full or evicted bucket is a full bucket: `RATE_BUCKETS` is twice the size of
+//! `RATE_LIMITS`, so the LRU does not evict a live pair in practice; if it did, that pair
+//! would regain at most one burst.
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use enforcer_common::{
+    capacity,
+    rate::{RateBucket, RateKey, RateLimit},
+};
+
+/// Memory as pairs are added (most nodes limit few pairs).
+const BPF_F_NO_PREALLOC: u32 = 1;
+const NO_MAP_FLAGS: u32 = 0;
+/// `BPF_ANY`: create or replace.
+const BPF_ANY: u64 = 0;
+
+/// (subject, destination) -> the pair's limit; written by the agent only.
+#[map]
+static RATE_LIMITS: HashMap<RateKey, RateLimit> =
+    HashMap::pinned(capacity::RATE_LIMITS, BPF_F_NO_PREALLOC);
+
+/// (subject, destination) -> the pair's `tat`; written by the kernel only.
+#[map]
+static RATE_BUCKETS: LruHashMap<RateKey, RateBucket> =
+    LruHashMap::pinned(capacity::RATE_BUCKETS, NO_MAP_FLAGS);
+
+/// Charges one connection of `subject` to `destination`: `true` when it is within the pair's
+/// budget (or the pair has no limit), `false` when it is over (nothing is charged).
+#[inline(always)]
+pub fn admit(subject: u32, destination: u32) -> bool {
+    let key = RateKey {
+        subject,
+        destination,
+    };
+    let Some(limit) = RATE_LIMITS.get_ptr(key) else {
+        return true;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads; the fields are read one by
+    // one (the agent replaces the whole value, so a read racing a rewrite may pair the old `T`
+    // with the new `tau` or the reverse: either way a limit between the two).
+    let limit = unsafe {
+        RateLimit {
+            interval_ns: read_volatile(&(*limit).interval_ns),
+            tolerance_ns: read_volatile(&(*limit).tolerance_ns),
+        }
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match RATE_BUCKETS.get_ptr_mut(key) {
+        Some(bucket) => {
+            // SAFETY: a non-null map value pointer is valid for reads and writes.
+            let tat = unsafe { read_volatile(&(*bucket).tat_ns) };
+            match limit.admit(tat, now) {
+                Some(next) => {
+                    // SAFETY: as above.
+                    unsafe { write_volatile(&mut (*bucket).tat_ns, next) };
+                    true
+                }
+                None => false,
+            }
+        }
+        None => {
+            // The pair's first connect (or its bucket was evicted): a full bucket, this
+            // connect charged. An insert that fails (no memory) lets the call through: the
+            // policy allowed it, and the next connect tries again.
+            let fresh = RateBucket {
+                tat_ns: now + limit.interval_ns,
+            };
+            let _ = RATE_BUCKETS.insert(key, fresh, BPF_ANY);
+            true
+        }
+    }
+}
