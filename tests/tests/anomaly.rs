@@ -276,9 +276,15 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
         e.pointer("/flow/source/port").and_then(Value::as_u64) == Some(u64::from(held.local.port()))
     })?;
 
-    // First contact with kb2: one anomaly, one page, quarantine, the held flow reset.
-    let mut unusual = FlowClient::tcp(&w.client, db2.addr(), 1, 1, false)?;
-    unusual.finish()?;
+    // First contact with kb2: one anomaly, one page, quarantine, the held flow reset. A bare
+    // connect (the probe): the step-up may reset this very connection before a client
+    // could finish an exchange on it.
+    let probe = Probe::new().in_cgroup(&w.client);
+    probe.expect_outcome(
+        &attempt("tcp", db2.addr().ip(), 6333),
+        Outcome::Ok,
+        "first contact with db2",
+    )?;
     let anomalies = wait_notices(&first, "flow.anomaly", 1, WAIT, |_| true)?;
     let a = &anomalies[0];
     ensure!(s(a, "/subject/workload") == Some("client-a"), "{a}");
@@ -315,7 +321,6 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
     );
 
     // Quarantined: the next connect is denied.
-    let probe = Probe::new().in_cgroup(&w.client);
     let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
     let denied = probe.run_one(&to_db1)?;
     ensure!(denied.outcome == Outcome::Eperm, "while quarantined: {denied:?}");
@@ -401,13 +406,16 @@ fn a_webhook_that_is_down_is_retried_a_bounded_number_of_times_and_enforcement_g
     first_applied_snapshot(&agent)?;
     // Nothing learned: everything after the window is new.
     w.wait_for_window_end()?;
-    let mut c = FlowClient::tcp(&w.client, db2.addr(), 1, 1, false)?;
-    c.finish()?;
+    let probe = Probe::new().in_cgroup(&w.client);
+    probe.expect_outcome(
+        &attempt("tcp", db2.addr().ip(), 6333),
+        Outcome::Ok,
+        "first contact with db2",
+    )?;
     wait_notices(&agent, "flow.anomaly", 1, WAIT, to("db2"))?;
     wait_notices(&agent, "subject.quarantined", 1, WAIT, |_| true)?;
 
     // While the pager retries, the agent enforces: the quarantine denies ...
-    let probe = Probe::new().in_cgroup(&w.client);
     let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
     probe.expect_outcome(&to_db1, Outcome::Eperm, "quarantined while the pager retries")?;
     // ... the page is given up after a bounded number of tries ...
