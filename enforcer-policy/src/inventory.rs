@@ -954,11 +954,19 @@ impl Walker {
                         }
                         Ok(_) => {
                             ok = false;
-                            self.err_hint(v.loc, format!("step_up ttl `{text}` is out of range"), HINT);
+                            self.err_hint(
+                                v.loc,
+                                format!("step_up ttl `{text}` is out of range"),
+                                HINT,
+                            );
                         }
                         Err(error) => {
                             ok = false;
-                            self.err_hint(v.loc, format!("invalid step_up ttl `{text}`: {error}"), HINT);
+                            self.err_hint(
+                                v.loc,
+                                format!("invalid step_up ttl `{text}`: {error}"),
+                                HINT,
+                            );
                         }
                     }
                 }
@@ -1050,8 +1058,7 @@ impl Walker {
             node,
             "endpoint",
             &[
-                "name", "tenant", "kind", "ips", "ports", "datasets", "track", "ingress",
-                "step_up",
+                "name", "tenant", "kind", "ips", "ports", "datasets", "track", "ingress", "step_up",
             ],
         )?;
         let mut item = ItemFields::default();
@@ -1446,10 +1453,15 @@ mod step_up_tests {
     #[test]
     fn step_up_is_parsed_and_a_bad_one_is_located() {
         let f = Path::new("inventory.yaml");
-        assert_eq!(Inventory::parse(f, BASE).unwrap().endpoints[0].step_up, None);
-        let inv =
-            Inventory::parse(f, &format!("{BASE}    step_up: {{action: quarantine, ttl: 3s}}\n"))
-                .unwrap();
+        assert_eq!(
+            Inventory::parse(f, BASE).unwrap().endpoints[0].step_up,
+            None
+        );
+        let inv = Inventory::parse(
+            f,
+            &format!("{BASE}    step_up: {{action: quarantine, ttl: 3s}}\n"),
+        )
+        .unwrap();
         assert_eq!(
             inv.endpoints[0].step_up,
             Some(StepUp {
@@ -1460,11 +1472,26 @@ mod step_up_tests {
         let inv = Inventory::parse(f, &format!("{BASE}    step_up: quarantine\n")).unwrap();
         assert_eq!(inv.endpoints[0].step_up.unwrap().ttl, StepUp::DEFAULT_TTL);
         for (text, wanted) in [
-            ("{action: quarantine, ttl: soon}", "inventory.yaml:7:40: error: invalid step_up ttl `soon`"),
-            ("{action: quarantine, ttl: 30d}", "inventory.yaml:7:40: error: step_up ttl `30d` is out of range"),
-            ("{action: throttle, ttl: 1m}", "inventory.yaml:7:23: error: unknown step_up action `throttle`"),
-            ("{ttl: 1m}", "inventory.yaml:7:15: error: step_up: missing field `action`"),
-            ("{action: quarantine, tll: 1m}", "inventory.yaml:7:35: error: step_up: unknown field `tll`"),
+            (
+                "{action: quarantine, ttl: soon}",
+                "inventory.yaml:7:40: error: invalid step_up ttl `soon`",
+            ),
+            (
+                "{action: quarantine, ttl: 30d}",
+                "inventory.yaml:7:40: error: step_up ttl `30d` is out of range",
+            ),
+            (
+                "{action: throttle, ttl: 1m}",
+                "inventory.yaml:7:23: error: unknown step_up action `throttle`",
+            ),
+            (
+                "{ttl: 1m}",
+                "inventory.yaml:7:15: error: step_up: missing field `action`",
+            ),
+            (
+                "{action: quarantine, tll: 1m}",
+                "inventory.yaml:7:35: error: step_up: unknown field `tll`",
+            ),
         ] {
             let err = Inventory::parse(f, &format!("{BASE}    step_up: {text}\n")).unwrap_err();
             let err = err.to_string();

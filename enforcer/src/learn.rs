@@ -119,9 +119,7 @@ impl Learner {
                 started: humantime::format_rfc3339_nanos(now).to_string(),
                 ..Stored::default()
             },
-            Err(error) => {
-                return Err(error).with_context(|| format!("reading {}", file.display()))
-            }
+            Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
         };
         let started = humantime::parse_rfc3339(&stored.started)
             .with_context(|| format!("{}: bad `started` {:?}", file.display(), stored.started))?;
@@ -177,7 +175,11 @@ impl Learner {
                 .subjects
                 .insert(subject.to_string(), Neighbourhood::default());
         }
-        let entry = self.stored.subjects.get_mut(subject).expect("inserted above");
+        let entry = self
+            .stored
+            .subjects
+            .get_mut(subject)
+            .expect("inserted above");
         let new: Vec<String> = datasets
             .iter()
             .filter(|d| !entry.learned.contains(*d) && !entry.reported.contains(*d))
@@ -235,8 +237,7 @@ impl Learner {
     /// Write, then rename: the file is the old state or the new one.
     fn save(&self) -> Result<()> {
         if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let tmp = self.file.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&self.stored)?)
@@ -298,9 +299,15 @@ mod tests {
             l.observe("a", &[format!("kb{i}")], t0).unwrap();
         }
         let capped = l.observe("a", &d(&["one-more"]), t0).unwrap();
-        assert!(matches!(capped, Outcome::Capped { first: true, .. }), "{capped:?}");
+        assert!(
+            matches!(capped, Outcome::Capped { first: true, .. }),
+            "{capped:?}"
+        );
         let again = l.observe("a", &d(&["and-another"]), t0).unwrap();
-        assert!(matches!(again, Outcome::Capped { first: false, .. }), "{again:?}");
+        assert!(
+            matches!(again, Outcome::Capped { first: false, .. }),
+            "{again:?}"
+        );
         assert_eq!(l.neighbourhood("a").unwrap().learned.len(), MAX_DATASETS);
     }
 
@@ -309,7 +316,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
         let err = Learner::open(dir.path(), Duration::from_secs(1), SystemTime::now()).unwrap_err();
-        assert!(format!("{err:#}").contains("not a neighbourhood file"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("not a neighbourhood file"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -317,7 +327,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let mut l = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
-        l.set_step_up("a", Some(t0 + Duration::from_secs(5))).unwrap();
+        l.set_step_up("a", Some(t0 + Duration::from_secs(5)))
+            .unwrap();
         let l2 = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
         assert_eq!(
             l2.step_ups().collect::<Vec<_>>(),

@@ -43,9 +43,9 @@ impl Webhook {
             .with_context(|| format!("--page-webhook {text:?} is not a URL"))?;
         match uri.scheme_str() {
             Some("http") => {}
-            Some(other) => bail!(
-                "--page-webhook {text:?}: scheme {other}:// is not supported (http:// only)"
-            ),
+            Some(other) => {
+                bail!("--page-webhook {text:?}: scheme {other}:// is not supported (http:// only)")
+            }
             None => bail!("--page-webhook {text:?}: give an absolute URL, http://HOST:PORT/PATH"),
         }
         let Some(authority) = uri.authority() else {
@@ -124,8 +124,7 @@ async fn deliver(
         let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=ATTEMPTS {
-            let result = match tokio::time::timeout(TRY_TIMEOUT, post(&webhook, body.clone()))
-                .await
+            let result = match tokio::time::timeout(TRY_TIMEOUT, post(&webhook, body.clone())).await
             {
                 Ok(result) => result,
                 Err(_) => Err(anyhow::anyhow!("no answer within {TRY_TIMEOUT:?}")),
@@ -168,7 +167,10 @@ async fn post(webhook: &Webhook, body: Bytes) -> Result<()> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))
         .context("building the request")?;
-    let answer = sender.send_request(request).await.context("sending the page");
+    let answer = sender
+        .send_request(request)
+        .await
+        .context("sending the page");
     connection.abort();
     let status = answer?.status();
     if !status.is_success() {

@@ -126,8 +126,7 @@ impl World {
     }
     fn neighbourhoods(&self) -> Result<Value> {
         let path = self.state.path().join("neighbourhoods.json");
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
     /// Waits (bounded) until the learning window the agent keeps in its file is over.
@@ -141,7 +140,10 @@ impl World {
         let over = wait_until(WAIT, Duration::from_millis(50), || {
             SystemTime::now() > end + Duration::from_millis(100)
         });
-        ensure!(over, "the learning window ({LEARN} from {started:?}) did not end");
+        ensure!(
+            over,
+            "the learning window ({LEARN} from {started:?}) did not end"
+        );
         Ok(())
     }
 }
@@ -240,8 +242,7 @@ fn serve(conn: std::net::TcpStream) -> Option<Value> {
 }
 
 #[test]
-fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restart(
-) -> Result<()> {
+fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restart() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
@@ -258,8 +259,9 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
     learn.finish()?;
     wait_notices(&first, "flow.opened", 1, WAIT, to("db1"))?;
     let learned = wait_until(WAIT, Duration::from_millis(20), || {
-        w.neighbourhoods()
-            .is_ok_and(|n| n.pointer("/subjects/client-a/learned") == Some(&serde_json::json!(["kb1"])))
+        w.neighbourhoods().is_ok_and(|n| {
+            n.pointer("/subjects/client-a/learned") == Some(&serde_json::json!(["kb1"]))
+        })
     });
     ensure!(
         learned,
@@ -271,7 +273,7 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
 
     // After the window: db1 is usual. A held connection to it is the flow the quarantine
     // must reset.
-    let mut held = FlowClient::tcp(&w.client, db1.addr(), 1, 1, true)?;
+    let held = FlowClient::tcp(&w.client, db1.addr(), 1, 1, true)?;
     wait_notices(&first, "flow.opened", 1, WAIT, |e| {
         e.pointer("/flow/source/port").and_then(Value::as_u64) == Some(u64::from(held.local.port()))
     })?;
@@ -289,8 +291,14 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
     let a = &anomalies[0];
     ensure!(s(a, "/subject/workload") == Some("client-a"), "{a}");
     ensure!(s(a, "/destination/name") == Some("db2"), "{a}");
-    ensure!(a["anomaly"]["new_datasets"] == serde_json::json!(["kb2"]), "{a}");
-    ensure!(a["anomaly"]["neighbourhood"] == serde_json::json!(["kb1"]), "{a}");
+    ensure!(
+        a["anomaly"]["new_datasets"] == serde_json::json!(["kb2"]),
+        "{a}"
+    );
+    ensure!(
+        a["anomaly"]["neighbourhood"] == serde_json::json!(["kb1"]),
+        "{a}"
+    );
     ensure!(s(a, "/anomaly/step_up") == Some("quarantine"), "{a}");
     ensure!(s(a, "/anomaly/quarantined_until").is_some(), "{a}");
     ensure!(a["dataset_scope"] == serde_json::json!(["kb2"]), "{a}");
@@ -323,20 +331,37 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
     // Quarantined: the next connect is denied.
     let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
     let denied = probe.run_one(&to_db1)?;
-    ensure!(denied.outcome == Outcome::Eperm, "while quarantined: {denied:?}");
+    ensure!(
+        denied.outcome == Outcome::Eperm,
+        "while quarantined: {denied:?}"
+    );
     wait_notices(&first, "connection.denied", 1, WAIT, |e| {
         s(e, "/reason") == Some("quarantined") && to("db1")(e)
     })?;
 
     // The page: exactly one, the anomaly's own event.
-    let paged = wait_until(WAIT, Duration::from_millis(20), || !webhook.bodies().is_empty());
-    ensure!(paged, "no page arrived; agent stderr:\n{}", first.stderr_tail());
+    let paged = wait_until(WAIT, Duration::from_millis(20), || {
+        !webhook.bodies().is_empty()
+    });
+    ensure!(
+        paged,
+        "no page arrived; agent stderr:\n{}",
+        first.stderr_tail()
+    );
 
     // After the TTL the quarantine lifts by itself.
     let back = probe.until(Outcome::Ok, &to_db1, Duration::from_millis(100), TTL + WAIT)?;
-    ensure!(back.reached, "still denied {:?} after the TTL: {back:?}", TTL + WAIT);
+    ensure!(
+        back.reached,
+        "still denied {:?} after the TTL: {back:?}",
+        TTL + WAIT
+    );
     let released = wait_notices(&first, "subject.released", 1, WAIT, |_| true)?;
-    ensure!(s(&released[0], "/workload") == Some("client-a"), "{}", released[0]);
+    ensure!(
+        s(&released[0], "/workload") == Some("client-a"),
+        "{}",
+        released[0]
+    );
     // kb2 again: no second anomaly (reported once per subject and dataset).
     let mut again = FlowClient::tcp(&w.client, db2.addr(), 1, 1, false)?;
     again.finish()?;
@@ -349,8 +374,16 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
     );
     let bodies = webhook.bodies();
     ensure!(bodies.len() == 1, "pages: {bodies:?}");
-    ensure!(s(&bodies[0], "/type") == Some("flow.anomaly"), "{}", bodies[0]);
-    ensure!(s(&bodies[0], "/subject/workload") == Some("client-a"), "{}", bodies[0]);
+    ensure!(
+        s(&bodies[0], "/type") == Some("flow.anomaly"),
+        "{}",
+        bodies[0]
+    );
+    ensure!(
+        s(&bodies[0], "/subject/workload") == Some("client-a"),
+        "{}",
+        bodies[0]
+    );
     let quarantines = notices(&first, "subject.quarantined")?.len();
     ensure!(quarantines == 1, "{quarantines} quarantines");
 
@@ -400,8 +433,8 @@ fn a_webhook_that_is_down_is_retried_a_bounded_number_of_times_and_enforcement_g
     let db2 = FlowServer::start(w.addr(11))?;
     let _db1 = FlowServer::start(w.addr(10))?;
     // A port nobody listens on: bound, then released.
-    let dead = TcpListener::bind(SocketAddr::new(IpAddr::from([127, NET, 2, 50]), 0))?
-        .local_addr()?;
+    let dead =
+        TcpListener::bind(SocketAddr::new(IpAddr::from([127, NET, 2, 50]), 0))?.local_addr()?;
     let mut agent = Agent::start(w.config(&format!("http://{dead}/page")))?;
     first_applied_snapshot(&agent)?;
     // Nothing learned: everything after the window is new.
@@ -417,18 +450,30 @@ fn a_webhook_that_is_down_is_retried_a_bounded_number_of_times_and_enforcement_g
 
     // While the pager retries, the agent enforces: the quarantine denies ...
     let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
-    probe.expect_outcome(&to_db1, Outcome::Eperm, "quarantined while the pager retries")?;
+    probe.expect_outcome(
+        &to_db1,
+        Outcome::Eperm,
+        "quarantined while the pager retries",
+    )?;
     // ... the page is given up after a bounded number of tries ...
     let stderr = || std::fs::read_to_string(agent.stderr_path()).unwrap_or_default();
     let given_up = wait_until(WAIT, Duration::from_millis(50), || {
         stderr().contains("page not delivered, given up")
     });
-    ensure!(given_up, "the page was not given up:\n{}", agent.stderr_tail());
+    ensure!(
+        given_up,
+        "the page was not given up:\n{}",
+        agent.stderr_tail()
+    );
     let tries = stderr().matches("page failed").count() + 1;
     ensure!(tries == 5, "{tries} tries, want 5:\n{}", stderr());
     // ... and the TTL still lifts the quarantine.
     let back = probe.until(Outcome::Ok, &to_db1, Duration::from_millis(100), TTL + WAIT)?;
     ensure!(back.reached, "still denied after the TTL: {back:?}");
-    ensure!(agent.is_running(), "the agent stopped:\n{}", agent.stderr_tail());
+    ensure!(
+        agent.is_running(),
+        "the agent stopped:\n{}",
+        agent.stderr_tail()
+    );
     Ok(())
 }

@@ -735,8 +735,18 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         // Activity rather than a Detection Finding: the finding is this flow, and the SOC
         // correlates it with the flow's other events by the same class and endpoints.
         super::flow::ANOMALY => {
-            let severity = if flow.anomaly.as_ref().is_some_and(|a| a.step_up.is_some()) { 4 } else { 3 };
-            ((6, "Traffic"), severity, (3, "Observed"), (15, "Detected"), true)
+            let severity = if flow.anomaly.as_ref().is_some_and(|a| a.step_up.is_some()) {
+                4
+            } else {
+                3
+            };
+            (
+                (6, "Traffic"),
+                severity,
+                (3, "Observed"),
+                (15, "Detected"),
+                true,
+            )
         }
         _ => ((6, "Traffic"), 3, (3, "Observed"), (15, "Detected"), true),
     };
@@ -776,7 +786,9 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         ),
         super::flow::ANOMALY => {
             let anomaly = flow.anomaly.as_ref();
-            let new = anomaly.map(|a| a.new_datasets.join(", ")).unwrap_or_default();
+            let new = anomaly
+                .map(|a| a.new_datasets.join(", "))
+                .unwrap_or_default();
             match anomaly.and_then(|a| a.step_up) {
                 Some(step_up) => format!("first contact with {new}, outside its learned neighbourhood; step-up: {step_up}"),
                 None => format!("first contact with {new}, outside its learned neighbourhood"),
