@@ -221,6 +221,8 @@ pub struct Identity {
     pub spiffe_id: Option<String>,
     pub endpoint_kind: Option<String>,
     pub datasets: Vec<String>,
+    /// An endpoint's `step_up` (see [`crate::inventory::StepUp`]).
+    pub step_up: Option<crate::inventory::StepUp>,
     pub cgroups: Vec<String>,
     pub ips: Vec<IpNet>,
     /// Cedar decimal text; "0.0" when not set.
@@ -391,6 +393,7 @@ fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
         spiffe_id: None,
         endpoint_kind: None,
         datasets: vec![],
+        step_up: None,
         cgroups: vec![],
         ips: vec![],
         risk: "0.0".into(),
@@ -485,6 +488,7 @@ impl Identities {
                 tenant: e.tenant.clone(),
                 endpoint_kind: Some(e.kind.clone()),
                 datasets: e.datasets.clone(),
+                step_up: e.step_up,
                 ips: without(&e.ips, &merged.taken_over),
                 flags: f,
                 ports: e.ports.clone(),

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
@@ -76,6 +77,29 @@ impl IngressMode {
     }
 }
 
+/// `step_up` on an endpoint: what the agent does when a subject reaches one of the endpoint's
+/// datasets outside its learned neighbourhood (`enforcer run --learn`). Written
+/// `step_up: { action: quarantine, ttl: 10m }` (or `step_up: quarantine`, TTL
+/// [`StepUp::DEFAULT_TTL`]): the subject is quarantined for `ttl`, then released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StepUp {
+    pub action: StepUpAction,
+    /// How long the quarantine lasts: from 1 s to [`StepUp::MAX_TTL`].
+    pub ttl: std::time::Duration,
+}
+
+impl StepUp {
+    pub const DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+    /// A week: a longer quarantine is a decision for a person (`enforcer quarantine add`).
+    pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepUpAction {
+    Quarantine,
+}
+
 /// A thing that runs. With `cgroups` it is a subject; with `ips` it is a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -112,6 +136,8 @@ pub struct Endpoint {
     pub ingress: IngressMode,
     /// `rate_limit`: each subject's connection budget to this endpoint ([`crate::rate`]).
     pub rate_limit: Option<crate::rate::RateLimitSpec>,
+    /// What an anomalous first contact with this endpoint's datasets triggers.
+    pub step_up: Option<StepUp>,
     pub loc: Loc,
 }
 
@@ -974,6 +1000,70 @@ impl Walker {
         }
     }
 
+    /// `step_up: quarantine` or `step_up: { action: quarantine, ttl: 10m }`.
+    fn step_up(&mut self, node: &Node) -> Option<StepUp> {
+        const HINT: &str = "step_up: { action: quarantine, ttl: 10m } (ttl from 1s to 7d)";
+        let action = |walker: &mut Self, node: &Node| match walker.string(node, "step_up action") {
+            Some(a) if a == "quarantine" => Some(StepUpAction::Quarantine),
+            Some(other) => {
+                walker.err_hint(node.loc, format!("unknown step_up action `{other}`"), HINT);
+                None
+            }
+            None => None,
+        };
+        if let Value::Scalar(..) = node.value {
+            return Some(StepUp {
+                action: action(self, node)?,
+                ttl: StepUp::DEFAULT_TTL,
+            });
+        }
+        let fields = self.map(node, "step_up", &["action", "ttl"])?;
+        let mut step_up = StepUp {
+            action: StepUpAction::Quarantine,
+            ttl: StepUp::DEFAULT_TTL,
+        };
+        let mut has_action = false;
+        let mut ok = true;
+        for (k, v) in fields {
+            match k {
+                "action" => match action(self, v) {
+                    Some(a) => (step_up.action, has_action) = (a, true),
+                    None => ok = false,
+                },
+                "ttl" => {
+                    let text = self.string(v, "ttl").unwrap_or_default();
+                    match humantime::parse_duration(&text) {
+                        Ok(ttl) if (Duration::from_secs(1)..=StepUp::MAX_TTL).contains(&ttl) => {
+                            step_up.ttl = ttl
+                        }
+                        Ok(_) => {
+                            ok = false;
+                            self.err_hint(
+                                v.loc,
+                                format!("step_up ttl `{text}` is out of range"),
+                                HINT,
+                            );
+                        }
+                        Err(error) => {
+                            ok = false;
+                            self.err_hint(
+                                v.loc,
+                                format!("invalid step_up ttl `{text}`: {error}"),
+                                HINT,
+                            );
+                        }
+                    }
+                }
+                _ => unreachable!("`map` lets through only the fields it was given"),
+            }
+        }
+        if !has_action && ok {
+            self.err_hint(node.loc, "step_up: missing field `action`", HINT);
+            return None;
+        }
+        ok.then_some(step_up)
+    }
+
     fn workload(&mut self, node: &Node) -> Option<Workload> {
         let fields = self.map(
             node,
@@ -1061,6 +1151,7 @@ impl Walker {
                 "track",
                 "ingress",
                 "rate_limit",
+                "step_up",
             ],
         )?;
         let mut item = ItemFields::default();
@@ -1074,6 +1165,7 @@ impl Walker {
             track: false,
             ingress: IngressMode::Off,
             rate_limit: None,
+            step_up: None,
             loc: node.loc,
         };
         for (k, v) in fields {
@@ -1082,6 +1174,7 @@ impl Walker {
                 "rate_limit" => e.rate_limit = self.rate_limit(v),
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
                 "track" => e.track = self.bool(v, "track"),
+                "step_up" => e.step_up = self.step_up(v),
                 "datasets" => {
                     e.datasets = self
                         .strings(v, "datasets")
@@ -1508,6 +1601,62 @@ mod ingress_tests {
                 format!("inventory.yaml:7:{column}")
             };
             assert!(err.contains(&at) && err.contains(message), "{body}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod step_up_tests {
+    use super::*;
+
+    const BASE: &str = "tenants: [acme]\nendpoints:\n  - name: acme-vectors\n    tenant: acme\n    kind: vector_db\n    ips: [127.93.0.10/32]\n";
+
+    #[test]
+    fn step_up_is_parsed_and_a_bad_one_is_located() {
+        let f = Path::new("inventory.yaml");
+        assert_eq!(
+            Inventory::parse(f, BASE).unwrap().endpoints[0].step_up,
+            None
+        );
+        let inv = Inventory::parse(
+            f,
+            &format!("{BASE}    step_up: {{action: quarantine, ttl: 3s}}\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            inv.endpoints[0].step_up,
+            Some(StepUp {
+                action: StepUpAction::Quarantine,
+                ttl: Duration::from_secs(3)
+            })
+        );
+        let inv = Inventory::parse(f, &format!("{BASE}    step_up: quarantine\n")).unwrap();
+        assert_eq!(inv.endpoints[0].step_up.unwrap().ttl, StepUp::DEFAULT_TTL);
+        for (text, wanted) in [
+            (
+                "{action: quarantine, ttl: soon}",
+                "inventory.yaml:7:40: error: invalid step_up ttl `soon`",
+            ),
+            (
+                "{action: quarantine, ttl: 30d}",
+                "inventory.yaml:7:40: error: step_up ttl `30d` is out of range",
+            ),
+            (
+                "{action: throttle, ttl: 1m}",
+                "inventory.yaml:7:23: error: unknown step_up action `throttle`",
+            ),
+            (
+                "{ttl: 1m}",
+                "inventory.yaml:7:15: error: step_up: missing field `action`",
+            ),
+            (
+                "{action: quarantine, tll: 1m}",
+                "inventory.yaml:7:35: error: step_up: unknown field `tll`",
+            ),
+        ] {
+            let err = Inventory::parse(f, &format!("{BASE}    step_up: {text}\n")).unwrap_err();
+            let err = err.to_string();
+            assert!(err.contains(wanted), "{text}: {err}");
         }
     }
 }

@@ -41,6 +41,8 @@ use crate::metrics::{self, Metrics};
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
+mod step_up;
+
 /// Ring-buffer records handled before the event task yields (see `drain_turn`).
 const EVENT_BATCH: usize = 1024;
 
@@ -82,6 +84,10 @@ pub struct RunOptions {
     pub flow_key_file: Option<PathBuf>,
     /// `--events-group`: the gid that may also read `enforcer events` (default: root only).
     pub events_group: Option<u32>,
+    /// `--learn`: the learning window of the usual neighbourhoods ([`crate::learn`]).
+    pub learn: Option<Duration>,
+    /// `--page-webhook`: where step-ups are paged ([`crate::page`]).
+    pub page_webhook: Option<crate::page::Webhook>,
 }
 
 /// `enforcer run --kubernetes`: where the cluster comes from and how it is merged.
@@ -294,6 +300,12 @@ struct Agent {
     /// TCP flows no longer permitted whose reset failed (by cookie): reported
     /// `flow.revoke_failed` once, retried on every tick until reset or gone.
     revoke_failed: BTreeSet<u64>,
+    /// `--learn`: the usual neighbourhoods, and the anomalies after the window.
+    learner: Option<crate::learn::Learner>,
+    /// `--page-webhook`.
+    pager: Option<crate::page::Pager>,
+    /// Step-up quarantines in force (identity -> when they lift; kept in the learner's file).
+    step_ups: BTreeMap<u32, SystemTime>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -459,6 +471,24 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Set by the event task when a tracked handshake completes under an older policy than the
     // newest (see `stream_events`); one permit however many arrive before the agent looks.
     let stale_handshake = Arc::new(tokio::sync::Notify::new());
+    // `flow.opened` records for the learner: only with `--learn`.
+    let (contact_tx, mut contact_rx) = mpsc::unbounded_channel();
+    let learner = match options.learn {
+        Some(window) => {
+            let learner =
+                crate::learn::Learner::open(&options.state_dir, window, SystemTime::now())
+                    .context("opening the learned neighbourhoods (--learn)")?;
+            tracing::info!(
+                until = %humantime::format_rfc3339_seconds(learner.learning_until()),
+                file = %options.state_dir.join(crate::learn::FILE).display(),
+                "learning the usual neighbourhoods"
+            );
+            Some(learner)
+        }
+        None => None,
+    };
+    let contact_tx = learner.is_some().then_some(contact_tx);
+    let pager = options.page_webhook.clone().map(crate::page::Pager::spawn);
     let fingerprint_now = fingerprint(&options.policies);
     // Keys before the hooks: the first tagged SYN is signed, never sent bare.
     let mut flow_keys = options.flow_key_file.clone().map(crate::wire::KeyFile::new);
@@ -481,6 +511,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         flow_events: flow_tx,
         stale_reported: BTreeSet::new(),
         revoke_failed: BTreeSet::new(),
+        learner,
+        pager,
+        step_ups: BTreeMap::new(),
         options,
         cgroup_mount,
         cgroup_root,
@@ -501,6 +534,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .apply_full(None)
         .context("writing the first policy into the kernel")?;
     agent.count_quarantined();
+    agent.adopt_step_ups();
     match rejected {
         Some(error) => agent.reject(error),
         None => agent.save_last_good(),
@@ -539,6 +573,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         flow_rx,
         quarantine_tx,
         stale_handshake.clone(),
+        contact_tx,
         emitter,
         reopen,
         agent.options.events_aggregate,
@@ -571,6 +606,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = ticker.tick() => {
                 agent.watch_status = watcher.as_ref().map(Watcher::status);
                 agent.tick();
+                agent.lift_step_ups();
             }
             _ = tree_changed(watcher.as_ref()) => agent.resync_cgroups(),
             Some(state) = next_cluster(&mut cluster_rx) => agent.cluster_changed(state),
@@ -582,6 +618,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = stale_handshake.notified() => {
                 agent.revoke_flows("a handshake completed under an older policy");
             }
+            Some((cookie, record)) = contact_rx.recv() => agent.contact(cookie, &record),
         }
         if events.is_finished() {
             bail!("the event stream stopped: {:?}", events.await);
@@ -1106,6 +1143,8 @@ impl Agent {
             self.quarantined.insert(id);
             return Response::error(format!("releasing {workload}: {error:#}"));
         }
+        // Released by hand before its TTL: nothing left to lift.
+        self.forget_step_up(id);
         self.count_quarantined();
         self.save_state();
         let _ = self.notices.send(Notice::Released {
@@ -1645,6 +1684,7 @@ async fn stream_events(
     mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
     quarantine: mpsc::UnboundedSender<(u32, String)>,
     stale_handshake: Arc<tokio::sync::Notify>,
+    contacts: Option<mpsc::UnboundedSender<(u64, enforcer_common::FlowRecord)>>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
     aggregate_window: Duration,
@@ -1716,6 +1756,11 @@ async fn stream_events(
                         stale_handshake.notify_one();
                     }
                     let Some(policy) = history.at(event.record.policy_generation) else { return Ok(()) };
+                    if event.kind == flow_kind::OPENED {
+                        if let Some(contacts) = &contacts {
+                            let _ = contacts.send((event.cookie, event.record));
+                        }
+                    }
                     let mut call = flow_call(&event, &policy);
                     call.policy.snapshot = snapshot_of(&history, &event.record);
                     events.emit(Event::Flow(call)).map(drop)

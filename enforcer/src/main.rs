@@ -100,6 +100,15 @@ enum Command {
         /// default only root may.
         #[arg(long, value_name = "GROUP")]
         events_group: Option<String>,
+        /// Learn each subject's usual datasets for this long from the first run (`24h`; kept
+        /// in the state directory across restarts); after it, a first contact with another
+        /// dataset is a `flow.anomaly` event (and the endpoint's `step_up`, if any).
+        #[arg(long, value_name = "DURATION", value_parser = parse_learn)]
+        learn: Option<std::time::Duration>,
+        /// POST each step-up (a `flow.anomaly` on an endpoint with `step_up`) as JSON to this
+        /// URL (http://HOST:PORT/PATH), retried with backoff, never blocking enforcement.
+        #[arg(long, value_name = "URL", value_parser = enforcer::page::Webhook::parse)]
+        page_webhook: Option<enforcer::page::Webhook>,
     },
     /// The running agent's events: the recent ones (from its in-memory history of the last
     /// 10,000) and, with --follow, new ones as they happen. Filters combine (all must match).
@@ -279,6 +288,15 @@ enum EventsOutput {
     Ocsf,
 }
 
+fn parse_learn(text: &str) -> Result<std::time::Duration> {
+    let window = humantime::parse_duration(text)
+        .with_context(|| format!("--learn {text:?}: a duration such as 24h, 7d, 30s"))?;
+    if window.is_zero() {
+        anyhow::bail!("--learn {text:?}: the learning window must not be empty");
+    }
+    Ok(window)
+}
+
 fn parse_since(text: &str) -> Result<std::time::Duration> {
     humantime::parse_duration(text)
         .with_context(|| format!("--since {text:?}: a duration such as 30s, 10m, 2h"))
@@ -433,6 +451,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             kubernetes,
             metrics,
             events_group,
+            learn,
+            page_webhook,
         } => {
             if events_max_bytes.is_some() && events == "-" {
                 anyhow::bail!("--events-max-bytes rotates a file: give --events FILE (standard output is not rotated)");
@@ -478,6 +498,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     .as_deref()
                     .map(enforcer::events::stream::parse_group)
                     .transpose()?,
+                learn,
+                page_webhook,
             };
             runtime()?.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)

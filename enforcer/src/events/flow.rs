@@ -19,6 +19,9 @@ pub const STALE: &str = "flow.stale";
 /// A flow no longer permitted that the agent could not reset (its network namespace could
 /// not be entered, or the kernel refused): the record is kept and the reset retried.
 pub const REVOKE_FAILED: &str = "flow.revoke_failed";
+/// The first contact of a subject with a dataset outside its learned neighbourhood
+/// (`enforcer run --learn`, see [`crate::learn`]): once per (subject, dataset).
+pub const ANOMALY: &str = "flow.anomaly";
 
 #[derive(Debug, Serialize)]
 pub struct FlowCall {
@@ -31,6 +34,29 @@ pub struct FlowCall {
     pub policy: FlowPolicy,
     pub subject_chain: Vec<String>,
     pub dataset_scope: Vec<String>,
+    /// `flow.anomaly`: what was unusual and what the agent did about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<Anomaly>,
+    /// `flow.anomaly`: the ATLAS techniques of reaching data outside one's neighbourhood.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub atlas: Vec<enforcer_policy::AtlasTechnique>,
+}
+
+/// The `anomaly` object of `flow.anomaly`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Anomaly {
+    /// The datasets of this flow outside the subject's neighbourhood (first contact).
+    pub new_datasets: Vec<String>,
+    /// The subject's neighbourhood: the datasets it reached while learning.
+    pub neighbourhood: Vec<String>,
+    /// When the learning window ended.
+    pub learned_until: Time,
+    /// The destination's `step_up`, when it has one: `quarantine` ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_up: Option<&'static str>,
+    /// ... and until when (absent when the subject was already quarantined).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined_until: Option<Time>,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +165,8 @@ pub fn flow(
             .into_iter()
             .collect(),
         dataset_scope: destination.map(|i| i.datasets.clone()).unwrap_or_default(),
+        anomaly: None,
+        atlas: Vec::new(),
     }
 }
 

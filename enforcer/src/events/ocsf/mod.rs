@@ -5,6 +5,7 @@
 //! | `connection.denied` | Network Activity (4001) | Refuse (5) |
 //! | `connection.audited` | Network Activity (4001) | Open (1): the call went through |
 //! | an allowed call (flow records, later) | Network Activity (4001) | Open (1) |
+//! | `flow.anomaly` | Network Activity (4001), `is_alert`, ATLAS `attacks` | Traffic (6), disposition Detected |
 //! | `policy.applied`, `policy.rejected` | Entity Management (3004), a Policy entity | Update (3), status Success / Failure |
 //! | `subject.quarantined` | Entity Management (3004), the workload | Suspend (12) |
 //! | `subject.released` | Entity Management (3004), the workload | Resume (13) |
@@ -732,6 +733,24 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         super::flow::CLOSED => ((2, "Close"), 1, (1, "Allowed"), (1, "Allowed"), false),
         super::flow::REVOKED => ((3, "Reset"), 3, (2, "Denied"), (2, "Blocked"), true),
         super::flow::REVOKE_FAILED => ((6, "Traffic"), 4, (3, "Observed"), (15, "Detected"), true),
+        // An allowed flow that is unusual for its subject: observed and detected, not refused
+        // (the step-up, if any, is a quarantine of the subject: its own event). Network
+        // Activity rather than a Detection Finding: the finding is this flow, and the SOC
+        // correlates it with the flow's other events by the same class and endpoints.
+        super::flow::ANOMALY => {
+            let severity = if flow.anomaly.as_ref().is_some_and(|a| a.step_up.is_some()) {
+                4
+            } else {
+                3
+            };
+            (
+                (6, "Traffic"),
+                severity,
+                (3, "Observed"),
+                (15, "Detected"),
+                true,
+            )
+        }
         _ => ((6, "Traffic"), 3, (3, "Observed"), (15, "Detected"), true),
     };
     let mut event = header(
@@ -768,6 +787,16 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
             flow.flow.reason.unwrap_or("denied"),
             flow.flow.error.as_deref().unwrap_or("unknown error")
         ),
+        super::flow::ANOMALY => {
+            let anomaly = flow.anomaly.as_ref();
+            let new = anomaly
+                .map(|a| a.new_datasets.join(", "))
+                .unwrap_or_default();
+            match anomaly.and_then(|a| a.step_up) {
+                Some(step_up) => format!("first contact with {new}, outside its learned neighbourhood; step-up: {step_up}"),
+                None => format!("first contact with {new}, outside its learned neighbourhood"),
+            }
+        }
         _ => format!(
             "connected UDP socket no longer permitted ({}); it cannot be closed from outside",
             flow.flow.reason.unwrap_or("denied")
@@ -849,7 +878,9 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         version: Some(version),
         is_applied: true,
     });
+    event.attacks = attacks(&flow.atlas);
     event.unmapped = Unmapped::Notice(json!({
+        "anomaly": flow.anomaly,
         "flow": {"cookie": flow.flow.cookie, "reason": flow.flow.reason},
         "subject": {
             "identity": subject.identity,

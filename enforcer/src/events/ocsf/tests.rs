@@ -804,8 +804,19 @@ fn every_flow_event_conforms_to_network_activity() {
         (flow::REVOKED, 3),
         (flow::STALE, 6),
         (flow::REVOKE_FAILED, 6),
+        (flow::ANOMALY, 6),
     ] {
         let mut call = flow::flow(kind, now, 99, &record, demo());
+        if kind == flow::ANOMALY {
+            call.anomaly = Some(flow::Anomaly {
+                new_datasets: vec!["acme-kb".into()],
+                neighbourhood: vec!["acme-docs".into()],
+                learned_until: crate::events::record::Time(now),
+                step_up: Some("quarantine"),
+                quarantined_until: Some(crate::events::record::Time(now)),
+            });
+            call.atlas = crate::learn::atlas(true);
+        }
         if kind == flow::CLOSED {
             call.flow.bytes_sent = Some(1008);
             call.flow.bytes_received = Some(2345);
@@ -844,6 +855,19 @@ fn every_flow_event_conforms_to_network_activity() {
     assert_eq!(closed["duration"], 12);
     assert_eq!(expected[2]["policy"]["uid"], "tenant-isolation");
     assert_eq!(expected[2]["is_alert"], true);
+    let anomaly = &expected[5];
+    assert_eq!(anomaly["is_alert"], true);
+    assert_eq!(anomaly["disposition_id"], 15);
+    assert_eq!(anomaly["severity_id"], 4);
+    assert_eq!(anomaly["unmapped"]["anomaly"]["new_datasets"][0], "acme-kb");
+    assert!(
+        anomaly["attacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["sub_technique"]["uid"] == "AML.T0085.000"),
+        "{anomaly}"
+    );
     let failed = &expected[4];
     assert_eq!(failed["status_id"], 2);
     assert_eq!(failed["is_alert"], true);

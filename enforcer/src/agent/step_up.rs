@@ -1,0 +1,186 @@
+//! The agent's side of `--learn` and `step_up`: each `flow.opened` record is shown to the
+//! learner ([`crate::learn`]); an anomaly is a `flow.anomaly` event, and when the destination
+//! has `step_up: quarantine` the subject is quarantined through the ordinary quarantine (its
+//! tracked flows are re-decided and reset) for the TTL, a page is sent ([`crate::page`]), and
+//! the tick lifts the quarantine when the TTL is over (`subject.released`). The lift time is
+//! kept in the learner's file, so a restart neither forgets nor extends it.
+
+use std::time::SystemTime;
+
+use enforcer_common::{identity, FlowRecord};
+use enforcer_policy::inventory::StepUpAction;
+
+use super::{snapshot_of, Agent};
+use crate::events::flow::{self as flow_event, Anomaly};
+use crate::events::record::Time;
+use crate::learn::Outcome;
+
+impl Agent {
+    /// One `flow.opened` record (socket `cookie`), as the kernel recorded it.
+    pub(super) fn contact(&mut self, cookie: u64, record: &FlowRecord) {
+        let Some(learner) = &mut self.learner else {
+            return;
+        };
+        let policy = self
+            .history
+            .at(record.policy_generation)
+            .unwrap_or_else(|| self.compiled.clone());
+        if record.subject == identity::UNKNOWN {
+            return;
+        }
+        let (Some(subject), Some(destination)) = (
+            policy.identity(record.subject),
+            policy.identity(record.destination),
+        ) else {
+            return;
+        };
+        let datasets = if destination.datasets.is_empty() {
+            vec![format!("endpoint:{}", destination.name)]
+        } else {
+            destination.datasets.clone()
+        };
+        let subject_name = subject.name.clone();
+        let now = SystemTime::now();
+        let outcome = match learner.observe(&subject_name, &datasets, now) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::error!(subject = %subject_name, "recording a neighbourhood: {error:#}");
+                return;
+            }
+        };
+        let new = match outcome {
+            Outcome::Learning { added } => {
+                if added > 0 {
+                    tracing::info!(subject = %subject_name, ?datasets, "learned: part of the subject's neighbourhood");
+                }
+                return;
+            }
+            Outcome::Known => return,
+            Outcome::Capped { what, first } => {
+                if first {
+                    tracing::warn!(subject = %subject_name, bound = %what, "neighbourhood bound reached: further datasets are neither learned nor reported");
+                }
+                return;
+            }
+            Outcome::Anomaly { new } => new,
+        };
+        let neighbourhood: Vec<String> = learner
+            .neighbourhood(&subject_name)
+            .map(|n| n.learned.iter().cloned().collect())
+            .unwrap_or_default();
+        let learned_until = learner.learning_until();
+        // The step-up in force now (the policy may have changed since the connect).
+        let step_up = self
+            .compiled
+            .identity_by_name(&destination.name)
+            .and_then(|i| i.step_up);
+        let vector_db = destination.endpoint_kind.as_deref() == Some("vector_db");
+        let mut call = flow_event::flow(flow_event::ANOMALY, now, cookie, record, &policy);
+        call.policy.snapshot = snapshot_of(&self.history, record);
+        call.atlas = crate::learn::atlas(vector_db);
+        let mut anomaly = Anomaly {
+            new_datasets: new.clone(),
+            neighbourhood,
+            learned_until: Time(learned_until),
+            step_up: None,
+            quarantined_until: None,
+        };
+        tracing::warn!(subject = %subject_name, destination = %destination.name, datasets = ?new, "anomaly: first contact outside the learned neighbourhood");
+        let mut quarantine = None;
+        if let Some(step_up) = step_up {
+            match step_up.action {
+                StepUpAction::Quarantine => {
+                    anomaly.step_up = Some("quarantine");
+                    if !self.quarantined.contains(&record.subject) {
+                        let until = now + step_up.ttl;
+                        anomaly.quarantined_until = Some(Time(until));
+                        quarantine = Some(until);
+                    }
+                }
+            }
+        }
+        call.anomaly = Some(anomaly);
+        if step_up.is_some() {
+            if let Some(pager) = &self.pager {
+                match serde_json::to_value(&call) {
+                    Ok(body) => pager.page(body),
+                    Err(error) => tracing::error!("encoding a page: {error}"),
+                }
+            }
+        }
+        let _ = self.flow_events.send(call);
+        if let Some(until) = quarantine {
+            self.step_ups.insert(record.subject, until);
+            if let Some(learner) = &mut self.learner {
+                if let Err(error) = learner.set_step_up(&subject_name, Some(until)) {
+                    tracing::error!(subject = %subject_name, "keeping the step-up's end: {error:#}");
+                }
+            }
+            self.quarantine(
+                record.subject,
+                format!("step-up: anomaly ({})", new.join(", ")),
+            );
+        }
+    }
+
+    /// After a restart: the step-ups an earlier agent recorded whose subject is still
+    /// quarantined are lifted on time; the others (released meanwhile, or gone from the
+    /// policy) are forgotten.
+    pub(super) fn adopt_step_ups(&mut self) {
+        let Some(learner) = &self.learner else {
+            return;
+        };
+        let recorded: Vec<(String, SystemTime)> = learner
+            .step_ups()
+            .map(|(name, until)| (name.to_string(), until))
+            .collect();
+        for (name, until) in recorded {
+            match self.compiled.identity_by_name(&name).map(|i| i.id) {
+                Some(id) if self.quarantined.contains(&id) => {
+                    self.step_ups.insert(id, until);
+                }
+                _ => {
+                    if let Some(learner) = &mut self.learner {
+                        if let Err(error) = learner.set_step_up(&name, None) {
+                            tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases the step-up quarantines whose TTL is over (called on every tick).
+    pub(super) fn lift_step_ups(&mut self) {
+        let now = SystemTime::now();
+        let due: Vec<u32> = self
+            .step_ups
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let name = self.name_of(id);
+            let response = self.release(&name);
+            if response.ok {
+                tracing::info!(subject = %name, "step-up quarantine lifted: its TTL is over");
+            } else {
+                tracing::warn!(subject = %name, "lifting a step-up quarantine: {}", response.message);
+            }
+            self.forget_step_up(id);
+        }
+    }
+
+    /// The subject's step-up is over (lifted, or released by hand).
+    pub(super) fn forget_step_up(&mut self, id: u32) {
+        if self.step_ups.remove(&id).is_none() {
+            return;
+        }
+        let name = self.name_of(id);
+        if let Some(learner) = &mut self.learner {
+            if let Err(error) = learner.set_step_up(&name, None) {
+                tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Paging (`--page-webhook URL`): an anomaly that stepped a subject up is POSTed as JSON to an
+//! on-call webhook. The pager is its own task behind a bounded queue: [`Pager::page`] never
+//! waits, so a slow or dead webhook can hold up neither the agent's loop nor the ring-buffer
+//! drain. Each page is tried [`ATTEMPTS`] times with exponential backoff, then dropped; a
+//! page that finds the queue full is dropped at once. Both are logged and counted
+//! ([`PageCounts`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Request, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Pages waiting for the webhook; beyond this a page is dropped (and counted).
+pub const QUEUE: usize = 64;
+/// Tries per page (the first included).
+pub const ATTEMPTS: u32 = 5;
+/// The wait before the second try; doubled before each further one (0.2, 0.4, 0.8, 1.6 s:
+/// a page gives up about 3 s after it was first tried, so a dead webhook holds no page long).
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// One try (connect, send, answer) gives up after this long.
+const TRY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where pages go: `http://HOST:PORT/PATH` (HTTP only: the webhook is expected on the node's
+/// network or behind a local relay).
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    uri: Uri,
+    authority: String,
+}
+
+impl Webhook {
+    /// Parses `--page-webhook`. Errors: not an absolute `http://` URL.
+    pub fn parse(text: &str) -> Result<Webhook> {
+        let uri: Uri = text
+            .parse()
+            .with_context(|| format!("--page-webhook {text:?} is not a URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                bail!("--page-webhook {text:?}: scheme {other}:// is not supported (http:// only)")
+            }
+            None => bail!("--page-webhook {text:?}: give an absolute URL, http://HOST:PORT/PATH"),
+        }
+        let Some(authority) = uri.authority() else {
+            bail!("--page-webhook {text:?} has no host");
+        };
+        let authority = match authority.port_u16() {
+            Some(_) => authority.to_string(),
+            None => format!("{}:80", authority.host()),
+        };
+        Ok(Webhook { uri, authority })
+    }
+
+    fn target(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+}
+
+impl std::fmt::Display for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.uri)
+    }
+}
+
+/// What the pager did since the agent started.
+#[derive(Debug, Default)]
+pub struct PageCounts {
+    /// Pages the webhook accepted (a 2xx answer).
+    pub sent: AtomicU64,
+    /// Tries that failed (refused, timed out, or a non-2xx answer).
+    pub failed_tries: AtomicU64,
+    /// Pages given up after [`ATTEMPTS`] tries.
+    pub given_up: AtomicU64,
+    /// Pages dropped because [`QUEUE`] pages were already waiting.
+    pub dropped: AtomicU64,
+}
+
+/// The handle the agent pages through.
+#[derive(Clone)]
+pub struct Pager {
+    tx: mpsc::Sender<serde_json::Value>,
+    counts: Arc<PageCounts>,
+}
+
+impl Pager {
+    /// Starts the pager task (on the current tokio runtime).
+    pub fn spawn(webhook: Webhook) -> Pager {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let counts = Arc::new(PageCounts::default());
+        tokio::spawn(deliver(webhook, rx, counts.clone()));
+        Pager { tx, counts }
+    }
+
+    /// Queues `body`; never waits. A full queue drops it (logged and counted).
+    pub fn page(&self, body: serde_json::Value) {
+        if self.tx.try_send(body).is_err() {
+            let dropped = self.counts.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::error!(
+                dropped,
+                queue = QUEUE,
+                "page dropped: the webhook queue is full"
+            );
+        }
+    }
+
+    pub fn counts(&self) -> &PageCounts {
+        &self.counts
+    }
+}
+
+async fn deliver(
+    webhook: Webhook,
+    mut rx: mpsc::Receiver<serde_json::Value>,
+    counts: Arc<PageCounts>,
+) {
+    while let Some(body) = rx.recv().await {
+        let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=ATTEMPTS {
+            let result = match tokio::time::timeout(TRY_TIMEOUT, post(&webhook, body.clone())).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("no answer within {TRY_TIMEOUT:?}")),
+            };
+            match result {
+                Ok(()) => {
+                    counts.sent.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%webhook, attempt, "page sent");
+                    break;
+                }
+                Err(error) => {
+                    counts.failed_tries.fetch_add(1, Ordering::Relaxed);
+                    if attempt == ATTEMPTS {
+                        let given_up = counts.given_up.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::error!(%webhook, attempts = ATTEMPTS, given_up, "page not delivered, given up: {error:#}");
+                    } else {
+                        tracing::warn!(%webhook, attempt, retry_in_ms = backoff.as_millis() as u64, "page failed: {error:#}");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One POST; Ok on a 2xx answer.
+async fn post(webhook: &Webhook, body: Bytes) -> Result<()> {
+    let tcp = TcpStream::connect(&webhook.authority)
+        .await
+        .with_context(|| format!("connecting to {}", webhook.authority))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .context("HTTP handshake")?;
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = Request::post(webhook.target())
+        .header(header::HOST, &webhook.authority)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .context("building the request")?;
+    let answer = sender
+        .send_request(request)
+        .await
+        .context("sending the page");
+    connection.abort();
+    let status = answer?.status();
+    if !status.is_success() {
+        bail!("the webhook answered {status}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_urls() {
+        let hook = Webhook::parse("http://127.93.0.1:8080/page?team=sec").unwrap();
+        assert_eq!(hook.authority, "127.93.0.1:8080");
+        assert_eq!(hook.target(), "/page?team=sec");
+        let hook = Webhook::parse("http://pager.local").unwrap();
+        assert_eq!(hook.authority, "pager.local:80");
+        assert_eq!(hook.target(), "/");
+        let err = Webhook::parse("https://pager.local/x").unwrap_err();
+        assert!(err.to_string().contains("http:// only"), "{err}");
+        assert!(Webhook::parse("/relative").is_err());
+    }
+}
