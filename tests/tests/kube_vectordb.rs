@@ -94,6 +94,10 @@ impl TestPod {
     }
 }
 
+/// A pod of the test: (namespace, name, annotations, last octet of its address, serves on
+/// [`DB_PORT`]).
+type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u8, bool);
+
 fn ingress_events(agent: &Agent) -> Result<Vec<Value>> {
     Ok(agent
         .verdict_events()?
@@ -116,8 +120,7 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
     let node = Node::create("kv-node")?;
     // A process no enforcer manages: outside the node's cgroup root.
     let stranger = TestCgroup::create(unique_name("kv-stranger"))?;
-    // (namespace, pod, annotations, address, serves)
-    let pods_spec: [(&str, &str, Vec<(&str, &str)>, u8, bool); 4] = [
+    let pods_spec: [PodSpec; 4] = [
         (
             "kv-acme",
             "vectors-0",
