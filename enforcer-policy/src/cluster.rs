@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::inventory::IngressMode;
 use crate::Protocol;
 
 /// The label keys of the product, on Namespaces (tenant metadata) and Pods.
@@ -37,6 +38,65 @@ pub mod labels {
     pub const RING: &str = "ai-enforcer.io/ring";
     /// Tenant metadata keys, in the order they are stamped and reported.
     pub const TENANT_METADATA: [&str; 4] = [TENANT, REGION, DATA_RESIDENCY, RETENTION_TIER];
+
+    // Destination marks: what an inventory endpoint says with `kind`, `track`, `datasets`
+    // and `ingress`, said of a pod. Pod annotations (set on the pod template), because they
+    // describe what the pod serves, not how it is selected; they are part of the pod's
+    // identity label set, so the flags they give are per identity, like every attribute.
+
+    /// Pod annotation: what the pod serves (`vector_db`, `feature_store`, ...): a lowercase
+    /// letter, then up to 62 lowercase letters, digits, `_` or `-`. `vector_db` implies
+    /// [`TRACK`].
+    pub const KIND: &str = "ai-enforcer.io/kind";
+    /// Pod annotation: `"true"` records flows to the pod (flow records, the identity option,
+    /// revocation) whatever its kind; `"false"` (the default) does not turn it off for a
+    /// `vector_db`.
+    pub const TRACK: &str = "ai-enforcer.io/track";
+    /// Pod annotation: the datasets the pod serves, comma separated (each a valid label
+    /// value; at most [`super::MAX_DATASETS`]): the `dataset_scope` of events and flows to it.
+    pub const DATASETS: &str = "ai-enforcer.io/datasets";
+    /// Pod annotation: the ingress check on SYNs to the pod (`off`, `audit`, `enforce`).
+    /// Namespace label or annotation under the same key: the least the namespace's pods get
+    /// (set by the platform, which owns Namespaces); a pod can ask for more, never for less.
+    pub const INGRESS: &str = "ai-enforcer.io/ingress";
+    /// The destination mark keys, as identity labels.
+    pub const MARKS: [&str; 4] = [KIND, TRACK, DATASETS, INGRESS];
+}
+
+/// The most datasets one pod's [`labels::DATASETS`] may name.
+pub const MAX_DATASETS: usize = 32;
+
+/// What a pod says it serves (the [`labels::MARKS`] annotations, checked, with the
+/// namespace's ingress floor applied): the cluster equivalent of an inventory endpoint's
+/// `kind`, `track`, `datasets` and `ingress`. The default marks nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointMarks {
+    /// `vector_db`, `feature_store`, ...; `None`: a plain workload.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Flows to it are recorded (always for a `vector_db`).
+    #[serde(default)]
+    pub track: bool,
+    /// Sorted, without duplicates.
+    #[serde(default)]
+    pub datasets: Vec<String>,
+    #[serde(default)]
+    pub ingress: IngressMode,
+}
+
+impl EndpointMarks {
+    /// The `IDENTITIES` flags these marks give (as an inventory endpoint's would).
+    pub fn flags(&self) -> u32 {
+        use enforcer_common::flags;
+        let mut f = self.ingress.flags();
+        if self.kind.as_deref() == Some("vector_db") {
+            f |= flags::VECTOR_DB | flags::TRACKED;
+        }
+        if self.track {
+            f |= flags::TRACKED;
+        }
+        f
+    }
 }
 
 /// Everything the cluster source knows, as of one moment.
@@ -77,6 +137,10 @@ pub struct ClusterIdentity {
     pub ring: Option<String>,
     /// Every known pod with these labels, cluster-wide, sorted by (namespace, name).
     pub pods: Vec<ClusterPod>,
+    /// What the pods serve ([`labels::MARKS`]; also in `labels`, so that pods marked
+    /// differently never share an identity). Default in states persisted before it existed.
+    #[serde(default)]
+    pub marks: EndpointMarks,
 }
 
 /// One pod of an identity.

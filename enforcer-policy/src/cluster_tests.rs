@@ -1503,3 +1503,134 @@ fn ingress_column_covers_remote_pods() {
     let world = enforcer_common::identity::WORLD;
     assert!(c.ingress().iter().all(|(k, _)| k.subject != world));
 }
+
+/// A pod the source marked as a vector DB (`ai-enforcer.io/kind` and friends) is a tracked,
+/// ingress-checked destination exactly like an inventory endpoint with the same fields,
+/// while staying a Cedar Workload (so the existing policies decide who reaches it), and
+/// an unmarked identity of the same namespace gets none of its flags.
+#[test]
+fn marked_pods_carry_the_endpoint_flags_and_datasets() {
+    use crate::cluster::{labels, EndpointMarks};
+    use crate::inventory::IngressMode;
+    use enforcer_common::flags;
+
+    let mut state = demo_state();
+    let marks = EndpointMarks {
+        kind: Some("vector_db".into()),
+        track: false,
+        datasets: vec!["acme-kb".into(), "acme-wiki".into()],
+        ingress: IngressMode::Enforce,
+    };
+    let mut db = cluster_identity(
+        "acme",
+        "vectors",
+        Some("acme"),
+        None,
+        None,
+        &[
+            (labels::KIND, "vector_db"),
+            (labels::DATASETS, "acme-kb,acme-wiki"),
+            (labels::INGRESS, "enforce"),
+        ],
+        vec![cluster_pod(
+            "acme",
+            "chroma-0",
+            Some(NODE),
+            &[ip("127.81.3.1")],
+            "2026-01-01T00:00:00Z",
+        )],
+    );
+    db.marks = marks.clone();
+    let mut tracked = cluster_identity(
+        "acme",
+        "features",
+        Some("acme"),
+        None,
+        None,
+        &[(labels::TRACK, "true"), (labels::INGRESS, "audit")],
+        vec![cluster_pod(
+            "acme",
+            "feast-0",
+            Some("node-b"),
+            &[ip("127.81.3.2")],
+            "2026-01-01T00:00:00Z",
+        )],
+    );
+    tracked.marks = EndpointMarks {
+        kind: Some("feature_store".into()),
+        track: true,
+        datasets: vec![],
+        ingress: IngressMode::Audit,
+    };
+    state.identities.push(db.clone());
+    state.identities.push(tracked.clone());
+    let b = load(&demo_dir(), &state, &options());
+    assert!(
+        b.cluster_problems().is_empty(),
+        "{:?}",
+        b.cluster_problems()
+    );
+    let ids = b.identities();
+    let db_id = ids.by_name(&name_of(&b, &db.labels)).unwrap();
+    assert_eq!(db_id.kind, IdentityKind::Workload);
+    assert_eq!(
+        db_id.flags,
+        flags::VECTOR_DB | flags::TRACKED | flags::INGRESS_ENFORCE
+    );
+    assert_eq!(db_id.info().flags, db_id.flags);
+    assert_eq!(db_id.endpoint_kind.as_deref(), Some("vector_db"));
+    assert_eq!(db_id.datasets, ["acme-kb", "acme-wiki"]);
+    assert!(db_id.is_subject() && db_id.is_destination());
+
+    let f = ids.by_name(&name_of(&b, &tracked.labels)).unwrap();
+    assert_eq!(f.flags, flags::TRACKED | flags::INGRESS_AUDIT);
+    assert_eq!(f.endpoint_kind.as_deref(), Some("feature_store"));
+
+    let rag = ids
+        .by_name(&name_of(&b, &state.identities[0].labels))
+        .unwrap();
+    assert_eq!(rag.flags & flags::TAGGED, 0);
+    assert_eq!(rag.endpoint_kind, None);
+
+    // Who may reach it is Cedar's, unchanged: same tenant allowed, the other denied.
+    let d = b
+        .decide(&rag.name, &db_id.name, 8000, Protocol::Tcp)
+        .unwrap();
+    assert!(d.allowed);
+    let agent = name_of(&b, &state.identities[2].labels);
+    let d = b.decide(&agent, &db_id.name, 8000, Protocol::Tcp).unwrap();
+    assert!(!d.allowed && d.policies[0].id == "tenant-isolation");
+
+    // The same label set stated twice with different marks is never guessed.
+    let mut twice = state.clone();
+    let mut other = db.clone();
+    other.marks.ingress = IngressMode::Off;
+    other.pods = vec![cluster_pod(
+        "acme",
+        "chroma-1",
+        Some("node-b"),
+        &[ip("127.81.3.3")],
+        "2026-01-01T00:00:00Z",
+    )];
+    twice.identities.push(other);
+    let b = load(&demo_dir(), &twice, &options());
+    assert!(
+        b.cluster_problems()
+            .iter()
+            .any(|p| p.contains("destination marks") && p.contains("left out")),
+        "{:?}",
+        b.cluster_problems()
+    );
+    assert!(b.identities().iter().all(|i| i.labels != db.labels));
+}
+
+#[test]
+fn a_persisted_state_without_marks_still_loads() {
+    let state = demo_state();
+    let mut json: serde_json::Value = serde_json::to_value(&state).unwrap();
+    for i in json["identities"].as_array_mut().unwrap() {
+        assert!(i.as_object_mut().unwrap().remove("marks").is_some());
+    }
+    let back: ClusterState = serde_json::from_value(json).unwrap();
+    assert_eq!(back, state);
+}

@@ -523,11 +523,15 @@ impl Identities {
                 ring: c.ring.clone(),
                 spiffe_id: w.spiffe_id,
                 ips: w.ips,
+                // The marks make a pod a tracked / checked destination exactly as the same
+                // fields make an inventory endpoint one; the pod stays a Cedar Workload.
                 flags: if tenant_audit(&c.tenant) {
                     flags::AUDIT
                 } else {
                     0
-                },
+                } | c.marks.flags(),
+                endpoint_kind: c.marks.kind.clone(),
+                datasets: c.marks.datasets.clone(),
                 pod_uids: w.pod_uids,
                 labels: c.labels.clone(),
                 ..blank(w.id, w.name, IdentityKind::Workload)

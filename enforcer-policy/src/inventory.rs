@@ -57,7 +57,19 @@ pub struct Port {
 /// checks nothing. Off by default because `enforce` refuses every cluster peer whose node runs
 /// no tagging enforcer yet: an operator turns it on per endpoint once every node tags (audit
 /// first shows who would be refused).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+// Ordered from least to most checked: a namespace's floor is a minimum (`max`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum IngressMode {
     #[default]

@@ -249,6 +249,19 @@ fn check_identity(ci: &ClusterIdentity) -> Result<(), String> {
     if let Some(t) = &ci.tenant {
         printable(t, 253, false).map_err(|e| format!("tenant {}: {e}", show(t)))?;
     }
+    if let Some(k) = &ci.marks.kind {
+        printable(k, 63, false).map_err(|e| format!("kind {}: {e}", show(k)))?;
+    }
+    if ci.marks.datasets.len() > crate::cluster::MAX_DATASETS {
+        return Err(format!(
+            "{} datasets, more than {}",
+            ci.marks.datasets.len(),
+            crate::cluster::MAX_DATASETS
+        ));
+    }
+    for d in &ci.marks.datasets {
+        label_value(d).map_err(|e| format!("dataset {} {e}", show(d)))?;
+    }
     if ci.labels.is_empty() {
         return Err("the label set is empty".into());
     }
@@ -461,12 +474,14 @@ pub(crate) fn merge<'a>(
             &a.tenant,
             &a.purpose,
             &a.ring,
+            &a.marks,
         ) == (
             &b.namespace,
             &b.service_account,
             &b.tenant,
             &b.purpose,
             &b.ring,
+            &b.marks,
         )
     };
     sets.retain(|set| {
@@ -475,7 +490,7 @@ pub(crate) fn merge<'a>(
             problems.push(
                 set[0].tenant.as_deref(),
                 format!(
-                    "cluster {} appears {} times with different namespaces, service accounts, tenants, purposes or rings: left out (never guessed; its pods are unknown subjects)",
+                    "cluster {} appears {} times with different namespaces, service accounts, tenants, purposes, rings or destination marks: left out (never guessed; its pods are unknown subjects)",
                     describe(set[0]),
                     set.len()
                 ),

@@ -716,6 +716,7 @@ pub fn cluster_identity(
         purpose: purpose.map(str::to_string),
         ring: ring.map(str::to_string),
         pods,
+        marks: Default::default(),
     }
 }
 

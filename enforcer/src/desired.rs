@@ -279,6 +279,7 @@ mod tests {
                 ring: None,
                 // 1: here with cgroups; 3: here, no cgroup yet; 4: on another node.
                 pods: vec![pod(1, "n"), pod(3, "n"), pod(4, "elsewhere")],
+                marks: Default::default(),
             }],
             services: vec![],
             unidentified_ips: vec![],

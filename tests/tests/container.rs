@@ -269,7 +269,16 @@ fn podman_run_args(spec: &PodSpec, site: &Site) -> Result<(Vec<String>, Vec<Stri
         let source = if let Some(host) = &volume.host_path {
             match site.host_paths.get(&host.path) {
                 Some(local) => local.clone(),
-                None => PathBuf::from(&host.path),
+                None => {
+                    let path = PathBuf::from(&host.path);
+                    // As the kubelet does for this type (the host's /run/netns is missing
+                    // until a first network namespace is named).
+                    if host.type_.as_deref() == Some("DirectoryOrCreate") && !path.exists() {
+                        std::fs::create_dir_all(&path)
+                            .with_context(|| format!("create {}", path.display()))?;
+                    }
+                    path
+                }
             }
         } else if let Some(secret) = &volume.secret {
             let name = secret

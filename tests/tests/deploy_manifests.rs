@@ -705,6 +705,28 @@ fn the_agent_daemonset_grants_what_its_comment_explains() {
             .any(|a| a.starts_with("--pin-path=/sys/fs/bpf/")),
         "{args:?}"
     );
+    // Revocation in a pod's network namespace: SYS_ADMIN (setns) and the runtimes'
+    // namespace files (never the host's PID namespace), read-only, with the namespaces of
+    // pods started later propagated into the container. One is useless without the other.
+    let netns = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == enforcer::flows::destroy::NETNS_DIRS[0]);
+    assert_eq!(
+        added.contains("SYS_ADMIN"),
+        netns.is_some(),
+        "SYS_ADMIN is granted for the /run/netns mount only, and that mount needs it"
+    );
+    if let Some(netns) = netns {
+        assert_eq!(netns.read_only, Some(true), "{netns:?}");
+        assert_eq!(
+            netns.mount_propagation.as_deref(),
+            Some("HostToContainer"),
+            "{netns:?}"
+        );
+        assert_eq!(host_path("/run/netns").as_deref(), Some("/run/netns"));
+    }
 }
 
 #[test]

@@ -92,6 +92,7 @@ fn remote_pod(namespace: &str, ip: &str) -> Result<ClusterIdentity> {
             host_network: false,
             created: "2026-01-01T00:00:00Z".into(),
         }],
+        marks: Default::default(),
     })
 }
 

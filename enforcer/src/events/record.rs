@@ -122,7 +122,12 @@ pub struct PolicyInfo {
 /// A destination's `kind` in events: its endpoint kind (`vector_db`...) or what it is.
 pub fn destination_kind(i: &enforcer_policy::Identity) -> String {
     match i.kind {
-        IdentityKind::Workload => "workload".to_string(),
+        // A pod marked as what it serves (`ai-enforcer.io/kind`) is named by that kind, as
+        // an inventory endpoint is.
+        IdentityKind::Workload => i
+            .endpoint_kind
+            .clone()
+            .unwrap_or_else(|| "workload".to_string()),
         IdentityKind::World => "world".to_string(),
         IdentityKind::Service => "service".to_string(),
         IdentityKind::Unidentified => "unidentified".to_string(),

@@ -75,6 +75,8 @@ const TYPES: &[&str] = &[
     "flow.closed",
     "flow.revoked",
     "flow.stale",
+    super::flow::REVOKE_FAILED,
+    super::flow::ANOMALY,
     "events.lost",
     "flow_events.lost",
     "policy.applied",

@@ -1,7 +1,8 @@
 //! Closing a TCP socket from outside: netlink `SOCK_DESTROY` (NETLINK_SOCK_DIAG, message type
 //! 21, kernel `CONFIG_INET_DIAG_DESTROY`), an `inet_diag_req_v2` naming the socket by its
 //! 4-tuple *and its cookie*. The kernel finds the socket by the tuple, refuses it unless the
-//! cookie matches (ESTALE), and resets it: the owner's next call fails with ECONNRESET. The
+//! cookie matches (ENOENT otherwise: `inet_diag_find_one_icsk` turns the cookie check's ESTALE
+//! into it), and resets it: the owner's next call fails (ECONNABORTED on its own host). The
 //! cookie is never left out (the kernel's "no cookie" value would accept whatever socket the
 //! tuple finds, the listening socket included once the flow is gone).
 //!
@@ -111,24 +112,55 @@ fn current_netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// Namespace cookie -> the namespace file that entered it last: a hint only (the cookie is
+/// checked again after entering, so a file reused for another namespace is skipped).
+static NETNS_CACHE: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<u64, std::path::PathBuf>>,
+> = std::sync::LazyLock::new(Default::default);
+
 /// Why no sock_diag socket could be made in the flow's network namespace: the flow's socket
 /// was not looked for, so nothing can be concluded about it.
 #[derive(Debug, thiserror::Error)]
-#[error("no process found in the flow's network namespace (netns cookie {cookie}): {tried}")]
+#[error("no way into the flow's network namespace (netns cookie {cookie}): {tried}")]
 pub struct NoNamespace {
     pub cookie: u64,
     /// What was tried, and what each candidate answered.
     pub tried: String,
 }
 
+/// Where container runtimes keep the namespace files of pods' network namespaces (bind
+/// mounts of nsfs, one per pod sandbox): containerd's CRI plugin and CRI-O under
+/// `/var/run/netns` (`cni-<uuid>`, `<uuid>`), podman and `ip netns` under `/run/netns`
+/// (usually the same directory: `/var/run` links to `/run`). The DaemonSet mounts the host's
+/// `/run/netns` read-only there, so a pod's namespace is reachable without the host's PID
+/// namespace (deploy/daemonset.yaml).
+pub const NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
+/// The most namespace files read from one directory of [`NETNS_DIRS`] for one flow (a node
+/// runs at most a few hundred pods; the bound keeps a full directory from stalling a reset).
+const MAX_NETNS_FILES: usize = 4096;
+
 /// A sock_diag socket in the network namespace whose cookie is `want` (sock_diag sees only
 /// the sockets of the namespace its socket was created in, and a pod has its own). The
 /// namespace is entered through `/proc/PID/ns/net` of each candidate process in turn (the
-/// agent's own first, then `pids`): a candidate whose namespace has another cookie (the
-/// process exited and its PID was reused, or it moved) is skipped, so the socket is never
-/// made in a namespace that is not the flow's. Each candidate is tried on a short-lived
-/// thread, so the agent's own threads never change namespace.
+/// agent's own first, then `pids`), then through the runtimes' namespace files
+/// ([`NETNS_DIRS`]): what reaches a pod's namespace when the agent does not share the host's
+/// PID namespace. A candidate whose namespace has another cookie (the process exited and its
+/// PID was reused, or it moved; another pod's file) is skipped, so the socket is never made
+/// in a namespace that is not the flow's. Each candidate is tried on a short-lived thread, so
+/// the agent's own threads never change namespace. Entering a namespace (setns(2)) needs
+/// CAP_SYS_ADMIN.
 pub fn diag_socket_in(want: u64, pids: &[u32]) -> Result<OwnedFd, NoNamespace> {
+    let dirs: Vec<&std::path::Path> = NETNS_DIRS.iter().map(std::path::Path::new).collect();
+    diag_socket_in_dirs(want, pids, &dirs)
+}
+
+/// [`diag_socket_in`], with the namespace files looked for in `netns_dirs`.
+pub fn diag_socket_in_dirs(
+    want: u64,
+    pids: &[u32],
+    netns_dirs: &[&std::path::Path],
+) -> Result<OwnedFd, NoNamespace> {
     use std::os::unix::fs::MetadataExt;
     let mut tried = Vec::new();
     if want == 0 {
@@ -148,12 +180,37 @@ pub fn diag_socket_in(want: u64, pids: &[u32]) -> Result<OwnedFd, NoNamespace> {
         Err(error) => tried.push(format!("own namespace: {error}")),
     }
     let mut seen = std::collections::BTreeSet::new();
-    for &pid in pids {
-        let ns_path = format!("/proc/{pid}/ns/net");
+    // The namespace files of the runtimes, after the processes: the cached file for this
+    // cookie first (a revocation usually closes several flows of one pod), then the others.
+    let cached = NETNS_CACHE
+        .lock()
+        .ok()
+        .and_then(|cache| cache.get(&want).cloned());
+    let files = cached.into_iter().chain(
+        netns_dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flat_map(|entries| {
+                entries
+                    .flatten()
+                    .take(MAX_NETNS_FILES)
+                    .map(|entry| entry.path())
+            }),
+    );
+    let candidates = pids
+        .iter()
+        .map(|pid| {
+            (
+                format!("pid {pid}"),
+                std::path::PathBuf::from(format!("/proc/{pid}/ns/net")),
+            )
+        })
+        .chain(files.map(|path| (path.display().to_string(), path)));
+    for (what, ns_path) in candidates {
         let ns = match std::fs::File::open(&ns_path) {
             Ok(ns) => ns,
             Err(error) => {
-                tried.push(format!("pid {pid}: {error}"));
+                tried.push(format!("{what}: {error}"));
                 continue;
             }
         };
@@ -161,7 +218,7 @@ pub fn diag_socket_in(want: u64, pids: &[u32]) -> Result<OwnedFd, NoNamespace> {
             Ok(meta) if !seen.insert((meta.dev(), meta.ino())) => continue,
             Ok(_) => {}
             Err(error) => {
-                tried.push(format!("pid {pid}: {error}"));
+                tried.push(format!("{what}: {error}"));
                 continue;
             }
         }
@@ -171,7 +228,13 @@ pub fn diag_socket_in(want: u64, pids: &[u32]) -> Result<OwnedFd, NoNamespace> {
                     // SAFETY: setns on this thread only (it ends right after); `ns` is an
                     // open namespace file.
                     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(format!("setns: {}", io::Error::last_os_error()));
+                        let error = io::Error::last_os_error();
+                        let hint = if error.raw_os_error() == Some(libc::EPERM) {
+                            " (entering another network namespace needs CAP_SYS_ADMIN)"
+                        } else {
+                            ""
+                        };
+                        return Err(format!("setns: {error}{hint}"));
                     }
                     match current_netns_cookie() {
                         Ok(cookie) if cookie == want => {
@@ -185,12 +248,33 @@ pub fn diag_socket_in(want: u64, pids: &[u32]) -> Result<OwnedFd, NoNamespace> {
                 .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
         });
         match attempt {
-            Ok(fd) => return Ok(fd),
-            Err(error) => tried.push(format!("pid {pid}: {error}")),
+            Ok(fd) => {
+                if !ns_path.starts_with("/proc") {
+                    if let Ok(mut cache) = NETNS_CACHE.lock() {
+                        // Bounded: the entries of namespaces that are gone are dropped
+                        // wholesale, rarely (one entry per pod reset since).
+                        if cache.len() >= MAX_NETNS_FILES {
+                            cache.clear();
+                        }
+                        cache.insert(want, ns_path);
+                    }
+                }
+                return Ok(fd);
+            }
+            // Another pod's namespace is the usual answer for a file: not worth a line.
+            Err(error) if error.starts_with("another namespace") && !what.starts_with("pid") => {}
+            Err(error) => tried.push(format!("{what}: {error}")),
         }
     }
-    if tried.is_empty() {
+    if pids.is_empty() {
         tried.push("no candidate process".into());
+    }
+    if !netns_dirs.is_empty() {
+        let dirs: Vec<String> = netns_dirs.iter().map(|d| d.display().to_string()).collect();
+        tried.push(format!(
+            "no namespace file in {} is the flow's",
+            dirs.join(", ")
+        ));
     }
     Err(NoNamespace {
         cookie: want,
@@ -239,16 +323,17 @@ pub enum DestroyError {
     #[error(transparent)]
     NoNamespace(#[from] NoNamespace),
     /// The kernel's answer in the flow's own namespace (`ENOENT`: no socket has that tuple
-    /// there any more; `ESTALE`: the tuple's socket is another one), or a local failure.
+    /// there any more, or the tuple's socket is another one), or a local failure.
     #[error("{0}")]
     Io(#[from] io::Error),
 }
 
 /// Resets the established TCP socket of `record` whose cookie is `cookie`, in the network
 /// namespace recorded at `connect()` (entered through the connecting process, else one of
-/// `pids`: the processes of the flow's cgroup). Errors: [`DestroyError::NoNamespace`] when
+/// `pids`: the processes of the flow's cgroup, else a runtime's namespace file: see
+/// [`diag_socket_in`]). Errors: [`DestroyError::NoNamespace`] when
 /// no candidate is in that namespace (nothing was looked up); otherwise the kernel's answer
-/// there: `ENOENT` when no socket has that tuple any more (it closed meanwhile), `ESTALE`
+/// there: `ENOENT` when no socket has that tuple any more (it closed meanwhile) or
 /// when the tuple's socket is another one (the cookie differs), `EPERM` without
 /// CAP_NET_ADMIN.
 pub fn destroy(cookie: u64, record: &FlowRecord, pids: &[u32]) -> Result<(), DestroyError> {

@@ -649,12 +649,18 @@ fn slim<K: ResourceExt>(object: &mut K) {
     object.managed_fields_mut().clear();
 }
 
-/// Keeps what [`cluster_state`] reads of a pod: metadata (without annotations and managed
-/// fields), node, host network, service account, phase and IPs.
+/// Keeps what [`cluster_state`] reads of a pod: metadata (without managed fields, with only
+/// the product's annotations and the mirror-pod annotation, and only Node owner
+/// references: what `cgroup_uid` needs to honour a mirror pod), node, host network,
+/// service account, phase and IPs.
 fn slim_pod(pod: &mut Pod) {
     pod.managed_fields_mut().clear();
-    pod.annotations_mut().clear();
-    pod.metadata.owner_references = None;
+    pod.annotations_mut().retain(|key, _| {
+        key.starts_with("ai-enforcer.io/") || key.as_str() == model::MIRROR_ANNOTATION
+    });
+    if let Some(owners) = pod.metadata.owner_references.as_mut() {
+        owners.retain(|o| o.kind == "Node");
+    }
     pod.spec = pod.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
         host_network: s.host_network,

@@ -28,8 +28,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use enforcer_policy::cluster::{
-    labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, ServicePort,
+    labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, EndpointMarks,
+    ServicePort, MAX_DATASETS,
 };
+use enforcer_policy::inventory::IngressMode;
 use enforcer_policy::Protocol;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -101,6 +103,12 @@ pub fn identity_label_problem(key: &str) -> Option<String> {
         return Some(format!(
             "identity label {key:?} is tenant metadata: it comes from the namespace, never \
              from a pod label"
+        ));
+    }
+    if labels::MARKS.contains(&key) {
+        return Some(format!(
+            "identity label {key:?} is a destination mark: it is read from the pod's \
+             annotation and always part of the identity"
         ));
     }
     if key == labels::PURPOSE || key == labels::RING {
@@ -394,9 +402,10 @@ fn name_list(names: &[&str]) -> String {
     text
 }
 
-/// A namespace's tenant metadata: key (of [`labels::TENANT_METADATA`]) -> value.
+/// A namespace's tenant metadata: key (of [`labels::TENANT_METADATA`]) -> value; and the
+/// least ingress check its pods get ([`labels::INGRESS`] on the namespace).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct TenantMetadata(BTreeMap<&'static str, String>);
+struct TenantMetadata(BTreeMap<&'static str, String>, IngressMode);
 
 impl TenantMetadata {
     fn tenant(&self) -> Option<&str> {
@@ -431,7 +440,174 @@ fn tenant_metadata(ns: &Namespace) -> Result<TenantMetadata, String> {
         }
         out.0.insert(key, value.clone());
     }
+    out.1 = namespace_ingress(ns)?;
     Ok(out)
+}
+
+/// The namespace's ingress floor ([`labels::INGRESS`], label or annotation, which must
+/// agree). Namespaces are the platform's to write, not the tenants': a value that does not
+/// parse refuses the namespace's pods (as bad tenant metadata does) rather than leaving the
+/// floor the platform asked for silently off.
+fn namespace_ingress(ns: &Namespace) -> Result<IngressMode, String> {
+    let name = ns.metadata.name.as_deref().unwrap_or("");
+    let key = labels::INGRESS;
+    let label = ns.metadata.labels.as_ref().and_then(|l| l.get(key));
+    let annotation = ns.metadata.annotations.as_ref().and_then(|a| a.get(key));
+    let (value, from) = match (label, annotation) {
+        (Some(l), Some(a)) if l != a => {
+            return Err(format!(
+                "namespace {name}: label {key}={l:?} and annotation {key}={a:?} disagree"
+            ))
+        }
+        (Some(l), _) => (l, "label"),
+        (None, Some(a)) => (a, "annotation"),
+        (None, None) => return Ok(IngressMode::Off),
+    };
+    ingress_mode(value).ok_or_else(|| {
+        format!(
+            "namespace {name}: {from} {key}={:?}: not one of off, audit, enforce",
+            shown(value)
+        )
+    })
+}
+
+fn ingress_mode(text: &str) -> Option<IngressMode> {
+    match text {
+        "off" => Some(IngressMode::Off),
+        "audit" => Some(IngressMode::Audit),
+        "enforce" => Some(IngressMode::Enforce),
+        _ => None,
+    }
+}
+
+/// At most 64 characters of a hostile value, for a problem line (`{:?}` escapes the rest).
+fn shown(value: &str) -> String {
+    match value.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &value[..i]),
+        None => value.to_string(),
+    }
+}
+
+/// The destination marks of a pod: its [`labels::MARKS`] annotations, each checked on its
+/// own, with the namespace's ingress floor applied. Tenants write these annotations, so a
+/// bad value is reported (naming the pod) and that one annotation ignored: the pod keeps its
+/// identity and the other marks. What a pod can say is about itself only (annotations
+/// describe the pod that carries them), and it cannot lower the namespace's floor: a
+/// tenant's `ingress: off` on its own DB would let peers that no enforcer checked (host
+/// processes, nodes without the agent, forged options) reach it where the platform asked for
+/// the check.
+fn pod_marks(
+    pod: &Pod,
+    floor: IngressMode,
+    object: &str,
+    problems: &mut Vec<String>,
+) -> EndpointMarks {
+    let annotations = pod.metadata.annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    let mut marks = EndpointMarks {
+        ingress: floor,
+        ..EndpointMarks::default()
+    };
+    let bad = |problems: &mut Vec<String>, key: &str, value: &str, why: &str| {
+        problems.push(format!(
+            "{object}: annotation {key}={:?}: {why}: ignored",
+            shown(value)
+        ));
+    };
+    if let Some(kind) = get(labels::KIND) {
+        let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+        if !kind.is_empty()
+            && kind.len() <= 63
+            && kind.starts_with(|c: char| c.is_ascii_lowercase())
+            && kind.chars().all(ok)
+        {
+            marks.kind = Some(kind.to_string());
+        } else {
+            bad(
+                problems,
+                labels::KIND,
+                kind,
+                "not a kind (a lowercase letter, then at most 62 lowercase letters, digits, `_` or `-`)",
+            );
+        }
+    }
+    if let Some(track) = get(labels::TRACK) {
+        match track {
+            "true" => marks.track = true,
+            "false" => {}
+            _ => bad(problems, labels::TRACK, track, "not `true` or `false`"),
+        }
+    }
+    if let Some(list) = get(labels::DATASETS) {
+        let mut datasets: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .collect();
+        datasets.sort();
+        datasets.dedup();
+        if let Some((d, e)) = datasets
+            .iter()
+            .find_map(|d| label_value_error(d).map(|e| (d, e)))
+        {
+            bad(
+                problems,
+                labels::DATASETS,
+                list,
+                &format!("dataset {:?} {e}", shown(d)),
+            );
+        } else if datasets.len() > MAX_DATASETS {
+            bad(
+                problems,
+                labels::DATASETS,
+                list,
+                &format!("{} datasets, more than {MAX_DATASETS}", datasets.len()),
+            );
+        } else {
+            marks.datasets = datasets;
+        }
+    }
+    if let Some(text) = get(labels::INGRESS) {
+        match ingress_mode(text) {
+            Some(mode) if mode < floor => problems.push(format!(
+                "{object}: annotation {}={text:?} is below the namespace's floor {}: the floor holds",
+                labels::INGRESS,
+                mode_name(floor)
+            )),
+            Some(mode) => marks.ingress = mode,
+            None => bad(problems, labels::INGRESS, text, "not one of off, audit, enforce"),
+        }
+    }
+    marks
+}
+
+fn mode_name(mode: IngressMode) -> &'static str {
+    match mode {
+        IngressMode::Off => "off",
+        IngressMode::Audit => "audit",
+        IngressMode::Enforce => "enforce",
+    }
+}
+
+/// The marks as identity labels (only those that mark something), so that pods marked
+/// differently never share an identity and its number.
+fn mark_labels(marks: &EndpointMarks, out: &mut BTreeMap<String, String>) {
+    if let Some(kind) = &marks.kind {
+        out.insert(labels::KIND.to_string(), kind.clone());
+    }
+    if marks.track {
+        out.insert(labels::TRACK.to_string(), "true".to_string());
+    }
+    if !marks.datasets.is_empty() {
+        out.insert(labels::DATASETS.to_string(), marks.datasets.join(","));
+    }
+    if marks.ingress != IngressMode::Off {
+        out.insert(
+            labels::INGRESS.to_string(),
+            mode_name(marks.ingress).to_string(),
+        );
+    }
 }
 
 /// The identity of one live pod in a namespace with a tenant, holding just this pod; `None`
@@ -513,6 +689,9 @@ fn pod_identity(
         }
     }
 
+    let marks = pod_marks(pod, tenant.1, &object, problems);
+    mark_labels(&marks, &mut identity_labels);
+
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let ips = if host_network {
         Vec::new()
@@ -543,6 +722,7 @@ fn pod_identity(
             host_network,
             created,
         }],
+        marks,
     })
 }
 

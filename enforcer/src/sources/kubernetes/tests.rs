@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use enforcer_policy::cluster::{labels, Backend, ClusterState};
+use enforcer_policy::cluster::{labels, Backend, ClusterState, EndpointMarks};
+use enforcer_policy::inventory::IngressMode;
 use enforcer_policy::Protocol;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -1597,4 +1598,212 @@ fn incremental_state_equals_a_rebuild() {
             );
         }
     }
+}
+
+fn annotated(mut p: Pod, annotations: serde_json::Value) -> Pod {
+    p.metadata.annotations = Some(serde_json::from_value(annotations).unwrap());
+    p
+}
+
+/// A pod annotated as a vector DB gets the marks (canonical) and carries them in its
+/// identity labels, so its replicas share them and an unmarked pod of the same namespace,
+/// service account and labels is another identity.
+#[test]
+fn annotations_mark_a_pod_as_a_vector_db() {
+    let l = json!({labels::PURPOSE: "retrieval"});
+    let db = |name: &str, ip: &str| {
+        annotated(
+            pod("acme", name, l.clone(), "node-a", ip),
+            json!({labels::KIND: "vector_db", labels::INGRESS: "enforce",
+                   labels::DATASETS: "acme-wiki, acme-kb,acme-kb", "other/note": "x"}),
+        )
+    };
+    let s = state(
+        vec![
+            db("chroma-0", "127.82.7.1"),
+            db("chroma-1", "127.82.7.2"),
+            pod("acme", "plain", l.clone(), "node-a", "127.82.7.3"),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert!(s.problems.is_empty(), "{:?}", s.problems);
+    assert_eq!(pod_names(&s).len(), 2, "{:?}", pod_names(&s));
+    let marked = s
+        .identities
+        .iter()
+        .find(|i| i.marks.kind.is_some())
+        .unwrap();
+    assert_eq!(marked.pods.len(), 2);
+    assert_eq!(marked.marks.kind.as_deref(), Some("vector_db"));
+    assert!(!marked.marks.track);
+    assert_eq!(marked.marks.datasets, ["acme-kb", "acme-wiki"]);
+    assert_eq!(marked.marks.ingress, IngressMode::Enforce);
+    assert_eq!(marked.labels[labels::KIND], "vector_db");
+    assert_eq!(marked.labels[labels::DATASETS], "acme-kb,acme-wiki");
+    assert_eq!(marked.labels[labels::INGRESS], "enforce");
+    assert!(!marked.labels.contains_key(labels::TRACK));
+    assert!(!marked.labels.contains_key("other/note"));
+    let plain = s
+        .identities
+        .iter()
+        .find(|i| i.marks.kind.is_none())
+        .unwrap();
+    assert_eq!(plain.marks, EndpointMarks::default());
+    assert!(labels::MARKS.iter().all(|k| !plain.labels.contains_key(*k)));
+}
+
+/// Tenants write these annotations: each bad value is one problem naming the pod, that
+/// annotation is ignored, the pod keeps its identity and its other marks.
+#[test]
+fn bad_marks_are_reported_per_pod_and_ignored() {
+    let p = annotated(
+        pod("acme", "db", json!({}), "node-a", "127.82.7.4"),
+        json!({labels::KIND: "Vector DB\n", labels::TRACK: "yes",
+               labels::DATASETS: "acme-kb,../etc", labels::INGRESS: "enforce"}),
+    );
+    let q = annotated(
+        pod("acme", "db2", json!({}), "node-a", "127.82.7.5"),
+        json!({labels::KIND: "vector_db", labels::INGRESS: "block",
+               labels::DATASETS: (0..40).map(|i| format!("d{i}")).collect::<Vec<_>>().join(",")}),
+    );
+    let s = state(vec![p, q], vec![tenant_ns("acme", "acme")]);
+    let about = |name: &str, key: &str| {
+        s.problems
+            .iter()
+            .filter(|l| l.starts_with(&format!("pod acme/{name}: annotation {key}=")))
+            .count()
+    };
+    for key in [labels::KIND, labels::TRACK, labels::DATASETS] {
+        assert_eq!(about("db", key), 1, "{key}: {:?}", s.problems);
+    }
+    assert_eq!(about("db", labels::INGRESS), 0, "{:?}", s.problems);
+    assert_eq!(about("db2", labels::INGRESS), 1, "{:?}", s.problems);
+    assert_eq!(about("db2", labels::DATASETS), 1, "{:?}", s.problems);
+    assert!(
+        s.problems.iter().all(|l| l.ends_with("ignored")),
+        "{:?}",
+        s.problems
+    );
+    // The control character is escaped, never printed raw.
+    assert!(s.problems.iter().all(|l| !l.contains('\n')));
+    assert_eq!(s.identities.len(), 2);
+    let db = s
+        .identities
+        .iter()
+        .find(|i| i.pods[0].name == "db")
+        .unwrap();
+    assert_eq!(
+        db.marks,
+        EndpointMarks {
+            ingress: IngressMode::Enforce,
+            ..EndpointMarks::default()
+        }
+    );
+    let db2 = s
+        .identities
+        .iter()
+        .find(|i| i.pods[0].name == "db2")
+        .unwrap();
+    assert_eq!(db2.marks.kind.as_deref(), Some("vector_db"));
+    assert_eq!(db2.marks.ingress, IngressMode::Off);
+    assert!(db2.marks.datasets.is_empty());
+}
+
+/// The namespace (the platform's) sets the least ingress check; a pod may ask for more,
+/// never less; a namespace value that does not parse refuses its pods (fail closed).
+#[test]
+fn the_namespace_ingress_floor_holds_against_the_pod() {
+    let ns = |name: &str, mode: &str| {
+        namespace(
+            name,
+            json!({labels::TENANT: "acme"}),
+            json!({labels::INGRESS: mode}),
+        )
+    };
+    let off = annotated(
+        pod("strict", "db", json!({}), "node-a", "127.82.7.6"),
+        json!({labels::KIND: "vector_db", labels::INGRESS: "off"}),
+    );
+    let more = annotated(
+        pod("audited", "db", json!({}), "node-a", "127.82.7.7"),
+        json!({labels::INGRESS: "enforce"}),
+    );
+    let plain = pod("audited", "web", json!({}), "node-a", "127.82.7.8");
+    let broken = pod("broken", "db", json!({}), "node-a", "127.82.7.9");
+    let s = state(
+        vec![off, more, plain, broken],
+        vec![
+            ns("strict", "enforce"),
+            ns("audited", "audit"),
+            ns("broken", "enforced"),
+        ],
+    );
+    let mode = |ns: &str, name: &str| {
+        s.identities
+            .iter()
+            .find(|i| i.pods.iter().any(|p| p.namespace == ns && p.name == name))
+            .map(|i| i.marks.ingress)
+    };
+    assert_eq!(mode("strict", "db"), Some(IngressMode::Enforce));
+    assert_eq!(mode("audited", "db"), Some(IngressMode::Enforce));
+    assert_eq!(mode("audited", "web"), Some(IngressMode::Audit));
+    assert_eq!(mode("broken", "db"), None);
+    assert!(s
+        .unidentified_ips
+        .contains(&"127.82.7.9".parse::<IpAddr>().unwrap()));
+    assert!(
+        s.problems
+            .iter()
+            .any(|l| l.starts_with("pod strict/db: annotation")
+                && l.contains("below the namespace's floor enforce")),
+        "{:?}",
+        s.problems
+    );
+    assert!(
+        s.problems
+            .iter()
+            .any(|l| l.contains("namespace broken") && l.contains("not one of off, audit, enforce")),
+        "{:?}",
+        s.problems
+    );
+    let strict = s
+        .identities
+        .iter()
+        .find(|i| i.namespace == "strict")
+        .unwrap();
+    assert_eq!(strict.labels[labels::INGRESS], "enforce");
+}
+
+#[test]
+fn marks_are_no_configurable_identity_label() {
+    for key in labels::MARKS {
+        assert!(identity_label_problem(key).is_some_and(|p| p.contains("destination mark")));
+    }
+}
+
+/// The watcher keeps what the model reads: the product's annotations and the mirror-pod
+/// annotation with its Node owner, nothing else.
+#[test]
+fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
+    let mut p = annotated(
+        pod("acme", "db", json!({}), "node-a", "127.82.7.10"),
+        json!({labels::KIND: "vector_db", model::MIRROR_ANNOTATION: "abc",
+               "kubectl.kubernetes.io/last-applied-configuration": "{...}"}),
+    );
+    p.metadata.owner_references = Some(vec![
+        serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "n"}),
+        )
+        .unwrap(),
+        serde_json::from_value(
+            json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "r"}),
+        )
+        .unwrap(),
+    ]);
+    slim_pod(&mut p);
+    let kept: Vec<&String> = p.metadata.annotations.as_ref().unwrap().keys().collect();
+    assert_eq!(kept, [labels::KIND, model::MIRROR_ANNOTATION]);
+    let owners = p.metadata.owner_references.as_ref().unwrap();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(owners[0].kind, "Node");
 }

@@ -1,0 +1,341 @@
+//! A vector database running as a Kubernetes pod, marked by its annotations
+//! (`ai-enforcer.io/kind: vector_db`, `ai-enforcer.io/ingress: enforce`,
+//! `ai-enforcer.io/datasets`), end to end: Namespaces and Pods in the **real
+//! kube-apiserver**, the kubelet's cgroup layout under a test root, the agent run as
+//! `enforcer run --kubernetes` with a flow key, deciding in the real kernel.
+//!
+//! - an acme client pod's connection to the DB pod is tracked (`flow.opened` names the DB as
+//!   a `vector_db` with its dataset) and carries the identity option, which the DB side
+//!   verifies (`WIRE_PEERS` holds the client pod's identity for that 4-tuple);
+//! - a process no enforcer manages, connecting from the client pod's address, is dropped at
+//!   the DB pod's ingress (`missing_tag`, one event naming the DB pod's identity), while the
+//!   same process reaches an unmarked pod of the same namespace: the annotation is what
+//!   turns the check on;
+//! - the DB pod's own `ingress: off` cannot lower its namespace's floor: with the namespace
+//!   annotated `enforce`, a pod annotated `off` is checked all the same.
+//!
+//! Addresses: 127.94.1.0/24 only (loopback); cgroup and namespace names start with `kv-`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use enforcer::wire::verified_peers;
+use enforcer_tests::cli::wait_notices;
+use enforcer_tests::kube::{create_namespace, require_apiserver, ApiServer};
+use enforcer_tests::kubelet::{Driver, Node, PodCgroups, Qos};
+use enforcer_tests::probe::{attempt, ProbeServer};
+use enforcer_tests::util::wait_until;
+use enforcer_tests::{
+    require_kernel, unique_name, Agent, AgentConfig, Outcome, PinDir, PolicyBundle, Probe, TempDir,
+    TestCgroup,
+};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+
+const NODE: &str = "kv-node";
+const DB_PORT: u16 = 6333;
+const TENANT: &str = "ai-enforcer.io/tenant";
+const KIND: &str = "ai-enforcer.io/kind";
+const INGRESS: &str = "ai-enforcer.io/ingress";
+const DATASETS: &str = "ai-enforcer.io/datasets";
+const KEY: &str = "1 000102030405060708090a0b0c0d0e0f";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 94, 1, n)
+}
+
+/// Creates a pod with these annotations bound to this node, then writes its address and
+/// phase through `/status` as a kubelet would; returns its UID.
+async fn create_pod(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    annotations: &[(&str, &str)],
+    addr: Ipv4Addr,
+) -> Result<String> {
+    let pods = kube::Api::<Pod>::namespaced(client.clone(), namespace);
+    let annotations: serde_json::Map<String, Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"nodeName": NODE, "containers": [{"name": "main", "image": "scratch"}]}
+    }))?;
+    let created = pods
+        .create(&Default::default(), &pod)
+        .await
+        .with_context(|| format!("create pod {namespace}/{name}"))?;
+    let status = json!({"status": {
+        "phase": "Running", "podIP": addr.to_string(), "podIPs": [{"ip": addr.to_string()}],
+    }});
+    pods.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .with_context(|| format!("patch /status of pod {namespace}/{name}"))?;
+    created.metadata.uid.context("a created pod has a UID")
+}
+
+/// One pod of the test: its cgroups (an app container started) and, for servers, the
+/// listener in its container (so that the DB side's programs judge it).
+struct TestPod {
+    server: Option<ProbeServer>,
+    cgroups: PodCgroups,
+}
+
+impl TestPod {
+    fn container(&self) -> &TestCgroup {
+        &self.cgroups.containers()[0]
+    }
+}
+
+/// A pod of the test: (namespace, name, annotations, last octet of its address, serves on
+/// [`DB_PORT`]).
+type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u8, bool);
+
+fn ingress_events(agent: &Agent) -> Result<Vec<Value>> {
+    Ok(agent
+        .verdict_events()?
+        .into_iter()
+        .filter(|e| e["hook"] == "ingress")
+        .collect())
+}
+
+#[test]
+fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = ApiServer::start()?;
+    let client = rt.block_on(async { server.client() });
+    let node = Node::create("kv-node")?;
+    // A process no enforcer manages: outside the node's cgroup root.
+    let stranger = TestCgroup::create(unique_name("kv-stranger"))?;
+    let pods_spec: [PodSpec; 4] = [
+        (
+            "kv-acme",
+            "vectors-0",
+            vec![
+                (KIND, "vector_db"),
+                (INGRESS, "enforce"),
+                (DATASETS, "acme-kb"),
+            ],
+            1,
+            true,
+        ),
+        ("kv-acme", "client", vec![], 2, false),
+        ("kv-acme", "plain-db", vec![], 3, true),
+        // Its own `off` is below its namespace's floor: checked all the same.
+        (
+            "kv-strict",
+            "vectors-0",
+            vec![(KIND, "vector_db"), (INGRESS, "off")],
+            4,
+            true,
+        ),
+    ];
+    let uids = rt.block_on(async {
+        create_namespace(&client, "kv-acme", &[(TENANT, "acme")], &[]).await?;
+        create_namespace(
+            &client,
+            "kv-strict",
+            &[(TENANT, "acme")],
+            &[(INGRESS, "enforce")],
+        )
+        .await?;
+        let mut uids = Vec::new();
+        for (namespace, name, annotations, n, _) in &pods_spec {
+            uids.push(create_pod(&client, namespace, name, annotations, ip(*n)).await?);
+        }
+        anyhow::Ok(uids)
+    })?;
+    let mut pods = Vec::new();
+    for ((_, _, _, n, serves), uid) in pods_spec.iter().zip(&uids) {
+        let mut cgroups = node.start_pod(uid, Driver::Systemd, Qos::Burstable)?;
+        cgroups.add_container()?;
+        let server = if *serves {
+            let addr = SocketAddr::new(IpAddr::V4(ip(*n)), DB_PORT);
+            Some(ProbeServer::start(None, &cgroups.containers()[0], addr)?)
+        } else {
+            None
+        };
+        pods.push(TestPod { server, cgroups });
+    }
+    let [db, client_pod, plain, strict] = &pods[..] else {
+        unreachable!()
+    };
+
+    let demo = enforcer_tests::fixtures::demo_policies_dir();
+    let read = |name: &str| std::fs::read_to_string(demo.join(name));
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", "tenants: [acme]\n"),
+        ("schema.cedarschema", &read("schema.cedarschema")?),
+        ("baseline.cedar", &read("baseline.cedar")?),
+    ])?;
+    let keys = TempDir::new("kv-keys")?;
+    let key_file = keys.path().join("flow.keys");
+    std::fs::write(&key_file, format!("{KEY}\n"))?;
+    let pins = PinDir::new("kv-pins")?;
+    let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
+    config.extra_args = vec![
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        server.kubeconfig().display().to_string(),
+        "--node-name".into(),
+        NODE.into(),
+        "--flow-key-file".into(),
+        key_file.display().to_string(),
+    ];
+    config.ready_timeout = Duration::from_secs(60);
+    let agent = Agent::start(config)?;
+    let pin_dir = enforcer::datapath::pin_dir(pins.path());
+
+    // 1. The client pod reaches the DB pod once the agent knows both (bounded wait).
+    let to = |n: u8| attempt("tcp", IpAddr::V4(ip(n)), DB_PORT);
+    // From the client pod's own address, as a pod's traffic is (on loopback the kernel
+    // would pick 127.0.0.1, which is nobody's).
+    let from_client = |n: u8| format!("{}@{}", to(n), ip(2));
+    let mut last = Vec::new();
+    let learned = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        last = Probe::new()
+            .in_cgroup(client_pod.container())
+            .run(&[from_client(1)])
+            .unwrap_or_default();
+        last.len() == 1 && last[0].outcome == Outcome::Ok
+    });
+    ensure!(
+        learned,
+        "the client pod never reached the DB pod: {last:?}; status: {:#}; stderr:\n{}",
+        agent.status().unwrap_or_default(),
+        agent.stderr_tail()
+    );
+    // The server reports each accept on its stdout: collected, bounded.
+    let db_server = db.server.as_ref().context("the DB pod serves")?;
+    let mut accepted = Vec::new();
+    ensure!(
+        wait_until(WAIT, Duration::from_millis(20), || {
+            accepted.extend(db_server.accepted());
+            !accepted.is_empty()
+        }),
+        "the DB accepted nothing"
+    );
+    ensure!(accepted.len() == 1, "accepted {accepted:?}");
+    let client_addr = accepted[0];
+    ensure!(client_addr.ip() == IpAddr::V4(ip(2)), "{client_addr}");
+
+    // Tracked: flow.opened names the DB pod as a vector_db with its dataset.
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
+        e.pointer("/flow/source/port").and_then(Value::as_u64)
+            == Some(u64::from(client_addr.port()))
+    })?;
+    let o = &opened[0];
+    ensure!(o["destination"]["kind"] == "vector_db", "{o}");
+    ensure!(o["dataset_scope"] == json!(["acme-kb"]), "{o}");
+    ensure!(o["destination"]["tenant"] == "acme", "{o}");
+    let db_identity = o["destination"]["identity"]
+        .as_u64()
+        .context("flow.opened has the DB's identity")?;
+    let client_identity = o["subject"]["identity"]
+        .as_u64()
+        .context("flow.opened has the client's identity")?;
+    ensure!(
+        o["destination"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("kv-acme/")),
+        "{o}"
+    );
+
+    // Tagged and verified: the DB side holds the client pod's identity for that 4-tuple.
+    let verified = |peer: SocketAddr| -> Option<u32> {
+        verified_peers(&pin_dir)
+            .ok()?
+            .into_iter()
+            .find(|p| p.client == peer)
+            .map(|p| p.identity)
+    };
+    ensure!(
+        wait_until(WAIT, Duration::from_millis(20), || verified(client_addr)
+            == Some(client_identity as u32)),
+        "the DB side did not verify {client_addr} as {client_identity}: {:?}",
+        verified_peers(&pin_dir)
+    );
+    ensure!(
+        ingress_events(&agent)?.is_empty(),
+        "{:?}",
+        ingress_events(&agent)?
+    );
+
+    // 2. An unmanaged process from the client pod's address: dropped at the DB's ingress,
+    //    exactly one event; the unmarked pod of the same namespace is not checked.
+    let r = Probe::new().in_cgroup(&stranger).run_one(&from_client(1))?;
+    ensure!(r.outcome == Outcome::Error, "unmanaged client got {r:?}");
+    expect_one_ingress(&agent, db_identity, "missing_tag")?;
+    Probe::new().in_cgroup(&stranger).expect_outcome(
+        &from_client(3),
+        Outcome::Ok,
+        "an unmarked pod is not checked at ingress",
+    )?;
+    let plain_server = plain.server.as_ref().context("the plain pod serves")?;
+    ensure!(
+        wait_until(WAIT, Duration::from_millis(20), || !plain_server
+            .accepted()
+            .is_empty()),
+        "the unmarked pod accepted nothing"
+    );
+
+    // 3. The namespace's floor beats the pod's own `off`.
+    let r = Probe::new().in_cgroup(&stranger).run_one(&from_client(4))?;
+    ensure!(
+        r.outcome == Outcome::Error,
+        "a pod under an enforce floor got {r:?}"
+    );
+    let strict_events = wait_ingress(&agent, |e| {
+        e["destination"]["ip"] == ip(4).to_string() && e["reason"] == "missing_tag"
+    })?;
+    ensure!(strict_events.len() == 1, "{strict_events:?}");
+    ensure!(strict
+        .server
+        .as_ref()
+        .is_some_and(|s| s.accepted().is_empty()));
+    // And the problem was reported, naming the pod.
+    wait_notices(&agent, "cluster.problem", 1, WAIT, |e| {
+        let text = e.to_string();
+        text.contains("kv-strict/vectors-0") && text.contains("floor")
+    })?;
+    drop(pods);
+    Ok(())
+}
+
+/// The ingress events matching `pred` once the agent has been quiet for 1.5 s (a
+/// retransmitted SYN must not add one), at least one within [`WAIT`].
+fn wait_ingress(agent: &Agent, pred: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
+    agent.wait_for(1, WAIT, |e| e["hook"] == "ingress" && pred(e))?;
+    Ok(agent
+        .settled_events(Duration::from_millis(1500), WAIT)?
+        .into_iter()
+        .filter(|e| e["hook"] == "ingress" && pred(e))
+        .collect())
+}
+
+fn expect_one_ingress(agent: &Agent, db: u64, reason: &str) -> Result<()> {
+    let events = wait_ingress(agent, |e| {
+        e["destination"]["identity"] == db && e["reason"] == reason
+    })?;
+    ensure!(events.len() == 1, "want one {reason} event: {events:?}");
+    let e = &events[0];
+    ensure!(
+        e["verdict"] == "deny" && e["type"] == "connection.denied",
+        "{e}"
+    );
+    ensure!(e["destination"]["port"] == DB_PORT, "{e}");
+    Ok(())
+}
