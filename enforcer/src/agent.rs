@@ -813,7 +813,14 @@ impl Agent {
 
     /// A new cluster state: merge, compile, apply, as for an edit of the directory.
     fn cluster_changed(&mut self, state: Arc<ClusterState>) {
-        if self.cluster.as_ref() == Some(&state) {
+        // The source publishes a state only when it differs from its last one, so the same
+        // `Arc` is the only repeat (the state read at start, then seen as a change); a deep
+        // comparison would walk every pod of the cluster on every change.
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &state))
+        {
             return;
         }
         tracing::info!(

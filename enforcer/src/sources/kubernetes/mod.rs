@@ -22,6 +22,7 @@
 //! retry; the watchers retry with a capped exponential backoff forever.
 
 mod model;
+mod wire;
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -35,6 +36,7 @@ use enforcer_policy::cluster::ClusterState;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
@@ -56,6 +58,11 @@ pub const STATE_FILE: &str = "kubernetes-state.json";
 /// How long the source waits after a change for more before it publishes: a burst of pod
 /// events (a Deployment scaled up) becomes one state.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// The least time between two writes of [`STATE_FILE`]: a write serialises every pod of
+/// the cluster, and a burst of changes wrote one state after the other, taking CPU from
+/// the agent's reloads. A restart sees a state at most this much older than
+/// otherwise (and `status` never understates its age: see [`PersistedState::last_sync`]).
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// The server ends each watch after this many seconds and the watcher starts another from
 /// the same resourceVersion: a server that vanished without closing the connection is
 /// noticed within this bound.
@@ -424,23 +431,23 @@ async fn run(
     let mut watchers = JoinSet::new();
     let pods = start_watcher(
         &mut watchers,
-        Api::<Pod>::all(client.clone()),
+        Api::<wire::WirePod>::all(client.clone()),
         "pods",
-        slim_pod,
+        trimmed_pod,
         &shared,
     );
     let namespaces = start_watcher(
         &mut watchers,
         Api::<Namespace>::all(client.clone()),
         "namespaces",
-        slim,
+        trimmed,
         &shared,
     );
     let services = start_watcher(
         &mut watchers,
         Api::<Service>::all(client.clone()),
         "services",
-        slim,
+        trimmed,
         &shared,
     );
 
@@ -451,7 +458,7 @@ async fn run(
             &mut watchers,
             Api::<EndpointSlice>::all(client.clone()),
             "endpointslices",
-            slim,
+            trimmed,
             &shared,
         ))
     } else {
@@ -460,7 +467,7 @@ async fn run(
             &mut watchers,
             Api::<Endpoints>::all(client.clone()),
             "endpoints",
-            slim,
+            trimmed,
             &shared,
         ))
     };
@@ -510,33 +517,62 @@ async fn discover_endpoint_slices(client: &Client, shared: &Shared) -> bool {
     }
 }
 
-/// Starts a reflector on `api` in `set` and returns its store. `trim` drops what the
+/// Starts a reflector on `api` in `set` and returns its store of `K`s: each object is
+/// decoded as a `W` and turned into what the store keeps by `decode`, which drops what the
 /// source never reads (managed fields, most of a pod), so 20,000 pods stay small.
-fn start_watcher<K>(
+fn start_watcher<W, K>(
     set: &mut JoinSet<()>,
-    api: Api<K>,
+    api: Api<W>,
     part: &'static str,
-    trim: fn(&mut K),
+    decode: fn(W) -> K,
     shared: &Arc<Shared>,
 ) -> Store<K>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     shared.lock().part(part);
     let (reader, writer) = reflector::store::<K>();
-    set.spawn(watch_resource(api, writer, part, trim, shared.clone()));
+    set.spawn(watch_resource(api, writer, part, decode, shared.clone()));
     reader
 }
 
-async fn watch_resource<K>(
-    api: Api<K>,
+/// An object of `K` with only what the source reads.
+fn trimmed<K: ResourceExt>(mut object: K) -> K {
+    slim(&mut object);
+    object
+}
+
+/// A pod as [`wire::WirePod`] decodes it, trimmed by [`slim_pod`] (which the wire type
+/// already did: kept so that one function says what a pod keeps).
+fn trimmed_pod(pod: wire::WirePod) -> Pod {
+    let mut pod = pod.into_pod();
+    slim_pod(&mut pod);
+    pod
+}
+
+/// `event` with its object turned into a `K`.
+fn decode_event<W, K>(event: watcher::Event<W>, decode: fn(W) -> K) -> watcher::Event<K> {
+    use watcher::Event::*;
+    match event {
+        Apply(o) => Apply(decode(o)),
+        Delete(o) => Delete(decode(o)),
+        Init => Init,
+        InitApply(o) => InitApply(decode(o)),
+        InitDone => InitDone,
+    }
+}
+
+async fn watch_resource<W, K>(
+    api: Api<W>,
     writer: Writer<K>,
     part: &'static str,
-    trim: fn(&mut K),
+    decode: fn(W) -> K,
     shared: Arc<Shared>,
 ) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     // `resourceVersion=0`: the API server answers a list from its watch cache, whole, in
@@ -548,7 +584,7 @@ async fn watch_resource<K>(
     let config = watcher::Config::default()
         .timeout(WATCH_TIMEOUT_SECS)
         .any_semantic();
-    let events = watcher(api, config).map_ok(move |event| event.modify(trim));
+    let events = watcher(api, config).map_ok(move |event| decode_event(event, decode));
     let mut stream = pin!(reflector::reflector(writer, events).backoff(RetryBackoff::default()));
     while let Some(item) = stream.next().await {
         match item {
@@ -649,18 +685,31 @@ fn slim<K: ResourceExt>(object: &mut K) {
     object.managed_fields_mut().clear();
 }
 
-/// Keeps what [`cluster_state`] reads of a pod: metadata (without managed fields, with only
-/// the product's annotations and the mirror-pod annotation, and only Node owner
-/// references: what `cgroup_uid` needs to honour a mirror pod), node, host network,
-/// service account, phase and IPs.
+/// Keeps what [`cluster_state`] reads of a pod: names, UID, resource version, labels,
+/// creation and deletion times, of the annotations only the product's own
+/// (`ai-enforcer.io/`, the marks) and the mirror annotation, of the owner references only the
+/// Node owners (a mirror pod's annotation and owner name a static pod's cgroup); node, host network,
+/// service account, phase and IPs. [`wire::WirePod`] decodes exactly this.
 fn slim_pod(pod: &mut Pod) {
-    pod.managed_fields_mut().clear();
-    pod.annotations_mut().retain(|key, _| {
-        key.starts_with("ai-enforcer.io/") || key.as_str() == model::MIRROR_ANNOTATION
-    });
-    if let Some(owners) = pod.metadata.owner_references.as_mut() {
-        owners.retain(|o| o.kind == "Node");
-    }
+    let m = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        // The watcher resumes a watch from the last object's version.
+        resource_version: m.resource_version,
+        labels: m.labels,
+        annotations: m.annotations.map(|mut a| {
+            a.retain(|key, _| model::kept_annotation(key));
+            a
+        }),
+        owner_references: m
+            .owner_references
+            .map(|o| o.into_iter().filter(|o| o.kind == "Node").collect()),
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    };
     pod.spec = pod.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
         host_network: s.host_network,
@@ -730,15 +779,16 @@ async fn publish(
         let mut memo2 = memo.take().unwrap_or_default();
         let started = std::time::Instant::now();
         // Off the runtime's worker threads: 20,000 pods take tens of milliseconds.
-        let state = match tokio::task::spawn_blocking(move || {
+        let (state, identities_changed) = match tokio::task::spawn_blocking(move || {
             let state = model::cluster_state_with(&stores2.snapshot(), &rules2, &mut memo2);
             (state, memo2)
         })
         .await
         {
             Ok((state, kept)) => {
+                let changed = kept.identities_changed();
                 memo = Some(kept);
-                state
+                (state, changed)
             }
             Err(e) => {
                 warn!(error = %e, "kubernetes: computing the cluster state failed");
@@ -748,7 +798,10 @@ async fn publish(
         let computed = started.elapsed();
         let previous = tx.borrow().clone();
         let was_persisted = shared.lock().persisted;
-        if previous.as_deref() == Some(&state) {
+        if previous
+            .as_deref()
+            .is_some_and(|p| same_state(p, &state, identities_changed))
+        {
             if was_persisted {
                 shared.lock().persisted = false;
                 info!("kubernetes: the API server confirms the persisted state");
@@ -775,6 +828,20 @@ async fn publish(
     }
 }
 
+/// Whether `state` equals `previous`, the state the last round published (or the persisted
+/// one). The identities hold every pod (20,000 at issue 9's scale): they are compared only
+/// when the memo says they may have changed, or when `previous` came from elsewhere (the
+/// state file, or a memo that started over), which the memo's first round reports as a
+/// change too. Services, problems and addresses left out are recomputed every round and
+/// compared (hundreds of entries).
+fn same_state(previous: &ClusterState, state: &ClusterState, identities_changed: bool) -> bool {
+    previous.trust_domain == state.trust_domain
+        && previous.services == state.services
+        && previous.unidentified_ips == state.unidentified_ips
+        && previous.problems == state.problems
+        && (!identities_changed || previous.identities == state.identities)
+}
+
 /// [`PersistedState`] as it is written: the state shared with the agent, not copied.
 #[derive(Serialize)]
 struct PersistedRef {
@@ -793,8 +860,9 @@ fn serialize_shared<S: serde::Serializer>(
 }
 
 /// Writes published states to [`STATE_FILE`] on its own thread, newest first: a state
-/// published while one is being written replaces any older one still waiting, so under
-/// churn the file follows with one write at a time and never holds up a change. Dropped,
+/// published while one is being written (or within [`PERSIST_INTERVAL`] of the last write)
+/// replaces any older one still waiting, so under churn the file follows with one write a
+/// [`PERSIST_INTERVAL`] and never holds up a change. Dropped,
 /// it finishes the write it has (the rename keeps the file whole either way).
 struct Persister {
     slot: Arc<(Mutex<PersistSlot>, std::sync::Condvar)>,
@@ -812,20 +880,32 @@ impl Persister {
         let theirs = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("kube-persist".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                let mut last_write = None;
+                loop {
                 let next = {
                     let (lock, ready) = &*theirs;
                     let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
                     loop {
-                        if let Some(next) = slot.next.take() {
-                            break next;
+                        // At most one write per PERSIST_INTERVAL (sooner when closing): a
+                        // burst of changes is one write of its last state.
+                        let wait = last_write
+                            .map(|t: std::time::Instant| PERSIST_INTERVAL.saturating_sub(t.elapsed()))
+                            .unwrap_or_default();
+                        if slot.next.is_some() && (wait.is_zero() || slot.closed) {
+                            break slot.next.take().expect("checked");
                         }
                         if slot.closed {
                             return;
                         }
-                        slot = ready.wait(slot).unwrap_or_else(|e| e.into_inner());
+                        slot = if slot.next.is_some() {
+                            ready.wait_timeout(slot, wait).unwrap_or_else(|e| e.into_inner()).0
+                        } else {
+                            ready.wait(slot).unwrap_or_else(|e| e.into_inner())
+                        };
                     }
                 };
+                last_write = Some(std::time::Instant::now());
                 let written = write_atomically(&path, &next);
                 let mut inner = shared.lock();
                 match written {
@@ -838,7 +918,7 @@ impl Persister {
                         }
                     }
                 }
-            });
+            }});
         if let Err(e) = spawned {
             warn!(error = %e, "kubernetes: cannot start the thread that persists the state");
         }

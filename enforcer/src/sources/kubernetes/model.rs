@@ -124,61 +124,173 @@ pub fn cluster_state(snapshot: &Snapshot, rules: &Rules) -> ClusterState {
     cluster_state_with(snapshot, rules, &mut Memo::default())
 }
 
-/// What [`cluster_state`] derived from each pod in the last round, so that the next round
-/// derives only the pods that changed: the source computes a state after every change, and
-/// at 20,000 pods deriving every pod again (labels checked, identity labels built, strings
-/// copied) was most of the cost of a one-pod change.
+/// What [`cluster_state`] derived in the last round, so that the next round derives only
+/// what changed: the source computes a state after every change, and at 20,000 pods
+/// deriving every pod again and regrouping every pod into its identity (a label set cloned
+/// and compared per pod) was most of the agent's CPU per one-pod change.
 ///
-/// An entry is reused only for the very same object (the reflector store's `Arc`, which a
-/// watch event or a relist replaces and never mutates; the entry holds it, so its address
-/// cannot be reused meanwhile) in a namespace with the same tenant metadata, with the same
-/// [`Rules`]: everything `pod_identity` reads. [`cluster_state_with`] therefore returns
-/// exactly what [`cluster_state`] returns (`incremental_state_equals_a_rebuild`).
+/// Kept per pod: its derived identity. An entry is reused only for the very same object
+/// (the reflector store's `Arc`, which a watch event or a relist replaces and never
+/// mutates; the entry holds it, so its address cannot be reused meanwhile) in a namespace
+/// with the same tenant metadata, with the same [`Rules`]: everything `pod_identity` reads.
+/// Kept for the cluster: the identity groups (label set -> pods sorted by namespace and
+/// name) and how many pods name each cgroup UID, both updated with the pods that came and
+/// went only. [`cluster_state_with`] therefore returns exactly what [`cluster_state`]
+/// returns (`incremental_state_equals_a_rebuild`), and [`Memo::identities_changed`] says
+/// whether its identities can differ from the last round's without comparing them.
 #[derive(Debug, Default)]
 pub struct Memo {
     /// The rules the entries were derived with (a change drops them all).
     rules: Option<(Vec<String>, Vec<String>)>,
     /// By the address of the pod object.
     pods: HashMap<usize, MemoPod>,
+    /// The identities of the pods in `pods`, by label set; each one's pods sorted by
+    /// (namespace, name), never empty.
+    groups: BTreeMap<BTreeMap<String, String>, ClusterIdentity>,
+    /// Cgroup UID -> how many pods in `groups` name it.
+    uids: HashMap<String, u32>,
+    /// The UIDs of `uids` named by more than one pod.
+    shared_uids: std::collections::BTreeSet<String>,
+    /// Rounds computed with this memo; an entry's `round` is the last one that saw its pod.
+    round: u64,
+    /// The last round added or removed a pod of `groups` (or it was the first round).
+    changed: bool,
 }
 
 #[derive(Debug)]
 struct MemoPod {
     pod: Arc<Pod>,
     tenant: TenantMetadata,
+    /// `pod_identity`'s answer: an identity holding this one pod.
     identity: Option<ClusterIdentity>,
     problems: Vec<String>,
+    round: u64,
 }
 
 impl Memo {
-    /// `pod_identity` of `pod`, from the last round when nothing it reads changed. The
-    /// entry moves from the last round's map to `next` (no copy of what it holds).
-    fn pod_identity(
+    /// Whether the identities (and the cgroup UIDs they name) of the last
+    /// [`cluster_state_with`] may differ from those of the round before: `false` only when
+    /// no pod came, went or was derived anew, so they are equal. `true` in a memo's first
+    /// round (and after a change of [`Rules`], which starts it over).
+    pub fn identities_changed(&self) -> bool {
+        self.changed
+    }
+
+    /// `pod_identity` of `pod`, from the last round when nothing it reads changed; a pod
+    /// derived anew goes into `added` (its replaced entry is found stale by [`Memo::sweep`]).
+    fn see(
         &mut self,
-        next: &mut HashMap<usize, MemoPod>,
         pod: &Arc<Pod>,
         tenant: &TenantMetadata,
         rules: &Rules,
         problems: &mut Vec<String>,
-    ) -> Option<ClusterIdentity> {
+        added: &mut Vec<usize>,
+    ) -> bool {
         let key = Arc::as_ptr(pod) as usize;
-        let entry = match self.pods.remove(&key) {
-            Some(e) if Arc::ptr_eq(&e.pod, pod) && e.tenant == *tenant => e,
+        let round = self.round;
+        match self.pods.get_mut(&key) {
+            Some(e) if Arc::ptr_eq(&e.pod, pod) && e.tenant == *tenant => {
+                e.round = round;
+                problems.extend(e.problems.iter().cloned());
+                e.identity.is_some()
+            }
             _ => {
                 let mut own = Vec::new();
                 let identity = pod_identity(pod, tenant, rules, &mut own);
-                MemoPod {
-                    pod: pod.clone(),
-                    tenant: tenant.clone(),
-                    identity,
-                    problems: own,
+                problems.extend(own.iter().cloned());
+                let known = identity.is_some();
+                // An entry at this address for another tenant: its pod leaves the groups
+                // first (the address is reused by the same object only while held).
+                if let Some(old) = self.pods.remove(&key) {
+                    self.ungroup(old);
+                }
+                self.pods.insert(
+                    key,
+                    MemoPod {
+                        pod: pod.clone(),
+                        tenant: tenant.clone(),
+                        identity,
+                        problems: own,
+                        round,
+                    },
+                );
+                added.push(key);
+                known
+            }
+        }
+    }
+
+    /// Drops the entries this round did not see and groups the pods derived anew.
+    fn sweep(&mut self, added: Vec<usize>) {
+        let round = self.round;
+        let gone: Vec<usize> = self
+            .pods
+            .iter()
+            .filter(|(_, e)| e.round != round)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut changed = !added.is_empty();
+        for key in gone {
+            if let Some(old) = self.pods.remove(&key) {
+                changed |= old.identity.is_some();
+                self.ungroup(old);
+            }
+        }
+        for key in added {
+            let Some(identity) = self.pods.get(&key).and_then(|e| e.identity.clone()) else {
+                continue;
+            };
+            for pod in &identity.pods {
+                let count = self.uids.entry(pod.uid.clone()).or_default();
+                *count += 1;
+                if *count > 1 {
+                    self.shared_uids.insert(pod.uid.clone());
                 }
             }
+            match self.groups.get_mut(&identity.labels) {
+                Some(group) => {
+                    for pod in identity.pods {
+                        let at = group.pods.partition_point(|p| {
+                            (&p.namespace, &p.name) < (&pod.namespace, &pod.name)
+                        });
+                        group.pods.insert(at, pod);
+                    }
+                }
+                None => {
+                    self.groups.insert(identity.labels.clone(), identity);
+                }
+            }
+        }
+        self.changed |= changed;
+    }
+
+    /// Takes the pod of a dropped entry out of its group and the UID counts.
+    fn ungroup(&mut self, old: MemoPod) {
+        let Some(identity) = old.identity else {
+            return;
         };
-        problems.extend(entry.problems.iter().cloned());
-        let identity = entry.identity.clone();
-        next.insert(key, entry);
-        identity
+        if let Some(group) = self.groups.get_mut(&identity.labels) {
+            for pod in &identity.pods {
+                if let Some(at) = group.pods.iter().position(|p| p == pod) {
+                    group.pods.remove(at);
+                }
+            }
+            if group.pods.is_empty() {
+                self.groups.remove(&identity.labels);
+            }
+        }
+        for pod in &identity.pods {
+            if let Some(count) = self.uids.get_mut(&pod.uid) {
+                *count -= 1;
+                if *count <= 1 {
+                    self.shared_uids.remove(&pod.uid);
+                }
+                if *count == 0 {
+                    self.uids.remove(&pod.uid);
+                }
+            }
+        }
+        self.changed = true;
     }
 }
 
@@ -189,10 +301,13 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
         rules.system_namespaces.clone(),
     );
     if memo.rules.as_ref() != Some(&rules_key) {
-        memo.pods.clear();
-        memo.rules = Some(rules_key);
+        *memo = Memo {
+            rules: Some(rules_key),
+            ..Memo::default()
+        };
     }
-    let mut next_memo: HashMap<usize, MemoPod> = HashMap::with_capacity(memo.pods.len());
+    memo.round += 1;
+    memo.changed = memo.round == 1;
     let mut problems = Vec::new();
     let namespaces: BTreeMap<&str, Result<TenantMetadata, String>> = snapshot
         .namespaces
@@ -203,16 +318,11 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
         })
         .collect();
 
-    let mut pods: Vec<&Arc<Pod>> = snapshot.pods.iter().filter(|p| live(p)).collect();
-    pods.sort_by(|a, b| pod_key(a).cmp(&pod_key(b)));
-
     // Pods refused because of their namespace are reported once per namespace.
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    let mut identities: BTreeMap<BTreeMap<String, String>, ClusterIdentity> = BTreeMap::new();
     let mut unidentified_ips: Vec<IpAddr> = Vec::new();
-    // Pods named by the mirror annotation (their cgroup UID is not their own).
-    let mut mirrored: std::collections::BTreeSet<(String, String)> = Default::default();
-    for pod in pods {
+    let mut added = Vec::new();
+    for pod in snapshot.pods.iter().filter(|p| live(p)) {
         let (namespace, name) = pod_key(pod);
         let system = rules.system_namespaces.iter().any(|n| n == namespace);
         let metadata = match namespaces.get(namespace) {
@@ -226,85 +336,77 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
                 continue;
             }
         };
-        let identity = memo.pod_identity(&mut next_memo, pod, metadata, rules, &mut problems);
-        if identity.as_ref().is_some_and(|i| {
-            i.pods
-                .iter()
-                .any(|p| Some(&p.uid) != pod.metadata.uid.as_ref())
-        }) {
-            mirrored.insert((namespace.to_string(), name.to_string()));
-        }
-        if identity.is_none() {
+        if !memo.see(pod, metadata, rules, &mut problems, &mut added) {
             unidentified_ips.extend(addresses(pod));
         }
-        if let Some(mut identity) = identity {
-            match identities.get_mut(&identity.labels) {
-                Some(entry) => entry.pods.append(&mut identity.pods),
-                None => {
-                    identities.insert(identity.labels.clone(), identity);
-                }
-            }
-        }
     }
-    memo.pods = next_memo;
+    memo.sweep(added);
+    let mut identities: Vec<ClusterIdentity> = memo.groups.values().cloned().collect();
+
     // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
     // pod's processes another's. A pod's own `metadata.uid` is the API server's, which no
     // tenant forges, while the Node owner reference that admits the mirror annotation is
     // anyone's to write: the pod whose own UID it is keeps it, the mirror claims on it are
     // refused. Between mirror claims alone, neither is mapped. All are reported.
-    // Borrowed first: with no conflict (the usual case) nothing is copied.
-    let mut shared_uids: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
-    for pod in identities.values().flat_map(|i| &i.pods) {
-        shared_uids
-            .entry(pod.uid.as_str())
-            .or_default()
-            .push((pod.namespace.as_str(), pod.name.as_str()));
-    }
-    let by_uid: BTreeMap<String, Vec<(String, String)>> = shared_uids
-        .into_iter()
-        .filter(|(_, pods)| pods.len() > 1)
-        .map(|(uid, pods)| {
-            let pods = pods
-                .into_iter()
-                .map(|(ns, name)| (ns.to_string(), name.to_string()))
-                .collect();
-            (uid.to_string(), pods)
-        })
-        .collect();
-    if !by_uid.is_empty() {
+    if !memo.shared_uids.is_empty() {
+        // Pods named by the mirror annotation (their cgroup UID is not their own).
+        let mirrored: std::collections::BTreeSet<(&str, &str)> = memo
+            .pods
+            .values()
+            .filter(|e| {
+                e.identity.as_ref().is_some_and(|i| {
+                    i.pods
+                        .iter()
+                        .any(|p| Some(&p.uid) != e.pod.metadata.uid.as_ref())
+                })
+            })
+            .map(|e| pod_key(&e.pod))
+            .collect();
+        let mut by_uid: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+        for pod in memo.groups.values().flat_map(|i| &i.pods) {
+            if memo.shared_uids.contains(&pod.uid) {
+                by_uid
+                    .entry(pod.uid.as_str())
+                    .or_default()
+                    .push((pod.namespace.as_str(), pod.name.as_str()));
+            }
+        }
         // (namespace, name) of every pod left out.
-        let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
+        let mut refused: std::collections::BTreeSet<(&str, &str)> = Default::default();
         for (uid, pods) in &by_uid {
             let names = pods
                 .iter()
                 .map(|(ns, name)| format!("{ns}/{name}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let own: Vec<&(String, String)> =
-                pods.iter().filter(|p| !mirrored.contains(*p)).collect();
+            let own: Vec<&(&str, &str)> = pods.iter().filter(|p| !mirrored.contains(*p)).collect();
             if let [owner] = own[..] {
                 problems.push(format!(
-                    "pods {names} all name the cgroup of pod UID {uid}, which is {}/{}'s own:                      the others' mirror annotation is refused, they are left out (unknown                      subjects)",
+                    "pods {names} all name the cgroup of pod UID {uid}, which is {}/{}'s own: \
+                     the others' mirror annotation is refused, they are left out (unknown \
+                     subjects)",
                     owner.0, owner.1
                 ));
-                refused.extend(pods.iter().filter(|p| *p != owner).cloned());
+                refused.extend(pods.iter().filter(|p| *p != owner).copied());
             } else {
                 problems.push(format!(
                     "pods {names} all name the cgroup of pod UID {uid}: left out (unknown subjects)"
                 ));
-                refused.extend(pods.iter().cloned());
+                refused.extend(pods.iter().copied());
             }
         }
-        let is_refused = |p: &ClusterPod| refused.contains(&(p.namespace.clone(), p.name.clone()));
-        for identity in identities.values_mut() {
+        let is_refused =
+            |p: &ClusterPod| refused.contains(&(p.namespace.as_str(), p.name.as_str()));
+        for identity in &mut identities {
             for pod in identity.pods.iter().filter(|p| is_refused(p)) {
                 unidentified_ips.extend(&pod.ips);
             }
             identity.pods.retain(|p| !is_refused(p));
         }
-        identities.retain(|_, i| !i.pods.is_empty());
+        identities.retain(|i| !i.pods.is_empty());
     }
-    for (namespace, names) in refused_by_namespace {
+    for (namespace, mut names) in refused_by_namespace {
+        names.sort_unstable();
         let why = match namespaces.get(namespace) {
             None => format!("namespace {namespace} is not known"),
             Some(Err(e)) => e.clone(),
@@ -327,7 +429,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     unidentified_ips.dedup();
     ClusterState {
         trust_domain: rules.trust_domain.clone(),
-        identities: identities.into_values().collect(),
+        identities,
         services,
         unidentified_ips,
         problems,
@@ -348,6 +450,13 @@ fn addresses(pod: &Pod) -> Vec<IpAddr> {
 /// (a hash of its manifest), which is what names its cgroup. Source: kubelet
 /// `pkg/kubelet/types` (`ConfigMirrorAnnotationKey`).
 pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The annotations the source keeps of a pod (the rest is dropped as it is decoded): the
+/// product's own (`ai-enforcer.io/`, the marks that make a pod a vector DB) and the mirror
+/// annotation that names a static pod's cgroup.
+pub(super) fn kept_annotation(key: &str) -> bool {
+    key.starts_with("ai-enforcer.io/") || key == MIRROR_ANNOTATION
+}
 
 /// The UID the kubelet names the pod's cgroup after: `metadata.uid`, except for the mirror
 /// pod of a static pod, whose cgroup carries the static pod's UID. The annotation is honoured

@@ -806,6 +806,46 @@ fn mirror_pods_name_their_static_pods_cgroup_and_forged_ones_do_not() {
     );
 }
 
+/// What the watcher keeps of a pod ([`slim_pod`]) still names a static pod's cgroup: the
+/// mirror annotation and the Node owner survive the trim (they once did not, and static
+/// pods were mapped by the mirror pod's own UID, which names no cgroup).
+#[test]
+fn a_slimmed_mirror_pod_still_names_its_static_pods_cgroup() {
+    const HASH: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let mut p = pod("acme", "etcd-n", json!({}), "n", "127.82.7.2");
+    p.metadata.annotations = Some(
+        [
+            (model::MIRROR_ANNOTATION.to_string(), HASH.to_string()),
+            (
+                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                "{}".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    p.metadata.owner_references = Some(vec![
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node", "name": "n", "uid": "node-uid"
+        }))
+        .unwrap(),
+        serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "rs-uid"
+        }))
+        .unwrap(),
+    ]);
+    let full = state(vec![p.clone()], vec![tenant_ns("acme", "acme")]);
+    slim_pod(&mut p);
+    assert_eq!(
+        p.metadata.annotations.as_ref().map(|a| a.len()),
+        Some(1),
+        "only the mirror annotation is kept"
+    );
+    assert_eq!(p.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+    let slimmed = state(vec![p], vec![tenant_ns("acme", "acme")]);
+    assert_eq!(slimmed, full);
+    assert_eq!(slimmed.identities[0].pods[0].uid, HASH);
+}
+
 /// The identity the kernel's IP cache gives `ip` (longest prefix; every identity holding
 /// that prefix is listed, so an ambiguous address shows as two names, and WORLD as none).
 fn owners_of(bundle: &enforcer_policy::Bundle, ip: &str) -> Vec<String> {
@@ -1532,6 +1572,8 @@ fn incremental_state_equals_a_rebuild() {
         .unwrap()
     }
 
+    // Rounds that reported unchanged identities: the check above must have run.
+    let mut unchanged = 0;
     for seed in 1..=40u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let (pods, mut pod_writer) = listed(Vec::<Pod>::new());
@@ -1540,6 +1582,7 @@ fn incremental_state_equals_a_rebuild() {
         let (endpoints, mut ep_writer) = listed(Vec::<Endpoints>::new());
         let mut rules = rules();
         let mut memo = Memo::default();
+        let mut previous: Option<ClusterState> = None;
         for step in 0..150 {
             let event = rng.below(100);
             match event {
@@ -1596,8 +1639,119 @@ fn incremental_state_equals_a_rebuild() {
                 incremental, rebuilt,
                 "seed {seed}, step {step} (event {event}): the incremental state differs"
             );
+            // The publisher skips comparing identities on this word: it must never be
+            // false where they changed.
+            if let Some(previous) = &previous {
+                if !memo.identities_changed() {
+                    assert_eq!(
+                        previous.identities, incremental.identities,
+                        "seed {seed}, step {step} (event {event}): identities changed \
+                         unreported"
+                    );
+                    unchanged += 1;
+                }
+            }
+            previous = Some(incremental);
         }
     }
+    assert!(
+        unchanged > 100,
+        "only {unchanged} rounds reported unchanged identities: the check proved nothing"
+    );
+}
+
+/// The wire type decodes exactly what `k8s_openapi` decodes and [`slim_pod`] keeps, from a
+/// pod as the API server sends it (containers, volumes, managed fields, conditions, other
+/// annotations and owners), for a mirror pod, a host-network pod and a pod with nothing set.
+#[test]
+fn wire_pods_decode_what_slim_pods_keep() {
+    let full = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "etcd-n", "namespace": "acme", "uid": "uid-1", "resourceVersion": "4711",
+            "generation": 3,
+            "creationTimestamp": "2026-12-01T10:00:00Z",
+            "deletionTimestamp": "2026-12-01T11:00:00Z",
+            "labels": {"app": "etcd", labels::PURPOSE: "inference"},
+            "annotations": {
+                model::MIRROR_ANNOTATION: "hash-1",
+                "ai-enforcer.io/kind": "vector_db",
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"a\":[1,2,{\"b\":null}]}"
+            },
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Node", "name": "n", "uid": "node-uid", "controller": true},
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "rs-uid"}
+            ],
+            "managedFields": [{
+                "manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:status": {"f:podIP": {}, "f:conditions": {".": {}}}}
+            }]
+        },
+        "spec": {
+            "nodeName": "n", "hostNetwork": false, "serviceAccountName": "runner",
+            "serviceAccount": "runner",
+            "containers": [{
+                "name": "c", "image": "busybox",
+                "env": [{"name": "A", "value": "b"}],
+                "ports": [{"containerPort": 80, "protocol": "TCP"}],
+                "resources": {"limits": {"cpu": "1"}}
+            }],
+            "volumes": [{"name": "v", "emptyDir": {}}]
+        },
+        "status": {
+            "phase": "Running", "podIP": "127.97.0.1",
+            "podIPs": [{"ip": "127.97.0.1"}, {"ip": "fd97::1"}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{
+                "name": "c", "ready": true, "restartCount": 0, "image": "busybox",
+                "imageID": "x", "state": {"running": {"startedAt": "2026-12-01T10:00:01Z"}}
+            }]
+        }
+    });
+    let mut host = full.clone();
+    host["spec"]["hostNetwork"] = json!(true);
+    host["metadata"]["annotations"] = json!(null);
+    host["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    let bare = json!({"metadata": {"name": "p", "namespace": "acme"}});
+    for (what, value) in [
+        ("mirror pod", full),
+        ("host-network pod", host),
+        ("bare", bare),
+    ] {
+        let text = serde_json::to_string(&value).unwrap();
+        let mut expected: Pod = serde_json::from_str(&text).unwrap();
+        slim_pod(&mut expected);
+        let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
+        assert_eq!(trimmed_pod(wire), expected, "{what}");
+        if what == "mirror pod" {
+            // The marks (kvdb) survive the slim decode: without them a vector DB pod
+            // would lose its flags in the live agent.
+            let kept = expected.metadata.annotations.unwrap_or_default();
+            assert_eq!(
+                kept.keys().map(String::as_str).collect::<Vec<_>>(),
+                ["ai-enforcer.io/kind", model::MIRROR_ANNOTATION]
+            );
+        }
+    }
+    // A list as the watcher reads it.
+    let list: kube::core::ObjectList<wire::WirePod> = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "9"},
+        "items": [{"metadata": {"name": "p", "namespace": "acme", "resourceVersion": "8"}}]
+    }))
+    .unwrap();
+    assert_eq!(
+        list.items[0]
+            .clone()
+            .into_pod()
+            .metadata
+            .resource_version
+            .as_deref(),
+        Some("8")
+    );
 }
 
 fn annotated(mut p: Pod, annotations: serde_json::Value) -> Pod {

@@ -1,0 +1,176 @@
+//! The pod as the source decodes it from the API server: only the fields [`super::cluster_state`]
+//! reads are built, every other field of the JSON is skipped unparsed.
+//!
+//! A cold sync lists every pod of the cluster (20,000 at issue 9's scale) and decoding them
+//! into `k8s_openapi` [`Pod`]s built every container, volume, environment variable and
+//! managed-fields tree (a JSON value per entry) only for [`super::slim_pod`] to drop them.
+//! [`WirePod`] builds a [`Pod`] holding exactly what `slim_pod` keeps, so the stores, the
+//! model and its tests keep the `k8s_openapi` type.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use serde::{Deserialize, Deserializer};
+
+/// A [`Pod`] with what [`super::slim_pod`] keeps; decoded (by the watcher, from lists and
+/// watch events) without building the rest. Its [`Pod`] is [`WirePod::into_pod`].
+#[derive(Clone, Debug, Default)]
+pub struct WirePod(Pod);
+
+impl WirePod {
+    pub fn into_pod(self) -> Pod {
+        self.0
+    }
+}
+
+impl k8s_openapi::Resource for WirePod {
+    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = <Pod as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::ListableResource for WirePod {
+    const LIST_KIND: &'static str = <Pod as k8s_openapi::ListableResource>::LIST_KIND;
+}
+
+impl k8s_openapi::Metadata for WirePod {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire {
+    #[serde(default)]
+    metadata: Meta,
+    spec: Option<Spec>,
+    status: Option<Status>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    /// The watcher resumes a watch from the last object's version.
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    /// Only the annotations `model::kept_annotation` names are kept; the others are skipped
+    /// as they are read.
+    #[serde(default, deserialize_with = "mirror_annotation")]
+    annotations: Option<BTreeMap<String, String>>,
+    owner_references: Option<Vec<OwnerReference>>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    node_name: Option<String>,
+    host_network: Option<bool>,
+    service_account_name: Option<String>,
+    service_account: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<PodIP>>,
+}
+
+/// The annotations map with only the kept ones ([`super::model::kept_annotation`]) in it
+/// (`None` when the object has no annotations at all, as `k8s_openapi` decodes it).
+fn mirror_annotation<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Option<BTreeMap<String, String>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of annotations")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if super::model::kept_annotation(&key) {
+                    kept.insert(key.into_owned(), map.next_value::<String>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(Some(kept))
+        }
+    }
+    d.deserialize_option(Visit)
+}
+
+impl<'de> Deserialize<'de> for WirePod {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = Wire::deserialize(d)?;
+        let m = wire.metadata;
+        Ok(WirePod(Pod {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                labels: m.labels,
+                annotations: m.annotations,
+                // Only a Node owner admits the mirror annotation (`cgroup_uid`).
+                owner_references: m
+                    .owner_references
+                    .map(|o| o.into_iter().filter(|o| o.kind == "Node").collect()),
+                creation_timestamp: m.creation_timestamp,
+                deletion_timestamp: m.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            spec: wire.spec.map(|s| PodSpec {
+                node_name: s.node_name,
+                host_network: s.host_network,
+                service_account_name: s.service_account_name,
+                service_account: s.service_account,
+                ..PodSpec::default()
+            }),
+            status: wire.status.map(|s| PodStatus {
+                phase: s.phase,
+                pod_ip: s.pod_ip,
+                pod_ips: s.pod_ips,
+                ..PodStatus::default()
+            }),
+        }))
+    }
+}
