@@ -43,6 +43,11 @@ pub mod maps {
     /// One u64: how many `FLOWS` records one tenant may hold at once (0: no limit), written
     /// by the agent before it attaches the programs.
     pub const FLOW_TENANT_LIMIT: &str = "FLOW_TENANT_LIMIT";
+    /// Tenant number -> records the agent deleted itself (`flows::forget`: sockets gone
+    /// without their CLOSE callback), u64, written only by the agent: a tenant holds
+    /// `FLOW_TENANTS - FLOW_TENANTS_FORGOTTEN` records. Two single-writer counters, because
+    /// a userspace read-modify-write of the kernel's counter would race its atomic adds.
+    pub const FLOW_TENANTS_FORGOTTEN: &str = "FLOW_TENANTS_FORGOTTEN";
     /// Socket cookie -> the 20-byte option its SYN carries (`wire::OPTION_LEN` bytes), written
     /// at `TCP_CONNECT_CB` and deleted once the connection is established.
     pub const WIRE_TAGS: &str = "WIRE_TAGS";
@@ -64,7 +69,7 @@ pub mod maps {
     /// one window of `Config::event_window_ns`, counted instead of reported one by one.
     pub const AGGREGATE: &str = "AGGREGATE";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -83,6 +88,7 @@ pub mod maps {
         FLOW_KEYS,
         FLOW_TENANTS,
         FLOW_TENANT_LIMIT,
+        FLOW_TENANTS_FORGOTTEN,
         WIRE_TAGS,
         INGRESS_ALLOW,
         WIRE_PEERS,

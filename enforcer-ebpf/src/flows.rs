@@ -49,6 +49,10 @@ static FLOWS: HashMap<u64, FlowRecord> = HashMap::pinned(capacity::FLOWS, 0);
 #[map]
 static FLOW_TENANTS: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
 
+/// Tenant number -> records of it the agent deleted itself (written only by the agent).
+#[map]
+static FLOW_TENANTS_FORGOTTEN: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
+
 /// One u64: the records one tenant may hold at once (0: no limit).
 #[map]
 static FLOW_TENANT_LIMIT: Array<u64> = Array::pinned(1, 0);
@@ -125,11 +129,18 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
+    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room
+    // and takes no more of a share. The record keeps the tenant whose share it holds: the
+    // socket may have been passed to another tenant's process meanwhile (SCM_RIGHTS), and
+    // crediting that tenant at release would leak the first one's share and underflow its.
+    let old = FLOWS.get_ptr(&cookie);
+    let new = old.is_none();
+    if let Some(old) = old {
+        // SAFETY: `r` is the stack slot above; `old` a non-null map value pointer.
+        unsafe { addr_of_mut!((*r).tenant).write((*old).tenant) };
+    }
     // SAFETY: fully initialised above.
     let record = unsafe { slot.assume_init_ref() };
-    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room
-    // (and takes no more of its tenant's share).
-    let new = FLOWS.get_ptr(&cookie).is_none();
     if new && !take_share(c.tenant) {
         return false;
     }
@@ -273,7 +284,14 @@ fn take_share(tenant: u32) -> bool {
     // SAFETY: a non-null map value pointer is valid, 8-byte aligned and lives while this
     // program runs; the count is only ever changed by atomic adds, and an aligned 64-bit
     // load is one instruction (never torn).
-    if limit != 0 && unsafe { read_volatile(used) } >= limit {
+    // One aligned 64-bit load through the pointer (the agent replaces the element when it
+    // writes: either value is a count the agent wrote).
+    let forgotten = FLOW_TENANTS_FORGOTTEN
+        .get_ptr(&tenant)
+        // SAFETY: a non-null map value pointer is valid for reads.
+        .map_or(0, |f| unsafe { read_volatile(f) });
+    // SAFETY: `used` as above.
+    if limit != 0 && unsafe { read_volatile(used) }.wrapping_sub(forgotten) >= limit {
         return false;
     }
     crate::atomic_add(used, 1);

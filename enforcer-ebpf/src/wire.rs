@@ -374,6 +374,13 @@ pub fn on_passive_established(ctx: &SockOpsContext) {
     let Some(peer) = WIRE_PEERS.get_ptr_mut(&key) else {
         return;
     };
+    // Only the SYN this check verified is promoted: an entry already accepted belongs to a
+    // live socket of the same 4-tuple, which a second socket (in another network namespace,
+    // where the same addresses can be set up) must not take over.
+    // SAFETY: a non-null map value pointer is valid for reads.
+    if unsafe { (*peer).state } != abi::peer_state::VERIFIED {
+        return;
+    }
     // SAFETY: `ops` is the context; `peer` a non-null map value pointer, valid for writes.
     unsafe {
         (*peer).cookie = bpf_get_socket_cookie(ops.cast::<c_void>());
@@ -398,8 +405,17 @@ pub fn on_state(ctx: &SockOpsContext) {
         return;
     };
     if let Some(peer) = WIRE_PEERS.get_ptr(&key) {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        if unsafe { (*peer).state } == abi::peer_state::ACCEPTED {
+        // Only the socket the entry names ends it: another socket with the same 4-tuple
+        // (another network namespace) closing must not delete a live connection's row.
+        // SAFETY: a non-null map value pointer is valid for reads; `ctx.ops` is the context.
+        let (state, cookie, own) = unsafe {
+            (
+                (*peer).state,
+                (*peer).cookie,
+                bpf_get_socket_cookie(ctx.ops.cast::<c_void>()),
+            )
+        };
+        if state == abi::peer_state::ACCEPTED && cookie == own {
             let _ = WIRE_PEERS.remove(&key);
         }
     }

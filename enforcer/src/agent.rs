@@ -1004,7 +1004,11 @@ impl Agent {
             Request::QuarantineAdd { workload } => {
                 match self.compiled.identity_by_name(&workload) {
                     Some(identity) => {
-                        self.quarantine(identity.id, "manual".to_string());
+                        let id = identity.id;
+                        self.quarantine(id, "manual".to_string());
+                        // An operator's quarantine is lifted by the operator: a step-up's TTL
+                        // running out must not release it.
+                        self.forget_step_up(id);
                         Response::ok(format!("{workload} quarantined"))
                     }
                     None => Response::error(format!(

@@ -159,9 +159,19 @@ impl Learner {
         let learning = self.learning(now);
         if !self.stored.subjects.contains_key(subject) {
             if self.stored.subjects.len() >= MAX_SUBJECTS {
-                return Ok(Outcome::Capped {
-                    what: format!("{MAX_SUBJECTS} subjects"),
-                    first: self.capped.insert("*".to_string()),
+                let first = self.capped.insert("*".to_string());
+                // After the window a bound fails closed: what cannot be remembered is
+                // reported every time, never let through unseen (a tenant can fill a bound
+                // on purpose).
+                return Ok(if learning || datasets.is_empty() {
+                    Outcome::Capped {
+                        what: format!("{MAX_SUBJECTS} subjects"),
+                        first,
+                    }
+                } else {
+                    Outcome::Anomaly {
+                        new: datasets.to_vec(),
+                    }
                 });
             }
             if datasets.is_empty() {
@@ -193,9 +203,15 @@ impl Learner {
             });
         }
         if entry.learned.len() + entry.reported.len() + new.len() > MAX_DATASETS {
-            return Ok(Outcome::Capped {
-                what: format!("{MAX_DATASETS} datasets of {subject}"),
-                first: self.capped.insert(subject.to_string()),
+            let first = self.capped.insert(subject.to_string());
+            // As above: fail closed after the window.
+            return Ok(if learning {
+                Outcome::Capped {
+                    what: format!("{MAX_DATASETS} datasets of {subject}"),
+                    first,
+                }
+            } else {
+                Outcome::Anomaly { new }
             });
         }
         let outcome = if learning {
@@ -309,6 +325,22 @@ mod tests {
             "{again:?}"
         );
         assert_eq!(l.neighbourhood("a").unwrap().learned.len(), MAX_DATASETS);
+        // After the window a full neighbourhood fails closed: a dataset it cannot remember is
+        // an anomaly every time (a tenant filling the bound on purpose hides nothing).
+        let after = t0 + Duration::from_secs(61);
+        for _ in 0..2 {
+            assert_eq!(
+                l.observe("a", &d(&["past-the-bound"]), after).unwrap(),
+                Outcome::Anomaly {
+                    new: d(&["past-the-bound"])
+                }
+            );
+        }
+        assert_eq!(
+            l.observe("a", &d(&["kb0"]), after).unwrap(),
+            Outcome::Known,
+            "what was learned stays known"
+        );
     }
 
     #[test]

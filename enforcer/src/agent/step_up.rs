@@ -8,6 +8,7 @@
 use std::time::SystemTime;
 
 use enforcer_common::{identity, FlowRecord};
+use enforcer_policy::identity::IdentityKind;
 use enforcer_policy::inventory::StepUpAction;
 
 use super::{snapshot_of, Agent};
@@ -36,6 +37,17 @@ impl Agent {
         };
         let datasets = if destination.datasets.is_empty() {
             vec![format!("endpoint:{}", destination.name)]
+        } else if destination.kind == IdentityKind::Workload {
+            // A pod's datasets are its tenant's word (`ai-enforcer.io/datasets`): qualified by
+            // that tenant, so that a tenant cannot pre-learn (or burn as reported) the names
+            // of datasets an operator declared on a protected endpoint by declaring them on
+            // its own pod.
+            let tenant = destination.tenant.as_deref().unwrap_or("-");
+            destination
+                .datasets
+                .iter()
+                .map(|d| format!("{tenant}/{d}"))
+                .collect()
         } else {
             destination.datasets.clone()
         };

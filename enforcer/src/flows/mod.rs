@@ -40,11 +40,8 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
 /// connected UDP socket, or one closed while no program was attached) and returns it to its
 /// tenant's share. Absent: nothing to do.
 ///
-/// The share is returned by a read and a write, not the kernel's atomic add: a connect of
-/// the same tenant racing this on another CPU may see its add overwritten, leaving the count
-/// one lower than the records (the tenant may then hold one record more than its share).
-/// This path is rare (the kernel ends nearly every record itself) and the error is never in
-/// the direction of refusing a tenant.
+/// The share is returned in `FLOW_TENANTS_FORGOTTEN`, which only the agent writes (a
+/// read-modify-write of the kernel's own counter would race its atomic adds).
 pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
@@ -62,16 +59,20 @@ pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
         Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
         Err(error) => return Err(error).context("deleting a FLOWS record"),
     }
-    let path = dir.join(maps::FLOW_TENANTS);
+    let path = dir.join(maps::FLOW_TENANTS_FORGOTTEN);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let mut tenants: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))
-        .with_context(|| format!("map {} has an unexpected type", maps::FLOW_TENANTS))?;
-    if let Ok(used) = tenants.get(&record.tenant, 0) {
-        tenants
-            .insert(record.tenant, used.saturating_sub(1), 0)
-            .context("returning a record to its tenant's share")?;
-    }
+    let mut forgotten: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))
+        .with_context(|| {
+            format!(
+                "map {} has an unexpected type",
+                maps::FLOW_TENANTS_FORGOTTEN
+            )
+        })?;
+    let before = forgotten.get(&record.tenant, 0).unwrap_or(0);
+    forgotten
+        .insert(record.tenant, before + 1, 0)
+        .context("returning a record to its tenant's share")?;
     Ok(())
 }
 
