@@ -26,6 +26,7 @@ pub mod probe;
 pub mod prometheus;
 pub mod rsyslog;
 pub mod servers;
+pub mod sockaddr;
 pub mod util;
 
 pub use agent::{Agent, AgentConfig};

@@ -33,6 +33,9 @@
 //! is measured over.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
+#[path = "../sockaddr.rs"]
+mod sockaddr;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -234,42 +237,6 @@ fn family(addr: &SocketAddr) -> libc::c_int {
     }
 }
 
-/// A `sockaddr_in` / `sockaddr_in6` for `addr`.
-fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
 fn check(rc: libc::c_int) -> std::io::Result<()> {
     if rc < 0 {
         Err(std::io::Error::last_os_error())
@@ -292,7 +259,7 @@ fn sendto(
     flags: libc::c_int,
     to: &SocketAddr,
 ) -> std::io::Result<()> {
-    let (sa, len) = sockaddr(to);
+    let (sa, len) = sockaddr::sockaddr(to);
     // SAFETY: payload and sa are valid for the lengths given.
     check_len(unsafe {
         libc::sendto(
@@ -307,7 +274,7 @@ fn sendto(
 }
 
 fn connect(fd: &OwnedFd, to: &SocketAddr) -> std::io::Result<()> {
-    let (sa, len) = sockaddr(to);
+    let (sa, len) = sockaddr::sockaddr(to);
     // SAFETY: sa is valid for len bytes.
     check(unsafe {
         libc::connect(
@@ -319,7 +286,7 @@ fn connect(fd: &OwnedFd, to: &SocketAddr) -> std::io::Result<()> {
 }
 
 fn bind(fd: &OwnedFd, addr: &SocketAddr) -> std::io::Result<()> {
-    let (sa, len) = sockaddr(addr);
+    let (sa, len) = sockaddr::sockaddr(addr);
     // SAFETY: sa is valid for len bytes.
     check(unsafe {
         libc::bind(
