@@ -522,6 +522,25 @@ impl TenantMetadata {
     }
 }
 
+/// A namespace's value for `key`, set as a label or an annotation (both must agree), and
+/// which of the two it came from; `None` when neither is set.
+fn namespace_value<'a>(
+    ns: &'a Namespace,
+    key: &str,
+) -> Result<Option<(&'a String, &'static str)>, String> {
+    let name = ns.metadata.name.as_deref().unwrap_or("");
+    let label = ns.metadata.labels.as_ref().and_then(|l| l.get(key));
+    let annotation = ns.metadata.annotations.as_ref().and_then(|a| a.get(key));
+    match (label, annotation) {
+        (Some(l), Some(a)) if l != a => Err(format!(
+            "namespace {name}: label {key}={l:?} and annotation {key}={a:?} disagree"
+        )),
+        (Some(l), _) => Ok(Some((l, "label"))),
+        (None, Some(a)) => Ok(Some((a, "annotation"))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Reads the tenant metadata of a namespace, from labels or annotations. A value set both
 /// ways must agree, and must be a valid label value (it becomes an identity label); an
 /// empty value is unset.
@@ -529,17 +548,8 @@ fn tenant_metadata(ns: &Namespace) -> Result<TenantMetadata, String> {
     let name = ns.metadata.name.as_deref().unwrap_or("");
     let mut out = TenantMetadata::default();
     for key in labels::TENANT_METADATA {
-        let label = ns.metadata.labels.as_ref().and_then(|l| l.get(key));
-        let annotation = ns.metadata.annotations.as_ref().and_then(|a| a.get(key));
-        let (value, from) = match (label, annotation) {
-            (Some(l), Some(a)) if l != a => {
-                return Err(format!(
-                    "namespace {name}: label {key}={l:?} and annotation {key}={a:?} disagree"
-                ))
-            }
-            (Some(l), _) => (l, "label"),
-            (None, Some(a)) => (a, "annotation"),
-            (None, None) => continue,
+        let Some((value, from)) = namespace_value(ns, key)? else {
+            continue;
         };
         if value.is_empty() {
             continue;
@@ -560,17 +570,8 @@ fn tenant_metadata(ns: &Namespace) -> Result<TenantMetadata, String> {
 fn namespace_ingress(ns: &Namespace) -> Result<IngressMode, String> {
     let name = ns.metadata.name.as_deref().unwrap_or("");
     let key = labels::INGRESS;
-    let label = ns.metadata.labels.as_ref().and_then(|l| l.get(key));
-    let annotation = ns.metadata.annotations.as_ref().and_then(|a| a.get(key));
-    let (value, from) = match (label, annotation) {
-        (Some(l), Some(a)) if l != a => {
-            return Err(format!(
-                "namespace {name}: label {key}={l:?} and annotation {key}={a:?} disagree"
-            ))
-        }
-        (Some(l), _) => (l, "label"),
-        (None, Some(a)) => (a, "annotation"),
-        (None, None) => return Ok(IngressMode::Off),
+    let Some((value, from)) = namespace_value(ns, key)? else {
+        return Ok(IngressMode::Off);
     };
     ingress_mode(value).ok_or_else(|| {
         format!(
