@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -255,7 +255,12 @@ pub mod reason {
     /// this destination (`RATE_LIMITS`, see [`crate::rate`]). Audit mode lets it through as
     /// `audit` (uncharged), like any would-deny.
     pub const RATE_LIMITED: u8 = 12;
-    pub const COUNT: usize = 13;
+    /// `ingress`: the identity option's tag verifies, but its timestamp is outside the
+    /// accepted skew of this node's clock (a replayed SYN, or a sender whose clock is off), or
+    /// it is a version 1 option (no timestamp) outside the configured grace. See
+    /// [`wire::fresh`].
+    pub const STALE_TAG: u8 = 13;
+    pub const COUNT: usize = 14;
 }
 
 /// The hook that decided.
@@ -467,6 +472,13 @@ pub struct Config {
     /// Nanoseconds of a deny-aggregation window (`--events-aggregate`); 0 = every deny is
     /// reported on its own. See [`AggregateValue`].
     pub event_window_ns: u64,
+    /// Seconds an identity option's timestamp may differ from this node's CLOCK_TAI, either
+    /// way (`--wire-max-skew`, default [`wire::DEFAULT_SKEW_S`]); see [`wire::fresh`]. 0 means
+    /// the default, so that a zeroed entry never refuses every option.
+    pub wire_skew_s: u32,
+    /// Until this CLOCK_TAI second, version 1 options (no timestamp) are still accepted
+    /// (`--wire-accept-v1-until`, for a rolling upgrade); 0 = refused.
+    pub wire_v1_until_s: u32,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -666,7 +678,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
@@ -678,8 +690,8 @@ const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
 /// The option (RFC 6994 shared experimental kind 253, 20 bytes, all integers big-endian):
 ///
 /// ```text
-///  0      1      2      4          8            10       11        12                 20
-///  | 253  |  20  | ExID | identity | generation | key id | version | tag (8 bytes)      |
+///  0      1      2      4          8       10       11        12                 20
+///  | 253  |  20  | ExID | identity | time  | key id | version | tag (8 bytes)      |
 /// ```
 ///
 /// - `ExID` 0xA1E5: this project's experiment identifier.
@@ -688,11 +700,13 @@ const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
 ///   (the tenant number is a hash of the tenant's name, the same on every node), which saves
 ///   4 of the ~20 bytes a Linux SYN leaves free after MSS, SACK-permitted, timestamps and
 ///   window scale.
-/// - `generation`: low 16 bits of the sender's policy generation (for the investigator).
+/// - `time` (version 2): the sender's CLOCK_TAI seconds modulo 2^16 when the connect was
+///   made ([`stamp`]); the receiver accepts it within a skew of its own clock ([`fresh`]).
+///   In version 1 these bits were the low 16 bits of the sender's policy generation.
 /// - `key id`: which flow key made the tag (never 0).
 /// - `version`: [`VERSION`].
 /// - `tag`: SipHash-2-4 ([`siphash24`]) with the 128-bit flow key over the 48-byte string of
-///   [`message`]: identity, generation, key id, version, the SYN's source and destination
+///   [`message`]: identity, time, key id, version, the SYN's source and destination
 ///   addresses (IPv6, IPv4 as `::ffff:a.b.c.d`), source and destination ports, ExID.
 pub mod wire {
     /// TCP option kind: RFC 6994 / RFC 4727 shared experimental.
@@ -701,7 +715,18 @@ pub mod wire {
     pub const EXID: u16 = 0xA1E5;
     /// Length of the whole option in bytes (kind and length included).
     pub const OPTION_LEN: usize = 20;
-    pub const VERSION: u8 = 1;
+    /// The option version this code writes: 2, with a timestamp.
+    pub const VERSION: u8 = 2;
+    /// The first version: bytes 8-9 held the sender's policy generation, with no freshness.
+    /// Refused, except before `Config::wire_v1_until_s`.
+    pub const VERSION_1: u8 = 1;
+    /// Default of `Config::wire_skew_s`: seconds. Covers NTP-synced clocks (milliseconds
+    /// apart) and the SYN retransmissions of the first 15 s of a connect (1, 3, 7 and 15 s
+    /// after it); far below 2^15, so the modulo-2^16 comparison is never ambiguous.
+    pub const DEFAULT_SKEW_S: u32 = 30;
+    /// Largest accepted `Config::wire_skew_s`: a window of 2^15 s or more would make "ahead"
+    /// and "behind" indistinguishable modulo 2^16.
+    pub const MAX_SKEW_S: u32 = 3600;
     /// Slots of `FLOW_KEYS`.
     pub const CURRENT_KEY: u32 = 0;
     pub const PREVIOUS_KEY: u32 = 1;
@@ -744,8 +769,9 @@ pub mod wire {
         pub identity: u32,
         /// The local destination identity the SYN was judged for.
         pub destination: u32,
-        /// The sender's generation (16 bits) and the key id that verified.
-        pub generation: u16,
+        /// The option's time field (version 2: the sender's CLOCK_TAI seconds modulo 2^16;
+        /// version 1: its policy generation) and the key id that verified.
+        pub stamp: u16,
         pub key_id: u8,
         /// [`peer_state`]: `VERIFIED` from the SYN's check, `ACCEPTED` once the server's socket
         /// is established (then `cookie` and `accepted_ns` are set).
@@ -765,13 +791,30 @@ pub mod wire {
         pub const ACCEPTED: u8 = 1;
     }
 
+    /// The option's time field for CLOCK_TAI nanoseconds: whole seconds modulo 2^16.
+    #[inline(always)]
+    pub fn stamp(tai_ns: u64) -> u16 {
+        (tai_ns / 1_000_000_000) as u16
+    }
+
+    /// Whether an option stamped `stamp` is fresh at `now` (both [`stamp`] values) within
+    /// `skew_s` seconds either way (a sender's clock may be a little ahead). Compared modulo
+    /// 2^16, so the wrap every ~18 hours is seamless as long as `skew_s` < 2^15.
+    #[inline(always)]
+    pub fn fresh(stamp: u16, now: u16, skew_s: u32) -> bool {
+        ((now.wrapping_sub(stamp) as i16).unsigned_abs() as u32) <= skew_s
+    }
+
     /// The MAC input as six little-endian 64-bit words (the 48-byte string described in the
-    /// module documentation). Addresses are 16 bytes in network order; ports in host order.
+    /// module documentation). `stamp` is the option's bytes 8-9 (the time in version 2),
+    /// `version` its byte 11. Addresses are 16 bytes in network order; ports in host order.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn message(
         identity: u32,
-        generation: u16,
+        stamp: u16,
         key_id: u8,
+        version: u8,
         saddr: &[u8; 16],
         daddr: &[u8; 16],
         sport: u16,
@@ -790,10 +833,7 @@ pub mod wire {
             ])
         };
         [
-            identity as u64
-                | (generation as u64) << 32
-                | (key_id as u64) << 48
-                | (VERSION as u64) << 56,
+            identity as u64 | (stamp as u64) << 32 | (key_id as u64) << 48 | (version as u64) << 56,
             word(saddr, 0),
             word(saddr, 8),
             word(daddr, 0),
@@ -858,9 +898,15 @@ pub mod wire {
 
     /// The 20 option bytes for these fields and tag.
     #[inline(always)]
-    pub fn option_bytes(identity: u32, generation: u16, key_id: u8, tag: u64) -> [u8; OPTION_LEN] {
+    pub fn option_bytes(
+        identity: u32,
+        stamp: u16,
+        key_id: u8,
+        version: u8,
+        tag: u64,
+    ) -> [u8; OPTION_LEN] {
         let i = identity.to_be_bytes();
-        let g = generation.to_be_bytes();
+        let g = stamp.to_be_bytes();
         let e = EXID.to_be_bytes();
         let t = tag.to_be_bytes();
         [
@@ -875,7 +921,7 @@ pub mod wire {
             g[0],
             g[1],
             key_id,
-            VERSION,
+            version,
             t[0],
             t[1],
             t[2],

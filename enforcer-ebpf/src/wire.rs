@@ -11,8 +11,9 @@
 //! entry is deleted and the write callback switched off, so data segments pay nothing.
 //!
 //! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
-//! `audit` must carry an option whose tag verifies with one of the two `FLOW_KEYS`, and the
-//! claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is judged as
+//! `audit` must carry an option whose tag verifies with one of the `FLOW_KEYS`, whose time is
+//! within `Config::wire_skew_s` of this node's CLOCK_TAI (`stale_tag` otherwise: a replay),
+//! and the claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is judged as
 //! WORLD when the IP cache does not know its source, and refused (`missing_tag`) when it
 //! does: a cluster workload always comes through an enforcer that tags.
 
@@ -22,8 +23,8 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_ops},
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_reserve_hdr_opt,
-        bpf_skb_cgroup_id, bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ktime_get_tai_ns,
+        bpf_reserve_hdr_opt, bpf_skb_cgroup_id, bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap},
@@ -228,24 +229,25 @@ pub fn on_connect(ctx: &SockOpsContext) {
         // No key loaded: the flow goes untagged and the receiver judges it as such.
         return;
     }
-    let generation = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: as above.
-        Some(c) => (unsafe { read_volatile(&(*c).generation) }) as u16,
-        None => 0,
-    };
+    // CLOCK_TAI, not the monotonic clock: the receiver compares it with its own, and TAI is
+    // the same on every NTP-synced node (and, unlike CLOCK_REALTIME, never steps at a leap
+    // second). Taken once: retransmitted SYNs carry the connect's time (see DEFAULT_SKEW_S).
+    // SAFETY: no preconditions.
+    let stamp = abi::stamp(unsafe { bpf_ktime_get_tai_ns() });
     let (sport, dport) = sock_ops_ports(ops);
     let key_id = key_id as u8;
     let m = abi::message(
         subject,
-        generation,
+        stamp,
         key_id,
+        abi::VERSION,
         &words_to_bytes(local),
         &words_to_bytes(remote),
         sport,
         dport,
     );
     let tag = abi::siphash24(k0, k1, &m);
-    let option = abi::option_bytes(subject, generation, key_id, tag);
+    let option = abi::option_bytes(subject, stamp, key_id, abi::VERSION, tag);
     // SAFETY: `ops` is the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
     if WIRE_TAGS.insert(&cookie, &option, NO_FLAGS).is_err() {
@@ -584,10 +586,16 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     if audit && dst_flags & flags::INGRESS_AUDIT == 0 {
         return PASS;
     }
-    let generation = match CONFIG.get_ptr(SINGLE_ENTRY) {
+    let (generation, skew_s, v1_until_s) = match CONFIG.get_ptr(SINGLE_ENTRY) {
         // SAFETY: array values are always valid for reads.
-        Some(c) => (unsafe { read_volatile(&(*c).generation) }) as u32,
-        None => 0,
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).generation) as u32,
+                read_volatile(&(*c).wire_skew_s),
+                read_volatile(&(*c).wire_v1_until_s),
+            )
+        },
+        None => (0, 0, 0),
     };
 
     let option = if syn.hidden {
@@ -598,27 +606,33 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let (claimed, refused) = match option {
         Some(option) => {
             let claimed = u32::from_be_bytes([option[4], option[5], option[6], option[7]]);
-            let sent_generation = u16::from_be_bytes([option[8], option[9]]);
+            let stamp = u16::from_be_bytes([option[8], option[9]]);
             let key_id = option[10];
+            let version = option[11];
             let tag = u64::from_be_bytes([
                 option[12], option[13], option[14], option[15], option[16], option[17], option[18],
                 option[19],
             ]);
             let m = abi::message(
                 claimed,
-                sent_generation,
+                stamp,
                 key_id,
+                version,
                 &words_to_bytes(syn.saddr),
                 &words_to_bytes(syn.daddr),
                 syn.sport,
                 syn.dport,
             );
-            if option[11] != abi::VERSION
+            if (version != abi::VERSION && version != abi::VERSION_1)
                 || !(verifies(abi::CURRENT_KEY, key_id, &m, tag)
                     || verifies(abi::PREVIOUS_KEY, key_id, &m, tag)
                     || verifies(abi::TRANSITION_KEY, key_id, &m, tag))
             {
+                // Checked before the time, so that a forged option is `bad_tag` whatever
+                // time it claims: `stale_tag` always means "signed by a key holder".
                 (claimed, reason::BAD_TAG)
+            } else if !fresh_enough(version, stamp, skew_s, v1_until_s) {
+                (claimed, reason::STALE_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
                 // may not know of it yet, or not at all) let connect.
@@ -626,7 +640,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             } else if !allowed(claimed, destination, syn.dport) {
                 (claimed, reason::NOT_ALLOWED)
             } else {
-                remember(&syn, claimed, destination, sent_generation, key_id);
+                remember(&syn, claimed, destination, stamp, key_id);
                 (claimed, reason::ALLOWED)
             }
         }
@@ -655,6 +669,26 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     } else {
         DROP
     }
+}
+
+/// Whether a verified option is recent enough: version 2 when its time is within `skew_s`
+/// (0: `abi::DEFAULT_SKEW_S`) of this node's CLOCK_TAI, either way; version 1 (no time) only
+/// before `v1_until_s` (TAI seconds; 0: never), the grace of a rolling upgrade. Without this,
+/// a SYN captured once verifies forever from its 4-tuple: a pod that later gets the same IP
+/// (pod IPs are recycled) could replay it and pass as the old identity.
+#[inline(always)]
+fn fresh_enough(version: u8, stamp: u16, skew_s: u32, v1_until_s: u32) -> bool {
+    // SAFETY: no preconditions.
+    let now_ns = unsafe { bpf_ktime_get_tai_ns() };
+    if version == abi::VERSION_1 {
+        return now_ns / 1_000_000_000 < v1_until_s as u64;
+    }
+    let skew_s = if skew_s == 0 {
+        abi::DEFAULT_SKEW_S
+    } else {
+        skew_s
+    };
+    abi::fresh(stamp, abi::stamp(now_ns), skew_s)
 }
 
 /// The claimed identity is quarantined on this node (`IDENTITIES` flags).
@@ -710,7 +744,7 @@ fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
 /// A SYN for the 4-tuple of a connection already accepted (a replay, or a stray duplicate)
 /// leaves that record alone: the record belongs to the live socket, which ends it.
 #[inline(always)]
-fn remember(syn: &Syn, claimed: u32, destination: u32, generation: u16, key_id: u8) {
+fn remember(syn: &Syn, claimed: u32, destination: u32, stamp: u16, key_id: u8) {
     let key = peer_key(syn);
     if let Some(live) = WIRE_PEERS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
@@ -721,7 +755,7 @@ fn remember(syn: &Syn, claimed: u32, destination: u32, generation: u16, key_id: 
     let peer = abi::Peer {
         identity: claimed,
         destination,
-        generation,
+        stamp,
         key_id,
         state: abi::peer_state::VERIFIED,
         _pad: 0,

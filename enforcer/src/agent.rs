@@ -88,6 +88,10 @@ pub struct RunOptions {
     pub learn: Option<Duration>,
     /// `--page-webhook`: where step-ups are paged ([`crate::page`]).
     pub page_webhook: Option<crate::page::Webhook>,
+    /// `--wire-max-skew`: how far an identity option's time may be from this node's clock.
+    pub wire_max_skew: Duration,
+    /// `--wire-accept-v1-until`: version 1 options (no time) are accepted until then.
+    pub wire_accept_v1_until: Option<std::time::SystemTime>,
 }
 
 /// `enforcer run --kubernetes`: where the cluster comes from and how it is merged.
@@ -453,6 +457,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .tables
         .set_event_window(options.events_aggregate)
         .context("setting the deny aggregation window")?;
+    let v1_until_s = options
+        .wire_accept_v1_until
+        .map(crate::wire::v1_until_tai_s)
+        .transpose()?
+        .unwrap_or(0);
+    datapath
+        .tables
+        .set_wire_freshness(options.wire_max_skew, v1_until_s)
+        .context("setting the identity option's freshness")?;
     if options.skip_capacity_check {
         tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
         datapath.tables.set_capacity_check(false);

@@ -109,6 +109,16 @@ enum Command {
         /// URL (http://HOST:PORT/PATH), retried with backoff, never blocking enforcement.
         #[arg(long, value_name = "URL", value_parser = enforcer::page::Webhook::parse)]
         page_webhook: Option<enforcer::page::Webhook>,
+        /// How far an identity option's time may be from this node's CLOCK_TAI, either way,
+        /// before its SYN is refused as `stale_tag` (a replay, or a node whose clock is off).
+        /// Covers the node clocks' disagreement and the SYN retransmissions of one connect.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_wire_skew)]
+        wire_max_skew: std::time::Duration,
+        /// Rolling upgrade from a release whose option has no time (version 1): accept such
+        /// options until this time (RFC 3339, e.g. 2026-12-03T12:00:00Z). Off by default: a
+        /// version 1 option is `stale_tag`.
+        #[arg(long, value_name = "TIME", value_parser = parse_v1_until)]
+        wire_accept_v1_until: Option<std::time::SystemTime>,
     },
     /// The running agent's events: the recent ones (from its in-memory history of the last
     /// 10,000) and, with --follow, new ones as they happen. Filters combine (all must match).
@@ -297,6 +307,22 @@ fn parse_learn(text: &str) -> Result<std::time::Duration> {
     Ok(window)
 }
 
+fn parse_wire_skew(text: &str) -> Result<std::time::Duration> {
+    let skew = humantime::parse_duration(text)
+        .with_context(|| format!("--wire-max-skew {text:?}: a duration such as 30s, 2m"))?;
+    let max = enforcer_common::wire::MAX_SKEW_S;
+    if skew.as_secs() == 0 || skew.as_secs() > u64::from(max) {
+        anyhow::bail!("--wire-max-skew {text:?}: between 1s and {max}s (whole seconds)");
+    }
+    Ok(skew)
+}
+
+fn parse_v1_until(text: &str) -> Result<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(text).with_context(|| {
+        format!("--wire-accept-v1-until {text:?}: an RFC 3339 time such as 2026-12-03T12:00:00Z")
+    })
+}
+
 fn parse_since(text: &str) -> Result<std::time::Duration> {
     humantime::parse_duration(text)
         .with_context(|| format!("--since {text:?}: a duration such as 30s, 10m, 2h"))
@@ -453,6 +479,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             events_group,
             learn,
             page_webhook,
+            wire_max_skew,
+            wire_accept_v1_until,
         } => {
             if events_max_bytes.is_some() && events == "-" {
                 anyhow::bail!("--events-max-bytes rotates a file: give --events FILE (standard output is not rotated)");
@@ -500,6 +528,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     .transpose()?,
                 learn,
                 page_webhook,
+                wire_max_skew,
+                wire_accept_v1_until,
             };
             runtime()?.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)

@@ -120,13 +120,39 @@ pub fn read_keys(file: &Path) -> Result<FlowKeys> {
     parse_keys(file, &text)
 }
 
-/// The 64-bit tag of an option, as the kernel computes it: `saddr`/`daddr`/ports of the SYN
+/// The 64-bit tag of a version 2 option, as the kernel computes it: `stamp` is the option's
+/// time field ([`now_stamp`] for a SYN sent now), `saddr`/`daddr`/ports those of the SYN
 /// (IPv4 addresses are taken as `::ffff:a.b.c.d`).
 #[allow(clippy::too_many_arguments)]
 pub fn tag(
     key: &FlowKey,
     identity: u32,
-    generation: u16,
+    stamp: u16,
+    saddr: IpAddr,
+    daddr: IpAddr,
+    sport: u16,
+    dport: u16,
+) -> u64 {
+    tag_version(
+        key,
+        identity,
+        stamp,
+        abi::VERSION,
+        saddr,
+        daddr,
+        sport,
+        dport,
+    )
+}
+
+/// [`tag`] for an option of another version (`abi::VERSION_1`: `stamp` is then the sender's
+/// policy generation): what a node of an older release sends.
+#[allow(clippy::too_many_arguments)]
+pub fn tag_version(
+    key: &FlowKey,
+    identity: u32,
+    stamp: u16,
+    version: u8,
     saddr: IpAddr,
     daddr: IpAddr,
     sport: u16,
@@ -134,8 +160,9 @@ pub fn tag(
 ) -> u64 {
     let m = abi::message(
         identity,
-        generation,
+        stamp,
         key.id,
+        version,
         &mapped(saddr),
         &mapped(daddr),
         sport,
@@ -145,18 +172,88 @@ pub fn tag(
     abi::siphash24(k0, k1, &m)
 }
 
-/// The option bytes a SYN from `saddr:sport` to `daddr:dport` carries for `identity`.
+/// The version 2 option bytes a SYN from `saddr:sport` to `daddr:dport` carries for
+/// `identity`, stamped `stamp`.
 pub fn option(
     key: &FlowKey,
     identity: u32,
-    generation: u16,
+    stamp: u16,
     saddr: IpAddr,
     daddr: IpAddr,
     sport: u16,
     dport: u16,
 ) -> [u8; abi::OPTION_LEN] {
-    let t = tag(key, identity, generation, saddr, daddr, sport, dport);
-    abi::option_bytes(identity, generation, key.id, t)
+    option_version(
+        key,
+        identity,
+        stamp,
+        abi::VERSION,
+        saddr,
+        daddr,
+        sport,
+        dport,
+    )
+}
+
+/// [`option`] of another version (see [`tag_version`]).
+#[allow(clippy::too_many_arguments)]
+pub fn option_version(
+    key: &FlowKey,
+    identity: u32,
+    stamp: u16,
+    version: u8,
+    saddr: IpAddr,
+    daddr: IpAddr,
+    sport: u16,
+    dport: u16,
+) -> [u8; abi::OPTION_LEN] {
+    let t = tag_version(key, identity, stamp, version, saddr, daddr, sport, dport);
+    abi::option_bytes(identity, stamp, key.id, version, t)
+}
+
+/// This host's CLOCK_TAI in nanoseconds (what `bpf_ktime_get_tai_ns` reads). Errors: the
+/// clock cannot be read (never on Linux 3.10+).
+pub fn tai_now_ns() -> Result<u64> {
+    clock_ns(libc::CLOCK_TAI).context("reading CLOCK_TAI")
+}
+
+fn clock_ns(clock: libc::clockid_t) -> std::io::Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The option time field for a SYN sent now: this host's CLOCK_TAI seconds modulo 2^16.
+pub fn now_stamp() -> Result<u16> {
+    Ok(abi::stamp(tai_now_ns()?))
+}
+
+/// Whether a version 2 option stamped `stamp` is fresh now on this host within `skew_s`
+/// seconds (what the ingress check decides, for a proxy verifying a saved SYN).
+pub fn is_fresh(stamp: u16, skew_s: u32) -> Result<bool> {
+    Ok(abi::fresh(stamp, now_stamp()?, skew_s))
+}
+
+/// `--wire-accept-v1-until`: the wall-clock deadline as the CLOCK_TAI second the kernel
+/// compares with (`Config::wire_v1_until_s`): CLOCK_TAI is CLOCK_REALTIME plus the kernel's
+/// TAI offset (set by the NTP daemon; 0 when none set it), so the offset is read off the two
+/// clocks. Errors: a deadline before 1970 or after 2106 (u32 seconds), a clock unreadable.
+pub fn v1_until_tai_s(deadline: std::time::SystemTime) -> Result<u32> {
+    let unix = deadline
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("--wire-accept-v1-until before 1970")?
+        .as_secs();
+    let real = clock_ns(libc::CLOCK_REALTIME).context("reading CLOCK_REALTIME")?;
+    let tai = tai_now_ns()?;
+    let offset_s = (tai as i128 - real as i128) / 1_000_000_000;
+    let until = unix as i128 + offset_s;
+    u32::try_from(until).context("--wire-accept-v1-until beyond 2106")
 }
 
 fn mapped(ip: IpAddr) -> [u8; 16] {
@@ -310,7 +407,9 @@ pub struct VerifiedPeer {
     /// The identity the option claimed (and its tag proved).
     pub identity: u32,
     pub destination: u32,
-    pub generation: u16,
+    /// The option's time field: the sender's CLOCK_TAI seconds modulo 2^16 (a version 1
+    /// option's: its policy generation).
+    pub stamp: u16,
     pub key_id: u8,
     /// The server's socket is established (`PASSIVE_ESTABLISHED_CB` saw it); false while only
     /// the SYN was verified (a handshake in progress, or one that never completed).
@@ -345,7 +444,7 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
             server: (unmapped(k.daddr), k.dport).into(),
             identity: v.identity,
             destination: v.destination,
-            generation: v.generation,
+            stamp: v.stamp,
             key_id: v.key_id,
             accepted: v.state == abi::peer_state::ACCEPTED,
             cookie: v.cookie,
@@ -548,5 +647,51 @@ mod tests {
             6333,
         );
         assert_ne!(t, other);
+    }
+
+    #[test]
+    fn freshness_is_compared_modulo_2_16_both_ways() {
+        // Within the skew either way, the wrap included; outside it, stale.
+        assert!(abi::fresh(100, 100, 30));
+        assert!(abi::fresh(70, 100, 30));
+        assert!(!abi::fresh(69, 100, 30));
+        assert!(abi::fresh(130, 100, 30));
+        assert!(!abi::fresh(131, 100, 30));
+        assert!(abi::fresh(65_530, 4, 30));
+        assert!(abi::fresh(4, 65_530, 30));
+        assert!(!abi::fresh(65_530, 40, 30));
+        // Half a wrap away is never fresh under the largest skew the agent accepts.
+        assert!(!abi::fresh(0, 1 << 15, abi::MAX_SKEW_S));
+        assert_eq!(abi::stamp(65_536_000_000_000 + 5_999_999_999), 5);
+    }
+
+    #[test]
+    fn the_time_and_the_version_are_covered_by_the_tag() {
+        let key = FlowKey {
+            id: 1,
+            key: [9; 16],
+        };
+        let (s, d): (IpAddr, IpAddr) =
+            ("127.96.0.1".parse().unwrap(), "127.96.0.2".parse().unwrap());
+        let t = tag(&key, 5, 1000, s, d, 40000, 6333);
+        // An old option re-stamped with the current time no longer verifies...
+        assert_ne!(t, tag(&key, 5, 1001, s, d, 40000, 6333));
+        // ...nor does one relabelled as version 1 (the untimed version).
+        assert_ne!(
+            t,
+            tag_version(&key, 5, 1000, abi::VERSION_1, s, d, 40000, 6333)
+        );
+        let o = option_version(&key, 5, 1000, abi::VERSION_1, s, d, 40000, 6333);
+        assert_eq!(o[11], abi::VERSION_1);
+    }
+
+    #[test]
+    fn the_v1_deadline_is_read_on_the_kernel_s_tai_clock() {
+        // A deadline of "now" is the current CLOCK_TAI second (the two clocks are read a few
+        // microseconds apart: at most one second boundary between them).
+        let until = v1_until_tai_s(std::time::SystemTime::now()).unwrap();
+        let tai_s = tai_now_ns().unwrap() / 1_000_000_000;
+        assert!(u64::from(until).abs_diff(tai_s) <= 1, "{until} vs {tai_s}");
+        assert!(v1_until_tai_s(std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)).is_err());
     }
 }

@@ -11,6 +11,8 @@
 //! - a SYN the test crafts on a raw socket with the right layout and a wrong tag is dropped:
 //!   one `bad_tag` event; the same SYN with the tag computed in userspace
 //!   (`enforcer::wire::option`) passes and is recorded: the kernel's MAC is userspace's;
+//! - a SYN with a genuine tag but a time outside the skew (a replay), or a version 1 option,
+//!   is dropped: one `stale_tag` event each; the same 4-tuple stamped now passes;
 //! - key rotation: during it both keys verify, after it the old one is refused;
 //! - a verified claim the policy does not allow here, and an untagged peer outside the
 //!   cluster (WORLD), are refused as `not_allowed`;
@@ -25,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use enforcer::wire::{key_ids, option, parse_keys, verified_peers, FlowKey};
+use enforcer::wire::{
+    key_ids, now_stamp, option, option_version, parse_keys, verified_peers, FlowKey,
+};
 use enforcer_tests::cli::enforcer;
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::ProbeServer;
@@ -148,13 +152,15 @@ impl Bed {
 
         let pins1 = PinDir::new("wr-node1")?;
         let pins2 = PinDir::new("wr-node2")?;
-        let agent = |node: &TestCgroup, pins: &PinDir, keys: &Path| {
+        let agent = |node: &TestCgroup, pins: &PinDir, keys: &Path, extra: &[&str]| {
             let mut c = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
             c.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
+            c.extra_args.extend(extra.iter().map(|a| a.to_string()));
             Agent::start(c)
         };
-        let node1_agent = agent(&cg.node1, &pins1, &keys1)?;
-        let node2_agent = agent(&cg.node2, &pins2, &keys2)?;
+        let node1_agent = agent(&cg.node1, &pins1, &keys1, &[])?;
+        // A wider skew than the default on the DB's node: step 4b shows the flag works.
+        let node2_agent = agent(&cg.node2, &pins2, &keys2, &["--wire-max-skew", "60s"])?;
         let db = DbServer::start(
             Some(&n2),
             &cg.db,
@@ -460,7 +466,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45001,
-        &options_with(&option(&forger, acme, 0, s, d, 45001, DB_PORT)),
+        &options_with(&option(&forger, acme, now_stamp()?, s, d, 45001, DB_PORT)),
     )?;
     let e = expect_ingress(&bed, 1, |e| e["reason"] == "bad_tag", "forged tag")?;
     ensure!(
@@ -469,7 +475,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     );
     ensure!(bed.verified(node1_addr(45001))?.is_none());
     // Right key id, wrong tag: still refused.
-    let mut wrong = option(&k1, acme, 0, s, d, 45002, DB_PORT);
+    let mut wrong = option(&k1, acme, now_stamp()?, s, d, 45002, DB_PORT);
     wrong[19] ^= 1;
     raw_syn(&bed.n1, NODE1, 45002, &options_with(&wrong))?;
     expect_ingress(&bed, 2, |e| e["reason"] == "bad_tag", "flipped tag bit")?;
@@ -477,7 +483,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45003,
-        &options_with(&option(&k1, acme, 7, s, d, 45003, DB_PORT)),
+        &options_with(&option(&k1, acme, now_stamp()?, s, d, 45003, DB_PORT)),
     )?;
     ensure!(
         wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
@@ -487,6 +493,108 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         verified_peers(&Bed::pin_dir(&bed.node2))?,
         bed.ingress_events()?
     );
+
+    // 4b. Freshness: a SYN tagged with the real key but stamped 90 s ago (a captured SYN
+    //     replayed, e.g. by the pod that later got the same IP and source port) is refused:
+    //     one `stale_tag` event, nothing recorded. So is one 90 s ahead, and a genuine
+    //     version 1 option (no time; no `--wire-accept-v1-until` here). Node 2 runs with
+    //     `--wire-max-skew 60s`: a SYN 45 s old, refused by the default 30 s, passes. On code
+    //     without the check, the time field was not judged at all (step 4's SYN used to carry
+    //     an arbitrary 7 there) and the first replay below was verified as acme-retriever.
+    let stamp = now_stamp()?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45011,
+        &options_with(&option(
+            &k1,
+            acme,
+            stamp.wrapping_sub(90),
+            s,
+            d,
+            45011,
+            DB_PORT,
+        )),
+    )?;
+    let e = expect_ingress(&bed, 1, |e| e["reason"] == "stale_tag", "replayed SYN")?;
+    ensure!(
+        e["verdict"] == "deny"
+            && e["subject"]["identity"] == acme
+            && e["peer"]["port"] == 45011
+            && e["policy"]["id"] == "identity-tag-stale",
+        "{e}"
+    );
+    ensure!(bed.verified(node1_addr(45011))?.is_none());
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45012,
+        &options_with(&option(
+            &k1,
+            acme,
+            stamp.wrapping_add(90),
+            s,
+            d,
+            45012,
+            DB_PORT,
+        )),
+    )?;
+    expect_ingress(
+        &bed,
+        2,
+        |e| e["reason"] == "stale_tag",
+        "SYN from the future",
+    )?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45013,
+        &options_with(&option_version(
+            &k1,
+            acme,
+            7,
+            enforcer_common::wire::VERSION_1,
+            s,
+            d,
+            45013,
+            DB_PORT,
+        )),
+    )?;
+    expect_ingress(&bed, 3, |e| e["reason"] == "stale_tag", "version 1 option")?;
+    ensure!(bed.verified(node1_addr(45012))?.is_none());
+    ensure!(bed.verified(node1_addr(45013))?.is_none());
+    // Control: the replayed 4-tuple with a current time, then one 45 s old (inside node 2's
+    // 60 s skew): both verified.
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45011,
+        &options_with(&option(&k1, acme, now_stamp()?, s, d, 45011, DB_PORT)),
+    )?;
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45014,
+        &options_with(&option(
+            &k1,
+            acme,
+            now_stamp()?.wrapping_sub(45),
+            s,
+            d,
+            45014,
+            DB_PORT,
+        )),
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(node1_addr(45011)).ok().flatten() == Some(acme)
+                && bed.verified(node1_addr(45014)).ok().flatten() == Some(acme)
+        }),
+        "fresh SYNs not verified by node 2: {:?}\n{:?}",
+        verified_peers(&Bed::pin_dir(&bed.node2))?,
+        bed.ingress_events()?
+    );
+    expect_ingress(&bed, 3, |e| e["reason"] == "stale_tag", "no more stale_tag")?;
 
     // 5. Rotation. Node 2 learns key 2 (key 1 still signs), node 1 signs with key 2: both
     //    verify; then node 2 drops key 1 and a SYN signed with it is refused.
@@ -502,7 +610,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45004,
-        &options_with(&option(&k1, acme, 0, s, d, 45004, DB_PORT)),
+        &options_with(&option(&k1, acme, now_stamp()?, s, d, 45004, DB_PORT)),
     )?;
     ensure!(
         wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
@@ -515,7 +623,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45005,
-        &options_with(&option(&k1, acme, 0, s, d, 45005, DB_PORT)),
+        &options_with(&option(&k1, acme, now_stamp()?, s, d, 45005, DB_PORT)),
     )?;
     expect_ingress(
         &bed,
@@ -527,7 +635,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45006,
-        &options_with(&option(&k2, acme, 0, s, d, 45006, DB_PORT)),
+        &options_with(&option(&k2, acme, now_stamp()?, s, d, 45006, DB_PORT)),
     )?;
     ensure!(
         wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
@@ -548,7 +656,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45007,
-        &options_with(&option(&k2, globex, 0, s, d, 45007, DB_PORT)),
+        &options_with(&option(&k2, globex, now_stamp()?, s, d, 45007, DB_PORT)),
     )?;
     let e = expect_ingress(&bed, 1, |e| e["reason"] == "not_allowed", "globex claim")?;
     ensure!(e["subject"]["identity"] == globex, "{e}");
@@ -571,7 +679,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         &bed.n1,
         NODE1,
         45009,
-        &options_with(&option(&k2, acme, 0, s, d, 45009, DB_PORT)),
+        &options_with(&option(&k2, acme, now_stamp()?, s, d, 45009, DB_PORT)),
     )?;
     let e = expect_ingress(
         &bed,

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use enforcer::wire::{option, parse_keys, verified_peers, FlowKey};
+use enforcer::wire::{now_stamp, option, parse_keys, verified_peers, FlowKey};
 use enforcer_policy::cluster::{labels, ClusterIdentity, ClusterOptions, ClusterPod, ClusterState};
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::ProbeServer;
@@ -327,7 +327,7 @@ fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
         &bed.n1,
         ACME_POD,
         46001,
-        &options_with(&option(&k, acme, 0, s, d, 46001, DB_PORT)),
+        &options_with(&option(&k, acme, now_stamp()?, s, d, 46001, DB_PORT)),
     )?;
     let client = SocketAddr::new(s, 46001);
     ensure!(
@@ -346,7 +346,7 @@ fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
         &bed.n1,
         GLOBEX_POD,
         46002,
-        &options_with(&option(&k, globex, 0, s, d, 46002, DB_PORT)),
+        &options_with(&option(&k, globex, now_stamp()?, s, d, 46002, DB_PORT)),
     )?;
     let is_refusal = |e: &Value| {
         e["hook"] == "ingress" && e["reason"] == "not_allowed" && e["subject"]["identity"] == globex

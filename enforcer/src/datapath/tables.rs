@@ -611,6 +611,22 @@ impl Tables {
             .context("writing CONFIG.event_window_ns")
     }
 
+    /// Sets `CONFIG.wire_skew_s` and `CONFIG.wire_v1_until_s` (the identity option's
+    /// freshness: see `enforcer_common::wire::fresh`), keeping every other field; written
+    /// like [`Self::set_event_window`]. `skew` is whole seconds (sub-second parts dropped).
+    pub fn set_wire_freshness(
+        &mut self,
+        skew: std::time::Duration,
+        v1_until_tai_s: u32,
+    ) -> Result<()> {
+        let mut config = self.config()?;
+        config.wire_skew_s = u32::try_from(skew.as_secs()).unwrap_or(u32::MAX);
+        config.wire_v1_until_s = v1_until_tai_s;
+        self.config
+            .set(0, config, 0)
+            .context("writing CONFIG.wire_skew_s")
+    }
+
     /// Everything the policy maps hold now.
     pub fn contents(&self) -> Result<MapContents> {
         let m = self.read_mappings()?;

@@ -36,6 +36,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::NOT_ALLOWED => "not_allowed",
         reason::FLOW_TABLE_FULL => "flow_table_full",
         reason::RATE_LIMITED => "rate_limited",
+        reason::STALE_TAG => "stale_tag",
         _ => "unknown",
     }
 }

@@ -209,6 +209,13 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             atlas_ids(&["AML.T0073", "AML.T0085.000"]),
         ),
+        // A genuine option replayed (or from a node whose clock is off, or an old release's
+        // untimed option): the same impersonation attempt as a forged one.
+        reason::STALE_TAG => (
+            "identity-tag-stale".to_string(),
+            Vec::new(),
+            atlas_ids(&["AML.T0073", "AML.T0085.000"]),
+        ),
         // A claim that is no workload here (WORLD, an identity this node does not know): no
         // permit names it, so it is the implicit deny, not an unknown local cgroup. A remote
         // pod's claim is a workload and falls through: the ingress column has its answer.

@@ -39,8 +39,8 @@ pub struct FlowView {
     pub comm: Option<String>,
     /// Seconds since `connect()` (client rows) or since the handshake completed (server).
     pub age_seconds: f64,
-    /// Client rows: the low 32 bits of the policy generation that allowed it. Server rows:
-    /// the 16-bit generation the client's node put in the option.
+    /// Client rows: the low 32 bits of the policy generation that allowed it. Server rows: 0
+    /// (since option version 2 the client's node sends its clock there, not its generation).
     pub policy_generation: u32,
 }
 
@@ -126,7 +126,7 @@ fn server_view(
         pid: None,
         comm: None,
         age_seconds: now.saturating_sub(p.accepted_ns) as f64 / 1e9,
-        policy_generation: u32::from(p.generation),
+        policy_generation: 0,
     }
 }
 
@@ -236,7 +236,7 @@ mod tests {
             server: "[fd95::2]:8000".parse().unwrap(),
             identity: 300,
             destination: 301,
-            generation: 7,
+            stamp: 7,
             key_id: 1,
             accepted: true,
             cookie: 42,
@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(v.dataset_scope, ["acme-kb"]);
         assert_eq!((v.pid, v.comm.as_deref()), (None, None));
         assert_eq!(v.age_seconds, 2.5);
-        assert_eq!(v.policy_generation, 7);
+        assert_eq!(v.policy_generation, 0);
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["pid"], serde_json::Value::Null);
         let table = render(&[v]);
@@ -268,7 +268,7 @@ mod tests {
             server: "127.95.0.2:8000".parse().unwrap(),
             identity: 999,
             destination: 301,
-            generation: 0,
+            stamp: 0,
             key_id: 1,
             accepted: true,
             cookie: 1,
