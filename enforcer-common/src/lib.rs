@@ -1108,7 +1108,7 @@ mod tests {
     fn fixed_length_siphash_is_siphash_of_the_48_byte_string() {
         let saddr = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         let daddr = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-        let m = message(300, 0x1234, 7, &saddr, &daddr, 40000, 6333);
+        let m = message(300, 0x1234, 7, VERSION, &saddr, &daddr, 40000, 6333);
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&300u32.to_le_bytes());
         bytes.extend_from_slice(&0x1234u16.to_le_bytes());
