@@ -11,7 +11,9 @@
 //!   column covered every cluster identity, it was refused as `not_allowed`: the compile had
 //!   rows for local subjects only);
 //! - claiming the globex pod is refused at ingress with one `not_allowed` event naming it,
-//!   its tenant and the Cedar policy that forbids it (`tenant-isolation`).
+//!   its tenant and the Cedar policy that forbids it (`tenant-isolation`);
+//! - node 2 runs with `--wire-accept-v1-until` an hour ahead (a rolling upgrade): a version 1
+//!   option (no time) from the acme pod is accepted.
 //!
 //! Addresses: `fd86::1` (node 1), `fd86::5`/`fd86::6` (the remote pods, on node 1's end) and
 //! `fd86::2` (node 2), on the test's own veth only; names start with `ik`.
@@ -20,10 +22,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use enforcer::wire::{now_stamp, option, parse_keys, verified_peers, FlowKey};
+use enforcer::wire::{now_stamp, option, option_version, parse_keys, verified_peers, FlowKey};
 use enforcer_policy::cluster::{labels, ClusterIdentity, ClusterOptions, ClusterPod, ClusterState};
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::ProbeServer;
@@ -294,6 +296,10 @@ fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
         kubeconfig.display().to_string(),
         "--node-name".into(),
         NODE_NAME.into(),
+        // A rolling upgrade in progress: version 1 options (no time) still accepted.
+        "--wire-accept-v1-until".into(),
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
+            .to_string(),
     ];
     let node2 = Agent::start(config)?;
     let db = DbServer::start(Some(&n2), &db_cg, SocketAddr::new(NODE2.parse()?, DB_PORT))?;
@@ -368,5 +374,28 @@ fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
     let e = &refusals[0];
     ensure!(e["subject"]["tenant"] == "globex", "{e}");
     ensure!(e["policy"]["id"] == "tenant-isolation", "{e}");
+
+    // The acme pod's node still runs a release whose option has no time (version 1): within
+    // `--wire-accept-v1-until` its claim is accepted (without the flag it is `stale_tag`:
+    // `tests/tests/wire.rs`).
+    let s: IpAddr = ACME_POD.parse()?;
+    let v1 = option_version(
+        &k,
+        acme,
+        7,
+        enforcer_common::wire::VERSION_1,
+        s,
+        d,
+        46003,
+        DB_PORT,
+    );
+    raw_syn(&bed.n1, ACME_POD, 46003, &options_with(&v1))?;
+    ensure!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            verified(SocketAddr::new(s, 46003)) == Some(acme)
+        }),
+        "node 2 refused a version 1 option during the grace: events {:?}",
+        bed.node2.verdict_events()
+    );
     Ok(())
 }
