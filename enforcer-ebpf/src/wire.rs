@@ -13,9 +13,9 @@
 //! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
 //! `audit` must carry an option whose tag verifies with one of the `FLOW_KEYS`, whose time is
 //! within `Config::wire_skew_s` of this node's CLOCK_TAI (`stale_tag` otherwise: a replay),
-//! and the claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is judged as
-//! WORLD when the IP cache does not know its source, and refused (`missing_tag`) when it
-//! does: a cluster workload always comes through an enforcer that tags.
+//! and the claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is
+//! judged as WORLD when the IP cache does not know its source, and refused (`missing_tag`)
+//! when it does: a cluster workload always comes through an enforcer that tags.
 
 use core::ffi::c_void;
 use core::ptr::read_volatile;
