@@ -68,8 +68,14 @@ pub mod maps {
     /// [`crate::AggregateKey`] -> [`crate::AggregateValue`]: repeated denies of one key in
     /// one window of `Config::event_window_ns`, counted instead of reported one by one.
     pub const AGGREGATE: &str = "AGGREGATE";
+    /// [`crate::ContactKey`] {subject, destination} -> [`crate::FlowRecord`]: the contacts
+    /// whose opened record did not fit in `FLOW_EVENTS`, kept (first record per pair) until
+    /// the agent drains them, so that the learner (`--learn`) sees every contact.
+    pub const FLOW_CONTACTS_MISSED: &str = "FLOW_CONTACTS_MISSED";
+    /// Contacts that fitted neither in `FLOW_EVENTS` nor in `FLOW_CONTACTS_MISSED` (per CPU).
+    pub const LOST_FLOW_CONTACTS: &str = "LOST_FLOW_CONTACTS";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 27] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -95,6 +101,8 @@ pub mod maps {
         AGGREGATE,
         RATE_LIMITS,
         RATE_BUCKETS,
+        FLOW_CONTACTS_MISSED,
+        LOST_FLOW_CONTACTS,
     ];
 }
 
@@ -132,6 +140,9 @@ pub mod capacity {
     /// Bucket states (LRU, preallocated: ~4 MiB). Twice `RATE_LIMITS`, so that the LRU's
     /// per-CPU free lists never make it evict a live pair's bucket (which would refill it).
     pub const RATE_BUCKETS: u32 = 2 * RATE_LIMITS;
+    /// Distinct (subject, destination) contacts whose opened record was lost between two
+    /// drains of the agent (every 500 ms): a repeated contact takes no more room.
+    pub const FLOW_CONTACTS_MISSED: u32 = 4_096;
 }
 
 /// The kernel programs, by the name of their function in the object file.
@@ -653,6 +664,15 @@ impl FlowEvent {
     pub const SIZE: usize = core::mem::size_of::<FlowEvent>();
 }
 
+/// Key of `FLOW_CONTACTS_MISSED`: one contact of a subject identity with a destination
+/// identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContactKey {
+    pub subject: u32,
+    pub destination: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, contain only integers and arrays of integers,
@@ -666,6 +686,7 @@ mod pod {
     unsafe impl aya::Pod for super::AggregateValue {}
     unsafe impl aya::Pod for super::FlowRecord {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::ContactKey {}
     unsafe impl aya::Pod for super::wire::FlowKey {}
     unsafe impl aya::Pod for super::wire::PeerKey {}
     unsafe impl aya::Pod for super::wire::Peer {}

@@ -35,7 +35,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use enforcer_common::{
-    capacity, flow_event, flow_flags, flow_state, proto, tcp_state, FlowEvent, FlowRecord,
+    capacity, flow_event, flow_flags, flow_state, proto, tcp_state, ContactKey, FlowEvent,
+    FlowRecord,
 };
 
 /// Socket cookie -> the tracked flow. A plain hash, not an LRU: a flood of connects must not
@@ -65,6 +66,18 @@ static FLOW_EVENTS: RingBuf = RingBuf::pinned(capacity::FLOW_EVENTS_BYTES, 0);
 #[map]
 static LOST_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// Contacts whose opened event did not fit in `FLOW_EVENTS`: (subject, destination) -> the
+/// first such record, until the agent drains it. Without it a flooder could fill the ring and
+/// then reach a dataset unseen by the learner (`--learn`). A plain hash (an LRU would let the
+/// flood evict the contact it hides behind); a repeated pair is one entry.
+#[map]
+static FLOW_CONTACTS_MISSED: HashMap<ContactKey, FlowRecord> =
+    HashMap::pinned(capacity::FLOW_CONTACTS_MISSED, 0);
+
+/// Contacts that fitted in neither (per CPU; userspace sums the CPUs).
+#[map]
+static LOST_FLOW_CONTACTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
 const STATE_CB_FLAG: u32 = 1 << 2;
 /// `sk->sk_family` of an IPv6 socket.
@@ -75,6 +88,8 @@ const BPF_ANY: u64 = 0;
 /// `BPF_NOEXIST`: create only (a tenant's counter, once).
 const BPF_NOEXIST: u64 = 1;
 const RINGBUF_FLAGS: u64 = 0;
+/// `-EEXIST` from a `BPF_NOEXIST` update: the pair is recorded already.
+const EEXIST: i32 = -17;
 const COMM_LEN: u32 = 16;
 const LOST_INDEX: u32 = 0;
 
@@ -328,14 +343,41 @@ fn set_flags(ctx: &SockOpsContext, flag: u32) {
     }
 }
 
+/// Keeps the contact of an opened event the ring had no room for. Inserted only if the pair
+/// is absent (the first record stays: the pair is what the learner needs); a table that is
+/// full counts one in `LOST_FLOW_CONTACTS`, which the agent reports.
+#[inline(always)]
+fn keep_contact(r: &FlowRecord) {
+    let key = ContactKey {
+        subject: r.subject,
+        destination: r.destination,
+    };
+    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
+        return;
+    }
+    match FLOW_CONTACTS_MISSED.insert(&key, r, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(error) if error == EEXIST => {}
+        Err(_) => {
+            if let Some(lost) = LOST_FLOW_CONTACTS.get_ptr_mut(LOST_INDEX) {
+                // SAFETY: per-CPU value pointer, this CPU's own counter.
+                unsafe { *lost += 1 };
+            }
+        }
+    }
+}
+
 /// One `FlowEvent`, field by field into the reserved slot; a full ring buffer counts one in
-/// `LOST_FLOW_EVENTS`.
+/// `LOST_FLOW_EVENTS`, and a lost opened event keeps its contact in `FLOW_CONTACTS_MISSED`.
 #[inline(always)]
 fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_state: u8) {
     let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(RINGBUF_FLAGS) else {
         if let Some(lost) = LOST_FLOW_EVENTS.get_ptr_mut(LOST_INDEX) {
             // SAFETY: per-CPU value pointer, this CPU's own counter.
             unsafe { *lost += 1 };
+        }
+        if kind == flow_event::OPENED {
+            keep_contact(r);
         }
         return;
     };

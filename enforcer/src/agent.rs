@@ -310,6 +310,9 @@ struct Agent {
     pager: Option<crate::page::Pager>,
     /// Step-up quarantines in force (identity -> when they lift; kept in the learner's file).
     step_ups: BTreeMap<u32, SystemTime>,
+    /// `--learn`: the contacts whose `flow.opened` the kernel could not write, drained on
+    /// every tick (see `step_up.rs`).
+    missed: Option<crate::flows::missed::MissedContacts>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -501,6 +504,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
     let contact_tx = learner.is_some().then_some(contact_tx);
+    let missed = match &learner {
+        Some(_) => Some(crate::flows::missed::MissedContacts::open(datapath.dir())?),
+        None => None,
+    };
     let pager = options.page_webhook.clone().map(crate::page::Pager::spawn);
     let fingerprint_now = fingerprint(&options.policies);
     // Keys before the hooks: the first tagged SYN is signed, never sent bare.
@@ -527,6 +534,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         learner,
         pager,
         step_ups: BTreeMap::new(),
+        missed,
         options,
         cgroup_mount,
         cgroup_root,
@@ -619,6 +627,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = ticker.tick() => {
                 agent.watch_status = watcher.as_ref().map(Watcher::status);
                 agent.tick();
+                agent.drain_missed_contacts();
                 agent.lift_step_ups();
             }
             _ = tree_changed(watcher.as_ref()) => agent.resync_cgroups(),
@@ -638,6 +647,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
     tracing::info!("stopping; the pinned programs keep enforcing the last policy");
+    if let Some(learner) = &agent.learner {
+        if let Err(error) = learner.flush() {
+            tracing::error!("writing the learned neighbourhoods at exit: {error:#}");
+        }
+    }
     events.abort();
     control.abort();
     event_socket.abort();

@@ -9,8 +9,11 @@
 //! `endpoint:<name>`.
 //!
 //! The state is one JSON file in the state directory ([`FILE`]), written whole to a temporary
-//! file and renamed over the old one after every change, so a crash leaves the old or the new
-//! state, never half of one. The window starts at the first run and is kept in the file: a
+//! file, synced and renamed over the old one (then the directory synced), so a crash leaves
+//! the old or the new state, never half of one. Writes happen on a thread of their own
+//! ([`Writer`]), at most once per [`PERSIST_INTERVAL`] (a burst of changes is one write of
+//! its last state), so the agent's loop never waits on the disk; a write that fails is logged
+//! and retried with the next change. The window starts at the first run and is kept in the file: a
 //! restart neither restarts nor forgets it. Bounded: [`MAX_SUBJECTS`] subjects and
 //! [`MAX_DATASETS`] datasets each (learned and reported together); what a bound refuses is
 //! reported once and not recorded, so a workload that sprays connections cannot grow the
@@ -18,7 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -45,8 +49,10 @@ pub const MAX_SUBJECTS: usize = 4096;
 pub const MAX_DATASETS: usize = 256;
 /// Format of [`FILE`].
 const VERSION: u32 = 1;
+/// At most one write of [`FILE`] per interval: the cluster state file's.
+pub use crate::sources::kubernetes::PERSIST_INTERVAL;
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Stored {
     version: u32,
     /// When learning started (RFC 3339): the first run with `--learn`.
@@ -84,6 +90,7 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Learner {
     file: PathBuf,
+    writer: Writer,
     window: Duration,
     started: SystemTime,
     stored: Stored,
@@ -93,8 +100,9 @@ pub struct Learner {
 
 impl Learner {
     /// Opens (or starts) the state in `state_dir`. Errors: the file exists but cannot be read
-    /// or parsed (the agent refuses to start rather than forget what it learned), or a new
-    /// one cannot be written.
+    /// or parsed (the agent refuses to start rather than forget what it learned), or it
+    /// cannot be written (checked here, synchronously, once; later writes are the writer
+    /// thread's).
     pub fn open(state_dir: &Path, window: Duration, now: SystemTime) -> Result<Learner> {
         let file = state_dir.join(FILE);
         let stored = match std::fs::read(&file) {
@@ -123,15 +131,18 @@ impl Learner {
         };
         let started = humantime::parse_rfc3339(&stored.started)
             .with_context(|| format!("{}: bad `started` {:?}", file.display(), stored.started))?;
-        let learner = Learner {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        crate::sources::kubernetes::write_atomically(&file, &stored)?;
+        Ok(Learner {
+            writer: Writer::start(file.clone()),
             file,
             window,
             started,
             stored,
             capped: BTreeSet::new(),
-        };
-        learner.save()?;
-        Ok(learner)
+        })
     }
 
     /// When the window ends.
@@ -147,9 +158,9 @@ impl Learner {
         self.stored.subjects.get(subject)
     }
 
-    /// Records that `subject` reached `datasets` at `now` (saved before it returns when
-    /// anything changed). Errors: the file could not be written (what was learned stays in
-    /// memory and is written with the next change).
+    /// Records that `subject` reached `datasets` at `now`; a change is handed to the writer
+    /// thread (on disk within [`PERSIST_INTERVAL`], or at [`Learner::flush`]). Errors: none
+    /// today (a failed write is the writer's to log and retry); kept for the callers' sake.
     pub fn observe(
         &mut self,
         subject: &str,
@@ -250,16 +261,148 @@ impl Learner {
         self.save()
     }
 
-    /// Write, then rename: the file is the old state or the new one.
+    /// Hands the current state to the writer thread (a copy: the loop goes on at once).
     fn save(&self) -> Result<()> {
-        if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.writer.write(self.stored.clone());
+        Ok(())
+    }
+
+    /// Blocks until every change handed over so far is on disk (or its write failed, which
+    /// is logged): at shutdown, and in tests. Errors: the last write failed (its message).
+    pub fn flush(&self) -> Result<()> {
+        self.writer
+            .flush()
+            .with_context(|| format!("writing {}", self.file.display()))
+    }
+}
+
+/// Writes [`Stored`] states to the file on a thread of its own, newest first: a state handed
+/// over while one is being written (or within [`PERSIST_INTERVAL`] of the last write)
+/// replaces any older one still waiting. Dropped, it writes what is waiting, then stops.
+#[derive(Debug)]
+struct Writer {
+    file: PathBuf,
+    slot: Arc<(Mutex<Slot>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    next: Option<Stored>,
+    /// A state taken by the thread and not yet written.
+    writing: bool,
+    /// Write now, whatever the interval (a flush, or the writer dropped).
+    urgent: bool,
+    closed: bool,
+    /// The last write's error, if it failed (cleared by a successful one).
+    error: Option<String>,
+}
+
+impl Writer {
+    fn start(file: PathBuf) -> Writer {
+        let slot: Arc<(Mutex<Slot>, Condvar)> = Arc::default();
+        let (theirs, path) = (slot.clone(), file.clone());
+        let thread = std::thread::Builder::new()
+            .name("learn-persist".into())
+            .spawn(move || Writer::run(&path, &theirs))
+            .map_err(|error| {
+                tracing::error!("cannot start the thread that writes the neighbourhoods ({error}); they are written on the agent's loop");
+            })
+            .ok();
+        Writer { file, slot, thread }
+    }
+
+    fn run(file: &Path, slot: &(Mutex<Slot>, Condvar)) {
+        let (lock, changed) = slot;
+        let mut last_write: Option<Instant> = None;
+        loop {
+            let next = {
+                let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let wait = last_write
+                        .map(|t| PERSIST_INTERVAL.saturating_sub(t.elapsed()))
+                        .unwrap_or_default();
+                    if s.next.is_some() && (wait.is_zero() || s.urgent || s.closed) {
+                        s.writing = true;
+                        break s.next.take().expect("checked");
+                    }
+                    s.urgent = false;
+                    if s.closed {
+                        return;
+                    }
+                    s = if s.next.is_some() {
+                        changed
+                            .wait_timeout(s, wait)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    } else {
+                        changed.wait(s).unwrap_or_else(|e| e.into_inner())
+                    };
+                }
+            };
+            last_write = Some(Instant::now());
+            let written = crate::sources::kubernetes::write_atomically(file, &next);
+            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.writing = false;
+            match written {
+                Ok(()) => s.error = None,
+                Err(error) => {
+                    let text = format!("{error:#}");
+                    if s.error.as_deref() != Some(text.as_str()) {
+                        tracing::error!(error = %text, "cannot write the learned neighbourhoods (kept in memory; written with the next change)");
+                    }
+                    s.error = Some(text);
+                }
+            }
+            changed.notify_all();
         }
-        let tmp = self.file.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.stored)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.file)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), self.file.display()))
+    }
+
+    fn write(&self, state: Stored) {
+        let (lock, changed) = &*self.slot;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.thread.is_none() {
+            // No thread could be started: write here, on the caller's loop.
+            match crate::sources::kubernetes::write_atomically(&self.file, &state) {
+                Ok(()) => s.error = None,
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "cannot write the learned neighbourhoods (kept in memory; written with the next change)");
+                    s.error = Some(format!("{error:#}"));
+                }
+            }
+            return;
+        }
+        s.next = Some(state);
+        changed.notify_all();
+    }
+
+    fn flush(&self) -> Result<()> {
+        let (lock, changed) = &*self.slot;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.thread.is_some() {
+            s.urgent = true;
+            changed.notify_all();
+            while s.next.is_some() || s.writing {
+                s = changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        match &s.error {
+            Some(error) => Err(anyhow::anyhow!("{error}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        {
+            let (lock, changed) = &*self.slot;
+            lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+            changed.notify_all();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -294,6 +437,7 @@ mod tests {
             Outcome::Anomaly { new: d(&["kb1"]) }
         );
         // Reopened later with another window length: same start, same sets.
+        l.flush().unwrap();
         let l = Learner::open(dir.path(), Duration::from_secs(3600), after).unwrap();
         assert_eq!(l.learning_until(), t0 + Duration::from_secs(3600));
         assert_eq!(
@@ -344,6 +488,34 @@ mod tests {
     }
 
     #[test]
+    fn changes_reach_the_file_off_the_callers_thread_and_a_dropped_learner_writes_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let window = Duration::from_secs(60);
+        let mut l = Learner::open(dir.path(), window, t0).unwrap();
+        // A burst: the first change is written at once, the rest wait for the interval and
+        // are one write of the last state.
+        for i in 0..50 {
+            l.observe("a", &[format!("kb{i}")], t0).unwrap();
+        }
+        l.flush().unwrap();
+        let on_disk = Learner::open(dir.path(), window, t0).unwrap();
+        assert_eq!(on_disk.neighbourhood("a").unwrap().learned.len(), 50);
+        drop(on_disk);
+        // Dropped within the interval of the last write: what waits is written, not lost.
+        l.observe("b", &d(&["kb-b"]), t0).unwrap();
+        drop(l);
+        let on_disk = Learner::open(dir.path(), window, t0).unwrap();
+        assert!(on_disk.neighbourhood("b").is_some());
+        // Nothing left behind but the file itself (the temporary files were renamed).
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![FILE.to_string()]);
+    }
+
+    #[test]
     fn a_broken_file_is_an_error_not_a_fresh_start() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
@@ -361,12 +533,14 @@ mod tests {
         let mut l = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
         l.set_step_up("a", Some(t0 + Duration::from_secs(5)))
             .unwrap();
+        l.flush().unwrap();
         let l2 = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
         assert_eq!(
             l2.step_ups().collect::<Vec<_>>(),
             vec![("a", t0 + Duration::from_secs(5))]
         );
         l.set_step_up("a", None).unwrap();
+        l.flush().unwrap();
         let l3 = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
         assert_eq!(l3.step_ups().count(), 0);
     }

@@ -14,7 +14,13 @@
 //! - A webhook that is down: the page is tried a bounded number of times and given up, and
 //!   meanwhile the agent goes on enforcing (the quarantine denies, the TTL lifts it).
 //!
-//! Addresses 127.93.x.y only.
+//! - A contact hidden behind a flood: client-a fills the flow-event ring with short flows to
+//!   db1 (its own, learned dataset) while the agent is not reading it (paused: it stands for
+//!   an agent the flood outruns), checked by the kernel's lost counter; its first contact
+//!   with db2 then has no room in the ring, and still raises the anomaly and the step-up
+//!   (from `FLOW_CONTACTS_MISSED`), with no `flow.opened` for it in the stream.
+//!
+//! Addresses 127.93.x.y, and 127.95.x.y for the flood.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -36,6 +42,8 @@ use enforcer_tests::{
 use serde_json::Value;
 
 const NET: u8 = 93;
+/// The flood test's addresses.
+const FLOOD_NET: u8 = 95;
 const WAIT: Duration = Duration::from_secs(10);
 /// The learning window: long enough for the test's learning contact to land in it on a
 /// loaded machine (checked, not assumed: the neighbourhood file must hold it).
@@ -55,17 +63,23 @@ struct World {
     bundle: PolicyBundle,
     pins: PinDir,
     state: StateDir,
+    net: u8,
     t: u8,
 }
 
 /// client-a (acme); db1, db2, db3 (acme `vector_db`, TCP 6333, datasets kb1, kb2, kb3), db2
 /// with `step_up: {action: quarantine, ttl: 3s}`. At 127.93.<t>.i.
 fn world(t: u8) -> Result<World> {
+    world_in(NET, t)
+}
+
+/// [`world`] at 127.<net>.<t>.i.
+fn world_in(net: u8, t: u8) -> Result<World> {
     let entities = vec![
-        Entity::workload(NET, "client-a", "acme", "retrieval", t, 1),
-        Entity::endpoint(NET, "db1", "acme", "vector_db", t, 10).port(6333, Proto::Tcp, "query"),
-        Entity::endpoint(NET, "db2", "acme", "vector_db", t, 11).port(6333, Proto::Tcp, "query"),
-        Entity::endpoint(NET, "db3", "acme", "vector_db", t, 12).port(6333, Proto::Tcp, "query"),
+        Entity::workload(net, "client-a", "acme", "retrieval", t, 1),
+        Entity::endpoint(net, "db1", "acme", "vector_db", t, 10).port(6333, Proto::Tcp, "query"),
+        Entity::endpoint(net, "db2", "acme", "vector_db", t, 11).port(6333, Proto::Tcp, "query"),
+        Entity::endpoint(net, "db3", "acme", "vector_db", t, 12).port(6333, Proto::Tcp, "query"),
     ];
     let root = TestCgroup::create(unique_name("an-root"))?;
     let client = root.child("client-a")?;
@@ -85,6 +99,7 @@ fn world(t: u8) -> Result<World> {
         bundle,
         pins: PinDir::new("an-pins")?,
         state: StateDir::new()?,
+        net,
         t,
     })
 }
@@ -109,7 +124,7 @@ fn set_dataset(inventory: &str, name: &str, dataset: &str, extra: &str) -> Resul
 
 impl World {
     fn addr(&self, i: u8) -> SocketAddr {
-        SocketAddr::new(IpAddr::from([127, NET, self.t, i]), 6333)
+        SocketAddr::new(IpAddr::from([127, self.net, self.t, i]), 6333)
     }
     fn config(&self, webhook: &str) -> AgentConfig {
         let mut config = self.state.configure(AgentConfig::new(
@@ -474,6 +489,128 @@ fn a_webhook_that_is_down_is_retried_a_bounded_number_of_times_and_enforcement_g
         agent.is_running(),
         "the agent stopped:\n{}",
         agent.stderr_tail()
+    );
+    Ok(())
+}
+
+/// Sends SIGCONT to a paused agent when dropped (also on panic), so that its own drop can
+/// stop it.
+struct Resume<'a>(&'a Agent);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.resume();
+    }
+}
+
+#[test]
+fn a_contact_hidden_behind_a_flood_of_flow_events_still_raises_the_anomaly_and_steps_up(
+) -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    /// Short flows per probe run, and runs at most: the ring (256 KiB, ~150 bytes a record,
+    /// an opened and a closed record per flow) is full after ~900 flows.
+    const BATCH: u64 = 500;
+    const MAX_BATCHES: usize = 20;
+    let w = world_in(FLOOD_NET, 1)?;
+    let db1 = FlowServer::start(w.addr(10))?;
+    let db2 = FlowServer::start(w.addr(11))?;
+    let webhook = Webhook::start(SocketAddr::new(IpAddr::from([127, FLOOD_NET, 1, 50]), 0))?;
+    let agent = Agent::start(w.config(&webhook.url()))?;
+    first_applied_snapshot(&agent)?;
+
+    // Learning: client-a reaches db1.
+    let mut learn = FlowClient::tcp(&w.client, db1.addr(), 1, 1, false)?;
+    learn.finish()?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, to("db1"))?;
+    let learned = wait_until(WAIT, Duration::from_millis(20), || {
+        w.neighbourhoods().is_ok_and(|n| {
+            n.pointer("/subjects/client-a/learned") == Some(&serde_json::json!(["kb1"]))
+        })
+    });
+    ensure!(
+        learned,
+        "kb1 is not in client-a's neighbourhood: {:?}\n{}",
+        w.neighbourhoods(),
+        agent.stderr_tail()
+    );
+    w.wait_for_window_end()?;
+
+    // The flood: short flows to db1 while nobody reads the ring, until the kernel counts a
+    // flow event it had no room for.
+    let pins = enforcer::datapath::pin_dir(w.pins.path());
+    let lost_before = enforcer::flows::lost(&pins)?;
+    agent.pause()?;
+    let resume = Resume(&agent);
+    let probe = Probe::new().in_cgroup(&w.client);
+    let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
+    let mut flows = 0;
+    for _ in 0..MAX_BATCHES {
+        let burst = probe.repeat(BATCH, &to_db1)?;
+        ensure!(
+            burst.ok == BATCH,
+            "the flood's flows were refused: {burst:?}"
+        );
+        flows += burst.ok;
+        if enforcer::flows::lost(&pins)? > lost_before {
+            break;
+        }
+    }
+    let lost_flooded = enforcer::flows::lost(&pins)?;
+    ensure!(
+        lost_flooded > lost_before,
+        "{flows} flows did not fill the flow-event ring (lost counter still {lost_flooded})"
+    );
+
+    // The hidden contact: the first with kb2 (db2: step-up quarantine), held open. The
+    // handshake completes before connect() returns, so its opened record was attempted (and
+    // lost: the ring is full, nothing reads it) by the time the client is up.
+    let hidden = FlowClient::tcp(&w.client, db2.addr(), 1, 1, true)?;
+    ensure!(
+        enforcer::flows::lost(&pins)? > lost_flooded,
+        "the contact's opened record was not lost"
+    );
+    drop(resume);
+
+    let anomalies =
+        wait_notices(&agent, "flow.anomaly", 1, WAIT, to("db2")).with_context(|| {
+            format!(
+                "a contact whose flow.opened was lost raised no anomaly\n{}",
+                agent.stderr_tail()
+            )
+        })?;
+    let a = &anomalies[0];
+    ensure!(s(a, "/subject/workload") == Some("client-a"), "{a}");
+    ensure!(
+        a["anomaly"]["new_datasets"] == serde_json::json!(["kb2"]),
+        "{a}"
+    );
+    ensure!(s(a, "/anomaly/step_up") == Some("quarantine"), "{a}");
+    ensure!(
+        a.pointer("/flow/source/port").and_then(Value::as_u64)
+            == Some(u64::from(hidden.local.port())),
+        "the anomaly names the live flow: {a}"
+    );
+    let quarantined = wait_notices(&agent, "subject.quarantined", 1, WAIT, |_| true)?;
+    ensure!(
+        s(&quarantined[0], "/workload") == Some("client-a"),
+        "{}",
+        quarantined[0]
+    );
+    let denied = probe.run_one(&to_db1)?;
+    ensure!(
+        denied.outcome == Outcome::Eperm,
+        "while quarantined: {denied:?}"
+    );
+    // It was the kept contact, not the ring: the stream has no flow.opened for db2.
+    let opened_db2 = notices(&agent, "flow.opened")?
+        .into_iter()
+        .filter(|e| to("db2")(e))
+        .count();
+    ensure!(
+        opened_db2 == 0,
+        "db2's flow.opened reached the stream after all"
     );
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use std::time::SystemTime;
 
-use enforcer_common::{identity, FlowRecord};
+use enforcer_common::{flow_state, identity, proto, FlowRecord};
 use enforcer_policy::identity::IdentityKind;
 use enforcer_policy::inventory::StepUpAction;
 
@@ -132,6 +132,74 @@ impl Agent {
                 record.subject,
                 format!("step-up: anomaly ({})", new.join(", ")),
             );
+        }
+    }
+
+    /// Feeds the learner the contacts whose `flow.opened` the kernel could not write (the
+    /// flow ring was full: `FLOW_CONTACTS_MISSED`), exactly like an opened record; called on
+    /// every tick, so a contact hidden behind a flood is seen within 500 ms of the drain.
+    /// The event names the flow's socket cookie when the flow still lives, 0 when it ended
+    /// before the drain.
+    ///
+    /// When even that map was full (`LOST_FLOW_CONTACTS` grew: over 4,096 distinct pairs in
+    /// one tick), which contacts were lost is unknown: every live tracked flow (`FLOWS`) is
+    /// shown to the learner as a contact, so that a contact still open is judged anyway, and
+    /// the loss is logged (error). A contact that opened and ended within that same tick is
+    /// the only one that can escape.
+    pub(super) fn drain_missed_contacts(&mut self) {
+        let Some(missed) = &mut self.missed else {
+            return;
+        };
+        let records = match missed.drain() {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!("draining the missed flow contacts: {error:#}");
+                Vec::new()
+            }
+        };
+        let lost = missed.newly_lost().unwrap_or_else(|error| {
+            tracing::error!("reading LOST_FLOW_CONTACTS: {error:#}");
+            0
+        });
+        if records.is_empty() && lost == 0 {
+            return;
+        }
+        let live = match crate::flows::read(self.datapath.dir()) {
+            Ok(live) => live,
+            Err(error) => {
+                tracing::error!("reading the tracked flows: {error:#}");
+                Vec::new()
+            }
+        };
+        if !records.is_empty() {
+            tracing::info!(
+                contacts = records.len(),
+                "contacts whose flow.opened was lost (flow ring full): shown to the learner"
+            );
+        }
+        for record in &records {
+            let cookie = live
+                .iter()
+                .find(|(_, r)| {
+                    r.start_ns == record.start_ns
+                        && r.pid_tgid == record.pid_tgid
+                        && r.subject == record.subject
+                        && r.destination == record.destination
+                })
+                .map_or(0, |(cookie, _)| *cookie);
+            self.contact(cookie, record);
+        }
+        if lost > 0 {
+            tracing::error!(
+                lost,
+                live = live.len(),
+                "flow contacts lost (the ring and FLOW_CONTACTS_MISSED were full): every live tracked flow is shown to the learner"
+            );
+            for (cookie, record) in &live {
+                if record.protocol == proto::UDP || record.state == flow_state::ESTABLISHED {
+                    self.contact(*cookie, record);
+                }
+            }
         }
     }
 

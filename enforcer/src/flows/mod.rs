@@ -4,6 +4,7 @@
 
 pub mod destroy;
 pub mod list;
+pub mod missed;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;

@@ -950,8 +950,9 @@ fn report_problems(previous: Option<&ClusterState>, state: &ClusterState) {
 }
 
 /// Writes `value` as JSON to a temporary file beside `path`, syncs it and renames it over
-/// `path`: a crash leaves the old file or the new one, never half of one.
-fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+/// `path`: a crash leaves the old file or the new one, never half of one. Also the learner's
+/// file ([`crate::learn`]).
+pub(crate) fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().context("state file has no directory")?;
     // Unique per write: a source dropped while its persister still writes must not share
@@ -970,7 +971,8 @@ fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         // per token, two thirds of the agent's CPU per pod change at 5,000 pods
         // (`cargo xtask bench kube`).
         let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
-        serde_json::to_writer(&mut out, value).context("serialising the cluster state")?;
+        serde_json::to_writer(&mut out, value)
+            .with_context(|| format!("serialising {}", path.display()))?;
         out.write_all(b"\n")?;
         let file = out
             .into_inner()

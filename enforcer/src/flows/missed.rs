@@ -1,0 +1,86 @@
+//! Contacts whose `flow.opened` record the kernel could not write (`FLOW_EVENTS` full): the
+//! kernel keeps each (subject, destination) pair with its first record in
+//! `FLOW_CONTACTS_MISSED`, and the agent drains them to the learner (`--learn`), so that a
+//! workload that floods the ring with its own flows cannot hide a contact behind the flood.
+//! A pair that fitted in neither is counted in `LOST_FLOW_CONTACTS`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use enforcer_common::{capacity, maps, ContactKey, FlowRecord};
+
+/// The two pinned maps, opened once.
+pub struct MissedContacts {
+    contacts: HashMap<MapData, ContactKey, FlowRecord>,
+    lost: PerCpuArray<MapData, u64>,
+    /// `LOST_FLOW_CONTACTS` (summed over CPUs) when last read.
+    lost_seen: u64,
+}
+
+impl MissedContacts {
+    /// Opens the maps pinned in `dir` (the versioned pin directory). Losses counted before
+    /// this agent started are returned by the first [`MissedContacts::newly_lost`]. Errors: a
+    /// map is missing or of another layout.
+    pub fn open(dir: &Path) -> Result<MissedContacts> {
+        let path = dir.join(maps::FLOW_CONTACTS_MISSED);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let contacts = HashMap::try_from(Map::HashMap(data)).with_context(|| {
+            format!(
+                "map {} has an unexpected type or layout",
+                maps::FLOW_CONTACTS_MISSED
+            )
+        })?;
+        let path = dir.join(maps::LOST_FLOW_CONTACTS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let lost = PerCpuArray::try_from(Map::PerCpuArray(data))
+            .with_context(|| format!("map {} has an unexpected type", maps::LOST_FLOW_CONTACTS))?;
+        Ok(MissedContacts {
+            contacts,
+            lost,
+            lost_seen: 0,
+        })
+    }
+
+    /// Takes every kept contact out of the map (at most its capacity per call). A pair the
+    /// kernel keeps again between the read and the delete is a contact already returned
+    /// (same subject and destination), so nothing is lost by the race. Errors: a delete
+    /// failed for another reason than the kernel's own.
+    pub fn drain(&mut self) -> Result<Vec<FlowRecord>> {
+        let keys: Vec<ContactKey> = self
+            .contacts
+            .keys()
+            .filter_map(Result::ok)
+            .take(capacity::FLOW_CONTACTS_MISSED as usize)
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Ok(record) = self.contacts.get(&key, 0) else {
+                continue;
+            };
+            match self.contacts.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => {
+                    return Err(error).context("deleting a FLOW_CONTACTS_MISSED entry");
+                }
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Contacts the kernel could keep nowhere since the last call (the map was full).
+    pub fn newly_lost(&mut self) -> Result<u64> {
+        let total: u64 = self
+            .lost
+            .get(&0, 0)
+            .context("reading LOST_FLOW_CONTACTS")?
+            .iter()
+            .sum();
+        let new = total.saturating_sub(self.lost_seen);
+        self.lost_seen = total;
+        Ok(new)
+    }
+}
