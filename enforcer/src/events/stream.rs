@@ -79,6 +79,7 @@ const TYPES: &[&str] = &[
     super::flow::ANOMALY,
     "events.lost",
     "flow_events.lost",
+    "events.suppressed",
     "policy.applied",
     "policy.rejected",
     "subject.quarantined",
