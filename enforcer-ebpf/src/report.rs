@@ -199,8 +199,13 @@ fn within_budget(window: u64, cgroup_id: u64, budget: u32) -> bool {
             }
         }
     };
-    // SAFETY: a map value pointer, 8-byte aligned, alive while the program runs (RCU).
+    // The fetch form in assembly: LLVM's default BPF CPU (v1) refuses to use the result of
+    // `atomic_xadd` ("Invalid usage of the XADD return value"), while the instruction
+    // (BPF_ATOMIC | BPF_FETCH, kernel 5.12+) is what the verifier accepts here. `taken` goes
+    // in as the addend (1) and comes out as the counter's value before the add.
     let mut taken: u64 = 1;
+    // SAFETY: a map value pointer, 8-byte aligned, alive while the program runs (RCU); the
+    // instruction reads and writes only those 8 bytes and the one register.
     unsafe {
         core::arch::asm!(
             "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",

@@ -315,7 +315,7 @@ fn every_notice_conforms() {
         assert_eq!(event["metadata"]["event_code"], kind);
         kinds.insert(kind);
     }
-    assert_eq!(kinds.len(), 8, "{kinds:?}");
+    assert_eq!(kinds.len(), 9, "{kinds:?}");
 }
 
 #[test]
