@@ -74,8 +74,11 @@ pub mod maps {
     pub const FLOW_CONTACTS_MISSED: &str = "FLOW_CONTACTS_MISSED";
     /// Contacts that fitted neither in `FLOW_EVENTS` nor in `FLOW_CONTACTS_MISSED` (per CPU).
     pub const LOST_FLOW_CONTACTS: &str = "LOST_FLOW_CONTACTS";
+    /// [`crate::AggregateBudgetKey`] {window, cgroup} -> u64: how many `AGGREGATE` keys the
+    /// cgroup made in that window (the per-workload key budget, `Config::event_keys_per_workload`).
+    pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -103,6 +106,7 @@ pub mod maps {
         RATE_BUCKETS,
         FLOW_CONTACTS_MISSED,
         LOST_FLOW_CONTACTS,
+        AGGREGATE_BUDGET,
     ];
 }
 
@@ -134,6 +138,14 @@ pub mod capacity {
     /// flooding key holds two or three. When it is full, a deny of a new key is reported on
     /// its own (count 1): never dropped.
     pub const AGGREGATE: u32 = 16_384;
+    /// (window, cgroup) pairs with denies being counted at once (plain hash, ~0.6 MiB): a
+    /// denying workload holds two or three. When it is full, a new pair's denies are not
+    /// budgeted (aggregated as without a budget).
+    pub const AGGREGATE_BUDGET: u32 = 16_384;
+    /// The default of `Config::event_keys_per_workload`: distinct `AGGREGATE` keys one cgroup
+    /// may make per window before its further new keys fold into its overflow key. 16,384 /
+    /// (64 + 1): ~250 workloads must flood at once to fill `AGGREGATE`.
+    pub const AGGREGATE_KEYS_PER_WORKLOAD: u32 = 64;
     /// (subject, destination) pairs with a rate limit: local subjects x the rate-limited
     /// destinations they may reach.
     pub const RATE_LIMITS: u32 = 65_536;
@@ -490,6 +502,12 @@ pub struct Config {
     /// Until this CLOCK_TAI second, version 1 options (no timestamp) are still accepted
     /// (`--wire-accept-v1-until`, for a rolling upgrade); 0 = refused.
     pub wire_v1_until_s: u32,
+    /// Distinct `AGGREGATE` keys one cgroup may make per window (`--events-keys-per-workload`);
+    /// a deny of a further new key is counted under the cgroup's overflow key
+    /// ([`aggregate_flags::OVERFLOW`]). 0 = no budget.
+    pub event_keys_per_workload: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -565,9 +583,28 @@ pub struct AggregateKey {
     pub hook: u8,
     pub verdict: u8,
     pub reason: u8,
+    /// [`aggregate_flags`]: 0 for a deny's own key.
+    pub flags: u8,
     /// Always zero: hash keys compare every byte (explicit up to the struct's 8-byte
     /// alignment, so that no byte of the key is left uninitialised on the BPF stack).
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 4],
+}
+
+/// Bits of [`AggregateKey::flags`].
+pub mod aggregate_flags {
+    /// The cgroup's overflow key of the window: the denies of keys beyond the cgroup's budget
+    /// (`Config::event_keys_per_workload`), all counted (none reported at once). Only
+    /// `window`, `cgroup_id`, `subject`, `hook`, `verdict` and `reason` are set; addresses,
+    /// ports, destination, family and protocol are zero.
+    pub const OVERFLOW: u8 = 1 << 0;
+}
+
+/// Key of `AGGREGATE_BUDGET`: one cgroup in one window (as [`AggregateKey::window`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggregateBudgetKey {
+    pub window: u64,
+    pub cgroup_id: u64,
 }
 
 /// Value of `AGGREGATE`.
@@ -684,6 +721,7 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::AggregateKey {}
     unsafe impl aya::Pod for super::AggregateValue {}
+    unsafe impl aya::Pod for super::AggregateBudgetKey {}
     unsafe impl aya::Pod for super::FlowRecord {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::ContactKey {}
@@ -699,12 +737,13 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
 const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
+const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 16);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.
 ///

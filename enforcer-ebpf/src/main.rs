@@ -27,6 +27,8 @@
 // (report.rs) need an atomic add, which the BPF target's core atomics do not offer.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// report.rs takes its budget slots with the fetch form of that add, in assembly.
+#![feature(asm_experimental_arch)]
 
 mod flows;
 mod rate;

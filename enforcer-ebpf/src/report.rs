@@ -16,6 +16,22 @@
 //! final and nobody resets a counter that another side is adding to. Only when the map is full
 //! (no entry can be made) does a deny take the old path: its own event, or `LOST_EVENTS`
 //! when the ring is full.
+//!
+//! Per-workload key budget (`Config::event_keys_per_workload`, K): a key is one destination
+//! address and port (or one ingress peer), so one workload sweeping addresses would make a
+//! key per deny and fill `AGGREGATE` for every workload. Each cgroup may make at most K new
+//! keys per window (`AGGREGATE_BUDGET`, counted with an atomic fetch-add, so the K slots
+//! are handed out exactly once even when CPUs race); a deny that needs a new key beyond
+//! that is added to the cgroup's overflow key of the window (`aggregate_flags::OVERFLOW`:
+//! same cgroup, subject, hook, verdict and reason, no address), which is never reported at
+//! once, only by the agent's summary (`events.suppressed`). One workload holds at most K
+//! keys plus one overflow key per (hook, verdict, reason) per window. Exactness is the
+//! argument above with one more outcome: a deny goes to exactly one place, its own event,
+//! its own entry, or the overflow entry (made with `suppressed` 1, or added 1 to). A budget
+//! slot taken by a deny whose key another CPU made meanwhile (EEXIST) is merely spent, not
+//! a deny lost. The budget counter, like the entries, is only written in its window, and
+//! the agent deletes it with them. When `AGGREGATE_BUDGET` is full the deny is not budgeted;
+//! when `AGGREGATE` is full, denies take the old path as above.
 
 use core::ptr::{addr_of_mut, read_volatile};
 
@@ -24,7 +40,9 @@ use aya_ebpf::{
     macros::map,
     maps::HashMap,
 };
-use enforcer_common::{capacity, hook, AggregateKey, AggregateValue, DenyEvent};
+use enforcer_common::{
+    aggregate_flags, capacity, hook, AggregateBudgetKey, AggregateKey, AggregateValue, DenyEvent,
+};
 
 use crate::{CONFIG, EVENTS, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS, SINGLE_ENTRY};
 
@@ -34,8 +52,16 @@ use crate::{CONFIG, EVENTS, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS, SINGL
 static AGGREGATE: HashMap<AggregateKey, AggregateValue> =
     HashMap::pinned(capacity::AGGREGATE, NO_MAP_FLAGS);
 
+/// New `AGGREGATE` keys each cgroup made per window (the key budget). A plain hash map: the
+/// agent deletes a window's counters when it sweeps that window's entries.
+#[map]
+static AGGREGATE_BUDGET: HashMap<AggregateBudgetKey, u64> =
+    HashMap::pinned(capacity::AGGREGATE_BUDGET, NO_MAP_FLAGS);
+
 /// `Config::event_window_ns` value meaning "report every deny".
 const AGGREGATION_OFF: u64 = 0;
+/// `Config::event_keys_per_workload` value meaning "no budget".
+const NO_BUDGET: u32 = 0;
 /// `BPF_NOEXIST`: insert only if the key is absent (another CPU may have made it since the
 /// lookup; its window must not be restarted by a blind overwrite).
 const BPF_NOEXIST: u64 = 1;
@@ -71,10 +97,15 @@ pub(crate) struct Report {
 /// Reports one deny: counted in its `AGGREGATE` entry, or written to `EVENTS`.
 #[inline(always)]
 pub(crate) fn emit(r: &Report) {
-    let window = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always present and valid for reads; one 8-byte load.
-        Some(c) => unsafe { read_volatile(&(*c).event_window_ns) },
-        None => AGGREGATION_OFF,
+    let (window, budget) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads; one load each.
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).event_window_ns),
+                read_volatile(&(*c).event_keys_per_workload),
+            )
+        },
+        None => (AGGREGATION_OFF, NO_BUDGET),
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -104,10 +135,15 @@ pub(crate) fn emit(r: &Report) {
         hook: r.hook,
         verdict: r.verdict,
         reason: r.reason,
-        _pad: [PAD; 5],
+        flags: 0,
+        _pad: [PAD; 4],
     };
     if let Some(v) = AGGREGATE.get_ptr_mut(&key) {
         add_one(v);
+        return;
+    }
+    if budget != NO_BUDGET && !within_budget(key.window, r.cgroup_id, budget) {
+        overflow(r, &key, now);
         return;
     }
     let mut value = AggregateValue {
@@ -132,6 +168,95 @@ pub(crate) fn emit(r: &Report) {
         return;
     }
     // Another CPU made the entry since the lookup (EEXIST), or the map is full (E2BIG).
+    match AGGREGATE.get_ptr_mut(&key) {
+        Some(v) => add_one(v),
+        None => {
+            if !write(r, now) {
+                lose();
+            }
+        }
+    }
+}
+
+/// Takes one of the cgroup's `budget` new-key slots of `window`: true if one was left (or
+/// the budget cannot be counted: `AGGREGATE_BUDGET` full). The fetch-add hands each slot
+/// out once, also when CPUs race; a racing CPU that finds no counter yet and loses the
+/// insert adds to the winner's.
+#[inline(always)]
+fn within_budget(window: u64, cgroup_id: u64, budget: u32) -> bool {
+    let key = AggregateBudgetKey { window, cgroup_id };
+    let counter = match AGGREGATE_BUDGET.get_ptr_mut(&key) {
+        Some(c) => c,
+        None => {
+            // The first new key of this cgroup in this window: always within the budget.
+            if AGGREGATE_BUDGET.insert(&key, &1, BPF_NOEXIST).is_ok() {
+                return true;
+            }
+            match AGGREGATE_BUDGET.get_ptr_mut(&key) {
+                Some(c) => c,
+                // Full: not budgeted, as without a budget.
+                None => return true,
+            }
+        }
+    };
+    // The fetch form in assembly: LLVM's default BPF CPU (v1) refuses to use the result of
+    // `atomic_xadd` ("Invalid usage of the XADD return value"), while the instruction
+    // (BPF_ATOMIC | BPF_FETCH, kernel 5.12+) is what the verifier accepts here. `taken` goes
+    // in as the addend (1) and comes out as the counter's value before the add.
+    let mut taken: u64 = 1;
+    // SAFETY: a map value pointer, 8-byte aligned, alive while the program runs (RCU); the
+    // instruction reads and writes only those 8 bytes and the one register.
+    unsafe {
+        core::arch::asm!(
+            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
+            p = in(reg) counter,
+            v = inout(reg) taken,
+        );
+    }
+    taken < u64::from(budget)
+}
+
+/// Counts a deny beyond its cgroup's key budget under the cgroup's overflow key of the
+/// window (never reported at once: the agent's `events.suppressed` names the count).
+#[inline(always)]
+fn overflow(r: &Report, own: &AggregateKey, now: u64) {
+    let key = AggregateKey {
+        window: own.window,
+        cgroup_id: r.cgroup_id,
+        subject: r.subject,
+        destination: 0,
+        daddr: [0; 4],
+        peer: [0; 4],
+        dport: 0,
+        sock_type: 0,
+        sock_protocol: 0,
+        family: 0,
+        protocol: 0,
+        hook: r.hook,
+        verdict: r.verdict,
+        reason: r.reason,
+        flags: aggregate_flags::OVERFLOW,
+        _pad: [PAD; 4],
+    };
+    if let Some(v) = AGGREGATE.get_ptr_mut(&key) {
+        add_one(v);
+        return;
+    }
+    let mut value = AggregateValue {
+        suppressed: 1,
+        pid_tgid: r.pid_tgid,
+        comm: [0; 16],
+        policy_generation: r.generation,
+        _pad: 0,
+    };
+    if r.task {
+        // SAFETY: a 16-byte stack buffer; on failure the helper zeroes it.
+        unsafe { bpf_get_current_comm(addr_of_mut!(value.comm).cast(), COMM_LEN) };
+    }
+    if AGGREGATE.insert(&key, &value, BPF_NOEXIST).is_ok() {
+        return;
+    }
+    // EEXIST (another CPU made it: add to it) or E2BIG (full: the deny's own event).
     match AGGREGATE.get_ptr_mut(&key) {
         Some(v) => add_one(v),
         None => {

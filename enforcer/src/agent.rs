@@ -64,6 +64,10 @@ pub struct RunOptions {
     pub events_rotation: Rotation,
     /// Deny aggregation window (`--events-aggregate`); zero: every deny is its own event.
     pub events_aggregate: Duration,
+    /// Distinct aggregation keys one workload may make per window before its further denies
+    /// are folded into one `events.suppressed` count (`--events-keys-per-workload`; 0: no
+    /// budget).
+    pub events_keys_per_workload: u32,
     pub audit: bool,
     pub pin_root: PathBuf,
     pub ring_buffer_bytes: Option<u32>,
@@ -458,7 +462,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Before the hooks are attached: the first flood is aggregated already.
     datapath
         .tables
-        .set_event_window(options.events_aggregate)
+        .set_event_window(options.events_aggregate, options.events_keys_per_workload)
         .context("setting the deny aggregation window")?;
     let v1_until_s = options
         .wire_accept_v1_until
@@ -1671,6 +1675,26 @@ impl Denies<'_> {
         }
         events.emit(Event::Call(call)).map(drop)
     }
+
+    /// The `events.suppressed` notice of an overflow summary, its subject named by the
+    /// policy that was in force (the newest, should that revision be gone).
+    fn suppressed(&self, overflow: &enforcer_common::DenyEvent) -> Notice {
+        let policy = self
+            .history
+            .at(overflow.policy_generation)
+            .or_else(|| self.history.newest().and_then(|g| self.history.at(g)));
+        let subject = policy
+            .as_ref()
+            .and_then(|p| p.identity(overflow.subject))
+            .filter(|_| overflow.subject != enforcer_common::identity::UNKNOWN);
+        let time = humantime::format_rfc3339_nanos(record::wall_clock(overflow.timestamp_ns));
+        aggregate::suppressed(
+            overflow,
+            subject.map(|i| i.name.as_str()),
+            subject.and_then(|i| i.tenant.as_deref()),
+            time.to_string(),
+        )
+    }
 }
 
 /// One turn of a ring buffer's reader: at most `EVENT_BATCH` records to `handle`, then
@@ -1817,8 +1841,12 @@ async fn stream_events(
                 }
             }
             _ = lost_check.tick() => {
-                for summary in aggregates.sweep(aggregate::monotonic_ns()) {
+                let swept = aggregates.sweep(aggregate::monotonic_ns());
+                for summary in swept.summaries {
                     denies.deliver(&summary, &mut events)?;
+                }
+                for overflow in swept.overflows {
+                    events.emit(Event::Notice(denies.suppressed(&overflow)))?;
                 }
                 let total = datapath::lost_events(&pin_dir)?;
                 if total > lost_seen {

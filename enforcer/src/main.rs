@@ -63,6 +63,11 @@ enum Command {
         /// one event with their exact `count` once the window is over. 0 reports every deny.
         #[arg(long, value_name = "WINDOW", default_value = "1s", value_parser = enforcer::events::aggregate::parse_window)]
         events_aggregate: std::time::Duration,
+        /// Distinct denied destinations (or ingress peers) one workload may have counted per
+        /// aggregation window; its denies beyond are counted together and reported as one
+        /// `events.suppressed` event with their exact count. 0: no budget.
+        #[arg(long, value_name = "N", default_value_t = enforcer_common::capacity::AGGREGATE_KEYS_PER_WORKLOAD)]
+        events_keys_per_workload: u32,
         /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
         #[arg(long)]
         audit: bool,
@@ -463,6 +468,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             events_max_bytes,
             events_keep,
             events_aggregate,
+            events_keys_per_workload,
             audit,
             pins,
             ring_buffer_bytes,
@@ -508,6 +514,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 events,
                 events_format,
                 events_aggregate,
+                events_keys_per_workload,
                 audit,
                 state_dir: pins.state_dir(),
                 pin_root: pins.pin_root,

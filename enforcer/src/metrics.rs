@@ -72,6 +72,7 @@ pub struct Metrics {
     rejections: Counter,
     quarantined: Gauge,
     consumer_dropped: Family<Label, Counter>,
+    suppressed: Family<[(&'static str, &'static str); 2], Counter>,
     policy: Arc<Mutex<Option<PolicySnapshot>>>,
     pdp: Arc<Mutex<Option<PdpSource>>>,
 }
@@ -122,6 +123,15 @@ impl Metrics {
              until one missed any)",
             consumer_dropped.clone(),
         );
+        // Bounded labels only (hooks x reasons): never the workload, which the event names.
+        let suppressed = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "enforcer_events_suppressed",
+            "Denies folded into a workload's overflow count (its distinct denied destinations \
+             in one window went beyond --events-keys-per-workload), by hook and reason; each \
+             events.suppressed event names the workload and its count",
+            suppressed.clone(),
+        );
         // Compiles take from under a millisecond (an identity change, incremental) to tens
         // of seconds (a cold compile of a large cluster): 0.5 ms doubling to ~33 s.
         let compile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 17));
@@ -167,6 +177,7 @@ impl Metrics {
             rejections,
             quarantined,
             consumer_dropped,
+            suppressed,
             policy,
             pdp,
         }
@@ -175,6 +186,13 @@ impl Metrics {
     /// One event of `kind` (its JSON `type`) was emitted.
     pub fn event_emitted(&self, kind: &'static str) {
         self.events.get_or_create(&[("type", kind)]).inc();
+    }
+
+    /// `count` denies of `hook` and `reason` were reported in one `events.suppressed`.
+    pub fn events_suppressed(&self, hook: &'static str, reason: &'static str, count: u64) {
+        self.suppressed
+            .get_or_create(&[("hook", hook), ("reason", reason)])
+            .inc_by(count);
     }
 
     /// The events output refused one line.

@@ -197,6 +197,18 @@ impl Probe {
         Ok(lines.remove(0))
     }
 
+    /// `probe --ports n attempt`: `n` attempts to `attempt`'s port, the next port, ... (n
+    /// distinct destinations), summarised.
+    pub fn ports(&self, n: u64, attempt: &str) -> Result<Summary> {
+        let n_str = n.to_string();
+        let stdout = self.exec(&["--ports", &n_str, attempt])?;
+        let mut lines: Vec<Summary> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --ports printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
     /// `probe --flood WINDOW --every-us GAP ATTEMPT`: the attempt repeated for `window`,
     /// `gap` apart (zero: as fast as it can). The invocation's own timeout must exceed
     /// `window`.

@@ -600,12 +600,19 @@ impl Tables {
         self.config.get(&0, 0).context("reading CONFIG")
     }
 
-    /// Sets `CONFIG.event_window_ns` (deny aggregation, zero = off), keeping every other field.
-    /// Written before the hooks attach and only by the agent's own task (as every `CONFIG`
-    /// write: a read-modify-write), so it cannot undo a concurrent policy flip.
-    pub fn set_event_window(&mut self, window: std::time::Duration) -> Result<()> {
+    /// Sets `CONFIG.event_window_ns` (deny aggregation, zero = off) and
+    /// `CONFIG.event_keys_per_workload` (new keys per cgroup and window, zero = no budget),
+    /// keeping every other field. Written before the hooks attach and only by the agent's own
+    /// task (as every `CONFIG` write: a read-modify-write), so it cannot undo a concurrent
+    /// policy flip.
+    pub fn set_event_window(
+        &mut self,
+        window: std::time::Duration,
+        keys_per_workload: u32,
+    ) -> Result<()> {
         let mut config = self.config()?;
         config.event_window_ns = window.as_nanos() as u64;
+        config.event_keys_per_workload = keys_per_workload;
         self.config
             .set(0, config, 0)
             .context("writing CONFIG.event_window_ns")
@@ -1584,6 +1591,20 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
             maps::IPCACHE_V6 => Some(tables.ipcache_v6.keys().count() as u64),
             maps::POLICY_A => Some(tables.policy[0].keys().count() as u64),
             maps::POLICY_B => Some(tables.policy[1].keys().count() as u64),
+            // Deny aggregation: a full AGGREGATE turns aggregation off for every workload.
+            maps::AGGREGATE => {
+                let map: BpfHashMap<
+                    MapData,
+                    enforcer_common::AggregateKey,
+                    enforcer_common::AggregateValue,
+                > = typed!(dir, maps::AGGREGATE);
+                Some(map.keys().count() as u64)
+            }
+            maps::AGGREGATE_BUDGET => {
+                let map: BpfHashMap<MapData, enforcer_common::AggregateBudgetKey, u64> =
+                    typed!(dir, maps::AGGREGATE_BUDGET);
+                Some(map.keys().count() as u64)
+            }
             _ => None,
         };
         fills.push(MapFill {

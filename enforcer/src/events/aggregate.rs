@@ -19,6 +19,13 @@
 //! reports them. The one gap: an agent killed between writing a summary and deleting its
 //! entry writes that summary again after the restart (never loses it).
 //!
+//! Per-workload key budget (`--events-keys-per-workload`): the kernel lets each cgroup make
+//! a bounded number of keys per window and counts its further denies under one overflow key
+//! (`aggregate_flags::OVERFLOW`, no address). The sweep hands those back apart
+//! ([`Swept::overflows`]): the agent reports each as one `events.suppressed` notice
+//! ([`suppressed`]), with the same finality argument. It also deletes the windows' budget
+//! counters (`AGGREGATE_BUDGET`), which the kernel too writes only in their own window.
+//!
 //! Limits: a summary names the task of the window's first deny (`pid`, `comm`) and is
 //! timestamped at the window's end; an ingress summary has no peer port (the key has none).
 
@@ -27,7 +34,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use enforcer_common::{maps, AggregateKey, AggregateValue, DenyEvent};
+use enforcer_common::{
+    aggregate_flags, maps, AggregateBudgetKey, AggregateKey, AggregateValue, DenyEvent,
+};
+
+use super::decode::{hook_name, reason_name, verdict_name};
+use super::Notice;
 
 /// The default window of `--events-aggregate`.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
@@ -47,10 +59,34 @@ pub fn parse_window(text: &str) -> Result<Duration> {
     Ok(window)
 }
 
-/// The pinned `AGGREGATE` map and the window length the kernel uses.
+/// The pinned `AGGREGATE` and `AGGREGATE_BUDGET` maps and the window length the kernel uses.
 pub struct Aggregates {
     map: BpfHashMap<MapData, AggregateKey, AggregateValue>,
+    budget: BpfHashMap<MapData, AggregateBudgetKey, u64>,
     window_ns: u64,
+}
+
+/// What one sweep found: summaries of denies' own keys (written like the kernel's events),
+/// and the overflow entries' counts (for [`suppressed`]), each with `count` > 0.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub summaries: Vec<DenyEvent>,
+    /// Only the fields of an overflow key are set (`aggregate_flags::OVERFLOW`).
+    pub overflows: Vec<DenyEvent>,
+}
+
+/// Opens one pinned hash map of `pin_dir`. Errors: missing, or of another layout.
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+) -> Result<BpfHashMap<MapData, K, V>> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data)
+        .with_context(|| format!("reading the type of map {}", path.display()))?
+        .try_into()
+        .with_context(|| format!("map {} has an unexpected type or layout", path.display()))
 }
 
 impl Aggregates {
@@ -58,15 +94,9 @@ impl Aggregates {
     /// (`Config::event_window_ns`; zero: off, and every entry left is reported). Errors: the map is missing or of another layout
     /// (a pin directory of another ABI).
     pub fn open(pin_dir: &Path, window: Duration) -> Result<Self> {
-        let path = pin_dir.join(maps::AGGREGATE);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
-        let map = Map::from_map_data(data)
-            .with_context(|| format!("reading the type of map {}", path.display()))?
-            .try_into()
-            .with_context(|| format!("map {} has an unexpected type or layout", path.display()))?;
         Ok(Self {
-            map,
+            map: open_hash(pin_dir, maps::AGGREGATE)?,
+            budget: open_hash(pin_dir, maps::AGGREGATE_BUDGET)?,
             window_ns: window.as_nanos() as u64,
         })
     }
@@ -76,22 +106,34 @@ impl Aggregates {
     /// An entry of an earlier window length (the agent restarted with another
     /// `--events-aggregate`) is treated the same way by its window number, which only makes
     /// it older. Errors: none from the map walk itself (entries that vanish are skipped).
-    pub fn sweep(&mut self, now_ns: u64) -> Vec<DenyEvent> {
+    pub fn sweep(&mut self, now_ns: u64) -> Swept {
         // Aggregation off: the kernel adds to no entry, so whatever an earlier agent left
         // is final; report it all.
         let current = now_ns.checked_div(self.window_ns).unwrap_or(u64::MAX);
+        // Over for a whole window; or numbered beyond the present, which only an entry of a
+        // longer window length (an earlier agent's) can be.
+        let over =
+            |window: u64| window.saturating_add(2) <= current || window > current.saturating_add(1);
+        // Budget counters: nothing to report, only to delete (by the same rule).
+        let spent: Vec<AggregateBudgetKey> = self
+            .budget
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| over(k.window))
+            .collect();
+        for key in spent {
+            if let Err(error) = self.budget.remove(&key) {
+                tracing::warn!(%error, "deleting an AGGREGATE_BUDGET counter");
+            }
+        }
         // Keys first, then each value: deleting while iterating would restart the walk.
         let done: Vec<AggregateKey> = self
             .map
             .keys()
             .filter_map(|k| k.ok())
-            // Over for a whole window; or numbered beyond the present, which only an entry
-            // of a longer window length (an earlier agent's) can be.
-            .filter(|k| {
-                k.window.saturating_add(2) <= current || k.window > current.saturating_add(1)
-            })
+            .filter(|k| over(k.window))
             .collect();
-        let mut summaries = Vec::new();
+        let mut swept = Swept::default();
         for key in done {
             let Ok(value) = self.map.get(&key, 0) else {
                 continue;
@@ -101,13 +143,42 @@ impl Aggregates {
                     0 => now_ns,
                     w => key.window.saturating_add(1).saturating_mul(w).min(now_ns),
                 };
-                summaries.push(summary(&key, &value, value.suppressed, end));
+                let event = summary(&key, &value, value.suppressed, end);
+                if key.flags & aggregate_flags::OVERFLOW != 0 {
+                    swept.overflows.push(event);
+                } else {
+                    swept.summaries.push(event);
+                }
             }
             if let Err(error) = self.map.remove(&key) {
                 tracing::warn!(%error, "deleting a reported AGGREGATE entry");
             }
         }
-        summaries
+        swept
+    }
+}
+
+/// The `events.suppressed` notice of an overflow entry's summary (`overflow`, from
+/// [`Swept::overflows`]): the workload (`workload`/`tenant` as the policy in force names the
+/// subject identity; `None` for a cgroup without one, reported as `cgroup:ID` and tenant
+/// `unknown`), its hook, verdict, reason and the exact number of denies folded in. `time` is
+/// the RFC 3339 time of the window's end.
+pub fn suppressed(
+    overflow: &DenyEvent,
+    workload: Option<&str>,
+    tenant: Option<&str>,
+    time: String,
+) -> Notice {
+    Notice::EventsSuppressed {
+        time,
+        workload: workload.map_or_else(|| format!("cgroup:{}", overflow.cgroup_id), str::to_string),
+        tenant: tenant.unwrap_or("unknown").to_string(),
+        identity: overflow.subject,
+        cgroup_id: overflow.cgroup_id,
+        hook: hook_name(overflow.hook),
+        verdict: verdict_name(overflow.verdict),
+        reason: reason_name(overflow.reason),
+        count: u64::from(overflow.count),
     }
 }
 
@@ -201,5 +272,42 @@ mod tests {
         assert_eq!(e.pid_tgid >> 32, 42);
         assert_eq!(e.policy_generation, 3);
         assert_eq!(super::super::decode::comm(&e), "flood");
+    }
+
+    #[test]
+    fn an_overflow_summary_becomes_one_suppressed_notice_with_its_count() {
+        use enforcer_common::{hook, reason, verdict};
+        let key = AggregateKey {
+            window: 5,
+            cgroup_id: 9,
+            subject: 256,
+            hook: hook::CONNECT4,
+            verdict: verdict::DENY,
+            reason: reason::TENANT_MISMATCH,
+            flags: aggregate_flags::OVERFLOW,
+            ..Default::default()
+        };
+        let value = AggregateValue {
+            suppressed: 123_456,
+            ..Default::default()
+        };
+        let e = summary(&key, &value, value.suppressed, 6_000_000_000);
+        let notice = suppressed(&e, Some("acme-gateway"), Some("acme"), "T".into());
+        assert_eq!(notice.kind(), "events.suppressed");
+        let json = serde_json::to_value(&notice).unwrap();
+        assert_eq!(json["type"], "events.suppressed");
+        assert_eq!(json["workload"], "acme-gateway");
+        assert_eq!(json["tenant"], "acme");
+        assert_eq!(json["identity"], 256);
+        assert_eq!(json["cgroup_id"], 9);
+        assert_eq!(json["hook"], hook_name(hook::CONNECT4));
+        assert_eq!(json["verdict"], "deny");
+        assert_eq!(json["reason"], "tenant_mismatch");
+        assert_eq!(json["count"], 123_456);
+        // A cgroup no workload owns is named by its id.
+        let unknown = suppressed(&e, None, None, "T".into());
+        let json = serde_json::to_value(&unknown).unwrap();
+        assert_eq!(json["workload"], "cgroup:9");
+        assert_eq!(json["tenant"], "unknown");
     }
 }

@@ -156,6 +156,15 @@ impl Emitter {
         self.seq = seq;
         if let Some(metrics) = &self.metrics {
             metrics.event_emitted(event.kind());
+            if let Event::Notice(Notice::EventsSuppressed {
+                hook,
+                reason,
+                count,
+                ..
+            }) = &event
+            {
+                metrics.events_suppressed(hook, reason, *count);
+            }
         }
         match self.sink.write_line(&line) {
             Ok(()) => {

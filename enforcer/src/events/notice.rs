@@ -23,6 +23,21 @@ pub enum Notice {
         count: u64,
         total: u64,
     },
+    /// One workload's denies beyond its per-window key budget (`--events-keys-per-workload`
+    /// distinct destinations or peers): `count` denies of `hook` and `reason` in the window
+    /// ending at `time`, counted exactly in the kernel and not reported one by one.
+    #[serde(rename = "events.suppressed")]
+    EventsSuppressed {
+        time: String,
+        workload: String,
+        tenant: String,
+        identity: u32,
+        cgroup_id: u64,
+        hook: &'static str,
+        verdict: &'static str,
+        reason: &'static str,
+        count: u64,
+    },
     /// A bundle was written to the kernel: it decides from now on.
     #[serde(rename = "policy.applied")]
     PolicyApplied {
@@ -77,6 +92,7 @@ impl Notice {
         match self {
             Notice::EventsLost { .. } => "events.lost",
             Notice::FlowEventsLost { .. } => "flow_events.lost",
+            Notice::EventsSuppressed { .. } => "events.suppressed",
             Notice::PolicyApplied { .. } => "policy.applied",
             Notice::PolicyRejected { .. } => "policy.rejected",
             Notice::Quarantined { .. } => "subject.quarantined",
@@ -91,6 +107,7 @@ impl Notice {
         match self {
             Notice::EventsLost { time, .. }
             | Notice::FlowEventsLost { time, .. }
+            | Notice::EventsSuppressed { time, .. }
             | Notice::PolicyApplied { time, .. }
             | Notice::PolicyRejected { time, .. }
             | Notice::Quarantined { time, .. }

@@ -79,6 +79,7 @@ const TYPES: &[&str] = &[
     super::flow::ANOMALY,
     "events.lost",
     "flow_events.lost",
+    "events.suppressed",
     "policy.applied",
     "policy.rejected",
     "subject.quarantined",
@@ -183,6 +184,22 @@ impl Filter {
                     && eq(&self.reason, flow.flow.reason)
                     // A flow was allowed when it opened; no verdict or ATLAS of its own.
                     && self.verdict.is_none()
+                    && self.atlas.is_none()
+            }
+            // A workload's suppressed denies: its filters select them as its denies (no
+            // destination, no ATLAS technique: the count spans many).
+            Event::Notice(super::Notice::EventsSuppressed {
+                workload,
+                tenant,
+                reason,
+                verdict,
+                ..
+            }) => {
+                eq(&self.tenant, Some(tenant))
+                    && eq(&self.workload, Some(workload))
+                    && eq(&self.reason, Some(reason))
+                    && eq(&self.verdict, Some(verdict))
+                    && self.to.is_none()
                     && self.atlas.is_none()
             }
             // The agent's own notices have no subject: only a filter on the type selects them.
@@ -845,6 +862,43 @@ mod tests {
         assert_eq!(hub.open(&by_type, None, false).0.len(), 1);
         let later = SystemTime::now() + Duration::from_secs(60);
         assert!(hub.open(&by_type, Some(later), false).0.is_empty());
+    }
+
+    #[test]
+    fn a_workloads_filters_select_its_suppressed_notices() {
+        let suppressed = Event::Notice(Notice::EventsSuppressed {
+            time: "2026-12-01T00:00:00Z".into(),
+            workload: "acme-gateway".into(),
+            tenant: "acme".into(),
+            identity: 256,
+            cgroup_id: 9,
+            hook: "connect4",
+            verdict: "deny",
+            reason: "tenant_mismatch",
+            count: 40,
+        });
+        let filter = |f: Filter| f.matches(&suppressed);
+        assert!(filter(Filter::default()));
+        assert!(filter(Filter {
+            workload: Some("acme-gateway".into()),
+            tenant: Some("acme".into()),
+            reason: Some("tenant_mismatch".into()),
+            verdict: Some("deny".into()),
+            ..Filter::default()
+        }));
+        assert!(!filter(Filter {
+            workload: Some("initech-evaluator".into()),
+            ..Filter::default()
+        }));
+        assert!(!filter(Filter {
+            reason: Some("no_permit".into()),
+            ..Filter::default()
+        }));
+        // No destination: a filter on one does not select the count of many.
+        assert!(!filter(Filter {
+            to: Some("globex-vectors".into()),
+            ..Filter::default()
+        }));
     }
 
     #[test]

@@ -31,6 +31,9 @@
 //! `{"attempts":N,"ok":a,"eperm":b,"error":c,"elapsed_ns":N}`: `elapsed_ns` from the start
 //! of the first attempt to the start of the last (CLOCK_MONOTONIC), the window a rate limit
 //! is measured over.
+//! `probe --ports N ATTEMPT` makes N attempts like `--repeat`, the i-th to ATTEMPT's port
+//! plus i (wrapping past 65,535 to 1): N distinct destinations, the sweep of a scanner; it
+//! prints the `--repeat` summary.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -561,6 +564,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.first().map(String::as_str) == Some("--ports") {
+        return match ports(&args[1..]) {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}\n{usage}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some("--repeat") {
         let (Some(n), Some(attempt), None) = (args.get(1), args.get(2), args.get(3)) else {
             eprintln!("{usage}");
@@ -612,6 +627,36 @@ fn main() -> ExitCode {
         let _ = out.flush();
     }
     ExitCode::SUCCESS
+}
+
+/// `--ports N ATTEMPT` (the arguments after `--ports`): see the module documentation.
+/// Errors are usage errors.
+fn ports(args: &[String]) -> Result<serde_json::Value, String> {
+    let (Some(n), Some(attempt), None) = (args.first(), args.get(1), args.get(2)) else {
+        return Err("--ports N ATTEMPT".to_string());
+    };
+    let n: u64 = match n.parse() {
+        Ok(n) if n <= MAX_REPEAT => n,
+        _ => {
+            return Err(format!(
+                "--ports wants a number up to {MAX_REPEAT}, got {n:?}"
+            ))
+        }
+    };
+    let mut parsed = parse(attempt)?;
+    let first = parsed.addr.port();
+    let (mut ok, mut eperm, mut error) = (0u64, 0u64, 0u64);
+    for i in 0..n {
+        // Ports 1..=65535 in turn from `first`; port 0 is no destination.
+        let port = (u64::from(first.max(1)) - 1 + i) % 65_535 + 1;
+        parsed.addr.set_port(port as u16);
+        match classify(&try_once(parsed)).0 {
+            "ok" => ok += 1,
+            "eperm" => eperm += 1,
+            _ => error += 1,
+        }
+    }
+    Ok(serde_json::json!({"attempts": n, "ok": ok, "eperm": eperm, "error": error}))
 }
 
 /// `--flood MS [--every-us US] ATTEMPT` (the arguments after `--flood`): see the module

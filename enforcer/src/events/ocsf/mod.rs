@@ -956,6 +956,44 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             event.unmapped = Unmapped::Notice(json!({ "count": count, "total": total }));
             event
         }
+        Notice::EventsSuppressed {
+            workload,
+            tenant,
+            identity,
+            cgroup_id,
+            hook,
+            verdict,
+            reason,
+            count,
+            ..
+        } => {
+            // Not an error of the agent's: the workload's distinct denied destinations went
+            // beyond its per-window budget (a sweep of addresses or ports), so its denies
+            // were counted, not listed. Medium: worth a look, as the denies themselves.
+            let mut event = header(
+                context,
+                APPLICATION_ERROR,
+                (1, "General Error"),
+                3,
+                stamp(),
+                vec!["host"],
+            );
+            event.message = format!(
+                "{count} {verdict} events of {workload} ({hook}, {reason}) suppressed: more distinct destinations in one window than its budget"
+            );
+            event.count = Some(*count);
+            event.unmapped = Unmapped::Notice(json!({
+                "workload": workload,
+                "tenant": tenant,
+                "identity": identity,
+                "cgroup_id": cgroup_id,
+                "hook": hook,
+                "verdict": verdict,
+                "reason": reason,
+                "count": count,
+            }));
+            event
+        }
         Notice::ClusterProblem { problem, .. } => {
             let mut event = header(
                 context,

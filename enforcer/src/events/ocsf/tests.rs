@@ -163,6 +163,17 @@ fn notices() -> Vec<Notice> {
             count: 3,
             total: 5,
         },
+        Notice::EventsSuppressed {
+            time: time(),
+            workload: "acme-gateway".into(),
+            tenant: "acme".into(),
+            identity: 17,
+            cgroup_id: 4242,
+            hook: "connect4",
+            verdict: "deny",
+            reason: "tenant_mismatch",
+            count: 123_456,
+        },
         Notice::PolicyApplied {
             time: time(),
             snapshot: "sha256:e514f1de2beacab7".into(),
@@ -211,6 +222,7 @@ fn notices() -> Vec<Notice> {
         match notice {
             Notice::EventsLost { .. }
             | Notice::FlowEventsLost { .. }
+            | Notice::EventsSuppressed { .. }
             | Notice::PolicyApplied { .. }
             | Notice::PolicyRejected { .. }
             | Notice::Quarantined { .. }
@@ -303,7 +315,7 @@ fn every_notice_conforms() {
         assert_eq!(event["metadata"]["event_code"], kind);
         kinds.insert(kind);
     }
-    assert_eq!(kinds.len(), 8, "{kinds:?}");
+    assert_eq!(kinds.len(), 9, "{kinds:?}");
 }
 
 #[test]
