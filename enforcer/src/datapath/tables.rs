@@ -1582,31 +1582,8 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
     for name in maps::ALL {
         let info = MapInfo::from_pin(dir.join(name))
             .with_context(|| format!("reading map info of {name}"))?;
-        let entries = match name {
-            maps::CGROUP_IDENTITY => Some(tables.cgroup_identity.keys().count() as u64),
-            maps::IDENTITIES => Some(tables.identities.keys().count() as u64),
-            maps::IPCACHE_HOST_V4 => Some(tables.ipcache_host_v4.keys().count() as u64),
-            maps::IPCACHE_HOST_V6 => Some(tables.ipcache_host_v6.keys().count() as u64),
-            maps::IPCACHE_V4 => Some(tables.ipcache_v4.keys().count() as u64),
-            maps::IPCACHE_V6 => Some(tables.ipcache_v6.keys().count() as u64),
-            maps::POLICY_A => Some(tables.policy[0].keys().count() as u64),
-            maps::POLICY_B => Some(tables.policy[1].keys().count() as u64),
-            // Deny aggregation: a full AGGREGATE turns aggregation off for every workload.
-            maps::AGGREGATE => {
-                let map: BpfHashMap<
-                    MapData,
-                    enforcer_common::AggregateKey,
-                    enforcer_common::AggregateValue,
-                > = typed!(dir, maps::AGGREGATE);
-                Some(map.keys().count() as u64)
-            }
-            maps::AGGREGATE_BUDGET => {
-                let map: BpfHashMap<MapData, enforcer_common::AggregateBudgetKey, u64> =
-                    typed!(dir, maps::AGGREGATE_BUDGET);
-                Some(map.keys().count() as u64)
-            }
-            _ => None,
-        };
+        let entries = count_entries(&dir.join(name), &info)
+            .with_context(|| format!("counting the entries of {name}"))?;
         fills.push(MapFill {
             name,
             entries,
@@ -1624,6 +1601,68 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
             generation: config.generation,
         },
     })
+}
+
+/// Entries of a pinned map of a keyed type (hash maps, LRU hash maps, LPM tries), walked
+/// with `BPF_MAP_GET_NEXT_KEY` on raw key bytes of the map's own key size, so every such map
+/// is counted without naming its key type here; None for the other types (arrays, per-CPU
+/// arrays, the ring buffers), whose size is fixed. A map that changes during the walk gives
+/// an approximate count (the kernel restarts from the first key when the current one was
+/// deleted; the walk is bounded by twice the capacity).
+fn count_entries(pin: &Path, info: &MapInfo) -> Result<Option<u64>> {
+    use aya::maps::MapType;
+    use std::os::fd::{AsFd, AsRawFd};
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let keyed = matches!(
+        info.map_type(),
+        Ok(MapType::Hash | MapType::LruHash | MapType::LpmTrie | MapType::PerCpuHash)
+    );
+    if !keyed {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let fd = data.fd().as_fd().as_raw_fd() as u32;
+    let size = info.key_size() as usize;
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut count = 0u64;
+    // The first call passes no key: the kernel answers with the first one.
+    let mut has_key = false;
+    while count <= 2 * u64::from(info.max_entries()) {
+        let mut attr = NextKeyAttr {
+            map_fd: fd,
+            _pad: 0,
+            key: if has_key { key.as_ptr() as u64 } else { 0 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: attr is a bpf_attr prefix for BPF_MAP_GET_NEXT_KEY; key and next_key point
+        // to live buffers of the map's key size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &mut attr as *mut NextKeyAttr,
+                std::mem::size_of::<NextKeyAttr>(),
+            )
+        };
+        if rc != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(error).context("BPF_MAP_GET_NEXT_KEY");
+        }
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+        has_key = true;
+    }
+    Ok(Some(count))
 }
 
 /// Capacities an operator asks for (`--capacity KIND=N`): they size the maps when they are
