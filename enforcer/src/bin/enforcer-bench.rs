@@ -12,8 +12,9 @@
 //!    vector DB with ingress `enforce`, so `sock_ops` (the identity option) and `skb_ingress`
 //!    (its check) run on every connect.
 //! 3. Policy compile and apply figures (see `compile_bench`).
+//! 4. What tracked flows cost, with the real agent (`flows`, in `enforcer-bench/flows.rs`).
 //!
-//! `enforcer-bench [datapath|compile] [--rounds N] [--connects N]`. Needs root, and `nft`
+//! `enforcer-bench [datapath|compile|flows] [--rounds N] [--connects N]`. Needs root, and `nft`
 //! (Debian's `nftables`, which `cargo xtask bench` installs) for the nftables comparison.
 //! Everything it creates (cgroups, pins, the nftables table) is removed at the end, also on
 //! error or panic; leftovers of a killed run are removed by the next one.
@@ -28,6 +29,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use enforcer::datapath::{pin_dir, Datapath, DesiredState, LoadOptions};
 use enforcer_common::{flags, programs, proto, IdentityInfo, PolicyKey, PolicyValue};
+
+// The flows section lives in its own file (a directory without main.rs is no binary).
+#[path = "enforcer-bench/flows.rs"]
+mod flows;
 
 const IDENTITIES: u32 = 10_000;
 const POLICY_ENTRIES: u32 = 100_000;
@@ -95,11 +100,11 @@ fn parse_args() -> Result<Options> {
             }
         };
         match arg.as_str() {
-            "datapath" | "compile" if options.only.is_none() => options.only = Some(arg),
+            "datapath" | "compile" | "flows" if options.only.is_none() => options.only = Some(arg),
             "--rounds" => options.rounds = count("--rounds")?,
             "--connects" => options.connects = count("--connects")?,
             _ => bail!(
-                "unexpected argument {arg:?}; usage: enforcer-bench [datapath|compile] \
+                "unexpected argument {arg:?}; usage: enforcer-bench [datapath|compile|flows] \
                  [--rounds N] [--connects N]"
             ),
         }
@@ -116,14 +121,21 @@ fn main() -> Result<()> {
         "# enforcer benchmarks ({})",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
-    // `enforcer-bench datapath` or `enforcer-bench compile` runs one half.
+    // `enforcer-bench datapath`, `compile` or `flows` runs one section.
     let options = parse_args()?;
     remove_stale_leftovers(&enforcer::fs::cgroup2_mount()?, nft_available());
-    if options.only.as_deref() != Some("datapath") {
+    let runs = |section: &str| options.only.as_deref().is_none_or(|only| only == section);
+    if runs("compile") {
         compile_bench()?;
     }
-    if options.only.as_deref() != Some("compile") {
+    if runs("datapath") {
         datapath_bench(&options)?;
+    }
+    if runs("flows") {
+        flows::flows_bench(&flows::FlowOptions {
+            rounds: options.rounds,
+            connects: options.connects,
+        })?;
     }
     Ok(())
 }
