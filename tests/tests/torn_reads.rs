@@ -1,39 +1,40 @@
-//! Torn and recycled reads of `CGROUP_IDENTITY` and `IDENTITIES` (README, "Limits and next
-//! steps"): a stress test that makes the race as likely as a test can.
+//! Torn and recycled reads of `CGROUP_IDENTITY` and `IDENTITIES`: the kernel programs read
+//! them under their values' `bpf_spin_lock` and check the key each value carries, and the
+//! agent writes them in place under the lock and tombstones a key before deleting it
+//! (`enforcer_common::locked`). This stress test churns both maps through the agent's own
+//! writers (`enforcer::datapath::locked`) as hard as a test can while a denied call repeats.
 //!
-//! The kernel's preallocated hash maps recycle an element at once: an update that *replaces*
-//! key K's element parks the old element as this CPU's `extra_elems`, and the next update
-//! on that CPU copies another key's value into it. A program that looked K up just before
-//! and reads through its pointer just after reads the other key's value. Here:
+//! The kernel's hash maps recycle an element at once: a deleted key's element goes back to
+//! the free list and the next new key takes it (a replaced one becomes the CPU's spare). A
+//! program that looked a key up just before and read through its pointer just after would
+//! read another key's value. Here:
 //!
 //! - acme-gateway floods a connect to globex-vectors (another tenant: denied) for
 //!   `WINDOW`, as fast as it can;
-//! - one hammer thread per CPU (pinned to it) rewrites acme-gateway's own entries with their
-//!   unchanged values (each rewrite recycles the element a racing `decide` may hold) and,
-//!   right after, writes a decoy key whose value is globex-agent's (a cgroup id no cgroup
+//! - one hammer thread per CPU (pinned to it); the first rewrites acme-gateway's entries
+//!   in place, deletes and re-adds them (freeing the elements a racing `decide` may hold
+//!   to its CPU's free list); each deletes and re-adds its decoy key whose value is globex-agent's (a cgroup id no cgroup
 //!   has -> globex-agent's identity; an identity number no workload has -> globex-agent's
-//!   `IdentityInfo`), which the kernel copies into the element just parked.
+//!   `IdentityInfo`), which takes a freed element.
 //!
-//! A racing read of the recycled element sees globex-agent, which is allowed to
-//! globex-vectors (`shared-acme-vectors` only names acme-vectors, but same-tenant permits
-//! globex-agent -> globex-vectors): any success of the flood is the bug. The hammer's writes
-//! never change what the maps mean for any real cgroup or identity, so every attempt must
-//! be refused.
+//! A read of a recycled element that were accepted would see globex-agent, which may reach
+//! globex-vectors (same tenant): any success of the flood is a failure. While the
+//! gateway's entries are deleted it is unknown and denied (fail closed), so every attempt
+//! must be refused.
 //!
-//! This is a property test, not a reliable reproducer: the window of the race is the few
-//! instructions between a lookup and the reads through its pointer, and it did not trigger
-//! on this machine against the unfixed programs (see the README). It checks that the
-//! identity reads stay correct under the heaviest replacement churn the agent could cause.
+//! Before the fix (values read field by field through the lookup's pointer, updates that
+//! replace elements) the same flood against plain replacing updates (1.3 M rounds of four,
+//! 388,962 attempts in 5 s, load average 17) let nothing through either: the race window is
+//! a few instructions, so this is a property test of the protocol, not a reproducer.
 //!
 //! Addresses: 127.97.0.0/16 (the world's net 97).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use enforcer_common::{maps, IdentityInfo};
+use enforcer::datapath::locked::{CgroupIdentityMap, IdentitiesMap};
+use enforcer_common::maps;
 use enforcer_tests::fixtures::World;
 use enforcer_tests::probe::attempt;
 use enforcer_tests::{require_kernel, Probe};
@@ -45,102 +46,6 @@ const WINDOW: Duration = Duration::from_secs(5);
 /// hash would have to hit exactly (checked absent before use).
 const DECOY_CGROUP_BASE: u64 = 0xdec0_0000_0000_0000;
 const DECOY_IDENTITY_BASE: u32 = 0xdec0_0000;
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_ANY: u64 = 0;
-
-/// `union bpf_attr` for the `BPF_MAP_*_ELEM` commands.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// `union bpf_attr` for `BPF_OBJ_GET`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: attr is a live bpf_attr prefix of the given size; the kernel reads (and for
-    // lookups writes through) only the pointers it holds, which the callers keep alive.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-/// A pinned map, opened by path.
-struct PinnedMap {
-    fd: OwnedFd,
-    name: &'static str,
-}
-
-impl PinnedMap {
-    fn open(dir: &Path, name: &'static str) -> Result<Self> {
-        let path = std::ffi::CString::new(dir.join(name).into_os_string().into_encoded_bytes())?;
-        let mut attr = ObjGetAttr {
-            pathname: path.as_ptr() as u64,
-            ..Default::default()
-        };
-        let fd = sys_bpf(BPF_OBJ_GET, &mut attr)
-            .with_context(|| format!("BPF_OBJ_GET {}", dir.join(name).display()))?;
-        // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(Self { fd, name })
-    }
-
-    fn attr<K, V>(&self, key: &K, value: *const V) -> ElemAttr {
-        ElemAttr {
-            map_fd: self.fd.as_raw_fd() as u32,
-            key: key as *const K as u64,
-            value: value as u64,
-            ..Default::default()
-        }
-    }
-
-    fn get<K, V: Default>(&self, key: &K) -> Result<Option<V>> {
-        let mut value = V::default();
-        let mut attr = self.attr(key, &mut value as *mut V);
-        match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(_) => Ok(Some(value)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("lookup in {}", self.name)),
-        }
-    }
-
-    fn put<K, V>(&self, key: &K, value: &V) -> std::io::Result<()> {
-        let mut attr = self.attr(key, value as *const V);
-        attr.flags = BPF_ANY;
-        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
-    }
-
-    fn delete<K>(&self, key: &K) {
-        let mut attr = self.attr(key, std::ptr::null::<u8>());
-        // Best effort (cleanup): the pins are removed with the world anyway.
-        let _ = sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr);
-    }
-}
 
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
@@ -161,8 +66,8 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
     let _servers = world.servers_v4()?;
     let agent = world.start_agent()?;
     let pins = enforcer::datapath::pin_dir(world.pins.path());
-    let cgroup_identity = PinnedMap::open(&pins, maps::CGROUP_IDENTITY)?;
-    let identities = PinnedMap::open(&pins, maps::IDENTITIES)?;
+    let cgroup_identity = CgroupIdentityMap::open(&pins, maps::CGROUP_IDENTITY)?;
+    let identities = IdentitiesMap::open(&pins, maps::IDENTITIES)?;
 
     let (cross, same) = world.gateway_calls();
     let gateway = Probe::new()
@@ -182,17 +87,17 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
 
     let gw_cgroup = world.cgroup("acme-gateway").id();
     let ga_cgroup = world.cgroup("globex-agent").id();
-    let gw_id: u32 = cgroup_identity
-        .get(&gw_cgroup)?
+    let gw_id = cgroup_identity
+        .get(&gw_cgroup)
         .context("acme-gateway's cgroup has no CGROUP_IDENTITY entry")?;
-    let ga_id: u32 = cgroup_identity
-        .get(&ga_cgroup)?
+    let ga_id = cgroup_identity
+        .get(&ga_cgroup)
         .context("globex-agent's cgroup has no CGROUP_IDENTITY entry")?;
-    let gw_info: IdentityInfo = identities
-        .get(&gw_id)?
+    let gw_info = identities
+        .get(&gw_id)
         .context("acme-gateway has no IDENTITIES entry")?;
-    let ga_info: IdentityInfo = identities
-        .get(&ga_id)?
+    let ga_info = identities
+        .get(&ga_id)
         .context("globex-agent has no IDENTITIES entry")?;
     ensure!(
         gw_info.tenant != ga_info.tenant,
@@ -203,10 +108,10 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
     for cpu in 0..cpus {
         ensure!(
             cgroup_identity
-                .get::<u64, u32>(&(DECOY_CGROUP_BASE + cpu as u64))?
+                .get(&(DECOY_CGROUP_BASE + cpu as u64))
                 .is_none()
                 && identities
-                    .get::<u32, IdentityInfo>(&(DECOY_IDENTITY_BASE + cpu as u32))?
+                    .get(&(DECOY_IDENTITY_BASE + cpu as u32))
                     .is_none(),
             "decoy keys already in use"
         );
@@ -218,22 +123,35 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
     let (flood, hammer) = std::thread::scope(|scope| {
         let hammers: Vec<_> = (0..cpus)
             .map(|cpu| {
-                let (cg, ids, stop, rewrites) = (&cgroup_identity, &identities, &stop, &rewrites);
-                scope.spawn(move || -> std::io::Result<()> {
+                let (stop, rewrites, pins) = (&stop, &rewrites, &pins);
+                scope.spawn(move || -> Result<()> {
                     pin_to_cpu(cpu);
+                    let mut cg = CgroupIdentityMap::open(pins, maps::CGROUP_IDENTITY)?;
+                    let mut ids = IdentitiesMap::open(pins, maps::IDENTITIES)?;
                     let decoy_cgroup = DECOY_CGROUP_BASE + cpu as u64;
                     let decoy_identity = DECOY_IDENTITY_BASE + cpu as u32;
                     // Bounded by time (the flood's window plus a margin) and by `stop`.
                     let deadline = Instant::now() + WINDOW + Duration::from_secs(30);
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        // Replace: the gateway's elements become this CPU's spare ...
-                        cg.put(&gw_cgroup, &gw_id)?;
-                        ids.put(&gw_id, &gw_info)?;
-                        // ... which the next replacing update on this CPU refills with
-                        // globex-agent's values.
-                        cg.put(&decoy_cgroup, &ga_id)?;
-                        ids.put(&decoy_identity, &ga_info)?;
+                        // The agent's writes, as it makes them (one writer per key: the
+                        // first CPU's thread): in place under the lock ...
+                        if cpu == 0 {
+                            cg.write(&gw_cgroup, &gw_id)?;
+                            ids.write(&gw_id, &gw_info)?;
+                            // ... and deletes: the gateway's elements go back to this CPU's
+                            // free list (the gateway is unknown until written again) ...
+                            cg.tombstone_and_delete(&gw_cgroup)?;
+                            ids.tombstone_and_delete(&gw_id)?;
+                            cg.write(&gw_cgroup, &gw_id)?;
+                            ids.write(&gw_id, &gw_info)?;
+                        }
+                        // ... where the next new key takes them, with globex-agent's
+                        // values.
+                        cg.tombstone_and_delete(&decoy_cgroup)?;
+                        ids.tombstone_and_delete(&decoy_identity)?;
+                        cg.write(&decoy_cgroup, &ga_id)?;
+                        ids.write(&decoy_identity, &ga_info)?;
                         n += 1;
                     }
                     rewrites.fetch_add(n, Ordering::Relaxed);
@@ -243,23 +161,24 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
             .collect();
         let flood = gateway.flood(&cross, WINDOW, Duration::ZERO);
         stop.store(true, Ordering::Relaxed);
-        let hammer: std::io::Result<()> = hammers
+        let hammer: Result<()> = hammers
             .into_iter()
             .map(|h| h.join().expect("hammer thread panicked"))
             .collect();
         (flood, hammer)
     });
     let elapsed = started.elapsed();
+    let (mut cgroup_identity, mut identities) = (cgroup_identity, identities);
     for cpu in 0..cpus {
-        cgroup_identity.delete(&(DECOY_CGROUP_BASE + cpu as u64));
-        identities.delete(&(DECOY_IDENTITY_BASE + cpu as u32));
+        cgroup_identity.tombstone_and_delete(&(DECOY_CGROUP_BASE + cpu as u64))?;
+        identities.tombstone_and_delete(&(DECOY_IDENTITY_BASE + cpu as u32))?;
     }
     hammer.context("rewriting the maps")?;
     let flood = flood?;
     let rewrites = rewrites.load(Ordering::Relaxed);
     eprintln!(
-        "{} connects ({} refused, {} allowed, {} failed) against {rewrites} rounds of 4 \
-         replacing updates on {cpus} CPUs in {elapsed:.2?}",
+        "{} connects ({} refused, {} allowed, {} failed) against {rewrites} rounds of writes and deletes (12 on the first CPU, 4 on the others) \
+         on {cpus} CPUs in {elapsed:.2?}",
         flood.attempts, flood.eperm, flood.ok, flood.error
     );
     ensure!(
@@ -278,8 +197,8 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
         "the hammer must have churned the maps: {rewrites} rounds"
     );
     // The maps still say what they said: the hammer wrote unchanged values.
-    ensure!(cgroup_identity.get::<u64, u32>(&gw_cgroup)? == Some(gw_id));
-    ensure!(identities.get::<u32, IdentityInfo>(&gw_id)? == Some(gw_info));
+    ensure!(cgroup_identity.get(&gw_cgroup) == Some(gw_id));
+    ensure!(identities.get(&gw_id) == Some(gw_info));
     gateway.expect_outcome(&same, enforcer_tests::Outcome::Ok, "after the stress")?;
     drop(agent);
     Ok(())
