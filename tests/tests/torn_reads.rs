@@ -161,10 +161,12 @@ fn identity_reads_stay_correct_while_their_elements_are_recycled() -> Result<()>
             .collect();
         let flood = gateway.flood(&cross, WINDOW, Duration::ZERO);
         stop.store(true, Ordering::Relaxed);
-        let hammer: Result<()> = hammers
+        // Every thread joined (not just up to the first error), then the first error.
+        let joined: Vec<Result<()>> = hammers
             .into_iter()
             .map(|h| h.join().expect("hammer thread panicked"))
             .collect();
+        let hammer = joined.into_iter().find(Result::is_err).unwrap_or(Ok(()));
         (flood, hammer)
     });
     let elapsed = started.elapsed();
