@@ -6,6 +6,8 @@
 //! compares keys byte for byte).
 #![no_std]
 
+pub mod locked;
+
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
 pub const ABI_VERSION: u32 = 8;
@@ -715,6 +717,8 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, contain only integers and arrays of integers,
     // and have explicit padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::IdentityInfo {}
+    unsafe impl aya::Pod for super::locked::LockedCgroupIdentity {}
+    unsafe impl aya::Pod for super::locked::LockedIdentity {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::Config {}

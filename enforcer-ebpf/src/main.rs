@@ -31,6 +31,7 @@
 #![feature(asm_experimental_arch)]
 
 mod flows;
+mod locked;
 mod rate;
 mod report;
 mod wire;
@@ -46,7 +47,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     capacity, entry, flags, hook, identity, proto, reason, verdict, verdict_counter_index, Config,
-    IdentityInfo, PolicyKey, PolicyValue, NO_CLASS, VERDICT_COUNTERS,
+    PolicyKey, PolicyValue, NO_CLASS, VERDICT_COUNTERS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -60,13 +61,7 @@ const NO_MAP_FLAGS: u32 = 0;
 /// Lookups cost the same; only inserts allocate.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// cgroup v2 id (of the task's leaf cgroup) -> subject identity.
-#[map]
-static CGROUP_IDENTITY: HashMap<u64, u32> = HashMap::pinned(capacity::CGROUPS, NO_MAP_FLAGS);
-
-/// identity -> tenant, flags, and its classes in each policy table.
-#[map]
-static IDENTITIES: HashMap<u32, IdentityInfo> = HashMap::pinned(capacity::IDENTITIES, NO_MAP_FLAGS);
+// `CGROUP_IDENTITY` and `IDENTITIES` are in `locked` (read under their values' spin lock).
 
 /// IPv4 host address (network byte order) -> destination identity. Pods have host
 /// addresses: a hash lookup finds them in a fraction of a trie walk, and a /32 is always the
@@ -425,15 +420,15 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // 1. subject identity; fail closed when the cgroup or the identity is unknown.
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let subject = match CGROUP_IDENTITY.get_ptr(cgroup_id) {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        Some(p) => unsafe { *p },
-        None => identity::UNKNOWN,
-    };
+    let subject = locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN);
+    // The classes of the table read below (slot 0 goes with POLICY_A): written into the
+    // standby slot before the flip that makes that table active, so the pair and the table
+    // always come from one revision.
+    let slot_b = active_policy != ACTIVE_POLICY_A;
     let subject_info = if subject == identity::UNKNOWN {
         None
     } else {
-        IDENTITIES.get_ptr(subject)
+        locked::identity_info(subject, slot_b)
     };
     let Some(info) = subject_info else {
         // Unknown subject (no cgroup entry, or an identity without IDENTITIES entry): reported
@@ -441,19 +436,8 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         return report(&mut v, &dst, cgroup_id, hook, global_audit);
     };
     v.subject = subject;
-    // SAFETY: a non-null map value pointer is valid for reads; fields read one by one.
-    let (subject_flags, subject_tenant) = unsafe { ((*info).flags, (*info).tenant) };
-    // The classes of the table read below (slot 0 goes with POLICY_A): written into the
-    // standby slot before the flip that makes that table active, so this pair and the table
-    // always come from one revision.
-    // SAFETY: as above.
-    let subject_class = unsafe {
-        if active_policy == ACTIVE_POLICY_A {
-            read_volatile(&(*info).subject_class[0])
-        } else {
-            read_volatile(&(*info).subject_class[1])
-        }
-    };
+    let (subject_flags, subject_tenant, subject_class) =
+        (info.flags, info.tenant, info.subject_class);
 
     // The agent itself: never judged, or it could lock itself out of the API server and the
     // PDP it learns every identity from.
@@ -470,17 +454,10 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 
     // 4. the policy table in force, keyed by the two identities' classes in it: exact port,
     // then any port. A destination without an IDENTITIES entry is in no class: denied.
-    let destination_info = IDENTITIES.get_ptr(destination);
-    let destination_class = match destination_info {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        Some(d) => unsafe {
-            if active_policy == ACTIVE_POLICY_A {
-                read_volatile(&(*d).destination_class[0])
-            } else {
-                read_volatile(&(*d).destination_class[1])
-            }
-        },
-        None => NO_CLASS,
+    let destination_info = locked::identity_info(destination, slot_b);
+    let (destination_class, destination_flags) = match &destination_info {
+        Some(d) => (d.destination_class, d.flags),
+        None => (NO_CLASS, 0),
     };
     let mut key = PolicyKey {
         subject: subject_class,
@@ -505,32 +482,29 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
             return report(&mut v, &dst, cgroup_id, hook, audit);
         }
         // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
-        // UDP, to a tracked destination. One more lookup on the connect allow path only.
+        // UDP, to a tracked destination (the flags copied with the class above: one
+        // consistent value, 0 without one).
         if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
             && (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
+            && destination_flags & flags::TRACKED != 0
         {
-            if let Some(d) = IDENTITIES.get_ptr(destination) {
-                // SAFETY: a non-null map value pointer is valid for reads.
-                if unsafe { (*d).flags } & flags::TRACKED != 0 {
-                    let c = flows::Connect {
-                        subject,
-                        destination,
-                        daddr: dst.addr,
-                        dport,
-                        family: dst.family,
-                        protocol,
-                        generation,
-                        tenant: subject_tenant,
-                        cgroup_id,
-                        sock_v6: hook == hook::CONNECT6,
-                    };
-                    if !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP) {
-                        // An untracked flow to a tracked destination could never be revoked:
-                        // fail closed (never audited through).
-                        v.reason = reason::FLOW_TABLE_FULL;
-                        return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
-                    }
-                }
+            let c = flows::Connect {
+                subject,
+                destination,
+                daddr: dst.addr,
+                dport,
+                family: dst.family,
+                protocol,
+                generation,
+                tenant: subject_tenant,
+                cgroup_id,
+                sock_v6: hook == hook::CONNECT6,
+            };
+            if !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP) {
+                // An untracked flow to a tracked destination could never be revoked:
+                // fail closed (never audited through).
+                v.reason = reason::FLOW_TABLE_FULL;
+                return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
             }
         }
         count(hook, verdict::ALLOW, reason::ALLOWED);
@@ -544,8 +518,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     if destination == identity::UNIDENTIFIED {
         v.reason = reason::UNIDENTIFIED_DESTINATION;
     } else if let Some(d) = destination_info {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        let destination_tenant = unsafe { (*d).tenant };
+        let destination_tenant = d.tenant;
         if destination_tenant != NO_TENANT && destination_tenant != subject_tenant {
             v.reason = reason::TENANT_MISMATCH;
         }
@@ -769,22 +742,16 @@ fn judge_socket(ctx: &SockContext) -> i32 {
 fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> bool {
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let subject = match CGROUP_IDENTITY.get_ptr(cgroup_id) {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        Some(p) => unsafe { *p },
-        None => identity::UNKNOWN,
-    };
-    let info = if subject == identity::UNKNOWN {
+    let subject = locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN);
+    let subject_flags = if subject == identity::UNKNOWN {
         None
     } else {
-        IDENTITIES.get_ptr(subject)
+        locked::identity_flags(subject)
     };
-    let audit = match info {
+    let audit = match subject_flags {
         None => global_audit,
-        Some(info) => {
+        Some(subject_flags) => {
             v.subject = subject;
-            // SAFETY: a non-null map value pointer is valid for reads.
-            let subject_flags = unsafe { (*info).flags };
             if subject_flags & flags::EXEMPT != 0 {
                 // The agent itself (see `decide`): let through, counted as allowed.
                 count(hook, verdict::ALLOW, reason::ALLOWED);

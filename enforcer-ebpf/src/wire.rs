@@ -36,8 +36,8 @@ use enforcer_common::{
 };
 
 use crate::{
-    count, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CGROUP_IDENTITY, CONFIG,
-    FAMILY_V4, FAMILY_V6, IDENTITIES, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
+    count, locked, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CONFIG,
+    FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -204,20 +204,17 @@ pub fn on_connect(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     // SAFETY: no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(subject) = CGROUP_IDENTITY.get_ptr(cgroup_id) else {
+    let Some(subject) = locked::subject_of(cgroup_id) else {
         return;
     };
-    // SAFETY: a non-null map value pointer is valid for reads.
-    let subject = unsafe { *subject };
     let Some((local, remote, dst)) = sock_ops_addresses(ops) else {
         return;
     };
     let destination = lookup_destination(&dst);
-    let Some(info) = IDENTITIES.get_ptr(destination) else {
+    let Some(dst_flags) = locked::identity_flags(destination) else {
         return;
     };
-    // SAFETY: as above.
-    if unsafe { (*info).flags } & flags::TAGGED == 0 {
+    if dst_flags & flags::TAGGED == 0 {
         return;
     }
     let Some(key) = FLOW_KEYS.get_ptr(abi::CURRENT_KEY) else {
@@ -577,11 +574,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     };
     let destination = lookup_destination(&syn.dst);
-    let Some(info) = IDENTITIES.get_ptr(destination) else {
+    let Some(dst_flags) = locked::identity_flags(destination) else {
         return PASS;
     };
-    // SAFETY: a non-null map value pointer is valid for reads.
-    let dst_flags = unsafe { (*info).flags };
     let audit = dst_flags & flags::INGRESS_ENFORCE == 0;
     if audit && dst_flags & flags::INGRESS_AUDIT == 0 {
         return PASS;
@@ -694,9 +689,8 @@ fn fresh_enough(version: u8, stamp: u16, skew_s: u32, v1_until_s: u32) -> bool {
 /// The claimed identity is quarantined on this node (`IDENTITIES` flags).
 #[inline(always)]
 fn quarantined(claimed: u32) -> bool {
-    match IDENTITIES.get_ptr(claimed) {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        Some(i) => (unsafe { (*i).flags }) & flags::QUARANTINED != 0,
+    match locked::identity_flags(claimed) {
+        Some(f) => f & flags::QUARANTINED != 0,
         None => false,
     }
 }

@@ -3,6 +3,7 @@
 //! the links a previous agent pinned), and hand out typed map handles. Reads as open -> configure -> load -> attach.
 
 mod links;
+pub mod locked;
 mod rates;
 mod tables;
 

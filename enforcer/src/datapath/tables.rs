@@ -16,6 +16,8 @@ use enforcer_common::{
 };
 use enforcer_policy::classes::{self, Classes};
 
+use super::locked::{CgroupIdentityMap, IdentitiesMap};
+
 /// How long a policy table stays untouched after it stopped being the active one. A program
 /// that read the old active index just before the flip finishes its two lookups well within
 /// this (runs take hundreds of nanoseconds); userspace cannot wait for an RCU grace period
@@ -250,8 +252,8 @@ impl MapContents {
 }
 
 pub struct Tables {
-    cgroup_identity: BpfHashMap<MapData, u64, u32>,
-    identities: BpfHashMap<MapData, u32, IdentityInfo>,
+    cgroup_identity: CgroupIdentityMap,
+    identities: IdentitiesMap,
     ipcache_host_v4: BpfHashMap<MapData, [u8; 4], u32>,
     ipcache_host_v6: BpfHashMap<MapData, [u8; 16], u32>,
     ipcache_v4: LpmTrie<MapData, [u8; 4], u32>,
@@ -559,8 +561,8 @@ impl Tables {
     pub fn open(dir: &Path) -> Result<Self> {
         let policy = max_entries(dir, maps::POLICY_A)?.min(max_entries(dir, maps::POLICY_B)?);
         Ok(Self {
-            cgroup_identity: typed!(dir, maps::CGROUP_IDENTITY),
-            identities: typed!(dir, maps::IDENTITIES),
+            cgroup_identity: CgroupIdentityMap::open(dir, maps::CGROUP_IDENTITY)?,
+            identities: IdentitiesMap::open(dir, maps::IDENTITIES)?,
             ipcache_host_v4: typed!(dir, maps::IPCACHE_HOST_V4),
             ipcache_host_v6: typed!(dir, maps::IPCACHE_HOST_V6),
             ipcache_v4: typed!(dir, maps::IPCACHE_V4),
@@ -743,11 +745,11 @@ impl Tables {
 
     /// The subject currently mapped to a cgroup, if any.
     pub fn identity_of_cgroup(&self, cgroup_id: u64) -> Option<u32> {
-        self.cgroup_identity.get(&cgroup_id, 0).ok()
+        self.cgroup_identity.get(&cgroup_id)
     }
 
     pub fn identity_info(&self, identity: u32) -> Option<IdentityInfo> {
-        self.identities.get(&identity, 0).ok()
+        self.identities.get(&identity)
     }
 
     /// [`Tables::apply_with`] without a generation callback.
@@ -1235,7 +1237,7 @@ impl Tables {
     /// Writes an identity's tenant and flags, keeping the class slots the kernel holds (only a
     /// table swap changes classes).
     fn put_identity(&mut self, id: u32, info: &IdentityInfo) -> Result<()> {
-        let classes = self.identities.get(&id, 0).unwrap_or_default();
+        let classes = self.identities.get(&id).unwrap_or_default();
         self.identities
             .put(&id, &info.with_classes_of(&classes), maps::IDENTITIES)
     }
@@ -1256,7 +1258,7 @@ impl Tables {
         self.mappings_shadow = None;
         let mut info = self
             .identities
-            .get(&identity, 0)
+            .get(&identity)
             .with_context(|| format!("identity {identity} is not in the kernel"))?;
         info.flags = (info.flags | set) & !clear;
         self.identities.put(&identity, &info, maps::IDENTITIES)
@@ -1436,7 +1438,7 @@ struct PolicySwap {
 
 /// The key/value view of a BPF map that [`upsert`] and [`remove`] need. LPM tries are keyed
 /// by `(prefix length, address)`.
-trait SyncMap<K, V> {
+pub(super) trait SyncMap<K, V> {
     fn entries(&self) -> Result<HashMap<K, V>>;
     fn put(&mut self, key: &K, value: &V, what: &str) -> Result<()>;
     /// Removing a key that is already gone is not an error.
