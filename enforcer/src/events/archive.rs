@@ -23,7 +23,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -160,7 +160,9 @@ impl Fields {
             Format::Json => text(&v["type"]),
             Format::Ocsf => text(&v["metadata"]["event_code"]),
         };
-        let call = kind.as_deref().is_some_and(|k| k.starts_with("connection."));
+        let call = kind
+            .as_deref()
+            .is_some_and(|k| k.starts_with("connection."));
         // `flow_events.lost` is a notice.
         let flow = kind.as_deref().is_some_and(|k| k.starts_with("flow."));
         let mut fields = match format {
@@ -229,9 +231,9 @@ impl Fields {
                 && eq(&filter.reason, &self.reason)
                 && eq(&filter.verdict, &self.verdict)
                 && filter.atlas.as_deref().is_none_or(|id| {
-                    self.atlas.iter().any(|t| {
-                        t == id || t.strip_prefix(id).is_some_and(|r| r.starts_with('.'))
-                    })
+                    self.atlas
+                        .iter()
+                        .any(|t| t == id || t.strip_prefix(id).is_some_and(|r| r.starts_with('.')))
                 })
         } else if self.flow {
             eq(&filter.tenant, &self.tenant)
@@ -416,7 +418,8 @@ pub fn read_since(
         let from = if index == begin.file { begin.offset } else { 0 };
         let to = if index == end.file { end.offset } else { *len };
         file.seek(SeekFrom::Start(from))?;
-        let mut reader = std::io::BufReader::with_capacity(BLOCK, Read::take(&mut *file, to - from));
+        let mut reader =
+            std::io::BufReader::with_capacity(BLOCK, Read::take(&mut *file, to - from));
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -465,7 +468,7 @@ pub fn truncated_line(why: &str, oldest_seq: Option<u64>) -> Vec<u8> {
 
 /// For the tests: appends `lines` to `path`.
 #[cfg(test)]
-fn write_lines(path: &Path, lines: &[String]) {
+fn write_lines(path: &std::path::Path, lines: &[String]) {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -505,7 +508,11 @@ mod tests {
         let seqs = String::from_utf8(out)
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         (seqs, outcome)
     }

@@ -633,8 +633,8 @@ async fn serve_one(
                     oldest_seq: oldest_seq.unwrap_or(1),
                     emitted: oldest.is_some(),
                 };
-                let outcome = send_archived(&mut write, archive, since, &request.filter, seam)
-                    .await?;
+                let outcome =
+                    send_archived(&mut write, archive, since, &request.filter, seam).await?;
                 if outcome == Outcome::Capped {
                     let why = format!(
                         "the window starts before what one request may read from the events \
