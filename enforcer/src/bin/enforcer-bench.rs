@@ -12,8 +12,10 @@
 //!    vector DB with ingress `enforce`, so `sock_ops` (the identity option) and `skb_ingress`
 //!    (its check) run on every connect.
 //! 3. Policy compile and apply figures (see `compile_bench`).
+//! 4. The event pipeline: deny events written per second, loss, agent CPU under a flood, the
+//!    cost of followers (see `events.rs` beside this file).
 //!
-//! `enforcer-bench [datapath|compile] [--rounds N] [--connects N]`. Needs root, and `nft`
+//! `enforcer-bench [datapath|compile|events] [--rounds N] [--connects N]`. Needs root, and `nft`
 //! (Debian's `nftables`, which `cargo xtask bench` installs) for the nftables comparison.
 //! Everything it creates (cgroups, pins, the nftables table) is removed at the end, also on
 //! error or panic; leftovers of a killed run are removed by the next one.
@@ -28,6 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use enforcer::datapath::{pin_dir, Datapath, DesiredState, LoadOptions};
 use enforcer_common::{flags, programs, proto, IdentityInfo, PolicyKey, PolicyValue};
+
+#[path = "enforcer-bench/events.rs"]
+mod events;
 
 const IDENTITIES: u32 = 10_000;
 const POLICY_ENTRIES: u32 = 100_000;
@@ -95,11 +100,11 @@ fn parse_args() -> Result<Options> {
             }
         };
         match arg.as_str() {
-            "datapath" | "compile" if options.only.is_none() => options.only = Some(arg),
+            "datapath" | "compile" | "events" if options.only.is_none() => options.only = Some(arg),
             "--rounds" => options.rounds = count("--rounds")?,
             "--connects" => options.connects = count("--connects")?,
             _ => bail!(
-                "unexpected argument {arg:?}; usage: enforcer-bench [datapath|compile] \
+                "unexpected argument {arg:?}; usage: enforcer-bench [datapath|compile|events] \
                  [--rounds N] [--connects N]"
             ),
         }
@@ -108,6 +113,11 @@ fn parse_args() -> Result<Options> {
 }
 
 fn main() -> Result<()> {
+    // The events section's flood runs as a child of this binary, inside a workload's cgroup.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(events::FLOOD_COMMAND) {
+        return events::flood_main(&args[1..]);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
@@ -119,11 +129,15 @@ fn main() -> Result<()> {
     // `enforcer-bench datapath` or `enforcer-bench compile` runs one half.
     let options = parse_args()?;
     remove_stale_leftovers(&enforcer::fs::cgroup2_mount()?, nft_available());
-    if options.only.as_deref() != Some("datapath") {
+    let only = options.only.as_deref();
+    if only.is_none() || only == Some("compile") {
         compile_bench()?;
     }
-    if options.only.as_deref() != Some("compile") {
+    if only.is_none() || only == Some("datapath") {
         datapath_bench(&options)?;
+    }
+    if only.is_none() || only == Some("events") {
+        events::events_bench()?;
     }
     Ok(())
 }
