@@ -240,7 +240,15 @@ fn metric(exposition: &str, name: &str, label: &str) -> u64 {
 }
 
 fn scrape() -> Result<String> {
-    let mut stream = TcpStream::connect(METRICS)?;
+    // The metrics listener may come up a moment after the ready file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(METRICS) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e).with_context(|| format!("scraping the agent at {METRICS}")),
+        }
+    };
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
