@@ -170,14 +170,25 @@ fn since_reaches_past_the_history_into_rotated_files_exactly_once_in_order() -> 
     // A filter applies to the file's part as to the history's: exactly the file's denies.
     let denies = events(
         &dirs,
-        &["--since", "10m", "--workload", "acme-gateway", "--verdict", "deny"],
+        &[
+            "--since",
+            "10m",
+            "--workload",
+            "acme-gateway",
+            "--verdict",
+            "deny",
+        ],
     )?;
     let want: Vec<u64> = file
         .iter()
         .filter(|e| e["verdict"] == "deny" && e["subject"]["workload"] == "acme-gateway")
         .map(|e| e["seq"].as_u64().unwrap())
         .collect();
-    ensure!(want.len() as u64 == DENIES, "{} denies in the files", want.len());
+    ensure!(
+        want.len() as u64 == DENIES,
+        "{} denies in the files",
+        want.len()
+    );
     let got = seq_list(&denies)?;
     let unique: BTreeSet<u64> = got.iter().copied().collect();
     ensure!(
@@ -190,9 +201,13 @@ fn since_reaches_past_the_history_into_rotated_files_exactly_once_in_order() -> 
 
     // The file is JSON: an OCSF consumer is told in-band that older events are not sent to
     // it, and gets the history.
-    let ocsf = events(&dirs, &["--since", "10m", "-o", "ocsf", "--verdict", "deny"])?;
+    let ocsf = events(
+        &dirs,
+        &["--since", "10m", "-o", "ocsf", "--verdict", "deny"],
+    )?;
     ensure!(
-        ocsf.first().is_some_and(|e| e["type"] == "events.truncated"),
+        ocsf.first()
+            .is_some_and(|e| e["type"] == "events.truncated"),
         "no events.truncated line first for an OCSF consumer of a JSON file: {:?}",
         ocsf.first()
     );
