@@ -449,7 +449,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         emitter.set_metrics(metrics.clone());
     }
     // `enforcer events`: the live stream and its bounded history.
-    let hub = crate::events::stream::Hub::new(metrics.clone());
+    let hub = crate::events::stream::Hub::new(metrics.clone()).with_archive(
+        crate::events::archive::Archive::of_output(
+            &options.events,
+            options.events_format,
+            options.events_rotation,
+        ),
+    );
     emitter.set_hub(hub.clone());
     let stream_formatter = emitter.formatter().clone();
     // Before the ready file: SIGUSR1's default action would kill the agent.

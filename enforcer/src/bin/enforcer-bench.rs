@@ -13,8 +13,10 @@
 //!    (its check) run on every connect.
 //! 3. Policy compile and apply figures (see `compile_bench`).
 //! 4. What tracked flows cost, with the real agent (`flows`, in `enforcer-bench/flows.rs`).
+//! 5. The event pipeline: deny events written per second, loss, agent CPU under a flood, the
+//!    cost of followers (`events`, in `enforcer-bench/events.rs`).
 //!
-//! `enforcer-bench [datapath|compile|flows] [--rounds N] [--connects N]`. Needs root, and `nft`
+//! `enforcer-bench [datapath|compile|flows|events] [--rounds N] [--connects N]`. Needs root, and `nft`
 //! (Debian's `nftables`, which `cargo xtask bench` installs) for the nftables comparison.
 //! Everything it creates (cgroups, pins, the nftables table) is removed at the end, also on
 //! error or panic; leftovers of a killed run are removed by the next one.
@@ -30,7 +32,9 @@ use anyhow::{bail, Context, Result};
 use enforcer::datapath::{pin_dir, Datapath, DesiredState, LoadOptions};
 use enforcer_common::{flags, programs, proto, IdentityInfo, PolicyKey, PolicyValue};
 
-// The flows section lives in its own file (a directory without main.rs is no binary).
+// Sections in their own files (a directory without main.rs is no binary).
+#[path = "enforcer-bench/events.rs"]
+mod events;
 #[path = "enforcer-bench/flows.rs"]
 mod flows;
 
@@ -100,11 +104,14 @@ fn parse_args() -> Result<Options> {
             }
         };
         match arg.as_str() {
-            "datapath" | "compile" | "flows" if options.only.is_none() => options.only = Some(arg),
+            "datapath" | "compile" | "flows" | "events" if options.only.is_none() => {
+                options.only = Some(arg)
+            }
             "--rounds" => options.rounds = count("--rounds")?,
             "--connects" => options.connects = count("--connects")?,
             _ => bail!(
-                "unexpected argument {arg:?}; usage: enforcer-bench [datapath|compile|flows] \
+                "unexpected argument {arg:?}; usage: enforcer-bench \
+                 [datapath|compile|flows|events] \
                  [--rounds N] [--connects N]"
             ),
         }
@@ -113,6 +120,11 @@ fn parse_args() -> Result<Options> {
 }
 
 fn main() -> Result<()> {
+    // The events section's flood runs as a child of this binary, inside a workload's cgroup.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(events::FLOOD_COMMAND) {
+        return events::flood_main(&args[1..]);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
@@ -136,6 +148,9 @@ fn main() -> Result<()> {
             rounds: options.rounds,
             connects: options.connects,
         })?;
+    }
+    if runs("events") {
+        events::events_bench()?;
     }
     Ok(())
 }

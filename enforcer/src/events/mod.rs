@@ -7,6 +7,7 @@
 //! the same `(seq, Event)` and the same formatter.
 
 pub mod aggregate;
+pub mod archive;
 pub mod cgroup;
 pub mod decode;
 pub mod flow;

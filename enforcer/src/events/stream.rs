@@ -11,7 +11,9 @@
 //!
 //! Protocol (JSON lines over `<state dir>/events.sock`): the client sends one [`Request`]
 //! line; the agent answers with event lines (the product's JSON or OCSF, as asked): first the
-//! matching events of the history (all of it, or those received in the last `since_secs`),
+//! matching events of the history (all of it, or those received in the last `since_secs`;
+//! when that window begins before the history does, first the older lines of the events file,
+//! see [`super::archive`], or one `events.truncated` line saying why they are not sent),
 //! then, with `follow`, new ones as they happen. A refused request gets one line
 //! `{"type":"events.error","message":...}` and the socket is closed. The client sends nothing
 //! after its request: a hang-up (or anything more) ends its stream. Filters apply to the
@@ -37,6 +39,7 @@ use tokio::sync::Notify;
 
 use enforcer_common::reason;
 
+use super::archive::{self, truncated_line, Archive, Outcome, Seam, MAX_READ};
 use super::{Event, Format, Formatter};
 use crate::metrics::Metrics;
 
@@ -269,6 +272,18 @@ struct Inner {
 pub struct Hub {
     inner: Arc<Mutex<Inner>>,
     metrics: Option<Arc<Metrics>>,
+    /// `--events FILE`: where `--since` finds what the history no longer holds.
+    archive: Option<Arc<Archive>>,
+}
+
+/// What [`Hub::open_at`] took under its lock.
+pub struct Opened {
+    /// The matching history.
+    pub past: Vec<Entry>,
+    /// With `follow`: what comes after `past`.
+    pub subscription: Option<Subscription>,
+    /// The oldest event of the whole history (filter or not), if any: where it begins.
+    pub oldest: Option<(u64, SystemTime)>,
 }
 
 /// A consumer's handle; dropping it unsubscribes.
@@ -283,7 +298,15 @@ impl Hub {
         Hub {
             inner: Arc::default(),
             metrics,
+            archive: None,
         }
+    }
+
+    /// `--since` reaching past the history reads `archive` (the events file and its rotated
+    /// copies).
+    pub fn with_archive(mut self, archive: Option<Archive>) -> Self {
+        self.archive = archive.map(Arc::new);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -343,7 +366,14 @@ impl Hub {
         since: Option<SystemTime>,
         follow: bool,
     ) -> (Vec<Entry>, Option<Subscription>) {
+        let opened = self.open_at(filter, since, follow);
+        (opened.past, opened.subscription)
+    }
+
+    /// [`Hub::open`], also telling where the history begins (for the seam with the file).
+    pub fn open_at(&self, filter: &Filter, since: Option<SystemTime>, follow: bool) -> Opened {
         let mut inner = self.lock();
+        let oldest = inner.history.front().map(|e| (e.seq, e.at));
         let past = inner
             .history
             .iter()
@@ -351,7 +381,11 @@ impl Hub {
             .cloned()
             .collect();
         if !follow {
-            return (past, None);
+            return Opened {
+                past,
+                subscription: None,
+                oldest,
+            };
         }
         let id = inner.next_id;
         inner.next_id += 1;
@@ -363,14 +397,15 @@ impl Hub {
             missed: Missed::default(),
             wake: wake.clone(),
         });
-        (
+        Opened {
             past,
-            Some(Subscription {
+            subscription: Some(Subscription {
                 hub: self.clone(),
                 id,
                 wake,
             }),
-        )
+            oldest,
+        }
     }
 }
 
@@ -586,7 +621,48 @@ async fn serve_one(
     let since = request
         .since_secs
         .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
-    let (past, subscription) = hub.open(&request.filter, since, request.follow);
+    let Opened {
+        past,
+        subscription,
+        oldest,
+    } = hub.open_at(&request.filter, since, request.follow);
+    // The window begins before the history does: older events come from the file.
+    if let Some(since) = since.filter(|&s| oldest.is_none_or(|(_, at)| at >= s)) {
+        let oldest_seq = oldest.map(|(seq, _)| seq);
+        match hub.archive.clone() {
+            None => {
+                let why = format!(
+                    "events older than the agent's history ({HISTORY} events) are not available: \
+                     the agent writes no events file (--events FILE)"
+                );
+                write.write_all(&truncated_line(&why, oldest_seq)).await?;
+            }
+            Some(archive) if archive.format != formatter.format() => {
+                let why = format!(
+                    "events older than the agent's history ({HISTORY} events) are in the events \
+                     file in {:?} format: ask for that format to get them",
+                    archive.format
+                );
+                write.write_all(&truncated_line(&why, oldest_seq)).await?;
+            }
+            Some(archive) => {
+                let seam = Seam {
+                    oldest_seq: oldest_seq.unwrap_or(1),
+                    emitted: oldest.is_some(),
+                };
+                let outcome =
+                    send_archived(&mut write, archive, since, &request.filter, seam).await?;
+                if outcome == Outcome::Capped {
+                    let why = format!(
+                        "the window starts before what one request may read from the events \
+                         files ({} MiB): older events were not sent",
+                        MAX_READ >> 20
+                    );
+                    write.write_all(&truncated_line(&why, oldest_seq)).await?;
+                }
+            }
+        }
+    }
     let mut out = Vec::new();
     for entry in &past {
         out.extend(formatter.line(entry.seq, &entry.event)?);
@@ -613,6 +689,29 @@ async fn serve_one(
         // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
         write.write_all(&out).await?;
     }
+}
+
+/// Streams the archived lines of the window to the consumer as a blocking task reads them (a
+/// few chunks in flight at most: memory stays bounded however far back the window goes).
+async fn send_archived(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    archive: Arc<Archive>,
+    since: SystemTime,
+    filter: &Filter,
+    seam: Seam,
+) -> Result<Outcome> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let filter = filter.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        archive::read_since(&archive, since, &filter, seam, |chunk| {
+            tx.blocking_send(chunk)
+                .map_err(|_| anyhow::anyhow!("the consumer went away"))
+        })
+    });
+    while let Some(chunk) = rx.recv().await {
+        write.write_all(&chunk).await?;
+    }
+    reader.await.context("the events file reader panicked")?
 }
 
 /// Client side, for the CLI: sends `request` to the agent behind `state_dir` and passes each

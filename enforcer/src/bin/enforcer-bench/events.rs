@@ -1,0 +1,393 @@
+//! `enforcer-bench events`: the event pipeline's speed (issue 8, "Speed"), from the kernel's
+//! ring buffer to the events file, with the release agent (`enforcer run`) as deployed.
+//!
+//! (a) Deny events per second written as JSON lines, then as OCSF, with aggregation off
+//!     (`--events-aggregate 0`: each deny is one event) under a flood from one process looping
+//!     `connect()` to a denied address for [`FLOOD`]. Loss is counted exactly: the flood's
+//!     refused calls = events written (`enforcer_events_total{type="connection.denied"}`) +
+//!     the kernel's `enforcer_kernel_events_lost_total`. The rate is given two ways: written
+//!     per second of wall time (bounded by the flood on a shared machine) and per second of
+//!     the agent's own CPU (utime + stime from `/proc/PID/stat`), which is what the agent can
+//!     sustain on a core of its own.
+//! (b) Aggregation on (the default `1s`): the same flood for [`QUIET_FLOOD`] while a second
+//!     workload makes one denied call a second; the agent's CPU as a fraction of a core, and
+//!     whether every one of the quiet workload's denies was reported (the `count`s of its
+//!     lines add up to its calls).
+//! (c) (a) in JSON again with 3 `enforcer events --follow` consumers reading everything.
+//!
+//! Needs root; uses 127.92.0.0/16 only. Everything it makes (cgroups, pins, the agent, the
+//! consumers, the files) is removed at the end, also on error.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// Flood length for (a) and (c).
+const FLOOD: Duration = Duration::from_secs(4);
+/// Flood length for (b): the quiet workload calls once a second meanwhile.
+const QUIET_FLOOD: Duration = Duration::from_secs(10);
+/// The denied destination (tenant `globex`) and the agent's metrics address.
+const TARGET: Ipv4Addr = Ipv4Addr::new(127, 92, 0, 2);
+const METRICS: &str = "127.92.0.1:19464";
+/// Followers in (c).
+const FOLLOWERS: usize = 3;
+
+/// The hidden subcommand the flood runs as (a child process, moved into a workload's cgroup
+/// before exec): `enforcer-bench __flood SECS INTERVAL_MS` loops `connect()` to [`TARGET`]
+/// (every INTERVAL_MS, or back to back with 0) and prints how many calls were refused.
+pub const FLOOD_COMMAND: &str = "__flood";
+
+pub fn flood_main(args: &[String]) -> Result<()> {
+    let secs: f64 = args.first().context("__flood SECS INTERVAL_MS")?.parse()?;
+    let interval: u64 = args.get(1).context("__flood SECS INTERVAL_MS")?.parse()?;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut refused, mut other) = (0u64, 0u64);
+    let target = SocketAddrV4::new(TARGET, 9);
+    while Instant::now() < end {
+        match TcpStream::connect(target) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => refused += 1,
+            _ => other += 1,
+        }
+        if interval > 0 {
+            std::thread::sleep(Duration::from_millis(interval));
+        }
+    }
+    println!("{refused} {other}");
+    Ok(())
+}
+
+/// What one section makes, removed on drop.
+struct Setup {
+    root: PathBuf,
+    work: PathBuf,
+    pins: PathBuf,
+    agent: Option<Child>,
+    followers: Vec<Child>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for child in self.followers.iter_mut().chain(self.agent.as_mut()) {
+            // SAFETY: kill on the pid of our own child, not yet waited for.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        let _ = enforcer::datapath::detach(&self.pins);
+        for name in ["flood", "quiet"] {
+            let _ = std::fs::remove_dir(self.root.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.root);
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn bundle(dir: &Path, relative_root: &str) -> Result<()> {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    for entry in std::fs::read_dir(&demo)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.ends_with(".cedar") || name.ends_with(".cedarschema") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap()))?;
+        }
+    }
+    let workload = |name: &str, ip: u8| {
+        format!(
+            "  - name: {name}\n    tenant: acme\n    purpose: retrieval\n    ring: prod\n    \
+             spiffe_id: spiffe://bench/{name}\n    cgroups: [{relative_root}/{name}]\n    \
+             ips: [127.92.0.{ip}/32]\n"
+        )
+    };
+    let inventory = format!(
+        "tenants: [acme, globex]\nworkloads:\n{}{}endpoints:\n  - name: target\n    \
+         tenant: globex\n    kind: vector_db\n    ips: [{TARGET}/32]\n",
+        workload("flood", 10),
+        workload("quiet", 11),
+    );
+    std::fs::write(dir.join("inventory.yaml"), inventory)?;
+    Ok(())
+}
+
+/// Starts the agent with `args` added; waits for its ready file.
+fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
+    let pid = std::process::id();
+    let mount = enforcer::fs::cgroup2_mount()?;
+    let relative = format!("enforcer-bench-events-{pid}");
+    let mut setup = Setup {
+        root: mount.join(&relative),
+        work: std::env::temp_dir().join(format!("enforcer-bench-events-{pid}")),
+        pins: PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-events-{pid}")),
+        agent: None,
+        followers: Vec::new(),
+    };
+    for dir in [
+        setup.root.clone(),
+        setup.root.join("flood"),
+        setup.root.join("quiet"),
+    ] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let bundle_dir = setup.work.join("bundle");
+    std::fs::create_dir_all(&bundle_dir)?;
+    bundle(&bundle_dir, &relative)?;
+    let exe = std::env::current_exe()?;
+    let enforcer = exe.with_file_name("enforcer");
+    let ready = setup.work.join("ready");
+    let state = setup.work.join("state");
+    let agent = Command::new(&enforcer)
+        .args(["run", "--policies"])
+        .arg(&bundle_dir)
+        .args(["--cgroup-root", &relative, "--pin-path"])
+        .arg(&setup.pins)
+        .arg("--events")
+        .arg(setup.work.join("events.log"))
+        // Bounded disk: a flood writes hundreds of MB a minute.
+        .args(["--events-max-bytes", "64M", "--events-keep", "1"])
+        .args(["--events-format", format, "--events-aggregate", aggregate])
+        .args(["--metrics", METRICS, "--ready-file"])
+        .arg(&ready)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(setup.work.join("agent.log"))?)
+        .spawn()
+        .with_context(|| format!("starting {}", enforcer.display()))?;
+    setup.agent = Some(agent);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent was not ready within 60 s: {}",
+                std::fs::read_to_string(setup.work.join("agent.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..followers {
+        let child = Command::new(&enforcer)
+            .args(["events", "--follow", "-o", "json", "--pin-path"])
+            .arg(&setup.pins)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        setup.followers.push(child);
+    }
+    Ok(setup)
+}
+
+impl Setup {
+    fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().map_or(0, Child::id)
+    }
+
+    /// A flood (or a slow caller) in workload `name`'s cgroup.
+    fn flood(&self, name: &str, secs: f64, interval_ms: u64) -> Result<Child> {
+        let procs = std::ffi::CString::new(
+            self.root
+                .join(name)
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args([FLOOD_COMMAND, &secs.to_string(), &interval_ms.to_string()])
+            .stdout(Stdio::piped());
+        // SAFETY: open/write/close only, between fork and exec, on memory made before.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd.spawn()?)
+    }
+}
+
+/// The refused calls a flood child reports.
+fn refused(child: Child) -> Result<u64> {
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "the flood process failed");
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text
+        .split_whitespace()
+        .next()
+        .context("flood output")?
+        .parse()?)
+}
+
+/// One metric's value from the agent's exposition (sum over the lines that match).
+fn metric(exposition: &str, name: &str, label: &str) -> u64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn scrape() -> Result<String> {
+    // The metrics listener may come up a moment after the ready file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(METRICS) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e).with_context(|| format!("scraping the agent at {METRICS}")),
+        }
+    };
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// (events emitted as `connection.denied`, lost in the kernel).
+fn counts() -> Result<(u64, u64)> {
+    let text = scrape()?;
+    Ok((
+        metric(&text, "enforcer_events_total", "type=\"connection.denied\""),
+        metric(&text, "enforcer_kernel_events_lost_total", ""),
+    ))
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').context("/proc/PID/stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+struct Throughput {
+    refused: u64,
+    written: u64,
+    lost: u64,
+    wall: f64,
+    cpu: f64,
+}
+
+/// (a) / (c): one flood with aggregation off; waits until every refused call is accounted.
+fn throughput(format: &str, followers: usize) -> Result<Throughput> {
+    let setup = start(format, "0", followers)?;
+    let pid = setup.agent_pid();
+    let (written0, lost0) = counts()?;
+    let cpu0 = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let refused = refused(setup.flood("flood", FLOOD.as_secs_f64(), 0)?)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut written, mut lost);
+    loop {
+        let (w, l) = counts()?;
+        (written, lost) = (w - written0, l - lost0);
+        if written + lost >= refused || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu0;
+    ensure!(
+        written + lost == refused,
+        "{refused} calls refused but {written} written + {lost} lost: not accounted exactly"
+    );
+    drop(setup);
+    Ok(Throughput {
+        refused,
+        written,
+        lost,
+        wall,
+        cpu,
+    })
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn row(name: &str, t: &Throughput) {
+    println!(
+        "| {name} | {:.0}/s | {:.0}/s | {} of {} ({:.1} %) | {:.2} | {} |",
+        t.written as f64 / t.wall,
+        t.written as f64 / t.cpu.max(1e-9),
+        t.lost,
+        t.refused,
+        100.0 * t.lost as f64 / t.refused.max(1) as f64,
+        t.cpu / t.wall,
+        load()
+    );
+}
+
+pub fn events_bench() -> Result<()> {
+    println!("\n## Events (ring buffer -> events file, release agent)\n");
+    println!(
+        "| setup | written per wall second | written per agent CPU second | lost (kernel) of \
+         refused | agent CPU (cores) | load average |\n|---|---|---|---|---|---|"
+    );
+    let json = throughput("json", 0)?;
+    row("(a) JSON, aggregation off", &json);
+    let ocsf = throughput("ocsf", 0)?;
+    row("(a) OCSF, aggregation off", &ocsf);
+    let followed = throughput("json", FOLLOWERS)?;
+    row("(c) JSON, 3 followers", &followed);
+    let per_cpu = |t: &Throughput| t.written as f64 / t.cpu.max(1e-9);
+    println!(
+        "\n(c) cost of {FOLLOWERS} followers on the agent's rate per CPU second: {:.1} %",
+        100.0 * (1.0 - per_cpu(&followed) / per_cpu(&json))
+    );
+
+    // (b)
+    let setup = start("json", "1s", 0)?;
+    let pid = setup.agent_pid();
+    let cpu0 = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let flood = setup.flood("flood", QUIET_FLOOD.as_secs_f64(), 0)?;
+    let quiet = setup.flood("quiet", QUIET_FLOOD.as_secs_f64() - 0.5, 1000)?;
+    let flooded = refused(flood)?;
+    let quiet_calls = refused(quiet)?;
+    let cpu = (cpu_seconds(pid)? - cpu0) / started.elapsed().as_secs_f64();
+    // Summaries come a whole window after their window: wait for the quiet ones.
+    let file = setup.work.join("events.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let quiet_reported = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let reported: u64 = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["subject"]["workload"] == "quiet" && v["verdict"] == "deny")
+            .map(|v| v["count"].as_u64().unwrap_or(1))
+            .sum();
+        if reported >= quiet_calls || Instant::now() > deadline {
+            break reported;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "\n(b) aggregation on, {:.0} s flood ({flooded} refused calls, {:.0}/s) while another \
+         workload made {quiet_calls} denied calls: agent CPU {cpu:.2} of a core (target < 0.5); \
+         the other workload's denies reported: {quiet_reported} of {quiet_calls}; load average {}",
+        QUIET_FLOOD.as_secs_f64(),
+        flooded as f64 / QUIET_FLOOD.as_secs_f64(),
+        load()
+    );
+    Ok(())
+}
