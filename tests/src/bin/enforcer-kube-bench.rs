@@ -463,7 +463,7 @@ fn main() -> Result<()> {
             let (pod, sample) = churn.create(n, set)?;
             samples.push(sample);
             created.push((kind, pod));
-            if created.len() % o.rss_every == 0 {
+            if created.len().is_multiple_of(o.rss_every) {
                 rss_trail.push(format!(
                     "{} after {} changes",
                     memory(agent.pid())?.0 / 1024,
@@ -483,7 +483,7 @@ fn main() -> Result<()> {
         let slot = if kind.contains("new") { 0 } else { 1 };
         deletes[slot].1.push(sample);
         let changes = creates + n + 1;
-        if changes % o.rss_every == 0 || n + 1 == creates {
+        if changes.is_multiple_of(o.rss_every) || n + 1 == creates {
             rss_trail.push(format!(
                 "{} after {changes} changes",
                 memory(agent.pid())?.0 / 1024
