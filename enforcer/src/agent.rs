@@ -41,6 +41,7 @@ use crate::metrics::{self, Metrics};
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
+mod generations;
 mod step_up;
 
 /// Ring-buffer records handled before the event task yields (see `drain_turn`).
@@ -487,7 +488,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
 
     let compiled = Arc::new(compiled);
-    let history = PolicyHistory::default();
+    let history = PolicyHistory::new(options.events_aggregate);
     if let Some(state) = read_state(&options.state_dir) {
         history.seed(state.policy_generations);
     }
@@ -1543,21 +1544,34 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 /// The compiled policies of the last few generations. An event can sit in the ring buffer
 /// across a policy change; it is explained by the policy of the generation the kernel
 /// stamped on it, not by whatever is in force when it is read.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct PolicyHistory {
-    compiled: Arc<std::sync::Mutex<std::collections::VecDeque<Generation>>>,
+    compiled: Arc<std::sync::Mutex<generations::Generations<Arc<Compiled>>>>,
     /// Generation -> bundle revision, further back than `compiled` and across restarts (kept
     /// in the state file): a tracked flow lives for hours and names the revision that allowed
     /// it.
     revisions: Arc<std::sync::Mutex<BTreeMap<u32, String>>>,
 }
 
-/// A generation number (as the kernel stamps it: low 32 bits) and its compiled policy.
-type Generation = (u32, Arc<Compiled>);
-
 impl PolicyHistory {
-    /// Generations kept: far more than can change while one ring buffer is drained.
+    /// Generations kept at most, whatever their age.
     const KEEP: usize = 32;
+    /// A superseded generation is kept this long plus three aggregation windows: a deny
+    /// is read from the ring buffer within milliseconds, and an aggregation summary (which
+    /// carries its first deny's generation) is written a whole window after its window ended.
+    const RETAIN: Duration = Duration::from_secs(10);
+
+    /// `events_aggregate`: the deny aggregation window (`--events-aggregate`).
+    fn new(events_aggregate: Duration) -> Self {
+        let retain = Self::RETAIN + events_aggregate.saturating_mul(3);
+        PolicyHistory {
+            compiled: Arc::new(std::sync::Mutex::new(generations::Generations::new(
+                Self::KEEP,
+                retain,
+            ))),
+            revisions: Arc::default(),
+        }
+    }
     /// Revisions kept (a few dozen bytes each).
     const KEEP_REVISIONS: usize = 4096;
 
@@ -1572,28 +1586,21 @@ impl PolicyHistory {
             }
         }
         let mut history = self.compiled.lock().expect("policy history lock");
-        // A change that failed before taking effect leaves its generation to the next one.
-        history.retain(|(g, _)| *g != generation);
-        history.push_back((generation, compiled));
-        while history.len() > Self::KEEP {
-            history.pop_front();
-        }
+        history.publish(generation, compiled, Instant::now());
+        tracing::debug!(generation, kept = history.len(), "policy generations kept");
     }
 
     /// The policy of `generation`, or the newest one for an event older than the history
     /// (written before this agent started, say).
     fn at(&self, generation: u32) -> Option<Arc<Compiled>> {
         let history = self.compiled.lock().expect("policy history lock");
-        let found = history.iter().rev().find(|(g, _)| *g == generation);
-        found
-            .or(history.back())
-            .map(|(_, compiled)| compiled.clone())
+        history.at(generation)
     }
 
     /// The newest generation published (the one in force, or about to be).
     fn newest(&self) -> Option<u32> {
         let history = self.compiled.lock().expect("policy history lock");
-        history.back().map(|(generation, _)| *generation)
+        history.newest()
     }
 
     /// The bundle revision of `generation`, if this agent or the one before it recorded it.

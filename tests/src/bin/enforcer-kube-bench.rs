@@ -30,8 +30,8 @@
 //!    over each.
 //!
 //! `enforcer-kube-bench [--pods N] [--label-sets M] [--tenants T] [--local L] [--samples S]
-//! [--syncs K] [--burst B] [--burst-rate R]` (defaults 5,000 / 500 / 20 / 50 / 10 / 2 / 100 /
-//! 100). Needs root, BPF, cgroup v2 and
+//! [--syncs K] [--burst B] [--burst-rate R] [--rss-every E]` (defaults 5,000 / 500 / 20 / 50 /
+//! 10 / 2 / 100 / 100 / 10; VmRSS is sampled after every E single changes). Needs root, BPF, cgroup v2 and
 //! the API server that `cargo xtask setup-kube` builds. Its addresses are 127.86.0.0/16; its
 //! cgroups, pins and nodes are named `kb-...`. Everything it creates (the API server and
 //! etcd with their data, cgroups, pins, the agent, servers, temp dirs) is removed at the end,
@@ -108,10 +108,13 @@ struct Options {
     syncs: usize,
     burst: usize,
     burst_rate: usize,
+    /// VmRSS is sampled after every this many single changes of the churn.
+    rss_every: usize,
 }
 
 const USAGE: &str = "usage: enforcer-kube-bench [--pods N] [--label-sets M] [--tenants T] \
-                     [--local L] [--samples S] [--syncs K] [--burst B] [--burst-rate R]";
+                     [--local L] [--samples S] [--syncs K] [--burst B] [--burst-rate R] \
+                     [--rss-every E]";
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
@@ -123,6 +126,7 @@ fn parse_args() -> Result<Options> {
         syncs: 2,
         burst: 100,
         burst_rate: 100,
+        rss_every: 10,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -135,6 +139,7 @@ fn parse_args() -> Result<Options> {
             "--syncs" => &mut o.syncs,
             "--burst" => &mut o.burst,
             "--burst-rate" => &mut o.burst_rate,
+            "--rss-every" => &mut o.rss_every,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -458,29 +463,34 @@ fn main() -> Result<()> {
             let (pod, sample) = churn.create(n, set)?;
             samples.push(sample);
             created.push((kind, pod));
+            if created.len().is_multiple_of(o.rss_every) {
+                rss_trail.push(format!(
+                    "{} after {} changes",
+                    memory(agent.pid())?.0 / 1024,
+                    created.len()
+                ));
+            }
         }
         results.push((kind, samples));
-        rss_trail.push(format!(
-            "{} after {} changes",
-            memory(agent.pid())?.0 / 1024,
-            created.len()
-        ));
     }
     let mut deletes: Vec<(&'static str, Vec<Sample>)> = vec![
         ("delete, last pod of its identity", Vec::new()),
         ("delete, a replica (identity stays)", Vec::new()),
     ];
-    for (kind, pod) in created {
+    let creates = created.len();
+    for (n, (kind, pod)) in created.into_iter().enumerate() {
         let sample = churn.delete(pod)?;
         let slot = if kind.contains("new") { 0 } else { 1 };
         deletes[slot].1.push(sample);
+        let changes = creates + n + 1;
+        if changes.is_multiple_of(o.rss_every) || n + 1 == creates {
+            rss_trail.push(format!(
+                "{} after {changes} changes",
+                memory(agent.pid())?.0 / 1024
+            ));
+        }
     }
     results.extend(deletes);
-    rss_trail.push(format!(
-        "{} after {} changes",
-        memory(agent.pid())?.0 / 1024,
-        2 * created_count(&results)
-    ));
     let bursts = churn.burst()?;
     let (rss, hwm) = memory(agent.pid())?;
     rss_trail.push(format!("{} after the burst", rss / 1024));
@@ -565,15 +575,6 @@ async fn list_all_pods(client: &kube::Client) -> Result<f64> {
             None => return Ok(start.elapsed().as_secs_f64()),
         }
     }
-}
-
-/// How many pods the churn created (the creation samples).
-fn created_count(results: &[(&str, Vec<Sample>)]) -> usize {
-    results
-        .iter()
-        .filter(|(kind, _)| kind.starts_with("create"))
-        .map(|(_, samples)| samples.len())
-        .sum()
 }
 
 /// The bundle: `tenants` declared, the demo's schema and baseline (same-tenant permit,
