@@ -160,6 +160,11 @@ enum Command {
         /// compact (one human line; default on a terminal), json (default when piped), ocsf.
         #[arg(long, short = 'o', value_enum)]
         output: Option<EventsOutput>,
+        /// With --follow: events the agent queues for this consumer before it starts missing
+        /// them (1-65536, default 1024; less when other consumers hold the agent's total).
+        /// What it misses is told in-band either way.
+        #[arg(long, value_name = "EVENTS", value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        queue: Option<u32>,
     },
     /// Kernel counters, map fill levels, lost events and the policy revision in force.
     Status {
@@ -553,6 +558,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             kind,
             atlas,
             output,
+            queue,
         } => {
             use enforcer::events::stream;
             use std::io::{IsTerminal, Write};
@@ -583,6 +589,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     }
                     .into(),
                 ),
+                queue: queue.map(|q| q as usize),
             };
             let mut out = std::io::stdout().lock();
             stream::call(&pins.state_dir(), &request, |line| {

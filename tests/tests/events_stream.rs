@@ -63,11 +63,14 @@ fn start(world: &World, state: &StateDir) -> Result<(Agent, AgentDirs)> {
     Ok((Agent::start(cfg)?, dirs))
 }
 
-/// `enforcer events --follow -o json FILTER...` writing to `out`.
+/// `enforcer events --follow -o json --queue 16384 FILTER...` writing to `out`. The queue
+/// holds the whole burst (3 x 1,500 denies): a follower descheduled while the burst arrives
+/// (a busy CI machine) then misses nothing, so the exact counts below do not depend on how
+/// fast it is scheduled; the stalled consumer keeps the default queue and must miss some.
 fn follower(dirs: &AgentDirs, filter: &[&str], out: &Path) -> Result<ChildGuard> {
     let file = std::fs::File::create(out)?;
     let child = Command::new(enforcer_bin())
-        .args(["events", "--follow", "-o", "json"])
+        .args(["events", "--follow", "-o", "json", "--queue", "16384"])
         .args(filter)
         .args(dirs.args())
         .stdout(file)

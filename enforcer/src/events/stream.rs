@@ -45,8 +45,16 @@ use crate::metrics::Metrics;
 
 /// Events kept in memory for `enforcer events` without `--follow` and for `--since`.
 pub const HISTORY: usize = 10_000;
-/// Events queued for one consumer before it starts missing them.
+/// Events queued for one consumer before it starts missing them, unless it asks for another
+/// bound (`Request::queue`, `enforcer events --queue N`).
 pub const QUEUE: usize = 1_024;
+/// The largest queue one consumer may ask for (a log shipper that must ride out a burst of
+/// this many events while it is descheduled).
+pub const MAX_QUEUE: usize = 65_536;
+/// The sum of the queue bounds of all consumers beyond which a consumer asking for more than
+/// [`QUEUE`] gets only what is left (never less than [`QUEUE`]): the events the agent may hold
+/// for its consumers stay within what `MAX_CONSUMERS` default consumers hold, plus as much.
+pub const QUEUE_BUDGET: usize = MAX_CONSUMERS * QUEUE;
 /// Consumers served at once; one more is told so and hung up on. Each holds a task, a
 /// socket and up to a queue of events, so their number is bounded like everything else a
 /// consumer can make the agent hold.
@@ -233,6 +241,11 @@ pub struct Request {
     /// `json` or `ocsf`.
     #[serde(default)]
     pub format: Option<String>,
+    /// Events queued for this consumer before it starts missing them: 1..=[`MAX_QUEUE`];
+    /// none: [`QUEUE`]. Less is granted when the consumers' total is used up (see
+    /// [`QUEUE_BUDGET`]).
+    #[serde(default)]
+    pub queue: Option<usize>,
 }
 
 /// An event as the hub keeps it: numbered, and when the agent emitted it.
@@ -255,6 +268,8 @@ struct Consumer {
     id: u64,
     filter: Filter,
     queue: VecDeque<Entry>,
+    /// How many events `queue` may hold.
+    bound: usize,
     missed: Missed,
     wake: Arc<Notify>,
 }
@@ -328,7 +343,7 @@ impl Hub {
                 if !consumer.filter.matches(&entry.event) {
                     continue;
                 }
-                if consumer.queue.len() < QUEUE {
+                if consumer.queue.len() < consumer.bound {
                     consumer.queue.push_back(entry.clone());
                 } else {
                     let missed = &mut consumer.missed;
@@ -366,12 +381,19 @@ impl Hub {
         since: Option<SystemTime>,
         follow: bool,
     ) -> (Vec<Entry>, Option<Subscription>) {
-        let opened = self.open_at(filter, since, follow);
+        let opened = self.open_at(filter, since, follow, QUEUE);
         (opened.past, opened.subscription)
     }
 
-    /// [`Hub::open`], also telling where the history begins (for the seam with the file).
-    pub fn open_at(&self, filter: &Filter, since: Option<SystemTime>, follow: bool) -> Opened {
+    /// [`Hub::open`] with a queue bound of up to `queue` events (see [`QUEUE_BUDGET`]), also
+    /// telling where the history begins (for the seam with the file).
+    pub fn open_at(
+        &self,
+        filter: &Filter,
+        since: Option<SystemTime>,
+        follow: bool,
+        queue: usize,
+    ) -> Opened {
         let mut inner = self.lock();
         let oldest = inner.history.front().map(|e| (e.seq, e.at));
         let past = inner
@@ -390,10 +412,15 @@ impl Hub {
         let id = inner.next_id;
         inner.next_id += 1;
         let wake = Arc::new(Notify::new());
+        let held: usize = inner.consumers.iter().map(|c| c.bound).sum();
+        let bound = queue
+            .clamp(1, MAX_QUEUE)
+            .min(QUEUE_BUDGET.saturating_sub(held).max(QUEUE));
         inner.consumers.push(Consumer {
             id,
             filter: filter.clone(),
             queue: VecDeque::new(),
+            bound,
             missed: Missed::default(),
             wake: wake.clone(),
         });
@@ -625,7 +652,12 @@ async fn serve_one(
         past,
         subscription,
         oldest,
-    } = hub.open_at(&request.filter, since, request.follow);
+    } = hub.open_at(
+        &request.filter,
+        since,
+        request.follow,
+        request.queue.unwrap_or(QUEUE),
+    );
     // The window begins before the history does: older events come from the file.
     if let Some(since) = since.filter(|&s| oldest.is_none_or(|(_, at)| at >= s)) {
         let oldest_seq = oldest.map(|(seq, _)| seq);
@@ -894,6 +926,41 @@ mod tests {
             ..Filter::default()
         };
         good.validate().unwrap();
+    }
+
+    #[test]
+    fn a_consumer_queue_holds_what_it_asked_for_within_the_consumers_total() {
+        let hub = Hub::new(None);
+        let asked = 5 * QUEUE;
+        let big = hub.open_at(&Filter::default(), None, true, asked);
+        let big = big.subscription.unwrap();
+        let default = hub.open(&Filter::default(), None, true).1.unwrap();
+        for seq in 1..=asked as u64 {
+            hub.publish(seq, notice("ev"));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (missed, entries) = runtime.block_on(big.next());
+        assert_eq!((missed.count, entries.len()), (0, asked));
+        let (missed, entries) = runtime.block_on(default.next());
+        assert_eq!(
+            (missed.count as usize, entries.len()),
+            (asked - QUEUE, QUEUE)
+        );
+
+        // The total: consumers holding the whole budget leave a newcomer the default only.
+        let hogs: Vec<_> = (0..QUEUE_BUDGET / MAX_QUEUE)
+            .map(|_| hub.open_at(&Filter::default(), None, true, MAX_QUEUE))
+            .collect();
+        let late = hub.open_at(&Filter::default(), None, true, MAX_QUEUE);
+        let late = late.subscription.unwrap();
+        for seq in 1..=2 * QUEUE as u64 {
+            hub.publish(asked as u64 + seq, notice("ev"));
+        }
+        let (missed, entries) = runtime.block_on(late.next());
+        assert_eq!((missed.count as usize, entries.len()), (QUEUE, QUEUE));
+        drop(hogs);
     }
 
     #[test]
