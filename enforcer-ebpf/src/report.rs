@@ -146,17 +146,7 @@ pub(crate) fn emit(r: &Report) {
         overflow(r, &key, now);
         return;
     }
-    let mut value = AggregateValue {
-        suppressed: 0,
-        pid_tgid: r.pid_tgid,
-        comm: [0; 16],
-        policy_generation: r.generation,
-        _pad: 0,
-    };
-    if r.task {
-        // SAFETY: a 16-byte stack buffer; on failure the helper zeroes it.
-        unsafe { bpf_get_current_comm(addr_of_mut!(value.comm).cast(), COMM_LEN) };
-    }
+    let value = entry_value(r, 0);
     if AGGREGATE.insert(&key, &value, BPF_NOEXIST).is_ok() {
         if !write(r, now) {
             // The entry exists now: the agent reports this deny with the window's count.
@@ -242,17 +232,7 @@ fn overflow(r: &Report, own: &AggregateKey, now: u64) {
         add_one(v);
         return;
     }
-    let mut value = AggregateValue {
-        suppressed: 1,
-        pid_tgid: r.pid_tgid,
-        comm: [0; 16],
-        policy_generation: r.generation,
-        _pad: 0,
-    };
-    if r.task {
-        // SAFETY: a 16-byte stack buffer; on failure the helper zeroes it.
-        unsafe { bpf_get_current_comm(addr_of_mut!(value.comm).cast(), COMM_LEN) };
-    }
+    let value = entry_value(r, 1);
     if AGGREGATE.insert(&key, &value, BPF_NOEXIST).is_ok() {
         return;
     }
@@ -277,6 +257,24 @@ fn add_one(v: *mut AggregateValue) {
     unsafe {
         crate::atomic_add(addr_of_mut!((*v).suppressed), 1);
     }
+}
+
+/// A new `AGGREGATE` entry's value: `suppressed` denies already counted, and the deny that
+/// makes the entry (its process and policy generation, named by the window's summary).
+#[inline(always)]
+fn entry_value(r: &Report, suppressed: u64) -> AggregateValue {
+    let mut value = AggregateValue {
+        suppressed,
+        pid_tgid: r.pid_tgid,
+        comm: [0; 16],
+        policy_generation: r.generation,
+        _pad: 0,
+    };
+    if r.task {
+        // SAFETY: a 16-byte stack buffer; on failure the helper zeroes it.
+        unsafe { bpf_get_current_comm(addr_of_mut!(value.comm).cast(), COMM_LEN) };
+    }
+    value
 }
 
 /// A deny that could be neither written nor counted.
