@@ -501,15 +501,18 @@ pub struct Config {
     /// way (`--wire-max-skew`, default [`wire::DEFAULT_SKEW_S`]); see [`wire::fresh`]. 0 means
     /// the default, so that a zeroed entry never refuses every option.
     pub wire_skew_s: u32,
-    /// Until this CLOCK_TAI second, version 1 options (no timestamp) are still accepted
+    /// Until this wall-clock second (POSIX, the option's clock: see [`wire::seconds`]), version 1
+    /// options (no timestamp) are still accepted
     /// (`--wire-accept-v1-until`, for a rolling upgrade); 0 = refused.
     pub wire_v1_until_s: u32,
     /// Distinct `AGGREGATE` keys one cgroup may make per window (`--events-keys-per-workload`);
     /// a deny of a further new key is counted under the cgroup's overflow key
     /// ([`aggregate_flags::OVERFLOW`]). 0 = no budget.
     pub event_keys_per_workload: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// CLOCK_TAI minus CLOCK_REALTIME in whole seconds, as the agent reads the two clocks
+    /// (refreshed every tick: a time daemon may set the kernel's TAI offset after boot); the
+    /// identity option's time is CLOCK_TAI less this ([`wire::seconds`]).
+    pub tai_offset_s: u32,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -855,10 +858,33 @@ pub mod wire {
         pub const ACCEPTED: u8 = 1;
     }
 
-    /// The option's time field for CLOCK_TAI nanoseconds: whole seconds modulo 2^16.
+    /// The option's time for CLOCK_TAI nanoseconds `tai_ns` on a node whose kernel TAI offset
+    /// is `tai_offset_s` (`Config::tai_offset_s`): POSIX (UTC) seconds. Not CLOCK_TAI itself:
+    /// its offset is whatever the node's time daemon set (37 with chrony's `leapsectz` or an
+    /// ntpd leapfile, 0 with systemd-timesyncd), so two synced nodes may differ by 37 s.
     #[inline(always)]
-    pub fn stamp(tai_ns: u64) -> u16 {
-        (tai_ns / 1_000_000_000) as u16
+    pub fn seconds(tai_ns: u64, tai_offset_s: u32) -> u32 {
+        (tai_ns / 1_000_000_000).wrapping_sub(tai_offset_s as u64) as u32
+    }
+
+    /// The option's time field (bytes 8-9): `seconds` modulo 2^16.
+    #[inline(always)]
+    pub fn stamp(seconds: u32) -> u16 {
+        seconds as u16
+    }
+
+    /// The high 16 bits of the option's time: not sent, but MAC'd ([`message`]), so that a SYN
+    /// replayed 2^16 s (~18.2 h) later, when its 16-bit field reads fresh again, fails its tag.
+    #[inline(always)]
+    pub fn epoch(seconds: u32) -> u16 {
+        (seconds >> 16) as u16
+    }
+
+    /// The time an option stamped `stamp` names, taken as the one nearest to the receiver's
+    /// `now_s` (within 2^15 s either way: any stamp fresh enough to pass is).
+    #[inline(always)]
+    pub fn claimed_seconds(stamp: u16, now_s: u32) -> u32 {
+        now_s.wrapping_add(stamp.wrapping_sub(now_s as u16) as i16 as i32 as u32)
     }
 
     /// Whether an option stamped `stamp` is fresh at `now` (both [`stamp`] values) within
@@ -871,7 +897,8 @@ pub mod wire {
 
     /// The MAC input as six little-endian 64-bit words (the 48-byte string described in the
     /// module documentation). `stamp` is the option's bytes 8-9 (the time in version 2),
-    /// `version` its byte 11. Addresses are 16 bytes in network order; ports in host order.
+    /// `version` its byte 11, `epoch` the time's high 16 bits ([`epoch`]; 0 in version 1).
+    /// Addresses are 16 bytes in network order; ports in host order.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn message(
@@ -883,6 +910,7 @@ pub mod wire {
         daddr: &[u8; 16],
         sport: u16,
         dport: u16,
+        epoch: u16,
     ) -> [u64; 6] {
         let word = |a: &[u8; 16], i: usize| {
             u64::from_le_bytes([
@@ -902,7 +930,7 @@ pub mod wire {
             word(saddr, 8),
             word(daddr, 0),
             word(daddr, 8),
-            sport as u64 | (dport as u64) << 16 | (EXID as u64) << 32,
+            sport as u64 | (dport as u64) << 16 | (EXID as u64) << 32 | (epoch as u64) << 48,
         ]
     }
 
@@ -1172,7 +1200,7 @@ mod tests {
     fn fixed_length_siphash_is_siphash_of_the_48_byte_string() {
         let saddr = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         let daddr = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-        let m = message(300, 0x1234, 7, VERSION, &saddr, &daddr, 40000, 6333);
+        let m = message(300, 0x1234, 7, VERSION, &saddr, &daddr, 40000, 6333, 0);
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&300u32.to_le_bytes());
         bytes.extend_from_slice(&0x1234u16.to_le_bytes());

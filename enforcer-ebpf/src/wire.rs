@@ -226,11 +226,10 @@ pub fn on_connect(ctx: &SockOpsContext) {
         // No key loaded: the flow goes untagged and the receiver judges it as such.
         return;
     }
-    // CLOCK_TAI, not the monotonic clock: the receiver compares it with its own, and TAI is
-    // the same on every NTP-synced node (and, unlike CLOCK_REALTIME, never steps at a leap
-    // second). Taken once: retransmitted SYNs carry the connect's time (see DEFAULT_SKEW_S).
-    // SAFETY: no preconditions.
-    let stamp = abi::stamp(unsafe { bpf_ktime_get_tai_ns() });
+    // Wall-clock seconds, not the monotonic clock: the receiver compares them with its own.
+    // Taken once: retransmitted SYNs carry the connect's time (see DEFAULT_SKEW_S).
+    let now_s = now_seconds();
+    let stamp = abi::stamp(now_s);
     let (sport, dport) = sock_ops_ports(ops);
     let key_id = key_id as u8;
     let m = abi::message(
@@ -242,6 +241,7 @@ pub fn on_connect(ctx: &SockOpsContext) {
         &words_to_bytes(remote),
         sport,
         dport,
+        abi::epoch(now_s),
     );
     let tag = abi::siphash24(k0, k1, &m);
     let option = abi::option_bytes(subject, stamp, key_id, abi::VERSION, tag);
@@ -592,6 +592,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         },
         None => (0, 0, 0),
     };
+    let now_s = now_seconds();
 
     let option = if syn.hidden {
         None
@@ -608,6 +609,13 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 option[12], option[13], option[14], option[15], option[16], option[17], option[18],
                 option[19],
             ]);
+            // The time's high bits are not sent: the receiver takes the time nearest its own
+            // clock, so a replay one or more 2^16 s wraps later MACs another time: bad_tag.
+            let epoch = if version == abi::VERSION_1 {
+                0
+            } else {
+                abi::epoch(abi::claimed_seconds(stamp, now_s))
+            };
             let m = abi::message(
                 claimed,
                 stamp,
@@ -617,6 +625,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 &words_to_bytes(syn.daddr),
                 syn.sport,
                 syn.dport,
+                epoch,
             );
             if (version != abi::VERSION && version != abi::VERSION_1)
                 || !(verifies(abi::CURRENT_KEY, key_id, &m, tag)
@@ -626,7 +635,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 // Checked before the time, so that a forged option is `bad_tag` whatever
                 // time it claims: `stale_tag` always means "signed by a key holder".
                 (claimed, reason::BAD_TAG)
-            } else if !fresh_enough(version, stamp, skew_s, v1_until_s) {
+            } else if !fresh_enough(version, stamp, now_s, skew_s, v1_until_s) {
                 (claimed, reason::STALE_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
@@ -672,18 +681,29 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
 /// a SYN captured once verifies forever from its 4-tuple: a pod that later gets the same IP
 /// (pod IPs are recycled) could replay it and pass as the old identity.
 #[inline(always)]
-fn fresh_enough(version: u8, stamp: u16, skew_s: u32, v1_until_s: u32) -> bool {
-    // SAFETY: no preconditions.
-    let now_ns = unsafe { bpf_ktime_get_tai_ns() };
+fn fresh_enough(version: u8, stamp: u16, now_s: u32, skew_s: u32, v1_until_s: u32) -> bool {
     if version == abi::VERSION_1 {
-        return now_ns / 1_000_000_000 < v1_until_s as u64;
+        return now_s < v1_until_s;
     }
     let skew_s = if skew_s == 0 {
         abi::DEFAULT_SKEW_S
     } else {
         skew_s
     };
-    abi::fresh(stamp, abi::stamp(now_ns), skew_s)
+    abi::fresh(stamp, abi::stamp(now_s), skew_s)
+}
+
+/// The wall-clock time in the identity option's terms ([`abi::seconds`]): CLOCK_TAI less
+/// `Config::tai_offset_s` (0 without a `CONFIG` entry). BPF reads no CLOCK_REALTIME.
+#[inline(always)]
+fn now_seconds() -> u32 {
+    let offset = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads; one 4-byte load.
+        Some(c) => unsafe { read_volatile(&(*c).tai_offset_s) },
+        None => 0,
+    };
+    // SAFETY: no preconditions.
+    abi::seconds(unsafe { bpf_ktime_get_tai_ns() }, offset)
 }
 
 /// The claimed identity is quarantined on this node (`IDENTITIES` flags).

@@ -473,13 +473,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .context("setting the deny aggregation window")?;
     let v1_until_s = options
         .wire_accept_v1_until
-        .map(crate::wire::v1_until_tai_s)
+        .map(crate::wire::v1_until_s)
         .transpose()?
         .unwrap_or(0);
     datapath
         .tables
         .set_wire_freshness(options.wire_max_skew, v1_until_s)
         .context("setting the identity option's freshness")?;
+    refresh_tai_offset(&mut datapath.tables);
     if options.skip_capacity_check {
         tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
         datapath.tables.set_capacity_check(false);
@@ -779,6 +780,7 @@ impl Agent {
             return;
         }
         self.ticks += 1;
+        refresh_tai_offset(&mut self.datapath.tables);
         let watched = self
             .watch_status
             .as_ref()
@@ -1899,5 +1901,24 @@ async fn stream_events(
                 }
             }
         }
+    }
+}
+
+/// Keeps `CONFIG.tai_offset_s` equal to this host's CLOCK_TAI - CLOCK_REALTIME: the identity
+/// option's time is wall-clock seconds on every node, whatever TAI offset (0 or 37) its time
+/// daemon set, and a daemon may set it after boot. Logged when it changes; an error is logged
+/// and the last value stays.
+fn refresh_tai_offset(tables: &mut crate::datapath::Tables) {
+    let result =
+        crate::wire::tai_offset_s().and_then(|offset| Ok((offset, tables.set_tai_offset(offset)?)));
+    match result {
+        Ok((offset, true)) => tracing::info!(
+            tai_offset_s = offset,
+            "identity option clock: CLOCK_TAI - CLOCK_REALTIME"
+        ),
+        Ok((_, false)) => {}
+        Err(error) => tracing::warn!(
+            "cannot refresh the TAI offset of the identity option's clock: {error:#}"
+        ),
     }
 }

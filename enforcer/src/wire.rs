@@ -121,13 +121,14 @@ pub fn read_keys(file: &Path) -> Result<FlowKeys> {
 }
 
 /// The 64-bit tag of a version 2 option, as the kernel computes it: `stamp` is the option's
-/// time field ([`now_stamp`] for a SYN sent now), `saddr`/`daddr`/ports those of the SYN
+/// time in whole seconds ([`now_stamp`] for a SYN sent now; the option carries its low 16
+/// bits, the tag covers all 32), `saddr`/`daddr`/ports those of the SYN
 /// (IPv4 addresses are taken as `::ffff:a.b.c.d`).
 #[allow(clippy::too_many_arguments)]
 pub fn tag(
     key: &FlowKey,
     identity: u32,
-    stamp: u16,
+    stamp: u32,
     saddr: IpAddr,
     daddr: IpAddr,
     sport: u16,
@@ -151,22 +152,29 @@ pub fn tag(
 pub fn tag_version(
     key: &FlowKey,
     identity: u32,
-    stamp: u16,
+    stamp: u32,
     version: u8,
     saddr: IpAddr,
     daddr: IpAddr,
     sport: u16,
     dport: u16,
 ) -> u64 {
+    // Version 1 carries the sender's policy generation there and MACs no epoch.
+    let epoch = if version == abi::VERSION_1 {
+        0
+    } else {
+        abi::epoch(stamp)
+    };
     let m = abi::message(
         identity,
-        stamp,
+        abi::stamp(stamp),
         key.id,
         version,
         &mapped(saddr),
         &mapped(daddr),
         sport,
         dport,
+        epoch,
     );
     let (k0, k1) = key.words();
     abi::siphash24(k0, k1, &m)
@@ -177,7 +185,7 @@ pub fn tag_version(
 pub fn option(
     key: &FlowKey,
     identity: u32,
-    stamp: u16,
+    stamp: u32,
     saddr: IpAddr,
     daddr: IpAddr,
     sport: u16,
@@ -200,7 +208,7 @@ pub fn option(
 pub fn option_version(
     key: &FlowKey,
     identity: u32,
-    stamp: u16,
+    stamp: u32,
     version: u8,
     saddr: IpAddr,
     daddr: IpAddr,
@@ -208,7 +216,7 @@ pub fn option_version(
     dport: u16,
 ) -> [u8; abi::OPTION_LEN] {
     let t = tag_version(key, identity, stamp, version, saddr, daddr, sport, dport);
-    abi::option_bytes(identity, stamp, key.id, version, t)
+    abi::option_bytes(identity, abi::stamp(stamp), key.id, version, t)
 }
 
 /// This host's CLOCK_TAI in nanoseconds (what `bpf_ktime_get_tai_ns` reads). Errors: the
@@ -229,31 +237,43 @@ fn clock_ns(clock: libc::clockid_t) -> std::io::Result<u64> {
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-/// The option time field for a SYN sent now: this host's CLOCK_TAI seconds modulo 2^16.
-pub fn now_stamp() -> Result<u16> {
-    Ok(abi::stamp(tai_now_ns()?))
+/// The option's time for a SYN sent now (whole POSIX seconds, what the kernel computes as
+/// CLOCK_TAI less [`tai_offset_s`]); the option carries its low 16 bits. Errors: a clock
+/// before 1970.
+pub fn now_stamp() -> Result<u32> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the wall clock is before 1970")?;
+    Ok(now.as_secs() as u32)
 }
 
-/// Whether a version 2 option stamped `stamp` is fresh now on this host within `skew_s`
-/// seconds (what the ingress check decides, for a proxy verifying a saved SYN).
+/// CLOCK_TAI minus CLOCK_REALTIME in whole seconds (`Config::tai_offset_s`): the kernel TAI
+/// offset this host's time daemon set (37 with chrony's `leapsectz`, 0 when none set it).
+/// Errors: a clock cannot be read.
+pub fn tai_offset_s() -> Result<u32> {
+    let real = clock_ns(libc::CLOCK_REALTIME).context("reading CLOCK_REALTIME")?;
+    let tai = tai_now_ns()?;
+    // Rounded: the two reads are a few nanoseconds apart.
+    let offset = (tai as i128 - real as i128 + 500_000_000).div_euclid(1_000_000_000);
+    u32::try_from(offset).context("CLOCK_TAI is behind CLOCK_REALTIME")
+}
+
+/// Whether a version 2 option stamped `stamp` (its 16-bit field) is fresh now on this host
+/// within `skew_s` seconds (what the ingress check decides, for a proxy verifying a saved
+/// SYN; the tag is checked with the time [`abi::claimed_seconds`] gives).
 pub fn is_fresh(stamp: u16, skew_s: u32) -> Result<bool> {
-    Ok(abi::fresh(stamp, now_stamp()?, skew_s))
+    Ok(abi::fresh(stamp, abi::stamp(now_stamp()?), skew_s))
 }
 
-/// `--wire-accept-v1-until`: the wall-clock deadline as the CLOCK_TAI second the kernel
-/// compares with (`Config::wire_v1_until_s`): CLOCK_TAI is CLOCK_REALTIME plus the kernel's
-/// TAI offset (set by the NTP daemon; 0 when none set it), so the offset is read off the two
-/// clocks. Errors: a deadline before 1970 or after 2106 (u32 seconds), a clock unreadable.
-pub fn v1_until_tai_s(deadline: std::time::SystemTime) -> Result<u32> {
+/// `--wire-accept-v1-until`: the wall-clock deadline in whole POSIX seconds, what the kernel
+/// compares with (`Config::wire_v1_until_s`, the option's clock). Errors: a deadline before
+/// 1970 or after 2106 (u32 seconds).
+pub fn v1_until_s(deadline: std::time::SystemTime) -> Result<u32> {
     let unix = deadline
         .duration_since(std::time::UNIX_EPOCH)
         .context("--wire-accept-v1-until before 1970")?
         .as_secs();
-    let real = clock_ns(libc::CLOCK_REALTIME).context("reading CLOCK_REALTIME")?;
-    let tai = tai_now_ns()?;
-    let offset_s = (tai as i128 - real as i128) / 1_000_000_000;
-    let until = unix as i128 + offset_s;
-    u32::try_from(until).context("--wire-accept-v1-until beyond 2106")
+    u32::try_from(unix).context("--wire-accept-v1-until beyond 2106")
 }
 
 fn mapped(ip: IpAddr) -> [u8; 16] {
@@ -662,7 +682,15 @@ mod tests {
         assert!(!abi::fresh(65_530, 40, 30));
         // Half a wrap away is never fresh under the largest skew the agent accepts.
         assert!(!abi::fresh(0, 1 << 15, abi::MAX_SKEW_S));
-        assert_eq!(abi::stamp(65_536_000_000_000 + 5_999_999_999), 5);
+        assert_eq!(
+            abi::stamp(abi::seconds(65_536_000_000_000 + 5_999_999_999, 0)),
+            5
+        );
+        assert_eq!(abi::seconds(100_000_000_000 + 37_000_000_000, 37), 100);
+        // The nearest time to the receiver's clock, across the 16-bit wrap either way.
+        assert_eq!(abi::claimed_seconds(65_530, 0x2_0004), 0x1_fffa);
+        assert_eq!(abi::claimed_seconds(4, 0x1_fffa), 0x2_0004);
+        assert_eq!(abi::claimed_seconds(100, 0x5_0064), 0x5_0064);
     }
 
     #[test]
@@ -686,12 +714,17 @@ mod tests {
     }
 
     #[test]
-    fn the_v1_deadline_is_read_on_the_kernel_s_tai_clock() {
-        // A deadline of "now" is the current CLOCK_TAI second (the two clocks are read a few
-        // microseconds apart: at most one second boundary between them).
-        let until = v1_until_tai_s(std::time::SystemTime::now()).unwrap();
-        let tai_s = tai_now_ns().unwrap() / 1_000_000_000;
-        assert!(u64::from(until).abs_diff(tai_s) <= 1, "{until} vs {tai_s}");
-        assert!(v1_until_tai_s(std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)).is_err());
+    fn the_v1_deadline_is_in_posix_seconds_and_the_tai_offset_is_read_off_the_clocks() {
+        let until =
+            v1_until_s(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000)).unwrap();
+        assert_eq!(until, 1_000);
+        assert!(v1_until_s(std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)).is_err());
+        // CLOCK_TAI less the offset is the wall clock (the kernel's `abi::seconds`).
+        let offset = tai_offset_s().unwrap();
+        let seconds = abi::seconds(tai_now_ns().unwrap(), offset);
+        assert!(
+            seconds.abs_diff(now_stamp().unwrap()) <= 1,
+            "{seconds} offset {offset}"
+        );
     }
 }

@@ -563,6 +563,31 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     expect_ingress(&bed, 3, |e| e["reason"] == "stale_tag", "version 1 option")?;
     ensure!(bed.verified(node1_addr(45012))?.is_none());
     ensure!(bed.verified(node1_addr(45013))?.is_none());
+    // A SYN captured one 16-bit wrap ago (2^16 s, ~18.2 h): its time field reads exactly
+    // "now", but the tag covers the time's high bits, which the receiver takes from its own
+    // clock: bad_tag. Before the high bits were MAC'd, this replay verified as acme.
+    raw_syn(
+        &bed.n1,
+        NODE1,
+        45015,
+        &options_with(&option(
+            &k1,
+            acme,
+            stamp.wrapping_sub(1 << 16),
+            s,
+            d,
+            45015,
+            DB_PORT,
+        )),
+    )?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "bad_tag" && e["peer"]["port"] == 45015,
+        "SYN replayed one wrap later",
+    )?;
+    ensure!(e["verdict"] == "deny", "{e}");
+    ensure!(bed.verified(node1_addr(45015))?.is_none());
     // Control: the replayed 4-tuple with a current time, then one 45 s old (inside node 2's
     // 60 s skew): both verified.
     raw_syn(
@@ -627,7 +652,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     )?;
     expect_ingress(
         &bed,
-        3,
+        4,
         |e| e["reason"] == "bad_tag",
         "key 1 after the rotation",
     )?;

@@ -623,17 +623,27 @@ impl Tables {
     /// Sets `CONFIG.wire_skew_s` and `CONFIG.wire_v1_until_s` (the identity option's
     /// freshness: see `enforcer_common::wire::fresh`), keeping every other field; written
     /// like [`Self::set_event_window`]. `skew` is whole seconds (sub-second parts dropped).
-    pub fn set_wire_freshness(
-        &mut self,
-        skew: std::time::Duration,
-        v1_until_tai_s: u32,
-    ) -> Result<()> {
+    pub fn set_wire_freshness(&mut self, skew: std::time::Duration, v1_until_s: u32) -> Result<()> {
         let mut config = self.config()?;
         config.wire_skew_s = u32::try_from(skew.as_secs()).unwrap_or(u32::MAX);
-        config.wire_v1_until_s = v1_until_tai_s;
+        config.wire_v1_until_s = v1_until_s;
         self.config
             .set(0, config, 0)
             .context("writing CONFIG.wire_skew_s")
+    }
+
+    /// Sets `CONFIG.tai_offset_s` when it differs (the identity option's clock is CLOCK_TAI
+    /// less it); true when it was written. Written like [`Self::set_event_window`].
+    pub fn set_tai_offset(&mut self, offset_s: u32) -> Result<bool> {
+        let mut config = self.config()?;
+        if config.tai_offset_s == offset_s {
+            return Ok(false);
+        }
+        config.tai_offset_s = offset_s;
+        self.config
+            .set(0, config, 0)
+            .context("writing CONFIG.tai_offset_s")?;
+        Ok(true)
     }
 
     /// Everything the policy maps hold now.
