@@ -12,7 +12,8 @@
 //!   otherwise treat the key as absent (unknown: fail closed);
 //! - the writer (the agent): updates with `BPF_F_LOCK` only, so an existing key's element is
 //!   rewritten in place under its lock and never replaced; before deleting a key it writes a
-//!   tombstone (key field [`TOMBSTONE`]) under the lock.
+//!   tombstone (key field [`TOMBSTONE`]) under the lock; a new key is inserted as a
+//!   tombstone first and only then written, in place under the lock.
 //!
 //! Every interleaving then yields a consistent value of the right key, or fail closed:
 //! - an in-place update and a reader hold the same lock: the reader sees all old or all new;
@@ -20,11 +21,12 @@
 //!   written under the lock. A reader that took the lock before the tombstone saw the last
 //!   value of the right key (the key still existed); one that takes it after sees either the
 //!   tombstone or the reuser's unlocked copy in progress (the kernel's initialisation of a
-//!   new element does not take the lock). Whatever mixture of tombstone and new value it
-//!   copies, the key field is [`TOMBSTONE`] or the new key: rejected, unless the new key is
-//!   its own (the same key deleted and added again). Then every field it copied is the new
-//!   value of its own key or the tombstone's, which fails closed field by field (no class:
-//!   every call denied; quarantined; no tenant, identity unknown).
+//!   new element does not take the lock). That copy is always a tombstone (new keys are
+//!   inserted as tombstones), so the reader copies tombstone over tombstone: rejected. The
+//!   real value of a new key is written afterwards, in place under the lock, which the
+//!   reader's lock excludes. (Were a real value copied unlocked, a reader of the same key
+//!   deleted and added again could mix its old tombstone with new fields, e.g. a class
+//!   without the `TRACKED` flag: relaxed, not closed.)
 //! - a new element taken from the freelist or the CPU's spare held a tombstone or zeroes
 //!   (key field 0) before: the same argument.
 //!

@@ -4,7 +4,8 @@
 //! The writer's half of the protocol: every update is `BPF_F_LOCK` (an existing key's
 //! element is rewritten in place under its lock, never replaced by a new element, so no
 //! element a program may be reading is recycled by an update), and a key is deleted only
-//! after a tombstone was written under the lock. Reads go through the same lock and drop a
+//! after a tombstone was written under the lock, and a new key is inserted as a tombstone
+//! before its value is written in place. Reads go through the same lock and drop a
 //! value whose key field is not its key (a tombstone left by an interrupted delete).
 //!
 //! One writer per key: a write racing another writer's tombstone-then-delete of the same
@@ -22,6 +23,11 @@ use enforcer_common::locked::{LockedCgroupIdentity, LockedIdentity, BPF_F_LOCK};
 use enforcer_common::IdentityInfo;
 
 use super::tables::SyncMap;
+
+/// `BPF_NOEXIST`: create only (`EEXIST` when the key is present).
+const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only (`ENOENT` when the key is absent).
+const BPF_F_EXIST: u64 = 2;
 
 /// A kernel value that carries its own key: how to wrap a plain value, and unwrap it.
 pub trait KeyedValue<K>: aya::Pod {
@@ -100,12 +106,23 @@ impl<K: aya::Pod + Eq + Hash, L: KeyedValue<K>> LockedMap<K, L> {
         self.map.keys()
     }
 
-    /// Writes `key`'s value in place under its lock (inserts it when absent).
+    /// Writes `key`'s value in place under its lock; an absent key is first inserted as a
+    /// tombstone, then written in place. Why two steps: the kernel copies a *new* element's
+    /// value without the lock, and the element may be one a stale reader still holds (a key
+    /// deleted and re-added reuses it at once): copying a real value there could show that
+    /// reader the old key with some new fields (a flag like `TRACKED` missing relaxes
+    /// enforcement). Copying a tombstone over a tombstone (every delete leaves one) shows it
+    /// nothing but tombstone, and the value then lands under the lock.
     ///
     /// Errors: the map is full (a new key), or the kernel refused the write.
     pub fn write(&mut self, key: &K, value: &L::Plain) -> std::io::Result<()> {
+        match self.map.insert(key, L::tombstone(), BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
         self.map
-            .insert(key, L::wrap(key, value), BPF_F_LOCK)
+            .insert(key, L::wrap(key, value), BPF_F_LOCK | BPF_F_EXIST)
             .map_err(std::io::Error::other)
     }
 
@@ -113,7 +130,6 @@ impl<K: aya::Pod + Eq + Hash, L: KeyedValue<K>> LockedMap<K, L> {
     pub fn tombstone_and_delete(&mut self, key: &K) -> std::io::Result<()> {
         // The tombstone must land on the existing element (`BPF_F_EXIST`): a tombstone
         // inserted for an absent key would only be deleted again.
-        const BPF_F_EXIST: u64 = 2;
         match self
             .map
             .insert(key, L::tombstone(), BPF_F_LOCK | BPF_F_EXIST)
