@@ -138,9 +138,11 @@ fn head(format: Format, line: &[u8]) -> Option<(SystemTime, u64)> {
 #[derive(Debug, Default)]
 struct Fields {
     kind: Option<String>,
-    /// A call (`connection.*`), a flow (`flow.*`), or neither (the agent's notices).
+    /// A call (`connection.*`), a flow (`flow.*`), a workload's suppressed denies
+    /// (`events.suppressed`), or none of these (the agent's other notices).
     call: bool,
     flow: bool,
+    suppressed: bool,
     tenant: Option<String>,
     workload: Option<String>,
     to_name: Option<String>,
@@ -165,7 +167,23 @@ impl Fields {
             .is_some_and(|k| k.starts_with("connection."));
         // `flow_events.lost` is a notice.
         let flow = kind.as_deref().is_some_and(|k| k.starts_with("flow."));
+        let suppressed = kind.as_deref() == Some("events.suppressed");
         let mut fields = match format {
+            // Its subject and reason are top-level (JSON) or under `unmapped` (OCSF).
+            Format::Json if suppressed => Fields {
+                tenant: text(&v["tenant"]),
+                workload: text(&v["workload"]),
+                reason: text(&v["reason"]),
+                verdict: text(&v["verdict"]),
+                ..Fields::default()
+            },
+            Format::Ocsf if suppressed => Fields {
+                tenant: text(&v["unmapped"]["tenant"]),
+                workload: text(&v["unmapped"]["workload"]),
+                reason: text(&v["unmapped"]["reason"]),
+                verdict: text(&v["unmapped"]["verdict"]),
+                ..Fields::default()
+            },
             Format::Json => Fields {
                 tenant: text(&v["subject"]["tenant"]),
                 workload: text(&v["subject"]["workload"]),
@@ -208,6 +226,7 @@ impl Fields {
         fields.kind = kind;
         fields.call = call;
         fields.flow = flow;
+        fields.suppressed = suppressed;
         fields
     }
 
@@ -235,6 +254,15 @@ impl Fields {
                         .iter()
                         .any(|t| t == id || t.strip_prefix(id).is_some_and(|r| r.starts_with('.')))
                 })
+        } else if self.suppressed {
+            // As `Filter::matches` on `Notice::EventsSuppressed`: a workload's filters
+            // select them as its denies (no destination: the overflow has none).
+            eq(&filter.tenant, &self.tenant)
+                && eq(&filter.workload, &self.workload)
+                && eq(&filter.reason, &self.reason)
+                && eq(&filter.verdict, &self.verdict)
+                && filter.to.is_none()
+                && filter.atlas.is_none()
         } else if self.flow {
             eq(&filter.tenant, &self.tenant)
                 && eq(&filter.workload, &self.workload)
@@ -249,6 +277,27 @@ impl Fields {
                 && filter.reason.is_none()
                 && filter.verdict.is_none()
                 && filter.atlas.is_none()
+        }
+    }
+}
+
+/// Reads and drops the rest of an over-long line, up to and including its newline, a buffer
+/// at a time (never the whole line at once).
+fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<()> {
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        match buffer.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buffer.len();
+                reader.consume(n);
+            }
         }
     }
 }
@@ -423,11 +472,20 @@ pub fn read_since(
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
+            // At most MAX_LINE + 1 bytes of one line in memory: a longer one (a hostile or
+            // corrupt file) is skipped up to its newline without being held.
+            let n = std::io::BufRead::read_until(
+                &mut Read::take(&mut reader, MAX_LINE as u64 + 1),
+                b'\n',
+                &mut line,
+            )?;
             if n == 0 {
                 break;
             }
-            if line.last() != Some(&b'\n') || line.len() > MAX_LINE {
+            if line.last() != Some(&b'\n') {
+                if line.len() > MAX_LINE {
+                    skip_line(&mut reader)?;
+                }
                 continue;
             }
             let Some((time, _)) = head(archive.format, &line[..line.len() - 1]) else {
@@ -591,5 +649,60 @@ mod tests {
             ..Filter::default()
         };
         assert!(!fields.matches(&no));
+    }
+
+    #[test]
+    fn a_workloads_filters_select_its_suppressed_notices_in_the_file_in_both_formats() {
+        let json = br#"{"type":"events.suppressed","workload":"rag","tenant":"acme","reason":"no_permit","verdict":"deny","count":9}"#;
+        let ocsf = br#"{"metadata":{"event_code":"events.suppressed"},"unmapped":{"workload":"rag","tenant":"acme","reason":"no_permit","verdict":"deny","count":9}}"#;
+        for (format, line) in [(Format::Json, &json[..]), (Format::Ocsf, &ocsf[..])] {
+            let fields = Fields::of(format, &serde_json::from_slice(line).unwrap());
+            let acme = Filter {
+                tenant: Some("acme".into()),
+                workload: Some("rag".into()),
+                reason: Some("no_permit".into()),
+                verdict: Some("deny".into()),
+                ..Filter::default()
+            };
+            assert!(fields.matches(&acme), "{format:?}");
+            for other in [
+                Filter {
+                    tenant: Some("globex".into()),
+                    ..Filter::default()
+                },
+                Filter {
+                    to: Some("127.92.0.9".into()),
+                    ..Filter::default()
+                },
+            ] {
+                assert!(!fields.matches(&other), "{format:?} {other:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_the_bound_is_skipped_without_losing_the_next() {
+        let dir = std::env::temp_dir().join(format!("ev-archive-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let long = format!(
+            r#"{{"time":"{}","type":"connection.denied","seq":2,"pad":"{}"}}"#,
+            humantime::format_rfc3339_nanos(at(2)),
+            "x".repeat(MAX_LINE + 10)
+        );
+        write_lines(&path, &[line(1, 1, "acme"), long, line(3, 3, "acme")]);
+        let archive = Archive {
+            path: path.clone(),
+            format: Format::Json,
+            keep: 1,
+        };
+        let seam = Seam {
+            oldest_seq: 4,
+            emitted: true,
+        };
+        let (got, _) = seqs(&archive, 0, &Filter::default(), seam);
+        assert_eq!(got, vec![1, 3]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
