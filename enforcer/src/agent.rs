@@ -12,7 +12,7 @@
 //! new container's cgroup mapped within milliseconds, the periodic resync stays as the
 //! backstop. Until a first state exists, pods are unknown subjects (fail closed).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -49,6 +49,8 @@ const EVENT_BATCH: usize = 1024;
 
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often `FLOWS` is read to name missed flow contacts (see `drain_missed_contacts`).
+const LIVE_SCAN_EVERY: Duration = Duration::from_secs(5);
 /// With a healthy inotify watch of the whole subtree, the cgroup tree is re-resolved on its
 /// signals, and by the tick only every this many ticks (10 s): a backstop, not the way
 /// changes are found (a full resolve of a busy node costs tens of milliseconds).
@@ -315,9 +317,13 @@ struct Agent {
     pager: Option<crate::page::Pager>,
     /// Step-up quarantines in force (identity -> when they lift; kept in the learner's file).
     step_ups: BTreeMap<u32, SystemTime>,
-    /// `--learn`: the contacts whose `flow.opened` the kernel could not write, drained on
-    /// every tick (see `step_up.rs`).
+    /// The contacts whose `flow.opened` the kernel could not write, drained on every tick
+    /// (see `step_up.rs`): to the learner with `--learn`, discarded without.
     missed: Option<crate::flows::missed::MissedContacts>,
+    /// `FLOWS` as last read to name missed contacts, by (start, pid_tgid, subject,
+    /// destination), and when (read at most every `LIVE_SCAN_EVERY`).
+    live_flows: HashMap<(u64, u64, u32, u32), (u64, enforcer_common::FlowRecord)>,
+    live_scanned: Option<std::time::Instant>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -516,10 +522,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
     let contact_tx = learner.is_some().then_some(contact_tx);
-    let missed = match &learner {
-        Some(_) => Some(crate::flows::missed::MissedContacts::open(datapath.dir())?),
-        None => None,
-    };
+    let missed = Some(crate::flows::missed::MissedContacts::open(datapath.dir())?);
     let pager = options.page_webhook.clone().map(crate::page::Pager::spawn);
     let fingerprint_now = fingerprint(&options.policies);
     // Keys before the hooks: the first tagged SYN is signed, never sent bare.
@@ -547,6 +550,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         pager,
         step_ups: BTreeMap::new(),
         missed,
+        live_flows: HashMap::new(),
+        live_scanned: None,
         options,
         cgroup_mount,
         cgroup_root,

@@ -186,6 +186,21 @@ impl Probe {
         Ok(())
     }
 
+    /// A connect the cgroup programs let through: it succeeded, or it was aborted or reset
+    /// right after (`ECONNABORTED`, `ECONNRESET`: the agent destroyed the socket, e.g. a
+    /// step-up quarantine reacting to this very connect before it returned, which a busy
+    /// machine's scheduling decides). A refusal (`EPERM`) or any other error fails.
+    pub fn expect_let_through(&self, attempt: &str, when: &str) -> Result<()> {
+        let r = self.run_one(attempt)?;
+        ensure!(
+            r.outcome == Outcome::Ok
+                || (r.outcome == Outcome::Error
+                    && matches!(r.errno, libc::ECONNABORTED | libc::ECONNRESET)),
+            "{when}: {attempt} gave {r:?}, want success (or a reset after it)"
+        );
+        Ok(())
+    }
+
     /// `probe --repeat n attempt`: a burst, summarised.
     pub fn repeat(&self, n: u64, attempt: &str) -> Result<Summary> {
         let n_str = n.to_string();

@@ -138,8 +138,9 @@ impl Agent {
     /// Feeds the learner the contacts whose `flow.opened` the kernel could not write (the
     /// flow ring was full: `FLOW_CONTACTS_MISSED`), exactly like an opened record; called on
     /// every tick, so a contact hidden behind a flood is seen within 500 ms of the drain.
-    /// The event names the flow's socket cookie when the flow still lives, 0 when it ended
-    /// before the drain.
+    /// The event names the flow's socket cookie when the flow was live at the last read of
+    /// `FLOWS` (at most every `LIVE_SCAN_EVERY`), 0 otherwise. Without `--learn` the map is
+    /// only emptied.
     ///
     /// When even that map was full (`LOST_FLOW_CONTACTS` grew: over 4,096 distinct pairs in
     /// one tick), which contacts were lost is unknown: every live tracked flow (`FLOWS`) is
@@ -150,27 +151,41 @@ impl Agent {
         let Some(missed) = &mut self.missed else {
             return;
         };
-        let records = match missed.drain() {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::error!("draining the missed flow contacts: {error:#}");
-                Vec::new()
-            }
-        };
+        let records = missed.drain();
         let lost = missed.newly_lost().unwrap_or_else(|error| {
             tracing::error!("reading LOST_FLOW_CONTACTS: {error:#}");
             0
         });
-        if records.is_empty() && lost == 0 {
+        if self.learner.is_none() || (records.is_empty() && lost == 0) {
+            // Without --learn they are only emptied: a later run with --learn must not take
+            // days-old contacts for new ones.
             return;
         }
-        let live = match crate::flows::read(self.datapath.dir()) {
-            Ok(live) => live,
-            Err(error) => {
-                tracing::error!("reading the tracked flows: {error:#}");
-                Vec::new()
+        // Naming the flows needs `FLOWS` (up to 65,536 records, two syscalls each): read at
+        // most every LIVE_SCAN_EVERY while only contacts arrive (a workload that keeps the
+        // ring full would otherwise make every tick read it), at once when contacts were
+        // lost. A contact whose flow is not in the last read is named with cookie 0.
+        let scan = lost > 0
+            || self
+                .live_scanned
+                .is_none_or(|at| at.elapsed() >= super::LIVE_SCAN_EVERY);
+        if scan {
+            match crate::flows::read(self.datapath.dir()) {
+                Ok(live) => {
+                    self.live_flows = live
+                        .into_iter()
+                        .map(|(cookie, r)| {
+                            (
+                                (r.start_ns, r.pid_tgid, r.subject, r.destination),
+                                (cookie, r),
+                            )
+                        })
+                        .collect();
+                    self.live_scanned = Some(std::time::Instant::now());
+                }
+                Err(error) => tracing::error!("reading the tracked flows: {error:#}"),
             }
-        };
+        }
         if !records.is_empty() {
             tracing::info!(
                 contacts = records.len(),
@@ -178,18 +193,19 @@ impl Agent {
             );
         }
         for record in &records {
-            let cookie = live
-                .iter()
-                .find(|(_, r)| {
-                    r.start_ns == record.start_ns
-                        && r.pid_tgid == record.pid_tgid
-                        && r.subject == record.subject
-                        && r.destination == record.destination
-                })
+            let cookie = self
+                .live_flows
+                .get(&(
+                    record.start_ns,
+                    record.pid_tgid,
+                    record.subject,
+                    record.destination,
+                ))
                 .map_or(0, |(cookie, _)| *cookie);
             self.contact(cookie, record);
         }
         if lost > 0 {
+            let live: Vec<(u64, FlowRecord)> = self.live_flows.values().copied().collect();
             tracing::error!(
                 lost,
                 live = live.len(),
