@@ -146,7 +146,8 @@ pub mod capacity {
     pub const AGGREGATE_BUDGET: u32 = 16_384;
     /// The default of `Config::event_keys_per_workload`: distinct `AGGREGATE` keys one cgroup
     /// may make per window before its further new keys fold into its overflow key. 16,384 /
-    /// (64 + 1): ~250 workloads must flood at once to fill `AGGREGATE`.
+    /// (64 + 1) per direction: with the 1 s window and the agent's 500 ms sweep, 2-3 windows'
+    /// keys are alive at once, so about 100 workloads must flood at once to fill `AGGREGATE`.
     pub const AGGREGATE_KEYS_PER_WORKLOAD: u32 = 64;
     /// (subject, destination) pairs with a rate limit: local subjects x the rate-limited
     /// destinations they may reach.
@@ -610,6 +611,13 @@ pub mod aggregate_flags {
 pub struct AggregateBudgetKey {
     pub window: u64,
     pub cgroup_id: u64,
+    /// 1 for the ingress hook (denied SYNs *to* the cgroup, keyed by peer), 0 for the
+    /// cgroup's own calls: two budgets, so that peers flooding a server with (spoofable)
+    /// SYNs cannot push the server workload's own denies into its overflow key, nor the
+    /// workload's own junk denies hide the peers.
+    pub inbound: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// Value of `AGGREGATE`.
@@ -750,7 +758,7 @@ const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
 const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
-const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 24);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.
 ///

@@ -142,7 +142,9 @@ pub(crate) fn emit(r: &Report) {
         add_one(v);
         return;
     }
-    if budget != NO_BUDGET && !within_budget(key.window, r.cgroup_id, budget) {
+    if budget != NO_BUDGET
+        && !within_budget(key.window, r.cgroup_id, r.hook == hook::INGRESS, budget)
+    {
         overflow(r, &key, now);
         return;
     }
@@ -168,13 +170,19 @@ pub(crate) fn emit(r: &Report) {
     }
 }
 
-/// Takes one of the cgroup's `budget` new-key slots of `window`: true if one was left (or
+/// Takes one of the cgroup's `budget` new-key slots of `window` in one direction (its own
+/// calls, or SYNs to it: `inbound`): true if one was left (or
 /// the budget cannot be counted: `AGGREGATE_BUDGET` full). The fetch-add hands each slot
 /// out once, also when CPUs race; a racing CPU that finds no counter yet and loses the
 /// insert adds to the winner's.
 #[inline(always)]
-fn within_budget(window: u64, cgroup_id: u64, budget: u32) -> bool {
-    let key = AggregateBudgetKey { window, cgroup_id };
+fn within_budget(window: u64, cgroup_id: u64, inbound: bool, budget: u32) -> bool {
+    let key = AggregateBudgetKey {
+        window,
+        cgroup_id,
+        inbound: inbound as u32,
+        _pad: 0,
+    };
     let counter = match AGGREGATE_BUDGET.get_ptr_mut(&key) {
         Some(c) => c,
         None => {

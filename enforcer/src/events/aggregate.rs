@@ -44,7 +44,11 @@ use super::Notice;
 /// The default window of `--events-aggregate`.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
 
-/// `--events-aggregate 1s|500ms|0`: a duration; 0 turns aggregation off.
+/// The shortest window `--events-aggregate` takes: the agent's sweep interval.
+pub const MIN_WINDOW: Duration = Duration::from_millis(500);
+
+/// `--events-aggregate 1s|500ms|0`: a duration of at least [`MIN_WINDOW`]; 0 turns
+/// aggregation off.
 pub fn parse_window(text: &str) -> Result<Duration> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
@@ -52,9 +56,13 @@ pub fn parse_window(text: &str) -> Result<Duration> {
     let window = humantime::parse_duration(text.trim()).with_context(|| {
         format!("--events-aggregate {text:?}: want a duration (1s, 500ms) or 0 for off")
     })?;
+    // The agent sweeps finished windows every 500 ms: with shorter windows, entries (and
+    // each workload's key budget, which is per window) pile up between sweeps, and a few
+    // flooding workloads would fill the map.
     anyhow::ensure!(
-        window >= Duration::from_millis(1),
-        "--events-aggregate {text:?}: a window under 1ms aggregates nothing; use 0 for off"
+        window >= MIN_WINDOW,
+        "--events-aggregate {text:?}: the window must be at least 500ms (the agent reads the \
+         counts every 500 ms); use 0 for off"
     );
     Ok(window)
 }
@@ -234,7 +242,8 @@ mod tests {
     #[test]
     fn windows_parse_and_zero_is_off() {
         assert_eq!(parse_window("1s").unwrap(), Duration::from_secs(1));
-        assert_eq!(parse_window("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_window("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_window("250ms").is_err());
         assert_eq!(parse_window("0").unwrap(), Duration::ZERO);
         assert!(parse_window("10us").is_err());
         let error = parse_window("often").unwrap_err().to_string();
