@@ -167,7 +167,10 @@ impl Metrics {
             policy: policy.clone(),
             pdp: pdp.clone(),
         }));
-        registry.register_collector(Box::new(KernelCollector { pin_dir }));
+        registry.register_collector(Box::new(KernelCollector {
+            pin_dir,
+            fills: Mutex::new(None),
+        }));
         Metrics {
             registry,
             events,
@@ -346,11 +349,34 @@ impl Collector for AgentCollector {
 #[derive(Debug)]
 struct KernelCollector {
     pin_dir: PathBuf,
+    /// The map fill levels and when they were counted: counting walks every keyed map (a
+    /// syscall per entry, up to a few hundred thousand), so scrapes within
+    /// `FILL_COUNT_EVERY` reuse the last count; the counters are read at every scrape.
+    fills: Mutex<Option<(std::time::Instant, Vec<datapath::MapFill>)>>,
+}
+
+/// How long a count of the maps' entries serves the scrapes (see `KernelCollector::fills`).
+const FILL_COUNT_EVERY: Duration = Duration::from_secs(10);
+
+impl KernelCollector {
+    fn stats(&self) -> Result<datapath::KernelStats> {
+        let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = fills
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < FILL_COUNT_EVERY)
+            .map(|(_, maps)| maps.clone());
+        let mut stats = datapath::kernel_stats_with(&self.pin_dir, fresh.is_none())?;
+        match fresh {
+            Some(maps) => stats.maps = maps,
+            None => *fills = Some((std::time::Instant::now(), stats.maps.clone())),
+        }
+        Ok(stats)
+    }
 }
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let stats = match datapath::kernel_stats(&self.pin_dir) {
+        let stats = match self.stats() {
             Ok(stats) => stats,
             Err(error) => {
                 tracing::warn!("metrics: reading the pinned maps: {error:#}");

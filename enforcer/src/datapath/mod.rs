@@ -17,8 +17,9 @@ use enforcer_common::{maps, ABI_VERSION};
 pub use links::{attached_programs, AttachReport, HookAttachment};
 pub use rates::RateWriter;
 pub use tables::{
-    kernel_stats, lost_events, ApplyReport, Capacities, CapacityOverrides, ConfigView,
-    DesiredState, Flip, KernelStats, MapContents, MapFill, Need, Needs, SwapStep, Tables,
+    kernel_stats, kernel_stats_with, lost_events, ApplyReport, Capacities, CapacityOverrides,
+    ConfigView, DesiredState, Flip, KernelStats, MapContents, MapFill, Need, Needs, SwapStep,
+    Tables,
 };
 
 /// The kernel programs, built by `cargo xtask build-ebpf` (see build.rs).

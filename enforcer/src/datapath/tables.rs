@@ -1573,6 +1573,12 @@ pub fn lost_events(dir: &Path) -> Result<u64> {
 }
 
 pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
+    kernel_stats_with(dir, true)
+}
+
+/// [`kernel_stats`]; with `count_entries` false the maps' `entries` are left `None` (walking
+/// the keyed maps costs a syscall per entry: the metrics reuse an earlier count).
+pub fn kernel_stats_with(dir: &Path, count_entries: bool) -> Result<KernelStats> {
     let counters: PerCpuArray<MapData, u64> = typed!(dir, maps::VERDICTS);
     let mut verdicts = vec![vec![0u64; reason::COUNT]; verdict::COUNT];
     let mut verdicts_by_hook = vec![verdicts.clone(); hook::COUNT];
@@ -1594,8 +1600,12 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
     for name in maps::ALL {
         let info = MapInfo::from_pin(dir.join(name))
             .with_context(|| format!("reading map info of {name}"))?;
-        let entries = count_entries(&dir.join(name), &info)
-            .with_context(|| format!("counting the entries of {name}"))?;
+        let entries = if count_entries {
+            count_map_entries(&dir.join(name), &info)
+                .with_context(|| format!("counting the entries of {name}"))?
+        } else {
+            None
+        };
         fills.push(MapFill {
             name,
             entries,
@@ -1621,7 +1631,7 @@ pub fn kernel_stats(dir: &Path) -> Result<KernelStats> {
 /// arrays, the ring buffers), whose size is fixed. A map that changes during the walk gives
 /// an approximate count (the kernel restarts from the first key when the current one was
 /// deleted; the walk is bounded by twice the capacity).
-fn count_entries(pin: &Path, info: &MapInfo) -> Result<Option<u64>> {
+fn count_map_entries(pin: &Path, info: &MapInfo) -> Result<Option<u64>> {
     use aya::maps::MapType;
     use std::os::fd::{AsFd, AsRawFd};
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
