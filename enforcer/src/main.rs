@@ -60,12 +60,14 @@ enum Command {
         events_keep: u32,
         /// Repeated denies of one (subject, destination, port, protocol, hook, reason) within
         /// this window are counted in the kernel: the first is reported at once, the rest as
-        /// one event with their exact `count` once the window is over. 0 reports every deny.
+        /// one event with their exact `count` once the window is over. At least 500ms (the
+        /// agent reads the counts every 500 ms); 0 reports every deny.
         #[arg(long, value_name = "WINDOW", default_value = "1s", value_parser = enforcer::events::aggregate::parse_window)]
         events_aggregate: std::time::Duration,
-        /// Distinct denied destinations (or ingress peers) one workload may have counted per
-        /// aggregation window; its denies beyond are counted together and reported as one
-        /// `events.suppressed` event with their exact count. 0: no budget.
+        /// Distinct denied destinations one workload may have counted per aggregation window
+        /// (and as many ingress peers denied at it: two budgets); its denies beyond are counted
+        /// together and reported as one `events.suppressed` event with their exact count. 0:
+        /// no budget.
         #[arg(long, value_name = "N", default_value_t = enforcer_common::capacity::AGGREGATE_KEYS_PER_WORKLOAD)]
         events_keys_per_workload: u32,
         /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
