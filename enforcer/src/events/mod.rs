@@ -194,7 +194,13 @@ impl Emitter {
             }
         }
         if let Some(hub) = &self.hub {
-            hub.publish(seq, std::sync::Arc::new(event));
+            // The line goes along: consumers of the file's format send these bytes instead of
+            // serialising the event again, each.
+            let line = stream::Line {
+                format: self.formatter.format(),
+                bytes: line.into(),
+            };
+            hub.publish_with_line(seq, std::sync::Arc::new(event), Some(line));
         }
         Ok(seq)
     }

@@ -254,6 +254,27 @@ pub struct Entry {
     pub seq: u64,
     pub at: SystemTime,
     pub event: Arc<Event>,
+    /// The event's line as the emitter wrote it (the events file's format), when it did.
+    pub line: Option<Line>,
+}
+
+/// A formatted event line, `\n` included, shared by every consumer of its format.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub format: Format,
+    pub bytes: Arc<[u8]>,
+}
+
+impl Entry {
+    /// Appends the entry's line in `formatter`'s format to `out`: the emitter's bytes when
+    /// the formats agree (the same formatter context: the same bytes), else serialised here.
+    fn write_line(&self, formatter: &Formatter, out: &mut Vec<u8>) -> Result<()> {
+        match &self.line {
+            Some(line) if line.format == formatter.format() => out.extend_from_slice(&line.bytes),
+            _ => out.extend(formatter.line(self.seq, &self.event)?),
+        }
+        Ok(())
+    }
 }
 
 /// What a consumer missed since its last delivery.
@@ -331,10 +352,16 @@ impl Hub {
 
     /// Called by the emitter for every numbered event.
     pub fn publish(&self, seq: u64, event: Arc<Event>) {
+        self.publish_with_line(seq, event, None);
+    }
+
+    /// [`Hub::publish`] with the line the emitter wrote, for consumers of its format.
+    pub fn publish_with_line(&self, seq: u64, event: Arc<Event>, line: Option<Line>) {
         let entry = Entry {
             seq,
             at: SystemTime::now(),
             event,
+            line,
         };
         let mut dropped = 0;
         {
@@ -697,7 +724,7 @@ async fn serve_one(
     }
     let mut out = Vec::new();
     for entry in &past {
-        out.extend(formatter.line(entry.seq, &entry.event)?);
+        entry.write_line(&formatter, &mut out)?;
     }
     write.write_all(&out).await?;
     let Some(subscription) = subscription else {
@@ -716,7 +743,7 @@ async fn serve_one(
             out.extend(dropped_line(missed));
         }
         for entry in &entries {
-            out.extend(formatter.line(entry.seq, &entry.event)?);
+            entry.write_line(&formatter, &mut out)?;
         }
         // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
         write.write_all(&out).await?;
