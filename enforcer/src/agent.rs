@@ -477,6 +477,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .tables
         .set_event_window(options.events_aggregate, options.events_keys_per_workload)
         .context("setting the deny aggregation window")?;
+    if let Some(until) = options.wire_accept_v1_until {
+        if until <= std::time::SystemTime::now() {
+            tracing::warn!(
+                until = %humantime::format_rfc3339_seconds(until),
+                "--wire-accept-v1-until is already past: version 1 identity options are refused"
+            );
+        }
+    }
     let v1_until_s = options
         .wire_accept_v1_until
         .map(crate::wire::v1_until_s)
