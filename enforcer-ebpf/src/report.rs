@@ -160,14 +160,7 @@ pub(crate) fn emit(r: &Report) {
         return;
     }
     // Another CPU made the entry since the lookup (EEXIST), or the map is full (E2BIG).
-    match AGGREGATE.get_ptr_mut(&key) {
-        Some(v) => add_one(v),
-        None => {
-            if !write(r, now) {
-                lose();
-            }
-        }
-    }
+    add_or_report(&key, r, now);
 }
 
 /// Takes one of the cgroup's `budget` new-key slots of `window` in one direction (its own
@@ -245,7 +238,14 @@ fn overflow(r: &Report, own: &AggregateKey, now: u64) {
         return;
     }
     // EEXIST (another CPU made it: add to it) or E2BIG (full: the deny's own event).
-    match AGGREGATE.get_ptr_mut(&key) {
+    add_or_report(&key, r, now);
+}
+
+/// After an insert of `key` failed: counted in the entry another CPU made meanwhile, or, the
+/// map being full, the deny's own event (or `LOST_EVENTS`).
+#[inline(always)]
+fn add_or_report(key: &AggregateKey, r: &Report, now: u64) {
+    match AGGREGATE.get_ptr_mut(key) {
         Some(v) => add_one(v),
         None => {
             if !write(r, now) {

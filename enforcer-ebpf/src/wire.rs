@@ -581,18 +581,21 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     if audit && dst_flags & flags::INGRESS_AUDIT == 0 {
         return PASS;
     }
-    let (generation, skew_s, v1_until_s) = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always valid for reads.
+    // One CONFIG lookup for everything the check reads; the clock is turned into the
+    // option's seconds at once (only `now_s` lives on: the program is near its stack limit).
+    let (generation, skew_s, v1_until_s, now_s) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads; no preconditions (the helper).
         Some(c) => unsafe {
             (
                 read_volatile(&(*c).generation) as u32,
                 read_volatile(&(*c).wire_skew_s),
                 read_volatile(&(*c).wire_v1_until_s),
+                abi::seconds(bpf_ktime_get_tai_ns(), read_volatile(&(*c).tai_offset_s)),
             )
         },
-        None => (0, 0, 0),
+        // SAFETY: no preconditions.
+        None => (0, 0, 0, abi::seconds(unsafe { bpf_ktime_get_tai_ns() }, 0)),
     };
-    let now_s = now_seconds();
 
     let option = if syn.hidden {
         None

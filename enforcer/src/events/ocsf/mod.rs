@@ -915,6 +915,22 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
         process: None,
         app_name: Some(PRODUCT_NAME),
     };
+    // Application Error / General Error: what the agent reports about itself (losses,
+    // suppressed denies, cluster problems), `count` where the notice counts something.
+    let general_error = |severity_id: u32, message: String, count: Option<u64>, unmapped| {
+        let mut event = header(
+            context,
+            APPLICATION_ERROR,
+            (1, "General Error"),
+            severity_id,
+            stamp(),
+            vec!["host"],
+        );
+        event.message = message;
+        event.count = count;
+        event.unmapped = Unmapped::Notice(unmapped);
+        event
+    };
     let workload_entity = |workload: &'a str, identity: Option<u32>| ManagedEntity {
         uid: identity.map(|i| i.to_string()),
         name: Some(workload),
@@ -924,38 +940,22 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
         data: None,
     };
     match notice {
-        Notice::EventsLost { count, total, .. } => {
-            let mut event = header(
-                context,
-                APPLICATION_ERROR,
-                (1, "General Error"),
-                4,
-                stamp(),
-                vec!["host"],
-            );
-            event.message = format!(
+        Notice::EventsLost { count, total, .. } => general_error(
+            4,
+            format!(
                 "{count} events lost: the kernel's ring buffer was full ({total} since the maps were created)"
-            );
-            event.count = Some(*count);
-            event.unmapped = Unmapped::Notice(json!({ "count": count, "total": total }));
-            event
-        }
-        Notice::FlowEventsLost { count, total, .. } => {
-            let mut event = header(
-                context,
-                APPLICATION_ERROR,
-                (1, "General Error"),
-                4,
-                stamp(),
-                vec!["host"],
-            );
-            event.message = format!(
+            ),
+            Some(*count),
+            json!({ "count": count, "total": total }),
+        ),
+        Notice::FlowEventsLost { count, total, .. } => general_error(
+            4,
+            format!(
                 "{count} flow events lost: the kernel's flow ring buffer was full ({total} since the maps were created)"
-            );
-            event.count = Some(*count);
-            event.unmapped = Unmapped::Notice(json!({ "count": count, "total": total }));
-            event
-        }
+            ),
+            Some(*count),
+            json!({ "count": count, "total": total }),
+        ),
         Notice::EventsSuppressed {
             workload,
             tenant,
@@ -970,19 +970,13 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             // Not an error of the agent's: the workload's distinct denied destinations went
             // beyond its per-window budget (a sweep of addresses or ports), so its denies
             // were counted, not listed. Medium: worth a look, as the denies themselves.
-            let mut event = header(
-                context,
-                APPLICATION_ERROR,
-                (1, "General Error"),
+            general_error(
                 3,
-                stamp(),
-                vec!["host"],
-            );
-            event.message = format!(
-                "{count} {verdict} events of {workload} ({hook}, {reason}) suppressed: more distinct destinations in one window than its budget"
-            );
-            event.count = Some(*count);
-            event.unmapped = Unmapped::Notice(json!({
+                format!(
+                    "{count} {verdict} events of {workload} ({hook}, {reason}) suppressed: more distinct destinations in one window than its budget"
+                ),
+                Some(*count),
+                json!({
                 "workload": workload,
                 "tenant": tenant,
                 "identity": identity,
@@ -991,21 +985,11 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                 "verdict": verdict,
                 "reason": reason,
                 "count": count,
-            }));
-            event
+                }),
+            )
         }
         Notice::ClusterProblem { problem, .. } => {
-            let mut event = header(
-                context,
-                APPLICATION_ERROR,
-                (1, "General Error"),
-                3,
-                stamp(),
-                vec!["host"],
-            );
-            event.message = problem.clone();
-            event.unmapped = Unmapped::Notice(json!({ "problem": problem }));
-            event
+            general_error(3, problem.clone(), None, json!({ "problem": problem }))
         }
         Notice::PolicyApplied {
             snapshot, allows, ..
