@@ -145,9 +145,11 @@ pub mod capacity {
     /// budgeted (aggregated as without a budget).
     pub const AGGREGATE_BUDGET: u32 = 16_384;
     /// The default of `Config::event_keys_per_workload`: distinct `AGGREGATE` keys one cgroup
-    /// may make per window before its further new keys fold into its overflow key. 16,384 /
-    /// (64 + 1) per direction: with the 1 s window and the agent's 500 ms sweep, 2-3 windows'
-    /// keys are alive at once, so about 100 workloads must flood at once to fill `AGGREGATE`.
+    /// may make per window and direction (its own calls; SYNs to it) before its further new keys
+    /// fold into its overflow keys. A workload flooding both ways holds up to 2 x 64 keys and
+    /// an overflow key per (hook, reason) per window, and with the 1 s window and the agent's
+    /// 500 ms sweep 2-3 windows' keys are alive at once: about 50 workloads flooding at once
+    /// fill `AGGREGATE`.
     pub const AGGREGATE_KEYS_PER_WORKLOAD: u32 = 64;
     /// (subject, destination) pairs with a rate limit: local subjects x the rate-limited
     /// destinations they may reach.
@@ -498,7 +500,7 @@ pub struct Config {
     /// Nanoseconds of a deny-aggregation window (`--events-aggregate`); 0 = every deny is
     /// reported on its own. See [`AggregateValue`].
     pub event_window_ns: u64,
-    /// Seconds an identity option's timestamp may differ from this node's CLOCK_TAI, either
+    /// Seconds an identity option's timestamp may differ from this node's wall clock, either
     /// way (`--wire-max-skew`, default [`wire::DEFAULT_SKEW_S`]); see [`wire::fresh`]. 0 means
     /// the default, so that a zeroed entry never refuses every option.
     pub wire_skew_s: u32,
@@ -510,7 +512,7 @@ pub struct Config {
     /// a deny of a further new key is counted under the cgroup's overflow key
     /// ([`aggregate_flags::OVERFLOW`]). 0 = no budget.
     pub event_keys_per_workload: u32,
-    /// CLOCK_TAI minus CLOCK_REALTIME in whole seconds, as the agent reads the two clocks
+    /// CLOCK_TAI minus CLOCK_REALTIME in whole seconds: the kernel's TAI offset, as the agent reads it
     /// (refreshed every tick: a time daemon may set the kernel's TAI offset after boot); the
     /// identity option's time is CLOCK_TAI less this ([`wire::seconds`]).
     pub tai_offset_s: u32,
@@ -775,7 +777,7 @@ const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 24);
 ///   (the tenant number is a hash of the tenant's name, the same on every node), which saves
 ///   4 of the ~20 bytes a Linux SYN leaves free after MSS, SACK-permitted, timestamps and
 ///   window scale.
-/// - `time` (version 2): the sender's CLOCK_TAI seconds modulo 2^16 when the connect was
+/// - `time` (version 2): the sender's wall-clock (POSIX) seconds modulo 2^16 when the connect was
 ///   made ([`stamp`]); the receiver accepts it within a skew of its own clock ([`fresh`]).
 ///   In version 1 these bits were the low 16 bits of the sender's policy generation.
 /// - `key id`: which flow key made the tag (never 0).
@@ -844,7 +846,7 @@ pub mod wire {
         pub identity: u32,
         /// The local destination identity the SYN was judged for.
         pub destination: u32,
-        /// The option's time field (version 2: the sender's CLOCK_TAI seconds modulo 2^16;
+        /// The option's time field (version 2: the sender's wall-clock seconds modulo 2^16;
         /// version 1: its policy generation) and the key id that verified.
         pub stamp: u16,
         pub key_id: u8,

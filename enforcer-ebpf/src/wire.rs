@@ -12,7 +12,7 @@
 //!
 //! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
 //! `audit` must carry an option whose tag verifies with one of the `FLOW_KEYS`, whose time is
-//! within `Config::wire_skew_s` of this node's CLOCK_TAI (`stale_tag` otherwise: a replay),
+//! within `Config::wire_skew_s` of this node's wall clock (`stale_tag` otherwise: a replay),
 //! and the claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is
 //! judged as WORLD when the IP cache does not know its source, and refused (`missing_tag`)
 //! when it does: a cluster workload always comes through an enforcer that tags.
@@ -679,7 +679,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
 }
 
 /// Whether a verified option is recent enough: version 2 when its time is within `skew_s`
-/// (0: `abi::DEFAULT_SKEW_S`) of this node's CLOCK_TAI, either way; version 1 (no time) only
+/// (0: `abi::DEFAULT_SKEW_S`) of this node's wall clock, either way; version 1 (no time) only
 /// before `v1_until_s` (TAI seconds; 0: never), the grace of a rolling upgrade. Without this,
 /// a SYN captured once verifies forever from its 4-tuple: a pod that later gets the same IP
 /// (pod IPs are recycled) could replay it and pass as the old identity.

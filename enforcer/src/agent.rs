@@ -787,13 +787,15 @@ impl Agent {
         if let Some(keys) = &mut self.flow_keys {
             keys.refresh_logged(self.datapath.dir());
         }
+        // Before the policy check, whose reload ends the tick: a directory that changes at
+        // every tick must not starve the clock of the identity option.
+        refresh_tai_offset(&mut self.datapath.tables);
         let latest = fingerprint(&self.options.policies);
         if latest != self.fingerprint {
             self.reload("policy directory changed");
             return;
         }
         self.ticks += 1;
-        refresh_tai_offset(&mut self.datapath.tables);
         let watched = self
             .watch_status
             .as_ref()

@@ -116,7 +116,7 @@ enum Command {
         /// URL (http://HOST:PORT/PATH), retried with backoff, never blocking enforcement.
         #[arg(long, value_name = "URL", value_parser = enforcer::page::Webhook::parse)]
         page_webhook: Option<enforcer::page::Webhook>,
-        /// How far an identity option's time may be from this node's CLOCK_TAI, either way,
+        /// How far an identity option's time may be from this node's wall clock, either way,
         /// before its SYN is refused as `stale_tag` (a replay, or a node whose clock is off).
         /// Covers the node clocks' disagreement and the SYN retransmissions of one connect.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_wire_skew)]

@@ -122,7 +122,8 @@ pub fn read_keys(file: &Path) -> Result<FlowKeys> {
 
 /// The 64-bit tag of a version 2 option, as the kernel computes it: `stamp` is the option's
 /// time in whole seconds ([`now_stamp`] for a SYN sent now; the option carries its low 16
-/// bits, the tag covers all 32), `saddr`/`daddr`/ports those of the SYN
+/// bits, the tag covers all 32: a verifier holding only the option's 16-bit field passes
+/// `abi::claimed_seconds(field, now_stamp()?)`, the time nearest its own clock), `saddr`/`daddr`/ports those of the SYN
 /// (IPv4 addresses are taken as `::ffff:a.b.c.d`).
 #[allow(clippy::too_many_arguments)]
 pub fn tag(
@@ -247,15 +248,22 @@ pub fn now_stamp() -> Result<u32> {
     Ok(now.as_secs() as u32)
 }
 
-/// CLOCK_TAI minus CLOCK_REALTIME in whole seconds (`Config::tai_offset_s`): the kernel TAI
-/// offset this host's time daemon set (37 with chrony's `leapsectz`, 0 when none set it).
-/// Errors: a clock cannot be read.
+/// CLOCK_TAI minus CLOCK_REALTIME in whole seconds (`Config::tai_offset_s`): the kernel's
+/// integer TAI offset, which this host's time daemon set (37 with chrony's `leapsectz`, 0
+/// when none set it), read with `adjtimex` (modes 0: read only, unprivileged). Not the
+/// difference of two clock reads: a step of CLOCK_REALTIME between them would be taken for
+/// an offset (and widen the replay window by the step). Errors: the call fails, or a
+/// negative offset.
 pub fn tai_offset_s() -> Result<u32> {
-    let real = clock_ns(libc::CLOCK_REALTIME).context("reading CLOCK_REALTIME")?;
-    let tai = tai_now_ns()?;
-    // Rounded: the two reads are a few nanoseconds apart.
-    let offset = (tai as i128 - real as i128 + 500_000_000).div_euclid(1_000_000_000);
-    u32::try_from(offset).context("CLOCK_TAI is behind CLOCK_REALTIME")
+    // SAFETY: all-zero is a valid `timex` (modes 0: nothing is set, the kernel only fills it).
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    // SAFETY: `tx` is a valid, writable timex.
+    if unsafe { libc::adjtimex(&mut tx) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("adjtimex (reading the TAI offset)");
+    }
+    #[allow(clippy::unnecessary_cast)] // c_long on glibc, c_int on musl
+    let tai = tx.tai as i64;
+    u32::try_from(tai).context("the kernel's TAI offset is negative")
 }
 
 /// Whether a version 2 option stamped `stamp` (its 16-bit field) is fresh now on this host
@@ -427,7 +435,7 @@ pub struct VerifiedPeer {
     /// The identity the option claimed (and its tag proved).
     pub identity: u32,
     pub destination: u32,
-    /// The option's time field: the sender's CLOCK_TAI seconds modulo 2^16 (a version 1
+    /// The option's time field: the sender's wall-clock seconds modulo 2^16 (a version 1
     /// option's: its policy generation).
     pub stamp: u16,
     pub key_id: u8,

@@ -183,7 +183,11 @@ impl Agent {
                         .collect();
                     self.live_scanned = Some(std::time::Instant::now());
                 }
-                Err(error) => tracing::error!("reading the tracked flows: {error:#}"),
+                Err(error) => {
+                    // Not an old snapshot in its place: it could name flows long gone.
+                    self.live_flows.clear();
+                    tracing::error!("reading the tracked flows: {error:#}");
+                }
             }
         }
         if !records.is_empty() {

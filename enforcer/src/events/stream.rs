@@ -59,6 +59,8 @@ pub const QUEUE_BUDGET: usize = MAX_CONSUMERS * QUEUE;
 /// socket and up to a queue of events, so their number is bounded like everything else a
 /// consumer can make the agent hold.
 pub const MAX_CONSUMERS: usize = 64;
+/// Bytes of a consumer's write buffer kept between batches.
+const OUT_KEPT: usize = 256 << 10;
 /// The request line's bound: a filter needs a few hundred bytes.
 const MAX_REQUEST: u64 = 64 << 10;
 /// How long a consumer may take to send its request line.
@@ -747,6 +749,8 @@ async fn serve_one(
         }
         // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
         write.write_all(&out).await?;
+        // A burst's buffer (up to a whole queue of lines) is not kept for the quiet after it.
+        out.shrink_to(OUT_KEPT);
     }
 }
 
