@@ -139,6 +139,14 @@ impl World {
         );
         config
     }
+    /// [`World::config`] without `--learn` (and so without a pager).
+    fn config_without_learning(&self) -> AgentConfig {
+        self.state.configure(AgentConfig::new(
+            self.bundle.path(),
+            &self.root.relative_str(),
+            self.pins.path(),
+        ))
+    }
     fn neighbourhoods(&self) -> Result<Value> {
         let path = self.state.path().join("neighbourhoods.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
@@ -609,6 +617,65 @@ fn a_contact_hidden_behind_a_flood_of_flow_events_still_raises_the_anomaly_and_s
     ensure!(
         opened_db2 == 0,
         "db2's flow.opened reached the stream after all"
+    );
+    Ok(())
+}
+
+/// Entries of `FLOW_CONTACTS_MISSED` (as `enforcer status` counts them).
+fn missed_contacts(pins: &std::path::Path) -> Result<u64> {
+    let stats = enforcer::datapath::kernel_stats(pins)?;
+    stats
+        .maps
+        .iter()
+        .find(|m| m.name == enforcer_common::maps::FLOW_CONTACTS_MISSED)
+        .and_then(|m| m.entries)
+        .context("no FLOW_CONTACTS_MISSED count")
+}
+
+#[test]
+fn without_learning_the_missed_contacts_are_emptied_not_kept_for_a_later_run() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const BATCH: u64 = 500;
+    const MAX_BATCHES: usize = 20;
+    let w = world_in(FLOOD_NET, 2)?;
+    let _db1 = FlowServer::start(w.addr(10))?;
+    let agent = Agent::start(w.config_without_learning())?;
+    first_applied_snapshot(&agent)?;
+    let pins = enforcer::datapath::pin_dir(w.pins.path());
+    let lost_before = enforcer::flows::lost(&pins)?;
+    agent.pause()?;
+    let resume = Resume(&agent);
+    let probe = Probe::new().in_cgroup(&w.client);
+    let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
+    for _ in 0..MAX_BATCHES {
+        let burst = probe.repeat(BATCH, &to_db1)?;
+        ensure!(
+            burst.ok == BATCH,
+            "the flood's flows were refused: {burst:?}"
+        );
+        if enforcer::flows::lost(&pins)? > lost_before {
+            break;
+        }
+    }
+    ensure!(
+        enforcer::flows::lost(&pins)? > lost_before,
+        "the flood did not fill the flow-event ring"
+    );
+    // The kernel kept the lost contact (the map is filled whether or not anyone learns) ...
+    ensure!(missed_contacts(&pins)? >= 1, "no missed contact was kept");
+    drop(resume);
+    // ... and an agent without --learn empties it, so that a later run with --learn does not
+    // take these contacts for new ones.
+    let emptied = wait_until(WAIT, Duration::from_millis(50), || {
+        missed_contacts(&pins).is_ok_and(|n| n == 0)
+    });
+    ensure!(
+        emptied,
+        "FLOW_CONTACTS_MISSED still holds {:?} entries\n{}",
+        missed_contacts(&pins),
+        agent.stderr_tail()
     );
     Ok(())
 }
