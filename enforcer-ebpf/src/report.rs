@@ -23,13 +23,14 @@
 //! keys per window (`AGGREGATE_BUDGET`, counted with an atomic fetch-add, so the K slots
 //! are handed out exactly once even when CPUs race); a deny that needs a new key beyond
 //! that is added to the cgroup's overflow key of the window (`aggregate_flags::OVERFLOW`:
-//! same cgroup, subject, hook, verdict and reason, no address), which is never reported at
-//! once, only by the agent's summary (`events.suppressed`). One workload holds at most K
-//! keys plus one overflow key per (hook, verdict, reason) per window. Exactness is the
-//! argument above with one more outcome: a deny goes to exactly one place, its own event,
-//! its own entry, or the overflow entry (made with `suppressed` 1, or added 1 to). A budget
-//! slot taken by a deny whose key another CPU made meanwhile (EEXIST) is merely spent, not
-//! a deny lost. The budget counter, like the entries, is only written in its window, and
+//! same cgroup, subject, hook, verdict and reason, no address; for ingress the subject is
+//! the destination, never the SYN's claim), which is never reported at once, only by the
+//! agent's summary (`events.suppressed`). One workload holds at most K keys per direction
+//! (its own calls; SYNs to it) plus one overflow key per (hook, verdict, reason) per
+//! window. Exactness is the argument above with one more outcome: a deny goes to exactly
+//! one place, its own event, its own entry, or the overflow entry (made with `suppressed`
+//! 1, or added 1 to). A budget slot taken by a deny whose key another CPU made meanwhile
+//! (EEXIST) is merely spent, not a deny lost. The budget counter, like the entries, is only written in its window, and
 //! the agent deletes it with them. When `AGGREGATE_BUDGET` is full the deny is not budgeted;
 //! when `AGGREGATE` is full, denies take the old path as above.
 
@@ -214,7 +215,16 @@ fn overflow(r: &Report, own: &AggregateKey, now: u64) {
     let key = AggregateKey {
         window: own.window,
         cgroup_id: r.cgroup_id,
-        subject: r.subject,
+        // An ingress deny's subject is whatever the SYN claimed, and a forged option claims
+        // any identity it likes (`bad_tag` is still counted under its claim): an overflow key
+        // per claim gave a flood one key per forged identity, the budget's hole. A cgroup's
+        // inbound overflow is its own: keyed, and named by `events.suppressed`, by the
+        // destination, the local workload the SYNs were refused for.
+        subject: if r.hook == hook::INGRESS {
+            r.destination
+        } else {
+            r.subject
+        },
         destination: 0,
         daddr: [0; 4],
         peer: [0; 4],

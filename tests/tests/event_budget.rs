@@ -291,3 +291,286 @@ fn a_sweep_of_many_destinations_stays_within_its_budget_and_is_counted_exactly()
     );
     Ok(())
 }
+
+/// The server workload of the inbound test: it listens on `INBOUND_DB`, its ingress check is
+/// `enforce`, and it makes denied calls of its own to `INBOUND_OTHER` (another tenant's store).
+const INBOUND_DB: &str = "127.98.0.2";
+const INBOUND_OTHER: &str = "127.98.0.3";
+/// The flood's source (the test's own process: no enforcer judges its connects).
+const INBOUND_PEER: &str = "127.98.1.1";
+const INBOUND_PORT: u16 = 6333;
+/// Forged claims per round: more than the budget, so every round overflows it.
+const CLAIMS: u32 = 100;
+/// How long the rounds go on (at least two whole 1 s windows), their pace, and a bound on
+/// their number (far more than ROUNDS_FOR / ROUND_EVERY).
+const ROUNDS_FOR: Duration = Duration::from_millis(3500);
+const ROUND_EVERY: Duration = Duration::from_millis(50);
+const MAX_ROUNDS: u32 = 200;
+
+/// Sends one SYN from `INBOUND_PEER:sport` to `INBOUND_DB:INBOUND_PORT` on a raw IPv4 socket
+/// (the kernel writes the IP header), with `option` as its only TCP option.
+fn forged_syn(sport: u16, option: &[u8; enforcer_common::wire::OPTION_LEN]) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (src, dst): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (INBOUND_PEER.parse()?, INBOUND_DB.parse()?);
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&INBOUND_PORT.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = (((20 + option.len()) / 4) as u8) << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(option);
+    // RFC 793 checksum over the pseudo-header and the segment (a raw IPv4 socket computes none).
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, libc::IPPROTO_TCP as u8]);
+    add(&(tcp.len() as u16).to_be_bytes());
+    add(&tcp);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+
+    // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("raw socket");
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sockaddr = |ip: std::net::Ipv4Addr| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let from = sockaddr(src);
+    // SAFETY: a valid sockaddr_in of the length given.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&from as *const libc::sockaddr_in).cast(),
+            len,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error()).context("bind the raw socket");
+    }
+    let to = sockaddr(dst);
+    // SAFETY: tcp and to are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            tcp.as_ptr().cast(),
+            tcp.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            len,
+        )
+    };
+    ensure!(
+        sent == tcp.len() as isize,
+        "raw SYN: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// The inbound direction (the budget's hole and its per-direction split): a peer floods a
+/// server workload whose ingress check is `enforce` with SYNs whose options claim 100
+/// different identities under a forged tag (`bad_tag`, counted under each claim), and in
+/// between the server makes one denied call of its own per round. Then:
+/// - each window's inbound overflow is one key, not one per forged claim: at most one
+///   `events.suppressed` line per window for `hook: ingress`, naming the server (before,
+///   the overflow key carried the claim: one notice per claim beyond the budget, and a
+///   flood of claims could fill `AGGREGATE` anyway);
+/// - the flood's denies are all accounted: its own events plus the suppressed counts equal
+///   the kernel's `bad_tag` counter;
+/// - the server's own denies are every one reported with its destination, none folded into
+///   an overflow: the flood spends the inbound budget, not the server's own (with one
+///   budget for both, every window's flood pushed them out).
+#[test]
+fn an_inbound_flood_of_forged_claims_keeps_one_overflow_key_and_spares_the_servers_own_denies(
+) -> Result<()> {
+    use enforcer_tests::{unique_name, PinDir, PolicyBundle, TempDir, TestCgroup};
+    if !require_kernel() {
+        return Ok(());
+    }
+    let root = TestCgroup::create(unique_name("eb"))?;
+    let node = root.child("node")?;
+    let db_cg = node.child("acme-vectors")?;
+    let inventory = format!(
+        r#"tenants: [acme, globex]
+workloads:
+  - name: acme-vectors
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{}]
+    ips: [{INBOUND_DB}/32]
+    ports: [{{port: {INBOUND_PORT}, protocol: tcp, action: infer}}]
+    ingress: enforce
+endpoints:
+  - name: globex-store
+    tenant: globex
+    kind: feature_store
+    ips: [{INBOUND_OTHER}/32]
+    ports: [{{port: 7000, protocol: tcp, action: read}}]
+"#,
+        db_cg.relative_str()
+    );
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", &inventory),
+        ("schema.cedarschema", enforcer_tests::fixtures::SCHEMA),
+        (
+            "policies.cedar",
+            r#"@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+"#,
+        ),
+    ])?;
+    let tmp = TempDir::new("eb-keys")?;
+    let keys = tmp.path().join("keys");
+    std::fs::write(&keys, "1 000102030405060708090a0b0c0d0e0f\n")?;
+    let pins = PinDir::new("eb-in")?;
+    let mut cfg =
+        enforcer_tests::AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+    // The agent's own defaults (1 s windows, 64 keys per workload and direction).
+    cfg.events_aggregate = None;
+    cfg.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
+    let agent = Agent::start(cfg)?;
+    // The listener makes the SYNs the server's: cgroup_skb runs for the socket they reach.
+    let _db = enforcer_tests::probe::ProbeServer::start(
+        None,
+        &db_cg,
+        SocketAddr::new(INBOUND_DB.parse()?, INBOUND_PORT),
+    )?;
+    let own_call = attempt("tcp", INBOUND_OTHER.parse()?, 7000);
+    let server = Probe::new().in_cgroup(&db_cg);
+
+    // Rounds: CLAIMS forged SYNs (each its own source port, so none is a retransmission the
+    // check reports once), then one denied call of the server's own. Bounded in time and count.
+    let forger = enforcer::wire::parse_keys(
+        std::path::Path::new("forger"),
+        "9 00000000000000000000000000000000",
+    )?
+    .current;
+    let (s, d): (std::net::IpAddr, std::net::IpAddr) = (INBOUND_PEER.parse()?, INBOUND_DB.parse()?);
+    let started = Instant::now();
+    let (mut rounds, mut syns, mut own_calls) = (0u32, 0u64, 0u64);
+    let mut sport: u16 = 10_000;
+    while started.elapsed() < ROUNDS_FOR && rounds < MAX_ROUNDS {
+        for claim in 0..CLAIMS {
+            let option = enforcer::wire::option(
+                &forger,
+                0x7000_0000 + claim,
+                enforcer::wire::now_stamp()?,
+                s,
+                d,
+                sport,
+                INBOUND_PORT,
+            );
+            forged_syn(sport, &option)?;
+            sport = sport.wrapping_add(1).max(10_000);
+            syns += 1;
+        }
+        let r = server.run_one(&own_call)?;
+        ensure!(r.outcome == Outcome::Eperm, "the server's own call: {r:?}");
+        own_calls += 1;
+        rounds += 1;
+        std::thread::sleep(ROUND_EVERY);
+    }
+    ensure!(
+        started.elapsed() >= ROUNDS_FOR,
+        "only {rounds} rounds: the bound on rounds ended the flood before two whole windows"
+    );
+
+    let is_flood = |e: &Value| {
+        e.get("type").and_then(Value::as_str) == Some("connection.denied")
+            && e.get("hook").and_then(Value::as_str) == Some("ingress")
+            && e.get("reason").and_then(Value::as_str) == Some("bad_tag")
+    };
+    let is_own = |e: &Value| deny_to(e, "acme-vectors", "globex-store");
+    let suppressed = |e: &Value, hook: &str| {
+        e.get("type").and_then(Value::as_str) == Some("events.suppressed")
+            && e.get("hook").and_then(Value::as_str) == Some(hook)
+    };
+    let kernel = || -> Result<u64> { Ok(kernel_denies(&agent.status()?, "bad_tag")) };
+    // Complete once every deny is in some line (the server's own ones possibly, wrongly,
+    // in a suppressed one: judged below).
+    let mut last = (0, 0, 0, 0);
+    let complete = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let events = agent.events().unwrap_or_default();
+        last = (
+            counted(&events, is_flood).0,
+            counted(&events, |e| suppressed(e, "ingress")).0,
+            counted(&events, is_own).0,
+            counted(&events, |e| suppressed(e, "connect4")).0,
+        );
+        last.0 + last.1 >= syns && last.2 + last.3 >= own_calls
+    });
+    ensure!(
+        complete,
+        "{syns} forged SYNs: own events count {}, suppressed {}; the server's {own_calls} \
+         calls: own events {}, suppressed {}\n{}",
+        last.0,
+        last.1,
+        last.2,
+        last.3,
+        agent.stderr_tail()
+    );
+    let settled = agent.settled_events(Duration::from_millis(2500), Duration::from_secs(20))?;
+    let (flood, _) = counted(&settled, is_flood);
+    let (flood_suppressed, notices) = counted(&settled, |e| suppressed(e, "ingress"));
+    let kernel = kernel()?;
+    ensure!(
+        kernel == syns && flood + flood_suppressed == kernel,
+        "{syns} forged SYNs, the kernel counted {kernel} bad_tag denies, the events {flood} + \
+         suppressed {flood_suppressed}"
+    );
+    // One overflow key per window (1 s windows over the rounds' time, plus the one they
+    // started in and the one they ended in), never one per claim.
+    let windows = ROUNDS_FOR.as_secs() as usize + 3;
+    ensure!(
+        notices >= 1 && notices <= windows,
+        "{notices} events.suppressed lines for the flood over at most {windows} windows: \
+         one overflow per claim, not per window"
+    );
+    for e in settled.iter().filter(|e| suppressed(e, "ingress")) {
+        ensure!(
+            e["workload"] == "acme-vectors" && e["reason"] == "bad_tag",
+            "the inbound overflow names the claim, not the server: {e}"
+        );
+    }
+    // The server's own denies: all reported with their destination, none suppressed.
+    let (own, _) = counted(&settled, is_own);
+    ensure!(
+        own == own_calls,
+        "the server's own denies count {own} for {own_calls} calls"
+    );
+    ensure!(
+        !settled.iter().any(|e| suppressed(e, "connect4")),
+        "the flood pushed the server's own denies into its overflow: {:?}",
+        settled
+            .iter()
+            .filter(|e| suppressed(e, "connect4"))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "inbound: {rounds} rounds, {syns} forged SYNs -> count {flood} in own lines + \
+         {flood_suppressed} in {notices} suppressed lines; the server's {own_calls} own denies \
+         all reported"
+    );
+    Ok(())
+}

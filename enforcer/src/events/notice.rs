@@ -25,7 +25,9 @@ pub enum Notice {
     },
     /// One workload's denies beyond its per-window key budget (`--events-keys-per-workload`
     /// distinct destinations or peers): `count` denies of `hook` and `reason` in the window
-    /// ending at `time`, counted exactly in the kernel and not reported one by one.
+    /// ending at `time`, counted exactly in the kernel and not reported one by one. For
+    /// `hook: ingress`, `workload` is the destination the SYNs were refused for (the peers'
+    /// claims are many and forgeable).
     #[serde(rename = "events.suppressed")]
     EventsSuppressed {
         time: String,
