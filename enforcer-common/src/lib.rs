@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -60,6 +60,10 @@ pub mod maps {
     /// tagged connection, from the SYN's check until the server's socket closes (LRU: only
     /// an entry whose handshake never completed is left for eviction to clear).
     pub const WIRE_PEERS: &str = "WIRE_PEERS";
+    /// `wire::SpentKey` (a closed tagged connection's 4-tuple and option time) -> the option's
+    /// full time in seconds: the options already used, refused if they come again within the
+    /// skew (`reason::REPLAYED_TAG`).
+    pub const SPENT_TAGS: &str = "SPENT_TAGS";
     /// [`crate::rate::RateKey`] {subject, destination identity} -> [`crate::rate::RateLimit`]:
     /// the connection rate each subject may open to each rate-limited destination, at its
     /// current risk (written by the agent; see [`crate::rate`]).
@@ -80,7 +84,7 @@ pub mod maps {
     /// cgroup made in that window (the per-workload key budget, `Config::event_keys_per_workload`).
     pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -103,6 +107,7 @@ pub mod maps {
         WIRE_TAGS,
         INGRESS_ALLOW,
         WIRE_PEERS,
+        SPENT_TAGS,
         AGGREGATE,
         RATE_LIMITS,
         RATE_BUCKETS,
@@ -136,6 +141,10 @@ pub mod capacity {
     pub const WIRE_PEERS: u32 = 16_384;
     /// Refused SYNs remembered so that retransmissions are not reported again (LRU).
     pub const WIRE_REPORTED: u32 = 16_384;
+    /// Options of closed tagged connections (LRU, preallocated: ~3.4 MiB). One is needed
+    /// for the skew only, so this covers ~1,000 tagged connections closing per second at the
+    /// default 30 s; beyond that the oldest are forgotten early (their replay then passes).
+    pub const SPENT_TAGS: u32 = 32_768;
     /// (deny key, window) pairs being counted at once (plain hash, preallocated: ~2 MiB); a
     /// flooding key holds two or three. When it is full, a deny of a new key is reported on
     /// its own (count 1): never dropped.
@@ -288,7 +297,11 @@ pub mod reason {
     /// it is a version 1 option (no timestamp) outside the configured grace. See
     /// [`wire::fresh`].
     pub const STALE_TAG: u8 = 13;
-    pub const COUNT: usize = 14;
+    /// `ingress`: the identity option verifies and is fresh, but a connection with this very
+    /// option (4-tuple and time) was already accepted here and has closed: the SYN is a copy
+    /// (a replay within the skew, e.g. by the pod that got the sender's IP). See `SPENT_TAGS`.
+    pub const REPLAYED_TAG: u8 = 14;
+    pub const COUNT: usize = 15;
 }
 
 /// The hook that decided.
@@ -745,6 +758,7 @@ mod pod {
     unsafe impl aya::Pod for super::wire::FlowKey {}
     unsafe impl aya::Pod for super::wire::PeerKey {}
     unsafe impl aya::Pod for super::wire::Peer {}
+    unsafe impl aya::Pod for super::wire::SpentKey {}
     unsafe impl aya::Pod for super::rate::RateKey {}
     unsafe impl aya::Pod for super::rate::RateLimit {}
     unsafe impl aya::Pod for super::rate::RateBucket {}
@@ -836,6 +850,21 @@ pub mod wire {
         pub sport: u16,
         pub dport: u16,
         pub _pad: u32,
+    }
+
+    /// Key of `SPENT_TAGS`: a closed tagged connection's 4-tuple (as [`PeerKey`]) and its
+    /// option's time field ([`Peer::stamp`]): what a copy of its SYN would carry again.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SpentKey {
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+        /// Host byte order.
+        pub sport: u16,
+        pub dport: u16,
+        pub stamp: u16,
+        /// Always zero (hash keys compare every byte).
+        pub _pad: u16,
     }
 
     /// Value of `WIRE_PEERS`: what the verified option claimed, and the server's socket once
@@ -1038,6 +1067,7 @@ pub mod wire {
 
 const _: () = assert!(core::mem::size_of::<wire::FlowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<wire::PeerKey>() == 40);
+const _: () = assert!(core::mem::size_of::<wire::SpentKey>() == 40);
 const _: () = assert!(core::mem::size_of::<wire::Peer>() == 32);
 
 /// Connection-rate limits per (subject, destination): GCRA, the "virtual scheduling" form of

@@ -13,6 +13,8 @@
 //! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
 //! `audit` must carry an option whose tag verifies with one of the `FLOW_KEYS`, whose time is
 //! within `Config::wire_skew_s` of this node's wall clock (`stale_tag` otherwise: a replay),
+//! that no connection accepted here and since closed carried (`replayed_tag`: a replay
+//! within the skew),
 //! and the claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is
 //! judged as WORLD when the IP cache does not know its source, and refused (`missing_tag`)
 //! when it does: a cluster workload always comes through an enforcer that tags.
@@ -70,6 +72,17 @@ static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
 #[map]
 static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
     LruHashMap::pinned(capacity::WIRE_PEERS, NO_MAP_FLAGS);
+
+/// The options of tagged connections that were accepted here and have closed ->
+/// the option's full time ([`abi::claimed_seconds`]), written when the server's socket
+/// closes. A sender's kernel retransmits a SYN only until its connection is established, so
+/// a SYN carrying such an option again is a copy: a replay (the pod that later got the
+/// sender's IP, within the skew that `stale_tag` leaves open), refused as `replayed_tag`.
+/// An entry matters for the skew only (older times are `stale_tag`); LRU, so a node that
+/// closes more tagged connections than capacity / skew a second forgets the oldest early.
+#[map]
+static SPENT_TAGS: LruHashMap<abi::SpentKey, u32> =
+    LruHashMap::pinned(capacity::SPENT_TAGS, NO_MAP_FLAGS);
 
 /// The last refused SYN per 4-tuple: its sequence number, verdict and reason. A SYN the client
 /// retransmits (same 4-tuple, same sequence number) and that is judged the same is dropped
@@ -407,14 +420,26 @@ pub fn on_state(ctx: &SockOpsContext) {
         // Only the socket the entry names ends it: another socket with the same 4-tuple
         // (another network namespace) closing must not delete a live connection's row.
         // SAFETY: a non-null map value pointer is valid for reads; `ctx.ops` is the context.
-        let (state, cookie, own) = unsafe {
+        let (state, cookie, stamp, own) = unsafe {
             (
                 (*peer).state,
                 (*peer).cookie,
+                (*peer).stamp,
                 bpf_get_socket_cookie(ctx.ops.cast::<c_void>()),
             )
         };
         if state == abi::peer_state::ACCEPTED && cookie == own {
+            // Spent before the record goes: a copy of the SYN must find one or the other.
+            let spent = abi::SpentKey {
+                saddr: key.saddr,
+                daddr: key.daddr,
+                sport: key.sport,
+                dport: key.dport,
+                stamp,
+                _pad: 0,
+            };
+            let at = abi::claimed_seconds(stamp, now_seconds());
+            let _ = SPENT_TAGS.insert(&spent, &at, NO_FLAGS);
             let _ = WIRE_PEERS.remove(&key);
         }
     }
@@ -640,6 +665,8 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::BAD_TAG)
             } else if !fresh_enough(version, stamp, now_s, skew_s, v1_until_s) {
                 (claimed, reason::STALE_TAG)
+            } else if spent(&syn, stamp, now_s) {
+                (claimed, reason::REPLAYED_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
                 // may not know of it yet, or not at all) let connect.
@@ -707,6 +734,25 @@ fn now_seconds() -> u32 {
     };
     // SAFETY: no preconditions.
     abi::seconds(unsafe { bpf_ktime_get_tai_ns() }, offset)
+}
+
+/// A connection with this SYN's option (4-tuple and time field) was accepted here and has
+/// closed (`SPENT_TAGS`), and the time is the same one, not its namesake a 2^16 s wrap away.
+#[inline(always)]
+fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
+    let key = abi::SpentKey {
+        saddr: words_to_bytes(syn.saddr),
+        daddr: words_to_bytes(syn.daddr),
+        sport: syn.sport,
+        dport: syn.dport,
+        stamp,
+        _pad: 0,
+    };
+    match SPENT_TAGS.get_ptr(&key) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(at) => (unsafe { read_volatile(at) }) == abi::claimed_seconds(stamp, now_s),
+        None => false,
+    }
 }
 
 /// The claimed identity is quarantined on this node (`IDENTITIES` flags).

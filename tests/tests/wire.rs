@@ -13,6 +13,8 @@
 //!   (`enforcer::wire::option`) passes and is recorded: the kernel's MAC is userspace's;
 //! - a SYN with a genuine tag but a time outside the skew (a replay), or a version 1 option,
 //!   is dropped: one `stale_tag` event each; the same 4-tuple stamped now passes;
+//! - the SYN of a connection that was accepted and has closed, sent again within the skew
+//!   (a replay), is dropped: one `replayed_tag` event;
 //! - key rotation: during it both keys verify, after it the old one is refused;
 //! - a verified claim the policy does not allow here, and an untagged peer outside the
 //!   cluster (WORLD), are refused as `not_allowed`;
@@ -620,6 +622,77 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         bed.ingress_events()?
     );
     expect_ingress(&bed, 3, |e| e["reason"] == "stale_tag", "no more stale_tag")?;
+
+    // 4c. A replay within the skew: acme-retriever connects (its kernel tags the SYN) and
+    //     resets the connection, so node 2's server socket closes at once. That SYN's option
+    //     sent again on its 4-tuple (what the pod that next gets node 1's address could send
+    //     seconds later) verifies and is fresh, but its connection has been and gone:
+    //     `replayed_tag`, nothing recorded. Before `SPENT_TAGS` it was verified as
+    //     acme-retriever again. The option's time is the second of the connect, which the
+    //     test brackets: every other second in the bracket is a new connection's option on
+    //     the same 4-tuple, and passes.
+    let before = now_stamp()?;
+    bed.probe(&bed.cg.acme).expect_outcome(
+        &format!("tcprst:[{NODE2}]:{DB_PORT}"),
+        Outcome::Ok,
+        "acme-retriever -> acme-vectors, then a reset",
+    )?;
+    let after = now_stamp()?;
+    let mut reset = Vec::new();
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            reset.extend(bed.db.accepted());
+            !reset.is_empty()
+        }),
+        "the DB accepted nothing"
+    );
+    ensure!(reset.len() == 1, "accepted {reset:?}");
+    let sport = reset[0].port();
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            matches!(bed.verified(reset[0]), Ok(None))
+        }),
+        "the reset connection's record stayed: {:?}",
+        verified_peers(&Bed::pin_dir(&bed.node2))?
+    );
+    let stamps: Vec<u32> = (0..=after.wrapping_sub(before).min(5))
+        .map(|i| before.wrapping_add(i))
+        .collect();
+    // Node 1's kernel picks the connection's source among its addresses (`OUTSIDER` too).
+    let source = reset[0].ip();
+    for &stamp in &stamps {
+        raw_syn(
+            &bed.n1,
+            &source.to_string(),
+            sport,
+            &options_with(&option(&k1, acme, stamp, source, d, sport, DB_PORT)),
+        )?;
+        // The SYN-ACK of a passing one meets node 1's reset before the next SYN.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "replayed_tag",
+        "the reset connection's SYN replayed",
+    )?;
+    ensure!(
+        e["verdict"] == "deny"
+            && e["subject"]["identity"] == acme
+            && e["peer"]["port"] == sport
+            && e["policy"]["id"] == "identity-tag-replayed",
+        "{e}"
+    );
+    if stamps.len() > 1 {
+        ensure!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                bed.verified(reset[0]).ok().flatten() == Some(acme)
+            }),
+            "a new connection's option on the same 4-tuple was not verified: {:?}\n{:?}",
+            verified_peers(&Bed::pin_dir(&bed.node2))?,
+            bed.ingress_events()?
+        );
+    }
 
     // 5. Rotation. Node 2 learns key 2 (key 1 still signs), node 1 signs with key 2: both
     //    verify; then node 2 drops key 1 and a SYN signed with it is refused.

@@ -37,6 +37,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::FLOW_TABLE_FULL => "flow_table_full",
         reason::RATE_LIMITED => "rate_limited",
         reason::STALE_TAG => "stale_tag",
+        reason::REPLAYED_TAG => "replayed_tag",
         _ => "unknown",
     }
 }

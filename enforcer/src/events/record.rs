@@ -216,6 +216,12 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             atlas_ids(&["AML.T0073", "AML.T0085.000"]),
         ),
+        // A fresh, genuine option that a connection accepted here already used: a copy.
+        reason::REPLAYED_TAG => (
+            "identity-tag-replayed".to_string(),
+            Vec::new(),
+            atlas_ids(&["AML.T0073", "AML.T0085.000"]),
+        ),
         // A claim that is no workload here (WORLD, an identity this node does not know): no
         // permit names it, so it is the implicit deny, not an unknown local cgroup. A remote
         // pod's claim is a workload and falls through: the ingress column has its answer.

@@ -1,8 +1,8 @@
 //! `probe ATTEMPT...` / `probe --repeat N ATTEMPT`: a tiny network client for kernel tests.
 //!
-//! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout), `udp:ADDR:PORT` (unconnected
-//! `sendto` of one byte: the sendmsg hooks) or `udpc:ADDR:PORT` (UDP connect then send: the
-//! connect hooks). IPv6 as `tcp:[fd00::1]:80`. `tcp`, `udp` and `udpc` take an optional
+//! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout; `tcprst:` closes it with a reset),
+//! `udp:ADDR:PORT` (unconnected `sendto` of one byte: the sendmsg hooks) or `udpc:ADDR:PORT`
+//! (UDP connect then send: the connect hooks). IPv6 as `tcp:[fd00::1]:80`. `tcp`, `udp` and `udpc` take an optional
 //! source to bind first: `tcp:0.0.0.0:80@127.1.2.3` (port 0). Socket kinds the sock_addr hooks
 //! do not see, for the bypass tests: `ping:ADDR` (ICMP/ICMPv6 datagram socket, one echo
 //! request), `raw:ADDR` (`SOCK_RAW` ICMP/ICMPv6, one echo request), `udplite:ADDR:PORT`
@@ -56,6 +56,9 @@ const UNTIL_MAX_MS: u64 = 600_000;
 #[derive(Clone, Copy)]
 enum Kind {
     Tcp,
+    /// TCP connect, then close with a reset (`SO_LINGER` 0): the server's socket goes to
+    /// TCP CLOSE at once, whatever the server does.
+    TcpReset,
     Udp,
     UdpConnected,
     /// Connected UDP, then `sendmsg()` without an address but with ancillary data (IP_TOS /
@@ -91,6 +94,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         .ok_or_else(|| format!("bad attempt {attempt:?}: want KIND:ADDR:PORT"))?;
     let kind = match kind {
         "tcp" => Kind::Tcp,
+        "tcprst" => Kind::TcpReset,
         "udp" => Kind::Udp,
         "udpc" => Kind::UdpConnected,
         "udpcm" => Kind::UdpConnectedCmsg,
@@ -102,7 +106,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "packet" => Kind::Packet,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -433,6 +437,23 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
         Kind::Packet => packet_send(addr),
         Kind::Xdp => socket(AF_XDP, libc::SOCK_RAW, 0).map(drop),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
+        Kind::TcpReset => {
+            let stream = TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT)?;
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid option pointer and length on a socket we own.
+            check(unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            })
+        }
         Kind::UdpConnectedCmsg => {
             let fd = socket(family(&addr), libc::SOCK_DGRAM, 0)?;
             connect(&fd, &addr)?;
