@@ -1709,7 +1709,13 @@ impl Denies<'_> {
             return Ok(());
         };
         let mut call = record::enrich(event, &policy);
-        call.subject.cgroup = self.cgroups.resolve(event.cgroup_id, call.subject.pid);
+        match call.destination.as_mut() {
+            // The listener's cgroup (no task: pid 0).
+            Some(d) if event.hook == enforcer_common::hook::INGRESS => {
+                d.cgroup = self.cgroups.resolve(event.cgroup_id, 0);
+            }
+            _ => call.subject.cgroup = self.cgroups.resolve(event.cgroup_id, call.subject.pid),
+        }
         // Only a policy's deny can quarantine: not the kernel's own refusals (unknown subject,
         // unspecified destination, unsupported socket).
         if event.verdict == verdict::DENY

@@ -454,9 +454,23 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         "{e}"
     );
     ensure!(e["subject"]["identity"] == acme, "{e}");
+    ensure!(e["subject"]["workload"] == "acme-retriever", "{e}");
     ensure!(e["destination"]["identity"] == db, "{e}");
     ensure!(e["destination"]["port"] == DB_PORT, "{e}");
     ensure!(e["peer"]["ip"] == NODE1, "{e}");
+    // The cgroup is the listener's, on this node: the destination's, never the peer's
+    // (it was reported as the remote subject's).
+    ensure!(
+        e["subject"]["cgroup_id"] == 0
+            && e["subject"].get("cgroup").is_none()
+            && e["destination"]["cgroup_id"]
+                .as_u64()
+                .is_some_and(|id| id != 0)
+            && e["destination"]["cgroup"]["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("/acme-vectors")),
+        "the ingress event's cgroup is not the destination's: {e}"
+    );
 
     // 4. Forged: the right layout claiming acme-retriever, a tag made with a key no enforcer
     //    holds. Then the same claim tagged by userspace with the real key passes and is
@@ -474,6 +488,14 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     ensure!(
         e["subject"]["identity"] == acme && e["peer"]["port"] == 45001,
         "{e}"
+    );
+    // A forged claim names no workload and no tenant (it named acme-retriever, so anyone
+    // could write events accusing any workload into its tenant's feed).
+    ensure!(
+        e["subject"]["workload"].is_null()
+            && e["subject"]["tenant"].is_null()
+            && e["subject_chain"] == serde_json::json!([]),
+        "a forged claim was attributed: {e}"
     );
     ensure!(bed.verified(node1_addr(45001))?.is_none());
     // Right key id, wrong tag: still refused.

@@ -154,6 +154,8 @@ pub fn flow(
             name: destination.map(|i| i.name.clone()),
             tenant: destination.and_then(|i| i.tenant.clone()),
             kind: destination.map(destination_kind),
+            cgroup_id: None,
+            cgroup: None,
         },
         policy: FlowPolicy {
             snapshot: allowed_by.revision().to_string(),

@@ -52,7 +52,9 @@ pub struct DeniedCall {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketInfo>,
     /// `ingress` events only: where the refused SYN came from (the subject is the identity it
-    /// claimed, or the IP cache's identity of this address when it carried no option).
+    /// claimed, or the IP cache's identity of this address when it carried no option; a
+    /// `bad_tag` claim is forged or unverifiable, so only its number is given, never a
+    /// workload's name or tenant).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<Peer>,
     pub policy: PolicyInfo,
@@ -87,6 +89,13 @@ pub struct Destination {
     pub name: Option<String>,
     pub tenant: Option<String>,
     pub kind: Option<String>,
+    /// `ingress` events only: the listening socket's cgroup on this node (the subject is
+    /// remote, so its `cgroup_id` is 0 there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    /// Where that cgroup sits, as [`Subject::cgroup`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::sync::Arc<super::cgroup::CgroupContext>>,
 }
 
 /// The remote end of an `ingress` event.
@@ -159,9 +168,14 @@ fn atlas_ids(ids: &[&str]) -> Vec<AtlasTechnique> {
 }
 
 pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
+    let ingress = event.hook == hook::INGRESS;
+    // A `bad_tag` claim is whatever the SYN's bytes say, forgeable by anyone who can send
+    // one: naming its workload would let a forger write events (and route them to a
+    // tenant's feed) that accuse any workload it likes.
     let subject_identity = compiled
         .identity(event.subject)
-        .filter(|_| event.subject != identity::UNKNOWN);
+        .filter(|_| event.subject != identity::UNKNOWN)
+        .filter(|_| !(ingress && event.reason == reason::BAD_TAG));
     let destination_identity = compiled.identity(event.destination);
     let protocol = Protocol::from_number(event.protocol)
         .map(|p| p.to_string())
@@ -275,12 +289,13 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             purpose: subject_identity.and_then(|i| i.purpose.clone()),
             ring: subject_identity.and_then(|i| i.ring.clone()),
             spiffe_id: subject_identity.and_then(|i| i.spiffe_id.clone()),
-            cgroup_id: event.cgroup_id,
+            // An ingress event's cgroup is the listener's: the destination's, not the peer's.
+            cgroup_id: if ingress { 0 } else { event.cgroup_id },
             cgroup: None,
             pid: (event.pid_tgid >> 32) as u32,
             comm: comm(event),
         },
-        peer: (event.hook == hook::INGRESS).then(|| Peer {
+        peer: ingress.then(|| Peer {
             ip: peer_ip(event).to_string(),
             port: event.sock_type,
         }),
@@ -297,6 +312,8 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             name: destination_identity.map(|i| i.name.clone()),
             tenant: destination_identity.and_then(|i| i.tenant.clone()),
             kind: destination_identity.map(destination_kind),
+            cgroup_id: ingress.then_some(event.cgroup_id),
+            cgroup: None,
         }),
         policy: PolicyInfo {
             id: policy_id,

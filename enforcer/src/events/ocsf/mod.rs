@@ -179,6 +179,13 @@ struct DestinationUnmapped<'a> {
     tenant: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kind: Option<&'a str>,
+    /// Ingress events: the listener's cgroup (the subject is the remote peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -578,9 +585,10 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
         vec!["security_control", "host"],
     );
     let subject = &call.subject;
-    let subject_text = match &subject.workload {
-        Some(w) => w.clone(),
-        None => format!("unknown subject (cgroup {})", subject.cgroup_id),
+    let subject_text = match (&subject.workload, &call.peer) {
+        (Some(w), _) => w.clone(),
+        (None, Some(peer)) => format!("{} claiming identity {}", peer.ip, subject.identity),
+        (None, None) => format!("unknown subject (cgroup {})", subject.cgroup_id),
     };
     let target = match (&call.destination, &call.socket) {
         (Some(d), _) => destination_text(d),
@@ -616,7 +624,7 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
         app_name: None,
     });
     let cgroup = subject.cgroup.as_deref();
-    let container = cgroup.and_then(|c| {
+    let container_of = |c: &'a crate::events::cgroup::CgroupContext| {
         Some(Container {
             uid: c.container_id.as_deref()?,
             // OCSF's uuid_t: a static pod's UID is 32 bare hex digits (in `unmapped` then).
@@ -624,8 +632,12 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
             orchestrator: "Kubernetes",
             runtime: c.runtime,
         })
-    });
-    if container.is_some() {
+    };
+    let container = cgroup.and_then(container_of);
+    // An ingress event's container is the destination's (the listener's cgroup).
+    let destination_cgroup = call.destination.as_ref().and_then(|d| d.cgroup.as_deref());
+    let destination_container = destination_cgroup.and_then(container_of);
+    if container.is_some() || destination_container.is_some() {
         event.metadata.profiles.push("container");
     }
     event.src_endpoint = Some(NetworkEndpoint {
@@ -653,7 +665,7 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
                 .as_deref()
                 .filter(|_| d.kind.as_deref() == Some("service")),
             owner: owner(d.name.as_deref(), None, d.tenant.as_deref()),
-            container: None,
+            container: destination_container,
         });
     }
     let v6 = match (&call.destination, &call.socket) {
@@ -713,6 +725,9 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
             identity: d.identity,
             tenant: d.tenant.as_deref(),
             kind: d.kind.as_deref(),
+            cgroup_id: d.cgroup_id,
+            cgroup: destination_cgroup.map(|c| c.path.as_str()),
+            pod_uid: destination_cgroup.and_then(|c| c.pod_uid.as_deref()),
         }),
         socket: call.socket.as_ref(),
         policy_snapshot: &call.policy.snapshot,
