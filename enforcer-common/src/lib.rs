@@ -613,10 +613,10 @@ pub struct AggregateKey {
 
 /// Bits of [`AggregateKey::flags`].
 pub mod aggregate_flags {
-    /// The cgroup's overflow key of the window: the denies of keys beyond the cgroup's budget
-    /// (`Config::event_keys_per_workload`), all counted (none reported at once). Only
-    /// `window`, `cgroup_id`, `subject`, `hook`, `verdict` and `reason` are set; addresses,
-    /// ports, destination, family and protocol are zero.
+    /// The workload's overflow key of the window: the denies of keys beyond its identity's
+    /// budget (`Config::event_keys_per_workload`), all counted (none reported at once). Only
+    /// `window`, `subject` (for ingress, the destination), `hook`, `verdict` and `reason`
+    /// are set; `cgroup_id`, addresses, ports, destination, family and protocol are zero.
     pub const OVERFLOW: u8 = 1 << 0;
 }
 
@@ -625,14 +625,15 @@ pub mod aggregate_flags {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AggregateBudgetKey {
     pub window: u64,
-    pub cgroup_id: u64,
-    /// 1 for the ingress hook (denied SYNs *to* the cgroup, keyed by peer), 0 for the
-    /// cgroup's own calls: two budgets, so that peers flooding a server with (spoofable)
+    /// The workload's identity: the subject of its own calls, the destination of SYNs to
+    /// it. Not its cgroup: a pod that may create cgroups (a delegated subtree) would get a
+    /// budget per cgroup it made, and with them fill `AGGREGATE` for everyone.
+    pub identity: u32,
+    /// 1 for the ingress hook (denied SYNs *to* the workload, keyed by peer), 0 for the
+    /// workload's own calls: two budgets, so that peers flooding a server with (spoofable)
     /// SYNs cannot push the server workload's own denies into its overflow key, nor the
     /// workload's own junk denies hide the peers.
     pub inbound: u32,
-    /// Always zero.
-    pub _pad: u32,
 }
 
 /// Value of `AGGREGATE`.
@@ -774,7 +775,7 @@ const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
 const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
-const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 16);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.
 ///

@@ -19,20 +19,22 @@
 //!
 //! Per-workload key budget (`Config::event_keys_per_workload`, K): a key is one destination
 //! address and port (or one ingress peer), so one workload sweeping addresses would make a
-//! key per deny and fill `AGGREGATE` for every workload. Each cgroup may make at most K new
-//! keys per window (`AGGREGATE_BUDGET`, counted with an atomic fetch-add, so the K slots
-//! are handed out exactly once even when CPUs race); a deny that needs a new key beyond
-//! that is added to the cgroup's overflow key of the window (`aggregate_flags::OVERFLOW`:
-//! same cgroup, subject, hook, verdict and reason, no address; for ingress the subject is
-//! the destination, never the SYN's claim), which is never reported at once, only by the
+//! key per deny and fill `AGGREGATE` for every workload. Each workload identity (not each
+//! cgroup: a pod may be able to make cgroups) may make at most K new keys per window and
+//! direction (`AGGREGATE_BUDGET`, counted with an atomic fetch-add, so the K slots are
+//! handed out exactly once even when CPUs race); a deny that needs a new key beyond that is
+//! added to the workload's overflow key of the window (`aggregate_flags::OVERFLOW`: same
+//! subject, hook, verdict and reason, no cgroup or address; for ingress the subject is the
+//! destination, never the SYN's claim), which is never reported at once, only by the
 //! agent's summary (`events.suppressed`). One workload holds at most K keys per direction
 //! (its own calls; SYNs to it) plus one overflow key per (hook, verdict, reason) per
 //! window. Exactness is the argument above with one more outcome: a deny goes to exactly
 //! one place, its own event, its own entry, or the overflow entry (made with `suppressed`
 //! 1, or added 1 to). A budget slot taken by a deny whose key another CPU made meanwhile
-//! (EEXIST) is merely spent, not a deny lost. The budget counter, like the entries, is only written in its window, and
-//! the agent deletes it with them. When `AGGREGATE_BUDGET` is full the deny is not budgeted;
-//! when `AGGREGATE` is full, denies take the old path as above.
+//! (EEXIST) is merely spent, not a deny lost. The budget counter, like the entries, is only
+//! written in its window, and the agent deletes it with them. When `AGGREGATE_BUDGET` is
+//! full the deny is not budgeted; when `AGGREGATE` is full, denies take the old path as
+//! above.
 
 use core::ptr::{addr_of_mut, read_volatile};
 
@@ -53,7 +55,8 @@ use crate::{CONFIG, EVENTS, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS, SINGL
 static AGGREGATE: HashMap<AggregateKey, AggregateValue> =
     HashMap::pinned(capacity::AGGREGATE, NO_MAP_FLAGS);
 
-/// New `AGGREGATE` keys each cgroup made per window (the key budget). A plain hash map: the
+/// New `AGGREGATE` keys each workload identity made per window and direction (the key
+/// budget). A plain hash map: the
 /// agent deletes a window's counters when it sweeps that window's entries.
 #[map]
 static AGGREGATE_BUDGET: HashMap<AggregateBudgetKey, u64> =
@@ -143,9 +146,7 @@ pub(crate) fn emit(r: &Report) {
         add_one(v);
         return;
     }
-    if budget != NO_BUDGET
-        && !within_budget(key.window, r.cgroup_id, r.hook == hook::INGRESS, budget)
-    {
+    if budget != NO_BUDGET && !within_budget(key.window, r, budget) {
         overflow(r, &key, now);
         return;
     }
@@ -164,23 +165,23 @@ pub(crate) fn emit(r: &Report) {
     add_or_report(&key, r, now);
 }
 
-/// Takes one of the cgroup's `budget` new-key slots of `window` in one direction (its own
-/// calls, or SYNs to it: `inbound`): true if one was left (or
+/// Takes one of the workload's `budget` new-key slots of `window` in the deny's direction
+/// (its own calls, by subject; or SYNs to it, by destination): true if one was left (or
 /// the budget cannot be counted: `AGGREGATE_BUDGET` full). The fetch-add hands each slot
 /// out once, also when CPUs race; a racing CPU that finds no counter yet and loses the
 /// insert adds to the winner's.
 #[inline(always)]
-fn within_budget(window: u64, cgroup_id: u64, inbound: bool, budget: u32) -> bool {
+fn within_budget(window: u64, r: &Report, budget: u32) -> bool {
+    let inbound = r.hook == hook::INGRESS;
     let key = AggregateBudgetKey {
         window,
-        cgroup_id,
+        identity: if inbound { r.destination } else { r.subject },
         inbound: inbound as u32,
-        _pad: 0,
     };
     let counter = match AGGREGATE_BUDGET.get_ptr_mut(&key) {
         Some(c) => c,
         None => {
-            // The first new key of this cgroup in this window: always within the budget.
+            // The workload's first new key in this window: always within the budget.
             if AGGREGATE_BUDGET.insert(&key, &1, BPF_NOEXIST).is_ok() {
                 return true;
             }
@@ -208,16 +209,17 @@ fn within_budget(window: u64, cgroup_id: u64, inbound: bool, budget: u32) -> boo
     taken < u64::from(budget)
 }
 
-/// Counts a deny beyond its cgroup's key budget under the cgroup's overflow key of the
+/// Counts a deny beyond its workload's key budget under the workload's overflow key of the
 /// window (never reported at once: the agent's `events.suppressed` names the count).
 #[inline(always)]
 fn overflow(r: &Report, own: &AggregateKey, now: u64) {
     let key = AggregateKey {
         window: own.window,
-        cgroup_id: r.cgroup_id,
+        // Per workload, not per cgroup, like the budget (see `AggregateBudgetKey`).
+        cgroup_id: 0,
         // An ingress deny's subject is whatever the SYN claimed, and a forged option claims
         // any identity it likes (`bad_tag` is still counted under its claim): an overflow key
-        // per claim gave a flood one key per forged identity, the budget's hole. A cgroup's
+        // per claim gave a flood one key per forged identity, the budget's hole. A workload's
         // inbound overflow is its own: keyed, and named by `events.suppressed`, by the
         // destination, the local workload the SYNs were refused for.
         subject: if r.hook == hook::INGRESS {

@@ -574,3 +574,147 @@ when { resource has tenant && principal.tenant == resource.tenant };
     );
     Ok(())
 }
+
+/// The budget is the workload's, not its cgroup's: a pod that may make cgroups (a delegated
+/// subtree) does not get one budget per cgroup it made. Five cgroups of one workload
+/// (`cgroups:` lists them all, as a pod's containers) sweep distinct ports of another
+/// tenant's store at once, with a budget of 16 keys: at most 16 new keys per window reach
+/// the stream for all five together (before, each cgroup had its own 16, and a pod with
+/// enough cgroups filled `AGGREGATE` for every workload), and every deny is accounted.
+#[test]
+fn one_workload_in_many_cgroups_shares_one_budget() -> Result<()> {
+    use enforcer_tests::{unique_name, PinDir, PolicyBundle, TestCgroup};
+    if !require_kernel() {
+        return Ok(());
+    }
+    const CGROUPS: usize = 5;
+    const PORTS_EACH: u64 = 4_000;
+    const BUDGET: u64 = 16;
+    const STORE: &str = "127.98.2.3";
+    let root = TestCgroup::create(unique_name("eb"))?;
+    let node = root.child("node")?;
+    let cgroups: Vec<TestCgroup> = (0..CGROUPS)
+        .map(|i| node.child(&format!("c{i}")))
+        .collect::<Result<_>>()?;
+    let list: Vec<String> = cgroups.iter().map(|c| c.relative_str()).collect();
+    let inventory = format!(
+        r#"tenants: [acme, globex]
+workloads:
+  - name: acme-agent
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{}]
+    ips: [127.98.2.1/32]
+endpoints:
+  - name: globex-store
+    tenant: globex
+    kind: feature_store
+    ips: [{STORE}/32]
+    ports: [{{port: 7000, protocol: tcp, action: read}}]
+"#,
+        list.join(", ")
+    );
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", &inventory),
+        ("schema.cedarschema", enforcer_tests::fixtures::SCHEMA),
+        (
+            "policies.cedar",
+            r#"@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+"#,
+        ),
+    ])?;
+    let pins = PinDir::new("eb-cg")?;
+    let mut cfg =
+        enforcer_tests::AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+    cfg.events_aggregate = None;
+    cfg.extra_args = vec!["--events-keys-per-workload".into(), BUDGET.to_string()];
+    let agent = Agent::start(cfg)?;
+
+    let sweep_call = attempt("tcp", STORE.parse()?, 20_000);
+    let started = Instant::now();
+    let sweeps = std::thread::scope(|s| -> Result<Vec<_>> {
+        let handles: Vec<_> = cgroups
+            .iter()
+            .map(|cg| {
+                let call = &sweep_call;
+                s.spawn(move || {
+                    Probe::new()
+                        .in_cgroup(cg)
+                        .timeout(Duration::from_secs(120))
+                        .ports(PORTS_EACH, call)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sweep thread"))
+            .collect()
+    })?;
+    let elapsed = started.elapsed();
+    let calls = CGROUPS as u64 * PORTS_EACH;
+    let refused: u64 = sweeps.iter().map(|s| s.eperm).sum();
+    ensure!(
+        refused == calls,
+        "every attempt must be refused: {sweeps:?}"
+    );
+
+    let status = agent.status()?;
+    let reason = ["tenant_mismatch", "no_permit"]
+        .into_iter()
+        .find(|r| kernel_denies(&status, r) > 0)
+        .context("no connect denies counted in the kernel")?;
+    let kernel = kernel_denies(&status, reason);
+    ensure!(
+        kernel == calls,
+        "the kernel counted {kernel} {reason} denies for {calls} attempts"
+    );
+    let is_own = |e: &Value| deny_to(e, "acme-agent", "globex-store");
+    let is_suppressed = |e: &Value| suppressed_of(e, "acme-agent");
+    let mut last = (0, 0);
+    let complete = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let events = agent.events().unwrap_or_default();
+        last = (
+            counted(&events, is_own).0,
+            counted(&events, is_suppressed).0,
+        );
+        last.0 + last.1 >= kernel
+    });
+    ensure!(
+        complete,
+        "own events count {}, suppressed {}, for {kernel} denies\n{}",
+        last.0,
+        last.1,
+        agent.stderr_tail()
+    );
+    let settled = agent.settled_events(Duration::from_millis(2500), Duration::from_secs(20))?;
+    let (own, own_lines) = counted(&settled, is_own);
+    let (suppressed, _) = counted(&settled, is_suppressed);
+    ensure!(
+        own + suppressed == kernel,
+        "own {own} + suppressed {suppressed} for {kernel} denies in the kernel"
+    );
+    // Each port is denied once: one line per key. One budget for the workload: at most
+    // BUDGET keys per window it touched (1 s windows: the sweep's whole seconds, plus the
+    // window it started and the one it ended in). Per cgroup it was CGROUPS times that.
+    let windows = elapsed.as_secs() + 2;
+    ensure!(
+        own_lines as u64 <= BUDGET * windows,
+        "{own_lines} own lines over at most {windows} windows: more than one budget of \
+         {BUDGET} keys per window for the workload"
+    );
+    for e in settled.iter().filter(|e| is_suppressed(e)) {
+        ensure!(
+            e.get("cgroup_id").is_none() && e["tenant"] == "acme" && e["hook"] == "connect4",
+            "{e}"
+        );
+    }
+    eprintln!(
+        "cgroups: {CGROUPS} cgroups × {PORTS_EACH} ports in {:.2} s -> {own_lines} own lines, \
+         {suppressed} suppressed",
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}

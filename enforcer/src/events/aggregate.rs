@@ -168,8 +168,10 @@ impl Aggregates {
 
 /// The `events.suppressed` notice of an overflow entry's summary (`overflow`, from
 /// [`Swept::overflows`]): the workload (`workload`/`tenant` as the policy in force names the
-/// subject identity; `None` for a cgroup without one, reported as `cgroup:ID` and tenant
-/// `unknown`), its hook, verdict, reason and the exact number of denies folded in. `time` is
+/// subject identity; `None` for an identity it does not name, reported as `identity:N`, or
+/// `unknown` for the cgroups without one, and tenant `unknown`), its hook, verdict, reason
+/// and the exact number of denies folded in. Overflows are per workload identity, over all
+/// its cgroups: the notice names no cgroup. `time` is
 /// the RFC 3339 time of the window's end.
 pub fn suppressed(
     overflow: &DenyEvent,
@@ -179,10 +181,13 @@ pub fn suppressed(
 ) -> Notice {
     Notice::EventsSuppressed {
         time,
-        workload: workload.map_or_else(|| format!("cgroup:{}", overflow.cgroup_id), str::to_string),
+        workload: match workload {
+            Some(name) => name.to_string(),
+            None if overflow.subject == enforcer_common::identity::UNKNOWN => "unknown".into(),
+            None => format!("identity:{}", overflow.subject),
+        },
         tenant: tenant.unwrap_or("unknown").to_string(),
         identity: overflow.subject,
-        cgroup_id: overflow.cgroup_id,
         hook: hook_name(overflow.hook),
         verdict: verdict_name(overflow.verdict),
         reason: reason_name(overflow.reason),
@@ -288,7 +293,6 @@ mod tests {
         use enforcer_common::{hook, reason, verdict};
         let key = AggregateKey {
             window: 5,
-            cgroup_id: 9,
             subject: 256,
             hook: hook::CONNECT4,
             verdict: verdict::DENY,
@@ -308,15 +312,15 @@ mod tests {
         assert_eq!(json["workload"], "acme-gateway");
         assert_eq!(json["tenant"], "acme");
         assert_eq!(json["identity"], 256);
-        assert_eq!(json["cgroup_id"], 9);
+        assert!(json.get("cgroup_id").is_none(), "{json}");
         assert_eq!(json["hook"], hook_name(hook::CONNECT4));
         assert_eq!(json["verdict"], "deny");
         assert_eq!(json["reason"], "tenant_mismatch");
         assert_eq!(json["count"], 123_456);
-        // A cgroup no workload owns is named by its id.
+        // An identity the policy does not name is named by its number.
         let unknown = suppressed(&e, None, None, "T".into());
         let json = serde_json::to_value(&unknown).unwrap();
-        assert_eq!(json["workload"], "cgroup:9");
+        assert_eq!(json["workload"], "identity:256");
         assert_eq!(json["tenant"], "unknown");
     }
 }

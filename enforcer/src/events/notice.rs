@@ -34,7 +34,6 @@ pub enum Notice {
         workload: String,
         tenant: String,
         identity: u32,
-        cgroup_id: u64,
         hook: &'static str,
         verdict: &'static str,
         reason: &'static str,

@@ -1068,7 +1068,6 @@ mod tests {
             workload: "acme-gateway".into(),
             tenant: "acme".into(),
             identity: 256,
-            cgroup_id: 9,
             hook: "connect4",
             verdict: "deny",
             reason: "tenant_mismatch",

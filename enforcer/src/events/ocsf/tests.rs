@@ -168,7 +168,6 @@ fn notices() -> Vec<Notice> {
             workload: "acme-gateway".into(),
             tenant: "acme".into(),
             identity: 17,
-            cgroup_id: 4242,
             hook: "connect4",
             verdict: "deny",
             reason: "tenant_mismatch",
