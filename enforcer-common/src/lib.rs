@@ -50,8 +50,9 @@ pub mod maps {
     /// `FLOW_TENANTS - FLOW_TENANTS_FORGOTTEN` records. Two single-writer counters, because
     /// a userspace read-modify-write of the kernel's counter would race its atomic adds.
     pub const FLOW_TENANTS_FORGOTTEN: &str = "FLOW_TENANTS_FORGOTTEN";
-    /// Socket cookie -> the 20-byte option its SYN carries (`wire::OPTION_LEN` bytes), written
-    /// at `TCP_CONNECT_CB` and deleted once the connection is established.
+    /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`): a connecting socket's 20-byte option
+    /// (`wire::OPTION_LEN` bytes), written at `TCP_CONNECT_CB` and deleted once the
+    /// connection is established; it goes with the socket, so no other socket evicts it.
     pub const WIRE_TAGS: &str = "WIRE_TAGS";
     /// `PolicyKey` {claimed identity, local destination identity, port, protocol} -> allow:
     /// the ingress allowlist compiled from the same Cedar decisions as the policy table.
@@ -134,8 +135,6 @@ pub mod capacity {
     /// The default share of `FLOWS` one tenant may hold: a quarter, so that no one tenant can
     /// fill the table and refuse every other tenant's tracked connects.
     pub const FLOW_TENANT_SHARE_DIVISOR: u32 = 4;
-    /// Tagged sockets between `connect()` and established (LRU, preallocated: ~1.5 MiB).
-    pub const WIRE_TAGS: u32 = 16_384;
     /// Verified peers of accepted tagged connections (LRU, preallocated: ~1.9 MiB); the
     /// oldest are evicted first.
     pub const WIRE_PEERS: u32 = 16_384;
@@ -883,7 +882,10 @@ pub mod wire {
         /// [`peer_state`]: `VERIFIED` from the SYN's check, `ACCEPTED` once the server's socket
         /// is established (then `cookie` and `accepted_ns` are set).
         pub state: u8,
-        pub _pad: u32,
+        /// The option's version ([`VERSION`] or [`VERSION_1`]): only a version 2 option's
+        /// time is a time, and only it is spent at close (`SPENT_TAGS`).
+        pub version: u8,
+        pub _pad: [u8; 3],
         /// Socket cookie of the server's (accepted) socket; 0 before.
         pub cookie: u64,
         /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the server's `PASSIVE_ESTABLISHED_CB`.

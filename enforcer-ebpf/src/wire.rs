@@ -23,12 +23,16 @@ use core::ffi::c_void;
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock_ops},
+    bindings::{
+        __sk_buff, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, bpf_sock_ops,
+        BPF_SK_STORAGE_GET_F_CREATE,
+    },
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ktime_get_tai_ns,
-        bpf_reserve_hdr_opt, bpf_skb_cgroup_id, bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
+        bpf_reserve_hdr_opt, bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_cgroup_id,
+        bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
     },
-    macros::map,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap},
     programs::{SkBuffContext, SockOpsContext},
 };
@@ -51,11 +55,84 @@ use crate::{
 #[map]
 static FLOW_KEYS: Array<abi::FlowKey> = Array::pinned(abi::KEY_SLOTS, NO_MAP_FLAGS);
 
-/// Socket cookie -> the option its SYNs carry. LRU: an entry of a socket that never became
-/// established (refused, timed out) ages out instead of filling the map.
-#[map]
-static WIRE_TAGS: LruHashMap<u64, [u8; abi::OPTION_LEN]> =
-    LruHashMap::pinned(capacity::WIRE_TAGS, NO_MAP_FLAGS);
+/// A connecting socket's option, in the socket's own storage: it lives and dies with the
+/// socket, so no other socket can push it out. (A node-wide LRU by socket cookie could be
+/// churned by any workload's abandoned connects, and a socket that lost its entry sent its
+/// SYN retransmissions untagged, which the receiver refuses as `missing_tag`.)
+#[btf_map]
+static WIRE_TAGS: SocketStorage<[u8; abi::OPTION_LEN]> = SocketStorage::new();
+
+/// `LIBBPF_PIN_BY_NAME`: pinned under the loader's pin directory by the map's name.
+const PIN_BY_NAME: usize = 1;
+
+/// A BTF socket-storage map definition (`BPF_MAP_TYPE_SK_STORAGE`, pinned by name; the
+/// kernel requires BTF, `BPF_F_NO_PREALLOC` and `max_entries` 0). aya-ebpf 0.2.1's
+/// `btf_maps::SkStorage` reaches a socket only from a sock_addr context and has no pinning
+/// field. The fields are what the loader reads from the BTF, never accessed.
+#[repr(C)]
+pub struct SocketStorage<V> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const V,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: placeholder pointers that the loader reads from BTF; never dereferenced.
+unsafe impl<V> Sync for SocketStorage<V> {}
+
+impl<V> SocketStorage<V> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The socket's value (created from `init` when given and absent), or null. `sk` is the
+    /// sock_ops context's full socket, checked non-null by the caller.
+    #[inline(always)]
+    fn get(&self, sk: *mut bpf_sock, init: Option<&V>) -> *mut V {
+        let (value, flags) = match init {
+            Some(v) => (
+                core::ptr::from_ref(v).cast_mut(),
+                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+            ),
+            None => (core::ptr::null_mut(), 0),
+        };
+        // SAFETY: the map definition, a non-null socket pointer from the context and a value
+        // of the map's value size (or null) are what the helper takes.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                sk.cast(),
+                value.cast(),
+                flags,
+            )
+        }
+        .cast()
+    }
+
+    #[inline(always)]
+    fn delete(&self, sk: *mut bpf_sock) {
+        // SAFETY: as in `get`.
+        unsafe { bpf_sk_storage_delete(core::ptr::from_ref(self).cast_mut().cast(), sk.cast()) };
+    }
+}
+
+/// The sock_ops context's socket, when it is a full one (it is at the callbacks that use
+/// `WIRE_TAGS`: a client socket connecting, its SYN, its establishment).
+#[inline(always)]
+fn context_socket(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
+    // SAFETY: `ops` is the context; `sk` is a pointer-sized context field.
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    (!sk.is_null()).then_some(sk)
+}
 
 /// {claimed identity, local destination identity, port, protocol} -> allow, looked up like the
 /// policy table (exact port, then any port). Memory as entries are added: most nodes host no
@@ -258,9 +335,10 @@ pub fn on_connect(ctx: &SockOpsContext) {
     );
     let tag = abi::siphash24(k0, k1, &m);
     let option = abi::option_bytes(subject, stamp, key_id, abi::VERSION, tag);
-    // SAFETY: `ops` is the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
-    if WIRE_TAGS.insert(&cookie, &option, NO_FLAGS).is_err() {
+    let Some(sk) = context_socket(ctx) else {
+        return;
+    };
+    if WIRE_TAGS.get(sk, Some(&option)).is_null() {
         return;
     }
     // Added to whatever callbacks another sock_ops job asked for, never replacing them.
@@ -279,9 +357,8 @@ fn syn_option(ctx: &SockOpsContext) -> Option<*const [u8; abi::OPTION_LEN]> {
     if tcp_flags & SYN_ACK_MASK != SYN_ONLY {
         return None;
     }
-    // SAFETY: `ops` is the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
-    WIRE_TAGS.get_ptr(cookie)
+    let option = WIRE_TAGS.get(context_socket(ctx)?, None);
+    (!option.is_null()).then_some(option.cast_const())
 }
 
 /// `HDR_OPT_LEN_CB`: room for the option on the SYN.
@@ -313,9 +390,11 @@ pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
 #[inline(always)]
 pub fn on_established(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    // SAFETY: `ops` is the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) };
-    if WIRE_TAGS.remove(&cookie).is_ok() {
+    let Some(sk) = context_socket(ctx) else {
+        return;
+    };
+    if !WIRE_TAGS.get(sk, None).is_null() {
+        WIRE_TAGS.delete(sk);
         let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
         // SAFETY: as above.
         unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
@@ -420,26 +499,17 @@ pub fn on_state(ctx: &SockOpsContext) {
         // Only the socket the entry names ends it: another socket with the same 4-tuple
         // (another network namespace) closing must not delete a live connection's row.
         // SAFETY: a non-null map value pointer is valid for reads; `ctx.ops` is the context.
-        let (state, cookie, stamp, own) = unsafe {
+        let (state, cookie, stamp, version, own) = unsafe {
             (
                 (*peer).state,
                 (*peer).cookie,
                 (*peer).stamp,
+                (*peer).version,
                 bpf_get_socket_cookie(ctx.ops.cast::<c_void>()),
             )
         };
         if state == abi::peer_state::ACCEPTED && cookie == own {
-            // Spent before the record goes: a copy of the SYN must find one or the other.
-            let spent = abi::SpentKey {
-                saddr: key.saddr,
-                daddr: key.daddr,
-                sport: key.sport,
-                dport: key.dport,
-                stamp,
-                _pad: 0,
-            };
-            let at = abi::claimed_seconds(stamp, now_seconds());
-            let _ = SPENT_TAGS.insert(&spent, &at, NO_FLAGS);
+            spend(&key, stamp, version);
             let _ = WIRE_PEERS.remove(&key);
         }
     }
@@ -665,7 +735,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::BAD_TAG)
             } else if !fresh_enough(version, stamp, now_s, skew_s, v1_until_s) {
                 (claimed, reason::STALE_TAG)
-            } else if spent(&syn, stamp, now_s) {
+            } else if version == abi::VERSION && spent(&syn, stamp, now_s) {
                 (claimed, reason::REPLAYED_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
@@ -674,7 +744,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             } else if !allowed(claimed, destination, syn.dport) {
                 (claimed, reason::NOT_ALLOWED)
             } else {
-                remember(&syn, claimed, destination, stamp, key_id);
+                remember(&syn, claimed, destination, stamp, key_id, version);
                 (claimed, reason::ALLOWED)
             }
         }
@@ -734,6 +804,41 @@ fn now_seconds() -> u32 {
     };
     // SAFETY: no preconditions.
     abi::seconds(unsafe { bpf_ktime_get_tai_ns() }, offset)
+}
+
+/// Records a closing connection's option in `SPENT_TAGS` (before its `WIRE_PEERS` record
+/// goes), if a copy of its SYN could still pass the time check: a version 2 option whose
+/// time is within the skew. A version 1 option's field is the sender's policy generation,
+/// the same for its every connection: spending it would refuse the next connection that
+/// reuses the 4-tuple; a connection older than the skew needs no entry (its copies are
+/// `stale_tag`), which keeps long-lived connections out of the map.
+#[inline(always)]
+fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
+    if version != abi::VERSION {
+        return;
+    }
+    let (skew_s, now_s) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads; no preconditions (the helper).
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).wire_skew_s),
+                abi::seconds(bpf_ktime_get_tai_ns(), read_volatile(&(*c).tai_offset_s)),
+            )
+        },
+        None => return,
+    };
+    if !fresh_enough(version, stamp, now_s, skew_s, 0) {
+        return;
+    }
+    let spent = abi::SpentKey {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        sport: key.sport,
+        dport: key.dport,
+        stamp,
+        _pad: 0,
+    };
+    let _ = SPENT_TAGS.insert(&spent, &abi::claimed_seconds(stamp, now_s), NO_FLAGS);
 }
 
 /// A connection with this SYN's option (4-tuple and time field) was accepted here and has
@@ -807,7 +912,7 @@ fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
 /// A SYN for the 4-tuple of a connection already accepted (a replay, or a stray duplicate)
 /// leaves that record alone: the record belongs to the live socket, which ends it.
 #[inline(always)]
-fn remember(syn: &Syn, claimed: u32, destination: u32, stamp: u16, key_id: u8) {
+fn remember(syn: &Syn, claimed: u32, destination: u32, stamp: u16, key_id: u8, version: u8) {
     let key = peer_key(syn);
     if let Some(live) = WIRE_PEERS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
@@ -821,7 +926,8 @@ fn remember(syn: &Syn, claimed: u32, destination: u32, stamp: u16, key_id: u8) {
         stamp,
         key_id,
         state: abi::peer_state::VERIFIED,
-        _pad: 0,
+        version,
+        _pad: [0; 3],
         cookie: 0,
         accepted_ns: 0,
     };

@@ -651,8 +651,9 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     //     seconds later) verifies and is fresh, but its connection has been and gone:
     //     `replayed_tag`, nothing recorded. Before `SPENT_TAGS` it was verified as
     //     acme-retriever again. The option's time is the second of the connect, which the
-    //     test brackets: every other second in the bracket is a new connection's option on
-    //     the same 4-tuple, and passes.
+    //     test brackets; the second before the bracket (a new connection's option on the
+    //     same 4-tuple, certainly not the connect's) passes, as does every other second in
+    //     the bracket.
     let before = now_stamp()?;
     bed.probe(&bed.cg.acme).expect_outcome(
         &format!("tcprst:[{NODE2}]:{DB_PORT}"),
@@ -677,8 +678,8 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         "the reset connection's record stayed: {:?}",
         verified_peers(&Bed::pin_dir(&bed.node2))?
     );
-    let stamps: Vec<u32> = (0..=after.wrapping_sub(before).min(5))
-        .map(|i| before.wrapping_add(i))
+    let stamps: Vec<u32> = std::iter::once(before.wrapping_sub(1))
+        .chain((0..=after.wrapping_sub(before).min(5)).map(|i| before.wrapping_add(i)))
         .collect();
     // Node 1's kernel picks the connection's source among its addresses (`OUTSIDER` too).
     let source = reset[0].ip();
@@ -705,16 +706,14 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
             && e["policy"]["id"] == "identity-tag-replayed",
         "{e}"
     );
-    if stamps.len() > 1 {
-        ensure!(
-            wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
-                bed.verified(reset[0]).ok().flatten() == Some(acme)
-            }),
-            "a new connection's option on the same 4-tuple was not verified: {:?}\n{:?}",
-            verified_peers(&Bed::pin_dir(&bed.node2))?,
-            bed.ingress_events()?
-        );
-    }
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(reset[0]).ok().flatten() == Some(acme)
+        }),
+        "a new connection's option on the same 4-tuple was not verified: {:?}\n{:?}",
+        verified_peers(&Bed::pin_dir(&bed.node2))?,
+        bed.ingress_events()?
+    );
 
     // 5. Rotation. Node 2 learns key 2 (key 1 still signs), node 1 signs with key 2: both
     //    verify; then node 2 drops key 1 and a SYN signed with it is refused.
@@ -874,6 +873,63 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     if !bed.node1.denies()?.iter().all(|e| e["hook"] != "ingress") {
         bail!("node 1 reported ingress events: {:?}", bed.node1.denies()?);
     }
+    Ok(())
+}
+
+/// A connecting socket keeps its option for its SYN retransmissions whatever other sockets
+/// do: node 2 refuses acme-retriever's first SYN (it holds only key 2 for a moment), then
+/// 40,000 connects that node 1 tags and abandons at once churn the node's sockets, then
+/// node 2 learns key 1 again: the retransmitted SYN still carries its option, verifies,
+/// and connects. With the option in a node-wide LRU of 16,384 by socket cookie, the churn
+/// pushed it out, every retransmission went untagged and was refused (`missing_tag`, or
+/// `not_allowed` as WORLD when node 1 picked its other address), and the connect timed out.
+#[test]
+fn a_connecting_socket_keeps_its_option_through_other_sockets_churn() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const CHURN: u64 = 40_000;
+    let bed = Bed::new()?;
+    let acme = bed.identity("acme-retriever")?;
+    let addr = format!("[{NODE2}]:{DB_PORT}");
+    bed.set_keys(2, &format!("{KEY2}\n"))?;
+
+    std::thread::scope(|s| -> Result<()> {
+        let victim_probe = bed.probe(&bed.cg.acme).timeout(Duration::from_secs(150));
+        let victim_call = format!("tcpwait:{addr}");
+        let victim = s.spawn(move || victim_probe.run_one(&victim_call));
+        // Its first SYN reached node 2 and was refused there.
+        expect_ingress(
+            &bed,
+            1,
+            |e| e["reason"] == "bad_tag" && e["subject"]["identity"] == acme,
+            "the first SYN, signed with a key node 2 does not hold",
+        )?;
+        let churn = bed
+            .probe(&bed.cg.acme)
+            .timeout(Duration::from_secs(300))
+            .repeat(CHURN, &format!("tcpsyn:{addr}"))?;
+        ensure!(churn.ok == CHURN, "abandoned connects: {churn:?}");
+        bed.set_keys(2, &format!("{KEY2}\n{KEY1}\n"))?;
+        let r = victim.join().expect("victim thread")?;
+        ensure!(
+            r.outcome == Outcome::Ok,
+            "the retransmitted SYN did not connect: {r:?}"
+        );
+        Ok(())
+    })?;
+    // Every refusal was of a signed SYN (the victim's first, the churn's): none untagged.
+    let settled = bed
+        .node2
+        .settled_events(Duration::from_millis(1500), Duration::from_secs(20))?;
+    let untagged: Vec<&Value> = settled
+        .iter()
+        .filter(|e| e["hook"] == "ingress" && e["reason"] != "bad_tag")
+        .collect();
+    ensure!(
+        untagged.is_empty(),
+        "refused SYNs other than bad_tag: {untagged:?}"
+    );
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `probe ATTEMPT...` / `probe --repeat N ATTEMPT`: a tiny network client for kernel tests.
 //!
-//! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout; `tcprst:` closes it with a reset),
+//! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout; `tcprst:` closes it with a reset,
+//! `tcpwait:` waits 120 s, `tcpsyn:` sends the SYN without waiting and closes the socket),
 //! `udp:ADDR:PORT` (unconnected `sendto` of one byte: the sendmsg hooks) or `udpc:ADDR:PORT`
 //! (UDP connect then send: the connect hooks). IPv6 as `tcp:[fd00::1]:80`. `tcp`, `udp` and `udpc` take an optional
 //! source to bind first: `tcp:0.0.0.0:80@127.1.2.3` (port 0). Socket kinds the sock_addr hooks
@@ -46,6 +47,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const TCP_WAIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// `--repeat` is for bursts, not for load tests.
 const MAX_REPEAT: u64 = 1_000_000;
 /// `--until`'s defaults and bounds, in milliseconds.
@@ -59,6 +61,11 @@ enum Kind {
     /// TCP connect, then close with a reset (`SO_LINGER` 0): the server's socket goes to
     /// TCP CLOSE at once, whatever the server does.
     TcpReset,
+    /// TCP connect that waits up to 120 s (SYN retransmissions at 1, 3, 7, 15, 31 and 63 s).
+    TcpWait,
+    /// Non-blocking TCP connect, closed at once: the SYN is sent and the socket abandoned
+    /// before any answer (`EINPROGRESS` is "ok").
+    TcpAbandon,
     Udp,
     UdpConnected,
     /// Connected UDP, then `sendmsg()` without an address but with ancillary data (IP_TOS /
@@ -95,6 +102,8 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
     let kind = match kind {
         "tcp" => Kind::Tcp,
         "tcprst" => Kind::TcpReset,
+        "tcpwait" => Kind::TcpWait,
+        "tcpsyn" => Kind::TcpAbandon,
         "udp" => Kind::Udp,
         "udpc" => Kind::UdpConnected,
         "udpcm" => Kind::UdpConnectedCmsg,
@@ -106,7 +115,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "packet" => Kind::Packet,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, tcprst, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -437,6 +446,14 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
         Kind::Packet => packet_send(addr),
         Kind::Xdp => socket(AF_XDP, libc::SOCK_RAW, 0).map(drop),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
+        Kind::TcpWait => TcpStream::connect_timeout(&addr, TCP_WAIT_TIMEOUT).map(drop),
+        Kind::TcpAbandon => {
+            let fd = socket(family(&addr), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
+            match connect(&fd, &addr) {
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+                other => other,
+            }
+        }
         Kind::TcpReset => {
             let stream = TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT)?;
             let linger = libc::linger {

@@ -890,3 +890,61 @@ fn every_flow_event_conforms_to_network_activity() {
         "{failed}"
     );
 }
+
+/// `--tenant`/`--workload` select an ingress refusal by either end: the peer's claim when it
+/// can be named, and the local destination it was refused for (a forged `bad_tag` claim
+/// names no tenant, so only the destination's tenant sees it).
+#[test]
+fn tenant_filters_select_ingress_events_by_either_end() {
+    use crate::events::stream::Filter;
+    let compiled = demo();
+    let forged = record::enrich(
+        &deny_event(
+            hook::INGRESS,
+            verdict::DENY,
+            reason::BAD_TAG,
+            id("acme-retriever"),
+            id("globex-vectors"),
+        ),
+        compiled,
+    );
+    assert!(forged.subject.workload.is_none() && forged.subject.tenant.is_none());
+    let call = Event::Call(forged);
+    let tenant = |t: &str| Filter {
+        tenant: Some(t.into()),
+        ..Filter::default()
+    };
+    assert!(tenant("globex").matches(&call));
+    assert!(
+        !tenant("acme").matches(&call),
+        "a forged claim routed an event to its tenant"
+    );
+    let verified = Event::Call(record::enrich(
+        &deny_event(
+            hook::INGRESS,
+            verdict::DENY,
+            reason::NOT_ALLOWED,
+            id("acme-retriever"),
+            id("globex-vectors"),
+        ),
+        compiled,
+    ));
+    assert!(tenant("acme").matches(&verified) && tenant("globex").matches(&verified));
+    let workload = Filter {
+        workload: Some("globex-vectors".into()),
+        ..Filter::default()
+    };
+    assert!(workload.matches(&verified));
+    // Not for the other hooks: an outbound call is its subject's.
+    let outbound = Event::Call(record::enrich(
+        &deny_event(
+            hook::CONNECT4,
+            verdict::DENY,
+            reason::TENANT_MISMATCH,
+            id("acme-retriever"),
+            id("globex-vectors"),
+        ),
+        compiled,
+    ));
+    assert!(tenant("acme").matches(&outbound) && !tenant("globex").matches(&outbound));
+}
