@@ -292,6 +292,21 @@ fn a_sweep_of_many_destinations_stays_within_its_budget_and_is_counted_exactly()
     Ok(())
 }
 
+/// A bundle of `inventory` under the one policy the hand-written tests below need.
+fn same_tenant_bundle(inventory: &str) -> Result<enforcer_tests::PolicyBundle> {
+    enforcer_tests::PolicyBundle::new(&[
+        ("inventory.yaml", inventory),
+        ("schema.cedarschema", enforcer_tests::fixtures::SCHEMA),
+        (
+            "policies.cedar",
+            r#"@id("same-tenant")
+permit (principal, action, resource)
+when { resource has tenant && principal.tenant == resource.tenant };
+"#,
+        ),
+    ])
+}
+
 /// The server workload of the inbound test: it listens on `INBOUND_DB`, its ingress check is
 /// `enforce`, and it makes denied calls of its own to `INBOUND_OTHER` (another tenant's store).
 const INBOUND_DB: &str = "127.98.0.2";
@@ -402,7 +417,7 @@ fn forged_syn(sport: u16, option: &[u8; enforcer_common::wire::OPTION_LEN]) -> R
 #[test]
 fn an_inbound_flood_of_forged_claims_keeps_one_overflow_key_and_spares_the_servers_own_denies(
 ) -> Result<()> {
-    use enforcer_tests::{unique_name, PinDir, PolicyBundle, TempDir, TestCgroup};
+    use enforcer_tests::{unique_name, PinDir, TempDir, TestCgroup};
     if !require_kernel() {
         return Ok(());
     }
@@ -429,17 +444,7 @@ endpoints:
 "#,
         db_cg.relative_str()
     );
-    let bundle = PolicyBundle::new(&[
-        ("inventory.yaml", &inventory),
-        ("schema.cedarschema", enforcer_tests::fixtures::SCHEMA),
-        (
-            "policies.cedar",
-            r#"@id("same-tenant")
-permit (principal, action, resource)
-when { resource has tenant && principal.tenant == resource.tenant };
-"#,
-        ),
-    ])?;
+    let bundle = same_tenant_bundle(&inventory)?;
     let tmp = TempDir::new("eb-keys")?;
     let keys = tmp.path().join("keys");
     std::fs::write(&keys, "1 000102030405060708090a0b0c0d0e0f\n")?;
@@ -584,7 +589,7 @@ when { resource has tenant && principal.tenant == resource.tenant };
 /// enough cgroups filled `AGGREGATE` for every workload), and every deny is accounted.
 #[test]
 fn one_workload_in_many_cgroups_shares_one_budget() -> Result<()> {
-    use enforcer_tests::{unique_name, PinDir, PolicyBundle, TestCgroup};
+    use enforcer_tests::{unique_name, PinDir, TestCgroup};
     if !require_kernel() {
         return Ok(());
     }
@@ -616,17 +621,7 @@ endpoints:
 "#,
         list.join(", ")
     );
-    let bundle = PolicyBundle::new(&[
-        ("inventory.yaml", &inventory),
-        ("schema.cedarschema", enforcer_tests::fixtures::SCHEMA),
-        (
-            "policies.cedar",
-            r#"@id("same-tenant")
-permit (principal, action, resource)
-when { resource has tenant && principal.tenant == resource.tenant };
-"#,
-        ),
-    ])?;
+    let bundle = same_tenant_bundle(&inventory)?;
     let pins = PinDir::new("eb-cg")?;
     let mut cfg =
         enforcer_tests::AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
