@@ -774,6 +774,14 @@ impl Agent {
         // Kernel, then the state file (`enforcer status`), then the event: whoever sees the
         // event sees the revision in status, and whoever sees that finds it in force.
         self.save_state();
+        if let Some(learner) = &mut self.learner {
+            let tenants: BTreeSet<&str> = self
+                .compiled
+                .identities()
+                .filter_map(|i| i.tenant.as_deref())
+                .collect();
+            learner.set_tenants(tenants.len());
+        }
         self.revoke_flows("policy applied");
         let _ = self.notices.send(Notice::PolicyApplied {
             time: now(),

@@ -14,10 +14,11 @@
 //! ([`Writer`]), at most once per [`PERSIST_INTERVAL`] (a burst of changes is one write of
 //! its last state), so the agent's loop never waits on the disk; a write that fails is logged
 //! and retried with the next change. The window starts at the first run and is kept in the file: a
-//! restart neither restarts nor forgets it. Bounded: [`MAX_SUBJECTS`] subjects and
-//! [`MAX_DATASETS`] datasets each (learned and reported together); what a bound refuses is
-//! reported once and not recorded, so a workload that sprays connections cannot grow the
-//! agent's memory or the file.
+//! restart neither restarts nor forgets it. Bounded: [`MAX_SUBJECTS`] subjects, of which
+//! each tenant may hold an equal share ([`Learner::set_tenants`]), and [`MAX_DATASETS`]
+//! datasets each (learned and reported together); what a bound refuses is reported once and
+//! not recorded, so a workload that sprays connections cannot grow the agent's memory or the
+//! file, and a tenant that rotates label sets fills its own share, not the others'.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,8 @@ pub fn atlas(vector_db: bool) -> Vec<enforcer_policy::AtlasTechnique> {
 pub const FILE: &str = "neighbourhoods.json";
 /// Subjects recorded at most.
 pub const MAX_SUBJECTS: usize = 4096;
+/// A tenant's share of [`MAX_SUBJECTS`] never goes below this, however many tenants.
+pub const MIN_TENANT_SUBJECTS: usize = 16;
 /// Datasets per subject at most (its neighbourhood and the anomalies reported for it).
 pub const MAX_DATASETS: usize = 256;
 /// Format of [`FILE`].
@@ -66,6 +69,10 @@ struct Stored {
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Neighbourhood {
+    /// The subject's tenant (whose share of [`MAX_SUBJECTS`] it takes); `None` in files of
+    /// earlier agents and for a subject without one.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Datasets reached during the learning window.
     pub learned: BTreeSet<String>,
     /// Datasets outside it already reported as an anomaly (never reported again).
@@ -94,8 +101,13 @@ pub struct Learner {
     window: Duration,
     started: SystemTime,
     stored: Stored,
-    /// Bounds already reported (per subject, or `*` for the subject bound).
+    /// Bounds already reported (per subject, `*` for the subject bound, `*tenant` for a
+    /// tenant's share).
     capped: BTreeSet<String>,
+    /// Tenants in the policy in force ([`Learner::set_tenants`]; at least 1).
+    tenants: usize,
+    /// Subjects recorded per tenant (`""` for none).
+    per_tenant: BTreeMap<String, usize>,
 }
 
 impl Learner {
@@ -135,6 +147,12 @@ impl Learner {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         crate::sources::kubernetes::write_atomically(&file, &stored)?;
+        let mut per_tenant = BTreeMap::new();
+        for n in stored.subjects.values() {
+            *per_tenant
+                .entry(n.tenant.clone().unwrap_or_default())
+                .or_insert(0) += 1;
+        }
         Ok(Learner {
             writer: Writer::start(file.clone()),
             file,
@@ -142,7 +160,20 @@ impl Learner {
             started,
             stored,
             capped: BTreeSet::new(),
+            tenants: 1,
+            per_tenant,
         })
+    }
+
+    /// The number of tenants in the policy in force: each may hold `MAX_SUBJECTS / tenants`
+    /// subjects (at least [`MIN_TENANT_SUBJECTS`]). Subjects already recorded are kept when a
+    /// share shrinks; the tenant then records no more until it is under its share.
+    pub fn set_tenants(&mut self, tenants: usize) {
+        self.tenants = tenants.max(1);
+    }
+
+    fn tenant_share(&self) -> usize {
+        (MAX_SUBJECTS / self.tenants).max(MIN_TENANT_SUBJECTS)
     }
 
     /// When the window ends.
@@ -164,21 +195,31 @@ impl Learner {
     pub fn observe(
         &mut self,
         subject: &str,
+        tenant: Option<&str>,
         datasets: &[String],
         now: SystemTime,
     ) -> Result<Outcome> {
         let learning = self.learning(now);
         if !self.stored.subjects.contains_key(subject) {
-            if self.stored.subjects.len() >= MAX_SUBJECTS {
-                let first = self.capped.insert("*".to_string());
+            let tenant_key = tenant.unwrap_or_default();
+            let share = self.tenant_share();
+            let bound = if self.per_tenant.get(tenant_key).copied().unwrap_or(0) >= share {
+                Some((
+                    format!("*{tenant_key}"),
+                    format!("{share} subjects of tenant {tenant_key:?}"),
+                ))
+            } else if self.stored.subjects.len() >= MAX_SUBJECTS {
+                Some(("*".to_string(), format!("{MAX_SUBJECTS} subjects")))
+            } else {
+                None
+            };
+            if let Some((key, what)) = bound {
+                let first = self.capped.insert(key);
                 // After the window a bound fails closed: what cannot be remembered is
                 // reported every time, never let through unseen (a tenant can fill a bound
-                // on purpose).
+                // on purpose; with shares, only its own).
                 return Ok(if learning || datasets.is_empty() {
-                    Outcome::Capped {
-                        what: format!("{MAX_SUBJECTS} subjects"),
-                        first,
-                    }
+                    Outcome::Capped { what, first }
                 } else {
                     Outcome::Anomaly {
                         new: datasets.to_vec(),
@@ -192,9 +233,14 @@ impl Learner {
                     Outcome::Known
                 });
             }
-            self.stored
-                .subjects
-                .insert(subject.to_string(), Neighbourhood::default());
+            self.stored.subjects.insert(
+                subject.to_string(),
+                Neighbourhood {
+                    tenant: tenant.map(str::to_string),
+                    ..Neighbourhood::default()
+                },
+            );
+            *self.per_tenant.entry(tenant_key.to_string()).or_insert(0) += 1;
         }
         let entry = self
             .stored
@@ -421,19 +467,25 @@ mod tests {
         let window = Duration::from_secs(60);
         let mut l = Learner::open(dir.path(), window, t0).unwrap();
         assert_eq!(
-            l.observe("a", &d(&["kb1"]), t0).unwrap(),
+            l.observe("a", None, &d(&["kb1"]), t0).unwrap(),
             Outcome::Learning { added: 1 }
         );
         let after = t0 + Duration::from_secs(61);
-        assert_eq!(l.observe("a", &d(&["kb1"]), after).unwrap(), Outcome::Known);
         assert_eq!(
-            l.observe("a", &d(&["kb1", "kb2"]), after).unwrap(),
+            l.observe("a", None, &d(&["kb1"]), after).unwrap(),
+            Outcome::Known
+        );
+        assert_eq!(
+            l.observe("a", None, &d(&["kb1", "kb2"]), after).unwrap(),
             Outcome::Anomaly { new: d(&["kb2"]) }
         );
-        assert_eq!(l.observe("a", &d(&["kb2"]), after).unwrap(), Outcome::Known);
+        assert_eq!(
+            l.observe("a", None, &d(&["kb2"]), after).unwrap(),
+            Outcome::Known
+        );
         // A subject never seen while learning has an empty neighbourhood.
         assert_eq!(
-            l.observe("b", &d(&["kb1"]), after).unwrap(),
+            l.observe("b", None, &d(&["kb1"]), after).unwrap(),
             Outcome::Anomaly { new: d(&["kb1"]) }
         );
         // Reopened later with another window length: same start, same sets.
@@ -456,14 +508,14 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
         for i in 0..MAX_DATASETS {
-            l.observe("a", &[format!("kb{i}")], t0).unwrap();
+            l.observe("a", None, &[format!("kb{i}")], t0).unwrap();
         }
-        let capped = l.observe("a", &d(&["one-more"]), t0).unwrap();
+        let capped = l.observe("a", None, &d(&["one-more"]), t0).unwrap();
         assert!(
             matches!(capped, Outcome::Capped { first: true, .. }),
             "{capped:?}"
         );
-        let again = l.observe("a", &d(&["and-another"]), t0).unwrap();
+        let again = l.observe("a", None, &d(&["and-another"]), t0).unwrap();
         assert!(
             matches!(again, Outcome::Capped { first: false, .. }),
             "{again:?}"
@@ -474,17 +526,71 @@ mod tests {
         let after = t0 + Duration::from_secs(61);
         for _ in 0..2 {
             assert_eq!(
-                l.observe("a", &d(&["past-the-bound"]), after).unwrap(),
+                l.observe("a", None, &d(&["past-the-bound"]), after)
+                    .unwrap(),
                 Outcome::Anomaly {
                     new: d(&["past-the-bound"])
                 }
             );
         }
         assert_eq!(
-            l.observe("a", &d(&["kb0"]), after).unwrap(),
+            l.observe("a", None, &d(&["kb0"]), after).unwrap(),
             Outcome::Known,
             "what was learned stays known"
         );
+    }
+
+    /// A tenant that rotates label sets fills its own share of the subjects, not the others'
+    /// (with one bound for all, the other tenant's later subjects learned nothing and were
+    /// anomalies, and step-ups, at every contact after the window).
+    #[test]
+    fn a_tenant_fills_only_its_own_share_of_subjects() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        l.set_tenants(2);
+        let share = MAX_SUBJECTS / 2;
+        for i in 0..MAX_SUBJECTS {
+            l.observe(&format!("greedy-{i}"), Some("globex"), &d(&["kb"]), t0)
+                .unwrap();
+        }
+        let capped = l
+            .observe("greedy-late", Some("globex"), &d(&["kb"]), t0)
+            .unwrap();
+        assert!(
+            matches!(&capped, Outcome::Capped { what, .. } if what.contains("globex")),
+            "{capped:?}"
+        );
+        assert_eq!(
+            l.observe("retriever", Some("acme"), &d(&["acme-kb"]), t0)
+                .unwrap(),
+            Outcome::Learning { added: 1 },
+            "the other tenant still learns"
+        );
+        let after = t0 + Duration::from_secs(61);
+        assert_eq!(
+            l.observe("retriever", Some("acme"), &d(&["acme-kb"]), after)
+                .unwrap(),
+            Outcome::Known
+        );
+        // The greedy tenant's own subjects past its share fail closed.
+        assert!(matches!(
+            l.observe("greedy-late", Some("globex"), &d(&["kb"]), after)
+                .unwrap(),
+            Outcome::Anomaly { .. }
+        ));
+        assert!(l.neighbourhood(&format!("greedy-{}", share - 1)).is_some());
+        assert!(l.neighbourhood(&format!("greedy-{share}")).is_none());
+        // Shares are counted again from the file by a restarted agent.
+        l.flush().unwrap();
+        drop(l);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        l.set_tenants(2);
+        assert!(matches!(
+            l.observe("greedy-other", Some("globex"), &d(&["kb"]), t0)
+                .unwrap(),
+            Outcome::Capped { .. }
+        ));
     }
 
     #[test]
@@ -496,14 +602,14 @@ mod tests {
         // A burst: the first change is written at once, the rest wait for the interval and
         // are one write of the last state.
         for i in 0..50 {
-            l.observe("a", &[format!("kb{i}")], t0).unwrap();
+            l.observe("a", None, &[format!("kb{i}")], t0).unwrap();
         }
         l.flush().unwrap();
         let on_disk = Learner::open(dir.path(), window, t0).unwrap();
         assert_eq!(on_disk.neighbourhood("a").unwrap().learned.len(), 50);
         drop(on_disk);
         // Dropped within the interval of the last write: what waits is written, not lost.
-        l.observe("b", &d(&["kb-b"]), t0).unwrap();
+        l.observe("b", None, &d(&["kb-b"]), t0).unwrap();
         drop(l);
         let on_disk = Learner::open(dir.path(), window, t0).unwrap();
         assert!(on_disk.neighbourhood("b").is_some());

@@ -53,7 +53,12 @@ impl Agent {
         };
         let subject_name = subject.name.clone();
         let now = SystemTime::now();
-        let outcome = match learner.observe(&subject_name, &datasets, now) {
+        let outcome = match learner.observe(
+            &subject_name,
+            subject.tenant.as_deref(),
+            &datasets,
+            now,
+        ) {
             Ok(outcome) => outcome,
             Err(error) => {
                 tracing::error!(subject = %subject_name, "recording a neighbourhood: {error:#}");
