@@ -292,6 +292,10 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
 #[inline(always)]
 pub fn on_connect(ctx: &SockOpsContext) {
     let ops = ctx.ops;
+    // A socket may connect again after a failed connect: whatever option its last connect
+    // left is for another 4-tuple, time or subject, and must go whether or not this connect
+    // is tagged (`bpf_sk_storage_get` would hand the old value back, not the new one).
+    forget_option(ctx);
     // SAFETY: no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let Some(subject) = locked::subject_of(cgroup_id) else {
@@ -338,9 +342,14 @@ pub fn on_connect(ctx: &SockOpsContext) {
     let Some(sk) = context_socket(ctx) else {
         return;
     };
-    if WIRE_TAGS.get(sk, Some(&option)).is_null() {
+    let stored = WIRE_TAGS.get(sk, Some(&option));
+    if stored.is_null() {
         return;
     }
+    // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own (the
+    // socket is locked in this callback). Written in case a value survived (it does not:
+    // `forget_option` above), so that the SYN can only ever carry this connect's option.
+    unsafe { *stored = option };
     // Added to whatever callbacks another sock_ops job asked for, never replacing them.
     let cb = ctx.cb_flags() | WRITE_HDR_OPT_CB_FLAG;
     // SAFETY: `ops` is the sock_ops context.
@@ -389,15 +398,20 @@ pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
 /// `ACTIVE_ESTABLISHED_CB`: no more SYNs; drop the entry and the per-segment callbacks.
 #[inline(always)]
 pub fn on_established(ctx: &SockOpsContext) {
-    let ops = ctx.ops;
+    forget_option(ctx);
+}
+
+/// Drops the socket's option, if it has one, and the header callbacks that write it.
+#[inline(always)]
+fn forget_option(ctx: &SockOpsContext) {
     let Some(sk) = context_socket(ctx) else {
         return;
     };
     if !WIRE_TAGS.get(sk, None).is_null() {
         WIRE_TAGS.delete(sk);
         let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
-        // SAFETY: as above.
-        unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
+        // SAFETY: `ops` is the sock_ops context.
+        unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, cb as i32) };
     }
 }
 

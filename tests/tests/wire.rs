@@ -47,6 +47,9 @@ const NODE2: &str = "fd84::2";
 /// A second address on node 1's end that the IP cache does not know: WORLD.
 const OUTSIDER: &str = "fd84::99";
 const DB_PORT: u16 = 6333;
+/// A port the policy opens on the DB but nothing listens on: a connect there is refused by
+/// node 2's kernel (the `tcpagain` attempt's first connect).
+const CLOSED_PORT: u16 = DB_PORT + 1;
 const KEY1: &str = "1 000102030405060708090a0b0c0d0e0f";
 const KEY2: &str = "2 f0e0d0c0b0a090807060504030201000";
 
@@ -80,7 +83,7 @@ endpoints:
     tenant: acme
     kind: vector_db
     ips: [{NODE2}/128]
-    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}, {{port: {CLOSED_PORT}, protocol: tcp, action: query}}]
     datasets: [acme-kb]
     ingress: enforce
 "#
@@ -883,6 +886,8 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
 /// and connects. With the option in a node-wide LRU of 16,384 by socket cookie, the churn
 /// pushed it out, every retransmission went untagged and was refused (`missing_tag`, or
 /// `not_allowed` as WORLD when node 1 picked its other address), and the connect timed out.
+/// Then a socket whose first connect was refused connects again: its SYN carries the new
+/// connect's option.
 #[test]
 fn a_connecting_socket_keeps_its_option_through_other_sockets_churn() -> Result<()> {
     if !require_kernel() {
@@ -918,6 +923,14 @@ fn a_connecting_socket_keeps_its_option_through_other_sockets_churn() -> Result<
         );
         Ok(())
     })?;
+    // A socket that connects again after a failed connect (refused by the port next to the
+    // DB's) sends this connect's option, not the last one's: before, socket storage handed
+    // the old value back (its 4-tuple names the other port: `bad_tag`, and a timeout).
+    bed.probe(&bed.cg.acme).expect_outcome(
+        &format!("tcpagain:{addr}"),
+        Outcome::Ok,
+        "the same socket, connecting again",
+    )?;
     // Every refusal was of a signed SYN (the victim's first, the churn's): none untagged.
     let settled = bed
         .node2

@@ -1,7 +1,8 @@
 //! `probe ATTEMPT...` / `probe --repeat N ATTEMPT`: a tiny network client for kernel tests.
 //!
 //! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout; `tcprst:` closes it with a reset,
-//! `tcpwait:` waits 120 s, `tcpsyn:` sends the SYN without waiting and closes the socket),
+//! `tcpwait:` waits 120 s, `tcpsyn:` sends the SYN without waiting and closes the socket,
+//! `tcpagain:` connects first to the port plus one, refused, then the same socket again),
 //! `udp:ADDR:PORT` (unconnected `sendto` of one byte: the sendmsg hooks) or `udpc:ADDR:PORT`
 //! (UDP connect then send: the connect hooks). IPv6 as `tcp:[fd00::1]:80`. `tcp`, `udp` and `udpc` take an optional
 //! source to bind first: `tcp:0.0.0.0:80@127.1.2.3` (port 0). Socket kinds the sock_addr hooks
@@ -61,6 +62,8 @@ enum Kind {
     /// TCP connect, then close with a reset (`SO_LINGER` 0): the server's socket goes to
     /// TCP CLOSE at once, whatever the server does.
     TcpReset,
+    /// TCP connect to the port plus one (refused), then the same socket to the port.
+    TcpAgain,
     /// TCP connect that waits up to 120 s (SYN retransmissions at 1, 3, 7, 15, 31 and 63 s).
     TcpWait,
     /// Non-blocking TCP connect, closed at once: the SYN is sent and the socket abandoned
@@ -103,6 +106,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "tcp" => Kind::Tcp,
         "tcprst" => Kind::TcpReset,
         "tcpwait" => Kind::TcpWait,
+        "tcpagain" => Kind::TcpAgain,
         "tcpsyn" => Kind::TcpAbandon,
         "udp" => Kind::Udp,
         "udpc" => Kind::UdpConnected,
@@ -115,7 +119,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "packet" => Kind::Packet,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -362,6 +366,39 @@ fn send_with_tos(fd: &OwnedFd, v6: bool) -> std::io::Result<()> {
     check_len(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) })
 }
 
+/// A dropped SYN (an ingress check) must not block for the kernel's two minutes of
+/// retries: SO_SNDTIMEO bounds a blocking connect (it fails with EINPROGRESS).
+fn bound_connect_time(fd: &OwnedFd) -> std::io::Result<()> {
+    let timeout = libc::timeval {
+        tv_sec: TCP_CONNECT_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid option pointer and length for SO_SNDTIMEO.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+}
+
+/// `tcpagain`: one socket connects to `addr`'s port plus one (closed: refused), then, the
+/// same socket, to `addr`; the second connect's outcome.
+fn connect_again(addr: SocketAddr) -> std::io::Result<()> {
+    let fd = socket(family(&addr), libc::SOCK_STREAM, 0)?;
+    bound_connect_time(&fd)?;
+    let mut first = addr;
+    first.set_port(addr.port().wrapping_add(1));
+    if connect(&fd, &first).is_ok() {
+        // The port was open after all: this is not the case the kind is for.
+        return Err(std::io::Error::from_raw_os_error(libc::EISCONN));
+    }
+    connect(&fd, &addr)
+}
+
 /// TCP or UDP from a socket bound to `source` first (the unspecified-destination bypasses).
 fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Result<()> {
     let ty = if matches!(kind, Kind::Tcp) {
@@ -379,25 +416,7 @@ fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Resul
             check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
         }
         _ => {
-            // A dropped SYN (an ingress check) must not block for the kernel's two minutes
-            // of retries: SO_SNDTIMEO bounds a blocking connect (it fails with EINPROGRESS).
-            let timeout = libc::timeval {
-                tv_sec: TCP_CONNECT_TIMEOUT.as_secs() as libc::time_t,
-                tv_usec: 0,
-            };
-            // SAFETY: a valid option pointer and length for SO_SNDTIMEO.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDTIMEO,
-                    (&timeout as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            bound_connect_time(&fd)?;
             connect(&fd, &addr)
         }
     }
@@ -447,6 +466,7 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
         Kind::Xdp => socket(AF_XDP, libc::SOCK_RAW, 0).map(drop),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
         Kind::TcpWait => TcpStream::connect_timeout(&addr, TCP_WAIT_TIMEOUT).map(drop),
+        Kind::TcpAgain => connect_again(addr),
         Kind::TcpAbandon => {
             let fd = socket(family(&addr), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
             match connect(&fd, &addr) {
