@@ -775,10 +775,13 @@ impl Agent {
         // event sees the revision in status, and whoever sees that finds it in force.
         self.save_state();
         if let Some(learner) = &mut self.learner {
+            // The tenants with workloads on this node: only they can have subjects here, so
+            // only they are given a share (counting the whole cluster's would reserve room
+            // for tenants that never come, and cap the ones that do).
             let tenants: BTreeSet<&str> = self
-                .compiled
-                .identities()
-                .filter_map(|i| i.tenant.as_deref())
+                .cgroups
+                .values()
+                .filter_map(|&id| self.compiled.identity(id)?.tenant.as_deref())
                 .collect();
             learner.set_tenants(tenants.len());
         }

@@ -104,7 +104,7 @@ pub struct Learner {
     /// Bounds already reported (per subject, `*` for the subject bound, `*tenant` for a
     /// tenant's share).
     capped: BTreeSet<String>,
-    /// Tenants in the policy in force ([`Learner::set_tenants`]; at least 1).
+    /// Tenants with workloads on this node ([`Learner::set_tenants`]).
     tenants: usize,
     /// Subjects recorded per tenant (`""` for none).
     per_tenant: BTreeMap<String, usize>,
@@ -160,20 +160,22 @@ impl Learner {
             started,
             stored,
             capped: BTreeSet::new(),
-            tenants: 1,
+            tenants: 0,
             per_tenant,
         })
     }
 
-    /// The number of tenants in the policy in force: each may hold `MAX_SUBJECTS / tenants`
-    /// subjects (at least [`MIN_TENANT_SUBJECTS`]). Subjects already recorded are kept when a
-    /// share shrinks; the tenant then records no more until it is under its share.
+    /// The number of tenants with workloads on this node: each, and the subjects without a
+    /// tenant together, may hold `MAX_SUBJECTS / (tenants + 1)` subjects (at least
+    /// [`MIN_TENANT_SUBJECTS`]), so that no tenant can take another's room. Subjects already
+    /// recorded are kept when a share shrinks; the tenant then records no more until it is
+    /// under its share.
     pub fn set_tenants(&mut self, tenants: usize) {
-        self.tenants = tenants.max(1);
+        self.tenants = tenants;
     }
 
     fn tenant_share(&self) -> usize {
-        (MAX_SUBJECTS / self.tenants).max(MIN_TENANT_SUBJECTS)
+        (MAX_SUBJECTS / (self.tenants + 1)).max(MIN_TENANT_SUBJECTS)
     }
 
     /// When the window ends.
@@ -202,14 +204,16 @@ impl Learner {
         let learning = self.learning(now);
         if !self.stored.subjects.contains_key(subject) {
             let tenant_key = tenant.unwrap_or_default();
-            let share = self.tenant_share();
-            let bound = if self.per_tenant.get(tenant_key).copied().unwrap_or(0) >= share {
-                Some((
-                    format!("*{tenant_key}"),
-                    format!("{share} subjects of tenant {tenant_key:?}"),
-                ))
-            } else if self.stored.subjects.len() >= MAX_SUBJECTS {
+            let bound = if self.stored.subjects.len() >= MAX_SUBJECTS {
                 Some(("*".to_string(), format!("{MAX_SUBJECTS} subjects")))
+            } else if self.per_tenant.get(tenant_key).copied().unwrap_or(0) >= self.tenant_share() {
+                Some((
+                    format!("*tenant:{tenant_key}"),
+                    format!(
+                        "{} subjects of tenant {tenant_key:?} (its share)",
+                        self.tenant_share()
+                    ),
+                ))
             } else {
                 None
             };
@@ -241,6 +245,18 @@ impl Learner {
                 },
             );
             *self.per_tenant.entry(tenant_key.to_string()).or_insert(0) += 1;
+        } else if let Some(t) = tenant {
+            // A subject from an earlier agent's file has no tenant: it is counted under its
+            // tenant from its first contact on.
+            if let Some(n) = self.stored.subjects.get_mut(subject) {
+                if n.tenant.is_none() {
+                    n.tenant = Some(t.to_string());
+                    if let Some(c) = self.per_tenant.get_mut("") {
+                        *c = c.saturating_sub(1);
+                    }
+                    *self.per_tenant.entry(t.to_string()).or_insert(0) += 1;
+                }
+            }
         }
         let entry = self
             .stored
@@ -549,7 +565,8 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
         l.set_tenants(2);
-        let share = MAX_SUBJECTS / 2;
+        // Two tenants and the subjects without one.
+        let share = MAX_SUBJECTS / 3;
         for i in 0..MAX_SUBJECTS {
             l.observe(&format!("greedy-{i}"), Some("globex"), &d(&["kb"]), t0)
                 .unwrap();
@@ -591,6 +608,30 @@ mod tests {
                 .unwrap(),
             Outcome::Capped { .. }
         ));
+    }
+
+    /// Subjects without a tenant (system workloads) have a share of their own, and a node
+    /// with one tenant leaves that tenant half the table, not all of it to nobody.
+    #[test]
+    fn subjects_without_a_tenant_share_like_a_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        l.set_tenants(1);
+        let share = MAX_SUBJECTS / 2;
+        let learned = |l: &mut Learner, prefix: &str, tenant: Option<&str>| {
+            (0..MAX_SUBJECTS)
+                .filter(|i| {
+                    matches!(
+                        l.observe(&format!("{prefix}-{i}"), tenant, &d(&["kb"]), t0)
+                            .unwrap(),
+                        Outcome::Learning { .. }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(learned(&mut l, "system", None), share);
+        assert_eq!(learned(&mut l, "acme", Some("acme")), share);
     }
 
     #[test]

@@ -147,6 +147,10 @@ struct Fields {
     workload: Option<String>,
     to_name: Option<String>,
     to_ip: Option<String>,
+    /// A call's destination tenant, and whether it was refused at `ingress` (then the
+    /// tenant and workload filters also select it by its destination).
+    to_tenant: Option<String>,
+    ingress: bool,
     reason: Option<String>,
     verdict: Option<String>,
     atlas: Vec<String>,
@@ -189,6 +193,8 @@ impl Fields {
                 workload: text(&v["subject"]["workload"]),
                 to_name: text(&v["destination"]["name"]),
                 to_ip: text(&v["destination"]["ip"]),
+                to_tenant: text(&v["destination"]["tenant"]),
+                ingress: v["hook"] == "ingress",
                 reason: text(&v["reason"]).or_else(|| text(&v["flow"]["reason"])),
                 verdict: text(&v["verdict"]),
                 atlas: v["atlas"]
@@ -203,6 +209,8 @@ impl Fields {
                 workload: text(&v["src_endpoint"]["name"]),
                 to_name: text(&v["dst_endpoint"]["name"]),
                 to_ip: text(&v["dst_endpoint"]["ip"]),
+                to_tenant: text(&v["unmapped"]["destination"]["tenant"]),
+                ingress: v["unmapped"]["hook"] == "ingress",
                 reason: text(&v["unmapped"]["reason"])
                     .or_else(|| text(&v["unmapped"]["flow"]["reason"])),
                 verdict: text(&v["unmapped"]["verdict"]),
@@ -244,8 +252,13 @@ impl Fields {
             })
         };
         if self.call {
-            eq(&filter.tenant, &self.tenant)
-                && eq(&filter.workload, &self.workload)
+            let on = |tenant: &Option<String>, workload: &Option<String>| {
+                eq(&filter.tenant, tenant) && eq(&filter.workload, workload)
+            };
+            let by_destination = self.ingress
+                && (filter.tenant.is_some() || filter.workload.is_some())
+                && on(&self.to_tenant, &self.to_name);
+            (on(&self.tenant, &self.workload) || by_destination)
                 && to()
                 && eq(&filter.reason, &self.reason)
                 && eq(&filter.verdict, &self.verdict)
@@ -678,6 +691,36 @@ mod tests {
                 assert!(!fields.matches(&other), "{format:?} {other:?}");
             }
         }
+    }
+
+    /// As `Filter::matches`: an ingress refusal is selected by either end, tenant and
+    /// workload on the same end; other calls only by their subject.
+    #[test]
+    fn ingress_lines_are_selected_by_either_end_in_both_formats() {
+        let json = br#"{"type":"connection.denied","hook":"ingress","verdict":"deny","reason":"not_allowed","subject":{"tenant":"acme","workload":"rag"},"destination":{"name":"globex-vectors","tenant":"globex","ip":"127.92.0.9"}}"#;
+        let ocsf = br#"{"metadata":{"event_code":"connection.denied"},"src_endpoint":{"name":"rag"},"dst_endpoint":{"name":"globex-vectors","ip":"127.92.0.9"},"unmapped":{"hook":"ingress","verdict":"deny","reason":"not_allowed","subject":{"tenant":"acme"},"destination":{"tenant":"globex"}}}"#;
+        let filter = |tenant: Option<&str>, workload: Option<&str>| Filter {
+            tenant: tenant.map(str::to_string),
+            workload: workload.map(str::to_string),
+            ..Filter::default()
+        };
+        for (format, line) in [(Format::Json, &json[..]), (Format::Ocsf, &ocsf[..])] {
+            let fields = Fields::of(format, &serde_json::from_slice(line).unwrap());
+            for (f, want) in [
+                (filter(Some("acme"), None), true),
+                (filter(Some("globex"), None), true),
+                (filter(Some("globex"), Some("globex-vectors")), true),
+                (filter(Some("acme"), Some("rag")), true),
+                (filter(Some("acme"), Some("globex-vectors")), false),
+                (filter(Some("initech"), None), false),
+            ] {
+                assert_eq!(fields.matches(&f), want, "{format:?} {f:?}");
+            }
+        }
+        // Not an ingress refusal: only its subject.
+        let outbound = br#"{"type":"connection.denied","hook":"connect4","verdict":"deny","reason":"tenant_mismatch","subject":{"tenant":"acme","workload":"rag"},"destination":{"name":"globex-vectors","tenant":"globex","ip":"127.92.0.9"}}"#;
+        let fields = Fields::of(Format::Json, &serde_json::from_slice(outbound).unwrap());
+        assert!(!fields.matches(&filter(Some("globex"), None)));
     }
 
     #[test]

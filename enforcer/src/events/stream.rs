@@ -178,21 +178,24 @@ impl Filter {
                 // An ingress refusal concerns two workloads: the remote peer (the subject,
                 // when its claim can be named) and the local one it was refused for, whose
                 // tenant's feed must see attacks on it (as its `events.suppressed` does).
-                let ingress = call.peer.is_some();
-                let either = |want: &Option<String>, subject: Option<&str>, local: Option<&str>| {
-                    eq(want, subject) || (ingress && want.is_some() && eq(want, local))
+                // Tenant and workload are matched on the same end.
+                let on = |tenant: Option<&str>, workload: Option<&str>| {
+                    eq(&self.tenant, tenant) && eq(&self.workload, workload)
                 };
-                either(
-                    &self.tenant,
+                let by_destination = call.peer.is_some()
+                    && (self.tenant.is_some() || self.workload.is_some())
+                    && on(
+                        dest.and_then(|d| d.tenant.as_deref()),
+                        dest.and_then(|d| d.name.as_deref()),
+                    );
+                (on(
                     call.subject.tenant.as_deref(),
-                    dest.and_then(|d| d.tenant.as_deref()),
-                ) && either(
-                    &self.workload,
                     call.subject.workload.as_deref(),
-                    dest.and_then(|d| d.name.as_deref()),
-                ) && self.to.as_deref().is_none_or(|to| {
-                    dest.is_some_and(|d| d.name.as_deref() == Some(to) || d.ip == to)
-                }) && eq(&self.reason, Some(call.reason))
+                ) || by_destination)
+                    && self.to.as_deref().is_none_or(|to| {
+                        dest.is_some_and(|d| d.name.as_deref() == Some(to) || d.ip == to)
+                    })
+                    && eq(&self.reason, Some(call.reason))
                     && eq(&self.verdict, Some(call.verdict))
                     && self.atlas.as_deref().is_none_or(|id| {
                         call.atlas.iter().any(|t| {

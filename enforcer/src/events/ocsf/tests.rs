@@ -935,6 +935,13 @@ fn tenant_filters_select_ingress_events_by_either_end() {
         ..Filter::default()
     };
     assert!(workload.matches(&verified));
+    // Tenant and workload on the same end: acme's tenant with globex's workload is neither.
+    let crossed = Filter {
+        tenant: Some("acme".into()),
+        workload: Some("globex-vectors".into()),
+        ..Filter::default()
+    };
+    assert!(!crossed.matches(&verified));
     // Not for the other hooks: an outbound call is its subject's.
     let outbound = Event::Call(record::enrich(
         &deny_event(
