@@ -457,9 +457,12 @@ fn encode_kernel(encoder: &mut DescriptorEncoder, stats: &datapath::KernelStats)
             None,
             MetricType::Gauge,
         )?;
+        // Socket storage has no capacity: no series.
         for map in &stats.maps {
-            ConstGauge::new(map.capacity as i64)
-                .encode(family.encode_family(&[("map", map.name)])?)?;
+            if let Some(capacity) = map.capacity {
+                ConstGauge::new(capacity as i64)
+                    .encode(family.encode_family(&[("map", map.name)])?)?;
+            }
         }
     }
     gauge(

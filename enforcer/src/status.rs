@@ -350,14 +350,11 @@ pub fn render(status: &Status) -> String {
     }
     let _ = writeln!(out, "maps (entries / capacity):");
     for m in &status.maps {
-        match m.entries {
-            Some(entries) => {
-                let _ = writeln!(out, "  {:<16} {} / {}", m.name, entries, m.capacity);
-            }
-            None => {
-                let _ = writeln!(out, "  {:<16} - / {}", m.name, m.capacity);
-            }
-        }
+        let entries = m.entries.map_or_else(|| "-".to_string(), |n| n.to_string());
+        let capacity = m
+            .capacity
+            .map_or_else(|| "per socket".to_string(), |n| n.to_string());
+        let _ = writeln!(out, "  {:<16} {entries} / {capacity}", m.name);
     }
     out
 }

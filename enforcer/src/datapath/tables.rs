@@ -1562,9 +1562,12 @@ pub struct ConfigView {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MapFill {
     pub name: &'static str,
-    /// None for maps whose entries are not counted (arrays, the ring buffer).
+    /// None for maps whose entries are not counted (arrays, the ring buffer, socket
+    /// storage).
     pub entries: Option<u64>,
-    pub capacity: u32,
+    /// `max_entries`; None for socket storage (`WIRE_TAGS`), which holds one value per
+    /// socket and has no capacity of its own.
+    pub capacity: Option<u32>,
 }
 
 pub fn lost_events(dir: &Path) -> Result<u64> {
@@ -1606,10 +1609,11 @@ pub fn kernel_stats_with(dir: &Path, count_entries: bool) -> Result<KernelStats>
         } else {
             None
         };
+        let per_socket = matches!(info.map_type(), Ok(aya::maps::MapType::SkStorage));
         fills.push(MapFill {
             name,
             entries,
-            capacity: info.max_entries(),
+            capacity: (!per_socket).then(|| info.max_entries()),
         });
     }
     Ok(KernelStats {

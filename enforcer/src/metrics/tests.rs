@@ -248,12 +248,12 @@ fn stats() -> KernelStats {
             MapFill {
                 name: "POLICY_A",
                 entries: Some(12),
-                capacity: 262_144,
+                capacity: Some(262_144),
             },
             MapFill {
                 name: "EVENTS",
                 entries: None,
-                capacity: 1 << 20,
+                capacity: Some(1 << 20),
             },
         ],
         config: ConfigView {
