@@ -404,6 +404,11 @@ pub fn on_established(ctx: &SockOpsContext) {
 /// Drops the socket's option, if it has one, and the header callbacks that write it.
 #[inline(always)]
 fn forget_option(ctx: &SockOpsContext) {
+    // Every connect of the subtree comes here: a socket without the write callback has no
+    // option of ours (`on_connect` sets both, this clears both), so it costs no lookup.
+    if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
+        return;
+    }
     let Some(sk) = context_socket(ctx) else {
         return;
     };
