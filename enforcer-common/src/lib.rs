@@ -791,9 +791,14 @@ const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 16);
 ///   (the tenant number is a hash of the tenant's name, the same on every node), which saves
 ///   4 of the ~20 bytes a Linux SYN leaves free after MSS, SACK-permitted, timestamps and
 ///   window scale.
-/// - `time` (version 2): the sender's wall-clock (POSIX) seconds modulo 2^16 when the connect was
-///   made ([`stamp`]); the receiver accepts it within a skew of its own clock ([`fresh`]).
-///   In version 1 these bits were the low 16 bits of the sender's policy generation.
+/// - `time` (version 3): the sender's wall-clock (POSIX) seconds modulo 2^16 when this SYN was
+///   sent ([`stamp`]): each transmission of a connect's SYN gets its own time, later than the
+///   one before (a retransmission within the same second takes the next second), so that the
+///   receiver can accept every (4-tuple, time) once and refuse any copy. The receiver accepts it
+///   within a skew of its own clock ([`fresh`]). In version 2 the time was the connect's, which
+///   every retransmission repeated: the receiver could only refuse a copy once the connection had
+///   been accepted and closed. In version 1 these bits were the low 16 bits of the sender's
+///   policy generation.
 /// - `key id`: which flow key made the tag (never 0).
 /// - `version`: [`VERSION`].
 /// - `tag`: SipHash-2-4 ([`siphash24`]) with the 128-bit flow key over the 48-byte string of
@@ -806,14 +811,19 @@ pub mod wire {
     pub const EXID: u16 = 0xA1E5;
     /// Length of the whole option in bytes (kind and length included).
     pub const OPTION_LEN: usize = 20;
-    /// The option version this code writes: 2, with a timestamp.
-    pub const VERSION: u8 = 2;
+    /// The option version this code writes: 3, the time of each SYN transmission.
+    pub const VERSION: u8 = 3;
+    /// The previous version: the connect's time, repeated by retransmissions. Accepted (its
+    /// copies are refused only after the connection closed: `SPENT_TAGS` at close), so that
+    /// nodes of the previous release keep connecting during a rolling upgrade.
+    pub const VERSION_2: u8 = 2;
     /// The first version: bytes 8-9 held the sender's policy generation, with no freshness.
     /// Refused, except before `Config::wire_v1_until_s`.
     pub const VERSION_1: u8 = 1;
     /// Default of `Config::wire_skew_s`: seconds. Covers NTP-synced clocks (milliseconds
-    /// apart) and the SYN retransmissions of the first 15 s of a connect (1, 3, 7 and 15 s
-    /// after it); far below 2^15, so the modulo-2^16 comparison is never ambiguous.
+    /// apart), a version 3 sender's retransmissions running a few seconds ahead, and a version
+    /// 2 sender's retransmissions of the first 15 s of a connect (1, 3, 7 and 15 s after it);
+    /// far below 2^15, so the modulo-2^16 comparison is never ambiguous.
     pub const DEFAULT_SKEW_S: u32 = 30;
     /// Largest accepted `Config::wire_skew_s`: a window of 2^15 s or more would make "ahead"
     /// and "behind" indistinguishable modulo 2^16.
@@ -852,8 +862,9 @@ pub mod wire {
         pub _pad: u32,
     }
 
-    /// Key of `SPENT_TAGS`: a closed tagged connection's 4-tuple (as [`PeerKey`]) and its
-    /// option's time field ([`Peer::stamp`]): what a copy of its SYN would carry again.
+    /// Key of `SPENT_TAGS`: a SYN's 4-tuple (as [`PeerKey`]) and its option's time field
+    /// ([`Peer::stamp`]): what a copy of that SYN would carry again. Version 3: every SYN
+    /// accepted by the ingress check; version 2: the SYN of a connection that closed.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
     pub struct SpentKey {
@@ -875,15 +886,15 @@ pub mod wire {
         pub identity: u32,
         /// The local destination identity the SYN was judged for.
         pub destination: u32,
-        /// The option's time field (version 2: the sender's wall-clock seconds modulo 2^16;
-        /// version 1: its policy generation) and the key id that verified.
+        /// The option's time field (versions 2 and 3: the sender's wall-clock seconds modulo
+        /// 2^16; version 1: its policy generation) and the key id that verified.
         pub stamp: u16,
         pub key_id: u8,
         /// [`peer_state`]: `VERIFIED` from the SYN's check, `ACCEPTED` once the server's socket
         /// is established (then `cookie` and `accepted_ns` are set).
         pub state: u8,
-        /// The option's version ([`VERSION`] or [`VERSION_1`]): only a version 2 option's
-        /// time is a time, and only it is spent at close (`SPENT_TAGS`).
+        /// The option's version ([`VERSION`], [`VERSION_2`] or [`VERSION_1`]): a version 2
+        /// option is spent at close (`SPENT_TAGS`); a version 3 one was spent by its SYN.
         pub version: u8,
         pub _pad: [u8; 3],
         /// Socket cookie of the server's (accepted) socket; 0 before.

@@ -150,13 +150,15 @@ static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
 static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
     LruHashMap::pinned(capacity::WIRE_PEERS, NO_MAP_FLAGS);
 
-/// The options of tagged connections that were accepted here and have closed ->
-/// the option's full time ([`abi::claimed_seconds`]), written when the server's socket
-/// closes. A sender's kernel retransmits a SYN only until its connection is established, so
-/// a SYN carrying such an option again is a copy: a replay (the pod that later got the
-/// sender's IP, within the skew that `stale_tag` leaves open), refused as `replayed_tag`.
-/// An entry matters for the skew only (older times are `stale_tag`); LRU, so a node that
-/// closes more tagged connections than capacity / skew a second forgets the oldest early.
+/// Options already taken -> the option's full time ([`abi::claimed_seconds`]). Version 3:
+/// every SYN the ingress check passed ([`spend_first`]; the sender stamps each transmission
+/// anew, so its retransmissions are new options). Version 2 (whose retransmissions repeat
+/// the connect's option): written when the accepted connection's server socket closes. A
+/// SYN carrying such an option again is a copy: a replay (an on-path attacker, or the pod
+/// that later got the sender's IP, within the skew that `stale_tag` leaves open), refused
+/// as `replayed_tag`. An entry matters for the skew only (older times are `stale_tag`);
+/// LRU, so a node taking more options than capacity / (2 x skew) a second forgets the
+/// oldest early.
 #[map]
 static SPENT_TAGS: LruHashMap<abi::SpentKey, u32> =
     LruHashMap::pinned(capacity::SPENT_TAGS, NO_MAP_FLAGS);
@@ -205,6 +207,8 @@ const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Flags of bpf_reserve_hdr_opt / bpf_store_hdr_opt / map updates: none.
 const NO_FLAGS: u64 = 0;
+/// `BPF_NOEXIST`: create only (a SYN's option is spent once).
+const BPF_NOEXIST: u64 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Sending side (sock_ops)
@@ -286,9 +290,10 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute(b) }
 }
 
-/// `TCP_CONNECT_CB`: the connecting task, the 4-tuple just chosen. Computes the option of a
-/// tagged flow (subject managed, destination flagged, a current key present) and asks for the
-/// header callbacks.
+/// `TCP_CONNECT_CB`: the connecting task, the 4-tuple just chosen. A tagged flow (subject
+/// managed, destination flagged, a current key present) gets an option in socket storage,
+/// its tag still unset, and asks for the header callbacks: each SYN transmission stamps and
+/// tags its own copy ([`stamp_option`]).
 #[inline(always)]
 pub fn on_connect(ctx: &SockOpsContext) {
     let ops = ctx.ops;
@@ -301,7 +306,7 @@ pub fn on_connect(ctx: &SockOpsContext) {
     let Some(subject) = locked::subject_of(cgroup_id) else {
         return;
     };
-    let Some((local, remote, dst)) = sock_ops_addresses(ops) else {
+    let Some((_, _, dst)) = sock_ops_addresses(ops) else {
         return;
     };
     let destination = lookup_destination(&dst);
@@ -311,34 +316,24 @@ pub fn on_connect(ctx: &SockOpsContext) {
     if dst_flags & flags::TAGGED == 0 {
         return;
     }
-    let Some(key) = FLOW_KEYS.get_ptr(abi::CURRENT_KEY) else {
-        return;
-    };
-    // SAFETY: array values are always valid for reads.
-    let (key_id, k0, k1) = unsafe { ((*key).id, (*key).k0, (*key).k1) };
-    if key_id == 0 {
+    if !FLOW_KEYS
+        .get_ptr(abi::CURRENT_KEY)
+        // SAFETY: array values are always valid for reads.
+        .is_some_and(|key| unsafe { (*key).id } != 0)
+    {
         // No key loaded: the flow goes untagged and the receiver judges it as such.
         return;
     }
-    // Wall-clock seconds, not the monotonic clock: the receiver compares them with its own.
-    // Taken once: retransmitted SYNs carry the connect's time (see DEFAULT_SKEW_S).
-    let now_s = now_seconds();
-    let stamp = abi::stamp(now_s);
-    let (sport, dport) = sock_ops_ports(ops);
-    let key_id = key_id as u8;
-    let m = abi::message(
+    // The time field says "one second before now": the first transmission's time is then
+    // now whatever second it is sent in ([`stamp_option`] takes the later of now and the
+    // field's next second). Key id and tag are the transmission's.
+    let option = abi::option_bytes(
         subject,
-        stamp,
-        key_id,
+        abi::stamp(now_seconds().wrapping_sub(1)),
+        0,
         abi::VERSION,
-        &words_to_bytes(local),
-        &words_to_bytes(remote),
-        sport,
-        dport,
-        abi::epoch(now_s),
+        0,
     );
-    let tag = abi::siphash24(k0, k1, &m);
-    let option = abi::option_bytes(subject, stamp, key_id, abi::VERSION, tag);
     let Some(sk) = context_socket(ctx) else {
         return;
     };
@@ -356,10 +351,65 @@ pub fn on_connect(ctx: &SockOpsContext) {
     unsafe { bpf_sock_ops_cb_flags_set(ops, cb as i32) };
 }
 
+/// Stamps and tags the socket's option for the SYN being sent: its time is now, or the second
+/// after the previous transmission's if that is not earlier (a retransmission within the same
+/// second), so that no two transmissions of a connect carry the same (4-tuple, time) and the
+/// receiver may refuse any copy it has seen (`SPENT_TAGS`). False (the SYN goes untagged) when
+/// no key is loaded any more or the addresses cannot be read.
+#[inline(always)]
+fn stamp_option(ctx: &SockOpsContext, option: *mut [u8; abi::OPTION_LEN]) -> bool {
+    let ops = ctx.ops;
+    let Some(key) = FLOW_KEYS.get_ptr(abi::CURRENT_KEY) else {
+        return false;
+    };
+    // SAFETY: array values are always valid for reads.
+    let (key_id, k0, k1) = unsafe { ((*key).id, (*key).k0, (*key).k1) };
+    if key_id == 0 {
+        return false;
+    }
+    let Some((local, remote)) = mapped_addresses(ops) else {
+        return false;
+    };
+    // SAFETY: `option` is this socket's storage value (locked: the socket is being sent on).
+    let (subject, last) = unsafe {
+        let o = &*option;
+        (
+            u32::from_be_bytes([o[4], o[5], o[6], o[7]]),
+            u16::from_be_bytes([o[8], o[9]]),
+        )
+    };
+    // Wall-clock seconds, not the monotonic clock: the receiver compares them with its own.
+    let now_s = now_seconds();
+    let last_s = abi::claimed_seconds(last, now_s);
+    let at_s = if (last_s.wrapping_sub(now_s) as i32) < 0 {
+        now_s
+    } else {
+        last_s.wrapping_add(1)
+    };
+    let (sport, dport) = sock_ops_ports(ops);
+    let key_id = key_id as u8;
+    let stamp = abi::stamp(at_s);
+    let m = abi::message(
+        subject,
+        stamp,
+        key_id,
+        abi::VERSION,
+        &words_to_bytes(local),
+        &words_to_bytes(remote),
+        sport,
+        dport,
+        abi::epoch(at_s),
+    );
+    let tag = abi::siphash24(k0, k1, &m);
+    // SAFETY: as above.
+    unsafe { *option = abi::option_bytes(subject, stamp, key_id, abi::VERSION, tag) };
+    true
+}
+
 /// The header callbacks also run for non-SYN segments (and with flags 0 from
 /// `tcp_current_mss`): only a SYN without ACK of a socket with an option gets one.
 #[inline(always)]
-fn syn_option(ctx: &SockOpsContext) -> Option<*const [u8; abi::OPTION_LEN]> {
+fn syn_option(ctx: &SockOpsContext) -> Option<*mut [u8; abi::OPTION_LEN]> {
     let ops = ctx.ops;
     // SAFETY: a full 32-bit context load.
     let tcp_flags = unsafe { read_volatile(&(*ops).skb_tcp_flags) };
@@ -367,7 +417,7 @@ fn syn_option(ctx: &SockOpsContext) -> Option<*const [u8; abi::OPTION_LEN]> {
         return None;
     }
     let option = WIRE_TAGS.get(context_socket(ctx)?, None);
-    (!option.is_null()).then_some(option.cast_const())
+    (!option.is_null()).then_some(option)
 }
 
 /// `HDR_OPT_LEN_CB`: room for the option on the SYN.
@@ -379,10 +429,13 @@ pub fn on_hdr_opt_len(ctx: &SockOpsContext) {
     }
 }
 
-/// `WRITE_HDR_OPT_CB`: the option itself, straight from the map value.
+/// `WRITE_HDR_OPT_CB`: the option itself, stamped for this transmission of the SYN.
 #[inline(always)]
 pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
     if let Some(option) = syn_option(ctx) {
+        if !stamp_option(ctx, option) {
+            return;
+        }
         // SAFETY: `option` is a map value of OPTION_LEN readable bytes.
         unsafe {
             bpf_store_hdr_opt(
@@ -420,15 +473,15 @@ fn forget_option(ctx: &SockOpsContext) {
     }
 }
 
-/// The `WIRE_PEERS` key of a server-side socket: the remote end is the client (the SYN's
-/// source), the local end the server.
+/// The socket's local and remote addresses as the MAC takes them: IPv6 words in memory order,
+/// IPv4 as `::ffff:a.b.c.d`.
 ///
 /// Every address field is loaded before the family is looked at: with a load in each branch
 /// (as `sock_ops_addresses` does), LLVM sinks the two loads into one whose context offset is
 /// chosen by the branch, which the verifier refuses ("dereference of modified ctx ptr").
 /// An IPv4 socket's IPv6 fields read as whatever the socket holds there; they are not used.
 #[inline(always)]
-fn server_peer_key(ops: *const bpf_sock_ops) -> Option<abi::PeerKey> {
+fn mapped_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4])> {
     // SAFETY: `ops` is the context; every field read is a full 32-bit load.
     let (family, r4, l4, r6, l6) = unsafe {
         (
@@ -449,18 +502,25 @@ fn server_peer_key(ops: *const bpf_sock_ops) -> Option<abi::PeerKey> {
             ],
         )
     };
-    let (remote, local) = if family == AF_INET {
-        (
-            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, r4],
+    if family == AF_INET {
+        Some((
             [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, l4],
-        )
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, r4],
+        ))
     } else if family == AF_INET6 {
         // A dual-stack socket's IPv4 peer is already `::ffff:a.b.c.d` here, the form the
-        // ingress check recorded.
-        (r6, l6)
+        // ingress check records and the MAC covers.
+        Some((l6, r6))
     } else {
-        return None;
-    };
+        None
+    }
+}
+
+/// The `WIRE_PEERS` key of a server-side socket: the remote end is the client (the SYN's
+/// source), the local end the server.
+#[inline(always)]
+fn server_peer_key(ops: *const bpf_sock_ops) -> Option<abi::PeerKey> {
+    let (local, remote) = mapped_addresses(ops)?;
     let (lport, rport) = sock_ops_ports(ops);
     Some(abi::PeerKey {
         saddr: words_to_bytes(remote),
@@ -744,7 +804,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 syn.dport,
                 epoch,
             );
-            if (version != abi::VERSION && version != abi::VERSION_1)
+            if (version != abi::VERSION && version != abi::VERSION_2 && version != abi::VERSION_1)
                 || !(verifies(abi::CURRENT_KEY, key_id, &m, tag)
                     || verifies(abi::PREVIOUS_KEY, key_id, &m, tag)
                     || verifies(abi::TRANSITION_KEY, key_id, &m, tag))
@@ -754,7 +814,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::BAD_TAG)
             } else if !fresh_enough(version, stamp, now_s, skew_s, v1_until_s) {
                 (claimed, reason::STALE_TAG)
-            } else if version == abi::VERSION && spent(&syn, stamp, now_s) {
+            } else if version == abi::VERSION_2 && spent(&syn, stamp, now_s) {
                 (claimed, reason::REPLAYED_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
@@ -762,6 +822,10 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::QUARANTINED)
             } else if !allowed(claimed, destination, syn.dport) {
                 (claimed, reason::NOT_ALLOWED)
+            } else if version == abi::VERSION && !spend_first(&syn, stamp, now_s) {
+                // Last, so that only a SYN that would pass takes a `SPENT_TAGS` entry: a
+                // refused sender cannot churn the map.
+                (claimed, reason::REPLAYED_TAG)
             } else {
                 remember(&syn, claimed, destination, stamp, key_id, version);
                 (claimed, reason::ALLOWED)
@@ -827,13 +891,14 @@ fn now_seconds() -> u32 {
 
 /// Records a closing connection's option in `SPENT_TAGS` (before its `WIRE_PEERS` record
 /// goes), if a copy of its SYN could still pass the time check: a version 2 option whose
-/// time is within the skew. A version 1 option's field is the sender's policy generation,
-/// the same for its every connection: spending it would refuse the next connection that
-/// reuses the 4-tuple; a connection older than the skew needs no entry (its copies are
-/// `stale_tag`), which keeps long-lived connections out of the map.
+/// time is within the skew. (A version 3 option was spent by its SYN: [`spend_first`].) A
+/// version 1 option's field is the sender's policy generation, the same for its every
+/// connection: spending it would refuse the next connection that reuses the 4-tuple; a
+/// connection older than the skew needs no entry (its copies are `stale_tag`), which keeps
+/// long-lived connections out of the map.
 #[inline(always)]
 fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
-    if version != abi::VERSION {
+    if version != abi::VERSION_2 {
         return;
     }
     let (skew_s, now_s) = match CONFIG.get_ptr(SINGLE_ENTRY) {
@@ -860,18 +925,48 @@ fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
     let _ = SPENT_TAGS.insert(&spent, &abi::claimed_seconds(stamp, now_s), NO_FLAGS);
 }
 
-/// A connection with this SYN's option (4-tuple and time field) was accepted here and has
-/// closed (`SPENT_TAGS`), and the time is the same one, not its namesake a 2^16 s wrap away.
+/// The `SPENT_TAGS` key of this SYN's option.
 #[inline(always)]
-fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
-    let key = abi::SpentKey {
+fn spent_key(syn: &Syn, stamp: u16) -> abi::SpentKey {
+    abi::SpentKey {
         saddr: words_to_bytes(syn.saddr),
         daddr: words_to_bytes(syn.daddr),
         sport: syn.sport,
         dport: syn.dport,
         stamp,
         _pad: 0,
-    };
+    }
+}
+
+/// A version 3 SYN's option (4-tuple and time field) is spent now, once: true for the first
+/// SYN to carry it, false for any copy (`SPENT_TAGS` holds it, with the same full time, not
+/// its namesake a 2^16 s wrap away, which is overwritten). The sender stamps each
+/// transmission anew, so its own retransmissions are not copies; a SYN the network duplicated
+/// is, and is refused (its first copy is already being answered). `BPF_NOEXIST` makes the
+/// test and the record one step: two copies on two CPUs cannot both pass.
+#[inline(always)]
+fn spend_first(syn: &Syn, stamp: u16, now_s: u32) -> bool {
+    let key = spent_key(syn, stamp);
+    let at = abi::claimed_seconds(stamp, now_s);
+    if SPENT_TAGS.insert(&key, &at, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    match SPENT_TAGS.get_ptr(&key) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(seen) if unsafe { read_volatile(seen) } == at => false,
+        _ => {
+            let _ = SPENT_TAGS.insert(&key, &at, NO_FLAGS);
+            true
+        }
+    }
+}
+
+/// A version 2 connection with this SYN's option (4-tuple and time field) was accepted here
+/// and has closed (`SPENT_TAGS`), and the time is the same one, not its namesake a 2^16 s
+/// wrap away.
+#[inline(always)]
+fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
+    let key = spent_key(syn, stamp);
     match SPENT_TAGS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
         Some(at) => (unsafe { read_volatile(at) }) == abi::claimed_seconds(stamp, now_s),

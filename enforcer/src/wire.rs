@@ -120,7 +120,7 @@ pub fn read_keys(file: &Path) -> Result<FlowKeys> {
     parse_keys(file, &text)
 }
 
-/// The 64-bit tag of a version 2 option, as the kernel computes it: `stamp` is the option's
+/// The 64-bit tag of a version 3 ([`abi::VERSION`]) option, as the kernel computes it: `stamp` is the option's
 /// time in whole seconds ([`now_stamp`] for a SYN sent now; the option carries its low 16
 /// bits, the tag covers all 32: a verifier holding only the option's 16-bit field passes
 /// `abi::claimed_seconds(field, now_stamp()?)`, the time nearest its own clock), `saddr`/`daddr`/ports those of the SYN
@@ -181,7 +181,7 @@ pub fn tag_version(
     abi::siphash24(k0, k1, &m)
 }
 
-/// The version 2 option bytes a SYN from `saddr:sport` to `daddr:dport` carries for
+/// The version 3 ([`abi::VERSION`]) option bytes a SYN from `saddr:sport` to `daddr:dport` carries for
 /// `identity`, stamped `stamp`.
 pub fn option(
     key: &FlowKey,
@@ -266,7 +266,7 @@ pub fn tai_offset_s() -> Result<u32> {
     u32::try_from(tai).context("the kernel's TAI offset is negative")
 }
 
-/// Whether a version 2 option stamped `stamp` (its 16-bit field) is fresh now on this host
+/// Whether a version 2 or 3 option stamped `stamp` (its 16-bit field) is fresh now on this host
 /// within `skew_s` seconds (what the ingress check decides, for a proxy verifying a saved
 /// SYN; the tag is checked with the time [`abi::claimed_seconds`] gives).
 pub fn is_fresh(stamp: u16, skew_s: u32) -> Result<bool> {

@@ -362,11 +362,35 @@ impl ProbeServer {
         cgroup: &TestCgroup,
         addr: std::net::SocketAddr,
     ) -> Result<Self> {
+        Self::spawn(ns, cgroup, addr, None)
+    }
+
+    /// A server whose accept queue holds one connection and that accepts nothing until
+    /// `release` exists (`probe --serve --held`): the kernel drops the SYNs of a second
+    /// connect meanwhile, and its client retransmits them.
+    pub fn start_held(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        addr: std::net::SocketAddr,
+        release: &std::path::Path,
+    ) -> Result<Self> {
+        Self::spawn(ns, cgroup, addr, Some(release))
+    }
+
+    fn spawn(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        addr: std::net::SocketAddr,
+        held: Option<&std::path::Path>,
+    ) -> Result<Self> {
         use std::io::BufRead;
         use std::process::Stdio;
         let mut cmd = Command::new(probe_bin()?);
-        cmd.args(["--serve", &addr.to_string(), "--for", "600000"])
-            .stdin(Stdio::null())
+        cmd.args(["--serve", &addr.to_string(), "--for", "600000"]);
+        if let Some(release) = held {
+            cmd.arg("--held").arg(release);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let ns_path = ns.map(NetNs::path);

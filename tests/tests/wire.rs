@@ -259,22 +259,30 @@ fn key(line: &str) -> FlowKey {
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
-    raw_syn_with(ns, source, sport, extra, false)
+    raw_syn_with(ns, source, sport, DB_PORT, extra, false)
 }
 
 /// `IPV6_DSTOPTS` (`include/uapi/linux/in6.h`).
 const IPV6_DSTOPTS: libc::c_int = 59;
 
-/// [`raw_syn`], with `dstopts` behind an empty Destination Options header (next header 60,
-/// one PadN option): the TCP header is no longer right after the fixed IPv6 header.
-fn raw_syn_with(ns: &NetNs, source: &str, sport: u16, extra: &[u8], dstopts: bool) -> Result<()> {
+/// [`raw_syn`] to the DB's port `dport`, with `dstopts` behind an empty Destination Options
+/// header (next header 60, one PadN option): the TCP header is no longer right after the
+/// fixed IPv6 header.
+fn raw_syn_with(
+    ns: &NetNs,
+    source: &str,
+    sport: u16,
+    dport: u16,
+    extra: &[u8],
+    dstopts: bool,
+) -> Result<()> {
     ensure!(
         extra.len().is_multiple_of(4),
         "options must be padded to 4 bytes"
     );
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&DB_PORT.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
     tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
     tcp[12] = (((20 + extra.len()) / 4) as u8) << 4;
     tcp[13] = 0x02; // SYN
@@ -718,6 +726,60 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         bed.ingress_events()?
     );
 
+    // 4d. A replay of a SYN whose handshake never completed: the first copy is answered
+    //     (node 1's kernel resets the SYN-ACK, so no connection is made), the second is
+    //     `replayed_tag`. Option version 3 is spent by its first SYN; before, nothing was
+    //     recorded for a connection that was never accepted, and the copy verified as
+    //     acme-retriever for the whole skew. A version 2 option (a node of the previous
+    //     release, whose retransmissions repeat the connect's time) still passes twice.
+    let stamp = now_stamp()?;
+    let first = options_with(&option(&k1, acme, stamp, s, d, 45016, DB_PORT));
+    raw_syn(&bed.n1, NODE1, 45016, &first)?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(node1_addr(45016)).ok().flatten() == Some(acme)
+        }),
+        "the first copy was not verified"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    raw_syn(&bed.n1, NODE1, 45016, &first)?;
+    let e = expect_ingress(
+        &bed,
+        2,
+        |e| e["reason"] == "replayed_tag",
+        "the never-accepted SYN's second copy",
+    )?;
+    ensure!(e["peer"]["port"] == 45016, "{e}");
+    let v2 = options_with(&option_version(
+        &k1,
+        acme,
+        stamp,
+        enforcer_common::wire::VERSION_2,
+        s,
+        d,
+        45017,
+        DB_PORT,
+    ));
+    raw_syn(&bed.n1, NODE1, 45017, &v2)?;
+    std::thread::sleep(Duration::from_millis(100));
+    raw_syn(&bed.n1, NODE1, 45017, &v2)?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            bed.verified(node1_addr(45017)).ok().flatten() == Some(acme)
+        }),
+        "a version 2 option was not verified"
+    );
+    let refused_v2: Vec<Value> = bed
+        .node2
+        .settled_events(Duration::from_millis(1500), Duration::from_secs(10))?
+        .into_iter()
+        .filter(|e| e["hook"] == "ingress" && e["peer"]["port"] == 45017)
+        .collect();
+    ensure!(
+        refused_v2.is_empty(),
+        "a version 2 SYN sent twice was refused: {refused_v2:?}"
+    );
+
     // 5. Rotation. Node 2 learns key 2 (key 1 still signs), node 1 signs with key 2: both
     //    verify; then node 2 drops key 1 and a SYN signed with it is refused.
     bed.set_keys(2, &format!("{KEY1}\n{KEY2}\n"))?;
@@ -823,7 +885,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     // 6c. A SYN behind an IPv6 extension header (an empty Destination Options header) from
     //     outside the cluster: the check cannot read its TCP header where it looks, so it is
     //     refused as untagged (`missing_tag`, ports unknown), never passed as "not a SYN".
-    raw_syn_with(&bed.n1, OUTSIDER, 45010, &[2, 4, 0x05, 0xa0], true)?;
+    raw_syn_with(&bed.n1, OUTSIDER, 45010, DB_PORT, &[2, 4, 0x05, 0xa0], true)?;
     let e = expect_ingress(
         &bed,
         1,
@@ -943,6 +1005,132 @@ fn a_connecting_socket_keeps_its_option_through_other_sockets_churn() -> Result<
         untagged.is_empty(),
         "refused SYNs other than bad_tag: {untagged:?}"
     );
+    Ok(())
+}
+
+/// Each transmission of a SYN carries its own time (option version 3), so node 2 can take
+/// every option once and refuse any copy without refusing the client's own retransmissions.
+/// A server whose accept queue is full drops acme-retriever's first SYN after node 2's check
+/// passed (and spent) it; the retransmission, a second or more later, carries a later time,
+/// passes, and connects once the server accepts. A copy of the first SYN is `replayed_tag`.
+/// With the connect's time on every transmission (version 2) the retransmission was that
+/// very option again.
+#[test]
+fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let bed = Bed::new()?;
+    let acme = bed.identity("acme-retriever")?;
+    let release = bed._tmp.path().join("release");
+    let server = SocketAddr::new(NODE2.parse::<IpAddr>()?, CLOSED_PORT);
+    let _held = ProbeServer::start_held(Some(&bed._n2), &bed.cg.db, server, &release)?;
+    let peers = || -> Result<Vec<enforcer::wire::VerifiedPeer>> {
+        Ok(verified_peers(&Bed::pin_dir(&bed.node2))?
+            .into_iter()
+            .filter(|p| p.server == server)
+            .collect())
+    };
+    let addr = format!("[{NODE2}]:{CLOSED_PORT}");
+    // The connection that fills the accept queue (established in the kernel, never accepted).
+    bed.probe(&bed.cg.acme).expect_outcome(
+        &format!("tcp:{addr}"),
+        Outcome::Ok,
+        "the queue's one connection",
+    )?;
+    let mut filler = None;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            filler = peers()
+                .ok()
+                .and_then(|p| p.into_iter().find(|p| p.accepted));
+            filler.is_some()
+        }),
+        "node 2 recorded no established connection: {:?}",
+        peers()
+    );
+    let filler = filler.context("filler")?.client;
+
+    std::thread::scope(|s| -> Result<()> {
+        let probe = bed.probe(&bed.cg.acme).timeout(Duration::from_secs(150));
+        let call = format!("tcpwait:{addr}");
+        let client = s.spawn(move || probe.run_one(&call));
+        // Its first SYN passed node 2's check (recorded, not established): the server's full
+        // queue dropped it.
+        let mut first = None;
+        ensure!(
+            wait_until(Duration::from_secs(10), Duration::from_millis(5), || {
+                first = peers()
+                    .ok()
+                    .and_then(|p| p.into_iter().find(|p| p.client != filler));
+                first.is_some()
+            }),
+            "node 2 saw no second SYN: {:?}",
+            peers()
+        );
+        let first = first.context("first SYN")?;
+        ensure!(!first.accepted, "the queue was not full: {first:?}");
+        std::fs::write(&release, "")?;
+        let r = client.join().expect("client thread")?;
+        ensure!(
+            r.outcome == Outcome::Ok,
+            "the retransmitted SYN did not connect: {r:?}"
+        );
+        let mut accepted = None;
+        ensure!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                accepted = peers().ok().and_then(|p| {
+                    p.into_iter()
+                        .find(|p| p.client == first.client && p.accepted)
+                });
+                accepted.is_some()
+            }),
+            "the client's connection was not recorded: {:?}",
+            peers()
+        );
+        let accepted = accepted.context("accepted")?;
+        ensure!(
+            accepted.identity == acme && accepted.stamp != first.stamp,
+            "the connecting SYN carried the first one's time {}: {accepted:?}",
+            first.stamp
+        );
+        // A copy of the first SYN (its time, its 4-tuple) is refused.
+        let (IpAddr::V6(client_ip), IpAddr::V6(_)) = (first.client.ip(), server.ip()) else {
+            bail!("IPv6 addresses expected: {first:?}");
+        };
+        let full = enforcer_common::wire::claimed_seconds(first.stamp, now_stamp()?);
+        raw_syn_with(
+            &bed.n1,
+            &client_ip.to_string(),
+            first.client.port(),
+            CLOSED_PORT,
+            &options_with(&option(
+                &key(KEY1),
+                acme,
+                full,
+                first.client.ip(),
+                server.ip(),
+                first.client.port(),
+                CLOSED_PORT,
+            )),
+            false,
+        )?;
+        let e = expect_ingress(
+            &bed,
+            1,
+            |e| e["reason"] == "replayed_tag",
+            "a copy of the first SYN",
+        )?;
+        ensure!(e["peer"]["port"] == first.client.port(), "{e}");
+        Ok(())
+    })?;
+    // Nothing else was refused: the retransmissions passed.
+    let refused: Vec<Value> = bed
+        .ingress_events()?
+        .into_iter()
+        .filter(|e| e["reason"] != "replayed_tag")
+        .collect();
+    ensure!(refused.is_empty(), "refused: {refused:?}");
     Ok(())
 }
 

@@ -27,7 +27,10 @@
 //! socket belongs to the probe's cgroup, where a test placed it), prints
 //! `{"listening":"ADDR:PORT"}`, then `{"peer":"IP:PORT"}` for every connection it accepts
 //! (and holds open until it exits), and exits after MS milliseconds (at most 600,000) or
-//! when its stdout closes.
+//! when its stdout closes. With `--held PATH` it listens with a backlog of 0 and accepts
+//! nothing while PATH does not exist: one connection fills its accept queue, and the kernel
+//! drops the next connect's SYNs (counted as `ListenOverflows`) until PATH appears, so that
+//! a test can make a client retransmit its SYN.
 //! `probe --flood MS [--every-us US] ATTEMPT` repeats one attempt for MS milliseconds (at most
 //! 600,000), as fast as it can or US microseconds apart, and prints
 //! `{"attempts":N,"ok":a,"eperm":b,"error":c,"elapsed_ns":N}`: `elapsed_ns` from the start
@@ -526,10 +529,14 @@ fn classify(r: &std::io::Result<()>) -> (&'static str, i32) {
     }
 }
 
-/// `--serve ADDR:PORT --for MS` (see the module documentation).
+/// `--serve ADDR:PORT --for MS [--held PATH]` (see the module documentation).
 fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
-    let [addr, flag, ms] = args else {
-        return Err("--serve wants ADDR:PORT --for MS".into());
+    let (addr, flag, ms, held_until) = match args {
+        [addr, flag, ms] => (addr, flag, ms, None),
+        [addr, flag, ms, held, path] if held == "--held" => {
+            (addr, flag, ms, Some(std::path::Path::new(path)))
+        }
+        _ => return Err("--serve wants ADDR:PORT --for MS [--held PATH]".into()),
     };
     if flag != "--for" {
         return Err(format!("--serve wants --for MS, got {flag:?}"));
@@ -540,7 +547,10 @@ fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
         .ok()
         .filter(|&m| m <= UNTIL_MAX_MS)
         .ok_or_else(|| format!("--for wants milliseconds up to {UNTIL_MAX_MS}, got {ms:?}"))?;
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = match held_until {
+        None => std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?,
+        Some(_) => listen_backlog_zero(&addr).map_err(|e| format!("listen on {addr}: {e}"))?,
+    };
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("nonblocking: {e}"))?;
@@ -554,6 +564,10 @@ fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
     // kernel keeps per live server socket (`WIRE_PEERS`) can be checked after the client left.
     let mut held = Vec::new();
     while std::time::Instant::now() < deadline {
+        if held_until.is_some_and(|p| !p.exists()) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
         match listener.accept() {
             Ok((conn, peer)) => {
                 held.push(conn);
@@ -569,6 +583,16 @@ fn serve(args: &[String], out: &mut impl Write) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A TCP listener whose accept queue holds one connection (`listen(fd, 0)`; std's
+/// `TcpListener::bind` asks for 128).
+fn listen_backlog_zero(addr: &SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let fd = socket(family(addr), libc::SOCK_STREAM, 0)?;
+    bind(&fd, addr)?;
+    // SAFETY: plain syscall on a socket we own.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 0) })?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 fn main() -> ExitCode {
