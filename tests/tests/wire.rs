@@ -7,7 +7,8 @@
 //!   option claimed for that very 4-tuple;
 //! - globex-retriever is denied at connect on node 1 (no SYN leaves);
 //! - a client in a cgroup no enforcer manages (untagged, from an address the IP cache knows as
-//!   acme-retriever) is dropped at node 2's ingress: one `missing_tag` event;
+//!   acme-retriever) is dropped at node 2's ingress: one `missing_tag` event, which names
+//!   acme-retriever as the address's owner (`peer.workload`), never as its subject;
 //! - a SYN the test crafts on a raw socket with the right layout and a wrong tag is dropped:
 //!   one `bad_tag` event; the same SYN with the tag computed in userspace
 //!   (`enforcer::wire::option`) passes and is recorded: the kernel's MAC is userspace's;
@@ -465,7 +466,14 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         "{e}"
     );
     ensure!(e["subject"]["identity"] == acme, "{e}");
-    ensure!(e["subject"]["workload"] == "acme-retriever", "{e}");
+    // The source address is the sender's word: its owner is named as the peer's, not as
+    // the subject (it named acme-retriever, so a spoofer could accuse any workload).
+    ensure!(
+        e["subject"]["workload"].is_null()
+            && e["subject"]["tenant"].is_null()
+            && e["peer"]["workload"] == "acme-retriever",
+        "{e}"
+    );
     ensure!(e["destination"]["identity"] == db, "{e}");
     ensure!(e["destination"]["port"] == DB_PORT, "{e}");
     ensure!(e["peer"]["ip"] == NODE1, "{e}");

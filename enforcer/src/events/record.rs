@@ -52,9 +52,10 @@ pub struct DeniedCall {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketInfo>,
     /// `ingress` events only: where the refused SYN came from (the subject is the identity it
-    /// claimed, or the IP cache's identity of this address when it carried no option; a
-    /// `bad_tag` claim is forged or unverifiable, so only its number is given, never a
-    /// workload's name or tenant).
+    /// claimed, or the IP cache's identity of this address when it carried no option). A
+    /// `bad_tag` claim is forged or unverifiable, and a `missing_tag` SYN's source address
+    /// is whatever its sender wrote: for both only the subject's number is given, never a
+    /// workload's name or tenant (a `missing_tag` address's owner is [`Peer::workload`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<Peer>,
     pub policy: PolicyInfo,
@@ -103,6 +104,11 @@ pub struct Destination {
 pub struct Peer {
     pub ip: String,
     pub port: u16,
+    /// `missing_tag` only: the workload the IP cache gives this address. Unauthenticated
+    /// (anyone who can send a packet can write a SYN's source address), so it says whose
+    /// address was used, not who used it; never the subject, never routed to its tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// The socket a `sock_create` event refused: `{"family":"ipv4","type":"dgram","protocol":"icmp"}`
@@ -169,13 +175,16 @@ fn atlas_ids(ids: &[&str]) -> Vec<AtlasTechnique> {
 
 pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
     let ingress = event.hook == hook::INGRESS;
-    // A `bad_tag` claim is whatever the SYN's bytes say, forgeable by anyone who can send
-    // one: naming its workload would let a forger write events (and route them to a
+    // A `bad_tag` claim is whatever the SYN's bytes say, and a `missing_tag` subject is
+    // whatever address the SYN says it came from: both forgeable by anyone who can send
+    // one. Naming the workload would let a forger write events (and route them to a
     // tenant's feed) that accuse any workload it likes.
-    let subject_identity = compiled
+    let unauthenticated =
+        ingress && (event.reason == reason::BAD_TAG || event.reason == reason::MISSING_TAG);
+    let named = compiled
         .identity(event.subject)
-        .filter(|_| event.subject != identity::UNKNOWN)
-        .filter(|_| !(ingress && event.reason == reason::BAD_TAG));
+        .filter(|_| event.subject != identity::UNKNOWN);
+    let subject_identity = named.filter(|_| !unauthenticated);
     let destination_identity = compiled.identity(event.destination);
     let protocol = Protocol::from_number(event.protocol)
         .map(|p| p.to_string())
@@ -298,6 +307,9 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         peer: ingress.then(|| Peer {
             ip: peer_ip(event).to_string(),
             port: event.sock_type,
+            workload: named
+                .filter(|_| event.reason == reason::MISSING_TAG)
+                .map(|i| i.name.clone()),
         }),
         socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
             family: if event.family == 6 { "ipv6" } else { "ipv4" },

@@ -851,12 +851,20 @@ pub fn compact(line: &str) -> String {
         }
         return format!("{time} {kind}{seq} {rest}");
     }
+    let identity = v["subject"]["identity"]
+        .as_u64()
+        .map(|i| format!("identity {i}"));
+    // An unnamed ingress subject (a forged claim, an untagged SYN) is shown by the address
+    // it came from, and an untagged one by whose address that is.
     let subject = s(&v["subject"]["workload"])
         .or_else(|| {
-            v["subject"]["identity"]
-                .as_u64()
-                .map(|i| format!("identity {i}"))
+            let ip = s(&v["peer"]["ip"])?;
+            let what = s(&v["peer"]["workload"])
+                .map(|w| format!("address of {w}"))
+                .or(identity.clone())?;
+            Some(format!("{ip} ({what})"))
         })
+        .or(identity)
         .unwrap_or_default();
     let tenant = s(&v["subject"]["tenant"])
         .map(|t| format!("{t}/"))
@@ -1123,6 +1131,20 @@ mod tests {
         assert_eq!(
             compact(&summary),
             "T deny  acme/rag -> vdb:6333 no_permit p1 [AML.T0024] x40 #7"
+        );
+        // Ingress: an unnamed subject is shown by its address.
+        let untagged = r#"{"time":"T","type":"connection.denied","verdict":"deny","reason":"missing_tag","subject":{"identity":5,"workload":null},"destination":{"name":"vdb","ip":"10.0.0.1","port":6333},"peer":{"ip":"10.0.0.9","port":40000,"workload":"rag"},"policy":{"id":"identity-tag-missing"},"atlas":[],"seq":8}"#;
+        assert_eq!(
+            compact(untagged),
+            "T deny  10.0.0.9 (address of rag) -> vdb:6333 missing_tag identity-tag-missing #8"
+        );
+        let forged = untagged
+            .replace(r#","workload":"rag""#, "")
+            .replace("missing_tag", "bad_tag");
+        assert!(
+            compact(&forged).contains(" 10.0.0.9 (identity 5) -> "),
+            "{}",
+            compact(&forged)
         );
     }
 }

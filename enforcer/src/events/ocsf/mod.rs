@@ -146,6 +146,10 @@ struct CallUnmapped<'a> {
     subject: SubjectUnmapped<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     destination: Option<DestinationUnmapped<'a>>,
+    /// `missing_tag` events: the workload the IP cache gives the source address (the JSON
+    /// form's `peer.workload`; unauthenticated, so not `src_endpoint`'s name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_workload: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     socket: Option<&'a SocketInfo>,
     policy_snapshot: &'a str,
@@ -587,6 +591,10 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
     let subject = &call.subject;
     let subject_text = match (&subject.workload, &call.peer) {
         (Some(w), _) => w.clone(),
+        (None, Some(peer)) if call.reason == "missing_tag" => match &peer.workload {
+            Some(w) => format!("{} (an address of {w}) without an identity option", peer.ip),
+            None => format!("{} without an identity option", peer.ip),
+        },
         (None, Some(peer)) => format!("{} claiming identity {}", peer.ip, subject.identity),
         (None, None) => format!("unknown subject (cgroup {})", subject.cgroup_id),
     };
@@ -729,6 +737,7 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
             cgroup: destination_cgroup.map(|c| c.path.as_str()),
             pod_uid: destination_cgroup.and_then(|c| c.pod_uid.as_deref()),
         }),
+        peer_workload: call.peer.as_ref().and_then(|p| p.workload.as_deref()),
         socket: call.socket.as_ref(),
         policy_snapshot: &call.policy.snapshot,
         policy_sources: &call.policy.sources,

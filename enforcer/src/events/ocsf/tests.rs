@@ -919,6 +919,37 @@ fn tenant_filters_select_ingress_events_by_either_end() {
         !tenant("acme").matches(&call),
         "a forged claim routed an event to its tenant"
     );
+    // An untagged SYN's source address is the sender's word too: the address's owner is
+    // named as the peer's, never as the subject, and its tenant sees nothing.
+    let untagged = record::enrich(
+        &deny_event(
+            hook::INGRESS,
+            verdict::DENY,
+            reason::MISSING_TAG,
+            id("acme-retriever"),
+            id("globex-vectors"),
+        ),
+        compiled,
+    );
+    assert!(untagged.subject.workload.is_none() && untagged.subject.tenant.is_none());
+    assert!(untagged.subject_chain.is_empty());
+    assert_eq!(
+        untagged.peer.as_ref().and_then(|p| p.workload.as_deref()),
+        Some("acme-retriever")
+    );
+    let untagged = Event::Call(untagged);
+    let line = ocsf(&untagged);
+    assert_eq!(
+        line["unmapped"]["peer_workload"], "acme-retriever",
+        "{line}"
+    );
+    assert!(line["src_endpoint"].get("name").is_none(), "{line}");
+    assert!(line["metadata"].get("tenant_uid").is_none(), "{line}");
+    assert!(tenant("globex").matches(&untagged));
+    assert!(
+        !tenant("acme").matches(&untagged),
+        "a spoofable source address routed an event to its owner's tenant"
+    );
     let verified = Event::Call(record::enrich(
         &deny_event(
             hook::INGRESS,
