@@ -1933,6 +1933,9 @@ async fn stream_events(
                 }
             }
         }
+        // What this turn emitted (a drain of up to EVENT_BATCH records, a notice) goes out
+        // in one write, before the loop waits again.
+        events.flush();
     }
 }
 

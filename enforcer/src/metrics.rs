@@ -198,9 +198,9 @@ impl Metrics {
             .inc_by(count);
     }
 
-    /// The events output refused one line.
-    pub fn event_write_failed(&self) {
-        self.event_write_errors.inc();
+    /// The events output refused `lines` lines (one batch).
+    pub fn events_write_failed(&self, lines: u64) {
+        self.event_write_errors.inc_by(lines);
     }
 
     /// The place for `enforcer events`: `consumer` missed `count` events.

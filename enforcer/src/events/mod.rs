@@ -108,6 +108,12 @@ impl Formatter {
 
 /// Numbers events and writes them: `seq` counts from 1 at the agent's start, one per line, so
 /// a gap in a consumer's copy means it lost lines.
+///
+/// Lines are written in batches: [`Emitter::emit`] numbers and formats an event and keeps its
+/// line; [`Emitter::flush`] writes what was kept in one `write` (the agent flushes after each
+/// turn of its event loop, so after each ring-buffer drain of at most `EVENT_BATCH` records)
+/// and only then hands the events to the live stream, so that the file still comes first.
+/// A batch is also written when it reaches [`Emitter::BATCH_BYTES`], and on drop.
 pub struct Emitter {
     seq: u64,
     formatter: Formatter,
@@ -118,9 +124,18 @@ pub struct Emitter {
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     /// `enforcer events`: every numbered event also goes to the live stream's consumers.
     hub: Option<stream::Hub>,
+    /// The lines emitted since the last flush, and how many.
+    batch: Vec<u8>,
+    batch_lines: u64,
+    /// Their events, for the hub (empty without one).
+    batch_events: Vec<(u64, Event, Vec<u8>)>,
 }
 
 impl Emitter {
+    /// Bytes of kept lines at which `emit` writes them without waiting for `flush`: bounds
+    /// the agent's memory whatever a caller does between flushes.
+    pub const BATCH_BYTES: usize = 256 * 1024;
+
     pub fn new(formatter: Formatter, sink: Sink) -> Self {
         Emitter {
             seq: 0,
@@ -129,6 +144,9 @@ impl Emitter {
             failing: 0,
             metrics: None,
             hub: None,
+            batch: Vec::new(),
+            batch_lines: 0,
+            batch_events: Vec::new(),
         }
     }
 
@@ -147,10 +165,8 @@ impl Emitter {
         &self.formatter
     }
 
-    /// Writes `event` as the next line; returns its `seq`. A line the sink refuses (a full
-    /// disk, which any workload writing to the node's disk can cause) is logged and lost,
-    /// its `seq` left as a gap: stopping the event stream would stop the agent, and with it
-    /// every identity update. Only a line that cannot be serialised is an error.
+    /// Numbers `event` and keeps its line for the next [`Emitter::flush`]; returns its `seq`.
+    /// Only a line that cannot be serialised is an error.
     pub fn emit(&mut self, event: Event) -> Result<u64> {
         let seq = self.seq + 1;
         let line = self.formatter.line(seq, &event)?;
@@ -167,12 +183,33 @@ impl Emitter {
                 metrics.events_suppressed(hook, reason, *count);
             }
         }
-        match self.sink.write_line(&line) {
+        self.batch.extend_from_slice(&line);
+        self.batch_lines += 1;
+        if self.hub.is_some() {
+            self.batch_events.push((seq, event, line));
+        }
+        if self.batch.len() >= Self::BATCH_BYTES {
+            self.flush();
+        }
+        Ok(seq)
+    }
+
+    /// Writes the kept lines, then hands their events to the live stream. A batch the sink
+    /// refuses (a full disk, which any workload writing to the node's disk can cause) is
+    /// logged and lost, its `seq`s left as a gap: stopping the event stream would stop the
+    /// agent, and with it every identity update.
+    pub fn flush(&mut self) {
+        if self.batch_lines == 0 {
+            return;
+        }
+        let lines = std::mem::take(&mut self.batch_lines);
+        let last = self.seq;
+        match self.sink.write_lines(&self.batch) {
             Ok(()) => {
                 if self.failing > 0 {
                     tracing::warn!(
                         lost = self.failing,
-                        seq,
+                        seq = last + 1 - lines,
                         "the events output writes again; lines before this seq were lost"
                     );
                     self.failing = 0;
@@ -180,34 +217,44 @@ impl Emitter {
             }
             Err(error) => {
                 if let Some(metrics) = &self.metrics {
-                    metrics.event_write_failed();
+                    metrics.events_write_failed(lines);
                 }
-                // Once per outage, not once per line: a flood of denials on a full disk
+                // Once per outage, not once per batch: a flood of denials on a full disk
                 // would otherwise fill the agent's own log too.
                 if self.failing == 0 {
                     tracing::error!(
-                        seq,
-                        "writing an event failed; lines are lost until it writes again: {error:#}"
+                        seq = last + 1 - lines,
+                        "writing events failed; lines are lost until it writes again: {error:#}"
                     );
                 }
-                self.failing += 1;
+                self.failing += lines;
             }
         }
+        self.batch.clear();
         if let Some(hub) = &self.hub {
-            // The line goes along: consumers of the file's format send these bytes instead of
-            // serialising the event again, each.
-            let line = stream::Line {
-                format: self.formatter.format(),
-                bytes: line.into(),
-            };
-            hub.publish_with_line(seq, std::sync::Arc::new(event), Some(line));
+            for (seq, event, line) in self.batch_events.drain(..) {
+                // The line goes along: consumers of the file's format send these bytes
+                // instead of serialising the event again, each.
+                let line = stream::Line {
+                    format: self.formatter.format(),
+                    bytes: line.into(),
+                };
+                hub.publish_with_line(seq, std::sync::Arc::new(event), Some(line));
+            }
         }
-        Ok(seq)
     }
 
-    /// Opens the events file again by its name (SIGUSR1, after logrotate renamed it).
+    /// Opens the events file again by its name (SIGUSR1, after logrotate renamed it); what
+    /// was emitted before goes to the file as it was.
     pub fn reopen(&mut self) -> Result<()> {
+        self.flush();
         self.sink.reopen()
+    }
+}
+
+impl Drop for Emitter {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -238,6 +285,57 @@ mod emitter_tests {
             });
             assert_eq!(emitter.emit(notice).unwrap(), expected);
         }
-        assert_eq!(emitter.failing, 3);
+        emitter.flush();
+        assert_eq!(
+            emitter.failing, 3,
+            "every line of the refused batch is counted"
+        );
+        assert!(
+            emitter.batch.is_empty(),
+            "a refused batch is dropped, not kept"
+        );
+    }
+
+    /// Emitted events reach the file at the flush, each once, whole and in `seq` order, and a
+    /// flood past `BATCH_BYTES` between flushes is written as it goes (memory stays bounded).
+    #[test]
+    fn a_flush_writes_every_emitted_line_once_in_order() {
+        let path = std::env::temp_dir().join(format!("emitter-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sink = Sink::open(path.to_str().unwrap(), Rotation::default()).unwrap();
+        let mut emitter = Emitter::new(
+            Formatter::new(Format::Json, ocsf::Context { node: "n".into() }),
+            sink,
+        );
+        let notice = |i: u64| {
+            Event::Notice(Notice::ClusterProblem {
+                time: "2026-12-01T00:00:00Z".into(),
+                problem: format!("problem {i}"),
+            })
+        };
+        emitter.emit(notice(1)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "written before the flush"
+        );
+        emitter.flush();
+        let n = 5_000;
+        for i in 2..=n {
+            emitter.emit(notice(i)).unwrap();
+            assert!(emitter.batch.len() < Emitter::BATCH_BYTES);
+        }
+        drop(emitter);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>());
     }
 }

@@ -1,5 +1,7 @@
-//! Where lines go: standard output or a file, appended with one `write` per whole line, so
-//! that a tail or a log shipper sees each event at once and never half of one.
+//! Where lines go: standard output or a file, appended with one `write` per batch of whole
+//! lines (the events of one ring-buffer drain, see [`super::Emitter::flush`]), so that a tail
+//! or a log shipper never sees half of one, and a flood costs one system call per batch, not
+//! one per event.
 //!
 //! A file rotates by size (`--events-max-bytes`, `--events-keep`): before a line that would
 //! take the file past the limit, `FILE.(N-1)` becomes `FILE.N` ... `FILE` becomes `FILE.1`
@@ -71,14 +73,20 @@ impl Sink {
 
     /// Writes one line (ending in `\n`) whole.
     pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
+        self.write_lines(line)
+    }
+
+    /// Writes whole lines (`batch` is empty or ends in `\n`): one `write` for the batch (more
+    /// only where the file rotates between two of its lines).
+    pub fn write_lines(&mut self, batch: &[u8]) -> Result<()> {
         match self {
             Sink::Stdout(out) => {
                 let mut out = out.lock();
-                out.write_all(line)?;
+                out.write_all(batch)?;
                 out.flush()?;
                 Ok(())
             }
-            Sink::File(file) => file.write_line(line),
+            Sink::File(file) => file.write_lines(batch),
         }
     }
 
@@ -139,9 +147,22 @@ impl FileSink {
     }
 
     pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
-        if let Some(max) = self.rotation.max_bytes {
-            let due = self.size > 0 && self.size + line.len() as u64 > max;
-            if due && self.retry_at.is_none_or(|at| self.size >= at) {
+        self.write_lines(line)
+    }
+
+    /// [`Sink::write_lines`]: the batch goes out in one `write`, split only before a line
+    /// that rotation is due at.
+    pub fn write_lines(&mut self, batch: &[u8]) -> Result<()> {
+        let Some(max) = self.rotation.max_bytes else {
+            return self.append(batch);
+        };
+        // `start..end`: the lines not yet written; `size`: the file's size once they are.
+        let (mut start, mut end, mut size) = (0, 0, self.size);
+        for line in batch.split_inclusive(|&b| b == b'\n') {
+            let due = size > 0 && size + line.len() as u64 > max;
+            if due && self.retry_at.is_none_or(|at| size >= at) {
+                self.append(&batch[start..end])?;
+                start = end;
                 match self.rotate() {
                     Ok(()) => self.retry_at = None,
                     Err(error) => {
@@ -154,12 +175,22 @@ impl FileSink {
                         self.retry_at = Some(self.size + max);
                     }
                 }
+                size = self.size;
             }
+            end += line.len();
+            size += line.len() as u64;
+        }
+        self.append(&batch[start..end])
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
         }
         self.file
-            .write_all(line)
+            .write_all(bytes)
             .with_context(|| format!("writing to the events file {}", self.path.display()))?;
-        self.size += line.len() as u64;
+        self.size += bytes.len() as u64;
         Ok(())
     }
 
@@ -266,6 +297,50 @@ mod tests {
             .map(|i| String::from_utf8(line(i)).unwrap().trim_end().to_string())
             .collect();
         assert_eq!(all, expected);
+    }
+
+    /// A batch rotates exactly where its lines one by one would: the same files, byte for
+    /// byte, whatever the batch sizes (1 to 40 lines, so that limits fall inside batches).
+    #[test]
+    fn a_batch_rotates_where_its_lines_one_by_one_would() {
+        let dir = Dir::new("batch");
+        let rotation = Rotation {
+            max_bytes: Some(400),
+            keep: 100,
+        };
+        let single = dir.0.join("single.jsonl");
+        let batched = dir.0.join("batched.jsonl");
+        let n = 500;
+        let mut one = FileSink::open(&single, rotation).unwrap();
+        for i in 0..n {
+            one.write_line(&line(i)).unwrap();
+        }
+        let mut many = FileSink::open(&batched, rotation).unwrap();
+        let (mut i, mut size) = (0, 1);
+        while i < n {
+            let batch: Vec<u8> = (i..(i + size).min(n)).flat_map(line).collect();
+            many.write_lines(&batch).unwrap();
+            i += size;
+            size = size % 40 + 7;
+        }
+        many.write_lines(b"").unwrap();
+        let files = |path: &Path| -> Vec<String> {
+            (0..=100)
+                .rev()
+                .map(|k| {
+                    if k == 0 {
+                        path.to_path_buf()
+                    } else {
+                        rotated_path(path, k)
+                    }
+                })
+                .filter(|p| p.exists())
+                .map(|p| std::fs::read_to_string(p).unwrap())
+                .collect()
+        };
+        let (a, b) = (files(&single), files(&batched));
+        assert!(a.len() > 10, "{} files only", a.len());
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn events_are_counted_by_type_in_both_formats() {
         metrics.event_emitted("connection.denied");
     }
     metrics.event_emitted("policy.applied");
-    metrics.event_write_failed();
+    metrics.events_write_failed(1);
     let om = metrics.encode(true);
     assert!(om.contains("# TYPE enforcer_events counter\n"), "{om}");
     assert!(
