@@ -17,6 +17,8 @@ pub mod record;
 mod sink;
 pub mod stream;
 
+use std::io::Write as _;
+
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -84,25 +86,42 @@ impl Formatter {
 
     /// The line of `event`, numbered `seq`, with its `\n`.
     pub fn line(&self, seq: u64, event: &Event) -> Result<Vec<u8>> {
-        let mut line = match self.format {
+        let mut line = Vec::new();
+        self.append_line(seq, event, &mut line)?;
+        Ok(line)
+    }
+
+    /// [`Formatter::line`], appended to `out` (left as it was on error).
+    pub fn append_line(&self, seq: u64, event: &Event, out: &mut Vec<u8>) -> Result<()> {
+        let start = out.len();
+        let written = match self.format {
             // The event's fields, then its place in the stream: an event is a JSON object, so
             // `seq` goes in before its closing brace (serde's `flatten` costs several times
             // the whole line).
-            Format::Json => serde_json::to_vec(event).map(|mut line| {
-                debug_assert_eq!(line.last(), Some(&b'}'));
-                line.pop();
-                line.extend_from_slice(format!(",\"seq\":{seq}}}").as_bytes());
-                line
+            Format::Json => serde_json::to_writer(&mut *out, event).map(|()| {
+                debug_assert_eq!(out.last(), Some(&b'}'));
+                out.pop();
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, ",\"seq\":{seq}}}");
             }),
             Format::Ocsf => match event {
-                Event::Call(call) => serde_json::to_vec(&ocsf::call(&self.ocsf, seq, call)),
-                Event::Notice(notice) => serde_json::to_vec(&ocsf::notice(&self.ocsf, seq, notice)),
-                Event::Flow(flow) => serde_json::to_vec(&ocsf::flow(&self.ocsf, seq, flow)),
+                Event::Call(call) => {
+                    serde_json::to_writer(&mut *out, &ocsf::call(&self.ocsf, seq, call))
+                }
+                Event::Notice(notice) => {
+                    serde_json::to_writer(&mut *out, &ocsf::notice(&self.ocsf, seq, notice))
+                }
+                Event::Flow(flow) => {
+                    serde_json::to_writer(&mut *out, &ocsf::flow(&self.ocsf, seq, flow))
+                }
             },
+        };
+        if let Err(error) = written {
+            out.truncate(start);
+            return Err(error).with_context(|| format!("serialising a {} event", event.kind()));
         }
-        .with_context(|| format!("serialising a {} event", event.kind()))?;
-        line.push(b'\n');
-        Ok(line)
+        out.push(b'\n');
+        Ok(())
     }
 }
 
@@ -127,8 +146,8 @@ pub struct Emitter {
     /// The lines emitted since the last flush, and how many.
     batch: Vec<u8>,
     batch_lines: u64,
-    /// Their events, for the hub (empty without one).
-    batch_events: Vec<(u64, Event, Vec<u8>)>,
+    /// Their events and where their lines are in `batch`, for the hub (empty without one).
+    batch_events: Vec<(u64, Event, std::ops::Range<usize>)>,
 }
 
 impl Emitter {
@@ -169,7 +188,8 @@ impl Emitter {
     /// Only a line that cannot be serialised is an error.
     pub fn emit(&mut self, event: Event) -> Result<u64> {
         let seq = self.seq + 1;
-        let line = self.formatter.line(seq, &event)?;
+        let start = self.batch.len();
+        self.formatter.append_line(seq, &event, &mut self.batch)?;
         self.seq = seq;
         if let Some(metrics) = &self.metrics {
             metrics.event_emitted(event.kind());
@@ -183,10 +203,10 @@ impl Emitter {
                 metrics.events_suppressed(hook, reason, *count);
             }
         }
-        self.batch.extend_from_slice(&line);
         self.batch_lines += 1;
         if self.hub.is_some() {
-            self.batch_events.push((seq, event, line));
+            self.batch_events
+                .push((seq, event, start..self.batch.len()));
         }
         if self.batch.len() >= Self::BATCH_BYTES {
             self.flush();
@@ -230,18 +250,18 @@ impl Emitter {
                 self.failing += lines;
             }
         }
-        self.batch.clear();
         if let Some(hub) = &self.hub {
-            for (seq, event, line) in self.batch_events.drain(..) {
+            for (seq, event, range) in self.batch_events.drain(..) {
                 // The line goes along: consumers of the file's format send these bytes
                 // instead of serialising the event again, each.
                 let line = stream::Line {
                     format: self.formatter.format(),
-                    bytes: line.into(),
+                    bytes: self.batch[range].into(),
                 };
                 hub.publish_with_line(seq, std::sync::Arc::new(event), Some(line));
             }
         }
+        self.batch.clear();
     }
 
     /// Opens the events file again by its name (SIGUSR1, after logrotate renamed it); what

@@ -156,6 +156,10 @@ impl FileSink {
         let Some(max) = self.rotation.max_bytes else {
             return self.append(batch);
         };
+        // The usual case: the whole batch fits, no line needs looking at.
+        if self.size + batch.len() as u64 <= max {
+            return self.append(batch);
+        }
         // `start..end`: the lines not yet written; `size`: the file's size once they are.
         let (mut start, mut end, mut size) = (0, 0, self.size);
         for line in batch.split_inclusive(|&b| b == b'\n') {
