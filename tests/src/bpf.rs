@@ -126,3 +126,84 @@ pub fn remove_pins(path: &Path) {
         Err(e) => eprintln!("warning: cannot remove pins {}: {e}", path.display()),
     }
 }
+
+/// Loads a `cgroup/connect4` program of two instructions (`r0 = 1; exit`: every call
+/// allowed), standing for another release's program in a pinned link.
+pub fn load_allow_all_connect4() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    /// The `BPF_PROG_LOAD` prefix of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    // struct bpf_insn as little-endian u64s: code | regs << 8 | off << 16 | imm << 32.
+    let insns: [u64; 2] = [0xb7 | 1 << 32, 0x95];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_PROG_LOAD, &mut attr).context("bpf(BPF_PROG_LOAD)")?;
+    // SAFETY: a new fd the kernel returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Makes the link pinned at `pin` run `prog` (`BPF_OBJ_GET`, then `BPF_LINK_UPDATE`), as
+/// an agent of another release would have attached it.
+pub fn set_link_program(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let mut get = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut get)
+        .with_context(|| format!("bpf(BPF_OBJ_GET, {})", pin.display()))?;
+    // SAFETY: a new fd the kernel returned, owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let mut update = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_LINK_UPDATE, &mut update).context("bpf(BPF_LINK_UPDATE)")?;
+    Ok(())
+}

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
-use enforcer_tests::bpf::{prog_query, ENFORCER_HOOKS};
+use anyhow::{ensure, Context, Result};
+use enforcer_tests::bpf::{load_allow_all_connect4, prog_query, set_link_program, ENFORCER_HOOKS};
 use enforcer_tests::fixtures::{event_matches, World};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{require_kernel, Outcome, Probe};
@@ -76,5 +76,47 @@ fn enforcement_survives_kill9_and_a_new_agent_adopts_the_pins() -> Result<()> {
     // New denies reach the new agent's events file (it may also drain older ones from the
     // pinned ring buffer: at least one, then).
     second.wait_for(1, Duration::from_secs(10), ours)?;
+    Ok(())
+}
+
+/// An agent restarted on pins that an earlier release left (same ABI, other code) makes the
+/// pinned links run its own programs. The test puts a `connect4` that allows everything into
+/// the pinned link (another release's program), checks it is in force, and starts an agent:
+/// the cross-tenant call is denied again, with one program per hook. Before, a pinned link
+/// was adopted as it was: the old program went on deciding for as long as the pins lived.
+#[test]
+fn a_restarted_agent_replaces_another_releases_program_in_its_links() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(38)?;
+    let _servers = world.servers_v4()?;
+    let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
+    let (cross, _) = world.gateway_calls();
+    let mut first = world.start_agent()?;
+    probe.expect_outcome(&cross, Outcome::Eperm, "first agent")?;
+    let pins = enforcer::datapath::pin_dir(&world.agent_config().pin_path);
+    first.kill9()?;
+
+    let link = std::fs::read_dir(&pins)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("link-connect4-"))
+        })
+        .with_context(|| format!("no connect4 link pinned under {}", pins.display()))?;
+    let old = load_allow_all_connect4()?;
+    set_link_program(&link, std::os::fd::AsFd::as_fd(&old))?;
+    drop(old);
+    probe.expect_outcome(
+        &cross,
+        Outcome::Ok,
+        "another release's connect4 in the link",
+    )?;
+
+    let _second = world.start_agent()?;
+    probe.expect_outcome(&cross, Outcome::Eperm, "the restarted agent")?;
+    exactly_one_per_hook(&world, "the restarted agent")?;
     Ok(())
 }

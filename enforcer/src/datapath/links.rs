@@ -3,7 +3,7 @@
 //! attaching a second copy, and so that links left on a different cgroup root are recognised.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -15,8 +15,11 @@ use enforcer_common::programs;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HookAttachment {
     pub program: &'static str,
-    /// True when the link was pinned by an earlier agent and adopted as it was.
+    /// True when the link was pinned by an earlier agent and adopted.
     pub adopted: bool,
+    /// True when the adopted link ran other code than this agent's (an earlier release of
+    /// the same ABI) and now runs this agent's program.
+    pub replaced: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -47,10 +50,15 @@ pub fn attach_or_adopt(
         let pin = pin_dir.join(link_pin_name(program, cgroup_id));
         if pin.exists() {
             match PinnedLink::from_pin(&pin) {
-                Ok(_) => {
+                Ok(link) => {
+                    let prog = ebpf
+                        .program_mut(program)
+                        .with_context(|| format!("the BPF object has no program {program}"))?;
+                    let replaced = run_this_release(link, &pin, prog, program)?;
                     hooks.push(HookAttachment {
                         program,
                         adopted: true,
+                        replaced,
                     });
                     continue;
                 }
@@ -71,6 +79,7 @@ pub fn attach_or_adopt(
         hooks.push(HookAttachment {
             program,
             adopted: false,
+            replaced: false,
         });
     }
     Ok(AttachReport {
@@ -80,44 +89,147 @@ pub fn attach_or_adopt(
     })
 }
 
+/// Makes an adopted link run this agent's program. A pinned link keeps the program of the
+/// agent that attached it: after an upgrade within one ABI (same maps, new code: another
+/// check, another option version) the hook would go on running the old release's code for
+/// as long as the pins live. The kernel's program tag (a SHA-1 prefix over the instructions
+/// with map references zeroed, so the same for the same code whatever maps it was loaded
+/// with) tells whether they differ; if they do, `BPF_LINK_UPDATE` swaps the new program into
+/// the link in one step (the hook is never empty, the pin and the link stay). True if swapped.
+fn run_this_release(link: PinnedLink, pin: &Path, prog: &mut Program, name: &str) -> Result<bool> {
+    let pinned_prog = FdLink::from(link)
+        .info()
+        .with_context(|| format!("reading the link pinned at {}", pin.display()))?
+        .program_id();
+    load(prog, name)?;
+    let ours = prog
+        .info()
+        .with_context(|| format!("reading the loaded {name}"))?;
+    let pinned_tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == pinned_prog)
+        .map(|p| p.tag());
+    if pinned_tag == Some(ours.tag()) {
+        return Ok(false);
+    }
+    let fd = prog.fd().with_context(|| format!("{name} has no fd"))?;
+    link_update(pin, fd.as_fd()).with_context(|| {
+        format!(
+            "running this release's {name} in the link at {}",
+            pin.display()
+        )
+    })?;
+    tracing::info!(
+        program = name,
+        pin = %pin.display(),
+        "the pinned link ran another release's program; it runs this agent's now"
+    );
+    Ok(true)
+}
+
+/// Verifies and loads a cgroup program unless it is loaded already.
+fn load(prog: &mut Program, name: &str) -> Result<()> {
+    if prog.fd().is_ok() {
+        return Ok(());
+    }
+    match prog {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
+        _ => bail!("{name} is not a cgroup program"),
+    }
+    .with_context(|| format!("verifying and loading {name}"))
+}
+
+/// `BPF_LINK_UPDATE` of the link pinned at `pin` to `prog` (aya 0.14 keeps its own
+/// `bpf_link_update` crate-private): the link is opened from its pin (`BPF_OBJ_GET`).
+fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    /// The `BPF_OBJ_GET` part of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    /// The `link_update` part of `union bpf_attr`: flags 0 (no expected old program).
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let mut get = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET; pathname outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut get as *mut ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        bail!("BPF_OBJ_GET: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd the kernel returned, owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut update = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE; both fds are open.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &mut update as *mut LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc != 0 {
+        bail!("BPF_LINK_UPDATE: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Loads (once) and attaches one of the object's cgroup programs: the four sock_addr hooks,
 /// sock_create, sock_ops or the cgroup_skb ingress check. A bpf_link on a cgroup always coexists with other programs, and the kernel
 /// rejects any attach flag on link creation: `Single` is what passes no flag. The pins are what
 /// keeps this agent from attaching itself twice.
 fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdLink> {
     let no_link = || format!("{name}: the kernel gave no bpf_link (needs Linux 5.7 or newer)");
+    load(prog, name)?;
     match prog {
         Program::CgroupSockAddr(prog) => {
-            if prog.fd().is_err() {
-                prog.load()
-                    .with_context(|| format!("verifying and loading {name}"))?;
-            }
             let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
             prog.take_link(id)?.try_into().with_context(no_link)
         }
         Program::CgroupSock(prog) => {
-            if prog.fd().is_err() {
-                prog.load()
-                    .with_context(|| format!("verifying and loading {name}"))?;
-            }
             let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
             prog.take_link(id)?.try_into().with_context(no_link)
         }
         // sock_ops likewise: `Single` (no flag) is the only mode a cgroup bpf_link takes
         // (AllowMultiple fails with EINVAL, DESIGN.md "Flows").
         Program::SockOps(prog) => {
-            if prog.fd().is_err() {
-                prog.load()
-                    .with_context(|| format!("verifying and loading {name}"))?;
-            }
             let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
             prog.take_link(id)?.try_into().with_context(no_link)
         }
         Program::CgroupSkb(prog) => {
-            if prog.fd().is_err() {
-                prog.load()
-                    .with_context(|| format!("verifying and loading {name}"))?;
-            }
             let id = prog.attach(
                 cgroup,
                 aya::programs::CgroupSkbAttachType::Ingress,
