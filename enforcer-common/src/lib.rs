@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -140,9 +140,11 @@ pub mod capacity {
     pub const WIRE_PEERS: u32 = 16_384;
     /// Refused SYNs remembered so that retransmissions are not reported again (LRU).
     pub const WIRE_REPORTED: u32 = 16_384;
-    /// Options of closed tagged connections (LRU, preallocated: ~3.4 MiB). One is needed
-    /// for the skew only, so this covers ~1,000 tagged connections closing per second at the
-    /// default 30 s; beyond that the oldest are forgotten early (their replay then passes).
+    /// Options already taken: every SYN the ingress check passed (version 3), or the SYN of a
+    /// closed connection (version 2) (LRU, preallocated: ~3.4 MiB). One is needed while its
+    /// time is within the skew, up to twice the skew after it arrived, so this covers ~550
+    /// new tagged connections a second at the default 30 s; beyond that the oldest are
+    /// forgotten early (their replay then passes).
     pub const SPENT_TAGS: u32 = 32_768;
     /// (deny key, window) pairs being counted at once (plain hash, preallocated: ~2 MiB); a
     /// flooding key holds two or three. When it is full, a deny of a new key is reported on
@@ -296,9 +298,10 @@ pub mod reason {
     /// it is a version 1 option (no timestamp) outside the configured grace. See
     /// [`wire::fresh`].
     pub const STALE_TAG: u8 = 13;
-    /// `ingress`: the identity option verifies and is fresh, but a connection with this very
-    /// option (4-tuple and time) was already accepted here and has closed: the SYN is a copy
-    /// (a replay within the skew, e.g. by the pod that got the sender's IP). See `SPENT_TAGS`.
+    /// `ingress`: the identity option verifies and is fresh, but this very option (4-tuple
+    /// and time) was already taken here (version 3: by an earlier SYN that passed; version 2:
+    /// by a connection accepted here that has closed): the SYN is a copy (a replay within the
+    /// skew, e.g. by the pod that got the sender's IP, or a duplicate). See `SPENT_TAGS`.
     pub const REPLAYED_TAG: u8 = 14;
     pub const COUNT: usize = 15;
 }
@@ -874,8 +877,10 @@ pub mod wire {
         pub sport: u16,
         pub dport: u16,
         pub stamp: u16,
-        /// Always zero (hash keys compare every byte).
-        pub _pad: u16,
+        /// The time's high 16 bits ([`epoch`]): with them the key holds the whole time, so
+        /// an option is taken by one insert (`BPF_NOEXIST`), with no namesake 2^16 s away
+        /// sharing its key.
+        pub epoch: u16,
     }
 
     /// Value of `WIRE_PEERS`: what the verified option claimed, and the server's socket once

@@ -4,17 +4,18 @@
 //! `enforcer_common::wire`, shared with userspace so that both compute the same tag.
 //!
 //! Sending: at `TCP_CONNECT_CB` (in the connecting task, after `connect4`/`connect6` allowed
-//! the call) the whole option is computed once, with the 4-tuple the kernel has just chosen, and
-//! kept under the socket cookie in `WIRE_TAGS`; `HDR_OPT_LEN_CB` / `WRITE_HDR_OPT_CB` copy it
-//! into every SYN, retransmits included (those run from a timer, where the current task is
-//! not the connecting one, which is why nothing is computed there). Once established, the
-//! entry is deleted and the write callback switched off, so data segments pay nothing.
+//! the call) the subject is written into the socket's storage (`WIRE_TAGS`) and the header
+//! callbacks are switched on; `HDR_OPT_LEN_CB` / `WRITE_HDR_OPT_CB` stamp and tag the option
+//! for each SYN transmission, retransmits included (a time later than the last one's: option
+//! version 3), with the 4-tuple the kernel chose. Nothing there needs the connecting task:
+//! the subject is in the storage, the key in `FLOW_KEYS`. Once established, the storage is
+//! deleted and the write callback switched off, so data segments pay nothing.
 //!
 //! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
 //! `audit` must carry an option whose tag verifies with one of the `FLOW_KEYS`, whose time is
 //! within `Config::wire_skew_s` of this node's wall clock (`stale_tag` otherwise: a replay),
-//! that no connection accepted here and since closed carried (`replayed_tag`: a replay
-//! within the skew),
+//! that no SYN passed here carried before (version 3) or no connection accepted here and since
+//! closed carried (version 2) (`replayed_tag`: a replay within the skew),
 //! and the claimed identity must be in `INGRESS_ALLOW` for the port. An untagged SYN is
 //! judged as WORLD when the IP cache does not know its source, and refused (`missing_tag`)
 //! when it does: a cluster workload always comes through an enforcer that tags.
@@ -299,7 +300,10 @@ pub fn on_connect(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     // A socket may connect again after a failed connect: whatever option its last connect
     // left is for another 4-tuple, time or subject, and must go whether or not this connect
-    // is tagged (`bpf_sk_storage_get` would hand the old value back, not the new one).
+    // is tagged (`bpf_sk_storage_get` would hand the old value back, not the new one). Its
+    // last time stays: that connect's SYNs (same 4-tuple, if the port is bound) may have run
+    // a few seconds ahead, and this connect's must not carry times they took.
+    let last_sent = sent_stamp(ctx);
     forget_option(ctx);
     // SAFETY: no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
@@ -324,16 +328,19 @@ pub fn on_connect(ctx: &SockOpsContext) {
         // No key loaded: the flow goes untagged and the receiver judges it as such.
         return;
     }
-    // The time field says "one second before now": the first transmission's time is then
-    // now whatever second it is sent in ([`stamp_option`] takes the later of now and the
-    // field's next second). Key id and tag are the transmission's.
-    let option = abi::option_bytes(
-        subject,
-        abi::stamp(now_seconds().wrapping_sub(1)),
-        0,
-        abi::VERSION,
-        0,
-    );
+    // The time field says "one second before now" (or the last connect's last time): the
+    // first transmission's time is then now whatever second it is sent in ([`stamp_option`]
+    // takes the later of now and the field's next second). Key id and tag are the
+    // transmission's.
+    let now_s = now_seconds();
+    let mut before_s = now_s.wrapping_sub(1);
+    if let Some(last) = last_sent {
+        let last_s = abi::claimed_seconds(last, now_s);
+        if (last_s.wrapping_sub(before_s) as i32) > 0 {
+            before_s = last_s;
+        }
+    }
+    let option = abi::option_bytes(subject, abi::stamp(before_s), 0, abi::VERSION, 0);
     let Some(sk) = context_socket(ctx) else {
         return;
     };
@@ -452,6 +459,17 @@ pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
 #[inline(always)]
 pub fn on_established(ctx: &SockOpsContext) {
     forget_option(ctx);
+}
+
+/// The time field of the socket's option (the last SYN's, once one was sent), if it has one.
+#[inline(always)]
+fn sent_stamp(ctx: &SockOpsContext) -> Option<u16> {
+    if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
+        return None;
+    }
+    let option = WIRE_TAGS.get(context_socket(ctx)?, None);
+    // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
+    (!option.is_null()).then(|| unsafe { u16::from_be_bytes([(*option)[8], (*option)[9]]) })
 }
 
 /// Drops the socket's option, if it has one, and the header callbacks that write it.
@@ -914,39 +932,44 @@ fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
     if !fresh_enough(version, stamp, now_s, skew_s, 0) {
         return;
     }
+    let at = abi::claimed_seconds(stamp, now_s);
     let spent = abi::SpentKey {
         saddr: key.saddr,
         daddr: key.daddr,
         sport: key.sport,
         dport: key.dport,
         stamp,
-        _pad: 0,
+        epoch: abi::epoch(at),
     };
-    let _ = SPENT_TAGS.insert(&spent, &abi::claimed_seconds(stamp, now_s), NO_FLAGS);
+    let _ = SPENT_TAGS.insert(&spent, &at, NO_FLAGS);
 }
 
-/// The `SPENT_TAGS` key of this SYN's option.
+/// The `SPENT_TAGS` key of this SYN's option: its 4-tuple and whole time (the time nearest
+/// this node's clock, [`abi::claimed_seconds`]).
 #[inline(always)]
-fn spent_key(syn: &Syn, stamp: u16) -> abi::SpentKey {
+fn spent_key(syn: &Syn, stamp: u16, now_s: u32) -> abi::SpentKey {
     abi::SpentKey {
         saddr: words_to_bytes(syn.saddr),
         daddr: words_to_bytes(syn.daddr),
         sport: syn.sport,
         dport: syn.dport,
         stamp,
-        _pad: 0,
+        epoch: abi::epoch(abi::claimed_seconds(stamp, now_s)),
     }
 }
 
-/// A version 3 SYN's option (4-tuple and time field) is spent now, once: true for the first
-/// SYN to carry it, false for any copy (`SPENT_TAGS` holds it, with the same full time, not
-/// its namesake a 2^16 s wrap away, which is overwritten). The sender stamps each
-/// transmission anew, so its own retransmissions are not copies; a SYN the network duplicated
-/// is, and is refused (its first copy is already being answered). `BPF_NOEXIST` makes the
-/// test and the record one step: two copies on two CPUs cannot both pass.
+/// A version 3 SYN's option (4-tuple and whole time) is spent now, once: true for the first
+/// SYN to carry it, false for any copy. The sender stamps each transmission anew, so its own
+/// retransmissions are not copies; a SYN the network duplicated is, and is refused (its first
+/// copy is already being answered). The `BPF_NOEXIST` insert is the test and the record: two
+/// copies on two CPUs cannot both pass. When it fails and the key is not there after all (an
+/// LRU with no free element this instant, ENOMEM; or evicted since), nothing says the option
+/// was taken: it passes and is recorded. (The value is compared, though the key holds the
+/// whole time so that no other value can be there: without the comparison LLVM lays the
+/// stack out otherwise and the program exceeds 512 bytes.)
 #[inline(always)]
 fn spend_first(syn: &Syn, stamp: u16, now_s: u32) -> bool {
-    let key = spent_key(syn, stamp);
+    let key = spent_key(syn, stamp, now_s);
     let at = abi::claimed_seconds(stamp, now_s);
     if SPENT_TAGS.insert(&key, &at, BPF_NOEXIST).is_ok() {
         return true;
@@ -961,12 +984,11 @@ fn spend_first(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     }
 }
 
-/// A version 2 connection with this SYN's option (4-tuple and time field) was accepted here
-/// and has closed (`SPENT_TAGS`), and the time is the same one, not its namesake a 2^16 s
-/// wrap away.
+/// A version 2 connection with this SYN's option (4-tuple and whole time) was accepted here
+/// and has closed (`SPENT_TAGS`).
 #[inline(always)]
 fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
-    let key = spent_key(syn, stamp);
+    let key = spent_key(syn, stamp, now_s);
     match SPENT_TAGS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
         Some(at) => (unsafe { read_volatile(at) }) == abi::claimed_seconds(stamp, now_s),

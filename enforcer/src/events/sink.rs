@@ -187,13 +187,25 @@ impl FileSink {
         self.append(&batch[start..end])
     }
 
+    /// Appends whole lines. A write that fails part-way (a full disk) is cut back to the
+    /// last whole line the file had, so that the next write does not continue half a line.
     fn append(&mut self, bytes: &[u8]) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all(bytes)
-            .with_context(|| format!("writing to the events file {}", self.path.display()))?;
+        if let Err(error) = self.file.write_all(bytes) {
+            let cut = self.file.set_len(self.size);
+            return Err(error).with_context(|| {
+                format!(
+                    "writing to the events file {}{}",
+                    self.path.display(),
+                    match cut {
+                        Ok(()) => String::new(),
+                        Err(e) => format!(" (and cutting its partial line failed: {e})"),
+                    }
+                )
+            });
+        }
         self.size += bytes.len() as u64;
         Ok(())
     }

@@ -623,7 +623,14 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
     event.disposition_id = Some(disposition.0);
     event.disposition = Some(disposition.1);
     event.is_alert = Some(alert);
-    event.metadata.tenant_uid = subject.tenant.as_deref();
+    // An ingress refusal whose claim cannot be named (forged, or no option) belongs to the
+    // tenant of the destination it was refused for, never to the name the packet gave.
+    event.metadata.tenant_uid = subject.tenant.as_deref().or_else(|| {
+        call.peer
+            .as_ref()
+            .and(call.destination.as_ref())
+            .and_then(|d| d.tenant.as_deref())
+    });
     event.actor = Some(Actor {
         process: Some(Process {
             pid: subject.pid,

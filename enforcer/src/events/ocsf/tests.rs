@@ -944,7 +944,7 @@ fn tenant_filters_select_ingress_events_by_either_end() {
         "{line}"
     );
     assert!(line["src_endpoint"].get("name").is_none(), "{line}");
-    assert!(line["metadata"].get("tenant_uid").is_none(), "{line}");
+    assert_eq!(line["metadata"]["tenant_uid"], "globex", "{line}");
     assert!(tenant("globex").matches(&untagged));
     assert!(
         !tenant("acme").matches(&untagged),
