@@ -144,15 +144,32 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
-    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room
-    // and takes no more of a share. The record keeps the tenant whose share it holds: the
-    // socket may have been passed to another tenant's process meanwhile (SCM_RIGHTS), and
-    // crediting that tenant at release would leak the first one's share and underflow its.
-    let old = FLOWS.get_ptr(&cookie);
+    // A connected UDP socket connected again (`connect()` runs under the socket lock, so
+    // nothing else changes its record meanwhile). To the same subject, destination, address
+    // and port it is the same flow: no second opened event (a loop of reconnects flooded
+    // FLOW_EVENTS and left opened flows that never closed); only the policy generation moves
+    // on, since the call was decided again and allowed by the policy in force now, which is
+    // the one a change re-decides the flow against. Elsewhere, the old flow has ended: its
+    // closed event first, so that every opened flow is closed, then the new record replaces
+    // it (BPF_ANY), which needs no room and takes no more of a share. The record keeps the
+    // tenant whose share it holds: the socket may have been passed to another tenant's
+    // process meanwhile (SCM_RIGHTS), and crediting that tenant at release would leak the
+    // first one's share and underflow its.
+    let old = FLOWS.get_ptr_mut(&cookie);
     let new = old.is_none();
     if let Some(old) = old {
-        // SAFETY: `r` is the stack slot above; `old` a non-null map value pointer.
-        unsafe { addr_of_mut!((*r).tenant).write((*old).tenant) };
+        // SAFETY: `r` is the stack slot above; `old` a non-null map value pointer, valid for
+        // reads and writes.
+        unsafe {
+            if udp && same_flow(&*old, c) {
+                (*old).policy_generation = c.generation;
+                return true;
+            }
+            if udp {
+                emit(cookie, &*old, flow_event::CLOSED, 0, 0, 0);
+            }
+            addr_of_mut!((*r).tenant).write((*old).tenant);
+        }
     }
     // SAFETY: fully initialised above.
     let record = unsafe { slot.assume_init_ref() };
@@ -169,6 +186,47 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         emit(cookie, record, flow_event::OPENED, 0, 0, 0);
     }
     true
+}
+
+/// A connect of a socket whose record is `r` goes where `r` went: the same subject,
+/// destination identity, family, address and port (the protocol is the socket's, never
+/// changed).
+#[inline(always)]
+fn same_flow(r: &FlowRecord, c: &Connect) -> bool {
+    let daddr = r.daddr.as_ptr().cast::<u32>();
+    // SAFETY: `daddr` is the record's 16 address bytes at a 4-byte-aligned offset (48) of an
+    // 8-byte-aligned value: four aligned words.
+    let words = unsafe {
+        [
+            daddr.read(),
+            daddr.add(1).read(),
+            daddr.add(2).read(),
+            daddr.add(3).read(),
+        ]
+    };
+    r.subject == c.subject
+        && r.destination == c.destination
+        && r.dport == c.dport
+        && r.family == c.family
+        && words == c.daddr
+}
+
+/// A connected UDP socket connected again, allowed, to a destination that is not tracked:
+/// its tracked flow (if it had one) has ended; reported closed and its record deleted, as at
+/// the socket's release.
+#[inline(always)]
+pub fn connected_elsewhere(ctx: &SockAddrContext) {
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr(&cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let tenant = unsafe {
+        emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
+        (*r).tenant
+    };
+    end_record(cookie, tenant);
 }
 
 /// `TCP_CONNECT_CB`: the SYN is about to be sent; ask for state callbacks for a tracked flow.
