@@ -11,6 +11,13 @@
 //! opened event is written there, and `cgroup/sock_release` ends its record when the socket
 //! is closed.
 //!
+//! Every opened event passes its workload's flow event budget first (`report.rs`,
+//! `report::flow_event_written`): beyond it, the flow is counted and marked
+//! `flow_flags::UNREPORTED` instead, its contact kept for the learner as for a full ring,
+//! and its closed event is counted too instead of written. Closed events of reported flows
+//! are never budgeted (an opened line always gets its closed line), and there is at most one
+//! per opened event, so they are bounded by the budget too.
+//!
 //! Verifier notes:
 //! - The record is built in place on the stack field by field (every byte written, padding
 //!   included) and the event field by field in the reserved slot: a struct copy or zeroing
@@ -166,7 +173,7 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
                 return true;
             }
             if udp {
-                emit(cookie, &*old, flow_event::CLOSED, 0, 0, 0);
+                close(cookie, &*old, 0, 0, 0);
             }
             addr_of_mut!((*r).tenant).write((*old).tenant);
         }
@@ -182,10 +189,35 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         }
         return false;
     }
-    if udp {
-        emit(cookie, record, flow_event::OPENED, 0, 0, 0);
+    if udp && !open(cookie, record) {
+        if let Some(r) = FLOWS.get_ptr_mut(&cookie) {
+            // SAFETY: a non-null map value pointer is valid for reads and writes.
+            unsafe { (*r).flags |= flow_flags::UNREPORTED };
+        }
     }
     true
+}
+
+/// The opened event of the flow `r`, if its workload's budget allows: false when it was
+/// counted instead (the caller marks the record `UNREPORTED`); its contact is kept for the
+/// learner either way.
+#[inline(always)]
+fn open(cookie: u64, r: &FlowRecord) -> bool {
+    if !crate::report::flow_event_written(r, false) {
+        keep_contact(r);
+        return false;
+    }
+    emit(cookie, r, flow_event::OPENED, 0, 0, 0);
+    true
+}
+
+/// The closed event of the flow `r`: written if its opened event was, else counted (written
+/// only if it cannot be counted).
+#[inline(always)]
+fn close(cookie: u64, r: &FlowRecord, acked: u64, received: u64, last_state: u8) {
+    if r.flags & flow_flags::UNREPORTED == 0 || crate::report::flow_event_written(r, true) {
+        emit(cookie, r, flow_event::CLOSED, acked, received, last_state);
+    }
 }
 
 /// A connect of a socket whose record is `r` goes where `r` went: the same subject,
@@ -223,7 +255,7 @@ pub fn connected_elsewhere(ctx: &SockAddrContext) {
     };
     // SAFETY: a non-null map value pointer is valid for reads.
     let tenant = unsafe {
-        emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
+        close(cookie, &*r, 0, 0, 0);
         (*r).tenant
     };
     end_record(cookie, tenant);
@@ -275,7 +307,9 @@ pub fn on_established(ctx: &SockOpsContext) {
         // `local_port` is in host byte order.
         (*r).sport = read_volatile(&(*ops).local_port) as u16;
         (*r).state = flow_state::ESTABLISHED;
-        emit(cookie, &*r, flow_event::OPENED, 0, 0, 0);
+        if !open(cookie, &*r) {
+            (*r).flags |= flow_flags::UNREPORTED;
+        }
     }
 }
 
@@ -305,7 +339,7 @@ pub fn on_state(ctx: &SockOpsContext) {
         if (*r).state == flow_state::ESTABLISHED {
             let acked = read_volatile(&(*ops).bytes_acked);
             let received = read_volatile(&(*ops).bytes_received);
-            emit(cookie, &*r, flow_event::CLOSED, acked, received, old);
+            close(cookie, &*r, acked, received, old);
         }
     }
     // SAFETY: as above.
@@ -328,7 +362,7 @@ pub fn on_release(ctx: &SockContext) {
     // `state` a full 32-bit load.
     unsafe {
         if (*r).protocol == proto::UDP {
-            emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
+            close(cookie, &*r, 0, 0, 0);
         } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE) {
             return;
         }

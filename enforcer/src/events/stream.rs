@@ -93,6 +93,7 @@ const TYPES: &[&str] = &[
     "events.lost",
     "flow_events.lost",
     "events.suppressed",
+    "flow_events.suppressed",
     "policy.applied",
     "policy.rejected",
     "subject.quarantined",
