@@ -405,6 +405,12 @@ fn one_workload_flooding_tracked_flows_cannot_crowd_out_another() -> Result<()> 
     );
     let quiet_opened = flow_lines(&events, "ff-quiet", "flow.opened").len() as u64;
     let quiet_closed = flow_lines(&events, "ff-quiet", "flow.closed").len() as u64;
+    if let Some(line) = events
+        .iter()
+        .find(|e| s(e, "/type") == Some("flow_events.suppressed"))
+    {
+        println!("first flow_events.suppressed: {line}");
+    }
     println!(
         "flooder: {} flows in {:.2} s; written {written} ({opened} opened), suppressed \
          {suppressed_opened} opened + {suppressed_closed} closed, lost {lost}; quiet: \

@@ -323,7 +323,7 @@ fn every_notice_conforms() {
         assert_eq!(event["metadata"]["event_code"], kind);
         kinds.insert(kind);
     }
-    assert_eq!(kinds.len(), 9, "{kinds:?}");
+    assert_eq!(kinds.len(), 10, "{kinds:?}");
 }
 
 #[test]
