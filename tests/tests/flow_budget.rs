@@ -14,7 +14,8 @@
 //!   other's flow events is written, and the flooder's are bounded by its per-window budget
 //!   (the default `--flow-events-per-workload`, 256 `flow.opened` per 1 s window), the rest
 //!   counted exactly: its written events + the counts of its `flow_events.suppressed` notices
-//!   + `flow_events.lost` == two per connection made (an opened and a closed).
+//!   + `flow_events.lost` == two per connection made (an opened and a closed), and the
+//!   metric `enforcer_flow_events_suppressed_total` has the notices' counts.
 //!
 //! Addresses 127.97.x.y only; cgroups `ff-*`.
 
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use enforcer_tests::cli::wait_notices;
 use enforcer_tests::fixtures::{write_bundle, Entity};
+use enforcer_tests::prometheus::{free_port, http_get};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, PinDir, PolicyBundle, Probe, TestCgroup,
@@ -316,6 +318,11 @@ fn one_workload_flooding_tracked_flows_cannot_crowd_out_another() -> Result<()> 
     // harness turns aggregation off unless told otherwise).
     let mut config = AgentConfig::new(bundle.path(), &root.relative_str(), pins.path());
     config.events_aggregate = None;
+    let metrics_ip = format!("127.{NET}.{t}.1");
+    let metrics: SocketAddr = format!("{metrics_ip}:{}", free_port(&metrics_ip)?).parse()?;
+    config
+        .extra_args
+        .extend(["--metrics".to_string(), metrics.to_string()]);
     let agent = Agent::start(config)?;
     let _datagrams = UdpSocket::bind(SocketAddr::new(IpAddr::from([127, NET, t, 10]), 6334))?;
     let target = format!("tcp:{}", vectors.addr());
@@ -434,6 +441,22 @@ fn one_workload_flooding_tracked_flows_cannot_crowd_out_another() -> Result<()> 
          + lost {lost} = {}",
         flood.ok,
         written + suppressed + lost
+    );
+    // The same counts in the metric (its series per kind).
+    let (status, body) = http_get(metrics, "/metrics", None, WAIT)?;
+    ensure!(status == 200, "GET /metrics: HTTP {status}");
+    let series = |kind: &str| {
+        let prefix = format!("enforcer_flow_events_suppressed_total{{kind=\"{kind}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    ensure!(
+        series("opened") == suppressed_opened && series("closed") == suppressed_closed,
+        "enforcer_flow_events_suppressed_total: opened {}, closed {}; the notices: {suppressed_opened}, {suppressed_closed}",
+        series("opened"),
+        series("closed")
     );
     ensure!(
         suppressed_opened == suppressed_closed,

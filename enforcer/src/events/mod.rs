@@ -166,6 +166,9 @@ impl Emitter {
             {
                 metrics.events_suppressed(hook, reason, *count);
             }
+            if let Event::Notice(Notice::FlowEventsSuppressed { opened, closed, .. }) = &event {
+                metrics.flow_events_suppressed(*opened, *closed);
+            }
         }
         match self.sink.write_line(&line) {
             Ok(()) => {
