@@ -10,12 +10,12 @@
 //!   destination.
 //!
 //! - One workload flooding tracked flows (connected UDP sockets) while another makes a few
-//!   TCP connections: every one of the
-//!   other's flow events is written, and the flooder's are bounded by its per-window budget
-//!   (the default `--flow-events-per-workload`, 256 `flow.opened` per 1 s window), the rest
-//!   counted exactly: its written events + the counts of its `flow_events.suppressed` notices
-//!   + `flow_events.lost` == two per connection made (an opened and a closed), and the
-//!   metric `enforcer_flow_events_suppressed_total` has the notices' counts.
+//!   TCP connections: every one of the other's flow events is written, and the flooder's are
+//!   bounded by its per-window budget (the default `--flow-events-per-workload`, 256
+//!   `flow.opened` per 1 s window), the rest counted exactly: its written events plus the
+//!   counts of its `flow_events.suppressed` notices plus `flow_events.lost` make two per flow
+//!   (an opened and a closed), and the metric `enforcer_flow_events_suppressed_total` has the
+//!   notices' counts.
 //!
 //! Addresses 127.97.x.y only; cgroups `ff-*`.
 
