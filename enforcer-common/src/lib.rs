@@ -73,7 +73,9 @@ pub mod maps {
     /// pair (LRU).
     pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
     /// [`crate::AggregateKey`] -> [`crate::AggregateValue`]: repeated denies of one key in
-    /// one window of `Config::event_window_ns`, counted instead of reported one by one.
+    /// one window of `Config::event_window_ns`, counted instead of reported one by one; and
+    /// each workload's overflows: denies beyond its key budget, flow events beyond its flow
+    /// event budget ([`crate::aggregate_flags`]).
     pub const AGGREGATE: &str = "AGGREGATE";
     /// [`crate::ContactKey`] {subject, destination} -> [`crate::FlowRecord`]: the contacts
     /// whose opened record did not fit in `FLOW_EVENTS`, kept (first record per pair) until
@@ -81,8 +83,10 @@ pub mod maps {
     pub const FLOW_CONTACTS_MISSED: &str = "FLOW_CONTACTS_MISSED";
     /// Contacts that fitted neither in `FLOW_EVENTS` nor in `FLOW_CONTACTS_MISSED` (per CPU).
     pub const LOST_FLOW_CONTACTS: &str = "LOST_FLOW_CONTACTS";
-    /// [`crate::AggregateBudgetKey`] {window, cgroup} -> u64: how many `AGGREGATE` keys the
-    /// cgroup made in that window (the per-workload key budget, `Config::event_keys_per_workload`).
+    /// [`crate::AggregateBudgetKey`] {window, identity, direction} -> u64: how many `AGGREGATE`
+    /// keys the workload made in that window (the per-workload key budget,
+    /// `Config::event_keys_per_workload`), or how many flow events it made
+    /// (`Config::flow_events_per_workload`).
     pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
     pub const ALL: [&str; 29] = [
@@ -161,6 +165,12 @@ pub mod capacity {
     /// 500 ms sweep 2-3 windows' keys are alive at once: about 50 workloads flooding at once
     /// fill `AGGREGATE`.
     pub const AGGREGATE_KEYS_PER_WORKLOAD: u32 = 64;
+    /// The default of `Config::flow_events_per_workload`: `flow.opened` events one workload
+    /// may have written per aggregation window; its further flows are counted, not written
+    /// (`flow_events.suppressed`). `FLOW_EVENTS` (256 KiB) holds ~1,700 events: about seven
+    /// workloads at their whole budget fill it between two of the agent's reads only if the
+    /// agent stalls.
+    pub const FLOW_EVENTS_PER_WORKLOAD: u32 = 256;
     /// (subject, destination) pairs with a rate limit: local subjects x the rate-limited
     /// destinations they may reach.
     pub const RATE_LIMITS: u32 = 65_536;
@@ -347,6 +357,10 @@ pub mod flow_flags {
     /// The socket is AF_INET6 (an IPv4-mapped destination has `family` 4 but an IPv6
     /// socket): how `SOCK_DESTROY` must name it.
     pub const SOCK_V6: u8 = 1 << 1;
+    /// The flow's opened event was not written: its workload was over its flow event budget
+    /// (`Config::flow_events_per_workload`). Its closed event is not written either, only
+    /// counted (`aggregate_flags::FLOW_CLOSED`): the SOC sees pairs, or counts.
+    pub const UNREPORTED: u8 = 1 << 2;
 }
 
 /// [`FlowEvent::kind`] values.
@@ -531,6 +545,13 @@ pub struct Config {
     /// (refreshed every tick: a time daemon may set the kernel's TAI offset after boot); the
     /// identity option's time is CLOCK_TAI less this ([`wire::seconds`]).
     pub tai_offset_s: u32,
+    /// `flow.opened` events one workload identity may have written per window of
+    /// `event_window_ns` (`--flow-events-per-workload`); its further flows are counted under
+    /// its flow overflow keys ([`aggregate_flags::FLOW_EVENTS`]) and not written, nor are
+    /// their closed events. 0, or aggregation off (`event_window_ns` 0) = no budget.
+    pub flow_events_per_workload: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -620,9 +641,27 @@ pub mod aggregate_flags {
     /// `window`, `subject` (for ingress, the destination), `hook`, `verdict` and `reason`
     /// are set; `cgroup_id`, addresses, ports, destination, family and protocol are zero.
     pub const OVERFLOW: u8 = 1 << 0;
+    /// With `OVERFLOW`: the workload's flow events beyond its flow event budget
+    /// (`Config::flow_events_per_workload`), counted and not written: `flow.opened` events,
+    /// or with `FLOW_CLOSED` the `flow.closed` events of those flows. Only `window`,
+    /// `subject`, `protocol` (the flows') and `flags` are set.
+    pub const FLOW_EVENTS: u8 = 1 << 1;
+    /// See `FLOW_EVENTS`.
+    pub const FLOW_CLOSED: u8 = 1 << 2;
 }
 
-/// Key of `AGGREGATE_BUDGET`: one cgroup in one window (as [`AggregateKey::window`]).
+/// [`AggregateBudgetKey::direction`] values: the budgets one workload has per window.
+pub mod budget_direction {
+    /// New `AGGREGATE` keys of its own denied calls.
+    pub const OUTBOUND: u32 = 0;
+    /// New `AGGREGATE` keys of SYNs denied at it (`hook::INGRESS`).
+    pub const INBOUND: u32 = 1;
+    /// Its `flow.opened` events (`Config::flow_events_per_workload`).
+    pub const FLOW_EVENTS: u32 = 2;
+}
+
+/// Key of `AGGREGATE_BUDGET`: one workload's budget of one kind in one window (as
+/// [`AggregateKey::window`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AggregateBudgetKey {
@@ -631,11 +670,12 @@ pub struct AggregateBudgetKey {
     /// it. Not its cgroup: a pod that may create cgroups (a delegated subtree) would get a
     /// budget per cgroup it made, and with them fill `AGGREGATE` for everyone.
     pub identity: u32,
-    /// 1 for the ingress hook (denied SYNs *to* the workload, keyed by peer), 0 for the
-    /// workload's own calls: two budgets, so that peers flooding a server with (spoofable)
-    /// SYNs cannot push the server workload's own denies into its overflow key, nor the
-    /// workload's own junk denies hide the peers.
-    pub inbound: u32,
+    /// [`budget_direction`]: `INBOUND` for the ingress hook (denied SYNs *to* the workload,
+    /// keyed by peer), `OUTBOUND` for the workload's own calls: two budgets, so that peers
+    /// flooding a server with (spoofable) SYNs cannot push the server workload's own denies
+    /// into its overflow key, nor the workload's own junk denies hide the peers.
+    /// `FLOW_EVENTS`: the count of its `flow.opened` events, a budget of its own.
+    pub direction: u32,
 }
 
 /// Value of `AGGREGATE`.
@@ -771,7 +811,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);

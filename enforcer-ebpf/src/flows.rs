@@ -11,6 +11,13 @@
 //! opened event is written there, and `cgroup/sock_release` ends its record when the socket
 //! is closed.
 //!
+//! Every opened event passes its workload's flow event budget first (`report.rs`,
+//! `report::flow_event_written`): beyond it, the flow is counted and marked
+//! `flow_flags::UNREPORTED` instead, its contact kept for the learner as for a full ring,
+//! and its closed event is counted too instead of written. Closed events of reported flows
+//! are never budgeted (an opened line always gets its closed line), and there is at most one
+//! per opened event, so they are bounded by the budget too.
+//!
 //! Verifier notes:
 //! - The record is built in place on the stack field by field (every byte written, padding
 //!   included) and the event field by field in the reserved slot: a struct copy or zeroing
@@ -144,15 +151,32 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
-    // BPF_ANY: a socket connected again (UDP) replaces its own record, which needs no room
-    // and takes no more of a share. The record keeps the tenant whose share it holds: the
-    // socket may have been passed to another tenant's process meanwhile (SCM_RIGHTS), and
-    // crediting that tenant at release would leak the first one's share and underflow its.
-    let old = FLOWS.get_ptr(&cookie);
+    // A connected UDP socket connected again (`connect()` runs under the socket lock, so
+    // nothing else changes its record meanwhile). To the same subject, destination, address
+    // and port it is the same flow: no second opened event (a loop of reconnects flooded
+    // FLOW_EVENTS and left opened flows that never closed); only the policy generation moves
+    // on, since the call was decided again and allowed by the policy in force now, which is
+    // the one a change re-decides the flow against. Elsewhere, the old flow has ended: its
+    // closed event first, so that every opened flow is closed, then the new record replaces
+    // it (BPF_ANY), which needs no room and takes no more of a share. The record keeps the
+    // tenant whose share it holds: the socket may have been passed to another tenant's
+    // process meanwhile (SCM_RIGHTS), and crediting that tenant at release would leak the
+    // first one's share and underflow its.
+    let old = FLOWS.get_ptr_mut(&cookie);
     let new = old.is_none();
     if let Some(old) = old {
-        // SAFETY: `r` is the stack slot above; `old` a non-null map value pointer.
-        unsafe { addr_of_mut!((*r).tenant).write((*old).tenant) };
+        // SAFETY: `r` is the stack slot above; `old` a non-null map value pointer, valid for
+        // reads and writes.
+        unsafe {
+            if udp && same_flow(&*old, c) {
+                (*old).policy_generation = c.generation;
+                return true;
+            }
+            if udp {
+                close(cookie, &*old, 0, 0, 0);
+            }
+            addr_of_mut!((*r).tenant).write((*old).tenant);
+        }
     }
     // SAFETY: fully initialised above.
     let record = unsafe { slot.assume_init_ref() };
@@ -165,10 +189,76 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         }
         return false;
     }
-    if udp {
-        emit(cookie, record, flow_event::OPENED, 0, 0, 0);
+    if udp && !open(cookie, record) {
+        if let Some(r) = FLOWS.get_ptr_mut(&cookie) {
+            // SAFETY: a non-null map value pointer is valid for reads and writes.
+            unsafe { (*r).flags |= flow_flags::UNREPORTED };
+        }
     }
     true
+}
+
+/// The opened event of the flow `r`, if its workload's budget allows: false when it was
+/// counted instead (the caller marks the record `UNREPORTED`); its contact is kept for the
+/// learner either way.
+#[inline(always)]
+fn open(cookie: u64, r: &FlowRecord) -> bool {
+    if !crate::report::flow_event_written(r, false) {
+        keep_contact(r);
+        return false;
+    }
+    emit(cookie, r, flow_event::OPENED, 0, 0, 0);
+    true
+}
+
+/// The closed event of the flow `r`: written if its opened event was, else counted (written
+/// only if it cannot be counted).
+#[inline(always)]
+fn close(cookie: u64, r: &FlowRecord, acked: u64, received: u64, last_state: u8) {
+    if r.flags & flow_flags::UNREPORTED == 0 || crate::report::flow_event_written(r, true) {
+        emit(cookie, r, flow_event::CLOSED, acked, received, last_state);
+    }
+}
+
+/// A connect of a socket whose record is `r` goes where `r` went: the same subject,
+/// destination identity, family, address and port (the protocol is the socket's, never
+/// changed).
+#[inline(always)]
+fn same_flow(r: &FlowRecord, c: &Connect) -> bool {
+    let daddr = r.daddr.as_ptr().cast::<u32>();
+    // SAFETY: `daddr` is the record's 16 address bytes at a 4-byte-aligned offset (48) of an
+    // 8-byte-aligned value: four aligned words.
+    let words = unsafe {
+        [
+            daddr.read(),
+            daddr.add(1).read(),
+            daddr.add(2).read(),
+            daddr.add(3).read(),
+        ]
+    };
+    r.subject == c.subject
+        && r.destination == c.destination
+        && r.dport == c.dport
+        && r.family == c.family
+        && words == c.daddr
+}
+
+/// A connected UDP socket connected again, allowed, to a destination that is not tracked:
+/// its tracked flow (if it had one) has ended; reported closed and its record deleted, as at
+/// the socket's release.
+#[inline(always)]
+pub fn connected_elsewhere(ctx: &SockAddrContext) {
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr(&cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let tenant = unsafe {
+        close(cookie, &*r, 0, 0, 0);
+        (*r).tenant
+    };
+    end_record(cookie, tenant);
 }
 
 /// `TCP_CONNECT_CB`: the SYN is about to be sent; ask for state callbacks for a tracked flow.
@@ -217,7 +307,9 @@ pub fn on_established(ctx: &SockOpsContext) {
         // `local_port` is in host byte order.
         (*r).sport = read_volatile(&(*ops).local_port) as u16;
         (*r).state = flow_state::ESTABLISHED;
-        emit(cookie, &*r, flow_event::OPENED, 0, 0, 0);
+        if !open(cookie, &*r) {
+            (*r).flags |= flow_flags::UNREPORTED;
+        }
     }
 }
 
@@ -247,7 +339,7 @@ pub fn on_state(ctx: &SockOpsContext) {
         if (*r).state == flow_state::ESTABLISHED {
             let acked = read_volatile(&(*ops).bytes_acked);
             let received = read_volatile(&(*ops).bytes_received);
-            emit(cookie, &*r, flow_event::CLOSED, acked, received, old);
+            close(cookie, &*r, acked, received, old);
         }
     }
     // SAFETY: as above.
@@ -270,7 +362,7 @@ pub fn on_release(ctx: &SockContext) {
     // `state` a full 32-bit load.
     unsafe {
         if (*r).protocol == proto::UDP {
-            emit(cookie, &*r, flow_event::CLOSED, 0, 0, 0);
+            close(cookie, &*r, 0, 0, 0);
         } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE) {
             return;
         }

@@ -506,6 +506,10 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
                 v.reason = reason::FLOW_TABLE_FULL;
                 return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
             }
+        } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP
+        {
+            // A connected UDP socket that leaves a tracked destination for an untracked one.
+            flows::connected_elsewhere(ctx);
         }
         count(hook, verdict::ALLOW, reason::ALLOWED);
         return SK_PASS;

@@ -35,6 +35,16 @@
 //! written in its window, and the agent deletes it with them. When `AGGREGATE_BUDGET` is
 //! full the deny is not budgeted; when `AGGREGATE` is full, denies take the old path as
 //! above.
+//!
+//! Flow events (`flow_event_written`, for `flows.rs`): the same per-workload budget in the
+//! same windows, of `flow.opened` events (`Config::flow_events_per_workload`, its own
+//! direction `budget_direction::FLOW_EVENTS`), so that one workload's tracked connects
+//! cannot fill `FLOW_EVENTS` for everyone. A flow beyond the budget is counted under the
+//! workload's flow overflow key of the window (`aggregate_flags::FLOW_EVENTS`) instead of
+//! written, and so is its closed event later (`FLOW_CLOSED`, in the window of the close):
+//! the SOC gets each flow as a pair of lines or in two counts, never half. The agent reports
+//! the counts as `flow_events.suppressed`, with the finality argument above. A full
+//! `AGGREGATE` (nothing can be counted) writes the event: never dropped silently.
 
 use core::ptr::{addr_of_mut, read_volatile};
 
@@ -44,7 +54,8 @@ use aya_ebpf::{
     maps::HashMap,
 };
 use enforcer_common::{
-    aggregate_flags, capacity, hook, AggregateBudgetKey, AggregateKey, AggregateValue, DenyEvent,
+    aggregate_flags, budget_direction, capacity, hook, AggregateBudgetKey, AggregateKey,
+    AggregateValue, DenyEvent, FlowRecord,
 };
 
 use crate::{CONFIG, EVENTS, LOST_EVENTS, NO_MAP_FLAGS, PAD, RINGBUF_FLAGS, SINGLE_ENTRY};
@@ -176,16 +187,27 @@ fn within_budget(window: u64, r: &Report, budget: u32) -> bool {
     let key = AggregateBudgetKey {
         window,
         identity: if inbound { r.destination } else { r.subject },
-        inbound: inbound as u32,
+        direction: if inbound {
+            budget_direction::INBOUND
+        } else {
+            budget_direction::OUTBOUND
+        },
     };
-    let counter = match AGGREGATE_BUDGET.get_ptr_mut(&key) {
+    take_slot(&key, budget)
+}
+
+/// Takes one of `budget` slots of the counter `key`: true if one was left (or the counter
+/// cannot be made: `AGGREGATE_BUDGET` full, not budgeted).
+#[inline(always)]
+fn take_slot(key: &AggregateBudgetKey, budget: u32) -> bool {
+    let counter = match AGGREGATE_BUDGET.get_ptr_mut(key) {
         Some(c) => c,
         None => {
             // The workload's first new key in this window: always within the budget.
-            if AGGREGATE_BUDGET.insert(&key, &1, BPF_NOEXIST).is_ok() {
+            if AGGREGATE_BUDGET.insert(key, &1, BPF_NOEXIST).is_ok() {
                 return true;
             }
-            match AGGREGATE_BUDGET.get_ptr_mut(&key) {
+            match AGGREGATE_BUDGET.get_ptr_mut(key) {
                 Some(c) => c,
                 // Full: not budgeted, as without a budget.
                 None => return true,
@@ -241,16 +263,99 @@ fn overflow(r: &Report, own: &AggregateKey, now: u64) {
         flags: aggregate_flags::OVERFLOW,
         _pad: [PAD; 4],
     };
-    if let Some(v) = AGGREGATE.get_ptr_mut(&key) {
+    // Full (nothing could be counted): the deny's own event.
+    if !count_in(&key, || entry_value(r, 1)) && !write(r, now) {
+        lose();
+    }
+}
+
+/// Counts one in the `AGGREGATE` entry `key`, made with `value()` (whose `suppressed` is 1)
+/// if absent. False when it could not be counted: the map is full.
+#[inline(always)]
+fn count_in(key: &AggregateKey, value: impl FnOnce() -> AggregateValue) -> bool {
+    if let Some(v) = AGGREGATE.get_ptr_mut(key) {
         add_one(v);
-        return;
+        return true;
     }
-    let value = entry_value(r, 1);
-    if AGGREGATE.insert(&key, &value, BPF_NOEXIST).is_ok() {
-        return;
+    if AGGREGATE.insert(key, &value(), BPF_NOEXIST).is_ok() {
+        return true;
     }
-    // EEXIST (another CPU made it: add to it) or E2BIG (full: the deny's own event).
-    add_or_report(&key, r, now);
+    // EEXIST: another CPU made it since the lookup; add to it. E2BIG: full.
+    match AGGREGATE.get_ptr_mut(key) {
+        Some(v) => {
+            add_one(v);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Whether a flow event of the record `r` is to be written to `FLOW_EVENTS` (true), or was
+/// counted under its workload's flow overflow key of the window instead (false): a
+/// `flow.opened` (`closed` false) beyond the workload's `Config::flow_events_per_workload`
+/// in this window, or the `flow.closed` (`closed` true; the caller asks only for flows whose
+/// opened event was not written, `flow_flags::UNREPORTED`). Always true with aggregation
+/// off, with no budget, or when `AGGREGATE` is full (written: never dropped silently). A
+/// close after aggregation was turned off (an agent restarted with `--events-aggregate 0`)
+/// is written too: it has no window to be counted in.
+#[inline(always)]
+pub(crate) fn flow_event_written(r: &FlowRecord, closed: bool) -> bool {
+    let (window, budget) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads; one load each.
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).event_window_ns),
+                read_volatile(&(*c).flow_events_per_workload),
+            )
+        },
+        None => (AGGREGATION_OFF, NO_BUDGET),
+    };
+    if window == AGGREGATION_OFF || (!closed && budget == NO_BUDGET) {
+        return true;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let window = unsafe { bpf_ktime_get_ns() } / window;
+    if !closed {
+        let slot = AggregateBudgetKey {
+            window,
+            identity: r.subject,
+            direction: budget_direction::FLOW_EVENTS,
+        };
+        if take_slot(&slot, budget) {
+            return true;
+        }
+    }
+    let key = AggregateKey {
+        window,
+        cgroup_id: 0,
+        subject: r.subject,
+        destination: 0,
+        daddr: [0; 4],
+        peer: [0; 4],
+        dport: 0,
+        sock_type: 0,
+        sock_protocol: 0,
+        family: 0,
+        protocol: r.protocol,
+        hook: 0,
+        verdict: 0,
+        reason: 0,
+        flags: aggregate_flags::OVERFLOW
+            | aggregate_flags::FLOW_EVENTS
+            | if closed {
+                aggregate_flags::FLOW_CLOSED
+            } else {
+                0
+            },
+        _pad: [PAD; 4],
+    };
+    !count_in(&key, || AggregateValue {
+        suppressed: 1,
+        pid_tgid: r.pid_tgid,
+        comm: r.comm,
+        policy_generation: r.policy_generation,
+        _pad: 0,
+    })
 }
 
 /// After an insert of `key` failed: counted in the entry another CPU made meanwhile, or, the

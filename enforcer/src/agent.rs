@@ -71,6 +71,10 @@ pub struct RunOptions {
     /// are folded into one `events.suppressed` count (`--events-keys-per-workload`; 0: no
     /// budget).
     pub events_keys_per_workload: u32,
+    /// `flow.opened` events one workload may have written per aggregation window; its further
+    /// flows are counted in `flow_events.suppressed` (`--flow-events-per-workload`; 0: no
+    /// budget).
+    pub flow_events_per_workload: u32,
     pub audit: bool,
     pub pin_root: PathBuf,
     pub ring_buffer_bytes: Option<u32>,
@@ -475,7 +479,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Before the hooks are attached: the first flood is aggregated already.
     datapath
         .tables
-        .set_event_window(options.events_aggregate, options.events_keys_per_workload)
+        .set_event_window(
+            options.events_aggregate,
+            options.events_keys_per_workload,
+            options.flow_events_per_workload,
+        )
         .context("setting the deny aggregation window")?;
     if let Some(until) = options.wire_accept_v1_until {
         if until <= std::time::SystemTime::now() {
@@ -1766,6 +1774,25 @@ impl Denies<'_> {
     }
 }
 
+impl Denies<'_> {
+    /// The `flow_events.suppressed` notice of a window's flow overflow, its workload named by
+    /// the policy in force then (the newest, should that revision be gone).
+    fn flow_suppressed(&self, overflow: &aggregate::FlowOverflow) -> Notice {
+        let policy = self
+            .history
+            .at(overflow.policy_generation)
+            .or_else(|| self.history.newest().and_then(|g| self.history.at(g)));
+        let subject = policy.as_ref().and_then(|p| p.identity(overflow.subject));
+        let time = humantime::format_rfc3339_nanos(record::wall_clock(overflow.end_ns));
+        aggregate::flow_suppressed(
+            overflow,
+            subject.map(|i| i.name.as_str()),
+            subject.and_then(|i| i.tenant.as_deref()),
+            time.to_string(),
+        )
+    }
+}
+
 /// One turn of a ring buffer's reader: at most `EVENT_BATCH` records to `handle`, then
 /// readiness is cleared (drained: `AsyncFd` is edge-triggered, so nothing may be left) or
 /// kept and the task yields (records left: a workload flooding denied calls must not keep the
@@ -1916,6 +1943,14 @@ async fn stream_events(
                 }
                 for overflow in swept.overflows {
                     events.emit(Event::Notice(denies.suppressed(&overflow)))?;
+                }
+                if !swept.flows.is_empty() {
+                    // Suppressed opened events told the agent nothing of those flows: have it
+                    // re-decide them as it does a flow opened under an older generation.
+                    stale_handshake.notify_one();
+                }
+                for overflow in swept.flows {
+                    events.emit(Event::Notice(denies.flow_suppressed(&overflow)))?;
                 }
                 let total = datapath::lost_events(&pin_dir)?;
                 if total > lost_seen {

@@ -70,6 +70,13 @@ enum Command {
         /// no budget.
         #[arg(long, value_name = "N", default_value_t = enforcer_common::capacity::AGGREGATE_KEYS_PER_WORKLOAD)]
         events_keys_per_workload: u32,
+        /// Tracked flows (`flow.opened` events) one workload may have reported per
+        /// aggregation window; its flows beyond are counted, not written (nor their
+        /// `flow.closed`), and reported as `flow_events.suppressed` with their exact counts.
+        /// A suppressed flow still reaches the learner (--learn). 0, or --events-aggregate 0:
+        /// no budget.
+        #[arg(long, value_name = "N", default_value_t = enforcer_common::capacity::FLOW_EVENTS_PER_WORKLOAD)]
+        flow_events_per_workload: u32,
         /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
         #[arg(long)]
         audit: bool,
@@ -476,6 +483,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             events_keep,
             events_aggregate,
             events_keys_per_workload,
+            flow_events_per_workload,
             audit,
             pins,
             ring_buffer_bytes,
@@ -522,6 +530,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 events_format,
                 events_aggregate,
                 events_keys_per_workload,
+                flow_events_per_workload,
                 audit,
                 state_dir: pins.state_dir(),
                 pin_root: pins.pin_root,

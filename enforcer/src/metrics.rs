@@ -73,6 +73,7 @@ pub struct Metrics {
     quarantined: Gauge,
     consumer_dropped: Family<Label, Counter>,
     suppressed: Family<[(&'static str, &'static str); 2], Counter>,
+    flow_suppressed: Family<Label, Counter>,
     policy: Arc<Mutex<Option<PolicySnapshot>>>,
     pdp: Arc<Mutex<Option<PdpSource>>>,
 }
@@ -132,6 +133,15 @@ impl Metrics {
              events.suppressed event names the workload and its count",
             suppressed.clone(),
         );
+        // Bounded labels only (opened, closed): never the workload, which the event names.
+        let flow_suppressed = Family::<Label, Counter>::default();
+        registry.register(
+            "enforcer_flow_events_suppressed",
+            "Flow events counted instead of written (a workload's tracked flows in one window \
+             went beyond --flow-events-per-workload), by kind (opened, closed); each \
+             flow_events.suppressed event names the workload and its counts",
+            flow_suppressed.clone(),
+        );
         // Compiles take from under a millisecond (an identity change, incremental) to tens
         // of seconds (a cold compile of a large cluster): 0.5 ms doubling to ~33 s.
         let compile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 17));
@@ -181,6 +191,7 @@ impl Metrics {
             quarantined,
             consumer_dropped,
             suppressed,
+            flow_suppressed,
             policy,
             pdp,
         }
@@ -201,6 +212,17 @@ impl Metrics {
     /// The events output refused `lines` lines (one batch).
     pub fn events_write_failed(&self, lines: u64) {
         self.event_write_errors.inc_by(lines);
+    }
+
+    /// `opened` and `closed` flow events were reported in one `flow_events.suppressed`.
+    pub fn flow_events_suppressed(&self, opened: u64, closed: u64) {
+        for (kind, count) in [("opened", opened), ("closed", closed)] {
+            if count > 0 {
+                self.flow_suppressed
+                    .get_or_create(&[("kind", kind)])
+                    .inc_by(count);
+            }
+        }
     }
 
     /// The place for `enforcer events`: `consumer` missed `count` events.

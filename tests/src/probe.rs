@@ -224,6 +224,20 @@ impl Probe {
         Ok(lines.remove(0))
     }
 
+    /// `probe --reconnect n to...`: one UDP socket connected `n` times, in turn to each of
+    /// `to` (and sent one byte after each allowed connect), then closed; summarised.
+    pub fn reconnect(&self, n: u64, to: &[std::net::SocketAddr]) -> Result<Summary> {
+        let mut args = vec!["--reconnect".to_string(), n.to_string()];
+        args.extend(to.iter().map(ToString::to_string));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stdout = self.exec(&args)?;
+        let mut lines: Vec<Summary> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --reconnect printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
     /// `probe --flood WINDOW --every-us GAP ATTEMPT`: the attempt repeated for `window`,
     /// `gap` apart (zero: as fast as it can). The invocation's own timeout must exceed
     /// `window`.

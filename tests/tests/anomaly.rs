@@ -20,7 +20,12 @@
 //!   with db2 then has no room in the ring, and still raises the anomaly and the step-up
 //!   (from `FLOW_CONTACTS_MISSED`), with no `flow.opened` for it in the stream.
 //!
-//! Addresses 127.93.x.y, and 127.95.x.y for the flood.
+//! - A contact hidden behind the flow event budget: with `--flow-events-per-workload 1`,
+//!   client-a's flow to db1 takes its window's one `flow.opened`; its first contact with db2
+//!   in the same window is not written (counted in `flow_events.suppressed`) and still
+//!   raises the anomaly (the same `FLOW_CONTACTS_MISSED` path).
+//!
+//! Addresses 127.93.x.y, 127.95.x.y for the flood and 127.97.x.y for the budget.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -618,6 +623,113 @@ fn a_contact_hidden_behind_a_flood_of_flow_events_still_raises_the_anomaly_and_s
         opened_db2 == 0,
         "db2's flow.opened reached the stream after all"
     );
+    Ok(())
+}
+
+/// The budget test's addresses.
+const BUDGET_NET: u8 = 97;
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, whose 1 s grid makes the
+/// kernel's budget windows.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[test]
+fn a_contact_whose_flow_opened_the_budget_suppressed_still_raises_the_anomaly() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const SECOND: u64 = 1_000_000_000;
+    let w = world_in(BUDGET_NET, 1)?;
+    let db1 = FlowServer::start(w.addr(10))?;
+    let db2 = FlowServer::start(w.addr(11))?;
+    let webhook = Webhook::start(SocketAddr::new(IpAddr::from([127, BUDGET_NET, 1, 50]), 0))?;
+    let mut config = w.config(&webhook.url());
+    // Windows of 1 s (the harness turns aggregation off unless told otherwise), one
+    // flow.opened per workload and window.
+    config.events_aggregate = None;
+    config
+        .extra_args
+        .extend(["--flow-events-per-workload", "1"].map(String::from));
+    let agent = Agent::start(config)?;
+    first_applied_snapshot(&agent)?;
+
+    // Learning: client-a reaches db1.
+    let mut learn = FlowClient::tcp(&w.client, db1.addr(), 1, 1, false)?;
+    learn.finish()?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, to("db1"))?;
+    let learned = wait_until(WAIT, Duration::from_millis(20), || {
+        w.neighbourhoods().is_ok_and(|n| {
+            n.pointer("/subjects/client-a/learned") == Some(&serde_json::json!(["kb1"]))
+        })
+    });
+    ensure!(
+        learned,
+        "kb1 is not in client-a's neighbourhood: {:?}\n{}",
+        w.neighbourhoods(),
+        agent.stderr_tail()
+    );
+    w.wait_for_window_end()?;
+
+    // One probe, two flows: db1 then db2, within one window of the kernel's grid. Started
+    // early in a window (the clock's grid, not a condition to wait for) and checked after.
+    let in_window = monotonic_ns() % SECOND;
+    if in_window > SECOND / 10 {
+        std::thread::sleep(Duration::from_nanos(SECOND - in_window + 5_000_000));
+    }
+    let start = monotonic_ns();
+    let probe = Probe::new().in_cgroup(&w.client);
+    let tries = [
+        attempt("tcp", w.addr(10).ip(), 6333),
+        attempt("tcp", w.addr(11).ip(), 6333),
+    ];
+    let results = probe.run(&tries)?;
+    let end = monotonic_ns();
+    ensure!(
+        start / SECOND == end / SECOND,
+        "the two flows straddled a window boundary ({} ms into the window to {} ms): the \
+         machine is too loaded for this test",
+        (start % SECOND) / 1_000_000,
+        (end % SECOND) / 1_000_000 + (end / SECOND - start / SECOND) * 1000
+    );
+    ensure!(
+        results.iter().all(|r| r.outcome == Outcome::Ok),
+        "{results:?}"
+    );
+
+    let anomalies =
+        wait_notices(&agent, "flow.anomaly", 1, WAIT, to("db2")).with_context(|| {
+            format!(
+                "a contact whose flow.opened the budget suppressed raised no anomaly\n{}",
+                agent.stderr_tail()
+            )
+        })?;
+    ensure!(
+        anomalies[0]["anomaly"]["new_datasets"] == serde_json::json!(["kb2"]),
+        "{}",
+        anomalies[0]
+    );
+    let suppressed = wait_notices(&agent, "flow_events.suppressed", 1, WAIT, |e| {
+        s(e, "/workload") == Some("client-a")
+    })?;
+    ensure!(
+        suppressed[0]["opened"] == 1,
+        "db2's flow.opened counted: {}",
+        suppressed[0]
+    );
+    let opened_db2 = notices(&agent, "flow.opened")?
+        .into_iter()
+        .filter(|e| to("db2")(e))
+        .count();
+    ensure!(opened_db2 == 0, "db2's flow.opened was written after all");
+    drop(db2);
     Ok(())
 }
 

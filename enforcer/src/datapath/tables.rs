@@ -603,18 +603,21 @@ impl Tables {
     }
 
     /// Sets `CONFIG.event_window_ns` (deny aggregation, zero = off) and
-    /// `CONFIG.event_keys_per_workload` (new keys per cgroup and window, zero = no budget),
-    /// keeping every other field. Written before the hooks attach and only by the agent's own
+    /// `CONFIG.event_keys_per_workload` (new keys per workload and window, zero = no budget)
+    /// and `CONFIG.flow_events_per_workload` (`flow.opened` events per workload and window,
+    /// zero = no budget), keeping every other field. Written before the hooks attach and only by the agent's own
     /// task (as every `CONFIG` write: a read-modify-write), so it cannot undo a concurrent
     /// policy flip.
     pub fn set_event_window(
         &mut self,
         window: std::time::Duration,
         keys_per_workload: u32,
+        flow_events_per_workload: u32,
     ) -> Result<()> {
         let mut config = self.config()?;
         config.event_window_ns = window.as_nanos() as u64;
         config.event_keys_per_workload = keys_per_workload;
+        config.flow_events_per_workload = flow_events_per_workload;
         self.config
             .set(0, config, 0)
             .context("writing CONFIG.event_window_ns")

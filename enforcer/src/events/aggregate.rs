@@ -26,6 +26,12 @@
 //! ([`suppressed`]), with the same finality argument. It also deletes the windows' budget
 //! counters (`AGGREGATE_BUDGET`), which the kernel too writes only in their own window.
 //!
+//! Flow event budget (`--flow-events-per-workload`): the kernel counts a workload's flows
+//! beyond its budget under its flow overflow keys (`aggregate_flags::FLOW_EVENTS`, opened and
+//! closed apart, per protocol). The sweep sums them per (window, workload) into
+//! [`Swept::flows`], which the agent reports as `flow_events.suppressed` ([`flow_suppressed`]);
+//! same finality argument.
+//!
 //! Limits: a summary names the task of the window's first deny (`pid`, `comm`) and is
 //! timestamped at the window's end; an ingress summary has no peer port (the key has none).
 
@@ -81,6 +87,23 @@ pub struct Swept {
     pub summaries: Vec<DenyEvent>,
     /// Only the fields of an overflow key are set (`aggregate_flags::OVERFLOW`).
     pub overflows: Vec<DenyEvent>,
+    /// Suppressed flow events, one per (window, workload), in window order.
+    pub flows: Vec<FlowOverflow>,
+}
+
+/// One workload's flow events of one window that the kernel counted instead of writing
+/// (`aggregate_flags::FLOW_EVENTS`): `opened` flows whose `flow.opened` was suppressed,
+/// `closed` flows whose `flow.closed` was (those of flows whose opened was suppressed,
+/// closed in this window). At least one of the two is non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowOverflow {
+    pub subject: u32,
+    /// CLOCK_MONOTONIC nanoseconds of the window's end.
+    pub end_ns: u64,
+    pub opened: u64,
+    pub closed: u64,
+    /// `Config::generation` (low 32 bits) of the first flow counted (names the workload).
+    pub policy_generation: u32,
 }
 
 /// Opens one pinned hash map of `pin_dir`. Errors: missing, or of another layout.
@@ -142,6 +165,7 @@ impl Aggregates {
             .filter(|k| over(k.window))
             .collect();
         let mut swept = Swept::default();
+        let mut flows = std::collections::BTreeMap::<(u64, u32), FlowOverflow>::new();
         for key in done {
             let Ok(value) = self.map.get(&key, 0) else {
                 continue;
@@ -152,7 +176,22 @@ impl Aggregates {
                     w => key.window.saturating_add(1).saturating_mul(w).min(now_ns),
                 };
                 let event = summary(&key, &value, value.suppressed, end);
-                if key.flags & aggregate_flags::OVERFLOW != 0 {
+                if key.flags & aggregate_flags::FLOW_EVENTS != 0 {
+                    let o = flows
+                        .entry((key.window, key.subject))
+                        .or_insert(FlowOverflow {
+                            subject: key.subject,
+                            end_ns: end,
+                            opened: 0,
+                            closed: 0,
+                            policy_generation: value.policy_generation,
+                        });
+                    if key.flags & aggregate_flags::FLOW_CLOSED != 0 {
+                        o.closed += value.suppressed;
+                    } else {
+                        o.opened += value.suppressed;
+                    }
+                } else if key.flags & aggregate_flags::OVERFLOW != 0 {
                     swept.overflows.push(event);
                 } else {
                     swept.summaries.push(event);
@@ -162,6 +201,7 @@ impl Aggregates {
                 tracing::warn!(%error, "deleting a reported AGGREGATE entry");
             }
         }
+        swept.flows = flows.into_values().collect();
         swept
     }
 }
@@ -192,6 +232,28 @@ pub fn suppressed(
         verdict: verdict_name(overflow.verdict),
         reason: reason_name(overflow.reason),
         count: u64::from(overflow.count),
+    }
+}
+
+/// The `flow_events.suppressed` notice of `overflow` (from [`Swept::flows`]): the workload
+/// named as in [`suppressed`], and its exact counts. `time` is the RFC 3339 time of the
+/// window's end.
+pub fn flow_suppressed(
+    overflow: &FlowOverflow,
+    workload: Option<&str>,
+    tenant: Option<&str>,
+    time: String,
+) -> Notice {
+    Notice::FlowEventsSuppressed {
+        time,
+        workload: match workload {
+            Some(name) => name.to_string(),
+            None => format!("identity:{}", overflow.subject),
+        },
+        tenant: tenant.unwrap_or("unknown").to_string(),
+        identity: overflow.subject,
+        opened: overflow.opened,
+        closed: overflow.closed,
     }
 }
 

@@ -171,7 +171,12 @@ impl Fields {
             .is_some_and(|k| k.starts_with("connection."));
         // `flow_events.lost` is a notice.
         let flow = kind.as_deref().is_some_and(|k| k.starts_with("flow."));
-        let suppressed = kind.as_deref() == Some("events.suppressed");
+        // A workload's suppressed denies or flow events (the latter with no reason or
+        // verdict): selected by the workload's filters.
+        let suppressed = matches!(
+            kind.as_deref(),
+            Some("events.suppressed" | "flow_events.suppressed")
+        );
         let mut fields = match format {
             // Its subject and reason are top-level (JSON) or under `unmapped` (OCSF).
             Format::Json if suppressed => Fields {
@@ -662,6 +667,33 @@ mod tests {
             ..Filter::default()
         };
         assert!(!fields.matches(&no));
+    }
+
+    #[test]
+    fn a_workloads_filters_select_its_suppressed_flow_events_in_the_file_in_both_formats() {
+        let json = br#"{"type":"flow_events.suppressed","workload":"rag","tenant":"acme","identity":7,"opened":9,"closed":9}"#;
+        let ocsf = br#"{"metadata":{"event_code":"flow_events.suppressed"},"unmapped":{"workload":"rag","tenant":"acme","identity":7,"opened":9,"closed":9}}"#;
+        for (format, line) in [(Format::Json, &json[..]), (Format::Ocsf, &ocsf[..])] {
+            let fields = Fields::of(format, &serde_json::from_slice(line).unwrap());
+            let acme = Filter {
+                tenant: Some("acme".into()),
+                workload: Some("rag".into()),
+                ..Filter::default()
+            };
+            assert!(fields.matches(&acme), "{format:?}");
+            for other in [
+                Filter {
+                    tenant: Some("globex".into()),
+                    ..Filter::default()
+                },
+                Filter {
+                    reason: Some("no_permit".into()),
+                    ..Filter::default()
+                },
+            ] {
+                assert!(!fields.matches(&other), "{format:?} {other:?}");
+            }
+        }
     }
 
     #[test]

@@ -202,6 +202,9 @@ impl Emitter {
             {
                 metrics.events_suppressed(hook, reason, *count);
             }
+            if let Event::Notice(Notice::FlowEventsSuppressed { opened, closed, .. }) = &event {
+                metrics.flow_events_suppressed(*opened, *closed);
+            }
         }
         self.batch_lines += 1;
         if self.hub.is_some() {

@@ -39,6 +39,20 @@ pub enum Notice {
         reason: &'static str,
         count: u64,
     },
+    /// One workload's flows beyond its per-window flow event budget
+    /// (`--flow-events-per-workload` `flow.opened` events): `opened` flows in the window
+    /// ending at `time` whose `flow.opened` was not written, and `closed` flows whose
+    /// `flow.closed` was not written because their `flow.opened` was not (a flow is reported
+    /// as a pair of lines or in these counts, never half). Exact counts from the kernel.
+    #[serde(rename = "flow_events.suppressed")]
+    FlowEventsSuppressed {
+        time: String,
+        workload: String,
+        tenant: String,
+        identity: u32,
+        opened: u64,
+        closed: u64,
+    },
     /// A bundle was written to the kernel: it decides from now on.
     #[serde(rename = "policy.applied")]
     PolicyApplied {
@@ -94,6 +108,7 @@ impl Notice {
             Notice::EventsLost { .. } => "events.lost",
             Notice::FlowEventsLost { .. } => "flow_events.lost",
             Notice::EventsSuppressed { .. } => "events.suppressed",
+            Notice::FlowEventsSuppressed { .. } => "flow_events.suppressed",
             Notice::PolicyApplied { .. } => "policy.applied",
             Notice::PolicyRejected { .. } => "policy.rejected",
             Notice::Quarantined { .. } => "subject.quarantined",
@@ -109,6 +124,7 @@ impl Notice {
             Notice::EventsLost { time, .. }
             | Notice::FlowEventsLost { time, .. }
             | Notice::EventsSuppressed { time, .. }
+            | Notice::FlowEventsSuppressed { time, .. }
             | Notice::PolicyApplied { time, .. }
             | Notice::PolicyRejected { time, .. }
             | Notice::Quarantined { time, .. }

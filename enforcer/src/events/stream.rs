@@ -93,6 +93,7 @@ const TYPES: &[&str] = &[
     "events.lost",
     "flow_events.lost",
     "events.suppressed",
+    "flow_events.suppressed",
     "policy.applied",
     "policy.rejected",
     "subject.quarantined",
@@ -227,6 +228,17 @@ impl Filter {
                     && eq(&self.workload, Some(workload))
                     && eq(&self.reason, Some(reason))
                     && eq(&self.verdict, Some(verdict))
+                    && self.to.is_none()
+                    && self.atlas.is_none()
+            }
+            // A workload's suppressed flow events: its filters select them as its flows.
+            Event::Notice(super::Notice::FlowEventsSuppressed {
+                workload, tenant, ..
+            }) => {
+                eq(&self.tenant, Some(tenant))
+                    && eq(&self.workload, Some(workload))
+                    && self.reason.is_none()
+                    && self.verdict.is_none()
                     && self.to.is_none()
                     && self.atlas.is_none()
             }
@@ -1116,6 +1128,38 @@ mod tests {
         // No destination: a filter on one does not select the count of many.
         assert!(!filter(Filter {
             to: Some("globex-vectors".into()),
+            ..Filter::default()
+        }));
+    }
+
+    #[test]
+    fn a_workloads_filters_select_its_suppressed_flow_events() {
+        let suppressed = Event::Notice(Notice::FlowEventsSuppressed {
+            time: "2026-12-01T00:00:00Z".into(),
+            workload: "acme-gateway".into(),
+            tenant: "acme".into(),
+            identity: 256,
+            opened: 40,
+            closed: 39,
+        });
+        let filter = |f: Filter| f.matches(&suppressed);
+        assert!(filter(Filter::default()));
+        assert!(filter(Filter {
+            workload: Some("acme-gateway".into()),
+            tenant: Some("acme".into()),
+            ..Filter::default()
+        }));
+        assert!(!filter(Filter {
+            tenant: Some("globex".into()),
+            ..Filter::default()
+        }));
+        // Flows have no deny reason or verdict, and the count spans many destinations.
+        assert!(!filter(Filter {
+            reason: Some("no_permit".into()),
+            ..Filter::default()
+        }));
+        assert!(!filter(Filter {
+            to: Some("acme-vectors".into()),
             ..Filter::default()
         }));
     }

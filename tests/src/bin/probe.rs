@@ -39,6 +39,10 @@
 //! `probe --ports N ATTEMPT` makes N attempts like `--repeat`, the i-th to ATTEMPT's port
 //! plus i (wrapping past 65,535 to 1): N distinct destinations, the sweep of a scanner; it
 //! prints the `--repeat` summary.
+//! `probe --reconnect N ADDR:PORT...` makes one UDP socket (of the first address's family)
+//! and connects it N times, the i-th time to the i-th address modulo the list (one address:
+//! always the same destination), sending one byte after each allowed connect; then it closes
+//! the socket. It prints the `--repeat` summary of the N connects.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -599,7 +603,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT | \
                  probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT | \
-                 probe --flood MS [--every-us US] ATTEMPT";
+                 probe --flood MS [--every-us US] ATTEMPT | probe --ports N ATTEMPT | \
+                 probe --reconnect N ADDR:PORT...";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -636,6 +641,18 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("--flood") {
         return match flood(&args[1..]) {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}\n{usage}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("--reconnect") {
+        return match reconnect(&args[1..]) {
             Ok(line) => {
                 let _ = writeln!(out, "{line}");
                 ExitCode::SUCCESS
@@ -709,6 +726,43 @@ fn main() -> ExitCode {
         let _ = out.flush();
     }
     ExitCode::SUCCESS
+}
+
+/// `--reconnect N ADDR:PORT...` (the arguments after `--reconnect`): see the module
+/// documentation. Errors are usage errors and a socket that cannot be made.
+fn reconnect(args: &[String]) -> Result<serde_json::Value, String> {
+    let usage = "--reconnect N ADDR:PORT...";
+    let (Some(n), Some(_)) = (args.first(), args.get(1)) else {
+        return Err(usage.to_string());
+    };
+    let n: u64 = match n.parse() {
+        Ok(n) if n <= MAX_REPEAT => n,
+        _ => {
+            return Err(format!(
+                "--reconnect wants a number up to {MAX_REPEAT}, got {n:?}"
+            ))
+        }
+    };
+    let to: Vec<SocketAddr> = args[1..]
+        .iter()
+        .map(|a| a.parse().map_err(|e| format!("--reconnect {a:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let fd = socket(family(&to[0]), libc::SOCK_DGRAM, 0)
+        .map_err(|e| format!("--reconnect: socket: {e}"))?;
+    let (mut ok, mut eperm, mut error) = (0u64, 0u64, 0u64);
+    for i in 0..n {
+        let result = connect(&fd, &to[(i % to.len() as u64) as usize]).and_then(|()| {
+            // SAFETY: one byte from a valid buffer.
+            check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
+        });
+        match classify(&result).0 {
+            "ok" => ok += 1,
+            "eperm" => eperm += 1,
+            _ => error += 1,
+        }
+    }
+    drop(fd);
+    Ok(serde_json::json!({"attempts": n, "ok": ok, "eperm": eperm, "error": error}))
 }
 
 /// `--ports N ATTEMPT` (the arguments after `--ports`): see the module documentation.

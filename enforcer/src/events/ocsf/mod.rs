@@ -1017,6 +1017,31 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
                 }),
             )
         }
+        Notice::FlowEventsSuppressed {
+            workload,
+            tenant,
+            identity,
+            opened,
+            closed,
+            ..
+        } => {
+            // As `events.suppressed`: the workload made more tracked flows in one window than
+            // its budget, so they were counted, not listed.
+            general_error(
+                3,
+                format!(
+                    "{opened} flow.opened and {closed} flow.closed events of {workload} suppressed: more tracked flows in one window than its budget"
+                ),
+                Some(opened + closed),
+                json!({
+                "workload": workload,
+                "tenant": tenant,
+                "identity": identity,
+                "opened": opened,
+                "closed": closed,
+                }),
+            )
+        }
         Notice::ClusterProblem { problem, .. } => {
             general_error(3, problem.clone(), None, json!({ "problem": problem }))
         }

@@ -173,6 +173,14 @@ fn notices() -> Vec<Notice> {
             reason: "tenant_mismatch",
             count: 123_456,
         },
+        Notice::FlowEventsSuppressed {
+            time: time(),
+            workload: "acme-gateway".into(),
+            tenant: "acme".into(),
+            identity: 17,
+            opened: 4_000,
+            closed: 3_998,
+        },
         Notice::PolicyApplied {
             time: time(),
             snapshot: "sha256:e514f1de2beacab7".into(),
@@ -222,6 +230,7 @@ fn notices() -> Vec<Notice> {
             Notice::EventsLost { .. }
             | Notice::FlowEventsLost { .. }
             | Notice::EventsSuppressed { .. }
+            | Notice::FlowEventsSuppressed { .. }
             | Notice::PolicyApplied { .. }
             | Notice::PolicyRejected { .. }
             | Notice::Quarantined { .. }
@@ -314,7 +323,7 @@ fn every_notice_conforms() {
         assert_eq!(event["metadata"]["event_code"], kind);
         kinds.insert(kind);
     }
-    assert_eq!(kinds.len(), 9, "{kinds:?}");
+    assert_eq!(kinds.len(), 10, "{kinds:?}");
 }
 
 #[test]
