@@ -166,44 +166,8 @@ pub fn load_allow_all_connect4() -> Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-/// Makes the link pinned at `pin` run `prog` (`BPF_OBJ_GET`, then `BPF_LINK_UPDATE`), as
-/// an agent of another release would have attached it.
+/// Makes the link pinned at `pin` run `prog`, as an agent of another release would have
+/// attached it.
 pub fn set_link_program(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    #[repr(C)]
-    #[derive(Default)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
-    let mut get = ObjGetAttr {
-        pathname: path.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = sys_bpf(BPF_OBJ_GET, &mut get)
-        .with_context(|| format!("bpf(BPF_OBJ_GET, {})", pin.display()))?;
-    // SAFETY: a new fd the kernel returned, owned by nobody else.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-    let mut update = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    sys_bpf(BPF_LINK_UPDATE, &mut update).context("bpf(BPF_LINK_UPDATE)")?;
-    Ok(())
+    enforcer::datapath::link_update(pin, prog)
 }

@@ -144,7 +144,9 @@ fn load(prog: &mut Program, name: &str) -> Result<()> {
 
 /// `BPF_LINK_UPDATE` of the link pinned at `pin` to `prog` (aya 0.14 keeps its own
 /// `bpf_link_update` crate-private): the link is opened from its pin (`BPF_OBJ_GET`).
-fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+/// Errors: no link pinned there, or a program the link cannot take (another type or attach
+/// type).
+pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
     const BPF_OBJ_GET: libc::c_long = 7;

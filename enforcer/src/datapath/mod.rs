@@ -14,7 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{maps, ABI_VERSION};
 
-pub use links::{attached_programs, AttachReport, HookAttachment};
+pub use links::{attached_programs, link_update, AttachReport, HookAttachment};
 pub use rates::RateWriter;
 pub use tables::{
     kernel_stats, kernel_stats_with, lost_events, ApplyReport, Capacities, CapacityOverrides,
