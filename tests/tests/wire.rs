@@ -15,7 +15,10 @@
 //! - a SYN with a genuine tag but a time outside the skew (a replay), or a version 1 option,
 //!   is dropped: one `stale_tag` event each; the same 4-tuple stamped now passes;
 //! - the SYN of a connection that was accepted and has closed, sent again within the skew
-//!   (a replay), is dropped: one `replayed_tag` event;
+//!   (a replay), is dropped: one `replayed_tag` event; so is the second copy of a SYN that
+//!   was answered but never completed (option version 3); a version 2 SYN sent twice passes;
+//! - a retransmitted SYN carries a later time than the first, so a server that dropped the
+//!   first (full accept queue) still gets the connection, and a copy of the first is refused;
 //! - key rotation: during it both keys verify, after it the old one is refused;
 //! - a verified claim the policy does not allow here, and an untagged peer outside the
 //!   cluster (WORLD), are refused as `not_allowed`;
