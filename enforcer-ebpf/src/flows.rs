@@ -15,8 +15,9 @@
 //! `report::flow_event_written`): beyond it, the flow is counted and marked
 //! `flow_flags::UNREPORTED` instead, its contact kept for the learner as for a full ring,
 //! and its closed event is counted too instead of written. Closed events of reported flows
-//! are never budgeted (an opened line always gets its closed line), and there is at most one
-//! per opened event, so they are bounded by the budget too.
+//! are never budgeted (an opened line always gets its closed line); there is at most one per
+//! opened event, but a workload's reported flows closing all at once is a burst the budget
+//! does not bound (README, "Tracked flows").
 //!
 //! Verifier notes:
 //! - The record is built in place on the stack field by field (every byte written, padding
@@ -87,8 +88,9 @@ static LOST_FLOW_CONTACTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
 const STATE_CB_FLAG: u32 = 1 << 2;
-/// `sk->sk_family` of an IPv6 socket.
+/// `sk->sk_family` / `user_family` of IPv6 and IPv4.
 const AF_INET6: u32 = 10;
+const AF_INET: u32 = 2;
 const FAMILY_V4: u8 = 4;
 /// `BPF_ANY` for map updates, default flags for the ring buffer.
 const BPF_ANY: u64 = 0;
@@ -117,11 +119,28 @@ pub struct Connect {
     pub sock_v6: bool,
 }
 
+/// Whether the kernel goes on with this connect as far as the address family goes: the
+/// connect hooks run before it looks at the family (`udp_pre_connect`, `tcp_v4_pre_connect`),
+/// and a connect whose `user_family` is not the hook's own then fails (`EAFNOSUPPORT`),
+/// leaving the socket connected where it was. Such a connect must not move or end a record:
+/// a workload could otherwise have its flow reported closed (or moved to another
+/// destination) while it goes on sending to the first.
+#[inline(always)]
+fn kernel_will_connect(ctx: &SockAddrContext, v6_hook: bool) -> bool {
+    // SAFETY: `sock_addr` is the context; a full 32-bit load.
+    let family = unsafe { read_volatile(&(*ctx.sock_addr).user_family) };
+    family == if v6_hook { AF_INET6 } else { AF_INET }
+}
+
 /// Records the flow under the socket's cookie; a connected UDP socket's opened event is
 /// written now (TCP's waits for the handshake). `false` when the record could not be
 /// written (the table is full): the caller refuses the connect.
 #[inline(always)]
 pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
+    if !kernel_will_connect(ctx, c.sock_v6) {
+        // The kernel refuses this connect right after the hook: nothing to record.
+        return true;
+    }
     let mut slot = MaybeUninit::<FlowRecord>::uninit();
     let r = slot.as_mut_ptr();
     // SAFETY: `r` points at a stack slot of the record's size; every field (padding included)
@@ -247,7 +266,10 @@ fn same_flow(r: &FlowRecord, c: &Connect) -> bool {
 /// its tracked flow (if it had one) has ended; reported closed and its record deleted, as at
 /// the socket's release.
 #[inline(always)]
-pub fn connected_elsewhere(ctx: &SockAddrContext) {
+pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
+    if !kernel_will_connect(ctx, v6_hook) {
+        return;
+    }
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(r) = FLOWS.get_ptr(&cookie) else {

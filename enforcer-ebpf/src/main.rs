@@ -509,7 +509,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP
         {
             // A connected UDP socket that leaves a tracked destination for an untracked one.
-            flows::connected_elsewhere(ctx);
+            flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
         }
         count(hook, verdict::ALLOW, reason::ALLOWED);
         return SK_PASS;

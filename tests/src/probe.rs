@@ -227,8 +227,15 @@ impl Probe {
     /// `probe --reconnect n to...`: one UDP socket connected `n` times, in turn to each of
     /// `to` (and sent one byte after each allowed connect), then closed; summarised.
     pub fn reconnect(&self, n: u64, to: &[std::net::SocketAddr]) -> Result<Summary> {
+        let to: Vec<String> = to.iter().map(ToString::to_string).collect();
+        self.reconnect_to(n, &to)
+    }
+
+    /// [`Probe::reconnect`] with the probe's address arguments as they are (`~ADDR:PORT`: a
+    /// connect the kernel refuses after the hooks, see `probe --reconnect`).
+    pub fn reconnect_to(&self, n: u64, to: &[String]) -> Result<Summary> {
         let mut args = vec!["--reconnect".to_string(), n.to_string()];
-        args.extend(to.iter().map(ToString::to_string));
+        args.extend(to.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let stdout = self.exec(&args)?;
         let mut lines: Vec<Summary> = parse_lines(&stdout)?;

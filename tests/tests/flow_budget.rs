@@ -232,6 +232,41 @@ fn a_udp_socket_moving_between_destinations_closes_each_flow_it_leaves() -> Resu
     Ok(())
 }
 
+/// A connect the kernel refuses right after the hooks (a wrong `sa_family`: `EAFNOSUPPORT`)
+/// leaves the socket connected where it was, and its flow record too: the flow to vectors-1
+/// is reported opened once and closed once, at the socket's release, however often the
+/// socket pretends to leave for the untracked api or for vectors-2. Before, the untracked
+/// one closed the record (the socket then sent on to vectors-1 with no record: no
+/// `flow.stale` on a revocation) and the tracked one moved it to vectors-2.
+#[test]
+fn a_connect_the_kernel_refuses_neither_ends_nor_moves_the_flow() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(4)?;
+    let agent = Agent::start(w.config())?;
+    let (v1, v2, api) = (w.addr(10, 6334), w.addr(11, 6334), w.addr(12, 8000));
+    let summary = Probe::new()
+        .in_cgroup(&w.client)
+        .reconnect_to(3, &[v1.to_string(), format!("~{api}"), format!("~{v2}")])?;
+    ensure!(
+        summary.ok == 1 && summary.error == 2,
+        "one connect, two refused by the kernel: {summary:?}"
+    );
+    let flows = settled_flows(&agent, 1)?;
+    let b = brief(&flows);
+    ensure!(
+        flows.len() == 2
+            && s(&flows[0], "/type") == Some("flow.opened")
+            && s(&flows[1], "/type") == Some("flow.closed")
+            && flows
+                .iter()
+                .all(|f| s(f, "/destination/name") == Some("vectors-1")),
+        "one flow to vectors-1 expected, opened then closed: {b:#?}"
+    );
+    Ok(())
+}
+
 /// A TCP server that accepts and drops connections as fast as they come (a blocking accept:
 /// the polling `servers::Server` lets its backlog overflow under a flood, and the dropped
 /// SYNs' retransmissions slow the flood to a few hundred connects a second). Stopped on drop.

@@ -42,7 +42,10 @@
 //! `probe --reconnect N ADDR:PORT...` makes one UDP socket (of the first address's family)
 //! and connects it N times, the i-th time to the i-th address modulo the list (one address:
 //! always the same destination), sending one byte after each allowed connect; then it closes
-//! the socket. It prints the `--repeat` summary of the N connects.
+//! the socket. It prints the `--repeat` summary of the N connects. An address written
+//! `~ADDR:PORT` is connected to with the other family's number in `sa_family` (AF_INET6 in
+//! a `sockaddr_in`): the connect hooks see the address, then the kernel refuses the connect
+//! (`EAFNOSUPPORT`) and the socket stays connected where it was.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -302,6 +305,25 @@ fn sendto(
 
 fn connect(fd: &OwnedFd, to: &SocketAddr) -> std::io::Result<()> {
     let (sa, len) = sockaddr::sockaddr(to);
+    // SAFETY: sa is valid for len bytes.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+}
+
+/// [`connect`] with the other family's number in `sa_family` (what the kernel checks only
+/// after the cgroup connect hooks ran).
+fn connect_wrong_family(fd: &OwnedFd, to: &SocketAddr) -> std::io::Result<()> {
+    let (mut sa, len) = sockaddr::sockaddr(to);
+    sa.ss_family = if to.is_ipv4() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    } as libc::sa_family_t;
     // SAFETY: sa is valid for len bytes.
     check(unsafe {
         libc::connect(
@@ -743,15 +765,29 @@ fn reconnect(args: &[String]) -> Result<serde_json::Value, String> {
             ))
         }
     };
-    let to: Vec<SocketAddr> = args[1..]
+    let to: Vec<(SocketAddr, bool)> = args[1..]
         .iter()
-        .map(|a| a.parse().map_err(|e| format!("--reconnect {a:?}: {e}")))
+        .map(|a| {
+            let (text, wrong) = match a.strip_prefix('~') {
+                Some(rest) => (rest, true),
+                None => (a.as_str(), false),
+            };
+            text.parse()
+                .map(|addr| (addr, wrong))
+                .map_err(|e| format!("--reconnect {a:?}: {e}"))
+        })
         .collect::<Result<_, _>>()?;
-    let fd = socket(family(&to[0]), libc::SOCK_DGRAM, 0)
+    let fd = socket(family(&to[0].0), libc::SOCK_DGRAM, 0)
         .map_err(|e| format!("--reconnect: socket: {e}"))?;
     let (mut ok, mut eperm, mut error) = (0u64, 0u64, 0u64);
     for i in 0..n {
-        let result = connect(&fd, &to[(i % to.len() as u64) as usize]).and_then(|()| {
+        let (addr, wrong) = to[(i % to.len() as u64) as usize];
+        let attempt = if wrong {
+            connect_wrong_family(&fd, &addr)
+        } else {
+            connect(&fd, &addr)
+        };
+        let result = attempt.and_then(|()| {
             // SAFETY: one byte from a valid buffer.
             check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
         });
