@@ -611,7 +611,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     agent.resync_cgroups();
     let attach = agent.datapath.attach(&agent.cgroup_root)?;
     for hook in &attach.hooks {
-        tracing::info!(program = hook.program, adopted = hook.adopted, replaced = hook.replaced, cgroup = %agent.cgroup_root.display(), "hook in place");
+        tracing::info!(program = hook.program, adopted = hook.adopted, cgroup = %agent.cgroup_root.display(), "hook in place");
     }
 
     let ring = agent.datapath.take_events()?;

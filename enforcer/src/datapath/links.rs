@@ -15,11 +15,9 @@ use enforcer_common::programs;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HookAttachment {
     pub program: &'static str,
-    /// True when the link was pinned by an earlier agent and adopted.
+    /// True when the link was pinned by an earlier agent and adopted (it runs this agent's
+    /// program from now on, swapped in).
     pub adopted: bool,
-    /// True when the adopted link ran other code than this agent's (an earlier release of
-    /// the same ABI) and now runs this agent's program.
-    pub replaced: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -45,20 +43,27 @@ pub fn attach_or_adopt(
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
 
+    // Every program verified and loaded before any hook changes: a program the kernel
+    // refuses stops the agent with the hooks as they were, never half of them swapped.
+    for program in programs::ALL {
+        let prog = ebpf
+            .program_mut(program)
+            .with_context(|| format!("the BPF object has no program {program}"))?;
+        load(prog, program)?;
+    }
     let mut hooks = Vec::new();
     for program in programs::ALL {
         let pin = pin_dir.join(link_pin_name(program, cgroup_id));
         if pin.exists() {
             match PinnedLink::from_pin(&pin) {
-                Ok(link) => {
+                Ok(_) => {
                     let prog = ebpf
                         .program_mut(program)
                         .with_context(|| format!("the BPF object has no program {program}"))?;
-                    let replaced = run_this_release(link, &pin, prog, program)?;
+                    run_this_release(&pin, prog, program)?;
                     hooks.push(HookAttachment {
                         program,
                         adopted: true,
-                        replaced,
                     });
                     continue;
                 }
@@ -79,7 +84,6 @@ pub fn attach_or_adopt(
         hooks.push(HookAttachment {
             program,
             adopted: false,
-            replaced: false,
         });
     }
     Ok(AttachReport {
@@ -92,39 +96,20 @@ pub fn attach_or_adopt(
 /// Makes an adopted link run this agent's program. A pinned link keeps the program of the
 /// agent that attached it: after an upgrade within one ABI (same maps, new code: another
 /// check, another option version) the hook would go on running the old release's code for
-/// as long as the pins live. The kernel's program tag (a SHA-1 prefix over the instructions
-/// with map references zeroed, so the same for the same code whatever maps it was loaded
-/// with) tells whether they differ; if they do, `BPF_LINK_UPDATE` swaps the new program into
-/// the link in one step (the hook is never empty, the pin and the link stay). True if swapped.
-fn run_this_release(link: PinnedLink, pin: &Path, prog: &mut Program, name: &str) -> Result<bool> {
-    let pinned_prog = FdLink::from(link)
-        .info()
-        .with_context(|| format!("reading the link pinned at {}", pin.display()))?
-        .program_id();
+/// as long as the pins live, and after a partial cleanup (map pins removed, link pins left)
+/// code bound to maps no agent writes any more. So the agent always swaps the program it
+/// just loaded into the links it adopts (`BPF_LINK_UPDATE`: one step, the hook is never
+/// empty, the pin and the link stay). Comparing the kernel's program tags first would not
+/// do: a tag leaves map references out, so the same code on orphaned maps looks the same.
+fn run_this_release(pin: &Path, prog: &mut Program, name: &str) -> Result<()> {
     load(prog, name)?;
-    let ours = prog
-        .info()
-        .with_context(|| format!("reading the loaded {name}"))?;
-    let pinned_tag = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == pinned_prog)
-        .map(|p| p.tag());
-    if pinned_tag == Some(ours.tag()) {
-        return Ok(false);
-    }
     let fd = prog.fd().with_context(|| format!("{name} has no fd"))?;
     link_update(pin, fd.as_fd()).with_context(|| {
         format!(
-            "running this release's {name} in the link at {}",
+            "running this agent's {name} in the link at {}",
             pin.display()
         )
-    })?;
-    tracing::info!(
-        program = name,
-        pin = %pin.display(),
-        "the pinned link ran another release's program; it runs this agent's now"
-    );
-    Ok(true)
+    })
 }
 
 /// Verifies and loads a cgroup program unless it is loaded already.
