@@ -310,8 +310,9 @@ struct Agent {
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
     /// Flow events the agent makes (revoked, stale), to the event task.
     flow_events: mpsc::UnboundedSender<FlowCall>,
-    /// Connected UDP flows already reported `flow.stale` (by cookie): once each.
-    stale_reported: BTreeSet<u64>,
+    /// Connected UDP flows already reported `flow.stale`: cookie -> the record's `start_ns`,
+    /// once each (a socket connected elsewhere since is a new flow, reported again).
+    stale_reported: BTreeMap<u64, u64>,
     /// TCP flows no longer permitted whose reset failed (by cookie): reported
     /// `flow.revoke_failed` once, retried on every tick until reset or gone.
     revoke_failed: BTreeSet<u64>,
@@ -560,7 +561,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         metrics,
         status_written: (None, None),
         flow_events: flow_tx,
-        stale_reported: BTreeSet::new(),
+        stale_reported: BTreeMap::new(),
         revoke_failed: BTreeSet::new(),
         learner,
         pager,
@@ -1287,7 +1288,7 @@ impl Agent {
                 continue;
             };
             let kind = if record.protocol == proto::UDP {
-                if !self.stale_reported.insert(cookie) {
+                if self.stale_reported.insert(cookie, record.start_ns) == Some(record.start_ns) {
                     continue;
                 }
                 stale += 1;
@@ -1368,7 +1369,8 @@ impl Agent {
             });
             let _ = self.flow_events.send(call);
         }
-        self.stale_reported.retain(|cookie| live.contains(cookie));
+        self.stale_reported
+            .retain(|cookie, _| live.contains(cookie));
         self.revoke_failed.retain(|cookie| live.contains(cookie));
         if revoked + stale + failed > 0 {
             tracing::warn!(
