@@ -303,8 +303,7 @@ pub fn on_connect(ctx: &SockOpsContext) {
     // is tagged (`bpf_sk_storage_get` would hand the old value back, not the new one). Its
     // last time stays: that connect's SYNs (same 4-tuple, if the port is bound) may have run
     // a few seconds ahead, and this connect's must not carry times they took.
-    let last_sent = sent_stamp(ctx);
-    forget_option(ctx);
+    let last_sent = forget_option(ctx);
     // SAFETY: no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let Some(subject) = locked::subject_of(cgroup_id) else {
@@ -461,34 +460,29 @@ pub fn on_established(ctx: &SockOpsContext) {
     forget_option(ctx);
 }
 
-/// The time field of the socket's option (the last SYN's, once one was sent), if it has one.
+/// Drops the socket's option, if it has one, and the header callbacks that write it. Returns
+/// the dropped option's time field (the last SYN's, once one was sent): one storage lookup
+/// serves both.
 #[inline(always)]
-fn sent_stamp(ctx: &SockOpsContext) -> Option<u16> {
-    if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
-        return None;
-    }
-    let option = WIRE_TAGS.get(context_socket(ctx)?, None);
-    // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
-    (!option.is_null()).then(|| unsafe { u16::from_be_bytes([(*option)[8], (*option)[9]]) })
-}
-
-/// Drops the socket's option, if it has one, and the header callbacks that write it.
-#[inline(always)]
-fn forget_option(ctx: &SockOpsContext) {
+fn forget_option(ctx: &SockOpsContext) -> Option<u16> {
     // Every connect of the subtree comes here: a socket without the write callback has no
     // option of ours (`on_connect` sets both, this clears both), so it costs no lookup.
     if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
-        return;
+        return None;
     }
-    let Some(sk) = context_socket(ctx) else {
-        return;
-    };
-    if !WIRE_TAGS.get(sk, None).is_null() {
-        WIRE_TAGS.delete(sk);
-        let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
-        // SAFETY: `ops` is the sock_ops context.
-        unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, cb as i32) };
+    let sk = context_socket(ctx)?;
+    let option = WIRE_TAGS.get(sk, None);
+    if option.is_null() {
+        return None;
     }
+    // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own (the
+    // socket is locked in this callback); read before the delete frees it.
+    let stamp = unsafe { u16::from_be_bytes([(*option)[8], (*option)[9]]) };
+    WIRE_TAGS.delete(sk);
+    let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
+    // SAFETY: `ops` is the sock_ops context.
+    unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, cb as i32) };
+    Some(stamp)
 }
 
 /// The socket's local and remote addresses as the MAC takes them: IPv6 words in memory order,
