@@ -130,9 +130,30 @@ pub fn remove_pins(path: &Path) {
 /// Loads a `cgroup/connect4` program of two instructions (`r0 = 1; exit`: every call
 /// allowed), standing for another release's program in a pinned link.
 pub fn load_allow_all_connect4() -> Result<std::os::fd::OwnedFd> {
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    load_return_one(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT)
+}
+
+/// Loads a `sock_ops` program that does nothing (`r0 = 1; exit`): in the sock_ops link, the
+/// sockets' callbacks then run no enforcer code (as while no enforcer program is attached).
+pub fn load_noop_sock_ops() -> Result<std::os::fd::OwnedFd> {
+    const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+    load_return_one(BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS)
+}
+
+/// Loads a `cgroup/sock_release` program that does nothing (`r0 = 1; exit`), as
+/// [`load_noop_sock_ops`].
+pub fn load_noop_sock_release() -> Result<std::os::fd::OwnedFd> {
+    const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
+    const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
+    load_return_one(BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_RELEASE)
+}
+
+/// Loads a program of type `prog_type` for `expected_attach_type` whose code is `r0 = 1;
+/// exit`.
+fn load_return_one(prog_type: u32, expected_attach_type: u32) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     /// The `BPF_PROG_LOAD` prefix of `union bpf_attr`.
     #[repr(C)]
     #[derive(Default)]
@@ -154,16 +175,31 @@ pub fn load_allow_all_connect4() -> Result<std::os::fd::OwnedFd> {
     let insns: [u64; 2] = [0xb7 | 1 << 32, 0x95];
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        expected_attach_type,
         ..Default::default()
     };
     let fd = sys_bpf(BPF_PROG_LOAD, &mut attr).context("bpf(BPF_PROG_LOAD)")?;
     // SAFETY: a new fd the kernel returned, owned by nobody else.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// The link of `program` (`connect4`, `sock_ops`...) pinned in the agent's pin directory
+/// `pins` (`link-<program>-cg<cgroup id>`).
+pub fn pinned_link(pins: &Path, program: &str) -> Result<PathBuf> {
+    let prefix = format!("link-{program}-cg");
+    std::fs::read_dir(pins)
+        .with_context(|| format!("listing {}", pins.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .with_context(|| format!("no {program} link pinned under {}", pins.display()))
 }
 
 /// Makes the link pinned at `pin` run `prog`, as an agent of another release would have

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use enforcer_tests::bpf::{load_allow_all_connect4, prog_query, set_link_program, ENFORCER_HOOKS};
+use enforcer_tests::bpf::{
+    load_allow_all_connect4, pinned_link, prog_query, set_link_program, ENFORCER_HOOKS,
+};
 use enforcer_tests::fixtures::{event_matches, World};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{require_kernel, Outcome, Probe};
@@ -98,14 +100,7 @@ fn a_restarted_agent_replaces_another_releases_program_in_its_links() -> Result<
     let pins = enforcer::datapath::pin_dir(&world.agent_config().pin_path);
     first.kill9()?;
 
-    let link = std::fs::read_dir(&pins)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("link-connect4-"))
-        })
-        .with_context(|| format!("no connect4 link pinned under {}", pins.display()))?;
+    let link = pinned_link(&pins, "connect4")?;
     let old = load_allow_all_connect4()?;
     set_link_program(&link, std::os::fd::AsFd::as_fd(&old))?;
     drop(old);
@@ -118,5 +113,73 @@ fn a_restarted_agent_replaces_another_releases_program_in_its_links() -> Result<
     let _second = world.start_agent()?;
     probe.expect_outcome(&cross, Outcome::Eperm, "the restarted agent")?;
     exactly_one_per_hook(&world, "the restarted agent")?;
+    Ok(())
+}
+
+/// An upgrade that changes the ABI leaves the previous release's pins in `v<N>` beside the
+/// new agent's: the test stands for that by renaming a killed agent's pin directory to another
+/// ABI number. The new agent, once its own hooks are in place, removes them, so exactly one
+/// enforcer program per hook decides. Before, the old release's links stayed attached on maps
+/// no agent wrote any more (two programs per hook, its denies standing beside the new policy).
+/// While an agent of the other release runs (its directory locked), the new one refuses to
+/// start, as it does on its own pins.
+#[test]
+fn an_agent_removes_the_hooks_another_abi_left_and_refuses_while_that_agent_runs() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(39)?;
+    let _servers = world.servers_v4()?;
+    let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
+    let (cross, same) = world.gateway_calls();
+    let mut first = world.start_agent()?;
+    probe.expect_outcome(&cross, Outcome::Eperm, "first agent")?;
+    first.kill9()?;
+
+    let pin_root = world.agent_config().pin_path;
+    let old = pin_root.join(format!("v{}", enforcer_common::ABI_VERSION - 1));
+    std::fs::rename(enforcer::datapath::pin_dir(&pin_root), &old)
+        .with_context(|| format!("renaming the pins to {}", old.display()))?;
+    exactly_one_per_hook(&world, "the old release's pins only")?;
+
+    // That release's agent still running: its directory is locked.
+    let held = std::fs::File::open(&old)?;
+    // SAFETY: flock on an fd we own.
+    ensure!(
+        unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&held),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0,
+        "locking {}",
+        old.display()
+    );
+    // Bounded: an agent that is not refused runs until killed.
+    let refused = enforcer_tests::util::output_bounded(
+        &mut world.agent_config().run_command(Path::new("/dev/null")),
+        Duration::from_secs(30),
+    )?;
+    let refused_err = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success()
+            && refused_err.contains("another release")
+            && refused_err.contains(&old.display().to_string()),
+        "an agent while another release's agent holds {}: {:?}\n{refused_err}",
+        old.display(),
+        refused.status
+    );
+    exactly_one_per_hook(&world, "after the refused agent")?;
+    drop(held);
+
+    let _second = world.start_agent()?;
+    exactly_one_per_hook(&world, "the new release's agent")?;
+    ensure!(
+        !old.exists(),
+        "the old release's pins are still in {}",
+        old.display()
+    );
+    probe.expect_outcome(&cross, Outcome::Eperm, "the new release's agent")?;
+    probe.expect_outcome(&same, Outcome::Ok, "the new release's agent")?;
     Ok(())
 }

@@ -26,6 +26,9 @@ pub struct AttachReport {
     pub hooks: Vec<HookAttachment>,
     /// Links found for another cgroup root and detached.
     pub stale_removed: usize,
+    /// Other releases' pin directories removed (their links detached): see
+    /// `Datapath::attach`.
+    pub other_releases_removed: Vec<std::path::PathBuf>,
 }
 
 fn link_pin_name(program: &str, cgroup_id: u64) -> String {
@@ -90,6 +93,7 @@ pub fn attach_or_adopt(
         cgroup_id,
         hooks,
         stale_removed,
+        other_releases_removed: Vec::new(),
     })
 }
 
@@ -226,6 +230,18 @@ fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdL
         }
         _ => bail!("{name} is not a cgroup program"),
     }
+}
+
+/// How many link pins `dir` holds (0 when it cannot be listed): for the log.
+pub(super) fn count_links(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("link-"))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn remove_stale_links(pin_dir: &Path, cgroup_id: u64) -> Result<usize> {

@@ -46,6 +46,9 @@ pub struct Datapath {
     /// An exclusive lock on the pin directory for as long as this agent lives: two agents
     /// writing the same maps would undo each other's policy.
     _lock: std::fs::File,
+    /// Other releases' pin directories (`v<N>` beside ours), locked at load and removed once
+    /// this agent's hooks are in place (see [`Datapath::attach`]).
+    other_abis: Vec<(PathBuf, std::fs::File)>,
 }
 
 impl Datapath {
@@ -57,6 +60,7 @@ impl Datapath {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the pin directory {}", dir.display()))?;
         let lock = lock_exclusive(&dir)?;
+        let other_abis = lock_other_abis(options.pin_root)?;
 
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
@@ -83,6 +87,7 @@ impl Datapath {
             ebpf,
             tables,
             _lock: lock,
+            other_abis,
         })
     }
 
@@ -92,8 +97,22 @@ impl Datapath {
 
     /// Attaches the programs to `cgroup_root`, or adopts links pinned by an earlier agent.
     /// Call it after the first policy is written, so that nothing is judged by empty tables.
+    ///
+    /// Then removes the pins of other releases (ABI directories beside this one): their links
+    /// held the previous release's programs on its own maps, which no agent writes any more,
+    /// deciding beside ours after an upgrade that changed the ABI (their denies stood, their
+    /// ingress check refused newer options, and they never learnt this agent's cgroup). Only
+    /// after this agent's hooks are in place, so the node is never without a hook.
     pub fn attach(&mut self, cgroup_root: &Path) -> Result<AttachReport> {
-        links::attach_or_adopt(&mut self.ebpf, &self.dir, cgroup_root)
+        let mut report = links::attach_or_adopt(&mut self.ebpf, &self.dir, cgroup_root)?;
+        for (dir, _lock) in std::mem::take(&mut self.other_abis) {
+            let links = links::count_links(&dir);
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing another release's pins in {}", dir.display()))?;
+            tracing::warn!(pins = %dir.display(), links, "removed another release's pins (an ABI this agent does not use): its hooks are detached");
+            report.other_releases_removed.push(dir);
+        }
+        Ok(report)
     }
 
     /// Kernel run statistics of one of our programs, loaded by this agent: (total run time,
@@ -158,6 +177,34 @@ fn lock_exclusive(dir: &Path) -> Result<std::fs::File> {
         return Err(error).with_context(|| format!("locking {}", dir.display()));
     }
     Ok(file)
+}
+
+/// Locks every other release's pin directory under `pin_root` (`v<N>`, N not
+/// `ABI_VERSION`). Errors: one is locked, that is an agent of another release still runs on
+/// this node (one agent per node: it must stop first), or `pin_root` cannot be listed.
+fn lock_other_abis(pin_root: &Path) -> Result<Vec<(PathBuf, std::fs::File)>> {
+    let ours = format!("v{ABI_VERSION}");
+    let mut locked = Vec::new();
+    for entry in
+        std::fs::read_dir(pin_root).with_context(|| format!("listing {}", pin_root.display()))?
+    {
+        let entry = entry.with_context(|| format!("listing {}", pin_root.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_abi_dir = name
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_abi_dir || name == ours || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = entry.path();
+        if !on_bpffs(&dir)? {
+            continue;
+        }
+        let lock = lock_exclusive(&dir)
+            .with_context(|| format!("an agent of another release (ABI {name}) holds its pins"))?;
+        locked.push((dir, lock));
+    }
+    Ok(locked)
 }
 
 /// Whether `path` is on a bpf filesystem (`BPF_FS_MAGIC`).
