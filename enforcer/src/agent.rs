@@ -1328,8 +1328,12 @@ impl Agent {
                         // callback reached it): forget the record, close nothing.
                         tracing::debug!(cookie, %error, "a tracked flow's socket is gone");
                         self.revoke_failed.remove(&cookie);
-                        if let Err(error) = flows::forget(&dir, cookie) {
-                            tracing::warn!(cookie, "forgetting a dead flow record: {error:#}");
+                        match flows::forget(&dir, cookie) {
+                            Ok(Some(record)) => self.report_forgotten(cookie, &record),
+                            Ok(None) => {}
+                            Err(error) => {
+                                tracing::warn!(cookie, "forgetting a dead flow record: {error:#}")
+                            }
                         }
                         continue;
                     }
@@ -1386,6 +1390,31 @@ impl Agent {
                 "tracked flows no longer permitted"
             );
         }
+    }
+
+    /// The `flow.closed` of a record the agent deleted because its socket was gone without its
+    /// CLOSE callback (no program ran at that close): every `flow.opened` has its
+    /// `flow.closed`, here with `flow.ended_by: "agent"` and no bytes or duration (the kernel
+    /// never counted them). A record whose `flow.opened` the event budget suppressed gets none,
+    /// as when the kernel closes it.
+    fn report_forgotten(&self, cookie: u64, record: &enforcer_common::FlowRecord) {
+        if record.flags & enforcer_common::flow_flags::UNREPORTED != 0 {
+            return;
+        }
+        let allowed_by = self
+            .history
+            .at(record.policy_generation)
+            .unwrap_or_else(|| self.compiled.clone());
+        let mut call = flow_event::flow(
+            flow_event::CLOSED,
+            SystemTime::now(),
+            cookie,
+            record,
+            &allowed_by,
+        );
+        call.policy.snapshot = snapshot_of(&self.history, record);
+        call.flow.ended_by = Some("agent");
+        let _ = self.flow_events.send(call);
     }
 
     /// Names of the identities tracked flows can have at either end: this node's subjects,

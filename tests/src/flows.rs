@@ -417,6 +417,21 @@ impl FlowClient {
         Ok(end)
     }
 
+    /// Asks a holding client to close its connection abortively (an RST: the socket is gone
+    /// at once, with no TIME_WAIT remnant); returns its end line.
+    pub fn abort(&mut self) -> Result<Value> {
+        std::fs::write(self.dir.path().join("stop.tmp"), "abort")?;
+        std::fs::rename(
+            self.dir.path().join("stop.tmp"),
+            self.dir.path().join("stop"),
+        )?;
+        let end = self
+            .ended_within(Duration::from_secs(10))
+            .context("flow-client did not abort within 10 s")?;
+        self.child.wait_timeout(Duration::from_secs(10))?;
+        Ok(end)
+    }
+
     /// Waits for a client that closes by itself (no hold); returns its end line.
     pub fn finish(&mut self) -> Result<Value> {
         let end = self

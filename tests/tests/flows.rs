@@ -17,6 +17,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use enforcer_tests::bpf::{
+    load_noop_sock_ops, load_noop_sock_release, pinned_link, set_link_program,
+};
 use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity, World};
 use enforcer_tests::flows::{FlowClient, FlowServer};
@@ -442,6 +445,79 @@ fn a_policy_edit_resets_forbidden_flows_also_after_a_restart() -> Result<()> {
         closed[0]
     );
     drop(a_udp);
+    Ok(())
+}
+
+/// A TCP record whose socket closed while no enforcer program ran (here: do-nothing programs
+/// in the sock_ops and sock_release links while no agent runs) outlives its socket. When a change
+/// re-decides it, the reset finds no such socket in the flow's namespace: the agent deletes
+/// the record and writes its `flow.closed` itself (`flow.ended_by: "agent"`, no bytes), so
+/// the `flow.opened` the SOC saw has its close. Before, the record was deleted silently.
+#[test]
+fn a_record_whose_socket_closed_unseen_is_closed_by_the_agent() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(6)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let mut first = Agent::start(w.config())?;
+    let mut a = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
+    let opened = wait_notices(&first, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    let cookie = u(&opened[0], "/flow/cookie").context("flow.opened has no cookie")?;
+    first.stop()?;
+    drop(first);
+
+    let pins = enforcer::datapath::pin_dir(w.pins.path());
+    // Both programs that end a TCP record: sock_ops at CLOSE, and sock_release for a socket
+    // released in CLOSE (one that went to TIME_WAIT first).
+    for (program, noop) in [
+        ("sock_ops", load_noop_sock_ops()?),
+        ("sock_release", load_noop_sock_release()?),
+    ] {
+        let link = pinned_link(&pins, program)?;
+        set_link_program(&link, std::os::fd::AsFd::as_fd(&noop))?;
+    }
+    // An abortive close: the socket is gone at once (a clean close would leave a TIME_WAIT
+    // remnant with the same cookie, which a reset would find).
+    let end = a.abort()?;
+    ensure!(end["end"] == "aborted", "client-a: {end}");
+    let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out)?;
+    ensure!(
+        listed.iter().any(|f| u(f, "/cookie") == Some(cookie)),
+        "the record should outlive a close no program saw: {out}"
+    );
+
+    // The restarted agent runs its own sock_ops again; the edit forbids client-a's flows.
+    let second = Agent::start(w.config())?;
+    first_applied_snapshot(&second)?;
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let closed = wait_notices(&second, "flow.closed", 1, WAIT, |e| {
+        u(e, "/flow/cookie") == Some(cookie)
+    })?;
+    let c = &closed[0];
+    ensure!(s(c, "/flow/ended_by") == Some("agent"), "{c}");
+    ensure!(s(c, "/subject/workload") == Some("client-a"), "{c}");
+    ensure!(s(c, "/destination/name") == Some("acme-vectors"), "{c}");
+    ensure!(c.pointer("/flow/bytes_sent").is_none(), "{c}");
+    let revoked: Vec<Value> = second
+        .events()?
+        .into_iter()
+        .filter(|e| u(e, "/flow/cookie") == Some(cookie) && s(e, "/type") != Some("flow.closed"))
+        .filter(|e| s(e, "/type") != Some("flow.opened"))
+        .collect();
+    ensure!(
+        revoked.is_empty(),
+        "a flow whose socket was gone was reported as more than closed: {revoked:?}"
+    );
+    let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out)?;
+    ensure!(
+        !listed.iter().any(|f| u(f, "/cookie") == Some(cookie)),
+        "the record is still listed: {out}"
+    );
     Ok(())
 }
 

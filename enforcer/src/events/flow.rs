@@ -84,6 +84,11 @@ pub struct FlowInfo {
     /// `flow.revoke_failed`: why the reset failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `flow.closed` written by the agent (`"agent"`), not from the kernel's close: the
+    /// socket was gone without its CLOSE callback (it closed while no enforcer program ran),
+    /// found when the flow was re-decided. Its bytes and duration are unknown, so absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,6 +138,7 @@ pub fn flow(
             bytes_received: None,
             reason: None,
             error: None,
+            ended_by: None,
         },
         subject: Subject {
             identity: record.subject,

@@ -39,11 +39,12 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
 
 /// Deletes the record of `cookie` (a socket that is gone without its CLOSE callback: a
 /// connected UDP socket, or one closed while no program was attached) and returns it to its
-/// tenant's share. Absent: nothing to do.
+/// tenant's share. Returns the record this call deleted; `None` when there was none (absent,
+/// or the kernel ended it meanwhile and reports its close itself).
 ///
 /// The share is returned in `FLOW_TENANTS_FORGOTTEN`, which only the agent writes (a
 /// read-modify-write of the kernel's own counter would race its atomic adds).
-pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
+pub fn forget(dir: &Path, cookie: u64) -> Result<Option<FlowRecord>> {
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -51,13 +52,13 @@ pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
         .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
     let record = match map.get(&cookie, 0) {
         Ok(record) => record,
-        Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
         Err(error) => return Err(error).context("reading a FLOWS record"),
     };
     match map.remove(&cookie) {
         Ok(()) => {}
         // The kernel ended it meanwhile (and returned its share).
-        Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
         Err(error) => return Err(error).context("deleting a FLOWS record"),
     }
     let path = dir.join(maps::FLOW_TENANTS_FORGOTTEN);
@@ -74,7 +75,7 @@ pub fn forget(dir: &Path, cookie: u64) -> Result<()> {
     forgotten
         .insert(record.tenant, before + 1, 0)
         .context("returning a record to its tenant's share")?;
-    Ok(())
+    Ok(Some(record))
 }
 
 /// Sets how many `FLOWS` records one tenant may hold at once: `limit`, or by default a

@@ -8,9 +8,10 @@
 //! `tcp` connects, sends an 8-byte header (SEND and RECV as big-endian u32) and SEND bytes,
 //! reads RECV bytes back (the [`enforcer_tests::flows::FlowServer`] protocol), prints
 //! `{"up":true,"local":"IP:PORT"}`, then either closes at once or, with `--hold`, reads every
-//! 100 ms until the connection ends or STOPFILE appears (then closes it cleanly). `udp`
+//! 100 ms until the connection ends or STOPFILE appears (then closes it cleanly, or with an
+//! RST when STOPFILE holds `abort`). `udp`
 //! connects a UDP socket, sends one byte and holds it open until STOPFILE appears. Every run
-//! ends with one line `{"end":"closed"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
+//! ends with one line `{"end":"closed"|"aborted"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
 //! (`after_ms`: since the connection was up). With `--fork` the connecting process forks once
 //! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
 //! namespace, no longer the process that connected) holds the connection. Holding lasts at most 60 s. Exit status 0 once
@@ -133,6 +134,27 @@ fn tcp(
     let mut buf = [0u8; 64];
     while up.elapsed() < MAX_HOLD {
         if stop.exists() {
+            if std::fs::read_to_string(&stop).is_ok_and(|text| text.trim() == "abort") {
+                // An abortive close (SO_LINGER 0): an RST, and the socket is gone at once (no
+                // TIME_WAIT remnant).
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: setsockopt on our own socket with a linger struct of its size.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as u32,
+                    )
+                };
+                drop(s);
+                end("aborted", 0, up);
+                return ExitCode::SUCCESS;
+            }
             // A clean close: our FIN, then the server's, so that both byte counts are final.
             let _ = s.shutdown(std::net::Shutdown::Write);
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));

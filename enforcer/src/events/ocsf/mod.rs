@@ -804,6 +804,10 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         .unwrap_or_else(|| format!("identity {}", subject.identity));
     let what = match flow.kind {
         super::flow::OPENED => "flow opened".to_string(),
+        super::flow::CLOSED if flow.flow.ended_by.is_some() => {
+            "flow closed: its socket was gone without its close callback (bytes unknown)"
+                .to_string()
+        }
         super::flow::CLOSED => format!(
             "flow closed, {} bytes sent, {} received",
             flow.flow.bytes_sent.unwrap_or(0),
@@ -883,7 +887,8 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         protocol_ver_id: if d.ip.contains(':') { 6 } else { 4 },
     });
     event.start_time = Some(flow.flow.started.epoch_millis());
-    if flow.kind == super::flow::CLOSED {
+    // A close the agent found (`ended_by`) has no counters and no known end: no traffic.
+    if flow.kind == super::flow::CLOSED && flow.flow.ended_by.is_none() {
         let (out, inn) = (
             flow.flow.bytes_sent.unwrap_or(0),
             flow.flow.bytes_received.unwrap_or(0),
@@ -912,7 +917,7 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
     event.attacks = attacks(&flow.atlas);
     event.unmapped = Unmapped::Notice(json!({
         "anomaly": flow.anomaly,
-        "flow": {"cookie": flow.flow.cookie, "reason": flow.flow.reason},
+        "flow": {"cookie": flow.flow.cookie, "reason": flow.flow.reason, "ended_by": flow.flow.ended_by},
         "subject": {
             "identity": subject.identity,
             "tenant": subject.tenant,

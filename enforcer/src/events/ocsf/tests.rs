@@ -868,6 +868,17 @@ fn every_flow_event_conforms_to_network_activity() {
         assert_eq!(event["dst_endpoint"]["port"], 6333);
         expected.push(event);
     }
+    // A record the agent ended (its socket gone without the close callback): no counters.
+    let mut found = flow::flow(flow::CLOSED, now, 99, &record, demo());
+    found.flow.ended_by = Some("agent");
+    let json = serde_json::to_value(&found).unwrap();
+    assert_eq!(json["flow"]["ended_by"], "agent");
+    assert!(json["flow"].get("bytes_sent").is_none(), "{json}");
+    let event = ocsf(&Event::Flow(found));
+    assert_conforms(&event);
+    assert_eq!(event["activity_id"], 2);
+    assert!(event.get("traffic").is_none(), "{event}");
+    assert_eq!(event["unmapped"]["flow"]["ended_by"], "agent");
     let closed = &expected[1];
     assert_eq!(closed["traffic"]["bytes_out"], 1008);
     assert_eq!(closed["traffic"]["bytes_in"], 2345);
