@@ -295,6 +295,20 @@ impl FlowClient {
         Self::spawn(ns, cgroup, args, hold)
     }
 
+    /// [`FlowClient::tcp`] holding the connection, its socket bound to `device` once up
+    /// (`SO_BINDTODEVICE`).
+    pub fn tcp_bound(cgroup: &TestCgroup, to: SocketAddr, device: &str) -> Result<Self> {
+        let args = vec![
+            "tcp".to_string(),
+            to.to_string(),
+            "1".to_string(),
+            "1".to_string(),
+            "--bind-device".to_string(),
+            device.to_string(),
+        ];
+        Self::spawn(None, cgroup, args, true)
+    }
+
     /// [`FlowClient::tcp_in`] holding the connection, whose connecting process then forks and
     /// exits: the connection lives on in a child that never called `connect()` (the recorded
     /// PID is gone). Returns once the parent has exited. The child dies with the cgroup.

@@ -448,6 +448,41 @@ fn a_policy_edit_resets_forbidden_flows_also_after_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// Any process may bind its own socket to a device (`SO_BINDTODEVICE`), also once
+/// connected; the kernel's tuple lookup then finds the socket only when the request names
+/// that device. Before, the reset answered "no such socket" and the agent forgot the live
+/// flow: binding was a way out of revocation. Now the agent lists the sockets on the flow's
+/// ports, finds the cookie bound to `lo`, and resets it there.
+#[test]
+fn a_flow_bound_to_a_device_is_still_reset() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(7)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+    let a = FlowClient::tcp_bound(w.cgroup("client-a"), vectors.addr(), "lo")?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let end = a
+        .ended_within(RESET_WITHIN)
+        .context("client-a's connection, bound to lo, survived a change that forbids it")?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(s(r, "/policy/id") == Some("no-vectors-for-client-a"), "{r}");
+    let lies: Vec<Value> = agent
+        .events()?
+        .into_iter()
+        .filter(|e| s(e, "/flow/ended_by").is_some())
+        .collect();
+    ensure!(
+        lies.is_empty(),
+        "a live flow was reported closed by the agent: {lies:?}"
+    );
+    Ok(())
+}
+
 /// A TCP record whose socket closed while no enforcer program ran (here: do-nothing programs
 /// in the sock_ops and sock_release links while no agent runs) outlives its socket. When a change
 /// re-decides it, the reset finds no such socket in the flow's namespace: the agent deletes

@@ -407,26 +407,152 @@ pub fn destroy_with(
             entry.insert(diag_socket_in(record.netns_cookie, &candidates)?)
         }
     };
-    // SAFETY: a zeroed sockaddr_nl is the kernel (pid 0); `req` is a valid buffer of its size.
+    if let Err(error) = send_request(fd, &req) {
+        sockets.0.remove(&record.netns_cookie);
+        return Err(error.into());
+    }
+    let mut answer = read_ack(fd, seq);
+    // The tuple lookup matches a socket bound to a device (`SO_BINDTODEVICE`, which any
+    // process may set once on its own socket, also after connecting) only when the request
+    // names that device: "no such socket" must not be believed until the namespace's sockets
+    // on these ports were listed by cookie, or binding would be a way out of revocation.
+    if matches!(&answer, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+        match bound_device(fd, &req, cookie) {
+            Ok(Some(device)) => {
+                req.interface = device;
+                req.seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                answer = send_request(fd, &req).and_then(|()| read_ack(fd, req.seq));
+            }
+            Ok(None) => {}
+            Err(error) => answer = Err(error),
+        }
+    }
+    if answer.is_err() {
+        sockets.0.remove(&record.netns_cookie);
+    }
+    answer.map_err(DestroyError::Io)
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+
+fn send_request(fd: &OwnedFd, req: &Request) -> io::Result<()> {
     // SAFETY: `req` is a valid buffer of its size; the socket is connected to the kernel.
     let sent = unsafe {
         libc::send(
             fd.as_raw_fd(),
-            (&req as *const Request).cast(),
+            (req as *const Request).cast(),
             std::mem::size_of::<Request>(),
             0,
         )
     };
     if sent < 0 {
-        let error = io::Error::last_os_error();
-        sockets.0.remove(&record.netns_cookie);
-        return Err(error.into());
+        return Err(io::Error::last_os_error());
     }
-    let answer = read_ack(fd, seq);
-    if answer.is_err() {
-        sockets.0.remove(&record.netns_cookie);
+    Ok(())
+}
+
+/// The device the socket `cookie` is bound to, found by listing the namespace's TCP sockets on
+/// the destroy request's ports (`SOCK_DIAG_BY_FAMILY` dump: the kernel filters a dump by
+/// source and destination port, whatever device a socket is bound to). `None`: no socket with
+/// that cookie (it is gone), or one bound to no device. Only messages from the kernel (port
+/// id 0) answering this dump count, as for the ack.
+fn bound_device(fd: &OwnedFd, destroy: &Request, cookie: u64) -> io::Result<Option<u32>> {
+    let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dump = Request {
+        kind: SOCK_DIAG_BY_FAMILY,
+        flags: NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        interface: 0,
+        cookie: [u32::MAX, u32::MAX],
+        ..*destroy
+    };
+    send_request(fd, &dump)?;
+    let mut found = None;
+    let mut buf = vec![0u8; 32 * 1024];
+    // Bounded: the ports select a handful of sockets; a dump ends with NLMSG_DONE.
+    for _ in 0..64 {
+        // SAFETY: a zeroed sockaddr_nl is a valid out-parameter of its size.
+        let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: `buf` and `from` are writable buffers of the lengths given.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut from_len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if from.nl_pid != 0 {
+            continue;
+        }
+        match parse_dump(&buf[..n as usize], seq, cookie) {
+            DumpPart::More(device) => found = found.or(device),
+            DumpPart::Done(device) => return Ok(found.or(device)),
+            DumpPart::Error(errno) => return Err(io::Error::from_raw_os_error(errno)),
+        }
     }
-    answer.map_err(DestroyError::Io)
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "SOCK_DIAG_BY_FAMILY: the dump did not end",
+    ))
+}
+
+#[derive(Debug, PartialEq)]
+enum DumpPart {
+    /// Messages of the dump; the device of the socket with the cookie if among them (0: none).
+    More(Option<u32>),
+    /// The dump's end (`NLMSG_DONE`), after these messages.
+    Done(Option<u32>),
+    /// The kernel refused the dump (a positive errno).
+    Error(i32),
+}
+
+/// Reads the netlink messages of one datagram of dump `seq`: `inet_diag_msg` records
+/// (`include/uapi/linux/inet_diag.h`: family, state, timer, retrans, then `inet_diag_sockid`
+/// with the interface at offset 40 and the cookie at 44), looking for `cookie`.
+fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
+    let mut device = None;
+    while msgs.len() >= 16 {
+        let word =
+            |m: &[u8], at: usize| u32::from_ne_bytes([m[at], m[at + 1], m[at + 2], m[at + 3]]);
+        let len = word(msgs, 0) as usize;
+        if len < 16 || len > msgs.len() {
+            break;
+        }
+        let (msg, rest) = msgs.split_at(len.next_multiple_of(4).min(msgs.len()));
+        msgs = rest;
+        let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+        if word(msg, 8) != seq {
+            continue;
+        }
+        match kind {
+            NLMSG_DONE => return DumpPart::Done(device),
+            NLMSG_ERROR if msg.len() >= 20 => {
+                let error = word(msg, 16) as i32;
+                if error != 0 {
+                    return DumpPart::Error(-error);
+                }
+            }
+            SOCK_DIAG_BY_FAMILY if msg.len() >= 16 + 52 => {
+                let body = &msg[16..];
+                let found = u64::from(word(body, 44)) | u64::from(word(body, 48)) << 32;
+                if found == cookie {
+                    let interface = word(body, 40);
+                    device = (interface != 0).then_some(interface);
+                }
+            }
+            _ => {}
+        }
+    }
+    DumpPart::More(device)
 }
 
 /// How long the kernel's ack may take: it answers synchronously, so this only bounds a
@@ -534,6 +660,49 @@ fn parse_ack(msg: &[u8], sender: u32, seq: u32) -> Ack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One netlink message: nlmsghdr (length, type, flags, seq, port id 0) and `body`.
+    fn message(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// An `inet_diag_msg` (72 bytes) of a socket bound to `interface` with `cookie`.
+    fn diag_msg(interface: u32, cookie: u64) -> Vec<u8> {
+        let mut body = vec![0u8; 72];
+        body[40..44].copy_from_slice(&interface.to_ne_bytes());
+        body[44..48].copy_from_slice(&(cookie as u32).to_ne_bytes());
+        body[48..52].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+        body
+    }
+
+    #[test]
+    fn a_dump_names_the_device_of_the_socket_with_the_cookie_only() {
+        let cookie = 0x1234_5678_9abc;
+        let mut dump = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(3, 99));
+        dump.extend(message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie)));
+        assert_eq!(parse_dump(&dump, 7, cookie), DumpPart::More(Some(1)));
+        dump.extend(message(NLMSG_DONE, 7, &[0; 4]));
+        assert_eq!(parse_dump(&dump, 7, cookie), DumpPart::Done(Some(1)));
+        // Another dump's messages, and a socket bound to no device, name none.
+        assert_eq!(parse_dump(&dump, 8, cookie), DumpPart::More(None));
+        let unbound = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(0, cookie));
+        assert_eq!(parse_dump(&unbound, 7, cookie), DumpPart::More(None));
+        // The kernel's refusal, and a truncated message, which is not read past.
+        let refused = message(NLMSG_ERROR, 7, &(-libc::EPERM).to_ne_bytes());
+        assert_eq!(
+            parse_dump(&refused, 7, cookie),
+            DumpPart::Error(libc::EPERM)
+        );
+        let whole = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie));
+        assert_eq!(parse_dump(&whole[..40], 7, cookie), DumpPart::More(None));
+    }
 
     /// An ack as the kernel lays it out: nlmsghdr, error, the request's nlmsghdr echoed.
     fn ack(error: i32, seq: u32, echoed_kind: u16) -> Vec<u8> {

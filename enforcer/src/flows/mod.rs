@@ -44,7 +44,10 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
 ///
 /// The share is returned in `FLOW_TENANTS_FORGOTTEN`, which only the agent writes (a
 /// read-modify-write of the kernel's own counter would race its atomic adds).
-pub fn forget(dir: &Path, cookie: u64) -> Result<Option<FlowRecord>> {
+///
+/// Only the record `seen` is deleted: a socket that disconnected and connected again under
+/// the same cookie since (a new `start_ns`, another 4-tuple) is a live flow, left alone.
+pub fn forget(dir: &Path, cookie: u64, seen: &FlowRecord) -> Result<Option<FlowRecord>> {
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -55,6 +58,19 @@ pub fn forget(dir: &Path, cookie: u64) -> Result<Option<FlowRecord>> {
         Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
         Err(error) => return Err(error).context("reading a FLOWS record"),
     };
+    let same_flow = |r: &FlowRecord| {
+        (r.start_ns, r.sport, r.dport, r.saddr, r.daddr)
+            == (
+                seen.start_ns,
+                seen.sport,
+                seen.dport,
+                seen.saddr,
+                seen.daddr,
+            )
+    };
+    if !same_flow(&record) {
+        return Ok(None);
+    }
     match map.remove(&cookie) {
         Ok(()) => {}
         // The kernel ended it meanwhile (and returned its share).

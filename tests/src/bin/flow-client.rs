@@ -1,7 +1,7 @@
 //! `flow-client`: one long-lived client connection for the flow tests.
 //!
 //! ```text
-//! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork]
+//! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork] [--bind-device NAME]
 //! flow-client udp ADDR:PORT --hold STOPFILE
 //! ```
 //!
@@ -16,6 +16,8 @@
 //! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
 //! namespace, no longer the process that connected) holds the connection. Holding lasts at most 60 s. Exit status 0 once
 //! the connection was up; 1 when it never came up (with the error on stderr); 2 on bad usage.
+//! `--bind-device NAME` binds the connected socket to a device (`SO_BINDTODEVICE`, which an
+//! unprivileged process may do once) after the exchange.
 //! `--connect-timeout-ms MS` (TCP, default 30,000, at most 60,000) bounds the connect: a test
 //! that holds a SYN back (a full accept queue) needs more than the first retransmits.
 
@@ -72,7 +74,14 @@ fn main() -> ExitCode {
                 return usage();
             };
             let fork = args.iter().any(|a| a == "--fork");
-            tcp(addr, send, recv, hold, fork, connect_timeout)
+            let device = match args.iter().position(|a| a == "--bind-device") {
+                None => None,
+                Some(i) => match args.get(i + 1) {
+                    Some(name) => Some(name.clone()),
+                    None => return usage(),
+                },
+            };
+            tcp(addr, send, recv, hold, fork, device, connect_timeout)
         }
         "udp" => match hold {
             Some(stop) => udp(addr, stop),
@@ -88,6 +97,7 @@ fn tcp(
     recv: u32,
     hold: Option<PathBuf>,
     fork: bool,
+    device: Option<String>,
     connect_timeout: Duration,
 ) -> ExitCode {
     let exchange = || -> std::io::Result<TcpStream> {
@@ -99,6 +109,21 @@ fn tcp(
         s.write_all(&out)?;
         let mut back = vec![0u8; recv as usize];
         s.read_exact(&mut back)?;
+        if let Some(device) = &device {
+            // SAFETY: setsockopt on our own socket with a buffer of the length given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_BINDTODEVICE,
+                    device.as_ptr().cast(),
+                    device.len() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         Ok(s)
     };
     let mut s = match exchange() {
