@@ -1328,7 +1328,7 @@ impl Agent {
                         // callback reached it): forget the record, close nothing.
                         tracing::debug!(cookie, %error, "a tracked flow's socket is gone");
                         self.revoke_failed.remove(&cookie);
-                        match flows::forget(&dir, cookie) {
+                        match flows::forget(&dir, cookie, &record) {
                             Ok(Some(record)) => self.report_forgotten(cookie, &record),
                             Ok(None) => {}
                             Err(error) => {
@@ -1395,8 +1395,9 @@ impl Agent {
     /// The `flow.closed` of a record the agent deleted because its socket was gone without its
     /// CLOSE callback (no program ran at that close): every `flow.opened` has its
     /// `flow.closed`, here with `flow.ended_by: "agent"` and no bytes or duration (the kernel
-    /// never counted them). A record whose `flow.opened` the event budget suppressed gets none,
-    /// as when the kernel closes it.
+    /// never counted them). A record whose `flow.opened` the event budget suppressed gets none
+    /// (the kernel would have counted its close in the window's `flow_events.suppressed`; here
+    /// it is not counted).
     fn report_forgotten(&self, cookie: u64, record: &enforcer_common::FlowRecord) {
         if record.flags & enforcer_common::flow_flags::UNREPORTED != 0 {
             return;

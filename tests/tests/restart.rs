@@ -173,6 +173,11 @@ fn an_agent_removes_the_hooks_another_abi_left_and_refuses_while_that_agent_runs
     drop(held);
 
     let _second = world.start_agent()?;
+    // An unpinned link is released by the kernel a moment later (deferred work): wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while exactly_one_per_hook(&world, "").is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     exactly_one_per_hook(&world, "the new release's agent")?;
     ensure!(
         !old.exists(),

@@ -107,10 +107,17 @@ impl Datapath {
         let mut report = links::attach_or_adopt(&mut self.ebpf, &self.dir, cgroup_root)?;
         for (dir, _lock) in std::mem::take(&mut self.other_abis) {
             let links = links::count_links(&dir);
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("removing another release's pins in {}", dir.display()))?;
-            tracing::warn!(pins = %dir.display(), links, "removed another release's pins (an ABI this agent does not use): its hooks are detached");
-            report.other_releases_removed.push(dir);
+            // This agent's hooks are in place: a failure here leaves the old hooks beside
+            // them (logged), it does not stop enforcement.
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::warn!(pins = %dir.display(), links, "removed another release's pins (an ABI this agent does not use): its hooks are detached");
+                    report.other_releases_removed.push(dir);
+                }
+                Err(error) => {
+                    tracing::error!(pins = %dir.display(), %error, "cannot remove another release's pins: its hooks stay attached beside this agent's (remove the directory by hand)");
+                }
+            }
         }
         Ok(report)
     }
@@ -179,32 +186,61 @@ fn lock_exclusive(dir: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
-/// Locks every other release's pin directory under `pin_root` (`v<N>`, N not
-/// `ABI_VERSION`). Errors: one is locked, that is an agent of another release still runs on
-/// this node (one agent per node: it must stop first), or `pin_root` cannot be listed.
+/// Locks every other release's pin directory under `pin_root`: `v<N>` (canonical decimal, N
+/// not `ABI_VERSION`) on the bpffs, holding an enforcer's `CONFIG` map or a `link-*` pin, so
+/// that another tool's directory is never taken. Errors: one is locked, that is an agent of
+/// another release still runs on this node (one agent per node: it must stop first), or
+/// `pin_root` cannot be listed. A directory that vanishes or cannot be opened is skipped
+/// (logged): it is left as it is.
 fn lock_other_abis(pin_root: &Path) -> Result<Vec<(PathBuf, std::fs::File)>> {
-    let ours = format!("v{ABI_VERSION}");
+    use std::os::fd::AsRawFd;
     let mut locked = Vec::new();
     for entry in
         std::fs::read_dir(pin_root).with_context(|| format!("listing {}", pin_root.display()))?
     {
         let entry = entry.with_context(|| format!("listing {}", pin_root.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let is_abi_dir = name
-            .strip_prefix('v')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !is_abi_dir || name == ours || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        let abi = name.strip_prefix('v').and_then(|n| n.parse::<u32>().ok());
+        let is_other_abi = abi.is_some_and(|n| n != ABI_VERSION && name == format!("v{n}"));
+        if !is_other_abi || !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let dir = entry.path();
-        if !on_bpffs(&dir)? {
+        if !on_bpffs(&dir).unwrap_or(false) || !holds_enforcer_pins(&dir) {
             continue;
         }
-        let lock = lock_exclusive(&dir)
-            .with_context(|| format!("an agent of another release (ABI {name}) holds its pins"))?;
-        locked.push((dir, lock));
+        let file = match std::fs::File::open(&dir) {
+            Ok(file) => file,
+            Err(error) => {
+                tracing::warn!(pins = %dir.display(), %error, "cannot open another release's pins; leaving them");
+                continue;
+            }
+        };
+        // SAFETY: flock on an fd we own; the lock lives as long as the file.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                anyhow::bail!(
+                    "an agent of another release (ABI {name}) is running with its pins in {}: stop it first (one agent per node; in Kubernetes the old pod must end before the new one starts)",
+                    dir.display()
+                );
+            }
+            tracing::warn!(pins = %dir.display(), %error, "cannot lock another release's pins; leaving them");
+            continue;
+        }
+        locked.push((dir, file));
     }
     Ok(locked)
+}
+
+/// Whether `dir` holds what an enforcer pins there: its `CONFIG` map or a `link-*` pin.
+fn holds_enforcer_pins(dir: &Path) -> bool {
+    dir.join(maps::CONFIG).exists()
+        || std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("link-"))
+        })
 }
 
 /// Whether `path` is on a bpf filesystem (`BPF_FS_MAGIC`).

@@ -805,7 +805,7 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
     let what = match flow.kind {
         super::flow::OPENED => "flow opened".to_string(),
         super::flow::CLOSED if flow.flow.ended_by.is_some() => {
-            "flow closed: its socket was gone without its close callback (bytes unknown)"
+            "flow found closed by the agent (the kernel did not see it end): byte counts unknown"
                 .to_string()
         }
         super::flow::CLOSED => format!(
