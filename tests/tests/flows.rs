@@ -463,14 +463,32 @@ fn a_flow_bound_to_a_device_is_still_reset() -> Result<()> {
     let agent = Agent::start(w.config())?;
     first_applied_snapshot(&agent)?;
     let a = FlowClient::tcp_bound(w.cgroup("client-a"), vectors.addr(), "lo")?;
-    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    // A dual-stack socket connected to the IPv4-mapped address: an AF_INET6 socket whose
+    // flow is recorded (and reset) as IPv4.
+    let mapped = match vectors.addr() {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
+    };
+    let b = FlowClient::tcp_bound(w.cgroup("client-a"), mapped, "lo")?;
+    wait_notices(&agent, "flow.opened", 2, WAIT, |e| {
+        s(e, "/subject/workload") == Some("client-a")
+    })?;
     replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
-    let end = a
-        .ended_within(RESET_WITHIN)
-        .context("client-a's connection, bound to lo, survived a change that forbids it")?;
-    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
-    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
-    ensure!(s(r, "/policy/id") == Some("no-vectors-for-client-a"), "{r}");
+    for (client, what) in [(&a, "IPv4"), (&b, "IPv4-mapped")] {
+        let end = client.ended_within(RESET_WITHIN).with_context(|| {
+            format!("client-a's {what} connection, bound to lo, survived a change that forbids it")
+        })?;
+        ensure!(
+            end["errno"] == libc::ECONNABORTED,
+            "client-a ({what}): {end}"
+        );
+    }
+    let revoked = wait_notices(&agent, "flow.revoked", 2, WAIT, |e| {
+        s(e, "/subject/workload") == Some("client-a")
+    })?;
+    for r in &revoked {
+        ensure!(s(r, "/policy/id") == Some("no-vectors-for-client-a"), "{r}");
+    }
     let lies: Vec<Value> = agent
         .events()?
         .into_iter()

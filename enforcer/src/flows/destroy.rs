@@ -413,19 +413,31 @@ pub fn destroy_with(
     }
     let mut answer = read_ack(fd, seq);
     // The tuple lookup matches a socket bound to a device (`SO_BINDTODEVICE`, which any
-    // process may set once on its own socket, also after connecting) only when the request
-    // names that device: "no such socket" must not be believed until the namespace's sockets
-    // on these ports were listed by cookie, or binding would be a way out of revocation.
-    if matches!(&answer, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
-        match bound_device(fd, &req, cookie) {
-            Ok(Some(device)) => {
+    // process may set on its own socket, also after connecting) only when the request names
+    // that device: "no such socket" is not believed until the namespace's sockets on these
+    // ports were listed by cookie, or binding would be a way out of revocation. A socket
+    // still listed is never "gone": a reset that keeps missing it (a process with CAP_NET_RAW
+    // moving it between devices) is a failure, reported and retried.
+    let mut listed = false;
+    for _ in 0..RESET_TRIES {
+        if !matches!(&answer, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+            break;
+        }
+        answer = match list_cookie(fd, &req, cookie) {
+            Ok(Listing::Absent) => break,
+            Ok(Listing::Listed(device)) => {
+                listed = true;
                 req.interface = device;
                 req.seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                answer = send_request(fd, &req).and_then(|()| read_ack(fd, req.seq));
+                send_request(fd, &req).and_then(|()| read_ack(fd, req.seq))
             }
-            Ok(None) => {}
-            Err(error) => answer = Err(error),
-        }
+            Err(error) => Err(error),
+        };
+    }
+    if listed && matches!(&answer, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+        answer = Err(io::Error::other(
+            "SOCK_DESTROY: the socket is listed but its reset keeps missing it (it changes device)",
+        ));
     }
     if answer.is_err() {
         sockets.0.remove(&record.netns_cookie);
@@ -453,26 +465,66 @@ fn send_request(fd: &OwnedFd, req: &Request) -> io::Result<()> {
     Ok(())
 }
 
-/// The device the socket `cookie` is bound to, found by listing the namespace's TCP sockets on
-/// the destroy request's ports (`SOCK_DIAG_BY_FAMILY` dump: the kernel filters a dump by
-/// source and destination port, whatever device a socket is bound to). `None`: no socket with
-/// that cookie (it is gone), or one bound to no device. Only messages from the kernel (port
-/// id 0) answering this dump count, as for the ack.
-fn bound_device(fd: &OwnedFd, destroy: &Request, cookie: u64) -> io::Result<Option<u32>> {
+/// Resets tried on one socket found by listing (see [`destroy_with`]).
+const RESET_TRIES: usize = 3;
+
+/// The TCP states a flow's socket can be in (`TCPF_*`: ESTABLISHED through CLOSING, without
+/// LISTEN): a listing never walks listeners, request sockets or bound-only sockets.
+const FLOW_STATES: u32 = 0xFFE & !(1 << 10);
+
+/// Datagrams a listing may take. A listing that needs more than one is no proof of absence
+/// (the kernel resumes a dump by position, and sockets closing ahead of ours can make it
+/// skip): only a one-datagram listing without the cookie says "absent".
+const LIST_DATAGRAMS: usize = 64;
+
+/// Whether the namespace's TCP sockets on a flow's ports include the one with its cookie.
+#[derive(Debug, PartialEq)]
+enum Listing {
+    Absent,
+    /// Listed, bound to this device (0: none).
+    Listed(u32),
+}
+
+/// Lists the namespace's TCP sockets on the destroy request's ports (`SOCK_DIAG_BY_FAMILY`
+/// dump: the kernel filters a dump by family, source and destination port, whatever device a
+/// socket is bound to), in both families for an IPv4 flow (a dual-stack socket with a mapped
+/// address is an AF_INET6 socket), looking for `cookie`. Errors (never ENOENT, so that no
+/// failure reads as "gone"): the dump failed or did not end, or took several datagrams
+/// without the cookie. Only messages from the kernel (port id 0) answering this dump count,
+/// as for the ack.
+fn list_cookie(fd: &OwnedFd, destroy: &Request, cookie: u64) -> io::Result<Listing> {
+    let families: &[u8] = if destroy.family == libc::AF_INET as u8 {
+        &[libc::AF_INET as u8, libc::AF_INET6 as u8]
+    } else {
+        &[libc::AF_INET6 as u8]
+    };
+    for &family in families {
+        if let Listing::Listed(device) = list_family(fd, destroy, family, cookie)? {
+            return Ok(Listing::Listed(device));
+        }
+    }
+    Ok(Listing::Absent)
+}
+
+fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::Result<Listing> {
+    let failed =
+        |what: String| io::Error::new(io::ErrorKind::Other, format!("SOCK_DIAG_BY_FAMILY: {what}"));
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dump = Request {
         kind: SOCK_DIAG_BY_FAMILY,
         flags: NLM_F_REQUEST | NLM_F_DUMP,
         seq,
+        family,
+        states: FLOW_STATES,
         interface: 0,
         cookie: [u32::MAX, u32::MAX],
         ..*destroy
     };
+    set_receive_timeout(fd)?;
     send_request(fd, &dump)?;
     let mut found = None;
     let mut buf = vec![0u8; 32 * 1024];
-    // Bounded: the ports select a handful of sockets; a dump ends with NLMSG_DONE.
-    for _ in 0..64 {
+    for datagram in 1..=LIST_DATAGRAMS {
         // SAFETY: a zeroed sockaddr_nl is a valid out-parameter of its size.
         let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
@@ -488,36 +540,46 @@ fn bound_device(fd: &OwnedFd, destroy: &Request, cookie: u64) -> io::Result<Opti
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(failed(io::Error::last_os_error().to_string()));
         }
         if from.nl_pid != 0 {
             continue;
         }
         match parse_dump(&buf[..n as usize], seq, cookie) {
             DumpPart::More(device) => found = found.or(device),
-            DumpPart::Done(device) => return Ok(found.or(device)),
-            DumpPart::Error(errno) => return Err(io::Error::from_raw_os_error(errno)),
+            DumpPart::Done(device) => {
+                return match found.or(device) {
+                    Some(device) => Ok(Listing::Listed(device)),
+                    None if datagram == 1 => Ok(Listing::Absent),
+                    None => Err(failed(format!(
+                        "the listing took {datagram} datagrams without the socket: no proof it is gone"
+                    ))),
+                };
+            }
+            DumpPart::Error(errno) => {
+                return Err(failed(io::Error::from_raw_os_error(errno).to_string()))
+            }
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "SOCK_DIAG_BY_FAMILY: the dump did not end",
-    ))
+    Err(failed(format!(
+        "the listing did not end within {LIST_DATAGRAMS} datagrams"
+    )))
 }
 
 #[derive(Debug, PartialEq)]
 enum DumpPart {
-    /// Messages of the dump; the device of the socket with the cookie if among them (0: none).
+    /// Messages of the dump; the device of the socket with the cookie if among them.
     More(Option<u32>),
     /// The dump's end (`NLMSG_DONE`), after these messages.
     Done(Option<u32>),
-    /// The kernel refused the dump (a positive errno).
+    /// The kernel refused the dump, or ended it with an error (a positive errno).
     Error(i32),
 }
 
 /// Reads the netlink messages of one datagram of dump `seq`: `inet_diag_msg` records
 /// (`include/uapi/linux/inet_diag.h`: family, state, timer, retrans, then `inet_diag_sockid`
-/// with the interface at offset 40 and the cookie at 44), looking for `cookie`.
+/// with the interface at offset 40 and the cookie at 44, low word first), looking for
+/// `cookie`: `Some(device)` when listed (device 0: bound to none).
 fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
     let mut device = None;
     while msgs.len() >= 16 {
@@ -534,6 +596,10 @@ fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
             continue;
         }
         match kind {
+            // NLMSG_DONE carries the dump's own result.
+            NLMSG_DONE if msg.len() >= 20 && word(msg, 16) as i32 != 0 => {
+                return DumpPart::Error(-(word(msg, 16) as i32))
+            }
             NLMSG_DONE => return DumpPart::Done(device),
             NLMSG_ERROR if msg.len() >= 20 => {
                 let error = word(msg, 16) as i32;
@@ -545,8 +611,7 @@ fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
                 let body = &msg[16..];
                 let found = u64::from(word(body, 44)) | u64::from(word(body, 48)) << 32;
                 if found == cookie {
-                    let interface = word(body, 40);
-                    device = (interface != 0).then_some(interface);
+                    device = Some(word(body, 40));
                 }
             }
             _ => {}
@@ -567,15 +632,9 @@ const ACK_READS: usize = 16;
 /// Sequence numbers of the requests, so that an ack answers this request and no other.
 static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
-/// Waits for the kernel's ack of request `seq` on `fd` and returns its verdict.
-///
-/// The diag socket lives in the flow's network namespace, which the workload shares: a
-/// process there with CAP_NET_ADMIN can send netlink messages to the agent's port id. So only
-/// a message from the kernel (sender port id 0, which the kernel sets and a process cannot
-/// choose) that acks exactly this request (`NLMSG_ERROR`, our sequence number, our request
-/// type echoed) counts; anything else is dropped, and a forged "success" cannot make a
-/// flow look revoked while it lives on.
-fn read_ack(fd: &OwnedFd, seq: u32) -> io::Result<()> {
+/// Bounds every read on the diag socket by [`ACK_TIMEOUT`]: the kernel answers at once, so
+/// this only bounds an answer that never comes.
+fn set_receive_timeout(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: setsockopt with a timeval of its size.
     let rc = unsafe {
         libc::setsockopt(
@@ -589,6 +648,19 @@ fn read_ack(fd: &OwnedFd, seq: u32) -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Waits for the kernel's ack of request `seq` on `fd` and returns its verdict.
+///
+/// The diag socket lives in the flow's network namespace, which the workload shares: a
+/// process there with CAP_NET_ADMIN can send netlink messages to the agent's port id. So only
+/// a message from the kernel (sender port id 0, which the kernel sets and a process cannot
+/// choose) that acks exactly this request (`NLMSG_ERROR`, our sequence number, our request
+/// type echoed) counts; anything else is dropped, and a forged "success" cannot make a
+/// flow look revoked while it lives on.
+fn read_ack(fd: &OwnedFd, seq: u32) -> io::Result<()> {
+    set_receive_timeout(fd)?;
     for _ in 0..ACK_READS {
         // nlmsghdr (16 bytes) + nlmsgerr (error, then the request's header echoed).
         let mut reply = [0u8; 256];
@@ -690,10 +762,16 @@ mod tests {
         assert_eq!(parse_dump(&dump, 7, cookie), DumpPart::More(Some(1)));
         dump.extend(message(NLMSG_DONE, 7, &[0; 4]));
         assert_eq!(parse_dump(&dump, 7, cookie), DumpPart::Done(Some(1)));
-        // Another dump's messages, and a socket bound to no device, name none.
+        // Another dump's messages name none; a socket bound to no device is listed (device 0).
         assert_eq!(parse_dump(&dump, 8, cookie), DumpPart::More(None));
         let unbound = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(0, cookie));
-        assert_eq!(parse_dump(&unbound, 7, cookie), DumpPart::More(None));
+        assert_eq!(parse_dump(&unbound, 7, cookie), DumpPart::More(Some(0)));
+        // A dump that ends with an error is no listing.
+        let failed = message(NLMSG_DONE, 7, &(-libc::ENOBUFS).to_ne_bytes());
+        assert_eq!(
+            parse_dump(&failed, 7, cookie),
+            DumpPart::Error(libc::ENOBUFS)
+        );
         // The kernel's refusal, and a truncated message, which is not read past.
         let refused = message(NLMSG_ERROR, 7, &(-libc::EPERM).to_ne_bytes());
         assert_eq!(
