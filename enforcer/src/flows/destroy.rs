@@ -507,8 +507,7 @@ fn list_cookie(fd: &OwnedFd, destroy: &Request, cookie: u64) -> io::Result<Listi
 }
 
 fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::Result<Listing> {
-    let failed =
-        |what: String| io::Error::new(io::ErrorKind::Other, format!("SOCK_DIAG_BY_FAMILY: {what}"));
+    let failed = |what: String| io::Error::other(format!("SOCK_DIAG_BY_FAMILY: {what}"));
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dump = Request {
         kind: SOCK_DIAG_BY_FAMILY,
