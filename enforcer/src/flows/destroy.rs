@@ -472,9 +472,10 @@ const RESET_TRIES: usize = 3;
 /// LISTEN): a listing never walks listeners, request sockets or bound-only sockets.
 const FLOW_STATES: u32 = 0xFFE & !(1 << 10);
 
-/// Datagrams a listing may take. A listing that needs more than one is no proof of absence
-/// (the kernel resumes a dump by position, and sockets closing ahead of ours can make it
-/// skip): only a one-datagram listing without the cookie says "absent".
+/// Datagrams a listing may take. A listing whose records fill more than one is no proof of
+/// absence (the kernel resumes a dump by position, and sockets closing ahead of ours can make
+/// it skip): only records that came in one datagram, without the cookie, say "absent"
+/// (`NLMSG_DONE` usually comes in a datagram of its own).
 const LIST_DATAGRAMS: usize = 64;
 
 /// Whether the namespace's TCP sockets on a flow's ports include the one with its cookie.
@@ -522,8 +523,11 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
     set_receive_timeout(fd)?;
     send_request(fd, &dump)?;
     let mut found = None;
+    // Datagrams that carried socket records: the kernel fills one before it resumes the walk
+    // (NLMSG_DONE usually comes in a datagram of its own).
+    let mut with_records = 0;
     let mut buf = vec![0u8; 32 * 1024];
-    for datagram in 1..=LIST_DATAGRAMS {
+    for _ in 0..LIST_DATAGRAMS {
         // SAFETY: a zeroed sockaddr_nl is a valid out-parameter of its size.
         let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
@@ -544,18 +548,21 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
         if from.nl_pid != 0 {
             continue;
         }
-        match parse_dump(&buf[..n as usize], seq, cookie) {
-            DumpPart::More(device) => found = found.or(device),
-            DumpPart::Done(device) => {
-                return match found.or(device) {
+        let part = parse_dump(&buf[..n as usize], seq, cookie);
+        with_records += usize::from(part.records > 0);
+        found = found.or(part.device);
+        match part.end {
+            None => {}
+            Some(Ok(())) => {
+                return match found {
                     Some(device) => Ok(Listing::Listed(device)),
-                    None if datagram == 1 => Ok(Listing::Absent),
+                    None if with_records <= 1 => Ok(Listing::Absent),
                     None => Err(failed(format!(
-                        "the listing took {datagram} datagrams without the socket: no proof it is gone"
+                        "the listing took {with_records} datagrams without the socket: no proof it is gone"
                     ))),
                 };
             }
-            DumpPart::Error(errno) => {
+            Some(Err(errno)) => {
                 return Err(failed(io::Error::from_raw_os_error(errno).to_string()))
             }
         }
@@ -565,14 +572,16 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
     )))
 }
 
-#[derive(Debug, PartialEq)]
-enum DumpPart {
-    /// Messages of the dump; the device of the socket with the cookie if among them.
-    More(Option<u32>),
-    /// The dump's end (`NLMSG_DONE`), after these messages.
-    Done(Option<u32>),
-    /// The kernel refused the dump, or ended it with an error (a positive errno).
-    Error(i32),
+/// What one datagram of a dump held.
+#[derive(Debug, PartialEq, Default)]
+struct DumpPart {
+    /// The device of the socket with the cookie, if it was among the records.
+    device: Option<u32>,
+    /// Socket records of this dump.
+    records: usize,
+    /// The dump's end: `NLMSG_DONE` (`Ok`), or the kernel's refusal or error (a positive
+    /// errno); `None` while more is to come.
+    end: Option<Result<(), i32>>,
 }
 
 /// Reads the netlink messages of one datagram of dump `seq`: `inet_diag_msg` records
@@ -580,7 +589,7 @@ enum DumpPart {
 /// with the interface at offset 40 and the cookie at 44, low word first), looking for
 /// `cookie`: `Some(device)` when listed (device 0: bound to none).
 fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
-    let mut device = None;
+    let mut part = DumpPart::default();
     while msgs.len() >= 16 {
         let word =
             |m: &[u8], at: usize| u32::from_ne_bytes([m[at], m[at + 1], m[at + 2], m[at + 3]]);
@@ -597,26 +606,32 @@ fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
         match kind {
             // NLMSG_DONE carries the dump's own result.
             NLMSG_DONE if msg.len() >= 20 && word(msg, 16) as i32 != 0 => {
-                return DumpPart::Error(-(word(msg, 16) as i32))
+                part.end = Some(Err(-(word(msg, 16) as i32)));
+                return part;
             }
-            NLMSG_DONE => return DumpPart::Done(device),
+            NLMSG_DONE => {
+                part.end = Some(Ok(()));
+                return part;
+            }
             NLMSG_ERROR if msg.len() >= 20 => {
                 let error = word(msg, 16) as i32;
                 if error != 0 {
-                    return DumpPart::Error(-error);
+                    part.end = Some(Err(-error));
+                    return part;
                 }
             }
             SOCK_DIAG_BY_FAMILY if msg.len() >= 16 + 52 => {
+                part.records += 1;
                 let body = &msg[16..];
                 let found = u64::from(word(body, 44)) | u64::from(word(body, 48)) << 32;
                 if found == cookie {
-                    device = Some(word(body, 40));
+                    part.device = Some(word(body, 40));
                 }
             }
             _ => {}
         }
     }
-    DumpPart::More(device)
+    part
 }
 
 /// How long the kernel's ack may take: it answers synchronously, so this only bounds a
@@ -755,30 +770,35 @@ mod tests {
 
     #[test]
     fn a_dump_names_the_device_of_the_socket_with_the_cookie_only() {
+        let part = |device, records, end| DumpPart {
+            device,
+            records,
+            end,
+        };
         let cookie = 0x1234_5678_9abc;
         let mut dump = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(3, 99));
         dump.extend(message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie)));
-        assert_eq!(parse_dump(&dump, 7, cookie), DumpPart::More(Some(1)));
+        assert_eq!(parse_dump(&dump, 7, cookie), part(Some(1), 2, None));
         dump.extend(message(NLMSG_DONE, 7, &[0; 4]));
-        assert_eq!(parse_dump(&dump, 7, cookie), DumpPart::Done(Some(1)));
+        assert_eq!(parse_dump(&dump, 7, cookie), part(Some(1), 2, Some(Ok(()))));
         // Another dump's messages name none; a socket bound to no device is listed (device 0).
-        assert_eq!(parse_dump(&dump, 8, cookie), DumpPart::More(None));
+        assert_eq!(parse_dump(&dump, 8, cookie), part(None, 0, None));
         let unbound = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(0, cookie));
-        assert_eq!(parse_dump(&unbound, 7, cookie), DumpPart::More(Some(0)));
+        assert_eq!(parse_dump(&unbound, 7, cookie), part(Some(0), 1, None));
         // A dump that ends with an error is no listing.
         let failed = message(NLMSG_DONE, 7, &(-libc::ENOBUFS).to_ne_bytes());
         assert_eq!(
             parse_dump(&failed, 7, cookie),
-            DumpPart::Error(libc::ENOBUFS)
+            part(None, 0, Some(Err(libc::ENOBUFS)))
         );
         // The kernel's refusal, and a truncated message, which is not read past.
         let refused = message(NLMSG_ERROR, 7, &(-libc::EPERM).to_ne_bytes());
         assert_eq!(
             parse_dump(&refused, 7, cookie),
-            DumpPart::Error(libc::EPERM)
+            part(None, 0, Some(Err(libc::EPERM)))
         );
         let whole = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie));
-        assert_eq!(parse_dump(&whole[..40], 7, cookie), DumpPart::More(None));
+        assert_eq!(parse_dump(&whole[..40], 7, cookie), part(None, 0, None));
     }
 
     /// An ack as the kernel lays it out: nlmsghdr, error, the request's nlmsghdr echoed.
