@@ -213,6 +213,9 @@ pub fn prepare(options: &RunOptions) -> Result<Prepared> {
             options.cgroup_root
         );
     }
+    // Before anything is read from it: its last good bundle and cluster state are enforced
+    // after a restart, and its sockets take commands.
+    crate::fs::private_dir(&options.state_dir, 0o755)?;
     Ok(Prepared {
         cgroup_mount,
         cgroup_root,

@@ -1,5 +1,6 @@
 //! The two kernel file systems the agent works with: cgroup v2 (where workloads live) and
-//! bpffs (where maps and links are pinned so enforcement outlives the agent).
+//! bpffs (where maps and links are pinned so enforcement outlives the agent), and the
+//! directories it keeps its own state in, which no other user may change.
 
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
@@ -141,14 +142,18 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     std::fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
     let target = CString::new(BPFFS).expect("no NUL in a constant");
     let fstype = CString::new("bpf").expect("no NUL in a constant");
-    // SAFETY: plain mount(2) with valid NUL-terminated strings and no data argument.
+    // The kernel's default root of a bpffs is 1777: any user could create the pin directory
+    // before the agent and then unlink its link pins (detaching the hooks). 0700 is what
+    // systemd mounts it with.
+    let data = CString::new("mode=0700").expect("no NUL in a constant");
+    // SAFETY: plain mount(2) with valid NUL-terminated strings; bpffs parses `data` as text.
     let rc = unsafe {
         libc::mount(
             fstype.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
-            0,
-            std::ptr::null(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -157,6 +162,101 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     }
     tracing::info!(path = BPFFS, "mounted bpffs");
     Ok(())
+}
+
+/// Creates `dir` with `mode` (missing parents 0755), or checks the one there, so that no
+/// user but this agent's can change what the agent keeps in it: pins (an unlinked link pin
+/// detaches a hook), sockets, the last good bundle, the persisted cluster state. The rule is
+/// OpenSSH's `StrictModes`: `dir` (symlinks resolved) is owned by this agent's user and
+/// writable by nobody else; each directory above it is owned by root or this user and
+/// writable by nobody else unless sticky (as `/tmp`, or a bpffs mounted without `mode`);
+/// a symlink on the way is owned by root or this user. A `dir` that passes keeps no access
+/// beyond `mode` (an agent of an earlier release made its pin directories 0755, and anyone
+/// who can open a directory can `flock` it).
+///
+/// Errors: `dir` cannot be created or read, or fails the rule (every problem named).
+pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let problems = untrusted(dir)?;
+    if !problems.is_empty() {
+        bail!(
+            "refusing {}: another user could change what the agent keeps there: {}. Remove or \
+             fix it (root-owned, mode {mode:04o}) and start again",
+            dir.display(),
+            problems.join("; ")
+        );
+    }
+    let real = dir.canonicalize()?;
+    let current = std::fs::metadata(&real)?.mode() & 0o7777;
+    if current & !mode != 0 {
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(current & mode))
+            .with_context(|| format!("restricting {} to mode {mode:04o}", real.display()))?;
+        tracing::info!(dir = %real.display(), was = format!("{current:04o}"), now = format!("{:04o}", current & mode), "restricted the access to a state directory");
+    }
+    Ok(())
+}
+
+/// What makes `dir` untrusted under [`private_dir`]'s rule: one line per problem.
+fn untrusted(dir: &Path) -> Result<Vec<String>> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let owner_ok = |uid: u32| uid == 0 || uid == me;
+    let mut problems = Vec::new();
+    let absolute = std::path::absolute(dir)?;
+    let mut lexical = PathBuf::new();
+    for component in absolute.components() {
+        lexical.push(component);
+        let meta = std::fs::symlink_metadata(&lexical)
+            .with_context(|| format!("reading {}", lexical.display()))?;
+        if meta.file_type().is_symlink() && !owner_ok(meta.uid()) {
+            problems.push(format!(
+                "the symlink {} is owned by uid {}",
+                lexical.display(),
+                meta.uid()
+            ));
+        }
+    }
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let mut at = PathBuf::new();
+    let depth = real.components().count();
+    for (i, component) in real.components().enumerate() {
+        at.push(component);
+        let meta = std::fs::metadata(&at).with_context(|| format!("reading {}", at.display()))?;
+        let (uid, mode) = (meta.uid(), meta.mode());
+        let last = i + 1 == depth;
+        if last && uid != me {
+            problems.push(format!(
+                "{} is owned by uid {uid}, not by this agent's uid {me}",
+                at.display()
+            ));
+        } else if !last && !owner_ok(uid) {
+            problems.push(format!("{} is owned by uid {uid}", at.display()));
+        }
+        let writable_by_others = mode & 0o022 != 0;
+        let sticky = mode & libc::S_ISVTX != 0;
+        if writable_by_others && (last || !sticky) {
+            problems.push(format!(
+                "{} is writable by other users (mode {:04o})",
+                at.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(problems)
 }
 
 #[cfg(test)]
@@ -199,5 +299,77 @@ mod tests {
             mount.join("demo")
         );
         assert!(cgroup_path(mount, "demo/../../etc").is_err());
+    }
+
+    /// `private_dir`'s rule, on directories made by the test (run as root: the owners are
+    /// real chowns).
+    #[test]
+    fn a_state_directory_is_trusted_only_when_no_other_user_can_change_it() {
+        use std::os::unix::fs::{chown, symlink, PermissionsExt};
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let set_mode = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let base = tempfile::tempdir().unwrap();
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+
+        let fresh = open.join("a/b/pins");
+        private_dir(&fresh, 0o700).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&open.join("a")), 0o755);
+
+        // An earlier release's 0755: restricted.
+        set_mode(&fresh, 0o755);
+        private_dir(&fresh, 0o700).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+
+        chown(&fresh, Some(65534), None).unwrap();
+        let error = private_dir(&fresh, 0o700).unwrap_err().to_string();
+        assert!(
+            error.contains("owned by uid 65534, not by this agent's uid 0"),
+            "{error}"
+        );
+        chown(&fresh, Some(0), None).unwrap();
+
+        // A parent anyone may write, without the sticky bit: the directory could be swapped.
+        set_mode(&open.join("a"), 0o777);
+        let error = private_dir(&fresh, 0o700).unwrap_err().to_string();
+        assert!(
+            error.contains("a is writable by other users (mode 0777)"),
+            "{error}"
+        );
+        // Sticky, as /tmp: others cannot rename what they do not own.
+        set_mode(&open.join("a"), 0o1777);
+        private_dir(&fresh, 0o700).unwrap();
+
+        // Every problem at once.
+        chown(open.join("a/b"), Some(65534), None).unwrap();
+        set_mode(&fresh, 0o777);
+        let error = private_dir(&fresh, 0o700).unwrap_err().to_string();
+        assert!(error.contains("b is owned by uid 65534"), "{error}");
+        assert!(
+            error.contains("pins is writable by other users (mode 0777)"),
+            "{error}"
+        );
+        chown(open.join("a/b"), Some(0), None).unwrap();
+        set_mode(&fresh, 0o700);
+
+        // Another user's symlink on the way could be pointed elsewhere.
+        let link = open.join("link");
+        symlink(open.join("a/b"), &link).unwrap();
+        private_dir(&link.join("pins"), 0o700).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+        let error = private_dir(&link.join("pins"), 0o700)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("the symlink") && error.contains("uid 65534"),
+            "{error}"
+        );
     }
 }

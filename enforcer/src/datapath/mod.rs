@@ -57,8 +57,10 @@ impl Datapath {
     pub fn load(options: &LoadOptions) -> Result<Self> {
         crate::fs::ensure_bpffs(options.pin_root)?;
         let dir = pin_dir(options.pin_root);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+        // Only this agent's user may open them: a user who could unlink a link pin would
+        // detach its hook, and one who could open the directory could `flock` it.
+        crate::fs::private_dir(options.pin_root, 0o700)?;
+        crate::fs::private_dir(&dir, 0o700)?;
         let lock = lock_exclusive(&dir)?;
         let other_abis = lock_other_abis(options.pin_root)?;
 
