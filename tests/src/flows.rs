@@ -467,3 +467,123 @@ impl Drop for FlowClient {
         }
     }
 }
+
+/// Sockets that share a flow's ports: `n` TCP sockets of this process bound to
+/// `local_port`, each from its own source address in `127.<net>.0.1` onwards (200 per /24),
+/// connected without blocking to listeners at `127.<net>.250.1-5:<remote_port>` that never
+/// accept, so they sit in the accept queues (or in SYN_SENT when those are full). A workload
+/// can make as many around its own flow. Raises the process's soft open-file limit to its
+/// hard one (which must leave 1,024 more).
+/// Drop closes them all.
+pub struct Crowd {
+    sockets: Vec<std::os::fd::OwnedFd>,
+    _listeners: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Crowd {
+    pub fn new(net: u8, local_port: u16, remote_port: u16, n: usize) -> Result<Self> {
+        use std::net::Ipv4Addr;
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain getrlimit/setrlimit with a valid pointer. Only the soft limit is
+        // raised (the hard one needs CAP_SYS_RESOURCE, which a container may lack).
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            if (limit.rlim_max as usize) < n + 1024 {
+                bail!(
+                    "{n} sockets need an open-file limit of {}, the hard limit is {}",
+                    n + 1024,
+                    limit.rlim_max
+                );
+            }
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+            }
+        }
+        let tcp = |flags: libc::c_int| -> Result<std::os::fd::OwnedFd> {
+            // SAFETY: plain socket(2); the fd is owned from here on.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | flags, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error()).context("socket");
+            }
+            // SAFETY: a fresh fd we own.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt with a valid int option.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            Ok(fd)
+        };
+        let bind = |fd: &std::os::fd::OwnedFd, addr: SocketAddr| -> Result<()> {
+            let (storage, len) = crate::sockaddr::sockaddr(&addr);
+            // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+            let rc = unsafe {
+                libc::bind(
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    (&storage as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("bind {addr}"));
+            }
+            Ok(())
+        };
+        let listener_addrs: Vec<SocketAddr> = (1..=5)
+            .map(|i| SocketAddr::from((Ipv4Addr::new(127, net, 250, i), remote_port)))
+            .collect();
+        let mut listeners = Vec::new();
+        for &addr in &listener_addrs {
+            let fd = tcp(0)?;
+            bind(&fd, addr)?;
+            // SAFETY: listen on a bound socket we own.
+            if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 4096) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("listen");
+            }
+            listeners.push(fd);
+        }
+        let mut sockets = Vec::with_capacity(n);
+        for k in 0..n {
+            let fd = tcp(libc::SOCK_NONBLOCK)?;
+            let from = Ipv4Addr::new(127, net, (k / 200) as u8, (k % 200 + 1) as u8);
+            bind(&fd, SocketAddr::from((from, local_port)))?;
+            let (storage, len) = crate::sockaddr::sockaddr(&listener_addrs[k % 5]);
+            // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+            let rc = unsafe {
+                libc::connect(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    (&storage as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            let error = std::io::Error::last_os_error();
+            if rc != 0 && error.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(error).with_context(|| format!("connect from {from}:{local_port}"));
+            }
+            sockets.push(fd);
+        }
+        Ok(Self {
+            sockets,
+            _listeners: listeners,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+}

@@ -22,7 +22,7 @@ use enforcer_tests::bpf::{
 };
 use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity, World};
-use enforcer_tests::flows::{FlowClient, FlowServer};
+use enforcer_tests::flows::{Crowd, FlowClient, FlowServer};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TestCgroup,
@@ -30,6 +30,8 @@ use enforcer_tests::{
 use serde_json::Value;
 
 const NET: u8 = 83;
+/// The crowd's addresses (127.89.0.0/16), apart from every world's.
+const CROWD_NET: u8 = 89;
 const WAIT: Duration = Duration::from_secs(10);
 /// A bound on how long a reset may take: the agent polls the policy directory every 500 ms and
 /// resets at once; the rest is slack for a loaded machine. The time it took is printed.
@@ -498,6 +500,37 @@ fn a_flow_bound_to_a_device_is_still_reset() -> Result<()> {
         lies.is_empty(),
         "a live flow was reported closed by the agent: {lies:?}"
     );
+    Ok(())
+}
+
+/// A workload can crowd its own flow's ports: sockets bound to the flow's local port from
+/// other addresses, connected to the flow's remote port elsewhere. Before, the listing that
+/// finds a device-bound flow matched ports only: 18,000 such sockets made it longer than a
+/// listing may be (64 datagrams), the reset failed (`revoke_failed`, retried) and the flow
+/// stayed open. Now the kernel lists only sockets with the flow's addresses and ports.
+#[test]
+fn a_flow_bound_to_a_device_among_sockets_on_its_ports_is_still_reset() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(8)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+    let a = FlowClient::tcp_bound(w.cgroup("client-a"), vectors.addr(), "lo")?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    let crowd = Crowd::new(CROWD_NET, a.local.port(), 6333, 18_000)?;
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let end = a.ended_within(RESET_WITHIN).with_context(|| {
+        format!(
+            "client-a's connection, bound to lo among {} sockets on its ports, survived a change that forbids it",
+            crowd.len()
+        )
+    })?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?;
+    drop(crowd);
+    eprintln!("{}", agent.stderr_tail());
     Ok(())
 }
 

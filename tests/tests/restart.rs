@@ -217,7 +217,7 @@ fn an_agent_refuses_pins_and_state_another_user_could_change_and_keeps_its_own_p
     if !require_kernel() {
         return Ok(());
     }
-    let world = World::standard(37)?;
+    let world = World::standard(41)?;
     let _servers = world.servers_v4()?;
     let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
     let (cross, same) = world.gateway_calls();

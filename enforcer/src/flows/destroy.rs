@@ -450,19 +450,65 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 3;
 
 fn send_request(fd: &OwnedFd, req: &Request) -> io::Result<()> {
-    // SAFETY: `req` is a valid buffer of its size; the socket is connected to the kernel.
-    let sent = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            (req as *const Request).cast(),
+    // SAFETY: `Request` is plain `repr(C)` data without padding (its size is asserted).
+    send_bytes(fd, unsafe {
+        std::slice::from_raw_parts(
+            (req as *const Request).cast::<u8>(),
             std::mem::size_of::<Request>(),
-            0,
         )
-    };
+    })
+}
+
+fn send_bytes(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
+    // SAFETY: `message` is a valid buffer of its length; the socket is connected to the kernel.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `INET_DIAG_REQ_BYTECODE`, and the two conditions of [`exact_tuple_filter`]
+/// (`include/uapi/linux/inet_diag.h`).
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_S_COND: u8 = 7;
+const INET_DIAG_BC_D_COND: u8 = 8;
+
+/// The listing's filter (an `INET_DIAG_REQ_BYTECODE` attribute): the kernel lists only
+/// sockets whose local and remote address and port are the flow's. The request's ports
+/// alone let a workload crowd the listing with sockets on its flow's ports to other
+/// addresses (a few hundred fill a datagram, and a listing of several is no proof of
+/// absence), which kept a revoked flow open. Each condition is `inet_diag_bc_op` (code,
+/// `yes`: the step to the next op, `no`: past the end, which rejects) and
+/// `inet_diag_hostcond` (family, prefix length, port in host order, address); an `AF_INET`
+/// condition also matches a dual-stack socket's IPv4-mapped address (`inet_diag_bc_run`).
+fn exact_tuple_filter(destroy: &Request) -> Vec<u8> {
+    let address_len = if destroy.family == libc::AF_INET as u8 {
+        4
+    } else {
+        16
+    };
+    let op_len = 4 + 8 + address_len;
+    let program_len = 2 * op_len;
+    let mut attr = Vec::with_capacity(4 + program_len);
+    attr.extend_from_slice(&((4 + program_len) as u16).to_ne_bytes());
+    attr.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    let conditions = [
+        (INET_DIAG_BC_S_COND, destroy.sport, &destroy.src),
+        (INET_DIAG_BC_D_COND, destroy.dport, &destroy.dst),
+    ];
+    for (i, (code, port, address)) in conditions.into_iter().enumerate() {
+        let remaining = program_len - i * op_len;
+        attr.push(code);
+        attr.push(op_len as u8);
+        attr.extend_from_slice(&((remaining + 4) as u16).to_ne_bytes());
+        attr.push(destroy.family);
+        attr.push((address_len * 8) as u8);
+        attr.extend_from_slice(&[0, 0]);
+        attr.extend_from_slice(&i32::from(u16::from_be_bytes(port)).to_ne_bytes());
+        attr.extend_from_slice(&address[..address_len]);
+    }
+    attr
 }
 
 /// Resets tried on one socket found by listing (see [`destroy_with`]).
@@ -486,9 +532,9 @@ enum Listing {
     Listed(u32),
 }
 
-/// Lists the namespace's TCP sockets on the destroy request's ports (`SOCK_DIAG_BY_FAMILY`
-/// dump: the kernel filters a dump by family, source and destination port, whatever device a
-/// socket is bound to), in both families for an IPv4 flow (a dual-stack socket with a mapped
+/// Lists the namespace's TCP sockets with the destroy request's addresses and ports
+/// (`SOCK_DIAG_BY_FAMILY` dump filtered by [`exact_tuple_filter`], whatever device a socket
+/// is bound to), in both families for an IPv4 flow (a dual-stack socket with a mapped
 /// address is an AF_INET6 socket), looking for `cookie`. Errors (never ENOENT, so that no
 /// failure reads as "gone"): the dump failed or did not end, or took several datagrams
 /// without the cookie. Only messages from the kernel (port id 0) answering this dump count,
@@ -521,7 +567,21 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
         ..*destroy
     };
     set_receive_timeout(fd)?;
-    send_request(fd, &dump)?;
+    let filter = exact_tuple_filter(destroy);
+    let mut message = Vec::with_capacity(std::mem::size_of::<Request>() + filter.len());
+    let dump = Request {
+        len: (std::mem::size_of::<Request>() + filter.len()) as u32,
+        ..dump
+    };
+    // SAFETY: `Request` is plain `repr(C)` data without padding (its size is asserted).
+    message.extend_from_slice(unsafe {
+        std::slice::from_raw_parts(
+            (&dump as *const Request).cast::<u8>(),
+            std::mem::size_of::<Request>(),
+        )
+    });
+    message.extend_from_slice(&filter);
+    send_bytes(fd, &message)?;
     let mut found = None;
     // Datagrams that carried socket records: the kernel fills one before it resumes the walk
     // (NLMSG_DONE usually comes in a datagram of its own).
