@@ -189,7 +189,7 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
     }
-    let problems = untrusted(dir)?;
+    let problems = untrusted(dir, true)?;
     if !problems.is_empty() {
         bail!(
             "refusing {}: another user could change what the agent keeps there: {}. Remove or \
@@ -208,8 +208,89 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// What makes `dir` untrusted under [`private_dir`]'s rule: one line per problem.
-fn untrusted(dir: &Path) -> Result<Vec<String>> {
+/// Reads a secret (a key or a token) that no other user may read or change: the file
+/// (symlinks followed, as in a Kubernetes Secret volume) is owned by root or this process's
+/// user, gives others no access and its group no write (a group may read: a pod's
+/// `fsGroup`), and every directory above it is owned by root or this user and writable by
+/// nobody else unless sticky ([`private_dir`]'s rule). `what` says what a reader of the file
+/// could do, for the error. The checks are made on the open file, so the file read is the
+/// file checked.
+///
+/// Errors: the file cannot be opened or read, is not a regular file, or fails the rule
+/// (every problem named).
+pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut problems = writable_by_others(path, &meta)?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o005 != 0 {
+        problems.push(format!(
+            "{} is open to other users (mode {mode:04o}): anyone on this host who reads it could {what}",
+            path.display()
+        ));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "refusing the secret {}: {}. Make it mode 0600 (0640 for a group that must read it, \
+             such as a pod's fsGroup)",
+            path.display(),
+            problems.join("; ")
+        );
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes)
+}
+
+/// What would let another user change the file at `path`, whose open file has `meta`: the
+/// file is owned by neither root nor this process's user or is writable by its group or
+/// others, `path` itself is another user's symlink, or a directory above it fails
+/// [`private_dir`]'s rule for the directories above. One line per problem.
+pub fn writable_by_others(path: &Path, meta: &std::fs::Metadata) -> Result<Vec<String>> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut problems = untrusted(parent, false)?;
+    if let Ok(link) = std::fs::symlink_metadata(path) {
+        if link.file_type().is_symlink() && link.uid() != 0 && link.uid() != me {
+            problems.push(format!(
+                "{} is a symlink owned by uid {}",
+                path.display(),
+                link.uid()
+            ));
+        }
+    }
+    if meta.uid() != 0 && meta.uid() != me {
+        problems.push(format!(
+            "{} is owned by uid {}, neither root nor this process's uid {me}",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        problems.push(format!(
+            "{} is writable by other users (mode {:04o})",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(problems)
+}
+
+/// What makes `dir` untrusted under [`private_dir`]'s rule: one line per problem. With
+/// `own_last` false, `dir` itself is held to the rule of the directories above.
+fn untrusted(dir: &Path, own_last: bool) -> Result<Vec<String>> {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     let owner_ok = |uid: u32| uid == 0 || uid == me;
@@ -237,7 +318,7 @@ fn untrusted(dir: &Path) -> Result<Vec<String>> {
         at.push(component);
         let meta = std::fs::metadata(&at).with_context(|| format!("reading {}", at.display()))?;
         let (uid, mode) = (meta.uid(), meta.mode());
-        let last = i + 1 == depth;
+        let last = own_last && i + 1 == depth;
         if last && uid != me {
             problems.push(format!(
                 "{} is owned by uid {uid}, not by this agent's uid {me}",
@@ -371,5 +452,50 @@ mod tests {
             error.contains("the symlink") && error.contains("uid 65534"),
             "{error}"
         );
+    }
+
+    /// `read_secret`'s rule: others get nothing, the group may read but not write, the file
+    /// read is the file checked (a symlink, as in a Secret volume, is followed).
+    #[test]
+    fn a_secret_is_read_only_when_no_other_user_can_read_or_change_it() {
+        use std::os::unix::fs::{chown, symlink, PermissionsExt};
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let key = base.path().join("key");
+        std::fs::write(&key, "secret").unwrap();
+        let set_mode = |mode: u32| {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let error = |path: &Path| read_secret(path, "do harm").unwrap_err().to_string();
+
+        set_mode(0o644);
+        let e = error(&key);
+        assert!(
+            e.contains(
+                "open to other users (mode 0644): anyone on this host who reads it could do harm"
+            ),
+            "{e}"
+        );
+        set_mode(0o660);
+        assert!(error(&key).contains("writable by other users (mode 0660)"));
+        set_mode(0o640);
+        assert_eq!(read_secret(&key, "do harm").unwrap(), b"secret");
+        chown(&key, Some(65534), None).unwrap();
+        assert!(error(&key).contains("owned by uid 65534"));
+        chown(&key, Some(0), None).unwrap();
+
+        let link = base.path().join("link");
+        symlink(&key, &link).unwrap();
+        assert_eq!(read_secret(&link, "do harm").unwrap(), b"secret");
+        set_mode(0o604);
+        assert!(error(&link).contains("open to other users (mode 0604)"));
+        set_mode(0o600);
+
+        // In a directory anyone may write, the file could be swapped for another.
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(error(&key).contains("is writable by other users (mode 0777)"));
     }
 }

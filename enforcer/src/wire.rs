@@ -115,8 +115,13 @@ pub fn parse_keys(file: &Path, text: &str) -> Result<FlowKeys> {
 }
 
 pub fn read_keys(file: &Path) -> Result<FlowKeys> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the flow key file {}", file.display()))?;
+    let bytes = crate::fs::read_secret(
+        file,
+        "sign any workload's identity into a SYN that every node's ingress check accepts",
+    )
+    .with_context(|| format!("reading the flow key file {}", file.display()))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("the flow key file {} is not UTF-8", file.display()))?;
     parse_keys(file, &text)
 }
 

@@ -160,3 +160,22 @@ pub fn tail_of(path: &Path, max: usize) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+
+/// Writes a secret (a key or a token) as the enforcer requires one: mode 0600, so that no
+/// other user may read it (`enforcer::fs::read_secret`). An existing file keeps its inode and
+/// is made 0600.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    file.write_all(contents.as_ref())
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -137,7 +137,7 @@ fn certificates(dir: &Path) -> Result<(String, PathBuf, PathBuf)> {
     let cert_path = dir.join("webhook.crt");
     let key_path = dir.join("webhook.key");
     std::fs::write(&cert_path, cert.pem())?;
-    std::fs::write(&key_path, key.serialize_pem())?;
+    enforcer_tests::util::write_secret(&key_path, key.serialize_pem())?;
     Ok((ca.pem(), cert_path, key_path))
 }
 

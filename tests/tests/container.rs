@@ -376,9 +376,9 @@ impl Pdp {
     fn start(dir: &Path, policies: &Path, cert: &str, key: &str) -> Result<Self> {
         let (cert_path, key_path) = (dir.join("pdp.crt"), dir.join("pdp.key"));
         std::fs::write(&cert_path, cert)?;
-        std::fs::write(&key_path, key)?;
+        enforcer_tests::util::write_secret(&key_path, key)?;
         let token = dir.join("pdp-token");
-        std::fs::write(&token, PDP_TOKEN)?;
+        enforcer_tests::util::write_secret(&token, PDP_TOKEN)?;
         let ready = dir.join("pdp-ready");
         let log = dir.join("pdp.log");
         let mut cmd = Command::new(enforcer_bin());

@@ -447,7 +447,7 @@ endpoints:
     let bundle = same_tenant_bundle(&inventory)?;
     let tmp = TempDir::new("eb-keys")?;
     let keys = tmp.path().join("keys");
-    std::fs::write(&keys, "1 000102030405060708090a0b0c0d0e0f\n")?;
+    enforcer_tests::util::write_secret(&keys, "1 000102030405060708090a0b0c0d0e0f\n")?;
     let pins = PinDir::new("eb-in")?;
     let mut cfg =
         enforcer_tests::AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());

@@ -183,7 +183,7 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
     ])?;
     let keys = TempDir::new("kv-keys")?;
     let key_file = keys.path().join("flow.keys");
-    std::fs::write(&key_file, format!("{KEY}\n"))?;
+    enforcer_tests::util::write_secret(&key_file, format!("{KEY}\n"))?;
     let pins = PinDir::new("kv-pins")?;
     let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
     config.extra_args = vec![

@@ -323,7 +323,7 @@ fn pdp_sync_errors_and_staleness_follow_the_pdp() -> Result<()> {
     let world = world()?;
     let work = TempDir::new("mt-pdp")?;
     let token = work.path().join("token");
-    std::fs::write(&token, "mt-metrics-token-4c2a\n")?;
+    enforcer_tests::util::write_secret(&token, "mt-metrics-token-4c2a\n")?;
     let ready = work.path().join("pdp-ready");
     let pdp_log = work.path().join("pdp.log");
     let mut pdp = ChildGuard::new(

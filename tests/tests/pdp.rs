@@ -98,7 +98,7 @@ impl Drop for PdpServer {
 
 fn token_file(dir: &Path, token: &str) -> Result<PathBuf> {
     let path = dir.join(enforcer_tests::unique_name("token"));
-    std::fs::write(&path, format!("{token}\n"))?;
+    enforcer_tests::util::write_secret(&path, format!("{token}\n"))?;
     Ok(path)
 }
 
@@ -425,7 +425,7 @@ fn agent_syncs_over_https_with_a_pinned_ca() -> Result<()> {
     let cert_pem = work.path().join("cert.pem");
     let key_pem = work.path().join("key.pem");
     std::fs::write(&cert_pem, cert.cert.pem())?;
-    std::fs::write(&key_pem, cert.signing_key.serialize_pem())?;
+    enforcer_tests::util::write_secret(&key_pem, cert.signing_key.serialize_pem())?;
     let pdp = PdpServer::start(
         work.path(),
         world.bundle.path(),

@@ -2,7 +2,6 @@
 //! enforcing; a new agent on the same pin dir adopts them (one program per hook, not two)
 //! and resumes events. While one agent runs, a second on the same pins is refused.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -187,100 +186,5 @@ fn an_agent_removes_the_hooks_another_abi_left_and_refuses_while_that_agent_runs
     );
     probe.expect_outcome(&cross, Outcome::Eperm, "the new release's agent")?;
     probe.expect_outcome(&same, Outcome::Ok, "the new release's agent")?;
-    Ok(())
-}
-
-/// The unprivileged user the test stands another local user for.
-const NOBODY: u32 = 65534;
-
-/// Runs an agent expected to be refused (bounded: one that is not refused runs until
-/// killed) and returns its stderr.
-fn refused(config: enforcer_tests::agent::AgentConfig, what: &str) -> Result<String> {
-    let out = enforcer_tests::util::output_bounded(
-        &mut config.run_command(Path::new("/dev/null")),
-        Duration::from_secs(30),
-    )?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(!out.status.success(), "{what}: not refused\n{stderr}");
-    Ok(stderr)
-}
-
-/// Only the agent's user can change its pins and state. Before, the agent took a pin
-/// directory another user had created (on a bpffs mounted 1777, as the kernel mounts it by
-/// default, any user can create one first): that user could then unlink the agent's link
-/// pins and so detach its hooks. Its state directory likewise (the last good bundle and the
-/// cluster state are enforced after a restart). And the pin directories were 0755: anyone
-/// could open one and `flock` it, which keeps every later agent from starting.
-#[test]
-fn an_agent_refuses_pins_and_state_another_user_could_change_and_keeps_its_own_private(
-) -> Result<()> {
-    if !require_kernel() {
-        return Ok(());
-    }
-    let world = World::standard(41)?;
-    let _servers = world.servers_v4()?;
-    let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
-    let (cross, same) = world.gateway_calls();
-    let pin_root = world.agent_config().pin_path;
-
-    std::fs::create_dir(&pin_root)?;
-    std::os::unix::fs::chown(&pin_root, Some(NOBODY), Some(NOBODY))?;
-    let stderr = refused(world.agent_config(), "pins of another user")?;
-    ensure!(
-        stderr.contains(&pin_root.display().to_string()) && stderr.contains("owned by uid 65534"),
-        "the refusal names neither the directory nor its owner:\n{stderr}"
-    );
-    ensure!(
-        attached(&world)?.iter().all(|&(_, n)| n == 0),
-        "a refused agent attached hooks: {:?}",
-        attached(&world)?
-    );
-    std::os::unix::fs::chown(&pin_root, Some(0), Some(0))?;
-
-    let state = enforcer_tests::cli::StateDir::new()?;
-    std::os::unix::fs::chown(state.path(), Some(NOBODY), Some(NOBODY))?;
-    let stderr = refused(
-        state.configure(world.agent_config()),
-        "a state directory of another user",
-    )?;
-    ensure!(
-        stderr.contains(&state.path().display().to_string())
-            && stderr.contains("owned by uid 65534"),
-        "the refusal names neither the state directory nor its owner:\n{stderr}"
-    );
-    std::os::unix::fs::chown(state.path(), Some(0), Some(0))?;
-
-    // The pin root as an earlier release left it (0755): taken, and made private.
-    std::fs::set_permissions(
-        &pin_root,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let _agent = enforcer_tests::Agent::start(state.configure(world.agent_config()))?;
-    probe.expect_outcome(&cross, Outcome::Eperm, "the agent")?;
-    probe.expect_outcome(&same, Outcome::Ok, "the agent")?;
-    let pins = enforcer::datapath::pin_dir(&pin_root);
-    for dir in [&pin_root, &pins] {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir)?.permissions());
-        ensure!(
-            mode & 0o077 == 0,
-            "{} is mode {:04o}: other users can open it",
-            dir.display(),
-            mode & 0o7777
-        );
-    }
-    let flock = enforcer_tests::util::output_bounded(
-        std::process::Command::new("flock")
-            .arg("--nonblock")
-            .arg(&pins)
-            .arg("true")
-            .uid(NOBODY)
-            .gid(NOBODY),
-        Duration::from_secs(10),
-    )?;
-    ensure!(
-        !flock.status.success(),
-        "another user locked {}: the next agent could not start",
-        pins.display()
-    );
     Ok(())
 }

@@ -181,7 +181,7 @@ fn chroma_serves_only_the_allowed_tenant_and_flows_names_the_tenant_behind_each_
     ])?;
     let tmp = TempDir::new("vd-keys")?;
     let keys = tmp.path().join("keys");
-    std::fs::write(&keys, format!("{KEY}\n"))?;
+    enforcer_tests::util::write_secret(&keys, format!("{KEY}\n"))?;
     let pins = PinDir::new("vd")?;
     let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
     config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];

@@ -147,8 +147,8 @@ impl Bed {
         let tmp = TempDir::new("wr-keys")?;
         let keys1 = tmp.path().join("node1.keys");
         let keys2 = tmp.path().join("node2.keys");
-        std::fs::write(&keys1, format!("{KEY1}\n"))?;
-        std::fs::write(&keys2, format!("{KEY1}\n"))?;
+        enforcer_tests::util::write_secret(&keys1, format!("{KEY1}\n"))?;
+        enforcer_tests::util::write_secret(&keys2, format!("{KEY1}\n"))?;
 
         let n1 = NetNs::create(&unique_name("wr1"))?;
         let n2 = NetNs::create(&unique_name("wr2"))?;
@@ -1187,7 +1187,7 @@ endpoints:
     ])?;
     let tmp = TempDir::new("wr-keys")?;
     let keys = tmp.path().join("keys");
-    std::fs::write(&keys, format!("{KEY1}\n"))?;
+    enforcer_tests::util::write_secret(&keys, format!("{KEY1}\n"))?;
     let pins = PinDir::new("wr-v4")?;
     let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
     config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];

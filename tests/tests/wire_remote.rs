@@ -254,7 +254,7 @@ fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ik\n  cluster:\n    server: https://127.86.0.1:9\n    insecure-skip-tls-verify: true\nusers:\n- name: ik\n  user:\n    token: ik\ncontexts:\n- name: ik\n  context:\n    cluster: ik\n    user: ik\ncurrent-context: ik\n",
     )?;
     let keys = tmp.path().join("node2.keys");
-    std::fs::write(&keys, format!("{KEY1}\n"))?;
+    enforcer_tests::util::write_secret(&keys, format!("{KEY1}\n"))?;
 
     // The identity numbers node 2 compiles for the two pods.
     let options = ClusterOptions {

@@ -110,17 +110,31 @@ pub struct FileSink {
     retry_at: Option<u64>,
 }
 
+/// Opens the events file for appending. A regular file must be one no other user can
+/// change, in a directory no other user can change ([`crate::fs::writable_by_others`]):
+/// the SOC's record of every deny would otherwise be theirs to edit, or a link they planted
+/// would point the agent's writes elsewhere. A device or a pipe (`/dev/null`, a shipper's
+/// FIFO) is taken as it is.
 fn open_append(path: &Path) -> Result<(File, u64)> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .with_context(|| format!("opening the events file {}", path.display()))?;
-    let size = file
+    let meta = file
         .metadata()
-        .with_context(|| format!("reading the size of {}", path.display()))?
-        .len();
-    Ok((file, size))
+        .with_context(|| format!("reading the size of {}", path.display()))?;
+    if meta.is_file() {
+        let problems = crate::fs::writable_by_others(path, &meta)?;
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "refusing the events file {}: another user could change the events: {}",
+                path.display(),
+                problems.join("; ")
+            );
+        }
+    }
+    Ok((file, meta.len()))
 }
 
 /// `FILE.n`.
@@ -457,5 +471,38 @@ mod tests {
         for bad in ["", "0", "-1", "1T", "M", "1.5M", "99999999999999999999G"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A regular events file another user could change is refused (they could edit or
+    /// delete the record of every deny); a device is taken as it is.
+    #[test]
+    fn an_events_file_another_user_could_change_is_refused() {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.json");
+        std::fs::write(&path, "").unwrap();
+        chown(&path, Some(65534), None).unwrap();
+        let error = format!(
+            "{:#}",
+            FileSink::open(&path, Rotation::default()).err().unwrap()
+        );
+        assert!(error.contains("owned by uid 65534"), "{error}");
+        chown(&path, Some(0), None).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let error = format!(
+            "{:#}",
+            FileSink::open(&path, Rotation::default()).err().unwrap()
+        );
+        assert!(
+            error.contains("writable by other users (mode 0666)"),
+            "{error}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        FileSink::open(&path, Rotation::default()).unwrap();
+        Sink::open("/dev/null", Rotation::default()).unwrap();
     }
 }

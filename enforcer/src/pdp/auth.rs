@@ -34,8 +34,10 @@ impl Token {
 
     /// Reads a token file (the whole file, trimmed).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let raw = std::fs::read_to_string(path)
+        let bytes = crate::fs::read_secret(path, "fetch the policy from the PDP as an agent")
             .with_context(|| format!("reading the token file {}", path.display()))?;
+        let raw = String::from_utf8(bytes)
+            .with_context(|| format!("the token file {} is not UTF-8", path.display()))?;
         Self::new(&raw).with_context(|| format!("token file {}", path.display()))
     }
 

@@ -29,6 +29,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     }
     let token = dir.join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (policies, token)
 }
 
@@ -552,6 +553,11 @@ async fn https_with_a_pinned_ca() {
     let key_pem = dir.0.join("key.pem");
     std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
     std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        &key_pem,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
     let other_pem = dir.0.join("other.pem");
     std::fs::write(&other_pem, other.cert.pem()).unwrap();

@@ -27,7 +27,8 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// The server side: a certificate chain and its private key, both PEM.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
     let chain = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
+    let pem = crate::fs::read_secret(key, "impersonate this server to its clients")?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
         .with_context(|| format!("reading a PEM private key from {}", key.display()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

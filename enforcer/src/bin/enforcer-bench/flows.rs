@@ -259,6 +259,7 @@ pub fn flows_bench(options: &FlowOptions) -> Result<()> {
     std::fs::write(bundle.join("policies.cedar"), POLICIES)?;
     let keys = bed.workdir.join("flow.keys");
     std::fs::write(&keys, "1 000102030405060708090a0b0c0d0e0f\n")?;
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
 
     // The agent runs where the benchmark started (outside the subtree it enforces).
     let events = bed.workdir.join("events.jsonl");
