@@ -97,6 +97,16 @@ const BPF_ANY: u64 = 0;
 /// `BPF_NOEXIST`: create only (a tenant's counter, once).
 const BPF_NOEXIST: u64 = 1;
 const RINGBUF_FLAGS: u64 = 0;
+/// `bpf_ringbuf_submit` flags and the `bpf_ringbuf_query` question (`BPF_RB_*`, uapi bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Unread bytes from which a flow event wakes the agent at once (a quarter of the ring).
+/// Below, the agent finds the events at its next look (every `FLOW_DRAIN_EVERY`, 100 ms):
+/// the default wake-up raised an interrupt (`irq_work`, an IPI, a VM exit under a
+/// hypervisor) and woke the agent inside every tracked `connect()` and `close()`, which
+/// made up most of the kernel's cost of a tracked connect (perf, README "Tracked flows").
+const WAKE_AT_BYTES: u64 = capacity::FLOW_EVENTS_BYTES as u64 / 4;
 /// `-EEXIST` from a `BPF_NOEXIST` update: the pair is recorded already.
 const EEXIST: i32 = -17;
 const COMM_LEN: u32 = 16;
@@ -540,5 +550,10 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         cd.write(cs.read());
         cd.add(1).write(cs.add(1).read());
     }
-    entry.submit(RINGBUF_FLAGS);
+    let wake = if FLOW_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake);
 }

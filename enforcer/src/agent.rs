@@ -49,6 +49,11 @@ const EVENT_BATCH: usize = 1024;
 
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often the agent reads `FLOW_EVENTS` without being woken: the kernel wakes it only when
+/// a quarter of the ring is unread (`WAKE_AT_BYTES` in the kernel's flows.rs), so that no
+/// tracked `connect()` or `close()` pays for an interrupt and a wake-up. Bounds how late a
+/// flow event is written, and how late a flow opened under an older policy is re-decided.
+const FLOW_DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// How often `FLOWS` is read to name missed flow contacts (see `drain_missed_contacts`).
 const LIVE_SCAN_EVERY: Duration = Duration::from_secs(5);
 /// With a healthy inotify watch of the whole subtree, the cgroup tree is re-resolved on its
@@ -1909,6 +1914,8 @@ async fn stream_events(
     // Every RESYNC_EVERY (500 ms), also while a flood keeps the rings busy: the drain turns
     // below yield after each batch, so this tick is reached at least once a second.
     let mut lost_check = tokio::time::interval(RESYNC_EVERY);
+    let mut flow_drain = tokio::time::interval(FLOW_DRAIN_EVERY);
+    flow_drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut denies = Denies {
         history: &history,
         cgroups: crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok()),
@@ -1931,33 +1938,15 @@ async fn stream_events(
             }
             guard = flow_ring.readable_mut() => {
                 drain_turn(guard, "FLOW_EVENTS", |item| {
-                    let event = match flows::decode(item) {
-                        Ok(event) => event,
-                        Err(error) => {
-                            tracing::error!(%error, "undecodable flow record");
-                            return Ok(());
-                        }
-                    };
-                    // A change re-decides only established flows (a handshake's socket has no
-                    // local address to reset yet), and a connect decided just before a swap
-                    // may record its flow after the change's re-decide read the table. Either
-                    // way the flow completes under a generation older than the newest: have the
-                    // agent re-decide it now, not at the next change.
-                    if event.kind == flow_kind::OPENED
-                        && history.newest().is_some_and(|g| g != event.record.policy_generation)
-                    {
-                        stale_handshake.notify_one();
-                    }
-                    let Some(policy) = history.at(event.record.policy_generation) else { return Ok(()) };
-                    if event.kind == flow_kind::OPENED {
-                        if let Some(contacts) = &contacts {
-                            let _ = contacts.send((event.cookie, event.record));
-                        }
-                    }
-                    let mut call = flow_call(&event, &policy);
-                    call.policy.snapshot = snapshot_of(&history, &event.record);
-                    events.emit(Event::Flow(call)).map(drop)
+                    deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), &mut events)
                 }).await?;
+            }
+            _ = flow_drain.tick() => {
+                let ring = flow_ring.get_mut();
+                for _ in 0..EVENT_BATCH {
+                    let Some(item) = ring.next() else { break };
+                    deliver_flow(&item, &history, &stale_handshake, contacts.as_ref(), &mut events)?;
+                }
             }
             Some(call) = agent_flows.recv() => {
                 events.emit(Event::Flow(call))?;
@@ -2007,6 +1996,44 @@ async fn stream_events(
         // in one write, before the loop waits again.
         events.flush();
     }
+}
+
+/// One `FLOW_EVENTS` record: written as `flow.opened` / `flow.closed` with the policy of its
+/// generation. A flow opened under an older generation than the newest is re-decided now
+/// (`stale_handshake`): a change re-decides only established flows, and a connect decided
+/// just before a swap may record its flow after the change's re-decide read the table.
+fn deliver_flow(
+    item: &[u8],
+    history: &PolicyHistory,
+    stale_handshake: &tokio::sync::Notify,
+    contacts: Option<&mpsc::UnboundedSender<(u64, enforcer_common::FlowRecord)>>,
+    events: &mut Emitter,
+) -> Result<()> {
+    let event = match flows::decode(item) {
+        Ok(event) => event,
+        Err(error) => {
+            tracing::error!(%error, "undecodable flow record");
+            return Ok(());
+        }
+    };
+    if event.kind == flow_kind::OPENED
+        && history
+            .newest()
+            .is_some_and(|g| g != event.record.policy_generation)
+    {
+        stale_handshake.notify_one();
+    }
+    let Some(policy) = history.at(event.record.policy_generation) else {
+        return Ok(());
+    };
+    if event.kind == flow_kind::OPENED {
+        if let Some(contacts) = contacts {
+            let _ = contacts.send((event.cookie, event.record));
+        }
+    }
+    let mut call = flow_call(&event, &policy);
+    call.policy.snapshot = snapshot_of(history, &event.record);
+    events.emit(Event::Flow(call)).map(drop)
 }
 
 /// Keeps `CONFIG.tai_offset_s` equal to this host's CLOCK_TAI - CLOCK_REALTIME: the identity
