@@ -550,10 +550,21 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         cd.write(cs.read());
         cd.add(1).write(cs.add(1).read());
     }
-    let wake = if FLOW_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES {
+    // A flow opened under another policy than the one in force now raced a change: the agent
+    // re-decides it on this event (`stale_handshake`), so it must not wait for the next look.
+    let raced = kind == flow_event::OPENED && current_generation() != Some(r.policy_generation);
+    let wake = if raced || FLOW_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(wake);
+}
+
+/// `Config::generation` (low 32 bits) in force now, as the connect hooks read it.
+#[inline(always)]
+fn current_generation() -> Option<u32> {
+    let config = crate::CONFIG.get_ptr(crate::SINGLE_ENTRY)?;
+    // SAFETY: array values are always valid for reads; one 64-bit load, as the hooks do.
+    Some(unsafe { read_volatile(&(*config).generation) } as u32)
 }

@@ -50,9 +50,10 @@ const EVENT_BATCH: usize = 1024;
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
 /// How often the agent reads `FLOW_EVENTS` without being woken: the kernel wakes it only when
-/// a quarter of the ring is unread (`WAKE_AT_BYTES` in the kernel's flows.rs), so that no
-/// tracked `connect()` or `close()` pays for an interrupt and a wake-up. Bounds how late a
-/// flow event is written, and how late a flow opened under an older policy is re-decided.
+/// a quarter of the ring is unread (`WAKE_AT_BYTES` in the kernel's flows.rs) or a flow
+/// opened under another policy generation than the one in force (to be re-decided at once),
+/// so that no other tracked `connect()` or `close()` pays for an interrupt and a wake-up.
+/// Bounds how late a flow event is written and a first contact is judged (`--learn`).
 const FLOW_DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// How often `FLOWS` is read to name missed flow contacts (see `drain_missed_contacts`).
 const LIVE_SCAN_EVERY: Duration = Duration::from_secs(5);
@@ -218,9 +219,13 @@ pub fn prepare(options: &RunOptions) -> Result<Prepared> {
             options.cgroup_root
         );
     }
-    // Before anything is read from it: its last good bundle and cluster state are enforced
-    // after a restart, and its sockets take commands.
+    // Before anything is read from them: the last good bundle and cluster state are enforced
+    // after a restart, the state directory's sockets take commands, and the agent writes its
+    // own cgroup's exemption into maps pinned there before it loads its programs.
     crate::fs::private_dir(&options.state_dir, 0o755)?;
+    crate::fs::ensure_bpffs(&options.pin_root)?;
+    crate::fs::private_dir(&options.pin_root, 0o700)?;
+    crate::fs::private_dir(&datapath::pin_dir(&options.pin_root), 0o700)?;
     Ok(Prepared {
         cgroup_mount,
         cgroup_root,
@@ -1989,6 +1994,8 @@ async fn stream_events(
                     tracing::warn!(count, total, "flow ring buffer full: flow events lost in the kernel");
                     events.emit(Event::Notice(Notice::FlowEventsLost { time: now(), count, total }))?;
                     flows_lost_seen = total;
+                    // A lost `flow.opened` may have been a flow that raced a change: re-decide.
+                    stale_handshake.notify_one();
                 }
             }
         }

@@ -189,21 +189,29 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
     }
-    let problems = untrusted(dir, true)?;
+    let problems = untrusted(dir, true, Above::Strict)?;
     if !problems.is_empty() {
         bail!(
             "refusing {}: another user could change what the agent keeps there: {}. Remove or \
-             fix it (root-owned, mode {mode:04o}) and start again",
+             fix it (owned by this agent's user, mode {mode:04o}, in directories only root or \
+             that user may write) and start again",
             dir.display(),
             problems.join("; ")
         );
     }
-    let real = dir.canonicalize()?;
-    let current = std::fs::metadata(&real)?.mode() & 0o7777;
-    if current & !mode != 0 {
-        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(current & mode))
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let current = std::fs::metadata(&real)
+        .with_context(|| format!("reading {}", real.display()))?
+        .mode()
+        & 0o7777;
+    // The permission bits only: a sticky or setgid bit stays as it was.
+    let wanted = current & !(0o777 & !mode);
+    if wanted != current {
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(wanted))
             .with_context(|| format!("restricting {} to mode {mode:04o}", real.display()))?;
-        tracing::info!(dir = %real.display(), was = format!("{current:04o}"), now = format!("{:04o}", current & mode), "restricted the access to a state directory");
+        tracing::info!(dir = %real.display(), was = format!("{current:04o}"), now = format!("{wanted:04o}"), "restricted the access to a state directory");
     }
     Ok(())
 }
@@ -220,20 +228,36 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
 /// (every problem named).
 pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: a FIFO planted at the path would otherwise hang the open (and the agent's
+    // tick, which re-reads the flow key); it is refused below as not a regular file.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let meta = file
         .metadata()
         .with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    let mut problems = writable_by_others(path, &meta)?;
+    let mut problems = writable_by_others(path, &meta, Above::Strict)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o005 != 0 {
         problems.push(format!(
             "{} is open to other users (mode {mode:04o}): anyone on this host who reads it could {what}",
             path.display()
+        ));
+    }
+    // A group may read it only if it is one of this process's own (a pod's fsGroup is a
+    // supplementary group): `root:adm 0640` would hand it to every member of `adm`.
+    if mode & 0o040 != 0 && !is_own_group(meta.gid()) {
+        problems.push(format!(
+            "{} is readable by group {}, not one of this process's groups (mode {mode:04o}): \
+             its members could {what}",
+            path.display(),
+            meta.gid()
         ));
     }
     if !problems.is_empty() {
@@ -250,18 +274,35 @@ pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Whether `gid` is this process's effective group, one of its supplementary groups, or root's.
+fn is_own_group(gid: u32) -> bool {
+    // SAFETY: getegid cannot fail; getgroups writes at most `groups.len()` entries.
+    unsafe {
+        if gid == 0 || gid == libc::getegid() {
+            return true;
+        }
+        let mut groups = [0 as libc::gid_t; 256];
+        let n = libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
+}
+
 /// What would let another user change the file at `path`, whose open file has `meta`: the
 /// file is owned by neither root nor this process's user or is writable by its group or
 /// others, `path` itself is another user's symlink, or a directory above it fails
 /// [`private_dir`]'s rule for the directories above. One line per problem.
-pub fn writable_by_others(path: &Path, meta: &std::fs::Metadata) -> Result<Vec<String>> {
+pub fn writable_by_others(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    above: Above,
+) -> Result<Vec<String>> {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut problems = untrusted(parent, false)?;
+    let mut problems = untrusted(parent, false, above)?;
     if let Ok(link) = std::fs::symlink_metadata(path) {
         if link.file_type().is_symlink() && link.uid() != 0 && link.uid() != me {
             problems.push(format!(
@@ -280,17 +321,37 @@ pub fn writable_by_others(path: &Path, meta: &std::fs::Metadata) -> Result<Vec<S
     }
     if meta.mode() & 0o022 != 0 {
         problems.push(format!(
-            "{} is writable by other users (mode {:04o})",
+            "{} is writable by its group or other users (mode {:04o})",
             path.display(),
             meta.mode() & 0o7777
+        ));
+    }
+    // Another name elsewhere (a hard link planted to, say, a root-owned system file) would
+    // pass every check above and take the agent's writes.
+    if meta.is_file() && meta.nlink() > 1 {
+        problems.push(format!(
+            "{} has {} hard links: another name may point at the same file",
+            path.display(),
+            meta.nlink()
         ));
     }
     Ok(problems)
 }
 
+/// How the directories above a checked path are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Above {
+    /// Writable by nobody but their owner (root or this user), unless sticky: for what the
+    /// agent trusts (pins, state, secrets).
+    Strict,
+    /// Also writable by their group: for what the agent only writes (the events file), so
+    /// that a log directory such as Ubuntu's `/var/log` (`root:syslog 0775`) can hold it.
+    GroupMayWrite,
+}
+
 /// What makes `dir` untrusted under [`private_dir`]'s rule: one line per problem. With
 /// `own_last` false, `dir` itself is held to the rule of the directories above.
-fn untrusted(dir: &Path, own_last: bool) -> Result<Vec<String>> {
+fn untrusted(dir: &Path, own_last: bool, above: Above) -> Result<Vec<String>> {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     let owner_ok = |uid: u32| uid == 0 || uid == me;
@@ -327,11 +388,15 @@ fn untrusted(dir: &Path, own_last: bool) -> Result<Vec<String>> {
         } else if !last && !owner_ok(uid) {
             problems.push(format!("{} is owned by uid {uid}", at.display()));
         }
-        let writable_by_others = mode & 0o022 != 0;
+        let writable_by_others = if last || above == Above::Strict {
+            mode & 0o022 != 0
+        } else {
+            mode & 0o002 != 0
+        };
         let sticky = mode & libc::S_ISVTX != 0;
         if writable_by_others && (last || !sticky) {
             problems.push(format!(
-                "{} is writable by other users (mode {:04o})",
+                "{} is writable by its group or other users (mode {:04o})",
                 at.display(),
                 mode & 0o7777
             ));
@@ -421,7 +486,7 @@ mod tests {
         set_mode(&open.join("a"), 0o777);
         let error = private_dir(&fresh, 0o700).unwrap_err().to_string();
         assert!(
-            error.contains("a is writable by other users (mode 0777)"),
+            error.contains("a is writable by its group or other users (mode 0777)"),
             "{error}"
         );
         // Sticky, as /tmp: others cannot rename what they do not own.
@@ -434,7 +499,7 @@ mod tests {
         let error = private_dir(&fresh, 0o700).unwrap_err().to_string();
         assert!(error.contains("b is owned by uid 65534"), "{error}");
         assert!(
-            error.contains("pins is writable by other users (mode 0777)"),
+            error.contains("pins is writable by its group or other users (mode 0777)"),
             "{error}"
         );
         chown(open.join("a/b"), Some(0), None).unwrap();
@@ -480,9 +545,23 @@ mod tests {
             "{e}"
         );
         set_mode(0o660);
-        assert!(error(&key).contains("writable by other users (mode 0660)"));
+        assert!(error(&key).contains("writable by its group or other users (mode 0660)"));
         set_mode(0o640);
         assert_eq!(read_secret(&key, "do harm").unwrap(), b"secret");
+        // A group this process is not in (as `adm` for a root daemon) may not read it.
+        chown(&key, None, Some(65534)).unwrap();
+        assert!(error(&key).contains("readable by group 65534, not one of this process's groups"));
+        chown(&key, None, Some(0)).unwrap();
+        // A second name for the same file.
+        let alias = base.path().join("alias");
+        std::fs::hard_link(&key, &alias).unwrap();
+        assert!(error(&key).contains("has 2 hard links"));
+        std::fs::remove_file(&alias).unwrap();
+        // A FIFO at the path is refused, not waited on.
+        let fifo = base.path().join("fifo");
+        let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        assert!(error(&fifo).contains("is not a regular file"));
         chown(&key, Some(65534), None).unwrap();
         assert!(error(&key).contains("owned by uid 65534"));
         chown(&key, Some(0), None).unwrap();
@@ -496,6 +575,6 @@ mod tests {
 
         // In a directory anyone may write, the file could be swapped for another.
         std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(error(&key).contains("is writable by other users (mode 0777)"));
+        assert!(error(&key).contains("is writable by its group or other users (mode 0777)"));
     }
 }

@@ -110,28 +110,50 @@ pub struct FileSink {
     retry_at: Option<u64>,
 }
 
-/// Opens the events file for appending. A regular file must be one no other user can
-/// change, in a directory no other user can change ([`crate::fs::writable_by_others`]):
-/// the SOC's record of every deny would otherwise be theirs to edit, or a link they planted
-/// would point the agent's writes elsewhere. A device or a pipe (`/dev/null`, a shipper's
-/// FIFO) is taken as it is.
+/// Opens the events file for appending (created with the umask's mode, so that a log shipper
+/// running as another user can read it). A regular file must be one no other
+/// user can change, with no other name, in a directory no other user can change
+/// ([`crate::fs::writable_by_others`]): the SOC's record of every deny would otherwise be
+/// theirs to edit, or a link they planted would point the agent's writes elsewhere. A device
+/// or a FIFO (`/dev/null`, a shipper's pipe) must be root's or the agent's user's. The open
+/// does not block: a FIFO without a reader is an error, not a hang.
 fn open_append(path: &Path) -> Result<(File, u64)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .with_context(|| format!("opening the events file {}", path.display()))?;
     let meta = file
         .metadata()
         .with_context(|| format!("reading the size of {}", path.display()))?;
-    if meta.is_file() {
-        let problems = crate::fs::writable_by_others(path, &meta)?;
-        if !problems.is_empty() {
-            anyhow::bail!(
-                "refusing the events file {}: another user could change the events: {}",
-                path.display(),
-                problems.join("; ")
-            );
+    let problems = if meta.is_file() {
+        crate::fs::writable_by_others(path, &meta, crate::fs::Above::GroupMayWrite)?
+    } else {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() == 0 || meta.uid() == me {
+            Vec::new()
+        } else {
+            vec![format!("{} is owned by uid {}", path.display(), meta.uid())]
+        }
+    };
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "refusing the events file {}: another user could change or read the events: {}",
+            path.display(),
+            problems.join("; ")
+        );
+    }
+    // Writes block as before (a full pipe waits for the shipper).
+    // SAFETY: fcntl on an fd this function owns.
+    unsafe {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("making {} blocking", path.display()));
         }
     }
     Ok((file, meta.len()))
@@ -498,11 +520,45 @@ mod tests {
             FileSink::open(&path, Rotation::default()).err().unwrap()
         );
         assert!(
-            error.contains("writable by other users (mode 0666)"),
+            error.contains("writable by its group or other users (mode 0666)"),
             "{error}"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         FileSink::open(&path, Rotation::default()).unwrap();
         Sink::open("/dev/null", Rotation::default()).unwrap();
+        // A log directory its group may write (Ubuntu's /var/log) holds it; one anyone may
+        // write does not.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+        FileSink::open(&path, Rotation::default()).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = format!(
+            "{:#}",
+            FileSink::open(&path, Rotation::default()).err().unwrap()
+        );
+        assert!(error.contains("(mode 0777)"), "{error}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Another name for the file (a hard link planted to a system file) is refused.
+        let alias = dir.path().join("alias");
+        std::fs::hard_link(&path, &alias).unwrap();
+        let error = format!(
+            "{:#}",
+            FileSink::open(&path, Rotation::default()).err().unwrap()
+        );
+        assert!(error.contains("has 2 hard links"), "{error}");
+        std::fs::remove_file(&alias).unwrap();
+        // Another user's FIFO: refused, never waited on.
+        let fifo = dir.path().join("fifo");
+        let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o666) }, 0);
+        chown(&fifo, Some(65534), None).unwrap();
+        let error = format!(
+            "{:#}",
+            FileSink::open(&fifo, Rotation::default()).err().unwrap()
+        );
+        assert!(
+            error.to_lowercase().contains("no such device or address")
+                || error.contains("owned by uid 65534"),
+            "{error}"
+        );
     }
 }
