@@ -218,8 +218,8 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
 
 /// Reads a secret (a key or a token) that no other user may read or change: the file
 /// (symlinks followed, as in a Kubernetes Secret volume) is owned by root or this process's
-/// user, gives others no access and its group no write (a group may read: a pod's
-/// `fsGroup`), and every directory above it is owned by root or this user and writable by
+/// user, has one name (no hard link), gives others no access and its group no write (a
+/// group may read only if this process is in it: a pod's `fsGroup`), and every directory above it is owned by root or this user and writable by
 /// nobody else unless sticky ([`private_dir`]'s rule). `what` says what a reader of the file
 /// could do, for the error. The checks are made on the open file, so the file read is the
 /// file checked.

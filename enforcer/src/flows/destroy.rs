@@ -450,13 +450,18 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 3;
 
 fn send_request(fd: &OwnedFd, req: &Request) -> io::Result<()> {
+    send_bytes(fd, request_bytes(req))
+}
+
+/// The bytes of `req` as the kernel reads them.
+fn request_bytes(req: &Request) -> &[u8] {
     // SAFETY: `Request` is plain `repr(C)` data without padding (its size is asserted).
-    send_bytes(fd, unsafe {
+    unsafe {
         std::slice::from_raw_parts(
             (req as *const Request).cast::<u8>(),
             std::mem::size_of::<Request>(),
         )
-    })
+    }
 }
 
 fn send_bytes(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
@@ -568,20 +573,11 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
     };
     set_receive_timeout(fd)?;
     let filter = exact_tuple_filter(destroy);
-    let mut message = Vec::with_capacity(std::mem::size_of::<Request>() + filter.len());
     let dump = Request {
         len: (std::mem::size_of::<Request>() + filter.len()) as u32,
         ..dump
     };
-    // SAFETY: `Request` is plain `repr(C)` data without padding (its size is asserted).
-    message.extend_from_slice(unsafe {
-        std::slice::from_raw_parts(
-            (&dump as *const Request).cast::<u8>(),
-            std::mem::size_of::<Request>(),
-        )
-    });
-    message.extend_from_slice(&filter);
-    send_bytes(fd, &message)?;
+    send_bytes(fd, &[request_bytes(&dump), &filter].concat())?;
     let mut found = None;
     // Datagrams that carried socket records: the kernel fills one before it resumes the walk
     // (NLMSG_DONE usually comes in a datagram of its own).
