@@ -93,11 +93,18 @@ impl Image {
             .stdin(Stdio::null());
         // Building a release agent from scratch takes long on a small machine.
         let out = output_bounded(&mut cmd, Duration::from_secs(3 * 3600))?;
+        // Without cargo's progress lines, and only the end: CI shows a failure's last
+        // lines, and the cause (a compiler error, a full disk) is there.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let kept: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("Compiling "))
+            .collect();
         ensure!(
             out.status.success(),
-            "cargo xtask image failed ({}):\n{}",
+            "cargo xtask image failed ({}); the end of its output, without `Compiling` lines:\n{}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            kept[kept.len().saturating_sub(60)..].join("\n")
         );
         Ok(Self(tag))
     }
