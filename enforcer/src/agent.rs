@@ -261,7 +261,10 @@ fn load_policy(
     Ok((bundle, compiled))
 }
 
+/// The bundle in `dir`, which no other user may change ([`crate::fs::trusted_bundle_dir`]):
+/// one who could would decide what the kernel allows.
 fn load_bundle(dir: &Path, cluster: Option<Cluster>) -> Result<Bundle> {
+    crate::fs::trusted_bundle_dir(dir)?;
     let loaded = match cluster {
         Some(cluster) => {
             let empty = ClusterState::default();
@@ -658,8 +661,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     )?;
     agent.write_state()?;
     if let Some(ready) = &agent.options.ready_file {
-        std::fs::write(ready, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing {}", ready.display()))?;
+        crate::fs::replace_file(ready, format!("{}\n", std::process::id()).as_bytes())?;
     }
 
     let mut terminate = signal(SignalKind::terminate())?;

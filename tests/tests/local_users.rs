@@ -1,7 +1,8 @@
 //! What another local user can do to the enforcer: nothing. Its pins and state (an unlinked
 //! link pin detaches a hook; the last good bundle and the cluster state are enforced after a
-//! restart) and its secrets (the flow key signs identities every node trusts) are refused
-//! when another user could change or read them. The test stands user `nobody` (65534) for
+//! restart), its secrets (the flow key signs identities every node trusts) and its policy
+//! (which decides what the kernel allows) are refused when another user could change or
+//! read them. The test stands user `nobody` (65534) for
 //! that user.
 
 use std::os::unix::process::CommandExt;
@@ -191,5 +192,95 @@ fn a_key_or_token_other_users_can_read_is_refused() -> Result<()> {
         "admission serve with a TLS key other users can read: {:?}\n{stderr}",
         out.status
     );
+    Ok(())
+}
+
+/// A policy bundle another user could change is refused: at start (nothing attached), and
+/// at a reload (the bundle in force stays, and `policy.rejected` names the file). Before,
+/// the agent enforced whatever the bundle directory held, so a user who owned one policy
+/// file, or could write the directory, decided what the kernel allows. The PDP, which
+/// publishes its directory to every node, refuses it too.
+#[test]
+fn a_policy_bundle_another_user_could_change_is_refused_and_the_last_good_stays() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(43)?;
+    let _servers = world.servers_v4()?;
+    let probe = Probe::new().in_cgroup(world.cgroup("acme-gateway"));
+    let (cross, same) = world.gateway_calls();
+    let inventory = world.bundle.path().join("inventory.yaml");
+
+    std::os::unix::fs::chown(&inventory, Some(NOBODY), None)?;
+    let stderr = refused(
+        world.agent_config(),
+        "a bundle with another user's inventory",
+    )?;
+    ensure!(
+        stderr.contains(&inventory.display().to_string()) && stderr.contains("owned by uid 65534"),
+        "the refusal does not name the inventory and its owner:\n{stderr}"
+    );
+    ensure!(attached(&world)? == 0, "a refused agent attached hooks");
+
+    let mut pdp = std::process::Command::new(enforcer_tests::agent::enforcer_bin());
+    pdp.args(["pdp", "serve", "--listen", "127.43.250.1:0", "--policies"])
+        .arg(world.bundle.path())
+        .env("ENFORCER_PDP_TOKEN", "lu-token-43c1");
+    let out = enforcer_tests::util::output_bounded(&mut pdp, Duration::from_secs(30))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("owned by uid 65534"),
+        "pdp serve with another user's inventory: {:?}\n{stderr}",
+        out.status
+    );
+    std::os::unix::fs::chown(&inventory, Some(0), None)?;
+
+    let agent = enforcer_tests::Agent::start(world.agent_config())?;
+    probe.expect_outcome(&cross, Outcome::Eperm, "cross-tenant, the bundle in force")?;
+    probe.expect_outcome(
+        &same,
+        Outcome::Ok,
+        "same tenant, the bundle in force",
+    )?;
+
+    // Another user's policy file that would deny everything, then a reload.
+    let planted = world.bundle.path().join("planted.cedar");
+    std::fs::write(&planted, "forbid (principal, action, resource);\n")?;
+    std::os::unix::fs::chown(&planted, Some(NOBODY), None)?;
+    enforcer_tests::cli::send_signal(agent.pid(), libc::SIGHUP)?;
+    let rejected = enforcer_tests::cli::wait_notices(
+        &agent,
+        "policy.rejected",
+        1,
+        Duration::from_secs(15),
+        |_| true,
+    )?;
+    let text = rejected[0].to_string();
+    ensure!(
+        text.contains("planted.cedar") && text.contains("owned by uid 65534"),
+        "policy.rejected must name the file and its owner: {text}"
+    );
+    probe.expect_outcome(
+        &same,
+        Outcome::Ok,
+        "same tenant, after the refused reload",
+    )?;
+
+    // The same file, root's: taken, so the refusal above was the owner's doing.
+    std::os::unix::fs::chown(&planted, Some(0), None)?;
+    enforcer_tests::cli::send_signal(agent.pid(), libc::SIGHUP)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let outcome = probe.run_one(&same)?.outcome;
+        if outcome == Outcome::Eperm {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the root-owned policy was not taken within 15 s (same tenant: {outcome:?})\n{}",
+            agent.stderr_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }

@@ -172,8 +172,7 @@ pub async fn serve_until(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "admission webhook serving https://{addr}{MUTATE_PATH} and {VALIDATE_PATH}");
     if let Some(ready) = &options.ready_file {
-        std::fs::write(ready, format!("{addr}\n"))
-            .with_context(|| format!("writing {}", ready.display()))?;
+        crate::fs::replace_file(ready, format!("{addr}\n").as_bytes())?;
     }
     let served = accept_until(
         &listener,

@@ -157,8 +157,7 @@ impl Pdp {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, "PDP serving {scheme}://{addr}{BUNDLE_PATH}");
         if let Some(ready) = &self.ready_file {
-            std::fs::write(ready, format!("{addr}\n"))
-                .with_context(|| format!("writing {}", ready.display()))?;
+            crate::fs::replace_file(ready, format!("{addr}\n").as_bytes())?;
         }
         let watcher = tokio::spawn(watch_dir(self.policies.clone(), self.publisher));
         let shared = self.shared;
@@ -293,10 +292,14 @@ async fn respond(
     }
 }
 
-/// Reads the bundle files of `dir`, validates exactly those (a copy in a temp dir, so that an
+/// Reads the bundle files of `dir` (which no other user may change:
+/// [`crate::fs::trusted_bundle_dir`]), validates exactly those (a copy in a temp dir, so that an
 /// edit racing with the read cannot make us serve files other than the ones validated), and
 /// renders the response body. The problems as text when the bundle is invalid.
 fn snapshot(dir: &Path) -> std::result::Result<Published, String> {
+    // Every node enforces what this serves: a directory another user could change would be
+    // theirs to write the whole cluster's policy in.
+    crate::fs::trusted_bundle_dir(dir).map_err(|e| format!("{e:#}"))?;
     let files = read_bundle_files(dir).map_err(|e| format!("{e:#}"))?;
     let scratch = sibling(&std::env::temp_dir().join("enforcer-pdp"), "stage")
         .map_err(|e| format!("{e:#}"))?;

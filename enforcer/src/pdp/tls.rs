@@ -13,9 +13,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading certificates from {}", path.display()))?
+/// The PEM certificates of `path`, a file no other user may change
+/// ([`crate::fs::read_trusted`]): `what` says what one who could change it could do.
+fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = crate::fs::read_trusted(path, what)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificates in {}", path.display()))?;
     if certs.is_empty() {
@@ -26,7 +28,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 
 /// The server side: a certificate chain and its private key, both PEM.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
-    let chain = load_certs(cert)?;
+    let chain = load_certs(cert, "serve a certificate of their choosing")?;
     let pem = crate::fs::read_secret(key, "impersonate this server to its clients")?;
     let key = PrivateKeyDer::from_pem_slice(&pem)
         .with_context(|| format!("reading a PEM private key from {}", key.display()))?;
@@ -60,7 +62,11 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>> {
             .context("no CA to trust for https: pass the PDP's CA certificate (--pdp-ca PEM)")?
             .to_path_buf(),
     };
-    let (added, _ignored) = roots.add_parsable_certificates(load_certs(&source)?);
+    let (added, _ignored) = roots.add_parsable_certificates(load_certs(
+        &source,
+        "make this process trust a server of their choosing (for an agent: their PDP, and so \
+         their policy)",
+    )?);
     if added == 0 {
         bail!("{} holds no usable CA certificate", source.display());
     }

@@ -244,6 +244,13 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
 
     let config = match &options.kubeconfig {
         Some(path) => {
+            // Checked, then read by kube (which resolves the relative paths in it): nobody
+            // else can change a file that passes in between.
+            crate::fs::read_trusted(
+                path,
+                "point the agent at an API server of their choosing, which names every pod's \
+                 identity",
+            )?;
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(
