@@ -38,6 +38,10 @@ use crate::events::{
 use crate::flows;
 use crate::last_good;
 use crate::metrics::{self, Metrics};
+// Change detection for the policy directory is the PDP's: it follows symlinks (a ConfigMap
+// volume's entries are symlinks into `..data`, which kubelet swaps on an update; the
+// agent's own version skipped them) and sees every name the loader judges.
+use crate::pdp::files::{fingerprint, Fingerprint};
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
@@ -1604,24 +1608,6 @@ async fn next_cluster(
         return std::future::pending().await;
     }
     receiver.borrow_and_update().clone()
-}
-
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
-
-/// Cheap change detection for the policy directory: names, sizes and modification times.
-fn fingerprint(dir: &Path) -> Fingerprint {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let meta = entry.metadata().ok()?;
-            meta.is_file()
-                .then(|| (entry.path(), meta.len(), meta.modified().ok()))
-        })
-        .collect();
-    entries.sort();
-    entries
 }
 
 /// The compiled policies of the last few generations. An event can sit in the ring buffer

@@ -237,11 +237,7 @@ fn a_policy_bundle_another_user_could_change_is_refused_and_the_last_good_stays(
 
     let agent = enforcer_tests::Agent::start(world.agent_config())?;
     probe.expect_outcome(&cross, Outcome::Eperm, "cross-tenant, the bundle in force")?;
-    probe.expect_outcome(
-        &same,
-        Outcome::Ok,
-        "same tenant, the bundle in force",
-    )?;
+    probe.expect_outcome(&same, Outcome::Ok, "same tenant, the bundle in force")?;
 
     // Another user's policy file that would deny everything, then a reload.
     let planted = world.bundle.path().join("planted.cedar");
@@ -260,11 +256,7 @@ fn a_policy_bundle_another_user_could_change_is_refused_and_the_last_good_stays(
         text.contains("planted.cedar") && text.contains("owned by uid 65534"),
         "policy.rejected must name the file and its owner: {text}"
     );
-    probe.expect_outcome(
-        &same,
-        Outcome::Ok,
-        "same tenant, after the refused reload",
-    )?;
+    probe.expect_outcome(&same, Outcome::Ok, "same tenant, after the refused reload")?;
 
     // The same file, root's: taken, so the refusal above was the owner's doing.
     std::os::unix::fs::chown(&planted, Some(0), None)?;

@@ -119,17 +119,21 @@ pub struct FileSink {
 /// does not block: a FIFO without a reader is an error, not a hang.
 fn open_append(path: &Path) -> Result<(File, u64)> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // The directory is judged before anything is created in it, and the name opened without
+    // following a symlink: one planted by a member of a group-writable log directory would
+    // otherwise have root create a file wherever it points (an empty `/etc/nologin`).
+    let target = crate::fs::creatable(path, crate::fs::Above::GroupMayWrite, "the events file")?;
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&target)
         .with_context(|| format!("opening the events file {}", path.display()))?;
     let meta = file
         .metadata()
         .with_context(|| format!("reading the size of {}", path.display()))?;
     let problems = if meta.is_file() {
-        crate::fs::writable_by_others(path, &meta, crate::fs::Above::GroupMayWrite)?
+        crate::fs::writable_by_others(&target, &meta, crate::fs::Above::GroupMayWrite)?
     } else {
         // SAFETY: geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
@@ -530,6 +534,22 @@ mod tests {
         // write does not.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
         FileSink::open(&path, Rotation::default()).unwrap();
+        // There, a member of the group could plant a symlink at the events path: root must
+        // not create the file it points at (before, `O_CREAT` followed it).
+        let planted = dir.path().join("planted.json");
+        let victim = dir.path().join("nologin");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        std::os::unix::fs::lchown(&planted, Some(65534), None).unwrap();
+        let error = format!(
+            "{:#}",
+            FileSink::open(&planted, Rotation::default()).err().unwrap()
+        );
+        assert!(
+            error.contains("the symlink") && error.contains("uid 65534"),
+            "{error}"
+        );
+        assert!(!victim.exists(), "the planted symlink's target was created");
+        std::fs::remove_file(&planted).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let error = format!(
             "{:#}",

@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 
 mod trust;
 pub use trust::{
-    private_dir, read_secret, read_trusted, replace_file, trusted_bundle_dir, writable_by_others,
-    Above,
+    check_trusted, creatable, private_dir, read_secret, read_trusted, replace_file,
+    trusted_bundle_dir, writable_by_others, Above,
 };
 
 /// Where the kernel mounts bpffs by convention; the agent mounts it there when missing.

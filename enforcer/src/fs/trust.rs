@@ -8,10 +8,16 @@
 //! every symlink on the way leads through) is owned by root or this process's user and
 //! writable by nobody else unless sticky (as `/tmp`: others cannot rename or remove what
 //! they do not own), and every symlink met is owned by root or this user. What the path
-//! finally names has a rule of its own, per use (below). On a read-only mount (a Kubernetes
-//! ConfigMap or Secret volume, whose directories are 0777 or 1777) the mode bits are not
-//! judged: nobody can write through it. Its owners still are, since another user who owns a
-//! read-only bind mount's source can change it from outside.
+//! finally names has a rule of its own, per use (below). Two more things on the way are
+//! refused: a FUSE file system another user mounted (it answers `stat` as it likes), and a
+//! name that resolves to nothing (another user may create it later, between the check and a
+//! read by path). One directory's mode bits are not judged: the root of a Kubernetes volume
+//! that kubelet writes atomically (ConfigMap, Secret, projected), seen read-only from inside
+//! the pod: it is 0777 (2777 with `fsGroup`, 1777 for a Secret), nobody can write through
+//! the read-only mount, and kubelet keeps its host side in root's directories.
+//!
+//! A check that meets a name changing under it (kubelet swapping `..data` for a new
+//! version) is made again, up to [`ATTEMPTS`] times.
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{CString, OsString};
@@ -20,6 +26,25 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+/// Checks made again when a name changed under them (see the module's doc).
+pub const ATTEMPTS: usize = 3;
+
+/// A name on the way changed or vanished while it was judged: worth another attempt.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Changed(String);
+
+/// Runs `check` up to [`ATTEMPTS`] times while it fails with [`Changed`].
+fn settled<T>(mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match check() {
+            Err(e) if attempt < ATTEMPTS && e.downcast_ref::<Changed>().is_some() => attempt += 1,
+            done => return done,
+        }
+    }
+}
 
 /// How the directories above a checked path are judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +63,36 @@ pub enum Above {
 /// owned by this agent's user and writable by nobody else (sticky or not), on the module's
 /// rule. A `dir` that passes keeps no access beyond `mode` (an agent of an earlier release
 /// made its pin directories 0755, and anyone who can open a directory can `flock` it).
+/// Nothing is created below a directory that fails the rule.
 ///
 /// Errors: `dir` cannot be created or read, or fails the rule (every problem named).
 pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let refuse = |problems: Vec<String>| {
+        anyhow::anyhow!(
+            "refusing {}: another user could change what the agent keeps there: {}. Remove or \
+             fix it (owned by this agent's user, mode {mode:04o}, in directories only root or \
+             that user may write) and start again",
+            dir.display(),
+            problems.join("; ")
+        )
+    };
+    // The part of the way that exists is judged before anything is made below it: a
+    // planted symlink must not make root create directories where it points.
+    let wanted = absolute(dir)?;
+    let mut existing = wanted.clone();
+    while std::fs::symlink_metadata(&existing).is_err() && existing.pop() {}
+    if existing != wanted {
+        let problems = settled(|| {
+            let above = walk(&existing, Above::Strict)?;
+            let mut problems = above.problems;
+            problems.extend(directory_problems(&above.real, Above::Strict)?);
+            Ok(problems)
+        })?;
+        if !problems.is_empty() {
+            return Err(refuse(problems));
+        }
+    }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -54,9 +105,11 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
     }
-    let walk = walk(dir, Above::Strict)?;
-    let meta = std::fs::metadata(&walk.real)
-        .with_context(|| format!("reading {}", walk.real.display()))?;
+    let (walk, meta) = settled(|| {
+        let walk = walk(dir, Above::Strict)?;
+        let meta = metadata(&walk.real)?;
+        Ok((walk, meta))
+    })?;
     let mut problems = walk.problems;
     let me = euid();
     if meta.uid() != me {
@@ -69,14 +122,9 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
     if meta.mode() & 0o022 != 0 {
         problems.push(writable_problem(&walk.real, meta.mode()));
     }
+    problems.extend(fuse_problem(&walk.real));
     if !problems.is_empty() {
-        bail!(
-            "refusing {}: another user could change what the agent keeps there: {}. Remove or \
-             fix it (owned by this agent's user, mode {mode:04o}, in directories only root or \
-             that user may write) and start again",
-            dir.display(),
-            problems.join("; ")
-        );
+        return Err(refuse(problems));
     }
     let current = meta.mode() & 0o7777;
     // The permission bits only: a sticky or setgid bit stays as it was.
@@ -99,8 +147,11 @@ pub fn private_dir(dir: &Path, mode: u32) -> Result<()> {
 /// Errors: the file cannot be opened or read, is not a regular file, or fails the rule
 /// (every problem named).
 pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let (mut file, meta) = open_regular(path)?;
-    let mut problems = writable_by_others(path, &meta, Above::Strict)?;
+    let (mut file, meta, mut problems) = settled(|| {
+        let (file, meta) = open_regular(path)?;
+        let problems = writable_by_others(path, &meta, Above::Strict)?;
+        Ok((file, meta, problems))
+    })?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o005 != 0 {
         problems.push(format!(
@@ -130,14 +181,17 @@ pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Reads a file the agent trusts but need not keep secret (a CA certificate that decides
-/// which PDP is believed, a server certificate): owned by root or this process's user and
-/// writable by nobody else, on the module's rule. `what` says what a user who could change
-/// it could do, for the error.
+/// which PDP is believed, a server certificate, a kubeconfig): owned by root or this
+/// process's user and writable by nobody else, on the module's rule. `what` says what a
+/// user who could change it could do, for the error.
 ///
 /// Errors: the file cannot be opened or read, is not a regular file, or fails the rule.
 pub fn read_trusted(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let (mut file, meta) = open_regular(path)?;
-    let problems = trusted_problems(path, &meta)?;
+    let (mut file, problems) = settled(|| {
+        let (file, meta) = open_regular(path)?;
+        let problems = trusted_problems(path, &meta)?;
+        Ok((file, problems))
+    })?;
     if !problems.is_empty() {
         bail!(
             "refusing {}: another user could change it and {what}: {}",
@@ -148,37 +202,35 @@ pub fn read_trusted(path: &Path, what: &str) -> Result<Vec<u8>> {
     read_all(&mut file, path)
 }
 
+/// [`read_trusted`]'s rule without reading the file (an exec credential plugin's binary).
+///
+/// Errors: as [`read_trusted`]'s.
+pub fn check_trusted(path: &Path, what: &str) -> Result<()> {
+    let problems = settled(|| {
+        let (_, meta) = open_regular(path)?;
+        trusted_problems(path, &meta)
+    })?;
+    if !problems.is_empty() {
+        bail!(
+            "refusing {}: another user could change it and {what}: {}",
+            path.display(),
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// Checks a policy bundle directory before it is loaded: the directory and every entry the
 /// loader reads (names not starting with `.`; a ConfigMap's symlinks followed) are owned by
 /// root or this process's user and writable by nobody else, on the module's rule, so that
-/// no other user can add, edit or swap a policy or the inventory. Nothing of the bundle is
-/// read: the loader reads it after, and no other user can change it in between.
+/// no other user can add, edit or swap a policy or the inventory. A name that resolves to
+/// nothing is refused too: another user might create what it leads to. Nothing of the
+/// bundle is read: the loader reads it after, and no other user can change it in between.
 ///
 /// Errors: the directory or an entry cannot be read, or fails the rule (every problem of
 /// every entry named).
 pub fn trusted_bundle_dir(dir: &Path) -> Result<()> {
-    let walk = walk(dir, Above::Strict)?;
-    let meta = std::fs::metadata(&walk.real)
-        .with_context(|| format!("reading {}", walk.real.display()))?;
-    let mut problems = walk.problems;
-    // No sticky exception for the directory itself: in a 1777 directory anyone may add a
-    // policy file.
-    problems.extend(final_problems(&walk.real, &meta));
-    let entries =
-        std::fs::read_dir(&walk.real).with_context(|| format!("listing {}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        if entry.file_name().as_bytes().starts_with(b".") {
-            continue;
-        }
-        let path = dir.join(entry.file_name());
-        let meta = match std::fs::metadata(&path) {
-            Ok(meta) => meta,
-            // A dangling name: the loader reports it.
-            Err(_) => continue,
-        };
-        problems.extend(trusted_problems(&path, &meta)?);
-    }
+    let mut problems = settled(|| bundle_problems(dir))?;
     // Symlinks of several entries lead through the same directories (`..data`).
     let mut seen = HashSet::new();
     problems.retain(|p| seen.insert(p.clone()));
@@ -194,6 +246,39 @@ pub fn trusted_bundle_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn bundle_problems(dir: &Path) -> Result<Vec<String>> {
+    let walk = walk(dir, Above::Strict)?;
+    let meta = metadata(&walk.real)?;
+    let mut problems = walk.problems;
+    // No sticky exception for the directory itself: in a 1777 directory anyone may add a
+    // policy file.
+    if meta.uid() != 0 && meta.uid() != euid() {
+        problems.push(owner_problem(&walk.real, meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 && !kubelet_volume_root(&walk.real) {
+        problems.push(writable_problem(&walk.real, meta.mode()));
+    }
+    problems.extend(fuse_problem(&walk.real));
+    let entries =
+        std::fs::read_dir(&walk.real).with_context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if entry.file_name().as_bytes().starts_with(b".") {
+            continue;
+        }
+        let path = dir.join(entry.file_name());
+        match std::fs::metadata(&path) {
+            Ok(meta) => problems.extend(trusted_problems(&path, &meta)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => problems.push(format!(
+                "{} leads to nothing (another user might create what it names)",
+                path.display()
+            )),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok(problems)
+}
+
 /// What would let another user change the file at `path`, whose open file has `meta`: the
 /// file is owned by neither root nor this process's user, is writable by its group or
 /// others, has another name (a hard link), or the way to it fails the module's rule under
@@ -207,13 +292,8 @@ pub fn writable_by_others(
 ) -> Result<Vec<String>> {
     let walk = walk_to_open_file(path, meta, above)?;
     let mut problems = walk.problems;
-    let me = euid();
-    if meta.uid() != 0 && meta.uid() != me {
-        problems.push(format!(
-            "{} is owned by uid {}, neither root nor this process's uid {me}",
-            path.display(),
-            meta.uid()
-        ));
+    if meta.uid() != 0 && meta.uid() != euid() {
+        problems.push(owner_problem(path, meta.uid()));
     }
     if meta.mode() & 0o022 != 0 {
         problems.push(writable_problem(path, meta.mode()));
@@ -227,37 +307,91 @@ pub fn writable_by_others(
             meta.nlink()
         ));
     }
+    problems.extend(fuse_problem(&walk.real));
     Ok(problems)
 }
 
-/// Writes `contents` to `path` as a new file (mode 0644) renamed over whatever is there, so
-/// that a symlink or a hard link another user planted at `path` (in `/tmp`, say) is
-/// replaced, never followed: a root agent writing through one would overwrite the file it
-/// points at. The temporary name is created exclusively, without following symlinks.
+/// Judges the directory `path` would be created in, under `above`, and, when `path` is a
+/// symlink, the symlink and where it leads (which may not exist yet): the name to create or
+/// open without following a symlink (`O_NOFOLLOW`). A symlink planted after this check makes
+/// that open fail, never lead elsewhere.
 ///
-/// Errors: the temporary file cannot be created or written, or the rename fails (another
-/// user's file at `path` in a sticky directory).
+/// Errors: the directory cannot be read, or fails the rule (every problem named).
+pub fn creatable(path: &Path, above: Above, what: &str) -> Result<PathBuf> {
+    let (target, problems) = settled(|| creatable_problems(path, above))?;
+    if !problems.is_empty() {
+        bail!(
+            "refusing {what} {}: another user could change or replace it: {}",
+            path.display(),
+            problems.join("; ")
+        );
+    }
+    Ok(target)
+}
+
+fn creatable_problems(path: &Path, above: Above) -> Result<(PathBuf, Vec<String>)> {
+    let me = euid();
+    let mut current = absolute(path)?;
+    let mut problems = Vec::new();
+    for _ in 0..MAX_SYMLINKS {
+        let name = current
+            .file_name()
+            .with_context(|| format!("{} names no file", current.display()))?
+            .to_os_string();
+        let parent = current.parent().unwrap_or(Path::new("/"));
+        let dir = walk(parent, above)?;
+        problems.extend(dir.problems);
+        problems.extend(directory_problems(&dir.real, above)?);
+        let target = dir.real.join(&name);
+        match std::fs::symlink_metadata(&target) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if meta.uid() != 0 && meta.uid() != me {
+                    problems.push(format!(
+                        "the symlink {} is owned by uid {}",
+                        target.display(),
+                        meta.uid()
+                    ));
+                }
+                let link = std::fs::read_link(&target)
+                    .with_context(|| format!("reading the symlink {}", target.display()))?;
+                // A relative target is relative to the symlink's own directory.
+                current = dir.real.join(link);
+            }
+            _ => return Ok((target, problems)),
+        }
+    }
+    bail!(
+        "{}: more than {MAX_SYMLINKS} symlinks on the way",
+        path.display()
+    )
+}
+
+/// Writes `contents` to `path` as a new file (mode 0644) renamed over whatever is there, so
+/// that a symlink or a hard link planted at `path` (in `/tmp`, say) is replaced, never
+/// followed: a root agent writing through one would overwrite the file it points at. The
+/// directory is judged first ([`creatable`]: sticky allowed), and the temporary file has
+/// a random name, created exclusively and removed on failure (only it).
+///
+/// Errors: the directory fails the rule, or the temporary file cannot be created, written
+/// or renamed into place.
 pub fn replace_file(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let mut temporary_name = OsString::from(".");
-    temporary_name.push(name);
-    temporary_name.push(format!(".{}.tmp", std::process::id()));
-    let temporary = path.with_file_name(temporary_name);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&temporary)
-        .and_then(|mut file| file.write_all(contents));
-    if let Err(e) = written.and_then(|()| std::fs::rename(&temporary, path)) {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
+    use std::os::unix::fs::PermissionsExt;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    creatable(path, Above::Strict, "the file")?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".enforcer-")
+        .tempfile_in(parent)
+        .with_context(|| format!("creating a file beside {}", path.display()))?;
+    file.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| file.write_all(contents))
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }
 
@@ -265,38 +399,27 @@ pub fn replace_file(path: &Path, contents: &[u8]) -> Result<()> {
 fn trusted_problems(path: &Path, meta: &std::fs::Metadata) -> Result<Vec<String>> {
     let walk = walk_to_open_file(path, meta, Above::Strict)?;
     let mut problems = walk.problems;
-    problems.extend(final_problems(path, meta));
+    if meta.uid() != 0 && meta.uid() != euid() {
+        problems.push(owner_problem(path, meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        problems.push(writable_problem(path, meta.mode()));
+    }
+    problems.extend(fuse_problem(&walk.real));
     Ok(problems)
 }
 
-/// Owned by root or this user, and writable by nobody else unless on a read-only mount.
-fn final_problems(path: &Path, meta: &std::fs::Metadata) -> Vec<String> {
-    let me = euid();
-    let mut problems = Vec::new();
-    if meta.uid() != 0 && meta.uid() != me {
-        problems.push(format!(
-            "{} is owned by uid {}, neither root nor this process's uid {me}",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 && !read_only_mount(path) {
-        problems.push(writable_problem(path, meta.mode()));
-    }
-    problems
-}
-
 /// The way to `path` ([`walk`]), which must end at the file `meta` describes: otherwise the
-/// name was moved while it was checked.
+/// name was moved while it was checked ([`Changed`]).
 fn walk_to_open_file(path: &Path, meta: &std::fs::Metadata, above: Above) -> Result<Walk> {
     let walk = walk(path, above)?;
-    let there = std::fs::symlink_metadata(&walk.real)
-        .with_context(|| format!("reading {}", walk.real.display()))?;
+    let there = metadata(&walk.real)?;
     if (there.dev(), there.ino()) != (meta.dev(), meta.ino()) {
-        bail!(
+        return Err(Changed(format!(
             "{} changed while it was checked (it now leads to another file)",
             path.display()
-        );
+        ))
+        .into());
     }
     Ok(walk)
 }
@@ -317,16 +440,12 @@ const MAX_SYMLINKS: usize = 40;
 /// directory an entry is looked up in and every symlink met (the module's rule). Resolving
 /// by hand, rather than judging the ancestors of the real path, also judges the directories
 /// a symlink's own target leads through (`a -> /x/y/b`, where `/x` is another user's).
+///
+/// Errors: a name on the way is missing ([`Changed`]: it may be kubelet's swap) or cannot
+/// be read, or there are more than [`MAX_SYMLINKS`] symlinks.
 fn walk(path: &Path, above: Above) -> Result<Walk> {
     let me = euid();
-    let absolute = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .context("reading the current directory")?
-            .join(path)
-    };
-    let mut pending: VecDeque<OsString> = components(&absolute);
+    let mut pending: VecDeque<OsString> = components(&absolute(path)?);
     let mut real = PathBuf::from("/");
     let mut judged = HashSet::new();
     let mut problems = Vec::new();
@@ -343,8 +462,18 @@ fn walk(path: &Path, above: Above) -> Result<Walk> {
                     problems.extend(directory_problems(&real, above)?);
                 }
                 let next = real.join(&name);
-                let meta = std::fs::symlink_metadata(&next)
-                    .with_context(|| format!("reading {}", next.display()))?;
+                let meta = match std::fs::symlink_metadata(&next) {
+                    Ok(meta) => meta,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(Changed(format!(
+                            "{}: {} does not exist",
+                            path.display(),
+                            next.display()
+                        ))
+                        .into())
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("reading {}", next.display())),
+                };
                 if !meta.file_type().is_symlink() {
                     real = next;
                     continue;
@@ -363,8 +492,16 @@ fn walk(path: &Path, above: Above) -> Result<Walk> {
                         path.display()
                     );
                 }
-                let target = std::fs::read_link(&next)
-                    .with_context(|| format!("reading the symlink {}", next.display()))?;
+                let target = match std::fs::read_link(&next) {
+                    Ok(target) => target,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(Changed(format!("{} vanished", next.display())).into())
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("reading the symlink {}", next.display()))
+                    }
+                };
                 for component in components(&target).into_iter().rev() {
                     pending.push_front(component);
                 }
@@ -372,6 +509,17 @@ fn walk(path: &Path, above: Above) -> Result<Walk> {
         }
     }
     Ok(Walk { problems, real })
+}
+
+/// `path` made absolute from the current directory (lexically: `..` is left to [`walk`]).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .context("reading the current directory")?
+            .join(path)
+    })
 }
 
 /// `path`'s components as names, `/` for the root.
@@ -387,14 +535,23 @@ fn components(path: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
+fn metadata(path: &Path) -> Result<std::fs::Metadata> {
+    std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Changed(format!("{} vanished while it was checked", path.display())).into()
+        } else {
+            anyhow::Error::new(e).context(format!("reading {}", path.display()))
+        }
+    })
+}
+
 /// A directory an entry is looked up in: owned by root or this user, writable by nobody
-/// else (its group too, under [`Above::GroupMayWrite`]) unless sticky or on a read-only
-/// mount.
+/// else (its group too, under [`Above::GroupMayWrite`]) unless sticky or the root of a
+/// kubelet volume, and not on another user's FUSE mount.
 fn directory_problems(dir: &Path, above: Above) -> Result<Vec<String>> {
-    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let me = euid();
+    let meta = metadata(dir)?;
     let mut problems = Vec::new();
-    if meta.uid() != 0 && meta.uid() != me {
+    if meta.uid() != 0 && meta.uid() != euid() {
         problems.push(format!("{} is owned by uid {}", dir.display(), meta.uid()));
     }
     let others = match above {
@@ -402,10 +559,19 @@ fn directory_problems(dir: &Path, above: Above) -> Result<Vec<String>> {
         Above::GroupMayWrite => 0o002,
     };
     let sticky = meta.mode() & libc::S_ISVTX != 0;
-    if meta.mode() & others != 0 && !sticky && !read_only_mount(dir) {
+    if meta.mode() & others != 0 && !sticky && !kubelet_volume_root(dir) {
         problems.push(writable_problem(dir, meta.mode()));
     }
+    problems.extend(fuse_problem(dir));
     Ok(problems)
+}
+
+fn owner_problem(path: &Path, uid: u32) -> String {
+    format!(
+        "{} is owned by uid {uid}, neither root nor this process's uid {}",
+        path.display(),
+        euid()
+    )
 }
 
 fn writable_problem(path: &Path, mode: u32) -> String {
@@ -414,6 +580,22 @@ fn writable_problem(path: &Path, mode: u32) -> String {
         path.display(),
         mode & 0o7777
     )
+}
+
+/// Whether `dir` is the root of a volume kubelet writes atomically (ConfigMap, Secret,
+/// projected, downward API) as a pod sees it: the root of a read-only mount holding kubelet's
+/// `..data` symlink to a `..<timestamp>` directory beside it. Its mode (0777, 2777 with
+/// `fsGroup`, 1777) is kubelet's, and nobody can write through the read-only mount.
+fn kubelet_volume_root(dir: &Path) -> bool {
+    let is_mount_root = match (std::fs::metadata(dir), std::fs::metadata(dir.join(".."))) {
+        (Ok(here), Ok(up)) => here.dev() != up.dev() || here.ino() == up.ino(),
+        _ => false,
+    };
+    let data_link = std::fs::read_link(dir.join("..data")).is_ok_and(|target| {
+        let name = target.as_os_str().as_bytes();
+        name.starts_with(b"..") && name.len() > 2 && !name.contains(&b'/')
+    });
+    is_mount_root && data_link && read_only_mount(dir)
 }
 
 /// Whether `path` is on a mount that is read-only here (`statvfs`'s `ST_RDONLY`, a flag of
@@ -427,6 +609,57 @@ fn read_only_mount(path: &Path) -> bool {
         let mut stat: libc::statvfs = std::mem::zeroed();
         libc::statvfs(name.as_ptr(), &mut stat) == 0 && stat.f_flag & libc::ST_RDONLY != 0
     }
+}
+
+/// `FUSE_SUPER_MAGIC` (`linux/magic.h`).
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// A problem when `path` is on a FUSE file system mounted by another user than root or this
+/// one: its daemon answers `stat` (owner, mode) and `read` as it likes, so nothing above
+/// holds there. The mounter is the `user_id` of the mount in `/proc/self/mountinfo`.
+fn fuse_problem(path: &Path) -> Option<String> {
+    let name = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `name` is NUL-terminated; `stat` is a plain out-parameter.
+    let is_fuse = unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(name.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == FUSE_SUPER_MAGIC
+    };
+    if !is_fuse {
+        return None;
+    }
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let mounter = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|info| fuse_mounter(&info, &device));
+    match mounter {
+        Some(uid) if uid == 0 || uid == euid() => None,
+        Some(uid) => Some(format!(
+            "{} is on a FUSE file system mounted by uid {uid}, which answers for its owners and \
+             contents",
+            path.display()
+        )),
+        None => Some(format!(
+            "{} is on a FUSE file system whose mounter is unknown",
+            path.display()
+        )),
+    }
+}
+
+/// The `user_id` of the mount of device `major:minor` in a `/proc/self/mountinfo` text.
+fn fuse_mounter(mountinfo: &str, device: &str) -> Option<u32> {
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        if fields.nth(2)? != device {
+            return None;
+        }
+        let (_, after) = line.split_once(" - ")?;
+        let options = after.split(' ').nth(2)?;
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix("user_id="))
+            .and_then(|uid| uid.parse().ok())
+    })
 }
 
 /// Opens `path` for reading without blocking (a FIFO planted at the path would otherwise
@@ -803,6 +1036,28 @@ mod tests {
                 error.contains("baseline.cedar is owned by uid 65534"),
                 "{error}"
             );
+
+            // A read-only mount is not enough: a 0777 directory without kubelet's layout
+            // (a systemd `ReadOnlyPaths=`, a `hostPath` mounted `readOnly`) may be written
+            // by others on the other side.
+            let plain = base.path().join("plain");
+            std::fs::create_dir(&plain).unwrap();
+            mount_tmpfs(&plain, "mode=0777", 0);
+            std::fs::write(
+                plain.join("baseline.cedar"),
+                "permit(principal, action, resource);",
+            )
+            .unwrap();
+            mount_tmpfs(
+                &plain,
+                "",
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+            );
+            let error = trusted_bundle_dir(&plain).unwrap_err().to_string();
+            assert!(
+                error.contains("plain is writable by its group or other users (mode 0777)"),
+                "{error}"
+            );
         });
     }
 
@@ -833,5 +1088,82 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// A bundle entry that leads nowhere is refused: another user might create what it
+    /// names after the check, and the loader reads by name.
+    #[test]
+    fn a_bundle_name_that_leads_nowhere_is_refused() {
+        use std::os::unix::fs::symlink;
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("policies");
+        std::fs::create_dir(&dir).unwrap();
+        symlink(
+            base.path().join("gone/extra.cedar"),
+            dir.join("extra.cedar"),
+        )
+        .unwrap();
+        let error = trusted_bundle_dir(&dir).unwrap_err().to_string();
+        assert!(error.contains("extra.cedar leads to nothing"), "{error}");
+    }
+
+    /// Nothing is created below a directory another user could change: a symlink planted
+    /// on the way must not make root create directories where it points.
+    #[test]
+    fn a_state_directory_below_a_planted_symlink_is_refused_before_anything_is_made() {
+        use std::os::unix::fs::symlink;
+        if !as_root() {
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let open = base.path().join("open");
+        let elsewhere = base.path().join("elsewhere");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        set_mode(&open, 0o777);
+        symlink(&elsewhere, open.join("x")).unwrap();
+        let error = private_dir(&open.join("x/a/pins"), 0o700)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("open is writable by its group or other users"),
+            "{error}"
+        );
+        assert!(
+            !elsewhere.join("a").exists(),
+            "created below the planted symlink"
+        );
+    }
+
+    /// `replace_file` judges the directory it writes in: another user's directory could
+    /// be swapped for a symlink to anywhere between the check and the rename.
+    #[test]
+    fn a_ready_file_in_another_users_directory_is_refused() {
+        use std::os::unix::fs::chown;
+        if !as_root() {
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let theirs = base.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        chown(&theirs, Some(65534), None).unwrap();
+        let error = replace_file(&theirs.join("ready"), b"1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("theirs is owned by uid 65534"), "{error}");
+        assert!(!theirs.join("ready").exists());
+    }
+
+    /// The mounter of a FUSE file system, from `/proc/self/mountinfo` (format:
+    /// `proc(5)`): the `user_id` super option of the mount with that device.
+    #[test]
+    fn a_fuse_mounts_mounter_is_read_from_mountinfo() {
+        let info = "36 35 98:0 / /mnt rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    41 22 0:52 / /tmp/fs rw,nosuid,nodev - fuse.sshfs host:/ rw,user_id=1000,group_id=1000\n\
+                    42 22 0:53 / /mnt/r rw - fuse lxcfs rw,user_id=0,group_id=0\n";
+        assert_eq!(fuse_mounter(info, "0:52"), Some(1000));
+        assert_eq!(fuse_mounter(info, "0:53"), Some(0));
+        assert_eq!(fuse_mounter(info, "98:0"), None);
+        assert_eq!(fuse_mounter(info, "0:99"), None);
     }
 }

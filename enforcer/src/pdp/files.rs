@@ -104,8 +104,9 @@ impl Drop for Staged {
     }
 }
 
-/// `<parent>/.<name>.<tag>-<pid>-<n>`: a sibling of `target` (same file system, so rename
-/// works), hidden, unique within and across processes.
+/// `<parent>/.<name>.<tag>-<pid>-<n>-<random>`: a sibling of `target` (same file system, so
+/// rename works), hidden, unique within and across processes, and not guessable: in a shared
+/// `TMPDIR` another user could otherwise create the name first and fail every stage.
 pub fn sibling(target: &Path, tag: &str) -> Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let parent = target
@@ -117,7 +118,17 @@ pub fn sibling(target: &Path, tag: &str) -> Result<PathBuf> {
         .with_context(|| format!("{} has no file name", target.display()))?
         .to_string_lossy();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    Ok(parent.join(format!(".{name}.{tag}-{}-{n}", std::process::id())))
+    let mut random = [0u8; 8];
+    // SAFETY: getrandom writes at most `random.len()` bytes into it.
+    let got = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    if got != random.len() as isize {
+        return Err(std::io::Error::last_os_error()).context("getrandom");
+    }
+    Ok(parent.join(format!(
+        ".{name}.{tag}-{}-{n}-{:016x}",
+        std::process::id(),
+        u64::from_ne_bytes(random)
+    )))
 }
 
 /// Writes `files` into a fresh directory `dir` (which must not exist). Every name is checked

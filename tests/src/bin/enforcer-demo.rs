@@ -116,17 +116,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn policies_dir() -> Result<PathBuf> {
+/// The bundle to run on, and the copy that holds it (removed on drop). The source tree's
+/// demo bundle is copied to a directory of root's: the agent refuses a bundle another user
+/// could change, and a checkout may be a user's (`sudo cargo xtask demo`).
+fn policies_dir() -> Result<(PathBuf, Option<enforcer_tests::TempDir>)> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [] => Ok(enforcer_tests::fixtures::demo_policies_dir()),
-        [flag, dir] if flag == "--policies" => Ok(PathBuf::from(dir)),
+        [] => {
+            let copy = enforcer_tests::TempDir::new("enforcer-demo-policies")?;
+            let source = enforcer_tests::fixtures::demo_policies_dir();
+            for entry in std::fs::read_dir(&source)
+                .with_context(|| format!("listing {}", source.display()))?
+            {
+                let entry = entry?;
+                let to = copy.path().join(entry.file_name());
+                std::fs::copy(entry.path(), &to)
+                    .with_context(|| format!("copying {}", entry.path().display()))?;
+                // `copy` keeps the source's mode: a checkout made under umask 002 is 0664.
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            }
+            Ok((copy.path().to_path_buf(), Some(copy)))
+        }
+        [flag, dir] if flag == "--policies" => Ok((PathBuf::from(dir), None)),
         _ => bail!("usage: enforcer-demo [--policies DIR]"),
     }
 }
 
 fn run() -> Result<bool> {
-    let dir = policies_dir()?;
+    let (dir, _copy) = policies_dir()?;
     if let Some(reason) = enforcer_tests::kernel_unavailable_reason() {
         bail!("cannot run the demo here: {reason}");
     }

@@ -221,6 +221,92 @@ impl KubeSource {
     }
 }
 
+/// What another user who could change the configuration could do.
+const KUBECONFIG_HARM: &str =
+    "point the agent at an API server of their choosing, which names every pod's identity";
+
+/// The kubeconfig at `path`, read by kube (which makes the paths in it absolute) once it
+/// and every file it names passed [`crate::fs::read_trusted`]'s rule: no other user may
+/// change the CA that picks the API server, nor read or change the client key or token file
+/// (the agent's credentials: [`crate::fs::read_secret`]'s rule). An exec credential plugin
+/// runs as the agent's user: it must be named by a path (not looked up in `PATH`) to a
+/// binary no other user can change. Checked, then read by path: nobody else can change a
+/// file that passed in between.
+///
+/// Errors: a file is missing or unreadable, fails its rule, or the kubeconfig is invalid.
+fn trusted_kubeconfig(path: &Path) -> Result<kube::config::Kubeconfig> {
+    crate::fs::read_trusted(path, KUBECONFIG_HARM)?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    let named = |file: &str| Path::new(file).to_path_buf();
+    for cluster in kubeconfig
+        .clusters
+        .iter()
+        .filter_map(|c| c.cluster.as_ref())
+    {
+        if let Some(ca) = &cluster.certificate_authority {
+            crate::fs::read_trusted(&named(ca), KUBECONFIG_HARM)
+                .with_context(|| format!("the certificate-authority of {}", path.display()))?;
+        }
+    }
+    for (name, user) in kubeconfig
+        .auth_infos
+        .iter()
+        .filter_map(|a| Some((&a.name, a.auth_info.as_ref()?)))
+    {
+        if let Some(cert) = &user.client_certificate {
+            crate::fs::read_trusted(&named(cert), "impersonate another client")
+                .with_context(|| format!("the client-certificate of user {name}"))?;
+        }
+        for secret in [&user.client_key, &user.token_file].into_iter().flatten() {
+            crate::fs::read_secret(&named(secret), "act as the agent towards the API server")
+                .with_context(|| format!("a credential of user {name} in {}", path.display()))?;
+        }
+        if let Some(command) = user.exec.as_ref().and_then(|e| e.command.as_ref()) {
+            if !command.contains('/') {
+                bail!(
+                    "{}: user {name}'s exec credential plugin `{command}` would be looked up \
+                     in PATH and run as the agent's user; name it by its absolute path",
+                    path.display()
+                );
+            }
+            crate::fs::check_trusted(&named(command), "run code as the agent's user")
+                .with_context(|| format!("user {name}'s exec credential plugin"))?;
+        }
+    }
+    Ok(kubeconfig)
+}
+
+/// What `kube::Config::infer` will read, checked first: the kubeconfig files of
+/// `$KUBECONFIG` (or `~/.kube/config`) by [`trusted_kubeconfig`]'s rule, else, in a pod,
+/// the service account's token and CA by [`crate::fs::read_trusted`]'s (a projected volume
+/// gives the token mode 0644).
+fn check_inferred_configuration() -> Result<()> {
+    let files: Vec<PathBuf> = match std::env::var_os("KUBECONFIG") {
+        Some(value) => std::env::split_paths(&value)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect(),
+        None => std::env::home_dir()
+            .map(|home| home.join(".kube/config"))
+            .filter(|p| p.exists())
+            .into_iter()
+            .collect(),
+    };
+    if !files.is_empty() {
+        for file in &files {
+            trusted_kubeconfig(file)?;
+        }
+        return Ok(());
+    }
+    let account = Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && account.exists() {
+        for file in ["token", "ca.crt"] {
+            crate::fs::read_trusted(&account.join(file), KUBECONFIG_HARM)?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts the source: loads the persisted state (if any), then watches the API server in
 /// the background of the current tokio runtime. Fails only on bad configuration (an
 /// invalid identity label key, an unreadable kubeconfig, a `state_dir` that cannot be
@@ -244,15 +330,7 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
 
     let config = match &options.kubeconfig {
         Some(path) => {
-            // Checked, then read by kube (which resolves the relative paths in it): nobody
-            // else can change a file that passes in between.
-            crate::fs::read_trusted(
-                path,
-                "point the agent at an API server of their choosing, which names every pod's \
-                 identity",
-            )?;
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let kubeconfig = trusted_kubeconfig(path)?;
             kube::Config::from_custom_kubeconfig(
                 kubeconfig,
                 &kube::config::KubeConfigOptions::default(),
@@ -260,10 +338,13 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
             .await
             .with_context(|| format!("kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer().await.context(
-            "no Kubernetes configuration: not in a pod (no service account), no $KUBECONFIG \
-             and no ~/.kube/config; pass --kubeconfig",
-        )?,
+        None => {
+            check_inferred_configuration()?;
+            kube::Config::infer().await.context(
+                "no Kubernetes configuration: not in a pod (no service account), no $KUBECONFIG \
+                 and no ~/.kube/config; pass --kubeconfig",
+            )?
+        }
     };
     let shared = Arc::new(Shared::default());
     let client = kube::client::ClientBuilder::try_from(config)
