@@ -638,8 +638,9 @@ pub struct AggregateKey {
 pub mod aggregate_flags {
     /// The workload's overflow key of the window: the denies of keys beyond its identity's
     /// budget (`Config::event_keys_per_workload`), all counted (none reported at once). Only
-    /// `window`, `subject` (for ingress, the destination), `hook`, `verdict` and `reason`
-    /// are set; `cgroup_id`, addresses, ports, destination, family and protocol are zero.
+    /// `window`, `subject` (for ingress, the destination), `hook`, `verdict`, `reason` and,
+    /// except for ingress, `destination` (the identity) and `protocol` are set; `cgroup_id`,
+    /// addresses, ports and family are zero.
     pub const OVERFLOW: u8 = 1 << 0;
     /// With `OVERFLOW`: the workload's flow events beyond its flow event budget
     /// (`Config::flow_events_per_workload`), counted and not written: `flow.opened` events,

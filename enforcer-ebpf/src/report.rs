@@ -24,11 +24,12 @@
 //! direction (`AGGREGATE_BUDGET`, counted with an atomic fetch-add, so the K slots are
 //! handed out exactly once even when CPUs race); a deny that needs a new key beyond that is
 //! added to the workload's overflow key of the window (`aggregate_flags::OVERFLOW`: same
-//! subject, hook, verdict and reason, no cgroup or address; for ingress the subject is the
-//! destination, never the SYN's claim), which is never reported at once, only by the
-//! agent's summary (`events.suppressed`). One workload holds at most K keys per direction
-//! (its own calls; SYNs to it) plus one overflow key per (hook, verdict, reason) per
-//! window. Exactness is the argument above with one more outcome: a deny goes to exactly
+//! subject, hook, verdict and reason, and for its own calls the destination identity and
+//! protocol, no cgroup, address or port; for ingress the subject is the destination, never
+//! the SYN's claim), which is never reported at once, only by the agent's summary
+//! (`events.suppressed`). One workload holds at most K keys per direction (its own calls;
+//! SYNs to it) plus one overflow key per (destination identity, protocol, hook, verdict,
+//! reason) per window. Exactness is the argument above with one more outcome: a deny goes to exactly
 //! one place, its own event, its own entry, or the overflow entry (made with `suppressed`
 //! 1, or added 1 to). A budget slot taken by a deny whose key another CPU made meanwhile
 //! (EEXIST) is merely spent, not a deny lost. The budget counter, like the entries, is only
@@ -249,14 +250,27 @@ fn overflow(r: &Report, own: &AggregateKey, now: u64) {
         } else {
             r.subject
         },
-        destination: 0,
+        // An outbound overflow keeps the destination identity (not its address or port: a
+        // sweep of those is what the budget bounds): 64 decoy keys in a window otherwise hid
+        // which workload a call then went to, and so the `@quarantine` forbid it broke (the
+        // agent decides quarantine by the destination). One key per identity reached, of
+        // which a cluster has a bounded number; all of WORLD is one.
+        destination: if r.hook == hook::INGRESS {
+            0
+        } else {
+            r.destination
+        },
         daddr: [0; 4],
         peer: [0; 4],
         dport: 0,
         sock_type: 0,
         sock_protocol: 0,
         family: 0,
-        protocol: 0,
+        protocol: if r.hook == hook::INGRESS {
+            0
+        } else {
+            r.protocol
+        },
         hook: r.hook,
         verdict: r.verdict,
         reason: r.reason,

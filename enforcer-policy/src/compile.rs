@@ -1668,17 +1668,44 @@ impl Compiled {
         }
     }
 
-    /// Whether a deny of this cell was decided by a `@quarantine` forbid.
+    /// The `@quarantine` forbid (its `@id`) that decided some deny of `subject` to
+    /// `destination` over `protocol`, at any of its declared ports or the any-port cell: for
+    /// the denies the kernel counted without their port (a workload's overflow beyond its
+    /// key budget). A Service's ports are its own.
+    pub fn quarantine_on_some_deny(
+        &self,
+        subject: u32,
+        destination: u32,
+        protocol: u8,
+    ) -> Option<String> {
+        let ports: Vec<u16> = self
+            .identities
+            .get(destination)
+            .map(|d| {
+                d.ports
+                    .iter()
+                    .filter(|p| p.protocol.number() == protocol)
+                    .map(|p| p.port)
+                    .collect()
+            })
+            .unwrap_or_default();
+        std::iter::once(0)
+            .chain(ports)
+            .find_map(|port| self.quarantine_on_deny(subject, destination, port, protocol))
+    }
+
+    /// The `@quarantine` forbid (its `@id`) that decided a deny of this cell, if one did.
     pub fn quarantine_on_deny(
         &self,
         subject: u32,
         destination: u32,
         dport: u16,
         protocol: u8,
-    ) -> bool {
+    ) -> Option<String> {
         self.attribute(subject, destination, dport, protocol)
             .policies
-            .iter()
-            .any(|p| p.quarantine)
+            .into_iter()
+            .find(|p| p.quarantine)
+            .map(|p| p.id)
     }
 }

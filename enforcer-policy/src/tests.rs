@@ -617,7 +617,9 @@ fn high_risk_quarantines_on_vector_db_after_set_risk() {
     assert!(delta.added.is_empty());
     assert!(delta.cells > 0);
     assert!(!c.is_allowed(retriever, vectors, 6333, proto::TCP));
-    assert!(c.quarantine_on_deny(retriever, vectors, 6333, proto::TCP));
+    assert!(c
+        .quarantine_on_deny(retriever, vectors, 6333, proto::TCP)
+        .is_some());
     let a = c.attribute(retriever, vectors, 6333, proto::TCP);
     assert_eq!(a.policy_id, "high-risk-no-vector-db");
     assert_eq!(a.atlas[0].id, "AML.T0085.000");

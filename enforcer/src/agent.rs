@@ -1769,25 +1769,29 @@ impl Denies<'_> {
             _ => call.subject.cgroup = self.cgroups.resolve(event.cgroup_id, call.subject.pid),
         }
         // Only a policy's deny can quarantine: not the kernel's own refusals (unknown subject,
-        // unspecified destination, unsupported socket).
+        // unspecified destination, unsupported socket). The cause is the `@quarantine`
+        // forbid, which need not be the first determining policy the event names.
         if event.verdict == verdict::DENY
             && matches!(event.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
-            && policy.quarantine_on_deny(
+        {
+            if let Some(cause) = policy.quarantine_on_deny(
                 event.subject,
                 event.destination,
                 event.dport,
                 event.protocol,
-            )
-        {
-            let _ = self
-                .quarantine
-                .send((event.subject, call.policy.id.clone()));
+            ) {
+                let _ = self.quarantine.send((event.subject, cause));
+            }
         }
         events.emit(Event::Call(call)).map(drop)
     }
 
-    /// The `events.suppressed` notice of an overflow summary, its subject named by the
-    /// policy that was in force (the newest, should that revision be gone).
+    /// The `events.suppressed` notice of an overflow summary, its subject and destination
+    /// named by the policy that was in force (the newest, should that revision be gone).
+    /// Where a `@quarantine` forbid denies some call of the subject to that destination, the
+    /// subject is quarantined: a workload that first spends its key budget on decoys must
+    /// not escape the quarantine its real attempt earns (the overflow keeps no port, so any
+    /// port's forbid counts).
     fn suppressed(&self, overflow: &enforcer_common::DenyEvent) -> Notice {
         let policy = self
             .history
@@ -1797,11 +1801,30 @@ impl Denies<'_> {
             .as_ref()
             .and_then(|p| p.identity(overflow.subject))
             .filter(|_| overflow.subject != enforcer_common::identity::UNKNOWN);
+        let destination = policy
+            .as_ref()
+            .filter(|_| overflow.destination != 0)
+            .and_then(|p| p.identity(overflow.destination));
+        if let Some(policy) = policy.as_ref().filter(|_| {
+            overflow.verdict == verdict::DENY
+                && overflow.hook != enforcer_common::hook::INGRESS
+                && overflow.destination != 0
+                && matches!(overflow.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
+        }) {
+            if let Some(cause) = policy.quarantine_on_some_deny(
+                overflow.subject,
+                overflow.destination,
+                overflow.protocol,
+            ) {
+                let _ = self.quarantine.send((overflow.subject, cause));
+            }
+        }
         let time = humantime::format_rfc3339_nanos(record::wall_clock(overflow.timestamp_ns));
         aggregate::suppressed(
             overflow,
             subject.map(|i| i.name.as_str()),
             subject.and_then(|i| i.tenant.as_deref()),
+            destination.map(|i| i.name.as_str()),
             time.to_string(),
         )
     }

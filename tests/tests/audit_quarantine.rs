@@ -406,3 +406,107 @@ fn garbage_risk_scores_are_refused_and_change_nothing() -> Result<()> {
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
 }
+
+/// The monotonic clock the kernel's aggregation windows are a grid of (`bpf_ktime_get_ns`).
+fn monotonic() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// A workload cannot escape a `@quarantine` forbid by first spending its per-window event
+/// key budget on decoys. Found by a red-team review: after 64 denied decoy calls in a
+/// window, the real call to another tenant's vector DB was only counted in the workload's
+/// overflow (no destination), so the agent never saw it and never quarantined. Now the
+/// overflow keeps the destination identity: the `events.suppressed` line names
+/// `globex-vectors`, and the `@quarantine` forbid that some call there breaks quarantines
+/// the workload (cause: that policy's id). Budget 4 and a 2 s window here, so that the
+/// decoys and the call fall in one window (checked; retried in the next otherwise).
+#[test]
+fn decoys_that_spend_the_event_budget_do_not_escape_quarantine() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const WINDOW: Duration = Duration::from_secs(2);
+    let policies = format!(
+        "{STANDARD_POLICIES}\n\
+         @id(\"cross-tenant-vector-db\")\n\
+         @quarantine\n\
+         forbid (principal, action, resource is Endpoint)\n\
+         when {{ resource.kind == \"vector_db\" && principal.tenant != resource.tenant }};\n"
+    );
+    let world = World::new(48, standard_entities(48), &policies)?;
+    let _servers = world.servers_v4()?;
+    let mut cfg = world.agent_config();
+    cfg.events_aggregate = Some("2s".into());
+    cfg.extra_args = vec!["--events-keys-per-workload".into(), "4".into()];
+    let agent = Agent::start(cfg)?;
+    let gw = probe_in(&world, "acme-gateway");
+    let globex_agent = world.entity("globex-agent").ip(false);
+    let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+
+    let mut in_one_window = false;
+    for round in 0..3u16 {
+        // Start just after a window begins: the calls take milliseconds.
+        let deadline = std::time::Instant::now() + 2 * WINDOW;
+        while (monotonic().as_nanos() % WINDOW.as_nanos()) > 300_000_000 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the clock did not advance"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = monotonic().as_nanos() / WINDOW.as_nanos();
+        // Eight decoys, each a key of its own (another port of a cross-tenant workload:
+        // denied, but by no `@quarantine` forbid), then the real call.
+        let mut calls: Vec<String> = (0..8)
+            .map(|i| attempt("tcp", globex_agent, 20_000 + round * 10 + i))
+            .collect();
+        calls.push(real.clone());
+        let results = gw.run(&calls)?;
+        ensure!(
+            results.iter().all(|r| r.outcome == Outcome::Eperm),
+            "every call is denied: {results:?}"
+        );
+        if monotonic().as_nanos() / WINDOW.as_nanos() == before {
+            in_one_window = true;
+            break;
+        }
+        eprintln!("round {round}: the calls crossed a window boundary; again");
+    }
+    ensure!(
+        in_one_window,
+        "the calls never fell in one window in 3 rounds"
+    );
+
+    let quarantined = wait_notices(&agent, "subject.quarantined", 1, WAIT, |_| true)?;
+    ensure!(
+        s(&quarantined[0], "/workload") == Some("acme-gateway")
+            && s(&quarantined[0], "/cause") == Some("cross-tenant-vector-db"),
+        "quarantined by the @quarantine forbid: {}",
+        quarantined[0]
+    );
+    let suppressed = notices(&agent, "events.suppressed")?;
+    ensure!(
+        suppressed
+            .iter()
+            .any(|n| s(n, "/destination") == Some("globex-vectors")
+                && s(n, "/workload") == Some("acme-gateway")),
+        "events.suppressed names the destination of the hidden call: {suppressed:?}"
+    );
+    // The call reached the agent only in the overflow: this is the path under test.
+    ensure!(
+        !agent
+            .denies()?
+            .iter()
+            .any(|e| s(e, "/destination/name") == Some("globex-vectors")),
+        "the real call was reported on its own, not through the overflow"
+    );
+    let same = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    gw.expect_outcome(&same, Outcome::Eperm, "quarantined, same tenant")?;
+    Ok(())
+}

@@ -209,14 +209,16 @@ impl Aggregates {
 /// The `events.suppressed` notice of an overflow entry's summary (`overflow`, from
 /// [`Swept::overflows`]): the workload (`workload`/`tenant` as the policy in force names the
 /// subject identity; `None` for an identity it does not name, reported as `identity:N`, or
-/// `unknown` for the cgroups without one, and tenant `unknown`), its hook, verdict, reason
-/// and the exact number of denies folded in. Overflows are per workload identity, over all
+/// `unknown` for the cgroups without one, and tenant `unknown`), the destination identity
+/// (`destination` its name, as the workload's), its hook, verdict, reason and the exact
+/// number of denies folded in. Overflows are per workload identity, over all
 /// its cgroups: the notice names no cgroup. `time` is
 /// the RFC 3339 time of the window's end.
 pub fn suppressed(
     overflow: &DenyEvent,
     workload: Option<&str>,
     tenant: Option<&str>,
+    destination: Option<&str>,
     time: String,
 ) -> Notice {
     Notice::EventsSuppressed {
@@ -228,6 +230,12 @@ pub fn suppressed(
         },
         tenant: tenant.unwrap_or("unknown").to_string(),
         identity: overflow.subject,
+        // Zero for ingress, and for an overflow of a kernel from before destinations were
+        // kept.
+        destination: (overflow.destination != 0).then(|| match destination {
+            Some(name) => name.to_string(),
+            None => format!("identity:{}", overflow.destination),
+        }),
         hook: hook_name(overflow.hook),
         verdict: verdict_name(overflow.verdict),
         reason: reason_name(overflow.reason),
@@ -367,7 +375,13 @@ mod tests {
             ..Default::default()
         };
         let e = summary(&key, &value, value.suppressed, 6_000_000_000);
-        let notice = suppressed(&e, Some("acme-gateway"), Some("acme"), "T".into());
+        let notice = suppressed(
+            &e,
+            Some("acme-gateway"),
+            Some("acme"),
+            Some("globex-vectors"),
+            "T".into(),
+        );
         assert_eq!(notice.kind(), "events.suppressed");
         let json = serde_json::to_value(&notice).unwrap();
         assert_eq!(json["type"], "events.suppressed");
@@ -380,7 +394,7 @@ mod tests {
         assert_eq!(json["reason"], "tenant_mismatch");
         assert_eq!(json["count"], 123_456);
         // An identity the policy does not name is named by its number.
-        let unknown = suppressed(&e, None, None, "T".into());
+        let unknown = suppressed(&e, None, None, None, "T".into());
         let json = serde_json::to_value(&unknown).unwrap();
         assert_eq!(json["workload"], "identity:256");
         assert_eq!(json["tenant"], "unknown");

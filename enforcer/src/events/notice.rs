@@ -24,16 +24,20 @@ pub enum Notice {
         total: u64,
     },
     /// One workload's denies beyond its per-window key budget (`--events-keys-per-workload`
-    /// distinct destinations or peers): `count` denies of `hook` and `reason` in the window
-    /// ending at `time`, counted exactly in the kernel and not reported one by one. For
-    /// `hook: ingress`, `workload` is the destination the SYNs were refused for (the peers'
-    /// claims are many and forgeable).
+    /// distinct destinations or peers): `count` denies of `hook` and `reason` to one
+    /// `destination` (a workload or endpoint name, `identity:N` for a number the policy does
+    /// not name; any address and port of it) in the window ending at `time`, counted exactly
+    /// in the kernel and not reported one by one. For `hook: ingress`, `workload` is the
+    /// destination the SYNs were refused for (the peers' claims are many and forgeable) and
+    /// there is no `destination`.
     #[serde(rename = "events.suppressed")]
     EventsSuppressed {
         time: String,
         workload: String,
         tenant: String,
         identity: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        destination: Option<String>,
         hook: &'static str,
         verdict: &'static str,
         reason: &'static str,

@@ -1103,6 +1103,7 @@ mod tests {
             workload: "acme-gateway".into(),
             tenant: "acme".into(),
             identity: 256,
+            destination: Some("globex-vectors".into()),
             hook: "connect4",
             verdict: "deny",
             reason: "tenant_mismatch",

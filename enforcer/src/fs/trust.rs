@@ -998,8 +998,9 @@ mod tests {
     }
 
     /// A Kubernetes ConfigMap volume: a 0777 directory of symlinks into `..data`, mounted
-    /// read-only. Nobody can write through a read-only mount, so the mode bits are not
-    /// judged there; the same layout on a writable mount is refused.
+    /// read-only. Nobody can write through a read-only mount, so the mode bits of such a
+    /// volume's root are not judged; the same layout on a writable mount is refused, and so
+    /// is a read-only 0777 directory without kubelet's layout.
     #[test]
     fn a_configmap_volume_read_only_is_trusted_and_writable_is_not() {
         use std::os::unix::fs::symlink;

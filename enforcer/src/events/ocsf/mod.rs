@@ -996,6 +996,7 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             workload,
             tenant,
             identity,
+            destination,
             hook,
             verdict,
             reason,
@@ -1008,13 +1009,15 @@ pub fn notice<'a>(context: &'a Context, seq: u64, notice: &'a Notice) -> Event<'
             general_error(
                 3,
                 format!(
-                    "{count} {verdict} events of {workload} ({hook}, {reason}) suppressed: more distinct destinations in one window than its budget"
+                    "{count} {verdict} events of {workload}{} ({hook}, {reason}) suppressed: more distinct destinations in one window than its budget",
+                    destination.as_deref().map(|d| format!(" to {d}")).unwrap_or_default()
                 ),
                 Some(*count),
                 json!({
                 "workload": workload,
                 "tenant": tenant,
                 "identity": identity,
+                "destination": destination,
                 "hook": hook,
                 "verdict": verdict,
                 "reason": reason,

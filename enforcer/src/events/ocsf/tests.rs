@@ -168,6 +168,7 @@ fn notices() -> Vec<Notice> {
             workload: "acme-gateway".into(),
             tenant: "acme".into(),
             identity: 17,
+            destination: Some("globex-vectors".into()),
             hook: "connect4",
             verdict: "deny",
             reason: "tenant_mismatch",
