@@ -187,9 +187,22 @@ pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
 ///
 /// Errors: the file cannot be opened or read, is not a regular file, or fails the rule.
 pub fn read_trusted(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let (mut file, problems) = settled(|| {
+    let mut file = open_trusted(path, what)?;
+    read_all(&mut file, path)
+}
+
+/// [`read_trusted`]'s rule without reading the file (an exec credential plugin's binary).
+///
+/// Errors: as [`read_trusted`]'s.
+pub fn check_trusted(path: &Path, what: &str) -> Result<()> {
+    open_trusted(path, what).map(drop)
+}
+
+/// The open file at `path`, checked by [`read_trusted`]'s rule.
+fn open_trusted(path: &Path, what: &str) -> Result<std::fs::File> {
+    let (file, problems) = settled(|| {
         let (file, meta) = open_regular(path)?;
-        let problems = trusted_problems(path, &meta)?;
+        let problems = trusted_problems(path, &meta, Above::Strict)?;
         Ok((file, problems))
     })?;
     if !problems.is_empty() {
@@ -199,25 +212,7 @@ pub fn read_trusted(path: &Path, what: &str) -> Result<Vec<u8>> {
             problems.join("; ")
         );
     }
-    read_all(&mut file, path)
-}
-
-/// [`read_trusted`]'s rule without reading the file (an exec credential plugin's binary).
-///
-/// Errors: as [`read_trusted`]'s.
-pub fn check_trusted(path: &Path, what: &str) -> Result<()> {
-    let problems = settled(|| {
-        let (_, meta) = open_regular(path)?;
-        trusted_problems(path, &meta)
-    })?;
-    if !problems.is_empty() {
-        bail!(
-            "refusing {}: another user could change it and {what}: {}",
-            path.display(),
-            problems.join("; ")
-        );
-    }
-    Ok(())
+    Ok(file)
 }
 
 /// Checks a policy bundle directory before it is loaded: the directory and every entry the
@@ -268,7 +263,7 @@ fn bundle_problems(dir: &Path) -> Result<Vec<String>> {
         }
         let path = dir.join(entry.file_name());
         match std::fs::metadata(&path) {
-            Ok(meta) => problems.extend(trusted_problems(&path, &meta)?),
+            Ok(meta) => problems.extend(trusted_problems(&path, &meta, Above::Strict)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => problems.push(format!(
                 "{} leads to nothing (another user might create what it names)",
                 path.display()
@@ -290,14 +285,7 @@ pub fn writable_by_others(
     meta: &std::fs::Metadata,
     above: Above,
 ) -> Result<Vec<String>> {
-    let walk = walk_to_open_file(path, meta, above)?;
-    let mut problems = walk.problems;
-    if meta.uid() != 0 && meta.uid() != euid() {
-        problems.push(owner_problem(path, meta.uid()));
-    }
-    if meta.mode() & 0o022 != 0 {
-        problems.push(writable_problem(path, meta.mode()));
-    }
+    let mut problems = trusted_problems(path, meta, above)?;
     // Another name elsewhere (a hard link planted to, say, a root-owned system file) would
     // pass every check above and take the agent's writes.
     if meta.is_file() && meta.nlink() > 1 {
@@ -307,7 +295,6 @@ pub fn writable_by_others(
             meta.nlink()
         ));
     }
-    problems.extend(fuse_problem(&walk.real));
     Ok(problems)
 }
 
@@ -395,9 +382,10 @@ pub fn replace_file(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// [`read_trusted`]'s rule for the file at `path`, whose metadata is `meta`.
-fn trusted_problems(path: &Path, meta: &std::fs::Metadata) -> Result<Vec<String>> {
-    let walk = walk_to_open_file(path, meta, Above::Strict)?;
+/// [`read_trusted`]'s rule (with the directories above judged under `above`) for the file at
+/// `path`, whose metadata is `meta`.
+fn trusted_problems(path: &Path, meta: &std::fs::Metadata, above: Above) -> Result<Vec<String>> {
+    let walk = walk_to_open_file(path, meta, above)?;
     let mut problems = walk.problems;
     if meta.uid() != 0 && meta.uid() != euid() {
         problems.push(owner_problem(path, meta.uid()));
