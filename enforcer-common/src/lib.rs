@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -199,7 +199,11 @@ pub mod programs {
     /// `cgroup_skb/ingress`: checks the identity option of SYNs to local destinations whose
     /// ingress mode is enforce or audit.
     pub const SKB_INGRESS: &str = "skb_ingress";
-    pub const ALL: [&str; 8] = [
+    /// `cgroup/bind4` / `cgroup/bind6`: refuse binding an address the IP cache gives another
+    /// identity (so that no workload can listen in another's name).
+    pub const BIND4: &str = "bind4";
+    pub const BIND6: &str = "bind6";
+    pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -208,6 +212,8 @@ pub mod programs {
         SOCK_OPS,
         SOCK_RELEASE,
         SKB_INGRESS,
+        BIND4,
+        BIND6,
     ];
 }
 
@@ -252,6 +258,12 @@ pub mod flags {
     pub const INGRESS_ENFORCE: u32 = 1 << 5;
     /// Ingress mode `audit`: the same checks, reported as `audit`, nothing dropped.
     pub const INGRESS_AUDIT: u32 = 1 << 6;
+    /// A Kubernetes Service: its addresses are virtual (kube-proxy translates them to a
+    /// backend's before any socket sees them), so no socket of its own answers them and the
+    /// address rules of `reason::FOREIGN_ADDRESS` do not apply to them (a Service's
+    /// `externalIPs` may name a pod's or the node's address: refusing that address's own
+    /// sockets would hand any tenant a way to cut another off).
+    pub const SERVICE: u32 = 1 << 7;
     /// Flows to a destination with any of these flags carry the identity option.
     pub const TAGGED: u32 = TRACKED | VECTOR_DB | INGRESS_ENFORCE | INGRESS_AUDIT;
 }
@@ -313,7 +325,17 @@ pub mod reason {
     /// by a connection accepted here that has closed): the SYN is a copy (a replay within the
     /// skew, e.g. by the pod that got the sender's IP, or a duplicate). See `SPENT_TAGS`.
     pub const REPLAYED_TAG: u8 = 14;
-    pub const COUNT: usize = 15;
+    /// The address belongs to another identity: the IP cache holds it as an exact (host)
+    /// address of a workload or endpoint (an identity from `identity::FIRST_DYNAMIC` on, not
+    /// a `flags::SERVICE`) other than the caller's.
+    /// `bind4`/`bind6`: the socket would receive what callers send to that identity (the
+    /// event's `destination` is the owner, `dport` the port). `sendmsg4`/`sendmsg6`: a
+    /// datagram whose source (`IP_PKTINFO`) is another identity's address. `ingress`: a SYN to
+    /// another identity's address reached a socket of this cgroup (a wildcard listener in a
+    /// shared network namespace): `destination` is the address's owner, `cgroup_id` the
+    /// listener's.
+    pub const FOREIGN_ADDRESS: u8 = 15;
+    pub const COUNT: usize = 16;
 }
 
 /// The hook that decided.
@@ -331,7 +353,11 @@ pub mod hook {
     /// `pid_tgid` 0 and `comm` empty (no task: softirq), the peer's address in
     /// [`DenyEvent::peer`] and its port in `sock_type`.
     pub const INGRESS: u8 = 5;
-    pub const COUNT: usize = 6;
+    /// `cgroup/bind4` / `cgroup/bind6`: a `bind()` to an address another identity owns (see
+    /// `reason::FOREIGN_ADDRESS`); `dport` is the port being bound (0: any).
+    pub const BIND4: u8 = 6;
+    pub const BIND6: u8 = 7;
+    pub const COUNT: usize = 8;
 }
 
 /// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.

@@ -2,7 +2,8 @@
 //!
 //! Four cgroup `sock_addr` programs (`connect4`, `connect6`, `sendmsg4`, `sendmsg6`) call one
 //! shared, always-inlined [`decide`], which runs DESIGN.md's decision procedure: a fixed,
-//! bounded sequence of map lookups with no loops. A fifth, `cgroup/sock_create`
+//! bounded sequence of map lookups with no loops. Two more (`bind4`, `bind6`,
+//! [`judge_bind`]) refuse binding another identity's address. `cgroup/sock_create`
 //! ([`sock_create`]), refuses the inet sockets those four never see (ping, raw, other
 //! protocols), so that every packet a workload can send is judged or refused. `sock_ops` and
 //! `cgroup_skb/ingress` ([`wire`]) write and check the identity option on the SYNs of flows
@@ -201,6 +202,16 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, hook::SENDMSG6, FAMILY_V6)
 }
 
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    judge_bind(&ctx, hook::BIND4, FAMILY_V4)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    judge_bind(&ctx, hook::BIND6, FAMILY_V6)
+}
+
 /// Runs when an inet socket of the subtree is released (its last file reference closed): ends
 /// a connected UDP socket's flow record (TCP records end at the TCP CLOSE state, later).
 #[cgroup_sock(sock_release)]
@@ -309,6 +320,50 @@ fn atomic_add(counter: *mut u64, n: u64) {
     };
 }
 
+/// The address of a sock_addr call (`user_ip4` / `user_ip6`): the destination of a connect
+/// or send, the address of a bind. A dual-stack socket's `::ffff:a.b.c.d` is the IPv4
+/// address it really is: connect6, sendmsg6 and bind6 see it, never their IPv4 twins, and it
+/// would otherwise bypass the IPv4 IP cache. The first compare is the only one most IPv6
+/// addresses pay.
+///
+/// SAFETY: `sa` must be the program's context; full 32-bit loads only.
+#[inline(always)]
+unsafe fn requested_address(sa: *const bpf_sock_addr, family: u8) -> Destination {
+    if family == FAMILY_V4 {
+        return Destination {
+            addr: [
+                read_volatile(&(*sa).user_ip4),
+                ZERO_WORD,
+                ZERO_WORD,
+                ZERO_WORD,
+            ],
+            family: FAMILY_V4,
+        };
+    }
+    six_or_mapped([
+        read_volatile(&(*sa).user_ip6[0]),
+        read_volatile(&(*sa).user_ip6[1]),
+        read_volatile(&(*sa).user_ip6[2]),
+        read_volatile(&(*sa).user_ip6[3]),
+    ])
+}
+
+/// IPv6 address words (memory order) as looked up: an IPv4-mapped one as its IPv4 address.
+#[inline(always)]
+fn six_or_mapped(w: [u32; 4]) -> Destination {
+    if w[0] == ZERO_WORD && w[1] == ZERO_WORD && u32::from_be(w[2]) == V4_MAPPED_WORD2 {
+        Destination {
+            addr: [w[3], ZERO_WORD, ZERO_WORD, ZERO_WORD],
+            family: FAMILY_V4,
+        }
+    } else {
+        Destination {
+            addr: w,
+            family: FAMILY_V6,
+        }
+    }
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa: *const bpf_sock_addr = ctx.sock_addr;
@@ -316,42 +371,8 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // full 32-bit load (volatile, so LLVM cannot narrow it: the verifier rejects narrow loads
     // of `protocol`).
     let (mut dst, user_port, protocol) = unsafe {
-        let dst = if family == FAMILY_V4 {
-            Destination {
-                addr: [
-                    read_volatile(&(*sa).user_ip4),
-                    ZERO_WORD,
-                    ZERO_WORD,
-                    ZERO_WORD,
-                ],
-                family: FAMILY_V4,
-            }
-        } else {
-            let w = [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ];
-            // A dual-stack socket connecting to ::ffff:a.b.c.d runs connect6, never connect4:
-            // judge it as the IPv4 address it really is, or it would bypass IPCACHE_V4. (An
-            // unconnected UDP sendto() of a mapped address is passed to sendmsg4 by the kernel
-            // itself; handled here too in case a kernel reports it to sendmsg6.) The first
-            // compare is the only one most IPv6 destinations pay.
-            if w[0] == ZERO_WORD && w[1] == ZERO_WORD && u32::from_be(w[2]) == V4_MAPPED_WORD2 {
-                Destination {
-                    addr: [w[3], ZERO_WORD, ZERO_WORD, ZERO_WORD],
-                    family: FAMILY_V4,
-                }
-            } else {
-                Destination {
-                    addr: w,
-                    family: FAMILY_V6,
-                }
-            }
-        };
         (
-            dst,
+            requested_address(sa, family),
             read_volatile(&(*sa).user_port),
             read_volatile(&(*sa).protocol),
         )
@@ -385,6 +406,30 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         sock_type: NO_SOCKET_INFO,
         sock_protocol: NO_SOCKET_INFO,
     };
+
+    // A datagram sent from an address of another identity (`IP_PKTINFO`'s source): its
+    // receiver, and every reply, would take it for that identity. Checked first, because a
+    // connected socket's send with control messages comes with no address (passed below).
+    // A source equal to the socket's bound address was judged by bind4/bind6 and costs no
+    // lookup here.
+    if hook == hook::SENDMSG4 || hook == hook::SENDMSG6 {
+        if let Some(source) = chosen_source(ctx, hook) {
+            let (holder, exact) = lookup_address(&source);
+            if let Some(owner) = address_owner(holder, exact) {
+                // SAFETY: no preconditions.
+                let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+                if foreign(locked::subject_of(cgroup_id), owner) {
+                    v.reason = reason::FOREIGN_ADDRESS;
+                    v.destination = owner;
+                    return if refuse(&mut v, &source, hook, global_audit) {
+                        SK_PASS
+                    } else {
+                        SK_DROP
+                    };
+                }
+            }
+        }
+    }
 
     // The unspecified address is not where the packet goes: the kernel routes it to a local
     // address after this hook (see `unspecified`). Judge that address instead, or refuse the
@@ -533,6 +578,114 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     report(&mut v, &dst, cgroup_id, hook, audit)
 }
 
+/// The bind decision. An address another identity holds as its own ([`address_owner`]: an
+/// exact address of a workload or endpoint) may not be bound by a subject of another
+/// identity (see [`foreign`]): in a shared network
+/// namespace (bare hosts with an inventory, `hostNetwork` pods) the socket would receive what
+/// callers address to that identity, judged as a call to it. Refused with reason
+/// `foreign_address`, the owner as the event's destination. The wildcard (`0.0.0.0`, `::`)
+/// and every other address (WORLD, a prefix, a Service's) pass: they impersonate no one (a wildcard listener that receives another identity's SYNs is refused at ingress,
+/// `wire::ingress`). Audit mode lets it through as audit; a quarantined subject is refused
+/// even then (`refuse`).
+#[inline(always)]
+fn judge_bind(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the program's context; full 32-bit loads.
+    let (address, user_port, protocol) = unsafe {
+        (
+            requested_address(sa, family),
+            read_volatile(&(*sa).user_port),
+            read_volatile(&(*sa).protocol),
+        )
+    };
+    if address.addr[0] == ZERO_WORD && is_unspecified(&address) {
+        count(hook, verdict::ALLOW, reason::ALLOWED);
+        return SK_PASS;
+    }
+    let (holder, exact) = lookup_address(&address);
+    let Some(owner) = address_owner(holder, exact) else {
+        count(hook, verdict::ALLOW, reason::ALLOWED);
+        return SK_PASS;
+    };
+    // SAFETY: no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !foreign(locked::subject_of(cgroup_id), owner) {
+        count(hook, verdict::ALLOW, reason::ALLOWED);
+        return SK_PASS;
+    }
+    let (global_audit, generation) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
+        None => (false, 0),
+    };
+    let mut v = Verdict {
+        subject: identity::UNKNOWN,
+        destination: owner,
+        // `user_port` holds the port in network byte order in its low 16 bits.
+        dport: u16::from_be(user_port as u16),
+        protocol: protocol as u8,
+        verdict: verdict::DENY,
+        reason: reason::FOREIGN_ADDRESS,
+        generation: generation as u32,
+        sock_type: NO_SOCKET_INFO,
+        sock_protocol: NO_SOCKET_INFO,
+    };
+    if refuse(&mut v, &address, hook, global_audit) {
+        SK_PASS
+    } else {
+        SK_DROP
+    }
+}
+
+/// Whether `subject` (a cgroup's identity, `None` for a cgroup of no identity) would use an
+/// address that `owner`, another identity, holds. A cgroup of no identity may: its own calls
+/// are all denied (`unknown_subject`), and it is where an inventory's endpoints are served
+/// from (an endpoint has addresses, not cgroups); only a process that may write a cgroup's
+/// `cgroup.procs` can move into one.
+#[inline(always)]
+pub(crate) fn foreign(subject: Option<u32>, owner: u32) -> bool {
+    matches!(subject, Some(s) if s != owner)
+}
+
+/// The source a sendmsg4/sendmsg6 call chose, when it differs from the socket's bound address
+/// (`msg_src_ip4` / `msg_src_ip6`: the bound source, or `IP_PKTINFO`'s / `IPV6_PKTINFO`'s);
+/// `None` when it is unset or the bound address (which bind4/bind6 judged).
+#[inline(always)]
+fn chosen_source(ctx: &SockAddrContext, hook: u8) -> Option<Destination> {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `msg_src_ip4`/`msg_src_ip6` are readable in sendmsg4/sendmsg6 programs (this is
+    // constant-folded to the right one); `sk` is always set for sock_addr programs; full
+    // 32-bit loads.
+    unsafe {
+        let sk: *const bpf_sock = read_volatile(&(*sa).__bindgen_anon_1.sk).cast_const();
+        if hook == hook::SENDMSG4 {
+            let source = read_volatile(&(*sa).msg_src_ip4);
+            if source == ZERO_WORD || source == read_volatile(&(*sk).src_ip4) {
+                return None;
+            }
+            return Some(Destination {
+                addr: [source, ZERO_WORD, ZERO_WORD, ZERO_WORD],
+                family: FAMILY_V4,
+            });
+        }
+        let s = [
+            read_volatile(&(*sa).msg_src_ip6[0]),
+            read_volatile(&(*sa).msg_src_ip6[1]),
+            read_volatile(&(*sa).msg_src_ip6[2]),
+            read_volatile(&(*sa).msg_src_ip6[3]),
+        ];
+        if s[0] | s[1] | s[2] | s[3] == ZERO_WORD
+            || (s[0] == read_volatile(&(*sk).src_ip6[0])
+                && s[1] == read_volatile(&(*sk).src_ip6[1])
+                && s[2] == read_volatile(&(*sk).src_ip6[2])
+                && s[3] == read_volatile(&(*sk).src_ip6[3]))
+        {
+            return None;
+        }
+        Some(six_or_mapped(s))
+    }
+}
+
 /// 0.0.0.0 (family 4, which includes ::ffff:0.0.0.0) or :: (family 6). Called only when the
 /// first word is zero.
 #[inline(always)]
@@ -641,12 +794,21 @@ fn unspecified(
 /// does not know it.
 #[inline(always)]
 fn lookup_destination(dst: &Destination) -> u32 {
-    let hit = if dst.family == FAMILY_V4 {
+    lookup_address(dst).0
+}
+
+/// [`lookup_destination`], and whether the answer is an exact (host) entry.
+#[inline(always)]
+fn lookup_address(dst: &Destination) -> (u32, bool) {
+    let (exact, prefix) = if dst.family == FAMILY_V4 {
         let addr = dst.addr[0].to_ne_bytes();
         // SAFETY: a non-null map value pointer is valid for reads.
         match IPCACHE_HOST_V4.get_ptr(addr) {
-            Some(p) => Some(unsafe { *p }),
-            None => IPCACHE_V4.get(&Key::new(V4_PREFIX_BITS, addr)).copied(),
+            Some(p) => (Some(unsafe { *p }), None),
+            None => (
+                None,
+                IPCACHE_V4.get(&Key::new(V4_PREFIX_BITS, addr)).copied(),
+            ),
         }
     } else {
         // The words are in memory (network) order already; reinterpret them as bytes.
@@ -661,11 +823,31 @@ fn lookup_destination(dst: &Destination) -> u32 {
         let bytes: [u8; 16] = unsafe { core::mem::transmute(b) };
         // SAFETY: a non-null map value pointer is valid for reads.
         match IPCACHE_HOST_V6.get_ptr(bytes) {
-            Some(p) => Some(unsafe { *p }),
-            None => IPCACHE_V6.get(&Key::new(V6_PREFIX_BITS, bytes)).copied(),
+            Some(p) => (Some(unsafe { *p }), None),
+            None => (
+                None,
+                IPCACHE_V6.get(&Key::new(V6_PREFIX_BITS, bytes)).copied(),
+            ),
         }
     };
-    hit.unwrap_or(identity::WORLD)
+    match (exact, prefix) {
+        (Some(id), _) => (id, true),
+        (None, Some(id)) => (id, false),
+        (None, None) => (identity::WORLD, false),
+    }
+}
+
+/// The identity that holds an address as its own, from [`lookup_address`]'s answer: an exact
+/// entry of a workload or endpoint. Not a prefix (a range of remote addresses, which may
+/// cover the node's own), not a reserved identity (WORLD, UNIDENTIFIED...), not a Service
+/// (virtual addresses, see `flags::SERVICE`).
+#[inline(always)]
+fn address_owner(identity: u32, exact: bool) -> Option<u32> {
+    if !exact || identity < identity::FIRST_DYNAMIC {
+        return None;
+    }
+    let owner_flags = locked::identity_flags(identity)?;
+    (owner_flags & flags::SERVICE == 0).then_some(identity)
 }
 
 /// The exact-port entry decides by its verdict (a deny exception under an any-port allow);

@@ -25,26 +25,28 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, bpf_sock_ops,
+        __sk_buff, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, bpf_sock_ops, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
         BPF_SK_STORAGE_GET_F_CREATE,
     },
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ktime_get_tai_ns,
-        bpf_reserve_hdr_opt, bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_cgroup_id,
-        bpf_sock_ops_cb_flags_set, bpf_store_hdr_opt,
+        bpf_reserve_hdr_opt, bpf_sk_cgroup_id, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skb_cgroup_id, bpf_sock_ops_cb_flags_set,
+        bpf_store_hdr_opt,
     },
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
     capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, PolicyKey,
-    PolicyValue,
+    PolicyValue, NO_CLASS,
 };
 
 use crate::{
-    count, locked, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC, CONFIG,
-    FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
+    count, locked, lookup_address, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC,
+    CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -172,6 +174,11 @@ static SPENT_TAGS: LruHashMap<abi::SpentKey, u32> =
 static INGRESS_REPORTED: LruHashMap<abi::PeerKey, u64> =
     LruHashMap::with_max_entries(capacity::WIRE_REPORTED, NO_MAP_FLAGS);
 
+/// Room for the socket tuple `caller_cgroup` looks up: the ingress program has spent its 512
+/// bytes of stack. One per CPU, written and read within one run.
+#[map]
+static TUPLE_SCRATCH: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, NO_MAP_FLAGS);
+
 // ---------------------------------------------------------------------------------------------
 // Constants (uapi values bindgen leaves unnamed)
 // ---------------------------------------------------------------------------------------------
@@ -208,6 +215,14 @@ const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Flags of bpf_reserve_hdr_opt / bpf_store_hdr_opt / map updates: none.
 const NO_FLAGS: u64 = 0;
+/// `bpf_sk_lookup_tcp`'s netns argument: the namespace of the packet.
+const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
+/// `IdentityInfo::tenant` of identities without a tenant.
+const NO_TENANT: u32 = 0;
+/// The loopback device's ifindex, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `bpf_sock::state` of a connecting TCP socket.
+const TCP_SYN_SENT: u32 = tcp_state::SYN_SENT as u32;
 /// `BPF_NOEXIST`: create only (a SYN's option is spent once).
 const BPF_NOEXIST: u64 = 1;
 
@@ -248,17 +263,7 @@ fn sock_ops_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4], D
             ];
             // A dual-stack socket talking to ::ffff:a.b.c.d sends IPv4: judged as IPv4, as
             // connect6 does.
-            let dst = if r[0] == ZERO_WORD && r[1] == ZERO_WORD && r[2] == V4_MAPPED_WORD2 {
-                Destination {
-                    addr: [r[3], ZERO_WORD, ZERO_WORD, ZERO_WORD],
-                    family: FAMILY_V4,
-                }
-            } else {
-                Destination {
-                    addr: r,
-                    family: FAMILY_V6,
-                }
-            };
+            let dst = crate::six_or_mapped(r);
             Some((l, r, dst))
         } else {
             None
@@ -759,7 +764,16 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let Some(syn) = parse_syn(ctx) else {
         return PASS;
     };
-    let destination = lookup_destination(&syn.dst);
+    let (destination, exact) = lookup_address(&syn.dst);
+    if let Some(owner) = crate::address_owner(destination, exact) {
+        if let Some(verdict) = foreign_listener(ctx, &syn, owner) {
+            return verdict;
+        }
+    } else if destination == identity::WORLD {
+        if let Some(verdict) = world_listener(ctx, &syn) {
+            return verdict;
+        }
+    }
     let Some(dst_flags) = locked::identity_flags(destination) else {
         return PASS;
     };
@@ -867,6 +881,220 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         PASS
     } else {
         DROP
+    }
+}
+
+/// A SYN to `destination`'s address that reached a socket of another identity in the subtree
+/// (a cgroup of no identity may answer, see `crate::foreign`): a listener on the wildcard address, in a network namespace that
+/// `destination` shares (bare hosts with an inventory, `hostNetwork` pods), which callers
+/// judged as `destination` when they connected. bind4/bind6 refuse binding the address
+/// itself; this refuses the wildcard's catch-all. Dropped with reason `foreign_address` (the
+/// peer's IP-cache identity as the subject, the listener's cgroup in the event), or passed
+/// as audit in audit mode (global, or the listener's). `None`: the listener is
+/// `destination`'s own, the check goes on.
+#[inline(always)]
+fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<i32> {
+    // SAFETY: the skb pointer is the program's context. At cgroup_skb ingress the skb is the
+    // receiving socket's (the listener's, for a SYN).
+    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
+    if !crate::foreign(listener, destination) {
+        return None;
+    }
+    // (`foreign` is true only for a known listener.)
+    let listener_flags = listener.and_then(locked::identity_flags).unwrap_or(0);
+    if listener_flags & flags::EXEMPT != 0 {
+        // The agent's own servers: never judged.
+        return None;
+    }
+    let listener_audit = listener_flags & flags::AUDIT != 0;
+    let (generation, global_audit) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads.
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).generation) as u32,
+                read_volatile(&(*c).audit) != 0,
+            )
+        },
+        None => (0, false),
+    };
+    let audit = global_audit || listener_audit;
+    let v = if audit { verdict::AUDIT } else { verdict::DENY };
+    count(hook::INGRESS, v, reason::FOREIGN_ADDRESS);
+    if first_report(syn, v, reason::FOREIGN_ADDRESS) {
+        let peer = lookup_destination(&syn.src);
+        emit_ingress(
+            ctx,
+            syn,
+            peer,
+            destination,
+            v,
+            reason::FOREIGN_ADDRESS,
+            generation,
+        );
+    }
+    Some(if audit { PASS } else { DROP })
+}
+
+/// A SYN to an address of no identity (WORLD: `127.0.0.1`, an IPv6 link-local address) that
+/// reached a listener of the subtree from a caller of the subtree in the same network
+/// namespace. The caller's connect was judged as a call to WORLD, but the socket that answers
+/// is the listener's workload: in a namespace that workloads share, a policy that opens WORLD
+/// would open every wildcard server of the node. The call is judged again as what it is,
+/// caller -> listener on this port (the same table, classes and flags as `decide`), and
+/// dropped where that is not permitted: the event has the caller as subject, the listener as
+/// destination (at the WORLD address it dialled), reason `tenant_mismatch` / `no_permit` /
+/// `quarantined`, hook `ingress`. A caller from another host, outside the subtree or of no
+/// identity (denied at its connect) is not judged here; nor is a listener's own workload
+/// calling itself (a pod's containers over its loopback), nor the agent on either side.
+/// `None`: nothing to judge.
+#[inline(always)]
+fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
+    // SAFETY: the skb pointer is the program's context (the listener's socket, see
+    // `foreign_listener`).
+    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) })?;
+    let found = if syn.hidden {
+        None
+    } else {
+        caller_cgroup(ctx, syn)
+    };
+    let caller = match found {
+        // A caller outside the subtree, or of no identity (denied at its connect): not ours.
+        Some(cgroup) => locked::subject_of(cgroup)?,
+        // Through the loopback device the sender is a socket of this namespace that the
+        // lookup cannot see: one bound to a device (`SO_BINDTODEVICE`, or an IPv6 link-local
+        // connect, which binds it), whose own device the kernel matches it by, or a SYN whose
+        // TCP header hides behind extension headers. Judged as a caller of no identity.
+        None if arrived_on_loopback(ctx) => identity::UNKNOWN,
+        None => return None,
+    };
+    if caller == listener {
+        return None;
+    }
+    let (generation, global_audit) = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads.
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).generation),
+                read_volatile(&(*c).audit) != 0,
+            )
+        },
+        None => (0, false),
+    };
+    // The table in force and its classes, as `decide` reads them.
+    let slot_b = generation & 1 != 0;
+    let l = locked::identity_info(listener, slot_b);
+    // The agent's own servers (metrics, the admission webhook) are no policy's destination:
+    // it is never judged, either way.
+    if l.as_ref().is_some_and(|l| l.flags & flags::EXEMPT != 0) {
+        return None;
+    }
+    let (reason, audit) = if caller == identity::UNKNOWN {
+        (reason::UNKNOWN_SUBJECT, global_audit)
+    } else {
+        let c = locked::identity_info(caller, slot_b)?;
+        if c.flags & flags::EXEMPT != 0 {
+            return None;
+        }
+        if c.flags & flags::QUARANTINED != 0 {
+            (reason::QUARANTINED, false)
+        } else {
+            let mut key = PolicyKey {
+                subject: c.subject_class,
+                destination: match &l {
+                    Some(l) => l.destination_class,
+                    None => NO_CLASS,
+                },
+                dport: syn.dport,
+                protocol: IPPROTO_TCP,
+                _pad: PAD,
+            };
+            let permitted = if slot_b {
+                policy_hit(&crate::POLICY_B, &mut key)
+            } else {
+                policy_hit(&crate::POLICY_A, &mut key)
+            };
+            if permitted {
+                return None;
+            }
+            let other_tenant = match &l {
+                Some(l) => l.tenant != NO_TENANT && l.tenant != c.tenant,
+                None => false,
+            };
+            (
+                if other_tenant {
+                    reason::TENANT_MISMATCH
+                } else {
+                    reason::NO_PERMIT
+                },
+                global_audit || c.flags & flags::AUDIT != 0,
+            )
+        }
+    };
+    let v = if audit { verdict::AUDIT } else { verdict::DENY };
+    count(hook::INGRESS, v, reason);
+    if first_report(syn, v, reason) {
+        emit_ingress(ctx, syn, caller, listener, v, reason, generation as u32);
+    }
+    Some(if audit { PASS } else { DROP })
+}
+
+/// Whether the packet came in through the loopback device (ifindex 1 in every namespace:
+/// `LOOPBACK_IFINDEX`), that is from a socket of this network namespace.
+#[inline(always)]
+fn arrived_on_loopback(ctx: &SkBuffContext) -> bool {
+    let skb: *const __sk_buff = ctx.skb.skb;
+    // SAFETY: a full 32-bit context load.
+    unsafe { read_volatile(&(*skb).ifindex) == LOOPBACK_IFINDEX }
+}
+
+/// The cgroup of the local socket that sent `syn` (a connecting socket of this network
+/// namespace, found by the SYN's 4-tuple as seen from its side, in `SYN_SENT` with the SYN's
+/// source port); `None` when the SYN came from another host or namespace, or the lookup
+/// cannot see the socket (see `world_listener`).
+#[inline(always)]
+fn caller_cgroup(ctx: &SkBuffContext, syn: &Syn) -> Option<u64> {
+    let tuple = TUPLE_SCRATCH.get_ptr_mut(0)?;
+    // The tuple of a packet *to* the caller: it finds the socket that would receive it.
+    // SAFETY: a per-CPU map value of this program's run, valid for writes.
+    let size = unsafe {
+        if syn.dst.family == FAMILY_V4 {
+            (*tuple).__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: syn.dst.addr[0],
+                daddr: syn.src.addr[0],
+                sport: syn.dport.to_be(),
+                dport: syn.sport.to_be(),
+            };
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+        } else {
+            (*tuple).__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                saddr: syn.daddr,
+                daddr: syn.saddr,
+                sport: syn.dport.to_be(),
+                dport: syn.sport.to_be(),
+            };
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+        }
+    };
+    // SAFETY: the context and a tuple of `size` bytes; the socket returned is released before
+    // anything else runs.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.skb.skb.cast(),
+            tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS,
+            NO_FLAGS,
+        );
+        if sk.is_null() {
+            return None;
+        }
+        // Without an established match the kernel falls back to a listener on the SYN's
+        // source address and port: only the connecting socket itself is the caller.
+        let caller = read_volatile(&(*sk).state) == TCP_SYN_SENT
+            && read_volatile(&(*sk).src_port) == syn.sport as u32;
+        let cgroup = bpf_sk_cgroup_id(sk.cast());
+        bpf_sk_release(sk.cast());
+        caller.then_some(cgroup)
     }
 }
 

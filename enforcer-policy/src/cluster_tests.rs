@@ -387,6 +387,15 @@ fn numbers_and_names_do_not_depend_on_order_or_on_other_identities() {
     let svc = b.identities().by_name("service/acme/rag-svc").unwrap();
     assert_eq!(svc.id, service_number("acme", "rag-svc"));
     assert_eq!(svc.kind, IdentityKind::Service);
+    // Its addresses are virtual: the kernel's address rules (bind, ingress) leave them be,
+    // and only its identity says so.
+    let service = enforcer_common::flags::SERVICE;
+    assert_ne!(svc.info().flags & service, 0);
+    assert!(b
+        .identities()
+        .iter()
+        .filter(|i| i.kind != IdentityKind::Service)
+        .all(|i| i.info().flags & service == 0));
 }
 
 /// Two label sets (namespace `acme`, service account `sa`, label `app=a<i>`) whose identity

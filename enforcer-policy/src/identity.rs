@@ -248,7 +248,12 @@ pub struct Identity {
 impl Identity {
     /// The kernel's `IDENTITIES` value.
     pub fn info(&self) -> IdentityInfo {
-        IdentityInfo::new(self.tenant_id, self.flags)
+        let service = if self.kind == IdentityKind::Service {
+            enforcer_common::flags::SERVICE
+        } else {
+            0
+        };
+        IdentityInfo::new(self.tenant_id, self.flags | service)
     }
 
     /// A local subject: the agent maps its cgroups (or its local pods' cgroups) to this

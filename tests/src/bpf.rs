@@ -11,14 +11,16 @@ use crate::util::unique_name;
 pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
 pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_CGROUP_INET4_BIND: u32 = 8;
+pub const BPF_CGROUP_INET6_BIND: u32 = 9;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
-/// The four egress-decision hooks, the socket-creation hook, sock_ops (the identity option)
-/// and the ingress check, with the names of their programs.
-pub const ENFORCER_HOOKS: [(u32, &str); 7] = [
+/// The four egress-decision hooks, the socket-creation hook, sock_ops (the identity option),
+/// the ingress check and the two bind hooks, with the names of their programs.
+pub const ENFORCER_HOOKS: [(u32, &str); 9] = [
     (BPF_CGROUP_INET4_CONNECT, "connect4"),
     (BPF_CGROUP_INET6_CONNECT, "connect6"),
     (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
@@ -26,6 +28,8 @@ pub const ENFORCER_HOOKS: [(u32, &str); 7] = [
     (BPF_CGROUP_INET_SOCK_CREATE, "sock_create"),
     (BPF_CGROUP_SOCK_OPS, "sock_ops"),
     (BPF_CGROUP_INET_INGRESS, "ingress"),
+    (BPF_CGROUP_INET4_BIND, "bind4"),
+    (BPF_CGROUP_INET6_BIND, "bind6"),
 ];
 
 const BPF_MAP_CREATE: libc::c_long = 0;

@@ -331,22 +331,24 @@ fn unspecified_destinations_are_judged_where_the_kernel_sends_them() -> Result<(
             deny("connect6", "unspecified_destination", "0.0.0.0", None),
         ),
         // Bound sources. sendto: the source the kernel routes with is visible (msg_src_ip4),
-        // and the datagram goes to it: globex-svc.
+        // and the datagram goes to it: acme-app itself, allowed.
+        case("udp:0.0.0.0:7301@127.81.1.1", Pass, None),
+        // Another identity's address cannot be the bound source at all (before the bind
+        // hooks, this sent to globex-svc from its own address, judged as globex-svc).
         case(
             "udp:0.0.0.0:7300@127.81.2.10",
             Eperm,
             deny(
-                "sendmsg4",
-                "tenant_mismatch",
+                "bind4",
+                "foreign_address",
                 "127.81.2.10",
                 Some("globex-svc"),
             ),
         ),
-        case("udp:0.0.0.0:7301@127.81.1.10", Pass, None),
         // connect: the hook sees the bound address, which the kernel drops when it is a
         // broadcast one (then the call goes to 127.0.0.1): refused, both ways.
         case(
-            "tcp:0.0.0.0:7300@127.81.2.10",
+            "tcp:0.0.0.0:7300@127.81.1.1",
             Eperm,
             deny("connect4", "unspecified_destination", "0.0.0.0", None),
         ),

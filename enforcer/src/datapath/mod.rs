@@ -1,5 +1,5 @@
 //! The kernel side as the agent sees it: load the BPF object with its maps pinned, attach the
-//! seven cgroup programs (`enforcer_common::programs::ALL`) to the enforced subtree (or adopt
+//! cgroup programs (`enforcer_common::programs::ALL`) to the enforced subtree (or adopt
 //! the links a previous agent pinned), and hand out typed map handles. Reads as open -> configure -> load -> attach.
 
 mod links;

@@ -38,6 +38,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::RATE_LIMITED => "rate_limited",
         reason::STALE_TAG => "stale_tag",
         reason::REPLAYED_TAG => "replayed_tag",
+        reason::FOREIGN_ADDRESS => "foreign_address",
         _ => "unknown",
     }
 }
@@ -59,6 +60,8 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SENDMSG6 => "sendmsg6",
         hook::SOCK_CREATE => "sock_create",
         hook::INGRESS => "ingress",
+        hook::BIND4 => "bind4",
+        hook::BIND6 => "bind6",
         _ => "unknown",
     }
 }
@@ -195,6 +198,21 @@ mod tests {
         event.family = 6;
         event.daddr = "fd00::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
         assert_eq!(destination_ip(&event).to_string(), "fd00::10");
+    }
+
+    /// Every hook and reason the kernel has a name here (metrics labels, events): none is
+    /// "unknown", and no two share one.
+    #[test]
+    fn every_hook_and_reason_has_its_own_name() {
+        let hooks: std::collections::BTreeSet<_> = (0..hook::COUNT as u8).map(hook_name).collect();
+        assert_eq!(hooks.len(), hook::COUNT);
+        assert!(!hooks.contains("unknown"));
+        let reasons: std::collections::BTreeSet<_> =
+            (0..reason::COUNT as u8).map(reason_name).collect();
+        assert_eq!(reasons.len(), reason::COUNT);
+        assert!(!reasons.contains("unknown"));
+        assert_eq!(hook_name(hook::BIND6), "bind6");
+        assert_eq!(reason_name(reason::FOREIGN_ADDRESS), "foreign_address");
     }
 
     #[test]

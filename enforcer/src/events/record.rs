@@ -179,8 +179,9 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
     // whatever address the SYN says it came from: both forgeable by anyone who can send
     // one. Naming the workload would let a forger write events (and route them to a
     // tenant's feed) that accuse any workload it likes.
-    let unauthenticated =
-        ingress && (event.reason == reason::BAD_TAG || event.reason == reason::MISSING_TAG);
+    // A `foreign_address` SYN's subject is its source address's identity too.
+    let by_address = event.reason == reason::MISSING_TAG || event.reason == reason::FOREIGN_ADDRESS;
+    let unauthenticated = ingress && (event.reason == reason::BAD_TAG || by_address);
     let named = compiled
         .identity(event.subject)
         .filter(|_| event.subject != identity::UNKNOWN);
@@ -245,6 +246,13 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             atlas_ids(&["AML.T0073", "AML.T0085.000"]),
         ),
+        // An address of another identity bound, used as a datagram's source, or answered by
+        // a wildcard listener of another cgroup: the kernel's own rule, an impersonation.
+        reason::FOREIGN_ADDRESS => (
+            "foreign-address".to_string(),
+            Vec::new(),
+            atlas_ids(&["AML.T0073"]),
+        ),
         // A claim that is no workload here (WORLD, an identity this node does not know): no
         // permit names it, so it is the implicit deny, not an unknown local cgroup. A remote
         // pod's claim is a workload and falls through: the ingress column has its answer.
@@ -307,9 +315,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         peer: ingress.then(|| Peer {
             ip: peer_ip(event).to_string(),
             port: event.sock_type,
-            workload: named
-                .filter(|_| event.reason == reason::MISSING_TAG)
-                .map(|i| i.name.clone()),
+            workload: named.filter(|_| by_address).map(|i| i.name.clone()),
         }),
         socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
             family: if event.family == 6 { "ipv6" } else { "ipv4" },

@@ -10,6 +10,11 @@
 //! request), `raw:ADDR` (`SOCK_RAW` ICMP/ICMPv6, one echo request), `udplite:ADDR:PORT`
 //! (UDP-Lite `sendto`), `mptcp:ADDR:PORT` (Multipath TCP connect) and `tfo:ADDR:PORT` (TCP
 //! Fast Open: `sendto(MSG_FASTOPEN)` without `connect`). Families no cgroup hook sees:
+//! `bind:ADDR:PORT` / `bindu:ADDR:PORT` only bind a TCP / UDP socket (the bind hooks), and
+//! `udpsrc:ADDR:PORT@SRC` is an unconnected `sendmsg` of one byte whose source SRC comes in an
+//! `IP_PKTINFO` / `IPV6_PKTINFO` control message (the socket stays unbound; `udpcsrc:`
+//! connects it first and sends without an address). `tcpdev:ADDR:PORT@DEVICE` connects from
+//! a socket bound to DEVICE (`SO_BINDTODEVICE`).
 //! `packet:ADDR:PORT` (an `AF_PACKET` raw socket writes one hand-made Ethernet/IPv4/UDP frame
 //! to ADDR:PORT, IPv4 only, from 127.0.0.1, onto the loopback device) and `xdp` (creates an
 //! `AF_XDP` socket). Each attempt prints one JSON line:
@@ -91,6 +96,17 @@ enum Kind {
     FastOpen,
     Packet,
     Xdp,
+    /// `bind()` of a TCP socket, nothing more.
+    Bind,
+    /// `bind()` of a UDP socket, nothing more.
+    BindUdp,
+    /// Unconnected UDP `sendmsg()` with the source in a PKTINFO control message.
+    UdpPktinfo,
+    /// Connected UDP, then `sendmsg()` without an address, the source in a PKTINFO control
+    /// message.
+    UdpConnectedPktinfo,
+    /// TCP connect from a socket bound to a device (`SO_BINDTODEVICE`).
+    TcpDevice,
 }
 
 /// One parsed attempt: what, where to, and the source to bind first (if any).
@@ -99,6 +115,8 @@ struct Attempt {
     kind: Kind,
     addr: SocketAddr,
     source: Option<IpAddr>,
+    /// `tcpdev:`'s device name (NUL-padded, as `SO_BINDTODEVICE` takes it).
+    device: [u8; libc::IFNAMSIZ],
 }
 
 fn parse(attempt: &str) -> Result<Attempt, String> {
@@ -107,6 +125,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
             kind: Kind::Xdp,
             addr: "0.0.0.0:0".parse().expect("literal"),
             source: None,
+            device: [0; libc::IFNAMSIZ],
         });
     }
     let (kind, rest) = attempt
@@ -127,20 +146,60 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "mptcp" => Kind::Mptcp,
         "tfo" => Kind::FastOpen,
         "packet" => Kind::Packet,
+        "bind" => Kind::Bind,
+        "bindu" => Kind::BindUdp,
+        "udpsrc" => Kind::UdpPktinfo,
+        "udpcsrc" => Kind::UdpConnectedPktinfo,
+        "tcpdev" => Kind::TcpDevice,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, tcpagain, tcpdev, udp, udpc, udpcm, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
+    let mut device = [0u8; libc::IFNAMSIZ];
+    if let Kind::TcpDevice = kind {
+        let (rest, name) = rest
+            .rsplit_once('@')
+            .ok_or_else(|| format!("{attempt:?}: tcpdev wants @DEVICE"))?;
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(format!("{attempt:?}: bad device name {name:?}"));
+        }
+        device[..name.len()].copy_from_slice(name.as_bytes());
+        let addr = rest
+            .parse()
+            .map_err(|e| format!("bad address in {attempt:?}: {e}"))?;
+        return Ok(Attempt {
+            kind,
+            addr,
+            source: None,
+            device,
+        });
+    }
     let (rest, source) = match rest.rsplit_once('@') {
-        Some((rest, src)) if matches!(kind, Kind::Tcp | Kind::Udp | Kind::UdpConnected) => {
+        Some((rest, src))
+            if matches!(
+                kind,
+                Kind::Tcp
+                    | Kind::Udp
+                    | Kind::UdpConnected
+                    | Kind::UdpPktinfo
+                    | Kind::UdpConnectedPktinfo
+            ) =>
+        {
             let src: IpAddr = src
                 .parse()
                 .map_err(|e| format!("bad source address in {attempt:?}: {e}"))?;
             (rest, Some(src))
         }
-        Some(_) => return Err(format!("{attempt:?}: only tcp, udp and udpc take @SOURCE")),
+        Some(_) => {
+            return Err(format!(
+                "{attempt:?}: only tcp, udp, udpc, udpsrc and udpcsrc take @SOURCE"
+            ))
+        }
+        None if matches!(kind, Kind::UdpPktinfo | Kind::UdpConnectedPktinfo) => {
+            return Err(format!("{attempt:?}: udpsrc and udpcsrc want @SOURCE"))
+        }
         None => (rest, None),
     };
     // ICMP has no port: `ping:ADDR` / `raw:ADDR`.
@@ -158,7 +217,12 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
     if matches!(kind, Kind::Packet) && !addr.is_ipv4() {
         return Err(format!("{attempt:?}: packet frames are IPv4 only"));
     }
-    Ok(Attempt { kind, addr, source })
+    Ok(Attempt {
+        kind,
+        addr,
+        source,
+        device,
+    })
 }
 
 /// `AF_PACKET` / `AF_XDP` (libc has no constant for the latter on every target).
@@ -369,27 +433,91 @@ fn send_with_tos(fd: &OwnedFd, v6: bool) -> std::io::Result<()> {
         (libc::IPPROTO_IP, libc::IP_TOS)
     };
     let tos: libc::c_int = 0x02; // ECT(0)
-                                 // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    send_with_control(fd, None, level, ty, &tos.to_ne_bytes())
+}
+
+/// One byte from an unbound UDP socket to `to`, its source `source` given in an IP_PKTINFO
+/// (`ipi_spec_dst`) or IPV6_PKTINFO (`ipi6_addr`) control message; `connected`: the socket
+/// is connected to `to` first and the `sendmsg()` names no address.
+fn send_from(to: SocketAddr, source: IpAddr, connected: bool) -> std::io::Result<()> {
+    let fd = socket(family(&to), libc::SOCK_DGRAM, 0)?;
+    let name = if connected {
+        connect(&fd, &to)?;
+        None
+    } else {
+        Some(&to)
+    };
+    match source {
+        IpAddr::V4(s) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(s.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            // SAFETY: in_pktinfo is plain old data; its bytes are read once.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&info as *const libc::in_pktinfo).cast::<u8>(),
+                    std::mem::size_of::<libc::in_pktinfo>(),
+                )
+            };
+            send_with_control(&fd, name, libc::IPPROTO_IP, libc::IP_PKTINFO, bytes)
+        }
+        IpAddr::V6(s) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: s.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            // SAFETY: as above.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&info as *const libc::in6_pktinfo).cast::<u8>(),
+                    std::mem::size_of::<libc::in6_pktinfo>(),
+                )
+            };
+            send_with_control(&fd, name, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, bytes)
+        }
+    }
+}
+
+/// One byte through `sendmsg()` to `to` (or the connected peer) with one control message.
+fn send_with_control(
+    fd: &OwnedFd,
+    to: Option<&SocketAddr>,
+    level: libc::c_int,
+    ty: libc::c_int,
+    data: &[u8],
+) -> std::io::Result<()> {
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(data.len() as u32) } as usize;
     let mut control = vec![0u8; space];
     let mut payload = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
         iov_len: payload.len(),
     };
+    let mut name = to.map(sockaddr::sockaddr);
     // SAFETY: all-zero is a valid msghdr.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    if let Some((storage, len)) = name.as_mut() {
+        msg.msg_name = (storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = *len;
+    }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes, enough for one int-sized cmsg.
+    // SAFETY: msg_control points at `space` bytes, enough for one cmsg of `data.len()` bytes.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = level;
         (*c).cmsg_type = ty;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), tos);
+        (*c).cmsg_len = libc::CMSG_LEN(data.len() as u32) as _;
+        std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(c), data.len());
     }
     // SAFETY: msg and everything it points at live across the call.
     check_len(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) })
@@ -452,8 +580,18 @@ fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Resul
 }
 
 fn try_once(a: Attempt) -> std::io::Result<()> {
-    let Attempt { kind, addr, source } = a;
+    let Attempt {
+        kind,
+        addr,
+        source,
+        device,
+    } = a;
     if let Some(source) = source {
+        match kind {
+            Kind::UdpPktinfo => return send_from(addr, source, false),
+            Kind::UdpConnectedPktinfo => return send_from(addr, source, true),
+            _ => {}
+        }
         return bound_attempt(kind, addr, source);
     }
     let v6 = addr.is_ipv6();
@@ -492,6 +630,28 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
             &addr,
         ),
         Kind::Packet => packet_send(addr),
+        Kind::TcpDevice => {
+            let fd = socket(family(&addr), libc::SOCK_STREAM, 0)?;
+            let len = device.iter().position(|&b| b == 0).unwrap_or(device.len());
+            // SAFETY: a valid option buffer of `len` bytes on a socket we own.
+            check(unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_BINDTODEVICE,
+                    device.as_ptr().cast(),
+                    len as libc::socklen_t,
+                )
+            })?;
+            bound_connect_time(&fd)?;
+            connect(&fd, &addr)
+        }
+        Kind::Bind => bind(&socket(family(&addr), libc::SOCK_STREAM, 0)?, &addr),
+        Kind::BindUdp => bind(&socket(family(&addr), libc::SOCK_DGRAM, 0)?, &addr),
+        // Parsing made sure it has one.
+        Kind::UdpPktinfo | Kind::UdpConnectedPktinfo => {
+            unreachable!("udpsrc and udpcsrc always have a source")
+        }
         Kind::Xdp => socket(AF_XDP, libc::SOCK_RAW, 0).map(drop),
         Kind::Tcp => TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT).map(drop),
         Kind::TcpWait => TcpStream::connect_timeout(&addr, TCP_WAIT_TIMEOUT).map(drop),

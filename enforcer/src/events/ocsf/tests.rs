@@ -57,7 +57,7 @@ fn ocsf(event: &Event) -> Value {
 fn deny_event(hook: u8, verdict: u8, reason: u8, subject: u32, destination: u32) -> DenyEvent {
     let mut comm = [0u8; 16];
     comm[..5].copy_from_slice(b"probe");
-    let v6 = matches!(hook, hook::CONNECT6 | hook::SENDMSG6);
+    let v6 = matches!(hook, hook::CONNECT6 | hook::SENDMSG6 | hook::BIND6);
     let mut daddr = [0u8; 16];
     if v6 {
         daddr = "fd87::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
@@ -122,15 +122,8 @@ fn calls() -> Vec<record::DeniedCall> {
         enforcer_common::identity::WORLD,
         enforcer_common::identity::UNIDENTIFIED,
     ];
-    let hooks = [
-        hook::CONNECT4,
-        hook::CONNECT6,
-        hook::SENDMSG4,
-        hook::SENDMSG6,
-        hook::SOCK_CREATE,
-        hook::INGRESS,
-    ];
-    // Every reason the kernel has, also those added after this test was written.
+    // Every hook and reason the kernel has, also those added after this test was written.
+    let hooks = 0..hook::COUNT as u8;
     let reasons = 0..reason::COUNT as u8;
     let mut calls = Vec::new();
     for hook in hooks {
@@ -311,7 +304,11 @@ fn every_call_conforms_to_network_activity() {
         assert_eq!(activity, expected, "{verdict}");
         seen.insert((verdict, hook));
     }
-    assert_eq!(seen.len(), 18, "every verdict from every hook: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        3 * hook::COUNT,
+        "every verdict from every hook: {seen:?}"
+    );
 }
 
 #[test]

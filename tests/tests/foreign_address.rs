@@ -1,0 +1,392 @@
+//! Nobody answers in another identity's name: in a network namespace that workloads share
+//! (bare hosts with an inventory, `hostNetwork` pods), a workload could bind another
+//! workload's address (or send from it) and receive what callers address to it, or listen on
+//! the wildcard address and answer the SYNs sent to it. Callers are judged by the address they
+//! dial, so each of these let one tenant's process stand in for another tenant's workload
+//! (red-team finding F2, and the wildcard half of F1).
+//!
+//! Everything runs inside a network namespace the test creates (`fa-*`), which all workloads
+//! share. Addresses: 127.79.0.0/16 and `fd7e:4f::/64`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use enforcer_tests::fixtures::{Entity, World, TENANT_ISOLATION_POLICIES};
+use enforcer_tests::probe::ProbeServer;
+use enforcer_tests::servers::Proto;
+use enforcer_tests::{require_kernel, unique_name, NetNs, Outcome, Probe};
+use serde_json::Value;
+
+/// This file's address range: 127.79.0.0/16 (and `fd7e:4f::/64`).
+const NET: u8 = 79;
+const PORT: u16 = 7900;
+
+/// acme-app (the identity callers mean to reach), acme-client (allowed to reach it),
+/// globex-intruder (the other tenant's process on the same host) and globex-client (allowed
+/// to reach the intruder), all sharing the namespace `ns`, with their IPv6 addresses on its
+/// loopback device.
+fn shared_host() -> Result<(World, NetNs)> {
+    let entities = vec![
+        Entity::workload(NET, "acme-app", "acme", "inference", 1, 1)
+            .port(PORT, Proto::Tcp, "connect")
+            .port(PORT, Proto::Udp, "connect"),
+        Entity::workload(NET, "acme-client", "acme", "inference", 1, 2),
+        Entity::workload(NET, "globex-intruder", "globex", "inference", 2, 1)
+            .port(PORT, Proto::Tcp, "connect")
+            .port(PORT, Proto::Udp, "connect"),
+        Entity::workload(NET, "globex-client", "globex", "inference", 2, 2),
+    ];
+    let world = World::new(NET, entities, TENANT_ISOLATION_POLICIES)?;
+    let ns = NetNs::create(&unique_name("fa"))?;
+    for e in [
+        "acme-app",
+        "acme-client",
+        "globex-intruder",
+        "globex-client",
+    ] {
+        let v6 = format!("{}/128", world.entity(e).ip(true));
+        ns.exec(&["ip", "addr", "add", &v6, "dev", "lo", "nodad"])?;
+    }
+    Ok((world, ns))
+}
+
+/// Passes when nothing went wrong, else fails with every problem and the events seen.
+fn verdict(problems: &[String], events: &[Value]) -> Result<()> {
+    ensure!(
+        problems.is_empty(),
+        "{}\nevents:\n  {}",
+        problems.join("\n"),
+        events
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    Ok(())
+}
+
+fn text(e: &Value, pointer: &str) -> String {
+    e.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `bind()` of acme-app's address (IPv4, IPv6, IPv4-mapped, TCP and UDP, any port) from the
+/// other tenant's cgroup is refused with one `foreign_address` event naming acme-app; so is a
+/// datagram whose `IP_PKTINFO` / `IPV6_PKTINFO` source is acme-app's address. The intruder's
+/// own address, the wildcard and 127.0.0.1 (no identity's) stay bindable, and acme-app binds
+/// its own address.
+#[test]
+fn binding_or_sending_from_another_identitys_address_is_refused() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let (world, ns) = shared_host()?;
+    let app4 = world.entity("acme-app").ip(false);
+    let app6 = world.entity("acme-app").ip(true);
+    let own4 = world.entity("globex-intruder").ip(false);
+    let own6 = world.entity("globex-intruder").ip(true);
+    let mapped = match app4 {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(_) => unreachable!("ip(false) is IPv4"),
+    };
+    let agent = world.start_agent()?;
+
+    let intruder = Probe::new()
+        .in_cgroup(world.cgroup("globex-intruder"))
+        .in_netns(&ns);
+    let refused = [
+        (format!("bind:{app4}:{PORT}"), "bind4"),
+        (format!("bindu:{app4}:{PORT}"), "bind4"),
+        (format!("bind:{app4}:0"), "bind4"),
+        (format!("bind:[{app6}]:{PORT}"), "bind6"),
+        (format!("bindu:[{app6}]:{PORT}"), "bind6"),
+        (format!("bind:[{mapped}]:{PORT}"), "bind6"),
+        (format!("udpsrc:{own4}:{PORT}@{app4}"), "sendmsg4"),
+        (format!("udpsrc:[{own6}]:{PORT}@{app6}"), "sendmsg6"),
+        // A connected socket's send with control messages carries no destination: the
+        // source is checked all the same.
+        (format!("udpcsrc:{own4}:{PORT}@{app4}"), "sendmsg4"),
+        (format!("udpcsrc:[{own6}]:{PORT}@{app6}"), "sendmsg6"),
+    ];
+    let allowed = [
+        format!("bind:{own4}:{PORT}"),
+        format!("bindu:[{own6}]:{PORT}"),
+        format!("bind:0.0.0.0:{PORT}"),
+        format!("bind:[::]:{PORT}"),
+        format!("bind:127.0.0.1:{PORT}"),
+        format!("udpsrc:{own4}:{PORT}@{own4}"),
+        format!("udpsrc:[{own6}]:{PORT}@{own6}"),
+        format!("udpcsrc:{own4}:{PORT}@{own4}"),
+    ];
+    let mut attempts: Vec<String> = refused.iter().map(|r| r.0.clone()).collect();
+    attempts.extend(allowed.iter().cloned());
+    let results = intruder.run(&attempts)?;
+    let owner = Probe::new()
+        .in_cgroup(world.cgroup("acme-app"))
+        .in_netns(&ns)
+        .run(&[
+            format!("bind:{app4}:{PORT}"),
+            format!("bindu:[{app6}]:{PORT}"),
+            format!("bind:[{mapped}]:{PORT}"),
+        ])?;
+
+    let mut problems = Vec::new();
+    for (r, want) in results.iter().zip(
+        std::iter::repeat_n(Outcome::Eperm, refused.len())
+            .chain(std::iter::repeat_n(Outcome::Ok, allowed.len())),
+    ) {
+        if r.outcome != want {
+            problems.push(format!(
+                "{}: {:?} (errno {}), want {want:?}",
+                r.attempt, r.outcome, r.errno
+            ));
+        }
+    }
+    for r in &owner {
+        if r.outcome != Outcome::Ok {
+            problems.push(format!(
+                "acme-app's own {}: {:?} (errno {})",
+                r.attempt, r.outcome, r.errno
+            ));
+        }
+    }
+
+    let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
+    let foreign: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "foreign_address")
+        .collect();
+    for hook in ["bind4", "bind6", "sendmsg4", "sendmsg6"] {
+        let n = foreign.iter().filter(|e| text(e, "/hook") == hook).count();
+        let want = refused.iter().filter(|r| r.1 == hook).count();
+        if n != want {
+            problems.push(format!("{hook}: {n} foreign_address events, want {want}"));
+        }
+    }
+    for e in &foreign {
+        let right = text(e, "/verdict") == "deny"
+            && text(e, "/subject/workload") == "globex-intruder"
+            && text(e, "/destination/name") == "acme-app"
+            && text(e, "/policy/id") == "foreign-address"
+            && e.to_string().contains("AML.T0073");
+        if !right {
+            problems.push(format!(
+                "event without the deny, both workloads, the rule and its technique: {e}"
+            ));
+        }
+    }
+    if events.len() != foreign.len() {
+        problems.push(format!(
+            "{} events, {} of them foreign_address",
+            events.len(),
+            foreign.len()
+        ));
+    }
+    verdict(&problems, &events)
+}
+
+/// A listener of the other tenant on the wildcard address (`[::]`, dual-stack) gets no SYN
+/// that callers sent to acme-app's addresses: they are dropped at ingress, one
+/// `foreign_address` event each, naming acme-app and the listener's cgroup. The listener
+/// still answers on its own address.
+#[test]
+fn a_wildcard_listener_does_not_answer_for_another_identity() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let (world, ns) = shared_host()?;
+    let app4 = world.entity("acme-app").ip(false);
+    let app6 = world.entity("acme-app").ip(true);
+    let own4 = world.entity("globex-intruder").ip(false);
+    let agent = world.start_agent()?;
+    let server = ProbeServer::start(
+        Some(&ns),
+        world.cgroup("globex-intruder"),
+        format!("[::]:{PORT}").parse()?,
+    )?;
+
+    let mut problems = Vec::new();
+    // The control: the intruder's own address, from a caller allowed to reach it.
+    let own = Probe::new()
+        .in_cgroup(world.cgroup("globex-client"))
+        .in_netns(&ns)
+        .run_one(&format!("tcp:{own4}:{PORT}"))?;
+    if own.outcome != Outcome::Ok {
+        problems.push(format!(
+            "globex-client to the intruder's own address: {own:?}"
+        ));
+    }
+    // acme-client may reach acme-app: connect4/6 pass, and the SYN finds the wildcard.
+    let stolen = Probe::new()
+        .in_cgroup(world.cgroup("acme-client"))
+        .in_netns(&ns)
+        .run(&[format!("tcp:{app4}:{PORT}"), format!("tcp:[{app6}]:{PORT}")])?;
+    for r in &stolen {
+        if !(r.outcome == Outcome::Error && r.errno == libc::ETIMEDOUT) {
+            problems.push(format!(
+                "acme-client's {}: {:?} (errno {}), want a timeout (SYNs dropped)",
+                r.attempt, r.outcome, r.errno
+            ));
+        }
+    }
+    let accepted = server.accepted();
+    if accepted.len() != 1 {
+        problems.push(format!(
+            "the wildcard listener accepted {accepted:?}, want only globex-client"
+        ));
+    }
+
+    let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
+    let foreign: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "foreign_address")
+        .collect();
+    let intruder_cgroup = world.cgroup("globex-intruder").path();
+    let intruder_cgroup = intruder_cgroup
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    for ip in [app4, app6] {
+        let hits: Vec<&&Value> = foreign
+            .iter()
+            .filter(|e| text(e, "/destination/ip") == ip.to_string())
+            .collect();
+        let right = hits.len() == 1
+            && text(hits[0], "/hook") == "ingress"
+            && text(hits[0], "/verdict") == "deny"
+            && text(hits[0], "/destination/name") == "acme-app"
+            && hits[0]["destination"]["cgroup"]
+                .to_string()
+                .contains(&*intruder_cgroup);
+        if !right {
+            problems.push(format!(
+                "want one ingress deny to {ip} naming acme-app and the listener's cgroup \
+                 {intruder_cgroup}, got {hits:?}"
+            ));
+        }
+    }
+    verdict(&problems, &events)
+}
+
+/// A wildcard listener dialled at an address of no identity (127.0.0.1, ::1: WORLD) from a
+/// caller in the same namespace is judged as what answers: with World egress open, acme-client
+/// reached the other tenant's server through 127.0.0.1 (red-team finding F1). Now its SYNs are
+/// dropped with one `tenant_mismatch` event each (acme-client -> globex-intruder, hook
+/// `ingress`), while the intruder's own tenant still reaches it there.
+#[test]
+fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let policies =
+        format!("{TENANT_ISOLATION_POLICIES}\n@id(\"world-egress\")\npermit (principal, action, resource is World);\n");
+    let entities = vec![
+        Entity::workload(NET, "acme-client", "acme", "inference", 1, 2),
+        Entity::workload(NET, "globex-intruder", "globex", "inference", 2, 1).port(
+            PORT,
+            Proto::Tcp,
+            "connect",
+        ),
+        Entity::workload(NET, "globex-client", "globex", "inference", 2, 2),
+    ];
+    let world = World::new(NET, entities, &policies)?;
+    let ns = NetNs::create(&unique_name("fa"))?;
+    // A device of the namespace with an address of no identity: a socket bound to it
+    // (`SO_BINDTODEVICE`) reaches that address through the loopback device, where the
+    // kernel's socket lookup by 4-tuple cannot see it.
+    for cmd in [
+        "ip link add fa0 type veth peer name fa1",
+        "ip link set fa0 up",
+        "ip link set fa1 up",
+        "ip addr add 127.79.9.9/32 dev fa0",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>())?;
+    }
+    let agent = world.start_agent()?;
+    let server = ProbeServer::start(
+        Some(&ns),
+        world.cgroup("globex-intruder"),
+        format!("[::]:{PORT}").parse()?,
+    )?;
+
+    let mut problems = Vec::new();
+    let own = Probe::new()
+        .in_cgroup(world.cgroup("globex-client"))
+        .in_netns(&ns)
+        .run(&[format!("tcp:127.0.0.1:{PORT}"), format!("tcp:[::1]:{PORT}")])?;
+    for r in &own {
+        if r.outcome != Outcome::Ok {
+            problems.push(format!("globex-client's {}: {r:?}, want ok", r.attempt));
+        }
+    }
+    let other = Probe::new()
+        .in_cgroup(world.cgroup("acme-client"))
+        .in_netns(&ns)
+        .run(&[
+            format!("tcp:127.0.0.1:{PORT}"),
+            format!("tcp:[::1]:{PORT}"),
+            format!("tcpdev:127.79.9.9:{PORT}@fa0"),
+        ])?;
+    // A device-bound caller cannot be told apart: refused as a caller of no identity, the
+    // listener's own tenant too.
+    let bound = Probe::new()
+        .in_cgroup(world.cgroup("globex-client"))
+        .in_netns(&ns)
+        .run_one(&format!("tcpdev:127.79.9.9:{PORT}@fa0"))?;
+    for r in other.iter().chain([&bound]) {
+        // A dropped SYN: the blocking connect times out (ETIMEDOUT) or, bounded by
+        // SO_SNDTIMEO, gives up in progress (EINPROGRESS).
+        if !(r.outcome == Outcome::Error && matches!(r.errno, libc::ETIMEDOUT | libc::EINPROGRESS))
+        {
+            problems.push(format!(
+                "{}: {:?} (errno {}), want a timeout (SYNs dropped)",
+                r.attempt, r.outcome, r.errno
+            ));
+        }
+    }
+    let accepted = server.accepted();
+    if accepted.len() != 2 {
+        problems.push(format!(
+            "the listener accepted {accepted:?}, want globex-client's two"
+        ));
+    }
+
+    let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
+    for ip in ["127.0.0.1", "::1"] {
+        let hits: Vec<&Value> = events
+            .iter()
+            .filter(|e| text(e, "/destination/ip") == ip)
+            .collect();
+        let right = hits.len() == 1
+            && text(hits[0], "/hook") == "ingress"
+            && text(hits[0], "/verdict") == "deny"
+            && text(hits[0], "/reason") == "tenant_mismatch"
+            && text(hits[0], "/subject/workload") == "acme-client"
+            && text(hits[0], "/destination/name") == "globex-intruder"
+            && text(hits[0], "/policy/id") == "tenant-isolation";
+        if !right {
+            problems.push(format!(
+                "want one ingress tenant_mismatch acme-client -> globex-intruder at {ip}, got {hits:?}"
+            ));
+        }
+    }
+    let unknown: Vec<&Value> = events
+        .iter()
+        .filter(|e| text(e, "/destination/ip") == "127.79.9.9")
+        .collect();
+    let right = unknown.len() == 2
+        && unknown.iter().all(|e| {
+            text(e, "/hook") == "ingress"
+                && text(e, "/reason") == "unknown_subject"
+                && text(e, "/destination/name") == "globex-intruder"
+        });
+    if !right {
+        problems.push(format!(
+            "want two ingress unknown_subject denies to globex-intruder at 127.79.9.9, got {unknown:?}"
+        ));
+    }
+    verdict(&problems, &events)
+}
