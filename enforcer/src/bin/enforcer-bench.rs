@@ -262,10 +262,13 @@ fn datapath_bench(options: &Options) -> Result<()> {
     let mount = enforcer::fs::cgroup2_mount()?;
     let nft = nft_available();
     // parent: where the programs are attached; parent/subject: the benchmark process (the
-    // workload); parent/o<k>: the other subjects of the nftables rulesets (nft resolves a
+    // workload); parent/server: the servers' sockets (a cgroup of no identity, where an
+    // inventory's endpoints are served from: the workload may not answer for the DB's
+    // address); parent/o<k>: the other subjects of the nftables rulesets (nft resolves a
     // cgroup path when the rule is loaded, so each must exist).
     let parent = mount.join(format!("{NAME_PREFIX}{}", std::process::id()));
     let subject_cgroup = parent.join("subject");
+    let server_cgroup = parent.join("server");
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-{}", std::process::id()));
     let mut cleanup = Cleanup {
         cgroups: Vec::new(),
@@ -273,7 +276,7 @@ fn datapath_bench(options: &Options) -> Result<()> {
         home_cgroup: own_cgroup(&mount)?,
         nft_table: None,
     };
-    for cgroup in [&parent, &subject_cgroup] {
+    for cgroup in [&parent, &subject_cgroup, &server_cgroup] {
         std::fs::create_dir(cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
         cleanup.cgroups.push(cgroup.clone());
     }
@@ -283,12 +286,12 @@ fn datapath_bench(options: &Options) -> Result<()> {
         ring_buffer_bytes: None,
         capacity: Default::default(),
     })?;
-    // The servers' sockets are made inside the enforced subtree (then the process moves back
-    // out until the nftables table is loaded): the server stands for a vector DB with
+    // The servers' sockets are made inside the enforced subtree, in a cgroup of their own
+    // (then the process moves back out until the nftables table is loaded): the server stands for a vector DB with
     // ingress `enforce`, so every enforcer connect also runs the identity option's write
     // (sock_ops) and its check (cgroup_skb/ingress), and the program table reports both.
-    std::fs::write(subject_cgroup.join("cgroup.procs"), "0")
-        .context("joining the benchmark cgroup")?;
+    std::fs::write(server_cgroup.join("cgroup.procs"), "0")
+        .context("joining the servers' cgroup")?;
     let server = TcpListener::bind((SERVER, 0))?;
     let port = server.local_addr()?.port();
     // A second server that no rule allows: the proof that each setup really filters.
