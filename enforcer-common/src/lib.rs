@@ -264,6 +264,13 @@ pub mod flags {
     /// `externalIPs` may name a pod's or the node's address: refusing that address's own
     /// sockets would hand any tenant a way to cut another off).
     pub const SERVICE: u32 = 1 << 7;
+    /// A Kubernetes workload (a label set) whose addresses are pod IPs: each lives in its
+    /// pod's own network namespace (a `hostNetwork` pod has no address of its own), where no
+    /// other identity's socket can bind or answer it, so the address rules of
+    /// `reason::FOREIGN_ADDRESS` are not needed, and are left out: a recycled pod IP that the
+    /// IP cache still gives the old pod's identity must not cost the new pod its binds and
+    /// SYNs.
+    pub const OWN_NETNS: u32 = 1 << 8;
     /// Flows to a destination with any of these flags carry the identity option.
     pub const TAGGED: u32 = TRACKED | VECTOR_DB | INGRESS_ENFORCE | INGRESS_AUDIT;
 }
@@ -326,8 +333,8 @@ pub mod reason {
     /// skew, e.g. by the pod that got the sender's IP, or a duplicate). See `SPENT_TAGS`.
     pub const REPLAYED_TAG: u8 = 14;
     /// The address belongs to another identity: the IP cache holds it as an exact (host)
-    /// address of a workload or endpoint (an identity from `identity::FIRST_DYNAMIC` on, not
-    /// a `flags::SERVICE`) other than the caller's.
+    /// address of a workload or endpoint (an identity from `identity::FIRST_DYNAMIC` on,
+    /// neither `flags::SERVICE` nor `flags::OWN_NETNS`) other than the caller's.
     /// `bind4`/`bind6`: the socket would receive what callers send to that identity (the
     /// event's `destination` is the owner, `dport` the port). `sendmsg4`/`sendmsg6`: a
     /// datagram whose source (`IP_PKTINFO`) is another identity's address. `ingress`: a SYN to

@@ -840,14 +840,15 @@ fn lookup_address(dst: &Destination) -> (u32, bool) {
 /// The identity that holds an address as its own, from [`lookup_address`]'s answer: an exact
 /// entry of a workload or endpoint. Not a prefix (a range of remote addresses, which may
 /// cover the node's own), not a reserved identity (WORLD, UNIDENTIFIED...), not a Service
-/// (virtual addresses, see `flags::SERVICE`).
+/// (virtual addresses, see `flags::SERVICE`), not a pod's (its own namespace's, see
+/// `flags::OWN_NETNS`).
 #[inline(always)]
 fn address_owner(identity: u32, exact: bool) -> Option<u32> {
     if !exact || identity < identity::FIRST_DYNAMIC {
         return None;
     }
     let owner_flags = locked::identity_flags(identity)?;
-    (owner_flags & flags::SERVICE == 0).then_some(identity)
+    (owner_flags & (flags::SERVICE | flags::OWN_NETNS) == 0).then_some(identity)
 }
 
 /// The exact-port entry decides by its verdict (a deny exception under an any-port allow);

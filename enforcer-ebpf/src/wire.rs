@@ -219,8 +219,6 @@ const NO_FLAGS: u64 = 0;
 const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
 /// `IdentityInfo::tenant` of identities without a tenant.
 const NO_TENANT: u32 = 0;
-/// The loopback device's ifindex, the same in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 /// `bpf_sock::state` of a connecting TCP socket.
 const TCP_SYN_SENT: u32 = tcp_state::SYN_SENT as u32;
 /// `BPF_NOEXIST`: create only (a SYN's option is spent once).
@@ -769,7 +767,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         if let Some(verdict) = foreign_listener(ctx, &syn, owner) {
             return verdict;
         }
-    } else if destination == identity::WORLD {
+    } else if !exact || destination < identity::FIRST_DYNAMIC {
+        // An address nobody holds: WORLD, a prefix (which may cover the node's own
+        // addresses), a reserved identity.
         if let Some(verdict) = world_listener(ctx, &syn) {
             return verdict;
         }
@@ -943,10 +943,12 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
 /// caller -> listener on this port (the same table, classes and flags as `decide`), and
 /// dropped where that is not permitted: the event has the caller as subject, the listener as
 /// destination (at the WORLD address it dialled), reason `tenant_mismatch` / `no_permit` /
-/// `quarantined`, hook `ingress`. A caller from another host, outside the subtree or of no
-/// identity (denied at its connect) is not judged here; nor is a listener's own workload
-/// calling itself (a pod's containers over its loopback), nor the agent on either side.
-/// `None`: nothing to judge.
+/// `quarantined`, hook `ingress`; a permitted call to a tagged listener (`missing_tag`: it
+/// is reached at its own address only). A caller the lookup cannot find (another host or
+/// namespace, NAT, a device-bound socket), outside the subtree or of no identity (denied
+/// at its connect) is not judged here; nor is a listener's own workload calling itself (a
+/// pod's containers over its loopback), nor the agent on either side. `None`: nothing to
+/// judge.
 #[inline(always)]
 fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     // SAFETY: the skb pointer is the program's context (the listener's socket, see
@@ -957,16 +959,14 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     } else {
         caller_cgroup(ctx, syn)
     };
-    let caller = match found {
-        // A caller outside the subtree, or of no identity (denied at its connect): not ours.
-        Some(cgroup) => locked::subject_of(cgroup)?,
-        // Through the loopback device the sender is a socket of this namespace that the
-        // lookup cannot see: one bound to a device (`SO_BINDTODEVICE`, or an IPv6 link-local
-        // connect, which binds it), whose own device the kernel matches it by, or a SYN whose
-        // TCP header hides behind extension headers. Judged as a caller of no identity.
-        None if arrived_on_loopback(ctx) => identity::UNKNOWN,
-        None => return None,
-    };
+    // Not found: a caller on another host or in another namespace, or one the lookup cannot
+    // see: NATed (a sidecar's `REDIRECT` to 127.0.0.1, kube-proxy's DNAT to a node address:
+    // its socket keeps the original destination) or bound to a device (`SO_BINDTODEVICE`,
+    // an IPv6 link-local connect), which the kernel matches by that device. Refusing what
+    // cannot be seen would break every sidecar's outbound calls: not judged (README, "What
+    // is and is not covered"). A caller outside the subtree, or of no identity (denied at
+    // its connect), is not judged either.
+    let caller = locked::subject_of(found?)?;
     if caller == listener {
         return None;
     }
@@ -988,46 +988,53 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     if l.as_ref().is_some_and(|l| l.flags & flags::EXEMPT != 0) {
         return None;
     }
-    let (reason, audit) = if caller == identity::UNKNOWN {
-        (reason::UNKNOWN_SUBJECT, global_audit)
-    } else {
-        let c = locked::identity_info(caller, slot_b)?;
-        if c.flags & flags::EXEMPT != 0 {
-            return None;
-        }
-        if c.flags & flags::QUARANTINED != 0 {
-            (reason::QUARANTINED, false)
-        } else {
-            let mut key = PolicyKey {
-                subject: c.subject_class,
-                destination: match &l {
-                    Some(l) => l.destination_class,
-                    None => NO_CLASS,
-                },
-                dport: syn.dport,
-                protocol: IPPROTO_TCP,
-                _pad: PAD,
-            };
-            let permitted = if slot_b {
-                policy_hit(&crate::POLICY_B, &mut key)
-            } else {
-                policy_hit(&crate::POLICY_A, &mut key)
-            };
-            if permitted {
+    // A caller's identity without an entry (a reload under way) is denied, as `decide` does.
+    let (reason, audit) = match locked::identity_info(caller, slot_b) {
+        None => (reason::UNKNOWN_SUBJECT, global_audit),
+        Some(c) => {
+            if c.flags & flags::EXEMPT != 0 {
                 return None;
             }
-            let other_tenant = match &l {
-                Some(l) => l.tenant != NO_TENANT && l.tenant != c.tenant,
-                None => false,
-            };
-            (
-                if other_tenant {
-                    reason::TENANT_MISMATCH
+            if c.flags & flags::QUARANTINED != 0 {
+                (reason::QUARANTINED, false)
+            } else {
+                let mut key = PolicyKey {
+                    subject: c.subject_class,
+                    destination: match &l {
+                        Some(l) => l.destination_class,
+                        None => NO_CLASS,
+                    },
+                    dport: syn.dport,
+                    protocol: IPPROTO_TCP,
+                    _pad: PAD,
+                };
+                let permitted = if slot_b {
+                    policy_hit(&crate::POLICY_B, &mut key)
                 } else {
-                    reason::NO_PERMIT
-                },
-                global_audit || c.flags & flags::AUDIT != 0,
-            )
+                    policy_hit(&crate::POLICY_A, &mut key)
+                };
+                // A tagged listener (a vector DB, a tracked or ingress-checked endpoint) is
+                // reached only at its own address, where the option, the flow record and the
+                // rate limit apply: dialled at 127.0.0.1 all three would be skipped.
+                let tagged = l.as_ref().is_some_and(|l| l.flags & flags::TAGGED != 0);
+                if permitted && !tagged {
+                    return None;
+                }
+                let other_tenant = match &l {
+                    Some(l) => l.tenant != NO_TENANT && l.tenant != c.tenant,
+                    None => false,
+                };
+                (
+                    if permitted {
+                        reason::MISSING_TAG
+                    } else if other_tenant {
+                        reason::TENANT_MISMATCH
+                    } else {
+                        reason::NO_PERMIT
+                    },
+                    global_audit || c.flags & flags::AUDIT != 0,
+                )
+            }
         }
     };
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
@@ -1036,15 +1043,6 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
         emit_ingress(ctx, syn, caller, listener, v, reason, generation as u32);
     }
     Some(if audit { PASS } else { DROP })
-}
-
-/// Whether the packet came in through the loopback device (ifindex 1 in every namespace:
-/// `LOOPBACK_IFINDEX`), that is from a socket of this network namespace.
-#[inline(always)]
-fn arrived_on_loopback(ctx: &SkBuffContext) -> bool {
-    let skb: *const __sk_buff = ctx.skb.skb;
-    // SAFETY: a full 32-bit context load.
-    unsafe { read_volatile(&(*skb).ifindex) == LOOPBACK_IFINDEX }
 }
 
 /// The cgroup of the local socket that sent `syn` (a connecting socket of this network

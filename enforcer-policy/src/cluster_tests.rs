@@ -396,6 +396,12 @@ fn numbers_and_names_do_not_depend_on_order_or_on_other_identities() {
         .iter()
         .filter(|i| i.kind != IdentityKind::Service)
         .all(|i| i.info().flags & service == 0));
+    // Pod identities' addresses live in their pods' own namespaces; an inventory's do not.
+    let own = enforcer_common::flags::OWN_NETNS;
+    for i in b.identities().iter() {
+        let pod = i.kind == IdentityKind::Workload && i.is_cluster();
+        assert_eq!(i.info().flags & own != 0, pod, "{}", i.name);
+    }
 }
 
 /// Two label sets (namespace `acme`, service account `sa`, label `app=a<i>`) whose identity
@@ -1586,7 +1592,8 @@ fn marked_pods_carry_the_endpoint_flags_and_datasets() {
         db_id.flags,
         flags::VECTOR_DB | flags::TRACKED | flags::INGRESS_ENFORCE
     );
-    assert_eq!(db_id.info().flags, db_id.flags);
+    // The kernel's entry adds that a pod's address is its own namespace's.
+    assert_eq!(db_id.info().flags, db_id.flags | flags::OWN_NETNS);
     assert_eq!(db_id.endpoint_kind.as_deref(), Some("vector_db"));
     assert_eq!(db_id.datasets, ["acme-kb", "acme-wiki"]);
     assert!(db_id.is_subject() && db_id.is_destination());

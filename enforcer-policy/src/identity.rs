@@ -248,12 +248,13 @@ pub struct Identity {
 impl Identity {
     /// The kernel's `IDENTITIES` value.
     pub fn info(&self) -> IdentityInfo {
-        let service = if self.kind == IdentityKind::Service {
-            enforcer_common::flags::SERVICE
-        } else {
-            0
+        use enforcer_common::flags;
+        let address_flags = match self.kind {
+            IdentityKind::Service => flags::SERVICE,
+            IdentityKind::Workload if self.is_cluster() => flags::OWN_NETNS,
+            _ => 0,
         };
-        IdentityInfo::new(self.tenant_id, self.flags | service)
+        IdentityInfo::new(self.tenant_id, self.flags | address_flags)
     }
 
     /// A local subject: the agent maps its cgroups (or its local pods' cgroups) to this

@@ -1770,8 +1770,12 @@ impl Denies<'_> {
         }
         // Only a policy's deny can quarantine: not the kernel's own refusals (unknown subject,
         // unspecified destination, unsupported socket). The cause is the `@quarantine`
-        // forbid, which need not be the first determining policy the event names.
+        // forbid, which need not be the first determining policy the event names. Not an
+        // ingress deny either: a caller that dialled 127.0.0.1 did not choose the workload
+        // whose wildcard listener took it (a listener may take a port to get its callers
+        // quarantined).
         if event.verdict == verdict::DENY
+            && event.hook != enforcer_common::hook::INGRESS
             && matches!(event.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
         {
             if let Some(cause) = policy.quarantine_on_deny(

@@ -53,6 +53,8 @@ pub struct Entity {
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
     pub ports: Vec<Port>,
+    /// Workloads only: the inventory's `ingress` mode (`enforce`, `audit`), when set.
+    pub ingress: Option<&'static str>,
 }
 
 impl Entity {
@@ -67,6 +69,7 @@ impl Entity {
             v4: Ipv4Addr::new(127, net, t, i),
             v6: v6_addr(net, t, i),
             ports: Vec::new(),
+            ingress: None,
         }
     }
 
@@ -410,6 +413,9 @@ pub fn render_inventory(entities: &[Entity], cgroup_root: &str) -> String {
         let _ = writeln!(y, "    ips: [{}/32, {}/128]", e.v4, e.v6);
         if !e.ports.is_empty() {
             let _ = writeln!(y, "    ports: {}", ports(e));
+        }
+        if let Some(mode) = e.ingress {
+            let _ = writeln!(y, "    ingress: {mode}");
         }
     }
     y.push_str("endpoints:\n");

@@ -294,17 +294,6 @@ fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Resul
     ];
     let world = World::new(NET, entities, &policies)?;
     let ns = NetNs::create(&unique_name("fa"))?;
-    // A device of the namespace with an address of no identity: a socket bound to it
-    // (`SO_BINDTODEVICE`) reaches that address through the loopback device, where the
-    // kernel's socket lookup by 4-tuple cannot see it.
-    for cmd in [
-        "ip link add fa0 type veth peer name fa1",
-        "ip link set fa0 up",
-        "ip link set fa1 up",
-        "ip addr add 127.79.9.9/32 dev fa0",
-    ] {
-        ns.exec(&cmd.split(' ').collect::<Vec<_>>())?;
-    }
     let agent = world.start_agent()?;
     let server = ProbeServer::start(
         Some(&ns),
@@ -325,18 +314,8 @@ fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Resul
     let other = Probe::new()
         .in_cgroup(world.cgroup("acme-client"))
         .in_netns(&ns)
-        .run(&[
-            format!("tcp:127.0.0.1:{PORT}"),
-            format!("tcp:[::1]:{PORT}"),
-            format!("tcpdev:127.79.9.9:{PORT}@fa0"),
-        ])?;
-    // A device-bound caller cannot be told apart: refused as a caller of no identity, the
-    // listener's own tenant too.
-    let bound = Probe::new()
-        .in_cgroup(world.cgroup("globex-client"))
-        .in_netns(&ns)
-        .run_one(&format!("tcpdev:127.79.9.9:{PORT}@fa0"))?;
-    for r in other.iter().chain([&bound]) {
+        .run(&[format!("tcp:127.0.0.1:{PORT}"), format!("tcp:[::1]:{PORT}")])?;
+    for r in &other {
         // A dropped SYN: the blocking connect times out (ETIMEDOUT) or, bounded by
         // SO_SNDTIMEO, gives up in progress (EINPROGRESS).
         if !(r.outcome == Outcome::Error && matches!(r.errno, libc::ETIMEDOUT | libc::EINPROGRESS))
@@ -373,19 +352,74 @@ fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Resul
             ));
         }
     }
-    let unknown: Vec<&Value> = events
+    verdict(&problems, &events)
+}
+
+/// A workload whose SYNs carry the identity option (here `ingress: audit`) is reached at
+/// its own address only, where the option is written and checked, the flow recorded and the
+/// rate limit applied: a caller of its own tenant, permitted, that dials its wildcard
+/// listener at 127.0.0.1 would skip all three. Dropped as `missing_tag`; the same caller at
+/// the workload's address passes.
+#[test]
+fn a_tagged_listener_is_reached_at_its_own_address_only() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let mut db = Entity::workload(NET, "acme-db", "acme", "inference", 1, 1).port(
+        PORT,
+        Proto::Tcp,
+        "connect",
+    );
+    db.ingress = Some("audit");
+    let entities = vec![
+        db,
+        Entity::workload(NET, "acme-client", "acme", "inference", 1, 2),
+    ];
+    let policies = format!(
+        "{TENANT_ISOLATION_POLICIES}\n@id(\"world-egress\")\npermit (principal, action, resource is World);\n"
+    );
+    let world = World::new(NET, entities, &policies)?;
+    let ns = NetNs::create(&unique_name("fa"))?;
+    let db4 = world.entity("acme-db").ip(false);
+    let agent = world.start_agent()?;
+    let server = ProbeServer::start(
+        Some(&ns),
+        world.cgroup("acme-db"),
+        format!("[::]:{PORT}").parse()?,
+    )?;
+    let results = Probe::new()
+        .in_cgroup(world.cgroup("acme-client"))
+        .in_netns(&ns)
+        .run(&[format!("tcp:{db4}:{PORT}"), format!("tcp:127.0.0.1:{PORT}")])?;
+    let mut problems = Vec::new();
+    if results[0].outcome != Outcome::Ok {
+        problems.push(format!("at its own address: {:?}, want ok", results[0]));
+    }
+    let r = &results[1];
+    if !(r.outcome == Outcome::Error && r.errno == libc::ETIMEDOUT) {
+        problems.push(format!(
+            "at 127.0.0.1: {:?} (errno {}), want a timeout (SYNs dropped)",
+            r.outcome, r.errno
+        ));
+    }
+    let accepted = server.accepted();
+    if accepted.len() != 1 {
+        problems.push(format!("the listener accepted {accepted:?}, want one"));
+    }
+    let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
+    let hits: Vec<&Value> = events
         .iter()
-        .filter(|e| text(e, "/destination/ip") == "127.79.9.9")
+        .filter(|e| text(e, "/destination/ip") == "127.0.0.1")
         .collect();
-    let right = unknown.len() == 2
-        && unknown.iter().all(|e| {
-            text(e, "/hook") == "ingress"
-                && text(e, "/reason") == "unknown_subject"
-                && text(e, "/destination/name") == "globex-intruder"
-        });
+    let right = hits.len() == 1
+        && text(hits[0], "/hook") == "ingress"
+        && text(hits[0], "/reason") == "missing_tag"
+        && text(hits[0], "/verdict") == "deny"
+        && text(hits[0], "/peer/workload") == "acme-client"
+        && text(hits[0], "/destination/name") == "acme-db";
     if !right {
         problems.push(format!(
-            "want two ingress unknown_subject denies to globex-intruder at 127.79.9.9, got {unknown:?}"
+            "want one ingress missing_tag acme-client -> acme-db at 127.0.0.1, got {hits:?}"
         ));
     }
     verdict(&problems, &events)
