@@ -364,6 +364,25 @@ fn six_or_mapped(w: [u32; 4]) -> Destination {
     }
 }
 
+/// Global audit mode and the policy revision in force, from `CONFIG`; a missing entry (cannot
+/// happen for index 0) means enforcing with `POLICY_A`. One aligned 8-byte load gives both the
+/// table and the revision: userspace keeps the generation's parity equal to the active table,
+/// so the pair can never be read torn (CONFIG is rewritten with a memcpy, which is not atomic
+/// across fields).
+#[inline(always)]
+fn audit_and_generation() -> (bool, u64) {
+    match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe {
+            (
+                read_volatile(&(*c).audit) != AUDIT_OFF,
+                read_volatile(&(*c).generation),
+            )
+        },
+        None => (false, 0),
+    }
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa: *const bpf_sock_addr = ctx.sock_addr;
@@ -382,16 +401,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let full_protocol = protocol;
     let protocol = protocol as u8;
 
-    let config = CONFIG.get_ptr(SINGLE_ENTRY);
-    // SAFETY: array values are always present and valid for reads; a missing entry (cannot
-    // happen for index 0) falls back to enforcing with POLICY_A.
-    // One aligned 8-byte load gives both the table and the revision: userspace keeps the
-    // generation's parity equal to the active table, so the pair can never be read torn
-    // (CONFIG is rewritten with a memcpy, which is not atomic across fields).
-    let (global_audit, generation) = match config {
-        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
-        None => (false, 0),
-    };
+    let (global_audit, generation) = audit_and_generation();
     let active_policy = (generation & 1) as u32;
     let generation = generation as u32;
 
@@ -421,11 +431,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
                 if foreign(locked::subject_of(cgroup_id), owner) {
                     v.reason = reason::FOREIGN_ADDRESS;
                     v.destination = owner;
-                    return if refuse(&mut v, &source, hook, global_audit) {
-                        SK_PASS
-                    } else {
-                        SK_DROP
-                    };
+                    return refuse_call(&mut v, &source, hook, global_audit);
                 }
             }
         }
@@ -449,11 +455,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
             Some(effective) => dst = effective,
             None => {
                 v.reason = reason::UNSPECIFIED_DESTINATION;
-                return if refuse(&mut v, &dst, hook, global_audit) {
-                    SK_PASS
-                } else {
-                    SK_DROP
-                };
+                return refuse_call(&mut v, &dst, hook, global_audit);
             }
         }
     }
@@ -504,19 +506,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         Some(d) => (d.destination_class, d.flags),
         None => (NO_CLASS, 0),
     };
-    let mut key = PolicyKey {
-        subject: subject_class,
-        destination: destination_class,
-        dport,
-        protocol,
-        _pad: PAD,
-    };
-    let permitted = if active_policy == ACTIVE_POLICY_A {
-        policy_hit(&POLICY_A, &mut key)
-    } else {
-        policy_hit(&POLICY_B, &mut key)
-    };
-    if permitted {
+    if permits(slot_b, subject_class, destination_class, dport, protocol) {
         // Rate limit (connect only: a connection budget; unconnected datagrams are not
         // connections). Before the flow record, so a refused call leaves none. Audit mode
         // lets the excess through as audit, like any would-deny.
@@ -563,19 +553,50 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // 5. why not: an address the agent refused to identify, tenants differ, or simply no
     // permit. (No policy entry names UNIDENTIFIED: it is denied by the lookup above, this
     // only names the reason.)
-    v.reason = reason::NO_PERMIT;
-    if destination == identity::UNIDENTIFIED {
-        v.reason = reason::UNIDENTIFIED_DESTINATION;
-    } else if let Some(d) = destination_info {
-        let destination_tenant = d.tenant;
-        if destination_tenant != NO_TENANT && destination_tenant != subject_tenant {
-            v.reason = reason::TENANT_MISMATCH;
-        }
-    }
+    v.reason = if destination == identity::UNIDENTIFIED {
+        reason::UNIDENTIFIED_DESTINATION
+    } else {
+        denial_reason(destination_info.as_ref(), subject_tenant)
+    };
 
     // 6. audit (global or per subject) lets a would-deny through, reported.
     let audit = global_audit || subject_flags & flags::AUDIT != 0;
     report(&mut v, &dst, cgroup_id, hook, audit)
+}
+
+/// Step 4 of the decision: whether the table in force (`slot_b`: `POLICY_B`, else `POLICY_A`)
+/// permits a subject of class `subject_class` to call a destination of class
+/// `destination_class` on (`dport`, host order; `protocol`): exact port, then any port.
+#[inline(always)]
+fn permits(
+    slot_b: bool,
+    subject_class: u32,
+    destination_class: u32,
+    dport: u16,
+    protocol: u8,
+) -> bool {
+    let mut key = PolicyKey {
+        subject: subject_class,
+        destination: destination_class,
+        dport,
+        protocol,
+        _pad: PAD,
+    };
+    if slot_b {
+        policy_hit(&POLICY_B, &mut key)
+    } else {
+        policy_hit(&POLICY_A, &mut key)
+    }
+}
+
+/// Step 5: why a call the table does not permit is denied: the destination (`None`: it has
+/// no `IDENTITIES` entry) is of another tenant than `subject_tenant`, or simply no permit.
+#[inline(always)]
+fn denial_reason(destination: Option<&locked::Identity>, subject_tenant: u32) -> u8 {
+    match destination {
+        Some(d) if d.tenant != NO_TENANT && d.tenant != subject_tenant => reason::TENANT_MISMATCH,
+        _ => reason::NO_PERMIT,
+    }
 }
 
 /// The bind decision. An address another identity holds as its own ([`address_owner`]: an
@@ -613,11 +634,7 @@ fn judge_bind(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         count(hook, verdict::ALLOW, reason::ALLOWED);
         return SK_PASS;
     }
-    let (global_audit, generation) = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always present and valid for reads.
-        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
-        None => (false, 0),
-    };
+    let (global_audit, generation) = audit_and_generation();
     let mut v = Verdict {
         subject: identity::UNKNOWN,
         destination: owner,
@@ -630,11 +647,7 @@ fn judge_bind(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         sock_type: NO_SOCKET_INFO,
         sock_protocol: NO_SOCKET_INFO,
     };
-    if refuse(&mut v, &address, hook, global_audit) {
-        SK_PASS
-    } else {
-        SK_DROP
-    }
+    refuse_call(&mut v, &address, hook, global_audit)
 }
 
 /// Whether `subject` (a cgroup's identity, `None` for a cgroup of no identity) would use an
@@ -893,11 +906,7 @@ fn judge_socket(ctx: &SockContext) -> i32 {
         return SOCK_ALLOW;
     }
 
-    let (global_audit, generation) = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always present and valid for reads.
-        Some(c) => unsafe { ((*c).audit != AUDIT_OFF, read_volatile(&(*c).generation)) },
-        None => (false, 0),
-    };
+    let (global_audit, generation) = audit_and_generation();
     let mut v = Verdict {
         subject: identity::UNKNOWN,
         destination: identity::UNKNOWN,
@@ -955,6 +964,16 @@ fn refuse(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> b
     count(hook, v.verdict, v.reason);
     emit(v, dst, cgroup_id, hook);
     audit
+}
+
+/// [`refuse`] as a sock_addr program's result.
+#[inline(always)]
+fn refuse_call(v: &mut Verdict, dst: &Destination, hook: u8, global_audit: bool) -> i32 {
+    if refuse(v, dst, hook, global_audit) {
+        SK_PASS
+    } else {
+        SK_DROP
+    }
 }
 
 /// Per-CPU verdict counter. Not atomic: the counter is this CPU's own and the program runs

@@ -217,8 +217,6 @@ const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 const NO_FLAGS: u64 = 0;
 /// `bpf_sk_lookup_tcp`'s netns argument: the namespace of the packet.
 const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
-/// `IdentityInfo::tenant` of identities without a tenant.
-const NO_TENANT: u32 = 0;
 /// `bpf_sock::state` of a connecting TCP socket.
 const TCP_SYN_SENT: u32 = tcp_state::SYN_SENT as u32;
 /// `BPF_NOEXIST`: create only (a SYN's option is spent once).
@@ -872,10 +870,26 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         count(hook::INGRESS, verdict::ALLOW, reason::ALLOWED);
         return PASS;
     }
+    refuse_syn(ctx, &syn, claimed, destination, refused, audit, generation)
+}
+
+/// A SYN the check refuses (`reason`), from `subject` (claimed, or the caller) to
+/// `destination`: counted, reported once per connection attempt (`first_report`), and dropped,
+/// or passed as audit (`audit`).
+#[inline(always)]
+fn refuse_syn(
+    ctx: &SkBuffContext,
+    syn: &Syn,
+    subject: u32,
+    destination: u32,
+    reason: u8,
+    audit: bool,
+    generation: u32,
+) -> i32 {
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
-    count(hook::INGRESS, v, refused);
-    if first_report(&syn, v, refused) {
-        emit_ingress(ctx, &syn, claimed, destination, v, refused, generation);
+    count(hook::INGRESS, v, reason);
+    if first_report(syn, v, reason) {
+        emit_ingress(ctx, syn, subject, destination, v, reason, generation);
     }
     if audit {
         PASS
@@ -907,32 +921,17 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
         return None;
     }
     let listener_audit = listener_flags & flags::AUDIT != 0;
-    let (generation, global_audit) = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always valid for reads.
-        Some(c) => unsafe {
-            (
-                read_volatile(&(*c).generation) as u32,
-                read_volatile(&(*c).audit) != 0,
-            )
-        },
-        None => (0, false),
-    };
-    let audit = global_audit || listener_audit;
-    let v = if audit { verdict::AUDIT } else { verdict::DENY };
-    count(hook::INGRESS, v, reason::FOREIGN_ADDRESS);
-    if first_report(syn, v, reason::FOREIGN_ADDRESS) {
-        let peer = lookup_destination(&syn.src);
-        emit_ingress(
-            ctx,
-            syn,
-            peer,
-            destination,
-            v,
-            reason::FOREIGN_ADDRESS,
-            generation,
-        );
-    }
-    Some(if audit { PASS } else { DROP })
+    let (global_audit, generation) = crate::audit_and_generation();
+    let peer = lookup_destination(&syn.src);
+    Some(refuse_syn(
+        ctx,
+        syn,
+        peer,
+        destination,
+        reason::FOREIGN_ADDRESS,
+        global_audit || listener_audit,
+        generation as u32,
+    ))
 }
 
 /// A SYN to an address of no identity (WORLD: `127.0.0.1`, an IPv6 link-local address) that
@@ -970,16 +969,7 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     if caller == listener {
         return None;
     }
-    let (generation, global_audit) = match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always valid for reads.
-        Some(c) => unsafe {
-            (
-                read_volatile(&(*c).generation),
-                read_volatile(&(*c).audit) != 0,
-            )
-        },
-        None => (0, false),
-    };
+    let (global_audit, generation) = crate::audit_and_generation();
     // The table in force and its classes, as `decide` reads them.
     let slot_b = generation & 1 != 0;
     let l = locked::identity_info(listener, slot_b);
@@ -998,21 +988,17 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
             if c.flags & flags::QUARANTINED != 0 {
                 (reason::QUARANTINED, false)
             } else {
-                let mut key = PolicyKey {
-                    subject: c.subject_class,
-                    destination: match &l {
-                        Some(l) => l.destination_class,
-                        None => NO_CLASS,
-                    },
-                    dport: syn.dport,
-                    protocol: IPPROTO_TCP,
-                    _pad: PAD,
+                let listener_class = match &l {
+                    Some(l) => l.destination_class,
+                    None => NO_CLASS,
                 };
-                let permitted = if slot_b {
-                    policy_hit(&crate::POLICY_B, &mut key)
-                } else {
-                    policy_hit(&crate::POLICY_A, &mut key)
-                };
+                let permitted = crate::permits(
+                    slot_b,
+                    c.subject_class,
+                    listener_class,
+                    syn.dport,
+                    IPPROTO_TCP,
+                );
                 // A tagged listener (a vector DB, a tracked or ingress-checked endpoint) is
                 // reached only at its own address, where the option, the flow record and the
                 // rate limit apply: dialled at 127.0.0.1 all three would be skipped.
@@ -1020,29 +1006,26 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
                 if permitted && !tagged {
                     return None;
                 }
-                let other_tenant = match &l {
-                    Some(l) => l.tenant != NO_TENANT && l.tenant != c.tenant,
-                    None => false,
-                };
                 (
                     if permitted {
                         reason::MISSING_TAG
-                    } else if other_tenant {
-                        reason::TENANT_MISMATCH
                     } else {
-                        reason::NO_PERMIT
+                        crate::denial_reason(l.as_ref(), c.tenant)
                     },
                     global_audit || c.flags & flags::AUDIT != 0,
                 )
             }
         }
     };
-    let v = if audit { verdict::AUDIT } else { verdict::DENY };
-    count(hook::INGRESS, v, reason);
-    if first_report(syn, v, reason) {
-        emit_ingress(ctx, syn, caller, listener, v, reason, generation as u32);
-    }
-    Some(if audit { PASS } else { DROP })
+    Some(refuse_syn(
+        ctx,
+        syn,
+        caller,
+        listener,
+        reason,
+        audit,
+        generation as u32,
+    ))
 }
 
 /// The cgroup of the local socket that sent `syn` (a connecting socket of this network

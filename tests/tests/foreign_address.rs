@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use enforcer_tests::fixtures::{Entity, World, TENANT_ISOLATION_POLICIES};
-use enforcer_tests::probe::ProbeServer;
+use enforcer_tests::probe::{AttemptResult, ProbeServer};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{require_kernel, unique_name, NetNs, Outcome, Probe};
 use serde_json::Value;
@@ -73,6 +73,40 @@ fn text(e: &Value, pointer: &str) -> String {
         .to_string()
 }
 
+/// The test's policies with every workload's egress to World open.
+fn with_world_egress() -> String {
+    format!(
+        "{TENANT_ISOLATION_POLICIES}\n@id(\"world-egress\")\npermit (principal, action, resource is World);\n"
+    )
+}
+
+/// A probe run as workload `name` inside `ns`.
+fn as_workload(world: &World, ns: &NetNs, name: &str) -> Probe {
+    Probe::new().in_cgroup(world.cgroup(name)).in_netns(ns)
+}
+
+/// A server of workload `name` on the wildcard address (`[::]`, dual-stack) inside `ns`.
+fn wildcard_listener(world: &World, ns: &NetNs, name: &str) -> Result<ProbeServer> {
+    ProbeServer::start(
+        Some(ns),
+        world.cgroup(name),
+        format!("[::]:{PORT}").parse()?,
+    )
+}
+
+/// A blocking connect whose SYNs were dropped: it timed out.
+fn timed_out(r: &AttemptResult) -> bool {
+    r.outcome == Outcome::Error && r.errno == libc::ETIMEDOUT
+}
+
+/// The events whose destination address is `ip`.
+fn events_to<'a>(events: &'a [Value], ip: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| text(e, "/destination/ip") == ip)
+        .collect()
+}
+
 /// `bind()` of acme-app's address (IPv4, IPv6, IPv4-mapped, TCP and UDP, any port) from the
 /// other tenant's cgroup is refused with one `foreign_address` event naming acme-app; so is a
 /// datagram whose `IP_PKTINFO` / `IPV6_PKTINFO` source is acme-app's address. The intruder's
@@ -94,9 +128,7 @@ fn binding_or_sending_from_another_identitys_address_is_refused() -> Result<()> 
     };
     let agent = world.start_agent()?;
 
-    let intruder = Probe::new()
-        .in_cgroup(world.cgroup("globex-intruder"))
-        .in_netns(&ns);
+    let intruder = as_workload(&world, &ns, "globex-intruder");
     let refused = [
         (format!("bind:{app4}:{PORT}"), "bind4"),
         (format!("bindu:{app4}:{PORT}"), "bind4"),
@@ -124,14 +156,11 @@ fn binding_or_sending_from_another_identitys_address_is_refused() -> Result<()> 
     let mut attempts: Vec<String> = refused.iter().map(|r| r.0.clone()).collect();
     attempts.extend(allowed.iter().cloned());
     let results = intruder.run(&attempts)?;
-    let owner = Probe::new()
-        .in_cgroup(world.cgroup("acme-app"))
-        .in_netns(&ns)
-        .run(&[
-            format!("bind:{app4}:{PORT}"),
-            format!("bindu:[{app6}]:{PORT}"),
-            format!("bind:[{mapped}]:{PORT}"),
-        ])?;
+    let owner = as_workload(&world, &ns, "acme-app").run(&[
+        format!("bind:{app4}:{PORT}"),
+        format!("bindu:[{app6}]:{PORT}"),
+        format!("bind:[{mapped}]:{PORT}"),
+    ])?;
 
     let mut problems = Vec::new();
     for (r, want) in results.iter().zip(
@@ -202,30 +231,21 @@ fn a_wildcard_listener_does_not_answer_for_another_identity() -> Result<()> {
     let app6 = world.entity("acme-app").ip(true);
     let own4 = world.entity("globex-intruder").ip(false);
     let agent = world.start_agent()?;
-    let server = ProbeServer::start(
-        Some(&ns),
-        world.cgroup("globex-intruder"),
-        format!("[::]:{PORT}").parse()?,
-    )?;
+    let server = wildcard_listener(&world, &ns, "globex-intruder")?;
 
     let mut problems = Vec::new();
     // The control: the intruder's own address, from a caller allowed to reach it.
-    let own = Probe::new()
-        .in_cgroup(world.cgroup("globex-client"))
-        .in_netns(&ns)
-        .run_one(&format!("tcp:{own4}:{PORT}"))?;
+    let own = as_workload(&world, &ns, "globex-client").run_one(&format!("tcp:{own4}:{PORT}"))?;
     if own.outcome != Outcome::Ok {
         problems.push(format!(
             "globex-client to the intruder's own address: {own:?}"
         ));
     }
     // acme-client may reach acme-app: connect4/6 pass, and the SYN finds the wildcard.
-    let stolen = Probe::new()
-        .in_cgroup(world.cgroup("acme-client"))
-        .in_netns(&ns)
+    let stolen = as_workload(&world, &ns, "acme-client")
         .run(&[format!("tcp:{app4}:{PORT}"), format!("tcp:[{app6}]:{PORT}")])?;
     for r in &stolen {
-        if !(r.outcome == Outcome::Error && r.errno == libc::ETIMEDOUT) {
+        if !timed_out(r) {
             problems.push(format!(
                 "acme-client's {}: {:?} (errno {}), want a timeout (SYNs dropped)",
                 r.attempt, r.outcome, r.errno
@@ -281,8 +301,7 @@ fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Resul
     if !require_kernel() {
         return Ok(());
     }
-    let policies =
-        format!("{TENANT_ISOLATION_POLICIES}\n@id(\"world-egress\")\npermit (principal, action, resource is World);\n");
+    let policies = with_world_egress();
     let entities = vec![
         Entity::workload(NET, "acme-client", "acme", "inference", 1, 2),
         Entity::workload(NET, "globex-intruder", "globex", "inference", 2, 1).port(
@@ -295,31 +314,22 @@ fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Resul
     let world = World::new(NET, entities, &policies)?;
     let ns = NetNs::create(&unique_name("fa"))?;
     let agent = world.start_agent()?;
-    let server = ProbeServer::start(
-        Some(&ns),
-        world.cgroup("globex-intruder"),
-        format!("[::]:{PORT}").parse()?,
-    )?;
+    let server = wildcard_listener(&world, &ns, "globex-intruder")?;
 
     let mut problems = Vec::new();
-    let own = Probe::new()
-        .in_cgroup(world.cgroup("globex-client"))
-        .in_netns(&ns)
+    let own = as_workload(&world, &ns, "globex-client")
         .run(&[format!("tcp:127.0.0.1:{PORT}"), format!("tcp:[::1]:{PORT}")])?;
     for r in &own {
         if r.outcome != Outcome::Ok {
             problems.push(format!("globex-client's {}: {r:?}, want ok", r.attempt));
         }
     }
-    let other = Probe::new()
-        .in_cgroup(world.cgroup("acme-client"))
-        .in_netns(&ns)
+    let other = as_workload(&world, &ns, "acme-client")
         .run(&[format!("tcp:127.0.0.1:{PORT}"), format!("tcp:[::1]:{PORT}")])?;
     for r in &other {
         // A dropped SYN: the blocking connect times out (ETIMEDOUT) or, bounded by
         // SO_SNDTIMEO, gives up in progress (EINPROGRESS).
-        if !(r.outcome == Outcome::Error && matches!(r.errno, libc::ETIMEDOUT | libc::EINPROGRESS))
-        {
+        if !(timed_out(r) || (r.outcome == Outcome::Error && r.errno == libc::EINPROGRESS)) {
             problems.push(format!(
                 "{}: {:?} (errno {}), want a timeout (SYNs dropped)",
                 r.attempt, r.outcome, r.errno
@@ -335,10 +345,7 @@ fn a_wildcard_listener_dialled_at_a_world_address_is_judged_as_itself() -> Resul
 
     let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
     for ip in ["127.0.0.1", "::1"] {
-        let hits: Vec<&Value> = events
-            .iter()
-            .filter(|e| text(e, "/destination/ip") == ip)
-            .collect();
+        let hits = events_to(&events, ip);
         let right = hits.len() == 1
             && text(hits[0], "/hook") == "ingress"
             && text(hits[0], "/verdict") == "deny"
@@ -375,28 +382,20 @@ fn a_tagged_listener_is_reached_at_its_own_address_only() -> Result<()> {
         db,
         Entity::workload(NET, "acme-client", "acme", "inference", 1, 2),
     ];
-    let policies = format!(
-        "{TENANT_ISOLATION_POLICIES}\n@id(\"world-egress\")\npermit (principal, action, resource is World);\n"
-    );
+    let policies = with_world_egress();
     let world = World::new(NET, entities, &policies)?;
     let ns = NetNs::create(&unique_name("fa"))?;
     let db4 = world.entity("acme-db").ip(false);
     let agent = world.start_agent()?;
-    let server = ProbeServer::start(
-        Some(&ns),
-        world.cgroup("acme-db"),
-        format!("[::]:{PORT}").parse()?,
-    )?;
-    let results = Probe::new()
-        .in_cgroup(world.cgroup("acme-client"))
-        .in_netns(&ns)
+    let server = wildcard_listener(&world, &ns, "acme-db")?;
+    let results = as_workload(&world, &ns, "acme-client")
         .run(&[format!("tcp:{db4}:{PORT}"), format!("tcp:127.0.0.1:{PORT}")])?;
     let mut problems = Vec::new();
     if results[0].outcome != Outcome::Ok {
         problems.push(format!("at its own address: {:?}, want ok", results[0]));
     }
     let r = &results[1];
-    if !(r.outcome == Outcome::Error && r.errno == libc::ETIMEDOUT) {
+    if !timed_out(r) {
         problems.push(format!(
             "at 127.0.0.1: {:?} (errno {}), want a timeout (SYNs dropped)",
             r.outcome, r.errno
@@ -407,10 +406,7 @@ fn a_tagged_listener_is_reached_at_its_own_address_only() -> Result<()> {
         problems.push(format!("the listener accepted {accepted:?}, want one"));
     }
     let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
-    let hits: Vec<&Value> = events
-        .iter()
-        .filter(|e| text(e, "/destination/ip") == "127.0.0.1")
-        .collect();
+    let hits = events_to(&events, "127.0.0.1");
     let right = hits.len() == 1
         && text(hits[0], "/hook") == "ingress"
         && text(hits[0], "/reason") == "missing_tag"

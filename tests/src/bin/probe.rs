@@ -13,8 +13,7 @@
 //! `bind:ADDR:PORT` / `bindu:ADDR:PORT` only bind a TCP / UDP socket (the bind hooks), and
 //! `udpsrc:ADDR:PORT@SRC` is an unconnected `sendmsg` of one byte whose source SRC comes in an
 //! `IP_PKTINFO` / `IPV6_PKTINFO` control message (the socket stays unbound; `udpcsrc:`
-//! connects it first and sends without an address). `tcpdev:ADDR:PORT@DEVICE` connects from
-//! a socket bound to DEVICE (`SO_BINDTODEVICE`).
+//! connects it first and sends without an address).
 //! `packet:ADDR:PORT` (an `AF_PACKET` raw socket writes one hand-made Ethernet/IPv4/UDP frame
 //! to ADDR:PORT, IPv4 only, from 127.0.0.1, onto the loopback device) and `xdp` (creates an
 //! `AF_XDP` socket). Each attempt prints one JSON line:
@@ -105,8 +104,6 @@ enum Kind {
     /// Connected UDP, then `sendmsg()` without an address, the source in a PKTINFO control
     /// message.
     UdpConnectedPktinfo,
-    /// TCP connect from a socket bound to a device (`SO_BINDTODEVICE`).
-    TcpDevice,
 }
 
 /// One parsed attempt: what, where to, and the source to bind first (if any).
@@ -115,8 +112,6 @@ struct Attempt {
     kind: Kind,
     addr: SocketAddr,
     source: Option<IpAddr>,
-    /// `tcpdev:`'s device name (NUL-padded, as `SO_BINDTODEVICE` takes it).
-    device: [u8; libc::IFNAMSIZ],
 }
 
 fn parse(attempt: &str) -> Result<Attempt, String> {
@@ -125,7 +120,6 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
             kind: Kind::Xdp,
             addr: "0.0.0.0:0".parse().expect("literal"),
             source: None,
-            device: [0; libc::IFNAMSIZ],
         });
     }
     let (kind, rest) = attempt
@@ -150,32 +144,12 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "bindu" => Kind::BindUdp,
         "udpsrc" => Kind::UdpPktinfo,
         "udpcsrc" => Kind::UdpConnectedPktinfo,
-        "tcpdev" => Kind::TcpDevice,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, tcpagain, tcpdev, udp, udpc, udpcm, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
-    let mut device = [0u8; libc::IFNAMSIZ];
-    if let Kind::TcpDevice = kind {
-        let (rest, name) = rest
-            .rsplit_once('@')
-            .ok_or_else(|| format!("{attempt:?}: tcpdev wants @DEVICE"))?;
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            return Err(format!("{attempt:?}: bad device name {name:?}"));
-        }
-        device[..name.len()].copy_from_slice(name.as_bytes());
-        let addr = rest
-            .parse()
-            .map_err(|e| format!("bad address in {attempt:?}: {e}"))?;
-        return Ok(Attempt {
-            kind,
-            addr,
-            source: None,
-            device,
-        });
-    }
     let (rest, source) = match rest.rsplit_once('@') {
         Some((rest, src))
             if matches!(
@@ -217,12 +191,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
     if matches!(kind, Kind::Packet) && !addr.is_ipv4() {
         return Err(format!("{attempt:?}: packet frames are IPv4 only"));
     }
-    Ok(Attempt {
-        kind,
-        addr,
-        source,
-        device,
-    })
+    Ok(Attempt { kind, addr, source })
 }
 
 /// `AF_PACKET` / `AF_XDP` (libc has no constant for the latter on every target).
@@ -456,14 +425,13 @@ fn send_from(to: SocketAddr, source: IpAddr, connected: bool) -> std::io::Result
                 },
                 ipi_addr: libc::in_addr { s_addr: 0 },
             };
-            // SAFETY: in_pktinfo is plain old data; its bytes are read once.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    (&info as *const libc::in_pktinfo).cast::<u8>(),
-                    std::mem::size_of::<libc::in_pktinfo>(),
-                )
-            };
-            send_with_control(&fd, name, libc::IPPROTO_IP, libc::IP_PKTINFO, bytes)
+            send_with_control(
+                &fd,
+                name,
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                bytes_of(&info),
+            )
         }
         IpAddr::V6(s) => {
             let info = libc::in6_pktinfo {
@@ -472,15 +440,24 @@ fn send_from(to: SocketAddr, source: IpAddr, connected: bool) -> std::io::Result
                 },
                 ipi6_ifindex: 0,
             };
-            // SAFETY: as above.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    (&info as *const libc::in6_pktinfo).cast::<u8>(),
-                    std::mem::size_of::<libc::in6_pktinfo>(),
-                )
-            };
-            send_with_control(&fd, name, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, bytes)
+            send_with_control(
+                &fd,
+                name,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                bytes_of(&info),
+            )
         }
+    }
+}
+
+/// The bytes of a C struct without padding (`in_pktinfo`, `in6_pktinfo`), as a control
+/// message carries it.
+fn bytes_of<T: Copy>(value: &T) -> &[u8] {
+    // SAFETY: `value` is a live, initialised `T` of size_of::<T>() bytes; the callers' types
+    // are libc structs made of integers with no padding.
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
     }
 }
 
@@ -580,12 +557,7 @@ fn bound_attempt(kind: Kind, addr: SocketAddr, source: IpAddr) -> std::io::Resul
 }
 
 fn try_once(a: Attempt) -> std::io::Result<()> {
-    let Attempt {
-        kind,
-        addr,
-        source,
-        device,
-    } = a;
+    let Attempt { kind, addr, source } = a;
     if let Some(source) = source {
         match kind {
             Kind::UdpPktinfo => return send_from(addr, source, false),
@@ -630,22 +602,6 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
             &addr,
         ),
         Kind::Packet => packet_send(addr),
-        Kind::TcpDevice => {
-            let fd = socket(family(&addr), libc::SOCK_STREAM, 0)?;
-            let len = device.iter().position(|&b| b == 0).unwrap_or(device.len());
-            // SAFETY: a valid option buffer of `len` bytes on a socket we own.
-            check(unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_BINDTODEVICE,
-                    device.as_ptr().cast(),
-                    len as libc::socklen_t,
-                )
-            })?;
-            bound_connect_time(&fd)?;
-            connect(&fd, &addr)
-        }
         Kind::Bind => bind(&socket(family(&addr), libc::SOCK_STREAM, 0)?, &addr),
         Kind::BindUdp => bind(&socket(family(&addr), libc::SOCK_DGRAM, 0)?, &addr),
         // Parsing made sure it has one.
