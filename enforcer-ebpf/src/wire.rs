@@ -870,17 +870,25 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         count(hook::INGRESS, verdict::ALLOW, reason::ALLOWED);
         return PASS;
     }
-    refuse_syn(ctx, &syn, claimed, destination, refused, audit, generation)
+    refuse_syn(
+        ctx,
+        &syn,
+        || claimed,
+        destination,
+        refused,
+        audit,
+        generation,
+    )
 }
 
-/// A SYN the check refuses (`reason`), from `subject` (claimed, or the caller) to
-/// `destination`: counted, reported once per connection attempt (`first_report`), and dropped,
-/// or passed as audit (`audit`).
+/// A SYN the check refuses (`reason`), from `subject()` (claimed, or the caller; asked only
+/// when the SYN is reported) to `destination`: counted, reported once per connection attempt
+/// (`first_report`), and dropped, or passed as audit (`audit`).
 #[inline(always)]
 fn refuse_syn(
     ctx: &SkBuffContext,
     syn: &Syn,
-    subject: u32,
+    subject: impl FnOnce() -> u32,
     destination: u32,
     reason: u8,
     audit: bool,
@@ -889,7 +897,7 @@ fn refuse_syn(
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
     count(hook::INGRESS, v, reason);
     if first_report(syn, v, reason) {
-        emit_ingress(ctx, syn, subject, destination, v, reason, generation);
+        emit_ingress(ctx, syn, subject(), destination, v, reason, generation);
     }
     if audit {
         PASS
@@ -922,11 +930,10 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
     }
     let listener_audit = listener_flags & flags::AUDIT != 0;
     let (global_audit, generation) = crate::audit_and_generation();
-    let peer = lookup_destination(&syn.src);
     Some(refuse_syn(
         ctx,
         syn,
-        peer,
+        || lookup_destination(&syn.src),
         destination,
         reason::FOREIGN_ADDRESS,
         global_audit || listener_audit,
@@ -1020,7 +1027,7 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     Some(refuse_syn(
         ctx,
         syn,
-        caller,
+        || caller,
         listener,
         reason,
         audit,
