@@ -271,6 +271,14 @@ pub mod flags {
     /// IP cache still gives the old pod's identity must not cost the new pod its binds and
     /// SYNs.
     pub const OWN_NETNS: u32 = 1 << 8;
+    /// A workload of this node whose servers share the node's network namespace (an
+    /// inventory workload with cgroups here, a label set with a `hostNetwork` pod here):
+    /// callers reach its wildcard listeners through addresses nobody holds (the node's,
+    /// `127.0.0.1`), which `skb_ingress` judges again as caller -> listener. It is a
+    /// destination even without addresses of its own (it has a column in the policy table),
+    /// and `INGRESS_ALLOW` holds every workload's row to it, so that a caller with no row in
+    /// this node's table (a pod of another node) is judged too.
+    pub const SHARED_NETNS: u32 = 1 << 9;
     /// Flows to a destination with any of these flags carry the identity option.
     pub const TAGGED: u32 = TRACKED | VECTOR_DB | INGRESS_ENFORCE | INGRESS_AUDIT;
 }

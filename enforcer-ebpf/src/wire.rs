@@ -950,11 +950,19 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
 /// dropped where that is not permitted: the event has the caller as subject, the listener as
 /// destination (at the WORLD address it dialled), reason `tenant_mismatch` / `no_permit` /
 /// `quarantined`, hook `ingress`; a permitted call to a tagged listener (`missing_tag`: it
-/// is reached at its own address only). A caller the lookup cannot find (another host or
-/// namespace, NAT, a device-bound socket), outside the subtree or of no identity (denied
-/// at its connect) is not judged here; nor is a listener's own workload calling itself (a
-/// pod's containers over its loopback), nor the agent on either side. `None`: nothing to
-/// judge.
+/// is reached at its own address only).
+///
+/// A caller the lookup cannot find (a pod in its own network namespace dialling a
+/// `hostNetwork` pod's server at the node's address, a device-bound or NATed socket) is
+/// taken from the SYN's source address, when that is exactly a workload's (the IP cache's
+/// host entry: a pod IP, an inventory workload's address; its egress was judged as a call to
+/// WORLD), and judged the same way: by this node's table for a local subject, by the
+/// ingress allowlist for one with no row here (a pod of another node) calling a listener of
+/// the node's namespace (`flags::SHARED_NETNS`, whose column the allowlist holds). Not
+/// judged: a source of no workload (WORLD, a prefix, a Service, a reserved identity), a
+/// caller outside the subtree or of no identity (denied at its connect), a listener's own
+/// workload calling itself (a pod's containers over its loopback, a sidecar's `REDIRECT`),
+/// and the agent on either side. `None`: nothing to judge.
 #[inline(always)]
 fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     // SAFETY: the skb pointer is the program's context (the listener's socket, see
@@ -969,10 +977,13 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     // see: NATed (a sidecar's `REDIRECT` to 127.0.0.1, kube-proxy's DNAT to a node address:
     // its socket keeps the original destination) or bound to a device (`SO_BINDTODEVICE`,
     // an IPv6 link-local connect), which the kernel matches by that device. Refusing what
-    // cannot be seen would break every sidecar's outbound calls: not judged (README, "What
-    // is and is not covered"). A caller outside the subtree, or of no identity (denied at
-    // its connect), is not judged either.
-    let caller = locked::subject_of(found?)?;
+    // cannot be seen would break every sidecar's outbound calls; what the source address
+    // says is used instead, where it names a workload (see above). A caller outside the
+    // subtree, or of no identity (denied at its connect), is not judged.
+    let (caller, by_address) = match found {
+        Some(cgroup) => (locked::subject_of(cgroup)?, false),
+        None => (source_workload(&syn.src)?, true),
+    };
     if caller == listener {
         return None;
     }
@@ -992,6 +1003,10 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
             if c.flags & flags::EXEMPT != 0 {
                 return None;
             }
+            // A Service's address used as a source is no caller.
+            if by_address && c.flags & flags::SERVICE != 0 {
+                return None;
+            }
             if c.flags & flags::QUARANTINED != 0 {
                 (reason::QUARANTINED, false)
             } else {
@@ -999,13 +1014,25 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
                     Some(l) => l.destination_class,
                     None => NO_CLASS,
                 };
-                let permitted = crate::permits(
-                    slot_b,
-                    c.subject_class,
-                    listener_class,
-                    syn.dport,
-                    IPPROTO_TCP,
-                );
+                let permitted = if !by_address || c.subject_class != NO_CLASS {
+                    crate::permits(
+                        slot_b,
+                        c.subject_class,
+                        listener_class,
+                        syn.dport,
+                        IPPROTO_TCP,
+                    )
+                } else if l
+                    .as_ref()
+                    .is_some_and(|l| l.flags & flags::SHARED_NETNS != 0)
+                {
+                    // A caller known by its address with no row in this node's table (a
+                    // pod of another node): its row to a listener of the node's namespace
+                    // is in the ingress allowlist.
+                    allowed(caller, listener, syn.dport)
+                } else {
+                    return None;
+                };
                 // A tagged listener (a vector DB, a tracked or ingress-checked endpoint) is
                 // reached only at its own address, where the option, the flow record and the
                 // rate limit apply: dialled at 127.0.0.1 all three would be skipped.
@@ -1033,6 +1060,14 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
         audit,
         generation as u32,
     ))
+}
+
+/// The workload whose address `source` is exactly (the IP cache's host entry, a dynamic
+/// identity); `None` for WORLD, a prefix's identity or a reserved one.
+#[inline(always)]
+fn source_workload(source: &Destination) -> Option<u32> {
+    let (identity, exact) = lookup_address(source);
+    (exact && identity >= identity::FIRST_DYNAMIC).then_some(identity)
 }
 
 /// The cgroup of the local socket that sent `syn` (a connecting socket of this network

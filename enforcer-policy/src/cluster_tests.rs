@@ -258,15 +258,25 @@ fn local_pods_need_this_node_and_host_network_pods_have_no_address() {
         .by_name(&name_of(&b, &state.identities[0].labels))
         .unwrap();
     assert_eq!(h.pod_uids, vec!["uid-acme-h".to_string()]);
-    assert!(h.ips.is_empty() && h.is_subject() && !h.is_destination());
+    // No address, but its servers share the node's namespace: callers reach them at the
+    // node's addresses, and the table has a column for them.
+    assert!(h.ips.is_empty() && h.is_subject() && h.is_destination());
+    let shared = enforcer_common::flags::SHARED_NETNS;
+    assert_ne!(h.info().flags & shared, 0);
     let p = b
         .identities()
         .by_name(&name_of(&b, &state.identities[1].labels))
         .unwrap();
     assert!(!p.is_subject() && !p.is_destination());
-    // No node name: nothing is local.
+    // No node name: nothing is local, and a hostNetwork pod elsewhere shares no namespace
+    // with this node's workloads.
     let b = load(&demo_dir(), &state, &ClusterOptions::default());
     assert!(b.identities().iter().all(|i| i.pod_uids.is_empty()));
+    let h = b
+        .identities()
+        .by_name(&name_of(&b, &state.identities[0].labels))
+        .unwrap();
+    assert!(!h.is_destination() && h.info().flags & shared == 0);
     // A label set without tenant: tenant "" in Cedar, tenant number 0.
     let mut none = state.clone();
     none.identities = vec![cluster_identity(
@@ -1513,8 +1523,44 @@ fn ingress_column_covers_remote_pods() {
         allowed += d.allowed as usize;
     }
     assert!(allowed >= 2, "{allowed}");
-    // Only destinations with ingress on have a column; WORLD is never a claimant.
-    assert!(c.ingress().iter().all(|(k, _)| k.destination == vectors));
+    // Only destinations with ingress on, and workloads of this node in its namespace (the
+    // demo inventory's, with cgroups here), have a column; WORLD is never a claimant.
+    let shared = enforcer_common::flags::SHARED_NETNS;
+    assert!(c.ingress().iter().all(|(k, _)| k.destination == vectors
+        || ids
+            .get(k.destination)
+            .is_some_and(|d| d.flags & shared != 0)));
+    assert!(ids
+        .iter()
+        .filter(|d| d.flags & shared != 0)
+        .all(|d| d.cgroups.len() + d.pod_uids.len() > 0));
+    // Each remote claimant's row to a workload of the node's namespace is what Cedar
+    // decides: the remote acme pod reaches acme-retriever's port 8000, the remote globex pod
+    // does not. Local subjects have none there (the kernel judges them by the table).
+    let retriever = ids.by_name("acme-retriever").unwrap();
+    assert_ne!(retriever.flags & shared, 0);
+    let to_retriever = |s: u32| {
+        c.ingress().iter().any(|(k, v)| {
+            k.subject == s && k.destination == retriever.id && k.dport == 8000 && v.is_allow()
+        })
+    };
+    for x in ids.iter().filter(|x| x.kind == IdentityKind::Workload) {
+        let d = b
+            .decide(&x.name, "acme-retriever", 8000, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(
+            to_retriever(x.id),
+            d.allowed && !x.is_subject(),
+            "{}",
+            x.name
+        );
+    }
+    assert!(to_retriever(api.id) && !to_retriever(remote.id));
+    assert!(c
+        .ingress()
+        .iter()
+        .all(|(k, _)| k.destination == vectors
+            || ids.get(k.subject).is_some_and(|s| !s.is_subject())));
     let world = enforcer_common::identity::WORLD;
     assert!(c.ingress().iter().all(|(k, _)| k.subject != world));
 }

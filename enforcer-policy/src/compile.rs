@@ -49,6 +49,8 @@ use crate::{Attribution, Bundle, PolicyError, PolicyRef, Protocol};
 pub struct CompileStats {
     /// Cells considered (subject x destination x port or any-port, per protocol).
     pub cells: usize,
+    /// Cells of the ingress allowlist considered (claimant x destination x TCP cell).
+    pub ingress_cells: usize,
     /// Entries written: allows, and deny exceptions (`deny_entries` of them).
     pub allows: usize,
     /// Exact-port deny entries under an any-port allow (policies that read `context.port`
@@ -1060,7 +1062,9 @@ fn policy_fingerprint(bundle: &Bundle) -> String {
     crate::hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 16)
 }
 
-/// The ingress column: for every destination whose ingress mode is `enforce` or `audit`,
+/// The ingress column: for every destination whose ingress mode is `enforce` or `audit`, and
+/// (with the claimants that are no local subject only) every workload of this node that
+/// shares its network namespace (`flags::SHARED_NETNS`),
 /// the entries of every identity that can claim itself on the wire (each workload of the
 /// inventory and of the cluster, local or not) x each TCP cell. WORLD has no entries: the
 /// schema does not make it a principal (policies read a principal's `tenant`), so an
@@ -1073,9 +1077,9 @@ fn ingress_column(
     engine: &Engine,
     ids: &Identities,
     mut carried: Option<&mut Carried>,
-) -> Result<Vec<(PolicyKey, PolicyValue)>, PolicyError> {
+) -> Result<(Vec<(PolicyKey, PolicyValue)>, usize), PolicyError> {
     use enforcer_common::flags;
-    let ingress = flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT;
+    let ingress = flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT | flags::SHARED_NETNS;
     let destinations: Vec<usize> = ids
         .iter()
         .enumerate()
@@ -1083,8 +1087,9 @@ fn ingress_column(
         .map(|(i, _)| i)
         .collect();
     let mut out = Vec::new();
+    let mut cells_seen = 0;
     if destinations.is_empty() {
-        return Ok(out);
+        return Ok((out, cells_seen));
     }
     let claimants: Vec<usize> = ids
         .iter()
@@ -1092,20 +1097,30 @@ fn ingress_column(
         .filter(|(_, x)| x.kind == IdentityKind::Workload)
         .map(|(i, _)| i)
         .collect();
+    // A workload of the node's namespace needs the rows of callers with no row in the table
+    // only (the kernel judges a local subject by the table): N local workloads cost N x the
+    // remote ones, not N x N.
+    let remote: Vec<usize> = claimants
+        .iter()
+        .copied()
+        .filter(|&i| !ids.at(i).is_subject())
+        .collect();
     for di in destinations {
         let cells: Vec<Cell> = grouping
             .cells(ids.at(di))
             .into_iter()
             .filter(|c| c.protocol == Protocol::Tcp)
             .collect();
-        for &si in &claimants {
+        let of_ingress = ids.at(di).flags & (flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT) != 0;
+        for &si in if of_ingress { &claimants } else { &remote } {
             for cell in &cells {
+                cells_seen += 1;
                 grouping.entries(engine, ids, si, di, cell, carried.as_deref_mut(), &mut out)?;
             }
         }
     }
     out.sort_by_key(|(k, _)| *k);
-    Ok(out)
+    Ok((out, cells_seen))
 }
 
 /// The deny exceptions among `entries`.
@@ -1161,7 +1176,7 @@ pub(crate) fn compile(
         }
     }
     allows.sort_by_key(|(k, _)| *k);
-    let ingress = ingress_column(&mut grouping, engine, ids, carried.as_mut())?;
+    let (ingress, ingress_cells) = ingress_column(&mut grouping, engine, ids, carried.as_mut())?;
     let sig = |i: usize| grouping.whole.sig[i];
     let subject_sigs: HashSet<u32> = subjects.iter().map(|&(si, _)| sig(si)).collect();
     // Counted over the cells compiled: without subjects, no destination takes part.
@@ -1173,6 +1188,7 @@ pub(crate) fn compile(
     let defaults = &bundle.inventory().defaults;
     let stats = CompileStats {
         cells: cells_seen,
+        ingress_cells,
         allows: allows.len(),
         deny_entries: deny_entries(&allows),
         cedar_decisions: grouping.decisions,
@@ -1388,7 +1404,7 @@ impl Compiled {
 
         // Risk changes move claimants between signatures too: the column is recomputed
         // whole (group cache lookups, Cedar only for groups not seen before).
-        self.ingress = ingress_column(&mut self.grouping, engine, &self.identities, None)?;
+        self.ingress = ingress_column(&mut self.grouping, engine, &self.identities, None)?.0;
         self.risk_overrides = bundle.risk_overrides().clone();
         self.revision = bundle.snapshot();
         self.stats.allows = self.allows.len();
@@ -1464,7 +1480,9 @@ impl Compiled {
     }
 
     /// The ingress allowlist of this node (the kernel's `INGRESS_ALLOW`), sorted by key:
-    /// for every destination whose ingress mode is `enforce` or `audit`, the entries of each
+    /// for every destination whose ingress mode is `enforce` or `audit`, and every workload of
+    /// this node that shares its network namespace (`flags::SHARED_NETNS`; there, claimants
+    /// that are no local subject only: the kernel judges those by the table), the entries of each
     /// claimant (every workload identity, local or remote; never WORLD) x each TCP cell, as
     /// the policy table would hold them if the claimant were a local subject: allows, and
     /// deny exceptions under an any-port allow (looked up exact port first, then port 0).

@@ -283,12 +283,17 @@ impl Identity {
             .map(|p| (port, p.action.as_str()))
     }
 
-    /// Reachable: WORLD, every endpoint, and every workload and Service with addresses.
-    /// Never UNIDENTIFIED: no policy cell is compiled or asked for it.
+    /// Reachable: WORLD, every endpoint, every workload and Service with addresses, and a
+    /// workload whose servers share this node's network namespace (`flags::SHARED_NETNS`:
+    /// reached through addresses nobody holds). Never UNIDENTIFIED: no policy cell is
+    /// compiled or asked for it.
     pub fn is_destination(&self) -> bool {
         match self.kind {
             IdentityKind::World | IdentityKind::Endpoint => true,
-            IdentityKind::Workload | IdentityKind::Service => !self.ips.is_empty(),
+            IdentityKind::Workload => {
+                !self.ips.is_empty() || self.flags & enforcer_common::flags::SHARED_NETNS != 0
+            }
+            IdentityKind::Service => !self.ips.is_empty(),
             IdentityKind::Unidentified => false,
         }
     }
@@ -472,7 +477,15 @@ impl Identities {
                 cgroups: w.cgroups.clone(),
                 ips: without(&w.ips, &merged.taken_over),
                 risk: w.risk.clone(),
-                flags: (if audit { flags::AUDIT } else { 0 }) | w.ingress.flags(),
+                // Listed cgroups run here, in the node's namespace as far as the inventory
+                // knows (it does not say otherwise).
+                flags: (if audit { flags::AUDIT } else { 0 })
+                    | w.ingress.flags()
+                    | if w.cgroups.is_empty() {
+                        0
+                    } else {
+                        flags::SHARED_NETNS
+                    },
                 ports: w.ports.clone(),
                 ..blank(0, w.name.clone(), IdentityKind::Workload)
             });
@@ -535,7 +548,12 @@ impl Identities {
                     flags::AUDIT
                 } else {
                     0
-                } | c.marks.flags(),
+                } | c.marks.flags()
+                    | if w.host_network {
+                        flags::SHARED_NETNS
+                    } else {
+                        0
+                    },
                 endpoint_kind: c.marks.kind.clone(),
                 datasets: c.marks.datasets.clone(),
                 pod_uids: w.pod_uids,

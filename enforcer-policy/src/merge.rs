@@ -53,6 +53,9 @@ pub(crate) struct Workload<'a> {
     pub ips: Vec<IpNet>,
     /// UIDs of its pods on this node, sorted.
     pub pod_uids: Vec<String>,
+    /// Whether one of its pods on this node uses the node's network namespace
+    /// (`hostNetwork`): see `flags::SHARED_NETNS`.
+    pub host_network: bool,
     pub spiffe_id: Option<String>,
 }
 
@@ -679,6 +682,7 @@ pub(crate) fn merge<'a>(
         Some(_) => {}
     };
     let mut pod_uids: Vec<Vec<String>> = vec![Vec::new(); kept.len()];
+    let mut host_network = vec![false; kept.len()];
     for (wi, set) in kept.iter().enumerate() {
         let tenant = set[0].tenant.as_deref();
         for ci in set {
@@ -705,6 +709,7 @@ pub(crate) fn merge<'a>(
                     pod_uids[wi].push(pod.uid.clone());
                 }
                 if pod.host_network {
+                    host_network[wi] |= local;
                     continue; // The node's addresses identify nothing.
                 }
                 for ip in &pod.ips {
@@ -1035,6 +1040,7 @@ pub(crate) fn merge<'a>(
                 uids.dedup();
                 uids
             },
+            host_network: host_network[i],
             spiffe_id: spiffe_id.filter(|s| validate_spiffe_id(s).is_ok()),
         });
     }

@@ -390,3 +390,10 @@ impl Drop for Agent {
         }
     }
 }
+
+/// Whether event `e` has every (JSON pointer, string value) of `fields`.
+pub fn event_has(e: &Value, fields: &[(&str, &str)]) -> bool {
+    fields
+        .iter()
+        .all(|(pointer, want)| e.pointer(pointer).and_then(Value::as_str) == Some(*want))
+}

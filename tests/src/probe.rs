@@ -449,4 +449,20 @@ impl ProbeServer {
     pub fn accepted(&self) -> Vec<std::net::SocketAddr> {
         self.peers.try_iter().collect()
     }
+
+    /// [`ProbeServer::accepted`], waiting up to `timeout` until there are at least `n`: the
+    /// server reports an accept after the client's `connect()` has already returned.
+    pub fn accepted_at_least(&self, n: usize, timeout: Duration) -> Vec<std::net::SocketAddr> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut peers: Vec<_> = self.peers.try_iter().collect();
+        while peers.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.peers.recv_timeout(left) {
+                Ok(peer) => peers.push(peer),
+                Err(_) => break,
+            }
+        }
+        peers.extend(self.peers.try_iter());
+        peers
+    }
 }

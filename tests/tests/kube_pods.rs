@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use enforcer::sources::cgroups::{scan, Limits, Watcher};
-use enforcer_tests::agent::AgentConfig;
+use enforcer_tests::agent::{event_has, AgentConfig};
 use enforcer_tests::kube::{create_namespace, require_apiserver, ApiServer};
 use enforcer_tests::kubelet::{Driver, Node, PodCgroups, Qos};
 use enforcer_tests::probe::attempt;
@@ -159,15 +159,25 @@ async fn create_pod(
 
 /// The bundle of these tests: three tenants, the demo's schema and baseline policies.
 fn bundle() -> Result<PolicyBundle> {
+    demo_bundle("acme, globex, initech", None)
+}
+
+/// The demo's schema and baseline with `tenants` declared and, if given, one more policy
+/// file (name, text).
+fn demo_bundle(tenants: &str, extra: Option<(&str, &str)>) -> Result<PolicyBundle> {
     let demo = enforcer_tests::fixtures::demo_policies_dir();
     let read = |name: &str| {
         std::fs::read_to_string(demo.join(name)).with_context(|| format!("reading demo {name}"))
     };
-    PolicyBundle::new(&[
-        ("inventory.yaml", "tenants: [acme, globex, initech]\n"),
-        ("schema.cedarschema", &read("schema.cedarschema")?),
-        ("baseline.cedar", &read("baseline.cedar")?),
-    ])
+    let inventory = format!("tenants: [{tenants}]\n");
+    let (schema, baseline) = (read("schema.cedarschema")?, read("baseline.cedar")?);
+    let mut files = vec![
+        ("inventory.yaml", inventory.as_str()),
+        ("schema.cedarschema", schema.as_str()),
+        ("baseline.cedar", baseline.as_str()),
+    ];
+    files.extend(extra);
+    PolicyBundle::new(&files)
 }
 
 /// One pod of the world.
@@ -293,7 +303,7 @@ struct World {
     _servers: Vec<Server>,
     client_ns: NetNs,
     _veth: Veth,
-    _server_ns: NetNs,
+    server_ns: NetNs,
     pods: Vec<TestPod>,
     node: Node,
     pins: PinDir,
@@ -387,7 +397,7 @@ impl World {
             _servers: servers,
             client_ns,
             _veth: veth,
-            _server_ns: server_ns,
+            server_ns,
             pods,
             node,
             pins: PinDir::new("cg9-pins")?,
@@ -468,7 +478,11 @@ impl World {
     /// Waits (bounded) until the agent maps the local pods and every local pod reaches its
     /// own addresses: its cgroups and the cluster's addresses are in the kernel.
     fn wait_enforcing(&self, what: &str) -> Result<()> {
-        let local = self.pods.iter().filter(|p| p.local()).count();
+        self.wait_enforcing_with(what, self.pods.iter().filter(|p| p.local()).count())
+    }
+
+    /// [`World::wait_enforcing`] with `local` pods on the node (the world's and a test's own).
+    fn wait_enforcing_with(&self, what: &str, local: usize) -> Result<()> {
         let mut last = Value::Null;
         let mapped = wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
             last = self.agent().status().unwrap_or_default();
@@ -1355,22 +1369,13 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
         .into_iter()
         .map(|n| Server::tcp(SocketAddr::new(IpAddr::V4(ip(n)), PORT)))
         .collect::<Result<Vec<_>>>()?;
-    let demo = enforcer_tests::fixtures::demo_policies_dir();
-    let bundle = PolicyBundle::new(&[
-        ("inventory.yaml", "tenants: [acme]\n"),
-        (
-            "schema.cedarschema",
-            &std::fs::read_to_string(demo.join("schema.cedarschema"))?,
-        ),
-        (
-            "baseline.cedar",
-            &std::fs::read_to_string(demo.join("baseline.cedar"))?,
-        ),
-        (
+    let bundle = demo_bundle(
+        "acme",
+        Some((
             "internet.cedar",
             "@id(\"internet\")\npermit (principal, action, resource is World);\n",
-        ),
-    ])?;
+        )),
+    )?;
     let pins = PinDir::new("cg9-pins")?;
     let states = enforcer_tests::TempDir::new("cg9-state")?;
     let config = |cgroup: Option<std::path::PathBuf>| {
@@ -1458,5 +1463,126 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
         "the agent's own calls are never judged: {own} events"
     );
     drop(servers);
+    Ok(())
+}
+
+/// A `hostNetwork` pod serves in the node's network namespace, at the node's addresses,
+/// which are nobody's (WORLD): a pod that may reach World reached it there whatever the
+/// policy said of the two pods. Its label set has no address, so it had no column in the
+/// policy table either. Now the SYN is judged at the listener as the pod whose address it
+/// comes from -> the `hostNetwork` pod: acme's chat-1 is dropped (`tenant_mismatch`, hook
+/// `ingress`), globex's rag-1 on this node (the policy table) and rag-remote on another node
+/// (the ingress allowlist; played by a process outside the node's cgroups, from its address)
+/// pass. Here the client namespace stands for the node's (its address `fd83:5::fe`), and
+/// callers run in the server namespace, where their pod addresses are.
+#[test]
+fn a_host_network_pod_is_judged_as_itself_at_the_node_address() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    const HOST_PORT: u16 = PORT + 1;
+    let mut world = World::new(5)?;
+    world.bundle = demo_bundle(
+        "acme, globex, initech",
+        Some((
+            "world.cedar",
+            "@id(\"world-egress\")\npermit (principal, action, resource is World);\n",
+        )),
+    )?;
+    let node_addr = Ipv6Addr::new(0xfd83, 5, 0, 0, 0, 0, 0, 0xfe);
+    let uid = world.rt.block_on(async {
+        let pods = Api::<Pod>::namespaced(world.client.clone(), "cg9-globex");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "exporter", "labels": {PURPOSE_LABEL: "monitoring", "app": "exporter"}},
+            "spec": {"nodeName": NODE, "hostNetwork": true,
+                     "containers": [{"name": "main", "image": "scratch"}]}
+        }))?;
+        let created = pods.create(&PostParams::default(), &pod).await?;
+        let status = serde_json::json!({"status": {"phase": "Running",
+            "podIP": node_addr.to_string(), "podIPs": [{"ip": node_addr.to_string()}]}});
+        pods.patch_status("exporter", &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        created.metadata.uid.context("a created pod has a UID")
+    })?;
+    let mut exporter = world
+        .node
+        .start_pod(&uid, Driver::Systemd, Qos::BestEffort)?;
+    exporter.add_container()?;
+    let server = enforcer_tests::probe::ProbeServer::start(
+        Some(&world.client_ns),
+        &exporter.containers()[0],
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), HOST_PORT),
+    )?;
+    world.start_agent()?;
+    // The world's 7 local pods and the exporter.
+    world.wait_enforcing_with("start", 8)?;
+
+    let target = format!("tcp:[{node_addr}]:{HOST_PORT}");
+    let mut problems = Vec::new();
+    for (caller, want_ok) in [("rag-1", true), ("rag-remote", true), ("chat-1", false)] {
+        let pod = world.pod(caller);
+        let probe = match &pod.cgroups {
+            Some(_) => Probe::new().in_cgroup(pod.cgroup(true)),
+            None => Probe::new(),
+        }
+        .in_netns(&world.server_ns);
+        let r = probe.run_one(&format!("{target}@{}", pod.v6))?;
+        let dropped = r.outcome == Outcome::Error
+            && (r.errno == libc::ETIMEDOUT || r.errno == libc::EINPROGRESS);
+        if want_ok && r.outcome != Outcome::Ok || !want_ok && !dropped {
+            problems.push(format!(
+                "{caller}: {r:?}, want {}",
+                if want_ok {
+                    "ok"
+                } else {
+                    "a timeout (SYNs dropped)"
+                }
+            ));
+        }
+    }
+    let mut want = vec![
+        world.pod("rag-1").ip(true),
+        world.pod("rag-remote").ip(true),
+    ];
+    want.sort();
+    let mut peers: Vec<IpAddr> = server
+        .accepted_at_least(want.len(), Duration::from_secs(5))
+        .iter()
+        .map(|a| a.ip())
+        .collect();
+    peers.sort();
+    if peers != want {
+        problems.push(format!("the exporter accepted {peers:?}, want {want:?}"));
+    }
+    let events = world
+        .agent()
+        .settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
+    let hits: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["destination"]["ip"] == node_addr.to_string())
+        .collect();
+    let right = hits.len() == 1
+        && event_has(
+            hits[0],
+            &[
+                ("/hook", "ingress"),
+                ("/verdict", "deny"),
+                ("/reason", "tenant_mismatch"),
+                ("/subject/tenant", "acme"),
+                ("/destination/tenant", "globex"),
+                ("/policy/id", "tenant-isolation"),
+            ],
+        );
+    if !right {
+        problems.push(format!(
+            "want one ingress tenant_mismatch chat-1 -> exporter at {node_addr}, got {hits:?}"
+        ));
+    }
+    ensure!(
+        problems.is_empty(),
+        "{}\nagent stderr:\n{}",
+        problems.join("\n"),
+        world.agent().stderr_tail()
+    );
     Ok(())
 }
