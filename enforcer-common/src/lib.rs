@@ -279,6 +279,10 @@ pub mod flags {
     /// and `INGRESS_ALLOW` holds every workload's row to it, so that a caller with no row in
     /// this node's table (a pod of another node) is judged too.
     pub const SHARED_NETNS: u32 = 1 << 9;
+    /// A workload (a Cedar `Workload`: an inventory workload or a Kubernetes label set), not
+    /// an endpoint, a Service or a reserved identity: only a workload's address names a
+    /// caller that a policy can judge (the schema makes only workloads principals).
+    pub const WORKLOAD: u32 = 1 << 10;
     /// Flows to a destination with any of these flags carry the identity option.
     pub const TAGGED: u32 = TRACKED | VECTOR_DB | INGRESS_ENFORCE | INGRESS_AUDIT;
 }

@@ -215,6 +215,9 @@ const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Flags of bpf_reserve_hdr_opt / bpf_store_hdr_opt / map updates: none.
 const NO_FLAGS: u64 = 0;
+/// The loopback device's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
 /// `bpf_sk_lookup_tcp`'s netns argument: the namespace of the packet.
 const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
 /// `bpf_sock::state` of a connecting TCP socket.
@@ -958,11 +961,14 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
 /// host entry: a pod IP, an inventory workload's address; its egress was judged as a call to
 /// WORLD), and judged the same way: by this node's table for a local subject, by the
 /// ingress allowlist for one with no row here (a pod of another node) calling a listener of
-/// the node's namespace (`flags::SHARED_NETNS`, whose column the allowlist holds). Not
-/// judged: a source of no workload (WORLD, a prefix, a Service, a reserved identity), a
-/// caller outside the subtree or of no identity (denied at its connect), a listener's own
-/// workload calling itself (a pod's containers over its loopback, a sidecar's `REDIRECT`),
-/// and the agent on either side. `None`: nothing to judge.
+/// the node's namespace (`flags::SHARED_NETNS`, whose column the allowlist holds). An IPv6
+/// link-local source from a device (a pod dialling its node's link-local address on the
+/// veth) names no one: refused at such a listener as World's call (`no_permit`). Not
+/// judged: another source of no workload (WORLD, a prefix, an endpoint, a Service, a
+/// reserved identity), a caller outside the subtree or of no identity (denied at its
+/// connect), a listener's own workload calling itself (a pod's containers over its
+/// loopback, a sidecar's `REDIRECT`), and the agent on either side. `None`: nothing to
+/// judge.
 #[inline(always)]
 fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     // SAFETY: the skb pointer is the program's context (the listener's socket, see
@@ -982,7 +988,13 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     // subtree, or of no identity (denied at its connect), is not judged.
     let (caller, by_address) = match found {
         Some(cgroup) => (locked::subject_of(cgroup)?, false),
-        None => (source_workload(&syn.src)?, true),
+        None => match source_workload(&syn.src) {
+            Some(identity) => (identity, true),
+            // Every pod has an IPv6 link-local address, the IP cache none: dialled at the
+            // node's link-local address on its veth, a pod would come from nobody's.
+            None if link_local_from_a_device(ctx, &syn.src) => (identity::WORLD, true),
+            None => return None,
+        },
     };
     if caller == listener {
         return None;
@@ -996,6 +1008,26 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     if l.as_ref().is_some_and(|l| l.flags & flags::EXEMPT != 0) {
         return None;
     }
+    if caller == identity::WORLD {
+        // A link-local source names no one, and World is no policy's principal: refused
+        // at a listener of the node's namespace, which callers reach at addresses nobody
+        // holds (elsewhere the listener is a pod reached by its own link-local neighbour).
+        if !l
+            .as_ref()
+            .is_some_and(|l| l.flags & flags::SHARED_NETNS != 0)
+        {
+            return None;
+        }
+        return Some(refuse_syn(
+            ctx,
+            syn,
+            || identity::WORLD,
+            listener,
+            reason::NO_PERMIT,
+            global_audit,
+            generation as u32,
+        ));
+    }
     // A caller's identity without an entry (a reload under way) is denied, as `decide` does.
     let (reason, audit) = match locked::identity_info(caller, slot_b) {
         None => (reason::UNKNOWN_SUBJECT, global_audit),
@@ -1003,8 +1035,9 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
             if c.flags & flags::EXEMPT != 0 {
                 return None;
             }
-            // A Service's address used as a source is no caller.
-            if by_address && c.flags & flags::SERVICE != 0 {
+            // Only a workload's address names a caller (an endpoint's, a Service's, do not:
+            // no policy has them as principals).
+            if by_address && c.flags & flags::WORKLOAD == 0 {
                 return None;
             }
             if c.flags & flags::QUARANTINED != 0 {
@@ -1068,6 +1101,19 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
 fn source_workload(source: &Destination) -> Option<u32> {
     let (identity, exact) = lookup_address(source);
     (exact && identity >= identity::FIRST_DYNAMIC).then_some(identity)
+}
+
+/// Whether `source` is an IPv6 link-local address (fe80::/10) and the packet came in
+/// through a device other than loopback (a neighbour on a link, e.g. a pod on its veth).
+#[inline(always)]
+fn link_local_from_a_device(ctx: &SkBuffContext, source: &Destination) -> bool {
+    let first = source.addr[0].to_ne_bytes();
+    if source.family != FAMILY_V6 || first[0] != 0xfe || first[1] & 0xc0 != 0x80 {
+        return false;
+    }
+    // SAFETY: the program's context; `ingress_ifindex` is readable in cgroup_skb programs.
+    let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ingress_ifindex) };
+    ifindex != LOOPBACK_IFINDEX
 }
 
 /// The cgroup of the local socket that sent `syn` (a connecting socket of this network

@@ -1638,8 +1638,12 @@ fn marked_pods_carry_the_endpoint_flags_and_datasets() {
         db_id.flags,
         flags::VECTOR_DB | flags::TRACKED | flags::INGRESS_ENFORCE
     );
-    // The kernel's entry adds that a pod's address is its own namespace's.
-    assert_eq!(db_id.info().flags, db_id.flags | flags::OWN_NETNS);
+    // The kernel's entry adds that a pod's address is its own namespace's, and that it is a
+    // workload (its address names a caller), though it is marked like an endpoint.
+    assert_eq!(
+        db_id.info().flags,
+        db_id.flags | flags::OWN_NETNS | flags::WORKLOAD
+    );
     assert_eq!(db_id.endpoint_kind.as_deref(), Some("vector_db"));
     assert_eq!(db_id.datasets, ["acme-kb", "acme-wiki"]);
     assert!(db_id.is_subject() && db_id.is_destination());

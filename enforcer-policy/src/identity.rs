@@ -251,7 +251,8 @@ impl Identity {
         use enforcer_common::flags;
         let address_flags = match self.kind {
             IdentityKind::Service => flags::SERVICE,
-            IdentityKind::Workload if self.is_cluster() => flags::OWN_NETNS,
+            IdentityKind::Workload if self.is_cluster() => flags::OWN_NETNS | flags::WORKLOAD,
+            IdentityKind::Workload => flags::WORKLOAD,
             _ => 0,
         };
         IdentityInfo::new(self.tenant_id, self.flags | address_flags)

@@ -1,7 +1,8 @@
 //! Network namespaces and veth pairs that a test creates itself (`ip netns`, iproute2).
 //!
-//! Inside a namespace only ULA IPv6 (`fd00::/8`) addresses on the test's own veth are used,
-//! added with `nodad` so they are usable at once (no duplicate-address-detection delay).
+//! Inside a namespace only ULA IPv6 (`fd00::/8`) addresses on the test's own veth are used (and
+//! link-local ones, which never leave that link), added with `nodad` so they are usable at
+//! once (no duplicate-address-detection delay).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

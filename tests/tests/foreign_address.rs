@@ -466,6 +466,7 @@ fn a_caller_in_another_namespace_is_judged_by_its_address() -> Result<()> {
         Entity::workload(NET, "globex-pod", "globex", "inference", 2, 2),
         remote("remote-acme", "acme", 1),
         remote("remote-globex", "globex", 2),
+        Entity::endpoint(NET, "acme-scraper", "acme", "llm_api", 1, 4),
     ];
     let world = World::new(NET, entities, &policies)?;
     let node_ns = NetNs::create(&unique_name("fa-node"))?;
@@ -475,15 +476,38 @@ fn a_caller_in_another_namespace_is_judged_by_its_address() -> Result<()> {
     let node = v6_addr(NET, 0xff, 1);
     let nobody = IpAddr::V6(v6_addr(NET, 0xfe, 1));
     let own = |name: &str| world.entity(name).ip(true);
-    let callers = ["acme-pod", "globex-pod", "remote-acme", "remote-globex"];
+    // (caller, run in its cgroup here, reaches the listener): the remote ones and the
+    // endpoint are processes outside the subtree, from their addresses.
+    let callers = [
+        ("acme-pod", true, false),
+        ("globex-pod", true, true),
+        ("remote-acme", false, false),
+        ("remote-globex", false, true),
+        // An endpoint is no principal: its address names no caller to judge.
+        ("acme-scraper", false, true),
+    ];
     let pod_addrs: Vec<String> = callers
         .iter()
-        .map(|c| own(c))
+        .map(|(c, _, _)| own(c))
         .chain([nobody])
         .map(|ip| format!("{ip}/64"))
         .collect();
     let pod_addrs: Vec<&str> = pod_addrs.iter().map(String::as_str).collect();
-    let _veth = Veth::create(&node_ns, &[&format!("{node}/64")], &pod_ns, &pod_addrs)?;
+    let veth = Veth::create(&node_ns, &[&format!("{node}/64")], &pod_ns, &pod_addrs)?;
+    // Link-local addresses on both ends, as every pod and its veth have.
+    let node_link_local = "fe80::ff:1";
+    node_ns.ip(&[
+        "addr",
+        "add",
+        &format!("{node_link_local}/64"),
+        "dev",
+        veth.dev_a(),
+        "nodad",
+    ])?;
+    pod_ns.ip(&["addr", "add", "fe80::2:2/64", "dev", veth.dev_b(), "nodad"])?;
+    // `ip -o link` prints "INDEX: NAME@PEER: ..." (the scope of a link-local destination).
+    let link = pod_ns.ip(&["-o", "link", "show", "dev", veth.dev_b()])?;
+    let pod_ifindex: u32 = link.split(':').next().unwrap_or_default().trim().parse()?;
     let agent = world.start_agent()?;
     let server = wildcard_listener(&world, &node_ns, "globex-server")?;
 
@@ -503,14 +527,13 @@ fn a_caller_in_another_namespace_is_judged_by_its_address() -> Result<()> {
     );
 
     let mut problems = Vec::new();
-    for caller in callers {
-        let probe = if caller.starts_with("remote-") {
-            unmanaged.clone()
-        } else {
+    for (caller, managed, want_ok) in callers {
+        let probe = if managed {
             as_workload(&world, &pod_ns, caller)
+        } else {
+            unmanaged.clone()
         };
         let r = probe.run_one(&from(own(caller)))?;
-        let want_ok = caller.contains("globex");
         if want_ok && r.outcome != Outcome::Ok {
             problems.push(format!("{caller}: {r:?}, want ok"));
         }
@@ -521,7 +544,22 @@ fn a_caller_in_another_namespace_is_judged_by_its_address() -> Result<()> {
             ));
         }
     }
-    let mut want = vec![nobody, own("globex-pod"), own("remote-globex")];
+    // A link-local source names no one: acme-pod dialling the node's link-local address is
+    // refused (World is no principal) instead of passing unjudged.
+    let link_local = format!("tcp:[{node_link_local}%{pod_ifindex}]:{PORT}");
+    let r = as_workload(&world, &pod_ns, "acme-pod").run_one(&link_local)?;
+    if !syns_dropped(&r) {
+        problems.push(format!(
+            "acme-pod at {link_local}: {:?} (errno {}), want a timeout (SYNs dropped)",
+            r.outcome, r.errno
+        ));
+    }
+    let mut want = vec![
+        nobody,
+        own("globex-pod"),
+        own("remote-globex"),
+        own("acme-scraper"),
+    ];
     let mut peers: Vec<IpAddr> = server
         .accepted_at_least(want.len(), Duration::from_secs(5))
         .iter()
@@ -556,6 +594,23 @@ fn a_caller_in_another_namespace_is_judged_by_its_address() -> Result<()> {
                 "want one ingress tenant_mismatch {caller} -> globex-server at {node}, got {mine:?}"
             ));
         }
+    }
+    let hits_link_local = events_to(&events, node_link_local);
+    let right = hits_link_local.len() == 1
+        && event_has(
+            hits_link_local[0],
+            &[
+                ("/hook", "ingress"),
+                ("/verdict", "deny"),
+                ("/reason", "no_permit"),
+                ("/destination/name", "globex-server"),
+            ],
+        )
+        && hits_link_local[0]["subject"]["identity"] == 1;
+    if !right {
+        problems.push(format!(
+            "want one ingress no_permit world -> globex-server at {node_link_local}, got {hits_link_local:?}"
+        ));
     }
     if hits.len() != 2 {
         problems.push(format!("want 2 events at {node}, got {}", hits.len()));
