@@ -276,8 +276,8 @@ pub mod flags {
     /// callers reach its wildcard listeners through addresses nobody holds (the node's,
     /// `127.0.0.1`), which `skb_ingress` judges again as caller -> listener. It is a
     /// destination even without addresses of its own (it has a column in the policy table),
-    /// and `INGRESS_ALLOW` holds every workload's row to it, so that a caller with no row in
-    /// this node's table (a pod of another node) is judged too.
+    /// and `INGRESS_ALLOW` holds the row to it of every workload with no row in this node's
+    /// table (a pod of another node), so that such a caller is judged too.
     pub const SHARED_NETNS: u32 = 1 << 9;
     /// A workload (a Cedar `Workload`: an inventory workload or a Kubernetes label set), not
     /// an endpoint, a Service or a reserved identity: only a workload's address names a

@@ -1062,11 +1062,11 @@ fn policy_fingerprint(bundle: &Bundle) -> String {
     crate::hash_pairs(parts.iter().map(|(k, v)| (k.as_str(), v.as_str())), 16)
 }
 
-/// The ingress column: for every destination whose ingress mode is `enforce` or `audit`, and
-/// (with the claimants that are no local subject only) every workload of this node that
-/// shares its network namespace (`flags::SHARED_NETNS`),
+/// The ingress column: for every destination whose ingress mode is `enforce` or `audit`,
 /// the entries of every identity that can claim itself on the wire (each workload of the
-/// inventory and of the cluster, local or not) x each TCP cell. WORLD has no entries: the
+/// inventory and of the cluster, local or not) x each TCP cell; for every workload of this
+/// node that shares its network namespace (`flags::SHARED_NETNS`), those of the claimants
+/// that are no local subject (the kernel judges a local one by the table). WORLD has no entries: the
 /// schema does not make it a principal (policies read a principal's `tenant`), so an
 /// untagged peer from outside the cluster is the implicit deny, as before. A remote pod has no row in the table (it is not a local subject), but it is a
 /// claimant at this node's ingress. The cells come from the same group caches as the table:
