@@ -745,8 +745,11 @@ impl Agent {
         // An ingress allowlist that cannot fit is refused before anything is written, like
         // a policy table that cannot: the last good policy stays in force whole.
         let ingress = crate::wire::ingress_allows(&self.compiled);
-        crate::wire::ingress_fits(self.datapath.dir(), ingress.len())
+        let mut ingress_writer = datapath::IngressWriter::open(self.datapath.dir())?;
+        ingress_writer
+            .check_fits(ingress.len())
             .context("the ingress allowlist does not fit")?;
+        let ingress_in_force = ingress_writer.current();
         // Rate limits bracket the swap (see `datapath::rates`); refused whole if they cannot
         // fit, like the allowlist.
         let rates = enforcer_policy::rate::rate_limits(self.bundle.inventory(), &self.compiled);
@@ -755,15 +758,29 @@ impl Agent {
             .check_fits(&rates)
             .context("the rate limits do not fit")?;
         let rates_in_force = rate_writer.current();
-        rate_writer
+        // The ingress allowlist's grants, too, are in force before the table that lets a
+        // sender connect (see `datapath::ingress`).
+        let swapped = rate_writer
             .before_swap(&rates)
-            .context("writing the interim rate limits")?;
-        let report = match self.datapath.tables.apply_with(&desired, &mut publish) {
-            Ok(report) => report,
+            .context("writing the interim rate limits")
+            .and_then(|_| {
+                ingress_writer
+                    .before_swap(&ingress)
+                    .context("writing the ingress allowlist's grants")
+            })
+            .and_then(|grants| {
+                let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
+                Ok((report, grants))
+            });
+        let (report, ingress_grants) = match swapped {
+            Ok(swapped) => swapped,
             Err(error) => {
-                // The old policy stays in force: so do its limits.
+                // The old policy stays in force: so do its limits and its allowlist.
                 if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
                     tracing::error!("restoring the rate limits in force: {undo:#}");
+                }
+                if let Err(undo) = ingress_writer.write_exactly(&ingress_in_force) {
+                    tracing::error!("restoring the ingress allowlist in force: {undo:#}");
                 }
                 return Err(error);
             }
@@ -771,15 +788,13 @@ impl Agent {
         rate_writer
             .after_swap(&rates)
             .context("writing the rate limits")?;
-        // The ingress allowlist follows the table it mirrors (not in the same swap: a SYN may
-        // be judged by the old list for the moment in between).
-        let (ingress_written, ingress_removed) =
-            crate::wire::sync_ingress(self.datapath.dir(), &ingress)
-                .context("writing the ingress allowlist")?;
+        let ingress_restrictions = ingress_writer
+            .after_swap(&ingress)
+            .context("writing the ingress allowlist")?;
         tracing::debug!(
             entries = ingress.len(),
-            written = ingress_written,
-            removed = ingress_removed,
+            grants = ingress_grants,
+            restrictions = ingress_restrictions,
             "ingress allowlist"
         );
         self.applied_at = now();
@@ -1149,20 +1164,37 @@ impl Agent {
                     enforcer_policy::rate::rate_limits(self.bundle.inventory(), &self.compiled);
                 let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
                 rate_writer.check_fits(&rates)?;
-                rate_writer.before_swap(&rates)?;
-                self.datapath
-                    .tables
-                    .apply_row(&delta.added, &delta.removed)
-                    .with_context(|| format!("writing {workload}'s row"))?;
+                // A risk change moves the claimant at this node's ingress too, its grants
+                // before the row (see `datapath::ingress`).
+                let ingress = crate::wire::ingress_allows(&self.compiled);
+                let mut ingress_writer = datapath::IngressWriter::open(self.datapath.dir())?;
+                ingress_writer.check_fits(ingress.len())?;
+                let rates_in_force = rate_writer.current();
+                let ingress_in_force = ingress_writer.current();
+                let swapped = rate_writer
+                    .before_swap(&rates)
+                    .and_then(|_| ingress_writer.before_swap(&ingress))
+                    .and_then(|_| {
+                        self.datapath
+                            .tables
+                            .apply_row(&delta.added, &delta.removed)
+                            .with_context(|| format!("writing {workload}'s row"))
+                    });
+                if let Err(error) = swapped {
+                    if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
+                        tracing::error!("restoring the rate limits in force: {undo:#}");
+                    }
+                    if let Err(undo) = ingress_writer.write_exactly(&ingress_in_force) {
+                        tracing::error!("restoring the ingress allowlist in force: {undo:#}");
+                    }
+                    return Err(error);
+                }
                 rate_writer
                     .after_swap(&rates)
                     .context("writing the rate limits")?;
-                // A risk change moves the claimant at this node's ingress too.
-                crate::wire::sync_ingress(
-                    self.datapath.dir(),
-                    &crate::wire::ingress_allows(&self.compiled),
-                )
-                .context("writing the ingress allowlist")?;
+                ingress_writer
+                    .after_swap(&ingress)
+                    .context("writing the ingress allowlist")?;
                 Ok(delta)
             });
         let delta = match written {

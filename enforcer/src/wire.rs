@@ -1,5 +1,5 @@
 //! Identity on the wire, userspace side: the flow keys (`--flow-key-file` -> `FLOW_KEYS`), the
-//! ingress allowlist (compiled decisions -> `INGRESS_ALLOW`), the verified peers
+//! ingress allowlist (compiled decisions; `datapath::IngressWriter` writes it), the verified peers
 //! (`WIRE_PEERS`), and the option's MAC as a proxy (or a test) computes it.
 //!
 //! The option's layout and MAC are `enforcer_common::wire`: the kernel compiles the same
@@ -357,81 +357,6 @@ pub fn ingress_allows(compiled: &Compiled) -> HashMap<PolicyKey, PolicyValue> {
     compiled.ingress().iter().copied().collect()
 }
 
-/// Makes `INGRESS_ALLOW` hold exactly `desired`: adds first, then removes, so that a cell in
-/// both the old and the new list is never missing. Returns (written, removed).
-///
-/// A list above the map's capacity (`max_entries` of the pin) is refused whole before anything
-/// is written, with an error naming the map, the need and the capacity: the previous list
-/// stays in force, as with the policy table. When old and new together would not fit, the
-/// removals go first (a moment in which a cell of both lists may be refused, logged).
-pub fn sync_ingress(
-    pin_dir: &Path,
-    desired: &HashMap<PolicyKey, PolicyValue>,
-) -> Result<(usize, usize)> {
-    let capacity = ingress_fits(pin_dir, desired.len())?;
-    let mut map: BpfHashMap<MapData, PolicyKey, PolicyValue> =
-        open_map(pin_dir, maps::INGRESS_ALLOW)?.try_into()?;
-    let present: HashMap<PolicyKey, PolicyValue> = map.iter().filter_map(|e| e.ok()).collect();
-    let peak = present.len() + desired.keys().filter(|k| !present.contains_key(k)).count();
-    let removals_first = peak > capacity as usize;
-    if removals_first {
-        tracing::warn!(
-            peak,
-            capacity,
-            "the ingress allowlist change does not fit beside the old list: removing first"
-        );
-    }
-    let mut removed = 0;
-    let mut remove = |map: &mut BpfHashMap<MapData, PolicyKey, PolicyValue>| -> Result<()> {
-        for k in present.keys() {
-            if !desired.contains_key(k) {
-                map.remove(k)
-                    .with_context(|| format!("removing {} {k:?}", maps::INGRESS_ALLOW))?;
-                removed += 1;
-            }
-        }
-        Ok(())
-    };
-    if removals_first {
-        remove(&mut map)?;
-    }
-    let mut written = 0;
-    for (k, v) in desired {
-        if present.get(k) != Some(v) {
-            map.insert(k, v, 0)
-                .with_context(|| format!("writing {} {k:?}", maps::INGRESS_ALLOW))?;
-            written += 1;
-        }
-    }
-    if !removals_first {
-        remove(&mut map)?;
-    }
-    Ok((written, removed))
-}
-
-/// Refuses an ingress allowlist of `entries` above the capacity of the pinned `INGRESS_ALLOW`
-/// (see [`sync_ingress`]); returns the capacity.
-pub fn ingress_fits(pin_dir: &Path, entries: usize) -> Result<u32> {
-    let capacity = aya::maps::MapInfo::from_pin(pin_dir.join(maps::INGRESS_ALLOW))
-        .with_context(|| format!("reading map info of {}", maps::INGRESS_ALLOW))?
-        .max_entries();
-    check_capacity(entries, capacity)?;
-    Ok(capacity)
-}
-
-/// Refuses an ingress allowlist of `entries` above `capacity`.
-fn check_capacity(entries: usize, capacity: u32) -> Result<()> {
-    if entries > capacity as usize {
-        bail!(
-            "the ingress allowlist needs {entries} entries, above the capacity of {} ({capacity}); \
-             narrow the destinations with `ingress: enforce|audit`, or raise the policy capacity \
-             (`enforcer detach` and restart to resize pinned maps)",
-            maps::INGRESS_ALLOW
-        );
-    }
-    Ok(())
-}
-
 /// One verified peer of an accepted tagged connection, as `WIRE_PEERS` holds it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VerifiedPeer {
@@ -596,16 +521,6 @@ mod tests {
             assert_eq!(verified(&state), new_ids, "{old:?} -> {new:?}: final state");
             assert_eq!(state[abi::TRANSITION_KEY as usize].id, 0);
         }
-    }
-
-    #[test]
-    fn an_ingress_list_above_capacity_is_refused_naming_the_map() {
-        assert!(check_capacity(10, 10).is_ok());
-        let e = check_capacity(11, 10).unwrap_err().to_string();
-        assert!(
-            e.contains("INGRESS_ALLOW") && e.contains("11") && e.contains("(10)"),
-            "{e}"
-        );
     }
 
     #[test]

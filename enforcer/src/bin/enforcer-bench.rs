@@ -328,8 +328,7 @@ fn datapath_bench(options: &Options) -> Result<()> {
         },
     )?;
     let first = enforcer_common::identity::FIRST_DYNAMIC;
-    enforcer::wire::sync_ingress(
-        datapath.dir(),
+    enforcer::datapath::IngressWriter::open(datapath.dir())?.write_exactly(
         &std::collections::HashMap::from([(
             PolicyKey {
                 subject: first,

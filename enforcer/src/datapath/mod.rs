@@ -2,6 +2,7 @@
 //! cgroup programs (`enforcer_common::programs::ALL`) to the enforced subtree (or adopt
 //! the links a previous agent pinned), and hand out typed map handles. Reads as open -> configure -> load -> attach.
 
+mod ingress;
 mod links;
 pub mod locked;
 mod rates;
@@ -14,6 +15,7 @@ use aya::maps::{MapData, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{maps, ABI_VERSION};
 
+pub use ingress::IngressWriter;
 pub use links::{attached_programs, link_update, AttachReport, HookAttachment};
 pub use rates::RateWriter;
 pub use tables::{

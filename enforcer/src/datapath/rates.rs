@@ -20,11 +20,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapInfo};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use enforcer_common::{
     maps,
     rate::{RateKey, RateLimit},
 };
+
+use super::tables::{max_entries, open_pinned};
 
 /// The stricter of two limits, componentwise.
 pub fn stricter(a: &RateLimit, b: &RateLimit) -> RateLimit {
@@ -43,13 +45,8 @@ pub struct RateWriter {
 impl RateWriter {
     /// Opens `RATE_LIMITS` under the pin directory `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let path = pin_dir.join(maps::RATE_LIMITS);
-        let capacity = MapInfo::from_pin(&path)
-            .with_context(|| format!("reading map info of {}", maps::RATE_LIMITS))?
-            .max_entries();
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
-        let map = Map::from_map_data(data)?.try_into()?;
+        let capacity = max_entries(pin_dir, maps::RATE_LIMITS)?;
+        let map = open_pinned(pin_dir, maps::RATE_LIMITS)?.try_into()?;
         Ok(Self { map, capacity })
     }
 

@@ -293,7 +293,8 @@ pub enum SwapStep {
     Flipped,
 }
 
-fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
+/// The map pinned as `name` under `dir`, its type not yet checked.
+pub(super) fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;
@@ -308,7 +309,8 @@ macro_rules! typed {
     };
 }
 
-fn max_entries(dir: &Path, name: &str) -> Result<u32> {
+/// The `max_entries` of the map pinned as `name` under `dir`.
+pub(super) fn max_entries(dir: &Path, name: &str) -> Result<u32> {
     Ok(MapInfo::from_pin(dir.join(name))
         .with_context(|| format!("reading map info of {name}"))?
         .max_entries())
