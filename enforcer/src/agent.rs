@@ -46,6 +46,7 @@ use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
 mod generations;
+mod handoff;
 mod step_up;
 
 /// Ring-buffer records handled before the event task yields (see `drain_turn`).
@@ -537,13 +538,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         history.seed(state.policy_generations);
     }
     let (notices, notice_rx) = mpsc::unbounded_channel();
-    let (quarantine_tx, mut quarantine_rx) = mpsc::unbounded_channel();
+    let quarantine_requests = Arc::new(handoff::QuarantineRequests::default());
     let (flow_tx, flow_rx) = mpsc::unbounded_channel();
     // Set by the event task when a tracked handshake completes under an older policy than the
     // newest (see `stream_events`); one permit however many arrive before the agent looks.
     let stale_handshake = Arc::new(tokio::sync::Notify::new());
     // `flow.opened` records for the learner: only with `--learn`.
-    let (contact_tx, mut contact_rx) = mpsc::unbounded_channel();
+    let (contact_tx, mut contact_rx) =
+        handoff::contacts(handoff::CONTACT_BACKLOG, handoff::CONTACT_OVERFLOW_PAIRS);
     let learner = match options.learn {
         Some(window) => {
             let learner =
@@ -646,7 +648,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         history,
         notice_rx,
         flow_rx,
-        quarantine_tx,
+        quarantine_requests.clone(),
         stale_handshake.clone(),
         contact_tx,
         emitter,
@@ -680,7 +682,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = ticker.tick() => {
                 agent.watch_status = watcher.as_ref().map(Watcher::status);
                 agent.tick();
-                agent.drain_missed_contacts();
+                agent.drain_missed_contacts(contact_rx.take_overflow());
                 agent.lift_step_ups();
             }
             _ = tree_changed(watcher.as_ref()) => agent.resync_cgroups(),
@@ -689,11 +691,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let response = agent.handle(request);
                 let _ = reply.send(response);
             }
-            Some((subject, cause)) = quarantine_rx.recv() => agent.quarantine(subject, cause),
+            _ = quarantine_requests.requested() => {
+                for (subject, cause) in quarantine_requests.take() {
+                    agent.quarantine(subject, cause);
+                }
+            }
             _ = stale_handshake.notified() => {
                 agent.revoke_flows("a handshake completed under an older policy");
             }
-            Some((cookie, record)) = contact_rx.recv() => agent.contact(cookie, &record),
+            Some((cookie, record)) = contact_rx.queue.recv() => agent.contact(cookie, &record),
         }
         if events.is_finished() {
             bail!("the event stream stopped: {:?}", events.await);
@@ -1781,7 +1787,7 @@ fn flow_call(event: &enforcer_common::FlowEvent, allowed_by: &Compiled) -> FlowC
 struct Denies<'a> {
     history: &'a PolicyHistory,
     cgroups: crate::events::cgroup::Resolver,
-    quarantine: mpsc::UnboundedSender<(u32, String)>,
+    quarantine: Arc<handoff::QuarantineRequests>,
 }
 
 impl Denies<'_> {
@@ -1816,7 +1822,7 @@ impl Denies<'_> {
                 event.dport,
                 event.protocol,
             ) {
-                let _ = self.quarantine.send((event.subject, cause));
+                self.quarantine.request(event.subject, cause);
             }
         }
         events.emit(Event::Call(call)).map(drop)
@@ -1852,7 +1858,7 @@ impl Denies<'_> {
                 overflow.destination,
                 overflow.protocol,
             ) {
-                let _ = self.quarantine.send((overflow.subject, cause));
+                self.quarantine.request(overflow.subject, cause);
             }
         }
         let time = humantime::format_rfc3339_nanos(record::wall_clock(overflow.timestamp_ns));
@@ -1932,9 +1938,9 @@ async fn stream_events(
     history: PolicyHistory,
     mut notices: mpsc::UnboundedReceiver<Notice>,
     mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
-    quarantine: mpsc::UnboundedSender<(u32, String)>,
+    quarantine: Arc<handoff::QuarantineRequests>,
     stale_handshake: Arc<tokio::sync::Notify>,
-    contacts: Option<mpsc::UnboundedSender<(u64, enforcer_common::FlowRecord)>>,
+    contacts: Option<handoff::ContactSender>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
     aggregate_window: Duration,
@@ -2060,7 +2066,7 @@ fn deliver_flow(
     item: &[u8],
     history: &PolicyHistory,
     stale_handshake: &tokio::sync::Notify,
-    contacts: Option<&mpsc::UnboundedSender<(u64, enforcer_common::FlowRecord)>>,
+    contacts: Option<&handoff::ContactSender>,
     events: &mut Emitter,
 ) -> Result<()> {
     let event = match flows::decode(item) {
@@ -2082,7 +2088,7 @@ fn deliver_flow(
     };
     if event.kind == flow_kind::OPENED {
         if let Some(contacts) = contacts {
-            let _ = contacts.send((event.cookie, event.record));
+            contacts.offer(event.cookie, event.record);
         }
     }
     let mut call = flow_call(&event, &policy);

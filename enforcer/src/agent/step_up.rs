@@ -151,19 +151,36 @@ impl Agent {
     /// one tick), which contacts were lost is unknown: every live tracked flow (`FLOWS`) is
     /// shown to the learner as a contact, so that a contact still open is judged anyway, and
     /// the loss is logged (error). A contact that opened and ended within that same tick is
-    /// the only one that can escape.
-    pub(super) fn drain_missed_contacts(&mut self) {
+    /// the only one that can escape. `overflow` holds the contacts the kernel did report but
+    /// this loop's backlog could not take (see `handoff`): kept ones are shown like missed
+    /// ones, counted ones count as lost.
+    pub(super) fn drain_missed_contacts(&mut self, overflow: (Vec<(u64, FlowRecord)>, u64)) {
         let Some(missed) = &mut self.missed else {
             return;
         };
+        let (kept, queue_lost) = overflow;
         let records = missed.drain();
-        let lost = missed.newly_lost().unwrap_or_else(|error| {
+        let kernel_lost = missed.newly_lost().unwrap_or_else(|error| {
             tracing::error!("reading LOST_FLOW_CONTACTS: {error:#}");
             0
         });
-        if self.learner.is_none() || (records.is_empty() && lost == 0) {
+        if !kept.is_empty() || queue_lost > 0 {
+            tracing::warn!(
+                kept = kept.len(),
+                lost = queue_lost,
+                "flow contacts reported while the agent was busy overflowed its backlog"
+            );
+        }
+        let lost = kernel_lost + queue_lost;
+        if self.learner.is_none() {
             // Without --learn they are only emptied: a later run with --learn must not take
             // days-old contacts for new ones.
+            return;
+        }
+        for (cookie, record) in &kept {
+            self.contact(*cookie, record);
+        }
+        if records.is_empty() && lost == 0 {
             return;
         }
         // Naming the flows needs `FLOWS` (up to 65,536 records, two syscalls each): read at
@@ -218,7 +235,7 @@ impl Agent {
             tracing::error!(
                 lost,
                 live = live.len(),
-                "flow contacts lost (the ring and FLOW_CONTACTS_MISSED were full): every live tracked flow is shown to the learner"
+                "flow contacts lost (the ring and FLOW_CONTACTS_MISSED, or the agent's backlog, were full): every live tracked flow is shown to the learner"
             );
             for (cookie, record) in &live {
                 if record.protocol == proto::UDP || record.state == flow_state::ESTABLISHED {

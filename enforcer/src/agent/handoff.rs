@@ -1,0 +1,182 @@
+//! What the event task hands to the agent's loop, bounded however long the loop is busy (a
+//! cold Kubernetes sync, a large apply) and however fast workloads make the kernel report.
+//!
+//! Both hand-offs are fed by what workloads do, so an unbounded queue would let a workload
+//! grow the agent's memory for as long as the loop is away:
+//! - quarantine requests (a deny under an `@quarantine` policy) coalesce per subject: one
+//!   pending request a subject, the first cause kept. At most one entry per identity, and the
+//!   identities are bounded by the `IDENTITIES` map.
+//! - contacts for the learner (`--learn`, one a `flow.opened`) are queued up to
+//!   [`CONTACT_BACKLOG`]; past it they are kept one per (subject, destination) pair, the
+//!   first flow's, up to [`CONTACT_OVERFLOW_PAIRS`] pairs, as the kernel keeps the contacts
+//!   it could not report (`FLOW_CONTACTS_MISSED`), and the loop's tick shows them to the
+//!   learner; a first contact is judged late, not missed. Past that they are counted, and the
+//!   agent shows every live tracked flow to the learner (`drain_missed_contacts`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use enforcer_common::FlowRecord;
+use tokio::sync::{mpsc, Notify};
+
+/// Contacts queued for the learner before they are kept per pair: 16,384 records of 80-odd
+/// bytes, about 1.5 MiB.
+pub const CONTACT_BACKLOG: usize = 16_384;
+
+/// (subject, destination) pairs kept past the backlog before contacts are only counted, as
+/// many as the kernel's `FLOW_CONTACTS_MISSED` holds.
+pub const CONTACT_OVERFLOW_PAIRS: usize = 4_096;
+
+/// What the queue could not take: the first contact of each pair, and how many found no room
+/// even there.
+#[derive(Default)]
+struct Overflow {
+    pairs: HashMap<(u32, u32), (u64, FlowRecord)>,
+    lost: u64,
+}
+
+/// Quarantine requests pending for the agent's loop, one per subject identity.
+#[derive(Default)]
+pub struct QuarantineRequests {
+    pending: Mutex<BTreeMap<u32, String>>,
+    wake: Notify,
+}
+
+impl QuarantineRequests {
+    /// Asks for `subject` to be quarantined for `cause`; a subject already pending keeps the
+    /// cause it was first asked for.
+    pub fn request(&self, subject: u32, cause: String) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.entry(subject).or_insert(cause);
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    /// Waits until a request is pending (a request made since the last [`Self::take`]).
+    pub async fn requested(&self) {
+        self.wake.notified().await
+    }
+
+    /// The pending requests, by subject; none are pending afterwards.
+    pub fn take(&self) -> BTreeMap<u32, String> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The event task's end of the contact queue.
+pub struct ContactSender {
+    queue: mpsc::Sender<(u64, FlowRecord)>,
+    overflow: Arc<Mutex<Overflow>>,
+    pairs: usize,
+}
+
+/// The agent's end of the contact queue.
+pub struct ContactReceiver {
+    pub queue: mpsc::Receiver<(u64, FlowRecord)>,
+    overflow: Arc<Mutex<Overflow>>,
+}
+
+/// A contact queue of `backlog` records, then `pairs` (subject, destination) pairs.
+pub fn contacts(backlog: usize, pairs: usize) -> (ContactSender, ContactReceiver) {
+    let (queue, receiver) = mpsc::channel(backlog);
+    let overflow = Arc::new(Mutex::new(Overflow::default()));
+    (
+        ContactSender {
+            queue,
+            overflow: overflow.clone(),
+            pairs,
+        },
+        ContactReceiver {
+            queue: receiver,
+            overflow,
+        },
+    )
+}
+
+impl ContactSender {
+    /// Queues the contact of the flow of socket `cookie`; when the queue is full, keeps it as
+    /// its pair's first, or counts it when its pair is new and no room is left.
+    pub fn offer(&self, cookie: u64, record: FlowRecord) {
+        let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send((cookie, record)) else {
+            return;
+        };
+        let mut overflow = self.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (record.subject, record.destination);
+        if overflow.pairs.contains_key(&pair) {
+            return;
+        }
+        if overflow.pairs.len() < self.pairs {
+            overflow.pairs.insert(pair, (cookie, record));
+        } else {
+            overflow.lost += 1;
+        }
+    }
+}
+
+impl ContactReceiver {
+    /// The contacts kept past the backlog since the last call, and how many more were only
+    /// counted.
+    pub fn take_overflow(&self) -> (Vec<(u64, FlowRecord)>, u64) {
+        let mut overflow = self.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        let Overflow { pairs, lost } = std::mem::take(&mut *overflow);
+        (pairs.into_values().collect(), lost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_backlog_contacts_are_kept_per_pair_then_counted() {
+        let (sender, mut receiver) = contacts(2, 2);
+        let record = |subject, destination| FlowRecord {
+            subject,
+            destination,
+            ..FlowRecord::default()
+        };
+        // Two queued; then pairs (1, 10) and (1, 11) kept with their first cookie, (2, 10)
+        // counted; repeats of kept pairs are neither kept again nor counted.
+        for (cookie, (s, d)) in [
+            (1, 10),
+            (1, 10),
+            (1, 10),
+            (1, 11),
+            (1, 10),
+            (2, 10),
+            (1, 11),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            sender.offer(cookie as u64, record(s, d));
+        }
+        let queued: Vec<u64> = std::iter::from_fn(|| receiver.queue.try_recv().ok())
+            .map(|(cookie, _)| cookie)
+            .collect();
+        assert_eq!(queued, [0, 1]);
+        let (mut kept, lost) = receiver.take_overflow();
+        kept.sort_by_key(|(cookie, _)| *cookie);
+        let kept: Vec<(u64, u32, u32)> = kept
+            .iter()
+            .map(|(c, r)| (*c, r.subject, r.destination))
+            .collect();
+        assert_eq!(kept, [(2, 1, 10), (3, 1, 11)]);
+        assert_eq!(lost, 1);
+        let (kept, lost) = receiver.take_overflow();
+        assert!(kept.is_empty() && lost == 0);
+    }
+
+    #[test]
+    fn quarantine_requests_coalesce_per_subject_keeping_the_first_cause() {
+        let requests = QuarantineRequests::default();
+        for round in 0..1000 {
+            requests.request(7, format!("deny {round}"));
+            requests.request(9, format!("deny {round}"));
+        }
+        let pending = requests.take();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[&7], "deny 0");
+        assert!(requests.take().is_empty());
+    }
+}
