@@ -3,7 +3,7 @@
 //! TTL"; "restarting the agent keeps ... the learned neighbourhoods").
 //!
 //! - With `--learn`, client-a reaches db1 (dataset kb1) during the window; after it, its
-//!   first contact with db2 (kb2, `step_up: {action: quarantine, ttl: 3s}`) is exactly one
+//!   first contact with db2 (kb2, `step_up: {action: quarantine, ttl: 6s}`) is exactly one
 //!   `flow.anomaly` and exactly one page, received by a real HTTP server the test runs. The
 //!   subject is quarantined: its held connection to db1 is reset (`flow.revoked`, reason
 //!   `quarantined`) and its next connect is denied (`quarantined`); after the TTL it is
@@ -53,7 +53,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The learning window: long enough for the test's learning contact to land in it on a
 /// loaded machine (checked, not assumed: the neighbourhood file must hold it).
 const LEARN: &str = "6s";
-const TTL: Duration = Duration::from_secs(3);
+const TTL: Duration = Duration::from_secs(6);
 
 const SAME_TENANT: &str = r#"
 @id("same-tenant")
@@ -73,7 +73,7 @@ struct World {
 }
 
 /// client-a (acme); db1, db2, db3 (acme `vector_db`, TCP 6333, datasets kb1, kb2, kb3), db2
-/// with `step_up: {action: quarantine, ttl: 3s}`. At 127.93.<t>.i.
+/// with `step_up: {action: quarantine, ttl: 6s}`. At 127.93.<t>.i.
 fn world(t: u8) -> Result<World> {
     world_in(NET, t)
 }
@@ -92,7 +92,7 @@ fn world_in(net: u8, t: u8) -> Result<World> {
     let mut inventory = std::fs::read_to_string(bundle.path().join("inventory.yaml"))?;
     for (name, extra) in [
         ("db1", ""),
-        ("db2", "    step_up: {action: quarantine, ttl: 3s}\n"),
+        ("db2", "    step_up: {action: quarantine, ttl: 6s}\n"),
         ("db3", ""),
     ] {
         inventory = set_dataset(&inventory, name, &format!("kb{}", &name[2..]), extra)?;
@@ -344,6 +344,16 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
         "{}",
         quarantined[0]
     );
+    // Quarantined: the next connect is denied (at once: the TTL runs).
+    let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
+    let denied = probe.run_one(&to_db1)?;
+    ensure!(
+        denied.outcome == Outcome::Eperm,
+        "while quarantined: {denied:?}"
+    );
+    wait_notices(&first, "connection.denied", 1, WAIT, |e| {
+        s(e, "/reason") == Some("quarantined") && to("db1")(e)
+    })?;
     let end = held
         .ended_within(WAIT)
         .context("client-a's held connection to db1 was not reset by the quarantine")?;
@@ -354,17 +364,6 @@ fn an_anomaly_steps_up_once_pages_once_lifts_after_the_ttl_and_survives_a_restar
         "{}",
         revoked[0]
     );
-
-    // Quarantined: the next connect is denied.
-    let to_db1 = attempt("tcp", w.addr(10).ip(), 6333);
-    let denied = probe.run_one(&to_db1)?;
-    ensure!(
-        denied.outcome == Outcome::Eperm,
-        "while quarantined: {denied:?}"
-    );
-    wait_notices(&first, "connection.denied", 1, WAIT, |e| {
-        s(e, "/reason") == Some("quarantined") && to("db1")(e)
-    })?;
 
     // The page: exactly one, the anomaly's own event.
     let paged = wait_until(WAIT, Duration::from_millis(20), || {

@@ -328,10 +328,12 @@ fn history_since_bad_filters_and_a_user_who_is_not_root() -> Result<()> {
         "{out}"
     );
 
-    // --since: the agent's clock decides; let the first burst get older than 2 s.
+    // --since: the agent's clock decides. The first burst gets older than 8 s, so that a
+    // 4 s window leaves it out by 4 s and takes in the second burst, probes and the
+    // command's start included, with 4 s to spare.
     let t0 = Instant::now();
-    wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
-        t0.elapsed() > Duration::from_secs(3)
+    wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        t0.elapsed() > Duration::from_secs(8)
     });
     probe()?;
     ensure!(wait_until(
@@ -339,11 +341,11 @@ fn history_since_bad_filters_and_a_user_who_is_not_root() -> Result<()> {
         Duration::from_millis(100),
         || { agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= 10 }
     ));
-    let (ok, out, err) = events(&dirs, &["--since", "2s", "--verdict", "deny"])?;
+    let (ok, out, err) = events(&dirs, &["--since", "4s", "--verdict", "deny"])?;
     ensure!(ok, "{err}");
     ensure!(
         out.lines().count() == 5,
-        "--since 2s: only the second burst:\n{out}"
+        "--since 4s: only the second burst:\n{out}"
     );
     let (_, out, _) = events(&dirs, &["--since", "10m", "--verdict", "deny"])?;
     ensure!(
