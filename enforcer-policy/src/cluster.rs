@@ -59,8 +59,12 @@ pub mod labels {
     /// Namespace label or annotation under the same key: the least the namespace's pods get
     /// (set by the platform, which owns Namespaces); a pod can ask for more, never for less.
     pub const INGRESS: &str = "ai-enforcer.io/ingress";
+    /// Pod annotation: each caller's connection-rate budget to the pod, the fields of an
+    /// inventory endpoint's `rate_limit` as `key=value` pairs separated by commas
+    /// (`connections_per_second=20, burst=20, risk_halving=0.25`; see `crate::rate`).
+    pub const RATE_LIMIT: &str = "ai-enforcer.io/rate-limit";
     /// The destination mark keys, as identity labels.
-    pub const MARKS: [&str; 4] = [KIND, TRACK, DATASETS, INGRESS];
+    pub const MARKS: [&str; 5] = [KIND, TRACK, DATASETS, INGRESS, RATE_LIMIT];
 }
 
 /// The most datasets one pod's [`labels::DATASETS`] may name.
@@ -68,7 +72,7 @@ pub const MAX_DATASETS: usize = 32;
 
 /// What a pod says it serves (the [`labels::MARKS`] annotations, checked, with the
 /// namespace's ingress floor applied): the cluster equivalent of an inventory endpoint's
-/// `kind`, `track`, `datasets` and `ingress`. The default marks nothing.
+/// `kind`, `track`, `datasets`, `ingress` and `rate_limit`. The default marks nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointMarks {
     /// `vector_db`, `feature_store`, ...; `None`: a plain workload.
@@ -82,6 +86,9 @@ pub struct EndpointMarks {
     pub datasets: Vec<String>,
     #[serde(default)]
     pub ingress: IngressMode,
+    /// Each caller's connection-rate budget to the pod ([`labels::RATE_LIMIT`]).
+    #[serde(default)]
+    pub rate_limit: Option<crate::rate::RateLimitSpec>,
 }
 
 impl EndpointMarks {

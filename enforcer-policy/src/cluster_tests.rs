@@ -1565,6 +1565,104 @@ fn ingress_column_covers_remote_pods() {
     assert!(c.ingress().iter().all(|(k, _)| k.subject != world));
 }
 
+/// A pod's rate limit (`ai-enforcer.io/rate-limit`) gives every local subject the policy lets
+/// reach it a budget at the subject's risk, like an inventory endpoint's `rate_limit`, and a
+/// Service in front of it the same (its backends' strictest); a subject the policy denies
+/// gets none.
+#[test]
+fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
+    use crate::cluster::{labels, EndpointMarks};
+    use crate::rate::{parse_annotation, rate_limits};
+    use enforcer_common::rate::RateKey;
+
+    let mut state = demo_state();
+    let spec = parse_annotation("connections_per_second=10, burst=4, risk_halving=0.5").unwrap();
+    let strict = parse_annotation("connections_per_second=2, burst=8").unwrap();
+    let t = "2026-01-01T00:00:00Z";
+    let limited = |name: &str, spec: &crate::rate::RateLimitSpec, ip4: &str| {
+        let mut db = cluster_identity(
+            "acme",
+            name,
+            Some("acme"),
+            None,
+            None,
+            &[
+                (labels::KIND, "vector_db"),
+                (labels::RATE_LIMIT, &spec.canonical()),
+            ],
+            vec![cluster_pod(
+                "acme",
+                &format!("{name}-0"),
+                Some("node-b"),
+                &[ip(ip4)],
+                t,
+            )],
+        );
+        db.marks = EndpointMarks {
+            kind: Some("vector_db".into()),
+            rate_limit: Some(spec.clone()),
+            ..EndpointMarks::default()
+        };
+        db
+    };
+    state
+        .identities
+        .push(limited("vectors", &spec, "127.81.3.1"));
+    state
+        .identities
+        .push(limited("vectors-slow", &strict, "127.81.3.2"));
+    let b = |s: &str| Backend {
+        ip: ip(s),
+        port: 6333,
+    };
+    state.services.push(cluster_service(
+        "acme",
+        "vectors-svc",
+        ip("127.81.100.9"),
+        &[(6333, Protocol::Tcp, vec![b("127.81.3.1"), b("127.81.3.2")])],
+    ));
+    let bundle = load(&demo_dir(), &state, &options());
+    assert!(
+        bundle.cluster_problems().is_empty(),
+        "{:?}",
+        bundle.cluster_problems()
+    );
+    let c = bundle.compile().unwrap();
+    let ids = bundle.identities();
+    let id = |labels: &BTreeMap<String, String>| ids.by_name(&name_of(&bundle, labels)).unwrap().id;
+    let rag = id(&state.identities[0].labels);
+    let agent = id(&state.identities[2].labels);
+    let db = id(&state.identities[3].labels);
+    let slow = id(&state.identities[4].labels);
+    let svc = ids.by_name("service/acme/vectors-svc").unwrap().id;
+    let limits = rate_limits(&c);
+    let key = |subject, destination| RateKey {
+        subject,
+        destination,
+    };
+    assert_eq!(
+        limits.get(&key(rag, db)),
+        Some(&spec.at_risk(0)),
+        "{limits:?}"
+    );
+    assert_eq!(limits.get(&key(rag, slow)), Some(&strict.at_risk(0)));
+    // Through the Service: the stricter of the two, componentwise: one every 500 ms, and
+    // 300 ms of tolerance (10/s with burst 4), which at that interval is a burst of 1.
+    let through = limits.get(&key(rag, svc)).expect("the Service is limited");
+    assert_eq!(
+        *through,
+        crate::rate::stricter(&spec.at_risk(0), &strict.at_risk(0))
+    );
+    assert_eq!((through.interval_ns, through.burst()), (500_000_000, 1));
+    // globex's agent may not reach acme's DBs: no budget to spend.
+    assert!(limits.keys().all(|k| k.subject != agent), "{limits:?}");
+    // The DBs are on another node: not subjects here.
+    assert!(
+        limits.keys().all(|k| k.subject != db && k.subject != slow),
+        "{limits:?}"
+    );
+}
+
 /// A pod the source marked as a vector DB (`ai-enforcer.io/kind` and friends) is a tracked,
 /// ingress-checked destination exactly like an inventory endpoint with the same fields,
 /// while staying a Cedar Workload (so the existing policies decide who reaches it), and
@@ -1581,6 +1679,7 @@ fn marked_pods_carry_the_endpoint_flags_and_datasets() {
         track: false,
         datasets: vec!["acme-kb".into(), "acme-wiki".into()],
         ingress: IngressMode::Enforce,
+        rate_limit: None,
     };
     let mut db = cluster_identity(
         "acme",
@@ -1622,6 +1721,7 @@ fn marked_pods_carry_the_endpoint_flags_and_datasets() {
         track: true,
         datasets: vec![],
         ingress: IngressMode::Audit,
+        rate_limit: None,
     };
     state.identities.push(db.clone());
     state.identities.push(tracked.clone());

@@ -1470,6 +1470,12 @@ impl Compiled {
         self.identities.by_name(name)
     }
 
+    /// The identity a Service backend at `ip` leads to (the IP cache's answer, WORLD when
+    /// no workload or endpoint holds it).
+    pub(crate) fn backend_identity(&self, ip: &std::net::IpAddr) -> &Identity {
+        self.identities.at(self.identities.backend_index(ip))
+    }
+
     /// The entries of the kernel table, sorted by key: allows, and deny exceptions
     /// (`entry::DENY`, exact ports of a destination without declared ports whose any-port
     /// entry allows). `PolicyValue.rule` is the index in [`Compiled::rules`] of the first

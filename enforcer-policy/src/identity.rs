@@ -223,6 +223,8 @@ pub struct Identity {
     pub datasets: Vec<String>,
     /// An endpoint's `step_up` (see [`crate::inventory::StepUp`]).
     pub step_up: Option<crate::inventory::StepUp>,
+    /// An endpoint's `rate_limit`, a pod's `ai-enforcer.io/rate-limit` (see [`crate::rate`]).
+    pub rate_limit: Option<crate::rate::RateLimitSpec>,
     pub cgroups: Vec<String>,
     pub ips: Vec<IpNet>,
     /// Cedar decimal text; "0.0" when not set.
@@ -406,6 +408,7 @@ fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
         endpoint_kind: None,
         datasets: vec![],
         step_up: None,
+        rate_limit: None,
         cgroups: vec![],
         ips: vec![],
         risk: "0.0".into(),
@@ -509,6 +512,7 @@ impl Identities {
                 endpoint_kind: Some(e.kind.clone()),
                 datasets: e.datasets.clone(),
                 step_up: e.step_up,
+                rate_limit: e.rate_limit.clone(),
                 ips: without(&e.ips, &merged.taken_over),
                 flags: f,
                 ports: e.ports.clone(),
@@ -557,6 +561,7 @@ impl Identities {
                     },
                 endpoint_kind: c.marks.kind.clone(),
                 datasets: c.marks.datasets.clone(),
+                rate_limit: c.marks.rate_limit.clone(),
                 pod_uids: w.pod_uids,
                 labels: c.labels.clone(),
                 ..blank(w.id, w.name, IdentityKind::Workload)

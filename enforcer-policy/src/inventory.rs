@@ -917,63 +917,26 @@ impl Walker {
     /// An endpoint's `rate_limit` ([`crate::rate`]); every bad field is reported with its
     /// location, and the limit is then left out (the bundle is rejected anyway).
     fn rate_limit(&mut self, node: &Node) -> Option<crate::rate::RateLimitSpec> {
-        use crate::rate::{MAX_PER_SECOND_E4, MIN_PER_SECOND_E4};
-        let fields = self.map(
-            node,
-            "rate_limit",
-            &["connections_per_second", "burst", "risk_halving"],
-        )?;
-        let mut per_second = None;
-        let mut burst = None;
-        let mut halving = None;
+        let fields = self.map(node, "rate_limit", &crate::rate::FIELDS)?;
+        let mut values: [Option<i64>; 3] = [None; 3];
         let mut ok = true;
         for (k, v) in fields {
             let text = match &v.value {
                 Value::Scalar(s, _) => s.clone(),
                 _ => String::new(),
             };
-            match k {
-                "connections_per_second" => match crate::risk::parse_decimal(&text) {
-                    Ok(n) if (MIN_PER_SECOND_E4..=MAX_PER_SECOND_E4).contains(&n) => {
-                        per_second = Some(n)
-                    }
-                    _ => {
-                        ok = false;
-                        self.err_hint(
-                            v.loc,
-                            format!("invalid connections_per_second `{text}`"),
-                            "a decimal from 0.001 to 1000000 (connections per second at risk 0), e.g. 20 or 0.5",
-                        );
-                    }
-                },
-                "burst" => match text.parse::<u64>() {
-                    Ok(n) if (1..=enforcer_common::rate::MAX_BURST).contains(&n) => burst = Some(n),
-                    _ => {
-                        ok = false;
-                        self.err_hint(
-                            v.loc,
-                            format!("invalid burst `{text}`"),
-                            format!(
-                                "a whole number of connections from 1 to {}",
-                                enforcer_common::rate::MAX_BURST
-                            ),
-                        );
-                    }
-                },
-                "risk_halving" => match crate::risk::parse_decimal(&text) {
-                    Ok(n) if n > 0 => halving = Some(n),
-                    _ => {
-                        ok = false;
-                        self.err_hint(
-                            v.loc,
-                            format!("invalid risk_halving `{text}`"),
-                            "a positive decimal: the risk increase that halves rate and burst, e.g. 0.25",
-                        );
-                    }
-                },
-                _ => unreachable!("`map` lets through only the fields it was given"),
+            match crate::rate::parse_field(k, &text) {
+                Ok(n) => {
+                    let i = crate::rate::FIELDS.iter().position(|f| *f == k);
+                    values[i.expect("`map` lets through only the fields it was given")] = Some(n);
+                }
+                Err((what, hint)) => {
+                    ok = false;
+                    self.err_hint(v.loc, what, hint);
+                }
             }
         }
+        let [per_second, burst, halving] = values;
         let Some(per_second_e4) = per_second else {
             if ok {
                 self.err(
@@ -986,14 +949,12 @@ impl Walker {
         if !ok {
             return None;
         }
-        // Default burst: one second's worth, at least 1.
-        let burst = burst.unwrap_or_else(|| ((per_second_e4 + 9_999) / 10_000).max(1) as u64);
-        Some(crate::rate::RateLimitSpec {
+        Some(crate::rate::RateLimitSpec::from_fields(
             per_second_e4,
-            burst: burst.min(enforcer_common::rate::MAX_BURST),
-            risk_halving_e4: halving,
-            loc: node.loc,
-        })
+            burst.map(|b| b as u64),
+            halving,
+            node.loc,
+        ))
     }
 
     fn ingress(&mut self, node: &Node) -> IngressMode {

@@ -265,6 +265,9 @@ fn check_identity(ci: &ClusterIdentity) -> Result<(), String> {
     for d in &ci.marks.datasets {
         label_value(d).map_err(|e| format!("dataset {} {e}", show(d)))?;
     }
+    if let Some(limit) = &ci.marks.rate_limit {
+        limit.check()?;
+    }
     if ci.labels.is_empty() {
         return Err("the label set is empty".into());
     }

@@ -1,4 +1,5 @@
-//! Connection-rate limits: the inventory's `rate_limit` on an endpoint, and the kernel's
+//! Connection-rate limits: the inventory's `rate_limit` on an endpoint (or the
+//! `ai-enforcer.io/rate-limit` annotation of a pod, the same fields), and the kernel's
 //! `RATE_LIMITS` table compiled from it.
 //!
 //! ```yaml
@@ -18,12 +19,17 @@
 //! never loosens below risk 0), and without `risk_halving` risk does not change the limit.
 //! The kernel enforces it with a GCRA token bucket (`enforcer_common::rate`): over `t` seconds
 //! of continuous attempts a subject opens `rate * t + burst` connections.
+//!
+//! A pod says the same in one annotation, `key=value` pairs separated by commas:
+//! `ai-enforcer.io/rate-limit: "connections_per_second=20, burst=20, risk_halving=0.25"`. A
+//! Service is limited as its backends: each subject's calls through its address get the
+//! strictest limit of its ready backends, in a bucket of their own.
 
 use std::collections::BTreeMap;
 
 use enforcer_common::rate::{RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND};
 
-use crate::inventory::{Inventory, Loc};
+use crate::inventory::Loc;
 use crate::Compiled;
 
 /// Scale of the decimals below (the Cedar decimal scale: 4 fractional digits).
@@ -35,8 +41,91 @@ pub const MIN_PER_SECOND_E4: i64 = 10;
 /// The largest, scaled by 10^4: one million per second.
 pub const MAX_PER_SECOND_E4: i64 = 1_000_000 * 10_000;
 
+/// The fields of a `rate_limit`, as the inventory and the annotation name them.
+pub const FIELDS: [&str; 3] = ["connections_per_second", "burst", "risk_halving"];
+
+/// Whether `value` (scaled as [`parse_field`] returns it) is in the range of field `key`.
+fn in_range(key: &str, value: i64) -> bool {
+    match key {
+        "connections_per_second" => (MIN_PER_SECOND_E4..=MAX_PER_SECOND_E4).contains(&value),
+        "burst" => (1..=MAX_BURST as i64).contains(&value),
+        "risk_halving" => value > 0,
+        _ => false,
+    }
+}
+
+/// One field's value, checked: connections per second and risk halving scaled by 10^4, the
+/// burst as written. Errors: (what is wrong, what is expected).
+pub fn parse_field(key: &str, text: &str) -> Result<i64, (String, String)> {
+    let (parsed, hint) = match key {
+        "connections_per_second" => (
+            crate::risk::parse_decimal(text).ok(),
+            "a decimal from 0.001 to 1000000 (connections per second at risk 0), e.g. 20 or 0.5"
+                .to_string(),
+        ),
+        "burst" => (
+            text.parse::<i64>().ok(),
+            format!("a whole number of connections from 1 to {MAX_BURST}"),
+        ),
+        "risk_halving" => (
+            crate::risk::parse_decimal(text).ok(),
+            "a positive decimal: the risk increase that halves rate and burst, e.g. 0.25"
+                .to_string(),
+        ),
+        _ => {
+            return Err((
+                format!("unknown field `{key}`"),
+                format!("the fields are {}", FIELDS.join(", ")),
+            ))
+        }
+    };
+    match parsed {
+        Some(n) if in_range(key, n) => Ok(n),
+        _ => Err((format!("invalid {key} `{text}`"), hint)),
+    }
+}
+
+/// A pod's `ai-enforcer.io/rate-limit` annotation: `key=value` pairs of [`FIELDS`] separated
+/// by commas (spaces around them ignored), `connections_per_second` required. Every problem
+/// of the text is in the error, `;`-separated.
+pub fn parse_annotation(text: &str) -> Result<RateLimitSpec, String> {
+    let mut values: [Option<i64>; 3] = [None; 3];
+    let mut problems = Vec::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            problems.push(format!("`{pair}` is not key=value"));
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        match (
+            FIELDS.iter().position(|f| *f == key),
+            parse_field(key, value),
+        ) {
+            (Some(i), Ok(_)) if values[i].is_some() => problems.push(format!("{key} given twice")),
+            (Some(i), Ok(n)) => values[i] = Some(n),
+            (_, Err((what, hint))) => problems.push(format!("{what} ({hint})")),
+            (None, Ok(_)) => unreachable!("parse_field refuses unknown keys"),
+        }
+    }
+    match values {
+        [Some(per_second_e4), burst, halving] if problems.is_empty() => {
+            Ok(RateLimitSpec::from_fields(
+                per_second_e4,
+                burst.map(|b| b as u64),
+                halving,
+                Loc::default(),
+            ))
+        }
+        [None, ..] => {
+            problems.push("missing connections_per_second".into());
+            Err(problems.join("; "))
+        }
+        _ => Err(problems.join("; ")),
+    }
+}
+
 /// An endpoint's `rate_limit`, as written (decimals scaled by 10^4).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RateLimitSpec {
     /// Connections per second at risk 0, scaled by 10^4 (`MIN_PER_SECOND_E4` to
     /// `MAX_PER_SECOND_E4`).
@@ -46,11 +135,61 @@ pub struct RateLimitSpec {
     /// The risk increase that halves rate and burst, scaled by 10^4 (> 0); `None`: risk does
     /// not change the limit.
     pub risk_halving_e4: Option<i64>,
-    /// Location of the `rate_limit` key's value.
+    /// Location of the `rate_limit` key's value (none for an annotation's).
+    #[serde(skip)]
     pub loc: Loc,
 }
 
 impl RateLimitSpec {
+    /// A limit from checked fields ([`parse_field`]); the burst defaults to one second's
+    /// worth, at least 1.
+    pub fn from_fields(
+        per_second_e4: i64,
+        burst: Option<u64>,
+        risk_halving_e4: Option<i64>,
+        loc: Loc,
+    ) -> Self {
+        let burst = burst.unwrap_or_else(|| ((per_second_e4 + 9_999) / 10_000).max(1) as u64);
+        Self {
+            per_second_e4,
+            burst: burst.min(MAX_BURST),
+            risk_halving_e4,
+            loc,
+        }
+    }
+
+    /// The annotation text that gives this limit, every field written out (decimals with
+    /// their 4 fractional digits): the identity label of a rate-limited pod.
+    pub fn canonical(&self) -> String {
+        let decimal = |e4: i64| format!("{}.{:04}", e4 / 10_000, e4 % 10_000);
+        let mut text = format!(
+            "connections_per_second={},burst={}",
+            decimal(self.per_second_e4),
+            self.burst
+        );
+        if let Some(halving) = self.risk_halving_e4 {
+            text.push_str(&format!(",risk_halving={}", decimal(halving)));
+        }
+        text
+    }
+
+    /// Checks a limit that did not come through [`parse_field`] (a persisted cluster state):
+    /// the first field out of its range.
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("connections_per_second", Some(self.per_second_e4)),
+            ("burst", i64::try_from(self.burst).ok().or(Some(0))),
+            ("risk_halving", self.risk_halving_e4),
+        ];
+        match fields
+            .into_iter()
+            .find(|(key, value)| value.is_some_and(|v| !in_range(key, v)))
+        {
+            Some((key, _)) => Err(format!("rate limit: {key} out of range")),
+            None => Ok(()),
+        }
+    }
+
     /// The factor risk `risk_e4` (scaled by 10^4) applies: `2^(-max(risk, 0) / halving)`, in
     /// (0, 1].
     fn factor(&self, risk_e4: i64) -> f64 {
@@ -84,25 +223,38 @@ impl RateLimitSpec {
     }
 }
 
-/// The `RATE_LIMITS` table of a compiled policy: for every endpoint with a `rate_limit` and
-/// every local subject the table allows to reach it (any cell), the limit at the subject's risk
-/// in `compiled` (which carries `enforcer risk set` overrides). Keyed by identities, as the
-/// kernel looks it up.
-pub fn rate_limits(inventory: &Inventory, compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
-    let limited: BTreeMap<u32, &RateLimitSpec> = inventory
-        .endpoints
-        .iter()
-        .filter_map(|e| {
-            let spec = e.rate_limit.as_ref()?;
-            Some((compiled.identity_by_name(&e.name)?.id, spec))
+/// The `RATE_LIMITS` table of a compiled policy: for every destination with a rate limit
+/// (an inventory endpoint's `rate_limit`, a pod's annotation, a Service's strictest ready
+/// backend's) and every local subject the table allows to reach it (any cell), the limit at
+/// the subject's risk in `compiled` (which carries `enforcer risk set` overrides). Keyed by
+/// identities, as the kernel looks it up.
+pub fn rate_limits(compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
+    let mut limited: BTreeMap<u32, Vec<&RateLimitSpec>> = BTreeMap::new();
+    for identity in compiled.identities() {
+        if let Some(spec) = &identity.rate_limit {
+            limited.entry(identity.id).or_default().push(spec);
+        }
+    }
+    let services: Vec<(u32, Vec<&RateLimitSpec>)> = compiled
+        .identities()
+        .filter(|i| !i.service_ports.is_empty())
+        .filter_map(|service| {
+            let specs: Vec<&RateLimitSpec> = service
+                .service_ports
+                .iter()
+                .flat_map(|p| &p.backends)
+                .filter_map(|b| compiled.backend_identity(&b.ip).rate_limit.as_ref())
+                .collect();
+            (!specs.is_empty()).then_some((service.id, specs))
         })
         .collect();
+    limited.extend(services);
     let mut out = BTreeMap::new();
     if limited.is_empty() {
         return out;
     }
     for (key, value) in compiled.allows() {
-        let Some(spec) = limited.get(&key.destination) else {
+        let Some(specs) = limited.get(&key.destination) else {
             continue;
         };
         if !value.is_allow() {
@@ -113,15 +265,28 @@ pub fn rate_limits(inventory: &Inventory, compiled: &Compiled) -> BTreeMap<RateK
         };
         // The compile validated every risk; an unreadable one would be refused earlier.
         let risk = crate::risk::parse_decimal(&subject.risk).unwrap_or(0);
+        let limit = specs
+            .iter()
+            .map(|spec| spec.at_risk(risk))
+            .reduce(|a, b| stricter(&a, &b))
+            .expect("a limited destination has a limit");
         out.insert(
             RateKey {
                 subject: key.subject,
                 destination: key.destination,
             },
-            spec.at_risk(risk),
+            limit,
         );
     }
     out
+}
+
+/// The stricter of two limits, componentwise: the longer interval, the smaller burst.
+pub fn stricter(a: &RateLimit, b: &RateLimit) -> RateLimit {
+    RateLimit {
+        interval_ns: a.interval_ns.max(b.interval_ns),
+        tolerance_ns: a.tolerance_ns.min(b.tolerance_ns),
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +314,55 @@ mod tests {
         // Negative risk never loosens; no `risk_halving`: risk does not count.
         assert_eq!(s.at_risk(-10_000), at0);
         assert_eq!(spec(20.0, 20, None).at_risk(9_000), at0);
+    }
+
+    #[test]
+    fn an_annotation_reads_like_the_inventory_and_names_every_bad_field() {
+        let a = parse_annotation("connections_per_second=20, burst=30, risk_halving=0.25").unwrap();
+        assert_eq!(a, spec(20.0, 30, Some(0.25)));
+        // The burst defaults to one second's worth, as in the inventory.
+        assert_eq!(
+            parse_annotation("connections_per_second=2.5")
+                .unwrap()
+                .burst,
+            3
+        );
+        // Written out in full, the text reads back as the same limit.
+        for s in [
+            a,
+            spec(0.001, 1, None),
+            spec(1_000_000.0, MAX_BURST, Some(0.0001)),
+        ] {
+            assert_eq!(
+                parse_annotation(&s.canonical()).unwrap(),
+                s,
+                "{}",
+                s.canonical()
+            );
+            assert!(s.check().is_ok());
+        }
+        let e = parse_annotation("burst=0, burst=2, risk_halving=-1, nonsense, x=1").unwrap_err();
+        for what in [
+            "invalid burst `0`",
+            "invalid risk_halving `-1`",
+            "`nonsense` is not key=value",
+            "unknown field `x`",
+            "missing connections_per_second",
+        ] {
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        assert!(
+            parse_annotation("connections_per_second=1,connections_per_second=2")
+                .unwrap_err()
+                .contains("given twice")
+        );
+        // A persisted limit out of range is refused, as its text would be.
+        let mut out = spec(20.0, 20, None);
+        out.burst = 0;
+        assert!(out.check().unwrap_err().contains("burst"));
+        out.burst = 1;
+        out.risk_halving_e4 = Some(0);
+        assert!(out.check().unwrap_err().contains("risk_halving"));
     }
 
     #[test]

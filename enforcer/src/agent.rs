@@ -758,7 +758,7 @@ impl Agent {
         let ingress_in_force = ingress_writer.current();
         // Rate limits bracket the swap (see `datapath::rates`); refused whole if they cannot
         // fit, like the allowlist.
-        let rates = enforcer_policy::rate::rate_limits(self.bundle.inventory(), &self.compiled);
+        let rates = enforcer_policy::rate::rate_limits(&self.compiled);
         let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
         rate_writer
             .check_fits(&rates)
@@ -1166,8 +1166,7 @@ impl Agent {
                 self.history.publish(generation, self.compiled.clone());
                 // The subject's rate limits follow its risk, bracketing the row swap (see
                 // `datapath::rates`): a risk rise is in force by the time the row is.
-                let rates =
-                    enforcer_policy::rate::rate_limits(self.bundle.inventory(), &self.compiled);
+                let rates = enforcer_policy::rate::rate_limits(&self.compiled);
                 let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
                 rate_writer.check_fits(&rates)?;
                 // A risk change moves the claimant at this node's ingress too, its grants

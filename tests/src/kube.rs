@@ -270,6 +270,18 @@ impl ApiServer {
         &self.kubeconfig
     }
 
+    /// The agent's arguments to learn its workloads from this server as node `node`:
+    /// `--kubernetes --kubeconfig FILE --node-name NODE`.
+    pub fn agent_args(&self, node: &str) -> Vec<String> {
+        vec![
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            self.kubeconfig().display().to_string(),
+            "--node-name".into(),
+            node.into(),
+        ]
+    }
+
     /// `https://127.0.0.1:<port>`.
     pub fn url(&self) -> &str {
         &self.url

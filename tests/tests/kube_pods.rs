@@ -439,13 +439,7 @@ impl World {
             &self.node.root().relative_str(),
             self.pins.path(),
         );
-        config.extra_args = vec![
-            "--kubernetes".into(),
-            "--kubeconfig".into(),
-            self.server.kubeconfig().display().to_string(),
-            "--node-name".into(),
-            NODE.into(),
-        ];
+        config.extra_args = self.server.agent_args(NODE);
         config.ready_timeout = Duration::from_secs(60);
         config
     }
@@ -1380,15 +1374,10 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
     let states = enforcer_tests::TempDir::new("cg9-state")?;
     let config = |cgroup: Option<std::path::PathBuf>| {
         let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
-        config.extra_args = vec![
-            "--kubernetes".into(),
-            "--kubeconfig".into(),
-            server.kubeconfig().display().to_string(),
-            "--node-name".into(),
-            NODE.into(),
-            "--system-namespace".into(),
-            "cg9-system".into(),
-        ];
+        config.extra_args = server.agent_args(NODE);
+        config
+            .extra_args
+            .extend(["--system-namespace".into(), "cg9-system".into()]);
         config.ready_timeout = Duration::from_secs(60);
         config.cgroup = cgroup;
         config

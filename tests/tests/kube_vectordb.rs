@@ -12,7 +12,9 @@
 //!   same process reaches an unmarked pod of the same namespace: the annotation is what
 //!   turns the check on;
 //! - the DB pod's own `ingress: off` cannot lower its namespace's floor: with the namespace
-//!   annotated `enforce`, a pod annotated `off` is checked all the same.
+//!   annotated `enforce`, a pod annotated `off` is checked all the same;
+//! - a DB pod's `ai-enforcer.io/rate-limit` gives each caller identity its own burst, and
+//!   refuses the next connect (`rate_limited`).
 //!
 //! Addresses: 127.94.1.0/24 only (loopback); cgroup and namespace names start with `kv-`.
 
@@ -39,6 +41,7 @@ const TENANT: &str = "ai-enforcer.io/tenant";
 const KIND: &str = "ai-enforcer.io/kind";
 const INGRESS: &str = "ai-enforcer.io/ingress";
 const DATASETS: &str = "ai-enforcer.io/datasets";
+const RATE_LIMIT: &str = "ai-enforcer.io/rate-limit";
 const KEY: &str = "1 000102030405060708090a0b0c0d0e0f";
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -91,6 +94,71 @@ struct TestPod {
 impl TestPod {
     fn container(&self) -> &TestCgroup {
         &self.cgroups.containers()[0]
+    }
+}
+
+/// Creates the pods of `specs` in the API server (their namespaces must exist); returns their
+/// UIDs.
+async fn create_pods(client: &kube::Client, specs: &[PodSpec<'_>]) -> Result<Vec<String>> {
+    let mut uids = Vec::new();
+    for (namespace, name, annotations, n, _) in specs {
+        uids.push(create_pod(client, namespace, name, annotations, ip(*n)).await?);
+    }
+    Ok(uids)
+}
+
+/// Starts the pods of `specs` on `node` as a kubelet would (pod cgroup, one app container),
+/// each server listening in its container on [`DB_PORT`].
+fn start_pods(node: &Node, specs: &[PodSpec<'_>], uids: &[String]) -> Result<Vec<TestPod>> {
+    let mut pods = Vec::new();
+    for ((_, _, _, n, serves), uid) in specs.iter().zip(uids) {
+        let mut cgroups = node.start_pod(uid, Driver::Systemd, Qos::Burstable)?;
+        cgroups.add_container()?;
+        let server = if *serves {
+            let addr = SocketAddr::new(IpAddr::V4(ip(*n)), DB_PORT);
+            Some(ProbeServer::start(None, &cgroups.containers()[0], addr)?)
+        } else {
+            None
+        };
+        pods.push(TestPod { server, cgroups });
+    }
+    Ok(pods)
+}
+
+/// The agent as `enforcer run --kubernetes` on [`NODE`], with the demo's policies (one
+/// tenant, acme) and a flow key; its bundle, key and pins live as long as it does.
+struct RunningAgent {
+    agent: Agent,
+    pins: PinDir,
+    _bundle: PolicyBundle,
+    _keys: TempDir,
+}
+
+impl RunningAgent {
+    fn start(server: &ApiServer, node: &Node) -> Result<Self> {
+        let demo = enforcer_tests::fixtures::demo_policies_dir();
+        let read = |name: &str| std::fs::read_to_string(demo.join(name));
+        let bundle = PolicyBundle::new(&[
+            ("inventory.yaml", "tenants: [acme]\n"),
+            ("schema.cedarschema", &read("schema.cedarschema")?),
+            ("baseline.cedar", &read("baseline.cedar")?),
+        ])?;
+        let keys = TempDir::new("kv-keys")?;
+        let key_file = keys.path().join("flow.keys");
+        enforcer_tests::util::write_secret(&key_file, format!("{KEY}\n"))?;
+        let pins = PinDir::new("kv-pins")?;
+        let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
+        config.extra_args = server.agent_args(NODE);
+        config
+            .extra_args
+            .extend(["--flow-key-file".into(), key_file.display().to_string()]);
+        config.ready_timeout = Duration::from_secs(60);
+        Ok(Self {
+            agent: Agent::start(config)?,
+            pins,
+            _bundle: bundle,
+            _keys: keys,
+        })
     }
 }
 
@@ -152,52 +220,16 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
             &[(INGRESS, "enforce")],
         )
         .await?;
-        let mut uids = Vec::new();
-        for (namespace, name, annotations, n, _) in &pods_spec {
-            uids.push(create_pod(&client, namespace, name, annotations, ip(*n)).await?);
-        }
-        anyhow::Ok(uids)
+        create_pods(&client, &pods_spec).await
     })?;
-    let mut pods = Vec::new();
-    for ((_, _, _, n, serves), uid) in pods_spec.iter().zip(&uids) {
-        let mut cgroups = node.start_pod(uid, Driver::Systemd, Qos::Burstable)?;
-        cgroups.add_container()?;
-        let server = if *serves {
-            let addr = SocketAddr::new(IpAddr::V4(ip(*n)), DB_PORT);
-            Some(ProbeServer::start(None, &cgroups.containers()[0], addr)?)
-        } else {
-            None
-        };
-        pods.push(TestPod { server, cgroups });
-    }
+    let pods = start_pods(&node, &pods_spec, &uids)?;
     let [db, client_pod, plain, strict] = &pods[..] else {
         unreachable!()
     };
 
-    let demo = enforcer_tests::fixtures::demo_policies_dir();
-    let read = |name: &str| std::fs::read_to_string(demo.join(name));
-    let bundle = PolicyBundle::new(&[
-        ("inventory.yaml", "tenants: [acme]\n"),
-        ("schema.cedarschema", &read("schema.cedarschema")?),
-        ("baseline.cedar", &read("baseline.cedar")?),
-    ])?;
-    let keys = TempDir::new("kv-keys")?;
-    let key_file = keys.path().join("flow.keys");
-    enforcer_tests::util::write_secret(&key_file, format!("{KEY}\n"))?;
-    let pins = PinDir::new("kv-pins")?;
-    let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
-    config.extra_args = vec![
-        "--kubernetes".into(),
-        "--kubeconfig".into(),
-        server.kubeconfig().display().to_string(),
-        "--node-name".into(),
-        NODE.into(),
-        "--flow-key-file".into(),
-        key_file.display().to_string(),
-    ];
-    config.ready_timeout = Duration::from_secs(60);
-    let agent = Agent::start(config)?;
-    let pin_dir = enforcer::datapath::pin_dir(pins.path());
+    let running = RunningAgent::start(&server, &node)?;
+    let agent = &running.agent;
+    let pin_dir = enforcer::datapath::pin_dir(running.pins.path());
 
     // 1. The client pod reaches the DB pod once the agent knows both (bounded wait).
     let to = |n: u8| attempt("tcp", IpAddr::V4(ip(n)), DB_PORT);
@@ -233,7 +265,7 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
     ensure!(client_addr.ip() == IpAddr::V4(ip(2)), "{client_addr}");
 
     // Tracked: flow.opened names the DB pod as a vector_db with its dataset.
-    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
+    let opened = wait_notices(agent, "flow.opened", 1, WAIT, |e| {
         e.pointer("/flow/source/port").and_then(Value::as_u64)
             == Some(u64::from(client_addr.port()))
     })?;
@@ -269,16 +301,16 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
         verified_peers(&pin_dir)
     );
     ensure!(
-        ingress_events(&agent)?.is_empty(),
+        ingress_events(agent)?.is_empty(),
         "{:?}",
-        ingress_events(&agent)?
+        ingress_events(agent)?
     );
 
     // 2. An unmanaged process from the client pod's address: dropped at the DB's ingress,
     //    exactly one event; the unmarked pod of the same namespace is not checked.
     let r = Probe::new().in_cgroup(&stranger).run_one(&from_client(1))?;
     ensure!(r.outcome == Outcome::Error, "unmanaged client got {r:?}");
-    expect_one_ingress(&agent, db_identity, "missing_tag")?;
+    expect_one_ingress(agent, db_identity, "missing_tag")?;
     Probe::new().in_cgroup(&stranger).expect_outcome(
         &from_client(3),
         Outcome::Ok,
@@ -298,7 +330,7 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
         r.outcome == Outcome::Error,
         "a pod under an enforce floor got {r:?}"
     );
-    let strict_events = wait_ingress(&agent, |e| {
+    let strict_events = wait_ingress(agent, |e| {
         e["destination"]["ip"] == ip(4).to_string() && e["reason"] == "missing_tag"
     })?;
     ensure!(strict_events.len() == 1, "{strict_events:?}");
@@ -307,7 +339,7 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
         .as_ref()
         .is_some_and(|s| s.accepted().is_empty()));
     // And the problem was reported, naming the pod.
-    wait_notices(&agent, "cluster.problem", 1, WAIT, |e| {
+    wait_notices(agent, "cluster.problem", 1, WAIT, |e| {
         let text = e.to_string();
         text.contains("kv-strict/vectors-0") && text.contains("floor")
     })?;
@@ -337,5 +369,114 @@ fn expect_one_ingress(agent: &Agent, db: u64, reason: &str) -> Result<()> {
         "{e}"
     );
     ensure!(e["destination"]["port"] == DB_PORT, "{e}");
+    Ok(())
+}
+
+/// A DB pod's `ai-enforcer.io/rate-limit` gives each caller identity its own budget, enforced
+/// at `connect()` in the kernel: at one connection per 1000 s with a burst of 3, each of two
+/// client pods (two namespaces of acme: two identities) gets exactly 3 connections, and the
+/// 4th is refused with one `connection.denied` event, reason `rate_limited`, naming the
+/// caller and the DB pod. (The refill over the test's seconds is a few thousandths of a
+/// connection: the count is exact.)
+#[test]
+fn a_rate_limited_pod_gives_each_caller_its_own_burst_then_refuses() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    const BURST: usize = 3;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = ApiServer::start()?;
+    let client = rt.block_on(async { server.client() });
+    let node = Node::create("kv-node")?;
+    let limit = format!("connections_per_second=0.001, burst={BURST}");
+    let pods_spec: [PodSpec; 3] = [
+        (
+            "kv-rate",
+            "vectors-0",
+            vec![(KIND, "vector_db"), (RATE_LIMIT, &limit)],
+            11,
+            true,
+        ),
+        ("kv-rate", "client", vec![], 12, false),
+        ("kv-rate-b", "client", vec![], 13, false),
+    ];
+    let uids = rt.block_on(async {
+        for namespace in ["kv-rate", "kv-rate-b"] {
+            create_namespace(&client, namespace, &[(TENANT, "acme")], &[]).await?;
+        }
+        create_pods(&client, &pods_spec).await
+    })?;
+    let pods = start_pods(&node, &pods_spec, &uids)?;
+    let running = RunningAgent::start(&server, &node)?;
+    let agent = &running.agent;
+
+    for (caller, n) in [(&pods[1], 12), (&pods[2], 13)] {
+        let probe = Probe::new().in_cgroup(caller.container());
+        let to_db = format!("{}@{}", attempt("tcp", IpAddr::V4(ip(11)), DB_PORT), ip(n));
+        // Until the agent knows both pods, connects are refused before the budget is
+        // looked at (unknown subject); every connect let through spends a connection.
+        let mut spent = 0;
+        let mut last = Vec::new();
+        let reached = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            last = probe.run(std::slice::from_ref(&to_db)).unwrap_or_default();
+            spent += last.iter().filter(|r| r.outcome != Outcome::Eperm).count();
+            last.first().is_some_and(|r| r.outcome == Outcome::Ok)
+        });
+        ensure!(
+            reached,
+            "{}: never reached the DB pod: {last:?}\n{}",
+            ip(n),
+            agent.stderr_tail()
+        );
+        ensure!(
+            spent <= BURST,
+            "{}: {spent} connects before the first success",
+            ip(n)
+        );
+        for i in spent..BURST {
+            probe.expect_outcome(
+                &to_db,
+                Outcome::Ok,
+                &format!("{}: connect {}", ip(n), i + 1),
+            )?;
+        }
+        probe.expect_outcome(
+            &to_db,
+            Outcome::Eperm,
+            &format!("{}: past the burst", ip(n)),
+        )?;
+        let refused_by = |e: &Value| {
+            e["reason"] == "rate_limited"
+                && e["destination"]["ip"] == ip(11).to_string()
+                && e["subject"]["spiffe_id"].as_str().is_some_and(|s| {
+                    s.contains(&format!(
+                        "/ns/{}/",
+                        if n == 12 { "kv-rate" } else { "kv-rate-b" }
+                    ))
+                })
+        };
+        let refused: Vec<Value> = agent
+            .wait_for(1, WAIT, refused_by)?
+            .into_iter()
+            .filter(|e| refused_by(e))
+            .collect();
+        let e = &refused[0];
+        ensure!(
+            e["type"] == "connection.denied" && e["hook"] == "connect4",
+            "{e}"
+        );
+        ensure!(e["destination"]["kind"] == "vector_db", "{e}");
+    }
+    // Both refusals and nothing else was rate limited.
+    let limited: Vec<Value> = agent
+        .settled_events(Duration::from_millis(1500), WAIT)?
+        .into_iter()
+        .filter(|e| e["reason"] == "rate_limited")
+        .collect();
+    ensure!(limited.len() == 2, "{limited:?}");
+    drop(pods);
     Ok(())
 }

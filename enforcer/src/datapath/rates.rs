@@ -25,16 +25,9 @@ use enforcer_common::{
     maps,
     rate::{RateKey, RateLimit},
 };
+use enforcer_policy::rate::stricter;
 
 use super::tables::{max_entries, open_pinned};
-
-/// The stricter of two limits, componentwise.
-pub fn stricter(a: &RateLimit, b: &RateLimit) -> RateLimit {
-    RateLimit {
-        interval_ns: a.interval_ns.max(b.interval_ns),
-        tolerance_ns: a.tolerance_ns.min(b.tolerance_ns),
-    }
-}
 
 /// The pinned `RATE_LIMITS` map.
 pub struct RateWriter {

@@ -354,17 +354,13 @@ fn main() -> Result<()> {
     let bundle = bundle(o.tenants)?;
     let config = |pins: &PinDir| {
         let mut config = AgentConfig::new(bundle.path(), &node.root().relative_str(), pins.path());
-        config.extra_args = vec![
-            "--kubernetes".into(),
-            "--kubeconfig".into(),
-            server.kubeconfig().display().to_string(),
-            "--node-name".into(),
-            NODE.into(),
+        config.extra_args = server.agent_args(NODE);
+        config.extra_args.extend([
             "--identity-label".into(),
             APP_LABEL.into(),
             "--max-identities-per-tenant".into(),
             per_tenant.max(256).to_string(),
-        ];
+        ]);
         config.ready_timeout = Duration::from_secs(120);
         config
     };

@@ -689,6 +689,12 @@ fn pod_marks(
             None => bad(problems, labels::INGRESS, text, "not one of off, audit, enforce"),
         }
     }
+    if let Some(text) = get(labels::RATE_LIMIT) {
+        match enforcer_policy::rate::parse_annotation(text) {
+            Ok(limit) => marks.rate_limit = Some(limit),
+            Err(why) => bad(problems, labels::RATE_LIMIT, text, &why),
+        }
+    }
     marks
 }
 
@@ -717,6 +723,9 @@ fn mark_labels(marks: &EndpointMarks, out: &mut BTreeMap<String, String>) {
             labels::INGRESS.to_string(),
             mode_name(marks.ingress).to_string(),
         );
+    }
+    if let Some(limit) = &marks.rate_limit {
+        out.insert(labels::RATE_LIMIT.to_string(), limit.canonical());
     }
 }
 

@@ -1806,6 +1806,78 @@ fn annotations_mark_a_pod_as_a_vector_db() {
     assert!(labels::MARKS.iter().all(|k| !plain.labels.contains_key(*k)));
 }
 
+/// A pod's rate limit is read from its annotation, written out in full in its identity labels
+/// (replicas that spell it differently share one identity; a pod limited differently is
+/// another), and a bad one is one problem naming the pod and every wrong field.
+#[test]
+fn a_rate_limit_annotation_is_canonical_in_the_labels_and_its_errors_are_named() {
+    let limited = |name: &str, ip: &str, limit: &str| {
+        annotated(
+            pod("acme", name, json!({}), "node-a", ip),
+            json!({labels::KIND: "vector_db", labels::RATE_LIMIT: limit}),
+        )
+    };
+    let s = state(
+        vec![
+            limited("db-0", "127.82.8.1", "connections_per_second=20, burst=20"),
+            limited(
+                "db-1",
+                "127.82.8.2",
+                " burst=20 ,connections_per_second=20.0",
+            ),
+            limited(
+                "db-2",
+                "127.82.8.3",
+                "connections_per_second=0.5,risk_halving=0.25",
+            ),
+            limited(
+                "bad",
+                "127.82.8.4",
+                "connections_per_second=0, burst=-1, speed=9",
+            ),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    let bad: Vec<&String> = s
+        .problems
+        .iter()
+        .filter(|l| l.starts_with(&format!("pod acme/bad: annotation {}=", labels::RATE_LIMIT)))
+        .collect();
+    assert_eq!(bad.len(), 1, "{:?}", s.problems);
+    for what in [
+        "invalid connections_per_second `0`",
+        "invalid burst `-1`",
+        "unknown field `speed`",
+        "ignored",
+    ] {
+        assert!(bad[0].contains(what), "{what}: {}", bad[0]);
+    }
+    assert_eq!(s.problems.len(), 1, "{:?}", s.problems);
+    let of = |name: &str| {
+        s.identities
+            .iter()
+            .find(|i| i.pods.iter().any(|p| p.name == name))
+            .unwrap()
+    };
+    assert_eq!(of("db-0").pods.len(), 2, "db-0 and db-1 share an identity");
+    assert_eq!(
+        of("db-0").labels[labels::RATE_LIMIT],
+        "connections_per_second=20.0000,burst=20"
+    );
+    let slow = of("db-2");
+    assert_eq!(
+        slow.labels[labels::RATE_LIMIT],
+        "connections_per_second=0.5000,burst=1,risk_halving=0.2500"
+    );
+    let spec = slow.marks.rate_limit.as_ref().unwrap();
+    assert_eq!(
+        (spec.per_second_e4, spec.burst, spec.risk_halving_e4),
+        (5_000, 1, Some(2_500))
+    );
+    assert_eq!(of("bad").marks.rate_limit, None);
+    assert!(!of("bad").labels.contains_key(labels::RATE_LIMIT));
+}
+
 /// Tenants write these annotations: each bad value is one problem naming the pod, that
 /// annotation is ignored, the pod keeps its identity and its other marks.
 #[test]
