@@ -85,10 +85,28 @@ pub fn parse_field(key: &str, text: &str) -> Result<i64, (String, String)> {
     }
 }
 
+/// The longest `ai-enforcer.io/rate-limit` annotation read (the longest sensible one is
+/// under 100 bytes); a longer one is refused unread.
+pub const MAX_ANNOTATION_BYTES: usize = 256;
+
+/// The most problems of one annotation named in its error; the rest are counted.
+const MAX_PROBLEMS: usize = 3;
+
 /// A pod's `ai-enforcer.io/rate-limit` annotation: `key=value` pairs of [`FIELDS`] separated
-/// by commas (spaces around them ignored), `connections_per_second` required. Every problem
-/// of the text is in the error, `;`-separated.
+/// by commas (spaces around them ignored), `connections_per_second` required. The error names
+/// the first [`MAX_PROBLEMS`] problems, `;`-separated, and counts the others: a tenant writes
+/// the text, and every node's agent keeps the error, so it stays short whatever the text.
 pub fn parse_annotation(text: &str) -> Result<RateLimitSpec, String> {
+    if text.len() > MAX_ANNOTATION_BYTES {
+        return Err(format!(
+            "{} bytes, more than {MAX_ANNOTATION_BYTES}",
+            text.len()
+        ));
+    }
+    // Quoted in the error, a line break would split the line it is logged on.
+    if text.chars().any(char::is_control) {
+        return Err("contains a control character".into());
+    }
     let mut values: [Option<i64>; 3] = [None; 3];
     let mut problems = Vec::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -107,6 +125,14 @@ pub fn parse_annotation(text: &str) -> Result<RateLimitSpec, String> {
             (None, Ok(_)) => unreachable!("parse_field refuses unknown keys"),
         }
     }
+    if values[0].is_none() {
+        problems.push("missing connections_per_second".into());
+    }
+    if problems.len() > MAX_PROBLEMS {
+        let more = problems.len() - MAX_PROBLEMS;
+        problems.truncate(MAX_PROBLEMS);
+        problems.push(format!("and {more} more"));
+    }
     match values {
         [Some(per_second_e4), burst, halving] if problems.is_empty() => {
             Ok(RateLimitSpec::from_fields(
@@ -115,10 +141,6 @@ pub fn parse_annotation(text: &str) -> Result<RateLimitSpec, String> {
                 halving,
                 Loc::default(),
             ))
-        }
-        [None, ..] => {
-            problems.push("missing connections_per_second".into());
-            Err(problems.join("; "))
         }
         _ => Err(problems.join("; ")),
     }
@@ -341,16 +363,25 @@ mod tests {
             );
             assert!(s.check().is_ok());
         }
-        let e = parse_annotation("burst=0, burst=2, risk_halving=-1, nonsense, x=1").unwrap_err();
+        let e = parse_annotation("burst=0, risk_halving=-1, nonsense").unwrap_err();
         for what in [
             "invalid burst `0`",
             "invalid risk_halving `-1`",
             "`nonsense` is not key=value",
-            "unknown field `x`",
-            "missing connections_per_second",
+            "and 1 more",
         ] {
             assert!(e.contains(what), "{what}: {e}");
         }
+        let e = parse_annotation("x=1").unwrap_err();
+        assert!(e.contains("unknown field `x`") && e.contains("missing connections_per_second"));
+        // A tenant's text: long or hostile, the error stays short and on one line.
+        let e = parse_annotation(&"=,".repeat(10_000)).unwrap_err();
+        assert_eq!(e, "20000 bytes, more than 256");
+        let e = parse_annotation(&"=,".repeat(128)).unwrap_err();
+        assert!(e.len() < 300 && e.ends_with("and 126 more"), "{e}");
+        assert!(parse_annotation("connections_per_second=1\nburst=1")
+            .unwrap_err()
+            .contains("control character"));
         assert!(
             parse_annotation("connections_per_second=1,connections_per_second=2")
                 .unwrap_err()

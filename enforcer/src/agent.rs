@@ -350,6 +350,9 @@ struct Agent {
     /// destination), and when (read at most every `LIVE_SCAN_EVERY`).
     live_flows: HashMap<(u64, u64, u32, u32), (u64, enforcer_common::FlowRecord)>,
     live_scanned: Option<std::time::Instant>,
+    /// The final writes after the last table swap failed (see `settle_after_swap`): the tick
+    /// tries again.
+    settle_pending: bool,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -591,6 +594,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         missed,
         live_flows: HashMap::new(),
         live_scanned: None,
+        settle_pending: false,
         options,
         cgroup_mount,
         cgroup_root,
@@ -720,6 +724,91 @@ pub async fn run(options: RunOptions) -> Result<()> {
 }
 
 impl Agent {
+    /// Runs `swap` (a table swap: a full apply or a row) with the maps that are not
+    /// double-buffered written around it, for `self.compiled`: the rate limits
+    /// (`datapath::rates`) and the ingress allowlist (`datapath::ingress`) each get their
+    /// interim values before it (stricter limits, the allowlist's grants) and their final
+    /// ones after it. Refused before anything is written when either cannot fit (the last
+    /// good policy stays in force whole); a failed swap puts both back as they were. Once the
+    /// swap is done the change is in force whatever happens next: a failure of the final
+    /// writes is logged and retried by the tick (`settle_after_swap`), the interim values
+    /// holding meanwhile (never looser than both policies).
+    fn swap_bracketed<T>(
+        &mut self,
+        swap: impl FnOnce(&mut datapath::Tables) -> Result<T>,
+    ) -> Result<T> {
+        let dir = self.datapath.dir().to_path_buf();
+        let rates = enforcer_policy::rate::rate_limits(&self.compiled);
+        let ingress = crate::wire::ingress_allows(&self.compiled);
+        let mut rate_writer = datapath::RateWriter::open(&dir)?;
+        rate_writer
+            .check_fits(&rates)
+            .context("the rate limits do not fit")?;
+        let mut ingress_writer = datapath::IngressWriter::open(&dir)?;
+        ingress_writer
+            .check_fits(ingress.len())
+            .context("the ingress allowlist does not fit")?;
+        let rates_in_force = rate_writer.current();
+        let ingress_in_force = ingress_writer.current();
+        let swapped = rate_writer
+            .before_swap(&rates)
+            .context("writing the interim rate limits")
+            .and_then(|_| {
+                ingress_writer
+                    .before_swap(&ingress)
+                    .context("writing the ingress allowlist's grants")
+            })
+            .and_then(|_| swap(&mut self.datapath.tables));
+        match swapped {
+            Ok(value) => {
+                self.settle_after_swap();
+                Ok(value)
+            }
+            Err(error) => {
+                // The old policy stays in force: so do its limits and its allowlist.
+                if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
+                    tracing::error!("restoring the rate limits in force: {undo:#}");
+                }
+                if let Err(undo) = ingress_writer.write_exactly(&ingress_in_force) {
+                    tracing::error!("restoring the ingress allowlist in force: {undo:#}");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The final values of the rate limits and the ingress allowlist for `self.compiled`
+    /// (step 2 of `datapath::rates` and `datapath::ingress`); on failure, logged and left
+    /// for the next tick (`settle_pending`).
+    fn settle_after_swap(&mut self) {
+        let dir = self.datapath.dir();
+        let rates = enforcer_policy::rate::rate_limits(&self.compiled);
+        let ingress = crate::wire::ingress_allows(&self.compiled);
+        let settled = datapath::RateWriter::open(dir)
+            .and_then(|mut w| w.after_swap(&rates))
+            .context("writing the rate limits")
+            .and_then(|_| {
+                datapath::IngressWriter::open(dir)
+                    .and_then(|mut w| w.after_swap(&ingress))
+                    .context("writing the ingress allowlist")
+            });
+        match settled {
+            Ok(writes) => {
+                if self.settle_pending {
+                    tracing::info!("the rate limits and the ingress allowlist are settled");
+                }
+                tracing::debug!(ingress_writes = writes, "after the swap");
+                self.settle_pending = false;
+            }
+            Err(error) => {
+                tracing::error!(
+                    "after the table swap: {error:#}; the interim values hold, retried every tick"
+                );
+                self.settle_pending = true;
+            }
+        }
+    }
+
     /// Writes the whole compiled policy (identities, IP cache, cgroups, table swap), all or
     /// nothing: on failure every map holds what it held before (`previous` explains the
     /// events of that time again).
@@ -748,61 +837,7 @@ impl Agent {
             };
             history.publish(generation, compiled);
         };
-        // An ingress allowlist that cannot fit is refused before anything is written, like
-        // a policy table that cannot: the last good policy stays in force whole.
-        let ingress = crate::wire::ingress_allows(&self.compiled);
-        let mut ingress_writer = datapath::IngressWriter::open(self.datapath.dir())?;
-        ingress_writer
-            .check_fits(ingress.len())
-            .context("the ingress allowlist does not fit")?;
-        let ingress_in_force = ingress_writer.current();
-        // Rate limits bracket the swap (see `datapath::rates`); refused whole if they cannot
-        // fit, like the allowlist.
-        let rates = enforcer_policy::rate::rate_limits(&self.compiled);
-        let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
-        rate_writer
-            .check_fits(&rates)
-            .context("the rate limits do not fit")?;
-        let rates_in_force = rate_writer.current();
-        // The ingress allowlist's grants, too, are in force before the table that lets a
-        // sender connect (see `datapath::ingress`).
-        let swapped = rate_writer
-            .before_swap(&rates)
-            .context("writing the interim rate limits")
-            .and_then(|_| {
-                ingress_writer
-                    .before_swap(&ingress)
-                    .context("writing the ingress allowlist's grants")
-            })
-            .and_then(|grants| {
-                let report = self.datapath.tables.apply_with(&desired, &mut publish)?;
-                Ok((report, grants))
-            });
-        let (report, ingress_grants) = match swapped {
-            Ok(swapped) => swapped,
-            Err(error) => {
-                // The old policy stays in force: so do its limits and its allowlist.
-                if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
-                    tracing::error!("restoring the rate limits in force: {undo:#}");
-                }
-                if let Err(undo) = ingress_writer.write_exactly(&ingress_in_force) {
-                    tracing::error!("restoring the ingress allowlist in force: {undo:#}");
-                }
-                return Err(error);
-            }
-        };
-        rate_writer
-            .after_swap(&rates)
-            .context("writing the rate limits")?;
-        let ingress_restrictions = ingress_writer
-            .after_swap(&ingress)
-            .context("writing the ingress allowlist")?;
-        tracing::debug!(
-            entries = ingress.len(),
-            grants = ingress_grants,
-            restrictions = ingress_restrictions,
-            "ingress allowlist"
-        );
+        let report = self.swap_bracketed(|tables| tables.apply_with(&desired, &mut publish))?;
         self.applied_at = now();
         if let Some(metrics) = &self.metrics {
             metrics.applied(report.elapsed, self.compiled.revision());
@@ -844,6 +879,9 @@ impl Agent {
     }
 
     fn tick(&mut self) {
+        if self.settle_pending {
+            self.settle_after_swap();
+        }
         if let Some(keys) = &mut self.flow_keys {
             keys.refresh_logged(self.datapath.dir());
         }
@@ -1164,42 +1202,13 @@ impl Agent {
             .and_then(|delta| {
                 let generation = self.datapath.tables.next_generation()?;
                 self.history.publish(generation, self.compiled.clone());
-                // The subject's rate limits follow its risk, bracketing the row swap (see
-                // `datapath::rates`): a risk rise is in force by the time the row is.
-                let rates = enforcer_policy::rate::rate_limits(&self.compiled);
-                let mut rate_writer = datapath::RateWriter::open(self.datapath.dir())?;
-                rate_writer.check_fits(&rates)?;
-                // A risk change moves the claimant at this node's ingress too, its grants
-                // before the row (see `datapath::ingress`).
-                let ingress = crate::wire::ingress_allows(&self.compiled);
-                let mut ingress_writer = datapath::IngressWriter::open(self.datapath.dir())?;
-                ingress_writer.check_fits(ingress.len())?;
-                let rates_in_force = rate_writer.current();
-                let ingress_in_force = ingress_writer.current();
-                let swapped = rate_writer
-                    .before_swap(&rates)
-                    .and_then(|_| ingress_writer.before_swap(&ingress))
-                    .and_then(|_| {
-                        self.datapath
-                            .tables
-                            .apply_row(&delta.added, &delta.removed)
-                            .with_context(|| format!("writing {workload}'s row"))
-                    });
-                if let Err(error) = swapped {
-                    if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
-                        tracing::error!("restoring the rate limits in force: {undo:#}");
-                    }
-                    if let Err(undo) = ingress_writer.write_exactly(&ingress_in_force) {
-                        tracing::error!("restoring the ingress allowlist in force: {undo:#}");
-                    }
-                    return Err(error);
-                }
-                rate_writer
-                    .after_swap(&rates)
-                    .context("writing the rate limits")?;
-                ingress_writer
-                    .after_swap(&ingress)
-                    .context("writing the ingress allowlist")?;
+                // The subject's rate limits and its cells at this node's ingress follow its
+                // risk, around the row swap: a risk rise is in force by the time the row is.
+                self.swap_bracketed(|tables| {
+                    tables
+                        .apply_row(&delta.added, &delta.removed)
+                        .with_context(|| format!("writing {workload}'s row"))
+                })?;
                 Ok(delta)
             });
         let delta = match written {

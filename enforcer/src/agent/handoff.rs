@@ -10,8 +10,10 @@
 //!   [`CONTACT_BACKLOG`]; past it they are kept one per (subject, destination) pair, the
 //!   first flow's, up to [`CONTACT_OVERFLOW_PAIRS`] pairs, as the kernel keeps the contacts
 //!   it could not report (`FLOW_CONTACTS_MISSED`), and the loop's tick shows them to the
-//!   learner; a first contact is judged late, not missed. Past that they are counted, and the
-//!   agent shows every live tracked flow to the learner (`drain_missed_contacts`).
+//!   learner: a first contact is judged late, not missed. Past that they are counted, and the
+//!   agent shows every live tracked flow to the learner (`drain_missed_contacts`): a contact
+//!   whose flow opened and closed while the loop was busy is then missed. The pairs are
+//!   shared by all tenants (one that fills them leaves the others only that fallback).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
