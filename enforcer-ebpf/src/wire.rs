@@ -1059,6 +1059,9 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
                     .as_ref()
                     .is_some_and(|l| l.flags & flags::SHARED_NETNS != 0)
                 {
+                    // Read again, not kept from the World check above: kept in a register
+                    // across the identity lookup's spin lock, LLVM spilled a value the
+                    // verifier then refused to read (`R3 !read_ok`).
                     // A caller known by its address with no row in this node's table (a
                     // pod of another node): its row to a listener of the node's namespace
                     // is in the ingress allowlist.

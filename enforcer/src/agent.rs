@@ -761,7 +761,15 @@ impl Agent {
             .and_then(|_| swap(&mut self.datapath.tables));
         match swapped {
             Ok(value) => {
-                self.settle_after_swap();
+                let settled = rate_writer
+                    .after_swap(&rates)
+                    .context("writing the rate limits")
+                    .and_then(|_| {
+                        ingress_writer
+                            .after_swap(&ingress)
+                            .context("writing the ingress allowlist")
+                    });
+                self.settled(settled);
                 Ok(value)
             }
             Err(error) => {
@@ -778,8 +786,8 @@ impl Agent {
     }
 
     /// The final values of the rate limits and the ingress allowlist for `self.compiled`
-    /// (step 2 of `datapath::rates` and `datapath::ingress`); on failure, logged and left
-    /// for the next tick (`settle_pending`).
+    /// (step 2 of `datapath::rates` and `datapath::ingress`), written again by the tick after
+    /// they failed (`settle_pending`).
     fn settle_after_swap(&mut self) {
         let dir = self.datapath.dir();
         let rates = enforcer_policy::rate::rate_limits(&self.compiled);
@@ -792,6 +800,12 @@ impl Agent {
                     .and_then(|mut w| w.after_swap(&ingress))
                     .context("writing the ingress allowlist")
             });
+        self.settled(settled);
+    }
+
+    /// Notes how the final writes after a swap went: on failure logged and left for the
+    /// next tick.
+    fn settled(&mut self, settled: Result<usize>) {
         match settled {
             Ok(writes) => {
                 if self.settle_pending {

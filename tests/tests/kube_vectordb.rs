@@ -97,6 +97,33 @@ impl TestPod {
     }
 }
 
+/// A runtime for the client, the real API server, a client of it, and this node's kubelet
+/// cgroup root.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    server: ApiServer,
+    client: kube::Client,
+    node: Node,
+}
+
+impl Cluster {
+    fn start() -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let server = ApiServer::start()?;
+        let client = rt.block_on(async { server.client() });
+        let node = Node::create("kv-node")?;
+        Ok(Self {
+            rt,
+            server,
+            client,
+            node,
+        })
+    }
+}
+
 /// Creates the pods of `specs` in the API server (their namespaces must exist); returns their
 /// UIDs.
 async fn create_pods(client: &kube::Client, specs: &[PodSpec<'_>]) -> Result<Vec<String>> {
@@ -179,13 +206,12 @@ fn an_annotated_vector_db_pod_is_tracked_and_checked_at_ingress() -> Result<()> 
     if !require_kernel() || !require_apiserver() {
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let server = ApiServer::start()?;
-    let client = rt.block_on(async { server.client() });
-    let node = Node::create("kv-node")?;
+    let Cluster {
+        rt,
+        server,
+        client,
+        node,
+    } = Cluster::start()?;
     // A process no enforcer manages: outside the node's cgroup root.
     let stranger = TestCgroup::create(unique_name("kv-stranger"))?;
     let pods_spec: [PodSpec; 4] = [
@@ -384,13 +410,12 @@ fn a_rate_limited_pod_gives_each_caller_its_own_burst_then_refuses() -> Result<(
         return Ok(());
     }
     const BURST: usize = 3;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let server = ApiServer::start()?;
-    let client = rt.block_on(async { server.client() });
-    let node = Node::create("kv-node")?;
+    let Cluster {
+        rt,
+        server,
+        client,
+        node,
+    } = Cluster::start()?;
     let limit = format!("connections_per_second=0.001, burst={BURST}");
     let pods_spec: [PodSpec; 3] = [
         (

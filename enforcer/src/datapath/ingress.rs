@@ -134,6 +134,10 @@ fn steps(
 pub struct IngressWriter {
     map: BpfHashMap<MapData, PolicyKey, PolicyValue>,
     capacity: u32,
+    /// What the map holds, read once and kept up to date by this writer's own writes (the
+    /// agent holds the pin directory's lock: nobody else writes it); `None` until read, and
+    /// again after a write failed part-way.
+    contents: Option<HashMap<PolicyKey, PolicyValue>>,
 }
 
 impl IngressWriter {
@@ -141,12 +145,22 @@ impl IngressWriter {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let capacity = max_entries(pin_dir, maps::INGRESS_ALLOW)?;
         let map = open_pinned(pin_dir, maps::INGRESS_ALLOW)?.try_into()?;
-        Ok(Self { map, capacity })
+        Ok(Self {
+            map,
+            capacity,
+            contents: None,
+        })
     }
 
     /// What the map holds now.
-    pub fn current(&self) -> HashMap<PolicyKey, PolicyValue> {
-        self.map.iter().filter_map(|e| e.ok()).collect()
+    pub fn current(&mut self) -> HashMap<PolicyKey, PolicyValue> {
+        self.contents().clone()
+    }
+
+    fn contents(&mut self) -> &HashMap<PolicyKey, PolicyValue> {
+        let map = &self.map;
+        self.contents
+            .get_or_insert_with(|| map.iter().filter_map(|e| e.ok()).collect())
     }
 
     /// Refuses a list of `entries` cells above the map's capacity, with an error naming the
@@ -158,14 +172,16 @@ impl IngressWriter {
     /// Step 1 (see the module documentation). Returns the number of writes.
     pub fn before_swap(&mut self, desired: &HashMap<PolicyKey, PolicyValue>) -> Result<usize> {
         self.check_fits(desired.len())?;
-        let (before, _) = steps(&self.current(), desired, self.capacity as usize);
+        let capacity = self.capacity as usize;
+        let (before, _) = steps(self.contents(), desired, capacity);
         self.write(&before)
     }
 
     /// Step 2 (see the module documentation). Returns the number of writes.
     pub fn after_swap(&mut self, desired: &HashMap<PolicyKey, PolicyValue>) -> Result<usize> {
         self.check_fits(desired.len())?;
-        let (before, after) = steps(&self.current(), desired, self.capacity as usize);
+        let capacity = self.capacity as usize;
+        let (before, after) = steps(self.contents(), desired, capacity);
         // After step 1 only step 2 is left; `before` is empty unless the map changed between.
         Ok(self.write(&before)? + self.write(&after)?)
     }
@@ -178,15 +194,26 @@ impl IngressWriter {
 
     fn write(&mut self, writes: &[Write]) -> Result<usize> {
         for w in writes {
-            match w {
+            let written = match w {
                 Write::Put(k, v) => self
                     .map
                     .insert(k, v, 0)
-                    .with_context(|| format!("writing {} {k:?}", maps::INGRESS_ALLOW))?,
+                    .with_context(|| format!("writing {} {k:?}", maps::INGRESS_ALLOW)),
                 Write::Remove(k) => self
                     .map
                     .remove(k)
-                    .with_context(|| format!("removing {} {k:?}", maps::INGRESS_ALLOW))?,
+                    .with_context(|| format!("removing {} {k:?}", maps::INGRESS_ALLOW)),
+            };
+            if let Err(error) = written {
+                // Read again next time: the map is whatever the failed write left.
+                self.contents = None;
+                return Err(error);
+            }
+            if let Some(contents) = &mut self.contents {
+                match w {
+                    Write::Put(k, v) => contents.insert(*k, *v),
+                    Write::Remove(k) => contents.remove(k),
+                };
             }
         }
         Ok(writes.len())
