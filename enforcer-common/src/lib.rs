@@ -223,7 +223,10 @@ pub mod identity {
     pub const UNKNOWN: u32 = 0;
     /// Any address the IP cache does not know.
     pub const WORLD: u32 = 1;
-    /// The node itself.
+    /// The node the agent runs on: its addresses as the cluster reports them (its pods'
+    /// `status.hostIPs`, its `hostNetwork` pods' addresses). Cilium's reserved `host`. Never
+    /// WORLD: a policy that lets a workload reach the internet must not let it reach the
+    /// kubelet or any other server of the node (Cedar `Node::"host"`).
     pub const HOST: u32 = 2;
     /// An address the agent knows belongs to the cluster but to which it gave no identity: a
     /// pod it refused (a namespace without a tenant where one is required, an undeclared
@@ -236,6 +239,9 @@ pub mod identity {
     /// `kubepods`): its `IDENTITIES` entry carries `flags::EXEMPT`, so the agent always
     /// reaches the API server and the PDP it learns everything else from.
     pub const AGENT: u32 = 4;
+    /// Every other node of the cluster, by the same addresses: Cilium's reserved
+    /// `remote-node` (Cedar `Node::"remote-node"`).
+    pub const REMOTE_NODE: u32 = 5;
     pub const FIRST_DYNAMIC: u32 = 256;
 }
 

@@ -6,6 +6,9 @@
 //!   "" when not set) and risk (decimal);
 //! - resource `Endpoint::"<name>"`: tenant, kind (String), datasets (`Set<String>`);
 //! - resource `World::"world"`: no attributes;
+//! - resource `Node::"host"` (this node's addresses) and `Node::"remote-node"` (every other
+//!   node's): no attributes; only where the schema declares `entity Node` (else the nodes'
+//!   addresses are UNIDENTIFIED, see `Engine::nodes_unidentified`);
 //! - action `Action::"<action>"` of the destination's port (`connect` for any port);
 //! - context `{ port: Long, protocol: String }` (the call's port; see `ports` for how a
 //!   destination without declared ports is asked).
@@ -235,6 +238,9 @@ pub(crate) struct Engine {
     /// By rule number: the integer literals the policy compares `context.port` with, and
     /// where it first reads the port (see `ports`).
     pub port_reads: Vec<crate::ports::PortRead>,
+    /// Node addresses made UNIDENTIFIED because the schema declares no `Node` entity type
+    /// (see `Identities::nodes_unidentified`); 0 when it does.
+    pub nodes_unidentified: usize,
     authorizer: Authorizer,
 }
 
@@ -268,7 +274,7 @@ fn uid(ty: &str, id: &str) -> EntityUid {
 /// which dominated a load when done for every entity: the fixed types are parsed once.
 fn type_name(ty: &str) -> EntityTypeName {
     use std::sync::OnceLock;
-    const FIXED: [&str; 4] = ["Workload", "Endpoint", "World", "Action"];
+    const FIXED: [&str; 5] = ["Workload", "Endpoint", "World", "Node", "Action"];
     static PARSED: OnceLock<Vec<EntityTypeName>> = OnceLock::new();
     #[allow(clippy::expect_used)]
     let parse =
@@ -331,7 +337,10 @@ pub(crate) fn entity(ident: &Identity) -> Result<Entity, String> {
                 ),
             );
         }
-        IdentityKind::World | IdentityKind::Service | IdentityKind::Unidentified => {}
+        IdentityKind::World
+        | IdentityKind::Node
+        | IdentityKind::Service
+        | IdentityKind::Unidentified => {}
     }
     Entity::new(
         uid(ident.kind.cedar_type(), &ident.name),
@@ -368,7 +377,7 @@ impl Engine {
     pub fn load(
         src: &Sources,
         inv: Option<&Inventory>,
-        ids: Option<&Identities>,
+        ids: Option<&mut Identities>,
         diags: &mut Diagnostics,
     ) -> Option<Engine> {
         let start = diags.len();
@@ -398,6 +407,21 @@ impl Engine {
                 None
             }
         };
+        // A schema written before nodes were entities: their addresses stay denied to all.
+        // One that declares them is checked as if they had addresses, so that a mistake in
+        // it shows when the bundle is written, not when the cluster's nodes first appear.
+        let nodes_declared = schema.as_ref().is_some_and(|schema| {
+            schema
+                .entity_types()
+                .any(|t| t.to_string() == IdentityKind::Node.cedar_type())
+        });
+        let mut nodes_unidentified = 0;
+        let ids: Option<&Identities> = ids.map(|ids| {
+            if schema.is_some() && !nodes_declared {
+                nodes_unidentified = ids.nodes_unidentified();
+            }
+            &*ids
+        });
 
         // Policies: each file parsed on its own, so spans are offsets into that file.
         let mut pset = PolicySet::new();
@@ -706,8 +730,10 @@ impl Engine {
             if matches!(
                 ident.kind,
                 IdentityKind::Service | IdentityKind::Unidentified
-            ) {
-                // Judged as its backends, or never judged: no entity, and no request ever
+            ) || (ident.kind == IdentityKind::Node && !nodes_declared)
+            {
+                // Judged as its backends, or never judged (nodes the schema does not
+                // declare: their addresses are UNIDENTIFIED): no entity, and no request ever
                 // names it.
                 continue;
             }
@@ -761,10 +787,10 @@ impl Engine {
             action: crate::DEFAULT_ACTION.into(),
             loc: Default::default(),
         };
-        for ident in ids
-            .iter()
-            .filter(|i| i.is_destination() && i.kind != IdentityKind::Service)
-        {
+        for ident in ids.iter().filter(|i| {
+            (i.is_destination() && i.kind != IdentityKind::Service)
+                || (i.kind == IdentityKind::Node && nodes_declared)
+        }) {
             let ports = if ident.ports.is_empty() {
                 std::slice::from_ref(&any_port)
             } else {
@@ -774,7 +800,7 @@ impl Engine {
                 let diag = |msg: String| {
                     if port.loc.line > 0 {
                         Diagnostic::new(&inv.file, port.loc.line, port.loc.column, msg)
-                    } else if ident.kind == IdentityKind::World {
+                    } else if matches!(ident.kind, IdentityKind::World | IdentityKind::Node) {
                         schema_loc(msg)
                     } else {
                         item_diag(inv, ident, msg)
@@ -833,6 +859,7 @@ impl Engine {
             analysis,
             singles,
             port_reads,
+            nodes_unidentified,
             authorizer: Authorizer::new(),
         })
     }
@@ -963,6 +990,7 @@ fn missing_derefs(
                 "Workload" => IdentityKind::Workload,
                 "Endpoint" => IdentityKind::Endpoint,
                 "World" => IdentityKind::World,
+                "Node" => IdentityKind::Node,
                 _ => continue, // Not an inventory entity: the validator judges it.
             };
             let exists = ids.index_of(&name).is_some_and(|i| ids.at(i).kind == kind);

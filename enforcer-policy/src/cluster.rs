@@ -120,6 +120,13 @@ pub struct ClusterState {
     /// them denied), never WORLD. Empty in states persisted before this field existed.
     #[serde(default)]
     pub unidentified_ips: Vec<IpAddr>,
+    /// Each node's addresses, by node name: its pods' `status.hostIPs` (`status.hostIP` on
+    /// servers before 1.28) and its `hostNetwork` pods' `status.podIPs`, which are the node's
+    /// own. The merge gives this node's (`ClusterOptions::node_name`) to the reserved
+    /// `host` identity and every other node's to `remote-node`, where nothing else claims
+    /// them. Empty in states persisted before this field existed.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
     /// Problems found while building this state (a pod in a namespace without a tenant, a
     /// label value that is not a valid Kubernetes label value...), one line each, naming the
     /// object. They are reported as events; the objects concerned are left out (their pods

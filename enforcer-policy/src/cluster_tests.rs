@@ -137,6 +137,7 @@ fn demo_state() -> ClusterState {
             ),
         ],
         unidentified_ips: vec![],
+        nodes: Default::default(),
         problems: vec![],
     }
 }
@@ -1382,6 +1383,7 @@ fn cluster_dns_state(net: u8) -> ClusterState {
             )],
         )],
         unidentified_ips: vec![],
+        nodes: Default::default(),
         problems: vec![],
     }
 }
@@ -1799,4 +1801,162 @@ fn a_persisted_state_without_marks_still_loads() {
     }
     let back: ClusterState = serde_json::from_value(json).unwrap();
     assert_eq!(back, state);
+}
+
+/// A node's addresses are the reserved `host` (this node) and `remote-node` (every other),
+/// never World: before, a policy that opened World opened every node's kubelet and other
+/// servers outside pods. `Node::"host"` opens this node, and only where the policy says. A
+/// pod's address, an inventory address and a Service's external address on a node stay
+/// theirs; an address two nodes report is this node's; a Service whose backend is a node
+/// address (a `hostNetwork` pod's) is judged as that node.
+#[test]
+fn node_addresses_are_host_and_remote_node_never_world() {
+    use enforcer_common::identity as reserved;
+    let mut state = demo_state();
+    state.services[0].external_ips = vec![ip("127.81.9.3")];
+    state.nodes = BTreeMap::from([
+        (
+            NODE.to_string(),
+            vec![
+                ip("127.81.9.1"),
+                ip("fd81::9:1"),
+                ip("127.81.1.1"),  // rag-0's pod address
+                ip("127.10.1.10"), // the inventory's acme-vectors
+                ip("127.81.9.3"),  // rag-svc's external address
+            ],
+        ),
+        (
+            "node-b".to_string(),
+            vec![ip("127.81.9.2"), ip("127.81.9.1")],
+        ),
+    ]);
+    state.services.push(cluster_service(
+        "acme",
+        "exporter",
+        ip("127.81.100.9"),
+        &[(
+            9100,
+            Protocol::Tcp,
+            vec![Backend {
+                ip: ip("127.81.9.2"),
+                port: 9100,
+            }],
+        )],
+    ));
+    let dir = crate::tests::demo_with(
+        "node.cedar",
+        "@id(\"world\")\npermit (principal, action, resource is World);\n\
+         @id(\"node-dns\")\npermit (principal, action == Action::\"connect\", resource == Node::\"host\") when { context.port == 53 };\n",
+    );
+    let b = load(dir.path(), &state, &options());
+    let shown = |name: &str| {
+        let i = b.identities().by_name(name).unwrap();
+        assert_eq!(i.kind, IdentityKind::Node, "{name}");
+        (
+            i.id,
+            i.ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        shown("host"),
+        (
+            reserved::HOST,
+            vec!["127.81.9.1/32".to_string(), "fd81::9:1/128".to_string()]
+        )
+    );
+    assert_eq!(
+        shown("remote-node"),
+        (reserved::REMOTE_NODE, vec!["127.81.9.2/32".to_string()])
+    );
+    let rag = name_of(&b, &state.identities[0].labels);
+    let allowed = |to: &str, port: u16| b.decide(&rag, to, port, Protocol::Tcp).unwrap().allowed;
+    assert!(allowed("world", 10250));
+    assert!(allowed("host", 53));
+    assert!(
+        !allowed("host", 10250),
+        "World's permit does not open the node"
+    );
+    assert!(!allowed("remote-node", 10250));
+    assert!(
+        !allowed("service/acme/exporter", 9100),
+        "judged as remote-node"
+    );
+    assert!(
+        allowed("service/acme/rag-svc", 80),
+        "its external address stays the Service's"
+    );
+    assert_compiled_equals_oracle(&b);
+    assert!(b.cluster_problems().iter().all(|p| !p.contains("Node")));
+}
+
+/// A schema written before nodes were entities (no `entity Node`) still loads: the nodes'
+/// addresses are unidentified (denied to all, never World), and one problem line says why
+/// and what to declare. A schema that declares `Node` but cannot reach it with `connect` is
+/// an error at once, even before any node has an address.
+#[test]
+fn a_schema_without_nodes_keeps_them_denied_and_says_so() {
+    let mut state = demo_state();
+    state.nodes = BTreeMap::from([(NODE.to_string(), vec![ip("127.81.9.1")])]);
+    let old = std::fs::read_to_string(crate::tests::demo_dir().join("schema.cedarschema"))
+        .unwrap()
+        .replace("entity Node;", "")
+        .replace("World, Node]", "World]");
+    let dir = crate::tests::demo_with("schema.cedarschema", &old);
+    std::fs::write(
+        dir.path().join("world.cedar"),
+        "permit (principal, action, resource is World);\n",
+    )
+    .unwrap();
+    let b = load(dir.path(), &state, &options());
+    assert!(b.identities().by_name("host").unwrap().ips.is_empty());
+    let unidentified = b.identities().by_name("unidentified").unwrap();
+    assert!(unidentified
+        .ips
+        .iter()
+        .any(|n| n.to_string() == "127.81.9.1/32"));
+    let problems: Vec<&String> = b
+        .cluster_problems()
+        .iter()
+        .filter(|p| p.contains("entity Node"))
+        .collect();
+    assert_eq!(problems.len(), 1, "{:?}", b.cluster_problems());
+    assert!(
+        problems[0].contains("1 addresses are unidentified"),
+        "{}",
+        problems[0]
+    );
+    assert_compiled_equals_oracle(&b);
+
+    let unreachable = std::fs::read_to_string(crate::tests::demo_dir().join("schema.cedarschema"))
+        .unwrap()
+        .replace("World, Node]", "World]");
+    let dir = crate::tests::demo_with("schema.cedarschema", &unreachable);
+    let err = Bundle::load(dir.path())
+        .err()
+        .expect("Node cannot be reached")
+        .to_string();
+    assert!(
+        err.contains("`host` cannot be reached with action `connect`"),
+        "{err}"
+    );
+    assert!(err.contains("schema.cedarschema:1:1"), "{err}");
+}
+
+/// An inventory may not take a reserved identity's name.
+#[test]
+fn the_node_names_are_reserved() {
+    for name in ["host", "remote-node"] {
+        let inv = std::fs::read_to_string(crate::tests::demo_dir().join("inventory.yaml"))
+            .unwrap()
+            .replace("name: globex-dns", &format!("name: {name}"));
+        let dir = crate::tests::demo_with("inventory.yaml", &inv);
+        let err = Bundle::load(dir.path())
+            .err()
+            .expect("reserved")
+            .to_string();
+        assert!(
+            err.contains(&format!("the name `{name}` is reserved")) && err.contains("Node::"),
+            "{err}"
+        );
+    }
 }

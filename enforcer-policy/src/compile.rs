@@ -732,9 +732,10 @@ impl Grouping {
             .unwrap_or((1, 1));
         let policy = engine.rules.get(rule);
         let d = ids.at(di);
-        let remedy = if d.kind == IdentityKind::World {
+        let remedy = if matches!(d.kind, IdentityKind::World | IdentityKind::Node) {
             format!(
-                "World takes every port: narrow the rule to at most {} ports decided otherwise than the rest, or write it for endpoints that declare their ports",
+                "{} takes every port: narrow the rule to at most {} ports decided otherwise than the rest, or write it for endpoints that declare their ports",
+                d.kind.cedar_type(),
                 crate::ports::MAX_PORT_EXCEPTIONS
             )
         } else {

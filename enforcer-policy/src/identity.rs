@@ -29,6 +29,14 @@ pub const WORLD_NAME: &str = "world";
 /// The name of the reserved UNIDENTIFIED identity (`enforcer_common::identity::UNIDENTIFIED`):
 /// addresses of the cluster to which the merge gave no identity.
 pub const UNIDENTIFIED_NAME: &str = "unidentified";
+/// The name of the reserved HOST identity (`enforcer_common::identity::HOST`): this node's
+/// addresses, Cedar `Node::"host"`.
+pub const HOST_NAME: &str = "host";
+/// The name of the reserved REMOTE_NODE identity (`enforcer_common::identity::REMOTE_NODE`):
+/// the other nodes' addresses, Cedar `Node::"remote-node"`.
+pub const REMOTE_NODE_NAME: &str = "remote-node";
+/// Names no inventory item may take.
+pub const RESERVED_NAMES: [&str; 4] = [WORLD_NAME, UNIDENTIFIED_NAME, HOST_NAME, REMOTE_NODE_NAME];
 
 /// An IPv4 or IPv6 network: an address and a prefix length. Host bits must be zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -172,6 +180,10 @@ pub enum IdentityKind {
     Workload,
     Endpoint,
     World,
+    /// A node of the cluster, by its addresses: `host` (this node) or `remote-node` (every
+    /// other). A Cedar `Node` with no attributes; never a principal (its processes are no
+    /// workload's).
+    Node,
     /// A Kubernetes Service's ClusterIPs: judged as its ready backends, never asked of Cedar
     /// as itself (it is no Cedar entity).
     Service,
@@ -188,6 +200,7 @@ impl IdentityKind {
             IdentityKind::Workload => "Workload",
             IdentityKind::Endpoint => "Endpoint",
             IdentityKind::World => "World",
+            IdentityKind::Node => "Node",
             // Not in the schema: no policy can name these (see the variants).
             IdentityKind::Service => "Service",
             IdentityKind::Unidentified => "Unidentified",
@@ -201,6 +214,7 @@ impl fmt::Display for IdentityKind {
             IdentityKind::Workload => "workload",
             IdentityKind::Endpoint => "endpoint",
             IdentityKind::World => "world",
+            IdentityKind::Node => "node",
             IdentityKind::Service => "service",
             IdentityKind::Unidentified => "unidentified",
         })
@@ -286,7 +300,7 @@ impl Identity {
             .map(|p| (port, p.action.as_str()))
     }
 
-    /// Reachable: WORLD, every endpoint, every workload and Service with addresses, and a
+    /// Reachable: WORLD, every endpoint, every workload, node and Service with addresses, and a
     /// workload whose servers share this node's network namespace (`flags::SHARED_NETNS`:
     /// reached through addresses nobody holds). Never UNIDENTIFIED: no policy cell is
     /// compiled or asked for it.
@@ -296,7 +310,7 @@ impl Identity {
             IdentityKind::Workload => {
                 !self.ips.is_empty() || self.flags & enforcer_common::flags::SHARED_NETNS != 0
             }
-            IdentityKind::Service => !self.ips.is_empty(),
+            IdentityKind::Service | IdentityKind::Node => !self.ips.is_empty(),
             IdentityKind::Unidentified => false,
         }
     }
@@ -443,8 +457,7 @@ impl Identities {
             .map(|w| w.name.as_str())
             .chain(inv.endpoints.iter().map(|e| e.name.as_str()))
             .collect();
-        taken_names.insert(WORLD_NAME);
-        taken_names.insert(UNIDENTIFIED_NAME);
+        taken_names.extend(RESERVED_NAMES);
         let merged = crate::merge::merge(inv, &known, &taken_names, cluster, options);
         problems.extend(merged.problems);
 
@@ -469,7 +482,20 @@ impl Identities {
                     IdentityKind::Unidentified,
                 )
             },
+            Identity {
+                ips: merged.host,
+                ..blank(reserved::HOST, HOST_NAME.into(), IdentityKind::Node)
+            },
+            Identity {
+                ips: merged.remote_nodes,
+                ..blank(
+                    reserved::REMOTE_NODE,
+                    REMOTE_NODE_NAME.into(),
+                    IdentityKind::Node,
+                )
+            },
         ];
+        let first_item = list.len();
         for w in &inv.workloads {
             let audit = w.audit || tenant_audit(&w.tenant);
             list.push(Identity {
@@ -522,7 +548,7 @@ impl Identities {
 
         // Inventory IDs: sorted by (kind, name) so that probing order does not depend on
         // file order.
-        let mut order: Vec<usize> = (2..list.len()).collect();
+        let mut order: Vec<usize> = (first_item..list.len()).collect();
         order.sort_by(|&a, &b| (list[a].kind, &list[a].name).cmp(&(list[b].kind, &list[b].name)));
         let mut taken: BTreeSet<u32> = BTreeSet::new();
         for i in order {
@@ -595,12 +621,30 @@ impl Identities {
             .enumerate()
             .map(|(i, x)| (x.name.clone(), i))
             .collect();
+        let mut identities = Identities {
+            list,
+            by_id,
+            by_name,
+            tenants,
+            nets: HashMap::new(),
+            lens: Default::default(),
+        };
+        identities.index_nets();
+        (identities, problems)
+    }
+
+    /// The networks `backend_index` looks up: those of workloads, endpoints, nodes and
+    /// UNIDENTIFIED (Services lead to their backends, WORLD is the fallback).
+    fn index_nets(&mut self) {
         let mut nets = HashMap::new();
         let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
-        for (i, x) in list.iter().enumerate() {
+        for (i, x) in self.list.iter().enumerate() {
             if !matches!(
                 x.kind,
-                IdentityKind::Workload | IdentityKind::Endpoint | IdentityKind::Unidentified
+                IdentityKind::Workload
+                    | IdentityKind::Endpoint
+                    | IdentityKind::Unidentified
+                    | IdentityKind::Node
             ) {
                 continue;
             }
@@ -610,18 +654,39 @@ impl Identities {
                 nets.entry((is_v6, net.prefix, bits)).or_insert(i);
             }
         }
-        let identities = Identities {
-            list,
-            by_id,
-            by_name,
-            tenants,
-            nets,
-            lens: (
-                v4.into_iter().rev().collect(),
-                v6.into_iter().rev().collect(),
-            ),
+        self.nets = nets;
+        self.lens = (
+            v4.into_iter().rev().collect(),
+            v6.into_iter().rev().collect(),
+        );
+    }
+
+    /// Makes the nodes' addresses UNIDENTIFIED (every call to them denied, as before any
+    /// policy could name them): what a schema that declares no `Node` entity type gets, so
+    /// that an older schema keeps the cluster enforced instead of failing the bundle, and
+    /// never opens the nodes as World. Returns how many addresses moved.
+    pub(crate) fn nodes_unidentified(&mut self) -> usize {
+        let Some(&u) = self.by_id.get(&reserved::UNIDENTIFIED) else {
+            return 0;
         };
-        (identities, problems)
+        let mut moved = Vec::new();
+        for x in self
+            .list
+            .iter_mut()
+            .filter(|x| x.kind == IdentityKind::Node)
+        {
+            moved.append(&mut x.ips);
+        }
+        if moved.is_empty() {
+            return 0;
+        }
+        let n = moved.len();
+        let ips = &mut self.list[u].ips;
+        ips.append(&mut moved);
+        ips.sort();
+        ips.dedup();
+        self.index_nets();
+        n
     }
 
     pub fn iter(&self) -> std::slice::Iter<'_, Identity> {
@@ -648,7 +713,7 @@ impl Identities {
     pub(crate) fn index_of_id(&self, id: u32) -> Option<usize> {
         self.by_id.get(&id).copied()
     }
-    /// The index of the workload, endpoint or UNIDENTIFIED whose addresses hold `ip` (the
+    /// The index of the workload, endpoint, node or UNIDENTIFIED whose addresses hold `ip` (the
     /// longest prefix, as the kernel's IP cache), else WORLD's: where a Service's backend
     /// leads.
     pub(crate) fn backend_index(&self, ip: &IpAddr) -> usize {

@@ -214,8 +214,7 @@ impl Inventory {
             diags.sort();
             let mut seen = BTreeSet::new();
             let mut keep = |name: &String| {
-                name != crate::identity::WORLD_NAME
-                    && name != crate::identity::UNIDENTIFIED_NAME
+                !crate::identity::RESERVED_NAMES.contains(&name.as_str())
                     && seen.insert(name.clone())
             };
             inv.workloads.retain(|w| keep(&w.name));
@@ -1360,22 +1359,27 @@ fn check_semantics(file: &Path, inv: &Inventory, diags: &mut Diagnostics) {
         names.into_iter().collect::<Vec<_>>().join(", ")
     };
 
-    // Names: unique across workloads and endpoints; `world` is the reserved WORLD identity.
+    // Names: unique across workloads and endpoints, none of the reserved identities'.
     let items = items(inv);
     let mut names: HashMap<&str, Loc> = HashMap::new();
     for (_, name, _, loc, _) in &items {
-        if *name == crate::identity::WORLD_NAME {
-            diags.push(
-                at(*loc, format!("the name `{name}` is reserved"))
-                    .with_hint("`world` is the identity of every address not in the inventory"),
-            );
-        }
-        if *name == crate::identity::UNIDENTIFIED_NAME {
-            diags.push(
-                at(*loc, format!("the name `{name}` is reserved")).with_hint(
-                    "`unidentified` holds the cluster addresses the agent refused to identify",
-                ),
-            );
+        let why = match *name {
+            crate::identity::WORLD_NAME => {
+                "`world` is the identity of every address not in the inventory"
+            }
+            crate::identity::UNIDENTIFIED_NAME => {
+                "`unidentified` holds the cluster addresses the agent refused to identify"
+            }
+            crate::identity::HOST_NAME => {
+                "`host` is this node's addresses (Cedar `Node::\"host\"`)"
+            }
+            crate::identity::REMOTE_NODE_NAME => {
+                "`remote-node` is the other nodes' addresses (Cedar `Node::\"remote-node\"`)"
+            }
+            _ => "",
+        };
+        if !why.is_empty() {
+            diags.push(at(*loc, format!("the name `{name}` is reserved")).with_hint(why));
         }
         if let Some(first) = names.insert(name, *loc) {
             diags.push(at(

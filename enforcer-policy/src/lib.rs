@@ -416,7 +416,7 @@ impl Bundle {
             diags.0.extend(d.0);
             inv
         });
-        let (identities, cluster_problems) = match inventory.as_ref() {
+        let (mut identities, mut cluster_problems) = match inventory.as_ref() {
             Some(inv) => {
                 let (ids, problems) = Identities::allocate_with_cluster(inv, cluster, options);
                 (Some(ids), problems)
@@ -428,8 +428,18 @@ impl Bundle {
                 schema: (schema_path.clone(), schema),
                 policies,
             };
-            cedar::Engine::load(&src, inventory.as_ref(), identities.as_ref(), &mut diags)
+            cedar::Engine::load(&src, inventory.as_ref(), identities.as_mut(), &mut diags)
         });
+        if let Some(n) = engine
+            .as_ref()
+            .map(|e| e.nodes_unidentified)
+            .filter(|&n| n > 0)
+        {
+            cluster_problems.push(format!(
+                "{}: no `entity Node` is declared, so the nodes' {n} addresses are unidentified (every call to them is denied); declare `entity Node;` and list `Node` among the resources of `connect`, then permit `Node::\"host\"` or `Node::\"remote-node\"` where workloads must reach a node",
+                schema_path.display()
+            ));
+        }
         if !diags.is_empty() {
             diags.sort();
             if diags.len() > limits::DIAGNOSTICS {

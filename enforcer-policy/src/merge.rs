@@ -83,6 +83,11 @@ pub(crate) struct Merged<'a> {
     /// claim (refused pods, contested addresses, left-out Services), as host networks,
     /// sorted: UNIDENTIFIED, never WORLD.
     pub unidentified: Vec<IpNet>,
+    /// This node's addresses that nothing above claims, as host networks, sorted: the
+    /// reserved `host` identity.
+    pub host: Vec<IpNet>,
+    /// Every other node's addresses that nothing above claims (nor this node): `remote-node`.
+    pub remote_nodes: Vec<IpNet>,
     pub problems: Vec<String>,
 }
 
@@ -868,6 +873,16 @@ pub(crate) fn merge<'a>(
         &left_out_external,
         workload_ips.iter().chain(service_ips.iter()).flatten(),
     );
+    let (host, remote_nodes) = node_addresses(
+        state,
+        &options.node_name,
+        &inv_nets,
+        workload_ips
+            .iter()
+            .chain(service_ips.iter())
+            .flatten()
+            .chain(&unidentified),
+    );
 
     // 6. Numbers: the preferred hash unless another key of the pool prefers it too; then
     // the first key in canonical order keeps it and the others probe upwards for a number
@@ -1073,8 +1088,38 @@ pub(crate) fn merge<'a>(
         services: out_services,
         taken_over,
         unidentified,
+        host,
+        remote_nodes,
         problems: problems.finish(),
     }
+}
+
+/// The nodes' addresses that no identity, no UNIDENTIFIED address (`claimed`) and no
+/// inventory network holds: (this node's, every other node's), as sorted host networks. An
+/// address two nodes report (a node replaced under the same address while pods of the old
+/// one are still listed) is this node's if one of them is this node: either way it is a
+/// node's, never World's. A claim wins over a node because it is more specific: a Service's
+/// external address on a node is judged as the Service (kube-proxy redirects it), an
+/// inventory entry is the operator's word.
+fn node_addresses<'a>(
+    state: &ClusterState,
+    this_node: &str,
+    inv_nets: &InventoryNets,
+    claimed: impl Iterator<Item = &'a IpNet>,
+) -> (Vec<IpNet>, Vec<IpNet>) {
+    let claimed: HashSet<IpAddr> = claimed.map(|n| n.addr).collect();
+    let free = |ip: &&IpAddr| !claimed.contains(*ip) && inv_nets.claim(ip).is_none();
+    let (mut host, mut remote) = (BTreeSet::new(), BTreeSet::new());
+    for (node, ips) in &state.nodes {
+        let set = if !this_node.is_empty() && node == this_node {
+            &mut host
+        } else {
+            &mut remote
+        };
+        set.extend(ips.iter().filter(free).copied());
+    }
+    let remote = remote.difference(&host).copied().map(host_net).collect();
+    (host.into_iter().map(host_net).collect(), remote)
 }
 
 /// Every address the state mentions (pods, refused pods, ClusterIPs, external addresses)

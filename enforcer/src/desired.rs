@@ -283,6 +283,7 @@ mod tests {
             }],
             services: vec![],
             unidentified_ips: vec![],
+            nodes: Default::default(),
             problems: vec![],
         }
     }

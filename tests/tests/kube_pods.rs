@@ -1455,8 +1455,9 @@ fn the_agent_in_a_pod_cgroup_reaches_the_api_server_and_enforces() -> Result<()>
     Ok(())
 }
 
-/// A `hostNetwork` pod serves in the node's network namespace, at the node's addresses,
-/// which are nobody's (WORLD): a pod that may reach World reached it there whatever the
+/// A `hostNetwork` pod serves in the node's network namespace, at the node's addresses
+/// (`host`, since the node's addresses are no longer WORLD; the policy here lets every pod
+/// reach the node): a pod that may reach the node reached the pod there whatever the
 /// policy said of the two pods. Its label set has no address, so it had no column in the
 /// policy table either. Now the SYN is judged at the listener as the pod whose address it
 /// comes from -> the `hostNetwork` pod: acme's chat-1 is dropped (`tenant_mismatch`, hook
@@ -1475,7 +1476,7 @@ fn a_host_network_pod_is_judged_as_itself_at_the_node_address() -> Result<()> {
         "acme, globex, initech",
         Some((
             "world.cedar",
-            "@id(\"world-egress\")\npermit (principal, action, resource is World);\n",
+            "@id(\"node\")\npermit (principal, action, resource == Node::\"host\");\n",
         )),
     )?;
     let node_addr = Ipv6Addr::new(0xfd83, 5, 0, 0, 0, 0, 0, 0xfe);
@@ -1573,5 +1574,114 @@ fn a_host_network_pod_is_judged_as_itself_at_the_node_address() -> Result<()> {
         problems.join("\n"),
         world.agent().stderr_tail()
     );
+    Ok(())
+}
+
+/// A node's addresses are the node (`host`, `remote-node`), not World. Before, they were
+/// World's: a pod that may reach the internet reached the kubelet and every other server of
+/// its node and of every other node that listens outside a pod. The nodes' addresses come
+/// from the pods' `status.hostIP` (the 1.20 API server has no `hostIPs`): chat-2 runs here,
+/// rag-remote on another node. A server outside every pod (a kubelet) listens on each node
+/// address and on an address of no node; with World open and `Node::"host"` open on one
+/// port only, chat-1 reaches the World address and that port, and is refused (`no_permit`,
+/// at connect, one event naming the node) on the kubelet's port of either node.
+#[test]
+fn a_node_address_is_the_node_not_world() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    const NET: u8 = 6;
+    const KUBELET: u16 = PORT + 2;
+    const NODE_DNS: u16 = PORT + 3;
+    let mut world = World::new(NET)?;
+    world.bundle = demo_bundle(
+        "acme, globex, initech",
+        Some((
+            "nodes.cedar",
+            &format!(
+                "@id(\"world-egress\")\npermit (principal, action, resource is World);\n\
+                 @id(\"node-dns\")\npermit (principal, action == Action::\"connect\", resource == Node::\"host\") when {{ context.port == {NODE_DNS} }};\n"
+            ),
+        )),
+    )?;
+    let this_node = Ipv4Addr::new(127, 83, NET, 250);
+    let other_node = Ipv4Addr::new(127, 83, NET, 251);
+    let no_node = Ipv4Addr::new(127, 83, NET, 252);
+    world.rt.block_on(async {
+        for (pod, namespace, host_ip) in [
+            ("chat-2", "cg9-acme", this_node),
+            ("rag-remote", "cg9-globex", other_node),
+        ] {
+            let status = serde_json::json!({"status": {"hostIP": host_ip.to_string()}});
+            Api::<Pod>::namespaced(world.client.clone(), namespace)
+                .patch_status(pod, &PatchParams::default(), &Patch::Merge(&status))
+                .await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let mut kubelets = Vec::new();
+    for addr in [this_node, other_node, no_node] {
+        for port in [KUBELET, NODE_DNS] {
+            kubelets.push(Server::start(
+                Proto::Tcp,
+                SocketAddr::new(IpAddr::V4(addr), port),
+            )?);
+        }
+    }
+    world.start_agent()?;
+    world.wait_enforcing("start")?;
+
+    let chat = world.pod("chat-1");
+    let probe = world.probe(chat.cgroup(false), false);
+    let mut problems = Vec::new();
+    for (addr, port, want, node) in [
+        (no_node, KUBELET, Outcome::Ok, None),
+        (this_node, NODE_DNS, Outcome::Ok, None),
+        (this_node, KUBELET, Outcome::Eperm, Some("host")),
+        (other_node, KUBELET, Outcome::Eperm, Some("remote-node")),
+        (other_node, NODE_DNS, Outcome::Eperm, Some("remote-node")),
+    ] {
+        let call = attempt("tcp", IpAddr::V4(addr), port);
+        let r = probe.run_one(&call)?;
+        if r.outcome != want {
+            problems.push(format!("chat-1 -> {call}: {r:?}, want {want:?}"));
+        }
+        let Some(node) = node else { continue };
+        let found = world.agent().wait_for(1, Duration::from_secs(10), |e| {
+            e["destination"]["ip"] == addr.to_string() && e["destination"]["port"] == port
+        });
+        let hits: Vec<Value> = found
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| {
+                e["destination"]["ip"] == addr.to_string() && e["destination"]["port"] == port
+            })
+            .collect();
+        let right = hits.len() == 1
+            && event_has(
+                &hits[0],
+                &[
+                    ("/hook", "connect4"),
+                    ("/verdict", "deny"),
+                    ("/reason", "no_permit"),
+                    ("/destination/name", node),
+                    ("/destination/kind", "node"),
+                    ("/subject/tenant", "acme"),
+                ],
+            );
+        if !right {
+            problems.push(format!(
+                "want one no_permit event chat-1 -> {node} at {call}, got {hits:?}"
+            ));
+        }
+    }
+    let status = world.agent().status()?;
+    ensure!(
+        problems.is_empty(),
+        "{}\nstatus: {status:#}\nagent stderr:\n{}",
+        problems.join("\n"),
+        world.agent().stderr_tail()
+    );
+    drop(kubelets);
     Ok(())
 }

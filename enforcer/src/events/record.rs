@@ -144,6 +144,7 @@ pub fn destination_kind(i: &enforcer_policy::Identity) -> String {
             .clone()
             .unwrap_or_else(|| "workload".to_string()),
         IdentityKind::World => "world".to_string(),
+        IdentityKind::Node => "node".to_string(),
         IdentityKind::Service => "service".to_string(),
         IdentityKind::Unidentified => "unidentified".to_string(),
         IdentityKind::Endpoint => i

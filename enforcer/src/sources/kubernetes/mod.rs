@@ -777,7 +777,7 @@ fn slim<K: ResourceExt>(object: &mut K) {
 /// creation and deletion times, of the annotations only the product's own
 /// (`ai-enforcer.io/`, the marks) and the mirror annotation, of the owner references only the
 /// Node owners (a mirror pod's annotation and owner name a static pod's cgroup); node, host network,
-/// service account, phase and IPs. [`wire::WirePod`] decodes exactly this.
+/// service account, phase, its IPs and its node's. [`wire::WirePod`] decodes exactly this.
 fn slim_pod(pod: &mut Pod) {
     let m = std::mem::take(&mut pod.metadata);
     pod.metadata = ObjectMeta {
@@ -809,6 +809,8 @@ fn slim_pod(pod: &mut Pod) {
         phase: s.phase,
         pod_ip: s.pod_ip,
         pod_ips: s.pod_ips,
+        host_ip: s.host_ip,
+        host_ips: s.host_ips,
         ..PodStatus::default()
     });
 }

@@ -23,7 +23,7 @@
 //! its service account name is invalid. Pods that are terminated (`Succeeded`, `Failed`) or
 //! being deleted (`deletionTimestamp` set) are not live and not listed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -321,8 +321,10 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     // Pods refused because of their namespace are reported once per namespace.
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut unidentified_ips: Vec<IpAddr> = Vec::new();
+    let mut nodes: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut added = Vec::new();
     for pod in snapshot.pods.iter().filter(|p| live(p)) {
+        node_addresses(pod, &mut nodes);
         let (namespace, name) = pod_key(pod);
         let system = rules.system_namespaces.iter().any(|n| n == namespace);
         let metadata = match namespaces.get(namespace) {
@@ -432,8 +434,47 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
         identities,
         services,
         unidentified_ips,
+        nodes: nodes
+            .into_iter()
+            .map(|(node, ips)| (node.to_string(), ips.into_iter().collect()))
+            .collect(),
         problems,
     }
+}
+
+/// Adds what a pod says of its node's addresses (`status.hostIPs`, else `status.hostIP`; a
+/// `hostNetwork` pod's own addresses), whatever becomes of the pod itself: a pod left out
+/// still runs on a node. Written by the kubelet, not by tenants (the `/status`
+/// subresource); an address that does not parse names nothing and is skipped.
+fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, BTreeSet<IpAddr>>) {
+    let spec = pod.spec.as_ref();
+    let Some(node) = spec
+        .and_then(|s| s.node_name.as_deref())
+        .filter(|n| !n.is_empty())
+    else {
+        return;
+    };
+    let Some(status) = pod.status.as_ref() else {
+        return;
+    };
+    let host_ips = status.host_ips.iter().flatten().map(|h| h.ip.as_str());
+    let host_ip = status
+        .host_ips
+        .as_ref()
+        .is_none_or(|h| h.is_empty())
+        .then_some(status.host_ip.as_deref())
+        .flatten();
+    let own = if spec.and_then(|s| s.host_network) == Some(true) {
+        pod_ips(pod, "", &mut Vec::new())
+    } else {
+        Vec::new()
+    };
+    let parsed = host_ips
+        .chain(host_ip)
+        .filter_map(|text| parse_ip(text).ok())
+        .chain(own);
+    let set = nodes.entry(node).or_default();
+    set.extend(parsed);
 }
 
 /// The addresses of a pod that is left out (the merge makes them UNIDENTIFIED); none for a

@@ -380,6 +380,63 @@ fn host_network_pods_have_no_addresses_and_bad_ips_are_reported() {
     );
 }
 
+/// Each node's addresses, from what every live pod says of its node: `status.hostIPs` (else
+/// the older `status.hostIP`) and a `hostNetwork` pod's own addresses; also from pods that
+/// are left out (a namespace without a tenant still runs on a node), never from finished
+/// pods or unscheduled ones, and an address that does not parse is skipped.
+#[test]
+fn node_addresses_come_from_every_live_pod_on_the_node() {
+    let with_host = |mut p: Pod, status: serde_json::Value| {
+        let extra: k8s_openapi::api::core::v1::PodStatus = serde_json::from_value(status).unwrap();
+        let s = p.status.as_mut().unwrap();
+        s.host_ip = extra.host_ip;
+        s.host_ips = extra.host_ips;
+        p
+    };
+    let both = with_host(
+        pod("acme", "a", json!({}), "n1", "127.82.1.1"),
+        json!({"hostIP": "127.82.9.1", "hostIPs": [{"ip": "127.82.9.1"}, {"ip": "fd7e:82::9:1"}]}),
+    );
+    let old_server = with_host(
+        pod("untenanted", "b", json!({}), "n2", "127.82.1.2"),
+        json!({"hostIP": "127.82.9.2"}),
+    );
+    let mut host_network = with_host(
+        pod("acme", "c", json!({}), "n1", "fd7e:82::9:2"),
+        json!({"hostIP": "not-an-ip"}),
+    );
+    host_network.spec.as_mut().unwrap().host_network = Some(true);
+    let mut finished = with_host(
+        pod("acme", "d", json!({}), "n3", "127.82.1.4"),
+        json!({"hostIP": "127.82.9.4"}),
+    );
+    finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let mut unscheduled = with_host(
+        pod("acme", "e", json!({}), "", "127.82.1.5"),
+        json!({"hostIP": "127.82.9.5"}),
+    );
+    unscheduled.spec.as_mut().unwrap().node_name = None;
+    let s = state(
+        vec![both, old_server, host_network, finished, unscheduled],
+        vec![tenant_ns("acme", "acme")],
+    );
+    let ips = |v: &[&str]| {
+        v.iter()
+            .map(|a| a.parse::<IpAddr>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        s.nodes,
+        BTreeMap::from([
+            (
+                "n1".to_string(),
+                ips(&["127.82.9.1", "fd7e:82::9:1", "fd7e:82::9:2"])
+            ),
+            ("n2".to_string(), ips(&["127.82.9.2"])),
+        ])
+    );
+}
+
 #[test]
 fn watch_events_through_the_store_follow_deletes_and_relists() {
     let ns = store_state(vec![tenant_ns("acme", "acme")]);
@@ -1702,6 +1759,7 @@ fn wire_pods_decode_what_slim_pods_keep() {
         "status": {
             "phase": "Running", "podIP": "127.97.0.1",
             "podIPs": [{"ip": "127.97.0.1"}, {"ip": "fd97::1"}],
+            "hostIP": "127.97.9.1", "hostIPs": [{"ip": "127.97.9.1"}, {"ip": "fd97::9:1"}],
             "conditions": [{"type": "Ready", "status": "True"}],
             "containerStatuses": [{
                 "name": "c", "ready": true, "restartCount": 0, "image": "busybox",

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use serde::{Deserialize, Deserializer};
 
@@ -93,6 +93,11 @@ struct Status {
     pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
     pod_ips: Option<Vec<PodIP>>,
+    /// The node's addresses (`model::node_addresses`).
+    #[serde(rename = "hostIP")]
+    host_ip: Option<String>,
+    #[serde(rename = "hostIPs")]
+    host_ips: Option<Vec<HostIP>>,
 }
 
 /// The annotations map with only the kept ones ([`super::model::kept_annotation`]) in it
@@ -169,6 +174,8 @@ impl<'de> Deserialize<'de> for WirePod {
                 phase: s.phase,
                 pod_ip: s.pod_ip,
                 pod_ips: s.pod_ips,
+                host_ip: s.host_ip,
+                host_ips: s.host_ips,
                 ..PodStatus::default()
             }),
         }))
