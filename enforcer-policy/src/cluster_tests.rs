@@ -1808,7 +1808,11 @@ fn a_persisted_state_without_marks_still_loads() {
 /// servers outside pods. `Node::"host"` opens this node, and only where the policy says. A
 /// pod's address, an inventory address and a Service's external address on a node stay
 /// theirs; an address two nodes report is this node's; a Service whose backend is a node
-/// address (a `hostNetwork` pod's) is judged as that node.
+/// address (a `hostNetwork` pod's) is judged as that node. From the attack review: an
+/// inventory prefix around a node's address does not take it (the node's host entry is
+/// more specific), a link-local address (a cloud's metadata service) is never a node, and a
+/// tenant's Service with `externalIPs` on a node address and its backend there (which
+/// resolved to World) is denied and reported.
 #[test]
 fn node_addresses_are_host_and_remote_node_never_world() {
     use enforcer_common::identity as reserved;
@@ -1823,6 +1827,8 @@ fn node_addresses_are_host_and_remote_node_never_world() {
                 ip("127.81.1.1"),  // rag-0's pod address
                 ip("127.10.1.10"), // the inventory's acme-vectors
                 ip("127.81.9.3"),  // rag-svc's external address
+                ip("127.81.9.4"),  // acme/k's external address
+                ip("169.254.169.254"),
             ],
         ),
         (
@@ -1843,11 +1849,29 @@ fn node_addresses_are_host_and_remote_node_never_world() {
             }],
         )],
     ));
+    let mut k = cluster_service(
+        "acme",
+        "k",
+        ip("127.81.100.10"),
+        &[(
+            10250,
+            Protocol::Tcp,
+            vec![Backend {
+                ip: ip("127.81.9.4"),
+                port: 10250,
+            }],
+        )],
+    );
+    k.external_ips = vec![ip("127.81.9.4")];
+    state.services.push(k);
     let dir = crate::tests::demo_with(
         "node.cedar",
         "@id(\"world\")\npermit (principal, action, resource is World);\n\
          @id(\"node-dns\")\npermit (principal, action == Action::\"connect\", resource == Node::\"host\") when { context.port == 53 };\n",
     );
+    let inventory = std::fs::read_to_string(dir.path().join("inventory.yaml")).unwrap()
+        + "  - {name: acme-internal, tenant: acme, kind: api, ips: [127.81.9.0/24]}\n";
+    std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
     let b = load(dir.path(), &state, &options());
     let shown = |name: &str| {
         let i = b.identities().by_name(name).unwrap();
@@ -1885,8 +1909,30 @@ fn node_addresses_are_host_and_remote_node_never_world() {
         allowed("service/acme/rag-svc", 80),
         "its external address stays the Service's"
     );
+    assert!(
+        !allowed("service/acme/k", 10250),
+        "a backend at its own address is no one's"
+    );
+    assert!(
+        allowed("acme-internal", 10250),
+        "the prefix keeps the rest of its range"
+    );
     assert_compiled_equals_oracle(&b);
-    assert!(b.cluster_problems().iter().all(|p| !p.contains("Node")));
+    let problems = b.cluster_problems().join("\n");
+    assert!(!problems.contains("entity Node"), "{problems}");
+    assert!(
+        problems
+            .lines()
+            .any(|l| l.contains("has external address 127.81.9.4")
+                && l.contains("an address of node `node-a`")),
+        "{problems}"
+    );
+    let all: Vec<String> = b
+        .identities()
+        .iter()
+        .flat_map(|i| i.ips.iter().map(|n| n.to_string()))
+        .collect();
+    assert!(!all.contains(&"169.254.169.254/32".to_string()), "{all:?}");
 }
 
 /// A schema written before nodes were entities (no `entity Node`) still loads: the nodes'

@@ -634,20 +634,21 @@ impl Identities {
     }
 
     /// The networks `backend_index` looks up: those of workloads, endpoints, nodes and
-    /// UNIDENTIFIED (Services lead to their backends, WORLD is the fallback).
+    /// UNIDENTIFIED, WORLD being the fallback. A Service's own address leads to UNIDENTIFIED:
+    /// kube-proxy translates once, so a backend at a Service's (external) address reaches
+    /// whatever listens there, which the Service took the address from (a node, a pod): it
+    /// is denied, never judged as World (a tenant's Service with `externalIPs` on a node's
+    /// address and a backend at that same address reopened the kubelet to World's callers).
     fn index_nets(&mut self) {
         let mut nets = HashMap::new();
         let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
+        let unidentified = self.by_id.get(&reserved::UNIDENTIFIED).copied();
         for (i, x) in self.list.iter().enumerate() {
-            if !matches!(
-                x.kind,
-                IdentityKind::Workload
-                    | IdentityKind::Endpoint
-                    | IdentityKind::Unidentified
-                    | IdentityKind::Node
-            ) {
-                continue;
-            }
+            let i = match (x.kind, unidentified) {
+                (IdentityKind::Service, Some(u)) => u,
+                (IdentityKind::Service | IdentityKind::World, _) => continue,
+                _ => i,
+            };
             for net in &x.ips {
                 let (is_v6, bits, _) = ip_bits(&net.addr);
                 if is_v6 { &mut v6 } else { &mut v4 }.insert(net.prefix);
@@ -714,8 +715,8 @@ impl Identities {
         self.by_id.get(&id).copied()
     }
     /// The index of the workload, endpoint, node or UNIDENTIFIED whose addresses hold `ip` (the
-    /// longest prefix, as the kernel's IP cache), else WORLD's: where a Service's backend
-    /// leads.
+    /// longest prefix, as the kernel's IP cache; UNIDENTIFIED for a Service's own address),
+    /// else WORLD's: where a Service's backend leads.
     pub(crate) fn backend_index(&self, ip: &IpAddr) -> usize {
         let (is_v6, bits, width) = ip_bits(ip);
         let lens = if is_v6 { &self.lens.1 } else { &self.lens.0 };

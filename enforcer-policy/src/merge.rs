@@ -774,6 +774,11 @@ pub(crate) fn merge<'a>(
         }
     }
     let mut taken_over = HashSet::new();
+    let node_of: HashMap<IpAddr, &str> = state
+        .nodes
+        .iter()
+        .flat_map(|(node, ips)| ips.iter().map(move |ip| (*ip, node.as_str())))
+        .collect();
     for (ip, by) in &external {
         let first = *by.iter().next().expect("at least one Service");
         let (s, tenant, _) = &services[first];
@@ -792,6 +797,9 @@ pub(crate) fn merge<'a>(
             if net == host_net(*ip) {
                 taken_over.insert(net);
             }
+        }
+        if let Some(node) = node_of.get(ip) {
+            previous.push(format!("an address of node {}", show(node)));
         }
         if by.len() == 1 {
             claims.insert(*ip, Owner::Service(first));
@@ -1094,13 +1102,29 @@ pub(crate) fn merge<'a>(
     }
 }
 
+/// Whether a node may have `ip` as its address: not unspecified, multicast, broadcast or
+/// link-local (a cloud's metadata service is `169.254.169.254`): a kubelet that reports one
+/// (compromised, or misconfigured) must not turn that address into a node on every agent.
+/// Loopback is kept: on a test host every node address is one.
+fn node_address_usable(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_link_local())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local())
+                && a.to_ipv4_mapped().is_none()
+        }
+    }
+}
+
 /// The nodes' addresses that no identity, no UNIDENTIFIED address (`claimed`) and no
-/// inventory network holds: (this node's, every other node's), as sorted host networks. An
+/// inventory host entry holds (and that [`node_address_usable`] accepts): (this node's, every other node's), as sorted host networks. An
 /// address two nodes report (a node replaced under the same address while pods of the old
 /// one are still listed) is this node's if one of them is this node: either way it is a
 /// node's, never World's. A claim wins over a node because it is more specific: a Service's
-/// external address on a node is judged as the Service (kube-proxy redirects it), an
-/// inventory entry is the operator's word.
+/// external address on a node is judged as the Service (kube-proxy redirects it, and it is
+/// reported), an inventory host entry is the operator's word.
 fn node_addresses<'a>(
     state: &ClusterState,
     this_node: &str,
@@ -1108,7 +1132,15 @@ fn node_addresses<'a>(
     claimed: impl Iterator<Item = &'a IpNet>,
 ) -> (Vec<IpNet>, Vec<IpNet>) {
     let claimed: HashSet<IpAddr> = claimed.map(|n| n.addr).collect();
-    let free = |ip: &&IpAddr| !claimed.contains(*ip) && inv_nets.claim(ip).is_none();
+    // An inventory prefix that holds a node's address (`10.0.0.0/8`, `0.0.0.0/0`) is less
+    // specific than the node's host entry, which wins in the kernel's IP cache too.
+    let inventory_host = |ip: &IpAddr| {
+        inv_nets
+            .claim(ip)
+            .is_some_and(|(_, net)| net == host_net(*ip))
+    };
+    let free =
+        |ip: &&IpAddr| !claimed.contains(*ip) && !inventory_host(ip) && node_address_usable(ip);
     let (mut host, mut remote) = (BTreeSet::new(), BTreeSet::new());
     for (node, ips) in &state.nodes {
         let set = if !this_node.is_empty() && node == this_node {

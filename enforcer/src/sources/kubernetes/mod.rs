@@ -922,12 +922,13 @@ async fn publish(
 /// one). The identities hold every pod (20,000 at issue 9's scale): they are compared only
 /// when the memo says they may have changed, or when `previous` came from elsewhere (the
 /// state file, or a memo that started over), which the memo's first round reports as a
-/// change too. Services, problems and addresses left out are recomputed every round and
-/// compared (hundreds of entries).
+/// change too. Services, problems, addresses left out and the nodes' addresses are
+/// recomputed every round and compared (hundreds of entries).
 fn same_state(previous: &ClusterState, state: &ClusterState, identities_changed: bool) -> bool {
     previous.trust_domain == state.trust_domain
         && previous.services == state.services
         && previous.unidentified_ips == state.unidentified_ips
+        && previous.nodes == state.nodes
         && previous.problems == state.problems
         && (!identities_changed || previous.identities == state.identities)
 }

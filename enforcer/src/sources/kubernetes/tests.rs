@@ -437,6 +437,20 @@ fn node_addresses_come_from_every_live_pod_on_the_node() {
     );
 }
 
+/// A state that differs from the one published only in its nodes' addresses is a change
+/// (it was not: a state persisted before nodes were kept, or a new node whose only pods are
+/// `hostNetwork`, left the nodes' addresses World's until something else changed).
+#[test]
+fn a_change_of_node_addresses_alone_is_published() {
+    let published = ClusterState::default();
+    let mut state = published.clone();
+    state
+        .nodes
+        .insert("n".into(), vec!["127.82.9.1".parse().unwrap()]);
+    assert!(super::same_state(&published, &published.clone(), true));
+    assert!(!super::same_state(&published, &state, false));
+}
+
 #[test]
 fn watch_events_through_the_store_follow_deletes_and_relists() {
     let ns = store_state(vec![tenant_ns("acme", "acme")]);
