@@ -1584,7 +1584,10 @@ fn a_host_network_pod_is_judged_as_itself_at_the_node_address() -> Result<()> {
 /// rag-remote on another node. A server outside every pod (a kubelet) listens on each node
 /// address and on an address of no node; with World open and `Node::"host"` open on one
 /// port only, chat-1 reaches the World address and that port, and is refused (`no_permit`,
-/// at connect, one event naming the node) on the kubelet's port of either node.
+/// at connect, one event naming the node) on the kubelet's port of either node. Last, the
+/// addresses of the agent's own network namespace (the node's: a pod's default gateway,
+/// tunnel devices) are `host` in the kernel's IP cache too (read from the pinned map: the
+/// tests send nothing to the host's addresses).
 #[test]
 fn a_node_address_is_the_node_not_world() -> Result<()> {
     if !require_kernel() || !require_apiserver() {
@@ -1675,6 +1678,40 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
             ));
         }
     }
+
+    let own = enforcer::sources::kubernetes::local_addresses()?;
+    ensure!(
+        !own.is_empty(),
+        "this namespace has no address but loopback and link-local: nothing to check"
+    );
+    let host_entries = || -> Result<Vec<IpAddr>> {
+        use aya::maps::{HashMap, Map, MapData};
+        let dir = enforcer::datapath::pin_dir(world.pins.path());
+        let open = |name: &str| -> Result<MapData> { Ok(MapData::from_pin(dir.join(name))?) };
+        let v4: HashMap<MapData, [u8; 4], u32> =
+            HashMap::try_from(Map::HashMap(open(enforcer_common::maps::IPCACHE_HOST_V4)?))?;
+        let v6: HashMap<MapData, [u8; 16], u32> =
+            HashMap::try_from(Map::HashMap(open(enforcer_common::maps::IPCACHE_HOST_V6)?))?;
+        let host = enforcer_common::identity::HOST;
+        Ok(own
+            .iter()
+            .copied()
+            .filter(|ip| match ip {
+                IpAddr::V4(a) => v4.get(&a.octets(), 0).ok() == Some(host),
+                IpAddr::V6(a) => v6.get(&a.octets(), 0).ok() == Some(host),
+            })
+            .collect())
+    };
+    let mut seen = Vec::new();
+    let all_host = wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        seen = host_entries().unwrap_or_default();
+        seen.len() == own.len()
+    });
+    if !all_host {
+        problems.push(format!(
+            "the agent's own addresses {own:?} are not all `host` in the IP cache: {seen:?}"
+        ));
+    }
     let status = world.agent().status()?;
     ensure!(
         problems.is_empty(),
@@ -1683,5 +1720,31 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         world.agent().stderr_tail()
     );
     drop(kubelets);
+    Ok(())
+}
+
+/// What the agent takes for its node's own addresses, read in a namespace of the test's own:
+/// every unicast address of every interface (a veth's ULA address), never loopback (a pod's
+/// `127.0.0.1` is its own: `127.83.7.1` on the veth stays out too) nor link-local (every
+/// veth has one).
+#[test]
+fn the_agents_namespace_addresses_are_the_nodes_but_loopback_and_link_local() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let a = NetNs::create(&unique_name("cg9-na"))?;
+    let b = NetNs::create(&unique_name("cg9-nb"))?;
+    let _veth = Veth::create(
+        &a,
+        &["fd83:7::1/64", "fd83:7::2/128", "127.83.7.1/32"],
+        &b,
+        &["fd83:7::fe/64"],
+    )?;
+    let got = a.run_in(enforcer::sources::kubernetes::local_addresses)??;
+    let want: std::collections::BTreeSet<IpAddr> = ["fd83:7::1", "fd83:7::2"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    ensure!(got == want, "read {got:?}, want {want:?}");
     Ok(())
 }

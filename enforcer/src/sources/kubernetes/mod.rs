@@ -24,8 +24,10 @@
 mod model;
 mod wire;
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
@@ -74,6 +76,9 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const RETRY_CALM: Duration = Duration::from_secs(60);
 /// The API group/version of EndpointSlices (GA in Kubernetes 1.21).
 const ENDPOINT_SLICES_API: &str = "discovery.k8s.io/v1";
+/// How often the addresses of the agent's own network namespace are read again (an address
+/// added to a node is `host` within this time, plus an apply).
+pub const LOCAL_ADDRESSES_EVERY: Duration = Duration::from_secs(2);
 
 /// How to run the source.
 #[derive(Clone, Debug, Default)]
@@ -372,7 +377,14 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
         trust_domain: options.trust_domain.clone(),
         system_namespaces: options.system_namespaces.clone(),
     };
-    let task = tokio::spawn(run(client, rules, state_file, shared.clone(), tx));
+    let task = tokio::spawn(run(
+        client,
+        rules,
+        options.node_name.clone(),
+        state_file,
+        shared.clone(),
+        tx,
+    ));
     Ok(KubeSource {
         state: rx,
         shared,
@@ -506,6 +518,7 @@ impl Shared {
 async fn run(
     client: Client,
     rules: Rules,
+    node_name: String,
     state_file: PathBuf,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<Arc<ClusterState>>>,
@@ -565,7 +578,7 @@ async fn run(
         services,
         backends,
     };
-    publish(stores, rules, state_file, shared, tx).await;
+    publish(stores, rules, node_name, state_file, shared, tx).await;
     // `publish` returns only when the channel has no receiver left (the source is gone).
     watchers.shutdown().await;
 }
@@ -841,12 +854,14 @@ impl Stores {
     }
 }
 
-/// Recomputes the state after every (debounced) store change once every resource has been
-/// listed, publishes it when it differs, then hands it to the [`Persister`]: a change is in
-/// force before it is on disk.
+/// Recomputes the state after every (debounced) store change, and when the addresses of the
+/// agent's network namespace change ([`local_addresses`], read every
+/// [`LOCAL_ADDRESSES_EVERY`]), once every resource has been listed; publishes it when it
+/// differs, then hands it to the [`Persister`]: a change is in force before it is on disk.
 async fn publish(
     stores: Stores,
     rules: Rules,
+    node_name: String,
     state_file: PathBuf,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<Arc<ClusterState>>>,
@@ -855,9 +870,22 @@ async fn publish(
     let rules = Arc::new(rules);
     let persister = Persister::start(state_file, shared.clone());
     let mut memo = Some(model::Memo::default());
+    let mut local = BTreeSet::new();
+    let mut reread = tokio::time::interval(LOCAL_ADDRESSES_EVERY);
+    reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shared.changed.notified() => {}
+            _ = reread.tick() => {
+                match local_addresses() {
+                    Ok(now) if now != local => local = now,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(error = %e, "kubernetes: cannot read this node's addresses (the last ones are kept)");
+                        continue;
+                    }
+                }
+            }
             () = tx.closed() => return,
         }
         tokio::time::sleep(DEBOUNCE).await;
@@ -885,6 +913,13 @@ async fn publish(
                 continue;
             }
         };
+        let mut state = state;
+        if !node_name.is_empty() && !local.is_empty() {
+            let own = state.nodes.entry(node_name.clone()).or_default();
+            own.extend(local.iter().copied());
+            own.sort();
+            own.dedup();
+        }
         let computed = started.elapsed();
         let previous = tx.borrow().clone();
         let was_persisted = shared.lock().persisted;
@@ -916,6 +951,24 @@ async fn publish(
             state,
         });
     }
+}
+
+/// The unicast addresses of the network namespace the agent runs in: the node's, since the
+/// DaemonSet is `hostNetwork` (the CNI bridge's gateway, every pod's default route; tunnel
+/// devices; addresses the kubelet does not report). The kubelet listens on all of them, so
+/// they are `host` like the ones the API reports. Loopback and link-local addresses are left
+/// out: the IP cache is one for all namespaces, and a pod's `127.0.0.1` or `fe80::` address
+/// is its own, not the node's. An address something more specific claims (a pod's, a
+/// Service's in IPVS mode's `kube-ipvs0`) stays that claim's (the merge).
+///
+/// # Errors
+/// The interfaces cannot be read (`getifaddrs`).
+pub fn local_addresses() -> std::io::Result<BTreeSet<IpAddr>> {
+    Ok(if_addrs::get_if_addrs()?
+        .into_iter()
+        .filter(|i| !i.is_loopback() && !i.is_link_local())
+        .map(|i| i.ip())
+        .collect())
 }
 
 /// Whether `state` equals `previous`, the state the last round published (or the persisted
