@@ -870,14 +870,15 @@ async fn publish(
     let rules = Arc::new(rules);
     let persister = Persister::start(state_file, shared.clone());
     let mut memo = Some(model::Memo::default());
-    let mut local = BTreeSet::new();
+    // Read before the first round, so that no published state lacks them.
+    let mut local = read_local_addresses().await.unwrap_or_default();
     let mut reread = tokio::time::interval(LOCAL_ADDRESSES_EVERY);
     reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shared.changed.notified() => {}
             _ = reread.tick() => {
-                match local_addresses() {
+                match read_local_addresses().await {
                     Ok(now) if now != local => local = now,
                     Ok(_) => continue,
                     Err(e) => {
@@ -914,12 +915,7 @@ async fn publish(
             }
         };
         let mut state = state;
-        if !node_name.is_empty() && !local.is_empty() {
-            let own = state.nodes.entry(node_name.clone()).or_default();
-            own.extend(local.iter().copied());
-            own.sort();
-            own.dedup();
-        }
+        add_local_addresses(&mut state, &node_name, &local);
         let computed = started.elapsed();
         let previous = tx.borrow().clone();
         let was_persisted = shared.lock().persisted;
@@ -953,13 +949,20 @@ async fn publish(
     }
 }
 
+/// Bridges that container runtimes create with the same default addresses in every
+/// namespace they run in (`172.17.0.1` for Docker, `10.88.0.1` for podman, `192.168.122.1`
+/// for libvirt): a container nested in a pod (a CI job's Docker-in-Docker) has them too, so
+/// their addresses name no one node-wide and stay World's, as loopback does.
+const PER_NAMESPACE_BRIDGES: [&str; 5] = ["docker0", "podman0", "cni-podman0", "virbr0", "lxdbr0"];
+
 /// The unicast addresses of the network namespace the agent runs in: the node's, since the
 /// DaemonSet is `hostNetwork` (the CNI bridge's gateway, every pod's default route; tunnel
 /// devices; addresses the kubelet does not report). The kubelet listens on all of them, so
-/// they are `host` like the ones the API reports. Loopback and link-local addresses are left
-/// out: the IP cache is one for all namespaces, and a pod's `127.0.0.1` or `fe80::` address
-/// is its own, not the node's. An address something more specific claims (a pod's, a
-/// Service's in IPVS mode's `kube-ipvs0`) stays that claim's (the merge).
+/// they are `host` like the ones the API reports. Loopback and link-local addresses, and
+/// those of [`PER_NAMESPACE_BRIDGES`], are left out: the IP cache is one for all namespaces,
+/// and a pod's `127.0.0.1` or `fe80::` address is its own, not the node's. An address
+/// something more specific claims (a pod's; a Service's, see [`add_local_addresses`]) stays
+/// that claim's (the merge).
 ///
 /// # Errors
 /// The interfaces cannot be read (`getifaddrs`).
@@ -967,8 +970,41 @@ pub fn local_addresses() -> std::io::Result<BTreeSet<IpAddr>> {
     Ok(if_addrs::get_if_addrs()?
         .into_iter()
         .filter(|i| !i.is_loopback() && !i.is_link_local())
+        .filter(|i| !PER_NAMESPACE_BRIDGES.contains(&i.name.as_str()))
         .map(|i| i.ip())
         .collect())
+}
+
+/// [`local_addresses`] off the runtime's worker threads (a node with IPVS kube-proxy has an
+/// address per Service on `kube-ipvs0`).
+async fn read_local_addresses() -> std::io::Result<BTreeSet<IpAddr>> {
+    tokio::task::spawn_blocking(local_addresses)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Adds `local` (this node's namespace's addresses) to `node`'s in `state`, except the
+/// addresses of the state's Services: IPVS kube-proxy puts every ClusterIP, external and
+/// load-balancer address on `kube-ipvs0`, and those are the Services' (or, where the merge
+/// refuses a Service or the inventory holds the address, theirs), never the node's.
+fn add_local_addresses(state: &mut ClusterState, node: &str, local: &BTreeSet<IpAddr>) {
+    if node.is_empty() || local.is_empty() {
+        return;
+    }
+    let services: std::collections::HashSet<&IpAddr> = state
+        .services
+        .iter()
+        .flat_map(|s| s.cluster_ips.iter().chain(&s.external_ips))
+        .collect();
+    let own: Vec<IpAddr> = local
+        .iter()
+        .filter(|ip| !services.contains(ip))
+        .copied()
+        .collect();
+    let list = state.nodes.entry(node.to_string()).or_default();
+    list.extend(own);
+    list.sort();
+    list.dedup();
 }
 
 /// Whether `state` equals `previous`, the state the last round published (or the persisted

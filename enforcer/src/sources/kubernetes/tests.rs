@@ -451,6 +451,37 @@ fn a_change_of_node_addresses_alone_is_published() {
     assert!(!super::same_state(&published, &state, false));
 }
 
+/// The node's own addresses join what the API says of it, except the Services' addresses
+/// that IPVS kube-proxy puts on `kube-ipvs0` (a ClusterIP, an external address): those are
+/// the Services' (or the inventory's, which a node's host entry would otherwise override).
+#[test]
+fn the_nodes_own_addresses_leave_the_services_theirs() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut state = ClusterState::default();
+    state.nodes.insert("n".into(), vec![ip("127.82.9.1")]);
+    state
+        .services
+        .push(enforcer_policy::testutil::cluster_service(
+            "acme",
+            "s",
+            ip("127.82.100.1"),
+            &[],
+        ));
+    state.services[0].external_ips = vec![ip("127.82.100.2")];
+    let local = [
+        ip("127.82.9.2"),
+        ip("127.82.100.1"),
+        ip("127.82.100.2"),
+        ip("127.82.9.1"),
+    ]
+    .into_iter()
+    .collect();
+    super::add_local_addresses(&mut state, "n", &local);
+    assert_eq!(state.nodes["n"], vec![ip("127.82.9.1"), ip("127.82.9.2")]);
+    super::add_local_addresses(&mut state, "", &local);
+    assert_eq!(state.nodes.len(), 1);
+}
+
 #[test]
 fn watch_events_through_the_store_follow_deletes_and_relists() {
     let ns = store_state(vec![tenant_ns("acme", "acme")]);
