@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::IpNet;
 use crate::inventory::IngressMode;
 use crate::Protocol;
 
@@ -127,11 +128,32 @@ pub struct ClusterState {
     /// them. Empty in states persisted before this field existed.
     #[serde(default)]
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    /// The networks pods take their addresses from: the Nodes' `spec.podCIDRs` and the
+    /// cluster CIDRs the agent is configured with (`--cluster-cidr`), sorted, without
+    /// duplicates. An address in one that no pod, Service, node or inventory entry holds (a
+    /// pod the watch has not delivered yet, a stale one, another node's CNI gateway or
+    /// tunnel device) is UNIDENTIFIED, never WORLD. Empty in states persisted before this
+    /// field existed.
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
     /// Problems found while building this state (a pod in a namespace without a tenant, a
     /// label value that is not a valid Kubernetes label value...), one line each, naming the
     /// object. They are reported as events; the objects concerned are left out (their pods
     /// are unknown subjects: fail closed).
     pub problems: Vec<String>,
+}
+
+/// The shortest pod network taken into [`ClusterState::pod_cidrs`]'s effect: /8 for IPv4, /32
+/// for IPv6. A Node whose `spec.podCIDR` is `0.0.0.0/1` (a misconfigured or compromised
+/// registration) must not make half the internet UNIDENTIFIED; Kubernetes' own defaults are
+/// far longer (kubeadm's cluster CIDR is a /16, each node's a /24; IPv6 clusters use /48 to
+/// /64).
+pub fn min_pod_cidr_prefix(net: &IpNet) -> u8 {
+    if net.is_ipv4() {
+        8
+    } else {
+        32
+    }
 }
 
 /// The security-relevant labels of a pod: the key of its identity, and its Cedar attributes.

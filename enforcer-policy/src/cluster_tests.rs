@@ -14,6 +14,7 @@ use crate::cluster::{
     identity_number, service_number, tenant_number, Backend, ClusterOptions, ClusterState,
     CLUSTER_IDS,
 };
+use crate::identity::IpNet;
 use crate::tests::{
     assert_compiled_equals_oracle, assert_same_compiled, assert_table_equals_oracle, demo_dir,
     demo_with,
@@ -138,6 +139,7 @@ fn demo_state() -> ClusterState {
         ],
         unidentified_ips: vec![],
         nodes: Default::default(),
+        pod_cidrs: vec![],
         problems: vec![],
     }
 }
@@ -1384,6 +1386,7 @@ fn cluster_dns_state(net: u8) -> ClusterState {
         )],
         unidentified_ips: vec![],
         nodes: Default::default(),
+        pod_cidrs: vec![],
         problems: vec![],
     }
 }
@@ -1933,6 +1936,89 @@ fn node_addresses_are_host_and_remote_node_never_world() {
         .flat_map(|i| i.ips.iter().map(|n| n.to_string()))
         .collect();
     assert!(!all.contains(&"169.254.169.254/32".to_string()), "{all:?}");
+}
+
+/// The pod networks are UNIDENTIFIED wherever nothing more specific holds an address: a pod
+/// the watch has not delivered yet, another node's CNI gateway or tunnel device, a backend
+/// at such an address; pods, nodes and the inventory keep theirs. Networks too short,
+/// link-local, or named exactly by the inventory are left out and reported; one inside
+/// another is one entry, unless an inventory network lies between them.
+#[test]
+fn a_pod_network_address_that_no_pod_holds_is_unidentified_never_world() {
+    let mut state = demo_state();
+    // This node's CNI gateway, inside its pod network: its own interface address.
+    state.nodes = BTreeMap::from([(NODE.to_string(), vec![ip("127.81.1.254")])]);
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    state.pod_cidrs = [
+        "127.81.1.0/24",
+        "127.81.0.0/16",
+        "127.82.0.0/16",
+        "127.82.5.128/25",
+        "0.0.0.0/1",
+        "169.254.0.0/16",
+        "127.10.2.53/32",
+    ]
+    .into_iter()
+    .map(net)
+    .collect();
+    let dir = crate::tests::demo_with(
+        "world.cedar",
+        "@id(\"world\")\npermit (principal, action, resource is World);\n",
+    );
+    let inventory = std::fs::read_to_string(dir.path().join("inventory.yaml")).unwrap()
+        + "  - {name: acme-corp, tenant: acme, kind: api, ips: [127.82.5.0/24]}\n";
+    std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
+    let b = load(dir.path(), &state, &options());
+    let ids = b.identities();
+    let unidentified: Vec<String> = ids
+        .by_name("unidentified")
+        .unwrap()
+        .ips
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        unidentified,
+        ["127.81.0.0/16", "127.82.0.0/16", "127.82.5.128/25"],
+        "the /24 inside the /16 is one entry; the /25 under the inventory's /24 stays"
+    );
+    let rag = name_of(&b, &state.identities[0].labels);
+    let owner = |a: &str| ids.at(ids.backend_index(&ip(a))).name.clone();
+    for (addr, want) in [
+        ("127.81.7.7", "unidentified"),
+        ("127.81.1.1", rag.as_str()),
+        ("127.81.1.254", "host"),
+        ("127.81.100.1", "unidentified"), // a ClusterIP, as a backend
+        ("127.82.5.7", "acme-corp"),
+        ("127.82.5.200", "unidentified"),
+        ("127.82.9.9", "unidentified"),
+        ("127.83.0.1", "world"),
+        ("10.0.0.1", "world"),
+        ("127.10.2.53", "globex-dns"),
+    ] {
+        assert_eq!(owner(addr), want, "{addr}");
+    }
+    let allowed = |to: &str, port: u16| b.decide(&rag, to, port, Protocol::Tcp).unwrap().allowed;
+    assert!(allowed("world", 10250));
+    assert!(allowed("service/acme/vectors", 6333));
+    assert!(
+        !allowed("service/acme/vectors", 7000),
+        "a backend at a free pod-network address is no one's"
+    );
+    assert_compiled_equals_oracle(&b);
+    let problems = b.cluster_problems().join("\n");
+    for (network, why) in [
+        ("0.0.0.0/1", "shorter than /8"),
+        ("169.254.0.0/16", "link-local"),
+        ("127.10.2.53/32", "`globex-dns`"),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(&format!("pod network {network} ")) && l.contains(why)),
+            "{network}: {problems}"
+        );
+    }
 }
 
 /// A schema written before nodes were entities (no `entity Node`) still loads: the nodes'

@@ -120,6 +120,15 @@ impl serde::Serialize for IpNet {
     }
 }
 
+/// From the text [`FromStr`] reads (`10.244.0.0/16`, `fd00::/48`, a bare address).
+impl<'de> serde::Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| serde::de::Error::custom(format!("network {text:?}: {e}")))
+    }
+}
+
 /// Validate a SPIFFE ID per the SPIFFE-ID specification: `spiffe://` (lowercase scheme), a
 /// trust domain of `[a-z0-9.-_]` (at most 255 bytes, no port or user info), an optional path
 /// of `/`-separated non-empty segments of `[A-Za-z0-9.-_]` that are not `.` or `..`, no

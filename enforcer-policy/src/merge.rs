@@ -80,8 +80,8 @@ pub(crate) struct Merged<'a> {
     /// identity per network).
     pub taken_over: HashSet<IpNet>,
     /// Every address of the cluster state that no identity holds and the inventory does not
-    /// claim (refused pods, contested addresses, left-out Services), as host networks,
-    /// sorted: UNIDENTIFIED, never WORLD.
+    /// claim (refused pods, contested addresses, left-out Services), as host networks, and
+    /// the pod networks ([`pod_networks`]), sorted: UNIDENTIFIED, never WORLD.
     pub unidentified: Vec<IpNet>,
     /// This node's addresses that nothing above claims, as host networks, sorted: the
     /// reserved `host` identity.
@@ -891,6 +891,10 @@ pub(crate) fn merge<'a>(
             .flatten()
             .chain(&unidentified),
     );
+    // After the nodes: a network's own address (`10.244.1.0`) claims nothing above.
+    let mut unidentified = unidentified;
+    unidentified.extend(pod_networks(state, &inv_nets, &mut problems));
+    unidentified.sort();
 
     // 6. Numbers: the preferred hash unless another key of the pool prefers it too; then
     // the first key in canonical order keeps it and the others probe upwards for a number
@@ -1152,6 +1156,57 @@ fn node_addresses<'a>(
     }
     let remote = remote.difference(&host).copied().map(host_net).collect();
     (host.into_iter().map(host_net).collect(), remote)
+}
+
+/// The state's pod networks as UNIDENTIFIED networks: the more specific entries of the IP
+/// cache (pods, Services, nodes, inventory host entries) win inside them, so only what none
+/// of those holds is left: a pod not delivered yet, a stale address, another node's CNI
+/// gateway or tunnel device (flannel's `cni0` and `flannel.1`, Cilium's `cilium_host`,
+/// Calico's tunnel address all come from the pod networks). Left out, and reported: a
+/// network shorter than [`crate::cluster::min_pod_cidr_prefix`] or at a link-local,
+/// multicast or unspecified address, and one the inventory names exactly (the operator's
+/// word). A network inside another one taken is dropped (one IP cache entry serves), unless
+/// an inventory network lies between them, which it then keeps from the outer one.
+fn pod_networks(
+    state: &ClusterState,
+    inv_nets: &InventoryNets,
+    problems: &mut Problems,
+) -> Vec<IpNet> {
+    let mut taken: Vec<IpNet> = Vec::new();
+    for net in &state.pod_cidrs {
+        let min = crate::cluster::min_pod_cidr_prefix(net);
+        if net.prefix < min {
+            problems.summary(format!(
+                "pod network {net} is shorter than /{min}: left out (its free addresses stay World's)"
+            ));
+            continue;
+        }
+        if !node_address_usable(&net.addr) {
+            problems.summary(format!(
+                "pod network {net} is link-local, multicast or unspecified: left out"
+            ));
+            continue;
+        }
+        if let Some((owner, _)) = inv_nets.claim(&net.addr).filter(|(_, n)| n == net) {
+            problems.summary(format!(
+                "pod network {net} is also the inventory's `{owner}`: it stays `{owner}`"
+            ));
+            continue;
+        }
+        taken.push(*net);
+    }
+    taken.sort();
+    taken.dedup();
+    let inside = |inner: &IpNet, outer: &IpNet| {
+        outer.prefix < inner.prefix
+            && outer.contains(&inner.addr)
+            && !inv_nets
+                .claim(&inner.addr)
+                .is_some_and(|(_, n)| n.prefix > outer.prefix && n.prefix <= inner.prefix)
+    };
+    let all = taken.clone();
+    taken.retain(|inner| !all.iter().any(|outer| inside(inner, outer)));
+    taken
 }
 
 /// Every address the state mentions (pods, refused pods, ClusterIPs, external addresses)

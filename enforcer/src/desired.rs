@@ -284,6 +284,7 @@ mod tests {
             services: vec![],
             unidentified_ips: vec![],
             nodes: Default::default(),
+            pod_cidrs: vec![],
             problems: vec![],
         }
     }

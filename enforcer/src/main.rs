@@ -265,6 +265,12 @@ struct KubernetesArgs {
         requires = "kubernetes"
     )]
     system_namespaces: Vec<String>,
+    /// A network the cluster's pods take their addresses from, besides each Node's
+    /// spec.podCIDRs (repeatable): an address in it that no pod, Service or node holds is
+    /// unidentified (every call denied), never World. Give it where the CNI does not
+    /// allocate from the Nodes' podCIDRs (Calico IP pools, Cilium's cluster pool).
+    #[arg(long = "cluster-cidr", value_name = "CIDR", requires = "kubernetes")]
+    cluster_cidrs: Vec<enforcer_policy::identity::IpNet>,
     /// The most identities (distinct label sets) one tenant may have; more are left out
     /// (their pods unknown subjects) and reported [default: 256].
     #[arg(long, value_name = "N", requires = "kubernetes")]
@@ -293,6 +299,12 @@ impl KubernetesArgs {
         if max == 0 {
             anyhow::bail!("--max-identities-per-tenant must be at least 1");
         }
+        for net in &self.cluster_cidrs {
+            let min = enforcer_policy::cluster::min_pod_cidr_prefix(net);
+            if net.prefix < min {
+                anyhow::bail!("--cluster-cidr {net}: shorter than /{min}");
+            }
+        }
         Ok(Some(agent::KubernetesOptions {
             source: enforcer::sources::kubernetes::KubeOptions {
                 kubeconfig: self.kubeconfig,
@@ -300,6 +312,7 @@ impl KubernetesArgs {
                 identity_labels: self.identity_labels,
                 trust_domain: self.trust_domain.unwrap_or_else(|| "cluster.local".into()),
                 system_namespaces: self.system_namespaces,
+                cluster_cidrs: self.cluster_cidrs,
                 state_dir: state_dir.to_path_buf(),
             },
             cluster: ClusterOptions {

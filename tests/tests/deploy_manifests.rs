@@ -551,6 +551,7 @@ fn rbac_reads_only_and_exactly_what_each_component_uses() {
     let watch = read(&["get", "list", "watch"]);
     let expected_agent: BTreeMap<(String, String), BTreeSet<String>> = [
         ("", "pods"),
+        ("", "nodes"),
         ("", "namespaces"),
         ("", "services"),
         ("", "endpoints"),

@@ -1584,7 +1584,10 @@ fn a_host_network_pod_is_judged_as_itself_at_the_node_address() -> Result<()> {
 /// rag-remote on another node. A server outside every pod (a kubelet) listens on each node
 /// address and on an address of no node; with World open and `Node::"host"` open on one
 /// port only, chat-1 reaches the World address and that port, and is refused (`no_permit`,
-/// at connect, one event naming the node) on the kubelet's port of either node. Last, the
+/// at connect, one event naming the node) on the kubelet's port of either node. A node no
+/// pod reports is known by its Node object's `status.addresses` (`remote-node`); a free
+/// address of its `spec.podCIDR` (its CNI gateway) and of the agent's `--cluster-cidr` is
+/// `unidentified` (`unidentified_destination`), never World. Last, the
 /// addresses of the agent's own network namespace (the node's: a pod's default gateway,
 /// tunnel devices) are `host` in the kernel's IP cache too (read from the pinned map: the
 /// tests send nothing to the host's addresses).
@@ -1610,7 +1613,29 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
     let this_node = Ipv4Addr::new(127, 83, NET, 250);
     let other_node = Ipv4Addr::new(127, 83, NET, 251);
     let no_node = Ipv4Addr::new(127, 83, NET, 252);
+    // A node no pod reports: only its Node object names its address and its pod network,
+    // whose gateway no pod holds. And a cluster CIDR the agent is configured with.
+    let far_node = Ipv4Addr::new(127, 83, NET, 253);
+    let far_gateway = Ipv4Addr::new(127, 83, NET, 225);
+    let cluster_cidr_free = Ipv4Addr::new(127, 83, 60 + NET, 1);
     world.rt.block_on(async {
+        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(world.client.clone());
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cg9-far-node"},
+            "spec": {"podCIDR": format!("127.83.{NET}.224/28")},
+        }))?;
+        nodes.create(&PostParams::default(), &node).await?;
+        let status = serde_json::json!({"status": {"addresses": [
+            {"type": "InternalIP", "address": far_node.to_string()},
+            {"type": "Hostname", "address": "cg9-far-node"},
+        ]}});
+        nodes
+            .patch_status(
+                "cg9-far-node",
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await?;
         for (pod, namespace, host_ip) in [
             ("chat-2", "cg9-acme", this_node),
             ("rag-remote", "cg9-globex", other_node),
@@ -1623,7 +1648,14 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         anyhow::Ok(())
     })?;
     let mut kubelets = Vec::new();
-    for addr in [this_node, other_node, no_node] {
+    for addr in [
+        this_node,
+        other_node,
+        no_node,
+        far_node,
+        far_gateway,
+        cluster_cidr_free,
+    ] {
         for port in [KUBELET, NODE_DNS] {
             kubelets.push(Server::start(
                 Proto::Tcp,
@@ -1631,7 +1663,11 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
             )?);
         }
     }
-    world.start_agent()?;
+    let mut config = world.agent_config();
+    config
+        .extra_args
+        .push(format!("--cluster-cidr=127.83.{}.0/24", 60 + NET));
+    world.agent = Some(Agent::start(config)?);
     world.wait_enforcing("start")?;
 
     let chat = world.pod("chat-1");
@@ -1643,6 +1679,14 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         (this_node, KUBELET, Outcome::Eperm, Some("host")),
         (other_node, KUBELET, Outcome::Eperm, Some("remote-node")),
         (other_node, NODE_DNS, Outcome::Eperm, Some("remote-node")),
+        (far_node, KUBELET, Outcome::Eperm, Some("remote-node")),
+        (far_gateway, KUBELET, Outcome::Eperm, Some("unidentified")),
+        (
+            cluster_cidr_free,
+            KUBELET,
+            Outcome::Eperm,
+            Some("unidentified"),
+        ),
     ] {
         let call = attempt("tcp", IpAddr::V4(addr), port);
         let r = probe.run_one(&call)?;
@@ -1660,21 +1704,26 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
                 e["destination"]["ip"] == addr.to_string() && e["destination"]["port"] == port
             })
             .collect();
+        let (reason, kind) = if node == "unidentified" {
+            ("unidentified_destination", "unidentified")
+        } else {
+            ("no_permit", "node")
+        };
         let right = hits.len() == 1
             && event_has(
                 &hits[0],
                 &[
                     ("/hook", "connect4"),
                     ("/verdict", "deny"),
-                    ("/reason", "no_permit"),
+                    ("/reason", reason),
                     ("/destination/name", node),
-                    ("/destination/kind", "node"),
+                    ("/destination/kind", kind),
                     ("/subject/tenant", "acme"),
                 ],
             );
         if !right {
             problems.push(format!(
-                "want one no_permit event chat-1 -> {node} at {call}, got {hits:?}"
+                "want one {reason} event chat-1 -> {node} at {call}, got {hits:?}"
             ));
         }
     }

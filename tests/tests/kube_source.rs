@@ -51,6 +51,7 @@ fn options(server: &ApiServer, state_dir: &std::path::Path) -> KubeOptions {
         identity_labels: vec!["app.kubernetes.io/component".into()],
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
+        cluster_cidrs: Vec::new(),
         state_dir: state_dir.to_path_buf(),
     }
 }

@@ -235,6 +235,7 @@ fn a_pod_of_another_node_is_judged_by_the_policy_at_ingress() -> Result<()> {
         services: vec![],
         unidentified_ips: vec![],
         nodes: Default::default(),
+        pod_cidrs: vec![],
         problems: vec![],
     };
     let persisted = enforcer::sources::kubernetes::PersistedState {

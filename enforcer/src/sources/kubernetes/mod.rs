@@ -1,4 +1,4 @@
-//! Kubernetes as a source of workloads: Pods, Namespaces, Services and their backends, kept
+//! Kubernetes as a source of workloads: Pods, Nodes, Namespaces, Services and their backends, kept
 //! by kube-rs watchers in reflector stores and turned into a [`ClusterState`] by a pure
 //! function ([`cluster_state`]).
 //!
@@ -36,7 +36,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use enforcer_policy::cluster::ClusterState;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{
+    Endpoints, Namespace, Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -97,6 +99,9 @@ pub struct KubeOptions {
     pub system_namespaces: Vec<String>,
     /// Where the last state is persisted ([`STATE_FILE`]); created when missing.
     pub state_dir: PathBuf,
+    /// The cluster's pod networks (`--cluster-cidr`), besides the Nodes' `spec.podCIDRs`:
+    /// see [`Rules::cluster_cidrs`].
+    pub cluster_cidrs: Vec<enforcer_policy::identity::IpNet>,
 }
 
 /// What `enforcer status` shows about the source.
@@ -376,6 +381,7 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
         identity_labels: options.identity_labels.clone(),
         trust_domain: options.trust_domain.clone(),
         system_namespaces: options.system_namespaces.clone(),
+        cluster_cidrs: options.cluster_cidrs.clone(),
     };
     let task = tokio::spawn(run(
         client,
@@ -438,9 +444,13 @@ struct Health {
     error: Option<String>,
 }
 
+/// API discovery and the five watchers (pods, nodes, namespaces, services, backends).
+const PARTS: usize = 6;
+
 #[derive(Debug, Default)]
 struct Inner {
-    /// "discovery", "pods", "namespaces", "services", "endpointslices" / "endpoints".
+    /// "discovery", "pods", "nodes", "namespaces", "services", "endpointslices" /
+    /// "endpoints".
     parts: Vec<(&'static str, Health)>,
     endpoints_api: Option<&'static str>,
     /// The last successful list or watch event since start.
@@ -463,11 +473,11 @@ impl Inner {
 
     /// Discovery answered and every watcher listed and is healthy.
     fn connected(&self) -> bool {
-        self.parts.len() == 5 && self.parts.iter().all(|(_, h)| h.ok && h.listed)
+        self.parts.len() == PARTS && self.parts.iter().all(|(_, h)| h.ok && h.listed)
     }
 
     fn all_listed(&self) -> bool {
-        self.parts.len() == 5 && self.parts.iter().all(|(_, h)| h.listed)
+        self.parts.len() == PARTS && self.parts.iter().all(|(_, h)| h.listed)
     }
 }
 
@@ -525,7 +535,7 @@ async fn run(
 ) {
     {
         let mut inner = shared.lock();
-        for part in ["discovery", "pods", "namespaces", "services"] {
+        for part in ["discovery", "pods", "nodes", "namespaces", "services"] {
             inner.part(part);
         }
     }
@@ -535,6 +545,13 @@ async fn run(
         Api::<wire::WirePod>::all(client.clone()),
         "pods",
         trimmed_pod,
+        &shared,
+    );
+    let nodes = start_watcher(
+        &mut watchers,
+        Api::<Node>::all(client.clone()),
+        "nodes",
+        trimmed_node,
         &shared,
     );
     let namespaces = start_watcher(
@@ -574,6 +591,7 @@ async fn run(
     };
     let stores = Stores {
         pods,
+        nodes,
         namespaces,
         services,
         backends,
@@ -630,12 +648,19 @@ fn start_watcher<W, K>(
 ) -> Store<K>
 where
     W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K: Resource + Clone + Debug + PartialEq + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     shared.lock().part(part);
     let (reader, writer) = reflector::store::<K>();
-    set.spawn(watch_resource(api, writer, part, decode, shared.clone()));
+    set.spawn(watch_resource(
+        api,
+        writer,
+        reader.clone(),
+        part,
+        decode,
+        shared.clone(),
+    ));
     reader
 }
 
@@ -668,12 +693,13 @@ fn decode_event<W, K>(event: watcher::Event<W>, decode: fn(W) -> K) -> watcher::
 async fn watch_resource<W, K>(
     api: Api<W>,
     writer: Writer<K>,
+    reader: Store<K>,
     part: &'static str,
     decode: fn(W) -> K,
     shared: Arc<Shared>,
 ) where
     W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K: Resource + Clone + Debug + PartialEq + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     // `resourceVersion=0`: the API server answers a list from its watch cache, whole, in
@@ -685,7 +711,21 @@ async fn watch_resource<W, K>(
     let config = watcher::Config::default()
         .timeout(WATCH_TIMEOUT_SECS)
         .any_semantic();
-    let events = watcher(api, config).map_ok(move |event| decode_event(event, decode));
+    // An update that changes nothing the source keeps (a Node's status heartbeat: every
+    // node, every few minutes; its trimmed copy has no resourceVersion) is not applied and
+    // recomputes nothing. The watcher resumes from the versions of the events it received,
+    // before they are decoded, so dropping one here loses no place in the stream.
+    let events = watcher(api, config)
+        .map_ok(move |event| decode_event(event, decode))
+        .try_filter(move |event| {
+            let unchanged = match event {
+                watcher::Event::Apply(o) => reader
+                    .get(&reflector::ObjectRef::from_obj(o))
+                    .is_some_and(|kept| *kept == *o),
+                _ => false,
+            };
+            std::future::ready(!unchanged)
+        });
     let mut stream = pin!(reflector::reflector(writer, events).backoff(RetryBackoff::default()));
     while let Some(item) = stream.next().await {
         match item {
@@ -774,6 +814,7 @@ fn watch_part(uri: &hyper::Uri) -> Option<&'static str> {
     }
     match uri.path() {
         "/api/v1/pods" => Some("pods"),
+        "/api/v1/nodes" => Some("nodes"),
         "/api/v1/namespaces" => Some("namespaces"),
         "/api/v1/services" => Some("services"),
         "/api/v1/endpoints" => Some("endpoints"),
@@ -828,6 +869,36 @@ fn slim_pod(pod: &mut Pod) {
     });
 }
 
+/// A Node with only what [`cluster_state`] reads: its name, addresses and
+/// pod networks (a Node's status carries its images and conditions, kilobytes each).
+fn trimmed_node(node: Node) -> Node {
+    Node {
+        // No resourceVersion (unlike the other kinds, whose every change the source reads):
+        // a status heartbeat then leaves the trimmed copy unchanged (see `watch_resource`).
+        metadata: ObjectMeta {
+            name: node.metadata.name,
+            ..ObjectMeta::default()
+        },
+        spec: node.spec.map(|s| NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            ..NodeSpec::default()
+        }),
+        status: node.status.map(|s| NodeStatus {
+            addresses: s.addresses.map(|a| {
+                a.into_iter()
+                    .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                    .map(|a| NodeAddress {
+                        address: a.address,
+                        type_: a.type_,
+                    })
+                    .collect()
+            }),
+            ..NodeStatus::default()
+        }),
+    }
+}
+
 enum BackendStore {
     EndpointSlices(Store<EndpointSlice>),
     Endpoints(Store<Endpoints>),
@@ -835,6 +906,7 @@ enum BackendStore {
 
 struct Stores {
     pods: Store<Pod>,
+    nodes: Store<Node>,
     namespaces: Store<Namespace>,
     services: Store<Service>,
     backends: BackendStore,
@@ -844,6 +916,7 @@ impl Stores {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             pods: self.pods.state(),
+            nodes: self.nodes.state(),
             namespaces: self.namespaces.state(),
             services: self.services.state(),
             backends: match &self.backends {
@@ -1018,6 +1091,7 @@ fn same_state(previous: &ClusterState, state: &ClusterState, identities_changed:
         && previous.services == state.services
         && previous.unidentified_ips == state.unidentified_ips
         && previous.nodes == state.nodes
+        && previous.pod_cidrs == state.pod_cidrs
         && previous.problems == state.problems
         && (!identities_changed || previous.identities == state.identities)
 }

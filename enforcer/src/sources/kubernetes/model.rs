@@ -31,9 +31,10 @@ use enforcer_policy::cluster::{
     labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, EndpointMarks,
     ServicePort, MAX_DATASETS,
 };
+use enforcer_policy::identity::IpNet;
 use enforcer_policy::inventory::IngressMode;
 use enforcer_policy::Protocol;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Identity label: the pod's namespace.
@@ -49,6 +50,8 @@ const NAMES_SHOWN: usize = 5;
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub pods: Vec<Arc<Pod>>,
+    /// Node objects: their `status.addresses` and `spec.podCIDRs`.
+    pub nodes: Vec<Arc<Node>>,
     pub namespaces: Vec<Arc<Namespace>>,
     pub services: Vec<Arc<Service>>,
     pub backends: Backends,
@@ -78,6 +81,10 @@ pub struct Rules {
     /// Namespaces whose pods need no tenant: without tenant metadata they get identities
     /// without a tenant instead of being left out.
     pub system_namespaces: Vec<String>,
+    /// The cluster's pod networks as configured (`--cluster-cidr`), added to the Nodes'
+    /// `spec.podCIDRs` in [`ClusterState::pod_cidrs`]: where the CNI's IPAM does not use
+    /// the Nodes' (Calico's IP pools, Cilium's cluster pool).
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 /// Why a configured system namespace can name no namespace (a namespace name is a DNS
@@ -425,6 +432,12 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     }
 
     let services = services(snapshot, &namespaces, &mut problems);
+    let mut pod_cidrs = rules.cluster_cidrs.clone();
+    for node in &snapshot.nodes {
+        node_object(node, &mut nodes, &mut pod_cidrs, &mut problems);
+    }
+    pod_cidrs.sort();
+    pod_cidrs.dedup();
     problems.sort();
     problems.dedup();
     unidentified_ips.sort();
@@ -438,6 +451,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
             .into_iter()
             .map(|(node, ips)| (node.to_string(), ips.into_iter().collect()))
             .collect(),
+        pod_cidrs,
         problems,
     }
 }
@@ -475,6 +489,57 @@ fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, BTreeSet<IpAdd
         .chain(own);
     let set = nodes.entry(node).or_default();
     set.extend(parsed);
+}
+
+/// Adds what a Node object says of itself: its `status.addresses` of type `InternalIP` and
+/// `ExternalIP` (names such as `Hostname` are no addresses) to its addresses, and its
+/// `spec.podCIDRs` (`spec.podCIDR` on servers that predate dual stack) to the pod networks.
+/// Both are the kubelet's and the node controller's to write (NodeRestriction keeps a
+/// kubelet to its own Node), not tenants'. Text that does not parse is reported and skipped.
+fn node_object<'a>(
+    node: &'a Node,
+    nodes: &mut BTreeMap<&'a str, BTreeSet<IpAddr>>,
+    pod_cidrs: &mut Vec<IpNet>,
+    problems: &mut Vec<String>,
+) {
+    let Some(name) = node.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
+        return;
+    };
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP");
+    let mut ips = BTreeSet::new();
+    for a in addresses {
+        match parse_ip(&a.address) {
+            Ok(ip) => {
+                ips.insert(ip);
+            }
+            Err(_) => problems.push(format!(
+                "node {name}: {} {:?} is not an IP address: skipped",
+                a.type_, a.address
+            )),
+        }
+    }
+    nodes.entry(name).or_default().extend(ips);
+    let spec = node.spec.as_ref();
+    let cidrs = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .filter(|c| !c.is_empty())
+        .cloned()
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default();
+    for text in cidrs {
+        match text.parse::<IpNet>() {
+            Ok(net) => pod_cidrs.push(net),
+            Err(e) => problems.push(format!(
+                "node {name}: pod CIDR {text:?} is not a network ({e}): skipped"
+            )),
+        }
+    }
 }
 
 /// The addresses of a pod that is left out (the merge makes them UNIDENTIFIED); none for a

@@ -42,6 +42,10 @@ where
     listed(objects).0.state()
 }
 
+fn ips(v: &[&str]) -> Vec<IpAddr> {
+    v.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect()
+}
+
 fn namespace(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Namespace {
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": labels, "annotations": annotations}
@@ -68,6 +72,7 @@ fn pod(ns: &str, name: &str, labels: serde_json::Value, node: &str, ip: &str) ->
 
 fn rules() -> Rules {
     Rules {
+        cluster_cidrs: Vec::new(),
         identity_labels: vec!["app.kubernetes.io/component".into()],
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
@@ -77,6 +82,7 @@ fn rules() -> Rules {
 fn state(pods: Vec<Pod>, namespaces: Vec<Namespace>) -> ClusterState {
     cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(pods),
             namespaces: store_state(namespaces),
             services: Vec::new(),
@@ -420,11 +426,6 @@ fn node_addresses_come_from_every_live_pod_on_the_node() {
         vec![both, old_server, host_network, finished, unscheduled],
         vec![tenant_ns("acme", "acme")],
     );
-    let ips = |v: &[&str]| {
-        v.iter()
-            .map(|a| a.parse::<IpAddr>().unwrap())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         s.nodes,
         BTreeMap::from([
@@ -434,6 +435,94 @@ fn node_addresses_come_from_every_live_pod_on_the_node() {
             ),
             ("n2".to_string(), ips(&["127.82.9.2"])),
         ])
+    );
+}
+
+/// Node objects add their `status.addresses` (InternalIP and ExternalIP; not Hostname) to
+/// what pods say of them, and their `spec.podCIDRs` (`spec.podCIDR` before dual stack) to
+/// the configured cluster CIDRs; text that does not parse is reported and skipped. The
+/// trimmed copy the watcher keeps holds exactly what that reads.
+#[test]
+fn node_objects_give_their_addresses_and_pod_networks() {
+    let node = |value: serde_json::Value| -> Arc<k8s_openapi::api::core::v1::Node> {
+        Arc::new(super::trimmed_node(serde_json::from_value(value).unwrap()))
+    };
+    let nodes = vec![
+        node(json!({
+            "metadata": {"name": "n1", "labels": {"a": "b"}, "resourceVersion": "7"},
+            "spec": {"podCIDR": "127.82.64.0/24", "podCIDRs": ["127.82.64.0/24", "fd7e:82:64::/64"],
+                     "providerID": "x"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "127.82.9.11"},
+                {"type": "ExternalIP", "address": "fd7e:82::9:11"},
+                {"type": "Hostname", "address": "n1.example"},
+                {"type": "InternalIP", "address": "not-an-ip"}
+            ], "images": [{"names": ["big"], "sizeBytes": 1}]}
+        })),
+        node(json!({
+            "metadata": {"name": "n2"},
+            "spec": {"podCIDR": "127.82.65.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "127.82.9.12"}]}
+        })),
+        node(json!({"metadata": {"name": "n3"}, "spec": {"podCIDRs": ["127.82.66.1/24"]}})),
+    ];
+    assert_eq!(nodes[0].metadata.labels, None, "trimmed");
+    assert_eq!(
+        nodes[0].metadata.resource_version, None,
+        "a status heartbeat leaves the trimmed copy unchanged"
+    );
+    assert!(nodes[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .addresses
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|a| a.type_ != "Hostname"));
+    let rules = Rules {
+        cluster_cidrs: vec!["127.82.0.0/16".parse().unwrap()],
+        ..rules()
+    };
+    let s = cluster_state(
+        &Snapshot {
+            nodes,
+            ..Snapshot::default()
+        },
+        &rules,
+    );
+    assert_eq!(
+        s.nodes,
+        BTreeMap::from([
+            ("n1".to_string(), ips(&["127.82.9.11", "fd7e:82::9:11"])),
+            ("n2".to_string(), ips(&["127.82.9.12"])),
+            ("n3".to_string(), ips(&[])),
+        ])
+    );
+    let nets: Vec<String> = s.pod_cidrs.iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        nets,
+        [
+            "127.82.0.0/16",
+            "127.82.64.0/24",
+            "127.82.65.0/24",
+            "fd7e:82:64::/64"
+        ]
+    );
+    let problems = s.problems.join("\n");
+    assert!(
+        problems.contains("node n1: InternalIP \"not-an-ip\" is not an IP address"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("node n3: pod CIDR \"127.82.66.1/24\" is not a network"),
+        "{problems}"
+    );
+    let mut changed = s.clone();
+    changed.pod_cidrs.pop();
+    assert!(
+        !super::same_state(&s, &changed, false),
+        "a change of pod networks alone is published"
     );
 }
 
@@ -492,6 +581,7 @@ fn watch_events_through_the_store_follow_deletes_and_relists() {
     let compute = |pods: &reflector::Store<Pod>| {
         cluster_state(
             &Snapshot {
+                nodes: Vec::new(),
                 pods: pods.state(),
                 namespaces: ns.clone(),
                 services: Vec::new(),
@@ -565,6 +655,7 @@ fn service(ns: &str, name: &str, cluster_ip: &str, ports: serde_json::Value) -> 
 fn services_state(services: Vec<Service>, backends: Backends) -> ClusterState {
     cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: Vec::new(),
             services: store_state(services),
@@ -804,6 +895,7 @@ async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
         identity_labels: vec!["namespace".into()],
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
+        cluster_cidrs: Vec::new(),
         state_dir: dir.join("state"),
     };
     let err = spawn(options.clone()).await.unwrap_err();
@@ -998,6 +1090,7 @@ fn external_and_load_balancer_addresses_are_judged_as_the_service() {
     .unwrap();
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![pod(
                 "globex",
                 "sink",
@@ -1102,6 +1195,7 @@ fn a_refused_pod_is_not_world_as_a_destination() {
     // globex's namespace lost its tenant label: its pod is refused.
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![pod("globex", "db", json!({}), "node-b", "127.85.3.1")]),
             namespaces: store_state(vec![namespace("globex", json!({}), json!({}))]),
             services: Vec::new(),
@@ -1149,6 +1243,7 @@ fn a_refused_pod_is_not_world_as_a_destination() {
     .unwrap();
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![
                 pod("globex", "db", json!({}), "node-b", "127.85.3.1"),
                 pod("acme", "web", json!({}), "node-b", "127.85.1.1"),
@@ -1180,6 +1275,7 @@ fn system_namespace_pods_get_identities_without_a_tenant() {
     };
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![
                 pod(
                     "kube-system",
@@ -1265,6 +1361,7 @@ fn an_over_quota_service_cannot_keep_an_external_address() {
     };
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![pod(
                 "globex",
                 "sink",
@@ -1346,6 +1443,7 @@ fn tenant_written_endpoint_slices_are_bounded() {
     slices.push(slice("ok".into(), "ok", 8082, vec!["127.85.2.1".into()]));
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![pod(
                 "globex",
                 "sink",
@@ -1400,6 +1498,7 @@ fn services_of_namespaces_without_pods_count_against_their_own_tenant() {
     let svc = |ns: &str, name: &str, ip: &str| service(ns, name, ip, json!([{"port": 80}]));
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: store_state(vec![tenant_ns("aaa", "globex"), tenant_ns("acme", "acme")]),
             services: store_state(vec![
@@ -1458,6 +1557,7 @@ fn ipv4_mapped_cluster_addresses_are_their_ipv4_addresses() {
     );
     let state = cluster_state(
         &Snapshot {
+            nodes: Vec::new(),
             pods: store_state(vec![
                 pod(
                     "globex",
@@ -1730,6 +1830,7 @@ fn incremental_state_equals_a_rebuild() {
                 }
             }
             let snapshot = Snapshot {
+                nodes: Vec::new(),
                 pods: pods.state(),
                 namespaces: namespaces.state(),
                 services: services.state(),
