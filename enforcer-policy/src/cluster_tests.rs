@@ -1873,7 +1873,8 @@ fn node_addresses_are_host_and_remote_node_never_world() {
          @id(\"node-dns\")\npermit (principal, action == Action::\"connect\", resource == Node::\"host\") when { context.port == 53 };\n",
     );
     let inventory = std::fs::read_to_string(dir.path().join("inventory.yaml")).unwrap()
-        + "  - {name: acme-internal, tenant: acme, kind: api, ips: [127.81.9.0/24]}\n";
+        + "  - {name: acme-internal, tenant: acme, kind: api, ips: [127.81.9.0/24]}\n"
+        + "  - {name: imds, kind: api, ips: [169.254.169.254/32]}\n";
     std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
     let b = load(dir.path(), &state, &options());
     let shown = |name: &str| {
@@ -1888,8 +1889,33 @@ fn node_addresses_are_host_and_remote_node_never_world() {
         shown("host"),
         (
             reserved::HOST,
-            vec!["127.81.9.1/32".to_string(), "fd81::9:1/128".to_string()]
-        )
+            [
+                "127.81.9.1/32",
+                "169.254.0.0/16",
+                "fd81::9:1/128",
+                "fe80::/10"
+            ]
+            .map(String::from)
+            .to_vec()
+        ),
+        "the node's addresses, and the link-local networks"
+    );
+    let ids = b.identities();
+    let owner = |a: &str| ids.at(ids.backend_index(&ip(a))).name.clone();
+    for (addr, want) in [
+        ("169.254.20.10", "host"),   // node-local DNS
+        ("fe80::1", "host"),         // a pod's veth peer
+        ("169.254.169.254", "imds"), // named by the inventory: more specific
+        ("127.0.0.1", "world"),
+    ] {
+        assert_eq!(owner(addr), want, "{addr}");
+    }
+    let inventory_mode = load(dir.path(), &state, &ClusterOptions::default());
+    let ids = inventory_mode.identities();
+    assert_eq!(
+        ids.at(ids.backend_index(&ip("169.254.20.10"))).name,
+        "world",
+        "without a node name (inventory mode) link-local stays World's"
     );
     assert_eq!(
         shown("remote-node"),
@@ -1935,7 +1961,11 @@ fn node_addresses_are_host_and_remote_node_never_world() {
         .iter()
         .flat_map(|i| i.ips.iter().map(|n| n.to_string()))
         .collect();
-    assert!(!all.contains(&"169.254.169.254/32".to_string()), "{all:?}");
+    assert_eq!(
+        all.iter().filter(|n| *n == "169.254.169.254/32").count(),
+        1,
+        "a kubelet reporting a link-local hostIP gives the node no host entry there (only the inventory's imds): {all:?}"
+    );
 }
 
 /// The pod networks are UNIDENTIFIED wherever nothing more specific holds an address: a pod

@@ -1123,7 +1123,9 @@ fn node_address_usable(ip: &IpAddr) -> bool {
 }
 
 /// The nodes' addresses that no identity, no UNIDENTIFIED address (`claimed`) and no
-/// inventory host entry holds (and that [`node_address_usable`] accepts): (this node's, every other node's), as sorted host networks. An
+/// inventory host entry holds (and that [`node_address_usable`] accepts): (this node's, every
+/// other node's), as sorted host networks, this node's with the [`LINK_LOCAL`] networks on a
+/// node of a cluster (`this_node` not empty). An
 /// address two nodes report (a node replaced under the same address while pods of the old
 /// one are still listed) is this node's if one of them is this node: either way it is a
 /// node's, never World's. A claim wins over a node because it is more specific: a Service's
@@ -1155,8 +1157,39 @@ fn node_addresses<'a>(
         set.extend(ips.iter().filter(free).copied());
     }
     let remote = remote.difference(&host).copied().map(host_net).collect();
-    (host.into_iter().map(host_net).collect(), remote)
+    let mut host: Vec<IpNet> = host.into_iter().map(host_net).collect();
+    if !this_node.is_empty() {
+        host.extend(
+            LINK_LOCAL
+                .into_iter()
+                .filter(|net| inv_nets.claim(&net.addr).is_none_or(|(_, n)| n != *net)),
+        );
+        host.sort();
+    }
+    (host, remote)
 }
+
+/// The link-local networks, `169.254.0.0/16` and `fe80::/10` (RFC 3927, RFC 4291).
+///
+/// On a node of a cluster (a node name is configured) they are `host`: from a pod, a
+/// link-local destination is on the pod's own link, so it is the node (the veth peer, the
+/// kubelet listening on every address, node-local DNS at `169.254.20.10`) or what the node's
+/// route leads to there: a cloud's instance metadata service at `169.254.169.254`, which
+/// hands the node's credentials to whoever asks (the classic SSRF target of an agent that
+/// may browse the internet). Never World, which a policy may open. An inventory host entry
+/// inside them (`169.254.169.254/32` named `imds`) is more specific and wins, so a policy
+/// can permit exactly that; an inventory network equal to one keeps it. The loopback
+/// networks stay World's: a pod's `127.0.0.1` is its own.
+pub(crate) const LINK_LOCAL: [IpNet; 2] = [
+    IpNet {
+        addr: IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 0, 0)),
+        prefix: 16,
+    },
+    IpNet {
+        addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)),
+        prefix: 10,
+    },
+];
 
 /// The state's pod networks as UNIDENTIFIED networks: the more specific entries of the IP
 /// cache (pods, Services, nodes, inventory host entries) win inside them, so only what none

@@ -1663,6 +1663,44 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
             )?);
         }
     }
+    // Link-local addresses on the veth between the pods' namespace and the servers' (a
+    // pod's veth peer, node-local DNS, a cloud's metadata service are link-local), with a
+    // server outside every pod on each.
+    let (link_v6, link_v4) = (
+        "fe80::83:fe".parse::<Ipv6Addr>()?,
+        Ipv4Addr::new(169, 254, 83, 1),
+    );
+    for (ns, dev, addrs) in [
+        (
+            &world.server_ns,
+            world._veth.dev_a(),
+            ["fe80::83:fe/64", "169.254.83.1/16"],
+        ),
+        (
+            &world.client_ns,
+            world._veth.dev_b(),
+            ["fe80::83:fd/64", "169.254.83.2/16"],
+        ),
+    ] {
+        for addr in addrs {
+            ns.ip(&["addr", "add", addr, "dev", dev, "nodad"])?;
+        }
+    }
+    // `ip -o link` prints "INDEX: NAME@PEER: ..."; the index scopes a link-local address.
+    let index = |ns: &NetNs, dev: &str| -> Result<u32> {
+        let link = ns.ip(&["-o", "link", "show", "dev", dev])?;
+        Ok(link.split(':').next().unwrap_or_default().trim().parse()?)
+    };
+    let server_index = index(&world.server_ns, world._veth.dev_a())?;
+    let client_index = index(&world.client_ns, world._veth.dev_b())?;
+    for port in [KUBELET, NODE_DNS] {
+        for addr in [
+            SocketAddr::V6(std::net::SocketAddrV6::new(link_v6, port, 0, server_index)),
+            SocketAddr::new(IpAddr::V4(link_v4), port),
+        ] {
+            kubelets.push(Server::start_in_netns(&world.server_ns, Proto::Tcp, addr)?);
+        }
+    }
     let mut config = world.agent_config();
     config
         .extra_args
@@ -1672,24 +1710,51 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
 
     let chat = world.pod("chat-1");
     let probe = world.probe(chat.cgroup(false), false);
+    let in_pods_namespace = world.probe(chat.cgroup(false), true);
     let mut problems = Vec::new();
+    let v4 = |a: Ipv4Addr| IpAddr::V4(a);
     for (addr, port, want, node) in [
-        (no_node, KUBELET, Outcome::Ok, None),
-        (this_node, NODE_DNS, Outcome::Ok, None),
-        (this_node, KUBELET, Outcome::Eperm, Some("host")),
-        (other_node, KUBELET, Outcome::Eperm, Some("remote-node")),
-        (other_node, NODE_DNS, Outcome::Eperm, Some("remote-node")),
-        (far_node, KUBELET, Outcome::Eperm, Some("remote-node")),
-        (far_gateway, KUBELET, Outcome::Eperm, Some("unidentified")),
+        (v4(no_node), KUBELET, Outcome::Ok, None),
+        (v4(this_node), NODE_DNS, Outcome::Ok, None),
+        (v4(this_node), KUBELET, Outcome::Eperm, Some("host")),
+        (v4(other_node), KUBELET, Outcome::Eperm, Some("remote-node")),
         (
-            cluster_cidr_free,
+            v4(other_node),
+            NODE_DNS,
+            Outcome::Eperm,
+            Some("remote-node"),
+        ),
+        (v4(far_node), KUBELET, Outcome::Eperm, Some("remote-node")),
+        (
+            v4(far_gateway),
             KUBELET,
             Outcome::Eperm,
             Some("unidentified"),
         ),
+        (
+            v4(cluster_cidr_free),
+            KUBELET,
+            Outcome::Eperm,
+            Some("unidentified"),
+        ),
+        (IpAddr::V6(link_v6), NODE_DNS, Outcome::Ok, None),
+        (IpAddr::V6(link_v6), KUBELET, Outcome::Eperm, Some("host")),
+        (v4(link_v4), NODE_DNS, Outcome::Ok, None),
+        (v4(link_v4), KUBELET, Outcome::Eperm, Some("host")),
     ] {
-        let call = attempt("tcp", IpAddr::V4(addr), port);
-        let r = probe.run_one(&call)?;
+        let link_local = addr == IpAddr::V6(link_v6) || addr == v4(link_v4);
+        let (call, r) = if link_local {
+            let call = match addr {
+                IpAddr::V6(a) => format!("tcp:[{a}%{client_index}]:{port}"),
+                IpAddr::V4(a) => attempt("tcp", IpAddr::V4(a), port),
+            };
+            let r = in_pods_namespace.run_one(&call)?;
+            (call, r)
+        } else {
+            let call = attempt("tcp", addr, port);
+            let r = probe.run_one(&call)?;
+            (call, r)
+        };
         if r.outcome != want {
             problems.push(format!("chat-1 -> {call}: {r:?}, want {want:?}"));
         }
@@ -1713,7 +1778,14 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
             && event_has(
                 &hits[0],
                 &[
-                    ("/hook", "connect4"),
+                    (
+                        "/hook",
+                        if addr.is_ipv6() {
+                            "connect6"
+                        } else {
+                            "connect4"
+                        },
+                    ),
                     ("/verdict", "deny"),
                     ("/reason", reason),
                     ("/destination/name", node),
