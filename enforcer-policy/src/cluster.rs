@@ -128,12 +128,12 @@ pub struct ClusterState {
     /// them. Empty in states persisted before this field existed.
     #[serde(default)]
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
-    /// The networks pods take their addresses from: the Nodes' `spec.podCIDRs` and the
-    /// cluster CIDRs the agent is configured with (`--cluster-cidr`), sorted, without
-    /// duplicates. An address in one that no pod, Service, node or inventory entry holds (a
-    /// pod the watch has not delivered yet, a stale one, another node's CNI gateway or
-    /// tunnel device) is UNIDENTIFIED, never WORLD. Empty in states persisted before this
-    /// field existed.
+    /// The networks the Nodes say their pods take addresses from (`spec.podCIDRs`), sorted,
+    /// without duplicates. With [`ClusterOptions::cluster_cidrs`] they are the pod networks:
+    /// an address in one that no pod, Service, node or inventory entry holds (a pod the
+    /// watch has not delivered yet, a stale one, another node's CNI gateway or tunnel
+    /// device) is UNIDENTIFIED, never WORLD (see [`node_pod_cidr_problem`] for which are
+    /// taken). Empty in states persisted before this field existed.
     #[serde(default)]
     pub pod_cidrs: Vec<IpNet>,
     /// Problems found while building this state (a pod in a namespace without a tenant, a
@@ -143,17 +143,60 @@ pub struct ClusterState {
     pub problems: Vec<String>,
 }
 
-/// The shortest pod network taken into [`ClusterState::pod_cidrs`]'s effect: /8 for IPv4, /32
-/// for IPv6. A Node whose `spec.podCIDR` is `0.0.0.0/1` (a misconfigured or compromised
-/// registration) must not make half the internet UNIDENTIFIED; Kubernetes' own defaults are
-/// far longer (kubeadm's cluster CIDR is a /16, each node's a /24; IPv6 clusters use /48 to
-/// /64).
-pub fn min_pod_cidr_prefix(net: &IpNet) -> u8 {
-    if net.is_ipv4() {
-        8
-    } else {
-        32
+/// What no pod network may overlap, whoever names it: addresses that are never a pod's (IANA
+/// special-purpose registries, RFC 6890 and RFC 6052): "this network" `0.0.0.0/8`, loopback
+/// (a pod's own `127.0.0.1`), link-local (the node's: see the merge), multicast and the
+/// reserved `240.0.0.0/4` with the broadcast address; for IPv6 the `::/8` block
+/// (unspecified, loopback, IPv4-mapped and -compatible, the NAT64 prefix `64:ff9b::/96`),
+/// link-local and multicast. A Node that claims `127.0.0.0/8` must not deny every pod its
+/// localhost.
+pub const NEVER_POD_NETWORKS: [&str; 8] = [
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/8",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// Why a configured cluster CIDR (`--cluster-cidr`) cannot be a pod network, or `None`: it
+/// overlaps [`NEVER_POD_NETWORKS`], or is shorter than /8 (IPv4) or /32 (IPv6), or is a
+/// single address.
+pub fn cluster_cidr_problem(net: &IpNet) -> Option<String> {
+    pod_network_problem(net, if net.is_ipv4() { 8 } else { 32 })
+}
+
+/// Why a Node's `spec.podCIDR` is not taken as a pod network, or `None`. Stricter than a
+/// configured one, since whoever may write a Node (a kubelet registering it, a component
+/// with `nodes` update) names it: [`cluster_cidr_problem`]'s rules with /16 (IPv4) and /48
+/// (IPv6) as the shortest (a node's own range is a /24 or /64 by Kubernetes' defaults), and,
+/// where cluster CIDRs are configured, it must lie inside one of them.
+pub fn node_pod_cidr_problem(net: &IpNet, cluster_cidrs: &[IpNet]) -> Option<String> {
+    if let Some(problem) = pod_network_problem(net, if net.is_ipv4() { 16 } else { 48 }) {
+        return Some(problem);
     }
+    let inside = |c: &IpNet| c.prefix <= net.prefix && c.contains(&net.addr);
+    if !cluster_cidrs.is_empty() && !cluster_cidrs.iter().any(inside) {
+        return Some("it is inside no configured cluster CIDR (--cluster-cidr)".into());
+    }
+    None
+}
+
+fn pod_network_problem(net: &IpNet, shortest: u8) -> Option<String> {
+    let width = if net.is_ipv4() { 32 } else { 128 };
+    if net.prefix < shortest {
+        return Some(format!("shorter than /{shortest}"));
+    }
+    if net.prefix == width {
+        return Some("a single address is no network".into());
+    }
+    NEVER_POD_NETWORKS
+        .iter()
+        .map(|s| s.parse::<IpNet>().expect("a valid network"))
+        .find(|never| never.overlaps(net))
+        .map(|never| format!("it overlaps {never}, which is never a pod's"))
 }
 
 /// The security-relevant labels of a pod: the key of its identity, and its Cedar attributes.
@@ -241,6 +284,12 @@ pub struct ClusterOptions {
     /// This node's name (`spec.nodeName` of the pods it runs): a cluster identity with a pod
     /// here is a local subject ([`crate::Identity::pod_uids`]). Empty: no pod is local.
     pub node_name: String,
+    /// The cluster's pod networks as configured (`--cluster-cidr`), each passing
+    /// [`cluster_cidr_problem`]: where the CNI does not allocate from the Nodes' podCIDRs
+    /// (Calico's IP pools, Cilium's cluster pool), and the bounds of the Nodes' (see
+    /// [`node_pod_cidr_problem`]). Configuration, not state: a restart with another value
+    /// applies it at once, also to a persisted state.
+    pub cluster_cidrs: Vec<IpNet>,
     /// The most cluster identities (distinct label sets) one tenant may have, and separately
     /// the most Services; label sets beyond it are left out and reported (see
     /// [`crate::Bundle::load_with_cluster`]). Identities without a tenant share one quota.
@@ -251,6 +300,7 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             node_name: String::new(),
+            cluster_cidrs: Vec::new(),
             max_identities_per_tenant: DEFAULT_MAX_IDENTITIES_PER_TENANT,
         }
     }

@@ -1304,6 +1304,7 @@ fn services_have_the_quota_too_and_the_option_is_honoured() {
     state.services.push(many_ips);
     let small = ClusterOptions {
         node_name: NODE.into(),
+        cluster_cidrs: Vec::new(),
         max_identities_per_tenant: 3,
     };
     let b = load(&demo_dir(), &state, &small);
@@ -1407,6 +1408,7 @@ fn undeclared_tenant_services_do_not_evict_system_services() {
     }
     let small = ClusterOptions {
         node_name: NODE.into(),
+        cluster_cidrs: Vec::new(),
         max_identities_per_tenant: 2,
     };
     let b = load(&demo_dir(), &state, &small);
@@ -1447,6 +1449,7 @@ fn tenantless_services_do_not_evict_system_services() {
     }
     let small = ClusterOptions {
         node_name: NODE.into(),
+        cluster_cidrs: Vec::new(),
         max_identities_per_tenant: 2,
     };
     let b = load(&demo_dir(), &state, &small);
@@ -1968,37 +1971,60 @@ fn node_addresses_are_host_and_remote_node_never_world() {
     );
 }
 
-/// The pod networks are UNIDENTIFIED wherever nothing more specific holds an address: a pod
-/// the watch has not delivered yet, another node's CNI gateway or tunnel device, a backend
-/// at such an address; pods, nodes and the inventory keep theirs. Networks too short,
-/// link-local, or named exactly by the inventory are left out and reported; one inside
-/// another is one entry, unless an inventory network lies between them.
+/// The pod networks (`--cluster-cidr` and the Nodes' podCIDRs) are UNIDENTIFIED wherever
+/// nothing more specific holds an address: a pod the watch has not delivered yet, another
+/// node's CNI gateway or tunnel device, a backend at such an address; pods, nodes and the
+/// inventory keep theirs. A Node's network that is too short, overlaps what is never a
+/// pod's (loopback: every pod's localhost), is a single address or lies outside the
+/// configured cluster CIDRs is left out and reported, as is one the inventory names
+/// exactly (also where a more specific inventory entry sits at its first address); one
+/// inside another is one entry, unless an inventory network lies between them.
 #[test]
 fn a_pod_network_address_that_no_pod_holds_is_unidentified_never_world() {
     let mut state = demo_state();
+    let t = "2026-01-01T00:00:00Z";
+    state.identities[0].pods.push(cluster_pod(
+        "acme",
+        "rag-2",
+        Some(NODE),
+        &[ip("10.81.1.1")],
+        t,
+    ));
+    for port in &mut state.services[3].ports {
+        for b in &mut port.backends {
+            if b.ip == ip("127.81.250.1") {
+                b.ip = ip("10.81.250.1");
+            }
+        }
+    }
     // This node's CNI gateway, inside its pod network: its own interface address.
-    state.nodes = BTreeMap::from([(NODE.to_string(), vec![ip("127.81.1.254")])]);
+    state.nodes = BTreeMap::from([(NODE.to_string(), vec![ip("10.81.1.254")])]);
     let net = |s: &str| s.parse::<IpNet>().unwrap();
-    state.pod_cidrs = [
-        "127.81.1.0/24",
-        "127.81.0.0/16",
-        "127.82.0.0/16",
-        "127.82.5.128/25",
-        "0.0.0.0/1",
-        "169.254.0.0/16",
-        "127.10.2.53/32",
-    ]
-    .into_iter()
-    .map(net)
-    .collect();
+    let nets = |v: &[&str]| v.iter().map(|s| net(s)).collect::<Vec<_>>();
+    state.pod_cidrs = nets(&[
+        "10.81.1.0/24",   // inside the cluster CIDR: one entry with it
+        "10.82.5.128/25", // inside the inventory's 10.82.5.0/24, inside 10.82.0.0/16
+        "10.80.0.0/15",   // shorter than /16
+        "127.81.0.0/16",  // loopback
+        "10.81.7.7/32",   // a single address
+        "192.168.0.0/24", // outside the cluster CIDRs
+        "10.83.0.0/24",   // the inventory's exactly
+        "10.84.0.0/24",   // the inventory's too, behind a more specific entry at .0
+    ]);
+    let options = ClusterOptions {
+        cluster_cidrs: nets(&["10.80.0.0/12", "10.81.0.0/16", "10.82.0.0/16"]),
+        ..options()
+    };
     let dir = crate::tests::demo_with(
         "world.cedar",
         "@id(\"world\")\npermit (principal, action, resource is World);\n",
     );
     let inventory = std::fs::read_to_string(dir.path().join("inventory.yaml")).unwrap()
-        + "  - {name: acme-corp, tenant: acme, kind: api, ips: [127.82.5.0/24]}\n";
+        + "  - {name: acme-corp, tenant: acme, kind: api, ips: [10.82.5.0/24]}\n"
+        + "  - {name: acme-x, tenant: acme, kind: api, ips: [10.83.0.0/24]}\n"
+        + "  - {name: acme-y, tenant: acme, kind: api, ips: [10.84.0.0/24, 10.84.0.0/28]}\n";
     std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
-    let b = load(dir.path(), &state, &options());
+    let b = load(dir.path(), &state, &options);
     let ids = b.identities();
     let unidentified: Vec<String> = ids
         .by_name("unidentified")
@@ -2009,22 +2035,23 @@ fn a_pod_network_address_that_no_pod_holds_is_unidentified_never_world() {
         .collect();
     assert_eq!(
         unidentified,
-        ["127.81.0.0/16", "127.82.0.0/16", "127.82.5.128/25"],
-        "the /24 inside the /16 is one entry; the /25 under the inventory's /24 stays"
+        ["10.80.0.0/12", "10.82.5.128/25"],
+        "networks inside the /12 are one entry with it; the /25 under the inventory's /24 stays"
     );
     let rag = name_of(&b, &state.identities[0].labels);
     let owner = |a: &str| ids.at(ids.backend_index(&ip(a))).name.clone();
     for (addr, want) in [
-        ("127.81.7.7", "unidentified"),
-        ("127.81.1.1", rag.as_str()),
-        ("127.81.1.254", "host"),
-        ("127.81.100.1", "unidentified"), // a ClusterIP, as a backend
-        ("127.82.5.7", "acme-corp"),
-        ("127.82.5.200", "unidentified"),
-        ("127.82.9.9", "unidentified"),
-        ("127.83.0.1", "world"),
-        ("10.0.0.1", "world"),
-        ("127.10.2.53", "globex-dns"),
+        ("10.81.7.7", "unidentified"),
+        ("10.81.1.1", rag.as_str()),
+        ("10.81.1.254", "host"),
+        ("10.82.5.7", "acme-corp"),
+        ("10.82.5.200", "unidentified"),
+        ("10.82.9.9", "unidentified"),
+        ("10.83.0.9", "acme-x"),
+        ("10.84.0.99", "acme-y"),
+        ("127.81.7.7", "world"),
+        ("192.168.0.1", "world"),
+        ("10.96.0.1", "world"),
     ] {
         assert_eq!(owner(addr), want, "{addr}");
     }
@@ -2038,16 +2065,38 @@ fn a_pod_network_address_that_no_pod_holds_is_unidentified_never_world() {
     assert_compiled_equals_oracle(&b);
     let problems = b.cluster_problems().join("\n");
     for (network, why) in [
-        ("0.0.0.0/1", "shorter than /8"),
-        ("169.254.0.0/16", "link-local"),
-        ("127.10.2.53/32", "`globex-dns`"),
+        ("10.80.0.0/15", "shorter than /16"),
+        ("127.81.0.0/16", "overlaps 127.0.0.0/8"),
+        ("10.81.7.7/32", "a single address"),
+        ("192.168.0.0/24", "inside no configured cluster CIDR"),
+        ("10.83.0.0/24", "`acme-x`"),
+        ("10.84.0.0/24", "`acme-y`"),
     ] {
         assert!(
             problems
                 .lines()
-                .any(|l| l.contains(&format!("pod network {network} ")) && l.contains(why)),
+                .any(|l| l.contains(&format!("pod network {network}")) && l.contains(why)),
             "{network}: {problems}"
         );
+    }
+    for (net, problem) in [
+        ("10.0.0.0/7", Some("shorter than /8")),
+        ("10.0.0.0/8", None),
+        ("127.0.0.0/9", Some("overlaps 127.0.0.0/8")),
+        ("0.0.0.0/8", Some("overlaps 0.0.0.0/8")),
+        ("169.0.0.0/8", Some("overlaps 169.254.0.0/16")),
+        ("::ffff:10.0.0.0/104", Some("overlaps ::/8")),
+        ("fd00::/32", None),
+        ("64:ff9b::/96", Some("overlaps ::/8")), // NAT64: the internet
+    ] {
+        let got = crate::cluster::cluster_cidr_problem(&net.parse().unwrap());
+        match problem {
+            None => assert_eq!(got, None, "{net}"),
+            Some(why) => assert!(
+                got.as_deref().is_some_and(|g| g.contains(why)),
+                "{net}: {got:?}"
+            ),
+        }
     }
 }
 
@@ -2083,7 +2132,8 @@ fn a_schema_without_nodes_keeps_them_denied_and_says_so() {
         .collect();
     assert_eq!(problems.len(), 1, "{:?}", b.cluster_problems());
     assert!(
-        problems[0].contains("1 addresses are unidentified"),
+        problems[0]
+            .contains("3 addresses and networks (link-local ones included) are unidentified"),
         "{}",
         problems[0]
     );

@@ -436,7 +436,7 @@ impl Bundle {
             .filter(|&n| n > 0)
         {
             cluster_problems.push(format!(
-                "{}: no `entity Node` is declared, so the nodes' {n} addresses are unidentified (every call to them is denied); declare `entity Node;` and list `Node` among the resources of `connect`, then permit `Node::\"host\"` or `Node::\"remote-node\"` where workloads must reach a node",
+                "{}: no `entity Node` is declared, so the nodes' {n} addresses and networks (link-local ones included) are unidentified (every call to them is denied); declare `entity Node;` and list `Node` among the resources of `connect`, then permit `Node::\"host\"` or `Node::\"remote-node\"` where workloads must reach a node",
                 schema_path.display()
             ));
         }

@@ -350,6 +350,23 @@ impl<'a> InventoryNets<'a> {
         n
     }
 
+    /// The inventory item whose network is exactly `net`, if any.
+    fn exact(&self, net: &IpNet) -> Option<&'a str> {
+        let (v6, a, width) = bits(&net.addr);
+        self.nets
+            .get(&(v6, net.prefix, masked(a, width, net.prefix)))
+            .map(|(owner, _)| *owner)
+    }
+
+    /// Whether an inventory network holds `inner` and is longer than `/outer` (it lies
+    /// between `inner` and a network of that prefix around it).
+    fn any_between(&self, inner: &IpNet, outer: u8) -> bool {
+        let (v6, a, width) = bits(&inner.addr);
+        let lens = if v6 { &self.lens_v6 } else { &self.lens_v4 };
+        lens.range(outer + 1..=inner.prefix)
+            .any(|&p| self.nets.contains_key(&(v6, p, masked(a, width, p))))
+    }
+
     /// The inventory item whose network holds `ip`, if any.
     fn claim(&self, ip: &IpAddr) -> Option<(&'a str, IpNet)> {
         let (v6, a, width) = bits(ip);
@@ -893,7 +910,7 @@ pub(crate) fn merge<'a>(
     );
     // After the nodes: a network's own address (`10.244.1.0`) claims nothing above.
     let mut unidentified = unidentified;
-    unidentified.extend(pod_networks(state, &inv_nets, &mut problems));
+    unidentified.extend(pod_networks(state, options, &inv_nets, &mut problems));
     unidentified.sort();
 
     // 6. Numbers: the preferred hash unless another key of the pool prefers it too; then
@@ -1191,51 +1208,46 @@ pub(crate) const LINK_LOCAL: [IpNet; 2] = [
     },
 ];
 
-/// The state's pod networks as UNIDENTIFIED networks: the more specific entries of the IP
-/// cache (pods, Services, nodes, inventory host entries) win inside them, so only what none
-/// of those holds is left: a pod not delivered yet, a stale address, another node's CNI
-/// gateway or tunnel device (flannel's `cni0` and `flannel.1`, Cilium's `cilium_host`,
-/// Calico's tunnel address all come from the pod networks). Left out, and reported: a
-/// network shorter than [`crate::cluster::min_pod_cidr_prefix`] or at a link-local,
-/// multicast or unspecified address, and one the inventory names exactly (the operator's
-/// word). A network inside another one taken is dropped (one IP cache entry serves), unless
-/// an inventory network lies between them, which it then keeps from the outer one.
+/// The pod networks as UNIDENTIFIED networks: the configured cluster CIDRs and the Nodes'
+/// `spec.podCIDRs` that pass [`crate::cluster::node_pod_cidr_problem`]. The more specific
+/// entries of the IP cache (pods, Services, nodes, inventory entries) win inside them, so
+/// only what none of those holds is left: a pod not delivered yet, a stale address, another
+/// node's CNI gateway or tunnel device (flannel's `cni0` and `flannel.1`, Cilium's
+/// `cilium_host`, Calico's tunnel address all come from the pod networks). Left out, and
+/// reported: a Node's network that fails its checks, and one an inventory item names
+/// exactly (the operator's word; the IP cache holds one identity per network). A network
+/// inside another one taken is dropped (one IP cache entry serves), unless an inventory
+/// network lies between them, which it then keeps from the outer one.
 fn pod_networks(
     state: &ClusterState,
+    options: &ClusterOptions,
     inv_nets: &InventoryNets,
     problems: &mut Problems,
 ) -> Vec<IpNet> {
-    let mut taken: Vec<IpNet> = Vec::new();
+    let mut taken: Vec<IpNet> = options.cluster_cidrs.clone();
     for net in &state.pod_cidrs {
-        let min = crate::cluster::min_pod_cidr_prefix(net);
-        if net.prefix < min {
-            problems.summary(format!(
-                "pod network {net} is shorter than /{min}: left out (its free addresses stay World's)"
-            ));
-            continue;
+        match crate::cluster::node_pod_cidr_problem(net, &options.cluster_cidrs) {
+            Some(problem) => problems.summary(format!(
+                "a Node's pod network {net}: {problem}; left out (its free addresses stay World's)"
+            )),
+            None => taken.push(*net),
         }
-        if !node_address_usable(&net.addr) {
-            problems.summary(format!(
-                "pod network {net} is link-local, multicast or unspecified: left out"
-            ));
-            continue;
-        }
-        if let Some((owner, _)) = inv_nets.claim(&net.addr).filter(|(_, n)| n == net) {
-            problems.summary(format!(
-                "pod network {net} is also the inventory's `{owner}`: it stays `{owner}`"
-            ));
-            continue;
-        }
-        taken.push(*net);
     }
     taken.sort();
     taken.dedup();
+    taken.retain(|net| match inv_nets.exact(net) {
+        Some(owner) => {
+            problems.summary(format!(
+                "pod network {net} is also the inventory's `{owner}`: it stays `{owner}`"
+            ));
+            false
+        }
+        None => true,
+    });
     let inside = |inner: &IpNet, outer: &IpNet| {
         outer.prefix < inner.prefix
             && outer.contains(&inner.addr)
-            && !inv_nets
-                .claim(&inner.addr)
-                .is_some_and(|(_, n)| n.prefix > outer.prefix && n.prefix <= inner.prefix)
+            && !inv_nets.any_between(inner, outer.prefix)
     };
     let all = taken.clone();
     taken.retain(|inner| !all.iter().any(|outer| inside(inner, outer)));

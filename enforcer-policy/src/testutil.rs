@@ -1087,6 +1087,7 @@ pub fn bench_cluster(dir: &Path, shape: &ClusterShape) -> ClusterBenchReport {
     cluster_bundle(dir, shape.tenants).expect("writing the bundle");
     let options = crate::cluster::ClusterOptions {
         node_name: BENCH_NODE.into(),
+        cluster_cidrs: Vec::new(),
         max_identities_per_tenant: crate::cluster::DEFAULT_MAX_IDENTITIES_PER_TENANT,
     };
     let t = Instant::now();
@@ -1248,6 +1249,7 @@ pub fn bench_table_fit(dir: &Path, shape: &ClusterShape) -> (TableFit, TableFit)
     use std::time::Instant;
     let options = crate::cluster::ClusterOptions {
         node_name: BENCH_NODE.into(),
+        cluster_cidrs: Vec::new(),
         max_identities_per_tenant: crate::cluster::DEFAULT_MAX_IDENTITIES_PER_TENANT,
     };
     let state = synthetic_cluster(shape);

@@ -300,9 +300,8 @@ impl KubernetesArgs {
             anyhow::bail!("--max-identities-per-tenant must be at least 1");
         }
         for net in &self.cluster_cidrs {
-            let min = enforcer_policy::cluster::min_pod_cidr_prefix(net);
-            if net.prefix < min {
-                anyhow::bail!("--cluster-cidr {net}: shorter than /{min}");
+            if let Some(problem) = enforcer_policy::cluster::cluster_cidr_problem(net) {
+                anyhow::bail!("--cluster-cidr {net}: {problem}");
             }
         }
         Ok(Some(agent::KubernetesOptions {
@@ -312,11 +311,11 @@ impl KubernetesArgs {
                 identity_labels: self.identity_labels,
                 trust_domain: self.trust_domain.unwrap_or_else(|| "cluster.local".into()),
                 system_namespaces: self.system_namespaces,
-                cluster_cidrs: self.cluster_cidrs,
                 state_dir: state_dir.to_path_buf(),
             },
             cluster: ClusterOptions {
                 node_name,
+                cluster_cidrs: self.cluster_cidrs,
                 max_identities_per_tenant: max,
             },
         }))

@@ -13,7 +13,7 @@
 //! list/watch protocol for it.
 //!
 //! The server authenticates one bearer token (group `system:masters`; the authorizer is
-//! AlwaysAllow) and serves a certificate for `IP:127.0.0.1` signed by a CA of its own, which
+//! AlwaysAllow, RBAC where a test asks for more users: [`ApiServerOptions::users`]) and serves a certificate for `IP:127.0.0.1` signed by a CA of its own, which
 //! the kubeconfig ([`ApiServer::kubeconfig`]) names. Service ClusterIPs come from
 //! `--service-cluster-ip-range` (default `127.96.0.0/16`, so that a ClusterIP stays on
 //! loopback: a test never connects to an address outside 127.0.0.0/8).
@@ -89,6 +89,10 @@ pub struct ApiServerOptions {
     pub service_cidr: String,
     /// More kube-apiserver flags (`--flag=value`), after the harness's own.
     pub extra_args: Vec<String>,
+    /// Users besides the harness's own, each with a bearer token and no group: with any,
+    /// the server authorizes by RBAC (`--authorization-mode=RBAC`), so each may do exactly
+    /// what a test binds to it ([`ApiServer::user_kubeconfig`]).
+    pub users: Vec<String>,
 }
 
 impl Default for ApiServerOptions {
@@ -96,6 +100,7 @@ impl Default for ApiServerOptions {
         Self {
             service_cidr: DEFAULT_SERVICE_CIDR.into(),
             extra_args: Vec::new(),
+            users: Vec::new(),
         }
     }
 }
@@ -109,6 +114,7 @@ pub struct ApiServer {
     url: String,
     token: String,
     kubeconfig: PathBuf,
+    user_kubeconfigs: Vec<(String, PathBuf)>,
     ca_pem: String,
     config: ::kube::Config,
     apiserver_log: PathBuf,
@@ -166,10 +172,14 @@ impl ApiServer {
         let sa_pub = write("sa.pub", &pki.sa_pub_pem)?;
         let token = format!("enforcer-test-{}", crate::unique_name("token"));
         // token,user,uid,"groups": system:masters is all-powerful (and AlwaysAllow anyway).
-        let tokens = write(
-            "tokens.csv",
-            &format!("{token},enforcer-test,enforcer-test,\"system:masters\"\n"),
-        )?;
+        let mut lines = format!("{token},enforcer-test,enforcer-test,\"system:masters\"\n");
+        let mut users = Vec::new();
+        for user in &options.users {
+            let user_token = format!("enforcer-{user}-{}", crate::unique_name("token"));
+            lines.push_str(&format!("{user_token},{user},{user}\n"));
+            users.push((user.clone(), user_token));
+        }
+        let tokens = write("tokens.csv", &lines)?;
 
         let [etcd_client, etcd_peer, secure] = free_ports()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -220,11 +230,20 @@ impl ApiServer {
             // validation refuses: nothing reconciles them.
             .arg("--endpoint-reconciler-type=none")
             .arg("--v=1")
+            .args((!options.users.is_empty()).then_some("--authorization-mode=RBAC"))
             .args(&options.extra_args);
         let apiserver = spawn_logged(&mut api_cmd, &apiserver_log)?;
         let mut apiserver = Some(apiserver);
 
         let kubeconfig = write("kubeconfig", &kubeconfig_yaml(&url, &ca, &token))?;
+        let mut user_kubeconfigs = Vec::new();
+        for (user, user_token) in &users {
+            let file = write(
+                &format!("kubeconfig-{user}"),
+                &kubeconfig_yaml(&url, &ca, user_token),
+            )?;
+            user_kubeconfigs.push((user.clone(), file));
+        }
         let ready = wait_ready(&kubeconfig, &mut etcd, apiserver.as_mut().expect("set"));
         let config = match ready {
             Ok(config) => config,
@@ -246,6 +265,7 @@ impl ApiServer {
             url,
             token,
             kubeconfig,
+            user_kubeconfigs,
             ca_pem: pki.ca_pem,
             config,
             apiserver_log,
@@ -268,6 +288,14 @@ impl ApiServer {
     /// A kubeconfig file (server URL, CA file, token), for `--kubeconfig`.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// The kubeconfig of one of [`ApiServerOptions::users`].
+    pub fn user_kubeconfig(&self, user: &str) -> Option<&Path> {
+        self.user_kubeconfigs
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.as_path())
     }
 
     /// The agent's arguments to learn its workloads from this server as node `node`:

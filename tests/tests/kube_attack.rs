@@ -88,7 +88,6 @@ async fn a_tenant_service_external_ip_is_judged_as_its_backends() -> Result<()> 
         identity_labels: Vec::new(),
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
-        cluster_cidrs: Vec::new(),
         state_dir: dir.path().to_path_buf(),
     })
     .await?;

@@ -130,7 +130,6 @@ impl World {
             identity_labels: vec![],
             trust_domain: "cluster.local".into(),
             system_namespaces: Vec::new(),
-            cluster_cidrs: Vec::new(),
             state_dir: self.dir.path().join("state"),
         })
         .await

@@ -1614,15 +1614,19 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
     let other_node = Ipv4Addr::new(127, 83, NET, 251);
     let no_node = Ipv4Addr::new(127, 83, NET, 252);
     // A node no pod reports: only its Node object names its address and its pod network,
-    // whose gateway no pod holds. And a cluster CIDR the agent is configured with.
+    // whose gateway (on the servers' side of the veth) no pod holds. Later, a cluster CIDR
+    // the agent is configured with.
     let far_node = Ipv4Addr::new(127, 83, NET, 253);
-    let far_gateway = Ipv4Addr::new(127, 83, NET, 225);
-    let cluster_cidr_free = Ipv4Addr::new(127, 83, 60 + NET, 1);
+    let v6 = |a: u16, n: u16| Ipv6Addr::new(0xfd83, u16::from(NET), 0, 0, a, 0, 0, n);
+    let far_gateway = v6(1, 0xe1);
+    let cluster_cidr_free = v6(2, 1);
+    let node_pod_cidr = format!("{}/80", v6(1, 0));
+    let cluster_cidr = format!("{}/80", v6(2, 0));
     world.rt.block_on(async {
         let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(world.client.clone());
         let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "cg9-far-node"},
-            "spec": {"podCIDR": format!("127.83.{NET}.224/28")},
+            "spec": {"podCIDR": node_pod_cidr},
         }))?;
         nodes.create(&PostParams::default(), &node).await?;
         let status = serde_json::json!({"status": {"addresses": [
@@ -1648,14 +1652,7 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         anyhow::Ok(())
     })?;
     let mut kubelets = Vec::new();
-    for addr in [
-        this_node,
-        other_node,
-        no_node,
-        far_node,
-        far_gateway,
-        cluster_cidr_free,
-    ] {
+    for addr in [this_node, other_node, no_node, far_node] {
         for port in [KUBELET, NODE_DNS] {
             kubelets.push(Server::start(
                 Proto::Tcp,
@@ -1664,22 +1661,26 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         }
     }
     // Link-local addresses on the veth between the pods' namespace and the servers' (a
-    // pod's veth peer, node-local DNS, a cloud's metadata service are link-local), with a
-    // server outside every pod on each.
+    // pod's veth peer, node-local DNS, a cloud's metadata service are link-local), and the
+    // two pod-network addresses, with a server outside every pod on each.
     let (link_v6, link_v4) = (
         "fe80::83:fe".parse::<Ipv6Addr>()?,
         Ipv4Addr::new(169, 254, 83, 1),
+    );
+    let (gateway, free) = (
+        format!("{far_gateway}/128"),
+        format!("{cluster_cidr_free}/128"),
     );
     for (ns, dev, addrs) in [
         (
             &world.server_ns,
             world._veth.dev_a(),
-            ["fe80::83:fe/64", "169.254.83.1/16"],
+            vec!["fe80::83:fe/64", "169.254.83.1/16", &gateway, &free],
         ),
         (
             &world.client_ns,
             world._veth.dev_b(),
-            ["fe80::83:fd/64", "169.254.83.2/16"],
+            vec!["fe80::83:fd/64", "169.254.83.2/16"],
         ),
     ] {
         for addr in addrs {
@@ -1697,108 +1698,107 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         for addr in [
             SocketAddr::V6(std::net::SocketAddrV6::new(link_v6, port, 0, server_index)),
             SocketAddr::new(IpAddr::V4(link_v4), port),
+            SocketAddr::new(IpAddr::V6(far_gateway), port),
+            SocketAddr::new(IpAddr::V6(cluster_cidr_free), port),
         ] {
             kubelets.push(Server::start_in_netns(&world.server_ns, Proto::Tcp, addr)?);
         }
     }
-    let mut config = world.agent_config();
-    config
-        .extra_args
-        .push(format!("--cluster-cidr=127.83.{}.0/24", 60 + NET));
-    world.agent = Some(Agent::start(config)?);
+    world.start_agent()?;
     world.wait_enforcing("start")?;
 
-    let chat = world.pod("chat-1");
-    let probe = world.probe(chat.cgroup(false), false);
-    let in_pods_namespace = world.probe(chat.cgroup(false), true);
-    let mut problems = Vec::new();
+    // chat-1 calls each (address, port); the outcome must be `want`, and a refusal one
+    // event naming `node` (`unidentified` for a free pod-network address).
+    let judge =
+        |world: &World, calls: &[(IpAddr, u16, Outcome, Option<&str>)]| -> Result<Vec<String>> {
+            let chat = world.pod("chat-1");
+            let in_host = world.probe(chat.cgroup(false), false);
+            let in_pods_namespace = world.probe(chat.cgroup(false), true);
+            let mut problems = Vec::new();
+            for &(addr, port, want, node) in calls {
+                let over_veth = addr.is_ipv6() || addr == IpAddr::V4(link_v4);
+                let call = match addr {
+                    IpAddr::V6(a) if a == link_v6 => format!("tcp:[{a}%{client_index}]:{port}"),
+                    _ => attempt("tcp", addr, port),
+                };
+                let r = if over_veth {
+                    &in_pods_namespace
+                } else {
+                    &in_host
+                }
+                .run_one(&call)?;
+                if r.outcome != want {
+                    problems.push(format!("chat-1 -> {call}: {r:?}, want {want:?}"));
+                }
+                let Some(node) = node else { continue };
+                let to_it = |e: &Value| {
+                    e["destination"]["ip"] == addr.to_string() && e["destination"]["port"] == port
+                };
+                let hits: Vec<Value> = world
+                    .agent()
+                    .wait_for(1, Duration::from_secs(10), to_it)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(to_it)
+                    .collect();
+                let (reason, kind) = if node == "unidentified" {
+                    ("unidentified_destination", "unidentified")
+                } else {
+                    ("no_permit", "node")
+                };
+                let hook = if addr.is_ipv6() {
+                    "connect6"
+                } else {
+                    "connect4"
+                };
+                let right = hits.len() == 1
+                    && event_has(
+                        &hits[0],
+                        &[
+                            ("/hook", hook),
+                            ("/verdict", "deny"),
+                            ("/reason", reason),
+                            ("/destination/name", node),
+                            ("/destination/kind", kind),
+                            ("/subject/tenant", "acme"),
+                        ],
+                    );
+                if !right {
+                    problems.push(format!(
+                        "want one {reason} event chat-1 -> {node} at {call}, got {hits:?}"
+                    ));
+                }
+            }
+            Ok(problems)
+        };
     let v4 = |a: Ipv4Addr| IpAddr::V4(a);
-    for (addr, port, want, node) in [
-        (v4(no_node), KUBELET, Outcome::Ok, None),
-        (v4(this_node), NODE_DNS, Outcome::Ok, None),
-        (v4(this_node), KUBELET, Outcome::Eperm, Some("host")),
-        (v4(other_node), KUBELET, Outcome::Eperm, Some("remote-node")),
-        (
-            v4(other_node),
-            NODE_DNS,
-            Outcome::Eperm,
-            Some("remote-node"),
-        ),
-        (v4(far_node), KUBELET, Outcome::Eperm, Some("remote-node")),
-        (
-            v4(far_gateway),
-            KUBELET,
-            Outcome::Eperm,
-            Some("unidentified"),
-        ),
-        (
-            v4(cluster_cidr_free),
-            KUBELET,
-            Outcome::Eperm,
-            Some("unidentified"),
-        ),
-        (IpAddr::V6(link_v6), NODE_DNS, Outcome::Ok, None),
-        (IpAddr::V6(link_v6), KUBELET, Outcome::Eperm, Some("host")),
-        (v4(link_v4), NODE_DNS, Outcome::Ok, None),
-        (v4(link_v4), KUBELET, Outcome::Eperm, Some("host")),
-    ] {
-        let link_local = addr == IpAddr::V6(link_v6) || addr == v4(link_v4);
-        let (call, r) = if link_local {
-            let call = match addr {
-                IpAddr::V6(a) => format!("tcp:[{a}%{client_index}]:{port}"),
-                IpAddr::V4(a) => attempt("tcp", IpAddr::V4(a), port),
-            };
-            let r = in_pods_namespace.run_one(&call)?;
-            (call, r)
-        } else {
-            let call = attempt("tcp", addr, port);
-            let r = probe.run_one(&call)?;
-            (call, r)
-        };
-        if r.outcome != want {
-            problems.push(format!("chat-1 -> {call}: {r:?}, want {want:?}"));
-        }
-        let Some(node) = node else { continue };
-        let found = world.agent().wait_for(1, Duration::from_secs(10), |e| {
-            e["destination"]["ip"] == addr.to_string() && e["destination"]["port"] == port
-        });
-        let hits: Vec<Value> = found
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| {
-                e["destination"]["ip"] == addr.to_string() && e["destination"]["port"] == port
-            })
-            .collect();
-        let (reason, kind) = if node == "unidentified" {
-            ("unidentified_destination", "unidentified")
-        } else {
-            ("no_permit", "node")
-        };
-        let right = hits.len() == 1
-            && event_has(
-                &hits[0],
-                &[
-                    (
-                        "/hook",
-                        if addr.is_ipv6() {
-                            "connect6"
-                        } else {
-                            "connect4"
-                        },
-                    ),
-                    ("/verdict", "deny"),
-                    ("/reason", reason),
-                    ("/destination/name", node),
-                    ("/destination/kind", kind),
-                    ("/subject/tenant", "acme"),
-                ],
-            );
-        if !right {
-            problems.push(format!(
-                "want one {reason} event chat-1 -> {node} at {call}, got {hits:?}"
-            ));
-        }
-    }
+    let mut problems = judge(
+        &world,
+        &[
+            (v4(no_node), KUBELET, Outcome::Ok, None),
+            (v4(this_node), NODE_DNS, Outcome::Ok, None),
+            (v4(this_node), KUBELET, Outcome::Eperm, Some("host")),
+            (v4(other_node), KUBELET, Outcome::Eperm, Some("remote-node")),
+            (
+                v4(other_node),
+                NODE_DNS,
+                Outcome::Eperm,
+                Some("remote-node"),
+            ),
+            (v4(far_node), KUBELET, Outcome::Eperm, Some("remote-node")),
+            (
+                IpAddr::V6(far_gateway),
+                KUBELET,
+                Outcome::Eperm,
+                Some("unidentified"),
+            ),
+            (IpAddr::V6(cluster_cidr_free), KUBELET, Outcome::Ok, None),
+            (IpAddr::V6(link_v6), NODE_DNS, Outcome::Ok, None),
+            (IpAddr::V6(link_v6), KUBELET, Outcome::Eperm, Some("host")),
+            (v4(link_v4), NODE_DNS, Outcome::Ok, None),
+            (v4(link_v4), KUBELET, Outcome::Eperm, Some("host")),
+        ],
+    )?;
 
     let own = enforcer::sources::kubernetes::local_addresses()?;
     ensure!(
@@ -1837,6 +1837,35 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
     ensure!(
         problems.is_empty(),
         "{}\nstatus: {status:#}\nagent stderr:\n{}",
+        problems.join("\n"),
+        world.agent().stderr_tail()
+    );
+
+    // Restarted with a cluster CIDR: its free address is unidentified, and the Node's
+    // podCIDR, outside every configured cluster CIDR, is refused (its gateway is World's).
+    world.agent = None;
+    let mut config = world.agent_config();
+    config
+        .extra_args
+        .push(format!("--cluster-cidr={cluster_cidr}"));
+    world.agent = Some(Agent::start(config)?);
+    world.wait_enforcing("restart with a cluster CIDR")?;
+    let problems = judge(
+        &world,
+        &[
+            (
+                IpAddr::V6(cluster_cidr_free),
+                KUBELET,
+                Outcome::Eperm,
+                Some("unidentified"),
+            ),
+            (IpAddr::V6(far_gateway), KUBELET, Outcome::Ok, None),
+        ],
+    )?;
+    let status = world.agent().status()?;
+    ensure!(
+        problems.is_empty(),
+        "with --cluster-cidr: {}\nstatus: {status:#}\nagent stderr:\n{}",
         problems.join("\n"),
         world.agent().stderr_tail()
     );

@@ -24,6 +24,7 @@ use enforcer_policy::cluster::{labels, Backend, ClusterState};
 use enforcer_policy::Protocol;
 use enforcer_tests::kube::{
     create_namespace, create_pod, require_apiserver, wait_for_state, wait_for_status, ApiServer,
+    ApiServerOptions,
 };
 use enforcer_tests::TempDir;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
@@ -51,7 +52,6 @@ fn options(server: &ApiServer, state_dir: &std::path::Path) -> KubeOptions {
         identity_labels: vec!["app.kubernetes.io/component".into()],
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
-        cluster_cidrs: Vec::new(),
         state_dir: state_dir.to_path_buf(),
     }
 }
@@ -557,4 +557,114 @@ async fn spawn_checked(server: &ApiServer, dir: &std::path::Path) -> Result<Kube
     kubernetes::spawn(options(server, dir))
         .await
         .context("spawn the Kubernetes source")
+}
+
+/// The source needs no more than `deploy/rbac.yaml` grants the agent, and Nodes are
+/// optional. The server authorizes by RBAC; user `agent` is bound to the agent's ClusterRole
+/// exactly as the manifest writes it, user `old-agent` to the same rules without `nodes`
+/// (a ClusterRole from before the source read Nodes). With the first, the source lists
+/// every part: a pod, and a Node object's address. With the second, every list of Nodes
+/// is refused (403), and the source still publishes the pod (a part that could not list
+/// used to hold every state back: a fresh agent would judge every pod an unknown subject)
+/// and says in its status that Nodes are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_rbac_is_enough_and_nodes_are_optional() -> Result<()> {
+    use enforcer_tests::deploy::{load_all, Object};
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    if !require_apiserver() {
+        return Ok(());
+    }
+    init_tracing();
+    let server = ApiServer::start_with(ApiServerOptions {
+        users: vec!["agent".into(), "old-agent".into()],
+        ..ApiServerOptions::default()
+    })?;
+    let client = server.client();
+    let dir = TempDir::new("enforcer-kube-rbac")?;
+
+    let role = load_all()?
+        .into_iter()
+        .find_map(|m| match m.object {
+            Object::ClusterRole(r) if r.metadata.name.as_deref() == Some("ai-enforcer-agent") => {
+                Some(r)
+            }
+            _ => None,
+        })
+        .context("deploy/rbac.yaml has no ClusterRole ai-enforcer-agent")?;
+    let mut old = role.clone();
+    old.metadata.name = Some("ai-enforcer-agent-old".into());
+    for rule in old.rules.iter_mut().flatten() {
+        if let Some(resources) = rule.resources.as_mut() {
+            resources.retain(|r| r != "nodes");
+        }
+    }
+    ensure!(
+        old.rules != role.rules,
+        "the manifest's role grants no nodes"
+    );
+    for (role, user) in [(&role, "agent"), (&old, "old-agent")] {
+        let name = role.metadata.name.clone().unwrap_or_default();
+        Api::<ClusterRole>::all(client.clone())
+            .create(&PostParams::default(), role)
+            .await?;
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        }))?;
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await?;
+    }
+    create_namespace(&client, "acme", &[(labels::TENANT, "acme")], &[]).await?;
+    create_pod(&client, "acme", "rag-0", &[], "node-a", &["127.84.1.1"]).await?;
+    let nodes = Api::<Node>::all(client.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-b"}}))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    let status =
+        json!({"status": {"addresses": [{"type": "InternalIP", "address": "127.84.9.2"}]}});
+    nodes
+        .patch_status("node-b", &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+
+    let spawn = |user: &str, state: &str| {
+        let mut options = options(&server, &dir.path().join(state));
+        options.kubeconfig = server.user_kubeconfig(user).map(|p| p.to_path_buf());
+        kubernetes::spawn(options)
+    };
+    let node_b = "127.84.9.2".parse::<IpAddr>()?;
+    let agent = spawn("agent", "agent").await?;
+    let mut rx = agent.state();
+    wait_for_state(&mut rx, WAIT, "rag-0 and node-b's address", |s| {
+        has_pod_with_ips(s, "acme/rag-0")
+            && s.nodes
+                .get("node-b")
+                .is_some_and(|ips| ips.contains(&node_b))
+    })
+    .await?;
+    let status = wait_for_status(&agent, WAIT, "connected without errors", |s| {
+        s.connected && s.last_error.is_none()
+    })
+    .await?;
+    ensure!(status.has_state, "{status:?}");
+
+    let old_agent = spawn("old-agent", "old-agent").await?;
+    let mut rx = old_agent.state();
+    let state = wait_for_state(&mut rx, WAIT, "rag-0 without nodes", |s| {
+        has_pod_with_ips(s, "acme/rag-0")
+    })
+    .await?;
+    ensure!(
+        !state.nodes.contains_key("node-b"),
+        "node-b's Node object was read: {:?}",
+        state.nodes
+    );
+    wait_for_status(&old_agent, WAIT, "nodes refused, shown", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("nodes:") && e.contains("forbidden"))
+    })
+    .await?;
+    Ok(())
 }

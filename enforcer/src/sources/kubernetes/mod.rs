@@ -99,9 +99,6 @@ pub struct KubeOptions {
     pub system_namespaces: Vec<String>,
     /// Where the last state is persisted ([`STATE_FILE`]); created when missing.
     pub state_dir: PathBuf,
-    /// The cluster's pod networks (`--cluster-cidr`), besides the Nodes' `spec.podCIDRs`:
-    /// see [`Rules::cluster_cidrs`].
-    pub cluster_cidrs: Vec<enforcer_policy::identity::IpNet>,
 }
 
 /// What `enforcer status` shows about the source.
@@ -196,8 +193,14 @@ impl KubeSource {
         let errors: Vec<String> = inner
             .parts
             .iter()
-            .filter(|(_, h)| !h.ok)
-            .filter_map(|(name, h)| h.error.as_ref().map(|e| format!("{name}: {e}")))
+            .filter_map(|(name, h)| {
+                let error = if h.ok {
+                    h.refused.as_ref()
+                } else {
+                    h.error.as_ref()
+                };
+                error.map(|e| format!("{name}: {e}"))
+            })
             .chain(inner.persist_error.iter().map(|e| format!("persist: {e}")))
             .collect();
         let (identities, pods, local_pods, services, problems) = match &state {
@@ -381,7 +384,6 @@ pub async fn spawn(options: KubeOptions) -> Result<KubeSource> {
         identity_labels: options.identity_labels.clone(),
         trust_domain: options.trust_domain.clone(),
         system_namespaces: options.system_namespaces.clone(),
-        cluster_cidrs: options.cluster_cidrs.clone(),
     };
     let task = tokio::spawn(run(
         client,
@@ -442,7 +444,15 @@ struct Health {
     /// The last error, logged once when it appeared; shown while `ok` is false, cleared
     /// (and the recovery logged) by the next event or established watch.
     error: Option<String>,
+    /// An optional part the server refuses ([`OPTIONAL_PARTS`]): counted as listed (empty)
+    /// so that the rest is published, and shown in `status` until it lists.
+    refused: Option<String>,
 }
+
+/// Parts the source can do without: a server that refuses them (403, a ClusterRole from
+/// before they were read; 404) leaves them empty instead of holding every state back.
+/// Nodes only add addresses (pods' `hostIPs` still name the nodes).
+const OPTIONAL_PARTS: [&str; 1] = ["nodes"];
 
 /// API discovery and the five watchers (pods, nodes, namespaces, services, backends).
 const PARTS: usize = 6;
@@ -503,6 +513,30 @@ impl Shared {
         health.listed |= listed;
         if let Some(e) = health.error.take() {
             info!(part, previous_error = %e, "kubernetes: recovered");
+        }
+        if listed {
+            if let Some(e) = health.refused.take() {
+                info!(part, previous_error = %e, "kubernetes: listed, no longer refused");
+            }
+        }
+    }
+
+    /// The server refuses an optional part: it counts as listed and empty (see
+    /// [`OPTIONAL_PARTS`]); the watcher keeps retrying, and a list ends this.
+    fn refused(&self, part: &'static str, error: String) {
+        let mut inner = self.lock();
+        let health = inner.part(part);
+        let first = health.refused.is_none() || !health.listed;
+        health.ok = true;
+        health.listed = true;
+        health.error = None;
+        if health.refused.as_deref() != Some(error.as_str()) {
+            warn!(part, %error, "kubernetes: the server refuses this part: going on without it (grant get/list/watch, see deploy/rbac.yaml)");
+            health.refused = Some(error);
+        }
+        drop(inner);
+        if first {
+            self.changed.notify_one();
         }
     }
 
@@ -743,9 +777,22 @@ async fn watch_resource<W, K>(
                     shared.changed.notify_one();
                 }
             }
+            Err(e) if OPTIONAL_PARTS.contains(&part) && refused(&e) => {
+                shared.refused(part, e.to_string())
+            }
             Err(e) => shared.failed(part, e.to_string()),
         }
     }
+}
+
+/// The server answered a list or watch with 403 Forbidden or 404 Not Found.
+fn refused(e: &watcher::Error) -> bool {
+    use watcher::Error::*;
+    matches!(
+        e,
+        InitialListFailed(kube::Error::Api(s)) | WatchStartFailed(kube::Error::Api(s))
+            if s.code == 403 || s.code == 404
+    )
 }
 
 /// The tower layer that tells [`Shared`] when a watch request succeeds.

@@ -43,6 +43,10 @@ pub const NAMESPACE_LABEL: &str = "namespace";
 pub const SERVICE_ACCOUNT_LABEL: &str = "service_account";
 /// The label every EndpointSlice carries: the name of its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The most addresses one node has (its Node object's and its pods' `hostIPs` together; a
+/// real node has a few): whoever may write one Node's status (a compromised kubelet) must
+/// not fill every agent's IP cache, which would refuse every apply after.
+pub const MAX_NODE_ADDRESSES: usize = 16;
 /// How many pod names a per-namespace problem line lists before "and N more".
 const NAMES_SHOWN: usize = 5;
 
@@ -81,10 +85,6 @@ pub struct Rules {
     /// Namespaces whose pods need no tenant: without tenant metadata they get identities
     /// without a tenant instead of being left out.
     pub system_namespaces: Vec<String>,
-    /// The cluster's pod networks as configured (`--cluster-cidr`), added to the Nodes'
-    /// `spec.podCIDRs` in [`ClusterState::pod_cidrs`]: where the CNI's IPAM does not use
-    /// the Nodes' (Calico's IP pools, Cilium's cluster pool).
-    pub cluster_cidrs: Vec<IpNet>,
 }
 
 /// Why a configured system namespace can name no namespace (a namespace name is a DNS
@@ -432,12 +432,25 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     }
 
     let services = services(snapshot, &namespaces, &mut problems);
-    let mut pod_cidrs = rules.cluster_cidrs.clone();
+    let mut pod_cidrs = Vec::new();
     for node in &snapshot.nodes {
         node_object(node, &mut nodes, &mut pod_cidrs, &mut problems);
     }
     pod_cidrs.sort();
     pod_cidrs.dedup();
+    for (node, ips) in nodes.iter_mut() {
+        if ips.len() > MAX_NODE_ADDRESSES {
+            problems.push(format!(
+                "node {node} has {} addresses (its Node object's and its pods' hostIPs): only \
+                 the first {MAX_NODE_ADDRESSES} are its own here, the rest stay World's",
+                ips.len()
+            ));
+            *ips = std::mem::take(ips)
+                .into_iter()
+                .take(MAX_NODE_ADDRESSES)
+                .collect();
+        }
+    }
     problems.sort();
     problems.dedup();
     unidentified_ips.sort();
@@ -494,8 +507,10 @@ fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, BTreeSet<IpAdd
 /// Adds what a Node object says of itself: its `status.addresses` of type `InternalIP` and
 /// `ExternalIP` (names such as `Hostname` are no addresses) to its addresses, and its
 /// `spec.podCIDRs` (`spec.podCIDR` on servers that predate dual stack) to the pod networks.
-/// Both are the kubelet's and the node controller's to write (NodeRestriction keeps a
-/// kubelet to its own Node), not tenants'. Text that does not parse is reported and skipped.
+/// Tenants cannot write Nodes; a kubelet can write its own (NodeRestriction), and so can
+/// components granted `nodes` or `nodes/status` (CNI agents, the node controller), so the
+/// merge checks what it takes (`enforcer_policy::cluster::node_pod_cidr_problem`) and
+/// [`MAX_NODE_ADDRESSES`] bounds each node. Text that does not parse is reported and skipped.
 fn node_object<'a>(
     node: &'a Node,
     nodes: &mut BTreeMap<&'a str, BTreeSet<IpAddr>>,

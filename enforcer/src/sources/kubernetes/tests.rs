@@ -72,7 +72,6 @@ fn pod(ns: &str, name: &str, labels: serde_json::Value, node: &str, ip: &str) ->
 
 fn rules() -> Rules {
     Rules {
-        cluster_cidrs: Vec::new(),
         identity_labels: vec!["app.kubernetes.io/component".into()],
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
@@ -465,6 +464,11 @@ fn node_objects_give_their_addresses_and_pod_networks() {
             "status": {"addresses": [{"type": "InternalIP", "address": "127.82.9.12"}]}
         })),
         node(json!({"metadata": {"name": "n3"}, "spec": {"podCIDRs": ["127.82.66.1/24"]}})),
+        node(
+            json!({"metadata": {"name": "n4"}, "status": {"addresses": (10..30)
+            .map(|i| json!({"type": "InternalIP", "address": format!("127.82.10.{i}")}))
+            .collect::<Vec<_>>()}}),
+        ),
     ];
     assert_eq!(nodes[0].metadata.labels, None, "trimmed");
     assert_eq!(
@@ -480,16 +484,12 @@ fn node_objects_give_their_addresses_and_pod_networks() {
         .unwrap()
         .iter()
         .all(|a| a.type_ != "Hostname"));
-    let rules = Rules {
-        cluster_cidrs: vec!["127.82.0.0/16".parse().unwrap()],
-        ..rules()
-    };
     let s = cluster_state(
         &Snapshot {
             nodes,
             ..Snapshot::default()
         },
-        &rules,
+        &rules(),
     );
     assert_eq!(
         s.nodes,
@@ -497,17 +497,18 @@ fn node_objects_give_their_addresses_and_pod_networks() {
             ("n1".to_string(), ips(&["127.82.9.11", "fd7e:82::9:11"])),
             ("n2".to_string(), ips(&["127.82.9.12"])),
             ("n3".to_string(), ips(&[])),
+            (
+                "n4".to_string(),
+                (10..26)
+                    .map(|i| format!("127.82.10.{i}").parse().unwrap())
+                    .collect()
+            ),
         ])
     );
     let nets: Vec<String> = s.pod_cidrs.iter().map(|n| n.to_string()).collect();
     assert_eq!(
         nets,
-        [
-            "127.82.0.0/16",
-            "127.82.64.0/24",
-            "127.82.65.0/24",
-            "fd7e:82:64::/64"
-        ]
+        ["127.82.64.0/24", "127.82.65.0/24", "fd7e:82:64::/64"]
     );
     let problems = s.problems.join("\n");
     assert!(
@@ -518,6 +519,7 @@ fn node_objects_give_their_addresses_and_pod_networks() {
         problems.contains("node n3: pod CIDR \"127.82.66.1/24\" is not a network"),
         "{problems}"
     );
+    assert!(problems.contains("node n4 has 20 addresses"), "{problems}");
     let mut changed = s.clone();
     changed.pod_cidrs.pop();
     assert!(
@@ -895,7 +897,6 @@ async fn spawn_refuses_bad_identity_labels_and_loads_the_persisted_state() {
         identity_labels: vec!["namespace".into()],
         trust_domain: "cluster.local".into(),
         system_namespaces: Vec::new(),
-        cluster_cidrs: Vec::new(),
         state_dir: dir.join("state"),
     };
     let err = spawn(options.clone()).await.unwrap_err();
@@ -1174,6 +1175,7 @@ fn load_cluster(
         &enforcer_policy::cluster::ClusterOptions {
             node_name: "node-a".into(),
             max_identities_per_tenant: quota,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|d| panic!("{d}"))
