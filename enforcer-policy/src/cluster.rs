@@ -143,6 +143,53 @@ pub struct ClusterState {
     pub problems: Vec<String>,
 }
 
+/// Cloud instance metadata services, which hand out the node's credentials (and, with
+/// workload identity agents, the pods') to whoever asks: the classic target of a server-side
+/// request forgery, by an agent that may browse the internet above all. On a node of a
+/// cluster each is UNIDENTIFIED (every call denied, whatever a policy opens: `Node::"host"`
+/// at port 80 for an ingress controller must not open them) unless the inventory names the
+/// address itself (a host entry, say `imds` with `ips: [169.254.169.254/32]`), which a
+/// policy can then permit to exactly the workloads that need it; a pod or node address
+/// there keeps it. Sources: AWS EC2 (IMDS `169.254.169.254`, `fd00:ec2::254`), Amazon
+/// EKS Pod Identity (`169.254.170.23`, `fd00:ec2::23`), Amazon ECS task credentials
+/// (`169.254.170.2`), Google Cloud (`169.254.169.254`, `fd20:ce::254`), Azure, OpenStack,
+/// Oracle Cloud and DigitalOcean (`169.254.169.254`), Alibaba Cloud (`100.100.100.200`),
+/// Tencent Cloud (`169.254.0.23`). Azure's wire server (`168.63.129.16`) is also the VMs'
+/// DNS resolver and the source of load balancer probes: not here (see the README).
+pub const METADATA_SERVICES: [&str; 8] = [
+    "169.254.169.254",
+    "169.254.170.2",
+    "169.254.170.23",
+    "169.254.0.23",
+    "100.100.100.200",
+    "fd00:ec2::254",
+    "fd00:ec2::23",
+    "fd20:ce::254",
+];
+
+/// Whether a node may have `ip` as its address: not unspecified, multicast, broadcast,
+/// link-local or one of the [`METADATA_SERVICES`]: a kubelet or a Node's status that reports
+/// one (compromised, or misconfigured) must not turn that address into a node on every
+/// agent, where a `Node` permit would open it. Loopback is kept: on a test host every node
+/// address is one.
+pub fn node_address_usable(ip: &IpAddr) -> bool {
+    if METADATA_SERVICES
+        .iter()
+        .any(|m| m.parse::<IpAddr>().ok().as_ref() == Some(ip))
+    {
+        return false;
+    }
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_link_local())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local())
+                && a.to_ipv4_mapped().is_none()
+        }
+    }
+}
+
 /// What no pod network may overlap, whoever names it: addresses that are never a pod's (IANA
 /// special-purpose registries, RFC 6890 and RFC 6052): "this network" `0.0.0.0/8`, loopback
 /// (a pod's own `127.0.0.1`), link-local (the node's: see the merge), multicast and the

@@ -911,6 +911,23 @@ pub(crate) fn merge<'a>(
     // After the nodes: a network's own address (`10.244.1.0`) claims nothing above.
     let mut unidentified = unidentified;
     unidentified.extend(pod_networks(state, options, &inv_nets, &mut problems));
+    if !options.node_name.is_empty() {
+        let claimed: HashSet<IpNet> = workload_ips
+            .iter()
+            .chain(service_ips.iter())
+            .flatten()
+            .chain(&unidentified)
+            .chain(&host)
+            .chain(&remote_nodes)
+            .copied()
+            .collect();
+        unidentified.extend(
+            crate::cluster::METADATA_SERVICES
+                .iter()
+                .map(|a| host_net(a.parse().expect("a valid address")))
+                .filter(|net| !claimed.contains(net) && inv_nets.exact(net).is_none()),
+        );
+    }
     unidentified.sort();
 
     // 6. Numbers: the preferred hash unless another key of the pool prefers it too; then
@@ -1123,24 +1140,8 @@ pub(crate) fn merge<'a>(
     }
 }
 
-/// Whether a node may have `ip` as its address: not unspecified, multicast, broadcast or
-/// link-local (a cloud's metadata service is `169.254.169.254`): a kubelet that reports one
-/// (compromised, or misconfigured) must not turn that address into a node on every agent.
-/// Loopback is kept: on a test host every node address is one.
-fn node_address_usable(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            !(a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_link_local())
-        }
-        IpAddr::V6(a) => {
-            !(a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local())
-                && a.to_ipv4_mapped().is_none()
-        }
-    }
-}
-
 /// The nodes' addresses that no identity, no UNIDENTIFIED address (`claimed`) and no
-/// inventory host entry holds (and that [`node_address_usable`] accepts): (this node's, every
+/// inventory host entry holds (and that [`crate::cluster::node_address_usable`] accepts): (this node's, every
 /// other node's), as sorted host networks, this node's with the [`LINK_LOCAL`] networks on a
 /// node of a cluster (`this_node` not empty). An
 /// address two nodes report (a node replaced under the same address while pods of the old
@@ -1162,8 +1163,9 @@ fn node_addresses<'a>(
             .claim(ip)
             .is_some_and(|(_, net)| net == host_net(*ip))
     };
-    let free =
-        |ip: &&IpAddr| !claimed.contains(*ip) && !inventory_host(ip) && node_address_usable(ip);
+    let free = |ip: &&IpAddr| {
+        !claimed.contains(*ip) && !inventory_host(ip) && crate::cluster::node_address_usable(ip)
+    };
     let (mut host, mut remote) = (BTreeSet::new(), BTreeSet::new());
     for (node, ips) in &state.nodes {
         let set = if !this_node.is_empty() && node == this_node {
@@ -1179,7 +1181,7 @@ fn node_addresses<'a>(
         host.extend(
             LINK_LOCAL
                 .into_iter()
-                .filter(|net| inv_nets.claim(&net.addr).is_none_or(|(_, n)| n != *net)),
+                .filter(|net| inv_nets.exact(net).is_none()),
         );
         host.sort();
     }
@@ -1192,10 +1194,9 @@ fn node_addresses<'a>(
 /// link-local destination is on the pod's own link, so it is the node (the veth peer, the
 /// kubelet listening on every address, node-local DNS at `169.254.20.10`) or what the node's
 /// route leads to there: a cloud's instance metadata service at `169.254.169.254`, which
-/// hands the node's credentials to whoever asks (the classic SSRF target of an agent that
-/// may browse the internet). Never World, which a policy may open. An inventory host entry
-/// inside them (`169.254.169.254/32` named `imds`) is more specific and wins, so a policy
-/// can permit exactly that; an inventory network equal to one keeps it. The loopback
+/// [`crate::cluster::METADATA_SERVICES`] makes UNIDENTIFIED. Never World, which a policy may open. An
+/// inventory host entry inside them is more specific and wins; an inventory network equal to
+/// one keeps it. The loopback
 /// networks stay World's: a pod's `127.0.0.1` is its own.
 pub(crate) const LINK_LOCAL: [IpNet; 2] = [
     IpNet {

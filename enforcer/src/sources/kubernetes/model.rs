@@ -43,9 +43,11 @@ pub const NAMESPACE_LABEL: &str = "namespace";
 pub const SERVICE_ACCOUNT_LABEL: &str = "service_account";
 /// The label every EndpointSlice carries: the name of its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The most addresses one node has (its Node object's and its pods' `hostIPs` together; a
-/// real node has a few): whoever may write one Node's status (a compromised kubelet) must
-/// not fill every agent's IP cache, which would refuse every apply after.
+/// The most addresses one node has (its pods' `hostIPs` first, then its Node object's, in
+/// the order they list them, counting only addresses a node may have: see
+/// `enforcer_policy::cluster::node_address_usable`; a real node has a few): whoever may
+/// write one Node's status (a compromised kubelet) must not fill every agent's IP cache,
+/// which would refuse every apply after. The rest are UNIDENTIFIED, not World's.
 pub const MAX_NODE_ADDRESSES: usize = 16;
 /// How many pod names a per-namespace problem line lists before "and N more".
 const NAMES_SHOWN: usize = 5;
@@ -328,7 +330,9 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     // Pods refused because of their namespace are reported once per namespace.
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut unidentified_ips: Vec<IpAddr> = Vec::new();
-    let mut nodes: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    // In the order they are learnt: the pods' `hostIPs` (the kubelet's primary addresses)
+    // before the Node objects' addresses, each in the order the object lists them.
+    let mut nodes: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
     let mut added = Vec::new();
     for pod in snapshot.pods.iter().filter(|p| live(p)) {
         node_addresses(pod, &mut nodes);
@@ -439,17 +443,17 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     pod_cidrs.sort();
     pod_cidrs.dedup();
     for (node, ips) in nodes.iter_mut() {
+        let mut seen = BTreeSet::new();
+        ips.retain(|ip| enforcer_policy::cluster::node_address_usable(ip) && seen.insert(*ip));
         if ips.len() > MAX_NODE_ADDRESSES {
             problems.push(format!(
-                "node {node} has {} addresses (its Node object's and its pods' hostIPs): only \
-                 the first {MAX_NODE_ADDRESSES} are its own here, the rest stay World's",
+                "node {node} has {} addresses (its pods' hostIPs, then its Node object's): \
+                 the first {MAX_NODE_ADDRESSES} are its own here, the rest unidentified",
                 ips.len()
             ));
-            *ips = std::mem::take(ips)
-                .into_iter()
-                .take(MAX_NODE_ADDRESSES)
-                .collect();
+            unidentified_ips.extend(ips.drain(MAX_NODE_ADDRESSES..));
         }
+        ips.sort();
     }
     problems.sort();
     problems.dedup();
@@ -462,7 +466,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
         unidentified_ips,
         nodes: nodes
             .into_iter()
-            .map(|(node, ips)| (node.to_string(), ips.into_iter().collect()))
+            .map(|(node, ips)| (node.to_string(), ips))
             .collect(),
         pod_cidrs,
         problems,
@@ -473,7 +477,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
 /// `hostNetwork` pod's own addresses), whatever becomes of the pod itself: a pod left out
 /// still runs on a node. Written by the kubelet, not by tenants (the `/status`
 /// subresource); an address that does not parse names nothing and is skipped.
-fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, BTreeSet<IpAddr>>) {
+fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, Vec<IpAddr>>) {
     let spec = pod.spec.as_ref();
     let Some(node) = spec
         .and_then(|s| s.node_name.as_deref())
@@ -500,8 +504,13 @@ fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, BTreeSet<IpAdd
         .chain(host_ip)
         .filter_map(|text| parse_ip(text).ok())
         .chain(own);
-    let set = nodes.entry(node).or_default();
-    set.extend(parsed);
+    let known = nodes.entry(node).or_default();
+    for ip in parsed {
+        // A node's pods all say the same few addresses: kept once, in order.
+        if !known.contains(&ip) {
+            known.push(ip);
+        }
+    }
 }
 
 /// Adds what a Node object says of itself: its `status.addresses` of type `InternalIP` and
@@ -513,7 +522,7 @@ fn node_addresses<'a>(pod: &'a Pod, nodes: &mut BTreeMap<&'a str, BTreeSet<IpAdd
 /// [`MAX_NODE_ADDRESSES`] bounds each node. Text that does not parse is reported and skipped.
 fn node_object<'a>(
     node: &'a Node,
-    nodes: &mut BTreeMap<&'a str, BTreeSet<IpAddr>>,
+    nodes: &mut BTreeMap<&'a str, Vec<IpAddr>>,
     pod_cidrs: &mut Vec<IpNet>,
     problems: &mut Vec<String>,
 ) {
@@ -527,12 +536,10 @@ fn node_object<'a>(
         .into_iter()
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP");
-    let mut ips = BTreeSet::new();
+    let mut ips = Vec::new();
     for a in addresses {
         match parse_ip(&a.address) {
-            Ok(ip) => {
-                ips.insert(ip);
-            }
+            Ok(ip) => ips.push(ip),
             Err(_) => problems.push(format!(
                 "node {name}: {} {:?} is not an IP address: skipped",
                 a.type_, a.address
@@ -1045,6 +1052,14 @@ fn services(
             );
         for (what, text) in texts {
             match parse_ip(text) {
+                // A Service's owner (or a load balancer's controller) must not take the node's
+                // link-local addresses or a metadata service from every tenant.
+                Ok(ip) if !enforcer_policy::cluster::node_address_usable(&ip) => {
+                    problems.push(format!(
+                        "{object}: {what} {ip} is link-local, multicast, unspecified or a \
+                         metadata service's: ignored"
+                    ))
+                }
                 Ok(ip) if !external.contains(&ip) && !cluster_ips.contains(&ip) => {
                     external.push(ip)
                 }

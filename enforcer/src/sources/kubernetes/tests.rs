@@ -528,6 +528,94 @@ fn node_objects_give_their_addresses_and_pod_networks() {
     );
 }
 
+/// A Service's external or load-balancer address may not be a node's link-local address or
+/// a cloud's metadata service: it would take that address from every tenant (judged as the
+/// Service, where the node's route leads to the node's credentials). Ignored, reported.
+#[test]
+fn a_service_cannot_take_a_link_local_or_metadata_address() {
+    let mut svc = service("acme", "trap", "127.96.0.11", json!([{"port": 80}]));
+    svc.spec.as_mut().unwrap().external_ips = Some(vec![
+        "169.254.169.254".into(),
+        "127.82.7.1".into(),
+        "fe80::1".into(),
+    ]);
+    svc.status = Some(
+        serde_json::from_value(json!({"loadBalancer": {"ingress": [
+            {"ip": "fd00:ec2::254"}, {"ip": "100.100.100.200"}, {"ip": "127.82.7.2"}
+        ]}}))
+        .unwrap(),
+    );
+    let s = services_state(vec![svc], Backends::EndpointSlices(Vec::new()));
+    assert_eq!(
+        s.services[0].external_ips,
+        ips(&["127.82.7.1", "127.82.7.2"])
+    );
+    let problems = s.problems.join("\n");
+    for addr in [
+        "169.254.169.254",
+        "fe80::1",
+        "fd00:ec2::254",
+        "100.100.100.200",
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains("acme/trap") && l.contains(&format!(" {addr} is link-local"))),
+            "{addr}: {problems}"
+        );
+    }
+}
+
+/// A node's addresses are those it may have (no link-local, no metadata service), its pods'
+/// `hostIPs` first, then its Node object's in their order; past [`MAX_NODE_ADDRESSES`] they
+/// are UNIDENTIFIED (never World), and the primary address is never the one cut.
+#[test]
+fn a_node_with_too_many_addresses_keeps_its_primary_ones() {
+    let mut host = pod("acme", "a", json!({}), "n1", "127.82.1.1");
+    host.status.as_mut().unwrap().host_ip = Some("127.82.200.1".into());
+    let addresses: Vec<serde_json::Value> = ["169.254.169.254".to_string()]
+        .into_iter()
+        .chain((10..30).map(|i| format!("127.82.10.{i}")))
+        .map(|a| json!({"type": "InternalIP", "address": a}))
+        .collect();
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": "n1"},
+        "status": {"addresses": addresses}
+    }))
+    .unwrap();
+    let s = cluster_state(
+        &Snapshot {
+            pods: store_state(vec![host]),
+            namespaces: store_state(vec![tenant_ns("acme", "acme")]),
+            nodes: vec![Arc::new(super::trimmed_node(node))],
+            ..Snapshot::default()
+        },
+        &rules(),
+    );
+    let kept = &s.nodes["n1"];
+    assert_eq!(kept.len(), super::model::MAX_NODE_ADDRESSES);
+    assert!(kept.contains(&"127.82.200.1".parse().unwrap()), "{kept:?}");
+    assert!(
+        !kept.contains(&"169.254.169.254".parse().unwrap()),
+        "{kept:?}"
+    );
+    assert!(kept.contains(&"127.82.10.24".parse().unwrap()), "{kept:?}");
+    for cut in ["127.82.10.25", "127.82.10.29"] {
+        assert!(
+            s.unidentified_ips.contains(&cut.parse().unwrap()),
+            "{cut}: {:?}",
+            s.unidentified_ips
+        );
+    }
+    assert!(
+        s.problems
+            .iter()
+            .any(|p| p.contains("node n1 has 21 addresses")),
+        "{:?}",
+        s.problems
+    );
+}
+
 /// A state that differs from the one published only in its nodes' addresses is a change
 /// (it was not: a state persisted before nodes were kept, or a new node whose only pods are
 /// `hostNetwork`, left the nodes' addresses World's until something else changed).
