@@ -12,8 +12,9 @@
 //! its baseline (`same-tenant` permit, `tenant-isolation` forbid), so a call is allowed
 //! exactly when both ends have one tenant.
 //!
-//! Addresses: 127.83.0.0/16 and fd83::/16, ClusterIPs in 127.96.83.0/24; netns, cgroup and
-//! Service names start with `cg9-`.
+//! Addresses: 127.83.0.0/16 and fd83::/16, ClusterIPs in 127.96.83.0/24, and link-local
+//! ones (`fe80::83:*`, `169.254.83.*`, `169.254.169.254`) only on the veth between the
+//! test's own namespaces; netns, cgroup and Service names start with `cg9-`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -1667,6 +1668,8 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         "fe80::83:fe".parse::<Ipv6Addr>()?,
         Ipv4Addr::new(169, 254, 83, 1),
     );
+    // A cloud's metadata service, played by a server on the servers' side of the link.
+    let imds = Ipv4Addr::new(169, 254, 169, 254);
     let (gateway, free) = (
         format!("{far_gateway}/128"),
         format!("{cluster_cidr_free}/128"),
@@ -1675,7 +1678,13 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         (
             &world.server_ns,
             world._veth.dev_a(),
-            vec!["fe80::83:fe/64", "169.254.83.1/16", &gateway, &free],
+            vec![
+                "fe80::83:fe/64",
+                "169.254.83.1/16",
+                "169.254.169.254/32",
+                &gateway,
+                &free,
+            ],
         ),
         (
             &world.client_ns,
@@ -1698,6 +1707,7 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
         for addr in [
             SocketAddr::V6(std::net::SocketAddrV6::new(link_v6, port, 0, server_index)),
             SocketAddr::new(IpAddr::V4(link_v4), port),
+            SocketAddr::new(IpAddr::V4(imds), port),
             SocketAddr::new(IpAddr::V6(far_gateway), port),
             SocketAddr::new(IpAddr::V6(cluster_cidr_free), port),
         ] {
@@ -1716,7 +1726,8 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
             let in_pods_namespace = world.probe(chat.cgroup(false), true);
             let mut problems = Vec::new();
             for &(addr, port, want, node) in calls {
-                let over_veth = addr.is_ipv6() || addr == IpAddr::V4(link_v4);
+                let over_veth =
+                    addr.is_ipv6() || addr == IpAddr::V4(link_v4) || addr == IpAddr::V4(imds);
                 let call = match addr {
                     IpAddr::V6(a) if a == link_v6 => format!("tcp:[{a}%{client_index}]:{port}"),
                     _ => attempt("tcp", addr, port),
@@ -1797,6 +1808,8 @@ fn a_node_address_is_the_node_not_world() -> Result<()> {
             (IpAddr::V6(link_v6), KUBELET, Outcome::Eperm, Some("host")),
             (v4(link_v4), NODE_DNS, Outcome::Ok, None),
             (v4(link_v4), KUBELET, Outcome::Eperm, Some("host")),
+            // Not even at the port `Node::"host"` is open on.
+            (v4(imds), NODE_DNS, Outcome::Eperm, Some("unidentified")),
         ],
     )?;
 
