@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -603,6 +603,12 @@ pub struct Config {
     pub flow_events_per_workload: u32,
     /// Always zero.
     pub _pad: u32,
+    /// The cookie of the node's network namespace (the agent's own: it runs with
+    /// `hostNetwork`), as `SO_NETNS_COOKIE` (Linux 5.14) and `bpf_get_netns_cookie` give it:
+    /// a pod's socket outside it that dials loopback reaches its own pod, no other workload
+    /// (see the kernel's `outside_node_netns`). 0 = not known: loopback is judged as any
+    /// address.
+    pub node_netns_cookie: u64,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -863,7 +869,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);

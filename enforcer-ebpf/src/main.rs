@@ -41,7 +41,9 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+    },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
@@ -364,6 +366,33 @@ fn six_or_mapped(w: [u32; 4]) -> Destination {
     }
 }
 
+/// Whether `dst` is a loopback address: `127.0.0.0/8` (an IPv4-mapped one is looked up as
+/// IPv4, see `six_or_mapped`) or `::1`.
+#[inline(always)]
+fn is_loopback(dst: &Destination) -> bool {
+    if dst.family == FAMILY_V4 {
+        return dst.addr[0].to_ne_bytes()[0] == 127;
+    }
+    dst.addr[0] == ZERO_WORD
+        && dst.addr[1] == ZERO_WORD
+        && dst.addr[2] == ZERO_WORD
+        && dst.addr[3] == LOOPBACK_V6_WORD3
+}
+
+/// Whether the calling socket's network namespace is known not to be the node's
+/// (`Config::node_netns_cookie`, the agent's own; 0 = not known: false).
+#[inline(always)]
+fn outside_node_netns(ctx: &SockAddrContext) -> bool {
+    let node = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe { read_volatile(&(*c).node_netns_cookie) },
+        None => 0,
+    };
+    // SAFETY: the program's context; `bpf_get_netns_cookie` takes it for sock_addr programs
+    // (the socket's namespace).
+    node != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != node
+}
+
 /// Global audit mode and the policy revision in force, from `CONFIG`; a missing entry (cannot
 /// happen for index 0) means enforcing with `POLICY_A`. One aligned 8-byte load gives both the
 /// table and the revision: userspace keeps the generation's parity equal to the active table,
@@ -497,6 +526,22 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     if subject_flags & flags::QUARANTINED != 0 {
         v.reason = reason::QUARANTINED;
         return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
+    }
+
+    // A pod calling its own loopback: in its own network namespace nothing but the pod
+    // answers there (its containers, a sidecar), so it is no call between workloads, as
+    // traffic that never leaves a pod is none to Cilium. Judged as World's address it broke
+    // every sidecar (Envoy's inbound to the app at 127.0.0.6, an app's call to its local
+    // Dapr or exporter) unless the pod could reach the internet too. Only where the socket is
+    // not in the node's namespace: a label set with a `hostNetwork` pod, or a process that
+    // entered the node's namespace, reaches the node's listeners at loopback (judged below,
+    // and again at the listener by `skb_ingress`).
+    if subject_flags & (flags::OWN_NETNS | flags::SHARED_NETNS) == flags::OWN_NETNS
+        && is_loopback(&dst)
+        && outside_node_netns(ctx)
+    {
+        count(hook, verdict::ALLOW, reason::ALLOWED);
+        return SK_PASS;
     }
 
     // 4. the policy table in force, keyed by the two identities' classes in it: exact port,

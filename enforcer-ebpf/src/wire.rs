@@ -964,7 +964,8 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
 /// the node's namespace (`flags::SHARED_NETNS`, whose column the allowlist holds). An IPv6
 /// link-local source from a device (a pod dialling its node's link-local address on the
 /// veth) names no one: refused at such a listener as World's call (`no_permit`). Not
-/// judged: another source of no workload (WORLD, a prefix, an endpoint, a Service, a
+/// judged here (see `checked_pod_elsewhere` for an ingress-checked pod's listener, which
+/// refuses all of these but its own calls): another source of no workload (WORLD, a prefix, an endpoint, a Service, a
 /// reserved identity), a caller outside the subtree or of no identity (denied at its
 /// connect), a listener's own workload calling itself (a pod's containers over its
 /// loopback, a sidecar's `REDIRECT`), and the agent on either side. `None`: nothing to
@@ -979,6 +980,9 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     } else {
         caller_cgroup(ctx, syn)
     };
+    if let Some(verdict) = checked_pod_elsewhere(ctx, syn, listener, found) {
+        return Some(verdict);
+    }
     // Not found: a caller on another host or in another namespace, or one the lookup cannot
     // see: NATed (a sidecar's `REDIRECT` to 127.0.0.1, kube-proxy's DNAT to a node address:
     // its socket keeps the original destination) or bound to a device (`SO_BINDTODEVICE`,
@@ -1011,7 +1015,8 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     if caller == identity::WORLD {
         // A link-local source names no one, and World is no policy's principal: refused
         // at a listener of the node's namespace, which callers reach at addresses nobody
-        // holds (elsewhere the listener is a pod reached by its own link-local neighbour).
+        // holds (elsewhere the listener is a pod reached by its link-local neighbour: an
+        // ingress-checked one refused that above, `checked_pod_elsewhere`).
         if !l
             .as_ref()
             .is_some_and(|l| l.flags & flags::SHARED_NETNS != 0)
@@ -1094,6 +1099,49 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
         listener,
         reason,
         audit,
+        generation as u32,
+    ))
+}
+
+/// A SYN that reached a listener of an ingress-checked pod (`INGRESS_ENFORCE` /
+/// `INGRESS_AUDIT`, a pod in its own network namespace: `OWN_NETNS`) at an address that is
+/// not the pod's: its IPv6 link-local address (every pod on a bridge has one, and its
+/// neighbours on the link reach it there), an address of its namespace the IP cache does not
+/// hold. Callers judge such an address as the node, World or nobody's, never as the pod, so
+/// the option is not written, and the pod's own check (the option, the allowlist, the flow
+/// record, the rate limit) would be skipped whoever the caller is. Refused as
+/// `missing_tag`, as a SYN without the option at the pod's own address is (reported as
+/// audit where the pod's ingress is `audit`). Only the pod itself (its containers over
+/// loopback, a sidecar's `REDIRECT`) may reach it elsewhere. `None`: not such a listener,
+/// or the pod calling itself; the checks of `world_listener` go on.
+#[inline(always)]
+fn checked_pod_elsewhere(
+    ctx: &SkBuffContext,
+    syn: &Syn,
+    listener: u32,
+    caller_cgroup: Option<u64>,
+) -> Option<i32> {
+    let listener_flags = locked::identity_flags(listener)?;
+    if listener_flags & (flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT) == 0
+        || listener_flags & flags::OWN_NETNS == 0
+        // A label set with a `hostNetwork` pod here may answer in the node's namespace,
+        // where `world_listener` judges its callers.
+        || listener_flags & (flags::SHARED_NETNS | flags::EXEMPT) != 0
+    {
+        return None;
+    }
+    let caller = caller_cgroup.and_then(locked::subject_of);
+    if caller == Some(listener) {
+        return None;
+    }
+    let (_, generation) = crate::audit_and_generation();
+    Some(refuse_syn(
+        ctx,
+        syn,
+        || caller.unwrap_or_else(|| lookup_destination(&syn.src)),
+        listener,
+        reason::MISSING_TAG,
+        listener_flags & flags::INGRESS_ENFORCE == 0,
         generation as u32,
     ))
 }

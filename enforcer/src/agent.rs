@@ -510,6 +510,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
             options.flow_events_per_workload,
         )
         .context("setting the deny aggregation window")?;
+    // A pod's own loopback is its own only outside the node's namespace: the agent's.
+    match crate::datapath::netns_cookie() {
+        Ok(cookie) => datapath
+            .tables
+            .set_node_netns(cookie)
+            .context("setting the node's network namespace")?,
+        Err(e) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "the node's network namespace is not known: a pod's calls to its own loopback are judged as calls to World"
+        ),
+    }
     if let Some(until) = options.wire_accept_v1_until {
         if until <= std::time::SystemTime::now() {
             tracing::warn!(

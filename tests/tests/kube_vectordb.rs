@@ -14,11 +14,15 @@
 //! - the DB pod's own `ingress: off` cannot lower its namespace's floor: with the namespace
 //!   annotated `enforce`, a pod annotated `off` is checked all the same;
 //! - a DB pod's `ai-enforcer.io/rate-limit` gives each caller identity its own burst, and
-//!   refuses the next connect (`rate_limited`).
+//!   refuses the next connect (`rate_limited`);
+//! - a DB pod in a network namespace of its own is checked at an address that is not its own
+//!   too (its IPv6 link-local address, which its neighbours on the link reach).
 //!
-//! Addresses: 127.94.1.0/24 only (loopback); cgroup and namespace names start with `kv-`.
+//! Addresses: 127.94.1.0/24 (loopback), and `fd94:1::/64` with `fe80::94:*` only on a veth
+//! between the test's own network namespaces; cgroup, netns and namespace names start with
+//! `kv-`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -29,8 +33,8 @@ use enforcer_tests::kubelet::{Driver, Node, PodCgroups, Qos};
 use enforcer_tests::probe::{attempt, ProbeServer};
 use enforcer_tests::util::wait_until;
 use enforcer_tests::{
-    require_kernel, unique_name, Agent, AgentConfig, Outcome, PinDir, PolicyBundle, Probe, TempDir,
-    TestCgroup,
+    require_kernel, unique_name, Agent, AgentConfig, NetNs, Outcome, PinDir, PolicyBundle, Probe,
+    TempDir, TestCgroup, Veth,
 };
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
@@ -56,7 +60,7 @@ async fn create_pod(
     namespace: &str,
     name: &str,
     annotations: &[(&str, &str)],
-    addr: Ipv4Addr,
+    addr: IpAddr,
 ) -> Result<String> {
     let pods = kube::Api::<Pod>::namespaced(client.clone(), namespace);
     let annotations: serde_json::Map<String, Value> = annotations
@@ -129,7 +133,7 @@ impl Cluster {
 async fn create_pods(client: &kube::Client, specs: &[PodSpec<'_>]) -> Result<Vec<String>> {
     let mut uids = Vec::new();
     for (namespace, name, annotations, n, _) in specs {
-        uids.push(create_pod(client, namespace, name, annotations, ip(*n)).await?);
+        uids.push(create_pod(client, namespace, name, annotations, IpAddr::V4(ip(*n))).await?);
     }
     Ok(uids)
 }
@@ -503,5 +507,156 @@ fn a_rate_limited_pod_gives_each_caller_its_own_burst_then_refuses() -> Result<(
         .collect();
     ensure!(limited.len() == 2, "{limited:?}");
     drop(pods);
+    Ok(())
+}
+
+/// Every pod on a bridge has an IPv6 link-local address, and its neighbours on the link (the
+/// node, the other pods) reach it there. A caller judges that address as the node's, never as
+/// the pod, so it writes no identity option: before the fix a DB pod whose ingress is
+/// `enforce` took such a SYN unchecked (no option, no allowlist, no flow record, no rate
+/// limit), from a link-local source or from any other address bound to the socket. Now each
+/// is dropped at the pod's ingress as `missing_tag`, one event naming the DB pod, while the
+/// pod's own processes reach it over loopback (which was refused at connect as World's
+/// address before), and a process of the pod in the node's namespace still does not.
+///
+/// The DB pod's listener lives in a network namespace of the test's own (the pod's), on the
+/// wildcard address, in the pod's container cgroup; the caller is a process no enforcer
+/// manages, in the namespace at the other end of the veth (the neighbour).
+#[test]
+fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopback() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let Cluster {
+        rt,
+        server,
+        client,
+        node,
+    } = Cluster::start()?;
+    let (own, neighbour) = (
+        "fd94:1::1".parse::<Ipv6Addr>()?,
+        "fd94:1::fe".parse::<Ipv6Addr>()?,
+    );
+    let link_local = "fe80::94:1".parse::<Ipv6Addr>()?;
+    let pod_ns = NetNs::create(&unique_name("kv-pod"))?;
+    let neighbour_ns = NetNs::create(&unique_name("kv-nbr"))?;
+    let veth = Veth::create(
+        &pod_ns,
+        &[&format!("{own}/64")],
+        &neighbour_ns,
+        &[&format!("{neighbour}/64")],
+    )?;
+    for (ns, dev, addr) in [
+        (&pod_ns, veth.dev_a(), format!("{link_local}/64")),
+        (&neighbour_ns, veth.dev_b(), "fe80::94:fe/64".to_string()),
+    ] {
+        ns.ip(&["addr", "add", &addr, "dev", dev, "nodad"])?;
+    }
+    // `ip -o link` prints "INDEX: NAME@PEER: ..."; the index scopes a link-local address.
+    let link = neighbour_ns.ip(&["-o", "link", "show", "dev", veth.dev_b()])?;
+    let scope: u32 = link.split(':').next().unwrap_or_default().trim().parse()?;
+
+    let uid = rt.block_on(async {
+        create_namespace(&client, "kv-link", &[(TENANT, "acme")], &[]).await?;
+        create_pod(
+            &client,
+            "kv-link",
+            "vectors-0",
+            &[(KIND, "vector_db"), (INGRESS, "enforce")],
+            IpAddr::V6(own),
+        )
+        .await
+    })?;
+    let mut cgroups = node.start_pod(&uid, Driver::Systemd, Qos::Burstable)?;
+    cgroups.add_container()?;
+    let container = &cgroups.containers()[0];
+    let db = ProbeServer::start(
+        Some(&pod_ns),
+        container,
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), DB_PORT),
+    )?;
+    // The network works before the enforcer is judged on it: the neighbour reaches the pod at
+    // its link-local address (bounded retries while the link comes up).
+    let at_link_local = format!("tcp:{}", SocketAddrV6::new(link_local, DB_PORT, 0, scope));
+    let from_neighbour = Probe::new().in_netns(&neighbour_ns);
+    let mut last = None;
+    ensure!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            last = from_neighbour.run_one(&at_link_local).ok();
+            last.as_ref().is_some_and(|r| r.outcome == Outcome::Ok)
+        }),
+        "without the enforcer the neighbour cannot reach the pod: {last:?}"
+    );
+
+    let running = RunningAgent::start(&server, &node)?;
+    let agent = &running.agent;
+    // At its own address the pod is checked once the agent knows it: a caller of no
+    // workload without the option is refused there (the policy opens nothing to World).
+    let at_own = attempt("tcp", IpAddr::V6(own), DB_PORT);
+    ensure!(
+        wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            last = from_neighbour.run_one(&at_own).ok();
+            last.as_ref().is_some_and(|r| r.outcome == Outcome::Error)
+        }),
+        "the pod's own address was never checked: {last:?}; status: {:#}\n{}",
+        agent.status().unwrap_or_default(),
+        agent.stderr_tail()
+    );
+    let db_identity = wait_ingress(agent, |e| e["destination"]["ip"] == own.to_string())?[0]
+        ["destination"]["identity"]
+        .as_u64()
+        .context("the event names the DB pod's identity")?;
+    db.accepted();
+
+    // From the neighbour's link-local address (the kernel's choice), then from its ULA
+    // address bound to the socket: both refused at the pod's ingress, one event each.
+    let at_link_local_from_ula = format!("{at_link_local}@{neighbour}");
+    for (call, source) in [
+        (&at_link_local, "fe80::94:fe"),
+        (&at_link_local_from_ula, "fd94:1::fe"),
+    ] {
+        let r = from_neighbour.run_one(call)?;
+        ensure!(r.outcome == Outcome::Error, "{call}: {r:?}");
+        let refused = wait_ingress(agent, |e| {
+            e["destination"]["ip"] == link_local.to_string() && e["peer"]["ip"] == source
+        })?;
+        ensure!(refused.len() == 1, "{call}: want one event: {refused:?}");
+        let e = &refused[0];
+        ensure!(
+            e["reason"] == "missing_tag" && e["verdict"] == "deny",
+            "{e}"
+        );
+        ensure!(e["destination"]["identity"] == db_identity, "{e}");
+        ensure!(e["destination"]["port"] == DB_PORT, "{e}");
+    }
+    ensure!(db.accepted().is_empty(), "the DB pod accepted a neighbour");
+
+    // The pod's own processes reach it over loopback, IPv6 and IPv4: in its own network
+    // namespace only the pod answers there, no call between workloads (before, judged as
+    // World's address, refused at connect unless the pod could reach the internet).
+    let in_pod = Probe::new().in_netns(&pod_ns).in_cgroup(container);
+    for loopback in [
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    ] {
+        in_pod.expect_outcome(
+            &attempt("tcp", loopback, DB_PORT),
+            Outcome::Ok,
+            "the pod calling itself over loopback",
+        )?;
+    }
+    ensure!(
+        db.accepted_at_least(2, WAIT).len() == 2,
+        "the pod did not reach itself twice"
+    );
+    // In the node's namespace loopback is the node's listeners': still World's address there
+    // for a process of the pod that entered it.
+    Probe::new().in_cgroup(container).expect_outcome(
+        &attempt("tcp", IpAddr::V4(Ipv4Addr::LOCALHOST), DB_PORT),
+        Outcome::Eperm,
+        "the pod's process in the node's namespace calling loopback",
+    )?;
+    drop(db);
+    drop(cgroups);
     Ok(())
 }

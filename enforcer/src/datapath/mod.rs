@@ -32,6 +32,31 @@ pub fn pin_dir(pin_root: &Path) -> PathBuf {
     pin_root.join(format!("v{ABI_VERSION}"))
 }
 
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14; the value
+/// `bpf_get_netns_cookie` gives the kernel programs), read off a socket made for the
+/// purpose. Errors: the socket cannot be made, or the kernel does not know the option.
+pub fn netns_cookie() -> Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .context("a socket to read the network namespace's cookie from")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed; the fd is open
+    // for the call's duration.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::addr_of_mut!(cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
 pub struct LoadOptions<'a> {
     pub pin_root: &'a Path,
     /// Ring buffer size in bytes (a power of two, a multiple of the page size); `None` keeps

@@ -637,6 +637,17 @@ impl Tables {
             .context("writing CONFIG.wire_skew_s")
     }
 
+    /// Sets `CONFIG.node_netns_cookie` (the node's network namespace, see
+    /// [`super::netns_cookie`]), keeping every other field; written like
+    /// [`Self::set_event_window`].
+    pub fn set_node_netns(&mut self, cookie: u64) -> Result<()> {
+        let mut config = self.config()?;
+        config.node_netns_cookie = cookie;
+        self.config
+            .set(0, config, 0)
+            .context("writing CONFIG.node_netns_cookie")
+    }
+
     /// Sets `CONFIG.tai_offset_s` when it differs (the identity option's clock is CLOCK_TAI
     /// less it); true when it was written. Written like [`Self::set_event_window`].
     pub fn set_tai_offset(&mut self, offset_s: u32) -> Result<bool> {
