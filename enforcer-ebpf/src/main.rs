@@ -379,10 +379,19 @@ fn is_loopback(dst: &Destination) -> bool {
         && dst.addr[3] == LOOPBACK_V6_WORD3
 }
 
-/// Whether the calling socket's network namespace is known not to be the node's
-/// (`Config::node_netns_cookie`, the agent's own; 0 = not known: false).
+/// Whether the calling socket is bound to no device and its network namespace is known not
+/// to be the node's (`Config::node_netns_cookie`, the agent's own; 0 = not known: false).
 #[inline(always)]
 fn outside_node_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: `sk` is always set for sock_addr programs; one 8-byte load, then a full 32-bit
+    // field load.
+    let device = unsafe {
+        let sk: *const bpf_sock = read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk).cast_const();
+        read_volatile(&(*sk).bound_dev_if)
+    };
+    if device != NO_DEVICE {
+        return false;
+    }
     let node = match CONFIG.get_ptr(SINGLE_ENTRY) {
         // SAFETY: array values are always present and valid for reads.
         Some(c) => unsafe { read_volatile(&(*c).node_netns_cookie) },
@@ -528,15 +537,20 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
     }
 
-    // A pod calling its own loopback: in its own network namespace nothing but the pod
-    // answers there (its containers, a sidecar), so it is no call between workloads, as
+    // A pod's TCP connect to its own loopback: in its own network namespace nothing but the
+    // pod answers there (its containers, a sidecar), so it is no call between workloads, as
     // traffic that never leaves a pod is none to Cilium. Judged as World's address it broke
     // every sidecar (Envoy's inbound to the app at 127.0.0.6, an app's call to its local
     // Dapr or exporter) unless the pod could reach the internet too. Only where the socket is
     // not in the node's namespace: a label set with a `hostNetwork` pod, or a process that
     // entered the node's namespace, reaches the node's listeners at loopback (judged below,
-    // and again at the listener by `skb_ingress`).
+    // and again at the listener by `skb_ingress`). TCP only, bound to no device: a
+    // device-bound socket sends 127.0.0.1 out of the pod (the node's `route_localnet`,
+    // which kube-proxy sets, then takes it), and a datagram socket can be bound to one, or
+    // given an interface by a control message, after this hook.
     if subject_flags & (flags::OWN_NETNS | flags::SHARED_NETNS) == flags::OWN_NETNS
+        && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
+        && full_protocol == IPPROTO_TCP
         && is_loopback(&dst)
         && outside_node_netns(ctx)
     {

@@ -764,6 +764,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     };
     let (destination, exact) = lookup_address(&syn.dst);
+    if let Some(verdict) = checked_pod_elsewhere(ctx, &syn, destination) {
+        return verdict;
+    }
     if let Some(owner) = crate::address_owner(destination, exact) {
         if let Some(verdict) = foreign_listener(ctx, &syn, owner) {
             return verdict;
@@ -965,7 +968,7 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
 /// link-local source from a device (a pod dialling its node's link-local address on the
 /// veth) names no one: refused at such a listener as World's call (`no_permit`). Not
 /// judged here (see `checked_pod_elsewhere` for an ingress-checked pod's listener, which
-/// refuses all of these but its own calls): another source of no workload (WORLD, a prefix, an endpoint, a Service, a
+/// refuses all of these that did not come through its loopback): another source of no workload (WORLD, a prefix, an endpoint, a Service, a
 /// reserved identity), a caller outside the subtree or of no identity (denied at its
 /// connect), a listener's own workload calling itself (a pod's containers over its
 /// loopback, a sidecar's `REDIRECT`), and the agent on either side. `None`: nothing to
@@ -980,9 +983,6 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     } else {
         caller_cgroup(ctx, syn)
     };
-    if let Some(verdict) = checked_pod_elsewhere(ctx, syn, listener, found) {
-        return Some(verdict);
-    }
     // Not found: a caller on another host or in another namespace, or one the lookup cannot
     // see: NATed (a sidecar's `REDIRECT` to 127.0.0.1, kube-proxy's DNAT to a node address:
     // its socket keeps the original destination) or bound to a device (`SO_BINDTODEVICE`,
@@ -1016,7 +1016,7 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
         // A link-local source names no one, and World is no policy's principal: refused
         // at a listener of the node's namespace, which callers reach at addresses nobody
         // holds (elsewhere the listener is a pod reached by its link-local neighbour: an
-        // ingress-checked one refused that above, `checked_pod_elsewhere`).
+        // ingress-checked one refused that before, `checked_pod_elsewhere`).
         if !l
             .as_ref()
             .is_some_and(|l| l.flags & flags::SHARED_NETNS != 0)
@@ -1103,24 +1103,33 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
     ))
 }
 
-/// A SYN that reached a listener of an ingress-checked pod (`INGRESS_ENFORCE` /
-/// `INGRESS_AUDIT`, a pod in its own network namespace: `OWN_NETNS`) at an address that is
-/// not the pod's: its IPv6 link-local address (every pod on a bridge has one, and its
-/// neighbours on the link reach it there), an address of its namespace the IP cache does not
-/// hold. Callers judge such an address as the node, World or nobody's, never as the pod, so
-/// the option is not written, and the pod's own check (the option, the allowlist, the flow
-/// record, the rate limit) would be skipped whoever the caller is. Refused as
-/// `missing_tag`, as a SYN without the option at the pod's own address is (reported as
-/// audit where the pod's ingress is `audit`). Only the pod itself (its containers over
-/// loopback, a sidecar's `REDIRECT`) may reach it elsewhere. `None`: not such a listener,
-/// or the pod calling itself; the checks of `world_listener` go on.
+/// A SYN from outside its namespace that reached a listener of an ingress-checked pod
+/// (`INGRESS_ENFORCE` / `INGRESS_AUDIT`, in its own network namespace: `OWN_NETNS`) at an
+/// address the IP cache does not give the pod (`destination`): its IPv6 link-local address
+/// (every pod on a bridge has one, and its neighbours on the link dial it there), an
+/// address of its namespace the IP cache does not hold, its own address taken by another
+/// identity (a Service's `externalIPs` naming it, a recycled pod IP not yet updated). Callers
+/// judge such an address as the node, World or another identity, never as the pod, so no
+/// option is written and the pod's own check (the option, the allowlist, the flow record,
+/// the rate limit) would be skipped whoever the caller is. Refused as `missing_tag`, as a
+/// SYN without the option at the pod's own address is (reported as audit where the pod's
+/// ingress is `audit`), the subject the IP cache's identity of the source. A SYN that came
+/// in through loopback was sent in the pod's own namespace, by the pod (its containers, a
+/// sidecar's `REDIRECT`, whose SYN keeps the original destination's socket out of reach of
+/// any lookup): not refused here. `None`: nothing refused; the checks go on.
 #[inline(always)]
-fn checked_pod_elsewhere(
-    ctx: &SkBuffContext,
-    syn: &Syn,
-    listener: u32,
-    caller_cgroup: Option<u64>,
-) -> Option<i32> {
+fn checked_pod_elsewhere(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<i32> {
+    // SAFETY: the program's context; `ingress_ifindex` is readable in cgroup_skb programs.
+    let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ingress_ifindex) };
+    if ifindex == LOOPBACK_IFINDEX {
+        return None;
+    }
+    // SAFETY: the skb pointer is the program's context (the listener's socket, see
+    // `foreign_listener`).
+    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) })?;
+    if listener == destination {
+        return None;
+    }
     let listener_flags = locked::identity_flags(listener)?;
     if listener_flags & (flags::INGRESS_ENFORCE | flags::INGRESS_AUDIT) == 0
         || listener_flags & flags::OWN_NETNS == 0
@@ -1130,15 +1139,11 @@ fn checked_pod_elsewhere(
     {
         return None;
     }
-    let caller = caller_cgroup.and_then(locked::subject_of);
-    if caller == Some(listener) {
-        return None;
-    }
     let (_, generation) = crate::audit_and_generation();
     Some(refuse_syn(
         ctx,
         syn,
-        || caller.unwrap_or_else(|| lookup_destination(&syn.src)),
+        || lookup_destination(&syn.src),
         listener,
         reason::MISSING_TAG,
         listener_flags & flags::INGRESS_ENFORCE == 0,

@@ -36,7 +36,7 @@ use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, NetNs, Outcome, PinDir, PolicyBundle, Probe,
     TempDir, TestCgroup, Veth,
 };
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use serde_json::{json, Value};
 
 const NODE: &str = "kv-node";
@@ -631,6 +631,25 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
     }
     ensure!(db.accepted().is_empty(), "the DB pod accepted a neighbour");
 
+    // A sidecar's outbound capture (`REDIRECT` in the pod's namespace, as Istio and Linkerd
+    // install it): the pod's call to its own address at port 80 lands on its listener at
+    // `::1`, from its own address, through loopback. Its own traffic: not refused.
+    pod_ns.exec(&[
+        "ip6tables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &DB_PORT.to_string(),
+    ])?;
+
     // The pod's own processes reach it over loopback, IPv6 and IPv4: in its own network
     // namespace only the pod answers there, no call between workloads (before, judged as
     // World's address, refused at connect unless the pod could reach the internet).
@@ -645,10 +664,22 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
             "the pod calling itself over loopback",
         )?;
     }
+    in_pod.expect_outcome(
+        &attempt("tcp", IpAddr::V6(own), 80),
+        Outcome::Ok,
+        "the pod's call captured by its sidecar's REDIRECT",
+    )?;
     ensure!(
-        db.accepted_at_least(2, WAIT).len() == 2,
-        "the pod did not reach itself twice"
+        db.accepted_at_least(3, WAIT).len() == 3,
+        "the pod did not reach itself three times"
     );
+    // A UDP datagram to loopback is still judged (World's address): a datagram socket can
+    // be bound to a device after its connect, and leave the pod.
+    in_pod.expect_outcome(
+        &attempt("udp", IpAddr::V4(Ipv4Addr::LOCALHOST), DB_PORT),
+        Outcome::Eperm,
+        "the pod's UDP datagram to loopback",
+    )?;
     // In the node's namespace loopback is the node's listeners': still World's address there
     // for a process of the pod that entered it.
     Probe::new().in_cgroup(container).expect_outcome(
@@ -656,6 +687,45 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
         Outcome::Eperm,
         "the pod's process in the node's namespace calling loopback",
     )?;
+    // A Service of another namespace names the pod's address as an external IP (whoever may
+    // write Services there may: CVE-2020-8554): the IP cache gives
+    // the address to the Service (kube-proxy sends the Service's ports there), and a SYN to
+    // the pod's other ports, judged as the Service's, was let through unchecked. Now the
+    // pod's listener refuses it: the address is not the pod's in the IP cache.
+    rt.block_on(async {
+        create_namespace(&client, "kv-taker", &[(TENANT, "acme")], &[]).await?;
+        kube::Api::<Service>::namespaced(client.clone(), "kv-taker")
+            .create(
+                &Default::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "taker"},
+                    "spec": {"externalIPs": [own.to_string()],
+                             "ports": [{"name": "q", "port": 9999}]}
+                }))?,
+            )
+            .await
+            .context("the API server refuses externalIPs")?;
+        anyhow::Ok(())
+    })?;
+    wait_notices(agent, "cluster.problem", 1, Duration::from_secs(30), |e| {
+        e.to_string().contains(&format!("external address {own}"))
+    })?;
+    let r = from_neighbour.run_one(&at_own)?;
+    ensure!(
+        r.outcome == Outcome::Error,
+        "{at_own} once a Service took it: {r:?}"
+    );
+    let refused = wait_ingress(agent, |e| {
+        e["destination"]["ip"] == own.to_string() && e["reason"] == "missing_tag"
+    })?;
+    ensure!(refused.len() == 1, "want one event: {refused:?}");
+    ensure!(
+        refused[0]["destination"]["identity"] == db_identity,
+        "{}",
+        refused[0]
+    );
+    ensure!(db.accepted().is_empty(), "the DB pod accepted a neighbour");
+
     drop(db);
     drop(cgroups);
     Ok(())
