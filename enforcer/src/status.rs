@@ -47,6 +47,9 @@ pub struct Status {
     pub active_policy_table: u32,
     pub audit: bool,
     pub policy_generation: u64,
+    /// The node's network namespace cookie the kernel compares a pod's loopback calls with
+    /// (`SO_NETNS_COOKIE`); 0: not known, a pod's own loopback is judged as World's address.
+    pub node_netns_cookie: u64,
     /// Where the policy comes from when the agent syncs from a remote PDP, and how stale it is.
     pub pdp: Option<crate::pdp::PdpStatus>,
 }
@@ -135,6 +138,7 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
         active_policy_table: stats.config.active_policy,
         audit: stats.config.audit,
         policy_generation: stats.config.generation,
+        node_netns_cookie: stats.config.node_netns_cookie,
     })
 }
 
@@ -338,6 +342,12 @@ pub fn render(status: &Status) -> String {
         "audit mode:      {}",
         if status.audit { "on" } else { "off" }
     );
+    if status.node_netns_cookie == 0 {
+        let _ = writeln!(
+            out,
+            "node netns:      not known: a pod's calls to its own loopback are judged as World's"
+        );
+    }
     let _ = writeln!(out, "lost events:     {}", status.lost_events);
     let _ = writeln!(
         out,

@@ -590,6 +590,12 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
 
     let running = RunningAgent::start(&server, &node)?;
     let agent = &running.agent;
+    // The kernel knows the node's network namespace (the agent's, this test's).
+    let status = agent.status()?;
+    ensure!(
+        status["node_netns_cookie"].as_u64().is_some_and(|c| c != 0),
+        "status: {status:#}"
+    );
     // At its own address the pod is checked once the agent knows it: a caller of no
     // workload without the option is refused there (the policy opens nothing to World).
     let at_own = attempt("tcp", IpAddr::V6(own), DB_PORT);

@@ -1573,6 +1573,9 @@ pub struct ConfigView {
     pub active_policy: u32,
     pub audit: bool,
     pub generation: u64,
+    /// The node's network namespace as the kernel knows it (`Config::node_netns_cookie`); 0:
+    /// not known, so a pod's own loopback is judged as World's address.
+    pub node_netns_cookie: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -1641,6 +1644,7 @@ pub fn kernel_stats_with(dir: &Path, count_entries: bool) -> Result<KernelStats>
             active_policy: config.active_policy,
             audit: config.audit != 0,
             generation: config.generation,
+            node_netns_cookie: config.node_netns_cookie,
         },
     })
 }

@@ -260,6 +260,7 @@ fn stats() -> KernelStats {
             active_policy: 1,
             audit: true,
             generation: 42,
+            node_netns_cookie: 1,
         },
     }
 }
