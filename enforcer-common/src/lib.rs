@@ -203,7 +203,10 @@ pub mod programs {
     /// identity (so that no workload can listen in another's name).
     pub const BIND4: &str = "bind4";
     pub const BIND6: &str = "bind6";
-    pub const ALL: [&str; 10] = [
+    /// `cgroup_skb/egress`: drops packets to a loopback address that leave through a device
+    /// (`reason::MARTIAN_DESTINATION`).
+    pub const SKB_EGRESS: &str = "skb_egress";
+    pub const ALL: [&str; 11] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -214,6 +217,7 @@ pub mod programs {
         SKB_INGRESS,
         BIND4,
         BIND6,
+        SKB_EGRESS,
     ];
 }
 
@@ -360,7 +364,15 @@ pub mod reason {
     /// shared network namespace): `destination` is the address's owner, `cgroup_id` the
     /// listener's.
     pub const FOREIGN_ADDRESS: u8 = 15;
-    pub const COUNT: usize = 16;
+    /// `egress`: a packet to a loopback address (`127.0.0.0/8`, `::1`) leaving its network
+    /// namespace through a device, not `lo`: a "martian destination" (RFC 1812 5.3.7), which
+    /// a node's `route_localnet` (set by kube-proxy) delivers to the node's own loopback
+    /// servers (CVE-2020-8558). A socket bound to a device after its connect was judged
+    /// (`SO_BINDTODEVICE`, a TCP Fast Open connect whose SYN waits for the first send), a
+    /// datagram's `IP_PKTINFO` interface or a route can send it so. Never softened but by
+    /// global audit.
+    pub const MARTIAN_DESTINATION: u8 = 16;
+    pub const COUNT: usize = 17;
 }
 
 /// The hook that decided.
@@ -382,7 +394,12 @@ pub mod hook {
     /// `reason::FOREIGN_ADDRESS`); `dport` is the port being bound (0: any).
     pub const BIND4: u8 = 6;
     pub const BIND6: u8 = 7;
-    pub const COUNT: usize = 8;
+    /// `cgroup_skb/egress`: a packet leaving a socket of the subtree (see
+    /// `reason::MARTIAN_DESTINATION`); `cgroup_id` the socket's, `pid_tgid` 0 and `comm`
+    /// empty, `dport` the TCP/UDP destination port (0 for other protocols), the source
+    /// address in [`DenyEvent::peer`].
+    pub const EGRESS: u8 = 8;
+    pub const COUNT: usize = 9;
 }
 
 /// IP protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.

@@ -33,6 +33,7 @@
 
 mod flows;
 mod locked;
+mod martian;
 mod rate;
 mod report;
 mod wire;
@@ -277,6 +278,13 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 #[cgroup_skb(ingress)]
 pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
     wire::ingress(&ctx)
+}
+
+/// `cgroup_skb/egress` on the enforced subtree: drops a packet to a loopback address that
+/// leaves through a device (`martian::egress`). 1 passes the packet, 0 drops it.
+#[cgroup_skb(egress)]
+pub fn skb_egress(ctx: SkBuffContext) -> i32 {
+    martian::egress(&ctx)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use crate::util::unique_name;
 
 /// `enum bpf_attach_type` values of the hooks the enforcer attaches.
 pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
+pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
 pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_INET4_BIND: u32 = 8;
@@ -19,8 +20,9 @@ pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
 /// The four egress-decision hooks, the socket-creation hook, sock_ops (the identity option),
-/// the ingress check and the two bind hooks, with the names of their programs.
-pub const ENFORCER_HOOKS: [(u32, &str); 9] = [
+/// the ingress check, the two bind hooks and the egress check, with the names of their
+/// programs.
+pub const ENFORCER_HOOKS: [(u32, &str); 10] = [
     (BPF_CGROUP_INET4_CONNECT, "connect4"),
     (BPF_CGROUP_INET6_CONNECT, "connect6"),
     (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
@@ -30,6 +32,7 @@ pub const ENFORCER_HOOKS: [(u32, &str); 9] = [
     (BPF_CGROUP_INET_INGRESS, "ingress"),
     (BPF_CGROUP_INET4_BIND, "bind4"),
     (BPF_CGROUP_INET6_BIND, "bind6"),
+    (BPF_CGROUP_INET_EGRESS, "egress"),
 ];
 
 const BPF_MAP_CREATE: libc::c_long = 0;

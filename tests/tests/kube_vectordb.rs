@@ -686,6 +686,78 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
         Outcome::Eperm,
         "the pod's UDP datagram to loopback",
     )?;
+
+    // Loopback routed out of the pod (here by a route the test adds; for an attacker, a
+    // device bound after the connect was judged, or a TCP Fast Open SYN held until the first
+    // send), to a neighbour that takes loopback from outside (`route_localnet`, as a node
+    // with kube-proxy does: CVE-2020-8558): the pod's TCP connect to 127.0.0.2 is allowed as
+    // its own loopback, and its SYN is dropped as it leaves, one `martian_destination`
+    // event. The link's IPv4 addresses are link-local ones on the test's own veth.
+    for (ns, dev, addr) in [
+        (&pod_ns, veth.dev_a(), "169.254.94.1/16"),
+        (&neighbour_ns, veth.dev_b(), "169.254.94.2/16"),
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", dev])?;
+        for conf in ["all", dev] {
+            for (key, value) in [("route_localnet", "1"), ("accept_local", "1")] {
+                ns.exec(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{conf}.{key}={value}"),
+                ])?;
+            }
+        }
+    }
+    pod_ns.ip(&[
+        "route",
+        "add",
+        "127.0.0.2/32",
+        "via",
+        "169.254.94.2",
+        "dev",
+        veth.dev_a(),
+        "table",
+        "local",
+    ])?;
+    let stranger = TestCgroup::create(unique_name("kv-stranger"))?;
+    let localhost_server = ProbeServer::start(
+        Some(&neighbour_ns),
+        &stranger,
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DB_PORT),
+    )?;
+    let r = in_pod.run_one(&attempt(
+        "tcp",
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        DB_PORT,
+    ))?;
+    ensure!(
+        r.outcome == Outcome::Error,
+        "127.0.0.2 routed out of the pod: {r:?}"
+    );
+    let martian = |e: &Value| e["reason"] == "martian_destination";
+    agent.wait_for(1, WAIT, martian)?;
+    let escaped: Vec<Value> = agent
+        .settled_events(Duration::from_millis(1500), WAIT)?
+        .into_iter()
+        .filter(martian)
+        .collect();
+    // The SYN and its retransmissions within the window: one event (aggregated) or one per
+    // transmission, each naming the pod and the port.
+    ensure!(!escaped.is_empty(), "no martian_destination event");
+    for e in &escaped {
+        ensure!(
+            e["hook"] == "egress"
+                && e["verdict"] == "deny"
+                && e["destination"]["ip"] == "127.0.0.2"
+                && e["destination"]["port"] == DB_PORT
+                && e["subject"]["identity"] == db_identity,
+            "{e}"
+        );
+    }
+    ensure!(
+        localhost_server.accepted().is_empty(),
+        "the neighbour's loopback server accepted the pod"
+    );
     // In the node's namespace loopback is the node's listeners': still World's address there
     // for a process of the pod that entered it.
     Probe::new().in_cgroup(container).expect_outcome(

@@ -199,7 +199,8 @@ pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> 
 }
 
 /// Loads (once) and attaches one of the object's cgroup programs: the four sock_addr hooks,
-/// sock_create, sock_ops or the cgroup_skb ingress check. A bpf_link on a cgroup always coexists with other programs, and the kernel
+/// sock_create, sock_ops or the cgroup_skb ingress and egress checks. A bpf_link on a cgroup
+/// always coexists with other programs, and the kernel
 /// rejects any attach flag on link creation: `Single` is what passes no flag. The pins are what
 /// keeps this agent from attaching itself twice.
 fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdLink> {
@@ -221,11 +222,12 @@ fn attach_to_cgroup(prog: &mut Program, name: &str, cgroup: &File) -> Result<FdL
             prog.take_link(id)?.try_into().with_context(no_link)
         }
         Program::CgroupSkb(prog) => {
-            let id = prog.attach(
-                cgroup,
-                aya::programs::CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )?;
+            let direction = if name == programs::SKB_EGRESS {
+                aya::programs::CgroupSkbAttachType::Egress
+            } else {
+                aya::programs::CgroupSkbAttachType::Ingress
+            };
+            let id = prog.attach(cgroup, direction, CgroupAttachMode::Single)?;
             prog.take_link(id)?.try_into().with_context(no_link)
         }
         _ => bail!("{name} is not a cgroup program"),

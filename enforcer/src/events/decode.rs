@@ -39,6 +39,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::STALE_TAG => "stale_tag",
         reason::REPLAYED_TAG => "replayed_tag",
         reason::FOREIGN_ADDRESS => "foreign_address",
+        reason::MARTIAN_DESTINATION => "martian_destination",
         _ => "unknown",
     }
 }
@@ -62,6 +63,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::INGRESS => "ingress",
         hook::BIND4 => "bind4",
         hook::BIND6 => "bind6",
+        hook::EGRESS => "egress",
         _ => "unknown",
     }
 }
@@ -213,6 +215,11 @@ mod tests {
         assert!(!reasons.contains("unknown"));
         assert_eq!(hook_name(hook::BIND6), "bind6");
         assert_eq!(reason_name(reason::FOREIGN_ADDRESS), "foreign_address");
+        assert_eq!(hook_name(hook::EGRESS), "egress");
+        assert_eq!(
+            reason_name(reason::MARTIAN_DESTINATION),
+            "martian_destination"
+        );
     }
 
     #[test]

@@ -249,6 +249,9 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         ),
         // An address of another identity bound, used as a datagram's source, or answered by
         // a wildcard listener of another cgroup: the kernel's own rule, an impersonation.
+        // A packet to loopback leaving the namespace through a device: the kernel's own
+        // rule, the localhost-reaching trick of CVE-2020-8558.
+        reason::MARTIAN_DESTINATION => ("martian-destination".to_string(), Vec::new(), Vec::new()),
         reason::FOREIGN_ADDRESS => (
             "foreign-address".to_string(),
             Vec::new(),
