@@ -369,8 +369,10 @@ pub mod reason {
     /// a node's `route_localnet` (set by kube-proxy) delivers to the node's own loopback
     /// servers (CVE-2020-8558). A socket bound to a device after its connect was judged
     /// (`SO_BINDTODEVICE`, a TCP Fast Open connect whose SYN waits for the first send), a
-    /// datagram's `IP_PKTINFO` interface or a route can send it so. Never softened but by
-    /// global audit.
+    /// datagram's `IP_PKTINFO` interface or a route can send it so. Also a packet of a socket
+    /// connected to a loopback address that leaves through a device for another address (its
+    /// namespace's own `DNAT`, with `NET_ADMIN`, rewrote an allowed loopback connect). Never
+    /// softened but by global audit.
     pub const MARTIAN_DESTINATION: u8 = 16;
     pub const COUNT: usize = 17;
 }

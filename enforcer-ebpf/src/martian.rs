@@ -9,12 +9,17 @@
 //! sends `127.0.0.1` out of the pod, and a node with `route_localnet` (kube-proxy sets it)
 //! delivers it to the node's own loopback servers (CVE-2020-8558). At `cgroup_skb/egress`
 //! the output device is known (`__sk_buff::ifindex`) and the destination is the one on the
-//! wire, after any rewrite: such a packet is dropped there, counted and reported.
+//! wire, after any rewrite: such a packet is dropped there, counted and reported. So is a
+//! packet of a socket connected to loopback that leaves through a device for another address
+//! (the pod's own `DNAT`, with `NET_ADMIN`, turned its allowed loopback into another
+//! workload's address).
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::__sk_buff, helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext,
+    bindings::{__sk_buff, bpf_sock},
+    helpers::generated::bpf_skb_cgroup_id,
+    programs::SkBuffContext,
 };
 use enforcer_common::{hook, identity, reason, verdict};
 
@@ -29,6 +34,11 @@ const IPV6_HEADER: usize = 40;
 const LOOPBACK_IFINDEX: u32 = 1;
 /// `::1`'s last address word, in memory order.
 const LOOPBACK_V6_WORD3: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory order.
+const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// `bpf_sock::family` values.
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// cgroup_skb return values.
 const PASS: i32 = 1;
@@ -54,7 +64,9 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if ifindex == LOOPBACK_IFINDEX {
         return PASS;
     }
-    let Some((daddr, family, l4, protocol)) = loopback_destination(ctx, ethertype) else {
+    let Some((daddr, family, l4, protocol)) =
+        loopback_destination(ctx, ethertype).or_else(|| loopback_socket_elsewhere(ctx, ethertype))
+    else {
         return PASS;
     };
     // The ports, when the transport header follows the IP header directly (0 otherwise).
@@ -95,6 +107,62 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     } else {
         DROP
     }
+}
+
+/// A packet of a socket connected to a loopback address that is going elsewhere: the
+/// socket's namespace rewrote the destination (an iptables `DNAT` in a pod with
+/// `NET_ADMIN`), after the connect hooks allowed the pod's own loopback. The packet's
+/// destination, family, transport header offset and protocol, as [`loopback_destination`].
+#[inline(always)]
+fn loopback_socket_elsewhere(
+    ctx: &SkBuffContext,
+    ethertype: u16,
+) -> Option<([u32; 4], u8, usize, u8)> {
+    let skb: *const __sk_buff = ctx.skb.skb;
+    // SAFETY: one 8-byte context load; the socket pointer may be null (checked), and its
+    // `family` and destination are readable on every socket the kernel hands in
+    // (`sock_common`), each a full 32-bit load.
+    let connected_to_loopback = unsafe {
+        let sk: *const bpf_sock = read_volatile(&(*skb).__bindgen_anon_2.sk).cast_const();
+        if sk.is_null() {
+            return None;
+        }
+        match read_volatile(&(*sk).family) {
+            AF_INET => read_volatile(&(*sk).dst_ip4).to_ne_bytes()[0] == 127,
+            AF_INET6 => {
+                let d = [
+                    read_volatile(&(*sk).dst_ip6[0]),
+                    read_volatile(&(*sk).dst_ip6[1]),
+                    read_volatile(&(*sk).dst_ip6[2]),
+                    read_volatile(&(*sk).dst_ip6[3]),
+                ];
+                (d[0] == ZERO_WORD
+                    && d[1] == ZERO_WORD
+                    && d[2] == ZERO_WORD
+                    && d[3] == LOOPBACK_V6_WORD3)
+                    || (d[0] == ZERO_WORD
+                        && d[1] == ZERO_WORD
+                        && d[2] == V4_MAPPED_WORD2
+                        && d[3].to_ne_bytes()[0] == 127)
+            }
+            _ => false,
+        }
+    };
+    if !connected_to_loopback {
+        return None;
+    }
+    if ethertype == ETH_P_IP {
+        let ip: [u8; 20] = load(ctx, 0)?;
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let d = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+        return Some(([d, ZERO_WORD, ZERO_WORD, ZERO_WORD], FAMILY_V4, ihl, ip[9]));
+    }
+    if ethertype == ETH_P_IPV6 {
+        let d: [u32; 4] = load(ctx, 24)?;
+        let next: u8 = load(ctx, 6)?;
+        return Some((d, FAMILY_V6, IPV6_HEADER, next));
+    }
+    None
 }
 
 /// The packet's destination words (memory order, as `DenyEvent::daddr`), family, transport

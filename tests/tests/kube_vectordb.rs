@@ -758,6 +758,41 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
         localhost_server.accepted().is_empty(),
         "the neighbour's loopback server accepted the pod"
     );
+    // The pod's own NAT (a pod with NET_ADMIN) turns an allowed loopback connect into a call
+    // to the neighbour's address: its SYN, to 169.254.94.2 from a socket connected to
+    // 127.0.0.3, is dropped as it leaves.
+    pod_ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "127.0.0.3",
+        "-p",
+        "tcp",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "169.254.94.2",
+    ])?;
+    let call = format!(
+        "{}@169.254.94.1",
+        attempt("tcp", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), DB_PORT)
+    );
+    let r = in_pod.run_one(&call)?;
+    ensure!(
+        r.outcome == Outcome::Error,
+        "{call} with the pod's DNAT: {r:?}"
+    );
+    let rewritten = |e: &Value| {
+        e["reason"] == "martian_destination" && e["destination"]["ip"] == "169.254.94.2"
+    };
+    agent.wait_for(1, WAIT, rewritten)?;
+    ensure!(
+        localhost_server.accepted().is_empty(),
+        "the neighbour accepted the pod's rewritten loopback connect"
+    );
     // In the node's namespace loopback is the node's listeners': still World's address there
     // for a process of the pod that entered it.
     Probe::new().in_cgroup(container).expect_outcome(
