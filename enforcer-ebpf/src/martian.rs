@@ -9,10 +9,12 @@
 //! sends `127.0.0.1` out of the pod, and a node with `route_localnet` (kube-proxy sets it)
 //! delivers it to the node's own loopback servers (CVE-2020-8558). At `cgroup_skb/egress`
 //! the output device is known (`__sk_buff::ifindex`) and the destination is the one on the
-//! wire, after any rewrite: such a packet is dropped there, counted and reported. So is a
-//! packet of a socket connected to loopback that leaves through a device for another address
-//! (the pod's own `DNAT`, with `NET_ADMIN`, turned its allowed loopback into another
-//! workload's address).
+//! wire, after any rewrite by netfilter: such a packet is dropped there, counted and
+//! reported. So is a packet of a socket connected to loopback that leaves through a device
+//! for another address (the pod's own `DNAT`, with `NET_ADMIN`, turned its allowed loopback
+//! into another workload's address). Pods in their own namespace only: in the node's,
+//! loopback leaves through devices by design. What rewrites after this hook (tc, netdev
+//! egress hooks: `NET_ADMIN` again) is not seen.
 
 use core::ptr::read_volatile;
 
@@ -21,7 +23,7 @@ use aya_ebpf::{
     helpers::generated::bpf_skb_cgroup_id,
     programs::SkBuffContext,
 };
-use enforcer_common::{hook, identity, reason, verdict};
+use enforcer_common::{flags, hook, identity, reason, verdict};
 
 use crate::{count, locked, FAMILY_V4, FAMILY_V6, ZERO_WORD};
 
@@ -77,6 +79,15 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     };
     // SAFETY: the skb pointer is the program's context (the sending socket's).
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // Only a pod in its own namespace (the allowance's scope): in the node's namespace
+    // loopback leaves through devices by design (kube-proxy's NodePorts and the CNI's
+    // hostPorts on `127.0.0.1`, DNATed in `OUTPUT` with `route_localnet`; a VRF's loopback
+    // is its master device). One lookup, on this rare path only.
+    let subject = locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN);
+    let subject_flags = locked::identity_flags(subject).unwrap_or(0);
+    if subject_flags & (flags::OWN_NETNS | flags::SHARED_NETNS) != flags::OWN_NETNS {
+        return PASS;
+    }
     let (global_audit, generation) = crate::audit_and_generation();
     let v = if global_audit {
         verdict::AUDIT
@@ -87,7 +98,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     crate::report::emit(&crate::report::Report {
         cgroup_id,
         pid_tgid: 0,
-        subject: locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN),
+        subject,
         destination: identity::WORLD,
         daddr,
         family,
