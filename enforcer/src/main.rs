@@ -10,6 +10,12 @@ use enforcer::control::{self, Request};
 use enforcer::status;
 use enforcer_policy::{Bundle, Protocol};
 
+/// Events are the agent's hot path in a flood, and each allocates and frees the strings of its
+/// line: mimalloc is faster at that than glibc's allocator, and far faster than musl's (the
+/// image's static binary). Figures: README, "Events".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "enforcer",
