@@ -25,7 +25,10 @@ use aya_ebpf::{
 };
 use enforcer_common::{flags, hook, identity, reason, verdict};
 
-use crate::{count, locked, FAMILY_V4, FAMILY_V6, ZERO_WORD};
+use crate::{
+    count, is_loopback, locked, six_or_mapped, Destination, AF_INET, AF_INET6, FAMILY_V4,
+    FAMILY_V6, ZERO_WORD,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -34,13 +37,6 @@ const IPPROTO_UDP: u8 = 17;
 const IPV6_HEADER: usize = 40;
 /// The loopback device's index in every network namespace (registered first, never moved).
 const LOOPBACK_IFINDEX: u32 = 1;
-/// `::1`'s last address word, in memory order.
-const LOOPBACK_V6_WORD3: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
-/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory order.
-const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-/// `bpf_sock::family` values.
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 /// cgroup_skb return values.
 const PASS: i32 = 1;
@@ -66,11 +62,12 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if ifindex == LOOPBACK_IFINDEX {
         return PASS;
     }
-    let Some((daddr, family, l4, protocol)) =
-        loopback_destination(ctx, ethertype).or_else(|| loopback_socket_elsewhere(ctx, ethertype))
-    else {
+    let Some((dst, l4, protocol)) = packet_destination(ctx, ethertype) else {
         return PASS;
     };
+    if !is_loopback(&dst) && !connected_to_loopback(ctx) {
+        return PASS;
+    }
     // The ports, when the transport header follows the IP header directly (0 otherwise).
     let dport = if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
         load::<[u8; 4]>(ctx, l4).map_or(0, |p| u16::from_be_bytes([p[2], p[3]]))
@@ -100,8 +97,8 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         pid_tgid: 0,
         subject,
         destination: identity::WORLD,
-        daddr,
-        family,
+        daddr: dst.addr,
+        family: dst.family,
         dport,
         protocol,
         hook: hook::EGRESS,
@@ -120,84 +117,65 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     }
 }
 
-/// A packet of a socket connected to a loopback address that is going elsewhere: the
-/// socket's namespace rewrote the destination (an iptables `DNAT` in a pod with
-/// `NET_ADMIN`), after the connect hooks allowed the pod's own loopback. The packet's
-/// destination, family, transport header offset and protocol, as [`loopback_destination`].
+/// Whether the packet's socket is connected to a loopback address (`127.0.0.0/8`, `::1`, or
+/// `::ffff:127.x` on a dual-stack socket): with the packet going elsewhere, its namespace
+/// rewrote the destination (an iptables `DNAT` in a pod with `NET_ADMIN`) after the connect
+/// hooks allowed the pod's own loopback.
 #[inline(always)]
-fn loopback_socket_elsewhere(
-    ctx: &SkBuffContext,
-    ethertype: u16,
-) -> Option<([u32; 4], u8, usize, u8)> {
+fn connected_to_loopback(ctx: &SkBuffContext) -> bool {
     let skb: *const __sk_buff = ctx.skb.skb;
     // SAFETY: one 8-byte context load; the socket pointer may be null (checked), and its
     // `family` and destination are readable on every socket the kernel hands in
     // (`sock_common`), each a full 32-bit load.
-    let connected_to_loopback = unsafe {
+    unsafe {
         let sk: *const bpf_sock = read_volatile(&(*skb).__bindgen_anon_2.sk).cast_const();
         if sk.is_null() {
-            return None;
+            return false;
         }
         match read_volatile(&(*sk).family) {
-            AF_INET => read_volatile(&(*sk).dst_ip4).to_ne_bytes()[0] == 127,
-            AF_INET6 => {
-                let d = [
-                    read_volatile(&(*sk).dst_ip6[0]),
-                    read_volatile(&(*sk).dst_ip6[1]),
-                    read_volatile(&(*sk).dst_ip6[2]),
-                    read_volatile(&(*sk).dst_ip6[3]),
-                ];
-                (d[0] == ZERO_WORD
-                    && d[1] == ZERO_WORD
-                    && d[2] == ZERO_WORD
-                    && d[3] == LOOPBACK_V6_WORD3)
-                    || (d[0] == ZERO_WORD
-                        && d[1] == ZERO_WORD
-                        && d[2] == V4_MAPPED_WORD2
-                        && d[3].to_ne_bytes()[0] == 127)
-            }
+            AF_INET => is_loopback(&Destination {
+                addr: [
+                    read_volatile(&(*sk).dst_ip4),
+                    ZERO_WORD,
+                    ZERO_WORD,
+                    ZERO_WORD,
+                ],
+                family: FAMILY_V4,
+            }),
+            AF_INET6 => is_loopback(&six_or_mapped([
+                read_volatile(&(*sk).dst_ip6[0]),
+                read_volatile(&(*sk).dst_ip6[1]),
+                read_volatile(&(*sk).dst_ip6[2]),
+                read_volatile(&(*sk).dst_ip6[3]),
+            ])),
             _ => false,
         }
-    };
-    if !connected_to_loopback {
-        return None;
     }
-    if ethertype == ETH_P_IP {
-        let ip: [u8; 20] = load(ctx, 0)?;
-        let ihl = ((ip[0] & 0x0f) as usize) * 4;
-        let d = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-        return Some(([d, ZERO_WORD, ZERO_WORD, ZERO_WORD], FAMILY_V4, ihl, ip[9]));
-    }
-    if ethertype == ETH_P_IPV6 {
-        let d: [u32; 4] = load(ctx, 24)?;
-        let next: u8 = load(ctx, 6)?;
-        return Some((d, FAMILY_V6, IPV6_HEADER, next));
-    }
-    None
 }
 
-/// The packet's destination words (memory order, as `DenyEvent::daddr`), family, transport
-/// header offset and protocol, if the destination is a loopback address: `127.0.0.0/8` or
-/// `::1` (an IPv4-mapped `::ffff:127.x` is never routed).
+/// The packet's destination (address words in memory order, as `DenyEvent::daddr`), the
+/// offset of its transport header and its protocol (for IPv6 the fixed header's next header:
+/// extension headers are not walked, the ports then read as 0).
 #[inline(always)]
-fn loopback_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<([u32; 4], u8, usize, u8)> {
+fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<(Destination, usize, u8)> {
     if ethertype == ETH_P_IP {
         let ip: [u8; 20] = load(ctx, 0)?;
-        if ip[16] != 127 {
-            return None;
-        }
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
         let d = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-        return Some(([d, ZERO_WORD, ZERO_WORD, ZERO_WORD], FAMILY_V4, ihl, ip[9]));
+        let dst = Destination {
+            addr: [d, ZERO_WORD, ZERO_WORD, ZERO_WORD],
+            family: FAMILY_V4,
+        };
+        return Some((dst, ihl, ip[9]));
     }
     if ethertype == ETH_P_IPV6 {
-        let d: [u32; 4] = load(ctx, 24)?;
+        let addr: [u32; 4] = load(ctx, 24)?;
         let next: u8 = load(ctx, 6)?;
-        let loopback = d[0] == ZERO_WORD
-            && d[1] == ZERO_WORD
-            && d[2] == ZERO_WORD
-            && d[3] == LOOPBACK_V6_WORD3;
-        return loopback.then_some((d, FAMILY_V6, IPV6_HEADER, next));
+        let dst = Destination {
+            addr,
+            family: FAMILY_V6,
+        };
+        return Some((dst, IPV6_HEADER, next));
     }
     None
 }
