@@ -36,6 +36,7 @@ mod locked;
 mod martian;
 mod rate;
 mod report;
+mod skb;
 mod wire;
 
 use core::ptr::read_volatile;

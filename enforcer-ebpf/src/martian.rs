@@ -23,29 +23,13 @@ use aya_ebpf::{
     helpers::generated::bpf_skb_cgroup_id,
     programs::SkBuffContext,
 };
-use enforcer_common::{flags, hook, identity, reason, verdict};
+use enforcer_common::{flags, hook, identity, proto, reason, verdict};
 
 use crate::{
-    count, is_loopback, locked, six_or_mapped, Destination, AF_INET, AF_INET6, FAMILY_V4,
-    FAMILY_V6, ZERO_WORD,
+    count, is_loopback, locked, six_or_mapped,
+    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
+    Destination, AF_INET, AF_INET6, FAMILY_V4, FAMILY_V6, ZERO_WORD,
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPV6_HEADER: usize = 40;
-/// The loopback device's index in every network namespace (registered first, never moved).
-const LOOPBACK_IFINDEX: u32 = 1;
-
-/// cgroup_skb return values.
-const PASS: i32 = 1;
-const DROP: i32 = 0;
-
-#[inline(always)]
-fn load<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
-    ctx.load::<T>(offset).ok()
-}
 
 /// The program's verdict on one outgoing packet: every packet through `lo`, and every packet
 /// to an address that is not loopback, passes.
@@ -69,7 +53,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     }
     // The ports, when the transport header follows the IP header directly (0 otherwise).
-    let dport = if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
+    let dport = if protocol == proto::TCP || protocol == proto::UDP {
         load::<[u8; 4]>(ctx, l4).map_or(0, |p| u16::from_be_bytes([p[2], p[3]]))
     } else {
         0

@@ -45,8 +45,10 @@ use enforcer_common::{
 };
 
 use crate::{
-    count, locked, lookup_address, lookup_destination, policy_hit, Destination, BPF_F_NO_PREALLOC,
-    CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY, ZERO_WORD,
+    count, locked, lookup_address, lookup_destination, policy_hit,
+    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
+    Destination, BPF_F_NO_PREALLOC, CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY,
+    ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -190,8 +192,6 @@ const STATE_CB_FLAG: u32 = 1 << 2;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = proto::TCP;
 
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -203,11 +203,6 @@ const SYN_ACK_MASK: u32 = (TCP_FLAG_SYN | TCP_FLAG_ACK) as u32;
 /// The TCP header without options.
 const TCP_HEADER_MIN: usize = 20;
 const IPV4_HEADER_MIN: usize = 20;
-const IPV6_HEADER: usize = 40;
-
-/// cgroup_skb return values.
-const PASS: i32 = 1;
-const DROP: i32 = 0;
 
 /// The second and third words of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory
 /// order.
@@ -215,8 +210,6 @@ const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Flags of bpf_reserve_hdr_opt / bpf_store_hdr_opt / map updates: none.
 const NO_FLAGS: u64 = 0;
-/// The loopback device's index in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `bpf_sk_lookup_tcp`'s netns argument: the namespace of the packet.
 const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
@@ -636,11 +629,6 @@ struct Syn {
 }
 
 #[inline(always)]
-fn load<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
-    ctx.load::<T>(offset).ok()
-}
-
-#[inline(always)]
 fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
     let skb: *const __sk_buff = ctx.skb.skb;
     // SAFETY: a full 32-bit context load; `protocol` is the __be16 ethertype.
@@ -764,17 +752,22 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     };
     let (destination, exact) = lookup_address(&syn.dst);
-    if let Some(verdict) = checked_pod_elsewhere(ctx, &syn, destination) {
+    // The receiving socket's identity, looked up once for the three checks below (a
+    // spin-locked lookup). At cgroup_skb ingress the skb is the receiving socket's: the
+    // listener's, for a SYN.
+    // SAFETY: the skb pointer is the program's context.
+    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
+    if let Some(verdict) = checked_pod_elsewhere(ctx, &syn, listener, destination) {
         return verdict;
     }
     if let Some(owner) = crate::address_owner(destination, exact) {
-        if let Some(verdict) = foreign_listener(ctx, &syn, owner) {
+        if let Some(verdict) = foreign_listener(ctx, &syn, listener, owner) {
             return verdict;
         }
     } else if !exact || destination < identity::FIRST_DYNAMIC {
         // An address nobody holds: WORLD, a prefix (which may cover the node's own
         // addresses), a reserved identity.
-        if let Some(verdict) = world_listener(ctx, &syn) {
+        if let Some(verdict) = world_listener(ctx, &syn, listener) {
             return verdict;
         }
     }
@@ -920,11 +913,16 @@ fn refuse_syn(
 /// peer's IP-cache identity as the subject, the listener's cgroup in the event), or passed
 /// as audit in audit mode (global, or the listener's). `None`: the listener is
 /// `destination`'s own, the check goes on.
+///
+/// `listener`: the receiving socket's identity as `ingress` looked it up (`None`: its cgroup
+/// has none).
 #[inline(always)]
-fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<i32> {
-    // SAFETY: the skb pointer is the program's context. At cgroup_skb ingress the skb is the
-    // receiving socket's (the listener's, for a SYN).
-    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
+fn foreign_listener(
+    ctx: &SkBuffContext,
+    syn: &Syn,
+    listener: Option<u32>,
+    destination: u32,
+) -> Option<i32> {
     if !crate::foreign(listener, destination) {
         return None;
     }
@@ -973,11 +971,12 @@ fn foreign_listener(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<
 /// connect), a listener's own workload calling itself (a pod's containers over its
 /// loopback, a sidecar's `REDIRECT`), and the agent on either side. `None`: nothing to
 /// judge.
+///
+/// `listener`: the receiving socket's identity as `ingress` looked it up (`None`: its cgroup
+/// has none).
 #[inline(always)]
-fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
-    // SAFETY: the skb pointer is the program's context (the listener's socket, see
-    // `foreign_listener`).
-    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) })?;
+fn world_listener(ctx: &SkBuffContext, syn: &Syn, listener: Option<u32>) -> Option<i32> {
+    let listener = listener?;
     let found = if syn.hidden {
         None
     } else {
@@ -1117,16 +1116,22 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn) -> Option<i32> {
 /// in through loopback was sent in the pod's own namespace, by the pod (its containers, a
 /// sidecar's `REDIRECT`, whose SYN keeps the original destination's socket out of reach of
 /// any lookup): not refused here. `None`: nothing refused; the checks go on.
+///
+/// `listener`: the receiving socket's identity as `ingress` looked it up (`None`: its cgroup
+/// has none).
 #[inline(always)]
-fn checked_pod_elsewhere(ctx: &SkBuffContext, syn: &Syn, destination: u32) -> Option<i32> {
+fn checked_pod_elsewhere(
+    ctx: &SkBuffContext,
+    syn: &Syn,
+    listener: Option<u32>,
+    destination: u32,
+) -> Option<i32> {
     // SAFETY: the program's context; `ingress_ifindex` is readable in cgroup_skb programs.
     let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ingress_ifindex) };
     if ifindex == LOOPBACK_IFINDEX {
         return None;
     }
-    // SAFETY: the skb pointer is the program's context (the listener's socket, see
-    // `foreign_listener`).
-    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) })?;
+    let listener = listener?;
     if listener == destination {
         return None;
     }

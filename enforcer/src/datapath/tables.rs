@@ -604,61 +604,60 @@ impl Tables {
         self.config.get(&0, 0).context("reading CONFIG")
     }
 
+    /// Rewrites `CONFIG` with `change` applied, every other field kept (`what` names the
+    /// field in the error). Only the agent's own task writes `CONFIG` (a read-modify-write),
+    /// and these settings are written before the hooks attach, so none can undo a concurrent
+    /// policy flip.
+    fn update_config(&mut self, what: &str, change: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut config = self.config()?;
+        change(&mut config);
+        self.config
+            .set(0, config, 0)
+            .with_context(|| format!("writing CONFIG.{what}"))
+    }
+
     /// Sets `CONFIG.event_window_ns` (deny aggregation, zero = off) and
     /// `CONFIG.event_keys_per_workload` (new keys per workload and window, zero = no budget)
     /// and `CONFIG.flow_events_per_workload` (`flow.opened` events per workload and window,
-    /// zero = no budget), keeping every other field. Written before the hooks attach and only by the agent's own
-    /// task (as every `CONFIG` write: a read-modify-write), so it cannot undo a concurrent
-    /// policy flip.
+    /// zero = no budget).
     pub fn set_event_window(
         &mut self,
         window: std::time::Duration,
         keys_per_workload: u32,
         flow_events_per_workload: u32,
     ) -> Result<()> {
-        let mut config = self.config()?;
-        config.event_window_ns = window.as_nanos() as u64;
-        config.event_keys_per_workload = keys_per_workload;
-        config.flow_events_per_workload = flow_events_per_workload;
-        self.config
-            .set(0, config, 0)
-            .context("writing CONFIG.event_window_ns")
+        self.update_config("event_window_ns", |config| {
+            config.event_window_ns = window.as_nanos() as u64;
+            config.event_keys_per_workload = keys_per_workload;
+            config.flow_events_per_workload = flow_events_per_workload;
+        })
     }
 
     /// Sets `CONFIG.wire_skew_s` and `CONFIG.wire_v1_until_s` (the identity option's
-    /// freshness: see `enforcer_common::wire::fresh`), keeping every other field; written
-    /// like [`Self::set_event_window`]. `skew` is whole seconds (sub-second parts dropped).
+    /// freshness: see `enforcer_common::wire::fresh`). `skew` is whole seconds (sub-second
+    /// parts dropped).
     pub fn set_wire_freshness(&mut self, skew: std::time::Duration, v1_until_s: u32) -> Result<()> {
-        let mut config = self.config()?;
-        config.wire_skew_s = u32::try_from(skew.as_secs()).unwrap_or(u32::MAX);
-        config.wire_v1_until_s = v1_until_s;
-        self.config
-            .set(0, config, 0)
-            .context("writing CONFIG.wire_skew_s")
+        self.update_config("wire_skew_s", |config| {
+            config.wire_skew_s = u32::try_from(skew.as_secs()).unwrap_or(u32::MAX);
+            config.wire_v1_until_s = v1_until_s;
+        })
     }
 
     /// Sets `CONFIG.node_netns_cookie` (the node's network namespace, see
-    /// [`super::netns_cookie`]), keeping every other field; written like
-    /// [`Self::set_event_window`].
+    /// [`super::netns_cookie`]).
     pub fn set_node_netns(&mut self, cookie: u64) -> Result<()> {
-        let mut config = self.config()?;
-        config.node_netns_cookie = cookie;
-        self.config
-            .set(0, config, 0)
-            .context("writing CONFIG.node_netns_cookie")
+        self.update_config("node_netns_cookie", |config| {
+            config.node_netns_cookie = cookie
+        })
     }
 
     /// Sets `CONFIG.tai_offset_s` when it differs (the identity option's clock is CLOCK_TAI
-    /// less it); true when it was written. Written like [`Self::set_event_window`].
+    /// less it); true when it was written.
     pub fn set_tai_offset(&mut self, offset_s: u32) -> Result<bool> {
-        let mut config = self.config()?;
-        if config.tai_offset_s == offset_s {
+        if self.config()?.tai_offset_s == offset_s {
             return Ok(false);
         }
-        config.tai_offset_s = offset_s;
-        self.config
-            .set(0, config, 0)
-            .context("writing CONFIG.tai_offset_s")?;
+        self.update_config("tai_offset_s", |config| config.tai_offset_s = offset_s)?;
         Ok(true)
     }
 
