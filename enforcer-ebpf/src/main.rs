@@ -281,8 +281,9 @@ pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
     wire::ingress(&ctx)
 }
 
-/// `cgroup_skb/egress` on the enforced subtree: drops a packet to a loopback address that
-/// leaves through a device (`martian::egress`). 1 passes the packet, 0 drops it.
+/// `cgroup_skb/egress` on the enforced subtree: drops a pod's packet to a loopback address
+/// that leaves through a device, and judges one that netfilter sent elsewhere than its call
+/// was judged (`martian::egress`). 1 passes the packet, 0 drops it.
 #[cgroup_skb(egress)]
 pub fn skb_egress(ctx: SkBuffContext) -> i32 {
     martian::egress(&ctx)
@@ -530,8 +531,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         return report(&mut v, &dst, cgroup_id, hook, global_audit);
     };
     v.subject = subject;
-    let (subject_flags, subject_tenant, subject_class) =
-        (info.flags, info.tenant, info.subject_class);
+    let (subject_flags, subject_tenant) = (info.flags, info.tenant);
 
     // The agent itself: never judged, or it could lock itself out of the API server and the
     // PDP it learns every identity from.
@@ -567,69 +567,91 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         return SK_PASS;
     }
 
-    // 4. the policy table in force, keyed by the two identities' classes in it: exact port,
-    // then any port. A destination without an IDENTITIES entry is in no class: denied.
+    // 4. and 5. (`judge_policy`): the table in force, or why not.
+    let destination_flags = match judge_policy(slot_b, &info, destination, dport, protocol) {
+        Ok(destination_flags) => destination_flags,
+        Err(reason) => {
+            // 6. audit (global or per subject) lets a would-deny through, reported.
+            v.reason = reason;
+            let audit = global_audit || subject_flags & flags::AUDIT != 0;
+            return report(&mut v, &dst, cgroup_id, hook, audit);
+        }
+    };
+    // Rate limit (connect only: a connection budget; unconnected datagrams are not
+    // connections). Before the flow record, so a refused call leaves none. Audit mode
+    // lets the excess through as audit, like any would-deny.
+    if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && !rate::admit(subject, destination) {
+        v.reason = reason::RATE_LIMITED;
+        let audit = global_audit || subject_flags & flags::AUDIT != 0;
+        return report(&mut v, &dst, cgroup_id, hook, audit);
+    }
+    // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
+    // UDP, to a tracked destination (the flags copied with the class above: one
+    // consistent value, 0 without one).
+    if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
+        && (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
+        && destination_flags & flags::TRACKED != 0
+    {
+        let c = flows::Connect {
+            subject,
+            destination,
+            daddr: dst.addr,
+            dport,
+            family: dst.family,
+            protocol,
+            generation,
+            tenant: subject_tenant,
+            cgroup_id,
+            sock_v6: hook == hook::CONNECT6,
+        };
+        if !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP) {
+            // An untracked flow to a tracked destination could never be revoked:
+            // fail closed (never audited through).
+            v.reason = reason::FLOW_TABLE_FULL;
+            return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
+        }
+    } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP {
+        // A connected UDP socket that leaves a tracked destination for an untracked one.
+        flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
+    }
+    count(hook, verdict::ALLOW, reason::ALLOWED);
+    SK_PASS
+}
+
+/// Steps 4 and 5 of the decision, for a known subject (`subject`, its classes those of the
+/// table `slot_b` names) calling `destination` on (`dport`, host order; `protocol`): `Ok`
+/// with the destination's flags (0 without an `IDENTITIES` entry) when the table in force
+/// permits it, exact port then any port (a destination without an entry is in no class:
+/// denied); else `Err` with the reason: an address the agent refused to identify, tenants
+/// differ, or simply no permit. (No policy entry names UNIDENTIFIED: the lookup denies it,
+/// this only names the reason.)
+#[inline(always)]
+fn judge_policy(
+    slot_b: bool,
+    subject: &locked::Identity,
+    destination: u32,
+    dport: u16,
+    protocol: u8,
+) -> Result<u32, u8> {
     let destination_info = locked::identity_info(destination, slot_b);
     let (destination_class, destination_flags) = match &destination_info {
         Some(d) => (d.destination_class, d.flags),
         None => (NO_CLASS, 0),
     };
-    if permits(slot_b, subject_class, destination_class, dport, protocol) {
-        // Rate limit (connect only: a connection budget; unconnected datagrams are not
-        // connections). Before the flow record, so a refused call leaves none. Audit mode
-        // lets the excess through as audit, like any would-deny.
-        if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && !rate::admit(subject, destination)
-        {
-            v.reason = reason::RATE_LIMITED;
-            let audit = global_audit || subject_flags & flags::AUDIT != 0;
-            return report(&mut v, &dst, cgroup_id, hook, audit);
-        }
-        // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
-        // UDP, to a tracked destination (the flags copied with the class above: one
-        // consistent value, 0 without one).
-        if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
-            && (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
-            && destination_flags & flags::TRACKED != 0
-        {
-            let c = flows::Connect {
-                subject,
-                destination,
-                daddr: dst.addr,
-                dport,
-                family: dst.family,
-                protocol,
-                generation,
-                tenant: subject_tenant,
-                cgroup_id,
-                sock_v6: hook == hook::CONNECT6,
-            };
-            if !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP) {
-                // An untracked flow to a tracked destination could never be revoked:
-                // fail closed (never audited through).
-                v.reason = reason::FLOW_TABLE_FULL;
-                return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
-            }
-        } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP
-        {
-            // A connected UDP socket that leaves a tracked destination for an untracked one.
-            flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
-        }
-        count(hook, verdict::ALLOW, reason::ALLOWED);
-        return SK_PASS;
+    if permits(
+        slot_b,
+        subject.subject_class,
+        destination_class,
+        dport,
+        protocol,
+    ) {
+        return Ok(destination_flags);
     }
-
-    // 5. why not: an address the agent refused to identify, tenants differ, or simply no
-    // permit. (No policy entry names UNIDENTIFIED: it is denied by the lookup above, this
-    // only names the reason.)
-    v.reason = if destination == identity::UNIDENTIFIED {
+    Err(if destination == identity::UNIDENTIFIED {
         reason::UNIDENTIFIED_DESTINATION
     } else {
-        denial_reason(destination_info.as_ref(), subject_tenant)
-    };
-
-    // 6. audit (global or per subject) lets a would-deny through, reported.
-    let audit = global_audit || subject_flags & flags::AUDIT != 0;
-    report(&mut v, &dst, cgroup_id, hook, audit)
+        denial_reason(destination_info.as_ref(), subject.tenant)
+    })
 }
 
 /// Step 4 of the decision: whether the table in force (`slot_b`: `POLICY_B`, else `POLICY_A`)

@@ -1,20 +1,28 @@
-//! Sending: a packet to a loopback address that leaves its network namespace through a device
-//! (`reason::MARTIAN_DESTINATION`).
+//! Sending: a packet that leaves for somewhere other than where its call was judged. Two
+//! cases, both for pods in their own network namespace.
 //!
-//! The connect hooks let a pod's TCP connect to its own loopback through unjudged (only the
-//! pod answers there, see `decide`), and judge a datagram to loopback as World's. Both rest on
-//! loopback staying in the namespace; it does not always: a socket bound to a device after
-//! its connect was judged (`SO_BINDTODEVICE` needs no capability, and a TCP Fast Open connect
-//! sends its SYN only at the first `send()`), a datagram's `IP_PKTINFO` interface or a route
-//! sends `127.0.0.1` out of the pod, and a node with `route_localnet` (kube-proxy sets it)
-//! delivers it to the node's own loopback servers (CVE-2020-8558). At `cgroup_skb/egress`
-//! the output device is known (`__sk_buff::ifindex`) and the destination is the one on the
-//! wire, after any rewrite by netfilter: such a packet is dropped there, counted and
-//! reported. So is a packet of a socket connected to loopback that leaves through a device
-//! for another address (the pod's own `DNAT`, with `NET_ADMIN`, turned its allowed loopback
-//! into another workload's address). Pods in their own namespace only: in the node's,
-//! loopback leaves through devices by design. What rewrites after this hook (tc, netdev
-//! egress hooks: `NET_ADMIN` again) is not seen.
+//! Loopback leaving the namespace (`reason::MARTIAN_DESTINATION`). The connect hooks let a
+//! pod's TCP connect to its own loopback through unjudged (only the pod answers there, see
+//! `decide`), and judge a datagram to loopback as World's. Both rest on loopback staying in
+//! the namespace; it does not always: a socket bound to a device after its connect was
+//! judged (`SO_BINDTODEVICE` needs no capability, and a TCP Fast Open connect sends its SYN
+//! only at the first `send()`), a datagram's `IP_PKTINFO` interface or a route sends
+//! `127.0.0.1` out of the pod, and a node with `route_localnet` (kube-proxy sets it)
+//! delivers it to the node's own loopback servers (CVE-2020-8558). So does a socket
+//! connected to loopback whose packet the pod's own `DNAT` (with `NET_ADMIN`) sends to
+//! another workload's address.
+//!
+//! A rewritten destination (the policy's own reasons). The hooks judge the address a
+//! workload dials; its namespace's netfilter (a `DNAT` in `OUTPUT`) or a source route can
+//! send the packet elsewhere. A packet whose destination differs from its socket's connected
+//! one, and any datagram of an unconnected socket (whose `sendmsg` judged an address the
+//! packet no longer shows), is judged again where it goes, as a connect would be.
+//!
+//! At `cgroup_skb/egress` the output device is known (`__sk_buff::ifindex`) and the
+//! destination is the one on the wire, after any rewrite by netfilter. In the node's
+//! namespace loopback leaves through devices by design, and kube-proxy DNATs Service
+//! addresses in `OUTPUT`: left alone. What rewrites after this hook (tc, netdev egress
+//! hooks: `NET_ADMIN` again) is not seen.
 
 use core::ptr::read_volatile;
 
@@ -27,12 +35,13 @@ use enforcer_common::{flags, hook, identity, proto, reason, verdict};
 
 use crate::{
     count, is_loopback, locked, six_or_mapped,
-    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
+    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
     Destination, AF_INET, AF_INET6, FAMILY_V4, FAMILY_V6, ZERO_WORD,
 };
 
-/// The program's verdict on one outgoing packet: every packet through `lo`, and every packet
-/// to an address that is not loopback, passes.
+/// The program's verdict on one outgoing packet: every packet through `lo`, every packet that
+/// goes where its socket's connect was judged, and every datagram of an unconnected socket
+/// that the policy permits where it goes, passes.
 #[inline(always)]
 pub fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *const __sk_buff = ctx.skb.skb;
@@ -46,78 +55,154 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if ifindex == LOOPBACK_IFINDEX {
         return PASS;
     }
-    let Some((dst, l4, protocol)) = packet_destination(ctx, ethertype) else {
+    let Some(packet) = packet_destination(ctx, ethertype) else {
         return PASS;
     };
-    if !is_loopback(&dst) && !connected_to_loopback(ctx) {
+    // Plain values with sentinels, no `Option`s with payloads: LLVM fills the payload of a
+    // `None` with whatever register it likes, and the verifier rejects reading that register
+    // uninitialised.
+    let (to, port) = connected_destination(ctx);
+    let connected = port != NOT_CONNECTED;
+    let martian = is_loopback(&packet.dst) || (connected && is_loopback(&to));
+    // The port is compared where the packet shows it (its transport header right after the
+    // IP header): an IPv6 extension header hides it, and then only the address is. A
+    // datagram of an unconnected socket has nothing to compare with (`sendmsg` judged the
+    // address the caller gave, which the packet no longer shows): each is judged again. So
+    // is any other packet of a socket with no remote port that is not TCP (a ping or raw
+    // socket made before the programs attached); a TCP one is a listener's handshake reply.
+    let translated = !martian
+        && if connected {
+            !same_address(&to, &packet.dst) || (packet.dport != NO_PORT && packet.dport != port)
+        } else {
+            packet.protocol != proto::TCP
+        };
+    if !martian && !translated {
         return PASS;
     }
-    // The ports, when the transport header follows the IP header directly (0 otherwise).
-    let dport = if protocol == proto::TCP || protocol == proto::UDP {
-        load::<[u8; 4]>(ctx, l4).map_or(0, |p| u16::from_be_bytes([p[2], p[3]]))
+    let dport = if packet.dport != NO_PORT {
+        packet.dport
     } else {
-        0
+        port
     };
     // SAFETY: the skb pointer is the program's context (the sending socket's).
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    // Only a pod in its own namespace (the allowance's scope): in the node's namespace
-    // loopback leaves through devices by design (kube-proxy's NodePorts and the CNI's
-    // hostPorts on `127.0.0.1`, DNATed in `OUTPUT` with `route_localnet`; a VRF's loopback
-    // is its master device). One lookup, on this rare path only.
-    let subject = locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN);
-    let subject_flags = locked::identity_flags(subject).unwrap_or(0);
-    if subject_flags & (flags::OWN_NETNS | flags::SHARED_NETNS) != flags::OWN_NETNS {
+    // Only a pod in its own namespace (the allowance's scope, and the only place where a
+    // rewrite is the workload's own doing): in the node's namespace loopback leaves through
+    // devices by design (kube-proxy's NodePorts and the CNI's hostPorts on `127.0.0.1`,
+    // DNATed in `OUTPUT` with `route_localnet`; a VRF's loopback is its master device), and
+    // kube-proxy's `OUTPUT` DNAT of a Service's address is how a `hostNetwork` pod reaches
+    // its backends. One lookup, on these rare paths only.
+    let Some(subject) = locked::subject_of(cgroup_id) else {
+        return PASS;
+    };
+    let (global_audit, generation) = crate::audit_and_generation();
+    let slot_b = generation & 1 != 0;
+    let Some(info) = locked::identity_info(subject, slot_b) else {
+        return PASS;
+    };
+    if info.flags & (flags::OWN_NETNS | flags::SHARED_NETNS) != flags::OWN_NETNS {
         return PASS;
     }
-    let (global_audit, generation) = crate::audit_and_generation();
-    let v = if global_audit {
-        verdict::AUDIT
+    let (destination, reason, audit) = if martian {
+        (identity::WORLD, reason::MARTIAN_DESTINATION, global_audit)
     } else {
-        verdict::DENY
+        // The connect judged the address the socket holds; the packet goes to another one
+        // (the pod's own `DNAT`, with `NET_ADMIN`; a source route's first hop), or it is a
+        // datagram whose address `sendmsg` judged before any rewrite: judged again, as
+        // `decide` would judge a connect to it.
+        let audit = global_audit || info.flags & flags::AUDIT != 0;
+        if !connected && audit {
+            // Audit mode drops nothing, and `sendmsg` has reported each would-deny
+            // datagram already: another event for most of them would only be a copy.
+            return PASS;
+        }
+        let destination = crate::lookup_destination(&packet.dst);
+        if info.flags & flags::QUARANTINED != 0 {
+            (destination, reason::QUARANTINED, false)
+        } else {
+            match crate::judge_policy(slot_b, &info, destination, dport, packet.protocol) {
+                Ok(_) => return PASS,
+                Err(reason) => (destination, reason, audit),
+            }
+        }
     };
-    count(hook::EGRESS, v, reason::MARTIAN_DESTINATION);
+    let v = if audit { verdict::AUDIT } else { verdict::DENY };
+    count(hook::EGRESS, v, reason);
     crate::report::emit(&crate::report::Report {
         cgroup_id,
         pid_tgid: 0,
         subject,
-        destination: identity::WORLD,
-        daddr: dst.addr,
-        family: dst.family,
+        destination,
+        daddr: packet.dst.addr,
+        family: packet.dst.family,
         dport,
-        protocol,
+        protocol: packet.protocol,
         hook: hook::EGRESS,
         verdict: v,
-        reason: reason::MARTIAN_DESTINATION,
+        reason,
         generation: generation as u32,
         sock_type: 0,
         sock_protocol: 0,
         peer: [ZERO_WORD; 4],
         task: false,
     });
-    if global_audit {
+    if audit {
         PASS
     } else {
         DROP
     }
 }
 
-/// Whether the packet's socket is connected to a loopback address (`127.0.0.0/8`, `::1`, or
-/// `::ffff:127.x` on a dual-stack socket): with the packet going elsewhere, its namespace
-/// rewrote the destination (an iptables `DNAT` in a pod with `NET_ADMIN`) after the connect
-/// hooks allowed the pod's own loopback.
+/// Whether two destinations are one address (both as `six_or_mapped` gives them).
 #[inline(always)]
-fn connected_to_loopback(ctx: &SkBuffContext) -> bool {
+fn same_address(a: &Destination, b: &Destination) -> bool {
+    a.family == b.family
+        && a.addr[0] == b.addr[0]
+        && a.addr[1] == b.addr[1]
+        && a.addr[2] == b.addr[2]
+        && a.addr[3] == b.addr[3]
+}
+
+/// `connected_destination`'s port of a socket that is not a connected TCP or UDP one.
+const NOT_CONNECTED: u16 = 0;
+/// `Packet::dport` when the packet does not show it.
+const NO_PORT: u16 = 0;
+/// The fragment offset bits of IPv4's flags and fragment offset field.
+const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
+
+/// The remote address and port (host order) of the packet's socket when it is a connected
+/// one (an IPv4-mapped address as its IPv4 one); port `NOT_CONNECTED` for no socket or an
+/// unconnected one (a listener's SYN-ACK comes from the listener, whose remote address is
+/// unset; an unconnected datagram socket's `sendmsg` was judged per datagram, and its
+/// packets are not compared). The socket's protocol is not read (the verifier gives this
+/// program only the `sock_common` view, which has none): every inet socket of the subtree
+/// is TCP or UDP (`sock_create` refuses the others), and one made before the programs
+/// attached (raw, ping) has no remote port.
+#[inline(always)]
+fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16) {
     let skb: *const __sk_buff = ctx.skb.skb;
     // SAFETY: one 8-byte context load; the socket pointer may be null (checked), and its
-    // `family` and destination are readable on every socket the kernel hands in
-    // (`sock_common`), each a full 32-bit load.
+    // fields are readable on every socket the kernel hands in (`sock_common`, the full
+    // socket at cgroup_skb egress): full 32-bit loads, and the 16-bit `dst_port` load the
+    // kernel allows since 5.19 (its field size).
     unsafe {
         let sk: *const bpf_sock = read_volatile(&(*skb).__bindgen_anon_2.sk).cast_const();
+        let none = (
+            Destination {
+                addr: [ZERO_WORD; 4],
+                family: FAMILY_V4,
+            },
+            NOT_CONNECTED,
+        );
         if sk.is_null() {
-            return false;
+            return none;
         }
-        match read_volatile(&(*sk).family) {
-            AF_INET => is_loopback(&Destination {
+        let port = u16::from_be(read_volatile(&(*sk).dst_port));
+        if port == NOT_CONNECTED {
+            return none;
+        }
+        let to = match read_volatile(&(*sk).family) {
+            AF_INET => Destination {
                 addr: [
                     read_volatile(&(*sk).dst_ip4),
                     ZERO_WORD,
@@ -125,41 +210,101 @@ fn connected_to_loopback(ctx: &SkBuffContext) -> bool {
                     ZERO_WORD,
                 ],
                 family: FAMILY_V4,
-            }),
-            AF_INET6 => is_loopback(&six_or_mapped([
+            },
+            AF_INET6 => six_or_mapped([
                 read_volatile(&(*sk).dst_ip6[0]),
                 read_volatile(&(*sk).dst_ip6[1]),
                 read_volatile(&(*sk).dst_ip6[2]),
                 read_volatile(&(*sk).dst_ip6[3]),
-            ])),
-            _ => false,
-        }
+            ]),
+            _ => return none,
+        };
+        (to, port)
     }
 }
 
-/// The packet's destination (address words in memory order, as `DenyEvent::daddr`), the
-/// offset of its transport header and its protocol (for IPv6 the fixed header's next header:
-/// extension headers are not walked, the ports then read as 0).
+/// Where an outgoing packet goes.
+struct Packet {
+    /// Address words in memory order (as `DenyEvent::daddr`).
+    dst: Destination,
+    /// The destination port (host order) of a TCP or UDP packet whose transport header
+    /// follows the IP header directly; `NO_PORT` otherwise (IPv6 extension headers are not
+    /// walked; no listener has port 0).
+    dport: u16,
+    /// IPv4's protocol, IPv6's fixed header's next header.
+    protocol: u8,
+}
+
+/// The packet's destination: one load of the IP header with the first transport bytes where
+/// they can follow it (IPv4 without options, IPv6's fixed header), another only otherwise.
 #[inline(always)]
-fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<(Destination, usize, u8)> {
+fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
+    let port = |protocol: u8, at: &[u8]| {
+        if protocol == proto::TCP || protocol == proto::UDP {
+            u16::from_be_bytes([at[2], at[3]])
+        } else {
+            NO_PORT
+        }
+    };
     if ethertype == ETH_P_IP {
-        let ip: [u8; 20] = load(ctx, 0)?;
-        let ihl = ((ip[0] & 0x0f) as usize) * 4;
-        let d = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-        let dst = Destination {
-            addr: [d, ZERO_WORD, ZERO_WORD, ZERO_WORD],
+        let dst = |ip: &[u8]| Destination {
+            addr: [
+                u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+                ZERO_WORD,
+                ZERO_WORD,
+                ZERO_WORD,
+            ],
             family: FAMILY_V4,
         };
-        return Some((dst, ihl, ip[9]));
+        if let Some(ip) = load::<[u8; IPV4_HEADER_MIN + 4]>(ctx, 0) {
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            // (The hook runs before the kernel fragments a packet, so no later fragment,
+            // whose first bytes are no ports, comes here; checked all the same.)
+            let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & IPV4_FRAGMENT_OFFSET != 0;
+            let dport = if later_fragment {
+                NO_PORT
+            } else if ihl == IPV4_HEADER_MIN {
+                port(ip[9], &ip[IPV4_HEADER_MIN..])
+            } else {
+                match load::<[u8; 4]>(ctx, ihl) {
+                    Some(ports) => port(ip[9], &ports),
+                    None => NO_PORT,
+                }
+            };
+            return Some(Packet {
+                dst: dst(&ip),
+                dport,
+                protocol: ip[9],
+            });
+        }
+        // Shorter than a header and four bytes: no transport header to read.
+        let ip: [u8; IPV4_HEADER_MIN] = load(ctx, 0)?;
+        return Some(Packet {
+            dst: dst(&ip),
+            dport: NO_PORT,
+            protocol: ip[9],
+        });
     }
     if ethertype == ETH_P_IPV6 {
-        let addr: [u32; 4] = load(ctx, 24)?;
-        let next: u8 = load(ctx, 6)?;
-        let dst = Destination {
-            addr,
-            family: FAMILY_V6,
-        };
-        return Some((dst, IPV6_HEADER, next));
+        if let Some(h) = load::<[u8; IPV6_HEADER + 4]>(ctx, 0) {
+            return Some(v6_packet(&h, port(h[6], &h[IPV6_HEADER..])));
+        }
+        let h: [u8; IPV6_HEADER] = load(ctx, 0)?;
+        return Some(v6_packet(&h, NO_PORT));
     }
     None
+}
+
+/// An IPv6 packet from its fixed header (`h`, at least its 40 bytes) and its port.
+#[inline(always)]
+fn v6_packet(h: &[u8], dport: u16) -> Packet {
+    let w = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    Packet {
+        dst: Destination {
+            addr: [w(24), w(28), w(32), w(36)],
+            family: FAMILY_V6,
+        },
+        dport,
+        protocol: h[6],
+    }
 }

@@ -7,6 +7,8 @@ use aya_ebpf::programs::SkBuffContext;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
+/// The IPv4 header without options, bytes.
+pub const IPV4_HEADER_MIN: usize = 20;
 /// The IPv6 fixed header, bytes (extension headers follow it).
 pub const IPV6_HEADER: usize = 40;
 

@@ -46,7 +46,7 @@ use enforcer_common::{
 
 use crate::{
     count, locked, lookup_address, lookup_destination, policy_hit,
-    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
+    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
     Destination, BPF_F_NO_PREALLOC, CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY,
     ZERO_WORD,
 };
@@ -202,7 +202,6 @@ const SYN_ACK_MASK: u32 = (TCP_FLAG_SYN | TCP_FLAG_ACK) as u32;
 
 /// The TCP header without options.
 const TCP_HEADER_MIN: usize = 20;
-const IPV4_HEADER_MIN: usize = 20;
 
 /// The second and third words of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory
 /// order.

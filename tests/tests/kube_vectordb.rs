@@ -170,7 +170,7 @@ impl RunningAgent {
         let demo = enforcer_tests::fixtures::demo_policies_dir();
         let read = |name: &str| std::fs::read_to_string(demo.join(name));
         let bundle = PolicyBundle::new(&[
-            ("inventory.yaml", "tenants: [acme]\n"),
+            ("inventory.yaml", "tenants: [acme, globex]\n"),
             ("schema.cedarschema", &read("schema.cedarschema")?),
             ("baseline.cedar", &read("baseline.cedar")?),
         ])?;
@@ -196,6 +196,18 @@ impl RunningAgent {
 /// A pod of the test: (namespace, name, annotations, last octet of its address, serves on
 /// [`DB_PORT`]).
 type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u8, bool);
+
+/// The events of packets dropped as they left (`pred`), once at least one is there and the
+/// events file has settled: a SYN and its retransmissions within the aggregation window
+/// make one event (aggregated) or one per transmission.
+fn dropped_as_it_leaves(agent: &Agent, pred: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
+    agent.wait_for(1, WAIT, &pred)?;
+    Ok(agent
+        .settled_events(Duration::from_millis(1500), WAIT)?
+        .into_iter()
+        .filter(|e| pred(e))
+        .collect())
+}
 
 fn ingress_events(agent: &Agent) -> Result<Vec<Value>> {
     Ok(agent
@@ -734,16 +746,7 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
         r.outcome == Outcome::Error,
         "127.0.0.2 routed out of the pod: {r:?}"
     );
-    let martian = |e: &Value| e["reason"] == "martian_destination";
-    agent.wait_for(1, WAIT, martian)?;
-    let escaped: Vec<Value> = agent
-        .settled_events(Duration::from_millis(1500), WAIT)?
-        .into_iter()
-        .filter(martian)
-        .collect();
-    // The SYN and its retransmissions within the window: one event (aggregated) or one per
-    // transmission, each naming the pod and the port.
-    ensure!(!escaped.is_empty(), "no martian_destination event");
+    let escaped = dropped_as_it_leaves(agent, |e| e["reason"] == "martian_destination")?;
     for e in &escaped {
         ensure!(
             e["hook"] == "egress"
@@ -840,6 +843,236 @@ fn a_db_pod_is_checked_at_its_link_local_address_and_reaches_itself_over_loopbac
     ensure!(db.accepted().is_empty(), "the DB pod accepted a neighbour");
 
     drop(db);
+    drop(cgroups);
+    Ok(())
+}
+
+/// A pod that rewrites where its packets go after the connect hook judged the address it
+/// dialled (its own `DNAT`, with `NET_ADMIN` in its namespace) is judged again at the
+/// translated address as the packet leaves: acme's pod dials acme's friend (allowed at
+/// connect) while its ip6tables sends the SYN to globex's rival, and the SYN is dropped,
+/// one `tenant_mismatch` event with hook `egress` and the rival as destination; a rewrite to
+/// a destination it may call (the friend's other port) passes.
+///
+/// The pod lives in a network namespace of the test's own, the two others' addresses at the
+/// far end of a veth (their pods are in the API server, their one listener is a process no
+/// enforcer manages).
+#[test]
+fn a_pod_rewriting_its_destination_is_judged_at_the_translated_address() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let Cluster {
+        rt,
+        server,
+        client,
+        node,
+    } = Cluster::start()?;
+    let own = "fd95:1::1".parse::<Ipv6Addr>()?;
+    let friend = "fd95:1::fe".parse::<Ipv6Addr>()?;
+    let rival = "fd95:1::fd".parse::<Ipv6Addr>()?;
+    let pod_ns = NetNs::create(&unique_name("kd-pod"))?;
+    let far_ns = NetNs::create(&unique_name("kd-far"))?;
+    let veth = Veth::create(
+        &pod_ns,
+        &[&format!("{own}/64")],
+        &far_ns,
+        &[&format!("{friend}/64"), &format!("{rival}/64")],
+    )?;
+    // The IPv4 twins: link-local addresses on the test's own veth.
+    let (own4, friend4, rival4) = (
+        Ipv4Addr::new(169, 254, 95, 1),
+        Ipv4Addr::new(169, 254, 95, 254),
+        Ipv4Addr::new(169, 254, 95, 253),
+    );
+    pod_ns.ip(&["addr", "add", &format!("{own4}/16"), "dev", veth.dev_a()])?;
+    for addr in [friend4, rival4] {
+        far_ns.ip(&["addr", "add", &format!("{addr}/16"), "dev", veth.dev_b()])?;
+    }
+    let uid = rt.block_on(async {
+        create_namespace(&client, "kd-acme", &[(TENANT, "acme")], &[]).await?;
+        create_namespace(&client, "kd-globex", &[(TENANT, "globex")], &[]).await?;
+        create_pod(&client, "kd-acme", "friend", &[], IpAddr::V6(friend)).await?;
+        create_pod(&client, "kd-globex", "rival", &[], IpAddr::V6(rival)).await?;
+        create_pod(&client, "kd-acme", "friend4", &[], IpAddr::V4(friend4)).await?;
+        create_pod(&client, "kd-globex", "rival4", &[], IpAddr::V4(rival4)).await?;
+        create_pod(&client, "kd-acme", "caller", &[], IpAddr::V6(own)).await
+    })?;
+    let mut cgroups = node.start_pod(&uid, Driver::Systemd, Qos::Burstable)?;
+    cgroups.add_container()?;
+    let container = &cgroups.containers()[0];
+    let stranger = TestCgroup::create(unique_name("kd-far"))?;
+    let far = ProbeServer::start(
+        Some(&far_ns),
+        &stranger,
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), DB_PORT),
+    )?;
+    let in_pod = Probe::new().in_netns(&pod_ns).in_cgroup(container);
+    // The link works before the enforcer is judged on it (bounded retries while it comes
+    // up).
+    let to_rival = attempt("tcp", IpAddr::V6(rival), DB_PORT);
+    let mut last = None;
+    ensure!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            last = in_pod.run_one(&to_rival).ok();
+            last.as_ref().is_some_and(|r| r.outcome == Outcome::Ok)
+        }),
+        "without the enforcer the pod cannot reach the rival: {last:?}"
+    );
+    // (The server reports an accept after the client's connect returned: wait for it.)
+    far.accepted_at_least(1, WAIT);
+
+    let running = RunningAgent::start(&server, &node)?;
+    let agent = &running.agent;
+    // The agent knows all three: the rival is refused at connect, the friend is not.
+    ensure!(
+        wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            last = in_pod.run_one(&to_rival).ok();
+            last.as_ref().is_some_and(|r| r.outcome == Outcome::Eperm)
+        }),
+        "the rival was never refused at connect: {last:?}; status: {:#}\n{}",
+        agent.status().unwrap_or_default(),
+        agent.stderr_tail()
+    );
+    let to_friend = attempt("tcp", IpAddr::V6(friend), DB_PORT);
+    in_pod.expect_outcome(&to_friend, Outcome::Ok, "the pod calling its friend")?;
+    ensure!(
+        far.accepted_at_least(1, WAIT).len() == 1,
+        "the friend did not accept the pod"
+    );
+    let at_connect =
+        |e: &Value| e["destination"]["ip"] == rival.to_string() && e["hook"] == "connect6";
+    let rival_identity = agent
+        .wait_for(1, WAIT, at_connect)?
+        .into_iter()
+        .find(at_connect)
+        .context("the connect's event")?["destination"]["identity"]
+        .clone();
+
+    // The pod's own NAT sends what it addresses to the friend to the rival: allowed at
+    // connect (the friend), dropped as it leaves (the rival). TCP over IPv6 and IPv4, and
+    // a connected UDP socket's datagram.
+    let dnat = |tool: &str, protocol: &str, from: &str, port: u16, to: &str| {
+        pod_ns.exec(&[
+            tool,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            from,
+            "-p",
+            protocol,
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            to,
+        ])
+    };
+    dnat(
+        "ip6tables",
+        "tcp",
+        &friend.to_string(),
+        DB_PORT,
+        &format!("[{rival}]:{DB_PORT}"),
+    )?;
+    dnat(
+        "iptables",
+        "tcp",
+        &friend4.to_string(),
+        DB_PORT,
+        &format!("{rival4}:{DB_PORT}"),
+    )?;
+    // (One port for each datagram case, so that each one's events are told apart.)
+    for port in [DB_PORT, DB_PORT + 1] {
+        dnat(
+            "ip6tables",
+            "udp",
+            &friend.to_string(),
+            port,
+            &format!("[{rival}]:{port}"),
+        )?;
+    }
+    for (kind, from, to, protocol, port) in [
+        ("tcp", IpAddr::V6(friend), IpAddr::V6(rival), "tcp", DB_PORT),
+        (
+            "tcp",
+            IpAddr::V4(friend4),
+            IpAddr::V4(rival4),
+            "tcp",
+            DB_PORT,
+        ),
+        (
+            "udpc",
+            IpAddr::V6(friend),
+            IpAddr::V6(rival),
+            "udp",
+            DB_PORT,
+        ),
+        // A datagram of an unconnected socket (`sendto`).
+        (
+            "udp",
+            IpAddr::V6(friend),
+            IpAddr::V6(rival),
+            "udp",
+            DB_PORT + 1,
+        ),
+    ] {
+        let call = attempt(kind, from, port);
+        let r = in_pod.run_one(&call)?;
+        ensure!(r.outcome != Outcome::Ok, "{call} rewritten to {to}: {r:?}");
+        let rewritten = |e: &Value| {
+            e["hook"] == "egress"
+                && e["destination"]["ip"] == to.to_string()
+                && e["destination"]["protocol"] == protocol
+                && e["destination"]["port"] == port
+        };
+        let dropped = dropped_as_it_leaves(agent, rewritten)?;
+        for e in &dropped {
+            ensure!(
+                e["reason"] == "tenant_mismatch"
+                    && e["verdict"] == "deny"
+                    && e["destination"]["tenant"] == "globex"
+                    && e["subject"]["tenant"] == "acme",
+                "{call}: {e}"
+            );
+        }
+        if to == IpAddr::V6(rival) {
+            ensure!(
+                dropped[0]["destination"]["identity"] == rival_identity,
+                "{}",
+                dropped[0]
+            );
+        }
+    }
+    let accepted = far.accepted();
+    ensure!(
+        accepted.is_empty(),
+        "the rival accepted the pod's rewritten connect: {accepted:?}"
+    );
+
+    // A rewrite to what the pod may call anyway (the friend, at another port the friend's
+    // tenant opens) passes.
+    dnat(
+        "ip6tables",
+        "tcp",
+        &friend.to_string(),
+        80,
+        &format!("[{friend}]:{DB_PORT}"),
+    )?;
+    in_pod.expect_outcome(
+        &attempt("tcp", IpAddr::V6(friend), 80),
+        Outcome::Ok,
+        "the pod's call rewritten to its friend's other port",
+    )?;
+    ensure!(
+        far.accepted_at_least(1, WAIT).len() == 1,
+        "the friend did not accept the rewritten call"
+    );
+
+    drop(far);
     drop(cgroups);
     Ok(())
 }

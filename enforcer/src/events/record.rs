@@ -247,11 +247,13 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             Vec::new(),
             atlas_ids(&["AML.T0073", "AML.T0085.000"]),
         ),
+        // A packet to loopback leaving the namespace through a device: the kernel's own
+        // rule, the localhost-reaching trick of CVE-2020-8558. (A packet the pod's netfilter
+        // sent elsewhere is judged by the policy, `egress` with its reasons: attributed
+        // below like any call.)
+        reason::MARTIAN_DESTINATION => ("martian-destination".to_string(), Vec::new(), Vec::new()),
         // An address of another identity bound, used as a datagram's source, or answered by
         // a wildcard listener of another cgroup: the kernel's own rule, an impersonation.
-        // A packet to loopback leaving the namespace through a device: the kernel's own
-        // rule, the localhost-reaching trick of CVE-2020-8558.
-        reason::MARTIAN_DESTINATION => ("martian-destination".to_string(), Vec::new(), Vec::new()),
         reason::FOREIGN_ADDRESS => (
             "foreign-address".to_string(),
             Vec::new(),
