@@ -924,30 +924,37 @@ fn a_pod_rewriting_its_destination_is_judged_at_the_translated_address() -> Resu
 
     let running = RunningAgent::start(&server, &node)?;
     let agent = &running.agent;
-    // The agent knows all three: the rival is refused at connect, the friend is not.
+    // The agent knows all three: the rival is refused at connect for its tenant (not as an
+    // unknown subject or address, as before the first list), the friend is not.
+    let for_its_tenant = |e: &Value| {
+        e["destination"]["ip"] == rival.to_string()
+            && e["hook"] == "connect6"
+            && e["reason"] == "tenant_mismatch"
+    };
     ensure!(
         wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
             last = in_pod.run_one(&to_rival).ok();
             last.as_ref().is_some_and(|r| r.outcome == Outcome::Eperm)
+                && agent
+                    .verdict_events()
+                    .is_ok_and(|events| events.iter().any(for_its_tenant))
         }),
-        "the rival was never refused at connect: {last:?}; status: {:#}\n{}",
+        "the rival was never refused at connect for its tenant: {last:?}; status: {:#}\n{}",
         agent.status().unwrap_or_default(),
         agent.stderr_tail()
     );
+    let rival_identity = agent
+        .verdict_events()?
+        .into_iter()
+        .find(for_its_tenant)
+        .context("the connect's event")?["destination"]["identity"]
+        .clone();
     let to_friend = attempt("tcp", IpAddr::V6(friend), DB_PORT);
     in_pod.expect_outcome(&to_friend, Outcome::Ok, "the pod calling its friend")?;
     ensure!(
         far.accepted_at_least(1, WAIT).len() == 1,
         "the friend did not accept the pod"
     );
-    let at_connect =
-        |e: &Value| e["destination"]["ip"] == rival.to_string() && e["hook"] == "connect6";
-    let rival_identity = agent
-        .wait_for(1, WAIT, at_connect)?
-        .into_iter()
-        .find(at_connect)
-        .context("the connect's event")?["destination"]["identity"]
-        .clone();
 
     // The pod's own NAT sends what it addresses to the friend to the rival: allowed at
     // connect (the friend), dropped as it leaves (the rival). TCP over IPv6 and IPv4, and

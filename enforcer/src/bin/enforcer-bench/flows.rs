@@ -35,6 +35,10 @@ use crate::{median, own_cgroup, percentile, pin_to_cpu, reset_on_close, NAME_PRE
 /// untracked destination.
 const VECTORS: Ipv4Addr = Ipv4Addr::new(127, 93, 0, 10);
 const PLAIN: Ipv4Addr = Ipv4Addr::new(127, 93, 0, 11);
+/// The device part's two ends: each in a network namespace of the benchmark's own, joined by
+/// a veth pair (unique local addresses, RFC 4193), so that packets leave through a device.
+const FAR_CLIENT: &str = "fd93::1";
+const FAR_SERVER: &str = "fd93::2";
 /// Connect latency, bulk transfer, and the held connections of the revocation part.
 const LATENCY_PORT: u16 = 6333;
 const BULK_PORT: u16 = 6334;
@@ -91,6 +95,11 @@ endpoints:
     kind: llm_api
     ips: [{PLAIN}/32]
     ports: {ports}
+  - name: bench-far
+    tenant: acme
+    kind: llm_api
+    ips: [{FAR_SERVER}/128]
+    ports: {ports}
 "#
     )
 }
@@ -103,6 +112,8 @@ struct Bed {
     /// Parents first.
     cgroups: Vec<PathBuf>,
     workdir: PathBuf,
+    /// The device part's network namespaces (deleting one deletes its end of the veth).
+    netns: Vec<String>,
 }
 
 impl Drop for Bed {
@@ -125,6 +136,9 @@ impl Drop for Bed {
             let _ = std::fs::remove_dir(cgroup);
         }
         let _ = std::fs::remove_dir_all(&self.workdir);
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 
@@ -235,6 +249,7 @@ pub fn flows_bench(options: &FlowOptions) -> Result<()> {
         home_cgroup: own_cgroup(&mount)?,
         cgroups: Vec::new(),
         workdir: std::env::temp_dir().join(format!("{NAME_PREFIX}flows-{pid}")),
+        netns: Vec::new(),
     };
     for cgroup in ["", "client", "other", "db"] {
         let path = parent.join(cgroup);
@@ -352,6 +367,7 @@ pub fn flows_bench(options: &FlowOptions) -> Result<()> {
     latency_part(&mut bed, &parent, rounds, connects, on, off, &mut tail)?;
     bulk_part(rounds)?;
     revocation_part(&mut bed, &bundle, &client_cg, &other_cg, &held, &mut tail)?;
+    device_part(&mut bed, &parent, &client_cg, rounds, connects)?;
     std::io::stdout().flush()?;
     Ok(())
 }
@@ -822,5 +838,203 @@ fn raise_fd_limit(want: u64) -> Result<()> {
         "{want} file descriptors needed, the hard limit allows {}",
         limit.rlim_max
     );
+    Ok(())
+}
+
+/// Runs `ip ARGS`.
+fn ip(args: &[&str]) -> Result<()> {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    ensure!(status.success(), "ip {}: {status}", args.join(" "));
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace `name` (`ip netns` names it under
+/// /run/netns); its sockets made afterwards live there.
+fn enter_netns(name: &str) -> Result<()> {
+    let ns = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening network namespace {name}"))?;
+    // SAFETY: setns(2) on a valid namespace descriptor; it changes only this thread.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    ensure!(
+        rc == 0,
+        "setns into {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// What `skb_egress` (and every other program attached to the subtree) costs off loopback:
+/// the client (in the subtree, in a network namespace of its own) connects to and sends
+/// bulk data to a server (outside the subtree) in another namespace through a veth pair, so
+/// that every packet leaves through a device and `skb_egress` reads its socket's destination
+/// and compares it with the packet's. Loopback packets (every other part) leave it after
+/// two context loads.
+fn device_part(
+    bed: &mut Bed,
+    parent: &Path,
+    client_cg: &Path,
+    rounds: usize,
+    connects: usize,
+) -> Result<()> {
+    let pid = std::process::id();
+    let (client_ns, server_ns) = (
+        format!("{NAME_PREFIX}c{pid}"),
+        format!("{NAME_PREFIX}s{pid}"),
+    );
+    // Interface names: at most 15 bytes.
+    let (client_dev, server_dev) = (format!("ebc{pid}"), format!("ebs{pid}"));
+    for ns in [&client_ns, &server_ns] {
+        ip(&["netns", "add", ns])?;
+        bed.netns.push(ns.clone());
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    ip(&[
+        "-n",
+        &client_ns,
+        "link",
+        "add",
+        &client_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &server_dev,
+        "netns",
+        &server_ns,
+    ])?;
+    for (ns, dev, addr) in [
+        (&client_ns, &client_dev, FAR_CLIENT),
+        (&server_ns, &server_dev, FAR_SERVER),
+    ] {
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+
+    // The servers are made outside the subtree (the benchmark's own cgroup): only the
+    // client's programs run.
+    bed.join(&bed.home_cgroup.clone())?;
+    let server_ns_name = server_ns.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let listeners = enter_netns(&server_ns_name).and_then(|()| {
+            let at = |port| SocketAddr::new(FAR_SERVER.parse().expect("an address"), port);
+            Ok((
+                TcpListener::bind(at(LATENCY_PORT))?,
+                TcpListener::bind(at(BULK_PORT))?,
+            ))
+        });
+        let (latency, bulk) = match listeners {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        pin_to_cpu(1);
+        std::thread::spawn(move || {
+            for stream in bulk.incoming().flatten() {
+                let _ = bulk_sink(stream);
+            }
+        });
+        for stream in latency.incoming() {
+            drop(stream);
+        }
+    });
+    ready_rx
+        .recv()
+        .context("the device part's server thread ended")??;
+    bed.join(client_cg)?;
+
+    let ids = attached_ids(parent);
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling kernel.bpf_stats_enabled")?;
+    let client_ns_name = client_ns.clone();
+    let measured = std::thread::spawn(move || -> Result<_> {
+        enter_netns(&client_ns_name)?;
+        pin_to_cpu(0);
+        let target = SocketAddr::new(FAR_SERVER.parse()?, LATENCY_PORT);
+        // The link is up once one connect passes (bounded: 2 s each, 10 tries).
+        let mut last = None;
+        for _ in 0..10 {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        if let Some(e) = last {
+            bail!("the client cannot reach {target} through the veth: {e}");
+        }
+        let before = program_stats(&ids)?;
+        let latencies = crate::connect_latencies(target, rounds * connects)?;
+        let after_connects = program_stats(&ids)?;
+        let mut bulk = TcpStream::connect(SocketAddr::new(FAR_SERVER.parse()?, BULK_PORT))?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let bytes = BULK_BYTES / 2;
+        let started = Instant::now();
+        bulk.write_all(&(bytes as u64).to_be_bytes())?;
+        for _ in 0..bytes / chunk.len() {
+            bulk.write_all(&chunk)?;
+        }
+        let mut ack = [0u8; 1];
+        bulk.read_exact(&mut ack)?;
+        let rate = bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
+        let after_bulk = program_stats(&ids)?;
+        reset_on_close(&bulk);
+        Ok((latencies, before, after_connects, after_bulk, rate))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the device part's client thread panicked"))??;
+    drop(stats);
+    let (mut latencies, before, after_connects, after_bulk, rate) = measured;
+
+    println!(
+        "
+## Off loopback: every program attached to the subtree, per packet through a veth (load average {})
+",
+        uptime()
+    );
+    println!(
+        "{} connects, then one transfer of {} MiB ({rate:.0} MiB/s), from a client in the \
+         subtree (its own network namespace) to a server outside it (another namespace); \
+         connect() median {:.1} us:\n",
+        rounds * connects,
+        BULK_BYTES >> 21,
+        median(&mut latencies)
+    );
+    println!("| program | connects: runs | ns per run | bulk: runs | ns per run |\n|---|---|---|---|---|");
+    for (name, (time, runs)) in &after_bulk {
+        let (t0, r0) = before.get(name).copied().unwrap_or_default();
+        let (t1, r1) = after_connects.get(name).copied().unwrap_or_default();
+        let per_run = |t: Duration, r: u64| t.as_nanos() as f64 / r.max(1) as f64;
+        if runs - r0 == 0 {
+            continue;
+        }
+        println!(
+            "| {name} | {} | {:.0} | {} | {:.0} |",
+            r1 - r0,
+            per_run(t1 - t0, r1 - r0),
+            runs - r1,
+            per_run(*time - t1, runs - r1)
+        );
+    }
     Ok(())
 }
