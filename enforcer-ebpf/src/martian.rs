@@ -14,9 +14,10 @@
 //!
 //! A rewritten destination (the policy's own reasons). The hooks judge the address a
 //! workload dials; its namespace's netfilter (a `DNAT` in `OUTPUT`) or a source route can
-//! send the packet elsewhere. A packet whose destination differs from its socket's connected
-//! one, and any datagram of an unconnected socket (whose `sendmsg` judged an address the
-//! packet no longer shows), is judged again where it goes, as a connect would be.
+//! send the packet elsewhere. A connected socket's packet whose destination differs from the
+//! socket's is judged again where it goes, as a connect would be. (An unconnected socket's
+//! datagrams are not: a socket-level load balancer rewrites them legitimately, see
+//! `egress`.)
 //!
 //! At `cgroup_skb/egress` the output device is known (`__sk_buff::ifindex`) and the
 //! destination is the one on the wire, after any rewrite by netfilter. In the node's
@@ -36,12 +37,12 @@ use enforcer_common::{flags, hook, identity, proto, reason, verdict};
 use crate::{
     count, is_loopback, locked, six_or_mapped,
     skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
-    Destination, AF_INET, AF_INET6, FAMILY_V4, FAMILY_V6, ZERO_WORD,
+    Destination, AF_INET, AF_INET6, FAMILY_V4, ZERO_WORD,
 };
 
-/// The program's verdict on one outgoing packet: every packet through `lo`, every packet that
-/// goes where its socket's connect was judged, and every datagram of an unconnected socket
-/// that the policy permits where it goes, passes.
+/// The program's verdict on one outgoing packet: every packet through `lo`, and every packet
+/// of a pod that goes where its socket's connect was judged, or that the policy permits
+/// where it goes, passes.
 #[inline(always)]
 pub fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *const __sk_buff = ctx.skb.skb;
@@ -61,29 +62,23 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     // Plain values with sentinels, no `Option`s with payloads: LLVM fills the payload of a
     // `None` with whatever register it likes, and the verifier rejects reading that register
     // uninitialised.
-    let (to, port) = connected_destination(ctx);
-    let connected = port != NOT_CONNECTED;
+    let (to, port, connected) = connected_destination(ctx);
     let martian = is_loopback(&packet.dst) || (connected && is_loopback(&to));
-    // The port is compared where the packet shows it (its transport header right after the
-    // IP header): an IPv6 extension header hides it, and then only the address is. A
-    // datagram of an unconnected socket has nothing to compare with (`sendmsg` judged the
-    // address the caller gave, which the packet no longer shows): each is judged again. So
-    // is any other packet of a socket with no remote port that is not TCP (a ping or raw
-    // socket made before the programs attached); a TCP one is a listener's handshake reply.
+    // A connected socket's packet that goes to another address or port (the port read where
+    // the transport header follows the IP header). One whose port the packet hides (an IPv6
+    // extension header, with `CAP_NET_RAW` for most) is judged too, at port 0, which only an
+    // any-port permit opens: a rewrite of its port could not be seen. An unconnected
+    // socket's datagrams are not compared: `sendmsg` judged the address the caller gave, and
+    // a socket-level load balancer (Cilium's, Calico's eBPF, whose programs run after ours)
+    // may rewrite it before the packet is made, to a backend or a node-local DNS cache this
+    // check would refuse; a pod's own `DNAT` of a datagram is not seen (README).
     let translated = !martian
-        && if connected {
-            !same_address(&to, &packet.dst) || (packet.dport != NO_PORT && packet.dport != port)
-        } else {
-            packet.protocol != proto::TCP
-        };
+        && connected
+        && (!same_address(&to, &packet.dst) || packet.dport == NO_PORT || packet.dport != port);
     if !martian && !translated {
         return PASS;
     }
-    let dport = if packet.dport != NO_PORT {
-        packet.dport
-    } else {
-        port
-    };
+    let dport = packet.dport;
     // SAFETY: the skb pointer is the program's context (the sending socket's).
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     // Only a pod in its own namespace (the allowance's scope, and the only place where a
@@ -100,22 +95,18 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     let Some(info) = locked::identity_info(subject, slot_b) else {
         return PASS;
     };
-    if info.flags & (flags::OWN_NETNS | flags::SHARED_NETNS) != flags::OWN_NETNS {
+    if info.flags & (flags::OWN_NETNS | flags::SHARED_NETNS) != flags::OWN_NETNS
+        || info.flags & flags::EXEMPT != 0
+    {
         return PASS;
     }
     let (destination, reason, audit) = if martian {
         (identity::WORLD, reason::MARTIAN_DESTINATION, global_audit)
     } else {
         // The connect judged the address the socket holds; the packet goes to another one
-        // (the pod's own `DNAT`, with `NET_ADMIN`; a source route's first hop), or it is a
-        // datagram whose address `sendmsg` judged before any rewrite: judged again, as
-        // `decide` would judge a connect to it.
+        // (the pod's own `DNAT`, with `NET_ADMIN`; a source route's first hop): judged
+        // again, as `decide` would judge a connect to it.
         let audit = global_audit || info.flags & flags::AUDIT != 0;
-        if !connected && audit {
-            // Audit mode drops nothing, and `sendmsg` has reported each would-deny
-            // datagram already: another event for most of them would only be a copy.
-            return PASS;
-        }
         let destination = crate::lookup_destination(&packet.dst);
         if info.flags & flags::QUARANTINED != 0 {
             (destination, reason::QUARANTINED, false)
@@ -163,23 +154,21 @@ fn same_address(a: &Destination, b: &Destination) -> bool {
         && a.addr[3] == b.addr[3]
 }
 
-/// `connected_destination`'s port of a socket that is not a connected TCP or UDP one.
-const NOT_CONNECTED: u16 = 0;
 /// `Packet::dport` when the packet does not show it.
 const NO_PORT: u16 = 0;
 /// The fragment offset bits of IPv4's flags and fragment offset field.
 const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
-/// The remote address and port (host order) of the packet's socket when it is a connected
-/// one (an IPv4-mapped address as its IPv4 one); port `NOT_CONNECTED` for no socket or an
-/// unconnected one (a listener's SYN-ACK comes from the listener, whose remote address is
-/// unset; an unconnected datagram socket's `sendmsg` was judged per datagram, and its
-/// packets are not compared). The socket's protocol is not read (the verifier gives this
-/// program only the `sock_common` view, which has none): every inet socket of the subtree
-/// is TCP or UDP (`sock_create` refuses the others), and one made before the programs
-/// attached (raw, ping) has no remote port.
+/// The remote address and port (host order) of the packet's socket (an IPv4-mapped address
+/// as its IPv4 one), and whether it is connected: a remote address or port is set (either
+/// alone counts: TCP connects to port 0, and a rewrite of such a connect must not pass as
+/// unconnected). Not connected: no socket, a listener (the kernel runs the program for a
+/// SYN-ACK with the listener, whose remote address is unset), an unconnected datagram
+/// socket. The socket's protocol is not read (the verifier gives this program only the
+/// `sock_common` view, which has none): every inet socket of the subtree is TCP or UDP
+/// (`sock_create` refuses the others).
 #[inline(always)]
-fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16) {
+fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16, bool) {
     let skb: *const __sk_buff = ctx.skb.skb;
     // SAFETY: one 8-byte context load; the socket pointer may be null (checked), and its
     // fields are readable on every socket the kernel hands in (`sock_common`, the full
@@ -192,15 +181,13 @@ fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16) {
                 addr: [ZERO_WORD; 4],
                 family: FAMILY_V4,
             },
-            NOT_CONNECTED,
+            0,
+            false,
         );
         if sk.is_null() {
             return none;
         }
         let port = u16::from_be(read_volatile(&(*sk).dst_port));
-        if port == NOT_CONNECTED {
-            return none;
-        }
         let to = match read_volatile(&(*sk).family) {
             AF_INET => Destination {
                 addr: [
@@ -219,7 +206,12 @@ fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16) {
             ]),
             _ => return none,
         };
-        (to, port)
+        let connected = port != 0
+            || to.addr[0] != ZERO_WORD
+            || to.addr[1] != ZERO_WORD
+            || to.addr[2] != ZERO_WORD
+            || to.addr[3] != ZERO_WORD;
+        (to, port, connected)
     }
 }
 
@@ -300,10 +292,8 @@ fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
 fn v6_packet(h: &[u8], dport: u16) -> Packet {
     let w = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     Packet {
-        dst: Destination {
-            addr: [w(24), w(28), w(32), w(36)],
-            family: FAMILY_V6,
-        },
+        // An IPv4-mapped destination as its IPv4 address, as the socket's is.
+        dst: six_or_mapped([w(24), w(28), w(32), w(36)]),
         dport,
         protocol: h[6],
     }

@@ -957,8 +957,10 @@ fn a_pod_rewriting_its_destination_is_judged_at_the_translated_address() -> Resu
     );
 
     // The pod's own NAT sends what it addresses to the friend to the rival: allowed at
-    // connect (the friend), dropped as it leaves (the rival). TCP over IPv6 and IPv4, and
-    // a connected UDP socket's datagram.
+    // connect (the friend), dropped as it leaves (the rival). TCP over IPv6 and IPv4, a
+    // connected UDP socket's datagram, and a TCP connect to port 0 (the kernel sends its
+    // SYN; a socket connected to port 0 once passed as unconnected), rewritten to the
+    // rival's other server.
     let dnat = |tool: &str, protocol: &str, from: &str, port: u16, to: &str| {
         pod_ns.exec(&[
             tool,
@@ -978,63 +980,87 @@ fn a_pod_rewriting_its_destination_is_judged_at_the_translated_address() -> Resu
             to,
         ])
     };
-    dnat(
-        "ip6tables",
-        "tcp",
-        &friend.to_string(),
-        DB_PORT,
-        &format!("[{rival}]:{DB_PORT}"),
+    let other_port = DB_PORT + 1;
+    let far_other = ProbeServer::start(
+        Some(&far_ns),
+        &stranger,
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), other_port),
     )?;
-    dnat(
-        "iptables",
-        "tcp",
-        &friend4.to_string(),
-        DB_PORT,
-        &format!("{rival4}:{DB_PORT}"),
-    )?;
-    // (One port for each datagram case, so that each one's events are told apart.)
-    for port in [DB_PORT, DB_PORT + 1] {
-        dnat(
+    let friend6 = friend.to_string();
+    for (tool, protocol, from, port, to) in [
+        (
+            "ip6tables",
+            "tcp",
+            friend6.as_str(),
+            DB_PORT,
+            format!("[{rival}]:{DB_PORT}"),
+        ),
+        (
+            "iptables",
+            "tcp",
+            &friend4.to_string(),
+            DB_PORT,
+            format!("{rival4}:{DB_PORT}"),
+        ),
+        (
             "ip6tables",
             "udp",
-            &friend.to_string(),
-            port,
-            &format!("[{rival}]:{port}"),
-        )?;
+            friend6.as_str(),
+            DB_PORT,
+            format!("[{rival}]:{DB_PORT}"),
+        ),
+        (
+            "ip6tables",
+            "tcp",
+            friend6.as_str(),
+            0,
+            format!("[{rival}]:{other_port}"),
+        ),
+    ] {
+        dnat(tool, protocol, from, port, &to)?;
     }
-    for (kind, from, to, protocol, port) in [
-        ("tcp", IpAddr::V6(friend), IpAddr::V6(rival), "tcp", DB_PORT),
+    for (kind, from, from_port, to, to_port, protocol) in [
+        (
+            "tcp",
+            IpAddr::V6(friend),
+            DB_PORT,
+            IpAddr::V6(rival),
+            DB_PORT,
+            "tcp",
+        ),
         (
             "tcp",
             IpAddr::V4(friend4),
-            IpAddr::V4(rival4),
-            "tcp",
             DB_PORT,
+            IpAddr::V4(rival4),
+            DB_PORT,
+            "tcp",
         ),
         (
             "udpc",
             IpAddr::V6(friend),
-            IpAddr::V6(rival),
-            "udp",
             DB_PORT,
-        ),
-        // A datagram of an unconnected socket (`sendto`).
-        (
-            "udp",
-            IpAddr::V6(friend),
             IpAddr::V6(rival),
+            DB_PORT,
             "udp",
-            DB_PORT + 1,
+        ),
+        (
+            "tcp",
+            IpAddr::V6(friend),
+            0,
+            IpAddr::V6(rival),
+            other_port,
+            "tcp",
         ),
     ] {
-        let call = attempt(kind, from, port);
+        let call = attempt(kind, from, from_port);
         let r = in_pod.run_one(&call)?;
         ensure!(r.outcome != Outcome::Ok, "{call} rewritten to {to}: {r:?}");
         let rewritten = |e: &Value| {
             e["hook"] == "egress"
                 && e["destination"]["ip"] == to.to_string()
                 && e["destination"]["protocol"] == protocol
-                && e["destination"]["port"] == port
+                && e["destination"]["port"] == to_port
         };
         let dropped = dropped_as_it_leaves(agent, rewritten)?;
         for e in &dropped {
@@ -1054,6 +1080,11 @@ fn a_pod_rewriting_its_destination_is_judged_at_the_translated_address() -> Resu
             );
         }
     }
+    let accepted = far_other.accepted();
+    ensure!(
+        accepted.is_empty(),
+        "the rival accepted the pod's rewritten connect to port 0: {accepted:?}"
+    );
     let accepted = far.accepted();
     ensure!(
         accepted.is_empty(),

@@ -14,7 +14,9 @@
 //! run time of every attached program per connect (`kernel.bpf_stats_enabled`); (2) bulk
 //! throughput over one established connection per setup; (3) revocation at 1,000 live tracked
 //! flows: from the write of a forbid file into the bundle (the agent looks every 500 ms) to
-//! the reset of the last client socket, for one forbidden flow of 1,000 and for all 1,000.
+//! the reset of the last client socket, for one forbidden flow of 1,000 and for all 1,000;
+//! (4) off loopback: every attached program's run time per packet when the packets leave
+//! through a device (a veth pair between two network namespaces of the benchmark's own).
 //!
 //! Everything made here (agent, cgroups, pins, the bundle directory) is removed at the end,
 //! also on error or panic; a killed run's cgroups and pins are removed by the next run.
