@@ -167,16 +167,46 @@ pub const METADATA_SERVICES: [&str; 8] = [
     "fd20:ce::254",
 ];
 
+/// The NAT64 well-known prefix, `64:ff9b::/96` (RFC 6052 2.1): an IPv4 address `a.b.c.d`
+/// is `64:ff9b::a.b.c.d` to an IPv6-only pod behind a translator.
+const NAT64_WELL_KNOWN: [u16; 6] = [0x64, 0xff9b, 0, 0, 0, 0];
+
+/// Every address of the [`METADATA_SERVICES`], and each IPv4 one also as the NAT64
+/// well-known prefix embeds it (`64:ff9b::a9fe:a9fe`): where a translator on the node (or a
+/// CNI's NAT46/64) passes non-global addresses, an IPv6-only pod reaches the metadata
+/// service there. (A network-specific prefix, RFC 6052's others, is the operator's: name it
+/// in the inventory.)
+pub fn metadata_addresses() -> impl Iterator<Item = IpAddr> {
+    METADATA_SERVICES.iter().flat_map(|m| {
+        let ip: IpAddr = m.parse().expect("a valid address");
+        let nat64 = match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                let [p0, p1, p2, p3, p4, p5] = NAT64_WELL_KNOWN;
+                Some(IpAddr::V6(std::net::Ipv6Addr::new(
+                    p0,
+                    p1,
+                    p2,
+                    p3,
+                    p4,
+                    p5,
+                    u16::from_be_bytes([a, b]),
+                    u16::from_be_bytes([c, d]),
+                )))
+            }
+            IpAddr::V6(_) => None,
+        };
+        std::iter::once(ip).chain(nat64)
+    })
+}
+
 /// Whether a node may have `ip` as its address: not unspecified, multicast, broadcast,
 /// link-local or one of the [`METADATA_SERVICES`]: a kubelet or a Node's status that reports
 /// one (compromised, or misconfigured) must not turn that address into a node on every
 /// agent, where a `Node` permit would open it. Loopback is kept: on a test host every node
 /// address is one.
 pub fn node_address_usable(ip: &IpAddr) -> bool {
-    if METADATA_SERVICES
-        .iter()
-        .any(|m| m.parse::<IpAddr>().ok().as_ref() == Some(ip))
-    {
+    if metadata_addresses().any(|m| m == *ip) {
         return false;
     }
     match ip {

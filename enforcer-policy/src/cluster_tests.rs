@@ -1913,6 +1913,11 @@ fn node_addresses_are_host_and_remote_node_never_world() {
         ("169.254.170.23", "unidentified"),  // EKS Pod Identity
         ("fd00:ec2::254", "unidentified"),   // AWS IMDS over IPv6
         ("100.100.100.200", "unidentified"), // Alibaba Cloud
+        // The same through a NAT64 translator (the well-known prefix), the inventory's
+        // `imds` included: it names the IPv4 address only.
+        ("64:ff9b::a9fe:a9fe", "unidentified"),
+        ("64:ff9b::a9fe:aa17", "unidentified"),
+        ("64:ff9b::6464:64c8", "unidentified"),
         ("127.0.0.1", "world"),
     ] {
         assert_eq!(owner(addr), want, "{addr}");

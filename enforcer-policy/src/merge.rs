@@ -922,9 +922,8 @@ pub(crate) fn merge<'a>(
             .copied()
             .collect();
         unidentified.extend(
-            crate::cluster::METADATA_SERVICES
-                .iter()
-                .map(|a| host_net(a.parse().expect("a valid address")))
+            crate::cluster::metadata_addresses()
+                .map(host_net)
                 .filter(|net| !claimed.contains(net) && inv_nets.exact(net).is_none()),
         );
     }
@@ -1194,7 +1193,7 @@ fn node_addresses<'a>(
 /// link-local destination is on the pod's own link, so it is the node (the veth peer, the
 /// kubelet listening on every address, node-local DNS at `169.254.20.10`) or what the node's
 /// route leads to there: a cloud's instance metadata service at `169.254.169.254`, which
-/// [`crate::cluster::METADATA_SERVICES`] makes UNIDENTIFIED. Never World, which a policy may open. An
+/// [`crate::cluster::metadata_addresses`] makes UNIDENTIFIED (with its NAT64 form). Never World, which a policy may open. An
 /// inventory host entry inside them is more specific and wins; an inventory network equal to
 /// one keeps it. The loopback
 /// networks stay World's: a pod's `127.0.0.1` is its own.
