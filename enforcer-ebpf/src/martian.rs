@@ -36,7 +36,10 @@ use enforcer_common::{flags, hook, identity, proto, reason, verdict};
 
 use crate::{
     count, is_loopback, locked, six_or_mapped,
-    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
+    skb::{
+        load, skip_extension_headers, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER,
+        LOOPBACK_IFINDEX, PASS,
+    },
     Destination, AF_INET, AF_INET6, FAMILY_V4, ZERO_WORD,
 };
 
@@ -64,10 +67,10 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     // uninitialised.
     let (to, port, connected) = connected_destination(ctx);
     let martian = is_loopback(&packet.dst) || (connected && is_loopback(&to));
-    // A connected socket's packet that goes to another address or port (the port read where
-    // the transport header follows the IP header). One whose port the packet hides (an IPv6
-    // extension header, with `CAP_NET_RAW` for most) is judged too, at port 0, which only an
-    // any-port permit opens: a rewrite of its port could not be seen. An unconnected
+    // A connected socket's packet that goes to another address or port (the port read after
+    // IPv4 options or known IPv6 extension headers). One whose port stays hidden (ESP, more
+    // extension headers than the walk's bound) is judged too, at port 0 with its IP
+    // protocol, which no permit opens: a rewrite of its port could not be seen. An unconnected
     // socket's datagrams are not compared: `sendmsg` judged the address the caller gave, and
     // a socket-level load balancer (Cilium's, Calico's eBPF, whose programs run after ours)
     // may rewrite it before the packet is made, to a backend or a node-local DNS cache this
@@ -86,7 +89,9 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     // devices by design (kube-proxy's NodePorts and the CNI's hostPorts on `127.0.0.1`,
     // DNATed in `OUTPUT` with `route_localnet`; a VRF's loopback is its master device), and
     // kube-proxy's `OUTPUT` DNAT of a Service's address is how a `hostNetwork` pod reaches
-    // its backends. One lookup, on these rare paths only.
+    // its backends. One lookup, on these rare paths only. A socket of no known identity
+    // passes: unlike `decide`, this is no place to fail closed, since its connect was refused
+    // already (an unknown subject's), and its cgroup mapped away since is not news.
     let Some(subject) = locked::subject_of(cgroup_id) else {
         return PASS;
     };
@@ -164,9 +169,8 @@ const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 /// alone counts: TCP connects to port 0, and a rewrite of such a connect must not pass as
 /// unconnected). Not connected: no socket, a listener (the kernel runs the program for a
 /// SYN-ACK with the listener, whose remote address is unset), an unconnected datagram
-/// socket. The socket's protocol is not read (the verifier gives this program only the
-/// `sock_common` view, which has none): every inet socket of the subtree is TCP or UDP
-/// (`sock_create` refuses the others).
+/// socket. Only `sock_common` fields are read: the remote address and port mean the same
+/// for every protocol.
 #[inline(always)]
 fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16, bool) {
     let skb: *const __sk_buff = ctx.skb.skb;
@@ -219,11 +223,10 @@ fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16, bool) {
 struct Packet {
     /// Address words in memory order (as `DenyEvent::daddr`).
     dst: Destination,
-    /// The destination port (host order) of a TCP or UDP packet whose transport header
-    /// follows the IP header directly; `NO_PORT` otherwise (IPv6 extension headers are not
-    /// walked; no listener has port 0).
+    /// The destination port (host order) of a TCP or UDP packet; `NO_PORT` where the packet
+    /// hides it (another protocol, ESP, more IPv6 extension headers than are stepped over).
     dport: u16,
-    /// IPv4's protocol, IPv6's fixed header's next header.
+    /// IPv4's protocol; IPv6's header after the extension headers stepped over.
     protocol: u8,
 }
 
@@ -279,22 +282,33 @@ fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
     }
     if ethertype == ETH_P_IPV6 {
         if let Some(h) = load::<[u8; IPV6_HEADER + 4]>(ctx, 0) {
-            return Some(v6_packet(&h, port(h[6], &h[IPV6_HEADER..])));
+            if h[6] == proto::TCP || h[6] == proto::UDP {
+                return Some(v6_packet(&h, h[6], port(h[6], &h[IPV6_HEADER..])));
+            }
         }
+        // Extension headers (or a packet shorter than a header and four bytes): stepped
+        // over, since the kernel puts one on every IPv6 BIG TCP packet (a hop-by-hop jumbo
+        // header, on GSO packets over 64 KiB).
         let h: [u8; IPV6_HEADER] = load(ctx, 0)?;
-        return Some(v6_packet(&h, NO_PORT));
+        let (next, l4) = skip_extension_headers(ctx, h[6], IPV6_HEADER);
+        let dport = match load::<[u8; 4]>(ctx, l4) {
+            Some(ports) => port(next, &ports),
+            None => NO_PORT,
+        };
+        return Some(v6_packet(&h, next, dport));
     }
     None
 }
 
-/// An IPv6 packet from its fixed header (`h`, at least its 40 bytes) and its port.
+/// An IPv6 packet from its fixed header (`h`, at least its 40 bytes), the header after its
+/// extension headers (`protocol`) and its port.
 #[inline(always)]
-fn v6_packet(h: &[u8], dport: u16) -> Packet {
+fn v6_packet(h: &[u8], protocol: u8, dport: u16) -> Packet {
     let w = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     Packet {
         // An IPv4-mapped destination as its IPv4 address, as the socket's is.
         dst: six_or_mapped([w(24), w(28), w(32), w(36)]),
         dport,
-        protocol: h[6],
+        protocol,
     }
 }

@@ -26,3 +26,43 @@ pub const DROP: i32 = 0;
 pub fn load<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
     ctx.load::<T>(offset).ok()
 }
+
+/// IPv6 extension headers [`skip_extension_headers`] steps over: hop-by-hop options 0 (the
+/// kernel's own BIG TCP jumbo header among them), routing 43, destination options 60 and
+/// the authentication header 51 (RFC 8200 4.3-4.6, RFC 4302 2).
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const DESTINATION_OPTIONS: u8 = 60;
+const AUTHENTICATION: u8 = 51;
+/// How many extension headers are stepped over at most (a bound for the verifier; the
+/// kernel's own packets carry one at most: BIG TCP's hop-by-hop header).
+const MAX_EXTENSION_HEADERS: usize = 3;
+
+/// The header that follows IPv6 extension headers: from `next` at `offset`, steps over up
+/// to `MAX_EXTENSION_HEADERS` of those it knows (each names the next and gives its length
+/// in its second byte) and returns the first other one's type and offset (ESP, a fragment
+/// header, a transport header, or an unknown one, or where a header could not be read).
+#[inline(always)]
+pub fn skip_extension_headers(ctx: &SkBuffContext, next: u8, offset: usize) -> (u8, usize) {
+    let (mut next, mut offset) = (next, offset);
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        if !matches!(
+            next,
+            HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS | AUTHENTICATION
+        ) {
+            break;
+        }
+        let Some([following, length]) = load::<[u8; 2]>(ctx, offset) else {
+            break;
+        };
+        offset += if next == AUTHENTICATION {
+            // In 4-octet units, less 2 (RFC 4302 2.2).
+            (length as usize + 2) * 4
+        } else {
+            // In 8-octet units, less the first 8 octets (RFC 8200 4.3).
+            (length as usize + 1) * 8
+        };
+        next = following;
+    }
+    (next, offset)
+}

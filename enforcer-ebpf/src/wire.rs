@@ -46,7 +46,10 @@ use enforcer_common::{
 
 use crate::{
     count, locked, lookup_address, lookup_destination, policy_hit,
-    skb::{load, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER, LOOPBACK_IFINDEX, PASS},
+    skb::{
+        load, skip_extension_headers, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER,
+        LOOPBACK_IFINDEX, PASS,
+    },
     Destination, BPF_F_NO_PREALLOC, CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY,
     ZERO_WORD,
 };
@@ -661,11 +664,19 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
             addr: w,
             family: FAMILY_V6,
         };
-        // Only a TCP header right after the fixed header is read (walking the chain would cost
-        // the verifier a branch per step). A SYN behind extension headers must not pass for
-        // "not a SYN": such a packet is handed to the check as a hidden one, which fails
-        // closed. Other next headers (UDP, ICMPv6) are not TCP connection attempts.
-        if is_extension_header(ip[6]) {
+        // The extension headers the kernel itself puts on packets (a BIG TCP GRO packet's
+        // hop-by-hop jumbo header, on every one over 64 KiB) are stepped over, so that such
+        // a packet of an established flow is not taken for a SYN, and a SYN behind them is
+        // read as what it is. A SYN behind one that is not stepped over (ESP, a fragment
+        // header, more than the walk's bound) must not pass for "not a SYN": it is handed
+        // to the check as a hidden one, which fails closed. Other next headers (UDP,
+        // ICMPv6) are not TCP connection attempts.
+        let (next, l4) = if is_extension_header(ip[6]) {
+            skip_extension_headers(ctx, ip[6], IPV6_HEADER)
+        } else {
+            (ip[6], IPV6_HEADER)
+        };
+        if is_extension_header(next) {
             return Some(Syn {
                 saddr: s,
                 daddr: d,
@@ -679,10 +690,10 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
                 options_end: 0,
             });
         }
-        if ip[6] != IPPROTO_TCP || !is_syn(ctx, IPV6_HEADER)? {
+        if next != IPPROTO_TCP || !is_syn(ctx, l4)? {
             return None;
         }
-        (IPV6_HEADER, s, d, v6(s), v6(d))
+        (l4, s, d, v6(s), v6(d))
     } else {
         return None;
     };

@@ -41,6 +41,8 @@ use serde_json::{json, Value};
 
 const NODE: &str = "kv-node";
 const DB_PORT: u16 = 6333;
+/// A bulk transfer's sink.
+const BULK_PORT: u16 = 6340;
 const TENANT: &str = "ai-enforcer.io/tenant";
 const KIND: &str = "ai-enforcer.io/kind";
 const INGRESS: &str = "ai-enforcer.io/ingress";
@@ -954,6 +956,42 @@ fn a_pod_rewriting_its_destination_is_judged_at_the_translated_address() -> Resu
     ensure!(
         far.accepted_at_least(1, WAIT).len() == 1,
         "the friend did not accept the pod"
+    );
+
+    // IPv6 BIG TCP (GSO packets over 64 KiB, as Cilium's `enable-ipv6-big-tcp` allows on a
+    // pod's veth): the kernel puts a hop-by-hop jumbo header between the IPv6 and the TCP
+    // header of each, and such a transfer to the friend passes whole, not judged again.
+    pod_ns.ip(&["link", "set", "dev", veth.dev_a(), "gso_max_size", "185000"])?;
+    let sink = far_ns
+        .run_in(|| std::net::TcpListener::bind(SocketAddr::new(IpAddr::V6(friend), BULK_PORT)))??;
+    let drained = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut stream, _) = sink.accept()?;
+        std::io::copy(&mut stream, &mut std::io::sink())
+    });
+    let r = in_pod.run_one(&attempt("tcpbulk", IpAddr::V6(friend), BULK_PORT))?;
+    // (Unblocks the sink's accept when the probe never connected.)
+    let _ = far_ns.run_in(|| {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddr::new(IpAddr::V6(friend), BULK_PORT),
+            Duration::from_millis(500),
+        )
+    });
+    let copied = drained
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sink panicked"))?;
+    ensure!(
+        r.outcome == Outcome::Ok && copied.as_ref().is_ok_and(|n| *n == 16 << 20),
+        "a bulk transfer with IPv6 BIG TCP: {r:?}, the sink took {copied:?}"
+    );
+    // (Dropped packets would have been retransmitted smaller: the events tell.)
+    let judged: Vec<Value> = agent
+        .settled_events(Duration::from_millis(1500), WAIT)?
+        .into_iter()
+        .filter(|e| e["hook"] == "egress")
+        .collect();
+    ensure!(
+        judged.is_empty(),
+        "the bulk transfer's packets were judged again: {judged:?}"
     );
 
     // The pod's own NAT sends what it addresses to the friend to the rival: allowed at

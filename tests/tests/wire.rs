@@ -894,24 +894,29 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     ensure!(out.success(), "quarantine release on node 2: {out}");
 
     // 6c. A SYN behind an IPv6 extension header (an empty Destination Options header) from
-    //     outside the cluster: the check cannot read its TCP header where it looks, so it is
-    //     refused as untagged (`missing_tag`, ports unknown), never passed as "not a SYN".
+    //     outside the cluster: the check steps over the header (as it must over the
+    //     hop-by-hop jumbo header of every BIG TCP packet) and judges the SYN as what it is,
+    //     untagged from WORLD: `not_allowed` at its real port, never passed as "not a SYN".
     raw_syn_with(&bed.n1, OUTSIDER, 45010, DB_PORT, &[2, 4, 0x05, 0xa0], true)?;
     let e = expect_ingress(
         &bed,
         1,
-        |e| e["reason"] == "missing_tag" && e["peer"]["ip"] == OUTSIDER,
+        |e| e["reason"] == "not_allowed" && e["peer"]["ip"] == OUTSIDER,
         "SYN behind a Destination Options header",
     )?;
     ensure!(e["verdict"] == "deny", "{e}");
+    ensure!(
+        e["peer"]["port"] == 45010 && e["destination"]["port"] == DB_PORT,
+        "{e}"
+    );
 
     // 7. An untagged peer the IP cache does not know is WORLD, judged by the policy on WORLD
     //    (none lets WORLD query the DB): not_allowed, not missing_tag.
     raw_syn(&bed.n1, OUTSIDER, 45008, &[2, 4, 0x05, 0xa0])?;
     let e = expect_ingress(
         &bed,
-        2,
-        |e| e["reason"] == "not_allowed",
+        1,
+        |e| e["reason"] == "not_allowed" && e["peer"]["port"] == 45008,
         "untagged SYN from outside",
     )?;
     ensure!(

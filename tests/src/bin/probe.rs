@@ -2,7 +2,9 @@
 //!
 //! ATTEMPT is `tcp:ADDR:PORT` (TCP connect, 2 s timeout; `tcprst:` closes it with a reset,
 //! `tcpwait:` waits 120 s, `tcpsyn:` sends the SYN without waiting and closes the socket,
-//! `tcpagain:` connects first to the port plus one, refused, then the same socket again),
+//! `tcpagain:` connects first to the port plus one, refused, then the same socket again,
+//! `tcpbulk:` sends 16 MiB in 1 MiB writes, shuts its side down and waits for the server to
+//! close, each step within 10 s: ok only when every byte was taken),
 //! `udp:ADDR:PORT` (unconnected `sendto` of one byte: the sendmsg hooks) or `udpc:ADDR:PORT`
 //! (UDP connect then send: the connect hooks). IPv6 as `tcp:[fd00::1]:80`. `tcp`, `udp` and `udpc` take an optional
 //! source to bind first: `tcp:0.0.0.0:80@127.1.2.3` (port 0). Socket kinds the sock_addr hooks
@@ -76,6 +78,8 @@ enum Kind {
     /// TCP connect, then close with a reset (`SO_LINGER` 0): the server's socket goes to
     /// TCP CLOSE at once, whatever the server does.
     TcpReset,
+    /// TCP connect, 16 MiB sent, the server's close awaited (`bulk_send`).
+    TcpBulk,
     /// TCP connect to the port plus one (refused), then the same socket to the port.
     TcpAgain,
     /// TCP connect that waits up to 120 s (SYN retransmissions at 1, 3, 7, 15, 31 and 63 s).
@@ -128,6 +132,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
     let kind = match kind {
         "tcp" => Kind::Tcp,
         "tcprst" => Kind::TcpReset,
+        "tcpbulk" => Kind::TcpBulk,
         "tcpwait" => Kind::TcpWait,
         "tcpagain" => Kind::TcpAgain,
         "tcpsyn" => Kind::TcpAbandon,
@@ -146,7 +151,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "udpcsrc" => Kind::UdpConnectedPktinfo,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, tcprst, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, tcpbulk, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -619,6 +624,7 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
                 other => other,
             }
         }
+        Kind::TcpBulk => bulk_send(addr),
         Kind::TcpReset => {
             let stream = TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT)?;
             let linger = libc::linger {
@@ -1038,4 +1044,22 @@ fn until(args: &[String]) -> Result<serde_json::Value, String> {
         }
         std::thread::sleep(Duration::from_millis(every));
     }
+}
+
+/// `tcpbulk:`: 16 MiB through one connection (large writes, so that the kernel makes its
+/// largest GSO packets), then the server's close; any step slower than 10 s is an error.
+fn bulk_send(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let step = Duration::from_secs(10);
+    let mut stream = TcpStream::connect_timeout(&addr, TCP_CONNECT_TIMEOUT)?;
+    stream.set_write_timeout(Some(step))?;
+    stream.set_read_timeout(Some(step))?;
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..16 {
+        stream.write_all(&chunk)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    Ok(())
 }
