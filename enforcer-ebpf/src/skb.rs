@@ -34,8 +34,10 @@ const HOP_BY_HOP: u8 = 0;
 const ROUTING: u8 = 43;
 const DESTINATION_OPTIONS: u8 = 60;
 const AUTHENTICATION: u8 = 51;
-/// How many extension headers are stepped over at most (a bound for the verifier; the
-/// kernel's own packets carry one at most: BIG TCP's hop-by-hop header).
+/// How many extension headers are stepped over at most (a bound for the verifier). The
+/// kernel adds one of its own (BIG TCP's hop-by-hop jumbo header); a socket's sticky options
+/// can add up to four more, and a packet with more than the bound is what its caller treats
+/// as hiding its transport header.
 const MAX_EXTENSION_HEADERS: usize = 3;
 
 /// The header that follows IPv6 extension headers: from `next` at `offset`, steps over up

@@ -621,9 +621,9 @@ struct Syn {
     dport: u16,
     /// The SYN's sequence number (network order, compared only).
     seq: u32,
-    /// An IPv6 packet whose next header is an extension header: the TCP header (if any) is
-    /// not where the check reads it, so it is judged as an untagged packet (ports zero) and
-    /// never passed unchecked.
+    /// An IPv6 packet whose TCP header (if any) lies behind an extension header the walk
+    /// does not step over (`skb::skip_extension_headers`: ESP, a fragment header, more than
+    /// three): it is judged as an untagged packet (ports zero) and never passed unchecked.
     hidden: bool,
     /// Offset and end of the TCP options.
     options: usize,
