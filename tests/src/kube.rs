@@ -222,6 +222,9 @@ impl ApiServer {
             ))
             // No controller creates the `default` service account of each namespace.
             .arg("--disable-admission-plugins=ServiceAccount")
+            // As kubeadm and managed clusters run it (the default refuses privileged pods
+            // before any admission webhook sees them).
+            .arg("--allow-privileged=true")
             .arg(format!(
                 "--service-cluster-ip-range={}",
                 options.service_cidr

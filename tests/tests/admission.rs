@@ -11,6 +11,9 @@
 //!   labels (from labels and annotations);
 //! - a pod claiming another tenant, a pod in an enforced namespace without a tenant, and a
 //!   relabel to another tenant are refused, the API error naming the pod, label and values;
+//! - a tenant's pod comes back with `NET_RAW` dropped from its containers; one that adds
+//!   `NET_ADMIN`, is privileged or mounts a `hostPath` is refused, every reason named; the
+//!   same pod in a namespace without a tenant is admitted as is;
 //! - with the webhook stopped, pod creation fails in judged namespaces (failurePolicy Fail),
 //!   while kube-system and the enforcer's namespace (spared by the selector) still work.
 //!
@@ -34,7 +37,10 @@ use enforcer_tests::TempDir;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, HostPathVolumeSource, Namespace, Pod, PodSpec, SecurityContext,
+    Volume, VolumeMount,
+};
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Api;
@@ -234,6 +240,21 @@ fn pod(name: &str, labels: &[(&str, &str)]) -> Pod {
     }
 }
 
+/// Each container's dropped capabilities.
+fn dropped(pod: &Pod) -> Vec<Vec<String>> {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| {
+            c.security_context
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .and_then(|c| c.drop.clone())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 fn pod_labels(pod: &Pod) -> BTreeMap<String, String> {
     pod.metadata.labels.clone().unwrap_or_default()
 }
@@ -336,6 +357,47 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
     ]);
     assert_eq!(pod_labels(&created), expected);
     assert_eq!(pod_labels(&acme.get("web").await?), expected, "as stored");
+    assert_eq!(
+        dropped(&acme.get("web").await?),
+        [vec!["NET_RAW".to_string()]],
+        "NET_RAW dropped, as stored"
+    );
+
+    // What the enforcer cannot contain: refused, every reason at once.
+    let mut uncontained = pod("rewriter", &[]);
+    let spec = uncontained.spec.as_mut().unwrap();
+    spec.containers[0].security_context = Some(SecurityContext {
+        privileged: Some(true),
+        capabilities: Some(Capabilities {
+            add: Some(vec!["NET_ADMIN".into()]),
+            drop: None,
+        }),
+        ..Default::default()
+    });
+    spec.volumes = Some(vec![Volume {
+        name: "node".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/sys/fs/cgroup".into(),
+            type_: None,
+        }),
+        ..Default::default()
+    }]);
+    spec.containers[0].volume_mounts = Some(vec![VolumeMount {
+        name: "node".into(),
+        mount_path: "/host".into(),
+        ..Default::default()
+    }]);
+    let message = refusal(acme.create(&PostParams::default(), &uncontained).await)?;
+    for reason in [
+        r#"pod adm9-acme/rewriter: volume "node" mounts the node's path "/sys/fs/cgroup" (hostPath)"#,
+        r#"pod adm9-acme/rewriter: container "main" is privileged"#,
+        r#"pod adm9-acme/rewriter: container "main" adds capability NET_ADMIN"#,
+    ] {
+        assert!(message.contains(reason), "{reason} not in {message}");
+    }
+    // The mutating webhook dropped NET_RAW before the validating one judged.
+    assert!(!message.contains("keeps NET_RAW"), "{message}");
+    assert!(acme.get_opt("rewriter").await?.is_none());
 
     // Another tenant claimed: refused with the reason.
     let message = refusal(
@@ -390,6 +452,13 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
         .create(&PostParams::default(), &pod("loose", &[]))
         .await?;
     assert_eq!(pod_labels(&created), BTreeMap::new());
+    // ... and not confined: nothing dropped, nothing refused.
+    assert_eq!(dropped(&created), [Vec::<String>::new()]);
+    uncontained.metadata.name = Some("unjudged".into());
+    plain
+        .create(&PostParams::default(), &uncontained)
+        .await
+        .context("a pod with NET_ADMIN where no tenant is")?;
 
     // The webhook stops: failurePolicy Fail refuses pods wherever the selector reaches...
     webhook.stop()?;

@@ -400,7 +400,8 @@ fn webhooks_call_the_webhook_service_fail_closed_and_spare_the_system() {
                 && Duration::from_secs(timeout as u64) > enforcer::admission::NAMESPACE_TIMEOUT,
             "{at}: timeoutSeconds {timeout}"
         );
-        // Exactly pods, on create and update.
+        // Exactly pods and the subresource that adds ephemeral containers, on create and
+        // update.
         assert_eq!(hook.rules.len(), 1, "{at}");
         let rule = &hook.rules[0];
         assert_eq!(
@@ -415,7 +416,7 @@ fn webhooks_call_the_webhook_service_fail_closed_and_spare_the_system() {
         );
         assert_eq!(
             rule.resources.as_deref(),
-            Some(&["pods".to_string()][..]),
+            Some(&["pods".to_string(), "pods/ephemeralcontainers".to_string()][..]),
             "{at}"
         );
         assert_eq!(

@@ -3,10 +3,16 @@
 //!
 //! ```text
 //! POST /mutate     AdmissionReview v1 of a Pod  ->  allowed, with a JSON patch adding the
-//!                  namespace's tenant metadata as pod labels where missing
+//!                  namespace's tenant metadata as pod labels where missing, and NET_RAW to
+//!                  the dropped capabilities of its containers
 //! POST /validate   AdmissionReview v1 of a Pod  ->  allowed, or denied with every reason
 //! GET  /healthz    200 "ok" (readiness probe)
 //! ```
+//!
+//! In a namespace with a tenant (or labelled enforced), a pod must hold nothing the enforcer
+//! cannot contain: no privileged container, no capability beyond the Pod Security
+//! Standards' `baseline` set, `NET_RAW` dropped, no `hostPID`, no `hostPath` volume
+//! ([`confine`]).
 //!
 //! The tenant metadata keys are [`labels::TENANT_METADATA`] (tenant, region, data residency,
 //! retention tier), read from the Namespace's labels or annotations of those names
@@ -27,6 +33,7 @@
 //! `admission.k8s.io/v1` AdmissionReview, or a review without a request is answered 400 with
 //! the reason; a review of anything but a v1 Pod is denied, naming what was sent.
 
+pub mod confine;
 pub mod decide;
 pub mod review;
 pub mod tenancy;

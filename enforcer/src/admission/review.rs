@@ -7,6 +7,10 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::{DynamicObject, Status};
 
+use k8s_openapi::api::core::v1::PodSpec;
+use serde_json::Value;
+
+use super::confine::{confine, uncontained, Scope};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
 
@@ -16,9 +20,11 @@ pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 /// Which webhook a request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
-    /// `/mutate`: stamp the namespace's tenant metadata onto the pod.
+    /// `/mutate`: stamp the namespace's tenant metadata onto the pod, and drop `NET_RAW`
+    /// from a tenant's containers.
     Mutate,
-    /// `/validate`: refuse pods that claim another tenant, or lack one where it is required.
+    /// `/validate`: refuse pods that claim another tenant, lack one where it is required, or
+    /// (a tenant's) hold what the enforcer cannot contain.
     Validate,
 }
 
@@ -59,7 +65,7 @@ pub trait Namespaces: Send + Sync {
 /// - The namespace cannot be read: 500 with the reason (again the `failurePolicy` applies:
 ///   the webhook could not decide). It does not exist: denied.
 /// - Otherwise 200 with the review's response: allowed (with a patch on `/mutate` when labels
-///   are missing) or denied with every reason.
+///   are missing or a tenant's container keeps `NET_RAW`) or denied with every reason.
 pub async fn review(route: Route, body: &[u8], namespaces: &impl Namespaces) -> Reply {
     let parsed: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(review) => review,
@@ -186,26 +192,85 @@ async fn decide(
     };
     let tenancy = Tenancy::of(&namespace);
     let pod_labels = object.metadata.labels.as_ref();
+    // A tenant's pods hold nothing the enforcer cannot contain (`confine`); a namespace with
+    // no tenant metadata, not enforced, is not judged for it.
+    let confined = tenancy.enforced || tenancy.tenant().is_some();
+    let specs = if confined {
+        let old = match request.old_object.as_ref() {
+            Some(old) if change != Change::Create => Some(pod_spec(&pod, old)),
+            _ => None,
+        };
+        match (pod_spec(&pod, object), old.transpose()) {
+            (Ok(spec), Ok(old)) => Ok(Some((spec, old))),
+            (Err(why), _) | (_, Err(why)) => Err(why),
+        }
+    } else {
+        Ok(None)
+    };
     match route {
         Route::Mutate => {
-            // A subresource (`pods/status`, ...) cannot change labels through a patch of ours.
-            if request.sub_resource.is_some() {
-                return Ok(AdmissionResponse::from(request));
+            // A subresource cannot change labels through a patch of ours (the only one the
+            // webhook configuration sends is `pods/ephemeralcontainers`).
+            let mut ops = if request.sub_resource.is_none() {
+                stamp(pod_labels, &tenancy)
+            } else {
+                Vec::new()
+            };
+            let labels = ops.len();
+            match &specs {
+                Ok(Some((spec, old))) => ops.extend(confine(spec, scope(change, old.as_ref()))),
+                Ok(None) => {}
+                Err(why) => return Ok(deny(request, why.clone())),
             }
-            let ops = stamp(pod_labels, &tenancy);
             if ops.is_empty() {
                 return Ok(AdmissionResponse::from(request));
             }
-            tracing::info!(uid = %request.uid, %pod, labels = ops.len(), "stamping tenant metadata");
+            tracing::info!(
+                uid = %request.uid,
+                %pod,
+                labels,
+                dropped_net_raw = ops.len() - labels,
+                "stamping tenant metadata and confinement"
+            );
             AdmissionResponse::from(request)
                 .with_patch(json_patch::Patch(ops))
                 .map_err(|error| Reply::text(500, format!("pod {pod}: {error}")))
         }
-        Route::Validate => Ok(match judge(&pod, pod_labels, change, &tenancy) {
-            Ok(()) => AdmissionResponse::from(request),
-            Err(reasons) => deny(request, reasons),
-        }),
+        Route::Validate => {
+            let mut reasons: Vec<String> = judge(&pod, pod_labels, change, &tenancy)
+                .err()
+                .into_iter()
+                .collect();
+            match specs {
+                Ok(Some((spec, old))) => {
+                    reasons.extend(uncontained(&pod, &spec, scope(change, old.as_ref())))
+                }
+                Ok(None) => {}
+                Err(why) => reasons.push(why),
+            }
+            Ok(if reasons.is_empty() {
+                AdmissionResponse::from(request)
+            } else {
+                deny(request, reasons.join("; "))
+            })
+        }
     }
+}
+
+/// Which of the pod's containers a `change` judges, `old` the spec before an update.
+fn scope<'a>(change: Change<'_>, old: Option<&'a PodSpec>) -> Scope<'a> {
+    match change {
+        Change::Create => Scope::Create,
+        Change::Update { .. } => Scope::Update { old },
+    }
+}
+
+/// The pod's spec as its type; why not when it is not one (which the API server, having
+/// decoded the pod itself, never sends).
+fn pod_spec(pod: &str, object: &DynamicObject) -> Result<PodSpec, String> {
+    let spec = object.data.get("spec").cloned().unwrap_or(Value::Null);
+    serde_json::from_value(spec)
+        .map_err(|error| format!("pod {pod}: its spec is not a v1 PodSpec: {error}"))
 }
 
 /// `namespace/name` of the pod, for messages; a pod named by `generateName` has no name yet
@@ -257,6 +322,7 @@ mod tests {
                 "locked".to_string(),
                 namespace("locked", &[(labels::ENFORCED, "true")], &[]),
             ),
+            ("plain".to_string(), namespace("plain", &[], &[])),
         ]))
     }
 
@@ -318,7 +384,86 @@ mod tests {
         let patch: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             patch,
-            json!([{"op": "add", "path": "/metadata/labels/ai-enforcer.io~1tenant", "value": "acme"}])
+            json!([
+                {"op": "add", "path": "/metadata/labels/ai-enforcer.io~1tenant", "value": "acme"},
+                {"op": "add", "path": "/spec/containers/0/securityContext",
+                 "value": {"capabilities": {"drop": ["NET_RAW"]}}},
+            ])
+        );
+        // A namespace without tenant metadata, not enforced: nothing to stamp or drop.
+        let body = review_body("CREATE", "plain", pod("web", json!({})), Value::Null);
+        let (_, value) = answer(Route::Mutate, &body).await;
+        assert_eq!(value["response"]["allowed"], true);
+        assert_eq!(value["response"]["patch"], Value::Null, "{value}");
+    }
+
+    #[tokio::test]
+    async fn a_tenants_pod_holds_nothing_the_enforcer_cannot_contain() {
+        let mut sniffer = pod("sniffer", json!({labels::TENANT: "acme"}));
+        sniffer["spec"]["containers"][0]["securityContext"] =
+            json!({"capabilities": {"add": ["NET_ADMIN"]}});
+        let body = review_body("CREATE", "acme-prod", sniffer.clone(), Value::Null);
+        let (_, value) = answer(Route::Validate, &body).await;
+        assert_eq!(value["response"]["allowed"], false);
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.starts_with(r#"pod acme-prod/sniffer: container "c" adds capability NET_ADMIN: it rewrites packets"#), "{message}");
+        assert!(
+            message.contains(r#"; pod acme-prod/sniffer: container "c" keeps NET_RAW"#),
+            "{message}"
+        );
+        // Every problem at once: a tenant claim and the capability.
+        sniffer["metadata"]["labels"] = json!({labels::TENANT: "globex"});
+        let body = review_body("CREATE", "acme-prod", sniffer.clone(), Value::Null);
+        let (_, value) = answer(Route::Validate, &body).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(
+                r#"pod acme-prod/sniffer: label ai-enforcer.io/tenant="globex" differs"#
+            ),
+            "{message}"
+        );
+        assert!(message.contains("adds capability NET_ADMIN"), "{message}");
+        // Not a tenant's namespace: not judged for it.
+        let body = review_body("CREATE", "plain", sniffer, Value::Null);
+        let (_, value) = answer(Route::Validate, &body).await;
+        assert_eq!(
+            value["response"]["allowed"], false,
+            "the tenant claim still is"
+        );
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(!message.contains("capability"), "{message}");
+
+        // `kubectl debug`: the ephemeral container the update adds, and only it.
+        let mut old = pod("web", json!({labels::TENANT: "acme"}));
+        old["spec"]["containers"][0]["securityContext"] =
+            json!({"capabilities": {"drop": ["NET_RAW"]}});
+        let mut new = old.clone();
+        new["spec"]["ephemeralContainers"] = json!([{"name": "debugger", "image": "busybox"}]);
+        let mut body: Value = serde_json::from_slice(&review_body(
+            "UPDATE",
+            "acme-prod",
+            new.clone(),
+            old.clone(),
+        ))
+        .unwrap();
+        body["request"]["subResource"] = json!("ephemeralcontainers");
+        let body = serde_json::to_vec(&body).unwrap();
+        let (_, value) = answer(Route::Mutate, &body).await;
+        let bytes: Vec<u8> = serde_json::from_value(value["response"]["patch"].clone()).unwrap();
+        let patch: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            patch,
+            json!([{"op": "add", "path": "/spec/ephemeralContainers/0/securityContext",
+                    "value": {"capabilities": {"drop": ["NET_RAW"]}}}])
+        );
+        let (_, value) = answer(Route::Validate, &body).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert_eq!(
+            message,
+            "pod acme-prod/web: ephemeral container \"debugger\" keeps NET_RAW (the container \
+             runtime's default grants it), with which it writes frames no hook sees: add \
+             NET_RAW to its securityContext.capabilities.drop (the mutating webhook does when \
+             it is registered)"
         );
     }
 
