@@ -533,19 +533,6 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     v.subject = subject;
     let (subject_flags, subject_tenant) = (info.flags, info.tenant);
 
-    // The agent itself: never judged, or it could lock itself out of the API server and the
-    // PDP it learns every identity from.
-    if subject_flags & flags::EXEMPT != 0 {
-        count(hook, verdict::ALLOW, reason::ALLOWED);
-        return SK_PASS;
-    }
-
-    // 3. quarantine: deny, never softened by audit.
-    if subject_flags & flags::QUARANTINED != 0 {
-        v.reason = reason::QUARANTINED;
-        return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
-    }
-
     // A pod's TCP connect to its own loopback: in its own network namespace nothing but the
     // pod answers there (its containers, a sidecar), so it is no call between workloads, as
     // traffic that never leaves a pod is none to Cilium. Judged as World's address it broke
@@ -557,23 +544,29 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // device-bound socket sends 127.0.0.1 out of the pod (the node's `route_localnet`,
     // which kube-proxy sets, then takes it), and a datagram socket can be bound to one, or
     // given an interface by a control message, after this hook.
-    if subject_flags & (flags::OWN_NETNS | flags::SHARED_NETNS) == flags::OWN_NETNS
+    let own_loopback = subject_flags & (flags::OWN_NETNS | flags::SHARED_NETNS) == flags::OWN_NETNS
         && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
         && full_protocol == IPPROTO_TCP
         && is_loopback(&dst)
-        && outside_node_netns(ctx)
-    {
-        count(hook, verdict::ALLOW, reason::ALLOWED);
-        return SK_PASS;
-    }
+        && outside_node_netns(ctx);
 
-    // 4. and 5. (`judge_policy`): the table in force, or why not.
-    let destination_flags = match judge_policy(slot_b, &info, destination, dport, protocol) {
-        Ok(destination_flags) => destination_flags,
-        Err(reason) => {
-            // 6. audit (global or per subject) lets a would-deny through, reported.
+    // 3. to 6. (`rule`).
+    let destination_flags = match rule(
+        slot_b,
+        &info,
+        destination,
+        dport,
+        protocol,
+        global_audit,
+        own_loopback,
+    ) {
+        Ruling::Unjudged => {
+            count(hook, verdict::ALLOW, reason::ALLOWED);
+            return SK_PASS;
+        }
+        Ruling::Permitted(destination_flags) => destination_flags,
+        Ruling::Refused { reason, audit } => {
             v.reason = reason;
-            let audit = global_audit || subject_flags & flags::AUDIT != 0;
             return report(&mut v, &dst, cgroup_id, hook, audit);
         }
     };
@@ -616,6 +609,58 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     }
     count(hook, verdict::ALLOW, reason::ALLOWED);
     SK_PASS
+}
+
+/// How a known subject's call stands after the steps every hook that judges calls shares
+/// (`decide`, and `martian::egress` for a rewritten packet).
+enum Ruling {
+    /// Not judged: the agent itself, or a pod's call to its own loopback.
+    Unjudged,
+    /// Permitted by the table in force; the destination's flags (0 without an `IDENTITIES`
+    /// entry).
+    Permitted(u32),
+    /// Refused for `reason`; `audit` lets it through, reported.
+    Refused { reason: u8, audit: bool },
+}
+
+/// Steps 3 to 6 of the decision, for a known subject (`subject`, its classes those of the
+/// table `slot_b` names) calling `destination` on (`dport`, host order; `protocol`);
+/// `own_loopback`: the call is a pod's to its own loopback (see `decide`), which the table
+/// does not judge.
+#[inline(always)]
+fn rule(
+    slot_b: bool,
+    subject: &locked::Identity,
+    destination: u32,
+    dport: u16,
+    protocol: u8,
+    global_audit: bool,
+    own_loopback: bool,
+) -> Ruling {
+    // The agent itself: never judged, or it could lock itself out of the API server and the
+    // PDP it learns every identity from.
+    if subject.flags & flags::EXEMPT != 0 {
+        return Ruling::Unjudged;
+    }
+    // 3. quarantine: deny, never softened by audit.
+    if subject.flags & flags::QUARANTINED != 0 {
+        return Ruling::Refused {
+            reason: reason::QUARANTINED,
+            audit: NEVER_AUDIT,
+        };
+    }
+    if own_loopback {
+        return Ruling::Unjudged;
+    }
+    // 4. and 5. (`judge_policy`): the table in force, or why not.
+    match judge_policy(slot_b, subject, destination, dport, protocol) {
+        Ok(destination_flags) => Ruling::Permitted(destination_flags),
+        // 6. audit (global or per subject) lets a would-deny through, reported.
+        Err(reason) => Ruling::Refused {
+            reason,
+            audit: global_audit || subject.flags & flags::AUDIT != 0,
+        },
+    }
 }
 
 /// Steps 4 and 5 of the decision, for a known subject (`subject`, its classes those of the

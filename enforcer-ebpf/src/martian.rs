@@ -40,7 +40,7 @@ use crate::{
         load, skip_extension_headers, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER,
         LOOPBACK_IFINDEX, PASS,
     },
-    Destination, AF_INET, AF_INET6, FAMILY_V4, ZERO_WORD,
+    Destination, Ruling, AF_INET, AF_INET6, FAMILY_V4, ZERO_WORD,
 };
 
 /// The program's verdict on one outgoing packet: every packet through `lo`, and every packet
@@ -111,15 +111,19 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         // The connect judged the address the socket holds; the packet goes to another one
         // (the pod's own `DNAT`, with `NET_ADMIN`; a source route's first hop): judged
         // again, as `decide` would judge a connect to it.
-        let audit = global_audit || info.flags & flags::AUDIT != 0;
         let destination = crate::lookup_destination(&packet.dst);
-        if info.flags & flags::QUARANTINED != 0 {
-            (destination, reason::QUARANTINED, false)
-        } else {
-            match crate::judge_policy(slot_b, &info, destination, dport, packet.protocol) {
-                Ok(_) => return PASS,
-                Err(reason) => (destination, reason, audit),
-            }
+        let not_loopback = false;
+        match crate::rule(
+            slot_b,
+            &info,
+            destination,
+            dport,
+            packet.protocol,
+            global_audit,
+            not_loopback,
+        ) {
+            Ruling::Unjudged | Ruling::Permitted(_) => return PASS,
+            Ruling::Refused { reason, audit } => (destination, reason, audit),
         }
     };
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
@@ -161,8 +165,6 @@ fn same_address(a: &Destination, b: &Destination) -> bool {
 
 /// `Packet::dport` when the packet does not show it.
 const NO_PORT: u16 = 0;
-/// The fragment offset bits of IPv4's flags and fragment offset field.
-const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
 /// The remote address and port (host order) of the packet's socket (an IPv4-mapped address
 /// as its IPv4 one), and whether it is connected: a remote address or port is set (either
@@ -253,12 +255,10 @@ fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
         };
         if let Some(ip) = load::<[u8; IPV4_HEADER_MIN + 4]>(ctx, 0) {
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
-            // (The hook runs before the kernel fragments a packet, so no later fragment,
-            // whose first bytes are no ports, comes here; checked all the same.)
-            let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & IPV4_FRAGMENT_OFFSET != 0;
-            let dport = if later_fragment {
-                NO_PORT
-            } else if ihl == IPV4_HEADER_MIN {
+            // No later fragment (whose first bytes are no ports) comes here: the hook runs
+            // before the kernel fragments a packet (`ip_finish_output`), and no socket that
+            // writes its own IP header reaches it (`sock_create` refuses `SOCK_RAW`).
+            let dport = if ihl == IPV4_HEADER_MIN {
                 port(ip[9], &ip[IPV4_HEADER_MIN..])
             } else {
                 match load::<[u8; 4]>(ctx, ihl) {

@@ -27,6 +27,32 @@ pub fn load<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
     ctx.load::<T>(offset).ok()
 }
 
+/// Whether an IPv6 next header is an extension header (RFC 8200 4.1, and ESP, AH, Mobility,
+/// HIP, Shim6). Those [`skip_extension_headers`] leaves in place hide what follows them.
+#[inline(always)]
+pub fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        HOP_BY_HOP
+            | ROUTING
+            | FRAGMENT
+            | ENCAPSULATING_SECURITY_PAYLOAD
+            | AUTHENTICATION
+            | DESTINATION_OPTIONS
+            | MOBILITY
+            | HOST_IDENTITY
+            | SHIM6
+    )
+}
+
+/// The extension headers the walk does not step over: fragment 44, ESP 50 (RFC 4303),
+/// Mobility 135 (RFC 6275), HIP 139 (RFC 7401), Shim6 140 (RFC 5533).
+const FRAGMENT: u8 = 44;
+const ENCAPSULATING_SECURITY_PAYLOAD: u8 = 50;
+const MOBILITY: u8 = 135;
+const HOST_IDENTITY: u8 = 139;
+const SHIM6: u8 = 140;
+
 /// IPv6 extension headers [`skip_extension_headers`] steps over: hop-by-hop options 0 (the
 /// kernel's own BIG TCP jumbo header among them), routing 43, destination options 60 and
 /// the authentication header 51 (RFC 8200 4.3-4.6, RFC 4302 2).

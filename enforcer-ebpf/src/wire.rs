@@ -47,11 +47,11 @@ use enforcer_common::{
 use crate::{
     count, locked, lookup_address, lookup_destination, policy_hit,
     skb::{
-        load, skip_extension_headers, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER,
-        LOOPBACK_IFINDEX, PASS,
+        is_extension_header, load, skip_extension_headers, DROP, ETH_P_IP, ETH_P_IPV6,
+        IPV4_HEADER_MIN, IPV6_HEADER, LOOPBACK_IFINDEX, PASS,
     },
-    Destination, BPF_F_NO_PREALLOC, CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS, PAD, SINGLE_ENTRY,
-    ZERO_WORD,
+    Destination, AF_INET, AF_INET6, BPF_F_NO_PREALLOC, CONFIG, FAMILY_V4, FAMILY_V6, NO_MAP_FLAGS,
+    PAD, SINGLE_ENTRY, V4_MAPPED_WORD2, ZERO_WORD,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -193,8 +193,6 @@ const WRITE_HDR_OPT_CB_FLAG: u32 = 1 << 6;
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
 const STATE_CB_FLAG: u32 = 1 << 2;
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u8 = proto::TCP;
 
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -206,9 +204,9 @@ const SYN_ACK_MASK: u32 = (TCP_FLAG_SYN | TCP_FLAG_ACK) as u32;
 /// The TCP header without options.
 const TCP_HEADER_MIN: usize = 20;
 
-/// The second and third words of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in memory
-/// order.
-const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) in memory order, as this
+/// module's addresses are kept (`main.rs` compares it in host order).
+const V4_MAPPED_WORD2_MEMORY: u32 = V4_MAPPED_WORD2.to_be();
 
 /// Flags of bpf_reserve_hdr_opt / bpf_store_hdr_opt / map updates: none.
 const NO_FLAGS: u64 = 0;
@@ -235,8 +233,8 @@ fn sock_ops_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4], D
             let r = read_volatile(&(*ops).remote_ip4);
             let l = read_volatile(&(*ops).local_ip4);
             Some((
-                [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, l],
-                [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, r],
+                [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, l],
+                [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, r],
                 Destination {
                     addr: [r, ZERO_WORD, ZERO_WORD, ZERO_WORD],
                     family: FAMILY_V4,
@@ -515,8 +513,8 @@ fn mapped_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4])> {
     };
     if family == AF_INET {
         Some((
-            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, l4],
-            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, r4],
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, l4],
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, r4],
         ))
     } else if family == AF_INET6 {
         // A dual-stack socket's IPv4 peer is already `::ffff:a.b.c.d` here, the form the
@@ -651,8 +649,8 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         };
         (
             ihl,
-            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, s],
-            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2, d],
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, s],
+            [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, d],
             v4(s),
             v4(d),
         )
@@ -671,11 +669,7 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         // header, more than the walk's bound) must not pass for "not a SYN": it is handed
         // to the check as a hidden one, which fails closed. Other next headers (UDP,
         // ICMPv6) are not TCP connection attempts.
-        let (next, l4) = if is_extension_header(ip[6]) {
-            skip_extension_headers(ctx, ip[6], IPV6_HEADER)
-        } else {
-            (ip[6], IPV6_HEADER)
-        };
+        let (next, l4) = skip_extension_headers(ctx, ip[6], IPV6_HEADER);
         if is_extension_header(next) {
             return Some(Syn {
                 saddr: s,
@@ -711,13 +705,6 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         options: l4 + TCP_HEADER_MIN,
         options_end: l4 + header,
     })
-}
-
-/// IPv6 extension headers (RFC 8200 4.1, and AH, ESP, Mobility, HIP, Shim6): hop-by-hop 0,
-/// routing 43, fragment 44, ESP 50, AH 51, destination options 60, 135, 139, 140.
-#[inline(always)]
-fn is_extension_header(next: u8) -> bool {
-    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
 /// Whether the TCP segment at `l4` is a SYN without ACK.
