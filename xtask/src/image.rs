@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{build_ebpf, status, which, Tools, Workspace, BPF_OBJECT};
+use super::{build_ebpf, ensure_debian_packages, status, Tools, Workspace, BPF_OBJECT};
 
 /// The target of the static binary.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -183,36 +183,6 @@ fn ensure_musl_target() -> Result<()> {
         Command::new("rustup").args(["target", "add", MUSL_TARGET]),
         "rustup target add",
     )
-}
-
-/// For each (command, Debian package) whose command is not on PATH, installs the package.
-fn ensure_debian_packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(command, _)| which(command).is_none())
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {} (Debian packages)", missing.join(" "));
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    if status(&mut cmd, "apt-get install").is_err() {
-        // A fresh machine's package lists may be missing or stale.
-        status(
-            Command::new("apt-get").args(["update", "-q"]),
-            "apt-get update",
-        )?;
-        let mut cmd = Command::new("apt-get");
-        cmd.args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        status(&mut cmd, &format!("apt-get install {}", missing.join(" ")))?;
-    }
-    Ok(())
 }
 
 /// An ELF executable without a program interpreter (`PT_INTERP`): it needs no dynamic loader

@@ -123,8 +123,7 @@ fn run(cli: Cli) -> Result<()> {
             // Under CI a missing API server fails here; elsewhere the Kubernetes tests say
             // loudly that they skip.
             setup_kube(&ws, ci())?;
-            install_rsyslog()?;
-            install_prometheus()?;
+            ensure_debian_packages(TEST_PACKAGES)?;
             install_chromadb()?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--workspace", "--bins"])?;
@@ -194,7 +193,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Cmd::Bench { args } => {
-            install_nft()?;
+            ensure_debian_packages(&[("nft", "nftables")])?;
             build_ebpf(&ws, &tools)?;
             cargo(&ws, &["build", "--release", "--workspace", "--bins"])?;
             exec(
@@ -387,55 +386,51 @@ fn setup_kube(ws: &Workspace, required: bool) -> Result<()> {
     }
 }
 
-/// The benchmark compares the enforcer with an nftables ruleset: installs Debian's `nftables`
-/// when `nft` is missing (silent when present).
-fn install_nft() -> Result<()> {
-    if which("nft").is_some() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing nftables (nft, for the benchmark's comparison)");
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "--no-install-recommends", "nftables"])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    status(
-        &mut cmd,
-        "apt-get install nftables (run `apt-get update` first if it is stale)",
-    )
-}
+/// The Debian packages the tests run, as (command, package); installed when the command is
+/// missing from `PATH` (silent when present). Each test runs its own instance with its own
+/// configuration; no package's service is needed.
+/// - `rsyslog`: the rotation test ships the events file with `imfile`;
+/// - `prometheus`: the metrics test scrapes the agent with a real server and checks its
+///   output with `promtool`;
+/// - `iptables` (`iptables`, `ip6tables`): the rewrite and link-local tests DNAT in a pod's
+///   network namespace.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("rsyslogd", "rsyslog"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    ("iptables", "iptables"),
+    ("ip6tables", "iptables"),
+];
 
-/// The rotation test ships the events file with rsyslog's `imfile`: installs Debian's
-/// `rsyslog` when `rsyslogd` is missing (silent when present). The test runs its own
-/// rsyslogd with its own configuration; the package's service is not needed.
-fn install_rsyslog() -> Result<()> {
-    if Path::new("/usr/sbin/rsyslogd").is_file() {
+/// For each (command, Debian package) whose command is not on PATH, installs the package.
+fn ensure_debian_packages(wanted: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(command, _)| which(command).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing rsyslog (imfile, the log shipper of the events rotation test)");
+    eprintln!("xtask: installing {} (Debian packages)", missing.join(" "));
     let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "--no-install-recommends", "rsyslog"])
+    cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
-    status(
-        &mut cmd,
-        "apt-get install rsyslog (run `apt-get update` first if it is stale)",
-    )
-}
-
-/// The metrics test scrapes the agent with a real Prometheus server and checks its output
-/// with `promtool`: installs Debian's `prometheus` when either is missing (silent when
-/// present). The test runs its own server with its own configuration and storage; the
-/// package's service is not needed.
-fn install_prometheus() -> Result<()> {
-    if Path::new("/usr/bin/prometheus").is_file() && Path::new("/usr/bin/promtool").is_file() {
-        return Ok(());
+    if status(&mut cmd, "apt-get install").is_err() {
+        // A fresh machine's package lists may be missing or stale.
+        status(
+            Command::new("apt-get").args(["update", "-q"]),
+            "apt-get update",
+        )?;
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(&mut cmd, &format!("apt-get install {}", missing.join(" ")))?;
     }
-    eprintln!("xtask: installing prometheus (server and promtool, for the metrics test)");
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "--no-install-recommends", "prometheus"])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    status(
-        &mut cmd,
-        "apt-get install prometheus (run `apt-get update` first if it is stale)",
-    )
+    Ok(())
 }
 
 /// The vector-DB test's server and client: Chroma, pinned (`CHROMADB_VERSION`), from PyPI
