@@ -188,22 +188,23 @@ pub fn confine(spec: &PodSpec, scope: Scope<'_>) -> Vec<PatchOperation> {
     ops
 }
 
-/// Why the pod `pod` (`namespace/name`, for messages) with `spec` holds something the
-/// enforcer cannot contain: one sentence per problem, each naming the pod, the container or
-/// volume, and what to change. Empty when it may be admitted.
-pub fn uncontained(pod: &str, spec: &PodSpec, scope: Scope<'_>) -> Vec<String> {
+/// Why a pod with `spec` holds something the enforcer cannot contain: one clause per
+/// problem, each naming the container or volume and why (callers put the pod's name before
+/// it). Empty when it may be admitted.
+pub fn uncontained(spec: &PodSpec, scope: Scope<'_>) -> Vec<String> {
     let mut reasons = Vec::new();
     if matches!(scope, Scope::Create) {
         if spec.host_pid == Some(true) {
-            reasons.push(format!(
-                "pod {pod}: hostPID: true shares the node's process namespace, from which a \
-                 container can reach processes outside every enforced cgroup"
-            ));
+            reasons.push(
+                "hostPID: true shares the node's process namespace, from which a container \
+                 can reach processes outside every enforced cgroup"
+                    .to_string(),
+            );
         }
         for volume in spec.volumes.iter().flatten() {
             if let Some(host) = &volume.host_path {
                 reasons.push(format!(
-                    "pod {pod}: volume {:?} mounts the node's path {:?} (hostPath), through \
+                    "volume {:?} mounts the node's path {:?} (hostPath), through \
                      which a container can leave its cgroup or reach the enforcer's pins",
                     volume.name, host.path
                 ));
@@ -218,7 +219,7 @@ pub fn uncontained(pod: &str, spec: &PodSpec, scope: Scope<'_>) -> Vec<String> {
         let security = slot.security;
         if security.and_then(|s| s.privileged) == Some(true) {
             reasons.push(format!(
-                "pod {pod}: {container} is privileged: it can load kernel programs, leave its \
+                "{container} is privileged: it can load kernel programs, leave its \
                  cgroup and rewrite its packets unseen"
             ));
         }
@@ -238,13 +239,13 @@ pub fn uncontained(pod: &str, spec: &PodSpec, scope: Scope<'_>) -> Vec<String> {
                 _ => "only the Pod Security Standards' baseline capabilities may be added",
             };
             reasons.push(format!(
-                "pod {pod}: {container} adds capability {name}: {why}; allowed: {}",
+                "{container} adds capability {name}: {why}; allowed: {}",
                 BASELINE_CAPABILITIES.join(", ")
             ));
         }
         if !drops_net_raw(security) {
             reasons.push(format!(
-                "pod {pod}: {container} keeps NET_RAW (the container runtime's default grants \
+                "{container} keeps NET_RAW (the container runtime's default grants \
                  it), with which it writes frames no hook sees: add NET_RAW to its \
                  securityContext.capabilities.drop (the mutating webhook does when it is \
                  registered)"
@@ -303,7 +304,7 @@ mod tests {
             ]
         );
         let after = patched(&value, &ops);
-        assert!(uncontained("ns/p", &after, Scope::Create).is_empty());
+        assert!(uncontained(&after, Scope::Create).is_empty());
         assert_eq!(
             after.containers[3]
                 .security_context
@@ -342,31 +343,23 @@ mod tests {
                 {"name": "sniffer", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
             ],
         }));
-        let reasons = uncontained("acme/p", &s, Scope::Create);
+        let reasons = uncontained(&s, Scope::Create);
         assert_eq!(reasons.len(), 6, "{reasons:#?}");
+        assert!(reasons[0].starts_with("hostPID: true"), "{}", reasons[0]);
         assert!(
-            reasons[0].starts_with("pod acme/p: hostPID: true"),
-            "{}",
-            reasons[0]
-        );
-        assert!(
-            reasons[1]
-                .starts_with(r#"pod acme/p: volume "root" mounts the node's path "/" (hostPath)"#),
+            reasons[1].starts_with(r#"volume "root" mounts the node's path "/" (hostPath)"#),
             "{}",
             reasons[1]
         );
-        assert!(reasons[2].starts_with(r#"pod acme/p: container "app" is privileged"#));
+        assert!(reasons[2].starts_with(r#"container "app" is privileged"#));
         assert!(
-            reasons[3].starts_with(
-                r#"pod acme/p: container "mesh" adds capability net_admin: it rewrites packets"#
-            ),
+            reasons[3]
+                .starts_with(r#"container "mesh" adds capability net_admin: it rewrites packets"#),
             "{}",
             reasons[3]
         );
-        assert!(
-            reasons[4].starts_with(r#"pod acme/p: container "sniffer" adds capability NET_RAW"#)
-        );
-        assert!(reasons[5].starts_with(r#"pod acme/p: container "sniffer" keeps NET_RAW"#));
+        assert!(reasons[4].starts_with(r#"container "sniffer" adds capability NET_RAW"#));
+        assert!(reasons[5].starts_with(r#"container "sniffer" keeps NET_RAW"#));
     }
 
     #[test]
@@ -384,19 +377,14 @@ mod tests {
         });
         let new = spec(new_value.clone());
         let scope = Scope::Update { old: Some(&old) };
-        let reasons = uncontained("acme/p", &new, scope);
+        let reasons = uncontained(&new, scope);
         assert_eq!(reasons.len(), 2, "{reasons:#?}");
-        assert!(reasons[0]
-            .starts_with(r#"pod acme/p: ephemeral container "debug" adds capability SYS_ADMIN"#));
-        assert!(reasons[1].starts_with(r#"pod acme/p: ephemeral container "debug" keeps NET_RAW"#));
+        assert!(reasons[0].starts_with(r#"ephemeral container "debug" adds capability SYS_ADMIN"#));
+        assert!(reasons[1].starts_with(r#"ephemeral container "debug" keeps NET_RAW"#));
         let ops = confine(&new, scope);
         assert_eq!(ops.len(), 1, "{ops:?}");
         let after = patched(&new_value, &ops);
-        assert_eq!(
-            uncontained("acme/p", &after, scope).len(),
-            1,
-            "only the SYS_ADMIN"
-        );
+        assert_eq!(uncontained(&after, scope).len(), 1, "only the SYS_ADMIN");
     }
 
     #[test]
@@ -406,6 +394,6 @@ mod tests {
             "containers": [{"name": "app"}],
         }));
         assert!(confine(&s, Scope::Create).is_empty());
-        assert!(uncontained("ns/w", &s, Scope::Create).is_empty());
+        assert!(uncontained(&s, Scope::Create).is_empty());
     }
 }

@@ -243,7 +243,8 @@ async fn decide(
                 .collect();
             match specs {
                 Ok(Some((spec, old))) => {
-                    reasons.extend(uncontained(&pod, &spec, scope(change, old.as_ref())))
+                    let why = uncontained(&spec, scope(change, old.as_ref()));
+                    reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")))
                 }
                 Ok(None) => {}
                 Err(why) => reasons.push(why),

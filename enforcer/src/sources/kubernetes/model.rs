@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::admission::confine::{self, Scope};
 use enforcer_policy::cluster::{
     labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, EndpointMarks,
     ServicePort, MAX_DATASETS,
@@ -173,6 +174,9 @@ struct MemoPod {
     /// `pod_identity`'s answer: an identity holding this one pod.
     identity: Option<ClusterIdentity>,
     problems: Vec<String>,
+    /// A tenant's pod: what it holds that the enforcer cannot contain (see
+    /// [`uncontained_problem`]).
+    uncontained: Vec<String>,
     round: u64,
 }
 
@@ -206,6 +210,10 @@ impl Memo {
             _ => {
                 let mut own = Vec::new();
                 let identity = pod_identity(pod, tenant, rules, &mut own);
+                let uncontained = match (&pod.spec, tenant.tenant()) {
+                    (Some(spec), Some(_)) => confine::uncontained(spec, Scope::Create),
+                    _ => Vec::new(),
+                };
                 problems.extend(own.iter().cloned());
                 let known = identity.is_some();
                 // An entry at this address for another tenant: its pod leaves the groups
@@ -220,6 +228,7 @@ impl Memo {
                         tenant: tenant.clone(),
                         identity,
                         problems: own,
+                        uncontained,
                         round,
                     },
                 );
@@ -354,6 +363,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
         }
     }
     memo.sweep(added);
+    problems.extend(uncontained_problem(memo));
     let mut identities: Vec<ClusterIdentity> = memo.groups.values().cloned().collect();
 
     // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
@@ -628,6 +638,36 @@ fn pod_key(pod: &Pod) -> (&str, &str) {
         pod.metadata.namespace.as_deref().unwrap_or(""),
         pod.metadata.name.as_deref().unwrap_or(""),
     )
+}
+
+/// One line for every tenant's pod that holds what the enforcer cannot contain (a privileged
+/// container, a capability beyond the Pod Security Standards' `baseline`, `NET_RAW` kept, the
+/// node's PID namespace or files: `crate::admission::confine`): admitted where `enforcer
+/// admission serve` is not registered, or before it was. Such a pod is enforced like any
+/// other, but can send past the checks (raw frames, its own rewrites), which an operator must
+/// hear of. Its first pod's reasons in full, the rest by name.
+fn uncontained_problem(memo: &Memo) -> Option<String> {
+    let mut pods: Vec<(&str, &str, &[String])> = memo
+        .pods
+        .values()
+        .filter(|e| !e.uncontained.is_empty())
+        .map(|e| {
+            let (namespace, name) = pod_key(&e.pod);
+            (namespace, name, e.uncontained.as_slice())
+        })
+        .collect();
+    pods.sort_unstable();
+    let (namespace, name, why) = pods.first()?;
+    let names: Vec<String> = pods.iter().map(|(ns, n, _)| format!("{ns}/{n}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Some(format!(
+        "{} pods of tenants hold what the enforcer cannot contain (admitted without `enforcer \
+         admission serve`): they are enforced, but can send past its checks; pod \
+         {namespace}/{name}: {}; all: {}",
+        pods.len(),
+        why.join("; "),
+        name_list(&names)
+    ))
 }
 
 fn name_list(names: &[&str]) -> String {

@@ -2327,3 +2327,68 @@ fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
     assert_eq!(owners.len(), 1);
     assert_eq!(owners[0].kind, "Node");
 }
+
+/// A tenant's pods that hold what the enforcer cannot contain (admitted without the webhook)
+/// are reported in one line, the first pod's reasons in full; they stay enforced. Pods that
+/// drop `NET_RAW` and add nothing, and pods of namespaces without a tenant, are not listed.
+#[test]
+fn a_tenants_uncontained_pods_are_reported_in_one_line() {
+    let with = |mut p: Pod, containers: serde_json::Value| {
+        p.spec.as_mut().unwrap().containers = serde_json::from_value(containers).unwrap();
+        p
+    };
+    let confined = json!([{"name": "app", "securityContext": {"capabilities": {"drop": ["ALL"]}}}]);
+    let s = state(
+        vec![
+            with(
+                pod("acme", "rewriter", json!({}), "node-a", "127.82.1.1"),
+                json!([{"name": "app", "securityContext":
+                    {"capabilities": {"add": ["NET_ADMIN"], "drop": ["NET_RAW"]}}}]),
+            ),
+            with(
+                pod("acme", "plain", json!({}), "node-a", "127.82.1.2"),
+                json!([{"name": "app"}]),
+            ),
+            with(
+                pod("acme", "confined", json!({}), "node-a", "127.82.1.3"),
+                confined.clone(),
+            ),
+            with(
+                pod(
+                    "untenanted",
+                    "privileged",
+                    json!({}),
+                    "node-a",
+                    "127.82.1.4",
+                ),
+                json!([{"name": "app", "securityContext": {"privileged": true}}]),
+            ),
+        ],
+        vec![
+            tenant_ns("acme", "acme"),
+            namespace("untenanted", json!({}), json!({})),
+        ],
+    );
+    let lines: Vec<&String> = s
+        .problems
+        .iter()
+        .filter(|p| p.contains("cannot contain"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "2 pods of tenants hold what the enforcer cannot contain (admitted without `enforcer \
+             admission serve`): they are enforced, but can send past its checks; pod \
+             acme/plain: container \"app\" keeps NET_RAW (the container runtime's default \
+             grants it), with which it writes frames no hook sees: add NET_RAW to its \
+             securityContext.capabilities.drop (the mutating webhook does when it is \
+             registered); all: acme/plain, acme/rewriter"
+        ],
+        "{:#?}",
+        s.problems
+    );
+    assert!(
+        pod_names(&s).concat().contains(&"rewriter".to_string()),
+        "still enforced"
+    );
+}
