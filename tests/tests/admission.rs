@@ -363,6 +363,21 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
         "NET_RAW dropped, as stored"
     );
 
+    // `CAP_NET_RAW` is not NET_RAW to containerd (it reads `CAP_CAP_NET_RAW`): dropped anew.
+    let mut prefixed = pod("prefixed", &[]);
+    prefixed.spec.as_mut().unwrap().containers[0].security_context = Some(SecurityContext {
+        capabilities: Some(Capabilities {
+            add: None,
+            drop: Some(vec!["CAP_NET_RAW".into()]),
+        }),
+        ..Default::default()
+    });
+    let created = acme.create(&PostParams::default(), &prefixed).await?;
+    assert_eq!(
+        dropped(&created),
+        [vec!["CAP_NET_RAW".to_string(), "NET_RAW".to_string()]]
+    );
+
     // What the enforcer cannot contain: refused, every reason at once.
     let mut uncontained = pod("rewriter", &[]);
     let spec = uncontained.spec.as_mut().unwrap();

@@ -15,18 +15,22 @@
 //! - [`uncontained`] (`/validate`): refuses a privileged container, a capability added
 //!   beyond the Pod Security Standards' `baseline` set ([`BASELINE_CAPABILITIES`]), a
 //!   container that keeps `NET_RAW` (the mutating webhook was not called), the host's PID
-//!   namespace (`hostPID`) and `hostPath` volumes: the `baseline` standard's rules on these,
-//!   plus `NET_RAW` dropped. `hostNetwork` is admitted: such a pod is judged by its labels like
-//!   any other.
+//!   and IPC namespaces, `hostPath` and `gitRepo` volumes, an unmasked `/proc`, a Windows
+//!   `hostProcess` container (the `baseline` standard's rules on these, plus `NET_RAW`
+//!   dropped), and a runtime class the operator did not name ([`Confinement`]: a sandbox
+//!   such as gVisor or Kata keeps its sockets in its own network stack, which no hook of the
+//!   node sees; only its frames leave). `hostNetwork` is admitted: such a pod is judged by
+//!   its labels like any other.
 //!
 //! Containers are immutable once created except through the `pods/ephemeralcontainers`
 //! subresource (`kubectl debug`), so an update is judged on the ephemeral containers it adds
 //! (Kubernetes 1.22 and later send that subresource's review as a Pod). Windows pods
-//! (`spec.os.name: windows`) have no Linux capabilities: only their volumes and `hostPID`
-//! are judged.
+//! (`spec.os.name: windows`) have no Linux capabilities to judge.
 //!
-//! Capability names are compared as the container runtimes read them: case-insensitive,
-//! with or without the `CAP_` prefix (`net_admin`, `CAP_NET_ADMIN`).
+//! Capability names are compared as containerd reads them: it upper-cases a name and puts
+//! `CAP_` before it, so `net_raw` is `CAP_NET_RAW` but `CAP_NET_RAW` is `CAP_CAP_NET_RAW`,
+//! which drops nothing. Only `NET_RAW` or `ALL` in any case counts as dropping it; only the
+//! baseline names in any case may be added.
 
 use std::collections::BTreeSet;
 
@@ -55,6 +59,14 @@ pub const BASELINE_CAPABILITIES: &[&str] = &[
 
 /// The capability every container drops: `AF_PACKET` and `AF_XDP` need it.
 pub const NET_RAW: &str = "NET_RAW";
+
+/// What the operator allows beyond the rules (`enforcer admission serve --runtime-class`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// The `runtimeClassName`s whose handler runs containers on the node's kernel (runc,
+    /// crun): a pod naming another is refused. A pod naming none runs the node's default.
+    pub runtime_classes: BTreeSet<String>,
+}
 
 /// Which containers of a pod are judged.
 #[derive(Clone, Copy, Debug)]
@@ -126,10 +138,9 @@ fn judged<'a>(spec: &'a PodSpec, scope: Scope<'_>) -> Vec<Slot<'a>> {
     slots
 }
 
-/// A capability's name as runtimes read it: upper case, without `CAP_`.
+/// A capability's name as containerd reads it (after the `CAP_` it puts before it).
 fn capability(name: &str) -> String {
-    let upper = name.trim().to_ascii_uppercase();
-    upper.strip_prefix("CAP_").unwrap_or(&upper).to_string()
+    name.to_ascii_uppercase()
 }
 
 /// Whether the container drops `NET_RAW` (by name or as `ALL`).
@@ -188,71 +199,226 @@ pub fn confine(spec: &PodSpec, scope: Scope<'_>) -> Vec<PatchOperation> {
     ops
 }
 
-/// Why a pod with `spec` holds something the enforcer cannot contain: one clause per
-/// problem, each naming the container or volume and why (callers put the pod's name before
-/// it). Empty when it may be admitted.
-pub fn uncontained(spec: &PodSpec, scope: Scope<'_>) -> Vec<String> {
-    let mut reasons = Vec::new();
+/// One thing a pod holds that the enforcer cannot contain.
+enum Finding {
+    HostPid,
+    HostIpc,
+    GitRepo {
+        volume: String,
+    },
+    RuntimeClass {
+        name: String,
+    },
+    /// A Windows `hostProcess` container (`container`), or the pod's default (`None`).
+    HostProcess {
+        container: Option<String>,
+    },
+    UnmaskedProc {
+        container: String,
+    },
+    HostPath {
+        volume: String,
+        path: String,
+    },
+    /// `container` as [`Slot::describe`] names it.
+    Privileged {
+        container: String,
+    },
+    Adds {
+        container: String,
+        capability: String,
+    },
+    KeepsNetRaw {
+        container: String,
+    },
+}
+
+impl Finding {
+    /// The webhook's sentence: what, why, and what to change.
+    fn sentence(&self) -> String {
+        match self {
+            Finding::HostPid => "hostPID: true shares the node's process namespace, from which \
+                                 a container can reach processes outside every enforced cgroup"
+                .to_string(),
+            Finding::HostPath { volume, path } => format!(
+                "volume {volume:?} mounts the node's path {path:?} (hostPath), through which a \
+                 container can leave its cgroup or reach the enforcer's pins"
+            ),
+            Finding::HostIpc => "hostIPC: true shares the node's IPC namespace with processes \
+                                 outside every enforced cgroup"
+                .to_string(),
+            Finding::GitRepo { volume } => format!(
+                "volume {volume:?} is a gitRepo volume, which the kubelet clones as root on \
+                 the node"
+            ),
+            Finding::RuntimeClass { name } => format!(
+                "runtimeClassName {name:?} is not one the enforcer was told runs containers on \
+                 the node's kernel (a sandbox such as gVisor or Kata keeps its sockets where no \
+                 hook sees them): name it with `enforcer admission serve --runtime-class` if \
+                 its handler is runc or crun"
+            ),
+            Finding::HostProcess { container } => format!(
+                "{} runs as a Windows host process, outside every container boundary",
+                container.as_deref().unwrap_or("the pod")
+            ),
+            Finding::UnmaskedProc { container } => {
+                format!("{container} asks for an unmasked /proc (procMount: Unmasked)")
+            }
+            Finding::Privileged { container } => format!(
+                "{container} is privileged: it can load kernel programs, leave its cgroup and \
+                 rewrite its packets unseen"
+            ),
+            Finding::Adds {
+                container,
+                capability: name,
+            } => {
+                let why = match self::capability(name).as_str() {
+                    "NET_RAW" => "it writes frames no hook sees (AF_PACKET, AF_XDP)",
+                    "NET_ADMIN" => {
+                        "it rewrites packets after they were judged (tc, nftables, DNAT)"
+                    }
+                    "SYS_ADMIN" | "BPF" => "it can load kernel programs or leave its cgroup",
+                    "ALL" => "that is every capability",
+                    _ => "only the Pod Security Standards' baseline capabilities may be added",
+                };
+                format!(
+                    "{container} adds capability {name}: {why}; allowed: {}",
+                    BASELINE_CAPABILITIES.join(", ")
+                )
+            }
+            Finding::KeepsNetRaw { container } => format!(
+                "{container} keeps NET_RAW (containerd's default set grants it), with \
+                 which it writes frames no hook sees: add NET_RAW to its \
+                 securityContext.capabilities.drop (the mutating webhook does when it is \
+                 registered)"
+            ),
+        }
+    }
+
+    /// A short clause (the agent's report).
+    fn clause(&self) -> String {
+        match self {
+            Finding::HostPid => "hostPID".to_string(),
+            Finding::HostIpc => "hostIPC".to_string(),
+            Finding::HostPath { volume, path } => format!("hostPath volume {volume:?} ({path})"),
+            Finding::GitRepo { volume } => format!("gitRepo volume {volume:?}"),
+            Finding::RuntimeClass { name } => format!("runtime class {name:?}"),
+            Finding::HostProcess { container } => {
+                format!("{} host process", container.as_deref().unwrap_or("the pod"))
+            }
+            Finding::UnmaskedProc { container } => format!("{container} unmasked /proc"),
+            Finding::Privileged { container } => format!("{container} privileged"),
+            Finding::Adds {
+                container,
+                capability,
+            } => format!("{container} adds {capability}"),
+            Finding::KeepsNetRaw { container } => format!("{container} keeps NET_RAW"),
+        }
+    }
+}
+
+/// What a pod with `spec` holds that the enforcer cannot contain, of what `scope` judges;
+/// its runtime class judged against `runtime_classes` (`None`: not judged).
+fn findings(
+    spec: &PodSpec,
+    scope: Scope<'_>,
+    runtime_classes: Option<&BTreeSet<String>>,
+) -> Vec<Finding> {
+    let mut found = Vec::new();
     if matches!(scope, Scope::Create) {
         if spec.host_pid == Some(true) {
-            reasons.push(
-                "hostPID: true shares the node's process namespace, from which a container \
-                 can reach processes outside every enforced cgroup"
-                    .to_string(),
-            );
+            found.push(Finding::HostPid);
+        }
+        if spec.host_ipc == Some(true) {
+            found.push(Finding::HostIpc);
         }
         for volume in spec.volumes.iter().flatten() {
             if let Some(host) = &volume.host_path {
-                reasons.push(format!(
-                    "volume {:?} mounts the node's path {:?} (hostPath), through \
-                     which a container can leave its cgroup or reach the enforcer's pins",
-                    volume.name, host.path
-                ));
+                found.push(Finding::HostPath {
+                    volume: volume.name.clone(),
+                    path: host.path.clone(),
+                });
+            }
+            if volume.git_repo.is_some() {
+                found.push(Finding::GitRepo {
+                    volume: volume.name.clone(),
+                });
             }
         }
-    }
-    if is_windows(spec) {
-        return reasons;
+        if let (Some(name), Some(allowed)) = (&spec.runtime_class_name, runtime_classes) {
+            if !allowed.contains(name) {
+                found.push(Finding::RuntimeClass { name: name.clone() });
+            }
+        }
+        let pod_windows = spec.security_context.as_ref();
+        let pod_windows = pod_windows.and_then(|s| s.windows_options.as_ref());
+        if pod_windows.and_then(|w| w.host_process) == Some(true) {
+            found.push(Finding::HostProcess { container: None });
+        }
     }
     for slot in judged(spec, scope) {
         let container = slot.describe();
         let security = slot.security;
+        let windows = security.and_then(|s| s.windows_options.as_ref());
+        if windows.and_then(|w| w.host_process) == Some(true) {
+            found.push(Finding::HostProcess {
+                container: Some(container.clone()),
+            });
+        }
+        if is_windows(spec) {
+            continue;
+        }
+        if security.and_then(|s| s.proc_mount.as_deref()) == Some("Unmasked") {
+            found.push(Finding::UnmaskedProc {
+                container: container.clone(),
+            });
+        }
         if security.and_then(|s| s.privileged) == Some(true) {
-            reasons.push(format!(
-                "{container} is privileged: it can load kernel programs, leave its \
-                 cgroup and rewrite its packets unseen"
-            ));
+            found.push(Finding::Privileged {
+                container: container.clone(),
+            });
         }
         let added = security
             .and_then(|s| s.capabilities.as_ref())
             .and_then(|c| c.add.as_ref());
         for name in added.into_iter().flatten() {
-            let cap = capability(name);
-            if BASELINE_CAPABILITIES.contains(&cap.as_str()) {
-                continue;
+            if !BASELINE_CAPABILITIES.contains(&capability(name).as_str()) {
+                found.push(Finding::Adds {
+                    container: container.clone(),
+                    capability: name.clone(),
+                });
             }
-            let why = match cap.as_str() {
-                "NET_RAW" => "it writes frames no hook sees (AF_PACKET, AF_XDP)",
-                "NET_ADMIN" => "it rewrites packets after they were judged (tc, nftables, DNAT)",
-                "SYS_ADMIN" | "BPF" => "it can load kernel programs or leave its cgroup",
-                "ALL" => "that is every capability",
-                _ => "only the Pod Security Standards' baseline capabilities may be added",
-            };
-            reasons.push(format!(
-                "{container} adds capability {name}: {why}; allowed: {}",
-                BASELINE_CAPABILITIES.join(", ")
-            ));
         }
         if !drops_net_raw(security) {
-            reasons.push(format!(
-                "{container} keeps NET_RAW (the container runtime's default grants \
-                 it), with which it writes frames no hook sees: add NET_RAW to its \
-                 securityContext.capabilities.drop (the mutating webhook does when it is \
-                 registered)"
-            ));
+            found.push(Finding::KeepsNetRaw { container });
         }
     }
-    reasons
+    found
+}
+
+/// Why a pod with `spec` holds something the enforcer cannot contain, of what `scope`
+/// judges: one sentence per problem, each naming the container or volume, why, and what to
+/// change (callers put the pod's name before it). Empty when it may be admitted.
+pub fn uncontained(spec: &PodSpec, scope: Scope<'_>, confinement: &Confinement) -> Vec<String> {
+    findings(spec, scope, Some(&confinement.runtime_classes))
+        .iter()
+        .map(Finding::sentence)
+        .collect()
+}
+
+/// What a pod with `spec` holds that the enforcer cannot contain, in short clauses joined by
+/// `"; "` (`container "app" keeps NET_RAW; hostPID`); `None` when nothing. The agent's
+/// report of pods admitted without the webhook, which does not know the webhook's runtime
+/// classes: they are not judged here.
+pub fn summary(spec: &PodSpec) -> Option<String> {
+    let found = findings(spec, Scope::Create, None);
+    (!found.is_empty()).then(|| {
+        found
+            .iter()
+            .map(Finding::clause)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
 }
 
 #[cfg(test)]
@@ -280,7 +446,9 @@ mod tests {
                 {"name": "no-drop", "securityContext": {"capabilities": {"add": ["CHOWN"]}}},
                 {"name": "drops", "securityContext": {"capabilities": {"drop": ["MKNOD"]}}},
                 {"name": "all", "securityContext": {"capabilities": {"drop": ["ALL"]}}},
-                {"name": "lower", "securityContext": {"capabilities": {"drop": ["cap_net_raw"]}}},
+                {"name": "lower", "securityContext": {"capabilities": {"drop": ["net_raw"]}}},
+                // containerd reads it as CAP_CAP_NET_RAW: nothing dropped.
+                {"name": "prefixed", "securityContext": {"capabilities": {"drop": ["CAP_NET_RAW", " ALL"]}}},
             ],
             "ephemeralContainers": [{"name": "debug"}],
         });
@@ -300,11 +468,12 @@ mod tests {
                 "/spec/containers/1/securityContext/capabilities",
                 "/spec/containers/2/securityContext/capabilities/drop",
                 "/spec/containers/3/securityContext/capabilities/drop/-",
+                "/spec/containers/6/securityContext/capabilities/drop/-",
                 "/spec/ephemeralContainers/0/securityContext",
             ]
         );
         let after = patched(&value, &ops);
-        assert!(uncontained(&after, Scope::Create).is_empty());
+        assert!(uncontained(&after, Scope::Create, &Confinement::default()).is_empty());
         assert_eq!(
             after.containers[3]
                 .security_context
@@ -339,11 +508,11 @@ mod tests {
             "volumes": [{"name": "root", "hostPath": {"path": "/"}}, {"name": "tmp", "emptyDir": {}}],
             "containers": [
                 {"name": "app", "securityContext": {"privileged": true, "capabilities": {"drop": ["ALL"]}}},
-                {"name": "mesh", "securityContext": {"capabilities": {"add": ["net_admin", "CAP_NET_BIND_SERVICE"], "drop": ["NET_RAW"]}}},
+                {"name": "mesh", "securityContext": {"capabilities": {"add": ["net_admin", "net_bind_service"], "drop": ["NET_RAW"]}}},
                 {"name": "sniffer", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
             ],
         }));
-        let reasons = uncontained(&s, Scope::Create);
+        let reasons = uncontained(&s, Scope::Create, &Confinement::default());
         assert_eq!(reasons.len(), 6, "{reasons:#?}");
         assert!(reasons[0].starts_with("hostPID: true"), "{}", reasons[0]);
         assert!(
@@ -377,14 +546,18 @@ mod tests {
         });
         let new = spec(new_value.clone());
         let scope = Scope::Update { old: Some(&old) };
-        let reasons = uncontained(&new, scope);
+        let reasons = uncontained(&new, scope, &Confinement::default());
         assert_eq!(reasons.len(), 2, "{reasons:#?}");
         assert!(reasons[0].starts_with(r#"ephemeral container "debug" adds capability SYS_ADMIN"#));
         assert!(reasons[1].starts_with(r#"ephemeral container "debug" keeps NET_RAW"#));
         let ops = confine(&new, scope);
         assert_eq!(ops.len(), 1, "{ops:?}");
         let after = patched(&new_value, &ops);
-        assert_eq!(uncontained(&after, scope).len(), 1, "only the SYS_ADMIN");
+        assert_eq!(
+            uncontained(&after, scope, &Confinement::default()).len(),
+            1,
+            "only the SYS_ADMIN"
+        );
     }
 
     #[test]
@@ -394,6 +567,48 @@ mod tests {
             "containers": [{"name": "app"}],
         }));
         assert!(confine(&s, Scope::Create).is_empty());
-        assert!(uncontained(&s, Scope::Create).is_empty());
+        assert!(uncontained(&s, Scope::Create, &Confinement::default()).is_empty());
+    }
+
+    #[test]
+    fn the_rest_of_baseline_and_the_runtime_class() {
+        let s = spec(serde_json::json!({
+            "hostIPC": true,
+            "runtimeClassName": "gvisor",
+            "volumes": [{"name": "repo", "gitRepo": {"repository": "https://example.invalid/r"}}],
+            "containers": [
+                {"name": "app", "securityContext": {"procMount": "Unmasked",
+                    "capabilities": {"add": ["CAP_CHOWN"], "drop": ["ALL"]}}},
+            ],
+        }));
+        let runc = Confinement {
+            runtime_classes: ["runc".to_string()].into(),
+        };
+        let reasons = uncontained(&s, Scope::Create, &runc);
+        assert_eq!(reasons.len(), 5, "{reasons:#?}");
+        assert!(reasons[0].starts_with("hostIPC: true"));
+        assert!(reasons[1].starts_with(r#"volume "repo" is a gitRepo volume"#));
+        assert!(reasons[2].starts_with(r#"runtimeClassName "gvisor" is not one"#));
+        assert!(reasons[3].starts_with(r#"container "app" asks for an unmasked /proc"#));
+        // containerd would add CAP_CAP_CHOWN: not a baseline name.
+        assert!(reasons[4].starts_with(r#"container "app" adds capability CAP_CHOWN"#));
+        let mut named = s.clone();
+        named.runtime_class_name = Some("runc".into());
+        assert_eq!(uncontained(&named, Scope::Create, &runc).len(), 4);
+        // The agent's summary does not know the webhook's runtime classes.
+        assert_eq!(
+            summary(&s).unwrap(),
+            r#"hostIPC; gitRepo volume "repo"; container "app" unmasked /proc; container "app" adds CAP_CHOWN"#
+        );
+
+        let windows = spec(serde_json::json!({
+            "os": {"name": "windows"},
+            "securityContext": {"windowsOptions": {"hostProcess": true}},
+            "containers": [{"name": "app", "securityContext": {"windowsOptions": {"hostProcess": true}}}],
+        }));
+        let reasons = uncontained(&windows, Scope::Create, &runc);
+        assert_eq!(reasons.len(), 2, "{reasons:#?}");
+        assert!(reasons[0].starts_with("the pod runs as a Windows host process"));
+        assert!(reasons[1].starts_with(r#"container "app" runs as a Windows host process"#));
     }
 }

@@ -58,6 +58,7 @@ use kube::Api;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+pub use confine::Confinement;
 pub use review::{review, Namespaces, Reply, Route};
 pub use tenancy::Tenancy;
 
@@ -101,6 +102,8 @@ pub struct ServeOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Written with the bound address (`127.0.0.1:8443\n`) once serving.
     pub ready_file: Option<PathBuf>,
+    /// What a tenant's pod may hold beyond the rules ([`confine`]).
+    pub confinement: Confinement,
 }
 
 /// The `enforcer admission` subcommands.
@@ -123,6 +126,10 @@ pub enum Command {
         /// Written with the bound address once serving (useful with port 0).
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// A RuntimeClass whose handler runs containers on the node's kernel (runc, crun):
+        /// a tenant's pod may name it (repeatable). Pods naming any other are refused.
+        #[arg(long = "runtime-class", value_name = "NAME")]
+        runtime_classes: Vec<String>,
     },
 }
 
@@ -135,6 +142,7 @@ pub async fn run(command: Command) -> Result<()> {
             tls_key,
             kubeconfig,
             ready_file,
+            runtime_classes,
         } => {
             serve(ServeOptions {
                 listen,
@@ -142,6 +150,9 @@ pub async fn run(command: Command) -> Result<()> {
                 tls_key,
                 kubeconfig,
                 ready_file,
+                confinement: Confinement {
+                    runtime_classes: runtime_classes.into_iter().collect(),
+                },
             })
             .await
         }
@@ -173,6 +184,7 @@ pub async fn serve_until(
     let namespaces = Arc::new(ApiNamespaces {
         api: Api::all(client),
     });
+    let confinement = Arc::new(options.confinement.clone());
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("listening on {}", options.listen))?;
@@ -187,10 +199,10 @@ pub async fn serve_until(
         MAX_CONNECTIONS,
         shutdown,
         move |stream, peer| {
-            let namespaces = namespaces.clone();
+            let (namespaces, confinement) = (namespaces.clone(), confinement.clone());
             serve_http(stream, peer, move |request| {
-                let namespaces = namespaces.clone();
-                async move { respond(request, &*namespaces).await }
+                let (namespaces, confinement) = (namespaces.clone(), confinement.clone());
+                async move { respond(request, &*namespaces, &confinement).await }
             })
         },
     )
@@ -247,6 +259,7 @@ fn reply(reply: Reply) -> Response<Full<Bytes>> {
 async fn respond(
     request: Request<Incoming>,
     namespaces: &impl Namespaces,
+    confinement: &Confinement,
 ) -> Response<Full<Bytes>> {
     let route = match request.uri().path() {
         MUTATE_PATH => Route::Mutate,
@@ -293,7 +306,7 @@ async fn respond(
             ))
         }
     };
-    reply(review(route, &body, namespaces).await)
+    reply(review(route, &body, namespaces, confinement).await)
 }
 
 fn too_large() -> Reply {

@@ -10,7 +10,7 @@ use kube::core::{DynamicObject, Status};
 use k8s_openapi::api::core::v1::PodSpec;
 use serde_json::Value;
 
-use super::confine::{confine, uncontained, Scope};
+use super::confine::{confine, uncontained, Confinement, Scope};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
 
@@ -66,7 +66,12 @@ pub trait Namespaces: Send + Sync {
 ///   the webhook could not decide). It does not exist: denied.
 /// - Otherwise 200 with the review's response: allowed (with a patch on `/mutate` when labels
 ///   are missing or a tenant's container keeps `NET_RAW`) or denied with every reason.
-pub async fn review(route: Route, body: &[u8], namespaces: &impl Namespaces) -> Reply {
+pub async fn review(
+    route: Route,
+    body: &[u8],
+    namespaces: &impl Namespaces,
+    confinement: &Confinement,
+) -> Reply {
     let parsed: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(error) => {
@@ -90,7 +95,7 @@ pub async fn review(route: Route, body: &[u8], namespaces: &impl Namespaces) -> 
         Ok(request) => request,
         Err(_) => return Reply::text(400, "the AdmissionReview has no request"),
     };
-    let response = match decide(route, &request, namespaces).await {
+    let response = match decide(route, &request, namespaces, confinement).await {
         Ok(response) => response,
         Err(reply) => return reply,
     };
@@ -118,6 +123,7 @@ async fn decide(
     route: Route,
     request: &AdmissionRequest<DynamicObject>,
     namespaces: &impl Namespaces,
+    confinement: &Confinement,
 ) -> Result<AdmissionResponse, Reply> {
     let kind = &request.kind;
     if (
@@ -243,7 +249,7 @@ async fn decide(
                 .collect();
             match specs {
                 Ok(Some((spec, old))) => {
-                    let why = uncontained(&spec, scope(change, old.as_ref()));
+                    let why = uncontained(&spec, scope(change, old.as_ref()), confinement);
                     reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")))
                 }
                 Ok(None) => {}
@@ -354,7 +360,10 @@ mod tests {
     }
 
     async fn answer(route: Route, body: &[u8]) -> (u16, Value) {
-        let reply = review(route, body, &table()).await;
+        let confinement = Confinement {
+            runtime_classes: ["runc".to_string()].into(),
+        };
+        let reply = review(route, body, &table(), &confinement).await;
         let value = if reply.content_type == "application/json" {
             serde_json::from_slice(&reply.body).unwrap()
         } else {
@@ -461,10 +470,10 @@ mod tests {
         let message = value["response"]["status"]["message"].as_str().unwrap();
         assert_eq!(
             message,
-            "pod acme-prod/web: ephemeral container \"debugger\" keeps NET_RAW (the container \
-             runtime's default grants it), with which it writes frames no hook sees: add \
-             NET_RAW to its securityContext.capabilities.drop (the mutating webhook does when \
-             it is registered)"
+            "pod acme-prod/web: ephemeral container \"debugger\" keeps NET_RAW (containerd's \
+             default set grants it), with which it writes frames no hook sees: add NET_RAW to \
+             its securityContext.capabilities.drop (the mutating webhook does when it is \
+             registered)"
         );
     }
 

@@ -75,6 +75,7 @@ impl Running {
                 tls_key: key,
                 kubeconfig: Some(kubeconfig),
                 ready_file: Some(ready.clone()),
+                confinement: Default::default(),
             },
             async move {
                 let _ = stopped.await;
@@ -239,6 +240,7 @@ async fn refuses_to_start_without_a_usable_certificate_or_kubeconfig() {
         tls_key: key.to_path_buf(),
         kubeconfig: Some(kubeconfig.to_path_buf()),
         ready_file: None,
+        confinement: Default::default(),
     };
     let missing = dir.0.join("missing");
     let error = serve_until(options(&cert, &missing, &missing), async {})

@@ -33,6 +33,7 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::admission::confine;
 use anyhow::{bail, Context, Result};
 use enforcer_policy::cluster::ClusterState;
 use futures::{StreamExt, TryStreamExt};
@@ -878,8 +879,17 @@ fn slim<K: ResourceExt>(object: &mut K) {
 /// creation and deletion times, of the annotations only the product's own
 /// (`ai-enforcer.io/`, the marks) and the mirror annotation, of the owner references only the
 /// Node owners (a mirror pod's annotation and owner name a static pod's cgroup); node, host network,
-/// service account, phase, its IPs and its node's. [`wire::WirePod`] decodes exactly this.
+/// service account, phase, its IPs and its node's; and, under [`model::UNCONTAINED_KEY`], what
+/// its containers, volumes and host namespaces hold that the enforcer cannot contain (they
+/// are not kept: a container is 2 KiB). [`wire::WirePod`] decodes exactly this.
 fn slim_pod(pod: &mut Pod) {
+    // What the containers, volumes and host namespaces say, before they go (a pod has at
+    // least one container: a spec without any was slimmed already and keeps its summary).
+    let uncontained = pod
+        .spec
+        .as_ref()
+        .filter(|s| !s.containers.is_empty())
+        .map(confine::summary);
     let m = std::mem::take(&mut pod.metadata);
     pod.metadata = ObjectMeta {
         name: m.name,
@@ -899,6 +909,9 @@ fn slim_pod(pod: &mut Pod) {
         deletion_timestamp: m.deletion_timestamp,
         ..ObjectMeta::default()
     };
+    if let Some(summary) = uncontained {
+        keep_uncontained(&mut pod.metadata, summary);
+    }
     pod.spec = pod.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
         host_network: s.host_network,
@@ -914,6 +927,22 @@ fn slim_pod(pod: &mut Pod) {
         host_ips: s.host_ips,
         ..PodStatus::default()
     });
+}
+
+/// Records (or clears) on a slim pod's metadata what the pod holds that the enforcer cannot
+/// contain ([`model::UNCONTAINED_KEY`]).
+pub(crate) fn keep_uncontained(metadata: &mut ObjectMeta, summary: Option<String>) {
+    match summary {
+        Some(summary) => {
+            let annotations = metadata.annotations.get_or_insert_with(Default::default);
+            annotations.insert(model::UNCONTAINED_KEY.to_string(), summary);
+        }
+        None => {
+            if let Some(annotations) = &mut metadata.annotations {
+                annotations.remove(model::UNCONTAINED_KEY);
+            }
+        }
+    }
 }
 
 /// A Node with only what [`cluster_state`] reads: its name, addresses and

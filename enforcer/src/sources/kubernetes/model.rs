@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::admission::confine::{self, Scope};
 use enforcer_policy::cluster::{
     labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, EndpointMarks,
     ServicePort, MAX_DATASETS,
@@ -176,7 +175,7 @@ struct MemoPod {
     problems: Vec<String>,
     /// A tenant's pod: what it holds that the enforcer cannot contain (see
     /// [`uncontained_problem`]).
-    uncontained: Vec<String>,
+    uncontained: Option<String>,
     round: u64,
 }
 
@@ -210,9 +209,9 @@ impl Memo {
             _ => {
                 let mut own = Vec::new();
                 let identity = pod_identity(pod, tenant, rules, &mut own);
-                let uncontained = match (&pod.spec, tenant.tenant()) {
-                    (Some(spec), Some(_)) => confine::uncontained(spec, Scope::Create),
-                    _ => Vec::new(),
+                let uncontained = match tenant.tenant() {
+                    Some(_) => uncontained(pod).map(str::to_string),
+                    None => None,
                 };
                 problems.extend(own.iter().cloned());
                 let known = identity.is_some();
@@ -593,7 +592,7 @@ pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// product's own (`ai-enforcer.io/`, the marks that make a pod a vector DB) and the mirror
 /// annotation that names a static pod's cgroup.
 pub(super) fn kept_annotation(key: &str) -> bool {
-    key.starts_with("ai-enforcer.io/") || key == MIRROR_ANNOTATION
+    key.starts_with("ai-enforcer.io/") || key == MIRROR_ANNOTATION || key == UNCONTAINED_KEY
 }
 
 /// The UID the kubelet names the pod's cgroup after: `metadata.uid`, except for the mirror
@@ -640,33 +639,56 @@ fn pod_key(pod: &Pod) -> (&str, &str) {
     )
 }
 
+/// Where the source's slim copy of a pod keeps what the pod holds that the enforcer cannot
+/// contain (`crate::admission::confine::summary`, computed as the pod is decoded: its
+/// containers are not kept). Not a valid annotation key, so no object from the API server
+/// carries it.
+pub(super) const UNCONTAINED_KEY: &str = "(agent) uncontained";
+
+/// What a slim pod holds that the enforcer cannot contain ([`UNCONTAINED_KEY`]).
+fn uncontained(pod: &Pod) -> Option<&str> {
+    let annotations = pod.metadata.annotations.as_ref()?;
+    annotations.get(UNCONTAINED_KEY).map(String::as_str)
+}
+
 /// One line for every tenant's pod that holds what the enforcer cannot contain (a privileged
 /// container, a capability beyond the Pod Security Standards' `baseline`, `NET_RAW` kept, the
 /// node's PID namespace or files: `crate::admission::confine`): admitted where `enforcer
 /// admission serve` is not registered, or before it was. Such a pod is enforced like any
 /// other, but can send past the checks (raw frames, its own rewrites), which an operator must
-/// hear of. Its first pod's reasons in full, the rest by name.
+/// hear of. The first pods by name with what each holds, then how many more.
 fn uncontained_problem(memo: &Memo) -> Option<String> {
-    let mut pods: Vec<(&str, &str, &[String])> = memo
+    let mut pods: Vec<(&str, &str, &str)> = memo
         .pods
         .values()
-        .filter(|e| !e.uncontained.is_empty())
-        .map(|e| {
+        .filter_map(|e| {
             let (namespace, name) = pod_key(&e.pod);
-            (namespace, name, e.uncontained.as_slice())
+            Some((namespace, name, e.uncontained.as_deref()?))
         })
         .collect();
+    if pods.is_empty() {
+        return None;
+    }
     pods.sort_unstable();
-    let (namespace, name, why) = pods.first()?;
-    let names: Vec<String> = pods.iter().map(|(ns, n, _)| format!("{ns}/{n}")).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Only the names shown are formatted (every tenant pod may be listed: no webhook on
+    // containerd).
+    let mut shown: Vec<String> = pods
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|(namespace, name, what)| format!("{namespace}/{name} ({what})"))
+        .collect();
+    if pods.len() > NAMES_SHOWN {
+        shown.push(format!("and {} more", pods.len() - NAMES_SHOWN));
+    }
+    let (count, verb) = match pods.len() {
+        1 => ("1 pod of a tenant".to_string(), "holds"),
+        n => (format!("{n} pods of tenants"), "hold"),
+    };
     Some(format!(
-        "{} pods of tenants hold what the enforcer cannot contain (admitted without `enforcer \
-         admission serve`): they are enforced, but can send past its checks; pod \
-         {namespace}/{name}: {}; all: {}",
-        pods.len(),
-        why.join("; "),
-        name_list(&names)
+        "{count} {verb} what the enforcer cannot contain (admitted before or without `enforcer \
+         admission serve`, or before the namespace had a tenant): enforced, but able to send \
+         past its checks: {}",
+        shown.join(", ")
     ))
 }
 

@@ -1988,9 +1988,17 @@ fn wire_pods_decode_what_slim_pods_keep() {
                 "name": "c", "image": "busybox",
                 "env": [{"name": "A", "value": "b"}],
                 "ports": [{"containerPort": 80, "protocol": "TCP"}],
-                "resources": {"limits": {"cpu": "1"}}
+                "resources": {"limits": {"cpu": "1"}},
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}, "runAsUser": 1000}
             }],
-            "volumes": [{"name": "v", "emptyDir": {}}]
+            "initContainers": [{
+                "name": "init", "image": "busybox",
+                "securityContext": {"privileged": true, "capabilities": {"drop": ["ALL"]}}
+            }],
+            "volumes": [
+                {"name": "v", "emptyDir": {}},
+                {"name": "node", "hostPath": {"path": "/var/run", "type": "Directory"}}
+            ]
         },
         "status": {
             "phase": "Running", "podIP": "127.97.0.1",
@@ -2024,10 +2032,19 @@ fn wire_pods_decode_what_slim_pods_keep() {
         if what == "mirror pod" {
             // The marks (kvdb) survive the slim decode: without them a vector DB pod
             // would lose its flags in the live agent.
+            // So does what its containers hold that the enforcer cannot contain.
             let kept = expected.metadata.annotations.unwrap_or_default();
             assert_eq!(
                 kept.keys().map(String::as_str).collect::<Vec<_>>(),
-                ["ai-enforcer.io/kind", model::MIRROR_ANNOTATION]
+                [
+                    model::UNCONTAINED_KEY,
+                    "ai-enforcer.io/kind",
+                    model::MIRROR_ANNOTATION
+                ]
+            );
+            assert_eq!(
+                kept[model::UNCONTAINED_KEY],
+                r#"hostPath volume "node" (/var/run); init container "init" privileged; container "c" adds NET_ADMIN; container "c" keeps NET_RAW"#
             );
         }
     }
@@ -2333,8 +2350,10 @@ fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
 /// drop `NET_RAW` and add nothing, and pods of namespaces without a tenant, are not listed.
 #[test]
 fn a_tenants_uncontained_pods_are_reported_in_one_line() {
+    // As the watcher keeps them: slim, what they hold summarised.
     let with = |mut p: Pod, containers: serde_json::Value| {
         p.spec.as_mut().unwrap().containers = serde_json::from_value(containers).unwrap();
+        slim_pod(&mut p);
         p
     };
     let confined = json!([{"name": "app", "securityContext": {"capabilities": {"drop": ["ALL"]}}}]);
@@ -2377,12 +2396,10 @@ fn a_tenants_uncontained_pods_are_reported_in_one_line() {
     assert_eq!(
         lines,
         [
-            "2 pods of tenants hold what the enforcer cannot contain (admitted without `enforcer \
-             admission serve`): they are enforced, but can send past its checks; pod \
-             acme/plain: container \"app\" keeps NET_RAW (the container runtime's default \
-             grants it), with which it writes frames no hook sees: add NET_RAW to its \
-             securityContext.capabilities.drop (the mutating webhook does when it is \
-             registered); all: acme/plain, acme/rewriter"
+            "2 pods of tenants hold what the enforcer cannot contain (admitted before or \
+             without `enforcer admission serve`, or before the namespace had a tenant): \
+             enforced, but able to send past its checks: acme/plain (container \"app\" keeps \
+             NET_RAW), acme/rewriter (container \"app\" adds NET_ADMIN)"
         ],
         "{:#?}",
         s.problems

@@ -1,5 +1,6 @@
 //! The pod as the source decodes it from the API server: only the fields [`super::cluster_state`]
-//! reads are built, every other field of the JSON is skipped unparsed.
+//! reads are built (its containers' security contexts only long enough to summarise them),
+//! every other field of the JSON is skipped unparsed.
 //!
 //! A cold sync lists every pod of the cluster (20,000 at issue 9's scale) and decoding them
 //! into `k8s_openapi` [`Pod`]s built every container, volume, environment variable and
@@ -9,9 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    Container, EphemeralContainer, HostIP, HostPathVolumeSource, Pod, PodIP, PodOS, PodSpec,
+    PodStatus, SecurityContext, Volume,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use serde::{Deserialize, Deserializer};
+
+use crate::admission::confine;
 
 /// A [`Pod`] with what [`super::slim_pod`] keeps; decoded (by the watcher, from lists and
 /// watch events) without building the rest. Its [`Pod`] is [`WirePod::into_pod`].
@@ -83,6 +89,78 @@ struct Spec {
     host_network: Option<bool>,
     service_account_name: Option<String>,
     service_account: Option<String>,
+    // What `confine::summary` reads, summarised as the pod is decoded and not kept.
+    #[serde(default)]
+    containers: Vec<WireContainer>,
+    init_containers: Option<Vec<WireContainer>>,
+    ephemeral_containers: Option<Vec<WireContainer>>,
+    #[serde(rename = "hostPID")]
+    host_pid: Option<bool>,
+    volumes: Option<Vec<WireVolume>>,
+    os: Option<PodOS>,
+}
+
+/// A container's name and security context (of any of the three lists).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireContainer {
+    name: String,
+    security_context: Option<SecurityContext>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireVolume {
+    name: String,
+    host_path: Option<HostPathVolumeSource>,
+}
+
+impl Spec {
+    /// What the pod holds that the enforcer cannot contain (`confine::summary` of a spec with
+    /// just what it reads); `None` inside when nothing, and outside for a spec without
+    /// containers (as `slim_pod` reads one).
+    fn uncontained(&mut self) -> Option<Option<String>> {
+        if self.containers.is_empty() {
+            return None;
+        }
+        let container = |c: WireContainer| Container {
+            name: c.name,
+            security_context: c.security_context,
+            ..Container::default()
+        };
+        let spec = PodSpec {
+            containers: std::mem::take(&mut self.containers)
+                .into_iter()
+                .map(container)
+                .collect(),
+            init_containers: self
+                .init_containers
+                .take()
+                .map(|l| l.into_iter().map(container).collect()),
+            ephemeral_containers: self.ephemeral_containers.take().map(|l| {
+                l.into_iter()
+                    .map(|c| EphemeralContainer {
+                        name: c.name,
+                        security_context: c.security_context,
+                        ..EphemeralContainer::default()
+                    })
+                    .collect()
+            }),
+            host_pid: self.host_pid,
+            volumes: self.volumes.take().map(|l| {
+                l.into_iter()
+                    .map(|v| Volume {
+                        name: v.name,
+                        host_path: v.host_path,
+                        ..Volume::default()
+                    })
+                    .collect()
+            }),
+            os: self.os.take(),
+            ..PodSpec::default()
+        };
+        Some(confine::summary(&spec))
+    }
 }
 
 #[derive(Deserialize)]
@@ -145,9 +223,10 @@ fn mirror_annotation<'de, D: Deserializer<'de>>(
 
 impl<'de> Deserialize<'de> for WirePod {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let wire = Wire::deserialize(d)?;
+        let mut wire = Wire::deserialize(d)?;
+        let uncontained = wire.spec.as_mut().and_then(Spec::uncontained);
         let m = wire.metadata;
-        Ok(WirePod(Pod {
+        let mut pod = Pod {
             metadata: ObjectMeta {
                 name: m.name,
                 namespace: m.namespace,
@@ -178,6 +257,10 @@ impl<'de> Deserialize<'de> for WirePod {
                 host_ips: s.host_ips,
                 ..PodStatus::default()
             }),
-        }))
+        };
+        if let Some(summary) = uncontained {
+            super::keep_uncontained(&mut pod.metadata, summary);
+        }
+        Ok(WirePod(pod))
     }
 }
