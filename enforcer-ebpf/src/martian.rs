@@ -165,6 +165,8 @@ fn same_address(a: &Destination, b: &Destination) -> bool {
 
 /// `Packet::dport` when the packet does not show it.
 const NO_PORT: u16 = 0;
+/// The fragment offset bits of IPv4's flags and fragment offset field.
+const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
 /// The remote address and port (host order) of the packet's socket (an IPv4-mapped address
 /// as its IPv4 one), and whether it is connected: a remote address or port is set (either
@@ -255,10 +257,14 @@ fn packet_destination(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
         };
         if let Some(ip) = load::<[u8; IPV4_HEADER_MIN + 4]>(ctx, 0) {
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
-            // No later fragment (whose first bytes are no ports) comes here: the hook runs
-            // before the kernel fragments a packet (`ip_finish_output`), and no socket that
-            // writes its own IP header reaches it (`sock_create` refuses `SOCK_RAW`).
-            let dport = if ihl == IPV4_HEADER_MIN {
+            // The kernel fragments a socket's packets after this hook (`ip_finish_output`),
+            // but a raw socket that writes its own header (`IP_HDRINCL`: one `sock_create`
+            // let through in audit mode, or created before the programs were attached) sends
+            // any fragment offset: a later fragment's first bytes are no ports.
+            let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & IPV4_FRAGMENT_OFFSET != 0;
+            let dport = if later_fragment {
+                NO_PORT
+            } else if ihl == IPV4_HEADER_MIN {
                 port(ip[9], &ip[IPV4_HEADER_MIN..])
             } else {
                 match load::<[u8; 4]>(ctx, ihl) {

@@ -474,26 +474,16 @@ mod tests {
         );
         let after = patched(&value, &ops);
         assert!(uncontained(&after, Scope::Create, &Confinement::default()).is_empty());
+        let capabilities = |i: usize| {
+            let security = after.containers[i].security_context.clone().unwrap();
+            security.capabilities.unwrap()
+        };
         assert_eq!(
-            after.containers[3]
-                .security_context
-                .as_ref()
-                .unwrap()
-                .capabilities
-                .as_ref()
-                .unwrap()
-                .drop,
+            capabilities(3).drop,
             Some(vec!["MKNOD".to_string(), "NET_RAW".to_string()])
         );
         assert_eq!(
-            after.containers[2]
-                .security_context
-                .as_ref()
-                .unwrap()
-                .capabilities
-                .as_ref()
-                .unwrap()
-                .add,
+            capabilities(2).add,
             Some(vec!["CHOWN".to_string()]),
             "what was there stays"
         );
