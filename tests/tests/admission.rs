@@ -12,8 +12,9 @@
 //! - a pod claiming another tenant, a pod in an enforced namespace without a tenant, and a
 //!   relabel to another tenant are refused, the API error naming the pod, label and values;
 //! - a tenant's pod comes back with `NET_RAW` dropped from its containers; one that adds
-//!   `NET_ADMIN`, is privileged or mounts a `hostPath` is refused, every reason named; the
-//!   same pod in a namespace without a tenant is admitted as is;
+//!   `NET_ADMIN`, is privileged or mounts a `hostPath` is refused, every reason named; so
+//!   is the same pod in a namespace without a tenant, while kube-system (spared by the
+//!   selector) admits it as is;
 //! - with the webhook stopped, pod creation fails in judged namespaces (failurePolicy Fail),
 //!   while kube-system and the enforcer's namespace (spared by the selector) still work.
 //!
@@ -461,19 +462,33 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
         "{message}"
     );
 
-    // A namespace without tenant metadata, not enforced: admitted as is.
+    // A namespace without tenant metadata, not enforced: no labels stamped...
     let plain: Api<Pod> = Api::namespaced(client.clone(), "adm9-plain");
     let created = plain
         .create(&PostParams::default(), &pod("loose", &[]))
         .await?;
     assert_eq!(pod_labels(&created), BTreeMap::new());
-    // ... and not confined: nothing dropped, nothing refused.
-    assert_eq!(dropped(&created), [Vec::<String>::new()]);
+    // ... but confined all the same: its raw frames would reach a tenant's pods, its
+    // hostPath their cgroups.
+    assert_eq!(dropped(&created), [vec!["NET_RAW".to_string()]]);
     uncontained.metadata.name = Some("unjudged".into());
-    plain
+    let message = refusal(plain.create(&PostParams::default(), &uncontained).await)?;
+    for reason in [
+        r#"pod adm9-plain/unjudged: container "main" is privileged"#,
+        "adds capability NET_ADMIN",
+        r#"volume "node" mounts the node's path "/sys/fs/cgroup""#,
+    ] {
+        assert!(message.contains(reason), "{reason:?} in {message}");
+    }
+    assert!(plain.get_opt("unjudged").await?.is_none());
+    // What must hold such things lives in a namespace the selector spares.
+    let system: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    uncontained.metadata.name = Some("node-agent".into());
+    let created = system
         .create(&PostParams::default(), &uncontained)
         .await
-        .context("a pod with NET_ADMIN where no tenant is")?;
+        .context("a privileged pod in kube-system")?;
+    assert_eq!(dropped(&created), [Vec::<String>::new()], "untouched");
 
     // The webhook stops: failurePolicy Fail refuses pods wherever the selector reaches...
     webhook.stop()?;

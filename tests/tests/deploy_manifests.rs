@@ -383,6 +383,12 @@ fn webhooks_call_the_webhook_service_fail_closed_and_spare_the_system() {
     let all = manifests();
     let hooks = hooks(&all);
     assert_eq!(hooks.len(), 2, "one mutating and one validating webhook");
+    // A namespace spared by one only would have its pods refused for the `NET_RAW` the
+    // mutating webhook did not drop, or stamped but never checked.
+    assert_eq!(
+        hooks[0].selector, hooks[1].selector,
+        "the two webhooks spare the same namespaces"
+    );
     for hook in &hooks {
         let at = &hook.location;
         assert_eq!(hook.failure_policy.as_deref(), Some("Fail"), "{at}");

@@ -1,12 +1,14 @@
-//! What a pod in a tenant's namespace may hold: nothing the enforcer cannot contain.
+//! What a pod may hold: nothing the enforcer cannot contain.
 //!
 //! The kernel programs judge what a workload sends through its sockets. A container that may
 //! write raw frames (`CAP_NET_RAW`: `AF_PACKET`, `AF_XDP`, which no cgroup hook sees on this
 //! kernel), rewrite its packets beside netfilter (`CAP_NET_ADMIN`: tc, nftables netdev, an
 //! unconnected socket's `DNAT`), load kernel programs or leave its cgroup (`CAP_SYS_ADMIN`,
 //! `CAP_BPF`, a privileged container, the node's files through a `hostPath` volume) reaches
-//! another tenant past every check (README, "What is and is not covered"). In a namespace
-//! with a tenant, or one labelled enforced, the webhook therefore:
+//! another tenant past every check (README, "What is and is not covered"), from a namespace
+//! without a tenant as much as from a tenant's. In every namespace it is called for (the
+//! webhook configuration's selector spares those whose pods must hold such things: the
+//! control plane, the CNI, the enforcer) the webhook therefore:
 //!
 //! - [`confine`] (`/mutate`): adds `NET_RAW` to the dropped capabilities of every container
 //!   that neither drops it nor `ALL`. containerd's default set grants it to every container

@@ -3,11 +3,9 @@
 
 use std::future::Future;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, PodSpec};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::{DynamicObject, Status};
-
-use k8s_openapi::api::core::v1::PodSpec;
 use serde_json::Value;
 
 use super::confine::{confine, uncontained, Confinement, Scope};
@@ -198,20 +196,17 @@ async fn decide(
     };
     let tenancy = Tenancy::of(&namespace);
     let pod_labels = object.metadata.labels.as_ref();
-    // A tenant's pods hold nothing the enforcer cannot contain (`confine`); a namespace with
-    // no tenant metadata, not enforced, is not judged for it.
-    let confined = tenancy.enforced || tenancy.tenant().is_some();
-    let specs = if confined {
-        let old = match request.old_object.as_ref() {
-            Some(old) if change != Change::Create => Some(pod_spec(&pod, old)),
-            _ => None,
-        };
-        match (pod_spec(&pod, object), old.transpose()) {
-            (Ok(spec), Ok(old)) => Ok(Some((spec, old))),
-            (Err(why), _) | (_, Err(why)) => Err(why),
-        }
-    } else {
-        Ok(None)
+    // Every pod the webhook is called for holds nothing the enforcer cannot contain
+    // (`confine`), in a namespace without a tenant too: its raw frames reach a tenant's pods
+    // as well, and its `hostPath` reaches their cgroups. What must hold such things (a CNI,
+    // a node agent) lives in a namespace the webhook configuration's selector spares.
+    let old = match request.old_object.as_ref() {
+        Some(old) if change != Change::Create => Some(pod_spec(&pod, old)),
+        _ => None,
+    };
+    let specs = match (pod_spec(&pod, object), old.transpose()) {
+        (Ok(spec), Ok(old)) => Ok((spec, old)),
+        (Err(why), _) | (_, Err(why)) => Err(why),
     };
     match route {
         Route::Mutate => {
@@ -224,8 +219,7 @@ async fn decide(
             };
             let labels = ops.len();
             match &specs {
-                Ok(Some((spec, old))) => ops.extend(confine(spec, scope(change, old.as_ref()))),
-                Ok(None) => {}
+                Ok((spec, old)) => ops.extend(confine(spec, scope(change, old.as_ref()))),
                 Err(why) => return Ok(deny(request, why.clone())),
             }
             if ops.is_empty() {
@@ -248,11 +242,10 @@ async fn decide(
                 .into_iter()
                 .collect();
             match specs {
-                Ok(Some((spec, old))) => {
+                Ok((spec, old)) => {
                     let why = uncontained(&spec, scope(change, old.as_ref()), confinement);
                     reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")))
                 }
-                Ok(None) => {}
                 Err(why) => reasons.push(why),
             }
             Ok(if reasons.is_empty() {
@@ -333,6 +326,13 @@ mod tests {
         ]))
     }
 
+    /// The JSON patch of an answered review. kube encodes the patch bytes as a JSON array of
+    /// numbers, which the API server's decoder accepts for a []byte as well as base64.
+    fn patch_of(review: &Value) -> Value {
+        let bytes: Vec<u8> = serde_json::from_value(review["response"]["patch"].clone()).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
     /// An AdmissionReview as the API server sends it.
     fn review_body(operation: &str, ns: &str, pod: Value, old: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -388,23 +388,26 @@ mod tests {
         assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
         assert_eq!(response["allowed"], true);
         assert_eq!(response["patchType"], "JSONPatch");
-        // kube encodes the patch bytes as a JSON array of numbers, which the API server's
-        // decoder accepts for a []byte as well as base64.
-        let bytes: Vec<u8> = serde_json::from_value(response["patch"].clone()).unwrap();
-        let patch: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
-            patch,
+            patch_of(&value),
             json!([
                 {"op": "add", "path": "/metadata/labels/ai-enforcer.io~1tenant", "value": "acme"},
                 {"op": "add", "path": "/spec/containers/0/securityContext",
                  "value": {"capabilities": {"drop": ["NET_RAW"]}}},
             ])
         );
-        // A namespace without tenant metadata, not enforced: nothing to stamp or drop.
+        // A namespace without tenant metadata, not enforced: nothing to stamp, but `NET_RAW`
+        // goes all the same (its frames would reach a tenant's pods).
         let body = review_body("CREATE", "plain", pod("web", json!({})), Value::Null);
         let (_, value) = answer(Route::Mutate, &body).await;
         assert_eq!(value["response"]["allowed"], true);
-        assert_eq!(value["response"]["patch"], Value::Null, "{value}");
+        assert_eq!(
+            patch_of(&value),
+            json!([
+                {"op": "add", "path": "/spec/containers/0/securityContext",
+                 "value": {"capabilities": {"drop": ["NET_RAW"]}}},
+            ])
+        );
     }
 
     #[tokio::test]
@@ -433,15 +436,23 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("adds capability NET_ADMIN"), "{message}");
-        // Not a tenant's namespace: not judged for it.
+        // Not a tenant's namespace: judged all the same, with the tenant claim.
+        let body = review_body("CREATE", "plain", sniffer.clone(), Value::Null);
+        let (_, value) = answer(Route::Validate, &body).await;
+        assert_eq!(value["response"]["allowed"], false);
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(r#"label ai-enforcer.io/tenant="globex""#),
+            "{message}"
+        );
+        assert!(
+            message.contains(r#"pod plain/sniffer: container "c" adds capability NET_ADMIN"#),
+            "{message}"
+        );
+        sniffer["metadata"]["labels"] = json!({});
         let body = review_body("CREATE", "plain", sniffer, Value::Null);
         let (_, value) = answer(Route::Validate, &body).await;
-        assert_eq!(
-            value["response"]["allowed"], false,
-            "the tenant claim still is"
-        );
-        let message = value["response"]["status"]["message"].as_str().unwrap();
-        assert!(!message.contains("capability"), "{message}");
+        assert_eq!(value["response"]["allowed"], false, "{value}");
 
         // `kubectl debug`: the ephemeral container the update adds, and only it.
         let mut old = pod("web", json!({labels::TENANT: "acme"}));
@@ -459,10 +470,8 @@ mod tests {
         body["request"]["subResource"] = json!("ephemeralcontainers");
         let body = serde_json::to_vec(&body).unwrap();
         let (_, value) = answer(Route::Mutate, &body).await;
-        let bytes: Vec<u8> = serde_json::from_value(value["response"]["patch"].clone()).unwrap();
-        let patch: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
-            patch,
+            patch_of(&value),
             json!([{"op": "add", "path": "/spec/ephemeralContainers/0/securityContext",
                     "value": {"capabilities": {"drop": ["NET_RAW"]}}}])
         );

@@ -686,7 +686,7 @@ fn uncontained_problem(memo: &Memo) -> Option<String> {
     };
     Some(format!(
         "{count} {verb} what the enforcer cannot contain (admitted before or without `enforcer \
-         admission serve`, or before the namespace had a tenant): enforced, but able to send \
+         admission serve`, or in a namespace its selector spares): enforced, but able to send \
          past its checks: {}",
         shown.join(", ")
     ))

@@ -2397,7 +2397,7 @@ fn a_tenants_uncontained_pods_are_reported_in_one_line() {
         lines,
         [
             "2 pods of tenants hold what the enforcer cannot contain (admitted before or \
-             without `enforcer admission serve`, or before the namespace had a tenant): \
+             without `enforcer admission serve`, or in a namespace its selector spares): \
              enforced, but able to send past its checks: acme/plain (container \"app\" keeps \
              NET_RAW), acme/rewriter (container \"app\" adds NET_ADMIN)"
         ],
