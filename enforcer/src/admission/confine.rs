@@ -321,6 +321,10 @@ impl Finding {
 
 /// What a pod with `spec` holds that the enforcer cannot contain, of what `scope` judges;
 /// its runtime class judged against `runtime_classes` (`None`: not judged).
+///
+/// The agent's slim decode (`sources::kubernetes::wire::Spec`) reads exactly the fields this
+/// reads: one read here must be decoded there too, and held by the pod that
+/// `wire_pods_decode_what_slim_pods_keep` decodes both ways.
 fn findings(
     spec: &PodSpec,
     scope: Scope<'_>,

@@ -2019,10 +2019,34 @@ fn wire_pods_decode_what_slim_pods_keep() {
         .unwrap()
         .remove("ownerReferences");
     let bare = json!({"metadata": {"name": "p", "namespace": "acme"}});
+    // Every field `confine::summary` reads, each holding what it judges: the slim decode
+    // must read them all (it once skipped hostIPC, gitRepo and the pod's hostProcess).
+    let holding_all = json!({
+        "metadata": {"name": "all", "namespace": "acme"},
+        "spec": {
+            "hostPID": true, "hostIPC": true,
+            "securityContext": {"windowsOptions": {"hostProcess": true}},
+            "containers": [{"name": "c", "securityContext": {
+                "procMount": "Unmasked", "privileged": true,
+                "capabilities": {"add": ["SYS_ADMIN"], "drop": ["CAP_NET_RAW"]},
+                "windowsOptions": {"hostProcess": true}
+            }}],
+            "initContainers": [{"name": "i"}],
+            "ephemeralContainers": [{"name": "debug", "securityContext": {
+                "capabilities": {"drop": ["ALL"], "add": ["BPF"]}
+            }}],
+            "volumes": [
+                {"name": "h", "hostPath": {"path": "/"}},
+                {"name": "g", "gitRepo": {"repository": "https://example.invalid/r.git"}},
+                {"name": "e", "emptyDir": {}}
+            ]
+        }
+    });
     for (what, value) in [
         ("mirror pod", full),
         ("host-network pod", host),
         ("bare", bare),
+        ("holding all", holding_all),
     ] {
         let text = serde_json::to_string(&value).unwrap();
         let mut expected: Pod = serde_json::from_str(&text).unwrap();
@@ -2033,7 +2057,7 @@ fn wire_pods_decode_what_slim_pods_keep() {
             // The marks (kvdb) survive the slim decode: without them a vector DB pod
             // would lose its flags in the live agent.
             // So does what its containers hold that the enforcer cannot contain.
-            let kept = expected.metadata.annotations.unwrap_or_default();
+            let kept = expected.metadata.annotations.clone().unwrap_or_default();
             assert_eq!(
                 kept.keys().map(String::as_str).collect::<Vec<_>>(),
                 [
@@ -2046,6 +2070,18 @@ fn wire_pods_decode_what_slim_pods_keep() {
                 kept[model::UNCONTAINED_KEY],
                 r#"hostPath volume "node" (/var/run); init container "init" privileged; container "c" adds NET_ADMIN; container "c" keeps NET_RAW"#
             );
+        }
+        if what == "holding all" {
+            let summary = &expected.metadata.annotations.as_ref().unwrap()[model::UNCONTAINED_KEY];
+            for clause in [
+                "hostPID; hostIPC; ",
+                r#"gitRepo volume "g""#,
+                "the pod host process",
+                r#"container "c" host process"#,
+                r#"container "c" unmasked /proc"#,
+            ] {
+                assert!(summary.contains(clause), "{clause} in {summary}");
+            }
         }
     }
     // A list as the watcher reads it.

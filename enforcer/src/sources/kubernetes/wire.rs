@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EphemeralContainer, HostIP, HostPathVolumeSource, Pod, PodIP, PodOS, PodSpec,
-    PodStatus, SecurityContext, Volume,
+    Container, EphemeralContainer, GitRepoVolumeSource, HostIP, HostPathVolumeSource, Pod, PodIP,
+    PodOS, PodSecurityContext, PodSpec, PodStatus, SecurityContext, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use serde::{Deserialize, Deserializer};
@@ -89,14 +89,20 @@ struct Spec {
     host_network: Option<bool>,
     service_account_name: Option<String>,
     service_account: Option<String>,
-    // What `confine::summary` reads, summarised as the pod is decoded and not kept.
+    // What `confine::summary` reads (every field of it: a field left out here reads as
+    // absent, and a pod holding it would go unreported), summarised as the pod is decoded
+    // and not kept.
     #[serde(default)]
     containers: Vec<WireContainer>,
     init_containers: Option<Vec<WireContainer>>,
     ephemeral_containers: Option<Vec<WireContainer>>,
     #[serde(rename = "hostPID")]
     host_pid: Option<bool>,
+    #[serde(rename = "hostIPC")]
+    host_ipc: Option<bool>,
     volumes: Option<Vec<WireVolume>>,
+    /// Its `windowsOptions.hostProcess`.
+    security_context: Option<PodSecurityContext>,
     os: Option<PodOS>,
 }
 
@@ -113,6 +119,7 @@ struct WireContainer {
 struct WireVolume {
     name: String,
     host_path: Option<HostPathVolumeSource>,
+    git_repo: Option<GitRepoVolumeSource>,
 }
 
 impl Spec {
@@ -147,15 +154,18 @@ impl Spec {
                     .collect()
             }),
             host_pid: self.host_pid,
+            host_ipc: self.host_ipc,
             volumes: self.volumes.take().map(|l| {
                 l.into_iter()
                     .map(|v| Volume {
                         name: v.name,
                         host_path: v.host_path,
+                        git_repo: v.git_repo,
                         ..Volume::default()
                     })
                     .collect()
             }),
+            security_context: self.security_context.take(),
             os: self.os.take(),
             ..PodSpec::default()
         };
