@@ -39,8 +39,8 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, HostPathVolumeSource, Namespace, Pod, PodSpec, SecurityContext,
-    Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, HostPathVolumeSource, Namespace, Pod, PodSpec,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
@@ -414,6 +414,35 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
     // The mutating webhook dropped NET_RAW before the validating one judged.
     assert!(!message.contains("keeps NET_RAW"), "{message}");
     assert!(acme.get_opt("rewriter").await?.is_none());
+
+    // What the node would do for the pod: a probe sent where the pod says, the node's port,
+    // the node's network namespace (whose ports the API server makes host ports: said once).
+    let mut lent = pod("lent", &[]);
+    lent.spec.as_mut().unwrap().containers[0] = serde_json::from_value(serde_json::json!({
+        "name": "main", "image": "scratch",
+        "readinessProbe": {"httpGet": {"host": "127.0.0.1", "port": 10248}},
+        "ports": [{"containerPort": 8080, "hostPort": 9100}]
+    }))?;
+    let message = refusal(acme.create(&PostParams::default(), &lent).await)?;
+    for reason in [
+        r#"pod adm9-acme/lent: container "main"'s readinessProbe names host "127.0.0.1""#,
+        r#"pod adm9-acme/lent: container "main" asks for hostPort 9100"#,
+    ] {
+        assert!(message.contains(reason), "{reason} not in {message}");
+    }
+    let mut host = pod("host", &[]);
+    let spec = host.spec.as_mut().unwrap();
+    spec.host_network = Some(true);
+    spec.containers[0].ports = Some(vec![ContainerPort {
+        container_port: 8080,
+        ..Default::default()
+    }]);
+    let message = refusal(acme.create(&PostParams::default(), &host).await)?;
+    assert!(
+        message.contains("pod adm9-acme/host: hostNetwork: true puts the pod in the node's"),
+        "{message}"
+    );
+    assert!(!message.contains("hostPort"), "{message}");
 
     // Another tenant claimed: refused with the reason.
     let message = refusal(

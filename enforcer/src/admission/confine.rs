@@ -16,13 +16,15 @@
 //!   (`unsupported_socket`), so nothing a workload may do needs it.
 //! - [`uncontained`] (`/validate`): refuses a privileged container, a capability added
 //!   beyond the Pod Security Standards' `baseline` set ([`BASELINE_CAPABILITIES`]), a
-//!   container that keeps `NET_RAW` (the mutating webhook was not called), the host's PID
-//!   and IPC namespaces, `hostPath` and `gitRepo` volumes, an unmasked `/proc`, a Windows
-//!   `hostProcess` container (the `baseline` standard's rules on these, plus `NET_RAW`
-//!   dropped), and a runtime class the operator did not name ([`Confinement`]: a sandbox
-//!   such as gVisor or Kata keeps its sockets in its own network stack, which no hook of the
-//!   node sees; only its frames leave). `hostNetwork` is admitted: such a pod is judged by
-//!   its labels like any other.
+//!   container that keeps `NET_RAW` (the mutating webhook was not called), the host's PID,
+//!   IPC and network namespaces (in the node's, loopback reaches the node's own services),
+//!   `hostPath` and `gitRepo` volumes, an unmasked `/proc`, a Windows `hostProcess`
+//!   container, a `hostPort` (the node's port forwarded to the pod: calls judged as calls to
+//!   the node reach it), a probe or lifecycle handler naming a `host` (the kubelet sends it
+//!   from the node, unjudged, wherever the pod says) (the `baseline` standard's rules on
+//!   these, plus `NET_RAW` dropped), and a runtime class the operator did not name
+//!   ([`Confinement`]: a sandbox such as gVisor or Kata keeps its sockets in its own network
+//!   stack, which no hook of the node sees; only its frames leave).
 //!
 //! Containers are immutable once created except through the `pods/ephemeralcontainers`
 //! subresource (`kubectl debug`), so an update is judged on the ephemeral containers it adds
@@ -38,7 +40,7 @@ use std::collections::BTreeSet;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::{PodSpec, SecurityContext};
+use k8s_openapi::api::core::v1::{ContainerPort, Lifecycle, PodSpec, Probe, SecurityContext};
 use serde_json::Value;
 
 /// The capabilities a container may add (Pod Security Standards, `baseline` profile,
@@ -86,6 +88,52 @@ struct Slot<'a> {
     index: usize,
     name: &'a str,
     security: Option<&'a SecurityContext>,
+    /// Its probes' and lifecycle handlers' `host`s: (where, host), empty ones left out.
+    handler_hosts: Vec<(&'static str, &'a str)>,
+    /// Its `ports[].hostPort`s.
+    host_ports: Vec<i32>,
+}
+
+/// The probes and lifecycle handlers of a container (of any list: an ephemeral container
+/// has the same fields, which the API server refuses to fill) that name a `host`: the kubelet
+/// sends those from the node, to whatever address they name. An empty host is the pod's own
+/// address.
+fn handler_hosts<'a>(
+    probes: [(&'static str, Option<&'a Probe>); 3],
+    lifecycle: Option<&'a Lifecycle>,
+) -> Vec<(&'static str, &'a str)> {
+    let mut hosts = Vec::new();
+    for (probe, p) in probes {
+        let Some(p) = p else { continue };
+        let http = p.http_get.as_ref().and_then(|a| a.host.as_deref());
+        let tcp = p.tcp_socket.as_ref().and_then(|a| a.host.as_deref());
+        hosts.extend(http.map(|h| (probe, h)));
+        hosts.extend(tcp.map(|h| (probe, h)));
+    }
+    let handlers = lifecycle.into_iter().flat_map(|l| {
+        [
+            ("postStart", l.post_start.as_ref()),
+            ("preStop", l.pre_stop.as_ref()),
+        ]
+    });
+    for (handler, h) in handlers {
+        let Some(h) = h else { continue };
+        let http = h.http_get.as_ref().and_then(|a| a.host.as_deref());
+        let tcp = h.tcp_socket.as_ref().and_then(|a| a.host.as_deref());
+        hosts.extend(http.map(|host| (handler, host)));
+        hosts.extend(tcp.map(|host| (handler, host)));
+    }
+    hosts.retain(|(_, host)| !host.is_empty());
+    hosts
+}
+
+fn host_ports(ports: Option<&Vec<ContainerPort>>) -> Vec<i32> {
+    ports
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.host_port)
+        .filter(|p| *p != 0)
+        .collect()
 }
 
 impl Slot<'_> {
@@ -108,6 +156,15 @@ fn judged<'a>(spec: &'a PodSpec, scope: Scope<'_>) -> Vec<Slot<'a>> {
         index,
         name: &c.name,
         security: c.security_context.as_ref(),
+        handler_hosts: handler_hosts(
+            [
+                ("livenessProbe", c.liveness_probe.as_ref()),
+                ("readinessProbe", c.readiness_probe.as_ref()),
+                ("startupProbe", c.startup_probe.as_ref()),
+            ],
+            c.lifecycle.as_ref(),
+        ),
+        host_ports: host_ports(c.ports.as_ref()),
     });
     match scope {
         Scope::Create => {
@@ -122,6 +179,15 @@ fn judged<'a>(spec: &'a PodSpec, scope: Scope<'_>) -> Vec<Slot<'a>> {
                         index,
                         name: &c.name,
                         security: c.security_context.as_ref(),
+                        handler_hosts: handler_hosts(
+                            [
+                                ("livenessProbe", c.liveness_probe.as_ref()),
+                                ("readinessProbe", c.readiness_probe.as_ref()),
+                                ("startupProbe", c.startup_probe.as_ref()),
+                            ],
+                            c.lifecycle.as_ref(),
+                        ),
+                        host_ports: host_ports(c.ports.as_ref()),
                     });
                 }
             }
@@ -205,6 +271,17 @@ pub fn confine(spec: &PodSpec, scope: Scope<'_>) -> Vec<PatchOperation> {
 enum Finding {
     HostPid,
     HostIpc,
+    HostNetwork,
+    /// A probe or lifecycle handler (`handler`) of `container` naming `host`.
+    HandlerHost {
+        container: String,
+        handler: &'static str,
+        host: String,
+    },
+    HostPort {
+        container: String,
+        port: i32,
+    },
     GitRepo {
         volume: String,
     },
@@ -249,6 +326,24 @@ impl Finding {
             Finding::HostIpc => "hostIPC: true shares the node's IPC namespace with processes \
                                  outside every enforced cgroup"
                 .to_string(),
+            Finding::HostNetwork => "hostNetwork: true puts the pod in the node's network \
+                                     namespace, where it reaches the node's own services on \
+                                     loopback and its abstract Unix sockets, and holds the \
+                                     node's addresses and ports"
+                .to_string(),
+            Finding::HandlerHost {
+                container,
+                handler,
+                host,
+            } => format!(
+                "{container}'s {handler} names host {host:?}: the kubelet sends it from the \
+                 node, outside every enforced cgroup, to the address the pod chose; leave \
+                 host empty (the pod's own address)"
+            ),
+            Finding::HostPort { container, port } => format!(
+                "{container} asks for hostPort {port}: the node forwards its port to the pod, \
+                 so calls judged as calls to the node reach it; expose it through a Service"
+            ),
             Finding::GitRepo { volume } => format!(
                 "volume {volume:?} is a gitRepo volume, which the kubelet clones as root on \
                  the node"
@@ -302,6 +397,13 @@ impl Finding {
         match self {
             Finding::HostPid => "hostPID".to_string(),
             Finding::HostIpc => "hostIPC".to_string(),
+            Finding::HostNetwork => "hostNetwork".to_string(),
+            Finding::HandlerHost {
+                container,
+                handler,
+                host,
+            } => format!("{container} {handler} host {host}"),
+            Finding::HostPort { container, port } => format!("{container} hostPort {port}"),
             Finding::HostPath { volume, path } => format!("hostPath volume {volume:?} ({path})"),
             Finding::GitRepo { volume } => format!("gitRepo volume {volume:?}"),
             Finding::RuntimeClass { name } => format!("runtime class {name:?}"),
@@ -338,6 +440,9 @@ fn findings(
         if spec.host_ipc == Some(true) {
             found.push(Finding::HostIpc);
         }
+        if spec.host_network == Some(true) {
+            found.push(Finding::HostNetwork);
+        }
         for volume in spec.volumes.iter().flatten() {
             if let Some(host) = &volume.host_path {
                 found.push(Finding::HostPath {
@@ -362,8 +467,24 @@ fn findings(
             found.push(Finding::HostProcess { container: None });
         }
     }
+    // A host network pod's ports are the node's (the API server sets each `hostPort` to its
+    // `containerPort`): said once, by `HostNetwork`.
+    let host_network = spec.host_network == Some(true);
     for slot in judged(spec, scope) {
         let container = slot.describe();
+        for (handler, host) in &slot.handler_hosts {
+            found.push(Finding::HandlerHost {
+                container: container.clone(),
+                handler,
+                host: host.to_string(),
+            });
+        }
+        for port in slot.host_ports.iter().filter(|_| !host_network) {
+            found.push(Finding::HostPort {
+                container: container.clone(),
+                port: *port,
+            });
+        }
         let security = slot.security;
         let windows = security.and_then(|s| s.windows_options.as_ref());
         if windows.and_then(|w| w.host_process) == Some(true) {
@@ -606,5 +727,45 @@ mod tests {
         assert_eq!(reasons.len(), 2, "{reasons:#?}");
         assert!(reasons[0].starts_with("the pod runs as a Windows host process"));
         assert!(reasons[1].starts_with(r#"container "app" runs as a Windows host process"#));
+    }
+
+    /// What makes others send for the pod, or puts it at the node's addresses.
+    #[test]
+    fn the_node_sends_for_no_pod_and_lends_it_no_address() {
+        let drop_all = serde_json::json!({"capabilities": {"drop": ["ALL"]}});
+        let s = spec(serde_json::json!({
+            "containers": [{
+                "name": "app", "securityContext": drop_all,
+                "readinessProbe": {"httpGet": {"host": "10.0.0.7", "path": "/admin", "port": 80}},
+                "livenessProbe": {"tcpSocket": {"host": "", "port": 8080}},
+                "startupProbe": {"grpc": {"port": 9000}},
+                "lifecycle": {
+                    "postStart": {"tcpSocket": {"host": "127.0.0.1", "port": 10248}},
+                    "preStop": {"httpGet": {"port": 80}}
+                },
+                "ports": [{"containerPort": 80, "hostPort": 9100}, {"containerPort": 81}]
+            }],
+        }));
+        let reasons = uncontained(&s, Scope::Create, &Confinement::default());
+        assert_eq!(reasons.len(), 3, "{reasons:#?}");
+        assert!(reasons[0].starts_with(
+            r#"container "app"'s readinessProbe names host "10.0.0.7": the kubelet sends it from the node"#
+        ));
+        assert!(reasons[1].starts_with(r#"container "app"'s postStart names host "127.0.0.1""#));
+        assert!(reasons[2].starts_with(r#"container "app" asks for hostPort 9100"#));
+        // Empty hosts and the pod's own port are the pod's business.
+        let mut own = s.clone();
+        let c = &mut own.containers[0];
+        c.readiness_probe = None;
+        c.lifecycle = None;
+        c.ports.as_mut().unwrap()[0].host_port = None;
+        assert!(uncontained(&own, Scope::Create, &Confinement::default()).is_empty());
+        // The node's network namespace: said once, not again for every port it implies.
+        let mut host = own;
+        host.host_network = Some(true);
+        host.containers[0].ports.as_mut().unwrap()[0].host_port = Some(80);
+        let reasons = uncontained(&host, Scope::Create, &Confinement::default());
+        assert_eq!(reasons.len(), 1, "{reasons:#?}");
+        assert!(reasons[0].starts_with("hostNetwork: true puts the pod in the node's network"));
     }
 }

@@ -9,10 +9,10 @@
 //! GET  /healthz    200 "ok" (readiness probe)
 //! ```
 //!
-//! In a namespace with a tenant (or labelled enforced), a pod must hold nothing the enforcer
+//! In every namespace the webhooks are called for, a pod must hold nothing the enforcer
 //! cannot contain: no privileged container, no capability beyond the Pod Security
-//! Standards' `baseline` set, `NET_RAW` dropped, no `hostPID`, no `hostPath` volume
-//! ([`confine`]).
+//! Standards' `baseline` set, `NET_RAW` dropped, none of the node's namespaces, no
+//! `hostPath` volume, no `hostPort`, no probe sent elsewhere ([`confine`]).
 //!
 //! The tenant metadata keys are [`labels::TENANT_METADATA`] (tenant, region, data residency,
 //! retention tier), read from the Namespace's labels or annotations of those names

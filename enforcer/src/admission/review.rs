@@ -19,10 +19,10 @@ pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     /// `/mutate`: stamp the namespace's tenant metadata onto the pod, and drop `NET_RAW`
-    /// from a tenant's containers.
+    /// from its containers.
     Mutate,
     /// `/validate`: refuse pods that claim another tenant, lack one where it is required, or
-    /// (a tenant's) hold what the enforcer cannot contain.
+    /// hold what the enforcer cannot contain.
     Validate,
 }
 
@@ -63,7 +63,7 @@ pub trait Namespaces: Send + Sync {
 /// - The namespace cannot be read: 500 with the reason (again the `failurePolicy` applies:
 ///   the webhook could not decide). It does not exist: denied.
 /// - Otherwise 200 with the review's response: allowed (with a patch on `/mutate` when labels
-///   are missing or a tenant's container keeps `NET_RAW`) or denied with every reason.
+///   are missing or a container keeps `NET_RAW`) or denied with every reason.
 pub async fn review(
     route: Route,
     body: &[u8],

@@ -2026,12 +2026,17 @@ fn wire_pods_decode_what_slim_pods_keep() {
         "spec": {
             "hostPID": true, "hostIPC": true,
             "securityContext": {"windowsOptions": {"hostProcess": true}},
+            "hostNetwork": true,
             "containers": [{"name": "c", "securityContext": {
                 "procMount": "Unmasked", "privileged": true,
                 "capabilities": {"add": ["SYS_ADMIN"], "drop": ["CAP_NET_RAW"]},
                 "windowsOptions": {"hostProcess": true}
-            }}],
-            "initContainers": [{"name": "i"}],
+            },
+            "readinessProbe": {"httpGet": {"host": "127.0.0.1", "port": 10248}},
+            "livenessProbe": {"tcpSocket": {"host": "", "port": 8080}},
+            "lifecycle": {"preStop": {"tcpSocket": {"host": "127.97.0.9", "port": 22}}}}],
+            "initContainers": [{"name": "i", "ports": [{"containerPort": 80, "hostPort": 80}],
+                                "startupProbe": {"httpGet": {"host": "127.97.0.8", "port": 1}}}],
             "ephemeralContainers": [{"name": "debug", "securityContext": {
                 "capabilities": {"drop": ["ALL"], "add": ["BPF"]}
             }}],
@@ -2074,7 +2079,9 @@ fn wire_pods_decode_what_slim_pods_keep() {
         if what == "holding all" {
             let summary = &expected.metadata.annotations.as_ref().unwrap()[model::UNCONTAINED_KEY];
             for clause in [
-                "hostPID; hostIPC; ",
+                "hostPID; hostIPC; hostNetwork; ",
+                r#"init container "i" startupProbe host 127.97.0.8; "#,
+                r#"container "c" readinessProbe host 127.0.0.1; container "c" preStop host 127.97.0.9; "#,
                 r#"gitRepo volume "g""#,
                 "the pod host process",
                 r#"container "c" host process"#,

@@ -11,8 +11,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EphemeralContainer, GitRepoVolumeSource, HostIP, HostPathVolumeSource, Pod, PodIP,
-    PodOS, PodSecurityContext, PodSpec, PodStatus, SecurityContext, Volume,
+    Container, ContainerPort, EphemeralContainer, GitRepoVolumeSource, HostIP,
+    HostPathVolumeSource, Lifecycle, Pod, PodIP, PodOS, PodSecurityContext, PodSpec, PodStatus,
+    Probe, SecurityContext, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use serde::{Deserialize, Deserializer};
@@ -106,12 +107,17 @@ struct Spec {
     os: Option<PodOS>,
 }
 
-/// A container's name and security context (of any of the three lists).
+/// What `confine::summary` reads of a container (of any of the three lists).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireContainer {
     name: String,
     security_context: Option<SecurityContext>,
+    liveness_probe: Option<Probe>,
+    readiness_probe: Option<Probe>,
+    startup_probe: Option<Probe>,
+    lifecycle: Option<Lifecycle>,
+    ports: Option<Vec<ContainerPort>>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +139,11 @@ impl Spec {
         let container = |c: WireContainer| Container {
             name: c.name,
             security_context: c.security_context,
+            liveness_probe: c.liveness_probe,
+            readiness_probe: c.readiness_probe,
+            startup_probe: c.startup_probe,
+            lifecycle: c.lifecycle,
+            ports: c.ports,
             ..Container::default()
         };
         let spec = PodSpec {
@@ -149,12 +160,18 @@ impl Spec {
                     .map(|c| EphemeralContainer {
                         name: c.name,
                         security_context: c.security_context,
+                        liveness_probe: c.liveness_probe,
+                        readiness_probe: c.readiness_probe,
+                        startup_probe: c.startup_probe,
+                        lifecycle: c.lifecycle,
+                        ports: c.ports,
                         ..EphemeralContainer::default()
                     })
                     .collect()
             }),
             host_pid: self.host_pid,
             host_ipc: self.host_ipc,
+            host_network: self.host_network,
             volumes: self.volumes.take().map(|l| {
                 l.into_iter()
                     .map(|v| Volume {
