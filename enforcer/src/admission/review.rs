@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::confine::{confine, uncontained, Confinement, Scope};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
+use crate::sources::kubernetes::model::MIRROR_ANNOTATION;
 
 /// The API version of AdmissionReview this webhook speaks (`admissionReviewVersions: [v1]`).
 pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
@@ -244,7 +245,8 @@ async fn decide(
             match specs {
                 Ok((spec, old)) => {
                     let why = uncontained(&spec, scope(change, old.as_ref()), confinement);
-                    reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")))
+                    reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")));
+                    reasons.extend(forged_mirror(&pod, request, &spec));
                 }
                 Err(why) => reasons.push(why),
             }
@@ -255,6 +257,41 @@ async fn decide(
             })
         }
     }
+}
+
+/// Why the pod may not carry the mirror annotation it carries, when it may not.
+///
+/// The annotation marks the mirror of a static pod and names the static pod's cgroup (its
+/// UID), which the agent honours on a pod owned by its Node (`cgroup_uid` in
+/// `sources::kubernetes::model`). Only that node's kubelet creates mirror pods, as
+/// `system:node:<spec.nodeName>`: from anyone else it is a claim on another pod's cgroup,
+/// which unmaps that pod on every node (two pods claiming one cgroup are both left out). An
+/// update that leaves the annotation as it was is not a new claim.
+fn forged_mirror(
+    pod: &str,
+    request: &AdmissionRequest<DynamicObject>,
+    spec: &PodSpec,
+) -> Option<String> {
+    let mirror = |o: Option<&DynamicObject>| {
+        o.and_then(|o| o.metadata.annotations.as_ref())
+            .and_then(|a| a.get(MIRROR_ANNOTATION).cloned())
+    };
+    let claimed = mirror(request.object.as_ref())?;
+    if request.operation == Operation::Update
+        && mirror(request.old_object.as_ref()).as_ref() == Some(&claimed)
+    {
+        return None;
+    }
+    let user = request.user_info.username.as_deref().unwrap_or("");
+    let node = spec.node_name.as_deref().filter(|n| !n.is_empty());
+    if node.is_some_and(|node| user.strip_prefix("system:node:") == Some(node)) {
+        return None;
+    }
+    Some(format!(
+        "pod {pod}: annotation {MIRROR_ANNOTATION} marks the mirror of a static pod, which \
+         only the kubelet of its node creates (as system:node:<spec.nodeName>); {user:?} is not \
+         it"
+    ))
 }
 
 /// Which of the pod's containers a `change` judges, `old` the spec before an update.
@@ -484,6 +521,48 @@ mod tests {
              its securityContext.capabilities.drop (the mutating webhook does when it is \
              registered)"
         );
+    }
+
+    /// A mirror pod's annotation claims a static pod's cgroup: only the node's kubelet may
+    /// make that claim.
+    #[tokio::test]
+    async fn only_the_nodes_kubelet_creates_a_mirror_pod() {
+        let mut mirror = pod("etcd-n1", json!({labels::TENANT: "acme"}));
+        mirror["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: "0123abcd"});
+        mirror["spec"]["nodeName"] = json!("n1");
+        mirror["spec"]["containers"][0]["securityContext"] =
+            json!({"capabilities": {"drop": ["ALL"]}});
+        let by = |user: &str, operation: &str, old: Value| {
+            let mut body: Value =
+                serde_json::from_slice(&review_body(operation, "acme-prod", mirror.clone(), old))
+                    .unwrap();
+            body["request"]["userInfo"]["username"] = json!(user);
+            serde_json::to_vec(&body).unwrap()
+        };
+        let (_, value) = answer(
+            Route::Validate,
+            &by("system:node:n1", "CREATE", Value::Null),
+        )
+        .await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
+        for user in ["alice", "system:node:n2", "system:node:"] {
+            let (_, value) = answer(Route::Validate, &by(user, "CREATE", Value::Null)).await;
+            assert_eq!(value["response"]["allowed"], false, "{user}");
+            let message = value["response"]["status"]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(
+                    "pod acme-prod/etcd-n1: annotation kubernetes.io/config.mirror marks the mirror"
+                ),
+                "{message}"
+            );
+        }
+        // An update that keeps the annotation is no new claim; one that adds it is.
+        let (_, value) = answer(Route::Validate, &by("alice", "UPDATE", mirror.clone())).await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
+        let mut plain = mirror.clone();
+        plain["metadata"]["annotations"] = json!({});
+        let (_, value) = answer(Route::Validate, &by("alice", "UPDATE", plain)).await;
+        assert_eq!(value["response"]["allowed"], false, "{value}");
     }
 
     #[tokio::test]

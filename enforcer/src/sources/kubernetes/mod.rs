@@ -21,7 +21,7 @@
 //! Errors (unreachable server, 500s, garbage answers) are logged once per change, not per
 //! retry; the watchers retry with a capped exponential backoff forever.
 
-mod model;
+pub(crate) mod model;
 mod wire;
 
 use std::collections::BTreeSet;

@@ -586,7 +586,7 @@ fn addresses(pod: &Pod) -> Vec<IpAddr> {
 /// The annotation a kubelet puts on the mirror pod of a static pod: the static pod's own UID
 /// (a hash of its manifest), which is what names its cgroup. Source: kubelet
 /// `pkg/kubelet/types` (`ConfigMirrorAnnotationKey`).
-pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+pub(crate) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// The annotations the source keeps of a pod (the rest is dropped as it is decoded): the
 /// product's own (`ai-enforcer.io/`, the marks that make a pod a vector DB) and the mirror
@@ -601,7 +601,8 @@ pub(super) fn kept_annotation(key: &str) -> bool {
 /// That does not prove the kubelet wrote it (NodeRestriction limits what a kubelet may
 /// write, not what others may; the garbage collector deletes a pod whose owner's UID does
 /// not match, but only later): a pod's own UID therefore wins over a mirror claim on it
-/// (`cluster_state`), so a forged one can contest only a static pod's cgroup.
+/// (`cluster_state`), so a forged one can contest only a static pod's cgroup (and the
+/// admission webhook, where it is called, refuses it from anyone but the node's kubelet).
 fn cgroup_uid(pod: &Pod) -> Option<String> {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     let owned_by_node = pod
