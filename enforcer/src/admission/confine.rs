@@ -94,37 +94,59 @@ struct Slot<'a> {
     host_ports: Vec<i32>,
 }
 
-/// The probes and lifecycle handlers of a container (of any list: an ephemeral container
-/// has the same fields, which the API server refuses to fill) that name a `host`: the kubelet
-/// sends those from the node, to whatever address they name. An empty host is the pod's own
+/// The probes and lifecycle handlers of a container that name a `host`: the kubelet sends
+/// those from the node, to whatever address they name. An empty host is the pod's own
 /// address.
 fn handler_hosts<'a>(
     probes: [(&'static str, Option<&'a Probe>); 3],
     lifecycle: Option<&'a Lifecycle>,
 ) -> Vec<(&'static str, &'a str)> {
-    let mut hosts = Vec::new();
-    for (probe, p) in probes {
-        let Some(p) = p else { continue };
-        let http = p.http_get.as_ref().and_then(|a| a.host.as_deref());
-        let tcp = p.tcp_socket.as_ref().and_then(|a| a.host.as_deref());
-        hosts.extend(http.map(|h| (probe, h)));
-        hosts.extend(tcp.map(|h| (probe, h)));
-    }
+    let probes = probes.into_iter().filter_map(|(at, p)| {
+        let p = p?;
+        Some((at, p.http_get.as_ref(), p.tcp_socket.as_ref()))
+    });
     let handlers = lifecycle.into_iter().flat_map(|l| {
         [
             ("postStart", l.post_start.as_ref()),
             ("preStop", l.pre_stop.as_ref()),
         ]
+        .into_iter()
+        .filter_map(|(at, h)| {
+            let h = h?;
+            Some((at, h.http_get.as_ref(), h.tcp_socket.as_ref()))
+        })
     });
-    for (handler, h) in handlers {
-        let Some(h) = h else { continue };
-        let http = h.http_get.as_ref().and_then(|a| a.host.as_deref());
-        let tcp = h.tcp_socket.as_ref().and_then(|a| a.host.as_deref());
-        hosts.extend(http.map(|host| (handler, host)));
-        hosts.extend(tcp.map(|host| (handler, host)));
+    let mut hosts = Vec::new();
+    for (at, http, tcp) in probes.chain(handlers) {
+        hosts.extend(http.and_then(|a| a.host.as_deref()).map(|h| (at, h)));
+        hosts.extend(tcp.and_then(|a| a.host.as_deref()).map(|h| (at, h)));
     }
     hosts.retain(|(_, host)| !host.is_empty());
     hosts
+}
+
+/// The [`Slot`] of a container of any list: `Container` and `EphemeralContainer` have the
+/// same fields (an ephemeral container's probes, lifecycle and ports, which the API server
+/// refuses to fill, are judged all the same).
+macro_rules! slot {
+    ($list:expr, $index:expr, $c:expr) => {{
+        let c = $c;
+        Slot {
+            list: $list,
+            index: $index,
+            name: &c.name,
+            security: c.security_context.as_ref(),
+            handler_hosts: handler_hosts(
+                [
+                    ("livenessProbe", c.liveness_probe.as_ref()),
+                    ("readinessProbe", c.readiness_probe.as_ref()),
+                    ("startupProbe", c.startup_probe.as_ref()),
+                ],
+                c.lifecycle.as_ref(),
+            ),
+            host_ports: host_ports(c.ports.as_ref()),
+        }
+    }};
 }
 
 fn host_ports(ports: Option<&Vec<ContainerPort>>) -> Vec<i32> {
@@ -151,21 +173,7 @@ impl Slot<'_> {
 fn judged<'a>(spec: &'a PodSpec, scope: Scope<'_>) -> Vec<Slot<'a>> {
     let mut slots = Vec::new();
     let ephemeral = spec.ephemeral_containers.iter().flatten().enumerate();
-    let ephemeral = ephemeral.map(|(index, c)| Slot {
-        list: "ephemeralContainers",
-        index,
-        name: &c.name,
-        security: c.security_context.as_ref(),
-        handler_hosts: handler_hosts(
-            [
-                ("livenessProbe", c.liveness_probe.as_ref()),
-                ("readinessProbe", c.readiness_probe.as_ref()),
-                ("startupProbe", c.startup_probe.as_ref()),
-            ],
-            c.lifecycle.as_ref(),
-        ),
-        host_ports: host_ports(c.ports.as_ref()),
-    });
+    let ephemeral = ephemeral.map(|(index, c)| slot!("ephemeralContainers", index, c));
     match scope {
         Scope::Create => {
             let lists = [
@@ -174,21 +182,7 @@ fn judged<'a>(spec: &'a PodSpec, scope: Scope<'_>) -> Vec<Slot<'a>> {
             ];
             for (list, containers) in lists {
                 for (index, c) in containers.into_iter().flatten().enumerate() {
-                    slots.push(Slot {
-                        list,
-                        index,
-                        name: &c.name,
-                        security: c.security_context.as_ref(),
-                        handler_hosts: handler_hosts(
-                            [
-                                ("livenessProbe", c.liveness_probe.as_ref()),
-                                ("readinessProbe", c.readiness_probe.as_ref()),
-                                ("startupProbe", c.startup_probe.as_ref()),
-                            ],
-                            c.lifecycle.as_ref(),
-                        ),
-                        host_ports: host_ports(c.ports.as_ref()),
-                    });
+                    slots.push(slot!(list, index, c));
                 }
             }
             slots.extend(ephemeral);
