@@ -102,7 +102,7 @@ pub struct ServeOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Written with the bound address (`127.0.0.1:8443\n`) once serving.
     pub ready_file: Option<PathBuf>,
-    /// What a tenant's pod may hold beyond the rules ([`confine`]).
+    /// What a pod may hold beyond the rules ([`confine`]).
     pub confinement: Confinement,
 }
 
@@ -127,7 +127,7 @@ pub enum Command {
         #[arg(long)]
         ready_file: Option<PathBuf>,
         /// A RuntimeClass whose handler runs containers on the node's kernel (runc, crun):
-        /// a tenant's pod may name it (repeatable). Pods naming any other are refused.
+        /// a pod may name it (repeatable). Pods naming any other are refused.
         #[arg(long = "runtime-class", value_name = "NAME")]
         runtime_classes: Vec<String>,
     },

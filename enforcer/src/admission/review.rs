@@ -220,6 +220,8 @@ async fn decide(
             };
             let labels = ops.len();
             match &specs {
+                // A static pod runs whatever its mirror says: a patch would make the mirror lie.
+                Ok((spec, _)) if mirror(&pod, request, spec) == Mirror::Kubelets => {}
                 Ok((spec, old)) => ops.extend(confine(spec, scope(change, old.as_ref()))),
                 Err(why) => return Ok(deny(request, why.clone())),
             }
@@ -243,11 +245,16 @@ async fn decide(
                 .into_iter()
                 .collect();
             match specs {
-                Ok((spec, old)) => {
-                    let why = uncontained(&spec, scope(change, old.as_ref()), confinement);
-                    reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")));
-                    reasons.extend(forged_mirror(&pod, request, &spec));
-                }
+                Ok((spec, old)) => match mirror(&pod, request, &spec) {
+                    // The static pod runs whether its mirror is admitted or not; refused, it
+                    // would only go unseen by the agent (which reports what it holds).
+                    Mirror::Kubelets => {}
+                    Mirror::Forged(why) => reasons.push(why),
+                    Mirror::No => {
+                        let why = uncontained(&spec, scope(change, old.as_ref()), confinement);
+                        reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")));
+                    }
+                },
                 Err(why) => reasons.push(why),
             }
             Ok(if reasons.is_empty() {
@@ -259,38 +266,48 @@ async fn decide(
     }
 }
 
-/// Why the pod may not carry the mirror annotation it carries, when it may not.
-///
-/// The annotation marks the mirror of a static pod and names the static pod's cgroup (its
-/// UID), which the agent honours on a pod owned by its Node (`cgroup_uid` in
-/// `sources::kubernetes::model`). Only that node's kubelet creates mirror pods, as
-/// `system:node:<spec.nodeName>`: from anyone else it is a claim on another pod's cgroup,
-/// which unmaps that pod on every node (two pods claiming one cgroup are both left out). An
-/// update that leaves the annotation as it was is not a new claim.
-fn forged_mirror(
-    pod: &str,
-    request: &AdmissionRequest<DynamicObject>,
-    spec: &PodSpec,
-) -> Option<String> {
-    let mirror = |o: Option<&DynamicObject>| {
+/// Whether a pod is the mirror of a static pod, as [`mirror`] judges it.
+#[derive(Debug, PartialEq, Eq)]
+enum Mirror {
+    /// No mirror annotation, or one an update leaves as it was (no new claim).
+    No,
+    /// Created by the kubelet of the pod's node: a static pod, which runs whatever its
+    /// mirror says (neither patched nor refused for what it holds).
+    Kubelets,
+    /// Claimed by anyone else: why it is refused.
+    Forged(String),
+}
+
+/// The mirror annotation marks the mirror of a static pod and names the static pod's cgroup
+/// (its UID), which the agent honours on a pod owned by its Node (`cgroup_uid` in
+/// `sources::kubernetes::model`). Only that node's kubelet creates mirror pods, as user
+/// `system:node:<spec.nodeName>` in group `system:nodes` (what the API server's Node
+/// authorizer requires): from anyone else it is a claim on another pod's cgroup, which
+/// unmaps that pod on every node (two pods claiming one cgroup are both left out).
+fn mirror(pod: &str, request: &AdmissionRequest<DynamicObject>, spec: &PodSpec) -> Mirror {
+    let annotation = |o: Option<&DynamicObject>| {
         o.and_then(|o| o.metadata.annotations.as_ref())
             .and_then(|a| a.get(MIRROR_ANNOTATION).cloned())
     };
-    let claimed = mirror(request.object.as_ref())?;
+    let Some(claimed) = annotation(request.object.as_ref()) else {
+        return Mirror::No;
+    };
     if request.operation == Operation::Update
-        && mirror(request.old_object.as_ref()).as_ref() == Some(&claimed)
+        && annotation(request.old_object.as_ref()).as_ref() == Some(&claimed)
     {
-        return None;
+        return Mirror::No;
     }
-    let user = request.user_info.username.as_deref().unwrap_or("");
+    let user = &request.user_info;
+    let name = user.username.as_deref().unwrap_or("");
     let node = spec.node_name.as_deref().filter(|n| !n.is_empty());
-    if node.is_some_and(|node| user.strip_prefix("system:node:") == Some(node)) {
-        return None;
+    let in_nodes = user.groups.iter().flatten().any(|g| g == "system:nodes");
+    if in_nodes && node.is_some_and(|node| name.strip_prefix("system:node:") == Some(node)) {
+        return Mirror::Kubelets;
     }
-    Some(format!(
+    Mirror::Forged(format!(
         "pod {pod}: annotation {MIRROR_ANNOTATION} marks the mirror of a static pod, which \
-         only the kubelet of its node creates (as system:node:<spec.nodeName>); {user:?} is not \
-         it"
+         only the kubelet of its node creates (as system:node:<spec.nodeName>, group \
+         system:nodes); {name:?} is not it"
     ))
 }
 
@@ -536,9 +553,23 @@ mod tests {
             let mut body: Value =
                 serde_json::from_slice(&review_body(operation, "acme-prod", mirror.clone(), old))
                     .unwrap();
-            body["request"]["userInfo"]["username"] = json!(user);
+            body["request"]["userInfo"] = json!({"username": user, "groups": ["system:nodes"]});
             serde_json::to_vec(&body).unwrap()
         };
+        // The kubelet's own mirror: a static pod runs whatever it says, so it is neither
+        // refused nor patched for what it holds (privileged, NET_RAW kept here).
+        let mut holding = mirror.clone();
+        holding["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+        let mut body: Value =
+            serde_json::from_slice(&review_body("CREATE", "acme-prod", holding, Value::Null))
+                .unwrap();
+        body["request"]["userInfo"] = json!({"username": "system:node:n1",
+                                             "groups": ["system:nodes", "system:authenticated"]});
+        let body = serde_json::to_vec(&body).unwrap();
+        let (_, value) = answer(Route::Validate, &body).await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
+        let (_, value) = answer(Route::Mutate, &body).await;
+        assert_eq!(value["response"]["patch"], Value::Null, "{value}");
         let (_, value) = answer(
             Route::Validate,
             &by("system:node:n1", "CREATE", Value::Null),
@@ -556,6 +587,12 @@ mod tests {
                 "{message}"
             );
         }
+        // The node's name without the group the API server gives its kubelet.
+        let mut body: Value =
+            serde_json::from_slice(&by("system:node:n1", "CREATE", Value::Null)).unwrap();
+        body["request"]["userInfo"]["groups"] = json!(["system:authenticated"]);
+        let (_, value) = answer(Route::Validate, &serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(value["response"]["allowed"], false, "{value}");
         // An update that keeps the annotation is no new claim; one that adds it is.
         let (_, value) = answer(Route::Validate, &by("alice", "UPDATE", mirror.clone())).await;
         assert_eq!(value["response"]["allowed"], true, "{value}");

@@ -652,10 +652,11 @@ fn uncontained(pod: &Pod) -> Option<&str> {
     annotations.get(UNCONTAINED_KEY).map(String::as_str)
 }
 
-/// One line for every tenant's pod that holds what the enforcer cannot contain (a privileged
-/// container, a capability beyond the Pod Security Standards' `baseline`, `NET_RAW` kept, the
-/// node's PID namespace or files: `crate::admission::confine`): admitted where `enforcer
-/// admission serve` is not registered, or before it was. Such a pod is enforced like any
+/// One line for every tenant's pod that holds what the enforcer cannot contain (what
+/// `crate::admission::confine` refuses: a privileged container, a capability beyond the Pod
+/// Security Standards' `baseline`, `NET_RAW` kept, the node's namespaces, files or ports, a
+/// probe the node sends elsewhere): admitted where `enforcer admission serve` is not
+/// registered, or before it was, or a static pod's mirror. Such a pod is enforced like any
 /// other, but can send past the checks (raw frames, its own rewrites), which an operator must
 /// hear of. The first pods by name with what each holds, then how many more.
 fn uncontained_problem(memo: &Memo) -> Option<String> {

@@ -2033,7 +2033,7 @@ fn wire_pods_decode_what_slim_pods_keep() {
                 "windowsOptions": {"hostProcess": true}
             },
             "readinessProbe": {"httpGet": {"host": "127.0.0.1", "port": 10248}},
-            "livenessProbe": {"tcpSocket": {"host": "", "port": 8080}},
+            "livenessProbe": {"tcpSocket": {"host": "127.97.0.7", "port": 8080}},
             "lifecycle": {"preStop": {"tcpSocket": {"host": "127.97.0.9", "port": 22}}}}],
             "initContainers": [{"name": "i", "ports": [{"containerPort": 80, "hostPort": 80}],
                                 "startupProbe": {"httpGet": {"host": "127.97.0.8", "port": 1}}}],
@@ -2047,11 +2047,16 @@ fn wire_pods_decode_what_slim_pods_keep() {
             ]
         }
     });
+    // What a pod's own network namespace leaves to judge: its host ports (a host network
+    // pod's are all the node's, said once).
+    let mut host_ports = holding_all.clone();
+    host_ports["spec"]["hostNetwork"] = json!(false);
     for (what, value) in [
         ("mirror pod", full),
         ("host-network pod", host),
         ("bare", bare),
         ("holding all", holding_all),
+        ("host ports", host_ports),
     ] {
         let text = serde_json::to_string(&value).unwrap();
         let mut expected: Pod = serde_json::from_str(&text).unwrap();
@@ -2076,10 +2081,18 @@ fn wire_pods_decode_what_slim_pods_keep() {
                 r#"hostPath volume "node" (/var/run); init container "init" privileged; container "c" adds NET_ADMIN; container "c" keeps NET_RAW"#
             );
         }
+        if what == "host ports" {
+            let summary = &expected.metadata.annotations.as_ref().unwrap()[model::UNCONTAINED_KEY];
+            assert!(
+                summary.contains(r#"init container "i" hostPort 80; "#),
+                "{summary}"
+            );
+        }
         if what == "holding all" {
             let summary = &expected.metadata.annotations.as_ref().unwrap()[model::UNCONTAINED_KEY];
             for clause in [
                 "hostPID; hostIPC; hostNetwork; ",
+                r#"container "c" livenessProbe host 127.97.0.7; "#,
                 r#"init container "i" startupProbe host 127.97.0.8; "#,
                 r#"container "c" readinessProbe host 127.0.0.1; container "c" preStop host 127.97.0.9; "#,
                 r#"gitRepo volume "g""#,
