@@ -710,7 +710,7 @@ fn pods_of_three_tenants_are_judged_by_namespace_tenant() -> Result<()> {
         .context("status has no cluster problems")?;
     ensure!(
         problems.iter().any(|l| l.as_str().is_some_and(|l| {
-            l.contains("pods of tenants hold what the enforcer cannot contain")
+            l.contains("hold what the enforcer cannot contain")
                 && l.contains(r#" (container "main" keeps NET_RAW)"#)
         })),
         "the uncontained pods are not reported: {problems:#?}"

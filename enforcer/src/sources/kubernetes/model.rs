@@ -337,6 +337,8 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
 
     // Pods refused because of their namespace are reported once per namespace.
     let mut refused_by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    // Those of them that hold what the enforcer cannot contain: (namespace, name, what).
+    let mut loose: Vec<(&str, &str, &str)> = Vec::new();
     let mut unidentified_ips: Vec<IpAddr> = Vec::new();
     // In the order they are learnt: the pods' `hostIPs` (the kubelet's primary addresses)
     // before the Node objects' addresses, each in the order the object lists them.
@@ -353,6 +355,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
                     .entry(namespace)
                     .or_default()
                     .push(name);
+                loose.extend(uncontained(pod).map(|what| (namespace, name, what)));
                 unidentified_ips.extend(addresses(pod));
                 continue;
             }
@@ -362,7 +365,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
         }
     }
     memo.sweep(added);
-    problems.extend(uncontained_problem(memo));
+    problems.extend(uncontained_problem(memo, loose));
     let mut identities: Vec<ClusterIdentity> = memo.groups.values().cloned().collect();
 
     // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
@@ -652,22 +655,24 @@ fn uncontained(pod: &Pod) -> Option<&str> {
     annotations.get(UNCONTAINED_KEY).map(String::as_str)
 }
 
-/// One line for every tenant's pod that holds what the enforcer cannot contain (what
+/// One line for every pod outside the system namespaces (a tenant's, or one left out for its
+/// namespace, `loose`) that holds what the enforcer cannot contain (what
 /// `crate::admission::confine` refuses: a privileged container, a capability beyond the Pod
 /// Security Standards' `baseline`, `NET_RAW` kept, the node's namespaces, files or ports, a
 /// probe the node sends elsewhere): admitted where `enforcer admission serve` is not
 /// registered, or before it was, or a static pod's mirror. Such a pod is enforced like any
-/// other, but can send past the checks (raw frames, its own rewrites), which an operator must
-/// hear of. The first pods by name with what each holds, then how many more.
-fn uncontained_problem(memo: &Memo) -> Option<String> {
-    let mut pods: Vec<(&str, &str, &str)> = memo
-        .pods
-        .values()
-        .filter_map(|e| {
-            let (namespace, name) = pod_key(&e.pod);
-            Some((namespace, name, e.uncontained.as_deref()?))
-        })
-        .collect();
+/// other (or, left out, an unknown subject), but can send past the checks (raw frames, its own
+/// rewrites, its node's loopback), which an operator must hear of. A system namespace's pods
+/// are trusted like the node (the webhook's selector spares them). The first pods by name with what each holds, then how many more.
+fn uncontained_problem<'a>(
+    memo: &'a Memo,
+    loose: Vec<(&'a str, &'a str, &'a str)>,
+) -> Option<String> {
+    let mut pods = loose;
+    pods.extend(memo.pods.values().filter_map(|e| {
+        let (namespace, name) = pod_key(&e.pod);
+        Some((namespace, name, e.uncontained.as_deref()?))
+    }));
     if pods.is_empty() {
         return None;
     }
@@ -683,13 +688,13 @@ fn uncontained_problem(memo: &Memo) -> Option<String> {
         shown.push(format!("and {} more", pods.len() - NAMES_SHOWN));
     }
     let (count, verb) = match pods.len() {
-        1 => ("1 pod of a tenant".to_string(), "holds"),
-        n => (format!("{n} pods of tenants"), "hold"),
+        1 => ("1 pod".to_string(), "holds"),
+        n => (format!("{n} pods"), "hold"),
     };
     Some(format!(
-        "{count} {verb} what the enforcer cannot contain (admitted before or without `enforcer \
-         admission serve`, or in a namespace its selector spares): enforced, but able to send \
-         past its checks: {}",
+        "{count} outside the system namespaces {verb} what the enforcer cannot contain \
+         (admitted before or without `enforcer admission serve`, or in a namespace its selector \
+         spares): able to send past its checks: {}",
         shown.join(", ")
     ))
 }

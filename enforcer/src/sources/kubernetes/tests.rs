@@ -2401,11 +2401,12 @@ fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
     assert_eq!(owners[0].kind, "Node");
 }
 
-/// A tenant's pods that hold what the enforcer cannot contain (admitted without the webhook)
-/// are reported in one line, the first pod's reasons in full; they stay enforced. Pods that
-/// drop `NET_RAW` and add nothing, and pods of namespaces without a tenant, are not listed.
+/// Pods that hold what the enforcer cannot contain (admitted without the webhook) are
+/// reported in one line, with what each holds; a tenant's stay enforced, and so are those of
+/// a namespace without a tenant left out (unknown subjects, able to send raw frames all the
+/// same). Pods that drop `NET_RAW` and add nothing, and a system namespace's, are not listed.
 #[test]
-fn a_tenants_uncontained_pods_are_reported_in_one_line() {
+fn uncontained_pods_are_reported_in_one_line() {
     // As the watcher keeps them: slim, what they hold summarised.
     let with = |mut p: Pod, containers: serde_json::Value| {
         p.spec.as_mut().unwrap().containers = serde_json::from_value(containers).unwrap();
@@ -2413,7 +2414,7 @@ fn a_tenants_uncontained_pods_are_reported_in_one_line() {
         p
     };
     let confined = json!([{"name": "app", "securityContext": {"capabilities": {"drop": ["ALL"]}}}]);
-    let s = state(
+    let (pods, namespaces) = (
         vec![
             with(
                 pod("acme", "rewriter", json!({}), "node-a", "127.82.1.1"),
@@ -2438,11 +2439,28 @@ fn a_tenants_uncontained_pods_are_reported_in_one_line() {
                 ),
                 json!([{"name": "app", "securityContext": {"privileged": true}}]),
             ),
+            with(
+                pod("kube-system", "proxy", json!({}), "node-a", "127.82.1.5"),
+                json!([{"name": "app", "securityContext": {"privileged": true}}]),
+            ),
         ],
         vec![
             tenant_ns("acme", "acme"),
             namespace("untenanted", json!({}), json!({})),
+            namespace("kube-system", json!({}), json!({})),
         ],
+    );
+    let system = Rules {
+        system_namespaces: vec!["kube-system".into()],
+        ..rules()
+    };
+    let s = cluster_state(
+        &Snapshot {
+            pods: store_state(pods),
+            namespaces: store_state(namespaces),
+            ..Snapshot::default()
+        },
+        &system,
     );
     let lines: Vec<&String> = s
         .problems
@@ -2452,10 +2470,12 @@ fn a_tenants_uncontained_pods_are_reported_in_one_line() {
     assert_eq!(
         lines,
         [
-            "2 pods of tenants hold what the enforcer cannot contain (admitted before or \
-             without `enforcer admission serve`, or in a namespace its selector spares): \
-             enforced, but able to send past its checks: acme/plain (container \"app\" keeps \
-             NET_RAW), acme/rewriter (container \"app\" adds NET_ADMIN)"
+            "3 pods outside the system namespaces hold what the enforcer cannot contain \
+             (admitted before or without `enforcer admission serve`, or in a namespace its \
+             selector spares): able to send past its checks: acme/plain (container \"app\" \
+             keeps NET_RAW), acme/rewriter (container \"app\" adds NET_ADMIN), \
+             untenanted/privileged (container \"app\" privileged; container \"app\" keeps \
+             NET_RAW)"
         ],
         "{:#?}",
         s.problems
