@@ -11,9 +11,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EphemeralContainer, GitRepoVolumeSource, HostIP,
-    HostPathVolumeSource, Lifecycle, Pod, PodIP, PodOS, PodSecurityContext, PodSpec, PodStatus,
-    Probe, SecurityContext, Volume,
+    Container, ContainerPort, EphemeralContainer, GitRepoVolumeSource, HTTPGetAction, HostIP,
+    HostPathVolumeSource, Lifecycle, LifecycleHandler, Pod, PodIP, PodOS, PodSecurityContext,
+    PodSpec, PodStatus, Probe, SecurityContext, TCPSocketAction, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use serde::{Deserialize, Deserializer};
@@ -113,11 +113,105 @@ struct Spec {
 struct WireContainer {
     name: String,
     security_context: Option<SecurityContext>,
-    liveness_probe: Option<Probe>,
-    readiness_probe: Option<Probe>,
-    startup_probe: Option<Probe>,
-    lifecycle: Option<Lifecycle>,
-    ports: Option<Vec<ContainerPort>>,
+    liveness_probe: Option<WireHandler>,
+    readiness_probe: Option<WireHandler>,
+    startup_probe: Option<WireHandler>,
+    lifecycle: Option<WireLifecycle>,
+    ports: Option<Vec<WirePort>>,
+}
+
+/// A probe or a lifecycle handler: the `host` of its `httpGet` and `tcpSocket`, the rest
+/// (commands, headers, timings: most pods have probes) skipped unparsed.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireHandler {
+    http_get: Option<WireHost>,
+    tcp_socket: Option<WireHost>,
+}
+
+#[derive(Deserialize)]
+struct WireHost {
+    host: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireLifecycle {
+    post_start: Option<WireHandler>,
+    pre_stop: Option<WireHandler>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WirePort {
+    host_port: Option<i32>,
+}
+
+impl WireHandler {
+    fn http_get(&self) -> Option<HTTPGetAction> {
+        let host = self.http_get.as_ref()?.host.clone();
+        Some(HTTPGetAction {
+            host,
+            ..HTTPGetAction::default()
+        })
+    }
+
+    fn tcp_socket(&self) -> Option<TCPSocketAction> {
+        let host = self.tcp_socket.as_ref()?.host.clone();
+        Some(TCPSocketAction {
+            host,
+            ..TCPSocketAction::default()
+        })
+    }
+
+    fn probe(self) -> Probe {
+        Probe {
+            http_get: self.http_get(),
+            tcp_socket: self.tcp_socket(),
+            ..Probe::default()
+        }
+    }
+
+    fn handler(self) -> LifecycleHandler {
+        LifecycleHandler {
+            http_get: self.http_get(),
+            tcp_socket: self.tcp_socket(),
+            ..LifecycleHandler::default()
+        }
+    }
+}
+
+impl WireContainer {
+    /// Its probes, lifecycle and ports as the `k8s_openapi` types hold them (what `confine`
+    /// reads of them only).
+    fn handlers(&mut self) -> [Option<Probe>; 3] {
+        [
+            self.liveness_probe.take().map(WireHandler::probe),
+            self.readiness_probe.take().map(WireHandler::probe),
+            self.startup_probe.take().map(WireHandler::probe),
+        ]
+    }
+
+    fn lifecycle(&mut self) -> Option<Lifecycle> {
+        self.lifecycle.take().map(|l| Lifecycle {
+            post_start: l.post_start.map(WireHandler::handler),
+            pre_stop: l.pre_stop.map(WireHandler::handler),
+            ..Lifecycle::default()
+        })
+    }
+
+    fn ports(&mut self) -> Option<Vec<ContainerPort>> {
+        let ports = self.ports.take()?;
+        Some(
+            ports
+                .into_iter()
+                .map(|p| ContainerPort {
+                    host_port: p.host_port,
+                    ..ContainerPort::default()
+                })
+                .collect(),
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -136,15 +230,18 @@ impl Spec {
         if self.containers.is_empty() {
             return None;
         }
-        let container = |c: WireContainer| Container {
-            name: c.name,
-            security_context: c.security_context,
-            liveness_probe: c.liveness_probe,
-            readiness_probe: c.readiness_probe,
-            startup_probe: c.startup_probe,
-            lifecycle: c.lifecycle,
-            ports: c.ports,
-            ..Container::default()
+        let container = |mut c: WireContainer| {
+            let [liveness_probe, readiness_probe, startup_probe] = c.handlers();
+            Container {
+                lifecycle: c.lifecycle(),
+                ports: c.ports(),
+                name: c.name,
+                security_context: c.security_context,
+                liveness_probe,
+                readiness_probe,
+                startup_probe,
+                ..Container::default()
+            }
         };
         let spec = PodSpec {
             containers: std::mem::take(&mut self.containers)
@@ -157,15 +254,18 @@ impl Spec {
                 .map(|l| l.into_iter().map(container).collect()),
             ephemeral_containers: self.ephemeral_containers.take().map(|l| {
                 l.into_iter()
-                    .map(|c| EphemeralContainer {
-                        name: c.name,
-                        security_context: c.security_context,
-                        liveness_probe: c.liveness_probe,
-                        readiness_probe: c.readiness_probe,
-                        startup_probe: c.startup_probe,
-                        lifecycle: c.lifecycle,
-                        ports: c.ports,
-                        ..EphemeralContainer::default()
+                    .map(|mut c| {
+                        let [liveness_probe, readiness_probe, startup_probe] = c.handlers();
+                        EphemeralContainer {
+                            lifecycle: c.lifecycle(),
+                            ports: c.ports(),
+                            name: c.name,
+                            security_context: c.security_context,
+                            liveness_probe,
+                            readiness_probe,
+                            startup_probe,
+                            ..EphemeralContainer::default()
+                        }
                     })
                     .collect()
             }),
