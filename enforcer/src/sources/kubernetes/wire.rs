@@ -230,19 +230,24 @@ impl Spec {
         if self.containers.is_empty() {
             return None;
         }
-        let container = |mut c: WireContainer| {
-            let [liveness_probe, readiness_probe, startup_probe] = c.handlers();
-            Container {
-                lifecycle: c.lifecycle(),
-                ports: c.ports(),
-                name: c.name,
-                security_context: c.security_context,
-                liveness_probe,
-                readiness_probe,
-                startup_probe,
-                ..Container::default()
-            }
-        };
+        // `Container` and `EphemeralContainer` have the same fields.
+        macro_rules! built {
+            ($ty:ident, $c:expr) => {{
+                let mut c: WireContainer = $c;
+                let [liveness_probe, readiness_probe, startup_probe] = c.handlers();
+                $ty {
+                    lifecycle: c.lifecycle(),
+                    ports: c.ports(),
+                    name: c.name,
+                    security_context: c.security_context,
+                    liveness_probe,
+                    readiness_probe,
+                    startup_probe,
+                    ..$ty::default()
+                }
+            }};
+        }
+        let container = |c| built!(Container, c);
         let spec = PodSpec {
             containers: std::mem::take(&mut self.containers)
                 .into_iter()
@@ -254,19 +259,7 @@ impl Spec {
                 .map(|l| l.into_iter().map(container).collect()),
             ephemeral_containers: self.ephemeral_containers.take().map(|l| {
                 l.into_iter()
-                    .map(|mut c| {
-                        let [liveness_probe, readiness_probe, startup_probe] = c.handlers();
-                        EphemeralContainer {
-                            lifecycle: c.lifecycle(),
-                            ports: c.ports(),
-                            name: c.name,
-                            security_context: c.security_context,
-                            liveness_probe,
-                            readiness_probe,
-                            startup_probe,
-                            ..EphemeralContainer::default()
-                        }
-                    })
+                    .map(|c| built!(EphemeralContainer, c))
                     .collect()
             }),
             host_pid: self.host_pid,
