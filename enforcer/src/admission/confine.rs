@@ -527,19 +527,42 @@ pub fn uncontained(spec: &PodSpec, scope: Scope<'_>, confinement: &Confinement) 
         .collect()
 }
 
+/// The most clauses a [`summary`] lists, and the most bytes of each: a pod's spec is written
+/// by whoever creates it (thousands of containers, a `hostPath` of a megabyte), and the agent
+/// keeps a summary for every pod of the cluster.
+pub const SUMMARY_CLAUSES: usize = 8;
+pub const SUMMARY_CLAUSE_BYTES: usize = 160;
+
 /// What a pod with `spec` holds that the enforcer cannot contain, in short clauses joined by
-/// `"; "` (`container "app" keeps NET_RAW; hostPID`); `None` when nothing. The agent's
-/// report of pods admitted without the webhook, which does not know the webhook's runtime
-/// classes: they are not judged here.
+/// `"; "` (`container "app" keeps NET_RAW; hostPID`), at most [`SUMMARY_CLAUSES`] of them
+/// (then `and N more`), each cut to [`SUMMARY_CLAUSE_BYTES`] (ending `...`); `None` when
+/// nothing. The agent's report of pods admitted without the webhook, which does not know the
+/// webhook's runtime classes: they are not judged here.
 pub fn summary(spec: &PodSpec) -> Option<String> {
     let found = findings(spec, Scope::Create, None);
-    (!found.is_empty()).then(|| {
-        found
-            .iter()
-            .map(Finding::clause)
-            .collect::<Vec<_>>()
-            .join("; ")
-    })
+    if found.is_empty() {
+        return None;
+    }
+    let mut clauses: Vec<String> = found
+        .iter()
+        .take(SUMMARY_CLAUSES)
+        .map(|f| {
+            let mut clause = f.clause();
+            if clause.len() > SUMMARY_CLAUSE_BYTES {
+                let mut end = SUMMARY_CLAUSE_BYTES - 3;
+                while !clause.is_char_boundary(end) {
+                    end -= 1;
+                }
+                clause.truncate(end);
+                clause.push_str("...");
+            }
+            clause
+        })
+        .collect();
+    if found.len() > SUMMARY_CLAUSES {
+        clauses.push(format!("and {} more", found.len() - SUMMARY_CLAUSES));
+    }
+    Some(clauses.join("; "))
 }
 
 #[cfg(test)]
@@ -721,6 +744,29 @@ mod tests {
         assert_eq!(reasons.len(), 2, "{reasons:#?}");
         assert!(reasons[0].starts_with("the pod runs as a Windows host process"));
         assert!(reasons[1].starts_with(r#"container "app" runs as a Windows host process"#));
+    }
+
+    /// A summary is bounded whatever the spec holds (the agent keeps one for every pod).
+    #[test]
+    fn a_summary_is_bounded() {
+        let containers: Vec<Value> = (0..1000)
+            .map(|i| serde_json::json!({"name": format!("c{i}")}))
+            .collect();
+        let long = format!("/{}", "é".repeat(1000));
+        let s = spec(serde_json::json!({
+            "containers": containers,
+            "volumes": [{"name": "h", "hostPath": {"path": long}}],
+        }));
+        let text = summary(&s).unwrap();
+        let clauses: Vec<&str> = text.split("; ").collect();
+        assert_eq!(clauses.len(), SUMMARY_CLAUSES + 1, "{text}");
+        assert!(
+            clauses[0].starts_with(r#"hostPath volume "h" (/éé"#),
+            "{text}"
+        );
+        assert!(clauses[0].ends_with("...") && clauses[0].len() <= SUMMARY_CLAUSE_BYTES);
+        assert_eq!(clauses[1], r#"container "c0" keeps NET_RAW"#);
+        assert_eq!(clauses[SUMMARY_CLAUSES], "and 993 more");
     }
 
     /// What makes others send for the pod, or puts it at the node's addresses.
