@@ -909,6 +909,7 @@ fn slim_pod(pod: &mut Pod) {
         deletion_timestamp: m.deletion_timestamp,
         ..ObjectMeta::default()
     };
+    bound_labels(&mut pod.metadata);
     if let Some(summary) = uncontained {
         keep_uncontained(&mut pod.metadata, summary);
     }
@@ -927,6 +928,23 @@ fn slim_pod(pod: &mut Pod) {
         host_ips: s.host_ips,
         ..PodStatus::default()
     });
+}
+
+/// Drops a slim pod's labels when their keys and values take more than
+/// [`model::MAX_POD_LABEL_BYTES`], noting how many there were and their size under
+/// [`model::OVERSIZED_LABELS_KEY`] (the model leaves such a pod out).
+pub(crate) fn bound_labels(metadata: &mut ObjectMeta) {
+    let Some(labels) = &metadata.labels else {
+        return;
+    };
+    let bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes <= model::MAX_POD_LABEL_BYTES {
+        return;
+    }
+    let note = format!("{} labels, {bytes} bytes", labels.len());
+    metadata.labels = None;
+    let annotations = metadata.annotations.get_or_insert_with(Default::default);
+    annotations.insert(model::OVERSIZED_LABELS_KEY.to_string(), note);
 }
 
 /// Records (or clears) on a slim pod's metadata what the pod holds that the enforcer cannot

@@ -592,11 +592,27 @@ fn addresses(pod: &Pod) -> Vec<IpAddr> {
 pub(crate) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// The annotations the source keeps of a pod (the rest is dropped as it is decoded): the
-/// product's own (`ai-enforcer.io/`, the marks that make a pod a vector DB) and the mirror
-/// annotation that names a static pod's cgroup.
+/// marks that make a pod a vector DB ([`labels::MARKS`]), the mirror annotation that names a
+/// static pod's cgroup, and the source's own notes ([`UNCONTAINED_KEY`],
+/// [`OVERSIZED_LABELS_KEY`]). Only keys the model reads: a pod's annotations may hold 256 KiB.
 pub(super) fn kept_annotation(key: &str) -> bool {
-    key.starts_with("ai-enforcer.io/") || key == MIRROR_ANNOTATION || key == UNCONTAINED_KEY
+    labels::MARKS.contains(&key)
+        || key == MIRROR_ANNOTATION
+        || key == UNCONTAINED_KEY
+        || key == OVERSIZED_LABELS_KEY
 }
+
+/// The most bytes of label keys and values the source keeps of one pod. The API server
+/// bounds a pod's labels only by the object's size (about 1.5 MiB), and every agent keeps
+/// every pod of the cluster: one tenant's pods would otherwise hold that much on every node.
+/// A pod over it is left out (an unknown subject; its labels are not kept). A real pod's
+/// labels take a few hundred bytes.
+pub const MAX_POD_LABEL_BYTES: usize = 16 * 1024;
+
+/// Where a slim pod whose labels were over [`MAX_POD_LABEL_BYTES`] notes how many there
+/// were and their size (`"300 labels, 31200 bytes"`). Not a valid annotation key, so no
+/// object from the API server carries it.
+pub(super) const OVERSIZED_LABELS_KEY: &str = "(agent) oversized labels";
 
 /// The UID the kubelet names the pod's cgroup after: `metadata.uid`, except for the mirror
 /// pod of a static pod, whose cgroup carries the static pod's UID. The annotation is honoured
@@ -936,6 +952,14 @@ fn pod_identity(
 ) -> Option<ClusterIdentity> {
     let (namespace, name) = pod_key(pod);
     let object = format!("pod {namespace}/{name}");
+    let oversized = pod.metadata.annotations.as_ref();
+    if let Some(note) = oversized.and_then(|a| a.get(OVERSIZED_LABELS_KEY)) {
+        problems.push(format!(
+            "{object}: {note} of labels, more than the agent keeps of a pod \
+             ({MAX_POD_LABEL_BYTES} bytes of keys and values): left out (unknown subject)"
+        ));
+        return None;
+    }
     let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
     let mut invalid = Vec::new();
     for (key, value) in &pod_labels {

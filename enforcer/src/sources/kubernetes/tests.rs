@@ -2020,43 +2020,61 @@ fn wire_pods_decode_what_slim_pods_keep() {
         .remove("ownerReferences");
     let bare = json!({"metadata": {"name": "p", "namespace": "acme"}});
     // Every field `confine::summary` reads, each holding what it judges: the slim decode
-    // must read them all (it once skipped hostIPC, gitRepo and the pod's hostProcess).
-    let holding_all = json!({
-        "metadata": {"name": "all", "namespace": "acme"},
-        "spec": {
-            "hostPID": true, "hostIPC": true,
-            "securityContext": {"windowsOptions": {"hostProcess": true}},
-            "hostNetwork": true,
-            "containers": [{"name": "c", "securityContext": {
-                "procMount": "Unmasked", "privileged": true,
-                "capabilities": {"add": ["SYS_ADMIN"], "drop": ["CAP_NET_RAW"]},
-                "windowsOptions": {"hostProcess": true}
-            },
-            "readinessProbe": {"httpGet": {"host": "127.0.0.1", "port": 10248}},
-            "livenessProbe": {"tcpSocket": {"host": "127.97.0.7", "port": 8080}},
-            "lifecycle": {"preStop": {"tcpSocket": {"host": "127.97.0.9", "port": 22}}}}],
-            "initContainers": [{"name": "i", "ports": [{"containerPort": 80, "hostPort": 80}],
-                                "startupProbe": {"httpGet": {"host": "127.97.0.8", "port": 1}}}],
-            "ephemeralContainers": [{"name": "debug", "securityContext": {
-                "capabilities": {"drop": ["ALL"], "add": ["BPF"]}
-            }}],
-            "volumes": [
-                {"name": "h", "hostPath": {"path": "/"}},
-                {"name": "g", "gitRepo": {"repository": "https://example.invalid/r.git"}},
-                {"name": "e", "emptyDir": {}}
-            ]
-        }
-    });
-    // What a pod's own network namespace leaves to judge: its host ports (a host network
-    // pod's are all the node's, said once).
-    let mut host_ports = holding_all.clone();
-    host_ports["spec"]["hostNetwork"] = json!(false);
+    // must read them all (it once skipped hostIPC, gitRepo and the pod's hostProcess). In
+    // three pods, each within the summary's clauses (`confine::SUMMARY_CLAUSES`), so that
+    // every clause is seen; a container that drops ALL holds nothing of its own.
+    let held = |spec: serde_json::Value| json!({"metadata": {"name": "all", "namespace": "acme"}, "spec": spec});
+    let quiet = json!([{"name": "q", "securityContext": {"capabilities": {"drop": ["ALL"]}}}]);
+    let pod_level = held(json!({
+        "hostPID": true, "hostIPC": true, "hostNetwork": true,
+        "securityContext": {"windowsOptions": {"hostProcess": true}},
+        "containers": quiet,
+        "volumes": [
+            {"name": "h", "hostPath": {"path": "/"}},
+            {"name": "g", "gitRepo": {"repository": "https://example.invalid/r.git"}},
+            {"name": "e", "emptyDir": {}}
+        ]
+    }));
+    let container_level = held(json!({
+        "containers": [{"name": "c", "securityContext": {
+            "procMount": "Unmasked", "privileged": true,
+            "capabilities": {"add": ["SYS_ADMIN"], "drop": ["CAP_NET_RAW"]},
+            "windowsOptions": {"hostProcess": true}
+        },
+        "readinessProbe": {"httpGet": {"host": "127.0.0.1", "port": 10248}},
+        "livenessProbe": {"tcpSocket": {"host": "127.97.0.7", "port": 8080}},
+        "lifecycle": {"preStop": {"tcpSocket": {"host": "127.97.0.9", "port": 22}}}}]
+    }));
+    let other_lists = held(json!({
+        "containers": quiet,
+        "initContainers": [{"name": "i", "ports": [{"containerPort": 80, "hostPort": 80}],
+                            "startupProbe": {"httpGet": {"host": "127.97.0.8", "port": 1}},
+                            "lifecycle": {"postStart": {"httpGet": {"host": "127.97.0.6", "port": 1}}}}],
+        "ephemeralContainers": [{"name": "debug", "securityContext": {
+            "capabilities": {"drop": ["ALL"], "add": ["BPF"]}
+        }}]
+    }));
+    let summaries = [
+        (
+            "pod level",
+            r#"hostPID; hostIPC; hostNetwork; hostPath volume "h" (/); gitRepo volume "g"; the pod host process"#,
+        ),
+        (
+            "container level",
+            r#"container "c" livenessProbe host 127.97.0.7; container "c" readinessProbe host 127.0.0.1; container "c" preStop host 127.97.0.9; container "c" host process; container "c" unmasked /proc; container "c" privileged; container "c" adds SYS_ADMIN; container "c" keeps NET_RAW"#,
+        ),
+        (
+            "other lists",
+            r#"init container "i" startupProbe host 127.97.0.8; init container "i" postStart host 127.97.0.6; init container "i" hostPort 80; init container "i" keeps NET_RAW; ephemeral container "debug" adds BPF"#,
+        ),
+    ];
     for (what, value) in [
         ("mirror pod", full),
         ("host-network pod", host),
         ("bare", bare),
-        ("holding all", holding_all),
-        ("host ports", host_ports),
+        ("pod level", pod_level),
+        ("container level", container_level),
+        ("other lists", other_lists),
     ] {
         let text = serde_json::to_string(&value).unwrap();
         let mut expected: Pod = serde_json::from_str(&text).unwrap();
@@ -2081,27 +2099,9 @@ fn wire_pods_decode_what_slim_pods_keep() {
                 r#"hostPath volume "node" (/var/run); init container "init" privileged; container "c" adds NET_ADMIN; container "c" keeps NET_RAW"#
             );
         }
-        if what == "host ports" {
-            let summary = &expected.metadata.annotations.as_ref().unwrap()[model::UNCONTAINED_KEY];
-            assert!(
-                summary.contains(r#"init container "i" hostPort 80; "#),
-                "{summary}"
-            );
-        }
-        if what == "holding all" {
-            let summary = &expected.metadata.annotations.as_ref().unwrap()[model::UNCONTAINED_KEY];
-            for clause in [
-                "hostPID; hostIPC; hostNetwork; ",
-                r#"container "c" livenessProbe host 127.97.0.7; "#,
-                r#"init container "i" startupProbe host 127.97.0.8; "#,
-                r#"container "c" readinessProbe host 127.0.0.1; container "c" preStop host 127.97.0.9; "#,
-                r#"gitRepo volume "g""#,
-                "the pod host process",
-                r#"container "c" host process"#,
-                r#"container "c" unmasked /proc"#,
-            ] {
-                assert!(summary.contains(clause), "{clause} in {summary}");
-            }
+        if let Some((_, summary)) = summaries.iter().find(|(w, _)| *w == what) {
+            let annotations = expected.metadata.annotations.as_ref().unwrap();
+            assert_eq!(annotations[model::UNCONTAINED_KEY], *summary, "{what}");
         }
     }
     // A list as the watcher reads it.
@@ -2376,6 +2376,40 @@ fn marks_are_no_configurable_identity_label() {
 
 /// The watcher keeps what the model reads: the product's annotations and the mirror-pod
 /// annotation with its Node owner, nothing else.
+/// A pod's labels beyond the bound are not kept (every agent keeps every pod of the
+/// cluster): the pod is left out and reported, by the slim and the wire decode alike; the
+/// tenant's other pods are untouched.
+#[test]
+fn a_pods_labels_are_kept_within_a_bound() {
+    let labels: serde_json::Map<String, serde_json::Value> = (0..300)
+        .map(|i| (format!("k{i:03}"), json!("v".repeat(60))))
+        .collect();
+    let big = pod("acme", "big", json!(labels), "node-a", "127.82.8.1");
+    let text = serde_json::to_string(&big).unwrap();
+    let mut slim = big.clone();
+    slim_pod(&mut slim);
+    let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
+    assert_eq!(trimmed_pod(wire), slim);
+    assert_eq!(slim.metadata.labels, None);
+    let s = state(
+        vec![
+            slim,
+            pod("acme", "small", json!({}), "node-a", "127.82.8.2"),
+        ],
+        vec![tenant_ns("acme", "acme")],
+    );
+    assert_eq!(pod_names(&s), [vec!["small".to_string()]]);
+    assert!(
+        s.problems.contains(
+            &"pod acme/big: 300 labels, 19200 bytes of labels, more than the agent keeps of a \
+              pod (16384 bytes of keys and values): left out (unknown subject)"
+                .to_string()
+        ),
+        "{:#?}",
+        s.problems
+    );
+}
+
 #[test]
 fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
     let mut p = annotated(

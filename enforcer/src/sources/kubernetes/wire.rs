@@ -378,6 +378,7 @@ impl<'de> Deserialize<'de> for WirePod {
                 ..PodStatus::default()
             }),
         };
+        super::bound_labels(&mut pod.metadata);
         if let Some(summary) = uncontained {
             super::keep_uncontained(&mut pod.metadata, summary);
         }
