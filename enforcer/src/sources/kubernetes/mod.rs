@@ -38,9 +38,11 @@ use anyhow::{bail, Context, Result};
 use enforcer_policy::cluster::ClusterState;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
-    Endpoints, Namespace, Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
+    EndpointAddress, EndpointSubset, Endpoints, LoadBalancerIngress, LoadBalancerStatus, Namespace,
+    Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service, ServiceSpec,
+    ServiceStatus,
 };
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::utils::Backoff;
@@ -600,7 +602,7 @@ async fn run(
         &mut watchers,
         Api::<Service>::all(client.clone()),
         "services",
-        trimmed,
+        trimmed_service,
         &shared,
     );
 
@@ -611,7 +613,7 @@ async fn run(
             &mut watchers,
             Api::<EndpointSlice>::all(client.clone()),
             "endpointslices",
-            trimmed,
+            trimmed_slice,
             &shared,
         ))
     } else {
@@ -620,7 +622,7 @@ async fn run(
             &mut watchers,
             Api::<Endpoints>::all(client.clone()),
             "endpoints",
-            trimmed,
+            trimmed_endpoints,
             &shared,
         ))
     };
@@ -960,6 +962,106 @@ pub(crate) fn keep_uncontained(metadata: &mut ObjectMeta, summary: Option<String
                 annotations.remove(model::UNCONTAINED_KEY);
             }
         }
+    }
+}
+
+/// The metadata every kept object has: names, UID, resource version (the watcher resumes a
+/// watch from the last object's), creation and deletion times; labels and annotations go
+/// (tenants write them, up to the object's 1.5 MiB, and every agent keeps every object).
+fn kept_meta(m: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    }
+}
+
+/// A Service with only what [`cluster_state`] reads: its type, cluster, external and
+/// load-balancer addresses and its ports.
+fn trimmed_service(service: Service) -> Service {
+    Service {
+        metadata: kept_meta(service.metadata),
+        spec: service.spec.map(|s| ServiceSpec {
+            type_: s.type_,
+            cluster_ip: s.cluster_ip,
+            cluster_ips: s.cluster_ips,
+            external_ips: s.external_ips,
+            ports: s.ports,
+            ..ServiceSpec::default()
+        }),
+        status: service.status.map(|s| ServiceStatus {
+            load_balancer: s.load_balancer.map(|lb| LoadBalancerStatus {
+                ingress: lb.ingress.map(|i| {
+                    i.into_iter()
+                        .map(|i| LoadBalancerIngress {
+                            ip: i.ip,
+                            ..LoadBalancerIngress::default()
+                        })
+                        .collect()
+                }),
+            }),
+            ..ServiceStatus::default()
+        }),
+    }
+}
+
+/// An EndpointSlice with only what [`cluster_state`] reads: the Service it belongs to (the
+/// one label it keeps: the controller copies the Service's labels onto its slices), its
+/// address type, ports and each endpoint's addresses and readiness.
+fn trimmed_slice(slice: EndpointSlice) -> EndpointSlice {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(model::SERVICE_NAME_LABEL).cloned());
+    let mut metadata = kept_meta(slice.metadata);
+    metadata.labels =
+        service.map(|s| std::collections::BTreeMap::from([(model::SERVICE_NAME_LABEL.into(), s)]));
+    EndpointSlice {
+        metadata,
+        address_type: slice.address_type,
+        ports: slice.ports,
+        endpoints: slice
+            .endpoints
+            .into_iter()
+            .map(|e| Endpoint {
+                addresses: e.addresses,
+                conditions: e.conditions.map(|c| EndpointConditions {
+                    ready: c.ready,
+                    ..EndpointConditions::default()
+                }),
+                ..Endpoint::default()
+            })
+            .collect(),
+    }
+}
+
+/// Endpoints (before 1.21) with only what [`cluster_state`] reads: each subset's ready
+/// addresses and ports.
+fn trimmed_endpoints(endpoints: Endpoints) -> Endpoints {
+    Endpoints {
+        metadata: kept_meta(endpoints.metadata),
+        subsets: endpoints.subsets.map(|subsets| {
+            subsets
+                .into_iter()
+                .map(|s| EndpointSubset {
+                    addresses: s.addresses.map(|a| {
+                        a.into_iter()
+                            .map(|a| EndpointAddress {
+                                ip: a.ip,
+                                ..EndpointAddress::default()
+                            })
+                            .collect()
+                    }),
+                    ports: s.ports,
+                    ..EndpointSubset::default()
+                })
+                .collect()
+        }),
     }
 }
 

@@ -42,7 +42,7 @@ pub const NAMESPACE_LABEL: &str = "namespace";
 /// Identity label: the pod's service account (`default` when unset).
 pub const SERVICE_ACCOUNT_LABEL: &str = "service_account";
 /// The label every EndpointSlice carries: the name of its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The most addresses one node has (its pods' `hostIPs` first, then its Node object's, in
 /// the order they list them, counting only addresses a node may have: see
 /// `enforcer_policy::cluster::node_address_usable`; a real node has a few): whoever may

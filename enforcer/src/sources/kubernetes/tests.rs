@@ -742,7 +742,20 @@ fn service(ns: &str, name: &str, cluster_ip: &str, ports: serde_json::Value) -> 
     .unwrap()
 }
 
+/// The state of `services` and `backends` as the source keeps them (trimmed: the tests of
+/// Services read through what the trim keeps).
 fn services_state(services: Vec<Service>, backends: Backends) -> ClusterState {
+    let services = services.into_iter().map(trimmed_service).collect();
+    let backends = match backends {
+        Backends::EndpointSlices(slices) => {
+            let slices = slices.iter().map(|s| trimmed_slice((**s).clone()));
+            Backends::EndpointSlices(store_state(slices.collect()))
+        }
+        Backends::Endpoints(list) => {
+            let list = list.iter().map(|e| trimmed_endpoints((**e).clone()));
+            Backends::Endpoints(store_state(list.collect()))
+        }
+    };
     cluster_state(
         &Snapshot {
             nodes: Vec::new(),
@@ -753,6 +766,48 @@ fn services_state(services: Vec<Service>, backends: Backends) -> ClusterState {
         },
         &rules(),
     )
+}
+
+/// What tenants write on a Service (and the controller copies onto its slices) is not kept:
+/// every agent keeps every Service of the cluster.
+#[test]
+fn services_and_backends_keep_only_what_is_read() {
+    let noise: serde_json::Map<String, serde_json::Value> = (0..100)
+        .map(|i| (format!("k{i}"), json!("v".repeat(60))))
+        .collect();
+    let mut svc = service("acme", "vectors", "127.96.0.10", json!([{"port": 80}]));
+    svc.metadata.labels = serde_json::from_value(json!(noise)).unwrap();
+    svc.metadata.annotations = svc.metadata.labels.clone();
+    svc.spec.as_mut().unwrap().selector = svc.metadata.labels.clone();
+    let kept = trimmed_service(svc);
+    assert_eq!(kept.metadata.labels, None);
+    assert_eq!(kept.metadata.annotations, None);
+    assert_eq!(kept.spec.unwrap().selector, None);
+    let mut labels = noise.clone();
+    labels.insert("kubernetes.io/service-name".into(), json!("vectors"));
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "acme", "name": "vectors-a", "labels": labels,
+                     "annotations": noise},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["127.82.1.1"], "hostname": "h".repeat(60),
+                       "targetRef": {"kind": "Pod", "name": "p"}}],
+        "ports": [{"port": 80}]
+    }))
+    .unwrap();
+    let kept = trimmed_slice(slice);
+    assert_eq!(
+        kept.metadata.labels,
+        Some(
+            [(
+                "kubernetes.io/service-name".to_string(),
+                "vectors".to_string()
+            )]
+            .into()
+        )
+    );
+    assert_eq!(kept.metadata.annotations, None);
+    assert_eq!(kept.endpoints[0].hostname, None);
+    assert_eq!(kept.endpoints[0].addresses, ["127.82.1.1"]);
 }
 
 fn backend(ip: &str, port: u16) -> Backend {
