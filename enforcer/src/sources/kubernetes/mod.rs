@@ -43,7 +43,7 @@ use k8s_openapi::api::core::v1::{
     ServiceStatus,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
@@ -749,7 +749,8 @@ async fn watch_resource<W, K>(
         .timeout(WATCH_TIMEOUT_SECS)
         .any_semantic();
     // An update that changes nothing the source keeps (a Node's status heartbeat: every
-    // node, every few minutes; its trimmed copy has no resourceVersion) is not applied and
+    // node, every few minutes; an EndpointSlice's trigger-time annotation; their trimmed
+    // copies have no resourceVersion) is not applied and
     // recomputes nothing. The watcher resumes from the versions of the events it received,
     // before they are decoded, so dropping one here loses no place in the stream.
     let events = watcher(api, config)
@@ -877,10 +878,10 @@ fn slim<K: ResourceExt>(object: &mut K) {
     object.managed_fields_mut().clear();
 }
 
-/// Keeps what [`cluster_state`] reads of a pod: names, UID, resource version, labels,
-/// creation and deletion times, of the annotations only the product's own
-/// (`ai-enforcer.io/`, the marks) and the mirror annotation, of the owner references only the
-/// Node owners (a mirror pod's annotation and owner name a static pod's cgroup); node, host network,
+/// Keeps what [`cluster_state`] reads of a pod: names, UID, resource version, labels (within
+/// [`model::MAX_POD_LABEL_BYTES`]), creation and deletion times, of the annotations only those
+/// [`model::kept_annotation`] names, of the owner references only its node's
+/// ([`node_owner`]: a mirror pod's annotation and owner name a static pod's cgroup); node, host network,
 /// service account, phase, its IPs and its node's; and, under [`model::UNCONTAINED_KEY`], what
 /// its containers, volumes and host namespaces hold that the enforcer cannot contain (they
 /// are not kept: a container is 2 KiB). [`wire::WirePod`] decodes exactly this.
@@ -893,6 +894,7 @@ fn slim_pod(pod: &mut Pod) {
         .filter(|s| !s.containers.is_empty())
         .map(confine::summary);
     let m = std::mem::take(&mut pod.metadata);
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     pod.metadata = ObjectMeta {
         name: m.name,
         namespace: m.namespace,
@@ -901,12 +903,10 @@ fn slim_pod(pod: &mut Pod) {
         resource_version: m.resource_version,
         labels: m.labels,
         annotations: m.annotations.map(|mut a| {
-            a.retain(|key, _| model::kept_annotation(key));
+            a.retain(|key, value| model::kept_annotation(key, value));
             a
         }),
-        owner_references: m
-            .owner_references
-            .map(|o| o.into_iter().filter(|o| o.kind == "Node").collect()),
+        owner_references: node_owner(m.owner_references, node),
         creation_timestamp: m.creation_timestamp,
         deletion_timestamp: m.deletion_timestamp,
         ..ObjectMeta::default()
@@ -932,14 +932,34 @@ fn slim_pod(pod: &mut Pod) {
     });
 }
 
-/// Drops a slim pod's labels when their keys and values take more than
-/// [`model::MAX_POD_LABEL_BYTES`], noting how many there were and their size under
+/// Of a pod's owner references, the one to the Node it runs on, the only one read (`cgroup_uid`:
+/// it admits the mirror annotation). Tenants write owner references: any others, and more
+/// than one, are not kept.
+pub(crate) fn node_owner(
+    owners: Option<Vec<OwnerReference>>,
+    node: Option<&str>,
+) -> Option<Vec<OwnerReference>> {
+    let owners = owners?;
+    let node = node.filter(|n| !n.is_empty());
+    Some(
+        owners
+            .into_iter()
+            .filter(|o| o.kind == "Node" && Some(o.name.as_str()) == node)
+            .take(1)
+            .collect(),
+    )
+}
+
+/// Drops a slim pod's labels when they take more than [`model::MAX_POD_LABEL_BYTES`], noting how many there were and their size under
 /// [`model::OVERSIZED_LABELS_KEY`] (the model leaves such a pod out).
 pub(crate) fn bound_labels(metadata: &mut ObjectMeta) {
     let Some(labels) = &metadata.labels else {
         return;
     };
-    let bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let bytes: usize = labels
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + model::LABEL_OVERHEAD_BYTES)
+        .sum();
     if bytes <= model::MAX_POD_LABEL_BYTES {
         return;
     }
@@ -965,17 +985,14 @@ pub(crate) fn keep_uncontained(metadata: &mut ObjectMeta, summary: Option<String
     }
 }
 
-/// The metadata every kept object has: names, UID, resource version (the watcher resumes a
-/// watch from the last object's), creation and deletion times; labels and annotations go
-/// (tenants write them, up to the object's 1.5 MiB, and every agent keeps every object).
+/// The metadata a kept Service or backend has: its namespace and name. Labels and annotations
+/// go (tenants write them, up to the object's 1.5 MiB, and every agent keeps every object),
+/// and so does the resource version, as a Node's does: an update that changes nothing else
+/// then leaves the trimmed copy as it was and recomputes nothing (see `watch_resource`).
 fn kept_meta(m: ObjectMeta) -> ObjectMeta {
     ObjectMeta {
         name: m.name,
         namespace: m.namespace,
-        uid: m.uid,
-        resource_version: m.resource_version,
-        creation_timestamp: m.creation_timestamp,
-        deletion_timestamp: m.deletion_timestamp,
         ..ObjectMeta::default()
     }
 }

@@ -595,19 +595,28 @@ pub(crate) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// marks that make a pod a vector DB ([`labels::MARKS`]), the mirror annotation that names a
 /// static pod's cgroup, and the source's own notes ([`UNCONTAINED_KEY`],
 /// [`OVERSIZED_LABELS_KEY`]). Only keys the model reads: a pod's annotations may hold 256 KiB.
-pub(super) fn kept_annotation(key: &str) -> bool {
-    labels::MARKS.contains(&key)
-        || key == MIRROR_ANNOTATION
-        || key == UNCONTAINED_KEY
-        || key == OVERSIZED_LABELS_KEY
+pub(super) fn kept_annotation(key: &str, value: &str) -> bool {
+    value.len() <= MAX_ANNOTATION_BYTES
+        && (labels::MARKS.contains(&key)
+            || key == MIRROR_ANNOTATION
+            || key == UNCONTAINED_KEY
+            || key == OVERSIZED_LABELS_KEY)
 }
 
-/// The most bytes of label keys and values the source keeps of one pod. The API server
-/// bounds a pod's labels only by the object's size (about 1.5 MiB), and every agent keeps
-/// every pod of the cluster: one tenant's pods would otherwise hold that much on every node.
-/// A pod over it is left out (an unknown subject; its labels are not kept). A real pod's
-/// labels take a few hundred bytes.
+/// The longest kept annotation value: above every valid mark (32 datasets of 63 characters
+/// are 2 KiB), so what it drops the model would refuse anyway.
+pub const MAX_ANNOTATION_BYTES: usize = 4 * 1024;
+
+/// The most bytes of labels the source keeps of one pod, counted as their keys, values and
+/// [`LABEL_OVERHEAD_BYTES`] each. The API server bounds a pod's labels only by the object's
+/// size (about 1.5 MiB), and every agent keeps every pod of the cluster: one tenant's pods
+/// would otherwise hold that much on every node. A pod over it is left out (an unknown
+/// subject, a system namespace's too; its labels are not kept). A real pod's labels take
+/// a few hundred bytes (ten labels of 30 characters: 940).
 pub const MAX_POD_LABEL_BYTES: usize = 16 * 1024;
+/// What a label costs the agent besides its characters (two string headers and allocations,
+/// its share of a map node), counted against [`MAX_POD_LABEL_BYTES`].
+pub const LABEL_OVERHEAD_BYTES: usize = 64;
 
 /// Where a slim pod whose labels were over [`MAX_POD_LABEL_BYTES`] notes how many there
 /// were and their size (`"300 labels, 31200 bytes"`). Not a valid annotation key, so no
@@ -956,7 +965,8 @@ fn pod_identity(
     if let Some(note) = oversized.and_then(|a| a.get(OVERSIZED_LABELS_KEY)) {
         problems.push(format!(
             "{object}: {note} of labels, more than the agent keeps of a pod \
-             ({MAX_POD_LABEL_BYTES} bytes of keys and values): left out (unknown subject)"
+             ({MAX_POD_LABEL_BYTES} bytes of keys, values and {LABEL_OVERHEAD_BYTES} per \
+             label): left out (unknown subject)"
         ));
         return None;
     }

@@ -745,6 +745,14 @@ fn service(ns: &str, name: &str, cluster_ip: &str, ports: serde_json::Value) -> 
 /// The state of `services` and `backends` as the source keeps them (trimmed: the tests of
 /// Services read through what the trim keeps).
 fn services_state(services: Vec<Service>, backends: Backends) -> ClusterState {
+    let full = cluster_state(
+        &Snapshot {
+            services: store_state(services.clone()),
+            backends: backends.clone(),
+            ..Snapshot::default()
+        },
+        &rules(),
+    );
     let services = services.into_iter().map(trimmed_service).collect();
     let backends = match backends {
         Backends::EndpointSlices(slices) => {
@@ -756,16 +764,16 @@ fn services_state(services: Vec<Service>, backends: Backends) -> ClusterState {
             Backends::Endpoints(store_state(list.collect()))
         }
     };
-    cluster_state(
+    let trimmed = cluster_state(
         &Snapshot {
-            nodes: Vec::new(),
-            pods: Vec::new(),
-            namespaces: Vec::new(),
             services: store_state(services),
             backends,
+            ..Snapshot::default()
         },
         &rules(),
-    )
+    );
+    assert_eq!(trimmed, full, "the trim keeps what the model reads");
+    trimmed
 }
 
 /// What tenants write on a Service (and the controller copies onto its slices) is not kept:
@@ -2134,8 +2142,9 @@ fn wire_pods_decode_what_slim_pods_keep() {
         let text = serde_json::to_string(&value).unwrap();
         let mut expected: Pod = serde_json::from_str(&text).unwrap();
         slim_pod(&mut expected);
+        // As decoded, not slimmed again: the wire decode keeps exactly what slim_pod does.
         let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
-        assert_eq!(trimmed_pod(wire), expected, "{what}");
+        assert_eq!(wire.into_pod(), expected, "{what}");
         if what == "mirror pod" {
             // The marks (kvdb) survive the slim decode: without them a vector DB pod
             // would lose its flags in the live agent.
@@ -2429,13 +2438,21 @@ fn marks_are_no_configurable_identity_label() {
     }
 }
 
-/// The watcher keeps what the model reads: the product's annotations and the mirror-pod
-/// annotation with its Node owner, nothing else.
 /// A pod's labels beyond the bound are not kept (every agent keeps every pod of the
 /// cluster): the pod is left out and reported, by the slim and the wire decode alike; the
 /// tenant's other pods are untouched.
 #[test]
 fn a_pods_labels_are_kept_within_a_bound() {
+    // One label: its key, its value and the overhead, to the byte.
+    let at = |bytes: usize| {
+        let value = "v".repeat(bytes - 1 - model::LABEL_OVERHEAD_BYTES);
+        let p = pod("acme", "one", json!({"k": value}), "node-a", "127.82.8.3");
+        let text = serde_json::to_string(&p).unwrap();
+        let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
+        wire.into_pod().metadata.labels.is_some()
+    };
+    assert!(at(model::MAX_POD_LABEL_BYTES));
+    assert!(!at(model::MAX_POD_LABEL_BYTES + 1));
     let labels: serde_json::Map<String, serde_json::Value> = (0..300)
         .map(|i| (format!("k{i:03}"), json!("v".repeat(60))))
         .collect();
@@ -2444,7 +2461,7 @@ fn a_pods_labels_are_kept_within_a_bound() {
     let mut slim = big.clone();
     slim_pod(&mut slim);
     let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
-    assert_eq!(trimmed_pod(wire), slim);
+    assert_eq!(wire.into_pod(), slim);
     assert_eq!(slim.metadata.labels, None);
     let s = state(
         vec![
@@ -2456,8 +2473,8 @@ fn a_pods_labels_are_kept_within_a_bound() {
     assert_eq!(pod_names(&s), [vec!["small".to_string()]]);
     assert!(
         s.problems.contains(
-            &"pod acme/big: 300 labels, 19200 bytes of labels, more than the agent keeps of a \
-              pod (16384 bytes of keys and values): left out (unknown subject)"
+            &"pod acme/big: 300 labels, 38400 bytes of labels, more than the agent keeps of a \
+              pod (16384 bytes of keys, values and 64 per label): left out (unknown subject)"
                 .to_string()
         ),
         "{:#?}",
@@ -2465,16 +2482,29 @@ fn a_pods_labels_are_kept_within_a_bound() {
     );
 }
 
+/// The watcher keeps what the model reads: the marks and the mirror-pod annotation with the
+/// pod's Node owner, nothing else (no other annotation, no value longer than any valid
+/// mark, no owner but the node the pod runs on).
 #[test]
 fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
     let mut p = annotated(
         pod("acme", "db", json!({}), "node-a", "127.82.7.10"),
         json!({labels::KIND: "vector_db", model::MIRROR_ANNOTATION: "abc",
+               labels::DATASETS: "d,".repeat(3000),
+               "ai-enforcer.io/other": "x",
                "kubectl.kubernetes.io/last-applied-configuration": "{...}"}),
     );
     p.metadata.owner_references = Some(vec![
         serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Node", "name": "node-b", "uid": "m"}),
+        )
+        .unwrap(),
+        serde_json::from_value(
             json!({"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "n"}),
+        )
+        .unwrap(),
+        serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "o"}),
         )
         .unwrap(),
         serde_json::from_value(
@@ -2482,12 +2512,18 @@ fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
         )
         .unwrap(),
     ]);
+    let text = serde_json::to_string(&p).unwrap();
     slim_pod(&mut p);
     let kept: Vec<&String> = p.metadata.annotations.as_ref().unwrap().keys().collect();
     assert_eq!(kept, [labels::KIND, model::MIRROR_ANNOTATION]);
     let owners = p.metadata.owner_references.as_ref().unwrap();
     assert_eq!(owners.len(), 1);
-    assert_eq!(owners[0].kind, "Node");
+    assert_eq!(
+        (owners[0].kind.as_str(), owners[0].uid.as_str()),
+        ("Node", "n")
+    );
+    let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
+    assert_eq!(wire.into_pod(), p);
 }
 
 /// Pods that hold what the enforcer cannot contain (admitted without the webhook) are

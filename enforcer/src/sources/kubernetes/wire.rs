@@ -329,8 +329,11 @@ fn mirror_annotation<'de, D: Deserializer<'de>>(
         ) -> Result<Self::Value, A::Error> {
             let mut kept = BTreeMap::new();
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if super::model::kept_annotation(&key) {
-                    kept.insert(key.into_owned(), map.next_value::<String>()?);
+                if super::model::kept_annotation(&key, "") {
+                    let value = map.next_value::<String>()?;
+                    if super::model::kept_annotation(&key, &value) {
+                        kept.insert(key.into_owned(), value);
+                    }
                 } else {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -346,6 +349,8 @@ impl<'de> Deserialize<'de> for WirePod {
         let mut wire = Wire::deserialize(d)?;
         let uncontained = wire.spec.as_mut().and_then(Spec::uncontained);
         let m = wire.metadata;
+        let node = wire.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        let owner_references = super::node_owner(m.owner_references, node);
         let mut pod = Pod {
             metadata: ObjectMeta {
                 name: m.name,
@@ -354,10 +359,7 @@ impl<'de> Deserialize<'de> for WirePod {
                 resource_version: m.resource_version,
                 labels: m.labels,
                 annotations: m.annotations,
-                // Only a Node owner admits the mirror annotation (`cgroup_uid`).
-                owner_references: m
-                    .owner_references
-                    .map(|o| o.into_iter().filter(|o| o.kind == "Node").collect()),
+                owner_references,
                 creation_timestamp: m.creation_timestamp,
                 deletion_timestamp: m.deletion_timestamp,
                 ..ObjectMeta::default()
