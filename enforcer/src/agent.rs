@@ -1820,6 +1820,8 @@ fn flow_call(event: &enforcer_common::FlowEvent, allowed_by: &Compiled) -> FlowC
 struct Denies<'a> {
     history: &'a PolicyHistory,
     cgroups: crate::events::cgroup::Resolver,
+    /// The facts of recent keys, shared by their calls.
+    enricher: record::Enricher,
     quarantine: Arc<handoff::QuarantineRequests>,
 }
 
@@ -1831,14 +1833,11 @@ impl Denies<'_> {
         let Some(policy) = self.history.at(event.policy_generation) else {
             return Ok(());
         };
-        let mut call = record::enrich(event, &policy);
-        match call.destination.as_mut() {
-            // The listener's cgroup (no task: pid 0).
-            Some(d) if event.hook == enforcer_common::hook::INGRESS => {
-                d.cgroup = self.cgroups.resolve(event.cgroup_id, 0);
-            }
-            _ => call.subject.cgroup = self.cgroups.resolve(event.cgroup_id, call.subject.pid),
-        }
+        // An ingress call's cgroup is the listener's (no task: pid 0).
+        let cgroups = &mut self.cgroups;
+        let call = self
+            .enricher
+            .enrich(event, &policy, |id, pid| cgroups.resolve(id, pid));
         // Only a policy's deny can quarantine: not the kernel's own refusals (unknown subject,
         // unspecified destination, unsupported socket). The cause is the `@quarantine`
         // forbid, which need not be the first determining policy the event names. Not an
@@ -2010,6 +2009,7 @@ async fn stream_events(
     let mut denies = Denies {
         history: &history,
         cgroups: crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok()),
+        enricher: record::Enricher::new(),
         quarantine,
     };
     // Also with aggregation off: what an earlier agent left counted in the map is reported.

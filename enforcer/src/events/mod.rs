@@ -16,6 +16,7 @@ pub mod ocsf;
 pub mod record;
 mod sink;
 pub mod stream;
+mod template;
 
 use std::io::Write as _;
 
@@ -91,8 +92,25 @@ impl Formatter {
         Ok(line)
     }
 
+    /// The node that OCSF lines name (`device.hostname`).
+    fn ocsf_node(&self) -> &str {
+        &self.ocsf.node
+    }
+
     /// [`Formatter::line`], appended to `out` (left as it was on error).
     pub fn append_line(&self, seq: u64, event: &Event, out: &mut Vec<u8>) -> Result<()> {
+        // A call whose key has been seen before: its key's template, filled in.
+        if let Event::Call(call) = event {
+            if call.facts.templates.render(self, call, seq, out) {
+                return Ok(());
+            }
+        }
+        self.append_slow(seq, event, out)
+    }
+
+    /// [`Formatter::append_line`] without templates: the one place that serialises events
+    /// (the templates are made by it too).
+    fn append_slow(&self, seq: u64, event: &Event, out: &mut Vec<u8>) -> Result<()> {
         let start = out.len();
         let written = match self.format {
             // The event's fields, then its place in the stream: an event is a JSON object, so

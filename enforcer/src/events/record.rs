@@ -1,7 +1,9 @@
 //! The SOC contract: one JSON object per denied (or audited) call, enriched from the compiled
 //! policy that was in force. Field names are stable; see DESIGN.md "Events".
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use enforcer_common::{hook, identity, reason, verdict, DenyEvent};
@@ -33,37 +35,159 @@ impl Serialize for Time {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// One denied (or audited) call: what this call alone has (when, how often, which process)
+/// and the [`CallFacts`] it shares with every call of its key (subject, destination, port,
+/// reason, policy...), which a flood repeats by the million. Reads of the facts go through
+/// `Deref` (`call.subject.tenant`); a change goes through [`DeniedCall::facts_mut`].
+///
+/// Its JSON form (README, "Events") is written by [`Serialize`] below: `time`, `type`,
+/// `verdict`, `reason`, `hook`, `count`, `subject` (the facts' [`Caller`] with `pid` and
+/// `comm`), then the facts' `destination` .. `dataset_scope`.
+#[derive(Debug, Clone)]
 pub struct DeniedCall {
     pub time: Time,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub verdict: &'static str,
-    pub reason: &'static str,
-    pub hook: &'static str,
     /// How many denies this line stands for: 1, or N > 1 for the summary of N repeated denies
     /// of one key that the kernel counted within an aggregation window instead of reporting
     /// each (`--events-aggregate`; the time is then when the agent read the count).
     pub count: u32,
-    pub subject: Subject,
+    /// The calling process (its thread group ID; 0 for `ingress`, where no task of this
+    /// node called) and its command name (`comm`, at most 15 bytes, lossily UTF-8).
+    pub pid: u32,
+    pub comm: String,
+    pub facts: Arc<CallFacts>,
+}
+
+impl std::ops::Deref for DeniedCall {
+    type Target = CallFacts;
+
+    fn deref(&self) -> &CallFacts {
+        &self.facts
+    }
+}
+
+impl DeniedCall {
+    /// The facts of this call alone, to change: copied first where other calls share them,
+    /// and without the line templates made from them before the change.
+    pub fn facts_mut(&mut self) -> &mut CallFacts {
+        let facts = Arc::make_mut(&mut self.facts);
+        facts.templates = super::template::Templates::default();
+        facts
+    }
+}
+
+impl Serialize for DeniedCall {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let f = &*self.facts;
+        let mut s = serializer.serialize_struct("DeniedCall", 15)?;
+        s.serialize_field("time", &self.time)?;
+        s.serialize_field("type", f.kind)?;
+        s.serialize_field("verdict", f.verdict)?;
+        s.serialize_field("reason", f.reason)?;
+        s.serialize_field("hook", f.hook)?;
+        s.serialize_field("count", &self.count)?;
+        s.serialize_field(
+            "subject",
+            &CallerAt {
+                caller: &f.subject,
+                pid: self.pid,
+                comm: &self.comm,
+            },
+        )?;
+        s.serialize_field("destination", &f.destination)?;
+        match &f.socket {
+            Some(socket) => s.serialize_field("socket", socket)?,
+            None => s.skip_field("socket")?,
+        }
+        match &f.peer {
+            Some(peer) => s.serialize_field("peer", peer)?,
+            None => s.skip_field("peer")?,
+        }
+        s.serialize_field("policy", &f.policy)?;
+        s.serialize_field("atlas", &f.atlas)?;
+        s.serialize_field("subject_chain", &f.subject_chain)?;
+        s.serialize_field("dataset_scope", &f.dataset_scope)?;
+        s.end()
+    }
+}
+
+/// What every call of one key has alike: everything of a [`DeniedCall`] but its time, count
+/// and process. Built once per key by [`CallFacts::of`] (the enrichment proper: names from
+/// the compiled policy, the determining policies, ATLAS) and shared, as are the lines
+/// templates made from them ([`super::template`]).
+#[derive(Debug, Clone)]
+pub struct CallFacts {
+    /// `connection.denied` or `connection.audited`.
+    pub kind: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub hook: &'static str,
+    pub subject: Caller,
     /// `null` for `sock_create` events: a socket refused at creation has no destination yet.
     pub destination: Option<Destination>,
-    /// `sock_create` events only: the refused socket.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `sock_create` events only (left out of the line otherwise): the refused socket.
     pub socket: Option<SocketInfo>,
     /// `ingress` events only: where the refused SYN came from (the subject is the identity it
     /// claimed, or the IP cache's identity of this address when it carried no option). A
     /// `bad_tag` claim is forged or unverifiable, and a `missing_tag` SYN's source address
     /// is whatever its sender wrote: for both only the subject's number is given, never a
     /// workload's name or tenant (a `missing_tag` address's owner is [`Peer::workload`]).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Left out of the line when `None`.
     pub peer: Option<Peer>,
     pub policy: PolicyInfo,
     pub atlas: Vec<AtlasTechnique>,
     pub subject_chain: Vec<String>,
     pub dataset_scope: Vec<String>,
+    /// This key's lines with holes for what each call has alone, one per format, made on
+    /// the second use (a key used once costs no template).
+    pub(super) templates: super::template::Templates,
 }
 
+/// A call's subject as the policy knows it: a [`Subject`] but for the process, which is the
+/// call's own ([`DeniedCall::pid`], [`DeniedCall::comm`]).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: u32,
+    pub workload: Option<String>,
+    pub tenant: Option<String>,
+    pub purpose: Option<String>,
+    pub ring: Option<String>,
+    pub spiffe_id: Option<String>,
+    pub cgroup_id: u64,
+    /// As [`Subject::cgroup`].
+    pub cgroup: Option<Arc<super::cgroup::CgroupContext>>,
+}
+
+/// A [`Caller`] with its process: serialised as a [`Subject`] is.
+struct CallerAt<'a> {
+    caller: &'a Caller,
+    pid: u32,
+    comm: &'a str,
+}
+
+impl Serialize for CallerAt<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let c = self.caller;
+        let mut s = serializer.serialize_struct("Subject", 10)?;
+        s.serialize_field("identity", &c.identity)?;
+        s.serialize_field("workload", &c.workload)?;
+        s.serialize_field("tenant", &c.tenant)?;
+        s.serialize_field("purpose", &c.purpose)?;
+        s.serialize_field("ring", &c.ring)?;
+        s.serialize_field("spiffe_id", &c.spiffe_id)?;
+        s.serialize_field("cgroup_id", &c.cgroup_id)?;
+        match &c.cgroup {
+            Some(cgroup) => s.serialize_field("cgroup", cgroup)?,
+            None => s.skip_field("cgroup")?,
+        }
+        s.serialize_field("pid", &self.pid)?;
+        s.serialize_field("comm", self.comm)?;
+        s.end()
+    }
+}
+
+/// A flow's subject (`flow.*` events); a call's is a [`Caller`] and its process.
 #[derive(Debug, Serialize)]
 pub struct Subject {
     pub identity: u32,
@@ -81,7 +205,7 @@ pub struct Subject {
     pub comm: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Destination {
     pub ip: String,
     pub port: u16,
@@ -100,7 +224,7 @@ pub struct Destination {
 }
 
 /// The remote end of an `ingress` event.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Peer {
     pub ip: String,
     pub port: u16,
@@ -113,7 +237,7 @@ pub struct Peer {
 
 /// The socket a `sock_create` event refused: `{"family":"ipv4","type":"dgram","protocol":"icmp"}`
 /// (type and protocol by name where they have one, else their number as a string).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SocketInfo {
     pub family: &'static str,
     #[serde(rename = "type")]
@@ -121,7 +245,7 @@ pub struct SocketInfo {
     pub protocol: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PolicyInfo {
     /// The determining Cedar policy (its `@id`), or `implicit-deny`, `undeclared-port`,
     /// `unknown-subject`, `quarantine`, `unspecified-destination`, `unsupported-socket`,
@@ -174,7 +298,27 @@ fn atlas_ids(ids: &[&str]) -> Vec<AtlasTechnique> {
         .collect()
 }
 
+/// `event` enriched from `compiled`, with facts of its own (the agent shares them through
+/// [`Enricher`]).
 pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
+    DeniedCall {
+        time: Time(wall_clock(event.timestamp_ns)),
+        count: event.count,
+        pid: (event.pid_tgid >> 32) as u32,
+        comm: comm(event),
+        facts: Arc::new(CallFacts::of(event, compiled)),
+    }
+}
+
+impl CallFacts {
+    /// What `compiled` says of the calls of `event`'s key ([`Enricher`]'s): names, the
+    /// determining policies, ATLAS. Without a cgroup context (the agent adds it).
+    pub fn of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
+        facts_of(event, compiled)
+    }
+}
+
+fn facts_of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
     let ingress = event.hook == hook::INGRESS;
     // A `bad_tag` claim is whatever the SYN's bytes say, and a `missing_tag` subject is
     // whatever address the SYN says it came from: both forgeable by anyone who can send
@@ -294,8 +438,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         }
     };
 
-    DeniedCall {
-        time: Time(wall_clock(event.timestamp_ns)),
+    CallFacts {
         kind: if event.verdict == verdict::AUDIT {
             "connection.audited"
         } else {
@@ -304,8 +447,7 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         verdict: verdict_name(event.verdict),
         reason: reason_name(event.reason),
         hook: hook_name(event.hook),
-        count: event.count,
-        subject: Subject {
+        subject: Caller {
             identity: event.subject,
             workload: subject_identity.map(|i| i.name.clone()),
             tenant: subject_identity.and_then(|i| i.tenant.clone()),
@@ -315,8 +457,6 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
             // An ingress event's cgroup is the listener's: the destination's, not the peer's.
             cgroup_id: if ingress { 0 } else { event.cgroup_id },
             cgroup: None,
-            pid: (event.pid_tgid >> 32) as u32,
-            comm: comm(event),
         },
         peer: ingress.then(|| Peer {
             ip: peer_ip(event).to_string(),
@@ -352,6 +492,148 @@ pub fn enrich(event: &DenyEvent, compiled: &Compiled) -> DeniedCall {
         dataset_scope: destination_identity
             .map(|i| i.datasets.clone())
             .unwrap_or_default(),
+        templates: super::template::Templates::default(),
+    }
+}
+
+/// What makes two denies' [`CallFacts`] the same: every field of the record but its time,
+/// count and process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FactsKey {
+    cgroup_id: u64,
+    subject: u32,
+    destination: u32,
+    daddr: [u8; 16],
+    peer: [u8; 16],
+    policy_generation: u32,
+    dport: u16,
+    sock_type: u16,
+    sock_protocol: u16,
+    family: u8,
+    protocol: u8,
+    hook: u8,
+    verdict: u8,
+    reason: u8,
+}
+
+impl FactsKey {
+    fn of(event: &DenyEvent) -> FactsKey {
+        FactsKey {
+            cgroup_id: event.cgroup_id,
+            subject: event.subject,
+            destination: event.destination,
+            daddr: event.daddr,
+            peer: event.peer,
+            policy_generation: event.policy_generation,
+            dport: event.dport,
+            sock_type: event.sock_type,
+            sock_protocol: event.sock_protocol,
+            family: event.family,
+            protocol: event.protocol,
+            hook: event.hook,
+            verdict: event.verdict,
+            reason: event.reason,
+        }
+    }
+}
+
+/// Enriches denies, sharing the [`CallFacts`] of one key among its calls: a flood of one
+/// workload's denied `connect()` is enriched (and its line serialised, see
+/// [`super::template`]) once, not once per call.
+///
+/// Facts are kept for the policy they were made from (held weakly: an old revision is freed
+/// as soon as the agent drops it, and its address cannot be reused while the entry lives),
+/// up to [`Enricher::CAPACITY`] keys, then all are dropped and made again.
+pub struct Enricher {
+    facts: HashMap<FactsKey, (Weak<Compiled>, Arc<CallFacts>)>,
+}
+
+impl Default for Enricher {
+    fn default() -> Self {
+        Enricher::new()
+    }
+}
+
+impl Enricher {
+    /// Keys kept at most: a few hundred bytes each, plus their templates (about a line each).
+    pub const CAPACITY: usize = 1024;
+
+    pub fn new() -> Self {
+        Enricher {
+            facts: HashMap::new(),
+        }
+    }
+
+    /// `event`, enriched from `compiled` (the policy of its generation); `cgroup` gives the
+    /// context of its cgroup (`ingress`: the listener's, as the destination's; else the
+    /// subject's), asked again for each call until it gives one.
+    pub fn enrich(
+        &mut self,
+        event: &DenyEvent,
+        compiled: &Arc<Compiled>,
+        cgroup: impl FnOnce(u64, u32) -> Option<Arc<super::cgroup::CgroupContext>>,
+    ) -> DeniedCall {
+        let key = FactsKey::of(event);
+        let pid = (event.pid_tgid >> 32) as u32;
+        let ingress = event.hook == hook::INGRESS;
+        let kept = self
+            .facts
+            .get(&key)
+            .filter(|(policy, _)| Weak::as_ptr(policy) == Arc::as_ptr(compiled))
+            .map(|(_, facts)| facts.clone());
+        let facts = match kept {
+            Some(facts) if facts.cgroup_context(ingress).is_some() => facts,
+            kept => {
+                let context = cgroup(event.cgroup_id, if ingress { 0 } else { pid });
+                let facts = match (kept, context) {
+                    (Some(facts), None) => facts,
+                    (kept, context) => {
+                        let mut facts = match kept {
+                            Some(facts) => CallFacts::clone(&facts),
+                            None => CallFacts::of(event, compiled),
+                        };
+                        facts.set_cgroup_context(ingress, context);
+                        let facts = Arc::new(facts);
+                        if self.facts.len() >= Self::CAPACITY {
+                            self.facts.clear();
+                        }
+                        self.facts
+                            .insert(key, (Arc::downgrade(compiled), facts.clone()));
+                        facts
+                    }
+                };
+                facts
+            }
+        };
+        DeniedCall {
+            time: Time(wall_clock(event.timestamp_ns)),
+            count: event.count,
+            pid,
+            comm: comm(event),
+            facts,
+        }
+    }
+}
+
+impl CallFacts {
+    /// Where an `ingress` call's cgroup context goes (the listener's: the destination's),
+    /// and any other's (the subject's).
+    fn cgroup_context(&self, ingress: bool) -> Option<&Arc<super::cgroup::CgroupContext>> {
+        match (&self.destination, ingress) {
+            (Some(d), true) => d.cgroup.as_ref(),
+            _ => self.subject.cgroup.as_ref(),
+        }
+    }
+
+    fn set_cgroup_context(
+        &mut self,
+        ingress: bool,
+        context: Option<Arc<super::cgroup::CgroupContext>>,
+    ) {
+        match (&mut self.destination, ingress) {
+            (Some(d), true) => d.cgroup = context,
+            _ => self.subject.cgroup = context,
+        }
     }
 }
 

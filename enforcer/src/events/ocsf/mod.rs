@@ -633,8 +633,8 @@ pub fn call<'a>(context: &'a Context, seq: u64, call: &'a DeniedCall) -> Event<'
     });
     event.actor = Some(Actor {
         process: Some(Process {
-            pid: subject.pid,
-            name: &subject.comm,
+            pid: call.pid,
+            name: &call.comm,
         }),
         app_name: None,
     });

@@ -662,7 +662,7 @@ fn a_pods_container_is_the_source_endpoints_container() {
             ),
             demo(),
         );
-        call.subject.cgroup = Some(std::sync::Arc::new(context_of(&path)));
+        call.facts_mut().subject.cgroup = Some(std::sync::Arc::new(context_of(&path)));
         let json_line: Value = serde_json::from_slice(
             &Formatter::new(Format::Json, super::Context { node: "n".into() })
                 .line(
@@ -709,7 +709,7 @@ fn a_pods_container_is_the_source_endpoints_container() {
         ),
         demo(),
     );
-    call.subject.cgroup = Some(std::sync::Arc::new(context_of(&format!(
+    call.facts_mut().subject.cgroup = Some(std::sync::Arc::new(context_of(&format!(
         "kubepods/pod{uid}/{cid}"
     ))));
     let mut event = ocsf(&Event::Call(call));
@@ -751,9 +751,11 @@ fn the_readme_golden_deny_is_valid_and_current() {
         demo(),
     );
     let path = golden["unmapped"]["subject"]["cgroup"].as_str().unwrap();
-    call.subject.cgroup = Some(std::sync::Arc::new(crate::events::cgroup::context_of(path)));
-    call.subject.pid = golden["actor"]["process"]["pid"].as_u64().unwrap() as u32;
-    call.subject.cgroup_id = golden["unmapped"]["subject"]["cgroup_id"].as_u64().unwrap();
+    call.facts_mut().subject.cgroup =
+        Some(std::sync::Arc::new(crate::events::cgroup::context_of(path)));
+    call.pid = golden["actor"]["process"]["pid"].as_u64().unwrap() as u32;
+    call.facts_mut().subject.cgroup_id =
+        golden["unmapped"]["subject"]["cgroup_id"].as_u64().unwrap();
     let mut now = Formatter::new(
         Format::Ocsf,
         super::Context {
@@ -1003,4 +1005,170 @@ fn tenant_filters_select_ingress_events_by_either_end() {
         compiled,
     ));
     assert!(tenant("acme").matches(&outbound) && !tenant("globex").matches(&outbound));
+}
+
+/// The same facts with another time, count, process and `seq` (a comm that needs escaping).
+fn again(call: &record::DeniedCall) -> record::DeniedCall {
+    record::DeniedCall {
+        time: record::Time(std::time::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 42)),
+        count: 9_876,
+        pid: 31_337,
+        comm: "we\"ird\\c\u{1}mm".to_string(),
+        facts: call.facts.clone(),
+    }
+}
+
+#[test]
+fn a_keys_template_writes_the_line_the_formatter_writes() {
+    use crate::events::cgroup::context_of;
+    let pod = "kubepods.slice/kubepods-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice/\
+               cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
+    let mut calls = calls();
+    // With a cgroup context, the subject's and (ingress) the listener's.
+    for hook in [hook::CONNECT4, hook::INGRESS] {
+        let mut call = record::enrich(
+            &deny_event(
+                hook,
+                verdict::DENY,
+                reason::NOT_ALLOWED,
+                id("acme-retriever"),
+                id("globex-vectors"),
+            ),
+            demo(),
+        );
+        let context = Some(std::sync::Arc::new(context_of(pod)));
+        match call.facts_mut() {
+            facts if hook == hook::INGRESS => facts.destination.as_mut().unwrap().cgroup = context,
+            facts => facts.subject.cgroup = context,
+        }
+        calls.push(call);
+    }
+    for format in [Format::Json, Format::Ocsf] {
+        let formatter = Formatter::new(format, super::Context { node: "n".into() });
+        for call in &calls {
+            // The first line of a key: the formatter's own serialisation.
+            let mut first = Vec::new();
+            formatter
+                .append_line(3, &Event::Call(call.clone()), &mut first)
+                .unwrap();
+            assert!(!call.facts.templates.made(format));
+            let mut slow = Vec::new();
+            formatter
+                .append_slow(3, &Event::Call(call.clone()), &mut slow)
+                .unwrap();
+            assert_eq!(first, slow);
+            // The second: the template, with another call's values.
+            let second = again(call);
+            let mut line = b"before".to_vec();
+            formatter
+                .append_line(u64::MAX, &Event::Call(second), &mut line)
+                .unwrap();
+            assert!(
+                call.facts.templates.made(format),
+                "{format:?}: no template for {}",
+                String::from_utf8_lossy(&first)
+            );
+            let mut expected = b"before".to_vec();
+            formatter
+                .append_slow(u64::MAX, &Event::Call(again(call)), &mut expected)
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+        // A formatter of another node does not use this node's OCSF templates.
+        if format == Format::Ocsf {
+            let other = Formatter::new(format, super::Context { node: "m".into() });
+            let call = again(&calls[0]);
+            let line: Value =
+                serde_json::from_slice(&other.line(1, &Event::Call(call)).unwrap()).unwrap();
+            assert_eq!(line["device"]["hostname"], "m");
+        }
+    }
+}
+
+#[test]
+fn a_changed_copy_of_shared_facts_writes_its_own_line() {
+    let formatter = Formatter::new(Format::Json, super::Context { node: "n".into() });
+    let call = calls().swap_remove(0);
+    let mut changed = again(&call);
+    for _ in 0..2 {
+        formatter.line(1, &Event::Call(again(&call))).unwrap();
+    }
+    assert!(call.facts.templates.made(Format::Json));
+    changed.facts_mut().policy.id = "changed".into();
+    for _ in 0..2 {
+        let line: Value =
+            serde_json::from_slice(&formatter.line(1, &Event::Call(again(&changed))).unwrap())
+                .unwrap();
+        assert_eq!(line["policy"]["id"], "changed");
+    }
+    let line: Value =
+        serde_json::from_slice(&formatter.line(1, &Event::Call(call)).unwrap()).unwrap();
+    assert_ne!(line["policy"]["id"], "changed");
+}
+
+#[test]
+fn calls_of_one_key_share_their_facts_for_one_policy() {
+    use std::sync::Arc;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    let compile = || Arc::new(Bundle::load(&dir).unwrap().compile().unwrap());
+    let (policy, newer) = (compile(), compile());
+    let mut enricher = record::Enricher::new();
+    let event = deny_event(
+        hook::CONNECT4,
+        verdict::DENY,
+        reason::TENANT_MISMATCH,
+        id("acme-retriever"),
+        id("globex-vectors"),
+    );
+    let context = Arc::new(crate::events::cgroup::context_of("enforcer-demo/acme"));
+    let mut asked = Vec::new();
+    let mut enrich = |enricher: &mut record::Enricher, event: &DenyEvent, policy, answer| {
+        enricher.enrich(event, policy, |id, pid| {
+            asked.push((id, pid));
+            answer
+        })
+    };
+    let first = enrich(&mut enricher, &event, &policy, None);
+    // Another process of the same key, later: the same facts, its own time and process.
+    let mut later = event;
+    later.timestamp_ns += 1_000;
+    later.pid_tgid = 77 << 32;
+    later.comm = *b"other\0\0\0\0\0\0\0\0\0\0\0";
+    later.count = 3;
+    let second = enrich(&mut enricher, &later, &policy, None);
+    assert!(Arc::ptr_eq(&first.facts, &second.facts));
+    assert_eq!(
+        (second.pid, second.comm.as_str(), second.count),
+        (77, "other", 3)
+    );
+    assert_eq!(second.facts.subject.cgroup, None);
+    // The cgroup was not known: asked again, and once known, kept and not asked again.
+    let third = enrich(&mut enricher, &later, &policy, Some(context.clone()));
+    assert_eq!(third.facts.subject.cgroup.as_ref(), Some(&context));
+    let fourth = enrich(&mut enricher, &event, &policy, None);
+    assert!(Arc::ptr_eq(&third.facts, &fourth.facts));
+    assert_eq!(asked.len(), 3, "{asked:?}");
+    // The key: another port is other facts; the policy: another revision, other facts.
+    let mut port = event;
+    port.dport += 1;
+    let other_port = enricher.enrich(&port, &policy, |_, _| None);
+    assert!(!Arc::ptr_eq(&other_port.facts, &fourth.facts));
+    assert_eq!(
+        other_port.facts.destination.as_ref().unwrap().port,
+        port.dport
+    );
+    let other_policy = enricher.enrich(&event, &newer, |_, _| None);
+    assert!(!Arc::ptr_eq(&other_policy.facts, &fourth.facts));
+    // As `enrich` without sharing would have it.
+    let alone = record::enrich(&later, &newer);
+    let shared = enricher.enrich(&later, &newer, |_, _| None);
+    let mut alone = serde_json::to_value(&alone).unwrap();
+    let mut shared = serde_json::to_value(shared).unwrap();
+    // The wall-clock time of a monotonic stamp moves between two reads of the clock.
+    alone["time"].take();
+    shared["time"].take();
+    assert_eq!(alone, shared);
 }
