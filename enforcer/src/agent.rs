@@ -51,6 +51,12 @@ mod step_up;
 
 /// Ring-buffer records handled before the event task yields (see `drain_turn`).
 const EVENT_BATCH: usize = 1024;
+/// After a turn that drained the ring buffer of a few records, the event task waits this long
+/// before it reads again: during a burst the records of about a millisecond are read, written
+/// and sent to consumers in one turn, not a turn (a wake-up, a `write`) each. The kernel
+/// wakes a reader only when it has read everything before the new record, so the wait also
+/// spares the kernel's wake-ups. A first event after a quiet spell is read at once.
+const EVENT_COALESCE: Duration = Duration::from_millis(1);
 
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
@@ -1927,18 +1933,23 @@ impl Denies<'_> {
 /// readiness is cleared (drained: `AsyncFd` is edge-triggered, so nothing may be left) or
 /// kept and the task yields (records left: a workload flooding denied calls must not keep the
 /// select loop from its timers, the loss report and the aggregation sweep among them, or from
-/// the agent's reloads; it starved them for as long as a flood lasted).
+/// the agent's reloads; it starved them for as long as a flood lasted). Returns how many
+/// records it handled.
 async fn drain_turn(
     guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
     what: &str,
     mut handle: impl FnMut(&[u8]) -> Result<()>,
-) -> Result<()> {
+) -> Result<usize> {
     let mut guard = guard.with_context(|| format!("waiting on the {what} ring buffer"))?;
     let ring = guard.get_inner_mut();
+    let mut handled = 0;
     let mut drained = false;
-    for _ in 0..EVENT_BATCH {
+    while handled < EVENT_BATCH {
         match ring.next() {
-            Some(item) => handle(&item)?,
+            Some(item) => {
+                handle(&item)?;
+                handled += 1;
+            }
             None => {
                 drained = true;
                 break;
@@ -1951,7 +1962,7 @@ async fn drain_turn(
         drop(guard);
         tokio::task::yield_now().await;
     }
-    Ok(())
+    Ok(handled)
 }
 
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
@@ -2015,9 +2026,11 @@ async fn stream_events(
     // Also with aggregation off: what an earlier agent left counted in the map is reported.
     let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;
     loop {
+        // Records read by this turn (see EVENT_COALESCE).
+        let mut read = 0;
         tokio::select! {
             guard = ring.readable_mut() => {
-                drain_turn(guard, "EVENTS", |item| {
+                read = drain_turn(guard, "EVENTS", |item| {
                     match decode::decode(item) {
                         Ok(event) => denies.deliver(&event, &mut events),
                         Err(error) => {
@@ -2028,7 +2041,7 @@ async fn stream_events(
                 }).await?;
             }
             guard = flow_ring.readable_mut() => {
-                drain_turn(guard, "FLOW_EVENTS", |item| {
+                read = drain_turn(guard, "FLOW_EVENTS", |item| {
                     deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), &mut events)
                 }).await?;
             }
@@ -2088,6 +2101,11 @@ async fn stream_events(
         // What this turn emitted (a drain of up to EVENT_BATCH records, a notice) goes out
         // in one write, before the loop waits again.
         events.flush();
+        // A full batch has yielded already and reads on; a ring drained of a few records
+        // waits for more to gather.
+        if read > 0 && read < EVENT_BATCH {
+            tokio::time::sleep(EVENT_COALESCE).await;
+        }
     }
 }
 

@@ -583,27 +583,24 @@ impl Enricher {
             .map(|(_, facts)| facts.clone());
         let facts = match kept {
             Some(facts) if facts.cgroup_context(ingress).is_some() => facts,
-            kept => {
-                let context = cgroup(event.cgroup_id, if ingress { 0 } else { pid });
-                let facts = match (kept, context) {
-                    (Some(facts), None) => facts,
-                    (kept, context) => {
-                        let mut facts = match kept {
-                            Some(facts) => CallFacts::clone(&facts),
-                            None => CallFacts::of(event, compiled),
-                        };
-                        facts.set_cgroup_context(ingress, context);
-                        let facts = Arc::new(facts);
-                        if self.facts.len() >= Self::CAPACITY {
-                            self.facts.clear();
-                        }
-                        self.facts
-                            .insert(key, (Arc::downgrade(compiled), facts.clone()));
-                        facts
+            kept => match (kept, cgroup(event.cgroup_id, if ingress { 0 } else { pid })) {
+                // Still not known: asked again with the next call.
+                (Some(facts), None) => facts,
+                (kept, context) => {
+                    let mut facts = match kept {
+                        Some(facts) => CallFacts::clone(&facts),
+                        None => CallFacts::of(event, compiled),
+                    };
+                    facts.set_cgroup_context(ingress, context);
+                    let facts = Arc::new(facts);
+                    if self.facts.len() >= Self::CAPACITY {
+                        self.facts.clear();
                     }
-                };
-                facts
-            }
+                    self.facts
+                        .insert(key, (Arc::downgrade(compiled), facts.clone()));
+                    facts
+                }
+            },
         };
         DeniedCall {
             time: Time(wall_clock(event.timestamp_ns)),
