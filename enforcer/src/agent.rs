@@ -1854,13 +1854,9 @@ impl Denies<'_> {
             && event.hook != enforcer_common::hook::INGRESS
             && matches!(event.reason, reason::TENANT_MISMATCH | reason::NO_PERMIT)
         {
-            if let Some(cause) = policy.quarantine_on_deny(
-                event.subject,
-                event.destination,
-                event.dport,
-                event.protocol,
-            ) {
-                self.quarantine.request(event.subject, cause);
+            // The enrichment's attribution (`Compiled::quarantine_on_deny`), made once a key.
+            if let Some(cause) = &call.quarantine {
+                self.quarantine.request(event.subject, cause.clone());
             }
         }
         events.emit(Event::Call(call)).map(drop)

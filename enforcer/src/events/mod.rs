@@ -272,15 +272,18 @@ impl Emitter {
             }
         }
         if let Some(hub) = &self.hub {
-            for (seq, event, range) in self.batch_events.drain(..) {
-                // The line goes along: consumers of the file's format send these bytes
-                // instead of serialising the event again, each.
+            // The lines go along: consumers of the file's format send these bytes instead of
+            // serialising the events again, each. One copy of the batch serves every line.
+            let bytes: std::sync::Arc<[u8]> = self.batch.as_slice().into();
+            let format = self.formatter.format();
+            hub.publish_batch(self.batch_events.drain(..).map(|(seq, event, range)| {
                 let line = stream::Line {
-                    format: self.formatter.format(),
-                    bytes: self.batch[range].into(),
+                    format,
+                    bytes: bytes.clone(),
+                    range,
                 };
-                hub.publish_with_line(seq, std::sync::Arc::new(event), Some(line));
-            }
+                (seq, std::sync::Arc::new(event), Some(line))
+            }));
         }
         self.batch.clear();
     }

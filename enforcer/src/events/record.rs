@@ -138,6 +138,10 @@ pub struct CallFacts {
     pub atlas: Vec<AtlasTechnique>,
     pub subject_chain: Vec<String>,
     pub dataset_scope: Vec<String>,
+    /// The `@quarantine` forbid among the determining policies (its `@id`), if one is: what
+    /// [`Compiled::quarantine_on_deny`] gives for this call. Not in the line; the agent
+    /// quarantines the subject for it.
+    pub quarantine: Option<String>,
     /// This key's lines with holes for what each call has alone, one per format, made on
     /// the second use (a key used once costs no template).
     pub(super) templates: super::template::Templates,
@@ -280,15 +284,51 @@ pub fn destination_kind(i: &enforcer_policy::Identity) -> String {
 
 /// Converts kernel monotonic timestamps to wall-clock time.
 pub fn wall_clock(monotonic_ns: u64) -> SystemTime {
+    let (monotonic_now, now) = clocks();
+    let age = Duration::from_nanos(monotonic_now.saturating_sub(monotonic_ns));
+    now - age
+}
+
+/// CLOCK_MONOTONIC nanoseconds and the wall clock, read one after the other.
+fn clocks() -> (u64, SystemTime) {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let mono_now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-    let age = Duration::from_nanos(mono_now.saturating_sub(monotonic_ns));
-    SystemTime::now() - age
+    let monotonic = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    (monotonic, SystemTime::now())
+}
+
+/// [`wall_clock`] for a stream of timestamps: both clocks are read again only when a
+/// timestamp is more than [`WallClock::REREAD`] away from their last reading, so the calls
+/// of a flood cost no clock reads each. A step of the wall clock shows within that time;
+/// between readings the wall clock's slew (at most 500 ppm) moves it by 50 us at most.
+#[derive(Debug, Default)]
+struct WallClock {
+    /// The last reading: monotonic nanoseconds and the wall clock then.
+    read: Option<(u64, SystemTime)>,
+}
+
+impl WallClock {
+    const REREAD: Duration = Duration::from_millis(100);
+
+    fn at(&mut self, monotonic_ns: u64) -> SystemTime {
+        let (monotonic, wall) = match self.read {
+            Some((monotonic, wall))
+                if monotonic.abs_diff(monotonic_ns) <= Self::REREAD.as_nanos() as u64 =>
+            {
+                (monotonic, wall)
+            }
+            _ => *self.read.insert(clocks()),
+        };
+        if monotonic_ns >= monotonic {
+            wall + Duration::from_nanos(monotonic_ns - monotonic)
+        } else {
+            wall - Duration::from_nanos(monotonic - monotonic_ns)
+        }
+    }
 }
 
 /// The shipped ATLAS data's entries for `ids` (all of them exist: checked by a test).
@@ -336,6 +376,9 @@ fn facts_of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
         .map(|p| p.to_string())
         .unwrap_or_else(|| event.protocol.to_string());
 
+    // The `@quarantine` forbid among the determining policies: only the attribution below
+    // names policies.
+    let mut quarantine = None;
     let (policy_id, sources, atlas) = match event.reason {
         reason::UNKNOWN_SUBJECT => (
             "unknown-subject".to_string(),
@@ -434,6 +477,11 @@ fn facts_of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
                     format!("{}:{}", Path::new(file).display(), p.line)
                 })
                 .collect();
+            quarantine = attribution
+                .policies
+                .iter()
+                .find(|p| p.quarantine)
+                .map(|p| p.id.clone());
             (attribution.policy_id, sources, attribution.atlas)
         }
     };
@@ -492,6 +540,7 @@ fn facts_of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
         dataset_scope: destination_identity
             .map(|i| i.datasets.clone())
             .unwrap_or_default(),
+        quarantine,
         templates: super::template::Templates::default(),
     }
 }
@@ -546,6 +595,7 @@ impl FactsKey {
 /// up to [`Enricher::CAPACITY`] keys, then all are dropped and made again.
 pub struct Enricher {
     facts: HashMap<FactsKey, (Weak<Compiled>, Arc<CallFacts>)>,
+    clock: WallClock,
 }
 
 impl Default for Enricher {
@@ -561,6 +611,7 @@ impl Enricher {
     pub fn new() -> Self {
         Enricher {
             facts: HashMap::new(),
+            clock: WallClock::default(),
         }
     }
 
@@ -603,7 +654,7 @@ impl Enricher {
             },
         };
         DeniedCall {
-            time: Time(wall_clock(event.timestamp_ns)),
+            time: Time(self.clock.at(event.timestamp_ns)),
             count: event.count,
             pid,
             comm: comm(event),
@@ -646,5 +697,39 @@ mod ingress_tests {
         assert_eq!(atlas_ids(&["AML.T0073"])[0].name, "Impersonation");
         // The rate limit's technique.
         assert_eq!(atlas_ids(&["AML.T0034.000"])[0].name, "Excessive Queries");
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_streams_wall_times_are_those_of_each_reading() {
+        let mut clock = WallClock::default();
+        let (monotonic, _) = clocks();
+        let close = |streamed: SystemTime, stamp: u64| {
+            let alone = wall_clock(stamp);
+            let apart = match streamed.duration_since(alone) {
+                Ok(d) => d,
+                Err(e) => e.duration(),
+            };
+            // Two readings of the clocks a few microseconds apart.
+            assert!(
+                apart < Duration::from_millis(5),
+                "{apart:?} apart at {stamp}"
+            );
+        };
+        close(clock.at(monotonic), monotonic);
+        let first = clock.read.unwrap().0;
+        // An older stamp and a newer one, within REREAD: the same reading.
+        for stamp in [monotonic - 3_000_000, monotonic + 5_000] {
+            close(clock.at(stamp), stamp);
+            assert_eq!(clock.read.unwrap().0, first);
+        }
+        // One 2 s away: read again.
+        let far = monotonic - 2_000_000_000;
+        close(clock.at(far), far);
+        assert_ne!(clock.read.unwrap().0, first);
     }
 }

@@ -287,11 +287,20 @@ pub struct Entry {
     pub line: Option<Line>,
 }
 
-/// A formatted event line, `\n` included, shared by every consumer of its format.
+/// A formatted event line, `\n` included, shared by every consumer of its format: `range` of
+/// `bytes`, which the emitter's whole batch of lines shares (one copy per batch, not one
+/// allocation per line; the hub's history keeps at most two batches partly).
 #[derive(Debug, Clone)]
 pub struct Line {
     pub format: Format,
     pub bytes: Arc<[u8]>,
+    pub range: std::ops::Range<usize>,
+}
+
+impl Line {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[self.range.clone()]
+    }
 }
 
 impl Entry {
@@ -299,7 +308,9 @@ impl Entry {
     /// the formats agree (the same formatter context: the same bytes), else serialised here.
     fn write_line(&self, formatter: &Formatter, out: &mut Vec<u8>) -> Result<()> {
         match &self.line {
-            Some(line) if line.format == formatter.format() => out.extend_from_slice(&line.bytes),
+            Some(line) if line.format == formatter.format() => {
+                out.extend_from_slice(line.as_bytes())
+            }
             _ => out.extend(formatter.line(self.seq, &self.event)?),
         }
         Ok(())
@@ -386,36 +397,51 @@ impl Hub {
 
     /// [`Hub::publish`] with the line the emitter wrote, for consumers of its format.
     pub fn publish_with_line(&self, seq: u64, event: Arc<Event>, line: Option<Line>) {
-        let entry = Entry {
-            seq,
-            at: SystemTime::now(),
-            event,
-            line,
-        };
+        self.publish_batch([(seq, event, line)]);
+    }
+
+    /// [`Hub::publish_with_line`] for each of a batch of events (in `seq` order), under one
+    /// lock and with one time; each consumer is woken once for the batch, not once an event.
+    pub fn publish_batch(&self, batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<Line>)>) {
+        let at = SystemTime::now();
         let mut dropped = 0;
         {
             let mut inner = self.lock();
-            for consumer in &mut inner.consumers {
-                if !consumer.filter.matches(&entry.event) {
-                    continue;
-                }
-                if consumer.queue.len() < consumer.bound {
-                    consumer.queue.push_back(entry.clone());
-                } else {
-                    let missed = &mut consumer.missed;
-                    if missed.count == 0 {
-                        missed.first_seq = seq;
+            let mut woken = vec![false; inner.consumers.len()];
+            for (seq, event, line) in batch {
+                let entry = Entry {
+                    seq,
+                    at,
+                    event,
+                    line,
+                };
+                for (consumer, woken) in inner.consumers.iter_mut().zip(woken.iter_mut()) {
+                    if !consumer.filter.matches(&entry.event) {
+                        continue;
                     }
-                    missed.count += 1;
-                    missed.last_seq = seq;
-                    dropped += 1;
+                    if consumer.queue.len() < consumer.bound {
+                        consumer.queue.push_back(entry.clone());
+                    } else {
+                        let missed = &mut consumer.missed;
+                        if missed.count == 0 {
+                            missed.first_seq = seq;
+                        }
+                        missed.count += 1;
+                        missed.last_seq = seq;
+                        dropped += 1;
+                    }
+                    *woken = true;
                 }
-                consumer.wake.notify_one();
+                if inner.history.len() == HISTORY {
+                    inner.history.pop_front();
+                }
+                inner.history.push_back(entry);
             }
-            if inner.history.len() == HISTORY {
-                inner.history.pop_front();
+            for (consumer, woken) in inner.consumers.iter().zip(woken) {
+                if woken {
+                    consumer.wake.notify_one();
+                }
             }
-            inner.history.push_back(entry);
         }
         if dropped > 0 {
             if let Some(metrics) = &self.metrics {

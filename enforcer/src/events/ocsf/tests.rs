@@ -1172,3 +1172,60 @@ fn calls_of_one_key_share_their_facts_for_one_policy() {
     shared["time"].take();
     assert_eq!(alone, shared);
 }
+
+#[test]
+fn a_calls_quarantine_cause_is_the_policys() {
+    // The demo with acme-retriever at risk 0.9: the `@quarantine` forbid of vector DBs.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let demo_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+    let dir = Dir(std::env::temp_dir().join(format!("enforcer-quarantine-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    for entry in std::fs::read_dir(&demo_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            dir.0.join(path.file_name().unwrap()),
+            text.replacen("risk: 0.2", "risk: 0.9", 1),
+        )
+        .unwrap();
+    }
+    let risky = Bundle::load(&dir.0).unwrap().compile().unwrap();
+    let id = |name: &str| risky.identity_by_name(name).unwrap().id;
+    let names = [
+        "acme-retriever",
+        "initech-batch",
+        "globex-vectors",
+        "acme-features",
+        "globex-agent",
+    ];
+    let mut causes = 0;
+    for subject in names.map(id) {
+        for destination in names
+            .map(id)
+            .into_iter()
+            .chain([enforcer_common::identity::WORLD])
+        {
+            for reason in [reason::TENANT_MISMATCH, reason::NO_PERMIT] {
+                let mut event =
+                    deny_event(hook::CONNECT4, verdict::DENY, reason, subject, destination);
+                for port in [80, 443, 6333, 8080, 9000] {
+                    event.dport = port;
+                    let call = record::enrich(&event, &risky);
+                    let expected =
+                        risky.quarantine_on_deny(subject, destination, port, event.protocol);
+                    causes += usize::from(expected.is_some());
+                    assert_eq!(
+                        call.quarantine, expected,
+                        "{subject} -> {destination}:{port}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(causes > 0, "the @quarantine policy decides some call");
+}
