@@ -9,7 +9,7 @@ use enforcer_common::{identity, FlowRecord};
 use enforcer_policy::Compiled;
 use serde::Serialize;
 
-use super::record::{destination_kind, wall_clock, Destination, Subject, Time};
+use super::record::{destination_kind, wall_clock, Caller, Destination, Subject, Time};
 use crate::flows;
 
 pub const OPENED: &str = "flow.opened";
@@ -141,14 +141,16 @@ pub fn flow(
             ended_by: None,
         },
         subject: Subject {
-            identity: record.subject,
-            workload: subject.map(|i| i.name.clone()),
-            tenant: subject.and_then(|i| i.tenant.clone()),
-            purpose: subject.and_then(|i| i.purpose.clone()),
-            ring: subject.and_then(|i| i.ring.clone()),
-            spiffe_id: subject.and_then(|i| i.spiffe_id.clone()),
-            cgroup_id: record.cgroup_id,
-            cgroup: None,
+            caller: Caller {
+                identity: record.subject,
+                workload: subject.map(|i| i.name.clone()),
+                tenant: subject.and_then(|i| i.tenant.clone()),
+                purpose: subject.and_then(|i| i.purpose.clone()),
+                ring: subject.and_then(|i| i.ring.clone()),
+                spiffe_id: subject.and_then(|i| i.spiffe_id.clone()),
+                cgroup_id: record.cgroup_id,
+                cgroup: None,
+            },
             pid: (record.pid_tgid >> 32) as u32,
             comm: comm_of(record),
         },

@@ -147,8 +147,8 @@ pub struct CallFacts {
     pub(super) templates: super::template::Templates,
 }
 
-/// A call's subject as the policy knows it: a [`Subject`] but for the process, which is the
-/// call's own ([`DeniedCall::pid`], [`DeniedCall::comm`]).
+/// A subject as the policy knows it, without its process (a call's is the call's own:
+/// [`DeniedCall::pid`], [`DeniedCall::comm`]; a flow's is in its [`Subject`]).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub identity: u32,
@@ -158,7 +158,8 @@ pub struct Caller {
     pub ring: Option<String>,
     pub spiffe_id: Option<String>,
     pub cgroup_id: u64,
-    /// As [`Subject::cgroup`].
+    /// Where that cgroup sits (path, pod, container), when the agent could confirm it
+    /// ([`super::cgroup::Resolver`]); left out of the line otherwise.
     pub cgroup: Option<Arc<super::cgroup::CgroupContext>>,
 }
 
@@ -191,22 +192,33 @@ impl Serialize for CallerAt<'_> {
     }
 }
 
-/// A flow's subject (`flow.*` events); a call's is a [`Caller`] and its process.
-#[derive(Debug, Serialize)]
+/// A flow's subject (`flow.*` events): a [`Caller`] with its process, serialised as a call's
+/// subject is (the caller's fields, then `pid` and `comm`). Reads of the caller's fields go
+/// through `Deref` (`subject.tenant`).
+#[derive(Debug)]
 pub struct Subject {
-    pub identity: u32,
-    pub workload: Option<String>,
-    pub tenant: Option<String>,
-    pub purpose: Option<String>,
-    pub ring: Option<String>,
-    pub spiffe_id: Option<String>,
-    pub cgroup_id: u64,
-    /// Where that cgroup sits (path, pod, container), when the agent could confirm it
-    /// ([`super::cgroup::Resolver`]); left out otherwise.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<std::sync::Arc<super::cgroup::CgroupContext>>,
+    pub caller: Caller,
     pub pid: u32,
     pub comm: String,
+}
+
+impl std::ops::Deref for Subject {
+    type Target = Caller;
+
+    fn deref(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+impl Serialize for Subject {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        CallerAt {
+            caller: &self.caller,
+            pid: self.pid,
+            comm: &self.comm,
+        }
+        .serialize(serializer)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
