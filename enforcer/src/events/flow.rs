@@ -141,16 +141,7 @@ pub fn flow(
             ended_by: None,
         },
         subject: Subject {
-            caller: Caller {
-                identity: record.subject,
-                workload: subject.map(|i| i.name.clone()),
-                tenant: subject.and_then(|i| i.tenant.clone()),
-                purpose: subject.and_then(|i| i.purpose.clone()),
-                ring: subject.and_then(|i| i.ring.clone()),
-                spiffe_id: subject.and_then(|i| i.spiffe_id.clone()),
-                cgroup_id: record.cgroup_id,
-                cgroup: None,
-            },
+            caller: Caller::of(record.subject, subject, record.cgroup_id),
             pid: (record.pid_tgid >> 32) as u32,
             comm: comm_of(record),
         },

@@ -163,6 +163,23 @@ pub struct Caller {
     pub cgroup: Option<Arc<super::cgroup::CgroupContext>>,
 }
 
+impl Caller {
+    /// Identity number `identity`, named by `named` (left unnamed without), in `cgroup_id`;
+    /// its cgroup's context is the agent's to add.
+    pub fn of(identity: u32, named: Option<&enforcer_policy::Identity>, cgroup_id: u64) -> Caller {
+        Caller {
+            identity,
+            workload: named.map(|i| i.name.clone()),
+            tenant: named.and_then(|i| i.tenant.clone()),
+            purpose: named.and_then(|i| i.purpose.clone()),
+            ring: named.and_then(|i| i.ring.clone()),
+            spiffe_id: named.and_then(|i| i.spiffe_id.clone()),
+            cgroup_id,
+            cgroup: None,
+        }
+    }
+}
+
 /// A [`Caller`] with its process: serialised as a [`Subject`] is.
 struct CallerAt<'a> {
     caller: &'a Caller,
@@ -507,17 +524,12 @@ fn facts_of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
         verdict: verdict_name(event.verdict),
         reason: reason_name(event.reason),
         hook: hook_name(event.hook),
-        subject: Caller {
-            identity: event.subject,
-            workload: subject_identity.map(|i| i.name.clone()),
-            tenant: subject_identity.and_then(|i| i.tenant.clone()),
-            purpose: subject_identity.and_then(|i| i.purpose.clone()),
-            ring: subject_identity.and_then(|i| i.ring.clone()),
-            spiffe_id: subject_identity.and_then(|i| i.spiffe_id.clone()),
-            // An ingress event's cgroup is the listener's: the destination's, not the peer's.
-            cgroup_id: if ingress { 0 } else { event.cgroup_id },
-            cgroup: None,
-        },
+        // An ingress event's cgroup is the listener's: the destination's, not the peer's.
+        subject: Caller::of(
+            event.subject,
+            subject_identity,
+            if ingress { 0 } else { event.cgroup_id },
+        ),
         peer: ingress.then(|| Peer {
             ip: peer_ip(event).to_string(),
             port: event.sock_type,
@@ -740,7 +752,7 @@ mod clock_tests {
             assert_eq!(clock.read.unwrap().0, first);
         }
         // One 2 s away: read again.
-        let far = monotonic - 2_000_000_000;
+        let far = monotonic.saturating_sub(2_000_000_000);
         close(clock.at(far), far);
         assert_ne!(clock.read.unwrap().0, first);
     }

@@ -288,8 +288,9 @@ pub struct Entry {
 }
 
 /// A formatted event line, `\n` included, shared by every consumer of its format: `range` of
-/// `bytes`, which the emitter's whole batch of lines shares (one copy per batch, not one
-/// allocation per line; the hub's history keeps at most two batches partly).
+/// `bytes`, which the emitter's whole batch of lines shares in the hub's history (one copy
+/// per batch, not one allocation per line; the history keeps at most two batches partly).
+/// A consumer's queue gets the line in a buffer of its own ([`Entry::with_own_line`]).
 #[derive(Debug, Clone)]
 pub struct Line {
     pub format: Format,
@@ -304,6 +305,20 @@ impl Line {
 }
 
 impl Entry {
+    /// This entry with its line copied out of the batch it shares: what a consumer's queue
+    /// keeps. A lagging consumer whose filter matches one event of each batch would otherwise
+    /// keep a whole batch (up to 256 KiB) alive for each line it holds.
+    fn with_own_line(&self) -> Entry {
+        Entry {
+            line: self.line.as_ref().map(|line| Line {
+                format: line.format,
+                bytes: line.as_bytes().into(),
+                range: 0..line.range.len(),
+            }),
+            ..self.clone()
+        }
+    }
+
     /// Appends the entry's line in `formatter`'s format to `out`: the emitter's bytes when
     /// the formats agree (the same formatter context: the same bytes), else serialised here.
     fn write_line(&self, formatter: &Formatter, out: &mut Vec<u8>) -> Result<()> {
@@ -415,12 +430,15 @@ impl Hub {
                     event,
                     line,
                 };
+                // Made once for every consumer that queues this entry.
+                let mut queued: Option<Entry> = None;
                 for (consumer, woken) in inner.consumers.iter_mut().zip(woken.iter_mut()) {
                     if !consumer.filter.matches(&entry.event) {
                         continue;
                     }
                     if consumer.queue.len() < consumer.bound {
-                        consumer.queue.push_back(entry.clone());
+                        let queued = queued.get_or_insert_with(|| entry.with_own_line());
+                        consumer.queue.push_back(queued.clone());
                     } else {
                         let missed = &mut consumer.missed;
                         if missed.count == 0 {
@@ -1018,6 +1036,39 @@ mod tests {
             ..Filter::default()
         };
         good.validate().unwrap();
+    }
+
+    #[test]
+    fn a_queued_line_keeps_no_batch_alive() {
+        let hub = Hub::new(None);
+        let follower = hub.open(&Filter::default(), None, true).1.unwrap();
+        // Three lines in one batch of 3 KiB, as the emitter hands them over.
+        let batch: Arc<[u8]> = vec![b'x'; 3 * 1024].into();
+        let lines = (0..3).map(|i| {
+            let line = Line {
+                format: Format::Json,
+                bytes: batch.clone(),
+                range: i * 1024..(i + 1) * 1024,
+            };
+            (i as u64 + 1, notice("ev"), Some(line))
+        });
+        hub.publish_batch(lines);
+        // The history shares the batch; the consumer's queue does not.
+        let (past, _) = hub.open(&Filter::default(), None, false);
+        assert_eq!(past.len(), 3);
+        assert!(past
+            .iter()
+            .all(|e| Arc::ptr_eq(&e.line.as_ref().unwrap().bytes, &batch)));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, queued) = runtime.block_on(follower.next());
+        assert_eq!(queued.len(), 3);
+        for (i, entry) in queued.iter().enumerate() {
+            let line = entry.line.as_ref().unwrap();
+            assert_eq!((line.bytes.len(), line.as_bytes().len()), (1024, 1024));
+            assert_eq!(entry.seq, i as u64 + 1);
+        }
     }
 
     #[test]

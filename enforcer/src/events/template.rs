@@ -201,6 +201,14 @@ impl Clone for Templates {
     }
 }
 
+/// `format`'s place in [`Templates`] (a new format does not compile until it has one).
+fn slot(format: Format) -> usize {
+    match format {
+        Format::Json => 0,
+        Format::Ocsf => 1,
+    }
+}
+
 impl Templates {
     /// `call`'s line through its key's template in `formatter`'s format, appended to `out`;
     /// false (nothing written) where there is none.
@@ -212,14 +220,12 @@ impl Templates {
         out: &mut Vec<u8>,
     ) -> bool {
         let format = formatter.format();
-        let slot = &self.made[format as usize];
-        let template = match slot.get() {
+        let at = slot(format);
+        let template = match self.made[at].get() {
             Some(template) => template,
             // The first line of a key takes the slow path: most keys have one line only.
-            None if self.uses[format as usize].fetch_add(1, Ordering::Relaxed) == 0 => {
-                return false
-            }
-            None => slot.get_or_init(|| Template::make(formatter, call).map(Arc::new)),
+            None if self.uses[at].fetch_add(1, Ordering::Relaxed) == 0 => return false,
+            None => self.made[at].get_or_init(|| Template::make(formatter, call).map(Arc::new)),
         };
         match template {
             Some(template) if template.node == formatter.ocsf_node() => {
@@ -235,6 +241,6 @@ impl Templates {
 impl Templates {
     /// Whether this key has a template in `format` (made and checked).
     pub(super) fn made(&self, format: Format) -> bool {
-        matches!(self.made[format as usize].get(), Some(Some(_)))
+        matches!(self.made[slot(format)].get(), Some(Some(_)))
     }
 }

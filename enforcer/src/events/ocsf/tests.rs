@@ -1162,6 +1162,26 @@ fn calls_of_one_key_share_their_facts_for_one_policy() {
     );
     let other_policy = enricher.enrich(&event, &newer, |_, _| None);
     assert!(!Arc::ptr_eq(&other_policy.facts, &fourth.facts));
+    // An ingress call's context is the listener's: the destination's, asked with no pid.
+    let mut ingress = event;
+    ingress.hook = hook::INGRESS;
+    let mut asked = None;
+    let call = enricher.enrich(&ingress, &policy, |id, pid| {
+        asked = Some((id, pid));
+        Some(context.clone())
+    });
+    assert_eq!(asked, Some((ingress.cgroup_id, 0)));
+    assert_eq!(call.subject.cgroup, None);
+    assert_eq!(
+        call.subject.cgroup_id, 0,
+        "the peer's cgroup is not this node's"
+    );
+    assert_eq!(
+        call.destination.as_ref().unwrap().cgroup.as_ref(),
+        Some(&context)
+    );
+    let again = enricher.enrich(&ingress, &policy, |_, _| panic!("known: not asked again"));
+    assert!(Arc::ptr_eq(&again.facts, &call.facts));
     // As `enrich` without sharing would have it.
     let alone = record::enrich(&later, &newer);
     let shared = enricher.enrich(&later, &newer, |_, _| None);
