@@ -383,189 +383,190 @@ impl CallFacts {
     /// What `compiled` says of the calls of `event`'s key ([`Enricher`]'s): names, the
     /// determining policies, ATLAS. Without a cgroup context (the agent adds it).
     pub fn of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
-        facts_of(event, compiled)
-    }
-}
+        let ingress = event.hook == hook::INGRESS;
+        // A `bad_tag` claim is whatever the SYN's bytes say, and a `missing_tag` subject is
+        // whatever address the SYN says it came from: both forgeable by anyone who can send
+        // one. Naming the workload would let a forger write events (and route them to a
+        // tenant's feed) that accuse any workload it likes.
+        // A `foreign_address` SYN's subject is its source address's identity too.
+        let by_address =
+            event.reason == reason::MISSING_TAG || event.reason == reason::FOREIGN_ADDRESS;
+        let unauthenticated = ingress && (event.reason == reason::BAD_TAG || by_address);
+        let named = compiled
+            .identity(event.subject)
+            .filter(|_| event.subject != identity::UNKNOWN);
+        let subject_identity = named.filter(|_| !unauthenticated);
+        let destination_identity = compiled.identity(event.destination);
+        let protocol = Protocol::from_number(event.protocol)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| event.protocol.to_string());
 
-fn facts_of(event: &DenyEvent, compiled: &Compiled) -> CallFacts {
-    let ingress = event.hook == hook::INGRESS;
-    // A `bad_tag` claim is whatever the SYN's bytes say, and a `missing_tag` subject is
-    // whatever address the SYN says it came from: both forgeable by anyone who can send
-    // one. Naming the workload would let a forger write events (and route them to a
-    // tenant's feed) that accuse any workload it likes.
-    // A `foreign_address` SYN's subject is its source address's identity too.
-    let by_address = event.reason == reason::MISSING_TAG || event.reason == reason::FOREIGN_ADDRESS;
-    let unauthenticated = ingress && (event.reason == reason::BAD_TAG || by_address);
-    let named = compiled
-        .identity(event.subject)
-        .filter(|_| event.subject != identity::UNKNOWN);
-    let subject_identity = named.filter(|_| !unauthenticated);
-    let destination_identity = compiled.identity(event.destination);
-    let protocol = Protocol::from_number(event.protocol)
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| event.protocol.to_string());
-
-    // The `@quarantine` forbid among the determining policies: only the attribution below
-    // names policies.
-    let mut quarantine = None;
-    let (policy_id, sources, atlas) = match event.reason {
-        reason::UNKNOWN_SUBJECT => (
-            "unknown-subject".to_string(),
-            Vec::new(),
-            compiled.unknown_subject_atlas().to_vec(),
-        ),
-        reason::QUARANTINED => ("quarantine".to_string(), Vec::new(), Vec::new()),
-        // Refused by the kernel itself, before any policy: no Cedar policy decided these.
-        reason::UNSPECIFIED_DESTINATION => (
-            "unspecified-destination".to_string(),
-            Vec::new(),
-            Vec::new(),
-        ),
-        reason::UNSUPPORTED_SOCKET => ("unsupported-socket".to_string(), Vec::new(), Vec::new()),
-        // The kernel's own refusal: the flow could not be recorded, so it is not allowed.
-        reason::FLOW_TABLE_FULL => ("flow-table-full".to_string(), Vec::new(), Vec::new()),
-        // Allowed by policy, over the subject's connection budget to this destination (the
-        // endpoint's `rate_limit`): a flood of cheap calls, ATLAS "Excessive Queries".
-        reason::RATE_LIMITED => (
-            "rate-limit".to_string(),
-            Vec::new(),
-            atlas_ids(&["AML.T0034.000"]),
-        ),
-        // The merge refused to identify the address: no Cedar policy can open it.
-        reason::UNIDENTIFIED_DESTINATION => (
-            "unidentified-destination".to_string(),
-            Vec::new(),
-            Vec::new(),
-        ),
-        // Ingress: a cluster peer that came around every enforcer (no option), or a forged
-        // option. Not Cedar's doing: the kernel's own check. A claimed identity outside the
-        // allowlist (`not_allowed`) is Cedar's deny and falls through to its attribution.
-        reason::MISSING_TAG => (
-            "identity-tag-missing".to_string(),
-            Vec::new(),
-            atlas_ids(&["AML.T0085.000"]),
-        ),
-        reason::BAD_TAG => (
-            "identity-tag-invalid".to_string(),
-            Vec::new(),
-            atlas_ids(&["AML.T0073", "AML.T0085.000"]),
-        ),
-        // A genuine option replayed (or from a node whose clock is off, or an old release's
-        // untimed option): the same impersonation attempt as a forged one.
-        reason::STALE_TAG => (
-            "identity-tag-stale".to_string(),
-            Vec::new(),
-            atlas_ids(&["AML.T0073", "AML.T0085.000"]),
-        ),
-        // A fresh, genuine option that a connection accepted here already used: a copy.
-        reason::REPLAYED_TAG => (
-            "identity-tag-replayed".to_string(),
-            Vec::new(),
-            atlas_ids(&["AML.T0073", "AML.T0085.000"]),
-        ),
-        // A packet to loopback leaving the namespace through a device: the kernel's own
-        // rule, the localhost-reaching trick of CVE-2020-8558. (A packet the pod's netfilter
-        // sent elsewhere is judged by the policy, `egress` with its reasons: attributed
-        // below like any call.)
-        reason::MARTIAN_DESTINATION => ("martian-destination".to_string(), Vec::new(), Vec::new()),
-        // An address of another identity bound, used as a datagram's source, or answered by
-        // a wildcard listener of another cgroup: the kernel's own rule, an impersonation.
-        reason::FOREIGN_ADDRESS => (
-            "foreign-address".to_string(),
-            Vec::new(),
-            atlas_ids(&["AML.T0073"]),
-        ),
-        // A claim that is no workload here (WORLD, an identity this node does not know): no
-        // permit names it, so it is the implicit deny, not an unknown local cgroup. A remote
-        // pod's claim is a workload and falls through: the ingress column has its answer.
-        reason::NOT_ALLOWED
-            if event.hook == hook::INGRESS
-                && compiled
-                    .identity(event.subject)
-                    .is_none_or(|i| i.kind != enforcer_policy::IdentityKind::Workload) =>
-        {
-            (
-                "implicit-deny".to_string(),
+        // The `@quarantine` forbid among the determining policies: only the attribution below
+        // names policies.
+        let mut quarantine = None;
+        let (policy_id, sources, atlas) = match event.reason {
+            reason::UNKNOWN_SUBJECT => (
+                "unknown-subject".to_string(),
                 Vec::new(),
-                compiled.implicit_deny_atlas().to_vec(),
-            )
-        }
-        _ => {
-            let attribution = compiled.attribute(
-                event.subject,
-                event.destination,
-                event.dport,
-                event.protocol,
-            );
-            let sources = attribution
-                .policies
-                .iter()
-                // A bundle is one flat directory: the file name is the path in the bundle.
-                .map(|p| {
-                    let file = p.file.file_name().unwrap_or(p.file.as_os_str());
-                    format!("{}:{}", Path::new(file).display(), p.line)
-                })
-                .collect();
-            quarantine = attribution
-                .policies
-                .iter()
-                .find(|p| p.quarantine)
-                .map(|p| p.id.clone());
-            (attribution.policy_id, sources, attribution.atlas)
-        }
-    };
+                compiled.unknown_subject_atlas().to_vec(),
+            ),
+            reason::QUARANTINED => ("quarantine".to_string(), Vec::new(), Vec::new()),
+            // Refused by the kernel itself, before any policy: no Cedar policy decided these.
+            reason::UNSPECIFIED_DESTINATION => (
+                "unspecified-destination".to_string(),
+                Vec::new(),
+                Vec::new(),
+            ),
+            reason::UNSUPPORTED_SOCKET => {
+                ("unsupported-socket".to_string(), Vec::new(), Vec::new())
+            }
+            // The kernel's own refusal: the flow could not be recorded, so it is not allowed.
+            reason::FLOW_TABLE_FULL => ("flow-table-full".to_string(), Vec::new(), Vec::new()),
+            // Allowed by policy, over the subject's connection budget to this destination (the
+            // endpoint's `rate_limit`): a flood of cheap calls, ATLAS "Excessive Queries".
+            reason::RATE_LIMITED => (
+                "rate-limit".to_string(),
+                Vec::new(),
+                atlas_ids(&["AML.T0034.000"]),
+            ),
+            // The merge refused to identify the address: no Cedar policy can open it.
+            reason::UNIDENTIFIED_DESTINATION => (
+                "unidentified-destination".to_string(),
+                Vec::new(),
+                Vec::new(),
+            ),
+            // Ingress: a cluster peer that came around every enforcer (no option), or a forged
+            // option. Not Cedar's doing: the kernel's own check. A claimed identity outside the
+            // allowlist (`not_allowed`) is Cedar's deny and falls through to its attribution.
+            reason::MISSING_TAG => (
+                "identity-tag-missing".to_string(),
+                Vec::new(),
+                atlas_ids(&["AML.T0085.000"]),
+            ),
+            reason::BAD_TAG => (
+                "identity-tag-invalid".to_string(),
+                Vec::new(),
+                atlas_ids(&["AML.T0073", "AML.T0085.000"]),
+            ),
+            // A genuine option replayed (or from a node whose clock is off, or an old release's
+            // untimed option): the same impersonation attempt as a forged one.
+            reason::STALE_TAG => (
+                "identity-tag-stale".to_string(),
+                Vec::new(),
+                atlas_ids(&["AML.T0073", "AML.T0085.000"]),
+            ),
+            // A fresh, genuine option that a connection accepted here already used: a copy.
+            reason::REPLAYED_TAG => (
+                "identity-tag-replayed".to_string(),
+                Vec::new(),
+                atlas_ids(&["AML.T0073", "AML.T0085.000"]),
+            ),
+            // A packet to loopback leaving the namespace through a device: the kernel's own
+            // rule, the localhost-reaching trick of CVE-2020-8558. (A packet the pod's netfilter
+            // sent elsewhere is judged by the policy, `egress` with its reasons: attributed
+            // below like any call.)
+            reason::MARTIAN_DESTINATION => {
+                ("martian-destination".to_string(), Vec::new(), Vec::new())
+            }
+            // An address of another identity bound, used as a datagram's source, or answered by
+            // a wildcard listener of another cgroup: the kernel's own rule, an impersonation.
+            reason::FOREIGN_ADDRESS => (
+                "foreign-address".to_string(),
+                Vec::new(),
+                atlas_ids(&["AML.T0073"]),
+            ),
+            // A claim that is no workload here (WORLD, an identity this node does not know): no
+            // permit names it, so it is the implicit deny, not an unknown local cgroup. A remote
+            // pod's claim is a workload and falls through: the ingress column has its answer.
+            reason::NOT_ALLOWED
+                if event.hook == hook::INGRESS
+                    && compiled
+                        .identity(event.subject)
+                        .is_none_or(|i| i.kind != enforcer_policy::IdentityKind::Workload) =>
+            {
+                (
+                    "implicit-deny".to_string(),
+                    Vec::new(),
+                    compiled.implicit_deny_atlas().to_vec(),
+                )
+            }
+            _ => {
+                let attribution = compiled.attribute(
+                    event.subject,
+                    event.destination,
+                    event.dport,
+                    event.protocol,
+                );
+                let sources = attribution
+                    .policies
+                    .iter()
+                    // A bundle is one flat directory: the file name is the path in the bundle.
+                    .map(|p| {
+                        let file = p.file.file_name().unwrap_or(p.file.as_os_str());
+                        format!("{}:{}", Path::new(file).display(), p.line)
+                    })
+                    .collect();
+                quarantine = attribution
+                    .policies
+                    .iter()
+                    .find(|p| p.quarantine)
+                    .map(|p| p.id.clone());
+                (attribution.policy_id, sources, attribution.atlas)
+            }
+        };
 
-    CallFacts {
-        kind: if event.verdict == verdict::AUDIT {
-            "connection.audited"
-        } else {
-            "connection.denied"
-        },
-        verdict: verdict_name(event.verdict),
-        reason: reason_name(event.reason),
-        hook: hook_name(event.hook),
-        // An ingress event's cgroup is the listener's: the destination's, not the peer's.
-        subject: Caller::of(
-            event.subject,
-            subject_identity,
-            if ingress { 0 } else { event.cgroup_id },
-        ),
-        peer: ingress.then(|| Peer {
-            ip: peer_ip(event).to_string(),
-            port: event.sock_type,
-            workload: named.filter(|_| by_address).map(|i| i.name.clone()),
-        }),
-        socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
-            family: if event.family == 6 { "ipv6" } else { "ipv4" },
-            kind: socket_type_name(event.sock_type),
-            protocol: socket_protocol_name(event.sock_protocol),
-        }),
-        destination: (event.hook != hook::SOCK_CREATE).then(|| Destination {
-            ip: destination_ip(event).to_string(),
-            port: event.dport,
-            protocol,
-            identity: event.destination,
-            name: destination_identity.map(|i| i.name.clone()),
-            tenant: destination_identity.and_then(|i| i.tenant.clone()),
-            kind: destination_identity.map(destination_kind),
-            cgroup_id: ingress.then_some(event.cgroup_id),
-            cgroup: None,
-        }),
-        policy: PolicyInfo {
-            id: policy_id,
-            snapshot: compiled.revision().to_string(),
-            sources,
-        },
-        atlas,
-        subject_chain: subject_identity
-            .and_then(|i| i.spiffe_id.clone())
-            .into_iter()
-            .collect(),
-        dataset_scope: destination_identity
-            .map(|i| i.datasets.clone())
-            .unwrap_or_default(),
-        quarantine,
-        templates: super::template::Templates::default(),
+        CallFacts {
+            kind: if event.verdict == verdict::AUDIT {
+                "connection.audited"
+            } else {
+                "connection.denied"
+            },
+            verdict: verdict_name(event.verdict),
+            reason: reason_name(event.reason),
+            hook: hook_name(event.hook),
+            // An ingress event's cgroup is the listener's: the destination's, not the peer's.
+            subject: Caller::of(
+                event.subject,
+                subject_identity,
+                if ingress { 0 } else { event.cgroup_id },
+            ),
+            peer: ingress.then(|| Peer {
+                ip: peer_ip(event).to_string(),
+                port: event.sock_type,
+                workload: named.filter(|_| by_address).map(|i| i.name.clone()),
+            }),
+            socket: (event.hook == hook::SOCK_CREATE).then(|| SocketInfo {
+                family: if event.family == 6 { "ipv6" } else { "ipv4" },
+                kind: socket_type_name(event.sock_type),
+                protocol: socket_protocol_name(event.sock_protocol),
+            }),
+            destination: (event.hook != hook::SOCK_CREATE).then(|| Destination {
+                ip: destination_ip(event).to_string(),
+                port: event.dport,
+                protocol,
+                identity: event.destination,
+                name: destination_identity.map(|i| i.name.clone()),
+                tenant: destination_identity.and_then(|i| i.tenant.clone()),
+                kind: destination_identity.map(destination_kind),
+                cgroup_id: ingress.then_some(event.cgroup_id),
+                cgroup: None,
+            }),
+            policy: PolicyInfo {
+                id: policy_id,
+                snapshot: compiled.revision().to_string(),
+                sources,
+            },
+            atlas,
+            subject_chain: subject_identity
+                .and_then(|i| i.spiffe_id.clone())
+                .into_iter()
+                .collect(),
+            dataset_scope: destination_identity
+                .map(|i| i.datasets.clone())
+                .unwrap_or_default(),
+            quarantine,
+            templates: super::template::Templates::default(),
+        }
     }
 }
 

@@ -106,6 +106,17 @@ fn deny_event(hook: u8, verdict: u8, reason: u8, subject: u32, destination: u32)
     }
 }
 
+/// acme-retriever's `connect()` to globex-vectors, denied as a tenant mismatch.
+fn mismatch() -> DenyEvent {
+    deny_event(
+        hook::CONNECT4,
+        verdict::DENY,
+        reason::TENANT_MISMATCH,
+        id("acme-retriever"),
+        id("globex-vectors"),
+    )
+}
+
 /// Every call the kernel can report: each hook, each verdict, each reason, to a workload, an
 /// endpoint and the world, from a known and an unknown subject.
 fn calls() -> Vec<record::DeniedCall> {
@@ -326,13 +337,7 @@ fn every_notice_conforms() {
 
 #[test]
 fn a_deny_maps_the_determining_policy_and_its_atlas_technique() {
-    let event = deny_event(
-        hook::CONNECT4,
-        verdict::DENY,
-        reason::TENANT_MISMATCH,
-        id("acme-retriever"),
-        id("globex-vectors"),
-    );
+    let event = mismatch();
     let call = record::enrich(&event, demo());
     let json = ocsf(&Event::Call(call));
     assert_conforms(&json);
@@ -410,13 +415,7 @@ fn a_technique_with_two_tactics_is_two_attacks() {
 
 /// The JSON of a deny, for the mutations below.
 fn deny_json() -> Value {
-    let event = deny_event(
-        hook::CONNECT4,
-        verdict::DENY,
-        reason::TENANT_MISMATCH,
-        id("acme-retriever"),
-        id("globex-vectors"),
-    );
+    let event = mismatch();
     ocsf(&Event::Call(record::enrich(&event, demo())))
 }
 
@@ -1116,13 +1115,7 @@ fn calls_of_one_key_share_their_facts_for_one_policy() {
     let compile = || Arc::new(Bundle::load(&dir).unwrap().compile().unwrap());
     let (policy, newer) = (compile(), compile());
     let mut enricher = record::Enricher::new();
-    let event = deny_event(
-        hook::CONNECT4,
-        verdict::DENY,
-        reason::TENANT_MISMATCH,
-        id("acme-retriever"),
-        id("globex-vectors"),
-    );
+    let event = mismatch();
     let context = Arc::new(crate::events::cgroup::context_of("enforcer-demo/acme"));
     let mut asked = Vec::new();
     let mut enrich = |enricher: &mut record::Enricher, event: &DenyEvent, policy, answer| {
