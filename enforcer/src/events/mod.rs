@@ -273,14 +273,13 @@ impl Emitter {
         }
         if let Some(hub) = &self.hub {
             // The lines go along: consumers of the file's format send these bytes instead of
-            // serialising the events again, each. One copy of the batch serves every line.
-            let bytes: std::sync::Arc<[u8]> = self.batch.as_slice().into();
+            // serialising the events again, each.
             let format = self.formatter.format();
+            let batch = &self.batch;
             hub.publish_batch(self.batch_events.drain(..).map(|(seq, event, range)| {
-                let line = stream::Line {
+                let line = stream::LineRef {
                     format,
-                    bytes: bytes.clone(),
-                    range,
+                    bytes: &batch[range],
                 };
                 (seq, std::sync::Arc::new(event), Some(line))
             }));

@@ -283,42 +283,44 @@ pub struct Entry {
     pub seq: u64,
     pub at: SystemTime,
     pub event: Arc<Event>,
-    /// The event's line as the emitter wrote it (the events file's format), when it did.
+    /// The event's line as the emitter wrote it (the events file's format), for consumers
+    /// of that format; none in the history, which serialises again when asked (see
+    /// [`Hub::publish_batch`]).
     pub line: Option<Line>,
 }
 
-/// A formatted event line, `\n` included, shared by every consumer of its format: `range` of
-/// `bytes`, which the emitter's whole batch of lines shares in the hub's history (one copy
-/// per batch, not one allocation per line; the history keeps at most two batches partly).
-/// A consumer's queue gets the line in a buffer of its own ([`Entry::with_own_line`]).
+/// A formatted event line, `\n` included, in a buffer of its own, shared by the queues of
+/// every consumer that takes the event (a lagging consumer whose filter matches one event of
+/// each batch keeps only its lines, never a whole batch).
 #[derive(Debug, Clone)]
 pub struct Line {
     pub format: Format,
     pub bytes: Arc<[u8]>,
-    pub range: std::ops::Range<usize>,
+}
+
+/// A line as the emitter hands it over: borrowed from the batch it was written with.
+#[derive(Debug, Clone, Copy)]
+pub struct LineRef<'a> {
+    pub format: Format,
+    pub bytes: &'a [u8],
 }
 
 impl Line {
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[self.range.clone()]
+        &self.bytes
+    }
+}
+
+impl From<LineRef<'_>> for Line {
+    fn from(line: LineRef<'_>) -> Line {
+        Line {
+            format: line.format,
+            bytes: line.bytes.into(),
+        }
     }
 }
 
 impl Entry {
-    /// This entry with its line copied out of the batch it shares: what a consumer's queue
-    /// keeps. A lagging consumer whose filter matches one event of each batch would otherwise
-    /// keep a whole batch (up to 256 KiB) alive for each line it holds.
-    fn with_own_line(&self) -> Entry {
-        Entry {
-            line: self.line.as_ref().map(|line| Line {
-                format: line.format,
-                bytes: line.as_bytes().into(),
-                range: 0..line.range.len(),
-            }),
-            ..self.clone()
-        }
-    }
-
     /// Appends the entry's line in `formatter`'s format to `out`: the emitter's bytes when
     /// the formats agree (the same formatter context: the same bytes), else serialised here.
     fn write_line(&self, formatter: &Formatter, out: &mut Vec<u8>) -> Result<()> {
@@ -407,17 +409,21 @@ impl Hub {
 
     /// Called by the emitter for every numbered event.
     pub fn publish(&self, seq: u64, event: Arc<Event>) {
-        self.publish_with_line(seq, event, None);
+        self.publish_batch([(seq, event, None)]);
     }
 
-    /// [`Hub::publish`] with the line the emitter wrote, for consumers of its format.
-    pub fn publish_with_line(&self, seq: u64, event: Arc<Event>, line: Option<Line>) {
-        self.publish_batch([(seq, event, line)]);
-    }
-
-    /// [`Hub::publish_with_line`] for each of a batch of events (in `seq` order), under one
-    /// lock and with one time; each consumer is woken once for the batch, not once an event.
-    pub fn publish_batch(&self, batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<Line>)>) {
+    /// [`Hub::publish`] for each of a batch of events (in `seq` order), with the lines the
+    /// emitter wrote for them, under one lock and with one time; each consumer is woken once
+    /// for the batch, not once an event.
+    ///
+    /// A line is copied only for consumers that queue its event (once for all of them). The
+    /// history keeps events without lines: copying every batch for it was the largest single
+    /// cost of the emitter under a flood (18 % of the agent's CPU, `perf`), while a history
+    /// read (at most [`HISTORY`] events, on request) serialises again in milliseconds.
+    pub fn publish_batch<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<LineRef<'a>>)>,
+    ) {
         let at = SystemTime::now();
         let mut dropped = 0;
         {
@@ -428,7 +434,7 @@ impl Hub {
                     seq,
                     at,
                     event,
-                    line,
+                    line: None,
                 };
                 // Made once for every consumer that queues this entry.
                 let mut queued: Option<Entry> = None;
@@ -437,7 +443,10 @@ impl Hub {
                         continue;
                     }
                     if consumer.queue.len() < consumer.bound {
-                        let queued = queued.get_or_insert_with(|| entry.with_own_line());
+                        let queued = queued.get_or_insert_with(|| Entry {
+                            line: line.map(Line::from),
+                            ..entry.clone()
+                        });
                         consumer.queue.push_back(queued.clone());
                     } else {
                         let missed = &mut consumer.missed;
@@ -1043,22 +1052,19 @@ mod tests {
         let hub = Hub::new(None);
         let follower = hub.open(&Filter::default(), None, true).1.unwrap();
         // Three lines in one batch of 3 KiB, as the emitter hands them over.
-        let batch: Arc<[u8]> = vec![b'x'; 3 * 1024].into();
-        let lines = (0..3).map(|i| {
-            let line = Line {
+        let batch = vec![b'x'; 3 * 1024];
+        let lines = batch.chunks(1024).enumerate().map(|(i, bytes)| {
+            let line = LineRef {
                 format: Format::Json,
-                bytes: batch.clone(),
-                range: i * 1024..(i + 1) * 1024,
+                bytes,
             };
             (i as u64 + 1, notice("ev"), Some(line))
         });
         hub.publish_batch(lines);
-        // The history shares the batch; the consumer's queue does not.
+        // The history keeps the events only; the consumer's queue each line on its own.
         let (past, _) = hub.open(&Filter::default(), None, false);
         assert_eq!(past.len(), 3);
-        assert!(past
-            .iter()
-            .all(|e| Arc::ptr_eq(&e.line.as_ref().unwrap().bytes, &batch)));
+        assert!(past.iter().all(|e| e.line.is_none()));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -1066,7 +1072,7 @@ mod tests {
         assert_eq!(queued.len(), 3);
         for (i, entry) in queued.iter().enumerate() {
             let line = entry.line.as_ref().unwrap();
-            assert_eq!((line.bytes.len(), line.as_bytes().len()), (1024, 1024));
+            assert_eq!(line.bytes.len(), 1024);
             assert_eq!(entry.seq, i as u64 + 1);
         }
     }
