@@ -1,7 +1,6 @@
 //! The SOC contract: one JSON object per denied (or audited) call, enriched from the compiled
 //! policy that was in force. Field names are stable; see DESIGN.md "Events".
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -619,7 +618,9 @@ impl FactsKey {
 /// as soon as the agent drops it, and its address cannot be reused while the entry lives),
 /// up to [`Enricher::CAPACITY`] keys, then all are dropped and made again.
 pub struct Enricher {
-    facts: HashMap<FactsKey, (Weak<Compiled>, Arc<CallFacts>)>,
+    /// foldhash (seeded per process): the key is partly the caller's choice (addresses,
+    /// ports), and a table of at most CAPACITY keys bounds what colliding keys could cost.
+    facts: foldhash::HashMap<FactsKey, (Weak<Compiled>, Arc<CallFacts>)>,
     clock: WallClock,
 }
 
@@ -635,7 +636,7 @@ impl Enricher {
 
     pub fn new() -> Self {
         Enricher {
-            facts: HashMap::new(),
+            facts: foldhash::HashMap::default(),
             clock: WallClock::default(),
         }
     }

@@ -283,53 +283,47 @@ pub struct Entry {
     pub seq: u64,
     pub at: SystemTime,
     pub event: Arc<Event>,
-    /// The event's line as the emitter wrote it (the events file's format), for consumers
-    /// of that format; none in the history, which serialises again when asked (see
-    /// [`Hub::publish_batch`]).
-    pub line: Option<Line>,
 }
 
-/// A formatted event line, `\n` included, in a buffer of its own, shared by the queues of
-/// every consumer that takes the event (a lagging consumer whose filter matches one event of
-/// each batch keeps only its lines, never a whole batch).
-#[derive(Debug, Clone)]
-pub struct Line {
-    pub format: Format,
-    pub bytes: Arc<[u8]>,
-}
-
-/// A line as the emitter hands it over: borrowed from the batch it was written with.
+/// An event's line as the emitter hands it over (`\n` included), borrowed from the batch it
+/// was written with.
 #[derive(Debug, Clone, Copy)]
 pub struct LineRef<'a> {
     pub format: Format,
     pub bytes: &'a [u8],
 }
 
-impl Line {
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
+/// What a consumer's queue holds, in `seq` order.
+#[derive(Debug)]
+pub enum Queued {
+    /// Events of a run whose lines the emitter wrote in the consumer's format: the lines,
+    /// copied into one buffer of this consumer's own. No allocation per event, and no
+    /// reference count that the emitter and the consumers' tasks on other cores all touch
+    /// per event (such counts were most of the cost of three followers under a flood); a
+    /// lagging consumer keeps only the lines it takes.
+    Lines {
+        bytes: Vec<u8>,
+        count: usize,
+        last_seq: u64,
+    },
+    /// An event without a line in the consumer's format, for its task to serialise.
+    Event(Entry),
 }
 
-impl From<LineRef<'_>> for Line {
-    fn from(line: LineRef<'_>) -> Line {
-        Line {
-            format: line.format,
-            bytes: line.bytes.into(),
+impl Queued {
+    /// Events it holds.
+    pub fn count(&self) -> usize {
+        match self {
+            Queued::Lines { count, .. } => *count,
+            Queued::Event(_) => 1,
         }
     }
 }
 
 impl Entry {
-    /// Appends the entry's line in `formatter`'s format to `out`: the emitter's bytes when
-    /// the formats agree (the same formatter context: the same bytes), else serialised here.
+    /// Appends the entry's line in `formatter`'s format to `out`.
     fn write_line(&self, formatter: &Formatter, out: &mut Vec<u8>) -> Result<()> {
-        match &self.line {
-            Some(line) if line.format == formatter.format() => {
-                out.extend_from_slice(line.as_bytes())
-            }
-            _ => out.extend(formatter.line(self.seq, &self.event)?),
-        }
+        out.extend(formatter.line(self.seq, &self.event)?);
         Ok(())
     }
 }
@@ -345,11 +339,42 @@ pub struct Missed {
 struct Consumer {
     id: u64,
     filter: Filter,
-    queue: VecDeque<Entry>,
-    /// How many events `queue` may hold.
+    /// The format the consumer reads: lines the emitter wrote in it are queued as written.
+    format: Format,
+    queue: VecDeque<Queued>,
+    /// How many events `queue` holds, and may hold.
+    queued: usize,
     bound: usize,
     missed: Missed,
     wake: Arc<Notify>,
+}
+
+impl Consumer {
+    /// Queues `entry`: its line when it has one in the consumer's format (appended to the
+    /// run of lines at the back of the queue), else the entry.
+    fn push(&mut self, entry: &Entry, line: Option<LineRef<'_>>) {
+        self.queued += 1;
+        let Some(line) = line.filter(|l| l.format == self.format) else {
+            self.queue.push_back(Queued::Event(entry.clone()));
+            return;
+        };
+        if let Some(Queued::Lines {
+            bytes,
+            count,
+            last_seq,
+        }) = self.queue.back_mut()
+        {
+            bytes.extend_from_slice(line.bytes);
+            *count += 1;
+            *last_seq = entry.seq;
+            return;
+        }
+        self.queue.push_back(Queued::Lines {
+            bytes: line.bytes.to_vec(),
+            count: 1,
+            last_seq: entry.seq,
+        });
+    }
 }
 
 #[derive(Default)]
@@ -416,10 +441,11 @@ impl Hub {
     /// emitter wrote for them, under one lock and with one time; each consumer is woken once
     /// for the batch, not once an event.
     ///
-    /// A line is copied only for consumers that queue its event (once for all of them). The
-    /// history keeps events without lines: copying every batch for it was the largest single
-    /// cost of the emitter under a flood (18 % of the agent's CPU, `perf`), while a history
-    /// read (at most [`HISTORY`] events, on request) serialises again in milliseconds.
+    /// A line is copied only into the queues of consumers of its format that take its event.
+    /// The history keeps events without lines: copying every batch for it was the largest
+    /// single cost of the emitter under a flood (18 % of the agent's CPU, `perf`), while a
+    /// history read (at most [`HISTORY`] events, on request) serialises again in
+    /// milliseconds.
     pub fn publish_batch<'a>(
         &self,
         batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<LineRef<'a>>)>,
@@ -430,24 +456,13 @@ impl Hub {
             let mut inner = self.lock();
             let mut woken = vec![false; inner.consumers.len()];
             for (seq, event, line) in batch {
-                let entry = Entry {
-                    seq,
-                    at,
-                    event,
-                    line: None,
-                };
-                // Made once for every consumer that queues this entry.
-                let mut queued: Option<Entry> = None;
+                let entry = Entry { seq, at, event };
                 for (consumer, woken) in inner.consumers.iter_mut().zip(woken.iter_mut()) {
                     if !consumer.filter.matches(&entry.event) {
                         continue;
                     }
-                    if consumer.queue.len() < consumer.bound {
-                        let queued = queued.get_or_insert_with(|| Entry {
-                            line: line.map(Line::from),
-                            ..entry.clone()
-                        });
-                        consumer.queue.push_back(queued.clone());
+                    if consumer.queued < consumer.bound {
+                        consumer.push(&entry, line);
                     } else {
                         let missed = &mut consumer.missed;
                         if missed.count == 0 {
@@ -490,18 +505,20 @@ impl Hub {
         since: Option<SystemTime>,
         follow: bool,
     ) -> (Vec<Entry>, Option<Subscription>) {
-        let opened = self.open_at(filter, since, follow, QUEUE);
+        let opened = self.open_at(filter, since, follow, QUEUE, Format::Json);
         (opened.past, opened.subscription)
     }
 
-    /// [`Hub::open`] with a queue bound of up to `queue` events (see [`QUEUE_BUDGET`]), also
-    /// telling where the history begins (for the seam with the file).
+    /// [`Hub::open`] with a queue bound of up to `queue` events (see [`QUEUE_BUDGET`]) for a
+    /// consumer of `format`, also telling where the history begins (for the seam with the
+    /// file).
     pub fn open_at(
         &self,
         filter: &Filter,
         since: Option<SystemTime>,
         follow: bool,
         queue: usize,
+        format: Format,
     ) -> Opened {
         let mut inner = self.lock();
         let oldest = inner.history.front().map(|e| (e.seq, e.at));
@@ -528,7 +545,9 @@ impl Hub {
         inner.consumers.push(Consumer {
             id,
             filter: filter.clone(),
+            format,
             queue: VecDeque::new(),
+            queued: 0,
             bound,
             missed: Missed::default(),
             wake: wake.clone(),
@@ -547,7 +566,7 @@ impl Hub {
 
 impl Subscription {
     /// Waits until something is queued (or missed), then takes all of it.
-    pub async fn next(&self) -> (Missed, Vec<Entry>) {
+    pub async fn next(&self) -> (Missed, Vec<Queued>) {
         loop {
             let notified = self.wake.notified();
             {
@@ -555,6 +574,7 @@ impl Subscription {
                 if let Some(c) = inner.consumers.iter_mut().find(|c| c.id == self.id) {
                     if !c.queue.is_empty() || c.missed.count > 0 {
                         let missed = std::mem::take(&mut c.missed);
+                        c.queued = 0;
                         return (missed, c.queue.drain(..).collect());
                     }
                 }
@@ -766,6 +786,7 @@ async fn serve_one(
         since,
         request.follow,
         request.queue.unwrap_or(QUEUE),
+        formatter.format(),
     );
     // The window begins before the history does: older events come from the file.
     if let Some(since) = since.filter(|&s| oldest.is_none_or(|(_, at)| at >= s)) {
@@ -821,13 +842,23 @@ async fn serve_one(
             _ = tokio::io::AsyncReadExt::read(&mut read, &mut rest) => return Ok(()),
         };
         out.clear();
+        // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
+        for queued in &entries {
+            match queued {
+                Queued::Event(entry) => entry.write_line(&formatter, &mut out)?,
+                // Runs of lines go as they are, after what was gathered before them.
+                Queued::Lines { bytes, .. } => {
+                    write.write_all(&out).await?;
+                    out.clear();
+                    write.write_all(bytes).await?;
+                }
+            }
+        }
+        // What was missed came after everything queued (a queue misses only once full, and
+        // only this read empties it): the notice goes where the gap is.
         if missed.count > 0 {
             out.extend(dropped_line(missed));
         }
-        for entry in &entries {
-            entry.write_line(&formatter, &mut out)?;
-        }
-        // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
         write.write_all(&out).await?;
         // A burst's buffer (up to a whole queue of lines) is not kept for the quiet after it.
         out.shrink_to(OUT_KEPT);
@@ -1047,13 +1078,30 @@ mod tests {
         good.validate().unwrap();
     }
 
+    /// The seqs of queued events (those queued as events, not as lines).
+    fn seqs(queued: &[Queued]) -> Vec<u64> {
+        queued
+            .iter()
+            .map(|q| match q {
+                Queued::Event(entry) => entry.seq,
+                Queued::Lines { .. } => panic!("lines queued where events were expected"),
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_queued_line_keeps_no_batch_alive() {
+    fn a_consumer_of_the_files_format_queues_the_emitters_lines_in_its_own_buffer() {
         let hub = Hub::new(None);
-        let follower = hub.open(&Filter::default(), None, true).1.unwrap();
-        // Three lines in one batch of 3 KiB, as the emitter hands them over.
-        let batch = vec![b'x'; 3 * 1024];
-        let lines = batch.chunks(1024).enumerate().map(|(i, bytes)| {
+        let json = hub.open(&Filter::default(), None, true).1.unwrap();
+        let ocsf = hub.open_at(&Filter::default(), None, true, QUEUE, Format::Ocsf);
+        let ocsf = ocsf.subscription.unwrap();
+        let short = hub.open_at(&Filter::default(), None, true, 2, Format::Json);
+        let short = short.subscription.unwrap();
+        // Three JSON lines in one batch, as the emitter hands them over.
+        let batch: Vec<u8> = (b'a'..=b'c')
+            .flat_map(|c| [c; 9].into_iter().chain([b'\n']))
+            .collect();
+        let lines = batch.chunks(10).enumerate().map(|(i, bytes)| {
             let line = LineRef {
                 format: Format::Json,
                 bytes,
@@ -1061,27 +1109,42 @@ mod tests {
             (i as u64 + 1, notice("ev"), Some(line))
         });
         hub.publish_batch(lines);
-        // The history keeps the events only; the consumer's queue each line on its own.
-        let (past, _) = hub.open(&Filter::default(), None, false);
-        assert_eq!(past.len(), 3);
-        assert!(past.iter().all(|e| e.line.is_none()));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (_, queued) = runtime.block_on(follower.next());
-        assert_eq!(queued.len(), 3);
-        for (i, entry) in queued.iter().enumerate() {
-            let line = entry.line.as_ref().unwrap();
-            assert_eq!(line.bytes.len(), 1024);
-            assert_eq!(entry.seq, i as u64 + 1);
+        // The consumer of the lines' format gets them, as written, in one run.
+        let (missed, queued) = runtime.block_on(json.next());
+        assert_eq!(missed.count, 0);
+        match &queued[..] {
+            [Queued::Lines {
+                bytes,
+                count: 3,
+                last_seq: 3,
+            }] => assert_eq!(bytes, &batch),
+            other => panic!("{other:?}"),
         }
+        // The other format's consumer gets the events, to serialise them itself.
+        let (_, queued) = runtime.block_on(ocsf.next());
+        assert_eq!(seqs(&queued), [1, 2, 3]);
+        // A run of lines counts each line against the queue's bound.
+        let (missed, queued) = runtime.block_on(short.next());
+        assert_eq!((missed.count, missed.first_seq), (1, 3));
+        match &queued[..] {
+            [Queued::Lines {
+                bytes, count: 2, ..
+            }] => assert_eq!(bytes, &batch[..20]),
+            other => panic!("{other:?}"),
+        }
+        // The history keeps the events, without their lines.
+        let (past, _) = hub.open(&Filter::default(), None, false);
+        assert_eq!(past.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
     }
 
     #[test]
     fn a_consumer_queue_holds_what_it_asked_for_within_the_consumers_total() {
         let hub = Hub::new(None);
         let asked = 5 * QUEUE;
-        let big = hub.open_at(&Filter::default(), None, true, asked);
+        let big = hub.open_at(&Filter::default(), None, true, asked, Format::Json);
         let big = big.subscription.unwrap();
         let default = hub.open(&Filter::default(), None, true).1.unwrap();
         for seq in 1..=asked as u64 {
@@ -1100,9 +1163,9 @@ mod tests {
 
         // The total: consumers holding the whole budget leave a newcomer the default only.
         let hogs: Vec<_> = (0..QUEUE_BUDGET / MAX_QUEUE)
-            .map(|_| hub.open_at(&Filter::default(), None, true, MAX_QUEUE))
+            .map(|_| hub.open_at(&Filter::default(), None, true, MAX_QUEUE, Format::Json))
             .collect();
-        let late = hub.open_at(&Filter::default(), None, true, MAX_QUEUE);
+        let late = hub.open_at(&Filter::default(), None, true, MAX_QUEUE, Format::Json);
         let late = late.subscription.unwrap();
         for seq in 1..=2 * QUEUE as u64 {
             hub.publish(asked as u64 + seq, notice("ev"));
@@ -1130,12 +1193,12 @@ mod tests {
             if seq % 50 == 0 {
                 let (missed, entries) = runtime.block_on(fast.next());
                 assert_eq!(missed.count, 0);
-                fast_seqs.extend(entries.iter().map(|e| e.seq));
+                fast_seqs.extend(seqs(&entries));
             }
         }
         let (missed, entries) = runtime.block_on(fast.next());
         assert_eq!(missed.count, 0);
-        fast_seqs.extend(entries.iter().map(|e| e.seq));
+        fast_seqs.extend(seqs(&entries));
         assert_eq!(fast_seqs, (1..=total).collect::<Vec<_>>());
 
         let (missed, entries) = runtime.block_on(slow.next());
