@@ -666,6 +666,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             flows: flow_ring,
         },
         agent.datapath.dir().to_path_buf(),
+        agent.options.state_dir.clone(),
         history,
         notice_rx,
         flow_rx,
@@ -1974,6 +1975,7 @@ struct Rings {
 async fn stream_events(
     rings: Rings,
     pin_dir: PathBuf,
+    state_dir: PathBuf,
     history: PolicyHistory,
     mut notices: mpsc::UnboundedReceiver<Notice>,
     mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
@@ -1995,19 +1997,10 @@ async fn stream_events(
         unsafe { AsyncFd::register_with_interest(rings.flows, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
             .context("polling the FLOW_EVENTS ring buffer")?;
-    let mut flows_lost_seen = flows::lost(&pin_dir)?;
-    let mut lost_seen = datapath::lost_events(&pin_dir)?;
-    if lost_seen > 0 {
-        tracing::warn!(
-            total = lost_seen,
-            "events were lost before this agent started (ring buffer full)"
-        );
-        events.emit(Event::Notice(Notice::EventsLost {
-            time: now(),
-            count: lost_seen,
-            total: lost_seen,
-        }))?;
-    }
+    // What the kernel lost while no agent read its rings: the totals beyond those an earlier
+    // agent reported (not the whole totals again: a SOC adds up the `count`s).
+    let mut reported = LostReported::read(&state_dir);
+    report_lost(&pin_dir, &mut reported, &mut events, &stale_handshake)?;
     // Every RESYNC_EVERY (500 ms), also while a flood keeps the rings busy: the drain turns
     // below yield after each batch, so this tick is reached at least once a second.
     let mut lost_check = tokio::time::interval(RESYNC_EVERY);
@@ -2076,22 +2069,10 @@ async fn stream_events(
                 for overflow in swept.flows {
                     events.emit(Event::Notice(denies.flow_suppressed(&overflow)))?;
                 }
-                let total = datapath::lost_events(&pin_dir)?;
-                if total > lost_seen {
-                    let count = total - lost_seen;
-                    tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
-                    events.emit(Event::Notice(Notice::EventsLost { time: now(), count, total }))?;
-                    lost_seen = total;
-                }
-                let total = flows::lost(&pin_dir)?;
-                if total > flows_lost_seen {
-                    let count = total - flows_lost_seen;
-                    tracing::warn!(count, total, "flow ring buffer full: flow events lost in the kernel");
-                    events.emit(Event::Notice(Notice::FlowEventsLost { time: now(), count, total }))?;
-                    flows_lost_seen = total;
-                    // A lost `flow.opened` may have been a flow that raced a change: re-decide.
-                    stale_handshake.notify_one();
-                }
+                // Written before the entries go (see `Aggregates::sweep`).
+                events.flush();
+                aggregates.forget(&swept.done);
+                report_lost(&pin_dir, &mut reported, &mut events, &stale_handshake)?;
             }
         }
         // What this turn emitted (a drain of up to EVENT_BATCH records, a notice) goes out
@@ -2103,6 +2084,105 @@ async fn stream_events(
             tokio::time::sleep(EVENT_COALESCE).await;
         }
     }
+}
+
+/// The kernel's loss totals (`LOST_EVENTS`, `LOST_FLOW_EVENTS`) as far as `events.lost` and
+/// `flow_events.lost` lines have reported them, kept in `<state dir>/lost-reported.json` so
+/// that the next agent on the same pins reports only what is new (it reported each
+/// lifetime total again at every start).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+struct LostReported {
+    events: u64,
+    flow_events: u64,
+}
+
+impl LostReported {
+    const FILE: &'static str = "lost-reported.json";
+
+    /// What an earlier agent reported; nothing when it left no (readable) record.
+    fn read(state_dir: &Path) -> LostReportedFile {
+        let path = state_dir.join(Self::FILE);
+        let reported = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        LostReportedFile { path, reported }
+    }
+}
+
+/// [`LostReported`] and where it is kept.
+struct LostReportedFile {
+    path: PathBuf,
+    reported: LostReported,
+}
+
+impl LostReportedFile {
+    /// Records `reported` (write and rename: a reader never sees half a file). A failure is
+    /// logged: the next agent then reports some losses twice, which is better than never.
+    fn save(&mut self, reported: LostReported) {
+        self.reported = reported;
+        let tmp = self.path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&reported)
+            .map_err(std::io::Error::from)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(error) = written {
+            tracing::warn!(file = %self.path.display(), %error, "recording the reported loss totals");
+        }
+    }
+}
+
+/// Reports what the kernel lost since the last report (of this agent or an earlier one):
+/// one `events.lost` / `flow_events.lost` line each with the new count and the total. Totals
+/// below the recorded ones are maps made anew (the pins were removed): all of it is new.
+fn report_lost(
+    pin_dir: &Path,
+    reported: &mut LostReportedFile,
+    events: &mut Emitter,
+    stale_handshake: &tokio::sync::Notify,
+) -> Result<()> {
+    let mut now_reported = reported.reported;
+    let total = datapath::lost_events(pin_dir)?;
+    let seen = Some(now_reported.events)
+        .filter(|&r| r <= total)
+        .unwrap_or(0);
+    if total > seen {
+        let count = total - seen;
+        tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
+        events.emit(Event::Notice(Notice::EventsLost {
+            time: now(),
+            count,
+            total,
+        }))?;
+    }
+    now_reported.events = total;
+    let total = flows::lost(pin_dir)?;
+    let seen = Some(now_reported.flow_events)
+        .filter(|&r| r <= total)
+        .unwrap_or(0);
+    if total > seen {
+        let count = total - seen;
+        tracing::warn!(
+            count,
+            total,
+            "flow ring buffer full: flow events lost in the kernel"
+        );
+        events.emit(Event::Notice(Notice::FlowEventsLost {
+            time: now(),
+            count,
+            total,
+        }))?;
+        // A lost `flow.opened` may have been a flow that raced a change: re-decide.
+        stale_handshake.notify_one();
+    }
+    now_reported.flow_events = total;
+    if now_reported != reported.reported {
+        // Recorded after the lines are written: an agent killed between the two has the
+        // next one report those losses again, never not at all.
+        events.flush();
+        reported.save(now_reported);
+    }
+    Ok(())
 }
 
 /// One `FLOW_EVENTS` record: written as `flow.opened` / `flow.closed` with the policy of its

@@ -5,7 +5,7 @@
 //! reports the first deny of each (key, window) at once and adds every other one to the
 //! entry's `suppressed`. Windows are a fixed grid of the monotonic clock (`window` in the key
 //! is `ktime / window length`). [`Aggregates::sweep`] reports every entry whose window ended
-//! at least a whole window ago as one `DenyEvent` with `count` = `suppressed`, then deletes
+//! at least a whole window ago as one `DenyEvent` with `count` = `suppressed`, then (once the lines are written, [`Aggregates::forget`]) deletes
 //! it: what a SOC sees for a flood is two lines per key per window, whose counts add up to
 //! the denies exactly.
 //!
@@ -89,6 +89,8 @@ pub struct Swept {
     pub overflows: Vec<DenyEvent>,
     /// Suppressed flow events, one per (window, workload), in window order.
     pub flows: Vec<FlowOverflow>,
+    /// The entries read: for [`Aggregates::forget`] once what they told is written.
+    pub done: Vec<AggregateKey>,
 }
 
 /// One workload's flow events of one window that the kernel counted instead of writing
@@ -133,7 +135,9 @@ impl Aggregates {
     }
 
     /// Summaries (count > 0) of every entry whose window ended at least one window before
-    /// `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`), each deleted once read.
+    /// `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`). The entries stay until
+    /// [`Aggregates::forget`]: an agent killed before its lines are written leaves them for
+    /// the next one to report (twice at worst, never not at all).
     /// An entry of an earlier window length (the agent restarted with another
     /// `--events-aggregate`) is treated the same way by its window number, which only makes
     /// it older. Errors: none from the map walk itself (entries that vanish are skipped).
@@ -197,12 +201,19 @@ impl Aggregates {
                     swept.summaries.push(event);
                 }
             }
-            if let Err(error) = self.map.remove(&key) {
-                tracing::warn!(%error, "deleting a reported AGGREGATE entry");
-            }
+            swept.done.push(key);
         }
         swept.flows = flows.into_values().collect();
         swept
+    }
+
+    /// Deletes the entries a sweep read ([`Swept::done`]), once their lines are written.
+    pub fn forget(&mut self, done: &[AggregateKey]) {
+        for key in done {
+            if let Err(error) = self.map.remove(key) {
+                tracing::warn!(%error, "deleting a reported AGGREGATE entry");
+            }
+        }
     }
 }
 
