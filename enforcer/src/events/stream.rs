@@ -59,8 +59,19 @@ pub const QUEUE_BUDGET: usize = MAX_CONSUMERS * QUEUE;
 /// socket and up to a queue of events, so their number is bounded like everything else a
 /// consumer can make the agent hold.
 pub const MAX_CONSUMERS: usize = 64;
+/// Of [`MAX_CONSUMERS`], those non-root consumers (`--events-group`) may hold at once: a
+/// member of the group cannot take every slot from the root shipper.
+pub const MAX_UNPRIVILEGED_CONSUMERS: usize = MAX_CONSUMERS / 2;
 /// Bytes of a consumer's write buffer kept between batches.
 const OUT_KEPT: usize = 256 << 10;
+/// The history is serialised and sent in pieces of about this size: a consumer's buffer
+/// never holds all of it (10,000 OCSF lines are about 28 MiB; 64 consumers that asked for it
+/// and read nothing held 1.9 GiB).
+const CHUNK: usize = 64 << 10;
+/// How long the agent waits for a consumer to take a piece ([`CHUNK`]) of what it sends: a
+/// consumer that reads nothing for this long is hung up on (it would hold its slot, its
+/// task and its buffers for as long as it likes).
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 /// The request line's bound: a filter needs a few hundred bytes.
 const MAX_REQUEST: u64 = 64 << 10;
 /// How long a consumer may take to send its request line.
@@ -674,17 +685,28 @@ pub fn listen(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     let consumers = Arc::new(tokio::sync::Semaphore::new(MAX_CONSUMERS));
+    let unprivileged = Arc::new(tokio::sync::Semaphore::new(MAX_UNPRIVILEGED_CONSUMERS));
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let Ok(permit) = consumers.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    max = MAX_CONSUMERS,
-                    "events socket: a consumer refused, too many at once"
-                );
-                let message = format!("too many consumers (at most {MAX_CONSUMERS} at once)");
+            let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+            let permits = consumers.clone().try_acquire_owned().ok().zip(if root {
+                Some(None)
+            } else {
+                unprivileged.clone().try_acquire_owned().ok().map(Some)
+            });
+            let Some(permits) = permits else {
+                let message = if root {
+                    format!("too many consumers (at most {MAX_CONSUMERS} at once)")
+                } else {
+                    format!(
+                        "too many consumers of users other than root (at most \
+                         {MAX_UNPRIVILEGED_CONSUMERS} at once)"
+                    )
+                };
+                tracing::warn!("events socket: a consumer refused: {message}");
                 let _ = stream.write_all(&error_line(message)).await;
                 continue;
             };
@@ -694,7 +716,7 @@ pub fn listen(
                 if let Err(error) = serve_one(stream, hub, formatter, access).await {
                     tracing::debug!("events socket consumer: {error:#}");
                 }
-                drop(permit);
+                drop(permits);
             });
         }
     }))
@@ -745,6 +767,12 @@ async fn serve_one(
             write.write_all(&refuse(message)).await?;
             return Ok(());
         }
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+            write
+                .write_all(&refuse("malformed request: not UTF-8".into()))
+                .await?;
+            return Ok(());
+        }
         Ok(Err(error)) => return Err(error).context("reading the request"),
         Ok(Ok(_)) if line.len() as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
             let message = format!("request line longer than {MAX_REQUEST} bytes");
@@ -772,11 +800,14 @@ async fn serve_one(
             return Ok(());
         }
     };
-    // A window reaching past the clock's epoch is the whole history (a plain subtraction
-    // would panic on `since_secs` near u64::MAX and drop the consumer without an answer).
-    let since = request
-        .since_secs
-        .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
+    // A window reaching past the clock's epoch starts at the epoch: the whole history and
+    // the files before it (a plain subtraction would panic on `since_secs` near u64::MAX
+    // and drop the consumer without an answer).
+    let since = request.since_secs.map(|s| {
+        SystemTime::now()
+            .checked_sub(Duration::from_secs(s))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    });
     let Opened {
         past,
         subscription,
@@ -828,8 +859,13 @@ async fn serve_one(
     let mut out = Vec::new();
     for entry in &past {
         entry.write_line(&formatter, &mut out)?;
+        if out.len() >= CHUNK {
+            send(&mut write, &out).await?;
+            out.clear();
+        }
     }
-    write.write_all(&out).await?;
+    send(&mut write, &out).await?;
+    drop(past);
     let Some(subscription) = subscription else {
         return Ok(());
     };
@@ -848,9 +884,9 @@ async fn serve_one(
                 Queued::Event(entry) => entry.write_line(&formatter, &mut out)?,
                 // Runs of lines go as they are, after what was gathered before them.
                 Queued::Lines { bytes, .. } => {
-                    write.write_all(&out).await?;
+                    send(&mut write, &out).await?;
                     out.clear();
-                    write.write_all(bytes).await?;
+                    send(&mut write, bytes).await?;
                 }
             }
         }
@@ -859,10 +895,27 @@ async fn serve_one(
         if missed.count > 0 {
             out.extend(dropped_line(missed));
         }
-        write.write_all(&out).await?;
+        send(&mut write, &out).await?;
         // A burst's buffer (up to a whole queue of lines) is not kept for the quiet after it.
         out.shrink_to(OUT_KEPT);
     }
+}
+
+/// Writes `bytes` to a consumer, a [`CHUNK`] at a time, each within [`WRITE_DEADLINE`].
+/// Errors: the consumer went away, or read nothing for that long.
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> Result<()> {
+    for piece in bytes.chunks(CHUNK) {
+        tokio::time::timeout(WRITE_DEADLINE, write.write_all(piece))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the consumer read nothing for {} s: hung up on",
+                    WRITE_DEADLINE.as_secs()
+                )
+            })?
+            .context("writing to the consumer")?;
+    }
+    Ok(())
 }
 
 /// Streams the archived lines of the window to the consumer as a blocking task reads them (a
@@ -883,7 +936,7 @@ async fn send_archived(
         })
     });
     while let Some(chunk) = rx.recv().await {
-        write.write_all(&chunk).await?;
+        send(write, &chunk).await?;
     }
     reader.await.context("the events file reader panicked")?
 }
@@ -905,7 +958,13 @@ pub fn call(
     })?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // An agent that refuses at once (too many consumers) writes why and hangs up, maybe
+    // before the request arrives: its line is still there to read.
+    if let Err(error) = stream.write_all(&line) {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(error).context("sending the request to the agent");
+        }
+    }
     for line in BufReader::new(stream).lines() {
         let line = line.context("reading from the events socket")?;
         if line.starts_with("{\"type\":\"events.error\"") || line.starts_with("{\"message\"") {
@@ -1036,6 +1095,133 @@ mod tests {
             hub.consumers(),
             0,
             "the hung-up consumer is still subscribed"
+        );
+    }
+
+    /// The agent's end of the events socket in `dir`, with `hub`.
+    fn serve(dir: &Path, hub: &Hub) -> tokio::task::JoinHandle<()> {
+        let formatter = Formatter::new(
+            Format::Json,
+            super::super::ocsf::Context {
+                node: "ev-node".into(),
+            },
+        );
+        listen(dir, hub.clone(), formatter, Access::default()).unwrap()
+    }
+
+    /// A consumer that asked for the whole history and then reads nothing is hung up on after
+    /// [`WRITE_DEADLINE`]: it held its slot, its task and a buffer of the whole history for
+    /// as long as it liked (64 of them held 1.9 GiB of the agent and every slot).
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_that_reads_nothing_is_hung_up_on() {
+        let dir = std::env::temp_dir().join(format!("ev-stall-{}", std::process::id()));
+        let hub = Hub::new(None);
+        // About 1.3 MB of history: more than the socket buffers hold.
+        for seq in 1..=HISTORY as u64 {
+            hub.publish(seq, notice(&"x".repeat(64)));
+        }
+        let server = serve(&dir, &hub);
+        let mut client = UnixStream::connect(socket_path(&dir)).await.unwrap();
+        client.write_all(b"{\"follow\":true}\n").await.unwrap();
+        let subscribed = tokio::time::Instant::now();
+        while hub.consumers() != 1 {
+            assert!(
+                subscribed.elapsed() < Duration::from_secs(5),
+                "never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The (paused) clock runs on while every task waits: the deadline passes.
+        while hub.consumers() != 0 {
+            assert!(
+                subscribed.elapsed() < WRITE_DEADLINE + Duration::from_secs(5),
+                "a consumer that reads nothing is still served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // What it had been sent ends there: the agent hung up.
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert!(got.len() < HISTORY * 100, "{} bytes", got.len());
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Requests that used to get no answer, or another than asked, get a clear one.
+    #[tokio::test]
+    async fn odd_requests_get_an_answer() {
+        let dir = std::env::temp_dir().join(format!("ev-odd-{}", std::process::id()));
+        let hub = Hub::new(None);
+        hub.publish(1, notice("ev"));
+        let server = serve(&dir, &hub);
+        let answer = |request: &'static [u8]| {
+            let dir = dir.clone();
+            async move {
+                let mut client = UnixStream::connect(socket_path(&dir)).await.unwrap();
+                client.write_all(request).await.unwrap();
+                let mut got = String::new();
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::io::AsyncReadExt::read_to_string(&mut client, &mut got),
+                )
+                .await
+                .unwrap()
+                .unwrap();
+                got
+            }
+        };
+        // Not UTF-8: the connection was closed without a word.
+        let got = answer(b"\xff\xfe\n").await;
+        assert!(
+            got.contains("events.error") && got.contains("not UTF-8"),
+            "{got}"
+        );
+        // A window beyond the clock's epoch reaches before the history, like any window
+        // longer than the agent has run: the history alone was sent, as if no window.
+        let got = answer(b"{\"since_secs\":18446744073709551615}\n").await;
+        assert!(
+            got.lines()
+                .next()
+                .unwrap_or("")
+                .contains("events.truncated"),
+            "{got}"
+        );
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An agent that refuses a consumer at once writes why and hangs up before reading the
+    /// request; the client reports that reason, not the broken pipe its write met.
+    #[test]
+    fn a_refusal_before_the_request_is_read_is_reported() {
+        let dir = std::env::temp_dir().join(format!("ev-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
+        let agent = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .write_all(&error_line(
+                    "too many consumers (at most 64 at once)".into(),
+                ))
+                .unwrap();
+        });
+        // A request larger than the socket buffers: its write cannot finish before the
+        // agent hangs up.
+        let request = Request {
+            filter: Filter {
+                tenant: Some("t".repeat(4 << 20)),
+                ..Filter::default()
+            },
+            ..Request::default()
+        };
+        let error = call(&dir, &request, |_| Ok(true)).unwrap_err();
+        agent.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            format!("{error:#}").contains("too many consumers"),
+            "{error:#}"
         );
     }
 
