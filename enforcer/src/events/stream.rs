@@ -1149,6 +1149,52 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// What a consumer missed is told where the gap is: after the events it was sent from
+    /// before the gap (it came first, as if the missed events preceded those).
+    #[tokio::test]
+    async fn a_consumer_is_told_what_it_missed_where_the_gap_is() {
+        let dir = std::env::temp_dir().join(format!("ev-gap-{}", std::process::id()));
+        let hub = Hub::new(None);
+        let server = serve(&dir, &hub);
+        let client = UnixStream::connect(socket_path(&dir)).await.unwrap();
+        let (read, mut write) = client.into_split();
+        write
+            .write_all(b"{\"follow\":true,\"queue\":2}\n")
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hub.consumers() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Five events before the consumer's task runs again: two queued, three missed.
+        for seq in 1..=5 {
+            hub.publish(seq, notice("ev"));
+        }
+        let mut lines = AsyncBufReader::new(read).lines();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            got.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            (got[0]["seq"].as_u64(), got[1]["seq"].as_u64()),
+            (Some(1), Some(2)),
+            "{got:?}"
+        );
+        assert_eq!(got[2]["type"], "events.dropped", "{got:?}");
+        assert_eq!(
+            (got[2]["count"].as_u64(), got[2]["first_seq"].as_u64()),
+            (Some(3), Some(3))
+        );
+    }
+
     /// Requests that used to get no answer, or another than asked, get a clear one.
     #[tokio::test]
     async fn odd_requests_get_an_answer() {
