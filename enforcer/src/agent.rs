@@ -2054,6 +2054,7 @@ async fn stream_events(
                 }
             }
             _ = lost_check.tick() => {
+                let refused = events.refused();
                 let swept = aggregates.sweep(aggregate::monotonic_ns());
                 for summary in swept.summaries {
                     denies.deliver(&summary, &mut events)?;
@@ -2069,9 +2070,12 @@ async fn stream_events(
                 for overflow in swept.flows {
                     events.emit(Event::Notice(denies.flow_suppressed(&overflow)))?;
                 }
-                // Written before the entries go (see `Aggregates::sweep`).
+                // Written before the entries go (see `Aggregates::sweep`); kept for the next
+                // sweep when the write failed (the disk full: written again once it can be).
                 events.flush();
-                aggregates.forget(&swept.done);
+                if events.refused() == refused {
+                    aggregates.forget(&swept.done);
+                }
                 report_lost(&pin_dir, &mut reported, &mut events, &stale_handshake)?;
             }
         }
@@ -2089,11 +2093,14 @@ async fn stream_events(
 /// The kernel's loss totals (`LOST_EVENTS`, `LOST_FLOW_EVENTS`) as far as `events.lost` and
 /// `flow_events.lost` lines have reported them, kept in `<state dir>/lost-reported.json` so
 /// that the next agent on the same pins reports only what is new (it reported each
-/// lifetime total again at every start).
+/// lifetime total again at every start). Each total is kept with the ID of the map it was
+/// read from: a map made anew (pins removed, another ABI's maps) starts from nothing.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 struct LostReported {
     events: u64,
+    events_map: u32,
     flow_events: u64,
+    flow_events_map: u32,
 }
 
 impl LostReported {
@@ -2141,13 +2148,19 @@ fn report_lost(
     events: &mut Emitter,
     stale_handshake: &tokio::sync::Notify,
 ) -> Result<()> {
+    // The part of `total` not yet reported, given what was reported of which map.
+    let new = |total: u64, (reported, of): (u64, u32), map: u32| {
+        total
+            - Some(reported)
+                .filter(|&r| r <= total && of == map)
+                .unwrap_or(0)
+    };
+    let refused = events.refused();
     let mut now_reported = reported.reported;
+    let map = datapath::map_id(pin_dir, enforcer_common::maps::LOST_EVENTS)?;
     let total = datapath::lost_events(pin_dir)?;
-    let seen = Some(now_reported.events)
-        .filter(|&r| r <= total)
-        .unwrap_or(0);
-    if total > seen {
-        let count = total - seen;
+    let count = new(total, (now_reported.events, now_reported.events_map), map);
+    if count > 0 {
         tracing::warn!(count, total, "ring buffer full: events lost in the kernel");
         events.emit(Event::Notice(Notice::EventsLost {
             time: now(),
@@ -2155,13 +2168,15 @@ fn report_lost(
             total,
         }))?;
     }
-    now_reported.events = total;
+    (now_reported.events, now_reported.events_map) = (total, map);
+    let map = datapath::map_id(pin_dir, enforcer_common::maps::LOST_FLOW_EVENTS)?;
     let total = flows::lost(pin_dir)?;
-    let seen = Some(now_reported.flow_events)
-        .filter(|&r| r <= total)
-        .unwrap_or(0);
-    if total > seen {
-        let count = total - seen;
+    let count = new(
+        total,
+        (now_reported.flow_events, now_reported.flow_events_map),
+        map,
+    );
+    if count > 0 {
         tracing::warn!(
             count,
             total,
@@ -2175,12 +2190,15 @@ fn report_lost(
         // A lost `flow.opened` may have been a flow that raced a change: re-decide.
         stale_handshake.notify_one();
     }
-    now_reported.flow_events = total;
+    (now_reported.flow_events, now_reported.flow_events_map) = (total, map);
+    // Recorded after the lines are written: an agent killed between the two has the next
+    // one report those losses again, never not at all; a write that failed is tried again
+    // with the next report.
     if now_reported != reported.reported {
-        // Recorded after the lines are written: an agent killed between the two has the
-        // next one report those losses again, never not at all.
         events.flush();
-        reported.save(now_reported);
+        if events.refused() == refused {
+            reported.save(now_reported);
+        }
     }
     Ok(())
 }

@@ -794,7 +794,8 @@ fn remove_state_dir(dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        // state.json (+ its .tmp), control.sock, pdp-status.json, the PDP's bundle copy, the
+        // state.json (+ its .tmp), control.sock, pdp-status.json, the loss totals reported
+        // (`lost-reported.json`), the PDP's bundle copy, the
         // last applied bundle (`last_good`), the last cluster state (`--kubernetes`) and
         // the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
         let cluster_state = enforcer::sources::kubernetes::STATE_FILE;
@@ -806,6 +807,8 @@ fn remove_state_dir(dir: &std::path::Path) {
                 | "pdp-status.json"
                 | "pdp-bundle"
                 | "last-good-bundle"
+                | "lost-reported.json"
+                | "lost-reported.json.tmp"
         ) || name == cluster_state
             || name.starts_with(&format!(".{cluster_state}.tmp-"))
             || name.starts_with(".pdp-bundle.")

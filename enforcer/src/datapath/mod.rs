@@ -19,9 +19,9 @@ pub use ingress::IngressWriter;
 pub use links::{attached_programs, link_update, AttachReport, HookAttachment};
 pub use rates::RateWriter;
 pub use tables::{
-    kernel_stats, kernel_stats_with, lost_events, ApplyReport, Capacities, CapacityOverrides,
-    ConfigView, DesiredState, Flip, KernelStats, MapContents, MapFill, Need, Needs, SwapStep,
-    Tables,
+    kernel_stats, kernel_stats_with, lost_events, map_id, ApplyReport, Capacities,
+    CapacityOverrides, ConfigView, DesiredState, Flip, KernelStats, MapContents, MapFill, Need,
+    Needs, SwapStep, Tables,
 };
 
 /// The kernel programs, built by `cargo xtask build-ebpf` (see build.rs).

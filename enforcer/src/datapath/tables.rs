@@ -309,6 +309,14 @@ macro_rules! typed {
     };
 }
 
+/// The kernel's ID of the map pinned as `name` under `dir`: the same for as long as that map
+/// lives, another for a map made anew (IDs are not reused while the kernel runs long).
+pub fn map_id(dir: &Path, name: &str) -> Result<u32> {
+    Ok(MapInfo::from_pin(dir.join(name))
+        .with_context(|| format!("reading map info of {name}"))?
+        .id())
+}
+
 /// The `max_entries` of the map pinned as `name` under `dir`.
 pub(super) fn max_entries(dir: &Path, name: &str) -> Result<u32> {
     Ok(MapInfo::from_pin(dir.join(name))

@@ -155,8 +155,9 @@ pub struct Emitter {
     seq: u64,
     formatter: Formatter,
     sink: Sink,
-    /// Lines the sink refused since its last good write (0: it writes).
+    /// Lines the sink refused since its last good write (0: it writes), and in all.
     failing: u64,
+    refused: u64,
     /// `--metrics`: counts what is emitted, by type, and what the sink refused.
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     /// `enforcer events`: every numbered event also goes to the live stream's consumers.
@@ -179,6 +180,7 @@ impl Emitter {
             formatter,
             sink,
             failing: 0,
+            refused: 0,
             metrics: None,
             hub: None,
             batch: Vec::new(),
@@ -269,6 +271,7 @@ impl Emitter {
                     );
                 }
                 self.failing += lines;
+                self.refused += lines;
             }
         }
         if let Some(hub) = &self.hub {
@@ -285,6 +288,13 @@ impl Emitter {
             }));
         }
         self.batch.clear();
+    }
+
+    /// Lines the sink refused since the emitter was made. A caller that consumes what some
+    /// lines tell (deletes the kernel's record of it) compares this before and after writing
+    /// them: unchanged, they were written.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// Opens the events file again by its name (SIGUSR1, after logrotate renamed it); what
