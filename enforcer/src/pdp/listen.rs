@@ -1,9 +1,12 @@
-//! The HTTP(S) serving loop shared by `enforcer pdp serve` and `enforcer admission serve`:
-//! a bounded number of connections, a bounded TLS handshake and request head, HTTP/1.1.
+//! The HTTP(S) serving loop shared by `enforcer pdp serve`, `enforcer admission serve` and
+//! the agent's `--metrics`: a bounded number of connections, a quarter of them at most from
+//! one address, a bounded TLS handshake and request head, a bounded connection lifetime,
+//! HTTP/1.1.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,15 +26,23 @@ use tokio_rustls::TlsAcceptor;
 
 /// A client must finish its TLS handshake and its request head within this.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed after this long (after the request in flight, which gets
+/// [`LAST_REQUEST_TIMEOUT`] more): a client sending a cheap request every few seconds kept
+/// its connection, and its slot, forever. Longer than the PDP's longest poll (60 s).
+pub(crate) const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// How long the request in flight at [`MAX_CONNECTION_LIFETIME`] may still take.
+pub(crate) const LAST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An accepted connection, after its TLS handshake when there is one.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Accepts connections on `listener` until `shutdown` completes, at most `max_connections`
-/// at once (a client over the limit waits in the kernel's backlog), and hands each one to
-/// `serve` once its TLS handshake (when `tls` is given) finished within [`HANDSHAKE_TIMEOUT`].
-/// When `shutdown` completes, every connection still open is closed.
+/// at once (a client over the limit waits in the kernel's backlog) and at most a quarter of
+/// them (at least one) from one peer address (a connection beyond is closed at once: one
+/// client cannot take every slot from the others), and hands each one to `serve` once its
+/// TLS handshake (when `tls` is given) finished within [`HANDSHAKE_TIMEOUT`]. When `shutdown`
+/// completes, every connection still open is closed.
 pub(crate) async fn accept_until<F, Fut>(
     listener: &TcpListener,
     tls: Option<TlsAcceptor>,
@@ -45,6 +56,8 @@ where
 {
     let mut tasks = JoinSet::new();
     let limit = Arc::new(Semaphore::new(max_connections));
+    let per_peer = (max_connections / 4).max(1);
+    let peers = Arc::new(std::sync::Mutex::new(HashMap::<IpAddr, usize>::new()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -63,11 +76,15 @@ where
                 }
             },
         };
+        let Some(peer_slot) = PeerSlot::take(&peers, peer.ip(), per_peer) else {
+            tracing::debug!(%peer, per_peer, "a connection refused: too many from this address");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let tls = tls.clone();
         let serve = serve.clone();
         tasks.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, peer_slot);
             let stream: Box<dyn Stream> = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -89,8 +106,48 @@ where
     Ok(())
 }
 
+/// One connection counted against its peer address; given back on drop.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot for `ip`, unless it holds `max` already.
+    fn take(
+        peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<PeerSlot> {
+        let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on one connection: every request goes to `handler`; the request head must
-/// arrive within [`HANDSHAKE_TIMEOUT`].
+/// arrive within [`HANDSHAKE_TIMEOUT`], and the connection ends after
+/// [`MAX_CONNECTION_LIFETIME`] (the request in flight then finishes first, within
+/// [`LAST_REQUEST_TIMEOUT`]).
 pub(crate) async fn serve_http<S, H, Fut>(stream: S, peer: SocketAddr, handler: H)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -102,12 +159,133 @@ where
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(request).await) }
     });
-    let result = http1::Builder::new()
+    let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = tokio::time::sleep(MAX_CONNECTION_LIFETIME) => {
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(LAST_REQUEST_TIMEOUT, connection).await {
+                Ok(result) => result,
+                Err(_) => return tracing::debug!(%peer, "connection closed: its last request took too long"),
+            }
+        }
+    };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+
+    /// A plain HTTP server on a loopback port of its own with `max` connections, answering
+    /// every request with 200.
+    async fn server(max: usize) -> (SocketAddr, tokio::task::JoinHandle<Result<()>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            accept_until(
+                &listener,
+                None,
+                max,
+                std::future::pending(),
+                |stream, peer| {
+                    serve_http(stream, peer, |_| async {
+                        Response::new(Full::new(Bytes::from_static(b"ok")))
+                    })
+                },
+            )
+            .await
+        });
+        (addr, task)
+    }
+
+    /// A connection from `from` to `to` that has sent one request and read its answer.
+    async fn served(from: &str, to: SocketAddr) -> Option<tokio::net::TcpStream> {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut stream = socket.connect(to).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .unwrap()
+            .ok()?;
+        String::from_utf8_lossy(&answer[..n])
+            .starts_with("HTTP/1.1 200")
+            .then_some(stream)
+    }
+
+    /// One address cannot take every slot: beyond a quarter its connections are closed at
+    /// once, while another address is still served.
+    #[tokio::test]
+    async fn one_address_gets_a_quarter_of_the_connections() {
+        let (addr, task) = server(8).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(served("127.0.0.1", addr).await.expect("within its quarter"));
+        }
+        assert!(
+            served("127.0.0.1", addr).await.is_none(),
+            "a third connection from one address of 8 was served"
+        );
+        assert!(
+            served("127.0.0.2", addr).await.is_some(),
+            "another address was refused"
+        );
+        // A slot given back is there again.
+        drop(held.pop());
+        let again = async {
+            loop {
+                if served("127.0.0.1", addr).await.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), again)
+            .await
+            .expect("the freed slot was not given back");
+        task.abort();
+    }
+
+    /// A client that keeps its connection busy with cheap requests loses it after
+    /// MAX_CONNECTION_LIFETIME (it kept it, and its slot, forever).
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_after_its_lifetime_however_busy() {
+        let (addr, task) = server(8).await;
+        let mut stream = served("127.0.0.1", addr).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut answer = [0u8; 512];
+        loop {
+            assert!(
+                start.elapsed() < MAX_CONNECTION_LIFETIME + Duration::from_secs(30),
+                "the connection outlived its lifetime"
+            );
+            tokio::time::sleep(HANDSHAKE_TIMEOUT - Duration::from_secs(1)).await;
+            if stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .is_err()
+            {
+                break;
+            }
+            match stream.read(&mut answer).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        assert!(start.elapsed() >= MAX_CONNECTION_LIFETIME - HANDSHAKE_TIMEOUT);
+        task.abort();
     }
 }
