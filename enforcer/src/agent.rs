@@ -660,7 +660,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let ring = agent.datapath.take_events()?;
     let flow_ring = agent.datapath.take_flow_events()?;
-    let events = tokio::spawn(stream_events(
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel();
+    let mut events = tokio::spawn(stream_events(
         Rings {
             events: ring,
             flows: flow_ring,
@@ -676,6 +678,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         emitter,
         reopen,
         agent.options.events_aggregate,
+        Stopping {
+            stop_reading: stop_rx,
+            finish: finish_rx,
+        },
     ));
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let control = control::listen(&agent.options.state_dir, control_tx)?;
@@ -728,10 +734,27 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
     tracing::info!("stopping; the pinned programs keep enforcing the last policy");
+    // What the event task has read from the kernel is acted on and written before the agent
+    // goes: a quarantine it asked for, a first contact it queued, the notices these make.
+    // (What it has not read stays in the pinned rings for the next agent.) Dropping them
+    // lost, say, the quarantine a written `@quarantine` deny announced.
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel();
+    if stop_tx.send(read_tx).is_ok() {
+        let _ = tokio::time::timeout(STOP_DRAIN, read_rx).await;
+    }
+    for (subject, cause) in quarantine_requests.take() {
+        agent.quarantine(subject, cause);
+    }
+    while let Ok((cookie, record)) = contact_rx.queue.try_recv() {
+        agent.contact(cookie, &record);
+    }
     if let Some(learner) = &agent.learner {
         if let Err(error) = learner.flush() {
             tracing::error!("writing the learned neighbourhoods at exit: {error:#}");
         }
+    }
+    if finish_tx.send(()).is_ok() && tokio::time::timeout(STOP_DRAIN, &mut events).await.is_err() {
+        tracing::warn!("the event stream did not finish its last lines in time");
     }
     events.abort();
     control.abort();
@@ -1965,6 +1988,17 @@ async fn drain_turn(
 /// The event task: drains the ring buffer whenever the kernel signals data, enriches each
 /// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
 /// and reports losses the kernel counted.
+/// How the agent stops its event task: `stop_reading` (with where to say it has) ends the
+/// reading of the rings after the turn in progress, written; `finish` writes what the
+/// channels still hold and ends the task.
+struct Stopping {
+    stop_reading: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
+    finish: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// The longest each step of a stop waits for the event task.
+const STOP_DRAIN: Duration = Duration::from_secs(5);
+
 /// The two ring buffers: denies (`EVENTS`) and tracked flows (`FLOW_EVENTS`).
 struct Rings {
     events: RingBuf<MapData>,
@@ -1985,6 +2019,7 @@ async fn stream_events(
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
     aggregate_window: Duration,
+    mut stopping: Stopping,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
@@ -2014,11 +2049,29 @@ async fn stream_events(
     };
     // Also with aggregation off: what an earlier agent left counted in the map is reported.
     let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;
+    let mut reading = true;
     loop {
         // Records read by this turn (see EVENT_COALESCE).
         let mut read = 0;
         tokio::select! {
-            guard = ring.readable_mut() => {
+            said = &mut stopping.stop_reading, if reading => {
+                reading = false;
+                events.flush();
+                if let Ok(said) = said {
+                    let _ = said.send(());
+                }
+            }
+            _ = &mut stopping.finish => {
+                while let Ok(call) = agent_flows.try_recv() {
+                    events.emit(Event::Flow(call))?;
+                }
+                while let Ok(notice) = notices.try_recv() {
+                    events.emit(Event::Notice(notice))?;
+                }
+                events.flush();
+                return Ok(());
+            }
+            guard = ring.readable_mut(), if reading => {
                 read = drain_turn(guard, "EVENTS", |item| {
                     match decode::decode(item) {
                         Ok(event) => denies.deliver(&event, &mut events),
@@ -2029,12 +2082,12 @@ async fn stream_events(
                     }
                 }).await?;
             }
-            guard = flow_ring.readable_mut() => {
+            guard = flow_ring.readable_mut(), if reading => {
                 read = drain_turn(guard, "FLOW_EVENTS", |item| {
                     deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), &mut events)
                 }).await?;
             }
-            _ = flow_drain.tick() => {
+            _ = flow_drain.tick(), if reading => {
                 let ring = flow_ring.get_mut();
                 for _ in 0..EVENT_BATCH {
                     let Some(item) = ring.next() else { break };
@@ -2053,7 +2106,7 @@ async fn stream_events(
                     tracing::error!("reopening the events file failed; writing on to the file as it was: {error:#}");
                 }
             }
-            _ = lost_check.tick() => {
+            _ = lost_check.tick(), if reading => {
                 let refused = events.refused();
                 let swept = aggregates.sweep(aggregate::monotonic_ns());
                 for summary in swept.summaries {

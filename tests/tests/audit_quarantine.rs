@@ -510,3 +510,60 @@ fn decoys_that_spend_the_event_budget_do_not_escape_quarantine() -> Result<()> {
     gw.expect_outcome(&same, Outcome::Eperm, "quarantined, same tenant")?;
     Ok(())
 }
+
+/// A `@quarantine` deny that the agent has read when it is told to stop is acted on before
+/// it goes: the agent wrote the deny line (naming the cause) and then dropped the
+/// quarantine it had asked for, so neither it nor the next agent (whose ring no longer held
+/// the record) ever quarantined the subject. The agent is stopped (SIGSTOP) while the call
+/// is made and sent SIGTERM before it resumes, so it meets the record and the stop together;
+/// whichever it takes first, the subject must end up quarantined, once, with its notice.
+#[test]
+fn a_quarantine_pending_at_the_stop_is_applied_and_reported() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let policies = format!(
+        "{STANDARD_POLICIES}\n\
+         @id(\"cross-tenant-vector-db\")\n\
+         @quarantine\n\
+         forbid (principal, action, resource is Endpoint)\n\
+         when {{ resource.kind == \"vector_db\" && principal.tenant != resource.tenant }};\n"
+    );
+    let world = World::new(49, standard_entities(49), &policies)?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let mut first = Agent::start(cfg.clone())?;
+    let gw = probe_in(&world, "acme-gateway");
+    let cross = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    first.pause()?;
+    let made = gw.run_one(&cross);
+    // SAFETY: kill on our own unreaped child.
+    let termed = unsafe { libc::kill(first.pid() as libc::pid_t, libc::SIGTERM) };
+    first.resume()?;
+    ensure!(termed == 0, "SIGTERM");
+    ensure!(made?.outcome == Outcome::Eperm, "the cross-tenant call");
+    first.stop()?;
+    let read_by_first = first.denies()?.iter().any(|e| {
+        event_matches(e, "acme-gateway", "globex-vectors", 6333, Proto::Tcp)
+            && s(e, "/reason") == Some("tenant_mismatch")
+    });
+    let quarantined_by_first = notices(&first, "subject.quarantined")?;
+
+    // The next agent on the same pins: reads the record if the first did not.
+    let second = Agent::start(cfg)?;
+    if !read_by_first {
+        wait_notices(&second, "subject.quarantined", 1, WAIT, |_| true)?;
+    } else {
+        ensure!(
+            quarantined_by_first.len() == 1,
+            "the first agent wrote the @quarantine deny but no subject.quarantined: {quarantined_by_first:?}"
+        );
+    }
+    ensure!(
+        listed(&quarantine_list(&dirs)?, "acme-gateway"),
+        "acme-gateway is not quarantined (deny read by the first agent: {read_by_first})"
+    );
+    drop(second);
+    Ok(())
+}

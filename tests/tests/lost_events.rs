@@ -118,7 +118,7 @@ fn a_restarted_agent_reports_only_new_losses() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    let world = World::standard(35)?;
+    let world = World::standard(37)?;
     let mut cfg = world.agent_config();
     cfg.ring_buffer_bytes = Some(4096);
     cfg.events_aggregate = Some("0".into());
@@ -196,7 +196,7 @@ fn summaries_survive_an_agent_killed_while_writing_them() -> Result<()> {
     }
     const PORTS: u64 = 300;
     const FIRST_PORT: u16 = 7000;
-    let world = World::standard(36)?;
+    let world = World::standard(50)?;
     let mut cfg = world.agent_config();
     cfg.events_aggregate = Some("1s".into());
     cfg.extra_args = vec!["--events-keys-per-workload".into(), "1000".into()];
