@@ -832,7 +832,7 @@ async fn serve_one(
                     "events older than the agent's history ({HISTORY} events) are not available: \
                      the agent writes no events file (--events FILE)"
                 );
-                write.write_all(&truncated_line(&why, oldest_seq)).await?;
+                send(&mut write, &truncated_line(&why, oldest_seq)).await?;
             }
             Some(archive) if archive.format != formatter.format() => {
                 let why = format!(
@@ -840,7 +840,7 @@ async fn serve_one(
                      file in {:?} format: ask for that format to get them",
                     archive.format
                 );
-                write.write_all(&truncated_line(&why, oldest_seq)).await?;
+                send(&mut write, &truncated_line(&why, oldest_seq)).await?;
             }
             Some(archive) => {
                 let seam = Seam {
@@ -855,7 +855,7 @@ async fn serve_one(
                          files ({} MiB): older events were not sent",
                         MAX_READ >> 20
                     );
-                    write.write_all(&truncated_line(&why, oldest_seq)).await?;
+                    send(&mut write, &truncated_line(&why, oldest_seq)).await?;
                 }
             }
         }
