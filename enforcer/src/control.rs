@@ -93,6 +93,11 @@ pub fn listen(
     }))
 }
 
+/// The request line's bound (a request is a few hundred bytes; a bundle is never sent here).
+const MAX_REQUEST: u64 = 1 << 20;
+/// How long a client may take to send its request line.
+const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn serve_one(stream: UnixStream, requests: mpsc::Sender<Pending>) -> Result<()> {
     let peer = stream
         .peer_cred()
@@ -101,8 +106,14 @@ async fn serve_one(stream: UnixStream, requests: mpsc::Sender<Pending>) -> Resul
     let response = if peer.uid() != 0 {
         Response::error(format!("permission denied: uid {} is not root", peer.uid()))
     } else {
+        // Bounded in size and time like the events socket's request: a request is a line of a
+        // few hundred bytes, and a connection that never finishes it must not keep a task
+        // and a growing buffer.
         let mut line = String::new();
-        AsyncBufReader::new(read).read_line(&mut line).await?;
+        let mut read = tokio::io::AsyncReadExt::take(AsyncBufReader::new(read), MAX_REQUEST);
+        tokio::time::timeout(REQUEST_DEADLINE, read.read_line(&mut line))
+            .await
+            .context("no request line within 10 s")??;
         match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 tracing::info!(?request, pid = ?peer.pid(), "control request");
@@ -137,4 +148,31 @@ pub fn call(state_dir: &Path, request: &Request) -> Result<Response> {
         bail!("the agent closed the control socket without an answer");
     }
     serde_json::from_str(&answer).context("malformed answer from the agent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that connects and never finishes its request is hung up on (it kept a task
+    /// and a growing buffer for as long as it liked).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_sends_its_request_is_hung_up_on() {
+        let dir = std::env::temp_dir().join(format!("control-stall-{}", std::process::id()));
+        let (tx, _rx) = mpsc::channel(1);
+        let server = listen(&dir, tx).unwrap();
+        let mut client = UnixStream::connect(socket_path(&dir)).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"{\"quarantine_list\"")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let hung_up = tokio::time::timeout(
+            REQUEST_DEADLINE + std::time::Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest),
+        )
+        .await;
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(hung_up.is_ok(), "still connected after the deadline");
+    }
 }
