@@ -59,9 +59,11 @@ pub const QUEUE_BUDGET: usize = MAX_CONSUMERS * QUEUE;
 /// socket and up to a queue of events, so their number is bounded like everything else a
 /// consumer can make the agent hold.
 pub const MAX_CONSUMERS: usize = 64;
-/// Of [`MAX_CONSUMERS`], those non-root consumers (`--events-group`) may hold at once: a
-/// member of the group cannot take every slot from the root shipper.
+/// Of [`MAX_CONSUMERS`], those non-root consumers (`--events-group`) may hold at once, and
+/// those of one user: a member of the group cannot take every slot from the root shipper,
+/// nor every non-root slot from the other members.
 pub const MAX_UNPRIVILEGED_CONSUMERS: usize = MAX_CONSUMERS / 2;
+pub const MAX_CONSUMERS_PER_USER: usize = MAX_CONSUMERS / 8;
 /// Bytes of a consumer's write buffer kept between batches.
 const OUT_KEPT: usize = 256 << 10;
 /// The history is serialised and sent in pieces of about this size: a consumer's buffer
@@ -690,16 +692,28 @@ pub fn listen(
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     let consumers = Arc::new(tokio::sync::Semaphore::new(MAX_CONSUMERS));
     let unprivileged = Arc::new(tokio::sync::Semaphore::new(MAX_UNPRIVILEGED_CONSUMERS));
+    let users: crate::pdp::listen::Holders<u32> = Arc::default();
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+            // No credentials: counted as one unknown user (`serve_one` refuses it anyway).
+            let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+            let root = uid == 0;
             let permits = consumers.clone().try_acquire_owned().ok().zip(if root {
                 Some(None)
             } else {
-                unprivileged.clone().try_acquire_owned().ok().map(Some)
+                unprivileged
+                    .clone()
+                    .try_acquire_owned()
+                    .ok()
+                    .zip(crate::pdp::listen::Slot::take(
+                        &users,
+                        uid,
+                        MAX_CONSUMERS_PER_USER,
+                    ))
+                    .map(Some)
             });
             let Some(permits) = permits else {
                 let message = if root {
@@ -707,7 +721,8 @@ pub fn listen(
                 } else {
                     format!(
                         "too many consumers of users other than root (at most \
-                         {MAX_UNPRIVILEGED_CONSUMERS} at once)"
+                         {MAX_UNPRIVILEGED_CONSUMERS} at once, {MAX_CONSUMERS_PER_USER} of one \
+                         user)"
                     )
                 };
                 tracing::warn!("events socket: a consumer refused: {message}");

@@ -57,7 +57,7 @@ where
     let mut tasks = JoinSet::new();
     let limit = Arc::new(Semaphore::new(max_connections));
     let per_peer = (max_connections / 4).max(1);
-    let peers = Arc::new(std::sync::Mutex::new(HashMap::<IpAddr, usize>::new()));
+    let peers: Holders<IpAddr> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -76,7 +76,7 @@ where
                 }
             },
         };
-        let Some(peer_slot) = PeerSlot::take(&peers, peer.ip(), per_peer) else {
+        let Some(peer_slot) = Slot::take(&peers, peer.ip(), per_peer) else {
             tracing::debug!(%peer, per_peer, "a connection refused: too many from this address");
             continue;
         };
@@ -106,39 +106,39 @@ where
     Ok(())
 }
 
-/// One connection counted against its peer address; given back on drop.
-struct PeerSlot {
-    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
+/// Connections (or consumers) held per key (a peer address, a user), shared by the tasks that
+/// hold them.
+pub(crate) type Holders<K> = Arc<std::sync::Mutex<HashMap<K, usize>>>;
+
+/// One connection counted against its key in [`Holders`]; given back on drop.
+pub(crate) struct Slot<K: std::hash::Hash + Eq + Copy> {
+    holders: Holders<K>,
+    key: K,
 }
 
-impl PeerSlot {
-    /// A slot for `ip`, unless it holds `max` already.
-    fn take(
-        peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-        ip: IpAddr,
-        max: usize,
-    ) -> Option<PeerSlot> {
-        let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
-        let count = held.entry(ip).or_insert(0);
+impl<K: std::hash::Hash + Eq + Copy> Slot<K> {
+    /// A slot for `key`, unless it holds `max` already.
+    pub(crate) fn take(holders: &Holders<K>, key: K, max: usize) -> Option<Slot<K>> {
+        let mut held = holders.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(key).or_insert(0);
         if *count >= max {
             return None;
         }
         *count += 1;
-        Some(PeerSlot {
-            peers: peers.clone(),
-            ip,
+        Some(Slot {
+            holders: holders.clone(),
+            key,
         })
     }
 }
 
-impl Drop for PeerSlot {
+impl<K: std::hash::Hash + Eq + Copy> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = held.get_mut(&self.ip) {
+        let mut held = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                held.remove(&self.ip);
+                held.remove(&self.key);
             }
         }
     }
@@ -224,6 +224,30 @@ mod tests {
         String::from_utf8_lossy(&answer[..n])
             .starts_with("HTTP/1.1 200")
             .then_some(stream)
+    }
+
+    #[test]
+    fn slots_are_counted_per_key_and_given_back_on_drop() {
+        let holders: Holders<u32> = Arc::default();
+        let first: Vec<_> = (0..2)
+            .map(|_| Slot::take(&holders, 7, 2).unwrap())
+            .collect();
+        assert!(
+            Slot::take(&holders, 7, 2).is_none(),
+            "a third slot of key 7"
+        );
+        let other = Slot::take(&holders, 8, 2).expect("another key");
+        drop(first);
+        assert!(
+            Slot::take(&holders, 7, 2).is_some(),
+            "key 7's slots were not given back"
+        );
+        drop(other);
+        assert!(
+            holders.lock().unwrap().is_empty(),
+            "{:?}",
+            holders.lock().unwrap()
+        );
     }
 
     /// One address cannot take every slot: beyond a quarter its connections are closed at
