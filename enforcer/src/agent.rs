@@ -1985,9 +1985,6 @@ async fn drain_turn(
     Ok(handled)
 }
 
-/// The event task: drains the ring buffer whenever the kernel signals data, enriches each
-/// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
-/// and reports losses the kernel counted.
 /// How the agent stops its event task: `stop_reading` (with where to say it has) ends the
 /// reading of the rings after the turn in progress, written; `finish` writes what the
 /// channels still hold and ends the task.
@@ -2005,6 +2002,9 @@ struct Rings {
     flows: RingBuf<MapData>,
 }
 
+/// The event task: drains the ring buffers whenever the kernel signals data, enriches each
+/// record with the policy in force, asks for quarantine where a `@quarantine` policy denied,
+/// reports losses the kernel counted and sweeps the aggregates; stopped by `stopping`.
 #[allow(clippy::too_many_arguments)]
 async fn stream_events(
     rings: Rings,
