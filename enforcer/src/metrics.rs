@@ -197,9 +197,9 @@ impl Metrics {
         }
     }
 
-    /// One event of `kind` (its JSON `type`) was emitted.
-    pub fn event_emitted(&self, kind: &'static str) {
-        self.events.get_or_create(&[("type", kind)]).inc();
+    /// `count` events of `kind` (their JSON `type`) were emitted.
+    pub fn events_emitted(&self, kind: &'static str, count: u64) {
+        self.events.get_or_create(&[("type", kind)]).inc_by(count);
     }
 
     /// `count` denies of `hook` and `reason` were reported in one `events.suppressed`.

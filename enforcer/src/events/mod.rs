@@ -160,6 +160,8 @@ pub struct Emitter {
     refused: u64,
     /// `--metrics`: counts what is emitted, by type, and what the sink refused.
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Events emitted since the last flush, by type, for `metrics`.
+    emitted: Vec<(&'static str, u64)>,
     /// `enforcer events`: every numbered event also goes to the live stream's consumers.
     hub: Option<stream::Hub>,
     /// The lines emitted since the last flush, and how many.
@@ -182,6 +184,7 @@ impl Emitter {
             failing: 0,
             refused: 0,
             metrics: None,
+            emitted: Vec::new(),
             hub: None,
             batch: Vec::new(),
             batch_lines: 0,
@@ -212,7 +215,13 @@ impl Emitter {
         self.formatter.append_line(seq, &event, &mut self.batch)?;
         self.seq = seq;
         if let Some(metrics) = &self.metrics {
-            metrics.event_emitted(event.kind());
+            // Counted here, added to the metric by `flush`: one labelled lookup per type and
+            // batch instead of one per event (SipHash of the label, 2 % of the agent).
+            let kind = event.kind();
+            match self.emitted.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, n)) => *n += 1,
+                None => self.emitted.push((kind, 1)),
+            }
             if let Event::Notice(Notice::EventsSuppressed {
                 hook,
                 reason,
@@ -242,6 +251,11 @@ impl Emitter {
     /// logged and lost, its `seq`s left as a gap: stopping the event stream would stop the
     /// agent, and with it every identity update.
     pub fn flush(&mut self) {
+        if let Some(metrics) = &self.metrics {
+            for (kind, count) in self.emitted.drain(..) {
+                metrics.events_emitted(kind, count);
+            }
+        }
         if self.batch_lines == 0 {
             return;
         }

@@ -24,9 +24,9 @@ fn has(text: &str, line: &str) -> bool {
 fn events_are_counted_by_type_in_both_formats() {
     let metrics = without_kernel();
     for _ in 0..3 {
-        metrics.event_emitted("connection.denied");
+        metrics.events_emitted("connection.denied", 1);
     }
-    metrics.event_emitted("policy.applied");
+    metrics.events_emitted("policy.applied", 1);
     metrics.events_write_failed(1);
     let om = metrics.encode(true);
     assert!(om.contains("# TYPE enforcer_events counter\n"), "{om}");
@@ -366,7 +366,7 @@ fn metrics_addresses() {
 #[tokio::test]
 async fn serves_metrics_over_http_and_404_elsewhere() {
     let metrics = Arc::new(without_kernel());
-    metrics.event_emitted("connection.denied");
+    metrics.events_emitted("connection.denied", 1);
     let server = serve("127.85.0.1:0".parse().unwrap(), metrics.clone())
         .await
         .unwrap();
