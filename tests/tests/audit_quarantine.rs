@@ -418,6 +418,18 @@ fn monotonic() -> Duration {
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
+/// The standard policies plus a `@quarantine` forbid of every cross-tenant call to a vector
+/// DB (id `cross-tenant-vector-db`).
+fn cross_tenant_quarantine_policies() -> String {
+    format!(
+        "{STANDARD_POLICIES}\n\
+         @id(\"cross-tenant-vector-db\")\n\
+         @quarantine\n\
+         forbid (principal, action, resource is Endpoint)\n\
+         when {{ resource.kind == \"vector_db\" && principal.tenant != resource.tenant }};\n"
+    )
+}
+
 /// A workload cannot escape a `@quarantine` forbid by first spending its per-window event
 /// key budget on decoys. Found by a red-team review: after 64 denied decoy calls in a
 /// window, the real call to another tenant's vector DB was only counted in the workload's
@@ -432,13 +444,7 @@ fn decoys_that_spend_the_event_budget_do_not_escape_quarantine() -> Result<()> {
         return Ok(());
     }
     const WINDOW: Duration = Duration::from_secs(2);
-    let policies = format!(
-        "{STANDARD_POLICIES}\n\
-         @id(\"cross-tenant-vector-db\")\n\
-         @quarantine\n\
-         forbid (principal, action, resource is Endpoint)\n\
-         when {{ resource.kind == \"vector_db\" && principal.tenant != resource.tenant }};\n"
-    );
+    let policies = cross_tenant_quarantine_policies();
     let world = World::new(48, standard_entities(48), &policies)?;
     let _servers = world.servers_v4()?;
     let mut cfg = world.agent_config();
@@ -522,13 +528,7 @@ fn a_quarantine_pending_at_the_stop_is_applied_and_reported() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    let policies = format!(
-        "{STANDARD_POLICIES}\n\
-         @id(\"cross-tenant-vector-db\")\n\
-         @quarantine\n\
-         forbid (principal, action, resource is Endpoint)\n\
-         when {{ resource.kind == \"vector_db\" && principal.tenant != resource.tenant }};\n"
-    );
+    let policies = cross_tenant_quarantine_policies();
     let world = World::new(49, standard_entities(49), &policies)?;
     let state = StateDir::new()?;
     let cfg = state.configure(world.agent_config());

@@ -63,6 +63,7 @@ pub const MAX_CONSUMERS: usize = 64;
 /// those of one user: a member of the group cannot take every slot from the root shipper,
 /// nor every non-root slot from the other members.
 pub const MAX_UNPRIVILEGED_CONSUMERS: usize = MAX_CONSUMERS / 2;
+/// Of those, the consumers one non-root user may hold at once.
 pub const MAX_CONSUMERS_PER_USER: usize = MAX_CONSUMERS / 8;
 /// Bytes of a consumer's write buffer kept between batches.
 const OUT_KEPT: usize = 256 << 10;
@@ -321,16 +322,6 @@ pub enum Queued {
     },
     /// An event without a line in the consumer's format, for its task to serialise.
     Event(Entry),
-}
-
-impl Queued {
-    /// Events it holds.
-    pub fn count(&self) -> usize {
-        match self {
-            Queued::Lines { count, .. } => *count,
-            Queued::Event(_) => 1,
-        }
-    }
 }
 
 impl Entry {
