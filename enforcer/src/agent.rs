@@ -112,6 +112,9 @@ pub struct RunOptions {
     pub flow_key_file: Option<PathBuf>,
     /// `--events-group`: the gid that may also read `enforcer events` (default: root only).
     pub events_group: Option<u32>,
+    /// `--events-follow-buffer`: bytes of the followers' shared ring
+    /// ([`crate::events::ring`]).
+    pub events_follow_buffer: usize,
     /// `--learn`: the learning window of the usual neighbourhoods ([`crate::learn`]).
     pub learn: Option<Duration>,
     /// `--page-webhook`: where step-ups are paged ([`crate::page`]).
@@ -498,6 +501,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             options.events_rotation,
         ),
     );
+    let hub = hub.with_follow_ring(emitter.formatter().clone(), options.events_follow_buffer);
     emitter.set_hub(hub.clone());
     let stream_formatter = emitter.formatter().clone();
     // Before the ready file: SIGUSR1's default action would kill the agent.

@@ -120,6 +120,11 @@ enum Command {
         /// default only root may.
         #[arg(long, value_name = "GROUP")]
         events_group: Option<String>,
+        /// Bytes (or with K, M, G) of the ring that `enforcer events --follow` consumers of
+        /// every event share (1M-1G): one that falls further behind is told what it missed.
+        #[arg(long, value_name = "SIZE", value_parser = parse_follow_buffer,
+              default_value_t = enforcer::events::ring::DEFAULT_CAPACITY)]
+        events_follow_buffer: usize,
         /// Learn each subject's usual datasets for this long from the first run (`24h`; kept
         /// in the state directory across restarts); after it, a first contact with another
         /// dataset is a `flow.anomaly` event (and the endpoint's `step_up`, if any).
@@ -516,6 +521,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             kubernetes,
             metrics,
             events_group,
+            events_follow_buffer,
             learn,
             page_webhook,
             wire_max_skew,
@@ -567,6 +573,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     .as_deref()
                     .map(enforcer::events::stream::parse_group)
                     .transpose()?,
+                events_follow_buffer,
                 learn,
                 page_webhook,
                 wire_max_skew,
@@ -619,6 +626,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     .into(),
                 ),
                 queue: queue.map(|q| q as usize),
+                ring: follow,
             };
             let mut out = std::io::stdout().lock();
             stream::call(&pins.state_dir(), &request, |line| {
@@ -858,4 +866,14 @@ fn control_call(pins: &PinArgs, request: Request) -> Result<ExitCode> {
         eprintln!("error: {}", response.message);
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// `--events-follow-buffer`: a size within the ring's bounds.
+fn parse_follow_buffer(value: &str) -> Result<usize, String> {
+    use enforcer::events::ring::{MAX_CAPACITY, MIN_CAPACITY};
+    let bytes = enforcer::events::parse_size(value).map_err(|e| format!("{e:#}"))?;
+    usize::try_from(bytes)
+        .ok()
+        .filter(|b| (MIN_CAPACITY as u64..=MAX_CAPACITY as u64).contains(&(*b as u64)))
+        .ok_or_else(|| format!("{value}: expected 1M to 1G"))
 }

@@ -14,6 +14,7 @@ pub mod flow;
 pub mod notice;
 pub mod ocsf;
 pub mod record;
+pub mod ring;
 mod sink;
 pub mod stream;
 mod template;

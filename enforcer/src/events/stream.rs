@@ -24,7 +24,8 @@
 //! credentials (root, or a member of G).
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -33,13 +34,14 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use enforcer_common::reason;
 
 use super::archive::{self, truncated_line, Archive, Outcome, Seam, MAX_READ};
+use super::ring::{Ring, RingReader};
 use super::{Event, Format, Formatter};
 use crate::metrics::Metrics;
 
@@ -77,6 +79,8 @@ const CHUNK: usize = 64 << 10;
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 /// The request line's bound: a filter needs a few hundred bytes.
 const MAX_REQUEST: u64 = 64 << 10;
+/// A ring follower's report line's bound (`{"missed":N}`).
+const MAX_REPORT: u64 = 256;
 /// How long a consumer may take to send its request line.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// The `consumer` label of `enforcer_events_consumer_dropped`.
@@ -289,6 +293,12 @@ pub struct Request {
     /// [`QUEUE_BUDGET`]).
     #[serde(default)]
     pub queue: Option<usize>,
+    /// The client can read the followers' shared ring (see [`super::ring`]): a follower of
+    /// every event in the events file's format, with no `queue` of its own asked for, is
+    /// answered after its history with one `events.ring` line carrying the ring's descriptor
+    /// instead of queued lines.
+    #[serde(default)]
+    pub ring: bool,
 }
 
 /// An event as the hub keeps it: numbered, and when the agent emitted it.
@@ -390,6 +400,25 @@ struct Inner {
     history: VecDeque<Entry>,
     consumers: Vec<Consumer>,
     next_id: u64,
+    /// The `seq` after the last event published.
+    next_seq: u64,
+    /// The followers' shared ring, while any follower reads it.
+    ring: Option<Ring>,
+    ring_followers: Vec<RingFollower>,
+}
+
+/// A follower that reads the shared ring: it is sent a byte on its socket after each batch
+/// ("there is more"), once it is armed (its stream's history is sent by then).
+struct RingFollower {
+    id: u64,
+    socket: OwnedFd,
+    armed: bool,
+}
+
+/// The shared ring's lines: the format and capacity it is made with.
+struct RingConfig {
+    formatter: Formatter,
+    capacity: usize,
 }
 
 /// The fan-out from the emitter to the consumers. Publishing takes a lock for a few pushes
@@ -400,6 +429,8 @@ pub struct Hub {
     metrics: Option<Arc<Metrics>>,
     /// `--events FILE`: where `--since` finds what the history no longer holds.
     archive: Option<Arc<Archive>>,
+    /// Followers of every event in this format read the shared ring.
+    ring: Option<Arc<RingConfig>>,
 }
 
 /// What [`Hub::open_at`] took under its lock.
@@ -425,7 +456,19 @@ impl Hub {
             inner: Arc::default(),
             metrics,
             archive: None,
+            ring: None,
         }
+    }
+
+    /// Followers that take every event in `formatter`'s format (the emitter's: its lines are
+    /// the ones published) read a shared ring of `capacity` bytes (see [`super::ring`])
+    /// instead of a queue each.
+    pub fn with_follow_ring(mut self, formatter: Formatter, capacity: usize) -> Self {
+        self.ring = Some(Arc::new(RingConfig {
+            formatter,
+            capacity,
+        }));
+        self
     }
 
     /// `--since` reaching past the history reads `archive` (the events file and its rotated
@@ -461,9 +504,14 @@ impl Hub {
         let at = SystemTime::now();
         let mut dropped = 0;
         {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            let inner = &mut *guard;
             let mut woken = vec![false; inner.consumers.len()];
             for (seq, event, line) in batch {
+                inner.next_seq = seq + 1;
+                if let (Some(ring), Some(config)) = (&mut inner.ring, &self.ring) {
+                    push_to_ring(ring, config, seq, &event, line);
+                }
                 let entry = Entry { seq, at, event };
                 for (consumer, woken) in inner.consumers.iter_mut().zip(woken.iter_mut()) {
                     if !consumer.filter.matches(&entry.event) {
@@ -492,6 +540,12 @@ impl Hub {
                     consumer.wake.notify_one();
                 }
             }
+            if let Some(ring) = &mut inner.ring {
+                ring.publish(inner.next_seq);
+                for follower in inner.ring_followers.iter().filter(|f| f.armed) {
+                    poke(&follower.socket);
+                }
+            }
         }
         if dropped > 0 {
             if let Some(metrics) = &self.metrics {
@@ -502,7 +556,73 @@ impl Hub {
 
     /// Consumers following now.
     pub fn consumers(&self) -> usize {
-        self.lock().consumers.len()
+        let inner = self.lock();
+        inner.consumers.len() + inner.ring_followers.len()
+    }
+
+    /// The history received at or after `since`, and a place on the shared ring for what
+    /// comes after it (made now when no follower reads it), taken under one lock. `socket`
+    /// is poked after each batch once armed ([`RingSubscription::arm`]). None: the hub has
+    /// no ring for `format`, or it could not be made (the caller falls back to a queue).
+    pub fn open_ring(
+        &self,
+        since: Option<SystemTime>,
+        format: Format,
+        socket: OwnedFd,
+    ) -> Option<RingOpened> {
+        let config = self
+            .ring
+            .as_ref()
+            .filter(|c| c.formatter.format() == format)?;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.ring.is_none() {
+            match Ring::new(config.capacity, inner.next_seq.max(1)) {
+                Ok(ring) => inner.ring = Some(ring),
+                Err(error) => {
+                    tracing::warn!("the followers' ring could not be made: {error:#}");
+                    return None;
+                }
+            }
+        }
+        let ring = inner.ring.as_ref().expect("made above");
+        let memfd = match ring.fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(error) => {
+                tracing::warn!("the followers' ring could not be shared: {error}");
+                return None;
+            }
+        };
+        let (position, next_seq) = ring.start();
+        let capacity = ring.capacity();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.ring_followers.push(RingFollower {
+            id,
+            socket,
+            armed: false,
+        });
+        let oldest = inner.history.front().map(|e| (e.seq, e.at));
+        let past = inner
+            .history
+            .iter()
+            .filter(|e| since.is_none_or(|s| e.at >= s))
+            .cloned()
+            .collect();
+        Some(RingOpened {
+            past,
+            oldest,
+            rest: RingPlace {
+                memfd,
+                position,
+                next_seq,
+                capacity,
+                subscription: RingSubscription {
+                    hub: self.clone(),
+                    id,
+                },
+            },
+        })
     }
 
     /// The matching history (received at or after `since`), and with `follow` a subscription
@@ -596,6 +716,99 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.lock().consumers.retain(|c| c.id != self.id);
     }
+}
+
+/// What [`Hub::open_ring`] took under its lock.
+pub struct RingOpened {
+    /// The history in the window (every event).
+    pub past: Vec<Entry>,
+    /// The oldest event of the whole history, if any: where it begins.
+    pub oldest: Option<(u64, SystemTime)>,
+    pub rest: RingPlace,
+}
+
+/// A ring follower's place: the ring, for it to map, where to start reading and that line's
+/// `seq`.
+pub struct RingPlace {
+    pub memfd: OwnedFd,
+    pub position: u64,
+    pub next_seq: u64,
+    pub capacity: usize,
+    pub subscription: RingSubscription,
+}
+
+/// How a stream goes on after its history.
+enum Follow {
+    Not,
+    Queue(Subscription),
+    Ring(RingPlace),
+}
+
+/// A ring follower's handle; dropping it unsubscribes (and frees the ring with the last one).
+pub struct RingSubscription {
+    hub: Hub,
+    id: u64,
+}
+
+impl RingSubscription {
+    /// From now on the follower's socket is poked after each batch; poked once now, for what
+    /// was published since its history was taken.
+    pub fn arm(&self) {
+        let mut inner = self.hub.lock();
+        if let Some(f) = inner.ring_followers.iter_mut().find(|f| f.id == self.id) {
+            f.armed = true;
+            poke(&f.socket);
+        }
+    }
+}
+
+impl Drop for RingSubscription {
+    fn drop(&mut self) {
+        let mut inner = self.hub.lock();
+        inner.ring_followers.retain(|f| f.id != self.id);
+        if inner.ring_followers.is_empty() {
+            inner.ring = None;
+        }
+    }
+}
+
+/// Appends event `seq`'s line to the ring: the emitter's line when it is in the ring's
+/// format, else one made now; a line too long for the ring becomes the `events.dropped` line
+/// that says so (a follower counts lines: each event must be one).
+fn push_to_ring(
+    ring: &mut Ring,
+    config: &RingConfig,
+    seq: u64,
+    event: &Event,
+    line: Option<LineRef<'_>>,
+) {
+    let made;
+    let bytes = match line.filter(|l| l.format == config.formatter.format()) {
+        Some(line) => line.bytes,
+        None => {
+            made = config.formatter.line(seq, event).unwrap_or_default();
+            &made
+        }
+    };
+    if !bytes.is_empty() && ring.fits(bytes) {
+        ring.push(bytes);
+    } else {
+        ring.push(&dropped_line(Missed {
+            count: 1,
+            first_seq: seq,
+            last_seq: seq,
+        }));
+    }
+}
+
+/// Tells a ring follower there is more: one byte, never waiting (a follower whose socket is
+/// full has bytes to read already).
+fn poke(socket: &OwnedFd) {
+    let _ = rustix::net::send(
+        socket,
+        b"\n",
+        rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+    );
 }
 
 /// The in-band line for what a consumer missed.
@@ -818,17 +1031,27 @@ async fn serve_one(
             .checked_sub(Duration::from_secs(s))
             .unwrap_or(SystemTime::UNIX_EPOCH)
     });
-    let Opened {
-        past,
-        subscription,
-        oldest,
-    } = hub.open_at(
-        &request.filter,
-        since,
-        request.follow,
-        request.queue.unwrap_or(QUEUE),
-        formatter.format(),
-    );
+    let ring = (request.follow
+        && request.ring
+        && request.queue.is_none()
+        && request.filter == Filter::default())
+    .then(|| write.as_ref().as_fd().try_clone_to_owned().ok())
+    .flatten()
+    .and_then(|socket| hub.open_ring(since, formatter.format(), socket));
+    let (past, oldest, follow) = match ring {
+        Some(opened) => (opened.past, opened.oldest, Follow::Ring(opened.rest)),
+        None => {
+            let opened = hub.open_at(
+                &request.filter,
+                since,
+                request.follow,
+                request.queue.unwrap_or(QUEUE),
+                formatter.format(),
+            );
+            let follow = opened.subscription.map_or(Follow::Not, Follow::Queue);
+            (opened.past, opened.oldest, follow)
+        }
+    };
     // The window begins before the history does: older events come from the file.
     if let Some(since) = since.filter(|&s| oldest.is_none_or(|(_, at)| at >= s)) {
         let oldest_seq = oldest.map(|(seq, _)| seq);
@@ -876,8 +1099,10 @@ async fn serve_one(
     }
     send(&mut write, &out).await?;
     drop(past);
-    let Some(subscription) = subscription else {
-        return Ok(());
+    let subscription = match follow {
+        Follow::Not => return Ok(()),
+        Follow::Ring(ring) => return serve_ring(read, write, ring, &hub).await,
+        Follow::Queue(subscription) => subscription,
     };
     loop {
         let mut rest = [0u8; 64];
@@ -908,6 +1133,75 @@ async fn serve_one(
         send(&mut write, &out).await?;
         // A burst's buffer (up to a whole queue of lines) is not kept for the quiet after it.
         out.shrink_to(OUT_KEPT);
+    }
+}
+
+/// A ring follower after its history: sends it the ring (one `events.ring` line with the
+/// memfd attached), arms its pokes, then reads what it reports (`{"missed":N}` lines, counted
+/// in `enforcer_events_consumer_dropped`) until it hangs up.
+async fn serve_ring(
+    mut read: AsyncBufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    ring: RingPlace,
+    hub: &Hub,
+) -> Result<()> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "type": "events.ring",
+        "position": ring.position,
+        "next_seq": ring.next_seq,
+        "capacity": ring.capacity,
+    }))?;
+    line.push(b'\n');
+    let sent = tokio::time::timeout(WRITE_DEADLINE, send_fd(&write, &line, ring.memfd.as_fd()))
+        .await
+        .map_err(|_| anyhow::anyhow!("the consumer read nothing: hung up on"))?
+        .context("sending the ring to the consumer")?;
+    send(&mut write, &line[sent..]).await?;
+    drop(ring.memfd);
+    ring.subscription.arm();
+    loop {
+        let mut report = String::new();
+        let n = (&mut read).take(MAX_REPORT).read_line(&mut report).await?;
+        if n == 0 || !report.ends_with('\n') {
+            return Ok(());
+        }
+        let missed = serde_json::from_str::<serde_json::Value>(&report)
+            .ok()
+            .and_then(|v| v["missed"].as_u64());
+        if let (Some(missed), Some(metrics)) = (missed, &hub.metrics) {
+            metrics.consumer_dropped(METRICS_CONSUMER, missed);
+        }
+    }
+}
+
+/// Sends `bytes` with `fd` attached (`SCM_RIGHTS`, on the first byte); returns how many bytes
+/// went (the rest is sent as usual).
+async fn send_fd(
+    write: &tokio::net::unix::OwnedWriteHalf,
+    bytes: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let stream: &UnixStream = write.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd];
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            let iov = [std::io::IoSlice::new(bytes)];
+            Ok(rustix::net::sendmsg(
+                stream,
+                &iov,
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )?)
+        });
+        match sent {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
     }
 }
 
@@ -975,9 +1269,9 @@ pub fn call(
             return Err(error).context("sending the request to the agent");
         }
     }
-    for line in BufReader::new(stream).lines() {
-        let line = line.context("reading from the events socket")?;
-        if line.starts_with("{\"type\":\"events.error\"") || line.starts_with("{\"message\"") {
+    let mut received = Received::new(stream);
+    while let Some(line) = received.line()? {
+        if line.starts_with("{\"type\":\"events.") || line.starts_with("{\"message\"") {
             let value: serde_json::Value = serde_json::from_str(&line)?;
             if value["type"] == "events.error" {
                 bail!(
@@ -985,12 +1279,145 @@ pub fn call(
                     value["message"].as_str().unwrap_or(&line)
                 );
             }
+            if value["type"] == "events.ring" {
+                let fd = received
+                    .fds
+                    .pop()
+                    .context("the agent's events.ring line came without the ring")?;
+                let position = value["position"]
+                    .as_u64()
+                    .context("events.ring: position")?;
+                let next_seq = value["next_seq"]
+                    .as_u64()
+                    .context("events.ring: next_seq")?;
+                let reader = RingReader::open(fd, position, next_seq)?;
+                return follow_ring(received, reader, each);
+            }
         }
         if !each(&line)? {
             break;
         }
     }
     Ok(())
+}
+
+/// Reads the shared ring after each poke from the agent until the agent hangs up (then once
+/// more: what it published before it stopped is still in the ring), or `each` says stop.
+/// What a lap skipped is passed to `each` as an `events.dropped` line and reported to the
+/// agent.
+fn follow_ring(
+    mut received: Received,
+    mut reader: RingReader,
+    mut each: impl FnMut(&str) -> Result<bool>,
+) -> Result<()> {
+    let mut out = Vec::new();
+    loop {
+        let open = received.wait()?;
+        loop {
+            out.clear();
+            let (lines, missed) = reader.read(&mut out, RING_READ);
+            if let Some(missed) = missed.filter(|m| m.count > 0) {
+                let line = dropped_line(missed);
+                if !each(std::str::from_utf8(&line)?.trim_end())? {
+                    return Ok(());
+                }
+                let report = format!("{{\"missed\":{}}}\n", missed.count);
+                // The agent counts it; one that went away is found by `wait`.
+                let _ = received.stream.write_all(report.as_bytes());
+            }
+            for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                if !each(&String::from_utf8_lossy(line))? {
+                    return Ok(());
+                }
+            }
+            if lines == 0 && missed.is_none() && !reader.behind() {
+                break;
+            }
+        }
+        if !open {
+            return Ok(());
+        }
+    }
+}
+
+/// Bytes a ring follower copies out of the ring at a time.
+const RING_READ: usize = 1 << 20;
+
+/// The client's side of the socket: lines, and the descriptors that came with them.
+struct Received {
+    stream: StdUnixStream,
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    closed: bool,
+}
+
+impl Received {
+    fn new(stream: StdUnixStream) -> Self {
+        Received {
+            stream,
+            buf: Vec::new(),
+            fds: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Receives what is there (waiting for something), keeping descriptors; false at the end
+    /// of the stream.
+    fn fill(&mut self) -> Result<bool> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut chunk = [0u8; 64 << 10];
+        let received = loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+            match rustix::net::recvmsg(
+                &self.stream,
+                &mut iov,
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other.context("reading from the events socket")?,
+            }
+        };
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                self.fds.extend(fds);
+            }
+        }
+        self.buf.extend_from_slice(&chunk[..received.bytes]);
+        self.closed |= received.bytes == 0;
+        Ok(received.bytes > 0)
+    }
+
+    /// The next line (without its `\n`); a last line without one as it is; none at the end.
+    fn line(&mut self) -> Result<Option<String>> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..=end);
+                return Ok(Some(line));
+            }
+            if self.closed || !self.fill()? {
+                let rest = std::mem::take(&mut self.buf);
+                return Ok((!rest.is_empty()).then(|| String::from_utf8_lossy(&rest).into_owned()));
+            }
+        }
+    }
+
+    /// Waits for a poke (anything) unless one came already; false once the agent hung up.
+    fn wait(&mut self) -> Result<bool> {
+        if !self.buf.is_empty() {
+            self.buf.clear();
+            return Ok(!self.closed);
+        }
+        if self.closed {
+            return Ok(false);
+        }
+        let open = self.fill()?;
+        self.buf.clear();
+        Ok(open)
+    }
 }
 
 /// `-o compact`: one human line from a JSON event line: time, verdict, subject ->
@@ -1203,6 +1630,184 @@ mod tests {
             (got[2]["count"].as_u64(), got[2]["first_seq"].as_u64()),
             (Some(3), Some(3))
         );
+    }
+
+    fn json_formatter() -> Formatter {
+        Formatter::new(
+            Format::Json,
+            super::super::ocsf::Context {
+                node: "ev-node".into(),
+            },
+        )
+    }
+
+    /// Publishes events `seqs` in batches of 50: half with the emitter's line, half without
+    /// (the ring makes it).
+    fn publish_range(hub: &Hub, seqs: std::ops::RangeInclusive<u64>, width: usize) {
+        let formatter = json_formatter();
+        let seqs: Vec<u64> = seqs.collect();
+        for batch in seqs.chunks(50) {
+            let events: Vec<(u64, Arc<Event>, Vec<u8>)> = batch
+                .iter()
+                .map(|&seq| {
+                    let event = notice(&format!("ev{seq}-{}", "x".repeat(width)));
+                    let line = formatter.line(seq, &event).unwrap();
+                    (seq, event, line)
+                })
+                .collect();
+            hub.publish_batch(events.iter().map(|(seq, event, line)| {
+                let line = (seq % 2 == 0).then_some(LineRef {
+                    format: Format::Json,
+                    bytes: line,
+                });
+                (*seq, event.clone(), line)
+            }));
+        }
+    }
+
+    /// A follower of every event (`enforcer events --follow`, no filter) reads the shared
+    /// ring: the history over the socket, then every event once, in order, from the ring;
+    /// the ring is freed with its last follower.
+    #[test]
+    fn a_follower_of_everything_reads_the_ring_every_event_once() {
+        let dir = std::env::temp_dir().join(format!("ev-ring-{}", std::process::id()));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let hub =
+            Hub::new(None).with_follow_ring(json_formatter(), super::super::ring::MIN_CAPACITY);
+        let server = runtime.block_on(async { serve(&dir, &hub) });
+        publish_range(&hub, 1..=100, 10);
+        let request = Request {
+            follow: true,
+            ring: true,
+            ..Request::default()
+        };
+        let client = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                call(&dir, &request, |line| {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    seqs.push(v["seq"].as_u64().context("seq")?);
+                    Ok(seqs.len() < 5_100)
+                })
+                .map(|()| seqs)
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !hub.lock().ring_followers.iter().any(|f| f.armed) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never armed on the ring"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Several times around the ring, while the follower reads.
+        for start in (101..=5_100).step_by(500) {
+            publish_range(&hub, start..=start + 499, 300);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let seqs = client.join().unwrap().unwrap();
+        assert_eq!(seqs, (1..=5_100).collect::<Vec<_>>());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hub.consumers() != 0 {
+            assert!(std::time::Instant::now() < deadline, "never unsubscribed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(hub.lock().ring.is_none(), "the ring outlived its followers");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A ring follower that stops reading while more than the ring holds is published is
+    /// told in-band exactly which events it missed, and the agent counts them; it misses
+    /// nothing else and gets nothing twice.
+    #[test]
+    fn a_lapped_ring_follower_is_told_what_it_missed() {
+        let dir = std::env::temp_dir().join(format!("ev-ring-lap-{}", std::process::id()));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let metrics = Arc::new(Metrics::new(PathBuf::from("/nonexistent/ev-ring-lap")));
+        let hub = Hub::new(Some(metrics.clone()))
+            .with_follow_ring(json_formatter(), super::super::ring::MIN_CAPACITY);
+        let server = runtime.block_on(async { serve(&dir, &hub) });
+        let (stalled_tx, stalled_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        const LAST: u64 = 12_000;
+        let client = {
+            let dir = dir.clone();
+            let request = Request {
+                follow: true,
+                ring: true,
+                ..Request::default()
+            };
+            std::thread::spawn(move || {
+                let (mut seqs, mut missed) = (Vec::new(), Vec::new());
+                call(&dir, &request, |line| {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    if v["type"] == "events.dropped" {
+                        missed.push((
+                            v["count"].as_u64().unwrap(),
+                            v["first_seq"].as_u64().unwrap(),
+                            v["last_seq"].as_u64().unwrap(),
+                        ));
+                        return Ok(true);
+                    }
+                    let seq = v["seq"].as_u64().context("seq")?;
+                    if seq == 1 {
+                        // Stalls on its first event until the ring has gone round.
+                        stalled_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                    }
+                    seqs.push(seq);
+                    Ok(seq < LAST)
+                })
+                .map(|()| (seqs, missed))
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !hub.lock().ring_followers.iter().any(|f| f.armed) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never armed on the ring"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        publish_range(&hub, 1..=50, 300);
+        stalled_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // About 4 MiB while it does not read: more than the ring's 1 MiB.
+        publish_range(&hub, 51..=LAST - 1000, 300);
+        go_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        publish_range(&hub, LAST - 999..=LAST, 300);
+        let (seqs, missed) = client.join().unwrap().unwrap();
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!missed.is_empty(), "never told it missed events");
+        let mut covered: Vec<u64> = seqs.clone();
+        for &(count, first, last) in &missed {
+            assert_eq!(count, last - first + 1, "{missed:?}");
+            covered.extend(first..=last);
+        }
+        covered.sort();
+        assert_eq!(covered, (1..=LAST).collect::<Vec<_>>(), "a gap or a repeat");
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order");
+        // The agent counts what its followers report missing.
+        let told: u64 = missed.iter().map(|m| m.0).sum();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = metrics.encode(false);
+            let counted = text
+                .lines()
+                .find(|l| l.starts_with("enforcer_events_consumer_dropped_total{"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+            if counted == Some(told) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "counted {counted:?} of {told}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Requests that used to get no answer, or another than asked, get a clear one.
