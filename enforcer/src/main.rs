@@ -628,20 +628,36 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 queue: queue.map(|q| q as usize),
                 ring: follow,
             };
-            let mut out = std::io::stdout().lock();
-            stream::call(&pins.state_dir(), &request, |line| {
-                let written = if output == EventsOutput::Compact {
-                    writeln!(out, "{}", stream::compact(line))
-                } else {
-                    writeln!(out, "{line}")
-                };
-                // A closed pipe (`| head`) ends the command, not an error.
-                match written.and_then(|()| out.flush()) {
-                    Ok(()) => Ok(true),
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-                    Err(e) => Err(e.into()),
+            // Flushed whenever the stream waits for the agent: once a batch, not once a line.
+            let out = std::cell::RefCell::new(std::io::BufWriter::with_capacity(
+                1 << 16,
+                std::io::stdout().lock(),
+            ));
+            // A closed pipe (`| head`) ends the command, not an error.
+            let closed = std::cell::Cell::new(false);
+            let ended = |result: std::io::Result<()>| match result {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    closed.set(true);
+                    Ok(())
                 }
-            })?;
+                other => other,
+            };
+            stream::call_flushing(
+                &pins.state_dir(),
+                &request,
+                |line| {
+                    let mut out = out.borrow_mut();
+                    let written = if output == EventsOutput::Compact {
+                        writeln!(out, "{}", stream::compact(line))
+                    } else {
+                        writeln!(out, "{line}")
+                    };
+                    ended(written)?;
+                    Ok(!closed.get())
+                },
+                || Ok(ended(out.borrow_mut().flush())?),
+            )?;
+            ended(out.borrow_mut().flush())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { pins, json } => {

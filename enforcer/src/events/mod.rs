@@ -294,13 +294,20 @@ impl Emitter {
             // serialising the events again, each.
             let format = self.formatter.format();
             let batch = &self.batch;
-            hub.publish_batch(self.batch_events.drain(..).map(|(seq, event, range)| {
-                let line = stream::LineRef {
-                    format,
-                    bytes: &batch[range],
-                };
-                (seq, std::sync::Arc::new(event), Some(line))
-            }));
+            let whole = stream::LineRef {
+                format,
+                bytes: batch,
+            };
+            hub.publish_lines(
+                whole,
+                self.batch_events.drain(..).map(|(seq, event, range)| {
+                    let line = stream::LineRef {
+                        format,
+                        bytes: &batch[range],
+                    };
+                    (seq, std::sync::Arc::new(event), Some(line))
+                }),
+            );
         }
         self.batch.clear();
     }

@@ -18,11 +18,12 @@
 //! Needs root; uses 127.92.0.0/16 only. Everything it makes (cgroups, pins, the agent, the
 //! consumers, the files) is removed at the end, also on error.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -68,6 +69,8 @@ struct Setup {
     pins: PathBuf,
     agent: Option<Child>,
     followers: Vec<Child>,
+    /// Per follower: (`connection.denied` lines received, events it was told it missed).
+    followed: Vec<Arc<Mutex<(u64, u64)>>>,
 }
 
 impl Drop for Setup {
@@ -123,6 +126,7 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
         pins: PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-events-{pid}")),
         agent: None,
         followers: Vec::new(),
+        followed: Vec::new(),
     };
     for dir in [
         setup.root.clone(),
@@ -168,15 +172,32 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
         std::thread::sleep(Duration::from_millis(50));
     }
     for _ in 0..followers {
-        let child = Command::new(&enforcer)
+        let mut child = Command::new(&enforcer)
             .args(["events", "--follow", "-o", "json", "--pin-path"])
             .arg(&setup.pins)
             .arg("--state-dir")
             .arg(&state)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
+        let counts = Arc::new(Mutex::new((0, 0)));
+        let stdout = child.stdout.take().context("the follower's stdout")?;
+        let counted = counts.clone();
+        // Counts what the follower prints: every deny must reach it, or be told missed.
+        std::thread::spawn(move || {
+            for line in BufReader::with_capacity(1 << 16, stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut counts = counted.lock().unwrap();
+                if line.contains("\"type\":\"connection.denied\"") {
+                    counts.0 += 1;
+                } else if line.contains("\"type\":\"events.dropped\"") {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    counts.1 += v["count"].as_u64().unwrap_or(0);
+                }
+            }
+        });
         setup.followers.push(child);
+        setup.followed.push(counts);
     }
     Ok(setup)
 }
@@ -282,6 +303,8 @@ struct Throughput {
     lost: u64,
     wall: f64,
     cpu: f64,
+    /// Per follower: denies received, events told missed.
+    followed: Vec<(u64, u64)>,
 }
 
 /// (a) / (c): one flood with aggregation off; waits until every refused call is accounted.
@@ -308,6 +331,21 @@ fn throughput(format: &str, followers: usize) -> Result<Throughput> {
         written + lost == refused,
         "{refused} calls refused but {written} written + {lost} lost: not accounted exactly"
     );
+    // Every follower got every deny written, or was told it missed it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let followed: Vec<(u64, u64)> = loop {
+        let now: Vec<(u64, u64)> = setup.followed.iter().map(|c| *c.lock().unwrap()).collect();
+        if now.iter().all(|&(got, missed)| got + missed >= written) || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (i, &(got, missed)) in followed.iter().enumerate() {
+        ensure!(
+            got <= written && got + missed >= written,
+            "follower {i}: {got} denies received + {missed} told missed, of {written} written"
+        );
+    }
     drop(setup);
     Ok(Throughput {
         refused,
@@ -315,6 +353,7 @@ fn throughput(format: &str, followers: usize) -> Result<Throughput> {
         lost,
         wall,
         cpu,
+        followed,
     })
 }
 
@@ -351,8 +390,16 @@ pub fn events_bench() -> Result<()> {
     row("(c) JSON, 3 followers", &followed);
     let per_cpu = |t: &Throughput| t.written as f64 / t.cpu.max(1e-9);
     println!(
-        "\n(c) cost of {FOLLOWERS} followers on the agent's rate per CPU second: {:.1} %",
-        100.0 * (1.0 - per_cpu(&followed) / per_cpu(&json))
+        "\n(c) cost of {FOLLOWERS} followers on the agent's rate per CPU second: {:.1} %; \
+         each follower's denies received + told missed, of {} written: {}",
+        100.0 * (1.0 - per_cpu(&followed) / per_cpu(&json)),
+        followed.written,
+        followed
+            .followed
+            .iter()
+            .map(|(got, missed)| format!("{got} + {missed}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // (b)
