@@ -5,6 +5,11 @@
 //!   denies from three cgroups each receive exactly the matching events of the events file
 //!   (count and seq set), while a fourth consumer that never reads during the burst is told
 //!   in-band (`events.dropped`) what it missed, and loses nothing else;
+//! - two followers of every event read the agent's shared ring (they map its memfd): each
+//!   gets every event of the file once, in order, or is told in-band that it missed it; one
+//!   stopped (SIGSTOP) while more than the ring holds goes by must have been told (the other,
+//!   a debug build on a busy machine, may have been lapped too: the bench shows release
+//!   followers keeping up with a flood);
 //! - history and `--since`; bad filters are refused with the option named;
 //! - a user that is not root (nobody) is refused.
 //!
@@ -53,7 +58,12 @@ fn world(name: &str) -> Result<World> {
 }
 
 fn start(world: &World, state: &StateDir) -> Result<(Agent, AgentDirs)> {
+    start_with(world, state, &[])
+}
+
+fn start_with(world: &World, state: &StateDir, extra: &[&str]) -> Result<(Agent, AgentDirs)> {
     let mut cfg = state.configure(world.agent_config());
+    cfg.extra_args.extend(extra.iter().map(|a| a.to_string()));
     // The whole burst fits in the kernel's ring buffer: this test is about the socket.
     cfg.ring_buffer_bytes = Some(32 << 20);
     // One event per deny (aggregation off): the burst repeats the same three calls, which
@@ -120,60 +130,12 @@ fn followers_get_exactly_their_events_and_a_stalled_one_is_told_what_it_missed()
     // A consumer gets the history and then follows, under one lock: whenever the agent
     // takes these connections, every event from seq 1 is theirs.
 
-    let calls = [
-        (
-            "acme-gateway",
-            attempt("tcp", world.entity("globex-vectors").ip(false), 6333),
-        ),
-        (
-            "initech-trainer",
-            attempt("tcp", world.entity("acme-vectors").ip(false), 6333),
-        ),
-        (
-            "globex-retriever",
-            attempt("tcp", world.entity("acme-vectors").ip(false), 6333),
-        ),
-    ];
-    std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = calls
-            .iter()
-            .map(|(from, call)| {
-                let cgroup = world.cgroup(from);
-                s.spawn(move || {
-                    Probe::new()
-                        .in_cgroup(cgroup)
-                        .timeout(Duration::from_secs(120))
-                        .repeat(PER_CGROUP, call)
-                })
-            })
-            .collect();
-        for h in handles {
-            let summary = h.join().expect("probe thread")?;
-            ensure!(
-                summary.eperm == PER_CGROUP,
-                "every call refused: {summary:?}"
-            );
-        }
-        Ok(())
-    })?;
+    let file = burst(&world, &agent)?;
     let total = 3 * PER_CGROUP as usize;
-    let arrived = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
-        agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= total
-    });
-    ensure!(
-        arrived,
-        "the events file never had {total} denies:\n{}",
-        agent.stderr_tail()
-    );
-    let file = agent.events()?;
     let denies = file.iter().filter(|e| e["verdict"] == "deny").count();
     ensure!(
         denies == total,
         "{denies} denies in the file, expected {total}"
-    );
-    ensure!(
-        !file.iter().any(|e| e["type"] == "events.lost"),
-        "the kernel lost events: the ring buffer is too small for this test"
     );
 
     let predicates: [&dyn Fn(&Value) -> bool; 3] = [
@@ -265,6 +227,169 @@ fn followers_get_exactly_their_events_and_a_stalled_one_is_told_what_it_missed()
         "gaps in the events file's seqs"
     );
     Ok(())
+}
+
+/// The burst of `PER_CGROUP` denies from each of three cgroups; returns the events file once
+/// it holds all of them (and the kernel lost none).
+fn burst(world: &World, agent: &Agent) -> Result<Vec<Value>> {
+    let calls = [
+        (
+            "acme-gateway",
+            attempt("tcp", world.entity("globex-vectors").ip(false), 6333),
+        ),
+        (
+            "initech-trainer",
+            attempt("tcp", world.entity("acme-vectors").ip(false), 6333),
+        ),
+        (
+            "globex-retriever",
+            attempt("tcp", world.entity("acme-vectors").ip(false), 6333),
+        ),
+    ];
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = calls
+            .iter()
+            .map(|(from, call)| {
+                let cgroup = world.cgroup(from);
+                s.spawn(move || {
+                    Probe::new()
+                        .in_cgroup(cgroup)
+                        .timeout(Duration::from_secs(120))
+                        .repeat(PER_CGROUP, call)
+                })
+            })
+            .collect();
+        for h in handles {
+            let summary = h.join().expect("probe thread")?;
+            ensure!(
+                summary.eperm == PER_CGROUP,
+                "every call refused: {summary:?}"
+            );
+        }
+        Ok(())
+    })?;
+    let total = 3 * PER_CGROUP as usize;
+    let arrived = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
+        agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= total
+    });
+    ensure!(
+        arrived,
+        "the events file never had {total} denies:\n{}",
+        agent.stderr_tail()
+    );
+    let file = agent.events()?;
+    ensure!(
+        !file.iter().any(|e| e["type"] == "events.lost"),
+        "the kernel lost events: the ring buffer is too small for this test"
+    );
+    Ok(file)
+}
+
+/// Whether process `pid` maps the agent's followers' ring.
+fn maps_the_ring(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .is_ok_and(|maps| maps.contains("enforcer-events-ring"))
+}
+
+#[test]
+fn followers_of_everything_share_the_ring_and_a_stopped_one_is_told_what_it_missed() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world("ring")?;
+    let state = StateDir::new()?;
+    // A ring of 2 MiB: the burst's 4,500 JSON lines (about 3 MiB) go round it.
+    let (agent, dirs) = start_with(&world, &state, &["--events-follow-buffer", "2M"])?;
+    let out = TempDir::new("ev-ring-out")?;
+    let spawn = |name: &str| -> Result<ChildGuard> {
+        let child = Command::new(enforcer_bin())
+            .args(["events", "--follow", "-o", "json"])
+            .args(dirs.args())
+            .stdout(std::fs::File::create(out.path().join(name))?)
+            .stderr(std::fs::File::create(
+                out.path().join(format!("{name}.err")),
+            )?)
+            .spawn()
+            .context("spawning enforcer events")?;
+        Ok(ChildGuard::new(child))
+    };
+    let reader = spawn("reader")?;
+    let stopped = spawn("stopped")?;
+    let mapped = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        maps_the_ring(reader.id()) && maps_the_ring(stopped.id())
+    });
+    ensure!(mapped, "the followers never mapped the ring");
+    // SAFETY: signals to our own children, not yet waited for.
+    unsafe { libc::kill(stopped.id() as i32, libc::SIGSTOP) };
+    let file = burst(&world, &agent)?;
+    let want = seqs(&file);
+    ensure!(
+        want.len() as u64 == *want.last().unwrap(),
+        "gaps in the events file's seqs"
+    );
+
+    // The reader: every event of the file (history, then the ring) once, in order, but for
+    // what it was told it missed (only if the machine kept it off its CPU for a ring's worth).
+    let (got, told) = covers(&out.path().join("reader"), &want)?;
+    eprintln!(
+        "reader: {got} received, {told} told missed, of {}",
+        want.len()
+    );
+    // The stopped one, once it runs again, likewise; it must have been lapped.
+    unsafe { libc::kill(stopped.id() as i32, libc::SIGCONT) };
+    let (received, missed) = covers(&out.path().join("stopped"), &want)?;
+    ensure!(
+        missed > 0,
+        "the stopped follower was never told it missed events"
+    );
+    eprintln!(
+        "stopped follower: {received} received, {missed} told missed, of {}",
+        want.len()
+    );
+    Ok(())
+}
+
+/// Waits until the follower writing `path` has had every event of `want` or been told it
+/// missed it; checks that each came exactly once, in order, and returns (received, told
+/// missed).
+fn covers(path: &Path, want: &BTreeSet<u64>) -> Result<(usize, u64)> {
+    let last = *want.last().unwrap();
+    let (mut received, mut missed) = (Vec::new(), Vec::new());
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let lines = json_lines(path).unwrap_or_default();
+        received = lines.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        missed = lines
+            .iter()
+            .filter(|e| e["type"] == "events.dropped")
+            .map(|e| {
+                (
+                    e["first_seq"].as_u64().unwrap(),
+                    e["last_seq"].as_u64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>();
+        received.last() >= Some(&last) || missed.last().is_some_and(|m| m.1 >= last)
+    });
+    ensure!(
+        received.windows(2).all(|w| w[0] < w[1]),
+        "{}: out of order or twice",
+        path.display()
+    );
+    let mut covered = received.clone();
+    for &(first, last) in &missed {
+        covered.extend(first..=last);
+    }
+    covered.retain(|&seq| seq <= last);
+    covered.sort();
+    ensure!(
+        covered == want.iter().copied().collect::<Vec<_>>(),
+        "{}: received {} + missed {missed:?} do not cover the file's {} events exactly",
+        path.display(),
+        received.len(),
+        want.len()
+    );
+    let told = missed.iter().map(|(first, last)| last - first + 1).sum();
+    Ok((received.iter().filter(|&&seq| seq <= last).count(), told))
 }
 
 fn events(dirs: &AgentDirs, args: &[&str]) -> Result<(bool, String, String)> {

@@ -51,6 +51,8 @@ pub const MAX_CAPACITY: usize = 1 << 30;
 /// The default: about 40,000 JSON or 15,000 OCSF deny lines, a follower descheduled for
 /// 0.1-0.4 s under a flood of 100,000 events a second.
 pub const DEFAULT_CAPACITY: usize = 32 << 20;
+/// Batch starts kept in the header (a batch is about a millisecond of events under a flood).
+const INDEX: usize = 128;
 /// A publication takes a few stores: a reader that finds one unfinished this many times
 /// running takes the writer for dead.
 const SNAPSHOT_TRIES: u32 = 10_000;
@@ -70,6 +72,11 @@ struct Header {
     /// Stream position where the bytes being written now end: any byte before
     /// `reserved - capacity` may be overwritten.
     reserved: AtomicU64,
+    /// Batches published, and where the last [`INDEX`] of them begin (stream position, the
+    /// `seq` of their first line; entry `n % INDEX` for batch `n`): a lapped reader starts
+    /// again at the oldest batch still whole, not at the newest line.
+    batches: AtomicU64,
+    index: [[AtomicU64; 2]; INDEX],
 }
 
 /// A shared mapping, unmapped on drop.
@@ -215,9 +222,18 @@ impl Ring {
     /// pushed next is event `next_seq`.
     pub fn publish(&mut self, next_seq: u64) {
         let header = self.map.header();
+        let start = header.written.load(Ordering::Relaxed);
+        let first_seq = header.next_seq.load(Ordering::Relaxed);
         let version = header.version.load(Ordering::Relaxed);
         header.version.store(version + 1, Ordering::Relaxed);
         fence(Ordering::Release);
+        if self.end > start {
+            let n = header.batches.load(Ordering::Relaxed);
+            let [position, seq] = &header.index[n as usize % INDEX];
+            position.store(start, Ordering::Relaxed);
+            seq.store(first_seq, Ordering::Relaxed);
+            header.batches.store(n + 1, Ordering::Relaxed);
+        }
         header.written.store(self.end, Ordering::Relaxed);
         header.next_seq.store(next_seq, Ordering::Relaxed);
         header.version.store(version + 2, Ordering::Release);
@@ -265,14 +281,24 @@ impl RingReader {
     /// (`written`, `next_seq`) as published together; none when the writer stays in the
     /// middle of a publication (an agent killed there: it is never finished).
     fn snapshot(&self) -> Option<(u64, u64)> {
+        self.consistent(|header| {
+            (
+                header.written.load(Ordering::Relaxed),
+                header.next_seq.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// What `read` takes of the header between two readings of the same even `version` (the
+    /// seqlock); none when the writer stays in the middle of a publication.
+    fn consistent<T>(&self, read: impl Fn(&Header) -> T) -> Option<T> {
         let header = self.map.header();
         for _ in 0..SNAPSHOT_TRIES {
             let before = header.version.load(Ordering::Acquire);
-            let written = header.written.load(Ordering::Relaxed);
-            let next_seq = header.next_seq.load(Ordering::Relaxed);
+            let value = read(header);
             fence(Ordering::Acquire);
-            if before % 2 == 0 && header.version.load(Ordering::Relaxed) == before {
-                return Some((written, next_seq));
+            if before.is_multiple_of(2) && header.version.load(Ordering::Relaxed) == before {
+                return Some(value);
             }
             std::thread::yield_now();
         }
@@ -287,7 +313,7 @@ impl RingReader {
             return (0, None);
         };
         if written < self.position || written - self.position > self.capacity {
-            return (0, Some(self.skip_to(written, next_seq)));
+            return (0, self.resync());
         }
         let end = written.min(self.position.saturating_add(max.max(1) as u64));
         let old = self.carry.len();
@@ -308,10 +334,7 @@ impl RingReader {
         let reserved = self.map.header().reserved.load(Ordering::Relaxed);
         if reserved > self.position + self.capacity {
             self.carry.truncate(old);
-            let Some((written, next_seq)) = self.snapshot() else {
-                return (0, None);
-            };
-            return (0, Some(self.skip_to(written, next_seq)));
+            return (0, self.resync());
         }
         self.position = end;
         let Some(last) = self.carry.iter().rposition(|&b| b == b'\n') else {
@@ -334,6 +357,38 @@ impl RingReader {
     pub fn behind(&self) -> bool {
         self.snapshot()
             .is_some_and(|(written, _)| written != self.position)
+    }
+
+    /// After a lap: jumps to the oldest batch whose bytes the writer will not reach for a
+    /// quarter of the ring yet (else to the newest line), and returns what was skipped.
+    fn resync(&mut self) -> Option<Missed> {
+        let (written, next_seq, index) = self.consistent(|header| {
+            let batches = header.batches.load(Ordering::Relaxed);
+            let index: Vec<(u64, u64)> = (batches.saturating_sub(INDEX as u64)..batches)
+                .map(|n| {
+                    let [position, seq] = &header.index[n as usize % INDEX];
+                    (
+                        position.load(Ordering::Relaxed),
+                        seq.load(Ordering::Relaxed),
+                    )
+                })
+                .collect();
+            (
+                header.written.load(Ordering::Relaxed),
+                header.next_seq.load(Ordering::Relaxed),
+                index,
+            )
+        })?;
+        let reserved = self.map.header().reserved.load(Ordering::Acquire);
+        let safe = reserved.saturating_sub(self.capacity) + self.capacity / 4;
+        // Oldest first: the first batch start past the safe point.
+        let (position, seq) = index
+            .into_iter()
+            .find(|&(position, seq)| {
+                position >= safe && position <= written && seq >= self.next_seq
+            })
+            .unwrap_or((written, next_seq));
+        Some(self.skip_to(position, seq))
     }
 
     /// Jumps to (`written`, `next_seq`), forgetting a partial line: what was between is
@@ -426,6 +481,8 @@ mod tests {
             seq += 1;
         }
         ring.publish(seq);
+        // One batch, longer than the ring: no batch start is left in it, the reader starts
+        // again after it.
         let (n, missed) = r.read(&mut out, usize::MAX);
         let missed = missed.expect("lapped");
         assert_eq!(n, 0);
@@ -443,6 +500,43 @@ mod tests {
         let mut after = Vec::new();
         assert_eq!(r.read(&mut after, usize::MAX), (1, None));
         assert_eq!(seqs(&after), vec![seq]);
+    }
+
+    #[test]
+    fn a_lapped_reader_starts_again_at_the_oldest_whole_batch() {
+        let mut ring = Ring::new(MIN_CAPACITY, 1).unwrap();
+        let mut r = reader(&ring);
+        let mut seq = 1;
+        // Small batches, three times round the ring, while the reader sleeps.
+        while ring.end < 3 * ring.capacity {
+            for _ in 0..5 {
+                ring.push(&line(seq, 300));
+                seq += 1;
+            }
+            ring.publish(seq);
+        }
+        let mut out = Vec::new();
+        let (mut got, mut missed) = (Vec::new(), Vec::new());
+        loop {
+            out.clear();
+            let (n, m) = r.read(&mut out, 64 << 10);
+            missed.extend(m);
+            got.extend(seqs(&out));
+            if n == 0 && m.is_none() && !r.behind() {
+                break;
+            }
+        }
+        assert_eq!(missed.len(), 1, "{missed:?}");
+        let m = missed[0];
+        assert_eq!((m.first_seq, m.last_seq + 1), (1, got[0]));
+        assert_eq!(got, (got[0]..seq).collect::<Vec<_>>());
+        // It kept what the index allows (INDEX batches of 5 lines), not only the newest line.
+        assert_eq!(
+            got.len(),
+            INDEX * 5,
+            "{} lines read after the lap",
+            got.len()
+        );
     }
 
     #[test]

@@ -293,8 +293,8 @@ pub struct Request {
     /// [`QUEUE_BUDGET`]).
     #[serde(default)]
     pub queue: Option<usize>,
-    /// The client can read the followers' shared ring (see [`super::ring`]): a follower of
-    /// every event in the events file's format, with no `queue` of its own asked for, is
+    /// The client can read the followers' shared ring (see [`super::ring`]): a root follower
+    /// of every event in the events file's format, with no `queue` of its own asked for, is
     /// answered after its history with one `events.ring` line carrying the ring's descriptor
     /// instead of queued lines.
     #[serde(default)]
@@ -1060,8 +1060,11 @@ async fn serve_one(
             .checked_sub(Duration::from_secs(s))
             .unwrap_or(SystemTime::UNIX_EPOCH)
     });
+    // Root only: a descriptor outlives the connection it came with, and a member of
+    // `--events-group` must not keep reading after its stream ends (or it leaves the group).
     let ring = (request.follow
         && request.ring
+        && peer.uid() == 0
         && request.queue.is_none()
         && request.filter == Filter::default())
     .then(|| write.as_ref().as_fd().try_clone_to_owned().ok())
@@ -1374,7 +1377,11 @@ fn follow_ring(
                 let _ = received.stream.write_all(report.as_bytes());
             }
             for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                if !each(&String::from_utf8_lossy(line))? {
+                let line = std::str::from_utf8(line).map_or_else(
+                    |_| String::from_utf8_lossy(line),
+                    std::borrow::Cow::Borrowed,
+                );
+                if !each(&line)? {
                     return Ok(());
                 }
             }
@@ -1740,6 +1747,18 @@ mod tests {
         }
     }
 
+    /// Waits until a ring follower of `hub` is armed (its history sent).
+    fn wait_armed(hub: &Hub) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !hub.lock().ring_followers.iter().any(|f| f.armed) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never armed on the ring"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A follower of every event (`enforcer events --follow`, no filter) reads the shared
     /// ring: the history over the socket, then every event once, in order, from the ring;
     /// the ring is freed with its last follower.
@@ -1749,7 +1768,10 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let hub =
             Hub::new(None).with_follow_ring(json_formatter(), super::super::ring::MIN_CAPACITY);
-        let server = runtime.block_on(async { serve(&dir, &hub) });
+        let server = {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub)
+        };
         publish_range(&hub, 1..=100, 10);
         let request = Request {
             follow: true,
@@ -1768,14 +1790,7 @@ mod tests {
                 .map(|()| seqs)
             })
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !hub.lock().ring_followers.iter().any(|f| f.armed) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never armed on the ring"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_armed(&hub);
         // Several times around the ring, while the follower reads.
         for start in (101..=5_100).step_by(500) {
             publish_range(&hub, start..=start + 499, 300);
@@ -1803,7 +1818,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new(PathBuf::from("/nonexistent/ev-ring-lap")));
         let hub = Hub::new(Some(metrics.clone()))
             .with_follow_ring(json_formatter(), super::super::ring::MIN_CAPACITY);
-        let server = runtime.block_on(async { serve(&dir, &hub) });
+        let server = {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub)
+        };
         let (stalled_tx, stalled_rx) = std::sync::mpsc::channel::<()>();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         const LAST: u64 = 12_000;
@@ -1838,14 +1856,7 @@ mod tests {
                 .map(|()| (seqs, missed))
             })
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !hub.lock().ring_followers.iter().any(|f| f.armed) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never armed on the ring"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_armed(&hub);
         publish_range(&hub, 1..=50, 300);
         stalled_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         // About 4 MiB while it does not read: more than the ring's 1 MiB.
