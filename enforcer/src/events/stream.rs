@@ -1392,8 +1392,17 @@ fn follow_ring(
         if !open {
             return caught_up();
         }
+        // A nap before waiting again: while the agent publishes a batch every millisecond or
+        // so, its pokes then find this follower not waiting in `recv`, and cost it no
+        // wake-up of another CPU (one per batch and follower, an interrupt between CPUs,
+        // was most of what three followers cost the agent). Quiet, the next wait blocks.
+        std::thread::sleep(RING_NAP);
     }
 }
+
+/// How long a ring follower that caught up waits before it looks again (at most this much
+/// later than the agent's pokes).
+const RING_NAP: Duration = Duration::from_millis(2);
 
 /// Bytes a ring follower copies out of the ring at a time.
 const RING_READ: usize = 1 << 20;
