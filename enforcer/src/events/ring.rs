@@ -25,10 +25,11 @@
 //! Reader: takes a consistent (`written`, `next_seq`) snapshot, copies the bytes between its
 //! position and `written`, then reads `reserved`: if the writer may have begun overwriting
 //! any byte it copied (`reserved > position + capacity`), the copy is thrown away and the
-//! reader was lapped: it jumps to the newest snapshot and counts what it skipped by `seq`
-//! (every line is one event, numbered one after the other), told in-band like a queue's
-//! misses ([`super::stream::Missed`]). A reader never delivers a line it could not verify
-//! whole.
+//! reader was lapped: it starts again at the oldest batch that the writer will not reach
+//! for a quarter of the ring yet (the header keeps where the last [`INDEX`] batches begin),
+//! and counts what it skipped by `seq` (every line is one event, numbered one after the
+//! other), told in-band like a queue's misses ([`super::stream::Missed`]). A reader never
+//! delivers a line it could not verify whole.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -54,7 +55,8 @@ pub const DEFAULT_CAPACITY: usize = 32 << 20;
 /// Batch starts kept in the header (a batch is about a millisecond of events under a flood).
 const INDEX: usize = 128;
 /// A publication takes a few stores: a reader that finds one unfinished this many times
-/// running takes the writer for dead.
+/// running reads nothing for now and tries again at the next poke (an agent killed in the
+/// middle of one sends none: its hang-up ends the stream).
 const SNAPSHOT_TRIES: u32 = 10_000;
 
 /// The ring's first bytes.
@@ -139,10 +141,14 @@ impl Ring {
             (MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity),
             "a follow ring of {capacity} bytes: expected {MIN_CAPACITY}..={MAX_CAPACITY}"
         );
-        let memfd = rustix::fs::memfd_create(
-            "enforcer-events-ring",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
+        // Not executable, sealed so (Linux 6.3; without it where the flag is unknown: some
+        // `vm.memfd_noexec` settings refuse a memfd that does not say).
+        let name = "enforcer-events-ring";
+        let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+        let memfd = match rustix::fs::memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
+            Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(name, flags),
+            made => made,
+        }
         .context("memfd_create")?;
         let len = HEADER + capacity;
         rustix::fs::ftruncate(&memfd, len as u64).context("sizing the follow ring")?;
@@ -189,21 +195,31 @@ impl Ring {
         )
     }
 
-    /// Whether `line` fits: a line longer than half the ring would overwrite itself for a
-    /// follower that has read everything else.
+    /// Whether `line` fits: at most half the ring, so that a follower that has read
+    /// everything before it still finds it whole with room to spare.
     pub fn fits(&self, line: &[u8]) -> bool {
         line.len() as u64 <= self.capacity / 2
     }
 
     /// Appends one whole line (its `\n` included; see [`Ring::fits`]), unpublished.
     pub fn push(&mut self, line: &[u8]) {
-        debug_assert!(self.fits(line) && line.ends_with(b"\n"));
+        // Checked, not assumed: a longer line would be copied past the mapping.
+        assert!(
+            self.fits(line),
+            "a line of {} bytes in a ring of {}",
+            line.len(),
+            self.capacity
+        );
+        debug_assert!(line.ends_with(b"\n"));
         let header = self.map.header();
         let start = self.end;
         self.end += line.len() as u64;
         header.reserved.store(self.end, Ordering::Relaxed);
-        // Readers check `reserved` after their copy: the store is ordered before the bytes.
-        fence(Ordering::Release);
+        // Readers check `reserved` after their copy: the store must be seen before any of
+        // the bytes. A full fence, not a release one: the copy may use non-temporal stores
+        // (glibc's `memmove` does for large copies), which x86 orders only after an
+        // `mfence`/`sfence`; once per push (per batch from the emitter).
+        fence(Ordering::SeqCst);
         let at = (start % self.capacity) as usize;
         let first = line.len().min(self.capacity as usize - at);
         // SAFETY: both pieces lie within the data area (at + first <= capacity, and the
@@ -256,6 +272,14 @@ impl RingReader {
     /// Maps `fd` (a ring from [`Ring::new`]) read-only to read from stream `position`, whose
     /// line is event `next_seq`. Errors: not a ring, or its size disagrees with its header.
     pub fn open(fd: OwnedFd, position: u64, next_seq: u64) -> Result<RingReader> {
+        // Sealed as `Ring::new` seals it: else whoever handed it over could shrink it under
+        // the mapping (a SIGBUS here) or others could write into it.
+        let seals = rustix::fs::fcntl_get_seals(&fd).context("the follow ring's seals")?;
+        let wanted = SealFlags::FUTURE_WRITE | SealFlags::SHRINK | SealFlags::GROW;
+        ensure!(
+            seals.contains(wanted),
+            "not a follow ring: its seals are {seals:?}, not {wanted:?}"
+        );
         let size = rustix::fs::fstat(&fd)
             .context("fstat of the follow ring")?
             .st_size as u64;

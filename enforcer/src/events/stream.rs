@@ -16,7 +16,10 @@
 //! see [`super::archive`], or one `events.truncated` line saying why they are not sent),
 //! then, with `follow`, new ones as they happen. A refused request gets one line
 //! `{"type":"events.error","message":...}` and the socket is closed. The client sends nothing
-//! after its request: a hang-up (or anything more) ends its stream. Filters apply to the
+//! after its request: a hang-up (or anything more) ends its stream; but a root follower of
+//! every event that asked for the shared ring (`"ring":true`, see [`super::ring`]) gets one
+//! `events.ring` line with the ring's descriptor after its history, and then sends a
+//! `{"missed":N}` line whenever it was lapped. Filters apply to the
 //! structured event (its fields), not to its text.
 //!
 //! Access: the socket is mode 0600 (root only) unless the agent runs with
@@ -619,6 +622,14 @@ impl Hub {
             Ok(fd) => fd,
             Err(error) => {
                 tracing::warn!("the followers' ring could not be shared: {error}");
+                // A ring nobody reads would be written on for nothing.
+                let unread = if inner.ring_followers.is_empty() {
+                    inner.ring.take()
+                } else {
+                    None
+                };
+                drop(guard);
+                drop(unread);
                 return None;
             }
         };
@@ -793,11 +804,18 @@ impl RingSubscription {
 
 impl Drop for RingSubscription {
     fn drop(&mut self) {
-        let mut inner = self.hub.lock();
-        inner.ring_followers.retain(|f| f.id != self.id);
-        if inner.ring_followers.is_empty() {
-            inner.ring = None;
-        }
+        let ring = {
+            let mut inner = self.hub.lock();
+            inner.ring_followers.retain(|f| f.id != self.id);
+            if inner.ring_followers.is_empty() {
+                inner.ring.take()
+            } else {
+                None
+            }
+        };
+        // Freed outside the lock: unmapping up to a gigabyte of pages must not hold up the
+        // emitter.
+        drop(ring);
     }
 }
 
@@ -1177,19 +1195,20 @@ async fn serve_ring(
     ring: RingPlace,
     hub: &Hub,
 ) -> Result<()> {
-    let mut line = serde_json::to_vec(&serde_json::json!({
-        "type": "events.ring",
-        "position": ring.position,
-        "next_seq": ring.next_seq,
-        "capacity": ring.capacity,
-    }))?;
-    line.push(b'\n');
+    // `type` first, as the client recognises it (a `json!` object's key order depends on
+    // serde_json's features).
+    let line = format!(
+        "{{\"type\":\"events.ring\",\"position\":{},\"next_seq\":{},\"capacity\":{}}}\n",
+        ring.position, ring.next_seq, ring.capacity
+    )
+    .into_bytes();
     let sent = tokio::time::timeout(WRITE_DEADLINE, send_fd(&write, &line, ring.memfd.as_fd()))
         .await
         .map_err(|_| anyhow::anyhow!("the consumer read nothing: hung up on"))?
         .context("sending the ring to the consumer")?;
     send(&mut write, &line[sent..]).await?;
     drop(ring.memfd);
+    let first_seq = ring.next_seq;
     ring.subscription.arm();
     loop {
         let mut report = String::new();
@@ -1200,8 +1219,10 @@ async fn serve_ring(
         let missed = serde_json::from_str::<serde_json::Value>(&report)
             .ok()
             .and_then(|v| v["missed"].as_u64());
+        // At most what was published since it started: a client's word is not a counter's.
+        let published = hub.lock().next_seq.saturating_sub(first_seq);
         if let (Some(missed), Some(metrics)) = (missed, &hub.metrics) {
-            metrics.consumer_dropped(METRICS_CONSUMER, missed);
+            metrics.consumer_dropped(METRICS_CONSUMER, missed.min(published));
         }
     }
 }
@@ -1367,15 +1388,6 @@ fn follow_ring(
         loop {
             out.clear();
             let (lines, missed) = reader.read(&mut out, RING_READ);
-            if let Some(missed) = missed.filter(|m| m.count > 0) {
-                let line = dropped_line(missed);
-                if !each(std::str::from_utf8(&line)?.trim_end())? {
-                    return Ok(());
-                }
-                let report = format!("{{\"missed\":{}}}\n", missed.count);
-                // The agent counts it; one that went away is found by `wait`.
-                let _ = received.stream.write_all(report.as_bytes());
-            }
             for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                 let line = std::str::from_utf8(line).map_or_else(
                     |_| String::from_utf8_lossy(line),
@@ -1384,6 +1396,17 @@ fn follow_ring(
                 if !each(&line)? {
                     return Ok(());
                 }
+            }
+            // After the lines read with it: a lap reads none, and a disagreement found at
+            // the end of what was published lies after them.
+            if let Some(missed) = missed.filter(|m| m.count > 0) {
+                let line = dropped_line(missed);
+                if !each(std::str::from_utf8(&line)?.trim_end())? {
+                    return Ok(());
+                }
+                let report = format!("{{\"missed\":{}}}\n", missed.count);
+                // The agent counts it; one that went away is found by `wait`.
+                let _ = received.stream.write_all(report.as_bytes());
             }
             if lines == 0 && missed.is_none() && !reader.behind() {
                 break;
@@ -1410,7 +1433,9 @@ const RING_READ: usize = 1 << 20;
 /// The client's side of the socket: lines, and the descriptors that came with them.
 struct Received {
     stream: StdUnixStream,
+    /// Received bytes; those before `start` are taken.
     buf: Vec<u8>,
+    start: usize,
     fds: Vec<OwnedFd>,
     closed: bool,
 }
@@ -1420,6 +1445,7 @@ impl Received {
         Received {
             stream,
             buf: Vec::new(),
+            start: 0,
             fds: Vec::new(),
             closed: false,
         }
@@ -1449,6 +1475,10 @@ impl Received {
                 self.fds.extend(fds);
             }
         }
+        // What was taken goes once per receive, not once per line (a line at a time moved
+        // the rest of the buffer each time: quadratic in the lines a receive brings).
+        self.buf.drain(..self.start);
+        self.start = 0;
         self.buf.extend_from_slice(&chunk[..received.bytes]);
         self.closed |= received.bytes == 0;
         Ok(received.bytes > 0)
@@ -1456,28 +1486,32 @@ impl Received {
 
     /// Whether a whole line is there to take without waiting.
     fn has_line(&self) -> bool {
-        self.buf.contains(&b'\n')
+        self.buf[self.start..].contains(&b'\n')
     }
 
     /// The next line (without its `\n`); a last line without one as it is; none at the end.
     fn line(&mut self) -> Result<Option<String>> {
         loop {
-            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                self.buf.drain(..=end);
+            let pending = &self.buf[self.start..];
+            if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&pending[..end]).into_owned();
+                self.start += end + 1;
                 return Ok(Some(line));
             }
             if self.closed || !self.fill()? {
-                let rest = std::mem::take(&mut self.buf);
-                return Ok((!rest.is_empty()).then(|| String::from_utf8_lossy(&rest).into_owned()));
+                let rest = String::from_utf8_lossy(&self.buf[self.start..]).into_owned();
+                self.buf.clear();
+                self.start = 0;
+                return Ok((!rest.is_empty()).then_some(rest));
             }
         }
     }
 
     /// Waits for a poke (anything) unless one came already; false once the agent hung up.
     fn wait(&mut self) -> Result<bool> {
-        if !self.buf.is_empty() {
+        if self.start < self.buf.len() {
             self.buf.clear();
+            self.start = 0;
             return Ok(!self.closed);
         }
         if self.closed {
@@ -1485,6 +1519,7 @@ impl Received {
         }
         let open = self.fill()?;
         self.buf.clear();
+        self.start = 0;
         Ok(open)
     }
 }
