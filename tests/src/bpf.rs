@@ -122,6 +122,14 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         remove_pins(&self.path);
+        // An agent run on these pins without `--state-dir` keeps its state (and, when it was
+        // killed, its sockets) in the directory the pins name: it goes with them.
+        let state = enforcer::status::default_state_dir(&self.path);
+        match std::fs::remove_dir_all(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("warning: cannot remove {}: {e}", state.display()),
+        }
     }
 }
 
