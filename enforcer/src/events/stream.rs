@@ -410,6 +410,24 @@ struct Inner {
     ring_followers: Vec<RingFollower>,
 }
 
+impl Inner {
+    /// The history's events that `filter` takes, received at or after `since`, and the
+    /// oldest event of the whole history (where it begins), if any.
+    fn past(
+        &self,
+        filter: &Filter,
+        since: Option<SystemTime>,
+    ) -> (Vec<Entry>, Option<(u64, SystemTime)>) {
+        let past = self
+            .history
+            .iter()
+            .filter(|e| since.is_none_or(|s| e.at >= s) && filter.matches(&e.event))
+            .cloned()
+            .collect();
+        (past, self.history.front().map(|e| (e.seq, e.at)))
+    }
+}
+
 /// A follower that reads the shared ring: it is sent a byte on its socket after each batch
 /// ("there is more"), once it is armed (its stream's history is sent by then).
 struct RingFollower {
@@ -648,13 +666,7 @@ impl Hub {
             socket,
             armed: false,
         });
-        let oldest = inner.history.front().map(|e| (e.seq, e.at));
-        let past = inner
-            .history
-            .iter()
-            .filter(|e| since.is_none_or(|s| e.at >= s))
-            .cloned()
-            .collect();
+        let (past, oldest) = inner.past(&Filter::default(), since);
         Some(RingOpened {
             past,
             oldest,
@@ -695,13 +707,7 @@ impl Hub {
         format: Format,
     ) -> Opened {
         let mut inner = self.lock();
-        let oldest = inner.history.front().map(|e| (e.seq, e.at));
-        let past = inner
-            .history
-            .iter()
-            .filter(|e| since.is_none_or(|s| e.at >= s) && filter.matches(&e.event))
-            .cloned()
-            .collect();
+        let (past, oldest) = inner.past(filter, since);
         if !follow {
             return Opened {
                 past,
