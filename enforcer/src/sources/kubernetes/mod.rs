@@ -21,8 +21,12 @@
 //! Errors (unreachable server, 500s, garbage answers) are logged once per change, not per
 //! retry; the watchers retry with a capped exponential backoff forever.
 
+mod listwatch;
 pub(crate) mod model;
+mod proto;
 mod wire;
+
+pub use proto::Encoding;
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -36,7 +40,7 @@ use std::time::{Duration, SystemTime};
 use crate::admission::confine;
 use anyhow::{bail, Context, Result};
 use enforcer_policy::cluster::ClusterState;
-use futures::{StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointSubset, Endpoints, LoadBalancerIngress, LoadBalancerStatus, Namespace,
     Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service, ServiceSpec,
@@ -577,30 +581,31 @@ async fn run(
         }
     }
     let mut watchers = JoinSet::new();
+    // Pods are listed as protobuf (`listwatch`): the largest list by far.
     let pods = start_watcher(
         &mut watchers,
-        Api::<wire::WirePod>::all(client.clone()),
+        listwatch::pods(client.clone(), WATCH_TIMEOUT_SECS),
         "pods",
         trimmed_pod,
         &shared,
     );
     let nodes = start_watcher(
         &mut watchers,
-        Api::<Node>::all(client.clone()),
+        watch_all(Api::<Node>::all(client.clone())),
         "nodes",
         trimmed_node,
         &shared,
     );
     let namespaces = start_watcher(
         &mut watchers,
-        Api::<Namespace>::all(client.clone()),
+        watch_all(Api::<Namespace>::all(client.clone())),
         "namespaces",
         trimmed,
         &shared,
     );
     let services = start_watcher(
         &mut watchers,
-        Api::<Service>::all(client.clone()),
+        watch_all(Api::<Service>::all(client.clone())),
         "services",
         trimmed_service,
         &shared,
@@ -611,7 +616,7 @@ async fn run(
         shared.lock().endpoints_api = Some(ENDPOINT_SLICES_API);
         BackendStore::EndpointSlices(start_watcher(
             &mut watchers,
-            Api::<EndpointSlice>::all(client.clone()),
+            watch_all(Api::<EndpointSlice>::all(client.clone())),
             "endpointslices",
             trimmed_slice,
             &shared,
@@ -620,7 +625,7 @@ async fn run(
         shared.lock().endpoints_api = Some("v1");
         BackendStore::Endpoints(start_watcher(
             &mut watchers,
-            Api::<Endpoints>::all(client.clone()),
+            watch_all(Api::<Endpoints>::all(client.clone())),
             "endpoints",
             trimmed_endpoints,
             &shared,
@@ -673,12 +678,42 @@ async fn discover_endpoint_slices(client: &Client, shared: &Shared) -> bool {
     }
 }
 
-/// Starts a reflector on `api` in `set` and returns its store of `K`s: each object is
-/// decoded as a `W` and turned into what the store keeps by `decode`, which drops what the
-/// source never reads (managed fields, most of a pod), so 20,000 pods stay small.
-fn start_watcher<W, K>(
+/// Every pod of the cluster as the source reads it (what [`slim_pod`] keeps of each), listed
+/// once from the API server's watch cache in `encoding`, and the encoding it answered in.
+/// The source lists as [`Encoding::Protobuf`]; this shows that both read alike.
+pub async fn list_pods(client: &Client, encoding: Encoding) -> kube::Result<(Vec<Pod>, Encoding)> {
+    let params = kube::api::ListParams::default().match_any();
+    let page = proto::list_pods(client, &params, encoding).await?;
+    Ok((
+        page.pods.into_iter().map(wire::WirePod::into_pod).collect(),
+        page.answered,
+    ))
+}
+
+/// kube's watcher on every object of `api`'s kind, listed from the API server's watch
+/// cache: `resourceVersion=0`, answered whole in one response, where a consistent list is
+/// read from etcd page by page (20,000 pods: 1.9-2.9 s of the server's time on this machine,
+/// the larger part of a cold sync). The answer may be older than the newest write, as an
+/// informer's first list is: the watch that follows from its resourceVersion delivers what
+/// came after. A relist after 410 Gone asks the cache again, which is at least as new as
+/// the expired version.
+fn watch_all<W>(api: Api<W>) -> impl Stream<Item = Result<watcher::Event<W>, watcher::Error>> + Send
+where
+    W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let config = watcher::Config::default()
+        .timeout(WATCH_TIMEOUT_SECS)
+        .any_semantic();
+    watcher(api, config)
+}
+
+/// Starts a reflector on `events` (a watcher's) in `set` and returns its store of `K`s:
+/// each object is decoded as a `W` and turned into what the store keeps by `decode`, which
+/// drops what the source never reads (managed fields, most of a pod), so 20,000 pods stay
+/// small.
+fn start_watcher<W, K, S>(
     set: &mut JoinSet<()>,
-    api: Api<W>,
+    events: S,
     part: &'static str,
     decode: fn(W) -> K,
     shared: &Arc<Shared>,
@@ -687,11 +722,12 @@ where
     W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K: Resource + Clone + Debug + PartialEq + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    S: Stream<Item = Result<watcher::Event<W>, watcher::Error>> + Send + 'static,
 {
     shared.lock().part(part);
     let (reader, writer) = reflector::store::<K>();
     set.spawn(watch_resource(
-        api,
+        events,
         writer,
         reader.clone(),
         part,
@@ -727,8 +763,8 @@ fn decode_event<W, K>(event: watcher::Event<W>, decode: fn(W) -> K) -> watcher::
     }
 }
 
-async fn watch_resource<W, K>(
-    api: Api<W>,
+async fn watch_resource<W, K, S>(
+    events: S,
     writer: Writer<K>,
     reader: Store<K>,
     part: &'static str,
@@ -738,22 +774,14 @@ async fn watch_resource<W, K>(
     W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K: Resource + Clone + Debug + PartialEq + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    S: Stream<Item = Result<watcher::Event<W>, watcher::Error>> + Send + 'static,
 {
-    // `resourceVersion=0`: the API server answers a list from its watch cache, whole, in
-    // one response, where a consistent list is read from etcd page by page (20,000 pods:
-    // 1.9-2.9 s of the server's time on this machine, the larger part of a cold sync). The
-    // answer may be older than the newest write, as an informer's first list is: the watch
-    // that follows from its resourceVersion delivers what came after. A relist after 410
-    // Gone asks the cache again, which is at least as new as the expired version.
-    let config = watcher::Config::default()
-        .timeout(WATCH_TIMEOUT_SECS)
-        .any_semantic();
     // An update that changes nothing the source keeps (a Node's status heartbeat: every
     // node, every few minutes; an EndpointSlice's trigger-time annotation; their trimmed
     // copies have no resourceVersion) is not applied and
     // recomputes nothing. The watcher resumes from the versions of the events it received,
     // before they are decoded, so dropping one here loses no place in the stream.
-    let events = watcher(api, config)
+    let events = events
         .map_ok(move |event| decode_event(event, decode))
         .try_filter(move |event| {
             let unchanged = match event {

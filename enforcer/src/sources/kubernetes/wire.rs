@@ -58,93 +58,93 @@ impl k8s_openapi::Metadata for WirePod {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Wire {
+pub(super) struct Wire {
     #[serde(default)]
-    metadata: Meta,
-    spec: Option<Spec>,
-    status: Option<Status>,
+    pub(super) metadata: Meta,
+    pub(super) spec: Option<Spec>,
+    pub(super) status: Option<Status>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Meta {
-    name: Option<String>,
-    namespace: Option<String>,
-    uid: Option<String>,
+pub(super) struct Meta {
+    pub(super) name: Option<String>,
+    pub(super) namespace: Option<String>,
+    pub(super) uid: Option<String>,
     /// The watcher resumes a watch from the last object's version.
-    resource_version: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
+    pub(super) resource_version: Option<String>,
+    pub(super) labels: Option<BTreeMap<String, String>>,
     /// Only the annotations `model::kept_annotation` names are kept; the others are skipped
     /// as they are read.
     #[serde(default, deserialize_with = "mirror_annotation")]
-    annotations: Option<BTreeMap<String, String>>,
-    owner_references: Option<Vec<OwnerReference>>,
-    creation_timestamp: Option<Time>,
-    deletion_timestamp: Option<Time>,
+    pub(super) annotations: Option<BTreeMap<String, String>>,
+    pub(super) owner_references: Option<Vec<OwnerReference>>,
+    pub(super) creation_timestamp: Option<Time>,
+    pub(super) deletion_timestamp: Option<Time>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Spec {
-    node_name: Option<String>,
-    host_network: Option<bool>,
-    service_account_name: Option<String>,
-    service_account: Option<String>,
+pub(super) struct Spec {
+    pub(super) node_name: Option<String>,
+    pub(super) host_network: Option<bool>,
+    pub(super) service_account_name: Option<String>,
+    pub(super) service_account: Option<String>,
     // What `confine::summary` reads (every field of it: a field left out here reads as
     // absent, and a pod holding it would go unreported), summarised as the pod is decoded
     // and not kept.
     #[serde(default)]
-    containers: Vec<WireContainer>,
-    init_containers: Option<Vec<WireContainer>>,
-    ephemeral_containers: Option<Vec<WireContainer>>,
+    pub(super) containers: Vec<WireContainer>,
+    pub(super) init_containers: Option<Vec<WireContainer>>,
+    pub(super) ephemeral_containers: Option<Vec<WireContainer>>,
     #[serde(rename = "hostPID")]
-    host_pid: Option<bool>,
+    pub(super) host_pid: Option<bool>,
     #[serde(rename = "hostIPC")]
-    host_ipc: Option<bool>,
-    volumes: Option<Vec<WireVolume>>,
+    pub(super) host_ipc: Option<bool>,
+    pub(super) volumes: Option<Vec<WireVolume>>,
     /// Its `windowsOptions.hostProcess`.
-    security_context: Option<PodSecurityContext>,
-    os: Option<PodOS>,
+    pub(super) security_context: Option<PodSecurityContext>,
+    pub(super) os: Option<PodOS>,
 }
 
 /// What `confine::summary` reads of a container (of any of the three lists).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireContainer {
-    name: String,
-    security_context: Option<SecurityContext>,
-    liveness_probe: Option<WireHandler>,
-    readiness_probe: Option<WireHandler>,
-    startup_probe: Option<WireHandler>,
-    lifecycle: Option<WireLifecycle>,
-    ports: Option<Vec<WirePort>>,
+pub(super) struct WireContainer {
+    pub(super) name: String,
+    pub(super) security_context: Option<SecurityContext>,
+    pub(super) liveness_probe: Option<WireHandler>,
+    pub(super) readiness_probe: Option<WireHandler>,
+    pub(super) startup_probe: Option<WireHandler>,
+    pub(super) lifecycle: Option<WireLifecycle>,
+    pub(super) ports: Option<Vec<WirePort>>,
 }
 
 /// A probe or a lifecycle handler: the `host` of its `httpGet` and `tcpSocket`, the rest
 /// (commands, headers, timings: most pods have probes) skipped unparsed.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireHandler {
-    http_get: Option<WireHost>,
-    tcp_socket: Option<WireHost>,
+pub(super) struct WireHandler {
+    pub(super) http_get: Option<WireHost>,
+    pub(super) tcp_socket: Option<WireHost>,
 }
 
 #[derive(Deserialize)]
-struct WireHost {
-    host: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireLifecycle {
-    post_start: Option<WireHandler>,
-    pre_stop: Option<WireHandler>,
+pub(super) struct WireHost {
+    pub(super) host: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WirePort {
-    host_port: Option<i32>,
+pub(super) struct WireLifecycle {
+    pub(super) post_start: Option<WireHandler>,
+    pub(super) pre_stop: Option<WireHandler>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WirePort {
+    pub(super) host_port: Option<i32>,
 }
 
 impl WireHandler {
@@ -216,10 +216,10 @@ impl WireContainer {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireVolume {
-    name: String,
-    host_path: Option<HostPathVolumeSource>,
-    git_repo: Option<GitRepoVolumeSource>,
+pub(super) struct WireVolume {
+    pub(super) name: String,
+    pub(super) host_path: Option<HostPathVolumeSource>,
+    pub(super) git_repo: Option<GitRepoVolumeSource>,
 }
 
 impl Spec {
@@ -285,17 +285,17 @@ impl Spec {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Status {
-    phase: Option<String>,
+pub(super) struct Status {
+    pub(super) phase: Option<String>,
     #[serde(rename = "podIP")]
-    pod_ip: Option<String>,
+    pub(super) pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
-    pod_ips: Option<Vec<PodIP>>,
+    pub(super) pod_ips: Option<Vec<PodIP>>,
     /// The node's addresses (`model::node_addresses`).
     #[serde(rename = "hostIP")]
-    host_ip: Option<String>,
+    pub(super) host_ip: Option<String>,
     #[serde(rename = "hostIPs")]
-    host_ips: Option<Vec<HostIP>>,
+    pub(super) host_ips: Option<Vec<HostIP>>,
 }
 
 /// The annotations map with only the kept ones ([`super::model::kept_annotation`]) in it
@@ -346,7 +346,13 @@ fn mirror_annotation<'de, D: Deserializer<'de>>(
 
 impl<'de> Deserialize<'de> for WirePod {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut wire = Wire::deserialize(d)?;
+        Ok(WirePod::from(Wire::deserialize(d)?))
+    }
+}
+
+/// The one conversion of both encodings (JSON above, protobuf in `super::proto`).
+impl From<Wire> for WirePod {
+    fn from(mut wire: Wire) -> Self {
         let uncontained = wire.spec.as_mut().and_then(Spec::uncontained);
         let m = wire.metadata;
         let node = wire.spec.as_ref().and_then(|s| s.node_name.as_deref());
@@ -384,6 +390,6 @@ impl<'de> Deserialize<'de> for WirePod {
         if let Some(summary) = uncontained {
             super::keep_uncontained(&mut pod.metadata, summary);
         }
-        Ok(WirePod(pod))
+        WirePod(pod)
     }
 }
