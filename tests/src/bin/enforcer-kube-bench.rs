@@ -687,9 +687,18 @@ fn cold_sync(
         probed.tries - 1
     };
     let (rss_kib, hwm_kib) = memory(agent.pid())?;
+    let pods_listed = log
+        .first("kubernetes: pods listed", t0)
+        .context("no `pods listed` line in the agent's log")?;
     let log_breakdown = format!(
-        "list + cluster state {:.0} ms after start, handed to the agent {:.0} ms later, merge + compile {:.0} ms, map writes up to `policy applied` {:.0} ms",
+        "pods listed {:.0} ms after start (answered {:.0} ms after the request, received {:.0} ms later, decoded in {:.0} ms), list + cluster state {:.0} ms after start (its computation {:.0} ms), handed to the agent {:.0} ms later, merge + compile {:.0} ms, map writes up to `policy applied` {:.0} ms",
+        since(pods_listed) * 1e3,
+        log.field_ms(pods_listed, "answered_ms").unwrap_or(f64::NAN),
+        log.field_ms(pods_listed, "received_ms").unwrap_or(f64::NAN),
+        log.field_ms(pods_listed, "decoded_ms").unwrap_or(f64::NAN),
         since(listed) * 1e3,
+        log.field("cluster state updated", listed, "compute_ms")
+            .unwrap_or(f64::NAN),
         secs(listed, changed) * 1e3,
         secs(reload, applied) * 1e3 - log.elapsed_ms(applied).unwrap_or(0.0),
         log.elapsed_ms(applied).unwrap_or(f64::NAN),
@@ -743,11 +752,21 @@ impl AgentLog {
 
     /// `elapsed_ms=` of the `policy applied` line at `at` (the map writes).
     fn elapsed_ms(&self, at: SystemTime) -> Option<f64> {
+        self.field("policy applied", at, "elapsed_ms")
+    }
+
+    /// `field=` of the `pods listed` line at `at`.
+    fn field_ms(&self, at: SystemTime, field: &str) -> Option<f64> {
+        self.field("pods listed", at, field)
+    }
+
+    /// `field=` of the line at `at` that contains `message`.
+    fn field(&self, message: &str, at: SystemTime, field: &str) -> Option<f64> {
         let (_, line) = self
             .lines
             .iter()
-            .find(|(t, l)| *t == at && l.contains("policy applied"))?;
-        let rest = line.split("elapsed_ms=").nth(1)?;
+            .find(|(t, l)| *t == at && l.contains(message))?;
+        let rest = line.split(&format!("{field}=")).nth(1)?;
         rest.split_whitespace().next()?.parse().ok()
     }
 }

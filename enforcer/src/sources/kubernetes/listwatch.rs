@@ -194,6 +194,14 @@ async fn list(client: &Client) -> kube::Result<(Vec<WirePod>, String)> {
     let mut all = Vec::new();
     loop {
         let page = proto::list_pods(client, &params, proto::Encoding::Protobuf).await?;
+        tracing::info!(
+            pods = page.pods.len(),
+            encoding = ?page.answered,
+            answered_ms = page.head.as_secs_f64() * 1e3,
+            received_ms = page.body.as_secs_f64() * 1e3,
+            decoded_ms = page.decode.as_secs_f64() * 1e3,
+            "kubernetes: pods listed"
+        );
         all.extend(page.pods);
         if page.continue_token.is_empty() {
             return Ok((all, page.resource_version));

@@ -1203,7 +1203,11 @@ async fn publish(
             }
             () = tx.closed() => return,
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        // A burst of events becomes one state; the first state is not waited for (nothing
+        // is in force that a burst could make flap, and every pod is unknown until then).
+        if tx.borrow().is_some() {
+            tokio::time::sleep(DEBOUNCE).await;
+        }
         if !shared.lock().all_listed() {
             continue;
         }

@@ -21,6 +21,7 @@
 //! `k8s.io/apimachinery/pkg/runtime/serializer/protobuf` (its `protoEncodingPrefix`).
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -61,6 +62,11 @@ pub(super) struct Page {
     pub resource_version: String,
     pub continue_token: String,
     pub answered: Encoding,
+    /// From the request to the answer's head (the server's time, mostly), to its last byte,
+    /// and the decoding.
+    pub head: Duration,
+    pub body: Duration,
+    pub decode: Duration,
 }
 
 /// Lists every pod with `params` in `encoding` (a server or a proxy that answers JSON to a
@@ -83,7 +89,9 @@ pub(super) async fn list_pods(
         hyper::header::ACCEPT,
         hyper::header::HeaderValue::from_static(accept),
     );
+    let started = Instant::now();
     let response = client.send(request.map(kube::client::Body::from)).await?;
+    let head = started.elapsed();
     let status = response.status();
     let protobuf = response
         .headers()
@@ -91,6 +99,7 @@ pub(super) async fn list_pods(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with(PROTOBUF));
     let body: Bytes = response.into_body().collect().await?.to_bytes();
+    let received = started.elapsed();
     let (pods, resource_version, continue_token) = if protobuf {
         decode_protobuf(status, &body)?
     } else {
@@ -105,6 +114,9 @@ pub(super) async fn list_pods(
         } else {
             Encoding::Json
         },
+        head,
+        body: received - head,
+        decode: started.elapsed() - received,
     })
 }
 
