@@ -10,6 +10,8 @@
 //!   stopped (SIGSTOP) while more than the ring holds goes by must have been told (the other,
 //!   a debug build on a busy machine, may have been lapped too: the bench shows release
 //!   followers keeping up with a flood);
+//! - a follower whose agent stops follows the restarted agent by itself, from its first
+//!   event (both agents' denies, once each, in order);
 //! - history and `--since`; bad filters are refused with the option named;
 //! - a user that is not root (nobody) is refused.
 //!
@@ -346,6 +348,86 @@ fn followers_of_everything_share_the_ring_and_a_stopped_one_is_told_what_it_miss
         "stopped follower: {received} received, {missed} told missed, of {}",
         want.len()
     );
+    Ok(())
+}
+
+/// `n` denied calls from acme-gateway to globex-vectors, and the agent's events file once
+/// it holds them all.
+fn denies(world: &World, agent: &Agent, n: u64) -> Result<Vec<Value>> {
+    let call = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    let summary = Probe::new()
+        .in_cgroup(world.cgroup("acme-gateway"))
+        .timeout(Duration::from_secs(60))
+        .repeat(n, &call)?;
+    ensure!(summary.eperm == n, "every call refused: {summary:?}");
+    let arrived = wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        agent.verdict_events().map(|e| e.len()).unwrap_or(0) >= n as usize
+    });
+    ensure!(arrived, "the events file never had {n} denies");
+    agent.events()
+}
+
+/// A follower outlives its agent: `enforcer events --follow` whose agent stops connects
+/// again by itself once a new agent answers (same pins, same state directory) and goes on
+/// from the new agent's first event. It has every deny of both agents' files once, in order
+/// (the new agent numbers its events from 1 again), and says on stderr that it followed
+/// again; it did not exit.
+#[test]
+fn a_follower_follows_the_restarted_agent() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = world("again")?;
+    let state = StateDir::new()?;
+    let (mut first, dirs) = start(&world, &state)?;
+    let out = TempDir::new("ev-again-out")?;
+    let mut follower = ChildGuard::new(
+        Command::new(enforcer_bin())
+            .args(["events", "--follow", "-o", "json"])
+            .args(dirs.args())
+            .stdout(std::fs::File::create(out.path().join("follower"))?)
+            .stderr(std::fs::File::create(out.path().join("follower.err"))?)
+            .spawn()
+            .context("spawning enforcer events")?,
+    );
+    let mapped = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        maps_the_ring(follower.id())
+    });
+    ensure!(mapped, "the follower never mapped the ring");
+    let before = denies(&world, &first, 20)?;
+    first.stop()?;
+    let (second, _) = start(&world, &state)?;
+    let after = denies(&world, &second, 30)?;
+    let deny_lines = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["type"] == "connection.denied")
+            .cloned()
+            .collect()
+    };
+    let want: Vec<Value> = deny_lines(&before)
+        .into_iter()
+        .chain(deny_lines(&after))
+        .collect();
+    let path = out.path().join("follower");
+    let mut got = Vec::new();
+    let complete = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        got = deny_lines(&json_lines(&path).unwrap_or_default());
+        got.len() >= want.len()
+    });
+    ensure!(
+        complete && got == want,
+        "the follower got {} denies, the two files hold {}: {got:#?}",
+        got.len(),
+        want.len()
+    );
+    ensure!(
+        follower.child().try_wait()?.is_none(),
+        "the follower exited"
+    );
+    let said = std::fs::read_to_string(out.path().join("follower.err"))?;
+    ensure!(said.contains("the agent ended the stream"), "{said}");
+    ensure!(said.contains("restarted"), "{said}");
     Ok(())
 }
 

@@ -28,10 +28,11 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -123,8 +124,10 @@ const TYPES: &[&str] = &[
     "risk.changed",
 ];
 
-/// Which events a consumer wants; every field given must match.
+/// Which events a consumer wants; every field given must match. A field the agent does not
+/// know is refused (a misspelt filter would otherwise select everything).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Filter {
     /// The subject's tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,6 +281,7 @@ impl Filter {
 
 /// What `enforcer events` asks of the agent (the first line on the socket).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Request {
     #[serde(default)]
     pub filter: Filter,
@@ -302,6 +306,11 @@ pub struct Request {
     /// instead of queued lines.
     #[serde(default)]
     pub ring: bool,
+    /// Only events after this `seq` (a follower taking up the same agent's stream again
+    /// after it was hung up on): the history after it, preceded by an `events.dropped` line
+    /// for what the history no longer holds of the gap (counted whatever the filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
 }
 
 /// An event as the hub keeps it: numbered, and when the agent emitted it.
@@ -452,6 +461,9 @@ pub struct Hub {
     archive: Option<Arc<Archive>>,
     /// Followers of every event in this format read the shared ring.
     ring: Option<Arc<RingConfig>>,
+    /// [`Inner::next_seq`], read without the lock (a ring follower's reports are checked
+    /// against it).
+    published: Arc<AtomicU64>,
 }
 
 /// What [`Hub::open_at`] took under its lock.
@@ -478,6 +490,7 @@ impl Hub {
             metrics,
             archive: None,
             ring: None,
+            published: Arc::default(),
         }
     }
 
@@ -595,6 +608,7 @@ impl Hub {
                     consumer.wake.notify_one();
                 }
             }
+            self.published.store(inner.next_seq, Ordering::Relaxed);
             if let Some(ring) = &mut inner.ring {
                 ring.publish(inner.next_seq);
                 for follower in inner.ring_followers.iter().filter(|f| f.armed) {
@@ -1100,7 +1114,7 @@ async fn serve_one(
     .then(|| write.as_ref().as_fd().try_clone_to_owned().ok())
     .flatten()
     .and_then(|socket| hub.open_ring(since, formatter.format(), socket));
-    let (past, oldest, follow) = match ring {
+    let (mut past, oldest, follow) = match ring {
         Some(opened) => (opened.past, opened.oldest, Follow::Ring(opened.rest)),
         None => {
             let opened = hub.open_at(
@@ -1114,6 +1128,17 @@ async fn serve_one(
             (opened.past, opened.oldest, follow)
         }
     };
+    if let Some(after) = request.after_seq {
+        past.retain(|e| e.seq > after);
+        if let Some((oldest_seq, _)) = oldest.filter(|(seq, _)| *seq > after + 1) {
+            let gap = Missed {
+                count: oldest_seq - after - 1,
+                first_seq: after + 1,
+                last_seq: oldest_seq - 1,
+            };
+            send(&mut write, &dropped_line(gap)).await?;
+        }
+    }
     // The window begins before the history does: older events come from the file.
     if let Some(since) = since.filter(|&s| oldest.is_none_or(|(_, at)| at >= s)) {
         let oldest_seq = oldest.map(|(seq, _)| seq);
@@ -1198,9 +1223,20 @@ async fn serve_one(
     }
 }
 
+/// A ring follower's reports are read at most one chunk per this long: an honest follower
+/// reports once per lap, and one that sends lines without end must not take the agent's
+/// time (two such followers, each line judged under the hub's lock, cost the kernel 100,000
+/// events and more of a flood in a red-team review).
+const REPORT_PACE: Duration = Duration::from_millis(10);
+/// How often the agent looks whether a ring follower reads its pokes.
+const POKES_CHECKED: Duration = Duration::from_secs(1);
+
 /// A ring follower after its history: sends it the ring (one `events.ring` line with the
 /// memfd attached), arms its pokes, then reads what it reports (`{"missed":N}` lines, counted
-/// in `enforcer_events_consumer_dropped`) until it hangs up.
+/// in `enforcer_events_consumer_dropped`) until it hangs up. Hung up on: a follower that
+/// reports more missed events than were published since it started (all its reports
+/// together), or that left its pokes unread for [`WRITE_DEADLINE`] (it reads nothing, as a
+/// queue consumer that is hung up on; it holds one of [`MAX_CONSUMERS`] places).
 async fn serve_ring(
     mut read: AsyncBufReader<tokio::net::unix::OwnedReadHalf>,
     mut write: tokio::net::unix::OwnedWriteHalf,
@@ -1222,20 +1258,78 @@ async fn serve_ring(
     drop(ring.memfd);
     let first_seq = ring.next_seq;
     ring.subscription.arm();
+    let mut reported = 0u64;
+    let mut pending = Vec::new();
+    let mut unread_since: Option<tokio::time::Instant> = None;
+    let mut check = tokio::time::interval(POKES_CHECKED);
     loop {
-        let mut report = String::new();
-        let n = (&mut read).take(MAX_REPORT).read_line(&mut report).await?;
-        if n == 0 || !report.ends_with('\n') {
-            return Ok(());
+        let mut chunk = [0u8; 256];
+        tokio::select! {
+            n = read.read(&mut chunk) => {
+                let n = n.context("reading the follower's reports")?;
+                if n == 0 {
+                    return Ok(());
+                }
+                pending.extend_from_slice(&chunk[..n]);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let missed = serde_json::from_slice::<serde_json::Value>(&pending[..end])
+                        .ok()
+                        .and_then(|v| v["missed"].as_u64());
+                    pending.drain(..=end);
+                    let Some(missed) = missed else { continue };
+                    // All its reports together at most what was published since it started:
+                    // a client's word is not a counter's.
+                    let published = hub
+                        .published
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(first_seq);
+                    if reported.saturating_add(missed) > published {
+                        bail!(
+                            "the follower reported {} missed events of {published} published \
+                             since it started: hung up on",
+                            reported.saturating_add(missed)
+                        );
+                    }
+                    reported += missed;
+                    if let Some(metrics) = &hub.metrics {
+                        metrics.consumer_dropped(METRICS_CONSUMER, missed);
+                    }
+                }
+                if pending.len() as u64 >= MAX_REPORT {
+                    bail!("a report longer than {MAX_REPORT} bytes: hung up on");
+                }
+                tokio::time::sleep(REPORT_PACE).await;
+            }
+            _ = check.tick() => {
+                if unread_bytes(write.as_ref()) == 0 {
+                    unread_since = None;
+                } else if unread_since
+                    .get_or_insert_with(tokio::time::Instant::now)
+                    .elapsed()
+                    >= WRITE_DEADLINE
+                {
+                    bail!(
+                        "the follower read no poke for {} s: hung up on",
+                        WRITE_DEADLINE.as_secs()
+                    );
+                }
+            }
         }
-        let missed = serde_json::from_str::<serde_json::Value>(&report)
-            .ok()
-            .and_then(|v| v["missed"].as_u64());
-        // At most what was published since it started: a client's word is not a counter's.
-        let published = hub.lock().next_seq.saturating_sub(first_seq);
-        if let (Some(missed), Some(metrics)) = (missed, &hub.metrics) {
-            metrics.consumer_dropped(METRICS_CONSUMER, missed.min(published));
-        }
+    }
+}
+
+/// Bytes written to `socket` that its peer has not read yet (`SIOCOUTQ`, which Linux
+/// answers for unix sockets too; the same request number as `TIOCOUTQ`); 0 when it cannot
+/// be told.
+fn unread_bytes(socket: &impl AsFd) -> usize {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: a descriptor this function borrows, and a c_int to write to, as SIOCOUTQ
+    // takes.
+    let r = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
+    if r == 0 {
+        usize::try_from(unread).unwrap_or(0)
+    } else {
+        0
     }
 }
 
@@ -1322,6 +1416,13 @@ pub fn call(
 
 /// [`call`], calling `caught_up` whenever it is about to wait for the agent: where buffered
 /// output is worth flushing (once per batch, not once per line).
+///
+/// A follower (`request.follow`) whose stream the agent ends (it stopped, or it hung up on
+/// a follower that read nothing for [`WRITE_DEADLINE`]) connects again, every
+/// [`RECONNECT_EVERY`] until the agent answers, and goes on: from the same agent, after the
+/// last event it got (`after_seq`; what the agent's history no longer holds is told as
+/// `events.dropped`); from a new agent (a restart: its process is another), from that
+/// agent's first event, since every event it has is new. Each is said on stderr.
 pub fn call_flushing(
     state_dir: &Path,
     request: &Request,
@@ -1336,6 +1437,100 @@ pub fn call_flushing(
             path.display()
         )
     })?;
+    let mut request = request.clone();
+    let mut place = Place::default();
+    loop {
+        let agent = agent_process(&stream);
+        if let Ended::Done = stream_once(stream, &request, &mut place, &mut each, &mut caught_up)? {
+            return Ok(());
+        }
+        if !request.follow {
+            return Ok(());
+        }
+        caught_up()?;
+        tracing::warn!("the agent ended the stream: connecting again");
+        stream = loop {
+            std::thread::sleep(RECONNECT_EVERY);
+            if let Ok(stream) = StdUnixStream::connect(&path) {
+                break stream;
+            }
+        };
+        request.since_secs = None;
+        let same = agent.is_some() && agent_process(&stream) == agent;
+        request.after_seq = if same { place.last_seq() } else { None };
+        if same {
+            tracing::warn!("following again, after the last event received");
+        } else {
+            tracing::warn!(
+                "following the agent that answers now (it restarted), from its first event"
+            );
+        }
+    }
+}
+
+/// How long a follower whose stream ended waits before it connects again.
+pub const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+/// Far longer than any line the agent sends (an event's fields are bounded: a line is a few
+/// KiB); a longer one ends the stream with an error rather than taking the client's memory.
+const MAX_LINE: usize = 16 << 20;
+
+/// How one connection's stream ended.
+enum Ended {
+    /// `each` asked to stop, or the stream was no follow: done.
+    Done,
+    /// The agent hung up on a follower.
+    HungUp,
+}
+
+/// Where a follower is in the stream: the last event line it got (its `seq` is read when it
+/// connects again).
+#[derive(Default)]
+struct Place {
+    last_event: Vec<u8>,
+}
+
+impl Place {
+    fn saw(&mut self, line: &str) {
+        if !line.starts_with("{\"type\":\"events.") {
+            self.last_event.clear();
+            self.last_event.extend_from_slice(line.as_bytes());
+        }
+    }
+
+    /// The `seq` of the last event: `seq` in JSON lines, `metadata.sequence` in OCSF ones.
+    fn last_seq(&self) -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_slice(&self.last_event).ok()?;
+        v["seq"]
+            .as_u64()
+            .or_else(|| v["metadata"]["sequence"].as_u64())
+    }
+}
+
+/// The agent process at the other end of `stream` (pid and start time: a pid alone can be
+/// another process's after a restart).
+fn agent_process(stream: &StdUnixStream) -> Option<(u32, u64)> {
+    let pid = rustix::net::sockopt::socket_peercred(stream).ok()?.pid;
+    let pid = pid.as_raw_nonzero().get() as u32;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime), counted after the command name's closing parenthesis.
+    let started = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    Some((pid, started))
+}
+
+/// One connection: the request, then the lines until the stream ends or `each` says stop.
+fn stream_once(
+    mut stream: StdUnixStream,
+    request: &Request,
+    place: &mut Place,
+    each: &mut impl FnMut(&str) -> Result<bool>,
+    caught_up: &mut impl FnMut() -> Result<()>,
+) -> Result<Ended> {
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     // An agent that refuses at once (too many consumers) writes why and hangs up, maybe
@@ -1351,7 +1546,7 @@ pub fn call_flushing(
             caught_up()?;
         }
         let Some(line) = received.line()? else {
-            break;
+            return Ok(Ended::HungUp);
         };
         if line.starts_with("{\"type\":\"events.") || line.starts_with("{\"message\"") {
             let value: serde_json::Value = serde_json::from_str(&line)?;
@@ -1373,14 +1568,14 @@ pub fn call_flushing(
                     .as_u64()
                     .context("events.ring: next_seq")?;
                 let reader = RingReader::open(fd, position, next_seq)?;
-                return follow_ring(received, reader, each, caught_up);
+                return follow_ring(received, reader, place, each, caught_up);
             }
         }
+        place.saw(&line);
         if !each(&line)? {
-            break;
+            return Ok(Ended::Done);
         }
     }
-    Ok(())
 }
 
 /// Reads the shared ring after each poke from the agent until the agent hangs up (then once
@@ -1390,9 +1585,10 @@ pub fn call_flushing(
 fn follow_ring(
     mut received: Received,
     mut reader: RingReader,
-    mut each: impl FnMut(&str) -> Result<bool>,
-    mut caught_up: impl FnMut() -> Result<()>,
-) -> Result<()> {
+    place: &mut Place,
+    each: &mut impl FnMut(&str) -> Result<bool>,
+    caught_up: &mut impl FnMut() -> Result<()>,
+) -> Result<Ended> {
     let mut out = Vec::new();
     loop {
         caught_up()?;
@@ -1405,8 +1601,9 @@ fn follow_ring(
                     |_| String::from_utf8_lossy(line),
                     std::borrow::Cow::Borrowed,
                 );
+                place.saw(&line);
                 if !each(&line)? {
-                    return Ok(());
+                    return Ok(Ended::Done);
                 }
             }
             // After the lines read with it: a lap reads none, and a disagreement found at
@@ -1414,18 +1611,22 @@ fn follow_ring(
             if let Some(missed) = missed.filter(|m| m.count > 0) {
                 let line = dropped_line(missed);
                 if !each(std::str::from_utf8(&line)?.trim_end())? {
-                    return Ok(());
+                    return Ok(Ended::Done);
                 }
                 let report = format!("{{\"missed\":{}}}\n", missed.count);
                 // The agent counts it; one that went away is found by `wait`.
                 let _ = received.stream.write_all(report.as_bytes());
             }
+            // The pokes that came meanwhile are taken: the agent hangs up on a follower
+            // that leaves them unread (one that stopped), not on one that reads behind.
+            received.drain()?;
             if lines == 0 && missed.is_none() && !reader.behind() {
                 break;
             }
         }
         if !open {
-            return caught_up();
+            caught_up()?;
+            return Ok(Ended::HungUp);
         }
         // A nap before waiting again: while the agent publishes a batch every millisecond or
         // so, its pokes then find this follower not waiting in `recv`, and cost it no
@@ -1463,9 +1664,10 @@ impl Received {
         }
     }
 
-    /// Receives what is there (waiting for something), keeping descriptors; false at the end
-    /// of the stream.
-    fn fill(&mut self) -> Result<bool> {
+    /// Receives what is there (waiting for something unless `flags` says not to), keeping
+    /// descriptors (the first few: the agent sends one); false at the end of the stream or
+    /// when nothing was there.
+    fn receive(&mut self, flags: rustix::net::RecvFlags) -> Result<bool> {
         use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -1476,24 +1678,43 @@ impl Received {
                 &self.stream,
                 &mut iov,
                 &mut control,
-                RecvFlags::CMSG_CLOEXEC,
+                RecvFlags::CMSG_CLOEXEC | flags,
             ) {
                 Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
                 other => break other.context("reading from the events socket")?,
             }
         };
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = message {
                 self.fds.extend(fds);
+                self.fds.truncate(4);
             }
         }
         // What was taken goes once per receive, not once per line (a line at a time moved
         // the rest of the buffer each time: quadratic in the lines a receive brings).
         self.buf.drain(..self.start);
         self.start = 0;
+        if self.buf.len() + received.bytes > MAX_LINE && !self.has_line() {
+            bail!("the agent sent a line longer than {} MiB", MAX_LINE >> 20);
+        }
         self.buf.extend_from_slice(&chunk[..received.bytes]);
         self.closed |= received.bytes == 0;
         Ok(received.bytes > 0)
+    }
+
+    fn fill(&mut self) -> Result<bool> {
+        self.receive(rustix::net::RecvFlags::empty())
+    }
+
+    /// Takes the pokes that are there without waiting (a ring follower's socket carries
+    /// nothing else after the ring).
+    fn drain(&mut self) -> Result<()> {
+        while !self.closed && self.receive(rustix::net::RecvFlags::DONTWAIT)? {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Ok(())
     }
 
     /// Whether a whole line is there to take without waiting.
@@ -1501,7 +1722,8 @@ impl Received {
         self.buf[self.start..].contains(&b'\n')
     }
 
-    /// The next line (without its `\n`); a last line without one as it is; none at the end.
+    /// The next line (without its `\n`); none at the end. A last line cut off by the
+    /// agent's hang-up is not a line: it is dropped, and said on stderr.
     fn line(&mut self) -> Result<Option<String>> {
         loop {
             let pending = &self.buf[self.start..];
@@ -1511,10 +1733,16 @@ impl Received {
                 return Ok(Some(line));
             }
             if self.closed || !self.fill()? {
-                let rest = String::from_utf8_lossy(&self.buf[self.start..]).into_owned();
+                let cut = self.buf.len() - self.start;
+                if cut > 0 {
+                    tracing::warn!(
+                        bytes = cut,
+                        "the agent hung up in the middle of a line: it is dropped"
+                    );
+                }
                 self.buf.clear();
                 self.start = 0;
-                return Ok((!rest.is_empty()).then_some(rest));
+                return Ok(None);
             }
         }
     }
@@ -1990,6 +2218,303 @@ mod tests {
                 .unwrap_or("")
                 .contains("events.truncated"),
             "{got}"
+        );
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The value of `enforcer_events_consumer_dropped_total` in `metrics`.
+    fn consumer_dropped(metrics: &Metrics) -> u64 {
+        let text = metrics.encode(false);
+        text.lines()
+            .find(|l| l.starts_with("enforcer_events_consumer_dropped_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+    }
+
+    /// A raw ring follower of `dir`'s agent: connected, its request sent, the `events.ring`
+    /// line read (its descriptor closed with the control message nobody took).
+    fn raw_ring_follower(dir: &Path) -> StdUnixStream {
+        let mut client = StdUnixStream::connect(socket_path(dir)).unwrap();
+        client
+            .write_all(b"{\"follow\":true,\"ring\":true}\n")
+            .unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !String::from_utf8_lossy(&got).contains("events.ring") || got.last() != Some(&b'\n') {
+            assert_eq!(std::io::Read::read(&mut client, &mut byte).unwrap(), 1);
+            got.push(byte[0]);
+        }
+        client
+    }
+
+    /// A ring follower's reports of what it missed count, all together, at most what was
+    /// published since it started; one that claims more is hung up on (a red-team review
+    /// raised the counter to 10,000,000 with 10,000 reports of 2^64-1 after 1,000 events).
+    #[test]
+    fn a_ring_followers_reports_count_at_most_what_was_published() {
+        let dir = std::env::temp_dir().join(format!("ev-ring-report-{}", std::process::id()));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let metrics = Arc::new(Metrics::new(PathBuf::from("/nonexistent/ev-ring-report")));
+        let hub = Hub::new(Some(metrics.clone()))
+            .with_follow_ring(json_formatter(), super::super::ring::MIN_CAPACITY);
+        let server = {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub)
+        };
+        let mut client = raw_ring_follower(&dir);
+        wait_armed(&hub);
+        publish_range(&hub, 1..=100, 10);
+        let settled = |want: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while consumer_dropped(&metrics) != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}",
+                    consumer_dropped(&metrics)
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        client.write_all(b"{\"missed\":60}\n").unwrap();
+        settled(60);
+        // 60 + 60 > 100: refused, and the follower is hung up on.
+        client.write_all(b"{\"missed\":60}\n").unwrap();
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut client, &mut rest);
+        assert_eq!(hub.consumers(), 0);
+        assert_eq!(consumer_dropped(&metrics), 60);
+        let mut client = raw_ring_follower(&dir);
+        client
+            .write_all(b"{\"missed\":18446744073709551615}\n")
+            .unwrap();
+        let _ = std::io::Read::read_to_end(&mut client, &mut rest);
+        assert_eq!(consumer_dropped(&metrics), 60);
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A ring follower that leaves its pokes unread for [`WRITE_DEADLINE`] (stopped, or a
+    /// client that never reads) is hung up on, as a queue consumer is: it held one of the
+    /// [`MAX_CONSUMERS`] places for ever (64 idle ones locked everyone else out). One that
+    /// reads them stays, however long nothing happens.
+    #[tokio::test(start_paused = true)]
+    async fn a_ring_follower_that_reads_nothing_is_hung_up_on() {
+        let dir = std::env::temp_dir().join(format!("ev-ring-stall-{}", std::process::id()));
+        let hub =
+            Hub::new(None).with_follow_ring(json_formatter(), super::super::ring::MIN_CAPACITY);
+        let server = serve(&dir, &hub);
+        let mut idle = UnixStream::connect(socket_path(&dir)).await.unwrap();
+        idle.write_all(b"{\"follow\":true,\"ring\":true}\n")
+            .await
+            .unwrap();
+        // Read by a thread of its own, as a follower reads (the paused clock does not wait
+        // for it).
+        let mut reading = StdUnixStream::connect(socket_path(&dir)).unwrap();
+        reading
+            .write_all(b"{\"follow\":true,\"ring\":true}\n")
+            .unwrap();
+        let subscribed = tokio::time::Instant::now();
+        while hub.consumers() != 2 {
+            assert!(
+                subscribed.elapsed() < Duration::from_secs(5),
+                "never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(hub.lock().ring.is_some(), "not on the ring");
+        let closer = reading.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            while std::io::Read::read(&mut reading, &mut sink).is_ok_and(|n| n > 0) {}
+        });
+        // The (paused) clock runs on while every task waits: the deadline passes.
+        while hub.consumers() != 1 {
+            assert!(
+                subscribed.elapsed() < WRITE_DEADLINE + Duration::from_secs(5),
+                "a ring follower that reads nothing is still served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(WRITE_DEADLINE * 2).await;
+        assert_eq!(hub.consumers(), 1, "the reading follower was hung up on");
+        drop(idle);
+        closer.shutdown(std::net::Shutdown::Both).unwrap();
+        reader.join().unwrap();
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A follower taken up again after the agent hung up on it asks for what came after its
+    /// last event: it gets the rest of the history, after an `events.dropped` line for what
+    /// the history no longer holds.
+    #[test]
+    fn a_follower_taken_up_again_gets_what_came_after_its_last_event() {
+        let dir = std::env::temp_dir().join(format!("ev-after-{}", std::process::id()));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let hub = Hub::new(None);
+        let server = {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub)
+        };
+        for seq in 1..=100 {
+            hub.publish(seq, notice("ev"));
+        }
+        let lines = |after: u64| {
+            let request = Request {
+                after_seq: Some(after),
+                ..Request::default()
+            };
+            let mut got = Vec::new();
+            call(&dir, &request, |line| {
+                got.push(serde_json::from_str::<serde_json::Value>(line)?);
+                Ok(true)
+            })
+            .unwrap();
+            got
+        };
+        let got = lines(40);
+        let seqs: Vec<u64> = got.iter().filter_map(|v| v["seq"].as_u64()).collect();
+        assert_eq!(seqs, (41..=100).collect::<Vec<_>>());
+        assert_eq!(got.len(), 60, "{got:?}");
+        for seq in 101..=HISTORY as u64 + 200 {
+            hub.publish(seq, notice("ev"));
+        }
+        let got = lines(40);
+        assert_eq!(got[0]["type"], "events.dropped", "{:?}", got[0]);
+        assert_eq!(
+            (&got[0]["first_seq"], &got[0]["last_seq"], &got[0]["count"]),
+            (
+                &serde_json::json!(41),
+                &serde_json::json!(200),
+                &serde_json::json!(160)
+            )
+        );
+        assert_eq!(got[1]["seq"], 201);
+        assert_eq!(got.len(), 1 + HISTORY);
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A follower whose stream the agent ends connects again and goes on after the last event
+    /// it got: the same agent (here the socket's task ended and was started again, as when
+    /// the agent hangs up on it) sends what came after, nothing twice, nothing lost.
+    #[test]
+    fn a_follower_whose_stream_ends_follows_again_after_its_last_event() {
+        let dir = std::env::temp_dir().join(format!("ev-again-{}", std::process::id()));
+        let hub = Hub::new(None);
+        // The agent's end of the socket lives in a runtime of its own: dropping it ends the
+        // listener and every connection's task, as the agent's hang-up does.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub);
+        }
+        for seq in 1..=10 {
+            hub.publish(seq, notice("ev"));
+        }
+        let client = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                let request = Request {
+                    follow: true,
+                    ..Request::default()
+                };
+                call(&dir, &request, |line| {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    seqs.extend(v["seq"].as_u64());
+                    Ok(seqs.len() < 30)
+                })
+                .map(|()| seqs)
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hub.consumers() != 1 {
+            assert!(std::time::Instant::now() < deadline, "never subscribed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The agent's end goes away (its connections with it), events go on.
+        drop(runtime);
+        while hub.consumers() != 0 {
+            assert!(std::time::Instant::now() < deadline, "never unsubscribed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for seq in 11..=20 {
+            hub.publish(seq, notice("ev"));
+        }
+        let _ = std::fs::remove_file(socket_path(&dir));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let server = {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub)
+        };
+        while hub.consumers() != 1 {
+            assert!(std::time::Instant::now() < deadline, "never followed again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for seq in 21..=30 {
+            hub.publish(seq, notice("ev"));
+        }
+        let seqs = client.join().unwrap().unwrap();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A line the agent's hang-up cut off is dropped, not passed on as an event; a line
+    /// longer than any the agent sends ends the stream with an error, not the client's
+    /// memory; a request field the agent does not know is refused by name.
+    #[test]
+    fn cut_and_endless_lines_and_unknown_fields() {
+        let dir = std::env::temp_dir().join(format!("ev-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = |answer: Vec<u8>| {
+            let _ = std::fs::remove_file(socket_path(&dir));
+            let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
+            std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut request = String::new();
+                let _ = std::io::BufRead::read_line(
+                    &mut std::io::BufReader::new(&mut stream),
+                    &mut request,
+                );
+                let _ = stream.write_all(&answer);
+            })
+        };
+        let served = agent(b"{\"seq\":1}\n{\"seq\":2,\"ty".to_vec());
+        let mut got = Vec::new();
+        call(&dir, &Request::default(), |line| {
+            got.push(line.to_string());
+            Ok(true)
+        })
+        .unwrap();
+        served.join().unwrap();
+        assert_eq!(got, ["{\"seq\":1}"]);
+        let served = agent(vec![b'x'; MAX_LINE + (1 << 20)]);
+        let error = call(&dir, &Request::default(), |_| Ok(true)).unwrap_err();
+        assert!(format!("{error:#}").contains("longer than"), "{error:#}");
+        served.join().unwrap();
+        let _ = std::fs::remove_file(socket_path(&dir));
+
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let hub = Hub::new(None);
+        let server = {
+            let _runtime = runtime.enter();
+            serve(&dir, &hub)
+        };
+        let mut client = StdUnixStream::connect(socket_path(&dir)).unwrap();
+        client
+            .write_all(b"{\"filter\":{\"tennant\":\"acme\"}}\n")
+            .unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut client, &mut answer).unwrap();
+        assert!(
+            answer.contains("events.error") && answer.contains("tennant"),
+            "{answer}"
         );
         server.abort();
         let _ = std::fs::remove_dir_all(&dir);
