@@ -867,7 +867,66 @@ async fn pods_decode_alike_from_protobuf_and_json() -> Result<()> {
                 .is_some_and(|l| l["app"] == "rag"),
         "{plain:#?}"
     );
+
+    // A pod written as protobuf with a string that is not UTF-8 (the server stores the
+    // bytes; its JSON encoder writes U+FFFD, prost refuses them): the list as protobuf does
+    // not decode, and the source lists as JSON instead, that pod included.
+    let pod = [
+        pb(
+            1,
+            &[
+                pb(1, b"bad-bytes"),
+                pb(12, &[pb(1, b"note"), pb(2, b"caf\xe9")].concat()),
+            ]
+            .concat(),
+        ),
+        pb(
+            2,
+            &[
+                pb(2, &[pb(1, b"main"), pb(2, b"scratch")].concat()),
+                pb(10, b"node-a"),
+            ]
+            .concat(),
+        ),
+    ]
+    .concat();
+    let type_meta = [pb(1, b"v1"), pb(2, b"Pod")].concat();
+    let body = [b"k8s\0".to_vec(), pb(1, &type_meta), pb(2, &pod)].concat();
+    let request = http::Request::post("/api/v1/namespaces/acme/pods")
+        .header("content-type", "application/vnd.kubernetes.protobuf")
+        .header("accept", "application/json")
+        .body(kube::client::Body::from(body))?;
+    let response = client.send(request).await?;
+    ensure!(
+        response.status().is_success(),
+        "creating the pod as protobuf: {}",
+        response.status()
+    );
+    let (pods, answered) = kubernetes::list_pods(&client, kubernetes::Encoding::Protobuf).await?;
+    ensure!(
+        answered == kubernetes::Encoding::Json,
+        "the protobuf list with a bad string decoded: {answered:?}"
+    );
+    ensure!(
+        pods.iter()
+            .any(|p| p.metadata.name.as_deref() == Some("bad-bytes")),
+        "{pods:#?}"
+    );
     Ok(())
+}
+
+/// A length-delimited protobuf field: `tag` (wire type 2) and `bytes`.
+fn pb(tag: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for mut n in [u64::from(tag << 3 | 2), bytes.len() as u64] {
+        while n >= 0x80 {
+            out.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// A pods' watch that cannot resume relists (the source's own list-then-watch of pods, read

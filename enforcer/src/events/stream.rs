@@ -438,11 +438,15 @@ impl Inner {
 }
 
 /// A follower that reads the shared ring: it is sent a byte on its socket after each batch
-/// ("there is more"), once it is armed (its stream's history is sent by then).
+/// ("there is more"), once it is armed (its stream's history is sent by then), and only when
+/// it has read the byte before: one unread byte wakes it as well as many, and a follower's
+/// progress shows as pokes sent (see [`serve_ring`]).
 struct RingFollower {
     id: u64,
     socket: OwnedFd,
     armed: bool,
+    /// Pokes sent: each but the first after the follower had read every byte before it.
+    pokes: u64,
 }
 
 /// The shared ring's lines: the format and capacity it is made with.
@@ -611,8 +615,10 @@ impl Hub {
             self.published.store(inner.next_seq, Ordering::Relaxed);
             if let Some(ring) = &mut inner.ring {
                 ring.publish(inner.next_seq);
-                for follower in inner.ring_followers.iter().filter(|f| f.armed) {
-                    poke(&follower.socket);
+                for follower in inner.ring_followers.iter_mut().filter(|f| f.armed) {
+                    if unread_bytes(&follower.socket) == 0 && poke(&follower.socket) {
+                        follower.pokes += 1;
+                    }
                 }
             }
         }
@@ -679,6 +685,7 @@ impl Hub {
             id,
             socket,
             armed: false,
+            pokes: 0,
         });
         let (past, oldest) = inner.past(&Filter::default(), since);
         Some(RingOpened {
@@ -823,8 +830,22 @@ impl RingSubscription {
         let mut inner = self.hub.lock();
         if let Some(f) = inner.ring_followers.iter_mut().find(|f| f.id == self.id) {
             f.armed = true;
-            poke(&f.socket);
+            // Whatever it has not read yet: what was published since its history was taken
+            // must wake it.
+            if poke(&f.socket) {
+                f.pokes += 1;
+            }
         }
+    }
+
+    /// The pokes sent to the follower so far.
+    fn pokes(&self) -> u64 {
+        let inner = self.hub.lock();
+        inner
+            .ring_followers
+            .iter()
+            .find(|f| f.id == self.id)
+            .map_or(0, |f| f.pokes)
     }
 }
 
@@ -875,13 +896,14 @@ fn push_to_ring(
 }
 
 /// Tells a ring follower there is more: one byte, never waiting (a follower whose socket is
-/// full has bytes to read already).
-fn poke(socket: &OwnedFd) {
-    let _ = rustix::net::send(
+/// full has bytes to read already); whether it went.
+fn poke(socket: &OwnedFd) -> bool {
+    rustix::net::send(
         socket,
         b"\n",
         rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
-    );
+    )
+    .is_ok()
 }
 
 /// The in-band line for what a consumer missed.
@@ -1099,11 +1121,15 @@ async fn serve_one(
     // A window reaching past the clock's epoch starts at the epoch: the whole history and
     // the files before it (a plain subtraction would panic on `since_secs` near u64::MAX
     // and drop the consumer without an answer).
-    let since = request.since_secs.map(|s| {
-        SystemTime::now()
-            .checked_sub(Duration::from_secs(s))
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-    });
+    // A stream taken up again after `after_seq` reads the history only.
+    let since = request
+        .since_secs
+        .filter(|_| request.after_seq.is_none())
+        .map(|s| {
+            SystemTime::now()
+                .checked_sub(Duration::from_secs(s))
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        });
     // Root only: a descriptor outlives the connection it came with, and a member of
     // `--events-group` must not keep reading after its stream ends (or it leaves the group).
     let ring = (request.follow
@@ -1130,7 +1156,7 @@ async fn serve_one(
     };
     if let Some(after) = request.after_seq {
         past.retain(|e| e.seq > after);
-        if let Some((oldest_seq, _)) = oldest.filter(|(seq, _)| *seq > after + 1) {
+        if let Some((oldest_seq, _)) = oldest.filter(|(seq, _)| *seq > after.saturating_add(1)) {
             let gap = Missed {
                 count: oldest_seq - after - 1,
                 first_seq: after + 1,
@@ -1235,8 +1261,10 @@ const POKES_CHECKED: Duration = Duration::from_secs(1);
 /// memfd attached), arms its pokes, then reads what it reports (`{"missed":N}` lines, counted
 /// in `enforcer_events_consumer_dropped`) until it hangs up. Hung up on: a follower that
 /// reports more missed events than were published since it started (all its reports
-/// together), or that left its pokes unread for [`WRITE_DEADLINE`] (it reads nothing, as a
-/// queue consumer that is hung up on; it holds one of [`MAX_CONSUMERS`] places).
+/// together), or that read nothing for [`WRITE_DEADLINE`] while it had something to read (a
+/// queue consumer is hung up on alike; it holds one of [`MAX_CONSUMERS`] places). Reading
+/// shows as pokes: the agent pokes a follower only once it has read the poke before, so a
+/// follower with bytes unread and no poke sent since the last look has read nothing since.
 async fn serve_ring(
     mut read: AsyncBufReader<tokio::net::unix::OwnedReadHalf>,
     mut write: tokio::net::unix::OwnedWriteHalf,
@@ -1261,6 +1289,7 @@ async fn serve_ring(
     let mut reported = 0u64;
     let mut pending = Vec::new();
     let mut unread_since: Option<tokio::time::Instant> = None;
+    let mut pokes = 0;
     let mut check = tokio::time::interval(POKES_CHECKED);
     loop {
         let mut chunk = [0u8; 256];
@@ -1301,7 +1330,10 @@ async fn serve_ring(
                 tokio::time::sleep(REPORT_PACE).await;
             }
             _ = check.tick() => {
-                if unread_bytes(write.as_ref()) == 0 {
+                let poked = ring.subscription.pokes();
+                let read_since = poked != pokes;
+                pokes = poked;
+                if read_since || unread_bytes(write.as_ref()) == 0 {
                     unread_since = None;
                 } else if unread_since
                     .get_or_insert_with(tokio::time::Instant::now)
@@ -1438,9 +1470,10 @@ pub fn call_flushing(
         )
     })?;
     let mut request = request.clone();
+    let (since, started) = (request.since_secs, std::time::Instant::now());
     let mut place = Place::default();
     loop {
-        let agent = agent_process(&stream);
+        let agent = agent_instance(&path);
         if let Ended::Done = stream_once(stream, &request, &mut place, &mut each, &mut caught_up)? {
             return Ok(());
         }
@@ -1455,9 +1488,15 @@ pub fn call_flushing(
                 break stream;
             }
         };
-        request.since_secs = None;
-        let same = agent.is_some() && agent_process(&stream) == agent;
-        request.after_seq = if same { place.last_seq() } else { None };
+        let same = agent.is_some() && agent_instance(&path) == agent;
+        // The same agent: after the last event received (or, before any, the window asked
+        // for at first, which has grown since); a restarted one: from its first event (and
+        // told what its history no longer holds of them).
+        request.after_seq = if same { place.last_seq } else { Some(0) };
+        request.since_secs = match request.after_seq {
+            Some(_) => None,
+            None => since.map(|s| s.saturating_add(started.elapsed().as_secs() + 1)),
+        };
         if same {
             tracing::warn!("following again, after the last event received");
         } else {
@@ -1482,45 +1521,50 @@ enum Ended {
     HungUp,
 }
 
-/// Where a follower is in the stream: the last event line it got (its `seq` is read when it
-/// connects again).
+/// Where a follower is in the stream: the last `seq` it got, of an event (`seq` in JSON
+/// lines, `metadata.sequence` in OCSF ones, notices such as `events.suppressed` included) or
+/// of a gap it was told of (`events.dropped`'s `last_seq`).
 #[derive(Default)]
 struct Place {
-    last_event: Vec<u8>,
+    last_seq: Option<u64>,
 }
 
 impl Place {
     fn saw(&mut self, line: &str) {
-        if !line.starts_with("{\"type\":\"events.") {
-            self.last_event.clear();
-            self.last_event.extend_from_slice(line.as_bytes());
+        let seq = if line.starts_with("{\"type\":\"events.") {
+            // Control lines and the agent's own notices: few, read whole.
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["seq"].as_u64().or_else(|| v["last_seq"].as_u64()))
+        } else {
+            event_seq(line)
+        };
+        if let Some(seq) = seq {
+            self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
         }
-    }
-
-    /// The `seq` of the last event: `seq` in JSON lines, `metadata.sequence` in OCSF ones.
-    fn last_seq(&self) -> Option<u64> {
-        let v: serde_json::Value = serde_json::from_slice(&self.last_event).ok()?;
-        v["seq"]
-            .as_u64()
-            .or_else(|| v["metadata"]["sequence"].as_u64())
     }
 }
 
-/// The agent process at the other end of `stream` (pid and start time: a pid alone can be
-/// another process's after a restart).
-fn agent_process(stream: &StdUnixStream) -> Option<(u32, u64)> {
-    let pid = rustix::net::sockopt::socket_peercred(stream).ok()?.pid;
-    let pid = pid.as_raw_nonzero().get() as u32;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime), counted after the command name's closing parenthesis.
-    let started = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    Some((pid, started))
+/// An event line's `seq`: the number after its first `"seq":` or `"sequence":` key.
+fn event_seq(line: &str) -> Option<u64> {
+    let at = ["\"seq\":", "\"sequence\":"]
+        .iter()
+        .filter_map(|key| line.find(key).map(|i| i + key.len()))
+        .min()?;
+    let digits = &line[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Which agent serves the socket at `path`: the socket file's device, inode and change time
+/// (an agent that starts binds a new one; a process id would not do: a client in another
+/// pid namespace sees none).
+fn agent_instance(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 /// One connection: the request, then the lines until the stream ends or `each` says stop.
@@ -1610,7 +1654,9 @@ fn follow_ring(
             // the end of what was published lies after them.
             if let Some(missed) = missed.filter(|m| m.count > 0) {
                 let line = dropped_line(missed);
-                if !each(std::str::from_utf8(&line)?.trim_end())? {
+                let line = std::str::from_utf8(&line)?.trim_end();
+                place.saw(line);
+                if !each(line)? {
                     return Ok(Ended::Done);
                 }
                 let report = format!("{{\"missed\":{}}}\n", missed.count);
@@ -2400,19 +2446,33 @@ mod tests {
     }
 
     /// A follower whose stream the agent ends connects again and goes on after the last event
-    /// it got: the same agent (here the socket's task ended and was started again, as when
-    /// the agent hangs up on it) sends what came after, nothing twice, nothing lost.
+    /// it got: the same agent (the same socket; here the connection's task is ended, as when
+    /// the agent hangs up on a follower) sends what came after, nothing twice, nothing lost.
     #[test]
     fn a_follower_whose_stream_ends_follows_again_after_its_last_event() {
         let dir = std::env::temp_dir().join(format!("ev-again-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(socket_path(&dir));
         let hub = Hub::new(None);
-        // The agent's end of the socket lives in a runtime of its own: dropping it ends the
-        // listener and every connection's task, as the agent's hang-up does.
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        {
+        // The agent's socket, each connection served by a task the test can end.
+        let (tasks, served) = std::sync::mpsc::channel();
+        let listener = {
             let _runtime = runtime.enter();
-            serve(&dir, &hub);
-        }
+            let listener = UnixListener::bind(socket_path(&dir)).unwrap();
+            let hub = hub.clone();
+            runtime.spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let task = tokio::spawn(serve_one(
+                        stream,
+                        hub.clone(),
+                        json_formatter(),
+                        Access::default(),
+                    ));
+                    let _ = tasks.send(task);
+                }
+            })
+        };
         for seq in 1..=10 {
             hub.publish(seq, notice("ev"));
         }
@@ -2433,36 +2493,48 @@ mod tests {
             })
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while hub.consumers() != 1 {
-            assert!(std::time::Instant::now() < deadline, "never subscribed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // The agent's end goes away (its connections with it), events go on.
-        drop(runtime);
-        while hub.consumers() != 0 {
-            assert!(std::time::Instant::now() < deadline, "never unsubscribed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let wait_for = |n: usize, what: &str| {
+            while hub.consumers() != n {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        wait_for(1, "never subscribed");
+        served.recv().unwrap().abort();
+        wait_for(0, "never unsubscribed");
         for seq in 11..=20 {
             hub.publish(seq, notice("ev"));
         }
-        let _ = std::fs::remove_file(socket_path(&dir));
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let server = {
-            let _runtime = runtime.enter();
-            serve(&dir, &hub)
-        };
-        while hub.consumers() != 1 {
-            assert!(std::time::Instant::now() < deadline, "never followed again");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for(1, "never followed again");
         for seq in 21..=30 {
             hub.publish(seq, notice("ev"));
         }
         let seqs = client.join().unwrap().unwrap();
         assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
-        server.abort();
+        listener.abort();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A follower's place is the last `seq` of any line that has one: events in both formats
+    /// (the formatter's lines, a workload's strings cannot fake the key: JSON escapes their
+    /// quotes), the agent's notices, and a gap it was told of.
+    #[test]
+    fn a_followers_place_is_the_last_seq_of_any_line() {
+        let formatter = json_formatter();
+        let mut place = Place::default();
+        let line = formatter.line(7, &notice("\"seq\":99")).unwrap();
+        place.saw(std::str::from_utf8(&line).unwrap().trim_end());
+        assert_eq!(place.last_seq, Some(7));
+        let ocsf = formatter.with_format(Format::Ocsf);
+        let line = ocsf.line(8, &notice("x")).unwrap();
+        place.saw(std::str::from_utf8(&line).unwrap().trim_end());
+        assert_eq!(place.last_seq, Some(8));
+        place.saw(r#"{"type":"events.suppressed","seq":9,"count":3}"#);
+        assert_eq!(place.last_seq, Some(9));
+        place.saw(r#"{"type":"events.dropped","count":3,"first_seq":10,"last_seq":12}"#);
+        assert_eq!(place.last_seq, Some(12));
+        place.saw(r#"{"type":"events.truncated","message":"m","history_oldest_seq":40}"#);
+        assert_eq!(place.last_seq, Some(12));
     }
 
     /// A line the agent's hang-up cut off is dropped, not passed on as an event; a line

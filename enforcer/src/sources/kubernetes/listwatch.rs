@@ -118,6 +118,12 @@ async fn step(
                     stream: stream.boxed(),
                 },
             ),
+            // Refused as too old to start from (some servers answer 410 here, not in the
+            // stream): list again, or the watch would be asked for from there for ever.
+            Err(kube::Error::Api(status)) if status.code == 410 => (
+                Some(Err(Error::WatchStartFailed(kube::Error::Api(status)))),
+                State::Empty,
+            ),
             Err(e) => (
                 Some(Err(Error::WatchStartFailed(e))),
                 State::Listed { resource_version },

@@ -696,14 +696,16 @@ pub async fn list_pods(client: &Client, encoding: Encoding) -> kube::Result<(Vec
 /// the larger part of a cold sync). The answer may be older than the newest write, as an
 /// informer's first list is: the watch that follows from its resourceVersion delivers what
 /// came after. A relist after 410 Gone asks the cache again, which is at least as new as
-/// the expired version.
+/// the expired version. No page size: with a `limit`, kube sends no `resourceVersion=0`
+/// (its default of 500 a page read every list from etcd).
 fn watch_all<W>(api: Api<W>) -> impl Stream<Item = Result<watcher::Event<W>, watcher::Error>> + Send
 where
     W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let config = watcher::Config::default()
+    let mut config = watcher::Config::default()
         .timeout(WATCH_TIMEOUT_SECS)
         .any_semantic();
+    config.page_size = None;
     watcher(api, config)
 }
 

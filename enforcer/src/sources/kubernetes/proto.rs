@@ -70,17 +70,53 @@ pub(super) struct Page {
 }
 
 /// Lists every pod with `params` in `encoding` (a server or a proxy that answers JSON to a
-/// protobuf request is read too). Errors: the request failed, the server refused it
-/// (`kube::Error::Api` with its status, as kube's own list gives), or the answer does not
-/// decode.
+/// protobuf request is read too). A protobuf answer that does not decode is asked for again
+/// as JSON: the API server stores whatever bytes a protobuf client wrote into a pod's
+/// strings, and prost refuses a `string` that is not UTF-8, where the server's JSON encoder
+/// writes U+FFFD for each bad byte (one tenant's pod must not keep every agent from its
+/// list). Errors: the request failed, the server refused it (`kube::Error::Api` with its
+/// status, as kube's own list gives), or the answer does not decode.
 pub(super) async fn list_pods(
     client: &Client,
     params: &ListParams,
     encoding: Encoding,
 ) -> kube::Result<Page> {
+    match list_once(client, params, encoding).await {
+        Err(Failure::Undecodable(error)) if encoding == Encoding::Protobuf => {
+            tracing::warn!(%error, "kubernetes: the pods' list as protobuf does not decode: listing them as JSON");
+            list_once(client, params, Encoding::Json)
+                .await
+                .map_err(Failure::into_kube)
+        }
+        other => other.map_err(Failure::into_kube),
+    }
+}
+
+/// Why one list failed.
+enum Failure {
+    /// The request, or the server's refusal.
+    Kube(kube::Error),
+    /// A success whose body does not decode (`kube::Error::Api`, reason
+    /// `UndecodableResponse`, as the caller sees it).
+    Undecodable(kube::Error),
+}
+
+impl Failure {
+    fn into_kube(self) -> kube::Error {
+        match self {
+            Failure::Kube(e) | Failure::Undecodable(e) => e,
+        }
+    }
+}
+
+async fn list_once(
+    client: &Client,
+    params: &ListParams,
+    encoding: Encoding,
+) -> Result<Page, Failure> {
     let mut request = kube::core::Request::new(PODS_PATH)
         .list(params)
-        .map_err(kube::Error::BuildRequest)?;
+        .map_err(|e| Failure::Kube(kube::Error::BuildRequest(e)))?;
     let accept = match encoding {
         Encoding::Protobuf => "application/vnd.kubernetes.protobuf, application/json",
         Encoding::Json => "application/json",
@@ -90,7 +126,10 @@ pub(super) async fn list_pods(
         hyper::header::HeaderValue::from_static(accept),
     );
     let started = Instant::now();
-    let response = client.send(request.map(kube::client::Body::from)).await?;
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .map_err(Failure::Kube)?;
     let head = started.elapsed();
     let status = response.status();
     let protobuf = response
@@ -98,12 +137,22 @@ pub(super) async fn list_pods(
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with(PROTOBUF));
-    let body: Bytes = response.into_body().collect().await?.to_bytes();
+    let body: Bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(Failure::Kube)?
+        .to_bytes();
     let received = started.elapsed();
-    let (pods, resource_version, continue_token) = if protobuf {
-        decode_protobuf(status, &body)?
+    let decoded = if protobuf {
+        decode_protobuf(status, body)
     } else {
-        decode_json(status, &body)?
+        decode_json(status, &body)
+    };
+    let (pods, resource_version, continue_token) = match decoded {
+        Ok(decoded) => decoded,
+        Err(e) if status.is_success() => return Err(Failure::Undecodable(e)),
+        Err(e) => return Err(Failure::Kube(e)),
     };
     Ok(Page {
         pods,
@@ -120,21 +169,25 @@ pub(super) async fn list_pods(
     })
 }
 
+/// The pods of a protobuf answer (its `Bytes` shared, not copied: the envelope's `raw` and
+/// each item are slices of it), each decoded and converted in turn, so that a list of large
+/// pods is held once, not once encoded and once decoded.
 fn decode_protobuf(
     status: hyper::StatusCode,
-    body: &[u8],
+    body: Bytes,
 ) -> kube::Result<(Vec<WirePod>, String, String)> {
-    let raw = body
-        .strip_prefix(MAGIC)
-        .ok_or_else(|| undecodable(status, "a protobuf answer without the k8s\\0 prefix"))
-        .and_then(|rest| {
-            Unknown::decode(rest)
-                .map_err(|e| undecodable(status, &format!("its runtime.Unknown envelope: {e}")))
-        })?
+    if !body.starts_with(MAGIC) {
+        return Err(undecodable(
+            status,
+            "a protobuf answer without the k8s\\0 prefix",
+        ));
+    }
+    let raw = Unknown::decode(body.slice(MAGIC.len()..))
+        .map_err(|e| undecodable(status, &format!("its runtime.Unknown envelope: {e}")))?
         .raw;
     if !status.is_success() {
-        let s = Status::decode(raw.as_slice())
-            .map_err(|e| undecodable(status, &format!("its Status: {e}")))?;
+        let s =
+            Status::decode(raw).map_err(|e| undecodable(status, &format!("its Status: {e}")))?;
         let error = ApiStatus::failure(
             s.message.as_deref().unwrap_or_default(),
             s.reason.as_deref().unwrap_or_default(),
@@ -142,11 +195,20 @@ fn decode_protobuf(
         .with_code(s.code.map_or(status.as_u16(), |c| c as u16));
         return Err(kube::Error::Api(error.boxed()));
     }
-    let list = PodList::decode(raw.as_slice())
-        .map_err(|e| undecodable(status, &format!("its PodList: {e}")))?;
+    let list =
+        PodList::decode(raw).map_err(|e| undecodable(status, &format!("its PodList: {e}")))?;
+    let pods = list
+        .items
+        .into_iter()
+        .map(|item| {
+            Pod::decode(item)
+                .map(Pod::into_wire_pod)
+                .map_err(|e| undecodable(status, &format!("a pod of its PodList: {e}")))
+        })
+        .collect::<kube::Result<Vec<_>>>()?;
     let meta = list.metadata.unwrap_or_default();
     Ok((
-        list.items.into_iter().map(Pod::into_wire_pod).collect(),
+        pods,
         meta.resource_version.unwrap_or_default(),
         meta.continue_token.unwrap_or_default(),
     ))
@@ -185,8 +247,8 @@ fn undecodable(status: hyper::StatusCode, what: &str) -> kube::Error {
 /// `runtime.Unknown`: the envelope of every protobuf answer.
 #[derive(Clone, PartialEq, Message)]
 struct Unknown {
-    #[prost(bytes = "vec", tag = "2")]
-    raw: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "2")]
+    raw: Bytes,
 }
 
 /// `meta.v1.Status`, what an error answer holds.
@@ -200,12 +262,14 @@ struct Status {
     code: Option<i32>,
 }
 
+/// `PodList`, its items left encoded (an embedded message is a `bytes` field on the wire):
+/// each is decoded and converted in turn.
 #[derive(Clone, PartialEq, Message)]
 struct PodList {
     #[prost(message, optional, tag = "1")]
     metadata: Option<ListMeta>,
-    #[prost(message, repeated, tag = "2")]
-    items: Vec<Pod>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    items: Vec<Bytes>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -492,7 +556,8 @@ fn required(s: Option<String>) -> String {
 const ZERO_TIME_SECONDS: i64 = -62_135_596_800;
 
 fn time(t: Option<Time>) -> Option<JsonTime> {
-    let seconds = t?.seconds.unwrap_or(0);
+    // Go writes a zero time as an empty message (and JSON as `null`).
+    let seconds = t?.seconds?;
     if seconds == ZERO_TIME_SECONDS {
         return None;
     }
