@@ -1664,9 +1664,11 @@ fn follow_ring(
                 let _ = received.stream.write_all(report.as_bytes());
             }
             // The pokes that came meanwhile are taken: the agent hangs up on a follower
-            // that leaves them unread (one that stopped), not on one that reads behind.
-            received.drain()?;
-            if lines == 0 && missed.is_none() && !reader.behind() {
+            // that leaves them unread (one that stopped), not on one that reads behind. A
+            // poke taken here may be for a batch published after this read: read again
+            // (the agent publishes before it pokes), or that batch would wait for the next.
+            let poked = received.drain()?;
+            if lines == 0 && missed.is_none() && !reader.behind() && !poked {
                 break;
             }
         }
@@ -1754,13 +1756,16 @@ impl Received {
     }
 
     /// Takes the pokes that are there without waiting (a ring follower's socket carries
-    /// nothing else after the ring).
-    fn drain(&mut self) -> Result<()> {
+    /// nothing else after the ring); whether there were any (a hang-up is found by the next
+    /// `wait`).
+    fn drain(&mut self) -> Result<bool> {
+        let mut took = false;
         while !self.closed && self.receive(rustix::net::RecvFlags::DONTWAIT)? {
             self.buf.clear();
             self.start = 0;
+            took = true;
         }
-        Ok(())
+        Ok(took)
     }
 
     /// Whether a whole line is there to take without waiting.
