@@ -1492,6 +1492,9 @@ pub fn call_flushing(
         // The same agent: after the last event received (or, before any, the window asked
         // for at first, which has grown since); a restarted one: from its first event (and
         // told what its history no longer holds of them).
+        if !same {
+            place = Place::default();
+        }
         request.after_seq = if same { place.last_seq } else { Some(0) };
         request.since_secs = match request.after_seq {
             Some(_) => None,
@@ -1521,9 +1524,11 @@ enum Ended {
     HungUp,
 }
 
-/// Where a follower is in the stream: the last `seq` it got, of an event (`seq` in JSON
-/// lines, `metadata.sequence` in OCSF ones, notices such as `events.suppressed` included) or
-/// of a gap it was told of (`events.dropped`'s `last_seq`).
+/// Where a follower is in the stream: the `seq` of the last line that had one, an event
+/// (`seq` in JSON lines, `metadata.sequence` in OCSF ones, notices such as
+/// `events.suppressed` included) or a gap it was told of (`events.dropped`'s `last_seq`),
+/// or where its ring began. The last, not the highest: lines from the events file (an
+/// earlier agent's, whose `seq`s restart) come before this agent's.
 #[derive(Default)]
 struct Place {
     last_seq: Option<u64>,
@@ -1539,18 +1544,19 @@ impl Place {
         } else {
             event_seq(line)
         };
-        if let Some(seq) = seq {
-            self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+        if seq.is_some() {
+            self.last_seq = seq;
         }
     }
 }
 
-/// An event line's `seq`: the number after its first `"seq":` or `"sequence":` key.
+/// An event line's `seq`: the number after its `"seq":` key (the last field of a JSON line),
+/// or else after OCSF's `"sequence":` (in `metadata`, before any field a workload names).
 fn event_seq(line: &str) -> Option<u64> {
-    let at = ["\"seq\":", "\"sequence\":"]
-        .iter()
-        .filter_map(|key| line.find(key).map(|i| i + key.len()))
-        .min()?;
+    let at = match line.rfind("\"seq\":") {
+        Some(i) => i + "\"seq\":".len(),
+        None => line.find("\"sequence\":")? + "\"sequence\":".len(),
+    };
     let digits = &line[at..];
     let end = digits
         .find(|c: char| !c.is_ascii_digit())
@@ -1612,6 +1618,10 @@ fn stream_once(
                     .as_u64()
                     .context("events.ring: next_seq")?;
                 let reader = RingReader::open(fd, position, next_seq)?;
+                // The ring begins after the history, taken with it under one lock.
+                if let Some(before) = next_seq.checked_sub(1).filter(|&s| s > 0) {
+                    place.last_seq = Some(before);
+                }
                 return follow_ring(received, reader, place, each, caught_up);
             }
         }
@@ -1634,9 +1644,16 @@ fn follow_ring(
     caught_up: &mut impl FnMut() -> Result<()>,
 ) -> Result<Ended> {
     let mut out = Vec::new();
+    // The first read waits for no poke: the agent's first one may not have gone (a socket
+    // still full of the history), and bytes unread then were history, which pokes none.
+    let mut first = true;
     loop {
         caught_up()?;
-        let open = received.wait()?;
+        let open = if std::mem::take(&mut first) {
+            true
+        } else {
+            received.wait()?
+        };
         loop {
             out.clear();
             let (lines, missed) = reader.read(&mut out, RING_READ);
