@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
@@ -1266,7 +1266,7 @@ const POKES_CHECKED: Duration = Duration::from_secs(1);
 /// shows as pokes: the agent pokes a follower only once it has read the poke before, so a
 /// follower with bytes unread and no poke sent since the last look has read nothing since.
 async fn serve_ring(
-    mut read: AsyncBufReader<tokio::net::unix::OwnedReadHalf>,
+    read: AsyncBufReader<tokio::net::unix::OwnedReadHalf>,
     mut write: tokio::net::unix::OwnedWriteHalf,
     ring: RingPlace,
     hub: &Hub,
@@ -1284,17 +1284,35 @@ async fn serve_ring(
         .context("sending the ring to the consumer")?;
     send(&mut write, &line[sent..]).await?;
     drop(ring.memfd);
+    // From here on the agent only pokes (from the hub, on a descriptor of its own) and reads
+    // reports: the connection is watched for reading alone. Registered for writing too, as
+    // tokio's streams are, every poke the follower read woke the agent's reactor (the
+    // socket's room grew: an edge), a wake-up per batch and follower that was most of what
+    // followers cost the agent (`perf`: `finish_task_switch` after `epoll_wait`).
+    let mut pending = read.buffer().to_vec();
+    let socket = read
+        .into_inner()
+        .reunite(write)
+        .context("the follower's connection")?
+        .into_std()
+        .context("the follower's connection")?;
+    // SAFETY: the AsyncFd owns the stream, whose descriptor stays open and unchanged for
+    // as long as it is registered.
+    let socket = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+    .context("watching the follower's connection")?;
     let first_seq = ring.next_seq;
     ring.subscription.arm();
     let mut reported = 0u64;
-    let mut pending = Vec::new();
     let mut unread_since: Option<tokio::time::Instant> = None;
     let mut pokes = 0;
     let mut check = tokio::time::interval(POKES_CHECKED);
     loop {
         let mut chunk = [0u8; 256];
         tokio::select! {
-            n = read.read(&mut chunk) => {
+            n = socket.async_io(tokio::io::Interest::READABLE, |mut s| std::io::Read::read(&mut s, &mut chunk)) => {
                 let n = n.context("reading the follower's reports")?;
                 if n == 0 {
                     return Ok(());
@@ -1333,7 +1351,7 @@ async fn serve_ring(
                 let poked = ring.subscription.pokes();
                 let read_since = poked != pokes;
                 pokes = poked;
-                if read_since || unread_bytes(write.as_ref()) == 0 {
+                if read_since || unread_bytes(socket.get_ref()) == 0 {
                     unread_since = None;
                 } else if unread_since
                     .get_or_insert_with(tokio::time::Instant::now)

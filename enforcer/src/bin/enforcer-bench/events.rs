@@ -8,15 +8,17 @@
 //!     the kernel's `enforcer_kernel_events_lost_total`. The rate is given two ways: written
 //!     per second of wall time (bounded by the flood on a shared machine) and per second of
 //!     the agent's own CPU (utime + stime from `/proc/PID/stat`), which is what the agent can
-//!     sustain on a core of its own.
+//!     sustain on a core of its own. The agent runs on a CPU of its own, the flood, the
+//!     followers and the bench on the other (with two CPUs or more).
 //! (b) Aggregation on (the default `1s`): the same flood for [`QUIET_FLOOD`] while a second
 //!     workload makes one denied call a second; the agent's CPU as a fraction of a core, and
 //!     whether every one of the quiet workload's denies was reported (the `count`s of its
 //!     lines add up to its calls).
 //! (c) (a) in JSON again with 3 `enforcer events --follow` consumers reading everything
 //!     (they read the agent's shared ring); each must have received every deny or been told
-//!     it missed it. (a) JSON and (c) run in turn [`COST_ROUNDS`] times; the followers' cost
-//!     is one less the ratio of the medians.
+//!     it missed it. (a) JSON and (c) run in turn [`COST_ROUNDS`] times with the flood held
+//!     at [`COST_RATE`] calls a second in both; the followers' cost is one less the ratio of
+//!     the medians of their rates per agent CPU second.
 //!
 //! Needs root; uses 127.92.0.0/16 only. Everything it makes (cgroups, pins, the agent, the
 //! consumers, the files) is removed at the end, also on error.
@@ -42,6 +44,9 @@ const METRICS: &str = "127.92.0.1:19464";
 const FOLLOWERS: usize = 3;
 /// Turns of (a) JSON and (c) for the followers' cost.
 const COST_ROUNDS: usize = 5;
+/// The flood's rate in those turns: below what it reaches with three followers on its core
+/// (80,000-89,000 calls a second here), so that both see the same rate.
+const COST_RATE: u64 = 75_000;
 
 /// The hidden subcommand the flood runs as (a child process, moved into a workload's cgroup
 /// before exec): `enforcer-bench __flood SECS INTERVAL_MS` loops `connect()` to [`TARGET`]
@@ -51,7 +56,10 @@ pub const FLOOD_COMMAND: &str = "__flood";
 pub fn flood_main(args: &[String]) -> Result<()> {
     let secs: f64 = args.first().context("__flood SECS INTERVAL_MS")?.parse()?;
     let interval: u64 = args.get(1).context("__flood SECS INTERVAL_MS")?.parse()?;
-    let end = Instant::now() + Duration::from_secs_f64(secs);
+    // Calls per second at most (0: as fast as it can).
+    let rate: f64 = args.get(2).map_or(Ok(0.0), |r| r.parse())?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
     let (mut refused, mut other) = (0u64, 0u64);
     let target = SocketAddrV4::new(TARGET, 9);
     while Instant::now() < end {
@@ -61,6 +69,12 @@ pub fn flood_main(args: &[String]) -> Result<()> {
         }
         if interval > 0 {
             std::thread::sleep(Duration::from_millis(interval));
+        }
+        if rate > 0.0 {
+            let due = Duration::from_secs_f64((refused + other) as f64 / rate);
+            if let Some(early) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(early);
+            }
         }
     }
     println!("{refused} {other}");
@@ -120,6 +134,27 @@ fn bundle(dir: &Path, relative_root: &str) -> Result<()> {
     Ok(())
 }
 
+/// The CPU the agent runs on, and the one the flood, the followers and the bench share: the
+/// rate per agent CPU second is what the agent sustains on a core of its own, and unpinned it
+/// moved by a third between turns with where the scheduler put the agent (with the flood or
+/// not).
+const AGENT_CPU: usize = 1;
+const OTHERS_CPU: usize = 0;
+
+/// Runs `cmd`'s process on `cpu` alone (on a machine of at least two CPUs).
+fn on_cpu(cmd: &mut Command, cpu: usize) {
+    if !pinned() {
+        return;
+    }
+    // SAFETY: sched_setaffinity on the child itself, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::pin_to_cpu(cpu);
+            Ok(())
+        });
+    }
+}
+
 /// Starts the agent with `args` added; waits for its ready file.
 fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
     let pid = std::process::id();
@@ -147,7 +182,9 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
     let enforcer = exe.with_file_name("enforcer");
     let ready = setup.work.join("ready");
     let state = setup.work.join("state");
-    let agent = Command::new(&enforcer)
+    let mut agent = Command::new(&enforcer);
+    on_cpu(&mut agent, AGENT_CPU);
+    let agent = agent
         .args(["run", "--policies"])
         .arg(&bundle_dir)
         .args(["--cgroup-root", &relative, "--pin-path"])
@@ -177,7 +214,9 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
         std::thread::sleep(Duration::from_millis(50));
     }
     for _ in 0..followers {
-        let mut child = Command::new(&enforcer)
+        let mut child = Command::new(&enforcer);
+        on_cpu(&mut child, OTHERS_CPU);
+        let mut child = child
             .args(["events", "--follow", "-o", "json", "--pin-path"])
             .arg(&setup.pins)
             .arg("--state-dir")
@@ -213,7 +252,7 @@ impl Setup {
     }
 
     /// A flood (or a slow caller) in workload `name`'s cgroup.
-    fn flood(&self, name: &str, secs: f64, interval_ms: u64) -> Result<Child> {
+    fn flood(&self, name: &str, secs: f64, interval_ms: u64, rate: u64) -> Result<Child> {
         let procs = std::ffi::CString::new(
             self.root
                 .join(name)
@@ -222,7 +261,13 @@ impl Setup {
                 .into_encoded_bytes(),
         )?;
         let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args([FLOOD_COMMAND, &secs.to_string(), &interval_ms.to_string()])
+        on_cpu(&mut cmd, OTHERS_CPU);
+        cmd.args([
+            FLOOD_COMMAND,
+            &secs.to_string(),
+            &interval_ms.to_string(),
+            &rate.to_string(),
+        ])
             .stdout(Stdio::piped());
         // SAFETY: open/write/close only, between fork and exec, on memory made before.
         unsafe {
@@ -312,14 +357,15 @@ struct Throughput {
     followed: Vec<(u64, u64)>,
 }
 
-/// (a) / (c): one flood with aggregation off; waits until every refused call is accounted.
-fn throughput(format: &str, followers: usize) -> Result<Throughput> {
+/// (a) / (c): one flood with aggregation off (`rate` calls a second at most; 0: as fast as
+/// it goes); waits until every refused call is accounted.
+fn throughput(format: &str, followers: usize, rate: u64) -> Result<Throughput> {
     let setup = start(format, "0", followers)?;
     let pid = setup.agent_pid();
     let (written0, lost0) = counts()?;
     let cpu0 = cpu_seconds(pid)?;
     let started = Instant::now();
-    let refused = refused(setup.flood("flood", FLOOD.as_secs_f64(), 0)?)?;
+    let refused = refused(setup.flood("flood", FLOOD.as_secs_f64(), 0, rate)?)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut written, mut lost);
     loop {
@@ -381,25 +427,35 @@ fn row(name: &str, t: &Throughput) {
     );
 }
 
+fn pinned() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
 pub fn events_bench() -> Result<()> {
+    if pinned() {
+        crate::pin_to_cpu(OTHERS_CPU);
+    }
     println!("\n## Events (ring buffer -> events file, release agent)\n");
     println!(
         "| setup | written per wall second | written per agent CPU second | lost (kernel) of \
          refused | agent CPU (cores) | load average |\n|---|---|---|---|---|---|"
     );
     let per_cpu = |t: &Throughput| t.written as f64 / t.cpu.max(1e-9);
-    let ocsf = throughput("ocsf", 0)?;
+    let ocsf = throughput("ocsf", 0, 0)?;
     row("(a) OCSF, aggregation off", &ocsf);
-    // (a) JSON and (c) in turn, COST_ROUNDS times: the rate per CPU second moves with the
-    // flood's own rate (how many records a turn finds), which the two cores' other work
-    // moves by a quarter from one flood to the next; the cost is the ratio of the medians.
+    let json = throughput("json", 0, 0)?;
+    row("(a) JSON, aggregation off", &json);
+    // (a) JSON and (c) in turn, COST_ROUNDS times, both at COST_RATE: the rate per CPU second
+    // moves with the flood's own rate (how many records a turn finds), and the followers
+    // share the flood's core, which slowed it by a third; the cost is the ratio of the
+    // medians.
     let (mut alone, mut followed) = (Vec::new(), Vec::new());
     for _ in 0..COST_ROUNDS {
-        let json = throughput("json", 0)?;
-        row("(a) JSON, aggregation off", &json);
+        let json = throughput("json", 0, COST_RATE)?;
+        row(&format!("(a) JSON, {COST_RATE} calls/s"), &json);
         alone.push(per_cpu(&json));
-        let with = throughput("json", FOLLOWERS)?;
-        row("(c) JSON, 3 followers", &with);
+        let with = throughput("json", FOLLOWERS, COST_RATE)?;
+        row(&format!("(c) JSON, {COST_RATE} calls/s, 3 followers"), &with);
         println!(
             "|  | each follower's denies received + told missed, of {} written: {} | | | | |",
             with.written,
@@ -427,8 +483,8 @@ pub fn events_bench() -> Result<()> {
     let pid = setup.agent_pid();
     let cpu0 = cpu_seconds(pid)?;
     let started = Instant::now();
-    let flood = setup.flood("flood", QUIET_FLOOD.as_secs_f64(), 0)?;
-    let quiet = setup.flood("quiet", QUIET_FLOOD.as_secs_f64() - 0.5, 1000)?;
+    let flood = setup.flood("flood", QUIET_FLOOD.as_secs_f64(), 0, 0)?;
+    let quiet = setup.flood("quiet", QUIET_FLOOD.as_secs_f64() - 0.5, 1000, 0)?;
     let flooded = refused(flood)?;
     let quiet_calls = refused(quiet)?;
     let cpu = (cpu_seconds(pid)? - cpu0) / started.elapsed().as_secs_f64();
