@@ -627,7 +627,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ),
                 queue: queue.map(|q| q as usize),
                 ring: follow,
-                after_seq: None,
+                ..stream::Request::default()
             };
             // Flushed whenever the stream waits for the agent: once a batch, not once a line.
             let out = std::cell::RefCell::new(std::io::BufWriter::with_capacity(

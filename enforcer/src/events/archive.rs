@@ -117,8 +117,19 @@ struct OcsfHead {
     metadata: Option<OcsfMeta>,
 }
 
+/// A line's mark: FNV-1a (64 bits) of its bytes, without the `\n`. A follower names the last
+/// line it printed by its mark and time, so that a stream taken up again (from the same agent
+/// or after a restart) sends the files' lines after that one and no line twice; lines are
+/// unique (each has its agent's `seq` and its time), so a mark names one line.
+pub fn line_mark(line: &[u8]) -> u64 {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// A line's time and `seq`, in either format; none for a line that is not an event of ours.
-fn head(format: Format, line: &[u8]) -> Option<(SystemTime, u64)> {
+pub(super) fn head(format: Format, line: &[u8]) -> Option<(SystemTime, u64)> {
     match format {
         Format::Json => {
             let head: JsonHead = serde_json::from_slice(line).ok()?;
@@ -407,15 +418,19 @@ fn lines_backwards(
 }
 
 /// Sends, through `send`, the archived lines the history does not hold whose time is at or
-/// after `since` and which `filter` matches, oldest first. `send` gets whole lines with their
-/// `\n`, in chunks of bounded size.
+/// after `since` and which `filter` matches, oldest first; with `after` (a [`line_mark`]),
+/// only those after the line of that mark. `send` gets whole lines with their `\n`, in
+/// chunks of bounded size. Also returns whether the marked line was found (true without
+/// `after`): if not, nothing was sent.
 pub fn read_since(
     archive: &Archive,
     since: SystemTime,
+    after: Option<u64>,
     filter: &Filter,
     seam: Seam,
     mut send: impl FnMut(Vec<u8>) -> Result<()>,
-) -> Result<Outcome> {
+) -> Result<(Outcome, bool)> {
+    let mut found = after.is_none();
     let mut files = open_files(archive)?;
     let stop_before = since.checked_sub(SLACK).unwrap_or(SystemTime::UNIX_EPOCH);
     // Backward pass.
@@ -474,7 +489,7 @@ pub fn read_since(
         }
     }
     let (Some(begin), Some(end)) = (begin, end) else {
-        return Ok(outcome);
+        return Ok((outcome, found));
     };
     // Forward pass, from `begin` to `end`.
     let mut chunk = Vec::with_capacity(BLOCK * 4);
@@ -506,6 +521,11 @@ pub fn read_since(
                 }
                 continue;
             }
+            if !found {
+                // Up to and including the line the consumer printed last: sent before.
+                found = after == Some(line_mark(&line));
+                continue;
+            }
             let Some((time, _)) = head(archive.format, &line[..line.len() - 1]) else {
                 continue;
             };
@@ -527,7 +547,7 @@ pub fn read_since(
     if !chunk.is_empty() {
         send(chunk)?;
     }
-    Ok(outcome)
+    Ok((outcome, found))
 }
 
 /// The in-band line telling a consumer that its window starts before what could be sent.
@@ -576,7 +596,7 @@ mod tests {
 
     fn seqs(archive: &Archive, since: u64, filter: &Filter, seam: Seam) -> (Vec<u64>, Outcome) {
         let mut out = Vec::new();
-        let outcome = read_since(archive, at(since), filter, seam, |chunk| {
+        let (outcome, _) = read_since(archive, at(since), None, filter, seam, |chunk| {
             out.extend_from_slice(&chunk);
             Ok(())
         })

@@ -311,6 +311,26 @@ pub struct Request {
     /// for what the history no longer holds of the gap (counted whatever the filter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_seq: Option<u64>,
+    /// The agent `after_seq` counts in (its `events.agent` line's `instance`). Another agent
+    /// (the one the follower followed stopped, and this one started) ignores `after_seq` and
+    /// sends, from the events files, what came after `after_line`, then its own history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_instance: Option<String>,
+    /// The last line the follower printed ([`archive::line_mark`], 16 hex digits), when
+    /// the stream is not taken up after `after_seq`: the events files' lines up to and
+    /// including that line are not sent again (an `events.truncated` line says so when the
+    /// files no longer hold it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_line: Option<String>,
+    /// The window's start as a time, in milliseconds since the epoch (instead of
+    /// `since_secs`): where a follower's `after_line` was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+    /// Send `{"type":"events.agent","instance":ID}` before the first of this agent's own
+    /// lines (after those from the events files, which may be earlier agents'): where a
+    /// follower's `seq`s begin to count in this agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce: bool,
 }
 
 /// An event as the hub keeps it: numbered, and when the agent emitted it.
@@ -468,6 +488,8 @@ pub struct Hub {
     /// [`Inner::next_seq`], read without the lock (a ring follower's reports are checked
     /// against it).
     published: Arc<AtomicU64>,
+    /// This agent among the agents that serve the socket over time (see [`Request::announce`]).
+    instance: Arc<str>,
 }
 
 /// What [`Hub::open_at`] took under its lock.
@@ -487,6 +509,15 @@ pub struct Subscription {
     wake: Arc<Notify>,
 }
 
+/// A name for an agent's run, unique among the agents one follower may meet: 64 bits of the
+/// process's random hash keys (from the operating system) over its pid and start time.
+fn new_instance() -> String {
+    use std::hash::BuildHasher;
+    let hash = std::collections::hash_map::RandomState::new()
+        .hash_one((std::process::id(), SystemTime::now()));
+    format!("{hash:016x}")
+}
+
 impl Hub {
     pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
         Hub {
@@ -495,7 +526,13 @@ impl Hub {
             archive: None,
             ring: None,
             published: Arc::default(),
+            instance: new_instance().into(),
         }
+    }
+
+    /// This agent's instance, as its `events.agent` lines name it.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Followers that take every event in `formatter`'s format (the emitter's: its lines are
@@ -1121,15 +1158,39 @@ async fn serve_one(
     // A window reaching past the clock's epoch starts at the epoch: the whole history and
     // the files before it (a plain subtraction would panic on `since_secs` near u64::MAX
     // and drop the consumer without an answer).
-    // A stream taken up again after `after_seq` reads the history only.
-    let since = request
-        .since_secs
-        .filter(|_| request.after_seq.is_none())
-        .map(|s| {
+    // A stream taken up again after `after_seq` of this agent reads the history only; after
+    // another agent's (a restart), the files from `after_line` on, then the history.
+    let after_seq = request.after_seq.filter(|_| {
+        request
+            .after_instance
+            .as_deref()
+            .is_none_or(|i| i == hub.instance())
+    });
+    let after_line = match request
+        .after_line
+        .as_deref()
+        .filter(|_| after_seq.is_none())
+    {
+        None => None,
+        Some(mark) => match u64::from_str_radix(mark, 16) {
+            Ok(mark) => Some(mark),
+            Err(_) => {
+                let message = format!("after_line {mark:?}: expected 16 hex digits");
+                write.write_all(&refuse(message)).await?;
+                return Ok(());
+            }
+        },
+    };
+    let since = match (request.since_unix_ms, request.since_secs) {
+        _ if after_seq.is_some() => None,
+        (Some(ms), _) => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        (None, Some(s)) => Some(
             SystemTime::now()
                 .checked_sub(Duration::from_secs(s))
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        });
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        ),
+        (None, None) => None,
+    };
     // Root only: a descriptor outlives the connection it came with, and a member of
     // `--events-group` must not keep reading after its stream ends (or it leaves the group).
     let ring = (request.follow
@@ -1154,19 +1215,12 @@ async fn serve_one(
             (opened.past, opened.oldest, follow)
         }
     };
-    if let Some(after) = request.after_seq {
-        past.retain(|e| e.seq > after);
-        if let Some((oldest_seq, _)) = oldest.filter(|(seq, _)| *seq > after.saturating_add(1)) {
-            let gap = Missed {
-                count: oldest_seq - after - 1,
-                first_seq: after + 1,
-                last_seq: oldest_seq - 1,
-            };
-            send(&mut write, &dropped_line(gap)).await?;
-        }
-    }
     // The window begins before the history does: older events come from the file.
-    if let Some(since) = since.filter(|&s| oldest.is_none_or(|(_, at)| at >= s)) {
+    // (Also whenever a follower takes the stream up after a line from the files or another
+    // agent's: it is there, whatever the history holds.)
+    if let Some(since) =
+        since.filter(|&s| after_line.is_some() || oldest.is_none_or(|(_, at)| at >= s))
+    {
         let oldest_seq = oldest.map(|(seq, _)| seq);
         match hub.archive.clone() {
             None => {
@@ -1189,8 +1243,20 @@ async fn serve_one(
                     oldest_seq: oldest_seq.unwrap_or(1),
                     emitted: oldest.is_some(),
                 };
-                let outcome =
-                    send_archived(&mut write, archive, since, &request.filter, seam).await?;
+                let (outcome, found) = send_archived(
+                    &mut write,
+                    archive,
+                    since,
+                    after_line,
+                    &request.filter,
+                    seam,
+                )
+                .await?;
+                if !found {
+                    let why = "the line this follower printed last is no longer in the events \
+                               files (they rotated): what came after it there was not sent";
+                    send(&mut write, &truncated_line(why, oldest_seq)).await?;
+                }
                 if outcome == Outcome::Capped {
                     let why = format!(
                         "the window starts before what one request may read from the events \
@@ -1200,6 +1266,25 @@ async fn serve_one(
                     send(&mut write, &truncated_line(&why, oldest_seq)).await?;
                 }
             }
+        }
+    }
+    // What follows is this agent's own, numbered by it.
+    if request.announce {
+        let line = format!(
+            "{{\"type\":\"events.agent\",\"instance\":\"{}\"}}\n",
+            hub.instance()
+        );
+        send(&mut write, line.as_bytes()).await?;
+    }
+    if let Some(after) = after_seq {
+        past.retain(|e| e.seq > after);
+        if let Some((oldest_seq, _)) = oldest.filter(|(seq, _)| *seq > after.saturating_add(1)) {
+            let gap = Missed {
+                count: oldest_seq - after - 1,
+                first_seq: after + 1,
+                last_seq: oldest_seq - 1,
+            };
+            send(&mut write, &dropped_line(gap)).await?;
         }
     }
     let mut out = Vec::new();
@@ -1437,13 +1522,14 @@ async fn send_archived(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     archive: Arc<Archive>,
     since: SystemTime,
+    after: Option<u64>,
     filter: &Filter,
     seam: Seam,
-) -> Result<Outcome> {
+) -> Result<(Outcome, bool)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let filter = filter.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        archive::read_since(&archive, since, &filter, seam, |chunk| {
+        archive::read_since(&archive, since, after, &filter, seam, |chunk| {
             tx.blocking_send(chunk)
                 .map_err(|_| anyhow::anyhow!("the consumer went away"))
         })
@@ -1488,10 +1574,15 @@ pub fn call_flushing(
         )
     })?;
     let mut request = request.clone();
-    let (since, started) = (request.since_secs, std::time::Instant::now());
+    // Every stream says where this agent's own lines begin (see `Place`).
+    request.announce = request.follow;
+    let format = match request.format.as_deref() {
+        Some("ocsf") => Format::Ocsf,
+        _ => Format::Json,
+    };
+    let (since, started) = (request.since_secs, SystemTime::now());
     let mut place = Place::default();
     loop {
-        let agent = agent_instance(&path);
         if let Ended::Done = stream_once(stream, &request, &mut place, &mut each, &mut caught_up)? {
             return Ok(());
         }
@@ -1506,25 +1597,29 @@ pub fn call_flushing(
                 break stream;
             }
         };
-        let same = agent.is_some() && agent_instance(&path) == agent;
-        // The same agent: after the last event received (or, before any, the window asked
-        // for at first, which has grown since); a restarted one: from its first event (and
-        // told what its history no longer holds of them).
-        if !same {
-            place = Place::default();
-        }
-        request.after_seq = if same { place.last_seq } else { Some(0) };
-        request.since_secs = match request.after_seq {
-            Some(_) => None,
-            None => since.map(|s| s.saturating_add(started.elapsed().as_secs() + 1)),
+        // The same agent goes on after the last of its own events this follower printed;
+        // another (it restarted) sends what the files hold after the last line printed,
+        // then its own events. Only the agent can tell which it is.
+        request.after_seq = place.instance.as_ref().map(|_| place.last_seq.unwrap_or(0));
+        request.after_instance = place.instance.clone();
+        let last = place.last_line(format);
+        request.after_line = last.map(|(mark, _)| format!("{mark:016x}"));
+        let start = match (last, since) {
+            (Some((_, time)), _) => time,
+            // Nothing printed: the window asked for at first, or from when this follower
+            // started (less a second: an event's time is its call's, a moment before).
+            (None, secs) => started
+                .checked_sub(Duration::from_secs(secs.unwrap_or(1)))
+                .unwrap_or(SystemTime::UNIX_EPOCH),
         };
-        if same {
-            tracing::warn!("following again, after the last event received");
-        } else {
-            tracing::warn!(
-                "following the agent that answers now (it restarted), from its first event"
-            );
-        }
+        request.since_secs = None;
+        request.since_unix_ms = Some(
+            start
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+        );
+        tracing::warn!("following again, after the last event received");
     }
 }
 
@@ -1542,19 +1637,58 @@ enum Ended {
     HungUp,
 }
 
-/// Where a follower is in the stream: the `seq` of the last line that had one, an event
-/// (`seq` in JSON lines, `metadata.sequence` in OCSF ones, notices such as
-/// `events.suppressed` included) or a gap it was told of (`events.dropped`'s `last_seq`),
-/// or where its ring began. The last, not the highest: lines from the events file (an
-/// earlier agent's, whose `seq`s restart) come before this agent's.
+/// Where a follower is in the stream. A stream is the lines from the events files (with
+/// `--since`, or when taken up after a restart: an earlier agent's among them, whose `seq`s
+/// count from 1 again), then the agent's `events.agent` line, then its own lines (history,
+/// then what it emits). Its own lines count its `seq`s: the place among them is the last
+/// `seq` of such a line, an event (`seq` in JSON lines, `metadata.sequence` in OCSF ones,
+/// notices such as `events.suppressed` included) or a gap it was told of (`events.dropped`'s
+/// `last_seq`), or where its ring began. The place in the files is the last line printed that
+/// the files hold, named by its mark and time.
 #[derive(Default)]
 struct Place {
+    /// The agent whose own lines came last (its `events.agent` line's `instance`).
+    instance: Option<String>,
+    /// Whether the lines coming now are that agent's own.
+    own: bool,
     last_seq: Option<u64>,
+    /// The last line printed that the files hold (not the agent's lines for this consumer
+    /// alone: `events.dropped`, `events.truncated`).
+    last_line: String,
 }
 
 impl Place {
+    /// A new connection: lines from the files come first.
+    fn connected(&mut self) {
+        self.own = false;
+    }
+
+    /// An `events.agent` line: `instance`'s own lines follow.
+    fn agent(&mut self, instance: &str) {
+        if self.instance.as_deref().is_some_and(|i| i != instance) {
+            tracing::warn!(
+                "following the agent that answers now (it restarted): the earlier agent's \
+                 events from the events files, then this one's"
+            );
+            self.last_seq = None;
+        }
+        self.instance = Some(instance.to_string());
+        self.own = true;
+    }
+
     fn saw(&mut self, line: &str) {
-        let seq = if line.starts_with("{\"type\":\"events.") {
+        let control = line.starts_with("{\"type\":\"events.");
+        if !(control
+            && (line.starts_with("{\"type\":\"events.dropped\"")
+                || line.starts_with("{\"type\":\"events.truncated\"")))
+        {
+            self.last_line.clear();
+            self.last_line.push_str(line);
+        }
+        if !self.own {
+            return;
+        }
+        let seq = if control {
             // Control lines and the agent's own notices: few, read whole.
             serde_json::from_str::<serde_json::Value>(line)
                 .ok()
@@ -1565,6 +1699,13 @@ impl Place {
         if seq.is_some() {
             self.last_seq = seq;
         }
+    }
+
+    /// The last line printed that the files hold: its mark and time.
+    fn last_line(&self, format: Format) -> Option<(u64, SystemTime)> {
+        let line = self.last_line.as_bytes();
+        let (time, _) = archive::head(format, line)?;
+        Some((archive::line_mark(line), time))
     }
 }
 
@@ -1580,15 +1721,6 @@ fn event_seq(line: &str) -> Option<u64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(digits.len());
     digits[..end].parse().ok()
-}
-
-/// Which agent serves the socket at `path`: the socket file's device, inode and change time
-/// (an agent that starts binds a new one; a process id would not do: a client in another
-/// pid namespace sees none).
-fn agent_instance(path: &Path) -> Option<(u64, u64, i64, i64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 /// One connection: the request, then the lines until the stream ends or `each` says stop.
@@ -1609,6 +1741,7 @@ fn stream_once(
         }
     }
     let mut received = Received::new(stream);
+    place.connected();
     loop {
         if !received.has_line() {
             caught_up()?;
@@ -1623,6 +1756,10 @@ fn stream_once(
                     "the agent refused: {}",
                     value["message"].as_str().unwrap_or(&line)
                 );
+            }
+            if value["type"] == "events.agent" {
+                place.agent(value["instance"].as_str().unwrap_or_default());
+                continue;
             }
             if value["type"] == "events.ring" {
                 let fd = received
@@ -2387,7 +2524,7 @@ mod tests {
     /// client that never reads) is hung up on, as a queue consumer is: it held one of the
     /// [`MAX_CONSUMERS`] places for ever (64 idle ones locked everyone else out). One that
     /// reads them stays, however long nothing happens.
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_ring_follower_that_reads_nothing_is_hung_up_on() {
         let dir = std::env::temp_dir().join(format!("ev-ring-stall-{}", std::process::id()));
         let hub =
@@ -2417,6 +2554,28 @@ mod tests {
             let mut sink = [0u8; 4096];
             while std::io::Read::read(&mut reading, &mut sink).is_ok_and(|n| n > 0) {}
         });
+        // Both armed, the reading one has read all it was sent, and nothing more is sent to
+        // it: only now is the clock paused. A paused clock runs on whenever every task
+        // waits, also while the reading thread has not read yet: before, the reading
+        // follower could be hung up too when that thread came late.
+        while {
+            let inner = hub.lock();
+            let armed = inner.ring_followers.iter().filter(|f| f.armed).count();
+            let read = inner
+                .ring_followers
+                .iter()
+                .filter(|f| unread_bytes(&f.socket) == 0)
+                .count();
+            armed != 2 || read != 1
+        } {
+            assert!(
+                subscribed.elapsed() < Duration::from_secs(5),
+                "the followers were not served"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::pause();
+        let subscribed = tokio::time::Instant::now();
         // The (paused) clock runs on while every task waits: the deadline passes.
         while hub.consumers() != 1 {
             assert!(
@@ -2542,6 +2701,9 @@ mod tests {
         wait_for(1, "never subscribed");
         served.recv().unwrap().abort();
         wait_for(0, "never unsubscribed");
+        // The socket's mode set again (its change time moves): still the same agent.
+        std::fs::set_permissions(socket_path(&dir), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
         for seq in 11..=20 {
             hub.publish(seq, notice("ev"));
         }
@@ -2555,6 +2717,135 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A follower whose stream ends in the events files' lines, or whose agent stops while
+    /// events wait in its queue, prints every event once when it follows again: the lines of
+    /// an earlier agent in the files (whose `seq`s count from 1 again), this agent's own, and
+    /// after a restart the stopped agent's events it never got (from the files), then the new
+    /// agent's. Before, its place was the last `seq` it saw, whatever agent numbered it: the
+    /// rest of the files and the events this agent numbered up to it were never sent, nor
+    /// the stopped agent's queued ones, and nothing said so.
+    #[test]
+    fn a_follower_cut_off_in_the_files_or_by_a_restart_prints_every_event_once() {
+        let dir = std::env::temp_dir().join(format!("ev-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(socket_path(&dir));
+        let file = dir.join("events.log");
+        let archive = Archive {
+            path: file.clone(),
+            format: Format::Json,
+            keep: 1,
+        };
+        let formatter = json_formatter();
+        let mut written = std::fs::File::create(&file).unwrap();
+        // Lines long enough that a few thousand fill the socket's buffers.
+        let padding = "p".repeat(300);
+        let mut emit = |hub: Option<&Hub>, agent: &str, seqs: std::ops::RangeInclusive<u64>| {
+            for seq in seqs {
+                let event = notice(&format!("{agent}{seq} {padding}"));
+                written
+                    .write_all(&formatter.line(seq, &event).unwrap())
+                    .unwrap();
+                if let Some(hub) = hub {
+                    hub.publish(seq, event);
+                }
+            }
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        // An agent's socket, each connection served by a task the test can end.
+        let serve = |hub: &Hub| {
+            let (tasks, served) = std::sync::mpsc::channel();
+            let _runtime = runtime.enter();
+            let _ = std::fs::remove_file(socket_path(&dir));
+            let listener = UnixListener::bind(socket_path(&dir)).unwrap();
+            let hub = hub.clone();
+            let listener = runtime.spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let task = tokio::spawn(serve_one(
+                        stream,
+                        hub.clone(),
+                        json_formatter(),
+                        Access::default(),
+                    ));
+                    let _ = tasks.send(task);
+                }
+            });
+            (listener, served)
+        };
+        // An earlier agent's lines, then agent A's.
+        emit(None, "z", 1..=2000);
+        let a = Hub::new(None).with_archive(Some(archive.clone()));
+        emit(Some(&a), "a", 1..=20);
+        let (listener_a, served_a) = serve(&a);
+        let (paused, pause) = std::sync::mpsc::channel::<()>();
+        let (resume, resumed) = std::sync::mpsc::channel::<()>();
+        let total = 2000 + 3000 + 10;
+        let client = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let request = Request {
+                    follow: true,
+                    since_secs: Some(1 << 40),
+                    ..Request::default()
+                };
+                call(&dir, &request, |line| {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    if let Some(problem) = v["problem"].as_str() {
+                        got.push(problem.split(' ').next().unwrap_or_default().to_string());
+                        // Paused in the earlier agent's lines, and again in A's.
+                        if got.len() == 10 || got.len() == 2000 + 10 {
+                            paused.send(()).unwrap();
+                            resumed.recv().unwrap();
+                        }
+                    } else {
+                        got.push(line.to_string());
+                    }
+                    Ok(got.len() < total)
+                })
+                .map(|()| got)
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let wait_for = |hub: &Hub, n: usize, what: &str| {
+            while hub.consumers() != n {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // Cut off in the files' lines: A hangs up on it (its task ends).
+        let pause = || {
+            pause
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the follower stalled")
+        };
+        pause();
+        served_a.recv().unwrap().abort();
+        resume.send(()).unwrap();
+        wait_for(&a, 1, "never followed A again");
+        // Stopped with events queued: A publishes 3,000 more while the follower is paused,
+        // then stops; B starts on the same files and socket.
+        pause();
+        emit(Some(&a), "a", 21..=3000);
+        listener_a.abort();
+        served_a.recv().unwrap().abort();
+        let b = Hub::new(None).with_archive(Some(archive.clone()));
+        assert_ne!(a.instance(), b.instance());
+        emit(Some(&b), "b", 1..=5);
+        let (listener_b, _served_b) = serve(&b);
+        resume.send(()).unwrap();
+        wait_for(&b, 1, "never followed B");
+        emit(Some(&b), "b", 6..=10);
+        let got = client.join().unwrap().unwrap();
+        let expected: Vec<String> = (1..=2000)
+            .map(|s| format!("z{s}"))
+            .chain((1..=3000).map(|s| format!("a{s}")))
+            .chain((1..=10).map(|s| format!("b{s}")))
+            .collect();
+        assert_eq!(got, expected);
+        listener_b.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A follower's place is the last `seq` of any line that has one: events in both formats
     /// (the formatter's lines, a workload's strings cannot fake the key: JSON escapes their
     /// quotes), the agent's notices, and a gap it was told of.
@@ -2562,6 +2853,11 @@ mod tests {
     fn a_followers_place_is_the_last_seq_of_any_line() {
         let formatter = json_formatter();
         let mut place = Place::default();
+        // Lines from the files (an earlier agent's) are no place among this agent's `seq`s.
+        let line = formatter.line(70, &notice("z")).unwrap();
+        place.saw(std::str::from_utf8(&line).unwrap().trim_end());
+        assert_eq!(place.last_seq, None);
+        place.agent("a");
         let line = formatter.line(7, &notice("\"seq\":99")).unwrap();
         place.saw(std::str::from_utf8(&line).unwrap().trim_end());
         assert_eq!(place.last_seq, Some(7));

@@ -268,7 +268,7 @@ impl Setup {
             &interval_ms.to_string(),
             &rate.to_string(),
         ])
-            .stdout(Stdio::piped());
+        .stdout(Stdio::piped());
         // SAFETY: open/write/close only, between fork and exec, on memory made before.
         unsafe {
             cmd.pre_exec(move || {
@@ -455,7 +455,10 @@ pub fn events_bench() -> Result<()> {
         row(&format!("(a) JSON, {COST_RATE} calls/s"), &json);
         alone.push(per_cpu(&json));
         let with = throughput("json", FOLLOWERS, COST_RATE)?;
-        row(&format!("(c) JSON, {COST_RATE} calls/s, 3 followers"), &with);
+        row(
+            &format!("(c) JSON, {COST_RATE} calls/s, 3 followers"),
+            &with,
+        );
         println!(
             "|  | each follower's denies received + told missed, of {} written: {} | | | | |",
             with.written,
