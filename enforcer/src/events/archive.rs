@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::stream::Filter;
-use super::{rotated_path, Format, Rotation};
+use super::{rotated_path, Format, Rotation, Written};
 
 /// Bytes one request may read from the files, both passes together.
 pub const MAX_READ: u64 = 512 << 20;
@@ -89,6 +89,10 @@ pub struct Seam {
     /// Whether this agent has emitted anything: if not, the file's tail is an earlier
     /// agent's, and nothing is skipped.
     pub emitted: bool,
+    /// Where the lines of what was published end: what is written after (by the time the
+    /// files are read) is not read, since it reaches the consumer through its subscription
+    /// (the agent writes a batch, then publishes it).
+    pub written: Option<Written>,
 }
 
 /// A line's place and time, as far as the scan needs them.
@@ -333,7 +337,8 @@ fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<()> {
 
 /// The files, oldest first, each with the length it had when opened (what is written after
 /// is newer than the history's start, so never needed).
-fn open_files(archive: &Archive) -> Result<Vec<(File, u64)>> {
+/// The files, oldest first, with their lengths and (device, inode).
+fn open_files(archive: &Archive) -> Result<Vec<(File, u64, (u64, u64))>> {
     let mut seen = Vec::new();
     let mut files = Vec::new();
     let paths = std::iter::once(archive.path.clone())
@@ -352,7 +357,7 @@ fn open_files(archive: &Archive) -> Result<Vec<(File, u64)>> {
             continue;
         }
         seen.push((meta.dev(), meta.ino()));
-        files.push((file, meta.len()));
+        files.push((file, meta.len(), (meta.dev(), meta.ino())));
     }
     files.reverse();
     Ok(files)
@@ -419,9 +424,9 @@ fn lines_backwards(
 
 /// Sends, through `send`, the archived lines the history does not hold whose time is at or
 /// after `since` and which `filter` matches, oldest first; with `after` (a [`line_mark`]),
-/// only those after the line of that mark. `send` gets whole lines with their `\n`, in
-/// chunks of bounded size. Also returns whether the marked line was found (true without
-/// `after`): if not, nothing was sent.
+/// instead those after the line of that mark, whatever their time. `send` gets whole lines
+/// with their `\n`, in chunks of bounded size. Also returns whether the marked line was
+/// found (true without `after`): if not, nothing was sent.
 pub fn read_since(
     archive: &Archive,
     since: SystemTime,
@@ -432,6 +437,13 @@ pub fn read_since(
 ) -> Result<(Outcome, bool)> {
     let mut found = after.is_none();
     let mut files = open_files(archive)?;
+    if let Some(w) = seam.written {
+        if let Some(at) = files.iter().position(|(_, _, id)| *id == (w.dev, w.ino)) {
+            files.truncate(at + 1);
+            files[at].1 = files[at].1.min(w.len);
+        }
+    }
+    let mut files: Vec<(File, u64)> = files.into_iter().map(|(f, len, _)| (f, len)).collect();
     let stop_before = since.checked_sub(SLACK).unwrap_or(SystemTime::UNIX_EPOCH);
     // Backward pass.
     let mut budget = MAX_READ;
@@ -465,6 +477,20 @@ pub fn read_since(
                     file: index,
                     offset: offset + line.len() as u64 + 1,
                 });
+            }
+            if let Some(mark) = after {
+                // Taken up after a line: back to that line, whatever the times (lines are
+                // only roughly in time order: a summary carries its window's end, written
+                // a window later); MAX_READ bounds the scan.
+                if line_mark(line) == mark {
+                    begin = Some(Pos {
+                        file: index,
+                        offset,
+                    });
+                    done = true;
+                    return false;
+                }
+                return true;
             }
             if time < stop_before {
                 done = true;
@@ -522,14 +548,16 @@ pub fn read_since(
                 continue;
             }
             if !found {
-                // Up to and including the line the consumer printed last: sent before.
+                // The line the consumer printed last (where the backward pass began): sent
+                // before.
                 found = after == Some(line_mark(&line));
                 continue;
             }
             let Some((time, _)) = head(archive.format, &line[..line.len() - 1]) else {
                 continue;
             };
-            if time < since {
+            // After a marked line every line is new to the consumer, however old its time.
+            if after.is_none() && time < since {
                 continue;
             }
             let Ok(value) = serde_json::from_slice::<Value>(&line) else {
@@ -636,6 +664,7 @@ mod tests {
         };
         let seam = Seam {
             oldest_seq: 4001,
+            written: None,
             emitted: true,
         };
         let all = Filter::default();
@@ -658,10 +687,79 @@ mod tests {
         // An agent that emitted nothing yet: the tail is the earlier agent's, all sent.
         let fresh = Seam {
             oldest_seq: 1,
+            written: None,
             emitted: false,
         };
         let (got, _) = seqs(&archive, 1000 + 4990, &all, fresh);
         assert_eq!(got, (4990..=5000).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Taken up after a marked line (a follower's last): every line after it, whatever its
+    /// time (a summary carries its window's end and is written a window later; a clock
+    /// stepped back), none up to it, and none written after what was published when the
+    /// stream opened (those reach the follower through its subscription). Before, lines
+    /// after the mark older than its time were dropped, and a line older than the window's
+    /// slack stopped the scan before the mark: silent gaps.
+    #[test]
+    fn after_a_marked_line_every_later_line_whatever_its_time_up_to_what_was_written() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ev-archive-mark-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let mut lines: Vec<String> = (1..=100).map(|s| line(s, 1000 + s, "acme")).collect();
+        // After the mark (seq 50): a summary of an earlier window, and a line from a clock
+        // stepped back far beyond the slack.
+        lines[50] = line(51, 1000 + 40, "acme");
+        lines[59] = line(60, 10, "acme");
+        write_lines(&path, &lines);
+        let mark = line_mark(lines[49].as_bytes());
+        let meta = std::fs::metadata(&path).unwrap();
+        // This agent had published nothing when the stream opened; it writes a line after.
+        let seam = Seam {
+            oldest_seq: 1,
+            emitted: false,
+            written: Some(Written {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                len: meta.len(),
+            }),
+        };
+        write_lines(&path, &[line(1, 2000, "acme")]);
+        let archive = Archive {
+            path: path.clone(),
+            format: Format::Json,
+            keep: 1,
+        };
+        let read = |mark: u64| {
+            let mut out = Vec::new();
+            let (_, found) = read_since(
+                &archive,
+                at(1000 + 50),
+                Some(mark),
+                &Filter::default(),
+                seam,
+                |chunk| {
+                    out.extend_from_slice(&chunk);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let seqs: Vec<u64> = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["seq"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            (seqs, found)
+        };
+        assert_eq!(read(mark), ((51..=100).collect::<Vec<_>>(), true));
+        // A mark the files do not hold: nothing sent, and said.
+        assert_eq!(read(mark ^ 1), (Vec::new(), false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -794,6 +892,7 @@ mod tests {
         };
         let seam = Seam {
             oldest_seq: 4,
+            written: None,
             emitted: true,
         };
         let (got, _) = seqs(&archive, 0, &Filter::default(), seam);

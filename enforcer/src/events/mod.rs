@@ -26,7 +26,7 @@ use serde::Serialize;
 
 pub use notice::Notice;
 pub use record::DeniedCall;
-pub use sink::{parse_size, rotated_path, FileSink, Rotation, Sink};
+pub use sink::{parse_size, rotated_path, FileSink, Rotation, Sink, Written};
 
 /// One event, before it has a format.
 // Built and dropped once per line, moved by reference: boxing the call would cost an
@@ -200,6 +200,7 @@ impl Emitter {
 
     /// Hands every event from now on to `hub` too (after the sink: the file comes first).
     pub fn set_hub(&mut self, hub: stream::Hub) {
+        hub.written(self.sink.position());
         self.hub = Some(hub);
     }
 
@@ -300,6 +301,7 @@ impl Emitter {
             };
             hub.publish_lines(
                 whole,
+                self.sink.position(),
                 self.batch_events.drain(..).map(|(seq, event, range)| {
                     let line = stream::LineRef {
                         format,

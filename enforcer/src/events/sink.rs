@@ -90,6 +90,19 @@ impl Sink {
         }
     }
 
+    /// Where the lines written so far end: the file (device, inode) and its length; none for
+    /// standard output.
+    pub fn position(&self) -> Option<Written> {
+        match self {
+            Sink::Stdout(_) => None,
+            Sink::File(file) => file.id.map(|(dev, ino)| Written {
+                dev,
+                ino,
+                len: file.size,
+            }),
+        }
+    }
+
     /// Opens the file again by its name (SIGUSR1); nothing for standard output.
     pub fn reopen(&mut self) -> Result<()> {
         match self {
@@ -100,9 +113,20 @@ impl Sink {
 }
 
 /// The events file.
+/// Where an events file's written lines end (see [`Sink::position`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub dev: u64,
+    pub ino: u64,
+    /// Bytes: every line written before ends at or before this offset.
+    pub len: u64,
+}
+
 pub struct FileSink {
     path: PathBuf,
     file: File,
+    /// The open file's device and inode (none if they could not be read).
+    id: Option<(u64, u64)>,
     /// Bytes in the file as opened, plus what this sink wrote since.
     size: u64,
     rotation: Rotation,
@@ -175,6 +199,7 @@ impl FileSink {
         let (file, size) = open_append(path)?;
         Ok(FileSink {
             path: path.to_path_buf(),
+            id: file_id(&file),
             file,
             size,
             rotation,
@@ -285,10 +310,16 @@ impl FileSink {
 
     pub fn reopen(&mut self) -> Result<()> {
         let (file, size) = open_append(&self.path)?;
+        self.id = file_id(&file);
         self.file = file;
         self.size = size;
         Ok(())
     }
+}
+
+fn file_id(file: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]

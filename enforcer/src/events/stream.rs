@@ -46,7 +46,7 @@ use enforcer_common::reason;
 
 use super::archive::{self, truncated_line, Archive, Outcome, Seam, MAX_READ};
 use super::ring::{Ring, RingReader};
-use super::{Event, Format, Formatter};
+use super::{Event, Format, Formatter, Written};
 use crate::metrics::Metrics;
 
 /// Events kept in memory for `enforcer events` without `--follow` and for `--since`.
@@ -437,6 +437,10 @@ struct Inner {
     /// The followers' shared ring, while any follower reads it.
     ring: Option<Ring>,
     ring_followers: Vec<RingFollower>,
+    /// Where the events file's lines of the events published so far end: a stream's lines
+    /// from the file stop there, since what is written after comes through its
+    /// subscription.
+    written: Option<Written>,
 }
 
 impl Inner {
@@ -454,6 +458,16 @@ impl Inner {
             .cloned()
             .collect();
         (past, self.history.front().map(|e| (e.seq, e.at)))
+    }
+
+    /// Where a stream opened now finds this agent's lines in the files: its history's
+    /// oldest `seq`, and where the lines of what was published end.
+    fn seam(&self) -> Seam {
+        Seam {
+            oldest_seq: self.history.front().map_or(1, |e| e.seq),
+            emitted: !self.history.is_empty(),
+            written: self.written,
+        }
     }
 }
 
@@ -500,6 +514,8 @@ pub struct Opened {
     pub subscription: Option<Subscription>,
     /// The oldest event of the whole history (filter or not), if any: where it begins.
     pub oldest: Option<(u64, SystemTime)>,
+    /// Where the files' lines of what came before it are.
+    pub seam: Seam,
 }
 
 /// A consumer's handle; dropping it unsubscribes.
@@ -576,24 +592,33 @@ impl Hub {
         &self,
         batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<LineRef<'a>>)>,
     ) {
-        self.publish_with(batch, None);
+        self.publish_with(batch, None, None);
     }
 
     /// [`Hub::publish_batch`] for the emitter, whose `whole` batch is exactly the events'
     /// lines one after the other: the shared ring takes it in one copy (a copy per line into
     /// the ring's cache-cold memory was 7 % of the agent under a flood).
+    /// `written`: where the events file's lines end with this batch's (none: standard
+    /// output).
     pub fn publish_lines<'a>(
         &self,
         whole: LineRef<'a>,
+        written: Option<Written>,
         batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<LineRef<'a>>)>,
     ) {
-        self.publish_with(batch, Some(whole));
+        self.publish_with(batch, Some(whole), written);
+    }
+
+    /// Where the events file's lines end before anything is published (the emitter's start).
+    pub fn written(&self, written: Option<Written>) {
+        self.lock().written = written;
     }
 
     fn publish_with<'a>(
         &self,
         batch: impl IntoIterator<Item = (u64, Arc<Event>, Option<LineRef<'a>>)>,
         whole: Option<LineRef<'a>>,
+        written: Option<Written>,
     ) {
         let at = SystemTime::now();
         let mut dropped = 0;
@@ -605,6 +630,9 @@ impl Hub {
         {
             let mut guard = self.lock();
             let inner = &mut *guard;
+            if written.is_some() {
+                inner.written = written;
+            }
             let mut woken = vec![false; inner.consumers.len()];
             let mut ring = inner.ring.as_mut().zip(self.ring.as_deref());
             // The emitter's whole batch goes into the ring in one copy; else line by line.
@@ -725,7 +753,9 @@ impl Hub {
             pokes: 0,
         });
         let (past, oldest) = inner.past(&Filter::default(), since);
+        let seam = inner.seam();
         Some(RingOpened {
+            seam,
             past,
             oldest,
             rest: RingPlace {
@@ -766,11 +796,13 @@ impl Hub {
     ) -> Opened {
         let mut inner = self.lock();
         let (past, oldest) = inner.past(filter, since);
+        let seam = inner.seam();
         if !follow {
             return Opened {
                 past,
                 subscription: None,
                 oldest,
+                seam,
             };
         }
         let id = inner.next_id;
@@ -798,6 +830,7 @@ impl Hub {
                 wake,
             }),
             oldest,
+            seam,
         }
     }
 }
@@ -834,6 +867,8 @@ pub struct RingOpened {
     pub past: Vec<Entry>,
     /// The oldest event of the whole history, if any: where it begins.
     pub oldest: Option<(u64, SystemTime)>,
+    /// Where the files' lines of what came before it are.
+    pub seam: Seam,
     pub rest: RingPlace,
 }
 
@@ -1183,6 +1218,8 @@ async fn serve_one(
     };
     let since = match (request.since_unix_ms, request.since_secs) {
         _ if after_seq.is_some() => None,
+        // The files are read back to the marked line, whatever the window says.
+        _ if after_line.is_some() => Some(SystemTime::UNIX_EPOCH),
         (Some(ms), _) => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
         (None, Some(s)) => Some(
             SystemTime::now()
@@ -1201,8 +1238,13 @@ async fn serve_one(
     .then(|| write.as_ref().as_fd().try_clone_to_owned().ok())
     .flatten()
     .and_then(|socket| hub.open_ring(since, formatter.format(), socket));
-    let (mut past, oldest, follow) = match ring {
-        Some(opened) => (opened.past, opened.oldest, Follow::Ring(opened.rest)),
+    let (mut past, oldest, seam, follow) = match ring {
+        Some(opened) => (
+            opened.past,
+            opened.oldest,
+            opened.seam,
+            Follow::Ring(opened.rest),
+        ),
         None => {
             let opened = hub.open_at(
                 &request.filter,
@@ -1212,7 +1254,7 @@ async fn serve_one(
                 formatter.format(),
             );
             let follow = opened.subscription.map_or(Follow::Not, Follow::Queue);
-            (opened.past, opened.oldest, follow)
+            (opened.past, opened.oldest, opened.seam, follow)
         }
     };
     // The window begins before the history does: older events come from the file.
@@ -1239,10 +1281,6 @@ async fn serve_one(
                 send(&mut write, &truncated_line(&why, oldest_seq)).await?;
             }
             Some(archive) => {
-                let seam = Seam {
-                    oldest_seq: oldest_seq.unwrap_or(1),
-                    emitted: oldest.is_some(),
-                };
                 let (outcome, found) = send_archived(
                     &mut write,
                     archive,
@@ -1253,9 +1291,18 @@ async fn serve_one(
                 )
                 .await?;
                 if !found {
-                    let why = "the line this follower printed last is no longer in the events \
-                               files (they rotated): what came after it there was not sent";
-                    send(&mut write, &truncated_line(why, oldest_seq)).await?;
+                    let why = if outcome == Outcome::Capped {
+                        format!(
+                            "the line this follower printed last lies more than {} MiB back in \
+                             the events files: what came after it there was not sent",
+                            MAX_READ >> 20
+                        )
+                    } else {
+                        "the line this follower printed last is no longer in the events files \
+                         (they rotated): what came after it there was not sent"
+                            .to_string()
+                    };
+                    send(&mut write, &truncated_line(&why, oldest_seq)).await?;
                 }
                 if outcome == Outcome::Capped {
                     let why = format!(
@@ -1600,9 +1647,19 @@ pub fn call_flushing(
         // The same agent goes on after the last of its own events this follower printed;
         // another (it restarted) sends what the files hold after the last line printed,
         // then its own events. Only the agent can tell which it is.
-        request.after_seq = place.instance.as_ref().map(|_| place.last_seq.unwrap_or(0));
-        request.after_instance = place.instance.clone();
         let last = place.last_line(format);
+        // Nothing of that agent's own printed yet but lines from the files: after the last
+        // of those (an `after_seq` of 0 would count them, and what the files still hold of
+        // that agent, as missed).
+        request.after_seq = match (&place.instance, place.last_seq) {
+            (Some(_), Some(seq)) => Some(seq),
+            (Some(_), None) if last.is_none() => Some(0),
+            _ => None,
+        };
+        request.after_instance = place
+            .instance
+            .clone()
+            .filter(|_| request.after_seq.is_some());
         request.after_line = last.map(|(mark, _)| format!("{mark:016x}"));
         let start = match (last, since) {
             (Some((_, time)), _) => time,
@@ -2231,6 +2288,7 @@ mod tests {
                         format,
                         bytes: &whole,
                     },
+                    None,
                     events.iter().map(|(seq, event, line)| {
                         (
                             *seq,
