@@ -337,8 +337,11 @@ fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<()> {
 
 /// The files, oldest first, each with the length it had when opened (what is written after
 /// is newer than the history's start, so never needed).
-/// The files, oldest first, with their lengths and (device, inode).
-fn open_files(archive: &Archive) -> Result<Vec<(File, u64, (u64, u64))>> {
+/// An opened file of the archive: its length and (device, inode).
+type Opened = (File, u64, (u64, u64));
+
+/// The files, oldest first.
+fn open_files(archive: &Archive) -> Result<Vec<Opened>> {
     let mut seen = Vec::new();
     let mut files = Vec::new();
     let paths = std::iter::once(archive.path.clone())
