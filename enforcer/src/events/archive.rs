@@ -632,7 +632,12 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let seqs = String::from_utf8(out)
+        (seqs_of(&out), outcome)
+    }
+
+    /// The `seq`s of the JSON lines `read_since` sent.
+    fn seqs_of(sent: &[u8]) -> Vec<u64> {
+        std::str::from_utf8(sent)
             .unwrap()
             .lines()
             .map(|l| {
@@ -640,8 +645,7 @@ mod tests {
                     .as_u64()
                     .unwrap()
             })
-            .collect();
-        (seqs, outcome)
+            .collect()
     }
 
     #[test]
@@ -749,16 +753,7 @@ mod tests {
                 },
             )
             .unwrap();
-            let seqs: Vec<u64> = String::from_utf8(out)
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<Value>(l).unwrap()["seq"]
-                        .as_u64()
-                        .unwrap()
-                })
-                .collect();
-            (seqs, found)
+            (seqs_of(&out), found)
         };
         assert_eq!(read(mark), ((51..=100).collect::<Vec<_>>(), true));
         // A mark the files do not hold: nothing sent, and said.
