@@ -7,8 +7,9 @@
 //!     refused calls = events written (`enforcer_events_total{type="connection.denied"}`) +
 //!     the kernel's `enforcer_kernel_events_lost_total`. The rate is given two ways: written
 //!     per second of wall time (bounded by the flood on a shared machine) and per second of
-//!     the agent's own CPU (utime + stime from `/proc/PID/stat`), which is what the agent can
-//!     sustain on a core of its own. The agent runs on a CPU of its own, the flood, the
+//!     the agent's own CPU (`usage_usec` of a cgroup holding the agent alone: `/proc/PID/stat`
+//!     counts in ticks of 10 ms, ±3 % of a turn's 0.3 s), which is what the agent can sustain
+//!     on a core of its own. The agent runs on a CPU of its own, the flood, the
 //!     followers and the bench on the other (with two CPUs or more).
 //! (b) Aggregation on (the default `1s`): the same flood for [`QUIET_FLOOD`] while a second
 //!     workload makes one denied call a second; the agent's CPU as a fraction of a core, and
@@ -84,6 +85,8 @@ pub fn flood_main(args: &[String]) -> Result<()> {
 /// What one section makes, removed on drop.
 struct Setup {
     root: PathBuf,
+    /// The agent's own cgroup, outside `root`: its CPU time, precisely.
+    agent_cgroup: PathBuf,
     work: PathBuf,
     pins: PathBuf,
     agent: Option<Child>,
@@ -104,6 +107,8 @@ impl Drop for Setup {
             let _ = std::fs::remove_dir(self.root.join(name));
         }
         let _ = std::fs::remove_dir(&self.root);
+        // Empty once the agent was waited for.
+        let _ = std::fs::remove_dir(&self.agent_cgroup);
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }
@@ -162,6 +167,7 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
     let relative = format!("enforcer-bench-events-{pid}");
     let mut setup = Setup {
         root: mount.join(&relative),
+        agent_cgroup: mount.join(format!("{relative}-agent")),
         work: std::env::temp_dir().join(format!("enforcer-bench-events-{pid}")),
         pins: PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-events-{pid}")),
         agent: None,
@@ -172,6 +178,7 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
         setup.root.clone(),
         setup.root.join("flood"),
         setup.root.join("quiet"),
+        setup.agent_cgroup.clone(),
     ] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -184,6 +191,7 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
     let state = setup.work.join("state");
     let mut agent = Command::new(&enforcer);
     on_cpu(&mut agent, AGENT_CPU);
+    into_cgroup(&mut agent, &setup.agent_cgroup)?;
     let agent = agent
         .args(["run", "--policies"])
         .arg(&bundle_dir)
@@ -247,19 +255,8 @@ fn start(format: &str, aggregate: &str, followers: usize) -> Result<Setup> {
 }
 
 impl Setup {
-    fn agent_pid(&self) -> u32 {
-        self.agent.as_ref().map_or(0, Child::id)
-    }
-
     /// A flood (or a slow caller) in workload `name`'s cgroup.
     fn flood(&self, name: &str, secs: f64, interval_ms: u64, rate: u64) -> Result<Child> {
-        let procs = std::ffi::CString::new(
-            self.root
-                .join(name)
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )?;
         let mut cmd = Command::new(std::env::current_exe()?);
         on_cpu(&mut cmd, OTHERS_CPU);
         cmd.args([
@@ -269,24 +266,35 @@ impl Setup {
             &rate.to_string(),
         ])
         .stdout(Stdio::piped());
-        // SAFETY: open/write/close only, between fork and exec, on memory made before.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let error = std::io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(error);
-                }
-                Ok(())
-            });
-        }
+        into_cgroup(&mut cmd, &self.root.join(name))?;
         Ok(cmd.spawn()?)
     }
+}
+
+/// Starts `cmd`'s process in cgroup `dir`.
+fn into_cgroup(cmd: &mut Command, dir: &Path) -> Result<()> {
+    let procs = std::ffi::CString::new(
+        dir.join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    // SAFETY: open/write/close only, between fork and exec, on memory made before.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(error);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// The refused calls a flood child reports.
@@ -335,16 +343,19 @@ fn counts() -> Result<(u64, u64)> {
     ))
 }
 
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').context("/proc/PID/stat")? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / hz)
+/// The CPU time of what cgroup `dir` holds, in seconds (`usage_usec` of its `cpu.stat`, which
+/// cgroup v2 keeps without the `cpu` controller).
+fn cpu_seconds(dir: &Path) -> Result<f64> {
+    let path = dir.join("cpu.stat");
+    let stat =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let usec: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .with_context(|| format!("no usage_usec in {}", path.display()))?
+        .trim()
+        .parse()?;
+    Ok(usec as f64 / 1e6)
 }
 
 struct Throughput {
@@ -361,9 +372,8 @@ struct Throughput {
 /// it goes); waits until every refused call is accounted.
 fn throughput(format: &str, followers: usize, rate: u64) -> Result<Throughput> {
     let setup = start(format, "0", followers)?;
-    let pid = setup.agent_pid();
     let (written0, lost0) = counts()?;
-    let cpu0 = cpu_seconds(pid)?;
+    let cpu0 = cpu_seconds(&setup.agent_cgroup)?;
     let started = Instant::now();
     let refused = refused(setup.flood("flood", FLOOD.as_secs_f64(), 0, rate)?)?;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -377,7 +387,7 @@ fn throughput(format: &str, followers: usize, rate: u64) -> Result<Throughput> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - cpu0;
+    let cpu = cpu_seconds(&setup.agent_cgroup)? - cpu0;
     ensure!(
         written + lost == refused,
         "{refused} calls refused but {written} written + {lost} lost: not accounted exactly"
@@ -483,14 +493,13 @@ pub fn events_bench() -> Result<()> {
 
     // (b)
     let setup = start("json", "1s", 0)?;
-    let pid = setup.agent_pid();
-    let cpu0 = cpu_seconds(pid)?;
+    let cpu0 = cpu_seconds(&setup.agent_cgroup)?;
     let started = Instant::now();
     let flood = setup.flood("flood", QUIET_FLOOD.as_secs_f64(), 0, 0)?;
     let quiet = setup.flood("quiet", QUIET_FLOOD.as_secs_f64() - 0.5, 1000, 0)?;
     let flooded = refused(flood)?;
     let quiet_calls = refused(quiet)?;
-    let cpu = (cpu_seconds(pid)? - cpu0) / started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(&setup.agent_cgroup)? - cpu0) / started.elapsed().as_secs_f64();
     // Summaries come a whole window after their window: wait for the quiet ones.
     let file = setup.work.join("events.log");
     let deadline = Instant::now() + Duration::from_secs(10);
