@@ -1959,6 +1959,13 @@ impl Received {
             ) {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                // An agent that went away with bytes of ours unread (a ring follower's report
+                // of what it missed) resets the connection instead of ending it: a hang-up
+                // all the same, after which the follower follows the next agent.
+                Err(rustix::io::Errno::CONNRESET) => {
+                    self.closed = true;
+                    return Ok(false);
+                }
                 other => break other.context("reading from the events socket")?,
             }
         };
@@ -2934,6 +2941,25 @@ mod tests {
     /// A line the agent's hang-up cut off is dropped, not passed on as an event; a line
     /// longer than any the agent sends ends the stream with an error, not the client's
     /// memory; a request field the agent does not know is refused by name.
+    /// An agent that dies with a follower's report unread resets the connection (Linux
+    /// answers the follower's next read with `ECONNRESET`, not the end): a hang-up, after
+    /// which the follower follows the next agent, not an error that ends the command. What
+    /// the agent sent before is still read.
+    #[test]
+    fn a_reset_by_the_agent_is_a_hang_up() {
+        let (follower, agent) = StdUnixStream::pair().unwrap();
+        (&agent).write_all(b"{\"type\":\"events.agent\"}\n").unwrap();
+        (&follower).write_all(b"{\"missed\":3}\n").unwrap();
+        drop(agent);
+        let mut received = Received::new(follower);
+        assert_eq!(
+            received.line().unwrap().as_deref(),
+            Some("{\"type\":\"events.agent\"}")
+        );
+        assert!(!received.wait().unwrap(), "a reset is the end of the stream");
+        assert_eq!(received.line().unwrap(), None);
+    }
+
     #[test]
     fn cut_and_endless_lines_and_unknown_fields() {
         let dir = std::env::temp_dir().join(format!("ev-cut-{}", std::process::id()));

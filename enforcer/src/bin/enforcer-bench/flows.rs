@@ -292,6 +292,9 @@ pub fn flows_bench(options: &FlowOptions) -> Result<()> {
         .arg(&relative)
         .arg("--pin-path")
         .arg(&bed.pin_root)
+        // Its own state, removed with the work directory (the default is under /run).
+        .arg("--state-dir")
+        .arg(bed.workdir.join("state"))
         .arg("--events")
         .arg(&events)
         .arg("--events-aggregate")
