@@ -501,7 +501,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             options.events_rotation,
         ),
     );
-    let hub = hub.with_follow_ring(emitter.formatter().clone(), options.events_follow_buffer);
+    let hub = hub
+        .with_follow_ring(emitter.formatter().clone(), options.events_follow_buffer)
+        .with_runs(&options.state_dir, &options.events, options.events_format);
     emitter.set_hub(hub.clone());
     let stream_formatter = emitter.formatter().clone();
     // Before the ready file: SIGUSR1's default action would kill the agent.

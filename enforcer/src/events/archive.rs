@@ -81,6 +81,19 @@ pub enum Outcome {
     Capped,
 }
 
+/// What [`read_since`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadBack {
+    pub outcome: Outcome,
+    /// Whether the marked line was found (true without a mark): if not, nothing was sent.
+    pub found: bool,
+    /// Lines in what was to be sent that are not events in the archive's format, so were
+    /// not sent: a line an agent was killed while writing (ended by the next agent's
+    /// newline), lines an agent wrote in the other format into the same file, a line longer
+    /// than [`MAX_LINE`]. Told to the consumer ([`unreadable_line`]): each may be an event.
+    pub unreadable: u64,
+}
+
 /// Where the history begins, as the hub saw it under its lock.
 #[derive(Debug, Clone, Copy)]
 pub struct Seam {
@@ -428,8 +441,7 @@ fn lines_backwards(
 /// Sends, through `send`, the archived lines the history does not hold whose time is at or
 /// after `since` and which `filter` matches, oldest first; with `after` (a [`line_mark`]),
 /// instead those after the line of that mark, whatever their time. `send` gets whole lines
-/// with their `\n`, in chunks of bounded size. Also returns whether the marked line was
-/// found (true without `after`): if not, nothing was sent.
+/// with their `\n`, in chunks of bounded size.
 pub fn read_since(
     archive: &Archive,
     since: SystemTime,
@@ -437,8 +449,8 @@ pub fn read_since(
     filter: &Filter,
     seam: Seam,
     mut send: impl FnMut(Vec<u8>) -> Result<()>,
-) -> Result<(Outcome, bool)> {
-    let mut found = after.is_none();
+) -> Result<ReadBack> {
+    let found = after.is_none();
     let mut files = open_files(archive)?;
     if let Some(w) = seam.written {
         if let Some(at) = files.iter().position(|(_, _, id)| *id == (w.dev, w.ino)) {
@@ -517,8 +529,13 @@ pub fn read_since(
             break;
         }
     }
+    let mut read = ReadBack {
+        outcome,
+        found,
+        unreadable: 0,
+    };
     let (Some(begin), Some(end)) = (begin, end) else {
-        return Ok((outcome, found));
+        return Ok(read);
     };
     // Forward pass, from `begin` to `end`.
     let mut chunk = Vec::with_capacity(BLOCK * 4);
@@ -547,16 +564,18 @@ pub fn read_since(
             if line.last() != Some(&b'\n') {
                 if line.len() > MAX_LINE {
                     skip_line(&mut reader)?;
+                    read.unreadable += u64::from(read.found);
                 }
                 continue;
             }
-            if !found {
+            if !read.found {
                 // The line the consumer printed last (where the backward pass began): sent
                 // before.
-                found = after == Some(line_mark(&line));
+                read.found = after == Some(line_mark(&line));
                 continue;
             }
             let Some((time, _)) = head(archive.format, &line[..line.len() - 1]) else {
+                read.unreadable += 1;
                 continue;
             };
             // After a marked line every line is new to the consumer, however old its time.
@@ -564,6 +583,7 @@ pub fn read_since(
                 continue;
             }
             let Ok(value) = serde_json::from_slice::<Value>(&line) else {
+                read.unreadable += 1;
                 continue;
             };
             if !Fields::of(archive.format, &value).matches(filter) {
@@ -578,7 +598,26 @@ pub fn read_since(
     if !chunk.is_empty() {
         send(chunk)?;
     }
-    Ok((outcome, found))
+    Ok(read)
+}
+
+/// The in-band line telling a consumer how many lines of the files could not be sent
+/// ([`ReadBack::unreadable`]).
+pub fn unreadable_line(count: u64, format: Format) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "type": "events.unreadable",
+        "count": count,
+        "message": format!(
+            "{count} line(s) of the events files are not {} events and were not sent: cut \
+             short by an agent killed while writing, written in another format, or longer \
+             than {} MiB; each may have been an event",
+            format.name(),
+            MAX_LINE >> 20
+        ),
+    }))
+    .expect("a JSON object of strings and numbers serialises");
+    line.push(b'\n');
+    line
 }
 
 /// The in-band line telling a consumer that its window starts before what could be sent.
@@ -627,12 +666,12 @@ mod tests {
 
     fn seqs(archive: &Archive, since: u64, filter: &Filter, seam: Seam) -> (Vec<u64>, Outcome) {
         let mut out = Vec::new();
-        let (outcome, _) = read_since(archive, at(since), None, filter, seam, |chunk| {
+        let read = read_since(archive, at(since), None, filter, seam, |chunk| {
             out.extend_from_slice(&chunk);
             Ok(())
         })
         .unwrap();
-        (seqs_of(&out), outcome)
+        (seqs_of(&out), read.outcome)
     }
 
     /// The `seq`s of the JSON lines `read_since` sent.
@@ -741,7 +780,7 @@ mod tests {
         };
         let read = |mark: u64| {
             let mut out = Vec::new();
-            let (_, found) = read_since(
+            let read = read_since(
                 &archive,
                 at(1000 + 50),
                 Some(mark),
@@ -753,11 +792,56 @@ mod tests {
                 },
             )
             .unwrap();
-            (seqs_of(&out), found)
+            (seqs_of(&out), read.found)
         };
         assert_eq!(read(mark), ((51..=100).collect::<Vec<_>>(), true));
         // A mark the files do not hold: nothing sent, and said.
         assert_eq!(read(mark ^ 1), (Vec::new(), false));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Lines the reader cannot take for events (half a line a killed agent left, ended by the
+    /// next agent's newline; an OCSF line in a JSON file) are not sent, and counted, after a
+    /// mark as in a window: before, they were skipped without a word, and a follower taken
+    /// up after a restart never learnt that events may be missing there (red team 23, F1).
+    #[test]
+    fn lines_that_are_not_events_are_counted_not_sent() {
+        let dir = std::env::temp_dir().join(format!("ev-archive-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let mut lines: Vec<String> = (1..=10).map(|s| line(s, 1000 + s, "acme")).collect();
+        lines.push(line(11, 1011, "acme")[..40].to_string());
+        lines.push(r#"{"time":1800001012000,"metadata":{"sequence":1}}"#.to_string());
+        lines.extend((1..=5).map(|s| line(s, 1020 + s, "acme")));
+        write_lines(&path, &lines);
+        let archive = Archive {
+            path,
+            format: Format::Json,
+            keep: 1,
+        };
+        let seam = Seam {
+            oldest_seq: 1,
+            emitted: false,
+            written: None,
+        };
+        let read = |since: u64, mark: Option<u64>| {
+            let mut out = Vec::new();
+            let read = read_since(&archive, at(since), mark, &Filter::default(), seam, |c| {
+                out.extend_from_slice(&c);
+                Ok(())
+            })
+            .unwrap();
+            (seqs_of(&out), read.found, read.unreadable)
+        };
+        let mark = line_mark(lines[4].as_bytes());
+        assert_eq!(
+            read(0, Some(mark)),
+            (vec![6, 7, 8, 9, 10, 1, 2, 3, 4, 5], true, 2)
+        );
+        assert_eq!(read(0, None).2, 2, "a window counts them too");
+        // Not in the window, not counted.
+        assert_eq!(read(1021, None), ((1..=5).collect(), true, 0));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -15,6 +15,7 @@ pub mod notice;
 pub mod ocsf;
 pub mod record;
 pub mod ring;
+pub mod runs;
 mod sink;
 pub mod stream;
 mod template;
@@ -60,6 +61,16 @@ pub enum Format {
     /// OCSF 1.8.0: Network Activity for calls, Entity Management and Application Error for
     /// the agent's notices (README, "Events").
     Ocsf,
+}
+
+impl Format {
+    /// As `--events-format` and `-o` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Ocsf => "ocsf",
+        }
+    }
 }
 
 /// Turns events into lines of one format.

@@ -184,7 +184,37 @@ fn open_append(path: &Path) -> Result<(File, u64)> {
                 .with_context(|| format!("making {} blocking", path.display()));
         }
     }
-    Ok((file, meta.len()))
+    let mut size = meta.len();
+    if meta.is_file() && size > 0 && !ends_a_line(&file, size)? {
+        // An agent killed in the middle of a write (a SIGKILL or the OOM killer cuts a
+        // `write` short) left half a line: the first line appended would continue it and be
+        // lost with it. The half line is ended here, a line no reader takes for an event
+        // (`enforcer events` counts it as unreadable, a shipper rejects it alone).
+        tracing::warn!(
+            file = %path.display(),
+            "the events file ends in the middle of a line (an agent was killed while \
+             writing it): ended with a newline, so that the lines appended now stay whole"
+        );
+        (&file)
+            .write_all(b"\n")
+            .with_context(|| format!("ending the last line of {}", path.display()))?;
+        size += 1;
+    }
+    Ok((file, size))
+}
+
+/// Whether the regular file `file` (opened for appending only, `size` bytes) ends with a
+/// newline; read through a descriptor of its own, opened by `/proc/self/fd`.
+fn ends_a_line(file: &File, size: u64) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    let reader = File::open(format!("/proc/self/fd/{fd}"))
+        .context("opening the events file for reading its last byte")?;
+    let mut last = [0u8; 1];
+    reader
+        .read_exact_at(&mut last, size - 1)
+        .context("reading the events file's last byte")?;
+    Ok(last[0] == b'\n')
 }
 
 /// `FILE.n`.
@@ -548,6 +578,35 @@ mod tests {
         sink.write_line(b"three\n").unwrap();
         assert_eq!(std::fs::read_to_string(&moved).unwrap(), "old\none\ntwo\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+    }
+
+    /// A file an agent was killed writing ends in half a line: the next agent's first line
+    /// starts a line of its own (it was glued to the half and lost with it), and the size
+    /// that rotation counts includes the newline added. Also after a SIGUSR1 reopen.
+    #[test]
+    fn a_line_cut_by_a_killed_agent_is_ended_before_anything_is_appended() {
+        let dir = Dir::new("torn");
+        let path = dir.0.join("events.jsonl");
+        std::fs::write(&path, "{\"seq\":1}\n{\"seq\":2,\"ty").unwrap();
+        let mut sink = FileSink::open(&path, Rotation::default()).unwrap();
+        assert_eq!(sink.size, 23);
+        sink.write_line(b"{\"seq\":1}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"seq\":1}\n{\"seq\":2,\"ty\n{\"seq\":1}\n"
+        );
+        std::fs::write(&path, "whole\nhalf").unwrap();
+        sink.reopen().unwrap();
+        sink.write_line(b"next\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "whole\nhalf\nnext\n"
+        );
+        // A whole file, or an empty one, is left as it is.
+        std::fs::write(&path, "whole\n").unwrap();
+        sink.reopen().unwrap();
+        sink.write_line(b"next\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "whole\nnext\n");
     }
 
     #[test]
