@@ -501,9 +501,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             options.events_rotation,
         ),
     );
-    let hub = hub
-        .with_follow_ring(emitter.formatter().clone(), options.events_follow_buffer)
-        .with_runs(&options.state_dir, &options.events, options.events_format);
+    let hub = hub.with_follow_ring(emitter.formatter().clone(), options.events_follow_buffer);
     emitter.set_hub(hub.clone());
     let stream_formatter = emitter.formatter().clone();
     // Before the ready file: SIGUSR1's default action would kill the agent.
@@ -691,6 +689,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     ));
     let (control_tx, mut control_rx) = mpsc::channel::<Pending>(16);
     let control = control::listen(&agent.options.state_dir, control_tx)?;
+    hub.record_run(
+        &agent.options.state_dir,
+        &agent.options.events,
+        agent.options.events_format,
+    );
     let event_socket = crate::events::stream::listen(
         &agent.options.state_dir,
         hub,

@@ -469,12 +469,17 @@ pub fn read_since(
     // Just after the newest line to send, and the start of the oldest line in the window.
     let mut end: Option<Pos> = None;
     let mut begin: Option<Pos> = None;
+    // Lines that are not events between `end` and the history's lines (or the files' end):
+    // after the span the forward pass reads, yet in the consumer's way. The half line of an
+    // agent killed while writing lies there, just before the next agent's first line.
+    let mut unreadable_after_end = 0;
     let mut outcome = Outcome::Exhausted;
     for index in (0..files.len()).rev() {
         let (file, len) = &mut files[index];
         let mut done = false;
         let (read, stopped) = lines_backwards(file, *len, budget, |offset, line| {
             let Some((time, seq)) = head(archive.format, line) else {
+                unreadable_after_end += u64::from(end.is_none());
                 return true;
             };
             if last_seq.is_some_and(|last| seq >= last) {
@@ -484,6 +489,8 @@ pub fn read_since(
             }
             last_seq = Some(seq);
             if skipping && in_this_agent && seq >= seam.oldest_seq {
+                // Sent from the history, and so is anything newer.
+                unreadable_after_end = 0;
                 return true;
             }
             skipping = false;
@@ -532,7 +539,7 @@ pub fn read_since(
     let mut read = ReadBack {
         outcome,
         found,
-        unreadable: 0,
+        unreadable: unreadable_after_end,
     };
     let (Some(begin), Some(end)) = (begin, end) else {
         return Ok(read);
@@ -842,6 +849,43 @@ mod tests {
         assert_eq!(read(0, None).2, 2, "a window counts them too");
         // Not in the window, not counted.
         assert_eq!(read(1021, None), ((1..=5).collect(), true, 0));
+
+        // A restart as it happens: the killed agent's half line, then the new agent's lines,
+        // which its history holds (sent from there, not from the files). The half line lies
+        // after the span read forward, and is counted all the same; so is one at the files'
+        // end before the new agent wrote anything.
+        let path = dir.join("restart.jsonl");
+        let mut lines: Vec<String> = (1..=10).map(|s| line(s, 1000 + s, "acme")).collect();
+        lines.push(line(11, 1011, "acme")[..40].to_string());
+        write_lines(&path, &lines);
+        let archive = Archive {
+            path: path.clone(),
+            format: Format::Json,
+            keep: 1,
+        };
+        let mark = line_mark(lines[4].as_bytes());
+        let read = |seam: Seam| {
+            let mut out = Vec::new();
+            let read = read_since(&archive, at(0), Some(mark), &Filter::default(), seam, |c| {
+                out.extend_from_slice(&c);
+                Ok(())
+            })
+            .unwrap();
+            (seqs_of(&out), read.found, read.unreadable)
+        };
+        assert_eq!(read(seam), (vec![6, 7, 8, 9, 10], true, 1));
+        write_lines(
+            &path,
+            &(1..=5)
+                .map(|s| line(s, 1020 + s, "acme"))
+                .collect::<Vec<_>>(),
+        );
+        let held = Seam {
+            oldest_seq: 1,
+            emitted: true,
+            written: None,
+        };
+        assert_eq!(read(held), (vec![6, 7, 8, 9, 10], true, 1));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -94,10 +94,17 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(fd: BorrowedFd<'_>, len: usize, prot: ProtFlags) -> io::Result<Mapping> {
+        // The writer's pages are all made now (`MAP_POPULATE`), when the first follower
+        // comes: else each of the first lap's 8,192 page faults (a page allocated and
+        // zeroed) came in the middle of a batch's copy, under the hub's lock.
+        let flags = if prot.contains(ProtFlags::WRITE) {
+            MapFlags::SHARED | MapFlags::POPULATE
+        } else {
+            MapFlags::SHARED
+        };
         // SAFETY: a fresh shared mapping of a file of at least `len` bytes, checked by the
         // callers; nothing else refers to its address.
-        let ptr =
-            unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0)? };
         Ok(Mapping {
             ptr: NonNull::new(ptr.cast()).expect("mmap returns a non-null address"),
             len,
@@ -177,6 +184,19 @@ impl Ring {
         })
     }
 
+    /// A ring made ahead, before anything was pushed: its first line will be event
+    /// `next_seq` after all.
+    pub fn begin_at(&mut self, next_seq: u64) {
+        assert_eq!(
+            self.end, 0,
+            "a ring begins again only before its first line"
+        );
+        self.map
+            .header()
+            .next_seq
+            .store(next_seq, Ordering::Release);
+    }
+
     /// The memfd to hand to a follower.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.memfd.as_fd()
@@ -253,6 +273,7 @@ impl Ring {
 }
 
 /// Copies of at least this many bytes go to the ring with non-temporal stores.
+#[cfg(target_arch = "x86_64")]
 const STREAMING_COPY: usize = 4096;
 
 /// Copies `from` to `to`, which the caller owns for `from.len()` bytes. A batch (at least

@@ -1,8 +1,9 @@
 //! The agent runs that served the events socket of one state directory, and where each wrote
-//! its events (`<state dir>/event-runs.json`, the last [`KEEP`]).
+//! its events (`<state dir>/event-runs.json`, the last [`KEEP`]; a run is recorded when it
+//! is about to serve the socket).
 //!
 //! Why: a follower taken up by a new agent names the last line it printed and the agent run
-//! whose lines it printed last (`after_instance`); the new agent sends what its files hold
+//! whose `events.agent` line it got last (`after_instance`); the new agent sends what its files hold
 //! after that line. Any run in between whose lines its files do not hold (it wrote to
 //! standard output, to another file, or in the other format) would be skipped without a
 //! word: the record names those runs, and the follower is told of each
@@ -40,8 +41,7 @@ impl Run {
         let events = if events == "-" {
             events.to_string()
         } else {
-            std::path::absolute(events)
-                .map_or_else(|_| events.to_string(), |p| p.display().to_string())
+            canonical(Path::new(events)).display().to_string()
         };
         Run {
             instance: instance.to_string(),
@@ -61,9 +61,16 @@ impl Run {
 
     /// Where its events went, in words.
     pub fn describe(&self) -> String {
-        let started = humantime::format_rfc3339_millis(
-            SystemTime::UNIX_EPOCH + Duration::from_millis(self.started_unix_ms),
-        );
+        // RFC 3339 ends with the year 9999 (humantime's display fails past it: a record
+        // edited by hand must not panic the stream).
+        let started = if self.started_unix_ms < 253_402_300_800_000 {
+            humantime::format_rfc3339_millis(
+                SystemTime::UNIX_EPOCH + Duration::from_millis(self.started_unix_ms),
+            )
+            .to_string()
+        } else {
+            format!("at {} ms after the epoch", self.started_unix_ms)
+        };
         let to = if self.events == "-" {
             "to standard output".to_string()
         } else {
@@ -73,6 +80,18 @@ impl Run {
             "agent run {} (started {started}) wrote its events {to} in {}",
             self.instance, self.format
         )
+    }
+}
+
+/// The file's path with its directory's symlinks and `..` resolved (the same file named two
+/// ways is one), or as absolute as it can be made when the directory cannot be resolved.
+fn canonical(path: &Path) -> std::path::PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => {
+            std::fs::canonicalize(dir).map_or(absolute.clone(), |d| d.join(name))
+        }
+        _ => absolute,
     }
 }
 
@@ -158,6 +177,15 @@ mod tests {
             Some(vec!["e".into()])
         );
         assert!(before[1].describe().contains("to standard output in json"));
+        // The same file named another way is the same file.
+        let spelt = dir.join("x/../events.jsonl").display().to_string();
+        std::fs::create_dir_all(dir.join("x")).unwrap();
+        assert!(run("h", &spelt, Format::Json).in_files_of(&this));
+        let far = Run {
+            started_unix_ms: u64::MAX,
+            ..run("i", "-", Format::Json)
+        };
+        assert!(far.describe().contains("ms after the epoch"));
         // Only the last KEEP runs are kept.
         for i in 0..KEEP + 5 {
             record(&dir, &run(&format!("r{i}"), &file, Format::Json));

@@ -185,36 +185,52 @@ fn open_append(path: &Path) -> Result<(File, u64)> {
         }
     }
     let mut size = meta.len();
-    if meta.is_file() && size > 0 && !ends_a_line(&file, size)? {
-        // An agent killed in the middle of a write (a SIGKILL or the OOM killer cuts a
-        // `write` short) left half a line: the first line appended would continue it and be
-        // lost with it. The half line is ended here, a line no reader takes for an event
-        // (`enforcer events` counts it as unreadable, a shipper rejects it alone).
-        tracing::warn!(
-            file = %path.display(),
-            "the events file ends in the middle of a line (an agent was killed while \
-             writing it): ended with a newline, so that the lines appended now stay whole"
-        );
-        (&file)
-            .write_all(b"\n")
-            .with_context(|| format!("ending the last line of {}", path.display()))?;
-        size += 1;
+    if meta.is_file() && size > 0 {
+        size += end_a_cut_line(&file, size, path);
     }
     Ok((file, size))
 }
 
-/// Whether the regular file `file` (opened for appending only, `size` bytes) ends with a
-/// newline; read through a descriptor of its own, opened by `/proc/self/fd`.
-fn ends_a_line(file: &File, size: u64) -> Result<bool> {
+/// Ends the last line of the regular file `file` (opened for appending only, `size` bytes)
+/// if it was cut: an agent killed in the middle of a write (a SIGKILL or the OOM killer cuts
+/// a `write` short) left half a line, and the first line appended would continue it and be
+/// lost with it. The half line becomes a line of its own, which no reader takes for an event
+/// (`enforcer events` counts it as unreadable, a shipper rejects it alone). Returns the bytes
+/// added (0 or 1). Never an error: a file that cannot be read back (its last byte read
+/// through `/proc/self/fd`) or ended (a full disk) is written on as it is, said in the log;
+/// the events must not stop for it.
+fn end_a_cut_line(file: &File, size: u64, path: &Path) -> u64 {
     use std::os::unix::fs::FileExt;
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    let reader = File::open(format!("/proc/self/fd/{fd}"))
-        .context("opening the events file for reading its last byte")?;
     let mut last = [0u8; 1];
-    reader
-        .read_exact_at(&mut last, size - 1)
-        .context("reading the events file's last byte")?;
-    Ok(last[0] == b'\n')
+    let read = File::open(format!("/proc/self/fd/{fd}"))
+        .and_then(|reader| reader.read_exact_at(&mut last, size - 1));
+    match read {
+        Ok(()) if last[0] == b'\n' => 0,
+        Ok(()) => match (&*file).write_all(b"\n") {
+            Ok(()) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the events file ended in the middle of a line (an agent was killed \
+                     while writing it): ended with a newline, so that the lines appended \
+                     now stay whole"
+                );
+                1
+            }
+            Err(error) => {
+                tracing::warn!(file = %path.display(), %error, "the events file ends in the \
+                    middle of a line and could not be ended: the next line continues it");
+                0
+            }
+        },
+        // Truncated meanwhile: nothing to end.
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => 0,
+        Err(error) => {
+            tracing::warn!(file = %path.display(), %error, "could not read the events file's \
+                last byte: a line an agent was killed writing, if any, is not ended");
+            0
+        }
+    }
 }
 
 /// `FILE.n`.

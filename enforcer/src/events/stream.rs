@@ -312,8 +312,8 @@ pub struct Request {
     /// for what the history no longer holds of the gap (counted whatever the filter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_seq: Option<u64>,
-    /// The agent run whose lines the follower printed last (its `events.agent` line's
-    /// `instance`), in which `after_seq` counts. Another agent (the one the follower
+    /// The agent run whose `events.agent` line the follower got last (its `instance`), in
+    /// which `after_seq` counts. Another agent (the one the follower
     /// followed stopped, and this one started) ignores `after_seq`, says which runs since
     /// wrote events its files do not hold (one `events.truncated` line each, from
     /// [`super::runs`]), and sends, from the events files, what came after `after_line`,
@@ -508,9 +508,9 @@ pub struct Hub {
     published: Arc<AtomicU64>,
     /// This agent among the agents that serve the socket over time (see [`Request::announce`]).
     instance: Arc<str>,
-    /// This run and the runs before it on the same state directory ([`super::runs`]); none
-    /// when not recorded.
-    runs: Option<Arc<(Run, Vec<Run>)>>,
+    /// This run and the runs before it on the same state directory ([`super::runs`]), once
+    /// recorded ([`Hub::record_run`]).
+    runs: Arc<std::sync::OnceLock<(Run, Vec<Run>)>>,
 }
 
 /// What [`Hub::open_at`] took under its lock.
@@ -550,18 +550,21 @@ impl Hub {
             ring: None,
             published: Arc::default(),
             instance: new_instance().into(),
-            runs: None,
+            runs: Arc::default(),
         }
     }
 
     /// Records this run in `state_dir`'s list of runs (writing to `events` in `format`), so
     /// that a follower taken up after an earlier run is told of runs between whose lines
-    /// this one's files do not hold.
-    pub fn with_runs(mut self, state_dir: &Path, events: &str, format: Format) -> Self {
-        let this = Run::new(&self.instance, events, format);
-        let before = super::runs::record(state_dir, &this);
-        self.runs = Some(Arc::new((this, before)));
-        self
+    /// this one's files do not hold. Once the agent is about to serve its socket (a start
+    /// that failed before wrote no events a follower could miss); a second call does
+    /// nothing.
+    pub fn record_run(&self, state_dir: &Path, events: &str, format: Format) {
+        self.runs.get_or_init(|| {
+            let this = Run::new(&self.instance, events, format);
+            let before = super::runs::record(state_dir, &this);
+            (this, before)
+        });
     }
 
     /// This agent's instance, as its `events.agent` lines name it.
@@ -719,30 +722,42 @@ impl Hub {
         inner.consumers.len() + inner.ring_followers.len()
     }
 
+    /// The capacity of the ring a follower in `format` would need made ([`Ring::new`], off
+    /// the runtime's workers, for [`Hub::open_ring`]); none when there is one already, or
+    /// no ring for `format`.
+    pub fn ring_to_make(&self, format: Format) -> Option<usize> {
+        let config = self
+            .ring
+            .as_ref()
+            .filter(|c| c.formatter.format() == format)?;
+        self.lock().ring.is_none().then_some(config.capacity)
+    }
+
     /// The history received at or after `since`, and a place on the shared ring for what
-    /// comes after it (made now when no follower reads it), taken under one lock. `socket`
-    /// is poked after each batch once armed ([`RingSubscription::arm`]). None: the hub has
-    /// no ring for `format`, or it could not be made (the caller falls back to a queue).
+    /// comes after it (`made`, from [`Hub::ring_to_make`], when no follower reads it), taken
+    /// under one lock. `socket` is poked after each batch once armed
+    /// ([`RingSubscription::arm`]). None: the hub has no ring for `format`, or none was
+    /// made (the caller falls back to a queue). A `made` ring not needed is dropped after
+    /// the lock.
     pub fn open_ring(
         &self,
         since: Option<SystemTime>,
         format: Format,
         socket: OwnedFd,
+        made: Option<Ring>,
     ) -> Option<RingOpened> {
-        let config = self
-            .ring
+        self.ring
             .as_ref()
             .filter(|c| c.formatter.format() == format)?;
         let mut guard = self.lock();
         let inner = &mut *guard;
         if inner.ring.is_none() {
-            match Ring::new(config.capacity, inner.next_seq.max(1)) {
-                Ok(ring) => inner.ring = Some(ring),
-                Err(error) => {
-                    tracing::warn!("the followers' ring could not be made: {error:#}");
-                    return None;
-                }
-            }
+            // None when the ring could not be made, or when there was one a moment ago
+            // and its last follower left since: this follower then gets a queue (rare;
+            // never a wait under the lock).
+            let mut ring = made?;
+            ring.begin_at(inner.next_seq.max(1));
+            inner.ring = Some(ring);
         }
         let ring = inner.ring.as_ref().expect("made above");
         let memfd = match ring.fd().try_clone_to_owned() {
@@ -1248,14 +1263,35 @@ async fn serve_one(
     };
     // Root only: a descriptor outlives the connection it came with, and a member of
     // `--events-group` must not keep reading after its stream ends (or it leaves the group).
-    let ring = (request.follow
+    let ring_follower = request.follow
         && request.ring
         && peer.uid() == 0
         && request.queue.is_none()
-        && request.filter == Filter::default())
-    .then(|| write.as_ref().as_fd().try_clone_to_owned().ok())
-    .flatten()
-    .and_then(|socket| hub.open_ring(since, formatter.format(), socket));
+        && request.filter == Filter::default();
+    // The first ring follower's ring is made on a blocking thread: all its pages are made at
+    // once (tens of milliseconds, more for a large `--events-follow-buffer`), time the
+    // runtime's workers, which also drain the kernel's ring buffer, must not lose.
+    let made = match hub
+        .ring_to_make(formatter.format())
+        .filter(|_| ring_follower)
+    {
+        Some(capacity) => match tokio::task::spawn_blocking(move || Ring::new(capacity, 1)).await {
+            Ok(Ok(ring)) => Some(ring),
+            Ok(Err(error)) => {
+                tracing::warn!("the followers' ring could not be made: {error:#}");
+                None
+            }
+            Err(error) => {
+                tracing::warn!("making the followers' ring failed: {error}");
+                None
+            }
+        },
+        None => None,
+    };
+    let ring = ring_follower
+        .then(|| write.as_ref().as_fd().try_clone_to_owned().ok())
+        .flatten()
+        .and_then(|socket| hub.open_ring(since, formatter.format(), socket, made));
     let (mut past, oldest, seam, follow) = match ring {
         Some(opened) => (
             opened.past,
@@ -1277,14 +1313,13 @@ async fn serve_one(
     };
     // A follower taken up after another agent run's lines: runs since whose lines this
     // agent's files do not hold are told, one line each (the files say nothing of them).
-    if let (Some(earlier), Some(runs)) = (
+    if let (Some(earlier), Some((this, before))) = (
         request
             .after_instance
             .as_deref()
             .filter(|&i| i != hub.instance()),
-        &hub.runs,
+        hub.runs.get().filter(|(_, before)| !before.is_empty()),
     ) {
-        let (this, before) = &**runs;
         let oldest_seq = None;
         match super::runs::between(before, earlier, this) {
             Some(missed) => {
@@ -1660,8 +1695,9 @@ pub fn call(
 /// a follower that read nothing for [`WRITE_DEADLINE`]) connects again, every
 /// [`RECONNECT_EVERY`] until the agent answers, and goes on: from the same agent, after the
 /// last event it got (`after_seq`; what the agent's history no longer holds is told as
-/// `events.dropped`); from a new agent (a restart: its process is another), from that
-/// agent's first event, since every event it has is new. Each is said on stderr.
+/// `events.dropped`); from a new agent (a restart), the events files' lines after the last
+/// line it printed, then that agent's own (see `Place`, and [`Request::after_instance`] for
+/// runs whose lines the files do not hold). Each is said on stderr.
 pub fn call_flushing(
     state_dir: &Path,
     request: &Request,
@@ -1765,7 +1801,7 @@ struct Place {
     own: bool,
     last_seq: Option<u64>,
     /// The last line printed that the files hold (not the agent's lines for this consumer
-    /// alone: `events.dropped`, `events.truncated`).
+    /// alone: `events.dropped`, `events.truncated`, `events.unreadable`).
     last_line: String,
 }
 
@@ -2872,26 +2908,7 @@ mod tests {
             }
         };
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        // An agent's socket, each connection served by a task the test can end.
-        let serve = |hub: &Hub| {
-            let (tasks, served) = std::sync::mpsc::channel();
-            let _runtime = runtime.enter();
-            let _ = std::fs::remove_file(socket_path(&dir));
-            let listener = UnixListener::bind(socket_path(&dir)).unwrap();
-            let hub = hub.clone();
-            let listener = runtime.spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let task = tokio::spawn(serve_one(
-                        stream,
-                        hub.clone(),
-                        json_formatter(),
-                        Access::default(),
-                    ));
-                    let _ = tasks.send(task);
-                }
-            });
-            (listener, served)
-        };
+        let serve = |hub: &Hub| serve_endable(&runtime, &dir, hub);
         // An earlier agent's lines, then agent A's.
         emit(None, "z", 1..=2000);
         let a = Hub::new(None).with_archive(Some(archive.clone()));
@@ -2967,9 +2984,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A follower's place is the last `seq` of any line that has one: events in both formats
-    /// (the formatter's lines, a workload's strings cannot fake the key: JSON escapes their
-    /// quotes), the agent's notices, and a gap it was told of.
+    /// An agent's socket in `dir` (as `hub`), each connection served by a task the test can
+    /// end: the listener's task, and the connections' tasks as they come.
+    fn serve_endable(
+        runtime: &tokio::runtime::Runtime,
+        dir: &Path,
+        hub: &Hub,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        std::sync::mpsc::Receiver<tokio::task::JoinHandle<Result<()>>>,
+    ) {
+        let (tasks, served) = std::sync::mpsc::channel();
+        let _runtime = runtime.enter();
+        let _ = std::fs::remove_file(socket_path(dir));
+        let listener = UnixListener::bind(socket_path(dir)).unwrap();
+        let hub = hub.clone();
+        let listener = runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let task = tokio::spawn(serve_one(
+                    stream,
+                    hub.clone(),
+                    json_formatter(),
+                    Access::default(),
+                ));
+                let _ = tasks.send(task);
+            }
+        });
+        (listener, served)
+    }
+
     /// A follower away while an agent run wrote its events elsewhere (standard output here)
     /// is told of that run by the next agent on the same files, by name: the files it reads
     /// back after the follower's last line hold nothing of it (red team 23, F2: 4,947 events
@@ -3001,28 +3044,9 @@ mod tests {
                 }
             };
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let serve = |hub: &Hub| {
-            let _runtime = runtime.enter();
-            let _ = std::fs::remove_file(socket_path(&dir));
-            let listener = UnixListener::bind(socket_path(&dir)).unwrap();
-            let hub = hub.clone();
-            let (tasks, served) = std::sync::mpsc::channel();
-            let listener = runtime.spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let task = tokio::spawn(serve_one(
-                        stream,
-                        hub.clone(),
-                        json_formatter(),
-                        Access::default(),
-                    ));
-                    let _ = tasks.send(task);
-                }
-            });
-            (listener, served)
-        };
-        let a = Hub::new(None)
-            .with_archive(Some(archive.clone()))
-            .with_runs(&dir, &events, Format::Json);
+        let serve = |hub: &Hub| serve_endable(&runtime, &dir, hub);
+        let a = Hub::new(None).with_archive(Some(archive.clone()));
+        a.record_run(&dir, &events, Format::Json);
         emit(&a, true, "a", 1..=5);
         let (listener_a, served_a) = serve(&a);
         let (paused, pause) = std::sync::mpsc::channel::<()>();
@@ -3058,11 +3082,11 @@ mod tests {
         listener_a.abort();
         served_a.recv().unwrap().abort();
         // B: to standard output, never followed; C: the same file as A.
-        let b = Hub::new(None).with_runs(&dir, "-", Format::Json);
+        let b = Hub::new(None);
+        b.record_run(&dir, "-", Format::Json);
         emit(&b, false, "b", 1..=3);
-        let c = Hub::new(None)
-            .with_archive(Some(archive.clone()))
-            .with_runs(&dir, &events, Format::Json);
+        let c = Hub::new(None).with_archive(Some(archive.clone()));
+        c.record_run(&dir, &events, Format::Json);
         emit(&c, true, "c", 1..=3);
         let (listener_c, _served_c) = serve(&c);
         resume.send(()).unwrap();
@@ -3080,6 +3104,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A follower's place is the last `seq` of any line that has one: events in both formats
+    /// (the formatter's lines, a workload's strings cannot fake the key: JSON escapes their
+    /// quotes), the agent's notices, and a gap it was told of.
     #[test]
     fn a_followers_place_is_the_last_seq_of_any_line() {
         let formatter = json_formatter();
@@ -3104,9 +3131,6 @@ mod tests {
         assert_eq!(place.last_seq, Some(12));
     }
 
-    /// A line the agent's hang-up cut off is dropped, not passed on as an event; a line
-    /// longer than any the agent sends ends the stream with an error, not the client's
-    /// memory; a request field the agent does not know is refused by name.
     /// An agent that dies with a follower's report unread resets the connection (Linux
     /// answers the follower's next read with `ECONNRESET`, not the end): a hang-up, after
     /// which the follower follows the next agent, not an error that ends the command. What
@@ -3131,6 +3155,9 @@ mod tests {
         assert_eq!(received.line().unwrap(), None);
     }
 
+    /// A line the agent's hang-up cut off is dropped, not passed on as an event; a line
+    /// longer than any the agent sends ends the stream with an error, not the client's
+    /// memory; a request field the agent does not know is refused by name.
     #[test]
     fn cut_and_endless_lines_and_unknown_fields() {
         let dir = std::env::temp_dir().join(format!("ev-cut-{}", std::process::id()));
