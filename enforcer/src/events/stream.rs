@@ -1803,6 +1803,11 @@ struct Place {
     /// The last line printed that the files hold (not the agent's lines for this consumer
     /// alone: `events.dropped`, `events.truncated`, `events.unreadable`).
     last_line: String,
+    /// Events this follower was told it missed right after `last_line` (an
+    /// `events.dropped` line): the `seq`s after the last skipped (first: `last_line`'s) up to
+    /// the last told. A new agent reads the files back from `last_line`, and those lines
+    /// must not come after their loss was told (red team 23, F4).
+    told: Option<(u64, u64)>,
 }
 
 impl Place {
@@ -1833,9 +1838,18 @@ impl Place {
         {
             self.last_line.clear();
             self.last_line.push_str(line);
+            self.told = None;
         }
         if !self.own {
             return;
+        }
+        if line.starts_with("{\"type\":\"events.dropped\"") {
+            let last = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["last_seq"].as_u64());
+            if let (Some(last), Some(after)) = (last, event_seq(&self.last_line)) {
+                self.told = Some((after, last.max(self.told.map_or(0, |(_, l)| l))));
+            }
         }
         let seq = if control {
             // Control lines and the agent's own notices: few, read whole.
@@ -1847,6 +1861,28 @@ impl Place {
         };
         if seq.is_some() {
             self.last_seq = seq;
+        }
+    }
+
+    /// Whether `line`, from the files before the agent's own lines, is one of the events
+    /// this follower was told it missed (see `told`): those come in `seq` order right after
+    /// the marked line; the first line that is not one ends the skipping.
+    fn told_missed(&mut self, line: &str) -> bool {
+        let Some((after, last)) = self.told.filter(|_| !self.own) else {
+            return false;
+        };
+        if line.starts_with("{\"type\":\"events.") {
+            return false;
+        }
+        match event_seq(line) {
+            Some(seq) if seq > after && seq <= last => {
+                self.told = Some((seq, last));
+                true
+            }
+            _ => {
+                self.told = None;
+                false
+            }
         }
     }
 
@@ -1928,6 +1964,9 @@ fn stream_once(
                 }
                 return follow_ring(received, reader, place, each, caught_up);
             }
+        }
+        if place.told_missed(&line) {
+            continue;
         }
         place.saw(&line);
         if !each(&line)? {
@@ -3011,6 +3050,90 @@ mod tests {
             }
         });
         (listener, served)
+    }
+
+    /// A follower told it missed events (a full queue: `events.dropped`) just before its
+    /// agent stopped is not sent them after all by the next agent, which reads the files back
+    /// from the last line the follower printed (red team 23, F4: 2,793 events told lost,
+    /// then printed). What comes after them is. Two agents played by the test on a real
+    /// socket; the second checks where the follower asked to go on.
+    #[test]
+    fn events_told_missed_are_not_printed_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("ev-told-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
+        let formatter = json_formatter();
+        let line = move |name: &str, seq: u64| {
+            formatter
+                .line(seq, &notice(&format!("{name}{seq}")))
+                .unwrap()
+        };
+        let mark = archive::line_mark(&line("a", 5));
+        let lines = move |name: &str, seqs: std::ops::RangeInclusive<u64>| -> Vec<u8> {
+            seqs.flat_map(|s| line(name, s)).collect()
+        };
+        let agents = std::thread::spawn(move || -> Result<Request> {
+            let accept = || -> Result<(StdUnixStream, Request)> {
+                let (stream, _) = listener.accept()?;
+                let mut request = String::new();
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut request)?;
+                Ok((stream, serde_json::from_str(&request)?))
+            };
+            // Agent A: 5 events, then 5 the follower missed, then it stops.
+            let (mut stream, _) = accept()?;
+            stream.write_all(b"{\"type\":\"events.agent\",\"instance\":\"aaaa\"}\n")?;
+            stream.write_all(&lines("a", 1..=5))?;
+            stream.write_all(&dropped_line(Missed {
+                count: 5,
+                first_seq: 6,
+                last_seq: 10,
+            }))?;
+            drop(stream);
+            // Agent C: A's lines after the follower's mark from the files, then its own.
+            let (mut stream, request) = accept()?;
+            stream.write_all(&lines("a", 6..=12))?;
+            stream.write_all(b"{\"type\":\"events.agent\",\"instance\":\"cccc\"}\n")?;
+            stream.write_all(&lines("c", 1..=2))?;
+            Ok(request)
+        });
+        let mut got = Vec::new();
+        call(
+            &dir,
+            &Request {
+                follow: true,
+                ..Request::default()
+            },
+            |l| {
+                let v: serde_json::Value = serde_json::from_str(l)?;
+                got.push(
+                    v["problem"]
+                        .as_str()
+                        .map_or_else(|| v["type"].to_string(), str::to_string),
+                );
+                Ok(got.last().is_none_or(|l| l != "c2"))
+            },
+        )
+        .unwrap();
+        let request = agents.join().unwrap().unwrap();
+        assert_eq!(request.after_line, Some(format!("{mark:016x}")));
+        assert_eq!(request.after_instance.as_deref(), Some("aaaa"));
+        assert_eq!(
+            got,
+            [
+                "a1",
+                "a2",
+                "a3",
+                "a4",
+                "a5",
+                "\"events.dropped\"",
+                "a11",
+                "a12",
+                "c1",
+                "c2"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A follower away while an agent run wrote its events elsewhere (standard output here)
