@@ -726,11 +726,15 @@ impl Hub {
     /// the runtime's workers, for [`Hub::open_ring`]); none when there is one already, or
     /// no ring for `format`.
     pub fn ring_to_make(&self, format: Format) -> Option<usize> {
-        let config = self
-            .ring
-            .as_ref()
-            .filter(|c| c.formatter.format() == format)?;
+        let config = self.ring_config(format)?;
         self.lock().ring.is_none().then_some(config.capacity)
+    }
+
+    /// The shared ring's configuration when followers in `format` read it.
+    fn ring_config(&self, format: Format) -> Option<&RingConfig> {
+        self.ring
+            .as_deref()
+            .filter(|c| c.formatter.format() == format)
     }
 
     /// The history received at or after `since`, and a place on the shared ring for what
@@ -746,9 +750,7 @@ impl Hub {
         socket: OwnedFd,
         made: Option<Ring>,
     ) -> Option<RingOpened> {
-        self.ring
-            .as_ref()
-            .filter(|c| c.formatter.format() == format)?;
+        self.ring_config(format)?;
         let mut guard = self.lock();
         let inner = &mut *guard;
         if inner.ring.is_none() {
@@ -1830,12 +1832,14 @@ impl Place {
     }
 
     fn saw(&mut self, line: &str) {
-        let control = line.starts_with("{\"type\":\"events.");
-        if !(control
-            && ["dropped", "truncated", "unreadable"]
-                .iter()
-                .any(|t| line["{\"type\":\"events.".len()..].starts_with(&format!("{t}\""))))
-        {
+        /// Lines for this consumer alone, which the files do not hold.
+        const ITS_OWN: [&str; 3] = [
+            "{\"type\":\"events.dropped\"",
+            "{\"type\":\"events.truncated\"",
+            "{\"type\":\"events.unreadable\"",
+        ];
+        let dropped = line.starts_with(ITS_OWN[0]);
+        if !ITS_OWN.iter().any(|p| line.starts_with(p)) {
             self.last_line.clear();
             self.last_line.push_str(line);
             self.told = None;
@@ -1843,19 +1847,14 @@ impl Place {
         if !self.own {
             return;
         }
-        if line.starts_with("{\"type\":\"events.dropped\"") {
-            let last = serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["last_seq"].as_u64());
-            if let (Some(last), Some(after)) = (last, event_seq(&self.last_line)) {
+        let seq = if line.starts_with("{\"type\":\"events.") {
+            // Control lines and the agent's own notices: few, read whole.
+            let value = serde_json::from_str::<serde_json::Value>(line).ok();
+            let last = value.as_ref().and_then(|v| v["last_seq"].as_u64());
+            if let (true, Some(last), Some(after)) = (dropped, last, event_seq(&self.last_line)) {
                 self.told = Some((after, last.max(self.told.map_or(0, |(_, l)| l))));
             }
-        }
-        let seq = if control {
-            // Control lines and the agent's own notices: few, read whole.
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["seq"].as_u64().or_else(|| v["last_seq"].as_u64()))
+            value.and_then(|v| v["seq"].as_u64()).or(last)
         } else {
             event_seq(line)
         };
