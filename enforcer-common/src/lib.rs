@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -139,16 +139,20 @@ pub mod capacity {
     /// The default share of `FLOWS` one tenant may hold: a quarter, so that no one tenant can
     /// fill the table and refuse every other tenant's tracked connects.
     pub const FLOW_TENANT_SHARE_DIVISOR: u32 = 4;
-    /// Verified peers of accepted tagged connections (LRU, preallocated: ~1.9 MiB); the
-    /// oldest are evicted first.
-    pub const WIRE_PEERS: u32 = 16_384;
+    /// Verified peers of tagged connections (LRU, preallocated: ~3.8 MiB); the oldest are
+    /// evicted first. A version 3 entry is also its option's spent mark while it lives (a
+    /// handshake that never completed leaves one to the LRU), so this holds the options of
+    /// ~550 such SYNs a second at the default 30 s skew, as `SPENT_TAGS` did when it took
+    /// every SYN (ABI 13).
+    pub const WIRE_PEERS: u32 = 32_768;
     /// Refused SYNs remembered so that retransmissions are not reported again (LRU).
     pub const WIRE_REPORTED: u32 = 16_384;
-    /// Options already taken: every SYN the ingress check passed (version 3), or the SYN of a
-    /// closed connection (version 2) (LRU, preallocated: ~3.4 MiB). One is needed while its
-    /// time is within the skew, up to twice the skew after it arrived, so this covers ~550
-    /// new tagged connections a second at the default 30 s; beyond that the oldest are
-    /// forgotten early (their replay then passes).
+    /// Options already taken: the SYN of a closed connection (within the skew), and a version
+    /// 3 SYN that passed while another transmission's `WIRE_PEERS` entry held its 4-tuple
+    /// (LRU, preallocated: ~3.4 MiB). One is needed while its time is within the skew, up to
+    /// twice the skew after it arrived, so this covers ~550 tagged connections closing a
+    /// second at the default 30 s; beyond that the oldest are forgotten early (their replay
+    /// then passes).
     pub const SPENT_TAGS: u32 = 32_768;
     /// (deny key, window) pairs being counted at once (plain hash, preallocated: ~2 MiB); a
     /// flooding key holds two or three. When it is full, a deny of a new key is reported on
@@ -820,6 +824,15 @@ pub struct FlowRecord {
     pub netns_cookie: u64,
     /// The connecting task's `comm`, NUL-padded.
     pub comm: [u8; 16],
+    /// TCP: the identity option's time field ([`wire::stamp`]) for the flow's next SYN
+    /// transmission to go past: set by `sock_ops` at `TCP_CONNECT_CB` (one second before
+    /// now, or the socket's last SYN's time if later), then the time each SYN carried. The
+    /// option of a tracked flow lives here rather than in socket storage, whose allocation
+    /// (two `kzalloc`s) was the dearest step of a tracked `connect()`. Zero in userspace's
+    /// eyes: only the kernel reads it.
+    pub wire_stamp: u16,
+    /// Always zero.
+    pub _pad: [u8; 6],
 }
 
 /// One flow record, as written to the `FLOW_EVENTS` ring buffer.
@@ -889,8 +902,8 @@ const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
-const _: () = assert!(core::mem::size_of::<FlowRecord>() == 104);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
+const _: () = assert!(core::mem::size_of::<FlowRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 152);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
 const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);

@@ -4,7 +4,9 @@
 //! and the subject, the destination and the policy generation that allowed the call are known;
 //! it is keyed by the socket cookie, which `sock_ops` and the agent's `SOCK_DESTROY` see too.
 //! `sock_ops` follows a TCP record: at `TCP_CONNECT_CB` it asks for state callbacks (only for
-//! sockets that have a record: the others never pay for a callback), at
+//! sockets that have a record: the others never pay for a callback) and hands the record to
+//! the identity option (`wire`: a tracked flow is always tagged, and the option's time lives
+//! in the record's `wire_stamp`), at
 //! `ACTIVE_ESTABLISHED_CB` it fills the local address and writes the opened event, at each
 //! `STATE_CB` it notes the peer's FIN and at TCP_CLOSE writes the closed event (byte counts)
 //! and deletes the record. A connected UDP socket has no callback after `connect()`: its
@@ -29,7 +31,7 @@
 //!   another module's flags (the header-option callbacks) survive.
 
 use core::mem::MaybeUninit;
-use core::ptr::{addr_of_mut, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     bindings::bpf_sock_ops,
@@ -178,6 +180,8 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         addr_of_mut!((*r).netns_cookie).write(bpf_get_netns_cookie(ctx.as_ptr()));
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
+        addr_of_mut!((*r).wire_stamp).write(0);
+        addr_of_mut!((*r)._pad).write([0; 6]);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
     // A connected UDP socket connected again (`connect()` runs under the socket lock, so
@@ -191,6 +195,22 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     // tenant whose share it holds: the socket may have been passed to another tenant's
     // process meanwhile (SCM_RIGHTS), and crediting that tenant at release would leak the
     // first one's share and underflow its.
+    if !udp && take_share(c.tenant) {
+        // The usual TCP connect: a socket without a record. One insert that must create is
+        // the test and the write (a lookup first was one more hash walk inside every tracked
+        // `connect()`); a socket that has one (it connects again after a failed connect)
+        // goes the general way below.
+        // SAFETY: fully initialised above.
+        match FLOWS.insert(&cookie, unsafe { slot.assume_init_ref() }, BPF_NOEXIST) {
+            Ok(()) => return true,
+            Err(error) => {
+                give_back_share(c.tenant);
+                if error != EEXIST {
+                    return false;
+                }
+            }
+        }
+    }
     let old = FLOWS.get_ptr_mut(&cookie);
     let new = old.is_none();
     if let Some(old) = old {
@@ -205,6 +225,8 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
                 close(cookie, &*old, 0, 0, 0);
             }
             addr_of_mut!((*r).tenant).write((*old).tenant);
+            // The last SYN time of the socket's failed connect (its 4-tuple may be this one's).
+            addr_of_mut!((*r).wire_stamp).write((*old).wire_stamp);
         }
     }
     // SAFETY: fully initialised above.
@@ -293,15 +315,54 @@ pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
     end_record(cookie, tenant);
 }
 
-/// `TCP_CONNECT_CB`: the SYN is about to be sent; ask for state callbacks for a tracked flow.
+/// `TCP_CONNECT_CB`: the SYN is about to be sent. A tracked flow asks for state callbacks,
+/// and its record is returned: the identity option's source (`wire::on_connect`). A record
+/// that is not this connect's is deleted: left by an earlier connect of the socket that
+/// failed before its SYN (it was never reported opened), to a destination this connect does
+/// not go to (an untracked one, since `connect4` rewrites the record of a tracked one).
 #[inline(always)]
-pub fn on_connect(ctx: &SockOpsContext) {
+pub fn on_connect(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
     // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if FLOWS.get_ptr(cookie).is_none() {
-        return;
+    let r = FLOWS.get_ptr_mut(cookie)?;
+    if !this_connect(ctx, r) {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        let tenant = unsafe { (*r).tenant };
+        end_record(cookie, tenant);
+        return None;
     }
     set_flags(ctx, STATE_CB_FLAG);
+    Some(r)
+}
+
+/// The record `r` was written for the connect `ctx` is making: to the address and port the
+/// socket is connecting to, not established yet.
+#[inline(always)]
+fn this_connect(ctx: &SockOpsContext, r: *const FlowRecord) -> bool {
+    let Some((_, _, remote)) = crate::wire::sock_ops_addresses(ctx.ops) else {
+        return false;
+    };
+    let (_, dport) = crate::wire::sock_ops_ports(ctx.ops);
+    // SAFETY: a non-null map value pointer is valid for reads; `daddr` is 16 bytes at a
+    // 4-byte-aligned offset (48) of an 8-byte-aligned value: four aligned words.
+    unsafe {
+        let daddr = addr_of!((*r).daddr).cast::<u32>();
+        (*r).state == flow_state::CONNECTING
+            && (*r).dport == dport
+            && (*r).family == remote.family
+            && daddr.read() == remote.addr[0]
+            && daddr.add(1).read() == remote.addr[1]
+            && daddr.add(2).read() == remote.addr[2]
+            && daddr.add(3).read() == remote.addr[3]
+    }
+}
+
+/// The record of the socket `ctx` (a tracked flow), if it has one.
+#[inline(always)]
+pub fn record_of(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
+    // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    FLOWS.get_ptr_mut(cookie)
 }
 
 /// `ACTIVE_ESTABLISHED_CB`: the handshake completed; fill the local end and report it.
@@ -345,25 +406,29 @@ pub fn on_established(ctx: &SockOpsContext) {
     }
 }
 
-/// `STATE_CB`: `arg(0)` the old state, `arg(1)` the new one.
+/// `STATE_CB`: `arg(0)` the old state, `arg(1)` the new one. Returns the identity option's
+/// last time of a record that ended before its handshake completed (a failed connect; the
+/// socket may connect again, see `wire::keep_time`).
 #[inline(always)]
-pub fn on_state(ctx: &SockOpsContext) {
+pub fn on_state(ctx: &SockOpsContext) -> Option<u16> {
     let old = ctx.arg(0) as u8;
     let new = ctx.arg(1) as u8;
     if new != tcp_state::CLOSE && new != tcp_state::CLOSE_WAIT && new != tcp_state::CLOSING {
-        return;
+        return None;
     }
     // SAFETY: as in `on_connect`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(r) = FLOWS.get_ptr_mut(cookie) else {
-        return;
-    };
+    let r = FLOWS.get_ptr_mut(cookie)?;
     if new != tcp_state::CLOSE {
         // The peer's FIN: it took one in the receive sequence space.
         // SAFETY: a non-null map value pointer is valid for reads and writes.
         unsafe { (*r).flags |= flow_flags::FIN_IN };
-        return;
+        return None;
     }
+    // SAFETY: as below.
+    let unestablished = unsafe { (*r).state } != flow_state::ESTABLISHED;
+    // SAFETY: as below.
+    let last_sent = unsafe { (*r).wire_stamp };
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: `r` as above; `ops` is the context (64-bit loads of full-socket fields).
     unsafe {
@@ -377,6 +442,7 @@ pub fn on_state(ctx: &SockOpsContext) {
     // SAFETY: as above.
     let tenant = unsafe { (*r).tenant };
     end_record(cookie, tenant);
+    unestablished.then_some(last_sent)
 }
 
 /// `cgroup/sock_release`: a connected UDP socket's record ends with its socket (a TCP
@@ -423,15 +489,19 @@ fn take_share(tenant: u32) -> bool {
     // SAFETY: a non-null map value pointer is valid, 8-byte aligned and lives while this
     // program runs; the count is only ever changed by atomic adds, and an aligned 64-bit
     // load is one instruction (never torn).
-    // One aligned 64-bit load through the pointer (the agent replaces the element when it
-    // writes: either value is a count the agent wrote).
-    let forgotten = FLOW_TENANTS_FORGOTTEN
-        .get_ptr(&tenant)
-        // SAFETY: a non-null map value pointer is valid for reads.
-        .map_or(0, |f| unsafe { read_volatile(f) });
-    // SAFETY: `used` as above.
-    if limit != 0 && unsafe { read_volatile(used) }.wrapping_sub(forgotten) >= limit {
-        return false;
+    let held = unsafe { read_volatile(used) };
+    // The records the agent deleted count only for a tenant at its share by the kernel's
+    // count (a lookup fewer on every tracked connect below it).
+    if limit != 0 && held >= limit {
+        // One aligned 64-bit load through the pointer (the agent replaces the element when
+        // it writes: either value is a count the agent wrote).
+        let forgotten = FLOW_TENANTS_FORGOTTEN
+            .get_ptr(&tenant)
+            // SAFETY: a non-null map value pointer is valid for reads.
+            .map_or(0, |f| unsafe { read_volatile(f) });
+        if held.wrapping_sub(forgotten) >= limit {
+            return false;
+        }
     }
     crate::atomic_add(used, 1);
     true
@@ -549,6 +619,8 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         );
         cd.write(cs.read());
         cd.add(1).write(cs.add(1).read());
+        addr_of_mut!((*d).wire_stamp).write(r.wire_stamp);
+        addr_of_mut!((*d)._pad).write([0; 6]);
     }
     // A flow opened under another policy than the one in force now raced a change: the agent
     // re-decides it on this event (`stale_handshake`), so it must not wait for the next look.

@@ -255,8 +255,9 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     use sock_ops_op::*;
     match ctx.op() {
         TCP_CONNECT_CB => {
-            flows::on_connect(&ctx);
-            wire::on_connect(&ctx);
+            // A tracked flow's identity option lives in its record.
+            let record = flows::on_connect(&ctx);
+            wire::on_connect(&ctx, record);
         }
         ACTIVE_ESTABLISHED_CB => {
             flows::on_established(&ctx);
@@ -264,7 +265,9 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
         }
         PASSIVE_ESTABLISHED_CB => wire::on_passive_established(&ctx),
         STATE_CB => {
-            flows::on_state(&ctx);
+            if let Some(last_sent) = flows::on_state(&ctx) {
+                wire::keep_time(&ctx, last_sent);
+            }
             wire::on_state(&ctx);
         }
         HDR_OPT_LEN_CB => wire::on_hdr_opt_len(&ctx),

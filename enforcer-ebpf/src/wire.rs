@@ -8,8 +8,9 @@
 //! callbacks are switched on; `HDR_OPT_LEN_CB` / `WRITE_HDR_OPT_CB` stamp and tag the option
 //! for each SYN transmission, retransmits included (a time later than the last one's: option
 //! version 3), with the 4-tuple the kernel chose. Nothing there needs the connecting task:
-//! the subject is in the storage, the key in `FLOW_KEYS`. Once established, the storage is
-//! deleted and the write callback switched off, so data segments pay nothing.
+//! the subject is in the storage, the key in `FLOW_KEYS`. Once established, the write
+//! callback is switched off, so data segments pay nothing; the storage stays with the socket
+//! until the kernel frees both (deleting it was a cost inside every tagged `connect()`).
 //!
 //! Receiving: a SYN to a local destination whose `IDENTITIES` flags say ingress `enforce` or
 //! `audit` must carry an option whose tag verifies with one of the `FLOW_KEYS`, whose time is
@@ -40,8 +41,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
-    capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, PolicyKey,
-    PolicyValue, NO_CLASS,
+    capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, FlowRecord,
+    PolicyKey, PolicyValue, NO_CLASS,
 };
 
 use crate::{
@@ -154,15 +155,18 @@ static INGRESS_ALLOW: HashMap<PolicyKey, PolicyValue> =
 /// `PASSIVE_ESTABLISHED_CB`, deleted when that socket reaches TCP CLOSE. LRU only for entries
 /// whose handshake never completed (the client gave up, a SYN flood of valid tags): an accepted
 /// entry is deleted by its socket, so eviction reaches it only when the map is full of them.
+/// A version 3 record is also its option's spent mark for as long as it lives
+/// ([`record_first`]); the socket's CLOSE hands the option to `SPENT_TAGS` ([`spend`]).
 #[map]
 static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
     LruHashMap::pinned(capacity::WIRE_PEERS, NO_MAP_FLAGS);
 
-/// Options already taken -> the option's full time ([`abi::claimed_seconds`]). Version 3:
-/// every SYN the ingress check passed ([`spend_first`]; the sender stamps each transmission
-/// anew, so its retransmissions are new options). Version 2 (whose retransmissions repeat
-/// the connect's option): written when the accepted connection's server socket closes. A
-/// SYN carrying such an option again is a copy: a replay (an on-path attacker, or the pod
+/// Options already taken -> the option's full time ([`abi::claimed_seconds`]). Written when
+/// an accepted connection's server socket closes (until then its `WIRE_PEERS` record marks
+/// the option), and for version 3 (the sender stamps each transmission anew, so its
+/// retransmissions are new options; version 2's repeat the connect's) also when a SYN passes
+/// while another transmission's record holds its 4-tuple ([`record_first`]). A SYN carrying
+/// such an option again is a copy: a replay (an on-path attacker, or the pod
 /// that later got the sender's IP, within the skew that `stale_tag` leaves open), refused
 /// as `replayed_tag`. An entry matters for the skew only (older times are `stale_tag`);
 /// LRU, so a node taking more options than capacity / (2 x skew) a second forgets the
@@ -225,7 +229,9 @@ const BPF_NOEXIST: u64 = 1;
 /// The socket's addresses as IPv6 words in memory order (IPv4 mapped) and as the IP cache
 /// looks the remote one up.
 #[inline(always)]
-fn sock_ops_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4], Destination)> {
+pub(crate) fn sock_ops_addresses(
+    ops: *const bpf_sock_ops,
+) -> Option<([u32; 4], [u32; 4], Destination)> {
     // SAFETY: `ops` is the context; every field read is a full 32-bit load.
     unsafe {
         let family = read_volatile(&(*ops).family);
@@ -265,7 +271,7 @@ fn sock_ops_addresses(ops: *const bpf_sock_ops) -> Option<([u32; 4], [u32; 4], D
 
 /// The socket's (local, remote) ports in host order.
 #[inline(always)]
-fn sock_ops_ports(ops: *const bpf_sock_ops) -> (u16, u16) {
+pub(crate) fn sock_ops_ports(ops: *const bpf_sock_ops) -> (u16, u16) {
     // SAFETY: full 32-bit context loads. `local_port` is in host order; `remote_port` holds
     // the port in network order, in the upper half on little-endian kernels.
     unsafe {
@@ -288,34 +294,65 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute(b) }
 }
 
-/// `TCP_CONNECT_CB`: the connecting task, the 4-tuple just chosen. A tagged flow (subject
-/// managed, destination flagged, a current key present) gets an option in socket storage,
-/// its tag still unset, and asks for the header callbacks: each SYN transmission stamps and
-/// tags its own copy ([`stamp_option`]).
+/// The connecting task's subject when the socket's destination is tagged (an untracked
+/// flow: a tracked one's record names both): `None` for an unmanaged task or an untagged
+/// destination.
 #[inline(always)]
-pub fn on_connect(ctx: &SockOpsContext) {
+fn tagged_subject(ops: *const bpf_sock_ops) -> Option<u32> {
+    // SAFETY: no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let subject = locked::subject_of(cgroup_id)?;
+    let (_, _, dst) = sock_ops_addresses(ops)?;
+    let dst_flags = locked::identity_flags(lookup_destination(&dst))?;
+    (dst_flags & flags::TAGGED != 0).then_some(subject)
+}
+
+/// A tracked flow's connect failed (its record ended before the handshake completed, with
+/// `last_sent` its last SYN's time): the time is kept in socket storage, where the socket's
+/// next connect finds it ([`forget_option`]), so that a connect again on the same 4-tuple
+/// (a bound port) never repeats a time the receiver has taken. Only when the failed connect
+/// was tagged (the write callback still on): otherwise `last_sent` holds no time.
+#[inline(always)]
+pub fn keep_time(ctx: &SockOpsContext, last_sent: u16) {
+    if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
+        return;
+    }
+    let Some(sk) = context_socket(ctx) else {
+        return;
+    };
+    let option = abi::option_bytes(0, last_sent, 0, abi::VERSION, 0);
+    let stored = WIRE_TAGS.get(sk, Some(&option));
+    if !stored.is_null() {
+        // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
+        unsafe { *stored = option };
+    }
+}
+
+/// `TCP_CONNECT_CB`: the connecting task, the 4-tuple just chosen. A tagged flow (subject
+/// managed, destination flagged, a current key present) gets an option, its tag still unset,
+/// and asks for the header callbacks: each SYN transmission stamps and tags its own copy
+/// ([`stamp_option`]). A tracked flow (`record`: this connect's `FLOWS` record; every
+/// tracked destination is tagged) keeps the option's time in its record and its subject is
+/// the record's, so it needs neither the lookups of an untracked one nor socket storage,
+/// whose allocation was the dearest step of a tracked `connect()`; socket storage holds the
+/// option of an untracked tagged flow, and of a tracked one whose socket has storage already.
+#[inline(always)]
+pub fn on_connect(ctx: &SockOpsContext, record: Option<*mut FlowRecord>) {
     let ops = ctx.ops;
-    // A socket may connect again after a failed connect: whatever option its last connect
-    // left is for another 4-tuple, time or subject, and must go whether or not this connect
-    // is tagged (`bpf_sk_storage_get` would hand the old value back, not the new one). Its
+    // A socket may connect again after a failed connect: the option its last connect left,
+    // with the write callback still on, is for another 4-tuple, time or subject, and must go
+    // whether or not this connect is tagged (an untagged SYN would carry it). Its
     // last time stays: that connect's SYNs (same 4-tuple, if the port is bound) may have run
     // a few seconds ahead, and this connect's must not carry times they took.
     let last_sent = forget_option(ctx);
-    // SAFETY: no preconditions.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(subject) = locked::subject_of(cgroup_id) else {
-        return;
+    let subject = match record {
+        // SAFETY: a non-null map value pointer is valid for reads.
+        Some(r) => unsafe { (*r).subject },
+        None => match tagged_subject(ops) {
+            Some(subject) => subject,
+            None => return,
+        },
     };
-    let Some((_, _, dst)) = sock_ops_addresses(ops) else {
-        return;
-    };
-    let destination = lookup_destination(&dst);
-    let Some(dst_flags) = locked::identity_flags(destination) else {
-        return;
-    };
-    if dst_flags & flags::TAGGED == 0 {
-        return;
-    }
     if !FLOW_KEYS
         .get_ptr(abi::CURRENT_KEY)
         // SAFETY: array values are always valid for reads.
@@ -336,18 +373,40 @@ pub fn on_connect(ctx: &SockOpsContext) {
             before_s = last_s;
         }
     }
-    let option = abi::option_bytes(subject, abi::stamp(before_s), 0, abi::VERSION, 0);
     let Some(sk) = context_socket(ctx) else {
         return;
     };
-    let stored = WIRE_TAGS.get(sk, Some(&option));
-    if stored.is_null() {
-        return;
+    // An option kept past an earlier connection's handshake ([`on_established`]: the socket
+    // connected again after a disconnect) holds that connection's last SYN time.
+    let kept = WIRE_TAGS.get(sk, None);
+    if !kept.is_null() {
+        // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
+        let last = unsafe { u16::from_be_bytes([(*kept)[8], (*kept)[9]]) };
+        let last_s = abi::claimed_seconds(last, now_s);
+        if (last_s.wrapping_sub(before_s) as i32) > 0 {
+            before_s = last_s;
+        }
     }
-    // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own (the
-    // socket is locked in this callback). Written in case a value survived (it does not:
-    // `forget_option` above), so that the SYN can only ever carry this connect's option.
-    unsafe { *stored = option };
+    match record {
+        // SAFETY: a non-null map value pointer is valid for writes (the socket is locked in
+        // this callback: no other sock_ops run of it writes the record meanwhile).
+        Some(r) if kept.is_null() => unsafe { (*r).wire_stamp = abi::stamp(before_s) },
+        _ => {
+            let option = abi::option_bytes(subject, abi::stamp(before_s), 0, abi::VERSION, 0);
+            let stored = if kept.is_null() {
+                WIRE_TAGS.get(sk, Some(&option))
+            } else {
+                kept
+            };
+            if stored.is_null() {
+                return;
+            }
+            // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own
+            // (the socket is locked in this callback). Written over a kept value, so that
+            // the SYN can only ever carry this connect's option.
+            unsafe { *stored = option };
+        }
+    }
     // Added to whatever callbacks another sock_ops job asked for, never replacing them.
     let cb = ctx.cb_flags() | WRITE_HDR_OPT_CB_FLAG;
     // SAFETY: `ops` is the sock_ops context.
@@ -409,52 +468,81 @@ fn stamp_option(ctx: &SockOpsContext, option: *mut [u8; abi::OPTION_LEN]) -> boo
     true
 }
 
-/// The header callbacks also run for non-SYN segments (and with flags 0 from
-/// `tcp_current_mss`): only a SYN without ACK of a socket with an option gets one.
+/// The header callbacks run only while the write callback is on (a tagged connect), but
+/// also for non-SYN segments (and with flags 0 from `tcp_current_mss`): only a SYN without
+/// ACK gets the option.
 #[inline(always)]
-fn syn_option(ctx: &SockOpsContext) -> Option<*mut [u8; abi::OPTION_LEN]> {
-    let ops = ctx.ops;
+fn sending_syn(ctx: &SockOpsContext) -> bool {
     // SAFETY: a full 32-bit context load.
-    let tcp_flags = unsafe { read_volatile(&(*ops).skb_tcp_flags) };
-    if tcp_flags & SYN_ACK_MASK != SYN_ONLY {
-        return None;
-    }
-    let option = WIRE_TAGS.get(context_socket(ctx)?, None);
-    (!option.is_null()).then_some(option)
+    let tcp_flags = unsafe { read_volatile(&(*ctx.ops).skb_tcp_flags) };
+    tcp_flags & SYN_ACK_MASK == SYN_ONLY
 }
 
-/// `HDR_OPT_LEN_CB`: room for the option on the SYN.
+/// `HDR_OPT_LEN_CB`: room for the option on the SYN. Room the write callback leaves unused
+/// (no key any more) is filled with NOPs by the kernel.
 #[inline(always)]
 pub fn on_hdr_opt_len(ctx: &SockOpsContext) {
-    if syn_option(ctx).is_some() {
+    if sending_syn(ctx) {
         // SAFETY: `ops` is the sock_ops context. On failure (no room) the SYN goes untagged.
         unsafe { bpf_reserve_hdr_opt(ctx.ops, abi::OPTION_LEN as u32, NO_FLAGS) };
     }
 }
 
-/// `WRITE_HDR_OPT_CB`: the option itself, stamped for this transmission of the SYN.
+/// `WRITE_HDR_OPT_CB`: the option itself, stamped for this transmission of the SYN: from
+/// the socket's storage, or else from its tracked flow's record ([`on_connect`]).
 #[inline(always)]
 pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
-    if let Some(option) = syn_option(ctx) {
-        if !stamp_option(ctx, option) {
-            return;
+    if !sending_syn(ctx) {
+        return;
+    }
+    let Some(sk) = context_socket(ctx) else {
+        return;
+    };
+    let stored = WIRE_TAGS.get(sk, None);
+    if !stored.is_null() {
+        if stamp_option(ctx, stored) {
+            store_option(ctx, stored);
         }
-        // SAFETY: `option` is a map value of OPTION_LEN readable bytes.
-        unsafe {
-            bpf_store_hdr_opt(
-                ctx.ops,
-                option.cast::<c_void>(),
-                abi::OPTION_LEN as u32,
-                NO_FLAGS,
-            )
-        };
+        return;
+    }
+    let Some(r) = crate::flows::record_of(ctx) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer, valid for reads and writes (the socket is
+    // locked while its SYN is sent: no other run of this socket writes the record).
+    unsafe {
+        let mut option = abi::option_bytes((*r).subject, (*r).wire_stamp, 0, abi::VERSION, 0);
+        if stamp_option(ctx, &mut option) {
+            (*r).wire_stamp = u16::from_be_bytes([option[8], option[9]]);
+            store_option(ctx, &mut option);
+        }
     }
 }
 
-/// `ACTIVE_ESTABLISHED_CB`: no more SYNs; drop the entry and the per-segment callbacks.
+/// Writes `option` into the SYN's header.
+#[inline(always)]
+fn store_option(ctx: &SockOpsContext, option: *mut [u8; abi::OPTION_LEN]) {
+    // SAFETY: `option` points at OPTION_LEN readable bytes (a map value or the stack).
+    unsafe {
+        bpf_store_hdr_opt(
+            ctx.ops,
+            option.cast::<c_void>(),
+            abi::OPTION_LEN as u32,
+            NO_FLAGS,
+        )
+    };
+}
+
+/// `ACTIVE_ESTABLISHED_CB`: no more SYNs; drop the per-segment callbacks. The storage stays
+/// (the kernel frees it with the socket): a delete here was the dearest step of the callback,
+/// inside `connect()`, and the socket's next connect after a disconnect reads its time.
 #[inline(always)]
 pub fn on_established(ctx: &SockOpsContext) {
-    forget_option(ctx);
+    let cb = ctx.cb_flags();
+    if cb & WRITE_HDR_OPT_CB_FLAG != 0 {
+        // SAFETY: `ops` is the sock_ops context.
+        unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, (cb & !WRITE_HDR_OPT_CB_FLAG) as i32) };
+    }
 }
 
 /// Drops the socket's option, if it has one, and the header callbacks that write it. Returns
@@ -834,7 +922,8 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::BAD_TAG)
             } else if !fresh_enough(version, stamp, now_s, skew_s, v1_until_s) {
                 (claimed, reason::STALE_TAG)
-            } else if version == abi::VERSION_2 && spent(&syn, stamp, now_s) {
+            } else if version != abi::VERSION_1 && spent(&syn, stamp, now_s) {
+                // A copy of an option whose connection was accepted here and has closed.
                 (claimed, reason::REPLAYED_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
@@ -842,12 +931,16 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::QUARANTINED)
             } else if !allowed(claimed, destination, syn.dport) {
                 (claimed, reason::NOT_ALLOWED)
-            } else if version == abi::VERSION && !spend_first(&syn, stamp, now_s) {
-                // Last, so that only a SYN that would pass takes a `SPENT_TAGS` entry: a
-                // refused sender cannot churn the map.
+            } else if version == abi::VERSION
+                && !record_first(&syn, claimed, destination, stamp, key_id, now_s)
+            {
+                // Last, so that only a SYN that would pass takes an entry: a refused sender
+                // cannot churn the maps.
                 (claimed, reason::REPLAYED_TAG)
             } else {
-                remember(&syn, claimed, destination, stamp, key_id, version);
+                if version != abi::VERSION {
+                    remember(&syn, claimed, destination, stamp, key_id, version);
+                }
                 (claimed, reason::ALLOWED)
             }
         }
@@ -1256,16 +1349,16 @@ fn now_seconds() -> u32 {
     abi::seconds(unsafe { bpf_ktime_get_tai_ns() }, offset)
 }
 
-/// Records a closing connection's option in `SPENT_TAGS` (before its `WIRE_PEERS` record
-/// goes), if a copy of its SYN could still pass the time check: a version 2 option whose
-/// time is within the skew. (A version 3 option was spent by its SYN: [`spend_first`].) A
-/// version 1 option's field is the sender's policy generation, the same for its every
-/// connection: spending it would refuse the next connection that reuses the 4-tuple; a
-/// connection older than the skew needs no entry (its copies are `stale_tag`), which keeps
-/// long-lived connections out of the map.
+/// Records a closing connection's option in `SPENT_TAGS` (before its `WIRE_PEERS` record,
+/// which stood for it while the connection lived, goes), if a copy of its SYN could still
+/// pass the time check: a version 2 or 3 option whose time is within the skew. A version 1
+/// option's field is the sender's policy generation, the same for its every connection:
+/// spending it would refuse the next connection that reuses the 4-tuple; a connection older
+/// than the skew needs no entry (its copies are `stale_tag`), which keeps long-lived
+/// connections out of the map.
 #[inline(always)]
 fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
-    if version != abi::VERSION_2 {
+    if version == abi::VERSION_1 {
         return;
     }
     let (skew_s, now_s) = match CONFIG.get_ptr(SINGLE_ENTRY) {
@@ -1307,11 +1400,10 @@ fn spent_key(syn: &Syn, stamp: u16, now_s: u32) -> abi::SpentKey {
     }
 }
 
-/// A version 3 SYN's option (4-tuple and whole time) is spent now, once: true for the first
-/// SYN to carry it, false for any copy. The sender stamps each transmission anew, so its own
-/// retransmissions are not copies; a SYN the network duplicated is, and is refused (its first
-/// copy is already being answered). The `BPF_NOEXIST` insert is the test and the record: two
-/// copies on two CPUs cannot both pass. When it fails and the key is not there after all (an
+/// A version 3 SYN's option (4-tuple and whole time) is spent now in `SPENT_TAGS`, once: true
+/// for the first SYN to carry it, false for any copy. Used by [`record_first`] when the
+/// 4-tuple's `WIRE_PEERS` record is another transmission's. The `BPF_NOEXIST` insert is the
+/// test and the record: two copies on two CPUs cannot both pass. When it fails and the key is not there after all (an
 /// LRU with no free element this instant, ENOMEM; or evicted since), nothing says the option
 /// was taken: it passes and is recorded. (The value is compared, though the key holds the
 /// whole time so that no other value can be there: without the comparison LLVM lays the
@@ -1333,8 +1425,75 @@ fn spend_first(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     }
 }
 
-/// A version 2 connection with this SYN's option (4-tuple and whole time) was accepted here
-/// and has closed (`SPENT_TAGS`).
+/// A version 3 SYN that passed every other check takes its option, once, and records its
+/// verified identity (`WIRE_PEERS`, as [`remember`]): true for the first SYN to carry the
+/// option, false for a copy. The sender stamps each transmission anew, so its own
+/// retransmissions are not copies; a SYN the network duplicated is, and is refused (its first
+/// copy is already being answered).
+///
+/// The 4-tuple's record is the option's spent mark while the connection lives: one
+/// `BPF_NOEXIST` insert is the test and both records, so that two copies on two CPUs cannot
+/// both pass, and the usual SYN (a new 4-tuple) writes one entry (an LRU insert takes an
+/// element the map has not touched for long: the costliest step of the check). When the
+/// connection closes, [`spend`] moves the option to `SPENT_TAGS`, which the caller has
+/// already looked in ([`spent`]). A 4-tuple with a record already is another transmission of
+/// the same time (a copy: false), or of another time: a retransmission with a later time, a
+/// late copy of an earlier one, a new connect on a 4-tuple whose handshake never completed,
+/// or another network namespace's connection: spent the general way ([`spend_first`]); a
+/// record of a handshake that never completed then hands its own option to `SPENT_TAGS`
+/// and names the new SYN instead (an accepted record belongs to its live socket and stays).
+/// The time compared is the 16-bit field: a record whose time lies 2^16 s away is a live
+/// connection of that 4-tuple, which a new SYN could not join anyway.
+#[inline(always)]
+fn record_first(
+    syn: &Syn,
+    claimed: u32,
+    destination: u32,
+    stamp: u16,
+    key_id: u8,
+    now_s: u32,
+) -> bool {
+    let key = peer_key(syn);
+    let peer = abi::Peer {
+        identity: claimed,
+        destination,
+        stamp,
+        key_id,
+        state: abi::peer_state::VERIFIED,
+        version: abi::VERSION,
+        _pad: [0; 3],
+        cookie: 0,
+        accepted_ns: 0,
+    };
+    if WIRE_PEERS.insert(&key, &peer, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    let Some(live) = WIRE_PEERS.get_ptr(&key) else {
+        // The insert failed and there is no record after all (no free element this
+        // instant, or evicted since): as in `spend_first`, nothing says the option was
+        // taken; it passes and is recorded.
+        let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
+        return true;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let (state, held) = unsafe { (read_volatile(&(*live).state), read_volatile(&(*live).stamp)) };
+    if held == stamp || !spend_first(syn, stamp, now_s) {
+        return false;
+    }
+    if state == abi::peer_state::VERIFIED {
+        let _ = SPENT_TAGS.insert(
+            &spent_key(syn, held, now_s),
+            &abi::claimed_seconds(held, now_s),
+            NO_FLAGS,
+        );
+        let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
+    }
+    true
+}
+
+/// A connection with this SYN's option (4-tuple and whole time) was accepted here and has
+/// closed, or (version 3) a SYN with it passed while another transmission held the 4-tuple's
+/// `WIRE_PEERS` record (`SPENT_TAGS`).
 #[inline(always)]
 fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     let key = spent_key(syn, stamp, now_s);
