@@ -825,11 +825,13 @@ pub struct FlowRecord {
     /// The connecting task's `comm`, NUL-padded.
     pub comm: [u8; 16],
     /// TCP: the identity option's time field ([`wire::stamp`]) for the flow's next SYN
-    /// transmission to go past: set by `sock_ops` at `TCP_CONNECT_CB` (one second before
-    /// now, or the socket's last SYN's time if later), then the time each SYN carried. The
-    /// option of a tracked flow lives here rather than in socket storage, whose allocation
-    /// (two `kzalloc`s) was the dearest step of a tracked `connect()`. Zero in userspace's
-    /// eyes: only the kernel reads it.
+    /// transmission to go past, when the option lives here: set by `sock_ops` at
+    /// `TCP_CONNECT_CB` (one second before now, or the socket's last SYN's time if later),
+    /// then the time each SYN carried. The option of a tracked flow lives here rather than in
+    /// socket storage, whose allocation (two `kzalloc`s) was the dearest step of a tracked
+    /// `connect()`; it is in socket storage when the socket has storage already or the record
+    /// may not be this connect's (then this stays 0). Flow events carry it; userspace
+    /// ignores it.
     pub wire_stamp: u16,
     /// Always zero.
     pub _pad: [u8; 6],
@@ -996,8 +998,10 @@ pub mod wire {
     }
 
     /// Key of `SPENT_TAGS`: a SYN's 4-tuple (as [`PeerKey`]) and its option's time field
-    /// ([`Peer::stamp`]): what a copy of that SYN would carry again. Version 3: every SYN
-    /// accepted by the ingress check; version 2: the SYN of a connection that closed.
+    /// ([`Peer::stamp`]): what a copy of that SYN would carry again: the SYN of a connection
+    /// that closed (versions 2 and 3); version 3 also a SYN that passed while another
+    /// transmission's `WIRE_PEERS` entry held the 4-tuple, and the option of an unaccepted
+    /// entry replaced by a later SYN.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
     pub struct SpentKey {
@@ -1029,7 +1033,8 @@ pub mod wire {
         /// is established (then `cookie` and `accepted_ns` are set).
         pub state: u8,
         /// The option's version ([`VERSION`], [`VERSION_2`] or [`VERSION_1`]): a version 2
-        /// option is spent at close (`SPENT_TAGS`); a version 3 one was spent by its SYN.
+        /// or 3 option is spent at close (`SPENT_TAGS`); a version 3 entry is also its
+        /// option's spent mark while it lives.
         pub version: u8,
         pub _pad: [u8; 3],
         /// Socket cookie of the server's (accepted) socket; 0 before.

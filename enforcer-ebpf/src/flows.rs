@@ -5,8 +5,8 @@
 //! it is keyed by the socket cookie, which `sock_ops` and the agent's `SOCK_DESTROY` see too.
 //! `sock_ops` follows a TCP record: at `TCP_CONNECT_CB` it asks for state callbacks (only for
 //! sockets that have a record: the others never pay for a callback) and hands the record to
-//! the identity option (`wire`: a tracked flow is always tagged, and the option's time lives
-//! in the record's `wire_stamp`), at
+//! the identity option (`wire`: a tracked destination is always tagged, and the option's
+//! time lives in the record's `wire_stamp` when the record is certainly this connect's), at
 //! `ACTIVE_ESTABLISHED_CB` it fills the local address and writes the opened event, at each
 //! `STATE_CB` it notes the peer's FIN and at TCP_CLOSE writes the closed event (byte counts)
 //! and deletes the record. A connected UDP socket has no callback after `connect()`: its
@@ -36,8 +36,8 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use aya_ebpf::{
     bindings::bpf_sock_ops,
     helpers::generated::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sock_ops_cb_flags_set,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sock_ops_cb_flags_set,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -315,39 +315,39 @@ pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
     end_record(cookie, tenant);
 }
 
-/// `TCP_CONNECT_CB`: the SYN is about to be sent. A tracked flow asks for state callbacks,
-/// and its record is returned: the identity option's source (`wire::on_connect`). A record
-/// that is not this connect's is deleted: left by an earlier connect of the socket that
-/// failed before its SYN (it was never reported opened), to a destination this connect does
-/// not go to (an untracked one, since `connect4` rewrites the record of a tracked one).
+/// `TCP_CONNECT_CB`: the SYN is about to be sent; a tracked flow asks for state callbacks.
+/// Its record is returned as the identity option's source (`wire::on_connect`) when it
+/// certainly is this connect's ([`this_connect`]); otherwise the option is found the way an
+/// untracked flow's is. A record may not be: one left by an earlier connect of the socket
+/// that failed before its SYN, when this connect passed without `connect4` rewriting it (a
+/// destination that is not tracked, a call passed as audit, or one not judged), possibly by
+/// another process (the socket passed on); or a record whose destination another program
+/// rewrote after `connect4` (a socket load balancer translating a Service address).
 #[inline(always)]
 pub fn on_connect(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
     // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let r = FLOWS.get_ptr_mut(cookie)?;
-    if !this_connect(ctx, r) {
-        // SAFETY: a non-null map value pointer is valid for reads.
-        let tenant = unsafe { (*r).tenant };
-        end_record(cookie, tenant);
-        return None;
-    }
     set_flags(ctx, STATE_CB_FLAG);
-    Some(r)
+    this_connect(ctx, r).then_some(r)
 }
 
-/// The record `r` was written for the connect `ctx` is making: to the address and port the
-/// socket is connecting to, not established yet.
+/// The record `r` was written for the connect `ctx` is making: by the connecting task's
+/// cgroup, to the address and port the socket is connecting to, not established yet.
 #[inline(always)]
 fn this_connect(ctx: &SockOpsContext, r: *const FlowRecord) -> bool {
     let Some((_, _, remote)) = crate::wire::sock_ops_addresses(ctx.ops) else {
         return false;
     };
     let (_, dport) = crate::wire::sock_ops_ports(ctx.ops);
+    // SAFETY: no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: a non-null map value pointer is valid for reads; `daddr` is 16 bytes at a
     // 4-byte-aligned offset (48) of an 8-byte-aligned value: four aligned words.
     unsafe {
         let daddr = addr_of!((*r).daddr).cast::<u32>();
         (*r).state == flow_state::CONNECTING
+            && (*r).cgroup_id == cgroup_id
             && (*r).dport == dport
             && (*r).family == remote.family
             && daddr.read() == remote.addr[0]

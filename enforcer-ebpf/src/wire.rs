@@ -4,11 +4,12 @@
 //! `enforcer_common::wire`, shared with userspace so that both compute the same tag.
 //!
 //! Sending: at `TCP_CONNECT_CB` (in the connecting task, after `connect4`/`connect6` allowed
-//! the call) the subject is written into the socket's storage (`WIRE_TAGS`) and the header
-//! callbacks are switched on; `HDR_OPT_LEN_CB` / `WRITE_HDR_OPT_CB` stamp and tag the option
-//! for each SYN transmission, retransmits included (a time later than the last one's: option
-//! version 3), with the 4-tuple the kernel chose. Nothing there needs the connecting task:
-//! the subject is in the storage, the key in `FLOW_KEYS`. Once established, the write
+//! the call) the subject is written into the socket's storage (`WIRE_TAGS`), or for a tracked
+//! flow found in its `FLOWS` record, and the header callbacks are switched on;
+//! `HDR_OPT_LEN_CB` / `WRITE_HDR_OPT_CB` stamp and tag the option for each SYN
+//! transmission, retransmits included (a time later than the last one's: option version 3),
+//! with the 4-tuple the kernel chose. Nothing there needs the connecting task: the subject
+//! is in the storage or the record, the key in `FLOW_KEYS`. Once established, the write
 //! callback is switched off, so data segments pay nothing; the storage stays with the socket
 //! until the kernel frees both (deleting it was a cost inside every tagged `connect()`).
 //!
@@ -221,6 +222,10 @@ const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
 const TCP_SYN_SENT: u32 = tcp_state::SYN_SENT as u32;
 /// `BPF_NOEXIST`: create only (a SYN's option is spent once).
 const BPF_NOEXIST: u64 = 1;
+/// Seconds a socket's last SYN time field may lie ahead of now and still be taken for one
+/// ([`after_last`]): far above a sender's run-ahead (its SYN retransmissions within one
+/// second), far below the hours a stray field can read as.
+const LAST_AHEAD_MAX_S: i32 = 60;
 
 // ---------------------------------------------------------------------------------------------
 // Sending side (sock_ops)
@@ -311,7 +316,8 @@ fn tagged_subject(ops: *const bpf_sock_ops) -> Option<u32> {
 /// `last_sent` its last SYN's time): the time is kept in socket storage, where the socket's
 /// next connect finds it ([`forget_option`]), so that a connect again on the same 4-tuple
 /// (a bound port) never repeats a time the receiver has taken. Only when the failed connect
-/// was tagged (the write callback still on): otherwise `last_sent` holds no time.
+/// was tagged from its record (the write callback still on, and no storage: a socket that
+/// has storage tagged from it, and the storage holds the time, the record none).
 #[inline(always)]
 pub fn keep_time(ctx: &SockOpsContext, last_sent: u16) {
     if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
@@ -320,11 +326,25 @@ pub fn keep_time(ctx: &SockOpsContext, last_sent: u16) {
     let Some(sk) = context_socket(ctx) else {
         return;
     };
+    if !WIRE_TAGS.get(sk, None).is_null() {
+        return;
+    }
     let option = abi::option_bytes(0, last_sent, 0, abi::VERSION, 0);
-    let stored = WIRE_TAGS.get(sk, Some(&option));
-    if !stored.is_null() {
-        // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
-        unsafe { *stored = option };
+    let _ = WIRE_TAGS.get(sk, Some(&option));
+}
+
+/// `before_s` moved on to `last`, a socket's last SYN time field, when that is later. A
+/// field that reads as more than [`LAST_AHEAD_MAX_S`] ahead of now is not a time this
+/// socket sent (a sender runs ahead of its clock only by its retransmissions within one
+/// second) and is ignored: taken, it would date every SYN of the socket hours ahead.
+#[inline(always)]
+fn after_last(before_s: u32, last: u16, now_s: u32) -> u32 {
+    let last_s = abi::claimed_seconds(last, now_s);
+    let ahead = last_s.wrapping_sub(before_s) as i32;
+    if ahead > 0 && last_s.wrapping_sub(now_s) as i32 <= LAST_AHEAD_MAX_S {
+        last_s
+    } else {
+        before_s
     }
 }
 
@@ -368,24 +388,19 @@ pub fn on_connect(ctx: &SockOpsContext, record: Option<*mut FlowRecord>) {
     let now_s = now_seconds();
     let mut before_s = now_s.wrapping_sub(1);
     if let Some(last) = last_sent {
-        let last_s = abi::claimed_seconds(last, now_s);
-        if (last_s.wrapping_sub(before_s) as i32) > 0 {
-            before_s = last_s;
-        }
+        before_s = after_last(before_s, last, now_s);
     }
     let Some(sk) = context_socket(ctx) else {
         return;
     };
-    // An option kept past an earlier connection's handshake ([`on_established`]: the socket
-    // connected again after a disconnect) holds that connection's last SYN time.
+    // Storage kept past an earlier connection's handshake ([`on_established`]: an untracked
+    // flow's, then the socket connected again after a disconnect) holds that connection's
+    // last SYN time.
     let kept = WIRE_TAGS.get(sk, None);
     if !kept.is_null() {
         // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
         let last = unsafe { u16::from_be_bytes([(*kept)[8], (*kept)[9]]) };
-        let last_s = abi::claimed_seconds(last, now_s);
-        if (last_s.wrapping_sub(before_s) as i32) > 0 {
-            before_s = last_s;
-        }
+        before_s = after_last(before_s, last, now_s);
     }
     match record {
         // SAFETY: a non-null map value pointer is valid for writes (the socket is locked in
@@ -416,8 +431,9 @@ pub fn on_connect(ctx: &SockOpsContext, record: Option<*mut FlowRecord>) {
 /// Stamps and tags the socket's option for the SYN being sent: its time is now, or the second
 /// after the previous transmission's if that is not earlier (a retransmission within the same
 /// second), so that no two transmissions of a connect carry the same (4-tuple, time) and the
-/// receiver may refuse any copy it has seen (`SPENT_TAGS`). False (the SYN goes untagged) when
-/// no key is loaded any more or the addresses cannot be read.
+/// receiver may refuse any copy it has seen (`WIRE_PEERS`, `SPENT_TAGS`). `option` is the
+/// socket's storage value or a copy of its record's option on the stack. False (the SYN goes
+/// untagged) when no key is loaded any more or the addresses cannot be read.
 #[inline(always)]
 fn stamp_option(ctx: &SockOpsContext, option: *mut [u8; abi::OPTION_LEN]) -> bool {
     let ops = ctx.ops;
@@ -432,7 +448,8 @@ fn stamp_option(ctx: &SockOpsContext, option: *mut [u8; abi::OPTION_LEN]) -> boo
     let Some((local, remote)) = mapped_addresses(ops) else {
         return false;
     };
-    // SAFETY: `option` is this socket's storage value (locked: the socket is being sent on).
+    // SAFETY: `option` is this socket's storage value (locked: the socket is being sent on)
+    // or the caller's stack copy.
     let (subject, last) = unsafe {
         let o = &*option;
         (
@@ -551,10 +568,15 @@ pub fn on_established(ctx: &SockOpsContext) {
 #[inline(always)]
 fn forget_option(ctx: &SockOpsContext) -> Option<u16> {
     // Every connect of the subtree comes here: a socket without the write callback has no
-    // option of ours (`on_connect` sets both, this clears both), so it costs no lookup.
-    if ctx.cb_flags() & WRITE_HDR_OPT_CB_FLAG == 0 {
+    // option in use (`on_connect` sets it, this and `on_established` clear it), so it costs
+    // no lookup.
+    let cb = ctx.cb_flags();
+    if cb & WRITE_HDR_OPT_CB_FLAG == 0 {
         return None;
     }
+    // Off whether or not there is storage: a tracked flow's option had none.
+    // SAFETY: `ops` is the sock_ops context.
+    unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, (cb & !WRITE_HDR_OPT_CB_FLAG) as i32) };
     let sk = context_socket(ctx)?;
     let option = WIRE_TAGS.get(sk, None);
     if option.is_null() {
@@ -564,9 +586,6 @@ fn forget_option(ctx: &SockOpsContext) -> Option<u16> {
     // socket is locked in this callback); read before the delete frees it.
     let stamp = unsafe { u16::from_be_bytes([(*option)[8], (*option)[9]]) };
     WIRE_TAGS.delete(sk);
-    let cb = ctx.cb_flags() & !WRITE_HDR_OPT_CB_FLAG;
-    // SAFETY: `ops` is the sock_ops context.
-    unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, cb as i32) };
     Some(stamp)
 }
 
@@ -922,8 +941,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::BAD_TAG)
             } else if !fresh_enough(version, stamp, now_s, skew_s, v1_until_s) {
                 (claimed, reason::STALE_TAG)
-            } else if version != abi::VERSION_1 && spent(&syn, stamp, now_s) {
-                // A copy of an option whose connection was accepted here and has closed.
+            } else if version == abi::VERSION_2 && spent(&syn, stamp, now_s) {
+                // A copy of an option whose connection was accepted here and has closed
+                // (version 3: `record_first`, after its insert).
                 (claimed, reason::REPLAYED_TAG)
             } else if quarantined(claimed) {
                 // A quarantine on this node holds against a peer that another node (which
@@ -939,7 +959,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
                 (claimed, reason::REPLAYED_TAG)
             } else {
                 if version != abi::VERSION {
-                    remember(&syn, claimed, destination, stamp, key_id, version);
+                    remember(&syn, claimed, destination, stamp, key_id, version, now_s);
                 }
                 (claimed, reason::ALLOWED)
             }
@@ -1435,8 +1455,8 @@ fn spend_first(syn: &Syn, stamp: u16, now_s: u32) -> bool {
 /// `BPF_NOEXIST` insert is the test and both records, so that two copies on two CPUs cannot
 /// both pass, and the usual SYN (a new 4-tuple) writes one entry (an LRU insert takes an
 /// element the map has not touched for long: the costliest step of the check). When the
-/// connection closes, [`spend`] moves the option to `SPENT_TAGS`, which the caller has
-/// already looked in ([`spent`]). A 4-tuple with a record already is another transmission of
+/// connection closes, [`spend`] moves the option to `SPENT_TAGS`, which is looked in
+/// right after the insert ([`spent`]). A 4-tuple with a record already is another transmission of
 /// the same time (a copy: false), or of another time: a retransmission with a later time, a
 /// late copy of an earlier one, a new connect on a 4-tuple whose handshake never completed,
 /// or another network namespace's connection: spent the general way ([`spend_first`]); a
@@ -1466,29 +1486,63 @@ fn record_first(
         accepted_ns: 0,
     };
     if WIRE_PEERS.insert(&key, &peer, BPF_NOEXIST).is_ok() {
-        return true;
+        // `SPENT_TAGS` is looked in after the insert, not before: a connection of this
+        // option that closes meanwhile writes it there before it deletes its entry, so a copy
+        // whose insert found the 4-tuple free finds it spent here (looked in before, a copy
+        // racing the close could miss both marks).
+        if !spent(syn, stamp, now_s) {
+            return true;
+        }
+        // A copy of a closed connection's SYN: the entry it made goes again, if it is still
+        // that one.
+        if let Some(p) = WIRE_PEERS.get_ptr(&key) {
+            // SAFETY: a non-null map value pointer is valid for reads.
+            let (state, held) = unsafe { (read_volatile(&(*p).state), read_volatile(&(*p).stamp)) };
+            if state == abi::peer_state::VERIFIED && held == stamp {
+                let _ = WIRE_PEERS.remove(&key);
+            }
+        }
+        return false;
     }
     let Some(live) = WIRE_PEERS.get_ptr(&key) else {
         // The insert failed and there is no record after all (no free element this
-        // instant, or evicted since): as in `spend_first`, nothing says the option was
-        // taken; it passes and is recorded.
+        // instant, or evicted since): spent the general way, and recorded if it can be.
+        if !spend_first(syn, stamp, now_s) {
+            return false;
+        }
         let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
         return true;
     };
     // SAFETY: a non-null map value pointer is valid for reads.
-    let (state, held) = unsafe { (read_volatile(&(*live).state), read_volatile(&(*live).stamp)) };
-    if held == stamp || !spend_first(syn, stamp, now_s) {
+    let (state, held, held_version) = unsafe {
+        (
+            read_volatile(&(*live).state),
+            read_volatile(&(*live).stamp),
+            read_volatile(&(*live).version),
+        )
+    };
+    if (held == stamp && held_version == abi::VERSION) || !spend_first(syn, stamp, now_s) {
         return false;
     }
     if state == abi::peer_state::VERIFIED {
-        let _ = SPENT_TAGS.insert(
-            &spent_key(syn, held, now_s),
-            &abi::claimed_seconds(held, now_s),
-            NO_FLAGS,
-        );
+        if held_version == abi::VERSION {
+            spend_held(syn, held, now_s);
+        }
         let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
     }
     true
+}
+
+/// Hands a replaced version 3 entry's option (the 4-tuple of `syn`, time field `held`) to
+/// `SPENT_TAGS`. (Not checked for freshness first: that needs another `CONFIG` read, for
+/// which the ingress program has no stack left; a stale entry only waits for the LRU.)
+#[inline(always)]
+fn spend_held(syn: &Syn, held: u16, now_s: u32) {
+    let _ = SPENT_TAGS.insert(
+        &spent_key(syn, held, now_s),
+        &abi::claimed_seconds(held, now_s),
+        NO_FLAGS,
+    );
 }
 
 /// A connection with this SYN's option (4-tuple and whole time) was accepted here and has
@@ -1556,12 +1610,32 @@ fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
 /// A SYN for the 4-tuple of a connection already accepted (a replay, or a stray duplicate)
 /// leaves that record alone: the record belongs to the live socket, which ends it.
 #[inline(always)]
-fn remember(syn: &Syn, claimed: u32, destination: u32, stamp: u16, key_id: u8, version: u8) {
+fn remember(
+    syn: &Syn,
+    claimed: u32,
+    destination: u32,
+    stamp: u16,
+    key_id: u8,
+    version: u8,
+    now_s: u32,
+) {
     let key = peer_key(syn);
     if let Some(live) = WIRE_PEERS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
-        if unsafe { (*live).state } == abi::peer_state::ACCEPTED {
+        let (state, held, held_version) = unsafe {
+            (
+                read_volatile(&(*live).state),
+                read_volatile(&(*live).stamp),
+                read_volatile(&(*live).version),
+            )
+        };
+        if state == abi::peer_state::ACCEPTED {
             return;
+        }
+        // A version 3 entry is its option's spent mark: handed to `SPENT_TAGS` before it is
+        // replaced (a node sending both versions on one 4-tuple in a rolling upgrade).
+        if held_version == abi::VERSION {
+            spend_held(syn, held, now_s);
         }
     }
     let peer = abi::Peer {
