@@ -1474,17 +1474,7 @@ fn record_first(
     now_s: u32,
 ) -> bool {
     let key = peer_key(syn);
-    let peer = abi::Peer {
-        identity: claimed,
-        destination,
-        stamp,
-        key_id,
-        state: abi::peer_state::VERIFIED,
-        version: abi::VERSION,
-        _pad: [0; 3],
-        cookie: 0,
-        accepted_ns: 0,
-    };
+    let peer = verified_peer(claimed, destination, stamp, key_id, abi::VERSION);
     if WIRE_PEERS.insert(&key, &peer, BPF_NOEXIST).is_ok() {
         // `SPENT_TAGS` is looked in after the insert, not before: a connection of this
         // option that closes meanwhile writes it there before it deletes its entry, so a copy
@@ -1531,6 +1521,22 @@ fn record_first(
         let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
     }
     true
+}
+
+/// The `WIRE_PEERS` entry of a SYN whose option verified (`VERIFIED`: no socket yet).
+#[inline(always)]
+fn verified_peer(claimed: u32, destination: u32, stamp: u16, key_id: u8, version: u8) -> abi::Peer {
+    abi::Peer {
+        identity: claimed,
+        destination,
+        stamp,
+        key_id,
+        state: abi::peer_state::VERIFIED,
+        version,
+        _pad: [0; 3],
+        cookie: 0,
+        accepted_ns: 0,
+    }
 }
 
 /// Hands a replaced version 3 entry's option (the 4-tuple of `syn`, time field `held`) to
@@ -1638,17 +1644,7 @@ fn remember(
             spend_held(syn, held, now_s);
         }
     }
-    let peer = abi::Peer {
-        identity: claimed,
-        destination,
-        stamp,
-        key_id,
-        state: abi::peer_state::VERIFIED,
-        version,
-        _pad: [0; 3],
-        cookie: 0,
-        accepted_ns: 0,
-    };
+    let peer = verified_peer(claimed, destination, stamp, key_id, version);
     let _ = WIRE_PEERS.insert(&key, &peer, NO_FLAGS);
 }
 
