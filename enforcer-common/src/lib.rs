@@ -435,6 +435,10 @@ pub mod flow_flags {
     /// (`Config::flow_events_per_workload`). Its closed event is not written either, only
     /// counted (`aggregate_flags::FLOW_CLOSED`): the SOC sees pairs, or counts.
     pub const UNREPORTED: u8 = 1 << 2;
+    /// TCP: the record holds this connect's identity option (`wire_stamp`), set by
+    /// `sock_ops` at `TCP_CONNECT_CB`; the write callback tags a SYN from a record only with
+    /// it.
+    pub const WIRE_OPTION: u8 = 1 << 3;
 }
 
 /// [`FlowEvent::kind`] values.

@@ -42,8 +42,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
-    capacity, flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi, FlowRecord,
-    PolicyKey, PolicyValue, NO_CLASS,
+    capacity, flags, flow_flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi,
+    FlowRecord, PolicyKey, PolicyValue, NO_CLASS,
 };
 
 use crate::{
@@ -222,10 +222,6 @@ const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
 const TCP_SYN_SENT: u32 = tcp_state::SYN_SENT as u32;
 /// `BPF_NOEXIST`: create only (a SYN's option is spent once).
 const BPF_NOEXIST: u64 = 1;
-/// Seconds a socket's last SYN time field may lie ahead of now and still be taken for one
-/// ([`after_last`]): far above a sender's run-ahead (its SYN retransmissions within one
-/// second), far below the hours a stray field can read as.
-const LAST_AHEAD_MAX_S: i32 = 60;
 
 // ---------------------------------------------------------------------------------------------
 // Sending side (sock_ops)
@@ -334,14 +330,14 @@ pub fn keep_time(ctx: &SockOpsContext, last_sent: u16) {
 }
 
 /// `before_s` moved on to `last`, a socket's last SYN time field, when that is later. A
-/// field that reads as more than [`LAST_AHEAD_MAX_S`] ahead of now is not a time this
-/// socket sent (a sender runs ahead of its clock only by its retransmissions within one
-/// second) and is ignored: taken, it would date every SYN of the socket hours ahead.
+/// field that reads as more than the skew (`skew_s`) ahead of now is ignored: no receiver
+/// took a SYN of that time (it was `stale_tag`), so a new SYN may carry it again, and taken,
+/// a stray field would date every SYN of the socket up to hours ahead.
 #[inline(always)]
-fn after_last(before_s: u32, last: u16, now_s: u32) -> u32 {
+fn after_last(before_s: u32, last: u16, now_s: u32, skew_s: u32) -> u32 {
     let last_s = abi::claimed_seconds(last, now_s);
     let ahead = last_s.wrapping_sub(before_s) as i32;
-    if ahead > 0 && last_s.wrapping_sub(now_s) as i32 <= LAST_AHEAD_MAX_S {
+    if ahead > 0 && last_s.wrapping_sub(now_s) as i32 <= skew_s as i32 {
         last_s
     } else {
         before_s
@@ -386,9 +382,19 @@ pub fn on_connect(ctx: &SockOpsContext, record: Option<*mut FlowRecord>) {
     // takes the later of now and the field's next second). Key id and tag are the
     // transmission's.
     let now_s = now_seconds();
+    let skew_s = match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always valid for reads; one 4-byte load.
+        Some(c) => unsafe { read_volatile(&(*c).wire_skew_s) },
+        None => 0,
+    };
+    let skew_s = if skew_s == 0 {
+        abi::DEFAULT_SKEW_S
+    } else {
+        skew_s
+    };
     let mut before_s = now_s.wrapping_sub(1);
     if let Some(last) = last_sent {
-        before_s = after_last(before_s, last, now_s);
+        before_s = after_last(before_s, last, now_s, skew_s);
     }
     let Some(sk) = context_socket(ctx) else {
         return;
@@ -400,12 +406,16 @@ pub fn on_connect(ctx: &SockOpsContext, record: Option<*mut FlowRecord>) {
     if !kept.is_null() {
         // SAFETY: a non-null socket storage value of OPTION_LEN bytes, this socket's own.
         let last = unsafe { u16::from_be_bytes([(*kept)[8], (*kept)[9]]) };
-        before_s = after_last(before_s, last, now_s);
+        before_s = after_last(before_s, last, now_s, skew_s);
     }
     match record {
         // SAFETY: a non-null map value pointer is valid for writes (the socket is locked in
         // this callback: no other sock_ops run of it writes the record meanwhile).
-        Some(r) if kept.is_null() => unsafe { (*r).wire_stamp = abi::stamp(before_s) },
+        // The flag tells the write callback the record is this connect's option.
+        Some(r) if kept.is_null() => unsafe {
+            (*r).wire_stamp = abi::stamp(before_s);
+            (*r).flags |= flow_flags::WIRE_OPTION;
+        },
         _ => {
             let option = abi::option_bytes(subject, abi::stamp(before_s), 0, abi::VERSION, 0);
             let stored = if kept.is_null() {
@@ -525,6 +535,12 @@ pub fn on_write_hdr_opt(ctx: &SockOpsContext) {
     let Some(r) = crate::flows::record_of(ctx) else {
         return;
     };
+    // Only a record `on_connect` made this connect's option (another sock_ops program may
+    // keep the write callback on for a connect this one did not tag).
+    // SAFETY: a non-null map value pointer is valid for reads.
+    if unsafe { (*r).flags } & flow_flags::WIRE_OPTION == 0 {
+        return;
+    }
     // SAFETY: a non-null map value pointer, valid for reads and writes (the socket is
     // locked while its SYN is sent: no other run of this socket writes the record).
     unsafe {
@@ -1551,9 +1567,10 @@ fn spend_held(syn: &Syn, held: u16, now_s: u32) {
     );
 }
 
-/// A connection with this SYN's option (4-tuple and whole time) was accepted here and has
-/// closed, or (version 3) a SYN with it passed while another transmission held the 4-tuple's
-/// `WIRE_PEERS` record (`SPENT_TAGS`).
+/// This SYN's option (4-tuple and whole time) is in `SPENT_TAGS`: its connection was
+/// accepted here and has closed, or (version 3) a SYN with it passed while another
+/// transmission held the 4-tuple's `WIRE_PEERS` record, or its unaccepted record was
+/// replaced by a later SYN.
 #[inline(always)]
 fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     let key = spent_key(syn, stamp, now_s);
