@@ -804,7 +804,8 @@ pub struct FlowRecord {
     pub destination: u32,
     /// Local address, as `daddr`; zero until the TCP handshake completes (and for UDP).
     pub saddr: [u8; 16],
-    /// IPv4 in the first 4 bytes (network order), or the IPv6 address.
+    /// IPv4 in the first 4 bytes (network order), or the IPv6 address: the address judged at
+    /// `connect()` (and re-judged by the agent after a change).
     pub daddr: [u8; 16],
     /// Host byte order; `sport` zero until known (as `saddr`).
     pub sport: u16,
@@ -837,8 +838,15 @@ pub struct FlowRecord {
     /// may not be this connect's (then this stays 0). Flow events carry it; userspace
     /// ignores it.
     pub wire_stamp: u16,
+    /// TCP, from the handshake's end: the port (host order) and address (as `daddr`) the
+    /// socket is connected to, which `SOCK_DESTROY` must name. They differ from `dport` and
+    /// `daddr` when a socket load balancer's `connect4` (Cilium's, Calico's) rewrote a
+    /// Service address to a backend's after the judgement. `peer_port` 0: not known (UDP,
+    /// a handshake not completed, or a rewrite to the other address family): use `daddr`.
+    pub peer_port: u16,
     /// Always zero.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
+    pub peer: [u8; 16],
 }
 
 /// One flow record, as written to the `FLOW_EVENTS` ring buffer.
@@ -908,8 +916,8 @@ const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
-const _: () = assert!(core::mem::size_of::<FlowRecord>() == 112);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 152);
+const _: () = assert!(core::mem::size_of::<FlowRecord>() == 128);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 168);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
 const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);

@@ -181,7 +181,9 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         // On failure the helper zeroes the buffer, so comm is always initialised.
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         addr_of_mut!((*r).wire_stamp).write(0);
-        addr_of_mut!((*r)._pad).write([0; 6]);
+        addr_of_mut!((*r).peer_port).write(0);
+        addr_of_mut!((*r)._pad).write([0; 4]);
+        addr_of_mut!((*r).peer).write([0; 16]);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
     // A connected UDP socket connected again (`connect()` runs under the socket lock, so
@@ -377,6 +379,20 @@ pub fn on_established(ctx: &SockOpsContext) {
     // SAFETY: `ops` is the context; full 32-bit loads of readable fields. `r` is a non-null
     // map value pointer, valid for reads and writes.
     unsafe {
+        // The peer the socket is connected to, which `SOCK_DESTROY` must name: a socket
+        // load balancer's `connect4` (Cilium's, Calico's) may have rewritten the address
+        // judged here (a Service's) to a backend's after this program ran; looked up by the
+        // judged address, the socket was not found and the flow taken for ended, its
+        // connection left up. The judged address stays what the agent re-decides.
+        if let Some((_, _, remote)) = crate::wire::sock_ops_addresses(ops) {
+            if remote.family == (*r).family {
+                let peer = addr_of_mut!((*r).peer).cast::<u32>();
+                for (i, word) in remote.addr.iter().enumerate() {
+                    peer.add(i).write(*word);
+                }
+                (*r).peer_port = crate::wire::sock_ops_ports(ops).1;
+            }
+        }
         let family = read_volatile(&(*ops).family);
         let saddr = addr_of_mut!((*r).saddr).cast::<u32>();
         if family == AF_INET6 {
@@ -620,7 +636,15 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         cd.write(cs.read());
         cd.add(1).write(cs.add(1).read());
         addr_of_mut!((*d).wire_stamp).write(r.wire_stamp);
-        addr_of_mut!((*d)._pad).write([0; 6]);
+        addr_of_mut!((*d).peer_port).write(r.peer_port);
+        addr_of_mut!((*d)._pad).write([0; 4]);
+        let (ps, pd) = (
+            r.peer.as_ptr().cast::<u32>(),
+            addr_of_mut!((*d).peer).cast::<u32>(),
+        );
+        for i in 0..4 {
+            pd.add(i).write(ps.add(i).read());
+        }
     }
     // A flow opened under another policy than the one in force now raced a change: the agent
     // re-decides it on this event (`stale_handshake`), so it must not wait for the next look.

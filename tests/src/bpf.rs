@@ -164,9 +164,89 @@ pub fn load_noop_sock_release() -> Result<std::os::fd::OwnedFd> {
     load_return_one(BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_RELEASE)
 }
 
+/// Loads a `cgroup/connect4` program that stands for a socket load balancer (Cilium's or
+/// Calico's connect-time Service translation): a connect to `from` goes to `to` (same port),
+/// every call allowed. Attached above the enforced subtree, it runs after the enforcer's
+/// `connect4` (a cgroup's own programs run before its ancestors').
+pub fn load_connect4_rewrite(
+    from: std::net::Ipv4Addr,
+    to: std::net::Ipv4Addr,
+) -> Result<std::os::fd::OwnedFd> {
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    /// `offsetof(struct bpf_sock_addr, user_ip4)`: the address in network order.
+    const USER_IP4: u64 = 4;
+    // A 32-bit immediate as the instruction's top half.
+    let imm = |v: u32| u64::from(v) << 32;
+    let (from, to) = (
+        u32::from_ne_bytes(from.octets()),
+        u32::from_ne_bytes(to.octets()),
+    );
+    // struct bpf_insn as little-endian u64s: code | regs << 8 | off << 16 | imm << 32.
+    let insns: [u64; 6] = [
+        // r2 = *(u32 *)(r1 + user_ip4)
+        0x61 | 0x12 << 8 | USER_IP4 << 16,
+        // if w2 != from goto +2 (to r0 = 1)
+        0x56 | 0x02 << 8 | 2 << 16 | imm(from),
+        // w2 = to
+        0xb4 | 0x02 << 8 | imm(to),
+        // *(u32 *)(r1 + user_ip4) = r2
+        0x63 | 0x21 << 8 | USER_IP4 << 16,
+        // r0 = 1; exit
+        0xb7 | imm(1),
+        0x95,
+    ];
+    load_insns(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        &insns,
+    )
+}
+
+/// Attaches `prog` to the cgroup at `cgroup_path` for `attach_type` through a link
+/// (`BPF_LINK_CREATE`, beside any other program there): detached when the returned fd is
+/// closed, so also when the test panics.
+pub fn link_cgroup(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup_path: &Path,
+    attach_type: u32,
+) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    /// The `BPF_LINK_CREATE` prefix of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let cgroup = std::fs::File::open(cgroup_path)
+        .with_context(|| format!("opening {}", cgroup_path.display()))?;
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr).context("bpf(BPF_LINK_CREATE)")?;
+    // SAFETY: a new fd the kernel returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
 /// Loads a program of type `prog_type` for `expected_attach_type` whose code is `r0 = 1;
 /// exit`.
 fn load_return_one(prog_type: u32, expected_attach_type: u32) -> Result<std::os::fd::OwnedFd> {
+    // struct bpf_insn as little-endian u64s: code | regs << 8 | off << 16 | imm << 32.
+    load_insns(prog_type, expected_attach_type, &[0xb7 | 1 << 32, 0x95])
+}
+
+/// Loads a program of type `prog_type` for `expected_attach_type` from raw instructions.
+fn load_insns(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     const BPF_PROG_LOAD: libc::c_long = 5;
     /// The `BPF_PROG_LOAD` prefix of `union bpf_attr`.
@@ -186,8 +266,6 @@ fn load_return_one(prog_type: u32, expected_attach_type: u32) -> Result<std::os:
         prog_ifindex: u32,
         expected_attach_type: u32,
     }
-    // struct bpf_insn as little-endian u64s: code | regs << 8 | off << 16 | imm << 32.
-    let insns: [u64; 2] = [0xb7 | 1 << 32, 0x95];
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
         prog_type,

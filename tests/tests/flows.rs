@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::bpf::{
-    load_noop_sock_ops, load_noop_sock_release, pinned_link, set_link_program,
+    link_cgroup, load_connect4_rewrite, load_noop_sock_ops, load_noop_sock_release, pinned_link,
+    set_link_program, BPF_CGROUP_INET4_CONNECT,
 };
 use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity, World};
@@ -58,6 +59,8 @@ forbid (principal == Workload::"client-a", action, resource == Endpoint::"acme-v
 struct FlowWorld {
     cgroups: Vec<(String, TestCgroup)>,
     root: TestCgroup,
+    /// The cgroup above `root`, when a test attaches a program there (dropped after it).
+    above: Option<TestCgroup>,
     bundle: PolicyBundle,
     pins: PinDir,
     net: u8,
@@ -73,6 +76,18 @@ fn world(t: u8) -> Result<FlowWorld> {
 
 /// [`world`] at 127.`net`.<t>.i (IPv6 `v6_prefix`::<t>:i).
 fn world_on(net: u8, v6_prefix: u16, t: u8) -> Result<FlowWorld> {
+    world_with(net, v6_prefix, t, false, Vec::new())
+}
+
+/// [`world_on`] with `extra` entities, and with its root in a cgroup of its own when
+/// `above` (`FlowWorld::above`).
+fn world_with(
+    net: u8,
+    v6_prefix: u16,
+    t: u8,
+    above: bool,
+    extra: Vec<Entity>,
+) -> Result<FlowWorld> {
     let v6 = |i: u8| Ipv6Addr::new(v6_prefix, 0, 0, 0, 0, 0, u16::from(t), u16::from(i));
     let mut entities = vec![
         Entity::workload(net, "client-a", "acme", "retrieval", t, 1),
@@ -91,11 +106,20 @@ fn world_on(net: u8, v6_prefix: u16, t: u8) -> Result<FlowWorld> {
             "query",
         ),
     ];
+    entities.extend(extra);
     for e in &mut entities {
         let i = e.v4.octets()[3];
         e.v6 = v6(i);
     }
-    let root = TestCgroup::create(unique_name("fl-root"))?;
+    let above = if above {
+        Some(TestCgroup::create(unique_name("fl-above"))?)
+    } else {
+        None
+    };
+    let root = match &above {
+        Some(above) => above.child("root")?,
+        None => TestCgroup::create(unique_name("fl-root"))?,
+    };
     let mut cgroups = Vec::new();
     for e in entities.iter().filter(|e| e.local) {
         cgroups.push((e.name.clone(), root.child(&e.name)?));
@@ -113,6 +137,7 @@ fn world_on(net: u8, v6_prefix: u16, t: u8) -> Result<FlowWorld> {
     Ok(FlowWorld {
         cgroups,
         root,
+        above,
         bundle,
         pins: PinDir::new("fl-pins")?,
         net,
@@ -832,6 +857,71 @@ fn a_risk_change_and_a_quarantine_reset_established_flows() -> Result<()> {
     let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, b.local))?[0];
     ensure!(s(r, "/flow/reason") == Some("quarantined"), "{r}");
     ensure!(s(r, "/policy/id") == Some("quarantine"), "{r}");
+    Ok(())
+}
+
+const NO_SERVICE_FOR_CLIENT_A: &str = r#"// client-a may no longer reach the vectors Service
+@id("no-vectors-service-for-client-a")
+forbid (principal == Workload::"client-a", action, resource == Endpoint::"vectors-svc");
+"#;
+
+/// A socket load balancer (Cilium's or Calico's connect-time Service translation) rewrites a
+/// connect's destination after the enforcer's `connect4` judged it: the flow is judged (and
+/// re-judged) as a call to the Service's address, but the socket is connected to a
+/// backend's. A change that forbids the Service resets the connection. Before, the reset
+/// named the judged address, the kernel found no such socket, and the agent took the flow
+/// for ended (`flow.ended_by: "agent"`) while the connection stayed up. The test's own
+/// `connect4`, attached above the enforced subtree (so it runs after the enforcer's), stands
+/// for the load balancer: 127.83.9.20 (vectors-svc) -> 127.83.9.10 (acme-vectors).
+#[test]
+fn a_flow_a_socket_load_balancer_sent_elsewhere_is_still_reset() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let service = Entity::endpoint(NET, "vectors-svc", "acme", "vector_db", 9, 20).port(
+        6333,
+        Proto::Tcp,
+        "query",
+    );
+    let w = world_with(NET, 0xfd83, 9, true, vec![service])?;
+    let (IpAddr::V4(svc), IpAddr::V4(backend)) = (w.addr(20, 6333).ip(), w.addr(10, 6333).ip())
+    else {
+        anyhow::bail!("IPv4 world addresses expected");
+    };
+    let rewrite = load_connect4_rewrite(svc, backend)?;
+    let above = w
+        .above
+        .as_ref()
+        .context("the world has no cgroup above its root")?;
+    let _lb = link_cgroup(
+        std::os::fd::AsFd::as_fd(&rewrite),
+        &above.path(),
+        BPF_CGROUP_INET4_CONNECT,
+    )?;
+    let _vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+    let a = FlowClient::tcp(w.cgroup("client-a"), w.addr(20, 6333), 1, 1, true)?;
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    ensure!(
+        s(&opened[0], "/destination/name") == Some("vectors-svc"),
+        "the flow was not judged as the Service: {}",
+        opened[0]
+    );
+    replace_file(w.bundle.path(), "flip.cedar", NO_SERVICE_FOR_CLIENT_A, None)?;
+    let end = a.ended_within(RESET_WITHIN).with_context(|| {
+        format!(
+            "client-a's connection through the load balancer survived a change that forbids \
+             it; the agent's events: {:?}",
+            agent.events().unwrap_or_default()
+        )
+    })?;
+    ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    ensure!(
+        s(r, "/policy/id") == Some("no-vectors-service-for-client-a"),
+        "{r}"
+    );
     Ok(())
 }
 

@@ -362,7 +362,8 @@ pub fn destroy_with(
             "the flow has no local address yet (handshake not completed)",
         )
     })?;
-    let remote = super::destination_ip(record);
+    // The socket's own peer: a socket load balancer may have rewritten the judged address.
+    let (remote, remote_port) = super::peer(record);
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut req = Request {
         len: std::mem::size_of::<Request>() as u32,
@@ -373,7 +374,7 @@ pub fn destroy_with(
         // Every state: the tuple and the cookie name the socket.
         states: u32::MAX,
         sport: record.sport.to_be_bytes(),
-        dport: record.dport.to_be_bytes(),
+        dport: remote_port.to_be_bytes(),
         cookie: [cookie as u32, (cookie >> 32) as u32],
         ..Request::default()
     };

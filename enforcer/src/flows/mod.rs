@@ -162,6 +162,16 @@ pub fn destination_ip(r: &FlowRecord) -> IpAddr {
     address(r.family, &r.daddr)
 }
 
+/// The address and port (host order) the record's socket is connected to: where a socket
+/// load balancer sent it (`FlowRecord::peer`), else the judged destination.
+pub fn peer(r: &FlowRecord) -> (IpAddr, u16) {
+    if r.peer_port != 0 {
+        (address(r.family, &r.peer), r.peer_port)
+    } else {
+        (destination_ip(r), r.dport)
+    }
+}
+
 /// The record's local address; `None` until the TCP handshake completed (and for UDP).
 pub fn source_ip(r: &FlowRecord) -> Option<IpAddr> {
     (r.sport != 0).then(|| address(r.family, &r.saddr))
