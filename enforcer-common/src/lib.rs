@@ -130,7 +130,8 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     /// Bytes; a power of two and a multiple of the page size.
     pub const EVENTS_BYTES: u32 = 1 << 20;
-    /// Live tracked flows (LRU: the least recently touched record goes first when full).
+    /// Live tracked flows (plain hash, preallocated: ~12 MiB of 128-byte records with the
+    /// kernel's per-element overhead; a full table refuses new tracked connects).
     pub const FLOWS: u32 = 65_536;
     /// Bytes of `FLOW_EVENTS`; a power of two and a multiple of the page size.
     pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
