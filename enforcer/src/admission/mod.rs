@@ -31,7 +31,10 @@
 //!
 //! Bad input never reaches a decision: a body over [`MAX_BODY_BYTES`], a body that is not an
 //! `admission.k8s.io/v1` AdmissionReview, or a review without a request is answered 400 with
-//! the reason; a review of anything but a v1 Pod is denied, naming what was sent.
+//! the reason; a review of anything but a v1 Pod is denied, naming what was sent. Bodies
+//! over [`SMALL_BODY_BYTES`] share [`LARGE_BODIES_BYTES`] while they are read and reviewed
+//! (a 503 after [`BUDGET_WAIT`] when the rest is taken), so that no set of clients can make
+//! the webhook buffer and parse more than that at once.
 
 pub mod confine;
 pub mod decide;
@@ -56,6 +59,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_rustls::TlsAcceptor;
 
 pub use confine::Confinement;
@@ -85,6 +89,24 @@ pub const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Connections served at once; the API server keeps a few open per replica.
 const MAX_CONNECTIONS: usize = 256;
+
+/// Bodies up to this size are read at once. A pod's AdmissionReview is tens of KiB, so the
+/// usual review never waits for [`LARGE_BODIES_BYTES`].
+pub const SMALL_BODY_BYTES: u64 = 256 << 10;
+
+/// The bytes of larger bodies (declared by `Content-Length`; [`MAX_BODY_BYTES`] without one)
+/// read or reviewed at once, across connections. Without it, the [`MAX_CONNECTIONS`] a
+/// client may hold (any pod can reach the webhook's port) could each make the webhook buffer
+/// [`MAX_BODY_BYTES`] and parse it: 1 GiB of bodies and several of JSON values. Small bodies
+/// are bounded by the connections: 64 MiB.
+pub const LARGE_BODIES_BYTES: u64 = 16 << 20;
+
+/// How long a large body waits for its share of [`LARGE_BODIES_BYTES`] before a 503 (the
+/// API server's webhook call times out after 5-10 s, and the `failurePolicy` decides).
+pub const BUDGET_WAIT: Duration = Duration::from_secs(2);
+
+/// [`LARGE_BODIES_BYTES`] is counted in KiB, a semaphore permit each.
+const BUDGET_UNIT: u64 = 1 << 10;
 
 /// `enforcer admission serve --listen ADDR --tls-cert PEM --tls-key PEM [--kubeconfig F]
 /// [--ready-file F]`.
@@ -185,6 +207,7 @@ pub async fn serve_until(
         api: Api::all(client),
     });
     let confinement = Arc::new(options.confinement.clone());
+    let budget = Arc::new(Semaphore::new((LARGE_BODIES_BYTES / BUDGET_UNIT) as usize));
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("listening on {}", options.listen))?;
@@ -199,10 +222,12 @@ pub async fn serve_until(
         MAX_CONNECTIONS,
         shutdown,
         move |stream, peer| {
-            let (namespaces, confinement) = (namespaces.clone(), confinement.clone());
+            let (namespaces, confinement, budget) =
+                (namespaces.clone(), confinement.clone(), budget.clone());
             serve_http(stream, peer, move |request| {
-                let (namespaces, confinement) = (namespaces.clone(), confinement.clone());
-                async move { respond(request, &*namespaces, &confinement).await }
+                let (namespaces, confinement, budget) =
+                    (namespaces.clone(), confinement.clone(), budget.clone());
+                async move { respond(request, &*namespaces, &confinement, &budget).await }
             })
         },
     )
@@ -260,6 +285,7 @@ async fn respond(
     request: Request<Incoming>,
     namespaces: &impl Namespaces,
     confinement: &Confinement,
+    budget: &Semaphore,
 ) -> Response<Full<Bytes>> {
     let route = match request.uri().path() {
         MUTATE_PATH => Route::Mutate,
@@ -287,6 +313,11 @@ async fn respond(
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return reply(too_large());
     }
+    // Held until the answer is made: the parsed review is as large as the body, or larger.
+    let _share = match large_body_share(budget, declared).await {
+        Ok(share) => share,
+        Err(busy) => return reply(busy),
+    };
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
     let body = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -307,6 +338,34 @@ async fn respond(
         }
     };
     reply(review(route, &body, namespaces, confinement).await)
+}
+
+/// The share of [`LARGE_BODIES_BYTES`] a body of `declared` bytes (`None`: not declared, so
+/// [`MAX_BODY_BYTES`]) needs; `None` for a small one. A 503 when it is not free within
+/// [`BUDGET_WAIT`].
+async fn large_body_share(
+    budget: &Semaphore,
+    declared: Option<u64>,
+) -> Result<Option<SemaphorePermit<'_>>, Reply> {
+    let size = declared.unwrap_or(MAX_BODY_BYTES as u64);
+    if size <= SMALL_BODY_BYTES {
+        return Ok(None);
+    }
+    // At most MAX_BODY_BYTES / BUDGET_UNIT = 4,096 permits: fits a u32.
+    let permits = size.div_ceil(BUDGET_UNIT) as u32;
+    match tokio::time::timeout(BUDGET_WAIT, budget.acquire_many(permits)).await {
+        Ok(Ok(share)) => Ok(Some(share)),
+        // The semaphore is never closed; a closed one is as busy as a full one.
+        Ok(Err(_)) | Err(_) => Err(Reply::text(
+            503,
+            format!(
+                "the webhook is reading or reviewing {} MiB of other requests over {} KiB, \
+                 the most it takes at once; retry",
+                LARGE_BODIES_BYTES >> 20,
+                SMALL_BODY_BYTES >> 10
+            ),
+        )),
+    }
 }
 
 fn too_large() -> Reply {

@@ -100,12 +100,19 @@ impl Running {
         }
     }
 
-    /// Sends `head` then `body` on a fresh connection; the status code and the whole answer.
-    async fn exchange(&self, head: &str, body: &[u8]) -> (u16, String) {
+    /// A fresh connection on which `head` has been sent, held open.
+    async fn open(&self, head: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.84.0.1").unwrap();
         let mut tls = self.connector.connect(name, tcp).await.unwrap();
         tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        tls
+    }
+
+    /// Sends `head` then `body` on a fresh connection; the status code and the whole answer.
+    async fn exchange(&self, head: &str, body: &[u8]) -> (u16, String) {
+        let mut tls = self.open(head).await;
         // The server may answer (413) and close before the body is through.
         let _ = tls.write_all(body).await;
         let mut answer = Vec::new();
@@ -254,4 +261,55 @@ async fn refuses_to_start_without_a_usable_certificate_or_kubeconfig() {
         format!("{error:#}").contains(&format!("reading the kubeconfig {}", missing.display())),
         "{error:#}"
     );
+}
+
+/// Bodies over `SMALL_BODY_BYTES` share `LARGE_BODIES_BYTES` while they are read and reviewed:
+/// four clients that declare 4 MiB and send nothing hold all of it, so a fifth large body is
+/// answered 503 (before, each of the 256 connections a client may hold made the webhook
+/// buffer up to 4 MiB), while a small review is served as ever; once the four hang up, a large
+/// body is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_share_a_bounded_budget() {
+    let dir = TestDir::new("admission-budget");
+    let server = Running::start(&dir.0).await;
+    let large = format!(
+        "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {MAX_BODY_BYTES}\r\nConnection: close\r\n\r\n"
+    );
+    let filler = vec![b' '; MAX_BODY_BYTES];
+    let holders = (LARGE_BODIES_BYTES / MAX_BODY_BYTES as u64) as usize;
+    let mut held = Vec::new();
+    for _ in 0..holders {
+        held.push(server.open(&large).await);
+    }
+    // The holders' heads are sent; until the server has taken their shares, a fifth body may
+    // still be read (answered 400: spaces are no review). Bounded in time and tries.
+    let until = |want: u16| {
+        let (server, large, filler) = (&server, &large, &filler);
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            for _ in 0..60 {
+                let (status, text) = server.exchange(large, filler).await;
+                if status == want || tokio::time::Instant::now() > deadline {
+                    return (status, text);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("no {want} in 60 tries");
+        }
+    };
+    let (status, text) = until(503).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("16 MiB of other requests over 256 KiB"),
+        "{text}"
+    );
+    // A pod's review is small: served while the large ones wait (500: no API server here).
+    let (status, text) = server.post("/validate", &review_json("acme")).await;
+    assert_eq!(status, 500, "{text}");
+    drop(held);
+    let (status, text) = until(400).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("not an AdmissionReview"), "{text}");
+    server.stop().await;
 }
