@@ -267,29 +267,34 @@ async fn refuses_to_start_without_a_usable_certificate_or_kubeconfig() {
 /// four clients that declare 4 MiB and send nothing hold all of it, so a fifth large body is
 /// answered 503 (before, each of the 256 connections a client may hold made the webhook
 /// buffer up to 4 MiB), while a small review is served as ever; once the four hang up, a large
-/// body is read again.
+/// body is read again. The probes are just over the small bound (257 KiB): one that reaches
+/// the server before a holder's head takes its share for the few milliseconds its body takes
+/// to read, far below the 2 s a holder waits, so the holders end up holding it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_share_a_bounded_budget() {
     let dir = TestDir::new("admission-budget");
     let server = Running::start(&dir.0).await;
-    let large = format!(
-        "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {MAX_BODY_BYTES}\r\nConnection: close\r\n\r\n"
-    );
-    let filler = vec![b' '; MAX_BODY_BYTES];
+    let head = |len: usize| {
+        format!(
+            "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let probe_len = SMALL_BODY_BYTES as usize + (1 << 10);
+    let (probe, filler) = (head(probe_len), vec![b' '; probe_len]);
     let holders = (LARGE_BODIES_BYTES / MAX_BODY_BYTES as u64) as usize;
     let mut held = Vec::new();
     for _ in 0..holders {
-        held.push(server.open(&large).await);
+        held.push(server.open(&head(MAX_BODY_BYTES)).await);
     }
-    // The holders' heads are sent; until the server has taken their shares, a fifth body may
-    // still be read (answered 400: spaces are no review). Bounded in time and tries.
+    // Until the server has taken the holders' shares a probe is read (400: spaces are no
+    // review). Bounded in time and tries.
     let until = |want: u16| {
-        let (server, large, filler) = (&server, &large, &filler);
+        let (server, probe, filler) = (&server, &probe, &filler);
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             for _ in 0..60 {
-                let (status, text) = server.exchange(large, filler).await;
+                let (status, text) = server.exchange(probe, filler).await;
                 if status == want || tokio::time::Instant::now() > deadline {
                     return (status, text);
                 }
