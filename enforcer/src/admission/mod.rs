@@ -34,9 +34,13 @@
 //! the reason; a review of anything but a v1 Pod is denied, naming what was sent. Bodies
 //! over [`SMALL_BODY_BYTES`] share [`LARGE_BODIES_BYTES`] while they are read and reviewed
 //! (a 503 after [`BUDGET_WAIT`] when the rest is taken), so that no set of clients can make
-//! the webhook buffer and parse more than that at once.
+//! the webhook buffer more than that at once. What parsing a body costs is counted before it
+//! is parsed ([`cost`]): every review holds its share of [`cost::PARSE_BUDGET_BYTES`] while
+//! it is parsed and decided (a 503 likewise), and a body of more JSON values than a review
+//! may take is answered 413.
 
 pub mod confine;
+pub mod cost;
 pub mod decide;
 pub mod review;
 pub mod tenancy;
@@ -97,8 +101,9 @@ pub const SMALL_BODY_BYTES: u64 = 256 << 10;
 /// The bytes of larger bodies (declared by `Content-Length`; [`MAX_BODY_BYTES`] without one)
 /// read or reviewed at once, across connections. Without it, the [`MAX_CONNECTIONS`] a
 /// client may hold (any pod can reach the webhook's port) could each make the webhook buffer
-/// [`MAX_BODY_BYTES`] and parse it: 1 GiB of bodies and several of JSON values. Small bodies
-/// are bounded by the connections: 64 MiB.
+/// [`MAX_BODY_BYTES`]. Small bodies are bounded by the connections: 64 MiB. With
+/// [`cost::PARSE_BUDGET_BYTES`], what requests can make the webhook hold is 120 MiB (its
+/// limit in `deploy/` is 192 Mi).
 pub const LARGE_BODIES_BYTES: u64 = 16 << 20;
 
 /// How long a large body waits for its share of [`LARGE_BODIES_BYTES`] before a 503 (the
@@ -207,7 +212,7 @@ pub async fn serve_until(
         api: Api::all(client),
     });
     let confinement = Arc::new(options.confinement.clone());
-    let budget = Arc::new(Semaphore::new((LARGE_BODIES_BYTES / BUDGET_UNIT) as usize));
+    let budget = Arc::new(Budgets::new());
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("listening on {}", options.listen))?;
@@ -285,7 +290,7 @@ async fn respond(
     request: Request<Incoming>,
     namespaces: &impl Namespaces,
     confinement: &Confinement,
-    budget: &Semaphore,
+    budget: &Budgets,
 ) -> Response<Full<Bytes>> {
     let route = match request.uri().path() {
         MUTATE_PATH => Route::Mutate,
@@ -314,7 +319,7 @@ async fn respond(
         return reply(too_large());
     }
     // Held until the answer is made: the parsed review is as large as the body, or larger.
-    let _share = match large_body_share(budget, declared).await {
+    let _share = match large_body_share(&budget.large_bodies, declared).await {
         Ok(share) => share,
         Err(busy) => return reply(busy),
     };
@@ -337,7 +342,87 @@ async fn respond(
             ))
         }
     };
+    let _parse_share = match parse_share(&budget.parsing, &body).await {
+        Ok(share) => share,
+        Err(refused) => return reply(refused),
+    };
     reply(review(route, &body, namespaces, confinement).await)
+}
+
+/// What requests may make the webhook hold at once, in [`BUDGET_UNIT`]s.
+struct Budgets {
+    /// [`LARGE_BODIES_BYTES`]: large bodies while they are read and reviewed.
+    large_bodies: Semaphore,
+    /// [`cost::PARSE_BUDGET_BYTES`]: every review while it is parsed and decided.
+    parsing: Semaphore,
+}
+
+impl Budgets {
+    fn new() -> Self {
+        let permits = |bytes: u64| Semaphore::new((bytes / BUDGET_UNIT) as usize);
+        Self {
+            large_bodies: permits(LARGE_BODIES_BYTES),
+            parsing: permits(cost::PARSE_BUDGET_BYTES),
+        }
+    }
+}
+
+/// How often a request waiting for its share looks again.
+const BUDGET_POLL: Duration = Duration::from_millis(5);
+
+/// `bytes` of `budget` (rounded up to [`BUDGET_UNIT`]s; at most the whole budget, which
+/// callers check), waiting at most [`BUDGET_WAIT`]; `None` when it is not free by then.
+///
+/// Taken whenever it is free, not in turn: a semaphore's queue would make a pod's small
+/// review wait behind a large body waiting for more than is free.
+async fn share(budget: &Semaphore, bytes: u64) -> Option<SemaphorePermit<'_>> {
+    // Callers ask at most 40 MiB / 1 KiB = 40,960 permits: fits a u32.
+    let permits = bytes.div_ceil(BUDGET_UNIT) as u32;
+    let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
+    loop {
+        // The semaphore is never closed; a closed one is as busy as a full one.
+        if let Ok(share) = budget.try_acquire_many(permits) {
+            return Some(share);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(BUDGET_POLL).await;
+    }
+}
+
+/// The share of [`cost::PARSE_BUDGET_BYTES`] reviewing `body` needs: 400 when it is not
+/// JSON, 413 when it holds more than [`cost::MAX_VALUES`] values, 503 when the share is not
+/// free within [`BUDGET_WAIT`].
+async fn parse_share<'a>(budget: &'a Semaphore, body: &[u8]) -> Result<SemaphorePermit<'a>, Reply> {
+    let values = cost::json_values(body).map_err(|error| {
+        Reply::text(
+            400,
+            format!("the request body is not an AdmissionReview: {error}"),
+        )
+    })?;
+    if values > cost::MAX_VALUES {
+        return Err(Reply::text(
+            413,
+            format!(
+                "the AdmissionReview holds {values} JSON values (counting object keys), more \
+                 than the {} this webhook reviews",
+                cost::MAX_VALUES
+            ),
+        ));
+    }
+    share(budget, values * cost::PARSE_BYTES_PER_VALUE)
+        .await
+        .ok_or_else(|| {
+            Reply::text(
+                503,
+                format!(
+                    "the webhook is reviewing other requests that hold the {} MiB its reviews \
+                     may take at once; retry",
+                    cost::PARSE_BUDGET_BYTES >> 20
+                ),
+            )
+        })
 }
 
 /// The share of [`LARGE_BODIES_BYTES`] a body of `declared` bytes (`None`: not declared, so
@@ -351,12 +436,9 @@ async fn large_body_share(
     if size <= SMALL_BODY_BYTES {
         return Ok(None);
     }
-    // At most MAX_BODY_BYTES / BUDGET_UNIT = 4,096 permits: fits a u32.
-    let permits = size.div_ceil(BUDGET_UNIT) as u32;
-    match tokio::time::timeout(BUDGET_WAIT, budget.acquire_many(permits)).await {
-        Ok(Ok(share)) => Ok(Some(share)),
-        // The semaphore is never closed; a closed one is as busy as a full one.
-        Ok(Err(_)) | Err(_) => Err(Reply::text(
+    match share(budget, size).await {
+        Some(share) => Ok(Some(share)),
+        None => Err(Reply::text(
             503,
             format!(
                 "the webhook is reading or reviewing {} MiB of other requests over {} KiB, \

@@ -5,13 +5,13 @@ use std::future::Future;
 
 use k8s_openapi::api::core::v1::{Namespace, PodSpec};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube::core::{DynamicObject, Status};
-use serde_json::Value;
+use kube::core::Status;
 
 use super::confine::{confine, uncontained, Confinement, Scope};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
 use crate::sources::kubernetes::model::MIRROR_ANNOTATION;
+use crate::sources::kubernetes::wire::{AdmittedPod, MAX_JUDGED_ITEMS};
 
 /// The API version of AdmissionReview this webhook speaks (`admissionReviewVersions: [v1]`).
 pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
@@ -71,7 +71,7 @@ pub async fn review(
     namespaces: &impl Namespaces,
     confinement: &Confinement,
 ) -> Reply {
-    let parsed: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+    let parsed: AdmissionReview<AdmittedPod> = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(error) => {
             return Reply::text(
@@ -90,7 +90,7 @@ pub async fn review(
             ),
         );
     }
-    let request: AdmissionRequest<DynamicObject> = match parsed.try_into() {
+    let request: AdmissionRequest<AdmittedPod> = match parsed.try_into() {
         Ok(request) => request,
         Err(_) => return Reply::text(400, "the AdmissionReview has no request"),
     };
@@ -111,7 +111,7 @@ pub async fn review(
     }
 }
 
-fn deny(request: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResponse {
+fn deny(request: &AdmissionRequest<AdmittedPod>, message: String) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
     response.allowed = false;
     response.result = Status::failure(&message, "Forbidden").with_code(403);
@@ -120,7 +120,7 @@ fn deny(request: &AdmissionRequest<DynamicObject>, message: String) -> Admission
 
 async fn decide(
     route: Route,
-    request: &AdmissionRequest<DynamicObject>,
+    request: &AdmissionRequest<AdmittedPod>,
     namespaces: &impl Namespaces,
     confinement: &Confinement,
 ) -> Result<AdmissionResponse, Reply> {
@@ -284,8 +284,8 @@ enum Mirror {
 /// `system:node:<spec.nodeName>` in group `system:nodes` (what the API server's Node
 /// authorizer requires): from anyone else it is a claim on another pod's cgroup, which
 /// unmaps that pod on every node (two pods claiming one cgroup are both left out).
-fn mirror(pod: &str, request: &AdmissionRequest<DynamicObject>, spec: &PodSpec) -> Mirror {
-    let annotation = |o: Option<&DynamicObject>| {
+fn mirror(pod: &str, request: &AdmissionRequest<AdmittedPod>, spec: &PodSpec) -> Mirror {
+    let annotation = |o: Option<&AdmittedPod>| {
         o.and_then(|o| o.metadata.annotations.as_ref())
             .and_then(|a| a.get(MIRROR_ANNOTATION).cloned())
     };
@@ -319,17 +319,20 @@ fn scope<'a>(change: Change<'_>, old: Option<&'a PodSpec>) -> Scope<'a> {
     }
 }
 
-/// The pod's spec as its type; why not when it is not one (which the API server, having
-/// decoded the pod itself, never sends).
-fn pod_spec(pod: &str, object: &DynamicObject) -> Result<PodSpec, String> {
-    let spec = object.data.get("spec").cloned().unwrap_or(Value::Null);
-    serde_json::from_value(spec)
-        .map_err(|error| format!("pod {pod}: its spec is not a v1 PodSpec: {error}"))
+/// What [`confine`] judges of the pod's spec; why not when it holds more than the webhook
+/// builds.
+fn pod_spec(pod: &str, object: &AdmittedPod) -> Result<PodSpec, String> {
+    object.judged_spec().map_err(|n| {
+        format!(
+            "pod {pod}: {n} containers and hostPath or gitRepo volumes, more than the \
+             {MAX_JUDGED_ITEMS} this webhook judges"
+        )
+    })
 }
 
 /// `namespace/name` of the pod, for messages; a pod named by `generateName` has no name yet
 /// at creation: `namespace/<prefix>*`.
-fn pod_name(ns: &str, request: &AdmissionRequest<DynamicObject>, object: &DynamicObject) -> String {
+fn pod_name(ns: &str, request: &AdmissionRequest<AdmittedPod>, object: &AdmittedPod) -> String {
     let name = Some(request.name.as_str())
         .filter(|n| !n.is_empty())
         .or(object.metadata.name.as_deref().filter(|n| !n.is_empty()));
@@ -600,6 +603,42 @@ mod tests {
         plain["metadata"]["annotations"] = json!({});
         let (_, value) = answer(Route::Validate, &by("alice", "UPDATE", plain)).await;
         assert_eq!(value["response"]["allowed"], false, "{value}");
+    }
+
+    /// What the webhook builds of a pod is bounded (`MAX_JUDGED_ITEMS` containers and
+    /// judged volumes, 2-3 KiB each): a pod over it is denied on both webhooks, naming the
+    /// count; volumes that are not judged (most of them) do not count.
+    #[tokio::test]
+    async fn a_pod_holding_more_than_the_webhook_judges_is_denied_naming_the_count() {
+        let dropping = json!({"capabilities": {"drop": ["ALL"]}});
+        let container = |i: usize| json!({"name": format!("c{i}"), "securityContext": dropping});
+        let host = |i: usize| json!({"name": format!("h{i}"), "hostPath": {"path": "/"}});
+        let empty = |i: usize| json!({"name": format!("v{i}"), "emptyDir": {}});
+        let labels = json!({labels::TENANT: "acme"});
+        let spec = |containers: usize, hosts: usize, empties: usize| {
+            let mut pod = pod("big", labels.clone());
+            pod["spec"] = json!({
+                "containers": (0..containers).map(container).collect::<Vec<_>>(),
+                "volumes": (0..hosts).map(host).chain((0..empties).map(empty)).collect::<Vec<_>>(),
+            });
+            review_body("CREATE", "acme-prod", pod, Value::Null)
+        };
+        let over = "pod acme-prod/big: 1025 containers and hostPath or gitRepo volumes, more \
+                    than the 1024 this webhook judges";
+        for route in [Route::Validate, Route::Mutate] {
+            let (status, value) = answer(route, &spec(1000, 25, 0)).await;
+            assert_eq!(status, 200, "{value}");
+            assert_eq!(value["response"]["allowed"], false, "{value}");
+            assert_eq!(value["response"]["status"]["message"], over, "{route:?}");
+        }
+        // At the bound, and with 5,000 volumes that are not judged: judged as ever.
+        let (_, value) = answer(Route::Mutate, &spec(1000, 24, 5000)).await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
+        let (_, value) = answer(Route::Validate, &spec(1000, 24, 5000)).await;
+        assert_eq!(value["response"]["allowed"], false, "{value}");
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert_eq!(message.matches("(hostPath)").count(), 24, "{message}");
+        assert!(!message.contains("more than the"), "{message}");
     }
 
     #[tokio::test]

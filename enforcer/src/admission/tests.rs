@@ -53,13 +53,18 @@ fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 impl Running {
     async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, NOWHERE).await
+    }
+
+    /// A webhook whose namespace lookups go to `api_server`.
+    async fn start_with(dir: &Path, api_server: &str) -> Self {
         let (ca, cert, key) = pki(dir);
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
             format!(
                 "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
-                 clusters: [{{name: c, cluster: {{server: \"{NOWHERE}\", certificate-authority: {}}}}}]\n\
+                 clusters: [{{name: c, cluster: {{server: \"{api_server}\", certificate-authority: {}}}}}]\n\
                  users: [{{name: u, user: {{token: t}}}}]\n\
                  contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\n",
                 ca.display()
@@ -317,4 +322,88 @@ async fn large_bodies_share_a_bounded_budget() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("not an AdmissionReview"), "{text}");
     server.stop().await;
+}
+
+/// A review of a pod in `namespace` that also holds `values` JSON values beyond it, in a
+/// field the webhook does not read (a list of `[]`s: serde buffers it as a tree, 72 bytes
+/// a value).
+fn review_holding(namespace: &str, values: u64) -> Vec<u8> {
+    let mut review: serde_json::Value = serde_json::from_slice(&review_json(namespace)).unwrap();
+    let base = cost::json_values(&review_json(namespace)).unwrap();
+    // The key and the list are two values.
+    let extra = vec![serde_json::json!([]); (values - base - 2) as usize];
+    review["padding"] = serde_json::Value::Array(extra);
+    let body = serde_json::to_vec(&review).unwrap();
+    assert_eq!(cost::json_values(&body).unwrap(), values);
+    body
+}
+
+/// Every review holds its share of `cost::PARSE_BUDGET_BYTES` while it is parsed and decided
+/// (before, a 4 MiB body could make the webhook allocate gigabytes): a body of more values
+/// than one review may take is refused with 413 unparsed; of two reviews that each need 60 %
+/// of the budget, one is answered 503 while the other waits for its namespace (an API server
+/// that accepts and never answers: 4 s), and a pod's small review is served meanwhile (not
+/// queued behind the waiting one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_share_a_bounded_parse_budget() {
+    let dir = TestDir::new("admission-parse-budget");
+    let silent = tokio::net::TcpListener::bind("127.84.0.10:0")
+        .await
+        .unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let server =
+        std::sync::Arc::new(Running::start_with(&dir.0, &format!("https://{silent_addr}")).await);
+
+    let (status, text) = server
+        .post("/validate", &review_holding("acme", cost::MAX_VALUES + 1))
+        .await;
+    assert_eq!(status, 413, "{text}");
+    assert!(
+        text.contains(&format!(
+            "holds {} JSON values (counting object keys), more than the {} this webhook reviews",
+            cost::MAX_VALUES + 1,
+            cost::MAX_VALUES
+        )),
+        "{text}"
+    );
+
+    let large = std::sync::Arc::new(review_holding("acme", cost::MAX_VALUES * 6 / 10));
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let (server, large) = (server.clone(), large.clone());
+            tokio::spawn(async move { server.post("/validate", &large).await })
+        })
+        .collect();
+    let small = server.post("/validate", &review_json("acme")).await;
+    let mut statuses = Vec::new();
+    for answer in both {
+        let (status, text) = answer.await.unwrap();
+        match status {
+            503 => assert!(
+                text.contains("other requests that hold the 40 MiB its reviews may take at once"),
+                "{text}"
+            ),
+            500 => assert!(text.contains("cannot read namespace acme"), "{text}"),
+            _ => panic!("{text}"),
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [500, 503]);
+    // Served, not refused: its namespace lookup timed out like the holder's.
+    assert_eq!(small.0, 500, "{}", small.1);
+    assert!(
+        small.1.contains("cannot read namespace acme"),
+        "{}",
+        small.1
+    );
+
+    holding.abort();
+    std::sync::Arc::into_inner(server).unwrap().stop().await;
 }

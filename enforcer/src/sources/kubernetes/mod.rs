@@ -24,7 +24,7 @@
 mod listwatch;
 pub(crate) mod model;
 mod proto;
-mod wire;
+pub(crate) mod wire;
 
 pub use proto::Encoding;
 

@@ -294,6 +294,8 @@ pub(super) struct Pod {
 struct ObjectMeta {
     #[prost(string, optional, tag = "1")]
     name: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    generate_name: Option<String>,
     #[prost(string, optional, tag = "3")]
     namespace: Option<String>,
     #[prost(string, optional, tag = "5")]
@@ -594,15 +596,17 @@ impl Container {
     fn into_wire(self) -> wire::WireContainer {
         wire::WireContainer {
             name: required(self.name),
-            security_context: self.security_context.map(|s| SecurityContext {
-                capabilities: s.capabilities.map(|c| Capabilities {
-                    add: some(c.add),
-                    drop: some(c.drop),
-                }),
-                privileged: s.privileged,
-                proc_mount: s.proc_mount,
-                windows_options: windows(s.windows_options),
-                ..SecurityContext::default()
+            security_context: self.security_context.map(|s| {
+                Box::new(SecurityContext {
+                    capabilities: s.capabilities.map(|c| Capabilities {
+                        add: some(c.add),
+                        drop: some(c.drop),
+                    }),
+                    privileged: s.privileged,
+                    proc_mount: s.proc_mount,
+                    windows_options: windows(s.windows_options),
+                    ..SecurityContext::default()
+                })
             }),
             liveness_probe: probe(self.liveness_probe),
             readiness_probe: probe(self.readiness_probe),
@@ -638,6 +642,7 @@ impl Pod {
         });
         let metadata = wire::Meta {
             name: text(m.name),
+            generate_name: text(m.generate_name),
             namespace: text(m.namespace),
             uid: text(m.uid),
             resource_version: text(m.resource_version),
@@ -661,6 +666,8 @@ impl Pod {
         };
         let spec = self.spec.map(|s| wire::Spec {
             node_name: text(s.node_name),
+            // Only the admission webhook judges it, from JSON.
+            runtime_class_name: None,
             host_network: flag(s.host_network),
             service_account_name: text(s.service_account_name),
             service_account: text(s.service_account),

@@ -7,6 +7,11 @@
 //! managed-fields tree (a JSON value per entry) only for [`super::slim_pod`] to drop them.
 //! [`WirePod`] builds a [`Pod`] holding exactly what `slim_pod` keeps, so the stores, the
 //! model and its tests keep the `k8s_openapi` type.
+//!
+//! The admission webhook decodes the pods of its reviews with the same types
+//! ([`AdmittedPod`]): what it judges is what the agent summarises (`confine`), and a review's
+//! body is written by whoever reaches the webhook's port. Built as `k8s_openapi` types, a
+//! container is 2 KiB and a volume 3 KiB: a 4 MiB body of `{"name":""}` volumes took 3 GiB.
 
 use std::collections::BTreeMap;
 
@@ -31,14 +36,22 @@ impl WirePod {
     }
 }
 
-impl k8s_openapi::Resource for WirePod {
-    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <Pod as k8s_openapi::Resource>::Scope;
+/// `$ty` is a Pod to the API machinery (kube's `Resource` for `AdmissionReview`, lists and
+/// watches).
+macro_rules! a_pod {
+    ($ty:ty) => {
+        impl k8s_openapi::Resource for $ty {
+            const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = <Pod as k8s_openapi::Resource>::Scope;
+        }
+    };
 }
+
+a_pod!(WirePod);
 
 impl k8s_openapi::ListableResource for WirePod {
     const LIST_KIND: &'static str = <Pod as k8s_openapi::ListableResource>::LIST_KIND;
@@ -56,7 +69,7 @@ impl k8s_openapi::Metadata for WirePod {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Wire {
     #[serde(default)]
@@ -65,10 +78,12 @@ pub(super) struct Wire {
     pub(super) status: Option<Status>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Meta {
     pub(super) name: Option<String>,
+    /// Only the admission webhook reads it (a pod named by `generateName` has no name yet).
+    pub(super) generate_name: Option<String>,
     pub(super) namespace: Option<String>,
     pub(super) uid: Option<String>,
     /// The watcher resumes a watch from the last object's version.
@@ -83,10 +98,13 @@ pub(super) struct Meta {
     pub(super) deletion_timestamp: Option<Time>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Spec {
     pub(super) node_name: Option<String>,
+    /// Only the admission webhook judges it (against the operator's runtime classes, which the
+    /// agent does not know).
+    pub(super) runtime_class_name: Option<String>,
     pub(super) host_network: Option<bool>,
     pub(super) service_account_name: Option<String>,
     pub(super) service_account: Option<String>,
@@ -108,11 +126,13 @@ pub(super) struct Spec {
 }
 
 /// What `confine::summary` reads of a container (of any of the three lists).
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct WireContainer {
     pub(super) name: String,
-    pub(super) security_context: Option<SecurityContext>,
+    /// Boxed: most containers have none, and 384 bytes each would be what a body of
+    /// `{"name":""}` containers makes the webhook hold per 12 bytes.
+    pub(super) security_context: Option<Box<SecurityContext>>,
     pub(super) liveness_probe: Option<WireHandler>,
     pub(super) readiness_probe: Option<WireHandler>,
     pub(super) startup_probe: Option<WireHandler>,
@@ -122,26 +142,26 @@ pub(super) struct WireContainer {
 
 /// A probe or a lifecycle handler: the `host` of its `httpGet` and `tcpSocket`, the rest
 /// (commands, headers, timings: most pods have probes) skipped unparsed.
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct WireHandler {
     pub(super) http_get: Option<WireHost>,
     pub(super) tcp_socket: Option<WireHost>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub(super) struct WireHost {
     pub(super) host: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct WireLifecycle {
     pub(super) post_start: Option<WireHandler>,
     pub(super) pre_stop: Option<WireHandler>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct WirePort {
     pub(super) host_port: Option<i32>,
@@ -214,7 +234,7 @@ impl WireContainer {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct WireVolume {
     pub(super) name: String,
@@ -230,6 +250,21 @@ impl Spec {
         if self.containers.is_empty() {
             return None;
         }
+        Some(confine::summary(&self.take_judged()))
+    }
+
+    /// Containers, init and ephemeral containers, and the volumes `confine` judges (`hostPath`
+    /// and `gitRepo`): what [`Self::take_judged`] builds as `k8s_openapi` types.
+    pub(super) fn judged_items(&self) -> usize {
+        let lists = [&self.init_containers, &self.ephemeral_containers];
+        self.containers.len()
+            + lists.into_iter().flatten().map(Vec::len).sum::<usize>()
+            + self.volumes.iter().flatten().filter(|v| v.judged()).count()
+    }
+
+    /// The spec with what `confine` reads (its containers, security contexts, judged volumes
+    /// and pod-level fields), taken out of `self`.
+    pub(super) fn take_judged(&mut self) -> PodSpec {
         // `Container` and `EphemeralContainer` have the same fields.
         macro_rules! built {
             ($ty:ident, $c:expr) => {{
@@ -239,7 +274,7 @@ impl Spec {
                     lifecycle: c.lifecycle(),
                     ports: c.ports(),
                     name: c.name,
-                    security_context: c.security_context,
+                    security_context: c.security_context.map(|s| *s),
                     liveness_probe,
                     readiness_probe,
                     startup_probe,
@@ -248,7 +283,7 @@ impl Spec {
             }};
         }
         let container = |c| built!(Container, c);
-        let spec = PodSpec {
+        PodSpec {
             containers: std::mem::take(&mut self.containers)
                 .into_iter()
                 .map(container)
@@ -267,6 +302,7 @@ impl Spec {
             host_network: self.host_network,
             volumes: self.volumes.take().map(|l| {
                 l.into_iter()
+                    .filter(WireVolume::judged)
                     .map(|v| Volume {
                         name: v.name,
                         host_path: v.host_path,
@@ -277,13 +313,21 @@ impl Spec {
             }),
             security_context: self.security_context.take(),
             os: self.os.take(),
+            node_name: self.node_name.clone(),
+            runtime_class_name: self.runtime_class_name.clone(),
             ..PodSpec::default()
-        };
-        Some(confine::summary(&spec))
+        }
     }
 }
 
-#[derive(Deserialize)]
+impl WireVolume {
+    /// Whether `confine` judges it; the others (most of a pod's volumes) are not built.
+    fn judged(&self) -> bool {
+        self.host_path.is_some() || self.git_repo.is_some()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Status {
     pub(super) phase: Option<String>,
@@ -391,5 +435,66 @@ impl From<Wire> for WirePod {
             super::keep_uncontained(&mut pod.metadata, summary);
         }
         WirePod(pod)
+    }
+}
+
+/// A pod of an AdmissionReview as the admission webhook decodes it: its name, namespace,
+/// labels and kept annotations (the mirror mark), and its spec as [`Spec`] holds it, built
+/// as a [`PodSpec`] only once [`Self::judged_spec`] has counted it. Everything else of the
+/// object is skipped unparsed.
+#[derive(Clone, Debug, Default)]
+pub struct AdmittedPod {
+    pub metadata: ObjectMeta,
+    spec: Option<Spec>,
+}
+
+/// The most containers (of the three lists) and judged volumes ([`Spec::judged_items`]) a
+/// pod the webhook judges may hold; each is built as a 2-3 KiB `k8s_openapi` type. Kubernetes
+/// sets no such bound, but no workload needs a fraction of it.
+pub const MAX_JUDGED_ITEMS: usize = 1024;
+
+impl AdmittedPod {
+    /// The spec with what `confine` reads (`PodSpec::default()` when the object has none);
+    /// `Err` with the count when it holds more than [`MAX_JUDGED_ITEMS`].
+    pub fn judged_spec(&self) -> Result<PodSpec, usize> {
+        let Some(spec) = &self.spec else {
+            return Ok(PodSpec::default());
+        };
+        match spec.judged_items() {
+            n if n > MAX_JUDGED_ITEMS => Err(n),
+            _ => Ok(spec.clone().take_judged()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdmittedPod {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = Wire::deserialize(d)?;
+        let m = wire.metadata;
+        Ok(AdmittedPod {
+            metadata: ObjectMeta {
+                name: m.name,
+                generate_name: m.generate_name,
+                namespace: m.namespace,
+                labels: m.labels,
+                annotations: m.annotations,
+                ..ObjectMeta::default()
+            },
+            spec: wire.spec,
+        })
+    }
+}
+
+a_pod!(AdmittedPod);
+
+impl k8s_openapi::Metadata for AdmittedPod {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
