@@ -803,7 +803,8 @@ pub struct FlowRecord {
     pub pid_tgid: u64,
     pub subject: u32,
     pub destination: u32,
-    /// Local address, as `daddr`; zero until the TCP handshake completes (and for UDP).
+    /// Local address, as `daddr` in the family of `peer` (`peer_family`); zero until the TCP
+    /// handshake completes (and for UDP).
     pub saddr: [u8; 16],
     /// IPv4 in the first 4 bytes (network order), or the IPv6 address: the address judged at
     /// `connect()` (and re-judged by the agent after a change).
@@ -842,11 +843,15 @@ pub struct FlowRecord {
     /// TCP, from the handshake's end: the port (host order) and address (as `daddr`) the
     /// socket is connected to, which `SOCK_DESTROY` must name. They differ from `dport` and
     /// `daddr` when a socket load balancer's `connect4` (Cilium's, Calico's) rewrote a
-    /// Service address to a backend's after the judgement. `peer_port` 0: not known (UDP,
-    /// a handshake not completed, or a rewrite to the other address family): use `daddr`.
+    /// Service address to a backend's after the judgement, also of the other family (an IPv6
+    /// Service's backend at `::ffff:a.b.c.d`). `peer_port` 0: not known (UDP, a handshake not
+    /// completed): use `daddr`.
     pub peer_port: u16,
+    /// 4 or 6, as `family`: how `peer` and `saddr` are to be read; 0 (records written before
+    /// it was kept): as `family`.
+    pub peer_family: u8,
     /// Always zero.
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 3],
     pub peer: [u8; 16],
 }
 

@@ -182,7 +182,8 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
         addr_of_mut!((*r).wire_stamp).write(0);
         addr_of_mut!((*r).peer_port).write(0);
-        addr_of_mut!((*r)._pad).write([0; 4]);
+        addr_of_mut!((*r).peer_family).write(0);
+        addr_of_mut!((*r)._pad).write([0; 3]);
         addr_of_mut!((*r).peer).write([0; 16]);
         bpf_get_socket_cookie(ctx.as_ptr())
     };
@@ -376,45 +377,37 @@ pub fn on_established(ctx: &SockOpsContext) {
     let Some(r) = FLOWS.get_ptr_mut(cookie) else {
         return;
     };
-    // SAFETY: `ops` is the context; full 32-bit loads of readable fields. `r` is a non-null
-    // map value pointer, valid for reads and writes.
+    // The socket's own tuple, which `SOCK_DESTROY` must name: a socket load balancer's
+    // `connect4`/`connect6` (Cilium's, Calico's) may have rewritten the address judged here
+    // (a Service's) to a backend's after this program ran, of either family; looked up by
+    // the judged address, the socket was not found and the flow taken for ended, its
+    // connection left up. The judged address stays what the agent re-decides.
+    // (Never `None`: a TCP socket is AF_INET or AF_INET6.)
+    let Some((local, _, peer)) = crate::wire::sock_ops_addresses(ops) else {
+        return;
+    };
+    let (sport, peer_port) = crate::wire::sock_ops_ports(ops);
+    // SAFETY: `r` is a non-null map value pointer, valid for reads and writes.
     unsafe {
-        // The peer the socket is connected to, which `SOCK_DESTROY` must name: a socket
-        // load balancer's `connect4` (Cilium's, Calico's) may have rewritten the address
-        // judged here (a Service's) to a backend's after this program ran; looked up by the
-        // judged address, the socket was not found and the flow taken for ended, its
-        // connection left up. The judged address stays what the agent re-decides.
-        if let Some((_, _, remote)) = crate::wire::sock_ops_addresses(ops) {
-            if remote.family == (*r).family {
-                let peer = addr_of_mut!((*r).peer).cast::<u32>();
-                for (i, word) in remote.addr.iter().enumerate() {
-                    peer.add(i).write(*word);
-                }
-                (*r).peer_port = crate::wire::sock_ops_ports(ops).1;
-            }
-        }
-        let family = read_volatile(&(*ops).family);
-        let saddr = addr_of_mut!((*r).saddr).cast::<u32>();
-        if family == AF_INET6 {
-            let w = [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ];
-            if (*r).family == FAMILY_V4 {
-                // A dual-stack socket to ::ffff:a.b.c.d: its source is mapped too.
-                saddr.write(w[3]);
-            } else {
-                for (i, word) in w.iter().enumerate() {
-                    saddr.add(i).write(*word);
-                }
-            }
+        let (saddr, to) = (
+            addr_of_mut!((*r).saddr).cast::<u32>(),
+            addr_of_mut!((*r).peer).cast::<u32>(),
+        );
+        if peer.family == FAMILY_V4 {
+            // An IPv4 socket, or a dual-stack one to ::ffff:a.b.c.d, whose source is mapped
+            // too: the IPv4 address is the last word of each.
+            saddr.write(local[3]);
         } else {
-            saddr.write(read_volatile(&(*ops).local_ip4));
+            for (i, word) in local.iter().enumerate() {
+                saddr.add(i).write(*word);
+            }
         }
-        // `local_port` is in host byte order.
-        (*r).sport = read_volatile(&(*ops).local_port) as u16;
+        for (i, word) in peer.addr.iter().enumerate() {
+            to.add(i).write(*word);
+        }
+        (*r).peer_family = peer.family;
+        (*r).peer_port = peer_port;
+        (*r).sport = sport;
         (*r).state = flow_state::ESTABLISHED;
         if !open(cookie, &*r) {
             (*r).flags |= flow_flags::UNREPORTED;
@@ -637,7 +630,8 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         cd.add(1).write(cs.add(1).read());
         addr_of_mut!((*d).wire_stamp).write(r.wire_stamp);
         addr_of_mut!((*d).peer_port).write(r.peer_port);
-        addr_of_mut!((*d)._pad).write([0; 4]);
+        addr_of_mut!((*d).peer_family).write(r.peer_family);
+        addr_of_mut!((*d)._pad).write([0; 3]);
         let (ps, pd) = (
             r.peer.as_ptr().cast::<u32>(),
             addr_of_mut!((*d).peer).cast::<u32>(),

@@ -202,6 +202,45 @@ pub fn load_connect4_rewrite(
     )
 }
 
+/// [`load_connect4_rewrite`] for `cgroup/connect6`: a connect to `from` goes to `to` (same
+/// port), which may be an IPv4-mapped address (`::ffff:a.b.c.d`: the dual-stack socket then
+/// connects over IPv4, as when a load balancer picks an IPv4 backend for an IPv6 Service).
+pub fn load_connect6_rewrite(
+    from: std::net::Ipv6Addr,
+    to: std::net::Ipv6Addr,
+) -> Result<std::os::fd::OwnedFd> {
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    /// `offsetof(struct bpf_sock_addr, user_ip6)`: four words in network order.
+    const USER_IP6: u64 = 8;
+    let imm = |v: u32| u64::from(v) << 32;
+    let words = |a: std::net::Ipv6Addr| {
+        let o = a.octets();
+        [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+    };
+    let (from, to) = (words(from), words(to));
+    let mut insns = Vec::new();
+    for (i, word) in from.iter().enumerate() {
+        let off = USER_IP6 + 4 * i as u64;
+        // r2 = *(u32 *)(r1 + user_ip6[i])
+        insns.push(0x61 | 0x12 << 8 | off << 16);
+        // if w2 != from[i] goto the r0 = 1 after the 8 stores (14 - 2i instructions on)
+        insns.push(0x56 | 0x02 << 8 | (14 - 2 * i as u64) << 16 | imm(*word));
+    }
+    for (i, word) in to.iter().enumerate() {
+        let off = USER_IP6 + 4 * i as u64;
+        // w2 = to[i]; *(u32 *)(r1 + user_ip6[i]) = r2
+        insns.push(0xb4 | 0x02 << 8 | imm(*word));
+        insns.push(0x63 | 0x21 << 8 | off << 16);
+    }
+    // r0 = 1; exit
+    insns.extend([0xb7 | imm(1), 0x95]);
+    load_insns(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET6_CONNECT,
+        &insns,
+    )
+}
+
 /// Attaches `prog` to the cgroup at `cgroup_path` for `attach_type` through a link
 /// (`BPF_LINK_CREATE`, beside any other program there): detached when the returned fd is
 /// closed, so also when the test panics.

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::bpf::{
-    link_cgroup, load_connect4_rewrite, load_noop_sock_ops, load_noop_sock_release, pinned_link,
-    set_link_program, BPF_CGROUP_INET4_CONNECT,
+    link_cgroup, load_connect4_rewrite, load_connect6_rewrite, load_noop_sock_ops,
+    load_noop_sock_release, pinned_link, set_link_program, BPF_CGROUP_INET4_CONNECT,
+    BPF_CGROUP_INET6_CONNECT,
 };
 use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity, World};
@@ -878,17 +879,59 @@ fn a_flow_a_socket_load_balancer_sent_elsewhere_is_still_reset() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    let service = Entity::endpoint(NET, "vectors-svc", "acme", "vector_db", 9, 20).port(
-        6333,
-        Proto::Tcp,
-        "query",
-    );
-    let w = world_with(NET, 0xfd83, 9, true, vec![service])?;
+    let w = load_balanced_world(9)?;
     let (IpAddr::V4(svc), IpAddr::V4(backend)) = (w.addr(20, 6333).ip(), w.addr(10, 6333).ip())
     else {
         anyhow::bail!("IPv4 world addresses expected");
     };
     let rewrite = load_connect4_rewrite(svc, backend)?;
+    reset_behind(&w, rewrite, BPF_CGROUP_INET4_CONNECT, w.addr(20, 6333))
+}
+
+/// As [`a_flow_a_socket_load_balancer_sent_elsewhere_is_still_reset`], with a load balancer
+/// that sends an IPv6 Service's connect to an IPv4 backend (`::ffff:127.83.10.10`: the
+/// dual-stack socket connects over IPv4). The socket's own peer was kept only when its family
+/// was the judged one: the reset named the Service's IPv6 address, the kernel found no such
+/// socket, and the agent took the flow for ended while the connection stayed up.
+#[test]
+fn a_flow_a_load_balancer_sent_to_the_other_family_is_still_reset() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = load_balanced_world(10)?;
+    let IpAddr::V4(backend) = w.addr(10, 6333).ip() else {
+        anyhow::bail!("IPv4 world addresses expected");
+    };
+    let svc = Ipv6Addr::new(0xfd83, 0, 0, 0, 0, 0, 10, 20);
+    let rewrite = load_connect6_rewrite(svc, backend.to_ipv6_mapped())?;
+    reset_behind(
+        &w,
+        rewrite,
+        BPF_CGROUP_INET6_CONNECT,
+        SocketAddr::new(svc.into(), 6333),
+    )
+}
+
+/// A world `t` with `vectors-svc` (address 20, a tracked vector DB Service) and a cgroup
+/// above its root, where a load balancer's program runs after the enforcer's.
+fn load_balanced_world(t: u8) -> Result<FlowWorld> {
+    let service = Entity::endpoint(NET, "vectors-svc", "acme", "vector_db", t, 20).port(
+        6333,
+        Proto::Tcp,
+        "query",
+    );
+    world_with(NET, 0xfd83, t, true, vec![service])
+}
+
+/// With `rewrite` (a load balancer sending `service` to acme-vectors, 127.83.t.10) linked
+/// above `w`'s root for `attach_type`: client-a's flow to `service` is judged as
+/// `vectors-svc`, and a change that forbids it resets the connection and reports it revoked.
+fn reset_behind(
+    w: &FlowWorld,
+    rewrite: std::os::fd::OwnedFd,
+    attach_type: u32,
+    service: SocketAddr,
+) -> Result<()> {
     let above = w
         .above
         .as_ref()
@@ -896,13 +939,20 @@ fn a_flow_a_socket_load_balancer_sent_elsewhere_is_still_reset() -> Result<()> {
     let _lb = link_cgroup(
         std::os::fd::AsFd::as_fd(&rewrite),
         &above.path(),
-        BPF_CGROUP_INET4_CONNECT,
+        attach_type,
     )?;
     let _vectors = FlowServer::start(w.addr(10, 6333))?;
     let agent = Agent::start(w.config())?;
     first_applied_snapshot(&agent)?;
-    let a = FlowClient::tcp(w.cgroup("client-a"), w.addr(20, 6333), 1, 1, true)?;
-    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, a.local))?;
+    let a = FlowClient::tcp(w.cgroup("client-a"), service, 1, 1, true)?;
+    // A dual-stack socket connected to an IPv4 backend has an IPv4-mapped local address; its
+    // flow's is IPv4.
+    let local = match a.local.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a.local.ip(), IpAddr::V4),
+        v4 => v4,
+    };
+    let ours = |e: &Value| flow_of(e, SocketAddr::new(local, a.local.port()));
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, ours)?;
     ensure!(
         s(&opened[0], "/destination/name") == Some("vectors-svc"),
         "the flow was not judged as the Service: {}",
@@ -917,7 +967,7 @@ fn a_flow_a_socket_load_balancer_sent_elsewhere_is_still_reset() -> Result<()> {
         )
     })?;
     ensure!(end["errno"] == libc::ECONNABORTED, "client-a: {end}");
-    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, a.local))?[0];
+    let r = &wait_notices(&agent, "flow.revoked", 1, WAIT, ours)?[0];
     ensure!(
         s(r, "/policy/id") == Some("no-vectors-service-for-client-a"),
         "{r}"

@@ -163,18 +163,28 @@ pub fn destination_ip(r: &FlowRecord) -> IpAddr {
 }
 
 /// The address and port (host order) the record's socket is connected to: where a socket
-/// load balancer sent it (`FlowRecord::peer`), else the judged destination.
+/// load balancer sent it (`FlowRecord::peer`, of either family), else the judged destination.
 pub fn peer(r: &FlowRecord) -> (IpAddr, u16) {
     if r.peer_port != 0 {
-        (address(r.family, &r.peer), r.peer_port)
+        (address(tuple_family(r), &r.peer), r.peer_port)
     } else {
         (destination_ip(r), r.dport)
     }
 }
 
-/// The record's local address; `None` until the TCP handshake completed (and for UDP).
+/// The record's local address (in the family of [`peer`]); `None` until the TCP handshake
+/// completed (and for UDP).
 pub fn source_ip(r: &FlowRecord) -> Option<IpAddr> {
-    (r.sport != 0).then(|| address(r.family, &r.saddr))
+    (r.sport != 0).then(|| address(tuple_family(r), &r.saddr))
+}
+
+/// The family of the socket's own addresses (`saddr`, `peer`): the judged one in records
+/// written before `peer_family` was kept.
+fn tuple_family(r: &FlowRecord) -> u8 {
+    match r.peer_family {
+        0 => r.family,
+        family => family,
+    }
 }
 
 /// Payload bytes of a closed TCP flow, `(sent, received)`, from the kernel's counters in
