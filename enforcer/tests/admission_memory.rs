@@ -1,17 +1,20 @@
 //! What reviewing a body takes is at most what the webhook charges for it
-//! (`admission::cost::PARSE_BYTES_PER_VALUE` per JSON value), on the dearest shapes a body
-//! can take: long lists of the smallest containers, volumes, ports, labels, annotations,
-//! managed fields, and trees in fields the webhook does not read (the envelope's, the pod's,
-//! `request.options`), for both webhooks, a creation and an update.
+//! (`admission::cost::charge`: per JSON value and per byte), on the dearest shapes a body
+//! can take: long lists of the smallest containers, volumes, ports, added capabilities,
+//! labels, annotations, managed fields, trees in fields the webhook does not read (the
+//! envelope's, the pod's, `request.options`), long strings where they are kept, and long
+//! names repeated in every reason of a denial, for both webhooks, a creation and an update.
 //!
 //! Measured with a counting allocator (this test binary's own), as the most bytes held at
-//! once while one review is answered. Before the bound, a 4 MiB body of `{"name":""}`
-//! volumes took 3 GiB (813 bytes per byte), so this test would fail by far.
+//! once while one review is answered, plus the body. Before the bound, a 4 MiB body of
+//! `{"name":""}` volumes took 3 GiB (813 bytes per byte), and a 1 MB body of host ports in a
+//! pod with a long name 6 GB (a sentence per port, each naming the pod), so this test would
+//! fail by far.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use enforcer::admission::cost::{json_values, MAX_VALUES, PARSE_BYTES_PER_VALUE};
+use enforcer::admission::cost::{charge, json_values, PARSE_BUDGET_BYTES};
 use enforcer::admission::{review, Confinement, Namespaces, Route};
 use k8s_openapi::api::core::v1::Namespace;
 
@@ -212,6 +215,68 @@ fn a_review_takes_at_most_what_it_is_charged() {
         ),
         ("envelope field", pod("", ""), "envelope", ""),
         ("request.options", pod("", ""), "", "options"),
+        (
+            "added capabilities",
+            format!(
+                r#"{{"metadata":{{"name":"p"}},"spec":{{"containers":[{{"name":"c","securityContext":{{"capabilities":{{"drop":["ALL"],"add":[{}]}}}}}}]}}}}"#,
+                repeated(r#""X""#, bytes)
+            ),
+            "",
+            "",
+        ),
+        (
+            "long pod name, host ports",
+            format!(
+                r#"{{"metadata":{{"name":"{}"}},"spec":{{"containers":[{{"name":"c","ports":[{}]}}]}}}}"#,
+                "a".repeat(bytes / 2),
+                repeated(r#"{"hostPort":1}"#, bytes / 2)
+            ),
+            "",
+            "",
+        ),
+        (
+            "long container name, capabilities",
+            format!(
+                r#"{{"metadata":{{"name":"p"}},"spec":{{"containers":[{{"name":"{}","securityContext":{{"capabilities":{{"drop":["ALL"],"add":[{}]}}}}}}]}}}}"#,
+                "c".repeat(bytes / 2),
+                repeated(r#""X""#, bytes / 2)
+            ),
+            "",
+            "",
+        ),
+        (
+            "long label value",
+            pod(
+                "",
+                &format!(
+                    r#","labels":{{"ai-enforcer.io/tenant":"{}"}}"#,
+                    "v".repeat(bytes)
+                ),
+            ),
+            "",
+            "",
+        ),
+        (
+            "long container name",
+            format!(
+                r#"{{"metadata":{{"name":"p"}},"spec":{{"containers":[{{"name":"{}"}}]}}}}"#,
+                "c".repeat(bytes)
+            ),
+            "",
+            "",
+        ),
+        (
+            "long hostPath",
+            pod(
+                &format!(
+                    r#","volumes":[{{"name":"h","hostPath":{{"path":"{}"}}}}]"#,
+                    "/".repeat(bytes)
+                ),
+                "",
+            ),
+            "",
+            "",
+        ),
     ];
     let filler = format!("[{}]", repeated("[]", bytes));
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -244,9 +309,10 @@ fn a_review_takes_at_most_what_it_is_charged() {
                 _ => review_of(operation, object, "null", &envelope, &request),
             };
             let values = json_values(&body).unwrap();
+            let charged = charge(values, body.len() as u64);
             assert!(
-                values <= MAX_VALUES,
-                "{shape} ({operation}): {values} values, {} bytes",
+                charged <= PARSE_BUDGET_BYTES,
+                "{shape} ({operation}): {values} values, {} bytes: more than a review may take",
                 body.len()
             );
             let from = Counting::reset();
@@ -254,13 +320,17 @@ fn a_review_takes_at_most_what_it_is_charged() {
             let took = Counting::grown(from) as u64;
             drop(answer);
             report.push(format!(
-                "{shape} ({operation} {route:?}): {values} values, {took} bytes, {} per value",
-                took / values
+                "{shape} ({operation} {route:?}): {values} values in {} bytes, took {took} \
+                 bytes, {}% of the {charged} charged",
+                body.len(),
+                took * 100 / charged
             ));
+            // The body itself is held too (charged, not counted here).
             assert!(
-                took <= values * PARSE_BYTES_PER_VALUE,
-                "{shape} ({operation} {route:?}) took {took} bytes for {values} values: more \
-                 than the {PARSE_BYTES_PER_VALUE} per value charged\n{}",
+                took + body.len() as u64 <= charged,
+                "{shape} ({operation} {route:?}) took {took} bytes for {values} values in {} \
+                 bytes: more than the {charged} charged\n{}",
+                body.len(),
                 report.join("\n")
             );
         }

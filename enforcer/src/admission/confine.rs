@@ -165,7 +165,52 @@ impl Slot<'_> {
             "ephemeralContainers" => "ephemeral container",
             _ => "container",
         };
-        format!("{kind} {:?}", self.name)
+        format!("{kind} {:?}", cut(self.name, NAME_BYTES))
+    }
+}
+
+/// The most bytes of a name (of a container, volume, capability, host, path or runtime
+/// class) a sentence repeats: the longest Kubernetes object name (a DNS subdomain). The
+/// webhook judges a pod before the API server validates it, and a sentence per finding that
+/// repeats an unbounded name made a 1 MB body a 3 GB answer.
+pub const NAME_BYTES: usize = 253;
+
+/// The most findings a pod's judgement lists (then how many more): a pod may hold a hundred
+/// thousand added capabilities or host ports, each a sentence.
+pub const MAX_FINDINGS: usize = 32;
+
+/// `text` cut to at most `max` bytes at a character boundary, ending `...` when cut.
+pub fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// The findings of a judgement: the first [`MAX_FINDINGS`], and how many more.
+#[derive(Default)]
+struct Found {
+    list: Vec<Finding>,
+    more: usize,
+}
+
+impl Found {
+    /// Adds the finding `make` builds, or counts it once the list is full (then it is never
+    /// built).
+    fn add(&mut self, make: impl FnOnce() -> Finding) {
+        if self.list.len() < MAX_FINDINGS {
+            self.list.push(make());
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
     }
 }
 
@@ -421,44 +466,42 @@ impl Finding {
 /// The agent's slim decode (`sources::kubernetes::wire::Spec`) reads exactly the fields this
 /// reads: one read here must be decoded there too, and held by the pod that
 /// `wire_pods_decode_what_slim_pods_keep` decodes both ways.
-fn findings(
-    spec: &PodSpec,
-    scope: Scope<'_>,
-    runtime_classes: Option<&BTreeSet<String>>,
-) -> Vec<Finding> {
-    let mut found = Vec::new();
+fn findings(spec: &PodSpec, scope: Scope<'_>, runtime_classes: Option<&BTreeSet<String>>) -> Found {
+    let mut found = Found::default();
     if matches!(scope, Scope::Create) {
         if spec.host_pid == Some(true) {
-            found.push(Finding::HostPid);
+            found.add(|| Finding::HostPid);
         }
         if spec.host_ipc == Some(true) {
-            found.push(Finding::HostIpc);
+            found.add(|| Finding::HostIpc);
         }
         if spec.host_network == Some(true) {
-            found.push(Finding::HostNetwork);
+            found.add(|| Finding::HostNetwork);
         }
         for volume in spec.volumes.iter().flatten() {
             if let Some(host) = &volume.host_path {
-                found.push(Finding::HostPath {
-                    volume: volume.name.clone(),
-                    path: host.path.clone(),
+                found.add(|| Finding::HostPath {
+                    volume: cut(&volume.name, NAME_BYTES),
+                    path: cut(&host.path, NAME_BYTES),
                 });
             }
             if volume.git_repo.is_some() {
-                found.push(Finding::GitRepo {
-                    volume: volume.name.clone(),
+                found.add(|| Finding::GitRepo {
+                    volume: cut(&volume.name, NAME_BYTES),
                 });
             }
         }
         if let (Some(name), Some(allowed)) = (&spec.runtime_class_name, runtime_classes) {
             if !allowed.contains(name) {
-                found.push(Finding::RuntimeClass { name: name.clone() });
+                found.add(|| Finding::RuntimeClass {
+                    name: cut(name, NAME_BYTES),
+                });
             }
         }
         let pod_windows = spec.security_context.as_ref();
         let pod_windows = pod_windows.and_then(|s| s.windows_options.as_ref());
         if pod_windows.and_then(|w| w.host_process) == Some(true) {
-            found.push(Finding::HostProcess { container: None });
+            found.add(|| Finding::HostProcess { container: None });
         }
     }
     // A host network pod's ports are the node's (the API server sets each `hostPort` to its
@@ -467,14 +510,14 @@ fn findings(
     for slot in judged(spec, scope) {
         let container = slot.describe();
         for (handler, host) in &slot.handler_hosts {
-            found.push(Finding::HandlerHost {
+            found.add(|| Finding::HandlerHost {
                 container: container.clone(),
                 handler,
-                host: host.to_string(),
+                host: cut(host, NAME_BYTES),
             });
         }
         for port in slot.host_ports.iter().filter(|_| !host_network) {
-            found.push(Finding::HostPort {
+            found.add(|| Finding::HostPort {
                 container: container.clone(),
                 port: *port,
             });
@@ -482,7 +525,7 @@ fn findings(
         let security = slot.security;
         let windows = security.and_then(|s| s.windows_options.as_ref());
         if windows.and_then(|w| w.host_process) == Some(true) {
-            found.push(Finding::HostProcess {
+            found.add(|| Finding::HostProcess {
                 container: Some(container.clone()),
             });
         }
@@ -490,12 +533,12 @@ fn findings(
             continue;
         }
         if security.and_then(|s| s.proc_mount.as_deref()) == Some("Unmasked") {
-            found.push(Finding::UnmaskedProc {
+            found.add(|| Finding::UnmaskedProc {
                 container: container.clone(),
             });
         }
         if security.and_then(|s| s.privileged) == Some(true) {
-            found.push(Finding::Privileged {
+            found.add(|| Finding::Privileged {
                 container: container.clone(),
             });
         }
@@ -504,27 +547,33 @@ fn findings(
             .and_then(|c| c.add.as_ref());
         for name in added.into_iter().flatten() {
             if !BASELINE_CAPABILITIES.contains(&capability(name).as_str()) {
-                found.push(Finding::Adds {
+                found.add(|| Finding::Adds {
                     container: container.clone(),
-                    capability: name.clone(),
+                    capability: cut(name, NAME_BYTES),
                 });
             }
         }
         if !drops_net_raw(security) {
-            found.push(Finding::KeepsNetRaw { container });
+            found.add(|| Finding::KeepsNetRaw { container });
         }
     }
     found
 }
 
 /// Why a pod with `spec` holds something the enforcer cannot contain, of what `scope`
-/// judges: one sentence per problem, each naming the container or volume, why, and what to
-/// change (callers put the pod's name before it). Empty when it may be admitted.
+/// judges: one sentence per problem, each naming the container or volume (names cut to
+/// [`NAME_BYTES`]), why, and what to change (callers put the pod's name before it); at most
+/// [`MAX_FINDINGS`], then one saying how many more. Empty when it may be admitted.
 pub fn uncontained(spec: &PodSpec, scope: Scope<'_>, confinement: &Confinement) -> Vec<String> {
-    findings(spec, scope, Some(&confinement.runtime_classes))
-        .iter()
-        .map(Finding::sentence)
-        .collect()
+    let found = findings(spec, scope, Some(&confinement.runtime_classes));
+    let mut sentences: Vec<String> = found.list.iter().map(Finding::sentence).collect();
+    if found.more > 0 {
+        sentences.push(format!(
+            "and {} more problems of the same kinds (the first {MAX_FINDINGS} are named)",
+            found.more
+        ));
+    }
+    sentences
 }
 
 /// The most clauses a [`summary`] lists, and the most bytes of each: a pod's spec is written
@@ -544,23 +593,14 @@ pub fn summary(spec: &PodSpec) -> Option<String> {
         return None;
     }
     let mut clauses: Vec<String> = found
+        .list
         .iter()
         .take(SUMMARY_CLAUSES)
-        .map(|f| {
-            let mut clause = f.clause();
-            if clause.len() > SUMMARY_CLAUSE_BYTES {
-                let mut end = SUMMARY_CLAUSE_BYTES - 3;
-                while !clause.is_char_boundary(end) {
-                    end -= 1;
-                }
-                clause.truncate(end);
-                clause.push_str("...");
-            }
-            clause
-        })
+        .map(|f| cut(&f.clause(), SUMMARY_CLAUSE_BYTES))
         .collect();
-    if found.len() > SUMMARY_CLAUSES {
-        clauses.push(format!("and {} more", found.len() - SUMMARY_CLAUSES));
+    let all = found.list.len() + found.more;
+    if all > SUMMARY_CLAUSES {
+        clauses.push(format!("and {} more", all - SUMMARY_CLAUSES));
     }
     Some(clauses.join("; "))
 }
@@ -767,6 +807,36 @@ mod tests {
         assert!(clauses[0].ends_with("...") && clauses[0].len() <= SUMMARY_CLAUSE_BYTES);
         assert_eq!(clauses[1], r#"container "c0" keeps NET_RAW"#);
         assert_eq!(clauses[SUMMARY_CLAUSES], "and 993 more");
+    }
+
+    /// The webhook's sentences are bounded whatever the spec holds: a pod is judged before the
+    /// API server validates it, and a sentence per added capability or host port, each
+    /// repeating a container name of any length, made a 1 MB body a 3 GB answer (and a
+    /// crash). At most `MAX_FINDINGS` sentences, then how many more; names cut.
+    #[test]
+    fn the_webhooks_sentences_are_bounded() {
+        let name = "c".repeat(100_000);
+        let s = spec(serde_json::json!({
+            "containers": [{
+                "name": name,
+                "ports": vec![serde_json::json!({"containerPort": 1, "hostPort": 1}); 1000],
+                "securityContext": {"capabilities": {
+                    "add": vec!["X"; 100_000], "drop": ["ALL"],
+                }},
+            }],
+        }));
+        let sentences = uncontained(&s, Scope::Create, &Confinement::default());
+        assert_eq!(sentences.len(), MAX_FINDINGS + 1);
+        let cut_name = format!(r#"container "{}...""#, "c".repeat(NAME_BYTES - 3));
+        assert!(sentences[0].starts_with(&format!("{cut_name} asks for hostPort 1")));
+        assert!(sentences.iter().all(|s| s.len() < 1024), "{}", sentences[0]);
+        assert_eq!(
+            sentences[MAX_FINDINGS],
+            format!(
+                "and {} more problems of the same kinds (the first {MAX_FINDINGS} are named)",
+                1000 + 100_000 - MAX_FINDINGS
+            )
+        );
     }
 
     /// What makes others send for the pod, or puts it at the node's addresses.

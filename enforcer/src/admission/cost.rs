@@ -8,10 +8,10 @@
 //! `{"name":""}` volumes made the webhook allocate 3 GiB, and a body of `[]`s 280 MiB.
 //!
 //! So a body's values are counted first ([`json_values`], one pass that builds nothing),
-//! and its review holds [`PARSE_BYTES_PER_VALUE`] per value of [`PARSE_BUDGET_BYTES`], shared
-//! by the reviews in progress. The per-value figure is an upper bound measured on the
-//! dearest shapes (README, "Admission webhook"); what a pod's review builds beyond the tree
-//! is bounded by the pod's own rules (`MAX_JUDGED_ITEMS`).
+//! and its review holds [`charge`] (per value and per byte) of [`PARSE_BUDGET_BYTES`], shared
+//! by the reviews in progress. The figures are upper bounds measured on the dearest shapes
+//! (test `admission_memory`); what a pod's review builds beyond its decoded fields is bounded
+//! by the pod's own rules (`MAX_JUDGED_ITEMS`, `confine::MAX_FINDINGS`, `NAME_BYTES`).
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -19,13 +19,22 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 /// measured, a list of `{"name":""}` containers, takes 222 (README, "Admission webhook").
 pub const PARSE_BYTES_PER_VALUE: u64 = 320;
 
-/// The memory the reviews in progress may take at once, in bytes: a review of more than
-/// `PARSE_BUDGET_BYTES / PARSE_BYTES_PER_VALUE` (131,072) values is refused, and reviews
-/// wait for their share of it. A pod's review holds a few thousand values.
+/// The most memory reviewing one byte of a body may take beyond its values' share: the
+/// collected body (what was read), the strings decoded from it, their copy in the spec that
+/// is judged, and room (the dearest shape measured, a long container name, takes 3).
+pub const PARSE_BYTES_PER_BYTE: u64 = 4;
+
+/// The memory the reviews in progress may take at once, in bytes: a review whose [`charge`]
+/// is more is refused (at most 131,072 values), and reviews wait for their share of it. A
+/// pod's review holds a few thousand values in tens of KiB: a few MiB.
 pub const PARSE_BUDGET_BYTES: u64 = 40 << 20;
 
-/// The most values one review may hold.
-pub const MAX_VALUES: u64 = PARSE_BUDGET_BYTES / PARSE_BYTES_PER_VALUE;
+/// What reviewing a body of `bytes` bytes holding `values` JSON values may take, in bytes.
+pub fn charge(values: u64, bytes: u64) -> u64 {
+    values
+        .saturating_mul(PARSE_BYTES_PER_VALUE)
+        .saturating_add(bytes.saturating_mul(PARSE_BYTES_PER_BYTE))
+}
 
 /// The JSON values of `body`: every scalar, string, array and object, and every object key,
 /// at any depth; `Err` with serde_json's message (line and column) when it is not one JSON

@@ -15,6 +15,7 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
 use serde_json::Value;
 
+use super::confine::{cut, NAME_BYTES};
 use super::tenancy::Tenancy;
 
 /// The operations a pod request can be judged for.
@@ -88,15 +89,19 @@ pub fn judge(
                 continue;
             }
         }
+        // Quoted cut: the pod's author wrote it, and the API server validates labels only
+        // after the mutating webhook.
+        let claimed = &**claimed;
+        let quoted = cut(claimed, NAME_BYTES);
         match tenancy.values.get(key) {
-            Some(theirs) if theirs.value == *claimed => {}
+            Some(theirs) if theirs.value == claimed => {}
             Some(theirs) => reasons.push(format!(
-                "pod {pod}: label {key}={claimed:?} differs from namespace {ns}'s {key}={:?} \
+                "pod {pod}: label {key}={quoted:?} differs from namespace {ns}'s {key}={:?} \
                  (its {}); tenant metadata comes from the namespace, a pod cannot claim another",
                 theirs.value, theirs.source
             )),
             None => reasons.push(format!(
-                "pod {pod}: label {key}={claimed:?} but namespace {ns} has no usable {key} \
+                "pod {pod}: label {key}={quoted:?} but namespace {ns} has no usable {key} \
                  (label or annotation); tenant metadata comes from the namespace, a pod cannot \
                  claim one"
             )),

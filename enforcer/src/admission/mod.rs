@@ -95,15 +95,17 @@ pub const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_CONNECTIONS: usize = 256;
 
 /// Bodies up to this size are read at once. A pod's AdmissionReview is tens of KiB, so the
-/// usual review never waits for [`LARGE_BODIES_BYTES`].
-pub const SMALL_BODY_BYTES: u64 = 256 << 10;
+/// usual review does not wait for [`LARGE_BODIES_BYTES`] (an update's, with the pod twice,
+/// may).
+pub const SMALL_BODY_BYTES: u64 = 64 << 10;
 
 /// The bytes of larger bodies (declared by `Content-Length`; [`MAX_BODY_BYTES`] without one)
 /// read or reviewed at once, across connections. Without it, the [`MAX_CONNECTIONS`] a
 /// client may hold (any pod can reach the webhook's port) could each make the webhook buffer
-/// [`MAX_BODY_BYTES`]. Small bodies are bounded by the connections: 64 MiB. With
-/// [`cost::PARSE_BUDGET_BYTES`], what requests can make the webhook hold is 120 MiB (its
-/// limit in `deploy/` is 192 Mi).
+/// [`MAX_BODY_BYTES`]. Small bodies are bounded by the connections: 16 MiB. Bodies are held
+/// twice while collected, then once, charged to [`cost::PARSE_BUDGET_BYTES`]: what requests
+/// can make the webhook hold is 64 MiB of bodies being read, 40 MiB of reviews, and the
+/// connections' buffers (its limit in `deploy/` is 192 Mi).
 pub const LARGE_BODIES_BYTES: u64 = 16 << 20;
 
 /// How long a large body waits for its share of [`LARGE_BODIES_BYTES`] before a 503 (the
@@ -391,9 +393,9 @@ async fn share(budget: &Semaphore, bytes: u64) -> Option<SemaphorePermit<'_>> {
     }
 }
 
-/// The share of [`cost::PARSE_BUDGET_BYTES`] reviewing `body` needs: 400 when it is not
-/// JSON, 413 when it holds more than [`cost::MAX_VALUES`] values, 503 when the share is not
-/// free within [`BUDGET_WAIT`].
+/// The share of [`cost::PARSE_BUDGET_BYTES`] reviewing `body` needs ([`cost::charge`]): 400
+/// when it is not JSON, 413 when it needs more than the whole budget, 503 when the share is
+/// not free within [`BUDGET_WAIT`].
 async fn parse_share<'a>(budget: &'a Semaphore, body: &[u8]) -> Result<SemaphorePermit<'a>, Reply> {
     let values = cost::json_values(body).map_err(|error| {
         Reply::text(
@@ -401,28 +403,30 @@ async fn parse_share<'a>(budget: &'a Semaphore, body: &[u8]) -> Result<Semaphore
             format!("the request body is not an AdmissionReview: {error}"),
         )
     })?;
-    if values > cost::MAX_VALUES {
+    let charge = cost::charge(values, body.len() as u64);
+    if charge > cost::PARSE_BUDGET_BYTES {
         return Err(Reply::text(
             413,
             format!(
-                "the AdmissionReview holds {values} JSON values (counting object keys), more \
-                 than the {} this webhook reviews",
-                cost::MAX_VALUES
+                "the AdmissionReview holds {values} JSON values (counting object keys) in {} \
+                 bytes: reviewing it may take {} MiB, more than the {} MiB this webhook's \
+                 reviews may take at once",
+                body.len(),
+                charge.div_ceil(1 << 20),
+                cost::PARSE_BUDGET_BYTES >> 20
             ),
         ));
     }
-    share(budget, values * cost::PARSE_BYTES_PER_VALUE)
-        .await
-        .ok_or_else(|| {
-            Reply::text(
-                503,
-                format!(
-                    "the webhook is reviewing other requests that hold the {} MiB its reviews \
+    share(budget, charge).await.ok_or_else(|| {
+        Reply::text(
+            503,
+            format!(
+                "the webhook is reviewing other requests that hold the {} MiB its reviews \
                      may take at once; retry",
-                    cost::PARSE_BUDGET_BYTES >> 20
-                ),
-            )
-        })
+                cost::PARSE_BUDGET_BYTES >> 20
+            ),
+        )
+    })
 }
 
 /// The share of [`LARGE_BODIES_BYTES`] a body of `declared` bytes (`None`: not declared, so

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Namespace, PodSpec};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::Status;
 
-use super::confine::{confine, uncontained, Confinement, Scope};
+use super::confine::{confine, cut, uncontained, Confinement, Scope, NAME_BYTES};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
 use crate::sources::kubernetes::model::MIRROR_ANNOTATION;
@@ -99,7 +99,8 @@ pub async fn review(
         Err(reply) => return reply,
     };
     if !response.allowed {
-        tracing::info!(uid = %request.uid, ?route, reason = %response.result.message, "denied");
+        let reason = cut(&response.result.message, LOGGED_MESSAGE_BYTES);
+        tracing::info!(uid = %cut(&request.uid, NAME_BYTES), ?route, %reason, "denied");
     }
     match serde_json::to_vec(&response.into_review()) {
         Ok(body) => Reply {
@@ -111,9 +112,18 @@ pub async fn review(
     }
 }
 
+/// The most bytes of a denial's message: its reasons name what the pod's author wrote
+/// (names are cut to [`NAME_BYTES`], a judgement lists at most `MAX_FINDINGS` problems; a
+/// label's value is quoted whole), and the API server shows it to them.
+pub const MESSAGE_BYTES: usize = 16 << 10;
+
+/// The most bytes of a denial's message the webhook logs.
+const LOGGED_MESSAGE_BYTES: usize = 1 << 10;
+
 fn deny(request: &AdmissionRequest<AdmittedPod>, message: String) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
     response.allowed = false;
+    let message = cut(&message, MESSAGE_BYTES);
     response.result = Status::failure(&message, "Forbidden").with_code(403);
     response
 }
@@ -179,6 +189,13 @@ async fn decide(
         ));
     };
     let pod = pod_name(&ns, request, object);
+    if ns.len() > NAME_BYTES {
+        // No namespace has such a name (a DNS label, 63 bytes): not worth a lookup.
+        return Ok(deny(
+            request,
+            format!("pod {pod}: the namespace's name is {} bytes long", ns.len()),
+        ));
+    }
     let namespace = match namespaces.get(&ns).await {
         Ok(Some(namespace)) => namespace,
         Ok(None) => {
@@ -188,7 +205,8 @@ async fn decide(
             ))
         }
         Err(error) => {
-            tracing::warn!(uid = %request.uid, %pod, %error, "cannot read the namespace");
+            let uid = cut(&request.uid, NAME_BYTES);
+            tracing::warn!(%uid, %pod, %error, "cannot read the namespace");
             return Err(Reply::text(
                 500,
                 format!("pod {pod}: cannot read namespace {ns} from the API server: {error}"),
@@ -229,7 +247,7 @@ async fn decide(
                 return Ok(AdmissionResponse::from(request));
             }
             tracing::info!(
-                uid = %request.uid,
+                uid = %cut(&request.uid, NAME_BYTES),
                 %pod,
                 labels,
                 dropped_net_raw = ops.len() - labels,
@@ -336,9 +354,11 @@ fn pod_name(ns: &str, request: &AdmissionRequest<AdmittedPod>, object: &Admitted
     let name = Some(request.name.as_str())
         .filter(|n| !n.is_empty())
         .or(object.metadata.name.as_deref().filter(|n| !n.is_empty()));
+    // Repeated in every reason: cut, as the names in them are.
+    let ns = cut(ns, NAME_BYTES);
     match (name, object.metadata.generate_name.as_deref()) {
-        (Some(name), _) => format!("{ns}/{name}"),
-        (None, Some(prefix)) => format!("{ns}/{prefix}*"),
+        (Some(name), _) => format!("{ns}/{}", cut(name, NAME_BYTES)),
+        (None, Some(prefix)) => format!("{ns}/{}*", cut(prefix, NAME_BYTES)),
         (None, None) => format!("{ns}/<unnamed>"),
     }
 }

@@ -311,7 +311,10 @@ async fn large_bodies_share_a_bounded_budget() {
     let (status, text) = until(503).await;
     assert_eq!(status, 503, "{text}");
     assert!(
-        text.contains("16 MiB of other requests over 256 KiB"),
+        text.contains(&format!(
+            "16 MiB of other requests over {} KiB",
+            SMALL_BODY_BYTES >> 10
+        )),
         "{text}"
     );
     // A pod's review is small: served while the large ones wait (500: no API server here).
@@ -339,9 +342,9 @@ fn review_holding(namespace: &str, values: u64) -> Vec<u8> {
 }
 
 /// Every review holds its share of `cost::PARSE_BUDGET_BYTES` while it is parsed and decided
-/// (before, a 4 MiB body could make the webhook allocate gigabytes): a body of more values
-/// than one review may take is refused with 413 unparsed; of two reviews that each need 60 %
-/// of the budget, one is answered 503 while the other waits for its namespace (an API server
+/// (before, a 4 MiB body could make the webhook allocate gigabytes): a body that would take
+/// more than the whole budget is refused with 413 unparsed; of two reviews that each need
+/// 60 % of it, one is answered 503 while the other waits for its namespace (an API server
 /// that accepts and never answers: 4 s), and a pod's small review is served meanwhile (not
 /// queued behind the waiting one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,20 +363,29 @@ async fn reviews_share_a_bounded_parse_budget() {
     let server =
         std::sync::Arc::new(Running::start_with(&dir.0, &format!("https://{silent_addr}")).await);
 
-    let (status, text) = server
-        .post("/validate", &review_holding("acme", cost::MAX_VALUES + 1))
-        .await;
+    // A `[]` of the padding is a value of 3 bytes.
+    let per_value = cost::charge(1, 3);
+    let over = cost::PARSE_BUDGET_BYTES / per_value + 1;
+    let body = review_holding("acme", over);
+    let (status, text) = server.post("/validate", &body).await;
     assert_eq!(status, 413, "{text}");
     assert!(
         text.contains(&format!(
-            "holds {} JSON values (counting object keys), more than the {} this webhook reviews",
-            cost::MAX_VALUES + 1,
-            cost::MAX_VALUES
+            "holds {over} JSON values (counting object keys) in {} bytes: reviewing it may \
+             take {} MiB, more than the 40 MiB this webhook's reviews may take at once",
+            body.len(),
+            cost::charge(over, body.len() as u64).div_ceil(1 << 20)
         )),
         "{text}"
     );
 
-    let large = std::sync::Arc::new(review_holding("acme", cost::MAX_VALUES * 6 / 10));
+    let large = review_holding("acme", cost::PARSE_BUDGET_BYTES * 6 / 10 / per_value);
+    let share = cost::charge(cost::json_values(&large).unwrap(), large.len() as u64);
+    assert!(
+        share > cost::PARSE_BUDGET_BYTES / 2 && share < cost::PARSE_BUDGET_BYTES,
+        "{share}"
+    );
+    let large = std::sync::Arc::new(large);
     let both: Vec<_> = (0..2)
         .map(|_| {
             let (server, large) = (server.clone(), large.clone());
