@@ -36,8 +36,8 @@
 //! (a 503 after [`BUDGET_WAIT`] when the rest is taken), so that no set of clients can make
 //! the webhook buffer more than that at once. What parsing a body costs is counted before it
 //! is parsed ([`cost`]): every review holds its share of [`cost::PARSE_BUDGET_BYTES`] while
-//! it is parsed and decided (a 503 likewise), and a body of more JSON values than a review
-//! may take is answered 413.
+//! it is parsed and decided (a 503 likewise), and a body whose review may take more than all
+//! of it is answered 413.
 
 pub mod confine;
 pub mod cost;
