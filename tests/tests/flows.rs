@@ -954,9 +954,21 @@ fn reset_behind(
     let ours = |e: &Value| flow_of(e, SocketAddr::new(local, a.local.port()));
     let opened = wait_notices(&agent, "flow.opened", 1, WAIT, ours)?;
     ensure!(
-        s(&opened[0], "/destination/name") == Some("vectors-svc"),
-        "the flow was not judged as the Service: {}",
+        s(&opened[0], "/destination/name") == Some("vectors-svc")
+            && s(&opened[0], "/flow/peer/ip") == Some(&w.addr(10, 0).ip().to_string())
+            && u(&opened[0], "/flow/peer/port") == Some(6333),
+        "the flow was not judged as the Service, sent to acme-vectors: {}",
         opened[0]
+    );
+    let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out)?;
+    ensure!(
+        listed
+            .iter()
+            .any(|f| s(f, "/to/name") == Some("vectors-svc")
+                && s(f, "/peer") == Some(&w.addr(10, 6333).to_string())),
+        "`enforcer flows` does not say where the load balancer sent the flow: {out}"
     );
     replace_file(w.bundle.path(), "flip.cedar", NO_SERVICE_FOR_CLIENT_A, None)?;
     let end = a.ended_within(RESET_WITHIN).with_context(|| {

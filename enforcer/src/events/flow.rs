@@ -67,6 +67,10 @@ pub struct FlowInfo {
     /// The subject's local address and port; `null` before the TCP handshake completed and
     /// for UDP.
     pub source: Option<SocketAddress>,
+    /// Where the socket is connected when that is not `destination` (judged, and re-judged,
+    /// as the call it was): a socket load balancer sent the connect to a Service's backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddress>,
     /// When `connect()` was allowed.
     pub started: Time,
     /// `flow.closed`: from `connect()` to CLOSE, milliseconds.
@@ -131,6 +135,10 @@ pub fn flow(
             source: flows::source_ip(record).map(|ip| SocketAddress {
                 ip: ip.to_string(),
                 port: record.sport,
+            }),
+            peer: flows::peer_elsewhere(record).map(|(ip, port)| SocketAddress {
+                ip: ip.to_string(),
+                port,
             }),
             started: Time(wall_clock(record.start_ns)),
             duration_ms: None,

@@ -31,6 +31,10 @@ pub struct FlowView {
     pub state: &'static str,
     pub source: Option<String>,
     pub destination: String,
+    /// Client rows: where the socket is connected when that is not `destination` (a socket
+    /// load balancer sent the connect to a Service's backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     pub subject: End,
     pub to: End,
     pub dataset_scope: Vec<String>,
@@ -117,6 +121,7 @@ fn server_view(
         state: "established",
         source: Some(p.client.to_string()),
         destination: p.server.to_string(),
+        peer: None,
         subject: end(p.identity, names),
         to: end(p.destination, names),
         dataset_scope: names
@@ -157,6 +162,7 @@ fn view(cookie: u64, r: &FlowRecord, names: &BTreeMap<u32, FlowName>, now: u64) 
         },
         source: super::source_ip(r).map(|ip| socket(ip, r.sport)),
         destination: socket(super::destination_ip(r), r.dport),
+        peer: super::peer_elsewhere(r).map(|(ip, port)| socket(ip, port)),
         subject: end_of(r.subject),
         to: end_of(r.destination),
         dataset_scope: names

@@ -172,6 +172,12 @@ pub fn peer(r: &FlowRecord) -> (IpAddr, u16) {
     }
 }
 
+/// [`peer`] when it is not the judged destination (a socket load balancer's backend).
+pub fn peer_elsewhere(r: &FlowRecord) -> Option<(IpAddr, u16)> {
+    let peer = peer(r);
+    (peer != (destination_ip(r), r.dport)).then_some(peer)
+}
+
 /// The record's local address (in the family of [`peer`]); `None` until the TCP handshake
 /// completed (and for UDP).
 pub fn source_ip(r: &FlowRecord) -> Option<IpAddr> {

@@ -917,7 +917,12 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
     event.attacks = attacks(&flow.atlas);
     event.unmapped = Unmapped::Notice(json!({
         "anomaly": flow.anomaly,
-        "flow": {"cookie": flow.flow.cookie, "reason": flow.flow.reason, "ended_by": flow.flow.ended_by},
+        "flow": {
+            "cookie": flow.flow.cookie,
+            "reason": flow.flow.reason,
+            "ended_by": flow.flow.ended_by,
+            "peer": flow.flow.peer,
+        },
         "subject": {
             "identity": subject.identity,
             "tenant": subject.tenant,
