@@ -43,6 +43,8 @@ use json_patch::{AddOperation, PatchOperation};
 use k8s_openapi::api::core::v1::{ContainerPort, Lifecycle, PodSpec, Probe, SecurityContext};
 use serde_json::Value;
 
+use super::text::{cut, NAME_BYTES};
+
 /// The capabilities a container may add (Pod Security Standards, `baseline` profile,
 /// "Capabilities": <https://kubernetes.io/docs/concepts/security/pod-security-standards/>).
 pub const BASELINE_CAPABILITIES: &[&str] = &[
@@ -169,27 +171,9 @@ impl Slot<'_> {
     }
 }
 
-/// The most bytes of a name (of a container, volume, capability, host, path or runtime
-/// class) a sentence repeats: the longest Kubernetes object name (a DNS subdomain). The
-/// webhook judges a pod before the API server validates it, and a sentence per finding that
-/// repeats an unbounded name made a 1 MB body a 3 GB answer.
-pub const NAME_BYTES: usize = 253;
-
 /// The most findings a pod's judgement lists (then how many more): a pod may hold a hundred
 /// thousand added capabilities or host ports, each a sentence.
 pub const MAX_FINDINGS: usize = 32;
-
-/// `text` cut to at most `max` bytes at a character boundary, ending `...` when cut.
-pub fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max.saturating_sub(3);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
-}
 
 /// The findings of a judgement: the first [`MAX_FINDINGS`], and how many more.
 #[derive(Default)]

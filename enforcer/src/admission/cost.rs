@@ -8,10 +8,13 @@
 //! `{"name":""}` volumes made the webhook allocate 3 GiB, and a body of `[]`s 280 MiB.
 //!
 //! So a body's values are counted first ([`json_values`], one pass that builds nothing),
-//! and its review holds [`charge`] (per value and per byte) of [`PARSE_BUDGET_BYTES`], shared
+//! and its review holds [`charge`] (per value, per byte, and per byte of its longest string)
+//! of [`PARSE_BUDGET_BYTES`], shared
 //! by the reviews in progress. The figures are upper bounds measured on the dearest shapes
 //! (test `admission_memory`); what a pod's review builds beyond its decoded fields is bounded
 //! by the pod's own rules (`MAX_JUDGED_ITEMS`, `confine::MAX_FINDINGS`, `NAME_BYTES`).
+
+use std::cell::Cell;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -29,29 +32,58 @@ pub const PARSE_BYTES_PER_BYTE: u64 = 4;
 /// pod's review holds a few thousand values in tens of KiB: a few MiB.
 pub const PARSE_BUDGET_BYTES: u64 = 40 << 20;
 
-/// What reviewing a body of `bytes` bytes holding `values` JSON values may take, in bytes.
-pub fn charge(values: u64, bytes: u64) -> u64 {
-    values
+/// The most memory the body's longest string may take once more, per byte: a review stops
+/// at its first decoding error, and serde's error for a string where something else was
+/// expected quotes it escaped (`\u{301}`: 7 bytes for 2), in a `String` grown by doubling.
+pub const PARSE_BYTES_PER_STRING_BYTE: u64 = 8;
+
+/// What reviewing a body of `bytes` bytes with this [`Census`] may take, in bytes.
+pub fn charge(census: Census, bytes: u64) -> u64 {
+    census
+        .values
         .saturating_mul(PARSE_BYTES_PER_VALUE)
         .saturating_add(bytes.saturating_mul(PARSE_BYTES_PER_BYTE))
+        .saturating_add(
+            census
+                .longest_string
+                .saturating_mul(PARSE_BYTES_PER_STRING_BYTE),
+        )
 }
 
-/// The JSON values of `body`: every scalar, string, array and object, and every object key,
-/// at any depth; `Err` with serde_json's message (line and column) when it is not one JSON
-/// value. Nothing is built: strings are borrowed or unescaped into the parser's scratch
-/// buffer, and nesting is bounded by serde_json's recursion limit (128).
-pub fn json_values(body: &[u8]) -> Result<u64, serde_json::Error> {
+/// What [`census`] counts of a body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Its JSON values: every scalar, string, array and object, and every object key.
+    pub values: u64,
+    /// The bytes of its longest string (key or value), unescaped.
+    pub longest_string: u64,
+}
+
+/// The JSON values of `body` and its longest string ([`Census`]); `Err` with serde_json's
+/// message (line and column) when it is not one JSON value. Nothing is built: strings are
+/// borrowed or unescaped into the parser's scratch buffer, and nesting is bounded by
+/// serde_json's recursion limit (128).
+pub fn census(body: &[u8]) -> Result<Census, serde_json::Error> {
+    let longest = Cell::new(0);
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let values = Count.deserialize(&mut deserializer)?;
+    let values = Count(&longest).deserialize(&mut deserializer)?;
     deserializer.end()?;
-    Ok(values)
+    Ok(Census {
+        values,
+        longest_string: longest.get(),
+    })
 }
 
-/// Counts one value and what it holds.
-#[derive(Clone, Copy)]
-struct Count;
+/// The JSON values of `body` ([`census`]).
+pub fn json_values(body: &[u8]) -> Result<u64, serde_json::Error> {
+    census(body).map(|c| c.values)
+}
 
-impl<'de> DeserializeSeed<'de> for Count {
+/// Counts one value and what it holds, and keeps the longest string's length.
+#[derive(Clone, Copy)]
+struct Count<'a>(&'a Cell<u64>);
+
+impl<'de> DeserializeSeed<'de> for Count<'_> {
     type Value = u64;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
@@ -67,15 +99,24 @@ macro_rules! one {
     };
 }
 
-impl<'de> Visitor<'de> for Count {
+impl<'de> Visitor<'de> for Count<'_> {
     type Value = u64;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON value")
     }
 
-    one!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str,
-         visit_borrowed_str: &'de str);
+    one!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64);
+
+    fn visit_str<E>(self, s: &str) -> Result<u64, E> {
+        self.0.set(self.0.get().max(s.len() as u64));
+        Ok(1)
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<u64, E> {
+        self.0.set(self.0.get().max(s.len() as u64));
+        Ok(1)
+    }
 
     fn visit_unit<E>(self) -> Result<u64, E> {
         Ok(1)
@@ -83,7 +124,7 @@ impl<'de> Visitor<'de> for Count {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
         let mut values = 1u64;
-        while let Some(n) = seq.next_element_seed(Count)? {
+        while let Some(n) = seq.next_element_seed(self)? {
             values = values.saturating_add(n);
         }
         Ok(values)
@@ -91,8 +132,8 @@ impl<'de> Visitor<'de> for Count {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
         let mut values = 1u64;
-        while let Some(key) = map.next_key_seed(Count)? {
-            let value = map.next_value_seed(Count)?;
+        while let Some(key) = map.next_key_seed(self)? {
+            let value = map.next_value_seed(self)?;
             values = values.saturating_add(key).saturating_add(value);
         }
         Ok(values)
@@ -110,6 +151,14 @@ mod tests {
         assert_eq!(json_values(b"[]").unwrap(), 1);
         assert_eq!(json_values(b"[[],{},null,true,-1.5]").unwrap(), 6);
         assert_eq!(json_values(br#"{"a":{"b":[1,2]},"c":""}"#).unwrap(), 9);
+        let counted = census(br#"{"key":["a\u00e9b", "ab"]}"#).unwrap();
+        assert_eq!(
+            counted,
+            Census {
+                values: 5,
+                longest_string: 4
+            }
+        );
         for (bad, why) in [
             (&b""[..], "EOF while parsing a value at line 1 column 0"),
             (b"[1,", "EOF while parsing a value at line 1 column 3"),

@@ -15,8 +15,8 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
 use serde_json::Value;
 
-use super::confine::{cut, NAME_BYTES};
 use super::tenancy::Tenancy;
+use super::text::{cut, NAME_BYTES};
 
 /// The operations a pod request can be judged for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

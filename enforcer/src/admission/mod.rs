@@ -46,6 +46,7 @@ pub mod review;
 pub mod tenancy;
 #[cfg(test)]
 mod tests;
+pub mod text;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,8 +105,9 @@ pub const SMALL_BODY_BYTES: u64 = 64 << 10;
 /// client may hold (any pod can reach the webhook's port) could each make the webhook buffer
 /// [`MAX_BODY_BYTES`]. Small bodies are bounded by the connections: 16 MiB. Bodies are held
 /// twice while collected, then once, charged to [`cost::PARSE_BUDGET_BYTES`]: what requests
-/// can make the webhook hold is 64 MiB of bodies being read, 40 MiB of reviews, and the
-/// connections' buffers (its limit in `deploy/` is 192 Mi).
+/// can make the webhook hold is 64 MiB of bodies being read, 40 MiB of reviews, 32 MiB of
+/// unread answers ([`review::MAX_ANSWER_BYTES`] each), and the connections' buffers (its
+/// limit in `deploy/` is 192 Mi).
 pub const LARGE_BODIES_BYTES: u64 = 16 << 20;
 
 /// How long a large body waits for its share of [`LARGE_BODIES_BYTES`] before a 503 (the
@@ -301,7 +303,11 @@ async fn respond(
         path => {
             return reply(Reply::text(
                 404,
-                format!("no such path {path:?}: the webhook serves POST {MUTATE_PATH} and POST {VALIDATE_PATH}"),
+                format!(
+                    "no such path {:?}: the webhook serves POST {MUTATE_PATH} and POST \
+                     {VALIDATE_PATH}",
+                    text::cut(path, text::NAME_BYTES)
+                ),
             ))
         }
     };
@@ -397,13 +403,16 @@ async fn share(budget: &Semaphore, bytes: u64) -> Option<SemaphorePermit<'_>> {
 /// when it is not JSON, 413 when it needs more than the whole budget, 503 when the share is
 /// not free within [`BUDGET_WAIT`].
 async fn parse_share<'a>(budget: &'a Semaphore, body: &[u8]) -> Result<SemaphorePermit<'a>, Reply> {
-    let values = cost::json_values(body).map_err(|error| {
+    let census = cost::census(body).map_err(|error| {
         Reply::text(
             400,
-            format!("the request body is not an AdmissionReview: {error}"),
+            format!(
+                "the request body is not an AdmissionReview: {}",
+                text::shown(&error, 1 << 10)
+            ),
         )
     })?;
-    let charge = cost::charge(values, body.len() as u64);
+    let (values, charge) = (census.values, cost::charge(census, body.len() as u64));
     if charge > cost::PARSE_BUDGET_BYTES {
         return Err(Reply::text(
             413,

@@ -7,9 +7,10 @@ use k8s_openapi::api::core::v1::{Namespace, PodSpec};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::Status;
 
-use super::confine::{confine, cut, uncontained, Confinement, Scope, NAME_BYTES};
+use super::confine::{confine, uncontained, Confinement, Scope};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
+use super::text::{cut, shown, NAME_BYTES};
 use crate::sources::kubernetes::model::MIRROR_ANNOTATION;
 use crate::sources::kubernetes::wire::{AdmittedPod, MAX_JUDGED_ITEMS};
 
@@ -76,8 +77,12 @@ pub async fn review(
         Err(error) => {
             return Reply::text(
                 400,
-                format!("the request body is not an AdmissionReview: {error}"),
-            )
+                // serde quotes the value it could not read: shown up to a bound.
+                format!(
+                    "the request body is not an AdmissionReview: {}",
+                    shown(&error, ERROR_BYTES)
+                ),
+            );
         }
     };
     if parsed.types.api_version != REVIEW_API_VERSION || parsed.types.kind != "AdmissionReview" {
@@ -94,6 +99,16 @@ pub async fn review(
         Ok(request) => request,
         Err(_) => return Reply::text(400, "the AdmissionReview has no request"),
     };
+    // Every answer repeats it (`response.uid`).
+    if request.uid.len() > NAME_BYTES {
+        return Reply::text(
+            400,
+            format!(
+                "request.uid is {} bytes long; the API server sends a UID (36)",
+                request.uid.len()
+            ),
+        );
+    }
     let response = match decide(route, &request, namespaces, confinement).await {
         Ok(response) => response,
         Err(reply) => return reply,
@@ -103,12 +118,25 @@ pub async fn review(
         tracing::info!(uid = %cut(&request.uid, NAME_BYTES), ?route, %reason, "denied");
     }
     match serde_json::to_vec(&response.into_review()) {
+        // An answer is held until its client reads it, on each of the connections: never
+        // more than this (by construction; this says so should anything be missed).
+        Ok(body) if body.len() > MAX_ANSWER_BYTES => Reply::text(
+            500,
+            format!(
+                "the answer would be {} bytes, more than the {MAX_ANSWER_BYTES} this webhook \
+                 sends",
+                body.len()
+            ),
+        ),
         Ok(body) => Reply {
             status: 200,
             content_type: "application/json",
             body,
         },
-        Err(error) => Reply::text(500, format!("cannot encode the response: {error}")),
+        Err(error) => Reply::text(
+            500,
+            format!("cannot encode the response: {}", shown(&error, ERROR_BYTES)),
+        ),
     }
 }
 
@@ -119,6 +147,15 @@ pub const MESSAGE_BYTES: usize = 16 << 10;
 
 /// The most bytes of a denial's message the webhook logs.
 const LOGGED_MESSAGE_BYTES: usize = 1 << 10;
+
+/// The most bytes of a decoding error an answer shows.
+const ERROR_BYTES: usize = 1 << 10;
+
+/// The most bytes of an answer: a denial's message ([`MESSAGE_BYTES`]) and the envelope, or
+/// a JSON patch for at most `MAX_JUDGED_ITEMS` containers (~370 bytes each, as kube encodes
+/// it: an array of byte values). The webhook holds an answer until its client reads it, so
+/// the 256 connections hold at most 32 MiB of them.
+pub const MAX_ANSWER_BYTES: usize = 128 << 10;
 
 fn deny(request: &AdmissionRequest<AdmittedPod>, message: String) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
@@ -149,11 +186,11 @@ async fn decide(
                 if kind.group.is_empty() {
                     String::new()
                 } else {
-                    format!("{}/", kind.group)
+                    format!("{}/", cut(&kind.group, NAME_BYTES))
                 },
-                kind.version,
-                kind.kind,
-                request.resource.resource
+                cut(&kind.version, NAME_BYTES),
+                cut(&kind.kind, NAME_BYTES),
+                cut(&request.resource.resource, NAME_BYTES)
             ),
         ));
     }
@@ -322,6 +359,7 @@ fn mirror(pod: &str, request: &AdmissionRequest<AdmittedPod>, spec: &PodSpec) ->
     if in_nodes && node.is_some_and(|node| name.strip_prefix("system:node:") == Some(node)) {
         return Mirror::Kubelets;
     }
+    let name = cut(name, NAME_BYTES);
     Mirror::Forged(format!(
         "pod {pod}: annotation {MIRROR_ANNOTATION} marks the mirror of a static pod, which \
          only the kubelet of its node creates (as system:node:<spec.nodeName>, group \
@@ -643,22 +681,101 @@ mod tests {
             });
             review_body("CREATE", "acme-prod", pod, Value::Null)
         };
-        let over = "pod acme-prod/big: 1025 containers and hostPath or gitRepo volumes, more \
-                    than the 1024 this webhook judges";
+        let over = "pod acme-prod/big: 257 containers and hostPath or gitRepo volumes, more \
+                    than the 256 this webhook judges";
         for route in [Route::Validate, Route::Mutate] {
-            let (status, value) = answer(route, &spec(1000, 25, 0)).await;
+            let (status, value) = answer(route, &spec(250, 7, 0)).await;
             assert_eq!(status, 200, "{value}");
             assert_eq!(value["response"]["allowed"], false, "{value}");
             assert_eq!(value["response"]["status"]["message"], over, "{route:?}");
         }
         // At the bound, and with 5,000 volumes that are not judged: judged as ever.
-        let (_, value) = answer(Route::Mutate, &spec(1000, 24, 5000)).await;
+        let (_, value) = answer(Route::Mutate, &spec(250, 6, 5000)).await;
         assert_eq!(value["response"]["allowed"], true, "{value}");
-        let (_, value) = answer(Route::Validate, &spec(1000, 24, 5000)).await;
+        let (_, value) = answer(Route::Validate, &spec(250, 6, 5000)).await;
         assert_eq!(value["response"]["allowed"], false, "{value}");
         let message = value["response"]["status"]["message"].as_str().unwrap();
-        assert_eq!(message.matches("(hostPath)").count(), 24, "{message}");
+        assert_eq!(message.matches("(hostPath)").count(), 6, "{message}");
         assert!(!message.contains("more than the"), "{message}");
+        // The largest patch: every container of the most a pod may hold keeps NET_RAW.
+        let mut pod = pod("big", labels.clone());
+        pod["spec"] = json!({"containers": (0..256).map(|i| json!({"name": format!("c{i}")})).collect::<Vec<_>>()});
+        let body = review_body("CREATE", "acme-prod", pod, Value::Null);
+        let confinement = Confinement::default();
+        let reply = review(Route::Mutate, &body, &table(), &confinement).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert!(reply.body.len() <= MAX_ANSWER_BYTES, "{}", reply.body.len());
+        assert_eq!(
+            patch_of(&serde_json::from_slice(&reply.body).unwrap())
+                .as_array()
+                .unwrap()
+                .len(),
+            256
+        );
+    }
+
+    /// What an answer repeats of its request is bounded (found by a red-team helper): serde's
+    /// error quoting a 4 MB string (a 14 MB answer), a 4 MB `request.uid` echoed in
+    /// `response.uid`, a kind, resource or user name quoted in a denial.
+    #[tokio::test]
+    async fn an_answer_repeats_its_request_only_up_to_a_bound() {
+        let long = "\u{301}".repeat(1_000_000);
+        let labels = json!({labels::TENANT: "acme"});
+        let mut body: Value = serde_json::from_slice(&review_body(
+            "CREATE",
+            "acme-prod",
+            pod("p", labels.clone()),
+            Value::Null,
+        ))
+        .unwrap();
+        body["request"]["dryRun"] = json!(long);
+        let (status, value) = answer(Route::Validate, &serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(status, 400);
+        let text = value.as_str().unwrap();
+        assert!(
+            text.starts_with("the request body is not an AdmissionReview: invalid type: string"),
+            "{}",
+            &text[..200]
+        );
+        assert!(text.len() < 1100, "{}", text.len());
+
+        body["request"]["dryRun"] = json!(false);
+        body["request"]["uid"] = json!(long);
+        let (status, value) = answer(Route::Validate, &serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            value,
+            "request.uid is 2000000 bytes long; the API server sends a UID (36)\n"
+        );
+
+        body["request"]["uid"] = json!("u-1");
+        body["request"]["kind"]["kind"] = json!(long);
+        body["request"]["resource"]["resource"] = json!(long);
+        let (_, value) = answer(Route::Validate, &serde_json::to_vec(&body).unwrap()).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("this webhook judges v1 Pods, and was sent v1 \u{301}"),
+            "{}",
+            &message[..100]
+        );
+        assert!(message.len() < 4096, "{}", message.len());
+
+        body["request"]["kind"]["kind"] = json!("Pod");
+        body["request"]["resource"]["resource"] = json!("pods");
+        body["request"]["userInfo"]["username"] = json!(long);
+        body["request"]["object"]["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: "0123"});
+        let (_, value) = answer(Route::Validate, &serde_json::to_vec(&body).unwrap()).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("marks the mirror of a static pod"),
+            "{message}"
+        );
+        assert!(message.len() < 4096, "{}", message.len());
     }
 
     #[tokio::test]

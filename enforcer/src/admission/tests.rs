@@ -364,7 +364,8 @@ async fn reviews_share_a_bounded_parse_budget() {
         std::sync::Arc::new(Running::start_with(&dir.0, &format!("https://{silent_addr}")).await);
 
     // A `[]` of the padding is a value of 3 bytes.
-    let per_value = cost::charge(1, 3);
+    let charge = |body: &[u8]| cost::charge(cost::census(body).unwrap(), body.len() as u64);
+    let per_value = cost::PARSE_BYTES_PER_VALUE + 3 * cost::PARSE_BYTES_PER_BYTE;
     let over = cost::PARSE_BUDGET_BYTES / per_value + 1;
     let body = review_holding("acme", over);
     let (status, text) = server.post("/validate", &body).await;
@@ -374,13 +375,13 @@ async fn reviews_share_a_bounded_parse_budget() {
             "holds {over} JSON values (counting object keys) in {} bytes: reviewing it may \
              take {} MiB, more than the 40 MiB this webhook's reviews may take at once",
             body.len(),
-            cost::charge(over, body.len() as u64).div_ceil(1 << 20)
+            charge(&body).div_ceil(1 << 20)
         )),
         "{text}"
     );
 
     let large = review_holding("acme", cost::PARSE_BUDGET_BYTES * 6 / 10 / per_value);
-    let share = cost::charge(cost::json_values(&large).unwrap(), large.len() as u64);
+    let share = charge(&large);
     assert!(
         share > cost::PARSE_BUDGET_BYTES / 2 && share < cost::PARSE_BUDGET_BYTES,
         "{share}"

@@ -449,9 +449,10 @@ pub struct AdmittedPod {
 }
 
 /// The most containers (of the three lists) and judged volumes ([`Spec::judged_items`]) a
-/// pod the webhook judges may hold; each is built as a 2-3 KiB `k8s_openapi` type. Kubernetes
-/// sets no such bound, but no workload needs a fraction of it.
-pub const MAX_JUDGED_ITEMS: usize = 1024;
+/// pod the webhook judges may hold; each is built as a 2-3 KiB `k8s_openapi` type, and a
+/// container may need an operation of the mutating webhook's patch (an answer the webhook
+/// holds until it is read). Kubernetes sets no such bound, but no workload comes near it.
+pub const MAX_JUDGED_ITEMS: usize = 256;
 
 impl AdmittedPod {
     /// The spec with what `confine` reads (`PodSpec::default()` when the object has none);
