@@ -216,8 +216,10 @@ fn a_review_takes_at_most_what_it_is_charged() {
         ),
         ("envelope field", pod("", ""), "envelope", ""),
         ("request.options", pod("", ""), "", "options"),
-        // serde's error quotes the string it could not read (escaped: 7 bytes per 2).
+        // serde's error quotes the string it could not read, escaped: 7 bytes for U+0301's
+        // 2, 6 for DEL's 1.
         ("a string for a flag", pod("", ""), "", "dryRun"),
+        ("DELs for a flag", pod("", ""), "", "dryRun DEL"),
         (
             "added capabilities",
             format!(
@@ -296,6 +298,7 @@ fn a_review_takes_at_most_what_it_is_charged() {
         let request = match *request {
             "" => String::new(),
             "dryRun" => format!(r#""dryRun":"{}","#, "\u{301}".repeat(bytes / 2)),
+            "dryRun DEL" => format!(r#""dryRun":"{}","#, "\u{7f}".repeat(bytes)),
             _ => format!(r#""options":{{"x":{filler}}},"#),
         };
         let half = object.len() / 2;

@@ -79,8 +79,8 @@ pub struct Confinement {
 pub enum Scope<'a> {
     /// A new pod: all of them, and the pod's own fields.
     Create,
-    /// An update: only ephemeral containers that `old` (the pod before it) lacks.
-    Update { old: Option<&'a PodSpec> },
+    /// An update: only ephemeral containers whose names the pod before it (`before`) lacks.
+    Update { before: &'a BTreeSet<String> },
 }
 
 /// One container of a pod, where it sits in the spec.
@@ -216,13 +216,7 @@ fn judged<'a>(spec: &'a PodSpec, scope: Scope<'_>) -> Vec<Slot<'a>> {
             }
             slots.extend(ephemeral);
         }
-        Scope::Update { old } => {
-            let before: BTreeSet<&str> = old
-                .and_then(|o| o.ephemeral_containers.as_deref())
-                .into_iter()
-                .flatten()
-                .map(|c| c.name.as_str())
-                .collect();
+        Scope::Update { before } => {
             slots.extend(ephemeral.filter(|s| !before.contains(s.name)));
         }
     }
@@ -703,7 +697,13 @@ mod tests {
             ],
         });
         let new = spec(new_value.clone());
-        let scope = Scope::Update { old: Some(&old) };
+        let before = old
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect();
+        let scope = Scope::Update { before: &before };
         let reasons = uncontained(&new, scope, &Confinement::default());
         assert_eq!(reasons.len(), 2, "{reasons:#?}");
         assert!(reasons[0].starts_with(r#"ephemeral container "debug" adds capability SYS_ADMIN"#));

@@ -1,6 +1,7 @@
 //! One AdmissionReview in, one out: parsing, the checks on what was sent, the namespace
 //! lookup, and the decision of [`decide`](super::decide).
 
+use std::collections::BTreeSet;
 use std::future::Future;
 
 use k8s_openapi::api::core::v1::{Namespace, PodSpec};
@@ -37,9 +38,15 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// A plain-text answer (errors the API server shows in its own message).
+    /// A plain-text answer (errors the API server shows in its own message), cut to
+    /// [`MESSAGE_BYTES`] should a caller have quoted too much of its request.
     pub fn text(status: u16, text: impl Into<String>) -> Self {
-        let mut body = text.into().into_bytes();
+        let text = text.into();
+        let mut body = if text.len() > MESSAGE_BYTES {
+            cut(&text, MESSAGE_BYTES).into_bytes()
+        } else {
+            text.into_bytes()
+        };
         body.push(b'\n');
         Self {
             status,
@@ -91,7 +98,8 @@ pub async fn review(
             format!(
                 "expected apiVersion {REVIEW_API_VERSION} kind AdmissionReview, got apiVersion \
                  {:?} kind {:?} (set admissionReviewVersions: [v1] in the webhook configuration)",
-                parsed.types.api_version, parsed.types.kind
+                cut(&parsed.types.api_version, NAME_BYTES),
+                cut(&parsed.types.kind, NAME_BYTES)
             ),
         );
     }
@@ -243,6 +251,7 @@ async fn decide(
         }
         Err(error) => {
             let uid = cut(&request.uid, NAME_BYTES);
+            let error = cut(&error, ERROR_BYTES);
             tracing::warn!(%uid, %pod, %error, "cannot read the namespace");
             return Err(Reply::text(
                 500,
@@ -256,14 +265,12 @@ async fn decide(
     // (`confine`), in a namespace without a tenant too: its raw frames reach a tenant's pods
     // as well, and its `hostPath` reaches their cgroups. What must hold such things (a CNI,
     // a node agent) lives in a namespace the webhook configuration's selector spares.
-    let old = match request.old_object.as_ref() {
-        Some(old) if change != Change::Create => Some(pod_spec(&pod, old)),
-        _ => None,
+    let update = change != Change::Create;
+    let before = match request.old_object.as_ref() {
+        Some(old) if update => old.ephemeral_names(),
+        _ => BTreeSet::new(),
     };
-    let specs = match (pod_spec(&pod, object), old.transpose()) {
-        (Ok(spec), Ok(old)) => Ok((spec, old)),
-        (Err(why), _) | (_, Err(why)) => Err(why),
-    };
+    let spec = pod_spec(&pod, object, update);
     match route {
         Route::Mutate => {
             // A subresource cannot change labels through a patch of ours (the only one the
@@ -274,10 +281,10 @@ async fn decide(
                 Vec::new()
             };
             let labels = ops.len();
-            match &specs {
+            match &spec {
                 // A static pod runs whatever its mirror says: a patch would make the mirror lie.
-                Ok((spec, _)) if mirror(&pod, request, spec) == Mirror::Kubelets => {}
-                Ok((spec, old)) => ops.extend(confine(spec, scope(change, old.as_ref()))),
+                Ok(spec) if mirror(&pod, request, spec) == Mirror::Kubelets => {}
+                Ok(spec) => ops.extend(confine(spec, scope(change, &before))),
                 Err(why) => return Ok(deny(request, why.clone())),
             }
             if ops.is_empty() {
@@ -299,14 +306,14 @@ async fn decide(
                 .err()
                 .into_iter()
                 .collect();
-            match specs {
-                Ok((spec, old)) => match mirror(&pod, request, &spec) {
+            match spec {
+                Ok(spec) => match mirror(&pod, request, &spec) {
                     // The static pod runs whether its mirror is admitted or not; refused, it
                     // would only go unseen by the agent (which reports what it holds).
                     Mirror::Kubelets => {}
                     Mirror::Forged(why) => reasons.push(why),
                     Mirror::No => {
-                        let why = uncontained(&spec, scope(change, old.as_ref()), confinement);
+                        let why = uncontained(&spec, scope(change, &before), confinement);
                         reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")));
                     }
                 },
@@ -367,18 +374,19 @@ fn mirror(pod: &str, request: &AdmissionRequest<AdmittedPod>, spec: &PodSpec) ->
     ))
 }
 
-/// Which of the pod's containers a `change` judges, `old` the spec before an update.
-fn scope<'a>(change: Change<'_>, old: Option<&'a PodSpec>) -> Scope<'a> {
+/// Which of the pod's containers a `change` judges, `before` the names of the ephemeral
+/// containers the pod had before an update.
+fn scope<'a>(change: Change<'_>, before: &'a BTreeSet<String>) -> Scope<'a> {
     match change {
         Change::Create => Scope::Create,
-        Change::Update { .. } => Scope::Update { old },
+        Change::Update { .. } => Scope::Update { before },
     }
 }
 
 /// What [`confine`] judges of the pod's spec; why not when it holds more than the webhook
 /// builds.
-fn pod_spec(pod: &str, object: &AdmittedPod) -> Result<PodSpec, String> {
-    object.judged_spec().map_err(|n| {
+fn pod_spec(pod: &str, object: &AdmittedPod, update: bool) -> Result<PodSpec, String> {
+    object.judged_spec(update).map_err(|n| {
         format!(
             "pod {pod}: {n} containers and hostPath or gitRepo volumes, more than the \
              {MAX_JUDGED_ITEMS} this webhook judges"
@@ -697,6 +705,16 @@ mod tests {
         let message = value["response"]["status"]["message"].as_str().unwrap();
         assert_eq!(message.matches("(hostPath)").count(), 6, "{message}");
         assert!(!message.contains("more than the"), "{message}");
+        // An update is judged, and counted, on its ephemeral containers alone: a pod's others
+        // never stop its updates (its finalizers' removal among them).
+        let mut big = pod("big", labels.clone());
+        let dropping_all = (0..300).map(container).collect::<Vec<_>>();
+        big["spec"] = json!({"containers": dropping_all});
+        for route in [Route::Validate, Route::Mutate] {
+            let body = review_body("UPDATE", "acme-prod", big.clone(), big.clone());
+            let (_, value) = answer(route, &body).await;
+            assert_eq!(value["response"]["allowed"], true, "{route:?}: {value}");
+        }
         // The largest patch: every container of the most a pod may hold keeps NET_RAW.
         let mut pod = pod("big", labels.clone());
         pod["spec"] = json!({"containers": (0..256).map(|i| json!({"name": format!("c{i}")})).collect::<Vec<_>>()});
@@ -743,6 +761,15 @@ mod tests {
             &text[..200]
         );
         assert!(text.len() < 1100, "{}", text.len());
+
+        let mut wrong = body.clone();
+        wrong["request"]["dryRun"] = json!(false);
+        wrong["apiVersion"] = json!("\u{7f}".repeat(1_000_000));
+        let (status, value) = answer(Route::Validate, &serde_json::to_vec(&wrong).unwrap()).await;
+        assert_eq!(status, 400);
+        let text = value.as_str().unwrap();
+        assert!(text.starts_with("expected apiVersion admission.k8s.io/v1 kind AdmissionReview, got apiVersion \"\\u{7f}"), "{}", &text[..200]);
+        assert!(text.len() < 4096, "{}", text.len());
 
         body["request"]["dryRun"] = json!(false);
         body["request"]["uid"] = json!(long);

@@ -456,15 +456,43 @@ pub const MAX_JUDGED_ITEMS: usize = 256;
 
 impl AdmittedPod {
     /// The spec with what `confine` reads (`PodSpec::default()` when the object has none);
-    /// `Err` with the count when it holds more than [`MAX_JUDGED_ITEMS`].
-    pub fn judged_spec(&self) -> Result<PodSpec, usize> {
+    /// of an update, only its ephemeral containers (all an update is judged on, so that a
+    /// pod's other containers never stop its updates). `Err` with the count when it holds
+    /// more than [`MAX_JUDGED_ITEMS`].
+    pub fn judged_spec(&self, update: bool) -> Result<PodSpec, usize> {
         let Some(spec) = &self.spec else {
             return Ok(PodSpec::default());
         };
-        match spec.judged_items() {
-            n if n > MAX_JUDGED_ITEMS => Err(n),
-            _ => Ok(spec.clone().take_judged()),
+        // Counted before anything is copied.
+        let items = match update {
+            true => spec.ephemeral_containers.as_ref().map_or(0, Vec::len),
+            false => spec.judged_items(),
+        };
+        if items > MAX_JUDGED_ITEMS {
+            return Err(items);
         }
+        let mut judged = if update {
+            Spec {
+                ephemeral_containers: spec.ephemeral_containers.clone(),
+                node_name: spec.node_name.clone(),
+                os: spec.os.clone(),
+                ..Spec::default()
+            }
+        } else {
+            spec.clone()
+        };
+        Ok(judged.take_judged())
+    }
+
+    /// The names of its ephemeral containers: what an update's old object had.
+    pub fn ephemeral_names(&self) -> std::collections::BTreeSet<String> {
+        let spec = self.spec.as_ref();
+        let ephemeral = spec.and_then(|s| s.ephemeral_containers.as_ref());
+        ephemeral
+            .into_iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect()
     }
 }
 
