@@ -186,6 +186,15 @@ async fn routes_methods_bounds_and_an_unreachable_api_server() {
     assert_eq!(status, 405, "{text}");
     assert!(text.contains("allow: POST"), "{text}");
 
+    // A head larger than a connection's buffer (hyper's default, ~408 KiB, let 256 of them
+    // hold 100 MB before any budget): refused.
+    let long_head = format!(
+        "POST /validate HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(crate::pdp::listen::CONNECTION_BUFFER_BYTES)
+    );
+    let (status, text) = server.exchange(&long_head, b"").await;
+    assert_eq!(status, 431, "{text}");
+
     let (status, text) = server.post("/admit", b"{}").await;
     assert_eq!(status, 404, "{text}");
     assert!(

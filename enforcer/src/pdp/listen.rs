@@ -32,6 +32,12 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// How long the request in flight at [`MAX_CONNECTION_LIFETIME`] may still take.
 pub(crate) const LAST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most bytes a connection's read buffer holds (a request head must fit: 431 above), and
+/// its write buffer takes before it waits for the client to read. hyper's default, ~408 KiB,
+/// let each of the admission webhook's 256 connections hold up to 1 MB with a long head and
+/// a body held back (found by a red-team helper: 245-288 MB); request heads here are a few
+/// hundred bytes.
+pub(crate) const CONNECTION_BUFFER_BYTES: usize = 16 << 10;
 
 /// An accepted connection, after its TLS handshake when there is one.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -162,6 +168,7 @@ where
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .max_buf_size(CONNECTION_BUFFER_BYTES)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let result = tokio::select! {
