@@ -107,7 +107,7 @@ pub async fn review(
         Ok(request) => request,
         Err(_) => return Reply::text(400, "the AdmissionReview has no request"),
     };
-    // Every answer repeats it (`response.uid`).
+    // Every answer and log line repeats it (`response.uid`): bounded here, once.
     if request.uid.len() > NAME_BYTES {
         return Reply::text(
             400,
@@ -123,7 +123,7 @@ pub async fn review(
     };
     if !response.allowed {
         let reason = cut(&response.result.message, LOGGED_MESSAGE_BYTES);
-        tracing::info!(uid = %cut(&request.uid, NAME_BYTES), ?route, %reason, "denied");
+        tracing::info!(uid = %request.uid, ?route, %reason, "denied");
     }
     match serde_json::to_vec(&response.into_review()) {
         // An answer is held until its client reads it, on each of the connections: never
@@ -250,9 +250,8 @@ async fn decide(
             ))
         }
         Err(error) => {
-            let uid = cut(&request.uid, NAME_BYTES);
             let error = cut(&error, ERROR_BYTES);
-            tracing::warn!(%uid, %pod, %error, "cannot read the namespace");
+            tracing::warn!(uid = %request.uid, %pod, %error, "cannot read the namespace");
             return Err(Reply::text(
                 500,
                 format!("pod {pod}: cannot read namespace {ns} from the API server: {error}"),
@@ -291,7 +290,7 @@ async fn decide(
                 return Ok(AdmissionResponse::from(request));
             }
             tracing::info!(
-                uid = %cut(&request.uid, NAME_BYTES),
+                uid = %request.uid,
                 %pod,
                 labels,
                 dropped_net_raw = ops.len() - labels,

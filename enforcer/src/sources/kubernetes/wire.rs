@@ -471,15 +471,36 @@ impl AdmittedPod {
         if items > MAX_JUDGED_ITEMS {
             return Err(items);
         }
-        let mut judged = if update {
-            Spec {
-                ephemeral_containers: spec.ephemeral_containers.clone(),
-                node_name: spec.node_name.clone(),
-                os: spec.os.clone(),
-                ..Spec::default()
-            }
-        } else {
-            spec.clone()
+        // Copied without what `take_judged` would drop (most of a pod's volumes).
+        let create =
+            |field: &Option<Vec<WireContainer>>| field.as_ref().filter(|_| !update).cloned();
+        let mut judged = Spec {
+            containers: if update {
+                Vec::new()
+            } else {
+                spec.containers.clone()
+            },
+            init_containers: create(&spec.init_containers),
+            ephemeral_containers: spec.ephemeral_containers.clone(),
+            volumes: spec
+                .volumes
+                .as_ref()
+                .filter(|_| !update)
+                .map(|volumes| volumes.iter().filter(|v| v.judged()).cloned().collect()),
+            node_name: spec.node_name.clone(),
+            os: spec.os.clone(),
+            // Pod-level fields are judged at creation only.
+            runtime_class_name: spec
+                .runtime_class_name
+                .as_ref()
+                .filter(|_| !update)
+                .cloned(),
+            host_network: spec.host_network.filter(|_| !update),
+            host_pid: spec.host_pid.filter(|_| !update),
+            host_ipc: spec.host_ipc.filter(|_| !update),
+            security_context: spec.security_context.as_ref().filter(|_| !update).cloned(),
+            service_account_name: None,
+            service_account: None,
         };
         Ok(judged.take_judged())
     }
