@@ -308,3 +308,36 @@ pub fn detach(pin_root: &Path) -> Result<()> {
     let _ = std::fs::remove_dir(pin_root);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionKind};
+
+    /// No program calls a memory builtin (`memset`, `memcpy`...): bpf-linker exports
+    /// compiler-builtins' versions, loops of one-byte stores run as BPF-to-BPF calls, and by
+    /// default LLVM called `memset` for every zeroed field (enforcer-ebpf/.cargo/config.toml:
+    /// 65 calls in `connect4` alone before `--disable-expand-memcpy-in-order`).
+    #[test]
+    fn no_program_calls_a_memory_builtin() {
+        let file = object::File::parse(super::OBJECT).expect("the kernel programs' object");
+        let mut calls = Vec::new();
+        for section in file.sections().filter(|s| s.kind() == SectionKind::Text) {
+            for (offset, relocation) in section.relocations() {
+                let RelocationTarget::Symbol(index) = relocation.target() else {
+                    continue;
+                };
+                let name = file
+                    .symbol_by_index(index)
+                    .and_then(|symbol| symbol.name())
+                    .unwrap_or("?");
+                if matches!(name, "memset" | "memcpy" | "memmove" | "memcmp" | "bcmp") {
+                    calls.push(format!(
+                        "{} +{offset}: {name}",
+                        section.name().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        assert!(calls.is_empty(), "{} calls: {calls:?}", calls.len());
+    }
+}
