@@ -297,6 +297,40 @@ fn same_flow(r: &FlowRecord, c: &Connect) -> bool {
         && words == c.daddr
 }
 
+/// `connect4`/`connect6`, first: a TCP socket reaches them only unconnected and in TCP CLOSE
+/// (`__inet_stream_connect` refuses any other connect before the hooks), so a record it still
+/// has is left by an earlier connect that the kernel refused after the hooks and before its
+/// SYN (a route failure, `::ffff:a.b.c.d` on an IPv6-only socket, a bound 4-tuple already in
+/// use): such a failure changes no TCP state and reaches no `sock_ops` callback. It ends here,
+/// never reported (a record reported opened ended at its CLOSE; one that did not is closed
+/// now). Left, it was taken over by this connect, to anywhere, whatever decided it (an
+/// untracked destination, an audit pass, an unmanaged caller): `TCP_CONNECT_CB` and
+/// `ACTIVE_ESTABLISHED_CB` cannot tell it from a record whose address a socket load balancer
+/// rewrote, so the connection was reported as a flow to the tracked destination, with its own
+/// peer and bytes, and revoked with it (found by a red-team review). A tracked connect then
+/// writes its record afresh. The lookup's bucket is the one `record_connect` and
+/// `TCP_CONNECT_CB` look in next, warm then.
+#[inline(always)]
+pub fn forget_unsent(ctx: &SockAddrContext) {
+    // SAFETY: `sock_addr` is the context; a full 32-bit load.
+    if unsafe { read_volatile(&(*ctx.sock_addr).protocol) } != u32::from(proto::TCP) {
+        return;
+    }
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr(&cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let tenant = unsafe {
+        if (*r).state == flow_state::ESTABLISHED {
+            close(cookie, &*r, 0, 0, 0);
+        }
+        (*r).tenant
+    };
+    end_record(cookie, tenant);
+}
+
 /// A connected UDP socket connected again, allowed, to a destination that is not tracked:
 /// its tracked flow (if it had one) has ended; reported closed and its record deleted, as at
 /// the socket's release.
@@ -321,11 +355,9 @@ pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
 /// `TCP_CONNECT_CB`: the SYN is about to be sent; a tracked flow asks for state callbacks.
 /// Its record is returned as the identity option's source (`wire::on_connect`) when it
 /// certainly is this connect's ([`this_connect`]); otherwise the option is found the way an
-/// untracked flow's is. A record may not be: one left by an earlier connect of the socket
-/// that failed before its SYN, when this connect passed without `connect4` rewriting it (a
-/// destination that is not tracked, a call passed as audit, or one not judged), possibly by
-/// another process (the socket passed on); or a record whose destination another program
-/// rewrote after `connect4` (a socket load balancer translating a Service address).
+/// untracked flow's is. A record that is not: one whose destination another program rewrote
+/// after `connect4` (a socket load balancer translating a Service address). (A record left by
+/// an earlier connect that failed before its SYN is gone: [`forget_unsent`].)
 #[inline(always)]
 pub fn on_connect(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
     // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.

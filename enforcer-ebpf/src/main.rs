@@ -188,11 +188,13 @@ const RINGBUF_FLAGS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
+    flows::forget_unsent(&ctx);
     decide(&ctx, hook::CONNECT4, FAMILY_V4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
+    flows::forget_unsent(&ctx);
     decide(&ctx, hook::CONNECT6, FAMILY_V6)
 }
 

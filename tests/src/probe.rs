@@ -231,6 +231,26 @@ impl Probe {
         self.reconnect_to(n, &to)
     }
 
+    /// `probe --failed-then first second`: one IPv6 TCP socket whose connect to `first` (an
+    /// IPv4-mapped address) the kernel refuses after the connect hooks (`IPV6_V6ONLY`), then
+    /// connected to `second` and sent one byte, then reset. The printed line.
+    pub fn failed_then(
+        &self,
+        first: std::net::SocketAddr,
+        second: std::net::SocketAddr,
+    ) -> Result<serde_json::Value> {
+        let (first, second) = (first.to_string(), second.to_string());
+        let stdout = self.exec(&["--failed-then", &first, &second])?;
+        let mut lines: Vec<serde_json::Value> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!(
+                "probe --failed-then printed {} lines:\n{stdout}",
+                lines.len()
+            );
+        }
+        Ok(lines.remove(0))
+    }
+
     /// [`Probe::reconnect`] with the probe's address arguments as they are (`~ADDR:PORT`: a
     /// connect the kernel refuses after the hooks, see `probe --reconnect`).
     pub fn reconnect_to(&self, n: u64, to: &[String]) -> Result<Summary> {

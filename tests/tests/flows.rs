@@ -27,7 +27,7 @@ use enforcer_tests::fixtures::{write_bundle, Entity, World};
 use enforcer_tests::flows::{Crowd, FlowClient, FlowServer};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
-    require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TestCgroup,
+    require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, Probe, TestCgroup,
 };
 use serde_json::Value;
 
@@ -630,6 +630,62 @@ fn a_record_whose_socket_closed_unseen_is_closed_by_the_agent() -> Result<()> {
         !listed.iter().any(|f| u(f, "/cookie") == Some(cookie)),
         "the record is still listed: {out}"
     );
+    Ok(())
+}
+
+/// A TCP connect to a tracked destination that the kernel refuses after the connect hooks
+/// and before its SYN (`::ffff:` on an IPv6-only socket: `ENETUNREACH`) leaves no flow record
+/// for the socket's next connect to take over. Before, connected next to the untracked api,
+/// the socket was reported as a flow to the vector DB (the api as its peer, its bytes as the
+/// dataset's) and would have been revoked with it (found by a red-team review).
+#[test]
+fn a_connect_refused_before_its_syn_leaves_no_record_for_the_next() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(11)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let api = FlowServer::start(w.addr(12, 8000))?;
+    let agent = Agent::start(w.config())?;
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),
+        IpAddr::V6(_) => a,
+    };
+    let line = Probe::new()
+        .in_cgroup(w.cgroup("client-a"))
+        .failed_then(mapped(vectors.addr()), mapped(api.addr()))?;
+    ensure!(
+        line["first"] == "error"
+            && line["first_errno"] == libc::ENETUNREACH
+            && line["second"] == "ok",
+        "the first connect refused by the kernel, the second made: {line}"
+    );
+    // A tracked connect after it: once its flow.opened is in the file, so is every flow event
+    // the probe's socket made (one ring, read in order).
+    let mut control = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
+        flow_of(e, control.local)
+    })?;
+    let others: Vec<Value> = agent
+        .events()?
+        .into_iter()
+        .filter(|e| s(e, "/type").is_some_and(|t| t.starts_with("flow.")))
+        .filter(|e| !flow_of(e, control.local))
+        .collect();
+    ensure!(
+        others.is_empty(),
+        "the socket's untracked connection was reported as a tracked flow: {others:?}\n{}",
+        agent.stderr_tail()
+    );
+    let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+    ensure!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out)?;
+    ensure!(
+        listed.len() == 1,
+        "only the control flow should be listed: {out}"
+    );
+    let end = control.close()?;
+    ensure!(end["end"] == "closed", "control: {end}");
     Ok(())
 }
 

@@ -52,6 +52,11 @@
 //! `~ADDR:PORT` is connected to with the other family's number in `sa_family` (AF_INET6 in
 //! a `sockaddr_in`): the connect hooks see the address, then the kernel refuses the connect
 //! (`EAFNOSUPPORT`) and the socket stays connected where it was.
+//! `probe --failed-then FIRST SECOND` (two `[::ffff:a.b.c.d]:PORT` addresses) makes one IPv6
+//! TCP socket with `IPV6_V6ONLY` on and connects it to FIRST (the connect hooks see an IPv4
+//! destination, then the kernel refuses with `ENETUNREACH` before any SYN), turns `IPV6_V6ONLY`
+//! off and connects it to SECOND, sends one byte, and closes it (reset, `SO_LINGER` 0). It
+//! prints `{"first":outcome,"first_errno":n,"second":outcome,"second_errno":n}`.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -748,7 +753,7 @@ fn main() -> ExitCode {
     let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT | \
                  probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT | \
                  probe --flood MS [--every-us US] ATTEMPT | probe --ports N ATTEMPT | \
-                 probe --reconnect N ADDR:PORT...";
+                 probe --reconnect N ADDR:PORT... | probe --failed-then ADDR6:PORT ADDR6:PORT";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -771,44 +776,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    if args.first().map(String::as_str) == Some("--until") {
-        return match until(&args[1..]) {
-            Ok(line) => {
-                let _ = writeln!(out, "{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}\n{usage}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    if args.first().map(String::as_str) == Some("--flood") {
-        return match flood(&args[1..]) {
-            Ok(line) => {
-                let _ = writeln!(out, "{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}\n{usage}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    if args.first().map(String::as_str) == Some("--reconnect") {
-        return match reconnect(&args[1..]) {
-            Ok(line) => {
-                let _ = writeln!(out, "{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}\n{usage}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    if args.first().map(String::as_str) == Some("--ports") {
-        return match ports(&args[1..]) {
+    // The modes that print one JSON line.
+    let modes: [(&str, Mode); 5] = [
+        ("--until", until),
+        ("--flood", flood),
+        ("--reconnect", reconnect),
+        ("--failed-then", failed_then),
+        ("--ports", ports),
+    ];
+    if let Some((_, run)) = modes
+        .iter()
+        .find(|(mode, _)| args.first().map(String::as_str) == Some(*mode))
+    {
+        return match run(&args[1..]) {
             Ok(line) => {
                 let _ = writeln!(out, "{line}");
                 ExitCode::SUCCESS
@@ -921,6 +901,59 @@ fn reconnect(args: &[String]) -> Result<serde_json::Value, String> {
     }
     drop(fd);
     Ok(serde_json::json!({"attempts": n, "ok": ok, "eperm": eperm, "error": error}))
+}
+
+/// A mode that prints one JSON line: its arguments (after the mode's flag) to the line, or a
+/// usage error.
+type Mode = fn(&[String]) -> Result<serde_json::Value, String>;
+
+/// `--failed-then FIRST SECOND` (the arguments after `--failed-then`): see the module
+/// documentation. Errors are usage errors and a socket that cannot be made or set.
+fn failed_then(args: &[String]) -> Result<serde_json::Value, String> {
+    let usage = "--failed-then [::ffff:A]:P [::ffff:B]:Q";
+    let (Some(first), Some(second), None) = (args.first(), args.get(1), args.get(2)) else {
+        return Err(usage.to_string());
+    };
+    let parse = |a: &String| {
+        a.parse::<SocketAddr>()
+            .ok()
+            .filter(SocketAddr::is_ipv6)
+            .ok_or_else(|| format!("--failed-then wants IPv6 addresses, got {a:?}"))
+    };
+    let (first, second) = (parse(first)?, parse(second)?);
+    let fd = socket(libc::AF_INET6, libc::SOCK_STREAM, 0)
+        .map_err(|e| format!("--failed-then: socket: {e}"))?;
+    let set = |level: libc::c_int, name: libc::c_int, value: &[u8]| {
+        // SAFETY: `value` is valid for its length.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                value.as_ptr().cast(),
+                value.len() as libc::socklen_t,
+            )
+        })
+        .map_err(|e| format!("--failed-then: setsockopt {name}: {e}"))
+    };
+    set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &1i32.to_ne_bytes())?;
+    let (first_outcome, first_errno) = classify(&connect(&fd, &first));
+    set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &0i32.to_ne_bytes())?;
+    let result = connect(&fd, &second).and_then(|()| {
+        // SAFETY: one byte from a valid buffer.
+        check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) })
+    });
+    let (second_outcome, second_errno) = classify(&result);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    set(libc::SOL_SOCKET, libc::SO_LINGER, bytes_of(&linger))?;
+    drop(fd);
+    Ok(serde_json::json!({
+        "first": first_outcome, "first_errno": first_errno,
+        "second": second_outcome, "second_errno": second_errno,
+    }))
 }
 
 /// `--ports N ATTEMPT` (the arguments after `--ports`): see the module documentation.
