@@ -201,8 +201,8 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     if !udp && take_share(c.tenant) {
         // The usual TCP connect: a socket without a record. One insert that must create is
         // the test and the write (a lookup first was one more hash walk inside every tracked
-        // `connect()`); a socket that has one (it connects again after a failed connect)
-        // goes the general way below.
+        // `connect()`). A TCP socket has none here (`forget_unsent` ended a leftover before
+        // the decision); one that had would go the general way below.
         // SAFETY: fully initialised above.
         match FLOWS.insert(&cookie, unsafe { slot.assume_init_ref() }, BPF_NOEXIST) {
             Ok(()) => return true,
@@ -228,7 +228,7 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
                 close(cookie, &*old, 0, 0, 0);
             }
             addr_of_mut!((*r).tenant).write((*old).tenant);
-            // The last SYN time of the socket's failed connect (its 4-tuple may be this one's).
+            // A record's last SYN time stays with its socket (0 for UDP, which sends none).
             addr_of_mut!((*r).wire_stamp).write((*old).wire_stamp);
         }
     }
