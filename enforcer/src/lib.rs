@@ -16,6 +16,7 @@ pub mod fs;
 pub mod last_good;
 pub mod learn;
 pub mod metrics;
+mod mmap;
 pub mod page;
 pub mod pdp;
 pub mod sources;

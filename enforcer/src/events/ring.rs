@@ -33,12 +33,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::mmap::Mapping;
 
 use super::stream::Missed;
 
@@ -81,53 +82,29 @@ struct Header {
     index: [[AtomicU64; 2]; INDEX],
 }
 
-/// A shared mapping, unmapped on drop.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
+/// The ring's header, at the start of its mapping (page-aligned, at least HEADER bytes; the
+/// fields that change are atomics).
+fn header(map: &Mapping) -> &Header {
+    // SAFETY: see above.
+    unsafe { &*map.ptr().cast::<Header>() }
 }
 
-// The mapping is plain memory; what is shared across processes is synchronised by the
-// protocol above, not by Rust's ownership.
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(fd: BorrowedFd<'_>, len: usize, prot: ProtFlags) -> io::Result<Mapping> {
-        // The writer's pages are all made now (`MAP_POPULATE`), when the first follower
-        // comes: else each of the first lap's 8,192 page faults (a page allocated and
-        // zeroed) came in the middle of a batch's copy, under the hub's lock.
-        let flags = if prot.contains(ProtFlags::WRITE) {
-            MapFlags::SHARED | MapFlags::POPULATE
-        } else {
-            MapFlags::SHARED
-        };
-        // SAFETY: a fresh shared mapping of a file of at least `len` bytes, checked by the
-        // callers; nothing else refers to its address.
-        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0)? };
-        Ok(Mapping {
-            ptr: NonNull::new(ptr.cast()).expect("mmap returns a non-null address"),
-            len,
-        })
-    }
-
-    fn header(&self) -> &Header {
-        // SAFETY: the mapping is page-aligned and at least HEADER bytes; the header's fields
-        // that change are atomics.
-        unsafe { &*self.ptr.as_ptr().cast::<Header>() }
-    }
-
-    fn data(&self) -> *mut u8 {
-        // SAFETY: within the mapping (len > HEADER).
-        unsafe { self.ptr.as_ptr().add(HEADER) }
-    }
+/// The ring's data, after its header.
+fn data(map: &Mapping) -> *mut u8 {
+    // SAFETY: within the mapping (len > HEADER).
+    unsafe { map.ptr().add(HEADER) }
 }
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what `new` mapped; no reference into it outlives `self`.
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
+/// Maps a follow ring's memfd: the writer's pages all made now (`MAP_POPULATE`), when the
+/// first follower comes: else each of the first lap's 8,192 page faults (a page allocated
+/// and zeroed) came in the middle of a batch's copy, under the hub's lock.
+fn map_ring(fd: BorrowedFd<'_>, len: usize, prot: ProtFlags) -> io::Result<Mapping> {
+    let flags = if prot.contains(ProtFlags::WRITE) {
+        MapFlags::POPULATE
+    } else {
+        MapFlags::empty()
+    };
+    Mapping::new(fd, len, prot, flags, 0)
 }
 
 /// The agent's side: appends lines, publishes batches.
@@ -159,16 +136,16 @@ impl Ring {
         .context("memfd_create")?;
         let len = HEADER + capacity;
         rustix::fs::ftruncate(&memfd, len as u64).context("sizing the follow ring")?;
-        let map = Mapping::new(memfd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE)
+        let map = map_ring(memfd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE)
             .context("mapping the follow ring")?;
         // SAFETY: nobody else has the memfd yet; the header's plain fields are written once,
         // before it is shared.
         unsafe {
-            let header = map.ptr.as_ptr().cast::<Header>();
+            let header = map.ptr().cast::<Header>();
             (*header).magic = MAGIC;
             (*header).capacity = capacity as u64;
         }
-        map.header().next_seq.store(next_seq, Ordering::Release);
+        header(&map).next_seq.store(next_seq, Ordering::Release);
         // The agent's mapping keeps writing; nobody may map it for writing from now on, nor
         // change its size under the followers' mappings.
         rustix::fs::fcntl_add_seals(
@@ -191,8 +168,7 @@ impl Ring {
             self.end, 0,
             "a ring begins again only before its first line"
         );
-        self.map
-            .header()
+        header(&self.map)
             .next_seq
             .store(next_seq, Ordering::Release);
     }
@@ -208,7 +184,7 @@ impl Ring {
 
     /// What a follower that starts now reads first: (stream position, its event's `seq`).
     pub fn start(&self) -> (u64, u64) {
-        let header = self.map.header();
+        let header = header(&self.map);
         (
             header.written.load(Ordering::Acquire),
             header.next_seq.load(Ordering::Acquire),
@@ -231,7 +207,7 @@ impl Ring {
             self.capacity
         );
         debug_assert!(line.ends_with(b"\n"));
-        let header = self.map.header();
+        let header = header(&self.map);
         let start = self.end;
         self.end += line.len() as u64;
         header.reserved.store(self.end, Ordering::Relaxed);
@@ -245,15 +221,15 @@ impl Ring {
         // SAFETY: both pieces lie within the data area (at + first <= capacity, and the
         // second starts at 0 with line.len() - first <= capacity / 2 bytes).
         unsafe {
-            copy_to_ring(&line[..first], self.map.data().add(at));
-            copy_to_ring(&line[first..], self.map.data());
+            copy_to_ring(&line[..first], data(&self.map).add(at));
+            copy_to_ring(&line[first..], data(&self.map));
         }
     }
 
     /// Makes what was pushed visible: followers read up to here, and learn that the line
     /// pushed next is event `next_seq`.
     pub fn publish(&mut self, next_seq: u64) {
-        let header = self.map.header();
+        let header = header(&self.map);
         let start = header.written.load(Ordering::Relaxed);
         let first_seq = header.next_seq.load(Ordering::Relaxed);
         let version = header.version.load(Ordering::Relaxed);
@@ -345,9 +321,9 @@ impl RingReader {
             size > HEADER as u64,
             "the follow ring is {size} bytes: too small"
         );
-        let map = Mapping::new(fd.as_fd(), size as usize, ProtFlags::READ)
+        let map = map_ring(fd.as_fd(), size as usize, ProtFlags::READ)
             .context("mapping the follow ring")?;
-        let (magic, capacity) = (map.header().magic, map.header().capacity);
+        let (magic, capacity) = (header(&map).magic, header(&map).capacity);
         if magic != MAGIC || capacity != size - HEADER as u64 {
             bail!("not a follow ring (magic {magic:#x}, capacity {capacity}, size {size})");
         }
@@ -374,7 +350,7 @@ impl RingReader {
     /// What `read` takes of the header between two readings of the same even `version` (the
     /// seqlock); none when the writer stays in the middle of a publication.
     fn consistent<T>(&self, read: impl Fn(&Header) -> T) -> Option<T> {
-        let header = self.map.header();
+        let header = header(&self.map);
         for _ in 0..SNAPSHOT_TRIES {
             let before = header.version.load(Ordering::Acquire);
             let value = read(header);
@@ -408,12 +384,12 @@ impl RingReader {
         // before any is used.
         unsafe {
             let to = self.carry.as_mut_ptr().add(old);
-            std::ptr::copy_nonoverlapping(self.map.data().add(at), to, first);
-            std::ptr::copy_nonoverlapping(self.map.data(), to.add(first), len - first);
+            std::ptr::copy_nonoverlapping(data(&self.map).add(at), to, first);
+            std::ptr::copy_nonoverlapping(data(&self.map), to.add(first), len - first);
             self.carry.set_len(old + len);
         }
         fence(Ordering::Acquire);
-        let reserved = self.map.header().reserved.load(Ordering::Relaxed);
+        let reserved = header(&self.map).reserved.load(Ordering::Relaxed);
         if reserved > self.position + self.capacity {
             self.carry.truncate(old);
             return (0, self.resync());
@@ -461,7 +437,7 @@ impl RingReader {
                 index,
             )
         })?;
-        let reserved = self.map.header().reserved.load(Ordering::Acquire);
+        let reserved = header(&self.map).reserved.load(Ordering::Acquire);
         let safe = reserved.saturating_sub(self.capacity) + self.capacity / 4;
         // Oldest first: the first batch start past the safe point.
         let (position, seq) = index
@@ -680,7 +656,7 @@ mod tests {
         let ring = Ring::new(MIN_CAPACITY, 1).unwrap();
         let fd = ring.fd().try_clone_to_owned().unwrap();
         let len = HEADER + ring.capacity();
-        let writable = Mapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE);
+        let writable = map_ring(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE);
         assert!(writable.is_err(), "a second writable mapping was allowed");
         assert!(rustix::fs::ftruncate(&fd, 0).is_err());
         assert!(rustix::io::write(&fd, b"x").is_err());
