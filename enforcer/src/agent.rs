@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{MapData, RingBuf};
 use enforcer_common::{flags, flow_event as flow_kind, flow_state, proto, reason, verdict};
 use enforcer_policy::cluster::{ClusterOptions, ClusterState};
 use enforcer_policy::{Bundle, Compiled};
@@ -28,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::control::{self, Pending, Request, Response};
+use crate::datapath::ringbuf::RingReader;
 use crate::datapath::{self, Datapath, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
 use crate::events::aggregate::{self, Aggregates};
@@ -1958,39 +1958,51 @@ impl Denies<'_> {
     }
 }
 
-/// One turn of a ring buffer's reader: at most `EVENT_BATCH` records to `handle`, then
-/// readiness is cleared (drained: `AsyncFd` is edge-triggered, so nothing may be left) or
-/// kept and the task yields (records left: a workload flooding denied calls must not keep the
-/// select loop from its timers, the loss report and the aggregation sweep among them, or from
-/// the agent's reloads; it starved them for as long as a flood lasted). Returns how many
-/// records it handled.
+/// One turn of a ring buffer's reader: at most `EVENT_BATCH` records to `handle`, their
+/// lines written (`events.flush()`), then the records given back to the kernel (see
+/// `datapath::ringbuf`: an agent killed before its lines are written leaves them to the
+/// next); then readiness is cleared (drained: `AsyncFd` is edge-triggered, so nothing may be
+/// left) or kept and the task yields (records left: a workload flooding denied calls must
+/// not keep the select loop from its timers, the loss report and the aggregation sweep among
+/// them, or from the agent's reloads; it starved them for as long as a flood lasted).
+/// Returns how many records it handled.
 async fn drain_turn(
-    guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+    guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingReader>>,
     what: &str,
-    mut handle: impl FnMut(&[u8]) -> Result<()>,
+    events: &mut Emitter,
+    mut handle: impl FnMut(&[u8], &mut Emitter) -> Result<()>,
 ) -> Result<usize> {
     let mut guard = guard.with_context(|| format!("waiting on the {what} ring buffer"))?;
     let ring = guard.get_inner_mut();
-    let mut handled = 0;
-    let mut drained = false;
-    while handled < EVENT_BATCH {
-        match ring.next() {
-            Some(item) => {
-                handle(&item)?;
-                handled += 1;
-            }
-            None => {
-                drained = true;
-                break;
-            }
-        }
-    }
-    if drained {
-        guard.clear_ready();
-    } else {
+    let handled = read_turn(ring, events, &mut handle)?;
+    // More is ready when the batch was full, or when a record was committed while this turn
+    // held records back (its producer sent no wakeup: see `RingReader::commit`).
+    let more = ring.commit() || handled == EVENT_BATCH;
+    if more {
         drop(guard);
         tokio::task::yield_now().await;
+    } else {
+        guard.clear_ready();
     }
+    Ok(handled)
+}
+
+/// Hands up to `EVENT_BATCH` records of `ring` to `handle` and writes their lines; the
+/// caller gives them back (`RingReader::commit`). Returns how many it handled.
+fn read_turn(
+    ring: &mut RingReader,
+    events: &mut Emitter,
+    handle: &mut impl FnMut(&[u8], &mut Emitter) -> Result<()>,
+) -> Result<usize> {
+    let mut handled = 0;
+    while handled < EVENT_BATCH {
+        let Some(item) = ring.next_record() else { break };
+        handle(item, events)?;
+        handled += 1;
+    }
+    // Written before the records are given back. A batch the sink refuses is lost all the
+    // same (counted, see `Emitter::flush`): holding the ring for it would stop the agent.
+    events.flush();
     Ok(handled)
 }
 
@@ -2007,8 +2019,8 @@ const STOP_DRAIN: Duration = Duration::from_secs(5);
 
 /// The two ring buffers: denies (`EVENTS`) and tracked flows (`FLOW_EVENTS`).
 struct Rings {
-    events: RingBuf<MapData>,
-    flows: RingBuf<MapData>,
+    events: RingReader,
+    flows: RingReader,
 }
 
 /// The event task: drains the ring buffers whenever the kernel signals data, enriches each
@@ -2081,9 +2093,9 @@ async fn stream_events(
                 return Ok(());
             }
             guard = ring.readable_mut(), if reading => {
-                read = drain_turn(guard, "EVENTS", |item| {
+                read = drain_turn(guard, "EVENTS", &mut events, |item, events| {
                     match decode::decode(item) {
-                        Ok(event) => denies.deliver(&event, &mut events),
+                        Ok(event) => denies.deliver(&event, events),
                         Err(error) => {
                             tracing::error!(%error, "undecodable ring buffer record");
                             Ok(())
@@ -2092,16 +2104,17 @@ async fn stream_events(
                 }).await?;
             }
             guard = flow_ring.readable_mut(), if reading => {
-                read = drain_turn(guard, "FLOW_EVENTS", |item| {
-                    deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), &mut events)
+                read = drain_turn(guard, "FLOW_EVENTS", &mut events, |item, events| {
+                    deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), events)
                 }).await?;
             }
             _ = flow_drain.tick(), if reading => {
+                // FLOW_EVENTS wakes the reader only when it fills (see flows.rs): read here.
                 let ring = flow_ring.get_mut();
-                for _ in 0..EVENT_BATCH {
-                    let Some(item) = ring.next() else { break };
-                    deliver_flow(&item, &history, &stale_handshake, contacts.as_ref(), &mut events)?;
-                }
+                read_turn(ring, &mut events, &mut |item, events| {
+                    deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), events)
+                })?;
+                ring.commit();
             }
             Some(call) = agent_flows.recv() => {
                 events.emit(Event::Flow(call))?;

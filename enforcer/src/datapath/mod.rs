@@ -6,14 +6,15 @@ mod ingress;
 mod links;
 pub mod locked;
 mod rates;
+pub mod ringbuf;
 mod tables;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{maps, ABI_VERSION};
+use ringbuf::RingReader;
 
 pub use ingress::IngressWriter;
 pub use links::{attached_programs, link_update, AttachReport, HookAttachment};
@@ -178,23 +179,25 @@ impl Datapath {
     }
 
     /// The events ring buffer (its consumer position lives in the map, so a restarted agent
-    /// resumes where the last one stopped).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(maps::EVENTS)
-            .context("the BPF object has no EVENTS map")?;
-        RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    /// resumes where the last one gave records back: see [`ringbuf`]).
+    pub fn take_events(&mut self) -> Result<RingReader> {
+        self.take_ring(maps::EVENTS)
     }
 
     /// The flow events ring buffer (`flow.opened` / `flow.closed` records), like
     /// [`Datapath::take_events`].
-    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(maps::FLOW_EVENTS)
-            .context("the BPF object has no FLOW_EVENTS map")?;
-        RingBuf::try_from(map).context("FLOW_EVENTS is not a ring buffer")
+    pub fn take_flow_events(&mut self) -> Result<RingReader> {
+        self.take_ring(maps::FLOW_EVENTS)
+    }
+
+    fn take_ring(&mut self, name: &str) -> Result<RingReader> {
+        match self.ebpf.take_map(name) {
+            Some(aya::maps::Map::RingBuf(map)) => {
+                RingReader::new(map).with_context(|| format!("reading ring buffer {name}"))
+            }
+            Some(_) => anyhow::bail!("{name} is not a ring buffer"),
+            None => anyhow::bail!("the BPF object has no {name} map"),
+        }
     }
 }
 
