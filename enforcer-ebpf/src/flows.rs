@@ -316,19 +316,7 @@ pub fn forget_unsent(ctx: &SockAddrContext) {
     if unsafe { read_volatile(&(*ctx.sock_addr).protocol) } != u32::from(proto::TCP) {
         return;
     }
-    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(r) = FLOWS.get_ptr(&cookie) else {
-        return;
-    };
-    // SAFETY: a non-null map value pointer is valid for reads.
-    let tenant = unsafe {
-        if (*r).state == flow_state::ESTABLISHED {
-            close(cookie, &*r, 0, 0, 0);
-        }
-        (*r).tenant
-    };
-    end_record(cookie, tenant);
+    end_socket_record(ctx, false);
 }
 
 /// A connected UDP socket connected again, allowed, to a destination that is not tracked:
@@ -339,6 +327,13 @@ pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
     if !kernel_will_connect(ctx, v6_hook) {
         return;
     }
+    end_socket_record(ctx, true);
+}
+
+/// Ends the record the connecting socket has, if any: reported closed first if it was
+/// reported opened (a UDP flow's at its connect, a TCP flow's once established).
+#[inline(always)]
+fn end_socket_record(ctx: &SockAddrContext, udp: bool) {
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(r) = FLOWS.get_ptr(&cookie) else {
@@ -346,7 +341,9 @@ pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
     };
     // SAFETY: a non-null map value pointer is valid for reads.
     let tenant = unsafe {
-        close(cookie, &*r, 0, 0, 0);
+        if udp || (*r).state == flow_state::ESTABLISHED {
+            close(cookie, &*r, 0, 0, 0);
+        }
         (*r).tenant
     };
     end_record(cookie, tenant);
