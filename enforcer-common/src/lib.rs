@@ -440,6 +440,12 @@ pub mod flow_flags {
     /// `sock_ops` at `TCP_CONNECT_CB`; the write callback tags a SYN from a record only with
     /// it.
     pub const WIRE_OPTION: u8 = 1 << 3;
+    /// TCP: the socket asked for state callbacks (`sock_ops` at `TCP_CONNECT_CB`, when the
+    /// SYN goes out), which end its record at CLOSE. A record without it at the socket's
+    /// release never gets one (a `TCP_FASTOPEN_CONNECT` connect defers its SYN to the first
+    /// write; closed before any, its socket leaves SYN_SENT for CLOSE with no callback) and
+    /// ends there.
+    pub const ARMED: u8 = 1 << 4;
 }
 
 /// [`FlowEvent::kind`] values.

@@ -361,6 +361,9 @@ pub fn on_connect(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let r = FLOWS.get_ptr_mut(cookie)?;
     set_flags(ctx, STATE_CB_FLAG);
+    // SAFETY: a non-null map value pointer is valid for writes (the socket is locked in this
+    // callback: no other run of it writes the record meanwhile).
+    unsafe { (*r).flags |= flow_flags::ARMED };
     this_connect(ctx, r).then_some(r)
 }
 
@@ -485,8 +488,12 @@ pub fn on_state(ctx: &SockOpsContext) -> Option<u16> {
 
 /// `cgroup/sock_release`: a connected UDP socket's record ends with its socket (a TCP
 /// socket's ends at CLOSE, which usually comes after the release: FIN_WAIT, TIME_WAIT). A TCP
-/// socket already in CLOSE at its release never gets that callback (a `connect()` that
-/// failed before the SYN was sent): its record, never reported opened, is dropped here.
+/// socket that will get no CLOSE callback has its record, never reported opened, dropped
+/// here: one already in CLOSE (a `connect()` that failed before the SYN was sent), or one
+/// whose SYN never went out (`flow_flags::ARMED` unset: a `TCP_FASTOPEN_CONNECT` connect
+/// closed before its first write, which a loop could repeat to fill its tenant's share of
+/// `FLOWS` for good: red-team review 28). An established record was armed, whatever program
+/// wrote it (one of an older build, which did not set the flag, is left to its callback).
 #[inline(always)]
 pub fn on_release(ctx: &SockContext) {
     // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
@@ -499,7 +506,9 @@ pub fn on_release(ctx: &SockContext) {
     unsafe {
         if (*r).protocol == proto::UDP {
             close(cookie, &*r, 0, 0, 0);
-        } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE) {
+        } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE)
+            && ((*r).flags & flow_flags::ARMED != 0 || (*r).state == flow_state::ESTABLISHED)
+        {
             return;
         }
     }

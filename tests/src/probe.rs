@@ -224,6 +224,18 @@ impl Probe {
         Ok(lines.remove(0))
     }
 
+    /// `probe --deferred n to`: `n` TCP sockets connected to `to` with `TCP_FASTOPEN_CONNECT`
+    /// (the SYN deferred to a first write that never comes), each closed; summarised.
+    pub fn deferred(&self, n: u64, to: std::net::SocketAddr) -> Result<Summary> {
+        let (n_str, to) = (n.to_string(), to.to_string());
+        let stdout = self.exec(&["--deferred", &n_str, &to])?;
+        let mut lines: Vec<Summary> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!("probe --deferred printed {} lines:\n{stdout}", lines.len());
+        }
+        Ok(lines.remove(0))
+    }
+
     /// `probe --reconnect n to...`: one UDP socket connected `n` times, in turn to each of
     /// `to` (and sent one byte after each allowed connect), then closed; summarised.
     pub fn reconnect(&self, n: u64, to: &[std::net::SocketAddr]) -> Result<Summary> {

@@ -660,12 +660,16 @@ fn a_connect_refused_before_its_syn_leaves_no_record_for_the_next() -> Result<()
             && line["second"] == "ok",
         "the first connect refused by the kernel, the second made: {line}"
     );
-    // A tracked connect after it: once its flow.opened is in the file, so is every flow event
-    // the probe's socket made (one ring, read in order).
-    let mut control = FlowClient::tcp(w.cgroup("client-a"), vectors.addr(), 1, 1, true)?;
-    wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
-        flow_of(e, control.local)
-    })?;
+    only_a_control_flow(&w, &agent, vectors.addr())
+        .context("the socket's untracked connection was reported as a tracked flow")
+}
+
+/// After the probe's sockets: a tracked connect from client-a to `to` (once its flow.opened
+/// is in the file, so is every flow event the probe's sockets made: one ring, read in
+/// order) is the only flow reported, and the only one `enforcer flows` lists; then closed.
+fn only_a_control_flow(w: &FlowWorld, agent: &Agent, to: SocketAddr) -> Result<()> {
+    let mut control = FlowClient::tcp(w.cgroup("client-a"), to, 1, 1, true)?;
+    wait_notices(agent, "flow.opened", 1, WAIT, |e| flow_of(e, control.local))?;
     let others: Vec<Value> = agent
         .events()?
         .into_iter()
@@ -674,7 +678,7 @@ fn a_connect_refused_before_its_syn_leaves_no_record_for_the_next() -> Result<()
         .collect();
     ensure!(
         others.is_empty(),
-        "the socket's untracked connection was reported as a tracked flow: {others:?}\n{}",
+        "flow events besides the control's: {others:?}\n{}",
         agent.stderr_tail()
     );
     let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
@@ -687,6 +691,32 @@ fn a_connect_refused_before_its_syn_leaves_no_record_for_the_next() -> Result<()
     let end = control.close()?;
     ensure!(end["end"] == "closed", "control: {end}");
     Ok(())
+}
+
+/// A `TCP_FASTOPEN_CONNECT` connect to a tracked destination returns without sending its
+/// SYN (deferred to the first write); its socket, closed before any write, never asked for
+/// state callbacks, and its record stayed for good: a loop of them filled the tenant's share
+/// of `FLOWS`, after which its every tracked connect was refused (red-team review 28). The
+/// record now ends at the socket's release, unreported (no flow was opened).
+#[test]
+fn a_fast_open_connect_closed_before_its_syn_leaves_no_record() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(12)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    const DEFERRED: u64 = 5;
+    let summary = Probe::new()
+        .in_cgroup(w.cgroup("client-a"))
+        .deferred(DEFERRED, vectors.addr())?;
+    ensure!(
+        summary.ok == DEFERRED,
+        "every deferred connect allowed: {summary:?}"
+    );
+    // A flow event of the probe's would be a SYN sent after all: not the case under test.
+    only_a_control_flow(&w, &agent, vectors.addr())
+        .context("the closed sockets left records (or a deferred connect sent its SYN)")
 }
 
 /// A connection whose handshake is still in progress when a change forbids it is reset as

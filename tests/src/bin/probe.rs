@@ -57,6 +57,10 @@
 //! destination, then the kernel refuses with `ENETUNREACH` before any SYN), turns `IPV6_V6ONLY`
 //! off and connects it to SECOND, sends one byte, and closes it (reset, `SO_LINGER` 0). It
 //! prints `{"first":outcome,"first_errno":n,"second":outcome,"second_errno":n}`.
+//! `probe --deferred N ADDR:PORT` makes N TCP sockets with `TCP_FASTOPEN_CONNECT` and
+//! `TCP_FASTOPEN_NO_COOKIE`, connects each to ADDR:PORT (the kernel defers the SYN to the
+//! first write: `connect()` returns at once and sends nothing) and closes it without writing;
+//! it prints the `--ports` summary of the N connects.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -753,7 +757,8 @@ fn main() -> ExitCode {
     let usage = "usage: probe ATTEMPT... | probe --repeat N ATTEMPT | \
                  probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT | \
                  probe --flood MS [--every-us US] ATTEMPT | probe --ports N ATTEMPT | \
-                 probe --reconnect N ADDR:PORT... | probe --failed-then ADDR6:PORT ADDR6:PORT";
+                 probe --reconnect N ADDR:PORT... | probe --failed-then ADDR6:PORT ADDR6:PORT | \
+                 probe --deferred N ADDR:PORT";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -777,12 +782,13 @@ fn main() -> ExitCode {
         };
     }
     // The modes that print one JSON line.
-    let modes: [(&str, Mode); 5] = [
+    let modes: [(&str, Mode); 6] = [
         ("--until", until),
         ("--flood", flood),
         ("--reconnect", reconnect),
         ("--failed-then", failed_then),
         ("--ports", ports),
+        ("--deferred", deferred),
     ];
     if let Some((_, run)) = modes
         .iter()
@@ -954,6 +960,60 @@ fn failed_then(args: &[String]) -> Result<serde_json::Value, String> {
         "first": first_outcome, "first_errno": first_errno,
         "second": second_outcome, "second_errno": second_errno,
     }))
+}
+
+/// `TCP_FASTOPEN_CONNECT` (linux/tcp.h): `connect()` defers the SYN to the first write.
+const TCP_FASTOPEN_CONNECT: libc::c_int = 30;
+/// `TCP_FASTOPEN_NO_COOKIE` (linux/tcp.h): send data in the SYN without a cached cookie, so
+/// the connect defers without one.
+const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
+
+/// `--deferred N ADDR:PORT` (the arguments after `--deferred`): see the module
+/// documentation. Errors are usage errors and a socket that cannot be made or set.
+fn deferred(args: &[String]) -> Result<serde_json::Value, String> {
+    let (Some(n), Some(to), None) = (args.first(), args.get(1), args.get(2)) else {
+        return Err("--deferred N ADDR:PORT".to_string());
+    };
+    let n: u64 = match n.parse() {
+        Ok(n) if n <= MAX_REPEAT => n,
+        _ => {
+            return Err(format!(
+                "--deferred wants a number up to {MAX_REPEAT}, got {n:?}"
+            ))
+        }
+    };
+    let to: SocketAddr = to.parse().map_err(|e| format!("--deferred: {to:?}: {e}"))?;
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let (mut ok, mut eperm, mut error) = (0u64, 0u64, 0u64);
+    for _ in 0..n {
+        let fd =
+            socket(family, libc::SOCK_STREAM, 0).map_err(|e| format!("--deferred: socket: {e}"))?;
+        for name in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
+            let one = 1i32.to_ne_bytes();
+            // SAFETY: `one` is valid for its length.
+            check(unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    name,
+                    one.as_ptr().cast(),
+                    one.len() as libc::socklen_t,
+                )
+            })
+            .map_err(|e| format!("--deferred: setsockopt {name}: {e}"))?;
+        }
+        match classify(&connect(&fd, &to)).0 {
+            "ok" => ok += 1,
+            "eperm" => eperm += 1,
+            _ => error += 1,
+        }
+        drop(fd);
+    }
+    Ok(serde_json::json!({"attempts": n, "ok": ok, "eperm": eperm, "error": error}))
 }
 
 /// `--ports N ATTEMPT` (the arguments after `--ports`): see the module documentation.
