@@ -10,7 +10,9 @@
 //! `ERROR` event holding a `Status` with code 410 (Gone), as etcd compaction causes.
 //!
 //! The test drives failures: [`StandIn::expire`] (410 on every open and future watch from
-//! before now), [`StandIn::end_watches`] (watches end cleanly, as at their timeout),
+//! before now; [`StandIn::compact`] only on future ones, and
+//! [`StandIn::refuse_compacted_watches_with_status`] makes that an HTTP 410 answer to the
+//! watch request instead of an event in its stream), [`StandIn::end_watches`] (watches end cleanly, as at their timeout),
 //! [`StandIn::stop`] / [`StandIn::restart`] (the server disappears mid-watch,
 //! connections closed, then comes back on the same address), [`StandIn::set_mode`] (every
 //! new request answered with garbage or an HTTP 500 `Status`, proxied ones included), and
@@ -87,6 +89,10 @@ struct Slices {
     history: Vec<(u64, String)>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
+    /// Such a watch is refused with an HTTP 410 `Status` instead of a `200 OK` stream whose
+    /// one event is an `ERROR` 410 (what the real kube-apiserver sends; some servers in front
+    /// of or beside one, an aggregated API or a proxy, answer the status).
+    gone_as_status: bool,
     mode: Mode,
     log: Vec<Logged>,
     events: broadcast::Sender<WatchMsg>,
@@ -121,6 +127,7 @@ impl StandIn {
                 rv: 100,
                 history: Vec::new(),
                 compacted: 0,
+                gone_as_status: false,
                 mode: Mode::Normal,
                 log: Vec::new(),
                 events,
@@ -210,10 +217,24 @@ impl StandIn {
     /// resourceVersion before the current one gets 410 too. The watcher must relist (a list
     /// returns the current resourceVersion, from which a watch is valid again).
     pub fn expire(&self) {
+        let _ = self.compact();
+        let _ = self.lock().events.send(WatchMsg::Gone);
+    }
+
+    /// Compacts the history without telling the open watches: a watch from any
+    /// resourceVersion before the current one gets 410 when it starts. Returns the current
+    /// resourceVersion.
+    pub fn compact(&self) -> u64 {
         let mut s = self.lock();
         s.compacted = s.rv;
         s.history.clear();
-        let _ = s.events.send(WatchMsg::Gone);
+        s.rv
+    }
+
+    /// From now on a watch from a compacted resourceVersion is refused with an HTTP 410
+    /// `Status` (`true`) or, as the real server does, gets an `ERROR` 410 event (`false`).
+    pub fn refuse_compacted_watches_with_status(&self, on: bool) {
+        self.lock().gone_as_status = on;
     }
 
     /// Ends every open watch stream cleanly, after the lines already sent to it (as a server
@@ -464,6 +485,16 @@ fn watch(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
     let (backlog, mut events, gone) = {
         let s = ctx.slices.lock().unwrap_or_else(|e| e.into_inner());
         let events = s.events.subscribe();
+        if from < s.compacted && s.gone_as_status {
+            return full(
+                StatusCode::GONE,
+                status_body(
+                    410,
+                    "Expired",
+                    &format!("too old resource version: {from} ({})", s.rv),
+                ),
+            );
+        }
         if from < s.compacted {
             (vec![gone_line(from, s.rv)], events, true)
         } else {

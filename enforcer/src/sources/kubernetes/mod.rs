@@ -698,6 +698,12 @@ pub async fn list_pods(client: &Client, encoding: Encoding) -> kube::Result<(Vec
 /// came after. A relist after 410 Gone asks the cache again, which is at least as new as
 /// the expired version. No page size: with a `limit`, kube sends no `resourceVersion=0`
 /// (its default of 500 a page read every list from etcd).
+///
+/// kube's watcher relists after a 410 sent in the watch stream, which is what the
+/// kube-apiserver does; a watch start refused with an HTTP 410 (an aggregated API server or
+/// a proxy in between may answer so) it retries from the same expired version for ever, and
+/// the part's objects would stay as they were. Such an error starts a new watcher, which
+/// lists first (the pods' own list-watch relists the same way: `listwatch`).
 fn watch_all<W>(api: Api<W>) -> impl Stream<Item = Result<watcher::Event<W>, watcher::Error>> + Send
 where
     W: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -706,7 +712,21 @@ where
         .timeout(WATCH_TIMEOUT_SECS)
         .any_semantic();
     config.page_size = None;
-    watcher(api, config)
+    let start = move || watcher(api.clone(), config.clone()).boxed();
+    let events = start();
+    futures::stream::unfold((events, start), |(mut events, start)| async move {
+        let item = events.next().await?;
+        if let Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) = &item {
+            if status.code == 410 {
+                tracing::info!(
+                    "a watch start refused with 410 Gone ({}): listing again",
+                    status.message
+                );
+                events = start();
+            }
+        }
+        Some((item, (events, start)))
+    })
 }
 
 /// Starts a reflector on `events` (a watcher's) in `set` and returns its store of `K`s:
