@@ -195,7 +195,7 @@ fn summaries_survive_an_agent_killed_while_writing_them() -> Result<()> {
 /// Records the agent had read from the ring buffer and not yet written (its write blocked)
 /// were lost when it was killed there: the ring had them given back as they were read. An
 /// agent killed in that write leaves them in the ring, and the next agent reports each
-/// (twice at worst). Found as a flaky run of the test above: a burst that crossed a window's
+/// again. Found as a flaky run of the test above: a burst that crossed a window's
 /// end made new first denies, read and then lost with the killed agent. Here every deny is
 /// its own record (aggregation off), so the blocked write holds ring records only.
 #[test]

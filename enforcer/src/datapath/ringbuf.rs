@@ -8,7 +8,8 @@
 //! nothing counted them (the kernel had handed them over). Here the position the kernel
 //! sees (`consumer_pos`) moves only in [`RingReader::commit`], which the agent calls once the
 //! turn's lines are written: a killed agent's unwritten records are read again by the next
-//! agent on the same pins (reported twice at worst, never not at all).
+//! agent on the same pins (reported again, once for each agent killed before it wrote them;
+//! never not at all).
 //!
 //! The layout and protocol are the kernel's (`kernel/bpf/ringbuf.c`, `include/uapi/linux/
 //! bpf.h`): page 0 holds `consumer_pos` (the reader's, writable), page 1 `producer_pos`,
@@ -47,6 +48,8 @@ pub struct RingReader {
     mask: usize,
     /// Where the next record starts: read up to here.
     read: usize,
+    /// Where the records given back end (`consumer_pos` as this reader last stored it).
+    committed: usize,
     /// `producer_pos` as last loaded.
     produced: usize,
 }
@@ -89,11 +92,42 @@ impl RingReader {
             data: page,
             mask: size - 1,
             read: 0,
+            committed: 0,
             produced: 0,
         };
-        reader.read = reader.consumer_pos().load(Ordering::Acquire);
-        reader.produced = reader.producer_pos();
+        let (read, produced) = (
+            reader.consumer_pos().load(Ordering::Acquire),
+            reader.producer_pos(),
+        );
+        reader.produced = produced;
+        reader.read = read;
+        // The position is in a page any holder of the map's fd may write (root, or one with
+        // CAP_BPF): one that is misaligned (an unaligned atomic load here) or beyond what
+        // the kernel wrote (stale bytes read as records; every reserve refused) starts the
+        // reader at the kernel's position, the records between given up.
+        let unread = produced.wrapping_sub(read);
+        if read % 8 != 0 || unread > size {
+            tracing::error!(
+                consumer_pos = read,
+                producer_pos = produced,
+                "a ring buffer's consumer position is not one the kernel could have left: \
+                 reading from the producer's position on"
+            );
+            reader.read = produced;
+            reader.commit();
+        }
+        reader.committed = reader.read;
         Ok(reader)
+    }
+
+    /// The data pages' size in bytes.
+    pub fn capacity(&self) -> usize {
+        self.mask + 1
+    }
+
+    /// Bytes read and not yet given back: the ring's room this reader still holds.
+    pub fn held(&self) -> usize {
+        self.read.wrapping_sub(self.committed)
     }
 
     fn consumer_pos(&self) -> &AtomicUsize {
@@ -161,6 +195,7 @@ impl RingReader {
     pub fn commit(&mut self) -> bool {
         // Release: the kernel reuses the space only after it sees the new position.
         self.consumer_pos().store(self.read, Ordering::Release);
+        self.committed = self.read;
         // Either this load sees a record a producer commits from now on, or that producer
         // sees the position just stored and wakes the poller (the kernel's commit loads
         // `consumer_pos` after its own full barrier).
