@@ -400,6 +400,21 @@ pub fn record_of(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
     FLOWS.get_ptr_mut(cookie)
 }
 
+/// `PASSIVE_ESTABLISHED_CB`: a connecting socket's simultaneous open (it received a SYN, not
+/// a SYN-ACK, in SYN_SENT: the kernel completes such a handshake as a passive one) is
+/// established as [`on_established`] does; before, its record stayed `CONNECTING` for the
+/// connection's life: no `flow.opened`, and no revocation, which skips unestablished
+/// records (red-team review 29; a destination that connects back to the client's port
+/// makes one, a socket connected to its own address too). Only a socket that asked for
+/// state callbacks at its `TCP_CONNECT_CB` can have a record: an accepted socket has not
+/// (yet), so the usual passive handshake makes no lookup.
+#[inline(always)]
+pub fn on_passive_established(ctx: &SockOpsContext) {
+    if ctx.cb_flags() & STATE_CB_FLAG != 0 {
+        on_established(ctx);
+    }
+}
+
 /// `ACTIVE_ESTABLISHED_CB`: the handshake completed; fill the local end and report it.
 #[inline(always)]
 pub fn on_established(ctx: &SockOpsContext) {

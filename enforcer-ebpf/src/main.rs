@@ -265,7 +265,11 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
             flows::on_established(&ctx);
             wire::on_established(&ctx);
         }
-        PASSIVE_ESTABLISHED_CB => wire::on_passive_established(&ctx),
+        PASSIVE_ESTABLISHED_CB => {
+            // Before `wire`, which asks an accepted socket for state callbacks.
+            flows::on_passive_established(&ctx);
+            wire::on_passive_established(&ctx);
+        }
         STATE_CB => {
             if let Some(last_sent) = flows::on_state(&ctx) {
                 wire::keep_time(&ctx, last_sent);
