@@ -1965,7 +1965,8 @@ impl Denies<'_> {
 /// left) or kept and the task yields (records left: a workload flooding denied calls must
 /// not keep the select loop from its timers, the loss report and the aggregation sweep among
 /// them, or from the agent's reloads; it starved them for as long as a flood lasted).
-/// Returns how many records it handled.
+/// Returns how many records it handled when it left the ring empty; 0 when more are ready
+/// (a full turn, or one stopped at its share of the ring), which the caller reads at once.
 async fn drain_turn(
     guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingReader>>,
     what: &str,
@@ -1982,10 +1983,11 @@ async fn drain_turn(
     if more {
         drop(guard);
         tokio::task::yield_now().await;
+        Ok(0)
     } else {
         guard.clear_ready();
+        Ok(handled)
     }
-    Ok(handled)
 }
 
 /// Hands up to `EVENT_BATCH` records of `ring` to `handle`, and no more than a quarter of
@@ -2086,7 +2088,7 @@ async fn stream_events(
     let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;
     let mut reading = true;
     loop {
-        // Records read by this turn (see EVENT_COALESCE).
+        // Records read by this turn if it emptied its ring (see EVENT_COALESCE).
         let mut read = 0;
         tokio::select! {
             said = &mut stopping.stop_reading, if reading => {
@@ -2171,9 +2173,10 @@ async fn stream_events(
         // What this turn emitted (a drain of up to EVENT_BATCH records, a notice) goes out
         // in one write, before the loop waits again.
         events.flush();
-        // A full batch has yielded already and reads on; a ring drained of a few records
-        // waits for more to gather.
-        if read > 0 && read < EVENT_BATCH {
+        // A turn that left records in its ring has yielded already and reads on; a ring
+        // drained of a few records waits for more to gather. (Not by the count of a turn:
+        // one stopped at its share of the ring, `read_turn`, holds fewer than a batch.)
+        if read > 0 {
             tokio::time::sleep(EVENT_COALESCE).await;
         }
     }

@@ -717,7 +717,9 @@ where
     futures::stream::unfold((events, start), |(mut events, start)| async move {
         let item = events.next().await?;
         if let Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) = &item {
-            if status.code == 410 {
+            // kube takes the code from the answer's `Status` body: one without a code (0)
+            // is known by its reason (`Expired`, or `Gone` as some proxies write it).
+            if status.code == 410 || matches!(status.reason.as_str(), "Expired" | "Gone") {
                 tracing::info!(
                     "a watch start refused with 410 Gone ({}): listing again",
                     status.message
