@@ -54,6 +54,10 @@ pub mod maps {
     /// (`wire::OPTION_LEN` bytes), written at `TCP_CONNECT_CB` and deleted once the
     /// connection is established; it goes with the socket, so no other socket evicts it.
     pub const WIRE_TAGS: &str = "WIRE_TAGS";
+    /// Socket storage: an MPTCP socket's first subflow's cookie (u64), written at the
+    /// subflow's `connect()` and read at the MPTCP socket's release, which ends a record the
+    /// subflow never armed (no callback of the subflow's reaches that release).
+    pub const MPTCP_FIRST_SUBFLOW: &str = "MPTCP_FIRST_SUBFLOW";
     /// `PolicyKey` {claimed identity, local destination identity, port, protocol} -> allow:
     /// the ingress allowlist compiled from the same Cedar decisions as the policy table.
     pub const INGRESS_ALLOW: &str = "INGRESS_ALLOW";
@@ -89,7 +93,7 @@ pub mod maps {
     /// (`Config::flow_events_per_workload`).
     pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 30] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -110,6 +114,7 @@ pub mod maps {
         FLOW_TENANT_LIMIT,
         FLOW_TENANTS_FORGOTTEN,
         WIRE_TAGS,
+        MPTCP_FIRST_SUBFLOW,
         INGRESS_ALLOW,
         WIRE_PEERS,
         SPENT_TAGS,

@@ -13,6 +13,12 @@
 //! opened event is written there, and `cgroup/sock_release` ends its record when the socket
 //! is closed.
 //!
+//! An MPTCP connect is its first subflow's: the hooks and `sock_ops` see that subflow (a
+//! kernel TCP socket with the MPTCP socket's cgroup), so the record is the subflow's, but the
+//! application's close releases the MPTCP socket, which no callback of the subflow reaches.
+//! The MPTCP socket keeps its first subflow's cookie (`MPTCP_FIRST_SUBFLOW`) so that its
+//! release ends a record the subflow never armed ([`on_release`]).
+//!
 //! Every opened event passes its workload's flow event budget first (`report.rs`,
 //! `report::flow_event_written`): beyond it, the flow is counted and marked
 //! `flow_flags::UNREPORTED` instead, its contact kept for the learner as for a full ring,
@@ -33,13 +39,15 @@
 use core::mem::MaybeUninit;
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
+use crate::wire::SocketStorage;
 use aya_ebpf::{
     bindings::bpf_sock_ops,
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sock_ops_cb_flags_set,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skc_to_mptcp_sock,
+        bpf_sock_ops_cb_flags_set,
     },
-    macros::map,
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
@@ -53,6 +61,12 @@ use enforcer_common::{
 /// evict (and so un-track) a live flow; a full table refuses the connect instead.
 #[map]
 static FLOWS: HashMap<u64, FlowRecord> = HashMap::pinned(capacity::FLOWS, 0);
+
+/// An MPTCP socket's first subflow: the subflow's socket cookie (u64), written at its
+/// connect ([`note_mptcp_subflow`]) and read at the MPTCP socket's release. Socket storage: it
+/// goes with the MPTCP socket, so nothing else evicts it and nothing has to delete it.
+#[btf_map]
+static MPTCP_FIRST_SUBFLOW: SocketStorage<u64> = SocketStorage::new();
 
 /// Tenant number -> its live `FLOWS` records. Only the kernel changes a count (atomic adds
 /// on the value in place), so no update ever replaces an element under a reader; entries
@@ -198,6 +212,9 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     // tenant whose share it holds: the socket may have been passed to another tenant's
     // process meanwhile (SCM_RIGHTS), and crediting that tenant at release would leak the
     // first one's share and underflow its.
+    if !udp {
+        note_mptcp_subflow(ctx, cookie);
+    }
     if !udp && take_share(c.tenant) {
         // The usual TCP connect: a socket without a record. One insert that must create is
         // the test and the write (a lookup first was one more hash walk inside every tracked
@@ -511,6 +528,11 @@ pub fn on_state(ctx: &SockOpsContext) -> Option<u16> {
 /// wrote it (one of an older build, which did not set the flag, is left to its callback).
 #[inline(always)]
 pub fn on_release(ctx: &SockContext) {
+    // SAFETY: `ctx.sock` is the context; a full 32-bit load.
+    if unsafe { read_volatile(&(*ctx.sock).protocol) } == IPPROTO_MPTCP {
+        end_unarmed_subflow(ctx);
+        return;
+    }
     // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(r) = FLOWS.get_ptr(cookie) else {
@@ -530,6 +552,54 @@ pub fn on_release(ctx: &SockContext) {
     // SAFETY: as above.
     let tenant = unsafe { (*r).tenant };
     end_record(cookie, tenant);
+}
+
+/// `IPPROTO_MPTCP` (linux/in.h): the protocol of an MPTCP socket (its subflows are TCP).
+const IPPROTO_MPTCP: u32 = 262;
+
+/// Keeps the cookie of the socket `ctx` connects in its MPTCP socket's storage when it is an
+/// MPTCP subflow (see the module documentation); nothing for a plain TCP socket.
+#[inline(always)]
+fn note_mptcp_subflow(ctx: &SockAddrContext, cookie: u64) {
+    // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
+    let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: the helper takes any socket pointer and returns the subflow's MPTCP socket, or
+    // null when `sk` is not an MPTCP subflow.
+    let msk = unsafe { bpf_skc_to_mptcp_sock(sk.cast()) };
+    if msk.is_null() {
+        return;
+    }
+    let kept = MPTCP_FIRST_SUBFLOW.get(msk.cast(), Some(&cookie));
+    if !kept.is_null() {
+        // SAFETY: a non-null storage pointer is valid for writes (an older value, from a
+        // subflow connected before, is replaced: an MPTCP socket has one first subflow).
+        unsafe { *kept = cookie };
+    }
+}
+
+/// The release of an MPTCP socket: ends its first subflow's record when the subflow never
+/// sent its SYN (`TCP_FASTOPEN_CONNECT` deferred it to a write that never came; the kernel
+/// refused the connect after the hooks), as [`on_release`] does for a TCP socket. An armed
+/// record ends at the subflow's own CLOSE state callback.
+#[inline(always)]
+fn end_unarmed_subflow(ctx: &SockContext) {
+    let kept = MPTCP_FIRST_SUBFLOW.get(ctx.sock, None);
+    if kept.is_null() {
+        return;
+    }
+    // SAFETY: a non-null storage pointer is valid for reads.
+    let cookie = unsafe { *kept };
+    let Some(r) = FLOWS.get_ptr(cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads.
+    let (flags, state, tenant) = unsafe { ((*r).flags, (*r).state, (*r).tenant) };
+    if flags & flow_flags::ARMED == 0 && state != flow_state::ESTABLISHED {
+        end_record(cookie, tenant);
+    }
 }
 
 /// Takes one record of `tenant`'s share of `FLOWS`: `false` when the tenant holds its whole

@@ -104,10 +104,12 @@ impl<V> SocketStorage<V> {
         }
     }
 
-    /// The socket's value (created from `init` when given and absent), or null. `sk` is the
-    /// sock_ops context's full socket, checked non-null by the caller.
+    /// The socket's value (created from `init` when given and absent), or null. `sk` is a
+    /// full socket the program may pass to the helper, checked non-null by the caller: the
+    /// sock_ops context's, a cgroup sock program's context, or a socket pointer from a
+    /// `bpf_skc_to_*` helper.
     #[inline(always)]
-    fn get(&self, sk: *mut bpf_sock, init: Option<&V>) -> *mut V {
+    pub(crate) fn get(&self, sk: *mut bpf_sock, init: Option<&V>) -> *mut V {
         let (value, flags) = match init {
             Some(v) => (
                 core::ptr::from_ref(v).cast_mut(),

@@ -227,8 +227,19 @@ impl Probe {
     /// `probe --deferred n to`: `n` TCP sockets connected to `to` with `TCP_FASTOPEN_CONNECT`
     /// (the SYN deferred to a first write that never comes), each closed; summarised.
     pub fn deferred(&self, n: u64, to: std::net::SocketAddr) -> Result<Summary> {
+        self.deferred_with(n, to, &[])
+    }
+
+    /// [`Probe::deferred`] with MPTCP sockets: each connect is its first subflow's.
+    pub fn deferred_mptcp(&self, n: u64, to: std::net::SocketAddr) -> Result<Summary> {
+        self.deferred_with(n, to, &["--mptcp"])
+    }
+
+    fn deferred_with(&self, n: u64, to: std::net::SocketAddr, options: &[&str]) -> Result<Summary> {
         let (n_str, to) = (n.to_string(), to.to_string());
-        let stdout = self.exec(&["--deferred", &n_str, &to])?;
+        let mut args = vec!["--deferred", &n_str, &to];
+        args.extend_from_slice(options);
+        let stdout = self.exec(&args)?;
         let mut lines: Vec<Summary> = parse_lines(&stdout)?;
         if lines.len() != 1 {
             bail!("probe --deferred printed {} lines:\n{stdout}", lines.len());

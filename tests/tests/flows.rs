@@ -700,16 +700,33 @@ fn only_a_control_flow(w: &FlowWorld, agent: &Agent, to: SocketAddr) -> Result<(
 /// record now ends at the socket's release, unreported (no flow was opened).
 #[test]
 fn a_fast_open_connect_closed_before_its_syn_leaves_no_record() -> Result<()> {
+    deferred_connects_leave_no_record(12, false)
+}
+
+/// The same with MPTCP sockets: the connect hooks and `sock_ops` see the first subflow, a
+/// kernel TCP socket that no `sock_release` reaches (the release is the MPTCP socket's), so
+/// the fix above did not reach it (red-team review 29).
+#[test]
+fn an_mptcp_fast_open_connect_closed_before_its_syn_leaves_no_record() -> Result<()> {
+    deferred_connects_leave_no_record(13, true)
+}
+
+/// Five deferred connects of client-a's to its vector DB in world `net`, each closed before
+/// a write; then only the control flow may be listed or reported.
+fn deferred_connects_leave_no_record(net: u8, mptcp: bool) -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    let w = world(12)?;
+    let w = world(net)?;
     let vectors = FlowServer::start(w.addr(10, 6333))?;
     let agent = Agent::start(w.config())?;
     const DEFERRED: u64 = 5;
-    let summary = Probe::new()
-        .in_cgroup(w.cgroup("client-a"))
-        .deferred(DEFERRED, vectors.addr())?;
+    let probe = Probe::new().in_cgroup(w.cgroup("client-a"));
+    let summary = if mptcp {
+        probe.deferred_mptcp(DEFERRED, vectors.addr())?
+    } else {
+        probe.deferred(DEFERRED, vectors.addr())?
+    };
     ensure!(
         summary.ok == DEFERRED,
         "every deferred connect allowed: {summary:?}"

@@ -1591,8 +1591,8 @@ pub struct MapFill {
     /// None for maps whose entries are not counted (arrays, the ring buffer, socket
     /// storage).
     pub entries: Option<u64>,
-    /// `max_entries`; None for socket storage (`WIRE_TAGS`), which holds one value per
-    /// socket and has no capacity of its own.
+    /// `max_entries`; None for socket storage (`WIRE_TAGS`, `MPTCP_FIRST_SUBFLOW`), which
+    /// holds one value per socket and has no capacity of its own.
     pub capacity: Option<u32>,
 }
 

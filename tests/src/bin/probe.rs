@@ -60,7 +60,8 @@
 //! `probe --deferred N ADDR:PORT` makes N TCP sockets with `TCP_FASTOPEN_CONNECT` and
 //! `TCP_FASTOPEN_NO_COOKIE`, connects each to ADDR:PORT (the kernel defers the SYN to the
 //! first write: `connect()` returns at once and sends nothing) and closes it without writing;
-//! it prints the `--ports` summary of the N connects.
+//! it prints the `--ports` summary of the N connects. With `--mptcp` the sockets are MPTCP
+//! (`IPPROTO_MPTCP`): the connect is its first subflow's, a kernel TCP socket.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -758,7 +759,7 @@ fn main() -> ExitCode {
                  probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT | \
                  probe --flood MS [--every-us US] ATTEMPT | probe --ports N ATTEMPT | \
                  probe --reconnect N ADDR:PORT... | probe --failed-then ADDR6:PORT ADDR6:PORT | \
-                 probe --deferred N ADDR:PORT";
+                 probe --deferred N ADDR:PORT [--mptcp]";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -964,6 +965,8 @@ fn failed_then(args: &[String]) -> Result<serde_json::Value, String> {
 
 /// `TCP_FASTOPEN_CONNECT` (linux/tcp.h): `connect()` defers the SYN to the first write.
 const TCP_FASTOPEN_CONNECT: libc::c_int = 30;
+/// `IPPROTO_MPTCP` (linux/in.h, Linux 5.6).
+const IPPROTO_MPTCP: libc::c_int = 262;
 /// `TCP_FASTOPEN_NO_COOKIE` (linux/tcp.h): send data in the SYN without a cached cookie, so
 /// the connect defers without one.
 const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
@@ -971,8 +974,14 @@ const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
 /// `--deferred N ADDR:PORT` (the arguments after `--deferred`): see the module
 /// documentation. Errors are usage errors and a socket that cannot be made or set.
 fn deferred(args: &[String]) -> Result<serde_json::Value, String> {
-    let (Some(n), Some(to), None) = (args.first(), args.get(1), args.get(2)) else {
-        return Err("--deferred N ADDR:PORT".to_string());
+    let usage = || "--deferred N ADDR:PORT [--mptcp]".to_string();
+    let (Some(n), Some(to)) = (args.first(), args.get(1)) else {
+        return Err(usage());
+    };
+    let protocol = match &args[2..] {
+        [] => 0,
+        [mptcp] if mptcp == "--mptcp" => IPPROTO_MPTCP,
+        _ => return Err(usage()),
     };
     let n: u64 = match n.parse() {
         Ok(n) if n <= MAX_REPEAT => n,
@@ -990,8 +999,8 @@ fn deferred(args: &[String]) -> Result<serde_json::Value, String> {
     };
     let (mut ok, mut eperm, mut error) = (0u64, 0u64, 0u64);
     for _ in 0..n {
-        let fd =
-            socket(family, libc::SOCK_STREAM, 0).map_err(|e| format!("--deferred: socket: {e}"))?;
+        let fd = socket(family, libc::SOCK_STREAM, protocol)
+            .map_err(|e| format!("--deferred: socket: {e}"))?;
         for name in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
             let one = 1i32.to_ne_bytes();
             // SAFETY: `one` is valid for its length.
