@@ -451,6 +451,17 @@ pub mod flow_flags {
     /// write; closed before any, its socket leaves SYN_SENT for CLOSE with no callback) and
     /// ends there.
     pub const ARMED: u8 = 1 << 4;
+    /// UDP: the socket's `connect()` hook ended or replaced an earlier flow of this socket
+    /// (it connected again, elsewhere). The kernel makes a connect only after the hook and
+    /// may refuse it (a broadcast address without `SO_BROADCAST`, no route, `::ffff:` on an
+    /// IPv6-only socket), leaving the socket connected where it was: before it re-decides
+    /// such a flow, the agent reads the socket's real peer (`sock_diag`).
+    pub const CONNECTED_AGAIN: u8 = 1 << 5;
+    /// UDP: the flow ended when the socket connected to an untracked destination (its closed
+    /// event is written then); the record stays, with `CONNECTED_AGAIN`, so that the agent
+    /// still finds the socket if the kernel refused that connect. Ended without an event at
+    /// the socket's release or next connect.
+    pub const ENDED: u8 = 1 << 6;
 }
 
 /// [`FlowEvent::kind`] values.

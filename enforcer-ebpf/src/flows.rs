@@ -212,8 +212,9 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     // tenant whose share it holds: the socket may have been passed to another tenant's
     // process meanwhile (SCM_RIGHTS), and crediting that tenant at release would leak the
     // first one's share and underflow its.
-    if !udp {
-        note_mptcp_subflow(ctx, cookie);
+    if !udp && !note_mptcp_subflow(ctx, cookie) {
+        // A record that nothing could end: refused like one that does not fit.
+        return false;
     }
     if !udp && take_share(c.tenant) {
         // The usual TCP connect: a socket without a record. One insert that must create is
@@ -237,12 +238,18 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         // SAFETY: `r` is the stack slot above; `old` a non-null map value pointer, valid for
         // reads and writes.
         unsafe {
-            if udp && same_flow(&*old, c) {
+            let ended = (*old).flags & flow_flags::ENDED != 0;
+            if udp && !ended && same_flow(&*old, c) {
                 (*old).policy_generation = c.generation;
                 return true;
             }
             if udp {
-                close(cookie, &*old, 0, 0, 0);
+                if !ended {
+                    close(cookie, &*old, 0, 0, 0);
+                }
+                // The kernel may still refuse this connect (see `CONNECTED_AGAIN`).
+                let flags = addr_of_mut!((*r).flags);
+                flags.write(flags.read() | flow_flags::CONNECTED_AGAIN);
             }
             addr_of_mut!((*r).tenant).write((*old).tenant);
             // A record's last SYN time stays with its socket (0 for UDP, which sends none).
@@ -333,24 +340,6 @@ pub fn forget_unsent(ctx: &SockAddrContext) {
     if unsafe { read_volatile(&(*ctx.sock_addr).protocol) } != u32::from(proto::TCP) {
         return;
     }
-    end_socket_record(ctx, false);
-}
-
-/// A connected UDP socket connected again, allowed, to a destination that is not tracked:
-/// its tracked flow (if it had one) has ended; reported closed and its record deleted, as at
-/// the socket's release.
-#[inline(always)]
-pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
-    if !kernel_will_connect(ctx, v6_hook) {
-        return;
-    }
-    end_socket_record(ctx, true);
-}
-
-/// Ends the record the connecting socket has, if any: reported closed first if it was
-/// reported opened (a UDP flow's at its connect, a TCP flow's once established).
-#[inline(always)]
-fn end_socket_record(ctx: &SockAddrContext, udp: bool) {
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(r) = FLOWS.get_ptr(&cookie) else {
@@ -358,12 +347,38 @@ fn end_socket_record(ctx: &SockAddrContext, udp: bool) {
     };
     // SAFETY: a non-null map value pointer is valid for reads.
     let tenant = unsafe {
-        if udp || (*r).state == flow_state::ESTABLISHED {
+        if (*r).state == flow_state::ESTABLISHED {
             close(cookie, &*r, 0, 0, 0);
         }
         (*r).tenant
     };
     end_record(cookie, tenant);
+}
+
+/// A connected UDP socket connected again, allowed, to a destination that is not tracked:
+/// its tracked flow (if it had one) has ended, and is reported closed. The record stays,
+/// marked `ENDED`, until the socket's release or next connect: the kernel may still refuse
+/// this connect and leave the socket connected to the flow's peer, and the agent finds such a
+/// socket by its record (see `flow_flags::CONNECTED_AGAIN`). Deleted here, such a flow had no
+/// record left, so no revocation reported it stale (red-team review 28).
+#[inline(always)]
+pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
+    if !kernel_will_connect(ctx, v6_hook) {
+        return;
+    }
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(r) = FLOWS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: a non-null map value pointer is valid for reads and writes (`connect()` and the
+    // release run under the socket lock: nothing else changes a UDP record meanwhile).
+    unsafe {
+        if (*r).flags & flow_flags::ENDED == 0 {
+            close(cookie, &*r, 0, 0, 0);
+            (*r).flags |= flow_flags::ENDED | flow_flags::CONNECTED_AGAIN;
+        }
+    }
 }
 
 /// `TCP_CONNECT_CB`: the SYN is about to be sent; a tracked flow asks for state callbacks.
@@ -542,7 +557,9 @@ pub fn on_release(ctx: &SockContext) {
     // `state` a full 32-bit load.
     unsafe {
         if (*r).protocol == proto::UDP {
-            close(cookie, &*r, 0, 0, 0);
+            if (*r).flags & flow_flags::ENDED == 0 {
+                close(cookie, &*r, 0, 0, 0);
+            }
         } else if read_volatile(&(*ctx.sock).state) != u32::from(tcp_state::CLOSE)
             && ((*r).flags & flow_flags::ARMED != 0 || (*r).state == flow_state::ESTABLISHED)
         {
@@ -558,26 +575,31 @@ pub fn on_release(ctx: &SockContext) {
 const IPPROTO_MPTCP: u32 = 262;
 
 /// Keeps the cookie of the socket `ctx` connects in its MPTCP socket's storage when it is an
-/// MPTCP subflow (see the module documentation); nothing for a plain TCP socket.
+/// MPTCP subflow (see the module documentation); nothing for a plain TCP socket. `false` when
+/// the storage could not be made (the socket's option memory is exhausted): the record would
+/// have no end.
 #[inline(always)]
-fn note_mptcp_subflow(ctx: &SockAddrContext, cookie: u64) {
+fn note_mptcp_subflow(ctx: &SockAddrContext, cookie: u64) -> bool {
     // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
     let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
     if sk.is_null() {
-        return;
+        return true;
     }
     // SAFETY: the helper takes any socket pointer and returns the subflow's MPTCP socket, or
     // null when `sk` is not an MPTCP subflow.
     let msk = unsafe { bpf_skc_to_mptcp_sock(sk.cast()) };
     if msk.is_null() {
-        return;
+        return true;
     }
     let kept = MPTCP_FIRST_SUBFLOW.get(msk.cast(), Some(&cookie));
-    if !kept.is_null() {
-        // SAFETY: a non-null storage pointer is valid for writes (an older value, from a
-        // subflow connected before, is replaced: an MPTCP socket has one first subflow).
-        unsafe { *kept = cookie };
+    if kept.is_null() {
+        return false;
     }
+    // SAFETY: a non-null storage pointer is valid for writes. An older value is replaced:
+    // the same first subflow connected again, or (from a task, so judged and recorded) a
+    // further subflow asked for over netlink, whose record the release then ends if unarmed.
+    unsafe { *kept = cookie };
+    true
 }
 
 /// The release of an MPTCP socket: ends its first subflow's record when the subflow never

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use enforcer_common::{flags, flow_event as flow_kind, flow_state, proto, reason, verdict};
+use enforcer_common::{
+    flags, flow_event as flow_kind, flow_flags, flow_state, proto, reason, verdict,
+};
 use enforcer_policy::cluster::{ClusterOptions, ClusterState};
 use enforcer_policy::{Bundle, Compiled};
 use serde::Serialize;
@@ -340,9 +342,10 @@ struct Agent {
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
     /// Flow events the agent makes (revoked, stale), to the event task.
     flow_events: mpsc::UnboundedSender<FlowCall>,
-    /// Connected UDP flows already reported `flow.stale`: cookie -> the record's `start_ns`,
-    /// once each (a socket connected elsewhere since is a new flow, reported again).
-    stale_reported: BTreeMap<u64, u64>,
+    /// Connected UDP flows already reported `flow.stale`: cookie -> the record's `start_ns`
+    /// and the destination address and port, once each (a socket connected elsewhere since
+    /// is a new flow, reported again).
+    stale_reported: BTreeMap<u64, (u64, [u8; 16], u16)>,
     /// TCP flows no longer permitted whose reset failed (by cookie): reported
     /// `flow.revoke_failed` once, retried on every tick until reset or gone.
     revoke_failed: BTreeSet<u64>,
@@ -1396,9 +1399,38 @@ impl Agent {
         let mut diag_sockets = flows::destroy::DiagSockets::default();
         let mut live = BTreeSet::new();
         let (mut revoked, mut stale, mut failed) = (0usize, 0usize, 0usize);
-        for (cookie, record) in records {
+        for (cookie, mut record) in records {
             live.insert(cookie);
             let mut failure = None;
+            if record.protocol == proto::UDP && record.flags & flow_flags::CONNECTED_AGAIN != 0 {
+                // Its last connect may have been refused after the hook: decided where the
+                // socket really is.
+                let pids = procs
+                    .entry(record.cgroup_id)
+                    .or_insert_with(|| {
+                        flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id)
+                    })
+                    .clone();
+                let connected =
+                    match flows::destroy::udp_peer(cookie, &record, &pids, &mut diag_sockets) {
+                        Ok(connected) => connected,
+                        Err(error) => {
+                            // Nothing can be concluded: decided as recorded.
+                            tracing::warn!(
+                                cookie,
+                                "reading where a UDP socket connected again is connected: {error}"
+                            );
+                            Some(flows::peer(&record))
+                        }
+                    };
+                match flows::connected_flow(&self.datapath.tables, &record, connected) {
+                    Some(flow) => record = flow,
+                    None => {
+                        self.stale_reported.remove(&cookie);
+                        continue;
+                    }
+                }
+            }
             let decision = match flows::decide(&self.datapath.tables, &record) {
                 Ok(decision) => decision,
                 Err(error) => {
@@ -1417,7 +1449,8 @@ impl Agent {
                 continue;
             };
             let kind = if record.protocol == proto::UDP {
-                if self.stale_reported.insert(cookie, record.start_ns) == Some(record.start_ns) {
+                let flow = (record.start_ns, record.daddr, record.dport);
+                if self.stale_reported.insert(cookie, flow) == Some(flow) {
                     continue;
                 }
                 stale += 1;
@@ -1482,24 +1515,8 @@ impl Agent {
                     }
                 }
             };
-            let allowed_by = self
-                .history
-                .at(record.policy_generation)
-                .unwrap_or_else(|| self.compiled.clone());
-            let mut call = flow_event::flow(kind, SystemTime::now(), cookie, &record, &allowed_by);
-            call.policy.snapshot = snapshot_of(&self.history, &record);
-            call.flow.reason = Some(reason);
+            let mut call = self.denied_flow(kind, cookie, &record, reason, subject, destination);
             call.flow.error = failure;
-            call.policy.revoked_by = Some(self.compiled.revision().to_string());
-            call.policy.id = Some(match reason {
-                "quarantined" => "quarantine".to_string(),
-                "unknown_subject" => "unknown-subject".to_string(),
-                _ => {
-                    self.compiled
-                        .attribute(subject, destination, record.dport, record.protocol)
-                        .policy_id
-                }
-            });
             let _ = self.flow_events.send(call);
         }
         self.stale_reported
@@ -1521,6 +1538,39 @@ impl Agent {
         }
     }
 
+    /// The event of a tracked flow (socket `cookie`, `record`) that the policy in force no
+    /// longer permits, named by the policy that allowed it and the one that denies it now:
+    /// `kind` is `flow.revoked`, `flow.stale` or `flow.revoke_failed`; `reason`, `subject`
+    /// and `destination` are [`flows::Decision::Denied`]'s.
+    fn denied_flow(
+        &self,
+        kind: &'static str,
+        cookie: u64,
+        record: &enforcer_common::FlowRecord,
+        reason: &'static str,
+        subject: u32,
+        destination: u32,
+    ) -> FlowCall {
+        let allowed_by = self
+            .history
+            .at(record.policy_generation)
+            .unwrap_or_else(|| self.compiled.clone());
+        let mut call = flow_event::flow(kind, SystemTime::now(), cookie, record, &allowed_by);
+        call.policy.snapshot = snapshot_of(&self.history, record);
+        call.flow.reason = Some(reason);
+        call.policy.revoked_by = Some(self.compiled.revision().to_string());
+        call.policy.id = Some(match reason {
+            "quarantined" => "quarantine".to_string(),
+            "unknown_subject" => "unknown-subject".to_string(),
+            _ => {
+                self.compiled
+                    .attribute(subject, destination, record.dport, record.protocol)
+                    .policy_id
+            }
+        });
+        call
+    }
+
     /// The `flow.closed` of a record the agent deleted because its socket was gone without its
     /// CLOSE callback (no program ran at that close): every `flow.opened` has its
     /// `flow.closed`, here with `flow.ended_by: "agent"` and no bytes or duration (the kernel
@@ -1528,7 +1578,8 @@ impl Agent {
     /// (the kernel would have counted its close in the window's `flow_events.suppressed`; here
     /// it is not counted).
     fn report_forgotten(&self, cookie: u64, record: &enforcer_common::FlowRecord) {
-        if record.flags & enforcer_common::flow_flags::UNREPORTED != 0 {
+        // An `ENDED` record's closed event was written when its socket connected elsewhere.
+        if record.flags & (flow_flags::UNREPORTED | flow_flags::ENDED) != 0 {
             return;
         }
         let allowed_by = self

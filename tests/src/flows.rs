@@ -340,6 +340,23 @@ impl FlowClient {
         Self::spawn(None, cgroup, vec!["udp".to_string(), to.to_string()], true)
     }
 
+    /// [`FlowClient::udp`], whose socket is then connected again to `refused`, a connect the
+    /// kernel refuses after the hooks (a broadcast address without `SO_BROADCAST`): it stays
+    /// connected to `to`.
+    pub fn udp_refused_then(
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        refused: SocketAddr,
+    ) -> Result<Self> {
+        let args = vec![
+            "udp".to_string(),
+            to.to_string(),
+            "--refused-then".to_string(),
+            refused.to_string(),
+        ];
+        Self::spawn(None, cgroup, args, true)
+    }
+
     fn spawn(
         ns: Option<&NetNs>,
         cgroup: &TestCgroup,

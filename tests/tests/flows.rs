@@ -13,7 +13,7 @@
 //!
 //! Addresses 127.83.x.y only (the inventory's IPv6 addresses are fd83::/16, never used).
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -734,6 +734,64 @@ fn deferred_connects_leave_no_record(net: u8, mptcp: bool) -> Result<()> {
     // A flow event of the probe's would be a SYN sent after all: not the case under test.
     only_a_control_flow(&w, &agent, vectors.addr())
         .context("the closed sockets left records (or a deferred connect sent its SYN)")
+}
+
+/// A connected UDP socket connected again to a destination the hooks allow and the kernel
+/// then refuses (a broadcast address without `SO_BROADCAST`: `EACCES`, decided after the
+/// hooks, which cannot tell) stays connected to its tracked destination. The hooks had
+/// already ended its flow there (an untracked destination: the record deleted) or moved its
+/// record to the refused destination (a tracked one), so when a change forbade the real
+/// destination no revocation reported the flow `flow.stale` (red-team review 28, MEDIUM). The
+/// agent now reads where such a socket is connected (`sock_diag`) before it decides its flow.
+#[test]
+fn a_udp_reconnect_the_kernel_refuses_leaves_the_flow_to_its_revocation() -> Result<()> {
+    refused_reconnect_is_revoked(14, "llm_api")
+}
+
+/// The same, the refused destination tracked (a vector DB): the record moved there.
+#[test]
+fn a_udp_reconnect_to_a_tracked_destination_the_kernel_refuses_leaves_the_flow_to_its_revocation(
+) -> Result<()> {
+    refused_reconnect_is_revoked(15, "vector_db")
+}
+
+/// client-a's UDP socket to acme-vectors connected again to `broadcast` (127.255.255.255, an
+/// endpoint of `kind` that client-a may reach: the hooks allow the connect, the kernel
+/// refuses it), then acme-vectors forbidden to client-a: its flow is reported `flow.stale`,
+/// naming acme-vectors.
+fn refused_reconnect_is_revoked(t: u8, kind: &str) -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let mut broadcast =
+        Entity::endpoint(NET, "broadcast", "acme", kind, t, 255).port(9, Proto::Udp, "query");
+    broadcast.v4 = Ipv4Addr::new(127, 255, 255, 255);
+    let w = world_with(NET, 0xfd83, t, false, vec![broadcast])?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+    let vectors = w.addr(10, 6334);
+    let refused = SocketAddr::from(([127, 255, 255, 255], 9));
+    let mut client = FlowClient::udp_refused_then(w.cgroup("client-a"), vectors, refused)?;
+    // The hooks ended (or moved) the flow: its closed event.
+    let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| {
+        s(e, "/flow/protocol") == Some("udp") && s(e, "/destination/name") == Some("acme-vectors")
+    })?;
+    let cookie = u(&closed[0], "/flow/cookie");
+
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let stale = wait_notices(&agent, "flow.stale", 1, WAIT, |e| {
+        u(e, "/flow/cookie") == cookie
+    })
+    .context("the socket still connected to acme-vectors was not reported stale")?;
+    let e = &stale[0];
+    ensure!(s(e, "/destination/name") == Some("acme-vectors"), "{e}");
+    ensure!(
+        s(e, "/destination/ip") == Some(&vectors.ip().to_string()),
+        "{e}"
+    );
+    ensure!(s(e, "/policy/id") == Some("no-vectors-for-client-a"), "{e}");
+    ensure!(client.close()?["end"] == "closed");
+    Ok(())
 }
 
 /// A connection whose handshake is still in progress when a change forbids it is reset as

@@ -348,6 +348,22 @@ pub fn destroy(cookie: u64, record: &FlowRecord, pids: &[u32]) -> Result<(), Des
 #[derive(Default)]
 pub struct DiagSockets(std::collections::HashMap<u64, OwnedFd>);
 
+impl DiagSockets {
+    /// The sock_diag socket of `record`'s network namespace: this pass's, or made now by
+    /// entering the namespace through the connecting process, else one of `pids`.
+    fn socket_for(&mut self, record: &FlowRecord, pids: &[u32]) -> Result<&OwnedFd, NoNamespace> {
+        let connector = (record.pid_tgid >> 32) as u32;
+        let mut candidates = vec![connector];
+        candidates.extend(pids.iter().copied().filter(|&p| p != connector));
+        Ok(match self.0.entry(record.netns_cookie) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(diag_socket_in(record.netns_cookie, &candidates)?)
+            }
+        })
+    }
+}
+
 /// [`destroy`], reusing (and filling) `sockets`. A socket on which a request failed is
 /// dropped from it, so that the next flow of that namespace starts on a fresh one.
 pub fn destroy_with(
@@ -399,15 +415,7 @@ pub fn destroy_with(
             .into())
         }
     }
-    let connector = (record.pid_tgid >> 32) as u32;
-    let mut candidates = vec![connector];
-    candidates.extend(pids.iter().copied().filter(|&p| p != connector));
-    let fd = match sockets.0.entry(record.netns_cookie) {
-        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-        std::collections::hash_map::Entry::Vacant(entry) => {
-            entry.insert(diag_socket_in(record.netns_cookie, &candidates)?)
-        }
-    };
+    let fd = sockets.socket_for(record, pids)?;
     if let Err(error) = send_request(fd, &req) {
         sockets.0.remove(&record.netns_cookie);
         return Err(error.into());
@@ -424,11 +432,11 @@ pub fn destroy_with(
         if !matches!(&answer, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
             break;
         }
-        answer = match list_cookie(fd, &req, cookie) {
+        answer = match list_cookie(fd, &req, cookie, FLOW_STATES, &exact_tuple_filter(&req)) {
             Ok(Listing::Absent) => break,
-            Ok(Listing::Listed(device)) => {
+            Ok(Listing::Listed(found)) => {
                 listed = true;
-                req.interface = device;
+                req.interface = found.device;
                 req.seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 send_request(fd, &req).and_then(|()| read_ack(fd, req.seq))
             }
@@ -444,6 +452,41 @@ pub fn destroy_with(
         sockets.0.remove(&record.netns_cookie);
     }
     answer.map_err(DestroyError::Io)
+}
+
+/// `IPPROTO_UDP`.
+const IPPROTO_UDP: u8 = 17;
+/// `TCPF_ESTABLISHED`: the state of a connected UDP socket.
+const CONNECTED_UDP: u32 = 1 << 1;
+
+/// Where the UDP socket `cookie` of `record` is connected now: its remote address and port,
+/// or `None` when it is not connected (or gone), read in the record's network namespace
+/// (entered as for [`destroy_with`], reusing `sockets`). The hooks judge a connect before the
+/// kernel makes it, and the kernel may then refuse it and leave the socket where it was
+/// (`flow_flags::CONNECTED_AGAIN`). Listed by a `SOCK_DIAG_BY_FAMILY` dump of the namespace's
+/// connected UDP sockets in both families (a dual-stack socket is `AF_INET6`), looking for
+/// the cookie. Errors: the namespace could not be entered, or the listing cannot say (it
+/// failed, or took several datagrams without the socket: no proof it is not there).
+pub fn udp_peer(
+    cookie: u64,
+    record: &FlowRecord,
+    pids: &[u32],
+    sockets: &mut DiagSockets,
+) -> Result<Option<(IpAddr, u16)>, DestroyError> {
+    let req = Request {
+        family: libc::AF_INET as u8,
+        protocol: IPPROTO_UDP,
+        ..Request::default()
+    };
+    let fd = sockets.socket_for(record, pids)?;
+    match list_cookie(fd, &req, cookie, CONNECTED_UDP, &[]) {
+        Ok(Listing::Listed(found)) => Ok(Some(found.peer)),
+        Ok(Listing::Absent) => Ok(None),
+        Err(error) => {
+            sockets.0.remove(&record.netns_cookie);
+            Err(error.into())
+        }
+    }
 }
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -530,36 +573,59 @@ const FLOW_STATES: u32 = 0xFFE & !(1 << 10);
 /// (`NLMSG_DONE` usually comes in a datagram of its own).
 const LIST_DATAGRAMS: usize = 64;
 
-/// Whether the namespace's TCP sockets on a flow's ports include the one with its cookie.
+/// Whether the namespace's sockets listed include the one with the cookie.
 #[derive(Debug, PartialEq)]
 enum Listing {
     Absent,
-    /// Listed, bound to this device (0: none).
-    Listed(u32),
+    Listed(Found),
 }
 
-/// Lists the namespace's TCP sockets with the destroy request's addresses and ports
-/// (`SOCK_DIAG_BY_FAMILY` dump filtered by [`exact_tuple_filter`], whatever device a socket
-/// is bound to), in both families for an IPv4 flow (a dual-stack socket with a mapped
-/// address is an AF_INET6 socket), looking for `cookie`. Errors (never ENOENT, so that no
+/// The listed socket with the cookie.
+#[derive(Debug, PartialEq, Clone, Copy)]
+struct Found {
+    /// The device it is bound to (0: none).
+    device: u32,
+    /// Its remote address (an IPv4-mapped one as IPv4) and port.
+    peer: (IpAddr, u16),
+}
+
+/// Lists the namespace's sockets of `request`'s protocol in `states` that pass `filter`
+/// (for a reset, the destroy request's addresses and ports: [`exact_tuple_filter`], whatever
+/// device a socket is bound to), in both families for an IPv4 request (a dual-stack socket
+/// with a mapped address is an AF_INET6 socket), looking for `cookie`. Errors (never ENOENT, so that no
 /// failure reads as "gone"): the dump failed or did not end, or took several datagrams
 /// without the cookie. Only messages from the kernel (port id 0) answering this dump count,
 /// as for the ack.
-fn list_cookie(fd: &OwnedFd, destroy: &Request, cookie: u64) -> io::Result<Listing> {
+fn list_cookie(
+    fd: &OwnedFd,
+    destroy: &Request,
+    cookie: u64,
+    states: u32,
+    filter: &[u8],
+) -> io::Result<Listing> {
     let families: &[u8] = if destroy.family == libc::AF_INET as u8 {
         &[libc::AF_INET as u8, libc::AF_INET6 as u8]
     } else {
         &[libc::AF_INET6 as u8]
     };
     for &family in families {
-        if let Listing::Listed(device) = list_family(fd, destroy, family, cookie)? {
-            return Ok(Listing::Listed(device));
+        if let listed @ Listing::Listed(_) =
+            list_family(fd, destroy, family, cookie, states, filter)?
+        {
+            return Ok(listed);
         }
     }
     Ok(Listing::Absent)
 }
 
-fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::Result<Listing> {
+fn list_family(
+    fd: &OwnedFd,
+    destroy: &Request,
+    family: u8,
+    cookie: u64,
+    states: u32,
+    filter: &[u8],
+) -> io::Result<Listing> {
     let failed = |what: String| io::Error::other(format!("SOCK_DIAG_BY_FAMILY: {what}"));
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dump = Request {
@@ -567,18 +633,17 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
         flags: NLM_F_REQUEST | NLM_F_DUMP,
         seq,
         family,
-        states: FLOW_STATES,
+        states,
         interface: 0,
         cookie: [u32::MAX, u32::MAX],
         ..*destroy
     };
     set_receive_timeout(fd)?;
-    let filter = exact_tuple_filter(destroy);
     let dump = Request {
         len: (std::mem::size_of::<Request>() + filter.len()) as u32,
         ..dump
     };
-    send_bytes(fd, &[request_bytes(&dump), &filter].concat())?;
+    send_bytes(fd, &[request_bytes(&dump), filter].concat())?;
     let mut found = None;
     // Datagrams that carried socket records: the kernel fills one before it resumes the walk
     // (NLMSG_DONE usually comes in a datagram of its own).
@@ -607,12 +672,12 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
         }
         let part = parse_dump(&buf[..n as usize], seq, cookie);
         with_records += usize::from(part.records > 0);
-        found = found.or(part.device);
+        found = found.or(part.found);
         match part.end {
             None => {}
             Some(Ok(())) => {
                 return match found {
-                    Some(device) => Ok(Listing::Listed(device)),
+                    Some(found) => Ok(Listing::Listed(found)),
                     None if with_records <= 1 => Ok(Listing::Absent),
                     None => Err(failed(format!(
                         "the listing took {with_records} datagrams without the socket: no proof it is gone"
@@ -632,8 +697,8 @@ fn list_family(fd: &OwnedFd, destroy: &Request, family: u8, cookie: u64) -> io::
 /// What one datagram of a dump held.
 #[derive(Debug, PartialEq, Default)]
 struct DumpPart {
-    /// The device of the socket with the cookie, if it was among the records.
-    device: Option<u32>,
+    /// The socket with the cookie, if it was among the records.
+    found: Option<Found>,
     /// Socket records of this dump.
     records: usize,
     /// The dump's end: `NLMSG_DONE` (`Ok`), or the kernel's refusal or error (a positive
@@ -644,7 +709,7 @@ struct DumpPart {
 /// Reads the netlink messages of one datagram of dump `seq`: `inet_diag_msg` records
 /// (`include/uapi/linux/inet_diag.h`: family, state, timer, retrans, then `inet_diag_sockid`
 /// with the interface at offset 40 and the cookie at 44, low word first), looking for
-/// `cookie`: `Some(device)` when listed (device 0: bound to none).
+/// `cookie`: [`Found`] when listed (the remote address at offset 24, the port at 6).
 fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
     let mut part = DumpPart::default();
     while msgs.len() >= 16 {
@@ -682,13 +747,28 @@ fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
                 let body = &msg[16..];
                 let found = u64::from(word(body, 44)) | u64::from(word(body, 48)) << 32;
                 if found == cookie {
-                    part.device = Some(word(body, 40));
+                    part.found = Some(Found {
+                        device: word(body, 40),
+                        peer: (remote_address(body), u16::from_be_bytes([body[6], body[7]])),
+                    });
                 }
             }
             _ => {}
         }
     }
     part
+}
+
+/// The remote address of an `inet_diag_msg` body (`idiag_dst`, at offset 24): IPv4 in an
+/// `AF_INET` record's first four bytes; IPv6 otherwise, an IPv4-mapped one given as IPv4.
+fn remote_address(body: &[u8]) -> IpAddr {
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&body[24..40]);
+    if body[0] == libc::AF_INET as u8 {
+        IpAddr::from([dst[0], dst[1], dst[2], dst[3]])
+    } else {
+        IpAddr::from(dst).to_canonical()
+    }
 }
 
 /// How long the kernel's ack may take: it answers synchronously, so this only bounds a
@@ -816,9 +896,13 @@ mod tests {
         m
     }
 
-    /// An `inet_diag_msg` (72 bytes) of a socket bound to `interface` with `cookie`.
+    /// An `inet_diag_msg` (72 bytes) of an `AF_INET` socket bound to `interface` with
+    /// `cookie`, connected to 127.0.0.9:53.
     fn diag_msg(interface: u32, cookie: u64) -> Vec<u8> {
         let mut body = vec![0u8; 72];
+        body[0] = libc::AF_INET as u8;
+        body[6..8].copy_from_slice(&53u16.to_be_bytes());
+        body[24..28].copy_from_slice(&[127, 0, 0, 9]);
         body[40..44].copy_from_slice(&interface.to_ne_bytes());
         body[44..48].copy_from_slice(&(cookie as u32).to_ne_bytes());
         body[48..52].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
@@ -827,8 +911,9 @@ mod tests {
 
     #[test]
     fn a_dump_names_the_device_of_the_socket_with_the_cookie_only() {
-        let part = |device, records, end| DumpPart {
-            device,
+        let peer = (IpAddr::from([127, 0, 0, 9]), 53);
+        let part = |device: Option<u32>, records, end| DumpPart {
+            found: device.map(|device| Found { device, peer }),
             records,
             end,
         };
@@ -856,6 +941,25 @@ mod tests {
         );
         let whole = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie));
         assert_eq!(parse_dump(&whole[..40], 7, cookie), part(None, 0, None));
+    }
+
+    #[test]
+    fn a_listed_socket_names_its_remote_end_in_either_family() {
+        let mut v6 = vec![0u8; 72];
+        v6[0] = libc::AF_INET6 as u8;
+        v6[24..40].copy_from_slice(
+            &"::ffff:127.0.0.9"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        assert_eq!(remote_address(&v6), IpAddr::from([127, 0, 0, 9]));
+        v6[24..40].copy_from_slice(&"fd83::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(remote_address(&v6), "fd83::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            remote_address(&diag_msg(0, 1)),
+            IpAddr::from([127, 0, 0, 9])
+        );
     }
 
     /// An ack as the kernel lays it out: nlmsghdr, error, the request's nlmsghdr echoed.

@@ -96,6 +96,9 @@ pub fn collect(
     };
     let mut views: Vec<FlowView> = records
         .into_iter()
+        // An `ENDED` record's socket connected elsewhere (reported closed); it is kept only
+        // for the agent to look whether the kernel refused that connect.
+        .filter(|(_, r)| r.flags & enforcer_common::flow_flags::ENDED == 0)
         .filter(|(_, r)| wanted(r.subject, r.destination))
         .map(|(cookie, r)| view(cookie, &r, &names, now))
         .collect();

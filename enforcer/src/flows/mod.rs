@@ -157,6 +157,49 @@ fn address(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
+/// The flow a UDP record marked `flow_flags::CONNECTED_AGAIN` stands for, given where its
+/// socket is connected now (`connected`: [`destroy::udp_peer`]'s answer). Such a socket's
+/// last connect was judged by the hook, which ended or replaced its earlier flow, but the
+/// kernel may have refused it after the hook and left the socket where it was. The record
+/// itself when the socket is connected to its destination (and still live if it was marked
+/// `ENDED`); the record moved to `connected` when the socket is connected elsewhere, to a
+/// tracked destination (`subject` and `policy_generation` are the record's: the connect that
+/// made this flow left no record of its own); `None` when the socket is not connected, or is
+/// connected to an untracked destination (no tracked flow).
+pub fn connected_flow(
+    tables: &Tables,
+    record: &FlowRecord,
+    connected: Option<(IpAddr, u16)>,
+) -> Option<FlowRecord> {
+    let (ip, port) = connected?;
+    let mut flow = *record;
+    flow.flags &= !flow_flags::ENDED;
+    if (ip, port) == (destination_ip(record), record.dport) {
+        return Some(flow);
+    }
+    let (destination, _) = tables.destination_of(ip);
+    let tracked = tables
+        .identity_info(destination)
+        .is_some_and(|info| info.flags & flags::TRACKED != 0);
+    if !tracked {
+        return None;
+    }
+    flow.destination = destination;
+    flow.dport = port;
+    flow.daddr = [0; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            flow.family = 4;
+            flow.daddr[..4].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            flow.family = 6;
+            flow.daddr = v6.octets();
+        }
+    }
+    Some(flow)
+}
+
 /// The record's destination address.
 pub fn destination_ip(r: &FlowRecord) -> IpAddr {
     address(r.family, &r.daddr)

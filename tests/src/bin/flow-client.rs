@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork] [--bind-device NAME]
-//! flow-client udp ADDR:PORT --hold STOPFILE
+//! flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE
 //! ```
 //!
 //! `tcp` connects, sends an 8-byte header (SEND and RECV as big-endian u32) and SEND bytes,
@@ -10,7 +10,10 @@
 //! `{"up":true,"local":"IP:PORT"}`, then either closes at once or, with `--hold`, reads every
 //! 100 ms until the connection ends or STOPFILE appears (then closes it cleanly, or with an
 //! RST when STOPFILE holds `abort`). `udp`
-//! connects a UDP socket, sends one byte and holds it open until STOPFILE appears. Every run
+//! connects a UDP socket, sends one byte and holds it open until STOPFILE appears; with
+//! `--refused-then` it first connects the socket again, to an address the kernel must refuse
+//! after the connect hooks (a broadcast address without `SO_BROADCAST`: `EACCES`), which
+//! leaves it connected to ADDR:PORT (a second connect that succeeds is a usage error). Every run
 //! ends with one line `{"end":"closed"|"aborted"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
 //! (`after_ms`: since the connection was up). With `--fork` the connecting process forks once
 //! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
@@ -34,7 +37,7 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
-    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT --hold STOPFILE");
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE");
     ExitCode::from(2)
 }
 
@@ -83,10 +86,19 @@ fn main() -> ExitCode {
             };
             tcp(addr, send, recv, hold, fork, device, connect_timeout)
         }
-        "udp" => match hold {
-            Some(stop) => udp(addr, stop),
-            None => usage(),
-        },
+        "udp" => {
+            let then = match args.iter().position(|a| a == "--refused-then") {
+                None => None,
+                Some(i) => match args.get(i + 1).map(|a| a.parse::<SocketAddr>()) {
+                    Some(Ok(then)) => Some(then),
+                    _ => return usage(),
+                },
+            };
+            match hold {
+                Some(stop) => udp(addr, then, stop),
+                None => usage(),
+            }
+        }
         _ => usage(),
     }
 }
@@ -205,7 +217,7 @@ fn tcp(
     ExitCode::SUCCESS
 }
 
-fn udp(addr: SocketAddr, stop: PathBuf) -> ExitCode {
+fn udp(addr: SocketAddr, then: Option<SocketAddr>, stop: PathBuf) -> ExitCode {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -215,6 +227,13 @@ fn udp(addr: SocketAddr, stop: PathBuf) -> ExitCode {
         let s = UdpSocket::bind(bind)?;
         s.connect(addr)?;
         s.send(b"x")?;
+        if let Some(then) = then {
+            if s.connect(then).is_ok() {
+                return Err(std::io::Error::other(format!(
+                    "the connect to {then} was not refused"
+                )));
+            }
+        }
         Ok(s)
     };
     let s = match connected() {
