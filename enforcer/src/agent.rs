@@ -50,6 +50,7 @@ use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 mod generations;
 mod handoff;
 mod step_up;
+mod sweep;
 
 /// Ring-buffer records handled before the event task yields (see `drain_turn`).
 const EVENT_BATCH: usize = 1024;
@@ -346,6 +347,10 @@ struct Agent {
     /// and the destination address and port, once each (a socket connected elsewhere since
     /// is a new flow, reported again).
     stale_reported: BTreeMap<u64, (u64, [u8; 16], u16)>,
+    /// When the last sweep of gone connects ran (see `sweep.rs`), and the `start_ns` it
+    /// stopped after (0: from the start).
+    last_sweep: Option<Instant>,
+    sweep_cursor: u64,
     /// TCP flows no longer permitted whose reset failed (by cookie): reported
     /// `flow.revoke_failed` once, retried on every tick until reset or gone.
     revoke_failed: BTreeSet<u64>,
@@ -611,6 +616,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         status_written: (None, None),
         flow_events: flow_tx,
         stale_reported: BTreeMap::new(),
+        last_sweep: None,
+        sweep_cursor: 0,
         revoke_failed: BTreeSet::new(),
         learner,
         pager,
@@ -971,6 +978,7 @@ impl Agent {
         if !self.revoke_failed.is_empty() {
             self.revoke_flows("retrying failed resets");
         }
+        self.sweep_gone_connects();
         // The source's connection and the watcher change without a policy change: keep
         // `enforcer status` current (staleness is computed by the reader).
         if (self.kube_status_to_write(), self.watch_status.clone()) != self.status_written {

@@ -736,6 +736,63 @@ fn deferred_connects_leave_no_record(net: u8, mptcp: bool) -> Result<()> {
         .context("the closed sockets left records (or a deferred connect sent its SYN)")
 }
 
+/// A connect whose socket goes without any callback that ends records (here: fast-open
+/// connects closed before their SYN, in a pod's own network namespace, while a do-nothing
+/// program sits in the `sock_release` link and no agent runs; in production: an agent
+/// upgrade's window, the TCP socket of an `AF_SMC` socket, an MPTCP subflow asked for over
+/// netlink) left its record, and its tenant's share, for good (red-team review 30). The
+/// agent's sweep ends a connecting record older than 5 s whose socket its namespace no
+/// longer lists.
+#[test]
+fn a_connect_record_whose_socket_went_unseen_is_swept() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(16)?;
+    let ns = NetNs::create(&unique_name("sw-ns"))?;
+    let mut first = Agent::start(w.config())?;
+    first_applied_snapshot(&first)?;
+    first.stop()?;
+    drop(first);
+    let pins = enforcer::datapath::pin_dir(w.pins.path());
+    let noop = load_noop_sock_release()?;
+    set_link_program(
+        &pinned_link(&pins, "sock_release")?,
+        std::os::fd::AsFd::as_fd(&noop),
+    )?;
+    const DEFERRED: u64 = 3;
+    let summary = Probe::new()
+        .in_cgroup(w.cgroup("client-a"))
+        .in_netns(&ns)
+        .deferred(DEFERRED, w.addr(10, 6333))?;
+    ensure!(
+        summary.ok == DEFERRED,
+        "every deferred connect allowed: {summary:?}"
+    );
+    let listed = || -> Result<usize> {
+        let (ok, out, err) = flows_cli(&w.pins, &["--json"])?;
+        ensure!(ok, "{err}");
+        Ok(serde_json::from_str::<Vec<Value>>(&out)?.len())
+    };
+    ensure!(
+        listed()? == DEFERRED as usize,
+        "the closed sockets should have left their records"
+    );
+    // Older than the sweep's minimum age (5 s) when the agent starts.
+    std::thread::sleep(Duration::from_secs(6));
+    let second = Agent::start(w.config())?;
+    let swept = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(100), || {
+        listed().is_ok_and(|n| n == 0)
+    });
+    ensure!(
+        swept,
+        "the records of the gone connects were not swept: {} listed\n{}",
+        listed()?,
+        second.stderr_tail()
+    );
+    Ok(())
+}
+
 /// A connected UDP socket connected again to a destination the hooks allow and the kernel
 /// then refuses (a broadcast address without `SO_BROADCAST`: `EACCES`, decided after the
 /// hooks, which cannot tell) stays connected to its tracked destination. The hooks had

@@ -473,14 +473,40 @@ pub fn udp_peer(
     pids: &[u32],
     sockets: &mut DiagSockets,
 ) -> Result<Option<(IpAddr, u16)>, DestroyError> {
+    let found = find(cookie, record, pids, sockets, IPPROTO_UDP, CONNECTED_UDP)?;
+    Ok(found.map(|found| found.peer))
+}
+
+/// Whether the TCP socket `cookie` of `record` still exists, hashed, in the record's network
+/// namespace: listed in any state but LISTEN (entered and listed as for [`udp_peer`]). A
+/// socket that is not is gone, or closed and never to send again under this record (a
+/// connect it makes next writes a new one). Errors: as [`udp_peer`]'s.
+pub fn tcp_listed(
+    cookie: u64,
+    record: &FlowRecord,
+    pids: &[u32],
+    sockets: &mut DiagSockets,
+) -> Result<bool, DestroyError> {
+    Ok(find(cookie, record, pids, sockets, IPPROTO_TCP, FLOW_STATES)?.is_some())
+}
+
+/// The socket `cookie` among the sockets of `protocol` in `states` of `record`'s namespace.
+fn find(
+    cookie: u64,
+    record: &FlowRecord,
+    pids: &[u32],
+    sockets: &mut DiagSockets,
+    protocol: u8,
+    states: u32,
+) -> Result<Option<Found>, DestroyError> {
     let req = Request {
         family: libc::AF_INET as u8,
-        protocol: IPPROTO_UDP,
+        protocol,
         ..Request::default()
     };
     let fd = sockets.socket_for(record, pids)?;
-    match list_cookie(fd, &req, cookie, CONNECTED_UDP, &[]) {
-        Ok(Listing::Listed(found)) => Ok(Some(found.peer)),
+    match list_cookie(fd, &req, cookie, states, &[]) {
+        Ok(Listing::Listed(found)) => Ok(Some(found)),
         Ok(Listing::Absent) => Ok(None),
         Err(error) => {
             sockets.0.remove(&record.netns_cookie);

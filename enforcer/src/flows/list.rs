@@ -90,7 +90,7 @@ pub fn collect(
     let peers = crate::wire::verified_peers(&dir)?;
     let from = from.map(|n| id_of(n, "--from")).transpose()?;
     let to = to.map(|n| id_of(n, "--to")).transpose()?;
-    let now = monotonic_ns();
+    let now = super::monotonic_ns();
     let wanted = |subject: u32, destination: u32| {
         from.is_none_or(|id| subject == id) && to.is_none_or(|id| destination == id)
     };
@@ -177,16 +177,6 @@ fn view(cookie: u64, r: &FlowRecord, names: &BTreeMap<u32, FlowName>, now: u64) 
         age_seconds: now.saturating_sub(r.start_ns) as f64 / 1e9,
         policy_generation: r.policy_generation,
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// The table `enforcer flows` prints.
