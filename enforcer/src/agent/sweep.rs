@@ -46,7 +46,7 @@ impl Agent {
                 return;
             }
         };
-        let now = flows::monotonic_ns();
+        let now = crate::events::aggregate::monotonic_ns();
         let old = |start_ns: u64| Duration::from_nanos(now.saturating_sub(start_ns)) >= MIN_AGE;
         let mut procs: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         let mut sockets = flows::destroy::DiagSockets::default();

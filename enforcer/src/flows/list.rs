@@ -90,7 +90,7 @@ pub fn collect(
     let peers = crate::wire::verified_peers(&dir)?;
     let from = from.map(|n| id_of(n, "--from")).transpose()?;
     let to = to.map(|n| id_of(n, "--to")).transpose()?;
-    let now = super::monotonic_ns();
+    let now = crate::events::aggregate::monotonic_ns();
     let wanted = |subject: u32, destination: u32| {
         from.is_none_or(|id| subject == id) && to.is_none_or(|id| destination == id)
     };

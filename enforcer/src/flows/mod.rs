@@ -200,18 +200,6 @@ pub fn connected_flow(
     Some(flow)
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds: the clock of `FlowRecord::start_ns`
-/// (`bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 /// The record's destination address.
 pub fn destination_ip(r: &FlowRecord) -> IpAddr {
     address(r.family, &r.daddr)
