@@ -454,8 +454,9 @@ pub mod flow_flags {
     /// UDP: the socket's `connect()` hook ended or replaced an earlier flow of this socket
     /// (it connected again, elsewhere). The kernel makes a connect only after the hook and
     /// may refuse it (a broadcast address without `SO_BROADCAST`, no route, `::ffff:` on an
-    /// IPv6-only socket), leaving the socket connected where it was: before it re-decides
-    /// such a flow, the agent reads the socket's real peer (`sock_diag`).
+    /// IPv6-only socket), leaving the socket connected where it was, which the record keeps
+    /// (`peer`, read from the socket): before it re-decides such a flow, the agent looks
+    /// whether the socket is still there (`sock_diag`).
     pub const CONNECTED_AGAIN: u8 = 1 << 5;
     /// UDP: the flow ended when the socket connected to an untracked destination (its closed
     /// event is written then); the record stays, with `CONNECTED_AGAIN`, so that the agent
@@ -860,14 +861,17 @@ pub struct FlowRecord {
     /// socket storage, whose allocation (two `kzalloc`s) was the dearest step of a tracked
     /// `connect()`; it is in socket storage when the socket has storage already or the record
     /// may not be this connect's (then this stays 0). Flow events carry it; userspace
-    /// ignores it.
+    /// ignores it. UDP: how many times the socket's connect hooks moved or ended its flow
+    /// (wrapping), which tells the agent a record written again from one it has looked at
+    /// (`flow_flags::CONNECTED_AGAIN`).
     pub wire_stamp: u16,
     /// TCP, from the handshake's end: the port (host order) and address (as `daddr`) the
     /// socket is connected to, which `SOCK_DESTROY` must name. They differ from `dport` and
     /// `daddr` when a socket load balancer's `connect4` (Cilium's, Calico's) rewrote a
     /// Service address to a backend's after the judgement, also of the other family (an IPv6
-    /// Service's backend at `::ffff:a.b.c.d`). `peer_port` 0: not known (UDP, a handshake not
-    /// completed): use `daddr`.
+    /// Service's backend at `::ffff:a.b.c.d`). `peer_port` 0: not known (a handshake not
+    /// completed): use `daddr`. UDP, marked `flow_flags::CONNECTED_AGAIN`: where the socket
+    /// was connected before the connect that wrote the record (port 0: nowhere).
     pub peer_port: u16,
     /// 4 or 6, as `family`: how `peer` and `saddr` are to be read; 0 (records written before
     /// it was kept): as `family`.

@@ -243,17 +243,18 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
                 (*old).policy_generation = c.generation;
                 return true;
             }
+            addr_of_mut!((*r).tenant).write((*old).tenant);
+            // A record's last SYN time stays with its socket (UDP, which sends none: its
+            // count of connects, see `connected_again`).
+            addr_of_mut!((*r).wire_stamp).write((*old).wire_stamp);
             if udp {
                 if !ended {
                     close(cookie, &*old, 0, 0, 0);
                 }
-                // The kernel may still refuse this connect (see `CONNECTED_AGAIN`).
                 let flags = addr_of_mut!((*r).flags);
                 flags.write(flags.read() | flow_flags::CONNECTED_AGAIN);
+                connected_again(ctx, r);
             }
-            addr_of_mut!((*r).tenant).write((*old).tenant);
-            // A record's last SYN time stays with its socket (0 for UDP, which sends none).
-            addr_of_mut!((*r).wire_stamp).write((*old).wire_stamp);
         }
     }
     // SAFETY: fully initialised above.
@@ -378,6 +379,33 @@ pub fn connected_elsewhere(ctx: &SockAddrContext, v6_hook: bool) {
             close(cookie, &*r, 0, 0, 0);
             (*r).flags |= flow_flags::ENDED | flow_flags::CONNECTED_AGAIN;
         }
+    }
+    // Also for a record ended before: the socket may be elsewhere now.
+    connected_again(ctx, r);
+}
+
+/// Keeps in a UDP record marked `CONNECTED_AGAIN` where its socket is connected before the
+/// connect `ctx` makes (`peer`, `peer_port`, `peer_family`; port 0 when not connected): if
+/// the kernel refuses that connect, the socket is still there, and the agent looks for it
+/// there (`sock_diag`). Read from the socket itself, not from the record: a record may name a
+/// connect the kernel refused before. Counts the connect in `wire_stamp` (unused by UDP),
+/// so that the agent tells a record written again apart from one it has looked at.
+#[inline(always)]
+fn connected_again(ctx: &SockAddrContext, r: *mut FlowRecord) {
+    // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
+    let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
+    let (to, port, connected) = crate::martian::socket_destination(sk.cast_const());
+    // SAFETY: `r` is a record (stack slot or map value) valid for writes; `peer` is 16 bytes
+    // at a 16-byte-aligned offset (112) of an 8-byte-aligned value: four aligned words.
+    unsafe {
+        let peer = addr_of_mut!((*r).peer).cast::<u32>();
+        for i in 0..4 {
+            peer.add(i).write(if connected { to.addr[i] } else { 0 });
+        }
+        addr_of_mut!((*r).peer_port).write(if connected { port } else { 0 });
+        addr_of_mut!((*r).peer_family).write(if connected { to.family } else { 0 });
+        let connects = addr_of_mut!((*r).wire_stamp);
+        connects.write(connects.read().wrapping_add(1));
     }
 }
 

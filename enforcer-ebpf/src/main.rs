@@ -303,12 +303,12 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
 // ---------------------------------------------------------------------------------------------
 
 /// The destination of the call, as the hook reports it.
-struct Destination {
+pub(crate) struct Destination {
     /// Address words exactly as in `bpf_sock_addr` (network byte order in memory); for
     /// family 4 only `addr[0]` is used and the others are zero.
-    addr: [u32; 4],
+    pub(crate) addr: [u32; 4],
     /// 4 or 6: an IPv4-mapped IPv6 destination is reported (and looked up) as IPv4.
-    family: u8,
+    pub(crate) family: u8,
 }
 
 /// Everything an event needs besides the task context.

@@ -178,12 +178,19 @@ const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 #[inline(always)]
 fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16, bool) {
     let skb: *const __sk_buff = ctx.skb.skb;
-    // SAFETY: one 8-byte context load; the socket pointer may be null (checked), and its
-    // fields are readable on every socket the kernel hands in (`sock_common`, the full
-    // socket at cgroup_skb egress): full 32-bit loads, and the 16-bit `dst_port` load the
-    // kernel allows since 5.19 (its field size).
+    // SAFETY: one 8-byte context load.
+    socket_destination(unsafe { read_volatile(&(*skb).__bindgen_anon_2.sk) }.cast_const())
+}
+
+/// [`connected_destination`] of the socket `sk` (null: none), a socket pointer from a program
+/// context (cgroup_skb's, sock_addr's).
+#[inline(always)]
+pub(crate) fn socket_destination(sk: *const bpf_sock) -> (Destination, u16, bool) {
+    // SAFETY: the socket pointer may be null (checked), and its fields are readable on every
+    // socket the kernel hands in (`sock_common`; the full socket at cgroup_skb egress and in
+    // sock_addr hooks): full 32-bit loads, and the 16-bit `dst_port` load the kernel allows
+    // since 5.19 (its field size).
     unsafe {
-        let sk: *const bpf_sock = read_volatile(&(*skb).__bindgen_anon_2.sk).cast_const();
         let none = (
             Destination {
                 addr: [ZERO_WORD; 4],

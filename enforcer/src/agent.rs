@@ -49,6 +49,7 @@ use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
 mod generations;
 mod handoff;
+mod reconnected;
 mod step_up;
 mod sweep;
 
@@ -347,6 +348,9 @@ struct Agent {
     /// and the destination address and port, once each (a socket connected elsewhere since
     /// is a new flow, reported again).
     stale_reported: BTreeMap<u64, (u64, [u8; 16], u16)>,
+    /// Where the sockets of UDP records marked `CONNECTED_AGAIN` were found (see
+    /// `reconnected.rs`).
+    reconnected: reconnected::Looks,
     /// When the last sweep of gone connects ran (see `sweep.rs`), and the `start_ns` it
     /// stopped after (0: from the start).
     last_sweep: Option<Instant>,
@@ -616,6 +620,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         status_written: (None, None),
         flow_events: flow_tx,
         stale_reported: BTreeMap::new(),
+        reconnected: BTreeMap::new(),
         last_sweep: None,
         sweep_cursor: 0,
         revoke_failed: BTreeSet::new(),
@@ -1411,27 +1416,15 @@ impl Agent {
             live.insert(cookie);
             let mut failure = None;
             if record.protocol == proto::UDP && record.flags & flow_flags::CONNECTED_AGAIN != 0 {
-                // Its last connect may have been refused after the hook: decided where the
-                // socket really is.
+                // Its last connect may have been refused after the hook (see
+                // `reconnected.rs`): decided where the socket really is.
                 let pids = procs
                     .entry(record.cgroup_id)
                     .or_insert_with(|| {
                         flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id)
                     })
                     .clone();
-                let connected =
-                    match flows::destroy::udp_peer(cookie, &record, &pids, &mut diag_sockets) {
-                        Ok(connected) => connected,
-                        Err(error) => {
-                            // Nothing can be concluded: decided as recorded.
-                            tracing::warn!(
-                                cookie,
-                                "reading where a UDP socket connected again is connected: {error}"
-                            );
-                            Some(flows::peer(&record))
-                        }
-                    };
-                match flows::connected_flow(&self.datapath.tables, &record, connected) {
+                match self.reconnected_flow(cookie, &record, &pids, &mut diag_sockets) {
                     Some(flow) => record = flow,
                     None => {
                         self.stale_reported.remove(&cookie);
@@ -1529,6 +1522,7 @@ impl Agent {
         }
         self.stale_reported
             .retain(|cookie, _| live.contains(cookie));
+        self.retain_reconnected(&live);
         self.revoke_failed.retain(|cookie| live.contains(cookie));
         if revoked + stale + failed > 0 {
             tracing::warn!(

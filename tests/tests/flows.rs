@@ -175,6 +175,14 @@ fn flow_of(e: &Value, local: SocketAddr) -> bool {
         && u(e, "/flow/source/port") == Some(u64::from(local.port()))
 }
 
+/// `a` as a dual-stack socket names it: an IPv4 address IPv4-mapped.
+fn mapped(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),
+        IpAddr::V6(_) => a,
+    }
+}
+
 fn flows_cli(pins: &PinDir, extra: &[&str]) -> Result<(bool, String, String)> {
     let mut args = vec!["flows", "--pin-path", pins.path().to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -493,11 +501,7 @@ fn a_flow_bound_to_a_device_is_still_reset() -> Result<()> {
     let a = FlowClient::tcp_bound(w.cgroup("client-a"), vectors.addr(), "lo")?;
     // A dual-stack socket connected to the IPv4-mapped address: an AF_INET6 socket whose
     // flow is recorded (and reset) as IPv4.
-    let mapped = match vectors.addr() {
-        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-        v6 => v6,
-    };
-    let b = FlowClient::tcp_bound(w.cgroup("client-a"), mapped, "lo")?;
+    let b = FlowClient::tcp_bound(w.cgroup("client-a"), mapped(vectors.addr()), "lo")?;
     wait_notices(&agent, "flow.opened", 2, WAIT, |e| {
         s(e, "/subject/workload") == Some("client-a")
     })?;
@@ -647,10 +651,6 @@ fn a_connect_refused_before_its_syn_leaves_no_record_for_the_next() -> Result<()
     let vectors = FlowServer::start(w.addr(10, 6333))?;
     let api = FlowServer::start(w.addr(12, 8000))?;
     let agent = Agent::start(w.config())?;
-    let mapped = |a: SocketAddr| match a.ip() {
-        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),
-        IpAddr::V6(_) => a,
-    };
     let line = Probe::new()
         .in_cgroup(w.cgroup("client-a"))
         .failed_then(mapped(vectors.addr()), mapped(api.addr()))?;
@@ -802,21 +802,30 @@ fn a_connect_record_whose_socket_went_unseen_is_swept() -> Result<()> {
 /// agent now reads where such a socket is connected (`sock_diag`) before it decides its flow.
 #[test]
 fn a_udp_reconnect_the_kernel_refuses_leaves_the_flow_to_its_revocation() -> Result<()> {
-    refused_reconnect_is_revoked(14, "llm_api")
+    refused_reconnect_is_revoked(14, "llm_api", false)
 }
 
 /// The same, the refused destination tracked (a vector DB): the record moved there.
 #[test]
 fn a_udp_reconnect_to_a_tracked_destination_the_kernel_refuses_leaves_the_flow_to_its_revocation(
 ) -> Result<()> {
-    refused_reconnect_is_revoked(15, "vector_db")
+    refused_reconnect_is_revoked(15, "vector_db", false)
+}
+
+/// The same from a dual-stack socket (`AF_INET6`, IPv4-mapped peers), which sock_diag lists
+/// as IPv6 while the flow's destination is IPv4 (red-team review 31: a failed IPv4 listing
+/// used to end the look before the IPv6 one).
+#[test]
+fn a_dual_stack_udp_reconnect_the_kernel_refuses_leaves_the_flow_to_its_revocation() -> Result<()> {
+    refused_reconnect_is_revoked(17, "vector_db", true)
 }
 
 /// client-a's UDP socket to acme-vectors connected again to `broadcast` (127.255.255.255, an
 /// endpoint of `kind` that client-a may reach: the hooks allow the connect, the kernel
 /// refuses it), then acme-vectors forbidden to client-a: its flow is reported `flow.stale`,
-/// naming acme-vectors.
-fn refused_reconnect_is_revoked(t: u8, kind: &str) -> Result<()> {
+/// naming acme-vectors. With `dual_stack`, from an `AF_INET6` socket to IPv4-mapped
+/// addresses.
+fn refused_reconnect_is_revoked(t: u8, kind: &str, dual_stack: bool) -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
@@ -828,7 +837,12 @@ fn refused_reconnect_is_revoked(t: u8, kind: &str) -> Result<()> {
     first_applied_snapshot(&agent)?;
     let vectors = w.addr(10, 6334);
     let refused = SocketAddr::from(([127, 255, 255, 255], 9));
-    let mut client = FlowClient::udp_refused_then(w.cgroup("client-a"), vectors, refused)?;
+    let (to, refused) = if dual_stack {
+        (mapped(vectors), mapped(refused))
+    } else {
+        (vectors, refused)
+    };
+    let mut client = FlowClient::udp_refused_then(w.cgroup("client-a"), to, refused)?;
     // The hooks ended (or moved) the flow: its closed event.
     let closed = wait_notices(&agent, "flow.closed", 1, WAIT, |e| {
         s(e, "/flow/protocol") == Some("udp") && s(e, "/destination/name") == Some("acme-vectors")

@@ -459,22 +459,39 @@ const IPPROTO_UDP: u8 = 17;
 /// `TCPF_ESTABLISHED`: the state of a connected UDP socket.
 const CONNECTED_UDP: u32 = 1 << 1;
 
-/// Where the UDP socket `cookie` of `record` is connected now: its remote address and port,
-/// or `None` when it is not connected (or gone), read in the record's network namespace
-/// (entered as for [`destroy_with`], reusing `sockets`). The hooks judge a connect before the
-/// kernel makes it, and the kernel may then refuse it and leave the socket where it was
-/// (`flow_flags::CONNECTED_AGAIN`). Listed by a `SOCK_DIAG_BY_FAMILY` dump of the namespace's
-/// connected UDP sockets in both families (a dual-stack socket is `AF_INET6`), looking for
-/// the cookie. Errors: the namespace could not be entered, or the listing cannot say (it
+/// Whether the UDP socket `cookie` of `record` is connected to `peer` (address, port), read
+/// in the record's network namespace (entered as for [`destroy_with`], reusing `sockets`).
+/// The hooks judge a connect before the kernel makes it, and the kernel may then refuse it
+/// and leave the socket where it was (`flow_flags::CONNECTED_AGAIN`, which keeps where that
+/// was). Listed by a `SOCK_DIAG_BY_FAMILY` dump of the namespace's connected UDP sockets
+/// whose remote end is `peer` (in both families for IPv4: a dual-stack socket is
+/// `AF_INET6`), looking for the cookie: other sockets in that listing are connected to the
+/// same peer. Errors: the namespace could not be entered, or the listing cannot say (it
 /// failed, or took several datagrams without the socket: no proof it is not there).
-pub fn udp_peer(
+pub fn udp_connected_to(
     cookie: u64,
     record: &FlowRecord,
+    peer: (IpAddr, u16),
     pids: &[u32],
     sockets: &mut DiagSockets,
-) -> Result<Option<(IpAddr, u16)>, DestroyError> {
-    let found = find(cookie, record, pids, sockets, IPPROTO_UDP, CONNECTED_UDP)?;
-    Ok(found.map(|found| found.peer))
+) -> Result<bool, DestroyError> {
+    let mut req = Request {
+        protocol: IPPROTO_UDP,
+        dport: peer.1.to_be_bytes(),
+        ..Request::default()
+    };
+    match peer.0.to_canonical() {
+        IpAddr::V4(ip) => {
+            req.family = libc::AF_INET as u8;
+            req.dst[..4].copy_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            req.family = libc::AF_INET6 as u8;
+            req.dst = ip.octets();
+        }
+    }
+    let filter = tuple_filter(req.family, &[(INET_DIAG_BC_D_COND, req.dport, &req.dst)]);
+    Ok(find(cookie, record, pids, sockets, &req, CONNECTED_UDP, &filter)?.is_some())
 }
 
 /// Whether the TCP socket `cookie` of `record` still exists, hashed, in the record's network
@@ -487,25 +504,27 @@ pub fn tcp_listed(
     pids: &[u32],
     sockets: &mut DiagSockets,
 ) -> Result<bool, DestroyError> {
-    Ok(find(cookie, record, pids, sockets, IPPROTO_TCP, FLOW_STATES)?.is_some())
+    let req = Request {
+        family: libc::AF_INET as u8,
+        protocol: IPPROTO_TCP,
+        ..Request::default()
+    };
+    Ok(find(cookie, record, pids, sockets, &req, FLOW_STATES, &[])?.is_some())
 }
 
-/// The socket `cookie` among the sockets of `protocol` in `states` of `record`'s namespace.
+/// The socket `cookie` among `request`'s sockets in `states` that pass `filter`, in
+/// `record`'s namespace.
 fn find(
     cookie: u64,
     record: &FlowRecord,
     pids: &[u32],
     sockets: &mut DiagSockets,
-    protocol: u8,
+    request: &Request,
     states: u32,
+    filter: &[u8],
 ) -> Result<Option<Found>, DestroyError> {
-    let req = Request {
-        family: libc::AF_INET as u8,
-        protocol,
-        ..Request::default()
-    };
     let fd = sockets.socket_for(record, pids)?;
-    match list_cookie(fd, &req, cookie, states, &[]) {
+    match list_cookie(fd, request, cookie, states, filter) {
         Ok(Listing::Listed(found)) => Ok(Some(found)),
         Ok(Listing::Absent) => Ok(None),
         Err(error) => {
@@ -543,41 +562,46 @@ fn send_bytes(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `INET_DIAG_REQ_BYTECODE`, and the two conditions of [`exact_tuple_filter`]
+/// `INET_DIAG_REQ_BYTECODE`, and the two conditions of [`tuple_filter`]
 /// (`include/uapi/linux/inet_diag.h`).
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_BC_S_COND: u8 = 7;
 const INET_DIAG_BC_D_COND: u8 = 8;
 
-/// The listing's filter (an `INET_DIAG_REQ_BYTECODE` attribute): the kernel lists only
-/// sockets whose local and remote address and port are the flow's. The request's ports
-/// alone let a workload crowd the listing with sockets on its flow's ports to other
+/// The listing's filter for a reset (an `INET_DIAG_REQ_BYTECODE` attribute): the kernel
+/// lists only sockets whose local and remote address and port are the flow's. The request's
+/// ports alone let a workload crowd the listing with sockets on its flow's ports to other
 /// addresses (a few hundred fill a datagram, and a listing of several is no proof of
-/// absence), which kept a revoked flow open. Each condition is `inet_diag_bc_op` (code,
-/// `yes`: the step to the next op, `no`: past the end, which rejects) and
-/// `inet_diag_hostcond` (family, prefix length, port in host order, address); an `AF_INET`
-/// condition also matches a dual-stack socket's IPv4-mapped address (`inet_diag_bc_run`).
+/// absence), which kept a revoked flow open.
 fn exact_tuple_filter(destroy: &Request) -> Vec<u8> {
-    let address_len = if destroy.family == libc::AF_INET as u8 {
-        4
-    } else {
-        16
-    };
+    tuple_filter(
+        destroy.family,
+        &[
+            (INET_DIAG_BC_S_COND, destroy.sport, &destroy.src),
+            (INET_DIAG_BC_D_COND, destroy.dport, &destroy.dst),
+        ],
+    )
+}
+
+/// A filter program of address-and-port conditions (`INET_DIAG_BC_S_COND`: the local end,
+/// `INET_DIAG_BC_D_COND`: the remote end), all of which must hold. Each condition is
+/// `inet_diag_bc_op` (code, `yes`: the step to the next op, `no`: past the end, which
+/// rejects) and `inet_diag_hostcond` (family, prefix length, port in host order, address); an
+/// `AF_INET` condition also matches a dual-stack socket's IPv4-mapped address
+/// (`inet_diag_bc_run`).
+fn tuple_filter(family: u8, conditions: &[(u8, [u8; 2], &[u8; 16])]) -> Vec<u8> {
+    let address_len = if family == libc::AF_INET as u8 { 4 } else { 16 };
     let op_len = 4 + 8 + address_len;
-    let program_len = 2 * op_len;
+    let program_len = conditions.len() * op_len;
     let mut attr = Vec::with_capacity(4 + program_len);
     attr.extend_from_slice(&((4 + program_len) as u16).to_ne_bytes());
     attr.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-    let conditions = [
-        (INET_DIAG_BC_S_COND, destroy.sport, &destroy.src),
-        (INET_DIAG_BC_D_COND, destroy.dport, &destroy.dst),
-    ];
-    for (i, (code, port, address)) in conditions.into_iter().enumerate() {
+    for (i, &(code, port, address)) in conditions.iter().enumerate() {
         let remaining = program_len - i * op_len;
         attr.push(code);
         attr.push(op_len as u8);
         attr.extend_from_slice(&((remaining + 4) as u16).to_ne_bytes());
-        attr.push(destroy.family);
+        attr.push(family);
         attr.push((address_len * 8) as u8);
         attr.extend_from_slice(&[0, 0]);
         attr.extend_from_slice(&i32::from(u16::from_be_bytes(port)).to_ne_bytes());
@@ -618,9 +642,9 @@ struct Found {
 /// Lists the namespace's sockets of `request`'s protocol in `states` that pass `filter`
 /// (for a reset, the destroy request's addresses and ports: [`exact_tuple_filter`], whatever
 /// device a socket is bound to), in both families for an IPv4 request (a dual-stack socket
-/// with a mapped address is an AF_INET6 socket), looking for `cookie`. Errors (never ENOENT, so that no
-/// failure reads as "gone"): the dump failed or did not end, or took several datagrams
-/// without the cookie. Only messages from the kernel (port id 0) answering this dump count,
+/// with a mapped address is an AF_INET6 socket), looking for `cookie`. Errors (never ENOENT,
+/// so that no failure reads as "gone"): a family's dump failed or did not end, or took
+/// several datagrams without the cookie, and no family's listed it. Only messages from the kernel (port id 0) answering this dump count,
 /// as for the ack.
 fn list_cookie(
     fd: &OwnedFd,
@@ -634,14 +658,17 @@ fn list_cookie(
     } else {
         &[libc::AF_INET6 as u8]
     };
+    // Every family is listed even when one fails: a crowded IPv4 listing must not hide a
+    // dual-stack socket, which is listed as IPv6 (red-team review 31).
+    let mut failed = None;
     for &family in families {
-        if let listed @ Listing::Listed(_) =
-            list_family(fd, destroy, family, cookie, states, filter)?
-        {
-            return Ok(listed);
+        match list_family(fd, destroy, family, cookie, states, filter) {
+            Ok(listed @ Listing::Listed(_)) => return Ok(listed),
+            Ok(Listing::Absent) => {}
+            Err(error) => failed = Some(error),
         }
     }
-    Ok(Listing::Absent)
+    failed.map_or(Ok(Listing::Absent), Err)
 }
 
 fn list_family(

@@ -157,21 +157,15 @@ fn address(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-/// The flow a UDP record marked `flow_flags::CONNECTED_AGAIN` stands for, given where its
-/// socket is connected now (`connected`: [`destroy::udp_peer`]'s answer). Such a socket's
-/// last connect was judged by the hook, which ended or replaced its earlier flow, but the
-/// kernel may have refused it after the hook and left the socket where it was. The record
-/// itself when the socket is connected to its destination (and still live if it was marked
-/// `ENDED`); the record moved to `connected` when the socket is connected elsewhere, to a
-/// tracked destination (`subject` and `policy_generation` are the record's: the connect that
-/// made this flow left no record of its own); `None` when the socket is not connected, or is
-/// connected to an untracked destination (no tracked flow).
-pub fn connected_flow(
-    tables: &Tables,
-    record: &FlowRecord,
-    connected: Option<(IpAddr, u16)>,
-) -> Option<FlowRecord> {
-    let (ip, port) = connected?;
+/// The flow of a UDP record's socket connected to `at` (address, port) instead of the
+/// record's destination: a record marked `flow_flags::CONNECTED_AGAIN` whose socket is still
+/// where it was before the connect that wrote it ([`previous_peer`]), because the kernel
+/// refused that connect after the hook. The record itself (no longer `ENDED`) when `at` is
+/// its destination; the record moved to `at` when that is a tracked destination (`subject`,
+/// `start_ns` and `policy_generation` stay the record's: the connect that made the flow there
+/// left no record of its own); `None` when it is not tracked (no tracked flow).
+pub fn moved_to(tables: &Tables, record: &FlowRecord, at: (IpAddr, u16)) -> Option<FlowRecord> {
+    let (ip, port) = (at.0.to_canonical(), at.1);
     let mut flow = *record;
     flow.flags &= !flow_flags::ENDED;
     if (ip, port) == (destination_ip(record), record.dport) {
@@ -200,6 +194,13 @@ pub fn connected_flow(
     Some(flow)
 }
 
+/// Where the socket of a UDP record marked `flow_flags::CONNECTED_AGAIN` was connected
+/// before the connect that marked it (`peer`, `peer_port`, `peer_family`), if it was.
+pub fn previous_peer(r: &FlowRecord) -> Option<(IpAddr, u16)> {
+    (r.protocol == proto::UDP && r.flags & flow_flags::CONNECTED_AGAIN != 0 && r.peer_port != 0)
+        .then(|| (address(r.peer_family, &r.peer), r.peer_port))
+}
+
 /// The record's destination address.
 pub fn destination_ip(r: &FlowRecord) -> IpAddr {
     address(r.family, &r.daddr)
@@ -208,7 +209,8 @@ pub fn destination_ip(r: &FlowRecord) -> IpAddr {
 /// The address and port (host order) the record's socket is connected to: where a socket
 /// load balancer sent it (`FlowRecord::peer`, of either family), else the judged destination.
 pub fn peer(r: &FlowRecord) -> (IpAddr, u16) {
-    if r.peer_port != 0 {
+    // A UDP record's `peer` is its socket's previous peer ([`previous_peer`]).
+    if r.protocol == proto::TCP && r.peer_port != 0 {
         (address(tuple_family(r), &r.peer), r.peer_port)
     } else {
         (destination_ip(r), r.dport)
