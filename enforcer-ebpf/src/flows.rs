@@ -241,6 +241,9 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
             let ended = (*old).flags & flow_flags::ENDED != 0;
             if udp && !ended && same_flow(&*old, c) {
                 (*old).policy_generation = c.generation;
+                // Counted too: after a refused connect elsewhere, this one may have moved
+                // the socket back (see `connected_again`).
+                (*old).wire_stamp = (*old).wire_stamp.wrapping_add(1);
                 return true;
             }
             addr_of_mut!((*r).tenant).write((*old).tenant);

@@ -8,9 +8,15 @@
 //! flow had no record naming it, and no revocation reported it (red-team review 28). The
 //! hooks mark such a record `CONNECTED_AGAIN` and keep in it where the socket was connected
 //! before (read from the socket); before a revocation pass decides the record, the agent
-//! looks whether the socket is still there (`sock_diag`), once per record version.
+//! looks whether the socket is still there (`sock_diag`). A look is kept for its record
+//! version (a socket moves only by a connect, which writes a new one) for [`KEEP_LOOK`], one
+//! that could not say for [`KEEP_UNKNOWN`], and a pass makes at most [`LOOKS_PER_PASS`]: a
+//! workload reconnecting thousands of sockets, or crowding its namespace so that no look can
+//! say, cannot hold the agent's loop (red-team review 32). A record without a usable look is
+//! decided by the fallback (the flow where the socket was, first).
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use enforcer_common::{flow_flags, FlowRecord};
 
@@ -27,6 +33,18 @@ pub(super) enum Found {
     Previous,
 }
 
+/// How long a look that found the socket is used for its record version: long enough that
+/// a pass does not list again what it listed a moment ago, short enough that a look made
+/// between the hook and the kernel's connect (the socket not moved yet) is soon made again.
+const KEEP_LOOK: Duration = Duration::from_secs(60);
+
+/// How long a look that could not say is used before the socket is looked for again.
+const KEEP_UNKNOWN: Duration = Duration::from_secs(300);
+
+/// Looks (each one or two listings of the sockets connected to one peer) one pass makes at
+/// most.
+pub(super) const LOOKS_PER_PASS: usize = 256;
+
 /// What a look was about: a record version (`start_ns`, `flags`, previous peer and port, and
 /// the count of connects the hooks moved or ended it by, in `wire_stamp`). A socket moves
 /// only by a connect, which writes another version.
@@ -36,16 +54,18 @@ impl Agent {
     /// The flow a revocation pass decides for the UDP record `record` of socket `cookie`
     /// marked `CONNECTED_AGAIN`: the record where its connect was made (none for an `ENDED`
     /// one); the flow where the socket still is when the kernel refused that connect (none
-    /// when that destination is not tracked). When the look cannot say (the namespace cannot
-    /// be entered, a listing crowded with sockets connected to the same peer), the flow where
-    /// the socket was is decided first, and taken when denied, so that a socket left there
-    /// is never decided as moved (a socket that did move may then be reported stale there).
+    /// when that destination is not tracked). When no look can say (the namespace cannot be
+    /// entered, a listing crowded with sockets connected to the same peer, or this pass's
+    /// `looks_left` are spent), the flow where the socket was is decided first, and taken
+    /// when denied, so that a socket left there is never decided as moved (a socket that did
+    /// move may then be reported stale there).
     pub(super) fn reconnected_flow(
         &mut self,
         cookie: u64,
         record: &FlowRecord,
         pids: &[u32],
         sockets: &mut DiagSockets,
+        looks_left: &mut usize,
     ) -> Option<FlowRecord> {
         let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
         let Some(previous) = flows::previous_peer(record) else {
@@ -58,26 +78,39 @@ impl Agent {
             record.peer_port,
             record.wire_stamp,
         );
-        let found = match self.reconnected.get(&cookie) {
-            Some(&(seen, found)) if seen == version => Some(found),
-            _ => match flows::destroy::udp_connected_to(cookie, record, previous, pids, sockets) {
-                Ok(still) => {
-                    let found = if still {
-                        Found::Previous
-                    } else {
-                        Found::Recorded
-                    };
-                    self.reconnected.insert(cookie, (version, found));
-                    Some(found)
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        cookie,
-                        "looking whether a UDP socket connected again is still where it was: {error}"
-                    );
-                    None
-                }
-            },
+        let kept = self
+            .reconnected
+            .get(&cookie)
+            .and_then(|&(seen, found, at)| {
+                let keep = if found.is_some() {
+                    KEEP_LOOK
+                } else {
+                    KEEP_UNKNOWN
+                };
+                (seen == version && at.elapsed() < keep).then_some(found)
+            });
+        let found = match kept {
+            Some(found) => found,
+            None if *looks_left == 0 => None,
+            None => {
+                *looks_left -= 1;
+                let found = match flows::destroy::udp_connected_to(
+                    cookie, record, previous, pids, sockets,
+                ) {
+                    Ok(true) => Some(Found::Previous),
+                    Ok(false) => Some(Found::Recorded),
+                    Err(error) => {
+                        tracing::debug!(
+                                cookie,
+                                "looking whether a UDP socket connected again is still where it was: {error}"
+                            );
+                        None
+                    }
+                };
+                self.reconnected
+                    .insert(cookie, (version, found, Instant::now()));
+                found
+            }
         };
         let tables = &self.datapath.tables;
         let there = || flows::moved_to(tables, record, previous);
@@ -104,5 +137,6 @@ impl Agent {
     }
 }
 
-/// The looks made, by socket cookie (see [`Agent::reconnected_flow`]).
-pub(super) type Looks = BTreeMap<u64, (Version, Found)>;
+/// The looks made, by socket cookie (see [`Agent::reconnected_flow`]): the record version,
+/// what was found (`None`: the look could not say), and when.
+pub(super) type Looks = BTreeMap<u64, (Version, Option<Found>, Instant)>;

@@ -25,7 +25,7 @@ use enforcer_common::IdentityInfo;
 use super::tables::SyncMap;
 
 /// `BPF_NOEXIST`: create only (`EEXIST` when the key is present).
-const BPF_NOEXIST: u64 = 1;
+pub(crate) const BPF_NOEXIST: u64 = 1;
 /// `BPF_EXIST`: update only (`ENOENT` when the key is absent).
 const BPF_F_EXIST: u64 = 2;
 

@@ -51,6 +51,7 @@ pub fn forget(dir: &Path, cookie: u64, seen: &FlowRecord) -> Result<Option<FlowR
     let path = dir.join(maps::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
     let mut map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
         .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
     let record = match map.get(&cookie, 0) {
@@ -71,12 +72,19 @@ pub fn forget(dir: &Path, cookie: u64, seen: &FlowRecord) -> Result<Option<FlowR
     if !same_flow(&record) {
         return Ok(None);
     }
-    match map.remove(&cookie) {
-        Ok(()) => {}
+    // Taken and compared again, in one step with the delete: the socket may have connected
+    // again since the read above (a connect the kernel refused leaves a socket no listing
+    // shows, which may connect again), and its new record must not go (red-team review 32).
+    let record = match take(fd, cookie).context("deleting a FLOWS record")? {
         // The kernel ended it meanwhile (and returned its share).
-        Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-        Err(error) => return Err(error).context("deleting a FLOWS record"),
-    }
+        None => return Ok(None),
+        Some(taken) if !same_flow(&taken) => {
+            // Put back unless the socket wrote yet another since (the kernel's is newer).
+            let _ = map.insert(cookie, taken, crate::datapath::locked::BPF_NOEXIST);
+            return Ok(None);
+        }
+        Some(taken) => taken,
+    };
     let path = dir.join(maps::FLOW_TENANTS_FORGOTTEN);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -92,6 +100,52 @@ pub fn forget(dir: &Path, cookie: u64, seen: &FlowRecord) -> Result<Option<FlowR
         .insert(record.tenant, before + 1, 0)
         .context("returning a record to its tenant's share")?;
     Ok(Some(record))
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (`include/uapi/linux/bpf.h`; hash maps since Linux 5.14).
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The `bpf_attr` of the element commands: map fd, key and value pointers, flags.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes the `FLOWS` record of `cookie` from the map `fd` and returns it, in one step;
+/// `None` when there was none.
+fn take(fd: std::os::fd::RawFd, cookie: u64) -> std::io::Result<Option<FlowRecord>> {
+    let mut value = std::mem::MaybeUninit::<FlowRecord>::uninit();
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(&cookie) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the bpf_attr prefix of the command; key and value point to live
+    // buffers of the map's key and value sizes (u64, FlowRecord).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(error),
+        };
+    }
+    // SAFETY: the kernel wrote the whole value (every bit pattern of the plain-data record is
+    // valid).
+    Ok(Some(unsafe { value.assume_init() }))
 }
 
 /// Sets how many `FLOWS` records one tenant may hold at once: `limit`, or by default a
