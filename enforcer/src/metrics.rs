@@ -555,10 +555,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<Server> {
         .with_context(|| format!("listening on {addr} for --metrics"))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let serve = move |stream, peer| {
+        let serve = move |stream, peer: crate::pdp::listen::Peer| {
             let metrics = metrics.clone();
             async move {
-                crate::pdp::listen::serve_http(stream, peer, move |request| {
+                crate::pdp::listen::serve_http(stream, peer.addr, move |request| {
                     respond(metrics.clone(), request)
                 })
                 .await

@@ -18,6 +18,11 @@
 //! - with the webhook stopped, pod creation fails in judged namespaces (failurePolicy Fail),
 //!   while kube-system and the enforcer's namespace (spared by the selector) still work.
 //!
+//! The webhook runs with `--client-ca`, as a hardened cluster runs it: the API server
+//! presents its webhook client certificate (its `--admission-control-config-file` names a
+//! kubeconfig with it), so every review above was made for a client the webhook verified;
+//! `admission::tests` shows what a client without one gets (403, its body unread).
+//!
 //! API server 1.20 does not label namespaces with `kubernetes.io/metadata.name` (1.21 and
 //! later do, on every namespace): the test sets that label on the namespaces the selector
 //! must see, as a newer server would.
@@ -32,7 +37,7 @@ use anyhow::{bail, ensure, Context, Result};
 use enforcer_policy::cluster::labels;
 use enforcer_tests::agent::enforcer_bin;
 use enforcer_tests::deploy::{load_all, Object};
-use enforcer_tests::kube::{require_apiserver, ApiServer};
+use enforcer_tests::kube::{require_apiserver, ApiServer, ApiServerOptions};
 use enforcer_tests::util::{tail_of, ChildGuard};
 use enforcer_tests::TempDir;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -61,7 +66,13 @@ struct Webhook {
 }
 
 impl Webhook {
-    fn start(dir: &Path, cert: &Path, key: &Path, kubeconfig: &Path) -> Result<Self> {
+    fn start(
+        dir: &Path,
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+        kubeconfig: &Path,
+    ) -> Result<Self> {
         let ready = dir.join("webhook-ready");
         let log = dir.join("webhook.log");
         let mut cmd = Command::new(enforcer_bin());
@@ -70,6 +81,8 @@ impl Webhook {
             .arg(cert)
             .arg("--tls-key")
             .arg(key)
+            .arg("--client-ca")
+            .arg(client_ca)
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--ready-file")
@@ -119,21 +132,26 @@ impl Drop for Webhook {
     }
 }
 
-/// A CA, and a webhook certificate for `IP:WEBHOOK_IP` signed by it: (CA PEM, cert, key).
-fn certificates(dir: &Path) -> Result<(String, PathBuf, PathBuf)> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair, KeyUsagePurpose,
-    };
+/// A self-signed CA named `name`.
+fn certificate_authority(name: &str) -> Result<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "adm9 webhook CA");
+    ca.distinguished_name.push(DnType::CommonName, name);
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    Ok(rcgen::CertifiedIssuer::self_signed(
+        ca,
+        KeyPair::generate()?,
+    )?)
+}
+
+/// A CA, and a webhook certificate for `IP:WEBHOOK_IP` signed by it: (CA PEM, cert, key).
+fn certificates(dir: &Path) -> Result<(String, PathBuf, PathBuf)> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let ca = certificate_authority("adm9 webhook CA")?;
     // Rustls (and the API server's Go TLS) want a leaf distinct from its CA.
     let mut leaf = CertificateParams::new(vec![WEBHOOK_IP.to_string()])?;
     leaf.distinguished_name
@@ -146,6 +164,57 @@ fn certificates(dir: &Path) -> Result<(String, PathBuf, PathBuf)> {
     std::fs::write(&cert_path, cert.pem())?;
     enforcer_tests::util::write_secret(&key_path, key.serialize_pem())?;
     Ok((ca.pem(), cert_path, key_path))
+}
+
+/// The API server's side of webhook client authentication: a CA (its PEM written to
+/// `webhook-client-ca.crt`, for the webhook's `--client-ca`), a client certificate it signed,
+/// and the `--admission-control-config-file` that makes the API server present it to every
+/// webhook (the kubeconfig user `*`, the default match). Returns the two files' paths:
+/// (client CA, admission configuration).
+fn client_authentication(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let ca = certificate_authority("adm9 webhook client CA")?;
+    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "kube-apiserver-webhook-client");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &ca)?;
+    let ca_path = dir.join("webhook-client-ca.crt");
+    std::fs::write(&ca_path, ca.pem())?;
+    let (cert_path, key_path) = (
+        dir.join("webhook-client.crt"),
+        dir.join("webhook-client.key"),
+    );
+    std::fs::write(&cert_path, cert.pem())?;
+    enforcer_tests::util::write_secret(&key_path, key.serialize_pem())?;
+    let kubeconfig = dir.join("webhook-client.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nusers:\n- name: '*'\n  user:\n    \
+             client-certificate: {}\n    client-key: {}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    )?;
+    let admission = dir.join("admission-configuration.yaml");
+    let plugin = |name: &str| {
+        format!(
+            "- name: {name}\n  configuration:\n    apiVersion: apiserver.config.k8s.io/v1\n    \
+             kind: WebhookAdmissionConfiguration\n    kubeConfigFile: {}\n",
+            kubeconfig.display()
+        )
+    };
+    std::fs::write(
+        &admission,
+        format!(
+            "apiVersion: apiserver.config.k8s.io/v1\nkind: AdmissionConfiguration\nplugins:\n{}{}",
+            plugin("ValidatingAdmissionWebhook"),
+            plugin("MutatingAdmissionWebhook")
+        ),
+    )?;
+    Ok((ca_path, admission))
 }
 
 /// deploy/admission.yaml's two webhook configurations, pointed at `base` with `ca`.
@@ -274,11 +343,18 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
     if !require_apiserver() {
         return Ok(());
     }
-    let server = ApiServer::start()?;
-    let client = server.client();
     let dir = TempDir::new("adm9-admission")?;
+    let (client_ca, admission_configuration) = client_authentication(dir.path())?;
+    let server = ApiServer::start_with(ApiServerOptions {
+        extra_args: vec![format!(
+            "--admission-control-config-file={}",
+            admission_configuration.display()
+        )],
+        ..Default::default()
+    })?;
+    let client = server.client();
     let (ca, cert, key) = certificates(dir.path())?;
-    let mut webhook = Webhook::start(dir.path(), &cert, &key, server.kubeconfig())?;
+    let mut webhook = Webhook::start(dir.path(), &cert, &key, &client_ca, server.kubeconfig())?;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let create_ns = |ns: Namespace| {

@@ -71,7 +71,7 @@ pub use confine::Confinement;
 pub use review::{review, Namespaces, Reply, Route};
 pub use tenancy::Tenancy;
 
-use crate::pdp::listen::{accept_until, serve_http};
+use crate::pdp::listen::{accept_until, serve_http, Peer};
 
 /// The path of the mutating webhook.
 pub const MUTATE_PATH: &str = "/mutate";
@@ -117,8 +117,8 @@ pub const BUDGET_WAIT: Duration = Duration::from_secs(2);
 /// [`LARGE_BODIES_BYTES`] is counted in KiB, a semaphore permit each.
 const BUDGET_UNIT: u64 = 1 << 10;
 
-/// `enforcer admission serve --listen ADDR --tls-cert PEM --tls-key PEM [--kubeconfig F]
-/// [--ready-file F]`.
+/// `enforcer admission serve --listen ADDR --tls-cert PEM --tls-key PEM [--client-ca PEM]
+/// [--kubeconfig F] [--ready-file F]`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Where to listen (HTTPS only: the API server calls webhooks over TLS).
@@ -128,6 +128,12 @@ pub struct ServeOptions {
     pub tls_cert: PathBuf,
     /// PEM private key of `tls_cert`.
     pub tls_key: PathBuf,
+    /// PEM CA certificates: when given, the reviews (`/mutate`, `/validate`) are answered only
+    /// on a connection whose client presented a certificate one of them signed (the API
+    /// server's, configured by its `--admission-control-config-file`), and refused with a 403
+    /// before their body is read otherwise; `/healthz` stays open (kubelet probes present no
+    /// certificate).
+    pub client_ca: Option<PathBuf>,
     /// A kubeconfig file; without it the in-cluster service account (or `$KUBECONFIG`, or
     /// `~/.kube/config`: kube's inference order).
     pub kubeconfig: Option<PathBuf>,
@@ -151,6 +157,11 @@ pub enum Command {
         /// PEM private key of the certificate.
         #[arg(long)]
         tls_key: PathBuf,
+        /// PEM CA certificate(s) of the API server's webhook client certificate: reviews from
+        /// a client without a certificate they signed are refused (403), so a pod that can
+        /// reach the port cannot make the webhook read or review anything.
+        #[arg(long, value_name = "PEM")]
+        client_ca: Option<PathBuf>,
         /// Kubeconfig file (default: in-cluster service account, $KUBECONFIG, ~/.kube/config).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
@@ -171,6 +182,7 @@ pub async fn run(command: Command) -> Result<()> {
             listen,
             tls_cert,
             tls_key,
+            client_ca,
             kubeconfig,
             ready_file,
             runtime_classes,
@@ -179,6 +191,7 @@ pub async fn run(command: Command) -> Result<()> {
                 listen,
                 tls_cert,
                 tls_key,
+                client_ca,
                 kubeconfig,
                 ready_file,
                 confinement: Confinement {
@@ -210,7 +223,9 @@ pub async fn serve_until(
     let tls = TlsAcceptor::from(crate::pdp::tls::server_config(
         &options.tls_cert,
         &options.tls_key,
+        options.client_ca.as_deref(),
     )?);
+    let certificate_required = options.client_ca.is_some();
     let client = kube_client(options.kubeconfig.as_ref()).await?;
     let namespaces = Arc::new(ApiNamespaces {
         api: Api::all(client),
@@ -230,13 +245,20 @@ pub async fn serve_until(
         Some(tls),
         MAX_CONNECTIONS,
         shutdown,
-        move |stream, peer| {
+        move |stream, peer: Peer| {
             let (namespaces, confinement, budget) =
                 (namespaces.clone(), confinement.clone(), budget.clone());
-            serve_http(stream, peer, move |request| {
+            let refused = certificate_required && !peer.certified;
+            serve_http(stream, peer.addr, move |request| {
                 let (namespaces, confinement, budget) =
                     (namespaces.clone(), confinement.clone(), budget.clone());
-                async move { respond(request, &*namespaces, &confinement, &budget).await }
+                async move {
+                    if refused && request.uri().path() != HEALTH_PATH {
+                        tracing::debug!(peer = %peer.addr, "a request without a client certificate refused");
+                        return uncertified();
+                    }
+                    respond(request, &*namespaces, &confinement, &budget).await
+                }
             })
         },
     )
@@ -290,6 +312,22 @@ fn reply(reply: Reply) -> Response<Full<Bytes>> {
 }
 
 /// The HTTP layer: route, method, size and time bounds of the body; then [`review`].
+/// The answer to a review (or any path but the health check) on a connection whose client
+/// presented no certificate while one is required: 403, and the connection is closed after
+/// it, so that such a client holds a connection slot no longer than a request.
+fn uncertified() -> Response<Full<Bytes>> {
+    let mut response = reply(Reply::text(
+        403,
+        "this webhook answers only the Kubernetes API server: present a client certificate \
+         signed by a CA of its --client-ca (the API server's webhook client certificate, from \
+         its --admission-control-config-file)",
+    ));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 async fn respond(
     request: Request<Incoming>,
     namespaces: &impl Namespaces,

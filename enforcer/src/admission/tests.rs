@@ -19,6 +19,8 @@ const NOWHERE: &str = "https://127.84.0.9:1";
 
 struct Running {
     addr: SocketAddr,
+    /// The CA of the webhook's serving certificate.
+    ca: PathBuf,
     connector: TlsConnector,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
@@ -51,13 +53,39 @@ fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
+/// A CA of its own in `dir` (`{name}-ca.pem`) and a client certificate it signed
+/// (`{name}.pem`, `{name}-key.pem`): (ca, cert, key).
+fn client_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf.signed_by(&key, &ca).unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
 impl Running {
     async fn start(dir: &Path) -> Self {
-        Self::start_with(dir, NOWHERE).await
+        Self::start_with(dir, NOWHERE, None).await
     }
 
-    /// A webhook whose namespace lookups go to `api_server`.
-    async fn start_with(dir: &Path, api_server: &str) -> Self {
+    /// A webhook whose namespace lookups go to `api_server`, requiring a client certificate
+    /// signed by `client_ca` when given.
+    async fn start_with(dir: &Path, api_server: &str, client_ca: Option<PathBuf>) -> Self {
         let (ca, cert, key) = pki(dir);
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
@@ -78,6 +106,7 @@ impl Running {
                 listen: "127.84.0.1:0".parse().unwrap(),
                 tls_cert: cert,
                 tls_key: key,
+                client_ca,
                 kubeconfig: Some(kubeconfig),
                 ready_file: Some(ready.clone()),
                 confinement: Default::default(),
@@ -99,6 +128,7 @@ impl Running {
         let connector = TlsConnector::from(crate::pdp::tls::client_config(Some(&ca)).unwrap());
         Self {
             addr,
+            ca,
             connector,
             stop: Some(stop),
             task,
@@ -107,17 +137,59 @@ impl Running {
 
     /// A fresh connection on which `head` has been sent, held open.
     async fn open(&self, head: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        self.open_with(&self.connector, head).await.unwrap()
+    }
+
+    /// A connector that trusts the webhook and presents `cert` (PEM, with its key `key`).
+    fn connector_presenting(&self, cert: &Path, key: &Path) -> TlsConnector {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls::pki_types::CertificateDer::pem_file_iter(&self.ca).unwrap() {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        TlsConnector::from(std::sync::Arc::new(config))
+    }
+
+    /// [`Self::open`] through `connector`; the handshake's or the write's error.
+    async fn open_with(
+        &self,
+        connector: &TlsConnector,
+        head: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from("127.84.0.1").unwrap();
-        let mut tls = self.connector.connect(name, tcp).await.unwrap();
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.flush().await.unwrap();
-        tls
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_all(head.as_bytes()).await?;
+        tls.flush().await?;
+        // TLS 1.3: the server judges the client's certificate after the client's side of the
+        // handshake is done; its refusal is the first thing read.
+        Ok(tls)
     }
 
     /// Sends `head` then `body` on a fresh connection; the status code and the whole answer.
     async fn exchange(&self, head: &str, body: &[u8]) -> (u16, String) {
-        let mut tls = self.open(head).await;
+        let tls = self.open(head).await;
+        Self::answer(tls, body).await
+    }
+
+    /// Sends `body` on `tls`, then reads the answer to its end: the status code and the text.
+    async fn answer(
+        mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        body: &[u8],
+    ) -> (u16, String) {
         // The server may answer (413) and close before the body is through.
         let _ = tls.write_all(body).await;
         let mut answer = Vec::new();
@@ -129,6 +201,15 @@ impl Running {
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
         (status, text)
+    }
+
+    /// `GET /healthz` on a fresh connection.
+    async fn health(&self) -> (u16, String) {
+        self.exchange(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await
     }
 
     async fn post(&self, path: &str, body: &[u8]) -> (u16, String) {
@@ -168,12 +249,7 @@ async fn routes_methods_bounds_and_an_unreachable_api_server() {
     let dir = TestDir::new("admission-http");
     let server = Running::start(&dir.0).await;
 
-    let (status, text) = server
-        .exchange(
-            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            b"",
-        )
-        .await;
+    let (status, text) = server.health().await;
     assert_eq!(status, 200, "{text}");
     assert!(text.ends_with("\r\n\r\nok\n"), "{text}");
 
@@ -251,6 +327,72 @@ async fn routes_methods_bounds_and_an_unreachable_api_server() {
     server.stop().await;
 }
 
+/// With `--client-ca`, a review is answered only on a connection whose client presented a
+/// certificate that CA signed (the API server's): without one it is refused (403) before its
+/// body is read, and the connection closed; a certificate another CA signed fails the
+/// handshake; the health check needs none (kubelet probes present none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_need_the_api_servers_client_certificate_when_one_is_required() {
+    let dir = TestDir::new("admission-client-ca");
+    let (client_ca, cert, key) = client_pki(&dir.0, "apiserver");
+    let (_, other_cert, other_key) = client_pki(&dir.0, "other");
+    let server = Running::start_with(&dir.0, NOWHERE, Some(client_ca)).await;
+    let review = review_json("acme");
+    let head = |len: usize| {
+        format!(
+            "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+    };
+
+    // No certificate: a head that declares the largest body and sends none is answered at
+    // once (reading the body would wait 10 s for it, then answer 408).
+    let started = std::time::Instant::now();
+    let (status, text) = server.exchange(&head(MAX_BODY_BYTES), b"").await;
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("present a client certificate signed by a CA of its --client-ca"),
+        "{text}"
+    );
+    assert!(started.elapsed() < BODY_TIMEOUT, "{:?}", started.elapsed());
+    let (status, text) = server.post("/mutate", &review).await;
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = server.health().await;
+    assert_eq!(status, 200, "{text}");
+
+    // Another CA's certificate: no handshake (in TLS 1.3 the server's refusal is what the
+    // client reads first).
+    let other = server.connector_presenting(&other_cert, &other_key);
+    if let Ok(mut tls) = server.open_with(&other, &head(review.len())).await {
+        let _ = tls.write_all(&review).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut answer))
+            .await
+            .expect("the refused client's read ends");
+        assert!(
+            read.is_err(),
+            "answered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
+    // The API server's certificate: the review is made (500: no API server to read the
+    // namespace from here).
+    let apiserver = server.connector_presenting(&cert, &key);
+    let tls = server
+        .open_with(&apiserver, &head(review.len()))
+        .await
+        .unwrap();
+    let (status, text) = Running::answer(tls, &review).await;
+    assert_eq!(status, 500, "{text}");
+    assert!(
+        text.contains("pod acme/p: cannot read namespace acme from the API server:"),
+        "{text}"
+    );
+
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn refuses_to_start_without_a_usable_certificate_or_kubeconfig() {
     let dir = TestDir::new("admission-start");
@@ -259,6 +401,7 @@ async fn refuses_to_start_without_a_usable_certificate_or_kubeconfig() {
         listen: "127.84.0.1:0".parse().unwrap(),
         tls_cert: cert.to_path_buf(),
         tls_key: key.to_path_buf(),
+        client_ca: None,
         kubeconfig: Some(kubeconfig.to_path_buf()),
         ready_file: None,
         confinement: Default::default(),
@@ -369,8 +512,9 @@ async fn reviews_share_a_bounded_parse_budget() {
             held.push(stream);
         }
     });
-    let server =
-        std::sync::Arc::new(Running::start_with(&dir.0, &format!("https://{silent_addr}")).await);
+    let server = std::sync::Arc::new(
+        Running::start_with(&dir.0, &format!("https://{silent_addr}"), None).await,
+    );
 
     // A `[]` of the padding is a value of 3 bytes.
     let charge = |body: &[u8]| cost::charge(cost::census(body).unwrap(), body.len() as u64);

@@ -43,6 +43,16 @@ pub(crate) const CONNECTION_BUFFER_BYTES: usize = 16 << 10;
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// The client end of an accepted connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    /// Its address and port.
+    pub addr: SocketAddr,
+    /// It presented a TLS client certificate that the acceptor's client verifier accepted
+    /// (only an acceptor made with a client CA asks for one: [`super::tls::server_config`]).
+    pub certified: bool,
+}
+
 /// Accepts connections on `listener` until `shutdown` completes, at most `max_connections`
 /// at once (a client over the limit waits in the kernel's backlog) and at most a quarter of
 /// them (at least one) from one peer address (a connection beyond is closed at once: one
@@ -57,7 +67,7 @@ pub(crate) async fn accept_until<F, Fut>(
     serve: F,
 ) -> Result<()>
 where
-    F: Fn(Box<dyn Stream>, SocketAddr) -> Fut + Clone + Send + 'static,
+    F: Fn(Box<dyn Stream>, Peer) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut tasks = JoinSet::new();
@@ -91,10 +101,14 @@ where
         let serve = serve.clone();
         tasks.spawn(async move {
             let _permit = (permit, peer_slot);
+            let mut certified = false;
             let stream: Box<dyn Stream> = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Ok(stream)) => {
+                            certified = super::tls::client_certified(stream.get_ref().1);
+                            Box::new(stream)
+                        }
                         Ok(Err(error)) => {
                             return tracing::debug!(%peer, %error, "TLS handshake failed")
                         }
@@ -103,7 +117,14 @@ where
                 }
                 None => Box::new(stream),
             };
-            serve(stream, peer).await;
+            serve(
+                stream,
+                Peer {
+                    addr: peer,
+                    certified,
+                },
+            )
+            .await;
         });
         // Reap finished connections so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
@@ -203,8 +224,8 @@ mod tests {
                 None,
                 max,
                 std::future::pending(),
-                |stream, peer| {
-                    serve_http(stream, peer, |_| async {
+                |stream, peer: Peer| {
+                    serve_http(stream, peer.addr, |_| async {
                         Response::new(Full::new(Bytes::from_static(b"ok")))
                     })
                 },

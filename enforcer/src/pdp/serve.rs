@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use super::auth::Token;
 use super::files::{fingerprint, read_bundle_files, sibling, stage, validate};
 use super::http::{etag, if_none_match_hits, is_loopback, parse_wait};
-use super::listen::{accept_until, serve_http};
+use super::listen::{accept_until, serve_http, Peer};
 use super::{WireBundle, BUNDLE_PATH, WATCH_EVERY};
 
 /// The environment variable that may hold the token when no `--token-file` is given.
@@ -96,9 +96,9 @@ impl Pdp {
     /// binds: plain HTTP on a non-loopback address is refused before any socket exists.
     pub async fn bind(options: ServeOptions) -> Result<Self> {
         let tls = match (&options.tls_cert, &options.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(TlsAcceptor::from(super::tls::server_config(cert, key)?))
-            }
+            (Some(cert), Some(key)) => Some(TlsAcceptor::from(super::tls::server_config(
+                cert, key, None,
+            )?)),
             (None, None) => None,
             _ => bail!("--tls-cert and --tls-key go together: give both, or neither"),
         };
@@ -166,7 +166,7 @@ impl Pdp {
             self.tls,
             MAX_CONNECTIONS,
             shutdown,
-            move |stream, peer| serve_connection(stream, peer, shared.clone()),
+            move |stream, peer: Peer| serve_connection(stream, peer.addr, shared.clone()),
         )
         .await;
         tracing::info!("PDP stopping");
