@@ -1410,7 +1410,7 @@ impl Agent {
         let (mut procs_time, mut destroy_time) = (Duration::ZERO, Duration::ZERO);
         let mut procs: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         let mut diag_sockets = flows::destroy::DiagSockets::default();
-        let mut looks_left = reconnected::LOOKS_PER_PASS;
+        let mut looks = reconnected::LookBudget::default();
         let mut live = BTreeSet::new();
         let (mut revoked, mut stale, mut failed) = (0usize, 0usize, 0usize);
         for (cookie, mut record) in records {
@@ -1425,13 +1425,7 @@ impl Agent {
                         flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id)
                     })
                     .clone();
-                match self.reconnected_flow(
-                    cookie,
-                    &record,
-                    &pids,
-                    &mut diag_sockets,
-                    &mut looks_left,
-                ) {
+                match self.reconnected_flow(cookie, &record, &pids, &mut diag_sockets, &mut looks) {
                     Some(flow) => record = flow,
                     None => {
                         self.stale_reported.remove(&cookie);

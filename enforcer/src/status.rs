@@ -41,6 +41,10 @@ pub struct Status {
     pub lost_flow_events: u64,
     /// Live tracked flows (records in the pinned `FLOWS` map; `enforcer flows` lists them).
     pub tracked_flows: usize,
+    /// `FLOWS` records of UDP sockets connected again elsewhere (`ENDED`: their flow was
+    /// reported closed, `enforcer flows` does not list them): each holds its tenant's share
+    /// until its socket is released.
+    pub ended_flow_records: usize,
     /// `{"deny": {"tenant_mismatch": 3, ...}, ...}` as a flat list for stable output.
     pub verdicts: Vec<VerdictCount>,
     pub maps: Vec<datapath::MapFill>,
@@ -124,7 +128,12 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
         });
     let agent = read_agent_state(state_dir);
     let lost_flow_events = crate::flows::lost(&dir)?;
-    let tracked_flows = crate::flows::read(&dir)?.len();
+    let records = crate::flows::read(&dir)?;
+    let ended_flow_records = records
+        .iter()
+        .filter(|(_, r)| r.flags & enforcer_common::flow_flags::ENDED != 0)
+        .count();
+    let tracked_flows = records.len() - ended_flow_records;
     Ok(Status {
         pdp,
         pin_dir: dir,
@@ -133,6 +142,7 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
         lost_events: stats.lost_events,
         lost_flow_events,
         tracked_flows,
+        ended_flow_records,
         verdicts,
         maps: stats.maps.clone(),
         active_policy_table: stats.config.active_policy,
@@ -354,6 +364,14 @@ pub fn render(status: &Status) -> String {
         "tracked flows:   {} live, {} flow events lost",
         status.tracked_flows, status.lost_flow_events
     );
+    if status.ended_flow_records > 0 {
+        let _ = writeln!(
+            out,
+            "                 {} records of UDP sockets connected elsewhere since (their flows \
+             closed), each holding its tenant's share until the socket is closed",
+            status.ended_flow_records
+        );
+    }
     let _ = writeln!(out, "verdicts:");
     for v in &status.verdicts {
         let _ = writeln!(out, "  {:<6} {:<16} {}", v.verdict, v.reason, v.count);

@@ -74,6 +74,15 @@ fn a_flow_is_reset_in_a_namespace_found_by_its_runtime_file() -> Result<()> {
         Err(e) => ensure!(e.cookie == u64::MAX, "{e}"),
         Ok(_) => anyhow::bail!("a socket in a namespace that no file names"),
     }
+    // Nor is every file entered again for it at once (each walk enters every pod's
+    // namespace; a flow that cannot be reset is tried at every tick).
+    match diag_socket_in_dirs(u64::MAX, &[], &dirs) {
+        Err(e) => ensure!(
+            e.tried.contains("no namespace file was the flow's") && !e.tried.contains("/run/netns"),
+            "{e}"
+        ),
+        Ok(_) => anyhow::bail!("a socket in a namespace that no file names"),
+    }
 
     let mut record = FlowRecord {
         family: 4,

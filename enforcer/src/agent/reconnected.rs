@@ -10,9 +10,10 @@
 //! before (read from the socket); before a revocation pass decides the record, the agent
 //! looks whether the socket is still there (`sock_diag`). A look is kept for its record
 //! version (a socket moves only by a connect, which writes a new one) for [`KEEP_LOOK`], one
-//! that could not say for [`KEEP_UNKNOWN`], and a pass makes at most [`LOOKS_PER_PASS`]: a
-//! workload reconnecting thousands of sockets, or crowding its namespace so that no look can
-//! say, cannot hold the agent's loop (red-team review 32). A record without a usable look is
+//! that could not say for [`KEEP_UNKNOWN`], and a pass makes at most [`LOOKS_PER_PASS`] in
+//! at most [`LOOK_TIME_PER_PASS`]: a workload reconnecting thousands of sockets, or crowding
+//! its namespace so that each look lists many datagrams, cannot hold the agent's loop
+//! (red-team reviews 32 and 34). A record without a usable look is
 //! decided by the fallback (the flow where the socket was, first).
 
 use std::collections::BTreeMap;
@@ -45,6 +46,24 @@ const KEEP_UNKNOWN: Duration = Duration::from_secs(300);
 /// most.
 pub(super) const LOOKS_PER_PASS: usize = 256;
 
+/// The time one pass spends looking, at most (entering namespaces and listing): a workload
+/// that gives each look thousands of sockets to list (every one of its records a new
+/// version before each pass) made 256 looks cost seconds of the agent's loop.
+pub(super) const LOOK_TIME_PER_PASS: Duration = Duration::from_millis(100);
+
+/// What looks a pass may still make ([`LOOKS_PER_PASS`], [`LOOK_TIME_PER_PASS`]).
+#[derive(Debug, Default)]
+pub(super) struct LookBudget {
+    made: usize,
+    spent: Duration,
+}
+
+impl LookBudget {
+    fn exhausted(&self) -> bool {
+        self.made >= LOOKS_PER_PASS || self.spent >= LOOK_TIME_PER_PASS
+    }
+}
+
 /// What a look was about: a record version (`start_ns`, `flags`, previous peer and port, and
 /// the count of connects the hooks moved or ended it by, in `wire_stamp`). A socket moves
 /// only by a connect, which writes another version.
@@ -56,7 +75,7 @@ impl Agent {
     /// one); the flow where the socket still is when the kernel refused that connect (none
     /// when that destination is not tracked). When no look can say (the namespace cannot be
     /// entered, a listing crowded with sockets connected to the same peer, or this pass's
-    /// `looks_left` are spent), the flow where the socket was is decided first, and taken
+    /// `looks` are spent), the flow where the socket was is decided first, and taken
     /// when denied, so that a socket left there is never decided as moved (a socket that did
     /// move may then be reported stale there).
     pub(super) fn reconnected_flow(
@@ -65,7 +84,7 @@ impl Agent {
         record: &FlowRecord,
         pids: &[u32],
         sockets: &mut DiagSockets,
-        looks_left: &mut usize,
+        looks: &mut LookBudget,
     ) -> Option<FlowRecord> {
         let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
         let Some(previous) = flows::previous_peer(record) else {
@@ -91,12 +110,14 @@ impl Agent {
             });
         let found = match kept {
             Some(found) => found,
-            None if *looks_left == 0 => None,
+            None if looks.exhausted() => None,
             None => {
-                *looks_left -= 1;
-                let found = match flows::destroy::udp_connected_to(
-                    cookie, record, previous, pids, sockets,
-                ) {
+                let started = Instant::now();
+                let look =
+                    flows::destroy::udp_connected_to(cookie, record, previous, pids, sockets);
+                looks.made += 1;
+                looks.spent += started.elapsed();
+                let found = match look {
                     Ok(true) => Some(Found::Previous),
                     Ok(false) => Some(Found::Recorded),
                     Err(error) => {

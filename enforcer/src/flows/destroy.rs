@@ -118,6 +118,18 @@ static NETNS_CACHE: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<u64, std::path::PathBuf>>,
 > = std::sync::LazyLock::new(Default::default);
 
+/// Namespace cookie -> when the runtimes' namespace files were last walked without finding
+/// it. A namespace no file names now will not get one (a runtime names a pod's namespace
+/// before any of its processes runs), so for [`FILES_MISS_KEEP`] the walk, which enters up
+/// to [`MAX_NETNS_FILES`] namespaces per directory, is not made again for it: a flow whose
+/// namespace cannot be entered is tried at every tick (red-team review 34).
+static NETNS_NOT_IN_FILES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// How long a walk of the namespace files that did not find a namespace stands for it.
+const FILES_MISS_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why no sock_diag socket could be made in the flow's network namespace: the flow's socket
 /// was not looked for, so nothing can be concluded about it.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +192,21 @@ pub fn diag_socket_in_dirs(
         Err(error) => tried.push(format!("own namespace: {error}")),
     }
     let mut seen = std::collections::BTreeSet::new();
+    let missed_lately = NETNS_NOT_IN_FILES
+        .lock()
+        .ok()
+        .and_then(|misses| misses.get(&want).copied())
+        .filter(|at| at.elapsed() < FILES_MISS_KEEP);
+    let netns_dirs = match missed_lately {
+        Some(at) => {
+            tried.push(format!(
+                "no namespace file was the flow's {} s ago",
+                at.elapsed().as_secs()
+            ));
+            &[][..]
+        }
+        None => netns_dirs,
+    };
     // The namespace files of the runtimes, after the processes: the cached file for this
     // cookie first (a revocation usually closes several flows of one pod), then the others.
     let cached = NETNS_CACHE
@@ -275,6 +302,16 @@ pub fn diag_socket_in_dirs(
             "no namespace file in {} is the flow's",
             dirs.join(", ")
         ));
+        if let Ok(mut misses) = NETNS_NOT_IN_FILES.lock() {
+            // Bounded like the cache of found files.
+            if misses.len() >= MAX_NETNS_FILES {
+                misses.retain(|_, at| at.elapsed() < FILES_MISS_KEEP);
+                if misses.len() >= MAX_NETNS_FILES {
+                    misses.clear();
+                }
+            }
+            misses.insert(want, std::time::Instant::now());
+        }
     }
     Err(NoNamespace {
         cookie: want,
@@ -345,39 +382,60 @@ pub fn destroy(cookie: u64, record: &FlowRecord, pids: &[u32]) -> Result<(), Des
 /// namespace reuse it instead of making (and, in a pod's namespace, entering for) a socket
 /// per flow: at 1,000 flows of one namespace the sockets were a third of the resets' time
 /// (bench `flows`). Requests on one socket are told apart by their sequence numbers. A
-/// namespace that could not be entered through the same candidate processes is not tried
-/// again in the same pass (each try walks the runtimes' namespace files).
+/// namespace that could not be entered is tried again in the same pass only through
+/// processes not tried yet, and its runtimes' namespace files are not walked again (keyed by
+/// the namespace, not by the processes: a workload connecting from a new short-lived process
+/// each time made every record a new walk of every pod's file, red-team review 34).
 #[derive(Default)]
-pub struct DiagSockets(
-    std::collections::HashMap<u64, OwnedFd>,
-    std::collections::HashMap<(u64, Vec<u32>), String>,
-);
+pub struct DiagSockets {
+    sockets: std::collections::HashMap<u64, OwnedFd>,
+    /// Namespaces not entered in this pass: the processes tried, and what was answered.
+    unreachable: std::collections::HashMap<u64, (std::collections::BTreeSet<u32>, String)>,
+}
 
 impl DiagSockets {
     /// The sock_diag socket of `record`'s network namespace: this pass's, or made now by
     /// entering the namespace through the connecting process, else one of `pids`.
     fn socket_for(&mut self, record: &FlowRecord, pids: &[u32]) -> Result<&OwnedFd, NoNamespace> {
-        let connector = (record.pid_tgid >> 32) as u32;
-        let mut candidates = vec![connector];
-        candidates.extend(pids.iter().copied().filter(|&p| p != connector));
         let cookie = record.netns_cookie;
-        let attempt = (cookie, candidates);
-        if let Some(tried) = self.1.get(&attempt) {
-            return Err(NoNamespace {
-                cookie,
-                tried: tried.clone(),
-            });
-        }
-        Ok(match self.0.entry(cookie) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                let fd = diag_socket_in(cookie, &attempt.1).inspect_err(|error| {
-                    self.1.insert(attempt.clone(), error.tried.clone());
-                })?;
-                prime(&fd);
-                entry.insert(fd)
+        if !self.sockets.contains_key(&cookie) {
+            let connector = (record.pid_tgid >> 32) as u32;
+            let mut candidates = vec![connector];
+            candidates.extend(pids.iter().copied().filter(|&p| p != connector));
+            let made = match self.unreachable.get_mut(&cookie) {
+                None => diag_socket_in(cookie, &candidates),
+                Some((tried_pids, tried)) => {
+                    candidates.retain(|pid| !tried_pids.contains(pid));
+                    if candidates.is_empty() {
+                        return Err(NoNamespace {
+                            cookie,
+                            tried: tried.clone(),
+                        });
+                    }
+                    diag_socket_in_dirs(cookie, &candidates, &[])
+                }
+            };
+            match made {
+                Ok(fd) => {
+                    prime(&fd);
+                    self.unreachable.remove(&cookie);
+                    self.sockets.insert(cookie, fd);
+                }
+                Err(error) => {
+                    let entry = self.unreachable.entry(cookie).or_default();
+                    entry.0.extend(candidates);
+                    entry.1 = error.tried.clone();
+                    return Err(error);
+                }
             }
-        })
+        }
+        Ok(&self.sockets[&cookie])
+    }
+
+    /// Drops the socket of namespace `cookie` (a request on it failed): the next flow of that
+    /// namespace starts on a fresh one.
+    fn drop_socket(&mut self, cookie: u64) {
+        self.sockets.remove(&cookie);
     }
 }
 
@@ -447,7 +505,7 @@ pub fn destroy_with(
     }
     let fd = sockets.socket_for(record, pids)?;
     if let Err(error) = send_request(fd, &req) {
-        sockets.0.remove(&record.netns_cookie);
+        sockets.drop_socket(record.netns_cookie);
         return Err(error.into());
     }
     let mut answer = read_ack(fd, seq);
@@ -457,14 +515,17 @@ pub fn destroy_with(
     // ports were listed by cookie, or binding would be a way out of revocation. A socket
     // still listed is never "gone": a reset that keeps missing it (a process with CAP_NET_RAW
     // moving it between devices) is a failure, reported and retried.
-    let mut listed = false;
+    let (mut listed, mut unproven_listing) = (false, false);
     for _ in 0..RESET_TRIES {
         if !matches!(&answer, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
             break;
         }
         answer = match list_cookie(fd, &req, cookie, FLOW_STATES, &exact_tuple_filter(&req)) {
             Ok(Listing::Absent) => break,
-            Ok(Listing::Unproven(datagrams)) => Err(unproven(datagrams)),
+            Ok(Listing::Unproven(datagrams)) => {
+                unproven_listing = true;
+                Err(unproven(datagrams))
+            }
             Ok(Listing::Listed(found)) => {
                 listed = true;
                 req.interface = found.device;
@@ -479,8 +540,9 @@ pub fn destroy_with(
             "SOCK_DESTROY: the socket is listed but its reset keeps missing it (it changes device)",
         ));
     }
-    if answer.is_err() {
-        sockets.0.remove(&record.netns_cookie);
+    // A listing that ended without the socket leaves this one fit for the next request.
+    if answer.is_err() && !unproven_listing {
+        sockets.drop_socket(record.netns_cookie);
     }
     answer.map_err(DestroyError::Io)
 }
@@ -526,9 +588,11 @@ pub fn udp_connected_to(
 }
 
 /// Whether the TCP socket `cookie` of `record` still exists, hashed, in the record's network
-/// namespace: listed in any state but LISTEN (entered and listed as for [`udp_peer`]). A
-/// socket that is not is gone, or closed and never to send again under this record (a
-/// connect it makes next writes a new one). Errors: as [`udp_peer`]'s.
+/// namespace: listed in any state but LISTEN and TIME_WAIT (entered and listed as for
+/// [`udp_connected_to`]). A socket that is not is gone, or closed and never to send again
+/// under this record (a connect it makes next writes a new one); a TIME_WAIT socket is what
+/// is left of one whose connection ended (and costs a workload nothing to make by the
+/// thousand, to crowd the listing). Errors: as [`udp_connected_to`]'s.
 pub fn tcp_listed(
     cookie: u64,
     record: &FlowRecord,
@@ -540,7 +604,7 @@ pub fn tcp_listed(
         protocol: IPPROTO_TCP,
         ..Request::default()
     };
-    Ok(find(cookie, record, pids, sockets, &req, FLOW_STATES, &[])?.is_some())
+    Ok(find(cookie, record, pids, sockets, &req, LIVE_STATES, &[])?.is_some())
 }
 
 /// The socket `cookie` among `request`'s sockets in `states` that pass `filter`, in
@@ -561,7 +625,7 @@ fn find(
         // The dump ended: the socket is fit for the next listing.
         Ok(Listing::Unproven(datagrams)) => Err(unproven(datagrams).into()),
         Err(error) => {
-            sockets.0.remove(&record.netns_cookie);
+            sockets.drop_socket(record.netns_cookie);
             Err(error.into())
         }
     }
@@ -650,6 +714,9 @@ const RESET_TRIES: usize = 3;
 /// LISTEN): a listing never walks listeners, request sockets or bound-only sockets.
 const FLOW_STATES: u32 = 0xFFE & !(1 << 10);
 
+/// [`FLOW_STATES`] without TIME_WAIT (`TCPF_TIME_WAIT`): a socket that may still send.
+const LIVE_STATES: u32 = FLOW_STATES & !(1 << 6);
+
 /// Datagrams a listing may take. A listing whose records fill more than one is no proof of
 /// absence (the kernel resumes a dump by position, and sockets closing ahead of ours can make
 /// it skip): only records that came in one datagram, without the cookie, say "absent"
@@ -695,13 +762,15 @@ fn list_cookie(
         &[libc::AF_INET6 as u8]
     };
     // Every family is listed even when one fails: a crowded IPv4 listing must not hide a
-    // dual-stack socket, which is listed as IPv6 (red-team review 31).
+    // dual-stack socket, which is listed as IPv6 (red-team review 31). Not after a listing
+    // that did not end: its dump holds the socket (red-team review 34).
     let (mut failed, mut unproven) = (None, None);
     for &family in families {
         match list_family(fd, destroy, family, cookie, states, filter) {
             Ok(listed @ Listing::Listed(_)) => return Ok(listed),
             Ok(Listing::Absent) => {}
             Ok(listing @ Listing::Unproven(_)) => unproven = Some(listing),
+            Err(error) if error.kind() == io::ErrorKind::ResourceBusy => return Err(error),
             Err(error) => failed = Some(error),
         }
     }
@@ -765,7 +834,7 @@ fn list_family(
             )
         };
         if n < 0 {
-            return Err(failed(io::Error::last_os_error().to_string()));
+            return Err(left_running(failed(io::Error::last_os_error().to_string())));
         }
         if from.nl_pid != 0 {
             continue;
@@ -787,9 +856,15 @@ fn list_family(
             }
         }
     }
-    Err(failed(format!(
+    Err(left_running(failed(format!(
         "the listing did not end within {LIST_DATAGRAMS} datagrams"
-    )))
+    ))))
+}
+
+/// `error`, for a listing stopped before its end: the dump may still run on the socket, so
+/// the next request on it would be refused (`EBUSY`) and the socket must be dropped.
+fn left_running(error: io::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::ResourceBusy, error.to_string())
 }
 
 /// What one datagram of a dump held.

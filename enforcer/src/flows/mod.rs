@@ -79,12 +79,26 @@ pub fn forget(dir: &Path, cookie: u64, seen: &FlowRecord) -> Result<Option<FlowR
         // The kernel ended it meanwhile (and returned its share).
         None => return Ok(None),
         Some(taken) if !same_flow(&taken) => {
-            // Put back unless the socket wrote yet another since (the kernel's is newer).
-            let _ = map.insert(cookie, taken, crate::datapath::locked::BPF_NOEXIST);
+            // Put back unless the socket wrote yet another since (the kernel's is newer, and
+            // took a share of its own): then the one taken is gone for good, and so is its
+            // share (red-team review 34).
+            if map
+                .insert(cookie, taken, crate::datapath::locked::BPF_NOEXIST)
+                .is_err()
+            {
+                return_share(dir, &taken)?;
+            }
             return Ok(None);
         }
         Some(taken) => taken,
     };
+    return_share(dir, &record)?;
+    Ok(Some(record))
+}
+
+/// Returns the share of `record`, deleted by the agent, to its tenant
+/// (`FLOW_TENANTS_FORGOTTEN`).
+fn return_share(dir: &Path, record: &FlowRecord) -> Result<()> {
     let path = dir.join(maps::FLOW_TENANTS_FORGOTTEN);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -98,8 +112,7 @@ pub fn forget(dir: &Path, cookie: u64, seen: &FlowRecord) -> Result<Option<FlowR
     let before = forgotten.get(&record.tenant, 0).unwrap_or(0);
     forgotten
         .insert(record.tenant, before + 1, 0)
-        .context("returning a record to its tenant's share")?;
-    Ok(Some(record))
+        .context("returning a record to its tenant's share")
 }
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (`include/uapi/linux/bpf.h`; hash maps since Linux 5.14).
