@@ -355,6 +355,9 @@ struct Agent {
     /// stopped after (0: from the start).
     last_sweep: Option<Instant>,
     sweep_cursor: u64,
+    /// The `start_ns` after which records wait for the sweep's next round (its start): a
+    /// round ends, and the cursor wraps, however fast new records come (red-team review 35).
+    sweep_round_end: u64,
     /// TCP flows no longer permitted whose reset failed (by cookie): reported
     /// `flow.revoke_failed` once, retried on every tick until reset or gone.
     revoke_failed: BTreeSet<u64>,
@@ -623,6 +626,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         reconnected: BTreeMap::new(),
         last_sweep: None,
         sweep_cursor: 0,
+        sweep_round_end: 0,
         revoke_failed: BTreeSet::new(),
         learner,
         pager,

@@ -253,11 +253,21 @@ pub async fn serve_until(
                 let (namespaces, confinement, budget) =
                     (namespaces.clone(), confinement.clone(), budget.clone());
                 async move {
-                    if refused && request.uri().path() != HEALTH_PATH {
-                        tracing::debug!(peer = %peer.addr, "a request without a client certificate refused");
-                        return uncertified();
+                    if !refused {
+                        return respond(request, &*namespaces, &confinement, &budget).await;
                     }
-                    respond(request, &*namespaces, &confinement, &budget).await
+                    // One request per connection without a certificate, the health check's
+                    // too: a client sending one every few seconds kept its slot for the
+                    // connection's whole lifetime (red-team review 35).
+                    let mut response = if request.uri().path() == HEALTH_PATH {
+                        respond(request, &*namespaces, &confinement, &budget).await
+                    } else {
+                        uncertified(peer.addr)
+                    };
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    response
                 }
             })
         },
@@ -312,20 +322,52 @@ fn reply(reply: Reply) -> Response<Full<Bytes>> {
 }
 
 /// The HTTP layer: route, method, size and time bounds of the body; then [`review`].
-/// The answer to a review (or any path but the health check) on a connection whose client
-/// presented no certificate while one is required: 403, and the connection is closed after
-/// it, so that such a client holds a connection slot no longer than a request.
-fn uncertified() -> Response<Full<Bytes>> {
-    let mut response = reply(Reply::text(
+/// How often a refused request without a client certificate is logged at `warn`, at most
+/// (the others at `debug`): an API server that presents none (a kubeconfig user that does
+/// not match, a control-plane upgrade that lost the flag, an expired certificate) has every
+/// pod refused, and that must show in the log.
+const UNCERTIFIED_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Requests refused for want of a client certificate since the last `warn`.
+static UNCERTIFIED_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// When the last `warn` of [`UNCERTIFIED_REFUSED`] was written.
+static UNCERTIFIED_WARNED: std::sync::Mutex<Option<std::time::Instant>> =
+    std::sync::Mutex::new(None);
+
+/// The answer to a review (or any path but the health check) on a connection whose client,
+/// at `peer`, presented no certificate while one is required: 403, before the body is read
+/// (the caller closes the connection after it).
+fn uncertified(peer: SocketAddr) -> Response<Full<Bytes>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let refused = UNCERTIFIED_REFUSED.fetch_add(1, Relaxed) + 1;
+    let due = UNCERTIFIED_WARNED
+        .lock()
+        .map(|mut last| {
+            let due = last.is_none_or(|at| at.elapsed() >= UNCERTIFIED_WARN_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        })
+        .unwrap_or(false);
+    if due {
+        UNCERTIFIED_REFUSED.fetch_sub(refused, Relaxed);
+        tracing::warn!(
+            %peer,
+            refused,
+            "requests without the API server's client certificate refused (--client-ca): if \
+             the API server is among them, every review fails (check its \
+             --admission-control-config-file and the certificate's expiry)"
+        );
+    } else {
+        tracing::debug!(%peer, "a request without a client certificate refused");
+    }
+    reply(Reply::text(
         403,
         "this webhook answers only the Kubernetes API server: present a client certificate \
          signed by a CA of its --client-ca (the API server's webhook client certificate, from \
          its --admission-control-config-file)",
-    ));
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
+    ))
 }
 
 async fn respond(

@@ -359,6 +359,19 @@ async fn reviews_need_the_api_servers_client_certificate_when_one_is_required() 
     assert_eq!(status, 403, "{text}");
     let (status, text) = server.health().await;
     assert_eq!(status, 200, "{text}");
+    // One request per connection without a certificate: a keep-alive health check with a
+    // review pipelined behind it gets its answer, then the connection ends (the review is
+    // never read).
+    for first in ["GET /healthz", "POST /validate"] {
+        let tls = server
+            .open(&format!(
+                "{first} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n{}",
+                head(review.len())
+            ))
+            .await;
+        let (_, text) = Running::answer(tls, &review).await;
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{first}: {text}");
+    }
 
     // Another CA's certificate: no handshake (in TLS 1.3 the server's refusal is what the
     // client reads first).

@@ -57,7 +57,12 @@ impl Agent {
         let mut sockets = flows::destroy::DiagSockets::default();
         let (mut ended, mut unknown) = (0usize, 0usize);
         // In `start_ns` order from where the last sweep stopped, so that live connects
-        // looked for first cannot keep the others from their turn.
+        // looked for first cannot keep the others from their turn; a round takes the records
+        // that were there when it began, so that new ones cannot keep it from ending.
+        if self.sweep_cursor == 0 {
+            self.sweep_round_end = now;
+        }
+        let round_end = self.sweep_round_end;
         let candidates: Vec<_> = records
             .into_iter()
             .filter(|(_, r)| {
@@ -65,6 +70,7 @@ impl Agent {
                     && r.state != flow_state::ESTABLISHED
                     && old(r.start_ns)
                     && r.start_ns > self.sweep_cursor
+                    && r.start_ns <= round_end
             })
             .take(BATCH)
             .collect();

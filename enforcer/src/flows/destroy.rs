@@ -213,17 +213,37 @@ pub fn diag_socket_in_dirs(
         .lock()
         .ok()
         .and_then(|cache| cache.get(&want).cloned());
-    let files = cached.into_iter().chain(
-        netns_dirs
-            .iter()
-            .filter_map(|dir| std::fs::read_dir(dir).ok())
-            .flat_map(|entries| {
-                entries
-                    .flatten()
-                    .take(MAX_NETNS_FILES)
-                    .map(|entry| entry.path())
-            }),
-    );
+    // Whether the walk, when it finds nothing, proves that no file names the namespace: every
+    // directory read whole, and every file entered and found another namespace (a transient
+    // failure, EMFILE or ENOMEM, proves nothing: red-team review 35).
+    let mut walk_proves = !netns_dirs.is_empty();
+    let mut files: Vec<std::path::PathBuf> = cached.into_iter().collect();
+    for dir in netns_dirs {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                let mut taken = 0;
+                for entry in entries {
+                    match entry {
+                        Ok(_) if taken == MAX_NETNS_FILES => {
+                            walk_proves = false;
+                            break;
+                        }
+                        Ok(entry) => {
+                            taken += 1;
+                            files.push(entry.path());
+                        }
+                        Err(_) => walk_proves = false,
+                    }
+                }
+            }
+            // A runtime that is not installed names no namespace.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                walk_proves = false;
+                tried.push(format!("{}: {error}", dir.display()));
+            }
+        }
+    }
     let candidates = pids
         .iter()
         .map(|pid| {
@@ -232,11 +252,18 @@ pub fn diag_socket_in_dirs(
                 std::path::PathBuf::from(format!("/proc/{pid}/ns/net")),
             )
         })
-        .chain(files.map(|path| (path.display().to_string(), path)));
+        .chain(
+            files
+                .into_iter()
+                .map(|path| (path.display().to_string(), path)),
+        );
     for (what, ns_path) in candidates {
+        let a_file = !ns_path.starts_with("/proc");
         let ns = match std::fs::File::open(&ns_path) {
             Ok(ns) => ns,
             Err(error) => {
+                // A file removed since it was listed (or cached) names nothing now.
+                walk_proves &= !a_file || error.kind() == io::ErrorKind::NotFound;
                 tried.push(format!("{what}: {error}"));
                 continue;
             }
@@ -245,6 +272,7 @@ pub fn diag_socket_in_dirs(
             Ok(meta) if !seen.insert((meta.dev(), meta.ino())) => continue,
             Ok(_) => {}
             Err(error) => {
+                walk_proves &= !a_file;
                 tried.push(format!("{what}: {error}"));
                 continue;
             }
@@ -289,8 +317,11 @@ pub fn diag_socket_in_dirs(
                 return Ok(fd);
             }
             // Another pod's namespace is the usual answer for a file: not worth a line.
-            Err(error) if error.starts_with("another namespace") && !what.starts_with("pid") => {}
-            Err(error) => tried.push(format!("{what}: {error}")),
+            Err(error) if error.starts_with("another namespace") && a_file => {}
+            Err(error) => {
+                walk_proves &= !a_file;
+                tried.push(format!("{what}: {error}"));
+            }
         }
     }
     if pids.is_empty() {
@@ -302,6 +333,8 @@ pub fn diag_socket_in_dirs(
             "no namespace file in {} is the flow's",
             dirs.join(", ")
         ));
+    }
+    if walk_proves {
         if let Ok(mut misses) = NETNS_NOT_IN_FILES.lock() {
             // Bounded like the cache of found files.
             if misses.len() >= MAX_NETNS_FILES {
