@@ -165,17 +165,10 @@ pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> 
         ..Default::default()
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET; pathname outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut get as *mut ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
+    let fd = match unsafe { super::bpf_syscall(BPF_OBJ_GET, &mut get) } {
+        Ok(fd) => fd,
+        Err(error) => bail!("BPF_OBJ_GET: {error}"),
     };
-    if fd < 0 {
-        bail!("BPF_OBJ_GET: {}", std::io::Error::last_os_error());
-    }
     // SAFETY: a new fd the kernel returned, owned by nobody else.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let mut update = LinkUpdateAttr {
@@ -184,16 +177,8 @@ pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> 
         ..Default::default()
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE; both fds are open.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &mut update as *mut LinkUpdateAttr,
-            std::mem::size_of::<LinkUpdateAttr>(),
-        )
-    };
-    if rc != 0 {
-        bail!("BPF_LINK_UPDATE: {}", std::io::Error::last_os_error());
+    if let Err(error) = unsafe { super::bpf_syscall(BPF_LINK_UPDATE, &mut update) } {
+        bail!("BPF_LINK_UPDATE: {error}");
     }
     Ok(())
 }
@@ -292,20 +277,8 @@ pub fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>> {
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_QUERY and prog_ids points to
     // prog_cnt writable u32s that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "BPF_PROG_QUERY on {}: {}",
-            cgroup.display(),
-            std::io::Error::last_os_error()
-        );
+    if let Err(error) = unsafe { super::bpf_syscall(BPF_PROG_QUERY, &mut attr) } {
+        bail!("BPF_PROG_QUERY on {}: {error}", cgroup.display());
     }
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)

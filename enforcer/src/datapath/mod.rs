@@ -312,6 +312,26 @@ pub fn detach(pin_root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `bpf(cmd, attr, size_of::<T>())` (`bpf(2)`), for the commands aya does not wrap: `attr`
+/// is the command's `bpf_attr` prefix. The kernel's non-negative answer (a new fd for the
+/// commands that make one), or its error.
+///
+/// # Safety
+/// Every pointer in `attr` must point to a live buffer of the size the command reads or
+/// writes there, and every fd in it must be open.
+pub(crate) unsafe fn bpf_syscall<T>(
+    cmd: libc::c_long,
+    attr: &mut T,
+) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller's contract; `attr` is a live, writable `T` of the size passed.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionKind};

@@ -1696,16 +1696,7 @@ fn count_map_entries(pin: &Path, info: &MapInfo) -> Result<Option<u64>> {
         };
         // SAFETY: attr is a bpf_attr prefix for BPF_MAP_GET_NEXT_KEY; key and next_key point
         // to live buffers of the map's key size.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &mut attr as *mut NextKeyAttr,
-                std::mem::size_of::<NextKeyAttr>(),
-            )
-        };
-        if rc != 0 {
-            let error = std::io::Error::last_os_error();
+        if let Err(error) = unsafe { super::bpf_syscall(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             if error.raw_os_error() == Some(libc::ENOENT) {
                 break;
             }

@@ -141,16 +141,9 @@ fn take(fd: std::os::fd::RawFd, cookie: u64) -> std::io::Result<Option<FlowRecor
     };
     // SAFETY: `attr` is the bpf_attr prefix of the command; key and value point to live
     // buffers of the map's key and value sizes (u64, FlowRecord).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if rc != 0 {
-        let error = std::io::Error::last_os_error();
+    if let Err(error) =
+        unsafe { crate::datapath::bpf_syscall(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) }
+    {
         return match error.raw_os_error() {
             Some(libc::ENOENT) => Ok(None),
             _ => Err(error),
