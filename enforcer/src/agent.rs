@@ -1412,7 +1412,7 @@ impl Agent {
         // Where a pass spends its time (logged with its result): finding the processes of a
         // flow's cgroup, and the resets themselves.
         let (mut procs_time, mut destroy_time) = (Duration::ZERO, Duration::ZERO);
-        let mut procs: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let mut procs = flows::destroy::CgroupProcs::new(&self.cgroup_root);
         let mut diag_sockets = flows::destroy::DiagSockets::default();
         let mut looks = reconnected::LookBudget::default();
         let mut live = BTreeSet::new();
@@ -1423,12 +1423,7 @@ impl Agent {
             if record.protocol == proto::UDP && record.flags & flow_flags::CONNECTED_AGAIN != 0 {
                 // Its last connect may have been refused after the hook (see
                 // `reconnected.rs`): decided where the socket really is.
-                let pids = procs
-                    .entry(record.cgroup_id)
-                    .or_insert_with(|| {
-                        flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id)
-                    })
-                    .clone();
+                let pids = procs.of(record.cgroup_id).to_vec();
                 match self.reconnected_flow(cookie, &record, &pids, &mut diag_sockets, &mut looks) {
                     Some(flow) => record = flow,
                     None => {
@@ -1469,14 +1464,7 @@ impl Agent {
                     continue;
                 }
                 let step = Instant::now();
-                // Once per cgroup and pass: the walk of the subtree cost more than the
-                // resets themselves at 1,000 flows of one workload (bench `flows`).
-                let pids = procs
-                    .entry(record.cgroup_id)
-                    .or_insert_with(|| {
-                        flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id)
-                    })
-                    .clone();
+                let pids = procs.of(record.cgroup_id).to_vec();
                 procs_time += step.elapsed();
                 let step = Instant::now();
                 let result =

@@ -10,7 +10,6 @@
 //! namespace no longer lists, in any state, is deleted (its share returned; no event: no
 //! `flow.opened` was written for it).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use enforcer_common::{flow_state, proto};
@@ -53,7 +52,7 @@ impl Agent {
         };
         let now = crate::events::aggregate::monotonic_ns();
         let old = |start_ns: u64| Duration::from_nanos(now.saturating_sub(start_ns)) >= MIN_AGE;
-        let mut procs: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let mut procs = flows::destroy::CgroupProcs::new(&self.cgroup_root);
         let mut sockets = flows::destroy::DiagSockets::default();
         let (mut ended, mut unknown) = (0usize, 0usize);
         // In `start_ns` order from where the last sweep stopped, so that live connects
@@ -87,13 +86,8 @@ impl Agent {
                 break;
             }
             previous_start = Some(record.start_ns);
-            let pids = procs
-                .entry(record.cgroup_id)
-                .or_insert_with(|| {
-                    flows::destroy::cgroup_procs(&self.cgroup_root, record.cgroup_id)
-                })
-                .clone();
-            match flows::destroy::tcp_listed(cookie, &record, &pids, &mut sockets) {
+            let pids = procs.of(record.cgroup_id);
+            match flows::destroy::tcp_listed(cookie, &record, pids, &mut sockets) {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(error) => {
