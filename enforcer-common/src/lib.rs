@@ -455,8 +455,9 @@ pub mod flow_flags {
     /// (it connected again, elsewhere). The kernel makes a connect only after the hook and
     /// may refuse it (a broadcast address without `SO_BROADCAST`, no route, `::ffff:` on an
     /// IPv6-only socket), leaving the socket connected where it was, which the record keeps
-    /// (`peer`, read from the socket): before it re-decides such a flow, the agent looks
-    /// whether the socket is still there (`sock_diag`).
+    /// (`peer`, read from the socket): before it re-decides such a flow, the agent reads
+    /// where the socket is (`sock_diag`), and looks whether it is still there when that
+    /// listing cannot say.
     pub const CONNECTED_AGAIN: u8 = 1 << 5;
     /// UDP: the flow ended when the socket connected to an untracked destination (its closed
     /// event is written then); the record stays, with `CONNECTED_AGAIN`, so that the agent

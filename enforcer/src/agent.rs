@@ -1415,16 +1415,22 @@ impl Agent {
         let mut procs = flows::destroy::CgroupProcs::new(&self.cgroup_root);
         let mut diag_sockets = flows::destroy::DiagSockets::default();
         let mut looks = reconnected::LookBudget::default();
+        let mut places = reconnected::Places::new();
         let mut live = BTreeSet::new();
         let (mut revoked, mut stale, mut failed) = (0usize, 0usize, 0usize);
         for (cookie, mut record) in records {
             live.insert(cookie);
             let mut failure = None;
-            if record.protocol == proto::UDP && record.flags & flow_flags::CONNECTED_AGAIN != 0 {
-                // Its last connect may have been refused after the hook (see
-                // `reconnected.rs`): decided where the socket really is.
-                let pids = procs.of(record.cgroup_id).to_vec();
-                match self.reconnected_flow(cookie, &record, &pids, &mut diag_sockets, &mut looks) {
+            if record.protocol == proto::UDP {
+                // The kernel may have made its connects otherwise than the hooks judged them
+                // (see `reconnected.rs`): decided where the socket really is.
+                let lookup = reconnected::Lookup {
+                    procs: &mut procs,
+                    sockets: &mut diag_sockets,
+                    looks: &mut looks,
+                    places: &mut places,
+                };
+                match self.udp_flow(cookie, &record, lookup) {
                     Some(flow) => record = flow,
                     None => {
                         self.stale_reported.remove(&cookie);

@@ -259,8 +259,10 @@ pub struct FlowClient {
     lines: mpsc::Receiver<Value>,
     reader: Option<JoinHandle<()>>,
     dir: TempDir,
-    /// The client's `local` address, once up.
+    /// The client's `local` address, once up (`0.0.0.0:0` for `udp_race`).
     pub local: SocketAddr,
+    /// The client's first line (`{"up":true,...}`).
+    pub up: Value,
 }
 
 impl FlowClient {
@@ -357,6 +359,26 @@ impl FlowClient {
         Self::spawn(None, cgroup, args, true)
     }
 
+    /// `rounds` UDP sockets in `cgroup` (and network namespace `ns`), each connected by two
+    /// threads at once, one to `to` and one to `other` (flow-client `udp-race`), held until
+    /// closed. Returns once all are made; [`FlowClient::up`] has the cookies of the sockets
+    /// each address got (`at`, `other`) and how many are connected nowhere.
+    pub fn udp_race(
+        ns: Option<&NetNs>,
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        other: SocketAddr,
+        rounds: usize,
+    ) -> Result<Self> {
+        let args = vec![
+            "udp-race".to_string(),
+            to.to_string(),
+            other.to_string(),
+            rounds.to_string(),
+        ];
+        Self::spawn(ns, cgroup, args, true)
+    }
+
     fn spawn(
         ns: Option<&NetNs>,
         cgroup: &TestCgroup,
@@ -396,14 +418,17 @@ impl FlowClient {
             reader: Some(reader),
             dir,
             local: "0.0.0.0:0".parse().unwrap(),
+            up: Value::Null,
         };
         let first = client.next_line(Duration::from_secs(10));
         match first {
             Some(v) if v.get("up").and_then(Value::as_bool) == Some(true) => {
-                let local = v.get("local").and_then(Value::as_str).unwrap_or_default();
-                client.local = local
-                    .parse()
-                    .with_context(|| format!("flow-client local address {local:?}"))?;
+                if let Some(local) = v.get("local").and_then(Value::as_str) {
+                    client.local = local
+                        .parse()
+                        .with_context(|| format!("flow-client local address {local:?}"))?;
+                }
+                client.up = v;
                 Ok(client)
             }
             other => {

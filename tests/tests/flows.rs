@@ -13,6 +13,7 @@
 //!
 //! Addresses 127.83.x.y only (the inventory's IPv6 addresses are fd83::/16, never used).
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -869,6 +870,102 @@ fn refused_reconnect_is_revoked(t: u8, kind: &str, dual_stack: bool) -> Result<(
         "{e}"
     );
     ensure!(s(e, "/policy/id") == Some("no-vectors-for-client-a"), "{e}");
+    ensure!(client.close()?["end"] == "closed");
+    Ok(())
+}
+
+/// Two threads connecting one UDP socket at once, one to acme-vectors (tracked) and one to
+/// `gateway` (an untracked endpoint client-a may reach): the connect hooks run under the
+/// socket's lock and the kernel's connects take it again after, so the two can run in
+/// opposite orders, and the record the hooks wrote last names the connect the kernel made
+/// first (red-team review 34: a socket left at acme-vectors whose record the other thread's
+/// hook had ended, never reported). After a change forbidding acme-vectors to client-a,
+/// every socket the kernel left there is reported stale, whatever order its hooks and
+/// connects ran in. (Which orders occur is up to the scheduler; the assertions hold for
+/// every one of them. A socket at `gateway` whose record names acme-vectors may be reported
+/// too: the agent cannot tell it from a socket a load balancer moved, README.)
+#[test]
+fn udp_connects_racing_in_two_threads_are_decided_where_each_socket_is() -> Result<()> {
+    racing_udp_connects_are_decided_where_each_socket_is(18, false)
+}
+
+/// The same from dual-stack sockets (`AF_INET6`, IPv4-mapped addresses): the IPv6 connect
+/// makes its connect through the IPv4 one.
+#[test]
+fn dual_stack_udp_connects_racing_in_two_threads_are_decided_where_each_socket_is() -> Result<()> {
+    racing_udp_connects_are_decided_where_each_socket_is(19, true)
+}
+
+fn racing_udp_connects_are_decided_where_each_socket_is(t: u8, dual_stack: bool) -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const ROUNDS: usize = 1500;
+    let gateway =
+        Entity::endpoint(NET, "gateway", "acme", "llm_api", t, 13).port(9, Proto::Udp, "query");
+    let w = world_with(NET, 0xfd83, t, false, vec![gateway])?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+    let (vectors, gateway) = (w.addr(10, 6334), w.addr(13, 9));
+    let (to, other) = if dual_stack {
+        (mapped(vectors), mapped(gateway))
+    } else {
+        (vectors, gateway)
+    };
+    // In a namespace of its own: the agent lists its connected UDP sockets in one datagram,
+    // which nothing else's sockets crowd or make skip (a listing of several may, when
+    // sockets close during it).
+    let ns = NetNs::create(&unique_name("fl-race"))?;
+    let mut client = FlowClient::udp_race(Some(&ns), w.cgroup("client-a"), to, other, ROUNDS)?;
+    let cookies = |key: &str| -> BTreeSet<u64> {
+        client.up[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let (at, elsewhere) = (cookies("at"), cookies("other"));
+    ensure!(
+        at.len() + elsewhere.len() == ROUNDS,
+        "every socket is connected to one of the two: {}",
+        client.up
+    );
+
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    // The pass's summary counts what it reported: at least the sockets at acme-vectors.
+    let summary = "tracked flows no longer permitted";
+    let pass = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(50), || {
+        std::fs::read_to_string(agent.stderr_path()).is_ok_and(|log| log.contains(summary))
+    });
+    let log = std::fs::read_to_string(agent.stderr_path())?;
+    let line = log.lines().find(|l| l.contains(summary));
+    ensure!(
+        pass || at.is_empty(),
+        "no revocation pass reported anything; {} sockets are at acme-vectors",
+        at.len()
+    );
+    let reported = line
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("stale=")))
+        .map_or(Ok(0), str::parse::<usize>)
+        .context("the pass's stale count")?;
+    let stale = wait_notices(&agent, "flow.stale", at.len(), WAIT, |e| {
+        u(e, "/flow/cookie").is_some_and(|c| at.contains(&c))
+    })
+    .with_context(|| {
+        format!(
+            "not every socket left at acme-vectors was reported stale ({} of {ROUNDS} sockets there)",
+            at.len()
+        )
+    })?;
+    ensure!(
+        reported >= at.len(),
+        "the pass reported {reported} stale flows, {} sockets are at acme-vectors ({} elsewhere): {:?}",
+        at.len(),
+        elsewhere.len(),
+        line
+    );
+    for e in &stale {
+        ensure!(s(e, "/destination/name") == Some("acme-vectors"), "{e}");
+    }
     ensure!(client.close()?["end"] == "closed");
     Ok(())
 }

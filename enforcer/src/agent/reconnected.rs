@@ -1,6 +1,28 @@
-//! Connected UDP sockets whose last `connect()` the kernel may have refused after the hooks.
+//! Where a tracked UDP flow's socket really is connected.
 //!
-//! The connect hooks judge a connect before the kernel makes it. A connected UDP socket
+//! The connect hooks judge a connect before the kernel makes it, so a UDP record names the
+//! connect its socket's hooks judged last, which is not always where the kernel left the
+//! socket: the kernel may refuse a connect after the hooks (below), and two threads
+//! connecting one socket at once can have their hooks and the kernel's connects run in
+//! opposite orders, since the hook runs under the socket's lock and the kernel's connect
+//! takes it again after (red-team review 34: the socket left at a tracked destination whose
+//! record the other thread's hook had ended, which no revocation reported; or a record
+//! naming a tracked destination whose socket the kernel connected elsewhere, reported stale
+//! though it was not there). So before a revocation pass decides a UDP record, the agent
+//! reads where the socket is: one listing of its namespace's connected UDP sockets per pass
+//! ([`flows::destroy::udp_places`]). A socket where its record says is decided there (an
+//! `ENDED` record too: review 34's first case). One elsewhere is decided at both places,
+//! the denied one first ([`Agent::either`]): the kernel refused the record's connect or made
+//! another thread's after it, or a socket load balancer's program, which runs after the
+//! hooks, sent the socket to a Service's backend, and the agent cannot tell these apart. So
+//! no socket is decided permitted where it is not; one the other thread's connect moved may
+//! be reported stale at its record's destination (review 34's second case: a report too
+//! many, not one missing). A socket a complete listing does not show is connected nowhere:
+//! no flow. Only when the listing cannot say (the namespace could not be entered, a listing
+//! of several datagrams without the socket, this pass's looks spent) does the record decide,
+//! with the look below.
+//!
+//! A connected UDP socket
 //! connected again ends its tracked flow there (reported closed), and its record moves to
 //! the new destination (a tracked one) or is marked `ENDED` (an untracked one). The kernel
 //! may then refuse the connect (a broadcast address without `SO_BROADCAST`, no route,
@@ -17,12 +39,16 @@
 //! decided by the fallback (the flow where the socket was, first).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use enforcer_common::{flow_flags, FlowRecord};
 
 use super::Agent;
-use crate::flows::{self, destroy::DiagSockets};
+use crate::flows::{
+    self,
+    destroy::{DiagSockets, Place},
+};
 
 /// Where the socket of a record marked `CONNECTED_AGAIN` was found.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,12 +90,79 @@ impl LookBudget {
     }
 }
 
+/// The listings of connected UDP sockets one pass made, by network namespace cookie (`None`:
+/// none could be made).
+pub(super) type Places = BTreeMap<u64, Option<flows::destroy::UdpPlaces>>;
+
+/// What a pass lends [`Agent::udp_flow`] to find a socket with.
+pub(super) struct Lookup<'a> {
+    pub procs: &'a mut flows::destroy::CgroupProcs,
+    pub sockets: &'a mut DiagSockets,
+    pub looks: &'a mut LookBudget,
+    pub places: &'a mut Places,
+}
+
 /// What a look was about: a record version (`start_ns`, `flags`, previous peer and port, and
 /// the count of connects the hooks moved or ended it by, in `wire_stamp`). A socket moves
 /// only by a connect, which writes another version.
 pub(super) type Version = (u64, u8, [u8; 16], u16, u16);
 
 impl Agent {
+    /// The flow a revocation pass decides for the UDP record `record` of socket `cookie`:
+    /// the record moved to where its socket is connected ([`flows::moved_to`]: `None` when
+    /// that destination is not tracked, or the socket is connected nowhere), read from this
+    /// pass's listing of the socket's namespace (made now, as one look, if there is none).
+    /// When the listing cannot say, the record's own answer: [`Agent::reconnected_flow`] for
+    /// one marked `CONNECTED_AGAIN`, the record itself otherwise.
+    pub(super) fn udp_flow(
+        &mut self,
+        cookie: u64,
+        record: &FlowRecord,
+        lookup: Lookup<'_>,
+    ) -> Option<FlowRecord> {
+        let Lookup {
+            procs,
+            sockets,
+            looks,
+            places,
+        } = lookup;
+        let listing = places.entry(record.netns_cookie).or_insert_with(|| {
+            if looks.exhausted() {
+                return None;
+            }
+            let started = Instant::now();
+            let listed = flows::destroy::udp_places(record, procs.of(record.cgroup_id), sockets);
+            looks.made += 1;
+            looks.spent += started.elapsed();
+            listed
+                .map_err(|error| {
+                    tracing::debug!(
+                        cookie,
+                        "listing the connected UDP sockets of a tracked flow's namespace: {error}"
+                    )
+                })
+                .ok()
+        });
+        let place = listing
+            .as_ref()
+            .map_or(Place::Unknown, |listing| listing.of(cookie));
+        match place {
+            // Where the record says (also an `ENDED` one: the connect that ended it was made
+            // before the one that put the socket there, review 34), or elsewhere: the
+            // kernel refused the record's connect, made another thread's after it, or a
+            // socket load balancer's program (which runs after the hooks) sent the socket to
+            // a backend. The last cannot be told from the others, and the flow is the
+            // Service's there: decided at both places.
+            Place::At(at) => self.either(record, at),
+            Place::Nowhere => None,
+            Place::Unknown if record.flags & flow_flags::CONNECTED_AGAIN != 0 => {
+                let pids = procs.of(record.cgroup_id).to_vec();
+                self.reconnected_flow(cookie, record, &pids, sockets, looks)
+            }
+            Place::Unknown => (record.flags & flow_flags::ENDED == 0).then_some(*record),
+        }
+    }
+
     /// The flow a revocation pass decides for the UDP record `record` of socket `cookie`
     /// marked `CONNECTED_AGAIN`: the record where its connect was made (none for an `ENDED`
     /// one); the flow where the socket still is when the kernel refused that connect (none
@@ -133,21 +226,30 @@ impl Agent {
                 found
             }
         };
-        let tables = &self.datapath.tables;
-        let there = || flows::moved_to(tables, record, previous);
-        let denied = |flow: &FlowRecord| {
-            matches!(
-                flows::decide(tables, flow),
-                Ok(flows::Decision::Denied { .. })
-            )
-        };
         match found {
             Some(Found::Recorded) => recorded,
-            Some(Found::Previous) => there(),
-            None => match there() {
-                Some(flow) if denied(&flow) => Some(flow),
-                flow => recorded.or(flow),
-            },
+            Some(Found::Previous) => flows::moved_to(&self.datapath.tables, record, previous),
+            None => self.either(record, previous),
+        }
+    }
+
+    /// The flow decided for `record` when its socket may be at `at` or where the record
+    /// says: the flow at `at` when that one is denied, else the record's own (unless
+    /// `ENDED`), else the flow at `at`. A socket at either place is then never decided as
+    /// permitted when it is not; one at the other may be reported stale where it is not.
+    fn either(&self, record: &FlowRecord, at: (IpAddr, u16)) -> Option<FlowRecord> {
+        let tables = &self.datapath.tables;
+        let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
+        match flows::moved_to(tables, record, at) {
+            Some(flow)
+                if matches!(
+                    flows::decide(tables, &flow),
+                    Ok(flows::Decision::Denied { .. })
+                ) =>
+            {
+                Some(flow)
+            }
+            flow => recorded.or(flow),
         }
     }
 

@@ -508,7 +508,7 @@ fn prime(fd: &OwnedFd) {
         protocol: IPPROTO_UDP,
         ..Request::default()
     };
-    let _ = list_family(fd, &none, libc::AF_INET as u8, 0, 0, &[]);
+    let _ = list_family(fd, &none, libc::AF_INET as u8, 0, &[], &mut |_, _| {});
 }
 
 /// [`destroy`], reusing (and filling) `sockets`. A socket on which a request failed is
@@ -644,6 +644,84 @@ pub fn udp_connected_to(
     }
     let filter = tuple_filter(req.family, &[(INET_DIAG_BC_D_COND, req.dport, &req.dst)]);
     Ok(find(cookie, record, pids, sockets, &req, CONNECTED_UDP, &filter)?.is_some())
+}
+
+/// Where a UDP socket is connected, as a listing of its namespace found it
+/// ([`UdpPlaces::of`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Place {
+    /// Connected to this address and port (an IPv4-mapped address given as IPv4).
+    At((IpAddr, u16)),
+    /// Connected nowhere (or gone): a complete listing of the namespace's connected UDP
+    /// sockets did not list it.
+    Nowhere,
+    /// Not listed by a listing that cannot prove it absent.
+    Unknown,
+}
+
+/// The connected UDP sockets of one network namespace, by cookie, as one listing found them
+/// ([`udp_places`]).
+#[derive(Debug, Default)]
+pub struct UdpPlaces {
+    peers: std::collections::HashMap<u64, (IpAddr, u16)>,
+    /// Every family's dump ended within one datagram of sockets, so a socket not listed is
+    /// not connected.
+    complete: bool,
+}
+
+impl UdpPlaces {
+    /// Where the socket `cookie` of this namespace is connected.
+    pub fn of(&self, cookie: u64) -> Place {
+        match self.peers.get(&cookie) {
+            Some(&peer) => Place::At(peer),
+            None if self.complete => Place::Nowhere,
+            None => Place::Unknown,
+        }
+    }
+}
+
+/// Where the connected UDP sockets of `record`'s network namespace are (entered as for
+/// [`destroy_with`], reusing `sockets`): one unfiltered `SOCK_DIAG_BY_FAMILY` dump per family
+/// of the sockets in `TCP_ESTABLISHED`, a connected UDP socket's state. The place of a
+/// connected UDP socket is the kernel's to know, not the connect hooks': the hooks judge a
+/// connect before the kernel makes it, and the kernel may refuse it, or make two threads'
+/// connects of one socket in the opposite order of their hooks (red-team reviews 28 and 34).
+/// A socket listed is where the listing says; one not listed is connected nowhere only when
+/// each family's dump fit in one datagram (a dump resumed by position may skip a socket when
+/// sockets ahead of it close), and unknown after a listing that failed. Errors: the
+/// namespace could not be entered.
+pub fn udp_places(
+    record: &FlowRecord,
+    pids: &[u32],
+    sockets: &mut DiagSockets,
+) -> Result<UdpPlaces, DestroyError> {
+    let fd = sockets.socket_for(record, pids)?;
+    let request = Request {
+        protocol: IPPROTO_UDP,
+        ..Request::default()
+    };
+    let mut places = UdpPlaces {
+        complete: true,
+        ..UdpPlaces::default()
+    };
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let mut seen = |cookie: u64, socket: Found| {
+            places.peers.insert(cookie, socket.peer);
+        };
+        match list_family(fd, &request, family, CONNECTED_UDP, &[], &mut seen) {
+            Ok(with_records) => places.complete &= with_records <= 1,
+            Err(error) => {
+                tracing::debug!(
+                    netns = record.netns_cookie,
+                    "listing a namespace's connected UDP sockets: {error}"
+                );
+                places.complete = false;
+                sockets.drop_socket(record.netns_cookie);
+                break;
+            }
+        }
+    }
+    Ok(places)
 }
 
 /// Whether the TCP socket `cookie` of `record` still exists, hashed, in the record's network
@@ -825,10 +903,16 @@ fn list_cookie(
     // that did not end: its dump holds the socket (red-team review 34).
     let (mut failed, mut unproven) = (None, None);
     for &family in families {
-        match list_family(fd, destroy, family, cookie, states, filter) {
-            Ok(listed @ Listing::Listed(_)) => return Ok(listed),
-            Ok(Listing::Absent) => {}
-            Ok(listing @ Listing::Unproven(_)) => unproven = Some(listing),
+        let mut found = None;
+        let mut seen = |listed: u64, socket: Found| {
+            if listed == cookie {
+                found = Some(socket);
+            }
+        };
+        match list_family(fd, destroy, family, states, filter, &mut seen) {
+            Ok(_) if found.is_some() => return Ok(Listing::Listed(found.unwrap())),
+            Ok(with_records) if with_records <= 1 => {}
+            Ok(with_records) => unproven = Some(Listing::Unproven(with_records)),
             Err(error) if error.kind() == io::ErrorKind::ResourceBusy => return Err(error),
             Err(error) => failed = Some(error),
         }
@@ -846,14 +930,17 @@ fn unproven(datagrams: usize) -> io::Error {
     ))
 }
 
+/// One family's listing (see [`list_cookie`]), every socket given to `seen`: once the dump
+/// ended, how many datagrams carried sockets (more than one: a socket not given may have
+/// been skipped).
 fn list_family(
     fd: &OwnedFd,
     destroy: &Request,
     family: u8,
-    cookie: u64,
     states: u32,
     filter: &[u8],
-) -> io::Result<Listing> {
+    seen: &mut dyn FnMut(u64, Found),
+) -> io::Result<usize> {
     let failed = |what: String| io::Error::other(format!("SOCK_DIAG_BY_FAMILY: {what}"));
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dump = Request {
@@ -872,7 +959,6 @@ fn list_family(
         ..dump
     };
     send_bytes(fd, &[request_bytes(&dump), filter].concat())?;
-    let mut found = None;
     // Datagrams that carried socket records: the kernel fills one before it resumes the walk
     // (NLMSG_DONE usually comes in a datagram of its own).
     let mut with_records = 0;
@@ -898,18 +984,11 @@ fn list_family(
         if from.nl_pid != 0 {
             continue;
         }
-        let part = parse_dump(&buf[..n as usize], seq, cookie);
+        let part = parse_dump(&buf[..n as usize], seq, seen);
         with_records += usize::from(part.records > 0);
-        found = found.or(part.found);
         match part.end {
             None => {}
-            Some(Ok(())) => {
-                return match found {
-                    Some(found) => Ok(Listing::Listed(found)),
-                    None if with_records <= 1 => Ok(Listing::Absent),
-                    None => Ok(Listing::Unproven(with_records)),
-                };
-            }
+            Some(Ok(())) => return Ok(with_records),
             Some(Err(errno)) => {
                 return Err(failed(io::Error::from_raw_os_error(errno).to_string()))
             }
@@ -929,8 +1008,6 @@ fn left_running(error: io::Error) -> io::Error {
 /// What one datagram of a dump held.
 #[derive(Debug, PartialEq, Default)]
 struct DumpPart {
-    /// The socket with the cookie, if it was among the records.
-    found: Option<Found>,
     /// Socket records of this dump.
     records: usize,
     /// The dump's end: `NLMSG_DONE` (`Ok`), or the kernel's refusal or error (a positive
@@ -940,9 +1017,9 @@ struct DumpPart {
 
 /// Reads the netlink messages of one datagram of dump `seq`: `inet_diag_msg` records
 /// (`include/uapi/linux/inet_diag.h`: family, state, timer, retrans, then `inet_diag_sockid`
-/// with the interface at offset 40 and the cookie at 44, low word first), looking for
-/// `cookie`: [`Found`] when listed (the remote address at offset 24, the port at 6).
-fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
+/// with the interface at offset 40 and the cookie at 44, low word first), each socket given
+/// to `seen` with its cookie (the remote address at offset 24, the port at 6).
+fn parse_dump(mut msgs: &[u8], seq: u32, seen: &mut dyn FnMut(u64, Found)) -> DumpPart {
     let mut part = DumpPart::default();
     while msgs.len() >= 16 {
         let word =
@@ -977,13 +1054,14 @@ fn parse_dump(mut msgs: &[u8], seq: u32, cookie: u64) -> DumpPart {
             SOCK_DIAG_BY_FAMILY if msg.len() >= 16 + 52 => {
                 part.records += 1;
                 let body = &msg[16..];
-                let found = u64::from(word(body, 44)) | u64::from(word(body, 48)) << 32;
-                if found == cookie {
-                    part.found = Some(Found {
+                let cookie = u64::from(word(body, 44)) | u64::from(word(body, 48)) << 32;
+                seen(
+                    cookie,
+                    Found {
                         device: word(body, 40),
                         peer: (remote_address(body), u16::from_be_bytes([body[6], body[7]])),
-                    });
-                }
+                    },
+                );
             }
             _ => {}
         }
@@ -1144,35 +1222,36 @@ mod tests {
     #[test]
     fn a_dump_names_the_device_of_the_socket_with_the_cookie_only() {
         let peer = (IpAddr::from([127, 0, 0, 9]), 53);
-        let part = |device: Option<u32>, records, end| DumpPart {
-            found: device.map(|device| Found { device, peer }),
-            records,
-            end,
-        };
         let cookie = 0x1234_5678_9abc;
+        // What one datagram gives: the device of the socket with the cookie (its peer
+        // checked), the records, the end.
+        let parse = |dump: &[u8], seq: u32| {
+            let mut found = None;
+            let part = parse_dump(dump, seq, &mut |listed, socket: Found| {
+                if listed == cookie {
+                    assert_eq!(socket.peer, peer);
+                    found = Some(socket.device);
+                }
+            });
+            (found, part.records, part.end)
+        };
         let mut dump = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(3, 99));
         dump.extend(message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie)));
-        assert_eq!(parse_dump(&dump, 7, cookie), part(Some(1), 2, None));
+        assert_eq!(parse(&dump, 7), (Some(1), 2, None));
         dump.extend(message(NLMSG_DONE, 7, &[0; 4]));
-        assert_eq!(parse_dump(&dump, 7, cookie), part(Some(1), 2, Some(Ok(()))));
+        assert_eq!(parse(&dump, 7), (Some(1), 2, Some(Ok(()))));
         // Another dump's messages name none; a socket bound to no device is listed (device 0).
-        assert_eq!(parse_dump(&dump, 8, cookie), part(None, 0, None));
+        assert_eq!(parse(&dump, 8), (None, 0, None));
         let unbound = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(0, cookie));
-        assert_eq!(parse_dump(&unbound, 7, cookie), part(Some(0), 1, None));
+        assert_eq!(parse(&unbound, 7), (Some(0), 1, None));
         // A dump that ends with an error is no listing.
         let failed = message(NLMSG_DONE, 7, &(-libc::ENOBUFS).to_ne_bytes());
-        assert_eq!(
-            parse_dump(&failed, 7, cookie),
-            part(None, 0, Some(Err(libc::ENOBUFS)))
-        );
+        assert_eq!(parse(&failed, 7), (None, 0, Some(Err(libc::ENOBUFS))));
         // The kernel's refusal, and a truncated message, which is not read past.
         let refused = message(NLMSG_ERROR, 7, &(-libc::EPERM).to_ne_bytes());
-        assert_eq!(
-            parse_dump(&refused, 7, cookie),
-            part(None, 0, Some(Err(libc::EPERM)))
-        );
+        assert_eq!(parse(&refused, 7), (None, 0, Some(Err(libc::EPERM))));
         let whole = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie));
-        assert_eq!(parse_dump(&whole[..40], 7, cookie), part(None, 0, None));
+        assert_eq!(parse(&whole[..40], 7), (None, 0, None));
     }
 
     #[test]

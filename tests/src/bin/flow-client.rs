@@ -3,6 +3,7 @@
 //! ```text
 //! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork] [--bind-device NAME]
 //! flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE
+//! flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS --hold STOPFILE
 //! ```
 //!
 //! `tcp` connects, sends an 8-byte header (SEND and RECV as big-endian u32) and SEND bytes,
@@ -23,12 +24,21 @@
 //! unprivileged process may do once) after the exchange.
 //! `--connect-timeout-ms MS` (TCP, default 30,000, at most 60,000) bounds the connect: a test
 //! that holds a SYN back (a full accept queue) needs more than the first retransmits.
+//! `udp-race` makes ROUNDS (at most 4,096) unbound UDP sockets, each connected by two
+//! threads at once, one to ADDR:PORT and one to OTHER:PORT, so that the connect hooks and the
+//! kernel's connects of the two may run in opposite orders; it prints
+//! `{"up":true,"at":[COOKIE...],"other":[COOKIE...],"nowhere":N}` (the sockets' cookies,
+//! `SO_COOKIE`, by where `getpeername` finds each), holds them until STOPFILE appears, and
+//! ends like `udp`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+#[path = "../sockaddr.rs"]
+mod sockaddr;
 
 const POLL: Duration = Duration::from_millis(100);
 const MAX_HOLD: Duration = Duration::from_secs(60);
@@ -37,7 +47,7 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
-    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE");
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS --hold STOPFILE");
     ExitCode::from(2)
 }
 
@@ -97,6 +107,18 @@ fn main() -> ExitCode {
             match hold {
                 Some(stop) => udp(addr, then, stop),
                 None => usage(),
+            }
+        }
+        "udp-race" => {
+            let (Some(Ok(other)), Some(Ok(rounds))) = (
+                args.get(2).map(|a| a.parse::<SocketAddr>()),
+                args.get(3).map(|a| a.parse::<usize>()),
+            ) else {
+                return usage();
+            };
+            match hold {
+                Some(stop) if (1..=4096).contains(&rounds) => udp_race(addr, other, rounds, stop),
+                _ => usage(),
             }
         }
         _ => usage(),
@@ -245,10 +267,16 @@ fn udp(addr: SocketAddr, then: Option<SocketAddr>, stop: PathBuf) -> ExitCode {
     };
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
     println!("{{\"up\":true,\"local\":\"{local}\"}}");
+    hold_sockets(s, &stop)
+}
+
+/// Holds `sockets` (closed when dropped) until `stop` appears, at most [`MAX_HOLD`]; prints
+/// the end line.
+fn hold_sockets<T>(sockets: T, stop: &std::path::Path) -> ExitCode {
     let up = Instant::now();
     while up.elapsed() < MAX_HOLD {
         if stop.exists() {
-            drop(s);
+            drop(sockets);
             end("closed", 0, up);
             return ExitCode::SUCCESS;
         }
@@ -256,4 +284,126 @@ fn udp(addr: SocketAddr, then: Option<SocketAddr>, stop: PathBuf) -> ExitCode {
     }
     end("timeout", 0, up);
     ExitCode::SUCCESS
+}
+
+/// `udp-race` (see the module documentation).
+fn udp_race(addr: SocketAddr, other: SocketAddr, rounds: usize, stop: PathBuf) -> ExitCode {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Barrier;
+
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // Each round: both threads wait for the socket, connect it at once, and wait again.
+    let barrier = Barrier::new(3);
+    let current = AtomicI32::new(-1);
+    let mut sockets = Vec::with_capacity(rounds);
+    let outcome = std::thread::scope(|scope| -> std::io::Result<()> {
+        for to in [addr, other] {
+            let (barrier, current) = (&barrier, &current);
+            scope.spawn(move || {
+                let (sa, len) = sockaddr::sockaddr(&to);
+                for _ in 0..rounds {
+                    barrier.wait();
+                    // SAFETY: connect on the round's socket (owned by the main thread, open
+                    // until both threads are past the second wait) with a sockaddr of `len`.
+                    // Its result is not needed: where the socket ends up is read after.
+                    unsafe {
+                        libc::connect(current.load(Ordering::SeqCst), (&raw const sa).cast(), len);
+                    }
+                    barrier.wait();
+                }
+            });
+        }
+        let mut failure = None;
+        for _ in 0..rounds {
+            // SAFETY: a plain socket() call; the descriptor is owned at once.
+            let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            let socket = if fd < 0 {
+                failure.get_or_insert(std::io::Error::last_os_error());
+                None
+            } else {
+                // SAFETY: `fd` is a new descriptor nothing else owns.
+                Some(unsafe { OwnedFd::from_raw_fd(fd) })
+            };
+            current.store(fd, Ordering::SeqCst);
+            // The threads go through every round (a failed socket() is connected as -1: EBADF).
+            barrier.wait();
+            barrier.wait();
+            sockets.extend(socket);
+        }
+        failure.map_or(Ok(()), Err)
+    });
+    if let Err(e) = outcome {
+        eprintln!("flow-client: udp-race: {e}");
+        return ExitCode::from(1);
+    }
+    let (mut at, mut elsewhere, mut nowhere) = (Vec::new(), Vec::new(), 0usize);
+    for s in &sockets {
+        let fd = s.as_raw_fd();
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt into a u64 of the length given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            eprintln!(
+                "flow-client: SO_COOKIE: {}",
+                std::io::Error::last_os_error()
+            );
+            return ExitCode::from(1);
+        }
+        match peer_of(fd) {
+            Some(peer) if peer == addr => at.push(cookie),
+            Some(_) => elsewhere.push(cookie),
+            None => nowhere += 1,
+        }
+    }
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    println!(
+        "{{\"up\":true,\"at\":[{}],\"other\":[{}],\"nowhere\":{nowhere}}}",
+        list(&at),
+        list(&elsewhere)
+    );
+    hold_sockets(sockets, &stop)
+}
+
+/// Where the socket `fd` is connected (`getpeername`), as a `SocketAddr` of the socket's
+/// family; `None` when it is not.
+fn peer_of(fd: i32) -> Option<SocketAddr> {
+    // SAFETY: getpeername into a zeroed sockaddr_storage of the length given.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getpeername(fd, (&raw mut ss).cast(), &mut len) } != 0 {
+        return None;
+    }
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (its family says so).
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const ss).cast()) };
+            Some(SocketAddr::from((
+                u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 (its family says so).
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const ss).cast()) };
+            Some(SocketAddr::from((
+                sin6.sin6_addr.s6_addr,
+                u16::from_be(sin6.sin6_port),
+            )))
+        }
+        _ => None,
+    }
 }
