@@ -17,8 +17,9 @@
 //! hooks, sent the socket to a Service's backend, and the agent cannot tell these apart. So
 //! no socket is decided permitted where it is not; one the other thread's connect moved may
 //! be reported stale at its record's destination (review 34's second case: a report too
-//! many, not one missing). A socket a complete listing does not show is connected nowhere:
-//! no flow. Only when the listing cannot say (the namespace could not be entered, a listing
+//! many, not one missing). A socket a complete listing does not show is connected nowhere,
+//! or its connect is still under way (the hooks judged it, the kernel has not made it): it
+//! is decided where its record says, `ENDED` or not. Only when the listing cannot say (the namespace could not be entered, a listing
 //! of several datagrams without the socket, this pass's looks spent) does the record decide,
 //! with the look below.
 //!
@@ -108,12 +109,12 @@ pub(super) struct Lookup<'a> {
 pub(super) type Version = (u64, u8, [u8; 16], u16, u16);
 
 impl Agent {
-    /// The flow a revocation pass decides for the UDP record `record` of socket `cookie`:
-    /// the record moved to where its socket is connected ([`flows::moved_to`]: `None` when
-    /// that destination is not tracked, or the socket is connected nowhere), read from this
-    /// pass's listing of the socket's namespace (made now, as one look, if there is none).
-    /// When the listing cannot say, the record's own answer: [`Agent::reconnected_flow`] for
-    /// one marked `CONNECTED_AGAIN`, the record itself otherwise.
+    /// The flow a revocation pass decides for the UDP record `record` of socket `cookie`,
+    /// from where this pass's listing of the socket's namespace (made now, as one look, if
+    /// there is none) finds the socket: connected somewhere, the flow there or the record's
+    /// ([`Agent::either`]); connected nowhere, the record's (`ENDED` or not). When the
+    /// listing cannot say, the record's own answer: [`Agent::reconnected_flow`] for one
+    /// marked `CONNECTED_AGAIN`, the record itself otherwise. `None`: no tracked flow.
     pub(super) fn udp_flow(
         &mut self,
         cookie: u64,
@@ -154,7 +155,13 @@ impl Agent {
             // a backend. The last cannot be told from the others, and the flow is the
             // Service's there: decided at both places.
             Place::At(at) => self.either(record, at),
-            Place::Nowhere => None,
+            // Connected nowhere, or its connect still under way: the kernel may make the
+            // connect the record names just after the listing (also one an `ENDED` record
+            // names, made after the other thread's), so the record decides.
+            Place::Nowhere => {
+                let own = (flows::destination_ip(record), record.dport);
+                flows::moved_to(&self.datapath.tables, record, own)
+            }
             Place::Unknown if record.flags & flow_flags::CONNECTED_AGAIN != 0 => {
                 let pids = procs.of(record.cgroup_id).to_vec();
                 self.reconnected_flow(cookie, record, &pids, sockets, looks)
