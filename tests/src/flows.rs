@@ -360,22 +360,27 @@ impl FlowClient {
     }
 
     /// `rounds` UDP sockets in `cgroup` (and network namespace `ns`), each connected by two
-    /// threads at once, one to `to` and one to `other` (flow-client `udp-race`), held until
-    /// closed. Returns once all are made; [`FlowClient::up`] has the cookies of the sockets
-    /// each address got (`at`, `other`) and how many are connected nowhere.
+    /// threads at once, one to `to` and one to `other` (flow-client `udp-race`), after
+    /// `crowd.0` IPv4 UDP sockets connected to `crowd.1`, all held until closed. Returns once
+    /// all are made; [`FlowClient::up`] has the cookies of the race's sockets each address
+    /// got (`at`, `other`) and how many are connected nowhere.
     pub fn udp_race(
         ns: Option<&NetNs>,
         cgroup: &TestCgroup,
         to: SocketAddr,
         other: SocketAddr,
         rounds: usize,
+        crowd: Option<(usize, SocketAddr)>,
     ) -> Result<Self> {
-        let args = vec![
+        let mut args = vec![
             "udp-race".to_string(),
             to.to_string(),
             other.to_string(),
             rounds.to_string(),
         ];
+        if let Some((n, to)) = crowd {
+            args.extend(["--crowd".to_string(), n.to_string(), to.to_string()]);
+        }
         Self::spawn(ns, cgroup, args, true)
     }
 

@@ -10,18 +10,20 @@
 //! naming a tracked destination whose socket the kernel connected elsewhere, reported stale
 //! though it was not there). So before a revocation pass decides a UDP record, the agent
 //! reads where the socket is: one listing of its namespace's connected UDP sockets per pass
-//! ([`flows::destroy::udp_places`]). A socket where its record says is decided there (an
-//! `ENDED` record too: review 34's first case). One elsewhere is decided at both places,
-//! the denied one first ([`Agent::either`]): the kernel refused the record's connect or made
-//! another thread's after it, or a socket load balancer's program, which runs after the
-//! hooks, sent the socket to a Service's backend, and the agent cannot tell these apart. So
-//! no socket is decided permitted where it is not; one the other thread's connect moved may
-//! be reported stale at its record's destination (review 34's second case: a report too
-//! many, not one missing). A socket a complete listing does not show is connected nowhere,
-//! or its connect is still under way (the hooks judged it, the kernel has not made it): it
-//! is decided where its record says, `ENDED` or not. Only when the listing cannot say (the namespace could not be entered, a listing
-//! of several datagrams without the socket, this pass's looks spent) does the record decide,
-//! with the look below.
+//! ([`flows::destroy::udp_places`]). A socket the listing shows where its record says is
+//! decided there (an `ENDED` record too: review 34's first case). One shown elsewhere is
+//! decided at both places, the denied one first ([`Agent::either`]): the kernel refused the
+//! record's connect or made another thread's after it, or a socket load balancer's program,
+//! which runs after the hooks, sent the socket to a Service's backend, and the agent cannot
+//! tell these apart. So no socket the listing shows is decided permitted where it is not;
+//! one the other thread's connect moved may be reported stale at its record's destination
+//! (review 34's second case: a report too many, not one missing). A socket the listing does
+//! not show (connected nowhere, its connect under way, skipped, or a listing that failed,
+//! ran out of time or of datagrams) is decided where its record says, `ENDED` or not, and,
+//! when marked `CONNECTED_AGAIN`, where the look below finds it: a report too many rather
+//! than one missing, except for a socket whose record no longer names where it is (two
+//! tracked destinations connected at once, the one made last judged first): that one only
+//! a listing finds (README, "Limits").
 //!
 //! A connected UDP socket
 //! connected again ends its tracked flow there (reported closed), and its record moves to
@@ -46,10 +48,8 @@ use std::time::{Duration, Instant};
 use enforcer_common::{flow_flags, FlowRecord};
 
 use super::Agent;
-use crate::flows::{
-    self,
-    destroy::{DiagSockets, Place},
-};
+use crate::datapath::Tables;
+use crate::flows::{self, destroy::DiagSockets};
 
 /// Where the socket of a record marked `CONNECTED_AGAIN` was found.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,7 +132,9 @@ impl Agent {
                 return None;
             }
             let started = Instant::now();
-            let listed = flows::destroy::udp_places(record, procs.of(record.cgroup_id), sockets);
+            let deadline = started + LOOK_TIME_PER_PASS.saturating_sub(looks.spent);
+            let listed =
+                flows::destroy::udp_places(record, procs.of(record.cgroup_id), sockets, deadline);
             looks.made += 1;
             looks.spent += started.elapsed();
             listed
@@ -144,30 +146,18 @@ impl Agent {
                 })
                 .ok()
         });
-        let place = listing
-            .as_ref()
-            .map_or(Place::Unknown, |listing| listing.of(cookie));
-        match place {
-            // Where the record says (also an `ENDED` one: the connect that ended it was made
-            // before the one that put the socket there, review 34), or elsewhere: the
-            // kernel refused the record's connect, made another thread's after it, or a
-            // socket load balancer's program (which runs after the hooks) sent the socket to
-            // a backend. The last cannot be told from the others, and the flow is the
-            // Service's there: decided at both places.
-            Place::At(at) => self.either(record, at),
-            // Connected nowhere, or its connect still under way: the kernel may make the
-            // connect the record names just after the listing (also one an `ENDED` record
-            // names, made after the other thread's), so the record decides.
-            Place::Nowhere => {
-                let own = (flows::destination_ip(record), record.dport);
-                flows::moved_to(&self.datapath.tables, record, own)
-            }
-            Place::Unknown if record.flags & flow_flags::CONNECTED_AGAIN != 0 => {
-                let pids = procs.of(record.cgroup_id).to_vec();
-                self.reconnected_flow(cookie, record, &pids, sockets, looks)
-            }
-            Place::Unknown => (record.flags & flow_flags::ENDED == 0).then_some(*record),
+        if let Some(at) = listing.as_ref().and_then(|listing| listing.of(cookie)) {
+            let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
+            return self.either(recorded, record, at);
         }
+        // Not shown: connected nowhere, its connect under way (the kernel may make the one the
+        // record names, also an `ENDED` one's, after the listing), or a listing that could not
+        // say. Decided where the record says, `ENDED` or not, and where a look finds it.
+        if record.flags & flow_flags::CONNECTED_AGAIN != 0 {
+            let pids = procs.of(record.cgroup_id).to_vec();
+            return self.reconnected_flow(cookie, record, &pids, sockets, looks);
+        }
+        own(&self.datapath.tables, record)
     }
 
     /// The flow a revocation pass decides for the UDP record `record` of socket `cookie`
@@ -186,7 +176,7 @@ impl Agent {
         sockets: &mut DiagSockets,
         looks: &mut LookBudget,
     ) -> Option<FlowRecord> {
-        let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
+        let recorded = own(&self.datapath.tables, record);
         let Some(previous) = flows::previous_peer(record) else {
             return recorded;
         };
@@ -236,17 +226,22 @@ impl Agent {
         match found {
             Some(Found::Recorded) => recorded,
             Some(Found::Previous) => flows::moved_to(&self.datapath.tables, record, previous),
-            None => self.either(record, previous),
+            None => self.either(recorded, record, previous),
         }
     }
 
     /// The flow decided for `record` when its socket may be at `at` or where the record
-    /// says: the flow at `at` when that one is denied, else the record's own (unless
-    /// `ENDED`), else the flow at `at`. A socket at either place is then never decided as
-    /// permitted when it is not; one at the other may be reported stale where it is not.
-    fn either(&self, record: &FlowRecord, at: (IpAddr, u16)) -> Option<FlowRecord> {
+    /// says (`recorded`: the record's own flow, if it may be there): the flow at `at` when
+    /// that one is denied, else `recorded`, else the flow at `at`. A socket at either place
+    /// is then never decided as permitted when it is not; one at the other may be reported
+    /// stale where it is not.
+    fn either(
+        &self,
+        recorded: Option<FlowRecord>,
+        record: &FlowRecord,
+        at: (IpAddr, u16),
+    ) -> Option<FlowRecord> {
         let tables = &self.datapath.tables;
-        let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
         match flows::moved_to(tables, record, at) {
             Some(flow)
                 if matches!(
@@ -270,3 +265,10 @@ impl Agent {
 /// The looks made, by socket cookie (see [`Agent::reconnected_flow`]): the record version,
 /// what was found (`None`: the look could not say), and when.
 pub(super) type Looks = BTreeMap<u64, (Version, Option<Found>, Instant)>;
+
+/// The record's own flow, `ENDED` or not: where its socket may be when no listing shows it
+/// (the connect the record names may be made after the listing).
+fn own(tables: &Tables, record: &FlowRecord) -> Option<FlowRecord> {
+    let at = (flows::destination_ip(record), record.dport);
+    flows::moved_to(tables, record, at)
+}

@@ -12,6 +12,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use enforcer_common::FlowRecord;
 
@@ -646,79 +647,65 @@ pub fn udp_connected_to(
     Ok(find(cookie, record, pids, sockets, &req, CONNECTED_UDP, &filter)?.is_some())
 }
 
-/// Where a UDP socket is connected, as a listing of its namespace found it
-/// ([`UdpPlaces::of`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Place {
-    /// Connected to this address and port (an IPv4-mapped address given as IPv4).
-    At((IpAddr, u16)),
-    /// Connected nowhere (or gone): a complete listing of the namespace's connected UDP
-    /// sockets did not list it.
-    Nowhere,
-    /// Not listed by a listing that cannot prove it absent.
-    Unknown,
-}
-
 /// The connected UDP sockets of one network namespace, by cookie, as one listing found them
 /// ([`udp_places`]).
 #[derive(Debug, Default)]
 pub struct UdpPlaces {
     peers: std::collections::HashMap<u64, (IpAddr, u16)>,
-    /// Every family's dump ended within one datagram of sockets, so a socket not listed is
-    /// not connected.
-    complete: bool,
 }
 
 impl UdpPlaces {
-    /// Where the socket `cookie` of this namespace is connected.
-    pub fn of(&self, cookie: u64) -> Place {
-        match self.peers.get(&cookie) {
-            Some(&peer) => Place::At(peer),
-            None if self.complete => Place::Nowhere,
-            None => Place::Unknown,
-        }
+    /// Where the socket `cookie` of this namespace is connected (address, port; an
+    /// IPv4-mapped address given as IPv4), if the listing showed it.
+    pub fn of(&self, cookie: u64) -> Option<(IpAddr, u16)> {
+        self.peers.get(&cookie).copied()
     }
 }
 
 /// Where the connected UDP sockets of `record`'s network namespace are (entered as for
 /// [`destroy_with`], reusing `sockets`): one unfiltered `SOCK_DIAG_BY_FAMILY` dump per family
-/// of the sockets in `TCP_ESTABLISHED`, a connected UDP socket's state. The place of a
-/// connected UDP socket is the kernel's to know, not the connect hooks': the hooks judge a
-/// connect before the kernel makes it, and the kernel may refuse it, or make two threads'
-/// connects of one socket in the opposite order of their hooks (red-team reviews 28 and 34).
-/// A socket listed is where the listing says; one not listed is connected nowhere only when
-/// each family's dump fit in one datagram (a dump resumed by position may skip a socket when
-/// sockets ahead of it close), and unknown after a listing that failed. Errors: the
-/// namespace could not be entered.
+/// of the sockets in `TCP_ESTABLISHED`, a connected UDP socket's state, IPv6 first (a
+/// dual-stack socket turned IPv4 by `IPV6_ADDRFORM` between the two is then listed by the
+/// second). The place of a connected UDP socket is the kernel's to know, not the connect
+/// hooks': the hooks judge a connect before the kernel makes it, and the kernel may refuse
+/// it, or make two threads' connects of one socket in the opposite order of their hooks
+/// (red-team reviews 28 and 34). A socket listed is where the listing says; one not listed
+/// may be connected nowhere, or skipped, or behind a listing that failed or was cut at
+/// `deadline` (checked between datagrams; the rest of that family is not read). A family
+/// whose listing failed is not the end: the other is listed on a fresh socket (a crowded
+/// IPv4 listing must not hide the IPv6 sockets, red-team review 36). Errors: the namespace
+/// could not be entered.
 pub fn udp_places(
     record: &FlowRecord,
     pids: &[u32],
     sockets: &mut DiagSockets,
+    deadline: Instant,
 ) -> Result<UdpPlaces, DestroyError> {
-    let fd = sockets.socket_for(record, pids)?;
     let request = Request {
         protocol: IPPROTO_UDP,
         ..Request::default()
     };
-    let mut places = UdpPlaces {
-        complete: true,
-        ..UdpPlaces::default()
-    };
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+    let mut places = UdpPlaces::default();
+    for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
+        let fd = sockets.socket_for(record, pids)?;
         let mut seen = |cookie: u64, socket: Found| {
             places.peers.insert(cookie, socket.peer);
         };
-        match list_family(fd, &request, family, CONNECTED_UDP, &[], &mut seen) {
-            Ok(with_records) => places.complete &= with_records <= 1,
-            Err(error) => {
-                tracing::debug!(
-                    netns = record.netns_cookie,
-                    "listing a namespace's connected UDP sockets: {error}"
-                );
-                places.complete = false;
-                sockets.drop_socket(record.netns_cookie);
-                break;
-            }
+        if let Err(error) = list_family_until(
+            fd,
+            &request,
+            family,
+            CONNECTED_UDP,
+            &[],
+            &mut seen,
+            deadline,
+        ) {
+            tracing::debug!(
+                netns = record.netns_cookie,
+                family,
+                "listing a namespace's connected UDP sockets: {error}"
+            );
+            sockets.drop_socket(record.netns_cookie);
         }
     }
     Ok(places)
@@ -865,8 +852,9 @@ const LIST_DATAGRAMS: usize = 64;
 enum Listing {
     Absent,
     Listed(Found),
-    /// Not listed, but the listing took this many datagrams: no proof of absence (the
-    /// kernel resumes a dump by position, and sockets closing ahead can make it skip).
+    /// Not listed, but the listing took this many datagrams, or one that was full: no
+    /// proof of absence (the kernel resumes a dump by position, and sockets closing ahead
+    /// can make it skip, [`had_room`]).
     Unproven(usize),
 }
 
@@ -911,8 +899,8 @@ fn list_cookie(
         };
         match list_family(fd, destroy, family, states, filter, &mut seen) {
             Ok(_) if found.is_some() => return Ok(Listing::Listed(found.unwrap())),
-            Ok(with_records) if with_records <= 1 => {}
-            Ok(with_records) => unproven = Some(Listing::Unproven(with_records)),
+            Ok(ended) if ended.whole => {}
+            Ok(ended) => unproven = Some(Listing::Unproven(ended.with_records)),
             Err(error) if error.kind() == io::ErrorKind::ResourceBusy => return Err(error),
             Err(error) => failed = Some(error),
         }
@@ -926,13 +914,45 @@ fn list_cookie(
 /// The error of a listing that took `datagrams` datagrams without the socket.
 fn unproven(datagrams: usize) -> io::Error {
     io::Error::other(format!(
-        "SOCK_DIAG_BY_FAMILY: the listing took {datagrams} datagrams without the socket: no proof it is gone"
+        "SOCK_DIAG_BY_FAMILY: the listing took {datagrams} datagram(s), not all with room to spare, without the socket: no proof it is gone"
     ))
 }
 
-/// One family's listing (see [`list_cookie`]), every socket given to `seen`: once the dump
-/// ended, how many datagrams carried sockets (more than one: a socket not given may have
-/// been skipped).
+/// How a dump that ended went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ended {
+    /// Datagrams that carried sockets.
+    with_records: usize,
+    /// Every socket of the dump was given: at most one datagram carried sockets, and it had
+    /// room for another ([`had_room`]). Otherwise the kernel resumed the walk by position,
+    /// and a socket ahead closing in between made it skip one.
+    whole: bool,
+}
+
+/// The smallest dump datagram the kernel may build: `NLMSG_GOODSIZE` with 4 KiB pages
+/// (`SKB_WITH_OVERHEAD(PAGE_SIZE)`), what `netlink_dump` falls back to when the large
+/// allocation fails.
+const SMALLEST_DUMP: usize = 3_776;
+/// The largest `NLMSG_GOODSIZE` (`SKB_WITH_OVERHEAD(8192)`, pages of 8 KiB or more).
+const LARGEST_GOODSIZE: usize = 7_872;
+/// The datagram a primed listing socket gets when the large allocation succeeds
+/// (`SKB_WITH_OVERHEAD(32768)`, the cap on `max_recvmsg_len`).
+const PRIMED_DUMP: usize = 32_448;
+/// More than any one socket's record in these listings (124 bytes for IPv4 UDP with the
+/// attributes the kernel adds unasked, 132 for IPv6).
+const LARGEST_RECORD: usize = 512;
+
+/// Whether a dump datagram of `len` bytes had room for another socket's record, whichever
+/// size the kernel built it at: the kernel ends a datagram early only when the next record
+/// does not fit, and a datagram that was full may have been followed by a walk that skipped
+/// a socket (red-team review 36).
+fn had_room(len: usize) -> bool {
+    len + LARGEST_RECORD <= SMALLEST_DUMP
+        || (len > LARGEST_GOODSIZE && len + LARGEST_RECORD <= PRIMED_DUMP)
+}
+
+/// One family's listing (see [`list_cookie`]), every socket given to `seen`, until the dump
+/// ended.
 fn list_family(
     fd: &OwnedFd,
     destroy: &Request,
@@ -940,7 +960,26 @@ fn list_family(
     states: u32,
     filter: &[u8],
     seen: &mut dyn FnMut(u64, Found),
-) -> io::Result<usize> {
+) -> io::Result<Ended> {
+    list_family_until(fd, destroy, family, states, filter, seen, far_deadline())
+}
+
+/// A deadline no listing reaches: [`LIST_DATAGRAMS`] bounds it.
+fn far_deadline() -> Instant {
+    Instant::now() + Duration::from_secs(3_600)
+}
+
+/// [`list_family`], stopped (an error, the dump left running) at `deadline`, checked
+/// between datagrams.
+fn list_family_until(
+    fd: &OwnedFd,
+    destroy: &Request,
+    family: u8,
+    states: u32,
+    filter: &[u8],
+    seen: &mut dyn FnMut(u64, Found),
+    deadline: Instant,
+) -> io::Result<Ended> {
     let failed = |what: String| io::Error::other(format!("SOCK_DIAG_BY_FAMILY: {what}"));
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dump = Request {
@@ -961,9 +1000,14 @@ fn list_family(
     send_bytes(fd, &[request_bytes(&dump), filter].concat())?;
     // Datagrams that carried socket records: the kernel fills one before it resumes the walk
     // (NLMSG_DONE usually comes in a datagram of its own).
-    let mut with_records = 0;
+    let (mut with_records, mut roomy) = (0, true);
     let mut buf = vec![0u8; 32 * 1024];
     for _ in 0..LIST_DATAGRAMS {
+        if Instant::now() > deadline {
+            return Err(left_running(failed(
+                "the listing ran out of time".to_string(),
+            )));
+        }
         // SAFETY: a zeroed sockaddr_nl is a valid out-parameter of its size.
         let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
@@ -985,10 +1029,18 @@ fn list_family(
             continue;
         }
         let part = parse_dump(&buf[..n as usize], seq, seen);
-        with_records += usize::from(part.records > 0);
+        if part.records > 0 {
+            with_records += 1;
+            roomy = had_room(n as usize);
+        }
         match part.end {
             None => {}
-            Some(Ok(())) => return Ok(with_records),
+            Some(Ok(())) => {
+                return Ok(Ended {
+                    with_records,
+                    whole: with_records == 0 || (with_records == 1 && roomy),
+                })
+            }
             Some(Err(errno)) => {
                 return Err(failed(io::Error::from_raw_os_error(errno).to_string()))
             }
@@ -1252,6 +1304,22 @@ mod tests {
         assert_eq!(parse(&refused, 7), (None, 0, Some(Err(libc::EPERM))));
         let whole = message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg(1, cookie));
         assert_eq!(parse(&whole[..40], 7), (None, 0, None));
+    }
+
+    /// A dump datagram proves that its walk ended (no socket skipped after it) only when it
+    /// had room for another record at whichever size the kernel built it: a page's worth
+    /// after a failed large allocation, up to 8 KiB with large pages, or the primed 32 KiB.
+    #[test]
+    fn only_a_datagram_with_room_for_another_record_proves_the_walk_ended() {
+        assert!(had_room(0));
+        assert!(had_room(SMALLEST_DUMP - LARGEST_RECORD));
+        // Could be a page-sized datagram that was full.
+        assert!(!had_room(SMALLEST_DUMP - LARGEST_RECORD + 1));
+        assert!(!had_room(LARGEST_GOODSIZE));
+        // Larger than any page-sized one: the primed size, with room left.
+        assert!(had_room(LARGEST_GOODSIZE + 1));
+        assert!(had_room(PRIMED_DUMP - LARGEST_RECORD));
+        assert!(!had_room(PRIMED_DUMP - LARGEST_RECORD + 1));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ```text
 //! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork] [--bind-device NAME]
 //! flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE
-//! flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS --hold STOPFILE
+//! flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE
 //! ```
 //!
 //! `tcp` connects, sends an 8-byte header (SEND and RECV as big-endian u32) and SEND bytes,
@@ -29,7 +29,8 @@
 //! kernel's connects of the two may run in opposite orders; it prints
 //! `{"up":true,"at":[COOKIE...],"other":[COOKIE...],"nowhere":N}` (the sockets' cookies,
 //! `SO_COOKIE`, by where `getpeername` finds each), holds them until STOPFILE appears, and
-//! ends like `udp`.
+//! ends like `udp`. `--crowd N TO:PORT` (N at most 20,000) first connects N IPv4 UDP
+//! sockets to TO:PORT, held as long.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -47,7 +48,7 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
-    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS --hold STOPFILE");
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE");
     ExitCode::from(2)
 }
 
@@ -116,8 +117,20 @@ fn main() -> ExitCode {
             ) else {
                 return usage();
             };
+            let crowd = match args.iter().position(|a| a == "--crowd") {
+                None => None,
+                Some(i) => match (
+                    args.get(i + 1).map(|n| n.parse::<usize>()),
+                    args.get(i + 2).map(|a| a.parse::<SocketAddr>()),
+                ) {
+                    (Some(Ok(n)), Some(Ok(to))) if n <= 20_000 => Some((n, to)),
+                    _ => return usage(),
+                },
+            };
             match hold {
-                Some(stop) if (1..=4096).contains(&rounds) => udp_race(addr, other, rounds, stop),
+                Some(stop) if (1..=4096).contains(&rounds) => {
+                    udp_race(addr, other, rounds, crowd, stop)
+                }
                 _ => usage(),
             }
         }
@@ -287,10 +300,24 @@ fn hold_sockets<T>(sockets: T, stop: &std::path::Path) -> ExitCode {
 }
 
 /// `udp-race` (see the module documentation).
-fn udp_race(addr: SocketAddr, other: SocketAddr, rounds: usize, stop: PathBuf) -> ExitCode {
+fn udp_race(
+    addr: SocketAddr,
+    other: SocketAddr,
+    rounds: usize,
+    crowd: Option<(usize, SocketAddr)>,
+    stop: PathBuf,
+) -> ExitCode {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::sync::atomic::{AtomicI32, Ordering};
     use std::sync::Barrier;
+
+    let crowd = match crowd.map_or(Ok(Vec::new()), |(n, to)| crowd_of(n, to)) {
+        Ok(crowd) => crowd,
+        Err(e) => {
+            eprintln!("flow-client: --crowd: {e}");
+            return ExitCode::from(1);
+        }
+    };
 
     let family = if addr.is_ipv4() {
         libc::AF_INET
@@ -375,7 +402,39 @@ fn udp_race(addr: SocketAddr, other: SocketAddr, rounds: usize, stop: PathBuf) -
         list(&at),
         list(&elsewhere)
     );
-    hold_sockets(sockets, &stop)
+    hold_sockets((sockets, crowd), &stop)
+}
+
+/// `count` IPv4 UDP sockets connected to `to`, for `--crowd`: the soft file limit raised to
+/// the hard one to hold them (raising the hard one needs `CAP_SYS_RESOURCE`).
+fn crowd_of(count: usize, to: SocketAddr) -> std::io::Result<Vec<UdpSocket>> {
+    let mut rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlimit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        rlimit.rlim_cur = rlimit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if (count + 2_048) as libc::rlim_t > rlimit.rlim_max {
+        return Err(std::io::Error::other(format!(
+            "{count} sockets and the race's need more descriptors than the hard limit {}",
+            rlimit.rlim_max
+        )));
+    }
+    (0..count)
+        .map(|_| {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            Ok(s)
+        })
+        .collect()
 }
 
 /// Where the socket `fd` is connected (`getpeername`), as a `SocketAddr` of the socket's
