@@ -509,7 +509,15 @@ fn prime(fd: &OwnedFd) {
         protocol: IPPROTO_UDP,
         ..Request::default()
     };
-    let _ = list_family(fd, &none, libc::AF_INET as u8, 0, &[], &mut |_, _| {});
+    let _ = list_family(
+        fd,
+        &none,
+        libc::AF_INET as u8,
+        0,
+        &[],
+        &mut |_, _| {},
+        far_deadline(),
+    );
 }
 
 /// [`destroy`], reusing (and filling) `sockets`. A socket on which a request failed is
@@ -691,7 +699,7 @@ pub fn udp_places(
         let mut seen = |cookie: u64, socket: Found| {
             places.peers.insert(cookie, socket.peer);
         };
-        if let Err(error) = list_family_until(
+        if let Err(error) = list_family(
             fd,
             &request,
             family,
@@ -897,7 +905,15 @@ fn list_cookie(
                 found = Some(socket);
             }
         };
-        match list_family(fd, destroy, family, states, filter, &mut seen) {
+        match list_family(
+            fd,
+            destroy,
+            family,
+            states,
+            filter,
+            &mut seen,
+            far_deadline(),
+        ) {
             Ok(_) if found.is_some() => return Ok(Listing::Listed(found.unwrap())),
             Ok(ended) if ended.whole => {}
             Ok(ended) => unproven = Some(Listing::Unproven(ended.with_records)),
@@ -951,27 +967,15 @@ fn had_room(len: usize) -> bool {
         || (len > LARGEST_GOODSIZE && len + LARGEST_RECORD <= PRIMED_DUMP)
 }
 
-/// One family's listing (see [`list_cookie`]), every socket given to `seen`, until the dump
-/// ended.
-fn list_family(
-    fd: &OwnedFd,
-    destroy: &Request,
-    family: u8,
-    states: u32,
-    filter: &[u8],
-    seen: &mut dyn FnMut(u64, Found),
-) -> io::Result<Ended> {
-    list_family_until(fd, destroy, family, states, filter, seen, far_deadline())
-}
-
 /// A deadline no listing reaches: [`LIST_DATAGRAMS`] bounds it.
 fn far_deadline() -> Instant {
     Instant::now() + Duration::from_secs(3_600)
 }
 
-/// [`list_family`], stopped (an error, the dump left running) at `deadline`, checked
-/// between datagrams.
-fn list_family_until(
+/// One family's listing (see [`list_cookie`]), every socket given to `seen`, until the dump
+/// ended; stopped (an error, the dump left running) at `deadline`, checked between
+/// datagrams.
+fn list_family(
     fd: &OwnedFd,
     destroy: &Request,
     family: u8,
