@@ -344,6 +344,9 @@ struct Agent {
     status_written: (Option<KubeStatus>, Option<WatchStatus>),
     /// Flow events the agent makes (revoked, stale), to the event task.
     flow_events: mpsc::UnboundedSender<FlowCall>,
+    /// Where the IP cache in force puts the tracked destinations (address, prefix length):
+    /// what a revocation pass narrows a listing of UDP sockets to (`reconnected.rs`).
+    tracked_prefixes: Vec<(std::net::IpAddr, u8)>,
     /// Connected UDP flows already reported `flow.stale`: cookie -> the record's `start_ns`
     /// and the destination address and port, once each (a socket connected elsewhere since
     /// is a new flow, reported again).
@@ -622,6 +625,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         metrics,
         status_written: (None, None),
         flow_events: flow_tx,
+        tracked_prefixes: Vec::new(),
         stale_reported: BTreeMap::new(),
         reconnected: BTreeMap::new(),
         last_sweep: None,
@@ -928,6 +932,7 @@ impl Agent {
         report_unresolved(&self.unresolved, &unresolved);
         self.pods = pods_view(pods.as_ref(), &unresolved, &desired.cgroups, &self.compiled);
         self.unresolved = unresolved;
+        self.tracked_prefixes = flows::tracked_prefixes(&desired);
         self.cgroups = desired.cgroups;
         tracing::info!(
             revision = self.compiled.revision(),
@@ -1416,6 +1421,7 @@ impl Agent {
         let mut diag_sockets = flows::destroy::DiagSockets::default();
         let mut looks = reconnected::LookBudget::default();
         let mut places = reconnected::Places::new();
+        let mut tracked_places = reconnected::TrackedPlaces::new();
         let mut live = BTreeSet::new();
         let (mut revoked, mut stale, mut failed) = (0usize, 0usize, 0usize);
         for (cookie, mut record) in records {
@@ -1429,6 +1435,7 @@ impl Agent {
                     sockets: &mut diag_sockets,
                     looks: &mut looks,
                     places: &mut places,
+                    tracked: &mut tracked_places,
                 };
                 match self.udp_flow(cookie, &record, lookup) {
                     Some(flow) => record = flow,

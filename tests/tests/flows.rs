@@ -907,6 +907,15 @@ fn racing_udp_connects_are_decided_where_each_socket_is_in_a_crowded_namespace()
     racing_udp_connects_are_decided_where_each_socket_is(20, true, 17_500)
 }
 
+/// The same with the crowd in the racing sockets' own family (IPv4): no listing of the
+/// whole namespace shows them, and a listing narrowed to the tracked destinations, which the
+/// crowd cannot fill, finds them (red-team review 37).
+#[test]
+fn racing_udp_connects_are_decided_where_each_socket_is_behind_a_crowd_of_their_family(
+) -> Result<()> {
+    racing_udp_connects_are_decided_where_each_socket_is(21, false, 17_500)
+}
+
 fn racing_udp_connects_are_decided_where_each_socket_is(
     t: u8,
     dual_stack: bool,

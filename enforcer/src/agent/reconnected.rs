@@ -19,11 +19,14 @@
 //! one the other thread's connect moved may be reported stale at its record's destination
 //! (review 34's second case: a report too many, not one missing). A socket the listing does
 //! not show (connected nowhere, its connect under way, skipped, or a listing that failed,
-//! ran out of time or of datagrams) is decided where its record says, `ENDED` or not, and,
-//! when marked `CONNECTED_AGAIN`, where the look below finds it: a report too many rather
-//! than one missing, except for a socket whose record no longer names where it is (two
-//! tracked destinations connected at once, the one made last judged first): that one only
-//! a listing finds (README, "Limits").
+//! ran out of time or of datagrams) is looked for in a second listing narrowed to the
+//! tracked destinations' addresses ([`flows::destroy::udp_places_within`]), which only
+//! tracked flows can crowd (red-team review 37); not there either, or when that one cannot
+//! say, it is decided where its record says, `ENDED` or not, and, when marked
+//! `CONNECTED_AGAIN`, where the look below finds it: a report too many rather than one
+//! missing, except for a socket whose record no longer names where it is (two tracked
+//! destinations connected at once, the one made last judged first) in a namespace neither
+//! listing can read (README, "Tracked flows").
 //!
 //! A connected UDP socket
 //! connected again ends its tracked flow there (reported closed), and its record moves to
@@ -95,12 +98,18 @@ impl LookBudget {
 /// none could be made).
 pub(super) type Places = BTreeMap<u64, Option<flows::destroy::UdpPlaces>>;
 
+/// The listings narrowed to the tracked destinations one pass made, by network namespace
+/// cookie: what they found, and whether they proved the others absent (`None`: none could
+/// be made).
+pub(super) type TrackedPlaces = BTreeMap<u64, Option<(flows::destroy::UdpPlaces, bool)>>;
+
 /// What a pass lends [`Agent::udp_flow`] to find a socket with.
 pub(super) struct Lookup<'a> {
     pub procs: &'a mut flows::destroy::CgroupProcs,
     pub sockets: &'a mut DiagSockets,
     pub looks: &'a mut LookBudget,
     pub places: &'a mut Places,
+    pub tracked: &'a mut TrackedPlaces,
 }
 
 /// What a look was about: a record version (`start_ns`, `flags`, previous peer and port, and
@@ -126,6 +135,7 @@ impl Agent {
             sockets,
             looks,
             places,
+            tracked,
         } = lookup;
         let listing = places.entry(record.netns_cookie).or_insert_with(|| {
             if looks.exhausted() {
@@ -146,13 +156,43 @@ impl Agent {
                 })
                 .ok()
         });
+        let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
         if let Some(at) = listing.as_ref().and_then(|listing| listing.of(cookie)) {
-            let recorded = (record.flags & flow_flags::ENDED == 0).then_some(*record);
             return self.either(recorded, record, at);
         }
-        // Not shown: connected nowhere, its connect under way (the kernel may make the one the
-        // record names, also an `ENDED` one's, after the listing), or a listing that could not
-        // say. Decided where the record says, `ENDED` or not, and where a look finds it.
+        // Not shown: connected nowhere, its connect under way, skipped, or behind a listing
+        // that could not say (crowded, cut at the pass's time). A second listing of the
+        // namespace narrowed to the tracked destinations, which only tracked flows can
+        // crowd (red-team review 37), finds it if it is at one of them.
+        let prefixes = &self.tracked_prefixes;
+        let narrowed = tracked.entry(record.netns_cookie).or_insert_with(|| {
+            if looks.exhausted() || prefixes.is_empty() {
+                return None;
+            }
+            let started = Instant::now();
+            let deadline = started + LOOK_TIME_PER_PASS.saturating_sub(looks.spent);
+            let listed = flows::destroy::udp_places_within(
+                record,
+                procs.of(record.cgroup_id),
+                sockets,
+                prefixes,
+                deadline,
+            );
+            looks.made += 1;
+            looks.spent += started.elapsed();
+            listed.ok()
+        });
+        match narrowed
+            .as_ref()
+            .map(|(found, whole)| (found.of(cookie), *whole))
+        {
+            Some((Some(at), _)) => return self.either(recorded, record, at),
+            // At no tracked destination: its flow is the record's, if its connect is still
+            // under way (`ENDED` or not).
+            Some((None, true)) => return own(&self.datapath.tables, record),
+            _ => {}
+        }
+        // Decided where the record says, `ENDED` or not, and where a look finds it.
         if record.flags & flow_flags::CONNECTED_AGAIN != 0 {
             let pids = procs.of(record.cgroup_id).to_vec();
             return self.reconnected_flow(cookie, record, &pids, sockets, looks);

@@ -695,6 +695,9 @@ pub fn udp_places(
     };
     let mut places = UdpPlaces::default();
     for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
+        if Instant::now() > deadline {
+            break;
+        }
         let fd = sockets.socket_for(record, pids)?;
         let mut seen = |cookie: u64, socket: Found| {
             places.peers.insert(cookie, socket.peer);
@@ -717,6 +720,110 @@ pub fn udp_places(
         }
     }
     Ok(places)
+}
+
+/// Where the connected UDP sockets of `record`'s network namespace that are connected into
+/// one of `prefixes` (address, prefix length: the tracked destinations) are, and whether the
+/// listing proved the others absent from them: [`udp_places`] narrowed by a filter, for the
+/// sockets a whole listing could not show. A workload cannot crowd this listing with
+/// sockets of its own making that are not tracked flows (each of which holds a share of
+/// `FLOWS`), so it stays small, and one datagram with room to spare proves that a socket not
+/// in it is connected to no tracked destination (red-team review 37). Errors: the namespace
+/// could not be entered.
+pub fn udp_places_within(
+    record: &FlowRecord,
+    pids: &[u32],
+    sockets: &mut DiagSockets,
+    prefixes: &[(IpAddr, u8)],
+    deadline: Instant,
+) -> Result<(UdpPlaces, bool), DestroyError> {
+    let request = Request {
+        protocol: IPPROTO_UDP,
+        ..Request::default()
+    };
+    let mut places = UdpPlaces::default();
+    let mut whole = true;
+    for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
+        // An IPv4 condition also matches a dual-stack socket's IPv4-mapped peer.
+        let within: Vec<(IpAddr, u8)> = prefixes
+            .iter()
+            .copied()
+            .filter(|(ip, _)| family == libc::AF_INET6 as u8 || ip.is_ipv4())
+            .collect();
+        if within.is_empty() {
+            continue;
+        }
+        if Instant::now() > deadline {
+            whole = false;
+            break;
+        }
+        let fd = sockets.socket_for(record, pids)?;
+        let mut seen = |cookie: u64, socket: Found| {
+            places.peers.insert(cookie, socket.peer);
+        };
+        let filter = any_destination_filter(&within);
+        match list_family(
+            fd,
+            &request,
+            family,
+            CONNECTED_UDP,
+            &filter,
+            &mut seen,
+            deadline,
+        ) {
+            Ok(ended) => whole &= ended.whole,
+            Err(error) => {
+                tracing::debug!(
+                    netns = record.netns_cookie,
+                    family,
+                    "listing a namespace's UDP sockets connected to tracked destinations: {error}"
+                );
+                whole = false;
+                sockets.drop_socket(record.netns_cookie);
+            }
+        }
+    }
+    Ok((places, whole))
+}
+
+/// A filter program that accepts a socket whose remote end is in any of `prefixes` (any
+/// port). `inet_diag_bc_op`'s `yes` is one byte, too short to jump to the end past many
+/// conditions, so each prefix is an `INET_DIAG_BC_D_COND` whose `yes` steps onto an
+/// `INET_DIAG_BC_JMP` to the program's end (accept) and whose `no` steps over it to the next
+/// prefix; the last one's `no` goes past the end (reject). Every jump lands on an op or at
+/// the end, as `inet_diag_bc_audit` requires.
+fn any_destination_filter(prefixes: &[(IpAddr, u8)]) -> Vec<u8> {
+    const JMP_LEN: usize = 4;
+    let cond_len = |ip: &IpAddr| 4 + 8 + if ip.is_ipv4() { 4 } else { 16 };
+    let program_len: usize = prefixes.iter().map(|(ip, _)| cond_len(ip) + JMP_LEN).sum();
+    let mut attr = Vec::with_capacity(4 + program_len);
+    attr.extend_from_slice(&((4 + program_len) as u16).to_ne_bytes());
+    attr.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    let mut remaining = program_len;
+    for (ip, prefix) in prefixes {
+        let len = cond_len(ip);
+        let last = remaining == len + JMP_LEN;
+        attr.push(INET_DIAG_BC_D_COND);
+        attr.push(len as u8);
+        let no = len + JMP_LEN + if last { 4 } else { 0 };
+        attr.extend_from_slice(&(no as u16).to_ne_bytes());
+        let (family, address): (u8, Vec<u8>) = match ip {
+            IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+        };
+        attr.push(family);
+        attr.push(*prefix);
+        attr.extend_from_slice(&[0, 0]);
+        // Any port.
+        attr.extend_from_slice(&(-1i32).to_ne_bytes());
+        attr.extend_from_slice(&address);
+        remaining -= len;
+        attr.push(INET_DIAG_BC_JMP);
+        attr.push(JMP_LEN as u8);
+        attr.extend_from_slice(&(remaining as u16).to_ne_bytes());
+        remaining -= JMP_LEN;
+    }
+    attr
 }
 
 /// Whether the TCP socket `cookie` of `record` still exists, hashed, in the record's network
@@ -796,6 +903,8 @@ fn send_bytes(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_BC_S_COND: u8 = 7;
 const INET_DIAG_BC_D_COND: u8 = 8;
+/// `INET_DIAG_BC_JMP`: an unconditional jump by its `no`.
+const INET_DIAG_BC_JMP: u8 = 1;
 
 /// The listing's filter for a reset (an `INET_DIAG_REQ_BYTECODE` attribute): the kernel
 /// lists only sockets whose local and remote address and port are the flow's. The request's
@@ -945,26 +1054,44 @@ struct Ended {
     whole: bool,
 }
 
-/// The smallest dump datagram the kernel may build: `NLMSG_GOODSIZE` with 4 KiB pages
-/// (`SKB_WITH_OVERHEAD(PAGE_SIZE)`), what `netlink_dump` falls back to when the large
-/// allocation fails.
-const SMALLEST_DUMP: usize = 3_776;
-/// The largest `NLMSG_GOODSIZE` (`SKB_WITH_OVERHEAD(8192)`, pages of 8 KiB or more).
-const LARGEST_GOODSIZE: usize = 7_872;
-/// The datagram a primed listing socket gets when the large allocation succeeds
-/// (`SKB_WITH_OVERHEAD(32768)`, the cap on `max_recvmsg_len`).
-const PRIMED_DUMP: usize = 32_448;
+/// What `SKB_WITH_OVERHEAD` takes off an allocation for `struct skb_shared_info`: 320 bytes
+/// with the default `MAX_SKB_FRAGS` (17) on 64-bit, more with more fragments; bounds both
+/// ways, so that the sizes below hold on any build.
+const SHARED_INFO_LEAST: usize = 320;
+const SHARED_INFO_MOST: usize = 1_024;
+/// The size `netlink_dump` allocates a primed listing socket's datagrams at: its largest
+/// read, 32 KiB, capped at `SKB_WITH_OVERHEAD(32768)`.
+const PRIMED_ALLOCATION: usize = 32_768;
 /// More than any one socket's record in these listings (124 bytes for IPv4 UDP with the
-/// attributes the kernel adds unasked, 132 for IPv6).
+/// attributes the kernel adds unasked, 132 for IPv6; TCP's extensions are never asked for).
 const LARGEST_RECORD: usize = 512;
 
 /// Whether a dump datagram of `len` bytes had room for another socket's record, whichever
-/// size the kernel built it at: the kernel ends a datagram early only when the next record
-/// does not fit, and a datagram that was full may have been followed by a walk that skipped
-/// a socket (red-team review 36).
+/// size the kernel built it at: the primed 32 KiB, or `NLMSG_GOODSIZE`
+/// (`SKB_WITH_OVERHEAD` of the page, at most of 8 KiB) when that allocation failed. The
+/// kernel ends a datagram early only when the next record does not fit, and a datagram that
+/// was full may have been followed by a walk that skipped a socket (red-team review 36).
 fn had_room(len: usize) -> bool {
-    len + LARGEST_RECORD <= SMALLEST_DUMP
-        || (len > LARGEST_GOODSIZE && len + LARGEST_RECORD <= PRIMED_DUMP)
+    had_room_with_pages(len, page_size())
+}
+
+/// [`had_room`] with pages of `page` bytes.
+fn had_room_with_pages(len: usize, page: usize) -> bool {
+    let goodsize = page.min(8_192);
+    // A datagram this small had room in the smallest one the kernel builds.
+    let small = len + LARGEST_RECORD <= goodsize - SHARED_INFO_MOST;
+    // One larger than any page-sized datagram is a primed one: room if the smallest primed
+    // size has it.
+    let primed = len > goodsize - SHARED_INFO_LEAST
+        && len + LARGEST_RECORD <= PRIMED_ALLOCATION - SHARED_INFO_MOST;
+    small || primed
+}
+
+/// The page size (`sysconf(_SC_PAGESIZE)`; 4 KiB if it cannot say).
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page).unwrap_or(4_096).max(4_096)
 }
 
 /// A deadline no listing reaches: [`LIST_DATAGRAMS`] bounds it.
@@ -1315,15 +1442,31 @@ mod tests {
     /// after a failed large allocation, up to 8 KiB with large pages, or the primed 32 KiB.
     #[test]
     fn only_a_datagram_with_room_for_another_record_proves_the_walk_ended() {
-        assert!(had_room(0));
-        assert!(had_room(SMALLEST_DUMP - LARGEST_RECORD));
-        // Could be a page-sized datagram that was full.
-        assert!(!had_room(SMALLEST_DUMP - LARGEST_RECORD + 1));
-        assert!(!had_room(LARGEST_GOODSIZE));
-        // Larger than any page-sized one: the primed size, with room left.
-        assert!(had_room(LARGEST_GOODSIZE + 1));
-        assert!(had_room(PRIMED_DUMP - LARGEST_RECORD));
-        assert!(!had_room(PRIMED_DUMP - LARGEST_RECORD + 1));
+        // 4 KiB pages: a datagram up to 2,560 bytes had room in any; one of 2,561 to 3,776
+        // may have been a full page-sized one; beyond, a primed one, with room up to 31,232.
+        for (len, room) in [
+            (0, true),
+            (2_560, true),
+            (2_561, false),
+            (3_776, false),
+            (3_777, true),
+            (31_232, true),
+            (31_233, false),
+        ] {
+            assert_eq!(
+                had_room_with_pages(len, 4_096),
+                room,
+                "{len} bytes, 4 KiB pages"
+            );
+        }
+        // 64 KiB pages: page-sized datagrams are 8 KiB at most.
+        for (len, room) in [(6_656, true), (6_657, false), (7_872, false), (7_873, true)] {
+            assert_eq!(
+                had_room_with_pages(len, 65_536),
+                room,
+                "{len} bytes, 64 KiB pages"
+            );
+        }
     }
 
     #[test]
@@ -1360,6 +1503,72 @@ mod tests {
         m.extend_from_slice(&seq.to_ne_bytes());
         m.extend_from_slice(&0u32.to_ne_bytes());
         m
+    }
+
+    /// The listing narrowed to prefixes runs its filter in the real kernel (which audits the
+    /// program's jumps): it shows the sockets connected into a prefix, an IPv4 one also
+    /// matching a dual-stack socket's mapped peer, and no other; several prefixes, of
+    /// either family, are alternatives.
+    #[test]
+    fn a_listing_narrowed_to_prefixes_shows_the_sockets_connected_into_them_only() {
+        use std::net::UdpSocket;
+        let cookie = |s: &UdpSocket| {
+            let mut cookie = 0u64;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt into a u64 of the length given.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
+            cookie
+        };
+        let connected = |bind: &str, to: &str| {
+            let s = UdpSocket::bind(bind).expect("bind");
+            s.connect(to).expect("connect");
+            s
+        };
+        let into = connected("127.0.0.1:0", "127.77.1.9:9");
+        let beside = connected("127.0.0.1:0", "127.77.2.9:9");
+        let mapped = connected("[::]:0", "[::ffff:127.77.1.10]:9");
+        // A record of this namespace, found through this process.
+        // SAFETY: `FlowRecord` is plain data; all zeroes is a valid value.
+        let mut record: FlowRecord = unsafe { std::mem::zeroed() };
+        record.netns_cookie = current_netns_cookie().expect("this namespace's cookie");
+        record.pid_tgid = u64::from(std::process::id()) << 32;
+        let mut sockets = DiagSockets::default();
+        let list = |sockets: &mut DiagSockets, prefixes: &[(IpAddr, u8)]| {
+            udp_places_within(&record, &[], sockets, prefixes, far_deadline())
+        };
+        let (places, _) = match list(&mut sockets, &[(IpAddr::from([127, 77, 1, 0]), 24)]) {
+            Ok(listed) => listed,
+            Err(error) => {
+                // Not root: no sock_diag listing of other processes' sockets.
+                assert!(
+                    std::env::var("CI").map_or(true, |v| v != "true"),
+                    "needs root: {error}"
+                );
+                return;
+            }
+        };
+        let at = |ip: [u8; 4]| Some((IpAddr::from(ip), 9));
+        assert_eq!(places.of(cookie(&into)), at([127, 77, 1, 9]));
+        assert_eq!(places.of(cookie(&mapped)), at([127, 77, 1, 10]));
+        assert_eq!(places.of(cookie(&beside)), None);
+        let prefixes = [
+            ("fd77::1".parse().unwrap(), 128),
+            (IpAddr::from([127, 77, 2, 9]), 32),
+            (IpAddr::from([127, 77, 1, 10]), 32),
+        ];
+        let (places, _) = list(&mut sockets, &prefixes).expect("a second listing");
+        assert_eq!(places.of(cookie(&into)), None);
+        assert_eq!(places.of(cookie(&beside)), at([127, 77, 2, 9]));
+        assert_eq!(places.of(cookie(&mapped)), at([127, 77, 1, 10]));
     }
 
     /// The real kernel refuses a unicast from another netlink socket to the diag socket, even

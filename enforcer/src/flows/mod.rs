@@ -261,6 +261,28 @@ pub fn previous_peer(r: &FlowRecord) -> Option<(IpAddr, u16)> {
         .then(|| (address(r.peer_family, &r.peer), r.peer_port))
 }
 
+/// The address prefixes the IP cache of `desired` gives a tracked destination
+/// (`flags::TRACKED`): wherever a tracked flow's socket can be connected.
+pub fn tracked_prefixes(desired: &crate::datapath::DesiredState) -> Vec<(IpAddr, u8)> {
+    let tracked = |id: &u32| {
+        desired
+            .identities
+            .get(id)
+            .is_some_and(|info| info.flags & flags::TRACKED != 0)
+    };
+    let v4 = desired
+        .ipcache_v4
+        .iter()
+        .filter(|(_, id)| tracked(id))
+        .map(|(&(len, addr), _)| (IpAddr::from(addr), len as u8));
+    let v6 = desired
+        .ipcache_v6
+        .iter()
+        .filter(|(_, id)| tracked(id))
+        .map(|(&(len, addr), _)| (IpAddr::from(addr), len as u8));
+    v4.chain(v6).collect()
+}
+
 /// The record's destination address.
 pub fn destination_ip(r: &FlowRecord) -> IpAddr {
     address(r.family, &r.daddr)
