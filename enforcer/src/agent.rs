@@ -346,7 +346,7 @@ struct Agent {
     flow_events: mpsc::UnboundedSender<FlowCall>,
     /// Where the IP cache in force puts the tracked destinations (address, prefix length):
     /// what a revocation pass narrows a listing of UDP sockets to (`reconnected.rs`).
-    tracked_prefixes: Vec<(std::net::IpAddr, u8)>,
+    tracked_prefixes: Vec<flows::TrackedPrefix>,
     /// Connected UDP flows already reported `flow.stale`: cookie -> the record's `start_ns`
     /// and the destination address and port, once each (a socket connected elsewhere since
     /// is a new flow, reported again).
@@ -932,7 +932,7 @@ impl Agent {
         report_unresolved(&self.unresolved, &unresolved);
         self.pods = pods_view(pods.as_ref(), &unresolved, &desired.cgroups, &self.compiled);
         self.unresolved = unresolved;
-        self.tracked_prefixes = flows::tracked_prefixes(&desired);
+        self.tracked_prefixes = flows::tracked_prefixes(&desired).unwrap_or_default();
         self.cgroups = desired.cgroups;
         tracing::info!(
             revision = self.compiled.revision(),
@@ -1422,6 +1422,7 @@ impl Agent {
         let mut looks = reconnected::LookBudget::default();
         let mut places = reconnected::Places::new();
         let mut tracked_places = reconnected::TrackedPlaces::new();
+        let mut narrowed_looks = reconnected::LookBudget::default();
         let mut live = BTreeSet::new();
         let (mut revoked, mut stale, mut failed) = (0usize, 0usize, 0usize);
         for (cookie, mut record) in records {
@@ -1436,6 +1437,7 @@ impl Agent {
                     looks: &mut looks,
                     places: &mut places,
                     tracked: &mut tracked_places,
+                    narrowed_looks: &mut narrowed_looks,
                 };
                 match self.udp_flow(cookie, &record, lookup) {
                     Some(flow) => record = flow,

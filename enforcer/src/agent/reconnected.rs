@@ -110,6 +110,9 @@ pub(super) struct Lookup<'a> {
     pub looks: &'a mut LookBudget,
     pub places: &'a mut Places,
     pub tracked: &'a mut TrackedPlaces,
+    /// The narrowed listings' own budget: a workload whose whole listings spend the pass's
+    /// time must not keep the narrowed ones from being made.
+    pub narrowed_looks: &'a mut LookBudget,
 }
 
 /// What a look was about: a record version (`start_ns`, `flags`, previous peer and port, and
@@ -136,6 +139,7 @@ impl Agent {
             looks,
             places,
             tracked,
+            narrowed_looks,
         } = lookup;
         let listing = places.entry(record.netns_cookie).or_insert_with(|| {
             if looks.exhausted() {
@@ -166,20 +170,20 @@ impl Agent {
         // crowd (red-team review 37), finds it if it is at one of them.
         let prefixes = &self.tracked_prefixes;
         let narrowed = tracked.entry(record.netns_cookie).or_insert_with(|| {
-            if looks.exhausted() || prefixes.is_empty() {
+            // Its own budget, checked before each listing only: one listing is bounded by
+            // its datagrams, and a pass's first is always made whole.
+            if narrowed_looks.exhausted() || prefixes.is_empty() {
                 return None;
             }
             let started = Instant::now();
-            let deadline = started + LOOK_TIME_PER_PASS.saturating_sub(looks.spent);
             let listed = flows::destroy::udp_places_within(
                 record,
                 procs.of(record.cgroup_id),
                 sockets,
                 prefixes,
-                deadline,
             );
-            looks.made += 1;
-            looks.spent += started.elapsed();
+            narrowed_looks.made += 1;
+            narrowed_looks.spent += started.elapsed();
             listed.ok()
         });
         match narrowed

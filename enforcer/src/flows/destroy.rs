@@ -722,20 +722,20 @@ pub fn udp_places(
     Ok(places)
 }
 
-/// Where the connected UDP sockets of `record`'s network namespace that are connected into
-/// one of `prefixes` (address, prefix length: the tracked destinations) are, and whether the
-/// listing proved the others absent from them: [`udp_places`] narrowed by a filter, for the
-/// sockets a whole listing could not show. A workload cannot crowd this listing with
-/// sockets of its own making that are not tracked flows (each of which holds a share of
-/// `FLOWS`), so it stays small, and one datagram with room to spare proves that a socket not
-/// in it is connected to no tracked destination (red-team review 37). Errors: the namespace
-/// could not be entered.
+/// Where the connected UDP sockets of `record`'s network namespace whose peer the IP cache
+/// gives a tracked destination are (`prefixes`, see [`crate::flows::tracked_prefixes`]), and
+/// whether the listing proved the others at none: [`udp_places`] narrowed by a filter the
+/// kernel runs, for the sockets a whole listing could not show. Only tracked flows (each
+/// holding a share of `FLOWS`, and decided themselves) can crowd it, save the connects of
+/// an audit-mode subject and sockets connected before their destination was tracked (red-team
+/// reviews 37 and 38). Bounded by its datagrams, not by a deadline: a pass makes it whole
+/// or not at all. A namespace that cannot be entered for the second family keeps what the
+/// first found (not whole). Errors: the namespace could not be entered at all.
 pub fn udp_places_within(
     record: &FlowRecord,
     pids: &[u32],
     sockets: &mut DiagSockets,
-    prefixes: &[(IpAddr, u8)],
-    deadline: Instant,
+    prefixes: &[crate::flows::TrackedPrefix],
 ) -> Result<(UdpPlaces, bool), DestroyError> {
     let request = Request {
         protocol: IPPROTO_UDP,
@@ -745,19 +745,22 @@ pub fn udp_places_within(
     let mut whole = true;
     for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
         // An IPv4 condition also matches a dual-stack socket's IPv4-mapped peer.
-        let within: Vec<(IpAddr, u8)> = prefixes
+        let within: Vec<crate::flows::TrackedPrefix> = prefixes
             .iter()
             .copied()
-            .filter(|(ip, _)| family == libc::AF_INET6 as u8 || ip.is_ipv4())
+            .filter(|(ip, _, _)| family == libc::AF_INET6 as u8 || ip.is_ipv4())
             .collect();
         if within.is_empty() {
             continue;
         }
-        if Instant::now() > deadline {
-            whole = false;
-            break;
-        }
-        let fd = sockets.socket_for(record, pids)?;
+        let fd = match sockets.socket_for(record, pids) {
+            Ok(fd) => fd,
+            Err(error) if places.peers.is_empty() && whole => return Err(error.into()),
+            Err(_) => {
+                whole = false;
+                break;
+            }
+        };
         let mut seen = |cookie: u64, socket: Found| {
             places.peers.insert(cookie, socket.peer);
         };
@@ -769,7 +772,7 @@ pub fn udp_places_within(
             CONNECTED_UDP,
             &filter,
             &mut seen,
-            deadline,
+            far_deadline(),
         ) {
             Ok(ended) => whole &= ended.whole,
             Err(error) => {
@@ -786,26 +789,32 @@ pub fn udp_places_within(
     Ok((places, whole))
 }
 
-/// A filter program that accepts a socket whose remote end is in any of `prefixes` (any
-/// port). `inet_diag_bc_op`'s `yes` is one byte, too short to jump to the end past many
+/// A filter program that accepts a socket whose remote end falls first into a tracked one of
+/// `prefixes` (any port), taken in order (longest first: the IP cache's longest-prefix
+/// match), and rejects one that falls first into an untracked one or into none.
+/// `inet_diag_bc_op`'s `yes` is one byte, too short to jump to the end past many
 /// conditions, so each prefix is an `INET_DIAG_BC_D_COND` whose `yes` steps onto an
-/// `INET_DIAG_BC_JMP` to the program's end (accept) and whose `no` steps over it to the next
-/// prefix; the last one's `no` goes past the end (reject). Every jump lands on an op or at
-/// the end, as `inet_diag_bc_audit` requires.
-fn any_destination_filter(prefixes: &[(IpAddr, u8)]) -> Vec<u8> {
+/// `INET_DIAG_BC_JMP` (to the program's end: accept; past it: reject) and whose `no` steps
+/// over it to the next prefix; the last one's `no` goes past the end (reject). Every jump
+/// lands on an op, at the end or just past it, as `inet_diag_bc_audit` requires.
+fn any_destination_filter(prefixes: &[crate::flows::TrackedPrefix]) -> Vec<u8> {
     const JMP_LEN: usize = 4;
+    const PAST_THE_END: usize = 4;
     let cond_len = |ip: &IpAddr| 4 + 8 + if ip.is_ipv4() { 4 } else { 16 };
-    let program_len: usize = prefixes.iter().map(|(ip, _)| cond_len(ip) + JMP_LEN).sum();
+    let program_len: usize = prefixes
+        .iter()
+        .map(|(ip, _, _)| cond_len(ip) + JMP_LEN)
+        .sum();
     let mut attr = Vec::with_capacity(4 + program_len);
     attr.extend_from_slice(&((4 + program_len) as u16).to_ne_bytes());
     attr.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
     let mut remaining = program_len;
-    for (ip, prefix) in prefixes {
+    for (ip, prefix, tracked) in prefixes {
         let len = cond_len(ip);
         let last = remaining == len + JMP_LEN;
         attr.push(INET_DIAG_BC_D_COND);
         attr.push(len as u8);
-        let no = len + JMP_LEN + if last { 4 } else { 0 };
+        let no = len + JMP_LEN + if last { PAST_THE_END } else { 0 };
         attr.extend_from_slice(&(no as u16).to_ne_bytes());
         let (family, address): (u8, Vec<u8>) = match ip {
             IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
@@ -820,7 +829,8 @@ fn any_destination_filter(prefixes: &[(IpAddr, u8)]) -> Vec<u8> {
         remaining -= len;
         attr.push(INET_DIAG_BC_JMP);
         attr.push(JMP_LEN as u8);
-        attr.extend_from_slice(&(remaining as u16).to_ne_bytes());
+        let to = remaining + if *tracked { 0 } else { PAST_THE_END };
+        attr.extend_from_slice(&(to as u16).to_ne_bytes());
         remaining -= JMP_LEN;
     }
     attr
@@ -1542,10 +1552,10 @@ mod tests {
         record.netns_cookie = current_netns_cookie().expect("this namespace's cookie");
         record.pid_tgid = u64::from(std::process::id()) << 32;
         let mut sockets = DiagSockets::default();
-        let list = |sockets: &mut DiagSockets, prefixes: &[(IpAddr, u8)]| {
-            udp_places_within(&record, &[], sockets, prefixes, far_deadline())
+        let list = |sockets: &mut DiagSockets, prefixes: &[crate::flows::TrackedPrefix]| {
+            udp_places_within(&record, &[], sockets, prefixes)
         };
-        let (places, _) = match list(&mut sockets, &[(IpAddr::from([127, 77, 1, 0]), 24)]) {
+        let (places, _) = match list(&mut sockets, &[(IpAddr::from([127, 77, 1, 0]), 24, true)]) {
             Ok(listed) => listed,
             Err(error) => {
                 // Not root: no sock_diag listing of other processes' sockets.
@@ -1561,14 +1571,23 @@ mod tests {
         assert_eq!(places.of(cookie(&mapped)), at([127, 77, 1, 10]));
         assert_eq!(places.of(cookie(&beside)), None);
         let prefixes = [
-            ("fd77::1".parse().unwrap(), 128),
-            (IpAddr::from([127, 77, 2, 9]), 32),
-            (IpAddr::from([127, 77, 1, 10]), 32),
+            ("fd77::1".parse().unwrap(), 128, true),
+            (IpAddr::from([127, 77, 2, 9]), 32, true),
+            (IpAddr::from([127, 77, 1, 10]), 32, true),
         ];
         let (places, _) = list(&mut sockets, &prefixes).expect("a second listing");
         assert_eq!(places.of(cookie(&into)), None);
         assert_eq!(places.of(cookie(&beside)), at([127, 77, 2, 9]));
         assert_eq!(places.of(cookie(&mapped)), at([127, 77, 1, 10]));
+        // An untracked prefix inside a tracked one, longer, first: its addresses are out.
+        let prefixes = [
+            (IpAddr::from([127, 77, 1, 10]), 32, false),
+            (IpAddr::from([127, 77, 1, 0]), 24, true),
+        ];
+        let (places, _) = list(&mut sockets, &prefixes).expect("a third listing");
+        assert_eq!(places.of(cookie(&into)), at([127, 77, 1, 9]));
+        assert_eq!(places.of(cookie(&mapped)), None);
+        assert_eq!(places.of(cookie(&beside)), None);
     }
 
     /// The real kernel refuses a unicast from another netlink socket to the diag socket, even

@@ -261,26 +261,73 @@ pub fn previous_peer(r: &FlowRecord) -> Option<(IpAddr, u16)> {
         .then(|| (address(r.peer_family, &r.peer), r.peer_port))
 }
 
-/// The address prefixes the IP cache of `desired` gives a tracked destination
-/// (`flags::TRACKED`): wherever a tracked flow's socket can be connected.
-pub fn tracked_prefixes(desired: &crate::datapath::DesiredState) -> Vec<(IpAddr, u8)> {
+/// Where the IP cache of `desired` puts the tracked destinations (`flags::TRACKED`), as
+/// the kernel's longest-prefix match reads it: each tracked prefix, and each untracked one
+/// inside a tracked one (`false`: it takes its addresses out of it), longest first, so that
+/// the first a peer falls into decides. `None` when there are more than
+/// [`MAX_TRACKED_PREFIXES`] of them: a listing narrowed to them would not be worth its
+/// filter (the agent does without it).
+pub fn tracked_prefixes(desired: &crate::datapath::DesiredState) -> Option<Vec<TrackedPrefix>> {
     let tracked = |id: &u32| {
         desired
             .identities
             .get(id)
             .is_some_and(|info| info.flags & flags::TRACKED != 0)
     };
-    let v4 = desired
-        .ipcache_v4
-        .iter()
-        .filter(|(_, id)| tracked(id))
-        .map(|(&(len, addr), _)| (IpAddr::from(addr), len as u8));
-    let v6 = desired
-        .ipcache_v6
-        .iter()
-        .filter(|(_, id)| tracked(id))
-        .map(|(&(len, addr), _)| (IpAddr::from(addr), len as u8));
-    v4.chain(v6).collect()
+    let all = || {
+        let v4 = desired
+            .ipcache_v4
+            .iter()
+            .map(|(&(len, addr), id)| (IpAddr::from(addr), len as u8, tracked(id)));
+        let v6 = desired
+            .ipcache_v6
+            .iter()
+            .map(|(&(len, addr), id)| (IpAddr::from(addr), len as u8, tracked(id)));
+        v4.chain(v6)
+    };
+    let tracked: Vec<TrackedPrefix> = all().filter(|p| p.2).collect();
+    if tracked.len() > MAX_TRACKED_PREFIXES {
+        return None;
+    }
+    let inside_tracked = |&(ip, len, _): &TrackedPrefix| {
+        tracked
+            .iter()
+            .any(|&(t, t_len, _)| t_len < len && within(ip, t, t_len))
+    };
+    let mut prefixes = tracked.clone();
+    prefixes.extend(all().filter(|p| !p.2 && inside_tracked(p)));
+    if prefixes.len() > MAX_TRACKED_PREFIXES {
+        return None;
+    }
+    prefixes.sort_by_key(|p| std::cmp::Reverse(p.1));
+    Some(prefixes)
+}
+
+/// An IP cache prefix: address, length, whether it is a tracked destination's.
+pub type TrackedPrefix = (IpAddr, u8, bool);
+
+/// At most this many prefixes in a narrowed listing's filter (32 bytes each at most: the
+/// filter stays far below its 64 KiB attribute, and the kernel's audit of it, quadratic in
+/// its length, cheap).
+pub const MAX_TRACKED_PREFIXES: usize = 1_024;
+
+/// Whether `ip` lies in `net`/`len` (of the same family).
+fn within(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
 }
 
 /// The record's destination address.
@@ -420,6 +467,40 @@ pub fn protocol_name(p: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The narrowed listing's prefixes read the IP cache as the kernel does: the tracked
+    /// ones, and the untracked ones inside them that take addresses out, longest first;
+    /// untracked prefixes elsewhere, or around a tracked one, are left out.
+    #[test]
+    fn tracked_prefixes_follow_the_longest_match() {
+        let mut desired = crate::datapath::DesiredState::default();
+        let tracked = enforcer_common::IdentityInfo {
+            flags: flags::TRACKED,
+            ..Default::default()
+        };
+        desired.identities.insert(100, tracked);
+        desired.identities.insert(101, Default::default());
+        desired.ipcache_v4.insert((24, [10, 1, 2, 0]), 100);
+        desired.ipcache_v4.insert((32, [10, 1, 2, 7]), 101);
+        desired.ipcache_v4.insert((32, [10, 1, 3, 7]), 101);
+        desired.ipcache_v4.insert((16, [10, 1, 0, 0]), 101);
+        desired.ipcache_v6.insert((128, [0xfd; 16]), 100);
+        let prefixes = tracked_prefixes(&desired).expect("few prefixes");
+        let v4 = |a: [u8; 4]| IpAddr::from(a);
+        assert_eq!(
+            prefixes,
+            vec![
+                (IpAddr::from([0xfd; 16]), 128, true),
+                (v4([10, 1, 2, 7]), 32, false),
+                (v4([10, 1, 2, 0]), 24, true),
+            ]
+        );
+        for i in 0..=MAX_TRACKED_PREFIXES as u32 {
+            let a = (0x0a00_0000 + i).to_be_bytes();
+            desired.ipcache_v4.insert((32, a), 100);
+        }
+        assert_eq!(tracked_prefixes(&desired), None);
+    }
 
     fn closed(acked: u64, received: u64, last_state: u8, fin_in: bool) -> FlowEvent {
         FlowEvent {
