@@ -939,9 +939,10 @@ fn racing_udp_connects_are_decided_where_each_socket_is(
     } else {
         (vectors, gateway)
     };
-    // In a namespace of its own: the agent lists its connected UDP sockets in one datagram,
-    // which nothing else's sockets crowd or make skip (a listing of several may, when
-    // sockets close during it).
+    // In a namespace of its own, whose sockets nothing else's crowd. Its 1,500 sockets take
+    // several datagrams, so the listing never proves one absent; the test relies only on
+    // the sockets it shows, which no close in that namespace can make it skip (the racing
+    // sockets stay open until the agent has decided them).
     let ns = NetNs::create(&unique_name("fl-race"))?;
     let crowd = (crowd > 0).then(|| (crowd, w.addr(14, 53)));
     let mut client =

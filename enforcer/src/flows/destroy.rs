@@ -672,53 +672,21 @@ impl UdpPlaces {
 
 /// Where the connected UDP sockets of `record`'s network namespace are (entered as for
 /// [`destroy_with`], reusing `sockets`): one unfiltered `SOCK_DIAG_BY_FAMILY` dump per family
-/// of the sockets in `TCP_ESTABLISHED`, a connected UDP socket's state, IPv6 first (a
-/// dual-stack socket turned IPv4 by `IPV6_ADDRFORM` between the two is then listed by the
-/// second). The place of a connected UDP socket is the kernel's to know, not the connect
-/// hooks': the hooks judge a connect before the kernel makes it, and the kernel may refuse
-/// it, or make two threads' connects of one socket in the opposite order of their hooks
-/// (red-team reviews 28 and 34). A socket listed is where the listing says; one not listed
-/// may be connected nowhere, or skipped, or behind a listing that failed or was cut at
-/// `deadline` (checked between datagrams; the rest of that family is not read). A family
-/// whose listing failed is not the end: the other is listed on a fresh socket (a crowded
-/// IPv4 listing must not hide the IPv6 sockets, red-team review 36). Errors: the namespace
-/// could not be entered.
+/// of the sockets in `TCP_ESTABLISHED`, a connected UDP socket's state. The place of a
+/// connected UDP socket is the kernel's to know, not the connect hooks': the hooks judge a
+/// connect before the kernel makes it, and the kernel may refuse it, or make two threads'
+/// connects of one socket in the opposite order of their hooks (red-team reviews 28 and 34).
+/// A socket listed is where the listing says; one not listed may be connected nowhere, or
+/// skipped, or behind a listing that failed or was cut at `deadline` (checked between
+/// datagrams; the rest of that family is not read). See [`udp_listing`] for the families'
+/// order and failures. Errors: the namespace could not be entered.
 pub fn udp_places(
     record: &FlowRecord,
     pids: &[u32],
     sockets: &mut DiagSockets,
     deadline: Instant,
 ) -> Result<UdpPlaces, DestroyError> {
-    let request = Request {
-        protocol: IPPROTO_UDP,
-        ..Request::default()
-    };
-    let mut places = UdpPlaces::default();
-    for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
-        if Instant::now() > deadline {
-            break;
-        }
-        let fd = sockets.socket_for(record, pids)?;
-        let mut seen = |cookie: u64, socket: Found| {
-            places.peers.insert(cookie, socket.peer);
-        };
-        if let Err(error) = list_family(
-            fd,
-            &request,
-            family,
-            CONNECTED_UDP,
-            &[],
-            &mut seen,
-            deadline,
-        ) {
-            tracing::debug!(
-                netns = record.netns_cookie,
-                family,
-                "listing a namespace's connected UDP sockets: {error}"
-            );
-            sockets.drop_socket(record.netns_cookie);
-        }
-    }
+    let (places, _) = udp_listing(record, pids, sockets, &|_| Some(Vec::new()), deadline)?;
     Ok(places)
 }
 
@@ -729,42 +697,65 @@ pub fn udp_places(
 /// holding a share of `FLOWS`, and decided themselves) can crowd it, save the connects of
 /// an audit-mode subject and sockets connected before their destination was tracked (red-team
 /// reviews 37 and 38). Bounded by its datagrams, not by a deadline: a pass makes it whole
-/// or not at all. A namespace that cannot be entered for the second family keeps what the
-/// first found (not whole). Errors: the namespace could not be entered at all.
+/// or not at all. Errors: the namespace could not be entered.
 pub fn udp_places_within(
     record: &FlowRecord,
     pids: &[u32],
     sockets: &mut DiagSockets,
     prefixes: &[crate::flows::TrackedPrefix],
 ) -> Result<(UdpPlaces, bool), DestroyError> {
-    let request = Request {
-        protocol: IPPROTO_UDP,
-        ..Request::default()
-    };
-    let mut places = UdpPlaces::default();
-    let mut whole = true;
-    for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
+    let filter_for = |family: u8| {
         // An IPv4 condition also matches a dual-stack socket's IPv4-mapped peer.
         let within: Vec<crate::flows::TrackedPrefix> = prefixes
             .iter()
             .copied()
             .filter(|(ip, _, _)| family == libc::AF_INET6 as u8 || ip.is_ipv4())
             .collect();
-        if within.is_empty() {
+        (!within.is_empty()).then(|| any_destination_filter(&within))
+    };
+    udp_listing(record, pids, sockets, &filter_for, far_deadline())
+}
+
+/// The connected UDP sockets of `record`'s namespace that pass `filter_for(family)` (a
+/// family it gives none is not listed, and needs not be), and whether every family's listing
+/// ended whole. IPv6 first: a dual-stack socket turned IPv4 by `IPV6_ADDRFORM` between the
+/// two is then listed by the second. A family whose listing failed is not the end: the other
+/// is listed on a fresh socket (a crowded IPv4 listing must not hide the IPv6 sockets,
+/// red-team review 36), and what one family found is kept when the namespace cannot be
+/// entered again for the other (not whole then; review 38). Errors: the namespace could not
+/// be entered at all.
+fn udp_listing(
+    record: &FlowRecord,
+    pids: &[u32],
+    sockets: &mut DiagSockets,
+    filter_for: &dyn Fn(u8) -> Option<Vec<u8>>,
+    deadline: Instant,
+) -> Result<(UdpPlaces, bool), DestroyError> {
+    let request = Request {
+        protocol: IPPROTO_UDP,
+        ..Request::default()
+    };
+    let (mut places, mut whole, mut entered) = (UdpPlaces::default(), true, false);
+    for family in [libc::AF_INET6 as u8, libc::AF_INET as u8] {
+        let Some(filter) = filter_for(family) else {
             continue;
+        };
+        if Instant::now() > deadline {
+            whole = false;
+            break;
         }
         let fd = match sockets.socket_for(record, pids) {
             Ok(fd) => fd,
-            Err(error) if places.peers.is_empty() && whole => return Err(error.into()),
+            Err(error) if !entered => return Err(error.into()),
             Err(_) => {
                 whole = false;
                 break;
             }
         };
+        entered = true;
         let mut seen = |cookie: u64, socket: Found| {
             places.peers.insert(cookie, socket.peer);
         };
-        let filter = any_destination_filter(&within);
         match list_family(
             fd,
             &request,
@@ -772,14 +763,15 @@ pub fn udp_places_within(
             CONNECTED_UDP,
             &filter,
             &mut seen,
-            far_deadline(),
+            deadline,
         ) {
             Ok(ended) => whole &= ended.whole,
             Err(error) => {
                 tracing::debug!(
                     netns = record.netns_cookie,
                     family,
-                    "listing a namespace's UDP sockets connected to tracked destinations: {error}"
+                    filtered = !filter.is_empty(),
+                    "listing a namespace's connected UDP sockets: {error}"
                 );
                 whole = false;
                 sockets.drop_socket(record.netns_cookie);
