@@ -587,6 +587,18 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         let audit = global_audit || subject_flags & flags::AUDIT != 0;
         return report(&mut v, &dst, cgroup_id, hook, audit);
     }
+    // A datagram naming a tracked destination, from a socket not connected there: refused,
+    // since only a connect makes the flow record, the learner's contact and the rate
+    // limit's charge (`reason::CONNECT_REQUIRED`). A socket connected there already (a
+    // `sendto` repeating its connected address) was judged and recorded by its connect.
+    if (hook == hook::SENDMSG4 || hook == hook::SENDMSG6)
+        && destination_flags & flags::TRACKED != 0
+        && !connected_there(ctx, &dst, dport)
+    {
+        v.reason = reason::CONNECT_REQUIRED;
+        let audit = global_audit || subject_flags & flags::AUDIT != 0;
+        return report(&mut v, &dst, cgroup_id, hook, audit);
+    }
     // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
     // UDP, to a tracked destination (the flags copied with the class above: one
     // consistent value, 0 without one).
@@ -618,6 +630,22 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     }
     count(hook, verdict::ALLOW, reason::ALLOWED);
     SK_PASS
+}
+
+/// The socket of `ctx` is connected to `dst` port `dport` (host order): an IPv6 socket
+/// connected to an IPv4-mapped address as the IPv4 one, the form `sendmsg4` judges.
+#[inline(always)]
+fn connected_there(ctx: &SockAddrContext, dst: &Destination, dport: u16) -> bool {
+    // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
+    let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
+    let (to, port, connected) = martian::socket_destination(sk.cast_const());
+    connected
+        && port == dport
+        && to.family == dst.family
+        && to.addr[0] == dst.addr[0]
+        && to.addr[1] == dst.addr[1]
+        && to.addr[2] == dst.addr[2]
+        && to.addr[3] == dst.addr[3]
 }
 
 /// How a known subject's call stands after the steps every hook that judges calls shares
