@@ -753,7 +753,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             _ = quarantine_requests.requested() => {
                 for (subject, cause) in quarantine_requests.take() {
-                    agent.quarantine(subject, cause);
+                    agent.quarantine(subject, cause, Hold::Lasting);
                 }
             }
             _ = stale_handshake.notified() => {
@@ -775,7 +775,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let _ = tokio::time::timeout(STOP_DRAIN, read_rx).await;
     }
     for (subject, cause) in quarantine_requests.take() {
-        agent.quarantine(subject, cause);
+        agent.quarantine(subject, cause, Hold::Lasting);
     }
     while let Ok((cookie, record)) = contact_rx.queue.try_recv() {
         agent.contact(cookie, &record);
@@ -1246,11 +1246,7 @@ impl Agent {
             Request::QuarantineAdd { workload } => {
                 match self.compiled.identity_by_name(&workload) {
                     Some(identity) => {
-                        let id = identity.id;
-                        self.quarantine(id, "manual".to_string());
-                        // An operator's quarantine is lifted by the operator: a step-up's TTL
-                        // running out must not release it.
-                        self.forget_step_up(id);
+                        self.quarantine(identity.id, "manual".to_string(), Hold::Lasting);
                         Response::ok(format!("{workload} quarantined"))
                     }
                     None => Response::error(format!(
@@ -1341,8 +1337,23 @@ impl Agent {
         ))
     }
 
-    fn quarantine(&mut self, subject: u32, cause: String) {
+    /// Quarantines `subject` (its `IDENTITIES` flag), for `cause` (said in the log and the
+    /// notice). A [`Hold::Lasting`] quarantine of a subject a step-up quarantined first takes
+    /// the step-up's place: its TTL must not lift what an operator or a `@quarantine` policy
+    /// meant to hold (red-team review 39), and the notice says the new cause.
+    fn quarantine(&mut self, subject: u32, cause: String, hold: Hold) {
         if !self.quarantined.insert(subject) {
+            if hold == Hold::Lasting && self.step_ups.contains_key(&subject) {
+                self.forget_step_up(subject);
+                let workload = self.name_of(subject);
+                tracing::warn!(%workload, %cause, "subject quarantined by a step-up now quarantined until released");
+                let _ = self.notices.send(Notice::Quarantined {
+                    time: now(),
+                    workload,
+                    identity: subject,
+                    cause,
+                });
+            }
             return;
         }
         match self
@@ -1351,6 +1362,9 @@ impl Agent {
             .update_flags(subject, flags::QUARANTINED, 0)
         {
             Ok(()) => {
+                if hold == Hold::Lasting {
+                    self.forget_step_up(subject);
+                }
                 self.count_quarantined();
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
@@ -2411,4 +2425,12 @@ fn refresh_tai_offset(tables: &mut crate::datapath::Tables) {
             "cannot refresh the TAI offset of the identity option's clock: {error:#}"
         ),
     }
+}
+
+/// How long a quarantine holds: until its step-up's TTL runs out, or until released by hand
+/// (an operator's, a `@quarantine` policy's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    StepUp,
+    Lasting,
 }

@@ -129,13 +129,20 @@ impl Agent {
         if let Some(until) = quarantine {
             self.step_ups.insert(record.subject, until);
             if let Some(learner) = &mut self.learner {
-                if let Err(error) = learner.set_step_up(&subject_name, Some(until)) {
+                // On disk before the kernel's flag: an agent killed in between must find the
+                // step-up's end at its restart, or nothing would lift the quarantine it finds
+                // pinned (red-team review 39). Step-ups are rare: one write each.
+                let kept = learner
+                    .set_step_up(&subject_name, Some(until))
+                    .and_then(|()| learner.flush());
+                if let Err(error) = kept {
                     tracing::error!(subject = %subject_name, "keeping the step-up's end: {error:#}");
                 }
             }
             self.quarantine(
                 record.subject,
                 format!("step-up: anomaly ({})", new.join(", ")),
+                super::Hold::StepUp,
             );
         }
     }
