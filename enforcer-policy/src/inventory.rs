@@ -919,6 +919,9 @@ impl Walker {
         let fields = self.map(node, "rate_limit", &crate::rate::FIELDS)?;
         let mut values: [Option<i64>; 3] = [None; 3];
         let mut ok = true;
+        // Every problem at once: a missing rate is reported beside a bad burst, but not
+        // beside a bad rate (reported already).
+        let rate_given = fields.iter().any(|(k, _)| *k == "connections_per_second");
         for (k, v) in fields {
             let text = match &v.value {
                 Value::Scalar(s, _) => s.clone(),
@@ -937,7 +940,7 @@ impl Walker {
         }
         let [per_second, burst, halving] = values;
         let Some(per_second_e4) = per_second else {
-            if ok {
+            if !rate_given {
                 self.err(
                     node.loc,
                     "rate_limit: missing field `connections_per_second`",
@@ -996,6 +999,9 @@ impl Walker {
         };
         let mut has_action = false;
         let mut ok = true;
+        // Every problem at once: a missing action is reported beside a bad ttl, but not
+        // beside a bad action (reported already).
+        let action_given = fields.iter().any(|(k, _)| *k == "action");
         for (k, v) in fields {
             match k {
                 "action" => match action(self, v) {
@@ -1029,10 +1035,11 @@ impl Walker {
                 _ => unreachable!("`map` lets through only the fields it was given"),
             }
         }
-        if !has_action && ok {
+        if !action_given {
             self.err_hint(node.loc, "step_up: missing field `action`", HINT);
             return None;
         }
+        ok &= has_action;
         ok.then_some(step_up)
     }
 
@@ -1127,6 +1134,7 @@ impl Walker {
             ],
         )?;
         let mut item = ItemFields::default();
+        let mut step_up_at = None;
         let mut e = Endpoint {
             name: String::new(),
             tenant: None,
@@ -1146,7 +1154,10 @@ impl Walker {
                 "rate_limit" => e.rate_limit = self.rate_limit(v),
                 "kind" => e.kind = self.string(v, "kind").unwrap_or_default(),
                 "track" => e.track = self.bool(v, "track"),
-                "step_up" => e.step_up = self.step_up(v),
+                "step_up" => {
+                    step_up_at = Some(v.loc);
+                    e.step_up = self.step_up(v)
+                }
                 "datasets" => {
                     e.datasets = self
                         .strings(v, "datasets")
@@ -1164,6 +1175,18 @@ impl Walker {
                 e.loc,
                 format!("endpoint `{}`: missing field `kind`", e.name),
                 "vector_db | feature_store | model_registry | llm_api | ...",
+            );
+        }
+        // A step-up acts on the first contact a flow record reports: an untracked endpoint
+        // has none, so its step-up could never fire (red-team review 39).
+        if let (Some(at), false) = (step_up_at, e.kind == "vector_db" || e.track) {
+            self.err_hint(
+                at,
+                format!(
+                    "endpoint `{}`: step_up needs a tracked endpoint (kind `{}` is not tracked)",
+                    e.name, e.kind
+                ),
+                "add `track: true` to the endpoint (kind vector_db is tracked by itself)",
             );
         }
         Some(e)
@@ -1579,6 +1602,15 @@ mod ingress_tests {
             };
             assert!(err.contains(&at) && err.contains(message), "{body}: {err}");
         }
+        // Every problem at once: the missing rate beside the bad burst.
+        let err = Inventory::parse(f, &with("{burst: 0}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing field `connections_per_second`")
+                && err.contains("invalid burst `0`"),
+            "{err}"
+        );
     }
 }
 
@@ -1635,5 +1667,33 @@ mod step_up_tests {
             let err = err.to_string();
             assert!(err.contains(wanted), "{text}: {err}");
         }
+        // Every problem at once: the missing action beside the bad ttl.
+        let err = Inventory::parse(f, &format!("{BASE}    step_up: {{ttl: soon}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("7:15: error: step_up: missing field `action`")
+                && err.contains("7:20: error: invalid step_up ttl `soon`"),
+            "{err}"
+        );
+    }
+
+    /// A step-up acts on the first contact a flow record reports: on an untracked endpoint
+    /// it could never fire, so it is refused where it is written (red-team review 39).
+    #[test]
+    fn a_step_up_needs_a_tracked_endpoint() {
+        let f = Path::new("inventory.yaml");
+        let store = "tenants: [acme]\nendpoints:\n  - name: acme-store\n    tenant: acme\n    kind: feature_store\n    ips: [127.93.0.11/32]\n";
+        let err = Inventory::parse(f, &format!("{store}    step_up: quarantine\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("inventory.yaml:7:14: error: endpoint `acme-store`: step_up needs a tracked endpoint"),
+            "{err}"
+        );
+        let tracked = format!("{store}    track: true\n    step_up: quarantine\n");
+        assert!(Inventory::parse(f, &tracked).unwrap().endpoints[0]
+            .step_up
+            .is_some());
     }
 }

@@ -346,6 +346,12 @@ fn parse_learn(text: &str) -> Result<std::time::Duration> {
     if window.is_zero() {
         anyhow::bail!("--learn {text:?}: the learning window must not be empty");
     }
+    // Its end is a wall-clock time, written to the state file: a window no calendar holds
+    // would overflow it.
+    const MAX_LEARN: std::time::Duration = std::time::Duration::from_secs(10 * 366 * 24 * 3600);
+    if window > MAX_LEARN {
+        anyhow::bail!("--learn {text:?}: at most 10 years");
+    }
     Ok(window)
 }
 
@@ -529,6 +535,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         } => {
             if events_max_bytes.is_some() && events == "-" {
                 anyhow::bail!("--events-max-bytes rotates a file: give --events FILE (standard output is not rotated)");
+            }
+            if page_webhook.is_some() && learn.is_none() {
+                // Pages are sent for step-ups, which only the learned neighbourhoods make.
+                anyhow::bail!(
+                    "--page-webhook pages step-ups, which need --learn DURATION: give both"
+                );
             }
             let state_dir = pins.state_dir();
             let kubernetes = kubernetes.options(&state_dir)?;

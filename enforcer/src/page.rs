@@ -51,10 +51,21 @@ impl Webhook {
         let Some(authority) = uri.authority() else {
             bail!("--page-webhook {text:?} has no host");
         };
-        let authority = match authority.port_u16() {
-            Some(_) => authority.to_string(),
-            None => format!("{}:80", authority.host()),
+        // `http::Uri` takes a port it cannot read (`:99999`, `:abc`, `:`) as none, which
+        // would page port 80; and credentials in the URL would be sent as the host.
+        if authority.as_str().contains('@') {
+            bail!("--page-webhook {text:?}: credentials in the URL are not supported");
+        }
+        let authority = match (authority.port_u16(), authority.as_str().rsplit_once(':')) {
+            (Some(_), _) => authority.to_string(),
+            (None, Some((_, port))) if !port.ends_with(']') => {
+                bail!("--page-webhook {text:?}: invalid port `{port}` (1-65535)")
+            }
+            (None, _) => format!("{}:80", authority.host()),
         };
+        if authority.ends_with(":0") {
+            bail!("--page-webhook {text:?}: invalid port `0` (1-65535)");
+        }
         Ok(Webhook { uri, authority })
     }
 
@@ -194,5 +205,25 @@ mod tests {
         let err = Webhook::parse("https://pager.local/x").unwrap_err();
         assert!(err.to_string().contains("http:// only"), "{err}");
         assert!(Webhook::parse("/relative").is_err());
+        assert_eq!(
+            Webhook::parse("http://[::1]:9000/p").unwrap().authority,
+            "[::1]:9000"
+        );
+        assert_eq!(
+            Webhook::parse("http://[::1]/p").unwrap().authority,
+            "[::1]:80"
+        );
+        // A port `http::Uri` cannot read would have paged port 80 (red-team review 39).
+        for bad in [
+            "http://pager:99999/x",
+            "http://pager:abc/x",
+            "http://pager:/x",
+            "http://pager:0/x",
+        ] {
+            let err = Webhook::parse(bad).unwrap_err();
+            assert!(err.to_string().contains("invalid port"), "{bad}: {err}");
+        }
+        let err = Webhook::parse("http://u:p@pager:8080/x").unwrap_err();
+        assert!(err.to_string().contains("credentials"), "{err}");
     }
 }
