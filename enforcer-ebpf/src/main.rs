@@ -559,8 +559,9 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         && is_loopback(&dst)
         && outside_node_netns(ctx);
 
-    // 3. to 6. (`rule`).
-    let destination_flags = match rule(
+    // 3. to 6. (`rule`). A would-deny that audit lets through goes on to its flow record
+    // (`audited`: the reason it is reported with), not charged to any rate limit.
+    let (destination_flags, audited) = match rule(
         slot_b,
         &info,
         destination,
@@ -573,16 +574,26 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
             count(hook, verdict::ALLOW, reason::ALLOWED);
             return SK_PASS;
         }
-        Ruling::Permitted(destination_flags) => destination_flags,
-        Ruling::Refused { reason, audit } => {
-            v.reason = reason;
-            return report(&mut v, &dst, cgroup_id, hook, audit);
+        Ruling::Permitted(destination_flags) => (destination_flags, NOT_AUDITED),
+        Ruling::Refused {
+            reason,
+            audit,
+            destination_flags,
+        } => {
+            if !audit {
+                v.reason = reason;
+                return report(&mut v, &dst, cgroup_id, hook, false);
+            }
+            (destination_flags, reason)
         }
     };
     // Rate limit (connect only: a connection budget; unconnected datagrams are not
     // connections). Before the flow record, so a refused call leaves none. Audit mode
     // lets the excess through as audit, like any would-deny.
-    if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && !rate::admit(subject, destination) {
+    if audited == NOT_AUDITED
+        && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
+        && !rate::admit(subject, destination)
+    {
         v.reason = reason::RATE_LIMITED;
         let audit = global_audit || subject_flags & flags::AUDIT != 0;
         return report(&mut v, &dst, cgroup_id, hook, audit);
@@ -591,7 +602,8 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // since only a connect makes the flow record, the learner's contact and the rate
     // limit's charge (`reason::CONNECT_REQUIRED`). A socket connected there already (a
     // `sendto` repeating its connected address) was judged and recorded by its connect.
-    if (hook == hook::SENDMSG4 || hook == hook::SENDMSG6)
+    if audited == NOT_AUDITED
+        && (hook == hook::SENDMSG4 || hook == hook::SENDMSG6)
         && destination_flags & flags::TRACKED != 0
         && !connected_there(ctx, &dst, dport)
     {
@@ -601,7 +613,10 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     }
     // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
     // UDP, to a tracked destination (the flags copied with the class above: one
-    // consistent value, 0 without one).
+    // consistent value, 0 without one). An audited connect too: audit is how a policy is
+    // rolled out, and a flow it let through must be listed, and reset by the revocation
+    // pass once audit is lifted and the policy denies it (review 40; the agent keeps it
+    // while audit lasts).
     if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
         && (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
         && destination_flags & flags::TRACKED != 0
@@ -627,6 +642,10 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP {
         // A connected UDP socket that leaves a tracked destination for an untracked one.
         flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
+    }
+    if audited != NOT_AUDITED {
+        v.reason = audited;
+        return report(&mut v, &dst, cgroup_id, hook, true);
     }
     count(hook, verdict::ALLOW, reason::ALLOWED);
     SK_PASS
@@ -656,9 +675,17 @@ enum Ruling {
     /// Permitted by the table in force; the destination's flags (0 without an `IDENTITIES`
     /// entry).
     Permitted(u32),
-    /// Refused for `reason`; `audit` lets it through, reported.
-    Refused { reason: u8, audit: bool },
+    /// Refused for `reason`; `audit` lets it through, reported. The destination's flags as
+    /// for `Permitted` (0 for a quarantined subject, refused before any lookup).
+    Refused {
+        reason: u8,
+        audit: bool,
+        destination_flags: u32,
+    },
 }
+
+/// `decide`'s `audited` for a call no audit let through: no reason is 0 but `ALLOWED`.
+const NOT_AUDITED: u8 = reason::ALLOWED;
 
 /// Steps 3 to 6 of the decision, for a known subject (`subject`, its classes those of the
 /// table `slot_b` names) calling `destination` on (`dport`, host order; `protocol`);
@@ -684,6 +711,7 @@ fn rule(
         return Ruling::Refused {
             reason: reason::QUARANTINED,
             audit: NEVER_AUDIT,
+            destination_flags: 0,
         };
     }
     if own_loopback {
@@ -693,9 +721,10 @@ fn rule(
     match judge_policy(slot_b, subject, destination, dport, protocol) {
         Ok(destination_flags) => Ruling::Permitted(destination_flags),
         // 6. audit (global or per subject) lets a would-deny through, reported.
-        Err(reason) => Ruling::Refused {
+        Err((reason, destination_flags)) => Ruling::Refused {
             reason,
             audit: global_audit || subject.flags & flags::AUDIT != 0,
+            destination_flags,
         },
     }
 }
@@ -704,9 +733,9 @@ fn rule(
 /// table `slot_b` names) calling `destination` on (`dport`, host order; `protocol`): `Ok`
 /// with the destination's flags (0 without an `IDENTITIES` entry) when the table in force
 /// permits it, exact port then any port (a destination without an entry is in no class:
-/// denied); else `Err` with the reason: an address the agent refused to identify, tenants
-/// differ, or simply no permit. (No policy entry names UNIDENTIFIED: the lookup denies it,
-/// this only names the reason.)
+/// denied); else `Err` with the reason (an address the agent refused to identify, tenants
+/// differ, or simply no permit) and the destination's flags. (No policy entry names
+/// UNIDENTIFIED: the lookup denies it, this only names the reason.)
 #[inline(always)]
 fn judge_policy(
     slot_b: bool,
@@ -714,7 +743,7 @@ fn judge_policy(
     destination: u32,
     dport: u16,
     protocol: u8,
-) -> Result<u32, u8> {
+) -> Result<u32, (u8, u32)> {
     let destination_info = locked::identity_info(destination, slot_b);
     let (destination_class, destination_flags) = match &destination_info {
         Some(d) => (d.destination_class, d.flags),
@@ -729,11 +758,12 @@ fn judge_policy(
     ) {
         return Ok(destination_flags);
     }
-    Err(if destination == identity::UNIDENTIFIED {
+    let reason = if destination == identity::UNIDENTIFIED {
         reason::UNIDENTIFIED_DESTINATION
     } else {
         denial_reason(destination_info.as_ref(), subject.tenant)
-    })
+    };
+    Err((reason, destination_flags))
 }
 
 /// Step 4 of the decision: whether the table in force (`slot_b`: `POLICY_B`, else `POLICY_A`)

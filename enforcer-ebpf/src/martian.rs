@@ -123,7 +123,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
             not_loopback,
         ) {
             Ruling::Unjudged | Ruling::Permitted(_) => return PASS,
-            Ruling::Refused { reason, audit } => (destination, reason, audit),
+            Ruling::Refused { reason, audit, .. } => (destination, reason, audit),
         }
     };
     let v = if audit { verdict::AUDIT } else { verdict::DENY };

@@ -1573,3 +1573,77 @@ fn an_unconnected_datagram_to_a_tracked_destination_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Audit is how a policy is rolled out: a cross-tenant connection it let through to a
+/// tracked destination gets a flow record like a permitted one, so `enforcer flows` lists
+/// it and the revocation pass keeps it while audit lasts and resets it once audit is lifted
+/// and the policy denies it. Before, it had no record: it stayed up, unlisted, after the
+/// tenant was switched to enforce (review 40).
+#[test]
+fn a_flow_audit_let_through_is_listed_and_reset_once_audit_is_lifted() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world_with(
+        NET,
+        0xfd83,
+        23,
+        false,
+        vec![Entity::workload(
+            NET,
+            "client-g",
+            "globex",
+            "retrieval",
+            23,
+            3,
+        )],
+    )?;
+    let inventory = std::fs::read_to_string(w.bundle.path().join("inventory.yaml"))?;
+    let audited = inventory.replace(
+        "tenants: [acme, globex]",
+        "tenants: [acme, {name: globex, audit: true}]",
+    );
+    ensure!(audited != inventory, "the inventory's tenants: {inventory}");
+    w.bundle.write_file("inventory.yaml", &audited)?;
+    let vectors = FlowServer::start(w.addr(10, 6333))?;
+    let agent = Agent::start(w.config())?;
+    first_applied_snapshot(&agent)?;
+
+    // globex's client reaches acme's vector DB: let through by audit, recorded.
+    let held = FlowClient::tcp(w.cgroup("client-g"), vectors.addr(), 5, 5, true)?;
+    wait_notices(&agent, "connection.audited", 1, WAIT, |e| {
+        s(e, "/reason") == Some("tenant_mismatch") && s(e, "/subject/workload") == Some("client-g")
+    })?;
+    wait_notices(&agent, "flow.opened", 1, WAIT, |e| flow_of(e, held.local))?;
+    let (ok, out, err) = flows_cli(&w.pins, &["--from", "client-g", "--json"])?;
+    ensure!(ok, "enforcer flows failed: {err}");
+    let listed: Vec<Value> = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(
+        listed.len() == 1 && s(&listed[0], "/source") == Some(&held.local.to_string()),
+        "the audited flow is listed: {out}"
+    );
+
+    // A policy change while audit lasts re-decides it and keeps it (audited, not revoked).
+    replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+    let flipped = wait_notices(&agent, "policy.applied", 2, WAIT, |_| true)?;
+    ensure!(flipped.len() >= 2);
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        held.ended_within(Duration::ZERO).is_none(),
+        "the audited flow was reset while audit lasts"
+    );
+
+    // Audit lifted: the policy denies the flow, and the pass resets it.
+    replace_file(w.bundle.path(), "inventory.yaml", &inventory, None)?;
+    let end = held
+        .ended_within(WAIT)
+        .context("the audited flow outlived the end of audit")?;
+    ensure!(end["end"] == "error", "held: {end}");
+    let revoked = wait_notices(&agent, "flow.revoked", 1, WAIT, |e| flow_of(e, held.local))?;
+    ensure!(
+        s(&revoked[0], "/flow/reason") == Some("tenant_mismatch"),
+        "{}",
+        revoked[0]
+    );
+    Ok(())
+}

@@ -694,9 +694,8 @@ pub fn udp_places(
 /// gives a tracked destination are (`prefixes`, see [`crate::flows::tracked_prefixes`]), and
 /// whether the listing proved the others at none: [`udp_places`] narrowed by a filter the
 /// kernel runs, for the sockets a whole listing could not show. Only tracked flows (each
-/// holding a share of `FLOWS`, and decided themselves) can crowd it, save the connects of
-/// an audit-mode subject and sockets connected before their destination was tracked (red-team
-/// reviews 37 and 38). Bounded by its datagrams, not by a deadline: a pass makes it whole
+/// holding a share of `FLOWS`, and decided themselves) can crowd it, save sockets connected
+/// before their destination was tracked (red-team reviews 37 and 38). Bounded by its datagrams, not by a deadline: a pass makes it whole
 /// or not at all. Errors: the namespace could not be entered.
 pub fn udp_places_within(
     record: &FlowRecord,
