@@ -810,12 +810,21 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { pins } => {
-            enforcer::datapath::detach(&pins.pin_root)?;
+            let removed = enforcer::datapath::detach(&pins.pin_root)?;
             remove_state_dir(&pins.state_dir());
-            println!(
-                "detached: removed the pins under {}",
-                pins.pin_root.display()
-            );
+            if removed {
+                println!(
+                    "detached: removed the pins under {}",
+                    pins.pin_root.display()
+                );
+            } else {
+                // Still a success (uninstalling twice is not an error), but not a claim that
+                // something was detached: a mistyped path leaves the real hooks in place.
+                println!(
+                    "nothing was pinned under {} (is --pin-path right?); the agent's state there is removed",
+                    enforcer::datapath::pin_dir(&pins.pin_root).display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -832,7 +841,8 @@ fn remove_state_dir(dir: &std::path::Path) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         // state.json (+ its .tmp), control.sock, pdp-status.json, the loss totals reported
-        // (`lost-reported.json`), the PDP's bundle copy, the
+        // (`lost-reported.json`), the runs `enforcer events --since` reads
+        // (`event-runs.json`), the PDP's bundle copy, the
         // last applied bundle (`last_good`), the last cluster state (`--kubernetes`) and
         // the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
         let cluster_state = enforcer::sources::kubernetes::STATE_FILE;
@@ -847,6 +857,8 @@ fn remove_state_dir(dir: &std::path::Path) {
                 | "lost-reported.json"
                 | "lost-reported.json.tmp"
         ) || name == cluster_state
+            || name == enforcer::events::runs::FILE
+            || name.starts_with(&format!(".{}.", enforcer::events::runs::FILE))
             || name.starts_with(&format!(".{cluster_state}.tmp-"))
             || name.starts_with(".pdp-bundle.")
             || name.starts_with(".last-good-bundle.")

@@ -122,6 +122,12 @@ fn detach_removes_only_the_agents_own_state_files() -> Result<()> {
         state.as_os_str(),
     ])?;
     ensure!(out.success(), "detach failed: {out}");
+    // Nothing was pinned there: said so, not "detached" (review 40: a mistyped --pin-path
+    // left the real hooks in place behind a success message).
+    ensure!(
+        out.stdout.contains("nothing was pinned under") && !out.stdout.contains("detached"),
+        "{out}"
+    );
     ensure!(
         state.join("precious.txt").exists(),
         "detach deleted a file it does not own in --state-dir"

@@ -292,11 +292,12 @@ fn on_bpffs(path: &Path) -> Result<bool> {
 }
 
 /// Removes every pin of this ABI under `pin_root`: the links (which detaches the programs once
-/// no agent holds them) and the maps. This is how the enforcer is uninstalled.
-pub fn detach(pin_root: &Path) -> Result<()> {
+/// no agent holds them) and the maps. This is how the enforcer is uninstalled. `Ok(false)`
+/// when nothing of this ABI was pinned there (already uninstalled, or a mistyped path).
+pub fn detach(pin_root: &Path) -> Result<bool> {
     let dir = pin_dir(pin_root);
     if !dir.exists() {
-        return Ok(());
+        return Ok(false);
     }
     // Pins live on a bpffs; a `--pin-path` elsewhere (`--pin-path /home/me`) names the
     // operator's own files, which must not be deleted.
@@ -309,7 +310,7 @@ pub fn detach(pin_root: &Path) -> Result<()> {
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     // Leave the pin root itself alone unless it is now empty (another ABI may live there).
     let _ = std::fs::remove_dir(pin_root);
-    Ok(())
+    Ok(true)
 }
 
 /// `bpf(cmd, attr, size_of::<T>())` (`bpf(2)`), for the commands aya does not wrap: `attr`
