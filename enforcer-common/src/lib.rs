@@ -305,6 +305,21 @@ pub mod flags {
     pub const WORKLOAD: u32 = 1 << 10;
     /// Flows to a destination with any of these flags carry the identity option.
     pub const TAGGED: u32 = TRACKED | VECTOR_DB | INGRESS_ENFORCE | INGRESS_AUDIT;
+
+    /// Each flag and its name in the CLI's output (`policy explain`), lowest bit first.
+    pub const NAMES: [(u32, &str); 11] = [
+        (QUARANTINED, "quarantined"),
+        (VECTOR_DB, "vector_db"),
+        (AUDIT, "audit"),
+        (EXEMPT, "exempt"),
+        (TRACKED, "tracked"),
+        (INGRESS_ENFORCE, "ingress_enforce"),
+        (INGRESS_AUDIT, "ingress_audit"),
+        (SERVICE, "service"),
+        (OWN_NETNS, "own_netns"),
+        (SHARED_NETNS, "shared_netns"),
+        (WORKLOAD, "workload"),
+    ];
 }
 
 /// What the kernel did with a call.

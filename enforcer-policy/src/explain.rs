@@ -26,6 +26,10 @@ pub struct Explanation {
     pub port: u16,
     pub protocol: Protocol,
     pub decision: Decision,
+    /// The subject is in audit mode (its own or its tenant's `audit: true`): a call the
+    /// decision denies passes, reported as `connection.audited` (the agent's global
+    /// `--audit` is the running agent's, which the live comparison reads).
+    pub audit: bool,
     /// The key the kernel looks up first for this cell. For a declared port it is present in
     /// the table exactly when `decision.allowed`. For a destination without declared ports
     /// (`decision.any_port`) the kernel then looks up the same key with port 0: an exact
@@ -99,6 +103,9 @@ pub(crate) fn explain(
             .ok_or_else(|| PolicyError::UnknownName(name.into()))
     };
     let (from_party, to_party) = (party(from)?, party(to)?);
+    let audit = ids
+        .by_name(from)
+        .is_some_and(|i| i.flags & enforcer_common::flags::AUDIT != 0);
     let service = match (ids.index_of(from), ids.index_of(to)) {
         (Some(s), Some(d)) if ids.at(d).kind == crate::IdentityKind::Service => {
             let judged = bundle.decide_service(s, d, port, protocol)?;
@@ -143,6 +150,7 @@ pub(crate) fn explain(
         port,
         protocol,
         decision,
+        audit,
         kernel_key,
         service,
     })
@@ -191,7 +199,13 @@ fn write_policies(f: &mut fmt::Formatter<'_>, d: &Decision, indent: &str) -> fmt
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.decision;
-        let verdict = if d.allowed { "ALLOW" } else { "DENY" };
+        let verdict = match (d.allowed, self.audit) {
+            (true, _) => "ALLOW",
+            (false, false) => "DENY",
+            (false, true) => {
+                "AUDIT (a deny that audit mode lets through, reported as connection.audited)"
+            }
+        };
         writeln!(
             f,
             "{verdict}: {} -> {} port {}/{}",

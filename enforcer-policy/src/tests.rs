@@ -1639,3 +1639,23 @@ fn track_marks_an_endpoint_tracked() {
         "{errors:?}"
     );
 }
+
+/// A subject in audit mode (its tenant's `audit: true`): explain says its deny passes,
+/// reported, instead of a bare DENY that an operator reads as "blocked" (review 40).
+#[test]
+fn explain_says_when_audit_mode_lets_a_deny_through() {
+    let b = demo();
+    let e = b
+        .explain("initech-batch", "acme-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(!e.decision.allowed && e.audit);
+    let text = e.to_string();
+    assert!(
+        text.starts_with("AUDIT (a deny that audit mode lets through, reported as connection.audited): initech-batch -> acme-vectors"),
+        "{text}"
+    );
+    let e = b
+        .explain("acme-retriever", "globex-vectors", 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(!e.audit && e.to_string().starts_with("DENY: "));
+}

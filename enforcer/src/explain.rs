@@ -79,6 +79,23 @@ pub fn run(
             key.subject, key.destination
         ),
     }
+    if !entry_allows {
+        // Audit lets the table's deny through: say so, not just the raw flags below.
+        let global = tables.config().is_ok_and(|c| c.audit != 0);
+        let own = tables
+            .identity_info(subject.id)
+            .is_some_and(|i| i.flags & flags::AUDIT != 0 && i.flags & flags::QUARANTINED == 0);
+        if global || own {
+            println!(
+                "kernel: audit mode ({}) lets this deny through, reported as connection.audited",
+                if global {
+                    "the agent's --audit"
+                } else {
+                    "the subject's or its tenant's"
+                }
+            );
+        }
+    }
 
     let mut check = Check {
         identities,
@@ -190,11 +207,12 @@ impl Check<'_> {
                 };
                 if comparable.same_identity(&want) {
                     println!(
-                        "kernel map {}: {} tenant={} flags={:#x}: agrees",
+                        "kernel map {}: {} tenant={} flags={:#x} ({}): agrees",
                         maps::IDENTITIES,
                         self.name(subject.id),
                         found.tenant,
-                        found.flags
+                        found.flags,
+                        flag_names(found.flags)
                     );
                 } else {
                     println!(
@@ -256,5 +274,19 @@ impl Check<'_> {
             .filter(|(net, _)| net.contains(&addr))
             .max_by_key(|(net, _)| net.prefix)
             .map_or(enforcer_common::identity::WORLD, |(_, id)| id)
+    }
+}
+
+/// `flags` by name (`enforcer_common::flags::NAMES`), `none` without any.
+fn flag_names(flags: u32) -> String {
+    let names: Vec<&str> = flags::NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
     }
 }

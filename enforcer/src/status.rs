@@ -49,7 +49,11 @@ pub struct Status {
     pub verdicts: Vec<VerdictCount>,
     pub maps: Vec<datapath::MapFill>,
     pub active_policy_table: u32,
+    /// Global audit mode (`enforcer run --audit`).
     pub audit: bool,
+    /// Workload identities in audit mode by their own or their tenant's `audit: true`: their
+    /// would-denies pass, reported as `connection.audited`.
+    pub audit_subjects: usize,
     pub policy_generation: u64,
     /// The node's network namespace cookie the kernel compares a pod's loopback calls with
     /// (`SO_NETNS_COOKIE`); 0: not known, a pod's own loopback is judged as World's address.
@@ -134,6 +138,8 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
         .filter(|(_, r)| r.flags & enforcer_common::flow_flags::ENDED != 0)
         .count();
     let tracked_flows = records.len() - ended_flow_records;
+    let audit_subjects = datapath::Tables::open(&dir)?
+        .identities_with(enforcer_common::flags::AUDIT | enforcer_common::flags::WORKLOAD)?;
     Ok(Status {
         pdp,
         pin_dir: dir,
@@ -147,6 +153,7 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
         maps: stats.maps.clone(),
         active_policy_table: stats.config.active_policy,
         audit: stats.config.audit,
+        audit_subjects,
         policy_generation: stats.config.generation,
         node_netns_cookie: stats.config.node_netns_cookie,
     })
@@ -349,8 +356,9 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "audit mode:      {}",
-        if status.audit { "on" } else { "off" }
+        "audit mode:      global {}; {} workload identities in audit mode (their own or their tenant's audit: true)",
+        if status.audit { "on" } else { "off" },
+        status.audit_subjects
     );
     if status.node_netns_cookie == 0 {
         let _ = writeln!(

@@ -186,6 +186,16 @@ fn tenant_audit_applies_to_that_tenant_only() -> Result<()> {
         status.get("audit").and_then(Value::as_bool) != Some(true),
         "no global audit was asked for: {status}"
     );
+    // But status says initech's workloads are in audit mode (review 40: it said "off").
+    let initech = world
+        .entities
+        .iter()
+        .filter(|e| e.tenant == "initech" && !e.is_endpoint())
+        .count() as u64;
+    ensure!(
+        initech > 0 && status.get("audit_subjects").and_then(Value::as_u64) == Some(initech),
+        "initech's {initech} workloads in audit mode: {status}"
+    );
     Ok(())
 }
 

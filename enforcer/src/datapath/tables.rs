@@ -1297,6 +1297,17 @@ impl Tables {
         self.identities.put(&identity, &info, maps::IDENTITIES)
     }
 
+    /// How many identities' kernel entries carry every one of `all` (`status`: the subjects
+    /// in audit mode).
+    pub fn identities_with(&self, all: u32) -> Result<usize> {
+        Ok(self
+            .identities
+            .entries()?
+            .into_iter()
+            .filter(|(_, info)| info.flags & all == all)
+            .count())
+    }
+
     /// Identities whose kernel entry carries a flag (quarantine survives agent restarts this way).
     pub fn identities_flagged(&self, flag: u32) -> Result<std::collections::BTreeSet<u32>> {
         Ok(self
