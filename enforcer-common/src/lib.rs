@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 15;
+pub const ABI_VERSION: u32 = 14;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -399,14 +399,7 @@ pub mod reason {
     /// namespace's own `DNAT`, with `NET_ADMIN`, rewrote an allowed loopback connect). Never
     /// softened but by global audit.
     pub const MARTIAN_DESTINATION: u8 = 16;
-    /// `sendmsg4`/`sendmsg6`: a permitted datagram that names its destination (`sendto`,
-    /// `sendmsg` with an address), to a tracked destination, from a socket not connected
-    /// there. A tracked flow is a connected socket, which the flow record, the learned
-    /// neighbourhood and the connection-rate limit follow; an unconnected datagram would
-    /// reach the destination past all three (red-team review 39). Audit mode lets it through
-    /// as `audit`, like any would-deny.
-    pub const CONNECT_REQUIRED: u8 = 17;
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 17;
 }
 
 /// The hook that decided.

@@ -168,39 +168,10 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         return true;
     }
     let mut slot = MaybeUninit::<FlowRecord>::uninit();
+    fill_record(ctx, c, &mut slot);
     let r = slot.as_mut_ptr();
-    // SAFETY: `r` points at a stack slot of the record's size; every field (padding included)
-    // is written below before the slot is read by the map update.
-    let cookie = unsafe {
-        addr_of_mut!((*r).start_ns).write(bpf_ktime_get_ns());
-        addr_of_mut!((*r).cgroup_id).write(c.cgroup_id);
-        addr_of_mut!((*r).pid_tgid).write(bpf_get_current_pid_tgid());
-        addr_of_mut!((*r).subject).write(c.subject);
-        addr_of_mut!((*r).destination).write(c.destination);
-        let saddr = addr_of_mut!((*r).saddr).cast::<u32>();
-        let daddr = addr_of_mut!((*r).daddr).cast::<u32>();
-        for i in 0..4 {
-            saddr.add(i).write(0);
-            daddr.add(i).write(c.daddr[i]);
-        }
-        addr_of_mut!((*r).sport).write(0);
-        addr_of_mut!((*r).dport).write(c.dport);
-        addr_of_mut!((*r).family).write(c.family);
-        addr_of_mut!((*r).protocol).write(c.protocol);
-        addr_of_mut!((*r).state).write(flow_state::CONNECTING);
-        addr_of_mut!((*r).flags).write(if c.sock_v6 { flow_flags::SOCK_V6 } else { 0 });
-        addr_of_mut!((*r).policy_generation).write(c.generation);
-        addr_of_mut!((*r).tenant).write(c.tenant);
-        addr_of_mut!((*r).netns_cookie).write(bpf_get_netns_cookie(ctx.as_ptr()));
-        // On failure the helper zeroes the buffer, so comm is always initialised.
-        bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
-        addr_of_mut!((*r).wire_stamp).write(0);
-        addr_of_mut!((*r).peer_port).write(0);
-        addr_of_mut!((*r).peer_family).write(0);
-        addr_of_mut!((*r)._pad).write([0; 3]);
-        addr_of_mut!((*r).peer).write([0; 16]);
-        bpf_get_socket_cookie(ctx.as_ptr())
-    };
+    // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A connected UDP socket connected again (`connect()` runs under the socket lock, so
     // nothing else changes its record meanwhile). To the same subject, destination, address
     // and port it is the same flow: no second opened event (a loop of reconnects flooded
@@ -278,6 +249,65 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         }
     }
     true
+}
+
+/// A new record of the connect (or datagram) `c` of the socket `ctx`, every field written
+/// (padding included) into `slot`: `CONNECTING`, no local end yet.
+#[inline(always)]
+fn fill_record(ctx: &SockAddrContext, c: &Connect, slot: &mut MaybeUninit<FlowRecord>) {
+    let r = slot.as_mut_ptr();
+    // SAFETY: `r` points at a stack slot of the record's size; every field (padding included)
+    // is written below before the slot is read by a map update.
+    unsafe {
+        addr_of_mut!((*r).start_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*r).cgroup_id).write(c.cgroup_id);
+        addr_of_mut!((*r).pid_tgid).write(bpf_get_current_pid_tgid());
+        addr_of_mut!((*r).subject).write(c.subject);
+        addr_of_mut!((*r).destination).write(c.destination);
+        let saddr = addr_of_mut!((*r).saddr).cast::<u32>();
+        let daddr = addr_of_mut!((*r).daddr).cast::<u32>();
+        for i in 0..4 {
+            saddr.add(i).write(0);
+            daddr.add(i).write(c.daddr[i]);
+        }
+        addr_of_mut!((*r).sport).write(0);
+        addr_of_mut!((*r).dport).write(c.dport);
+        addr_of_mut!((*r).family).write(c.family);
+        addr_of_mut!((*r).protocol).write(c.protocol);
+        addr_of_mut!((*r).state).write(flow_state::CONNECTING);
+        addr_of_mut!((*r).flags).write(if c.sock_v6 { flow_flags::SOCK_V6 } else { 0 });
+        addr_of_mut!((*r).policy_generation).write(c.generation);
+        addr_of_mut!((*r).tenant).write(c.tenant);
+        addr_of_mut!((*r).netns_cookie).write(bpf_get_netns_cookie(ctx.as_ptr()));
+        // On failure the helper zeroes the buffer, so comm is always initialised.
+        bpf_get_current_comm(addr_of_mut!((*r).comm).cast(), COMM_LEN);
+        addr_of_mut!((*r).wire_stamp).write(0);
+        addr_of_mut!((*r).peer_port).write(0);
+        addr_of_mut!((*r).peer_family).write(0);
+        addr_of_mut!((*r)._pad).write([0; 3]);
+        addr_of_mut!((*r).peer).write([0; 16]);
+    }
+}
+
+/// A datagram naming a tracked destination (`sendto`, `sendmsg` with an address) has no flow,
+/// but the learner needs its contact: a first contact outside the subject's usual datasets
+/// made by datagrams was no `flow.anomaly` and no step-up (red-team review 39). Kept in
+/// `FLOW_CONTACTS_MISSED` (one lookup when the pair is there already, as it is for every
+/// datagram after the first until the agent drains the map), which the agent reads like the
+/// contacts of opened events the ring had no room for.
+#[inline(always)]
+pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) {
+    let key = ContactKey {
+        subject: c.subject,
+        destination: c.destination,
+    };
+    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
+        return;
+    }
+    let mut slot = MaybeUninit::<FlowRecord>::uninit();
+    fill_record(ctx, c, &mut slot);
+    // SAFETY: fully initialised by `fill_record`.
+    keep_contact(unsafe { slot.assume_init_ref() });
 }
 
 /// The opened event of the flow `r`, if its workload's budget allows: false when it was

@@ -561,7 +561,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 
     // 3. to 6. (`rule`). A would-deny that audit lets through goes on to its flow record
     // (`audited`: the reason it is reported with), not charged to any rate limit.
-    let (destination_flags, audited) = match rule(
+    let (destination_flags, mut audited) = match rule(
         slot_b,
         &info,
         destination,
@@ -594,22 +594,12 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
         && !rate::admit(subject, destination)
     {
-        v.reason = reason::RATE_LIMITED;
-        let audit = global_audit || subject_flags & flags::AUDIT != 0;
-        return report(&mut v, &dst, cgroup_id, hook, audit);
-    }
-    // A datagram naming a tracked destination, from a socket not connected there: refused,
-    // since only a connect makes the flow record, the learner's contact and the rate
-    // limit's charge (`reason::CONNECT_REQUIRED`). A socket connected there already (a
-    // `sendto` repeating its connected address) was judged and recorded by its connect.
-    if audited == NOT_AUDITED
-        && (hook == hook::SENDMSG4 || hook == hook::SENDMSG6)
-        && destination_flags & flags::TRACKED != 0
-        && !connected_there(ctx, &dst, dport)
-    {
-        v.reason = reason::CONNECT_REQUIRED;
-        let audit = global_audit || subject_flags & flags::AUDIT != 0;
-        return report(&mut v, &dst, cgroup_id, hook, audit);
+        if !(global_audit || subject_flags & flags::AUDIT != 0) {
+            v.reason = reason::RATE_LIMITED;
+            return report(&mut v, &dst, cgroup_id, hook, false);
+        }
+        // Let through by audit: a flow like any other audited one (review 41).
+        audited = reason::RATE_LIMITED;
     }
     // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
     // UDP, to a tracked destination (the flags copied with the class above: one
@@ -642,6 +632,24 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP {
         // A connected UDP socket that leaves a tracked destination for an untracked one.
         flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
+    } else if destination_flags & flags::TRACKED != 0 {
+        // A datagram naming a tracked destination (sendmsg4/6): no flow, but a contact for
+        // the learner.
+        flows::datagram_contact(
+            ctx,
+            &flows::Connect {
+                subject,
+                destination,
+                daddr: dst.addr,
+                dport,
+                family: dst.family,
+                protocol,
+                generation,
+                tenant: subject_tenant,
+                cgroup_id,
+                sock_v6: hook == hook::SENDMSG6,
+            },
+        );
     }
     if audited != NOT_AUDITED {
         v.reason = audited;
@@ -649,22 +657,6 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     }
     count(hook, verdict::ALLOW, reason::ALLOWED);
     SK_PASS
-}
-
-/// The socket of `ctx` is connected to `dst` port `dport` (host order): an IPv6 socket
-/// connected to an IPv4-mapped address as the IPv4 one, the form `sendmsg4` judges.
-#[inline(always)]
-fn connected_there(ctx: &SockAddrContext, dst: &Destination, dport: u16) -> bool {
-    // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
-    let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
-    let (to, port, connected) = martian::socket_destination(sk.cast_const());
-    connected
-        && port == dport
-        && to.family == dst.family
-        && to.addr[0] == dst.addr[0]
-        && to.addr[1] == dst.addr[1]
-        && to.addr[2] == dst.addr[2]
-        && to.addr[3] == dst.addr[3]
 }
 
 /// How a known subject's call stands after the steps every hook that judges calls shares

@@ -92,12 +92,6 @@ impl Entity {
         self.kind.is_some()
     }
 
-    /// A tracked destination (`vector_db`): an unconnected datagram to it is refused
-    /// (`connect_required`) even where Cedar permits the call.
-    pub fn tracked(&self) -> bool {
-        self.kind.as_deref() == Some("vector_db")
-    }
-
     pub fn ip(&self, v6: bool) -> IpAddr {
         if v6 {
             IpAddr::V6(self.v6)

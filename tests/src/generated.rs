@@ -131,9 +131,6 @@ pub struct Target {
     /// A port next to a `context.port` literal on a destination without declared ports:
     /// every such target is sampled.
     pub edge: bool,
-    /// A tracked destination (`vector_db`): an unconnected datagram to it is refused
-    /// (`connect_required`) even where Cedar permits the call.
-    pub tracked: bool,
 }
 
 const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
@@ -337,7 +334,6 @@ impl GeneratedBundle {
                 proto,
                 kind,
                 edge: false,
-                tracked: d.kind == Some("vector_db"),
             };
             if d.ports.is_empty() {
                 for &port in &d.sample_ports {
@@ -383,7 +379,6 @@ impl GeneratedBundle {
             proto,
             kind: TargetKind::World,
             edge,
-            tracked: false,
         };
         for (port, proto) in [(4444, Proto::Tcp), (4445, Proto::Udp)] {
             out.push(world(port, proto, false));

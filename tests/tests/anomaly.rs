@@ -83,7 +83,9 @@ fn world_in(net: u8, t: u8) -> Result<World> {
     let entities = vec![
         Entity::workload(net, "client-a", "acme", "retrieval", t, 1),
         Entity::endpoint(net, "db1", "acme", "vector_db", t, 10).port(6333, Proto::Tcp, "query"),
-        Entity::endpoint(net, "db2", "acme", "vector_db", t, 11).port(6333, Proto::Tcp, "query"),
+        Entity::endpoint(net, "db2", "acme", "vector_db", t, 11)
+            .port(6333, Proto::Tcp, "query")
+            .port(6334, Proto::Udp, "query"),
         Entity::endpoint(net, "db3", "acme", "vector_db", t, 12).port(6333, Proto::Tcp, "query"),
     ];
     let root = TestCgroup::create(unique_name("an-root"))?;
@@ -500,6 +502,47 @@ fn a_webhook_that_is_down_is_retried_a_bounded_number_of_times_and_enforcement_g
         "the agent stopped:\n{}",
         agent.stderr_tail()
     );
+    Ok(())
+}
+
+/// A first contact made by unconnected datagrams (`sendto`, no flow) is a contact like a
+/// flow's: one `flow.anomaly` and the step-up. Before, a datagram to a tracked destination
+/// reached its dataset past the learner (red-team review 39).
+#[test]
+fn a_first_contact_by_datagrams_raises_the_anomaly_and_steps_up() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(3)?;
+    let dead =
+        TcpListener::bind(SocketAddr::new(IpAddr::from([127, NET, 3, 50]), 0))?.local_addr()?;
+    let agent = Agent::start(w.config(&format!("http://{dead}/page")))?;
+    first_applied_snapshot(&agent)?;
+    // Nothing learned: everything after the window is new.
+    w.wait_for_window_end()?;
+    let probe = Probe::new().in_cgroup(&w.client);
+    probe.expect_outcome(
+        &attempt("udp", w.addr(11).ip(), 6334),
+        Outcome::Ok,
+        "a datagram to db2 (permitted: not refused)",
+    )?;
+    let anomalies = wait_notices(&agent, "flow.anomaly", 1, WAIT, to("db2"))?;
+    ensure!(
+        anomalies[0]["anomaly"]["new_datasets"] == serde_json::json!(["kb2"]),
+        "{}",
+        anomalies[0]
+    );
+    ensure!(
+        s(&anomalies[0], "/anomaly/step_up") == Some("quarantine"),
+        "{}",
+        anomalies[0]
+    );
+    wait_notices(&agent, "subject.quarantined", 1, WAIT, |_| true)?;
+    probe.expect_outcome(
+        &attempt("udp", w.addr(11).ip(), 6334),
+        Outcome::Eperm,
+        "a datagram of the stepped-up subject",
+    )?;
     Ok(())
 }
 

@@ -312,11 +312,10 @@ fn run_seed(seed: u64, net: u8, n: usize) -> Result<SeedReport> {
     }
 
     let is_deny = |e: &serde_json::Value| e.get("verdict").and_then(|v| v.as_str()) == Some("deny");
-    // A tracked destination is reached through `connect()`: an unconnected datagram to it is
-    // refused whatever Cedar says (`connect_required`).
-    let needs_connect = |r: &Row| r.kind == "udp" && cells[r.cell].target.tracked;
-    let expected_allowed = |r: &Row| cells[r.cell].decision.allowed && !needs_connect(r);
-    let denied = rows.iter().filter(|r| !expected_allowed(r)).count();
+    let denied = rows
+        .iter()
+        .filter(|r| !cells[r.cell].decision.allowed)
+        .count();
     // Wait for the events of every denied attempt, then a quiet moment to catch extras.
     let _ = agent.wait_for(denied, Duration::from_secs(20), is_deny);
     let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(5))?;
@@ -326,7 +325,7 @@ fn run_seed(seed: u64, net: u8, n: usize) -> Result<SeedReport> {
     for r in &rows {
         let c = &cells[r.cell];
         let t = &c.target;
-        let allowed = expected_allowed(r);
+        let allowed = c.decision.allowed;
         *report
             .coverage
             .entry((allowed, r.kind, t.kind))
@@ -356,11 +355,7 @@ fn run_seed(seed: u64, net: u8, n: usize) -> Result<SeedReport> {
             ));
         } else if let Some(e) = mine.first() {
             let id = e.pointer("/policy/id").and_then(|v| v.as_str());
-            let ok = if c.decision.allowed && needs_connect(r) {
-                ["connect-required".to_string()].into()
-            } else {
-                c.acceptable_policy_ids()
-            };
+            let ok = c.acceptable_policy_ids();
             if !id.is_some_and(|id| ok.contains(id)) {
                 problems.push(format!(
                     "{label}: deny event attributed to {id:?}, want one of {ok:?}; Cedar: {}",

@@ -51,14 +51,11 @@ fn rows(world: &World, oracle: &Bundle, v6: bool) -> Result<Vec<Row>> {
             Proto::Udp => &[("udp", "sendmsg"), ("udpc", "connect")],
         };
         for (kind, hook) in kinds {
-            // A tracked destination is reached through `connect()`: an unconnected datagram
-            // to it is refused whatever Cedar says (`connect_required`).
-            let needs_connect = *kind == "udp" && world.entity(&cell.to).tracked();
             rows.push(Row {
                 cell: cell.clone(),
                 kind,
                 hook: format!("{hook}{family}"),
-                allowed: allowed && !needs_connect,
+                allowed,
                 outcome: None,
                 errno: 0,
             });

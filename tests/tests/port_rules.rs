@@ -64,7 +64,7 @@ workloads:
 endpoints:
   - name: ext
     tenant: acme
-    kind: llm_api
+    kind: vector_db
     ips: [127.{NET}.9.1/32]
 "#,
         client = client.relative_str()

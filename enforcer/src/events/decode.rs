@@ -40,7 +40,6 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::REPLAYED_TAG => "replayed_tag",
         reason::FOREIGN_ADDRESS => "foreign_address",
         reason::MARTIAN_DESTINATION => "martian_destination",
-        reason::CONNECT_REQUIRED => "connect_required",
         _ => "unknown",
     }
 }

@@ -428,9 +428,6 @@ impl CallFacts {
                 Vec::new(),
                 atlas_ids(&["AML.T0034.000"]),
             ),
-            // Allowed by policy, but a datagram to a tracked destination from a socket not
-            // connected there: the kernel's own rule (a tracked flow is a connected socket).
-            reason::CONNECT_REQUIRED => ("connect-required".to_string(), Vec::new(), Vec::new()),
             // The merge refused to identify the address: no Cedar policy can open it.
             reason::UNIDENTIFIED_DESTINATION => (
                 "unidentified-destination".to_string(),

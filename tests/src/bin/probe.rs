@@ -102,8 +102,6 @@ enum Kind {
     /// Connected UDP, then `sendmsg()` without an address but with ancillary data (IP_TOS /
     /// IPV6_TCLASS), which makes the kernel run sendmsg4/6 with no destination.
     UdpConnectedCmsg,
-    /// UDP connect, then `sendto` naming the connected address (the sendmsg hook runs).
-    UdpConnectedSendto,
     Ping,
     Raw,
     UdpLite,
@@ -151,7 +149,6 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "udp" => Kind::Udp,
         "udpc" => Kind::UdpConnected,
         "udpcm" => Kind::UdpConnectedCmsg,
-        "udpcto" => Kind::UdpConnectedSendto,
         "ping" => Kind::Ping,
         "raw" => Kind::Raw,
         "udplite" => Kind::UdpLite,
@@ -164,7 +161,7 @@ fn parse(attempt: &str) -> Result<Attempt, String> {
         "udpcsrc" => Kind::UdpConnectedPktinfo,
         other => {
             return Err(format!(
-                "bad attempt kind {other:?}: want tcp, tcprst, tcpbulk, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, udpcto, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
+                "bad attempt kind {other:?}: want tcp, tcprst, tcpbulk, tcpwait, tcpsyn, tcpagain, udp, udpc, udpcm, udpsrc, udpcsrc, bind, bindu, ping, raw, udplite, mptcp, tfo, packet or xdp"
             ))
         }
     };
@@ -659,16 +656,6 @@ fn try_once(a: Attempt) -> std::io::Result<()> {
             let fd = socket(family(&addr), libc::SOCK_DGRAM, 0)?;
             connect(&fd, &addr)?;
             send_with_tos(&fd, v6)
-        }
-        Kind::UdpConnectedSendto => {
-            let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
-            } else {
-                "[::]:0".parse().expect("literal")
-            };
-            let sock = UdpSocket::bind(local)?;
-            sock.connect(addr)?;
-            sock.send_to(&[0], addr).map(drop)
         }
         Kind::Udp | Kind::UdpConnected => {
             let local: SocketAddr = if addr.is_ipv4() {
