@@ -813,12 +813,18 @@ impl Walker {
                             }
                         }
                     }
-                    "protocol" => match self.string(v, "protocol").map(|s| s.parse::<Protocol>()) {
-                        Some(Ok(p)) => protocol = p,
-                        Some(Err(_)) => {
-                            ok = false;
-                            self.err_hint(v.loc, "invalid protocol", "use `tcp` or `udp`");
-                        }
+                    "protocol" => match self.string(v, "protocol") {
+                        Some(text) => match text.parse::<Protocol>() {
+                            Ok(p) => protocol = p,
+                            Err(_) => {
+                                ok = false;
+                                self.err_hint(
+                                    v.loc,
+                                    format!("invalid protocol `{text}`"),
+                                    "use `tcp` or `udp` (lowercase)",
+                                );
+                            }
+                        },
                         None => ok = false,
                     },
                     "action" => match self.string(v, "action") {
@@ -1177,9 +1183,28 @@ impl Walker {
                 "vector_db | feature_store | model_registry | llm_api | ...",
             );
         }
+        if let Some(known) = near_miss_kind(&e.kind) {
+            // `vector_db` turns on tracking, the identity option and every policy reading
+            // the kind: a typo silently turned all of that off (review 40).
+            self.err_hint(
+                e.loc,
+                format!(
+                    "endpoint `{}`: kind `{}` is not a known kind: did you mean `{known}`?",
+                    e.name, e.kind
+                ),
+                format!(
+                    "{}; a kind of your own must not be a near-miss of one of them",
+                    KNOWN_KINDS.join(" | ")
+                ),
+            );
+        }
         // A step-up acts on the first contact a flow record reports: an untracked endpoint
         // has none, so its step-up could never fire (red-team review 39).
-        if let (Some(at), false) = (step_up_at, e.kind == "vector_db" || e.track) {
+        if let (Some(at), false, false) = (
+            step_up_at,
+            e.kind == "vector_db" || e.track,
+            e.kind.is_empty(),
+        ) {
             self.err_hint(
                 at,
                 format!(
@@ -1191,6 +1216,22 @@ impl Walker {
         }
         Some(e)
     }
+}
+
+/// The endpoint kinds the product (`vector_db`: tracked, tagged) and the usual policies read.
+const KNOWN_KINDS: [&str; 4] = ["vector_db", "feature_store", "model_registry", "llm_api"];
+
+/// The known kind `kind` is a near-miss of (another case or separator, or at most two edits
+/// away), if it is not one itself.
+fn near_miss_kind(kind: &str) -> Option<&'static str> {
+    if kind.is_empty() || KNOWN_KINDS.contains(&kind) {
+        return None;
+    }
+    let folded = kind.to_ascii_lowercase().replace(['-', ' ', '.'], "_");
+    KNOWN_KINDS
+        .iter()
+        .find(|known| folded == **known || strsim::levenshtein(&folded, known) <= 2)
+        .copied()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1676,6 +1717,30 @@ mod step_up_tests {
                 && err.contains("7:20: error: invalid step_up ttl `soon`"),
             "{err}"
         );
+    }
+
+    /// A near-miss of a known kind is refused with the kind it likely meant (review 40); a
+    /// kind of one's own that is no near-miss is accepted.
+    #[test]
+    fn a_near_miss_of_a_known_kind_is_refused() {
+        let f = Path::new("inventory.yaml");
+        for (kind, meant) in [
+            ("vectordb", "vector_db"),
+            ("Vector-DB", "vector_db"),
+            ("Feature-Store", "feature_store"),
+            ("llm-api", "llm_api"),
+        ] {
+            let text = BASE.replace("kind: vector_db", &format!("kind: {kind}"));
+            let err = Inventory::parse(f, &text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "kind `{kind}` is not a known kind: did you mean `{meant}`?"
+                )),
+                "{kind}: {err}"
+            );
+        }
+        let own = BASE.replace("kind: vector_db", "kind: reranker");
+        assert!(Inventory::parse(f, &own).is_ok());
     }
 
     /// A step-up acts on the first contact a flow record reports: on an untracked endpoint

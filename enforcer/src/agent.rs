@@ -1345,6 +1345,11 @@ impl Agent {
         if !self.quarantined.insert(subject) {
             if hold == Hold::Lasting && self.step_ups.contains_key(&subject) {
                 self.forget_step_up(subject);
+                // On disk at once: a restart that found the step-up's end would lift what is
+                // now meant to hold (review 41).
+                if let Some(Err(error)) = self.learner.as_ref().map(|l| l.flush()) {
+                    tracing::error!("forgetting a step-up: {error:#}");
+                }
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined by a step-up now quarantined until released");
                 let _ = self.notices.send(Notice::Quarantined {

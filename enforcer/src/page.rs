@@ -63,7 +63,7 @@ impl Webhook {
             }
             (None, _) => format!("{}:80", authority.host()),
         };
-        if authority.ends_with(":0") {
+        if uri.port_u16() == Some(0) {
             bail!("--page-webhook {text:?}: invalid port `0` (1-65535)");
         }
         Ok(Webhook { uri, authority })
@@ -219,6 +219,7 @@ mod tests {
             "http://pager:abc/x",
             "http://pager:/x",
             "http://pager:0/x",
+            "http://pager:00/x",
         ] {
             let err = Webhook::parse(bad).unwrap_err();
             assert!(err.to_string().contains("invalid port"), "{bad}: {err}");

@@ -2224,7 +2224,16 @@ pub fn compact(line: &str) -> String {
         .unwrap_or_default();
     let dest = &v["destination"];
     let destination = if dest.is_object() {
-        let name = s(&dest["name"]).unwrap_or_else(|| s(&dest["ip"]).unwrap_or_default());
+        let ip = s(&dest["ip"]).unwrap_or_default();
+        // A reserved identity (world, host...) names many addresses: the line must say
+        // which one the call went to (review 40).
+        let name = match s(&dest["name"]) {
+            Some(name) if enforcer_policy::identity::RESERVED_NAMES.contains(&name.as_str()) => {
+                format!("{name}({ip})")
+            }
+            Some(name) => name,
+            None => ip,
+        };
         format!("{name}:{}", dest["port"].as_u64().unwrap_or(0))
     } else {
         "(socket)".to_string()
@@ -3654,6 +3663,13 @@ mod tests {
         assert_eq!(
             compact(untagged),
             "T deny  10.0.0.9 (address of rag) -> vdb:6333 missing_tag identity-tag-missing #8"
+        );
+        // A reserved identity's address is shown beside its name.
+        let to_world = line.replace(r#""name":"vdb""#, r#""name":"world""#);
+        assert!(
+            compact(&to_world).contains(" -> world(10.0.0.1):6333 "),
+            "{}",
+            compact(&to_world)
         );
         let forged = untagged
             .replace(r#","workload":"rag""#, "")
