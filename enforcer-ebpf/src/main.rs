@@ -601,16 +601,14 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         // Let through by audit: a flow like any other audited one (review 41).
         audited = reason::RATE_LIMITED;
     }
-    // Flow records: only connect (sendmsg's unconnected datagrams have no flow), TCP or
-    // UDP, to a tracked destination (the flags copied with the class above: one
-    // consistent value, 0 without one). An audited connect too: audit is how a policy is
-    // rolled out, and a flow it let through must be listed, and reset by the revocation
-    // pass once audit is lifted and the policy denies it (review 40; the agent keeps it
-    // while audit lasts).
-    if (hook == hook::CONNECT4 || hook == hook::CONNECT6)
-        && (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
-        && destination_flags & flags::TRACKED != 0
-    {
+    // Flow records: only connect (sendmsg's unconnected datagrams have no flow, only a
+    // contact for the learner), TCP or UDP, to a tracked destination (the flags copied with
+    // the class above: one consistent value, 0 without one). An audited connect too: audit
+    // is how a policy is rolled out, and a flow it let through must be listed, and reset by
+    // the revocation pass once audit is lifted and the policy denies it (review 40; the
+    // agent keeps it while audit lasts).
+    let connecting = hook == hook::CONNECT4 || hook == hook::CONNECT6;
+    if destination_flags & flags::TRACKED != 0 {
         let c = flows::Connect {
             subject,
             destination,
@@ -621,35 +619,23 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
             generation,
             tenant: subject_tenant,
             cgroup_id,
-            sock_v6: hook == hook::CONNECT6,
+            sock_v6: hook == hook::CONNECT6 || hook == hook::SENDMSG6,
         };
-        if !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP) {
+        if !connecting {
+            // A datagram naming a tracked destination (sendmsg4/6): no flow, but a contact
+            // for the learner.
+            flows::datagram_contact(ctx, &c);
+        } else if (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
+            && !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP)
+        {
             // An untracked flow to a tracked destination could never be revoked:
             // fail closed (never audited through).
             v.reason = reason::FLOW_TABLE_FULL;
             return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
         }
-    } else if (hook == hook::CONNECT4 || hook == hook::CONNECT6) && full_protocol == IPPROTO_UDP {
+    } else if connecting && full_protocol == IPPROTO_UDP {
         // A connected UDP socket that leaves a tracked destination for an untracked one.
         flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
-    } else if destination_flags & flags::TRACKED != 0 {
-        // A datagram naming a tracked destination (sendmsg4/6): no flow, but a contact for
-        // the learner.
-        flows::datagram_contact(
-            ctx,
-            &flows::Connect {
-                subject,
-                destination,
-                daddr: dst.addr,
-                dport,
-                family: dst.family,
-                protocol,
-                generation,
-                tenant: subject_tenant,
-                cgroup_id,
-                sock_v6: hook == hook::SENDMSG6,
-            },
-        );
     }
     if audited != NOT_AUDITED {
         v.reason = audited;
