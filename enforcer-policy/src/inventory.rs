@@ -1165,11 +1165,21 @@ impl Walker {
                     e.step_up = self.step_up(v)
                 }
                 "datasets" => {
-                    e.datasets = self
-                        .strings(v, "datasets")
-                        .into_iter()
-                        .map(|(s, _)| s)
-                        .collect()
+                    let datasets = self.strings(v, "datasets");
+                    for (name, at) in &datasets {
+                        // The learner names a pod's datasets `<tenant>/<dataset>` and a
+                        // destination without datasets `endpoint:<name>`: an operator's name
+                        // of either form could be pre-learned or burnt by a tenant's pod
+                        // (red-team review 39).
+                        if name.contains('/') || name.starts_with("endpoint:") {
+                            self.err_hint(
+                                *at,
+                                format!("dataset `{name}`: `/` and the prefix `endpoint:` are reserved"),
+                                "a pod's datasets are learned as `<tenant>/<dataset>`, a destination without datasets as `endpoint:<name>`; name yours otherwise (e.g. `acme-kb`)",
+                            );
+                        }
+                    }
+                    e.datasets = datasets.into_iter().map(|(s, _)| s).collect()
                 }
                 _ => self.item_field(&mut item, k, v),
             }
@@ -1717,6 +1727,23 @@ mod step_up_tests {
                 && err.contains("7:20: error: invalid step_up ttl `soon`"),
             "{err}"
         );
+    }
+
+    /// A dataset name of the learner's own forms (`<tenant>/<dataset>`, `endpoint:<name>`)
+    /// is refused: a tenant's pod could pre-learn or burn it (red-team review 39).
+    #[test]
+    fn dataset_names_of_the_learners_own_forms_are_refused() {
+        let f = Path::new("inventory.yaml");
+        for name in ["acme/kb", "endpoint:acme-vectors"] {
+            let err = Inventory::parse(f, &format!("{BASE}    datasets: [\"{name}\"]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("inventory.yaml:7:16: error: dataset `{name}`: `/` and the prefix `endpoint:` are reserved")),
+                "{name}: {err}"
+            );
+        }
+        assert!(Inventory::parse(f, &format!("{BASE}    datasets: [acme-kb]\n")).is_ok());
     }
 
     /// A near-miss of a known kind is refused with the kind it likely meant (review 40); a

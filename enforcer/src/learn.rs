@@ -143,6 +143,16 @@ impl Learner {
         };
         let started = humantime::parse_rfc3339(&stored.started)
             .with_context(|| format!("{}: bad `started` {:?}", file.display(), stored.started))?;
+        // A step-up whose end cannot be read would never be lifted (red-team review 39):
+        // refused like a bad `started`.
+        for (workload, until) in &stored.step_ups {
+            humantime::parse_rfc3339(until).with_context(|| {
+                format!(
+                    "{}: bad `step_ups` time {until:?} of {workload:?}",
+                    file.display()
+                )
+            })?;
+        }
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -669,6 +679,34 @@ mod tests {
         let err = Learner::open(dir.path(), Duration::from_secs(1), SystemTime::now()).unwrap_err();
         assert!(
             format!("{err:#}").contains("not a neighbourhood file"),
+            "{err:#}"
+        );
+    }
+
+    /// A step-up end that cannot be read stops the agent with the file's name, like a bad
+    /// `started`: skipped, that quarantine was never lifted (red-team review 39).
+    #[test]
+    fn an_unreadable_step_up_end_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
+        l.set_step_up("a", Some(t0 + Duration::from_secs(5)))
+            .unwrap();
+        l.flush().unwrap();
+        drop(l);
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "json"))
+            .unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let until = humantime::format_rfc3339_nanos(t0 + Duration::from_secs(5)).to_string();
+        assert!(text.contains(&until), "{text}");
+        std::fs::write(&file, text.replace(&until, "soon")).unwrap();
+        let err = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("bad `step_ups` time \"soon\" of \"a\""),
             "{err:#}"
         );
     }

@@ -485,14 +485,23 @@ fn main() -> ExitCode {
     // kubectl logs) would store the escape codes. NO_COLOR (https://no-color.org) turns it off.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let command = Cli::parse().command;
+    // The services log what they do; a one-shot command (`policy check`, `status`...) only
+    // what went wrong, so that its own output is not buried (review 40). RUST_LOG overrides.
+    let serving = matches!(
+        command,
+        Command::Run { .. } | Command::Pdp { .. } | Command::Admission { .. }
+    );
+    let default = if serving { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(colour)
         .init();
-    match dispatch(Cli::parse().command) {
+    match dispatch(command) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
