@@ -479,6 +479,10 @@ pub mod flow_flags {
     /// still finds the socket if the kernel refused that connect. Ended without an event at
     /// the socket's release or next connect.
     pub const ENDED: u8 = 1 << 6;
+    /// Only in `FLOW_CONTACTS_MISSED`: the contact of a datagram naming a tracked destination
+    /// (`sendmsg4`/`sendmsg6`), not of a flow: no socket of a flow to name, and no lost
+    /// `flow.opened` behind it.
+    pub const DATAGRAM: u8 = 1 << 7;
 }
 
 /// [`FlowEvent::kind`] values.

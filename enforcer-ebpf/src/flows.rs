@@ -301,13 +301,35 @@ pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) {
         subject: c.subject,
         destination: c.destination,
     };
-    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
+    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() || connected_there(ctx, c) {
         return;
     }
     let mut slot = MaybeUninit::<FlowRecord>::uninit();
     fill_record(ctx, c, &mut slot);
-    // SAFETY: fully initialised by `fill_record`.
-    keep_contact(unsafe { slot.assume_init_ref() });
+    let r = slot.as_mut_ptr();
+    // SAFETY: fully initialised by `fill_record`; `r` points at it.
+    unsafe {
+        (*r).flags |= flow_flags::DATAGRAM;
+        insert_contact(&key, slot.assume_init_ref());
+    }
+}
+
+/// The socket of `ctx` is connected to `c`'s destination already: the datagram is a
+/// connected socket's (a `send()` of an IPv6 socket connected to an IPv4-mapped address runs
+/// `sendmsg4` with that address, and a `sendto()` may repeat the connected address), whose
+/// connect made the flow record and its contact. Read from the socket, not a record.
+#[inline(always)]
+fn connected_there(ctx: &SockAddrContext, c: &Connect) -> bool {
+    // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
+    let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
+    let (to, port, connected) = crate::martian::socket_destination(sk.cast_const());
+    connected
+        && port == c.dport
+        && to.family == c.family
+        && to.addr[0] == c.daddr[0]
+        && to.addr[1] == c.daddr[1]
+        && to.addr[2] == c.daddr[2]
+        && to.addr[3] == c.daddr[3]
 }
 
 /// The opened event of the flow `r`, if its workload's budget allows: false when it was
@@ -764,7 +786,14 @@ fn keep_contact(r: &FlowRecord) {
     if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
         return;
     }
-    match FLOW_CONTACTS_MISSED.insert(&key, r, BPF_NOEXIST) {
+    insert_contact(&key, r);
+}
+
+/// Inserts the contact `r` under `key` if the pair is absent; a full table counts one in
+/// `LOST_FLOW_CONTACTS`.
+#[inline(always)]
+fn insert_contact(key: &ContactKey, r: &FlowRecord) {
+    match FLOW_CONTACTS_MISSED.insert(key, r, BPF_NOEXIST) {
         Ok(()) => {}
         Err(error) if error == EEXIST => {}
         Err(_) => {

@@ -543,6 +543,14 @@ fn a_first_contact_by_datagrams_raises_the_anomaly_and_steps_up() -> Result<()> 
         Outcome::Eperm,
         "a datagram of the stepped-up subject",
     )?;
+    // A datagram's contact is no lost flow event: nothing says the ring was full
+    // (red-team review 42).
+    let log = std::fs::read_to_string(agent.stderr_path())?;
+    ensure!(
+        !log.contains("flow ring full") && !log.contains("flow contacts lost"),
+        "a datagram reported as a lost flow event:\n{}",
+        agent.stderr_tail()
+    );
     Ok(())
 }
 

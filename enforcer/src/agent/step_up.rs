@@ -7,7 +7,7 @@
 
 use std::time::SystemTime;
 
-use enforcer_common::{flow_state, identity, proto, FlowRecord};
+use enforcer_common::{flow_flags, flow_state, identity, proto, FlowRecord};
 use enforcer_policy::identity::IdentityKind;
 use enforcer_policy::inventory::StepUpAction;
 
@@ -186,6 +186,14 @@ impl Agent {
         }
         for (cookie, record) in &kept {
             self.contact(*cookie, record);
+        }
+        // A datagram's contact names no flow, and no lost `flow.opened` is behind it: shown
+        // as it is, without reading `FLOWS` or reporting a full ring.
+        let (datagrams, records): (Vec<FlowRecord>, Vec<FlowRecord>) = records
+            .into_iter()
+            .partition(|r| r.flags & flow_flags::DATAGRAM != 0);
+        for record in &datagrams {
+            self.contact(0, record);
         }
         if records.is_empty() && lost == 0 {
             return;
