@@ -672,8 +672,10 @@ pub struct Config {
     /// its flow overflow keys ([`aggregate_flags::FLOW_EVENTS`]) and not written, nor are
     /// their closed events. 0, or aggregation off (`event_window_ns` 0) = no budget.
     pub flow_events_per_workload: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// Non-zero: some subjects' rate limits are shared ([`rate::SHARED_SUBJECT`]): a pair
+    /// without its own `RATE_LIMITS` entry is looked up again under the shared key. Zero (the
+    /// usual case) spares every unlimited connect that second lookup.
+    pub rate_shared: u32,
     /// The cookie of the node's network namespace (the agent's own: it runs with
     /// `hostNetwork`), as `SO_NETNS_COOKIE` (Linux 5.14) and `bpf_get_netns_cookie` give it:
     /// a pod's socket outside it that dials loopback reaches its own pod, no other workload
@@ -1316,6 +1318,13 @@ pub mod rate {
     /// The largest burst the inventory accepts.
     pub const MAX_BURST: u64 = 100_000;
     pub const NS_PER_SECOND: u64 = 1_000_000_000;
+
+    /// The `subject` of a destination's shared entry in `RATE_LIMITS` and `RATE_BUCKETS`:
+    /// the limit (and the one bucket) of every subject whose own pair did not fit in the map
+    /// (the tenants' fair shares of it, `enforcer_policy::rate::fit`), the strictest of
+    /// theirs. Identity 0 (`identity::UNKNOWN`) is never a subject the kernel charges: an
+    /// unknown subject is refused before any rate limit.
+    pub const SHARED_SUBJECT: u32 = crate::identity::UNKNOWN;
 
     /// Key of `RATE_LIMITS` and `RATE_BUCKETS`: identities (not policy classes).
     #[repr(C)]

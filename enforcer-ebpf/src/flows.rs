@@ -301,7 +301,9 @@ pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) {
         subject: c.subject,
         destination: c.destination,
     };
-    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() || connected_there(ctx, c) {
+    // The socket check first: it reads the socket, the lookup hashes the key, and a
+    // connected dual-stack socket's every `send()` comes here.
+    if connected_there(ctx, c) || FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
         return;
     }
     let mut slot = MaybeUninit::<FlowRecord>::uninit();

@@ -9,6 +9,12 @@
 //! connect, so a tighter one (a risk rise) applies to the very next call, capped to its own
 //! burst. A pair without a `RATE_LIMITS` entry is not limited and pays one hash miss.
 //!
+//! When the pairs outnumber the map, the agent keeps each tenant's fair share of them and
+//! gives every other pair its destination's shared entry (subject `SHARED_SUBJECT`, the
+//! strictest of their limits, one bucket) and sets `CONFIG.rate_shared`: only then does a
+//! miss look again under the shared key, so such a pair is held to a stricter limit, never
+//! to none.
+//!
 //! Concurrency: the read-modify-write of `tat` is not atomic. The BPF target of this toolchain
 //! has no compare-and-swap in Rust's `core` (`atomic-cas: false` in its target spec), and the
 //! maps carry no BTF for a `bpf_spin_lock`. Two connects of the *same pair* that pass the
@@ -32,7 +38,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     capacity,
-    rate::{RateBucket, RateKey, RateLimit},
+    rate::{RateBucket, RateKey, RateLimit, SHARED_SUBJECT},
 };
 
 /// Memory as pairs are added (most nodes limit few pairs).
@@ -55,12 +61,25 @@ static RATE_BUCKETS: LruHashMap<RateKey, RateBucket> =
 /// budget (or the pair has no limit), `false` when it is over (nothing is charged).
 #[inline(always)]
 pub fn admit(subject: u32, destination: u32) -> bool {
-    let key = RateKey {
+    let own = RateKey {
         subject,
         destination,
     };
-    let Some(limit) = RATE_LIMITS.get_ptr(key) else {
-        return true;
+    let (key, limit) = match RATE_LIMITS.get_ptr(own) {
+        Some(limit) => (own, limit),
+        None => {
+            if !shared() {
+                return true;
+            }
+            let shared = RateKey {
+                subject: SHARED_SUBJECT,
+                destination,
+            };
+            match RATE_LIMITS.get_ptr(shared) {
+                Some(limit) => (shared, limit),
+                None => return true,
+            }
+        }
     };
     // SAFETY: a non-null map value pointer is valid for reads; the fields are read one by
     // one (the agent replaces the whole value, so a read racing a rewrite may pair the old `T`
@@ -96,5 +115,15 @@ pub fn admit(subject: u32, destination: u32) -> bool {
             let _ = RATE_BUCKETS.insert(key, fresh, BPF_ANY);
             true
         }
+    }
+}
+
+/// `CONFIG.rate_shared`: some pairs are held to their destination's shared entry.
+#[inline(always)]
+fn shared() -> bool {
+    match crate::CONFIG.get_ptr(crate::SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe { read_volatile(&(*c).rate_shared) != 0 },
+        None => false,
     }
 }

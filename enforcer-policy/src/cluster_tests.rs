@@ -1669,6 +1669,53 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
         limits.keys().all(|k| k.subject != db && k.subject != slow),
         "{limits:?}"
     );
+
+    // Cut to a map with too little room (red-team review 39 H3): globex's one pair (written
+    // here by hand: `fit` does not judge pairs) keeps its own entry, acme's nine (three
+    // subjects, three destinations) share what is left, and what did not fit is held to its
+    // destination's shared entry: the strictest of those pairs' limits, never looser.
+    use crate::rate::{fit, stricter, Fitted};
+    use enforcer_common::rate::SHARED_SUBJECT;
+    let mut pairs = limits.clone();
+    assert_eq!(pairs.len(), 9, "{pairs:?}");
+    pairs.insert(key(agent, db), strict.at_risk(0));
+    assert_eq!(
+        fit(&c, pairs.clone(), 10),
+        Fitted {
+            limits: pairs.clone(),
+            shared: BTreeMap::new(),
+        },
+        "everything fits: nothing changes"
+    );
+    // Room 5: one shared entry per limited destination (3) reserved, 2 left: one each.
+    let fitted = fit(&c, pairs.clone(), 5);
+    assert_eq!(
+        fitted.shared,
+        BTreeMap::from([("acme".to_string(), (9, 1))]),
+        "{fitted:?}"
+    );
+    assert!(fitted.limits.len() <= 5, "{fitted:?}");
+    assert_eq!(fitted.limits.get(&key(agent, db)), Some(&strict.at_risk(0)));
+    let acme_kept = fitted
+        .limits
+        .keys()
+        .filter(|k| k.subject != agent && k.subject != SHARED_SUBJECT)
+        .count();
+    assert_eq!(acme_kept, 1, "{fitted:?}");
+    for destination in [db, slow, svc] {
+        let held = pairs
+            .iter()
+            .filter(|(k, _)| k.destination == destination && k.subject != agent)
+            .filter(|(k, _)| !fitted.limits.contains_key(k))
+            .map(|(_, limit)| *limit)
+            .reduce(|a, b| stricter(&a, &b))
+            .expect("two of three pairs moved");
+        assert_eq!(
+            fitted.limits.get(&key(SHARED_SUBJECT, destination)),
+            Some(&held),
+            "{fitted:?}"
+        );
+    }
 }
 
 /// A pod the source marked as a vector DB (`ai-enforcer.io/kind` and friends) is a tracked,

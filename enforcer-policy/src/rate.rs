@@ -27,7 +27,9 @@
 
 use std::collections::BTreeMap;
 
-use enforcer_common::rate::{RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND};
+use enforcer_common::rate::{
+    RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND, SHARED_SUBJECT,
+};
 
 use crate::inventory::Loc;
 use crate::Compiled;
@@ -299,6 +301,90 @@ pub fn rate_limits(compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
             },
             limit,
         );
+    }
+    out
+}
+
+/// A `RATE_LIMITS` table cut to the room the map has ([`fit`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fitted {
+    /// What to write: the pairs kept, and each shared destination's entry (subject
+    /// [`SHARED_SUBJECT`]).
+    pub limits: BTreeMap<RateKey, RateLimit>,
+    /// Per tenant of a subject (its name; `""` for none) whose pairs did not all fit: (its
+    /// pairs, those kept). Empty when everything fits.
+    pub shared: BTreeMap<String, (usize, usize)>,
+}
+
+/// Cuts `pairs` (of [`rate_limits`]) to `room` entries, so that one tenant's many label sets
+/// or limited destinations cannot fill the map and have the node's whole policy refused
+/// (red-team review 39 H3). When everything fits, nothing changes. Otherwise each tenant of a
+/// subject gets a max-min fair share of the room (the tenants in order of need, each at most
+/// an equal part of what is left, rounded up: a tenant needing less keeps all its pairs and
+/// leaves the rest to the others), first the pairs to a
+/// destination of another tenant (a limit the subject's tenant did not set, e.g. an operator's
+/// endpoint), then by key. Every other pair is held to its destination's shared entry (key
+/// subject [`SHARED_SUBJECT`]): the strictest limit of the pairs it stands for, in one bucket,
+/// so a pair that did not fit is held tighter, never let loose. One shared entry is reserved
+/// per limited destination before the shares are cut; should those alone exceed `room`, they
+/// are all written anyway and the map's own check refuses the change.
+pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize) -> Fitted {
+    if pairs.len() <= room {
+        return Fitted {
+            limits: pairs,
+            shared: BTreeMap::new(),
+        };
+    }
+    let tenant_id = |id: u32| compiled.identity(id).map_or(0, |i| i.tenant_id);
+    let tenant_name = |id: u32| {
+        compiled
+            .identity(id)
+            .and_then(|i| i.tenant.clone())
+            .unwrap_or_default()
+    };
+    let mut destinations: BTreeMap<u32, Option<RateLimit>> = BTreeMap::new();
+    let mut by_tenant: BTreeMap<String, Vec<(RateKey, RateLimit)>> = BTreeMap::new();
+    for (key, limit) in pairs {
+        destinations.insert(key.destination, None);
+        by_tenant
+            .entry(tenant_name(key.subject))
+            .or_default()
+            .push((key, limit));
+    }
+    let mut left = room.saturating_sub(destinations.len());
+    let mut demands: Vec<(String, Vec<(RateKey, RateLimit)>)> = by_tenant.into_iter().collect();
+    demands.sort_by_key(|(_, pairs)| pairs.len());
+    let tenants = demands.len();
+    let mut out = Fitted::default();
+    for (i, (tenant, mut pairs)) in demands.into_iter().enumerate() {
+        // Rounded up: a tenant needing little is not left with nothing by the division.
+        let share = left.div_ceil(tenants - i);
+        let kept = pairs.len().min(share);
+        left -= kept;
+        if kept < pairs.len() {
+            out.shared.insert(tenant, (pairs.len(), kept));
+        }
+        pairs.sort_by_key(|(key, _)| {
+            let own_tenant = tenant_id(key.destination) == tenant_id(key.subject);
+            (own_tenant, *key)
+        });
+        for (n, (key, limit)) in pairs.into_iter().enumerate() {
+            if n < kept {
+                out.limits.insert(key, limit);
+            } else {
+                let entry = destinations.entry(key.destination).or_default();
+                *entry = Some(entry.map_or(limit, |held| stricter(&held, &limit)));
+            }
+        }
+    }
+    for (destination, limit) in destinations {
+        if let Some(limit) = limit {
+            let key = RateKey {
+                subject: SHARED_SUBJECT,
+                destination,
+            };
+            out.limits.insert(key, limit);
+        }
     }
     out
 }

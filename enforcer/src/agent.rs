@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use enforcer_common::rate::{RateKey, RateLimit, SHARED_SUBJECT};
 use enforcer_common::{
-    flags, flow_event as flow_kind, flow_flags, flow_state, proto, reason, verdict,
+    flags, flow_event as flow_kind, flow_flags, flow_state, maps, proto, reason, verdict,
 };
 use enforcer_policy::cluster::{ClusterOptions, ClusterState};
 use enforcer_policy::{Bundle, Compiled};
@@ -332,6 +333,8 @@ struct Agent {
     cluster: Option<Arc<ClusterState>>,
     /// Problems reported (logged and emitted) and still present.
     reported_problems: BTreeSet<String>,
+    /// The tenants whose rate-limited pairs did not all fit (`desired_rates`), as problems.
+    rate_problems: BTreeSet<String>,
     pods: Option<PodsView>,
     /// The watcher's status as of the last tick (the watcher lives in the run loop).
     watch_status: Option<WatchStatus>,
@@ -619,6 +622,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         kube,
         cluster: cluster_state,
         reported_problems: BTreeSet::new(),
+        rate_problems: BTreeSet::new(),
         pods: None,
         watch_status: None,
         ticks: 0,
@@ -814,9 +818,9 @@ impl Agent {
         swap: impl FnOnce(&mut datapath::Tables) -> Result<T>,
     ) -> Result<T> {
         let dir = self.datapath.dir().to_path_buf();
-        let rates = enforcer_policy::rate::rate_limits(&self.compiled);
-        let ingress = crate::wire::ingress_allows(&self.compiled);
         let mut rate_writer = datapath::RateWriter::open(&dir)?;
+        let rates = self.desired_rates(&rate_writer);
+        let ingress = crate::wire::ingress_allows(&self.compiled);
         rate_writer
             .check_fits(&rates)
             .context("the rate limits do not fit")?;
@@ -826,19 +830,31 @@ impl Agent {
             .context("the ingress allowlist does not fit")?;
         let rates_in_force = rate_writer.current();
         let ingress_in_force = ingress_writer.current();
-        let swapped = rate_writer
-            .before_swap(&rates)
-            .context("writing the interim rate limits")
-            .and_then(|_| {
-                ingress_writer
-                    .before_swap(&ingress)
-                    .context("writing the ingress allowlist's grants")
-            })
-            .and_then(|_| swap(&mut self.datapath.tables));
+        let shared = rates.keys().any(|k| k.subject == SHARED_SUBJECT);
+        let shared_in_force = rates_in_force.keys().any(|k| k.subject == SHARED_SUBJECT);
+        // The kernel looks for shared entries before any pair moves to one; it stops only
+        // once none is left (after the swap).
+        let swapped = (if shared {
+            self.datapath.tables.set_rate_shared(true)
+        } else {
+            Ok(())
+        })
+        .and_then(|()| rate_writer.before_swap(&rates))
+        .context("writing the interim rate limits")
+        .and_then(|_| {
+            ingress_writer
+                .before_swap(&ingress)
+                .context("writing the ingress allowlist's grants")
+        })
+        .and_then(|_| swap(&mut self.datapath.tables));
         match swapped {
             Ok(value) => {
                 let settled = rate_writer
                     .after_swap(&rates)
+                    .and_then(|written| {
+                        self.datapath.tables.set_rate_shared(shared)?;
+                        Ok(written)
+                    })
                     .context("writing the rate limits")
                     .and_then(|_| {
                         ingress_writer
@@ -846,11 +862,16 @@ impl Agent {
                             .context("writing the ingress allowlist")
                     });
                 self.settled(settled);
+                // A tenant's pairs now shared, or no longer: said at once, whatever changed.
+                self.report_cluster_problems();
                 Ok(value)
             }
             Err(error) => {
                 // The old policy stays in force: so do its limits and its allowlist.
-                if let Err(undo) = rate_writer.after_swap(&rates_in_force) {
+                let undone = rate_writer
+                    .after_swap(&rates_in_force)
+                    .and_then(|_| self.datapath.tables.set_rate_shared(shared_in_force));
+                if let Err(undo) = undone {
                     tracing::error!("restoring the rate limits in force: {undo:#}");
                 }
                 if let Err(undo) = ingress_writer.write_exactly(&ingress_in_force) {
@@ -861,18 +882,48 @@ impl Agent {
         }
     }
 
+    /// The rate limits of `self.compiled`, cut to the room of `writer`'s map: a tenant
+    /// whose pairs exceed its share has the rest held to shared limits (reported as a
+    /// cluster problem), instead of the node's whole policy refused (red-team review 39 H3).
+    fn desired_rates(&mut self, writer: &datapath::RateWriter) -> BTreeMap<RateKey, RateLimit> {
+        let pairs = enforcer_policy::rate::rate_limits(&self.compiled);
+        let fitted = enforcer_policy::rate::fit(&self.compiled, pairs, writer.room());
+        self.rate_problems = fitted
+            .shared
+            .iter()
+            .map(|(tenant, (pairs, kept))| {
+                let tenant = if tenant.is_empty() { "(none)" } else { tenant };
+                format!(
+                    "tenant {tenant}: {kept} of its {pairs} rate-limited (subject, destination) \
+                     pairs have a limit of their own; the other {} share their destination's \
+                     strictest limit, as {} holds {} pairs (`--capacity rate-limits=N`, twice \
+                     the pairs, after `enforcer detach`)",
+                    pairs - kept,
+                    maps::RATE_LIMITS,
+                    writer.room()
+                )
+            })
+            .collect();
+        fitted.limits
+    }
+
     /// The final values of the rate limits and the ingress allowlist for `self.compiled`
     /// (step 2 of `datapath::rates` and `datapath::ingress`), written again by the tick after
     /// they failed (`settle_pending`).
     fn settle_after_swap(&mut self) {
-        let dir = self.datapath.dir();
-        let rates = enforcer_policy::rate::rate_limits(&self.compiled);
+        let dir = self.datapath.dir().to_path_buf();
         let ingress = crate::wire::ingress_allows(&self.compiled);
-        let settled = datapath::RateWriter::open(dir)
-            .and_then(|mut w| w.after_swap(&rates))
+        let settled = datapath::RateWriter::open(&dir)
+            .and_then(|mut w| {
+                let rates = self.desired_rates(&w);
+                let written = w.after_swap(&rates)?;
+                let shared = rates.keys().any(|k| k.subject == SHARED_SUBJECT);
+                self.datapath.tables.set_rate_shared(shared)?;
+                Ok(written)
+            })
             .context("writing the rate limits")
             .and_then(|_| {
-                datapath::IngressWriter::open(dir)
+                datapath::IngressWriter::open(&dir)
                     .and_then(|mut w| w.after_swap(&ingress))
                     .context("writing the ingress allowlist")
             });
@@ -1108,6 +1159,7 @@ impl Agent {
             problems.extend(state.problems.iter().cloned());
         }
         problems.extend(self.unresolved.conflicts.iter().cloned());
+        problems.extend(self.rate_problems.iter().cloned());
         problems
     }
 
@@ -1348,11 +1400,6 @@ impl Agent {
         if !self.quarantined.insert(subject) {
             if hold == Hold::Lasting && self.step_ups.contains_key(&subject) {
                 self.forget_step_up(subject);
-                // On disk at once: a restart that found the step-up's end would lift what is
-                // now meant to hold (review 41).
-                if let Some(Err(error)) = self.learner.as_ref().map(|l| l.flush()) {
-                    tracing::error!("forgetting a step-up: {error:#}");
-                }
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined by a step-up now quarantined until released");
                 let _ = self.notices.send(Notice::Quarantined {

@@ -97,7 +97,7 @@ enum Command {
         /// Permit --cgroup-root to be the root of the whole hierarchy (judges every host process).
         #[arg(long)]
         allow_root_cgroup: bool,
-        /// Map capacity, KIND=N (repeatable; KIND: policy, identities, cgroups, ipcache, flows, flows-per-tenant). Sizes
+        /// Map capacity, KIND=N (repeatable; KIND: policy, identities, cgroups, ipcache, flows, flows-per-tenant, rate-limits). Sizes
         /// the maps when they are created; pinned maps keep theirs (`enforcer detach` first).
         #[arg(long = "capacity", value_name = "KIND=N")]
         capacity: Vec<String>,

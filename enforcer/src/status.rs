@@ -139,7 +139,8 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
         .count();
     let tracked_flows = records.len() - ended_flow_records;
     let audit_subjects = datapath::Tables::open(&dir)?
-        .identities_with(enforcer_common::flags::AUDIT | enforcer_common::flags::WORKLOAD)?;
+        .identities_flagged(enforcer_common::flags::AUDIT | enforcer_common::flags::WORKLOAD)?
+        .len();
     Ok(Status {
         pdp,
         pin_dir: dir,

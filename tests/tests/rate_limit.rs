@@ -9,7 +9,10 @@
 //!   and burst halve per `risk_halving` of risk), the other keeps its own;
 //! - bad `rate_limit` values are refused by `enforcer policy check` with file:line:column.
 //!
-//! Addresses: 127.92.0.0/16 (the world's net 92).
+//! - more limited pairs than the map holds: the agent still starts and applies the policy,
+//!   and the pairs beyond it share their destination's strictest limit, in one bucket.
+//!
+//! Addresses: 127.92.0.0/16 and 127.72.0.0/16 (the worlds' nets 92 and 72).
 
 use std::time::Duration;
 
@@ -21,6 +24,8 @@ use enforcer_tests::{require_kernel, Agent, Probe, TempDir};
 use serde_json::Value;
 
 const NET: u8 = 92;
+/// The world of the shared-limit test (tests of one file run at once).
+const NET_SHARED: u8 = 72;
 /// The limit at risk 0, and the risk step that halves it.
 const RATE: f64 = 20.0;
 const BURST: f64 = 20.0;
@@ -37,8 +42,8 @@ fn s<'a>(e: &'a Value, p: &str) -> Option<&'a str> {
 
 /// The standard world with `acme-vectors` limited (acme-gateway and acme-evaluator may query
 /// it: same tenant).
-fn limited_world() -> Result<World> {
-    let world = World::standard(NET)?;
+fn limited_world(net: u8) -> Result<World> {
+    let world = World::standard(net)?;
     let inventory = render_inventory(&world.entities, &world.root.relative_str());
     let datasets = "    datasets: [acme-kb]\n";
     ensure!(
@@ -117,7 +122,7 @@ fn each_subject_gets_its_budget_and_a_risk_rise_tightens_it_at_once() -> Result<
     if !require_kernel() {
         return Ok(());
     }
-    let world = limited_world()?;
+    let world = limited_world(NET)?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
     let cfg = state.configure(world.agent_config());
@@ -181,6 +186,70 @@ fn each_subject_gets_its_budget_and_a_risk_rise_tightens_it_at_once() -> Result<
             && s(e, "/policy/id") == Some("rate-limit")
             && s(e, "/atlas/0/id") == Some("AML.T0034.000"),
         "rate_limited event: {e}"
+    );
+    Ok(())
+}
+
+/// More limited pairs than `RATE_LIMITS` holds (red-team review 39 H3: one tenant's label
+/// sets and limited Services could fill it, and the node's whole policy was then refused, the
+/// agent unable to start). Three pairs reach acme-vectors (acme-gateway, acme-evaluator, and
+/// globex-agent by the cross-tenant exception) and the map holds two, half for the limits in
+/// force: one entry, the destination's shared one. The agent starts, applies the policy and
+/// says which tenants share; acme's two subjects flooding at once get one budget between
+/// them (`rate * t + burst`), not one each: the pairs beyond the map are held tighter, never
+/// let loose.
+#[test]
+fn pairs_beyond_the_map_share_their_destinations_limit() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = limited_world(NET_SHARED)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let mut config = world.agent_config();
+    config.extra_args.push("--capacity".into());
+    config.extra_args.push("rate-limits=2".into());
+    let cfg = state.configure(config);
+    let dirs = state.dirs(&cfg);
+    let _agent = Agent::start(cfg)?;
+    let status = dirs.status()?;
+    let problems: Vec<&str> = status
+        .pointer("/agent/cluster_problems")
+        .and_then(Value::as_array)
+        .context("status has no cluster problems")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for tenant in ["acme: 0 of its 2", "globex: 0 of its 1"] {
+        ensure!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("tenant {tenant} rate-limited"))),
+            "no problem for tenant {tenant}: {problems:?}"
+        );
+    }
+
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let (gateway, evaluator) = flood_both(&world, &vectors)?;
+    let both = FloodSummary {
+        attempts: gateway.attempts + evaluator.attempts,
+        ok: gateway.ok + evaluator.ok,
+        eperm: gateway.eperm + evaluator.eperm,
+        error: gateway.error + evaluator.error,
+        elapsed_ns: gateway.elapsed_ns.max(evaluator.elapsed_ns),
+    };
+    // The two floods start a few milliseconds apart (two probe processes): well inside the
+    // tolerance (one connection per 50 ms).
+    within_budget(
+        "acme-gateway and acme-evaluator, one shared bucket",
+        &both,
+        RATE,
+        BURST,
+        BURST,
+    )?;
+    ensure!(
+        gateway.ok > 0 && evaluator.ok > 0,
+        "both subjects were let through some: {gateway:?} {evaluator:?}"
     );
     Ok(())
 }

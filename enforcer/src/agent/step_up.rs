@@ -308,14 +308,19 @@ impl Agent {
         }
     }
 
-    /// The subject's step-up is over (lifted, or released by hand).
+    /// The subject's step-up is over (lifted, released by hand, or replaced by a lasting
+    /// quarantine). On disk at once: a restart that found the step-up's end would lift a
+    /// quarantine meant to hold (red-team review 41); forgetting is rare, the flush cheap.
     pub(super) fn forget_step_up(&mut self, id: u32) {
         if self.step_ups.remove(&id).is_none() {
             return;
         }
         let name = self.name_of(id);
         if let Some(learner) = &mut self.learner {
-            if let Err(error) = learner.set_step_up(&name, None) {
+            let forgotten = learner
+                .set_step_up(&name, None)
+                .and_then(|()| learner.flush());
+            if let Err(error) = forgotten {
                 tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
             }
         }

@@ -43,6 +43,12 @@ impl RateWriter {
         Ok(Self { map, capacity })
     }
 
+    /// How many pairs the limits in force may hold: half the map, so that during a change
+    /// the old pairs and the new fit beside each other ([`RateWriter::check_fits`]).
+    pub fn room(&self) -> usize {
+        self.capacity as usize / 2
+    }
+
     /// What the map holds now.
     pub fn current(&self) -> BTreeMap<RateKey, RateLimit> {
         self.map.iter().filter_map(|e| e.ok()).collect()

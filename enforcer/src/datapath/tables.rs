@@ -616,6 +616,16 @@ impl Tables {
     /// field in the error). Only the agent's own task writes `CONFIG` (a read-modify-write),
     /// and these settings are written before the hooks attach, so none can undo a concurrent
     /// policy flip.
+    /// `CONFIG.rate_shared` (see `enforcer_common::rate::SHARED_SUBJECT`).
+    pub fn set_rate_shared(&mut self, shared: bool) -> Result<()> {
+        if (self.config()?.rate_shared != 0) == shared {
+            return Ok(());
+        }
+        self.update_config("rate_shared", |config| {
+            config.rate_shared = u32::from(shared)
+        })
+    }
+
     fn update_config(&mut self, what: &str, change: impl FnOnce(&mut Config)) -> Result<()> {
         let mut config = self.config()?;
         change(&mut config);
@@ -1297,24 +1307,14 @@ impl Tables {
         self.identities.put(&identity, &info, maps::IDENTITIES)
     }
 
-    /// How many identities' kernel entries carry every one of `all` (`status`: the subjects
-    /// in audit mode).
-    pub fn identities_with(&self, all: u32) -> Result<usize> {
+    /// Identities whose kernel entry carries every one of the flags `all` (quarantine survives
+    /// agent restarts this way; `status` counts the workloads in audit mode).
+    pub fn identities_flagged(&self, all: u32) -> Result<std::collections::BTreeSet<u32>> {
         Ok(self
             .identities
             .entries()?
             .into_iter()
             .filter(|(_, info)| info.flags & all == all)
-            .count())
-    }
-
-    /// Identities whose kernel entry carries a flag (quarantine survives agent restarts this way).
-    pub fn identities_flagged(&self, flag: u32) -> Result<std::collections::BTreeSet<u32>> {
-        Ok(self
-            .identities
-            .entries()?
-            .into_iter()
-            .filter(|(_, info)| info.flags & flag != 0)
             .map(|(id, _)| id)
             .collect())
     }
@@ -1735,10 +1735,15 @@ pub struct CapacityOverrides {
     /// `FLOWS` records one tenant may hold at once (`FLOW_TENANT_LIMIT`); by default a
     /// quarter of `FLOWS`. Not a map size: applied at every start.
     pub flows_per_tenant: Option<u32>,
+    /// `RATE_LIMITS` entries (and twice as many `RATE_BUCKETS`): half of them hold the limits
+    /// in force, so a change's old and new pairs fit beside each other; pairs beyond that
+    /// are shared per destination (`enforcer_policy::rate::fit`).
+    pub rate_limits: Option<u32>,
 }
 
 impl CapacityOverrides {
-    pub const KINDS: &'static str = "policy, identities, cgroups, ipcache, flows, flows-per-tenant";
+    pub const KINDS: &'static str =
+        "policy, identities, cgroups, ipcache, flows, flows-per-tenant, rate-limits";
 
     /// Adds one `KIND=N`.
     pub fn set(&mut self, spec: &str) -> Result<()> {
@@ -1758,6 +1763,7 @@ impl CapacityOverrides {
             "ipcache" => &mut self.ipcache,
             "flows" => &mut self.flows,
             "flows-per-tenant" => &mut self.flows_per_tenant,
+            "rate-limits" => &mut self.rate_limits,
             other => anyhow::bail!(
                 "--capacity {other:?}: unknown kind (one of {})",
                 Self::KINDS
@@ -1795,6 +1801,13 @@ impl CapacityOverrides {
         }
         if let Some(n) = self.flows {
             sizes.push((maps::FLOWS, n));
+        }
+        if let Some(n) = self.rate_limits {
+            // Twice: the buckets' LRU must not evict a live pair (see the kernel's `rate`).
+            sizes.extend([
+                (maps::RATE_LIMITS, n),
+                (maps::RATE_BUCKETS, n.saturating_mul(2)),
+            ]);
         }
         if let Some(n) = self.ipcache {
             sizes.extend([
