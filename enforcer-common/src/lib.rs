@@ -485,6 +485,15 @@ pub mod flow_flags {
     pub const DATAGRAM: u8 = 1 << 7;
 }
 
+/// Bits of [`FlowRecord::marks`].
+pub mod flow_marks {
+    /// The destination is a Kubernetes Service (`flags::SERVICE`, tracked because a backend
+    /// is): the flow gets no identity option, whose tag covers the ClusterIP 4-tuple the
+    /// caller sees, which no backend does after kube-proxy's translation (it would fail
+    /// there as a forged tag).
+    pub const UNTAGGED: u8 = 1 << 0;
+}
+
 /// [`FlowEvent::kind`] values.
 pub mod flow_event {
     /// TCP: the handshake completed; connected UDP: `connect()` was allowed.
@@ -898,8 +907,10 @@ pub struct FlowRecord {
     /// 4 or 6, as `family`: how `peer` and `saddr` are to be read; 0 (records written before
     /// it was kept): as `family`.
     pub peer_family: u8,
+    /// Bits of [`flow_marks`] (`flags` has no bit left).
+    pub marks: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     pub peer: [u8; 16],
 }
 

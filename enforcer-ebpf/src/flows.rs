@@ -53,8 +53,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use enforcer_common::{
-    capacity, flow_event, flow_flags, flow_state, proto, tcp_state, ContactKey, FlowEvent,
-    FlowRecord,
+    capacity, flow_event, flow_flags, flow_marks, flow_state, proto, tcp_state, ContactKey,
+    FlowEvent, FlowRecord,
 };
 
 /// Socket cookie -> the tracked flow. A plain hash, not an LRU: a flood of connects must not
@@ -143,6 +143,8 @@ pub struct Connect {
     pub cgroup_id: u64,
     /// The socket is AF_INET6 (connect6), whatever `family` the destination was judged as.
     pub sock_v6: bool,
+    /// The flow gets no identity option (`flow_marks::UNTAGGED`: a Service).
+    pub untagged: bool,
 }
 
 /// Whether the kernel goes on with this connect as far as the address family goes: the
@@ -284,7 +286,8 @@ fn fill_record(ctx: &SockAddrContext, c: &Connect, slot: &mut MaybeUninit<FlowRe
         addr_of_mut!((*r).wire_stamp).write(0);
         addr_of_mut!((*r).peer_port).write(0);
         addr_of_mut!((*r).peer_family).write(0);
-        addr_of_mut!((*r)._pad).write([0; 3]);
+        addr_of_mut!((*r).marks).write(if c.untagged { flow_marks::UNTAGGED } else { 0 });
+        addr_of_mut!((*r)._pad).write([0; 2]);
         addr_of_mut!((*r).peer).write([0; 16]);
     }
 }
@@ -868,7 +871,8 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
         addr_of_mut!((*d).wire_stamp).write(r.wire_stamp);
         addr_of_mut!((*d).peer_port).write(r.peer_port);
         addr_of_mut!((*d).peer_family).write(r.peer_family);
-        addr_of_mut!((*d)._pad).write([0; 3]);
+        addr_of_mut!((*d).marks).write(r.marks);
+        addr_of_mut!((*d)._pad).write([0; 2]);
         let (ps, pd) = (
             r.peer.as_ptr().cast::<u32>(),
             addr_of_mut!((*d).peer).cast::<u32>(),

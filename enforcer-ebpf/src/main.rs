@@ -620,6 +620,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
             tenant: subject_tenant,
             cgroup_id,
             sock_v6: hook == hook::CONNECT6 || hook == hook::SENDMSG6,
+            untagged: destination_flags & flags::SERVICE != 0,
         };
         if !connecting {
             // A datagram naming a tracked destination (sendmsg4/6): no flow, but a contact

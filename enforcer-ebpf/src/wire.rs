@@ -42,8 +42,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use enforcer_common::{
-    capacity, flags, flow_flags, hook, identity, proto, reason, tcp_state, verdict, wire as abi,
-    FlowRecord, PolicyKey, PolicyValue, NO_CLASS,
+    capacity, flags, flow_flags, flow_marks, hook, identity, proto, reason, tcp_state, verdict,
+    wire as abi, FlowRecord, PolicyKey, PolicyValue, NO_CLASS,
 };
 
 use crate::{
@@ -307,7 +307,8 @@ fn tagged_subject(ops: *const bpf_sock_ops) -> Option<u32> {
     let subject = locked::subject_of(cgroup_id)?;
     let (_, _, dst) = sock_ops_addresses(ops)?;
     let dst_flags = locked::identity_flags(lookup_destination(&dst))?;
-    (dst_flags & flags::TAGGED != 0).then_some(subject)
+    // A Service's flow is never tagged (see `flow_marks::UNTAGGED`).
+    (dst_flags & flags::TAGGED != 0 && dst_flags & flags::SERVICE == 0).then_some(subject)
 }
 
 /// A tracked flow's connect failed (its record ended before the handshake completed, with
@@ -364,7 +365,10 @@ pub fn on_connect(ctx: &SockOpsContext, record: Option<*mut FlowRecord>) {
     // a few seconds ahead, and this connect's must not carry times they took.
     let last_sent = forget_option(ctx);
     let subject = match record {
+        // A Service's flow (see `flow_marks::UNTAGGED`).
         // SAFETY: a non-null map value pointer is valid for reads.
+        Some(r) if unsafe { (*r).marks } & flow_marks::UNTAGGED != 0 => return,
+        // SAFETY: as above.
         Some(r) => unsafe { (*r).subject },
         None => match tagged_subject(ops) {
             Some(subject) => subject,

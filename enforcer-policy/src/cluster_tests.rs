@@ -20,8 +20,8 @@ use crate::tests::{
     demo_with,
 };
 use crate::testutil::{
-    cluster_identity, cluster_ip4, cluster_ip6, cluster_labels, cluster_pod, cluster_service,
-    random_bundle, random_cluster,
+    acme_marked_pod, cluster_identity, cluster_ip4, cluster_ip6, cluster_labels, cluster_pod,
+    cluster_service, random_bundle, random_cluster,
 };
 use crate::{Bundle, IdentityKind, Protocol};
 
@@ -1586,32 +1586,21 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
     let mut state = demo_state();
     let spec = parse_annotation("connections_per_second=10, burst=4, risk_halving=0.5").unwrap();
     let strict = parse_annotation("connections_per_second=2, burst=8").unwrap();
-    let t = "2026-01-01T00:00:00Z";
     let limited = |name: &str, spec: &crate::rate::RateLimitSpec, ip4: &str| {
-        let mut db = cluster_identity(
-            "acme",
-            name,
-            Some("acme"),
-            None,
-            None,
-            &[
-                (labels::KIND, "vector_db"),
-                (labels::RATE_LIMIT, &spec.canonical()),
-            ],
-            vec![cluster_pod(
-                "acme",
-                &format!("{name}-0"),
-                Some("node-b"),
-                &[ip(ip4)],
-                t,
-            )],
-        );
-        db.marks = EndpointMarks {
+        let marks = EndpointMarks {
             kind: Some("vector_db".into()),
             rate_limit: Some(spec.clone()),
             ..EndpointMarks::default()
         };
-        db
+        acme_marked_pod(
+            name,
+            &[
+                (labels::KIND, "vector_db"),
+                (labels::RATE_LIMIT, &spec.canonical()),
+            ],
+            marks,
+            ip4,
+        )
     };
     state
         .identities
@@ -1716,6 +1705,98 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
             "{fitted:?}"
         );
     }
+}
+
+/// A Service in front of a tracked pod is tracked (its calls are flows: the connect hook sees
+/// the ClusterIP) with the union of its tracked backends' datasets, and only tracked: never
+/// tagged or ingress-checked itself (red-team review 39 H1). A Service whose backends are
+/// untracked, or that has none, is not; a backend change re-derives it.
+#[test]
+fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
+    use crate::cluster::{labels, Backend, EndpointMarks};
+    use crate::inventory::IngressMode;
+    use enforcer_common::flags;
+
+    let mut state = demo_state();
+    let db = |name: &str, datasets: &[&str], at: &str| {
+        let marks = EndpointMarks {
+            kind: Some("vector_db".into()),
+            track: false,
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            ingress: IngressMode::Enforce,
+            rate_limit: None,
+        };
+        acme_marked_pod(
+            name,
+            &[
+                (labels::KIND, "vector_db"),
+                (labels::DATASETS, &datasets.join(",")),
+                (labels::INGRESS, "enforce"),
+            ],
+            marks,
+            at,
+        )
+    };
+    state
+        .identities
+        .push(db("vectors", &["acme-kb"], "127.81.3.1"));
+    state
+        .identities
+        .push(db("vectors-2", &["acme-wiki", "acme-kb"], "127.81.3.2"));
+    let backend = |s: &str| Backend {
+        ip: ip(s),
+        port: 6333,
+    };
+    let untracked_backend = state.identities[0].pods[0].ips[0];
+    let service = |name: &str, backends: Vec<Backend>, at: &str| {
+        cluster_service("acme", name, ip(at), &[(6333, Protocol::Tcp, backends)])
+    };
+    state.services.push(service(
+        "vectors-svc",
+        vec![backend("127.81.3.1"), backend("127.81.3.2")],
+        "127.81.100.9",
+    ));
+    state.services.push(service(
+        "plain-svc",
+        vec![Backend {
+            ip: untracked_backend,
+            port: 6333,
+        }],
+        "127.81.100.10",
+    ));
+    state
+        .services
+        .push(service("empty-svc", vec![], "127.81.100.11"));
+    let b = load(&demo_dir(), &state, &options());
+    assert!(
+        b.cluster_problems().is_empty(),
+        "{:?}",
+        b.cluster_problems()
+    );
+    let ids = b.identities();
+    let svc = ids.by_name("service/acme/vectors-svc").unwrap();
+    assert_eq!(svc.flags, flags::TRACKED, "tracked, never tagged itself");
+    assert_eq!(svc.info().flags, flags::TRACKED | flags::SERVICE);
+    assert_eq!(svc.datasets, ["acme-kb", "acme-wiki"]);
+    for untracked in ["service/acme/plain-svc", "service/acme/empty-svc"] {
+        let s = ids.by_name(untracked).unwrap();
+        assert_eq!((s.flags, s.datasets.len()), (0, 0), "{untracked}");
+    }
+
+    // The tracked backends leave: the Service is no longer tracked.
+    let mut later = state.clone();
+    let at = later
+        .services
+        .iter()
+        .position(|s| s.name == "vectors-svc")
+        .unwrap();
+    later.services[at].ports[0].backends = vec![Backend {
+        ip: untracked_backend,
+        port: 6333,
+    }];
+    let b = load(&demo_dir(), &later, &options());
+    let svc = b.identities().by_name("service/acme/vectors-svc").unwrap();
+    assert_eq!((svc.flags, svc.datasets.len()), (0, 0));
 }
 
 /// A pod the source marked as a vector DB (`ai-enforcer.io/kind` and friends) is a tracked,

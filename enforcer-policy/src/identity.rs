@@ -669,6 +669,48 @@ impl Identities {
             v4.into_iter().rev().collect(),
             v6.into_iter().rev().collect(),
         );
+        self.services_track_their_backends();
+    }
+
+    /// A Service in front of a tracked destination is tracked too, with the union of its
+    /// tracked backends' datasets and the longest of their step-ups: the connect hook sees
+    /// the ClusterIP, before kube-proxy translates it, so a call through the Service was
+    /// otherwise no flow (no `flow.opened`, no anomaly, no revocation) to a vector DB every
+    /// pod reaches by its Service's name (red-team review 39 H1). Only `TRACKED`: the
+    /// identity option's tag covers the 4-tuple the caller sees, which the backend never
+    /// does, so such a flow is not tagged (the kernel's `flow_marks::UNTAGGED`). Recomputed
+    /// whenever the addresses are (a backend's identity is found by its address).
+    fn services_track_their_backends(&mut self) {
+        use enforcer_common::flags;
+        let services: Vec<usize> = (0..self.list.len())
+            .filter(|&i| self.list[i].kind == IdentityKind::Service)
+            .collect();
+        for i in services {
+            let mut tracked = false;
+            let mut datasets = BTreeSet::new();
+            let mut step_up: Option<crate::inventory::StepUp> = None;
+            for backend in self.list[i].service_ports.iter().flat_map(|p| &p.backends) {
+                let b = &self.list[self.backend_index(&backend.ip)];
+                if b.flags & flags::TRACKED == 0 {
+                    continue;
+                }
+                tracked = true;
+                datasets.extend(b.datasets.iter().cloned());
+                if let Some(s) = b.step_up {
+                    if step_up.is_none_or(|held| held.ttl < s.ttl) {
+                        step_up = Some(s);
+                    }
+                }
+            }
+            let service = &mut self.list[i];
+            service.flags = if tracked {
+                service.flags | flags::TRACKED
+            } else {
+                service.flags & !flags::TRACKED
+            };
+            service.datasets = datasets.into_iter().collect();
+            service.step_up = step_up;
+        }
     }
 
     /// Makes the nodes' addresses UNIDENTIFIED (every call to them denied, as before any

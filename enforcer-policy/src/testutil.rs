@@ -720,6 +720,28 @@ pub fn cluster_identity(
     }
 }
 
+/// An acme identity (service account `name`) with the annotations `extra` and the `marks`
+/// they stand for, one pod `<name>-0` on node-b at `at`: a marked endpoint pod of another
+/// node.
+pub fn acme_marked_pod(
+    name: &str,
+    extra: &[(&str, &str)],
+    marks: crate::cluster::EndpointMarks,
+    at: &str,
+) -> ClusterIdentity {
+    let pod = cluster_pod(
+        "acme",
+        &format!("{name}-0"),
+        Some("node-b"),
+        &[at.parse().expect("an address")],
+        "2026-01-01T00:00:00Z",
+    );
+    ClusterIdentity {
+        marks,
+        ..cluster_identity("acme", name, Some("acme"), None, None, extra, vec![pod])
+    }
+}
+
 /// A pod (UID `uid-<namespace>-<name>`), created at `created` (RFC 3339).
 pub fn cluster_pod(
     namespace: &str,

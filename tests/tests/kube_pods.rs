@@ -1333,6 +1333,182 @@ fn a_service_is_judged_as_all_its_ready_backends() -> Result<()> {
     Ok(())
 }
 
+/// The ClusterIP of [`a_call_through_a_clusterip_to_a_tracked_pod_is_an_untagged_flow`].
+const TRACKED_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(127, 96, 83, 7);
+/// Its port, and the port of the direct call to a backend pod's own address.
+const TRACKED_SERVICE_PORT: u16 = 9087;
+const DIRECT_PORT: u16 = 9088;
+/// A flow key (id 1), so that tracked flows carry the identity option.
+const FLOW_KEY: &str = "1 000102030405060708090a0b0c0d0e0f";
+
+/// A Service in front of tracked pods is a tracked destination itself (red-team review 39
+/// H1): before, a call through its ClusterIP (how pods reach a vector DB, by the Service's
+/// name) made no flow record, so no `flow.opened`, no anomaly, no revocation. The chat pods
+/// are annotated `vector_db` with a dataset, a selectorless Service of acme is in front of
+/// them (Endpoints written by the test, at the pods' IPv6 addresses), and a server bound on
+/// the ClusterIP stands in for kube-proxy's target:
+/// 1. acme's `eval` holding a connection through the ClusterIP has a flow: `flow.opened`
+///    names the Service, with its backends' dataset;
+/// 2. the flow carries no identity option (its tag would cover the ClusterIP's 4-tuple, which
+///    the backend never sees, and fail there as forged), while `eval`'s direct call to a pod's
+///    own address does, with the same key loaded (the `FLOWS` records);
+/// 3. once a globex pod is the Service's backend, acme may no longer call it: the live flow
+///    is revoked (`flow.revoked`, the client sees a reset).
+#[test]
+fn a_call_through_a_clusterip_to_a_tracked_pod_is_an_untagged_flow() -> Result<()> {
+    use enforcer_common::{flow_flags, flow_marks};
+    use enforcer_tests::cli::wait_notices;
+    use enforcer_tests::flows::{FlowClient, FlowServer};
+
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let mut world = World::new(7)?;
+    let keys = enforcer_tests::TempDir::new("cg9-keys")?;
+    let key_file = keys.path().join("flow.keys");
+    enforcer_tests::util::write_secret(&key_file, format!("{FLOW_KEY}\n"))?;
+    let mut config = world.agent_config();
+    config
+        .extra_args
+        .extend(["--flow-key-file".into(), key_file.display().to_string()]);
+    world.agent = Some(Agent::start(config)?);
+    world.wait_enforcing("start")?;
+
+    let pods = Api::<Pod>::namespaced(world.client.clone(), "cg9-acme");
+    let services = Api::<Service>::namespaced(world.client.clone(), "cg9-acme");
+    let endpoints = Api::<Endpoints>::namespaced(world.client.clone(), "cg9-acme");
+    let subsets = |backends: &[&TestPod]| {
+        serde_json::json!({"subsets": [{
+            "addresses": backends
+                .iter()
+                .map(|p| serde_json::json!({"ip": p.v6.to_string()}))
+                .collect::<Vec<_>>(),
+            "ports": [{"name": "db", "port": PORT}],
+        }]})
+    };
+    world.rt.block_on(async {
+        // Both replicas: one label set stated with two sets of marks is nobody's.
+        for name in ["chat-1", "chat-2"] {
+            let marks = serde_json::json!({"metadata": {"annotations": {
+                "ai-enforcer.io/kind": "vector_db",
+                "ai-enforcer.io/datasets": "acme-kb",
+            }}});
+            pods.patch(name, &PatchParams::default(), &Patch::Merge(marks))
+                .await
+                .with_context(|| format!("annotating pod cg9-acme/{name}"))?;
+        }
+        services
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "cg9-vectors"},
+                    "spec": {
+                        "clusterIP": TRACKED_CLUSTER_IP.to_string(),
+                        "ports": [{"name": "db", "port": TRACKED_SERVICE_PORT, "targetPort": PORT}],
+                    }
+                }))?,
+            )
+            .await
+            .context("creating Service cg9-acme/cg9-vectors")?;
+        let mut object = subsets(&[world.pod("chat-1"), world.pod("chat-2")]);
+        object["metadata"] = serde_json::json!({"name": "cg9-vectors"});
+        endpoints
+            .create(&PostParams::default(), &serde_json::from_value(object)?)
+            .await
+            .context("creating Endpoints cg9-acme/cg9-vectors")?;
+        anyhow::Ok(())
+    })?;
+
+    let through = SocketAddr::new(IpAddr::V4(TRACKED_CLUSTER_IP), TRACKED_SERVICE_PORT);
+    let direct = SocketAddr::new(IpAddr::V4(world.pod("chat-1").v4), DIRECT_PORT);
+    let _servers = [FlowServer::start(through)?, FlowServer::start(direct)?];
+    let eval = world.pod("eval").cgroup(false);
+    let agent = world.agent();
+    // A held connection whose flow.opened is `wanted`: retried (bounded) while the agent
+    // catches up with the API server (refused, or allowed before it knew the marks).
+    let held = |to: SocketAddr, wanted: &dyn Fn(&Value) -> bool| -> Result<(FlowClient, Value)> {
+        let mut last = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match FlowClient::tcp(eval, to, 0, 0, true) {
+                Ok(client) => {
+                    let port = u64::from(client.local.port());
+                    let mine = |e: &Value| {
+                        e.pointer("/flow/source/port").and_then(Value::as_u64) == Some(port)
+                    };
+                    match wait_notices(agent, "flow.opened", 1, Duration::from_secs(2), mine) {
+                        Ok(mut o) if wanted(&o[0]) => return Ok((client, o.remove(0))),
+                        Ok(o) => last = format!("opened as {}", o[0]),
+                        Err(error) => last = format!("no flow.opened: {error:#}"),
+                    }
+                }
+                Err(error) => last = format!("{error:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        anyhow::bail!(
+            "eval -> {to}: never the flow wanted: {last}\nagent stderr:\n{}",
+            agent.stderr_tail()
+        )
+    };
+    let acme_kb = |e: &Value| e["dataset_scope"] == serde_json::json!(["acme-kb"]);
+
+    // 1. Through the ClusterIP: a flow to the Service, with the backends' dataset.
+    let (client, opened) = held(through, &|e| {
+        e["destination"]["name"] == "service/cg9-acme/cg9-vectors" && acme_kb(e)
+    })?;
+    ensure!(opened["destination"]["tenant"] == "acme", "{opened}");
+    // 2. Untagged, where the direct call to a backend pod is tagged.
+    let (_direct_client, direct_opened) = held(direct, &|e| {
+        e["destination"]["kind"] == "vector_db" && acme_kb(e)
+    })?;
+    let pin_dir = enforcer::datapath::pin_dir(world.pins.path());
+    let records = enforcer::flows::read(&pin_dir)?;
+    let record = |e: &Value| {
+        let cookie = e.pointer("/flow/cookie").and_then(Value::as_u64);
+        records
+            .iter()
+            .find(|(c, _)| Some(*c) == cookie)
+            .map(|(_, r)| *r)
+            .with_context(|| format!("no FLOWS record for {e}"))
+    };
+    let (service_record, direct_record) = (record(&opened)?, record(&direct_opened)?);
+    ensure!(
+        direct_record.flags & flow_flags::WIRE_OPTION != 0,
+        "the direct call to the pod carries the option: {direct_record:?}"
+    );
+    ensure!(
+        service_record.flags & flow_flags::WIRE_OPTION == 0
+            && service_record.marks & flow_marks::UNTAGGED != 0,
+        "the call through the ClusterIP carries no option: {service_record:?}"
+    );
+
+    // 3. A globex backend: acme may no longer reach the Service, and the flow is taken back.
+    world.rt.block_on(async {
+        endpoints
+            .patch(
+                "cg9-vectors",
+                &PatchParams::default(),
+                &Patch::Merge(subsets(&[world.pod("rag-1")])),
+            )
+            .await
+            .context("patching Endpoints cg9-acme/cg9-vectors")
+    })?;
+    let cookie = opened.pointer("/flow/cookie").cloned();
+    wait_notices(agent, "flow.revoked", 1, Duration::from_secs(30), |e| {
+        e.pointer("/flow/cookie") == cookie.as_ref()
+    })?;
+    let end = client
+        .ended_within(Duration::from_secs(5))
+        .context("the revoked client's connection is still up")?;
+    // A socket destroyed on its own host fails with ECONNABORTED (its peer gets an RST).
+    ensure!(
+        end["end"] == "error" && end["errno"] == libc::ECONNABORTED,
+        "the revoked client: {end}"
+    );
+    Ok(())
+}
+
 /// A DaemonSet agent lives in a pod cgroup under the subtree it enforces. Started there with
 /// no cluster state at all, it still reaches the API server (its own cgroup is exempt, and
 /// `status` names it), learns the pods, and enforces:
