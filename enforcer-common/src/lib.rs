@@ -85,7 +85,16 @@ pub mod maps {
     /// whose opened record did not fit in `FLOW_EVENTS`, kept (first record per pair) until
     /// the agent drains them, so that the learner (`--learn`) sees every contact.
     pub const FLOW_CONTACTS_MISSED: &str = "FLOW_CONTACTS_MISSED";
-    /// Contacts that fitted neither in `FLOW_EVENTS` nor in `FLOW_CONTACTS_MISSED` (per CPU).
+    /// Tenant number -> the `FLOW_CONTACTS_MISSED` entries of its subjects the kernel
+    /// inserted (u64, atomic adds by the kernel only).
+    pub const CONTACT_TENANTS: &str = "CONTACT_TENANTS";
+    /// Tenant number -> those the agent drained (u64, written by the agent only): a tenant
+    /// holds `CONTACT_TENANTS - CONTACT_TENANTS_DRAINED` entries, at most
+    /// [`crate::capacity::CONTACTS_PER_TENANT`].
+    pub const CONTACT_TENANTS_DRAINED: &str = "CONTACT_TENANTS_DRAINED";
+    /// Flows' contacts that fitted neither in `FLOW_EVENTS` nor in `FLOW_CONTACTS_MISSED` (the
+    /// map full, or their tenant's share of it held), per CPU. A datagram's contact is never
+    /// lost: the datagram is refused instead (`reason::FLOW_TABLE_FULL`).
     pub const LOST_FLOW_CONTACTS: &str = "LOST_FLOW_CONTACTS";
     /// [`crate::AggregateBudgetKey`] {window, identity, direction} -> u64: how many `AGGREGATE`
     /// keys the workload made in that window (the per-workload key budget,
@@ -93,7 +102,7 @@ pub mod maps {
     /// (`Config::flow_events_per_workload`).
     pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 32] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -122,6 +131,8 @@ pub mod maps {
         RATE_LIMITS,
         RATE_BUCKETS,
         FLOW_CONTACTS_MISSED,
+        CONTACT_TENANTS,
+        CONTACT_TENANTS_DRAINED,
         LOST_FLOW_CONTACTS,
         AGGREGATE_BUDGET,
     ];
@@ -190,6 +201,10 @@ pub mod capacity {
     /// Distinct (subject, destination) contacts whose opened record was lost between two
     /// drains of the agent (every 500 ms): a repeated contact takes no more room.
     pub const FLOW_CONTACTS_MISSED: u32 = 4_096;
+    /// The `FLOW_CONTACTS_MISSED` entries one tenant's subjects may hold at once: an eighth,
+    /// so that one tenant's flood (datagrams to many tracked pairs) cannot take the room
+    /// another tenant's contacts need (red-team review 42).
+    pub const CONTACTS_PER_TENANT: u64 = FLOW_CONTACTS_MISSED as u64 / 8;
 }
 
 /// The kernel programs, by the name of their function in the object file.
@@ -364,6 +379,9 @@ pub mod reason {
     /// `connect`: the call is allowed to a tracked destination but `FLOWS` is full, or the
     /// subject's tenant holds its whole share of it (`FLOW_TENANT_LIMIT`), so the flow could
     /// not be recorded (and could never be revoked): refused, fail closed.
+    /// `sendmsg`: a datagram to a tracked destination whose contact could not be kept for the
+    /// learner (`FLOW_CONTACTS_MISSED` is full, or the subject's tenant holds its share of
+    /// it, [`crate::capacity::CONTACTS_PER_TENANT`]): it would reach its dataset unseen.
     pub const FLOW_TABLE_FULL: u8 = 11;
     /// `connect`: the call is allowed, but the subject has used up its connection budget to
     /// this destination (`RATE_LIMITS`, see [`crate::rate`]). Audit mode lets it through as

@@ -98,6 +98,14 @@ static LOST_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 static FLOW_CONTACTS_MISSED: HashMap<ContactKey, FlowRecord> =
     HashMap::pinned(capacity::FLOW_CONTACTS_MISSED, 0);
 
+/// Tenant number -> its subjects' `FLOW_CONTACTS_MISSED` inserts (kernel: atomic adds), and
+/// those the agent drained (agent only): the tenant's share of that map, as `FLOW_TENANTS`
+/// for `FLOWS`. Entries are never deleted.
+#[map]
+static CONTACT_TENANTS: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
+#[map]
+static CONTACT_TENANTS_DRAINED: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
+
 /// Contacts that fitted in neither (per CPU; userspace sums the CPUs).
 #[map]
 static LOST_FLOW_CONTACTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
@@ -198,7 +206,7 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
         match FLOWS.insert(&cookie, unsafe { slot.assume_init_ref() }, BPF_NOEXIST) {
             Ok(()) => return true,
             Err(error) => {
-                give_back_share(c.tenant);
+                give_back(&FLOW_TENANTS, c.tenant);
                 if error != EEXIST {
                     return false;
                 }
@@ -240,7 +248,7 @@ pub fn record_connect(ctx: &SockAddrContext, c: &Connect, udp: bool) -> bool {
     }
     if FLOWS.insert(&cookie, record, BPF_ANY).is_err() {
         if new {
-            give_back_share(c.tenant);
+            give_back(&FLOW_TENANTS, c.tenant);
         }
         return false;
     }
@@ -297,9 +305,12 @@ fn fill_record(ctx: &SockAddrContext, c: &Connect, slot: &mut MaybeUninit<FlowRe
 /// made by datagrams was no `flow.anomaly` and no step-up (red-team review 39). Kept in
 /// `FLOW_CONTACTS_MISSED` (one lookup when the pair is there already, as it is for every
 /// datagram after the first until the agent drains the map), which the agent reads like the
-/// contacts of opened events the ring had no room for.
+/// contacts of opened events the ring had no room for. `false` when the contact could not
+/// be kept (the tenant's share of that map is held, or it is full): the caller refuses the
+/// datagram, which would otherwise reach its dataset unseen (red-team review 42; a flow's
+/// lost contact has its `FLOWS` record for the agent's fallback, a datagram none).
 #[inline(always)]
-pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) {
+pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) -> bool {
     let key = ContactKey {
         subject: c.subject,
         destination: c.destination,
@@ -307,7 +318,7 @@ pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) {
     // The socket check first: it reads the socket, the lookup hashes the key, and a
     // connected dual-stack socket's every `send()` comes here.
     if connected_there(ctx, c) || FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
-        return;
+        return true;
     }
     let mut slot = MaybeUninit::<FlowRecord>::uninit();
     fill_record(ctx, c, &mut slot);
@@ -315,7 +326,7 @@ pub fn datagram_contact(ctx: &SockAddrContext, c: &Connect) {
     // SAFETY: fully initialised by `fill_record`; `r` points at it.
     unsafe {
         (*r).flags |= flow_flags::DATAGRAM;
-        insert_contact(&key, slot.assume_init_ref());
+        insert_contact(&key, slot.assume_init_ref())
     }
 }
 
@@ -713,17 +724,25 @@ fn end_unarmed_subflow(ctx: &SockContext) {
 }
 
 /// Takes one record of `tenant`'s share of `FLOWS`: `false` when the tenant holds its whole
-/// share already (or its counter cannot be created: fail closed). The check and the add are
-/// two steps (an atomic fetch-and-add needs BPF cpu v3), so CPUs racing on the last free
-/// record may overshoot the share by at most one record each: bounded, and never past the
-/// table itself.
+/// share already (or its counter cannot be created: fail closed).
 #[inline(always)]
 fn take_share(tenant: u32) -> bool {
     let limit = FLOW_TENANT_LIMIT.get(0).copied().unwrap_or(0);
-    let mut used = FLOW_TENANTS.get_ptr_mut(&tenant);
+    take(&FLOW_TENANTS, &FLOW_TENANTS_FORGOTTEN, limit, tenant)
+}
+
+/// Takes one of `tenant`'s share: `counts` is the kernel's count of what the tenant took
+/// (atomic adds only), `returned` what the agent gave back (the agent's own counter),
+/// `limit` the share (0: none). `false` when the tenant holds its whole share already (or
+/// its counter cannot be created: fail closed). The check and the add are two steps (an
+/// atomic fetch-and-add needs BPF cpu v3), so CPUs racing on the last free place may
+/// overshoot the share by at most one each: bounded, and never past the map itself.
+#[inline(always)]
+fn take(counts: &HashMap<u32, u64>, returned: &HashMap<u32, u64>, limit: u64, tenant: u32) -> bool {
+    let mut used = counts.get_ptr_mut(&tenant);
     if used.is_none() {
-        let _ = FLOW_TENANTS.insert(&tenant, &0, BPF_NOEXIST);
-        used = FLOW_TENANTS.get_ptr_mut(&tenant);
+        let _ = counts.insert(&tenant, &0, BPF_NOEXIST);
+        used = counts.get_ptr_mut(&tenant);
     }
     let Some(used) = used else {
         return false;
@@ -732,16 +751,16 @@ fn take_share(tenant: u32) -> bool {
     // program runs; the count is only ever changed by atomic adds, and an aligned 64-bit
     // load is one instruction (never torn).
     let held = unsafe { read_volatile(used) };
-    // The records the agent deleted count only for a tenant at its share by the kernel's
-    // count (a lookup fewer on every tracked connect below it).
+    // What the agent returned counts only for a tenant at its share by the kernel's count
+    // (a lookup fewer below it).
     if limit != 0 && held >= limit {
         // One aligned 64-bit load through the pointer (the agent replaces the element when
         // it writes: either value is a count the agent wrote).
-        let forgotten = FLOW_TENANTS_FORGOTTEN
+        let back = returned
             .get_ptr(&tenant)
             // SAFETY: a non-null map value pointer is valid for reads.
             .map_or(0, |f| unsafe { read_volatile(f) });
-        if held.wrapping_sub(forgotten) >= limit {
+        if held.wrapping_sub(back) >= limit {
             return false;
         }
     }
@@ -749,12 +768,12 @@ fn take_share(tenant: u32) -> bool {
     true
 }
 
-/// Returns one record of `tenant`'s share (its record was deleted). Called only after a
-/// successful delete, so each record is returned once.
+/// Returns one of `tenant`'s share taken from `counts` (what it took was deleted, or never
+/// made). Called once per take, so each is returned once.
 #[inline(always)]
-fn give_back_share(tenant: u32) {
-    if let Some(used) = FLOW_TENANTS.get_ptr_mut(&tenant) {
-        // SAFETY: as in `take_share`. Adding 2^64 - 1 is subtracting one (an atomic add whose
+fn give_back(counts: &HashMap<u32, u64>, tenant: u32) {
+    if let Some(used) = counts.get_ptr_mut(&tenant) {
+        // SAFETY: as in `take`. Adding 2^64 - 1 is subtracting one (an atomic add whose
         // result is unused needs no BPF cpu v3).
         crate::atomic_add(used, u64::MAX);
     }
@@ -764,7 +783,7 @@ fn give_back_share(tenant: u32) {
 #[inline(always)]
 fn end_record(cookie: u64, tenant: u32) {
     if FLOWS.remove(&cookie).is_ok() {
-        give_back_share(tenant);
+        give_back(&FLOW_TENANTS, tenant);
     }
 }
 
@@ -780,32 +799,44 @@ fn set_flags(ctx: &SockOpsContext, flag: u32) {
 }
 
 /// Keeps the contact of an opened event the ring had no room for. Inserted only if the pair
-/// is absent (the first record stays: the pair is what the learner needs); a table that is
-/// full counts one in `LOST_FLOW_CONTACTS`, which the agent reports.
+/// is absent (the first record stays: the pair is what the learner needs); one that cannot
+/// be kept counts one in `LOST_FLOW_CONTACTS`, which the agent reports (it then shows the
+/// learner every live flow: this one has a record in `FLOWS`).
 #[inline(always)]
 fn keep_contact(r: &FlowRecord) {
     let key = ContactKey {
         subject: r.subject,
         destination: r.destination,
     };
-    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() {
+    if FLOW_CONTACTS_MISSED.get_ptr(&key).is_some() || insert_contact(&key, r) {
         return;
     }
-    insert_contact(&key, r);
+    if let Some(lost) = LOST_FLOW_CONTACTS.get_ptr_mut(LOST_INDEX) {
+        // SAFETY: per-CPU value pointer, this CPU's own counter.
+        unsafe { *lost += 1 };
+    }
 }
 
-/// Inserts the contact `r` under `key` if the pair is absent; a full table counts one in
-/// `LOST_FLOW_CONTACTS`.
+/// Inserts the contact `r` under `key` if the pair is absent, within the share of
+/// `FLOW_CONTACTS_MISSED` of the subject's tenant (`CONTACT_TENANTS`, at most
+/// `capacity::CONTACTS_PER_TENANT`, so that one tenant's flood cannot take the room of
+/// another's contacts): `false` when it could not be kept (the tenant's share is held, or
+/// the map is full).
 #[inline(always)]
-fn insert_contact(key: &ContactKey, r: &FlowRecord) {
+fn insert_contact(key: &ContactKey, r: &FlowRecord) -> bool {
+    if !take(
+        &CONTACT_TENANTS,
+        &CONTACT_TENANTS_DRAINED,
+        capacity::CONTACTS_PER_TENANT,
+        r.tenant,
+    ) {
+        return false;
+    }
     match FLOW_CONTACTS_MISSED.insert(key, r, BPF_NOEXIST) {
-        Ok(()) => {}
-        Err(error) if error == EEXIST => {}
-        Err(_) => {
-            if let Some(lost) = LOST_FLOW_CONTACTS.get_ptr_mut(LOST_INDEX) {
-                // SAFETY: per-CPU value pointer, this CPU's own counter.
-                unsafe { *lost += 1 };
-            }
+        Ok(()) => true,
+        Err(error) => {
+            give_back(&CONTACT_TENANTS, r.tenant);
+            error == EEXIST
         }
     }
 }

@@ -624,8 +624,12 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         };
         if !connecting {
             // A datagram naming a tracked destination (sendmsg4/6): no flow, but a contact
-            // for the learner.
-            flows::datagram_contact(ctx, &c);
+            // for the learner; one that cannot be kept is refused, fail closed (never
+            // audited through: it would reach its dataset unseen).
+            if !flows::datagram_contact(ctx, &c) {
+                v.reason = reason::FLOW_TABLE_FULL;
+                return report(&mut v, &dst, cgroup_id, hook, NEVER_AUDIT);
+            }
         } else if (full_protocol == IPPROTO_TCP || full_protocol == IPPROTO_UDP)
             && !flows::record_connect(ctx, &c, full_protocol == IPPROTO_UDP)
         {

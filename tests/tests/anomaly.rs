@@ -25,7 +25,12 @@
 //!   in the same window is not written (counted in `flow_events.suppressed`) and still
 //!   raises the anomaly (the same `FLOW_CONTACTS_MISSED` path).
 //!
-//! Addresses 127.93.x.y, 127.95.x.y for the flood and 127.97.x.y for the budget.
+//! - One tenant's datagrams to many tracked pairs stop at its share of the contact map
+//!   (refused past it, `flow_table_full`), and another tenant's contact meanwhile still
+//!   raises its anomaly.
+//!
+//! Addresses 127.93.x.y, 127.95.x.y for the flood, 127.97.x.y for the budget and 127.74.x.y
+//! for the contact share.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -551,6 +556,120 @@ fn a_first_contact_by_datagrams_raises_the_anomaly_and_steps_up() -> Result<()> 
         "a datagram reported as a lost flow event:\n{}",
         agent.stderr_tail()
     );
+    Ok(())
+}
+
+/// The contact-share test's addresses.
+const SHARE_NET: u8 = 74;
+
+/// One tenant's datagrams to many tracked pairs cannot take the room another tenant's
+/// contacts need (red-team review 42: 4,096 distinct pairs between two drains filled the
+/// contact map, and a datagram contact that found it full was lost for good, with no
+/// anomaly and no step-up). acme's `flooder` sends one datagram to each of 600 tracked
+/// endpoints of its tenant while the agent does not drain (paused): the first
+/// `CONTACTS_PER_TENANT` (512) pass, the rest are refused (`flow_table_full`, hook
+/// `sendmsg4`: a contact that cannot be kept is never let through unseen). globex's
+/// `client-b` still sends to its own DB, and once the agent resumes that first contact is a
+/// `flow.anomaly`; the drained share is acme's again.
+#[test]
+fn a_tenants_datagram_flood_stops_at_its_share_and_hides_no_other_tenants_contact() -> Result<()> {
+    use enforcer_common::capacity::CONTACTS_PER_TENANT;
+
+    if !require_kernel() {
+        return Ok(());
+    }
+    let net = SHARE_NET;
+    let flood: Vec<(u8, u8)> = (2..=4u8)
+        .flat_map(|t| (1..=200u8).map(move |i| (t, i)))
+        .collect();
+    let mut entities = vec![
+        Entity::workload(net, "flooder", "acme", "retrieval", 1, 1),
+        Entity::workload(net, "client-b", "globex", "retrieval", 1, 2),
+        Entity::endpoint(net, "dbg", "globex", "vector_db", 1, 10).port(6334, Proto::Udp, "query"),
+    ];
+    for &(t, i) in &flood {
+        entities.push(
+            Entity::endpoint(net, &format!("flood-{t}-{i}"), "acme", "vector_db", t, i).port(
+                6334,
+                Proto::Udp,
+                "query",
+            ),
+        );
+    }
+    let root = TestCgroup::create(unique_name("an-root"))?;
+    let flooder = root.child("flooder")?;
+    let bundle = write_bundle(&entities, &root.relative_str(), SAME_TENANT)?;
+    let w = World {
+        client: flooder,
+        root,
+        bundle,
+        pins: PinDir::new("an-pins")?,
+        state: StateDir::new()?,
+        net,
+        t: 1,
+    };
+    // Dropped before `w` (its parent cgroup).
+    let client_b = w.root.child("client-b")?;
+    let dead =
+        TcpListener::bind(SocketAddr::new(IpAddr::from([127, net, 1, 50]), 0))?.local_addr()?;
+    let agent = Agent::start(w.config(&format!("http://{dead}/page")))?;
+    first_applied_snapshot(&agent)?;
+    w.wait_for_window_end()?;
+
+    agent.pause()?;
+    let resume = Resume(&agent);
+    let attempts: Vec<String> = flood
+        .iter()
+        .map(|&(t, i)| attempt("udp", IpAddr::from([127, net, t, i]), 6334))
+        .collect();
+    let results = Probe::new().in_cgroup(&w.client).run(&attempts)?;
+    let passed = results.iter().filter(|r| r.outcome == Outcome::Ok).count() as u64;
+    let refused = results
+        .iter()
+        .filter(|r| r.outcome == Outcome::Eperm)
+        .count() as u64;
+    // One sending thread: the share's check and add never race.
+    ensure!(
+        passed == CONTACTS_PER_TENANT && refused == flood.len() as u64 - passed,
+        "acme's datagrams to {} tracked pairs: {passed} passed, {refused} refused; want {CONTACTS_PER_TENANT} passed, the rest refused",
+        flood.len()
+    );
+    let dbg = IpAddr::from([127, net, 1, 10]);
+    Probe::new().in_cgroup(&client_b).expect_outcome(
+        &attempt("udp", dbg, 6334),
+        Outcome::Ok,
+        "globex's datagram, within its own share",
+    )?;
+    drop(resume);
+
+    let anomalies =
+        wait_notices(&agent, "flow.anomaly", 1, WAIT, to("dbg")).with_context(|| {
+            format!(
+                "globex's contact behind acme's flood raised no anomaly\n{}",
+                agent.stderr_tail()
+            )
+        })?;
+    ensure!(
+        s(&anomalies[0], "/subject/workload") == Some("client-b"),
+        "{}",
+        anomalies[0]
+    );
+    agent.wait_for(1, WAIT, |e| {
+        s(e, "/reason") == Some("flow_table_full")
+            && s(e, "/hook") == Some("sendmsg4")
+            && s(e, "/subject/workload") == Some("flooder")
+    })?;
+    // Drained: acme's share is free again.
+    let (t, i) = flood[flood.len() - 1];
+    let again = attempt("udp", IpAddr::from([127, net, t, i]), 6334);
+    let probe = Probe::new().in_cgroup(&w.client);
+    let freed = wait_until(WAIT, Duration::from_millis(100), || {
+        probe
+            .run_one(&again)
+            .is_ok_and(|r| r.outcome == Outcome::Ok)
+    });
+    ensure!(freed, "acme's share was not returned after the drain");
+    drop(client_b);
     Ok(())
 }
 

@@ -2,17 +2,22 @@
 //! kernel keeps each (subject, destination) pair with its first record in
 //! `FLOW_CONTACTS_MISSED`, and the agent drains them to the learner (`--learn`), so that a
 //! workload that floods the ring with its own flows cannot hide a contact behind the flood.
-//! A pair that fitted in neither is counted in `LOST_FLOW_CONTACTS`.
+//! A pair that fitted in neither is counted in `LOST_FLOW_CONTACTS`. Each tenant's subjects
+//! may hold at most `capacity::CONTACTS_PER_TENANT` entries (`CONTACT_TENANTS`, counted by the
+//! kernel); the agent returns each entry it drains to its tenant (`CONTACT_TENANTS_DRAINED`,
+//! its own counter).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use enforcer_common::{capacity, maps, ContactKey, FlowRecord};
 
-/// The two pinned maps, opened once.
+/// The pinned maps, opened once.
 pub struct MissedContacts {
     contacts: HashMap<MapData, ContactKey, FlowRecord>,
+    drained: HashMap<MapData, u32, u64>,
     lost: PerCpuArray<MapData, u64>,
     /// `LOST_FLOW_CONTACTS` (summed over CPUs) when last read.
     lost_seen: u64,
@@ -32,6 +37,15 @@ impl MissedContacts {
                 maps::FLOW_CONTACTS_MISSED
             )
         })?;
+        let path = dir.join(maps::CONTACT_TENANTS_DRAINED);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let drained = HashMap::try_from(Map::HashMap(data)).with_context(|| {
+            format!(
+                "map {} has an unexpected type",
+                maps::CONTACT_TENANTS_DRAINED
+            )
+        })?;
         let path = dir.join(maps::LOST_FLOW_CONTACTS);
         let data = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -39,6 +53,7 @@ impl MissedContacts {
             .with_context(|| format!("map {} has an unexpected type", maps::LOST_FLOW_CONTACTS))?;
         Ok(MissedContacts {
             contacts,
+            drained,
             lost,
             lost_seen: 0,
         })
@@ -48,7 +63,8 @@ impl MissedContacts {
     /// kernel keeps again between the read and the delete is a contact already returned
     /// (same subject and destination), so nothing is lost by the race. A record whose delete
     /// fails is returned all the same (and again next time: a contact seen twice is one
-    /// contact to the learner); the first such error is logged.
+    /// contact to the learner); the first such error is logged. Each entry deleted here is
+    /// returned to its tenant's share.
     pub fn drain(&mut self) -> Vec<FlowRecord> {
         let keys: Vec<ContactKey> = self
             .contacts
@@ -58,12 +74,16 @@ impl MissedContacts {
             .collect();
         let mut out = Vec::with_capacity(keys.len());
         let mut failed = None;
+        let mut returned: BTreeMap<u32, u64> = BTreeMap::new();
         for key in keys {
             let Ok(record) = self.contacts.get(&key, 0) else {
                 continue;
             };
             match self.contacts.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                // The kernel inserts a pair only while it is absent, so this delete ends the
+                // insert that counted this record's tenant.
+                Ok(()) => *returned.entry(record.tenant).or_default() += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
                 // aya reports a key deleted meanwhile as the syscall's ENOENT.
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
@@ -77,6 +97,17 @@ impl MissedContacts {
             tracing::error!(
                 "deleting a FLOW_CONTACTS_MISSED entry: {error} (its contact is shown anyway)"
             );
+        }
+        for (tenant, n) in returned {
+            let before = self.drained.get(&tenant, 0).unwrap_or(0);
+            if let Err(error) = self.drained.insert(tenant, before.wrapping_add(n), 0) {
+                // Left held: that tenant's share is smaller until a later drain writes it.
+                tracing::error!(
+                    tenant,
+                    "returning {n} drained contacts to the tenant's share ({}): {error}",
+                    maps::CONTACT_TENANTS_DRAINED
+                );
+            }
         }
         out
     }
