@@ -1767,6 +1767,11 @@ fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
     state
         .services
         .push(service("empty-svc", vec![], "127.81.100.11"));
+    state.services.push(service(
+        "mixed-svc",
+        vec![backend("127.10.1.10"), backend("127.81.3.1")],
+        "127.81.100.12",
+    ));
     let b = load(&demo_dir(), &state, &options());
     assert!(
         b.cluster_problems().is_empty(),
@@ -1777,7 +1782,14 @@ fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
     let svc = ids.by_name("service/acme/vectors-svc").unwrap();
     assert_eq!(svc.flags, flags::TRACKED, "tracked, never tagged itself");
     assert_eq!(svc.info().flags, flags::TRACKED | flags::SERVICE);
-    assert_eq!(svc.datasets, ["acme-kb", "acme-wiki"]);
+    // As the learner names them: a pod's datasets are its tenant's word.
+    assert_eq!(svc.datasets, ["acme/acme-kb", "acme/acme-wiki"]);
+    // In front of the operator's endpoint acme-vectors (dataset acme-kb) and a pod declaring
+    // the same name: the two stay apart, so that a tenant's own Service cannot pre-learn or
+    // burn the operator's name (red-team review 43).
+    let mixed = ids.by_name("service/acme/mixed-svc").unwrap();
+    assert_eq!(mixed.flags, flags::TRACKED);
+    assert_eq!(mixed.datasets, ["acme-kb", "acme/acme-kb"]);
     for untracked in ["service/acme/plain-svc", "service/acme/empty-svc"] {
         let s = ids.by_name(untracked).unwrap();
         assert_eq!((s.flags, s.datasets.len()), (0, 0), "{untracked}");

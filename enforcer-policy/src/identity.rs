@@ -283,6 +283,27 @@ impl Identity {
         IdentityInfo::new(self.tenant_id, self.flags | address_flags)
     }
 
+    /// What a contact with this destination reaches, as the learner (`--learn`) names it:
+    /// its `datasets`; `endpoint:<name>` for one that declares none; a pod's datasets, its
+    /// tenant's word (`ai-enforcer.io/datasets`), as `<tenant>/<dataset>`, so that a tenant
+    /// cannot pre-learn (or burn as reported) the names of datasets an operator declared on a
+    /// protected endpoint by declaring them on its own pod. A Service's are its tracked
+    /// backends' names already (see `services_track_their_backends`): through its own
+    /// Service a tenant's pod still names its datasets as its own (red-team review 43).
+    pub fn contact_names(&self) -> Vec<String> {
+        if self.datasets.is_empty() {
+            vec![format!("endpoint:{}", self.name)]
+        } else if self.kind == IdentityKind::Workload {
+            let tenant = self.tenant.as_deref().unwrap_or("-");
+            self.datasets
+                .iter()
+                .map(|d| format!("{tenant}/{d}"))
+                .collect()
+        } else {
+            self.datasets.clone()
+        }
+    }
+
     /// A local subject: the agent maps its cgroups (or its local pods' cgroups) to this
     /// identity.
     pub fn is_subject(&self) -> bool {
@@ -673,7 +694,8 @@ impl Identities {
     }
 
     /// A Service in front of a tracked destination is tracked too, with the union of its
-    /// tracked backends' datasets and the longest of their step-ups: the connect hook sees
+    /// tracked backends' datasets (as each names them to the learner,
+    /// [`Identity::contact_names`]) and the longest of their step-ups: the connect hook sees
     /// the ClusterIP, before kube-proxy translates it, so a call through the Service was
     /// otherwise no flow (no `flow.opened`, no anomaly, no revocation) to a vector DB every
     /// pod reaches by its Service's name (red-team review 39 H1). Only `TRACKED`: the
@@ -695,7 +717,7 @@ impl Identities {
                     continue;
                 }
                 tracked = true;
-                datasets.extend(b.datasets.iter().cloned());
+                datasets.extend(b.contact_names());
                 if let Some(s) = b.step_up {
                     if step_up.is_none_or(|held| held.ttl < s.ttl) {
                         step_up = Some(s);

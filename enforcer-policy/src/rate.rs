@@ -326,8 +326,10 @@ pub struct Fitted {
 /// endpoint), then by key. Every other pair is held to its destination's shared entry (key
 /// subject [`SHARED_SUBJECT`]): the strictest limit of the pairs it stands for, in one bucket,
 /// so a pair that did not fit is held tighter, never let loose. One shared entry is reserved
-/// per limited destination before the shares are cut; should those alone exceed `room`, they
-/// are all written anyway and the map's own check refuses the change.
+/// per limited destination before the shares are cut; should those alone exceed `room`
+/// (more limited destinations than half the map), every pair is shared and they are all
+/// written anyway: past half the map, up to the map's own check of old and new together
+/// (`RateWriter::check_fits`), which refuses the change only past the whole map.
 pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize) -> Fitted {
     if pairs.len() <= room {
         return Fitted {

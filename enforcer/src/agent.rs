@@ -808,8 +808,11 @@ impl Agent {
     /// double-buffered written around it, for `self.compiled`: the rate limits
     /// (`datapath::rates`) and the ingress allowlist (`datapath::ingress`) each get their
     /// interim values before it (stricter limits, the allowlist's grants) and their final
-    /// ones after it. Refused before anything is written when either cannot fit (the last
-    /// good policy stays in force whole); a failed swap puts both back as they were. Once the
+    /// ones after it. Refused before anything is written when the allowlist cannot fit (the
+    /// last good policy stays in force whole); rate limits that fit only without the old
+    /// pairs first take their place ([`datapath::RateWriter::make_room`]), so that no map
+    /// left full can refuse every change and the agent's start. A failed swap puts both back
+    /// as they were. Once the
     /// swap is done the change is in force whatever happens next: a failure of the final
     /// writes is logged and retried by the tick (`settle_after_swap`), the interim values
     /// holding meanwhile (never looser than both policies).
@@ -819,16 +822,26 @@ impl Agent {
     ) -> Result<T> {
         let dir = self.datapath.dir().to_path_buf();
         let mut rate_writer = datapath::RateWriter::open(&dir)?;
-        let rates = self.desired_rates(&rate_writer);
+        let (rates, rate_problems) = self.desired_rates(&rate_writer);
         let ingress = crate::wire::ingress_allows(&self.compiled);
-        rate_writer
-            .check_fits(&rates)
-            .context("the rate limits do not fit")?;
         let mut ingress_writer = datapath::IngressWriter::open(&dir)?;
         ingress_writer
             .check_fits(ingress.len())
             .context("the ingress allowlist does not fit")?;
         let rates_in_force = rate_writer.current();
+        // Last: the way out when the rate limits do not fit changes the map.
+        if let Err(error) = rate_writer.check_fits(&rates) {
+            let removed = rate_writer
+                .make_room(&rates)
+                .context("making room for the rate limits")?;
+            tracing::warn!(
+                removed,
+                "{error:#}: the pairs the new limits do not have were removed first (unlimited until the swap)"
+            );
+            rate_writer
+                .check_fits(&rates)
+                .context("the rate limits do not fit")?;
+        }
         let ingress_in_force = ingress_writer.current();
         let shared = rates.keys().any(|k| k.subject == SHARED_SUBJECT);
         let shared_in_force = rates_in_force.keys().any(|k| k.subject == SHARED_SUBJECT);
@@ -863,6 +876,7 @@ impl Agent {
                     });
                 self.settled(settled);
                 // A tenant's pairs now shared, or no longer: said at once, whatever changed.
+                self.rate_problems = rate_problems;
                 self.report_cluster_problems();
                 Ok(value)
             }
@@ -883,28 +897,33 @@ impl Agent {
     }
 
     /// The rate limits of `self.compiled`, cut to the room of `writer`'s map: a tenant
-    /// whose pairs exceed its share has the rest held to shared limits (reported as a
-    /// cluster problem), instead of the node's whole policy refused (red-team review 39 H3).
-    fn desired_rates(&mut self, writer: &datapath::RateWriter) -> BTreeMap<RateKey, RateLimit> {
+    /// whose pairs exceed its share has the rest held to shared limits, instead of the
+    /// node's whole policy refused (red-team review 39 H3); and that as cluster problems, one
+    /// per such tenant (their text stays while the tenant shares, so that churn does not
+    /// report it again), for the caller to keep once the limits are in force.
+    fn desired_rates(
+        &self,
+        writer: &datapath::RateWriter,
+    ) -> (BTreeMap<RateKey, RateLimit>, BTreeSet<String>) {
         let pairs = enforcer_policy::rate::rate_limits(&self.compiled);
         let fitted = enforcer_policy::rate::fit(&self.compiled, pairs, writer.room());
-        self.rate_problems = fitted
+        let problems = fitted
             .shared
             .iter()
             .map(|(tenant, (pairs, kept))| {
+                tracing::debug!(%tenant, pairs, kept, "rate-limited pairs with a limit of their own");
                 let tenant = if tenant.is_empty() { "(none)" } else { tenant };
                 format!(
-                    "tenant {tenant}: {kept} of its {pairs} rate-limited (subject, destination) \
-                     pairs have a limit of their own; the other {} share their destination's \
-                     strictest limit, as {} holds {} pairs (`--capacity rate-limits=N`, twice \
-                     the pairs, after `enforcer detach`)",
-                    pairs - kept,
+                    "tenant {tenant}: not all of its rate-limited (subject, destination) pairs \
+                     fit its share of {} ({} pairs for the limits in force): the others share \
+                     their destination's strictest limit (`--capacity rate-limits=N`, after \
+                     `enforcer detach`)",
                     maps::RATE_LIMITS,
                     writer.room()
                 )
             })
             .collect();
-        fitted.limits
+        (fitted.limits, problems)
     }
 
     /// The final values of the rate limits and the ingress allowlist for `self.compiled`
@@ -915,7 +934,7 @@ impl Agent {
         let ingress = crate::wire::ingress_allows(&self.compiled);
         let settled = datapath::RateWriter::open(&dir)
             .and_then(|mut w| {
-                let rates = self.desired_rates(&w);
+                let (rates, _) = self.desired_rates(&w);
                 let written = w.after_swap(&rates)?;
                 let shared = rates.keys().any(|k| k.subject == SHARED_SUBJECT);
                 self.datapath.tables.set_rate_shared(shared)?;

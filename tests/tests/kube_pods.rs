@@ -1451,16 +1451,17 @@ fn a_call_through_a_clusterip_to_a_tracked_pod_is_an_untagged_flow() -> Result<(
             agent.stderr_tail()
         )
     };
-    let acme_kb = |e: &Value| e["dataset_scope"] == serde_json::json!(["acme-kb"]);
+    let scope = |e: &Value, want: &str| e["dataset_scope"] == serde_json::json!([want]);
 
-    // 1. Through the ClusterIP: a flow to the Service, with the backends' dataset.
+    // 1. Through the ClusterIP: a flow to the Service, with the backends' dataset (a pod's
+    // datasets are its tenant's word: named `<tenant>/<dataset>`, as the learner does).
     let (client, opened) = held(through, &|e| {
-        e["destination"]["name"] == "service/cg9-acme/cg9-vectors" && acme_kb(e)
+        e["destination"]["name"] == "service/cg9-acme/cg9-vectors" && scope(e, "acme/acme-kb")
     })?;
     ensure!(opened["destination"]["tenant"] == "acme", "{opened}");
     // 2. Untagged, where the direct call to a backend pod is tagged.
     let (_direct_client, direct_opened) = held(direct, &|e| {
-        e["destination"]["kind"] == "vector_db" && acme_kb(e)
+        e["destination"]["kind"] == "vector_db" && scope(e, "acme-kb")
     })?;
     let pin_dir = enforcer::datapath::pin_dir(world.pins.path());
     let records = enforcer::flows::read(&pin_dir)?;

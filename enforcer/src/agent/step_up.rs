@@ -8,7 +8,6 @@
 use std::time::SystemTime;
 
 use enforcer_common::{flow_flags, flow_state, identity, proto, FlowRecord};
-use enforcer_policy::identity::IdentityKind;
 use enforcer_policy::inventory::StepUpAction;
 
 use super::{snapshot_of, Agent};
@@ -35,22 +34,7 @@ impl Agent {
         ) else {
             return;
         };
-        let datasets = if destination.datasets.is_empty() {
-            vec![format!("endpoint:{}", destination.name)]
-        } else if destination.kind == IdentityKind::Workload {
-            // A pod's datasets are its tenant's word (`ai-enforcer.io/datasets`): qualified by
-            // that tenant, so that a tenant cannot pre-learn (or burn as reported) the names
-            // of datasets an operator declared on a protected endpoint by declaring them on
-            // its own pod.
-            let tenant = destination.tenant.as_deref().unwrap_or("-");
-            destination
-                .datasets
-                .iter()
-                .map(|d| format!("{tenant}/{d}"))
-                .collect()
-        } else {
-            destination.datasets.clone()
-        };
+        let datasets = destination.contact_names();
         let subject_name = subject.name.clone();
         let now = SystemTime::now();
         let outcome = match learner.observe(

@@ -71,6 +71,25 @@ impl RateWriter {
         Ok(())
     }
 
+    /// Removes the pairs in the map that `desired` has not: the way out when old and new
+    /// together do not fit ([`RateWriter::check_fits`]), which the limits in force (half the
+    /// map) never cause, but a map left fuller by an older agent or a crash between the two
+    /// steps may; refusing then would refuse every change, and the agent's start. Until the
+    /// swap, those pairs are held to no limit. Returns how many were removed.
+    pub fn make_room(&mut self, desired: &BTreeMap<RateKey, RateLimit>) -> Result<usize> {
+        let stale: Vec<RateKey> = self
+            .current()
+            .into_keys()
+            .filter(|k| !desired.contains_key(k))
+            .collect();
+        for key in &stale {
+            self.map
+                .remove(key)
+                .with_context(|| format!("removing {} {key:?}", maps::RATE_LIMITS))?;
+        }
+        Ok(stale.len())
+    }
+
     /// Step 1 (see the module documentation). Returns the number of entries written.
     pub fn before_swap(&mut self, desired: &BTreeMap<RateKey, RateLimit>) -> Result<usize> {
         let present = self.current();

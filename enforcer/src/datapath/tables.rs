@@ -612,11 +612,8 @@ impl Tables {
         self.config.get(&0, 0).context("reading CONFIG")
     }
 
-    /// Rewrites `CONFIG` with `change` applied, every other field kept (`what` names the
-    /// field in the error). Only the agent's own task writes `CONFIG` (a read-modify-write),
-    /// and these settings are written before the hooks attach, so none can undo a concurrent
-    /// policy flip.
-    /// `CONFIG.rate_shared` (see `enforcer_common::rate::SHARED_SUBJECT`).
+    /// `CONFIG.rate_shared` (see `enforcer_common::rate::SHARED_SUBJECT`), written around a
+    /// table swap by the agent's own task, never during one.
     pub fn set_rate_shared(&mut self, shared: bool) -> Result<()> {
         if (self.config()?.rate_shared != 0) == shared {
             return Ok(());
@@ -626,6 +623,9 @@ impl Tables {
         })
     }
 
+    /// Rewrites `CONFIG` with `change` applied, every other field kept (`what` names the
+    /// field in the error). Only the agent's own task writes `CONFIG` (a read-modify-write),
+    /// and never while a policy flip is under way, so none can undo one.
     fn update_config(&mut self, what: &str, change: impl FnOnce(&mut Config)) -> Result<()> {
         let mut config = self.config()?;
         change(&mut config);
