@@ -1741,6 +1741,10 @@ pub struct CapacityOverrides {
     pub rate_limits: Option<u32>,
 }
 
+/// The most `RATE_LIMITS` entries `--capacity rate-limits=N` may ask for (2^22: its
+/// preallocated `RATE_BUCKETS` of twice that many then takes several hundred MiB).
+const MAX_RATE_LIMITS: u32 = 1 << 22;
+
 impl CapacityOverrides {
     pub const KINDS: &'static str =
         "policy, identities, cgroups, ipcache, flows, flows-per-tenant, rate-limits";
@@ -1769,6 +1773,10 @@ impl CapacityOverrides {
                 Self::KINDS
             ),
         };
+        // RATE_BUCKETS is a preallocated LRU of twice as many.
+        if kind.trim() == "rate-limits" && n > MAX_RATE_LIMITS {
+            anyhow::bail!("--capacity {spec:?}: at most {MAX_RATE_LIMITS} rate-limit entries");
+        }
         *slot = Some(n);
         Ok(())
     }
