@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 14;
+pub const ABI_VERSION: u32 = 15;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -85,11 +85,12 @@ pub mod maps {
     /// whose opened record did not fit in `FLOW_EVENTS`, kept (first record per pair) until
     /// the agent drains them, so that the learner (`--learn`) sees every contact.
     pub const FLOW_CONTACTS_MISSED: &str = "FLOW_CONTACTS_MISSED";
-    /// Tenant number -> the `FLOW_CONTACTS_MISSED` entries of its subjects the kernel
-    /// inserted (u64, atomic adds by the kernel only).
+    /// Tenant number -> the datagram contacts (`flow_flags::DATAGRAM`) of its subjects the
+    /// kernel inserted into `FLOW_CONTACTS_MISSED` (u64, atomic adds by the kernel only).
     pub const CONTACT_TENANTS: &str = "CONTACT_TENANTS";
-    /// Tenant number -> those the agent drained (u64, written by the agent only): a tenant
-    /// holds `CONTACT_TENANTS - CONTACT_TENANTS_DRAINED` entries, at most
+    /// Tenant number -> those the agent drained (u64, written by the agent only; set again
+    /// at its start from what the map holds): a tenant holds
+    /// `CONTACT_TENANTS - CONTACT_TENANTS_DRAINED` datagram contacts, at most
     /// [`crate::capacity::CONTACTS_PER_TENANT`].
     pub const CONTACT_TENANTS_DRAINED: &str = "CONTACT_TENANTS_DRAINED";
     /// Flows' contacts that fitted neither in `FLOW_EVENTS` nor in `FLOW_CONTACTS_MISSED` (the
@@ -201,9 +202,9 @@ pub mod capacity {
     /// Distinct (subject, destination) contacts whose opened record was lost between two
     /// drains of the agent (every 500 ms): a repeated contact takes no more room.
     pub const FLOW_CONTACTS_MISSED: u32 = 4_096;
-    /// The `FLOW_CONTACTS_MISSED` entries one tenant's subjects may hold at once: an eighth,
-    /// so that one tenant's flood (datagrams to many tracked pairs) cannot take the room
-    /// another tenant's contacts need (red-team review 42).
+    /// The datagram contacts one tenant's subjects may hold in `FLOW_CONTACTS_MISSED` at
+    /// once: an eighth, so that one tenant's datagrams to many tracked pairs cannot take the
+    /// room another tenant's contacts need (red-team review 42).
     pub const CONTACTS_PER_TENANT: u64 = FLOW_CONTACTS_MISSED as u64 / 8;
 }
 

@@ -75,8 +75,12 @@ static MPTCP_FIRST_SUBFLOW: SocketStorage<u64> = SocketStorage::new();
 static FLOW_TENANTS: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
 
 /// Tenant number -> records of it the agent deleted itself (written only by the agent).
+/// Allocated per element (`BPF_F_NO_PREALLOC`): the agent replaces an element when it
+/// writes, and a preallocated map reuses the old element at once, so the kernel's read through
+/// its pointer could see another tenant's count; freed after an RCU grace period instead.
 #[map]
-static FLOW_TENANTS_FORGOTTEN: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
+static FLOW_TENANTS_FORGOTTEN: HashMap<u32, u64> =
+    HashMap::pinned(capacity::FLOW_TENANTS, crate::BPF_F_NO_PREALLOC);
 
 /// One u64: the records one tenant may hold at once (0: no limit).
 #[map]
@@ -104,7 +108,8 @@ static FLOW_CONTACTS_MISSED: HashMap<ContactKey, FlowRecord> =
 #[map]
 static CONTACT_TENANTS: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
 #[map]
-static CONTACT_TENANTS_DRAINED: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
+static CONTACT_TENANTS_DRAINED: HashMap<u32, u64> =
+    HashMap::pinned(capacity::FLOW_TENANTS, crate::BPF_F_NO_PREALLOC);
 
 /// Contacts that fitted in neither (per CPU; userspace sums the CPUs).
 #[map]
@@ -760,7 +765,9 @@ fn take(counts: &HashMap<u32, u64>, returned: &HashMap<u32, u64>, limit: u64, te
             .get_ptr(&tenant)
             // SAFETY: a non-null map value pointer is valid for reads.
             .map_or(0, |f| unsafe { read_volatile(f) });
-        if held.wrapping_sub(back) >= limit {
+        // Saturating: should the agent's count ever run ahead (pins of an older agent, a
+        // count it could not write), the share opens rather than locks shut.
+        if held.saturating_sub(back) >= limit {
             return false;
         }
     }
@@ -817,25 +824,32 @@ fn keep_contact(r: &FlowRecord) {
     }
 }
 
-/// Inserts the contact `r` under `key` if the pair is absent, within the share of
-/// `FLOW_CONTACTS_MISSED` of the subject's tenant (`CONTACT_TENANTS`, at most
-/// `capacity::CONTACTS_PER_TENANT`, so that one tenant's flood cannot take the room of
-/// another's contacts): `false` when it could not be kept (the tenant's share is held, or
-/// the map is full).
+/// Inserts the contact `r` under `key` if the pair is absent: `false` when it could not be
+/// kept. A datagram's contact (`flow_flags::DATAGRAM`) only within its tenant's share of the
+/// map (`CONTACT_TENANTS`, at most `capacity::CONTACTS_PER_TENANT`), so that one tenant's
+/// datagrams to many pairs, which nothing else meters, cannot take the room of another's
+/// contacts; a flow's contact is not charged to it (a tenant's own datagrams must not make
+/// room scarce for its flows' contacts, whose connects the flow table's share and the rate
+/// limits meter).
 #[inline(always)]
 fn insert_contact(key: &ContactKey, r: &FlowRecord) -> bool {
-    if !take(
-        &CONTACT_TENANTS,
-        &CONTACT_TENANTS_DRAINED,
-        capacity::CONTACTS_PER_TENANT,
-        r.tenant,
-    ) {
+    let datagram = r.flags & flow_flags::DATAGRAM != 0;
+    if datagram
+        && !take(
+            &CONTACT_TENANTS,
+            &CONTACT_TENANTS_DRAINED,
+            capacity::CONTACTS_PER_TENANT,
+            r.tenant,
+        )
+    {
         return false;
     }
     match FLOW_CONTACTS_MISSED.insert(key, r, BPF_NOEXIST) {
         Ok(()) => true,
         Err(error) => {
-            give_back(&CONTACT_TENANTS, r.tenant);
+            if datagram {
+                give_back(&CONTACT_TENANTS, r.tenant);
+            }
             error == EEXIST
         }
     }

@@ -138,8 +138,8 @@ impl Agent {
     /// `FLOWS` (at most every `LIVE_SCAN_EVERY`), 0 otherwise. Without `--learn` the map is
     /// only emptied.
     ///
-    /// When even that map was full (`LOST_FLOW_CONTACTS` grew: over 4,096 distinct pairs in
-    /// one tick), which contacts were lost is unknown: every live tracked flow (`FLOWS`) is
+    /// When even that map had no room (`LOST_FLOW_CONTACTS` grew: its 4,096 pairs taken
+    /// within one tick), which contacts were lost is unknown: every live tracked flow (`FLOWS`) is
     /// shown to the learner as a contact, so that a contact still open is judged anyway, and
     /// the loss is logged (error). A contact that opened and ended within that same tick is
     /// the only one that can escape. `overflow` holds the contacts the kernel did report but

@@ -77,6 +77,16 @@ impl RateWriter {
     /// steps may; refusing then would refuse every change, and the agent's start. Until the
     /// swap, those pairs are held to no limit. Returns how many were removed.
     pub fn make_room(&mut self, desired: &BTreeMap<RateKey, RateLimit>) -> Result<usize> {
+        // Nothing removed for limits that cannot fit even alone: the change is refused and
+        // the limits in force stay whole.
+        if desired.len() > self.capacity as usize {
+            bail!(
+                "the rate limits need {} entries, above the capacity of {} ({})",
+                desired.len(),
+                maps::RATE_LIMITS,
+                self.capacity
+            );
+        }
         let stale: Vec<RateKey> = self
             .current()
             .into_keys()

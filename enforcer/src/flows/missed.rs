@@ -2,22 +2,26 @@
 //! kernel keeps each (subject, destination) pair with its first record in
 //! `FLOW_CONTACTS_MISSED`, and the agent drains them to the learner (`--learn`), so that a
 //! workload that floods the ring with its own flows cannot hide a contact behind the flood.
-//! A pair that fitted in neither is counted in `LOST_FLOW_CONTACTS`. Each tenant's subjects
-//! may hold at most `capacity::CONTACTS_PER_TENANT` entries (`CONTACT_TENANTS`, counted by the
-//! kernel); the agent returns each entry it drains to its tenant (`CONTACT_TENANTS_DRAINED`,
-//! its own counter).
+//! A pair that fitted in neither is counted in `LOST_FLOW_CONTACTS`. The contacts of
+//! datagrams (`flow_flags::DATAGRAM`) are kept here too; each tenant's subjects may hold at
+//! most `capacity::CONTACTS_PER_TENANT` of them (`CONTACT_TENANTS`, counted by the kernel);
+//! the agent returns each one it drains to its tenant (`CONTACT_TENANTS_DRAINED`, its own
+//! counter), and sets that counter again at its start from what the map holds, so that counts
+//! an older agent, a crash mid-drain or a failed write left cannot shrink a share for good.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use enforcer_common::{capacity, maps, ContactKey, FlowRecord};
+use enforcer_common::{capacity, flow_flags, maps, ContactKey, FlowRecord};
 
 /// The pinned maps, opened once.
 pub struct MissedContacts {
     contacts: HashMap<MapData, ContactKey, FlowRecord>,
     drained: HashMap<MapData, u32, u64>,
+    /// Drained datagram contacts not yet written to `drained` (its write failed).
+    returning: BTreeMap<u32, u64>,
     lost: PerCpuArray<MapData, u64>,
     /// `LOST_FLOW_CONTACTS` (summed over CPUs) when last read.
     lost_seen: u64,
@@ -51,12 +55,39 @@ impl MissedContacts {
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let lost = PerCpuArray::try_from(Map::PerCpuArray(data))
             .with_context(|| format!("map {} has an unexpected type", maps::LOST_FLOW_CONTACTS))?;
-        Ok(MissedContacts {
+        let path = dir.join(maps::CONTACT_TENANTS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let taken: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))
+            .with_context(|| format!("map {} has an unexpected type", maps::CONTACT_TENANTS))?;
+        let mut missed = MissedContacts {
             contacts,
             drained,
+            returning: BTreeMap::new(),
             lost,
             lost_seen: 0,
-        })
+        };
+        missed.reconcile(&taken)?;
+        Ok(missed)
+    }
+
+    /// Sets each tenant's drained count to what it took less the datagram contacts the map
+    /// holds. The map is read first: a contact the kernel adds meanwhile is then counted as
+    /// drained too, which leaves the share one larger, never smaller.
+    fn reconcile(&mut self, taken: &HashMap<MapData, u32, u64>) -> Result<()> {
+        let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+        for record in self.contacts.iter().filter_map(Result::ok).map(|(_, r)| r) {
+            if record.flags & flow_flags::DATAGRAM != 0 {
+                *held.entry(record.tenant).or_default() += 1;
+            }
+        }
+        for (tenant, took) in taken.iter().filter_map(Result::ok) {
+            let drained = took.saturating_sub(held.get(&tenant).copied().unwrap_or(0));
+            self.drained
+                .insert(tenant, drained, 0)
+                .with_context(|| format!("writing {}", maps::CONTACT_TENANTS_DRAINED))?;
+        }
+        Ok(())
     }
 
     /// Takes every kept contact out of the map (at most its capacity per call). A pair the
@@ -74,7 +105,7 @@ impl MissedContacts {
             .collect();
         let mut out = Vec::with_capacity(keys.len());
         let mut failed = None;
-        let mut returned: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut returned = std::mem::take(&mut self.returning);
         for key in keys {
             let Ok(record) = self.contacts.get(&key, 0) else {
                 continue;
@@ -82,7 +113,10 @@ impl MissedContacts {
             match self.contacts.remove(&key) {
                 // The kernel inserts a pair only while it is absent, so this delete ends the
                 // insert that counted this record's tenant.
-                Ok(()) => *returned.entry(record.tenant).or_default() += 1,
+                Ok(()) if record.flags & flow_flags::DATAGRAM != 0 => {
+                    *returned.entry(record.tenant).or_default() += 1
+                }
+                Ok(()) => {}
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 // aya reports a key deleted meanwhile as the syscall's ENOENT.
                 Err(aya::maps::MapError::SyscallError(e))
@@ -99,14 +133,21 @@ impl MissedContacts {
             );
         }
         for (tenant, n) in returned {
-            let before = self.drained.get(&tenant, 0).unwrap_or(0);
-            if let Err(error) = self.drained.insert(tenant, before.wrapping_add(n), 0) {
-                // Left held: that tenant's share is smaller until a later drain writes it.
+            let before = match self.drained.get(&tenant, 0) {
+                Ok(count) => Ok(count),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(0),
+                Err(error) => Err(error),
+            };
+            let written =
+                before.and_then(|before| self.drained.insert(tenant, before.wrapping_add(n), 0));
+            if let Err(error) = written {
+                // Kept for the next drain: meanwhile that tenant's share is smaller.
                 tracing::error!(
                     tenant,
                     "returning {n} drained contacts to the tenant's share ({}): {error}",
                     maps::CONTACT_TENANTS_DRAINED
                 );
+                self.returning.insert(tenant, n);
             }
         }
         out
