@@ -102,9 +102,10 @@ static LOST_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 static FLOW_CONTACTS_MISSED: HashMap<ContactKey, FlowRecord> =
     HashMap::pinned(capacity::FLOW_CONTACTS_MISSED, 0);
 
-/// Tenant number -> its subjects' `FLOW_CONTACTS_MISSED` inserts (kernel: atomic adds), and
-/// those the agent drained (agent only): the tenant's share of that map, as `FLOW_TENANTS`
-/// for `FLOWS`. Entries are never deleted.
+/// Tenant number -> its subjects' datagram contacts inserted into `FLOW_CONTACTS_MISSED`
+/// (kernel: atomic adds), and those the agent drained (agent only, allocated per element as
+/// `FLOW_TENANTS_FORGOTTEN`): the tenant's share of that map, as `FLOW_TENANTS` for `FLOWS`.
+/// Entries are never deleted.
 #[map]
 static CONTACT_TENANTS: HashMap<u32, u64> = HashMap::pinned(capacity::FLOW_TENANTS, 0);
 #[map]

@@ -32,34 +32,10 @@ impl MissedContacts {
     /// this agent started are returned by the first [`MissedContacts::newly_lost`]. Errors: a
     /// map is missing or of another layout.
     pub fn open(dir: &Path) -> Result<MissedContacts> {
-        let path = dir.join(maps::FLOW_CONTACTS_MISSED);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let contacts = HashMap::try_from(Map::HashMap(data)).with_context(|| {
-            format!(
-                "map {} has an unexpected type or layout",
-                maps::FLOW_CONTACTS_MISSED
-            )
-        })?;
-        let path = dir.join(maps::CONTACT_TENANTS_DRAINED);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let drained = HashMap::try_from(Map::HashMap(data)).with_context(|| {
-            format!(
-                "map {} has an unexpected type",
-                maps::CONTACT_TENANTS_DRAINED
-            )
-        })?;
-        let path = dir.join(maps::LOST_FLOW_CONTACTS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let lost = PerCpuArray::try_from(Map::PerCpuArray(data))
-            .with_context(|| format!("map {} has an unexpected type", maps::LOST_FLOW_CONTACTS))?;
-        let path = dir.join(maps::CONTACT_TENANTS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let taken: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))
-            .with_context(|| format!("map {} has an unexpected type", maps::CONTACT_TENANTS))?;
+        let contacts = pinned(dir, maps::FLOW_CONTACTS_MISSED)?;
+        let drained = pinned(dir, maps::CONTACT_TENANTS_DRAINED)?;
+        let lost = pinned(dir, maps::LOST_FLOW_CONTACTS)?;
+        let taken: HashMap<MapData, u32, u64> = pinned(dir, maps::CONTACT_TENANTS)?;
         let mut missed = MissedContacts {
             contacts,
             drained,
@@ -165,4 +141,14 @@ impl MissedContacts {
         self.lost_seen = total;
         Ok(new)
     }
+}
+
+/// The map `name` pinned in `dir`, as `T`. Errors: missing, or of another type or layout.
+fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &str) -> Result<T> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let map = Map::from_map_data(data)
+        .with_context(|| format!("reading the type of map {}", path.display()))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
 }
