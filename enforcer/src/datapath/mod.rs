@@ -19,6 +19,7 @@ use ringbuf::RingReader;
 pub use ingress::IngressWriter;
 pub use links::{attached_programs, link_update, AttachReport, HookAttachment};
 pub use rates::RateWriter;
+pub(crate) use tables::open_typed;
 pub use tables::{
     kernel_stats, kernel_stats_with, lost_events, map_id, ApplyReport, Capacities,
     CapacityOverrides, ConfigView, DesiredState, Flip, KernelStats, MapContents, MapFill, Need,

@@ -301,6 +301,16 @@ pub(super) fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     Map::from_map_data(data).with_context(|| format!("reading the type of map {}", path.display()))
 }
 
+/// The map pinned as `name` under `dir`, as `T` (what [`typed!`] does inside this module).
+/// Errors: missing, or of another type or layout.
+pub(crate) fn open_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    dir: &Path,
+    name: &str,
+) -> Result<T> {
+    T::try_from(open_pinned(dir, name)?)
+        .with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
 macro_rules! typed {
     ($dir:expr, $name:expr) => {
         open_pinned($dir, $name)?

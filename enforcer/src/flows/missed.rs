@@ -13,8 +13,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use enforcer_common::{capacity, flow_flags, maps, ContactKey, FlowRecord};
+
+use crate::datapath::open_typed;
 
 /// The pinned maps, opened once.
 pub struct MissedContacts {
@@ -32,10 +34,10 @@ impl MissedContacts {
     /// this agent started are returned by the first [`MissedContacts::newly_lost`]. Errors: a
     /// map is missing or of another layout.
     pub fn open(dir: &Path) -> Result<MissedContacts> {
-        let contacts = pinned(dir, maps::FLOW_CONTACTS_MISSED)?;
-        let drained = pinned(dir, maps::CONTACT_TENANTS_DRAINED)?;
-        let lost = pinned(dir, maps::LOST_FLOW_CONTACTS)?;
-        let taken: HashMap<MapData, u32, u64> = pinned(dir, maps::CONTACT_TENANTS)?;
+        let contacts = open_typed(dir, maps::FLOW_CONTACTS_MISSED)?;
+        let drained = open_typed(dir, maps::CONTACT_TENANTS_DRAINED)?;
+        let lost = open_typed(dir, maps::LOST_FLOW_CONTACTS)?;
+        let taken: HashMap<MapData, u32, u64> = open_typed(dir, maps::CONTACT_TENANTS)?;
         let mut missed = MissedContacts {
             contacts,
             drained,
@@ -141,14 +143,4 @@ impl MissedContacts {
         self.lost_seen = total;
         Ok(new)
     }
-}
-
-/// The map `name` pinned in `dir`, as `T`. Errors: missing, or of another type or layout.
-fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &str) -> Result<T> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let map = Map::from_map_data(data)
-        .with_context(|| format!("reading the type of map {}", path.display()))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
 }
