@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 15;
+pub const ABI_VERSION: u32 = 16;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -58,6 +58,11 @@ pub mod maps {
     /// subflow's `connect()` and read at the MPTCP socket's release, which ends a record the
     /// subflow never armed (no callback of the subflow's reaches that release).
     pub const MPTCP_FIRST_SUBFLOW: &str = "MPTCP_FIRST_SUBFLOW";
+    /// Socket storage: a connected datagram socket's last judgment at `skb_egress` (the
+    /// `Config::generation` and `Config::flags_revision` it was made under, 16 bytes),
+    /// written at its first datagram through a device; the call is judged again when either
+    /// moves. Kernel-only.
+    pub const JUDGED_DATAGRAMS: &str = "JUDGED_DATAGRAMS";
     /// `PolicyKey` {claimed identity, local destination identity, port, protocol} -> allow:
     /// the ingress allowlist compiled from the same Cedar decisions as the policy table.
     pub const INGRESS_ALLOW: &str = "INGRESS_ALLOW";
@@ -103,7 +108,7 @@ pub mod maps {
     /// (`Config::flow_events_per_workload`).
     pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 32] = [
+    pub const ALL: [&str; 33] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -125,6 +130,7 @@ pub mod maps {
         FLOW_TENANTS_FORGOTTEN,
         WIRE_TAGS,
         MPTCP_FIRST_SUBFLOW,
+        JUDGED_DATAGRAMS,
         INGRESS_ALLOW,
         WIRE_PEERS,
         SPENT_TAGS,
@@ -710,6 +716,14 @@ pub struct Config {
     /// (see the kernel's `outside_node_netns`). 0 = not known: loopback is judged as any
     /// address.
     pub node_netns_cookie: u64,
+    /// Advanced (wrapping) by userspace each time it changes an identity's flags outside a
+    /// policy change: a quarantine set or lifted by hand, by `risk` or by a step-up, which
+    /// writes `IDENTITIES` alone and leaves `generation` as it is. A connected datagram
+    /// socket's judgment is kept per socket under (`generation`, this) by `skb_egress`, and
+    /// made again when either moves.
+    pub flags_revision: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.
@@ -999,7 +1013,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 const _: () = assert!(core::mem::size_of::<FlowRecord>() == 128);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 168);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);

@@ -440,6 +440,16 @@ fn audit_and_generation() -> (bool, u64) {
     }
 }
 
+/// `CONFIG.flags_revision` (see `martian::connected_datagram`); 0 without an entry.
+#[inline(always)]
+fn flags_revision() -> u32 {
+    match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe { read_volatile(&(*c).flags_revision) },
+        None => 0,
+    }
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa: *const bpf_sock_addr = ctx.sock_addr;

@@ -19,6 +19,15 @@
 //! datagrams are not: a socket-level load balancer rewrites them legitimately, see
 //! `egress`.)
 //!
+//! A connected datagram socket's connect outlived (`reason`s of the policy, as for a rewrite).
+//! The connect hooks judge a UDP socket's connect once; its later `send()`s run no hook, and
+//! ingress checks look at SYNs. Its datagrams kept going where policy no longer let it call:
+//! to a Kubernetes Service whose backends a tenant moved to another tenant's pod (kube-proxy
+//! then flushes the socket's conntrack entry and sends the next datagram to the new backend),
+//! to an address reused by another tenant's pod, after a policy change or a quarantine. Each
+//! such socket's call is judged again as a connect would be whenever the policy generation or
+//! an identity's flags moved since it was last judged (red-team reviews 43 M3 and 44 M2).
+//!
 //! At `cgroup_skb/egress` the output device is known (`__sk_buff::ifindex`) and the
 //! destination is the one on the wire, after any rewrite by netfilter. In the node's
 //! namespace loopback leaves through devices by design, and kube-proxy DNATs Service
@@ -29,7 +38,8 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
-    helpers::generated::bpf_skb_cgroup_id,
+    helpers::generated::{bpf_sk_fullsock, bpf_skb_cgroup_id},
+    macros::btf_map,
     programs::SkBuffContext,
 };
 use enforcer_common::{flags, hook, identity, proto, reason, verdict};
@@ -40,8 +50,27 @@ use crate::{
         load, skip_extension_headers, DROP, ETH_P_IP, ETH_P_IPV6, IPV4_HEADER_MIN, IPV6_HEADER,
         LOOPBACK_IFINDEX, PASS,
     },
-    Destination, Ruling, AF_INET, AF_INET6, FAMILY_V4, ZERO_WORD,
+    wire::SocketStorage,
+    Destination, Ruling, AF_INET, AF_INET6, FAMILY_V4, SOCK_DGRAM, ZERO_WORD,
 };
+
+/// What a connected datagram socket's last judgment by this program was made under; a
+/// socket gets its entry at its first datagram through a device (none for TCP, for
+/// unconnected sockets, nor for traffic over `lo`), freed with the socket.
+#[repr(C)]
+pub struct Judged {
+    /// `Config::generation`.
+    generation: u64,
+    /// `Config::flags_revision`.
+    flags_revision: u32,
+    /// Always zero.
+    _pad: u32,
+}
+
+/// The judgment of each connected datagram socket (see [`connected_datagram`]): kept on the
+/// socket, so that its datagrams cost one lookup while nothing a judgment reads has moved.
+#[btf_map]
+static JUDGED_DATAGRAMS: SocketStorage<Judged> = SocketStorage::new();
 
 /// The program's verdict on one outgoing packet: every packet through `lo`, and every packet
 /// of a pod that goes where its socket's connect was judged, or that the policy permits
@@ -62,10 +91,12 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     let Some(packet) = packet_destination(ctx, ethertype) else {
         return PASS;
     };
+    // SAFETY: one 8-byte context load.
+    let sk = unsafe { read_volatile(&(*skb).__bindgen_anon_2.sk) };
     // Plain values with sentinels, no `Option`s with payloads: LLVM fills the payload of a
     // `None` with whatever register it likes, and the verifier rejects reading that register
     // uninitialised.
-    let (to, port, connected) = connected_destination(ctx);
+    let (to, port, connected) = socket_destination(sk.cast_const());
     let martian = is_loopback(&packet.dst) || (connected && is_loopback(&to));
     // A connected socket's packet that goes to another address or port (the port read after
     // IPv4 options or known IPv6 extension headers). One whose port stays hidden (ESP, more
@@ -79,7 +110,13 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         && connected
         && (!same_address(&to, &packet.dst) || packet.dport == NO_PORT || packet.dport != port);
     if !martian && !translated {
-        return PASS;
+        // Where its connect was judged: a datagram socket's call is judged again there when
+        // what that judgment read has moved.
+        return if connected {
+            connected_datagram(ctx, sk, &to, port)
+        } else {
+            PASS
+        };
     }
     let dport = packet.dport;
     // SAFETY: the skb pointer is the program's context (the sending socket's).
@@ -126,6 +163,31 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
             Ruling::Refused { reason, audit, .. } => (destination, reason, audit),
         }
     };
+    let judged = Packet {
+        dst: packet.dst,
+        dport,
+        protocol: packet.protocol,
+    };
+    refuse(
+        &judged,
+        (cgroup_id, subject, destination),
+        reason,
+        audit,
+        generation,
+    )
+}
+
+/// Counts and reports a packet refused at this hook for `reason` (`audit`: let through,
+/// reported), as a call of (cgroup id, subject, destination) to `packet`'s address, port and
+/// protocol under `generation`; its verdict.
+#[inline(always)]
+fn refuse(
+    packet: &Packet,
+    (cgroup_id, subject, destination): (u64, u32, u32),
+    reason: u8,
+    audit: bool,
+    generation: u64,
+) -> i32 {
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
     count(hook::EGRESS, v, reason);
     crate::report::emit(&crate::report::Report {
@@ -135,7 +197,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         destination,
         daddr: packet.dst.addr,
         family: packet.dst.family,
-        dport,
+        dport: packet.dport,
         protocol: packet.protocol,
         hook: hook::EGRESS,
         verdict: v,
@@ -153,6 +215,122 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     }
 }
 
+/// The verdict on a packet of the connected socket `sk` (non-null) that goes where the socket
+/// is connected (`to`, `port`): a datagram socket's connect judged again, as `decide` would
+/// judge it now, when the policy generation or the identities' flags revision moved since its
+/// last judgment here (or it has none: its first datagram through a device, a socket that
+/// was connected before the programs were attached). A refused call is dropped (`send()`
+/// fails with `EPERM`) and reported with hook `egress`, the socket's address as the
+/// destination; audit lets it through, reported once. A socket of no known identity is
+/// refused as its connect would be now (`unknown_subject`; global audit lets it through):
+/// unlike a rewrite, which the judgment above lets pass for such a socket, the datagram is
+/// the call its connect made, and a workload removed from the policy makes none.
+/// Nothing is charged to a rate limit and no flow record changes: the agent's revocation
+/// pass reports a tracked one `flow.stale`.
+#[inline(always)]
+fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, port: u16) -> i32 {
+    // `type` and `protocol` are readable on a full socket only (the verifier refuses them on
+    // the `sock_common` pointer the context gives).
+    // SAFETY: `sk` is the context's non-null socket pointer, which the helper takes.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return PASS;
+    }
+    // SAFETY: a full socket; full 32-bit loads.
+    let (sock_type, protocol) = unsafe {
+        (
+            read_volatile(&(*full).type_),
+            read_volatile(&(*full).protocol),
+        )
+    };
+    if sock_type != SOCK_DGRAM {
+        return PASS;
+    }
+    // The revision first, then what it guards: the agent writes an identity's flags before it
+    // advances the revision, so a program that reads the new revision judges the new flags.
+    let (global_audit, generation) = crate::audit_and_generation();
+    let flags_revision = crate::flags_revision();
+    let judged = JUDGED_DATAGRAMS.get(full, None);
+    // SAFETY: a non-null value of the map's type, the socket's own.
+    if !judged.is_null()
+        && unsafe {
+            (*judged).generation == generation && (*judged).flags_revision == flags_revision
+        }
+    {
+        return PASS;
+    }
+    // SAFETY: the skb pointer is the program's context (the sending socket's).
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let slot_b = generation & 1 != 0;
+    let destination = crate::lookup_destination(to);
+    let subject = locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN);
+    let info = if subject == identity::UNKNOWN {
+        None
+    } else {
+        locked::identity_info(subject, slot_b)
+    };
+    let ruling = match &info {
+        Some(info) => crate::rule(
+            slot_b,
+            info,
+            destination,
+            port,
+            protocol as u8,
+            global_audit,
+            false,
+        ),
+        None => Ruling::Refused {
+            reason: reason::UNKNOWN_SUBJECT,
+            audit: global_audit,
+            destination_flags: 0,
+        },
+    };
+    if let Ruling::Refused { reason, audit, .. } = ruling {
+        let reported = if info.is_some() {
+            subject
+        } else {
+            identity::UNKNOWN
+        };
+        let call = Packet {
+            dst: Destination {
+                addr: to.addr,
+                family: to.family,
+            },
+            dport: port,
+            protocol: protocol as u8,
+        };
+        if refuse(
+            &call,
+            (cgroup_id, reported, destination),
+            reason,
+            audit,
+            generation,
+        ) == DROP
+        {
+            // Not kept: every datagram is judged until the call is permitted again.
+            return DROP;
+        }
+    }
+    let now = Judged {
+        generation,
+        flags_revision,
+        _pad: 0,
+    };
+    let judged = if judged.is_null() {
+        JUDGED_DATAGRAMS.get(full, Some(&now))
+    } else {
+        judged
+    };
+    if !judged.is_null() {
+        // SAFETY: as above.
+        unsafe {
+            (*judged).generation = generation;
+            (*judged).flags_revision = flags_revision;
+        }
+    }
+    PASS
+}
+
 /// Whether two destinations are one address (both as `six_or_mapped` gives them).
 #[inline(always)]
 fn same_address(a: &Destination, b: &Destination) -> bool {
@@ -168,22 +346,14 @@ const NO_PORT: u16 = 0;
 /// The fragment offset bits of IPv4's flags and fragment offset field.
 const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
-/// The remote address and port (host order) of the packet's socket (an IPv4-mapped address
-/// as its IPv4 one), and whether it is connected: a remote address or port is set (either
-/// alone counts: TCP connects to port 0, and a rewrite of such a connect must not pass as
-/// unconnected). Not connected: no socket, a listener (the kernel runs the program for a
-/// SYN-ACK with the listener, whose remote address is unset), an unconnected datagram
-/// socket. Only `sock_common` fields are read: the remote address and port mean the same
-/// for every protocol.
-#[inline(always)]
-fn connected_destination(ctx: &SkBuffContext) -> (Destination, u16, bool) {
-    let skb: *const __sk_buff = ctx.skb.skb;
-    // SAFETY: one 8-byte context load.
-    socket_destination(unsafe { read_volatile(&(*skb).__bindgen_anon_2.sk) }.cast_const())
-}
-
-/// [`connected_destination`] of the socket `sk` (null: none), a socket pointer from a program
-/// context (cgroup_skb's, sock_addr's).
+/// The remote address and port (host order) of the socket `sk` (null: none), a socket pointer
+/// from a program context (cgroup_skb's, sock_addr's; an IPv4-mapped address as its IPv4
+/// one), and whether it is connected: a remote address or port is set (either alone counts:
+/// TCP connects to port 0, and a rewrite of such a connect must not pass as unconnected). Not
+/// connected: no socket, a listener (the kernel runs the program for a SYN-ACK with the
+/// listener, whose remote address is unset), an unconnected datagram socket. Only
+/// `sock_common` fields are read: the remote address and port mean the same for every
+/// protocol.
 #[inline(always)]
 pub(crate) fn socket_destination(sk: *const bpf_sock) -> (Destination, u16, bool) {
     // SAFETY: the socket pointer may be null (checked), and its fields are readable on every

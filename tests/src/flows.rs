@@ -342,6 +342,26 @@ impl FlowClient {
         Self::spawn(None, cgroup, vec!["udp".to_string(), to.to_string()], true)
     }
 
+    /// [`FlowClient::udp`] inside network namespace `ns`, sending one datagram every 100 ms
+    /// while it holds the socket ([`FlowClient::next_send`] reads each send's outcome).
+    pub fn udp_ping(ns: &NetNs, cgroup: &TestCgroup, to: SocketAddr) -> Result<Self> {
+        let args = vec!["udp".to_string(), to.to_string(), "--ping".to_string()];
+        Self::spawn(Some(ns), cgroup, args, true)
+    }
+
+    /// The next send of a [`FlowClient::udp_ping`] client within `timeout`: its sequence
+    /// number and errno (0: sent).
+    pub fn next_send(&self, timeout: Duration) -> Option<(u64, i32)> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let v = self.lines.recv_timeout(left).ok()?;
+            if let (Some(seq), Some(errno)) = (v["seq"].as_u64(), v["errno"].as_i64()) {
+                return Some((seq, errno as i32));
+            }
+        }
+        None
+    }
+
     /// [`FlowClient::udp`], whose socket is then connected again to `refused`, a connect the
     /// kernel refuses after the hooks (a broadcast address without `SO_BROADCAST`): it stays
     /// connected to `to`.

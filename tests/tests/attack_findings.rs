@@ -1,21 +1,28 @@
 //! Findings of the attack pass after issue 6, each as the smallest real-kernel reproducer.
 //!
 //! Everything runs inside network namespaces the tests create (`atk-*`), so that 127.0.0.1
-//! and ::1 belong to the test alone. Addresses: 127.90.0.0/16 and `fd7e:5a::/64`.
+//! and ::1 belong to the test alone. Addresses: 127.90.0.0/16, `fd7e:5a::/64`, and
+//! `fd7e:5a:1::/64` on a veth between two of them.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
-use enforcer_tests::fixtures::{Entity, World, TENANT_ISOLATION_POLICIES};
+use anyhow::{ensure, Context, Result};
+use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file};
+use enforcer_tests::fixtures::{render_inventory, Entity, World, TENANT_ISOLATION_POLICIES};
+use enforcer_tests::flows::FlowClient;
 use enforcer_tests::servers::Proto;
-use enforcer_tests::{require_kernel, unique_name, NetNs, Outcome, Probe, Server};
+use enforcer_tests::util::wait_until;
+use enforcer_tests::{require_kernel, unique_name, NetNs, Outcome, Probe, Server, Veth};
 use serde_json::Value;
 
 /// This file's address range: 127.90.0.0/16 (and `fd7e:5a::/64`).
 const NET: u8 = 90;
 const PORT: u16 = 7400;
 const ACME_PORT: u16 = 7401;
+const WAIT: Duration = Duration::from_secs(10);
 
 /// A connected UDP socket that sends with ancillary data (`sendmsg()` with no address and an
 /// IP_TOS / IPV6_TCLASS control message, as QUIC stacks do for ECN) makes the kernel run
@@ -100,6 +107,189 @@ fn connected_udp_with_control_messages_is_judged_by_its_connect() -> Result<()> 
             .join("\n  ")
     );
     Ok(())
+}
+
+/// A connected UDP socket's connect was judged once; its later `send()`s ran no hook, so its
+/// datagrams kept going where the policy no longer let it call (red-team reviews 43 M3 and
+/// 44 M2): to a Service whose backends a tenant moved to another tenant's pod, to an address
+/// reused by another tenant, to anywhere after a quarantine. `skb_egress` now judges such a
+/// socket's call again whenever the policy generation or an identity's flags moved.
+///
+/// acme-app (in a namespace of the test's own, reaching two servers' addresses over a veth)
+/// connects a UDP socket to acme-db and sends a datagram every 100 ms; then the inventory
+/// gives that address to globex-db (the address reused by another tenant, as when a
+/// Service's backends change): the next sends fail with `EPERM`, none reaches the server,
+/// and one `tenant_mismatch` event with hook `egress` names globex-db; the address back to
+/// acme-db, the sends pass again; a quarantine by hand (which changes no policy generation)
+/// refuses them as `quarantined` until its release.
+#[test]
+fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let (app6, acme6, globex6): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+        "fd7e:5a:1::1".parse()?,
+        "fd7e:5a:1::10".parse()?,
+        "fd7e:5a:1::20".parse()?,
+    );
+    let port = PORT + 2;
+    let mut acme_db = Entity::endpoint(NET, "acme-db", "acme", "llm_api", 1, 20).port(
+        port,
+        Proto::Udp,
+        "connect",
+    );
+    acme_db.v6 = acme6;
+    let mut globex_db = Entity::endpoint(NET, "globex-db", "globex", "llm_api", 2, 20).port(
+        port,
+        Proto::Udp,
+        "connect",
+    );
+    globex_db.v6 = globex6;
+    let mut entities = vec![
+        Entity::workload(NET, "acme-app", "acme", "inference", 1, 2),
+        acme_db,
+        globex_db,
+    ];
+    let world = World::new(NET, entities.clone(), TENANT_ISOLATION_POLICIES)?;
+    let client_ns = NetNs::create(&unique_name("atk-c"))?;
+    let server_ns = NetNs::create(&unique_name("atk-s"))?;
+    let _veth = Veth::create(
+        &client_ns,
+        &[&format!("{app6}/64")],
+        &server_ns,
+        &[&format!("{acme6}/64"), &format!("{globex6}/64")],
+    )?;
+    let server = server_ns.run_in(|| UdpSocket::bind(SocketAddr::from((acme6, port))))??;
+    server.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let received = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (received, stop) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(8) = server.recv(&mut buf) {
+                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                    received.lock().unwrap().push(seq);
+                }
+            }
+        })
+    };
+    let result = (|| -> Result<()> {
+        let agent = world.start_agent()?;
+        first_applied_snapshot(&agent)?;
+        let client = FlowClient::udp_ping(
+            &client_ns,
+            world.cgroup("acme-app"),
+            SocketAddr::from((acme6, port)),
+        )?;
+        // Sends until one has the outcome wanted (`errno` 0 and the server got it, or the
+        // errno); returns its sequence number.
+        let until = |errno: i32, what: &str| -> Result<u64> {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut last = None;
+            while Instant::now() < deadline {
+                let Some((seq, e)) = client.next_send(Duration::from_secs(2)) else {
+                    break;
+                };
+                last = Some((seq, e));
+                if e == errno
+                    && (errno != 0
+                        || wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+                            received.lock().unwrap().contains(&seq)
+                        }))
+                {
+                    return Ok(seq);
+                }
+            }
+            anyhow::bail!("{what}: no send ended with errno {errno}; last {last:?}")
+        };
+        // Then the next sends keep that outcome.
+        let steady = |errno: i32, what: &str| -> Result<u64> {
+            let mut seq = 0;
+            for _ in 0..3 {
+                let (s, e) = client
+                    .next_send(Duration::from_secs(2))
+                    .with_context(|| format!("{what}: the client stopped sending"))?;
+                ensure!(
+                    e == errno,
+                    "{what}: send {s} ended with errno {e}, not {errno}"
+                );
+                seq = s;
+            }
+            Ok(seq)
+        };
+        until(0, "acme-app's datagrams to acme-db")?;
+
+        // The address now globex-db's: refused from the next datagram on.
+        let swapped = |acme: Ipv6Addr, globex: Ipv6Addr, entities: &mut Vec<Entity>| {
+            for e in entities.iter_mut() {
+                match e.name.as_str() {
+                    "acme-db" => e.v6 = acme,
+                    "globex-db" => e.v6 = globex,
+                    _ => {}
+                }
+            }
+            render_inventory(entities, &world.root.relative_str())
+        };
+        let inventory = swapped(globex6, acme6, &mut entities);
+        replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
+        let first = until(libc::EPERM, "after the address moved to globex-db")?;
+        let last = steady(libc::EPERM, "after the address moved to globex-db")?;
+        let through: Vec<u64> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|s| *s >= first)
+            .collect();
+        ensure!(
+            through.is_empty(),
+            "refused datagrams {first}..={last} reached the server: {through:?}"
+        );
+        let refused = |e: &Value, reason: &str, to: &str| {
+            e["hook"] == "egress"
+                && e["reason"] == reason
+                && e["subject"]["workload"] == "acme-app"
+                && e["destination"]["ip"] == acme6.to_string()
+                && e["destination"]["port"] == port
+                && e["destination"]["name"] == to
+        };
+        agent.wait_for(1, WAIT, |e| refused(e, "tenant_mismatch", "globex-db"))?;
+
+        // Back to acme-db: judged again, and permitted.
+        let inventory = swapped(acme6, globex6, &mut entities);
+        replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
+        until(0, "after the address came back to acme-db")?;
+        steady(0, "after the address came back to acme-db")?;
+
+        // A quarantine moves no policy generation; it refuses the socket's calls all the same.
+        let pins = world.pins.path().display().to_string();
+        let out = enforcer(&["quarantine", "add", "acme-app", "--pin-path", &pins])?;
+        ensure!(out.success(), "quarantine add: {out}");
+        until(libc::EPERM, "after the quarantine")?;
+        steady(libc::EPERM, "after the quarantine")?;
+        agent.wait_for(1, WAIT, |e| refused(e, "quarantined", "acme-db"))?;
+        let out = enforcer(&["quarantine", "release", "acme-app", "--pin-path", &pins])?;
+        ensure!(out.success(), "quarantine release: {out}");
+        until(0, "after the release")?;
+
+        // One event per refusal: no other packet of the test was judged again.
+        let events = agent.settled_events(Duration::from_millis(500), WAIT)?;
+        let others: Vec<&Value> = events
+            .iter()
+            .filter(|e| {
+                e["hook"] == "egress"
+                    && !refused(e, "tenant_mismatch", "globex-db")
+                    && !refused(e, "quarantined", "acme-db")
+            })
+            .collect();
+        ensure!(others.is_empty(), "other egress events: {others:?}");
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    result
 }
 
 /// `enforcer detach --state-dir DIR` deleted DIR recursively, whatever it held: a sloppy

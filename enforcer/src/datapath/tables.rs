@@ -1306,7 +1306,10 @@ impl Tables {
             .put(&cgroup_id, &identity::AGENT, maps::CGROUP_IDENTITY)
     }
 
-    /// Sets or clears flag bits of one identity (quarantine), leaving the rest as it is.
+    /// Sets or clears flag bits of one identity (quarantine), leaving the rest as it is, then
+    /// advances `CONFIG.flags_revision`: judgments the kernel keeps per connected datagram
+    /// socket (`skb_egress`) are made again. In that order, so that a program that reads the
+    /// new revision reads the new flags too.
     pub fn update_flags(&mut self, identity: u32, set: u32, clear: u32) -> Result<()> {
         self.mappings_shadow = None;
         let mut info = self
@@ -1314,7 +1317,10 @@ impl Tables {
             .get(&identity)
             .with_context(|| format!("identity {identity} is not in the kernel"))?;
         info.flags = (info.flags | set) & !clear;
-        self.identities.put(&identity, &info, maps::IDENTITIES)
+        self.identities.put(&identity, &info, maps::IDENTITIES)?;
+        self.update_config("flags_revision", |config| {
+            config.flags_revision = config.flags_revision.wrapping_add(1)
+        })
     }
 
     /// Identities whose kernel entry carries every one of the flags `all` (quarantine survives
@@ -1612,7 +1618,8 @@ pub struct MapFill {
     /// None for maps whose entries are not counted (arrays, the ring buffer, socket
     /// storage).
     pub entries: Option<u64>,
-    /// `max_entries`; None for socket storage (`WIRE_TAGS`, `MPTCP_FIRST_SUBFLOW`), which
+    /// `max_entries`; None for socket storage (`WIRE_TAGS`, `MPTCP_FIRST_SUBFLOW`,
+    /// `JUDGED_DATAGRAMS`), which
     /// holds one value per socket and has no capacity of its own.
     pub capacity: Option<u32>,
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork] [--bind-device NAME]
-//! flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE
+//! flow-client udp ADDR:PORT [--refused-then ADDR:PORT] [--ping] --hold STOPFILE
 //! flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE
 //! ```
 //!
@@ -14,7 +14,9 @@
 //! connects a UDP socket, sends one byte and holds it open until STOPFILE appears; with
 //! `--refused-then` it first connects the socket again, to an address the kernel must refuse
 //! after the connect hooks (a broadcast address without `SO_BROADCAST`: `EACCES`), which
-//! leaves it connected to ADDR:PORT (a second connect that succeeds is a usage error). Every run
+//! leaves it connected to ADDR:PORT (a second connect that succeeds is a usage error); with
+//! `--ping` it sends, while holding, one 8-byte datagram every 100 ms (a sequence number from
+//! 1, big-endian) and prints `{"seq":N,"errno":E}` for each (`errno` 0: sent). Every run
 //! ends with one line `{"end":"closed"|"aborted"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
 //! (`after_ms`: since the connection was up). With `--fork` the connecting process forks once
 //! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
@@ -48,7 +50,7 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
-    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE");
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] [--ping] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE");
     ExitCode::from(2)
 }
 
@@ -105,8 +107,9 @@ fn main() -> ExitCode {
                     _ => return usage(),
                 },
             };
+            let ping = args.iter().any(|a| a == "--ping");
             match hold {
-                Some(stop) => udp(addr, then, stop),
+                Some(stop) => udp(addr, then, ping, stop),
                 None => usage(),
             }
         }
@@ -252,7 +255,7 @@ fn tcp(
     ExitCode::SUCCESS
 }
 
-fn udp(addr: SocketAddr, then: Option<SocketAddr>, stop: PathBuf) -> ExitCode {
+fn udp(addr: SocketAddr, then: Option<SocketAddr>, ping: bool, stop: PathBuf) -> ExitCode {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -280,7 +283,27 @@ fn udp(addr: SocketAddr, then: Option<SocketAddr>, stop: PathBuf) -> ExitCode {
     };
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
     println!("{{\"up\":true,\"local\":\"{local}\"}}");
-    hold_sockets(s, &stop)
+    if !ping {
+        return hold_sockets(s, &stop);
+    }
+    let up = Instant::now();
+    let mut seq = 0u64;
+    while up.elapsed() < MAX_HOLD {
+        if stop.exists() {
+            drop(s);
+            end("closed", 0, up);
+            return ExitCode::SUCCESS;
+        }
+        seq += 1;
+        let errno = match s.send(&seq.to_be_bytes()) {
+            Ok(_) => 0,
+            Err(e) => e.raw_os_error().unwrap_or(-1),
+        };
+        println!("{{\"seq\":{seq},\"errno\":{errno}}}");
+        std::thread::sleep(POLL);
+    }
+    end("timeout", 0, up);
+    ExitCode::SUCCESS
 }
 
 /// Holds `sockets` (closed when dropped) until `stop` appears, at most [`MAX_HOLD`]; prints
