@@ -1179,6 +1179,15 @@ impl Agent {
         }
         problems.extend(self.unresolved.conflicts.iter().cloned());
         problems.extend(self.rate_problems.iter().cloned());
+        problems.extend(
+            crate::desired::cgroups_outside_root(
+                &self.compiled,
+                &self.cgroup_mount,
+                &self.cgroup_root,
+            )
+            .iter()
+            .map(ToString::to_string),
+        );
         problems
     }
 

@@ -121,6 +121,60 @@ fn without_cgroups(compiled: &Compiled, overrides: &Overrides) -> DesiredState {
     state
 }
 
+/// An inventory cgroup that is not at or under the agent's cgroup root: the programs are
+/// attached to the root alone, so the workload's processes there are never judged, whatever
+/// the inventory says (red-team review 40 M6: accepted without a word). Its `Display` is the
+/// problem line the agent reports (`cluster.problem`, `enforcer status`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CgroupOutsideRoot {
+    pub workload: String,
+    /// As the inventory gives it.
+    pub cgroup: String,
+    /// Relative to the cgroup mount, from `/`.
+    pub root: String,
+}
+
+impl std::fmt::Display for CgroupOutsideRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "workload {}: cgroup {} is outside the cgroup root {}: its processes are never judged (the programs are attached to the root only)",
+            self.workload, self.cgroup, self.root
+        )
+    }
+}
+
+/// Each inventory cgroup of `compiled` that is not at or under `cgroup_root` (both as
+/// [`crate::fs::cgroup_path`] gives them below `cgroup_mount`), in workload order. A path
+/// with `..`, which the inventory refuses, is skipped.
+pub fn cgroups_outside_root(
+    compiled: &Compiled,
+    cgroup_mount: &Path,
+    cgroup_root: &Path,
+) -> Vec<CgroupOutsideRoot> {
+    let root = cgroup_root
+        .strip_prefix(cgroup_mount)
+        .unwrap_or(cgroup_root);
+    let root = Path::new("/").join(root).display().to_string();
+    let mut outside = Vec::new();
+    for identity in compiled.identities() {
+        for relative in &identity.cgroups {
+            let Ok(path) = crate::fs::cgroup_path(cgroup_mount, relative) else {
+                continue;
+            };
+            if !path.starts_with(cgroup_root) {
+                outside.push(CgroupOutsideRoot {
+                    workload: identity.name.clone(),
+                    cgroup: relative.clone(),
+                    root: root.clone(),
+                });
+            }
+        }
+    }
+    outside.sort();
+    outside
+}
+
 /// cgroup ID -> subject identity, for every inventory cgroup that exists now and, with
 /// `pods`, every cgroup at or under the cgroup of each local pod of a cluster identity
 /// (`Identity::pod_uids`). A cgroup claimed by two identities is left out and reported in
@@ -372,6 +426,30 @@ mod tests {
         assert_eq!(cgroups.len(), 2);
         assert_eq!(cgroups[&id(&format!("{pod1}/{CID}"))], host);
         assert!(unresolved.pods.is_empty() && unresolved.conflicts.is_empty());
+
+        // Under a root of `kubepods`, the host agent's and the missing cgroup are outside
+        // (never judged: reported), the one inside a pod is not; a root of `host` holds
+        // `host/agent` only, and `hos` (a prefix of its name, not of its path) nothing.
+        let outside = |root: &str| -> Vec<String> {
+            cgroups_outside_root(&compiled, &mount.0, &mount.0.join(root))
+                .into_iter()
+                .map(|o| o.cgroup)
+                .collect()
+        };
+        assert_eq!(outside("kubepods"), ["host/agent", "missing/one"]);
+        assert_eq!(
+            outside("host"),
+            [format!("{pod1}/{CID}"), "missing/one".to_string()]
+        );
+        assert_eq!(outside("hos").len(), 3);
+        let first =
+            cgroups_outside_root(&compiled, &mount.0, &mount.0.join("kubepods"))[0].to_string();
+        assert!(
+            first.starts_with(
+                "workload host-agent: cgroup host/agent is outside the cgroup root /kubepods:"
+            ),
+            "{first}"
+        );
     }
 
     #[test]

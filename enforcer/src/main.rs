@@ -462,6 +462,10 @@ enum PolicyCommand {
         /// default: the capacities maps are created with).
         #[arg(long = "capacity", value_name = "KIND=N")]
         capacity: Vec<String>,
+        /// The agent's `--cgroup-root` (relative to the cgroup v2 mount): an inventory cgroup
+        /// outside it is an error, since the agent's programs never judge its processes.
+        #[arg(long = "cgroup-root", value_name = "PATH")]
+        cgroup_root: Option<String>,
     },
     /// Show the decision for one cell, the policies that determined it, and what the
     /// kernel's live table holds for it when an enforcer is pinned.
@@ -711,28 +715,60 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy {
-            command: PolicyCommand::Check { dir, capacity },
+            command:
+                PolicyCommand::Check {
+                    dir,
+                    capacity,
+                    cgroup_root,
+                },
         } => match Bundle::load(&dir) {
             Ok(bundle) => {
                 let capacity = capacity_overrides(&capacity)?.over(Default::default());
                 let compiled = bundle
                     .compile()
                     .with_context(|| format!("compiling {}", dir.display()))?;
-                let overflows = enforcer::desired::needs(&compiled).overflows(&capacity);
-                if !overflows.is_empty() {
-                    let inventory = &bundle.inventory().file;
-                    // At the inventory: it is what grows the maps.
-                    let line = std::fs::read_to_string(inventory)
-                        .ok()
-                        .and_then(|t| t.lines().position(|l| l.starts_with("workloads:")))
-                        .map_or(1, |i| i + 1);
-                    for overflow in &overflows {
-                        eprintln!("{}:{line}:1: error: {overflow}", inventory.display());
+                let inventory = &bundle.inventory().file;
+                let text = std::fs::read_to_string(inventory).unwrap_or_default();
+                // `line:column` of `containing` on the first line that starts with `prefix`
+                // (after indentation), else `1:1`.
+                let at = |prefix: &str, containing: &str| {
+                    text.lines()
+                        .enumerate()
+                        .find_map(|(i, l)| {
+                            let column = l.find(containing)?;
+                            l.trim_start()
+                                .starts_with(prefix)
+                                .then(|| format!("{}:{}", i + 1, column + 1))
+                        })
+                        .unwrap_or_else(|| "1:1".to_string())
+                };
+                // At the inventory: it is what grows the maps.
+                let workloads = at("workloads:", "workloads:");
+                let mut problems: Vec<String> = enforcer::desired::needs(&compiled)
+                    .overflows(&capacity)
+                    .into_iter()
+                    .map(|overflow| {
+                        format!("{}:{workloads}: error: {overflow}", inventory.display())
+                    })
+                    .collect();
+                if let Some(root) = cgroup_root {
+                    let mount = std::path::Path::new("/");
+                    let root = enforcer::fs::cgroup_path(mount, &root)
+                        .with_context(|| format!("--cgroup-root {root}"))?;
+                    for outside in enforcer::desired::cgroups_outside_root(&compiled, mount, &root)
+                    {
+                        let at = at("cgroups:", &outside.cgroup);
+                        problems.push(format!("{}:{at}: error: {outside}", inventory.display()));
+                    }
+                }
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("{problem}");
                     }
                     eprintln!(
                         "{}: {} problem(s); nothing was applied",
                         dir.display(),
-                        overflows.len()
+                        problems.len()
                     );
                     return Ok(ExitCode::FAILURE);
                 }

@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::cli::{
-    copy_bundle, enforcer, first_applied_snapshot, is_revision, line_of, CliOutput, StateDir,
+    copy_bundle, enforcer, first_applied_snapshot, is_revision, line_of, replace_file,
+    wait_notices, CliOutput, StateDir,
 };
 use enforcer_tests::fixtures::{
-    event_matches, standard_entities, World, TENANT_ISOLATION_POLICIES,
+    event_matches, render_inventory, standard_entities, Entity, World, TENANT_ISOLATION_POLICIES,
 };
 use enforcer_tests::probe::attempt;
 use enforcer_tests::servers::Proto;
-use enforcer_tests::{require_kernel, Agent, Outcome, Probe};
+use enforcer_tests::{require_kernel, unique_name, Agent, Outcome, Probe, TestCgroup};
 use serde_json::Value;
 
 const NET: u8 = 48;
@@ -429,6 +430,65 @@ fn status_reports_revision_counters_and_map_fill() -> Result<()> {
         problems.is_empty(),
         "map fill levels: {}\n{status:#}",
         problems.join("; ")
+    );
+    Ok(())
+}
+
+/// A workload whose inventory cgroup lies outside the agent's `--cgroup-root` is never judged
+/// (the programs are attached to the root), and was accepted without a word (red-team review
+/// 40 M6). `policy check --cgroup-root` refuses it at the cgroup's `file:line:column`; the
+/// agent, which still enforces the rest, reports it as a `cluster.problem` and in `enforcer
+/// status`.
+#[test]
+fn an_inventory_cgroup_outside_the_root_is_reported() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let net = NET + 2;
+    let entities = vec![
+        Entity::workload(net, "inside", "acme", "inference", 1, 1),
+        Entity::workload(net, "stray", "acme", "inference", 1, 2),
+    ];
+    let world = World::new(net, entities.clone(), TENANT_ISOLATION_POLICIES)?;
+    let elsewhere = TestCgroup::create(unique_name("enforcer-elsewhere"))?;
+    let root = world.root.relative_str();
+    let inventory = render_inventory(&entities, &root)
+        .replace(&format!("{root}/stray"), &elsewhere.relative_str());
+    replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
+    let (line, column) = inventory
+        .lines()
+        .enumerate()
+        .find_map(|(i, l)| Some((i + 1, l.find(&elsewhere.relative_str())? + 1)))
+        .context("the stray cgroup's line")?;
+    let bundle = world.bundle.path().display().to_string();
+    let want = format!(
+        "inventory.yaml:{line}:{column}: error: workload stray: cgroup {} is outside the cgroup root /{root}: its processes are never judged",
+        elsewhere.relative_str()
+    );
+    let out = enforcer(&["policy", "check", &bundle, "--cgroup-root", &root])?;
+    ensure!(
+        !out.success() && out.stderr.contains(&want) && out.stderr.contains("1 problem(s)"),
+        "policy check --cgroup-root: want {want:?}: {out}"
+    );
+    let out = enforcer(&["policy", "check", &bundle])?;
+    ensure!(out.success(), "policy check without a root: {out}");
+
+    let agent = world.start_agent()?;
+    first_applied_snapshot(&agent)?;
+    let said =
+        |p: &str| p.starts_with("workload stray: cgroup ") && p.contains("outside the cgroup root");
+    wait_notices(&agent, "cluster.problem", 1, Duration::from_secs(10), |e| {
+        e["problem"].as_str().is_some_and(said)
+    })?;
+    let status = agent.status()?;
+    let problems: Vec<&str> = status
+        .pointer("/agent/cluster_problems")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    ensure!(
+        problems.len() == 1 && said(problems[0]),
+        "status: {problems:?}"
     );
     Ok(())
 }
