@@ -724,9 +724,21 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         } => match Bundle::load(&dir) {
             Ok(bundle) => {
                 let capacity = capacity_overrides(&capacity)?.over(Default::default());
-                let compiled = bundle
-                    .compile()
-                    .with_context(|| format!("compiling {}", dir.display()))?;
+                let compiled = match bundle.compile() {
+                    Ok(compiled) => compiled,
+                    Err(error) => {
+                        // As a validation problem is printed: a port-budget error names its
+                        // policy's `file:line:column`, any other the bundle.
+                        match error {
+                            enforcer_policy::PolicyError::TooManyPortEntries { .. } => {
+                                eprintln!("{error}")
+                            }
+                            _ => eprintln!("{}: error: {error}", dir.display()),
+                        }
+                        eprintln!("{}: 1 problem(s); nothing was applied", dir.display());
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
                 let inventory = &bundle.inventory().file;
                 let text = std::fs::read_to_string(inventory).unwrap_or_default();
                 // `line:column` of `containing` on the first line that starts with `prefix`

@@ -475,3 +475,30 @@ fn files_that_are_not_read_are_errors() -> Result<()> {
     }
     Ok(())
 }
+
+/// A compile-stage error (a policy whose `context.port` test needs more kernel entries than a
+/// destination may take) is printed as a validation problem is: once, at the policy's
+/// `file:line:column`, with the summary line; it came out as `error: compiling DIR: FILE:L:C:
+/// error: ...`, with no summary (red-team review 40 M4).
+#[test]
+fn a_compile_stage_error_is_located_and_summarised() -> Result<()> {
+    let dir = copy_bundle(&demo_policies_dir())?;
+    let text = "@id(\"wide\")\nforbid (principal, action, resource)\nwhen { context.port > 1000 && context.port <= 60000 };\n";
+    std::fs::write(dir.path().join("wide.cedar"), text)?;
+    let (diags, stderr) = check_rejects(dir.path())?;
+    expect_at(
+        &diags,
+        "wide.cedar",
+        position(text, "context.port > 1000", 0),
+        "policy `wide` reads context.port in a way that needs",
+        &stderr,
+    )?;
+    ensure!(
+        diags.len() == 1
+            && !stderr.contains("compiling")
+            && stderr.matches(": error: ").count() == 1
+            && stderr.contains("1 problem(s); nothing was applied"),
+        "{stderr}"
+    );
+    Ok(())
+}
