@@ -778,6 +778,20 @@ impl Identities {
     pub fn by_name(&self, name: &str) -> Option<&Identity> {
         self.by_name.get(name).map(|&i| &self.list[i])
     }
+    /// The identity the kernel's IP cache gives `ip`: the one whose addresses hold it with
+    /// the longest prefix (a Service's own address included), else WORLD. What `policy
+    /// explain --to IP` judges.
+    pub fn at_address(&self, ip: &IpAddr) -> &Identity {
+        self.list
+            .iter()
+            .flat_map(|i| i.ips.iter().map(move |net| (net, i)))
+            .filter(|(net, _)| net.contains(ip))
+            .max_by_key(|(net, _)| net.prefix)
+            .map_or_else(
+                || self.by_name(WORLD_NAME).unwrap_or(&self.list[0]),
+                |(_, i)| i,
+            )
+    }
     pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
     }

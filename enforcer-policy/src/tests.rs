@@ -1659,3 +1659,23 @@ fn explain_says_when_audit_mode_lets_a_deny_through() {
         .unwrap();
     assert!(!e.audit && e.to_string().starts_with("DENY: "));
 }
+
+/// `policy explain --to IP` judges the identity the kernel's IP cache gives the address: the
+/// longest prefix that holds it, else WORLD (red-team review 40 M3: an address copied from a
+/// deny event was an unknown name).
+#[test]
+fn an_address_is_the_identity_of_its_longest_prefix() {
+    let inventory = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
+    let wide = inventory.replacen("ips: [127.10.2.53/32]", "ips: [127.10.2.0/24]", 1);
+    assert_ne!(wide, inventory, "fixture: the demo's 127.10.2.53/32");
+    let dir = demo_with("inventory.yaml", &wide);
+    let b = load(dir.path());
+    let at = |ip: &str| b.identities().at_address(&ip.parse().unwrap()).name.clone();
+    let wide_one = at("127.10.2.53");
+    assert_ne!(wide_one, "world");
+    assert_eq!(at("127.10.2.10"), "globex-vectors");
+    assert_eq!(at("127.10.2.99"), wide_one);
+    assert_eq!(at("127.10.9.9"), "world");
+    assert_eq!(at("8.8.8.8"), "world");
+    assert_eq!(at("::1"), "world");
+}

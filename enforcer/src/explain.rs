@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use enforcer_common::{flags, maps, IdentityInfo, PolicyKey};
 use enforcer_policy::{Bundle, Identities, Identity, Protocol};
 
@@ -29,9 +29,28 @@ pub fn run(
     if let Some(state) = crate::agent::read_state(state_dir) {
         crate::agent::apply_risk_overrides(&mut bundle, &state.risk_overrides);
     }
-    let explanation = bundle
-        .explain(from, to, port, protocol)
-        .context("explaining")?;
+    // An address, as a deny event shows it: judged as the identity the kernel gives it.
+    let to = match to.parse::<std::net::IpAddr>() {
+        Ok(ip) => {
+            let name = bundle.identities().at_address(&ip).name.clone();
+            println!("{ip} is {name} (the longest prefix that holds it, as the kernel's IP cache)");
+            name
+        }
+        Err(_) => to.to_string(),
+    };
+    let to = to.as_str();
+    let explanation = bundle.explain(from, to, port, protocol).map_err(|error| {
+        let error = anyhow::Error::new(error);
+        if bundle.identities().by_name(to).is_none() {
+            // A name that is not there: say what is.
+            error.context(format!(
+                "explaining: `--to` takes a workload, endpoint or Service name, an IP address, or one of {}",
+                enforcer_policy::identity::RESERVED_NAMES.join(", ")
+            ))
+        } else {
+            error.context("explaining")
+        }
+    })?;
     print!("{explanation}");
     let decision = bundle.decide(from, to, port, protocol)?;
 

@@ -470,11 +470,17 @@ enum PolicyCommand {
     /// Show the decision for one cell, the policies that determined it, and what the
     /// kernel's live table holds for it when an enforcer is pinned.
     Explain {
+        /// The policy bundle directory.
         dir: PathBuf,
+        /// The calling workload's name.
         #[arg(long)]
         from: String,
-        #[arg(long)]
+        /// The destination: a workload, endpoint or Service name, a reserved name (`world`,
+        /// `unidentified`, `host`, `remote-node`), or an IP address (judged as the identity
+        /// whose addresses hold it with the longest prefix, as the kernel's IP cache).
+        #[arg(long, value_name = "NAME|IP")]
         to: String,
+        /// The destination port.
         #[arg(long)]
         port: u16,
         #[arg(long, default_value = "tcp")]
