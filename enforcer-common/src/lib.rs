@@ -58,10 +58,10 @@ pub mod maps {
     /// subflow's `connect()` and read at the MPTCP socket's release, which ends a record the
     /// subflow never armed (no callback of the subflow's reaches that release).
     pub const MPTCP_FIRST_SUBFLOW: &str = "MPTCP_FIRST_SUBFLOW";
-    /// Socket storage: a connected datagram socket's last judgment at `skb_egress` (the
-    /// `Config::generation` and `Config::flags_revision` it was made under, 16 bytes),
-    /// written at its first datagram through a device; the call is judged again when either
-    /// moves. Kernel-only.
+    /// Socket storage: a connected UDP socket's call (what its last connect named, where the
+    /// socket was before, and the `Config::generation` and `Config::flags_revision` of its
+    /// last judgment; 56 bytes), written by `connect4`/`connect6` at each UDP connect they let
+    /// through; `skb_egress` judges the call again when either moves. Kernel-only.
     pub const JUDGED_DATAGRAMS: &str = "JUDGED_DATAGRAMS";
     /// `PolicyKey` {claimed identity, local destination identity, port, protocol} -> allow:
     /// the ingress allowlist compiled from the same Cedar decisions as the policy table.
@@ -716,11 +716,12 @@ pub struct Config {
     /// (see the kernel's `outside_node_netns`). 0 = not known: loopback is judged as any
     /// address.
     pub node_netns_cookie: u64,
-    /// Advanced (wrapping) by userspace each time it changes an identity's flags outside a
-    /// policy change: a quarantine set or lifted by hand, by `risk` or by a step-up, which
-    /// writes `IDENTITIES` alone and leaves `generation` as it is. A connected datagram
-    /// socket's judgment is kept per socket under (`generation`, this) by `skb_egress`, and
-    /// made again when either moves.
+    /// Advanced (wrapping) by userspace each time it changes what a judgment reads outside a
+    /// policy change, which leaves `generation` as it is: an identity's flags (a quarantine set
+    /// or lifted by hand, by `risk` or by a step-up, written to `IDENTITIES` alone), a cgroup
+    /// leaving its identity (the cgroup map's resync). A connected UDP socket's judgment is
+    /// kept per socket under (`generation`, this) by `skb_egress`, and made again when either
+    /// moves.
     pub flags_revision: u32,
     /// Always zero.
     pub _pad: u32,

@@ -469,6 +469,9 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let protocol = protocol as u8;
 
     let (global_audit, generation) = audit_and_generation();
+    // Before any identity is read: a UDP connect's call is kept under it (`martian::connect`).
+    let flags_revision = flags_revision();
+    let judged_under = (generation, flags_revision);
     let active_policy = (generation & 1) as u32;
     let generation = generation as u32;
 
@@ -651,6 +654,11 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     } else if connecting && full_protocol == IPPROTO_UDP {
         // A connected UDP socket that leaves a tracked destination for an untracked one.
         flows::connected_elsewhere(ctx, hook == hook::CONNECT6);
+    }
+    if connecting && full_protocol == IPPROTO_UDP {
+        // SAFETY: `sock_addr` is the context; `sk` is a pointer-sized context field.
+        let sk = unsafe { read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) };
+        martian::connect(sk, &dst, dport, destination_flags, judged_under);
     }
     if audited != NOT_AUDITED {
         v.reason = audited;

@@ -54,21 +54,38 @@ use crate::{
     Destination, Ruling, AF_INET, AF_INET6, FAMILY_V4, SOCK_DGRAM, ZERO_WORD,
 };
 
-/// What a connected datagram socket's last judgment by this program was made under; a
-/// socket gets its entry at its first datagram through a device (none for TCP, for
-/// unconnected sockets, nor for traffic over `lo`), freed with the socket.
+/// A connected datagram socket's call: what its last connect named (as the connect hooks
+/// judged it), where the socket was before that connect, and what its last judgment was made
+/// under. Written by `connect4`/`connect6` for each UDP connect they let through ([`connect`]),
+/// kept by this program; freed with the socket.
 #[repr(C)]
 pub struct Judged {
-    /// `Config::generation`.
+    /// `Config::generation` of the last judgment.
     generation: u64,
-    /// `Config::flags_revision`.
+    /// `Config::flags_revision` of the last judgment.
     flags_revision: u32,
+    /// The port the connect named (host order).
+    port: u16,
+    /// The socket's remote port before that connect.
+    before_port: u16,
+    /// The address the connect named (`Destination::addr`).
+    addr: [u32; 4],
+    /// The socket's remote address before that connect.
+    before: [u32; 4],
+    /// `Destination::family` of `addr`.
+    family: u8,
+    /// Of `before`; `NOWHERE` when the socket was not connected.
+    before_family: u8,
+    /// Non-zero: the named destination was a Kubernetes Service (`flags::SERVICE`) when judged,
+    /// whose address a socket load balancer may replace by a backend's at the connect.
+    service: u8,
     /// Always zero.
-    _pad: u32,
+    _pad: [u8; 5],
 }
 
-/// The judgment of each connected datagram socket (see [`connected_datagram`]): kept on the
-/// socket, so that its datagrams cost one lookup while nothing a judgment reads has moved.
+/// `Judged::before_family` of a socket that was connected nowhere.
+const NOWHERE: u8 = 0;
+
 #[btf_map]
 static JUDGED_DATAGRAMS: SocketStorage<Judged> = SocketStorage::new();
 
@@ -215,18 +232,62 @@ fn refuse(
     }
 }
 
+/// Notes the call a UDP `connect()` makes, which `decide` let through (permitted, or audited)
+/// under `generation` and `flags_revision` (read before the identities it judged): `dst` and
+/// `dport` as judged, `destination_flags` the destination's.
+/// One socket-storage value per connected UDP socket (allocated at its first connect; no value
+/// when that fails: [`connected_datagram`] then judges where the socket is).
+#[inline(always)]
+pub(crate) fn connect(
+    sk: *mut bpf_sock,
+    dst: &Destination,
+    dport: u16,
+    destination_flags: u32,
+    (generation, flags_revision): (u64, u32),
+) {
+    if sk.is_null() {
+        return;
+    }
+    let (before, before_port, connected) = socket_destination(sk.cast_const());
+    let call = Judged {
+        generation,
+        flags_revision,
+        port: dport,
+        before_port,
+        addr: dst.addr,
+        before: before.addr,
+        family: dst.family,
+        before_family: if connected { before.family } else { NOWHERE },
+        service: u8::from(destination_flags & flags::SERVICE != 0),
+        _pad: [0; 5],
+    };
+    let slot = JUDGED_DATAGRAMS.get(sk, Some(&call));
+    if !slot.is_null() {
+        // SAFETY: the socket's own value, of the map's type.
+        unsafe { *slot = call };
+    }
+}
+
 /// The verdict on a packet of the connected socket `sk` (non-null) that goes where the socket
-/// is connected (`to`, `port`): a datagram socket's connect judged again, as `decide` would
-/// judge it now, when the policy generation or the identities' flags revision moved since its
-/// last judgment here (or it has none: its first datagram through a device, a socket that
-/// was connected before the programs were attached). A refused call is dropped (`send()`
-/// fails with `EPERM`) and reported with hook `egress`, the socket's address as the
-/// destination; audit lets it through, reported once. A socket of no known identity is
-/// refused as its connect would be now (`unknown_subject`; global audit lets it through):
-/// unlike a rewrite, which the judgment above lets pass for such a socket, the datagram is
-/// the call its connect made, and a workload removed from the policy makes none.
-/// Nothing is charged to a rate limit and no flow record changes: the agent's revocation
-/// pass reports a tracked one `flow.stale`.
+/// is connected (`to`, `port`): a UDP socket's call judged again, as `decide` would judge it
+/// now, when the policy generation or the identities' flags revision moved since its last
+/// judgment. Which call:
+/// - the one its last connect named (what `decide` judged), when the socket is there, or when
+///   that was a Service and the socket is elsewhere but where it was before: a socket load
+///   balancer (Cilium's, Calico's eBPF, whose connect programs run after ours) connected it
+///   to a backend, which is not judged (its Service was);
+/// - else where the socket is, at once: the kernel refused the last connect after the hooks
+///   (a broadcast address, a device without a route: the socket stays where it was), or the
+///   socket was connected before the programs were attached (no value). A permitted one
+///   becomes the socket's call.
+///
+/// A refused call is dropped (`send()` fails with `EPERM`) and reported with hook `egress`;
+/// audit lets it through, reported once. A socket of no known identity is refused as its
+/// connect would be now (`unknown_subject`; global audit lets it through): unlike a
+/// rewrite, which the judgment above lets pass for such a socket, the datagram is the call its
+/// connect made, and a workload removed from the policy makes none. Nothing is charged to a
+/// rate limit and no flow record changes: the agent's revocation pass reports a tracked one
+/// `flow.stale`.
 #[inline(always)]
 fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, port: u16) -> i32 {
     // `type` and `protocol` are readable on a full socket only (the verifier refuses them on
@@ -250,19 +311,62 @@ fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, 
     // advances the revision, so a program that reads the new revision judges the new flags.
     let (global_audit, generation) = crate::audit_and_generation();
     let flags_revision = crate::flags_revision();
-    let judged = JUDGED_DATAGRAMS.get(full, None);
-    // SAFETY: a non-null value of the map's type, the socket's own.
-    if !judged.is_null()
+    let call = JUDGED_DATAGRAMS.get(full, None);
+    // Which call is judged, and whether the socket's value names it (see above). Sentinels,
+    // no `Option` of a reference: the value is the verifier's map-value pointer.
+    let (named, there) = if call.is_null() {
+        (false, false)
+    } else {
+        // SAFETY: the socket's own value, of the map's type.
+        unsafe {
+            let named = Destination {
+                addr: (*call).addr,
+                family: (*call).family,
+            };
+            let before = Destination {
+                addr: (*call).before,
+                family: (*call).before_family,
+            };
+            let there = same_address(to, &named) && port == (*call).port;
+            let balanced = (*call).service != 0
+                && !((*call).before_family != NOWHERE
+                    && same_address(to, &before)
+                    && port == (*call).before_port);
+            (there || balanced, there)
+        }
+    };
+    if named
+        // SAFETY: as above (non-null when `named`).
         && unsafe {
-            (*judged).generation == generation && (*judged).flags_revision == flags_revision
+            (*call).generation == generation && (*call).flags_revision == flags_revision
         }
     {
         return PASS;
     }
+    // SAFETY: as above.
+    let (judged, judged_port) = if named && !there {
+        unsafe {
+            (
+                Destination {
+                    addr: (*call).addr,
+                    family: (*call).family,
+                },
+                (*call).port,
+            )
+        }
+    } else {
+        (
+            Destination {
+                addr: to.addr,
+                family: to.family,
+            },
+            port,
+        )
+    };
     // SAFETY: the skb pointer is the program's context (the sending socket's).
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let slot_b = generation & 1 != 0;
-    let destination = crate::lookup_destination(to);
+    let destination = crate::lookup_destination(&judged);
     let subject = locked::subject_of(cgroup_id).unwrap_or(identity::UNKNOWN);
     let info = if subject == identity::UNKNOWN {
         None
@@ -274,7 +378,7 @@ fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, 
             slot_b,
             info,
             destination,
-            port,
+            judged_port,
             protocol as u8,
             global_audit,
             false,
@@ -285,48 +389,56 @@ fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, 
             destination_flags: 0,
         },
     };
-    if let Ruling::Refused { reason, audit, .. } = ruling {
-        let reported = if info.is_some() {
-            subject
-        } else {
-            identity::UNKNOWN
-        };
-        let call = Packet {
-            dst: Destination {
-                addr: to.addr,
-                family: to.family,
-            },
-            dport: port,
-            protocol: protocol as u8,
-        };
-        if refuse(
-            &call,
-            (cgroup_id, reported, destination),
+    let destination_flags = match ruling {
+        Ruling::Unjudged => 0,
+        Ruling::Permitted(destination_flags) => destination_flags,
+        Ruling::Refused {
             reason,
             audit,
-            generation,
-        ) == DROP
-        {
-            // Not kept: every datagram is judged until the call is permitted again.
-            return DROP;
+            destination_flags,
+        } => {
+            let reported = if info.is_some() {
+                subject
+            } else {
+                identity::UNKNOWN
+            };
+            let packet = Packet {
+                dst: Destination {
+                    addr: judged.addr,
+                    family: judged.family,
+                },
+                dport: judged_port,
+                protocol: protocol as u8,
+            };
+            if refuse(
+                &packet,
+                (cgroup_id, reported, destination),
+                reason,
+                audit,
+                generation,
+            ) == DROP
+            {
+                // Not kept: every datagram is judged until the call is permitted again.
+                return DROP;
+            }
+            destination_flags
         }
-    }
-    let now = Judged {
-        generation,
-        flags_revision,
-        _pad: 0,
     };
-    let judged = if judged.is_null() {
-        JUDGED_DATAGRAMS.get(full, Some(&now))
-    } else {
-        judged
-    };
-    if !judged.is_null() {
+    if named {
         // SAFETY: as above.
         unsafe {
-            (*judged).generation = generation;
-            (*judged).flags_revision = flags_revision;
+            (*call).generation = generation;
+            (*call).flags_revision = flags_revision;
         }
+    } else {
+        // Where the socket is: its call from now on, as a connect there would have made it.
+        connect(
+            full,
+            &judged,
+            judged_port,
+            destination_flags,
+            (generation, flags_revision),
+        );
     }
     PASS
 }

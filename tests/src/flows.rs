@@ -349,17 +349,58 @@ impl FlowClient {
         Self::spawn(Some(ns), cgroup, args, true)
     }
 
-    /// The next send of a [`FlowClient::udp_ping`] client within `timeout`: its sequence
-    /// number and errno (0: sent).
-    pub fn next_send(&self, timeout: Duration) -> Option<(u64, i32)> {
+    /// [`FlowClient::udp_ping`] that, once [`FlowClient::reconnect`] asks, connects its socket
+    /// again to `refused`, a connect the kernel must refuse after the hooks (the socket stays
+    /// connected to `to`), and goes on sending to `to`.
+    pub fn udp_ping_refused_later(
+        ns: &NetNs,
+        cgroup: &TestCgroup,
+        to: SocketAddr,
+        refused: SocketAddr,
+    ) -> Result<Self> {
+        let args = vec![
+            "udp".to_string(),
+            to.to_string(),
+            "--refused-then".to_string(),
+            refused.to_string(),
+            "--later".to_string(),
+            "--ping".to_string(),
+        ];
+        Self::spawn(Some(ns), cgroup, args, true)
+    }
+
+    /// Asks a [`FlowClient::udp_ping_refused_later`] client for its refused connect; returns
+    /// that connect's errno (0: not refused) once it printed it.
+    pub fn reconnect(&self) -> Result<i32> {
+        std::fs::File::create(self.dir.path().join("reconnect"))?;
+        self.next_line_with(Duration::from_secs(10), |v| v["refused"].as_i64())
+            .map(|errno| errno as i32)
+            .context("flow-client did not make its refused connect within 10 s")
+    }
+
+    /// The first of the client's next lines within `timeout` that `pick` takes (the lines
+    /// before it are dropped).
+    fn next_line_with<T>(
+        &self,
+        timeout: Duration,
+        pick: impl Fn(&Value) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             let v = self.lines.recv_timeout(left).ok()?;
-            if let (Some(seq), Some(errno)) = (v["seq"].as_u64(), v["errno"].as_i64()) {
-                return Some((seq, errno as i32));
+            if let Some(picked) = pick(&v) {
+                return Some(picked);
             }
         }
         None
+    }
+
+    /// The next send of a [`FlowClient::udp_ping`] client within `timeout`: its sequence
+    /// number and errno (0: sent).
+    pub fn next_send(&self, timeout: Duration) -> Option<(u64, i32)> {
+        self.next_line_with(timeout, |v| {
+            Some((v["seq"].as_u64()?, v["errno"].as_i64()? as i32))
+        })
     }
 
     /// [`FlowClient::udp`], whose socket is then connected again to `refused`, a connect the
@@ -477,15 +518,7 @@ impl FlowClient {
 
     /// The client's end line, if the connection ended within `timeout` (`None`: still up).
     pub fn ended_within(&self, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(v) if v.get("end").is_some() => return Some(v),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
+        self.next_line_with(timeout, |v| v.get("end").is_some().then(|| v.clone()))
     }
 
     /// Asks a holding client to close its connection cleanly; returns its end line.

@@ -145,10 +145,19 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
         "connect",
     );
     globex_db.v6 = globex6;
+    // Where the client's namespace has no route.
+    let far6: Ipv6Addr = "fd7e:5b::1".parse()?;
+    let mut acme_far = Entity::endpoint(NET, "acme-far", "acme", "llm_api", 1, 30).port(
+        port,
+        Proto::Udp,
+        "connect",
+    );
+    acme_far.v6 = far6;
     let mut entities = vec![
         Entity::workload(NET, "acme-app", "acme", "inference", 1, 2),
         acme_db,
         globex_db,
+        acme_far,
     ];
     let world = World::new(NET, entities.clone(), TENANT_ISOLATION_POLICIES)?;
     let client_ns = NetNs::create(&unique_name("atk-c"))?;
@@ -163,7 +172,15 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
     server.set_read_timeout(Some(Duration::from_millis(100)))?;
     let received = Arc::new(Mutex::new(Vec::<u64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
+    // Stops the reader however the test ends (a panic included); the socket goes with it.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop = Stop(stop.clone());
+    let _reader = {
         let (received, stop) = (received.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 16];
@@ -185,7 +202,7 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
         )?;
         // Sends until one has the outcome wanted (`errno` 0 and the server got it, or the
         // errno); returns its sequence number.
-        let until = |errno: i32, what: &str| -> Result<u64> {
+        let until = |client: &FlowClient, errno: i32, what: &str| -> Result<u64> {
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut last = None;
             while Instant::now() < deadline {
@@ -205,7 +222,7 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
             anyhow::bail!("{what}: no send ended with errno {errno}; last {last:?}")
         };
         // Then the next sends keep that outcome.
-        let steady = |errno: i32, what: &str| -> Result<u64> {
+        let steady = |client: &FlowClient, errno: i32, what: &str| -> Result<u64> {
             let mut seq = 0;
             for _ in 0..3 {
                 let (s, e) = client
@@ -219,7 +236,7 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
             }
             Ok(seq)
         };
-        until(0, "acme-app's datagrams to acme-db")?;
+        until(&client, 0, "acme-app's datagrams to acme-db")?;
 
         // The address now globex-db's: refused from the next datagram on.
         let swapped = |acme: Ipv6Addr, globex: Ipv6Addr, entities: &mut Vec<Entity>| {
@@ -234,8 +251,8 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
         };
         let inventory = swapped(globex6, acme6, &mut entities);
         replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
-        let first = until(libc::EPERM, "after the address moved to globex-db")?;
-        let last = steady(libc::EPERM, "after the address moved to globex-db")?;
+        let first = until(&client, libc::EPERM, "after the address moved to globex-db")?;
+        let last = steady(&client, libc::EPERM, "after the address moved to globex-db")?;
         let through: Vec<u64> = received
             .lock()
             .unwrap()
@@ -260,21 +277,47 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
         // Back to acme-db: judged again, and permitted.
         let inventory = swapped(acme6, globex6, &mut entities);
         replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
-        until(0, "after the address came back to acme-db")?;
-        steady(0, "after the address came back to acme-db")?;
+        until(&client, 0, "after the address came back to acme-db")?;
+        steady(&client, 0, "after the address came back to acme-db")?;
 
         // A quarantine moves no policy generation; it refuses the socket's calls all the same.
         let pins = world.pins.path().display().to_string();
         let out = enforcer(&["quarantine", "add", "acme-app", "--pin-path", &pins])?;
         ensure!(out.success(), "quarantine add: {out}");
-        until(libc::EPERM, "after the quarantine")?;
-        steady(libc::EPERM, "after the quarantine")?;
+        until(&client, libc::EPERM, "after the quarantine")?;
+        steady(&client, libc::EPERM, "after the quarantine")?;
         agent.wait_for(1, WAIT, |e| refused(e, "quarantined", "acme-db"))?;
         let out = enforcer(&["quarantine", "release", "acme-app", "--pin-path", &pins])?;
         ensure!(out.success(), "quarantine release: {out}");
-        until(0, "after the release")?;
+        until(&client, 0, "after the release")?;
+        drop(client);
 
-        // One event per refusal: no other packet of the test was judged again.
+        // The same move, then a trick: the socket connects again to acme-far, which the hooks
+        // permit and the kernel refuses (no route there), so it stays at the refused address;
+        // that permitted connect must not stand in for where the socket is.
+        received.lock().unwrap().clear();
+        let client = FlowClient::udp_ping_refused_later(
+            &client_ns,
+            world.cgroup("acme-app"),
+            SocketAddr::from((acme6, port)),
+            SocketAddr::from((far6, port)),
+        )?;
+        until(&client, 0, "a second socket to acme-db")?;
+        let inventory = swapped(globex6, acme6, &mut entities);
+        replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
+        until(&client, libc::EPERM, "the second socket, after the move")?;
+        let errno = client.reconnect()?;
+        ensure!(
+            errno == libc::ENETUNREACH,
+            "the connect to acme-far: errno {errno}, want ENETUNREACH"
+        );
+        steady(
+            &client,
+            libc::EPERM,
+            "after the permitted connect the kernel refused",
+        )?;
+
+        // No other packet of the test was judged again.
         let events = agent.settled_events(Duration::from_millis(500), WAIT)?;
         let others: Vec<&Value> = events
             .iter()
@@ -287,8 +330,6 @@ fn a_connected_udp_socket_is_judged_again_when_the_policy_moves() -> Result<()> 
         ensure!(others.is_empty(), "other egress events: {others:?}");
         Ok(())
     })();
-    stop.store(true, Ordering::Relaxed);
-    let _ = reader.join();
     result
 }
 

@@ -1239,6 +1239,12 @@ impl Tables {
             .filter(|k| !cgroups.contains_key(k))
             .copied()
             .collect();
+        // A cgroup that leaves its identity: what the kernel judged for its sockets may no
+        // longer hold (`CONFIG.flags_revision`, advanced below). A new cgroup is no such change.
+        let moved = !stale.is_empty()
+            || cgroups
+                .iter()
+                .any(|(k, v)| current.get(k).is_some_and(|now| now != v));
         // On failure the shadow stays `None`: the map holds part of the change.
         remove(&mut self.cgroup_identity, &stale, maps::CGROUP_IDENTITY)?;
         write_changed(
@@ -1251,7 +1257,18 @@ impl Tables {
             shadow.cgroups = cgroups.iter().map(|(k, v)| (*k, *v)).collect();
             self.mappings_shadow = Some(shadow);
         }
+        if moved {
+            self.advance_flags_revision()?;
+        }
         Ok(())
+    }
+
+    /// Advances `CONFIG.flags_revision` (wrapping): the judgments the kernel keeps per connected
+    /// UDP socket (`skb_egress`) are made again.
+    fn advance_flags_revision(&mut self) -> Result<()> {
+        self.update_config("flags_revision", |config| {
+            config.flags_revision = config.flags_revision.wrapping_add(1)
+        })
     }
 
     /// Writes one subject's re-evaluated row (a risk change): the active table with `added`
@@ -1318,9 +1335,7 @@ impl Tables {
             .with_context(|| format!("identity {identity} is not in the kernel"))?;
         info.flags = (info.flags | set) & !clear;
         self.identities.put(&identity, &info, maps::IDENTITIES)?;
-        self.update_config("flags_revision", |config| {
-            config.flags_revision = config.flags_revision.wrapping_add(1)
-        })
+        self.advance_flags_revision()
     }
 
     /// Identities whose kernel entry carries every one of the flags `all` (quarantine survives

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--fork] [--bind-device NAME]
-//! flow-client udp ADDR:PORT [--refused-then ADDR:PORT] [--ping] --hold STOPFILE
+//! flow-client udp ADDR:PORT [--refused-then ADDR:PORT [--later]] [--ping] --hold STOPFILE
 //! flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE
 //! ```
 //!
@@ -16,7 +16,9 @@
 //! after the connect hooks (a broadcast address without `SO_BROADCAST`: `EACCES`), which
 //! leaves it connected to ADDR:PORT (a second connect that succeeds is a usage error); with
 //! `--ping` it sends, while holding, one 8-byte datagram every 100 ms (a sequence number from
-//! 1, big-endian) and prints `{"seq":N,"errno":E}` for each (`errno` 0: sent). Every run
+//! 1, big-endian) and prints `{"seq":N,"errno":E}` for each (`errno` 0: sent); with `--later`
+//! the refused connect is made only once a file `reconnect` appears beside STOPFILE, while
+//! pinging, and prints `{"refused":ERRNO}` (0: it was not refused). Every run
 //! ends with one line `{"end":"closed"|"aborted"|"eof"|"error"|"timeout","errno":N,"after_ms":N}`
 //! (`after_ms`: since the connection was up). With `--fork` the connecting process forks once
 //! the connection is up, prints `{"forked":PID}` and exits: the child (same cgroup and network
@@ -50,7 +52,7 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
-    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT] [--ping] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE");
+    eprintln!("usage: flow-client tcp ADDR:PORT SEND RECV [--hold STOPFILE] [--connect-timeout-ms MS] | flow-client udp ADDR:PORT [--refused-then ADDR:PORT [--later]] [--ping] --hold STOPFILE | flow-client udp-race ADDR:PORT OTHER:PORT ROUNDS [--crowd N TO:PORT] --hold STOPFILE");
     ExitCode::from(2)
 }
 
@@ -108,8 +110,17 @@ fn main() -> ExitCode {
                 },
             };
             let ping = args.iter().any(|a| a == "--ping");
+            // With `--later`, the refused connect waits for its trigger (pinging only).
+            let (then, later) = if args.iter().any(|a| a == "--later") {
+                if !ping {
+                    return usage();
+                }
+                (None, then)
+            } else {
+                (then, None)
+            };
             match hold {
-                Some(stop) => udp(addr, then, ping, stop),
+                Some(stop) => udp(addr, then, later, ping, stop),
                 None => usage(),
             }
         }
@@ -255,7 +266,13 @@ fn tcp(
     ExitCode::SUCCESS
 }
 
-fn udp(addr: SocketAddr, then: Option<SocketAddr>, ping: bool, stop: PathBuf) -> ExitCode {
+fn udp(
+    addr: SocketAddr,
+    then: Option<SocketAddr>,
+    mut later: Option<SocketAddr>,
+    ping: bool,
+    stop: PathBuf,
+) -> ExitCode {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -293,6 +310,14 @@ fn udp(addr: SocketAddr, then: Option<SocketAddr>, ping: bool, stop: PathBuf) ->
             drop(s);
             end("closed", 0, up);
             return ExitCode::SUCCESS;
+        }
+        if let Some(then) = later.filter(|_| stop.with_file_name("reconnect").exists()) {
+            later = None;
+            let errno = match s.connect(then) {
+                Ok(()) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{{\"refused\":{errno}}}");
         }
         seq += 1;
         let errno = match s.send(&seq.to_be_bytes()) {
