@@ -723,8 +723,11 @@ pub struct Config {
     /// kept per socket under (`generation`, this) by `skb_egress`, and made again when either
     /// moves.
     pub flags_revision: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// Non-zero (`enforcer run --socket-lb`): a socket load balancer rewrites connects after
+    /// the enforcer's hooks, so a connected UDP socket elsewhere than the Kubernetes Service
+    /// its connect named (and than where it was before) is taken as at one of its backends,
+    /// and judged as that Service. Zero: it is judged where it is.
+    pub socket_lb: u32,
 }
 
 /// One denied (or audited) call, as written to the `EVENTS` ring buffer.

@@ -450,6 +450,16 @@ fn flags_revision() -> u32 {
     }
 }
 
+/// `CONFIG.socket_lb` (see `martian::connected_datagram`); false without an entry.
+#[inline(always)]
+fn socket_lb() -> bool {
+    match CONFIG.get_ptr(SINGLE_ENTRY) {
+        // SAFETY: array values are always present and valid for reads.
+        Some(c) => unsafe { read_volatile(&(*c).socket_lb) != 0 },
+        None => false,
+    }
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa: *const bpf_sock_addr = ctx.sock_addr;

@@ -272,10 +272,10 @@ pub(crate) fn connect(
 /// is connected (`to`, `port`): a UDP socket's call judged again, as `decide` would judge it
 /// now, when the policy generation or the identities' flags revision moved since its last
 /// judgment. Which call:
-/// - the one its last connect named (what `decide` judged), when the socket is there, or when
-///   that was a Service and the socket is elsewhere but where it was before: a socket load
-///   balancer (Cilium's, Calico's eBPF, whose connect programs run after ours) connected it
-///   to a backend, which is not judged (its Service was);
+/// - the one its last connect named (what `decide` judged), when the socket is there, or,
+///   with `CONFIG.socket_lb`, when that was a Service and the socket is elsewhere but where it
+///   was before: a socket load balancer (Cilium's, Calico's eBPF, whose connect programs run
+///   after ours) connected it to a backend, which is not judged (its Service was);
 /// - else where the socket is, at once: the kernel refused the last connect after the hooks
 ///   (a broadcast address, a device without a route: the socket stays where it was), or the
 ///   socket was connected before the programs were attached (no value). A permitted one
@@ -328,10 +328,15 @@ fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, 
                 family: (*call).before_family,
             };
             let there = same_address(to, &named) && port == (*call).port;
-            let balanced = (*call).service != 0
+            // Only where a socket load balancer is known to rewrite connects: without one,
+            // two connects of one socket racing (the hooks in one order, the kernel's
+            // connects in the other) would leave it elsewhere under a Service's call.
+            let balanced = !there
+                && (*call).service != 0
                 && !((*call).before_family != NOWHERE
                     && same_address(to, &before)
-                    && port == (*call).before_port);
+                    && port == (*call).before_port)
+                && crate::socket_lb();
             (there || balanced, there)
         }
     };
@@ -431,12 +436,14 @@ fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, 
             (*call).flags_revision = flags_revision;
         }
     } else {
-        // Where the socket is: its call from now on, as a connect there would have made it.
+        // Where the socket is: its call from now on, as a connect there would have made it,
+        // but never a Service's: no balancer moved it, and a later move (another thread's
+        // connect racing this datagram) must not be taken for one.
         connect(
             full,
             &judged,
             judged_port,
-            destination_flags,
+            destination_flags & !flags::SERVICE,
             (generation, flags_revision),
         );
     }

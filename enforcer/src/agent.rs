@@ -98,6 +98,8 @@ pub struct RunOptions {
     /// budget).
     pub flow_events_per_workload: u32,
     pub audit: bool,
+    /// `--socket-lb`: `CONFIG.socket_lb`.
+    pub socket_lb: bool,
     pub pin_root: PathBuf,
     pub ring_buffer_bytes: Option<u32>,
     pub ready_file: Option<PathBuf>,
@@ -541,6 +543,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             options.flow_events_per_workload,
         )
         .context("setting the deny aggregation window")?;
+    datapath
+        .tables
+        .set_socket_lb(options.socket_lb)
+        .context("setting CONFIG.socket_lb")?;
     // A pod's own loopback is its own only outside the node's namespace: the agent's.
     match crate::datapath::netns_cookie() {
         Ok(cookie) => datapath

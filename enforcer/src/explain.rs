@@ -32,8 +32,12 @@ pub fn run(
     // An address, as a deny event shows it: judged as the identity the kernel gives it.
     let to = match to.parse::<std::net::IpAddr>() {
         Ok(ip) => {
+            // An IPv4-mapped address is its IPv4 one, as the kernel looks it up.
+            let ip = ip.to_canonical();
             let name = bundle.identities().at_address(&ip).name.clone();
-            println!("{ip} is {name} (the longest prefix that holds it, as the kernel's IP cache)");
+            println!(
+                "{ip} is {name} in this bundle (the longest prefix of its addresses that holds it; a cluster's pod and node addresses are not in a bundle)"
+            );
             name
         }
         Err(_) => to.to_string(),

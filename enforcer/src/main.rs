@@ -86,6 +86,12 @@ enum Command {
         /// Global audit mode: would-deny calls pass and are reported with verdict "audit".
         #[arg(long)]
         audit: bool,
+        /// A socket load balancer rewrites connects after the enforcer's hooks (Cilium's or
+        /// Calico's eBPF kube-proxy replacement): a connected UDP socket elsewhere than the
+        /// Kubernetes Service its connect named is taken as connected to one of its backends,
+        /// and judged again as that Service (see README, "A connected UDP socket's call").
+        #[arg(long)]
+        socket_lb: bool,
         #[command(flatten)]
         pins: PinArgs,
         /// Size of the events ring buffer in bytes (power of two, multiple of the page size).
@@ -533,6 +539,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             events_keys_per_workload,
             flow_events_per_workload,
             audit,
+            socket_lb,
             pins,
             ring_buffer_bytes,
             ready_file,
@@ -587,6 +594,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 events_keys_per_workload,
                 flow_events_per_workload,
                 audit,
+                socket_lb,
                 state_dir: pins.state_dir(),
                 pin_root: pins.pin_root,
                 ring_buffer_bytes,
@@ -747,21 +755,27 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 };
                 let inventory = &bundle.inventory().file;
                 let text = std::fs::read_to_string(inventory).unwrap_or_default();
-                // `line:column` of `containing` on the first line that starts with `prefix`
-                // (after indentation), else `1:1`.
-                let at = |prefix: &str, containing: &str| {
+                // `line:column` of `value` on the first line that holds it as a YAML value (a
+                // key's, a flow list's or a block list's item), else `1:1`.
+                let at = |value: &str| {
                     text.lines()
                         .enumerate()
                         .find_map(|(i, l)| {
-                            let column = l.find(containing)?;
-                            l.trim_start()
-                                .starts_with(prefix)
-                                .then(|| format!("{}:{}", i + 1, column + 1))
+                            let column = l.find(value)?;
+                            let before = l[..column].trim_end();
+                            (before.ends_with(':')
+                                || before.ends_with('[')
+                                || before.ends_with(',')
+                                || before.ends_with('-'))
+                            .then(|| format!("{}:{}", i + 1, column + 1))
                         })
                         .unwrap_or_else(|| "1:1".to_string())
                 };
                 // At the inventory: it is what grows the maps.
-                let workloads = at("workloads:", "workloads:");
+                let workloads = text
+                    .lines()
+                    .position(|l| l.starts_with("workloads:"))
+                    .map_or_else(|| "1:1".to_string(), |i| format!("{}:1", i + 1));
                 let mut problems: Vec<String> = enforcer::desired::needs(&compiled)
                     .overflows(&capacity)
                     .into_iter()
@@ -770,12 +784,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     })
                     .collect();
                 if let Some(root) = cgroup_root {
-                    let mount = std::path::Path::new("/");
-                    let root = enforcer::fs::cgroup_path(mount, &root)
+                    // As the agent reads both (a path may name the mount, as `--cgroup-root
+                    // /sys/fs/cgroup/kubepods` may); `/` where this host has no cgroup v2.
+                    let mount = enforcer::fs::cgroup2_mount().unwrap_or_else(|_| "/".into());
+                    let root = enforcer::fs::cgroup_path(&mount, &root)
                         .with_context(|| format!("--cgroup-root {root}"))?;
-                    for outside in enforcer::desired::cgroups_outside_root(&compiled, mount, &root)
+                    for outside in enforcer::desired::cgroups_outside_root(&compiled, &mount, &root)
                     {
-                        let at = at("cgroups:", &outside.cgroup);
+                        let at = at(&outside.cgroup);
                         problems.push(format!("{}:{at}: error: {outside}", inventory.display()));
                     }
                 }

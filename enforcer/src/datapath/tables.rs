@@ -633,6 +633,13 @@ impl Tables {
         })
     }
 
+    /// `CONFIG.socket_lb` (`enforcer run --socket-lb`).
+    pub fn set_socket_lb(&mut self, socket_lb: bool) -> Result<()> {
+        self.update_config("socket_lb", |config| {
+            config.socket_lb = u32::from(socket_lb)
+        })
+    }
+
     /// Rewrites `CONFIG` with `change` applied, every other field kept (`what` names the
     /// field in the error). Only the agent's own task writes `CONFIG` (a read-modify-write),
     /// and never while a policy flip is under way, so none can undo one.
