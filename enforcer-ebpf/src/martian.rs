@@ -19,14 +19,15 @@
 //! datagrams are not: a socket-level load balancer rewrites them legitimately, see
 //! `egress`.)
 //!
-//! A connected datagram socket's connect outlived (`reason`s of the policy, as for a rewrite).
-//! The connect hooks judge a UDP socket's connect once; its later `send()`s run no hook, and
-//! ingress checks look at SYNs. Its datagrams kept going where policy no longer let it call:
-//! to a Kubernetes Service whose backends a tenant moved to another tenant's pod (kube-proxy
-//! then flushes the socket's conntrack entry and sends the next datagram to the new backend),
-//! to an address reused by another tenant's pod, after a policy change or a quarantine. Each
-//! such socket's call is judged again as a connect would be whenever the policy generation or
-//! an identity's flags moved since it was last judged (red-team reviews 43 M3 and 44 M2).
+//! A connected UDP socket's call that outlived its judgment (`reason`s of the policy, as for a
+//! rewrite). The connect hooks judge a UDP socket's connect once; its later `send()`s run no
+//! hook, and ingress checks look at SYNs. Its datagrams kept going where policy no longer let
+//! it call: to a Kubernetes Service whose backends a tenant moved to another tenant's pod
+//! (kube-proxy then flushes the socket's conntrack entry and sends the next datagram to the
+//! new backend), to an address reused by another tenant's pod, after a policy change or a
+//! quarantine. The connect hooks note each socket's call ([`connect`]), and it is judged again
+//! as a connect would be whenever the policy generation or `CONFIG.flags_revision` moved
+//! since it was last judged (red-team reviews 43 M3, 44 M2, 45 and 46).
 //!
 //! At `cgroup_skb/egress` the output device is known (`__sk_buff::ifindex`) and the
 //! destination is the one on the wire, after any rewrite by netfilter. In the node's
@@ -54,7 +55,7 @@ use crate::{
     Destination, Ruling, AF_INET, AF_INET6, FAMILY_V4, SOCK_DGRAM, ZERO_WORD,
 };
 
-/// A connected datagram socket's call: what its last connect named (as the connect hooks
+/// A connected UDP socket's call: what its last connect named (as the connect hooks
 /// judged it), where the socket was before that connect, and what its last judgment was made
 /// under. Written by `connect4`/`connect6` for each UDP connect they let through ([`connect`]),
 /// kept by this program; freed with the socket.
@@ -273,13 +274,14 @@ pub(crate) fn connect(
 /// now, when the policy generation or the identities' flags revision moved since its last
 /// judgment. Which call:
 /// - the one its last connect named (what `decide` judged), when the socket is there, or,
-///   with `CONFIG.socket_lb`, when that was a Service and the socket is elsewhere but where it
-///   was before: a socket load balancer (Cilium's, Calico's eBPF, whose connect programs run
-///   after ours) connected it to a backend, which is not judged (its Service was);
+///   with `CONFIG.socket_lb`, when that was a Service and the socket is elsewhere, but not
+///   where it was before: a socket load balancer (Cilium's, Calico's eBPF, whose connect
+///   programs run after ours) connected it to a backend, which is not judged (its Service
+///   was);
 /// - else where the socket is, at once: the kernel refused the last connect after the hooks
-///   (a broadcast address, a device without a route: the socket stays where it was), or the
-///   socket was connected before the programs were attached (no value). A permitted one
-///   becomes the socket's call.
+///   (a broadcast address, a device without a route: the socket stays where it was), two
+///   connects of the socket raced, or the socket was connected before the programs were
+///   attached (no value). A permitted one becomes the socket's call.
 ///
 /// A refused call is dropped (`send()` fails with `EPERM`) and reported with hook `egress`;
 /// audit lets it through, reported once. A socket of no known identity is refused as its

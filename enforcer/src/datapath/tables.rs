@@ -1252,20 +1252,24 @@ impl Tables {
             || cgroups
                 .iter()
                 .any(|(k, v)| current.get(k).is_some_and(|now| now != v));
-        // On failure the shadow stays `None`: the map holds part of the change.
-        remove(&mut self.cgroup_identity, &stale, maps::CGROUP_IDENTITY)?;
-        write_changed(
-            &mut self.cgroup_identity,
-            &current,
-            cgroups,
-            maps::CGROUP_IDENTITY,
-        )?;
+        // On failure the shadow stays `None`: the map holds part of the change (and the
+        // revision moves all the same: some cgroups may have left their identities).
+        let written =
+            remove(&mut self.cgroup_identity, &stale, maps::CGROUP_IDENTITY).and_then(|_| {
+                write_changed(
+                    &mut self.cgroup_identity,
+                    &current,
+                    cgroups,
+                    maps::CGROUP_IDENTITY,
+                )
+            });
+        if moved {
+            self.advance_flags_revision()?;
+        }
+        written?;
         if let Some(mut shadow) = shadow {
             shadow.cgroups = cgroups.iter().map(|(k, v)| (*k, *v)).collect();
             self.mappings_shadow = Some(shadow);
-        }
-        if moved {
-            self.advance_flags_revision()?;
         }
         Ok(())
     }
@@ -1340,9 +1344,15 @@ impl Tables {
             .identities
             .get(&identity)
             .with_context(|| format!("identity {identity} is not in the kernel"))?;
+        let before = info;
         info.flags = (info.flags | set) & !clear;
         self.identities.put(&identity, &info, maps::IDENTITIES)?;
-        self.advance_flags_revision()
+        if let Err(error) = self.advance_flags_revision() {
+            // All or nothing, as the caller takes it: the flags as they were.
+            let _ = self.identities.put(&identity, &before, maps::IDENTITIES);
+            return Err(error);
+        }
+        Ok(())
     }
 
     /// Identities whose kernel entry carries every one of the flags `all` (quarantine survives
@@ -1641,8 +1651,7 @@ pub struct MapFill {
     /// storage).
     pub entries: Option<u64>,
     /// `max_entries`; None for socket storage (`WIRE_TAGS`, `MPTCP_FIRST_SUBFLOW`,
-    /// `JUDGED_DATAGRAMS`), which
-    /// holds one value per socket and has no capacity of its own.
+    /// `JUDGED_DATAGRAMS`), which holds one value per socket and has no capacity of its own.
     pub capacity: Option<u32>,
 }
 
