@@ -428,25 +428,25 @@ fn outside_node_netns(ctx: &SockAddrContext) -> bool {
 /// across fields).
 #[inline(always)]
 fn audit_and_generation() -> (bool, u64) {
+    let (audit, generation, _) = judged_under();
+    (audit, generation)
+}
+
+/// [`audit_and_generation`] and `CONFIG.flags_revision` (see `martian::connected_datagram`),
+/// from one lookup of the entry; 0 without one. Read before any identity: the agent writes an
+/// identity's flags before it advances the revision.
+#[inline(always)]
+fn judged_under() -> (bool, u64, u32) {
     match CONFIG.get_ptr(SINGLE_ENTRY) {
         // SAFETY: array values are always present and valid for reads.
         Some(c) => unsafe {
             (
                 read_volatile(&(*c).audit) != AUDIT_OFF,
                 read_volatile(&(*c).generation),
+                read_volatile(&(*c).flags_revision),
             )
         },
-        None => (false, 0),
-    }
-}
-
-/// `CONFIG.flags_revision` (see `martian::connected_datagram`); 0 without an entry.
-#[inline(always)]
-fn flags_revision() -> u32 {
-    match CONFIG.get_ptr(SINGLE_ENTRY) {
-        // SAFETY: array values are always present and valid for reads.
-        Some(c) => unsafe { read_volatile(&(*c).flags_revision) },
-        None => 0,
+        None => (false, 0, 0),
     }
 }
 
@@ -478,9 +478,9 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let full_protocol = protocol;
     let protocol = protocol as u8;
 
-    let (global_audit, generation) = audit_and_generation();
-    // Before any identity is read: a UDP connect's call is kept under it (`martian::connect`).
-    let flags_revision = flags_revision();
+    // Before any identity is read: a UDP connect's call is kept under the revision
+    // (`martian::connect`).
+    let (global_audit, generation, flags_revision) = judged_under();
     let judged_under = (generation, flags_revision);
     let active_policy = (generation & 1) as u32;
     let generation = generation as u32;

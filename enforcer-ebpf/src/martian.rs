@@ -311,8 +311,7 @@ fn connected_datagram(ctx: &SkBuffContext, sk: *mut bpf_sock, to: &Destination, 
     }
     // The revision first, then what it guards: the agent writes an identity's flags before it
     // advances the revision, so a program that reads the new revision judges the new flags.
-    let (global_audit, generation) = crate::audit_and_generation();
-    let flags_revision = crate::flags_revision();
+    let (global_audit, generation, flags_revision) = crate::judged_under();
     let call = JUDGED_DATAGRAMS.get(full, None);
     // Which call is judged, and whether the socket's value names it (see above). Sentinels,
     // no `Option` of a reference: the value is the verifier's map-value pointer.
