@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 16;
+pub const ABI_VERSION: u32 = 17;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -1367,19 +1367,47 @@ pub mod rate {
     pub const MAX_BURST: u64 = 100_000;
     pub const NS_PER_SECOND: u64 = 1_000_000_000;
 
-    /// The `subject` of a destination's shared entry in `RATE_LIMITS` and `RATE_BUCKETS`:
-    /// the limit (and the one bucket) of every subject whose own pair did not fit in the map
-    /// (the tenants' fair shares of it, `enforcer_policy::rate::fit`), the strictest of
-    /// theirs. Identity 0 (`identity::UNKNOWN`) is never a subject the kernel charges: an
-    /// unknown subject is refused before any rate limit.
+    /// The `subject` of a tenant's shared entry for a destination in `RATE_LIMITS` and
+    /// `RATE_BUCKETS` (key `{SHARED_SUBJECT, destination, tenant}`): the limit (and the one
+    /// bucket) of every subject of that tenant whose own pair did not fit in the map (the
+    /// tenants' fair shares of it, `enforcer_policy::rate::fit`), the strictest of theirs.
+    /// Never shared across tenants (red-team review 43 M1: one tenant's flood, or one
+    /// subject's risk, would have starved another tenant's pairs). Identity 0
+    /// (`identity::UNKNOWN`) is never a subject the kernel charges: an unknown subject is
+    /// refused before any rate limit.
     pub const SHARED_SUBJECT: u32 = crate::identity::UNKNOWN;
 
-    /// Key of `RATE_LIMITS` and `RATE_BUCKETS`: identities (not policy classes).
+    /// Key of `RATE_LIMITS` and `RATE_BUCKETS`: identities (not policy classes). 12 bytes,
+    /// no padding.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
     pub struct RateKey {
+        /// The subject's identity, or [`SHARED_SUBJECT`] in a tenant's shared entry.
         pub subject: u32,
         pub destination: u32,
+        /// In a shared entry, the tenant (`IdentityInfo::tenant`, 0 for subjects of none)
+        /// whose pairs it holds; 0 in a pair's own entry (its subject says the tenant).
+        pub tenant: u32,
+    }
+
+    impl RateKey {
+        /// The entry of `subject`'s own pair to `destination`.
+        pub const fn own(subject: u32, destination: u32) -> Self {
+            Self {
+                subject,
+                destination,
+                tenant: 0,
+            }
+        }
+
+        /// `tenant`'s shared entry for `destination`.
+        pub const fn shared(tenant: u32, destination: u32) -> Self {
+            Self {
+                subject: SHARED_SUBJECT,
+                destination,
+                tenant,
+            }
+        }
     }
 
     /// Value of `RATE_LIMITS`: the pair's limit at the subject's current risk.
@@ -1445,7 +1473,7 @@ pub mod rate {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<rate::RateKey>() == 8);
+const _: () = assert!(core::mem::size_of::<rate::RateKey>() == 12);
 const _: () = assert!(core::mem::size_of::<rate::RateLimit>() == 16);
 const _: () = assert!(core::mem::size_of::<rate::RateBucket>() == 8);
 const _: () = assert!(rate::MAX_BURST * rate::MAX_INTERVAL_NS < 1 << 59);

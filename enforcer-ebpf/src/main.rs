@@ -615,7 +615,7 @@ fn decide(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     // lets the excess through as audit, like any would-deny.
     if audited == NOT_AUDITED
         && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
-        && !rate::admit(subject, destination)
+        && !rate::admit(subject, subject_tenant, destination)
     {
         if !(global_audit || subject_flags & flags::AUDIT != 0) {
             v.reason = reason::RATE_LIMITED;

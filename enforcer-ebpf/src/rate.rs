@@ -10,10 +10,10 @@
 //! burst. A pair without a `RATE_LIMITS` entry is not limited and pays one hash miss.
 //!
 //! When the pairs outnumber the map, the agent keeps each tenant's fair share of them and
-//! gives every other pair its destination's shared entry (subject `SHARED_SUBJECT`, the
-//! strictest of their limits, one bucket) and sets `CONFIG.rate_shared`: only then does a
-//! miss look again under the shared key, so such a pair is held to a stricter limit, never
-//! to none.
+//! gives every other pair its tenant's shared entry for the destination (subject
+//! `SHARED_SUBJECT` and the subject's tenant: the strictest of their limits, one bucket, never
+//! shared with another tenant) and sets `CONFIG.rate_shared`: only then does a miss look again
+//! under the shared key, so such a pair is held to a stricter limit, never to none.
 //!
 //! Concurrency: the read-modify-write of `tat` is not atomic. The BPF target of this toolchain
 //! has no compare-and-swap in Rust's `core` (`atomic-cas: false` in its target spec), and the
@@ -38,7 +38,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     capacity,
-    rate::{RateBucket, RateKey, RateLimit, SHARED_SUBJECT},
+    rate::{RateBucket, RateKey, RateLimit},
 };
 
 /// Memory as pairs are added (most nodes limit few pairs).
@@ -57,24 +57,19 @@ static RATE_LIMITS: HashMap<RateKey, RateLimit> =
 static RATE_BUCKETS: LruHashMap<RateKey, RateBucket> =
     LruHashMap::pinned(capacity::RATE_BUCKETS, NO_MAP_FLAGS);
 
-/// Charges one connection of `subject` to `destination`: `true` when it is within the pair's
-/// budget (or the pair has no limit), `false` when it is over (nothing is charged).
+/// Charges one connection of `subject` (of `tenant`, its `IdentityInfo::tenant`) to
+/// `destination`: `true` when it is within the pair's budget (or the pair has no limit),
+/// `false` when it is over (nothing is charged).
 #[inline(always)]
-pub fn admit(subject: u32, destination: u32) -> bool {
-    let own = RateKey {
-        subject,
-        destination,
-    };
+pub fn admit(subject: u32, tenant: u32, destination: u32) -> bool {
+    let own = RateKey::own(subject, destination);
     let (key, limit) = match RATE_LIMITS.get_ptr(own) {
         Some(limit) => (own, limit),
         None => {
             if !shared() {
                 return true;
             }
-            let shared = RateKey {
-                subject: SHARED_SUBJECT,
-                destination,
-            };
+            let shared = RateKey::shared(tenant, destination);
             match RATE_LIMITS.get_ptr(shared) {
                 Some(limit) => (shared, limit),
                 None => return true,
@@ -118,7 +113,7 @@ pub fn admit(subject: u32, destination: u32) -> bool {
     }
 }
 
-/// `CONFIG.rate_shared`: some pairs are held to their destination's shared entry.
+/// `CONFIG.rate_shared`: some pairs are held to their tenant's shared entry.
 #[inline(always)]
 fn shared() -> bool {
     match crate::CONFIG.get_ptr(crate::SINGLE_ENTRY) {

@@ -1633,10 +1633,7 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
     let slow = id(&state.identities[4].labels);
     let svc = ids.by_name("service/acme/vectors-svc").unwrap().id;
     let limits = rate_limits(&c);
-    let key = |subject, destination| RateKey {
-        subject,
-        destination,
-    };
+    let key = RateKey::own;
     assert_eq!(
         limits.get(&key(rag, db)),
         Some(&spec.at_risk(0)),
@@ -1661,10 +1658,14 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
 
     // Cut to a map with too little room (red-team review 39 H3): globex's one pair (written
     // here by hand: `fit` does not judge pairs) keeps its own entry, acme's nine (three
-    // subjects, three destinations) share what is left, and what did not fit is held to its
-    // destination's shared entry: the strictest of those pairs' limits, never looser.
+    // subjects, three destinations) share what is left, and what did not fit is held to
+    // acme's shared entry for its destination: the strictest of those pairs' limits, never
+    // looser.
     use crate::rate::{fit, stricter, Fitted};
-    use enforcer_common::rate::SHARED_SUBJECT;
+    use enforcer_common::rate::{RateLimit, SHARED_SUBJECT};
+    let acme = c.identity(rag).unwrap().tenant_id;
+    let globex = c.identity(agent).unwrap().tenant_id;
+    assert_ne!(acme, globex);
     let mut pairs = limits.clone();
     assert_eq!(pairs.len(), 9, "{pairs:?}");
     pairs.insert(key(agent, db), strict.at_risk(0));
@@ -1676,14 +1677,15 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
         },
         "everything fits: nothing changes"
     );
-    // Room 5: one shared entry per limited destination (3) reserved, 2 left: one each.
+    // Room 5: globex needs 1 and keeps it; acme's share is the 4 left: 1 pair of its own and
+    // one shared entry for each of its 3 destinations.
     let fitted = fit(&c, pairs.clone(), 5);
     assert_eq!(
         fitted.shared,
         BTreeMap::from([("acme".to_string(), (9, 1))]),
         "{fitted:?}"
     );
-    assert!(fitted.limits.len() <= 5, "{fitted:?}");
+    assert_eq!(fitted.limits.len(), 5, "{fitted:?}");
     assert_eq!(fitted.limits.get(&key(agent, db)), Some(&strict.at_risk(0)));
     let acme_kept = fitted
         .limits
@@ -1691,20 +1693,57 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
         .filter(|k| k.subject != agent && k.subject != SHARED_SUBJECT)
         .count();
     assert_eq!(acme_kept, 1, "{fitted:?}");
-    for destination in [db, slow, svc] {
-        let held = pairs
+    let held_for = |fitted: &Fitted, pairs: &BTreeMap<RateKey, RateLimit>, tenant, destination| {
+        pairs
             .iter()
-            .filter(|(k, _)| k.destination == destination && k.subject != agent)
+            .filter(|(k, _)| k.destination == destination)
+            .filter(|(k, _)| c.identity(k.subject).unwrap().tenant_id == tenant)
             .filter(|(k, _)| !fitted.limits.contains_key(k))
             .map(|(_, limit)| *limit)
             .reduce(|a, b| stricter(&a, &b))
-            .expect("two of three pairs moved");
+    };
+    for destination in [db, slow, svc] {
+        let held = held_for(&fitted, &pairs, acme, destination).expect("two of three moved");
         assert_eq!(
-            fitted.limits.get(&key(SHARED_SUBJECT, destination)),
+            fitted.limits.get(&RateKey::shared(acme, destination)),
             Some(&held),
             "{fitted:?}"
         );
     }
+
+    // Both tenants beyond their shares (red-team review 43 M1): each tenant's pairs are held
+    // to its own shared entry for a destination, never to one another tenant's pairs reach.
+    // globex's agent, at a far stricter limit, reaches acme's three destinations and two
+    // more; room 5 leaves it no pair of its own (five destinations, a share of three).
+    let harsh = RateLimit::from_interval(3_600 * 1_000_000_000, 1);
+    let mut both = limits.clone();
+    for destination in [db, slow, svc, 9_001, 9_002] {
+        both.insert(key(agent, destination), harsh);
+    }
+    let fitted = fit(&c, both.clone(), 5);
+    assert_eq!(
+        fitted.shared,
+        BTreeMap::from([("acme".to_string(), (9, 0)), ("globex".to_string(), (5, 0))]),
+        "{fitted:?}"
+    );
+    for destination in [db, slow, svc] {
+        let acme_held = held_for(&fitted, &both, acme, destination).unwrap();
+        assert_ne!(acme_held, harsh);
+        assert_eq!(
+            fitted.limits.get(&RateKey::shared(acme, destination)),
+            Some(&acme_held),
+            "{fitted:?}"
+        );
+        assert_eq!(
+            fitted.limits.get(&RateKey::shared(globex, destination)),
+            Some(&harsh),
+            "{fitted:?}"
+        );
+    }
+    assert!(
+        fitted.limits.keys().all(|k| k.subject == SHARED_SUBJECT),
+        "{fitted:?}"
+    );
 }
 
 /// A Service in front of a tracked pod is tracked (its calls are flows: the connect hook sees

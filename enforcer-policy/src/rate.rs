@@ -25,11 +25,9 @@
 //! Service is limited as its backends: each subject's calls through its address get the
 //! strictest limit of its ready backends, in a bucket of their own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use enforcer_common::rate::{
-    RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND, SHARED_SUBJECT,
-};
+use enforcer_common::rate::{RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND};
 
 use crate::inventory::Loc;
 use crate::Compiled;
@@ -294,13 +292,7 @@ pub fn rate_limits(compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
             .map(|spec| spec.at_risk(risk))
             .reduce(|a, b| stricter(&a, &b))
             .expect("a limited destination has a limit");
-        out.insert(
-            RateKey {
-                subject: key.subject,
-                destination: key.destination,
-            },
-            limit,
-        );
+        out.insert(RateKey::own(key.subject, key.destination), limit);
     }
     out
 }
@@ -308,8 +300,8 @@ pub fn rate_limits(compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
 /// A `RATE_LIMITS` table cut to the room the map has ([`fit`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Fitted {
-    /// What to write: the pairs kept, and each shared destination's entry (subject
-    /// [`SHARED_SUBJECT`]).
+    /// What to write: the pairs kept, and each tenant's shared entry for a destination
+    /// ([`RateKey::shared`]).
     pub limits: BTreeMap<RateKey, RateLimit>,
     /// Per tenant of a subject (its name; `""` for none) whose pairs did not all fit: (its
     /// pairs, those kept). Empty when everything fits.
@@ -321,15 +313,17 @@ pub struct Fitted {
 /// (red-team review 39 H3). When everything fits, nothing changes. Otherwise each tenant of a
 /// subject gets a max-min fair share of the room (the tenants in order of need, each at most
 /// an equal part of what is left, rounded up: a tenant needing less keeps all its pairs and
-/// leaves the rest to the others), first the pairs to a
-/// destination of another tenant (a limit the subject's tenant did not set, e.g. an operator's
-/// endpoint), then by key. Every other pair is held to its destination's shared entry (key
-/// subject [`SHARED_SUBJECT`]): the strictest limit of the pairs it stands for, in one bucket,
-/// so a pair that did not fit is held tighter, never let loose. One shared entry is reserved
-/// per limited destination before the shares are cut; should those alone exceed `room`
-/// (more limited destinations than half the map), every pair is shared and they are all
-/// written anyway: past half the map, up to the map's own check of old and new together
-/// (`RateWriter::check_fits`), which refuses the change only past the whole map.
+/// leaves the rest to the others). Within its share a tenant over it keeps as many pairs as
+/// leave room for its shared entries, first the pairs to a destination of another tenant (a
+/// limit the subject's tenant did not set, e.g. an operator's endpoint), then by key; every
+/// other pair is held to the tenant's shared entry for its destination
+/// ([`RateKey::shared`]): the strictest limit of the tenant's pairs it stands for, in one
+/// bucket, so a pair that did not fit is held tighter, never let loose, and only beside pairs
+/// of its own tenant (red-team review 43 M1: one shared bucket per destination let one
+/// tenant's flood, or one subject's risk, starve another tenant's pairs). A tenant whose
+/// pairs reach more destinations than its share has every pair shared, one entry per
+/// destination, even past its share and past `room`: up to the map's own check of old and new
+/// together (`RateWriter::check_fits`), which refuses the change only past the whole map.
 pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize) -> Fitted {
     if pairs.len() <= room {
         return Fitted {
@@ -337,55 +331,64 @@ pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize
             shared: BTreeMap::new(),
         };
     }
-    let tenant_id = |id: u32| compiled.identity(id).map_or(0, |i| i.tenant_id);
-    let tenant_name = |id: u32| {
-        compiled
-            .identity(id)
-            .and_then(|i| i.tenant.clone())
-            .unwrap_or_default()
-    };
-    let mut destinations: BTreeMap<u32, Option<RateLimit>> = BTreeMap::new();
-    let mut by_tenant: BTreeMap<String, Vec<(RateKey, RateLimit)>> = BTreeMap::new();
+    let identity = |id: u32| compiled.identity(id);
+    let tenant_id = |id: u32| identity(id).map_or(0, |i| i.tenant_id);
+    // By tenant id, the number the kernel compares (two subjects of one tenant name always
+    // have one id).
+    let mut by_tenant: BTreeMap<u32, Vec<(RateKey, RateLimit)>> = BTreeMap::new();
     for (key, limit) in pairs {
-        destinations.insert(key.destination, None);
         by_tenant
-            .entry(tenant_name(key.subject))
+            .entry(tenant_id(key.subject))
             .or_default()
             .push((key, limit));
     }
-    let mut left = room.saturating_sub(destinations.len());
-    let mut demands: Vec<(String, Vec<(RateKey, RateLimit)>)> = by_tenant.into_iter().collect();
+    let mut demands: Vec<(u32, Vec<(RateKey, RateLimit)>)> = by_tenant.into_iter().collect();
     demands.sort_by_key(|(_, pairs)| pairs.len());
     let tenants = demands.len();
+    let mut left = room;
     let mut out = Fitted::default();
     for (i, (tenant, mut pairs)) in demands.into_iter().enumerate() {
         // Rounded up: a tenant needing little is not left with nothing by the division.
         let share = left.div_ceil(tenants - i);
-        let kept = pairs.len().min(share);
-        left -= kept;
-        if kept < pairs.len() {
-            out.shared.insert(tenant, (pairs.len(), kept));
+        if pairs.len() <= share {
+            left -= pairs.len();
+            out.limits.extend(pairs);
+            continue;
         }
-        pairs.sort_by_key(|(key, _)| {
-            let own_tenant = tenant_id(key.destination) == tenant_id(key.subject);
-            (own_tenant, *key)
-        });
+        pairs.sort_by_key(|(key, _)| (tenant_id(key.destination) == tenant, *key));
+        // beyond[k]: the shared entries needed when the first k pairs are kept (the
+        // destinations of the rest). k + beyond[k] never falls as k grows, so the most pairs
+        // kept within the share is the last k where it fits.
+        let mut beyond = vec![0; pairs.len() + 1];
+        let mut seen = BTreeSet::new();
+        for k in (0..pairs.len()).rev() {
+            seen.insert(pairs[k].0.destination);
+            beyond[k] = seen.len();
+        }
+        let kept = (0..pairs.len())
+            .rev()
+            .find(|&k| k + beyond[k] <= share)
+            .unwrap_or(0);
+        left = left.saturating_sub(kept + beyond[kept]);
+        let name = pairs
+            .first()
+            .and_then(|(key, _)| identity(key.subject))
+            .and_then(|i| i.tenant.clone())
+            .unwrap_or_default();
+        out.shared.insert(name, (pairs.len(), kept));
+        let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
         for (n, (key, limit)) in pairs.into_iter().enumerate() {
             if n < kept {
                 out.limits.insert(key, limit);
             } else {
-                let entry = destinations.entry(key.destination).or_default();
-                *entry = Some(entry.map_or(limit, |held| stricter(&held, &limit)));
+                held.entry(key.destination)
+                    .and_modify(|h| *h = stricter(h, &limit))
+                    .or_insert(limit);
             }
         }
-    }
-    for (destination, limit) in destinations {
-        if let Some(limit) = limit {
-            let key = RateKey {
-                subject: SHARED_SUBJECT,
-                destination,
-            };
-            out.limits.insert(key, limit);
+        for (destination, limit) in held {
+            out.limits
+                .insert(RateKey::shared(tenant, destination), limit);
         }
     }
     out

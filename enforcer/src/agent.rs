@@ -922,7 +922,7 @@ impl Agent {
                 format!(
                     "tenant {tenant}: not all of its rate-limited (subject, destination) pairs \
                      fit its share of {} ({} pairs for the limits in force): the others share \
-                     their destination's strictest limit (`--capacity rate-limits=N`, after \
+                     the tenant's strictest limit for their destination (`--capacity rate-limits=N`, after \
                      `enforcer detach`)",
                     maps::RATE_LIMITS,
                     writer.room()

@@ -1785,7 +1785,7 @@ pub struct CapacityOverrides {
     pub flows_per_tenant: Option<u32>,
     /// `RATE_LIMITS` entries (and twice as many `RATE_BUCKETS`): half of them hold the limits
     /// in force, so a change's old and new pairs fit beside each other; pairs beyond that
-    /// are shared per destination (`enforcer_policy::rate::fit`).
+    /// are shared per tenant and destination (`enforcer_policy::rate::fit`).
     pub rate_limits: Option<u32>,
 }
 
