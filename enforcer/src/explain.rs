@@ -35,7 +35,7 @@ pub fn run(
             // An IPv4-mapped address is its IPv4 one, as the kernel looks it up.
             let ip = ip.to_canonical();
             let name = bundle.identities().at_address(&ip).name.clone();
-            println!(
+            crate::outln!(
                 "{ip} is {name} in this bundle (the longest prefix of its addresses that holds it; a cluster's pod and node addresses are not in a bundle)"
             );
             name
@@ -55,12 +55,12 @@ pub fn run(
             error.context("explaining")
         }
     })?;
-    print!("{explanation}");
+    crate::out!("{explanation}");
     let decision = bundle.decide(from, to, port, protocol)?;
 
     let pins = pin_dir(pin_root);
     if !pins.exists() {
-        println!(
+        crate::outln!(
             "kernel: no enforcer pinned at {} (nothing to compare)",
             pins.display()
         );
@@ -70,7 +70,7 @@ pub fn run(
     let identities = bundle.identities();
     let (Some(subject), Some(destination)) = (identities.by_name(from), identities.by_name(to))
     else {
-        println!("kernel: {from} or {to} has no identity in this bundle");
+        crate::outln!("kernel: {from} or {to} has no identity in this bundle");
         return Ok(ExitCode::SUCCESS);
     };
     let key = PolicyKey {
@@ -84,7 +84,7 @@ pub fn run(
     let entry_allows = live.is_some_and(|(_, value)| value.is_allow());
     match live {
         Some((hit, value)) => {
-            println!(
+            crate::outln!(
                 "kernel: {} (entry subject={} destination={} port={} rule={}) in the active table",
                 if value.is_allow() { "ALLOW" } else { "DENY" },
                 hit.subject,
@@ -97,9 +97,10 @@ pub fn run(
                 value.rule
             )
         }
-        None => println!(
+        None => crate::outln!(
             "kernel: DENY (no entry for subject={} destination={} port={port})",
-            key.subject, key.destination
+            key.subject,
+            key.destination
         ),
     }
     if !entry_allows {
@@ -109,7 +110,7 @@ pub fn run(
             .identity_info(subject.id)
             .is_some_and(|i| i.flags & flags::AUDIT != 0 && i.flags & flags::QUARANTINED == 0);
         if global || own {
-            println!(
+            crate::outln!(
                 "kernel: audit mode ({}) lets this deny through, reported as connection.audited",
                 if global {
                     "the agent's --audit"
@@ -135,11 +136,11 @@ pub fn run(
         disagreeing.insert(0, "the active policy table".to_string());
     }
     if disagreeing.is_empty() {
-        println!("kernel and PDP agree");
+        crate::outln!("kernel and PDP agree");
         Ok(ExitCode::SUCCESS)
     } else {
         disagreeing.dedup();
-        println!(
+        crate::outln!(
             "kernel and PDP DISAGREE in {}: the kernel holds another revision (is the agent running on {}?)",
             disagreeing.join(", "),
             dir.display()
@@ -172,7 +173,7 @@ impl Check<'_> {
     /// `CGROUP_IDENTITY`: each existing cgroup of the subject maps to it.
     fn subject_cgroups(&mut self, subject: &Identity) {
         let Ok(mount) = crate::fs::cgroup2_mount() else {
-            println!(
+            crate::outln!(
                 "kernel map {}: no cgroup v2 mount to resolve cgroups (not compared)",
                 maps::CGROUP_IDENTITY
             );
@@ -183,20 +184,20 @@ impl Check<'_> {
                 .ok()
                 .and_then(|path| crate::fs::cgroup_id(&path).ok());
             let Some(cgroup) = resolved else {
-                println!(
+                crate::outln!(
                     "kernel map {}: cgroup {relative} does not exist (yet): not compared",
                     maps::CGROUP_IDENTITY
                 );
                 continue;
             };
             match self.tables.identity_of_cgroup(cgroup) {
-                Some(id) if id == subject.id => println!(
+                Some(id) if id == subject.id => crate::outln!(
                     "kernel map {}: cgroup {relative} (id {cgroup}) -> {}: agrees",
                     maps::CGROUP_IDENTITY,
                     self.name(id)
                 ),
                 found => {
-                    println!(
+                    crate::outln!(
                         "kernel map {}: cgroup {relative} (id {cgroup}) -> {}, the bundle says {}: DISAGREES",
                         maps::CGROUP_IDENTITY,
                         found.map_or("no entry (unknown subject)".to_string(), |id| self.name(id)),
@@ -215,7 +216,7 @@ impl Check<'_> {
         let want = subject.info();
         match self.tables.identity_info(subject.id) {
             None => {
-                println!(
+                crate::outln!(
                     "kernel map {}: no entry for {}: the kernel denies it as an unknown subject: DISAGREES",
                     maps::IDENTITIES,
                     self.name(subject.id)
@@ -229,7 +230,7 @@ impl Check<'_> {
                     ..found
                 };
                 if comparable.same_identity(&want) {
-                    println!(
+                    crate::outln!(
                         "kernel map {}: {} tenant={} flags={:#x} ({}): agrees",
                         maps::IDENTITIES,
                         self.name(subject.id),
@@ -238,7 +239,7 @@ impl Check<'_> {
                         flag_names(found.flags)
                     );
                 } else {
-                    println!(
+                    crate::outln!(
                         "kernel map {}: {} holds {found:?}, the bundle says {want:?}: DISAGREES",
                         maps::IDENTITIES,
                         self.name(subject.id)
@@ -246,7 +247,7 @@ impl Check<'_> {
                     self.disagree(maps::IDENTITIES);
                 }
                 if found.flags & flags::QUARANTINED != 0 {
-                    println!(
+                    crate::outln!(
                         "kernel: {} is quarantined: the kernel denies every call of it (`enforcer quarantine release`)",
                         self.name(subject.id)
                     );
@@ -265,7 +266,7 @@ impl Check<'_> {
             let want = self.expected(addr);
             let (found, map) = self.tables.destination_of(addr);
             if found == want {
-                println!("kernel map {map}: {addr} -> {}: agrees", self.name(found));
+                crate::outln!("kernel map {map}: {addr} -> {}: agrees", self.name(found));
                 continue;
             }
             // What a connect to this address meets in the kernel instead.
@@ -276,7 +277,7 @@ impl Check<'_> {
                     ..key
                 })?
                 .is_some_and(|(_, value)| value.is_allow());
-            println!(
+            crate::outln!(
                 "kernel map {map}: {addr} -> {}, the bundle says {}: DISAGREES (a connect to {addr} port {} is judged as {} and {})",
                 self.name(found),
                 self.name(want),

@@ -21,4 +21,5 @@ pub mod page;
 pub mod pdp;
 pub mod sources;
 pub mod status;
+pub mod stdio;
 pub mod wire;

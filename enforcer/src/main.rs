@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use enforcer::agent::{self, RunOptions};
 use enforcer::control::{self, Request};
 use enforcer::status;
+use enforcer::{errln, out, outln};
 use enforcer_policy::{Bundle, Protocol};
 
 /// Events are the agent's hot path in a flood, and each allocates and frees the strings of its
@@ -520,7 +521,7 @@ fn main() -> ExitCode {
     match dispatch(command) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            errln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -703,9 +704,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Status { pins, json } => {
             let status = status::collect(&pins.pin_root, &pins.state_dir())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", status::render(&status));
+                out!("{}", status::render(&status));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -722,9 +723,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 to.as_deref(),
             )?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&flows)?);
+                outln!("{}", serde_json::to_string_pretty(&flows)?);
             } else {
-                print!("{}", enforcer::flows::list::render(&flows));
+                out!("{}", enforcer::flows::list::render(&flows));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -745,11 +746,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                         // policy's `file:line:column`, any other the bundle.
                         match error {
                             enforcer_policy::PolicyError::TooManyPortEntries { .. } => {
-                                eprintln!("{error}")
+                                errln!("{error}")
                             }
-                            _ => eprintln!("{}: error: {error}", dir.display()),
+                            _ => errln!("{}: error: {error}", dir.display()),
                         }
-                        eprintln!("{}: 1 problem(s); nothing was applied", dir.display());
+                        errln!("{}: 1 problem(s); nothing was applied", dir.display());
                         return Ok(ExitCode::FAILURE);
                     }
                 };
@@ -797,9 +798,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 }
                 if !problems.is_empty() {
                     for problem in &problems {
-                        eprintln!("{problem}");
+                        errln!("{problem}");
                     }
-                    eprintln!(
+                    errln!(
                         "{}: {} problem(s); nothing was applied",
                         dir.display(),
                         problems.len()
@@ -807,7 +808,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
                 let stats = compiled.stats();
-                println!(
+                outln!(
                     "{}: ok, revision {} ({} identities, {} allowed cells)",
                     dir.display(),
                     bundle.revision(),
@@ -818,8 +819,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Err(diagnostics) => {
-                eprintln!("{}", diagnostics.to_string().trim_end());
-                eprintln!(
+                errln!("{}", diagnostics.to_string().trim_end());
+                errln!(
                     "{}: {} problem(s); nothing was applied",
                     dir.display(),
                     diagnostics.0.len()
@@ -892,14 +893,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let removed = enforcer::datapath::detach(&pins.pin_root)?;
             remove_state_dir(&pins.state_dir());
             if removed {
-                println!(
+                outln!(
                     "detached: removed the pins under {}",
                     pins.pin_root.display()
                 );
             } else {
                 // Still a success (uninstalling twice is not an error), but not a claim that
                 // something was detached: a mistyped path leaves the real hooks in place.
-                println!(
+                outln!(
                     "nothing was pinned under {} (is --pin-path right?); the agent's state there is removed",
                     enforcer::datapath::pin_dir(&pins.pin_root).display()
                 );
@@ -977,13 +978,13 @@ fn capacity_overrides(specs: &[String]) -> Result<enforcer::datapath::CapacityOv
 fn control_call(pins: &PinArgs, request: Request) -> Result<ExitCode> {
     let response = control::call(&pins.state_dir(), &request)?;
     for item in &response.items {
-        println!("{item}");
+        outln!("{item}");
     }
     if response.ok {
-        println!("{}", response.message);
+        outln!("{}", response.message);
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("error: {}", response.message);
+        errln!("error: {}", response.message);
         Ok(ExitCode::FAILURE)
     }
 }

@@ -502,3 +502,75 @@ fn a_compile_stage_error_is_located_and_summarised() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs `enforcer ARGS` with standard output (`stdout_closed`) or standard error a pipe whose
+/// reader is gone before the command starts, as under `| head` once `head` has had its lines;
+/// the other stream piped. Returns the exit code and what the other stream carried.
+fn with_a_closed_pipe(args: &[&str], stdout_closed: bool) -> Result<(Option<i32>, String)> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let mut cmd = Command::new(enforcer_tests::agent::enforcer_bin());
+    cmd.args(args).stdin(Stdio::null());
+    if stdout_closed {
+        cmd.stdout(writer).stderr(Stdio::piped());
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(writer);
+    }
+    let mut child = enforcer_tests::util::ChildGuard::new(cmd.spawn()?);
+    let mut other = String::new();
+    let stream: &mut dyn Read = match stdout_closed {
+        true => child.child().stderr.as_mut().context("stderr")?,
+        false => child.child().stdout.as_mut().context("stdout")?,
+    };
+    stream.read_to_string(&mut other)?;
+    let status = child.wait_timeout(std::time::Duration::from_secs(30))?;
+    Ok((status.code(), other))
+}
+
+/// A reader that stops early (`enforcer policy explain ... | head -1`, `policy check DIR 2>&1
+/// | head`) ends a one-shot command quietly: success when standard output closed, failure
+/// (the command's own) when standard error closed on the way to a failure; never the panic
+/// `println!` raises on `EPIPE` (exit 101, "failed printing to stdout").
+#[test]
+fn a_reader_that_stops_early_ends_the_command_quietly() -> Result<()> {
+    let demo = demo_policies_dir();
+    let demo = demo.to_str().context("demo path")?;
+    let nowhere = enforcer_tests::TempDir::new("closed-pipe")?;
+    let pins = nowhere.path().to_str().context("path")?;
+    for args in [
+        vec!["policy", "check", demo],
+        vec![
+            "policy",
+            "explain",
+            demo,
+            "--from",
+            "acme-retriever",
+            "--to",
+            "acme-vectors",
+            "--port",
+            "6333",
+            "--pin-path",
+            pins,
+        ],
+    ] {
+        let (code, stderr) = with_a_closed_pipe(&args, true)?;
+        ensure!(
+            code == Some(0) && !stderr.contains("panicked"),
+            "{args:?} with standard output closed: exit {code:?}, stderr {stderr}"
+        );
+    }
+    let bad = copy_bundle(&demo_policies_dir())?;
+    std::fs::write(
+        bad.path().join("broken.cedar"),
+        "permit (principal, action, resource) when { nope };\n",
+    )?;
+    let bad = bad.path().to_str().context("path")?;
+    let (code, stdout) = with_a_closed_pipe(&["policy", "check", bad], false)?;
+    ensure!(
+        code == Some(1),
+        "a failing check with standard error closed: exit {code:?} (want 1), stdout {stdout}"
+    );
+    Ok(())
+}
