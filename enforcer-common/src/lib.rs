@@ -706,9 +706,11 @@ pub struct Config {
     /// its flow overflow keys ([`aggregate_flags::FLOW_EVENTS`]) and not written, nor are
     /// their closed events. 0, or aggregation off (`event_window_ns` 0) = no budget.
     pub flow_events_per_workload: u32,
-    /// Non-zero: some subjects' rate limits are shared ([`rate::SHARED_SUBJECT`]): a pair
-    /// without its own `RATE_LIMITS` entry is looked up again under the shared key. Zero (the
-    /// usual case) spares every unlimited connect that second lookup.
+    /// How some subjects' rate limits are shared ([`rate::sharing`]): a pair without its own
+    /// `RATE_LIMITS` entry is looked up again under its tenant's shared key
+    /// ([`rate::SHARING_PER_TENANT`]) or the destination's key shared across tenants
+    /// ([`rate::SHARING_ACROSS_TENANTS`]). [`rate::SHARING_NONE`] (the usual case) spares
+    /// every unlimited connect that second lookup.
     pub rate_shared: u32,
     /// The cookie of the node's network namespace (the agent's own: it runs with
     /// `hostNetwork`), as `SO_NETNS_COOKIE` (Linux 5.14) and `bpf_get_netns_cookie` give it:
@@ -1377,6 +1379,37 @@ pub mod rate {
     /// refused before any rate limit.
     pub const SHARED_SUBJECT: u32 = crate::identity::UNKNOWN;
 
+    /// The `subject` of a destination's entry shared by every tenant (key
+    /// `{SHARED_ACROSS_TENANTS, destination, 0}`), written instead of the tenants' own shared
+    /// entries only when those would not fit in the room: when the limited (tenant,
+    /// destination) pairs alone outnumber it (`enforcer_policy::rate::fit`). A reserved
+    /// identity number (below `identity::FIRST_DYNAMIC`, none of the named ones): no subject
+    /// has it.
+    pub const SHARED_ACROSS_TENANTS: u32 = 255;
+
+    /// `CONFIG.rate_shared`: no shared entry; a miss is not limited.
+    pub const SHARING_NONE: u32 = 0;
+    /// `CONFIG.rate_shared`: a miss looks again under the subject's tenant's shared entry
+    /// for the destination ([`RateKey::shared`]).
+    pub const SHARING_PER_TENANT: u32 = 1;
+    /// `CONFIG.rate_shared`: a miss looks again under the destination's entry shared by every
+    /// tenant ([`RateKey::across_tenants`]).
+    pub const SHARING_ACROSS_TENANTS: u32 = 2;
+
+    /// The `CONFIG.rate_shared` value for a `RATE_LIMITS` holding `keys`: across tenants when
+    /// any entry is, per tenant when any entry is a tenant's shared one, else none.
+    pub fn sharing<'a>(keys: impl IntoIterator<Item = &'a RateKey>) -> u32 {
+        let mut sharing = SHARING_NONE;
+        for key in keys {
+            match key.subject {
+                SHARED_ACROSS_TENANTS => return SHARING_ACROSS_TENANTS,
+                SHARED_SUBJECT => sharing = SHARING_PER_TENANT,
+                _ => {}
+            }
+        }
+        sharing
+    }
+
     /// Key of `RATE_LIMITS` and `RATE_BUCKETS`: identities (not policy classes). 12 bytes,
     /// no padding.
     #[repr(C)]
@@ -1406,6 +1439,15 @@ pub mod rate {
                 subject: SHARED_SUBJECT,
                 destination,
                 tenant,
+            }
+        }
+
+        /// `destination`'s entry shared by every tenant ([`SHARED_ACROSS_TENANTS`]).
+        pub const fn across_tenants(destination: u32) -> Self {
+            Self {
+                subject: SHARED_ACROSS_TENANTS,
+                destination,
+                tenant: 0,
             }
         }
     }
@@ -1474,6 +1516,11 @@ pub mod rate {
 }
 
 const _: () = assert!(core::mem::size_of::<rate::RateKey>() == 12);
+// No subject ever has the number of the entries shared across tenants.
+const _: () = assert!(
+    rate::SHARED_ACROSS_TENANTS < identity::FIRST_DYNAMIC
+        && rate::SHARED_ACROSS_TENANTS > identity::REMOTE_NODE
+);
 const _: () = assert!(core::mem::size_of::<rate::RateLimit>() == 16);
 const _: () = assert!(core::mem::size_of::<rate::RateBucket>() == 8);
 const _: () = assert!(rate::MAX_BURST * rate::MAX_INTERVAL_NS < 1 << 59);

@@ -13,7 +13,9 @@
 //! gives every other pair its tenant's shared entry for the destination (subject
 //! `SHARED_SUBJECT` and the subject's tenant: the strictest of their limits, one bucket, never
 //! shared with another tenant) and sets `CONFIG.rate_shared`: only then does a miss look again
-//! under the shared key, so such a pair is held to a stricter limit, never to none.
+//! under the shared key, so such a pair is held to a stricter limit, never to none. Should the
+//! tenants' shared entries alone not fit, each destination has one entry shared by every
+//! tenant instead (`CONFIG.rate_shared` = `SHARING_ACROSS_TENANTS`).
 //!
 //! Concurrency: the read-modify-write of `tat` is not atomic. The BPF target of this toolchain
 //! has no compare-and-swap in Rust's `core` (`atomic-cas: false` in its target spec), and the
@@ -38,7 +40,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     capacity,
-    rate::{RateBucket, RateKey, RateLimit},
+    rate::{RateBucket, RateKey, RateLimit, SHARING_ACROSS_TENANTS, SHARING_NONE},
 };
 
 /// Memory as pairs are added (most nodes limit few pairs).
@@ -66,10 +68,11 @@ pub fn admit(subject: u32, tenant: u32, destination: u32) -> bool {
     let (key, limit) = match RATE_LIMITS.get_ptr(own) {
         Some(limit) => (own, limit),
         None => {
-            if !shared() {
-                return true;
-            }
-            let shared = RateKey::shared(tenant, destination);
+            let shared = match sharing() {
+                SHARING_NONE => return true,
+                SHARING_ACROSS_TENANTS => RateKey::across_tenants(destination),
+                _ => RateKey::shared(tenant, destination),
+            };
             match RATE_LIMITS.get_ptr(shared) {
                 Some(limit) => (shared, limit),
                 None => return true,
@@ -113,12 +116,12 @@ pub fn admit(subject: u32, tenant: u32, destination: u32) -> bool {
     }
 }
 
-/// `CONFIG.rate_shared`: some pairs are held to their tenant's shared entry.
+/// `CONFIG.rate_shared`: whether, and how, some pairs are held to a shared entry.
 #[inline(always)]
-fn shared() -> bool {
+fn sharing() -> u32 {
     match crate::CONFIG.get_ptr(crate::SINGLE_ENTRY) {
         // SAFETY: array values are always present and valid for reads.
-        Some(c) => unsafe { read_volatile(&(*c).rate_shared) != 0 },
-        None => false,
+        Some(c) => unsafe { read_volatile(&(*c).rate_shared) },
+        None => SHARING_NONE,
     }
 }

@@ -1711,21 +1711,23 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
         );
     }
 
-    // Both tenants beyond their shares (red-team review 43 M1): each tenant's pairs are held
-    // to its own shared entry for a destination, never to one another tenant's pairs reach.
-    // globex's agent, at a far stricter limit, reaches acme's three destinations and two
-    // more; room 5 leaves it no pair of its own (five destinations, a share of three).
+    // Both tenants beyond their shares (red-team review 43 M1): acme's pairs are held to
+    // acme's shared entries, never tightened by globex's. globex's agent, at a far stricter
+    // limit (a risky subject), reaches acme's three destinations and two more; room 8 is
+    // exactly the least both can be held to (3 + 5 destinations): globex's five pairs cost
+    // the same kept as shared, and keep their own entries.
     let harsh = RateLimit::from_interval(3_600 * 1_000_000_000, 1);
     let mut both = limits.clone();
     for destination in [db, slow, svc, 9_001, 9_002] {
         both.insert(key(agent, destination), harsh);
     }
-    let fitted = fit(&c, both.clone(), 5);
+    let fitted = fit(&c, both.clone(), 8);
     assert_eq!(
         fitted.shared,
-        BTreeMap::from([("acme".to_string(), (9, 0)), ("globex".to_string(), (5, 0))]),
+        BTreeMap::from([("acme".to_string(), (9, 0))]),
         "{fitted:?}"
     );
+    assert_eq!(fitted.limits.len(), 8, "{fitted:?}");
     for destination in [db, slow, svc] {
         let acme_held = held_for(&fitted, &both, acme, destination).unwrap();
         assert_ne!(acme_held, harsh);
@@ -1735,15 +1737,56 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
             "{fitted:?}"
         );
         assert_eq!(
-            fitted.limits.get(&RateKey::shared(globex, destination)),
+            fitted.limits.get(&key(agent, destination)),
             Some(&harsh),
             "{fitted:?}"
         );
     }
     assert!(
-        fitted.limits.keys().all(|k| k.subject == SHARED_SUBJECT),
+        fitted
+            .limits
+            .keys()
+            .all(|k| k.subject != SHARED_SUBJECT || k.tenant == acme),
         "{fitted:?}"
     );
+
+    // At every room: never more entries than the room (red-team review 47: a tenant held to
+    // more shared entries than its share made the table outgrow the map and the node's policy
+    // refused), unless the destinations alone are more (5 here); every pair is held to a
+    // limit at least as strict as its own (its own entry, its tenant's shared one, or, when
+    // the tenants' destinations alone (8) exceed the room, the destination's entry shared
+    // across tenants); entries shared across tenants only then.
+    use enforcer_common::rate::{sharing, SHARING_ACROSS_TENANTS, SHARING_PER_TENANT};
+    for room in 1..=both.len() + 1 {
+        let fitted = fit(&c, both.clone(), room);
+        assert!(
+            fitted.limits.len() <= room.max(5),
+            "room {room}: {fitted:?}"
+        );
+        let across = room < 8;
+        for (pair, limit) in &both {
+            let tenant = c.identity(pair.subject).unwrap().tenant_id;
+            let held = [
+                *pair,
+                RateKey::shared(tenant, pair.destination),
+                RateKey::across_tenants(pair.destination),
+            ]
+            .iter()
+            .find_map(|k| fitted.limits.get(k))
+            .unwrap_or_else(|| panic!("room {room}: {pair:?} not held: {fitted:?}"));
+            assert_eq!(stricter(held, limit), *held, "room {room}: {pair:?}");
+        }
+        let want = match (room >= both.len(), across) {
+            (true, _) => 0,
+            (false, true) => SHARING_ACROSS_TENANTS,
+            (false, false) => SHARING_PER_TENANT,
+        };
+        assert_eq!(
+            sharing(fitted.limits.keys()),
+            want,
+            "room {room}: {fitted:?}"
+        );
+    }
 }
 
 /// A Service in front of a tracked pod is tracked (its calls are flows: the connect hook sees

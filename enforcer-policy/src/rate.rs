@@ -27,7 +27,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use enforcer_common::rate::{RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND};
+use enforcer_common::rate::{
+    RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND, SHARED_SUBJECT,
+};
 
 use crate::inventory::Loc;
 use crate::Compiled;
@@ -300,30 +302,45 @@ pub fn rate_limits(compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
 /// A `RATE_LIMITS` table cut to the room the map has ([`fit`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Fitted {
-    /// What to write: the pairs kept, and each tenant's shared entry for a destination
-    /// ([`RateKey::shared`]).
+    /// What to write: the pairs kept, and the shared entries ([`RateKey::shared`], or
+    /// [`RateKey::across_tenants`] when the tenants' own would not fit).
     pub limits: BTreeMap<RateKey, RateLimit>,
     /// Per tenant of a subject (its name; `""` for none) whose pairs did not all fit: (its
     /// pairs, those kept). Empty when everything fits.
     pub shared: BTreeMap<String, (usize, usize)>,
 }
 
+/// One tenant's limited pairs, in the order they are kept: first those to a destination of
+/// another tenant (a limit the subject's tenant did not set, e.g. an operator's endpoint),
+/// then by key.
+struct Demand {
+    tenant: u32,
+    name: String,
+    pairs: Vec<(RateKey, RateLimit)>,
+    /// `beyond[k]`: the tenant's shared entries needed when its first `k` pairs are kept (the
+    /// destinations of the rest). `k + beyond[k]` never falls as `k` grows (a pair kept costs
+    /// one entry and saves at most one), so `beyond[0]`, its destinations, is the least the
+    /// tenant can be held to.
+    beyond: Vec<usize>,
+}
+
 /// Cuts `pairs` (of [`rate_limits`]) to `room` entries, so that one tenant's many label sets
 /// or limited destinations cannot fill the map and have the node's whole policy refused
-/// (red-team review 39 H3). When everything fits, nothing changes. Otherwise each tenant of a
-/// subject gets a max-min fair share of the room (the tenants in order of need, each at most
-/// an equal part of what is left, rounded up: a tenant needing less keeps all its pairs and
-/// leaves the rest to the others). Within its share a tenant over it keeps as many pairs as
-/// leave room for its shared entries, first the pairs to a destination of another tenant (a
-/// limit the subject's tenant did not set, e.g. an operator's endpoint), then by key; every
-/// other pair is held to the tenant's shared entry for its destination
-/// ([`RateKey::shared`]): the strictest limit of the tenant's pairs it stands for, in one
-/// bucket, so a pair that did not fit is held tighter, never let loose, and only beside pairs
-/// of its own tenant (red-team review 43 M1: one shared bucket per destination let one
-/// tenant's flood, or one subject's risk, starve another tenant's pairs). A tenant whose
-/// pairs reach more destinations than its share has every pair shared, one entry per
-/// destination, even past its share and past `room`: up to the map's own check of old and new
-/// together (`RateWriter::check_fits`), which refuses the change only past the whole map.
+/// (red-team review 39 H3). When everything fits, nothing changes. Otherwise every pair that
+/// does not keep an entry of its own is held to its tenant's shared entry for its
+/// destination ([`RateKey::shared`]): the strictest limit of that tenant's pairs it stands
+/// for, in one bucket, so a pair that did not fit is held tighter, never let loose, and only
+/// beside pairs of its own tenant (red-team review 43 M1: one shared bucket per destination
+/// let one tenant's flood, or one subject's risk, draw another tenant's pairs down).
+///
+/// The room is cut so: each tenant of a subject is first given the least it can be held to
+/// (one shared entry per destination its pairs reach), then the rest max-min fairly (the
+/// tenants in order of what more they ask, each at most an equal part of what is left,
+/// rounded up), and keeps as many of its pairs, in [`Demand`] order, as leave room for the
+/// shared entries of the others. The result never exceeds `room` (red-team review 47: a
+/// tenant given less than its destinations once made the table outgrow the map). Should the
+/// tenants' destinations alone exceed `room`, the pairs are held to entries shared across
+/// tenants instead ([`across_tenants`], the fit before review 43).
 pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize) -> Fitted {
     if pairs.len() <= room {
         return Fitted {
@@ -331,10 +348,75 @@ pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize
             shared: BTreeMap::new(),
         };
     }
+    let mut demands = demands(compiled, pairs);
+    let least: usize = demands.iter().map(|d| d.beyond[0]).sum();
+    if least > room {
+        return across_tenants(demands, room);
+    }
+    demands.sort_by_key(|d| d.pairs.len() - d.beyond[0]);
+    let tenants = demands.len();
+    let mut left = room - least;
+    let mut out = Fitted::default();
+    for (i, demand) in demands.into_iter().enumerate() {
+        // Rounded up: a tenant asking little is not left with nothing by the division (and
+        // never more than is left: ceil(left / n) <= left).
+        let given = (demand.pairs.len() - demand.beyond[0]).min(left.div_ceil(tenants - i));
+        left -= given;
+        let allotted = demand.beyond[0] + given;
+        let kept = (0..=demand.pairs.len())
+            .rev()
+            .find(|&k| k + demand.beyond[k] <= allotted)
+            .expect("keeping none fits: the least is allotted");
+        hold(demand, kept, &mut out, |tenant, destination| {
+            RateKey::shared(tenant, destination)
+        });
+    }
+    out
+}
+
+/// The fit when the tenants' destinations alone exceed `room`: one entry per destination,
+/// shared by every tenant ([`RateKey::across_tenants`]), reserved first; the rest of the room
+/// max-min fairly by tenant, in [`Demand`] order. Should the destinations alone exceed
+/// `room`, every pair is shared and they are all written anyway: past `room`, up to the map's
+/// own check of old and new together (`RateWriter::check_fits`), which refuses the change
+/// only past the whole map.
+fn across_tenants(mut demands: Vec<Demand>, room: usize) -> Fitted {
+    let destinations: BTreeSet<u32> = demands
+        .iter()
+        .flat_map(|d| d.pairs.iter().map(|(key, _)| key.destination))
+        .collect();
+    let mut left = room.saturating_sub(destinations.len());
+    demands.sort_by_key(|d| d.pairs.len());
+    let tenants = demands.len();
+    let mut out = Fitted::default();
+    let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
+    for (i, demand) in demands.into_iter().enumerate() {
+        let kept = demand.pairs.len().min(left.div_ceil(tenants - i));
+        left -= kept;
+        let mut mine = Fitted::default();
+        hold(demand, kept, &mut mine, RateKey::shared);
+        for (key, limit) in mine.limits {
+            if key.subject == SHARED_SUBJECT {
+                held.entry(key.destination)
+                    .and_modify(|h| *h = stricter(h, &limit))
+                    .or_insert(limit);
+            } else {
+                out.limits.insert(key, limit);
+            }
+        }
+        out.shared.extend(mine.shared);
+    }
+    for (destination, limit) in held {
+        out.limits
+            .insert(RateKey::across_tenants(destination), limit);
+    }
+    out
+}
+
+/// Each tenant's pairs (by tenant number, the one the kernel compares), in [`Demand`] order.
+fn demands(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>) -> Vec<Demand> {
     let identity = |id: u32| compiled.identity(id);
     let tenant_id = |id: u32| identity(id).map_or(0, |i| i.tenant_id);
-    // By tenant id, the number the kernel compares (two subjects of one tenant name always
-    // have one id).
     let mut by_tenant: BTreeMap<u32, Vec<(RateKey, RateLimit)>> = BTreeMap::new();
     for (key, limit) in pairs {
         by_tenant
@@ -342,56 +424,51 @@ pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize
             .or_default()
             .push((key, limit));
     }
-    let mut demands: Vec<(u32, Vec<(RateKey, RateLimit)>)> = by_tenant.into_iter().collect();
-    demands.sort_by_key(|(_, pairs)| pairs.len());
-    let tenants = demands.len();
-    let mut left = room;
-    let mut out = Fitted::default();
-    for (i, (tenant, mut pairs)) in demands.into_iter().enumerate() {
-        // Rounded up: a tenant needing little is not left with nothing by the division.
-        let share = left.div_ceil(tenants - i);
-        if pairs.len() <= share {
-            left -= pairs.len();
-            out.limits.extend(pairs);
-            continue;
-        }
-        pairs.sort_by_key(|(key, _)| (tenant_id(key.destination) == tenant, *key));
-        // beyond[k]: the shared entries needed when the first k pairs are kept (the
-        // destinations of the rest). k + beyond[k] never falls as k grows, so the most pairs
-        // kept within the share is the last k where it fits.
-        let mut beyond = vec![0; pairs.len() + 1];
-        let mut seen = BTreeSet::new();
-        for k in (0..pairs.len()).rev() {
-            seen.insert(pairs[k].0.destination);
-            beyond[k] = seen.len();
-        }
-        let kept = (0..pairs.len())
-            .rev()
-            .find(|&k| k + beyond[k] <= share)
-            .unwrap_or(0);
-        left = left.saturating_sub(kept + beyond[kept]);
-        let name = pairs
-            .first()
-            .and_then(|(key, _)| identity(key.subject))
-            .and_then(|i| i.tenant.clone())
-            .unwrap_or_default();
-        out.shared.insert(name, (pairs.len(), kept));
-        let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
-        for (n, (key, limit)) in pairs.into_iter().enumerate() {
-            if n < kept {
-                out.limits.insert(key, limit);
-            } else {
-                held.entry(key.destination)
-                    .and_modify(|h| *h = stricter(h, &limit))
-                    .or_insert(limit);
+    by_tenant
+        .into_iter()
+        .map(|(tenant, mut pairs)| {
+            pairs.sort_by_key(|(key, _)| (tenant_id(key.destination) == tenant, *key));
+            let mut beyond = vec![0; pairs.len() + 1];
+            let mut seen = BTreeSet::new();
+            for k in (0..pairs.len()).rev() {
+                seen.insert(pairs[k].0.destination);
+                beyond[k] = seen.len();
             }
-        }
-        for (destination, limit) in held {
-            out.limits
-                .insert(RateKey::shared(tenant, destination), limit);
+            let name = pairs
+                .first()
+                .and_then(|(key, _)| identity(key.subject))
+                .and_then(|i| i.tenant.clone())
+                .unwrap_or_default();
+            Demand {
+                tenant,
+                name,
+                pairs,
+                beyond,
+            }
+        })
+        .collect()
+}
+
+/// Writes `demand`'s first `kept` pairs into `out` as they are, and holds the rest to one
+/// entry per destination (`shared_key(tenant, destination)`), the strictest of theirs.
+fn hold(demand: Demand, kept: usize, out: &mut Fitted, shared_key: impl Fn(u32, u32) -> RateKey) {
+    if kept < demand.pairs.len() {
+        out.shared.insert(demand.name, (demand.pairs.len(), kept));
+    }
+    let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
+    for (n, (key, limit)) in demand.pairs.into_iter().enumerate() {
+        if n < kept {
+            out.limits.insert(key, limit);
+        } else {
+            held.entry(key.destination)
+                .and_modify(|h| *h = stricter(h, &limit))
+                .or_insert(limit);
         }
     }
-    out
+    for (destination, limit) in held {
+        out.limits
+            .insert(shared_key(demand.tenant, destination), limit);
+    }
 }
 
 /// The stricter of two limits, componentwise: the longer interval, the smaller burst.

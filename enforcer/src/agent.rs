@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use enforcer_common::rate::{RateKey, RateLimit, SHARED_SUBJECT};
+use enforcer_common::rate::{self, RateKey, RateLimit};
 use enforcer_common::{
     flags, flow_event as flow_kind, flow_flags, flow_state, maps, proto, reason, verdict,
 };
@@ -849,12 +849,12 @@ impl Agent {
                 .context("the rate limits do not fit")?;
         }
         let ingress_in_force = ingress_writer.current();
-        let shared = rates.keys().any(|k| k.subject == SHARED_SUBJECT);
-        let shared_in_force = rates_in_force.keys().any(|k| k.subject == SHARED_SUBJECT);
-        // The kernel looks for shared entries before any pair moves to one; it stops only
-        // once none is left (after the swap).
-        let swapped = (if shared {
-            self.datapath.tables.set_rate_shared(true)
+        let shared = rate::sharing(rates.keys());
+        let shared_in_force = rate::sharing(rates_in_force.keys());
+        // The kernel looks for shared entries (of the new kind) before any pair moves to
+        // one; it stops only once none is left (after the swap).
+        let swapped = (if shared != rate::SHARING_NONE {
+            self.datapath.tables.set_rate_shared(shared)
         } else {
             Ok(())
         })
@@ -913,6 +913,11 @@ impl Agent {
     ) -> (BTreeMap<RateKey, RateLimit>, BTreeSet<String>) {
         let pairs = enforcer_policy::rate::rate_limits(&self.compiled);
         let fitted = enforcer_policy::rate::fit(&self.compiled, pairs, writer.room());
+        let with_whom = if rate::sharing(fitted.limits.keys()) == rate::SHARING_ACROSS_TENANTS {
+            "with every tenant's (the tenants' limited destinations alone outnumber the room)"
+        } else {
+            "with the tenant's other pairs"
+        };
         let problems = fitted
             .shared
             .iter()
@@ -922,8 +927,8 @@ impl Agent {
                 format!(
                     "tenant {tenant}: not all of its rate-limited (subject, destination) pairs \
                      fit its share of {} ({} pairs for the limits in force): the others share \
-                     the tenant's strictest limit for their destination (`--capacity rate-limits=N`, after \
-                     `enforcer detach`)",
+                     their destination's strictest limit {with_whom} (`--capacity \
+                     rate-limits=N`, after `enforcer detach`)",
                     maps::RATE_LIMITS,
                     writer.room()
                 )
@@ -942,7 +947,7 @@ impl Agent {
             .and_then(|mut w| {
                 let (rates, _) = self.desired_rates(&w);
                 let written = w.after_swap(&rates)?;
-                let shared = rates.keys().any(|k| k.subject == SHARED_SUBJECT);
+                let shared = rate::sharing(rates.keys());
                 self.datapath.tables.set_rate_shared(shared)?;
                 Ok(written)
             })

@@ -13,7 +13,7 @@
 //!   and the pairs beyond it share their tenant's strictest limit for the destination, in one
 //!   bucket that no other tenant's flood draws on.
 //!
-//! Addresses: 127.92.0.0/16 and 127.72.0.0/16 (the worlds' nets 92 and 72).
+//! Addresses: 127.92.0.0/16, 127.72.0.0/16 and 127.73.0.0/16 (the worlds' nets 92, 72, 73).
 
 use std::time::Duration;
 
@@ -27,8 +27,9 @@ use enforcer_tests::{require_kernel, Agent, Probe, TempDir};
 use serde_json::Value;
 
 const NET: u8 = 92;
-/// The world of the shared-limit test (tests of one file run at once).
+/// The worlds of the shared-limit tests (tests of one file run at once).
 const NET_SHARED: u8 = 72;
+const NET_ACROSS: u8 = 73;
 /// The limit at risk 0, and the risk step that halves it.
 const RATE: f64 = 20.0;
 const BURST: f64 = 20.0;
@@ -208,8 +209,8 @@ fn each_subject_gets_its_budget_and_a_risk_rise_tightens_it_at_once() -> Result<
 /// More limited pairs than `RATE_LIMITS` holds (red-team review 39 H3: one tenant's label
 /// sets and limited Services could fill it, and the node's whole policy was then refused, the
 /// agent unable to start). Three pairs reach acme-vectors (acme-gateway, acme-evaluator, and
-/// globex-agent by the cross-tenant exception) and the map holds two, half for the limits in
-/// force: globex's one pair keeps its own entry, acme's two share acme's entry for the
+/// globex-agent by the cross-tenant exception) and the map holds four, half for the limits
+/// in force: globex's one pair keeps its own entry, acme's two share acme's entry for the
 /// destination. The agent starts, applies the policy and says which tenant shares; acme's two
 /// subjects flooding at once get one budget between them (`rate * t + burst`), not one each:
 /// the pairs beyond the map are held tighter, never let loose. globex-agent floods beside
@@ -225,55 +226,39 @@ fn pairs_beyond_the_map_share_their_tenants_limit() -> Result<()> {
     let state = StateDir::new()?;
     let mut config = world.agent_config();
     config.extra_args.push("--capacity".into());
-    config.extra_args.push("rate-limits=2".into());
+    config.extra_args.push("rate-limits=4".into());
     let cfg = state.configure(config);
     let dirs = state.dirs(&cfg);
     let cfg_again = cfg.clone();
     let mut agent = Agent::start(cfg)?;
     let status = dirs.status()?;
-    let problems: Vec<&str> = status
-        .pointer("/agent/cluster_problems")
-        .and_then(Value::as_array)
-        .context("status has no cluster problems")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let problems = sharing_problems(&status)?;
     let sharing = |tenant: &str| {
         problems
             .iter()
-            .any(|p| p.starts_with(&format!("tenant {tenant}: not all of its rate-limited")))
+            .any(|p| p.starts_with(&format!("tenant {tenant}: ")))
     };
     ensure!(
-        sharing("acme") && !sharing("globex"),
-        "want acme sharing, globex not: {problems:?}"
+        sharing("acme")
+            && !sharing("globex")
+            && problems
+                .iter()
+                .all(|p| p.contains("with the tenant's other pairs")),
+        "want acme sharing within the tenant, globex not: {problems:?}"
     );
 
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
-    let floods = flood_all(
-        &world,
-        &vectors,
-        &["acme-gateway", "acme-evaluator", "globex-agent"],
-    )?;
-    let [gateway, evaluator, globex] = floods.as_slice() else {
-        unreachable!("three floods");
-    };
-    let both = FloodSummary {
-        attempts: gateway.attempts + evaluator.attempts,
-        ok: gateway.ok + evaluator.ok,
-        eperm: gateway.eperm + evaluator.eperm,
-        error: gateway.error + evaluator.error,
-        elapsed_ns: gateway.elapsed_ns.max(evaluator.elapsed_ns),
-    };
+    let [gateway, evaluator, globex] = flood_three(&world, &vectors)?;
     // The floods start a few milliseconds apart (three probe processes): well inside the
     // tolerance (one connection per 50 ms).
     within_budget(
         "acme-gateway and acme-evaluator, acme's shared bucket",
-        &both,
+        &together(&[&gateway, &evaluator]),
         RATE,
         BURST,
         BURST,
     )?;
-    within_budget("globex-agent, its own bucket", globex, RATE, BURST, BURST)?;
+    within_budget("globex-agent, its own bucket", &globex, RATE, BURST, BURST)?;
     ensure!(
         gateway.ok > 0 && evaluator.ok > 0,
         "both subjects were let through some: {gateway:?} {evaluator:?}"
@@ -292,7 +277,7 @@ fn pairs_beyond_the_map_share_their_tenants_limit() -> Result<()> {
         limits.remove(key)?;
     }
     let bogus = RateLimit::from_interval(1_000_000, 1);
-    for subject in [1, 2] {
+    for subject in [1, 2, 3] {
         limits.insert(RateKey::own(subject, 1), bogus, 0)?;
     }
     let _agent = Agent::start(cfg_again)?;
@@ -309,6 +294,76 @@ fn pairs_beyond_the_map_share_their_tenants_limit() -> Result<()> {
          shared entry and globex-agent's own: {in_force:?}"
     );
     Ok(())
+}
+
+/// A map too small even for one shared entry per tenant and destination (it holds two, one
+/// for the limits in force; acme's and globex's pairs reach one destination): every pair is
+/// held to the destination's entry shared across tenants (`CONFIG.rate_shared` =
+/// `SHARING_ACROSS_TENANTS`), one bucket for the three subjects, and the problems say so.
+/// Held tighter, never let loose, and the policy still applied.
+#[test]
+fn a_map_too_small_for_the_tenants_shares_holds_every_pair_to_one_bucket() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = limited_world(NET_ACROSS)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let mut config = world.agent_config();
+    config.extra_args.push("--capacity".into());
+    config.extra_args.push("rate-limits=2".into());
+    let cfg = state.configure(config);
+    let dirs = state.dirs(&cfg);
+    let _agent = Agent::start(cfg)?;
+    let problems = sharing_problems(&dirs.status()?)?;
+    ensure!(
+        problems.len() == 2 && problems.iter().all(|p| p.contains("with every tenant's")),
+        "want acme and globex sharing across tenants: {problems:?}"
+    );
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let [gateway, evaluator, globex] = flood_three(&world, &vectors)?;
+    within_budget(
+        "acme-gateway, acme-evaluator and globex-agent, one bucket",
+        &together(&[&gateway, &evaluator, &globex]),
+        RATE,
+        BURST,
+        BURST,
+    )?;
+    Ok(())
+}
+
+/// The `cluster_problems` of `status` that say a tenant's rate-limited pairs share.
+fn sharing_problems(status: &Value) -> Result<Vec<String>> {
+    Ok(status
+        .pointer("/agent/cluster_problems")
+        .and_then(Value::as_array)
+        .context("status has no cluster problems")?
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|p| p.contains(": not all of its rate-limited"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Floods of acme-gateway, acme-evaluator and globex-agent at once.
+fn flood_three(world: &World, target: &str) -> Result<[FloodSummary; 3]> {
+    let floods = flood_all(
+        world,
+        target,
+        &["acme-gateway", "acme-evaluator", "globex-agent"],
+    )?;
+    Ok(floods.try_into().expect("three floods"))
+}
+
+/// Floods summed as one (their longest time).
+fn together(floods: &[&FloodSummary]) -> FloodSummary {
+    FloodSummary {
+        attempts: floods.iter().map(|f| f.attempts).sum(),
+        ok: floods.iter().map(|f| f.ok).sum(),
+        eperm: floods.iter().map(|f| f.eperm).sum(),
+        error: floods.iter().map(|f| f.error).sum(),
+        elapsed_ns: floods.iter().map(|f| f.elapsed_ns).max().unwrap_or(0),
+    }
 }
 
 #[test]

@@ -622,15 +622,13 @@ impl Tables {
         self.config.get(&0, 0).context("reading CONFIG")
     }
 
-    /// `CONFIG.rate_shared` (see `enforcer_common::rate::SHARED_SUBJECT`), written around a
+    /// `CONFIG.rate_shared` (`enforcer_common::rate::sharing`), written around a
     /// table swap by the agent's own task, never during one.
-    pub fn set_rate_shared(&mut self, shared: bool) -> Result<()> {
-        if (self.config()?.rate_shared != 0) == shared {
+    pub fn set_rate_shared(&mut self, sharing: u32) -> Result<()> {
+        if self.config()?.rate_shared == sharing {
             return Ok(());
         }
-        self.update_config("rate_shared", |config| {
-            config.rate_shared = u32::from(shared)
-        })
+        self.update_config("rate_shared", |config| config.rate_shared = sharing)
     }
 
     /// `CONFIG.socket_lb` (`enforcer run --socket-lb`).
