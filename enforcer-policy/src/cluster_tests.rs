@@ -1877,6 +1877,44 @@ fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
         assert_eq!((s.flags, s.datasets.len()), (0, 0), "{untracked}");
     }
 
+    // Step-up only from backends of the Service's own tenant (red-team review 43 M4): acme
+    // may list globex's endpoint in its Service's Endpoints, and whoever calls the Service
+    // must not be quarantined by globex's step-up; its own endpoint's step-up holds.
+    let inventory = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
+    let mut stepped = inventory.clone();
+    for dataset in ["    datasets: [acme-kb]\n", "    datasets: [globex-kb]\n"] {
+        assert_eq!(stepped.matches(dataset).count(), 1, "fixture");
+        let ttl = if dataset.contains("acme") {
+            "10m"
+        } else {
+            "7d"
+        };
+        stepped = stepped.replace(
+            dataset,
+            &format!("{dataset}    step_up: {{action: quarantine, ttl: {ttl}}}\n"),
+        );
+    }
+    let dir = crate::tests::demo_with("inventory.yaml", &stepped);
+    let mut borrowing = state.clone();
+    borrowing.services.push(service(
+        "borrowed-svc",
+        vec![backend("127.10.2.10"), backend("127.10.1.10")],
+        "127.81.100.13",
+    ));
+    let b = load(dir.path(), &borrowing, &options());
+    let borrowed = b.identities().by_name("service/acme/borrowed-svc").unwrap();
+    assert_eq!(borrowed.datasets, ["acme-kb", "globex-kb"]);
+    assert_eq!(
+        borrowed.step_up.map(|s| s.ttl),
+        Some(std::time::Duration::from_secs(600)),
+        "acme's own 10m, never globex's week"
+    );
+    let mixed = b.identities().by_name("service/acme/mixed-svc").unwrap();
+    assert_eq!(
+        mixed.step_up.map(|s| s.ttl),
+        Some(std::time::Duration::from_secs(600))
+    );
+
     // The tracked backends leave: the Service is no longer tracked.
     let mut later = state.clone();
     let at = later

@@ -695,7 +695,10 @@ impl Identities {
 
     /// A Service in front of a tracked destination is tracked too, with the union of its
     /// tracked backends' datasets (as each names them to the learner,
-    /// [`Identity::contact_names`]) and the longest of their step-ups: the connect hook sees
+    /// [`Identity::contact_names`]) and the longest step-up of those of its own tenant (a
+    /// Service's owner may list any address as its backend, so another tenant's or the
+    /// operator's step-up would let it quarantine whoever calls its Service: red-team review
+    /// 43 M4; such a first contact is still an anomaly): the connect hook sees
     /// the ClusterIP, before kube-proxy translates it, so a call through the Service was
     /// otherwise no flow (no `flow.opened`, no anomaly, no revocation) to a vector DB every
     /// pod reaches by its Service's name (red-team review 39 H1). Only `TRACKED`: the
@@ -718,6 +721,9 @@ impl Identities {
                 }
                 tracked = true;
                 datasets.extend(b.contact_names());
+                if b.tenant != self.list[i].tenant {
+                    continue;
+                }
                 if let Some(s) = b.step_up {
                     if step_up.is_none_or(|held| held.ttl < s.ttl) {
                         step_up = Some(s);
