@@ -155,6 +155,12 @@ pub struct AgentState {
     pub risk_overrides: BTreeMap<String, String>,
     #[serde(default)]
     pub quarantined: Vec<String>,
+    /// The identity numbers of the quarantines that hold until released (not a step-up's):
+    /// restored at the next start beside the pinned flags, since an identity with no entry
+    /// in `IDENTITIES` then (a label set scaled to zero pods, a workload taken out of the
+    /// inventory) has no flag to carry it (red-team review 39 M1).
+    #[serde(default)]
+    pub quarantined_ids: Vec<u32>,
     /// Set when the policy comes from a remote PDP.
     #[serde(default)]
     pub pdp_url: Option<String>,
@@ -580,8 +586,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
         datapath.tables.set_capacity_check(false);
     }
-    // A quarantine outlives the agent: it is read back from the pinned identity flags.
-    let quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
+    // A quarantine outlives the agent: it is read back from the pinned identity flags, and
+    // from the state file for an identity that has no entry now (it comes back quarantined).
+    // Only a state file of these pins: a new ABI's pins start without the old quarantines.
+    let mut quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
+    if let Some(state) = read_state(&options.state_dir) {
+        if state.pin_dir == datapath.dir() {
+            quarantined.extend(state.quarantined_ids);
+        }
+    }
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
@@ -1779,6 +1792,12 @@ impl Agent {
                 .quarantined
                 .iter()
                 .map(|id| self.name_of(*id))
+                .collect(),
+            quarantined_ids: self
+                .quarantined
+                .iter()
+                .filter(|id| !self.step_ups.contains_key(id))
+                .copied()
                 .collect(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
             kubernetes: self.kube.as_ref().map(KubeSource::status),

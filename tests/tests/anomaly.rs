@@ -40,7 +40,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use enforcer_tests::cli::{first_applied_snapshot, notices, wait_notices, StateDir};
+use enforcer_tests::cli::{first_applied_snapshot, notices, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity};
 use enforcer_tests::flows::{FlowClient, FlowServer};
 use enforcer_tests::probe::{attempt, Outcome, Probe};
@@ -555,6 +555,41 @@ fn a_first_contact_by_datagrams_raises_the_anomaly_and_steps_up() -> Result<()> 
         !log.contains("flow ring full") && !log.contains("flow contacts lost"),
         "a datagram reported as a lost flow event:\n{}",
         agent.stderr_tail()
+    );
+
+    // The subject leaves the policy before its TTL is over (a Job's pods complete), and
+    // comes back after it: the step-up is over, not a quarantine with nothing left to lift
+    // it (red-team review 39 M1: the agent forgot the step-up but kept the quarantine).
+    let path = w.bundle.path().join("inventory.yaml");
+    let whole = std::fs::read_to_string(&path)?;
+    let start = whole
+        .find("  - name: client-a\n")
+        .context("fixture: client-a")?;
+    let end = start
+        + whole[start..]
+            .find("endpoints:")
+            .context("fixture: endpoints")?;
+    let without = format!("{}{}", &whole[..start], &whole[end..]).replacen(
+        "workloads:\n",
+        "workloads: []\n",
+        1,
+    );
+    let before = first_applied_snapshot(&agent)?;
+    replace_file(w.bundle.path(), "inventory.yaml", &without, None)?;
+    wait_notices(&agent, "policy.applied", 1, WAIT, |e| {
+        e.get("snapshot").and_then(Value::as_str) != Some(before.as_str())
+    })?;
+    wait_notices(&agent, "subject.released", 1, TTL + WAIT, |_| true)?;
+    replace_file(w.bundle.path(), "inventory.yaml", &whole, None)?;
+    let back = probe.until(
+        Outcome::Ok,
+        &attempt("udp", w.addr(11).ip(), 6334),
+        Duration::from_millis(100),
+        WAIT,
+    )?;
+    ensure!(
+        back.reached,
+        "back in the policy after its TTL, still refused: {back:?}"
     );
     Ok(())
 }

@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use enforcer_tests::cli::{notices, wait_notices, AgentDirs, StateDir};
+use enforcer_tests::cli::{
+    first_applied_snapshot, notices, replace_file, wait_notices, AgentDirs, StateDir,
+};
 use enforcer_tests::fixtures::{
     event_matches, render_inventory, standard_entities, Entity, World, STANDARD_POLICIES,
 };
@@ -575,5 +577,84 @@ fn a_quarantine_pending_at_the_stop_is_applied_and_reported() -> Result<()> {
         "acme-gateway is not quarantined (deny read by the first agent: {read_by_first})"
     );
     drop(second);
+    Ok(())
+}
+
+/// Waits for `agent` to apply a policy other than `before`; returns its snapshot.
+fn applied_after(agent: &Agent, before: &str) -> Result<String> {
+    let applied = wait_notices(agent, "policy.applied", 1, WAIT, |e| {
+        e.get("snapshot").and_then(Value::as_str) != Some(before)
+    })?;
+    applied[0]
+        .get("snapshot")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .context("policy.applied without a snapshot")
+}
+
+/// A quarantine by hand holds across a restart also while its workload is out of the policy
+/// (red-team review 39 M1: it was read back only from the pinned identity flags, and an
+/// identity without an `IDENTITIES` entry has none, so a workload scaled to zero or taken out
+/// of the inventory came back free after a restart): acme-gateway quarantined, taken out of
+/// the inventory, the agent restarted, acme-gateway put back: still quarantined, until
+/// released.
+#[test]
+fn a_quarantine_outlives_its_workload_leaving_the_policy_and_a_restart() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(40)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let mut first = Agent::start(cfg.clone())?;
+    let whole = first_applied_snapshot(&first)?;
+    let gw = probe_in(&world, "acme-gateway");
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    gw.expect_outcome(&vectors, Outcome::Ok, "before the quarantine")?;
+    let out = dirs.run(&["quarantine", "add", "acme-gateway"])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    gw.expect_outcome(&vectors, Outcome::Eperm, "quarantined")?;
+
+    let root = world.root.relative_str();
+    let without: Vec<Entity> = world
+        .entities
+        .iter()
+        .filter(|e| e.name != "acme-gateway")
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&without, &root),
+        None,
+    )?;
+    let partial = applied_after(&first, &whole)?;
+    first.stop()?;
+    let second = Agent::start(cfg)?;
+    first_applied_snapshot(&second)?;
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&world.entities, &root),
+        None,
+    )?;
+    applied_after(&second, &partial)?;
+    gw.expect_outcome(
+        &vectors,
+        Outcome::Eperm,
+        "back in the policy after the restart",
+    )?;
+    second.wait_for(1, WAIT, |e| {
+        quarantined_deny(e, "acme-gateway", "acme-vectors", 6333)
+    })?;
+    ensure!(
+        listed(&quarantine_list(&dirs)?, "acme-gateway"),
+        "quarantine list must name acme-gateway again"
+    );
+    let out = dirs.quarantine_release("acme-gateway")?;
+    ensure!(out.success(), "quarantine release: {out}");
+    gw.expect_outcome(&vectors, Outcome::Ok, "released")?;
     Ok(())
 }

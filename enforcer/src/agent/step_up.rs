@@ -282,6 +282,25 @@ impl Agent {
             .collect();
         for id in due {
             let name = self.name_of(id);
+            if self.compiled.identity(id).is_none() {
+                // Its identity left the policy (a Job's pods completed, a workload taken out
+                // of the inventory): nothing in the kernel to lift, but the agent's own set
+                // must forget it, or the identity's next pods (the same label set, the same
+                // number) would come back quarantined with nothing left to lift them
+                // (red-team review 39 M1).
+                self.forget_step_up(id);
+                if self.quarantined.remove(&id) {
+                    tracing::info!(subject = %name, "step-up quarantine over: its TTL is over, its identity gone from the policy");
+                    self.count_quarantined();
+                    self.save_state();
+                    let _ = self.notices.send(super::Notice::Released {
+                        time: super::now(),
+                        workload: name,
+                        identity: id,
+                    });
+                }
+                continue;
+            }
             let response = self.release(&name);
             if response.ok {
                 tracing::info!(subject = %name, "step-up quarantine lifted: its TTL is over");
