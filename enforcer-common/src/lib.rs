@@ -706,11 +706,12 @@ pub struct Config {
     /// its flow overflow keys ([`aggregate_flags::FLOW_EVENTS`]) and not written, nor are
     /// their closed events. 0, or aggregation off (`event_window_ns` 0) = no budget.
     pub flow_events_per_workload: u32,
-    /// How some subjects' rate limits are shared ([`rate::sharing`]): a pair without its own
-    /// `RATE_LIMITS` entry is looked up again under its tenant's shared key
-    /// ([`rate::SHARING_PER_TENANT`]) or the destination's key shared across tenants
-    /// ([`rate::SHARING_ACROSS_TENANTS`]). [`rate::SHARING_NONE`] (the usual case) spares
-    /// every unlimited connect that second lookup.
+    /// How some subjects' rate limits are shared ([`rate::sharing`]; the kind is for people,
+    /// the kernel reads zero or not): when not [`rate::SHARING_NONE`], a pair without its own
+    /// `RATE_LIMITS` entry is looked up again under its tenant's shared key, then under the
+    /// destination's key shared across tenants, whichever kind the agent wrote (during a
+    /// change, both may hold). [`rate::SHARING_NONE`] (the usual case) spares every unlimited
+    /// connect those lookups.
     pub rate_shared: u32,
     /// The cookie of the node's network namespace (the agent's own: it runs with
     /// `hostNetwork`), as `SO_NETNS_COOKIE` (Linux 5.14) and `bpf_get_netns_cookie` give it:
@@ -1389,11 +1390,10 @@ pub mod rate {
 
     /// `CONFIG.rate_shared`: no shared entry; a miss is not limited.
     pub const SHARING_NONE: u32 = 0;
-    /// `CONFIG.rate_shared`: a miss looks again under the subject's tenant's shared entry
-    /// for the destination ([`RateKey::shared`]).
+    /// `CONFIG.rate_shared`: the shared entries are the tenants' ([`RateKey::shared`]).
     pub const SHARING_PER_TENANT: u32 = 1;
-    /// `CONFIG.rate_shared`: a miss looks again under the destination's entry shared by every
-    /// tenant ([`RateKey::across_tenants`]).
+    /// `CONFIG.rate_shared`: the shared entries are the destinations', across tenants
+    /// ([`RateKey::across_tenants`]).
     pub const SHARING_ACROSS_TENANTS: u32 = 2;
 
     /// The `CONFIG.rate_shared` value for a `RATE_LIMITS` holding `keys`: across tenants when

@@ -13,9 +13,9 @@
 //! gives every other pair its tenant's shared entry for the destination (subject
 //! `SHARED_SUBJECT` and the subject's tenant: the strictest of their limits, one bucket, never
 //! shared with another tenant) and sets `CONFIG.rate_shared`: only then does a miss look again
-//! under the shared key, so such a pair is held to a stricter limit, never to none. Should the
-//! tenants' shared entries alone not fit, each destination has one entry shared by every
-//! tenant instead (`CONFIG.rate_shared` = `SHARING_ACROSS_TENANTS`).
+//! under the shared keys, so such a pair is held to a stricter limit, never to none. Should
+//! the tenants' shared entries alone not fit, each destination has one entry shared by every
+//! tenant instead, looked up after the tenant's.
 //!
 //! Concurrency: the read-modify-write of `tat` is not atomic. The BPF target of this toolchain
 //! has no compare-and-swap in Rust's `core` (`atomic-cas: false` in its target spec), and the
@@ -40,7 +40,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     capacity,
-    rate::{RateBucket, RateKey, RateLimit, SHARING_ACROSS_TENANTS, SHARING_NONE},
+    rate::{RateBucket, RateKey, RateLimit, SHARING_NONE},
 };
 
 /// Memory as pairs are added (most nodes limit few pairs).
@@ -68,14 +68,23 @@ pub fn admit(subject: u32, tenant: u32, destination: u32) -> bool {
     let (key, limit) = match RATE_LIMITS.get_ptr(own) {
         Some(limit) => (own, limit),
         None => {
-            let shared = match sharing() {
-                SHARING_NONE => return true,
-                SHARING_ACROSS_TENANTS => RateKey::across_tenants(destination),
-                _ => RateKey::shared(tenant, destination),
-            };
-            match RATE_LIMITS.get_ptr(shared) {
-                Some(limit) => (shared, limit),
-                None => return true,
+            if sharing() == SHARING_NONE {
+                return true;
+            }
+            // Both kinds of shared entry, in turn, whichever the fit wrote: while the agent
+            // moves from one kind to the other a pair's entry is of either, and a switch of
+            // `CONFIG` between kinds would leave it unlimited until the new kind's entries
+            // are written (red-team review 48).
+            let tenants = RateKey::shared(tenant, destination);
+            match RATE_LIMITS.get_ptr(tenants) {
+                Some(limit) => (tenants, limit),
+                None => {
+                    let across = RateKey::across_tenants(destination);
+                    match RATE_LIMITS.get_ptr(across) {
+                        Some(limit) => (across, limit),
+                        None => return true,
+                    }
+                }
             }
         }
     };
