@@ -1755,7 +1755,8 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
     // refused), unless the destinations alone are more (5 here); every pair is held to a
     // limit at least as strict as its own (its own entry, its tenant's shared one, or, when
     // the tenants' destinations alone (8) exceed the room, the destination's entry shared
-    // across tenants); entries shared across tenants only then.
+    // across tenants, looked up in that order as the kernel does); entries shared across
+    // tenants only then.
     use enforcer_common::rate::{sharing, SHARING_ACROSS_TENANTS, SHARING_PER_TENANT};
     for room in 1..=both.len() + 1 {
         let fitted = fit(&c, both.clone(), room);
@@ -1786,6 +1787,25 @@ fn a_rate_limited_pod_limits_its_callers_directly_and_through_its_service() {
             want,
             "room {room}: {fitted:?}"
         );
+        // Across tenants only the destinations both tenants reach, and only as many as the
+        // room needs (red-team review 48): 8 - room of them, at most the three.
+        let across_keys: Vec<u32> = fitted
+            .limits
+            .keys()
+            .filter(|k| k.subject == enforcer_common::rate::SHARED_ACROSS_TENANTS)
+            .map(|k| k.destination)
+            .collect();
+        if room < both.len() {
+            assert_eq!(
+                across_keys.len(),
+                8usize.saturating_sub(room).min(3),
+                "room {room}"
+            );
+            assert!(
+                across_keys.iter().all(|d| [db, slow, svc].contains(d)),
+                "room {room}: {fitted:?}"
+            );
+        }
     }
 }
 

@@ -27,9 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use enforcer_common::rate::{
-    RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND, SHARED_SUBJECT,
-};
+use enforcer_common::rate::{RateKey, RateLimit, MAX_BURST, MAX_INTERVAL_NS, NS_PER_SECOND};
 
 use crate::inventory::Loc;
 use crate::Compiled;
@@ -302,8 +300,8 @@ pub fn rate_limits(compiled: &Compiled) -> BTreeMap<RateKey, RateLimit> {
 /// A `RATE_LIMITS` table cut to the room the map has ([`fit`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Fitted {
-    /// What to write: the pairs kept, and the shared entries ([`RateKey::shared`], or
-    /// [`RateKey::across_tenants`] when the tenants' own would not fit).
+    /// What to write: the pairs kept, and the shared entries ([`RateKey::shared`], and
+    /// [`RateKey::across_tenants`] for the destinations the tenants' own would not fit).
     pub limits: BTreeMap<RateKey, RateLimit>,
     /// Per tenant of a subject (its name; `""` for none) whose pairs did not all fit: (its
     /// pairs, those kept). Empty when everything fits.
@@ -316,12 +314,32 @@ pub struct Fitted {
 struct Demand {
     tenant: u32,
     name: String,
+    /// How many pairs the tenant had before any went to an entry shared across tenants.
+    total: usize,
     pairs: Vec<(RateKey, RateLimit)>,
     /// `beyond[k]`: the tenant's shared entries needed when its first `k` pairs are kept (the
     /// destinations of the rest). `k + beyond[k]` never falls as `k` grows (a pair kept costs
     /// one entry and saves at most one), so `beyond[0]`, its destinations, is the least the
     /// tenant can be held to.
     beyond: Vec<usize>,
+}
+
+impl Demand {
+    fn new(tenant: u32, name: String, total: usize, pairs: Vec<(RateKey, RateLimit)>) -> Self {
+        let mut beyond = vec![0; pairs.len() + 1];
+        let mut seen = BTreeSet::new();
+        for k in (0..pairs.len()).rev() {
+            seen.insert(pairs[k].0.destination);
+            beyond[k] = seen.len();
+        }
+        Self {
+            tenant,
+            name,
+            total,
+            pairs,
+            beyond,
+        }
+    }
 }
 
 /// Cuts `pairs` (of [`rate_limits`]) to `room` entries, so that one tenant's many label sets
@@ -337,10 +355,14 @@ struct Demand {
 /// (one shared entry per destination its pairs reach), then the rest max-min fairly (the
 /// tenants in order of what more they ask, each at most an equal part of what is left,
 /// rounded up), and keeps as many of its pairs, in [`Demand`] order, as leave room for the
-/// shared entries of the others. The result never exceeds `room` (red-team review 47: a
-/// tenant given less than its destinations once made the table outgrow the map). Should the
-/// tenants' destinations alone exceed `room`, the pairs are held to entries shared across
-/// tenants instead ([`across_tenants`], the fit before review 43).
+/// shared entries of the others. Should the tenants' least alone exceed `room`, the
+/// destinations most tenants reach, and only as many as that takes, have one entry shared by
+/// every tenant instead ([`RateKey::across_tenants`], the fit before review 43, which the
+/// kernel looks up after the tenant's). The result never exceeds `room` (red-team review 47:
+/// the first per-tenant cut made the table outgrow the map, and the node's policy was
+/// refused) unless each destination is reached by one tenant and they still outnumber it:
+/// then every pair is shared and all are written, up to the map's own check of old and new
+/// together (`RateWriter::check_fits`), which refuses the change only past the whole map.
 pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize) -> Fitted {
     if pairs.len() <= room {
         return Fitted {
@@ -349,14 +371,36 @@ pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize
         };
     }
     let mut demands = demands(compiled, pairs);
-    let least: usize = demands.iter().map(|d| d.beyond[0]).sum();
-    if least > room {
-        return across_tenants(demands, room);
+    let mut out = Fitted::default();
+    let merged = across_tenants(&demands, room);
+    if !merged.is_empty() {
+        let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
+        for demand in &mut demands {
+            let (across, own): (Vec<_>, Vec<_>) = std::mem::take(&mut demand.pairs)
+                .into_iter()
+                .partition(|(key, _)| merged.contains(&key.destination));
+            for (key, limit) in across {
+                held.entry(key.destination)
+                    .and_modify(|h| *h = stricter(h, &limit))
+                    .or_insert(limit);
+            }
+            *demand = Demand::new(
+                demand.tenant,
+                std::mem::take(&mut demand.name),
+                demand.total,
+                own,
+            );
+        }
+        for (destination, limit) in held {
+            out.limits
+                .insert(RateKey::across_tenants(destination), limit);
+        }
     }
+    let room = room.saturating_sub(merged.len());
+    let least: usize = demands.iter().map(|d| d.beyond[0]).sum();
     demands.sort_by_key(|d| d.pairs.len() - d.beyond[0]);
     let tenants = demands.len();
-    let mut left = room - least;
-    let mut out = Fitted::default();
+    let mut left = room.saturating_sub(least);
     for (i, demand) in demands.into_iter().enumerate() {
         // Rounded up: a tenant asking little is not left with nothing by the division (and
         // never more than is left: ceil(left / n) <= left).
@@ -367,50 +411,39 @@ pub fn fit(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>, room: usize
             .rev()
             .find(|&k| k + demand.beyond[k] <= allotted)
             .expect("keeping none fits: the least is allotted");
-        hold(demand, kept, &mut out, |tenant, destination| {
-            RateKey::shared(tenant, destination)
-        });
+        hold(demand, kept, &mut out);
     }
     out
 }
 
-/// The fit when the tenants' destinations alone exceed `room`: one entry per destination,
-/// shared by every tenant ([`RateKey::across_tenants`]), reserved first; the rest of the room
-/// max-min fairly by tenant, in [`Demand`] order. Should the destinations alone exceed
-/// `room`, every pair is shared and they are all written anyway: past `room`, up to the map's
-/// own check of old and new together (`RateWriter::check_fits`), which refuses the change
-/// only past the whole map.
-fn across_tenants(mut demands: Vec<Demand>, room: usize) -> Fitted {
-    let destinations: BTreeSet<u32> = demands
-        .iter()
-        .flat_map(|d| d.pairs.iter().map(|(key, _)| key.destination))
-        .collect();
-    let mut left = room.saturating_sub(destinations.len());
-    demands.sort_by_key(|d| d.pairs.len());
-    let tenants = demands.len();
-    let mut out = Fitted::default();
-    let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
-    for (i, demand) in demands.into_iter().enumerate() {
-        let kept = demand.pairs.len().min(left.div_ceil(tenants - i));
-        left -= kept;
-        let mut mine = Fitted::default();
-        hold(demand, kept, &mut mine, RateKey::shared);
-        for (key, limit) in mine.limits {
-            if key.subject == SHARED_SUBJECT {
-                held.entry(key.destination)
-                    .and_modify(|h| *h = stricter(h, &limit))
-                    .or_insert(limit);
-            } else {
-                out.limits.insert(key, limit);
-            }
+/// The destinations whose pairs go to one entry shared by every tenant when the tenants'
+/// least (one entry per destination each reaches) exceeds `room`: those most tenants reach
+/// first (a destination `n` tenants reach saves `n - 1` entries), as few as bring the least
+/// within `room`. None when it fits; those reached by two tenants or more at most.
+fn across_tenants(demands: &[Demand], room: usize) -> BTreeSet<u32> {
+    let least: usize = demands.iter().map(|d| d.beyond[0]).sum();
+    let mut merged = BTreeSet::new();
+    if least <= room {
+        return merged;
+    }
+    let mut reached: BTreeMap<u32, usize> = BTreeMap::new();
+    for demand in demands {
+        let destinations: BTreeSet<u32> = demand.pairs.iter().map(|(k, _)| k.destination).collect();
+        for destination in destinations {
+            *reached.entry(destination).or_default() += 1;
         }
-        out.shared.extend(mine.shared);
     }
-    for (destination, limit) in held {
-        out.limits
-            .insert(RateKey::across_tenants(destination), limit);
+    let mut by_reach: Vec<(usize, u32)> = reached.into_iter().map(|(d, n)| (n, d)).collect();
+    by_reach.sort_by_key(|&(n, d)| (std::cmp::Reverse(n), d));
+    let mut saved = 0;
+    for (n, destination) in by_reach {
+        if n < 2 || least - saved <= room {
+            break;
+        }
+        merged.insert(destination);
+        saved += n - 1;
     }
-    out
+    merged
 }
 
 /// Each tenant's pairs (by tenant number, the one the kernel compares), in [`Demand`] order.
@@ -428,32 +461,21 @@ fn demands(compiled: &Compiled, pairs: BTreeMap<RateKey, RateLimit>) -> Vec<Dema
         .into_iter()
         .map(|(tenant, mut pairs)| {
             pairs.sort_by_key(|(key, _)| (tenant_id(key.destination) == tenant, *key));
-            let mut beyond = vec![0; pairs.len() + 1];
-            let mut seen = BTreeSet::new();
-            for k in (0..pairs.len()).rev() {
-                seen.insert(pairs[k].0.destination);
-                beyond[k] = seen.len();
-            }
             let name = pairs
                 .first()
                 .and_then(|(key, _)| identity(key.subject))
                 .and_then(|i| i.tenant.clone())
                 .unwrap_or_default();
-            Demand {
-                tenant,
-                name,
-                pairs,
-                beyond,
-            }
+            Demand::new(tenant, name, pairs.len(), pairs)
         })
         .collect()
 }
 
-/// Writes `demand`'s first `kept` pairs into `out` as they are, and holds the rest to one
-/// entry per destination (`shared_key(tenant, destination)`), the strictest of theirs.
-fn hold(demand: Demand, kept: usize, out: &mut Fitted, shared_key: impl Fn(u32, u32) -> RateKey) {
-    if kept < demand.pairs.len() {
-        out.shared.insert(demand.name, (demand.pairs.len(), kept));
+/// Writes `demand`'s first `kept` pairs into `out` as they are, and holds the rest to its
+/// tenant's shared entry for their destination, the strictest of theirs.
+fn hold(demand: Demand, kept: usize, out: &mut Fitted) {
+    if kept < demand.total {
+        out.shared.insert(demand.name, (demand.total, kept));
     }
     let mut held: BTreeMap<u32, RateLimit> = BTreeMap::new();
     for (n, (key, limit)) in demand.pairs.into_iter().enumerate() {
@@ -467,7 +489,7 @@ fn hold(demand: Demand, kept: usize, out: &mut Fitted, shared_key: impl Fn(u32, 
     }
     for (destination, limit) in held {
         out.limits
-            .insert(shared_key(demand.tenant, destination), limit);
+            .insert(RateKey::shared(demand.tenant, destination), limit);
     }
 }
 

@@ -927,7 +927,8 @@ impl Agent {
         let pairs = enforcer_policy::rate::rate_limits(&self.compiled);
         let fitted = enforcer_policy::rate::fit(&self.compiled, pairs, writer.room());
         let with_whom = if rate::sharing(fitted.limits.keys()) == rate::SHARING_ACROSS_TENANTS {
-            "with every tenant's (the tenants' limited destinations alone outnumber the room)"
+            "with the tenant's other pairs, or, for the destinations most tenants reach, with \
+             every tenant's (the tenants' limited destinations alone outnumber the room)"
         } else {
             "with the tenant's other pairs"
         };
