@@ -379,8 +379,13 @@ struct Agent {
     learner: Option<crate::learn::Learner>,
     /// `--page-webhook`.
     pager: Option<crate::page::Pager>,
-    /// Step-up quarantines in force (identity -> when they lift; kept in the learner's file).
-    step_ups: BTreeMap<u32, SystemTime>,
+    /// Step-up quarantines in force (identity -> when they lift, and the name the learner's
+    /// file keeps the step-up under: its identity may leave the policy before the lift).
+    step_ups: BTreeMap<u32, (SystemTime, String)>,
+    /// Step-ups an earlier agent recorded whose subject is not in the policy yet (a restart
+    /// before the cluster's pods are known): name -> when they lift. Taken up by the tick
+    /// once the name is known and quarantined; forgotten at their lift time otherwise.
+    pending_step_ups: BTreeMap<String, SystemTime>,
     /// The contacts whose `flow.opened` the kernel could not write, drained on every tick
     /// (see `step_up.rs`): to the learner with `--learn`, discarded without.
     missed: Option<crate::flows::missed::MissedContacts>,
@@ -590,9 +595,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // from the state file for an identity that has no entry now (it comes back quarantined).
     // Only a state file of these pins: a new ABI's pins start without the old quarantines.
     let mut quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
+    // Only an identity with no entry: one whose entry is there says by its flag whether it
+    // is quarantined (a release clears the flag before the state file is written).
     if let Some(state) = read_state(&options.state_dir) {
         if state.pin_dir == datapath.dir() {
-            quarantined.extend(state.quarantined_ids);
+            let absent = state
+                .quarantined_ids
+                .into_iter()
+                .filter(|id| datapath.tables.identity_info(*id).is_none());
+            quarantined.extend(absent);
         }
     }
 
@@ -658,6 +669,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         learner,
         pager,
         step_ups: BTreeMap::new(),
+        pending_step_ups: BTreeMap::new(),
         missed,
         live_flows: HashMap::new(),
         live_scanned: None,
@@ -1451,7 +1463,7 @@ impl Agent {
     /// meant to hold (red-team review 39), and the notice says the new cause.
     fn quarantine(&mut self, subject: u32, cause: String, hold: Hold) {
         if !self.quarantined.insert(subject) {
-            if hold == Hold::Lasting && self.step_ups.contains_key(&subject) {
+            if hold == Hold::Lasting && self.has_step_up(subject) {
                 self.forget_step_up(subject);
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined by a step-up now quarantined until released");
@@ -1797,7 +1809,7 @@ impl Agent {
             quarantined_ids: self
                 .quarantined
                 .iter()
-                .filter(|id| !self.step_ups.contains_key(id))
+                .filter(|id| !self.has_step_up(**id))
                 .copied()
                 .collect(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),

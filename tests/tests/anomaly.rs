@@ -580,6 +580,16 @@ fn a_first_contact_by_datagrams_raises_the_anomaly_and_steps_up() -> Result<()> 
         e.get("snapshot").and_then(Value::as_str) != Some(before.as_str())
     })?;
     wait_notices(&agent, "subject.released", 1, TTL + WAIT, |_| true)?;
+    // Its record in the learner's file is gone too, under the name it was kept by: a record
+    // left behind would be taken at a restart for a step-up already due, and lift whatever
+    // quarantine the subject had by then (red-team review 49).
+    let recorded = w.neighbourhoods()?;
+    ensure!(
+        recorded["step_ups"]
+            .as_object()
+            .is_none_or(|s| !s.contains_key("client-a")),
+        "the step-up's record outlived it: {recorded}"
+    );
     replace_file(w.bundle.path(), "inventory.yaml", &whole, None)?;
     let back = probe.until(
         Outcome::Ok,

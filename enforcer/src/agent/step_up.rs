@@ -111,7 +111,8 @@ impl Agent {
         }
         let _ = self.flow_events.send(call);
         if let Some(until) = quarantine {
-            self.step_ups.insert(record.subject, until);
+            self.step_ups
+                .insert(record.subject, (until, subject_name.clone()));
             if let Some(learner) = &mut self.learner {
                 // On disk before the kernel's flag: an agent killed in between must find the
                 // step-up's end at its restart, or nothing would lift the quarantine it finds
@@ -245,8 +246,8 @@ impl Agent {
     }
 
     /// After a restart: the step-ups an earlier agent recorded whose subject is still
-    /// quarantined are lifted on time; the others (released meanwhile, or gone from the
-    /// policy) are forgotten.
+    /// quarantined are lifted on time; those whose subject is not in the policy yet wait for
+    /// it (`pending_step_ups`); the others (released meanwhile) are forgotten.
     pub(super) fn adopt_step_ups(&mut self) {
         let Some(learner) = &self.learner else {
             return;
@@ -258,9 +259,14 @@ impl Agent {
         for (name, until) in recorded {
             match self.compiled.identity_by_name(&name).map(|i| i.id) {
                 Some(id) if self.quarantined.contains(&id) => {
-                    self.step_ups.insert(id, until);
+                    self.step_ups.insert(id, (until, name));
                 }
-                _ => {
+                None => {
+                    // Not known yet (the pods of a cluster not synced at the restart): a
+                    // step-up must not become a quarantine nothing lifts (review 49).
+                    self.pending_step_ups.insert(name, until);
+                }
+                Some(_) => {
                     if let Some(learner) = &mut self.learner {
                         if let Err(error) = learner.set_step_up(&name, None) {
                             tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
@@ -274,10 +280,11 @@ impl Agent {
     /// Releases the step-up quarantines whose TTL is over (called on every tick).
     pub(super) fn lift_step_ups(&mut self) {
         let now = SystemTime::now();
+        self.take_up_pending_step_ups(now);
         let due: Vec<u32> = self
             .step_ups
             .iter()
-            .filter(|(_, until)| **until <= now)
+            .filter(|(_, (until, _))| *until <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in due {
@@ -315,13 +322,50 @@ impl Agent {
     /// quarantine). On disk at once: a restart that found the step-up's end would lift a
     /// quarantine meant to hold (red-team review 41); forgetting is rare, the flush cheap.
     pub(super) fn forget_step_up(&mut self, id: u32) {
-        if self.step_ups.remove(&id).is_none() {
+        // By the name it was recorded under: its identity may have left the policy.
+        if let Some((_, name)) = self.step_ups.remove(&id) {
+            self.forget_step_up_record(&name);
             return;
         }
         let name = self.name_of(id);
+        if self.pending_step_ups.remove(&name).is_some() {
+            self.forget_step_up_record(&name);
+        }
+    }
+
+    /// `id` is quarantined by a step-up (in force, or recorded before a restart and not taken
+    /// up yet).
+    pub(super) fn has_step_up(&self, id: u32) -> bool {
+        self.step_ups.contains_key(&id) || self.pending_step_ups.contains_key(&self.name_of(id))
+    }
+
+    /// A recorded step-up whose subject was not in the policy at the restart: taken up once
+    /// the subject is known and quarantined, forgotten once released or past its lift time
+    /// (then it is no step-up any more: if the subject comes back still flagged, the flag is
+    /// a quarantine it had besides).
+    fn take_up_pending_step_ups(&mut self, now: SystemTime) {
+        if self.pending_step_ups.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending_step_ups);
+        for (name, until) in pending {
+            match self.compiled.identity_by_name(&name).map(|i| i.id) {
+                Some(id) if self.quarantined.contains(&id) => {
+                    self.step_ups.insert(id, (until, name));
+                }
+                None if until > now => {
+                    self.pending_step_ups.insert(name, until);
+                }
+                _ => self.forget_step_up_record(&name),
+            }
+        }
+    }
+
+    /// Removes the learner's record of the step-up of `name`, on disk at once.
+    fn forget_step_up_record(&mut self, name: &str) {
         if let Some(learner) = &mut self.learner {
             let forgotten = learner
-                .set_step_up(&name, None)
+                .set_step_up(name, None)
                 .and_then(|()| learner.flush());
             if let Err(error) = forgotten {
                 tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
