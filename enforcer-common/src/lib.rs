@@ -1382,8 +1382,9 @@ pub mod rate {
 
     /// The `subject` of a destination's entry shared by every tenant (key
     /// `{SHARED_ACROSS_TENANTS, destination, 0}`), written instead of the tenants' own shared
-    /// entries only when those would not fit in the room: when the limited (tenant,
-    /// destination) pairs alone outnumber it (`enforcer_policy::rate::fit`). A reserved
+    /// entries only when those would not fit in the room (the limited (tenant, destination)
+    /// pairs alone outnumber it), for the destinations most tenants reach, as few as that
+    /// takes (`enforcer_policy::rate::fit`). A reserved
     /// identity number (below `identity::FIRST_DYNAMIC`, none of the named ones): no subject
     /// has it.
     pub const SHARED_ACROSS_TENANTS: u32 = 255;

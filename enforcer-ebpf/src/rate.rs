@@ -14,8 +14,8 @@
 //! `SHARED_SUBJECT` and the subject's tenant: the strictest of their limits, one bucket, never
 //! shared with another tenant) and sets `CONFIG.rate_shared`: only then does a miss look again
 //! under the shared keys, so such a pair is held to a stricter limit, never to none. Should
-//! the tenants' shared entries alone not fit, each destination has one entry shared by every
-//! tenant instead, looked up after the tenant's.
+//! the tenants' shared entries alone not fit, the destinations most tenants reach have one
+//! entry shared by every tenant instead, looked up after the tenant's.
 //!
 //! Concurrency: the read-modify-write of `tat` is not atomic. The BPF target of this toolchain
 //! has no compare-and-swap in Rust's `core` (`atomic-cas: false` in its target spec), and the

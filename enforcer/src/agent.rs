@@ -592,11 +592,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         datapath.tables.set_capacity_check(false);
     }
     // A quarantine outlives the agent: it is read back from the pinned identity flags, and
-    // from the state file for an identity that has no entry now (it comes back quarantined).
-    // Only a state file of these pins: a new ABI's pins start without the old quarantines.
+    // from the state file for an identity that has no entry now (it comes back quarantined);
+    // one whose entry is there says by its flag whether it is quarantined (a release clears
+    // the flag before the state file is written). Only a state file of these pins: a new
+    // ABI's pins start without the old quarantines.
     let mut quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
-    // Only an identity with no entry: one whose entry is there says by its flag whether it
-    // is quarantined (a release clears the flag before the state file is written).
     if let Some(state) = read_state(&options.state_dir) {
         if state.pin_dir == datapath.dir() {
             let absent = state
@@ -876,8 +876,8 @@ impl Agent {
         let ingress_in_force = ingress_writer.current();
         let shared = rate::sharing(rates.keys());
         let shared_in_force = rate::sharing(rates_in_force.keys());
-        // The kernel looks for shared entries (of the new kind) before any pair moves to
-        // one; it stops only once none is left (after the swap).
+        // The kernel looks under the shared keys (both kinds) before any pair moves to one;
+        // it stops only once none is left (after the swap).
         let swapped = (if shared != rate::SHARING_NONE {
             self.datapath.tables.set_rate_shared(shared)
         } else {

@@ -266,13 +266,7 @@ impl Agent {
                     // step-up must not become a quarantine nothing lifts (review 49).
                     self.pending_step_ups.insert(name, until);
                 }
-                Some(_) => {
-                    if let Some(learner) = &mut self.learner {
-                        if let Err(error) = learner.set_step_up(&name, None) {
-                            tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
-                        }
-                    }
-                }
+                Some(_) => self.forget_step_up_record(&name),
             }
         }
     }
