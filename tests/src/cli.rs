@@ -225,8 +225,19 @@ pub fn wait_notices(
 
 /// Waits for the first `policy.applied` event and returns its snapshot.
 pub fn first_applied_snapshot(agent: &Agent) -> Result<String> {
-    let applied = wait_notices(agent, "policy.applied", 1, Duration::from_secs(10), |_| {
-        true
+    applied_snapshot(agent, |_| true)
+}
+
+/// Waits for a `policy.applied` event of another snapshot than `before` (a change applied)
+/// and returns its snapshot.
+pub fn applied_snapshot_after(agent: &Agent, before: &str) -> Result<String> {
+    applied_snapshot(agent, |snapshot| snapshot != Some(before))
+}
+
+/// The snapshot of the first `policy.applied` event whose snapshot `wanted` takes (10 s).
+fn applied_snapshot(agent: &Agent, wanted: impl Fn(Option<&str>) -> bool) -> Result<String> {
+    let applied = wait_notices(agent, "policy.applied", 1, Duration::from_secs(10), |e| {
+        wanted(e.get("snapshot").and_then(Value::as_str))
     })?;
     applied[0]
         .get("snapshot")

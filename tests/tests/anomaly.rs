@@ -40,7 +40,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use enforcer_tests::cli::{first_applied_snapshot, notices, replace_file, wait_notices, StateDir};
+use enforcer_tests::cli::{
+    applied_snapshot_after, first_applied_snapshot, notices, replace_file, wait_notices, StateDir,
+};
 use enforcer_tests::fixtures::{write_bundle, Entity};
 use enforcer_tests::flows::{FlowClient, FlowServer};
 use enforcer_tests::probe::{attempt, Outcome, Probe};
@@ -576,9 +578,7 @@ fn a_first_contact_by_datagrams_raises_the_anomaly_and_steps_up() -> Result<()> 
     );
     let before = first_applied_snapshot(&agent)?;
     replace_file(w.bundle.path(), "inventory.yaml", &without, None)?;
-    wait_notices(&agent, "policy.applied", 1, WAIT, |e| {
-        e.get("snapshot").and_then(Value::as_str) != Some(before.as_str())
-    })?;
+    applied_snapshot_after(&agent, &before)?;
     wait_notices(&agent, "subject.released", 1, TTL + WAIT, |_| true)?;
     // Its record in the learner's file is gone too, under the name it was kept by: a record
     // left behind would be taken at a restart for a step-up already due, and lift whatever

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::cli::{
-    first_applied_snapshot, notices, replace_file, wait_notices, AgentDirs, StateDir,
+    applied_snapshot_after, first_applied_snapshot, notices, replace_file, wait_notices, AgentDirs,
+    StateDir,
 };
 use enforcer_tests::fixtures::{
     event_matches, render_inventory, standard_entities, Entity, World, STANDARD_POLICIES,
@@ -580,18 +581,6 @@ fn a_quarantine_pending_at_the_stop_is_applied_and_reported() -> Result<()> {
     Ok(())
 }
 
-/// Waits for `agent` to apply a policy other than `before`; returns its snapshot.
-fn applied_after(agent: &Agent, before: &str) -> Result<String> {
-    let applied = wait_notices(agent, "policy.applied", 1, WAIT, |e| {
-        e.get("snapshot").and_then(Value::as_str) != Some(before)
-    })?;
-    applied[0]
-        .get("snapshot")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .context("policy.applied without a snapshot")
-}
-
 /// A quarantine by hand holds across a restart also while its workload is out of the policy
 /// (red-team review 39 M1: it was read back only from the pinned identity flags, and an
 /// identity without an `IDENTITIES` entry has none, so a workload scaled to zero or taken out
@@ -630,7 +619,7 @@ fn a_quarantine_outlives_its_workload_leaving_the_policy_and_a_restart() -> Resu
         &render_inventory(&without, &root),
         None,
     )?;
-    let partial = applied_after(&first, &whole)?;
+    let partial = applied_snapshot_after(&first, &whole)?;
     first.stop()?;
     let second = Agent::start(cfg)?;
     first_applied_snapshot(&second)?;
@@ -640,7 +629,7 @@ fn a_quarantine_outlives_its_workload_leaving_the_policy_and_a_restart() -> Resu
         &render_inventory(&world.entities, &root),
         None,
     )?;
-    applied_after(&second, &partial)?;
+    applied_snapshot_after(&second, &partial)?;
     gw.expect_outcome(
         &vectors,
         Outcome::Eperm,
