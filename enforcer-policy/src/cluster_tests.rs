@@ -1897,9 +1897,34 @@ fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
         assert_eq!((s.flags, s.datasets.len()), (0, 0), "{untracked}");
     }
 
-    // Step-up only from backends of the Service's own tenant (red-team review 43 M4): acme
-    // may list globex's endpoint in its Service's Endpoints, and whoever calls the Service
-    // must not be quarantined by globex's step-up; its own endpoint's step-up holds.
+    // A Service of acme in front of globex's endpoint, while that has no step-up: judged as
+    // its backend like any other.
+    let mut fronting = state.clone();
+    fronting.services.push(service(
+        "foreign-svc",
+        vec![backend("127.10.2.10")],
+        "127.81.100.14",
+    ));
+    let b = load(&demo_dir(), &fronting, &options());
+    assert!(
+        b.cluster_problems().is_empty(),
+        "{:?}",
+        b.cluster_problems()
+    );
+    let foreign = b.identities().by_name("service/acme/foreign-svc").unwrap();
+    assert_eq!(foreign.fronts_foreign_step_up, None);
+    assert!(
+        b.decide("globex-agent", &foreign.name, 6333, Protocol::Tcp)
+            .unwrap()
+            .allowed
+    );
+
+    // Step-up only from backends of the Service's own tenant (red-team review 43 M4), and a
+    // Service in front of another tenant's step-up endpoint fronts nothing (review 49 H2):
+    // acme may list globex's endpoint in its Service's Endpoints; taking globex's step-up
+    // would let acme quarantine whoever calls its Service, leaving it out would let callers
+    // reach globex-kb without it. Every call through such a Service is denied, reported, and
+    // explained; its own endpoint's step-up holds elsewhere.
     let inventory = std::fs::read_to_string(demo_dir().join("inventory.yaml")).unwrap();
     let mut stepped = inventory.clone();
     for dataset in ["    datasets: [acme-kb]\n", "    datasets: [globex-kb]\n"] {
@@ -1915,24 +1940,64 @@ fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
         );
     }
     let dir = crate::tests::demo_with("inventory.yaml", &stepped);
-    let mut borrowing = state.clone();
+    let mut borrowing = fronting.clone();
     borrowing.services.push(service(
         "borrowed-svc",
         vec![backend("127.10.2.10"), backend("127.10.1.10")],
         "127.81.100.13",
     ));
     let b = load(dir.path(), &borrowing, &options());
-    let borrowed = b.identities().by_name("service/acme/borrowed-svc").unwrap();
-    assert_eq!(borrowed.datasets, ["acme-kb", "globex-kb"]);
+    for refused in ["service/acme/foreign-svc", "service/acme/borrowed-svc"] {
+        let s = b.identities().by_name(refused).unwrap();
+        assert_eq!(
+            s.fronts_foreign_step_up.as_deref(),
+            Some("globex-vectors"),
+            "{refused}"
+        );
+        assert!(
+            b.cluster_problems()
+                .iter()
+                .any(|p| p.contains(&format!("`{refused}`"))
+                    && p.contains("`globex-vectors`")
+                    && p.contains("foreign-step-up-backend")),
+            "{refused}: {:?}",
+            b.cluster_problems()
+        );
+    }
+    assert_eq!(b.cluster_problems().len(), 2, "{:?}", b.cluster_problems());
+    let foreign = b.identities().by_name("service/acme/foreign-svc").unwrap();
+    let decided = b
+        .decide("globex-agent", &foreign.name, 6333, Protocol::Tcp)
+        .unwrap();
+    assert!(!decided.allowed, "through acme's Service: denied");
+    assert!(
+        b.decide("globex-agent", "globex-vectors", 6333, Protocol::Tcp)
+            .unwrap()
+            .allowed,
+        "directly: allowed, under globex's step-up"
+    );
+    let c = b.compile().unwrap();
+    let subject = b.identities().by_name("globex-agent").unwrap().id;
+    assert!(!c.is_allowed(subject, foreign.id, 6333, Protocol::Tcp.number()));
     assert_eq!(
-        borrowed.step_up.map(|s| s.ttl),
-        Some(std::time::Duration::from_secs(600)),
-        "acme's own 10m, never globex's week"
+        c.attribute(subject, foreign.id, 6333, Protocol::Tcp.number())
+            .policy_id,
+        "foreign-step-up-backend"
+    );
+    let text = b
+        .explain("globex-agent", &foreign.name, 6333, Protocol::Tcp)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("denied, it fronts globex-vectors, another tenant's endpoint with a step-up"),
+        "{text}"
     );
     let mixed = b.identities().by_name("service/acme/mixed-svc").unwrap();
+    assert_eq!(mixed.fronts_foreign_step_up, None);
     assert_eq!(
         mixed.step_up.map(|s| s.ttl),
-        Some(std::time::Duration::from_secs(600))
+        Some(std::time::Duration::from_secs(600)),
+        "acme's own endpoint's 10m"
     );
 
     // The tracked backends leave: the Service is no longer tracked.

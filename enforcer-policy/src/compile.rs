@@ -23,7 +23,8 @@
 //! its cell is allowed only if a direct call to every backend (to the identity its address
 //! leads to, at its target port) is allowed, and the answer is the first denying backend's
 //! (by address and port), or the first backend's when all allow; without ready backends it
-//! is denied. The backends' answers come from the same group caches as direct calls, so a
+//! is denied, and so is every port of a Service in front of another tenant's step-up
+//! endpoint (see `Identity::fronts_foreign_step_up`). The backends' answers come from the same group caches as direct calls, so a
 //! Service costs no Cedar request its backends did not already need; the combined answers are
 //! kept per (subject signature, Service, port) for attribution.
 //!
@@ -839,6 +840,11 @@ impl Grouping {
             allowed: false,
             rules: vec![],
         };
+        if ids.at(di).fronts_foreign_step_up.is_some() {
+            let a = self.intern(denied);
+            self.service_cells.insert(key, a);
+            return Ok(a);
+        }
         let mut first = None;
         let mut deciding = None;
         for &(bi, port) in self
@@ -1602,6 +1608,9 @@ impl Compiled {
         if port.backends.is_empty() {
             return Err(implicit("no-ready-backends"));
         }
+        if service.fronts_foreign_step_up.is_some() {
+            return Err(implicit("foreign-step-up-backend"));
+        }
         let (Some(si), Some(di)) = (
             self.identities.index_of_id(subject.id),
             self.identities.index_of_id(service.id),
@@ -1651,8 +1660,9 @@ impl Compiled {
     /// forbid policies, or `implicit-deny` with `defaults.implicit_deny_atlas`; a port the
     /// destination does not declare returns `undeclared-port`; a subject that is not a local
     /// identity returns `unknown-subject` with `defaults.unknown_subject_atlas`. A Service
-    /// cell returns the deciding backend's forbids (see [`Bundle::decide`]), or
-    /// `no-ready-backends` (with the implicit-deny techniques) when the port has none.
+    /// cell returns the deciding backend's forbids (see [`Bundle::decide`]), or (with the
+    /// implicit-deny techniques) `no-ready-backends` when the port has none and
+    /// `foreign-step-up-backend` when the Service fronts another tenant's step-up endpoint.
     pub fn attribute(
         &self,
         subject: u32,

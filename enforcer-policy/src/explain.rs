@@ -52,8 +52,12 @@ pub struct ServiceExplanation {
     /// Every ready backend of the port, by address and port.
     pub backends: Vec<BackendExplanation>,
     /// The index in `backends` of the one whose decision is the Service's: the first that
-    /// denies, or the first when all allow. `None` when there are no ready backends (denied).
+    /// denies, or the first when all allow. `None` when there are no ready backends, or when
+    /// `fronts_foreign_step_up` (denied).
     pub deciding: Option<usize>,
+    /// Another tenant's endpoint with a step-up among the Service's backends (its name):
+    /// every call through the Service is denied (`foreign-step-up-backend`).
+    pub fronts_foreign_step_up: Option<String>,
 }
 
 /// One ready backend and the decision of a direct call to it.
@@ -132,6 +136,7 @@ pub(crate) fn explain(
                     })
                     .collect(),
                 deciding: judged.deciding,
+                fronts_foreign_step_up: target.fronts_foreign_step_up.clone(),
             })
         }
         _ => None,
@@ -255,6 +260,11 @@ impl fmt::Display for Explanation {
                 writeln!(
                     f,
                     "  service:  {ns}/{name} does not declare port {port}/{protocol}"
+                )?;
+            } else if let Some(backend) = &svc.fronts_foreign_step_up {
+                writeln!(
+                    f,
+                    "  service:  {ns}/{name} port {port}/{protocol}: denied, it fronts {backend}, another tenant's endpoint with a step-up (call it directly); its backends:"
                 )?;
             } else if svc.backends.is_empty() {
                 writeln!(

@@ -246,6 +246,10 @@ pub struct Identity {
     pub datasets: Vec<String>,
     /// An endpoint's `step_up` (see [`crate::inventory::StepUp`]).
     pub step_up: Option<crate::inventory::StepUp>,
+    /// A Service in front of another tenant's tracked backend that has a step-up: that
+    /// backend's name. Every call through the Service is denied (`foreign-step-up-backend`),
+    /// see `services_track_their_backends`. `None` for every other identity.
+    pub fronts_foreign_step_up: Option<String>,
     /// An endpoint's `rate_limit`, a pod's `ai-enforcer.io/rate-limit` (see [`crate::rate`]).
     pub rate_limit: Option<crate::rate::RateLimitSpec>,
     pub cgroups: Vec<String>,
@@ -452,6 +456,7 @@ fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
         endpoint_kind: None,
         datasets: vec![],
         step_up: None,
+        fronts_foreign_step_up: None,
         rate_limit: None,
         cgroups: vec![],
         ips: vec![],
@@ -660,6 +665,7 @@ impl Identities {
             lens: Default::default(),
         };
         identities.index_nets();
+        problems.extend(identities.foreign_step_up_problems());
         (identities, problems)
     }
 
@@ -695,16 +701,22 @@ impl Identities {
 
     /// A Service in front of a tracked destination is tracked too, with the union of its
     /// tracked backends' datasets (as each names them to the learner,
-    /// [`Identity::contact_names`]) and the longest step-up of those of its own tenant (a
-    /// Service's owner may list any address as its backend, so another tenant's or the
-    /// operator's step-up would let it quarantine whoever calls its Service: red-team review
-    /// 43 M4; such a first contact is still an anomaly): the connect hook sees
-    /// the ClusterIP, before kube-proxy translates it, so a call through the Service was
+    /// [`Identity::contact_names`]) and the longest step-up of its backends: the connect hook
+    /// sees the ClusterIP, before kube-proxy translates it, so a call through the Service was
     /// otherwise no flow (no `flow.opened`, no anomaly, no revocation) to a vector DB every
     /// pod reaches by its Service's name (red-team review 39 H1). Only `TRACKED`: the
     /// identity option's tag covers the 4-tuple the caller sees, which the backend never
-    /// does, so such a flow is not tagged (the kernel's `flow_marks::UNTAGGED`). Recomputed
-    /// whenever the addresses are (a backend's identity is found by its address).
+    /// does, so such a flow is not tagged (the kernel's `flow_marks::UNTAGGED`).
+    ///
+    /// A Service's owner may list any address as its backend. In front of another tenant's
+    /// (or the operator's) backend with a step-up, neither answer is safe: taking that
+    /// step-up lets the owner quarantine whoever calls its Service (red-team review 43 M4),
+    /// leaving it out lets a caller reach the protected dataset without the step-up its owner
+    /// asked for (review 49 H2). Such a Service fronts nothing: it is marked
+    /// ([`Identity::fronts_foreign_step_up`]) and every call through it is denied, so callers
+    /// go to the endpoint directly, where its owner's step-up holds.
+    ///
+    /// Recomputed whenever the addresses are (a backend's identity is found by its address).
     fn services_track_their_backends(&mut self) {
         use enforcer_common::flags;
         let services: Vec<usize> = (0..self.list.len())
@@ -714,6 +726,7 @@ impl Identities {
             let mut tracked = false;
             let mut datasets = BTreeSet::new();
             let mut step_up: Option<crate::inventory::StepUp> = None;
+            let mut foreign = None;
             for backend in self.list[i].service_ports.iter().flat_map(|p| &p.backends) {
                 let b = &self.list[self.backend_index(&backend.ip)];
                 if b.flags & flags::TRACKED == 0 {
@@ -721,13 +734,13 @@ impl Identities {
                 }
                 tracked = true;
                 datasets.extend(b.contact_names());
-                if b.tenant != self.list[i].tenant {
+                let Some(s) = b.step_up else {
                     continue;
-                }
-                if let Some(s) = b.step_up {
-                    if step_up.is_none_or(|held| held.ttl < s.ttl) {
-                        step_up = Some(s);
-                    }
+                };
+                if b.tenant != self.list[i].tenant {
+                    foreign.get_or_insert_with(|| b.name.clone());
+                } else if step_up.is_none_or(|held| held.ttl < s.ttl) {
+                    step_up = Some(s);
                 }
             }
             let service = &mut self.list[i];
@@ -738,7 +751,27 @@ impl Identities {
             };
             service.datasets = datasets.into_iter().collect();
             service.step_up = step_up;
+            service.fronts_foreign_step_up = foreign;
         }
+    }
+
+    /// One problem line per Service that fronts another tenant's step-up endpoint (see
+    /// `services_track_their_backends`), bounded per tenant as the merge's are.
+    fn foreign_step_up_problems(&self) -> Vec<String> {
+        let mut problems = crate::merge::Problems::default();
+        for s in &self.list {
+            if let Some(backend) = &s.fronts_foreign_step_up {
+                problems.push(
+                    s.tenant.as_deref(),
+                    format!(
+                        "{}: a backend is {}, another tenant's endpoint with a step-up: a Service may not front it (its owner would choose whom the step-up quarantines, or its callers would dodge it), so every call through the Service is denied (`foreign-step-up-backend`); call the endpoint directly",
+                        crate::merge::show(&s.name),
+                        crate::merge::show(backend)
+                    ),
+                );
+            }
+        }
+        problems.finish()
     }
 
     /// Makes the nodes' addresses UNIDENTIFIED (every call to them denied, as before any

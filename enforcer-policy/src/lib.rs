@@ -168,7 +168,8 @@ pub struct Decision {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Attribution {
     /// The first determining forbid's id, or `implicit-deny`, `undeclared-port`,
-    /// `unknown-subject`, `not-denied`.
+    /// `unknown-subject`, `not-denied`, and for a Service `no-ready-backends` or
+    /// `foreign-step-up-backend`.
     pub policy_id: String,
     pub policies: Vec<PolicyRef>,
     pub atlas: Vec<AtlasTechnique>,
@@ -694,7 +695,9 @@ impl Bundle {
             let bi = self.identities.backend_index(&b.ip);
             backends.push((*b, bi, self.decide_at(s, bi, b.port, protocol)?));
         }
-        let deciding = (!backends.is_empty()).then(|| {
+        // In front of another tenant's step-up endpoint: every backend is listed, none decides.
+        let refused = service.fronts_foreign_step_up.is_some();
+        let deciding = (!backends.is_empty() && !refused).then(|| {
             backends
                 .iter()
                 .position(|(_, _, d)| !d.allowed)
@@ -803,7 +806,8 @@ pub(crate) struct ServiceDecision {
     /// Each ready backend (in address, port order), the identity index its address leads
     /// to, and the decision of a direct call to it.
     pub backends: Vec<(cluster::Backend, usize, Decision)>,
-    /// The backend whose decision is the Service's; `None` without ready backends.
+    /// The backend whose decision is the Service's; `None` without ready backends, and for a
+    /// Service in front of another tenant's step-up endpoint (denied).
     pub deciding: Option<usize>,
 }
 

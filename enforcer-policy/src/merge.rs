@@ -93,7 +93,7 @@ pub(crate) struct Merged<'a> {
 
 /// Problem lines, bounded per tenant and in all.
 #[derive(Default)]
-struct Problems {
+pub(crate) struct Problems {
     /// Lines that are always listed (at most a few per tenant): quotas, unknown tenants.
     summaries: Vec<String>,
     lines: Vec<(Option<String>, String)>,
@@ -107,7 +107,7 @@ impl Problems {
         self.summaries.push(line);
     }
 
-    fn push(&mut self, tenant: Option<&str>, line: String) {
+    pub(crate) fn push(&mut self, tenant: Option<&str>, line: String) {
         let tenant = tenant.map(str::to_string);
         let n = self.per_tenant.entry(tenant.clone()).or_default();
         *n += 1;
@@ -116,7 +116,7 @@ impl Problems {
         }
     }
 
-    fn finish(self) -> Vec<String> {
+    pub(crate) fn finish(self) -> Vec<String> {
         let mut out = self.summaries;
         out.extend(self.lines.into_iter().map(|(_, l)| l));
         let mut over: Vec<(&Option<String>, &usize)> = self

@@ -281,7 +281,7 @@ pub struct SocketInfo {
 pub struct PolicyInfo {
     /// The determining Cedar policy (its `@id`), or `implicit-deny`, `undeclared-port`,
     /// `unknown-subject`, `quarantine`, `unspecified-destination`, `unsupported-socket`,
-    /// `rate-limit`.
+    /// `rate-limit`, and for a Service `no-ready-backends` or `foreign-step-up-backend`.
     pub id: String,
     /// Revision of the bundle in force when the event was enriched.
     pub snapshot: String,
