@@ -50,6 +50,7 @@ use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
 mod generations;
 mod handoff;
+mod kept;
 mod reconnected;
 mod step_up;
 mod sweep;
@@ -161,6 +162,15 @@ pub struct AgentState {
     /// inventory) has no flag to carry it (red-team review 39 M1).
     #[serde(default)]
     pub quarantined_ids: Vec<u32>,
+    /// The name each quarantined identity number was quarantined under: a number may pass
+    /// to another workload while its own is out of the policy (a collision's probe), and
+    /// the quarantine stays with the name (red-team review 49 M1).
+    #[serde(default)]
+    pub quarantine_names: BTreeMap<u32, String>,
+    /// Quarantines (until released) whose workload is out of the policy while its number
+    /// names another: they hold again when the name is back, at whatever number.
+    #[serde(default)]
+    pub waiting_quarantines: BTreeSet<String>,
     /// Set when the policy comes from a remote PDP.
     #[serde(default)]
     pub pdp_url: Option<String>,
@@ -322,7 +332,12 @@ struct Agent {
     /// The kernel's cgroup map as last written.
     cgroups: BTreeMap<u64, u32>,
     unresolved: Unresolved,
-    quarantined: BTreeSet<u32>,
+    /// Quarantined identity numbers, each with the name it was quarantined under (see
+    /// [`Agent::keep_quarantines_with_their_names`]).
+    quarantined: BTreeMap<u32, String>,
+    /// Quarantines until released whose workload left the policy while its number passed to
+    /// another: by name, until the name is back.
+    waiting_quarantines: BTreeSet<String>,
     risk_overrides: BTreeMap<String, String>,
     fingerprint: Fingerprint,
     /// When the policy in force was written to the kernel (RFC 3339).
@@ -596,7 +611,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // one whose entry is there says by its flag whether it is quarantined (a release clears
     // the flag before the state file is written). Only a state file of these pins: a new
     // ABI's pins start without the old quarantines.
-    let mut quarantined = datapath.tables.identities_flagged(flags::QUARANTINED)?;
+    // Each under the name the state file keeps for it, or else the one the policy gives it
+    // now (a state file written before names were kept); checked against the policy by
+    // `keep_quarantines_with_their_names` before the first write.
+    let mut quarantined: BTreeSet<u32> = datapath.tables.identities_flagged(flags::QUARANTINED)?;
+    let mut names = BTreeMap::new();
+    let mut waiting_quarantines = BTreeSet::new();
     if let Some(state) = read_state(&options.state_dir) {
         if state.pin_dir == datapath.dir() {
             let absent = state
@@ -604,8 +624,21 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 .into_iter()
                 .filter(|id| datapath.tables.identity_info(*id).is_none());
             quarantined.extend(absent);
+            names = state.quarantine_names;
+            waiting_quarantines = state.waiting_quarantines;
         }
     }
+    let quarantined: BTreeMap<u32, String> = quarantined
+        .into_iter()
+        .map(|id| {
+            let name = names.remove(&id).unwrap_or_else(|| {
+                compiled
+                    .identity(id)
+                    .map_or_else(|| format!("identity {id}"), |i| i.name.clone())
+            });
+            (id, name)
+        })
+        .collect();
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
@@ -684,6 +717,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         cgroups: BTreeMap::new(),
         unresolved: Unresolved::default(),
         quarantined,
+        waiting_quarantines,
         risk_overrides,
         applied_at: now(),
         notices,
@@ -1010,9 +1044,11 @@ impl Agent {
     /// nothing: on failure every map holds what it held before (`previous` explains the
     /// events of that time again).
     fn apply_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
+        self.keep_quarantines_with_their_names();
+        let quarantined: BTreeSet<u32> = self.quarantined.keys().copied().collect();
         let overrides = Overrides {
             audit: self.options.audit,
-            quarantined: &self.quarantined,
+            quarantined: &quarantined,
             agent_cgroup: self.agent_cgroup.as_ref().map(|(id, _)| *id),
         };
         let pods = self.scan_pods();
@@ -1377,11 +1413,7 @@ impl Agent {
             Request::QuarantineRelease { workload } => self.release(&workload),
             Request::QuarantineList => {
                 let mut response = Response::ok(format!("{} quarantined", self.quarantined.len()));
-                response.items = self
-                    .quarantined
-                    .iter()
-                    .map(|id| self.name_of(*id))
-                    .collect();
+                response.items = self.quarantined_names();
                 response
             }
         }
@@ -1462,7 +1494,11 @@ impl Agent {
     /// the step-up's place: its TTL must not lift what an operator or a `@quarantine` policy
     /// meant to hold (red-team review 39), and the notice says the new cause.
     fn quarantine(&mut self, subject: u32, cause: String, hold: Hold) {
-        if !self.quarantined.insert(subject) {
+        if self
+            .quarantined
+            .insert(subject, self.name_of(subject))
+            .is_some()
+        {
             if hold == Hold::Lasting && self.has_step_up(subject) {
                 self.forget_step_up(subject);
                 let workload = self.name_of(subject);
@@ -1506,15 +1542,13 @@ impl Agent {
 
     fn release(&mut self, workload: &str) -> Response {
         let Some(id) = self.compiled.identity_by_name(workload).map(|i| i.id) else {
-            return Response::error(format!(
-                "no workload named {workload:?} in the policy in force"
-            ));
+            return self.release_absent(workload);
         };
-        if !self.quarantined.remove(&id) {
+        let Some(name) = self.quarantined.remove(&id) else {
             return Response::error(format!("{workload} is not quarantined"));
-        }
+        };
         if let Err(error) = self.datapath.tables.update_flags(id, 0, flags::QUARANTINED) {
-            self.quarantined.insert(id);
+            self.quarantined.insert(id, name);
             return Response::error(format!("releasing {workload}: {error:#}"));
         }
         // Released by hand before its TTL: nothing left to lift.
@@ -1801,17 +1835,15 @@ impl Agent {
             pin_dir: self.datapath.dir().to_path_buf(),
             unresolved_cgroups: self.unresolved.cgroups.iter().cloned().collect(),
             risk_overrides: self.risk_overrides.clone(),
-            quarantined: self
-                .quarantined
-                .iter()
-                .map(|id| self.name_of(*id))
-                .collect(),
+            quarantined: self.quarantined_names(),
             quarantined_ids: self
                 .quarantined
-                .iter()
+                .keys()
                 .filter(|id| !self.has_step_up(**id))
                 .copied()
                 .collect(),
+            quarantine_names: self.quarantined.clone(),
+            waiting_quarantines: self.waiting_quarantines.clone(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
             kubernetes: self.kube.as_ref().map(KubeSource::status),
             cluster_problems: self.current_problems().into_iter().collect(),

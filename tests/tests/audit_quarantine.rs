@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use enforcer_tests::cli::{
-    applied_snapshot_after, first_applied_snapshot, notices, replace_file, wait_notices, AgentDirs,
-    StateDir,
+    applied_snapshot_after, enforcer, first_applied_snapshot, notices, replace_file, wait_notices,
+    AgentDirs, StateDir,
 };
 use enforcer_tests::fixtures::{
     event_matches, render_inventory, standard_entities, Entity, World, STANDARD_POLICIES,
@@ -645,5 +645,161 @@ fn a_quarantine_outlives_its_workload_leaving_the_policy_and_a_restart() -> Resu
     let out = dirs.quarantine_release("acme-gateway")?;
     ensure!(out.success(), "quarantine release: {out}");
     gw.expect_outcome(&vectors, Outcome::Ok, "released")?;
+    Ok(())
+}
+
+/// Two acme workloads whose names prefer the same identity number (SHA-256 of
+/// `workload/<name>`, as `enforcer-policy`'s `preferred_id`; found by counting through
+/// `acme-probe-N`): the first in name order holds it, the other probes to the next.
+const HOLDER: &str = "acme-probe-3502";
+const TAKER: &str = "acme-probe-3789";
+
+/// The identity number `policy explain` gives `name` in the world's bundle as it is now.
+fn identity_of(world: &World, name: &str) -> Result<u32> {
+    let dir = world.bundle.path().to_string_lossy().into_owned();
+    let out = enforcer(&[
+        "policy",
+        "explain",
+        &dir,
+        "--from",
+        name,
+        "--to",
+        "acme-vectors",
+        "--port",
+        "6333",
+    ])?;
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("from:"))
+        .with_context(|| format!("no `from:` line in {out}"))?;
+    line.split("(identity ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no identity number in {line:?}"))
+}
+
+/// A quarantine stays with the workload it was made for when its number passes to another
+/// (red-team review 49 M1): the holder of a contested number is quarantined and taken out of
+/// the inventory, the other workload takes the number and may still connect, also after a
+/// restart; the holder comes back quarantined, and a quarantine of a workload out of the
+/// policy can be released by its name.
+#[test]
+fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let net = 41;
+    let mut entities = standard_entities(net);
+    entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
+    entities.push(Entity::workload(net, TAKER, "acme", "inference", 1, 4));
+    let world = World::new(net, entities, STANDARD_POLICIES)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let mut first = Agent::start(cfg.clone())?;
+    let whole = first_applied_snapshot(&first)?;
+    let held = identity_of(&world, HOLDER)?;
+    let probed = identity_of(&world, TAKER)?;
+    ensure!(
+        probed == held + 1,
+        "fixture: {TAKER} ({probed}) must probe past {HOLDER}'s number ({held})"
+    );
+    let holder = probe_in(&world, HOLDER);
+    let taker = probe_in(&world, TAKER);
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    holder.expect_outcome(&vectors, Outcome::Ok, "before the quarantine")?;
+    let out = dirs.run(&["quarantine", "add", HOLDER])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    holder.expect_outcome(&vectors, Outcome::Eperm, "quarantined")?;
+
+    let root = world.root.relative_str();
+    let without: Vec<Entity> = world
+        .entities
+        .iter()
+        .filter(|e| e.name != HOLDER)
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&without, &root),
+        None,
+    )?;
+    let partial = applied_snapshot_after(&first, &whole)?;
+    ensure!(
+        identity_of(&world, TAKER)? == held,
+        "fixture: {TAKER} takes the number {held} once {HOLDER} is gone"
+    );
+    taker.expect_outcome(
+        &vectors,
+        Outcome::Ok,
+        "the number passed, not the quarantine",
+    )?;
+    let waiting = format!("{HOLDER} (out of the policy: quarantined again when it is back)");
+    let list = quarantine_list(&dirs)?;
+    ensure!(listed(&list, &waiting), "quarantine list: {list}");
+    first.stop()?;
+
+    let second = Agent::start(cfg)?;
+    first_applied_snapshot(&second)?;
+    taker.expect_outcome(&vectors, Outcome::Ok, "after a restart")?;
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&world.entities, &root),
+        None,
+    )?;
+    applied_snapshot_after(&second, &partial)?;
+    holder.expect_outcome(&vectors, Outcome::Eperm, "back in the policy")?;
+    taker.expect_outcome(&vectors, Outcome::Ok, "back at its own number")?;
+    ensure!(
+        listed(&quarantine_list(&dirs)?, HOLDER),
+        "quarantine list must name {HOLDER} again"
+    );
+
+    // Out of the policy again (without acme-evaluator too, a snapshot of its own): released
+    // by its name.
+    let fewer: Vec<Entity> = without
+        .iter()
+        .filter(|e| e.name != "acme-evaluator")
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&fewer, &root),
+        None,
+    )?;
+    let applied_other_than = |seen: &[&str]| {
+        wait_notices(&second, "policy.applied", 1, WAIT, |e| {
+            s(e, "/snapshot").is_some_and(|snapshot| !seen.contains(&snapshot))
+        })
+        .map(|e| s(&e[0], "/snapshot").unwrap_or_default().to_string())
+    };
+    let smaller = applied_other_than(&[&partial, &whole])?;
+    let out = dirs.quarantine_release(HOLDER)?;
+    ensure!(
+        out.success(),
+        "quarantine release of a workload out of the policy: {out}"
+    );
+    let list = quarantine_list(&dirs)?;
+    ensure!(!list.contains(HOLDER), "released: {list}");
+    let back: Vec<Entity> = world
+        .entities
+        .iter()
+        .filter(|e| e.name != "acme-evaluator")
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&back, &root),
+        None,
+    )?;
+    applied_other_than(&[&partial, &whole, &smaller])?;
+    holder.expect_outcome(&vectors, Outcome::Ok, "released while out of the policy")?;
     Ok(())
 }

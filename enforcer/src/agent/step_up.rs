@@ -92,7 +92,7 @@ impl Agent {
             match step_up.action {
                 StepUpAction::Quarantine => {
                     anomaly.step_up = Some("quarantine");
-                    if !self.quarantined.contains(&record.subject) {
+                    if !self.quarantined.contains_key(&record.subject) {
                         let until = now + step_up.ttl;
                         anomaly.quarantined_until = Some(Time(until));
                         quarantine = Some(until);
@@ -258,7 +258,7 @@ impl Agent {
             .collect();
         for (name, until) in recorded {
             match self.compiled.identity_by_name(&name).map(|i| i.id) {
-                Some(id) if self.quarantined.contains(&id) => {
+                Some(id) if self.quarantined.contains_key(&id) => {
                     self.step_ups.insert(id, (until, name));
                 }
                 None => {
@@ -290,7 +290,7 @@ impl Agent {
                 // number) would come back quarantined with nothing left to lift them
                 // (red-team review 39 M1).
                 self.forget_step_up(id);
-                if self.quarantined.remove(&id) {
+                if let Some(name) = self.quarantined.remove(&id) {
                     tracing::info!(subject = %name, "step-up quarantine over: its TTL is over, its identity gone from the policy");
                     self.count_quarantined();
                     self.save_state();
@@ -344,7 +344,7 @@ impl Agent {
         let pending = std::mem::take(&mut self.pending_step_ups);
         for (name, until) in pending {
             match self.compiled.identity_by_name(&name).map(|i| i.id) {
-                Some(id) if self.quarantined.contains(&id) => {
+                Some(id) if self.quarantined.contains_key(&id) => {
                     self.step_ups.insert(id, (until, name));
                 }
                 None if until > now => {
@@ -356,7 +356,7 @@ impl Agent {
     }
 
     /// Removes the learner's record of the step-up of `name`, on disk at once.
-    fn forget_step_up_record(&mut self, name: &str) {
+    pub(super) fn forget_step_up_record(&mut self, name: &str) {
         if let Some(learner) = &mut self.learner {
             let forgotten = learner
                 .set_step_up(name, None)

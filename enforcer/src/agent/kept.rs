@@ -1,0 +1,146 @@
+//! Quarantines kept with the workload they were meant for, not only its number.
+//!
+//! Identity numbers come from a hash of what defines the identity, probed upwards on a
+//! collision, so a number can pass to another workload: while the first holder is out of
+//! the policy (a label set scaled to zero, a workload taken out of the inventory), the one
+//! that lost the collision takes it. A quarantine kept by number alone then fell on that
+//! other workload, also across restarts, and a tenant that brute-forced a colliding label
+//! set could hand its own quarantine to a victim (red-team review 49 M1). Each quarantine
+//! keeps the name it was made under; before every full write of the policy it follows that
+//! name to its number now, waits by name while the number names another, and a step-up in
+//! that position ends.
+
+use enforcer_common::identity as reserved;
+
+use super::{now, Agent, Notice, Response};
+
+/// Where a quarantine kept under `name` at `id` goes in a new policy.
+enum Move {
+    /// The name is at another number now.
+    To(u32),
+    /// The name is out of the policy and its number names another workload.
+    Wait,
+}
+
+impl Agent {
+    /// Moves each quarantine to its name's number in the policy in force (see the module
+    /// docs); one whose name is out of the policy stays by number while no other workload
+    /// has that number (it comes back there). Called before every full write, so that the
+    /// desired state flags the right identities.
+    pub(super) fn keep_quarantines_with_their_names(&mut self) {
+        let moves: Vec<(u32, Move)> = self
+            .quarantined
+            .iter()
+            .filter_map(|(&id, name)| {
+                let at = self.compiled.identity_by_name(name).map(|i| i.id);
+                match at {
+                    Some(now_at) if now_at == id => None,
+                    Some(now_at) => Some((id, Move::To(now_at))),
+                    None if self.compiled.identity(id).is_some() => Some((id, Move::Wait)),
+                    None => None,
+                }
+            })
+            .collect();
+        // All taken out first: a number a quarantine moves to may be another's old one.
+        let mut taken = Vec::with_capacity(moves.len());
+        for (id, to) in moves {
+            let Some(name) = self.quarantined.remove(&id) else {
+                continue;
+            };
+            let step_up = self.step_ups.remove(&id);
+            taken.push((id, to, name, step_up));
+        }
+        let mut changed = !taken.is_empty();
+        for (id, to, name, step_up) in taken {
+            match to {
+                Move::To(at) => {
+                    tracing::info!(subject = %name, from = id, to = at, "quarantine follows its workload to its identity number now");
+                    self.quarantined.insert(at, name);
+                    if let Some(step_up) = step_up {
+                        self.step_ups.insert(at, step_up);
+                    }
+                }
+                Move::Wait => {
+                    let holder = self.name_of(id);
+                    if let Some((_, recorded)) = step_up {
+                        // A step-up is a response to one contact, for a time: it ends
+                        // rather than wait for a name that may never come back.
+                        self.forget_step_up_record(&recorded);
+                        tracing::info!(subject = %name, identity = id, now = %holder, "step-up quarantine over: its workload left the policy and its number names another");
+                        let _ = self.notices.send(Notice::Released {
+                            time: now(),
+                            workload: name,
+                            identity: id,
+                        });
+                    } else {
+                        tracing::warn!(subject = %name, identity = id, now = %holder, "quarantined workload out of the policy, its number now names another: the quarantine waits for the workload by name");
+                        self.waiting_quarantines.insert(name);
+                    }
+                }
+            }
+        }
+        let back: Vec<(String, u32)> = self
+            .waiting_quarantines
+            .iter()
+            .filter_map(|name| {
+                let id = self.compiled.identity_by_name(name)?.id;
+                Some((name.clone(), id))
+            })
+            .collect();
+        for (name, id) in back {
+            self.waiting_quarantines.remove(&name);
+            tracing::warn!(subject = %name, identity = id, "quarantined workload back in the policy: quarantined again");
+            self.quarantined.entry(id).or_insert(name);
+            changed = true;
+        }
+        if changed {
+            self.count_quarantined();
+            self.save_state();
+        }
+    }
+
+    /// `quarantine release` of a name the policy in force does not hold: a quarantine that
+    /// waits for it, or one kept by number while its workload is out of the policy.
+    pub(super) fn release_absent(&mut self, workload: &str) -> Response {
+        let identity = if self.waiting_quarantines.remove(workload) {
+            reserved::UNKNOWN
+        } else if let Some(id) = self
+            .quarantined
+            .iter()
+            .find(|(_, name)| name.as_str() == workload)
+            .map(|(id, _)| *id)
+        {
+            // No `IDENTITIES` entry to clear: the identity is out of the policy.
+            self.quarantined.remove(&id);
+            self.forget_step_up(id);
+            id
+        } else {
+            return Response::error(format!(
+                "no workload named {workload:?} in the policy in force, and no quarantine kept for it"
+            ));
+        };
+        self.count_quarantined();
+        self.save_state();
+        let _ = self.notices.send(Notice::Released {
+            time: now(),
+            workload: workload.to_string(),
+            identity,
+        });
+        Response::ok(format!("{workload} released (out of the policy)"))
+    }
+
+    /// The quarantined workloads as `quarantine list` and the state file name them: one out
+    /// of the policy in force says so.
+    pub(super) fn quarantined_names(&self) -> Vec<String> {
+        let out_of_policy =
+            |name: &str| format!("{name} (out of the policy: quarantined again when it is back)");
+        self.quarantined
+            .values()
+            .map(|name| match self.compiled.identity_by_name(name) {
+                Some(_) => name.clone(),
+                None => out_of_policy(name),
+            })
+            .chain(self.waiting_quarantines.iter().map(|n| out_of_policy(n)))
+            .collect()
+    }
+}
