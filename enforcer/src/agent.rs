@@ -606,39 +606,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracing::warn!("--skip-capacity-check: an oversize policy fails part-way in the kernel and is rolled back (testing only)");
         datapath.tables.set_capacity_check(false);
     }
-    // A quarantine outlives the agent: it is read back from the pinned identity flags, and
-    // from the state file for an identity that has no entry now (it comes back quarantined);
-    // one whose entry is there says by its flag whether it is quarantined (a release clears
-    // the flag before the state file is written). Only a state file of these pins: a new
-    // ABI's pins start without the old quarantines.
-    // Each under the name the state file keeps for it, or else the one the policy gives it
-    // now (a state file written before names were kept); checked against the policy by
-    // `keep_quarantines_with_their_names` before the first write.
-    let mut quarantined: BTreeSet<u32> = datapath.tables.identities_flagged(flags::QUARANTINED)?;
-    let mut names = BTreeMap::new();
-    let mut waiting_quarantines = BTreeSet::new();
-    if let Some(state) = read_state(&options.state_dir) {
-        if state.pin_dir == datapath.dir() {
-            let absent = state
-                .quarantined_ids
-                .into_iter()
-                .filter(|id| datapath.tables.identity_info(*id).is_none());
-            quarantined.extend(absent);
-            names = state.quarantine_names;
-            waiting_quarantines = state.waiting_quarantines;
-        }
-    }
-    let quarantined: BTreeMap<u32, String> = quarantined
-        .into_iter()
-        .map(|id| {
-            let name = names.remove(&id).unwrap_or_else(|| {
-                compiled
-                    .identity(id)
-                    .map_or_else(|| format!("identity {id}"), |i| i.name.clone())
-            });
-            (id, name)
-        })
-        .collect();
+    let (quarantined, waiting_quarantines) =
+        kept::restored(&datapath, read_state(&options.state_dir), &compiled)?;
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);

@@ -803,3 +803,53 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
     holder.expect_outcome(&vectors, Outcome::Ok, "released while out of the policy")?;
     Ok(())
 }
+
+/// An upgrade to a new ABI's pins carries the quarantines until released, by name (red-team
+/// review 49 L1: they were dropped, silently). The test stands for the upgrade as `restart.rs`
+/// does, renaming a stopped agent's pins to the previous ABI's directory; its state file then
+/// names that directory, as the previous release's agent wrote it. The deny is the new agent's
+/// (its event): the old pins' hooks, going away, read flags no agent writes.
+#[test]
+fn a_quarantine_outlives_an_upgrade_to_new_pins() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(42)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let mut first = Agent::start(cfg.clone())?;
+    first_applied_snapshot(&first)?;
+    let gw = probe_in(&world, "acme-gateway");
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    gw.expect_outcome(&vectors, Outcome::Ok, "before the quarantine")?;
+    let out = dirs.run(&["quarantine", "add", "acme-gateway"])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    first.stop()?;
+
+    let old = cfg
+        .pin_path
+        .join(format!("v{}", enforcer_common::ABI_VERSION - 1));
+    std::fs::rename(enforcer::datapath::pin_dir(&cfg.pin_path), &old)
+        .with_context(|| format!("renaming the pins to {}", old.display()))?;
+    let file = state.path().join("state.json");
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    saved["pin_dir"] = Value::String(old.display().to_string());
+    std::fs::write(&file, serde_json::to_vec(&saved)?)?;
+
+    let second = Agent::start(cfg)?;
+    first_applied_snapshot(&second)?;
+    gw.expect_outcome(&vectors, Outcome::Eperm, "after the upgrade")?;
+    second.wait_for(1, WAIT, |e| {
+        quarantined_deny(e, "acme-gateway", "acme-vectors", 6333)
+    })?;
+    ensure!(
+        listed(&quarantine_list(&dirs)?, "acme-gateway"),
+        "quarantine list must name acme-gateway after the upgrade"
+    );
+    let out = dirs.quarantine_release("acme-gateway")?;
+    ensure!(out.success(), "quarantine release: {out}");
+    gw.expect_outcome(&vectors, Outcome::Ok, "released")?;
+    Ok(())
+}

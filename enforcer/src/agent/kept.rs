@@ -10,9 +10,85 @@
 //! name to its number now, waits by name while the number names another, and a step-up in
 //! that position ends.
 
-use enforcer_common::identity as reserved;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::{now, Agent, Notice, Response};
+use anyhow::Result;
+use enforcer_common::{flags, identity as reserved};
+use enforcer_policy::Compiled;
+
+use super::{now, Agent, AgentState, Notice, Response};
+use crate::datapath::Datapath;
+
+/// The quarantines an agent starts with: by number, each with its name, and those waiting by
+/// name.
+///
+/// A quarantine outlives the agent: it is read back from the pinned identity flags, and from
+/// the state file for an identity that has no entry now (it comes back quarantined); one whose
+/// entry is there says by its flag whether it is quarantined (a release clears the flag
+/// before the state file is written). Each keeps the name the state file has for it, or else
+/// the one the policy gives it now (a state file written before names were kept). A state
+/// file of other pins (an upgrade to a new ABI's pin directory, a changed `--pin-root`)
+/// carries its quarantines until released by name only, since its numbers belong to maps
+/// that are gone; its step-ups end (red-team review 49 L1: they were all dropped, silently).
+/// Checked against the policy by [`Agent::keep_quarantines_with_their_names`] before the
+/// first write.
+pub(super) fn restored(
+    datapath: &Datapath,
+    state: Option<AgentState>,
+    compiled: &Compiled,
+) -> Result<(BTreeMap<u32, String>, BTreeSet<String>)> {
+    let mut ids = datapath.tables.identities_flagged(flags::QUARANTINED)?;
+    let mut names = BTreeMap::new();
+    let mut waiting = BTreeSet::new();
+    if let Some(mut state) = state {
+        if same_pins(&state.pin_dir, datapath.dir()) {
+            let absent = state
+                .quarantined_ids
+                .into_iter()
+                .filter(|id| datapath.tables.identity_info(*id).is_none());
+            ids.extend(absent);
+            names = state.quarantine_names;
+            waiting = state.waiting_quarantines;
+        } else {
+            waiting = state.waiting_quarantines;
+            waiting.extend(
+                state
+                    .quarantined_ids
+                    .iter()
+                    .filter_map(|id| state.quarantine_names.remove(id)),
+            );
+            if !waiting.is_empty() {
+                tracing::warn!(
+                    from = %state.pin_dir.display(),
+                    quarantines = waiting.len(),
+                    "the state file is of other pins: its quarantines are carried by name"
+                );
+            }
+        }
+    }
+    let quarantined = ids
+        .into_iter()
+        .map(|id| {
+            let name = names.remove(&id).unwrap_or_else(|| {
+                compiled
+                    .identity(id)
+                    .map_or_else(|| format!("identity {id}"), |i| i.name.clone())
+            });
+            (id, name)
+        })
+        .collect();
+    Ok((quarantined, waiting))
+}
+
+/// Whether two pin directories are one: as written, or once resolved (a `--pin-root`
+/// given through a symbolic link).
+fn same_pins(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
 
 /// Where a quarantine kept under `name` at `id` goes in a new policy.
 enum Move {
