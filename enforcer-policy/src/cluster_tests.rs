@@ -2000,6 +2000,60 @@ fn a_service_in_front_of_a_tracked_pod_is_tracked_with_its_datasets() {
         "acme's own endpoint's 10m"
     );
 
+    // Without a tenant on both sides (review 49 L2): an operator's endpoint with a step-up
+    // behind a Service of a system namespace (its pods tenantless workloads: cluster DNS)
+    // lends it; behind a tenantless Service of any other namespace it is another owner's.
+    let operator = format!(
+        "{stepped}  - name: ops-vectors\n    kind: vector_db\n    ips: [127.10.9.10/32]\n    ports: [{{port: 6333, protocol: tcp, action: query}}]\n    datasets: [ops-kb]\n    step_up: {{action: quarantine, ttl: 1h}}\n"
+    );
+    let dir = crate::tests::demo_with("inventory.yaml", &operator);
+    let mut tenantless = state.clone();
+    tenantless.identities.push(cluster_identity(
+        "kube-system",
+        "coredns",
+        None,
+        None,
+        None,
+        &[],
+        vec![cluster_pod(
+            "kube-system",
+            "coredns-0",
+            Some(NODE),
+            &[ip("127.81.9.53")],
+            "2026-01-01T00:00:00Z",
+        )],
+    ));
+    for namespace in ["kube-system", "scratch"] {
+        tenantless.services.push(cluster_service(
+            namespace,
+            "ops-front",
+            ip(if namespace == "scratch" {
+                "127.81.100.21"
+            } else {
+                "127.81.100.20"
+            }),
+            &[(6333, Protocol::Tcp, vec![backend("127.10.9.10")])],
+        ));
+    }
+    let b = load(dir.path(), &tenantless, &options());
+    let system = b
+        .identities()
+        .by_name("service/kube-system/ops-front")
+        .unwrap();
+    assert!(system.operator_service);
+    assert_eq!(system.fronts_foreign_step_up, None);
+    assert_eq!(
+        system.step_up.map(|s| s.ttl),
+        Some(std::time::Duration::from_secs(3600))
+    );
+    let unassigned = b.identities().by_name("service/scratch/ops-front").unwrap();
+    assert!(!unassigned.operator_service);
+    assert_eq!(
+        unassigned.fronts_foreign_step_up.as_deref(),
+        Some("ops-vectors")
+    );
+    assert_eq!(unassigned.step_up, None);
+
     // The tracked backends leave: the Service is no longer tracked.
     let mut later = state.clone();
     let at = later

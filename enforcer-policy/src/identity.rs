@@ -250,6 +250,11 @@ pub struct Identity {
     /// backend's name. Every call through the Service is denied (`foreign-step-up-backend`),
     /// see `services_track_their_backends`. `None` for every other identity.
     pub fronts_foreign_step_up: Option<String>,
+    /// A Service without a tenant in a system namespace (its identities all tenantless
+    /// workloads): the operator's, as the inventory's tenantless items are. A tenantless
+    /// Service of another namespace is no one's (review 49 L2). False for every other
+    /// identity.
+    pub operator_service: bool,
     /// An endpoint's `rate_limit`, a pod's `ai-enforcer.io/rate-limit` (see [`crate::rate`]).
     pub rate_limit: Option<crate::rate::RateLimitSpec>,
     pub cgroups: Vec<String>,
@@ -457,6 +462,7 @@ fn blank(id: u32, name: String, kind: IdentityKind) -> Identity {
         datasets: vec![],
         step_up: None,
         fronts_foreign_step_up: None,
+        operator_service: false,
         rate_limit: None,
         cgroups: vec![],
         ips: vec![],
@@ -643,6 +649,7 @@ impl Identities {
             list.push(Identity {
                 tenant_id: tenant_id(&s.tenant),
                 tenant: s.tenant,
+                operator_service: s.operator,
                 ips: s.ips,
                 ports,
                 service_ports: s.ports,
@@ -709,7 +716,8 @@ impl Identities {
     /// does, so such a flow is not tagged (the kernel's `flow_marks::UNTAGGED`).
     ///
     /// A Service's owner may list any address as its backend. In front of another tenant's
-    /// (or the operator's) backend with a step-up, neither answer is safe: taking that
+    /// (or the operator's, for a Service not of a system namespace: see
+    /// [`Identity::operator_service`]) backend with a step-up, neither answer is safe: taking that
     /// step-up lets the owner quarantine whoever calls its Service (red-team review 43 M4),
     /// leaving it out lets a caller reach the protected dataset without the step-up its owner
     /// asked for (review 49 H2). Such a Service fronts nothing: it is marked
@@ -737,7 +745,12 @@ impl Identities {
                 let Some(s) = b.step_up else {
                     continue;
                 };
-                if b.tenant != self.list[i].tenant {
+                let service = &self.list[i];
+                // Without a tenant on both sides, both the operator's only from a system
+                // namespace: an unassigned namespace's Service is no one's (review 49 L2).
+                let own = b.tenant == service.tenant
+                    && (service.tenant.is_some() || service.operator_service);
+                if !own {
                     foreign.get_or_insert_with(|| b.name.clone());
                 } else if step_up.is_none_or(|held| held.ttl < s.ttl) {
                     step_up = Some(s);

@@ -65,6 +65,10 @@ pub(crate) struct Service {
     pub name: String,
     /// Its namespace's tenant, as the namespace's identities say.
     pub tenant: Option<String>,
+    /// Without a tenant, in a system namespace (one whose identities are all tenantless
+    /// workloads: cluster DNS): the operator's, like the inventory's tenantless items. A
+    /// tenantless Service of any other namespace is no one's.
+    pub operator: bool,
     pub ips: Vec<IpNet>,
     /// Valid ports, by (port, protocol), each with its backends sorted and deduplicated.
     pub ports: Vec<ServicePort>,
@@ -589,7 +593,7 @@ pub(crate) fn merge<'a>(
     let kept: Vec<LabelSet> = kept.into_iter().map(|(_, s)| s).collect();
 
     // 4. Services: valid ones, their ports, the quota per tenant.
-    let mut services: Vec<(&ClusterService, Option<&str>, Vec<ServicePort>)> = Vec::new();
+    let mut services: Vec<(&ClusterService, Option<&str>, bool, Vec<ServicePort>)> = Vec::new();
     let mut sorted_services: Vec<&ClusterService> = state.services.iter().collect();
     // Within the tenantless quota, the Services of namespaces whose pods are tenantless
     // workloads (system namespaces: cluster DNS) go first: a namespace without any tenant
@@ -658,10 +662,13 @@ pub(crate) fn merge<'a>(
         *n += 1;
         let budget = backends_of.entry(tenant).or_default();
         let ports = service_ports(s, tenant, budget, &mut problems);
-        services.push((s, tenant, ports));
+        let operator = tenant.is_none()
+            && namespace_tenant.get(s.namespace.as_str()) == Some(&None)
+            && !mixed.contains(s.namespace.as_str());
+        services.push((s, tenant, operator, ports));
     }
     // Back to the canonical order (by namespace and name), which the numbering relies on.
-    services.sort_by(|(a, _, _), (b, _, _)| {
+    services.sort_by(|(a, _, _, _), (b, _, _, _)| {
         (&a.namespace, &a.name, &a.cluster_ips).cmp(&(&b.namespace, &b.name, &b.cluster_ips))
     });
     for (t, (n, first)) in undeclared_services.iter().take(PER_TENANT_PROBLEMS) {
@@ -753,7 +760,7 @@ pub(crate) fn merge<'a>(
             }
         }
     }
-    for (si, (s, tenant, _)) in services.iter().enumerate() {
+    for (si, (s, tenant, _, _)) in services.iter().enumerate() {
         if s.cluster_ips.len() > MAX_CLUSTER_IPS {
             problems.push(
                 *tenant,
@@ -783,7 +790,7 @@ pub(crate) fn merge<'a>(
     // pods (fail closed for their other ports: undeclared on the Service). Two Services
     // on one external address are a conflict like any other (below).
     let mut external: BTreeMap<IpAddr, BTreeSet<usize>> = BTreeMap::new();
-    for (si, (s, _, _)) in services.iter().enumerate() {
+    for (si, (s, _, _, _)) in services.iter().enumerate() {
         for ip in &s.external_ips {
             if !s.cluster_ips.contains(ip) {
                 external.entry(*ip).or_default().insert(si);
@@ -798,7 +805,7 @@ pub(crate) fn merge<'a>(
         .collect();
     for (ip, by) in &external {
         let first = *by.iter().next().expect("at least one Service");
-        let (s, tenant, _) = &services[first];
+        let (s, tenant, _, _) = &services[first];
         let mut earlier: BTreeSet<Owner> = contested.get(ip).cloned().unwrap_or_default();
         earlier.extend(claims.get(ip).copied());
         let mut previous: Vec<String> = earlier
@@ -873,7 +880,7 @@ pub(crate) fn merge<'a>(
     // nobody's, not even the inventory's or a pod's.
     let admitted: HashSet<(&str, &str)> = services
         .iter()
-        .map(|(s, _, _)| (s.namespace.as_str(), s.name.as_str()))
+        .map(|(s, _, _, _)| (s.namespace.as_str(), s.name.as_str()))
         .collect();
     let left_out_external: BTreeSet<IpAddr> = state
         .services
@@ -936,7 +943,7 @@ pub(crate) fn merge<'a>(
         .iter()
         .map(|set| (Key::Workload(&set[0].labels), label_digest(&set[0].labels)))
         .collect();
-    keys.extend(services.iter().map(|(s, _, _)| {
+    keys.extend(services.iter().map(|(s, _, _, _)| {
         (
             Key::Service(&s.namespace, &s.name),
             service_digest(&s.namespace, &s.name),
@@ -1108,7 +1115,7 @@ pub(crate) fn merge<'a>(
         });
     }
     let mut out_services = Vec::with_capacity(services.len());
-    for (si, (s, tenant, ports)) in services.into_iter().enumerate() {
+    for (si, (s, tenant, operator, ports)) in services.into_iter().enumerate() {
         let i = kept.len() + si;
         let Some(name) = names[i].take() else {
             problems.push(
@@ -1124,6 +1131,7 @@ pub(crate) fn merge<'a>(
             id: ids[i],
             name,
             tenant: tenant.map(str::to_string),
+            operator,
             ips: std::mem::take(&mut service_ips[si]),
             ports,
         });
