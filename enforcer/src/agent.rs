@@ -66,9 +66,10 @@ const EVENT_COALESCE: Duration = Duration::from_millis(1);
 
 /// How often the agent looks for edited policy files, new cgroups and new losses.
 const RESYNC_EVERY: Duration = Duration::from_millis(500);
-/// How often the agent reads `FLOW_EVENTS` without being woken: the kernel wakes it only when
-/// a quarter of the ring is unread (`WAKE_AT_BYTES` in the kernel's flows.rs) or a flow
-/// opened under another policy generation than the one in force (to be re-decided at once),
+/// How often the agent reads `FLOW_EVENTS` without being woken: the kernel wakes it only each
+/// time another quarter of the ring fills unread (`WAKE_AT_BYTES` in the kernel's flows.rs)
+/// or a flow opened under another policy generation than the one in force (to be re-decided
+/// at once),
 /// so that no other tracked `connect()` or `close()` pays for an interrupt and a wake-up.
 /// Bounds how late a flow event is written and a first contact is judged (`--learn`).
 const FLOW_DRAIN_EVERY: Duration = Duration::from_millis(100);
