@@ -791,8 +791,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let _ = reply.send(response);
             }
             _ = quarantine_requests.requested() => {
-                for (subject, cause) in quarantine_requests.take() {
-                    agent.quarantine(subject, cause, Hold::Lasting);
+                for (subject, request) in quarantine_requests.take() {
+                    agent.quarantine_requested(subject, request);
                 }
             }
             _ = stale_handshake.notified() => {
@@ -813,8 +813,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if stop_tx.send(read_tx).is_ok() {
         let _ = tokio::time::timeout(STOP_DRAIN, read_rx).await;
     }
-    for (subject, cause) in quarantine_requests.take() {
-        agent.quarantine(subject, cause, Hold::Lasting);
+    for (subject, request) in quarantine_requests.take() {
+        agent.quarantine_requested(subject, request);
     }
     while let Ok((cookie, record)) = contact_rx.queue.try_recv() {
         agent.contact(cookie, &record);
@@ -1382,8 +1382,9 @@ impl Agent {
             }
             Request::QuarantineRelease { workload } => self.release(&workload),
             Request::QuarantineList => {
-                let mut response = Response::ok(format!("{} quarantined", self.quarantined.len()));
-                response.items = self.quarantined_names();
+                let items = self.quarantined_names();
+                let mut response = Response::ok(format!("{} quarantined", items.len()));
+                response.items = items;
                 response
             }
         }
@@ -1775,9 +1776,10 @@ impl Agent {
             .collect()
     }
 
+    /// Quarantined workloads, those waiting by name out of the policy included.
     fn count_quarantined(&self) {
         if let Some(metrics) = &self.metrics {
-            metrics.set_quarantined(self.quarantined.len());
+            metrics.set_quarantined(self.quarantined.len() + self.waiting_quarantines.len());
         }
     }
 
@@ -2092,7 +2094,8 @@ impl Denies<'_> {
         {
             // The enrichment's attribution (`Compiled::quarantine_on_deny`), made once a key.
             if let Some(cause) = &call.quarantine {
-                self.quarantine.request(event.subject, cause.clone());
+                let name = policy.identity(event.subject).map(|i| i.name.clone());
+                self.quarantine.request(event.subject, name, cause.clone());
             }
         }
         events.emit(Event::Call(call)).map(drop)
@@ -2128,7 +2131,8 @@ impl Denies<'_> {
                 overflow.destination,
                 overflow.protocol,
             ) {
-                self.quarantine.request(overflow.subject, cause);
+                self.quarantine
+                    .request(overflow.subject, subject.map(|i| i.name.clone()), cause);
             }
         }
         let time = humantime::format_rfc3339_nanos(record::wall_clock(overflow.timestamp_ns));

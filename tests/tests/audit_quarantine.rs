@@ -443,6 +443,45 @@ fn cross_tenant_quarantine_policies() -> String {
     )
 }
 
+/// Eight decoys from `probe` (each a key of its own: another port of `decoy_host`, a
+/// cross-tenant workload, denied by no `@quarantine` forbid), then `call`, all denied and in
+/// one event window of `window` (started just after a window begins; checked, and retried
+/// in the next otherwise, up to 3 times): with a budget of 4 keys, `call` is counted only in
+/// the overflow, reported a window later.
+fn decoys_then_the_call(
+    probe: &Probe,
+    decoy_host: std::net::IpAddr,
+    call: &str,
+    window: Duration,
+) -> Result<()> {
+    for round in 0..3u16 {
+        // Start just after a window begins: the calls take milliseconds.
+        let deadline = std::time::Instant::now() + 2 * window;
+        while (monotonic().as_nanos() % window.as_nanos()) > 300_000_000 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the clock did not advance"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = monotonic().as_nanos() / window.as_nanos();
+        let mut calls: Vec<String> = (0..8)
+            .map(|i| attempt("tcp", decoy_host, 20_000 + round * 10 + i))
+            .collect();
+        calls.push(call.to_string());
+        let results = probe.run(&calls)?;
+        ensure!(
+            results.iter().all(|r| r.outcome == Outcome::Eperm),
+            "every call is denied: {results:?}"
+        );
+        if monotonic().as_nanos() / window.as_nanos() == before {
+            return Ok(());
+        }
+        eprintln!("round {round}: the calls crossed a window boundary; again");
+    }
+    anyhow::bail!("the calls never fell in one window in 3 rounds")
+}
+
 /// A workload cannot escape a `@quarantine` forbid by first spending its per-window event
 /// key budget on decoys. Found by a red-team review: after 64 denied decoy calls in a
 /// window, the real call to another tenant's vector DB was only counted in the workload's
@@ -468,39 +507,7 @@ fn decoys_that_spend_the_event_budget_do_not_escape_quarantine() -> Result<()> {
     let globex_agent = world.entity("globex-agent").ip(false);
     let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
 
-    let mut in_one_window = false;
-    for round in 0..3u16 {
-        // Start just after a window begins: the calls take milliseconds.
-        let deadline = std::time::Instant::now() + 2 * WINDOW;
-        while (monotonic().as_nanos() % WINDOW.as_nanos()) > 300_000_000 {
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "the clock did not advance"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let before = monotonic().as_nanos() / WINDOW.as_nanos();
-        // Eight decoys, each a key of its own (another port of a cross-tenant workload:
-        // denied, but by no `@quarantine` forbid), then the real call.
-        let mut calls: Vec<String> = (0..8)
-            .map(|i| attempt("tcp", globex_agent, 20_000 + round * 10 + i))
-            .collect();
-        calls.push(real.clone());
-        let results = gw.run(&calls)?;
-        ensure!(
-            results.iter().all(|r| r.outcome == Outcome::Eperm),
-            "every call is denied: {results:?}"
-        );
-        if monotonic().as_nanos() / WINDOW.as_nanos() == before {
-            in_one_window = true;
-            break;
-        }
-        eprintln!("round {round}: the calls crossed a window boundary; again");
-    }
-    ensure!(
-        in_one_window,
-        "the calls never fell in one window in 3 rounds"
-    );
+    decoys_then_the_call(&gw, globex_agent, &real, WINDOW)?;
 
     let quarantined = wait_notices(&agent, "subject.quarantined", 1, WAIT, |_| true)?;
     ensure!(
@@ -680,6 +687,16 @@ fn identity_of(world: &World, name: &str) -> Result<u32> {
         .with_context(|| format!("no identity number in {line:?}"))
 }
 
+/// The snapshot of the first `policy.applied` of a snapshot not in `seen`: a policy applied
+/// after those (an agent may apply the same snapshot again, so each step of a test that
+/// comes back to one uses a new one).
+fn applied_other_than(agent: &Agent, seen: &[&str]) -> Result<String> {
+    let applied = wait_notices(agent, "policy.applied", 1, WAIT, |e| {
+        s(e, "/snapshot").is_some_and(|snapshot| !seen.contains(&snapshot))
+    })?;
+    Ok(s(&applied[0], "/snapshot").unwrap_or_default().to_string())
+}
+
 /// A quarantine stays with the workload it was made for when its number passes to another
 /// (red-team review 49 M1): the holder of a contested number is quarantined and taken out of
 /// the inventory, the other workload takes the number and may still connect, also after a
@@ -773,13 +790,7 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
         &render_inventory(&fewer, &root),
         None,
     )?;
-    let applied_other_than = |seen: &[&str]| {
-        wait_notices(&second, "policy.applied", 1, WAIT, |e| {
-            s(e, "/snapshot").is_some_and(|snapshot| !seen.contains(&snapshot))
-        })
-        .map(|e| s(&e[0], "/snapshot").unwrap_or_default().to_string())
-    };
-    let smaller = applied_other_than(&[&partial, &whole])?;
+    let smaller = applied_other_than(&second, &[&partial, &whole])?;
     let out = dirs.quarantine_release(HOLDER)?;
     ensure!(
         out.success(),
@@ -799,7 +810,7 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
         &render_inventory(&back, &root),
         None,
     )?;
-    applied_other_than(&[&partial, &whole, &smaller])?;
+    applied_other_than(&second, &[&partial, &whole, &smaller])?;
     holder.expect_outcome(&vectors, Outcome::Ok, "released while out of the policy")?;
     Ok(())
 }
@@ -851,5 +862,108 @@ fn a_quarantine_outlives_an_upgrade_to_new_pins() -> Result<()> {
     let out = dirs.quarantine_release("acme-gateway")?;
     ensure!(out.success(), "quarantine release: {out}");
     gw.expect_outcome(&vectors, Outcome::Ok, "released")?;
+    Ok(())
+}
+
+/// A deny's quarantine falls on the workload the deciding policy named, not on whoever holds
+/// its number when the agent acts on it (red-team review 50 H1). HOLDER's `@quarantine` call
+/// is hidden behind decoys (reported a 5 s window later), and HOLDER leaves the inventory at
+/// once: TAKER takes its number before the quarantine is decided. HOLDER is quarantined
+/// while out of the policy (waiting by name), TAKER is not, and HOLDER comes back
+/// quarantined. Before, the agent quarantined the number, and with it TAKER, for good.
+#[test]
+fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const WINDOW: Duration = Duration::from_secs(5);
+    let net = 43;
+    let mut entities = standard_entities(net);
+    entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
+    entities.push(Entity::workload(net, TAKER, "acme", "inference", 1, 4));
+    let world = World::new(net, entities, &cross_tenant_quarantine_policies())?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let mut cfg = state.configure(world.agent_config());
+    cfg.events_aggregate = Some("5s".into());
+    cfg.extra_args
+        .extend(["--events-keys-per-workload".into(), "4".into()]);
+    let dirs = state.dirs(&cfg);
+    let agent = Agent::start(cfg)?;
+    let whole = first_applied_snapshot(&agent)?;
+    let held = identity_of(&world, HOLDER)?;
+    ensure!(
+        identity_of(&world, TAKER)? == held + 1,
+        "fixture: {TAKER} must probe past {HOLDER}'s number ({held})"
+    );
+    let holder = probe_in(&world, HOLDER);
+    let taker = probe_in(&world, TAKER);
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    decoys_then_the_call(
+        &holder,
+        world.entity("globex-agent").ip(false),
+        &real,
+        WINDOW,
+    )?;
+
+    let root = world.root.relative_str();
+    let without: Vec<Entity> = world
+        .entities
+        .iter()
+        .filter(|e| e.name != HOLDER)
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&without, &root),
+        None,
+    )?;
+    let partial = applied_snapshot_after(&agent, &whole)?;
+    ensure!(
+        notices(&agent, "subject.quarantined")?.is_empty(),
+        "precondition: the quarantine was decided before {HOLDER} left (more than a window early)"
+    );
+    ensure!(
+        identity_of(&world, TAKER)? == held,
+        "fixture: {TAKER} takes the number {held} once {HOLDER} is gone"
+    );
+    let quarantined = wait_notices(&agent, "subject.quarantined", 1, 3 * WINDOW, |_| true)?;
+    ensure!(
+        s(&quarantined[0], "/workload") == Some(HOLDER)
+            && s(&quarantined[0], "/cause") == Some("cross-tenant-vector-db"),
+        "the denied workload is quarantined: {}",
+        quarantined[0]
+    );
+    taker.expect_outcome(
+        &vectors,
+        Outcome::Ok,
+        "the number's holder now, never denied",
+    )?;
+    let list = quarantine_list(&dirs)?;
+    ensure!(
+        listed(
+            &list,
+            &format!("{HOLDER} (out of the policy: quarantined again when it is back)")
+        ),
+        "quarantine list: {list}"
+    );
+    // Back, without acme-evaluator: a snapshot of its own.
+    let back: Vec<Entity> = world
+        .entities
+        .iter()
+        .filter(|e| e.name != "acme-evaluator")
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&back, &root),
+        None,
+    )?;
+    applied_other_than(&agent, &[&whole, &partial])?;
+    holder.expect_outcome(&vectors, Outcome::Eperm, "back in the policy")?;
+    taker.expect_outcome(&vectors, Outcome::Ok, "back at its own number")?;
     Ok(())
 }

@@ -40,16 +40,29 @@ struct Overflow {
 /// Quarantine requests pending for the agent's loop, one per subject identity.
 #[derive(Default)]
 pub struct QuarantineRequests {
-    pending: Mutex<BTreeMap<u32, String>>,
+    pending: Mutex<BTreeMap<u32, QuarantineRequest>>,
     wake: Notify,
 }
 
+/// One subject's quarantine, asked for by a deny.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineRequest {
+    /// The subject's name in the policy that decided the deny (`None`: that policy did not
+    /// know the number): the agent quarantines that workload, wherever its number is now, and
+    /// never whoever took the number meanwhile (red-team review 50 H1).
+    pub name: Option<String>,
+    /// The `@quarantine` policy that denied.
+    pub cause: String,
+}
+
 impl QuarantineRequests {
-    /// Asks for `subject` to be quarantined for `cause`; a subject already pending keeps the
-    /// cause it was first asked for.
-    pub fn request(&self, subject: u32, cause: String) {
+    /// Asks for `subject` (named `name` by the deciding policy) to be quarantined for
+    /// `cause`; a subject already pending keeps the request it was first asked for.
+    pub fn request(&self, subject: u32, name: Option<String>, cause: String) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.entry(subject).or_insert(cause);
+        pending
+            .entry(subject)
+            .or_insert(QuarantineRequest { name, cause });
         drop(pending);
         self.wake.notify_one();
     }
@@ -60,7 +73,7 @@ impl QuarantineRequests {
     }
 
     /// The pending requests, by subject; none are pending afterwards.
-    pub fn take(&self) -> BTreeMap<u32, String> {
+    pub fn take(&self) -> BTreeMap<u32, QuarantineRequest> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -173,12 +186,13 @@ mod tests {
     fn quarantine_requests_coalesce_per_subject_keeping_the_first_cause() {
         let requests = QuarantineRequests::default();
         for round in 0..1000 {
-            requests.request(7, format!("deny {round}"));
-            requests.request(9, format!("deny {round}"));
+            requests.request(7, Some("a".into()), format!("deny {round}"));
+            requests.request(9, None, format!("deny {round}"));
         }
         let pending = requests.take();
         assert_eq!(pending.len(), 2);
-        assert_eq!(pending[&7], "deny 0");
+        assert_eq!(pending[&7].cause, "deny 0");
+        assert_eq!(pending[&7].name.as_deref(), Some("a"));
         assert!(requests.take().is_empty());
     }
 }

@@ -16,7 +16,8 @@ use anyhow::Result;
 use enforcer_common::{flags, identity as reserved};
 use enforcer_policy::Compiled;
 
-use super::{now, Agent, AgentState, Notice, Response};
+use super::handoff::QuarantineRequest;
+use super::{now, Agent, AgentState, Hold, Notice, Response};
 use crate::datapath::Datapath;
 
 /// The quarantines an agent starts with: by number, each with its name, and those waiting by
@@ -173,6 +174,51 @@ impl Agent {
             self.count_quarantined();
             self.save_state();
         }
+    }
+
+    /// A deny's quarantine: of the workload the deciding policy named, at its number now, or
+    /// waiting for it while it is out of the policy; by number only when that policy did not
+    /// know the subject. The request is handled a moment after the deny (a window later for
+    /// a deny counted beyond the event budget), when the number may have passed to another
+    /// workload (red-team review 50 H1).
+    pub(super) fn quarantine_requested(&mut self, subject: u32, request: QuarantineRequest) {
+        let QuarantineRequest { name, cause } = request;
+        let Some(name) = name else {
+            self.quarantine(subject, cause, Hold::Lasting);
+            return;
+        };
+        match self.compiled.identity_by_name(&name).map(|i| i.id) {
+            Some(id) => self.quarantine(id, cause, Hold::Lasting),
+            None => self.quarantine_absent(name, cause, Hold::Lasting),
+        }
+    }
+
+    /// Whether a quarantine of `name`, out of the policy in force, is kept: waiting by name,
+    /// or by the number it left.
+    pub(super) fn kept_while_absent(&self, name: &str) -> bool {
+        self.waiting_quarantines.contains(name) || self.quarantined.values().any(|n| n == name)
+    }
+
+    /// Quarantines `name`, out of the policy in force: it waits by name and holds when the
+    /// workload is back (a step-up's end waits in `pending_step_ups`, set by the caller).
+    pub(super) fn quarantine_absent(&mut self, name: String, cause: String, hold: Hold) {
+        if hold == Hold::Lasting && self.pending_step_ups.remove(&name).is_some() {
+            // A lasting quarantine takes a step-up's place, as for a present subject.
+            self.forget_step_up_record(&name);
+        }
+        if self.kept_while_absent(&name) {
+            return;
+        }
+        tracing::warn!(subject = %name, %cause, "subject quarantined while out of the policy: it holds when the workload is back");
+        self.waiting_quarantines.insert(name.clone());
+        self.count_quarantined();
+        self.save_state();
+        let _ = self.notices.send(Notice::Quarantined {
+            time: now(),
+            workload: name,
+            identity: reserved::UNKNOWN,
+            cause,
+        });
     }
 
     /// `quarantine release` of a name the policy in force does not hold: a quarantine that

@@ -36,6 +36,9 @@ impl Agent {
         };
         let datasets = destination.contact_names();
         let subject_name = subject.name.clone();
+        // The subject as the policy of its connect named it, at its number now: the number
+        // may have passed to another workload since (red-team review 50 H1).
+        let target = self.compiled.identity_by_name(&subject_name).map(|i| i.id);
         let now = SystemTime::now();
         let outcome = match learner.observe(
             &subject_name,
@@ -92,7 +95,11 @@ impl Agent {
             match step_up.action {
                 StepUpAction::Quarantine => {
                     anomaly.step_up = Some("quarantine");
-                    if !self.quarantined.contains_key(&record.subject) {
+                    let held = match target {
+                        Some(id) => self.quarantined.contains_key(&id),
+                        None => self.kept_while_absent(&subject_name),
+                    };
+                    if !held {
                         let until = now + step_up.ttl;
                         anomaly.quarantined_until = Some(Time(until));
                         quarantine = Some(until);
@@ -111,8 +118,6 @@ impl Agent {
         }
         let _ = self.flow_events.send(call);
         if let Some(until) = quarantine {
-            self.step_ups
-                .insert(record.subject, (until, subject_name.clone()));
             if let Some(learner) = &mut self.learner {
                 // On disk before the kernel's flag: an agent killed in between must find the
                 // step-up's end at its restart, or nothing would lift the quarantine it finds
@@ -124,11 +129,19 @@ impl Agent {
                     tracing::error!(subject = %subject_name, "keeping the step-up's end: {error:#}");
                 }
             }
-            self.quarantine(
-                record.subject,
-                format!("step-up: anomaly ({})", new.join(", ")),
-                super::Hold::StepUp,
-            );
+            let cause = format!("step-up: anomaly ({})", new.join(", "));
+            match target {
+                Some(id) => {
+                    self.step_ups.insert(id, (until, subject_name));
+                    self.quarantine(id, cause, super::Hold::StepUp);
+                }
+                None => {
+                    // Gone from the policy since its connect: the step-up waits for it, and
+                    // ends at its time if it is not back by then.
+                    self.pending_step_ups.insert(subject_name.clone(), until);
+                    self.quarantine_absent(subject_name, cause, super::Hold::StepUp);
+                }
+            }
         }
     }
 
@@ -349,6 +362,21 @@ impl Agent {
                 }
                 None if until > now => {
                     self.pending_step_ups.insert(name, until);
+                }
+                None => {
+                    // Over while its subject was out of the policy: the quarantine that waited
+                    // for it with the step-up goes too.
+                    self.forget_step_up_record(&name);
+                    if self.waiting_quarantines.remove(&name) {
+                        tracing::info!(subject = %name, "step-up quarantine over: its TTL is over, its subject out of the policy");
+                        self.count_quarantined();
+                        self.save_state();
+                        let _ = self.notices.send(super::Notice::Released {
+                            time: super::now(),
+                            workload: name,
+                            identity: identity::UNKNOWN,
+                        });
+                    }
                 }
                 _ => self.forget_step_up_record(&name),
             }
