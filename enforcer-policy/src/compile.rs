@@ -1605,11 +1605,12 @@ impl Compiled {
         let Some(port) = service.service_port(dport, protocol) else {
             return Err(implicit("undeclared-port"));
         };
-        if port.backends.is_empty() {
-            return Err(implicit("no-ready-backends"));
-        }
+        // Before the backends' count: `policy explain` says the same for a port without any.
         if service.fronts_foreign_step_up.is_some() {
             return Err(implicit("foreign-step-up-backend"));
+        }
+        if port.backends.is_empty() {
+            return Err(implicit("no-ready-backends"));
         }
         let (Some(si), Some(di)) = (
             self.identities.index_of_id(subject.id),

@@ -157,6 +157,9 @@ pub struct AgentState {
     pub risk_overrides: BTreeMap<String, String>,
     #[serde(default)]
     pub quarantined: Vec<String>,
+    /// Those of `quarantined` out of the policy in force: they hold again when they are back.
+    #[serde(default)]
+    pub quarantined_out_of_policy: Vec<String>,
     /// The identity numbers of the quarantines that hold until released (not a step-up's):
     /// restored at the next start beside the pinned flags, since an identity with no entry
     /// in `IDENTITIES` then (a label set scaled to zero pods, a workload taken out of the
@@ -694,11 +697,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         history: history.clone(),
         saved_revision,
     };
+    // Step-ups first: the first write moves quarantines to their names' numbers, and one in
+    // a step-up's position must be told from a lasting one (review 50 L2).
+    agent.adopt_step_ups();
     agent
         .apply_full(None)
         .context("writing the first policy into the kernel")?;
     agent.count_quarantined();
-    agent.adopt_step_ups();
     match rejected {
         Some(error) => agent.reject(error),
         None => agent.save_last_good(),
@@ -1014,7 +1019,17 @@ impl Agent {
     /// nothing: on failure every map holds what it held before (`previous` explains the
     /// events of that time again).
     fn apply_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
-        self.keep_quarantines_with_their_names();
+        let moved = self.keep_quarantines_with_their_names();
+        let written = self.write_full(previous);
+        match &written {
+            Ok(()) => self.quarantines_written(moved),
+            Err(_) => self.quarantines_not_written(moved),
+        }
+        written
+    }
+
+    /// [`Agent::apply_full`]'s write, the quarantines moved to the policy's numbers.
+    fn write_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
         let quarantined: BTreeSet<u32> = self.quarantined.keys().copied().collect();
         let overrides = Overrides {
             audit: self.options.audit,
@@ -1382,7 +1397,7 @@ impl Agent {
             }
             Request::QuarantineRelease { workload } => self.release(&workload),
             Request::QuarantineList => {
-                let items = self.quarantined_names();
+                let items = self.quarantine_list();
                 let mut response = Response::ok(format!("{} quarantined", items.len()));
                 response.items = items;
                 response
@@ -1808,6 +1823,7 @@ impl Agent {
             unresolved_cgroups: self.unresolved.cgroups.iter().cloned().collect(),
             risk_overrides: self.risk_overrides.clone(),
             quarantined: self.quarantined_names(),
+            quarantined_out_of_policy: self.quarantined_out_of_policy(),
             quarantined_ids: self
                 .quarantined
                 .keys()

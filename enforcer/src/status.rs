@@ -74,6 +74,8 @@ pub struct AgentView {
     pub unresolved_cgroups: Vec<String>,
     pub risk_overrides: std::collections::BTreeMap<String, String>,
     pub quarantined: Vec<String>,
+    /// Those of `quarantined` out of the policy in force: they hold again when they are back.
+    pub quarantined_out_of_policy: Vec<String>,
     /// The Kubernetes source (`--kubernetes`), as the agent last wrote it; `staleness_seconds`
     /// is computed now from `last_sync` (0 while the agent runs connected).
     pub kubernetes: Option<crate::sources::kubernetes::KubeStatus>,
@@ -197,6 +199,7 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         unresolved_cgroups: state.unresolved_cgroups,
         risk_overrides: state.risk_overrides,
         quarantined: state.quarantined,
+        quarantined_out_of_policy: state.quarantined_out_of_policy,
         kubernetes,
         cluster_problems: state.cluster_problems,
         pods: state.pods,
@@ -281,7 +284,12 @@ pub fn render(status: &Status) -> String {
                 let _ = writeln!(out, "risk override:   {workload} = {score}");
             }
             for workload in &agent.quarantined {
-                let _ = writeln!(out, "quarantined:     {workload}");
+                let out_of_policy = if agent.quarantined_out_of_policy.contains(workload) {
+                    " (out of the policy: quarantined again when it is back)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(out, "quarantined:     {workload}{out_of_policy}");
             }
             for missing in &agent.unresolved_cgroups {
                 let _ = writeln!(out, "missing cgroup:  {missing}");

@@ -73,12 +73,18 @@ pub(super) fn restored(
             let name = names.remove(&id).unwrap_or_else(|| {
                 compiled
                     .identity(id)
-                    .map_or_else(|| format!("identity {id}"), |i| i.name.clone())
+                    .map_or_else(|| placeholder(id), |i| i.name.clone())
             });
             (id, name)
         })
         .collect();
     Ok((quarantined, waiting))
+}
+
+/// The name a quarantine is kept under while its workload's is unknown (restored by number
+/// only, out of the policy): `identity N`, as `Agent::name_of` says.
+fn placeholder(id: u32) -> String {
+    format!("identity {id}")
 }
 
 /// Whether two pin directories are one: as written, or once resolved (a `--pin-root`
@@ -99,16 +105,48 @@ enum Move {
     Wait,
 }
 
+/// What moving the quarantines leaves to do once the policy they were moved for is written:
+/// an apply that fails leaves the kernel as it was, and the agent's record must stay with it
+/// (red-team review 50 L1).
+#[derive(Default)]
+pub(super) struct Moved {
+    /// The quarantine record before the moves, put back if the write fails.
+    before: Option<Kept>,
+    /// Step-ups ended (their records to forget) and the notices to send.
+    forget: Vec<String>,
+    notices: Vec<Notice>,
+}
+
+/// The agent's quarantine record.
+type Kept = (
+    BTreeMap<u32, String>,
+    BTreeSet<String>,
+    BTreeMap<u32, (std::time::SystemTime, String)>,
+);
+
 impl Agent {
     /// Moves each quarantine to its name's number in the policy in force (see the module
     /// docs); one whose name is out of the policy stays by number while no other workload
     /// has that number (it comes back there). Called before every full write, so that the
-    /// desired state flags the right identities.
-    pub(super) fn keep_quarantines_with_their_names(&mut self) {
+    /// desired state flags the right identities; [`Agent::quarantines_written`] or
+    /// [`Agent::quarantines_not_written`] after it.
+    pub(super) fn keep_quarantines_with_their_names(&mut self) -> Moved {
+        let before = (
+            self.quarantined.clone(),
+            self.waiting_quarantines.clone(),
+            self.step_ups.clone(),
+        );
+        let mut moved = Moved::default();
         let moves: Vec<(u32, Move)> = self
             .quarantined
             .iter()
             .filter_map(|(&id, name)| {
+                if *name == placeholder(id) {
+                    // Restored without its name (a state file from before names were kept,
+                    // its workload out of the policy then): kept by number until the number is
+                    // back, then named (review 50 L2).
+                    return None;
+                }
                 let at = self.compiled.identity_by_name(name).map(|i| i.id);
                 match at {
                     Some(now_at) if now_at == id => None,
@@ -128,6 +166,16 @@ impl Agent {
             taken.push((id, to, name, step_up));
         }
         let mut changed = !taken.is_empty();
+        let named: Vec<(u32, String)> = self
+            .quarantined
+            .iter()
+            .filter(|(&id, name)| **name == placeholder(id))
+            .filter_map(|(&id, _)| Some((id, self.compiled.identity(id)?.name.clone())))
+            .collect();
+        for (id, name) in named {
+            self.quarantined.insert(id, name);
+            changed = true;
+        }
         for (id, to, name, step_up) in taken {
             match to {
                 Move::To(at) => {
@@ -142,9 +190,9 @@ impl Agent {
                     if let Some((_, recorded)) = step_up {
                         // A step-up is a response to one contact, for a time: it ends
                         // rather than wait for a name that may never come back.
-                        self.forget_step_up_record(&recorded);
                         tracing::info!(subject = %name, identity = id, now = %holder, "step-up quarantine over: its workload left the policy and its number names another");
-                        let _ = self.notices.send(Notice::Released {
+                        moved.forget.push(recorded);
+                        moved.notices.push(Notice::Released {
                             time: now(),
                             workload: name,
                             identity: id,
@@ -167,12 +215,43 @@ impl Agent {
         for (name, id) in back {
             self.waiting_quarantines.remove(&name);
             tracing::warn!(subject = %name, identity = id, "quarantined workload back in the policy: quarantined again");
+            moved.notices.push(Notice::Quarantined {
+                time: now(),
+                workload: name.clone(),
+                identity: id,
+                cause: "back in the policy, quarantined while out of it".to_string(),
+            });
             self.quarantined.entry(id).or_insert(name);
             changed = true;
         }
         if changed {
-            self.count_quarantined();
-            self.save_state();
+            moved.before = Some(before);
+        }
+        moved
+    }
+
+    /// The policy the quarantines were moved for is written: their record is kept.
+    pub(super) fn quarantines_written(&mut self, moved: Moved) {
+        if moved.before.is_none() {
+            return;
+        }
+        for name in &moved.forget {
+            self.forget_step_up_record(name);
+        }
+        for notice in moved.notices {
+            let _ = self.notices.send(notice);
+        }
+        self.count_quarantined();
+        self.save_state();
+    }
+
+    /// The write failed (the kernel holds the previous policy): the record before the moves
+    /// is back.
+    pub(super) fn quarantines_not_written(&mut self, moved: Moved) {
+        if let Some((quarantined, waiting, step_ups)) = moved.before {
+            self.quarantined = quarantined;
+            self.waiting_quarantines = waiting;
+            self.step_ups = step_ups;
         }
     }
 
@@ -251,18 +330,36 @@ impl Agent {
         Response::ok(format!("{workload} released (out of the policy)"))
     }
 
-    /// The quarantined workloads as `quarantine list` and the state file name them: one out
-    /// of the policy in force says so.
+    /// The quarantined workloads by name, those out of the policy in force included.
     pub(super) fn quarantined_names(&self) -> Vec<String> {
-        let out_of_policy =
-            |name: &str| format!("{name} (out of the policy: quarantined again when it is back)");
         self.quarantined
             .values()
-            .map(|name| match self.compiled.identity_by_name(name) {
-                Some(_) => name.clone(),
-                None => out_of_policy(name),
+            .chain(&self.waiting_quarantines)
+            .cloned()
+            .collect()
+    }
+
+    /// The quarantined workloads out of the policy in force (kept by the number they left,
+    /// or waiting by name).
+    pub(super) fn quarantined_out_of_policy(&self) -> Vec<String> {
+        self.quarantined_names()
+            .into_iter()
+            .filter(|name| self.compiled.identity_by_name(name).is_none())
+            .collect()
+    }
+
+    /// `quarantine list`'s lines: one out of the policy in force says so.
+    pub(super) fn quarantine_list(&self) -> Vec<String> {
+        let out = self.quarantined_out_of_policy();
+        self.quarantined_names()
+            .into_iter()
+            .map(|name| {
+                if out.contains(&name) {
+                    format!("{name} (out of the policy: quarantined again when it is back)")
+                } else {
+                    name
+                }
             })
-            .chain(self.waiting_quarantines.iter().map(|n| out_of_policy(n)))
             .collect()
     }
 }

@@ -270,16 +270,25 @@ impl Agent {
             .map(|(name, until)| (name.to_string(), until))
             .collect();
         for (name, until) in recorded {
-            match self.compiled.identity_by_name(&name).map(|i| i.id) {
-                Some(id) if self.quarantined.contains_key(&id) => {
+            // By the name its quarantine is kept under (its number may have moved since).
+            let kept_at = self
+                .quarantined
+                .iter()
+                .find(|(_, kept)| **kept == name)
+                .map(|(id, _)| *id);
+            match kept_at {
+                Some(id) => {
                     self.step_ups.insert(id, (until, name));
                 }
-                None => {
-                    // Not known yet (the pods of a cluster not synced at the restart): a
-                    // step-up must not become a quarantine nothing lifts (review 49).
+                None if self.waiting_quarantines.contains(&name)
+                    || self.compiled.identity_by_name(&name).is_none() =>
+                {
+                    // Waiting for its subject, or not known yet (the pods of a cluster not
+                    // synced at the restart): a step-up must not become a quarantine nothing
+                    // lifts (review 49).
                     self.pending_step_ups.insert(name, until);
                 }
-                Some(_) => self.forget_step_up_record(&name),
+                None => self.forget_step_up_record(&name),
             }
         }
     }
