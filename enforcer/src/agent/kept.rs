@@ -103,6 +103,29 @@ enum Move {
     To(u32),
     /// The name is out of the policy and its number names another workload.
     Wait,
+    /// The same label set under a longer or shorter name ([`renamed`]).
+    Renamed(String),
+}
+
+/// Whether `now` names the label set `kept` named: a label set's name is
+/// `<namespace>/<service account>#<hash prefix>`, and the prefix grows (8, 16, 32, 64 hex
+/// digits) while another label set of the service account shares it, and shrinks when that
+/// one goes; its number does not change. A tenant that crafts such a twin (about 2^32
+/// hashes) renamed its quarantined label set, which then read as another workload holding
+/// the number (red-team review 50 M1).
+fn renamed(kept: &str, now: &str) -> bool {
+    let (Some((kept_base, kept_hash)), Some((now_base, now_hash))) =
+        (kept.rsplit_once('#'), now.rsplit_once('#'))
+    else {
+        return false;
+    };
+    let hash =
+        |h: &str| matches!(h.len(), 8 | 16 | 32 | 64) && h.bytes().all(|b| b.is_ascii_hexdigit());
+    kept_base == now_base
+        && hash(kept_hash)
+        && hash(now_hash)
+        && kept_hash != now_hash
+        && (kept_hash.starts_with(now_hash) || now_hash.starts_with(kept_hash))
 }
 
 /// What moving the quarantines leaves to do once the policy they were moved for is written:
@@ -112,8 +135,10 @@ enum Move {
 pub(super) struct Moved {
     /// The quarantine record before the moves, put back if the write fails.
     before: Option<Kept>,
-    /// Step-ups ended (their records to forget) and the notices to send.
+    /// Step-ups ended or renamed (their records to forget), step-ups renamed (their records
+    /// under the new name), and the notices to send.
     forget: Vec<String>,
+    record: Vec<(String, std::time::SystemTime)>,
     notices: Vec<Notice>,
 }
 
@@ -148,11 +173,14 @@ impl Agent {
                     return None;
                 }
                 let at = self.compiled.identity_by_name(name).map(|i| i.id);
-                match at {
-                    Some(now_at) if now_at == id => None,
-                    Some(now_at) => Some((id, Move::To(now_at))),
-                    None if self.compiled.identity(id).is_some() => Some((id, Move::Wait)),
-                    None => None,
+                match (at, self.compiled.identity(id)) {
+                    (Some(now_at), _) if now_at == id => None,
+                    (Some(now_at), _) => Some((id, Move::To(now_at))),
+                    (None, Some(holder)) if renamed(name, &holder.name) => {
+                        Some((id, Move::Renamed(holder.name.clone())))
+                    }
+                    (None, Some(_)) => Some((id, Move::Wait)),
+                    (None, None) => None,
                 }
             })
             .collect();
@@ -178,6 +206,15 @@ impl Agent {
         }
         for (id, to, name, step_up) in taken {
             match to {
+                Move::Renamed(now_named) => {
+                    tracing::info!(subject = %name, now = %now_named, identity = id, "quarantined label set renamed (a twin's hash suffix): the quarantine follows it");
+                    self.quarantined.insert(id, now_named.clone());
+                    if let Some((until, _)) = step_up {
+                        moved.forget.push(name);
+                        moved.record.push((now_named.clone(), until));
+                        self.step_ups.insert(id, (until, now_named));
+                    }
+                }
                 Move::To(at) => {
                     tracing::info!(subject = %name, from = id, to = at, "quarantine follows its workload to its identity number now");
                     self.quarantined.insert(at, name);
@@ -238,6 +275,9 @@ impl Agent {
         for name in &moved.forget {
             self.forget_step_up_record(name);
         }
+        for (name, until) in &moved.record {
+            self.record_step_up(name, *until);
+        }
         for notice in moved.notices {
             let _ = self.notices.send(notice);
         }
@@ -266,7 +306,18 @@ impl Agent {
             self.quarantine(subject, cause, Hold::Lasting);
             return;
         };
-        match self.compiled.identity_by_name(&name).map(|i| i.id) {
+        let now_at = self
+            .compiled
+            .identity_by_name(&name)
+            .map(|i| i.id)
+            .or_else(|| {
+                // Renamed since the deny (a twin's hash suffix): the same label set.
+                self.compiled
+                    .identities()
+                    .find(|i| renamed(&name, &i.name))
+                    .map(|i| i.id)
+            });
+        match now_at {
             Some(id) => self.quarantine(id, cause, Hold::Lasting),
             None => self.quarantine_absent(name, cause, Hold::Lasting),
         }
@@ -361,5 +412,26 @@ impl Agent {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renamed;
+
+    #[test]
+    fn a_label_sets_name_is_the_same_under_a_longer_or_shorter_hash() {
+        assert!(renamed("acme/app#aabbccdd", "acme/app#aabbccdd11223344"));
+        assert!(renamed("acme/app#aabbccdd11223344", "acme/app#aabbccdd"));
+        // Another label set, another service account, not a label set's name, the same name.
+        assert!(!renamed("acme/app#aabbccdd", "acme/app#aabbccde11223344"));
+        assert!(!renamed("acme/app#aabbccdd", "acme/api#aabbccdd11223344"));
+        assert!(!renamed("acme-gateway", "acme-gateway"));
+        assert!(!renamed("acme/app#aabbccdd", "acme/app#aabbccdd"));
+        assert!(!renamed("acme/app#aabb", "acme/app#aabbccdd"));
+        assert!(!renamed(
+            "service/acme/s#zzzzzzzz",
+            "service/acme/s#zzzzzzzz11223344"
+        ));
     }
 }

@@ -118,17 +118,10 @@ impl Agent {
         }
         let _ = self.flow_events.send(call);
         if let Some(until) = quarantine {
-            if let Some(learner) = &mut self.learner {
-                // On disk before the kernel's flag: an agent killed in between must find the
-                // step-up's end at its restart, or nothing would lift the quarantine it finds
-                // pinned (red-team review 39). Step-ups are rare: one write each.
-                let kept = learner
-                    .set_step_up(&subject_name, Some(until))
-                    .and_then(|()| learner.flush());
-                if let Err(error) = kept {
-                    tracing::error!(subject = %subject_name, "keeping the step-up's end: {error:#}");
-                }
-            }
+            // On disk before the kernel's flag: an agent killed in between must find the
+            // step-up's end at its restart, or nothing would lift the quarantine it finds
+            // pinned (red-team review 39).
+            self.record_step_up(&subject_name, until);
             let cause = format!("step-up: anomaly ({})", new.join(", "));
             match target {
                 Some(id) => {
@@ -388,6 +381,19 @@ impl Agent {
                     }
                 }
                 _ => self.forget_step_up_record(&name),
+            }
+        }
+    }
+
+    /// Records the end of `name`'s step-up in the learner's file, on disk at once (step-ups
+    /// are rare: one write each).
+    pub(super) fn record_step_up(&mut self, name: &str, until: SystemTime) {
+        if let Some(learner) = &mut self.learner {
+            let kept = learner
+                .set_step_up(name, Some(until))
+                .and_then(|()| learner.flush());
+            if let Err(error) = kept {
+                tracing::error!(subject = %name, "keeping the step-up's end: {error:#}");
             }
         }
     }
