@@ -613,29 +613,12 @@ fn a_quarantine_outlives_its_workload_leaving_the_policy_and_a_restart() -> Resu
     ensure!(out.success(), "quarantine add: {out}");
     gw.expect_outcome(&vectors, Outcome::Eperm, "quarantined")?;
 
-    let root = world.root.relative_str();
-    let without: Vec<Entity> = world
-        .entities
-        .iter()
-        .filter(|e| e.name != "acme-gateway")
-        .cloned()
-        .collect();
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&without, &root),
-        None,
-    )?;
+    write_inventory(&world, &["acme-gateway"])?;
     let partial = applied_snapshot_after(&first, &whole)?;
     first.stop()?;
     let second = Agent::start(cfg)?;
     first_applied_snapshot(&second)?;
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&world.entities, &root),
-        None,
-    )?;
+    write_inventory(&world, &[])?;
     applied_snapshot_after(&second, &partial)?;
     gw.expect_outcome(
         &vectors,
@@ -653,6 +636,23 @@ fn a_quarantine_outlives_its_workload_leaving_the_policy_and_a_restart() -> Resu
     ensure!(out.success(), "quarantine release: {out}");
     gw.expect_outcome(&vectors, Outcome::Ok, "released")?;
     Ok(())
+}
+
+/// Writes the world's inventory without the entities named in `left_out` (an empty list: the
+/// whole world).
+fn write_inventory(world: &World, left_out: &[&str]) -> Result<()> {
+    let kept: Vec<Entity> = world
+        .entities
+        .iter()
+        .filter(|e| !left_out.contains(&e.name.as_str()))
+        .cloned()
+        .collect();
+    replace_file(
+        world.bundle.path(),
+        "inventory.yaml",
+        &render_inventory(&kept, &world.root.relative_str()),
+        None,
+    )
 }
 
 /// Two acme workloads whose names prefer the same identity number (SHA-256 of
@@ -732,19 +732,7 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
     ensure!(out.success(), "quarantine add: {out}");
     holder.expect_outcome(&vectors, Outcome::Eperm, "quarantined")?;
 
-    let root = world.root.relative_str();
-    let without: Vec<Entity> = world
-        .entities
-        .iter()
-        .filter(|e| e.name != HOLDER)
-        .cloned()
-        .collect();
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&without, &root),
-        None,
-    )?;
+    write_inventory(&world, &[HOLDER])?;
     let partial = applied_snapshot_after(&first, &whole)?;
     ensure!(
         identity_of(&world, TAKER)? == held,
@@ -763,12 +751,7 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
     let second = Agent::start(cfg)?;
     first_applied_snapshot(&second)?;
     taker.expect_outcome(&vectors, Outcome::Ok, "after a restart")?;
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&world.entities, &root),
-        None,
-    )?;
+    write_inventory(&world, &[])?;
     applied_snapshot_after(&second, &partial)?;
     holder.expect_outcome(&vectors, Outcome::Eperm, "back in the policy")?;
     taker.expect_outcome(&vectors, Outcome::Ok, "back at its own number")?;
@@ -779,17 +762,7 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
 
     // Out of the policy again (without acme-evaluator too, a snapshot of its own): released
     // by its name.
-    let fewer: Vec<Entity> = without
-        .iter()
-        .filter(|e| e.name != "acme-evaluator")
-        .cloned()
-        .collect();
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&fewer, &root),
-        None,
-    )?;
+    write_inventory(&world, &[HOLDER, "acme-evaluator"])?;
     let smaller = applied_other_than(&second, &[&partial, &whole])?;
     let out = dirs.quarantine_release(HOLDER)?;
     ensure!(
@@ -798,18 +771,7 @@ fn a_quarantine_stays_with_its_workload_when_its_number_passes_to_another() -> R
     );
     let list = quarantine_list(&dirs)?;
     ensure!(!list.contains(HOLDER), "released: {list}");
-    let back: Vec<Entity> = world
-        .entities
-        .iter()
-        .filter(|e| e.name != "acme-evaluator")
-        .cloned()
-        .collect();
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&back, &root),
-        None,
-    )?;
+    write_inventory(&world, &["acme-evaluator"])?;
     applied_other_than(&second, &[&partial, &whole, &smaller])?;
     holder.expect_outcome(&vectors, Outcome::Ok, "released while out of the policy")?;
     Ok(())
@@ -907,19 +869,7 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
         WINDOW,
     )?;
 
-    let root = world.root.relative_str();
-    let without: Vec<Entity> = world
-        .entities
-        .iter()
-        .filter(|e| e.name != HOLDER)
-        .cloned()
-        .collect();
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&without, &root),
-        None,
-    )?;
+    write_inventory(&world, &[HOLDER])?;
     let partial = applied_snapshot_after(&agent, &whole)?;
     ensure!(
         notices(&agent, "subject.quarantined")?.is_empty(),
@@ -950,18 +900,7 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
         "quarantine list: {list}"
     );
     // Back, without acme-evaluator: a snapshot of its own.
-    let back: Vec<Entity> = world
-        .entities
-        .iter()
-        .filter(|e| e.name != "acme-evaluator")
-        .cloned()
-        .collect();
-    replace_file(
-        world.bundle.path(),
-        "inventory.yaml",
-        &render_inventory(&back, &root),
-        None,
-    )?;
+    write_inventory(&world, &["acme-evaluator"])?;
     applied_other_than(&agent, &[&whole, &partial])?;
     holder.expect_outcome(&vectors, Outcome::Eperm, "back in the policy")?;
     taker.expect_outcome(&vectors, Outcome::Ok, "back at its own number")?;
