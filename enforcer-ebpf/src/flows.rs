@@ -131,19 +131,20 @@ const RINGBUF_FLAGS: u64 = 0;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Each time this many more bytes are unread (a quarter of the ring), the flow event that
-/// crosses the mark wakes the agent at once. Otherwise the agent finds the events at its
+/// Each time this many more bytes are unread (a quarter of the ring), the flow events just
+/// past the mark (`WAKE_BAND_RECORDS`) wake the agent at once. Otherwise the agent finds the events at its
 /// next look (every `FLOW_DRAIN_EVERY`, 100 ms): the default wake-up raised an interrupt
 /// (`irq_work`, an IPI, a VM exit under a hypervisor) and woke the agent inside every
 /// tracked `connect()` and `close()`, which made up most of the kernel's cost of a tracked
-/// connect (perf, README "Tracked flows"). Only the crossing wakes, not every event above
-/// the mark: under a flood of tracked connects the agent lags a 100 ms look behind, the
+/// connect (perf, README "Tracked flows"). Only those wake, not every event above the mark: under a flood of tracked connects the agent lags a 100 ms look behind, the
 /// ring stays above a quarter, and a wake-up per event was again 27 % of `sock_ops`'s time
 /// (perf, 2026-12-07). A reader woken once reads the ring to its end.
 const WAKE_AT_BYTES: u64 = capacity::FLOW_EVENTS_BYTES as u64 / 4;
 /// A flow event's bytes in the ring: its 8-byte record header and the event, rounded up to 8
 /// (`BPF_RINGBUF_HDR_SZ`, kernel/bpf/ringbuf.c).
 const FLOW_RECORD_BYTES: u64 = (core::mem::size_of::<FlowEvent>() as u64 + 8 + 7) & !7;
+/// How many events just past each mark wake the agent (see `emit`).
+const WAKE_BAND_RECORDS: u64 = 4;
 /// `-EEXIST` from a `BPF_NOEXIST` update: the pair is recorded already.
 const EEXIST: i32 = -17;
 const COMM_LEN: u32 = 16;
@@ -939,8 +940,13 @@ fn emit(cookie: u64, r: &FlowRecord, kind: u8, acked: u64, received: u64, last_s
     let raced = kind == flow_event::OPENED && current_generation() != Some(r.policy_generation);
     // Unread bytes, this event's included (its reserve moved the producer on).
     let unread = FLOW_EVENTS.query(BPF_RB_AVAIL_DATA);
-    let crossed = unread / WAKE_AT_BYTES > unread.saturating_sub(FLOW_RECORD_BYTES) / WAKE_AT_BYTES;
-    let wake = if raced || crossed {
+    // The first few events past each mark wake, not only the one that crosses it: another
+    // CPU's reserve between this one's and its query can carry the crossing past both
+    // (review 51), and a wake-up of a reader that meets a record still being written is
+    // spent; a handful per quarter of the ring costs nothing.
+    let near_mark =
+        unread >= WAKE_AT_BYTES && unread % WAKE_AT_BYTES < WAKE_BAND_RECORDS * FLOW_RECORD_BYTES;
+    let wake = if raced || near_mark {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

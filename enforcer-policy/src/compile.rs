@@ -24,9 +24,10 @@
 //! leads to, at its target port) is allowed, and the answer is the first denying backend's
 //! (by address and port), or the first backend's when all allow; without ready backends it
 //! is denied, and so is every port of a Service in front of another tenant's step-up
-//! endpoint (see `Identity::fronts_foreign_step_up`). The backends' answers come from the same group caches as direct calls, so a
-//! Service costs no Cedar request its backends did not already need; the combined answers are
-//! kept per (subject signature, Service, port) for attribution.
+//! endpoint (see `Identity::fronts_foreign_step_up`). The backends' answers come from the
+//! same group caches as direct calls, so a Service costs no Cedar request its backends did
+//! not already need; the combined answers are kept per (subject signature, Service, port)
+//! for attribution.
 //!
 //! A compile of an edited inventory under the same policies ([`Bundle::compile_incremental`])
 //! starts from the previous table's answers: a signature number of the new bundle is mapped

@@ -717,8 +717,8 @@ impl Identities {
     ///
     /// A Service's owner may list any address as its backend. In front of another tenant's
     /// (or the operator's, for a Service not of a system namespace: see
-    /// [`Identity::operator_service`]) backend with a step-up, neither answer is safe: taking that
-    /// step-up lets the owner quarantine whoever calls its Service (red-team review 43 M4),
+    /// [`Identity::operator_service`]) backend with a step-up, neither answer is safe: taking
+    /// that step-up lets the owner quarantine whoever calls its Service (review 43 M4),
     /// leaving it out lets a caller reach the protected dataset without the step-up its owner
     /// asked for (review 49 H2). Such a Service fronts nothing: it is marked
     /// ([`Identity::fronts_foreign_step_up`]) and every call through it is denied, so callers

@@ -69,9 +69,8 @@ const RESYNC_EVERY: Duration = Duration::from_millis(500);
 /// How often the agent reads `FLOW_EVENTS` without being woken: the kernel wakes it only each
 /// time another quarter of the ring fills unread (`WAKE_AT_BYTES` in the kernel's flows.rs)
 /// or a flow opened under another policy generation than the one in force (to be re-decided
-/// at once),
-/// so that no other tracked `connect()` or `close()` pays for an interrupt and a wake-up.
-/// Bounds how late a flow event is written and a first contact is judged (`--learn`).
+/// at once), so that no other tracked `connect()` or `close()` pays for an interrupt and a
+/// wake-up. Bounds how late a flow event is written and a first contact is judged (`--learn`).
 const FLOW_DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// How often `FLOWS` is read to name missed flow contacts (see `drain_missed_contacts`).
 const LIVE_SCAN_EVERY: Duration = Duration::from_secs(5);

@@ -6,9 +6,11 @@
 //! that lost the collision takes it. A quarantine kept by number alone then fell on that
 //! other workload, also across restarts, and a tenant that brute-forced a colliding label
 //! set could hand its own quarantine to a victim (red-team review 49 M1). Each quarantine
-//! keeps the name it was made under; before every full write of the policy it follows that
-//! name to its number now, waits by name while the number names another, and a step-up in
-//! that position ends.
+//! keeps the name it was made under, the name the deciding policy gave the subject (a deny
+//! is acted on a moment later, a window later beyond the event budget: review 50 H1);
+//! before every full write of the policy it follows that name to its number now (or to its
+//! label set's rename), waits by name while the number names another, and a step-up in that
+//! position ends. A write that fails leaves the record as it was (review 50 L1).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -332,11 +334,35 @@ impl Agent {
     /// Quarantines `name`, out of the policy in force: it waits by name and holds when the
     /// workload is back (a step-up's end waits in `pending_step_ups`, set by the caller).
     pub(super) fn quarantine_absent(&mut self, name: String, cause: String, hold: Hold) {
-        if hold == Hold::Lasting && self.pending_step_ups.remove(&name).is_some() {
-            // A lasting quarantine takes a step-up's place, as for a present subject.
-            self.forget_step_up_record(&name);
+        let mut was_step_up = false;
+        if hold == Hold::Lasting {
+            // A lasting quarantine takes a step-up's place, as for a present subject: waiting
+            // for its subject, or kept by the number it left (review 51: the step-up ended at
+            // its TTL and took the lasting quarantine with it).
+            was_step_up = self.pending_step_ups.remove(&name).is_some();
+            let kept_at = self
+                .quarantined
+                .iter()
+                .find(|(_, kept)| **kept == name)
+                .map(|(id, _)| *id);
+            if let Some(id) = kept_at {
+                was_step_up |= self.step_ups.remove(&id).is_some();
+            }
+            if was_step_up {
+                self.forget_step_up_record(&name);
+            }
         }
         if self.kept_while_absent(&name) {
+            if was_step_up {
+                tracing::warn!(subject = %name, %cause, "subject quarantined by a step-up, out of the policy, now quarantined until released");
+                self.save_state();
+                let _ = self.notices.send(Notice::Quarantined {
+                    time: now(),
+                    workload: name,
+                    identity: reserved::UNKNOWN,
+                    cause,
+                });
+            }
             return;
         }
         tracing::warn!(subject = %name, %cause, "subject quarantined while out of the policy: it holds when the workload is back");

@@ -278,7 +278,11 @@ impl Agent {
                 {
                     // Waiting for its subject, or not known yet (the pods of a cluster not
                     // synced at the restart): a step-up must not become a quarantine nothing
-                    // lifts (review 49).
+                    // lifts (review 49), nor end before its time when the subject comes back
+                    // (review 51: a step-up is not among the state file's lasting ones, so
+                    // an absent subject's was not restored): it waits, and holds when its
+                    // subject is back, until the TTL.
+                    self.waiting_quarantines.insert(name.clone());
                     self.pending_step_ups.insert(name, until);
                 }
                 None => self.forget_step_up_record(&name),
