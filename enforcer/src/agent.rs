@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::control::{self, Pending, Request, Response};
 use crate::datapath::ringbuf::RingReader;
-use crate::datapath::{self, Datapath, LoadOptions};
+use crate::datapath::{self, Datapath, DesiredState, LoadOptions};
 use crate::desired::{desired_state_with, resolve_cgroups, Overrides, Unresolved};
 use crate::events::aggregate::{self, Aggregates};
 use crate::events::flow::{self as flow_event, FlowCall};
@@ -51,6 +51,7 @@ use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 mod generations;
 mod handoff;
 mod kept;
+use kept::Moved;
 mod reconnected;
 mod step_up;
 mod sweep;
@@ -334,6 +335,10 @@ struct Agent {
     compiled: Arc<Compiled>,
     /// The kernel's cgroup map as last written.
     cgroups: BTreeMap<u64, u32>,
+    /// The cgroups last mapped to a quarantined identity, each with the quarantine's name,
+    /// kept while they are unmapped and may still exist: where a quarantine follows its
+    /// processes from ([`Agent::follow_moved_cgroups`], [`Agent::hold_cgroups`]).
+    held_cgroups: BTreeMap<u64, String>,
     unresolved: Unresolved,
     /// Quarantined identity numbers, each with the name it was quarantined under (see
     /// [`Agent::keep_quarantines_with_their_names`]).
@@ -611,6 +616,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let (quarantined, waiting_quarantines) =
         kept::restored(&datapath, read_state(&options.state_dir), &compiled)?;
+    // The quarantined cgroups as the previous agent mapped them: a quarantined pod
+    // relabelled while no agent ran is followed too (`Agent::follow_moved_cgroups`).
+    let held_cgroups = match datapath.tables.cgroup_mappings() {
+        Ok(pinned) => pinned
+            .into_iter()
+            .filter_map(|(cgroup, id)| Some((cgroup, quarantined.get(&id)?.clone())))
+            .collect(),
+        Err(error) => {
+            tracing::warn!("reading the pinned cgroup map: {error:#}: a quarantined pod relabelled while no agent ran is not followed");
+            BTreeMap::new()
+        }
+    };
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
@@ -687,6 +704,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         bundle,
         compiled,
         cgroups: BTreeMap::new(),
+        held_cgroups,
         unresolved: Unresolved::default(),
         quarantined,
         waiting_quarantines,
@@ -1018,8 +1036,8 @@ impl Agent {
     /// nothing: on failure every map holds what it held before (`previous` explains the
     /// events of that time again).
     fn apply_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
-        let moved = self.keep_quarantines_with_their_names();
-        let written = self.write_full(previous);
+        let mut moved = self.keep_quarantines_with_their_names();
+        let written = self.write_full(previous, &mut moved);
         match &written {
             Ok(()) => self.quarantines_written(moved),
             Err(_) => self.quarantines_not_written(moved),
@@ -1027,21 +1045,14 @@ impl Agent {
         written
     }
 
-    /// [`Agent::apply_full`]'s write, the quarantines moved to the policy's numbers.
-    fn write_full(&mut self, previous: Option<Arc<Compiled>>) -> Result<()> {
-        let quarantined: BTreeSet<u32> = self.quarantined.keys().copied().collect();
-        let overrides = Overrides {
-            audit: self.options.audit,
-            quarantined: &quarantined,
-            agent_cgroup: self.agent_cgroup.as_ref().map(|(id, _)| *id),
-        };
+    /// [`Agent::apply_full`]'s write, the quarantines moved to the policy's numbers (and to
+    /// where their cgroups go: [`Agent::follow_moved_cgroups`]).
+    fn write_full(&mut self, previous: Option<Arc<Compiled>>, moved: &mut Moved) -> Result<()> {
         let pods = self.scan_pods();
-        let (desired, unresolved) = desired_state_with(
-            &self.compiled,
-            &self.cgroup_mount,
-            pods.as_ref(),
-            &overrides,
-        );
+        let (mut desired, mut unresolved) = self.desired(pods.as_ref());
+        if self.follow_moved_cgroups(&desired.cgroups, moved) {
+            (desired, unresolved) = self.desired(pods.as_ref());
+        }
         let history = self.history.clone();
         let next = self.compiled.clone();
         let previous = previous.unwrap_or_else(|| next.clone());
@@ -1064,6 +1075,7 @@ impl Agent {
         self.unresolved = unresolved;
         self.tracked_prefixes = flows::tracked_prefixes(&desired).unwrap_or_default();
         self.cgroups = desired.cgroups;
+        self.hold_cgroups(pods.as_ref());
         tracing::info!(
             revision = self.compiled.revision(),
             allows = desired.allows.len(),
@@ -1094,6 +1106,17 @@ impl Agent {
             allows: desired.allows.len(),
         });
         Ok(())
+    }
+
+    /// What the kernel must hold for the policy in force and the quarantines now.
+    fn desired(&self, pods: Option<&Scan>) -> (DesiredState, Unresolved) {
+        let quarantined: BTreeSet<u32> = self.quarantined.keys().copied().collect();
+        let overrides = Overrides {
+            audit: self.options.audit,
+            quarantined: &quarantined,
+            agent_cgroup: self.agent_cgroup.as_ref().map(|(id, _)| *id),
+        };
+        desired_state_with(&self.compiled, &self.cgroup_mount, pods, &overrides)
     }
 
     fn tick(&mut self) {
@@ -1141,11 +1164,29 @@ impl Agent {
             self.agent_cgroup.as_ref().map(|(id, _)| *id),
             &mut unresolved,
         );
+        let mut fresh = fresh;
+        let moving = self.held_moves(&fresh);
+        if fresh != self.cgroups && !moving.is_empty() {
+            // A held cgroup back under another workload (it was unmapped at the last write):
+            // the full write quarantines that workload before its cgroup is mapped. Should it
+            // fail, the moving cgroups stay unmapped and every other is mapped as usual
+            // (review 53 N3: one relabel stalled the node's new pods).
+            match self.apply_full(None) {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::error!("writing the policy for a quarantined cgroup's move failed, its cgroups stay unmapped: {error:#}");
+                    for cgroup in moving {
+                        fresh.remove(&cgroup);
+                    }
+                }
+            }
+        }
         if fresh != self.cgroups {
             match self.datapath.tables.sync_cgroups(&fresh) {
                 Ok(()) => {
                     tracing::info!(cgroups = fresh.len(), "cgroup map updated");
                     self.cgroups = fresh;
+                    self.hold_cgroups(pods.as_ref());
                 }
                 Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
             }
@@ -1508,6 +1549,7 @@ impl Agent {
                 }
                 self.count_quarantined();
                 let workload = self.name_of(subject);
+                self.hold_cgroups_of(subject, &workload);
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
                 self.save_state();
                 self.revoke_flows("quarantine");
@@ -2110,7 +2152,8 @@ impl Denies<'_> {
             // The enrichment's attribution (`Compiled::quarantine_on_deny`), made once a key.
             if let Some(cause) = &call.quarantine {
                 let name = policy.identity(event.subject).map(|i| i.name.clone());
-                self.quarantine.request(event.subject, name, cause.clone());
+                self.quarantine
+                    .request(event.subject, name, cause.clone(), event.cgroup_id);
             }
         }
         events.emit(Event::Call(call)).map(drop)
@@ -2146,8 +2189,12 @@ impl Denies<'_> {
                 overflow.destination,
                 overflow.protocol,
             ) {
-                self.quarantine
-                    .request(overflow.subject, subject.map(|i| i.name.clone()), cause);
+                self.quarantine.request(
+                    overflow.subject,
+                    subject.map(|i| i.name.clone()),
+                    cause,
+                    overflow.cgroup_id,
+                );
             }
         }
         let time = humantime::format_rfc3339_nanos(record::wall_clock(overflow.timestamp_ns));

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use enforcer::sources::cgroups::{scan, Limits, Watcher};
 use enforcer_tests::agent::{event_has, AgentConfig};
+use enforcer_tests::cli::AgentDirs;
 use enforcer_tests::kube::{create_namespace, require_apiserver, ApiServer};
 use enforcer_tests::kubelet::{Driver, Node, PodCgroups, Qos};
 use enforcer_tests::probe::attempt;
@@ -640,6 +641,15 @@ impl World {
 
     /// The subject identity number of a deny event from `cgroup` (one call across tenants).
     fn identity_of(&self, cgroup: &TestCgroup, to: &TestPod) -> Result<u64> {
+        let subject = self.subject_of(cgroup, to)?;
+        subject
+            .get("identity")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("event without identity: {subject}"))
+    }
+
+    /// The `subject` of a deny event from `cgroup` (one call that must be denied).
+    fn subject_of(&self, cgroup: &TestCgroup, to: &TestPod) -> Result<Value> {
         let from_here = |e: &Value| {
             e.pointer("/subject/cgroup_id").and_then(Value::as_u64) == Some(cgroup.id())
         };
@@ -662,9 +672,9 @@ impl World {
             .find(|e| from_here(e))
             .context("no event")?;
         event
-            .pointer("/subject/identity")
-            .and_then(Value::as_u64)
-            .with_context(|| format!("event without identity: {event}"))
+            .get("subject")
+            .cloned()
+            .with_context(|| format!("event without subject: {event}"))
     }
 }
 
@@ -759,6 +769,169 @@ fn pods_of_three_tenants_are_judged_by_namespace_tenant() -> Result<()> {
     world.wait_enforcing("after the relabel")?;
     let again = world.matrix("after the relabel")?;
     ensure!(again == attempts);
+    Ok(())
+}
+
+/// A quarantine stays with the processes it holds: a quarantined label set's pod relabelled
+/// into a new label set (its containers running on) brings the quarantine to that one, also
+/// through a relabel that first leaves it out of every identity, and one relabelled while no
+/// agent runs into another existing label set brings it there at the
+/// restart (the pinned cgroup map says where its cgroups were). Before, the relabelled pod
+/// ran on unquarantined under its new identity.
+#[test]
+fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
+    if !require_kernel() || !require_apiserver() {
+        return Ok(());
+    }
+    let mut world = World::new(8)?;
+    let config = world.agent_config();
+    // The agent's own state directory, beside its pins, as `world.agent().status()` reads it.
+    let dirs = AgentDirs {
+        pin_path: config.pin_path.clone(),
+        state_dir: enforcer::status::default_state_dir(&config.pin_path),
+    };
+    world.agent = Some(Agent::start(config.clone())?);
+    world.wait_enforcing("at start")?;
+    let workload = |world: &World, pod: &str| -> Result<String> {
+        let subject = world.subject_of(world.pod(pod).cgroup(false), world.pod("rag-1"))?;
+        subject["workload"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("subject without workload: {subject}"))
+    };
+    let chat = workload(&world, "chat-1")?;
+    ensure!(
+        chat == workload(&world, "chat-2")?,
+        "replicas share a label set"
+    );
+    let out = dirs.run(&["quarantine", "add", &chat])?;
+    ensure!(out.success(), "quarantine add: {out}");
+    let to_eval = attempt("tcp", world.pod("eval").ip(false), PORT);
+    let denied = |world: &World, pod: &str, what: &str| {
+        Probe::new()
+            .in_cgroup(world.pod(pod).cgroup(false))
+            .expect_outcome(&to_eval, Outcome::Eperm, what)
+    };
+    denied(&world, "chat-1", "chat-1 quarantined")?;
+
+    let relabel = |world: &World, pod: &str, purpose: &str| {
+        world.rt.block_on(async {
+            Api::<Pod>::namespaced(world.client.clone(), "cg9-acme")
+                .patch(
+                    pod,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        serde_json::json!({"metadata": {"labels": {PURPOSE_LABEL: purpose}}}),
+                    ),
+                )
+                .await
+                .with_context(|| format!("relabelling {pod}"))
+        })
+    };
+    relabel(&world, "chat-1", "retrieval")?;
+    let mut now = chat.clone();
+    let moved = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        now = workload(&world, "chat-1").unwrap_or_default();
+        !now.is_empty() && now != chat
+    });
+    ensure!(
+        moved,
+        "chat-1 never left {chat} after its relabel\nagent stderr:\n{}",
+        world.agent().stderr_tail()
+    );
+    denied(
+        &world,
+        "chat-1",
+        "chat-1 relabelled out of its quarantined label set",
+    )?;
+    denied(
+        &world,
+        "chat-2",
+        "chat-2 still in the quarantined label set",
+    )?;
+    let list = dirs.quarantine_list()?;
+    ensure!(
+        list.success() && list.stdout.contains(&now) && list.stdout.contains(&chat),
+        "quarantine list must name {chat} and {now}: {list}"
+    );
+
+    // Two steps: chat-1 out of every identity (more labels than the agent keeps of a pod: an
+    // unknown subject), then into a third label set. The quarantine holds its cgroups while
+    // they are unmapped (red-team review 52 H2: it let them go).
+    let patch_labels = |world: &World, labels: serde_json::Value| {
+        world.rt.block_on(async {
+            Api::<Pod>::namespaced(world.client.clone(), "cg9-acme")
+                .patch(
+                    "chat-1",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"metadata": {"labels": labels}})),
+                )
+                .await
+                .context("relabelling chat-1")
+        })
+    };
+    let filler = |value: Option<&str>| -> serde_json::Value {
+        (0..300)
+            .map(|i| (format!("filler-{i}"), value.map(|v| v.to_string()).into()))
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+            .into()
+    };
+    patch_labels(&world, filler(Some(&"x".repeat(60))))?;
+    let mut last = Value::Null;
+    let unmapped = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        last = world.agent().status().unwrap_or_default();
+        last.pointer("/agent/pods/mapped").and_then(Value::as_u64) == Some(6)
+    });
+    ensure!(unmapped, "chat-1 never left every identity: {last:#}");
+    let mut labels = filler(None);
+    labels[PURPOSE_LABEL] = "summarizer".into();
+    patch_labels(&world, labels)?;
+    let mut third = String::new();
+    let moved = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        third = workload(&world, "chat-1").unwrap_or_default();
+        !third.is_empty() && third != chat && third != now
+    });
+    ensure!(
+        moved,
+        "chat-1 never joined a third label set (seen {third:?})\nagent stderr:\n{}",
+        world.agent().stderr_tail()
+    );
+    denied(
+        &world,
+        "chat-1",
+        "chat-1 relabelled through no identity into a third label set",
+    )?;
+
+    // While no agent runs, chat-2 joins eval's label set, and the cluster state the agent
+    // kept is gone: the restarted agent starts with no pods (chat-2 unmapped), and when the
+    // API server lists chat-2 in eval's label set it follows chat-2's cgroups from where the
+    // pinned map had them, under the quarantined identity.
+    let eval = workload(&world, "eval")?;
+    let mut first = world.agent.take().context("the agent runs")?;
+    first.stop()?;
+    drop(first);
+    relabel(&world, "chat-2", "evaluation")?;
+    let kept = dirs
+        .state_dir
+        .join(enforcer::sources::kubernetes::STATE_FILE);
+    std::fs::remove_file(&kept).with_context(|| format!("removing {}", kept.display()))?;
+    world.agent = Some(Agent::start(config)?);
+    let mut seen = String::new();
+    let joined = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        seen = workload(&world, "chat-2").unwrap_or_default();
+        seen == eval
+    });
+    ensure!(
+        joined,
+        "chat-2 never joined {eval} (seen {seen:?})\nagent stderr:\n{}",
+        world.agent().stderr_tail()
+    );
+    denied(&world, "chat-2", "chat-2 relabelled while no agent ran")?;
+    let list = dirs.quarantine_list()?;
+    ensure!(
+        list.success() && list.stdout.contains(&eval),
+        "quarantine list must name {eval}: {list}"
+    );
     Ok(())
 }
 

@@ -15,7 +15,7 @@
 //!   whose flow opened and closed while the loop was busy is then missed. The pairs are
 //!   shared by all tenants (one that fills them leaves the others only that fallback).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use enforcer_common::FlowRecord;
@@ -53,16 +53,29 @@ pub struct QuarantineRequest {
     pub name: Option<String>,
     /// The `@quarantine` policy that denied.
     pub cause: String,
+    /// The cgroups the denied calls came from (at most [`MAX_REQUEST_CGROUPS`]): a pod
+    /// relabelled between its deny and the quarantine runs under another identity by then,
+    /// and the quarantine follows it there (red-team review 52 H1).
+    pub cgroups: BTreeSet<u64>,
 }
+
+/// How many cgroups one subject's pending quarantine request remembers (a pod has a few;
+/// the bound keeps a flood of denies from growing the request).
+pub const MAX_REQUEST_CGROUPS: usize = 64;
 
 impl QuarantineRequests {
     /// Asks for `subject` (named `name` by the deciding policy) to be quarantined for
     /// `cause`; a subject already pending keeps the request it was first asked for.
-    pub fn request(&self, subject: u32, name: Option<String>, cause: String) {
+    pub fn request(&self, subject: u32, name: Option<String>, cause: String, cgroup: u64) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending
-            .entry(subject)
-            .or_insert(QuarantineRequest { name, cause });
+        let request = pending.entry(subject).or_insert(QuarantineRequest {
+            name,
+            cause,
+            cgroups: BTreeSet::new(),
+        });
+        if cgroup != 0 && request.cgroups.len() < MAX_REQUEST_CGROUPS {
+            request.cgroups.insert(cgroup);
+        }
         drop(pending);
         self.wake.notify_one();
     }
@@ -186,12 +199,14 @@ mod tests {
     fn quarantine_requests_coalesce_per_subject_keeping_the_first_cause() {
         let requests = QuarantineRequests::default();
         for round in 0..1000 {
-            requests.request(7, Some("a".into()), format!("deny {round}"));
-            requests.request(9, None, format!("deny {round}"));
+            requests.request(7, Some("a".into()), format!("deny {round}"), round + 1);
+            requests.request(9, None, format!("deny {round}"), 0);
         }
         let pending = requests.take();
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[&7].cause, "deny 0");
+        assert_eq!(pending[&7].cgroups.len(), MAX_REQUEST_CGROUPS);
+        assert!(pending[&9].cgroups.is_empty());
         assert_eq!(pending[&7].name.as_deref(), Some("a"));
         assert!(requests.take().is_empty());
     }

@@ -21,6 +21,7 @@ use enforcer_policy::Compiled;
 use super::handoff::QuarantineRequest;
 use super::{now, Agent, AgentState, Hold, Notice, Response};
 use crate::datapath::Datapath;
+use crate::sources::cgroups::Scan;
 
 /// The quarantines an agent starts with: by number, each with its name, and those waiting by
 /// name.
@@ -129,6 +130,42 @@ fn renamed(kept: &str, now: &str) -> bool {
         && kept_hash != now_hash
         && (kept_hash.starts_with(now_hash) || now_hash.starts_with(kept_hash))
 }
+
+/// The identities a quarantine follows its processes to: each cgroup held under a
+/// quarantine's name (`held`: last mapped to that quarantined workload, see
+/// [`Agent::hold_cgroups`]) that `mapped` gives to another workload (`name_at`: the name of
+/// an identity in the policy of `mapped`): that identity, the quarantine's name, the cgroup. Such a
+/// move is a pod relabelled into another label set (its processes run on, under the new
+/// identity) or an inventory edit that gives a cgroup to another workload; either way the
+/// processes the quarantine was meant for are the same. Every move, in cgroup order (several
+/// quarantines may move into one workload: each is weighed, review 53 N2). Held by name, not number: a number
+/// can pass to another workload in the same write (red-team review 52 M1, M2). Reserved
+/// identities are never followed to, nor the same label set under a longer or shorter name.
+fn followed<'a>(
+    held: &BTreeMap<u64, String>,
+    mapped: &BTreeMap<u64, u32>,
+    name_at: impl Fn(u32) -> Option<&'a str>,
+) -> Vec<(u32, String, u64)> {
+    let mut to = Vec::new();
+    for (cgroup, from) in held {
+        let Some(&at) = mapped.get(cgroup) else {
+            continue;
+        };
+        if at < reserved::FIRST_DYNAMIC {
+            continue;
+        }
+        let moved = name_at(at).is_some_and(|now| now != from && !renamed(from, now));
+        if moved {
+            to.push((at, from.clone(), *cgroup));
+        }
+    }
+    to
+}
+
+/// How many held cgroups that no identity maps are kept (see [`Agent::hold_cgroups`]): far
+/// above the cgroups of the pods a node runs, a bound on what a churning pod can make the
+/// agent remember (16 bytes and a name each).
+const MAX_HELD_UNMAPPED: usize = 4096;
 
 /// What moving the quarantines leaves to do once the policy they were moved for is written:
 /// an apply that fails leaves the kernel as it was, and the agent's record must stay with it
@@ -269,6 +306,162 @@ impl Agent {
         moved
     }
 
+    /// Quarantines each identity a held cgroup moves to in `mapped` (see [`followed`]), as
+    /// the quarantine it came from holds it: until released, or a step-up until the same
+    /// time. An identity already quarantined keeps the stronger of the two holds: a lasting
+    /// one replaces a step-up, and of two step-ups the later end stays (review 52 H3: a
+    /// tenant stepped up its own label set, moved a pod quarantined until released into it,
+    /// and the pod went free at the step-up's end). Before, a tenant relabelled its
+    /// quarantined pods (`purpose`, `ring`, an identity label) and they ran on unquarantined
+    /// under a new label set. Recorded in `moved`, so that a write that fails takes it back.
+    /// Returns whether any identity's quarantine changed (the desired state must then be made
+    /// again).
+    pub(super) fn follow_moved_cgroups(
+        &mut self,
+        mapped: &BTreeMap<u64, u32>,
+        moved: &mut Moved,
+    ) -> bool {
+        let compiled = self.compiled.clone();
+        let to = followed(&self.held_cgroups, mapped, |id| {
+            compiled.identity(id).map(|i| i.name.as_str())
+        });
+        let mut changed = false;
+        for (at, from, cgroup) in to {
+            // The hold the quarantine left behind has: `None` until released.
+            let Some(hold) = self.hold_of(&from) else {
+                continue; // released since
+            };
+            let name = self.name_of(at);
+            let current = match self.quarantined.contains_key(&at) {
+                false => None,
+                true => Some(self.step_ups.get(&at).map(|(until, _)| *until)),
+            };
+            let stronger = match (current, hold) {
+                (None, _) => true,
+                (Some(Some(_)), None) => true,
+                (Some(Some(now)), Some(until)) => until > now,
+                (Some(None), _) => false,
+            };
+            if !stronger {
+                tracing::info!(subject = %name, %from, cgroup, "quarantined processes moved to a workload quarantined at least as long: its hold stays");
+                continue;
+            }
+            if moved.before.is_none() {
+                moved.before = Some((
+                    self.quarantined.clone(),
+                    self.waiting_quarantines.clone(),
+                    self.step_ups.clone(),
+                ));
+            }
+            changed = true;
+            let cause = format!(
+                "cgroup {cgroup} of quarantined {from} moved to it (a relabelled pod, or a \
+                 cgroup given to another workload): the quarantine follows its processes"
+            );
+            tracing::warn!(subject = %name, %from, cgroup, "quarantined processes moved to another identity: it is quarantined too");
+            self.quarantined.insert(at, name.clone());
+            if current.flatten().is_some() {
+                moved.forget.push(name.clone());
+                self.step_ups.remove(&at);
+            }
+            if let Some(until) = hold {
+                self.step_ups.insert(at, (until, name.clone()));
+                moved.record.push((name.clone(), until));
+            }
+            moved.notices.push(Notice::Quarantined {
+                time: now(),
+                workload: name,
+                identity: at,
+                cause,
+            });
+        }
+        changed
+    }
+
+    /// The held cgroups `mapped` moves to another workload (a full write must follow them).
+    pub(super) fn held_moves(&self, mapped: &BTreeMap<u64, u32>) -> Vec<u64> {
+        let compiled = &self.compiled;
+        followed(&self.held_cgroups, mapped, |id| {
+            compiled.identity(id).map(|i| i.name.as_str())
+        })
+        .into_iter()
+        .map(|(_, _, cgroup)| cgroup)
+        .collect()
+    }
+
+    /// How the quarantine kept under `name` holds: `Some(None)` until released, `Some(Some(t))`
+    /// a step-up until `t`, `None` when there is no such quarantine (released).
+    fn hold_of(&self, name: &str) -> Option<Option<std::time::SystemTime>> {
+        if let Some((&id, _)) = self.quarantined.iter().find(|(_, n)| n.as_str() == name) {
+            return Some(self.step_ups.get(&id).map(|(until, _)| *until));
+        }
+        if self.waiting_quarantines.contains(name) {
+            return Some(self.pending_step_ups.get(name).copied());
+        }
+        None
+    }
+
+    /// Brings `held_cgroups` in line with the cgroup map just written: each cgroup of a
+    /// quarantined identity is held under the quarantine's name. A cgroup the map no longer
+    /// has stays held while it may still exist, so that its processes are followed when a
+    /// later map gives them an identity again (review 52 H2: a pod relabelled first out of
+    /// every identity, then into a new label set, was let go in between): with a
+    /// `--kubernetes` scan until a complete scan of the cgroup root no longer finds it; an
+    /// inventory's cgroup (named by the operator) when unmapped. A released quarantine's
+    /// cgroups are let go.
+    pub(super) fn hold_cgroups(&mut self, pods: Option<&Scan>) {
+        let existing: Option<BTreeSet<u64>> = match (&self.options.kubernetes, pods) {
+            (None, _) => Some(BTreeSet::new()),
+            (Some(_), Some(scan)) if scan.truncated.is_none() => Some(
+                scan.pods
+                    .values()
+                    .flat_map(|p| p.cgroups.values().copied())
+                    .collect(),
+            ),
+            // No scan, or an incomplete one: any unmapped cgroup may still exist.
+            (Some(_), _) => None,
+        };
+        let kept: BTreeSet<String> = self.quarantined_names().into_iter().collect();
+        let cgroups = &self.cgroups;
+        self.held_cgroups.retain(|cgroup, name| {
+            kept.contains(name)
+                && (cgroups.contains_key(cgroup)
+                    || existing.as_ref().is_none_or(|e| e.contains(cgroup)))
+        });
+        // Unmapped holds are bounded: a quarantined pod that churns cgroups while the scan is
+        // incomplete must not grow the agent (review 53 N5). The oldest (lowest ids) go.
+        let unmapped: Vec<u64> = self
+            .held_cgroups
+            .keys()
+            .filter(|c| !cgroups.contains_key(c))
+            .copied()
+            .collect();
+        if unmapped.len() > MAX_HELD_UNMAPPED {
+            let over = unmapped.len() - MAX_HELD_UNMAPPED;
+            tracing::warn!(dropped = over, "more unmapped quarantined cgroups than are held ({MAX_HELD_UNMAPPED}): the oldest are let go");
+            for cgroup in &unmapped[..over] {
+                self.held_cgroups.remove(cgroup);
+            }
+        }
+        for (&cgroup, id) in &self.cgroups {
+            match self.quarantined.get(id) {
+                Some(name) => {
+                    self.held_cgroups.insert(cgroup, name.clone());
+                }
+                None => {
+                    self.held_cgroups.remove(&cgroup);
+                }
+            }
+        }
+    }
+
+    /// Holds the cgroups of `subject`, just quarantined without a write.
+    pub(super) fn hold_cgroups_of(&mut self, subject: u32, name: &str) {
+        for (&cgroup, _) in self.cgroups.iter().filter(|(_, &id)| id == subject) {
+            self.held_cgroups.insert(cgroup, name.to_string());
+        }
+    }
+
     /// The policy the quarantines were moved for is written: their record is kept.
     pub(super) fn quarantines_written(&mut self, moved: Moved) {
         if moved.before.is_none() {
@@ -303,7 +496,11 @@ impl Agent {
     /// a deny counted beyond the event budget), when the number may have passed to another
     /// workload (red-team review 50 H1).
     pub(super) fn quarantine_requested(&mut self, subject: u32, request: QuarantineRequest) {
-        let QuarantineRequest { name, cause } = request;
+        let QuarantineRequest {
+            name,
+            cause,
+            cgroups,
+        } = request;
         let Some(name) = name else {
             self.quarantine(subject, cause, Hold::Lasting);
             return;
@@ -319,9 +516,32 @@ impl Agent {
                     .find(|i| renamed(&name, &i.name))
                     .map(|i| i.id)
             });
-        match now_at {
-            Some(id) => self.quarantine(id, cause, Hold::Lasting),
-            None => self.quarantine_absent(name, cause, Hold::Lasting),
+        let held = match now_at {
+            Some(id) => {
+                self.quarantine(id, cause, Hold::Lasting);
+                self.quarantined.get(&id).cloned()
+            }
+            None => {
+                self.quarantine_absent(name.clone(), cause, Hold::Lasting);
+                self.kept_while_absent(&name).then_some(name)
+            }
+        };
+        // The denied cgroups are held under the quarantine: one the policy in force gives to
+        // another workload (a pod relabelled since the deny) takes the quarantine there now,
+        // an unmapped one when it is mapped again.
+        let Some(held) = held else {
+            return;
+        };
+        for cgroup in cgroups {
+            // A cgroup held already keeps its hold (it may be another quarantine's).
+            self.held_cgroups
+                .entry(cgroup)
+                .or_insert_with(|| held.clone());
+        }
+        if !self.held_moves(&self.cgroups).is_empty() {
+            if let Err(error) = self.apply_full(None) {
+                tracing::error!("writing the policy for a denied cgroup's move failed: {error:#}");
+            }
         }
     }
 
@@ -443,7 +663,43 @@ impl Agent {
 
 #[cfg(test)]
 mod tests {
-    use super::renamed;
+    use std::collections::BTreeMap;
+
+    use super::{followed, renamed};
+
+    #[test]
+    fn a_quarantine_follows_its_cgroups_to_another_workload_only() {
+        let held: BTreeMap<u64, String> = [
+            (1, "acme/app#aabbccdd"),
+            (2, "acme/app#aabbccdd"),
+            (4, "acme/app#aabbccdd"),
+            (5, "acme/app#aabbccdd"),
+            (6, "acme/app#aabbccdd"),
+            (7, "acme/app#aabbccdd"),
+        ]
+        .map(|(c, n)| (c, n.to_string()))
+        .into();
+        let names: BTreeMap<u32, &str> = [
+            (300, "acme/app#aabbccdd"),
+            (500, "acme/app#11223344"),
+            // The quarantined label set's number, passed to another workload: followed.
+            (301, "acme/app#aabbccdd11223344"),
+            (302, "acme/api#aabbccdd"),
+        ]
+        .into();
+        // 1 moves to another label set; 2 stays; 4 is unmapped now; 5 stays under a longer
+        // name (a twin's hash suffix: the same label set); 6 goes to the agent's reserved
+        // identity; 7 to a workload whose number the quarantined one had.
+        let mapped: BTreeMap<u64, u32> =
+            [(1, 500), (2, 300), (3, 500), (5, 301), (6, 4), (7, 302)].into();
+        let to = followed(&held, &mapped, |id| names.get(&id).copied());
+        let want = vec![
+            (500, "acme/app#aabbccdd".to_string(), 1),
+            (302, "acme/app#aabbccdd".to_string(), 7),
+        ];
+        assert_eq!(to, want);
+        assert!(followed(&BTreeMap::new(), &mapped, |id| names.get(&id).copied()).is_empty());
+    }
 
     #[test]
     fn a_label_sets_name_is_the_same_under_a_longer_or_shorter_hash() {

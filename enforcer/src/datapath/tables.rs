@@ -801,6 +801,12 @@ impl Tables {
         Ok(self.config()?.generation + 1)
     }
 
+    /// `CGROUP_IDENTITY` as the kernel holds it: cgroup id -> subject identity (a previous
+    /// agent's mapping, at a restart).
+    pub fn cgroup_mappings(&self) -> Result<BTreeMap<u64, u32>> {
+        Ok(self.cgroup_identity.entries()?.into_iter().collect())
+    }
+
     /// The subject currently mapped to a cgroup, if any.
     pub fn identity_of_cgroup(&self, cgroup_id: u64) -> Option<u32> {
         self.cgroup_identity.get(&cgroup_id)
