@@ -175,6 +175,10 @@ pub struct AgentState {
     /// names another: they hold again when the name is back, at whatever number.
     #[serde(default)]
     pub waiting_quarantines: BTreeSet<String>,
+    /// The cgroups held under a quarantine's name (`Agent::hold_cgroups`): read back at the
+    /// next start, since one no identity maps then is in no pinned map (review 53 N4).
+    #[serde(default)]
+    pub held_cgroups: BTreeMap<u64, String>,
     /// Set when the policy comes from a remote PDP.
     #[serde(default)]
     pub pdp_url: Option<String>,
@@ -616,18 +620,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let (quarantined, waiting_quarantines) =
         kept::restored(&datapath, read_state(&options.state_dir), &compiled)?;
-    // The quarantined cgroups as the previous agent mapped them: a quarantined pod
-    // relabelled while no agent ran is followed too (`Agent::follow_moved_cgroups`).
-    let held_cgroups = match datapath.tables.cgroup_mappings() {
-        Ok(pinned) => pinned
-            .into_iter()
-            .filter_map(|(cgroup, id)| Some((cgroup, quarantined.get(&id)?.clone())))
-            .collect(),
-        Err(error) => {
-            tracing::warn!("reading the pinned cgroup map: {error:#}: a quarantined pod relabelled while no agent ran is not followed");
-            BTreeMap::new()
-        }
-    };
+    let held_cgroups = kept::held_at_start(
+        &datapath,
+        read_state(&options.state_dir),
+        &quarantined,
+        &waiting_quarantines,
+    );
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
@@ -1157,14 +1155,13 @@ impl Agent {
     fn resync_cgroups(&mut self) {
         let pods = self.scan_pods();
         let mut unresolved = Unresolved::default();
-        let fresh = resolve_cgroups(
+        let mut fresh = resolve_cgroups(
             &self.compiled,
             &self.cgroup_mount,
             pods.as_ref(),
             self.agent_cgroup.as_ref().map(|(id, _)| *id),
             &mut unresolved,
         );
-        let mut fresh = fresh;
         let moving = self.held_moves(&fresh);
         if fresh != self.cgroups && !moving.is_empty() {
             // A held cgroup back under another workload (it was unmapped at the last write):
@@ -1873,6 +1870,7 @@ impl Agent {
                 .collect(),
             quarantine_names: self.quarantined.clone(),
             waiting_quarantines: self.waiting_quarantines.clone(),
+            held_cgroups: self.held_cgroups.clone(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
             kubernetes: self.kube.as_ref().map(KubeSource::status),
             cluster_problems: self.current_problems().into_iter().collect(),

@@ -774,10 +774,10 @@ fn pods_of_three_tenants_are_judged_by_namespace_tenant() -> Result<()> {
 
 /// A quarantine stays with the processes it holds: a quarantined label set's pod relabelled
 /// into a new label set (its containers running on) brings the quarantine to that one, also
-/// through a relabel that first leaves it out of every identity, and one relabelled while no
-/// agent runs into another existing label set brings it there at the
-/// restart (the pinned cgroup map says where its cgroups were). Before, the relabelled pod
-/// ran on unquarantined under its new identity.
+/// through a relabel that first leaves it out of every identity; pods relabelled while no
+/// agent runs (one mapped when it stopped, one out of every identity) bring it to their new
+/// label sets at the restart (the pinned cgroup map and the state file's holds say where
+/// their cgroups were). Before, the relabelled pod ran on unquarantined.
 #[test]
 fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
     if !require_kernel() || !require_apiserver() {
@@ -902,15 +902,26 @@ fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
         "chat-1 relabelled through no identity into a third label set",
     )?;
 
-    // While no agent runs, chat-2 joins eval's label set, and the cluster state the agent
-    // kept is gone: the restarted agent starts with no pods (chat-2 unmapped), and when the
-    // API server lists chat-2 in eval's label set it follows chat-2's cgroups from where the
-    // pinned map had them, under the quarantined identity.
+    // chat-1 out of every identity again when the agent stops. While no agent runs, chat-2
+    // joins eval's label set and chat-1 a fourth, and the cluster state the agent kept is
+    // gone: the restarted agent starts with no pods, and when the API server lists them it
+    // follows chat-2's cgroups from where the pinned map had them, under the quarantined
+    // identity, and chat-1's from the holds its state file kept (review 53 N4: an unmapped
+    // pod's hold was lost at a restart).
     let eval = workload(&world, "eval")?;
+    patch_labels(&world, filler(Some(&"y".repeat(60))))?;
+    let unmapped = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        last = world.agent().status().unwrap_or_default();
+        last.pointer("/agent/pods/mapped").and_then(Value::as_u64) == Some(6)
+    });
+    ensure!(unmapped, "chat-1 never left every identity again: {last:#}");
     let mut first = world.agent.take().context("the agent runs")?;
     first.stop()?;
     drop(first);
     relabel(&world, "chat-2", "evaluation")?;
+    let mut labels = filler(None);
+    labels[PURPOSE_LABEL] = "translator".into();
+    patch_labels(&world, labels)?;
     let kept = dirs
         .state_dir
         .join(enforcer::sources::kubernetes::STATE_FILE);
@@ -927,10 +938,24 @@ fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
         world.agent().stderr_tail()
     );
     denied(&world, "chat-2", "chat-2 relabelled while no agent ran")?;
+    let mut fourth = String::new();
+    let joined = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        fourth = workload(&world, "chat-1").unwrap_or_default();
+        ![String::new(), chat.clone(), now.clone(), third.clone()].contains(&fourth)
+    });
+    ensure!(
+        joined,
+        "chat-1 never joined a fourth label set (seen {fourth:?})"
+    );
+    denied(
+        &world,
+        "chat-1",
+        "chat-1 unmapped across a restart, then relabelled",
+    )?;
     let list = dirs.quarantine_list()?;
     ensure!(
-        list.success() && list.stdout.contains(&eval),
-        "quarantine list must name {eval}: {list}"
+        list.success() && list.stdout.contains(&eval) && list.stdout.contains(&fourth),
+        "quarantine list must name {eval} and {fourth}: {list}"
     );
     Ok(())
 }

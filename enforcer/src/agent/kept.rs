@@ -84,6 +84,31 @@ pub(super) fn restored(
     Ok((quarantined, waiting))
 }
 
+/// The cgroups held under a quarantine's name at a start (see [`Agent::hold_cgroups`]): those
+/// the previous agent held (its state file: unmapped ones too), and those the pinned cgroup
+/// map gives to a quarantined identity (a state file from before holds were kept), each of a
+/// quarantine still kept. A quarantined pod relabelled while no agent ran is followed.
+pub(super) fn held_at_start(
+    datapath: &Datapath,
+    state: Option<AgentState>,
+    quarantined: &BTreeMap<u32, String>,
+    waiting: &BTreeSet<String>,
+) -> BTreeMap<u64, String> {
+    let mut held = state.map(|s| s.held_cgroups).unwrap_or_default();
+    match datapath.tables.cgroup_mappings() {
+        Ok(pinned) => {
+            for (cgroup, id) in pinned {
+                if let Some(name) = quarantined.get(&id) {
+                    held.entry(cgroup).or_insert_with(|| name.clone());
+                }
+            }
+        }
+        Err(error) => tracing::warn!("reading the pinned cgroup map: {error:#}: a quarantined pod relabelled while no agent ran may not be followed"),
+    }
+    held.retain(|_, name| waiting.contains(name) || quarantined.values().any(|n| n == name));
+    held
+}
+
 /// The name a quarantine is kept under while its workload's is unknown (restored by number
 /// only, out of the policy): `identity N`, as `Agent::name_of` says.
 fn placeholder(id: u32) -> String {
@@ -134,13 +159,14 @@ fn renamed(kept: &str, now: &str) -> bool {
 /// The identities a quarantine follows its processes to: each cgroup held under a
 /// quarantine's name (`held`: last mapped to that quarantined workload, see
 /// [`Agent::hold_cgroups`]) that `mapped` gives to another workload (`name_at`: the name of
-/// an identity in the policy of `mapped`): that identity, the quarantine's name, the cgroup. Such a
-/// move is a pod relabelled into another label set (its processes run on, under the new
-/// identity) or an inventory edit that gives a cgroup to another workload; either way the
-/// processes the quarantine was meant for are the same. Every move, in cgroup order (several
-/// quarantines may move into one workload: each is weighed, review 53 N2). Held by name, not number: a number
-/// can pass to another workload in the same write (red-team review 52 M1, M2). Reserved
-/// identities are never followed to, nor the same label set under a longer or shorter name.
+/// an identity in the policy of `mapped`): that identity, the quarantine's name, the
+/// cgroup. Such a move is a pod relabelled into another label set (its processes run on,
+/// under the new identity) or an inventory edit that gives a cgroup to another workload;
+/// either way the processes the quarantine was meant for are the same. Every move, in
+/// cgroup order (several quarantines may move into one workload: each is weighed, review 53
+/// N2). Held by name, not number: a number can pass to another workload in the same write
+/// (red-team review 52 M1, M2). Reserved identities are never followed to, nor the same
+/// label set under a longer or shorter name.
 fn followed<'a>(
     held: &BTreeMap<u64, String>,
     mapped: &BTreeMap<u64, u32>,
@@ -682,8 +708,8 @@ mod tests {
         let names: BTreeMap<u32, &str> = [
             (300, "acme/app#aabbccdd"),
             (500, "acme/app#11223344"),
-            // The quarantined label set's number, passed to another workload: followed.
             (301, "acme/app#aabbccdd11223344"),
+            // The quarantined label set's number once, passed to another workload.
             (302, "acme/api#aabbccdd"),
         ]
         .into();
