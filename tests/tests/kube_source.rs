@@ -801,14 +801,17 @@ async fn pods_decode_alike_from_protobuf_and_json() -> Result<()> {
         pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         pods
     };
-    let (protobuf, answered) =
-        kubernetes::list_pods(&client, kubernetes::Encoding::Protobuf).await?;
-    ensure!(
-        answered == kubernetes::Encoding::Protobuf,
-        "the server answered {answered:?}"
-    );
-    let (json_pods, answered) = kubernetes::list_pods(&client, kubernetes::Encoding::Json).await?;
-    ensure!(answered == kubernetes::Encoding::Json, "{answered:?}");
+    // Both lists are answered from the watch cache (`resourceVersion=0`), which may not
+    // hold the last write yet (one CI run's protobuf list showed "plain" without its
+    // deletion time, the JSON list after it with one): each is listed until it holds the
+    // deletion, the last write, so both show the same state.
+    let deleted = |pods: &[Pod]| {
+        pods.iter().any(|p| {
+            p.metadata.name.as_deref() == Some("plain") && p.metadata.deletion_timestamp.is_some()
+        })
+    };
+    let protobuf = list_pods_until(&client, kubernetes::Encoding::Protobuf, deleted).await?;
+    let json_pods = list_pods_until(&client, kubernetes::Encoding::Json, deleted).await?;
     let (protobuf, json_pods) = (by_name(protobuf), by_name(json_pods));
     ensure!(protobuf.len() == specs.len(), "{protobuf:#?}");
     for (p, j) in protobuf.iter().zip(&json_pods) {
@@ -927,6 +930,34 @@ async fn pods_decode_alike_from_protobuf_and_json() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("the pod written as protobuf was never listed in 200 lists")
+}
+
+/// The pods listed the way the source lists them (from the API server's watch cache) in
+/// `encoding`, listed again until `settled` holds for them: the cache may answer with a state
+/// older than the last write. Bounded at 20 s and 200 lists; an answer in another encoding
+/// than the one asked for is an error.
+async fn list_pods_until(
+    client: &kube::Client,
+    encoding: kubernetes::Encoding,
+    settled: impl Fn(&[Pod]) -> bool,
+) -> Result<Vec<Pod>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for _ in 0..200 {
+        let (pods, answered) = kubernetes::list_pods(client, encoding).await?;
+        ensure!(
+            answered == encoding,
+            "asked for {encoding:?}, the server answered {answered:?}"
+        );
+        if settled(&pods) {
+            return Ok(pods);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the {encoding:?} list never settled: {pods:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the {encoding:?} list never settled in 200 lists")
 }
 
 /// A length-delimited protobuf field: `tag` (wire type 2) and `bytes`.
