@@ -240,6 +240,17 @@ fn now() -> String {
     humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
 }
 
+/// The `subject.quarantined` notice for `workload` (`identity`, or `UNKNOWN` while it is out
+/// of the policy), stamped now.
+fn quarantined_notice(workload: String, identity: u32, cause: impl Into<String>) -> Notice {
+    Notice::Quarantined {
+        time: now(),
+        workload,
+        identity,
+        cause: cause.into(),
+    }
+}
+
 /// The bad-input checks that must pass before anything in the kernel changes.
 pub struct Prepared {
     pub cgroup_mount: PathBuf,
@@ -1526,12 +1537,9 @@ impl Agent {
                 self.forget_step_up(subject);
                 let workload = self.name_of(subject);
                 tracing::warn!(%workload, %cause, "subject quarantined by a step-up now quarantined until released");
-                let _ = self.notices.send(Notice::Quarantined {
-                    time: now(),
-                    workload,
-                    identity: subject,
-                    cause,
-                });
+                let _ = self
+                    .notices
+                    .send(quarantined_notice(workload, subject, cause));
             }
             return;
         }
@@ -1550,12 +1558,9 @@ impl Agent {
                 tracing::warn!(%workload, %cause, "subject quarantined: every further connection is denied");
                 self.save_state();
                 self.revoke_flows("quarantine");
-                let _ = self.notices.send(Notice::Quarantined {
-                    time: now(),
-                    workload,
-                    identity: subject,
-                    cause,
-                });
+                let _ = self
+                    .notices
+                    .send(quarantined_notice(workload, subject, cause));
             }
             Err(error) => {
                 self.quarantined.remove(&subject);

@@ -814,19 +814,28 @@ fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
     };
     denied(&world, "chat-1", "chat-1 quarantined")?;
 
-    let relabel = |world: &World, pod: &str, purpose: &str| {
+    let patch_labels = |world: &World, pod: &str, labels: serde_json::Value| {
         world.rt.block_on(async {
             Api::<Pod>::namespaced(world.client.clone(), "cg9-acme")
                 .patch(
                     pod,
                     &PatchParams::default(),
-                    &Patch::Merge(
-                        serde_json::json!({"metadata": {"labels": {PURPOSE_LABEL: purpose}}}),
-                    ),
+                    &Patch::Merge(serde_json::json!({"metadata": {"labels": labels}})),
                 )
                 .await
                 .with_context(|| format!("relabelling {pod}"))
         })
+    };
+    let relabel = |world: &World, pod: &str, purpose: &str| {
+        patch_labels(world, pod, serde_json::json!({PURPOSE_LABEL: purpose}))
+    };
+    let listed = |names: [&str; 2]| -> Result<()> {
+        let list = dirs.quarantine_list()?;
+        ensure!(
+            list.success() && names.iter().all(|name| list.stdout.contains(name)),
+            "quarantine list must name {names:?}: {list}"
+        );
+        Ok(())
     };
     relabel(&world, "chat-1", "retrieval")?;
     let mut now = chat.clone();
@@ -849,43 +858,32 @@ fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
         "chat-2",
         "chat-2 still in the quarantined label set",
     )?;
-    let list = dirs.quarantine_list()?;
-    ensure!(
-        list.success() && list.stdout.contains(&now) && list.stdout.contains(&chat),
-        "quarantine list must name {chat} and {now}: {list}"
-    );
+    listed([&chat, &now])?;
 
     // Two steps: chat-1 out of every identity (more labels than the agent keeps of a pod: an
     // unknown subject), then into a third label set. The quarantine holds its cgroups while
     // they are unmapped (red-team review 52 H2: it let them go).
-    let patch_labels = |world: &World, labels: serde_json::Value| {
-        world.rt.block_on(async {
-            Api::<Pod>::namespaced(world.client.clone(), "cg9-acme")
-                .patch(
-                    "chat-1",
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({"metadata": {"labels": labels}})),
-                )
-                .await
-                .context("relabelling chat-1")
-        })
-    };
     let filler = |value: Option<&str>| -> serde_json::Value {
         (0..300)
             .map(|i| (format!("filler-{i}"), value.map(|v| v.to_string()).into()))
             .collect::<serde_json::Map<String, serde_json::Value>>()
             .into()
     };
-    patch_labels(&world, filler(Some(&"x".repeat(60))))?;
-    let mut last = Value::Null;
-    let unmapped = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        last = world.agent().status().unwrap_or_default();
-        last.pointer("/agent/pods/mapped").and_then(Value::as_u64) == Some(6)
-    });
-    ensure!(unmapped, "chat-1 never left every identity: {last:#}");
+    patch_labels(&world, "chat-1", filler(Some(&"x".repeat(60))))?;
+    // chat-1 is out of every identity once the agent maps six of the seven local pods.
+    let unmapped = |world: &World, what: &str| -> Result<()> {
+        let mut last = Value::Null;
+        let done = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            last = world.agent().status().unwrap_or_default();
+            last.pointer("/agent/pods/mapped").and_then(Value::as_u64) == Some(6)
+        });
+        ensure!(done, "chat-1 never left every identity {what}: {last:#}");
+        Ok(())
+    };
+    unmapped(&world, "at first")?;
     let mut labels = filler(None);
     labels[PURPOSE_LABEL] = "summarizer".into();
-    patch_labels(&world, labels)?;
+    patch_labels(&world, "chat-1", labels)?;
     let mut third = String::new();
     let moved = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
         third = workload(&world, "chat-1").unwrap_or_default();
@@ -909,19 +907,15 @@ fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
     // identity, and chat-1's from the holds its state file kept (review 53 N4: an unmapped
     // pod's hold was lost at a restart).
     let eval = workload(&world, "eval")?;
-    patch_labels(&world, filler(Some(&"y".repeat(60))))?;
-    let unmapped = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        last = world.agent().status().unwrap_or_default();
-        last.pointer("/agent/pods/mapped").and_then(Value::as_u64) == Some(6)
-    });
-    ensure!(unmapped, "chat-1 never left every identity again: {last:#}");
+    patch_labels(&world, "chat-1", filler(Some(&"y".repeat(60))))?;
+    unmapped(&world, "again")?;
     let mut first = world.agent.take().context("the agent runs")?;
     first.stop()?;
     drop(first);
     relabel(&world, "chat-2", "evaluation")?;
     let mut labels = filler(None);
     labels[PURPOSE_LABEL] = "translator".into();
-    patch_labels(&world, labels)?;
+    patch_labels(&world, "chat-1", labels)?;
     let kept = dirs
         .state_dir
         .join(enforcer::sources::kubernetes::STATE_FILE);
@@ -952,11 +946,7 @@ fn a_relabelled_pod_takes_its_quarantine_with_it() -> Result<()> {
         "chat-1",
         "chat-1 unmapped across a restart, then relabelled",
     )?;
-    let list = dirs.quarantine_list()?;
-    ensure!(
-        list.success() && list.stdout.contains(&eval) && list.stdout.contains(&fourth),
-        "quarantine list must name {eval} and {fourth}: {list}"
-    );
+    listed([&eval, &fourth])?;
     Ok(())
 }
 

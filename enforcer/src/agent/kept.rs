@@ -19,7 +19,7 @@ use enforcer_common::{flags, identity as reserved};
 use enforcer_policy::Compiled;
 
 use super::handoff::QuarantineRequest;
-use super::{now, Agent, AgentState, Hold, Notice, Response};
+use super::{now, quarantined_notice, Agent, AgentState, Hold, Notice, Response};
 use crate::datapath::Datapath;
 use crate::sources::cgroups::Scan;
 
@@ -317,12 +317,11 @@ impl Agent {
         for (name, id) in back {
             self.waiting_quarantines.remove(&name);
             tracing::warn!(subject = %name, identity = id, "quarantined workload back in the policy: quarantined again");
-            moved.notices.push(Notice::Quarantined {
-                time: now(),
-                workload: name.clone(),
-                identity: id,
-                cause: "back in the policy, quarantined while out of it".to_string(),
-            });
+            moved.notices.push(quarantined_notice(
+                name.clone(),
+                id,
+                "back in the policy, quarantined while out of it",
+            ));
             self.quarantined.entry(id).or_insert(name);
             changed = true;
         }
@@ -394,12 +393,7 @@ impl Agent {
                 self.step_ups.insert(at, (until, name.clone()));
                 moved.record.push((name.clone(), until));
             }
-            moved.notices.push(Notice::Quarantined {
-                time: now(),
-                workload: name,
-                identity: at,
-                cause,
-            });
+            moved.notices.push(quarantined_notice(name, at, cause));
         }
         changed
     }
@@ -602,12 +596,9 @@ impl Agent {
             if was_step_up {
                 tracing::warn!(subject = %name, %cause, "subject quarantined by a step-up, out of the policy, now quarantined until released");
                 self.save_state();
-                let _ = self.notices.send(Notice::Quarantined {
-                    time: now(),
-                    workload: name,
-                    identity: reserved::UNKNOWN,
-                    cause,
-                });
+                let _ = self
+                    .notices
+                    .send(quarantined_notice(name, reserved::UNKNOWN, cause));
             }
             return;
         }
@@ -615,12 +606,9 @@ impl Agent {
         self.waiting_quarantines.insert(name.clone());
         self.count_quarantined();
         self.save_state();
-        let _ = self.notices.send(Notice::Quarantined {
-            time: now(),
-            workload: name,
-            identity: reserved::UNKNOWN,
-            cause,
-        });
+        let _ = self
+            .notices
+            .send(quarantined_notice(name, reserved::UNKNOWN, cause));
     }
 
     /// `quarantine release` of a name the policy in force does not hold: a quarantine that
