@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 17;
+pub const ABI_VERSION: u32 = 18;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -877,6 +877,10 @@ pub struct AggregateValue {
     pub suppressed: u64,
     /// The task of the window's first deny (a summary names it).
     pub pid_tgid: u64,
+    /// The cgroup of the window's first deny. An overflow key has none (it is per workload),
+    /// and a `@quarantine` deny counted there must still name a cgroup: the quarantine
+    /// holds it, so a pod relabelled before the summary is read takes the quarantine along.
+    pub cgroup_id: u64,
     pub comm: [u8; 16],
     /// `Config::generation` (low 32 bits) of that deny.
     pub policy_generation: u32,
@@ -1025,7 +1029,7 @@ const _: () = assert!(core::mem::size_of::<FlowRecord>() == 128);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 168);
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggregateKey>() == 72);
-const _: () = assert!(core::mem::size_of::<AggregateValue>() == 40);
+const _: () = assert!(core::mem::size_of::<AggregateValue>() == 48);
 const _: () = assert!(core::mem::size_of::<AggregateBudgetKey>() == 16);
 
 /// Identity on the wire: the TCP option a tagged flow's SYN carries, and its MAC.

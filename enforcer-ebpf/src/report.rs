@@ -25,8 +25,9 @@
 //! handed out exactly once even when CPUs race); a deny that needs a new key beyond that is
 //! added to the workload's overflow key of the window (`aggregate_flags::OVERFLOW`: same
 //! subject, hook, verdict and reason, and for its own calls the destination identity and
-//! protocol, no cgroup, address or port; for ingress the subject is the destination, never
-//! the SYN's claim), which is never reported at once, only by the agent's summary
+//! protocol, no cgroup, address or port (its value keeps the cgroup of the window's first
+//! such deny); for ingress the subject is the destination, never the SYN's claim), which is
+//! never reported at once, only by the agent's summary
 //! (`events.suppressed`). One workload holds at most K keys per direction (its own calls;
 //! SYNs to it) plus one overflow key per (destination identity, protocol, hook, verdict,
 //! reason) per window. Exactness is the argument above with one more outcome: a deny goes to exactly
@@ -131,7 +132,7 @@ pub(crate) fn emit(r: &Report) {
         }
         return;
     }
-    let key = AggregateKey {
+    let mut key = AggregateKey {
         window: now / window,
         cgroup_id: r.cgroup_id,
         subject: r.subject,
@@ -159,7 +160,7 @@ pub(crate) fn emit(r: &Report) {
         return;
     }
     if budget != NO_BUDGET && !within_budget(key.window, r, budget) {
-        overflow(r, &key, now);
+        overflow(r, &mut key, now);
         return;
     }
     let value = entry_value(r, 0);
@@ -235,50 +236,35 @@ fn take_slot(key: &AggregateBudgetKey, budget: u32) -> bool {
 /// Counts a deny beyond its workload's key budget under the workload's overflow key of the
 /// window (never reported at once: the agent's `events.suppressed` names the count).
 #[inline(always)]
-fn overflow(r: &Report, own: &AggregateKey, now: u64) {
-    let key = AggregateKey {
-        window: own.window,
-        // Per workload, not per cgroup, like the budget (see `AggregateBudgetKey`).
-        cgroup_id: 0,
-        // An ingress deny's subject is whatever the SYN claimed, and a forged option claims
-        // any identity it likes (`bad_tag` is still counted under its claim): an overflow key
-        // per claim gave a flood one key per forged identity, the budget's hole. A workload's
-        // inbound overflow is its own: keyed, and named by `events.suppressed`, by the
-        // destination, the local workload the SYNs were refused for.
-        subject: if r.hook == hook::INGRESS {
-            r.destination
-        } else {
-            r.subject
-        },
-        // An outbound overflow keeps the destination identity (not its address or port: a
-        // sweep of those is what the budget bounds): 64 decoy keys in a window otherwise hid
-        // which workload a call then went to, and so the `@quarantine` forbid it broke (the
-        // agent decides quarantine by the destination). One key per identity reached, of
-        // which a cluster has a bounded number; all of WORLD is one.
-        destination: if r.hook == hook::INGRESS {
-            0
-        } else {
-            r.destination
-        },
-        daddr: [0; 4],
-        peer: [0; 4],
-        dport: 0,
-        sock_type: 0,
-        sock_protocol: 0,
-        family: 0,
-        protocol: if r.hook == hook::INGRESS {
-            0
-        } else {
-            r.protocol
-        },
-        hook: r.hook,
-        verdict: r.verdict,
-        reason: r.reason,
-        flags: aggregate_flags::OVERFLOW,
-        _pad: [PAD; 4],
-    };
+fn overflow(r: &Report, key: &mut AggregateKey, now: u64) {
+    // Rewritten field by field over the deny's own key: a second key beside it overran the
+    // ingress program's 512 bytes of stack. The window, hook, verdict and reason stay.
+    let inbound = r.hook == hook::INGRESS;
+    // Per workload, not per cgroup, like the budget (see `AggregateBudgetKey`); the value
+    // keeps the first deny's cgroup.
+    key.cgroup_id = 0;
+    // An ingress deny's subject is whatever the SYN claimed, and a forged option claims any
+    // identity it likes (`bad_tag` is still counted under its claim): an overflow key per
+    // claim gave a flood one key per forged identity, the budget's hole. A workload's inbound
+    // overflow is its own: keyed, and named by `events.suppressed`, by the destination, the
+    // local workload the SYNs were refused for.
+    key.subject = if inbound { r.destination } else { r.subject };
+    // An outbound overflow keeps the destination identity (not its address or port: a sweep
+    // of those is what the budget bounds): 64 decoy keys in a window otherwise hid which
+    // workload a call then went to, and so the `@quarantine` forbid it broke (the agent
+    // decides quarantine by the destination). One key per identity reached, of which a
+    // cluster has a bounded number; all of WORLD is one.
+    key.destination = if inbound { 0 } else { r.destination };
+    key.daddr = [0; 4];
+    key.peer = [0; 4];
+    key.dport = 0;
+    key.sock_type = 0;
+    key.sock_protocol = 0;
+    key.family = 0;
+    key.protocol = if inbound { 0 } else { r.protocol };
+    key.flags = aggregate_flags::OVERFLOW;
     // Full (nothing could be counted): the deny's own event.
-    if !count_in(&key, || entry_value(r, 1)) && !write(r, now) {
+    if !count_in(key, || entry_value(r, 1)) && !write(r, now) {
         lose();
     }
 }
@@ -366,6 +352,7 @@ pub(crate) fn flow_event_written(r: &FlowRecord, closed: bool) -> bool {
     !count_in(&key, || AggregateValue {
         suppressed: 1,
         pid_tgid: r.pid_tgid,
+        cgroup_id: r.cgroup_id,
         comm: r.comm,
         policy_generation: r.policy_generation,
         _pad: 0,
@@ -405,6 +392,7 @@ fn entry_value(r: &Report, suppressed: u64) -> AggregateValue {
     let mut value = AggregateValue {
         suppressed,
         pid_tgid: r.pid_tgid,
+        cgroup_id: r.cgroup_id,
         comm: [0; 16],
         policy_generation: r.generation,
         _pad: 0,

@@ -906,3 +906,72 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
     taker.expect_outcome(&vectors, Outcome::Ok, "back at its own number")?;
     Ok(())
 }
+
+/// A `@quarantine` call hidden behind decoys is counted only in its workload's overflow and
+/// decided a window later; in between, the workload's cgroup passes to another workload (an
+/// inventory edit, as a pod relabelled into another label set). The overflow names the cgroup
+/// of its first deny, and the quarantine holds it: the processes there stay quarantined
+/// under their new workload. Before (red-team review 53 N1), the overflow named no cgroup,
+/// and they went free.
+#[test]
+fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const WINDOW: Duration = Duration::from_secs(5);
+    const MOVED: &str = "acme-moved";
+    let net = 50;
+    let mut entities = standard_entities(net);
+    entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
+    let world = World::new(net, entities, &cross_tenant_quarantine_policies())?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let mut cfg = state.configure(world.agent_config());
+    cfg.events_aggregate = Some("5s".into());
+    cfg.extra_args
+        .extend(["--events-keys-per-workload".into(), "4".into()]);
+    let agent = Agent::start(cfg)?;
+    let whole = first_applied_snapshot(&agent)?;
+    let holder = probe_in(&world, HOLDER);
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    decoys_then_the_call(
+        &holder,
+        world.entity("globex-agent").ip(false),
+        &real,
+        WINDOW,
+    )?;
+
+    // The same inventory, HOLDER's cgroup listed under MOVED.
+    let cgroup = format!("/{HOLDER}]");
+    let inventory = render_inventory(&world.entities, &world.root.relative_str())
+        .replace(&cgroup, "\0")
+        .replace(HOLDER, MOVED)
+        .replace('\0', &cgroup);
+    replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
+    applied_snapshot_after(&agent, &whole)?;
+    ensure!(
+        notices(&agent, "subject.quarantined")?.is_empty(),
+        "precondition: the quarantine was decided before the cgroup moved (more than a window early)"
+    );
+    let followed = wait_notices(&agent, "subject.quarantined", 1, 3 * WINDOW, |e| {
+        s(e, "/workload") == Some(MOVED)
+    })?;
+    let denied = notices(&agent, "subject.quarantined")?;
+    ensure!(
+        denied.iter().any(|e| s(e, "/workload") == Some(HOLDER)
+            && s(e, "/cause") == Some("cross-tenant-vector-db")),
+        "the denied workload is quarantined: {denied:?}"
+    );
+    holder.expect_outcome(
+        &vectors,
+        Outcome::Eperm,
+        &format!("the denied cgroup under {MOVED}: {}", followed[0]),
+    )?;
+    probe_in(&world, "acme-gateway").expect_outcome(
+        &vectors,
+        Outcome::Ok,
+        "a workload the quarantine never held",
+    )?;
+    Ok(())
+}

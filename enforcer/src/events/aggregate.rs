@@ -287,7 +287,12 @@ fn summary(key: &AggregateKey, value: &AggregateValue, count: u64, now_ns: u64) 
     };
     DenyEvent {
         timestamp_ns: now_ns,
-        cgroup_id: key.cgroup_id,
+        // An overflow key names no cgroup: the window's first deny's.
+        cgroup_id: if key.cgroup_id != 0 {
+            key.cgroup_id
+        } else {
+            value.cgroup_id
+        },
         pid_tgid: value.pid_tgid,
         subject: key.subject,
         destination: key.destination,
@@ -356,11 +361,13 @@ mod tests {
         let value = AggregateValue {
             suppressed: 1000,
             pid_tgid: 42 << 32,
+            cgroup_id: 8,
             comm,
             policy_generation: 3,
             _pad: 0,
         };
         let e = summary(&key, &value, 999, 77);
+        assert_eq!(e.cgroup_id, 9, "the key's cgroup");
         assert_eq!(e.count, 999);
         assert_eq!(e.timestamp_ns, 77);
         assert_eq!(&e.daddr[..4], &[127, 91, 0, 2]);
@@ -383,9 +390,12 @@ mod tests {
         };
         let value = AggregateValue {
             suppressed: 123_456,
+            cgroup_id: 8,
             ..Default::default()
         };
         let e = summary(&key, &value, value.suppressed, 6_000_000_000);
+        // The key names no cgroup: the first deny's, for the quarantine to hold.
+        assert_eq!(e.cgroup_id, 8);
         let notice = suppressed(
             &e,
             Some("acme-gateway"),
