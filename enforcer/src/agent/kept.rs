@@ -546,13 +546,21 @@ impl Agent {
                 self.kept_while_absent(&name).then_some(name)
             }
         };
-        // The denied cgroups are held under the quarantine: one the policy in force gives to
-        // another workload (a pod relabelled since the deny) takes the quarantine there now,
-        // an unmapped one when it is mapped again.
-        let Some(held) = held else {
-            return;
-        };
-        for cgroup in cgroups {
+        if let Some(held) = held {
+            self.hold_calling_cgroups(held, cgroups);
+        }
+    }
+
+    /// Holds the cgroups the calls that earned a quarantine came from (`cgroups`; 0, none
+    /// known, is skipped) under that quarantine's name `held`: one the policy in force gives
+    /// to another workload (a pod relabelled since the call) takes the quarantine there now,
+    /// an unmapped one when it is mapped again.
+    pub(super) fn hold_calling_cgroups(
+        &mut self,
+        held: String,
+        cgroups: impl IntoIterator<Item = u64>,
+    ) {
+        for cgroup in cgroups.into_iter().filter(|&c| c != 0) {
             // A cgroup held already keeps its hold (it may be another quarantine's).
             self.held_cgroups
                 .entry(cgroup)
@@ -560,7 +568,7 @@ impl Agent {
         }
         if !self.held_moves(&self.cgroups).is_empty() {
             if let Err(error) = self.apply_full(None) {
-                tracing::error!("writing the policy for a denied cgroup's move failed: {error:#}");
+                tracing::error!("writing the policy for a calling cgroup's move failed: {error:#}");
             }
         }
     }

@@ -123,17 +123,26 @@ impl Agent {
             // pinned (red-team review 39).
             self.record_step_up(&subject_name, until);
             let cause = format!("step-up: anomaly ({})", new.join(", "));
-            match target {
+            let held = match target {
                 Some(id) => {
                     self.step_ups.insert(id, (until, subject_name));
                     self.quarantine(id, cause, super::Hold::StepUp);
+                    self.quarantined.get(&id).cloned()
                 }
                 None => {
                     // Gone from the policy since its connect: the step-up waits for it, and
                     // ends at its time if it is not back by then.
                     self.pending_step_ups.insert(subject_name.clone(), until);
-                    self.quarantine_absent(subject_name, cause, super::Hold::StepUp);
+                    self.quarantine_absent(subject_name.clone(), cause, super::Hold::StepUp);
+                    self.kept_while_absent(&subject_name)
+                        .then_some(subject_name)
                 }
+            };
+            // The contact's cgroup goes with the step-up, as a deny's with its quarantine:
+            // a pod relabelled between its contact and this read (a contact kept past a
+            // full ring waits for the next tick) does not leave it behind.
+            if let Some(held) = held {
+                self.hold_calling_cgroups(held, [record.cgroup_id]);
             }
         }
     }
