@@ -133,7 +133,8 @@ impl std::fmt::Debug for ApiServer {
 
 impl ApiServer {
     /// Starts etcd and the API server with the default options and waits (bounded) until
-    /// `/readyz` answers `ok`. Callable inside or outside a tokio runtime.
+    /// `/readyz` answers `ok` and its own Service exists. Callable inside or outside a tokio
+    /// runtime.
     pub fn start() -> Result<Self> {
         Self::start_with(ApiServerOptions::default())
     }
@@ -451,7 +452,8 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<ChildGuard> {
 }
 
 /// Polls `/readyz` through a client built from the kubeconfig (which proves the kubeconfig)
-/// until it answers `ok`, either process exits, or [`READY_TIMEOUT`] passes. Runs its own
+/// until it answers `ok` and the API server's own Service `default/kubernetes` exists, either
+/// process exits, or [`READY_TIMEOUT`] passes. Runs its own
 /// runtime on a thread of its own, so that it works inside a test's runtime too.
 fn wait_ready(
     kubeconfig: &Path,
@@ -500,7 +502,27 @@ fn wait_ready(
                     match tokio::time::timeout(Duration::from_secs(5), client.request_text(req))
                         .await
                     {
-                        Ok(Ok(text)) if text.trim() == "ok" => return Ok(()),
+                        Ok(Ok(text)) if text.trim() == "ok" => {
+                            // The API server's own Service is made by its bootstrap controller,
+                            // which may still be at it when `/readyz` says ok: a test's first
+                            // list must not miss it and then see the cluster change.
+                            let req = http::Request::get(
+                                "/api/v1/namespaces/default/services/kubernetes",
+                            )
+                            .body(Vec::new())?;
+                            match tokio::time::timeout(
+                                Duration::from_secs(5),
+                                client.request_text(req),
+                            )
+                            .await
+                            {
+                                Ok(Ok(_)) => return Ok(()),
+                                Ok(Err(e)) => {
+                                    last = format!("/readyz ok; Service default/kubernetes: {e}")
+                                }
+                                Err(_) => last = "no Service default/kubernetes within 5 s".into(),
+                            }
+                        }
                         Ok(Ok(text)) => last = text,
                         Ok(Err(e)) => last = e.to_string(),
                         Err(_) => last = "no answer within 5 s".into(),

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use enforcer_tests::agent::enforcer_bin;
-use enforcer_tests::cli::{AgentDirs, StateDir};
+use enforcer_tests::cli::{first_applied_snapshot, AgentDirs, StateDir};
 use enforcer_tests::fixtures::{standard_entities, write_bundle, World, STANDARD_POLICIES};
 use enforcer_tests::probe::attempt;
 use enforcer_tests::util::{unique_name, wait_until, ChildGuard, TempDir};
@@ -625,7 +625,9 @@ fn events_group_grants_its_members_read_access() -> Result<()> {
     cfg.extra_args
         .extend(["--events-group".to_string(), NOBODY.to_string()]);
     let dirs = state.dirs(&cfg);
-    let _agent = Agent::start(cfg)?;
+    let agent = Agent::start(cfg)?;
+    // The ready file may come before the first `policy.applied` reaches the history.
+    first_applied_snapshot(&agent)?;
     // nobody must reach the socket: the test's own state dir is opened for traversal.
     std::fs::set_permissions(
         state.path(),

@@ -191,6 +191,10 @@ fn binding_or_sending_from_another_identitys_address_is_refused() -> Result<()> 
         }
     }
 
+    // Every refusal's event first (the agent may be slow to write them), then any extra.
+    let _ = agent.wait_for(refused.len(), Duration::from_secs(10), |e| {
+        e["reason"] == "foreign_address"
+    });
     let events = agent.settled_events(Duration::from_millis(500), Duration::from_secs(10))?;
     let foreign: Vec<&Value> = events
         .iter()

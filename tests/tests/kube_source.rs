@@ -187,7 +187,11 @@ async fn source_follows_pods_namespaces_and_services() -> Result<()> {
         ]
         .iter()
         .all(|p| has_pod_with_ips(s, p))
-            && s.problems.len() >= 3
+            // The source's first list comes from the watch cache, which may not hold the last
+            // writes yet: waited for until the state shows pod q, the last one written.
+            && s.problems.len() >= 4
+            && s.problems.iter().any(|p| p.ends_with(": q"))
+            && s.problems.iter().any(|p| p.starts_with("8 pods outside"))
     })
     .await?;
 

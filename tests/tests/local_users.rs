@@ -240,9 +240,13 @@ fn a_policy_bundle_another_user_could_change_is_refused_and_the_last_good_stays(
     probe.expect_outcome(&same, Outcome::Ok, "same tenant, the bundle in force")?;
 
     // Another user's policy file that would deny everything, then a reload.
+    // Owned by nobody before it is in the bundle: written beside it, then renamed in (the
+    // agent polls the directory, and a root-owned moment would be a policy it may load).
     let planted = world.bundle.path().join("planted.cedar");
-    std::fs::write(&planted, "forbid (principal, action, resource);\n")?;
-    std::os::unix::fs::chown(&planted, Some(NOBODY), None)?;
+    let staged = world.bundle.path().with_extension("planted.cedar");
+    std::fs::write(&staged, "forbid (principal, action, resource);\n")?;
+    std::os::unix::fs::chown(&staged, Some(NOBODY), None)?;
+    std::fs::rename(&staged, &planted)?;
     enforcer_tests::cli::send_signal(agent.pid(), libc::SIGHUP)?;
     let rejected = enforcer_tests::cli::wait_notices(
         &agent,
