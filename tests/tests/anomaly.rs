@@ -59,7 +59,7 @@ const FLOOD_NET: u8 = 95;
 const WAIT: Duration = Duration::from_secs(10);
 /// The learning window: long enough for the test's learning contact to land in it on a
 /// loaded machine (checked, not assumed: the neighbourhood file must hold it).
-const LEARN: &str = "6s";
+const LEARN: &str = "12s";
 const TTL: Duration = Duration::from_secs(6);
 
 const SAME_TENANT: &str = r#"
@@ -173,8 +173,9 @@ impl World {
             .context("no `started` in the neighbourhood file")?
             .to_string();
         let started = humantime::parse_rfc3339(&started)?;
-        let end = started + humantime::parse_duration(LEARN)?;
-        let over = wait_until(WAIT, Duration::from_millis(50), || {
+        let learn = humantime::parse_duration(LEARN)?;
+        let end = started + learn;
+        let over = wait_until(learn + WAIT, Duration::from_millis(50), || {
             SystemTime::now() > end + Duration::from_millis(100)
         });
         ensure!(
