@@ -348,8 +348,12 @@ struct Agent {
     datapath: Datapath,
     bundle: Bundle,
     compiled: Arc<Compiled>,
-    /// The kernel's cgroup map as last written.
+    /// The kernel's cgroup map as last written (only through [`Agent::cgroups_written`]).
     cgroups: BTreeMap<u64, u32>,
+    /// The workload name of each cgroup of `cgroups`, under the policy it was written with.
+    cgroup_names: BTreeMap<u64, String>,
+    /// Recent moves of cgroups away from their workload, oldest first.
+    departures: std::collections::VecDeque<kept::Departure>,
     /// The cgroups last mapped to a quarantined identity, each with the quarantine's name,
     /// kept while they are unmapped and may still exist: where a quarantine follows its
     /// processes from ([`Agent::follow_moved_cgroups`], [`Agent::hold_cgroups`]).
@@ -713,6 +717,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         bundle,
         compiled,
         cgroups: BTreeMap::new(),
+        cgroup_names: BTreeMap::new(),
+        departures: std::collections::VecDeque::new(),
         held_cgroups,
         unresolved: Unresolved::default(),
         quarantined,
@@ -829,7 +835,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = stale_handshake.notified() => {
                 agent.revoke_flows("a handshake completed under an older policy");
             }
-            Some((cookie, record)) = contact_rx.queue.recv() => agent.contact(cookie, &record),
+            Some((cookie, record)) = contact_rx.queue.recv() => agent.contact(cookie, &record, true),
         }
         if events.is_finished() {
             bail!("the event stream stopped: {:?}", events.await);
@@ -848,7 +854,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         agent.quarantine_requested(subject, request);
     }
     while let Ok((cookie, record)) = contact_rx.queue.try_recv() {
-        agent.contact(cookie, &record);
+        agent.contact(cookie, &record, true);
     }
     // And the contacts kept past the queue's backlog, which live only here (red-team review
     // 39), with the kernel's missed ones.
@@ -1083,7 +1089,7 @@ impl Agent {
         self.pods = pods_view(pods.as_ref(), &unresolved, &desired.cgroups, &self.compiled);
         self.unresolved = unresolved;
         self.tracked_prefixes = flows::tracked_prefixes(&desired).unwrap_or_default();
-        self.cgroups = desired.cgroups;
+        self.cgroups_written(desired.cgroups);
         self.hold_cgroups(pods.as_ref());
         tracing::info!(
             revision = self.compiled.revision(),
@@ -1193,7 +1199,7 @@ impl Agent {
             match self.datapath.tables.sync_cgroups(&fresh) {
                 Ok(()) => {
                     tracing::info!(cgroups = fresh.len(), "cgroup map updated");
-                    self.cgroups = fresh;
+                    self.cgroups_written(fresh);
                     self.hold_cgroups(pods.as_ref());
                 }
                 Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
@@ -2127,6 +2133,8 @@ struct Denies<'a> {
     /// The facts of recent keys, shared by their calls.
     enricher: record::Enricher,
     quarantine: Arc<handoff::QuarantineRequests>,
+    /// `--events-aggregate` in nanoseconds (0: off): where an overflow's window began.
+    window_ns: u64,
 }
 
 impl Denies<'_> {
@@ -2155,8 +2163,13 @@ impl Denies<'_> {
             // The enrichment's attribution (`Compiled::quarantine_on_deny`), made once a key.
             if let Some(cause) = &call.quarantine {
                 let name = policy.identity(event.subject).map(|i| i.name.clone());
-                self.quarantine
-                    .request(event.subject, name, cause.clone(), event.cgroup_id);
+                self.quarantine.request(
+                    event.subject,
+                    name,
+                    cause.clone(),
+                    event.cgroup_id,
+                    event.timestamp_ns,
+                );
             }
         }
         events.emit(Event::Call(call)).map(drop)
@@ -2192,11 +2205,18 @@ impl Denies<'_> {
                 overflow.destination,
                 overflow.protocol,
             ) {
+                // Since its window began: the summary is stamped with the window's end (or
+                // now, if earlier), a window length later.
+                let since = match self.window_ns {
+                    0 => overflow.timestamp_ns,
+                    w => overflow.timestamp_ns.saturating_sub(1) / w * w,
+                };
                 self.quarantine.request(
                     overflow.subject,
                     subject.map(|i| i.name.clone()),
                     cause,
                     overflow.cgroup_id,
+                    since,
                 );
             }
         }
@@ -2355,6 +2375,7 @@ async fn stream_events(
         cgroups: crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok()),
         enricher: record::Enricher::new(),
         quarantine,
+        window_ns: u64::try_from(aggregate_window.as_nanos()).unwrap_or(u64::MAX),
     };
     // Also with aggregation off: what an earlier agent left counted in the map is reported.
     let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;

@@ -454,6 +454,18 @@ fn decoys_then_the_call(
     call: &str,
     window: Duration,
 ) -> Result<()> {
+    decoys_then_the_calls(probe, decoy_host, call, None, window)
+}
+
+/// [`decoys_then_the_call`], then `then` (another cgroup's probe and call, also denied) in
+/// the same window.
+fn decoys_then_the_calls(
+    probe: &Probe,
+    decoy_host: std::net::IpAddr,
+    call: &str,
+    then: Option<(&Probe, &str)>,
+    window: Duration,
+) -> Result<()> {
     for round in 0..3u16 {
         // Start just after a window begins: the calls take milliseconds.
         let deadline = std::time::Instant::now() + 2 * window;
@@ -469,7 +481,10 @@ fn decoys_then_the_call(
             .map(|i| attempt("tcp", decoy_host, 20_000 + round * 10 + i))
             .collect();
         calls.push(call.to_string());
-        let results = probe.run(&calls)?;
+        let mut results = probe.run(&calls)?;
+        if let Some((other, call)) = then {
+            results.extend(other.run(&[call.to_string()])?);
+        }
         ensure!(
             results.iter().all(|r| r.outcome == Outcome::Eperm),
             "every call is denied: {results:?}"
@@ -908,11 +923,14 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
 }
 
 /// A `@quarantine` call hidden behind decoys is counted only in its workload's overflow and
-/// decided a window later; in between, the workload's cgroup passes to another workload (an
-/// inventory edit, as a pod relabelled into another label set). The overflow names the cgroup
-/// of its first deny, and the quarantine holds it: the processes there stay quarantined
-/// under their new workload. Before (red-team review 53 N1), the overflow named no cgroup,
-/// and they went free.
+/// decided a window later. HOLDER runs in two cgroups: the first makes the decoys and the
+/// window's first call to the forbidden destination (the cgroup the overflow names), the
+/// second makes the same call, and before the agent reads the overflow the second cgroup
+/// passes to another workload (an inventory edit, as a pod relabelled into another label
+/// set). It left HOLDER after the calls began, so it was HOLDER's when they were made: the
+/// quarantine holds it, and its processes stay quarantined under their new workload. Before,
+/// the overflow named no cgroup (red-team review 53 N1), and then only its first deny's
+/// (review 55 M1): the second cgroup went free.
 #[test]
 fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     if !require_kernel() {
@@ -924,6 +942,21 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     let mut entities = standard_entities(net);
     entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
     let world = World::new(net, entities, &cross_tenant_quarantine_policies())?;
+    // HOLDER's second cgroup, beside its first under the world's root.
+    let second = format!("{HOLDER}-2");
+    let second_cgroup = world.root.child(&second)?;
+    let root = world.root.relative_str();
+    // HOLDER's cgroups line given `first`'s too, and `more` workloads after the others.
+    let with_cgroups = |first: &str, more: &str| {
+        render_inventory(&world.entities, &root)
+            .replace(
+                &format!("    cgroups: [{root}/{HOLDER}]\n"),
+                &format!("    cgroups: [{root}/{HOLDER}{first}]\n"),
+            )
+            .replace("endpoints:\n", &format!("{more}endpoints:\n"))
+    };
+    let both = with_cgroups(&format!(", {root}/{second}"), "");
+    replace_file(world.bundle.path(), "inventory.yaml", &both, None)?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
     let mut cfg = state.configure(world.agent_config());
@@ -932,22 +965,29 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
         .extend(["--events-keys-per-workload".into(), "4".into()]);
     let agent = Agent::start(cfg)?;
     let whole = first_applied_snapshot(&agent)?;
-    let holder = probe_in(&world, HOLDER);
+    let first = probe_in(&world, HOLDER);
+    let other = Probe::new()
+        .in_cgroup(&second_cgroup)
+        .timeout(Duration::from_secs(10));
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
     let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
-    decoys_then_the_call(
-        &holder,
+    other.expect_outcome(&vectors, Outcome::Ok, "the second cgroup is HOLDER's")?;
+    decoys_then_the_calls(
+        &first,
         world.entity("globex-agent").ip(false),
         &real,
+        Some((&other, &real)),
         WINDOW,
     )?;
 
-    // The same inventory, HOLDER's cgroup listed under MOVED.
-    let cgroup = format!("/{HOLDER}]");
-    let inventory = render_inventory(&world.entities, &world.root.relative_str())
-        .replace(&cgroup, "\0")
-        .replace(HOLDER, MOVED)
-        .replace('\0', &cgroup);
+    // The second cgroup listed under MOVED, a workload of its own (as HOLDER is, but for
+    // its name and addresses).
+    let moved = format!(
+        "  - name: {MOVED}\n    tenant: acme\n    purpose: inference\n    ring: prod\n    \
+         spiffe_id: spiffe://cluster.local/ns/acme/sa/{MOVED}\n    \
+         cgroups: [{root}/{second}]\n    ips: [127.{net}.1.9/32]\n"
+    );
+    let inventory = with_cgroups("", &moved);
     replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
     applied_snapshot_after(&agent, &whole)?;
     ensure!(
@@ -963,11 +1003,12 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
             && s(e, "/cause") == Some("cross-tenant-vector-db")),
         "the denied workload is quarantined: {denied:?}"
     );
-    holder.expect_outcome(
+    other.expect_outcome(
         &vectors,
         Outcome::Eperm,
-        &format!("the denied cgroup under {MOVED}: {}", followed[0]),
+        &format!("the second cgroup under {MOVED}: {}", followed[0]),
     )?;
+    first.expect_outcome(&vectors, Outcome::Eperm, "HOLDER itself")?;
     probe_in(&world, "acme-gateway").expect_outcome(
         &vectors,
         Outcome::Ok,

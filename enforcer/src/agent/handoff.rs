@@ -57,6 +57,10 @@ pub struct QuarantineRequest {
     /// relabelled between its deny and the quarantine runs under another identity by then,
     /// and the quarantine follows it there (red-team review 52 H1).
     pub cgroups: BTreeSet<u64>,
+    /// When the earliest of the denied calls was made, CLOCK_MONOTONIC nanoseconds (the
+    /// kernel's `bpf_ktime_get_ns`; for an overflow count, its window's start): the cgroups
+    /// that left the workload since were its own when the calls were made, and are held too.
+    pub since_ns: u64,
 }
 
 /// How many cgroups one subject's pending quarantine request remembers (a pod has a few;
@@ -65,14 +69,25 @@ pub const MAX_REQUEST_CGROUPS: usize = 64;
 
 impl QuarantineRequests {
     /// Asks for `subject` (named `name` by the deciding policy) to be quarantined for
-    /// `cause`; a subject already pending keeps the request it was first asked for.
-    pub fn request(&self, subject: u32, name: Option<String>, cause: String, cgroup: u64) {
+    /// `cause`, for a call from `cgroup` (0: unknown) made at `at_ns` (see
+    /// [`QuarantineRequest::since_ns`]); a subject already pending keeps the request it was
+    /// first asked for, with the cgroups and the earliest time of all.
+    pub fn request(
+        &self,
+        subject: u32,
+        name: Option<String>,
+        cause: String,
+        cgroup: u64,
+        at_ns: u64,
+    ) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let request = pending.entry(subject).or_insert(QuarantineRequest {
             name,
             cause,
             cgroups: BTreeSet::new(),
+            since_ns: at_ns,
         });
+        request.since_ns = request.since_ns.min(at_ns);
         if cgroup != 0 && request.cgroups.len() < MAX_REQUEST_CGROUPS {
             request.cgroups.insert(cgroup);
         }
@@ -199,12 +214,19 @@ mod tests {
     fn quarantine_requests_coalesce_per_subject_keeping_the_first_cause() {
         let requests = QuarantineRequests::default();
         for round in 0..1000 {
-            requests.request(7, Some("a".into()), format!("deny {round}"), round + 1);
-            requests.request(9, None, format!("deny {round}"), 0);
+            requests.request(
+                7,
+                Some("a".into()),
+                format!("deny {round}"),
+                round + 1,
+                500 - round.min(400),
+            );
+            requests.request(9, None, format!("deny {round}"), 0, 50);
         }
         let pending = requests.take();
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[&7].cause, "deny 0");
+        assert_eq!(pending[&7].since_ns, 100, "the earliest call");
         assert_eq!(pending[&7].cgroups.len(), MAX_REQUEST_CGROUPS);
         assert!(pending[&9].cgroups.is_empty());
         assert_eq!(pending[&7].name.as_deref(), Some("a"));

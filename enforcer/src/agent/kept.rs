@@ -193,6 +193,18 @@ fn followed<'a>(
 /// agent remember (16 bytes and a name each).
 const MAX_HELD_UNMAPPED: usize = 4096;
 
+/// How many moves of cgroups away from their workload are remembered (see
+/// [`Agent::cgroups_written`]): the newest, about 80 bytes each.
+const MAX_DEPARTURES: usize = 4096;
+
+/// A cgroup that left the workload `from` (mapped to another, or to none) when the kernel's
+/// cgroup map was written at `at_ns` (CLOCK_MONOTONIC nanoseconds, the kernel's clock).
+pub(super) struct Departure {
+    cgroup: u64,
+    from: String,
+    at_ns: u64,
+}
+
 /// What moving the quarantines leaves to do once the policy they were moved for is written:
 /// an apply that fails leaves the kernel as it was, and the agent's record must stay with it
 /// (red-team review 50 L1).
@@ -475,6 +487,32 @@ impl Agent {
         }
     }
 
+    /// The kernel's cgroup map is now `fresh`, under the policy in force: each cgroup that
+    /// left the workload it was mapped to is remembered as a [`Departure`] (the newest
+    /// [`MAX_DEPARTURES`]), for a quarantine decided later about calls made before.
+    pub(super) fn cgroups_written(&mut self, fresh: BTreeMap<u64, u32>) {
+        let names: BTreeMap<u64, String> = fresh
+            .iter()
+            .filter_map(|(&cgroup, &id)| {
+                self.compiled.identity(id).map(|i| (cgroup, i.name.clone()))
+            })
+            .collect();
+        let at_ns = crate::events::aggregate::monotonic_ns();
+        for (&cgroup, from) in &self.cgroup_names {
+            if names.get(&cgroup) != Some(from) {
+                self.departures.push_back(Departure {
+                    cgroup,
+                    from: from.clone(),
+                    at_ns,
+                });
+            }
+        }
+        let over = self.departures.len().saturating_sub(MAX_DEPARTURES);
+        self.departures.drain(..over);
+        self.cgroup_names = names;
+        self.cgroups = fresh;
+    }
+
     /// Holds the cgroups of `subject`, just quarantined without a write.
     pub(super) fn hold_cgroups_of(&mut self, subject: u32, name: &str) {
         for (&cgroup, _) in self.cgroups.iter().filter(|(_, &id)| id == subject) {
@@ -520,23 +558,14 @@ impl Agent {
             name,
             cause,
             cgroups,
+            since_ns,
         } = request;
         let Some(name) = name else {
             self.quarantine(subject, cause, Hold::Lasting);
             return;
         };
-        let now_at = self
-            .compiled
-            .identity_by_name(&name)
-            .map(|i| i.id)
-            .or_else(|| {
-                // Renamed since the deny (a twin's hash suffix): the same label set.
-                self.compiled
-                    .identities()
-                    .find(|i| renamed(&name, &i.name))
-                    .map(|i| i.id)
-            });
-        let held = match now_at {
+        let from = name.clone();
+        let held = match self.identity_named(&name) {
             Some(id) => {
                 self.quarantine(id, cause, Hold::Lasting);
                 self.quarantined.get(&id).cloned()
@@ -547,20 +576,40 @@ impl Agent {
             }
         };
         if let Some(held) = held {
-            self.hold_calling_cgroups(held, cgroups);
+            self.hold_calling_cgroups(held, &from, cgroups, since_ns);
         }
     }
 
-    /// Holds the cgroups the calls that earned a quarantine came from (`cgroups`; 0, none
-    /// known, is skipped) under that quarantine's name `held`: one the policy in force gives
+    /// The number the policy in force gives the workload `name` (or the same label set
+    /// renamed by a twin's hash suffix since `name` was current).
+    pub(super) fn identity_named(&self, name: &str) -> Option<u32> {
+        self.compiled
+            .identity_by_name(name)
+            .or_else(|| self.compiled.identities().find(|i| renamed(name, &i.name)))
+            .map(|i| i.id)
+    }
+
+    /// Holds the cgroups the calls that earned a quarantine came from under that
+    /// quarantine's name `held`: `cgroups` (0, none known, is skipped), and every cgroup that
+    /// left the workload `from` at or after `since_ns` (when the earliest call was made: a
+    /// cgroup that has left since was the workload's then, whichever made the calls; review
+    /// 55 M1: an overflow names only its first deny's cgroup). One the policy in force gives
     /// to another workload (a pod relabelled since the call) takes the quarantine there now,
     /// an unmapped one when it is mapped again.
     pub(super) fn hold_calling_cgroups(
         &mut self,
         held: String,
+        from: &str,
         cgroups: impl IntoIterator<Item = u64>,
+        since_ns: u64,
     ) {
-        for cgroup in cgroups.into_iter().filter(|&c| c != 0) {
+        let departed: Vec<u64> = self
+            .departures
+            .iter()
+            .filter(|d| d.at_ns >= since_ns && d.from == from)
+            .map(|d| d.cgroup)
+            .collect();
+        for cgroup in cgroups.into_iter().chain(departed).filter(|&c| c != 0) {
             // A cgroup held already keeps its hold (it may be another quarantine's).
             self.held_cgroups
                 .entry(cgroup)

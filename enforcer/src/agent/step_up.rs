@@ -16,11 +16,14 @@ use crate::events::record::Time;
 use crate::learn::Outcome;
 
 impl Agent {
-    /// One `flow.opened` record (socket `cookie`), as the kernel recorded it.
-    pub(super) fn contact(&mut self, cookie: u64, record: &FlowRecord) {
-        let Some(learner) = &mut self.learner else {
+    /// One `flow.opened` record (socket `cookie`), as the kernel recorded it: `fresh` when
+    /// the kernel reported it now (its `flow.opened`, or a contact it kept past a full ring),
+    /// false for a live flow shown again after contacts were lost, opened perhaps long ago by
+    /// a cgroup that has moved since.
+    pub(super) fn contact(&mut self, cookie: u64, record: &FlowRecord, fresh: bool) {
+        if self.learner.is_none() {
             return;
-        };
+        }
         let policy = self
             .history
             .at(record.policy_generation)
@@ -38,7 +41,10 @@ impl Agent {
         let subject_name = subject.name.clone();
         // The subject as the policy of its connect named it, at its number now: the number
         // may have passed to another workload since (red-team review 50 H1).
-        let target = self.compiled.identity_by_name(&subject_name).map(|i| i.id);
+        let target = self.identity_named(&subject_name);
+        let Some(learner) = &mut self.learner else {
+            return;
+        };
         let now = SystemTime::now();
         let outcome = match learner.observe(
             &subject_name,
@@ -123,6 +129,7 @@ impl Agent {
             // pinned (red-team review 39).
             self.record_step_up(&subject_name, until);
             let cause = format!("step-up: anomaly ({})", new.join(", "));
+            let from = subject_name.clone();
             let held = match target {
                 Some(id) => {
                     self.step_ups.insert(id, (until, subject_name));
@@ -140,9 +147,10 @@ impl Agent {
             };
             // The contact's cgroup goes with the step-up, as a deny's with its quarantine:
             // a pod relabelled between its contact and this read (a contact kept past a
-            // full ring waits for the next tick) does not leave it behind.
-            if let Some(held) = held {
-                self.hold_calling_cgroups(held, [record.cgroup_id]);
+            // full ring waits for the next tick) does not leave it behind. Not a live flow
+            // shown again: its cgroup may have moved long ago (review 55 M2).
+            if let Some(held) = held.filter(|_| fresh) {
+                self.hold_calling_cgroups(held, &from, [record.cgroup_id], record.start_ns);
             }
         }
     }
@@ -185,7 +193,7 @@ impl Agent {
             return;
         }
         for (cookie, record) in &kept {
-            self.contact(*cookie, record);
+            self.contact(*cookie, record, true);
         }
         // A datagram's contact names no flow, and no lost `flow.opened` is behind it: shown
         // as it is, without reading `FLOWS` or reporting a full ring.
@@ -193,7 +201,7 @@ impl Agent {
             .into_iter()
             .partition(|r| r.flags & flow_flags::DATAGRAM != 0);
         for record in &datagrams {
-            self.contact(0, record);
+            self.contact(0, record, true);
         }
         if records.is_empty() && lost == 0 {
             return;
@@ -243,7 +251,7 @@ impl Agent {
                     record.destination,
                 ))
                 .map_or(0, |(cookie, _)| *cookie);
-            self.contact(cookie, record);
+            self.contact(cookie, record, true);
         }
         if lost > 0 {
             let live: Vec<(u64, FlowRecord)> = self.live_flows.values().copied().collect();
@@ -254,7 +262,7 @@ impl Agent {
             );
             for (cookie, record) in &live {
                 if record.protocol == proto::UDP || record.state == flow_state::ESTABLISHED {
-                    self.contact(*cookie, record);
+                    self.contact(*cookie, record, false);
                 }
             }
         }
