@@ -443,6 +443,16 @@ fn cross_tenant_quarantine_policies() -> String {
     )
 }
 
+/// The world's agent with its state in `state`, 5 s event windows and a budget of 4 keys per
+/// workload (for [`decoys_then_the_call`]).
+fn decoy_config(state: &StateDir, world: &World) -> enforcer_tests::AgentConfig {
+    let mut cfg = state.configure(world.agent_config());
+    cfg.events_aggregate = Some("5s".into());
+    cfg.extra_args
+        .extend(["--events-keys-per-workload".into(), "4".into()]);
+    cfg
+}
+
 /// Eight decoys from `probe` (each a key of its own: another port of `decoy_host`, a
 /// cross-tenant workload, denied by no `@quarantine` forbid), then `call`, all denied and in
 /// one event window of `window` (started just after a window begins; checked, and retried
@@ -861,10 +871,7 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
     let world = World::new(net, entities, &cross_tenant_quarantine_policies())?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
-    let mut cfg = state.configure(world.agent_config());
-    cfg.events_aggregate = Some("5s".into());
-    cfg.extra_args
-        .extend(["--events-keys-per-workload".into(), "4".into()]);
+    let cfg = decoy_config(&state, &world);
     let dirs = state.dirs(&cfg);
     let agent = Agent::start(cfg)?;
     let whole = first_applied_snapshot(&agent)?;
@@ -959,10 +966,7 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     replace_file(world.bundle.path(), "inventory.yaml", &both, None)?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
-    let mut cfg = state.configure(world.agent_config());
-    cfg.events_aggregate = Some("5s".into());
-    cfg.extra_args
-        .extend(["--events-keys-per-workload".into(), "4".into()]);
+    let cfg = decoy_config(&state, &world);
     let agent = Agent::start(cfg)?;
     let whole = first_applied_snapshot(&agent)?;
     let first = probe_in(&world, HOLDER);
