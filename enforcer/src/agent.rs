@@ -352,8 +352,9 @@ struct Agent {
     cgroups: BTreeMap<u64, u32>,
     /// The workload name of each cgroup of `cgroups`, under the policy it was written with.
     cgroup_names: BTreeMap<u64, String>,
-    /// Recent moves of cgroups away from their workload, oldest first.
-    departures: std::collections::VecDeque<kept::Departure>,
+    /// Recent moves of cgroups away from a workload: (cgroup, workload left) and when
+    /// (CLOCK_MONOTONIC nanoseconds), kept a minute and three `--events-aggregate` windows.
+    departures: BTreeMap<(u64, String), u64>,
     /// The cgroups last mapped to a quarantined identity, each with the quarantine's name,
     /// kept while they are unmapped and may still exist: where a quarantine follows its
     /// processes from ([`Agent::follow_moved_cgroups`], [`Agent::hold_cgroups`]).
@@ -718,7 +719,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         compiled,
         cgroups: BTreeMap::new(),
         cgroup_names: BTreeMap::new(),
-        departures: std::collections::VecDeque::new(),
+        departures: BTreeMap::new(),
         held_cgroups,
         unresolved: Unresolved::default(),
         quarantined,
@@ -1089,7 +1090,7 @@ impl Agent {
         self.pods = pods_view(pods.as_ref(), &unresolved, &desired.cgroups, &self.compiled);
         self.unresolved = unresolved;
         self.tracked_prefixes = flows::tracked_prefixes(&desired).unwrap_or_default();
-        self.cgroups_written(desired.cgroups);
+        self.cgroups_written(desired.cgroups, pods.as_ref());
         self.hold_cgroups(pods.as_ref());
         tracing::info!(
             revision = self.compiled.revision(),
@@ -1199,7 +1200,7 @@ impl Agent {
             match self.datapath.tables.sync_cgroups(&fresh) {
                 Ok(()) => {
                     tracing::info!(cgroups = fresh.len(), "cgroup map updated");
-                    self.cgroups_written(fresh);
+                    self.cgroups_written(fresh, pods.as_ref());
                     self.hold_cgroups(pods.as_ref());
                 }
                 Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),

@@ -930,14 +930,15 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
 }
 
 /// A `@quarantine` call hidden behind decoys is counted only in its workload's overflow and
-/// decided a window later. HOLDER runs in two cgroups: the first makes the decoys and the
-/// window's first call to the forbidden destination (the cgroup the overflow names), the
-/// second makes the same call, and before the agent reads the overflow the second cgroup
-/// passes to another workload (an inventory edit, as a pod relabelled into another label
-/// set). It left HOLDER after the calls began, so it was HOLDER's when they were made: the
-/// quarantine holds it, and its processes stay quarantined under their new workload. Before,
-/// the overflow named no cgroup (red-team review 53 N1), and then only its first deny's
-/// (review 55 M1): the second cgroup went free.
+/// decided a window later. HOLDER runs in three cgroups. The third passes to EARLY before the
+/// calls; the first makes the decoys and the window's first call to the forbidden
+/// destination (the cgroup the overflow names), the second makes the same call, and before
+/// the agent reads the overflow the second cgroup passes to MOVED (inventory edits, as pods
+/// relabelled into other label sets). The second left HOLDER after the calls began, so it
+/// was HOLDER's when they were made: the quarantine holds it, and its processes stay
+/// quarantined under MOVED. The third left before: EARLY stays free. Before, the overflow
+/// named no cgroup (red-team review 53 N1), and then only its first deny's (review 55 M1):
+/// the second cgroup went free.
 #[test]
 fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     if !require_kernel() {
@@ -945,37 +946,59 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     }
     const WINDOW: Duration = Duration::from_secs(5);
     const MOVED: &str = "acme-moved";
+    const EARLY: &str = "acme-early";
     let net = 50;
     let mut entities = standard_entities(net);
     entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
     let world = World::new(net, entities, &cross_tenant_quarantine_policies())?;
-    // HOLDER's second cgroup, beside its first under the world's root.
-    let second = format!("{HOLDER}-2");
+    // HOLDER's second and third cgroups, beside its first under the world's root.
+    let (second, third) = (format!("{HOLDER}-2"), format!("{HOLDER}-3"));
     let second_cgroup = world.root.child(&second)?;
+    let third_cgroup = world.root.child(&third)?;
     let root = world.root.relative_str();
-    // HOLDER's cgroups line given `first`'s too, and `more` workloads after the others.
-    let with_cgroups = |first: &str, more: &str| {
+    // HOLDER with the cgroups `mine` besides its first, then a workload of its own (as
+    // HOLDER, but for its name and address) for each of `others`.
+    let inventory = |mine: &[&str], others: &[(&str, &str, u8)]| {
+        let mine: String = mine.iter().map(|c| format!(", {root}/{c}")).collect();
+        let others: String = others
+            .iter()
+            .map(|(name, cgroup, i)| {
+                format!(
+                    "  - name: {name}\n    tenant: acme\n    purpose: inference\n    ring: prod\n    \
+                     spiffe_id: spiffe://cluster.local/ns/acme/sa/{name}\n    \
+                     cgroups: [{root}/{cgroup}]\n    ips: [127.{net}.9.{i}/32]\n"
+                )
+            })
+            .collect();
         render_inventory(&world.entities, &root)
             .replace(
                 &format!("    cgroups: [{root}/{HOLDER}]\n"),
-                &format!("    cgroups: [{root}/{HOLDER}{first}]\n"),
+                &format!("    cgroups: [{root}/{HOLDER}{mine}]\n"),
             )
-            .replace("endpoints:\n", &format!("{more}endpoints:\n"))
+            .replace("endpoints:\n", &format!("{others}endpoints:\n"))
     };
-    let both = with_cgroups(&format!(", {root}/{second}"), "");
-    replace_file(world.bundle.path(), "inventory.yaml", &both, None)?;
+    let write = |text: String| replace_file(world.bundle.path(), "inventory.yaml", &text, None);
+    write(inventory(&[&second, &third], &[]))?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
-    let cfg = decoy_config(&state, &world);
-    let agent = Agent::start(cfg)?;
+    let agent = Agent::start(decoy_config(&state, &world))?;
     let whole = first_applied_snapshot(&agent)?;
     let first = probe_in(&world, HOLDER);
-    let other = Probe::new()
-        .in_cgroup(&second_cgroup)
-        .timeout(Duration::from_secs(10));
+    let in_cgroup = |cgroup| {
+        Probe::new()
+            .in_cgroup(cgroup)
+            .timeout(Duration::from_secs(10))
+    };
+    let (other, early) = (in_cgroup(&second_cgroup), in_cgroup(&third_cgroup));
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
     let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
     other.expect_outcome(&vectors, Outcome::Ok, "the second cgroup is HOLDER's")?;
+
+    write(inventory(&[&second], &[(EARLY, &third, 10)]))?;
+    let left_early = applied_snapshot_after(&agent, &whole)?;
+    // The move was written before the notice; 400 ms on, a window that holds it has begun
+    // more than 300 ms ago, and the calls wait for the next (see `decoys_then_the_call`).
+    std::thread::sleep(Duration::from_millis(400));
     decoys_then_the_calls(
         &first,
         world.entity("globex-agent").ip(false),
@@ -984,16 +1007,8 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
         WINDOW,
     )?;
 
-    // The second cgroup listed under MOVED, a workload of its own (as HOLDER is, but for
-    // its name and addresses).
-    let moved = format!(
-        "  - name: {MOVED}\n    tenant: acme\n    purpose: inference\n    ring: prod\n    \
-         spiffe_id: spiffe://cluster.local/ns/acme/sa/{MOVED}\n    \
-         cgroups: [{root}/{second}]\n    ips: [127.{net}.1.9/32]\n"
-    );
-    let inventory = with_cgroups("", &moved);
-    replace_file(world.bundle.path(), "inventory.yaml", &inventory, None)?;
-    applied_snapshot_after(&agent, &whole)?;
+    write(inventory(&[], &[(EARLY, &third, 10), (MOVED, &second, 9)]))?;
+    applied_other_than(&agent, &[&whole, &left_early])?;
     ensure!(
         notices(&agent, "subject.quarantined")?.is_empty(),
         "precondition: the quarantine was decided before the cgroup moved (more than a window early)"
@@ -1007,12 +1022,21 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
             && s(e, "/cause") == Some("cross-tenant-vector-db")),
         "the denied workload is quarantined: {denied:?}"
     );
+    ensure!(
+        !denied.iter().any(|e| s(e, "/workload") == Some(EARLY)),
+        "{EARLY} left HOLDER before the calls: {denied:?}"
+    );
     other.expect_outcome(
         &vectors,
         Outcome::Eperm,
         &format!("the second cgroup under {MOVED}: {}", followed[0]),
     )?;
     first.expect_outcome(&vectors, Outcome::Eperm, "HOLDER itself")?;
+    early.expect_outcome(
+        &vectors,
+        Outcome::Ok,
+        "the third cgroup, gone before the calls",
+    )?;
     probe_in(&world, "acme-gateway").expect_outcome(
         &vectors,
         Outcome::Ok,

@@ -193,16 +193,17 @@ fn followed<'a>(
 /// agent remember (16 bytes and a name each).
 const MAX_HELD_UNMAPPED: usize = 4096;
 
-/// How many moves of cgroups away from their workload are remembered (see
-/// [`Agent::cgroups_written`]): the newest, about 80 bytes each.
-const MAX_DEPARTURES: usize = 4096;
+/// How many moves of cgroups away from a workload are remembered at most (see
+/// [`Agent::cgroups_written`]), about 80 bytes each: one per (cgroup, workload left), of
+/// cgroups that still exist, for [`departure_horizon`]; beyond it the oldest go, logged.
+const MAX_DEPARTURES: usize = 65_536;
 
-/// A cgroup that left the workload `from` (mapped to another, or to none) when the kernel's
-/// cgroup map was written at `at_ns` (CLOCK_MONOTONIC nanoseconds, the kernel's clock).
-pub(super) struct Departure {
-    cgroup: u64,
-    from: String,
-    at_ns: u64,
+/// How long a cgroup's move away from a workload is remembered: as long as a deny of that
+/// workload can be acted on late (the policy history's reach: an overflow summary is read a
+/// window after its window ended, `--events-aggregate`), and a minute for a busy agent.
+fn departure_horizon(events_aggregate: std::time::Duration) -> u64 {
+    let horizon = std::time::Duration::from_secs(60) + events_aggregate.saturating_mul(3);
+    u64::try_from(horizon.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What moving the quarantines leaves to do once the policy they were moved for is written:
@@ -442,17 +443,7 @@ impl Agent {
     /// inventory's cgroup (named by the operator) when unmapped. A released quarantine's
     /// cgroups are let go.
     pub(super) fn hold_cgroups(&mut self, pods: Option<&Scan>) {
-        let existing: Option<BTreeSet<u64>> = match (&self.options.kubernetes, pods) {
-            (None, _) => Some(BTreeSet::new()),
-            (Some(_), Some(scan)) if scan.truncated.is_none() => Some(
-                scan.pods
-                    .values()
-                    .flat_map(|p| p.cgroups.values().copied())
-                    .collect(),
-            ),
-            // No scan, or an incomplete one: any unmapped cgroup may still exist.
-            (Some(_), _) => None,
-        };
+        let existing = self.existing_cgroups(pods);
         let kept: BTreeSet<String> = self.quarantined_names().into_iter().collect();
         let cgroups = &self.cgroups;
         self.held_cgroups.retain(|cgroup, name| {
@@ -487,10 +478,17 @@ impl Agent {
         }
     }
 
-    /// The kernel's cgroup map is now `fresh`, under the policy in force: each cgroup that
-    /// left the workload it was mapped to is remembered as a [`Departure`] (the newest
-    /// [`MAX_DEPARTURES`]), for a quarantine decided later about calls made before.
-    pub(super) fn cgroups_written(&mut self, fresh: BTreeMap<u64, u32>) {
+    /// The kernel's cgroup map is now `fresh`, under the policy in force (`pods`: the scan it
+    /// was resolved from): each cgroup that left the workload it was mapped to, and still
+    /// exists, is remembered with the time (`departures`, one entry per cgroup and workload
+    /// left, the newest time), for a quarantine decided later about calls made before. A
+    /// cgroup that is gone (a pod deleted, a sub-cgroup removed) is forgotten, so churn does
+    /// not push other moves out; so is a move older than [`departure_horizon`].
+    pub(super) fn cgroups_written(&mut self, fresh: BTreeMap<u64, u32>, pods: Option<&Scan>) {
+        let existing = self.existing_cgroups(pods);
+        let exists = |cgroup: &u64| {
+            fresh.contains_key(cgroup) || existing.as_ref().is_none_or(|e| e.contains(cgroup))
+        };
         let names: BTreeMap<u64, String> = fresh
             .iter()
             .filter_map(|(&cgroup, &id)| {
@@ -499,18 +497,39 @@ impl Agent {
             .collect();
         let at_ns = crate::events::aggregate::monotonic_ns();
         for (&cgroup, from) in &self.cgroup_names {
-            if names.get(&cgroup) != Some(from) {
-                self.departures.push_back(Departure {
-                    cgroup,
-                    from: from.clone(),
-                    at_ns,
-                });
+            if names.get(&cgroup) != Some(from) && exists(&cgroup) {
+                self.departures.insert((cgroup, from.clone()), at_ns);
             }
         }
-        let over = self.departures.len().saturating_sub(MAX_DEPARTURES);
-        self.departures.drain(..over);
+        let oldest = at_ns.saturating_sub(departure_horizon(self.options.events_aggregate));
+        self.departures
+            .retain(|(cgroup, _), at| *at >= oldest && exists(cgroup));
+        if self.departures.len() > MAX_DEPARTURES {
+            let mut times: Vec<u64> = self.departures.values().copied().collect();
+            times.sort_unstable();
+            let cut = times[self.departures.len() - MAX_DEPARTURES];
+            let before = self.departures.len();
+            self.departures.retain(|_, at| *at >= cut);
+            tracing::warn!(forgotten = before - self.departures.len(), "more recent moves of cgroups between workloads than are remembered ({MAX_DEPARTURES}): the oldest are forgotten, and a late quarantine does not follow them");
+        }
         self.cgroup_names = names;
         self.cgroups = fresh;
+    }
+
+    /// The unmapped cgroups that may still matter, besides the mapped ones: with
+    /// `--kubernetes`, those a complete scan of the cgroup root found (`None`, any: no scan,
+    /// or an incomplete one); none for an inventory (its cgroups are the operator's, named).
+    fn existing_cgroups(&self, pods: Option<&Scan>) -> Option<BTreeSet<u64>> {
+        match (&self.options.kubernetes, pods) {
+            (None, _) => Some(BTreeSet::new()),
+            (Some(_), Some(scan)) if scan.truncated.is_none() => Some(
+                scan.pods
+                    .values()
+                    .flat_map(|p| p.cgroups.values().copied())
+                    .collect(),
+            ),
+            (Some(_), _) => None,
+        }
     }
 
     /// Holds the cgroups of `subject`, just quarantined without a write.
@@ -565,7 +584,7 @@ impl Agent {
             return;
         };
         let from = name.clone();
-        let held = match self.identity_named(&name) {
+        let held = match self.identity_named(&name, subject) {
             Some(id) => {
                 self.quarantine(id, cause, Hold::Lasting);
                 self.quarantined.get(&id).cloned()
@@ -580,12 +599,17 @@ impl Agent {
         }
     }
 
-    /// The number the policy in force gives the workload `name` (or the same label set
-    /// renamed by a twin's hash suffix since `name` was current).
-    pub(super) fn identity_named(&self, name: &str) -> Option<u32> {
+    /// The number the policy in force gives the workload `name`, or `number` if the label
+    /// set holding it now is `name` renamed by a twin's hash suffix (a rename keeps the
+    /// number; a name alike under another number is another label set: review 56 M2).
+    pub(super) fn identity_named(&self, name: &str, number: u32) -> Option<u32> {
         self.compiled
             .identity_by_name(name)
-            .or_else(|| self.compiled.identities().find(|i| renamed(name, &i.name)))
+            .or_else(|| {
+                self.compiled
+                    .identity(number)
+                    .filter(|i| renamed(name, &i.name))
+            })
             .map(|i| i.id)
     }
 
@@ -606,8 +630,8 @@ impl Agent {
         let departed: Vec<u64> = self
             .departures
             .iter()
-            .filter(|d| d.at_ns >= since_ns && d.from == from)
-            .map(|d| d.cgroup)
+            .filter(|((_, left), at)| **at >= since_ns && left == from)
+            .map(|((cgroup, _), _)| *cgroup)
             .collect();
         for cgroup in cgroups.into_iter().chain(departed).filter(|&c| c != 0) {
             // A cgroup held already keeps its hold (it may be another quarantine's).

@@ -41,7 +41,7 @@ impl Agent {
         let subject_name = subject.name.clone();
         // The subject as the policy of its connect named it, at its number now: the number
         // may have passed to another workload since (red-team review 50 H1).
-        let target = self.identity_named(&subject_name);
+        let target = self.identity_named(&subject_name, record.subject);
         let Some(learner) = &mut self.learner else {
             return;
         };
@@ -147,10 +147,12 @@ impl Agent {
             };
             // The contact's cgroup goes with the step-up, as a deny's with its quarantine:
             // a pod relabelled between its contact and this read (a contact kept past a
-            // full ring waits for the next tick) does not leave it behind. Not a live flow
-            // shown again: its cgroup may have moved long ago (review 55 M2).
-            if let Some(held) = held.filter(|_| fresh) {
-                self.hold_calling_cgroups(held, &from, [record.cgroup_id], record.start_ns);
+            // full ring waits for the next tick) does not leave it behind. A live flow shown
+            // again names no cgroup (it may have moved long ago: review 55 M2); those that
+            // left the subject since it opened are held all the same (review 56 L1).
+            if let Some(held) = held {
+                let cgroup = if fresh { record.cgroup_id } else { 0 };
+                self.hold_calling_cgroups(held, &from, [cgroup], record.start_ns);
             }
         }
     }
