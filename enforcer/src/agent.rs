@@ -1091,7 +1091,6 @@ impl Agent {
         self.unresolved = unresolved;
         self.tracked_prefixes = flows::tracked_prefixes(&desired).unwrap_or_default();
         self.cgroups_written(desired.cgroups, pods.as_ref());
-        self.hold_cgroups(pods.as_ref());
         tracing::info!(
             revision = self.compiled.revision(),
             allows = desired.allows.len(),
@@ -1201,7 +1200,6 @@ impl Agent {
                 Ok(()) => {
                     tracing::info!(cgroups = fresh.len(), "cgroup map updated");
                     self.cgroups_written(fresh, pods.as_ref());
-                    self.hold_cgroups(pods.as_ref());
                 }
                 Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
             }

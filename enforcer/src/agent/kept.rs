@@ -442,8 +442,7 @@ impl Agent {
     /// `--kubernetes` scan until a complete scan of the cgroup root no longer finds it; an
     /// inventory's cgroup (named by the operator) when unmapped. A released quarantine's
     /// cgroups are let go.
-    pub(super) fn hold_cgroups(&mut self, pods: Option<&Scan>) {
-        let existing = self.existing_cgroups(pods);
+    fn hold_cgroups(&mut self, existing: &Option<BTreeSet<u64>>) {
         let kept: BTreeSet<String> = self.quarantined_names().into_iter().collect();
         let cgroups = &self.cgroups;
         self.held_cgroups.retain(|cgroup, name| {
@@ -483,7 +482,8 @@ impl Agent {
     /// exists, is remembered with the time (`departures`, one entry per cgroup and workload
     /// left, the newest time), for a quarantine decided later about calls made before. A
     /// cgroup that is gone (a pod deleted, a sub-cgroup removed) is forgotten, so churn does
-    /// not push other moves out; so is a move older than [`departure_horizon`].
+    /// not push other moves out; so is a move older than [`departure_horizon`]. Then the
+    /// quarantines' holds follow the new map ([`Agent::hold_cgroups`]).
     pub(super) fn cgroups_written(&mut self, fresh: BTreeMap<u64, u32>, pods: Option<&Scan>) {
         let existing = self.existing_cgroups(pods);
         let exists = |cgroup: &u64| {
@@ -514,6 +514,7 @@ impl Agent {
         }
         self.cgroup_names = names;
         self.cgroups = fresh;
+        self.hold_cgroups(&existing);
     }
 
     /// The unmapped cgroups that may still matter, besides the mapped ones: with
