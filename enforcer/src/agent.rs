@@ -636,12 +636,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let (quarantined, waiting_quarantines) =
         kept::restored(&datapath, read_state(&options.state_dir), &compiled)?;
+    // The cgroup map as the last agent left it, if one ran: the quarantines' cgroups and each
+    // cgroup's workload then, so that a move made while no agent ran is followed too.
+    let pinned_cgroups = datapath.tables.cgroup_mappings().unwrap_or_else(|error| {
+        tracing::warn!("reading the pinned cgroup map: {error:#}: a pod relabelled while no agent ran may not be followed by its quarantine");
+        BTreeMap::new()
+    });
     let held_cgroups = kept::held_at_start(
-        &datapath,
+        &pinned_cgroups,
         read_state(&options.state_dir),
         &quarantined,
         &waiting_quarantines,
     );
+    let cgroup_names = kept::named(&compiled, &pinned_cgroups);
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
@@ -718,7 +725,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         bundle,
         compiled,
         cgroups: BTreeMap::new(),
-        cgroup_names: BTreeMap::new(),
+        cgroup_names,
         departures: BTreeMap::new(),
         held_cgroups,
         unresolved: Unresolved::default(),
@@ -2204,12 +2211,7 @@ impl Denies<'_> {
                 overflow.destination,
                 overflow.protocol,
             ) {
-                // Since its window began: the summary is stamped with the window's end (or
-                // now, if earlier), a window length later.
-                let since = match self.window_ns {
-                    0 => overflow.timestamp_ns,
-                    w => overflow.timestamp_ns.saturating_sub(1) / w * w,
-                };
+                let since = aggregate::window_start(overflow.timestamp_ns, self.window_ns);
                 self.quarantine.request(
                     overflow.subject,
                     subject.map(|i| i.name.clone()),

@@ -23,6 +23,10 @@ use enforcer_tests::{require_kernel, Agent, Outcome, Probe};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The event window of [`decoy_config`].
+const DECOY_WINDOW: Duration = Duration::from_secs(5);
+/// The workload a cgroup of HOLDER moves to.
+const MOVED: &str = "acme-moved";
 
 fn s<'a>(e: &'a Value, p: &str) -> Option<&'a str> {
     e.pointer(p).and_then(Value::as_str)
@@ -447,7 +451,7 @@ fn cross_tenant_quarantine_policies() -> String {
 /// workload (for [`decoys_then_the_call`]).
 fn decoy_config(state: &StateDir, world: &World) -> enforcer_tests::AgentConfig {
     let mut cfg = state.configure(world.agent_config());
-    cfg.events_aggregate = Some("5s".into());
+    cfg.events_aggregate = Some(format!("{}s", DECOY_WINDOW.as_secs()));
     cfg.extra_args
         .extend(["--events-keys-per-workload".into(), "4".into()]);
     cfg
@@ -863,7 +867,6 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    const WINDOW: Duration = Duration::from_secs(5);
     let net = 43;
     let mut entities = standard_entities(net);
     entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
@@ -888,7 +891,7 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
         &holder,
         world.entity("globex-agent").ip(false),
         &real,
-        WINDOW,
+        DECOY_WINDOW,
     )?;
 
     write_inventory(&world, &[HOLDER])?;
@@ -901,7 +904,7 @@ fn a_late_quarantine_falls_on_the_workload_that_was_denied() -> Result<()> {
         identity_of(&world, TAKER)? == held,
         "fixture: {TAKER} takes the number {held} once {HOLDER} is gone"
     );
-    let quarantined = wait_notices(&agent, "subject.quarantined", 1, 3 * WINDOW, |_| true)?;
+    let quarantined = wait_notices(&agent, "subject.quarantined", 1, 3 * DECOY_WINDOW, |_| true)?;
     ensure!(
         s(&quarantined[0], "/workload") == Some(HOLDER)
             && s(&quarantined[0], "/cause") == Some("cross-tenant-vector-db"),
@@ -944,39 +947,14 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    const WINDOW: Duration = Duration::from_secs(5);
-    const MOVED: &str = "acme-moved";
     const EARLY: &str = "acme-early";
-    let net = 50;
-    let mut entities = standard_entities(net);
-    entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
-    let world = World::new(net, entities, &cross_tenant_quarantine_policies())?;
+    let world = holder_world(50)?;
     // HOLDER's second and third cgroups, beside its first under the world's root.
     let (second, third) = (format!("{HOLDER}-2"), format!("{HOLDER}-3"));
     let second_cgroup = world.root.child(&second)?;
     let third_cgroup = world.root.child(&third)?;
-    let root = world.root.relative_str();
-    // HOLDER with the cgroups `mine` besides its first, then a workload of its own (as
-    // HOLDER, but for its name and address) for each of `others`.
-    let inventory = |mine: &[&str], others: &[(&str, &str, u8)]| {
-        let mine: String = mine.iter().map(|c| format!(", {root}/{c}")).collect();
-        let others: String = others
-            .iter()
-            .map(|(name, cgroup, i)| {
-                format!(
-                    "  - name: {name}\n    tenant: acme\n    purpose: inference\n    ring: prod\n    \
-                     spiffe_id: spiffe://cluster.local/ns/acme/sa/{name}\n    \
-                     cgroups: [{root}/{cgroup}]\n    ips: [127.{net}.9.{i}/32]\n"
-                )
-            })
-            .collect();
-        render_inventory(&world.entities, &root)
-            .replace(
-                &format!("    cgroups: [{root}/{HOLDER}]\n"),
-                &format!("    cgroups: [{root}/{HOLDER}{mine}]\n"),
-            )
-            .replace("endpoints:\n", &format!("{others}endpoints:\n"))
-    };
+    let inventory =
+        |mine: &[&str], others: &[(&str, &str, u8)]| holder_inventory(&world, mine, others);
     let write = |text: String| replace_file(world.bundle.path(), "inventory.yaml", &text, None);
     write(inventory(&[&second, &third], &[]))?;
     let _servers = world.servers_v4()?;
@@ -991,7 +969,6 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     };
     let (other, early) = (in_cgroup(&second_cgroup), in_cgroup(&third_cgroup));
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
-    let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
     other.expect_outcome(&vectors, Outcome::Ok, "the second cgroup is HOLDER's")?;
 
     write(inventory(&[&second], &[(EARLY, &third, 10)]))?;
@@ -999,13 +976,7 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     // The move was written before the notice; 400 ms on, a window that holds it has begun
     // more than 300 ms ago, and the calls wait for the next (see `decoys_then_the_call`).
     std::thread::sleep(Duration::from_millis(400));
-    decoys_then_the_calls(
-        &first,
-        world.entity("globex-agent").ip(false),
-        &real,
-        Some((&other, &real)),
-        WINDOW,
-    )?;
+    holder_calls(&world, [&first, &other])?;
 
     write(inventory(&[], &[(EARLY, &third, 10), (MOVED, &second, 9)]))?;
     applied_other_than(&agent, &[&whole, &left_early])?;
@@ -1013,34 +984,134 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
         notices(&agent, "subject.quarantined")?.is_empty(),
         "precondition: the quarantine was decided before the cgroup moved (more than a window early)"
     );
-    let followed = wait_notices(&agent, "subject.quarantined", 1, 3 * WINDOW, |e| {
-        s(e, "/workload") == Some(MOVED)
-    })?;
-    let denied = notices(&agent, "subject.quarantined")?;
-    ensure!(
-        denied.iter().any(|e| s(e, "/workload") == Some(HOLDER)
-            && s(e, "/cause") == Some("cross-tenant-vector-db")),
-        "the denied workload is quarantined: {denied:?}"
-    );
+    let denied = holder_and_moved_quarantined(&agent, &world, [&first, &other])?;
     ensure!(
         !denied.iter().any(|e| s(e, "/workload") == Some(EARLY)),
         "{EARLY} left HOLDER before the calls: {denied:?}"
     );
-    other.expect_outcome(
-        &vectors,
-        Outcome::Eperm,
-        &format!("the second cgroup under {MOVED}: {}", followed[0]),
-    )?;
-    first.expect_outcome(&vectors, Outcome::Eperm, "HOLDER itself")?;
     early.expect_outcome(
         &vectors,
         Outcome::Ok,
         "the third cgroup, gone before the calls",
     )?;
-    probe_in(&world, "acme-gateway").expect_outcome(
+    Ok(())
+}
+
+/// HOLDER's decoys and its call to globex-vectors from `probes[0]`, then the same call from
+/// `probes[1]` (another cgroup of HOLDER's), in one window: both calls only in the overflow.
+fn holder_calls(world: &World, probes: [&Probe; 2]) -> Result<()> {
+    let real = attempt("tcp", world.entity("globex-vectors").ip(false), 6333);
+    decoys_then_the_calls(
+        probes[0],
+        world.entity("globex-agent").ip(false),
+        &real,
+        Some((probes[1], &real)),
+        DECOY_WINDOW,
+    )
+}
+
+/// HOLDER (`probes[0]`, its calls denied by the `@quarantine` forbid) and MOVED (which
+/// `probes[1]`'s cgroup left HOLDER for) are quarantined within 3 windows, acme-gateway not:
+/// the quarantine notices.
+fn holder_and_moved_quarantined(
+    agent: &Agent,
+    world: &World,
+    probes: [&Probe; 2],
+) -> Result<Vec<Value>> {
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    let followed = wait_notices(agent, "subject.quarantined", 1, 3 * DECOY_WINDOW, |e| {
+        s(e, "/workload") == Some(MOVED)
+    })?;
+    let denied = notices(agent, "subject.quarantined")?;
+    ensure!(
+        denied.iter().any(|e| s(e, "/workload") == Some(HOLDER)
+            && s(e, "/cause") == Some("cross-tenant-vector-db")),
+        "the denied workload is quarantined: {denied:?}"
+    );
+    probes[1].expect_outcome(
+        &vectors,
+        Outcome::Eperm,
+        &format!("the second cgroup under {MOVED}: {}", followed[0]),
+    )?;
+    probes[0].expect_outcome(&vectors, Outcome::Eperm, "HOLDER itself")?;
+    probe_in(world, "acme-gateway").expect_outcome(
         &vectors,
         Outcome::Ok,
         "a workload the quarantine never held",
     )?;
+    Ok(denied)
+}
+
+/// The standard world on `net`, with HOLDER (acme) and the cross-tenant `@quarantine` forbid.
+fn holder_world(net: u8) -> Result<World> {
+    let mut entities = standard_entities(net);
+    entities.push(Entity::workload(net, HOLDER, "acme", "inference", 1, 3));
+    World::new(net, entities, &cross_tenant_quarantine_policies())
+}
+
+/// The world's inventory with HOLDER in the cgroups `mine` (under the world's root) besides
+/// its first, then a workload of its own (as HOLDER, but for its name and address
+/// 127.NET.9.i) for each (name, cgroup, i) of `others`.
+fn holder_inventory(world: &World, mine: &[&str], others: &[(&str, &str, u8)]) -> String {
+    let (root, net) = (world.root.relative_str(), world.net);
+    let mine: String = mine.iter().map(|c| format!(", {root}/{c}")).collect();
+    let others: String = others
+        .iter()
+        .map(|(name, cgroup, i)| {
+            format!(
+                "  - name: {name}\n    tenant: acme\n    purpose: inference\n    ring: prod\n    \
+                 spiffe_id: spiffe://cluster.local/ns/acme/sa/{name}\n    \
+                 cgroups: [{root}/{cgroup}]\n    ips: [127.{net}.9.{i}/32]\n"
+            )
+        })
+        .collect();
+    render_inventory(&world.entities, &root)
+        .replace(
+            &format!("    cgroups: [{root}/{HOLDER}]\n"),
+            &format!("    cgroups: [{root}/{HOLDER}{mine}]\n"),
+        )
+        .replace("endpoints:\n", &format!("{others}endpoints:\n"))
+}
+
+/// As [`a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup`], but the cgroup moves
+/// while no agent runs: HOLDER's two cgroups make the calls (the second's only in the
+/// overflow), the agent stops before it reads the overflow, HOLDER's second cgroup is given
+/// to MOVED, and the next agent, which reads the overflow, quarantines HOLDER and MOVED.
+/// Before, an agent knew only the moves it wrote itself (red-team review 56 L4), and MOVED
+/// stayed free.
+#[test]
+fn a_quarantine_follows_a_cgroup_moved_while_no_agent_ran() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = holder_world(51)?;
+    let second = format!("{HOLDER}-2");
+    let second_cgroup = world.root.child(&second)?;
+    let write = |text: String| replace_file(world.bundle.path(), "inventory.yaml", &text, None);
+    write(holder_inventory(&world, &[&second], &[]))?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = decoy_config(&state, &world);
+    let mut first_agent = Agent::start(cfg.clone())?;
+    first_applied_snapshot(&first_agent)?;
+    let first = probe_in(&world, HOLDER);
+    let other = Probe::new()
+        .in_cgroup(&second_cgroup)
+        .timeout(Duration::from_secs(10));
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
+    other.expect_outcome(&vectors, Outcome::Ok, "the second cgroup is HOLDER's")?;
+
+    // The overflow is read a whole window after the calls' window ends: the agent stops
+    // seconds before.
+    holder_calls(&world, [&first, &other])?;
+    first_agent.stop()?;
+    ensure!(
+        notices(&first_agent, "subject.quarantined")?.is_empty(),
+        "precondition: the first agent stopped before it read the overflow"
+    );
+    write(holder_inventory(&world, &[], &[(MOVED, &second, 9)]))?;
+
+    let agent = Agent::start(cfg)?;
+    holder_and_moved_quarantined(&agent, &world, [&first, &other])?;
     Ok(())
 }

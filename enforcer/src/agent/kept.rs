@@ -89,21 +89,16 @@ pub(super) fn restored(
 /// map gives to a quarantined identity (a state file from before holds were kept), each of a
 /// quarantine still kept. A quarantined pod relabelled while no agent ran is followed.
 pub(super) fn held_at_start(
-    datapath: &Datapath,
+    pinned: &BTreeMap<u64, u32>,
     state: Option<AgentState>,
     quarantined: &BTreeMap<u32, String>,
     waiting: &BTreeSet<String>,
 ) -> BTreeMap<u64, String> {
     let mut held = state.map(|s| s.held_cgroups).unwrap_or_default();
-    match datapath.tables.cgroup_mappings() {
-        Ok(pinned) => {
-            for (cgroup, id) in pinned {
-                if let Some(name) = quarantined.get(&id) {
-                    held.entry(cgroup).or_insert_with(|| name.clone());
-                }
-            }
+    for (cgroup, id) in pinned {
+        if let Some(name) = quarantined.get(id) {
+            held.entry(*cgroup).or_insert_with(|| name.clone());
         }
-        Err(error) => tracing::warn!("reading the pinned cgroup map: {error:#}: a quarantined pod relabelled while no agent ran may not be followed"),
     }
     held.retain(|_, name| waiting.contains(name) || quarantined.values().any(|n| n == name));
     held
@@ -113,6 +108,16 @@ pub(super) fn held_at_start(
 /// only, out of the policy): `identity N`, as `Agent::name_of` says.
 fn placeholder(id: u32) -> String {
     format!("identity {id}")
+}
+
+/// The workload name of each cgroup of the cgroup map `map`, as `compiled` names its number
+/// (a cgroup whose number it does not know is left out). At start, `map` is the pinned one
+/// the last agent wrote: a cgroup moved while no agent ran is then a move of the first write
+/// (review 56 L4: they were forgotten).
+pub(super) fn named(compiled: &Compiled, map: &BTreeMap<u64, u32>) -> BTreeMap<u64, String> {
+    map.iter()
+        .filter_map(|(&cgroup, &id)| compiled.identity(id).map(|i| (cgroup, i.name.clone())))
+        .collect()
 }
 
 /// Whether two pin directories are one: as written, or once resolved (a `--pin-root`
@@ -489,12 +494,7 @@ impl Agent {
         let exists = |cgroup: &u64| {
             fresh.contains_key(cgroup) || existing.as_ref().is_none_or(|e| e.contains(cgroup))
         };
-        let names: BTreeMap<u64, String> = fresh
-            .iter()
-            .filter_map(|(&cgroup, &id)| {
-                self.compiled.identity(id).map(|i| (cgroup, i.name.clone()))
-            })
-            .collect();
+        let names = named(&self.compiled, &fresh);
         let at_ns = crate::events::aggregate::monotonic_ns();
         for (&cgroup, from) in &self.cgroup_names {
             if names.get(&cgroup) != Some(from) && exists(&cgroup) {

@@ -276,6 +276,22 @@ pub fn flow_suppressed(
     }
 }
 
+/// When the calls counted in a swept entry may have begun, in CLOCK_MONOTONIC nanoseconds:
+/// `end_ns` is the time [`Aggregates::sweep`] stamped its event with, `window_ns` the window
+/// length in force (0: aggregation off). The sweep stamps an entry with its window's end, so
+/// this is the window's start; 0 (any time before) for an entry an earlier agent left, whose
+/// calls came before every move this agent saw: with aggregation off now (the kernel adds to
+/// no entry), or of another window length, whose end the sweep clamped to its own time,
+/// which is then no window boundary (review 56 L3: "since" was about now, and a quarantine
+/// followed none of the moves made after such calls).
+pub fn window_start(end_ns: u64, window_ns: u64) -> u64 {
+    match window_ns {
+        0 => 0,
+        w if !end_ns.is_multiple_of(w) => 0,
+        w => end_ns.saturating_sub(w),
+    }
+}
+
 /// The event of `count` denies of `key`, as the kernel would have written one of them.
 fn summary(key: &AggregateKey, value: &AggregateValue, count: u64, now_ns: u64) -> DenyEvent {
     let bytes = |w: [u32; 4]| {
@@ -339,6 +355,21 @@ mod tests {
         assert!(parse_window("10us").is_err());
         let error = parse_window("often").unwrap_err().to_string();
         assert!(error.contains("--events-aggregate"), "{error}");
+    }
+
+    #[test]
+    fn an_entry_left_by_an_earlier_agent_began_at_any_time() {
+        const W: u64 = 5_000_000_000;
+        assert_eq!(
+            window_start(7 * W, W),
+            6 * W,
+            "this agent's: its window's start"
+        );
+        assert_eq!(window_start(W, W), 0);
+        // Aggregation off now, or another window length (the end clamped to the sweep's
+        // time, no window boundary): the calls came before this agent started.
+        assert_eq!(window_start(7 * W + 123, 0), 0);
+        assert_eq!(window_start(7 * W + 123, W), 0);
     }
 
     #[test]
