@@ -207,6 +207,33 @@ pub struct AgentState {
     /// restarted agent still names the revision that allowed a long-lived flow.
     #[serde(default)]
     pub policy_generations: BTreeMap<u32, String>,
+    /// Recent moves of cgroups between workloads, for a quarantine decided later about calls
+    /// made before (`Agent::cgroups_written`): read back at the next start within the same
+    /// boot (`boot_id`), so that a restart does not forget them (red-team review 56 L4).
+    #[serde(default)]
+    pub departures: Vec<Departure>,
+    /// Each cgroup of the cgroup map as last written: its identity number and the workload
+    /// that number named then. The next agent of the same boot takes the pinned map's
+    /// cgroups by these names (where the pinned number is the one kept here), so that a
+    /// cgroup moved while no agent ran is a move of its first write (review 56 L4), named as
+    /// the map was written, not by the policy it starts with (review 57 M1: a number that
+    /// passed to another workload meanwhile gave the cgroup a workload it never had).
+    #[serde(default)]
+    pub mapped_cgroups: BTreeMap<u64, (u32, String)>,
+    /// The kernel's boot ID (`/proc/sys/kernel/random/boot_id`): the boot whose
+    /// CLOCK_MONOTONIC and cgroup IDs `departures` and `mapped_cgroups` are of.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+/// A cgroup that left a workload (the cgroup map mapped it to another, or to none).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Departure {
+    pub cgroup_id: u64,
+    /// The workload it left.
+    pub workload: String,
+    /// When the agent wrote the move (CLOCK_MONOTONIC nanoseconds).
+    pub at_ns: u64,
 }
 
 /// An identity as `enforcer flows` names it.
@@ -648,7 +675,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &quarantined,
         &waiting_quarantines,
     );
-    let cgroup_names = kept::named(&compiled, &pinned_cgroups);
+    let (cgroup_names, departures) =
+        kept::moves_at_start(&pinned_cgroups, read_state(&options.state_dir));
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
@@ -726,7 +754,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         compiled,
         cgroups: BTreeMap::new(),
         cgroup_names,
-        departures: BTreeMap::new(),
+        departures,
         held_cgroups,
         unresolved: Unresolved::default(),
         quarantined,
@@ -1202,16 +1230,22 @@ impl Agent {
                 }
             }
         }
+        let mut written = false;
         if fresh != self.cgroups {
             match self.datapath.tables.sync_cgroups(&fresh) {
                 Ok(()) => {
                     tracing::info!(cgroups = fresh.len(), "cgroup map updated");
                     self.cgroups_written(fresh, pods.as_ref());
+                    written = true;
                 }
                 Err(error) => tracing::error!("updating the cgroup map failed: {error:#}"),
             }
         }
         let view = pods_view(pods.as_ref(), &unresolved, &self.cgroups, &self.compiled);
+        if written && unresolved == self.unresolved && view == self.pods {
+            // The map's names and moves, for the next agent (saved below otherwise).
+            self.save_state();
+        }
         if unresolved != self.unresolved || view != self.pods {
             report_unresolved(&self.unresolved, &unresolved);
             let conflicts_changed = unresolved.conflicts != self.unresolved.conflicts;
@@ -1896,6 +1930,23 @@ impl Agent {
             agent_cgroup: self.agent_cgroup.as_ref().map(|(_, path)| path.clone()),
             flow_names: self.flow_names(),
             policy_generations: self.history.revisions(),
+            departures: self
+                .departures
+                .iter()
+                .map(|((cgroup_id, workload), &at_ns)| Departure {
+                    cgroup_id: *cgroup_id,
+                    workload: workload.clone(),
+                    at_ns,
+                })
+                .collect(),
+            mapped_cgroups: self
+                .cgroups
+                .iter()
+                .filter_map(|(&cgroup, &id)| {
+                    Some((cgroup, (id, self.cgroup_names.get(&cgroup)?.clone())))
+                })
+                .collect(),
+            boot_id: kept::boot_id(),
         };
         let file = self.options.state_dir.join("state.json");
         std::fs::create_dir_all(&self.options.state_dir)
@@ -2139,8 +2190,6 @@ struct Denies<'a> {
     /// The facts of recent keys, shared by their calls.
     enricher: record::Enricher,
     quarantine: Arc<handoff::QuarantineRequests>,
-    /// `--events-aggregate` in nanoseconds (0: off): where an overflow's window began.
-    window_ns: u64,
 }
 
 impl Denies<'_> {
@@ -2186,8 +2235,9 @@ impl Denies<'_> {
     /// Where a `@quarantine` forbid denies some call of the subject to that destination, the
     /// subject is quarantined: a workload that first spends its key budget on decoys must
     /// not escape the quarantine its real attempt earns (the overflow keeps no port, so any
-    /// port's forbid counts).
-    fn suppressed(&self, overflow: &enforcer_common::DenyEvent) -> Notice {
+    /// port's forbid counts). `since_ns`: when its calls may have begun
+    /// ([`aggregate::calls_since`]), from which the cgroups that left the subject are held.
+    fn suppressed(&self, overflow: &enforcer_common::DenyEvent, since_ns: u64) -> Notice {
         let policy = self
             .history
             .at(overflow.policy_generation)
@@ -2211,13 +2261,12 @@ impl Denies<'_> {
                 overflow.destination,
                 overflow.protocol,
             ) {
-                let since = aggregate::window_start(overflow.timestamp_ns, self.window_ns);
                 self.quarantine.request(
                     overflow.subject,
                     subject.map(|i| i.name.clone()),
                     cause,
                     overflow.cgroup_id,
-                    since,
+                    since_ns,
                 );
             }
         }
@@ -2376,7 +2425,6 @@ async fn stream_events(
         cgroups: crate::events::cgroup::Resolver::new(crate::fs::cgroup2_mount().ok()),
         enricher: record::Enricher::new(),
         quarantine,
-        window_ns: u64::try_from(aggregate_window.as_nanos()).unwrap_or(u64::MAX),
     };
     // Also with aggregation off: what an earlier agent left counted in the map is reported.
     let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;
@@ -2444,8 +2492,8 @@ async fn stream_events(
                 for summary in swept.summaries {
                     denies.deliver(&summary, &mut events)?;
                 }
-                for overflow in swept.overflows {
-                    events.emit(Event::Notice(denies.suppressed(&overflow)))?;
+                for (overflow, since_ns) in swept.overflows {
+                    events.emit(Event::Notice(denies.suppressed(&overflow, since_ns)))?;
                 }
                 if !swept.flows.is_empty() {
                     // Suppressed opened events told the agent nothing of those flows: have it

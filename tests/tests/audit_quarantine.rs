@@ -1073,45 +1073,72 @@ fn holder_inventory(world: &World, mine: &[&str], others: &[(&str, &str, u8)]) -
         .replace("endpoints:\n", &format!("{others}endpoints:\n"))
 }
 
-/// As [`a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup`], but the cgroup moves
-/// while no agent runs: HOLDER's two cgroups make the calls (the second's only in the
-/// overflow), the agent stops before it reads the overflow, HOLDER's second cgroup is given
-/// to MOVED, and the next agent, which reads the overflow, quarantines HOLDER and MOVED.
-/// Before, an agent knew only the moves it wrote itself (red-team review 56 L4), and MOVED
-/// stayed free.
+/// As [`a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup`], across a restart:
+/// HOLDER's first two cgroups make the calls (the second's only in the overflow); the agent
+/// writes the second's move to MOVED and stops before it reads the overflow; HOLDER's third
+/// cgroup passes to LATER while no agent runs; the next agent, which reads the overflow,
+/// quarantines HOLDER, MOVED and LATER. Before, an agent knew only the moves it wrote itself
+/// and forgot them when it stopped (red-team review 56 L4): MOVED and LATER stayed free.
 #[test]
-fn a_quarantine_follows_a_cgroup_moved_while_no_agent_ran() -> Result<()> {
+fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
+    const LATER: &str = "acme-later";
     let world = holder_world(51)?;
-    let second = format!("{HOLDER}-2");
-    let second_cgroup = world.root.child(&second)?;
+    let (second, third) = (format!("{HOLDER}-2"), format!("{HOLDER}-3"));
+    let (second_cgroup, third_cgroup) = (world.root.child(&second)?, world.root.child(&third)?);
     let write = |text: String| replace_file(world.bundle.path(), "inventory.yaml", &text, None);
-    write(holder_inventory(&world, &[&second], &[]))?;
+    write(holder_inventory(&world, &[&second, &third], &[]))?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
     let cfg = decoy_config(&state, &world);
     let mut first_agent = Agent::start(cfg.clone())?;
-    first_applied_snapshot(&first_agent)?;
+    let whole = first_applied_snapshot(&first_agent)?;
     let first = probe_in(&world, HOLDER);
-    let other = Probe::new()
-        .in_cgroup(&second_cgroup)
-        .timeout(Duration::from_secs(10));
+    let in_cgroup = |cgroup| {
+        Probe::new()
+            .in_cgroup(cgroup)
+            .timeout(Duration::from_secs(10))
+    };
+    let (other, later) = (in_cgroup(&second_cgroup), in_cgroup(&third_cgroup));
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
     other.expect_outcome(&vectors, Outcome::Ok, "the second cgroup is HOLDER's")?;
 
-    // The overflow is read a whole window after the calls' window ends: the agent stops
-    // seconds before.
+    // The overflow is read a whole window after the calls' window ends: the move is written
+    // and the agent stopped seconds before.
     holder_calls(&world, [&first, &other])?;
+    write(holder_inventory(&world, &[&third], &[(MOVED, &second, 9)]))?;
+    applied_snapshot_after(&first_agent, &whole)?;
     first_agent.stop()?;
+    let read_by_first = notices(&first_agent, "events.suppressed")?;
     ensure!(
-        notices(&first_agent, "subject.quarantined")?.is_empty(),
-        "precondition: the first agent stopped before it read the overflow"
+        read_by_first.is_empty() && notices(&first_agent, "subject.quarantined")?.is_empty(),
+        "precondition: the first agent stopped before it read the overflow: {read_by_first:?}"
     );
-    write(holder_inventory(&world, &[], &[(MOVED, &second, 9)]))?;
+    write(holder_inventory(
+        &world,
+        &[],
+        &[(MOVED, &second, 9), (LATER, &third, 10)],
+    ))?;
 
     let agent = Agent::start(cfg)?;
     holder_and_moved_quarantined(&agent, &world, [&first, &other])?;
+    let suppressed = notices(&agent, "events.suppressed")?;
+    ensure!(
+        suppressed
+            .iter()
+            .any(|n| s(n, "/destination") == Some("globex-vectors")
+                && s(n, "/workload") == Some(HOLDER)),
+        "the second agent read the overflow (the path under test): {suppressed:?}"
+    );
+    let followed = wait_notices(&agent, "subject.quarantined", 1, WAIT, |e| {
+        s(e, "/workload") == Some(LATER)
+    })?;
+    later.expect_outcome(
+        &vectors,
+        Outcome::Eperm,
+        &format!("the third cgroup under {LATER}: {}", followed[0]),
+    )?;
     Ok(())
 }

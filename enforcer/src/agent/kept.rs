@@ -111,13 +111,47 @@ fn placeholder(id: u32) -> String {
 }
 
 /// The workload name of each cgroup of the cgroup map `map`, as `compiled` names its number
-/// (a cgroup whose number it does not know is left out). At start, `map` is the pinned one
-/// the last agent wrote: a cgroup moved while no agent ran is then a move of the first write
-/// (review 56 L4: they were forgotten).
+/// (a cgroup whose number it does not know is left out).
 pub(super) fn named(compiled: &Compiled, map: &BTreeMap<u64, u32>) -> BTreeMap<u64, String> {
     map.iter()
         .filter_map(|(&cgroup, &id)| compiled.identity(id).map(|i| (cgroup, i.name.clone())))
         .collect()
+}
+
+/// What the last agent of this boot knew of cgroup moves (its state file: the kernel's
+/// times and cgroup IDs are of one boot): the workload name of each cgroup of the pinned map
+/// it left (`pinned`), where the state file names the same number for it, so that a cgroup
+/// moved while no agent ran is a move of the first write (review 56 L4); and the moves it
+/// remembered. The first write forgets moves too old or of cgroups gone
+/// ([`Agent::cgroups_written`]).
+pub(super) fn moves_at_start(
+    pinned: &BTreeMap<u64, u32>,
+    state: Option<AgentState>,
+) -> (BTreeMap<u64, String>, BTreeMap<(u64, String), u64>) {
+    let Some(state) = state.filter(|s| s.boot_id.is_some() && s.boot_id == boot_id()) else {
+        return (BTreeMap::new(), BTreeMap::new());
+    };
+    let mut mapped = state.mapped_cgroups;
+    let names = pinned
+        .iter()
+        .filter_map(|(cgroup, id)| match mapped.remove(cgroup) {
+            Some((was, name)) if was == *id => Some((*cgroup, name)),
+            _ => None,
+        })
+        .collect();
+    let departures = state
+        .departures
+        .into_iter()
+        .map(|d| ((d.cgroup_id, d.workload), d.at_ns))
+        .collect();
+    (names, departures)
+}
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`), if it can be read.
+pub(super) fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
 }
 
 /// Whether two pin directories are one: as written, or once resolved (a `--pin-root`
@@ -488,7 +522,8 @@ impl Agent {
     /// left, the newest time), for a quarantine decided later about calls made before. A
     /// cgroup that is gone (a pod deleted, a sub-cgroup removed) is forgotten, so churn does
     /// not push other moves out; so is a move older than [`departure_horizon`]. Then the
-    /// quarantines' holds follow the new map ([`Agent::hold_cgroups`]).
+    /// quarantines' holds follow the new map ([`Agent::hold_cgroups`]). The caller writes the
+    /// state file, which keeps the map's names and the moves for the next agent.
     pub(super) fn cgroups_written(&mut self, fresh: BTreeMap<u64, u32>, pods: Option<&Scan>) {
         let existing = self.existing_cgroups(pods);
         let exists = |cgroup: &u64| {

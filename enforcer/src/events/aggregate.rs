@@ -78,6 +78,9 @@ pub struct Aggregates {
     map: BpfHashMap<MapData, AggregateKey, AggregateValue>,
     budget: BpfHashMap<MapData, AggregateBudgetKey, u64>,
     window_ns: u64,
+    /// The entries an earlier agent left (in the map when it was opened), until swept: their
+    /// window numbers may be of another window length.
+    inherited: std::collections::HashSet<AggregateKey>,
 }
 
 /// What one sweep found: summaries of denies' own keys (written like the kernel's events),
@@ -85,8 +88,9 @@ pub struct Aggregates {
 #[derive(Debug, Default)]
 pub struct Swept {
     pub summaries: Vec<DenyEvent>,
-    /// Only the fields of an overflow key are set (`aggregate_flags::OVERFLOW`).
-    pub overflows: Vec<DenyEvent>,
+    /// Only the fields of an overflow key are set (`aggregate_flags::OVERFLOW`); each with
+    /// the time its calls may have begun since ([`calls_since`]).
+    pub overflows: Vec<(DenyEvent, u64)>,
     /// Suppressed flow events, one per (window, workload), in window order.
     pub flows: Vec<FlowOverflow>,
     /// The entries read: for [`Aggregates::forget`] once what they told is written.
@@ -127,10 +131,14 @@ impl Aggregates {
     /// (`Config::event_window_ns`; zero: off, and every entry left is reported). Errors: the map is missing or of another layout
     /// (a pin directory of another ABI).
     pub fn open(pin_dir: &Path, window: Duration) -> Result<Self> {
+        let map: BpfHashMap<MapData, AggregateKey, AggregateValue> =
+            open_hash(pin_dir, maps::AGGREGATE)?;
+        let inherited = map.keys().filter_map(|k| k.ok()).collect();
         Ok(Self {
-            map: open_hash(pin_dir, maps::AGGREGATE)?,
+            map,
             budget: open_hash(pin_dir, maps::AGGREGATE_BUDGET)?,
             window_ns: window.as_nanos() as u64,
+            inherited,
         })
     }
 
@@ -196,7 +204,10 @@ impl Aggregates {
                         o.opened += value.suppressed;
                     }
                 } else if key.flags & aggregate_flags::OVERFLOW != 0 {
-                    swept.overflows.push(event);
+                    let inherited = self.inherited.contains(&key);
+                    swept
+                        .overflows
+                        .push((event, calls_since(key.window, self.window_ns, inherited)));
                 } else {
                     swept.summaries.push(event);
                 }
@@ -213,6 +224,7 @@ impl Aggregates {
             if let Err(error) = self.map.remove(key) {
                 tracing::warn!(%error, "deleting a reported AGGREGATE entry");
             }
+            self.inherited.remove(key);
         }
     }
 }
@@ -276,20 +288,18 @@ pub fn flow_suppressed(
     }
 }
 
-/// When the calls counted in a swept entry may have begun, in CLOCK_MONOTONIC nanoseconds:
-/// `end_ns` is the time [`Aggregates::sweep`] stamped its event with, `window_ns` the window
-/// length in force (0: aggregation off). The sweep stamps an entry with its window's end, so
-/// this is the window's start; 0 (any time before) for an entry an earlier agent left, whose
-/// calls came before every move this agent saw: with aggregation off now (the kernel adds to
-/// no entry), or of another window length, whose end the sweep clamped to its own time,
-/// which is then no window boundary (review 56 L3: "since" was about now, and a quarantine
-/// followed none of the moves made after such calls).
-pub fn window_start(end_ns: u64, window_ns: u64) -> u64 {
-    match window_ns {
-        0 => 0,
-        w if !end_ns.is_multiple_of(w) => 0,
-        w => end_ns.saturating_sub(w),
+/// When the calls counted in an entry of window number `window` may have begun, in
+/// CLOCK_MONOTONIC nanoseconds: its window's start (`window_ns` the window length in force,
+/// 0: aggregation off); 0 (any time before) for an entry an earlier agent left
+/// (`inherited`), whose calls came before every move this agent saw and whose window number
+/// may be of another length, and for any entry while aggregation is off (the kernel adds to
+/// none then). Review 56 L3: such an entry's "since" was about now, and a quarantine
+/// followed none of the moves made after its calls.
+pub fn calls_since(window: u64, window_ns: u64, inherited: bool) -> u64 {
+    if inherited || window_ns == 0 {
+        return 0;
     }
+    window.saturating_mul(window_ns)
 }
 
 /// The event of `count` denies of `key`, as the kernel would have written one of them.
@@ -361,15 +371,12 @@ mod tests {
     fn an_entry_left_by_an_earlier_agent_began_at_any_time() {
         const W: u64 = 5_000_000_000;
         assert_eq!(
-            window_start(7 * W, W),
+            calls_since(6, W, false),
             6 * W,
             "this agent's: its window's start"
         );
-        assert_eq!(window_start(W, W), 0);
-        // Aggregation off now, or another window length (the end clamped to the sweep's
-        // time, no window boundary): the calls came before this agent started.
-        assert_eq!(window_start(7 * W + 123, 0), 0);
-        assert_eq!(window_start(7 * W + 123, W), 0);
+        assert_eq!(calls_since(6, W, true), 0, "an earlier agent's");
+        assert_eq!(calls_since(6, 0, false), 0, "aggregation off now");
     }
 
     #[test]
