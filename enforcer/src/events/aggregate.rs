@@ -290,11 +290,11 @@ pub fn flow_suppressed(
 
 /// When the calls counted in an entry of window number `window` may have begun, in
 /// CLOCK_MONOTONIC nanoseconds: its window's start (`window_ns` the window length in force,
-/// 0: aggregation off); 0 (any time before) for an entry an earlier agent left
-/// (`inherited`), whose calls came before every move this agent saw and whose window number
-/// may be of another length, and for any entry while aggregation is off (the kernel adds to
-/// none then). Review 56 L3: such an entry's "since" was about now, and a quarantine
-/// followed none of the moves made after its calls.
+/// 0: aggregation off); 0 (any time: holding a move too many rather than missing one) for
+/// an entry an earlier agent left (`inherited`), whose window number may be of another
+/// length and whose calls came before this agent started, and for any entry while
+/// aggregation is off (the kernel adds to none then). Review 56 L3: such an entry's "since"
+/// was about now, and a quarantine followed none of the moves made after its calls.
 pub fn calls_since(window: u64, window_ns: u64, inherited: bool) -> u64 {
     if inherited || window_ns == 0 {
         return 0;
