@@ -615,6 +615,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ring_buffer_bytes: options.ring_buffer_bytes,
         capacity: options.capacity,
     })?;
+    // The counts an earlier agent left, before this agent's window replaces its length in
+    // `CONFIG`: their window numbers are of that length.
+    let previous_window = datapath
+        .tables
+        .config()
+        .map(|c| Duration::from_nanos(c.event_window_ns))
+        .unwrap_or_default();
+    let aggregates = Aggregates::open(datapath.dir(), options.events_aggregate, previous_window)?;
     // Before the hooks are attached: the first flood is aggregated already.
     datapath
         .tables
@@ -816,7 +824,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         contact_tx,
         emitter,
         reopen,
-        agent.options.events_aggregate,
+        aggregates,
         Stopping {
             stop_reading: stop_rx,
             finish: finish_rx,
@@ -2397,7 +2405,7 @@ async fn stream_events(
     contacts: Option<handoff::ContactSender>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
-    aggregate_window: Duration,
+    mut aggregates: Aggregates,
     mut stopping: Stopping,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
@@ -2427,7 +2435,6 @@ async fn stream_events(
         quarantine,
     };
     // Also with aggregation off: what an earlier agent left counted in the map is reported.
-    let mut aggregates = Aggregates::open(&pin_dir, aggregate_window)?;
     let mut reading = true;
     loop {
         // Records read by this turn if it emptied its ring (see EVENT_COALESCE).

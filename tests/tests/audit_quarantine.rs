@@ -27,6 +27,8 @@ const WAIT: Duration = Duration::from_secs(10);
 const DECOY_WINDOW: Duration = Duration::from_secs(5);
 /// The workload a cgroup of HOLDER moves to.
 const MOVED: &str = "acme-moved";
+/// The workload a cgroup of HOLDER moves to before HOLDER's calls.
+const EARLY: &str = "acme-early";
 
 fn s<'a>(e: &'a Value, p: &str) -> Option<&'a str> {
     e.pointer(p).and_then(Value::as_str)
@@ -947,7 +949,6 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
     if !require_kernel() {
         return Ok(());
     }
-    const EARLY: &str = "acme-early";
     let world = holder_world(50)?;
     // HOLDER's second and third cgroups, beside its first under the world's root.
     let (second, third) = (format!("{HOLDER}-2"), format!("{HOLDER}-3"));
@@ -984,17 +985,24 @@ fn a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup() -> Result<()> {
         notices(&agent, "subject.quarantined")?.is_empty(),
         "precondition: the quarantine was decided before the cgroup moved (more than a window early)"
     );
-    let denied = holder_and_moved_quarantined(&agent, &world, [&first, &other])?;
+    holder_and_moved_quarantined(&agent, &world, [&first, &other])?;
+    early_stays_free(&agent, &world, &early)
+}
+
+/// EARLY (which `early`'s cgroup left HOLDER for before the calls) is not quarantined with
+/// HOLDER.
+fn early_stays_free(agent: &Agent, world: &World, early: &Probe) -> Result<()> {
+    let denied = notices(agent, "subject.quarantined")?;
     ensure!(
         !denied.iter().any(|e| s(e, "/workload") == Some(EARLY)),
         "{EARLY} left HOLDER before the calls: {denied:?}"
     );
+    let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
     early.expect_outcome(
         &vectors,
         Outcome::Ok,
-        "the third cgroup, gone before the calls",
-    )?;
-    Ok(())
+        "the cgroup that left HOLDER before the calls",
+    )
 }
 
 /// HOLDER's decoys and its call to globex-vectors from `probes[0]`, then the same call from
@@ -1074,11 +1082,13 @@ fn holder_inventory(world: &World, mine: &[&str], others: &[(&str, &str, u8)]) -
 }
 
 /// As [`a_quarantine_hidden_in_an_overflow_follows_the_moved_cgroup`], across a restart:
-/// HOLDER's first two cgroups make the calls (the second's only in the overflow); the agent
-/// writes the second's move to MOVED and stops before it reads the overflow; HOLDER's third
-/// cgroup passes to LATER while no agent runs; the next agent, which reads the overflow,
-/// quarantines HOLDER, MOVED and LATER. Before, an agent knew only the moves it wrote itself
-/// and forgot them when it stopped (red-team review 56 L4): MOVED and LATER stayed free.
+/// HOLDER's fourth cgroup passes to EARLY before the calls; its first two cgroups make the
+/// calls (the second's only in the overflow); the agent writes the second's move to MOVED and
+/// stops before it reads the overflow; HOLDER's third cgroup passes to LATER while no agent
+/// runs; the next agent, which reads the overflow, quarantines HOLDER, MOVED and LATER, and
+/// not EARLY. Before, an agent knew only the moves it wrote itself and forgot them when it
+/// stopped (red-team review 56 L4): MOVED and LATER stayed free; and an overflow an earlier
+/// agent left held every move remembered, EARLY's too (review 58 F1).
 #[test]
 fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
     if !require_kernel() {
@@ -1086,10 +1096,11 @@ fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
     }
     const LATER: &str = "acme-later";
     let world = holder_world(51)?;
-    let (second, third) = (format!("{HOLDER}-2"), format!("{HOLDER}-3"));
+    let [second, third, fourth] = [2, 3, 4].map(|i| format!("{HOLDER}-{i}"));
     let (second_cgroup, third_cgroup) = (world.root.child(&second)?, world.root.child(&third)?);
+    let fourth_cgroup = world.root.child(&fourth)?;
     let write = |text: String| replace_file(world.bundle.path(), "inventory.yaml", &text, None);
-    write(holder_inventory(&world, &[&second, &third], &[]))?;
+    write(holder_inventory(&world, &[&second, &third, &fourth], &[]))?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
     let cfg = decoy_config(&state, &world);
@@ -1102,14 +1113,27 @@ fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
             .timeout(Duration::from_secs(10))
     };
     let (other, later) = (in_cgroup(&second_cgroup), in_cgroup(&third_cgroup));
+    let early = in_cgroup(&fourth_cgroup);
     let vectors = attempt("tcp", world.entity("acme-vectors").ip(false), 6333);
     other.expect_outcome(&vectors, Outcome::Ok, "the second cgroup is HOLDER's")?;
 
+    write(holder_inventory(
+        &world,
+        &[&second, &third],
+        &[(EARLY, &fourth, 11)],
+    ))?;
+    let left_early = applied_snapshot_after(&first_agent, &whole)?;
+    // As in the test before: the calls begin in a window after the move's.
+    std::thread::sleep(Duration::from_millis(400));
     // The overflow is read a whole window after the calls' window ends: the move is written
     // and the agent stopped seconds before.
     holder_calls(&world, [&first, &other])?;
-    write(holder_inventory(&world, &[&third], &[(MOVED, &second, 9)]))?;
-    applied_snapshot_after(&first_agent, &whole)?;
+    write(holder_inventory(
+        &world,
+        &[&third],
+        &[(EARLY, &fourth, 11), (MOVED, &second, 9)],
+    ))?;
+    applied_other_than(&first_agent, &[&whole, &left_early])?;
     first_agent.stop()?;
     let read_by_first = notices(&first_agent, "events.suppressed")?;
     ensure!(
@@ -1119,7 +1143,11 @@ fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
     write(holder_inventory(
         &world,
         &[],
-        &[(MOVED, &second, 9), (LATER, &third, 10)],
+        &[
+            (EARLY, &fourth, 11),
+            (MOVED, &second, 9),
+            (LATER, &third, 10),
+        ],
     ))?;
 
     let agent = Agent::start(cfg)?;
@@ -1140,5 +1168,5 @@ fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
         Outcome::Eperm,
         &format!("the third cgroup under {LATER}: {}", followed[0]),
     )?;
-    Ok(())
+    early_stays_free(&agent, &world, &early)
 }

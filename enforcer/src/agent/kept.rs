@@ -87,14 +87,24 @@ pub(super) fn restored(
 /// The cgroups held under a quarantine's name at a start (see [`Agent::hold_cgroups`]): those
 /// the previous agent held (its state file: unmapped ones too), and those the pinned cgroup
 /// map gives to a quarantined identity (a state file from before holds were kept), each of a
-/// quarantine still kept. A quarantined pod relabelled while no agent ran is followed.
+/// quarantine still kept. A quarantined pod relabelled while no agent ran is followed. The
+/// state file's holds are of this boot only (cgroup IDs are given out again after a reboot:
+/// review 58 F4), or, from an agent that kept no boot ID, while pinned maps say an agent ran
+/// in this boot.
 pub(super) fn held_at_start(
     pinned: &BTreeMap<u64, u32>,
     state: Option<AgentState>,
     quarantined: &BTreeMap<u32, String>,
     waiting: &BTreeSet<String>,
 ) -> BTreeMap<u64, String> {
-    let mut held = state.map(|s| s.held_cgroups).unwrap_or_default();
+    let this_boot = |s: &AgentState| match &s.boot_id {
+        Some(id) => Some(id) == boot_id().as_ref(),
+        None => !pinned.is_empty(),
+    };
+    let mut held = state
+        .filter(this_boot)
+        .map(|s| s.held_cgroups)
+        .unwrap_or_default();
     for (cgroup, id) in pinned {
         if let Some(name) = quarantined.get(id) {
             held.entry(*cgroup).or_insert_with(|| name.clone());

@@ -79,8 +79,11 @@ pub struct Aggregates {
     budget: BpfHashMap<MapData, AggregateBudgetKey, u64>,
     window_ns: u64,
     /// The entries an earlier agent left (in the map when it was opened), until swept: their
-    /// window numbers may be of another window length.
+    /// window numbers are of `previous_ns`.
     inherited: std::collections::HashSet<AggregateKey>,
+    /// The window length in force when the map was opened (`Config::event_window_ns` then,
+    /// before this agent set its own).
+    previous_ns: u64,
 }
 
 /// What one sweep found: summaries of denies' own keys (written like the kernel's events),
@@ -128,9 +131,10 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
 
 impl Aggregates {
     /// Opens the pinned `AGGREGATE` map of `pin_dir`. `window` must be the kernel's
-    /// (`Config::event_window_ns`; zero: off, and every entry left is reported). Errors: the map is missing or of another layout
-    /// (a pin directory of another ABI).
-    pub fn open(pin_dir: &Path, window: Duration) -> Result<Self> {
+    /// (`Config::event_window_ns`; zero: off, and every entry left is reported), `previous`
+    /// the one in force until now, which numbered the entries in the map now. Errors: the
+    /// map is missing or of another layout (a pin directory of another ABI).
+    pub fn open(pin_dir: &Path, window: Duration, previous: Duration) -> Result<Self> {
         let map: BpfHashMap<MapData, AggregateKey, AggregateValue> =
             open_hash(pin_dir, maps::AGGREGATE)?;
         let inherited = map.keys().filter_map(|k| k.ok()).collect();
@@ -139,6 +143,7 @@ impl Aggregates {
             budget: open_hash(pin_dir, maps::AGGREGATE_BUDGET)?,
             window_ns: window.as_nanos() as u64,
             inherited,
+            previous_ns: previous.as_nanos() as u64,
         })
     }
 
@@ -204,10 +209,14 @@ impl Aggregates {
                         o.opened += value.suppressed;
                     }
                 } else if key.flags & aggregate_flags::OVERFLOW != 0 {
-                    let inherited = self.inherited.contains(&key);
+                    let length = if self.inherited.contains(&key) {
+                        self.previous_ns
+                    } else {
+                        self.window_ns
+                    };
                     swept
                         .overflows
-                        .push((event, calls_since(key.window, self.window_ns, inherited)));
+                        .push((event, calls_since(key.window, length)));
                 } else {
                     swept.summaries.push(event);
                 }
@@ -289,17 +298,13 @@ pub fn flow_suppressed(
 }
 
 /// When the calls counted in an entry of window number `window` may have begun, in
-/// CLOCK_MONOTONIC nanoseconds: its window's start (`window_ns` the window length in force,
-/// 0: aggregation off); 0 (any time: holding a move too many rather than missing one) for
-/// an entry an earlier agent left (`inherited`), whose window number may be of another
-/// length and whose calls came before this agent started, and for any entry while
-/// aggregation is off (the kernel adds to none then). Review 56 L3: such an entry's "since"
-/// was about now, and a quarantine followed none of the moves made after its calls.
-pub fn calls_since(window: u64, window_ns: u64, inherited: bool) -> u64 {
-    if inherited || window_ns == 0 {
-        return 0;
-    }
-    window.saturating_mul(window_ns)
+/// CLOCK_MONOTONIC nanoseconds: its window's start, `window_length` the length that numbered
+/// it (this agent's, or for an entry an earlier agent left, the one in force then); 0 (any
+/// time) when that length is 0 (aggregation off: unknown). Review 56 L3: an earlier agent's
+/// entry was given about now, and a quarantine followed none of the moves made after its
+/// calls; review 58 F1: 0 for every such entry held moves made before its calls too.
+pub fn calls_since(window: u64, window_length: u64) -> u64 {
+    window.saturating_mul(window_length)
 }
 
 /// The event of `count` denies of `key`, as the kernel would have written one of them.
@@ -368,15 +373,11 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_left_by_an_earlier_agent_began_at_any_time() {
+    fn an_entry_began_at_its_window_start_by_the_length_that_numbered_it() {
         const W: u64 = 5_000_000_000;
-        assert_eq!(
-            calls_since(6, W, false),
-            6 * W,
-            "this agent's: its window's start"
-        );
-        assert_eq!(calls_since(6, W, true), 0, "an earlier agent's");
-        assert_eq!(calls_since(6, 0, false), 0, "aggregation off now");
+        assert_eq!(calls_since(6, W), 6 * W);
+        assert_eq!(calls_since(6, 0), 0, "numbered by no length: any time");
+        assert_eq!(calls_since(u64::MAX, W), u64::MAX, "saturates");
     }
 
     #[test]
