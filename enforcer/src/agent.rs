@@ -615,8 +615,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ring_buffer_bytes: options.ring_buffer_bytes,
         capacity: options.capacity,
     })?;
-    // The counts an earlier agent left, before this agent's window replaces its length in
-    // `CONFIG`: their window numbers are of that length.
+    // The counts an earlier agent left (reported also with aggregation off), before this
+    // agent's window replaces its length in `CONFIG`: their window numbers are of that length.
     let previous_window = datapath
         .tables
         .config()
@@ -2434,7 +2434,6 @@ async fn stream_events(
         enricher: record::Enricher::new(),
         quarantine,
     };
-    // Also with aggregation off: what an earlier agent left counted in the map is reported.
     let mut reading = true;
     loop {
         // Records read by this turn if it emptied its ring (see EVENT_COALESCE).
