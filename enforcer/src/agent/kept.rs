@@ -97,12 +97,8 @@ pub(super) fn held_at_start(
     quarantined: &BTreeMap<u32, String>,
     waiting: &BTreeSet<String>,
 ) -> BTreeMap<u64, String> {
-    let this_boot = |s: &AgentState| match &s.boot_id {
-        Some(id) => Some(id) == boot_id().as_ref(),
-        None => !pinned.is_empty(),
-    };
     let mut held = state
-        .filter(this_boot)
+        .filter(|s| written_this_boot(s).unwrap_or(!pinned.is_empty()))
         .map(|s| s.held_cgroups)
         .unwrap_or_default();
     for (cgroup, id) in pinned {
@@ -138,7 +134,7 @@ pub(super) fn moves_at_start(
     pinned: &BTreeMap<u64, u32>,
     state: Option<AgentState>,
 ) -> (BTreeMap<u64, String>, BTreeMap<(u64, String), u64>) {
-    let Some(state) = state.filter(|s| s.boot_id.is_some() && s.boot_id == boot_id()) else {
+    let Some(state) = state.filter(|s| written_this_boot(s) == Some(true)) else {
         return (BTreeMap::new(), BTreeMap::new());
     };
     let mut mapped = state.mapped_cgroups;
@@ -155,6 +151,13 @@ pub(super) fn moves_at_start(
         .map(|d| ((d.cgroup_id, d.workload), d.at_ns))
         .collect();
     (names, departures)
+}
+
+/// Whether the state file was written in this boot, whose cgroup IDs and CLOCK_MONOTONIC
+/// its cgroups and times are of; `None` when it keeps no boot ID (an older agent's).
+fn written_this_boot(state: &AgentState) -> Option<bool> {
+    let written = state.boot_id.as_ref()?;
+    Some(Some(written) == boot_id().as_ref())
 }
 
 /// This boot's ID (`/proc/sys/kernel/random/boot_id`), if it can be read.
