@@ -807,9 +807,86 @@ impl Agent {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
-    use super::{followed, renamed};
+    use super::{boot_id, followed, held_at_start, moves_at_start, renamed};
+    use crate::agent::AgentState;
+
+    /// A state file as an agent of boot `boot` (none: an agent that kept no boot ID) left it,
+    /// holding cgroup 10 under `acme/app`'s quarantine, with cgroups 1-3 mapped and cgroup 7's
+    /// move away from `acme/api` remembered.
+    fn state_of(boot: Option<String>) -> AgentState {
+        serde_json::from_value(serde_json::json!({
+            "pid": 1,
+            "policies": "/policies",
+            "revision": "r1",
+            "applied_at": "2026-12-07T00:00:00Z",
+            "cgroup_root": "/sys/fs/cgroup",
+            "pin_dir": "/sys/fs/bpf/enforcer",
+            "unresolved_cgroups": [],
+            "held_cgroups": { "10": "acme/app" },
+            "mapped_cgroups": {
+                "1": [300, "acme/app"],
+                "2": [301, "acme/api"],
+                "3": [302, "acme/db"],
+            },
+            "departures": [{ "cgroup_id": 7, "workload": "acme/api", "at_ns": 42 }],
+            "boot_id": boot,
+        }))
+        .expect("a valid state file")
+    }
+
+    fn this_boot() -> Option<String> {
+        Some(boot_id().expect("this kernel has a boot ID"))
+    }
+
+    #[test]
+    fn moves_are_read_back_in_the_boot_that_wrote_them_by_the_numbers_it_wrote() {
+        // 1 is pinned at the number the state names; 2's number is another now (the
+        // workload the state names never had it: review 57 M1); 4 is not in the state.
+        let pinned: BTreeMap<u64, u32> = [(1, 300), (2, 399), (4, 300)].into();
+        let (names, departures) = moves_at_start(&pinned, Some(state_of(this_boot())));
+        assert_eq!(names, [(1, "acme/app".to_string())].into());
+        assert_eq!(departures, [((7, "acme/api".to_string()), 42)].into());
+        // Another boot's cgroup IDs and clock, or a state file that does not say its boot,
+        // name nothing and bring back no move.
+        let other = Some("00000000-0000-0000-0000-000000000000".to_string());
+        for state in [state_of(other), state_of(None)] {
+            let (names, departures) = moves_at_start(&pinned, Some(state));
+            assert!(names.is_empty() && departures.is_empty());
+        }
+        let (names, departures) = moves_at_start(&pinned, None);
+        assert!(names.is_empty() && departures.is_empty());
+    }
+
+    #[test]
+    fn held_cgroups_are_read_back_in_the_boot_that_wrote_them() {
+        let quarantined: BTreeMap<u32, String> = [(300, "acme/app".to_string())].into();
+        let waiting = BTreeSet::new();
+        // Cgroup 5 is pinned to the quarantined number: held whatever the state file says.
+        let pinned: BTreeMap<u64, u32> = [(5, 300), (6, 301)].into();
+        let held = |pinned: &BTreeMap<u64, u32>, state| {
+            held_at_start(pinned, Some(state), &quarantined, &waiting)
+                .into_keys()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held(&pinned, state_of(this_boot())), [5, 10]);
+        // Another boot gave out cgroup 10 again, maybe to another tenant's pod (review 58 F4).
+        let other = Some("00000000-0000-0000-0000-000000000000".to_string());
+        assert_eq!(held(&pinned, state_of(other)), [5]);
+        // An agent that kept no boot ID: its holds count while pinned maps say an agent ran
+        // in this boot (pins do not outlive a reboot).
+        assert_eq!(held(&pinned, state_of(None)), [5, 10]);
+        assert!(held(&BTreeMap::new(), state_of(None)).is_empty());
+        // A hold of a quarantine no longer kept goes.
+        let released = held_at_start(
+            &pinned,
+            Some(state_of(this_boot())),
+            &BTreeMap::new(),
+            &waiting,
+        );
+        assert!(released.is_empty());
+    }
 
     #[test]
     fn a_quarantine_follows_its_cgroups_to_another_workload_only() {
