@@ -116,24 +116,46 @@ fn placeholder(id: u32) -> String {
     format!("identity {id}")
 }
 
-/// The workload name of each cgroup of the cgroup map `map`, as `compiled` names its number
-/// (a cgroup whose number it does not know is left out).
-pub(super) fn named(compiled: &Compiled, map: &BTreeMap<u64, u32>) -> BTreeMap<u64, String> {
+/// The identity number and workload name of each cgroup of the cgroup map `map`, as
+/// `compiled` names its number (a cgroup whose number it does not know is left out).
+fn named(compiled: &Compiled, map: &BTreeMap<u64, u32>) -> Mapped {
     map.iter()
-        .filter_map(|(&cgroup, &id)| compiled.identity(id).map(|i| (cgroup, i.name.clone())))
+        .filter_map(|(&cgroup, &id)| {
+            compiled
+                .identity(id)
+                .map(|i| (cgroup, (id, i.name.clone())))
+        })
         .collect()
 }
 
+/// Cgroup ID -> the identity number and workload name the cgroup map gives it.
+pub(super) type Mapped = BTreeMap<u64, (u32, String)>;
+
+/// (cgroup ID, the workload it left) -> that move ([`Agent::cgroups_written`]).
+pub(super) type Departures = BTreeMap<(u64, String), Left>;
+
+/// A cgroup's move away from a workload ([`Agent::cgroups_written`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Left {
+    /// When the move was written (CLOCK_MONOTONIC nanoseconds).
+    pub at_ns: u64,
+    /// The identity number the cgroup had in the workload it left: a late quarantine follows
+    /// the move only for calls made under that number (review 56 L2: a twin label set that
+    /// took the workload's name in the same write is another number). None from a state file
+    /// that did not keep it.
+    pub identity: Option<u32>,
+}
+
 /// What the last agent of this boot knew of cgroup moves (its state file: the kernel's
-/// times and cgroup IDs are of one boot): the workload name of each cgroup of the pinned map
-/// it left (`pinned`), where the state file names the same number for it, so that a cgroup
+/// times and cgroup IDs are of one boot): the number and workload name of each cgroup of the
+/// pinned map it left (`pinned`), where the state file names the same number for it, so that a cgroup
 /// moved while no agent ran is a move of the first write (review 56 L4); and the moves it
 /// remembered. The first write forgets moves too old or of cgroups gone
 /// ([`Agent::cgroups_written`]).
 pub(super) fn moves_at_start(
     pinned: &BTreeMap<u64, u32>,
     state: Option<AgentState>,
-) -> (BTreeMap<u64, String>, BTreeMap<(u64, String), u64>) {
+) -> (Mapped, Departures) {
     let Some(state) = state.filter(|s| written_this_boot(s) == Some(true)) else {
         return (BTreeMap::new(), BTreeMap::new());
     };
@@ -141,14 +163,20 @@ pub(super) fn moves_at_start(
     let names = pinned
         .iter()
         .filter_map(|(cgroup, id)| match mapped.remove(cgroup) {
-            Some((was, name)) if was == *id => Some((*cgroup, name)),
+            Some((was, name)) if was == *id => Some((*cgroup, (was, name))),
             _ => None,
         })
         .collect();
     let departures = state
         .departures
         .into_iter()
-        .map(|d| ((d.cgroup_id, d.workload), d.at_ns))
+        .map(|d| {
+            let left = Left {
+                at_ns: d.at_ns,
+                identity: d.identity,
+            };
+            ((d.cgroup_id, d.workload), left)
+        })
         .collect();
     (names, departures)
 }
@@ -238,6 +266,18 @@ fn followed<'a>(
         }
     }
     to
+}
+
+/// The cgroups that left the workload `from` (its name, and the number the calls were made
+/// under) at or after `since_ns` (see [`Agent::hold_calling_cgroups`]).
+fn departed(departures: &Departures, (from, number): (&str, u32), since_ns: u64) -> Vec<u64> {
+    departures
+        .iter()
+        .filter(|((_, name), left)| {
+            name == from && left.at_ns >= since_ns && left.identity.is_none_or(|id| id == number)
+        })
+        .map(|((cgroup, _), _)| *cgroup)
+        .collect()
 }
 
 /// How many held cgroups that no identity maps are kept (see [`Agent::hold_cgroups`]): far
@@ -544,20 +584,25 @@ impl Agent {
         };
         let names = named(&self.compiled, &fresh);
         let at_ns = crate::events::aggregate::monotonic_ns();
-        for (&cgroup, from) in &self.cgroup_names {
-            if names.get(&cgroup) != Some(from) && exists(&cgroup) {
-                self.departures.insert((cgroup, from.clone()), at_ns);
+        for (&cgroup, (id, from)) in &self.cgroup_names {
+            let stays = names.get(&cgroup).is_some_and(|(_, now)| now == from);
+            if !stays && exists(&cgroup) {
+                let left = Left {
+                    at_ns,
+                    identity: Some(*id),
+                };
+                self.departures.insert((cgroup, from.clone()), left);
             }
         }
         let oldest = at_ns.saturating_sub(departure_horizon(self.options.events_aggregate));
         self.departures
-            .retain(|(cgroup, _), at| *at >= oldest && exists(cgroup));
+            .retain(|(cgroup, _), left| left.at_ns >= oldest && exists(cgroup));
         if self.departures.len() > MAX_DEPARTURES {
-            let mut times: Vec<u64> = self.departures.values().copied().collect();
+            let mut times: Vec<u64> = self.departures.values().map(|l| l.at_ns).collect();
             times.sort_unstable();
             let cut = times[self.departures.len() - MAX_DEPARTURES];
             let before = self.departures.len();
-            self.departures.retain(|_, at| *at >= cut);
+            self.departures.retain(|_, left| left.at_ns >= cut);
             tracing::warn!(forgotten = before - self.departures.len(), "more recent moves of cgroups between workloads than are remembered ({MAX_DEPARTURES}): the oldest are forgotten, and a late quarantine does not follow them");
         }
         self.cgroup_names = names;
@@ -644,7 +689,7 @@ impl Agent {
             }
         };
         if let Some(held) = held {
-            self.hold_calling_cgroups(held, &from, cgroups, since_ns);
+            self.hold_calling_cgroups(held, (&from, subject), cgroups, since_ns);
         }
     }
 
@@ -664,7 +709,8 @@ impl Agent {
 
     /// Holds the cgroups the calls that earned a quarantine came from under that
     /// quarantine's name `held`: `cgroups` (0, none known, is skipped), and every cgroup that
-    /// left the workload `from` at or after `since_ns` (when the earliest call was made: a
+    /// left the workload `from` (its name, and the number the calls were made under) at or
+    /// after `since_ns` (when the earliest call was made: a
     /// cgroup that has left since was the workload's then, whichever made the calls; review
     /// 55 M1: an overflow names only its first deny's cgroup). One the policy in force gives
     /// to another workload (a pod relabelled since the call) takes the quarantine there now,
@@ -672,16 +718,11 @@ impl Agent {
     pub(super) fn hold_calling_cgroups(
         &mut self,
         held: String,
-        from: &str,
+        (from, number): (&str, u32),
         cgroups: impl IntoIterator<Item = u64>,
         since_ns: u64,
     ) {
-        let departed: Vec<u64> = self
-            .departures
-            .iter()
-            .filter(|((_, left), at)| **at >= since_ns && left == from)
-            .map(|((cgroup, _), _)| *cgroup)
-            .collect();
+        let departed = departed(&self.departures, (from, number), since_ns);
         for cgroup in cgroups.into_iter().chain(departed).filter(|&c| c != 0) {
             // A cgroup held already keeps its hold (it may be another quarantine's).
             self.held_cgroups
@@ -809,7 +850,7 @@ impl Agent {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use super::{boot_id, followed, held_at_start, moves_at_start, renamed};
+    use super::{boot_id, departed, followed, held_at_start, moves_at_start, renamed, Left};
     use crate::agent::AgentState;
 
     /// A state file as an agent of boot `boot` (none: an agent that kept no boot ID) left it,
@@ -830,10 +871,40 @@ mod tests {
                 "2": [301, "acme/api"],
                 "3": [302, "acme/db"],
             },
-            "departures": [{ "cgroup_id": 7, "workload": "acme/api", "at_ns": 42 }],
+            "departures": [
+                { "cgroup_id": 7, "workload": "acme/api", "at_ns": 42, "identity": 301 },
+                { "cgroup_id": 8, "workload": "acme/api", "at_ns": 43 },
+            ],
             "boot_id": boot,
         }))
         .expect("a valid state file")
+    }
+
+    #[test]
+    fn a_late_quarantine_takes_the_cgroups_that_left_its_workload_since_the_calls() {
+        let left = |at_ns, identity| Left { at_ns, identity };
+        let departures: BTreeMap<(u64, String), Left> = [
+            ((1, "acme/app#aabbccdd"), left(100, Some(300))),
+            ((2, "acme/app#aabbccdd"), left(200, Some(300))),
+            // The same name left from another number: a twin label set that had the name
+            // (review 56 L2).
+            ((3, "acme/app#aabbccdd"), left(200, Some(500))),
+            // Kept by an agent that did not keep numbers: by name alone.
+            ((4, "acme/app#aabbccdd"), left(200, None)),
+            ((5, "acme/api#11223344"), left(200, Some(300))),
+        ]
+        .map(|((c, n), l)| ((c, n.to_string()), l))
+        .into();
+        // Calls from 150 on: cgroup 1 left before them.
+        assert_eq!(
+            departed(&departures, ("acme/app#aabbccdd", 300), 150),
+            [2, 4]
+        );
+        assert_eq!(
+            departed(&departures, ("acme/app#aabbccdd", 500), 100),
+            [3, 4]
+        );
+        assert!(departed(&departures, ("acme/app#aabbccdd", 300), 201).is_empty());
     }
 
     fn this_boot() -> Option<String> {
@@ -846,8 +917,13 @@ mod tests {
         // workload the state names never had it: review 57 M1); 4 is not in the state.
         let pinned: BTreeMap<u64, u32> = [(1, 300), (2, 399), (4, 300)].into();
         let (names, departures) = moves_at_start(&pinned, Some(state_of(this_boot())));
-        assert_eq!(names, [(1, "acme/app".to_string())].into());
-        assert_eq!(departures, [((7, "acme/api".to_string()), 42)].into());
+        assert_eq!(names, [(1, (300, "acme/app".to_string()))].into());
+        let left = |at_ns, identity| Left { at_ns, identity };
+        let want = [
+            ((7, "acme/api".to_string()), left(42, Some(301))),
+            ((8, "acme/api".to_string()), left(43, None)),
+        ];
+        assert_eq!(departures, want.into());
         // Another boot's cgroup IDs and clock, or a state file that does not say its boot,
         // name nothing and bring back no move.
         let other = Some("00000000-0000-0000-0000-000000000000".to_string());

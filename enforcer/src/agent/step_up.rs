@@ -152,7 +152,7 @@ impl Agent {
             // left the subject since it opened are held all the same (review 56 L1).
             if let Some(held) = held {
                 let cgroup = if fresh { record.cgroup_id } else { 0 };
-                self.hold_calling_cgroups(held, &from, [cgroup], record.start_ns);
+                self.hold_calling_cgroups(held, (&from, record.subject), [cgroup], record.start_ns);
             }
         }
     }
