@@ -526,8 +526,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
         None => None,
     };
-    let risk_overrides = read_state(&options.state_dir)
-        .map(|s| s.risk_overrides)
+    // What the last agent left (read once: this agent writes it only once it runs).
+    let kept_state = read_state(&options.state_dir);
+    let risk_overrides = kept_state
+        .as_ref()
+        .map(|s| s.risk_overrides.clone())
         .unwrap_or_default();
     // The cluster source first: a state persisted by an earlier run is enforced at once, even
     // with the API server unreachable. Without one the agent does not wait: pods are unknown
@@ -676,7 +679,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         datapath.tables.set_capacity_check(false);
     }
     let (quarantined, waiting_quarantines) =
-        kept::restored(&datapath, read_state(&options.state_dir), &compiled)?;
+        kept::restored(&datapath, kept_state.as_ref(), &compiled)?;
     // The cgroup map as the last agent left it, if one ran: the quarantines' cgroups and each
     // cgroup's workload then, so that a move made while no agent ran is followed too.
     let pinned_cgroups = datapath.tables.cgroup_mappings().unwrap_or_else(|error| {
@@ -685,16 +688,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     });
     let held_cgroups = kept::held_at_start(
         &pinned_cgroups,
-        read_state(&options.state_dir),
+        kept_state.as_ref(),
         &quarantined,
         &waiting_quarantines,
     );
     let (cgroup_names, departures) =
-        kept::moves_at_start(&pinned_cgroups, read_state(&options.state_dir));
+        kept::moves_at_start(&pinned_cgroups, kept_state.as_ref(), datapath.dir());
 
     let compiled = Arc::new(compiled);
     let history = PolicyHistory::new(options.events_aggregate);
-    if let Some(state) = read_state(&options.state_dir) {
+    if let Some(state) = kept_state {
         history.seed(state.policy_generations);
     }
     let (notices, notice_rx) = mpsc::unbounded_channel();

@@ -38,28 +38,27 @@ use crate::sources::cgroups::Scan;
 /// first write.
 pub(super) fn restored(
     datapath: &Datapath,
-    state: Option<AgentState>,
+    state: Option<&AgentState>,
     compiled: &Compiled,
 ) -> Result<(BTreeMap<u32, String>, BTreeSet<String>)> {
     let mut ids = datapath.tables.identities_flagged(flags::QUARANTINED)?;
     let mut names = BTreeMap::new();
     let mut waiting = BTreeSet::new();
-    if let Some(mut state) = state {
+    if let Some(state) = state {
+        waiting = state.waiting_quarantines.clone();
         if same_pins(&state.pin_dir, datapath.dir()) {
             let absent = state
                 .quarantined_ids
-                .into_iter()
-                .filter(|id| datapath.tables.identity_info(*id).is_none());
+                .iter()
+                .filter(|id| datapath.tables.identity_info(**id).is_none());
             ids.extend(absent);
-            names = state.quarantine_names;
-            waiting = state.waiting_quarantines;
+            names = state.quarantine_names.clone();
         } else {
-            waiting = state.waiting_quarantines;
             waiting.extend(
                 state
                     .quarantined_ids
                     .iter()
-                    .filter_map(|id| state.quarantine_names.remove(id)),
+                    .filter_map(|id| state.quarantine_names.get(id).cloned()),
             );
             if !waiting.is_empty() {
                 tracing::warn!(
@@ -93,13 +92,13 @@ pub(super) fn restored(
 /// in this boot.
 pub(super) fn held_at_start(
     pinned: &BTreeMap<u64, u32>,
-    state: Option<AgentState>,
+    state: Option<&AgentState>,
     quarantined: &BTreeMap<u32, String>,
     waiting: &BTreeSet<String>,
 ) -> BTreeMap<u64, String> {
     let mut held = state
         .filter(|s| written_this_boot(s).unwrap_or(!pinned.is_empty()))
-        .map(|s| s.held_cgroups)
+        .map(|s| s.held_cgroups.clone())
         .unwrap_or_default();
     for (cgroup, id) in pinned {
         if let Some(name) = quarantined.get(id) {
@@ -151,31 +150,35 @@ pub(super) struct Left {
 /// pinned map it left (`pinned`), where the state file names the same number for it, so that a cgroup
 /// moved while no agent ran is a move of the first write (review 56 L4); and the moves it
 /// remembered. The first write forgets moves too old or of cgroups gone
-/// ([`Agent::cgroups_written`]).
+/// ([`Agent::cgroups_written`]). The names are of the pinned map of the state file's pin
+/// directory (`pin_dir`, this agent's) only.
 pub(super) fn moves_at_start(
     pinned: &BTreeMap<u64, u32>,
-    state: Option<AgentState>,
+    state: Option<&AgentState>,
+    pin_dir: &std::path::Path,
 ) -> (Mapped, Departures) {
     let Some(state) = state.filter(|s| written_this_boot(s) == Some(true)) else {
         return (BTreeMap::new(), BTreeMap::new());
     };
-    let mut mapped = state.mapped_cgroups;
+    // Another pin directory's map (an ABI's, another `--pin-root`) is not the one named.
+    let ours = same_pins(&state.pin_dir, pin_dir);
     let names = pinned
         .iter()
-        .filter_map(|(cgroup, id)| match mapped.remove(cgroup) {
-            Some((was, name)) if was == *id => Some((*cgroup, (was, name))),
+        .filter(|_| ours)
+        .filter_map(|(cgroup, id)| match state.mapped_cgroups.get(cgroup) {
+            Some((was, name)) if was == id => Some((*cgroup, (*was, name.clone()))),
             _ => None,
         })
         .collect();
     let departures = state
         .departures
-        .into_iter()
+        .iter()
         .map(|d| {
             let left = Left {
                 at_ns: d.at_ns,
                 identity: d.identity,
             };
-            ((d.cgroup_id, d.workload), left)
+            ((d.cgroup_id, d.workload.clone()), left)
         })
         .collect();
     (names, departures)
@@ -849,6 +852,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
 
     use super::{boot_id, departed, followed, held_at_start, moves_at_start, renamed, Left};
     use crate::agent::AgentState;
@@ -916,7 +920,8 @@ mod tests {
         // 1 is pinned at the number the state names; 2's number is another now (the
         // workload the state names never had it: review 57 M1); 4 is not in the state.
         let pinned: BTreeMap<u64, u32> = [(1, 300), (2, 399), (4, 300)].into();
-        let (names, departures) = moves_at_start(&pinned, Some(state_of(this_boot())));
+        let pins = Path::new("/sys/fs/bpf/enforcer");
+        let (names, departures) = moves_at_start(&pinned, Some(&state_of(this_boot())), pins);
         assert_eq!(names, [(1, (300, "acme/app".to_string()))].into());
         let left = |at_ns, identity| Left { at_ns, identity };
         let want = [
@@ -928,11 +933,15 @@ mod tests {
         // name nothing and bring back no move.
         let other = Some("00000000-0000-0000-0000-000000000000".to_string());
         for state in [state_of(other), state_of(None)] {
-            let (names, departures) = moves_at_start(&pinned, Some(state));
+            let (names, departures) = moves_at_start(&pinned, Some(&state), pins);
             assert!(names.is_empty() && departures.is_empty());
         }
-        let (names, departures) = moves_at_start(&pinned, None);
+        let (names, departures) = moves_at_start(&pinned, None, pins);
         assert!(names.is_empty() && departures.is_empty());
+        // Another pin directory's map is not named; the moves are the cgroups', kept.
+        let other_pins = Path::new("/sys/fs/bpf/enforcer-other");
+        let (names, departures) = moves_at_start(&pinned, Some(&state_of(this_boot())), other_pins);
+        assert!(names.is_empty() && departures.len() == 2);
     }
 
     #[test]
@@ -942,7 +951,7 @@ mod tests {
         // Cgroup 5 is pinned to the quarantined number: held whatever the state file says.
         let pinned: BTreeMap<u64, u32> = [(5, 300), (6, 301)].into();
         let held = |pinned: &BTreeMap<u64, u32>, state| {
-            held_at_start(pinned, Some(state), &quarantined, &waiting)
+            held_at_start(pinned, Some(&state), &quarantined, &waiting)
                 .into_keys()
                 .collect::<Vec<_>>()
         };
@@ -957,7 +966,7 @@ mod tests {
         // A hold of a quarantine no longer kept goes.
         let released = held_at_start(
             &pinned,
-            Some(state_of(this_boot())),
+            Some(&state_of(this_boot())),
             &BTreeMap::new(),
             &waiting,
         );
