@@ -538,6 +538,7 @@ pub mod tcp_state {
     pub const CLOSE: u8 = 7;
     pub const CLOSE_WAIT: u8 = 8;
     pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
     pub const CLOSING: u8 = 11;
 }
 

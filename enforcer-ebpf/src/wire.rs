@@ -178,10 +178,13 @@ static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
 static SPENT_TAGS: LruHashMap<abi::SpentKey, u32> =
     LruHashMap::pinned(capacity::SPENT_TAGS, NO_MAP_FLAGS);
 
-/// The last refused SYN per 4-tuple: its sequence number, verdict and reason. A SYN the client
-/// retransmits (same 4-tuple, same sequence number) and that is judged the same is dropped
-/// and counted again but reported once, so that one refused connection attempt is one event;
-/// judged differently (a policy change in between), it is reported again.
+/// The last refused SYN per 4-tuple: its sequence number, verdict and reason, and when it was
+/// reported (bits 48-63: [`report_time`]). A SYN the client retransmits (same 4-tuple, same
+/// sequence number) and that is judged the same within [`REPORT_QUIET`] is dropped and counted
+/// again but reported once, so that one refused connection attempt is one event; judged
+/// differently (a policy change in between), or later (a raw socket's attempts that repeat
+/// a sequence number: red-team review 59 L2, one report ever under `audit`), it is reported
+/// again.
 #[map]
 static INGRESS_REPORTED: LruHashMap<abi::PeerKey, u64> =
     LruHashMap::with_max_entries(capacity::WIRE_REPORTED, NO_MAP_FLAGS);
@@ -203,6 +206,7 @@ const STATE_CB_FLAG: u32 = 1 << 2;
 const IPPROTO_TCP: u8 = proto::TCP;
 
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// `skb_tcp_flags` of the sock_ops header callbacks: the same bits, in a u32.
 const SYN_ONLY: u32 = TCP_FLAG_SYN as u32;
@@ -222,6 +226,8 @@ const NO_FLAGS: u64 = 0;
 const BPF_F_CURRENT_NETNS: u64 = -1i64 as u64;
 /// `bpf_sock::state` of a connecting TCP socket.
 const TCP_SYN_SENT: u32 = tcp_state::SYN_SENT as u32;
+/// `bpf_sock::state` of a listening TCP socket.
+const TCP_LISTEN: u32 = tcp_state::LISTEN as u32;
 /// `BPF_NOEXIST`: create only (a SYN's option is spent once).
 const BPF_NOEXIST: u64 = 1;
 
@@ -736,7 +742,7 @@ pub fn on_state(ctx: &SockOpsContext) {
 // Receiving side (cgroup_skb/ingress)
 // ---------------------------------------------------------------------------------------------
 
-/// A SYN as the ingress check needs it.
+/// A connection attempt as the ingress check needs it: a SYN, or an ACK to a listener.
 struct Syn {
     /// IPv6 words in memory order (IPv4 mapped): the MAC's form.
     saddr: [u32; 4],
@@ -746,8 +752,19 @@ struct Syn {
     src: Destination,
     sport: u16,
     dport: u16,
-    /// The SYN's sequence number (network order, compared only).
+    /// The SYN's sequence number (the ACK's less one: its SYN's), compared only.
     seq: u32,
+    /// An ACK (no SYN, no RST) to a listening socket: the end of a handshake, or a SYN
+    /// cookie's ACK, from which the kernel makes a connection with no SYN before it
+    /// (`cookie_v4_check`, while the listener sends cookies: a full SYN queue within the last
+    /// two minutes, or `net.ipv4.tcp_syncookies=2`). Passed when its SYN passed the check here
+    /// (its 4-tuple's `WIRE_PEERS` record), judged as a SYN without the option otherwise
+    /// (red-team review 59 M1: such an ACK made a connection no check had seen).
+    ack: bool,
+    /// The packet came in through loopback (`ingress_ifindex`): sent in this network
+    /// namespace. Read once, here: two reads of the field let LLVM keep the field's address
+    /// in a register, and the verifier refuses a load through a moved context pointer.
+    via_loopback: bool,
     /// An IPv6 packet whose TCP header (if any) lies behind an extension header the walk
     /// does not step over (`skb::skip_extension_headers`: ESP, a fragment header, more than
     /// three): it is judged as an untagged packet (ports zero) and never passed unchecked.
@@ -765,12 +782,13 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
     // Most packets are not SYNs: two helper calls (the IP header, the TCP flags) decide that;
     // the rest is read only for a SYN.
     let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let (l4, saddr, daddr, src, dst) = if ethertype == ETH_P_IP {
+    let (l4, ack, saddr, daddr, src, dst) = if ethertype == ETH_P_IP {
         let ip: [u8; IPV4_HEADER_MIN] = load(ctx, 0)?;
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
-        if ihl < IPV4_HEADER_MIN || ip[9] != IPPROTO_TCP || !is_syn(ctx, ihl)? {
+        if ihl < IPV4_HEADER_MIN || ip[9] != IPPROTO_TCP {
             return None;
         }
+        let ack = attempt(ctx, ihl)?;
         let (s, d) = (word(&ip, 12), word(&ip, 16));
         let v4 = |w: u32| Destination {
             addr: [w, ZERO_WORD, ZERO_WORD, ZERO_WORD],
@@ -778,6 +796,7 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         };
         (
             ihl,
+            ack,
             [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, s],
             [ZERO_WORD, ZERO_WORD, V4_MAPPED_WORD2_MEMORY, d],
             v4(s),
@@ -808,15 +827,17 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
                 sport: 0,
                 dport: 0,
                 seq: 0,
+                ack: false,
+                via_loopback: via_loopback(ctx),
                 hidden: true,
                 options: 0,
                 options_end: 0,
             });
         }
-        if next != IPPROTO_TCP || !is_syn(ctx, l4)? {
+        if next != IPPROTO_TCP {
             return None;
         }
-        (l4, s, d, v6(s), v6(d))
+        (l4, attempt(ctx, l4)?, s, d, v6(s), v6(d))
     } else {
         return None;
     };
@@ -829,18 +850,40 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
         src,
         sport: u16::from_be_bytes([tcp[0], tcp[1]]),
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
-        seq: u32::from_ne_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]).wrapping_sub(ack as u32),
+        ack,
+        via_loopback: via_loopback(ctx),
         hidden: false,
         options: l4 + TCP_HEADER_MIN,
         options_end: l4 + header,
     })
 }
 
-/// Whether the TCP segment at `l4` is a SYN without ACK.
 #[inline(always)]
-fn is_syn(ctx: &SkBuffContext, l4: usize) -> Option<bool> {
+fn via_loopback(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the program's context; `ingress_ifindex` is readable in cgroup_skb programs.
+    unsafe { read_volatile(&(*ctx.skb.skb).ingress_ifindex) == LOOPBACK_IFINDEX }
+}
+
+/// Whether the TCP segment at `l4` may open a connection: `Some(false)` a SYN without ACK,
+/// `Some(true)` an ACK without SYN or RST to a listening socket (see `Syn::ack`), `None`
+/// anything else (a segment of a connection, a SYN-ACK, a reset).
+#[inline(always)]
+fn attempt(ctx: &SkBuffContext, l4: usize) -> Option<bool> {
     let flags: u8 = load(ctx, l4 + 13)?;
-    Some(flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN)
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+        return Some(false);
+    }
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_ACK) != TCP_FLAG_ACK {
+        return None;
+    }
+    // SAFETY: one 8-byte context load; the socket (a `sock_common`) is read only when not
+    // null, one 4-byte field the verifier allows on it.
+    let listening = unsafe {
+        let sk = read_volatile(&(*ctx.skb.skb).__bindgen_anon_2.sk);
+        !sk.is_null() && read_volatile(&(*sk).state) == TCP_LISTEN
+    };
+    listening.then_some(true)
 }
 
 /// The identity option, if the SYN carries one with our ExID as its last 20 option bytes:
@@ -877,12 +920,20 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let Some(syn) = parse_syn(ctx) else {
         return PASS;
     };
+    if syn.ack && WIRE_PEERS.get_ptr(&peer_key(&syn)).is_some() {
+        // The end of a handshake whose SYN passed the check here.
+        return PASS;
+    }
     let (destination, exact) = lookup_address(&syn.dst);
     // The receiving socket's identity, looked up once for the three checks below (a
     // spin-locked lookup). At cgroup_skb ingress the skb is the receiving socket's: the
     // listener's, for a SYN.
+    // `UNKNOWN` when its cgroup has none: a plain value, since LLVM spilled the payload
+    // register of an `Option`'s `None` across a helper call, which the verifier refuses to
+    // read (`R3 !read_ok`).
     // SAFETY: the skb pointer is the program's context.
-    let listener = locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
+    let listener =
+        locked::subject_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) }).unwrap_or(identity::UNKNOWN);
     if let Some(verdict) = checked_pod_elsewhere(ctx, &syn, listener, destination) {
         return verdict;
     }
@@ -890,9 +941,11 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         if let Some(verdict) = foreign_listener(ctx, &syn, listener, owner) {
             return verdict;
         }
-    } else if !exact || destination < identity::FIRST_DYNAMIC {
+    } else if (!exact || destination < identity::FIRST_DYNAMIC) && !syn.ack {
         // An address nobody holds: WORLD, a prefix (which may cover the node's own
-        // addresses), a reserved identity.
+        // addresses), a reserved identity. (Not for an ACK: the caller is found by its
+        // connecting socket, which has left `SYN_SENT` by then; a SYN cookie's ACK needs a
+        // raw socket in the listener's namespace, which a pod cannot open.)
         if let Some(verdict) = world_listener(ctx, &syn, listener) {
             return verdict;
         }
@@ -920,7 +973,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         None => (0, 0, 0, abi::seconds(unsafe { bpf_ktime_get_tai_ns() }, 0)),
     };
 
-    let option = if syn.hidden {
+    let option = if syn.hidden || syn.ack {
         None
     } else {
         find_option(ctx, &syn)
@@ -998,7 +1051,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
     };
     if refused == reason::ALLOWED {
-        count(hook::INGRESS, verdict::ALLOW, reason::ALLOWED);
+        if !syn.ack {
+            count(hook::INGRESS, verdict::ALLOW, reason::ALLOWED);
+        }
         return PASS;
     }
     refuse_syn(
@@ -1026,8 +1081,13 @@ fn refuse_syn(
     generation: u32,
 ) -> i32 {
     let v = if audit { verdict::AUDIT } else { verdict::DENY };
-    count(hook::INGRESS, v, reason);
-    if first_report(syn, v, reason) {
+    let first = first_report(syn, v, reason);
+    // An ACK refused as its SYN was (passed as audit, both) is the same attempt: counted and
+    // reported once.
+    if first || !syn.ack {
+        count(hook::INGRESS, v, reason);
+    }
+    if first {
         emit_ingress(ctx, syn, subject(), destination, v, reason, generation);
     }
     if audit {
@@ -1046,20 +1106,19 @@ fn refuse_syn(
 /// as audit in audit mode (global, or the listener's). `None`: the listener is
 /// `destination`'s own, the check goes on.
 ///
-/// `listener`: the receiving socket's identity as `ingress` looked it up (`None`: its cgroup
-/// has none).
+/// `listener`: the receiving socket's identity as `ingress` looked it up (`UNKNOWN`: its
+/// cgroup has none).
 #[inline(always)]
 fn foreign_listener(
     ctx: &SkBuffContext,
     syn: &Syn,
-    listener: Option<u32>,
+    listener: u32,
     destination: u32,
 ) -> Option<i32> {
-    if !crate::foreign(listener, destination) {
+    if listener == identity::UNKNOWN || listener == destination {
         return None;
     }
-    // (`foreign` is true only for a known listener.)
-    let listener_flags = listener.and_then(locked::identity_flags).unwrap_or(0);
+    let listener_flags = locked::identity_flags(listener).unwrap_or(0);
     if listener_flags & flags::EXEMPT != 0 {
         // The agent's own servers: never judged.
         return None;
@@ -1104,11 +1163,13 @@ fn foreign_listener(
 /// loopback, a sidecar's `REDIRECT`), and the agent on either side. `None`: nothing to
 /// judge.
 ///
-/// `listener`: the receiving socket's identity as `ingress` looked it up (`None`: its cgroup
-/// has none).
+/// `listener`: the receiving socket's identity as `ingress` looked it up (`UNKNOWN`: its
+/// cgroup has none).
 #[inline(always)]
-fn world_listener(ctx: &SkBuffContext, syn: &Syn, listener: Option<u32>) -> Option<i32> {
-    let listener = listener?;
+fn world_listener(ctx: &SkBuffContext, syn: &Syn, listener: u32) -> Option<i32> {
+    if listener == identity::UNKNOWN {
+        return None;
+    }
     let found = if syn.hidden {
         None
     } else {
@@ -1127,7 +1188,7 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn, listener: Option<u32>) -> Opti
             Some(identity) => (identity, true),
             // Every pod has an IPv6 link-local address, the IP cache none: dialled at the
             // node's link-local address on its veth, a pod would come from nobody's.
-            None if link_local_from_a_device(ctx, &syn.src) => (identity::WORLD, true),
+            None if link_local_from_a_device(syn) => (identity::WORLD, true),
             None => return None,
         },
     };
@@ -1249,22 +1310,16 @@ fn world_listener(ctx: &SkBuffContext, syn: &Syn, listener: Option<u32>) -> Opti
 /// sidecar's `REDIRECT`, whose SYN keeps the original destination's socket out of reach of
 /// any lookup): not refused here. `None`: nothing refused; the checks go on.
 ///
-/// `listener`: the receiving socket's identity as `ingress` looked it up (`None`: its cgroup
-/// has none).
+/// `listener`: the receiving socket's identity as `ingress` looked it up (`UNKNOWN`: its
+/// cgroup has none).
 #[inline(always)]
 fn checked_pod_elsewhere(
     ctx: &SkBuffContext,
     syn: &Syn,
-    listener: Option<u32>,
+    listener: u32,
     destination: u32,
 ) -> Option<i32> {
-    // SAFETY: the program's context; `ingress_ifindex` is readable in cgroup_skb programs.
-    let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ingress_ifindex) };
-    if ifindex == LOOPBACK_IFINDEX {
-        return None;
-    }
-    let listener = listener?;
-    if listener == destination {
+    if syn.via_loopback || listener == identity::UNKNOWN || listener == destination {
         return None;
     }
     let listener_flags = locked::identity_flags(listener)?;
@@ -1296,17 +1351,12 @@ fn source_workload(source: &Destination) -> Option<u32> {
     (exact && identity >= identity::FIRST_DYNAMIC).then_some(identity)
 }
 
-/// Whether `source` is an IPv6 link-local address (fe80::/10) and the packet came in
+/// Whether the SYN's source is an IPv6 link-local address (fe80::/10) and it came in
 /// through a device other than loopback (a neighbour on a link, e.g. a pod on its veth).
 #[inline(always)]
-fn link_local_from_a_device(ctx: &SkBuffContext, source: &Destination) -> bool {
-    let first = source.addr[0].to_ne_bytes();
-    if source.family != FAMILY_V6 || first[0] != 0xfe || first[1] & 0xc0 != 0x80 {
-        return false;
-    }
-    // SAFETY: the program's context; `ingress_ifindex` is readable in cgroup_skb programs.
-    let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ingress_ifindex) };
-    ifindex != LOOPBACK_IFINDEX
+fn link_local_from_a_device(syn: &Syn) -> bool {
+    let first = syn.src.addr[0].to_ne_bytes();
+    syn.src.family == FAMILY_V6 && first[0] == 0xfe && first[1] & 0xc0 == 0x80 && !syn.via_loopback
 }
 
 /// The cgroup of the local socket that sent `syn` (a connecting socket of this network
@@ -1619,15 +1669,34 @@ fn peer_key(syn: &Syn) -> abi::PeerKey {
     }
 }
 
-/// False for a retransmission of a SYN already reported with this verdict and reason (see
-/// `INGRESS_REPORTED`).
+/// How long a reported attempt's retransmissions go unreported, in [`report_time`] units: 128
+/// (137 s), the span of a SYN's retransmissions at the default `net.ipv4.tcp_syn_retries`
+/// (6: 1 + 2 + ... + 64 = 127 s).
+const REPORT_QUIET: u16 = 128;
+
+/// The bits of an `INGRESS_REPORTED` value that name the attempt and its judgment.
+const REPORTED_ATTEMPT: u64 = (1 << 48) - 1;
+
+/// CLOCK_MONOTONIC in units of 2^30 ns (1.07 s), modulo 2^16 (19.5 hours).
+#[inline(always)]
+fn report_time() -> u16 {
+    // SAFETY: no preconditions.
+    (unsafe { bpf_ktime_get_ns() } >> 30) as u16
+}
+
+/// False for a retransmission of a SYN already reported with this verdict and reason within
+/// [`REPORT_QUIET`], or its handshake's ACK (`Syn::seq`; see `INGRESS_REPORTED`).
 #[inline(always)]
 fn first_report(syn: &Syn, verdict: u8, reason: u8) -> bool {
     let key = peer_key(syn);
-    let seen = syn.seq as u64 | (verdict as u64) << 32 | (reason as u64) << 40;
+    let now = report_time();
+    let seen = syn.seq as u64 | (verdict as u64) << 32 | (reason as u64) << 40 | (now as u64) << 48;
     if let Some(last) = INGRESS_REPORTED.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
-        if unsafe { *last } == seen {
+        let last = unsafe { *last };
+        if last & REPORTED_ATTEMPT == seen & REPORTED_ATTEMPT
+            && now.wrapping_sub((last >> 48) as u16) < REPORT_QUIET
+        {
             return false;
         }
     }

@@ -22,7 +22,9 @@
 //! - key rotation: during it both keys verify, after it the old one is refused;
 //! - a verified claim the policy does not allow here, and an untagged peer outside the
 //!   cluster (WORLD), are refused as `not_allowed`;
-//! - ingress `audit` lets the unmanaged client through and reports it.
+//! - ingress `audit` lets the unmanaged client through and reports it;
+//! - a SYN cookie's ACK (node 2 at `tcp_syncookies=2`) is judged as its SYN: a tagged
+//!   client's passes, an outsider's cookie given out under `audit` is refused under `enforce`.
 //!
 //! Addresses: `fd84::1` (node 1) and `fd84::2` (node 2) on the test's own veth only; names
 //! start with `wr`.
@@ -107,7 +109,7 @@ struct Bed {
     keys2: PathBuf,
     n1: NetNs,
     _veth: Veth,
-    _n2: NetNs,
+    n2: NetNs,
     cg: Cgroups,
     bundle: PolicyBundle,
     _pins1: PinDir,
@@ -183,7 +185,7 @@ impl Bed {
             keys2,
             n1,
             _veth: veth,
-            _n2: n2,
+            n2,
             cg,
             bundle,
             _pins1: pins1,
@@ -280,6 +282,24 @@ fn raw_syn_with(
     extra: &[u8],
     dstopts: bool,
 ) -> Result<()> {
+    let tcp = segment(sport, dport, TCP_SYN, (RAW_ISN, 0), extra)?;
+    ns.run_in(|| send_raw(source, &tcp, dstopts))?
+}
+
+/// The sequence number of the test's raw SYNs.
+const RAW_ISN: u32 = 0x1234_5678;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP header from `sport` to `dport` with `flags`, (sequence, acknowledgment) numbers
+/// `numbers`, and `extra` options (a multiple of 4 bytes).
+fn segment(
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    numbers: (u32, u32),
+    extra: &[u8],
+) -> Result<Vec<u8>> {
     ensure!(
         extra.len().is_multiple_of(4),
         "options must be padded to 4 bytes"
@@ -287,19 +307,59 @@ fn raw_syn_with(
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[4..8].copy_from_slice(&numbers.0.to_be_bytes());
+    tcp[8..12].copy_from_slice(&numbers.1.to_be_bytes());
     tcp[12] = (((20 + extra.len()) / 4) as u8) << 4;
-    tcp[13] = 0x02; // SYN
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(extra);
-    ns.run_in(|| -> Result<()> {
-        // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("raw socket");
-        }
-        // SAFETY: fd is a fresh socket we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(tcp)
+}
+
+/// A raw IPv6 TCP socket of the calling thread's namespace, bound to `source`.
+fn raw_socket(source: &str) -> Result<OwnedFd> {
+    // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("raw socket");
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let src = sockaddr6(source.parse()?);
+    // SAFETY: a valid sockaddr pointer and length.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&src as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as u32,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("bind a raw socket to {source}"));
+    }
+    Ok(fd)
+}
+
+fn sockaddr6(ip: Ipv6Addr) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as u16,
+        sin6_port: 0,
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: ip.octets(),
+        },
+        sin6_scope_id: 0,
+    }
+}
+
+/// Sends the TCP segment `tcp` from `source` to the DB on a raw socket of the calling
+/// thread's namespace (no enforcer judges the test process); the kernel fills in the IPv6
+/// header and the checksum (`IPV6_CHECKSUM`). With `dstopts`, behind an empty Destination
+/// Options header.
+fn send_raw(source: &str, tcp: &[u8], dstopts: bool) -> Result<()> {
+    {
+        let fd = raw_socket(source)?;
         let checksum_offset: libc::c_int = 16;
         // SAFETY: valid option pointer and length.
         let rc = unsafe {
@@ -331,30 +391,8 @@ fn raw_syn_with(
                 return Err(std::io::Error::last_os_error()).context("IPV6_DSTOPTS");
             }
         }
-        let sockaddr = |ip: Ipv6Addr| libc::sockaddr_in6 {
-            sin6_family: libc::AF_INET6 as u16,
-            sin6_port: 0,
-            sin6_flowinfo: 0,
-            sin6_addr: libc::in6_addr {
-                s6_addr: ip.octets(),
-            },
-            sin6_scope_id: 0,
-        };
-        let src = sockaddr(source.parse()?);
-        let dst = sockaddr(NODE2.parse()?);
+        let dst = sockaddr6(NODE2.parse()?);
         let len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-        // SAFETY: valid sockaddr pointers and lengths.
-        if unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&src as *const libc::sockaddr_in6).cast(),
-                len,
-            )
-        } != 0
-        {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("bind a raw socket to {source}"));
-        }
         // SAFETY: valid buffer and sockaddr.
         let sent = unsafe {
             libc::sendto(
@@ -367,10 +405,73 @@ fn raw_syn_with(
             )
         };
         if sent != tcp.len() as isize {
-            return Err(std::io::Error::last_os_error()).context("sendto raw SYN");
+            return Err(std::io::Error::last_os_error()).context("sendto a raw segment");
         }
         Ok(())
+    }
+}
+
+/// Sends a SYN without the option from `[source]:sport` to the DB and returns the sequence
+/// number of the DB's SYN-ACK (its SYN cookie, with `tcp_syncookies=2` on node 2), read on a
+/// raw socket of node 1's namespace within 5 s.
+fn syn_cookie(ns: &NetNs, source: &str, sport: u16) -> Result<u32> {
+    let syn = segment(sport, DB_PORT, TCP_SYN, (RAW_ISN, 0), &[])?;
+    ns.run_in(|| -> Result<u32> {
+        let fd = raw_socket(source)?;
+        let wait = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: a valid option pointer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&wait as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
+        }
+        send_raw(source, &syn, false)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < deadline {
+            // SAFETY: a valid buffer of its length. (An IPv6 raw socket reads from the TCP
+            // header on.)
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let Ok(n) = usize::try_from(n) else {
+                continue;
+            };
+            let b = &buf[..n];
+            if n >= 20
+                && u16::from_be_bytes([b[0], b[1]]) == DB_PORT
+                && u16::from_be_bytes([b[2], b[3]]) == sport
+                && b[13] & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+            {
+                return Ok(u32::from_be_bytes([b[4], b[5], b[6], b[7]]));
+            }
+        }
+        bail!("no SYN-ACK from the DB to [{source}]:{sport} within 5 s")
     })?
+}
+
+/// Writes node 2's inventory and waits until node 2's agent has applied it.
+fn apply_inventory(bed: &Bed, text: &str) -> Result<()> {
+    let before = bed.node2.status()?["agent"]["revision"].clone();
+    bed.bundle.write_file("inventory.yaml", text)?;
+    ensure!(
+        wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            bed.node2
+                .status()
+                .is_ok_and(|s| s["agent"]["revision"] != before)
+        }),
+        "node 2 did not apply the new inventory\n{}",
+        bed.node2.stderr_tail()
+    );
+    Ok(())
 }
 
 /// MSS, then the identity option (20 bytes): 24 bytes of options.
@@ -1040,7 +1141,7 @@ fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -
     let acme = bed.identity("acme-retriever")?;
     let release = bed._tmp.path().join("release");
     let server = SocketAddr::new(NODE2.parse::<IpAddr>()?, CLOSED_PORT);
-    let _held = ProbeServer::start_held(Some(&bed._n2), &bed.cg.db, server, &release)?;
+    let _held = ProbeServer::start_held(Some(&bed.n2), &bed.cg.db, server, &release)?;
     let peers = || -> Result<Vec<enforcer::wire::VerifiedPeer>> {
         Ok(verified_peers(&Bed::pin_dir(&bed.node2))?
             .into_iter()
@@ -1251,5 +1352,101 @@ endpoints:
     );
     drop(db);
     drop(agent);
+    Ok(())
+}
+
+/// A SYN cookie's ACK makes a connection with no SYN before it: node 2 sends cookies for
+/// every SYN (`net.ipv4.tcp_syncookies=2`), so its listener keeps no request, and an ACK that
+/// carries a valid cookie is a new connection. The ACK is judged at ingress as a SYN without
+/// the option would be (red-team review 59 M1: it passed as "not a SYN", and an outsider who
+/// guessed a cookie, or held one from a SYN let through before the policy changed, was
+/// accepted with no check and no event):
+///
+/// - acme-retriever's tagged connect completes through a cookie (its ACK has the SYN's
+///   record);
+/// - with the DB in `audit`, a SYN from outside the cluster passes (reported) and its cookie
+///   ACK connects, reported once for both;
+/// - the DB back in `enforce`, the ACK of a cookie given out under `audit` is dropped: the DB
+///   accepts nothing, and the drop is one `not_allowed` event.
+#[test]
+fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let bed = Bed::new()?;
+    bed.n2
+        .run_in(|| std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2"))?
+        .context("tcp_syncookies=2 on node 2")?;
+    let addr = format!("tcp:[{NODE2}]:{DB_PORT}");
+    let outsider = |port: u16| SocketAddr::new(OUTSIDER.parse().expect("literal"), port);
+
+    // 1. A tagged connect: its cookie ACK has the record its SYN left.
+    bed.probe(&bed.cg.acme).expect_outcome(
+        &addr,
+        Outcome::Ok,
+        "acme-retriever through a SYN cookie",
+    )?;
+    ensure!(
+        bed.db.accepted_at_least(1, Duration::from_secs(5)).len() == 1,
+        "the DB did not accept acme-retriever's connection"
+    );
+
+    // 2. Audit: an outsider's SYN and its cookie ACK pass, one report for the attempt.
+    let root = bed.cg.root.relative_str();
+    apply_inventory(
+        &bed,
+        &inventory(&root).replace("ingress: enforce", "ingress: audit"),
+    )?;
+    let cookie = syn_cookie(&bed.n1, OUTSIDER, 46001)?;
+    let ack = segment(
+        46001,
+        DB_PORT,
+        TCP_ACK,
+        (RAW_ISN + 1, cookie.wrapping_add(1)),
+        &[],
+    )?;
+    bed.n1.run_in(|| send_raw(OUTSIDER, &ack, false))??;
+    let accepted = bed.db.accepted_at_least(1, Duration::from_secs(5));
+    ensure!(
+        accepted == [outsider(46001)],
+        "under audit the cookie ACK did not connect: accepted {accepted:?}"
+    );
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["peer"]["port"] == 46001,
+        "the audited attempt, reported once",
+    )?;
+    ensure!(
+        e["verdict"] == "audit" && e["reason"] == "not_allowed",
+        "{e}"
+    );
+
+    // 3. A cookie given out under audit, its ACK sent once the DB is enforced again.
+    let cookie = syn_cookie(&bed.n1, OUTSIDER, 46002)?;
+    apply_inventory(&bed, &inventory(&root))?;
+    let ack = segment(
+        46002,
+        DB_PORT,
+        TCP_ACK,
+        (RAW_ISN + 1, cookie.wrapping_add(1)),
+        &[],
+    )?;
+    bed.n1.run_in(|| send_raw(OUTSIDER, &ack, false))??;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["peer"]["port"] == 46002 && e["verdict"] == "deny",
+        "the cookie ACK under enforce",
+    )?;
+    ensure!(
+        e["reason"] == "not_allowed" && e["type"] == "connection.denied",
+        "{e}"
+    );
+    let accepted = bed.db.accepted_at_least(1, Duration::from_secs(2));
+    ensure!(
+        accepted.is_empty(),
+        "the DB accepted a cookie ACK no check let through: {accepted:?}"
+    );
     Ok(())
 }
