@@ -754,12 +754,17 @@ struct Syn {
     dport: u16,
     /// The SYN's sequence number (the ACK's less one: its SYN's), compared only.
     seq: u32,
-    /// An ACK (no SYN, no RST) to a listening socket: the end of a handshake, or a SYN
-    /// cookie's ACK, from which the kernel makes a connection with no SYN before it
-    /// (`cookie_v4_check`, while the listener sends cookies: a full SYN queue within the last
-    /// two minutes, or `net.ipv4.tcp_syncookies=2`). Passed when its SYN passed the check here
-    /// (its 4-tuple's `WIRE_PEERS` record), judged as a SYN without the option otherwise
-    /// (red-team review 59 M1: such an ACK made a connection no check had seen).
+    /// An ACK (no SYN, no RST) to a listening socket: the end of a handshake, a SYN cookie's
+    /// ACK, from which the kernel makes a connection with no SYN before it (`cookie_v4_check`,
+    /// while the listener sends cookies: a full SYN queue within the last two minutes, or
+    /// `net.ipv4.tcp_syncookies=2`), or a stray one (its connection's socket is gone: the
+    /// kernel answers it with a reset). Judged, as a SYN without the option from World, only
+    /// when it comes from outside the cluster (an address the IP cache does not know, through
+    /// a device) and its SYN did not pass the check here (no `WIRE_PEERS` record): red-team
+    /// review 59 M1, an outsider's guessed cookie made a connection no check had seen. A
+    /// cluster address's or a local one's is passed: their senders cannot write raw packets
+    /// (pods have no raw sockets), and a stray ACK from a client whose server restarted
+    /// must get its reset, not be dropped into a timeout (review 60 M1).
     ack: bool,
     /// The packet came in through loopback (`ingress_ifindex`): sent in this network
     /// namespace. Read once, here: two reads of the field let LLVM keep the field's address
@@ -920,8 +925,12 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let Some(syn) = parse_syn(ctx) else {
         return PASS;
     };
-    if syn.ack && WIRE_PEERS.get_ptr(&peer_key(&syn)).is_some() {
-        // The end of a handshake whose SYN passed the check here.
+    // An ACK to a listener is judged only from outside the cluster (see `Syn::ack`).
+    if syn.ack
+        && (syn.via_loopback
+            || WIRE_PEERS.get_ptr(&peer_key(&syn)).is_some()
+            || lookup_destination(&syn.src) != identity::WORLD)
+    {
         return PASS;
     }
     let (destination, exact) = lookup_address(&syn.dst);
