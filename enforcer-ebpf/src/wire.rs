@@ -928,8 +928,8 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     // An ACK to a listener is judged only from outside the cluster (see `Syn::ack`).
     if syn.ack
         && (syn.via_loopback
-            || WIRE_PEERS.get_ptr(&peer_key(&syn)).is_some()
-            || lookup_destination(&syn.src) != identity::WORLD)
+            || lookup_destination(&syn.src) != identity::WORLD
+            || WIRE_PEERS.get_ptr(&peer_key(&syn)).is_some())
     {
         return PASS;
     }
