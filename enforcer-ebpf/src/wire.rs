@@ -952,9 +952,10 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
     } else if (!exact || destination < identity::FIRST_DYNAMIC) && !syn.ack {
         // An address nobody holds: WORLD, a prefix (which may cover the node's own
-        // addresses), a reserved identity. (Not for an ACK: the caller is found by its
-        // connecting socket, which has left `SYN_SENT` by then; a SYN cookie's ACK needs a
-        // raw socket in the listener's namespace, which a pod cannot open.)
+        // addresses), a reserved identity. (Not for an ACK: it finds the caller by its
+        // connecting socket, which has left `SYN_SENT` by then; the ACKs judged here come from
+        // outside the cluster, whose SYNs it refuses only from an IPv6 link-local neighbour:
+        // that one's cookie ACK is left open.)
         if let Some(verdict) = world_listener(ctx, &syn, listener) {
             return verdict;
         }

@@ -24,6 +24,7 @@ pub mod kubelet;
 pub mod netns;
 pub mod probe;
 pub mod prometheus;
+pub mod raw_tcp;
 pub mod rsyslog;
 pub mod servers;
 pub mod sockaddr;

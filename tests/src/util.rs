@@ -179,3 +179,28 @@ pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
     file.write_all(contents.as_ref())
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// `setsockopt(fd, level, name, value)` with `value`'s bytes (a `c_int`, a `timeval`, a byte
+/// array), as an `io::Error` on failure.
+pub fn set_option<T: ?Sized>(
+    fd: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: `value` is a valid reference of `size_of_val(value)` readable bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of_val(value) as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

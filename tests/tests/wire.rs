@@ -29,8 +29,7 @@
 //! Addresses: `fd84::1` (node 1) and `fd84::2` (node 2) on the test's own veth only; names
 //! start with `wr`.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,6 +40,7 @@ use enforcer::wire::{
 use enforcer_tests::cli::enforcer;
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::ProbeServer;
+use enforcer_tests::raw_tcp;
 use enforcer_tests::util::wait_until;
 use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, NetNs, Outcome, PinDir, PolicyBundle, Probe,
@@ -268,9 +268,6 @@ fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
     raw_syn_with(ns, source, sport, DB_PORT, extra, false)
 }
 
-/// `IPV6_DSTOPTS` (`include/uapi/linux/in6.h`).
-const IPV6_DSTOPTS: libc::c_int = 59;
-
 /// [`raw_syn`] to the DB's port `dport`, with `dstopts` behind an empty Destination Options
 /// header (next header 60, one PadN option): the TCP header is no longer right after the
 /// fixed IPv6 header.
@@ -282,189 +279,25 @@ fn raw_syn_with(
     extra: &[u8],
     dstopts: bool,
 ) -> Result<()> {
-    let tcp = segment(sport, dport, TCP_SYN, (RAW_ISN, 0), extra)?;
-    ns.run_in(|| send_raw(source, &tcp, dstopts))?
-}
-
-/// The sequence number of the test's raw SYNs.
-const RAW_ISN: u32 = 0x1234_5678;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-
-/// A TCP header from `sport` to `dport` with `flags`, (sequence, acknowledgment) numbers
-/// `numbers`, and `extra` options (a multiple of 4 bytes).
-fn segment(
-    sport: u16,
-    dport: u16,
-    flags: u8,
-    numbers: (u32, u32),
-    extra: &[u8],
-) -> Result<Vec<u8>> {
-    ensure!(
-        extra.len().is_multiple_of(4),
-        "options must be padded to 4 bytes"
-    );
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&numbers.0.to_be_bytes());
-    tcp[8..12].copy_from_slice(&numbers.1.to_be_bytes());
-    tcp[12] = (((20 + extra.len()) / 4) as u8) << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    tcp.extend_from_slice(extra);
-    Ok(tcp)
-}
-
-/// A raw IPv6 TCP socket of the calling thread's namespace, bound to `source`.
-fn raw_socket(source: &str) -> Result<OwnedFd> {
-    // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("raw socket");
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let src = sockaddr6(source.parse()?);
-    // SAFETY: a valid sockaddr pointer and length.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&src as *const libc::sockaddr_in6).cast(),
-            std::mem::size_of::<libc::sockaddr_in6>() as u32,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("bind a raw socket to {source}"));
-    }
-    Ok(fd)
-}
-
-fn sockaddr6(ip: Ipv6Addr) -> libc::sockaddr_in6 {
-    libc::sockaddr_in6 {
-        sin6_family: libc::AF_INET6 as u16,
-        sin6_port: 0,
-        sin6_flowinfo: 0,
-        sin6_addr: libc::in6_addr {
-            s6_addr: ip.octets(),
-        },
-        sin6_scope_id: 0,
-    }
-}
-
-/// Sends the TCP segment `tcp` from `source` to the DB on a raw socket of the calling
-/// thread's namespace (no enforcer judges the test process); the kernel fills in the IPv6
-/// header and the checksum (`IPV6_CHECKSUM`). With `dstopts`, behind an empty Destination
-/// Options header.
-fn send_raw(source: &str, tcp: &[u8], dstopts: bool) -> Result<()> {
-    {
-        let fd = raw_socket(source)?;
-        let checksum_offset: libc::c_int = 16;
-        // SAFETY: valid option pointer and length.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_CHECKSUM,
-                (&checksum_offset as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("IPV6_CHECKSUM");
-        }
-        if dstopts {
-            // Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4 bytes.
-            let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
-            // SAFETY: valid option pointer and length.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::IPPROTO_IPV6,
-                    IPV6_DSTOPTS,
-                    header.as_ptr().cast(),
-                    header.len() as u32,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error()).context("IPV6_DSTOPTS");
-            }
-        }
-        let dst = sockaddr6(NODE2.parse()?);
-        let len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-        // SAFETY: valid buffer and sockaddr.
-        let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                tcp.as_ptr().cast(),
-                tcp.len(),
-                0,
-                (&dst as *const libc::sockaddr_in6).cast(),
-                len,
-            )
-        };
-        if sent != tcp.len() as isize {
-            return Err(std::io::Error::last_os_error()).context("sendto a raw segment");
-        }
-        Ok(())
-    }
+    let tcp = raw_tcp::segment(sport, dport, raw_tcp::SYN, (raw_tcp::ISN, 0), extra)?;
+    ns.run_in(|| raw_tcp::send(source, NODE2, &tcp, dstopts))?
 }
 
 /// Sends a SYN without the option from `[source]:sport` to the DB and returns the sequence
 /// number of the DB's SYN-ACK (its SYN cookie, with `tcp_syncookies=2` on node 2).
 fn syn_cookie(ns: &NetNs, source: &str, sport: u16) -> Result<u32> {
-    let syn = segment(sport, DB_PORT, TCP_SYN, (RAW_ISN, 0), &[])?;
-    reply(ns, source, &syn, TCP_SYN | TCP_ACK)?
+    let syn = raw_tcp::segment(sport, DB_PORT, raw_tcp::SYN, (raw_tcp::ISN, 0), &[])?;
+    raw_tcp::reply(ns, (source, NODE2), &syn, raw_tcp::SYN | raw_tcp::ACK)?
         .with_context(|| format!("no SYN-ACK from the DB to [{source}]:{sport} within 5 s"))
 }
 
-/// Sends the segment `tcp` from `source` to the DB and returns the sequence number of the
-/// DB's first answer with all of `flags` set, read within 5 s on a raw socket of node 1's
-/// namespace (`None`: no such answer).
-fn reply(ns: &NetNs, source: &str, tcp: &[u8], flags: u8) -> Result<Option<u32>> {
-    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-    ns.run_in(|| -> Result<Option<u32>> {
-        let fd = raw_socket(source)?;
-        let wait = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: a valid option pointer and length.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&wait as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
-        }
-        send_raw(source, tcp, false)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let mut buf = [0u8; 2048];
-        while std::time::Instant::now() < deadline {
-            // SAFETY: a valid buffer of its length. (An IPv6 raw socket reads from the TCP
-            // header on.)
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            let Ok(n) = usize::try_from(n) else {
-                continue;
-            };
-            let b = &buf[..n];
-            if n >= 20
-                && u16::from_be_bytes([b[0], b[1]]) == DB_PORT
-                && u16::from_be_bytes([b[2], b[3]]) == sport
-                && b[13] & flags == flags
-            {
-                return Ok(Some(u32::from_be_bytes([b[4], b[5], b[6], b[7]])));
-            }
-        }
-        Ok(None)
-    })?
+/// Sends the ACK of a raw SYN from `[OUTSIDER]:sport` that carries `cookie`, the sequence
+/// number of the DB's SYN-ACK.
+fn cookie_ack(bed: &Bed, sport: u16, cookie: u32) -> Result<()> {
+    let numbers = (raw_tcp::ISN + 1, cookie.wrapping_add(1));
+    let ack = raw_tcp::segment(sport, DB_PORT, raw_tcp::ACK, numbers, &[])?;
+    bed.n1
+        .run_in(|| raw_tcp::send(OUTSIDER, NODE2, &ack, false))?
 }
 
 /// Writes node 2's inventory and waits until node 2's agent has applied it.
@@ -1410,14 +1243,7 @@ fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
         &inventory(&root).replace("ingress: enforce", "ingress: audit"),
     )?;
     let cookie = syn_cookie(&bed.n1, OUTSIDER, 46001)?;
-    let ack = segment(
-        46001,
-        DB_PORT,
-        TCP_ACK,
-        (RAW_ISN + 1, cookie.wrapping_add(1)),
-        &[],
-    )?;
-    bed.n1.run_in(|| send_raw(OUTSIDER, &ack, false))??;
+    cookie_ack(&bed, 46001, cookie)?;
     let accepted = bed.db.accepted_at_least(1, Duration::from_secs(5));
     ensure!(
         accepted == [outsider(46001)],
@@ -1437,14 +1263,7 @@ fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
     // 3. A cookie given out under audit, its ACK sent once the DB is enforced again.
     let cookie = syn_cookie(&bed.n1, OUTSIDER, 46002)?;
     apply_inventory(&bed, &inventory(&root))?;
-    let ack = segment(
-        46002,
-        DB_PORT,
-        TCP_ACK,
-        (RAW_ISN + 1, cookie.wrapping_add(1)),
-        &[],
-    )?;
-    bed.n1.run_in(|| send_raw(OUTSIDER, &ack, false))??;
+    cookie_ack(&bed, 46002, cookie)?;
     let e = expect_ingress(
         &bed,
         1,
@@ -1462,9 +1281,9 @@ fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
     );
 
     // 4. A stray ACK from acme-retriever's address: the listener answers it with a reset.
-    let stray = segment(46003, DB_PORT, TCP_ACK, (RAW_ISN + 1, 1), &[])?;
+    let stray = raw_tcp::segment(46003, DB_PORT, raw_tcp::ACK, (raw_tcp::ISN + 1, 1), &[])?;
     ensure!(
-        reply(&bed.n1, NODE1, &stray, TCP_RST)?.is_some(),
+        raw_tcp::reply(&bed.n1, (NODE1, NODE2), &stray, raw_tcp::RST)?.is_some(),
         "a cluster client's stray ACK got no reset"
     );
     let settled = bed

@@ -19,8 +19,7 @@
 //! `fd86::2` (node 2), on the test's own veth only; names start with `ik`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +28,7 @@ use enforcer::wire::{now_stamp, option, option_version, parse_keys, verified_pee
 use enforcer_policy::cluster::{labels, ClusterIdentity, ClusterOptions, ClusterPod, ClusterState};
 use enforcer_tests::fixtures::SCHEMA;
 use enforcer_tests::probe::ProbeServer;
+use enforcer_tests::raw_tcp;
 use enforcer_tests::util::wait_until;
 use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, TempDir,
@@ -106,80 +106,8 @@ type DbServer = ProbeServer;
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
-    ensure!(
-        extra.len().is_multiple_of(4),
-        "options must be padded to 4 bytes"
-    );
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&DB_PORT.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    tcp[12] = (((20 + extra.len()) / 4) as u8) << 4;
-    tcp[13] = 0x02; // SYN
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    tcp.extend_from_slice(extra);
-    ns.run_in(|| -> Result<()> {
-        // SAFETY: plain socket syscalls on values we own; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("raw socket");
-        }
-        // SAFETY: fd is a fresh socket we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let checksum_offset: libc::c_int = 16;
-        // SAFETY: valid option pointer and length.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_CHECKSUM,
-                (&checksum_offset as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("IPV6_CHECKSUM");
-        }
-        let sockaddr = |ip: Ipv6Addr| libc::sockaddr_in6 {
-            sin6_family: libc::AF_INET6 as u16,
-            sin6_port: 0,
-            sin6_flowinfo: 0,
-            sin6_addr: libc::in6_addr {
-                s6_addr: ip.octets(),
-            },
-            sin6_scope_id: 0,
-        };
-        let src = sockaddr(source.parse()?);
-        let dst = sockaddr(NODE2.parse()?);
-        let len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-        // SAFETY: valid sockaddr pointers and lengths.
-        if unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&src as *const libc::sockaddr_in6).cast(),
-                len,
-            )
-        } != 0
-        {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("bind a raw socket to {source}"));
-        }
-        // SAFETY: valid buffer and sockaddr.
-        let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                tcp.as_ptr().cast(),
-                tcp.len(),
-                0,
-                (&dst as *const libc::sockaddr_in6).cast(),
-                len,
-            )
-        };
-        if sent != tcp.len() as isize {
-            return Err(std::io::Error::last_os_error()).context("sendto raw SYN");
-        }
-        Ok(())
-    })?
+    let tcp = raw_tcp::segment(sport, DB_PORT, raw_tcp::SYN, (raw_tcp::ISN, 0), extra)?;
+    ns.run_in(|| raw_tcp::send(source, NODE2, &tcp, false))?
 }
 
 /// MSS, then the identity option (20 bytes): 24 bytes of options.
