@@ -784,8 +784,9 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
     let skb: *const __sk_buff = ctx.skb.skb;
     // SAFETY: a full 32-bit context load; `protocol` is the __be16 ethertype.
     let ethertype = u16::from_be(unsafe { read_volatile(&(*skb).protocol) } as u16);
-    // Most packets are not SYNs: two helper calls (the IP header, the TCP flags) decide that;
-    // the rest is read only for a SYN.
+    // Most packets are not SYNs: two helper calls (the IP header, the TCP flags) decide that,
+    // and for an ACK two context loads (is its socket a listener?); the rest is read only for
+    // a SYN or such an ACK.
     let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let (l4, ack, saddr, daddr, src, dst) = if ethertype == ETH_P_IP {
         let ip: [u8; IPV4_HEADER_MIN] = load(ctx, 0)?;
