@@ -758,13 +758,13 @@ struct Syn {
     /// ACK, from which the kernel makes a connection with no SYN before it (`cookie_v4_check`,
     /// while the listener sends cookies: a full SYN queue within the last two minutes, or
     /// `net.ipv4.tcp_syncookies=2`), or a stray one (its connection's socket is gone: the
-    /// kernel answers it with a reset). Judged, as a SYN without the option from World, only
-    /// when it comes from outside the cluster (an address the IP cache does not know, through
-    /// a device) and its SYN did not pass the check here (no `WIRE_PEERS` record): red-team
-    /// review 59 M1, an outsider's guessed cookie made a connection no check had seen. A
-    /// cluster address's or a local one's is passed: their senders cannot write raw packets
-    /// (pods have no raw sockets), and a stray ACK from a client whose server restarted
-    /// must get its reset, not be dropped into a timeout (review 60 M1).
+    /// kernel answers it with a reset). Judged as its SYN would be without the option (World's
+    /// by the policy, anything else's `missing_tag`) when it came through a device from an
+    /// address no tagging client has (see `cluster_client`) and its SYN did not pass the check
+    /// here (no `WIRE_PEERS` record): red-team reviews 59 M1 and 61 M1, a guessed cookie made a
+    /// connection no check had seen. A workload's, a node's or a local one's is passed: pods
+    /// have no raw sockets to forge one with, and a stray ACK from a client whose server
+    /// restarted must get its reset, not be dropped into a timeout (review 60 M1).
     ack: bool,
     /// The packet came in through loopback (`ingress_ifindex`): sent in this network
     /// namespace. Read once, here: two reads of the field let LLVM keep the field's address
@@ -926,10 +926,10 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let Some(syn) = parse_syn(ctx) else {
         return PASS;
     };
-    // An ACK to a listener is judged only from outside the cluster (see `Syn::ack`).
+    // An ACK to a listener is judged unless a cluster client may have sent it (see `Syn::ack`).
     if syn.ack
         && (syn.via_loopback
-            || lookup_destination(&syn.src) != identity::WORLD
+            || cluster_client(&syn.src)
             || WIRE_PEERS.get_ptr(&peer_key(&syn)).is_some())
     {
         return PASS;
@@ -954,9 +954,9 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     } else if (!exact || destination < identity::FIRST_DYNAMIC) && !syn.ack {
         // An address nobody holds: WORLD, a prefix (which may cover the node's own
         // addresses), a reserved identity. (Not for an ACK: it finds the caller by its
-        // connecting socket, which has left `SYN_SENT` by then; the ACKs judged here come from
-        // outside the cluster, whose SYNs it refuses only from an IPv6 link-local neighbour:
-        // that one's cookie ACK is left open.)
+        // connecting socket, which has left `SYN_SENT` by then, or by a workload's address,
+        // whose ACKs pass above; of the sources whose ACKs are judged, it refuses only an IPv6
+        // link-local neighbour's SYN: that one's cookie ACK is left open.)
         if let Some(verdict) = world_listener(ctx, &syn, listener) {
             return verdict;
         }
@@ -1360,6 +1360,23 @@ fn checked_pod_elsewhere(
 fn source_workload(source: &Destination) -> Option<u32> {
     let (identity, exact) = lookup_address(source);
     (exact && identity >= identity::FIRST_DYNAMIC).then_some(identity)
+}
+
+/// Whether `source` is an address a tagging client connects from: a workload's own (the IP
+/// cache's exact entry of an identity with `flags::WORKLOAD`: a pod, an inventory workload's
+/// declared address) or a node's (`HOST`, `REMOTE_NODE`: host processes, `hostNetwork` pods).
+/// Not a prefix (an endpoint's range, the `unidentified` pod networks, a wide cluster CIDR:
+/// they may cover hosts outside the cluster), an endpoint's or a Service's address, nor
+/// WORLD: red-team review 61 M1.
+#[inline(always)]
+fn cluster_client(source: &Destination) -> bool {
+    match lookup_address(source) {
+        (identity::HOST | identity::REMOTE_NODE, true) => true,
+        (id, true) if id >= identity::FIRST_DYNAMIC => {
+            locked::identity_flags(id).is_some_and(|f| f & flags::WORKLOAD != 0)
+        }
+        _ => false,
+    }
 }
 
 /// Whether the SYN's source is an IPv6 link-local address (fe80::/10) and it came in

@@ -1210,7 +1210,10 @@ endpoints:
 ///   ACK connects, reported once for both;
 /// - the DB back in `enforce`, the ACK of a cookie given out under `audit` is dropped: the DB
 ///   accepts nothing, and the drop is one `not_allowed` event;
-/// - an ACK from a cluster address with no connection behind it (a client whose server
+/// - the same from an address inside an endpoint's range, which the IP cache knows but no
+///   tagging client has: one `missing_tag` event (review 61 M1: any address the IP cache
+///   knew passed);
+/// - an ACK from a workload's address with no connection behind it (a client whose server
 ///   restarted) still gets the kernel's reset, and no event (review 60 M1: it was dropped, and
 ///   the client waited for its retransmissions to time out).
 #[test]
@@ -1280,7 +1283,30 @@ fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
         "the DB accepted a cookie ACK no check let through: {accepted:?}"
     );
 
-    // 4. A stray ACK from acme-retriever's address: the listener answers it with a reset.
+    // 4. The same from an address inside an endpoint's range: known to the IP cache, but no
+    //    tagging client's, so its ACK is judged as its SYN (`missing_tag`), not passed.
+    let partner = format!(
+        "{}  - name: partner-llm\n    kind: llm_api\n    ips: [fd84::90/124]\n",
+        inventory(&root)
+    );
+    apply_inventory(&bed, &partner.replace("ingress: enforce", "ingress: audit"))?;
+    let cookie = syn_cookie(&bed.n1, OUTSIDER, 46004)?;
+    apply_inventory(&bed, &partner)?;
+    cookie_ack(&bed, 46004, cookie)?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["peer"]["port"] == 46004 && e["verdict"] == "deny",
+        "an endpoint range's cookie ACK under enforce",
+    )?;
+    ensure!(e["reason"] == "missing_tag", "{e}");
+    let accepted = bed.db.accepted_at_least(1, Duration::from_secs(2));
+    ensure!(
+        accepted.is_empty(),
+        "the DB accepted an endpoint range's cookie ACK: {accepted:?}"
+    );
+
+    // 5. A stray ACK from acme-retriever's address: the listener answers it with a reset.
     let stray = raw_tcp::segment(46003, DB_PORT, raw_tcp::ACK, (raw_tcp::ISN + 1, 1), &[])?;
     ensure!(
         raw_tcp::reply(&bed.n1, (NODE1, NODE2), &stray, raw_tcp::RST)?.is_some(),
