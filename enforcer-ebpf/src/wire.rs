@@ -759,12 +759,13 @@ struct Syn {
     /// while the listener sends cookies: a full SYN queue within the last two minutes, or
     /// `net.ipv4.tcp_syncookies=2`), or a stray one (its connection's socket is gone: the
     /// kernel answers it with a reset). Judged as its SYN would be without the option (World's
-    /// by the policy, anything else's `missing_tag`) when it came through a device from an
-    /// address no tagging client has (see `cluster_client`) and its SYN did not pass the check
-    /// here (no `WIRE_PEERS` record): red-team reviews 59 M1 and 61 M1, a guessed cookie made a
-    /// connection no check had seen. A workload's, a node's or a local one's is passed: pods
-    /// have no raw sockets to forge one with, and a stray ACK from a client whose server
-    /// restarted must get its reset, not be dropped into a timeout (review 60 M1).
+    /// by the policy, anything else's `missing_tag`; at a foreign listener, `foreign_address`)
+    /// when it came through a device from an address that is no cluster client's (see
+    /// `cluster_client`) and its SYN did not pass the check here (no `WIRE_PEERS` record):
+    /// red-team reviews 59 M1 and 61 M1, a guessed cookie made a connection no check had
+    /// seen. A cluster client's or a local one's is passed: pods have no raw sockets to forge
+    /// one with, and a stray ACK from a client whose server restarted must get its reset, not
+    /// be dropped into a timeout (review 60 M1).
     ack: bool,
     /// The packet came in through loopback (`ingress_ifindex`): sent in this network
     /// namespace. Read once, here: two reads of the field let LLVM keep the field's address
@@ -1362,17 +1363,19 @@ fn source_workload(source: &Destination) -> Option<u32> {
     (exact && identity >= identity::FIRST_DYNAMIC).then_some(identity)
 }
 
-/// Whether `source` is an address a tagging client connects from: a workload's own (the IP
-/// cache's exact entry of an identity with `flags::WORKLOAD`: a pod, an inventory workload's
-/// declared address) or a node's (`HOST`, `REMOTE_NODE`: host processes, `hostNetwork` pods).
-/// Not a prefix (an endpoint's range, the `unidentified` pod networks, a wide cluster CIDR:
-/// they may cover hosts outside the cluster), an endpoint's or a Service's address, nor
-/// WORLD: red-team review 61 M1.
+/// Whether `source` is an address a tagging client may connect from: a workload's (the IP
+/// cache's entry of an identity with `flags::WORKLOAD`, exact or a declared range: a pod, an
+/// inventory workload), a node's (`HOST`, `REMOTE_NODE`: host processes, `hostNetwork` pods)
+/// or one in the pod networks (`UNIDENTIFIED` by prefix: a pod the IP cache does not hold
+/// yet, a node's CNI gateway or tunnel device, from which host processes reach other nodes'
+/// pods). Not WORLD, an endpoint's or a Service's address or range, nor an exact
+/// `UNIDENTIFIED` entry (a refused pod, an address two owners claim): red-team reviews 61 M1
+/// and 62 M2.
 #[inline(always)]
 fn cluster_client(source: &Destination) -> bool {
     match lookup_address(source) {
-        (identity::HOST | identity::REMOTE_NODE, true) => true,
-        (id, true) if id >= identity::FIRST_DYNAMIC => {
+        (identity::HOST | identity::REMOTE_NODE, true) | (identity::UNIDENTIFIED, false) => true,
+        (id, _) if id >= identity::FIRST_DYNAMIC => {
             locked::identity_flags(id).is_some_and(|f| f & flags::WORKLOAD != 0)
         }
         _ => false,

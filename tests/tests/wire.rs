@@ -1210,10 +1210,10 @@ endpoints:
 ///   ACK connects, reported once for both;
 /// - the DB back in `enforce`, the ACK of a cookie given out under `audit` is dropped: the DB
 ///   accepts nothing, and the drop is one `not_allowed` event;
-/// - the same from an address inside an endpoint's range, which the IP cache knows but no
-///   tagging client has: one `missing_tag` event (review 61 M1: any address the IP cache
-///   knew passed);
-/// - an ACK from a workload's address with no connection behind it (a client whose server
+/// - the same from an address inside an endpoint's range, or an endpoint's own address,
+///   which the IP cache knows but no cluster client has: one `missing_tag` event each
+///   (review 61 M1: any address the IP cache knew passed);
+/// - an ACK from a workload's address, or from inside a workload's declared range, with no connection behind it (a client whose server
 ///   restarted) still gets the kernel's reset, and no event (review 60 M1: it was dropped, and
 ///   the client waited for its retransmissions to time out).
 #[test]
@@ -1283,28 +1283,31 @@ fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
         "the DB accepted a cookie ACK no check let through: {accepted:?}"
     );
 
-    // 4. The same from an address inside an endpoint's range: known to the IP cache, but no
-    //    tagging client's, so its ACK is judged as its SYN (`missing_tag`), not passed.
-    let partner = format!(
-        "{}  - name: partner-llm\n    kind: llm_api\n    ips: [fd84::90/124]\n",
-        inventory(&root)
-    );
-    apply_inventory(&bed, &partner.replace("ingress: enforce", "ingress: audit"))?;
-    let cookie = syn_cookie(&bed.n1, OUTSIDER, 46004)?;
-    apply_inventory(&bed, &partner)?;
-    cookie_ack(&bed, 46004, cookie)?;
-    let e = expect_ingress(
-        &bed,
-        1,
-        |e| e["peer"]["port"] == 46004 && e["verdict"] == "deny",
-        "an endpoint range's cookie ACK under enforce",
-    )?;
-    ensure!(e["reason"] == "missing_tag", "{e}");
-    let accepted = bed.db.accepted_at_least(1, Duration::from_secs(2));
-    ensure!(
-        accepted.is_empty(),
-        "the DB accepted an endpoint range's cookie ACK: {accepted:?}"
-    );
+    // 4. The same from an address inside an endpoint's range, and from an endpoint's own
+    //    address: known to the IP cache, but no cluster client's, so the ACK is judged as its
+    //    SYN (`missing_tag`), not passed.
+    for (ips, sport) in [("fd84::90/124", 46004), ("fd84::99/128", 46005)] {
+        let partner = format!(
+            "{}  - name: partner-llm\n    kind: llm_api\n    ips: [{ips}]\n",
+            inventory(&root)
+        );
+        apply_inventory(&bed, &partner.replace("ingress: enforce", "ingress: audit"))?;
+        let cookie = syn_cookie(&bed.n1, OUTSIDER, sport)?;
+        apply_inventory(&bed, &partner)?;
+        cookie_ack(&bed, sport, cookie)?;
+        let e = expect_ingress(
+            &bed,
+            1,
+            |e| e["peer"]["port"] == sport && e["verdict"] == "deny",
+            &format!("the cookie ACK of an endpoint at {ips} under enforce"),
+        )?;
+        ensure!(e["reason"] == "missing_tag", "{e}");
+        let accepted = bed.db.accepted_at_least(1, Duration::from_secs(2));
+        ensure!(
+            accepted.is_empty(),
+            "the DB accepted the cookie ACK of an endpoint at {ips}: {accepted:?}"
+        );
+    }
 
     // 5. A stray ACK from acme-retriever's address: the listener answers it with a reset.
     let stray = raw_tcp::segment(46003, DB_PORT, raw_tcp::ACK, (raw_tcp::ISN + 1, 1), &[])?;
@@ -1318,6 +1321,18 @@ fn a_syn_cookies_ack_is_judged_as_its_syn() -> Result<()> {
     ensure!(
         !settled.iter().any(|e| e["peer"]["port"] == 46003),
         "a cluster client's stray ACK was reported"
+    );
+
+    // 6. The same from inside a workload's declared range (a client of the cluster).
+    let ranged = inventory(&root).replace(
+        "endpoints:\n",
+        "  - name: partner-agent\n    tenant: acme\n    purpose: retrieval\n    ring: prod\n    ips: [fd84::90/124]\nendpoints:\n",
+    );
+    apply_inventory(&bed, &ranged)?;
+    let stray = raw_tcp::segment(46006, DB_PORT, raw_tcp::ACK, (raw_tcp::ISN + 1, 1), &[])?;
+    ensure!(
+        raw_tcp::reply(&bed.n1, (OUTSIDER, NODE2), &stray, raw_tcp::RST)?.is_some(),
+        "a stray ACK from a workload's range got no reset"
     );
     Ok(())
 }
