@@ -44,8 +44,8 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HostPathVolumeSource, Namespace, Pod, PodSpec,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, HostPathVolumeSource, Namespace, Pod,
+    PodSecurityContext, PodSpec, SecurityContext, Sysctl, Volume, VolumeMount,
 };
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
@@ -454,6 +454,39 @@ async fn the_api_server_calls_the_webhook_and_fails_closed_without_it() -> Resul
         dropped(&created),
         [vec!["CAP_NET_RAW".to_string(), "NET_RAW".to_string()]]
     );
+
+    // A pod whose ingress is checked answers no SYN with a cookie (whose ACK would open a
+    // connection the check never saw): the sysctl is set where the pod leaves it unset...
+    let mut db = pod("db", &[]);
+    db.metadata.annotations = Some(BTreeMap::from([(
+        labels::INGRESS.to_string(),
+        "enforce".to_string(),
+    )]));
+    let created = acme.create(&PostParams::default(), &db).await?;
+    let sysctls = |pod: &Pod| -> Vec<(String, String)> {
+        let context = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        let sysctls = context.and_then(|c| c.sysctls.clone()).unwrap_or_default();
+        sysctls.into_iter().map(|s| (s.name, s.value)).collect()
+    };
+    let off = vec![("net.ipv4.tcp_syncookies".to_string(), "0".to_string())];
+    assert_eq!(sysctls(&created), off);
+    assert_eq!(sysctls(&acme.get("db").await?), off, "as stored");
+    // ... and a pod that keeps cookies on is refused, saying why.
+    db.metadata.name = Some("db-cookies".into());
+    db.spec.as_mut().unwrap().security_context = Some(PodSecurityContext {
+        sysctls: Some(vec![Sysctl {
+            name: "net.ipv4.tcp_syncookies".into(),
+            value: "1".into(),
+        }]),
+        ..Default::default()
+    });
+    let message = refusal(acme.create(&PostParams::default(), &db).await)?;
+    assert!(
+        message.contains(r#"pod adm9-acme/db-cookies: its ingress is checked (ai-enforcer.io/ingress enforce) but it sets sysctl net.ipv4.tcp_syncookies="1""#),
+        "{message}"
+    );
+    // A pod with no check keeps the kernel's default.
+    assert_eq!(sysctls(&acme.get("web").await?), []);
 
     // What the enforcer cannot contain: refused, every reason at once.
     let mut uncontained = pod("rewriter", &[]);

@@ -26,6 +26,13 @@
 //!   ([`Confinement`]: a sandbox such as gVisor or Kata keeps its sockets in its own network
 //!   stack, which no hook of the node sees; only its frames leave).
 //!
+//! A pod whose ingress is checked (the [`labels::INGRESS`] annotation, or its namespace's
+//! floor) gets `net.ipv4.tcp_syncookies=0` where it sets none ([`syncookies_off`]), and is
+//! refused with another value ([`syncookies_kept`]): a SYN cookie's ACK opens a connection
+//! with no SYN before it, which the ingress check sees only from addresses no cluster client
+//! has (README, "Identity on the wire"). An update that turns the check on is judged the
+//! same way (a pod's sysctls cannot change, its annotations can).
+//!
 //! Containers are immutable once created except through the `pods/ephemeralcontainers`
 //! subresource (`kubectl debug`), so an update is judged on the ephemeral containers it adds
 //! (Kubernetes 1.22 and later send that subresource's review as a Pod). Windows pods
@@ -42,6 +49,9 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
 use k8s_openapi::api::core::v1::{ContainerPort, Lifecycle, PodSpec, Probe, SecurityContext};
 use serde_json::Value;
+
+#[cfg(doc)]
+use enforcer_policy::cluster::labels;
 
 use super::text::{cut, NAME_BYTES};
 
@@ -282,6 +292,65 @@ pub fn confine(spec: &PodSpec, scope: Scope<'_>) -> Vec<PatchOperation> {
         ops.push(PatchOperation::Add(AddOperation { path, value }));
     }
     ops
+}
+
+/// The namespaced sysctl that makes a listener answer SYNs with cookies once its SYN queue
+/// fills (`1`, the kernel's default) or always (`2`): Linux
+/// `Documentation/networking/ip-sysctl.rst`. One of Kubernetes' "safe" sysctls, which every
+/// pod may set (`spec.securityContext.sysctls`).
+pub const SYNCOOKIES: &str = "net.ipv4.tcp_syncookies";
+
+/// Whether a new pod whose ingress is checked may be given [`SYNCOOKIES`]` = 0`: not a
+/// Windows pod (no Linux sysctls), nor one in the node's network namespace (the API server
+/// refuses its `net.*` sysctls, before the validating webhook could say why the pod is
+/// refused).
+fn takes_syncookies_off(spec: &PodSpec) -> bool {
+    !is_windows(spec) && spec.host_network != Some(true)
+}
+
+/// The JSON patch operation that turns SYN cookies off in a new pod whose ingress is checked
+/// and that does not set [`SYNCOOKIES`] itself (`set`): a cookie's ACK makes a connection
+/// with no SYN before it, so the ingress check, which judges SYNs and only such ACKs as no
+/// cluster client sends, cannot see every connection where cookies are on (README, "Identity
+/// on the wire"). Its untagged SYNs are dropped before the SYN queue, so the pod gives up no
+/// SYN-flood defence against outsiders. `None`: nothing to add (a value of the pod's own is
+/// judged by [`syncookies_kept`]).
+pub fn syncookies_off(spec: &PodSpec, set: Option<&str>) -> Option<PatchOperation> {
+    if set.is_some() || !takes_syncookies_off(spec) {
+        return None;
+    }
+    let sysctl = serde_json::json!({"name": SYNCOOKIES, "value": "0"});
+    let context = spec.security_context.as_ref();
+    let at = |tail: &[&str]| {
+        let mut tokens = vec!["spec", "securityContext"];
+        tokens.extend_from_slice(tail);
+        PointerBuf::from_tokens(tokens)
+    };
+    let (path, value) = match context.map(|c| c.sysctls.is_some()) {
+        None => (at(&[]), serde_json::json!({ "sysctls": [sysctl] })),
+        Some(false) => (at(&["sysctls"]), Value::Array(vec![sysctl])),
+        // `-` appends to the array (RFC 6901 4).
+        Some(true) => (at(&["sysctls", "-"]), sysctl),
+    };
+    Some(PatchOperation::Add(AddOperation { path, value }))
+}
+
+/// Why a new pod whose ingress is checked (`mode`, named for the message) is refused for its
+/// SYN cookies: it sets [`SYNCOOKIES`] (`set`) to anything but `"0"`, or not at all (the
+/// mutating webhook, which sets it, was not called). `None`: it may be admitted.
+pub fn syncookies_kept(spec: &PodSpec, mode: &str, set: Option<&str>) -> Option<String> {
+    if set == Some("0") || !takes_syncookies_off(spec) {
+        return None;
+    }
+    let what = match set {
+        Some(value) => format!("sets sysctl {SYNCOOKIES}={:?}", cut(value, NAME_BYTES)),
+        None => format!("does not set sysctl {SYNCOOKIES}=0 (the mutating webhook was not called)"),
+    };
+    Some(format!(
+        "its ingress is checked ({} {mode}) but it {what}: a SYN cookie's ACK would open a \
+         connection that no check saw; the sysctl must be \"0\"",
+        enforcer_policy::cluster::labels::INGRESS
+    ))
 }
 
 /// One thing a pod holds that the enforcer cannot contain.

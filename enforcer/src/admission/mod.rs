@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! POST /mutate     AdmissionReview v1 of a Pod  ->  allowed, with a JSON patch adding the
-//!                  namespace's tenant metadata as pod labels where missing, and NET_RAW to
-//!                  the dropped capabilities of its containers
+//!                  namespace's tenant metadata as pod labels where missing, NET_RAW to
+//!                  the dropped capabilities of its containers, and, where its ingress is
+//!                  checked, net.ipv4.tcp_syncookies=0 to its sysctls
 //! POST /validate   AdmissionReview v1 of a Pod  ->  allowed, or denied with every reason
 //! GET  /healthz    200 "ok" (readiness probe)
 //! ```
@@ -12,7 +13,8 @@
 //! In every namespace the webhooks are called for, a pod must hold nothing the enforcer
 //! cannot contain: no privileged container, no capability beyond the Pod Security
 //! Standards' `baseline` set, `NET_RAW` dropped, none of the node's namespaces, no
-//! `hostPath` volume, no `hostPort`, no probe sent elsewhere ([`confine`]).
+//! `hostPath` volume, no `hostPort`, no probe sent elsewhere, and no SYN cookies where its
+//! ingress is checked ([`confine`]).
 //!
 //! The tenant metadata keys are [`labels::TENANT_METADATA`] (tenant, region, data residency,
 //! retention tier), read from the Namespace's labels or annotations of those names

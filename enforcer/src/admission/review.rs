@@ -8,11 +8,15 @@ use k8s_openapi::api::core::v1::{Namespace, PodSpec};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::Status;
 
-use super::confine::{confine, uncontained, Confinement, Scope};
+use enforcer_policy::inventory::IngressMode;
+
+use super::confine::{
+    confine, syncookies_kept, syncookies_off, uncontained, Confinement, Scope, SYNCOOKIES,
+};
 use super::decide::{judge, stamp, Change};
 use super::tenancy::Tenancy;
 use super::text::{cut, shown, NAME_BYTES};
-use crate::sources::kubernetes::model::MIRROR_ANNOTATION;
+use crate::sources::kubernetes::model::{mode_name, pod_ingress, MIRROR_ANNOTATION};
 use crate::sources::kubernetes::wire::{AdmittedPod, MAX_JUDGED_ITEMS};
 
 /// The API version of AdmissionReview this webhook speaks (`admissionReviewVersions: [v1]`).
@@ -270,6 +274,16 @@ async fn decide(
         _ => BTreeSet::new(),
     };
     let spec = pod_spec(&pod, object, update);
+    // SYN cookies are turned off where the pod's ingress is checked: at creation, or by an
+    // update that turns the check on (a pod's annotations may change; its sysctls may not).
+    let ingress = |o: &AdmittedPod| pod_ingress(&namespace, o.metadata.annotations.as_ref());
+    let checked = ingress(object);
+    let checked_now = checked != IngressMode::Off
+        && match request.old_object.as_ref() {
+            Some(old) if update => ingress(old) == IngressMode::Off,
+            _ => true,
+        };
+    let syncookies = object.sysctl(SYNCOOKIES);
     match route {
         Route::Mutate => {
             // A subresource cannot change labels through a patch of ours (the only one the
@@ -283,7 +297,12 @@ async fn decide(
             match &spec {
                 // A static pod runs whatever its mirror says: a patch would make the mirror lie.
                 Ok(spec) if mirror(&pod, request, spec) == Mirror::Kubelets => {}
-                Ok(spec) => ops.extend(confine(spec, scope(change, &before))),
+                Ok(spec) => {
+                    ops.extend(confine(spec, scope(change, &before)));
+                    if change == Change::Create && checked_now {
+                        ops.extend(syncookies_off(spec, syncookies));
+                    }
+                }
                 Err(why) => return Ok(deny(request, why.clone())),
             }
             if ops.is_empty() {
@@ -293,7 +312,7 @@ async fn decide(
                 uid = %request.uid,
                 %pod,
                 labels,
-                dropped_net_raw = ops.len() - labels,
+                confinement = ops.len() - labels,
                 "stamping tenant metadata and confinement"
             );
             AdmissionResponse::from(request)
@@ -312,7 +331,10 @@ async fn decide(
                     Mirror::Kubelets => {}
                     Mirror::Forged(why) => reasons.push(why),
                     Mirror::No => {
-                        let why = uncontained(&spec, scope(change, &before), confinement);
+                        let mut why = uncontained(&spec, scope(change, &before), confinement);
+                        if checked_now {
+                            why.extend(syncookies_kept(&spec, mode_name(checked), syncookies));
+                        }
                         reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")));
                     }
                 },
@@ -445,6 +467,14 @@ mod tests {
                 namespace("locked", &[(labels::ENFORCED, "true")], &[]),
             ),
             ("plain".to_string(), namespace("plain", &[], &[])),
+            (
+                "vectors".to_string(),
+                namespace(
+                    "vectors",
+                    &[(labels::TENANT, "acme"), (labels::INGRESS, "enforce")],
+                    &[],
+                ),
+            ),
         ]))
     }
 
@@ -863,6 +893,135 @@ mod tests {
         )
         .await;
         assert_eq!(value["response"]["allowed"], true);
+    }
+
+    /// A pod whose ingress is checked (its annotation, or its namespace's floor) gets
+    /// `net.ipv4.tcp_syncookies=0` wherever its spec leaves room, and is refused with any
+    /// other value or none: a SYN cookie's ACK would open a connection no check saw.
+    #[tokio::test]
+    async fn an_ingress_checked_pod_sends_no_syn_cookies() {
+        let off = json!({"name": SYNCOOKIES, "value": "0"});
+        let checked = |name: &str, security: Value| {
+            let mut p = pod(name, json!({}));
+            p["metadata"]["annotations"] = json!({labels::INGRESS: "audit"});
+            p["spec"]["containers"][0]["securityContext"] =
+                json!({"capabilities": {"drop": ["NET_RAW"]}});
+            if !security.is_null() {
+                p["spec"]["securityContext"] = security;
+            }
+            p
+        };
+        let sysctl_ops = |value: &Value| -> Vec<Value> {
+            let patch = patch_of(value);
+            let ops = patch.as_array().unwrap();
+            ops.iter()
+                .filter(|op| {
+                    op["path"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("/spec/securityContext")
+                })
+                .cloned()
+                .collect()
+        };
+        let mutate = |ns: &'static str, p: Value| async move {
+            answer(Route::Mutate, &review_body("CREATE", ns, p, Value::Null))
+                .await
+                .1
+        };
+        // Where the spec has no room yet, as much of it as is missing.
+        for (security, path, expected) in [
+            (
+                Value::Null,
+                "/spec/securityContext",
+                json!({"sysctls": [off.clone()]}),
+            ),
+            (
+                json!({"runAsUser": 1000}),
+                "/spec/securityContext/sysctls",
+                json!([off.clone()]),
+            ),
+            (
+                json!({"sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65535"}]}),
+                "/spec/securityContext/sysctls/-",
+                off.clone(),
+            ),
+        ] {
+            let value = mutate("acme-prod", checked("db", security.clone())).await;
+            assert_eq!(
+                sysctl_ops(&value),
+                [json!({"op": "add", "path": path, "value": expected})],
+                "{security}"
+            );
+        }
+        // The namespace's floor checks a pod without the annotation; an `off` of its own
+        // cannot lower it.
+        let mut lowered = pod("db", json!({}));
+        lowered["metadata"]["annotations"] = json!({labels::INGRESS: "off"});
+        for p in [pod("db", json!({})), lowered] {
+            let value = mutate("vectors", p).await;
+            assert_eq!(sysctl_ops(&value).len(), 1, "{value}");
+        }
+        // Not checked, a Windows pod, a pod in the node's network namespace: none.
+        let mut windows = checked("db", Value::Null);
+        windows["spec"]["os"] = json!({"name": "windows"});
+        let mut host = checked("db", Value::Null);
+        host["spec"]["hostNetwork"] = json!(true);
+        for p in [pod("db", json!({})), windows, host] {
+            let value = mutate("acme-prod", p).await;
+            assert!(sysctl_ops(&value).is_empty(), "{value}");
+        }
+
+        // Validation: "0" passes; another value, or none, is refused and says why.
+        let validate = |p: Value| async move {
+            answer(
+                Route::Validate,
+                &review_body("CREATE", "acme-prod", p, Value::Null),
+            )
+            .await
+            .1
+        };
+        let value = validate(checked("db", json!({"sysctls": [off.clone()]}))).await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
+        let value = validate(checked(
+            "db",
+            json!({"sysctls": [{"name": SYNCOOKIES, "value": "1"}]}),
+        ))
+        .await;
+        assert_eq!(value["response"]["allowed"], false);
+        assert_eq!(
+            value["response"]["status"]["message"],
+            "pod acme-prod/db: its ingress is checked (ai-enforcer.io/ingress audit) but it sets \
+             sysctl net.ipv4.tcp_syncookies=\"1\": a SYN cookie's ACK would open a connection \
+             that no check saw; the sysctl must be \"0\""
+        );
+        let value = validate(checked("db", Value::Null)).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("does not set sysctl net.ipv4.tcp_syncookies=0 (the mutating webhook was not called)"),
+            "{message}"
+        );
+        // Mutated first, as the API server does: admitted.
+        let mut p = checked("db", Value::Null);
+        let ops = sysctl_ops(&mutate("acme-prod", p.clone()).await);
+        p["spec"]["securityContext"] = ops[0]["value"].clone();
+        assert_eq!(validate(p).await["response"]["allowed"], true);
+
+        // An update that turns the check on is refused while cookies are on (sysctls cannot
+        // change); one that finds it on already (a pod from before) is not.
+        let plain = pod("db", json!({}));
+        let update = |new: Value, old: Value| async move {
+            answer(
+                Route::Validate,
+                &review_body("UPDATE", "acme-prod", new, old),
+            )
+            .await
+            .1
+        };
+        let value = update(checked("db", Value::Null), plain.clone()).await;
+        assert_eq!(value["response"]["allowed"], false, "{value}");
+        let value = update(checked("db", Value::Null), checked("db", Value::Null)).await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
     }
 
     #[tokio::test]

@@ -803,6 +803,22 @@ fn namespace_ingress(ns: &Namespace) -> Result<IngressMode, String> {
     })
 }
 
+/// The ingress mode a pod's check runs in, as [`pod_marks`] makes it: the namespace's floor,
+/// raised by the pod's own annotation where that parses. For the admission webhook, which
+/// turns SYN cookies off where the check runs (`admission::confine::syncookies_off`): a floor
+/// that does not parse counts as `Enforce` (the agent leaves such a namespace's pods out, so
+/// the pod loses nothing but a SYN-flood fallback it does not need).
+pub(crate) fn pod_ingress(
+    ns: &Namespace,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> IngressMode {
+    let floor = namespace_ingress(ns).unwrap_or(IngressMode::Enforce);
+    let own = annotations
+        .and_then(|a| a.get(labels::INGRESS))
+        .and_then(|text| ingress_mode(text));
+    own.map_or(floor, |own| own.max(floor))
+}
+
 fn ingress_mode(text: &str) -> Option<IngressMode> {
     match text {
         "off" => Some(IngressMode::Off),
@@ -920,7 +936,7 @@ fn pod_marks(
     marks
 }
 
-fn mode_name(mode: IngressMode) -> &'static str {
+pub(crate) fn mode_name(mode: IngressMode) -> &'static str {
     match mode {
         IngressMode::Off => "off",
         IngressMode::Audit => "audit",

@@ -505,6 +505,17 @@ impl AdmittedPod {
         Ok(judged.take_judged())
     }
 
+    /// The value its spec gives the namespaced sysctl `name` (`spec.securityContext.sysctls`,
+    /// the first entry of that name); `None` when it sets none.
+    pub fn sysctl(&self, name: &str) -> Option<&str> {
+        let context = self.spec.as_ref()?.security_context.as_ref()?;
+        let sysctls = context.sysctls.as_ref()?;
+        sysctls
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.value.as_str())
+    }
+
     /// The names of its ephemeral containers: what an update's old object had.
     pub fn ephemeral_names(&self) -> std::collections::BTreeSet<String> {
         let spec = self.spec.as_ref();
