@@ -161,15 +161,17 @@ pub(super) fn moves_at_start(
         return (BTreeMap::new(), BTreeMap::new());
     };
     // Another pin directory's map (an ABI's, another `--pin-root`) is not the one named.
-    let ours = same_pins(&state.pin_dir, pin_dir);
-    let names = pinned
-        .iter()
-        .filter(|_| ours)
-        .filter_map(|(cgroup, id)| match state.mapped_cgroups.get(cgroup) {
-            Some((was, name)) if was == id => Some((*cgroup, (*was, name.clone()))),
-            _ => None,
-        })
-        .collect();
+    let names = if same_pins(&state.pin_dir, pin_dir) {
+        pinned
+            .iter()
+            .filter_map(|(cgroup, id)| match state.mapped_cgroups.get(cgroup) {
+                Some((was, name)) if was == id => Some((*cgroup, (*was, name.clone()))),
+                _ => None,
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     let departures = state
         .departures
         .iter()
