@@ -695,7 +695,8 @@ async fn the_deploy_rbac_is_enough_and_nodes_are_optional() -> Result<()> {
 /// same slim pod in both encodings, among them pods holding every field the source keeps or
 /// summarises (owners, kept and other annotations, host namespaces, `hostPath` and `gitRepo`
 /// volumes, probes' and handlers' hosts, `hostPort`s, privileged, added and dropped
-/// capabilities, fields left at their zero values). What the summary says is checked too,
+/// capabilities, SYN cookies turned off, fields left at their zero values). What the summary
+/// and the SYN-cookie note say are checked too,
 /// so a field both decoders missed would show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_decode_alike_from_protobuf_and_json() -> Result<()> {
@@ -767,7 +768,11 @@ async fn pods_decode_alike_from_protobuf_and_json() -> Result<()> {
                     "lifecycle": {"postStart": {"httpGet": {"host": "127.97.0.6", "port": 1}}}}],
                 "initContainers": [{"name": "i", "image": "scratch",
                     "securityContext": {"capabilities": {"drop": ["ALL"]}},
-                    "ports": [{"containerPort": 80, "hostPort": 80}]}]
+                    "ports": [{"containerPort": 80, "hostPort": 80}]}],
+                "securityContext": {"sysctls": [
+                    {"name": "net.ipv4.ip_local_port_range", "value": "1024 65535"},
+                    {"name": "net.ipv4.tcp_syncookies", "value": "0"}
+                ]}
             }
         }),
         json!({
@@ -853,6 +858,18 @@ async fn pods_decode_alike_from_protobuf_and_json() -> Result<()> {
             .find(|p| p.metadata.name.as_deref() == Some(name))
             .with_context(|| format!("no pod {name}"))
     };
+    // SYN cookies off is noted (the pod-level security context is not kept).
+    for (name, off) in [("containers", true), ("mirror", false)] {
+        let annotations = named(name)?
+            .metadata
+            .annotations
+            .clone()
+            .unwrap_or_default();
+        ensure!(
+            annotations.contains_key("(agent) syncookies off") == off,
+            "{name}: {annotations:?}"
+        );
+    }
     let mirror = named("mirror")?;
     ensure!(
         mirror.metadata.owner_references.as_ref().map(Vec::len) == Some(1)

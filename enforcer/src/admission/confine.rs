@@ -30,8 +30,8 @@
 //! floor) gets `net.ipv4.tcp_syncookies=0` where it sets none ([`syncookies_off`]), and is
 //! refused with another value ([`syncookies_kept`]): a SYN cookie's ACK opens a connection
 //! with no SYN before it, which the ingress check sees only from addresses no cluster client
-//! has (README, "Identity on the wire"). An update that turns the check on is judged the
-//! same way (a pod's sysctls cannot change, its annotations can).
+//! has (README, "Identity on the wire"). Only a new pod is judged so: a pod's sysctls cannot
+//! change, and refusing the update that turns its check on would leave it unchecked.
 //!
 //! Containers are immutable once created except through the `pods/ephemeralcontainers`
 //! subresource (`kubectl debug`), so an update is judged on the ephemeral containers it adds
@@ -47,7 +47,9 @@ use std::collections::BTreeSet;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::{ContainerPort, Lifecycle, PodSpec, Probe, SecurityContext};
+use k8s_openapi::api::core::v1::{
+    ContainerPort, Lifecycle, PodSecurityContext, PodSpec, Probe, SecurityContext,
+};
 use serde_json::Value;
 
 #[cfg(doc)]
@@ -300,6 +302,45 @@ pub fn confine(spec: &PodSpec, scope: Scope<'_>) -> Vec<PatchOperation> {
 /// pod may set (`spec.securityContext.sysctls`).
 pub const SYNCOOKIES: &str = "net.ipv4.tcp_syncookies";
 
+/// A sysctl's name in its dotted form, as the kubelet reads it (`NormalizeName` in
+/// `k8s.io/component-helpers/node/util/sysctl`): a name whose first separator is `/`
+/// (`net/ipv4/tcp_syncookies`) has its slashes and dots swapped.
+pub fn sysctl_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.find(['.', '/']) {
+        Some(i) if name.as_bytes()[i] == b'/' => name
+            .chars()
+            .map(|c| match c {
+                '/' => '.',
+                '.' => '/',
+                c => c,
+            })
+            .collect::<String>()
+            .into(),
+        _ => name.into(),
+    }
+}
+
+/// The values a pod's security context (`spec.securityContext`) gives the sysctl `name`
+/// (dotted form), in order: every entry whose name, read as the kubelet reads it
+/// ([`sysctl_name`]), is `name`. The kubelet applies them in order, so the last one holds;
+/// a caller that needs a value to hold checks them all.
+pub fn sysctl_values<'a>(context: Option<&'a PodSecurityContext>, name: &str) -> Vec<&'a str> {
+    let sysctls = context.and_then(|c| c.sysctls.as_ref());
+    sysctls
+        .into_iter()
+        .flatten()
+        .filter(|s| sysctl_name(&s.name) == name)
+        .map(|s| s.value.as_str())
+        .collect()
+}
+
+/// Whether a pod's security context turns SYN cookies off: [`SYNCOOKIES`] is set, and to
+/// `"0"` in every entry.
+pub fn syncookies_off_in(context: Option<&PodSecurityContext>) -> bool {
+    let set = sysctl_values(context, SYNCOOKIES);
+    !set.is_empty() && set.iter().all(|v| *v == "0")
+}
+
 /// Whether a new pod whose ingress is checked may be given [`SYNCOOKIES`]` = 0`: not a
 /// Windows pod (no Linux sysctls), nor one in the node's network namespace (the API server
 /// refuses its `net.*` sysctls, before the validating webhook could say why the pod is
@@ -309,14 +350,15 @@ fn takes_syncookies_off(spec: &PodSpec) -> bool {
 }
 
 /// The JSON patch operation that turns SYN cookies off in a new pod whose ingress is checked
-/// and that does not set [`SYNCOOKIES`] itself (`set`): a cookie's ACK makes a connection
+/// and that does not set [`SYNCOOKIES`] itself (`set`: its values, in the spec's order, as
+/// the kubelet reads their names): a cookie's ACK makes a connection
 /// with no SYN before it, so the ingress check, which judges SYNs and only such ACKs as no
 /// cluster client sends, cannot see every connection where cookies are on (README, "Identity
 /// on the wire"). Its untagged SYNs are dropped before the SYN queue, so the pod gives up no
 /// SYN-flood defence against outsiders. `None`: nothing to add (a value of the pod's own is
 /// judged by [`syncookies_kept`]).
-pub fn syncookies_off(spec: &PodSpec, set: Option<&str>) -> Option<PatchOperation> {
-    if set.is_some() || !takes_syncookies_off(spec) {
+pub fn syncookies_off(spec: &PodSpec, set: &[&str]) -> Option<PatchOperation> {
+    if !set.is_empty() || !takes_syncookies_off(spec) {
         return None;
     }
     let sysctl = serde_json::json!({"name": SYNCOOKIES, "value": "0"});
@@ -336,15 +378,20 @@ pub fn syncookies_off(spec: &PodSpec, set: Option<&str>) -> Option<PatchOperatio
 }
 
 /// Why a new pod whose ingress is checked (`mode`, named for the message) is refused for its
-/// SYN cookies: it sets [`SYNCOOKIES`] (`set`) to anything but `"0"`, or not at all (the
-/// mutating webhook, which sets it, was not called). `None`: it may be admitted.
-pub fn syncookies_kept(spec: &PodSpec, mode: &str, set: Option<&str>) -> Option<String> {
-    if set == Some("0") || !takes_syncookies_off(spec) {
+/// SYN cookies: an entry of [`SYNCOOKIES`] (`set`, as for [`syncookies_off`]) other than
+/// `"0"` (the kubelet applies the last, so every one must be `"0"`), or none at all (the
+/// mutating webhook did not add it). `None`: it may be admitted.
+pub fn syncookies_kept(spec: &PodSpec, mode: &str, set: &[&str]) -> Option<String> {
+    let other = set.iter().find(|v| **v != "0");
+    if (!set.is_empty() && other.is_none()) || !takes_syncookies_off(spec) {
         return None;
     }
-    let what = match set {
+    let what = match other {
         Some(value) => format!("sets sysctl {SYNCOOKIES}={:?}", cut(value, NAME_BYTES)),
-        None => format!("does not set sysctl {SYNCOOKIES}=0 (the mutating webhook was not called)"),
+        None => format!(
+            "does not set sysctl {SYNCOOKIES}=0 (the mutating webhook did not add it: not \
+             called, or the namespace changed between the two webhooks)"
+        ),
     };
     Some(format!(
         "its ingress is checked ({} {mode}) but it {what}: a SYN cookie's ACK would open a \

@@ -274,15 +274,12 @@ async fn decide(
         _ => BTreeSet::new(),
     };
     let spec = pod_spec(&pod, object, update);
-    // SYN cookies are turned off where the pod's ingress is checked: at creation, or by an
-    // update that turns the check on (a pod's annotations may change; its sysctls may not).
-    let ingress = |o: &AdmittedPod| pod_ingress(&namespace, o.metadata.annotations.as_ref());
-    let checked = ingress(object);
-    let checked_now = checked != IngressMode::Off
-        && match request.old_object.as_ref() {
-            Some(old) if update => ingress(old) == IngressMode::Off,
-            _ => true,
-        };
+    // SYN cookies are turned off where the pod's ingress is checked, at its creation: its
+    // sysctls cannot change after. An update that turns the check on (an annotation) is not
+    // refused: refused, the pod would run with no check at all, not one with a gap (the
+    // agent reports such a pod; recreated, it gets the sysctl).
+    let checked = pod_ingress(&namespace, object.metadata.annotations.as_ref());
+    let judge_cookies = change == Change::Create && checked != IngressMode::Off;
     let syncookies = object.sysctl(SYNCOOKIES);
     match route {
         Route::Mutate => {
@@ -299,8 +296,8 @@ async fn decide(
                 Ok(spec) if mirror(&pod, request, spec) == Mirror::Kubelets => {}
                 Ok(spec) => {
                     ops.extend(confine(spec, scope(change, &before)));
-                    if change == Change::Create && checked_now {
-                        ops.extend(syncookies_off(spec, syncookies));
+                    if judge_cookies {
+                        ops.extend(syncookies_off(spec, &syncookies));
                     }
                 }
                 Err(why) => return Ok(deny(request, why.clone())),
@@ -332,8 +329,8 @@ async fn decide(
                     Mirror::Forged(why) => reasons.push(why),
                     Mirror::No => {
                         let mut why = uncontained(&spec, scope(change, &before), confinement);
-                        if checked_now {
-                            why.extend(syncookies_kept(&spec, mode_name(checked), syncookies));
+                        if judge_cookies {
+                            why.extend(syncookies_kept(&spec, mode_name(checked), &syncookies));
                         }
                         reasons.extend(why.into_iter().map(|w| format!("pod {pod}: {w}")));
                     }
@@ -895,7 +892,7 @@ mod tests {
         assert_eq!(value["response"]["allowed"], true);
     }
 
-    /// A pod whose ingress is checked (its annotation, or its namespace's floor) gets
+    /// A new pod whose ingress is checked (its annotation, or its namespace's floor) gets
     /// `net.ipv4.tcp_syncookies=0` wherever its spec leaves room, and is refused with any
     /// other value or none: a SYN cookie's ACK would open a connection no check saw.
     #[tokio::test]
@@ -940,6 +937,11 @@ mod tests {
                 json!({"runAsUser": 1000}),
                 "/spec/securityContext/sysctls",
                 json!([off.clone()]),
+            ),
+            (
+                json!({"sysctls": []}),
+                "/spec/securityContext/sysctls/-",
+                off.clone(),
             ),
             (
                 json!({"sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65535"}]}),
@@ -995,10 +997,27 @@ mod tests {
              sysctl net.ipv4.tcp_syncookies=\"1\": a SYN cookie's ACK would open a connection \
              that no check saw; the sysctl must be \"0\""
         );
+        // The kubelet reads `net/ipv4/tcp_syncookies` as the same name and applies the last
+        // entry: a "0" first does not hide a "1" after it.
+        for sysctls in [
+            json!([off.clone(), {"name": "net/ipv4/tcp_syncookies", "value": "1"}]),
+            json!([{"name": "net/ipv4/tcp_syncookies", "value": "2"}]),
+        ] {
+            let value = validate(checked("db", json!({ "sysctls": sysctls }))).await;
+            assert_eq!(value["response"]["allowed"], false, "{sysctls}");
+            // ... and the mutating webhook leaves a value of the pod's own to be judged.
+            let value = mutate("acme-prod", checked("db", json!({ "sysctls": sysctls }))).await;
+            assert!(sysctl_ops(&value).is_empty(), "{value}");
+        }
+        let slashed = json!({"sysctls": [{"name": "net/ipv4/tcp_syncookies", "value": "0"}]});
+        let value = validate(checked("db", slashed)).await;
+        assert_eq!(value["response"]["allowed"], true, "{value}");
         let value = validate(checked("db", Value::Null)).await;
         let message = value["response"]["status"]["message"].as_str().unwrap();
         assert!(
-            message.contains("does not set sysctl net.ipv4.tcp_syncookies=0 (the mutating webhook was not called)"),
+            message.contains(
+                "does not set sysctl net.ipv4.tcp_syncookies=0 (the mutating webhook did not add it"
+            ),
             "{message}"
         );
         // Mutated first, as the API server does: admitted.
@@ -1007,21 +1026,21 @@ mod tests {
         p["spec"]["securityContext"] = ops[0]["value"].clone();
         assert_eq!(validate(p).await["response"]["allowed"], true);
 
-        // An update that turns the check on is refused while cookies are on (sysctls cannot
-        // change); one that finds it on already (a pod from before) is not.
+        // An update that turns the check on is neither patched (sysctls cannot change: the
+        // API server would refuse the update) nor refused (the pod would go unchecked).
         let plain = pod("db", json!({}));
-        let update = |new: Value, old: Value| async move {
-            answer(
-                Route::Validate,
-                &review_body("UPDATE", "acme-prod", new, old),
-            )
-            .await
-            .1
-        };
-        let value = update(checked("db", Value::Null), plain.clone()).await;
-        assert_eq!(value["response"]["allowed"], false, "{value}");
-        let value = update(checked("db", Value::Null), checked("db", Value::Null)).await;
-        assert_eq!(value["response"]["allowed"], true, "{value}");
+        for route in [Route::Mutate, Route::Validate] {
+            let body = review_body(
+                "UPDATE",
+                "acme-prod",
+                checked("db", Value::Null),
+                plain.clone(),
+            );
+            let (_, value) = answer(route, &body).await;
+            assert_eq!(value["response"]["allowed"], true, "{value}");
+            let patched = !value["response"]["patch"].is_null();
+            assert!(!patched || sysctl_ops(&value).is_empty(), "{value}");
+        }
     }
 
     #[tokio::test]

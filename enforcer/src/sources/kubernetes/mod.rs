@@ -945,6 +945,10 @@ fn slim_pod(pod: &mut Pod) {
         .as_ref()
         .filter(|s| !s.containers.is_empty())
         .map(confine::summary);
+    let syncookies_off = pod
+        .spec
+        .as_ref()
+        .is_some_and(|s| confine::syncookies_off_in(s.security_context.as_ref()));
     let m = std::mem::take(&mut pod.metadata);
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     pod.metadata = ObjectMeta {
@@ -967,6 +971,7 @@ fn slim_pod(pod: &mut Pod) {
     if let Some(summary) = uncontained {
         keep_uncontained(&mut pod.metadata, summary);
     }
+    keep_syncookies_off(&mut pod.metadata, syncookies_off);
     pod.spec = pod.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
         host_network: s.host_network,
@@ -1019,6 +1024,16 @@ pub(crate) fn bound_labels(metadata: &mut ObjectMeta) {
     metadata.labels = None;
     let annotations = metadata.annotations.get_or_insert_with(Default::default);
     annotations.insert(model::OVERSIZED_LABELS_KEY.to_string(), note);
+}
+
+/// Notes on a slim pod's metadata whether the pod turns SYN cookies off
+/// ([`model::SYNCOOKIES_OFF_KEY`]; a note already there is kept: the spec it was read from
+/// is gone).
+pub(crate) fn keep_syncookies_off(metadata: &mut ObjectMeta, off: bool) {
+    if off {
+        let annotations = metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(model::SYNCOOKIES_OFF_KEY.to_string(), String::new());
+    }
 }
 
 /// Records (or clears) on a slim pod's metadata what the pod holds that the enforcer cannot

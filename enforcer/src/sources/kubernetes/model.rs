@@ -176,6 +176,9 @@ struct MemoPod {
     /// A tenant's pod: what it holds that the enforcer cannot contain (see
     /// [`uncontained_problem`]).
     uncontained: Option<String>,
+    /// An identified pod whose ingress is checked and that keeps SYN cookies on (see
+    /// [`syncookies_problem`]).
+    syncookies_on: bool,
     round: u64,
 }
 
@@ -213,6 +216,10 @@ impl Memo {
                     Some(_) => uncontained(pod).map(str::to_string),
                     None => None,
                 };
+                let annotations = pod.metadata.annotations.as_ref();
+                let syncookies_on = identity.is_some()
+                    && raised(tenant.1, annotations) != IngressMode::Off
+                    && !syncookies_off(pod);
                 problems.extend(own.iter().cloned());
                 let known = identity.is_some();
                 // An entry at this address for another tenant: its pod leaves the groups
@@ -228,6 +235,7 @@ impl Memo {
                         identity,
                         problems: own,
                         uncontained,
+                        syncookies_on,
                         round,
                     },
                 );
@@ -366,6 +374,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     }
     memo.sweep(added);
     problems.extend(uncontained_problem(memo, loose));
+    problems.extend(syncookies_problem(memo));
     let mut identities: Vec<ClusterIdentity> = memo.groups.values().cloned().collect();
 
     // Two pods naming one cgroup (a forged mirror annotation, a UID reused) would make one
@@ -600,6 +609,7 @@ pub(super) fn kept_annotation(key: &str, value: &str) -> bool {
         && (labels::MARKS.contains(&key)
             || key == MIRROR_ANNOTATION
             || key == UNCONTAINED_KEY
+            || key == SYNCOOKIES_OFF_KEY
             || key == OVERSIZED_LABELS_KEY)
 }
 
@@ -674,6 +684,17 @@ fn pod_key(pod: &Pod) -> (&str, &str) {
 /// carries it.
 pub(super) const UNCONTAINED_KEY: &str = "(agent) uncontained";
 
+/// Where the source's slim copy of a pod notes that the pod turns SYN cookies off
+/// (`crate::admission::confine::syncookies_off_in`: its security context is not kept). Not a
+/// valid annotation key, like [`UNCONTAINED_KEY`].
+pub(super) const SYNCOOKIES_OFF_KEY: &str = "(agent) syncookies off";
+
+/// Whether a slim pod turns SYN cookies off ([`SYNCOOKIES_OFF_KEY`]).
+fn syncookies_off(pod: &Pod) -> bool {
+    let annotations = pod.metadata.annotations.as_ref();
+    annotations.is_some_and(|a| a.contains_key(SYNCOOKIES_OFF_KEY))
+}
+
 /// What a slim pod holds that the enforcer cannot contain ([`UNCONTAINED_KEY`]).
 fn uncontained(pod: &Pod) -> Option<&str> {
     let annotations = pod.metadata.annotations.as_ref()?;
@@ -721,6 +742,41 @@ fn uncontained_problem<'a>(
          (admitted before or without `enforcer admission serve`, or in a namespace its selector \
          spares): able to send past its checks: {}",
         shown.join(", ")
+    ))
+}
+
+/// One line for every identified pod whose ingress is checked and that keeps SYN cookies on
+/// (`net.ipv4.tcp_syncookies` not `0`): the admission webhook sets the sysctl when a checked
+/// pod is created, so such a pod was created before its check was turned on (an annotation,
+/// the namespace's floor), or admitted without the webhook. A SYN cookie's ACK opens a
+/// connection to it with no SYN before it, which the ingress check judges only from
+/// addresses no cluster client has (README, "Identity on the wire").
+fn syncookies_problem(memo: &Memo) -> Option<String> {
+    let mut pods: Vec<(&str, &str)> = memo
+        .pods
+        .values()
+        .filter(|e| e.syncookies_on)
+        .map(|e| pod_key(&e.pod))
+        .collect();
+    if pods.is_empty() {
+        return None;
+    }
+    pods.sort_unstable();
+    let names: Vec<String> = pods
+        .iter()
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (count, verb) = match pods.len() {
+        1 => ("1 pod".to_string(), "keeps"),
+        n => (format!("{n} pods"), "keep"),
+    };
+    Some(format!(
+        "{count} whose ingress is checked {verb} SYN cookies on (created before the check was \
+         turned on, or without `enforcer admission serve`): a SYN cookie's ACK can open a \
+         connection to it that no check sees; recreate it, or set sysctl \
+         net.ipv4.tcp_syncookies=0: {}",
+        name_list(&names)
     ))
 }
 
@@ -812,7 +868,14 @@ pub(crate) fn pod_ingress(
     ns: &Namespace,
     annotations: Option<&BTreeMap<String, String>>,
 ) -> IngressMode {
-    let floor = namespace_ingress(ns).unwrap_or(IngressMode::Enforce);
+    raised(
+        namespace_ingress(ns).unwrap_or(IngressMode::Enforce),
+        annotations,
+    )
+}
+
+/// A namespace's ingress `floor`, raised by a pod's own annotation where that parses.
+fn raised(floor: IngressMode, annotations: Option<&BTreeMap<String, String>>) -> IngressMode {
     let own = annotations
         .and_then(|a| a.get(labels::INGRESS))
         .and_then(|text| ingress_mode(text));

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::{
     Capabilities, GitRepoVolumeSource, HostIP, HostPathVolumeSource, PodIP, PodOS,
-    PodSecurityContext, SecurityContext, WindowsSecurityContextOptions,
+    PodSecurityContext, SecurityContext, Sysctl, WindowsSecurityContextOptions,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     OwnerReference as OwnerRef, Time as JsonTime,
@@ -463,8 +463,18 @@ struct WindowsOptions {
 
 #[derive(Clone, PartialEq, Message)]
 struct PodSecurityContextPb {
+    #[prost(message, repeated, tag = "7")]
+    sysctls: Vec<SysctlPb>,
     #[prost(message, optional, tag = "8")]
     windows_options: Option<WindowsOptions>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct SysctlPb {
+    #[prost(string, optional, tag = "1")]
+    name: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    value: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -707,6 +717,15 @@ impl Pod {
                     .collect::<Vec<_>>(),
             ),
             security_context: s.security_context.map(|c| PodSecurityContext {
+                sysctls: some(
+                    c.sysctls
+                        .into_iter()
+                        .map(|s| Sysctl {
+                            name: required(s.name),
+                            value: required(s.value),
+                        })
+                        .collect(),
+                ),
                 windows_options: windows(c.windows_options),
                 ..PodSecurityContext::default()
             }),

@@ -2211,7 +2211,13 @@ fn annotations_mark_a_pod_as_a_vector_db() {
         ],
         vec![tenant_ns("acme", "acme")],
     );
-    assert!(s.problems.is_empty(), "{:?}", s.problems);
+    // Only their SYN cookies (checked, the sysctl not set: see
+    // `checked_pods_that_keep_syn_cookies_are_reported_in_one_line`).
+    assert!(
+        s.problems.len() == 1 && s.problems[0].contains("acme/chroma-0, acme/chroma-1"),
+        "{:?}",
+        s.problems
+    );
     assert_eq!(pod_names(&s).len(), 2, "{:?}", pod_names(&s));
     let marked = s
         .identities
@@ -2336,8 +2342,12 @@ fn bad_marks_are_reported_per_pod_and_ignored() {
     assert_eq!(about("db", labels::INGRESS), 0, "{:?}", s.problems);
     assert_eq!(about("db2", labels::INGRESS), 1, "{:?}", s.problems);
     assert_eq!(about("db2", labels::DATASETS), 1, "{:?}", s.problems);
+    // Besides the annotations, only db's SYN cookies (its ingress is checked, the sysctl
+    // not set).
     assert!(
-        s.problems.iter().all(|l| l.ends_with("ignored")),
+        s.problems
+            .iter()
+            .all(|l| l.ends_with("ignored") || l.ends_with("tcp_syncookies=0: acme/db")),
         "{:?}",
         s.problems
     );
@@ -2524,6 +2534,95 @@ fn slim_pod_keeps_the_marks_and_the_mirror_claim() {
     );
     let wire: wire::WirePod = serde_json::from_str(&text).unwrap();
     assert_eq!(wire.into_pod(), p);
+}
+
+/// Identified pods whose ingress is checked (annotation or namespace floor) and that keep SYN
+/// cookies on (no `net.ipv4.tcp_syncookies=0`, or a later entry of it, in the kubelet's
+/// slash form, that undoes it) are reported in one line; unchecked pods and those that set it
+/// are not.
+#[test]
+fn checked_pods_that_keep_syn_cookies_are_reported_in_one_line() {
+    // As the watcher keeps them: slim, whether SYN cookies are off noted.
+    let with = |mut p: Pod, annotations: serde_json::Value, security: serde_json::Value| {
+        p.metadata.annotations = serde_json::from_value(annotations).unwrap();
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers = serde_json::from_value(json!([{"name": "app"}])).unwrap();
+        spec.security_context = serde_json::from_value(security).unwrap();
+        slim_pod(&mut p);
+        p
+    };
+    let checked = json!({labels::INGRESS: "enforce"});
+    let off = json!({"sysctls": [{"name": "net.ipv4.tcp_syncookies", "value": "0"}]});
+    let pods = vec![
+        // Checked by its annotation: cookies on (no sysctl, or "0" then "1"), or off.
+        with(
+            pod("acme", "db-old", json!({}), "node-a", "127.82.2.1"),
+            checked.clone(),
+            json!(null),
+        ),
+        with(
+            pod("acme", "db-twice", json!({}), "node-a", "127.82.2.2"),
+            checked.clone(),
+            json!({"sysctls": [
+                {"name": "net.ipv4.tcp_syncookies", "value": "0"},
+                {"name": "net/ipv4/tcp_syncookies", "value": "1"}
+            ]}),
+        ),
+        with(
+            pod("acme", "db-new", json!({}), "node-a", "127.82.2.3"),
+            checked,
+            off.clone(),
+        ),
+        // Not checked: cookies are its own business.
+        with(
+            pod("acme", "web", json!({}), "node-a", "127.82.2.4"),
+            json!({}),
+            json!(null),
+        ),
+        // Checked by its namespace's floor.
+        with(
+            pod("vectors", "floor-db", json!({}), "node-a", "127.82.2.5"),
+            json!({}),
+            json!(null),
+        ),
+        with(
+            pod("vectors", "floor-db-new", json!({}), "node-a", "127.82.2.6"),
+            json!({}),
+            off,
+        ),
+    ];
+    let namespaces = vec![
+        tenant_ns("acme", "acme"),
+        namespace(
+            "vectors",
+            json!({labels::TENANT: "acme", labels::INGRESS: "audit"}),
+            json!({}),
+        ),
+    ];
+    let s = cluster_state(
+        &Snapshot {
+            pods: store_state(pods),
+            namespaces: store_state(namespaces),
+            ..Snapshot::default()
+        },
+        &rules(),
+    );
+    let lines: Vec<&String> = s
+        .problems
+        .iter()
+        .filter(|p| p.contains("SYN cookies"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "3 pods whose ingress is checked keep SYN cookies on (created before the check was \
+             turned on, or without `enforcer admission serve`): a SYN cookie's ACK can open a \
+             connection to it that no check sees; recreate it, or set sysctl \
+             net.ipv4.tcp_syncookies=0: acme/db-old, acme/db-twice, vectors/floor-db"
+        ],
+        "{:#?}",
+        s.problems
+    );
 }
 
 /// Pods that hold what the enforcer cannot contain (admitted without the webhook) are

@@ -397,6 +397,10 @@ impl<'de> Deserialize<'de> for WirePod {
 /// The one conversion of both encodings (JSON above, protobuf in `super::proto`).
 impl From<Wire> for WirePod {
     fn from(mut wire: Wire) -> Self {
+        let syncookies_off = wire
+            .spec
+            .as_ref()
+            .is_some_and(|s| confine::syncookies_off_in(s.security_context.as_ref()));
         let uncontained = wire.spec.as_mut().and_then(Spec::uncontained);
         let m = wire.metadata;
         let node = wire.spec.as_ref().and_then(|s| s.node_name.as_deref());
@@ -434,6 +438,7 @@ impl From<Wire> for WirePod {
         if let Some(summary) = uncontained {
             super::keep_uncontained(&mut pod.metadata, summary);
         }
+        super::keep_syncookies_off(&mut pod.metadata, syncookies_off);
         WirePod(pod)
     }
 }
@@ -505,15 +510,10 @@ impl AdmittedPod {
         Ok(judged.take_judged())
     }
 
-    /// The value its spec gives the namespaced sysctl `name` (`spec.securityContext.sysctls`,
-    /// the first entry of that name); `None` when it sets none.
-    pub fn sysctl(&self, name: &str) -> Option<&str> {
-        let context = self.spec.as_ref()?.security_context.as_ref()?;
-        let sysctls = context.sysctls.as_ref()?;
-        sysctls
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.value.as_str())
+    /// The values its spec gives the sysctl `name` ([`confine::sysctl_values`]).
+    pub fn sysctl(&self, name: &str) -> Vec<&str> {
+        let spec = self.spec.as_ref();
+        confine::sysctl_values(spec.and_then(|s| s.security_context.as_ref()), name)
     }
 
     /// The names of its ephemeral containers: what an update's old object had.
