@@ -45,15 +45,13 @@
 
 use std::collections::BTreeSet;
 
+use enforcer_policy::cluster::labels;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
 use k8s_openapi::api::core::v1::{
     ContainerPort, Lifecycle, PodSecurityContext, PodSpec, Probe, SecurityContext,
 };
 use serde_json::Value;
-
-#[cfg(doc)]
-use enforcer_policy::cluster::labels;
 
 use super::text::{cut, NAME_BYTES};
 
@@ -354,9 +352,10 @@ fn takes_syncookies_off(spec: &PodSpec) -> bool {
 /// the kubelet reads their names): a cookie's ACK makes a connection
 /// with no SYN before it, so the ingress check, which judges SYNs and only such ACKs as no
 /// cluster client sends, cannot see every connection where cookies are on (README, "Identity
-/// on the wire"). Its untagged SYNs are dropped before the SYN queue, so the pod gives up no
-/// SYN-flood defence against outsiders. `None`: nothing to add (a value of the pod's own is
-/// judged by [`syncookies_kept`]).
+/// on the wire"). Under `enforce`, where the policy does not let World in, its untagged SYNs
+/// are dropped before the SYN queue, so the pod gives up no SYN-flood defence against
+/// outsiders. `None`: nothing to add (a value of the pod's own is judged by
+/// [`syncookies_kept`]).
 pub fn syncookies_off(spec: &PodSpec, set: &[&str]) -> Option<PatchOperation> {
     if !set.is_empty() || !takes_syncookies_off(spec) {
         return None;
@@ -396,7 +395,7 @@ pub fn syncookies_kept(spec: &PodSpec, mode: &str, set: &[&str]) -> Option<Strin
     Some(format!(
         "its ingress is checked ({} {mode}) but it {what}: a SYN cookie's ACK would open a \
          connection that no check saw; the sysctl must be \"0\"",
-        enforcer_policy::cluster::labels::INGRESS
+        labels::INGRESS
     ))
 }
 

@@ -4,11 +4,10 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 
+use enforcer_policy::inventory::IngressMode;
 use k8s_openapi::api::core::v1::{Namespace, PodSpec};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::Status;
-
-use enforcer_policy::inventory::IngressMode;
 
 use super::confine::{
     confine, syncookies_kept, syncookies_off, uncontained, Confinement, Scope, SYNCOOKIES,

@@ -120,7 +120,7 @@ pub(super) struct Spec {
     #[serde(rename = "hostIPC")]
     pub(super) host_ipc: Option<bool>,
     pub(super) volumes: Option<Vec<WireVolume>>,
-    /// Its `windowsOptions.hostProcess`.
+    /// Its `windowsOptions.hostProcess` and `sysctls` (SYN cookies).
     pub(super) security_context: Option<PodSecurityContext>,
     pub(super) os: Option<PodOS>,
 }
