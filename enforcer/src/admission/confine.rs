@@ -300,34 +300,26 @@ pub fn confine(spec: &PodSpec, scope: Scope<'_>) -> Vec<PatchOperation> {
 /// pod may set (`spec.securityContext.sysctls`).
 pub const SYNCOOKIES: &str = "net.ipv4.tcp_syncookies";
 
-/// A sysctl's name in its dotted form, as the kubelet reads it (`NormalizeName` in
-/// `k8s.io/component-helpers/node/util/sysctl`): a name whose first separator is `/`
-/// (`net/ipv4/tcp_syncookies`) has its slashes and dots swapped.
-pub fn sysctl_name(name: &str) -> std::borrow::Cow<'_, str> {
-    match name.find(['.', '/']) {
-        Some(i) if name.as_bytes()[i] == b'/' => name
-            .chars()
-            .map(|c| match c {
-                '/' => '.',
-                '.' => '/',
-                c => c,
-            })
-            .collect::<String>()
-            .into(),
-        _ => name.into(),
-    }
+/// The file a sysctl's name reaches, as a dotted name: the container runtime writes
+/// `/proc/sys/` followed by the name with every `.` made `/` (runc; the kubelet first swaps
+/// the separators of a name whose first one is `/`, `NormalizeName` in
+/// `k8s.io/component-helpers/node/util/sysctl`), so `net.ipv4.tcp_syncookies`,
+/// `net/ipv4/tcp_syncookies` and any mix of the two write one file. (A name whose parts hold
+/// a dot, such as an interface `eth0.100`, is not one this module asks about.)
+pub fn sysctl_file(name: &str) -> String {
+    name.replace('/', ".")
 }
 
 /// The values a pod's security context (`spec.securityContext`) gives the sysctl `name`
-/// (dotted form), in order: every entry whose name, read as the kubelet reads it
-/// ([`sysctl_name`]), is `name`. The kubelet applies them in order, so the last one holds;
-/// a caller that needs a value to hold checks them all.
+/// (dotted form), in order: every entry whose name reaches the same file ([`sysctl_file`]).
+/// Which one holds depends on the runtime's order, so a caller that needs a value to hold
+/// checks them all.
 pub fn sysctl_values<'a>(context: Option<&'a PodSecurityContext>, name: &str) -> Vec<&'a str> {
     let sysctls = context.and_then(|c| c.sysctls.as_ref());
     sysctls
         .into_iter()
         .flatten()
-        .filter(|s| sysctl_name(&s.name) == name)
+        .filter(|s| sysctl_file(&s.name) == name)
         .map(|s| s.value.as_str())
         .collect()
 }
@@ -348,8 +340,8 @@ fn takes_syncookies_off(spec: &PodSpec) -> bool {
 }
 
 /// The JSON patch operation that turns SYN cookies off in a new pod whose ingress is checked
-/// and that does not set [`SYNCOOKIES`] itself (`set`: its values, in the spec's order, as
-/// the kubelet reads their names): a cookie's ACK makes a connection
+/// and that does not set [`SYNCOOKIES`] itself (`set`: its values, [`sysctl_values`]): a
+/// cookie's ACK makes a connection
 /// with no SYN before it, so the ingress check, which judges SYNs and only such ACKs as no
 /// cluster client sends, cannot see every connection where cookies are on (README, "Identity
 /// on the wire"). Under `enforce`, where the policy does not let World in, its untagged SYNs
@@ -378,7 +370,7 @@ pub fn syncookies_off(spec: &PodSpec, set: &[&str]) -> Option<PatchOperation> {
 
 /// Why a new pod whose ingress is checked (`mode`, named for the message) is refused for its
 /// SYN cookies: an entry of [`SYNCOOKIES`] (`set`, as for [`syncookies_off`]) other than
-/// `"0"` (the kubelet applies the last, so every one must be `"0"`), or none at all (the
+/// `"0"` (which one holds is the runtime's choice, so every one must be `"0"`), or none at all (the
 /// mutating webhook did not add it). `None`: it may be admitted.
 pub fn syncookies_kept(spec: &PodSpec, mode: &str, set: &[&str]) -> Option<String> {
     let other = set.iter().find(|v| **v != "0");

@@ -996,11 +996,13 @@ mod tests {
              sysctl net.ipv4.tcp_syncookies=\"1\": a SYN cookie's ACK would open a connection \
              that no check saw; the sysctl must be \"0\""
         );
-        // The kubelet reads `net/ipv4/tcp_syncookies` as the same name and applies the last
-        // entry: a "0" first does not hide a "1" after it.
+        // Every spelling of the name writes one file (`net/ipv4/tcp_syncookies`, or a mix of
+        // `.` and `/`), in an order the runtime picks: a "0" does not hide a "1" beside it.
         for sysctls in [
             json!([off.clone(), {"name": "net/ipv4/tcp_syncookies", "value": "1"}]),
             json!([{"name": "net/ipv4/tcp_syncookies", "value": "2"}]),
+            json!([{"name": "net.ipv4/tcp_syncookies", "value": "1"}]),
+            json!([off.clone(), {"name": "net/ipv4.tcp_syncookies", "value": "1"}]),
         ] {
             let value = validate(checked("db", json!({ "sysctls": sysctls }))).await;
             assert_eq!(value["response"]["allowed"], false, "{sysctls}");

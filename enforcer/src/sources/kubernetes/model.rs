@@ -217,7 +217,11 @@ impl Memo {
                     None => None,
                 };
                 let annotations = pod.metadata.annotations.as_ref();
+                // A `hostNetwork` pod is in the node's namespace, whose `net.*` sysctls the
+                // API server refuses it: nothing it could be told to set.
+                let host_network = pod.spec.as_ref().and_then(|s| s.host_network);
                 let syncookies_on = identity.is_some()
+                    && host_network != Some(true)
                     && raised(tenant.1, annotations) != IngressMode::Off
                     && !syncookies_off(pod);
                 problems.extend(own.iter().cloned());

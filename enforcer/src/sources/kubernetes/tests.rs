@@ -2570,9 +2570,24 @@ fn checked_pods_that_keep_syn_cookies_are_reported_in_one_line() {
         ),
         with(
             pod("acme", "db-new", json!({}), "node-a", "127.82.2.3"),
-            checked,
+            checked.clone(),
             off.clone(),
         ),
+        // A spelling that mixes `.` and `/` writes the same file.
+        with(
+            pod("acme", "db-mixed", json!({}), "node-a", "127.82.2.7"),
+            checked.clone(),
+            json!({"sysctls": [
+                {"name": "net.ipv4.tcp_syncookies", "value": "0"},
+                {"name": "net.ipv4/tcp_syncookies", "value": "1"}
+            ]}),
+        ),
+        // In the node's namespace: the API server refuses it `net.*` sysctls.
+        {
+            let mut p = pod("acme", "db-host", json!({}), "node-a", "127.82.2.8");
+            p.spec.as_mut().unwrap().host_network = Some(true);
+            with(p, checked, json!(null))
+        },
         // Not checked: cookies are its own business.
         with(
             pod("acme", "web", json!({}), "node-a", "127.82.2.4"),
@@ -2615,10 +2630,11 @@ fn checked_pods_that_keep_syn_cookies_are_reported_in_one_line() {
     assert_eq!(
         lines,
         [
-            "3 pods whose ingress is checked keep SYN cookies on (created before the check was \
+            "4 pods whose ingress is checked keep SYN cookies on (created before the check was \
              turned on, or without `enforcer admission serve`): a SYN cookie's ACK can open a \
              connection to it that no check sees; recreate it, or set sysctl \
-             net.ipv4.tcp_syncookies=0: acme/db-old, acme/db-twice, vectors/floor-db"
+             net.ipv4.tcp_syncookies=0: acme/db-mixed, acme/db-old, acme/db-twice, \
+             vectors/floor-db"
         ],
         "{:#?}",
         s.problems
