@@ -1021,6 +1021,17 @@ mod tests {
             ),
             "{message}"
         );
+        // Checked by the namespace's floor alone: the same.
+        let mut floored = pod("db", json!({}));
+        floored["spec"]["containers"][0]["securityContext"] =
+            json!({"capabilities": {"drop": ["NET_RAW"]}});
+        let body = review_body("CREATE", "vectors", floored, Value::Null);
+        let (_, value) = answer(Route::Validate, &body).await;
+        let message = value["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("its ingress is checked (ai-enforcer.io/ingress enforce)"),
+            "{message}"
+        );
         // Mutated first, as the API server does: admitted.
         let mut p = checked("db", Value::Null);
         let ops = sysctl_ops(&mutate("acme-prod", p.clone()).await);
