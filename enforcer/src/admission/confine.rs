@@ -306,7 +306,7 @@ pub const SYNCOOKIES: &str = "net.ipv4.tcp_syncookies";
 /// `k8s.io/component-helpers/node/util/sysctl`), so `net.ipv4.tcp_syncookies`,
 /// `net/ipv4/tcp_syncookies` and any mix of the two write one file. (A name whose parts hold
 /// a dot, such as an interface `eth0.100`, is not one this module asks about.)
-pub fn sysctl_file(name: &str) -> String {
+fn sysctl_file(name: &str) -> String {
     name.replace('/', ".")
 }
 
