@@ -10,7 +10,7 @@ pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly. Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
-pub const ABI_VERSION: u32 = 18;
+pub const ABI_VERSION: u32 = 19;
 
 /// Map names, as pinned under the versioned pin directory.
 pub mod maps {
@@ -74,6 +74,10 @@ pub mod maps {
     /// full time in seconds: the options already used, refused if they come again within the
     /// skew (`reason::REPLAYED_TAG`).
     pub const SPENT_TAGS: &str = "SPENT_TAGS";
+    /// One u64 per slot of a hash of `wire::SpentKey`: the latest option time of any
+    /// `SPENT_TAGS` entry written to that slot (kernel-only; raised, never lowered): a
+    /// filter that spares the usual SYN the `SPENT_TAGS` lookup.
+    pub const SPENT_RECENT: &str = "SPENT_RECENT";
     /// [`crate::rate::RateKey`] {subject, destination identity} -> [`crate::rate::RateLimit`]:
     /// the connection rate each subject may open to each rate-limited destination, at its
     /// current risk (written by the agent; see [`crate::rate`]).
@@ -108,7 +112,7 @@ pub mod maps {
     /// (`Config::flow_events_per_workload`).
     pub const AGGREGATE_BUDGET: &str = "AGGREGATE_BUDGET";
     /// Every map, in the order `enforcer status` reports them.
-    pub const ALL: [&str; 33] = [
+    pub const ALL: [&str; 34] = [
         CGROUP_IDENTITY,
         IDENTITIES,
         IPCACHE_HOST_V4,
@@ -134,6 +138,7 @@ pub mod maps {
         INGRESS_ALLOW,
         WIRE_PEERS,
         SPENT_TAGS,
+        SPENT_RECENT,
         AGGREGATE,
         RATE_LIMITS,
         RATE_BUCKETS,
@@ -178,6 +183,10 @@ pub mod capacity {
     /// second at the default 30 s; beyond that the oldest are forgotten early (their replay
     /// then passes).
     pub const SPENT_TAGS: u32 = 32_768;
+    /// Slots of `SPENT_RECENT` (u64 each: 128 KiB), `2^SPENT_RECENT_BITS`: fixed, since the
+    /// kernel's slot hash keeps that many bits.
+    pub const SPENT_RECENT: u32 = 1 << SPENT_RECENT_BITS;
+    pub const SPENT_RECENT_BITS: u32 = 14;
     /// (deny key, window) pairs being counted at once (plain hash, preallocated: ~2 MiB); a
     /// flooding key holds two or three. When it is full, a deny of a new key is reported on
     /// its own (count 1): never dropped.

@@ -178,6 +178,15 @@ static WIRE_PEERS: LruHashMap<abi::PeerKey, abi::Peer> =
 static SPENT_TAGS: LruHashMap<abi::SpentKey, u32> =
     LruHashMap::pinned(capacity::SPENT_TAGS, NO_MAP_FLAGS);
 
+/// A filter in front of `SPENT_TAGS`, so that the usual SYN (an option never taken) is not
+/// a cold hash miss: per slot ([`spent_slot`] of the `SpentKey`), the latest option time
+/// ([`abi::claimed_seconds`]) of any `SPENT_TAGS` entry written there. Raised before each
+/// such write and never lowered ([`raise_spent_slot`]), so an option that is in `SPENT_TAGS`
+/// has its slot at or above its time, and [`spent`] looks in `SPENT_TAGS` only then. Pinned
+/// with `SPENT_TAGS` (a restarted agent adopts both); 128 KiB, small enough for the cache.
+#[map]
+static SPENT_RECENT: Array<u64> = Array::pinned(capacity::SPENT_RECENT, NO_MAP_FLAGS);
+
 /// The last refused SYN per 4-tuple: its sequence number, verdict and reason, and when it was
 /// reported (bits 48-63: [`report_time`]). A SYN the client retransmits (same 4-tuple, same
 /// sequence number) and that is judged the same within [`REPORT_QUIET`] is dropped and counted
@@ -1506,7 +1515,97 @@ fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
         stamp,
         epoch: abi::epoch(at),
     };
-    let _ = SPENT_TAGS.insert(&spent, &at, NO_FLAGS);
+    let _ = spend_insert(&spent, at, NO_FLAGS);
+}
+
+/// Every write into `SPENT_TAGS`: its `SPENT_RECENT` slot first, so that whoever finds the
+/// entry finds the slot raised too (the map update that follows orders the two).
+#[inline(always)]
+fn spend_insert(key: &abi::SpentKey, at: u32, flags: u64) -> Result<(), i32> {
+    raise_spent_slot(spent_slot(key), at);
+    SPENT_TAGS.insert(key, &at, flags)
+}
+
+/// The `SPENT_RECENT` slot of a `SpentKey`: its fields folded into one word (the destination
+/// rotated, so that a loopback connection's equal addresses do not cancel), spread by a
+/// multiplicative (Fibonacci) hash, top bits kept. Not keyed: a sender that makes its
+/// options share a slot with another's only sends that other's SYNs to the exact lookup.
+#[inline(always)]
+fn spent_slot(key: &abi::SpentKey) -> u32 {
+    let word = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut folded = u32::from(key.stamp) | u32::from(key.epoch) << 16;
+    folded ^= u32::from(key.sport) << 16 | u32::from(key.dport);
+    folded ^=
+        word(&key.saddr, 0) ^ word(&key.saddr, 4) ^ word(&key.saddr, 8) ^ word(&key.saddr, 12);
+    folded ^=
+        (word(&key.daddr, 0) ^ word(&key.daddr, 4) ^ word(&key.daddr, 8) ^ word(&key.daddr, 12))
+            .rotate_left(16);
+    folded.wrapping_mul(0x9E37_79B1) >> (32 - capacity::SPENT_RECENT_BITS)
+}
+
+/// `SPENT_RECENT[slot] = max(SPENT_RECENT[slot], at)`, atomically: a compare-and-swap that
+/// retries while another CPU raises the same slot. Four lost races in a row (each needs
+/// another CPU to write the same one of 16,384 slots in between) end with the slot at
+/// `u64::MAX`: looked up for good, never lower than any option it stands for.
+#[inline(always)]
+fn raise_spent_slot(slot: u32, at: u32) {
+    let Some(p) = SPENT_RECENT.get_ptr_mut(slot) else {
+        return;
+    };
+    let at = u64::from(at);
+    // SAFETY: an array value pointer, 8-byte aligned, valid while the program runs.
+    let mut seen = unsafe { read_volatile(p) };
+    for _ in 0..4 {
+        if seen >= at {
+            return;
+        }
+        let old = compare_and_swap(p, seen, at);
+        if old == seen {
+            return;
+        }
+        seen = old;
+    }
+    if seen < at {
+        // SAFETY: as above; an aligned 8-byte store (the slot only ever rises).
+        unsafe { exchange(p, u64::MAX) };
+    }
+}
+
+/// `BPF_CMPXCHG` (kernel 5.12+): if `*p == expected`, `*p = new`; returns the old `*p`. In
+/// assembly, because LLVM's default BPF CPU (v1) offers no compare-and-swap to Rust (the
+/// instruction is the verifier's; see `report::take_slot`'s fetch-add). The instruction
+/// compares with and returns into r0.
+#[inline(always)]
+fn compare_and_swap(p: *mut u64, expected: u64, new: u64) -> u64 {
+    let mut old = expected;
+    // SAFETY: `p` is an 8-byte aligned map value pointer alive while the program runs (RCU);
+    // the instruction reads and writes only those 8 bytes and r0.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {new})",
+            p = in(reg) p,
+            new = in(reg) new,
+            inout("r0") old,
+        );
+    }
+    old
+}
+
+/// `BPF_XCHG` (kernel 5.12+): `*p = new`, atomically.
+///
+/// SAFETY: `p` must be an 8-byte aligned map value pointer alive while the program runs.
+#[inline(always)]
+unsafe fn exchange(p: *mut u64, new: u64) {
+    let mut v = new;
+    // SAFETY: the caller's; the instruction reads and writes only those 8 bytes and `v`.
+    unsafe {
+        core::arch::asm!(
+            "{v} = xchg_64({p} + 0, {v})",
+            p = in(reg) p,
+            v = inout(reg) v,
+        );
+    }
+    let _ = v;
 }
 
 /// The `SPENT_TAGS` key of this SYN's option: its 4-tuple and whole time (the time nearest
@@ -1535,14 +1634,14 @@ fn spent_key(syn: &Syn, stamp: u16, now_s: u32) -> abi::SpentKey {
 fn spend_first(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     let key = spent_key(syn, stamp, now_s);
     let at = abi::claimed_seconds(stamp, now_s);
-    if SPENT_TAGS.insert(&key, &at, BPF_NOEXIST).is_ok() {
+    if spend_insert(&key, at, BPF_NOEXIST).is_ok() {
         return true;
     }
     match SPENT_TAGS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
         Some(seen) if unsafe { read_volatile(seen) } == at => false,
         _ => {
-            let _ = SPENT_TAGS.insert(&key, &at, NO_FLAGS);
+            let _ = spend_insert(&key, at, NO_FLAGS);
             true
         }
     }
@@ -1647,9 +1746,9 @@ fn verified_peer(claimed: u32, destination: u32, stamp: u16, key_id: u8, version
 /// which the ingress program has no stack left; a stale entry only waits for the LRU.)
 #[inline(always)]
 fn spend_held(syn: &Syn, held: u16, now_s: u32) {
-    let _ = SPENT_TAGS.insert(
+    let _ = spend_insert(
         &spent_key(syn, held, now_s),
-        &abi::claimed_seconds(held, now_s),
+        abi::claimed_seconds(held, now_s),
         NO_FLAGS,
     );
 }
@@ -1661,9 +1760,17 @@ fn spend_held(syn: &Syn, held: u16, now_s: u32) {
 #[inline(always)]
 fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     let key = spent_key(syn, stamp, now_s);
+    let at = abi::claimed_seconds(stamp, now_s);
+    // The filter first: a slot below the option's time has had no entry of that time or
+    // later written since the map was made, so this option is not in `SPENT_TAGS`.
+    match SPENT_RECENT.get_ptr(spent_slot(&key)) {
+        // SAFETY: an array value pointer is valid for reads.
+        Some(recent) if unsafe { read_volatile(recent) } < u64::from(at) => return false,
+        _ => {}
+    }
     match SPENT_TAGS.get_ptr(&key) {
         // SAFETY: a non-null map value pointer is valid for reads.
-        Some(at) => (unsafe { read_volatile(at) }) == abi::claimed_seconds(stamp, now_s),
+        Some(seen) => (unsafe { read_volatile(seen) }) == at,
         None => false,
     }
 }

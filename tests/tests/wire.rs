@@ -264,6 +264,24 @@ fn key(line: &str) -> FlowKey {
 /// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
 /// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
 /// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
+/// The whole option times node 2's `SPENT_TAGS` holds for SYNs from client port `sport` to
+/// the DB (read from the pin): the options a replay of those connections would carry.
+fn spent_times(bed: &Bed, sport: u16) -> Result<Vec<u32>> {
+    let path = Bed::pin_dir(&bed.node2).join(enforcer_common::maps::SPENT_TAGS);
+    let map: aya::maps::HashMap<_, enforcer_common::wire::SpentKey, u32> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(
+            &path,
+        )?))?;
+    let mut times = Vec::new();
+    for entry in map.iter() {
+        let (key, at) = entry?;
+        if key.sport == sport && key.dport == DB_PORT {
+            times.push(at);
+        }
+    }
+    Ok(times)
+}
+
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
     raw_syn_with(ns, source, sport, DB_PORT, extra, false)
 }
@@ -611,14 +629,15 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
     expect_ingress(&bed, 3, |e| e["reason"] == "stale_tag", "no more stale_tag")?;
 
     // 4c. A replay within the skew: acme-retriever connects (its kernel tags the SYN) and
-    //     resets the connection, so node 2's server socket closes at once. That SYN's option
-    //     sent again on its 4-tuple (what the pod that next gets node 1's address could send
-    //     seconds later) verifies and is fresh, but its connection has been and gone:
-    //     `replayed_tag`, nothing recorded. Before `SPENT_TAGS` it was verified as
-    //     acme-retriever again. The option's time is the second of the connect, which the
-    //     test brackets; the second before the bracket (a new connection's option on the
-    //     same 4-tuple, certainly not the connect's) passes, as does every other second in
-    //     the bracket.
+    //     resets the connection, so node 2's server socket closes at once and hands the
+    //     option to `SPENT_TAGS`. That SYN's option sent again on its 4-tuple (what the pod
+    //     that next gets node 1's address could send seconds later) verifies and is fresh,
+    //     and finds the 4-tuple free in `WIRE_PEERS`, but its connection has been and gone:
+    //     `replayed_tag`, nothing recorded (found through the `SPENT_RECENT` filter, which
+    //     must have been raised for it). Before `SPENT_TAGS` it was verified as
+    //     acme-retriever again. The option's time is read from node 2's `SPENT_TAGS` (and
+    //     checked to lie within the connect's bracket); the second before it (a new
+    //     connection's option on the same 4-tuple) passes.
     let before = now_stamp()?;
     bed.probe(&bed.cg.acme).expect_outcome(
         &format!("tcprst:[{NODE2}]:{DB_PORT}"),
@@ -643,12 +662,14 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         "the reset connection's record stayed: {:?}",
         verified_peers(&Bed::pin_dir(&bed.node2))?
     );
-    let stamps: Vec<u32> = std::iter::once(before.wrapping_sub(1))
-        .chain((0..=after.wrapping_sub(before).min(5)).map(|i| before.wrapping_add(i)))
-        .collect();
+    let taken = spent_times(&bed, sport)?;
+    ensure!(
+        matches!(taken[..], [t] if before <= t && t <= after),
+        "SPENT_TAGS holds {taken:?} for port {sport}, not one time in {before}..={after}"
+    );
     // Node 1's kernel picks the connection's source among its addresses (`OUTSIDER` too).
     let source = reset[0].ip();
-    for &stamp in &stamps {
+    for stamp in [taken[0], taken[0] - 1] {
         raw_syn(
             &bed.n1,
             &source.to_string(),
