@@ -8,7 +8,8 @@
 
 pub mod locked;
 
-/// Bumped whenever a map or struct below changes incompatibly. Pins live in
+/// Bumped whenever a map or struct below changes incompatibly, or what a map's contents mean
+/// does (the kernel's `SPENT_RECENT` slot hash, `capacity::SPENT_RECENT_BITS`). Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
 pub const ABI_VERSION: u32 = 19;
 

@@ -1518,15 +1518,19 @@ fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
     let _ = spend_insert(&spent, at, NO_FLAGS);
 }
 
-/// Every write into `SPENT_TAGS`: its `SPENT_RECENT` slot first, so that whoever finds the
-/// entry finds the slot raised too (the map update that follows orders the two).
+/// Every write into `SPENT_TAGS` raises its `SPENT_RECENT` slot. A copy that [`spent`] must
+/// refuse reads the slot after its own `WIRE_PEERS` insert succeeded, which the bucket lock
+/// orders after the removal or replacement of the record that stood for the option, and so
+/// after this raise: the raise must come before those (it does: `on_state`, `record_first`).
 #[inline(always)]
 fn spend_insert(key: &abi::SpentKey, at: u32, flags: u64) -> Result<(), i32> {
     raise_spent_slot(spent_slot(key), at);
     SPENT_TAGS.insert(key, &at, flags)
 }
 
-/// The `SPENT_RECENT` slot of a `SpentKey`: its fields folded into one word (the destination
+/// The `SPENT_RECENT` slot of a `SpentKey`. A slot means something only under the hash that
+/// raised it: a change here (or to `capacity::SPENT_RECENT_BITS`) needs an ABI bump, or a
+/// restarted agent would read slots raised under the old one. Its fields folded into one word (the destination
 /// rotated, so that a loopback connection's equal addresses do not cancel), spread by a
 /// multiplicative (Fibonacci) hash, top bits kept. Not keyed: a sender that makes its
 /// options share a slot with another's only sends that other's SYNs to the exact lookup.

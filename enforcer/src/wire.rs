@@ -413,6 +413,28 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
     Ok(peers)
 }
 
+/// `SPENT_RECENT` (the kernel's filter in front of `SPENT_TAGS`) is made by this load beside an
+/// adopted `SPENT_TAGS`: its pin was removed alone. A new filter knows none of the options
+/// already spent, so [`fill_spent_filter`] must run before any program uses it.
+pub fn spent_filter_missing(pin_dir: &Path) -> bool {
+    pin_dir.join(maps::SPENT_TAGS).exists() && !pin_dir.join(maps::SPENT_RECENT).exists()
+}
+
+/// Sets every `SPENT_RECENT` slot above any option time that can still be fresh (now plus
+/// the largest skew, `wire::MAX_SKEW_S`, plus a minute), so that every SYN is looked up in
+/// `SPENT_TAGS` until the options spent before are stale; slots only rise from there, and
+/// the filter serves again after about an hour. Errors: the pin cannot be opened or written.
+pub fn fill_spent_filter(pin_dir: &Path) -> Result<()> {
+    let mut filter: Array<MapData, u64> = open_map(pin_dir, maps::SPENT_RECENT)?.try_into()?;
+    let look = u64::from(now_stamp()?) + u64::from(abi::MAX_SKEW_S) + 60;
+    for slot in 0..filter.len() {
+        filter
+            .set(slot, look, 0)
+            .with_context(|| format!("writing {} slot {slot}", maps::SPENT_RECENT))?;
+    }
+    Ok(())
+}
+
 /// The agent's flow-key file, reloaded when its content changes.
 #[derive(Debug)]
 pub struct KeyFile {

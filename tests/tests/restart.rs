@@ -188,3 +188,52 @@ fn an_agent_removes_the_hooks_another_abi_left_and_refuses_while_that_agent_runs
     probe.expect_outcome(&same, Outcome::Ok, "the new release's agent")?;
     Ok(())
 }
+
+/// `SPENT_RECENT`, the kernel's filter in front of `SPENT_TAGS`, holds per slot the latest time
+/// of the options spent there; made anew beside an adopted `SPENT_TAGS` (its pin removed
+/// alone), it would let a copy of an option spent before the restart skip the lookup that
+/// refuses it. The agent then sets every slot above any time that can still be fresh (red-team
+/// review 65 L1). A fresh start leaves the filter empty, so that it serves at once.
+#[test]
+fn a_spent_filter_made_anew_beside_pinned_spent_options_looks_up_every_option() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let world = World::standard(92)?;
+    let slots = || -> Result<Vec<u64>> {
+        let path = enforcer::datapath::pin_dir(&world.agent_config().pin_path)
+            .join(enforcer_common::maps::SPENT_RECENT);
+        let filter: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(&path)?,
+        ))?;
+        Ok(filter.iter().collect::<Result<_, _>>()?)
+    };
+    let mut first = world.start_agent()?;
+    let fresh = slots()?;
+    ensure!(
+        fresh.len() == enforcer_common::capacity::SPENT_RECENT as usize
+            && fresh.iter().all(|&s| s == 0),
+        "a fresh start's filter is not empty: {:?}",
+        fresh
+            .iter()
+            .filter(|&&s| s != 0)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    first.stop()?;
+
+    let pin = enforcer::datapath::pin_dir(&world.agent_config().pin_path)
+        .join(enforcer_common::maps::SPENT_RECENT);
+    std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    let above =
+        u64::from(enforcer::wire::now_stamp()?) + u64::from(enforcer_common::wire::MAX_SKEW_S);
+    let _second = world.start_agent()?;
+    let filled = slots()?;
+    ensure!(
+        filled.len() == fresh.len() && filled.iter().all(|&s| s > above),
+        "the new filter beside the pinned SPENT_TAGS: {} slots, lowest {:?} (want above {above})",
+        filled.len(),
+        filled.iter().min()
+    );
+    Ok(())
+}

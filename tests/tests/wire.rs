@@ -261,9 +261,6 @@ fn key(line: &str) -> FlowKey {
         .current
 }
 
-/// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
-/// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
-/// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 /// The whole option times node 2's `SPENT_TAGS` holds for SYNs from client port `sport` to
 /// the DB (read from the pin): the options a replay of those connections would carry.
 fn spent_times(bed: &Bed, sport: u16) -> Result<Vec<u32>> {
@@ -282,6 +279,9 @@ fn spent_times(bed: &Bed, sport: u16) -> Result<Vec<u32>> {
     Ok(times)
 }
 
+/// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
+/// bytes) on a raw socket of the test process (no enforcer judges it) inside node 1's
+/// namespace; the kernel fills in the IPv6 header and the checksum (`IPV6_CHECKSUM`).
 fn raw_syn(ns: &NetNs, source: &str, sport: u16, extra: &[u8]) -> Result<()> {
     raw_syn_with(ns, source, sport, DB_PORT, extra, false)
 }
@@ -1004,7 +1004,7 @@ fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -
     let acme = bed.identity("acme-retriever")?;
     let release = bed._tmp.path().join("release");
     let server = SocketAddr::new(NODE2.parse::<IpAddr>()?, CLOSED_PORT);
-    let _held = ProbeServer::start_held(Some(&bed.n2), &bed.cg.db, server, &release)?;
+    let held = ProbeServer::start_held(Some(&bed.n2), &bed.cg.db, server, &release)?;
     let peers = || -> Result<Vec<enforcer::wire::VerifiedPeer>> {
         Ok(verified_peers(&Bed::pin_dir(&bed.node2))?
             .into_iter()
@@ -1030,8 +1030,28 @@ fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -
         peers()
     );
     let filler = filler.context("filler")?.client;
+    // A SYN on the first SYN's 4-tuple with an option of the whole time `time` (the first
+    // SYN's own: a copy of it) and the sequence number `seq`.
+    let send_syn = |first: &enforcer::wire::VerifiedPeer, time: u32, seq: u32| -> Result<()> {
+        let IpAddr::V6(client_ip) = first.client.ip() else {
+            bail!("an IPv6 client expected: {first:?}");
+        };
+        let option = options_with(&option(
+            &key(KEY1),
+            acme,
+            time,
+            first.client.ip(),
+            server.ip(),
+            first.client.port(),
+            CLOSED_PORT,
+        ));
+        let port = first.client.port();
+        let tcp = raw_tcp::segment(port, CLOSED_PORT, raw_tcp::SYN, (seq, 0), &option)?;
+        bed.n1
+            .run_in(|| raw_tcp::send(&client_ip.to_string(), NODE2, &tcp, false))?
+    };
 
-    std::thread::scope(|s| -> Result<()> {
+    let first = std::thread::scope(|s| -> Result<enforcer::wire::VerifiedPeer> {
         let probe = bed.probe(&bed.cg.acme).timeout(Duration::from_secs(150));
         let call = format!("tcpwait:{addr}");
         let client = s.spawn(move || probe.run_one(&call));
@@ -1074,36 +1094,56 @@ fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -
             "the connecting SYN carried the first one's time {}: {accepted:?}",
             first.stamp
         );
-        // A copy of the first SYN (its time, its 4-tuple) is refused.
-        let (IpAddr::V6(client_ip), IpAddr::V6(_)) = (first.client.ip(), server.ip()) else {
-            bail!("IPv6 addresses expected: {first:?}");
-        };
-        let full = enforcer_common::wire::claimed_seconds(first.stamp, now_stamp()?);
-        raw_syn_with(
-            &bed.n1,
-            &client_ip.to_string(),
-            first.client.port(),
-            CLOSED_PORT,
-            &options_with(&option(
-                &key(KEY1),
-                acme,
-                full,
-                first.client.ip(),
-                server.ip(),
-                first.client.port(),
-                CLOSED_PORT,
-            )),
-            false,
-        )?;
-        let e = expect_ingress(
-            &bed,
-            1,
-            |e| e["reason"] == "replayed_tag",
-            "a copy of the first SYN",
-        )?;
-        ensure!(e["peer"]["port"] == first.client.port(), "{e}");
-        Ok(())
+        Ok(first)
     })?;
+    // Copies of the first SYN, whose option the retransmission handed to `SPENT_TAGS` when it
+    // replaced the first SYN's record (`spend_held`). Once the connection has closed (the
+    // server goes, and another listens on its port: the check runs for a socket of the
+    // DB's), the 4-tuple is free:
+    // - a copy takes the record's place and is refused by the `SPENT_TAGS` lookup, which the
+    //   filter in front of it allows only if that hand-over raised the option's
+    //   `SPENT_RECENT` slot (nothing else wrote that option: red-team review 65 L2);
+    // - a new option on the 4-tuple (a second before the first SYN's time: never sent) passes
+    //   and holds it, and a copy then is refused by the `BPF_NOEXIST` insert that finds the
+    //   option taken (`spend_first`).
+    // Each with another sequence number, so that each refusal is reported (`INGRESS_REPORTED`).
+    drop(held);
+    let _listening = ProbeServer::start(Some(&bed.n2), &bed.cg.db, server)?;
+    ensure!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            peers().is_ok_and(|p| p.iter().all(|p| p.client != first.client))
+        }),
+        "the closed connection's record stayed: {:?}",
+        peers()
+    );
+    let first_time = enforcer_common::wire::claimed_seconds(first.stamp, now_stamp()?);
+    send_syn(&first, first_time, raw_tcp::ISN)?;
+    let e = expect_ingress(
+        &bed,
+        1,
+        |e| e["reason"] == "replayed_tag",
+        "a copy of the first SYN on the free 4-tuple",
+    )?;
+    ensure!(e["peer"]["port"] == first.client.port(), "{e}");
+    send_syn(&first, first_time - 1, raw_tcp::ISN.wrapping_add(1))?;
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            peers().is_ok_and(|p| {
+                p.iter()
+                    .any(|p| p.client == first.client && p.stamp == (first_time - 1) as u16)
+            })
+        }),
+        "a new option on the 4-tuple was not verified: {:?}",
+        peers()
+    );
+    send_syn(&first, first_time, raw_tcp::ISN.wrapping_add(2))?;
+    let e = expect_ingress(
+        &bed,
+        2,
+        |e| e["reason"] == "replayed_tag",
+        "a copy of the first SYN on the held 4-tuple",
+    )?;
+    ensure!(e["peer"]["port"] == first.client.port(), "{e}");
     // Nothing else was refused: the retransmissions passed.
     let refused: Vec<Value> = bed
         .ingress_events()?

@@ -93,6 +93,7 @@ impl Datapath {
         let lock = lock_exclusive(&dir)?;
         let other_abis = lock_other_abis(options.pin_root)?;
 
+        let spent_filter_missing = crate::wire::spent_filter_missing(&dir);
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
         if let Some(bytes) = options.ring_buffer_bytes {
@@ -107,6 +108,11 @@ impl Datapath {
                 dir.display()
             )
         })?;
+        if spent_filter_missing {
+            // Before `attach`: no program of this load runs yet.
+            crate::wire::fill_spent_filter(&dir)?;
+            tracing::warn!("{} was made anew beside the pinned {}: every SYN's option is looked up in full for the next hour", maps::SPENT_RECENT, maps::SPENT_TAGS);
+        }
         let tables = Tables::open(&dir)?;
         crate::flows::set_tenant_limit(&dir, options.capacity.flows_per_tenant)?;
         let wanted = options.capacity.over(tables.capacities());
