@@ -9,7 +9,7 @@
 pub mod locked;
 
 /// Bumped whenever a map or struct below changes incompatibly, or what a map's contents mean
-/// does (the kernel's `SPENT_RECENT` slot hash, `capacity::SPENT_RECENT_BITS`). Pins live in
+/// does (`wire::spent_slot`, `capacity::SPENT_RECENT_BITS`). Pins live in
 /// `<pin root>/v<ABI_VERSION>/`, so an agent of another ABI never adopts incompatible maps.
 pub const ABI_VERSION: u32 = 19;
 
@@ -75,9 +75,10 @@ pub mod maps {
     /// full time in seconds: the options already used, refused if they come again within the
     /// skew (`reason::REPLAYED_TAG`).
     pub const SPENT_TAGS: &str = "SPENT_TAGS";
-    /// One u64 per slot of a hash of `wire::SpentKey`: the latest option time of any
-    /// `SPENT_TAGS` entry written to that slot (kernel-only; raised, never lowered): a
-    /// filter that spares the usual SYN the `SPENT_TAGS` lookup.
+    /// One u64 per slot ([`crate::wire::spent_slot`] of a `wire::SpentKey`): the latest option
+    /// time of any `SPENT_TAGS` entry written to that slot (raised by the kernel, never
+    /// lowered; the agent only repairs it at start): a filter that spares the usual SYN the
+    /// `SPENT_TAGS` lookup.
     pub const SPENT_RECENT: &str = "SPENT_RECENT";
     /// [`crate::rate::RateKey`] {subject, destination identity} -> [`crate::rate::RateLimit`]:
     /// the connection rate each subject may open to each rate-limited destination, at its
@@ -185,7 +186,7 @@ pub mod capacity {
     /// then passes).
     pub const SPENT_TAGS: u32 = 32_768;
     /// Slots of `SPENT_RECENT` (u64 each: 128 KiB), `2^SPENT_RECENT_BITS`: fixed, since the
-    /// kernel's slot hash keeps that many bits.
+    /// slot hash ([`crate::wire::spent_slot`]) keeps that many bits.
     pub const SPENT_RECENT: u32 = 1 << SPENT_RECENT_BITS;
     pub const SPENT_RECENT_BITS: u32 = 14;
     /// (deny key, window) pairs being counted at once (plain hash, preallocated: ~2 MiB); a
@@ -1212,6 +1213,30 @@ pub mod wire {
         now_s.wrapping_add(stamp.wrapping_sub(now_s as u16) as i16 as i32 as u32)
     }
 
+    /// The `SPENT_RECENT` slot (0 to `capacity::SPENT_RECENT - 1`) of a `SPENT_TAGS` key: its
+    /// fields folded into one word (the destination rotated, so that a loopback connection's
+    /// equal addresses do not cancel), spread by a multiplicative (Fibonacci) hash, top
+    /// `capacity::SPENT_RECENT_BITS` bits kept. The kernel raises and reads slots with it, the
+    /// agent repairs them at start with it. A slot means something only under the hash that
+    /// raised it: a change here is an ABI change (the golden test says so). Not keyed: a
+    /// sender that makes its options share a slot with another's only sends that other's SYNs
+    /// to the exact lookup.
+    #[inline(always)]
+    pub fn spent_slot(key: &SpentKey) -> u32 {
+        let word =
+            |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut folded = u32::from(key.stamp) | u32::from(key.epoch) << 16;
+        folded ^= u32::from(key.sport) << 16 | u32::from(key.dport);
+        folded ^=
+            word(&key.saddr, 0) ^ word(&key.saddr, 4) ^ word(&key.saddr, 8) ^ word(&key.saddr, 12);
+        folded ^= (word(&key.daddr, 0)
+            ^ word(&key.daddr, 4)
+            ^ word(&key.daddr, 8)
+            ^ word(&key.daddr, 12))
+        .rotate_left(16);
+        folded.wrapping_mul(0x9E37_79B1) >> (32 - crate::capacity::SPENT_RECENT_BITS)
+    }
+
     /// Whether an option stamped `stamp` is fresh at `now` (both [`stamp`] values) within
     /// `skew_s` seconds either way (a sender's clock may be a little ahead). Compared modulo
     /// 2^16, so the wrap every ~18 hours is seamless as long as `skew_s` < 2^15.
@@ -1546,6 +1571,42 @@ mod tests {
     extern crate std;
     use super::wire::*;
     use std::vec::Vec;
+
+    /// The slot hash is ABI: slots pinned by one agent are read by the next, so a change that
+    /// moves these slots must bump `ABI_VERSION` (and then these values).
+    #[test]
+    fn spent_slot_is_the_abi_19_hash() {
+        let key = |saddr: [u8; 16], daddr: [u8; 16], sport, stamp| SpentKey {
+            saddr,
+            daddr,
+            sport,
+            dport: 6334,
+            stamp,
+            epoch: 27_415,
+        };
+        let v6 = |last: u8| {
+            let mut a = [0xfd, 0x84, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[15] = last;
+            a
+        };
+        let v4 = |a: [u8; 4]| {
+            [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+            ]
+        };
+        let slots = [
+            spent_slot(&key(v6(0x99), v6(2), 38_406, 4_660)),
+            spent_slot(&key(v6(0x99), v6(2), 38_407, 4_660)),
+            spent_slot(&key(v6(0x99), v6(2), 38_406, 4_661)),
+            spent_slot(&key(v4([127, 0, 0, 1]), v4([127, 0, 0, 1]), 40_000, 0)),
+        ];
+        assert_eq!(crate::ABI_VERSION, 19, "a new ABI: check these values anew");
+        const GOLDEN: [u32; 4] = [15_456, 6_860, 5_330, 9_562];
+        assert_eq!(
+            slots, GOLDEN,
+            "the SPENT_RECENT slot hash moved: bump ABI_VERSION"
+        );
+    }
 
     /// A general-length SipHash-2-4, checked against the paper's test vector (appendix A:
     /// key 00..0f, message 00..0e gives a129ca6149be45e5), as the reference for the

@@ -179,7 +179,7 @@ static SPENT_TAGS: LruHashMap<abi::SpentKey, u32> =
     LruHashMap::pinned(capacity::SPENT_TAGS, NO_MAP_FLAGS);
 
 /// A filter in front of `SPENT_TAGS`, so that the usual SYN (an option never taken) is not
-/// a cold hash miss: per slot ([`spent_slot`] of the `SpentKey`), the latest option time
+/// a cold hash miss: per slot ([`abi::spent_slot`] of the `SpentKey`), the latest option time
 /// ([`abi::claimed_seconds`]) of any `SPENT_TAGS` entry written there. Raised before each
 /// such write and never lowered ([`raise_spent_slot`]), so an option that is in `SPENT_TAGS`
 /// has its slot at or above its time, and [`spent`] looks in `SPENT_TAGS` only then. Pinned
@@ -1524,27 +1524,8 @@ fn spend(key: &abi::PeerKey, stamp: u16, version: u8) {
 /// after this raise: the raise must come before those (it does: `on_state`, `record_first`).
 #[inline(always)]
 fn spend_insert(key: &abi::SpentKey, at: u32, flags: u64) -> Result<(), i32> {
-    raise_spent_slot(spent_slot(key), at);
+    raise_spent_slot(abi::spent_slot(key), at);
     SPENT_TAGS.insert(key, &at, flags)
-}
-
-/// The `SPENT_RECENT` slot of a `SpentKey`. A slot means something only under the hash that
-/// raised it: a change here (or to `capacity::SPENT_RECENT_BITS`) needs an ABI bump, or a
-/// restarted agent would read slots raised under the old one. Its fields folded into one word (the destination
-/// rotated, so that a loopback connection's equal addresses do not cancel), spread by a
-/// multiplicative (Fibonacci) hash, top bits kept. Not keyed: a sender that makes its
-/// options share a slot with another's only sends that other's SYNs to the exact lookup.
-#[inline(always)]
-fn spent_slot(key: &abi::SpentKey) -> u32 {
-    let word = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let mut folded = u32::from(key.stamp) | u32::from(key.epoch) << 16;
-    folded ^= u32::from(key.sport) << 16 | u32::from(key.dport);
-    folded ^=
-        word(&key.saddr, 0) ^ word(&key.saddr, 4) ^ word(&key.saddr, 8) ^ word(&key.saddr, 12);
-    folded ^=
-        (word(&key.daddr, 0) ^ word(&key.daddr, 4) ^ word(&key.daddr, 8) ^ word(&key.daddr, 12))
-            .rotate_left(16);
-    folded.wrapping_mul(0x9E37_79B1) >> (32 - capacity::SPENT_RECENT_BITS)
 }
 
 /// `SPENT_RECENT[slot] = max(SPENT_RECENT[slot], at)`, atomically: a compare-and-swap that
@@ -1767,7 +1748,7 @@ fn spent(syn: &Syn, stamp: u16, now_s: u32) -> bool {
     let at = abi::claimed_seconds(stamp, now_s);
     // The filter first: a slot below the option's time has had no entry of that time or
     // later written since the map was made, so this option is not in `SPENT_TAGS`.
-    match SPENT_RECENT.get_ptr(spent_slot(&key)) {
+    match SPENT_RECENT.get_ptr(abi::spent_slot(&key)) {
         // SAFETY: an array value pointer is valid for reads.
         Some(recent) if unsafe { read_volatile(recent) } < u64::from(at) => return false,
         _ => {}

@@ -413,26 +413,42 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
     Ok(peers)
 }
 
-/// `SPENT_RECENT` (the kernel's filter in front of `SPENT_TAGS`) is made by this load beside an
-/// adopted `SPENT_TAGS`: its pin was removed alone. A new filter knows none of the options
-/// already spent, so [`fill_spent_filter`] must run before any program uses it.
-pub fn spent_filter_missing(pin_dir: &Path) -> bool {
-    pin_dir.join(maps::SPENT_TAGS).exists() && !pin_dir.join(maps::SPENT_RECENT).exists()
-}
-
-/// Sets every `SPENT_RECENT` slot above any option time that can still be fresh (now plus
-/// the largest skew, `wire::MAX_SKEW_S`, plus a minute), so that every SYN is looked up in
-/// `SPENT_TAGS` until the options spent before are stale; slots only rise from there, and
-/// the filter serves again after about an hour. Errors: the pin cannot be opened or written.
-pub fn fill_spent_filter(pin_dir: &Path) -> Result<()> {
+/// Restores the invariant of `SPENT_RECENT`, the kernel's filter in front of `SPENT_TAGS`:
+/// every option in `SPENT_TAGS` that can still be fresh has its slot
+/// ([`abi::spent_slot`]) at or above its time, or the kernel's check skips the lookup that
+/// refuses a copy of it. The kernel keeps it (each write raises first); it breaks when the
+/// filter is made anew beside a pinned `SPENT_TAGS` (its pin removed alone, an interrupted
+/// `detach`). Run at every start, so that an agent stopped before it finished is repaired
+/// by the next,
+/// before this agent's programs run: a filter that holds writes nothing. A slot found below
+/// an option's time is set above any time that can still be fresh (now + `MAX_SKEW_S` +
+/// 60 s: also above whatever a previous agent's program, still attached, may write there
+/// meanwhile), so every option of that slot is looked up for the next hour. Returns the
+/// number of slots set. Errors: a pin cannot be opened, read or written.
+pub fn repair_spent_filter(pin_dir: &Path) -> Result<usize> {
+    let spent: BpfHashMap<MapData, abi::SpentKey, u32> =
+        open_map(pin_dir, maps::SPENT_TAGS)?.try_into()?;
     let mut filter: Array<MapData, u64> = open_map(pin_dir, maps::SPENT_RECENT)?.try_into()?;
-    let look = u64::from(now_stamp()?) + u64::from(abi::MAX_SKEW_S) + 60;
-    for slot in 0..filter.len() {
-        filter
-            .set(slot, look, 0)
-            .with_context(|| format!("writing {} slot {slot}", maps::SPENT_RECENT))?;
+    let now = u64::from(now_stamp()?);
+    let look = now + u64::from(abi::MAX_SKEW_S) + 60;
+    let mut set = 0;
+    for entry in spent.iter() {
+        let (key, at) = entry.with_context(|| format!("reading {}", maps::SPENT_TAGS))?;
+        if u64::from(at) + u64::from(abi::MAX_SKEW_S) + 60 < now {
+            continue; // stale at any skew: a copy is `stale_tag` before the lookup
+        }
+        let slot = abi::spent_slot(&key);
+        let held = filter
+            .get(&slot, 0)
+            .with_context(|| format!("reading {} slot {slot}", maps::SPENT_RECENT))?;
+        if held < u64::from(at) {
+            filter
+                .set(slot, look, 0)
+                .with_context(|| format!("writing {} slot {slot}", maps::SPENT_RECENT))?;
+            set += 1;
+        }
     }
-    Ok(())
+    Ok(set)
 }
 
 /// The agent's flow-key file, reloaded when its content changes.

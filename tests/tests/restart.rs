@@ -190,50 +190,84 @@ fn an_agent_removes_the_hooks_another_abi_left_and_refuses_while_that_agent_runs
 }
 
 /// `SPENT_RECENT`, the kernel's filter in front of `SPENT_TAGS`, holds per slot the latest time
-/// of the options spent there; made anew beside an adopted `SPENT_TAGS` (its pin removed
-/// alone), it would let a copy of an option spent before the restart skip the lookup that
-/// refuses it. The agent then sets every slot above any time that can still be fresh (red-team
-/// review 65 L1). A fresh start leaves the filter empty, so that it serves at once.
+/// of the options spent there. A filter that does not stand for what `SPENT_TAGS` holds (made
+/// anew beside it: its pin removed alone) would let a copy of an option spent before the
+/// restart skip the lookup that refuses it. The agent repairs it at start, before its
+/// programs run: the slot of every option that can still be fresh and whose slot is below its
+/// time is set above any time that can still be fresh; a stale option's slot and every other
+/// slot are left alone, and a restart with a filter that holds writes nothing (red-team
+/// reviews 65 L1, 66 L1). The state is made through the pins while no agent runs: two options
+/// spent now and two hours ago (the kernel made neither; what matters is what the filter
+/// holds beside them).
 #[test]
-fn a_spent_filter_made_anew_beside_pinned_spent_options_looks_up_every_option() -> Result<()> {
+fn a_spent_filter_that_does_not_hold_is_repaired_at_start_and_one_that_holds_is_left() -> Result<()>
+{
+    use enforcer_common::wire::{spent_slot, SpentKey, MAX_SKEW_S};
     if !require_kernel() {
         return Ok(());
     }
     let world = World::standard(92)?;
+    let dir = enforcer::datapath::pin_dir(&world.agent_config().pin_path);
     let slots = || -> Result<Vec<u64>> {
-        let path = enforcer::datapath::pin_dir(&world.agent_config().pin_path)
-            .join(enforcer_common::maps::SPENT_RECENT);
+        let path = dir.join(enforcer_common::maps::SPENT_RECENT);
         let filter: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(
             aya::maps::MapData::from_pin(&path)?,
         ))?;
         Ok(filter.iter().collect::<Result<_, _>>()?)
     };
     let mut first = world.start_agent()?;
-    let fresh = slots()?;
     ensure!(
-        fresh.len() == enforcer_common::capacity::SPENT_RECENT as usize
-            && fresh.iter().all(|&s| s == 0),
-        "a fresh start's filter is not empty: {:?}",
-        fresh
-            .iter()
-            .filter(|&&s| s != 0)
-            .take(3)
-            .collect::<Vec<_>>()
+        slots()?.iter().all(|&s| s == 0),
+        "a fresh start's filter is not empty"
     );
     first.stop()?;
 
-    let pin = enforcer::datapath::pin_dir(&world.agent_config().pin_path)
-        .join(enforcer_common::maps::SPENT_RECENT);
-    std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
-    let above =
-        u64::from(enforcer::wire::now_stamp()?) + u64::from(enforcer_common::wire::MAX_SKEW_S);
-    let _second = world.start_agent()?;
-    let filled = slots()?;
+    let now = enforcer::wire::now_stamp()?;
+    let option = |sport: u16, at: u32| SpentKey {
+        saddr: std::net::Ipv6Addr::new(0xfd84, 0, 0, 0, 0, 0, 0, 0x99).octets(),
+        daddr: std::net::Ipv6Addr::new(0xfd84, 0, 0, 0, 0, 0, 0, 2).octets(),
+        sport,
+        dport: 6334,
+        stamp: at as u16,
+        epoch: (at >> 16) as u16,
+    };
+    let fresh = option(40_001, now);
+    let stale = (40_002..)
+        .map(|sport| option(sport, now - 7_200))
+        .find(|k| spent_slot(k) != spent_slot(&fresh))
+        .context("no port whose slot differs")?;
+    let path = dir.join(enforcer_common::maps::SPENT_TAGS);
+    let mut spent: aya::maps::HashMap<_, SpentKey, u32> = aya::maps::HashMap::try_from(
+        aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(&path)?),
+    )?;
+    spent.insert(fresh, now, 0)?;
+    spent.insert(stale, now - 7_200, 0)?;
+
+    let mut second = world.start_agent()?;
+    let repaired = slots()?;
+    let (f, s) = (spent_slot(&fresh) as usize, spent_slot(&stale) as usize);
     ensure!(
-        filled.len() == fresh.len() && filled.iter().all(|&s| s > above),
-        "the new filter beside the pinned SPENT_TAGS: {} slots, lowest {:?} (want above {above})",
-        filled.len(),
-        filled.iter().min()
+        repaired[f] > u64::from(now) + u64::from(MAX_SKEW_S),
+        "the fresh option's slot {f} holds {} (want above now + the largest skew)",
+        repaired[f]
+    );
+    let others: Vec<(usize, u64)> = repaired
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(i, v)| i != f && v != 0)
+        .collect();
+    ensure!(
+        others.is_empty(),
+        "slots set besides {f} (stale option's: {s}): {others:?}"
+    );
+    second.stop()?;
+
+    // The filter holds now: a restart writes nothing (the fresh slot keeps its value).
+    let _third = world.start_agent()?;
+    ensure!(
+        slots()? == repaired,
+        "a restart with a filter that holds changed it"
     );
     Ok(())
 }

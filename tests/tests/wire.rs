@@ -262,8 +262,8 @@ fn key(line: &str) -> FlowKey {
 }
 
 /// The whole option times node 2's `SPENT_TAGS` holds for SYNs from client port `sport` to
-/// the DB (read from the pin): the options a replay of those connections would carry.
-fn spent_times(bed: &Bed, sport: u16) -> Result<Vec<u32>> {
+/// port `dport` (read from the pin): the options a replay of those connections would carry.
+fn spent_times(bed: &Bed, sport: u16, dport: u16) -> Result<Vec<u32>> {
     let path = Bed::pin_dir(&bed.node2).join(enforcer_common::maps::SPENT_TAGS);
     let map: aya::maps::HashMap<_, enforcer_common::wire::SpentKey, u32> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(
@@ -272,7 +272,7 @@ fn spent_times(bed: &Bed, sport: u16) -> Result<Vec<u32>> {
     let mut times = Vec::new();
     for entry in map.iter() {
         let (key, at) = entry?;
-        if key.sport == sport && key.dport == DB_PORT {
+        if key.sport == sport && key.dport == dport {
             times.push(at);
         }
     }
@@ -662,7 +662,7 @@ fn identity_option_is_written_checked_and_rotated_across_two_nodes() -> Result<(
         "the reset connection's record stayed: {:?}",
         verified_peers(&Bed::pin_dir(&bed.node2))?
     );
-    let taken = spent_times(&bed, sport)?;
+    let taken = spent_times(&bed, sport, DB_PORT)?;
     ensure!(
         matches!(taken[..], [t] if before <= t && t <= after),
         "SPENT_TAGS holds {taken:?} for port {sport}, not one time in {before}..={after}"
@@ -1116,7 +1116,17 @@ fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -
         "the closed connection's record stayed: {:?}",
         peers()
     );
-    let first_time = enforcer_common::wire::claimed_seconds(first.stamp, now_stamp()?);
+    // The first SYN's time is the earliest the 4-tuple spent (the record the test saw first
+    // could be a retransmission's, had its polling stalled for a second).
+    let first_time = spent_times(&bed, first.client.port(), CLOSED_PORT)?
+        .into_iter()
+        .min()
+        .context("nothing spent for the connection")?;
+    ensure!(
+        first_time <= enforcer_common::wire::claimed_seconds(first.stamp, now_stamp()?),
+        "spent {first_time}, after the first record seen ({})",
+        first.stamp
+    );
     send_syn(&first, first_time, raw_tcp::ISN)?;
     let e = expect_ingress(
         &bed,

@@ -93,7 +93,6 @@ impl Datapath {
         let lock = lock_exclusive(&dir)?;
         let other_abis = lock_other_abis(options.pin_root)?;
 
-        let spent_filter_missing = crate::wire::spent_filter_missing(&dir);
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
         if let Some(bytes) = options.ring_buffer_bytes {
@@ -108,10 +107,15 @@ impl Datapath {
                 dir.display()
             )
         })?;
-        if spent_filter_missing {
-            // Before `attach`: no program of this load runs yet.
-            crate::wire::fill_spent_filter(&dir)?;
-            tracing::warn!("{} was made anew beside the pinned {}: every SYN's option is looked up in full for the next hour", maps::SPENT_RECENT, maps::SPENT_TAGS);
+        // Before `attach`, so that this load's programs never read a broken filter.
+        let repaired = crate::wire::repair_spent_filter(&dir)?;
+        if repaired > 0 {
+            tracing::warn!(
+                slots = repaired,
+                "{} held spent options that {} did not stand for (it was made anew beside them): those slots now send every option to the full lookup for the next hour",
+                maps::SPENT_TAGS,
+                maps::SPENT_RECENT
+            );
         }
         let tables = Tables::open(&dir)?;
         crate::flows::set_tenant_limit(&dir, options.capacity.flows_per_tenant)?;
