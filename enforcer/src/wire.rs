@@ -418,13 +418,14 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
 /// ([`abi::spent_slot`]) at or above its time, or the kernel's check skips the lookup that
 /// refuses a copy of it. The kernel keeps it (each write raises first); it breaks when the
 /// filter is made anew beside a pinned `SPENT_TAGS` (its pin removed alone, an interrupted
-/// `detach`). Run at every start, so that an agent stopped before it finished is repaired
-/// by the next,
-/// before this agent's programs run: a filter that holds writes nothing. A slot found below
-/// an option's time is set above any time that can still be fresh (now + `MAX_SKEW_S` +
-/// 60 s: also above whatever a previous agent's program, still attached, may write there
-/// meanwhile), so every option of that slot is looked up for the next hour. Returns the
-/// number of slots set. Errors: a pin cannot be opened, read or written.
+/// `detach`), and while a previous agent's programs, still linked, spend under the filter
+/// they were loaded with. Run at every start, before this agent's programs run and again
+/// once they are in place, so that an agent stopped before it finished is repaired by the
+/// next: a filter that holds writes nothing. A slot found below an option's time is set
+/// above any time that can still be fresh (now + `MAX_SKEW_S` + 60 s, or the option's own
+/// time if later: also above whatever a kernel program may write there meanwhile), so every
+/// option of that slot is looked up for the next hour. Returns the number of slots set.
+/// Errors: a pin cannot be opened, read or written.
 pub fn repair_spent_filter(pin_dir: &Path) -> Result<usize> {
     let spent: BpfHashMap<MapData, abi::SpentKey, u32> =
         open_map(pin_dir, maps::SPENT_TAGS)?.try_into()?;
@@ -442,8 +443,9 @@ pub fn repair_spent_filter(pin_dir: &Path) -> Result<usize> {
             .get(&slot, 0)
             .with_context(|| format!("reading {} slot {slot}", maps::SPENT_RECENT))?;
         if held < u64::from(at) {
+            // `at` itself when it lies beyond `look` (the clock stepped back since).
             filter
-                .set(slot, look, 0)
+                .set(slot, look.max(u64::from(at)), 0)
                 .with_context(|| format!("writing {} slot {slot}", maps::SPENT_RECENT))?;
             set += 1;
         }

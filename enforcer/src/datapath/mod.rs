@@ -59,6 +59,20 @@ pub fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// [`crate::wire::repair_spent_filter`], with a warning when it had to set slots.
+fn repair_spent_filter(dir: &Path) -> Result<()> {
+    let repaired = crate::wire::repair_spent_filter(dir)?;
+    if repaired > 0 {
+        tracing::warn!(
+            slots = repaired,
+            "{} held spent options that {} did not stand for (it was made anew beside them): those slots now send every option to the full lookup for the next hour",
+            maps::SPENT_TAGS,
+            maps::SPENT_RECENT
+        );
+    }
+    Ok(())
+}
+
 pub struct LoadOptions<'a> {
     pub pin_root: &'a Path,
     /// Ring buffer size in bytes (a power of two, a multiple of the page size); `None` keeps
@@ -108,15 +122,7 @@ impl Datapath {
             )
         })?;
         // Before `attach`, so that this load's programs never read a broken filter.
-        let repaired = crate::wire::repair_spent_filter(&dir)?;
-        if repaired > 0 {
-            tracing::warn!(
-                slots = repaired,
-                "{} held spent options that {} did not stand for (it was made anew beside them): those slots now send every option to the full lookup for the next hour",
-                maps::SPENT_TAGS,
-                maps::SPENT_RECENT
-            );
-        }
+        repair_spent_filter(&dir)?;
         let tables = Tables::open(&dir)?;
         crate::flows::set_tenant_limit(&dir, options.capacity.flows_per_tenant)?;
         let wanted = options.capacity.over(tables.capacities());
@@ -146,6 +152,16 @@ impl Datapath {
     /// after this agent's hooks are in place, so the node is never without a hook.
     pub fn attach(&mut self, cgroup_root: &Path) -> Result<AttachReport> {
         let mut report = links::attach_or_adopt(&mut self.ebpf, &self.dir, cgroup_root)?;
+        // Again now that the hooks run this agent's programs: a previous agent's, still in
+        // adopted links until the swap, may have spent options meanwhile under a filter that
+        // was not the pinned one (red-team review 67 L1). An error leaves the hooks in place.
+        if let Err(error) = repair_spent_filter(&self.dir) {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "cannot repair {} after the hooks were swapped",
+                maps::SPENT_RECENT
+            );
+        }
         for (dir, _lock) in std::mem::take(&mut self.other_abis) {
             let links = links::count_links(&dir);
             // This agent's hooks are in place: a failure here leaves the old hooks beside
