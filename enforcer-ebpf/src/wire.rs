@@ -1550,6 +1550,7 @@ fn raise_spent_slot(slot: u32, at: u32) {
         }
         seen = old;
     }
+    // The fourth lost race may have left the slot at `at` or above (another CPU's raise).
     if seen < at {
         // SAFETY: as above; an aligned 8-byte store (the slot only ever rises).
         unsafe { exchange(p, u64::MAX) };
@@ -1581,16 +1582,15 @@ fn compare_and_swap(p: *mut u64, expected: u64, new: u64) -> u64 {
 /// SAFETY: `p` must be an 8-byte aligned map value pointer alive while the program runs.
 #[inline(always)]
 unsafe fn exchange(p: *mut u64, new: u64) {
-    let mut v = new;
-    // SAFETY: the caller's; the instruction reads and writes only those 8 bytes and `v`.
+    // SAFETY: the caller's; the instruction reads and writes only those 8 bytes and its
+    // register (the old value, not needed).
     unsafe {
         core::arch::asm!(
             "{v} = xchg_64({p} + 0, {v})",
             p = in(reg) p,
-            v = inout(reg) v,
+            v = inout(reg) new => _,
         );
     }
-    let _ = v;
 }
 
 /// The `SPENT_TAGS` key of this SYN's option: its 4-tuple and whole time (the time nearest

@@ -413,6 +413,19 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
     Ok(peers)
 }
 
+/// Every option in `SPENT_TAGS`, the options already taken (works while no agent runs: it
+/// reads the pin), with its full time in Unix seconds ([`abi::claimed_seconds`]). Which
+/// options the kernel writes there: the map's documentation in `enforcer-ebpf/src/wire.rs`;
+/// an entry leaves when the LRU evicts it. Errors: the pin cannot be opened or read.
+pub fn spent_options(pin_dir: &Path) -> Result<Vec<(abi::SpentKey, u32)>> {
+    // aya reads an LRU hash map through its `HashMap`.
+    let map: BpfHashMap<MapData, abi::SpentKey, u32> =
+        open_map(pin_dir, maps::SPENT_TAGS)?.try_into()?;
+    map.iter()
+        .map(|entry| entry.with_context(|| format!("reading {}", maps::SPENT_TAGS)))
+        .collect()
+}
+
 /// Restores the invariant of `SPENT_RECENT`, the kernel's filter in front of `SPENT_TAGS`:
 /// every option in `SPENT_TAGS` that can still be fresh has its slot
 /// ([`abi::spent_slot`]) at or above its time, or the kernel's check skips the lookup that
@@ -427,14 +440,12 @@ pub fn verified_peers(pin_dir: &Path) -> Result<Vec<VerifiedPeer>> {
 /// option of that slot is looked up for the next hour. Returns the number of slots set.
 /// Errors: a pin cannot be opened, read or written.
 pub fn repair_spent_filter(pin_dir: &Path) -> Result<usize> {
-    let spent: BpfHashMap<MapData, abi::SpentKey, u32> =
-        open_map(pin_dir, maps::SPENT_TAGS)?.try_into()?;
+    let spent = spent_options(pin_dir)?;
     let mut filter: Array<MapData, u64> = open_map(pin_dir, maps::SPENT_RECENT)?.try_into()?;
     let now = u64::from(now_stamp()?);
     let look = now + u64::from(abi::MAX_SKEW_S) + 60;
     let mut set = 0;
-    for entry in spent.iter() {
-        let (key, at) = entry.with_context(|| format!("reading {}", maps::SPENT_TAGS))?;
+    for (key, at) in spent {
         if u64::from(at) + u64::from(abi::MAX_SKEW_S) + 60 < now {
             continue; // stale at any skew: a copy is `stale_tag` before the lookup
         }

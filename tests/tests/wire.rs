@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use enforcer::wire::{
-    key_ids, now_stamp, option, option_version, parse_keys, verified_peers, FlowKey,
+    key_ids, now_stamp, option, option_version, parse_keys, spent_options, verified_peers, FlowKey,
 };
 use enforcer_tests::cli::enforcer;
 use enforcer_tests::fixtures::SCHEMA;
@@ -264,19 +264,12 @@ fn key(line: &str) -> FlowKey {
 /// The whole option times node 2's `SPENT_TAGS` holds for SYNs from client port `sport` to
 /// port `dport` (read from the pin): the options a replay of those connections would carry.
 fn spent_times(bed: &Bed, sport: u16, dport: u16) -> Result<Vec<u32>> {
-    let path = Bed::pin_dir(&bed.node2).join(enforcer_common::maps::SPENT_TAGS);
-    let map: aya::maps::HashMap<_, enforcer_common::wire::SpentKey, u32> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(
-            &path,
-        )?))?;
-    let mut times = Vec::new();
-    for entry in map.iter() {
-        let (key, at) = entry?;
-        if key.sport == sport && key.dport == dport {
-            times.push(at);
-        }
-    }
-    Ok(times)
+    let spent = spent_options(&Bed::pin_dir(&bed.node2))?;
+    Ok(spent
+        .into_iter()
+        .filter(|(key, _)| key.sport == sport && key.dport == dport)
+        .map(|(_, at)| at)
+        .collect())
 }
 
 /// Sends one SYN from `[source]:sport` to the DB with `extra` TCP options (a multiple of 4
