@@ -485,8 +485,11 @@ pub mod flow_flags {
     /// The peer's FIN was received (the socket went through CLOSE_WAIT or CLOSING): it counts
     /// one in `bytes_received`, which userspace subtracts.
     pub const FIN_IN: u8 = 1 << 0;
-    /// The socket is AF_INET6 (an IPv4-mapped destination has `family` 4 but an IPv6
-    /// socket): how `SOCK_DESTROY` must name it.
+    /// The connect ran the IPv6 hook (`connect6`): the socket is AF_INET6 (an IPv4-mapped
+    /// destination has `family` 4 but an IPv6 socket). Clear does not mean AF_INET: an IPv6
+    /// UDP socket connected with a `sockaddr_in` runs `connect4` (red-team review 68 I1), so
+    /// the agent reads no socket's family from it (its `SOCK_DESTROY` and socket lookups try
+    /// both families for an IPv4 flow).
     pub const SOCK_V6: u8 = 1 << 1;
     /// The flow's opened event was not written: its workload was over its flow event budget
     /// (`Config::flow_events_per_workload`). Its closed event is not written either, only

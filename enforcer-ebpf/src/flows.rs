@@ -43,9 +43,8 @@ use crate::wire::SocketStorage;
 use aya_ebpf::{
     bindings::bpf_sock_ops,
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skc_to_mptcp_sock,
-        bpf_sock_ops_cb_flags_set,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skc_to_mptcp_sock, bpf_sock_ops_cb_flags_set,
     },
     macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -163,7 +162,8 @@ pub struct Connect {
     /// The subject's tenant number: whose share of `FLOWS` the record takes.
     pub tenant: u32,
     pub cgroup_id: u64,
-    /// The socket is AF_INET6 (connect6), whatever `family` the destination was judged as.
+    /// The connect ran `connect6` (the socket is AF_INET6), whatever `family` the
+    /// destination was judged as: see `flow_flags::SOCK_V6`.
     pub sock_v6: bool,
     /// The flow gets no identity option (`flow_marks::UNTAGGED`: a Service).
     pub untagged: bool,
@@ -512,22 +512,24 @@ pub fn on_connect(ctx: &SockOpsContext) -> Option<*mut FlowRecord> {
     this_connect(ctx, r).then_some(r)
 }
 
-/// The record `r` was written for the connect `ctx` is making: by the connecting task's
-/// cgroup, to the address and port the socket is connecting to, not established yet.
+/// The record `r` was written for the connect `ctx` is making: to the address and port the
+/// socket is connecting to, not established yet. Whatever task runs this callback: a
+/// connect with `TCP_FASTOPEN_CONNECT` sends its SYN at the first write, which may be
+/// another workload's (the socket passed on with `SCM_RIGHTS`), and the SYN must carry the
+/// identity the connect was judged and recorded as, not the writer's (red-team review 68
+/// I2: the two nodes named different callers for one flow). A record from an earlier
+/// connect of the socket is gone by now ([`forget_unsent`] at every judged connect).
 #[inline(always)]
 fn this_connect(ctx: &SockOpsContext, r: *const FlowRecord) -> bool {
     let Some((_, _, remote)) = crate::wire::sock_ops_addresses(ctx.ops) else {
         return false;
     };
     let (_, dport) = crate::wire::sock_ops_ports(ctx.ops);
-    // SAFETY: no preconditions.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: a non-null map value pointer is valid for reads; `daddr` is 16 bytes at a
     // 4-byte-aligned offset (48) of an 8-byte-aligned value: four aligned words.
     unsafe {
         let daddr = addr_of!((*r).daddr).cast::<u32>();
         (*r).state == flow_state::CONNECTING
-            && (*r).cgroup_id == cgroup_id
             && (*r).dport == dport
             && (*r).family == remote.family
             && daddr.read() == remote.addr[0]

@@ -247,6 +247,28 @@ impl Probe {
         Ok(lines.remove(0))
     }
 
+    /// `probe --deferred-moved dir to@source`: one TCP socket bound to `source`, connected to
+    /// `to` with `TCP_FASTOPEN_CONNECT` (the SYN deferred), then the probe moves into the
+    /// cgroup directory `dir` and writes one byte (the SYN leaves from there). The printed
+    /// line (`connect`, `send`, `send_errno`, `local`).
+    pub fn deferred_moved(
+        &self,
+        dir: &std::path::Path,
+        to: std::net::SocketAddr,
+        source: std::net::IpAddr,
+    ) -> Result<serde_json::Value> {
+        let (dir, to) = (dir.display().to_string(), format!("{to}@{source}"));
+        let stdout = self.exec(&["--deferred-moved", &dir, &to])?;
+        let mut lines: Vec<serde_json::Value> = parse_lines(&stdout)?;
+        if lines.len() != 1 {
+            bail!(
+                "probe --deferred-moved printed {} lines:\n{stdout}",
+                lines.len()
+            );
+        }
+        Ok(lines.remove(0))
+    }
+
     /// `probe --reconnect n to...`: one UDP socket connected `n` times, in turn to each of
     /// `to` (and sent one byte after each allowed connect), then closed; summarised.
     pub fn reconnect(&self, n: u64, to: &[std::net::SocketAddr]) -> Result<Summary> {

@@ -1261,6 +1261,109 @@ endpoints:
     Ok(())
 }
 
+/// A connect with `TCP_FASTOPEN_CONNECT` sends its SYN at the first write, from whichever
+/// task makes it: here the connecting process moves into another workload's cgroup between
+/// `connect()` and the write (as when the socket is passed on with `SCM_RIGHTS`). The SYN
+/// carries the identity the connect was judged and recorded as, so both ends name one caller
+/// (red-team review 68 I2: it carried the writer's, and the DB's node verified a caller the
+/// sender's node never judged for this flow).
+#[test]
+fn a_deferred_connect_s_syn_carries_the_identity_it_was_judged_as_whoever_writes() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const CLIENT: &str = "127.85.0.1";
+    const DB: &str = "127.85.0.2";
+    let root = TestCgroup::create(unique_name("wr"))?;
+    let node = root.child("node")?;
+    let retriever_cg = node.child("acme-retriever")?;
+    let writer_cg = node.child("acme-writer")?;
+    let db_cg = node.child("acme-vectors")?;
+    let inventory = format!(
+        r#"tenants: [acme]
+workloads:
+  - name: acme-retriever
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{}]
+    ips: [{CLIENT}/32]
+  - name: acme-writer
+    tenant: acme
+    purpose: retrieval
+    ring: prod
+    cgroups: [{}]
+endpoints:
+  - name: acme-vectors
+    tenant: acme
+    kind: vector_db
+    ips: [{DB}/32]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    ingress: enforce
+"#,
+        retriever_cg.relative_str(),
+        writer_cg.relative_str()
+    );
+    let bundle = PolicyBundle::new(&[
+        ("inventory.yaml", &inventory),
+        ("schema.cedarschema", SCHEMA),
+        ("policies.cedar", POLICIES),
+    ])?;
+    let tmp = TempDir::new("wr-keys")?;
+    let keys = tmp.path().join("keys");
+    enforcer_tests::util::write_secret(&keys, format!("{KEY1}\n"))?;
+    let pins = PinDir::new("wr-moved")?;
+    let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+    config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
+    let agent = Agent::start(config)?;
+    let db = DbServer::start(None, &db_cg, SocketAddr::new(DB.parse()?, DB_PORT))?;
+    let compiled = enforcer_policy::Bundle::load(bundle.path())
+        .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?
+        .compile()?;
+    let id = |name: &str| -> Result<u32> {
+        Ok(compiled
+            .identity_by_name(name)
+            .context(name.to_string())?
+            .id)
+    };
+    let (retriever, writer) = (id("acme-retriever")?, id("acme-writer")?);
+
+    let line = Probe::new().in_cgroup(&retriever_cg).deferred_moved(
+        &writer_cg.path(),
+        SocketAddr::new(DB.parse()?, DB_PORT),
+        CLIENT.parse()?,
+    )?;
+    ensure!(
+        line["connect"] == "ok" && line["send"] == "ok",
+        "the deferred connect and its write: {line}"
+    );
+    let local: SocketAddr = line["local"]
+        .as_str()
+        .context("no local address")?
+        .parse()?;
+    let mut accepted = Vec::new();
+    ensure!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            accepted.extend(db.accepted());
+            accepted.contains(&local)
+        }),
+        "the DB did not accept {local}: {accepted:?}"
+    );
+    let peers = verified_peers(&enforcer::datapath::pin_dir(pins.path()))?;
+    let peer = peers
+        .iter()
+        .find(|p| p.client == local)
+        .with_context(|| format!("no verified peer {local}: {peers:?}"))?;
+    ensure!(
+        peer.identity == retriever,
+        "the SYN claimed {} (acme-retriever is {retriever}, acme-writer {writer})",
+        peer.identity
+    );
+    drop(db);
+    drop(agent);
+    Ok(())
+}
+
 /// A SYN cookie's ACK makes a connection with no SYN before it: node 2 sends cookies for
 /// every SYN (`net.ipv4.tcp_syncookies=2`), so its listener keeps no request, and an ACK that
 /// carries a valid cookie is a new connection. The ACK is judged at ingress as a SYN without

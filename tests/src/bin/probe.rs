@@ -62,6 +62,12 @@
 //! first write: `connect()` returns at once and sends nothing) and closes it without writing;
 //! it prints the `--ports` summary of the N connects. With `--mptcp` the sockets are MPTCP
 //! (`IPPROTO_MPTCP`): the connect is its first subflow's, a kernel TCP socket.
+//! `probe --deferred-moved DIR ADDR:PORT@SRC` makes one TCP socket bound to SRC with
+//! `TCP_FASTOPEN_CONNECT` and `TCP_FASTOPEN_NO_COOKIE`, connects it to ADDR:PORT (nothing is
+//! sent yet), moves the probe into the cgroup directory DIR, and writes one byte there (the
+//! SYN leaves now, from a task of DIR: as when the socket was passed to another workload
+//! before its first write); it prints `{"connect":outcome,"send":outcome,"send_errno":n,
+//! "local":"IP:PORT"}` and closes the socket.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -759,7 +765,8 @@ fn main() -> ExitCode {
                  probe --until ok|eperm|error [--every MS] [--for MS] ATTEMPT | \
                  probe --flood MS [--every-us US] ATTEMPT | probe --ports N ATTEMPT | \
                  probe --reconnect N ADDR:PORT... | probe --failed-then ADDR6:PORT ADDR6:PORT | \
-                 probe --deferred N ADDR:PORT [--mptcp]";
+                 probe --deferred N ADDR:PORT [--mptcp] | \
+                 probe --deferred-moved DIR ADDR:PORT@SRC";
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
@@ -783,13 +790,14 @@ fn main() -> ExitCode {
         };
     }
     // The modes that print one JSON line.
-    let modes: [(&str, Mode); 6] = [
+    let modes: [(&str, Mode); 7] = [
         ("--until", until),
         ("--flood", flood),
         ("--reconnect", reconnect),
         ("--failed-then", failed_then),
         ("--ports", ports),
         ("--deferred", deferred),
+        ("--deferred-moved", deferred_moved),
     ];
     if let Some((_, run)) = modes
         .iter()
@@ -1023,6 +1031,57 @@ fn deferred(args: &[String]) -> Result<serde_json::Value, String> {
         drop(fd);
     }
     Ok(serde_json::json!({"attempts": n, "ok": ok, "eperm": eperm, "error": error}))
+}
+
+/// `--deferred-moved DIR ADDR:PORT@SRC` (the arguments after `--deferred-moved`): see the
+/// module documentation. Errors are usage errors, a socket that cannot be made, bound or
+/// set, and a cgroup the probe cannot move into.
+fn deferred_moved(args: &[String]) -> Result<serde_json::Value, String> {
+    let usage = || "--deferred-moved DIR ADDR:PORT@SRC".to_string();
+    let (Some(dir), Some(to), None) = (args.first(), args.get(1), args.get(2)) else {
+        return Err(usage());
+    };
+    let (to, source) = to.split_once('@').ok_or_else(usage)?;
+    let to: SocketAddr = to
+        .parse()
+        .map_err(|e| format!("--deferred-moved: {to:?}: {e}"))?;
+    let source: IpAddr = source
+        .parse()
+        .map_err(|e| format!("--deferred-moved: {source:?}: {e}"))?;
+    let fd = socket(family(&to), libc::SOCK_STREAM, 0)
+        .map_err(|e| format!("--deferred-moved: socket: {e}"))?;
+    bind(&fd, &SocketAddr::new(source, 0)).map_err(|e| format!("--deferred-moved: bind: {e}"))?;
+    for name in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
+        let one = 1i32.to_ne_bytes();
+        // SAFETY: `one` is valid for its length.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                name,
+                one.as_ptr().cast(),
+                one.len() as libc::socklen_t,
+            )
+        })
+        .map_err(|e| format!("--deferred-moved: setsockopt {name}: {e}"))?;
+    }
+    // The first write waits for the handshake: bounded like a connect.
+    bound_connect_time(&fd).map_err(|e| format!("--deferred-moved: SO_SNDTIMEO: {e}"))?;
+    let (connected, _) = classify(&connect(&fd, &to));
+    // "0": the writing process, every thread of it.
+    let procs = std::path::Path::new(dir).join("cgroup.procs");
+    std::fs::write(&procs, "0").map_err(|e| format!("--deferred-moved: {procs:?}: {e}"))?;
+    // SAFETY: one byte from a valid buffer.
+    let sent = check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) });
+    let (sent, sent_errno) = classify(&sent);
+    let stream = std::net::TcpStream::from(fd);
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    Ok(serde_json::json!({
+        "connect": connected, "send": sent, "send_errno": sent_errno, "local": local,
+    }))
 }
 
 /// `--ports N ATTEMPT` (the arguments after `--ports`): see the module documentation.
