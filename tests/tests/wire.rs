@@ -1157,6 +1157,97 @@ fn a_retransmitted_syn_carries_a_new_time_and_a_copy_of_the_first_is_refused() -
     Ok(())
 }
 
+/// One node on IPv4 loopback: an agent holding the test key enforces `node`, acme's vector DB
+/// (`ingress: enforce`, a `probe --serve` in its own cgroup) listens at `db_addr`, and each
+/// acme workload of `workloads` (name, and the address it holds, if any) has a cgroup of its
+/// own under `node`. Everything is removed on drop, the servers first.
+struct LoopbackNode {
+    db: DbServer,
+    agent: Agent,
+    pins: PinDir,
+    _keys: TempDir,
+    _bundle: PolicyBundle,
+    compiled: enforcer_policy::Compiled,
+    /// The workloads' cgroups, in `workloads` order, then the DB's.
+    cgroups: Vec<TestCgroup>,
+    _node: TestCgroup,
+    root: TestCgroup,
+}
+
+impl LoopbackNode {
+    fn start(pins: &str, db_addr: &str, workloads: &[(&str, Option<&str>)]) -> Result<Self> {
+        let root = TestCgroup::create(unique_name("wr"))?;
+        let node = root.child("node")?;
+        let mut cgroups = Vec::new();
+        let mut inventory = String::from("tenants: [acme]\nworkloads:\n");
+        for (name, ip) in workloads {
+            let cgroup = node.child(name)?;
+            inventory += &format!(
+                "  - name: {name}\n    tenant: acme\n    purpose: retrieval\n    ring: prod\n    \
+                 cgroups: [{}]\n",
+                cgroup.relative_str()
+            );
+            if let Some(ip) = ip {
+                inventory += &format!("    ips: [{ip}/32]\n");
+            }
+            cgroups.push(cgroup);
+        }
+        inventory += &format!(
+            r#"endpoints:
+  - name: acme-vectors
+    tenant: acme
+    kind: vector_db
+    ips: [{db_addr}/32]
+    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
+    ingress: enforce
+"#
+        );
+        let db_cg = node.child("acme-vectors")?;
+        let bundle = PolicyBundle::new(&[
+            ("inventory.yaml", &inventory),
+            ("schema.cedarschema", SCHEMA),
+            ("policies.cedar", POLICIES),
+        ])?;
+        let keys = TempDir::new("wr-keys")?;
+        let key_file = keys.path().join("keys");
+        enforcer_tests::util::write_secret(&key_file, format!("{KEY1}\n"))?;
+        let pins = PinDir::new(pins)?;
+        let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
+        config.extra_args = vec!["--flow-key-file".into(), key_file.display().to_string()];
+        let agent = Agent::start(config)?;
+        let db = DbServer::start(None, &db_cg, SocketAddr::new(db_addr.parse()?, DB_PORT))?;
+        cgroups.push(db_cg);
+        let compiled = enforcer_policy::Bundle::load(bundle.path())
+            .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?
+            .compile()?;
+        Ok(Self {
+            db,
+            agent,
+            pins,
+            _keys: keys,
+            _bundle: bundle,
+            compiled,
+            cgroups,
+            _node: node,
+            root,
+        })
+    }
+
+    /// The compiled identity number of the workload `name`.
+    fn identity(&self, name: &str) -> Result<u32> {
+        Ok(self
+            .compiled
+            .identity_by_name(name)
+            .with_context(|| name.to_string())?
+            .id)
+    }
+
+    /// The verified peers in this node's `WIRE_PEERS`.
+    fn peers(&self) -> Result<Vec<enforcer::wire::VerifiedPeer>> {
+        verified_peers(&enforcer::datapath::pin_dir(self.pins.path()))
+    }
+}
+
 /// The same check on one node over IPv4 loopback (`127.84.0.0/16`): a tagged connect from a
 /// managed workload to a local vector DB with ingress `enforce` is verified (the IPv4 form of
 /// the MAC: addresses as `::ffff:a.b.c.d`), an unmanaged client from the workload's address is
@@ -1168,53 +1259,13 @@ fn ipv4_loopback_tagged_connect_is_verified_and_an_untagged_one_dropped() -> Res
     }
     const CLIENT: &str = "127.84.0.1";
     const DB: &str = "127.84.0.2";
-    let root = TestCgroup::create(unique_name("wr"))?;
-    let node = root.child("node")?;
-    let acme_cg = node.child("acme-retriever")?;
-    let db_cg = node.child("acme-vectors")?;
-    let stranger = root.child("stranger")?;
-    let inventory = format!(
-        r#"tenants: [acme]
-workloads:
-  - name: acme-retriever
-    tenant: acme
-    purpose: retrieval
-    ring: prod
-    cgroups: [{}]
-    ips: [{CLIENT}/32]
-endpoints:
-  - name: acme-vectors
-    tenant: acme
-    kind: vector_db
-    ips: [{DB}/32]
-    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
-    ingress: enforce
-"#,
-        acme_cg.relative_str()
-    );
-    let bundle = PolicyBundle::new(&[
-        ("inventory.yaml", &inventory),
-        ("schema.cedarschema", SCHEMA),
-        ("policies.cedar", POLICIES),
-    ])?;
-    let tmp = TempDir::new("wr-keys")?;
-    let keys = tmp.path().join("keys");
-    enforcer_tests::util::write_secret(&keys, format!("{KEY1}\n"))?;
-    let pins = PinDir::new("wr-v4")?;
-    let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
-    config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
-    let agent = Agent::start(config)?;
-    let db = DbServer::start(None, &db_cg, SocketAddr::new(DB.parse()?, DB_PORT))?;
-    let compiled = enforcer_policy::Bundle::load(bundle.path())
-        .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?
-        .compile()?;
-    let acme = compiled
-        .identity_by_name("acme-retriever")
-        .context("acme-retriever")?
-        .id;
+    let bed = LoopbackNode::start("wr-v4", DB, &[("acme-retriever", Some(CLIENT))])?;
+    let (acme_cg, agent, db) = (&bed.cgroups[0], &bed.agent, &bed.db);
+    let stranger = bed.root.child("stranger")?;
+    let acme = bed.identity("acme-retriever")?;
     let attempt = format!("tcp:{DB}:{DB_PORT}@{CLIENT}");
 
-    Probe::new().in_cgroup(&acme_cg).expect_outcome(
+    Probe::new().in_cgroup(acme_cg).expect_outcome(
         &attempt,
         Outcome::Ok,
         "acme-retriever -> acme-vectors",
@@ -1227,7 +1278,7 @@ endpoints:
         }),
         "the DB accepted nothing"
     );
-    let peers = verified_peers(&enforcer::datapath::pin_dir(pins.path()))?;
+    let peers = bed.peers()?;
     ensure!(
         peers
             .iter()
@@ -1256,8 +1307,6 @@ endpoints:
         db.accepted().is_empty(),
         "the unmanaged client reached the DB"
     );
-    drop(db);
-    drop(agent);
     Ok(())
 }
 
@@ -1274,61 +1323,18 @@ fn a_deferred_connect_s_syn_carries_the_identity_it_was_judged_as_whoever_writes
     }
     const CLIENT: &str = "127.85.0.1";
     const DB: &str = "127.85.0.2";
-    let root = TestCgroup::create(unique_name("wr"))?;
-    let node = root.child("node")?;
-    let retriever_cg = node.child("acme-retriever")?;
-    let writer_cg = node.child("acme-writer")?;
-    let db_cg = node.child("acme-vectors")?;
-    let inventory = format!(
-        r#"tenants: [acme]
-workloads:
-  - name: acme-retriever
-    tenant: acme
-    purpose: retrieval
-    ring: prod
-    cgroups: [{}]
-    ips: [{CLIENT}/32]
-  - name: acme-writer
-    tenant: acme
-    purpose: retrieval
-    ring: prod
-    cgroups: [{}]
-endpoints:
-  - name: acme-vectors
-    tenant: acme
-    kind: vector_db
-    ips: [{DB}/32]
-    ports: [{{port: {DB_PORT}, protocol: tcp, action: query}}]
-    ingress: enforce
-"#,
-        retriever_cg.relative_str(),
-        writer_cg.relative_str()
+    let bed = LoopbackNode::start(
+        "wr-moved",
+        DB,
+        &[("acme-retriever", Some(CLIENT)), ("acme-writer", None)],
+    )?;
+    let (retriever_cg, writer_cg) = (&bed.cgroups[0], &bed.cgroups[1]);
+    let (retriever, writer) = (
+        bed.identity("acme-retriever")?,
+        bed.identity("acme-writer")?,
     );
-    let bundle = PolicyBundle::new(&[
-        ("inventory.yaml", &inventory),
-        ("schema.cedarschema", SCHEMA),
-        ("policies.cedar", POLICIES),
-    ])?;
-    let tmp = TempDir::new("wr-keys")?;
-    let keys = tmp.path().join("keys");
-    enforcer_tests::util::write_secret(&keys, format!("{KEY1}\n"))?;
-    let pins = PinDir::new("wr-moved")?;
-    let mut config = AgentConfig::new(bundle.path(), &node.relative_str(), pins.path());
-    config.extra_args = vec!["--flow-key-file".into(), keys.display().to_string()];
-    let agent = Agent::start(config)?;
-    let db = DbServer::start(None, &db_cg, SocketAddr::new(DB.parse()?, DB_PORT))?;
-    let compiled = enforcer_policy::Bundle::load(bundle.path())
-        .map_err(|d| anyhow::anyhow!("bundle: {d:?}"))?
-        .compile()?;
-    let id = |name: &str| -> Result<u32> {
-        Ok(compiled
-            .identity_by_name(name)
-            .context(name.to_string())?
-            .id)
-    };
-    let (retriever, writer) = (id("acme-retriever")?, id("acme-writer")?);
 
-    let line = Probe::new().in_cgroup(&retriever_cg).deferred_moved(
+    let line = Probe::new().in_cgroup(retriever_cg).deferred_moved(
         &writer_cg.path(),
         SocketAddr::new(DB.parse()?, DB_PORT),
         CLIENT.parse()?,
@@ -1344,12 +1350,12 @@ endpoints:
     let mut accepted = Vec::new();
     ensure!(
         wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
-            accepted.extend(db.accepted());
+            accepted.extend(bed.db.accepted());
             accepted.contains(&local)
         }),
         "the DB did not accept {local}: {accepted:?}"
     );
-    let peers = verified_peers(&enforcer::datapath::pin_dir(pins.path()))?;
+    let peers = bed.peers()?;
     let peer = peers
         .iter()
         .find(|p| p.client == local)
@@ -1359,8 +1365,6 @@ endpoints:
         "the SYN claimed {} (acme-retriever is {retriever}, acme-writer {writer})",
         peer.identity
     );
-    drop(db);
-    drop(agent);
     Ok(())
 }
 

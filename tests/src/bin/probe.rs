@@ -979,6 +979,26 @@ const IPPROTO_MPTCP: libc::c_int = 262;
 /// the connect defers without one.
 const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
 
+/// Sets `TCP_FASTOPEN_CONNECT` and `TCP_FASTOPEN_NO_COOKIE` on `fd`: its `connect()` sends
+/// nothing, and the SYN leaves at the first write. The error names the option that failed.
+fn defer_syn(fd: &OwnedFd) -> Result<(), String> {
+    for name in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
+        let one = 1i32.to_ne_bytes();
+        // SAFETY: `one` is valid for its length.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                name,
+                one.as_ptr().cast(),
+                one.len() as libc::socklen_t,
+            )
+        })
+        .map_err(|e| format!("setsockopt {name}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// `--deferred N ADDR:PORT` (the arguments after `--deferred`): see the module
 /// documentation. Errors are usage errors and a socket that cannot be made or set.
 fn deferred(args: &[String]) -> Result<serde_json::Value, String> {
@@ -1009,20 +1029,7 @@ fn deferred(args: &[String]) -> Result<serde_json::Value, String> {
     for _ in 0..n {
         let fd = socket(family, libc::SOCK_STREAM, protocol)
             .map_err(|e| format!("--deferred: socket: {e}"))?;
-        for name in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
-            let one = 1i32.to_ne_bytes();
-            // SAFETY: `one` is valid for its length.
-            check(unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    name,
-                    one.as_ptr().cast(),
-                    one.len() as libc::socklen_t,
-                )
-            })
-            .map_err(|e| format!("--deferred: setsockopt {name}: {e}"))?;
-        }
+        defer_syn(&fd).map_err(|e| format!("--deferred: {e}"))?;
         match classify(&connect(&fd, &to)).0 {
             "ok" => ok += 1,
             "eperm" => eperm += 1,
@@ -1051,20 +1058,7 @@ fn deferred_moved(args: &[String]) -> Result<serde_json::Value, String> {
     let fd = socket(family(&to), libc::SOCK_STREAM, 0)
         .map_err(|e| format!("--deferred-moved: socket: {e}"))?;
     bind(&fd, &SocketAddr::new(source, 0)).map_err(|e| format!("--deferred-moved: bind: {e}"))?;
-    for name in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
-        let one = 1i32.to_ne_bytes();
-        // SAFETY: `one` is valid for its length.
-        check(unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                name,
-                one.as_ptr().cast(),
-                one.len() as libc::socklen_t,
-            )
-        })
-        .map_err(|e| format!("--deferred-moved: setsockopt {name}: {e}"))?;
-    }
+    defer_syn(&fd).map_err(|e| format!("--deferred-moved: {e}"))?;
     // The first write waits for the handshake: bounded like a connect.
     bound_connect_time(&fd).map_err(|e| format!("--deferred-moved: SO_SNDTIMEO: {e}"))?;
     let (connected, _) = classify(&connect(&fd, &to));
