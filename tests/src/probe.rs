@@ -250,7 +250,8 @@ impl Probe {
     /// `probe --deferred-moved dir to@source`: one TCP socket bound to `source`, connected to
     /// `to` with `TCP_FASTOPEN_CONNECT` (the SYN deferred), then the probe moves into the
     /// cgroup directory `dir` and writes one byte (the SYN leaves from there). The printed
-    /// line (`connect`, `send`, `send_errno`, `local`).
+    /// line (`connect`, `segments_before_move`, `cgroup_at_send`, `send`, `send_errno`,
+    /// `local`).
     pub fn deferred_moved(
         &self,
         dir: &std::path::Path,

@@ -26,8 +26,11 @@
 //! - a SYN cookie's ACK (node 2 at `tcp_syncookies=2`) is judged as its SYN: a tagged
 //!   client's passes, an outsider's cookie given out under `audit` is refused under `enforce`.
 //!
-//! Addresses: `fd84::1` (node 1) and `fd84::2` (node 2) on the test's own veth only; names
-//! start with `wr`.
+//! The tests on one node (`LoopbackNode`): the IPv4 form of the check, and a deferred
+//! connect's SYN written from another workload's cgroup.
+//!
+//! Addresses: `fd84::1` (node 1) and `fd84::2` (node 2) on the test's own veth only, and
+//! `127.84.0.0/16` on loopback; names start with `wr`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -1321,8 +1324,8 @@ fn a_deferred_connect_s_syn_carries_the_identity_it_was_judged_as_whoever_writes
     if !require_kernel() {
         return Ok(());
     }
-    const CLIENT: &str = "127.85.0.1";
-    const DB: &str = "127.85.0.2";
+    const CLIENT: &str = "127.84.1.1";
+    const DB: &str = "127.84.1.2";
     let bed = LoopbackNode::start(
         "wr-moved",
         DB,
@@ -1342,6 +1345,13 @@ fn a_deferred_connect_s_syn_carries_the_identity_it_was_judged_as_whoever_writes
     ensure!(
         line["connect"] == "ok" && line["send"] == "ok",
         "the deferred connect and its write: {line}"
+    );
+    // The SYN left after the move, from the writer's cgroup (not at `connect()`: a kernel
+    // that sent it there would pass this test whatever the fix).
+    ensure!(
+        line["segments_before_move"] == 0
+            && line["cgroup_at_send"] == format!("/{}", writer_cg.relative_str()),
+        "the SYN was not deferred to a write from acme-writer's cgroup: {line}"
     );
     let local: SocketAddr = line["local"]
         .as_str()

@@ -66,8 +66,10 @@
 //! `TCP_FASTOPEN_CONNECT` and `TCP_FASTOPEN_NO_COOKIE`, connects it to ADDR:PORT (nothing is
 //! sent yet), moves the probe into the cgroup directory DIR, and writes one byte there (the
 //! SYN leaves now, from a task of DIR: as when the socket was passed to another workload
-//! before its first write); it prints `{"connect":outcome,"send":outcome,"send_errno":n,
-//! "local":"IP:PORT"}` and closes the socket.
+//! before its first write); it prints `{"connect":outcome,"segments_before_move":n,
+//! "cgroup_at_send":"/path","send":outcome,"send_errno":n,"local":"IP:PORT"}` (the segments
+//! the socket had sent before the move, 0 when the SYN was deferred; the probe's cgroup
+//! after the move) and closes the socket.
 //! Exit status is 0 whatever the outcomes (they are data); 2 on bad usage.
 
 #[path = "../sockaddr.rs"]
@@ -770,13 +772,7 @@ fn main() -> ExitCode {
     let out = std::io::stdout();
     let mut out = out.lock();
     if args.len() == 1 && args[0] == "--whoami" {
-        // The cgroup v2 line of /proc/self/cgroup is `0::/path`.
-        let cgroup = std::fs::read_to_string("/proc/self/cgroup")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-            .unwrap_or_default();
-        let line = serde_json::json!({"pid": std::process::id(), "cgroup": cgroup});
+        let line = serde_json::json!({"pid": std::process::id(), "cgroup": own_cgroup()});
         let _ = writeln!(out, "{line}");
         return ExitCode::SUCCESS;
     }
@@ -1062,9 +1058,12 @@ fn deferred_moved(args: &[String]) -> Result<serde_json::Value, String> {
     // The first write waits for the handshake: bounded like a connect.
     bound_connect_time(&fd).map_err(|e| format!("--deferred-moved: SO_SNDTIMEO: {e}"))?;
     let (connected, _) = classify(&connect(&fd, &to));
+    // What the socket sent before the move: nothing when the SYN was deferred.
+    let segments_before_move = segments_out(&fd).map_err(|e| format!("--deferred-moved: {e}"))?;
     // "0": the writing process, every thread of it.
     let procs = std::path::Path::new(dir).join("cgroup.procs");
     std::fs::write(&procs, "0").map_err(|e| format!("--deferred-moved: {procs:?}: {e}"))?;
+    let cgroup = own_cgroup();
     // SAFETY: one byte from a valid buffer.
     let sent = check_len(unsafe { libc::send(fd.as_raw_fd(), [0u8].as_ptr().cast(), 1, 0) });
     let (sent, sent_errno) = classify(&sent);
@@ -1074,8 +1073,37 @@ fn deferred_moved(args: &[String]) -> Result<serde_json::Value, String> {
         .map(|a| a.to_string())
         .unwrap_or_default();
     Ok(serde_json::json!({
-        "connect": connected, "send": sent, "send_errno": sent_errno, "local": local,
+        "connect": connected, "segments_before_move": segments_before_move,
+        "cgroup_at_send": cgroup, "send": sent, "send_errno": sent_errno, "local": local,
     }))
+}
+
+/// The segments `fd` has sent (`TCP_INFO`'s `tcpi_segs_out`, Linux 4.2).
+fn segments_out(fd: &OwnedFd) -> Result<u32, String> {
+    // SAFETY: `tcp_info` is plain data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is valid for `len` bytes.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    })
+    .map_err(|e| format!("getsockopt TCP_INFO: {e}"))?;
+    Ok(info.tcpi_segs_out)
+}
+
+/// This process's cgroup v2 path (the `0::/path` line of `/proc/self/cgroup`), or "".
+fn own_cgroup() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// `--ports N ATTEMPT` (the arguments after `--ports`): see the module documentation.
