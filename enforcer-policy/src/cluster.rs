@@ -316,6 +316,16 @@ pub struct ClusterPod {
     pub created: String,
 }
 
+/// Ports per Service; beyond them a Service's ports are denied.
+pub const MAX_SERVICE_PORTS: usize = 256;
+/// Ready backends of one Service port (after deduplication): a Deployment behind one
+/// Service rarely has more; beyond it the port is denied (judging a subset could allow what
+/// a left-out backend denies).
+pub const MAX_BACKENDS_PER_PORT: usize = 4096;
+/// Ready backends of one tenant's Services in all: EndpointSlices are written by tenants
+/// (a selectorless Service's owner writes any number), so their cost is bounded per tenant.
+pub const MAX_BACKENDS_PER_TENANT: usize = 65_536;
+
 /// A Service with a ClusterIP. The connect hook sees the ClusterIP before any load-balancer
 /// translation, so the ClusterIP and each port are judged as the ready backends behind them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

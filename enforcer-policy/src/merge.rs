@@ -18,7 +18,8 @@ use std::net::IpAddr;
 
 use crate::cluster::{
     label_digest, service_digest, Backend, ClusterIdentity, ClusterOptions, ClusterService,
-    ClusterState, ServicePort, CLUSTER_IDS,
+    ClusterState, ServicePort, CLUSTER_IDS, MAX_BACKENDS_PER_PORT, MAX_BACKENDS_PER_TENANT,
+    MAX_SERVICE_PORTS,
 };
 use crate::identity::{validate_spiffe_id, IpNet};
 use crate::inventory::Inventory;
@@ -27,18 +28,9 @@ use crate::inventory::Inventory;
 pub(crate) const MAX_LABELS: usize = 64;
 /// ClusterIPs per Service (`spec.clusterIPs`: one per IP family).
 pub(crate) const MAX_CLUSTER_IPS: usize = 2;
-/// Ports per Service.
-pub(crate) const MAX_SERVICE_PORTS: usize = 256;
-/// Ready backends of one Service port (after deduplication): a Deployment behind one
-/// Service rarely has more; beyond it the port is denied (judging a subset could allow what
-/// a left-out backend denies).
-pub(crate) const MAX_BACKENDS_PER_PORT: usize = 4096;
 /// Distinct target ports among one Service port's backends (more than one only during a
 /// rollout that changes `targetPort`); each is a separate judgement per subject.
 pub(crate) const MAX_TARGET_PORTS: usize = 16;
-/// Ready backends of one tenant's Services in all: EndpointSlices are written by tenants
-/// (a selectorless Service's owner writes any number), so their cost is bounded per tenant.
-pub(crate) const MAX_BACKENDS_PER_TENANT: usize = 65_536;
 /// Problem lines about one tenant (or about no tenant); the rest are counted in one line.
 pub(crate) const PER_TENANT_PROBLEMS: usize = 20;
 /// Problem lines in all (after the per-tenant bound: at most this many tenants are listed).
@@ -1351,10 +1343,8 @@ fn service_ports(
         backends.dedup();
         let targets: HashSet<u16> = backends.iter().map(|b| b.port).collect();
         let over = if backends.len() > MAX_BACKENDS_PER_PORT {
-            Some(format!(
-                "{} ready backends, more than {MAX_BACKENDS_PER_PORT}",
-                backends.len()
-            ))
+            // Not the number: the source stops reading a port's backends one past the bound.
+            Some(format!("more than {MAX_BACKENDS_PER_PORT} ready backends"))
         } else if targets.len() > MAX_TARGET_PORTS {
             Some(format!(
                 "{} distinct target ports, more than {MAX_TARGET_PORTS}",

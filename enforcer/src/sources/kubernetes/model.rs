@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use enforcer_policy::cluster::{
     labels, Backend, ClusterIdentity, ClusterPod, ClusterService, ClusterState, EndpointMarks,
-    ServicePort, MAX_DATASETS,
+    ServicePort, MAX_BACKENDS_PER_PORT, MAX_BACKENDS_PER_TENANT, MAX_DATASETS, MAX_SERVICE_PORTS,
 };
 use enforcer_policy::identity::IpNet;
 use enforcer_policy::inventory::IngressMode;
@@ -837,7 +837,11 @@ fn tenant_metadata(ns: &Namespace) -> Result<TenantMetadata, String> {
             continue;
         }
         if let Some(e) = label_value_error(value) {
-            return Err(format!("namespace {name}: {from} {key}={value:?}: {e}"));
+            // An annotation may be long: a namespace's problem line shows its start.
+            return Err(format!(
+                "namespace {name}: {from} {key}={:?}: {e}",
+                shown(value)
+            ));
         }
         out.0.insert(key, value.clone());
     }
@@ -1189,6 +1193,9 @@ fn services(
 ) -> Vec<ClusterService> {
     let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
     services.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+    let index = BackendIndex::of(&snapshot.backends);
+    // Backends taken so far per tenant (the namespace's, or none), for `SOURCE_BACKENDS_PER_TENANT`.
+    let mut taken: HashMap<Option<&str>, usize> = HashMap::new();
     let mut out = Vec::new();
     for service in services {
         let (namespace, name) = object_key(&service.metadata);
@@ -1258,51 +1265,68 @@ fn services(
         if cluster_ips.is_empty() {
             continue;
         }
+        let tenant = match namespaces.get(namespace) {
+            Some(Ok(m)) => m.tenant(),
+            _ => None,
+        };
+        let taken = taken.entry(tenant).or_default();
+        let sources = index.of_service(namespace, name);
+        let mut port_problems = BoundedLines::new(&object, PORT_PROBLEMS_PER_SERVICE);
         let mut ports = Vec::new();
         for port in spec.ports.as_deref().unwrap_or_default() {
+            // One port more than the merge takes is all it needs to deny the rest, and say
+            // so: a Service may list any number (red-team review 70 H1).
+            if ports.len() > MAX_SERVICE_PORTS {
+                break;
+            }
             let port_name = port.name.as_deref().unwrap_or("");
             let Some(protocol) = protocol_named(port.protocol.as_deref()) else {
-                problems.push(format!(
-                    "{object}: port {} protocol {:?} is not judged (only TCP and UDP)",
-                    port.port,
-                    port.protocol.as_deref().unwrap_or("")
-                ));
+                port_problems.push(
+                    problems,
+                    format!(
+                        "port {} protocol {:?} is not judged (only TCP and UDP)",
+                        port.port,
+                        shown(port.protocol.as_deref().unwrap_or(""))
+                    ),
+                );
                 continue;
             };
             let Ok(number) = u16::try_from(port.port) else {
-                problems.push(format!("{object}: port {} is out of range", port.port));
+                port_problems.push(problems, format!("port {} is out of range", port.port));
                 continue;
             };
             if number == 0 {
-                problems.push(format!("{object}: port 0 is not a port"));
+                port_problems.push(problems, "port 0 is not a port".to_string());
                 continue;
             }
-            let mut backends = backends(
-                &snapshot.backends,
-                namespace,
-                name,
-                port_name,
-                protocol,
-                problems,
-            );
-            backends.sort();
-            backends.dedup();
+            let backends = if *taken >= SOURCE_BACKENDS_PER_TENANT {
+                // Judged as no ready backend: denied, as the merge denies a port over a bound.
+                port_problems.push(
+                    problems,
+                    format!(
+                        "port {number}/{protocol}: the tenant's Services list more than \
+                         {SOURCE_BACKENDS_PER_TENANT} ready backends in all: the port is denied"
+                    ),
+                );
+                Vec::new()
+            } else {
+                backends(&sources, port_name, protocol, &mut port_problems, problems)
+            };
+            *taken += backends.len();
             ports.push(ServicePort {
                 port: number,
                 protocol,
                 backends,
             });
         }
+        port_problems.finish(problems);
         out.push(ClusterService {
             namespace: namespace.to_string(),
             name: name.to_string(),
             cluster_ips,
             ports,
             external_ips: external,
-            tenant: match namespaces.get(namespace) {
-                Some(Ok(m)) => m.tenant().map(str::to_string),
-                _ => None,
-            },
+            tenant: tenant.map(str::to_string),
         });
     }
     out
@@ -1332,44 +1356,148 @@ fn protocol_named(name: Option<&str>) -> Option<Protocol> {
     }
 }
 
+/// Port problems listed per Service; the rest are counted in one line (a Service may list
+/// any number of ports, each with its problem: red-team review 70 M1).
+const PORT_PROBLEMS_PER_SERVICE: usize = 4;
+
+/// Backends the source takes from one tenant's Services in all, past which their ports are
+/// denied (judged as no ready backend). Above the merge's own bound
+/// ([`MAX_BACKENDS_PER_TENANT`], which counts only the ports it keeps): this one bounds what
+/// the source holds while it reads what a tenant wrote (EndpointSlices, any number), counting
+/// every port, also those the merge then denies.
+const SOURCE_BACKENDS_PER_TENANT: usize = 4 * MAX_BACKENDS_PER_TENANT;
+
+/// Problem lines about one object, the first `limit` listed and the rest counted.
+struct BoundedLines<'a> {
+    object: &'a str,
+    limit: usize,
+    count: usize,
+}
+
+impl<'a> BoundedLines<'a> {
+    fn new(object: &'a str, limit: usize) -> Self {
+        Self {
+            object,
+            limit,
+            count: 0,
+        }
+    }
+
+    fn push(&mut self, problems: &mut Vec<String>, line: String) {
+        if self.count < self.limit {
+            problems.push(format!("{}: {line}", self.object));
+        }
+        self.count += 1;
+    }
+
+    /// The line that counts what was left out (none when nothing was).
+    fn finish(self, problems: &mut Vec<String>) {
+        if self.count > self.limit {
+            problems.push(format!(
+                "{}: {} more problems with its ports",
+                self.object,
+                self.count - self.limit
+            ));
+        }
+    }
+}
+
+/// Each Service's backend objects, by (namespace, Service name): built once per round, so
+/// that a port's backends are found without reading every slice of the cluster.
+enum BackendIndex<'a> {
+    EndpointSlices(HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>),
+    Endpoints(HashMap<(&'a str, &'a str), Vec<&'a Endpoints>>),
+}
+
+/// One Service's backend objects (see [`BackendIndex::of`]).
+enum ServiceBackends<'a> {
+    EndpointSlices(&'a [&'a EndpointSlice]),
+    Endpoints(&'a [&'a Endpoints]),
+}
+
+impl<'a> BackendIndex<'a> {
+    fn of(source: &'a Backends) -> Self {
+        match source {
+            Backends::EndpointSlices(slices) => {
+                let mut index: HashMap<_, Vec<_>> = HashMap::new();
+                for slice in slices {
+                    let meta = &slice.metadata;
+                    // FQDN slices name no address the hooks see.
+                    let service = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+                    if let (Some(namespace), Some(service)) = (meta.namespace.as_deref(), service) {
+                        if slice.address_type != "FQDN" {
+                            index
+                                .entry((namespace, service.as_str()))
+                                .or_default()
+                                .push(&**slice);
+                        }
+                    }
+                }
+                Self::EndpointSlices(index)
+            }
+            Backends::Endpoints(list) => {
+                let mut index: HashMap<_, Vec<_>> = HashMap::new();
+                for endpoints in list {
+                    let (namespace, name) = object_key(&endpoints.metadata);
+                    index
+                        .entry((namespace, name))
+                        .or_default()
+                        .push(&**endpoints);
+                }
+                Self::Endpoints(index)
+            }
+        }
+    }
+
+    fn of_service<'s>(&'s self, namespace: &'s str, service: &'s str) -> ServiceBackends<'s> {
+        match self {
+            Self::EndpointSlices(index) => ServiceBackends::EndpointSlices(
+                index.get(&(namespace, service)).map_or(&[], Vec::as_slice),
+            ),
+            Self::Endpoints(index) => ServiceBackends::Endpoints(
+                index.get(&(namespace, service)).map_or(&[], Vec::as_slice),
+            ),
+        }
+    }
+}
+
 /// The ready backends of one Service port, matched by port name and protocol (the way
-/// kube-proxy matches them).
+/// kube-proxy matches them), sorted and without duplicates. At most
+/// [`MAX_BACKENDS_PER_PORT`] + 1: a port with more is denied by the merge whatever their
+/// number, so the rest are not read (a tenant's EndpointSlices may list any number: red-team
+/// review 70 H1).
 fn backends(
-    source: &Backends,
-    namespace: &str,
-    service: &str,
+    source: &ServiceBackends,
     port_name: &str,
     protocol: Protocol,
+    port_problems: &mut BoundedLines,
     problems: &mut Vec<String>,
 ) -> Vec<Backend> {
-    let mut out = Vec::new();
+    let mut out = BTreeSet::new();
     let mut push = |object: &str, ip: &str, port: i32| {
+        if out.len() > MAX_BACKENDS_PER_PORT {
+            return;
+        }
         let (Ok(ip), Ok(port)) = (parse_ip(ip), u16::try_from(port)) else {
-            problems.push(format!(
-                "{object}: backend {ip:?} port {port} is not an address and port: ignored"
-            ));
+            port_problems.push(
+                problems,
+                format!(
+                    "{object}: backend {:?} port {port} is not an address and port: ignored",
+                    shown(ip)
+                ),
+            );
             return;
         };
         if port != 0 {
-            out.push(Backend { ip, port });
+            out.insert(Backend { ip, port });
         }
     };
     match source {
-        Backends::EndpointSlices(slices) => {
-            for slice in slices {
-                let meta = &slice.metadata;
-                if meta.namespace.as_deref() != Some(namespace)
-                    || meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        != Some(&service.to_string())
-                {
-                    continue;
-                }
-                if slice.address_type == "FQDN" {
-                    continue;
-                }
+        ServiceBackends::EndpointSlices(slices) => {
+            for slice in slices.iter() {
                 let object = format!(
-                    "endpointslice {namespace}/{}",
-                    meta.name.as_deref().unwrap_or("")
+                    "endpointslice {}",
+                    shown(slice.metadata.name.as_deref().unwrap_or(""))
                 );
                 for port in slice.ports.as_deref().unwrap_or_default() {
                     if port.name.as_deref().unwrap_or("") != port_name
@@ -1395,15 +1523,8 @@ fn backends(
                 }
             }
         }
-        Backends::Endpoints(list) => {
-            for endpoints in list {
-                let meta = &endpoints.metadata;
-                if meta.namespace.as_deref() != Some(namespace)
-                    || meta.name.as_deref() != Some(service)
-                {
-                    continue;
-                }
-                let object = format!("endpoints {namespace}/{service}");
+        ServiceBackends::Endpoints(list) => {
+            for endpoints in list.iter() {
                 for subset in endpoints.subsets.as_deref().unwrap_or_default() {
                     for port in subset.ports.as_deref().unwrap_or_default() {
                         if port.name.as_deref().unwrap_or("") != port_name
@@ -1413,14 +1534,14 @@ fn backends(
                         }
                         // `addresses` are the ready ones; `notReadyAddresses` are not.
                         for address in subset.addresses.as_deref().unwrap_or_default() {
-                            push(&object, &address.ip, port.port);
+                            push("endpoints", &address.ip, port.port);
                         }
                     }
                 }
             }
         }
     }
-    out
+    out.into_iter().collect()
 }
 
 /// Why `value` is not a valid Kubernetes label value (empty, or at most 63 characters of
