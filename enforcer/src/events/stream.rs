@@ -1450,28 +1450,50 @@ async fn serve_one(
             // matches (which may never come).
             _ = tokio::io::AsyncReadExt::read(&mut read, &mut rest) => return Ok(()),
         };
-        out.clear();
         // Only this consumer waits here; the hub keeps queueing (and counting) meanwhile.
-        for queued in &entries {
-            match queued {
-                Queued::Event(entry) => entry.write_line(&formatter, &mut out)?,
-                // Runs of lines go as they are, after what was gathered before them.
-                Queued::Lines { bytes, .. } => {
-                    send(&mut write, &out).await?;
-                    out.clear();
-                    send(&mut write, bytes).await?;
-                }
-            }
-        }
-        // What was missed came after everything queued (a queue misses only once full, and
-        // only this read empties it): the notice goes where the gap is.
-        if missed.count > 0 {
-            out.extend(dropped_line(missed));
-        }
-        send(&mut write, &out).await?;
-        // A burst's buffer (up to a whole queue of lines) is not kept for the quiet after it.
+        send_queued(&mut write, &entries, missed, &formatter, &mut out).await?;
+        // A buffer grown by an outsized line is not kept for the quiet after it.
         out.shrink_to(OUT_KEPT);
     }
+}
+
+/// Sends a consumer what its queue held (`entries`, then the notice of what it `missed`),
+/// serialising its events into `out` as it goes. Sent in pieces of about [`CHUNK`], as the
+/// history is: a consumer of another format than the agent's takes up to a whole queue
+/// ([`MAX_QUEUE`]) of events to serialise at once, about 180 MB of OCSF in one buffer, and
+/// a runtime worker (which also drains the kernel's ring buffer) busy without a pause for
+/// all of it. Each piece sent is a point where the task may yield.
+async fn send_queued(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    entries: &[Queued],
+    missed: Missed,
+    formatter: &Formatter,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    out.clear();
+    for queued in entries {
+        match queued {
+            Queued::Event(entry) => {
+                entry.write_line(formatter, out)?;
+                if out.len() >= CHUNK {
+                    send(write, out).await?;
+                    out.clear();
+                }
+            }
+            // Runs of lines go as they are, after what was gathered before them.
+            Queued::Lines { bytes, .. } => {
+                send(write, out).await?;
+                out.clear();
+                send(write, bytes).await?;
+            }
+        }
+    }
+    // What was missed came after everything queued (a queue misses only once full, and
+    // only this read empties it): the notice goes where the gap is.
+    if missed.count > 0 {
+        out.extend(dropped_line(missed));
+    }
+    send(write, out).await
 }
 
 /// A ring follower's reports are read at most one chunk per this long: an honest follower
@@ -2399,6 +2421,81 @@ mod tests {
         assert_eq!(
             (got[2]["count"].as_u64(), got[2]["first_seq"].as_u64()),
             (Some(3), Some(3))
+        );
+    }
+
+    /// A consumer of another format than the agent's gets its queued events serialised
+    /// and sent a piece ([`CHUNK`]) at a time, not gathered into one buffer first: a whole
+    /// queue of OCSF lines ([`MAX_QUEUE`]) came to about 180 MB per consumer. What it gets
+    /// is still everything, in order: the events, a run of lines between them, the notice.
+    #[tokio::test]
+    async fn queued_events_to_serialise_are_sent_a_piece_at_a_time() {
+        let formatter = Formatter::new(
+            Format::Ocsf,
+            super::super::ocsf::Context {
+                node: "ev-node".into(),
+            },
+        );
+        let entry = |seq: u64| {
+            Queued::Event(Entry {
+                seq,
+                at: SystemTime::UNIX_EPOCH,
+                event: notice(&format!("ev{seq}-{}", "x".repeat(200))),
+            })
+        };
+        let mut entries: Vec<Queued> = (1..=2_000).map(entry).collect();
+        entries.push(Queued::Lines {
+            bytes: b"{\"a run\":\"of lines\"}\n".to_vec(),
+            count: 1,
+            last_seq: 2_001,
+        });
+        entries.extend((2_002..=4_000).map(entry));
+        let missed = Missed {
+            count: 3,
+            first_seq: 4_001,
+            last_seq: 4_003,
+        };
+        let mut expected = Vec::new();
+        let mut longest = 0;
+        for queued in &entries {
+            let start = expected.len();
+            match queued {
+                Queued::Event(entry) => entry.write_line(&formatter, &mut expected).unwrap(),
+                Queued::Lines { bytes, .. } => expected.extend_from_slice(bytes),
+            }
+            longest = longest.max(expected.len() - start);
+        }
+        expected.extend(dropped_line(missed));
+        assert!(expected.len() > 32 * CHUNK, "{} bytes", expected.len());
+
+        let (agent, consumer) = UnixStream::pair().unwrap();
+        let (_, mut write) = agent.into_split();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut consumer = consumer;
+            tokio::io::AsyncReadExt::read_to_end(&mut consumer, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        let mut out = Vec::new();
+        send_queued(&mut write, &entries, missed, &formatter, &mut out)
+            .await
+            .unwrap();
+        drop(write);
+        let got = reader.await.unwrap();
+        assert!(
+            got == expected,
+            "{} bytes, not {}",
+            got.len(),
+            expected.len()
+        );
+        // The buffer never held more than a piece and a line (its capacity, which never
+        // shrinks here, shows the most it held; it grows by doubling).
+        assert!(
+            out.capacity() <= 2 * (CHUNK + longest),
+            "the consumer's buffer grew to {} bytes (a piece is {CHUNK})",
+            out.capacity()
         );
     }
 
