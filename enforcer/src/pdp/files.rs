@@ -9,12 +9,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
-use enforcer_policy::Bundle;
+use enforcer_policy::limits::{
+    INVENTORY_BYTES, POLICY_FILES, POLICY_FILE_BYTES, POLICY_TOTAL_BYTES, SCHEMA_BYTES,
+};
+use enforcer_policy::{Bundle, INVENTORY_FILE, SCHEMA_FILE};
 
 use super::is_bundle_file;
+use crate::admission::text::cut;
 
-/// The largest bundle file the PDP serves or a node accepts.
-pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// The largest bundle file the PDP serves or a node accepts: the largest of the bundle's
+/// limits per file (the inventory's).
+pub const MAX_FILE_BYTES: u64 = INVENTORY_BYTES;
+const _: () = assert!(MAX_FILE_BYTES >= SCHEMA_BYTES && MAX_FILE_BYTES >= POLICY_FILE_BYTES);
+
+/// The longest name of a bundle file: the file system's limit on a name.
+pub const MAX_NAME_BYTES: usize = libc::NAME_MAX as usize;
+
+/// The most bytes of a string from the PDP's answer (a revision, a file name) that a message
+/// repeats: the answer can be 64 MiB, and its errors go to the log and the status file.
+pub const SHOWN_BYTES: usize = 64;
+
+/// `text` as a message shows it: at most [`SHOWN_BYTES`], ending `...` when cut.
+pub fn shown(text: &str) -> String {
+    cut(text, SHOWN_BYTES)
+}
 
 /// Cheap change detection: (name, size, mtime) of every entry [`Bundle::load`] looks at
 /// (every name not starting with `.`, so that a stray file, which makes the bundle invalid,
@@ -131,12 +149,69 @@ pub fn sibling(target: &Path, tag: &str) -> Result<PathBuf> {
     )))
 }
 
-/// Writes `files` into a fresh directory `dir` (which must not exist). Every name is checked
-/// with [`is_bundle_file`] first: a bundle cannot write outside its directory.
-pub fn stage(dir: PathBuf, files: &BTreeMap<String, String>) -> Result<Staged> {
-    if let Some(bad) = files.keys().find(|name| !is_bundle_file(name)) {
-        bail!("the bundle names a file {bad:?}, which is not a bundle file (inventory.yaml, schema.cedarschema, *.cedar)");
+/// Checks `files` against the limits [`Bundle::load`] applies, before anything is written:
+/// every name is a bundle file ([`is_bundle_file`], at most [`MAX_NAME_BYTES`]), there are no
+/// more files than a bundle can hold, no file is over its own limit, and the policy files
+/// together are within theirs. An answer of 64 MiB could otherwise name millions of empty
+/// files, each an inode (on tmpfs, kernel memory charged to the agent) before the load
+/// refused them. No bundle that loads is refused here: the limits are the load's own.
+pub fn check_bounds(files: &BTreeMap<String, String>) -> Result<()> {
+    let most = POLICY_FILES + 2;
+    if files.len() > most {
+        bail!(
+            "the bundle has {} files; the limit is {most} ({POLICY_FILES} policy files (*.cedar), {INVENTORY_FILE} and {SCHEMA_FILE})",
+            files.len()
+        );
     }
+    let mut policies = 0usize;
+    let mut total = 0u64;
+    for (name, text) in files {
+        if name.len() > MAX_NAME_BYTES {
+            bail!(
+                "the bundle names a file of {} bytes ({:?}); the limit is {MAX_NAME_BYTES} bytes",
+                name.len(),
+                shown(name)
+            );
+        }
+        if !is_bundle_file(name) {
+            bail!(
+                "the bundle names a file {:?}, which is not a bundle file ({INVENTORY_FILE}, {SCHEMA_FILE}, *.cedar)",
+                shown(name)
+            );
+        }
+        let bytes = text.len() as u64;
+        let (what, limit) = if name == INVENTORY_FILE {
+            ("the inventory", INVENTORY_BYTES)
+        } else if name == SCHEMA_FILE {
+            ("the schema", SCHEMA_BYTES)
+        } else {
+            policies += 1;
+            total += bytes;
+            ("the policy file", POLICY_FILE_BYTES)
+        };
+        if bytes > limit {
+            bail!(
+                "{what} {:?} is {bytes} bytes; the limit is {limit} bytes",
+                shown(name)
+            );
+        }
+    }
+    if policies > POLICY_FILES {
+        bail!("the bundle has {policies} policy files (*.cedar); the limit is {POLICY_FILES}");
+    }
+    if total > POLICY_TOTAL_BYTES {
+        bail!(
+            "the policy files (*.cedar) are {total} bytes together; the limit is {POLICY_TOTAL_BYTES} bytes"
+        );
+    }
+    Ok(())
+}
+
+/// Writes `files` into a fresh directory `dir` (which must not exist). The names and sizes are
+/// checked with [`check_bounds`] first: a bundle cannot write outside its directory, nor more
+/// than a bundle can hold.
+pub fn stage(dir: PathBuf, files: &BTreeMap<String, String>) -> Result<Staged> {
+    check_bounds(files)?;
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let staged = Staged {
         path: dir,

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use super::auth::Token;
-use super::files::{remove_stale_stages, sibling, stage, swap_into, validate, write_atomic};
+use super::files::{remove_stale_stages, shown, sibling, stage, swap_into, validate, write_atomic};
 use super::http::{etag, PdpUrl};
 use super::status::{status_file, PdpStatus};
 use super::WireBundle;
@@ -42,6 +42,11 @@ const REQUEST_SLACK: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest response body accepted.
 const MAX_BODY_BYTES: usize = 64 << 20;
+/// The most hex digits a revision may have: a whole SHA-256 (a bundle's revision has the
+/// first 16, see [`Bundle::revision`]).
+const REVISION_HEX_DIGITS: usize = 64;
+/// The most bytes of a decoding error's message repeated (it may quote the answer).
+const ERROR_BYTES: usize = 256;
 /// Never two requests closer than this, whatever the server does.
 const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -319,6 +324,8 @@ pub(super) fn install(
     target: &Path,
     status: &Mutex<PdpStatus>,
 ) -> Result<String> {
+    // First, so that every message below repeats a short revision.
+    check_revision(&wire.revision)?;
     let staged = stage(sibling(target, "stage")?, &wire.files)
         .context("the PDP's bundle cannot be written")?;
     let revision = validate(staged.path()).map_err(|problems| {
@@ -343,6 +350,23 @@ pub(super) fn install(
         return Err(error);
     }
     Ok(revision)
+}
+
+/// Refuses a revision that is not of the form [`Bundle::revision`] gives (`sha256:` and
+/// lowercase hex digits), showing at most [`super::files::SHOWN_BYTES`] of it.
+fn check_revision(revision: &str) -> Result<()> {
+    let well_formed = revision.strip_prefix("sha256:").is_some_and(|hex| {
+        (1..=REVISION_HEX_DIGITS).contains(&hex.len())
+            && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    });
+    if !well_formed {
+        bail!(
+            "the PDP said revision {:?} ({} bytes), which is not a bundle revision (sha256: and at most {REVISION_HEX_DIGITS} hex digits); rejected",
+            shown(revision),
+            revision.len()
+        );
+    }
+    Ok(())
 }
 
 /// Writes the status file (atomically); a failure is logged, never fatal: the file is
@@ -448,10 +472,16 @@ pub(super) async fn request_bundle(
         .and_then(|v: &HeaderValue| v.to_str().ok())
         .is_some_and(|v| !v.starts_with("application/json"))
     {
-        bail!("the PDP answered with {content_type:?}, not JSON");
+        let shown_type = content_type.map(|v| shown(&String::from_utf8_lossy(v.as_bytes())));
+        bail!("the PDP answered with {shown_type:?}, not JSON");
     }
-    let wire: WireBundle =
-        serde_json::from_slice(&body).context("the PDP's answer is not a bundle")?;
+    // serde's message quotes a string of the wrong type whole: show the start of it.
+    let wire: WireBundle = serde_json::from_slice(&body).map_err(|e| {
+        anyhow::anyhow!(
+            "the PDP's answer is not a bundle: {}",
+            crate::admission::text::shown(&e, ERROR_BYTES)
+        )
+    })?;
     Ok(Some(wire))
 }
 

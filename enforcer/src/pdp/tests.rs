@@ -621,3 +621,182 @@ fn plain_http_urls_only_to_loopback() {
     .expect("refused");
     assert!(format!("{error:#}").contains("loopback"));
 }
+
+/// Counts what is created directly in a directory, with inotify: a spy on `stage`.
+struct Creations {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Creations {
+    fn watch(dir: &Path) -> Self {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: inotify_init1 returns a new descriptor (checked), which we then own.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                path.as_ptr(),
+                libc::IN_CREATE,
+            )
+        };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch: {}",
+            std::io::Error::last_os_error()
+        );
+        Self { fd }
+    }
+
+    /// Whether anything was created since [`Creations::watch`].
+    fn any(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads at most `buf.len()` bytes into `buf`.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        n > 0
+    }
+}
+
+fn empty_status() -> std::sync::Mutex<PdpStatus> {
+    std::sync::Mutex::new(PdpStatus::new("http://127.0.0.1:1"))
+}
+
+/// Review 70 M3: an answer naming more files than a bundle holds is refused before anything
+/// is written (it used to write them all, then let the load refuse them: millions of inodes
+/// from one 64 MiB answer).
+#[test]
+fn install_refuses_more_files_than_a_bundle_holds_before_writing_any() {
+    let dir = TestDir::new("many-files");
+    let target = dir.0.join("pdp-bundle");
+    let files = (0..5000)
+        .map(|i| (format!("a{i:07}.cedar"), String::new()))
+        .collect();
+    let wire = WireBundle {
+        revision: "sha256:0011223344556677".into(),
+        files,
+    };
+    let created = Creations::watch(&dir.0);
+    let error = sync::install(wire, &target, &empty_status()).unwrap_err();
+    let error = format!("{error:#}");
+    assert!(!created.any(), "something was created before the refusal");
+    let limit = enforcer_policy::limits::POLICY_FILES;
+    assert!(
+        error.contains("has 5000 files") && error.contains(&format!("{limit} policy files")),
+        "{error}"
+    );
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
+}
+
+/// The bounds are the load's own: a bundle at every limit is staged, one over any is not.
+#[test]
+fn stage_bounds_are_the_bundle_limits() {
+    use enforcer_policy::limits::{POLICY_FILES, POLICY_FILE_BYTES, POLICY_TOTAL_BYTES};
+    let dir = TestDir::new("bounds");
+    let mut files: std::collections::BTreeMap<String, String> = (0..POLICY_FILES)
+        .map(|i| (format!("p{i}.cedar"), String::new()))
+        .collect();
+    files.insert("inventory.yaml".into(), String::new());
+    files.insert("schema.cedarschema".into(), String::new());
+    let staged = super::files::stage(dir.0.join("full"), &files).unwrap();
+    assert_eq!(
+        std::fs::read_dir(staged.path()).unwrap().count(),
+        POLICY_FILES + 2
+    );
+    drop(staged);
+    // One policy file more (without a schema, so that the count of entries is within).
+    files.remove("schema.cedarschema");
+    files.insert("one-more.cedar".into(), String::new());
+    let error = super::files::stage(dir.0.join("s"), &files).unwrap_err();
+    assert!(
+        error.to_string().contains(&format!(
+            "{} policy files (*.cedar); the limit is {POLICY_FILES}",
+            POLICY_FILES + 1
+        )),
+        "{error}"
+    );
+    // One file over its own limit, and files over the total.
+    let big = "x".repeat(POLICY_FILE_BYTES as usize);
+    let over = [("a.cedar".to_string(), format!("{big}x"))].into();
+    let error = super::files::stage(dir.0.join("s"), &over).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("the limit is {POLICY_FILE_BYTES} bytes")),
+        "{error}"
+    );
+    let total = (0..=POLICY_TOTAL_BYTES / POLICY_FILE_BYTES)
+        .map(|i| (format!("p{i}.cedar"), big.clone()))
+        .collect();
+    let error = super::files::stage(dir.0.join("s"), &total).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("the limit is {POLICY_TOTAL_BYTES} bytes")),
+        "{error}"
+    );
+    assert!(!dir.0.join("s").exists());
+}
+
+/// Review 70 L1: the answer's strings reach the error (so the log, `pdp-status.json` and
+/// `enforcer status`) only as a short prefix.
+#[test]
+fn install_errors_show_only_a_prefix_of_the_answer() {
+    let dir = TestDir::new("long-strings");
+    let target = dir.0.join("pdp-bundle");
+    let good = read_bundle_files(&demo_dir()).unwrap();
+    let long = "a".repeat(1 << 20);
+    // A 1 MiB revision with the good files.
+    let error = sync::install(
+        WireBundle {
+            revision: long.clone(),
+            files: good.clone(),
+        },
+        &target,
+        &empty_status(),
+    )
+    .unwrap_err();
+    let error = format!("{error:#}");
+    assert!(
+        error.len() < 1024,
+        "{} bytes: {}",
+        error.len(),
+        &error[..200]
+    );
+    assert!(error.contains("not a bundle revision"), "{error}");
+    // A 1 MiB file name, of a policy file or not.
+    for name in [format!("{long}.cedar"), long.clone()] {
+        let mut files = good.clone();
+        files.insert(name, String::new());
+        let error = sync::install(
+            WireBundle {
+                revision: validate(&demo_dir()).unwrap(),
+                files,
+            },
+            &target,
+            &empty_status(),
+        )
+        .unwrap_err();
+        let error = format!("{error:#}");
+        assert!(
+            error.len() < 1024,
+            "{} bytes: {}",
+            error.len(),
+            &error[..200]
+        );
+    }
+    assert!(!target.exists());
+}
