@@ -1194,8 +1194,10 @@ fn services(
     let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
     services.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
     let index = BackendIndex::of(&snapshot.backends);
-    // Backends taken so far per tenant (the namespace's, or none), for `SOURCE_BACKENDS_PER_TENANT`.
-    let mut taken: HashMap<Option<&str>, usize> = HashMap::new();
+    // Backend addresses each tenant may still have read (`SOURCE_ADDRESSES_PER_TENANT`): by
+    // tenant, or by namespace for one without (the platform's: one of them must not spend
+    // another's, such as the cluster DNS's in `kube-system`).
+    let mut budgets: HashMap<(Option<&str>, &str), usize> = HashMap::new();
     let mut out = Vec::new();
     for service in services {
         let (namespace, name) = object_key(&service.metadata);
@@ -1269,7 +1271,9 @@ fn services(
             Some(Ok(m)) => m.tenant(),
             _ => None,
         };
-        let taken = taken.entry(tenant).or_default();
+        let budget = budgets
+            .entry((tenant, if tenant.is_some() { "" } else { namespace }))
+            .or_insert(SOURCE_ADDRESSES_PER_TENANT);
         let sources = index.of_service(namespace, name);
         let mut port_problems = BoundedLines::new(&object, PORT_PROBLEMS_PER_SERVICE);
         let mut ports = Vec::new();
@@ -1299,20 +1303,28 @@ fn services(
                 port_problems.push(problems, "port 0 is not a port".to_string());
                 continue;
             }
-            let backends = if *taken >= SOURCE_BACKENDS_PER_TENANT {
-                // Judged as no ready backend: denied, as the merge denies a port over a bound.
-                port_problems.push(
-                    problems,
-                    format!(
-                        "port {number}/{protocol}: the tenant's Services list more than \
-                         {SOURCE_BACKENDS_PER_TENANT} ready backends in all: the port is denied"
-                    ),
-                );
-                Vec::new()
-            } else {
-                backends(&sources, port_name, protocol, &mut port_problems, problems)
+            let backends = match backends(
+                &sources,
+                (port_name, protocol),
+                budget,
+                &mut port_problems,
+                problems,
+            ) {
+                Some(backends) => backends,
+                None => {
+                    // Judged as no ready backend: denied, as the merge denies a port over a
+                    // bound.
+                    port_problems.push(
+                        problems,
+                        format!(
+                            "port {number}/{protocol}: the tenant's Services list more than \
+                             {SOURCE_ADDRESSES_PER_TENANT} backend addresses in all: the port is \
+                             denied"
+                        ),
+                    );
+                    Vec::new()
+                }
             };
-            *taken += backends.len();
             ports.push(ServicePort {
                 port: number,
                 protocol,
@@ -1360,12 +1372,13 @@ fn protocol_named(name: Option<&str>) -> Option<Protocol> {
 /// any number of ports, each with its problem: red-team review 70 M1).
 const PORT_PROBLEMS_PER_SERVICE: usize = 4;
 
-/// Backends the source takes from one tenant's Services in all, past which their ports are
-/// denied (judged as no ready backend). Above the merge's own bound
-/// ([`MAX_BACKENDS_PER_TENANT`], which counts only the ports it keeps): this one bounds what
-/// the source holds while it reads what a tenant wrote (EndpointSlices, any number), counting
-/// every port, also those the merge then denies.
-const SOURCE_BACKENDS_PER_TENANT: usize = 4 * MAX_BACKENDS_PER_TENANT;
+/// Backend addresses the source reads from one tenant's Services in all (each port's, ready
+/// or not, duplicates included), past which their ports are denied (judged as no ready
+/// backend). Above the merge's own bound ([`MAX_BACKENDS_PER_TENANT`], which counts the
+/// distinct backends of the ports it keeps): this one bounds the work and memory of reading
+/// what a tenant wrote (EndpointSlices, any number, each address any number of times: red-team
+/// review 71 N2), counting every port, also those the merge then denies.
+const SOURCE_ADDRESSES_PER_TENANT: usize = 4 * MAX_BACKENDS_PER_TENANT;
 
 /// Problem lines about one object, the first `limit` listed and the rest counted.
 struct BoundedLines<'a> {
@@ -1465,83 +1478,132 @@ impl<'a> BackendIndex<'a> {
 /// kube-proxy matches them), sorted and without duplicates. At most
 /// [`MAX_BACKENDS_PER_PORT`] + 1: a port with more is denied by the merge whatever their
 /// number, so the rest are not read (a tenant's EndpointSlices may list any number: red-team
-/// review 70 H1).
+/// review 70 H1). Each address read costs one of the tenant's `budget`; `None` when it ran
+/// out before the port's were all read (the caller denies the port).
 fn backends(
     source: &ServiceBackends,
-    port_name: &str,
-    protocol: Protocol,
+    (port_name, protocol): (&str, Protocol),
+    budget: &mut usize,
     port_problems: &mut BoundedLines,
     problems: &mut Vec<String>,
-) -> Vec<Backend> {
+) -> Option<Vec<Backend>> {
     let mut out = BTreeSet::new();
-    let mut push = |object: &str, ip: &str, port: i32| {
-        if out.len() > MAX_BACKENDS_PER_PORT {
-            return;
+    // Whether the port is over its bound (the rest is not read) or the budget is spent.
+    let mut over = false;
+    let mut spent = false;
+    // One unit of the budget: `false` (stop reading) when there is none left.
+    let mut spend = |budget: &mut usize| match budget.checked_sub(1) {
+        Some(left) => {
+            *budget = left;
+            true
         }
-        let (Ok(ip), Ok(port)) = (parse_ip(ip), u16::try_from(port)) else {
-            port_problems.push(
-                problems,
-                format!(
-                    "{object}: backend {:?} port {port} is not an address and port: ignored",
-                    shown(ip)
-                ),
-            );
-            return;
-        };
-        if port != 0 {
-            out.insert(Backend { ip, port });
+        None => {
+            spent = true;
+            false
         }
     };
-    match source {
-        ServiceBackends::EndpointSlices(slices) => {
-            for slice in slices.iter() {
-                let object = format!(
-                    "endpointslice {}",
-                    shown(slice.metadata.name.as_deref().unwrap_or(""))
-                );
-                for port in slice.ports.as_deref().unwrap_or_default() {
-                    if port.name.as_deref().unwrap_or("") != port_name
-                        || protocol_named(port.protocol.as_deref()) != Some(protocol)
-                    {
-                        continue;
-                    }
-                    let Some(number) = port.port else { continue };
-                    for endpoint in &slice.endpoints {
-                        // EndpointSlice v1: an unset `ready` means ready.
-                        let ready = endpoint
-                            .conditions
-                            .as_ref()
-                            .and_then(|c| c.ready)
-                            .unwrap_or(true);
-                        if !ready {
-                            continue;
+    // Every slice port and address read costs one.
+    'read: {
+        match source {
+            ServiceBackends::EndpointSlices(slices) => {
+                for slice in slices.iter() {
+                    let object = format!(
+                        "endpointslice {}",
+                        shown(slice.metadata.name.as_deref().unwrap_or(""))
+                    );
+                    for port in slice.ports.as_deref().unwrap_or_default() {
+                        if !spend(budget) {
+                            break 'read;
                         }
-                        for address in &endpoint.addresses {
-                            push(&object, address, number);
-                        }
-                    }
-                }
-            }
-        }
-        ServiceBackends::Endpoints(list) => {
-            for endpoints in list.iter() {
-                for subset in endpoints.subsets.as_deref().unwrap_or_default() {
-                    for port in subset.ports.as_deref().unwrap_or_default() {
                         if port.name.as_deref().unwrap_or("") != port_name
                             || protocol_named(port.protocol.as_deref()) != Some(protocol)
                         {
                             continue;
                         }
-                        // `addresses` are the ready ones; `notReadyAddresses` are not.
-                        for address in subset.addresses.as_deref().unwrap_or_default() {
-                            push("endpoints", &address.ip, port.port);
+                        let Some(number) = port.port else { continue };
+                        for endpoint in &slice.endpoints {
+                            // EndpointSlice v1: an unset `ready` means ready.
+                            let ready = endpoint
+                                .conditions
+                                .as_ref()
+                                .and_then(|c| c.ready)
+                                .unwrap_or(true);
+                            if !ready {
+                                continue;
+                            }
+                            for address in &endpoint.addresses {
+                                if !spend(budget) {
+                                    break 'read;
+                                }
+                                over = add_backend(&mut out, &object, address, number, |line| {
+                                    port_problems.push(problems, line)
+                                });
+                                if over {
+                                    break 'read;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            ServiceBackends::Endpoints(list) => {
+                for endpoints in list.iter() {
+                    for subset in endpoints.subsets.as_deref().unwrap_or_default() {
+                        for port in subset.ports.as_deref().unwrap_or_default() {
+                            if !spend(budget) {
+                                break 'read;
+                            }
+                            if port.name.as_deref().unwrap_or("") != port_name
+                                || protocol_named(port.protocol.as_deref()) != Some(protocol)
+                            {
+                                continue;
+                            }
+                            // `addresses` are the ready ones; `notReadyAddresses` are not.
+                            for address in subset.addresses.as_deref().unwrap_or_default() {
+                                if !spend(budget) {
+                                    break 'read;
+                                }
+                                over = add_backend(
+                                    &mut out,
+                                    "endpoints",
+                                    &address.ip,
+                                    port.port,
+                                    |line| port_problems.push(problems, line),
+                                );
+                                if over {
+                                    break 'read;
+                                }
+                            }
                         }
                     }
                 }
             }
         }
     }
-    out.into_iter().collect()
+    (over || !spent).then(|| out.into_iter().collect())
+}
+
+/// Adds the backend `ip`:`port` read from `object` to `out` (an invalid one is reported to
+/// `problem` and left out; target port 0 is no backend). Whether `out` is now over
+/// [`MAX_BACKENDS_PER_PORT`].
+fn add_backend(
+    out: &mut BTreeSet<Backend>,
+    object: &str,
+    ip: &str,
+    port: i32,
+    problem: impl FnOnce(String),
+) -> bool {
+    let (Ok(parsed), Ok(port)) = (parse_ip(ip), u16::try_from(port)) else {
+        problem(format!(
+            "{object}: backend {:?} port {port} is not an address and port: ignored",
+            shown(ip)
+        ));
+        return false;
+    };
+    if port != 0 {
+        out.insert(Backend { ip: parsed, port });
+    }
+    out.len() > MAX_BACKENDS_PER_PORT
 }
 
 /// Why `value` is not a valid Kubernetes label value (empty, or at most 63 characters of
