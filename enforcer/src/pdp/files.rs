@@ -207,6 +207,62 @@ pub fn check_bounds(files: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Reads the `files` of an answer ([`super::WireBundle`]) with two of [`check_bounds`]'s
+/// limits applied while it is parsed: at most `POLICY_FILES + 2` files, and names of at most
+/// [`MAX_NAME_BYTES`]. Read whole first, a 64 MiB answer of millions of empty files was a map
+/// of several hundred MB before [`check_bounds`] could refuse it (red-team review 71 N3); here
+/// the map never holds more than one file past the limit, and parsing stops there. The rest
+/// (which names, what sizes) is [`check_bounds`]'s, before anything is written.
+pub fn deserialize_files<'de, D>(
+    deserializer: D,
+) -> std::result::Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    deserializer.deserialize_map(BoundedFiles)
+}
+
+/// The map visitor of [`deserialize_files`].
+struct BoundedFiles;
+
+impl<'de> serde::de::Visitor<'de> for BoundedFiles {
+    type Value = BTreeMap<String, String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "a map of at most {} bundle files, by name, to their text",
+            POLICY_FILES + 2
+        )
+    }
+
+    fn visit_map<A>(self, mut map: A) -> std::result::Result<Self::Value, A::Error>
+    where
+        A: serde::de::MapAccess<'de>,
+    {
+        use serde::de::Error;
+        let most = POLICY_FILES + 2;
+        let mut files = BTreeMap::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name.len() > MAX_NAME_BYTES {
+                return Err(A::Error::custom(format_args!(
+                    "the bundle names a file of {} bytes ({:?}); the limit is {MAX_NAME_BYTES} bytes",
+                    name.len(),
+                    shown(&name)
+                )));
+            }
+            let text: String = map.next_value()?;
+            files.insert(name, text);
+            if files.len() > most {
+                return Err(A::Error::custom(format_args!(
+                    "the bundle has more than {most} files; the limit is {most} ({POLICY_FILES} policy files (*.cedar), {INVENTORY_FILE} and {SCHEMA_FILE})"
+                )));
+            }
+        }
+        Ok(files)
+    }
+}
+
 /// Writes `files` into a fresh directory `dir` (which must not exist). The names and sizes are
 /// checked with [`check_bounds`] first: a bundle cannot write outside its directory, nor more
 /// than a bundle can hold.

@@ -49,10 +49,13 @@ pub const MAX_WAIT_SECS: u64 = 60;
 /// How often the server looks at its policy directory.
 pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// A bundle on the wire: its revision and its files by name.
+/// A bundle on the wire: its revision and its files by name. Its files are read with a
+/// bound on their number and on a name's length (`files::deserialize_files`); written as
+/// any map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireBundle {
     pub revision: String,
+    #[serde(deserialize_with = "files::deserialize_files")]
     pub files: BTreeMap<String, String>,
 }
 

@@ -47,6 +47,9 @@ const MAX_BODY_BYTES: usize = 64 << 20;
 const REVISION_HEX_DIGITS: usize = 64;
 /// The most bytes of a decoding error's message repeated (it may quote the answer).
 const ERROR_BYTES: usize = 256;
+/// The most bytes of an attempt's error kept in the status (`pdp-status.json`, `enforcer
+/// status`) and logged.
+pub(super) const STATUS_ERROR_BYTES: usize = 4096;
 /// Never two requests closer than this, whatever the server does.
 const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -215,45 +218,114 @@ async fn run(
                 Err(anyhow::anyhow!("{message}"))
             }
         };
-        let now = SystemTime::now();
-        let snapshot = {
+        let (snapshot, error) = {
             let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
-            s.last_attempt = Some(now);
-            s.revision = have.clone();
-            match &outcome {
-                Ok(_) => {
-                    s.last_success = Some(now);
-                    s.last_error = None;
-                    s.consecutive_failures = 0;
-                }
-                Err(error) => {
-                    s.last_error = Some(format!("{error:#}"));
-                    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                    s.errors_total = s.errors_total.saturating_add(1);
-                }
-            }
-            s.clone()
+            let error = record(&mut s, &outcome, &have, SystemTime::now());
+            (s.clone(), error)
         };
         write_status(&status_path, &snapshot);
-        match outcome {
-            Ok(_installed) => {
+        match error {
+            None => {
                 if have.is_some() {
                     ready.send_replace(true);
                 }
                 backoff.reset();
                 tokio::time::sleep(MIN_INTERVAL.saturating_sub(started.elapsed())).await;
             }
-            Err(error) => {
+            Some(error) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     url = %options.url,
                     revision_in_force = have.as_deref().unwrap_or("none"),
                     retry_in_ms = delay.as_millis() as u64,
-                    "PDP sync failed, keeping the last good bundle: {error:#}"
+                    "PDP sync failed, keeping the last good bundle: {error}"
                 );
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Records an attempt's outcome (at `now`, with `have` in the bundle directory) in the
+/// status. Returns the error as stored, for the log: [`error_text`], bounded.
+pub(super) fn record(
+    s: &mut PdpStatus,
+    outcome: &Result<bool>,
+    have: &Option<String>,
+    now: SystemTime,
+) -> Option<String> {
+    s.last_attempt = Some(now);
+    s.revision = have.clone();
+    match outcome {
+        Ok(_) => {
+            s.last_success = Some(now);
+            s.last_error = None;
+            s.consecutive_failures = 0;
+            None
+        }
+        Err(error) => {
+            let text = error_text(error);
+            s.last_error = Some(text.clone());
+            s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+            s.errors_total = s.errors_total.saturating_add(1);
+            Some(text)
+        }
+    }
+}
+
+/// `error` (with its causes) as the status and the log keep it: at most [`STATUS_ERROR_BYTES`],
+/// with a note of how many bytes were cut. The bundle's own diagnostics quote what they
+/// refuse (a 16 MiB inventory's value whole), and the error is written to the status file and
+/// logged after every attempt (red-team review 71 N4). Only the part kept is copied; the rest
+/// is counted.
+fn error_text(error: &anyhow::Error) -> String {
+    /// Room for the note: " (18446744073709551615 more bytes not shown)" is 44 bytes.
+    const NOTE: usize = 48;
+    let mut kept = Kept {
+        text: String::new(),
+        max: STATUS_ERROR_BYTES - NOTE,
+        full: false,
+        total: 0,
+    };
+    let _ = std::fmt::Write::write_fmt(&mut kept, format_args!("{error:#}"));
+    if kept.total == kept.text.len() {
+        return kept.text;
+    }
+    // Cut as `admission::text::cut` does: whole characters, then `...`.
+    let mut end = kept.text.len().min(kept.max - 3);
+    while !kept.text.is_char_boundary(end) {
+        end -= 1;
+    }
+    kept.text.truncate(end);
+    format!(
+        "{}... ({} more bytes not shown)",
+        kept.text,
+        kept.total - end
+    )
+}
+
+/// The first bytes written to it, at most `max` (whole characters), and the count of all.
+struct Kept {
+    text: String,
+    max: usize,
+    /// Whether something was left out: nothing later is kept (the text stays a prefix).
+    full: bool,
+    total: usize,
+}
+
+impl std::fmt::Write for Kept {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.total += s.len();
+        if self.full {
+            return Ok(());
+        }
+        let mut end = (self.max - self.text.len()).min(s.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&s[..end]);
+        self.full = end < s.len();
+        Ok(())
     }
 }
 
@@ -549,5 +621,25 @@ mod tests {
         assert_eq!(*bases.last().unwrap(), BACKOFF_MAX);
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(600));
+    }
+
+    #[test]
+    fn an_error_is_kept_whole_or_cut_at_a_character_with_a_note() {
+        let short = anyhow::anyhow!("short").context("outer");
+        assert_eq!(error_text(&short), "outer: short");
+        // At the bound, whole; past it, cut (never inside a character: é is two bytes), and
+        // the note counts every byte not kept.
+        let at = "x".repeat(STATUS_ERROR_BYTES - 48);
+        assert_eq!(error_text(&anyhow::anyhow!("{at}")), at);
+        let long = "é".repeat(STATUS_ERROR_BYTES);
+        let text = error_text(&anyhow::anyhow!("{long}"));
+        assert!(text.len() <= STATUS_ERROR_BYTES, "{}", text.len());
+        let kept = text.find("...").unwrap();
+        assert!(long.starts_with(&text[..kept]));
+        assert!(
+            text.ends_with(&format!("... ({} more bytes not shown)", long.len() - kept)),
+            "{}",
+            &text[kept..]
+        );
     }
 }

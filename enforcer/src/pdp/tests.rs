@@ -800,3 +800,151 @@ fn install_errors_show_only_a_prefix_of_the_answer() {
     }
     assert!(!target.exists());
 }
+
+/// An answer of `n` empty policy files, in name order (as the server writes it).
+fn answer_of(n: usize) -> String {
+    let files: Vec<String> = (0..n).map(|i| format!("\"a{i:07}.cedar\":\"\"")).collect();
+    format!(
+        "{{\"revision\":\"sha256:0011223344556677\",\"files\":{{{}}}}}",
+        files.join(",")
+    )
+}
+
+/// Review 71 N3: an answer's files are counted while it is decoded. Decoded whole first, a
+/// 64 MiB answer of millions of empty files was a map of several hundred MB before
+/// `check_bounds` could refuse it; now decoding stops at the first file past the limit.
+#[test]
+fn an_answer_s_files_are_bounded_while_it_is_decoded() {
+    use enforcer_policy::limits::POLICY_FILES;
+    let most = POLICY_FILES + 2;
+    // At the limit: decoded, and written as before (the server's side is unchanged).
+    let json = answer_of(most);
+    let wire: WireBundle = serde_json::from_str(&json).unwrap();
+    assert_eq!(wire.files.len(), most);
+    assert_eq!(serde_json::to_string(&wire).unwrap(), json);
+    // One past it, or 100,000: refused, naming the limit, where the file past it ends (so the
+    // map never held more than that).
+    let stop = answer_of(most + 1).len();
+    for n in [most + 1, 100_000] {
+        let json = answer_of(n);
+        let error = serde_json::from_str::<WireBundle>(&json).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("more than {most} files; the limit is {most}")),
+            "{error}"
+        );
+        assert_eq!(error.line(), 1);
+        assert!(
+            error.column() <= stop,
+            "decoding stopped at column {} of {}, past the file over the limit (column {stop})",
+            error.column(),
+            json.len()
+        );
+    }
+    // A name is at most `MAX_NAME_BYTES`; a longer one is refused, and shown only in part.
+    let max = super::files::MAX_NAME_BYTES;
+    for (name, ok) in [
+        (format!("{}.cedar", "n".repeat(max - 6)), true),
+        (format!("{}.cedar", "n".repeat(max - 5)), false),
+        ("n".repeat(1 << 20), false),
+    ] {
+        let json = format!("{{\"revision\":\"sha256:00\",\"files\":{{\"{name}\":\"\"}}}}");
+        match serde_json::from_str::<WireBundle>(&json) {
+            Ok(wire) => assert!(ok && wire.files.contains_key(&name)),
+            Err(error) => {
+                let error = error.to_string();
+                assert!(!ok, "{error}");
+                assert!(
+                    error.contains(&format!("the limit is {max} bytes")) && error.len() < 1024,
+                    "{} bytes: {}",
+                    error.len(),
+                    &error[..200.min(error.len())]
+                );
+            }
+        }
+    }
+}
+
+/// Review 71 N3, through the agent's request: the error of an answer of 100,000 files names
+/// the limit.
+#[tokio::test]
+async fn the_agent_refuses_an_answer_of_too_many_files_naming_the_limit() {
+    let most = enforcer_policy::limits::POLICY_FILES + 2;
+    let json = answer_of(100_000);
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        json.len()
+    );
+    let error = super::fuzzing::fetch_bytes(response.as_bytes(), None)
+        .await
+        .unwrap_err();
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("not a bundle") && error.contains(&format!("the limit is {most}")),
+        "{error}"
+    );
+}
+
+/// Review 71 N4: the bundle's own diagnostics quote what they refuse (here a 1 MiB step-up
+/// ttl, whole); the error the status stores (and the log repeats) is bounded, and says how
+/// much was cut.
+#[test]
+fn a_refused_bundle_s_diagnostics_are_stored_bounded() {
+    let dir = TestDir::new("huge-diagnostic");
+    let target = dir.0.join("pdp-bundle");
+    let mut files = read_bundle_files(&demo_dir()).unwrap();
+    let inventory = files.get_mut(enforcer_policy::INVENTORY_FILE).unwrap();
+    let at = "    datasets: [acme-kb]\n";
+    assert!(inventory.contains(at));
+    let huge = "1".repeat(1 << 20);
+    *inventory = inventory.replacen(
+        at,
+        &format!("{at}    step_up: {{action: quarantine, ttl: \"{huge}\"}}\n"),
+        1,
+    );
+    let error = sync::install(
+        WireBundle {
+            revision: "sha256:0011223344556677".into(),
+            files,
+        },
+        &target,
+        &empty_status(),
+    )
+    .unwrap_err();
+    let whole = format!("{error:#}");
+    assert!(
+        whole.len() > 1 << 20 && whole.contains("step_up ttl"),
+        "the diagnostics quote the value: {}",
+        &whole[..200.min(whole.len())]
+    );
+
+    let mut status = PdpStatus::new("http://127.0.0.1:1");
+    let logged = sync::record(
+        &mut status,
+        &Err(error),
+        &None,
+        std::time::SystemTime::now(),
+    );
+    let stored = status.last_error.clone().unwrap();
+    assert_eq!(logged.as_ref(), Some(&stored));
+    assert_eq!(status.consecutive_failures, 1);
+    assert!(
+        stored.len() <= sync::STATUS_ERROR_BYTES,
+        "{} bytes stored: {}...",
+        stored.len(),
+        &stored[..200]
+    );
+    assert!(
+        stored.starts_with("the PDP served an invalid bundle"),
+        "{stored}"
+    );
+    let kept = stored.rfind("... (").expect("a note of the cut");
+    assert!(whole.starts_with(&stored[..kept]));
+    assert!(
+        stored.ends_with(&format!(" ({} more bytes not shown)", whole.len() - kept)),
+        "{}",
+        &stored[kept..]
+    );
+    assert!(!target.exists());
+}
