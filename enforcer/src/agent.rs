@@ -451,6 +451,8 @@ struct Agent {
     /// TCP flows no longer permitted whose reset failed (by cookie): reported
     /// `flow.revoke_failed` once, retried on every tick until reset or gone.
     revoke_failed: BTreeSet<u64>,
+    /// Shared with the event task: see [`DeniedHandshakes`].
+    denied_handshakes: Arc<DeniedHandshakes>,
     /// `--learn`: the usual neighbourhoods, and the anomalies after the window.
     learner: Option<crate::learn::Learner>,
     /// `--page-webhook`.
@@ -706,6 +708,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Set by the event task when a tracked handshake completes under an older policy than the
     // newest (see `stream_events`); one permit however many arrive before the agent looks.
     let stale_handshake = Arc::new(tokio::sync::Notify::new());
+    let denied_handshakes = Arc::new(DeniedHandshakes::default());
     // `flow.opened` records for the learner: only with `--learn`.
     let (contact_tx, mut contact_rx) =
         handoff::contacts(handoff::CONTACT_BACKLOG, handoff::CONTACT_OVERFLOW_PAIRS);
@@ -754,6 +757,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         sweep_cursor: 0,
         sweep_round_end: 0,
         revoke_failed: BTreeSet::new(),
+        denied_handshakes: denied_handshakes.clone(),
         learner,
         pager,
         step_ups: BTreeMap::new(),
@@ -830,6 +834,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         flow_rx,
         quarantine_requests.clone(),
         stale_handshake.clone(),
+        denied_handshakes,
         contact_tx,
         emitter,
         reopen,
@@ -1732,11 +1737,31 @@ impl Agent {
                 stale += 1;
                 flow_event::STALE
             } else {
-                // A handshake still in progress has no local address to reset yet; when it
-                // completes, its `flow.opened` carries the older generation and the event
-                // task asks for this re-decide again (`stale_handshake`).
+                // A handshake still in progress has no local address to reset yet. When it
+                // completes, the event task asks for this re-decide again
+                // (`stale_handshake`): its `flow.opened` carries an older generation, or
+                // (a quarantine moves none) it is noted here
+                // (`DeniedHandshakes`: a connect with `TCP_FASTOPEN_CONNECT` holds its
+                // handshake until the workload writes, review 69 M1). Noted before the
+                // record is read again, so that a handshake completing in between is
+                // either seen here or found by the event task.
                 if record.state != flow_state::ESTABLISHED {
-                    continue;
+                    self.denied_handshakes.note(record.start_ns);
+                    match flows::record(&dir, cookie) {
+                        Ok(Some(now))
+                            if now.state == flow_state::ESTABLISHED
+                                && now.start_ns == record.start_ns =>
+                        {
+                            record = now;
+                        }
+                        Ok(_) => continue,
+                        Err(error) => {
+                            // Its `flow.opened`, if read before the note, woke nothing:
+                            // the next pass (any change, or a handshake) decides it again.
+                            tracing::warn!(cookie, "re-reading a denied handshake: {error:#}");
+                            continue;
+                        }
+                    }
                 }
                 let step = Instant::now();
                 let pids = procs.of(record.cgroup_id).to_vec();
@@ -2408,6 +2433,7 @@ async fn stream_events(
     mut agent_flows: mpsc::UnboundedReceiver<FlowCall>,
     quarantine: Arc<handoff::QuarantineRequests>,
     stale_handshake: Arc<tokio::sync::Notify>,
+    denied_handshakes: Arc<DeniedHandshakes>,
     contacts: Option<handoff::ContactSender>,
     mut events: Emitter,
     mut reopen: tokio::signal::unix::Signal,
@@ -2475,14 +2501,14 @@ async fn stream_events(
             }
             guard = flow_ring.readable_mut(), if reading => {
                 read = drain_turn(guard, "FLOW_EVENTS", &mut events, |item, events| {
-                    deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), events)
+                    deliver_flow(item, &history, (&stale_handshake, &denied_handshakes), contacts.as_ref(), events)
                 }).await?;
             }
             _ = flow_drain.tick(), if reading => {
                 // FLOW_EVENTS wakes the reader only when it fills (see flows.rs): read here.
                 let ring = flow_ring.get_mut();
                 read_turn(ring, "FLOW_EVENTS", &mut events, &mut |item, events| {
-                    deliver_flow(item, &history, &stale_handshake, contacts.as_ref(), events)
+                    deliver_flow(item, &history, (&stale_handshake, &denied_handshakes), contacts.as_ref(), events)
                 });
                 ring.commit();
             }
@@ -2649,6 +2675,35 @@ fn report_lost(
     Ok(())
 }
 
+/// Tracked TCP flows that a re-decide pass (`revoke_flows`) no longer permits but found still
+/// in their handshake, which it cannot reset yet: the latest `start_ns` of one (the records'
+/// clock, `CLOCK_MONOTONIC` nanoseconds), plus one (0: none). A flow that opens having
+/// started no later may be such a flow, and is re-decided when it opens, as one opened under
+/// an older policy generation is: a quarantine moves no generation (it changes flags only),
+/// and a connect with `TCP_FASTOPEN_CONNECT` holds its handshake until the workload first writes,
+/// which it may do long after the change (red-team review 69 M1). Flows that started earlier
+/// and open later cost one more pass each time, no more (the mark only rises).
+#[derive(Debug, Default)]
+struct DeniedHandshakes {
+    after_ns: std::sync::atomic::AtomicU64,
+}
+
+impl DeniedHandshakes {
+    /// A pass found the flow that started at `start_ns` denied in its handshake.
+    fn note(&self, start_ns: u64) {
+        self.after_ns.fetch_max(
+            start_ns.saturating_add(1),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Whether a flow that started at `start_ns` and has just opened may be one that a pass
+    /// found denied in its handshake.
+    fn may_hold(&self, start_ns: u64) -> bool {
+        start_ns < self.after_ns.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// One `FLOW_EVENTS` record: written as `flow.opened` / `flow.closed` with the policy of its
 /// generation. A flow opened under an older generation than the newest is re-decided now
 /// (`stale_handshake`): a change re-decides only established flows, and a connect decided
@@ -2656,7 +2711,7 @@ fn report_lost(
 fn deliver_flow(
     item: &[u8],
     history: &PolicyHistory,
-    stale_handshake: &tokio::sync::Notify,
+    (stale_handshake, denied_handshakes): (&tokio::sync::Notify, &DeniedHandshakes),
     contacts: Option<&handoff::ContactSender>,
     events: &mut Emitter,
 ) -> Result<()> {
@@ -2668,9 +2723,10 @@ fn deliver_flow(
         }
     };
     if event.kind == flow_kind::OPENED
-        && history
+        && (history
             .newest()
             .is_some_and(|g| g != event.record.policy_generation)
+            || denied_handshakes.may_hold(event.record.start_ns))
     {
         stale_handshake.notify_one();
     }

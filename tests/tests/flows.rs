@@ -1228,6 +1228,86 @@ fn a_risk_change_and_a_quarantine_reset_established_flows() -> Result<()> {
     Ok(())
 }
 
+/// A quarantine moves no policy generation, so a handshake in progress while it lands
+/// completes with a `flow.opened` of the generation in force: that alone never had the agent
+/// re-decide it, and the connection stayed up after the quarantine (red-team review 69 M1: a
+/// connect with `TCP_FASTOPEN_CONNECT` holds its handshake until the workload writes, so a
+/// workload could keep connects judged before its quarantine for after it). Its SYN is held
+/// in SYN_SENT by the server's full accept queue while the quarantine lands, then let through:
+/// the connection is reset as soon as it completes.
+#[test]
+fn a_handshake_in_progress_during_a_quarantine_is_reset_when_it_completes() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    let w = world(22)?;
+    let state = StateDir::new()?;
+    let config = state.configure(w.config());
+    let dirs = state.dirs(&config);
+    let (vectors, mut queue) = FlowServer::start_held(w.addr(10, 6333))?;
+    let agent = Agent::start(config)?;
+    let snapshot = first_applied_snapshot(&agent)?;
+
+    let to = vectors.addr();
+    let outcome = std::thread::scope(|scope| -> Result<Result<FlowClient>> {
+        let client = scope.spawn(|| FlowClient::tcp(w.cgroup("client-a"), to, 11, 13, true));
+        let syn_sent = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(20), || {
+            tcp_states_to(to).contains(&TCP_SYN_SENT)
+        });
+        ensure!(syn_sent, "client-a's connect never reached SYN_SENT");
+        let out = dirs.run(&["quarantine", "add", "client-a"])?;
+        ensure!(out.success(), "quarantine add: {out}");
+        ensure!(
+            tcp_states_to(to).contains(&TCP_SYN_SENT),
+            "the handshake completed before the quarantine took effect: {:?}",
+            tcp_states_to(to)
+        );
+        queue.release();
+        Ok(client.join().expect("the client thread"))
+    })?;
+
+    // As in `a_handshake_in_progress_during_a_change_is_reset_when_it_completes`: the next
+    // SYN retransmit completes the handshake, and the reset follows.
+    let handshake_bound = Duration::from_secs(30);
+    match outcome {
+        Ok(a) => {
+            let end = a
+                .ended_within(handshake_bound)
+                .context("client-a's connection, quarantined during its handshake, stayed up")?;
+            ensure!(
+                end["end"] == "error" && end["errno"] == libc::ECONNABORTED,
+                "client-a: {end}"
+            );
+        }
+        Err(error) => {
+            let error = format!("{error:#}");
+            ensure!(
+                error.contains("os error 103") || error.contains("os error 104"),
+                "client-a's connect failed otherwise than by a reset: {error}"
+            );
+        }
+    }
+    let revoked = wait_notices(&agent, "flow.revoked", 1, WAIT, |e| {
+        s(e, "/subject/workload") == Some("client-a")
+    })?;
+    ensure!(
+        s(&revoked[0], "/flow/reason") == Some("quarantined"),
+        "{}",
+        revoked[0]
+    );
+    // The flow opened under the policy in force before the quarantine: no generation moved,
+    // so only the agent's note of the denied handshake could have it re-decided.
+    let opened = wait_notices(&agent, "flow.opened", 1, WAIT, |e| {
+        s(e, "/subject/workload") == Some("client-a")
+    })?;
+    ensure!(
+        s(&opened[0], "/policy/snapshot") == Some(snapshot.as_str()),
+        "{} (the policy before the quarantine: {snapshot})",
+        opened[0]
+    );
+    Ok(())
+}
+
 const NO_SERVICE_FOR_CLIENT_A: &str = r#"// client-a may no longer reach the vectors Service
 @id("no-vectors-service-for-client-a")
 forbid (principal == Workload::"client-a", action, resource == Endpoint::"vectors-svc");

@@ -37,6 +37,20 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
     Ok(out)
 }
 
+/// The record of `cookie` in the pinned `FLOWS` map under `dir`, `None` when it has none.
+pub fn record(dir: &Path, cookie: u64) -> Result<Option<FlowRecord>> {
+    let path = dir.join(maps::FLOWS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
+    match map.get(&cookie, 0) {
+        Ok(record) => Ok(Some(record)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(error) => Err(error).context("reading a FLOWS record"),
+    }
+}
+
 /// Deletes the record of `cookie` (a socket that is gone without its CLOSE callback: a
 /// connected UDP socket, or one closed while no program was attached) and returns it to its
 /// tenant's share. Returns the record this call deleted; `None` when there was none (absent,
