@@ -25,7 +25,7 @@ use enforcer_tests::bpf::{
 };
 use enforcer_tests::cli::{enforcer, first_applied_snapshot, replace_file, wait_notices, StateDir};
 use enforcer_tests::fixtures::{write_bundle, Entity, World};
-use enforcer_tests::flows::{Crowd, FlowClient, FlowServer};
+use enforcer_tests::flows::{Crowd, FlowClient, FlowServer, HeldQueue};
 use enforcer_tests::servers::Proto;
 use enforcer_tests::{
     require_kernel, unique_name, Agent, AgentConfig, NetNs, PinDir, PolicyBundle, Probe, TestCgroup,
@@ -1009,11 +1009,37 @@ fn a_handshake_in_progress_during_a_change_is_reset_when_it_completes() -> Resul
         return Ok(());
     }
     let w = world(5)?;
-    let (vectors, mut queue) = FlowServer::start_held(w.addr(10, 6333))?;
+    let (vectors, queue) = FlowServer::start_held(w.addr(10, 6333))?;
     let agent = Agent::start(w.config())?;
     first_applied_snapshot(&agent)?;
+    reset_when_its_handshake_completes(&w, vectors.addr(), queue, "a change", || {
+        replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
+        wait_notices(&agent, "policy.applied", 2, WAIT, |_| true)?;
+        Ok(())
+    })?;
+    let revoked = wait_notices(&agent, "flow.revoked", 1, WAIT, |e| {
+        s(e, "/subject/workload") == Some("client-a")
+    })?;
+    ensure!(
+        s(&revoked[0], "/policy/id") == Some("no-vectors-for-client-a"),
+        "{}",
+        revoked[0]
+    );
+    Ok(())
+}
 
-    let to = vectors.addr();
+/// client-a connects to `to`, whose server holds its SYN in `SYN_SENT` (`queue`, the full
+/// accept queue), `change` lands meanwhile, then the queue is released: the next SYN
+/// retransmit completes the handshake (within 1-8 s of the release), and the reset follows
+/// at once. Either the client saw its exchange fail, or it came up and was reset: never a
+/// connection that stays up.
+fn reset_when_its_handshake_completes(
+    w: &FlowWorld,
+    to: SocketAddr,
+    mut queue: HeldQueue,
+    what: &str,
+    change: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let outcome = std::thread::scope(|scope| -> Result<Result<FlowClient>> {
         let client = scope.spawn(|| FlowClient::tcp(w.cgroup("client-a"), to, 11, 13, true));
         // The filler is the one established connection to the server; client-a's is the
@@ -1022,26 +1048,23 @@ fn a_handshake_in_progress_during_a_change_is_reset_when_it_completes() -> Resul
             tcp_states_to(to).contains(&TCP_SYN_SENT)
         });
         ensure!(syn_sent, "client-a's connect never reached SYN_SENT");
-        replace_file(w.bundle.path(), "flip.cedar", FLIP_ON, None)?;
-        wait_notices(&agent, "policy.applied", 2, WAIT, |_| true)?;
+        change()?;
         ensure!(
             tcp_states_to(to).contains(&TCP_SYN_SENT),
-            "the handshake completed before the change took effect: {:?}",
+            "the handshake completed before {what} took effect: {:?}",
             tcp_states_to(to)
         );
         queue.release();
         Ok(client.join().expect("the client thread"))
     })?;
-
-    // The next SYN retransmit completes the handshake (within 1-8 s of the release); the
-    // reset follows at once. Either the client saw its exchange fail, or it came up and was
-    // reset: never a connection that stays up.
     let handshake_bound = Duration::from_secs(30);
     match outcome {
         Ok(a) => {
-            let end = a
-                .ended_within(handshake_bound)
-                .context("client-a's connection, forbidden during its handshake, stayed up")?;
+            let end = a.ended_within(handshake_bound).with_context(|| {
+                format!(
+                    "client-a's connection, forbidden by {what} during its handshake, stayed up"
+                )
+            })?;
             ensure!(
                 end["end"] == "error" && end["errno"] == libc::ECONNABORTED,
                 "client-a: {end}"
@@ -1056,14 +1079,6 @@ fn a_handshake_in_progress_during_a_change_is_reset_when_it_completes() -> Resul
             );
         }
     }
-    let revoked = wait_notices(&agent, "flow.revoked", 1, WAIT, |e| {
-        s(e, "/subject/workload") == Some("client-a")
-    })?;
-    ensure!(
-        s(&revoked[0], "/policy/id") == Some("no-vectors-for-client-a"),
-        "{}",
-        revoked[0]
-    );
     Ok(())
 }
 
@@ -1244,49 +1259,14 @@ fn a_handshake_in_progress_during_a_quarantine_is_reset_when_it_completes() -> R
     let state = StateDir::new()?;
     let config = state.configure(w.config());
     let dirs = state.dirs(&config);
-    let (vectors, mut queue) = FlowServer::start_held(w.addr(10, 6333))?;
+    let (vectors, queue) = FlowServer::start_held(w.addr(10, 6333))?;
     let agent = Agent::start(config)?;
     let snapshot = first_applied_snapshot(&agent)?;
-
-    let to = vectors.addr();
-    let outcome = std::thread::scope(|scope| -> Result<Result<FlowClient>> {
-        let client = scope.spawn(|| FlowClient::tcp(w.cgroup("client-a"), to, 11, 13, true));
-        let syn_sent = enforcer_tests::util::wait_until(WAIT, Duration::from_millis(20), || {
-            tcp_states_to(to).contains(&TCP_SYN_SENT)
-        });
-        ensure!(syn_sent, "client-a's connect never reached SYN_SENT");
+    reset_when_its_handshake_completes(&w, vectors.addr(), queue, "a quarantine", || {
         let out = dirs.run(&["quarantine", "add", "client-a"])?;
         ensure!(out.success(), "quarantine add: {out}");
-        ensure!(
-            tcp_states_to(to).contains(&TCP_SYN_SENT),
-            "the handshake completed before the quarantine took effect: {:?}",
-            tcp_states_to(to)
-        );
-        queue.release();
-        Ok(client.join().expect("the client thread"))
+        Ok(())
     })?;
-
-    // As in `a_handshake_in_progress_during_a_change_is_reset_when_it_completes`: the next
-    // SYN retransmit completes the handshake, and the reset follows.
-    let handshake_bound = Duration::from_secs(30);
-    match outcome {
-        Ok(a) => {
-            let end = a
-                .ended_within(handshake_bound)
-                .context("client-a's connection, quarantined during its handshake, stayed up")?;
-            ensure!(
-                end["end"] == "error" && end["errno"] == libc::ECONNABORTED,
-                "client-a: {end}"
-            );
-        }
-        Err(error) => {
-            let error = format!("{error:#}");
-            ensure!(
-                error.contains("os error 103") || error.contains("os error 104"),
-                "client-a's connect failed otherwise than by a reset: {error}"
-            );
-        }
-    }
     let revoked = wait_notices(&agent, "flow.revoked", 1, WAIT, |e| {
         s(e, "/subject/workload") == Some("client-a")
     })?;

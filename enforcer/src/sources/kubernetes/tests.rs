@@ -1551,6 +1551,43 @@ fn an_over_quota_service_cannot_keep_an_external_address() {
         .is_empty());
 }
 
+/// A Service `namespace`/`name` at `cluster_ip` with `ports` TCP ports named `p0`, `p1`...
+/// (port 1000 + i), and `slices` EndpointSlices of it, each of 1,000 distinct addresses (the
+/// API's bound per slice; 127.85.10.1 on) serving every port (target port 8000 + i).
+fn many_ported_service(
+    (namespace, name, cluster_ip): (&str, &str, &str),
+    ports: usize,
+    slices: u32,
+) -> (Service, Vec<EndpointSlice>) {
+    let service = serde_json::from_value(json!({
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"clusterIP": cluster_ip, "ports": (0..ports)
+            .map(|p| json!({"name": format!("p{p}"), "port": 1000 + p}))
+            .collect::<Vec<_>>()}
+    }))
+    .unwrap();
+    let slices = (0..slices)
+        .map(|s| {
+            serde_json::from_value(json!({
+                "metadata": {"namespace": namespace, "name": format!("{name}-{s}"),
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "endpoints": (0..1000u32)
+                    .map(|i| {
+                        let n = s * 1000 + i;
+                        json!({"addresses": [format!("127.85.{}.{}", 10 + n / 250, 1 + n % 250)]})
+                    })
+                    .collect::<Vec<_>>(),
+                "ports": (0..ports)
+                    .map(|p| json!({"name": format!("p{p}"), "port": 8000 + p, "protocol": "TCP"}))
+                    .collect::<Vec<_>>()
+            }))
+            .unwrap()
+        })
+        .collect();
+    (service, slices)
+}
+
 /// A Service may list any number of ports, and its slices any number of backends on each:
 /// the source reads no more of them than the merge can take, so one tenant's objects cannot
 /// exhaust every agent's memory, and their problems are a few lines (red-team review 70 H1,
@@ -1622,33 +1659,8 @@ fn a_service_with_thousands_of_ports_and_backends_is_read_no_further_than_its_bo
 #[test]
 fn a_port_s_backends_are_read_one_past_the_merge_s_bound() {
     const PORTS: usize = 70;
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"namespace": "globex", "name": "big"},
-        "spec": {"clusterIP": "127.85.100.20", "ports": (0..PORTS)
-            .map(|p| json!({"name": format!("p{p}"), "port": 1000 + p}))
-            .collect::<Vec<_>>()}
-    }))
-    .unwrap();
-    // 5,000 backends on every port (5 slices of 1,000, the API's bound per slice).
-    let slices: Vec<EndpointSlice> = (0..5u32)
-        .map(|s| {
-            serde_json::from_value(json!({
-                "metadata": {"namespace": "globex", "name": format!("big-{s}"),
-                             "labels": {"kubernetes.io/service-name": "big"}},
-                "addressType": "IPv4",
-                "endpoints": (0..1000u32)
-                    .map(|i| {
-                        let n = s * 1000 + i;
-                        json!({"addresses": [format!("127.85.{}.{}", 10 + n / 250, 1 + n % 250)]})
-                    })
-                    .collect::<Vec<_>>(),
-                "ports": (0..PORTS)
-                    .map(|p| json!({"name": format!("p{p}"), "port": 8000 + p, "protocol": "TCP"}))
-                    .collect::<Vec<_>>()
-            }))
-            .unwrap()
-        })
-        .collect();
+    // 5,000 backends on every port (5 slices of 1,000).
+    let (service, slices) = many_ported_service(("globex", "big", "127.85.100.20"), PORTS, 5);
     let state = cluster_state(
         &Snapshot {
             nodes: Vec::new(),
@@ -1729,37 +1741,12 @@ fn a_backend_listed_a_hundred_thousand_times_is_read_within_the_tenant_s_budget(
 /// order, and `default` came first).
 #[test]
 fn a_namespace_without_a_tenant_cannot_spend_another_s_budget() {
-    let flood: Service = serde_json::from_value(json!({
-        "metadata": {"namespace": "default", "name": "flood"},
-        "spec": {"clusterIP": "127.85.100.22", "ports": (0..80)
-            .map(|p| json!({"name": format!("p{p}"), "port": 1000 + p}))
-            .collect::<Vec<_>>()}
-    }))
-    .unwrap();
+    let (flood, mut slices) = many_ported_service(("default", "flood", "127.85.100.22"), 80, 5);
     let dns: Service = serde_json::from_value(json!({
         "metadata": {"namespace": "kube-system", "name": "kube-dns"},
         "spec": {"clusterIP": "127.85.100.23", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}
     }))
     .unwrap();
-    let mut slices: Vec<EndpointSlice> = (0..5u32)
-        .map(|s| {
-            serde_json::from_value(json!({
-                "metadata": {"namespace": "default", "name": format!("flood-{s}"),
-                             "labels": {"kubernetes.io/service-name": "flood"}},
-                "addressType": "IPv4",
-                "endpoints": (0..1000u32)
-                    .map(|i| {
-                        let n = s * 1000 + i;
-                        json!({"addresses": [format!("127.85.{}.{}", 10 + n / 250, 1 + n % 250)]})
-                    })
-                    .collect::<Vec<_>>(),
-                "ports": (0..80)
-                    .map(|p| json!({"name": format!("p{p}"), "port": 8000 + p, "protocol": "TCP"}))
-                    .collect::<Vec<_>>()
-            }))
-            .unwrap()
-        })
-        .collect();
     slices.push(
         serde_json::from_value(json!({
             "metadata": {"namespace": "kube-system", "name": "kube-dns-1",
