@@ -29,24 +29,39 @@ pub fn cut(text: &str, max: usize) -> String {
 /// `value` as `Display` writes it, stopped after `max` bytes (ending `...`): the rest is
 /// never formatted.
 pub fn shown(value: impl Display, max: usize) -> String {
+    bounded(value, max, false).0
+}
+
+/// [`shown`], and the number of bytes of `value` left out (0 when it is whole): the rest is
+/// formatted to be counted, never kept.
+pub fn shown_counted(value: impl Display, max: usize) -> (String, usize) {
+    bounded(value, max, true)
+}
+
+fn bounded(value: impl Display, max: usize, count_rest: bool) -> (String, usize) {
     let mut out = Bounded {
         text: String::new(),
         max,
         full: false,
+        count_rest,
+        left: 0,
     };
     // An error here is `Bounded` saying it is full.
     let _ = write!(out, "{value}");
     if out.full {
         out.text.push_str("...");
     }
-    out.text
+    (out.text, out.left)
 }
 
-/// A `String` that takes at most `max` bytes, then refuses (which stops `write!`).
+/// A `String` that takes at most `max` bytes, then refuses (which stops `write!`), or, with
+/// `count_rest`, takes nothing more and counts what it is given (`left`).
 struct Bounded {
     text: String,
     max: usize,
     full: bool,
+    count_rest: bool,
+    left: usize,
 }
 
 impl Write for Bounded {
@@ -56,13 +71,18 @@ impl Write for Bounded {
             self.text.push_str(s);
             return Ok(());
         }
-        let mut end = room.min(s.len());
+        let mut end = if self.full { 0 } else { room.min(s.len()) };
         while !s.is_char_boundary(end) {
             end -= 1;
         }
         self.text.push_str(&s[..end]);
         self.full = true;
-        Err(fmt::Error)
+        self.left += s.len() - end;
+        if self.count_rest {
+            Ok(())
+        } else {
+            Err(fmt::Error)
+        }
     }
 }
 

@@ -280,52 +280,13 @@ pub(super) fn record(
 /// is counted.
 fn error_text(error: &anyhow::Error) -> String {
     /// Room for the note: " (18446744073709551615 more bytes not shown)" is 44 bytes.
-    const NOTE: usize = 48;
-    let mut kept = Kept {
-        text: String::new(),
-        max: STATUS_ERROR_BYTES - NOTE,
-        full: false,
-        total: 0,
-    };
-    let _ = std::fmt::Write::write_fmt(&mut kept, format_args!("{error:#}"));
-    if kept.total == kept.text.len() {
-        return kept.text;
-    }
-    // Cut as `admission::text::cut` does: whole characters, then `...`.
-    let mut end = kept.text.len().min(kept.max - 3);
-    while !kept.text.is_char_boundary(end) {
-        end -= 1;
-    }
-    kept.text.truncate(end);
-    format!(
-        "{}... ({} more bytes not shown)",
-        kept.text,
-        kept.total - end
-    )
-}
-
-/// The first bytes written to it, at most `max` (whole characters), and the count of all.
-struct Kept {
-    text: String,
-    max: usize,
-    /// Whether something was left out: nothing later is kept (the text stays a prefix).
-    full: bool,
-    total: usize,
-}
-
-impl std::fmt::Write for Kept {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.total += s.len();
-        if self.full {
-            return Ok(());
-        }
-        let mut end = (self.max - self.text.len()).min(s.len());
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.text.push_str(&s[..end]);
-        self.full = end < s.len();
-        Ok(())
+    const NOTE: usize = 45;
+    match crate::admission::text::shown_counted(
+        format_args!("{error:#}"),
+        STATUS_ERROR_BYTES - NOTE,
+    ) {
+        (text, 0) => text,
+        (text, left) => format!("{text} ({left} more bytes not shown)"),
     }
 }
 
