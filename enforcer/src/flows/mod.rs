@@ -21,11 +21,7 @@ use crate::datapath::Tables;
 /// socket cookie. Records change while they are read (the kernel adds and deletes them): a
 /// record deleted between listing its key and reading it is skipped.
 pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
-    let path = dir.join(maps::FLOWS);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
-        .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
+    let map = flows_map(dir)?;
     let mut out = Vec::new();
     for key in map.keys() {
         let Ok(cookie) = key else { continue };
@@ -39,16 +35,20 @@ pub fn read(dir: &Path) -> Result<Vec<(u64, FlowRecord)>> {
 
 /// The record of `cookie` in the pinned `FLOWS` map under `dir`, `None` when it has none.
 pub fn record(dir: &Path, cookie: u64) -> Result<Option<FlowRecord>> {
-    let path = dir.join(maps::FLOWS);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let map: HashMap<MapData, u64, FlowRecord> = HashMap::try_from(Map::HashMap(data))
-        .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))?;
-    match map.get(&cookie, 0) {
+    match flows_map(dir)?.get(&cookie, 0) {
         Ok(record) => Ok(Some(record)),
         Err(aya::maps::MapError::KeyNotFound) => Ok(None),
         Err(error) => Err(error).context("reading a FLOWS record"),
     }
+}
+
+/// The pinned `FLOWS` map under `dir`, read-only use.
+fn flows_map(dir: &Path) -> Result<HashMap<MapData, u64, FlowRecord>> {
+    let path = dir.join(maps::FLOWS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("map {} has an unexpected type or layout", maps::FLOWS))
 }
 
 /// Deletes the record of `cookie` (a socket that is gone without its CLOSE callback: a
