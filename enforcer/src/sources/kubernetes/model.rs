@@ -482,6 +482,7 @@ pub fn cluster_state_with(snapshot: &Snapshot, rules: &Rules, memo: &mut Memo) -
     }
     problems.sort();
     problems.dedup();
+    let problems = bounded_per_namespace(problems);
     unidentified_ips.sort();
     unidentified_ips.dedup();
     ClusterState {
@@ -899,12 +900,10 @@ fn ingress_mode(text: &str) -> Option<IngressMode> {
     }
 }
 
-/// At most 64 characters of a hostile value, for a problem line (`{:?}` escapes the rest).
+/// At most 64 bytes of a hostile value (whole characters, then `...`), for a problem line
+/// (`{:?}` escapes the rest).
 fn shown(value: &str) -> String {
-    match value.char_indices().nth(64) {
-        Some((i, _)) => format!("{}...", &value[..i]),
-        None => value.to_string(),
-    }
+    crate::admission::text::cut(value, 64)
 }
 
 /// The destination marks of a pod: its [`labels::MARKS`] annotations, each checked on its
@@ -1379,6 +1378,52 @@ const PORT_PROBLEMS_PER_SERVICE: usize = 4;
 /// what a tenant wrote (EndpointSlices, any number, each address any number of times: red-team
 /// review 71 N2), counting every port, also those the merge then denies.
 const SOURCE_ADDRESSES_PER_TENANT: usize = 4 * MAX_BACKENDS_PER_TENANT;
+
+/// Problem lines listed per namespace about its pods and Services; the rest are counted in
+/// one line. Whoever may create pods or Services in a namespace may create any number, each
+/// with problems, and every line is a log line and a `cluster.problem` event on every node
+/// (red-team review 70 M1; [`PORT_PROBLEMS_PER_SERVICE`] bounds one Service's).
+const OBJECT_PROBLEMS_PER_NAMESPACE: usize = 32;
+
+/// `problems` (sorted) with at most [`OBJECT_PROBLEMS_PER_NAMESPACE`] lines about one
+/// namespace's pods and Services (the first in order), and for each namespace that had more,
+/// one line that counts the rest; sorted.
+fn bounded_per_namespace(problems: Vec<String>) -> Vec<String> {
+    let mut listed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(problems.len());
+    for line in problems {
+        match object_namespace(&line) {
+            Some(namespace) => {
+                let count = listed.entry(namespace.to_string()).or_default();
+                *count += 1;
+                if *count <= OBJECT_PROBLEMS_PER_NAMESPACE {
+                    out.push(line);
+                }
+            }
+            None => out.push(line),
+        }
+    }
+    for (namespace, count) in listed {
+        if count > OBJECT_PROBLEMS_PER_NAMESPACE {
+            out.push(format!(
+                "namespace {namespace}: {} more problems with its pods and Services not listed",
+                count - OBJECT_PROBLEMS_PER_NAMESPACE
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The namespace of a problem line about one pod or Service: the lines that begin with their
+/// object, `pod {namespace}/{name}` ([`pod_identity`]) or `service {namespace}/{name}`
+/// ([`services`]); names of both hold no `/`.
+fn object_namespace(line: &str) -> Option<&str> {
+    let object = line
+        .strip_prefix("pod ")
+        .or_else(|| line.strip_prefix("service "))?;
+    Some(object.split_once('/')?.0)
+}
 
 /// Problem lines about one object, the first `limit` listed and the rest counted.
 struct BoundedLines<'a> {

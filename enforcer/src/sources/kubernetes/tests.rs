@@ -320,6 +320,74 @@ fn invalid_labels_leave_the_pod_out() {
     }
 }
 
+/// A namespace's pods and Services make at most `OBJECT_PROBLEMS_PER_NAMESPACE` problem lines
+/// (each is a `cluster.problem` event on every node), the rest counted in one line; another
+/// namespace's lines are all listed (red-team review 70 M1).
+#[test]
+fn one_namespace_s_problem_lines_are_bounded_and_counted() {
+    let bad = |ns: &str, n: usize| {
+        pod(
+            ns,
+            &format!("bad-{n:03}"),
+            json!({labels::PURPOSE: "rag pipeline"}),
+            "n",
+            &format!("127.82.{}.{}", n / 200, 1 + n % 200),
+        )
+    };
+    let mut pods: Vec<Pod> = (0..100).map(|n| bad("acme", n)).collect();
+    pods.extend((0..3).map(|n| bad("globex", n)));
+    let mut services: Vec<Service> = (0..10)
+        .map(|n| {
+            service(
+                "acme",
+                &format!("sctp-{n}"),
+                "127.85.1.1",
+                json!([{"port": 80, "protocol": "SCTP"}]),
+            )
+        })
+        .collect();
+    services.push(service(
+        "globex",
+        "sctp",
+        "127.85.1.2",
+        json!([{"port": 80, "protocol": "SCTP"}]),
+    ));
+    let s = cluster_state(
+        &Snapshot {
+            nodes: Vec::new(),
+            pods: store_state(pods),
+            namespaces: store_state(vec![
+                tenant_ns("acme", "acme"),
+                tenant_ns("globex", "globex"),
+            ]),
+            services: store_state(services),
+            backends: Backends::Endpoints(Vec::new()),
+        },
+        &rules(),
+    );
+    let of = |prefix: &str| s.problems.iter().filter(|p| p.starts_with(prefix)).count();
+    assert_eq!(
+        of("pod acme/") + of("service acme/"),
+        32,
+        "{:#?}",
+        s.problems
+    );
+    assert!(
+        s.problems.contains(
+            &"namespace acme: 78 more problems with its pods and Services not listed".to_string()
+        ),
+        "{:#?}",
+        s.problems
+    );
+    assert_eq!(
+        (of("pod globex/"), of("service globex/")),
+        (3, 1),
+        "{:#?}",
+        s.problems
+    );
+    assert_eq!(of("namespace globex"), 0, "{:#?}", s.problems);
+}
+
 #[test]
 fn invalid_or_contradictory_namespace_metadata_leaves_its_pods_out() {
     let s = state(
