@@ -12,13 +12,16 @@
 //! file, synced and renamed over the old one (then the directory synced), so a crash leaves
 //! the old or the new state, never half of one. Writes happen on a thread of their own
 //! ([`Writer`]), at most once per [`PERSIST_INTERVAL`] (a burst of changes is one write of
-//! its last state), so the agent's loop never waits on the disk; a write that fails is logged
-//! and retried with the next change. The window starts at the first run and is kept in the file: a
+//! its last state, copied by the writer when it writes, never per change), so the agent's
+//! loop never waits on the disk; a write that fails is logged and retried with the next
+//! change. The window starts at the first run and is kept in the file: a
 //! restart neither restarts nor forgets it. Bounded: [`MAX_SUBJECTS`] subjects, of which
-//! each tenant may hold an equal share ([`Learner::set_tenants`]), and [`MAX_DATASETS`]
-//! datasets each (learned and reported together); what a bound refuses is reported once and
-//! not recorded, so a workload that sprays connections cannot grow the agent's memory or the
-//! file, and a tenant that rotates label sets fills its own share, not the others'.
+//! each tenant may hold an equal share ([`Learner::set_tenants`]), [`MAX_DATASETS`]
+//! datasets each (learned and reported together), and [`MAX_BYTES`] of names in all, shared
+//! by tenants likewise (names are long: a subject or an `endpoint:` dataset names a service
+//! account, up to 253 bytes: red-team review 73 M1); what a bound refuses is reported once
+//! and not recorded, so a workload that sprays connections cannot grow the agent's memory or
+//! the file, and a tenant that rotates label sets fills its own share, not the others'.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -50,6 +53,21 @@ pub const MAX_SUBJECTS: usize = 4096;
 pub const MIN_TENANT_SUBJECTS: usize = 16;
 /// Datasets per subject at most (its neighbourhood and the anomalies reported for it).
 pub const MAX_DATASETS: usize = 256;
+/// Bytes of names recorded at most: each subject's name and tenant and each dataset's name,
+/// plus [`ENTRY_BYTES`] per subject and dataset (about what one takes in the file beyond its
+/// name), so that the file stays near this size and the state in memory within a few times
+/// it. Shared by tenants as [`MAX_SUBJECTS`] is.
+pub const MAX_BYTES: usize = 16 << 20;
+/// A tenant's share of [`MAX_BYTES`] never goes below this: [`MIN_TENANT_SUBJECTS`]'s part.
+pub const MIN_TENANT_BYTES: usize = MAX_BYTES / (MAX_SUBJECTS / MIN_TENANT_SUBJECTS);
+/// What one recorded name costs beyond its bytes (see [`MAX_BYTES`]).
+const ENTRY_BYTES: usize = 8;
+/// A file larger than this is refused at start (read whole, it would need its size again in
+/// memory): well above what [`MAX_BYTES`] lets the agent write.
+const MAX_FILE_BYTES: u64 = 4 * MAX_BYTES as u64;
+/// How far in the future a window's recorded start may be before it is taken as a clock's
+/// error (see [`Learner::open`]): clocks of a cluster's nodes differ by far less.
+const FUTURE_START_TOLERANCE: Duration = Duration::from_secs(24 * 3600);
 /// Format of [`FILE`].
 const VERSION: u32 = 1;
 /// At most one write of [`FILE`] per interval: the cluster state file's.
@@ -100,7 +118,9 @@ pub struct Learner {
     writer: Writer,
     window: Duration,
     started: SystemTime,
-    stored: Stored,
+    /// Shared with the writer thread, which copies it when it writes (at most once per
+    /// [`PERSIST_INTERVAL`]); locked by each alone, never both.
+    stored: Arc<Mutex<Stored>>,
     /// Bounds already reported (per subject, `*` for the subject bound, `*tenant` for a
     /// tenant's share).
     capped: BTreeSet<String>,
@@ -108,6 +128,25 @@ pub struct Learner {
     tenants: usize,
     /// Subjects recorded per tenant (`""` for none).
     per_tenant: BTreeMap<String, usize>,
+    /// Bytes recorded per tenant (`""` for none), and in all (see [`MAX_BYTES`]).
+    bytes_per_tenant: BTreeMap<String, usize>,
+    bytes: usize,
+}
+
+/// What recording `name` costs against [`MAX_BYTES`].
+fn cost(name: &str) -> usize {
+    name.len() + ENTRY_BYTES
+}
+
+/// What a subject and its neighbourhood cost against [`MAX_BYTES`].
+fn subject_cost(subject: &str, n: &Neighbourhood) -> usize {
+    cost(subject)
+        + n.tenant.as_deref().map_or(0, str::len)
+        + n.learned
+            .iter()
+            .chain(&n.reported)
+            .map(|d| cost(d))
+            .sum::<usize>()
 }
 
 impl Learner {
@@ -117,7 +156,17 @@ impl Learner {
     /// thread's).
     pub fn open(state_dir: &Path, window: Duration, now: SystemTime) -> Result<Learner> {
         let file = state_dir.join(FILE);
-        let stored = match std::fs::read(&file) {
+        if let Ok(meta) = std::fs::metadata(&file) {
+            if meta.len() > MAX_FILE_BYTES {
+                anyhow::bail!(
+                    "{} holds {} bytes, more than this agent writes ({MAX_FILE_BYTES}); move \
+                     it away to learn afresh",
+                    file.display(),
+                    meta.len()
+                );
+            }
+        }
+        let mut stored = match std::fs::read(&file) {
             Ok(bytes) => {
                 let stored: Stored = serde_json::from_slice(&bytes).with_context(|| {
                     format!(
@@ -141,8 +190,20 @@ impl Learner {
             },
             Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
         };
-        let started = humantime::parse_rfc3339(&stored.started)
+        let mut started = humantime::parse_rfc3339(&stored.started)
             .with_context(|| format!("{}: bad `started` {:?}", file.display(), stored.started))?;
+        // A window that started in the future (the node's clock was ahead at the first run)
+        // would keep learning for as long, and report no anomaly (red-team review 73 I2): it
+        // starts again now.
+        if started > now + FUTURE_START_TOLERANCE {
+            tracing::error!(
+                file = %file.display(),
+                started = %stored.started,
+                "the learning window starts in the future; it starts again now"
+            );
+            started = now;
+            stored.started = humantime::format_rfc3339_nanos(now).to_string();
+        }
         // A step-up whose end cannot be read would never be lifted (red-team review 39):
         // refused like a bad `started`.
         for (workload, until) in &stored.step_ups {
@@ -158,13 +219,18 @@ impl Learner {
         }
         crate::sources::kubernetes::write_atomically(&file, &stored)?;
         let mut per_tenant = BTreeMap::new();
-        for n in stored.subjects.values() {
-            *per_tenant
-                .entry(n.tenant.clone().unwrap_or_default())
-                .or_insert(0) += 1;
+        let mut bytes_per_tenant = BTreeMap::new();
+        let mut bytes = 0;
+        for (subject, n) in &stored.subjects {
+            let tenant = n.tenant.clone().unwrap_or_default();
+            let cost = subject_cost(subject, n);
+            *bytes_per_tenant.entry(tenant.clone()).or_insert(0) += cost;
+            bytes += cost;
+            *per_tenant.entry(tenant).or_insert(0) += 1;
         }
+        let stored = Arc::new(Mutex::new(stored));
         Ok(Learner {
-            writer: Writer::start(file.clone()),
+            writer: Writer::start(file.clone(), stored.clone()),
             file,
             window,
             started,
@@ -172,6 +238,8 @@ impl Learner {
             capped: BTreeSet::new(),
             tenants: 0,
             per_tenant,
+            bytes_per_tenant,
+            bytes,
         })
     }
 
@@ -188,6 +256,27 @@ impl Learner {
         (MAX_SUBJECTS / (self.tenants + 1)).max(MIN_TENANT_SUBJECTS)
     }
 
+    /// The bytes bound that recording `more` bytes for `tenant` would pass, if any: the
+    /// tenant's share (as [`Learner::tenant_share`]) or [`MAX_BYTES`].
+    fn bytes_bound(&self, tenant: &str, more: usize) -> Option<(String, String)> {
+        let share = (MAX_BYTES / (self.tenants + 1)).max(MIN_TENANT_BYTES);
+        let held = self.bytes_per_tenant.get(tenant).copied().unwrap_or(0);
+        if self.bytes + more > MAX_BYTES {
+            Some(("*bytes".to_string(), format!("{MAX_BYTES} bytes of names")))
+        } else if held + more > share {
+            Some((
+                format!("*bytes:{tenant}"),
+                format!("{share} bytes of names of tenant {tenant:?} (its share)"),
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn stored(&self) -> std::sync::MutexGuard<'_, Stored> {
+        self.stored.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// When the window ends.
     pub fn learning_until(&self) -> SystemTime {
         self.started + self.window
@@ -197,8 +286,9 @@ impl Learner {
         now < self.learning_until()
     }
 
-    pub fn neighbourhood(&self, subject: &str) -> Option<&Neighbourhood> {
-        self.stored.subjects.get(subject)
+    /// A copy of `subject`'s neighbourhood.
+    pub fn neighbourhood(&self, subject: &str) -> Option<Neighbourhood> {
+        self.stored().subjects.get(subject).cloned()
     }
 
     /// Records that `subject` reached `datasets` at `now`; a change is handed to the writer
@@ -212,9 +302,12 @@ impl Learner {
         now: SystemTime,
     ) -> Result<Outcome> {
         let learning = self.learning(now);
-        if !self.stored.subjects.contains_key(subject) {
-            let tenant_key = tenant.unwrap_or_default();
-            let bound = if self.stored.subjects.len() >= MAX_SUBJECTS {
+        let tenant_key = tenant.unwrap_or_default();
+        let known = self.stored().subjects.contains_key(subject);
+        if !known {
+            let more =
+                cost(subject) + tenant_key.len() + datasets.iter().map(|d| cost(d)).sum::<usize>();
+            let bound = if self.stored().subjects.len() >= MAX_SUBJECTS {
                 Some(("*".to_string(), format!("{MAX_SUBJECTS} subjects")))
             } else if self.per_tenant.get(tenant_key).copied().unwrap_or(0) >= self.tenant_share() {
                 Some((
@@ -224,8 +317,10 @@ impl Learner {
                         self.tenant_share()
                     ),
                 ))
-            } else {
+            } else if datasets.is_empty() {
                 None
+            } else {
+                self.bytes_bound(tenant_key, more)
             };
             if let Some((key, what)) = bound {
                 let first = self.capped.insert(key);
@@ -247,7 +342,7 @@ impl Learner {
                     Outcome::Known
                 });
             }
-            self.stored.subjects.insert(
+            self.stored().subjects.insert(
                 subject.to_string(),
                 Neighbourhood {
                     tenant: tenant.map(str::to_string),
@@ -255,29 +350,60 @@ impl Learner {
                 },
             );
             *self.per_tenant.entry(tenant_key.to_string()).or_insert(0) += 1;
+            self.charge(tenant_key, cost(subject) + tenant_key.len());
         } else if let Some(t) = tenant {
             // A subject from an earlier agent's file has no tenant: it is counted under its
             // tenant from its first contact on.
-            if let Some(n) = self.stored.subjects.get_mut(subject) {
-                if n.tenant.is_none() {
-                    n.tenant = Some(t.to_string());
-                    if let Some(c) = self.per_tenant.get_mut("") {
-                        *c = c.saturating_sub(1);
+            let moved = {
+                let mut stored = self.stored();
+                match stored.subjects.get_mut(subject) {
+                    Some(n) if n.tenant.is_none() => {
+                        let before = subject_cost(subject, n);
+                        n.tenant = Some(t.to_string());
+                        Some(before)
                     }
-                    *self.per_tenant.entry(t.to_string()).or_insert(0) += 1;
+                    _ => None,
                 }
+            };
+            if let Some(before) = moved {
+                if let Some(c) = self.per_tenant.get_mut("") {
+                    *c = c.saturating_sub(1);
+                }
+                *self.per_tenant.entry(t.to_string()).or_insert(0) += 1;
+                if let Some(b) = self.bytes_per_tenant.get_mut("") {
+                    *b = b.saturating_sub(before);
+                }
+                self.bytes = self.bytes.saturating_sub(before);
+                self.charge(t, before + t.len());
             }
         }
-        let entry = self
-            .stored
-            .subjects
-            .get_mut(subject)
-            .expect("inserted above");
-        let new: Vec<String> = datasets
-            .iter()
-            .filter(|d| !entry.learned.contains(*d) && !entry.reported.contains(*d))
-            .cloned()
-            .collect();
+        let (owner, new): (String, Vec<String>) = {
+            let stored = self.stored();
+            let entry = stored.subjects.get(subject).expect("inserted above");
+            // The subject's bytes are its tenant's (as recorded: the one it was first seen with).
+            let owner = entry.tenant.clone().unwrap_or_default();
+            let new: Vec<String> = datasets
+                .iter()
+                .filter(|d| !entry.learned.contains(*d) && !entry.reported.contains(*d))
+                .cloned()
+                .collect();
+            if !new.is_empty()
+                && entry.learned.len() + entry.reported.len() + new.len() > MAX_DATASETS
+            {
+                drop(stored);
+                let first = self.capped.insert(subject.to_string());
+                // As above: fail closed after the window.
+                return Ok(if learning {
+                    Outcome::Capped {
+                        what: format!("{MAX_DATASETS} datasets of {subject}"),
+                        first,
+                    }
+                } else {
+                    Outcome::Anomaly { new }
+                });
+            }
+            (owner, new)
+        };
         if new.is_empty() {
             return Ok(if learning {
                 Outcome::Learning { added: 0 }
@@ -285,47 +411,60 @@ impl Learner {
                 Outcome::Known
             });
         }
-        if entry.learned.len() + entry.reported.len() + new.len() > MAX_DATASETS {
-            let first = self.capped.insert(subject.to_string());
+        let more = new.iter().map(|d| cost(d)).sum::<usize>();
+        if let Some((key, what)) = self.bytes_bound(&owner, more) {
+            let first = self.capped.insert(key);
             // As above: fail closed after the window.
             return Ok(if learning {
-                Outcome::Capped {
-                    what: format!("{MAX_DATASETS} datasets of {subject}"),
-                    first,
-                }
+                Outcome::Capped { what, first }
             } else {
                 Outcome::Anomaly { new }
             });
         }
-        let outcome = if learning {
-            entry.learned.extend(new.iter().cloned());
-            Outcome::Learning { added: new.len() }
-        } else {
-            entry.reported.extend(new.iter().cloned());
-            Outcome::Anomaly { new }
+        self.charge(&owner, more);
+        let outcome = {
+            let mut stored = self.stored();
+            let entry = stored.subjects.get_mut(subject).expect("inserted above");
+            if learning {
+                entry.learned.extend(new.iter().cloned());
+                Outcome::Learning { added: new.len() }
+            } else {
+                entry.reported.extend(new.iter().cloned());
+                Outcome::Anomaly { new }
+            }
         };
         self.save()?;
         Ok(outcome)
     }
 
+    /// Counts `bytes` more recorded for `tenant`.
+    fn charge(&mut self, tenant: &str, bytes: usize) {
+        *self.bytes_per_tenant.entry(tenant.to_string()).or_insert(0) += bytes;
+        self.bytes += bytes;
+    }
+
     /// Step-up quarantines in force and when they lift.
-    pub fn step_ups(&self) -> impl Iterator<Item = (&str, SystemTime)> {
-        self.stored.step_ups.iter().filter_map(|(workload, until)| {
-            Some((workload.as_str(), humantime::parse_rfc3339(until).ok()?))
-        })
+    pub fn step_ups(&self) -> Vec<(String, SystemTime)> {
+        self.stored()
+            .step_ups
+            .iter()
+            .filter_map(|(workload, until)| {
+                Some((workload.clone(), humantime::parse_rfc3339(until).ok()?))
+            })
+            .collect()
     }
 
     /// Records (`Some`) or forgets (`None`) when `workload`'s step-up quarantine lifts.
     pub fn set_step_up(&mut self, workload: &str, until: Option<SystemTime>) -> Result<()> {
         match until {
             Some(at) => {
-                self.stored.step_ups.insert(
+                self.stored().step_ups.insert(
                     workload.to_string(),
                     humantime::format_rfc3339_nanos(at).to_string(),
                 );
             }
             None => {
-                if self.stored.step_ups.remove(workload).is_none() {
+                if self.stored().step_ups.remove(workload).is_none() {
                     return Ok(());
                 }
             }
@@ -333,9 +472,10 @@ impl Learner {
         self.save()
     }
 
-    /// Hands the current state to the writer thread (a copy: the loop goes on at once).
+    /// Tells the writer thread that the state changed (it copies it when it writes: the loop
+    /// goes on at once, and a burst of changes costs one copy, not one each).
     fn save(&self) -> Result<()> {
-        self.writer.write(self.stored.clone());
+        self.writer.changed();
         Ok(())
     }
 
@@ -348,19 +488,22 @@ impl Learner {
     }
 }
 
-/// Writes [`Stored`] states to the file on a thread of its own, newest first: a state handed
-/// over while one is being written (or within [`PERSIST_INTERVAL`] of the last write)
-/// replaces any older one still waiting. Dropped, it writes what is waiting, then stops.
+/// Writes the shared [`Stored`] state to the file on a thread of its own, a copy of it as it
+/// is when the write starts: changes made while one is being written (or within
+/// [`PERSIST_INTERVAL`] of the last write) are one write after it. Dropped, it writes what
+/// changed, then stops.
 #[derive(Debug)]
 struct Writer {
     file: PathBuf,
+    stored: Arc<Mutex<Stored>>,
     slot: Arc<(Mutex<Slot>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Debug, Default)]
 struct Slot {
-    next: Option<Stored>,
+    /// The state changed since the last write started.
+    dirty: bool,
     /// A state taken by the thread and not yet written.
     writing: bool,
     /// Write now, whatever the interval (a flush, or the writer dropped).
@@ -371,38 +514,50 @@ struct Slot {
 }
 
 impl Writer {
-    fn start(file: PathBuf) -> Writer {
+    fn start(file: PathBuf, stored: Arc<Mutex<Stored>>) -> Writer {
         let slot: Arc<(Mutex<Slot>, Condvar)> = Arc::default();
-        let (theirs, path) = (slot.clone(), file.clone());
+        let (theirs, path, state) = (slot.clone(), file.clone(), stored.clone());
         let thread = std::thread::Builder::new()
             .name("learn-persist".into())
-            .spawn(move || Writer::run(&path, &theirs))
+            .spawn(move || Writer::run(&path, &state, &theirs))
             .map_err(|error| {
                 tracing::error!("cannot start the thread that writes the neighbourhoods ({error}); they are written on the agent's loop");
             })
             .ok();
-        Writer { file, slot, thread }
+        Writer {
+            file,
+            stored,
+            slot,
+            thread,
+        }
     }
 
-    fn run(file: &Path, slot: &(Mutex<Slot>, Condvar)) {
+    /// A copy of the state (the slot's lock is not held: the learner takes the state's lock
+    /// and then the slot's, never both at once).
+    fn copy(stored: &Mutex<Stored>) -> Stored {
+        stored.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn run(file: &Path, stored: &Mutex<Stored>, slot: &(Mutex<Slot>, Condvar)) {
         let (lock, changed) = slot;
         let mut last_write: Option<Instant> = None;
         loop {
-            let next = {
+            {
                 let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let wait = last_write
                         .map(|t| PERSIST_INTERVAL.saturating_sub(t.elapsed()))
                         .unwrap_or_default();
-                    if s.next.is_some() && (wait.is_zero() || s.urgent || s.closed) {
+                    if s.dirty && (wait.is_zero() || s.urgent || s.closed) {
                         s.writing = true;
-                        break s.next.take().expect("checked");
+                        s.dirty = false;
+                        break;
                     }
                     s.urgent = false;
                     if s.closed {
                         return;
                     }
-                    s = if s.next.is_some() {
+                    s = if s.dirty {
                         changed
                             .wait_timeout(s, wait)
                             .unwrap_or_else(|e| e.into_inner())
@@ -413,7 +568,9 @@ impl Writer {
                 }
             };
             last_write = Some(Instant::now());
+            let next = Writer::copy(stored);
             let written = crate::sources::kubernetes::write_atomically(file, &next);
+            drop(next);
             let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
             s.writing = false;
             match written {
@@ -430,11 +587,12 @@ impl Writer {
         }
     }
 
-    fn write(&self, state: Stored) {
+    fn changed(&self) {
         let (lock, changed) = &*self.slot;
-        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.thread.is_none() {
             // No thread could be started: write here, on the caller's loop.
+            let state = Writer::copy(&self.stored);
+            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
             match crate::sources::kubernetes::write_atomically(&self.file, &state) {
                 Ok(()) => s.error = None,
                 Err(error) => {
@@ -444,7 +602,8 @@ impl Writer {
             }
             return;
         }
-        s.next = Some(state);
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.dirty = true;
         changed.notify_all();
     }
 
@@ -454,7 +613,7 @@ impl Writer {
         if self.thread.is_some() {
             s.urgent = true;
             changed.notify_all();
-            while s.next.is_some() || s.writing {
+            while s.dirty || s.writing {
                 s = changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
         }
@@ -622,6 +781,88 @@ mod tests {
 
     /// Subjects without a tenant (system workloads) have a share of their own, and a node
     /// with one tenant leaves that tenant half the table, not all of it to nobody.
+    /// Names are long (a subject or an `endpoint:` dataset names a service account, up to 253
+    /// bytes): counts alone let one tenant make the file (and the state in memory, copied at
+    /// each change) hundreds of megabytes (red-team review 73 M1). Its names are bounded in
+    /// bytes by its share; another tenant still has its own; after the window what is over
+    /// the bound is an anomaly at every contact (fail closed).
+    #[test]
+    fn a_tenant_s_names_are_bounded_in_bytes_by_its_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        l.set_tenants(2);
+        let long = |what: &str, n: usize| format!("endpoint:greedy/{what}-{n}-{}", "x".repeat(300));
+        let datasets: Vec<Vec<String>> = (0..8)
+            .map(|b| {
+                (0..MAX_DATASETS)
+                    .map(|d| long(&format!("kb{b}"), d))
+                    .collect()
+            })
+            .collect();
+        let mut capped = 0;
+        for n in 0..400 {
+            let subject = format!("greedy/sa-{n}#{}", "y".repeat(240));
+            match l
+                .observe(&subject, Some("greedy"), &datasets[n % 8], t0)
+                .unwrap()
+            {
+                Outcome::Learning { .. } => {}
+                Outcome::Capped { what, .. } => {
+                    assert!(
+                        what.contains("bytes of names of tenant \"greedy\""),
+                        "{what}"
+                    );
+                    capped += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // 400 subjects of ~82 KB each would be ~33 MB; a third of 16 MiB is ~68 of them.
+        assert!(capped > 300, "{capped}");
+        l.flush().unwrap();
+        let size = std::fs::metadata(dir.path().join(FILE)).unwrap().len() as usize;
+        assert!(size <= MAX_BYTES / 3, "{size}");
+        assert_eq!(
+            l.observe("modest/a", Some("modest"), &d(&["kb1", "kb2"]), t0)
+                .unwrap(),
+            Outcome::Learning { added: 2 }
+        );
+        let after = t0 + Duration::from_secs(61);
+        for _ in 0..2 {
+            assert_eq!(
+                l.observe("greedy/sa-late", Some("greedy"), &datasets[1], after)
+                    .unwrap(),
+                Outcome::Anomaly {
+                    new: datasets[1].clone()
+                }
+            );
+        }
+        // Counted again from the file at a reopen.
+        drop(l);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        l.set_tenants(2);
+        assert!(matches!(
+            l.observe("greedy/sa-new", Some("greedy"), &datasets[0], t0)
+                .unwrap(),
+            Outcome::Capped { .. }
+        ));
+    }
+
+    /// A file larger than the agent writes is refused before it is read.
+    #[test]
+    fn a_file_beyond_the_byte_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join(FILE)).unwrap();
+        file.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let error = format!(
+            "{:#}",
+            Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap_err()
+        );
+        assert!(error.contains("more than this agent writes"), "{error}");
+    }
+
     #[test]
     fn subjects_without_a_tenant_share_like_a_tenant() {
         let dir = tempfile::tempdir().unwrap();
@@ -683,6 +924,27 @@ mod tests {
         );
     }
 
+    /// A window recorded as starting a year from now (a clock ahead at the first run) would
+    /// report no anomaly for a year: it starts again at this run.
+    #[test]
+    fn a_window_that_starts_in_the_future_starts_again_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let year = Duration::from_secs(365 * 24 * 3600);
+        drop(Learner::open(dir.path(), Duration::from_secs(60), t0 + year).unwrap());
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        assert_eq!(l.learning_until(), t0 + Duration::from_secs(60));
+        let after = t0 + Duration::from_secs(61);
+        assert_eq!(
+            l.observe("a", None, &d(&["kb1"]), after).unwrap(),
+            Outcome::Anomaly { new: d(&["kb1"]) }
+        );
+        // Kept from then on.
+        drop(l);
+        let l = Learner::open(dir.path(), Duration::from_secs(60), after).unwrap();
+        assert_eq!(l.learning_until(), t0 + Duration::from_secs(60));
+    }
+
     #[test]
     fn step_ups_are_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -693,13 +955,13 @@ mod tests {
         l.flush().unwrap();
         let l2 = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
         assert_eq!(
-            l2.step_ups().collect::<Vec<_>>(),
-            vec![("a", t0 + Duration::from_secs(5))]
+            l2.step_ups(),
+            vec![("a".to_string(), t0 + Duration::from_secs(5))]
         );
         l.set_step_up("a", None).unwrap();
         l.flush().unwrap();
         let l3 = Learner::open(dir.path(), Duration::from_secs(1), t0).unwrap();
-        assert_eq!(l3.step_ups().count(), 0);
+        assert_eq!(l3.step_ups().len(), 0);
         // A step-up end that cannot be read stops the agent with the file's name, like a bad
         // `started`: skipped, that quarantine was never lifted (red-team review 39).
         l.set_step_up("a", Some(t0 + Duration::from_secs(5)))

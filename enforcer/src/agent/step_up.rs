@@ -76,7 +76,7 @@ impl Agent {
         };
         let neighbourhood: Vec<String> = learner
             .neighbourhood(&subject_name)
-            .map(|n| n.learned.iter().cloned().collect())
+            .map(|n| n.learned.into_iter().collect())
             .unwrap_or_default();
         let learned_until = learner.learning_until();
         // The step-up in force now (the policy may have changed since the connect).
@@ -277,10 +277,7 @@ impl Agent {
         let Some(learner) = &self.learner else {
             return;
         };
-        let recorded: Vec<(String, SystemTime)> = learner
-            .step_ups()
-            .map(|(name, until)| (name.to_string(), until))
-            .collect();
+        let recorded: Vec<(String, SystemTime)> = learner.step_ups();
         for (name, until) in recorded {
             // By the name its quarantine is kept under (its number may have moved since).
             let kept_at = self
