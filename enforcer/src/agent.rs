@@ -481,6 +481,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
         cgroup_mount,
         cgroup_root,
     } = prepare(&options)?;
+    // What the last agent left (read once: this agent writes it only once it runs), before
+    // anything changes in the kernel: a file that cannot be read stops the start, since
+    // starting without it would free what only it keeps (red-team review 73 L2).
+    let kept_state = load_state(&options.state_dir).with_context(|| {
+        format!(
+            "refusing to start without the quarantines, held cgroups and risk overrides the \
+             last agent kept; move {} away to start without them",
+            options.state_dir.join("state.json").display()
+        )
+    })?;
     // Bound before anything changes in the kernel: an address in use is an error of the
     // command line, and the first compile is timed too.
     let (metrics, _metrics_server) = match options.metrics {
@@ -528,8 +538,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
         None => None,
     };
-    // What the last agent left (read once: this agent writes it only once it runs).
-    let kept_state = read_state(&options.state_dir);
     let risk_overrides = kept_state
         .as_ref()
         .map(|s| s.risk_overrides.clone())
@@ -1985,17 +1993,19 @@ impl Agent {
             mapped_cgroups: self.cgroup_names.clone(),
             boot_id: kept::boot_id(),
         };
-        let file = self.options.state_dir.join("state.json");
-        std::fs::create_dir_all(&self.options.state_dir)
-            .with_context(|| format!("creating {}", self.options.state_dir.display()))?;
-        let tmp = file.with_extension("json.tmp");
-        // Compact: it is written again after every cgroup-map write, with an entry per mapped
-        // cgroup and per remembered move (red-team review 58 F3); `enforcer status` reads it.
-        std::fs::write(&tmp, serde_json::to_vec(&state)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
-        Ok(())
+        store_state(&self.options.state_dir, &state)
     }
+}
+
+/// Writes `state.json` in `state_dir`, the file [`load_state`] reads.
+fn store_state(state_dir: &Path, state: &AgentState) -> Result<()> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    // Compact (it is written again after every cgroup-map write, with an entry per mapped
+    // cgroup and per remembered move: red-team review 58 F3), and synced with its directory:
+    // a file the next agent cannot read stops it (`load_state`), and an unsynced rename could
+    // leave one of zero bytes after a power loss on a disk-backed `--state-dir` (review 73 L2).
+    crate::sources::kubernetes::write_atomically(&state_dir.join("state.json"), state)
 }
 
 /// Run-time risk scores outlive policy edits and agent restarts: they are a live signal, not
@@ -2008,9 +2018,27 @@ pub fn apply_risk_overrides(bundle: &mut Bundle, overrides: &BTreeMap<String, St
     }
 }
 
+/// The state the last agent left in `state_dir` (`state.json`), for the agent's start: none
+/// when there is no file; an error when there is one that cannot be read or parsed. That
+/// file alone carries the quarantines of identities with no entry in the pinned maps, those
+/// waiting by name, the held cgroups and the risk overrides, and starting without them
+/// silently freed quarantined workloads (red-team review 73 L2).
+pub fn load_state(state_dir: &Path) -> Result<Option<AgentState>> {
+    let file = state_dir.join("state.json");
+    let bytes = match std::fs::read(&file) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
+    };
+    let state = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not an agent state file", file.display()))?;
+    Ok(Some(state))
+}
+
+/// [`load_state`] for the commands that only show what the agent keeps (`status`, `explain`,
+/// `flows`): a file they cannot read is shown as none.
 pub fn read_state(state_dir: &Path) -> Option<AgentState> {
-    let text = std::fs::read_to_string(state_dir.join("state.json")).ok()?;
-    serde_json::from_str(&text).ok()
+    load_state(state_dir).ok().flatten()
 }
 
 fn report_unresolved(before: &Unresolved, after: &Unresolved) {
@@ -2768,4 +2796,81 @@ fn refresh_tai_offset(tables: &mut crate::datapath::Tables) {
 enum Hold {
     StepUp,
     Lasting,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{load_state, store_state, AgentState};
+
+    /// An unreadable state file was taken as none: the agent started without the quarantines,
+    /// holds and risk overrides only it keeps (red-team review 73 L2). It is an error naming
+    /// the file; a missing one is none.
+    #[test]
+    fn a_corrupt_state_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_state(dir.path()).unwrap().is_none(), "no file: none");
+        let file = dir.path().join("state.json");
+        for corrupt in [&b"{\"pid\":"[..], b"", b"{}"] {
+            std::fs::write(&file, corrupt).unwrap();
+            let error = load_state(dir.path()).unwrap_err();
+            let shown = format!("{error:#}");
+            assert!(shown.contains(&file.display().to_string()), "{shown}");
+        }
+        // Another read error than NotFound (a directory where the file should be).
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let error = load_state(dir.path()).unwrap_err();
+        assert!(
+            format!("{error:#}").contains(&format!("reading {}", file.display())),
+            "{error:#}"
+        );
+    }
+
+    /// What the agent writes it reads back whole, and the write leaves no temporary file.
+    #[test]
+    fn the_state_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let state: AgentState = serde_json::from_value(serde_json::json!({
+            "pid": 7,
+            "policies": "/policies",
+            "revision": "r1",
+            "applied_at": "2026-12-07T00:00:00Z",
+            "cgroup_root": "/sys/fs/cgroup",
+            "pin_dir": "/sys/fs/bpf/enforcer/v20",
+            "unresolved_cgroups": ["/gone"],
+            "risk_overrides": { "acme/app": "0.9" },
+            "quarantined": ["acme/app"],
+            "quarantined_ids": [300],
+            "quarantine_names": { "300": "acme/app" },
+            "waiting_quarantines": ["acme/api"],
+            "held_cgroups": { "10": "acme/app" },
+            "mapped_cgroups": { "1": [300, "acme/app"] },
+            "departures": [
+                { "cgroup_id": 7, "workload": "acme/api", "at_ns": 42, "identity": 301 },
+            ],
+            "boot_id": "b",
+        }))
+        .unwrap();
+        // Into a directory not there yet, as at a first start.
+        let state_dir = dir.path().join("state");
+        store_state(&state_dir, &state).unwrap();
+        let read = load_state(&state_dir)
+            .unwrap()
+            .expect("the file just written");
+        assert_eq!(
+            serde_json::to_value(&read).unwrap(),
+            serde_json::to_value(&state).unwrap()
+        );
+        let names: Vec<_> = std::fs::read_dir(&state_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["state.json"], "no temporary file left");
+        // Compact, as before (`enforcer status` reads it on every call).
+        let text = std::fs::read_to_string(state_dir.join("state.json")).unwrap();
+        assert_eq!(
+            text,
+            format!("{}\n", serde_json::to_string(&state).unwrap())
+        );
+    }
 }

@@ -920,26 +920,34 @@ fn remove_state_dir(dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        // state.json (+ its .tmp), control.sock, pdp-status.json, the loss totals reported
-        // (`lost-reported.json`), the runs `enforcer events --since` reads
-        // (`event-runs.json`), the PDP's bundle copy, the
-        // last applied bundle (`last_good`), the last cluster state (`--kubernetes`) and
-        // the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
+        // state.json (+ the .tmp of earlier agents), control.sock, events.sock,
+        // pdp-status.json, the loss totals reported (`lost-reported.json`), the runs
+        // `enforcer events --since` reads (`event-runs.json`), the PDP's bundle copy, the
+        // last applied bundle (`last_good`), the last cluster state (`--kubernetes`), the
+        // learned neighbourhoods (`--learn`: left behind, a reinstall inherited an ended
+        // window and stale step-ups, red-team review 73 I1), the temporary files
+        // `write_atomically` names `.<file>.tmp-...`, and the staging / temporary siblings
+        // `files::sibling` names `.<target>.<tag>-...`.
         let cluster_state = enforcer::sources::kubernetes::STATE_FILE;
+        let learned = enforcer::learn::FILE;
         let ours = matches!(
             name.as_ref(),
             "state.json"
                 | "state.json.tmp"
                 | "control.sock"
+                | "events.sock"
                 | "pdp-status.json"
                 | "pdp-bundle"
                 | "last-good-bundle"
                 | "lost-reported.json"
                 | "lost-reported.json.tmp"
         ) || name == cluster_state
+            || name == learned
             || name == enforcer::events::runs::FILE
             || name.starts_with(&format!(".{}.", enforcer::events::runs::FILE))
+            || name.starts_with(".state.json.tmp-")
             || name.starts_with(&format!(".{cluster_state}.tmp-"))
+            || name.starts_with(&format!(".{learned}.tmp-"))
             || name.starts_with(".pdp-bundle.")
             || name.starts_with(".last-good-bundle.")
             || name.starts_with(".pdp-status.json.");
@@ -997,4 +1005,54 @@ fn parse_follow_buffer(value: &str) -> Result<usize, String> {
         .ok()
         .filter(|b| (MIN_CAPACITY as u64..=MAX_CAPACITY as u64).contains(&(*b as u64)))
         .ok_or_else(|| format!("{value}: expected 1M to 1G"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_state_dir;
+
+    /// `detach` left the learner's file (and its temporary files) behind, though it says the
+    /// agent's state there is removed: a reinstall with `--learn` inherited an ended window
+    /// and stale step-ups (red-team review 73 I1). Every file the agent writes goes, with the
+    /// directory, and nothing else does.
+    #[test]
+    fn detach_removes_every_file_of_the_agents_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        let cluster_state = enforcer::sources::kubernetes::STATE_FILE;
+        let learned = enforcer::learn::FILE;
+        let files = [
+            "state.json".to_string(),
+            "state.json.tmp".to_string(),
+            ".state.json.tmp-12-0".to_string(),
+            "control.sock".to_string(),
+            "events.sock".to_string(),
+            "pdp-status.json".to_string(),
+            "lost-reported.json".to_string(),
+            enforcer::events::runs::FILE.to_string(),
+            cluster_state.to_string(),
+            format!(".{cluster_state}.tmp-12-3"),
+            learned.to_string(),
+            format!(".{learned}.tmp-12-4"),
+        ];
+        for name in &files {
+            std::fs::write(dir.join(name), "{}").unwrap();
+        }
+        std::fs::create_dir(dir.join("last-good-bundle")).unwrap();
+        std::fs::write(dir.join("last-good-bundle").join("inventory.yaml"), "").unwrap();
+        remove_state_dir(&dir);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .map(|entries| entries.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty() && !dir.exists(), "left behind: {left:?}");
+
+        // The operator's files stay (and so does the directory).
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(learned), "{}").unwrap();
+        std::fs::write(dir.join("neighbourhoods.json.bak"), "").unwrap();
+        remove_state_dir(&dir);
+        assert!(!dir.join(learned).exists());
+        assert!(dir.join("neighbourhoods.json.bak").exists());
+    }
 }

@@ -28,8 +28,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const TRY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where pages go: `http://HOST:PORT/PATH` (HTTP only: the webhook is expected on the node's
-/// network or behind a local relay).
-#[derive(Debug, Clone)]
+/// network or behind a local relay). Shown (`Display`, `Debug`) as `http://HOST:PORT` only:
+/// on-call webhooks carry their credential in the path or the query (Slack's
+/// `/services/T/B/<secret>`, `?token=`, `?code=`), and the agent's log is read more widely than
+/// its command line (red-team review 73 L1).
+#[derive(Clone)]
 pub struct Webhook {
     uri: Uri,
     authority: String,
@@ -76,7 +79,15 @@ impl Webhook {
 
 impl std::fmt::Display for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.uri)
+        // Parsing allows `http://` only; `authority` has the port, 80 when none was given.
+        write!(f, "http://{}", self.authority)
+    }
+}
+
+/// As `Display`: `RunOptions`, which holds one, derives `Debug`.
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Webhook({self})")
     }
 }
 
@@ -226,5 +237,32 @@ mod tests {
         }
         let err = Webhook::parse("http://u:p@pager:8080/x").unwrap_err();
         assert!(err.to_string().contains("credentials"), "{err}");
+    }
+
+    /// Webhooks carry their credential in the path or query (Slack's `/services/T/B/<secret>`,
+    /// `?token=`, `?code=`), and every try was logged with the whole URL (red-team review 73
+    /// L1): the log form is the scheme, host and port only; the request keeps the URL.
+    #[test]
+    fn the_log_form_hides_path_and_query() {
+        let hook = Webhook::parse("http://h:9/services/T/B/SECRET?token=x").unwrap();
+        for shown in [format!("{hook}"), format!("{hook:?}")] {
+            assert!(
+                !shown.contains("SECRET") && !shown.contains("token") && !shown.contains("/T/B"),
+                "{shown}"
+            );
+            assert!(shown.contains("http://h:9"), "{shown}");
+        }
+        assert_eq!(hook.to_string(), "http://h:9");
+        assert_eq!(
+            Webhook::parse("http://pager.local/p?code=c")
+                .unwrap()
+                .to_string(),
+            "http://pager.local:80"
+        );
+        assert_eq!(
+            Webhook::parse("http://[::1]:9000/p").unwrap().to_string(),
+            "http://[::1]:9000"
+        );
+        assert_eq!(hook.target(), "/services/T/B/SECRET?token=x");
     }
 }
