@@ -2036,9 +2036,13 @@ pub fn load_state(state_dir: &Path) -> Result<Option<AgentState>> {
 }
 
 /// [`load_state`] for the commands that only show what the agent keeps (`status`, `explain`,
-/// `flows`): a file they cannot read is shown as none.
+/// `flows`): a file they cannot read is shown as none, with a warning (the agent itself
+/// would not start on it).
 pub fn read_state(state_dir: &Path) -> Option<AgentState> {
-    load_state(state_dir).ok().flatten()
+    load_state(state_dir).unwrap_or_else(|error| {
+        tracing::warn!("shown without the agent's state: {error:#}");
+        None
+    })
 }
 
 fn report_unresolved(before: &Unresolved, after: &Unresolved) {

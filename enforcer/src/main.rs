@@ -139,8 +139,10 @@ enum Command {
         learn: Option<std::time::Duration>,
         /// POST each step-up (a `flow.anomaly` on an endpoint with `step_up`) as JSON to this
         /// URL (http://HOST:PORT/PATH), retried with backoff, never blocking enforcement.
-        #[arg(long, value_name = "URL", value_parser = enforcer::page::Webhook::parse)]
-        page_webhook: Option<enforcer::page::Webhook>,
+        /// (Parsed after the command line, not by clap, whose error repeats the value whole:
+        /// a webhook's path or query often holds its credential.)
+        #[arg(long, value_name = "URL")]
+        page_webhook: Option<String>,
         /// How far an identity option's time may be from this node's wall clock, either way,
         /// before its SYN is refused as `stale_tag` (a replay, or a node whose clock is off).
         /// Covers the node clocks' disagreement and the SYN retransmissions of one connect.
@@ -615,7 +617,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     .transpose()?,
                 events_follow_buffer,
                 learn,
-                page_webhook,
+                page_webhook: page_webhook
+                    .as_deref()
+                    .map(enforcer::page::Webhook::parse)
+                    .transpose()?,
                 wire_max_skew,
                 wire_accept_v1_until,
             };

@@ -41,33 +41,39 @@ pub struct Webhook {
 impl Webhook {
     /// Parses `--page-webhook`. Errors: not an absolute `http://` URL.
     pub fn parse(text: &str) -> Result<Webhook> {
+        // Errors name the URL without its path, query or credentials (see `Display`): the
+        // agent's start error is logged, and in a crash loop logged again at every restart.
+        let text_shown = shown(text);
+        let text_shown = text_shown.as_str();
         let uri: Uri = text
             .parse()
-            .with_context(|| format!("--page-webhook {text:?} is not a URL"))?;
+            .with_context(|| format!("--page-webhook {text_shown:?} is not a URL"))?;
         match uri.scheme_str() {
             Some("http") => {}
             Some(other) => {
-                bail!("--page-webhook {text:?}: scheme {other}:// is not supported (http:// only)")
+                bail!("--page-webhook {text_shown:?}: scheme {other}:// is not supported (http:// only)")
             }
-            None => bail!("--page-webhook {text:?}: give an absolute URL, http://HOST:PORT/PATH"),
+            None => {
+                bail!("--page-webhook {text_shown:?}: give an absolute URL, http://HOST:PORT/PATH")
+            }
         }
         let Some(authority) = uri.authority() else {
-            bail!("--page-webhook {text:?} has no host");
+            bail!("--page-webhook {text_shown:?} has no host");
         };
         // `http::Uri` takes a port it cannot read (`:99999`, `:abc`, `:`) as none, which
         // would page port 80; and credentials in the URL would be sent as the host.
         if authority.as_str().contains('@') {
-            bail!("--page-webhook {text:?}: credentials in the URL are not supported");
+            bail!("--page-webhook {text_shown:?}: credentials in the URL are not supported");
         }
         let authority = match (authority.port_u16(), authority.as_str().rsplit_once(':')) {
             (Some(_), _) => authority.to_string(),
             (None, Some((_, port))) if !port.ends_with(']') => {
-                bail!("--page-webhook {text:?}: invalid port `{port}` (1-65535)")
+                bail!("--page-webhook {text_shown:?}: invalid port `{port}` (1-65535)")
             }
             (None, _) => format!("{}:80", authority.host()),
         };
         if uri.port_u16() == Some(0) {
-            bail!("--page-webhook {text:?}: invalid port `0` (1-65535)");
+            bail!("--page-webhook {text_shown:?}: invalid port `0` (1-65535)");
         }
         Ok(Webhook { uri, authority })
     }
@@ -75,6 +81,21 @@ impl Webhook {
     fn target(&self) -> &str {
         self.uri.path_and_query().map_or("/", |p| p.as_str())
     }
+}
+
+/// A URL as messages show it: the scheme and authority without credentials (`user:pass@`),
+/// then `/...` when anything followed (a path, a query: where webhooks keep their secret).
+fn shown(text: &str) -> String {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), text),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = rest[..end]
+        .rsplit_once('@')
+        .map_or(&rest[..end], |(_, host)| host);
+    let tail = if end < rest.len() { "/..." } else { "" };
+    crate::admission::text::cut(&format!("{scheme}{authority}{tail}"), 300)
 }
 
 impl std::fmt::Display for Webhook {
@@ -237,6 +258,28 @@ mod tests {
         }
         let err = Webhook::parse("http://u:p@pager:8080/x").unwrap_err();
         assert!(err.to_string().contains("credentials"), "{err}");
+    }
+
+    /// A refused URL's error is the agent's start error, logged at every restart of a crash
+    /// loop: it names the URL without its path, query or credentials (red-team review 73 L1).
+    #[test]
+    fn a_refused_url_is_named_without_its_secret() {
+        for (bad, kept) in [
+            (
+                "https://hooks.slack.com/services/T0/B0/SECRET",
+                "https://hooks.slack.com/...",
+            ),
+            ("http://u:SECRET@pager:8080/x", "http://pager:8080/..."),
+            (
+                "http://pager:99999/x?token=SECRET",
+                "http://pager:99999/...",
+            ),
+            ("hooks.slack.com/services/SECRET", "hooks.slack.com/..."),
+        ] {
+            let err = format!("{:#}", Webhook::parse(bad).unwrap_err());
+            assert!(!err.contains("SECRET"), "{bad}: {err}");
+            assert!(err.contains(kept), "{bad}: {err}");
+        }
     }
 
     /// Webhooks carry their credential in the path or query (Slack's `/services/T/B/<secret>`,
