@@ -1379,22 +1379,24 @@ const PORT_PROBLEMS_PER_SERVICE: usize = 4;
 /// review 71 N2), counting every port, also those the merge then denies.
 const SOURCE_ADDRESSES_PER_TENANT: usize = 4 * MAX_BACKENDS_PER_TENANT;
 
-/// Problem lines listed per namespace about its pods and Services; the rest are counted in
-/// one line. Whoever may create pods or Services in a namespace may create any number, each
-/// with problems, and every line is a log line and a `cluster.problem` event on every node
-/// (red-team review 70 M1; [`PORT_PROBLEMS_PER_SERVICE`] bounds one Service's).
+/// Problem lines listed per namespace about its pods, and as many about its Services; the
+/// rest are counted in one line each. Whoever may create pods or Services in a namespace may
+/// create any number, each with problems, and every line is a log line and a
+/// `cluster.problem` event on every node (red-team review 70 M1;
+/// [`PORT_PROBLEMS_PER_SERVICE`] bounds one Service's). Counted by kind, so that pods named to
+/// sort first cannot push a Service's lines out (review 74 L1).
 const OBJECT_PROBLEMS_PER_NAMESPACE: usize = 32;
 
 /// `problems` (sorted) with at most [`OBJECT_PROBLEMS_PER_NAMESPACE`] lines about one
-/// namespace's pods and Services (the first in order), and for each namespace that had more,
-/// one line that counts the rest; sorted.
+/// namespace's pods and as many about its Services (the first in order), and for each that had
+/// more, one line that counts the rest; sorted.
 fn bounded_per_namespace(problems: Vec<String>) -> Vec<String> {
-    let mut listed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut listed: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
     let mut out = Vec::with_capacity(problems.len());
     for line in problems {
         match object_namespace(&line) {
-            Some(namespace) => {
-                let count = listed.entry(namespace.to_string()).or_default();
+            Some((kind, namespace)) => {
+                let count = listed.entry((kind, namespace.to_string())).or_default();
                 *count += 1;
                 if *count <= OBJECT_PROBLEMS_PER_NAMESPACE {
                     out.push(line);
@@ -1403,10 +1405,10 @@ fn bounded_per_namespace(problems: Vec<String>) -> Vec<String> {
             None => out.push(line),
         }
     }
-    for (namespace, count) in listed {
+    for ((kind, namespace), count) in listed {
         if count > OBJECT_PROBLEMS_PER_NAMESPACE {
             out.push(format!(
-                "namespace {namespace}: {} more problems with its pods and Services not listed",
+                "namespace {namespace}: {} more problems with its {kind} not listed",
                 count - OBJECT_PROBLEMS_PER_NAMESPACE
             ));
         }
@@ -1415,14 +1417,16 @@ fn bounded_per_namespace(problems: Vec<String>) -> Vec<String> {
     out
 }
 
-/// The namespace of a problem line about one pod or Service: the lines that begin with their
-/// object, `pod {namespace}/{name}` ([`pod_identity`]) or `service {namespace}/{name}`
-/// ([`services`]); names of both hold no `/`.
-fn object_namespace(line: &str) -> Option<&str> {
-    let object = line
-        .strip_prefix("pod ")
-        .or_else(|| line.strip_prefix("service "))?;
-    Some(object.split_once('/')?.0)
+/// The kind (plural, as the count line names it) and namespace of a problem line about one
+/// pod or Service: the lines that begin with their object, `pod {namespace}/{name}`
+/// ([`pod_identity`]) or `service {namespace}/{name}` ([`services`]); names of both hold no
+/// `/`.
+fn object_namespace(line: &str) -> Option<(&'static str, &str)> {
+    let (kind, object) = match line.strip_prefix("pod ") {
+        Some(object) => ("pods", object),
+        None => ("Services", line.strip_prefix("service ")?),
+    };
+    Some((kind, object.split_once('/')?.0))
 }
 
 /// Problem lines about one object, the first `limit` listed and the rest counted.
