@@ -183,17 +183,17 @@ pub struct AgentState {
     #[serde(default)]
     pub pdp_url: Option<String>,
     /// The Kubernetes source (`--kubernetes`), as of the last write of this file.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub kubernetes: Option<KubeStatus>,
     /// What the cluster merge refused or reported, and cgroups two identities claim: one
     /// line each (each was logged and emitted as a `cluster.problem` event once).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub cluster_problems: Vec<String>,
     /// The pods found in the cgroup tree (`--kubernetes`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub pods: Option<PodsView>,
     /// The inotify watch of the cgroup root.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub cgroup_watch: Option<WatchStatus>,
     /// The agent's own cgroup, when it lies inside the enforced subtree: exempt from
     /// judgement (`identity::AGENT`).
@@ -201,7 +201,7 @@ pub struct AgentState {
     pub agent_cgroup: Option<PathBuf>,
     /// Names of the identities tracked flows can have at either end (this node's subjects and
     /// the tracked destinations), for `enforcer flows`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub flow_names: BTreeMap<u32, FlowName>,
     /// Policy generation (low 32 bits, as the kernel stamps it) -> bundle revision, so that a
     /// restarted agent still names the revision that allowed a long-lived flow.
@@ -2018,6 +2018,20 @@ pub fn apply_risk_overrides(bundle: &mut Bundle, overrides: &BTreeMap<String, St
     }
 }
 
+/// A field of [`AgentState`] that is only shown (by `status`, `flows`), read as its default
+/// when it has another shape (written by an agent of another release): an error there would
+/// make the whole file unreadable, which stops the start (red-team review 74 L3). The fields
+/// the start reads are strict.
+fn shown_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    use serde::Deserialize;
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).unwrap_or_default())
+}
+
 /// The state the last agent left in `state_dir` (`state.json`), for the agent's start: none
 /// when there is no file; an error when there is one that cannot be read or parsed. That
 /// file alone carries the quarantines of identities with no entry in the pinned maps, those
@@ -2828,6 +2842,38 @@ mod tests {
             format!("{error:#}").contains(&format!("reading {}", file.display())),
             "{error:#}"
         );
+    }
+
+    /// A field only shown, in a shape this agent does not read (another release's), is read
+    /// as none; what the start needs is kept (red-team review 74 L3: it stopped the start).
+    #[test]
+    fn a_shown_only_field_of_another_shape_does_not_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = serde_json::json!({
+            "pid": 7,
+            "policies": "/policies",
+            "revision": "r1",
+            "applied_at": "2026-12-07T00:00:00Z",
+            "cgroup_root": "/sys/fs/cgroup",
+            "pin_dir": "/sys/fs/bpf/enforcer/v19",
+            "unresolved_cgroups": [],
+            "waiting_quarantines": ["acme/api"],
+            "kubernetes": { "connected": true, "restarts": 3 },
+            "pods": 12,
+            "cgroup_watch": "watching",
+            "flow_names": { "x": 1 },
+            "cluster_problems": "none",
+        });
+        std::fs::write(dir.path().join("state.json"), state.to_string()).unwrap();
+        let read = load_state(dir.path()).unwrap().expect("a state");
+        assert!(read.waiting_quarantines.contains("acme/api"));
+        assert!(read.kubernetes.is_none() && read.pods.is_none() && read.cgroup_watch.is_none());
+        assert!(read.flow_names.is_empty() && read.cluster_problems.is_empty());
+        // A field the start reads stays strict.
+        let mut bad = state.clone();
+        bad["waiting_quarantines"] = serde_json::json!("acme/api");
+        std::fs::write(dir.path().join("state.json"), bad.to_string()).unwrap();
+        assert!(load_state(dir.path()).is_err());
     }
 
     /// What the agent writes it reads back whole, and the write leaves no temporary file.
