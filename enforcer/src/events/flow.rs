@@ -23,6 +23,17 @@ pub const REVOKE_FAILED: &str = "flow.revoke_failed";
 /// (`enforcer run --learn`, see [`crate::learn`]): once per (subject, dataset).
 pub const ANOMALY: &str = "flow.anomaly";
 
+/// The first [`ANOMALY_NAMES_SHOWN`] of `names` (of `total` in all), and `total` when that
+/// is more: a `new_datasets` or `neighbourhood` and its count.
+pub fn shown_names(
+    names: impl IntoIterator<Item = String>,
+    total: usize,
+) -> (Vec<String>, Option<usize>) {
+    let shown: Vec<String> = names.into_iter().take(ANOMALY_NAMES_SHOWN).collect();
+    let more = (total > shown.len()).then_some(total);
+    (shown, more)
+}
+
 #[derive(Debug, Serialize)]
 pub struct FlowCall {
     pub time: Time,
@@ -42,13 +53,28 @@ pub struct FlowCall {
     pub atlas: Vec<enforcer_policy::AtlasTechnique>,
 }
 
+/// The most names `new_datasets` and `neighbourhood` of a `flow.anomaly` list (the first in
+/// order; the count of all is given when there are more). A subject past a bound has an
+/// anomaly at every contact (the learner fails closed), and a neighbourhood holds up to 256
+/// names of up to 335 bytes: listed whole, each event was ~90 KB, the event history of
+/// 10,000 nearly a gigabyte (red-team review 75 M1).
+pub const ANOMALY_NAMES_SHOWN: usize = 16;
+
 /// The `anomaly` object of `flow.anomaly`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Anomaly {
-    /// The datasets of this flow outside the subject's neighbourhood (first contact).
+    /// The datasets of this flow outside the subject's neighbourhood (first contact): at most
+    /// [`ANOMALY_NAMES_SHOWN`].
     pub new_datasets: Vec<String>,
-    /// The subject's neighbourhood: the datasets it reached while learning.
+    /// How many there are, when more than `new_datasets` lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_datasets_total: Option<usize>,
+    /// The subject's neighbourhood: the datasets it reached while learning (at most
+    /// [`ANOMALY_NAMES_SHOWN`]).
     pub neighbourhood: Vec<String>,
+    /// How many there are, when more than `neighbourhood` lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neighbourhood_total: Option<usize>,
     /// When the learning window ended.
     pub learned_until: Time,
     /// The destination's `step_up`, when it has one: `quarantine` ...

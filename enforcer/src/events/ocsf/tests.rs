@@ -829,7 +829,9 @@ fn every_flow_event_conforms_to_network_activity() {
         if kind == flow::ANOMALY {
             call.anomaly = Some(flow::Anomaly {
                 new_datasets: vec!["acme-kb".into()],
+                new_datasets_total: None,
                 neighbourhood: vec!["acme-docs".into()],
+                neighbourhood_total: None,
                 learned_until: crate::events::record::Time(now),
                 step_up: Some("quarantine"),
                 quarantined_until: Some(crate::events::record::Time(now)),
