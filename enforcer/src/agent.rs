@@ -146,19 +146,25 @@ pub struct KubernetesOptions {
 /// What `enforcer status` reads about the running agent (the kernel side it reads from pins).
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct AgentState {
+    #[serde(default, deserialize_with = "shown_only")]
     pub pid: u32,
+    #[serde(default, deserialize_with = "shown_only")]
     pub policies: PathBuf,
+    #[serde(default, deserialize_with = "shown_only")]
     pub revision: String,
+    #[serde(default, deserialize_with = "shown_only")]
     pub applied_at: String,
+    #[serde(default, deserialize_with = "shown_only")]
     pub cgroup_root: PathBuf,
     pub pin_dir: PathBuf,
+    #[serde(default, deserialize_with = "shown_only")]
     pub unresolved_cgroups: Vec<String>,
     #[serde(default)]
     pub risk_overrides: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub quarantined: Vec<String>,
     /// Those of `quarantined` out of the policy in force: they hold again when they are back.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub quarantined_out_of_policy: Vec<String>,
     /// The identity numbers of the quarantines that hold until released (not a step-up's):
     /// restored at the next start beside the pinned flags, since an identity with no entry
@@ -180,7 +186,7 @@ pub struct AgentState {
     #[serde(default)]
     pub held_cgroups: BTreeMap<u64, String>,
     /// Set when the policy comes from a remote PDP.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub pdp_url: Option<String>,
     /// The Kubernetes source (`--kubernetes`), as of the last write of this file.
     #[serde(default, deserialize_with = "shown_only")]
@@ -197,7 +203,7 @@ pub struct AgentState {
     pub cgroup_watch: Option<WatchStatus>,
     /// The agent's own cgroup, when it lies inside the enforced subtree: exempt from
     /// judgement (`identity::AGENT`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shown_only")]
     pub agent_cgroup: Option<PathBuf>,
     /// Names of the identities tracked flows can have at either end (this node's subjects and
     /// the tracked destinations), for `enforcer flows`.
@@ -2018,10 +2024,12 @@ pub fn apply_risk_overrides(bundle: &mut Bundle, overrides: &BTreeMap<String, St
     }
 }
 
-/// A field of [`AgentState`] that is only shown (by `status`, `flows`), read as its default
-/// when it has another shape (written by an agent of another release): an error there would
-/// make the whole file unreadable, which stops the start (red-team review 74 L3). The fields
-/// the start reads are strict.
+/// A field of [`AgentState`] that is only shown (by `status`, `explain`, `flows`), read as
+/// its default when it is missing or has another shape (written by an agent of another
+/// release): an error there would make the whole file unreadable, which stops the start
+/// (red-team reviews 74 L3, 76 L1). The fields the start reads (`kept::restored`,
+/// `held_at_start`, `moves_at_start`, the risk overrides, the policy generations, `pin_dir`,
+/// `boot_id`) are strict.
 fn shown_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -2850,13 +2858,10 @@ mod tests {
     fn a_shown_only_field_of_another_shape_does_not_stop_the_start() {
         let dir = tempfile::tempdir().unwrap();
         let state = serde_json::json!({
-            "pid": 7,
-            "policies": "/policies",
-            "revision": "r1",
-            "applied_at": "2026-12-07T00:00:00Z",
-            "cgroup_root": "/sys/fs/cgroup",
+            "pid": "seven",
+            "applied_at": 2026,
             "pin_dir": "/sys/fs/bpf/enforcer/v19",
-            "unresolved_cgroups": [],
+            "unresolved_cgroups": {},
             "waiting_quarantines": ["acme/api"],
             "kubernetes": { "connected": true, "restarts": 3 },
             "pods": 12,
