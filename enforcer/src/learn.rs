@@ -485,29 +485,6 @@ impl Learner {
     }
 }
 
-/// Removes the step-ups from the file in `state_dir`, if there is one (`enforcer detach`,
-/// which ends their quarantines, keeps the neighbourhoods). Returns whether it held any.
-/// Errors: the file cannot be read, parsed or written (it is left as it was).
-pub fn forget_step_ups(state_dir: &Path) -> Result<bool> {
-    let file = state_dir.join(FILE);
-    if std::fs::metadata(&file).is_ok_and(|m| m.len() > MAX_FILE_BYTES) {
-        anyhow::bail!("{} holds more than this agent writes", file.display());
-    }
-    let bytes = match std::fs::read(&file) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
-    };
-    let mut stored: Stored = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a neighbourhood file", file.display()))?;
-    if stored.step_ups.is_empty() {
-        return Ok(false);
-    }
-    stored.step_ups.clear();
-    crate::sources::kubernetes::write_atomically(&file, &stored)?;
-    Ok(true)
-}
-
 /// Writes the shared [`Stored`] state to the file on a thread of its own, a copy of it as it
 /// is when the write starts: changes made while one is being written (or within
 /// [`PERSIST_INTERVAL`] of the last write) are one write after it. Dropped, it writes what

@@ -922,13 +922,6 @@ fn remove_state_dir(dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    // The learned neighbourhoods stay (a resize or a downgrade by detach and restart must not
-    // start the learning window again, which learns whatever a workload reaches meanwhile:
-    // red-team review 74 L4), without their step-ups, whose quarantines end here (kept, a later
-    // quarantine of that name was taken for a step-up and lifted at its end: review 73 I1).
-    if let Err(error) = enforcer::learn::forget_step_ups(dir) {
-        tracing::warn!("forgetting the learner's step-ups: {error:#}");
-    }
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -936,8 +929,10 @@ fn remove_state_dir(dir: &std::path::Path) {
         // pdp-status.json, the loss totals reported (`lost-reported.json`), the runs
         // `enforcer events --since` reads (`event-runs.json`), the PDP's bundle copy, the
         // last applied bundle (`last_good`), the last cluster state (`--kubernetes`), the
-        // temporary files `write_atomically` names `.<file>.tmp-...` (also the learner's),
-        // and the staging / temporary siblings `files::sibling` names `.<target>.<tag>-...`.
+        // learned neighbourhoods (`--learn`: left behind, a reinstall inherited an ended
+        // window, an old baseline and stale step-ups, red-team reviews 73 I1, 76 L3), the
+        // temporary files `write_atomically` names `.<file>.tmp-...`, and the staging /
+        // temporary siblings `files::sibling` names `.<target>.<tag>-...`.
         let cluster_state = enforcer::sources::kubernetes::STATE_FILE;
         let learned = enforcer::learn::FILE;
         let ours = matches!(
@@ -952,6 +947,7 @@ fn remove_state_dir(dir: &std::path::Path) {
                 | "lost-reported.json"
                 | "lost-reported.json.tmp"
         ) || name == cluster_state
+            || name == learned
             || name == enforcer::events::runs::FILE
             || name.starts_with(&format!(".{}.", enforcer::events::runs::FILE))
             || name.starts_with(".state.json.tmp-")
@@ -1020,9 +1016,10 @@ fn parse_follow_buffer(value: &str) -> Result<usize, String> {
 mod tests {
     use super::remove_state_dir;
 
-    /// `detach` removes every file the agent writes but the learned neighbourhoods, and
-    /// nothing else; the directory goes when that left it empty. The neighbourhoods stay
-    /// without their step-ups (red-team reviews 73 I1, 74 L4).
+    /// `detach` left the learner's file (and its temporary files) behind, though it says the
+    /// agent's state there is removed: a reinstall with `--learn` inherited an ended window
+    /// and stale step-ups (red-team reviews 73 I1, 76 L3). Every file the agent writes goes,
+    /// with the directory, and nothing else does.
     #[test]
     fn detach_removes_every_file_of_the_agents_state() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1041,6 +1038,7 @@ mod tests {
             enforcer::events::runs::FILE.to_string(),
             cluster_state.to_string(),
             format!(".{cluster_state}.tmp-12-3"),
+            learned.to_string(),
             format!(".{learned}.tmp-12-4"),
         ];
         for name in &files {
@@ -1054,26 +1052,12 @@ mod tests {
             .unwrap_or_default();
         assert!(left.is_empty() && !dir.exists(), "left behind: {left:?}");
 
-        // The learned neighbourhoods stay, without their step-ups; the operator's files stay
-        // (and so does the directory).
+        // The operator's files stay (and so does the directory).
         std::fs::create_dir(&dir).unwrap();
-        let t0 = std::time::SystemTime::now();
-        let window = std::time::Duration::from_secs(60);
-        let mut learner = enforcer::learn::Learner::open(&dir, window, t0).unwrap();
-        learner
-            .observe("acme/a", Some("acme"), &["kb".to_string()], t0)
-            .unwrap();
-        learner.set_step_up("acme/b", Some(t0 + window)).unwrap();
-        drop(learner);
+        std::fs::write(dir.join(learned), "{}").unwrap();
         std::fs::write(dir.join("neighbourhoods.json.bak"), "").unwrap();
         remove_state_dir(&dir);
+        assert!(!dir.join(learned).exists());
         assert!(dir.join("neighbourhoods.json.bak").exists());
-        let learner = enforcer::learn::Learner::open(&dir, window, t0).unwrap();
-        assert!(learner.step_ups().is_empty());
-        assert!(learner
-            .neighbourhood("acme/a")
-            .unwrap()
-            .learned
-            .contains("kb"));
     }
 }
