@@ -68,12 +68,13 @@ impl Webhook {
         let authority = match (authority.port_u16(), authority.as_str().rsplit_once(':')) {
             (Some(_), _) => authority.to_string(),
             (None, Some((_, port))) if !port.ends_with(']') => {
-                bail!("--page-webhook {text_shown:?}: invalid port `{port}` (1-65535)")
+                // Not the port's text: with credentials cut short by a `/` it is theirs.
+                bail!("--page-webhook {text_shown:?}: invalid port (1-65535)")
             }
             (None, _) => format!("{}:80", authority.host()),
         };
         if uri.port_u16() == Some(0) {
-            bail!("--page-webhook {text_shown:?}: invalid port `0` (1-65535)");
+            bail!("--page-webhook {text_shown:?}: invalid port (1-65535)");
         }
         Ok(Webhook { uri, authority })
     }
@@ -90,10 +91,16 @@ fn shown(text: &str) -> String {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), text),
     };
+    // Credentials end at the first `@` (one of theirs is `%40`), and may hold a `/` (which
+    // then ends the authority as a parser reads it): what comes before an `@` that no `?` or
+    // `#` precedes is left out.
+    let query = rest.find(['?', '#']).unwrap_or(rest.len());
+    let rest = match rest[..query].find('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = rest[..end]
-        .rsplit_once('@')
-        .map_or(&rest[..end], |(_, host)| host);
+    let authority = &rest[..end];
     let tail = if end < rest.len() { "/..." } else { "" };
     crate::admission::text::cut(&format!("{scheme}{authority}{tail}"), 300)
 }
@@ -275,6 +282,7 @@ mod tests {
                 "http://pager:99999/...",
             ),
             ("hooks.slack.com/services/SECRET", "hooks.slack.com/..."),
+            ("http://u:SE/CRET@pager:8080/x", "http://pager:8080/..."),
         ] {
             let err = format!("{:#}", Webhook::parse(bad).unwrap_err());
             assert!(!err.contains("SECRET"), "{bad}: {err}");

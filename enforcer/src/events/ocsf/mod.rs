@@ -825,7 +825,14 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         super::flow::ANOMALY => {
             let anomaly = flow.anomaly.as_ref();
             let new = anomaly
-                .map(|a| a.new_datasets.join(", "))
+                .map(|a| match a.new_datasets_total {
+                    Some(total) => format!(
+                        "{} and {} more",
+                        a.new_datasets.join(", "),
+                        total.saturating_sub(a.new_datasets.len())
+                    ),
+                    None => a.new_datasets.join(", "),
+                })
                 .unwrap_or_default();
             match anomaly.and_then(|a| a.step_up) {
                 Some(step_up) => format!("first contact with {new}, outside its learned neighbourhood; step-up: {step_up}"),
