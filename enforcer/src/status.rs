@@ -132,7 +132,7 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
                 .ok()
                 .flatten()
         });
-    let agent = read_agent_state(state_dir);
+    let agent = state.map(agent_view);
     let lost_flow_events = crate::flows::lost(&dir)?;
     let records = crate::flows::read(&dir)?;
     let ended_flow_records = records
@@ -162,8 +162,7 @@ pub fn collect(pin_root: &Path, state_dir: &Path) -> Result<Status> {
     })
 }
 
-fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
-    let state: AgentState = crate::agent::read_state(state_dir)?;
+fn agent_view(state: AgentState) -> AgentView {
     let age = humantime::parse_rfc3339(&state.applied_at)
         .ok()
         .and_then(|at| SystemTime::now().duration_since(at).ok())
@@ -188,7 +187,7 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         }
         kube
     });
-    Some(AgentView {
+    AgentView {
         pid: state.pid,
         running,
         revision: state.revision,
@@ -205,7 +204,7 @@ fn read_agent_state(state_dir: &Path) -> Option<AgentView> {
         pods: state.pods,
         cgroup_watch: state.cgroup_watch,
         agent_cgroup: state.agent_cgroup,
-    })
+    }
 }
 
 fn render_kubernetes(out: &mut String, kube: &crate::sources::kubernetes::KubeStatus) {
