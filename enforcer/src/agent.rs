@@ -48,6 +48,7 @@ use crate::pdp::files::{fingerprint, Fingerprint};
 use crate::sources::cgroups::{self, Scan, WatchStatus, Watcher};
 use crate::sources::kubernetes::{self, KubeOptions, KubeSource, KubeStatus};
 
+mod fold;
 mod generations;
 mod handoff;
 mod kept;
@@ -181,6 +182,12 @@ pub struct AgentState {
     /// names another: they hold again when the name is back, at whatever number.
     #[serde(default)]
     pub waiting_quarantines: BTreeSet<String>,
+    /// Quarantines (until released) of every label set of a service account
+    /// (`<namespace>/<service account>#*`) or of a namespace (`<namespace>/*`), each made when
+    /// more of its quarantines were out of the policy than are kept one by one (red-team
+    /// review 75 M2).
+    #[serde(default)]
+    pub quarantine_folds: BTreeSet<String>,
     /// The cgroups held under a quarantine's name (`Agent::hold_cgroups`): read back at the
     /// next start, since one no identity maps then is in no pinned map (review 53 N4).
     #[serde(default)]
@@ -405,6 +412,9 @@ struct Agent {
     /// Quarantines until released whose workload left the policy while its number passed to
     /// another: by name, until the name is back.
     waiting_quarantines: BTreeSet<String>,
+    /// Quarantines of every label set of a service account (`<ns>/<sa>#*`) or namespace
+    /// (`<ns>/*`), made when too many of its quarantines were out of the policy ([`fold`]).
+    quarantine_folds: BTreeSet<String>,
     risk_overrides: BTreeMap<String, String>,
     fingerprint: Fingerprint,
     /// When the policy in force was written to the kernel (RFC 3339).
@@ -702,11 +712,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracing::warn!("reading the pinned cgroup map: {error:#}: a pod relabelled while no agent ran may not be followed by its quarantine");
         BTreeMap::new()
     });
+    let quarantine_folds = kept_state
+        .as_ref()
+        .map(|state| state.quarantine_folds.clone())
+        .unwrap_or_default();
     let held_cgroups = kept::held_at_start(
         &pinned_cgroups,
         kept_state.as_ref(),
         &quarantined,
-        &waiting_quarantines,
+        (&waiting_quarantines, &quarantine_folds),
     );
     let (cgroup_names, departures) =
         kept::moves_at_start(&pinned_cgroups, kept_state.as_ref(), datapath.dir());
@@ -794,6 +808,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         unresolved: Unresolved::default(),
         quarantined,
         waiting_quarantines,
+        quarantine_folds,
         risk_overrides,
         applied_at: now(),
         notices,
@@ -1652,6 +1667,14 @@ impl Agent {
     }
 
     fn release(&mut self, workload: &str) -> Response {
+        if self.quarantine_folds.contains(workload) {
+            return self.release_fold(workload);
+        }
+        if let Some(fold) = fold::covering(&self.quarantine_folds, workload) {
+            return Response::error(format!(
+                "{workload} is held by the quarantine of every label set of {fold}: release {fold}"
+            ));
+        }
         let Some(id) = self.compiled.identity_by_name(workload).map(|i| i.id) else {
             return self.release_absent(workload);
         };
@@ -1939,7 +1962,11 @@ impl Agent {
     /// Quarantined workloads, those waiting by name out of the policy included.
     fn count_quarantined(&self) {
         if let Some(metrics) = &self.metrics {
-            metrics.set_quarantined(self.quarantined.len() + self.waiting_quarantines.len());
+            metrics.set_quarantined(
+                self.quarantined.len()
+                    + self.waiting_quarantines.len()
+                    + self.quarantine_folds.len(),
+            );
         }
     }
 
@@ -1967,7 +1994,11 @@ impl Agent {
             pin_dir: self.datapath.dir().to_path_buf(),
             unresolved_cgroups: self.unresolved.cgroups.iter().cloned().collect(),
             risk_overrides: self.risk_overrides.clone(),
-            quarantined: self.quarantined_names(),
+            quarantined: self
+                .quarantined_names()
+                .into_iter()
+                .chain(self.quarantine_folds.iter().cloned())
+                .collect(),
             quarantined_out_of_policy: self.quarantined_out_of_policy(),
             quarantined_ids: self
                 .quarantined
@@ -1977,6 +2008,7 @@ impl Agent {
                 .collect(),
             quarantine_names: self.quarantined.clone(),
             waiting_quarantines: self.waiting_quarantines.clone(),
+            quarantine_folds: self.quarantine_folds.clone(),
             held_cgroups: self.held_cgroups.clone(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
             kubernetes: self.kube.as_ref().map(KubeSource::status),
@@ -2028,7 +2060,8 @@ pub fn apply_risk_overrides(bundle: &mut Bundle, overrides: &BTreeMap<String, St
 /// its default when it is missing or has another shape (written by an agent of another
 /// release): an error there would make the whole file unreadable, which stops the start
 /// (red-team reviews 74 L3, 76 L1). The fields the start reads (`kept::restored`,
-/// `held_at_start`, `moves_at_start`, the risk overrides, the policy generations, `pin_dir`,
+/// `held_at_start`, `moves_at_start`, the quarantine folds, the risk overrides, the policy
+/// generations, `pin_dir`,
 /// `boot_id`) are strict.
 fn shown_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
@@ -2040,6 +2073,13 @@ where
     Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
+/// The largest `state.json` [`load_state`] reads: a file beyond it is refused before it is
+/// read (red-team review 75 M2: read and parsed whole, an unbounded one exhausted the agent at
+/// every start). Far above what an agent writes: its largest parts are the cgroup map and the
+/// remembered moves (65,536 entries each, ~30 MiB together), the cluster problems (~2 MiB)
+/// and the tracked destinations' names; the quarantines kept are bounded ([`fold`]).
+const MAX_STATE_BYTES: u64 = 256 << 20;
+
 /// The state the last agent left in `state_dir` (`state.json`), for the agent's start: none
 /// when there is no file; an error when there is one that cannot be read or parsed. That
 /// file alone carries the quarantines of identities with no entry in the pinned maps, those
@@ -2047,6 +2087,15 @@ where
 /// silently freed quarantined workloads (red-team review 73 L2).
 pub fn load_state(state_dir: &Path) -> Result<Option<AgentState>> {
     let file = state_dir.join("state.json");
+    match std::fs::metadata(&file) {
+        Ok(meta) if meta.len() > MAX_STATE_BYTES => anyhow::bail!(
+            "{} holds {} bytes, more than an agent writes ({MAX_STATE_BYTES}): not read; move \
+             it away to start without the quarantines it keeps",
+            file.display(),
+            meta.len()
+        ),
+        _ => {}
+    }
     let bytes = match std::fs::read(&file) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -2850,6 +2899,17 @@ mod tests {
             format!("{error:#}").contains(&format!("reading {}", file.display())),
             "{error:#}"
         );
+    }
+
+    /// Review 75 M2: a state file larger than any an agent writes is refused, unread.
+    #[test]
+    fn an_oversized_state_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("state.json")).unwrap();
+        // Sparse: refused by its size, before a byte of it is read.
+        file.set_len(super::MAX_STATE_BYTES + 1).unwrap();
+        let error = format!("{:#}", load_state(dir.path()).unwrap_err());
+        assert!(error.contains("more than an agent writes"), "{error}");
     }
 
     /// A field only shown, in a shape this agent does not read (another release's), is read

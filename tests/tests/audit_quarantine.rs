@@ -1170,3 +1170,91 @@ fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
     )?;
     early_stays_free(&agent, &world, &early)
 }
+
+/// Red-team review 75 M2, with inventory edits standing in for a tenant's relabels: a label
+/// set's name is `<namespace>/<service account>#<hash>`, and an inventory may name a workload
+/// so. A quarantined workload's cgroup passes to a new name at each edit and the old name
+/// leaves the policy; the quarantine follows the cgroup every time, and past the bound
+/// (32 out of the policy) the names out of the policy fold into one quarantine of every label
+/// set of the account: `quarantine list` stays short, a restart keeps the fold, a name the
+/// fold holds is refused a release of its own, and releasing the fold frees the workload.
+/// Before, each name out of the policy was kept for ever: the list and the state file grew by
+/// one per edit.
+#[test]
+fn a_quarantined_workload_renamed_again_and_again_is_folded_into_one_quarantine() -> Result<()> {
+    if !require_kernel() {
+        return Ok(());
+    }
+    const RENAMES: usize = 40;
+    let world = World::standard(50)?;
+    let _servers = world.servers_v4()?;
+    let state = StateDir::new()?;
+    let cfg = state.configure(world.agent_config());
+    let dirs = state.dirs(&cfg);
+    let inventory = render_inventory(&world.entities, &world.root.relative_str());
+    let named = |n: usize| format!("acme/gateway#{n:08x}");
+    let fold = "acme/gateway#*";
+    let rename = |n: usize| {
+        let renamed =
+            inventory.replace("- name: acme-gateway\n", &format!("- name: {}\n", named(n)));
+        replace_file(world.bundle.path(), "inventory.yaml", &renamed, None)
+    };
+    rename(0)?;
+    let mut first = Agent::start(cfg.clone())?;
+    let gw = probe_in(&world, "acme-gateway");
+    let (_, same) = world.gateway_calls();
+    gw.expect_outcome(&same, Outcome::Ok, "before the quarantine")?;
+    let out = dirs.run(&["quarantine", "add", &named(0)])?;
+    ensure!(out.success(), "quarantine add {}: {out}", named(0));
+    gw.expect_outcome(&same, Outcome::Eperm, "quarantined")?;
+
+    let quarantined = |agent: &Agent, name: &str| {
+        wait_notices(agent, "subject.quarantined", 1, WAIT, |e| {
+            s(e, "/workload") == Some(name)
+        })
+        .with_context(|| format!("{name} must be quarantined"))
+    };
+    for n in 1..=RENAMES {
+        rename(n)?;
+        quarantined(&first, &named(n))?;
+    }
+    gw.expect_outcome(&same, Outcome::Eperm, "renamed 40 times")?;
+    let folded = quarantined(&first, fold)?;
+    eprintln!("the fold's notice: {}", folded[0]);
+    let list = quarantine_list(&dirs)?;
+    ensure!(
+        list.lines().any(|l| l.starts_with(fold)) && listed(&list, &named(RENAMES)),
+        "quarantine list must name the fold and the name in force: {list}"
+    );
+    ensure!(
+        list.lines().count() <= 3,
+        "the names out of the policy are folded, not listed one by one: {list}"
+    );
+
+    // The fold outlives the agent, and holds a name that comes back.
+    first.stop()?;
+    drop(first);
+    let second = Agent::start(cfg)?;
+    gw.expect_outcome(&same, Outcome::Eperm, "after a restart")?;
+    ensure!(
+        quarantine_list(&dirs)?.lines().any(|l| l.starts_with(fold)),
+        "the fold must outlive the agent"
+    );
+    rename(0)?;
+    quarantined(&second, &named(0))?;
+    gw.expect_outcome(&same, Outcome::Eperm, "back under its first name")?;
+    let out = dirs.quarantine_release(&named(0))?;
+    ensure!(
+        !out.success() && out.stderr.contains(fold),
+        "releasing a name the fold holds must be refused, naming the fold: {out}"
+    );
+    let out = dirs.quarantine_release(fold)?;
+    ensure!(out.success(), "quarantine release {fold}: {out}");
+    gw.expect_outcome(&same, Outcome::Ok, "the fold released")?;
+    let list = quarantine_list(&dirs)?;
+    ensure!(
+        !list.contains("acme/gateway"),
+        "nothing of the account stays quarantined: {list}"
+    );
+    Ok(())
+}

@@ -18,6 +18,7 @@ use anyhow::Result;
 use enforcer_common::{flags, identity as reserved};
 use enforcer_policy::Compiled;
 
+use super::fold;
 use super::handoff::QuarantineRequest;
 use super::{now, quarantined_notice, Agent, AgentState, Hold, Notice, Response};
 use crate::datapath::Datapath;
@@ -86,7 +87,8 @@ pub(super) fn restored(
 /// The cgroups held under a quarantine's name at a start (see [`Agent::hold_cgroups`]): those
 /// the previous agent held (its state file: unmapped ones too), and those the pinned cgroup
 /// map gives to a quarantined identity (a state file from before holds were kept), each of a
-/// quarantine still kept. A quarantined pod relabelled while no agent ran is followed. The
+/// quarantine still kept (`kept`: those waiting by name, and the folds). A quarantined pod
+/// relabelled while no agent ran is followed. The
 /// state file's holds are of this boot only (cgroup IDs are given out again after a reboot:
 /// review 58 F4), or, from an agent that kept no boot ID, while pinned maps say an agent ran
 /// in this boot.
@@ -94,7 +96,7 @@ pub(super) fn held_at_start(
     pinned: &BTreeMap<u64, u32>,
     state: Option<&AgentState>,
     quarantined: &BTreeMap<u32, String>,
-    waiting: &BTreeSet<String>,
+    (waiting, folds): (&BTreeSet<String>, &BTreeSet<String>),
 ) -> BTreeMap<u64, String> {
     let mut held = state
         .filter(|s| written_this_boot(s).unwrap_or(!pinned.is_empty()))
@@ -105,7 +107,9 @@ pub(super) fn held_at_start(
             held.entry(*cgroup).or_insert_with(|| name.clone());
         }
     }
-    held.retain(|_, name| waiting.contains(name) || quarantined.values().any(|n| n == name));
+    held.retain(|_, name| {
+        waiting.contains(name) || folds.contains(name) || quarantined.values().any(|n| n == name)
+    });
     held
 }
 
@@ -435,10 +439,53 @@ impl Agent {
             self.quarantined.entry(id).or_insert(name);
             changed = true;
         }
+        changed |= self.fold_absent(&mut moved);
         if changed {
             moved.before = Some(before);
         }
         moved
+    }
+
+    /// Keeps the quarantines out of the policy bounded ([`fold`]): those of a service account
+    /// or namespace past its bound are folded into one quarantine of all its label sets, and
+    /// every label set of the policy a fold covers is quarantined. Returns whether the record
+    /// changed.
+    fn fold_absent(&mut self, moved: &mut Moved) -> bool {
+        let compiled = self.compiled.clone();
+        let folded = fold::Record {
+            quarantined: &mut self.quarantined,
+            waiting: &mut self.waiting_quarantines,
+            step_ups: &mut self.step_ups,
+            pending_step_ups: &mut self.pending_step_ups,
+            held_cgroups: &mut self.held_cgroups,
+            folds: &mut self.quarantine_folds,
+        }
+        .fold(
+            |name| compiled.identity_by_name(name).is_some(),
+            compiled.identities().map(|i| (i.id, i.name.as_str())),
+        );
+        for (fold, taking) in folded.made {
+            tracing::warn!(%fold, quarantines = taking, "more quarantined label sets of one service account (or namespace) out of the policy than are kept one by one: folded into one quarantine of every label set it names, until released");
+            moved.notices.push(quarantined_notice(
+                fold,
+                reserved::UNKNOWN,
+                format!(
+                    "{taking} of its quarantined label sets were out of the policy (a pod \
+                     relabelled again and again, or workloads made and deleted): one \
+                     quarantine of them all, until released"
+                ),
+            ));
+        }
+        moved.forget.extend(folded.forget);
+        for (id, name) in folded.quarantined {
+            tracing::warn!(subject = %name, identity = id, "label set quarantined by the fold that covers it");
+            moved.notices.push(quarantined_notice(
+                name,
+                id,
+                "its service account's (or namespace's) label sets are quarantined together",
+            ));
+        }
+        folded.changed
     }
 
     /// Quarantines each identity a held cgroup moves to in `mapped` (see [`followed`]), as
@@ -522,6 +569,9 @@ impl Agent {
     /// How the quarantine kept under `name` holds: `Some(None)` until released, `Some(Some(t))`
     /// a step-up until `t`, `None` when there is no such quarantine (released).
     fn hold_of(&self, name: &str) -> Option<Option<std::time::SystemTime>> {
+        if self.quarantine_folds.contains(name) {
+            return Some(None);
+        }
         if let Some((&id, _)) = self.quarantined.iter().find(|(_, n)| n.as_str() == name) {
             return Some(self.step_ups.get(&id).map(|(until, _)| *until));
         }
@@ -540,7 +590,11 @@ impl Agent {
     /// inventory's cgroup (named by the operator) when unmapped. A released quarantine's
     /// cgroups are let go.
     fn hold_cgroups(&mut self, existing: &Option<BTreeSet<u64>>) {
-        let kept: BTreeSet<String> = self.quarantined_names().into_iter().collect();
+        let kept: BTreeSet<String> = self
+            .quarantined_names()
+            .into_iter()
+            .chain(self.quarantine_folds.iter().cloned())
+            .collect();
         let cgroups = &self.cgroups;
         self.held_cgroups.retain(|cgroup, name| {
             kept.contains(name)
@@ -744,12 +798,18 @@ impl Agent {
     /// Whether a quarantine of `name`, out of the policy in force, is kept: waiting by name,
     /// or by the number it left.
     pub(super) fn kept_while_absent(&self, name: &str) -> bool {
-        self.waiting_quarantines.contains(name) || self.quarantined.values().any(|n| n == name)
+        self.waiting_quarantines.contains(name)
+            || self.quarantined.values().any(|n| n == name)
+            || fold::covering(&self.quarantine_folds, name).is_some()
     }
 
     /// Quarantines `name`, out of the policy in force: it waits by name and holds when the
     /// workload is back (a step-up's end waits in `pending_step_ups`, set by the caller).
     pub(super) fn quarantine_absent(&mut self, name: String, cause: String, hold: Hold) {
+        if let Some(fold) = fold::covering(&self.quarantine_folds, &name) {
+            tracing::info!(subject = %name, %fold, %cause, "subject out of the policy already held by a fold's quarantine");
+            return;
+        }
         let mut was_step_up = false;
         if hold == Hold::Lasting {
             // A lasting quarantine takes a step-up's place, as for a present subject: waiting
@@ -817,6 +877,55 @@ impl Agent {
         Response::ok(format!("{workload} released (out of the policy)"))
     }
 
+    /// `quarantine release` of a fold (`<ns>/<sa>#*`, `<ns>/*`): the fold goes, and with it
+    /// every quarantine of a label set it covers (a label set in the policy has its flag
+    /// cleared). A flag that cannot be cleared stops the release there: the fold stays, and
+    /// the next write quarantines again what it covers.
+    pub(super) fn release_fold(&mut self, fold: &str) -> Response {
+        let covered: Vec<(u32, String)> = self
+            .quarantined
+            .iter()
+            .filter(|(_, name)| fold::covers(fold, name))
+            .map(|(id, name)| (*id, name.clone()))
+            .collect();
+        let mut released = 0;
+        for (id, name) in &covered {
+            if self.compiled.identity(*id).is_some() {
+                if let Err(error) = self
+                    .datapath
+                    .tables
+                    .update_flags(*id, 0, flags::QUARANTINED)
+                {
+                    self.count_quarantined();
+                    self.save_state();
+                    return Response::error(format!(
+                        "releasing {name} of {fold}: {error:#}; {released} of its {} label sets \
+                         released, the fold stays",
+                        covered.len()
+                    ));
+                }
+            }
+            self.quarantined.remove(id);
+            self.forget_step_up(*id);
+            released += 1;
+        }
+        self.waiting_quarantines
+            .retain(|name| !fold::covers(fold, name));
+        self.quarantine_folds.remove(fold);
+        self.held_cgroups
+            .retain(|_, name| name != fold && !fold::covers(fold, name));
+        self.count_quarantined();
+        self.save_state();
+        let _ = self.notices.send(Notice::Released {
+            time: now(),
+            workload: fold.to_string(),
+            identity: reserved::UNKNOWN,
+        });
+        Response::ok(format!(
+            "{fold} released, and the {released} label sets of the policy it held"
+        ))
+    }
+
     /// The quarantined workloads by name, those out of the policy in force included.
     pub(super) fn quarantined_names(&self) -> Vec<String> {
         self.quarantined
@@ -837,7 +946,13 @@ impl Agent {
 
     /// `quarantine list`'s lines: one out of the policy in force says so.
     pub(super) fn quarantine_list(&self) -> Vec<String> {
-        let out = self.quarantined_out_of_policy();
+        let out: BTreeSet<String> = self.quarantined_out_of_policy().into_iter().collect();
+        let folds = self.quarantine_folds.iter().map(|fold| {
+            format!(
+                "{fold} (every label set it names, those out of the policy included: more of \
+                 its quarantines were out of the policy than are kept one by one)"
+            )
+        });
         self.quarantined_names()
             .into_iter()
             .map(|name| {
@@ -847,6 +962,7 @@ impl Agent {
                     name
                 }
             })
+            .chain(folds)
             .collect()
     }
 }
@@ -949,11 +1065,11 @@ mod tests {
     #[test]
     fn held_cgroups_are_read_back_in_the_boot_that_wrote_them() {
         let quarantined: BTreeMap<u32, String> = [(300, "acme/app".to_string())].into();
-        let waiting = BTreeSet::new();
+        let (waiting, folds) = (BTreeSet::new(), BTreeSet::new());
         // Cgroup 5 is pinned to the quarantined number: held whatever the state file says.
         let pinned: BTreeMap<u64, u32> = [(5, 300), (6, 301)].into();
         let held = |pinned: &BTreeMap<u64, u32>, state| {
-            held_at_start(pinned, Some(&state), &quarantined, &waiting)
+            held_at_start(pinned, Some(&state), &quarantined, (&waiting, &folds))
                 .into_keys()
                 .collect::<Vec<_>>()
         };
@@ -970,7 +1086,7 @@ mod tests {
             &pinned,
             Some(&state_of(this_boot())),
             &BTreeMap::new(),
-            &waiting,
+            (&waiting, &folds),
         );
         assert!(released.is_empty());
     }

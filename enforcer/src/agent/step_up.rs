@@ -280,6 +280,11 @@ impl Agent {
         };
         let recorded: Vec<(String, SystemTime)> = learner.step_ups();
         for (name, until) in recorded {
+            if super::fold::covering(&self.quarantine_folds, &name).is_some() {
+                // Held by a fold until released: no end to wait for.
+                self.forget_step_up_record(&name);
+                continue;
+            }
             // By the name its quarantine is kept under (its number may have moved since).
             let kept_at = self
                 .quarantined
