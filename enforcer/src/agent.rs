@@ -480,6 +480,8 @@ struct Agent {
     /// before the cluster's pods are known): name -> when they lift. Taken up by the tick
     /// once the name is known and quarantined; forgotten at their lift time otherwise.
     pending_step_ups: BTreeMap<String, SystemTime>,
+    /// The repeats of each anomaly since its last event ([`step_up::Repeats`]).
+    anomaly_repeats: step_up::Repeats,
     /// The contacts whose `flow.opened` the kernel could not write, drained on every tick
     /// (see `step_up.rs`): to the learner with `--learn`, discarded without.
     missed: Option<crate::flows::missed::MissedContacts>,
@@ -790,6 +792,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         pager,
         step_ups: BTreeMap::new(),
         pending_step_ups: BTreeMap::new(),
+        anomaly_repeats: step_up::Repeats::default(),
         missed,
         live_flows: HashMap::new(),
         live_scanned: None,
@@ -907,6 +910,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 agent.tick();
                 agent.drain_missed_contacts(contact_rx.take_overflow());
                 agent.lift_step_ups();
+                agent.send_anomaly_repeats();
             }
             _ = tree_changed(watcher.as_ref()) => agent.resync_cgroups(),
             Some(state) = next_cluster(&mut cluster_rx) => agent.cluster_changed(state),

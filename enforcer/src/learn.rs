@@ -870,6 +870,8 @@ mod tests {
             learned_until: crate::events::record::Time(t0),
             step_up: None,
             quarantined_until: None,
+            count: None,
+            first_seen: None,
         };
         let size = serde_json::to_vec(&anomaly).unwrap().len();
         assert!(size < 12 << 10, "{size}");

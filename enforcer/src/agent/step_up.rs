@@ -5,15 +5,114 @@
 //! the tick lifts the quarantine when the TTL is over (`subject.released`). The lift time is
 //! kept in the learner's file, so a restart neither forgets nor extends it.
 
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
 
 use enforcer_common::{flow_flags, flow_state, identity, proto, FlowRecord};
 use enforcer_policy::inventory::StepUpAction;
 
 use super::{snapshot_of, Agent};
-use crate::events::flow::{self as flow_event, Anomaly};
+use crate::events::flow::{self as flow_event, Anomaly, FlowCall};
 use crate::events::record::Time;
 use crate::learn::Outcome;
+
+/// How long the repeats of one anomaly (a subject and a destination) are gathered into one
+/// event after the pair's last.
+const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+
+/// How many pairs' repeats are gathered at once: each holds the latest repeat's event (up to
+/// ~13 KB), so at most ~50 MiB. A pair beyond them is reported at every contact, as before.
+const MAX_REPEATING_PAIRS: usize = 4096;
+
+/// The repeats of each anomaly (subject name, destination name) since its last event.
+///
+/// A subject past one of the learner's bounds has an anomaly at every contact (it fails
+/// closed), and after lost contacts every live flow is shown again: reported one by one,
+/// one tenant's loop filled the event history (10,000 events of up to ~13 KB), the consumers'
+/// queues and the unbounded channel to them (red-team reviews 75 M1, 76 M1). The first
+/// anomaly of a pair is sent at once; the pair's repeats within [`REPEAT_WINDOW`] of it are
+/// counted, and the latest is sent at the window's end with their `count` and `first_seen`
+/// (nothing is dropped uncounted), opening the next window. One that starts a step-up
+/// quarantine is never held back.
+#[derive(Default)]
+pub(super) struct Repeats {
+    pairs: HashMap<(String, String), Gathered>,
+}
+
+struct Gathered {
+    /// When the pair's last event was sent.
+    since: Instant,
+    /// The repeats since, the latest of them, and when the first was seen.
+    count: u64,
+    latest: Option<FlowCall>,
+    first_seen: Option<SystemTime>,
+}
+
+impl Repeats {
+    /// `call` (an anomaly of `pair` at `now`) to send now, or `None` when it is a repeat
+    /// within the pair's window, gathered.
+    fn gather(
+        &mut self,
+        pair: (String, String),
+        call: FlowCall,
+        now: SystemTime,
+    ) -> Option<FlowCall> {
+        self.gather_at(pair, call, now, Instant::now())
+    }
+
+    fn gather_at(
+        &mut self,
+        pair: (String, String),
+        call: FlowCall,
+        now: SystemTime,
+        at: Instant,
+    ) -> Option<FlowCall> {
+        if let Some(gathered) = self.pairs.get_mut(&pair) {
+            if at.duration_since(gathered.since) < REPEAT_WINDOW {
+                gathered.count += 1;
+                gathered.first_seen.get_or_insert(now);
+                gathered.latest = Some(call);
+                return None;
+            }
+        }
+        if self.pairs.len() >= MAX_REPEATING_PAIRS && !self.pairs.contains_key(&pair) {
+            return Some(call);
+        }
+        self.pairs.insert(
+            pair,
+            Gathered {
+                since: at,
+                count: 0,
+                latest: None,
+                first_seen: None,
+            },
+        );
+        Some(call)
+    }
+
+    /// The events of the windows over at `at`: for each pair with repeats, the latest with
+    /// their count (its window starts again); a pair without any is forgotten.
+    fn due(&mut self, at: Instant) -> Vec<FlowCall> {
+        let mut calls = Vec::new();
+        self.pairs.retain(|_, gathered| {
+            if at.duration_since(gathered.since) < REPEAT_WINDOW {
+                return true;
+            }
+            let Some(mut call) = gathered.latest.take() else {
+                return false;
+            };
+            if let Some(anomaly) = &mut call.anomaly {
+                anomaly.count = Some(gathered.count);
+                anomaly.first_seen = gathered.first_seen.take().map(Time);
+            }
+            calls.push(call);
+            gathered.since = at;
+            gathered.count = 0;
+            true
+        });
+        calls
+    }
+}
 
 impl Agent {
     /// One `flow.opened` record (socket `cookie`), as the kernel recorded it: `fresh` when
@@ -95,6 +194,8 @@ impl Agent {
             learned_until: Time(learned_until),
             step_up: None,
             quarantined_until: None,
+            count: None,
+            first_seen: None,
         };
         tracing::warn!(subject = %subject_name, destination = %destination.name, datasets = ?new_shown, count = new.len(), "anomaly: first contact outside the learned neighbourhood");
         let mut quarantine = None;
@@ -115,6 +216,13 @@ impl Agent {
             }
         }
         call.anomaly = Some(anomaly);
+        if quarantine.is_none() {
+            let pair = (subject_name.clone(), destination.name.clone());
+            match self.anomaly_repeats.gather(pair, call, now) {
+                Some(first) => call = first,
+                None => return,
+            }
+        }
         if step_up.is_some() {
             if let Some(pager) = &self.pager {
                 match serde_json::to_value(&call) {
@@ -155,6 +263,13 @@ impl Agent {
                 let cgroup = if fresh { record.cgroup_id } else { 0 };
                 self.hold_calling_cgroups(held, (&from, record.subject), [cgroup], record.start_ns);
             }
+        }
+    }
+
+    /// Sends the gathered repeats of each anomaly whose minute is over (see [`Repeats`]).
+    pub(super) fn send_anomaly_repeats(&mut self) {
+        for call in self.anomaly_repeats.due(Instant::now()) {
+            let _ = self.flow_events.send(call);
         }
     }
 
@@ -434,5 +549,115 @@ impl Agent {
                 tracing::error!(subject = %name, "forgetting a step-up: {error:#}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use enforcer_common::FlowRecord;
+
+    use super::{Repeats, MAX_REPEATING_PAIRS};
+    use crate::events::flow::{self as flow_event, Anomaly, FlowCall};
+    use crate::events::record::Time;
+
+    /// A `flow.anomaly` of socket `cookie`.
+    fn anomaly(cookie: u64) -> FlowCall {
+        static DEMO: std::sync::OnceLock<enforcer_policy::Compiled> = std::sync::OnceLock::new();
+        let demo = DEMO.get_or_init(|| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo");
+            enforcer_policy::Bundle::load(&dir)
+                .unwrap()
+                .compile()
+                .unwrap()
+        });
+        let now = SystemTime::now();
+        let record = FlowRecord::default();
+        let mut call = flow_event::flow(flow_event::ANOMALY, now, cookie, &record, demo);
+        call.anomaly = Some(Anomaly {
+            new_datasets: vec!["acme-kb".into()],
+            new_datasets_total: None,
+            neighbourhood: Vec::new(),
+            neighbourhood_total: None,
+            learned_until: Time(now),
+            step_up: None,
+            quarantined_until: None,
+            count: None,
+            first_seen: None,
+        });
+        call
+    }
+
+    fn pair(destination: &str) -> (String, String) {
+        ("acme/capped".to_string(), destination.to_string())
+    }
+
+    /// Review 76 M1: a subject that has an anomaly at every contact (past the learner's
+    /// bound) makes one event a minute per destination, the latest contact's, with the count
+    /// of those it stands for; a quiet minute ends the gathering. Before, 1,000 contacts were
+    /// 1,000 events of up to ~13 KB.
+    #[test]
+    fn a_capped_subject_s_repeats_are_one_event_a_minute() {
+        let mut repeats = Repeats::default();
+        let (now, t0) = (SystemTime::now(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(
+            repeats
+                .gather_at(pair("acme-vectors"), anomaly(1), now, t0)
+                .is_some(),
+            "the first is sent"
+        );
+        for n in 0..1000 {
+            let gathered = repeats.gather_at(pair("acme-vectors"), anomaly(2 + n), now, at(n * 50));
+            assert!(gathered.is_none(), "repeat {n} is gathered");
+        }
+        assert!(
+            repeats
+                .gather_at(pair("acme-docs"), anomaly(7), now, at(10))
+                .is_some(),
+            "another destination is another anomaly"
+        );
+        assert!(
+            repeats.due(at(59_999)).is_empty(),
+            "not before the minute is over"
+        );
+        let due = repeats.due(at(60_000));
+        assert_eq!(due.len(), 1, "acme-docs had no repeat");
+        let latest = due[0].anomaly.as_ref().unwrap();
+        assert_eq!((due[0].flow.cookie, latest.count), (1001, Some(1000)));
+        assert!(latest.first_seen.is_some());
+        // The next minute gathers again, from the last event.
+        assert!(repeats
+            .gather_at(pair("acme-vectors"), anomaly(5000), now, at(61_000))
+            .is_none());
+        assert!(repeats.due(at(119_999)).is_empty());
+        let due = repeats.due(at(120_000));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].anomaly.as_ref().unwrap().count, Some(1));
+        // A quiet minute: the pair is forgotten, and its next anomaly is sent at once.
+        assert!(repeats.due(at(180_000)).is_empty());
+        assert!(repeats.pairs.is_empty());
+        assert!(repeats
+            .gather_at(pair("acme-vectors"), anomaly(6000), now, at(181_000))
+            .is_some());
+    }
+
+    /// The pairs gathered are bounded; one beyond them is sent at every contact.
+    #[test]
+    fn the_pairs_gathered_are_bounded() {
+        let mut repeats = Repeats::default();
+        let (now, t0) = (SystemTime::now(), Instant::now());
+        for n in 0..MAX_REPEATING_PAIRS {
+            assert!(repeats
+                .gather_at(pair(&format!("d{n}")), anomaly(1), now, t0)
+                .is_some());
+        }
+        for _ in 0..3 {
+            assert!(repeats
+                .gather_at(pair("beyond"), anomaly(1), now, t0)
+                .is_some());
+        }
+        assert_eq!(repeats.pairs.len(), MAX_REPEATING_PAIRS);
     }
 }

@@ -83,6 +83,16 @@ pub struct Anomaly {
     /// ... and until when (absent when the subject was already quarantined).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantined_until: Option<Time>,
+    /// How many contacts this event stands for, on an event held back: the same anomaly (this
+    /// subject, this destination) seen again within a minute of the pair's last event is not
+    /// reported one by one (a subject past the learner's bound has one at every contact:
+    /// red-team review 76 M1); the latest of them is sent at the minute's end with their
+    /// count (itself included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// With `count`: when the first of them was seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<Time>,
 }
 
 #[derive(Debug, Serialize)]

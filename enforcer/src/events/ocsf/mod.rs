@@ -834,9 +834,13 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
                     None => a.new_datasets.join(", "),
                 })
                 .unwrap_or_default();
+            let repeats = match anomaly.and_then(|a| a.count) {
+                Some(count) => format!(" ({count} contacts in a minute, reported as one)"),
+                None => String::new(),
+            };
             match anomaly.and_then(|a| a.step_up) {
-                Some(step_up) => format!("first contact with {new}, outside its learned neighbourhood; step-up: {step_up}"),
-                None => format!("first contact with {new}, outside its learned neighbourhood"),
+                Some(step_up) => format!("first contact with {new}, outside its learned neighbourhood{repeats}; step-up: {step_up}"),
+                None => format!("first contact with {new}, outside its learned neighbourhood{repeats}"),
             }
         }
         _ => format!(
@@ -894,6 +898,8 @@ pub fn flow<'a>(context: &'a Context, seq: u64, flow: &'a FlowCall) -> Event<'a>
         protocol_ver_id: if d.ip.contains(':') { 6 } else { 4 },
     });
     event.start_time = Some(flow.flow.started.epoch_millis());
+    // The repeats of one anomaly gathered into this event: OCSF's base `count`.
+    event.count = flow.anomaly.as_ref().and_then(|a| a.count);
     // A close the agent found (`ended_by`) has no counters and no known end: no traffic.
     if flow.kind == super::flow::CLOSED && flow.flow.ended_by.is_none() {
         let (out, inn) = (

@@ -835,6 +835,8 @@ fn every_flow_event_conforms_to_network_activity() {
                 learned_until: crate::events::record::Time(now),
                 step_up: Some("quarantine"),
                 quarantined_until: Some(crate::events::record::Time(now)),
+                count: None,
+                first_seen: None,
             });
             call.atlas = crate::learn::atlas(true);
         }
