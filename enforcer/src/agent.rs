@@ -950,6 +950,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // And the contacts kept past the queue's backlog, which live only here (red-team review
     // 39), with the kernel's missed ones.
     agent.drain_missed_contacts(contact_rx.take_overflow());
+    // The repeats of anomalies gathered so far, with their counts: not for the next agent.
+    agent.send_anomaly_repeats_now();
     if let Some(learner) = &agent.learner {
         if let Err(error) = learner.flush() {
             tracing::error!("writing the learned neighbourhoods at exit: {error:#}");

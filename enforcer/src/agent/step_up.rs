@@ -273,6 +273,13 @@ impl Agent {
         }
     }
 
+    /// Sends every gathered repeat, windows over or not (the agent stops).
+    pub(super) fn send_anomaly_repeats_now(&mut self) {
+        for call in self.anomaly_repeats.due(Instant::now() + REPEAT_WINDOW) {
+            let _ = self.flow_events.send(call);
+        }
+    }
+
     /// Feeds the learner the contacts whose `flow.opened` the kernel could not write (the
     /// flow ring was full: `FLOW_CONTACTS_MISSED`), exactly like an opened record; called on
     /// every tick, so a contact hidden behind a flood is seen within 500 ms of the drain.
