@@ -188,6 +188,10 @@ pub struct AgentState {
     /// review 75 M2).
     #[serde(default)]
     pub quarantine_folds: BTreeSet<String>,
+    /// The label sets quarantined only because a fold covers them: a fold's release releases
+    /// these, not those quarantined on their own account (red-team review 77 M1).
+    #[serde(default)]
+    pub quarantined_by_fold: BTreeSet<String>,
     /// The cgroups held under a quarantine's name (`Agent::hold_cgroups`): read back at the
     /// next start, since one no identity maps then is in no pinned map (review 53 N4).
     #[serde(default)]
@@ -415,6 +419,8 @@ struct Agent {
     /// Quarantines of every label set of a service account (`<ns>/<sa>#*`) or namespace
     /// (`<ns>/*`), made when too many of its quarantines were out of the policy ([`fold`]).
     quarantine_folds: BTreeSet<String>,
+    /// The label sets quarantined only because a fold covers them ([`fold::Record`]).
+    quarantined_by_fold: BTreeSet<String>,
     risk_overrides: BTreeMap<String, String>,
     fingerprint: Fingerprint,
     /// When the policy in force was written to the kernel (RFC 3339).
@@ -714,10 +720,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracing::warn!("reading the pinned cgroup map: {error:#}: a pod relabelled while no agent ran may not be followed by its quarantine");
         BTreeMap::new()
     });
-    let quarantine_folds = kept_state
-        .as_ref()
-        .map(|state| state.quarantine_folds.clone())
-        .unwrap_or_default();
+    let (quarantine_folds, quarantined_by_fold) = kept::folds_at_start(kept_state.as_ref());
     let held_cgroups = kept::held_at_start(
         &pinned_cgroups,
         kept_state.as_ref(),
@@ -812,6 +815,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         quarantined,
         waiting_quarantines,
         quarantine_folds,
+        quarantined_by_fold,
         risk_overrides,
         applied_at: now(),
         notices,
@@ -1636,6 +1640,9 @@ impl Agent {
             .insert(subject, self.name_of(subject))
             .is_some()
         {
+            // Quarantined on its own account now, not only its fold's.
+            let named = self.name_of(subject);
+            self.quarantined_by_fold.remove(&named);
             if hold == Hold::Lasting && self.has_step_up(subject) {
                 self.forget_step_up(subject);
                 let workload = self.name_of(subject);
@@ -2015,6 +2022,7 @@ impl Agent {
             quarantine_names: self.quarantined.clone(),
             waiting_quarantines: self.waiting_quarantines.clone(),
             quarantine_folds: self.quarantine_folds.clone(),
+            quarantined_by_fold: self.quarantined_by_fold.clone(),
             held_cgroups: self.held_cgroups.clone(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
             kubernetes: self.kube.as_ref().map(KubeSource::status),

@@ -33,10 +33,40 @@ pub(super) const MAX_ABSENT_PER_ACCOUNT: usize = 32;
 pub(super) const MAX_ABSENT_PER_NAMESPACE: usize = 256;
 
 /// Whether the fold `fold` (`<namespace>/<service account>#*` or `<namespace>/*`) covers
-/// the workload or fold `name` (not itself).
+/// `name`: a label set's name of that account or namespace (parsed, not a prefix: a namespace
+/// named `service` must not cover the Services' identities, `service/<ns>/<name>`, nor
+/// `acme/*` an inventory's `acme/tools`: red-team review 77 L1), or, for a namespace's fold,
+/// an account fold of that namespace.
 pub(super) fn covers(fold: &str, name: &str) -> bool {
-    fold.strip_suffix('*')
-        .is_some_and(|prefix| name != fold && name.starts_with(prefix))
+    let (account, namespace) = match account_of(name) {
+        Some(parsed) => parsed,
+        None => {
+            let Some(account) = name.strip_suffix("#*") else {
+                return false;
+            };
+            let Some((namespace, _)) = account.split_once('/') else {
+                return false;
+            };
+            return fold.strip_suffix("/*") == Some(namespace);
+        }
+    };
+    match fold.strip_suffix("#*") {
+        Some(folded) => folded == account,
+        None => fold.strip_suffix("/*") == Some(namespace),
+    }
+}
+
+/// Whether `name` is a fold's name as this module makes them: `<namespace>/*` or
+/// `<namespace>/<service account>#*`, the parts non-empty and free of `/`, `#` and `*` (a
+/// state file's are checked: `*` alone would read as "everything").
+pub(super) fn is_fold(name: &str) -> bool {
+    let part = |p: &str| !p.is_empty() && !p.contains(['/', '#', '*']);
+    if let Some(account) = name.strip_suffix("#*") {
+        return account
+            .split_once('/')
+            .is_some_and(|(namespace, sa)| part(namespace) && part(sa));
+    }
+    name.strip_suffix("/*").is_some_and(part)
 }
 
 /// The fold of `folds` that covers `name`, if any.
@@ -113,6 +143,10 @@ pub(super) struct Record<'a> {
     pub pending_step_ups: &'a mut BTreeMap<String, SystemTime>,
     pub held_cgroups: &'a mut BTreeMap<u64, String>,
     pub folds: &'a mut BTreeSet<String>,
+    /// The label sets of the policy quarantined only because a fold covers them: a fold's
+    /// release releases those, not the ones quarantined on their own account (a deny, an
+    /// operator, processes that moved there: red-team review 77 M1).
+    pub by_fold: &'a mut BTreeSet<String>,
 }
 
 /// What [`Record::fold`] did.
@@ -160,7 +194,16 @@ impl Record<'_> {
             }
             self.folds.extend(made);
             let all = self.folds.clone();
-            self.folds.retain(|fold| covering(&all, fold).is_none());
+            // A namespace's fold takes its account folds' place, and their holds.
+            for (replaced, by) in all
+                .iter()
+                .filter_map(|fold| Some((fold, covering(&all, fold)?)))
+            {
+                self.folds.remove(replaced);
+                for held in self.held_cgroups.values_mut().filter(|h| *h == replaced) {
+                    *held = by.to_string();
+                }
+            }
             folded.changed = true;
         }
         if self.folds.is_empty() {
@@ -187,6 +230,7 @@ impl Record<'_> {
                     folded.forget.push(recorded);
                 }
             }
+            self.by_fold.remove(name);
             for held in self.held_cgroups.values_mut().filter(|held| *held == name) {
                 *held = fold.to_string();
             }
@@ -198,6 +242,7 @@ impl Record<'_> {
             match self.quarantined.entry(id) {
                 Entry::Vacant(entry) => {
                     entry.insert(name.to_string());
+                    self.by_fold.insert(name.to_string());
                     folded.quarantined.push((id, name.to_string()));
                     folded.changed = true;
                 }
@@ -209,6 +254,10 @@ impl Record<'_> {
                 }
             }
         }
+        // A label set the fold quarantined that is quarantined no more (released with its
+        // fold, or gone from the record) is not the fold's any longer.
+        let kept: BTreeSet<&String> = self.quarantined.values().collect();
+        self.by_fold.retain(|name| kept.contains(name));
         folded
     }
 }
@@ -219,7 +268,8 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::{
-        account_of, covering, new_folds, Record, MAX_ABSENT_PER_ACCOUNT, MAX_ABSENT_PER_NAMESPACE,
+        account_of, covering, is_fold, new_folds, Record, MAX_ABSENT_PER_ACCOUNT,
+        MAX_ABSENT_PER_NAMESPACE,
     };
 
     /// The name of label set `n` of service account `sa` in namespace `ns`.
@@ -263,6 +313,26 @@ mod tests {
             "a fold does not cover itself"
         );
         assert_eq!(covering(&folds, "globexx/chat#0123abcd"), None);
+        // Only label sets' names (review 77 L1): a Service's identity, an inventory's name.
+        let service: BTreeSet<String> = ["service/*".to_string()].into();
+        assert_eq!(covering(&service, "service/acme/api"), None);
+        assert_eq!(covering(&folds, "globex/tools"), None);
+        assert_eq!(covering(&folds, "acme/rag#0123abcd/x"), None);
+        for fold in ["acme/*", "acme/rag#*"] {
+            assert!(is_fold(fold), "{fold}");
+        }
+        for other in [
+            "*",
+            "/*",
+            "acme/#*",
+            "/rag#*",
+            "a/b/*",
+            "a#b/*",
+            "acme/rag#0123abcd",
+            "acme",
+        ] {
+            assert!(!is_fold(other), "{other}");
+        }
     }
 
     #[test]
@@ -309,6 +379,7 @@ mod tests {
         pending_step_ups: BTreeMap<String, SystemTime>,
         held_cgroups: BTreeMap<u64, String>,
         folds: BTreeSet<String>,
+        by_fold: BTreeSet<String>,
     }
 
     impl Kept {
@@ -320,6 +391,7 @@ mod tests {
                 pending_step_ups: &mut self.pending_step_ups,
                 held_cgroups: &mut self.held_cgroups,
                 folds: &mut self.folds,
+                by_fold: &mut self.by_fold,
             }
         }
 
@@ -425,5 +497,28 @@ mod tests {
             kept.quarantined.keys().copied().collect::<Vec<_>>(),
             vec![5000, 6000]
         );
+        // Only the one the fold quarantined is the fold's to release (review 77 M1).
+        assert_eq!(
+            kept.by_fold,
+            BTreeSet::from([label_set("acme", "rag", 1001)])
+        );
+    }
+
+    /// A namespace's fold takes the place of its account folds, and of their holds (review
+    /// 77 I1: a cgroup held under a replaced fold's name was let go).
+    #[test]
+    fn a_namespace_fold_takes_its_account_folds_holds() {
+        let mut kept = Kept::default();
+        kept.folds.insert("acme/old#*".to_string());
+        kept.held_cgroups.insert(7, "acme/old#*".to_string());
+        for n in 0..MAX_ABSENT_PER_NAMESPACE {
+            kept.waiting
+                .insert(label_set("acme", &format!("sa-{}", n % 16), n));
+        }
+        let folded = kept.fold(&BTreeMap::new());
+        assert_eq!(folded.made[0].0, "acme/*");
+        assert_eq!(kept.folds, BTreeSet::from(["acme/*".to_string()]));
+        assert_eq!(kept.held_cgroups[&7], "acme/*");
+        assert!(kept.waiting.is_empty());
     }
 }

@@ -113,6 +113,27 @@ pub(super) fn held_at_start(
     held
 }
 
+/// The folds a start keeps (the state file's), and the label sets quarantined only by them;
+/// a fold's name that is not of the shape this agent makes ([`fold::is_fold`]) is left out,
+/// logged (`*` alone would cover every label set).
+pub(super) fn folds_at_start(state: Option<&AgentState>) -> (BTreeSet<String>, BTreeSet<String>) {
+    let Some(state) = state else {
+        return Default::default();
+    };
+    let (folds, bad): (BTreeSet<String>, BTreeSet<String>) = state
+        .quarantine_folds
+        .iter()
+        .cloned()
+        .partition(|name| fold::is_fold(name));
+    if !bad.is_empty() {
+        tracing::error!(
+            ?bad,
+            "the state file names quarantine folds of no shape this agent makes: left out"
+        );
+    }
+    (folds, state.quarantined_by_fold.clone())
+}
+
 /// The name a quarantine is kept under while its workload's is unknown (restored by number
 /// only, out of the policy): `identity N`, as `Agent::name_of` says.
 fn placeholder(id: u32) -> String {
@@ -314,12 +335,23 @@ fn departure_horizon(events_aggregate: std::time::Duration) -> u64 {
 pub(super) struct Moved {
     /// The quarantine record before the moves, put back if the write fails.
     before: Option<Kept>,
+    /// The folds' part of it, when a fold was in force or could be made (see
+    /// [`Agent::fold_absent`]).
+    folds_before: Option<FoldsKept>,
     /// Step-ups ended or renamed (their records to forget), step-ups renamed (their records
     /// under the new name), and the notices to send.
     forget: Vec<String>,
     record: Vec<(String, std::time::SystemTime)>,
     notices: Vec<Notice>,
 }
+
+/// The folds, the label sets quarantined by them, the pending step-ups and the held cgroups.
+type FoldsKept = (
+    BTreeSet<String>,
+    BTreeSet<String>,
+    BTreeMap<String, std::time::SystemTime>,
+    BTreeMap<u64, String>,
+);
 
 /// The agent's quarantine record.
 type Kept = (
@@ -451,6 +483,19 @@ impl Agent {
     /// every label set of the policy a fold covers is quarantined. Returns whether the record
     /// changed.
     fn fold_absent(&mut self, moved: &mut Moved) -> bool {
+        // What a failed write puts back (review 77 L2); the held cgroups are copied only when
+        // a fold is in force or could be made.
+        let could_fold = !self.quarantine_folds.is_empty()
+            || self.quarantined.len() + self.waiting_quarantines.len()
+                > fold::MAX_ABSENT_PER_ACCOUNT;
+        let folds_before = could_fold.then(|| {
+            (
+                self.quarantine_folds.clone(),
+                self.quarantined_by_fold.clone(),
+                self.pending_step_ups.clone(),
+                self.held_cgroups.clone(),
+            )
+        });
         let compiled = self.compiled.clone();
         let folded = fold::Record {
             quarantined: &mut self.quarantined,
@@ -459,6 +504,7 @@ impl Agent {
             pending_step_ups: &mut self.pending_step_ups,
             held_cgroups: &mut self.held_cgroups,
             folds: &mut self.quarantine_folds,
+            by_fold: &mut self.quarantined_by_fold,
         }
         .fold(
             |name| compiled.identity_by_name(name).is_some(),
@@ -484,6 +530,9 @@ impl Agent {
                 id,
                 "its service account's (or namespace's) label sets are quarantined together",
             ));
+        }
+        if folded.changed {
+            moved.folds_before = folds_before;
         }
         folded.changed
     }
@@ -518,6 +567,27 @@ impl Agent {
                 false => None,
                 true => Some(self.step_ups.get(&at).map(|(until, _)| *until)),
             };
+            if current.is_some() && self.quarantined_by_fold.remove(&name) {
+                // Quarantined by a fold, and now on its own account: the processes the
+                // quarantine holds run there, so the fold's release must not free it (review
+                // 77 M1: a new label set of a relabelled pod is quarantined by the fold
+                // first, before its cgroups are followed).
+                if moved.folds_before.is_none() {
+                    moved.folds_before = Some((
+                        self.quarantine_folds.clone(),
+                        {
+                            let mut before = self.quarantined_by_fold.clone();
+                            before.insert(name.clone());
+                            before
+                        },
+                        self.pending_step_ups.clone(),
+                        self.held_cgroups.clone(),
+                    ));
+                }
+                changed = true;
+                tracing::warn!(subject = %name, %from, cgroup, "quarantined processes moved to a label set a fold holds: quarantined on their own account too");
+                continue;
+            }
             let stronger = match (current, hold) {
                 (None, _) => true,
                 (Some(Some(_)), None) => true,
@@ -697,9 +767,7 @@ impl Agent {
         if moved.before.is_none() {
             return;
         }
-        for name in &moved.forget {
-            self.forget_step_up_record(name);
-        }
+        self.forget_step_up_records(&moved.forget);
         for (name, until) in &moved.record {
             self.record_step_up(name, *until);
         }
@@ -717,6 +785,12 @@ impl Agent {
             self.quarantined = quarantined;
             self.waiting_quarantines = waiting;
             self.step_ups = step_ups;
+        }
+        if let Some((folds, by_fold, pending, held)) = moved.folds_before {
+            self.quarantine_folds = folds;
+            self.quarantined_by_fold = by_fold;
+            self.pending_step_ups = pending;
+            self.held_cgroups = held;
         }
     }
 
@@ -744,7 +818,7 @@ impl Agent {
             }
             None => {
                 self.quarantine_absent(name.clone(), cause, Hold::Lasting);
-                self.kept_while_absent(&name).then_some(name)
+                self.absent_hold(&name)
             }
         };
         if let Some(held) = held {
@@ -792,6 +866,16 @@ impl Agent {
             if let Err(error) = self.apply_full(None) {
                 tracing::error!("writing the policy for a calling cgroup's move failed: {error:#}");
             }
+        }
+    }
+
+    /// The name the cgroups of `name`, out of the policy in force, are held under: the fold
+    /// that covers it (review 77 I2: held under a name the fold had dropped, they were let go
+    /// at the next write), or its own while its quarantine is kept; `None` when none is.
+    pub(super) fn absent_hold(&self, name: &str) -> Option<String> {
+        match fold::covering(&self.quarantine_folds, name) {
+            Some(fold) => Some(fold.to_string()),
+            None => self.kept_while_absent(name).then(|| name.to_string()),
         }
     }
 
@@ -878,51 +962,80 @@ impl Agent {
     }
 
     /// `quarantine release` of a fold (`<ns>/<sa>#*`, `<ns>/*`): the fold goes, and with it
-    /// every quarantine of a label set it covers (a label set in the policy has its flag
-    /// cleared). A flag that cannot be cleared stops the release there: the fold stays, and
-    /// the next write quarantines again what it covers.
+    /// the quarantines it made of the label sets of the policy it covers (their flags are
+    /// cleared). Those quarantined on their own account stay (a deny's, an operator's, one
+    /// the held processes moved to: review 77 M1, releasing the fold freed the relabelled pod
+    /// it was made for), and so do their holds; cgroups held under the fold's name that no
+    /// label set maps now are let go, logged. A flag that cannot be cleared stops the release
+    /// with the flags cleared so far set again: nothing changes (review 77 L3).
     pub(super) fn release_fold(&mut self, fold: &str) -> Response {
-        let covered: Vec<(u32, String)> = self
+        let made: Vec<(u32, String)> = self
             .quarantined
             .iter()
-            .filter(|(_, name)| fold::covers(fold, name))
+            .filter(|(_, name)| {
+                fold::covers(fold, name) && self.quarantined_by_fold.contains(*name)
+            })
             .map(|(id, name)| (*id, name.clone()))
             .collect();
-        let mut released = 0;
-        for (id, name) in &covered {
-            if self.compiled.identity(*id).is_some() {
-                if let Err(error) = self
-                    .datapath
-                    .tables
-                    .update_flags(*id, 0, flags::QUARANTINED)
-                {
-                    self.count_quarantined();
-                    self.save_state();
-                    return Response::error(format!(
-                        "releasing {name} of {fold}: {error:#}; {released} of its {} label sets \
-                         released, the fold stays",
-                        covered.len()
-                    ));
-                }
+        let mut cleared = Vec::new();
+        for (id, name) in &made {
+            if self.compiled.identity(*id).is_none() {
+                continue;
             }
-            self.quarantined.remove(id);
-            self.forget_step_up(*id);
-            released += 1;
+            if let Err(error) = self
+                .datapath
+                .tables
+                .update_flags(*id, 0, flags::QUARANTINED)
+            {
+                for id in cleared {
+                    if let Err(undo) = self.datapath.tables.update_flags(id, flags::QUARANTINED, 0)
+                    {
+                        tracing::error!(
+                            identity = id,
+                            "quarantining again after a failed release: {undo:#}"
+                        );
+                    }
+                }
+                return Response::error(format!(
+                    "releasing {name} of {fold}: {error:#}; nothing released"
+                ));
+            }
+            cleared.push(*id);
         }
-        self.waiting_quarantines
-            .retain(|name| !fold::covers(fold, name));
+        for (id, name) in &made {
+            self.quarantined.remove(id);
+            self.quarantined_by_fold.remove(name);
+            self.forget_step_up(*id);
+        }
+        let own = self
+            .quarantined
+            .values()
+            .filter(|name| fold::covers(fold, name))
+            .count();
         self.quarantine_folds.remove(fold);
-        self.held_cgroups
-            .retain(|_, name| name != fold && !fold::covers(fold, name));
+        let before = self.held_cgroups.len();
+        self.held_cgroups.retain(|_, name| name != fold);
+        if self.held_cgroups.len() < before {
+            tracing::warn!(%fold, cgroups = before - self.held_cgroups.len(), "cgroups held under a released fold's name, mapped to no label set now, are let go");
+        }
         self.count_quarantined();
         self.save_state();
+        for (id, name) in &made {
+            let _ = self.notices.send(Notice::Released {
+                time: now(),
+                workload: name.clone(),
+                identity: *id,
+            });
+        }
         let _ = self.notices.send(Notice::Released {
             time: now(),
             workload: fold.to_string(),
             identity: reserved::UNKNOWN,
         });
         Response::ok(format!(
-            "{fold} released, and the {released} label sets of the policy it held"
+            "{fold} released, and the {} label sets it quarantined; {own} it covers stay \
+             quarantined on their own account (release each by name)",
+            made.len()
         ))
     }
 
