@@ -1187,7 +1187,7 @@ fn a_quarantined_workload_renamed_again_and_again_is_folded_into_one_quarantine(
         return Ok(());
     }
     const RENAMES: usize = 40;
-    let world = World::standard(50)?;
+    let world = World::standard(52)?;
     let _servers = world.servers_v4()?;
     let state = StateDir::new()?;
     let cfg = state.configure(world.agent_config());
