@@ -478,6 +478,16 @@ impl Agent {
         moved
     }
 
+    /// The folds' part of the quarantine record, as a failed write puts it back.
+    fn folds_kept(&self) -> FoldsKept {
+        (
+            self.quarantine_folds.clone(),
+            self.quarantined_by_fold.clone(),
+            self.pending_step_ups.clone(),
+            self.held_cgroups.clone(),
+        )
+    }
+
     /// Keeps the quarantines out of the policy bounded ([`fold`]): those of a service account
     /// or namespace past its bound are folded into one quarantine of all its label sets, and
     /// every label set of the policy a fold covers is quarantined. Returns whether the record
@@ -488,14 +498,7 @@ impl Agent {
         let could_fold = !self.quarantine_folds.is_empty()
             || self.quarantined.len() + self.waiting_quarantines.len()
                 > fold::MAX_ABSENT_PER_ACCOUNT;
-        let folds_before = could_fold.then(|| {
-            (
-                self.quarantine_folds.clone(),
-                self.quarantined_by_fold.clone(),
-                self.pending_step_ups.clone(),
-                self.held_cgroups.clone(),
-            )
-        });
+        let folds_before = could_fold.then(|| self.folds_kept());
         let compiled = self.compiled.clone();
         let folded = fold::Record {
             quarantined: &mut self.quarantined,
@@ -573,16 +576,9 @@ impl Agent {
                 // 77 M1: a new label set of a relabelled pod is quarantined by the fold
                 // first, before its cgroups are followed).
                 if moved.folds_before.is_none() {
-                    moved.folds_before = Some((
-                        self.quarantine_folds.clone(),
-                        {
-                            let mut before = self.quarantined_by_fold.clone();
-                            before.insert(name.clone());
-                            before
-                        },
-                        self.pending_step_ups.clone(),
-                        self.held_cgroups.clone(),
-                    ));
+                    let mut before = self.folds_kept();
+                    before.1.insert(name.clone());
+                    moved.folds_before = Some(before);
                 }
                 changed = true;
                 tracing::warn!(subject = %name, %from, cgroup, "quarantined processes moved to a label set a fold holds: quarantined on their own account too");
