@@ -2075,8 +2075,7 @@ pub fn apply_risk_overrides(bundle: &mut Bundle, overrides: &BTreeMap<String, St
 /// release): an error there would make the whole file unreadable, which stops the start
 /// (red-team reviews 74 L3, 76 L1). The fields the start reads (`kept::restored`,
 /// `held_at_start`, `moves_at_start`, the quarantine folds, the risk overrides, the policy
-/// generations, `pin_dir`,
-/// `boot_id`) are strict.
+/// generations, `pin_dir`, `boot_id`) are strict.
 fn shown_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
