@@ -192,6 +192,11 @@ pub struct AgentState {
     /// these, not those quarantined on their own account (red-team review 77 M1).
     #[serde(default)]
     pub quarantined_by_fold: BTreeSet<String>,
+    /// The label sets out of the policy a fold holds that were quarantined on their own
+    /// account: quarantined so again when back, and waiting by name when the fold is
+    /// released (red-team review 78 M1).
+    #[serde(default)]
+    pub absorbed_by_fold: BTreeSet<String>,
     /// The cgroups held under a quarantine's name (`Agent::hold_cgroups`): read back at the
     /// next start, since one no identity maps then is in no pinned map (review 53 N4).
     #[serde(default)]
@@ -421,6 +426,9 @@ struct Agent {
     quarantine_folds: BTreeSet<String>,
     /// The label sets quarantined only because a fold covers them ([`fold::Record`]).
     quarantined_by_fold: BTreeSet<String>,
+    /// Quarantines of their own of label sets out of the policy that a fold holds
+    /// ([`fold::Record`]'s `absorbed`).
+    absorbed_by_fold: BTreeSet<String>,
     risk_overrides: BTreeMap<String, String>,
     fingerprint: Fingerprint,
     /// When the policy in force was written to the kernel (RFC 3339).
@@ -720,12 +728,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracing::warn!("reading the pinned cgroup map: {error:#}: a pod relabelled while no agent ran may not be followed by its quarantine");
         BTreeMap::new()
     });
-    let (quarantine_folds, quarantined_by_fold) = kept::folds_at_start(kept_state.as_ref());
+    let (quarantine_folds, quarantined_by_fold, absorbed_by_fold) =
+        kept::folds_at_start(kept_state.as_ref());
     let held_cgroups = kept::held_at_start(
         &pinned_cgroups,
         kept_state.as_ref(),
         &quarantined,
-        (&waiting_quarantines, &quarantine_folds),
+        [&waiting_quarantines, &quarantine_folds, &absorbed_by_fold],
     );
     let (cgroup_names, departures) =
         kept::moves_at_start(&pinned_cgroups, kept_state.as_ref(), datapath.dir());
@@ -816,6 +825,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         waiting_quarantines,
         quarantine_folds,
         quarantined_by_fold,
+        absorbed_by_fold,
         risk_overrides,
         applied_at: now(),
         notices,
@@ -1640,9 +1650,13 @@ impl Agent {
             .insert(subject, self.name_of(subject))
             .is_some()
         {
-            // Quarantined on its own account now, not only its fold's.
+            // Quarantined on its own account now, not only its fold's: on disk at once, or a
+            // restart would give it back to the fold (review 78 L1).
             let named = self.name_of(subject);
-            self.quarantined_by_fold.remove(&named);
+            if self.quarantined_by_fold.remove(&named) {
+                tracing::warn!(workload = %named, %cause, "label set a fold quarantined now quarantined on its own account too");
+                self.save_state();
+            }
             if hold == Hold::Lasting && self.has_step_up(subject) {
                 self.forget_step_up(subject);
                 let workload = self.name_of(subject);
@@ -1978,7 +1992,8 @@ impl Agent {
             metrics.set_quarantined(
                 self.quarantined.len()
                     + self.waiting_quarantines.len()
-                    + self.quarantine_folds.len(),
+                    + self.quarantine_folds.len()
+                    + self.absorbed_by_fold.len(),
             );
         }
     }
@@ -2011,8 +2026,13 @@ impl Agent {
                 .quarantined_names()
                 .into_iter()
                 .chain(self.quarantine_folds.iter().cloned())
+                .chain(self.absorbed_by_fold.iter().cloned())
                 .collect(),
-            quarantined_out_of_policy: self.quarantined_out_of_policy(),
+            quarantined_out_of_policy: self
+                .quarantined_out_of_policy()
+                .into_iter()
+                .chain(self.absorbed_by_fold.iter().cloned())
+                .collect(),
             quarantined_ids: self
                 .quarantined
                 .keys()
@@ -2023,6 +2043,7 @@ impl Agent {
             waiting_quarantines: self.waiting_quarantines.clone(),
             quarantine_folds: self.quarantine_folds.clone(),
             quarantined_by_fold: self.quarantined_by_fold.clone(),
+            absorbed_by_fold: self.absorbed_by_fold.clone(),
             held_cgroups: self.held_cgroups.clone(),
             pdp_url: self.options.pdp.as_ref().map(|p| p.url.clone()),
             kubernetes: self.kube.as_ref().map(KubeSource::status),

@@ -285,6 +285,8 @@ pub fn render(status: &Status) -> String {
             for workload in &agent.quarantined {
                 let out_of_policy = if agent.quarantined_out_of_policy.contains(workload) {
                     " (out of the policy: quarantined again when it is back)"
+                } else if workload.ends_with('*') {
+                    " (a fold: every label set it names)"
                 } else {
                     ""
                 };

@@ -1179,7 +1179,8 @@ fn a_quarantine_follows_cgroups_moved_across_a_restart() -> Result<()> {
 /// set of the account, another label set of it included: `quarantine list` stays short, a
 /// restart keeps the fold, a name the fold holds is refused a release of its own, and
 /// releasing the fold frees the label sets it quarantined but not the one the held processes
-/// run in (review 77 M1), which is released by name. Before, each name out of the policy was
+/// run in (review 77 M1), which is released by name, nor the earlier ones, quarantined on
+/// their own account and out of the policy, which wait by name again (review 78 M1). Before, each name out of the policy was
 /// kept for ever: the list and the state file grew by one per edit.
 #[test]
 fn a_quarantined_workload_renamed_again_and_again_is_folded_into_one_quarantine() -> Result<()> {
@@ -1267,7 +1268,13 @@ fn a_quarantined_workload_renamed_again_and_again_is_folded_into_one_quarantine(
     let list = quarantine_list(&dirs)?;
     ensure!(
         listed(&list, &named(0)) && !list.contains(sibling) && !list.contains(fold),
-        "only the held processes' label set stays quarantined: {list}"
+        "only the held processes' label sets stay quarantined: {list}"
+    );
+    // The earlier names, quarantined on their own account (the held processes ran there)
+    // and held by the fold while out of the policy, wait by name again (review 78 M1).
+    ensure!(
+        list.contains(&format!("{} (out of the policy", named(5))),
+        "an own quarantine the fold held out of the policy must wait by name again: {list}"
     );
     let out = dirs.quarantine_release(&named(0))?;
     ensure!(out.success(), "quarantine release {}: {out}", named(0));

@@ -32,6 +32,11 @@ pub(super) const MAX_ABSENT_PER_ACCOUNT: usize = 32;
 /// a tenant that creates service accounts to stay under [`MAX_ABSENT_PER_ACCOUNT`].
 pub(super) const MAX_ABSENT_PER_NAMESPACE: usize = 256;
 
+/// How many quarantines of their own (a deny's, an operator's, one the held processes moved
+/// to) of one namespace's label sets out of the policy a fold keeps by name
+/// ([`Record::absorbed`]); past it, they are the fold's only (released with it).
+pub(super) const MAX_ABSORBED_PER_NAMESPACE: usize = 256;
+
 /// Whether the fold `fold` (`<namespace>/<service account>#*` or `<namespace>/*`) covers
 /// `name`: a label set's name of that account or namespace (parsed, not a prefix: a namespace
 /// named `service` must not cover the Services' identities, `service/<ns>/<name>`, nor
@@ -85,7 +90,24 @@ pub(super) fn account_of(name: &str) -> Option<(&str, &str)> {
     let (namespace, service_account) = account.split_once('/')?;
     let hashed =
         matches!(hash.len(), 8 | 16 | 32 | 64) && hash.bytes().all(|b| b.is_ascii_hexdigit());
-    (hashed && !namespace.is_empty() && !service_account.is_empty()).then_some((account, namespace))
+    // The parts a fold's name is made of: as `is_fold` checks them (review 78 I2).
+    let part = |p: &str| !p.is_empty() && !p.contains(['/', '#', '*']);
+    (hashed && part(namespace) && part(service_account)).then_some((account, namespace))
+}
+
+/// Keeps `name` (a label set out of the policy, quarantined on its own account, that a fold
+/// covers) among `absorbed` while its namespace has room
+/// ([`MAX_ABSORBED_PER_NAMESPACE`]); whether it is there now.
+pub(super) fn absorb(absorbed: &mut BTreeSet<String>, name: &str) -> bool {
+    if absorbed.contains(name) {
+        return true;
+    }
+    let namespace = account_of(name).map(|(_, namespace)| namespace);
+    let kept = absorbed
+        .iter()
+        .filter(|a| account_of(a).map(|(_, n)| n) == namespace)
+        .count();
+    kept < MAX_ABSORBED_PER_NAMESPACE && absorbed.insert(name.to_string())
 }
 
 /// The folds to add so that the quarantines out of the policy stay bounded: `absent` are
@@ -147,6 +169,12 @@ pub(super) struct Record<'a> {
     /// release releases those, not the ones quarantined on their own account (a deny, an
     /// operator, processes that moved there: red-team review 77 M1).
     pub by_fold: &'a mut BTreeSet<String>,
+    /// The label sets out of the policy that were quarantined on their own account when a
+    /// fold took them (at most [`MAX_ABSORBED_PER_NAMESPACE`] per namespace): back in the
+    /// policy they are quarantined on their own account again, and a fold's release leaves
+    /// them waiting by name; their cgroups stay held under their names (review 78 M1, M2:
+    /// taken for the fold's, a release freed them and let their processes go).
+    pub absorbed: &'a mut BTreeSet<String>,
 }
 
 /// What [`Record::fold`] did.
@@ -156,8 +184,12 @@ pub(super) struct Folded {
     pub made: Vec<(String, usize)>,
     /// The step-ups that ended in a fold (it holds until released): their records go.
     pub forget: Vec<String>,
-    /// The identities of the policy a fold quarantined (they were not).
+    /// The identities of the policy a fold quarantined (they were not), and those it
+    /// quarantined on their own account again (absorbed, back in the policy).
     pub quarantined: Vec<(u32, String)>,
+    pub returned: Vec<(u32, String)>,
+    /// Quarantines of their own a fold took past [`MAX_ABSORBED_PER_NAMESPACE`]: the fold's only.
+    pub unabsorbed: usize,
     /// Whether the record changed.
     pub changed: bool,
 }
@@ -207,6 +239,12 @@ impl Record<'_> {
             folded.changed = true;
         }
         if self.folds.is_empty() {
+            // Nothing is the fold's with no fold (a state file's stale record).
+            self.by_fold.clear();
+            if !self.absorbed.is_empty() {
+                self.waiting.append(self.absorbed);
+                folded.changed = true;
+            }
             return folded;
         }
         for name in &absent {
@@ -214,6 +252,11 @@ impl Record<'_> {
                 continue;
             };
             folded.changed = true;
+            let own = !self.by_fold.contains(name);
+            let absorbed = own && absorb(self.absorbed, name);
+            if own && !absorbed {
+                folded.unabsorbed += 1;
+            }
             self.waiting.remove(name);
             if self.pending_step_ups.remove(name).is_some() {
                 folded.forget.push(name.clone());
@@ -231,8 +274,10 @@ impl Record<'_> {
                 }
             }
             self.by_fold.remove(name);
-            for held in self.held_cgroups.values_mut().filter(|held| *held == name) {
-                *held = fold.to_string();
+            if !absorbed {
+                for held in self.held_cgroups.values_mut().filter(|held| *held == name) {
+                    *held = fold.to_string();
+                }
             }
         }
         for (id, name) in identities {
@@ -242,12 +287,19 @@ impl Record<'_> {
             match self.quarantined.entry(id) {
                 Entry::Vacant(entry) => {
                     entry.insert(name.to_string());
-                    self.by_fold.insert(name.to_string());
-                    folded.quarantined.push((id, name.to_string()));
+                    if self.absorbed.remove(name) {
+                        folded.returned.push((id, name.to_string()));
+                    } else {
+                        self.by_fold.insert(name.to_string());
+                        folded.quarantined.push((id, name.to_string()));
+                    }
                     folded.changed = true;
                 }
                 Entry::Occupied(_) => {
+                    // A step-up in the fold holds as the fold does, and goes with its release
+                    // (review 78 L3).
                     if let Some((_, recorded)) = self.step_ups.remove(&id) {
+                        self.by_fold.insert(name.to_string());
                         folded.forget.push(recorded);
                         folded.changed = true;
                     }
@@ -269,7 +321,7 @@ mod tests {
 
     use super::{
         account_of, covering, is_fold, new_folds, Record, MAX_ABSENT_PER_ACCOUNT,
-        MAX_ABSENT_PER_NAMESPACE,
+        MAX_ABSENT_PER_NAMESPACE, MAX_ABSORBED_PER_NAMESPACE,
     };
 
     /// The name of label set `n` of service account `sa` in namespace `ns`.
@@ -380,6 +432,7 @@ mod tests {
         held_cgroups: BTreeMap<u64, String>,
         folds: BTreeSet<String>,
         by_fold: BTreeSet<String>,
+        absorbed: BTreeSet<String>,
     }
 
     impl Kept {
@@ -392,6 +445,7 @@ mod tests {
                 held_cgroups: &mut self.held_cgroups,
                 folds: &mut self.folds,
                 by_fold: &mut self.by_fold,
+                absorbed: &mut self.absorbed,
             }
         }
 
@@ -435,15 +489,19 @@ mod tests {
                 held == label_set("acme", "rag", n - 1) || held == "acme/rag#*",
                 "{held}"
             );
+            // As `follow_moved_cgroups` does: the label set the held processes run in is
+            // quarantined on their own account, not only the fold's.
             kept.quarantined.entry(id).or_insert_with(|| now.clone());
+            kept.by_fold.remove(&now);
             kept.held_cgroups.insert(7, now.clone());
             assert!(kept.quarantined.contains_key(&id), "relabel {n}");
             largest = largest.max(kept.size());
         }
         assert!(
-            largest <= MAX_ABSENT_PER_ACCOUNT + 3,
+            largest <= MAX_ABSORBED_PER_NAMESPACE + MAX_ABSENT_PER_ACCOUNT + 3,
             "{largest} quarantines kept after 1000 relabels"
         );
+        assert_eq!(kept.absorbed.len(), MAX_ABSORBED_PER_NAMESPACE);
         assert_eq!(kept.folds, BTreeSet::from(["acme/rag#*".to_string()]));
         assert!(
             !kept.quarantined.contains_key(&900),
@@ -456,7 +514,9 @@ mod tests {
             Some(&first),
             "the first label set is back"
         );
-        assert_eq!(folded.quarantined, vec![(100, first)]);
+        // It was quarantined on its own account: so again, not the fold's (review 78 M1).
+        assert_eq!(folded.returned, vec![(100, first.clone())]);
+        assert!(!kept.by_fold.contains(&first) && !kept.absorbed.contains(&first));
     }
 
     /// Step-ups folded end in the fold: the quarantine holds until released, and their
@@ -497,11 +557,13 @@ mod tests {
             kept.quarantined.keys().copied().collect::<Vec<_>>(),
             vec![5000, 6000]
         );
-        // Only the one the fold quarantined is the fold's to release (review 77 M1).
+        // The one the fold quarantined, and the step-up it made lasting, are the fold's to
+        // release (review 77 M1, 78 L3); those of their own out of the policy are kept by name.
         assert_eq!(
             kept.by_fold,
-            BTreeSet::from([label_set("acme", "rag", 1001)])
+            BTreeSet::from([present.clone(), label_set("acme", "rag", 1001)])
         );
+        assert_eq!(kept.absorbed.len(), MAX_ABSENT_PER_ACCOUNT + 2);
     }
 
     /// A namespace's fold takes the place of its account folds, and of their holds (review

@@ -87,7 +87,8 @@ pub(super) fn restored(
 /// The cgroups held under a quarantine's name at a start (see [`Agent::hold_cgroups`]): those
 /// the previous agent held (its state file: unmapped ones too), and those the pinned cgroup
 /// map gives to a quarantined identity (a state file from before holds were kept), each of a
-/// quarantine still kept (`kept`: those waiting by name, and the folds). A quarantined pod
+/// quarantine still kept (`kept`: those waiting by name, the folds, and the quarantines of
+/// their own a fold holds). A quarantined pod
 /// relabelled while no agent ran is followed. The
 /// state file's holds are of this boot only (cgroup IDs are given out again after a reboot:
 /// review 58 F4), or, from an agent that kept no boot ID, while pinned maps say an agent ran
@@ -96,7 +97,7 @@ pub(super) fn held_at_start(
     pinned: &BTreeMap<u64, u32>,
     state: Option<&AgentState>,
     quarantined: &BTreeMap<u32, String>,
-    (waiting, folds): (&BTreeSet<String>, &BTreeSet<String>),
+    kept: [&BTreeSet<String>; 3],
 ) -> BTreeMap<u64, String> {
     let mut held = state
         .filter(|s| written_this_boot(s).unwrap_or(!pinned.is_empty()))
@@ -108,7 +109,7 @@ pub(super) fn held_at_start(
         }
     }
     held.retain(|_, name| {
-        waiting.contains(name) || folds.contains(name) || quarantined.values().any(|n| n == name)
+        kept.iter().any(|names| names.contains(name)) || quarantined.values().any(|n| n == name)
     });
     held
 }
@@ -116,7 +117,9 @@ pub(super) fn held_at_start(
 /// The folds a start keeps (the state file's), and the label sets quarantined only by them;
 /// a fold's name that is not of the shape this agent makes ([`fold::is_fold`]) is left out,
 /// logged (`*` alone would cover every label set).
-pub(super) fn folds_at_start(state: Option<&AgentState>) -> (BTreeSet<String>, BTreeSet<String>) {
+pub(super) fn folds_at_start(
+    state: Option<&AgentState>,
+) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     let Some(state) = state else {
         return Default::default();
     };
@@ -131,7 +134,11 @@ pub(super) fn folds_at_start(state: Option<&AgentState>) -> (BTreeSet<String>, B
             "the state file names quarantine folds of no shape this agent makes: left out"
         );
     }
-    (folds, state.quarantined_by_fold.clone())
+    (
+        folds,
+        state.quarantined_by_fold.clone(),
+        state.absorbed_by_fold.clone(),
+    )
 }
 
 /// The name a quarantine is kept under while its workload's is unknown (restored by number
@@ -345,12 +352,14 @@ pub(super) struct Moved {
     notices: Vec<Notice>,
 }
 
-/// The folds, the label sets quarantined by them, the pending step-ups and the held cgroups.
+/// The folds, the label sets quarantined by them, the pending step-ups, the held cgroups and
+/// the quarantines of their own the folds hold.
 type FoldsKept = (
     BTreeSet<String>,
     BTreeSet<String>,
     BTreeMap<String, std::time::SystemTime>,
     BTreeMap<u64, String>,
+    BTreeSet<String>,
 );
 
 /// The agent's quarantine record.
@@ -485,6 +494,7 @@ impl Agent {
             self.quarantined_by_fold.clone(),
             self.pending_step_ups.clone(),
             self.held_cgroups.clone(),
+            self.absorbed_by_fold.clone(),
         )
     }
 
@@ -508,6 +518,7 @@ impl Agent {
             held_cgroups: &mut self.held_cgroups,
             folds: &mut self.quarantine_folds,
             by_fold: &mut self.quarantined_by_fold,
+            absorbed: &mut self.absorbed_by_fold,
         }
         .fold(
             |name| compiled.identity_by_name(name).is_some(),
@@ -526,6 +537,17 @@ impl Agent {
             ));
         }
         moved.forget.extend(folded.forget);
+        if folded.unabsorbed > 0 {
+            tracing::warn!(quarantines = folded.unabsorbed, "quarantines of their own of label sets out of the policy past the {} a namespace keeps under a fold: held by the fold only, released with it", fold::MAX_ABSORBED_PER_NAMESPACE);
+        }
+        for (id, name) in folded.returned {
+            tracing::warn!(subject = %name, identity = id, "quarantined label set back in the policy, held by a fold: quarantined on its own account again");
+            moved.notices.push(quarantined_notice(
+                name,
+                id,
+                "back in the policy, quarantined while out of it",
+            ));
+        }
         for (id, name) in folded.quarantined {
             tracing::warn!(subject = %name, identity = id, "label set quarantined by the fold that covers it");
             moved.notices.push(quarantined_notice(
@@ -570,7 +592,10 @@ impl Agent {
                 false => None,
                 true => Some(self.step_ups.get(&at).map(|(until, _)| *until)),
             };
-            if current.is_some() && self.quarantined_by_fold.remove(&name) {
+            // Processes of a label set the fold itself quarantined stay the fold's (review 78
+            // L2: an innocent pod's relabel within the account is no quarantine of its own).
+            let own_hold = !self.quarantined_by_fold.contains(&from);
+            if current.is_some() && own_hold && self.quarantined_by_fold.remove(&name) {
                 // Quarantined by a fold, and now on its own account: the processes the
                 // quarantine holds run there, so the fold's release must not free it (review
                 // 77 M1: a new label set of a relabelled pod is quarantined by the fold
@@ -635,7 +660,7 @@ impl Agent {
     /// How the quarantine kept under `name` holds: `Some(None)` until released, `Some(Some(t))`
     /// a step-up until `t`, `None` when there is no such quarantine (released).
     fn hold_of(&self, name: &str) -> Option<Option<std::time::SystemTime>> {
-        if self.quarantine_folds.contains(name) {
+        if self.quarantine_folds.contains(name) || self.absorbed_by_fold.contains(name) {
             return Some(None);
         }
         if let Some((&id, _)) = self.quarantined.iter().find(|(_, n)| n.as_str() == name) {
@@ -660,6 +685,7 @@ impl Agent {
             .quarantined_names()
             .into_iter()
             .chain(self.quarantine_folds.iter().cloned())
+            .chain(self.absorbed_by_fold.iter().cloned())
             .collect();
         let cgroups = &self.cgroups;
         self.held_cgroups.retain(|cgroup, name| {
@@ -782,11 +808,12 @@ impl Agent {
             self.waiting_quarantines = waiting;
             self.step_ups = step_ups;
         }
-        if let Some((folds, by_fold, pending, held)) = moved.folds_before {
+        if let Some((folds, by_fold, pending, held, absorbed)) = moved.folds_before {
             self.quarantine_folds = folds;
             self.quarantined_by_fold = by_fold;
             self.pending_step_ups = pending;
             self.held_cgroups = held;
+            self.absorbed_by_fold = absorbed;
         }
     }
 
@@ -887,7 +914,13 @@ impl Agent {
     /// workload is back (a step-up's end waits in `pending_step_ups`, set by the caller).
     pub(super) fn quarantine_absent(&mut self, name: String, cause: String, hold: Hold) {
         if let Some(fold) = fold::covering(&self.quarantine_folds, &name) {
-            tracing::info!(subject = %name, %fold, %cause, "subject out of the policy already held by a fold's quarantine");
+            // Held by the fold; kept by name too, as a quarantine of its own (review 78 M1),
+            // while the namespace has room.
+            let new = !self.absorbed_by_fold.contains(&name);
+            if new && fold::absorb(&mut self.absorbed_by_fold, &name) {
+                tracing::warn!(subject = %name, %fold, %cause, "subject out of the policy, held by a fold: kept by name, quarantined on its own account when back");
+                self.save_state();
+            }
             return;
         }
         let mut was_step_up = false;
@@ -1003,6 +1036,17 @@ impl Agent {
             self.quarantined_by_fold.remove(name);
             self.forget_step_up(*id);
         }
+        // The quarantines of their own it held out of the policy wait by name again.
+        let absorbed: Vec<String> = self
+            .absorbed_by_fold
+            .iter()
+            .filter(|name| fold::covers(fold, name))
+            .cloned()
+            .collect();
+        for name in &absorbed {
+            self.absorbed_by_fold.remove(name);
+            self.waiting_quarantines.insert(name.clone());
+        }
         let own = self
             .quarantined
             .values()
@@ -1030,8 +1074,10 @@ impl Agent {
         });
         Response::ok(format!(
             "{fold} released, and the {} label sets it quarantined; {own} it covers stay \
-             quarantined on their own account (release each by name)",
-            made.len()
+             quarantined on their own account, and {} out of the policy wait by name \
+             (release each by name)",
+            made.len(),
+            absorbed.len()
         ))
     }
 
@@ -1057,9 +1103,16 @@ impl Agent {
     pub(super) fn quarantine_list(&self) -> Vec<String> {
         let out: BTreeSet<String> = self.quarantined_out_of_policy().into_iter().collect();
         let folds = self.quarantine_folds.iter().map(|fold| {
+            let absorbed = self
+                .absorbed_by_fold
+                .iter()
+                .filter(|name| fold::covers(fold, name))
+                .count();
             format!(
                 "{fold} (every label set it names, those out of the policy included: more of \
-                 its quarantines were out of the policy than are kept one by one)"
+                 its quarantines were out of the policy than are kept one by one; it holds \
+                 {absorbed} out of the policy quarantined on their own account, named by \
+                 `status`)"
             )
         });
         self.quarantined_names()
@@ -1067,6 +1120,8 @@ impl Agent {
             .map(|name| {
                 if out.contains(&name) {
                     format!("{name} (out of the policy: quarantined again when it is back)")
+                } else if self.quarantined_by_fold.contains(&name) {
+                    format!("{name} (by its fold only)")
                 } else {
                     name
                 }
@@ -1178,9 +1233,14 @@ mod tests {
         // Cgroup 5 is pinned to the quarantined number: held whatever the state file says.
         let pinned: BTreeMap<u64, u32> = [(5, 300), (6, 301)].into();
         let held = |pinned: &BTreeMap<u64, u32>, state| {
-            held_at_start(pinned, Some(&state), &quarantined, (&waiting, &folds))
-                .into_keys()
-                .collect::<Vec<_>>()
+            held_at_start(
+                pinned,
+                Some(&state),
+                &quarantined,
+                [&waiting, &folds, &folds],
+            )
+            .into_keys()
+            .collect::<Vec<_>>()
         };
         assert_eq!(held(&pinned, state_of(this_boot())), [5, 10]);
         // Another boot gave out cgroup 10 again, maybe to another tenant's pod (review 58 F4).
@@ -1195,7 +1255,7 @@ mod tests {
             &pinned,
             Some(&state_of(this_boot())),
             &BTreeMap::new(),
-            (&waiting, &folds),
+            [&waiting, &folds, &folds],
         );
         assert!(released.is_empty());
     }
