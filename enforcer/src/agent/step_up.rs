@@ -217,7 +217,16 @@ impl Agent {
         }
         call.anomaly = Some(anomaly);
         if quarantine.is_none() {
-            let pair = (subject_name.clone(), destination.name.clone());
+            // A destination's step-up is in the key: one added within a window is an anomaly
+            // of its own, sent (and paged) at once (review 78 L5).
+            let pair = (
+                subject_name.clone(),
+                format!(
+                    "{}{}",
+                    destination.name,
+                    if step_up.is_some() { " (step-up)" } else { "" }
+                ),
+            );
             match self.anomaly_repeats.gather(pair, call, now) {
                 Some(first) => call = first,
                 None => return,
