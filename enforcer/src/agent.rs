@@ -1697,6 +1697,9 @@ impl Agent {
         if self.quarantine_folds.contains(workload) {
             return self.release_fold(workload);
         }
+        if self.absorbed_by_fold.contains(workload) {
+            return self.release_absorbed(workload);
+        }
         if let Some(fold) = fold::covering(&self.quarantine_folds, workload) {
             return Response::error(format!(
                 "{workload} is held by the quarantine of every label set of {fold}: release {fold}"

@@ -102,10 +102,12 @@ pub(super) fn absorb(absorbed: &mut BTreeSet<String>, name: &str) -> bool {
     if absorbed.contains(name) {
         return true;
     }
-    let namespace = account_of(name).map(|(_, namespace)| namespace);
+    let Some((_, namespace)) = account_of(name) else {
+        return false;
+    };
+    // A namespace holds no `/`, and `0` follows `/`: the range is the namespace's names.
     let kept = absorbed
-        .iter()
-        .filter(|a| account_of(a).map(|(_, n)| n) == namespace)
+        .range(format!("{namespace}/")..format!("{namespace}0"))
         .count();
     kept < MAX_ABSORBED_PER_NAMESPACE && absorbed.insert(name.to_string())
 }
@@ -184,9 +186,9 @@ pub(super) struct Folded {
     pub made: Vec<(String, usize)>,
     /// The step-ups that ended in a fold (it holds until released): their records go.
     pub forget: Vec<String>,
-    /// The identities of the policy a fold quarantined (they were not), and those it
-    /// quarantined on their own account again (absorbed, back in the policy).
+    /// The identities of the policy a fold quarantined (they were not).
     pub quarantined: Vec<(u32, String)>,
+    /// Those it quarantined on their own account again (absorbed, back in the policy).
     pub returned: Vec<(u32, String)>,
     /// Quarantines of their own a fold took past [`MAX_ABSORBED_PER_NAMESPACE`]: the fold's only.
     pub unabsorbed: usize,
@@ -238,21 +240,36 @@ impl Record<'_> {
             }
             folded.changed = true;
         }
+        // Nothing is a fold's that no fold covers (a state file's fold left out): those of
+        // their own wait by name (review 79 L2).
+        let stray: Vec<String> = self
+            .absorbed
+            .iter()
+            .filter(|name| covering(self.folds, name).is_none())
+            .cloned()
+            .collect();
+        for name in stray {
+            self.absorbed.remove(&name);
+            self.waiting.insert(name);
+            folded.changed = true;
+        }
         if self.folds.is_empty() {
-            // Nothing is the fold's with no fold (a state file's stale record).
             self.by_fold.clear();
-            if !self.absorbed.is_empty() {
-                self.waiting.append(self.absorbed);
-                folded.changed = true;
-            }
             return folded;
         }
+        let stepped: BTreeSet<String> = self
+            .step_ups
+            .values()
+            .map(|(_, name)| name.clone())
+            .chain(self.pending_step_ups.keys().cloned())
+            .collect();
         for name in &absent {
             let Some(fold) = covering(self.folds, name) else {
                 continue;
             };
             folded.changed = true;
-            let own = !self.by_fold.contains(name);
+            // A step-up is not a quarantine of its own: it goes with the fold (review 79 L1).
+            let own = !self.by_fold.contains(name) && !stepped.contains(name);
             let absorbed = own && absorb(self.absorbed, name);
             if own && !absorbed {
                 folded.unabsorbed += 1;
@@ -558,12 +575,13 @@ mod tests {
             vec![5000, 6000]
         );
         // The one the fold quarantined, and the step-up it made lasting, are the fold's to
-        // release (review 77 M1, 78 L3); those of their own out of the policy are kept by name.
+        // release (review 77 M1, 78 L3).
         assert_eq!(
             kept.by_fold,
             BTreeSet::from([present.clone(), label_set("acme", "rag", 1001)])
         );
-        assert_eq!(kept.absorbed.len(), MAX_ABSENT_PER_ACCOUNT + 2);
+        // Step-ups are not quarantines of their own: none is kept by name (review 79 L1).
+        assert!(kept.absorbed.is_empty());
     }
 
     /// A namespace's fold takes the place of its account folds, and of their holds (review

@@ -506,6 +506,7 @@ impl Agent {
         // What a failed write puts back (review 77 L2); the held cgroups are copied only when
         // a fold is in force or could be made.
         let could_fold = !self.quarantine_folds.is_empty()
+            || !self.absorbed_by_fold.is_empty()
             || self.quarantined.len() + self.waiting_quarantines.len()
                 > fold::MAX_ABSENT_PER_ACCOUNT;
         let folds_before = could_fold.then(|| self.folds_kept());
@@ -896,6 +897,11 @@ impl Agent {
     /// that covers it (review 77 I2: held under a name the fold had dropped, they were let go
     /// at the next write), or its own while its quarantine is kept; `None` when none is.
     pub(super) fn absent_hold(&self, name: &str) -> Option<String> {
+        if self.absorbed_by_fold.contains(name) {
+            // Kept by name under the fold: held under it, as the fold's release keeps it
+            // (review 79 M1).
+            return Some(name.to_string());
+        }
         match fold::covering(&self.quarantine_folds, name) {
             Some(fold) => Some(fold.to_string()),
             None => self.kept_while_absent(name).then(|| name.to_string()),
@@ -916,7 +922,8 @@ impl Agent {
         if let Some(fold) = fold::covering(&self.quarantine_folds, &name) {
             // Held by the fold; kept by name too, as a quarantine of its own (review 78 M1),
             // while the namespace has room.
-            let new = !self.absorbed_by_fold.contains(&name);
+            // A step-up is not kept so: it goes with the fold (review 79 L1).
+            let new = hold == Hold::Lasting && !self.absorbed_by_fold.contains(&name);
             if new && fold::absorb(&mut self.absorbed_by_fold, &name) {
                 tracing::warn!(subject = %name, %fold, %cause, "subject out of the policy, held by a fold: kept by name, quarantined on its own account when back");
                 self.save_state();
@@ -998,6 +1005,40 @@ impl Agent {
     /// label set maps now are let go, logged. A flag that cannot be cleared stops the release
     /// with the flags cleared so far set again: nothing changes (review 77 L3).
     pub(super) fn release_fold(&mut self, fold: &str) -> Response {
+        // Its quarantines of their own out of the policy wait by name after it: refused when
+        // they would fold again at the next write (review 79 M3: the release was undone).
+        let absorbed: Vec<String> = self
+            .absorbed_by_fold
+            .iter()
+            .filter(|name| fold::covers(fold, name))
+            .cloned()
+            .collect();
+        let others: BTreeSet<String> = self
+            .quarantine_folds
+            .iter()
+            .filter(|f| f.as_str() != fold)
+            .cloned()
+            .collect();
+        let waiting_after: Vec<String> = self
+            .quarantined_out_of_policy()
+            .into_iter()
+            .chain(absorbed.iter().cloned())
+            .filter(|name| fold::covering(&others, name).is_none())
+            .collect();
+        let again = fold::new_folds(waiting_after.iter().map(String::as_str), &others);
+        if !again.is_empty() {
+            return Response::error(format!(
+                "releasing {fold} would fold again ({}): it holds {} label sets out of the \
+                 policy quarantined on their own account (`status` lists them), which would \
+                 wait by name after it, more than {} of one service account (or {} of one \
+                 namespace); release some by name first (`quarantine release NAME`), then \
+                 {fold}",
+                again.into_iter().collect::<Vec<_>>().join(", "),
+                absorbed.len(),
+                fold::MAX_ABSENT_PER_ACCOUNT,
+                fold::MAX_ABSENT_PER_NAMESPACE
+            ));
+        }
         let made: Vec<(u32, String)> = self
             .quarantined
             .iter()
@@ -1037,12 +1078,6 @@ impl Agent {
             self.forget_step_up(*id);
         }
         // The quarantines of their own it held out of the policy wait by name again.
-        let absorbed: Vec<String> = self
-            .absorbed_by_fold
-            .iter()
-            .filter(|name| fold::covers(fold, name))
-            .cloned()
-            .collect();
         for name in &absorbed {
             self.absorbed_by_fold.remove(name);
             self.waiting_quarantines.insert(name.clone());
@@ -1078,6 +1113,25 @@ impl Agent {
              (release each by name)",
             made.len(),
             absorbed.len()
+        ))
+    }
+
+    /// `quarantine release` of a label set out of the policy that a fold holds by name as a
+    /// quarantine of its own: that quarantine goes (the fold still covers the label set: back
+    /// in the policy, it is the fold's). So a fold's own quarantines can be released before
+    /// the fold (review 79 M3).
+    pub(super) fn release_absorbed(&mut self, workload: &str) -> Response {
+        self.absorbed_by_fold.remove(workload);
+        self.count_quarantined();
+        self.save_state();
+        let _ = self.notices.send(Notice::Released {
+            time: now(),
+            workload: workload.to_string(),
+            identity: reserved::UNKNOWN,
+        });
+        let fold = fold::covering(&self.quarantine_folds, workload).unwrap_or_default();
+        Response::ok(format!(
+            "{workload} released (out of the policy); the quarantine of {fold} still covers it"
         ))
     }
 
