@@ -1697,7 +1697,8 @@ impl Agent {
         if self.quarantine_folds.contains(workload) {
             return self.release_fold(workload);
         }
-        if self.absorbed_by_fold.contains(workload) {
+        let in_policy = self.compiled.identity_by_name(workload).is_some();
+        if !in_policy && self.absorbed_by_fold.contains(workload) {
             return self.release_absorbed(workload);
         }
         if let Some(fold) = fold::covering(&self.quarantine_folds, workload) {

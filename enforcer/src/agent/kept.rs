@@ -1019,7 +1019,7 @@ impl Agent {
             .filter(|f| f.as_str() != fold)
             .cloned()
             .collect();
-        let waiting_after: Vec<String> = self
+        let waiting_after: BTreeSet<String> = self
             .quarantined_out_of_policy()
             .into_iter()
             .chain(absorbed.iter().cloned())
